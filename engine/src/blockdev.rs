@@ -1,0 +1,84 @@
+//! The block-device contract shared by every backend and, later, by volumes.
+//!
+//! A device is shared by all cores (`Send + Sync`); each submission runs on the calling core's
+//! reactor through its [`Cx`], and its completion comes back to the submitting task with the
+//! same tag: `result` is bytes transferred (read/write) or 0, or `-errno`; a read hands its
+//! buffer back filled.
+//!
+//! Invariants the callers guarantee (asserted by backends): `offset + len <= size_bytes`, and
+//! write/discard/zeroes are never sent to a read-only device.
+
+use ballast_ffi::IoBuf;
+
+use crate::reactor::Cx;
+
+/// One I/O command.
+#[derive(Debug)]
+pub enum IoCmd {
+    /// Fill `buf[..len]` from `offset`.
+    Read { offset: u64, buf: IoBuf },
+    /// Store `buf[..len]` at `offset`; with `fua`, durable before completion.
+    Write { offset: u64, buf: IoBuf, fua: bool },
+    /// Make every completed write durable.
+    Flush,
+    /// The range's contents become unspecified (we read zeros) and space may be freed.
+    Discard { offset: u64, len: u64 },
+    /// The range reads zeros afterwards; `may_unmap` allows freeing space.
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    },
+}
+
+/// What a device is.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DevInfo {
+    pub size_bytes: u64,
+    /// Preferred I/O granularity.
+    pub block_size: u32,
+    pub read_only: bool,
+    /// Kind and location, for listings ("ram", "file:/path (O_DIRECT)").
+    pub backend: String,
+    /// Whether [`BlockDev::extents`] is cheap enough to call on every read.
+    pub cheap_extents: bool,
+}
+
+/// A run of blocks with the same allocation state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// Not allocated (reads as zeros).
+    pub hole: bool,
+    /// Known to read as zeros.
+    pub zero: bool,
+}
+
+pub trait BlockDev: Send + Sync {
+    fn info(&self) -> &DevInfo;
+
+    /// Starts `cmd`; its completion reaches the caller's task with `tag`.
+    fn submit(&self, cx: &mut Cx<'_>, cmd: IoCmd, tag: u32);
+
+    /// Allocation map of `[offset, offset + len)`, in order, covering at most `len` bytes.
+    fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>>;
+
+    /// Synchronous flush, for shutdown.
+    fn flush_blocking(&self) -> std::io::Result<()>;
+}
+
+/// Merges adjacent extents with equal flags (helper for backends).
+pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if e.len == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.hole == e.hole && last.zero == e.zero => last.len += e.len,
+        _ => out.push(e),
+    }
+}
+
+/// Checks that `[offset, offset + len)` lies within `size`.
+pub fn in_range(offset: u64, len: u64, size: u64) -> bool {
+    offset.checked_add(len).is_some_and(|end| end <= size)
+}

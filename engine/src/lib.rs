@@ -1,0 +1,20 @@
+//! ballast-engine: the per-core reactors and the block devices they drive.
+//!
+//! - [`reactor`]: one pinned thread per data core, each owning an io_uring for sockets and disk,
+//!   running [`Task`]s (connections, listeners) and talking to other cores through bounded
+//!   mailboxes with an eventfd wake-up.
+//! - [`blockdev`]: the [`BlockDev`] trait every backend (and later every volume) implements.
+//! - [`file`], [`ram`]: the file/block-device and memory backends.
+//! - [`stats`]: per-core counters and latency histograms.
+#![forbid(unsafe_code)]
+
+pub mod blockdev;
+pub mod file;
+pub mod ram;
+pub mod reactor;
+pub mod size;
+pub mod stats;
+
+pub use ballast_ffi::{IoBuf, Owned, SendBatch};
+pub use blockdev::{BlockDev, DevInfo, Extent, IoCmd};
+pub use reactor::{Cx, Engine, EngineConfig, Msg, Task};

@@ -1,0 +1,462 @@
+//! Per-core reactor: owns this core's io_uring and every operation and task on it.
+//!
+//! Invariants:
+//! - one reactor per data core, on its own pinned thread; it never migrates and never shares
+//!   its ring, tasks, ready queue or statistics with another thread;
+//! - every submitted operation carries a token `(task key << 32) | tag`; a task stays in the
+//!   task slab until it reports `is_done()`, which it must only do with nothing in flight, so a
+//!   completion always finds the task that submitted it;
+//! - other threads reach a core only through its bounded mailbox, followed by an eventfd write
+//!   that wakes the core if it sleeps in the ring;
+//! - the core spins (non-blocking submit/reap) while work arrived within the last `poll_us`,
+//!   and otherwise sleeps in `io_uring_enter`, so an idle engine uses no CPU.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ballast_ffi::{Completion, IoBuf, Op, Owned, Ring, RingError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use slab::Slab;
+
+use crate::stats::{CoreStats, StatsSnapshot};
+
+/// Reserved task key for the reactor's own operations (the mailbox eventfd read).
+const INTERNAL_KEY: u32 = u32::MAX;
+const TAG_EVENTFD: u32 = 0;
+/// Mailbox messages handled per loop iteration at most (bounded work per turn).
+const MAILBOX_BATCH: usize = 64;
+/// Longest sleep in the ring before re-checking the mailbox anyway.
+const SLEEP_MAX: Duration = Duration::from_millis(500);
+/// After shutdown is requested, tasks get this long to drain before the core gives up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A unit of work living on one core: a listener, a connection.
+pub trait Task {
+    /// Called once, on the core that will own the task.
+    fn start(&mut self, cx: &mut Cx<'_>);
+    /// An operation this task submitted with `tag` completed.
+    fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned);
+    /// Called at the end of a loop iteration in which the task received events: the place to
+    /// batch work (coalesce replies into one send, post the next receive).
+    fn flush(&mut self, cx: &mut Cx<'_>);
+    /// The engine is shutting down: stop taking new work and finish what is in flight.
+    fn on_shutdown(&mut self, cx: &mut Cx<'_>);
+    /// True once the task has finished and nothing it submitted is in flight.
+    fn is_done(&self) -> bool;
+}
+
+type SpawnFn = Box<dyn FnOnce(&mut Cx<'_>) -> Box<dyn Task> + Send>;
+
+/// Messages between cores and from the control plane.
+pub enum Msg {
+    /// Build a task on the receiving core and start it.
+    Spawn(SpawnFn),
+    /// Stop accepting work, drain, exit.
+    Shutdown,
+    /// Reply with a copy of the core's statistics.
+    Stats(Sender<StatsSnapshot>),
+}
+
+/// How to reach one core from anywhere.
+#[derive(Clone)]
+pub struct CoreHandle {
+    tx: Sender<Msg>,
+    wake: Arc<OwnedFd>,
+}
+
+impl CoreHandle {
+    /// Sends a message, waking the core. A full mailbox is back-pressure: the message is
+    /// returned to the caller.
+    pub fn send(&self, msg: Msg) -> Result<(), Msg> {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                ballast_ffi::sys::eventfd_signal(&*self.wake);
+                Ok(())
+            }
+            Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Err(m),
+        }
+    }
+
+    /// Sends, waiting while the mailbox is full (control plane only, never a core).
+    pub fn send_blocking(&self, msg: Msg) -> bool {
+        let ok = self.tx.send(msg).is_ok();
+        ballast_ffi::sys::eventfd_signal(&*self.wake);
+        ok
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// CPUs to run data cores on, one reactor each.
+    pub cpus: Vec<usize>,
+    /// Keep spinning this long after the last work before sleeping in the ring.
+    pub poll_us: u64,
+    pub ring_entries: u32,
+    pub mailbox_depth: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("core {core}: {source}")]
+    Ring { core: usize, source: RingError },
+    #[error("core {core}: eventfd: {source}")]
+    Eventfd { core: usize, source: std::io::Error },
+    #[error("core {core}: thread: {source}")]
+    Thread { core: usize, source: std::io::Error },
+}
+
+/// The running set of cores.
+pub struct Engine {
+    handles: Arc<Vec<CoreHandle>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Starts one pinned reactor per CPU in `config.cpus`; fails if any ring cannot be created.
+    pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
+        assert!(!config.cpus.is_empty(), "engine needs at least one core");
+        let mut handles = Vec::new();
+        let mut mailboxes = Vec::new();
+        for core in 0..config.cpus.len() {
+            let (tx, rx) = crossbeam_channel::bounded(config.mailbox_depth);
+            let wake = ballast_ffi::sys::eventfd()
+                .map_err(|source| EngineError::Eventfd { core, source })?;
+            let wake = Arc::new(wake);
+            handles.push(CoreHandle {
+                tx,
+                wake: wake.clone(),
+            });
+            mailboxes.push((rx, wake));
+        }
+        let handles = Arc::new(handles);
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(config.cpus.len());
+        let mut threads = Vec::new();
+        for (core, (rx, wake)) in mailboxes.into_iter().enumerate() {
+            let cpu = config.cpus[core];
+            let peers = handles.clone();
+            let ready_tx = ready_tx.clone();
+            let cfg = config.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("ballast-core{core}"))
+                .spawn(move || {
+                    if let Err(e) = ballast_ffi::sys::pin_to_cpu(cpu) {
+                        tracing::warn!(core, cpu, error = %e, "could not pin reactor thread");
+                    }
+                    let ring = match Ring::new(cfg.ring_entries) {
+                        Ok(r) => r,
+                        Err(source) => {
+                            let _ = ready_tx.send(Err(EngineError::Ring { core, source }));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    Core::new(core, ring, rx, wake, peers, &cfg).run();
+                })
+                .map_err(|source| EngineError::Thread { core, source })?;
+            threads.push(thread);
+        }
+        let mut first_error = None;
+        for _ in 0..config.cpus.len() {
+            if let Ok(Err(e)) = ready_rx.recv() {
+                first_error.get_or_insert(e);
+            }
+        }
+        let engine = Engine { handles, threads };
+        if let Some(e) = first_error {
+            engine.shutdown();
+            return Err(e);
+        }
+        Ok(engine)
+    }
+
+    pub fn handles(&self) -> Arc<Vec<CoreHandle>> {
+        self.handles.clone()
+    }
+
+    /// Asks every core to drain and stop, then joins them.
+    pub fn shutdown(self) {
+        for h in self.handles.iter() {
+            h.send_blocking(Msg::Shutdown);
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a task may do while handling an event.
+pub struct Cx<'a> {
+    core: usize,
+    task: u32,
+    ring: &'a mut Ring,
+    ready: &'a mut VecDeque<Completion>,
+    spawns: &'a mut Vec<Box<dyn Task>>,
+    peers: &'a Arc<Vec<CoreHandle>>,
+    stats: &'a mut CoreStats,
+    shutting_down: bool,
+}
+
+impl Cx<'_> {
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
+    pub fn cores(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn peers(&self) -> &Arc<Vec<CoreHandle>> {
+        self.peers
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    pub fn stats(&mut self) -> &mut CoreStats {
+        self.stats
+    }
+
+    /// Submits `op` to this core's ring; the completion comes back to this task with `tag`.
+    pub fn submit(&mut self, op: Op, tag: u32) {
+        let token = token(self.task, tag);
+        if let Err(e) = self.ring.push(op, token) {
+            // push only fails if io_uring_enter fails while the queue is full: fatal for the ring.
+            panic!("core {}: cannot submit to io_uring: {e}", self.core);
+        }
+    }
+
+    /// Completes `tag` for this task without I/O (memory backends, immediate errors); it is
+    /// delivered in the next loop iteration, never re-entrantly.
+    pub fn complete(&mut self, tag: u32, result: i32, owned: Owned) {
+        self.ready.push_back(Completion {
+            token: token(self.task, tag),
+            result,
+            owned,
+        });
+    }
+
+    /// Starts a task on this core (after the current event).
+    pub fn spawn_local(&mut self, task: Box<dyn Task>) {
+        self.spawns.push(task);
+    }
+}
+
+fn token(task: u32, tag: u32) -> u64 {
+    (u64::from(task) << 32) | u64::from(tag)
+}
+
+struct Slot {
+    task: Box<dyn Task>,
+    dirty: bool,
+}
+
+struct Core {
+    id: usize,
+    ring: Ring,
+    mailbox: Receiver<Msg>,
+    wake: Arc<OwnedFd>,
+    peers: Arc<Vec<CoreHandle>>,
+    tasks: Slab<Slot>,
+    ready: VecDeque<Completion>,
+    spawns: Vec<Box<dyn Task>>,
+    stats: CoreStats,
+    poll: Duration,
+    shutdown_at: Option<Instant>,
+}
+
+impl Core {
+    fn new(
+        id: usize,
+        ring: Ring,
+        mailbox: Receiver<Msg>,
+        wake: Arc<OwnedFd>,
+        peers: Arc<Vec<CoreHandle>>,
+        cfg: &EngineConfig,
+    ) -> Core {
+        Core {
+            id,
+            ring,
+            mailbox,
+            wake,
+            peers,
+            tasks: Slab::new(),
+            ready: VecDeque::new(),
+            spawns: Vec::new(),
+            stats: CoreStats::new(id),
+            poll: Duration::from_micros(cfg.poll_us),
+            shutdown_at: None,
+        }
+    }
+
+    fn run(mut self) {
+        self.arm_eventfd(IoBuf::with_capacity(8));
+        let mut completions = Vec::with_capacity(256);
+        let mut last_work = Instant::now();
+        loop {
+            let mut work = self.ring.reap(&mut completions);
+            work += self.ready.len();
+            completions.extend(self.ready.drain(..));
+            for c in completions.drain(..) {
+                self.dispatch(c);
+            }
+            work += self.drain_mailbox();
+            work += self.start_spawned();
+            self.flush_dirty();
+            if self.shutdown_at.is_some() && self.finished() {
+                break;
+            }
+            let now = Instant::now();
+            if work > 0 {
+                last_work = now;
+                self.stats.loops_busy += 1;
+            }
+            let submit = if !self.ready.is_empty() || now.duration_since(last_work) < self.poll {
+                self.ring.submit().map(|_| ())
+            } else {
+                self.stats.sleeps += 1;
+                self.ring.submit_and_wait(Some(SLEEP_MAX))
+            };
+            if let Err(e) = submit {
+                panic!("core {}: io_uring_enter: {e}", self.id);
+            }
+        }
+        tracing::debug!(core = self.id, "reactor stopped");
+    }
+
+    fn finished(&self) -> bool {
+        if self.tasks.is_empty() && self.spawns.is_empty() {
+            return true;
+        }
+        let expired = self
+            .shutdown_at
+            .is_some_and(|t| t.elapsed() > DRAIN_TIMEOUT);
+        if expired {
+            tracing::warn!(
+                core = self.id,
+                tasks = self.tasks.len(),
+                "tasks did not drain in time"
+            );
+        }
+        expired
+    }
+
+    fn cx(&mut self, task: u32) -> (Cx<'_>, &mut Slab<Slot>) {
+        let cx = Cx {
+            core: self.id,
+            task,
+            ring: &mut self.ring,
+            ready: &mut self.ready,
+            spawns: &mut self.spawns,
+            peers: &self.peers,
+            stats: &mut self.stats,
+            shutting_down: self.shutdown_at.is_some(),
+        };
+        (cx, &mut self.tasks)
+    }
+
+    fn dispatch(&mut self, c: Completion) {
+        let key = (c.token >> 32) as u32;
+        let tag = c.token as u32;
+        if key == INTERNAL_KEY {
+            assert_eq!(tag, TAG_EVENTFD);
+            let buf = c
+                .owned
+                .into_buf()
+                .unwrap_or_else(|| IoBuf::with_capacity(8));
+            self.arm_eventfd(buf);
+            return;
+        }
+        let (mut cx, tasks) = self.cx(key);
+        let Some(slot) = tasks.get_mut(key as usize) else {
+            panic!("completion for missing task {key} (tag {tag})");
+        };
+        slot.task.on_completion(&mut cx, tag, c.result, c.owned);
+        slot.dirty = true;
+    }
+
+    fn arm_eventfd(&mut self, mut buf: IoBuf) {
+        buf.set_len(0);
+        let fd = self.wake.as_raw_fd();
+        if let Err(e) = self.ring.push(
+            Op::ReadEventfd { fd, buf },
+            token(INTERNAL_KEY, TAG_EVENTFD),
+        ) {
+            panic!("core {}: cannot arm eventfd: {e}", self.id);
+        }
+    }
+
+    fn drain_mailbox(&mut self) -> usize {
+        let mut count = 0;
+        while count < MAILBOX_BATCH {
+            let Ok(msg) = self.mailbox.try_recv() else {
+                break;
+            };
+            count += 1;
+            match msg {
+                Msg::Spawn(build) => {
+                    let (mut cx, _) = self.cx(INTERNAL_KEY);
+                    let task = build(&mut cx);
+                    self.spawns.push(task);
+                }
+                Msg::Shutdown => self.begin_shutdown(),
+                Msg::Stats(reply) => {
+                    let _ = reply.send(self.stats.snapshot());
+                }
+            }
+        }
+        count
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutdown_at.is_some() {
+            return;
+        }
+        self.shutdown_at = Some(Instant::now());
+        let keys: Vec<usize> = self.tasks.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let (mut cx, tasks) = self.cx(key as u32);
+            let slot = &mut tasks[key];
+            slot.task.on_shutdown(&mut cx);
+            slot.dirty = true;
+        }
+    }
+
+    fn start_spawned(&mut self) -> usize {
+        let mut count = 0;
+        while let Some(task) = self.spawns.pop() {
+            count += 1;
+            let key = self.tasks.insert(Slot { task, dirty: true });
+            assert!(key < INTERNAL_KEY as usize);
+            let shutting_down = self.shutdown_at.is_some();
+            let (mut cx, tasks) = self.cx(key as u32);
+            let slot = &mut tasks[key];
+            slot.task.start(&mut cx);
+            if shutting_down {
+                slot.task.on_shutdown(&mut cx);
+            }
+        }
+        count
+    }
+
+    fn flush_dirty(&mut self) {
+        let keys: Vec<usize> = self
+            .tasks
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            let (mut cx, tasks) = self.cx(key as u32);
+            let slot = &mut tasks[key];
+            slot.dirty = false;
+            slot.task.flush(&mut cx);
+            if slot.task.is_done() {
+                tasks.remove(key);
+            }
+        }
+    }
+}

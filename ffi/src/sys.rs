@@ -1,0 +1,157 @@
+//! Small system interfaces: block-device ioctls, CPU affinity, eventfd, O_DIRECT opens, and the
+//! io_uring availability diagnosis.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
+
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+
+/// Size in bytes of an open block device (BLKGETSIZE64).
+pub fn block_device_size(file: &File) -> std::io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`, live for
+    // the duration of the call; the fd is valid because `file` is borrowed.
+    unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }.map_err(std::io::Error::from)?;
+    Ok(size)
+}
+
+/// Whether `file` is a block device.
+pub fn is_block_device(file: &File) -> std::io::Result<bool> {
+    Ok(file.metadata()?.file_type().is_block_device())
+}
+
+/// How a file was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    Direct,
+    /// The filesystem refused O_DIRECT (tmpfs, some FUSE): page cache in use.
+    Buffered,
+}
+
+/// Opens read-write (or read-only) with O_DIRECT, falling back to buffered I/O only when the
+/// filesystem refuses O_DIRECT with EINVAL.
+pub fn open_direct(path: &Path, read_only: bool) -> std::io::Result<(File, CacheMode)> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(!read_only);
+    match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => Ok((f, CacheMode::Direct)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Ok((opts.open(path)?, CacheMode::Buffered))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> nix::Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &set)
+}
+
+/// CPUs this process may run on, in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(Pid::from_raw(0)) {
+        Ok(set) => (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+        Err(_) => vec![0],
+    }
+}
+
+/// A non-blocking eventfd used to wake a sleeping reactor.
+pub fn eventfd() -> std::io::Result<OwnedFd> {
+    let efd = nix::sys::eventfd::EventFd::from_flags(
+        nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+    )?;
+    Ok(efd.into())
+}
+
+/// Adds one to an eventfd (wakes its reader). Errors (counter saturated) are harmless.
+pub fn eventfd_signal(fd: &impl AsFd) {
+    let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
+}
+
+/// Which of two kernel settings blocks io_uring, and how to change it.
+pub fn io_uring_hint(err: &std::io::Error) -> String {
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    match (err.raw_os_error(), disabled) {
+        (_, Some(2)) => "io_uring is disabled by sysctl kernel.io_uring_disabled=2; \
+                         run `sysctl -w kernel.io_uring_disabled=0`"
+            .into(),
+        (Some(libc::EPERM), Some(1)) => "kernel.io_uring_disabled=1 allows io_uring only for the \
+             group in kernel.io_uring_group; run ballast as root or set \
+             `sysctl -w kernel.io_uring_disabled=0`"
+            .into(),
+        (Some(libc::EPERM), _) | (Some(libc::ENOSYS), _) => "io_uring is blocked by a seccomp \
+             filter (Docker/containerd's default profile drops io_uring_setup): run the container \
+             with a seccomp profile that allows io_uring_setup, io_uring_enter and \
+             io_uring_register (e.g. --security-opt seccomp=unconfined), or a kernel >= 5.11"
+            .into(),
+        (Some(libc::ENOMEM), _) => "not enough locked memory for the ring: raise RLIMIT_MEMLOCK \
+             (ulimit -l) or use a kernel >= 5.12"
+            .into(),
+        _ => "io_uring is unavailable on this kernel (needs Linux >= 5.11)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_round_trip_file_io() {
+        use crate::{IoBuf, Op, Owned, Ring};
+        let dir = std::env::temp_dir().join(format!("ballast-ffi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let (file, _) = open_direct(&path, false).unwrap();
+        let mut ring = Ring::new(8).unwrap();
+        let mut buf = IoBuf::zeroed(4096);
+        buf.as_mut_slice().fill(0xab);
+        ring.push(
+            Op::Write {
+                fd: file.as_raw_fd(),
+                buf,
+                offset: 4096,
+                fua: true,
+            },
+            7,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        while out.is_empty() {
+            ring.submit_and_wait(None).unwrap();
+            ring.reap(&mut out);
+        }
+        assert_eq!(out[0].token, 7);
+        assert_eq!(out[0].result, 4096);
+        ring.push(
+            Op::Read {
+                fd: file.as_raw_fd(),
+                buf: IoBuf::zeroed(4096),
+                offset: 4096,
+            },
+            8,
+        )
+        .unwrap();
+        out.clear();
+        while out.is_empty() {
+            ring.submit_and_wait(None).unwrap();
+            ring.reap(&mut out);
+        }
+        let Owned::Buf(b) = std::mem::replace(&mut out[0].owned, Owned::None) else {
+            panic!()
+        };
+        assert!(b.as_slice().iter().all(|&x| x == 0xab));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,690 @@
+//! One NBD connection on one core: turns ring completions into handshake and transmission
+//! events, and their results into ring operations.
+//!
+//! Invariants:
+//! - at most one receive and one send are in flight; replies produced while a send is in
+//!   flight accumulate in `out` and leave together in the next `sendmsg` (coalescing), and a
+//!   short send is finished before anything queued after it, so reply bytes never interleave;
+//! - at most `INFLIGHT_MAX` requests and `INFLIGHT_BYTES_MAX` payload bytes are in flight; past
+//!   that the connection stops parsing (back-pressure), it never allocates more;
+//! - the task reports done only with no receive, send or request in flight, so every
+//!   completion finds it alive; the socket closes when the task drops.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ballast_engine::stats::OpKind;
+use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, SendBatch, Task};
+use ballast_ffi::Op;
+use nix::sys::socket::{shutdown, Shutdown};
+use slab::Slab;
+
+use crate::codec::{self, Request};
+use crate::exports::ExportTable;
+use crate::handshake::{Handshake, Negotiated, Step, META_ALLOCATION_ID};
+use crate::transmission::{classify, Action, Session};
+
+const RECV_BUF_BYTES: usize = 256 * 1024;
+const INFLIGHT_MAX: usize = 128;
+const INFLIGHT_BYTES_MAX: u64 = 256 << 20;
+/// A write payload still missing at least this much is received straight into its buffer.
+const DIRECT_RECV_MIN: usize = 64 * 1024;
+
+const TAG_RECV: u32 = u32::MAX;
+const TAG_SEND: u32 = u32::MAX - 1;
+const TAG_RECV_PAYLOAD: u32 = u32::MAX - 2;
+
+/// A request handed to the device, waiting for its completion.
+struct Inflight {
+    handle: u64,
+    kind: OpKind,
+    offset: u64,
+    len: u32,
+    started: Instant,
+}
+
+/// A write whose payload is still arriving.
+struct PendingWrite {
+    req: Request,
+    fua: bool,
+    buf: IoBuf,
+}
+
+enum Phase {
+    Handshake(Handshake),
+    Transmission {
+        dev: Arc<dyn BlockDev>,
+        session: Session,
+    },
+}
+
+pub struct Conn {
+    fd: OwnedFd,
+    peer: String,
+    export_name: String,
+    exports: Arc<ExportTable>,
+    phase: Phase,
+    /// The receive buffer, when no receive is using it.
+    recv_buf: Option<IoBuf>,
+    recv_inflight: bool,
+    /// Replies waiting for the next send.
+    out: SendBatch,
+    /// An empty batch to swap in when a send starts.
+    spare: Option<SendBatch>,
+    send_inflight: bool,
+    scratch: Vec<u8>,
+    reqs: Slab<Inflight>,
+    bytes_inflight: u64,
+    payload: Option<PendingWrite>,
+    payload_recv_inflight: bool,
+    /// Bytes of a rejected write's payload still to discard.
+    skip: u64,
+    /// No more input will be read (EOF, error, NBD_CMD_DISC, shutdown, protocol error).
+    read_closed: bool,
+    /// The socket failed: drop unsent replies.
+    broken: bool,
+    done: bool,
+    requests_total: u64,
+}
+
+impl Conn {
+    pub fn new(fd: OwnedFd, peer: String, exports: Arc<ExportTable>) -> Conn {
+        Conn {
+            fd,
+            peer,
+            export_name: String::new(),
+            exports,
+            phase: Phase::Handshake(Handshake::new()),
+            recv_buf: Some(IoBuf::with_capacity(RECV_BUF_BYTES)),
+            recv_inflight: false,
+            out: SendBatch::default(),
+            spare: Some(SendBatch::default()),
+            send_inflight: false,
+            scratch: Vec::new(),
+            reqs: Slab::with_capacity(INFLIGHT_MAX),
+            bytes_inflight: 0,
+            payload: None,
+            payload_recv_inflight: false,
+            skip: 0,
+            read_closed: false,
+            broken: false,
+            done: false,
+            requests_total: 0,
+        }
+    }
+
+    /// Stops reading; a pending receive returns at once.
+    fn close_read(&mut self, why: &str) {
+        if !self.read_closed {
+            tracing::debug!(peer = %self.peer, why, "closing connection input");
+            self.read_closed = true;
+        }
+        if self.recv_inflight || self.payload_recv_inflight {
+            let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Read);
+        }
+    }
+
+    fn on_recv(&mut self, cx: &mut Cx<'_>, result: i32, buf: IoBuf) {
+        self.recv_buf = Some(buf);
+        if result <= 0 {
+            if result < 0 && result != -libc::ECONNRESET {
+                tracing::debug!(peer = %self.peer, errno = -result, "receive failed");
+            }
+            self.read_closed = true;
+            return;
+        }
+        if !self.read_closed {
+            self.parse(cx);
+        }
+    }
+
+    /// Consumes as much buffered input as the state allows.
+    fn parse(&mut self, cx: &mut Cx<'_>) {
+        let Some(mut buf) = self.recv_buf.take() else {
+            return;
+        };
+        let mut used = 0;
+        while !self.read_closed {
+            let input = &buf.as_slice()[used..];
+            if input.is_empty() {
+                break;
+            }
+            let step = match &mut self.phase {
+                Phase::Handshake(hs) => {
+                    self.scratch.clear();
+                    let (n, step) = hs.on_input(input, &mut self.scratch, &self.exports);
+                    used += n;
+                    self.out.push_bytes(&self.scratch);
+                    match step {
+                        Step::NeedMore => break,
+                        Step::Enter(neg) => {
+                            self.enter(neg);
+                            continue;
+                        }
+                        Step::Close(why) => {
+                            tracing::info!(peer = %self.peer, why, "handshake ended");
+                            self.read_closed = true;
+                            break;
+                        }
+                    }
+                }
+                Phase::Transmission { .. } => self.parse_transmission(cx, input),
+            };
+            match step {
+                Some(n) if n > 0 => used += n,
+                _ => break,
+            }
+        }
+        buf.consume_front(used);
+        self.recv_buf = Some(buf);
+    }
+
+    fn enter(&mut self, neg: Negotiated) {
+        tracing::info!(
+            peer = %self.peer,
+            export = %neg.export.name,
+            structured = neg.structured,
+            "connection open"
+        );
+        self.export_name = neg.export.name.clone();
+        let session = Session {
+            size_bytes: neg.export.size_bytes(),
+            read_only: neg.export.read_only || neg.export.dev.info().read_only,
+            structured: neg.structured,
+            meta_allocation: neg.meta_allocation,
+        };
+        self.phase = Phase::Transmission {
+            dev: neg.export.dev.clone(),
+            session,
+        };
+    }
+
+    /// Handles some input in transmission; returns bytes consumed (None/0: wait for more).
+    fn parse_transmission(&mut self, cx: &mut Cx<'_>, input: &[u8]) -> Option<usize> {
+        if self.skip > 0 {
+            let n = (self.skip.min(input.len() as u64)) as usize;
+            self.skip -= n as u64;
+            return Some(n);
+        }
+        if let Some(pw) = &mut self.payload {
+            let need = pw.req.length as usize - pw.buf.len();
+            let n = need.min(input.len());
+            pw.buf.extend_from_slice(&input[..n]);
+            if n == need {
+                self.submit_write(cx);
+            }
+            return Some(n);
+        }
+        if self.reqs.len() >= INFLIGHT_MAX || self.bytes_inflight >= INFLIGHT_BYTES_MAX {
+            return None;
+        }
+        let header = input.get(..codec::REQUEST_LEN)?;
+        let Ok(req) = codec::decode_request(header) else {
+            tracing::warn!(peer = %self.peer, "bad request magic; closing");
+            self.read_closed = true;
+            return None;
+        };
+        self.requests_total += 1;
+        self.on_request(cx, req);
+        Some(codec::REQUEST_LEN)
+    }
+
+    fn on_request(&mut self, cx: &mut Cx<'_>, req: Request) {
+        let Phase::Transmission { dev, session } = &self.phase else {
+            unreachable!()
+        };
+        let (dev, session) = (dev.clone(), *session);
+        match classify(&req, &session) {
+            Action::Read { offset, len, df } => {
+                if !df && session.structured && len > 0 && dev.info().cheap_extents {
+                    if let Ok(ext) = dev.extents(offset, u64::from(len)) {
+                        if ext.len() == 1 && ext[0].hole && ext[0].len == u64::from(len) {
+                            codec::encode_offset_hole(
+                                &mut self.scratch_reset(),
+                                true,
+                                req.handle,
+                                offset,
+                                len,
+                            );
+                            self.flush_scratch();
+                            cx.stats().record(OpKind::Read, u64::from(len), 0, true);
+                            return;
+                        }
+                    }
+                }
+                let tag = self.track(&req, OpKind::Read);
+                dev.submit(
+                    cx,
+                    IoCmd::Read {
+                        offset,
+                        buf: IoBuf::zeroed(len as usize),
+                    },
+                    tag,
+                );
+            }
+            Action::Write { len, fua, .. } => {
+                self.bytes_inflight += u64::from(len);
+                self.payload = Some(PendingWrite {
+                    req,
+                    fua,
+                    buf: IoBuf::with_capacity(len as usize),
+                });
+                if len == 0 {
+                    self.submit_write(cx);
+                }
+            }
+            Action::Flush => {
+                let tag = self.track(&req, OpKind::Flush);
+                dev.submit(cx, IoCmd::Flush, tag);
+            }
+            Action::Trim { offset, len, .. } => {
+                let tag = self.track(&req, OpKind::Discard);
+                dev.submit(
+                    cx,
+                    IoCmd::Discard {
+                        offset,
+                        len: u64::from(len),
+                    },
+                    tag,
+                );
+            }
+            Action::WriteZeroes {
+                offset,
+                len,
+                may_unmap,
+                ..
+            } => {
+                // Both backends zero through fallocate or memory, so every zeroing is fast.
+                let tag = self.track(&req, OpKind::WriteZeroes);
+                dev.submit(
+                    cx,
+                    IoCmd::WriteZeroes {
+                        offset,
+                        len: u64::from(len),
+                        may_unmap,
+                    },
+                    tag,
+                );
+            }
+            Action::Cache => self.reply_simple(req.handle, 0),
+            Action::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } => self.block_status(&dev, req.handle, offset, len, req_one),
+            Action::Disconnect => {
+                tracing::debug!(peer = %self.peer, "client sent NBD_CMD_DISC");
+                self.read_closed = true;
+            }
+            Action::Reject {
+                error,
+                discard,
+                why,
+            } => {
+                tracing::debug!(peer = %self.peer, why, kind = req.kind, offset = req.offset, len = req.length, "request rejected");
+                self.skip = u64::from(discard);
+                if req.kind == codec::CMD_READ && session.structured {
+                    codec::encode_error_chunk(&mut self.scratch_reset(), req.handle, error, why);
+                    self.flush_scratch();
+                } else {
+                    self.reply_simple(req.handle, error);
+                }
+            }
+        }
+    }
+
+    fn track(&mut self, req: &Request, kind: OpKind) -> u32 {
+        if kind == OpKind::Read {
+            self.bytes_inflight += u64::from(req.length);
+        }
+        let key = self.reqs.insert(Inflight {
+            handle: req.handle,
+            kind,
+            offset: req.offset,
+            len: req.length,
+            started: Instant::now(),
+        });
+        assert!(key < INFLIGHT_MAX * 2, "request slab beyond its bound");
+        key as u32
+    }
+
+    fn submit_write(&mut self, cx: &mut Cx<'_>) {
+        let Some(pw) = self.payload.take() else {
+            return;
+        };
+        assert_eq!(pw.buf.len(), pw.req.length as usize);
+        let Phase::Transmission { dev, .. } = &self.phase else {
+            unreachable!()
+        };
+        let dev = dev.clone();
+        let tag = self.track(&pw.req, OpKind::Write);
+        if pw.req.length == 0 {
+            cx.complete(tag, 0, Owned::None);
+            return;
+        }
+        dev.submit(
+            cx,
+            IoCmd::Write {
+                offset: pw.req.offset,
+                buf: pw.buf,
+                fua: pw.fua,
+            },
+            tag,
+        );
+    }
+
+    fn block_status(
+        &mut self,
+        dev: &Arc<dyn BlockDev>,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    ) {
+        let started = Instant::now();
+        match dev.extents(offset, u64::from(len)) {
+            Ok(extents) => {
+                let mut descs: Vec<(u32, u32)> = extents
+                    .iter()
+                    .map(|e| {
+                        let flags = if e.hole { codec::STATE_HOLE } else { 0 }
+                            | if e.zero { codec::STATE_ZERO } else { 0 };
+                        (e.len as u32, flags)
+                    })
+                    .collect();
+                if descs.is_empty() {
+                    descs.push((len, 0));
+                }
+                if req_one {
+                    descs.truncate(1);
+                }
+                codec::encode_block_status(
+                    &mut self.scratch_reset(),
+                    handle,
+                    META_ALLOCATION_ID,
+                    &descs,
+                );
+                self.flush_scratch();
+            }
+            Err(e) => {
+                let error = codec::nbd_error_from_errno(e.raw_os_error().unwrap_or(libc::EIO));
+                codec::encode_error_chunk(
+                    &mut self.scratch_reset(),
+                    handle,
+                    error,
+                    "block status failed",
+                );
+                self.flush_scratch();
+            }
+        }
+        let _ = started;
+    }
+
+    fn scratch_reset(&mut self) -> &mut Vec<u8> {
+        self.scratch.clear();
+        &mut self.scratch
+    }
+
+    fn flush_scratch(&mut self) {
+        self.out.push_bytes(&self.scratch);
+    }
+
+    fn reply_simple(&mut self, handle: u64, error: u32) {
+        codec::encode_simple_reply(&mut self.scratch_reset(), error, handle);
+        self.flush_scratch();
+    }
+
+    fn on_io_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+        let Some(req) = self.reqs.try_remove(tag as usize) else {
+            panic!("completion for unknown request tag {tag}");
+        };
+        if matches!(req.kind, OpKind::Read | OpKind::Write) {
+            self.bytes_inflight -= u64::from(req.len);
+        }
+        let full = match req.kind {
+            OpKind::Read | OpKind::Write => result == req.len as i32,
+            _ => result >= 0,
+        };
+        let error = if full {
+            0
+        } else if result < 0 {
+            codec::nbd_error_from_errno(-result)
+        } else {
+            codec::EIO
+        };
+        if error != 0 {
+            tracing::warn!(peer = %self.peer, export = %self.export_name, offset = req.offset, len = req.len, result, "I/O failed");
+        }
+        let latency_ns = req.started.elapsed().as_nanos() as u64;
+        cx.stats()
+            .record(req.kind, u64::from(req.len), latency_ns, error == 0);
+        if self.broken {
+            return;
+        }
+        let structured = matches!(
+            self.phase,
+            Phase::Transmission {
+                session: Session {
+                    structured: true,
+                    ..
+                },
+                ..
+            }
+        );
+        match (req.kind, owned, error) {
+            (OpKind::Read, Owned::Buf(data), 0) => {
+                let scratch = self.scratch_reset();
+                if structured {
+                    codec::encode_offset_data_header(
+                        scratch, true, req.handle, req.offset, req.len,
+                    );
+                } else {
+                    codec::encode_simple_reply(scratch, 0, req.handle);
+                }
+                self.flush_scratch();
+                self.out.push_buf(data);
+            }
+            (OpKind::Read, _, error) if structured => {
+                let error = if error == 0 { codec::EIO } else { error };
+                codec::encode_error_chunk(
+                    &mut self.scratch_reset(),
+                    req.handle,
+                    error,
+                    "read failed",
+                );
+                self.flush_scratch();
+            }
+            (OpKind::Read, _, error) => {
+                self.reply_simple(req.handle, if error == 0 { codec::EIO } else { error })
+            }
+            (_, _, error) => self.reply_simple(req.handle, error),
+        }
+    }
+
+    fn on_send(&mut self, result: i32, owned: Owned) {
+        self.send_inflight = false;
+        let Owned::Batch(mut batch) = owned else {
+            unreachable!("send completion without its batch")
+        };
+        if result < 0 {
+            if result != -libc::EPIPE && result != -libc::ECONNRESET {
+                tracing::debug!(peer = %self.peer, errno = -result, "send failed");
+            }
+            self.broken = true;
+            self.out.clear();
+            batch.clear();
+            self.spare = Some(batch);
+            return;
+        }
+        batch.advance(result as usize);
+        if batch.is_empty() {
+            batch.clear();
+            self.spare = Some(batch);
+        } else {
+            // Finish this batch before anything queued after it.
+            let queued = std::mem::replace(&mut self.out, batch);
+            self.spare = Some(queued);
+            self.merge_spare_into_out();
+        }
+    }
+
+    /// After a short send, `out` holds the unsent rest and `spare` the replies queued since;
+    /// appends the latter so they follow in order.
+    fn merge_spare_into_out(&mut self) {
+        let Some(mut queued) = self.spare.take() else {
+            return;
+        };
+        if queued.is_empty() {
+            self.spare = Some(queued);
+            return;
+        }
+        // Rare path: re-queue the later replies behind the remainder, byte for byte.
+        let mut rest = std::mem::take(&mut self.out);
+        rest.append(&mut queued);
+        self.out = rest;
+        queued.clear();
+        self.spare = Some(queued);
+    }
+
+    fn post_io(&mut self, cx: &mut Cx<'_>) {
+        if !self.send_inflight && !self.out.is_empty() && !self.broken {
+            let next = self.spare.take().unwrap_or_default();
+            let batch = std::mem::replace(&mut self.out, next);
+            self.send_inflight = true;
+            cx.submit(
+                Op::Send {
+                    fd: self.fd.as_raw_fd(),
+                    batch,
+                },
+                TAG_SEND,
+            );
+        }
+        if self.read_closed || self.broken || self.recv_inflight || self.payload_recv_inflight {
+            return;
+        }
+        if self.reqs.len() >= INFLIGHT_MAX || self.bytes_inflight >= INFLIGHT_BYTES_MAX {
+            return;
+        }
+        let buffered = self.recv_buf.as_ref().map_or(0, |b| b.len());
+        if let Some(pw) = self.payload.as_mut() {
+            let need = pw.req.length as usize - pw.buf.len();
+            if buffered == 0 && need >= DIRECT_RECV_MIN {
+                let buf = std::mem::replace(&mut pw.buf, IoBuf::with_capacity(0));
+                self.payload_recv_inflight = true;
+                cx.submit(
+                    Op::Recv {
+                        fd: self.fd.as_raw_fd(),
+                        buf,
+                        max: need,
+                    },
+                    TAG_RECV_PAYLOAD,
+                );
+                return;
+            }
+        }
+        let Some(buf) = self.recv_buf.take() else {
+            return;
+        };
+        if buf.len() == buf.capacity() {
+            // Full of input we cannot parse yet (waiting on back-pressure): wait for completions.
+            self.recv_buf = Some(buf);
+            return;
+        }
+        self.recv_inflight = true;
+        cx.submit(
+            Op::Recv {
+                fd: self.fd.as_raw_fd(),
+                buf,
+                max: usize::MAX,
+            },
+            TAG_RECV,
+        );
+    }
+
+    fn on_payload_recv(&mut self, cx: &mut Cx<'_>, result: i32, buf: IoBuf) {
+        self.payload_recv_inflight = false;
+        let Some(pw) = self.payload.as_mut() else {
+            unreachable!("payload receive without a pending write")
+        };
+        pw.buf = buf;
+        if result <= 0 {
+            self.read_closed = true;
+            return;
+        }
+        if pw.buf.len() == pw.req.length as usize {
+            self.submit_write(cx);
+        }
+    }
+
+    fn idle(&self) -> bool {
+        !self.recv_inflight
+            && !self.payload_recv_inflight
+            && !self.send_inflight
+            && self.reqs.is_empty()
+    }
+}
+
+impl Task for Conn {
+    fn start(&mut self, cx: &mut Cx<'_>) {
+        cx.stats().connections_open += 1;
+        cx.stats().connections_total += 1;
+        tracing::debug!(peer = %self.peer, core = cx.core(), "connection accepted");
+        let mut greeting = Vec::new();
+        Handshake::greeting(&mut greeting);
+        self.out.push_bytes(&greeting);
+    }
+
+    fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+        match tag {
+            TAG_RECV => {
+                self.recv_inflight = false;
+                let buf = owned
+                    .into_buf()
+                    .expect("receive completion without its buffer");
+                self.on_recv(cx, result, buf);
+            }
+            TAG_RECV_PAYLOAD => {
+                let buf = owned
+                    .into_buf()
+                    .expect("payload receive completion without its buffer");
+                self.on_payload_recv(cx, result, buf);
+                if !self.read_closed {
+                    self.parse(cx);
+                }
+            }
+            TAG_SEND => self.on_send(result, owned),
+            _ => {
+                self.on_io_done(cx, tag, result, owned);
+                // Back-pressure may have stopped parsing buffered input.
+                if !self.read_closed {
+                    self.parse(cx);
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self, cx: &mut Cx<'_>) {
+        self.post_io(cx);
+        let output_done = self.broken || (self.out.is_empty() && !self.send_inflight);
+        if self.read_closed && self.reqs.is_empty() && output_done && !self.done {
+            if self.recv_inflight || self.payload_recv_inflight {
+                self.close_read("finished");
+                return;
+            }
+            if self.idle() {
+                self.done = true;
+                cx.stats().connections_open -= 1;
+                tracing::info!(peer = %self.peer, export = %self.export_name, requests = self.requests_total, "connection closed");
+            }
+        }
+    }
+
+    fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {
+        self.close_read("daemon shutting down");
+    }
+
+    fn is_done(&self) -> bool {
+        self.done
+    }
+}

@@ -1,0 +1,129 @@
+//! The table of NBD exports: name → block device, shared by the acceptor (handshake) and the
+//! control plane. Read once per handshake, never on the I/O path.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ballast_engine::BlockDev;
+use parking_lot::RwLock;
+
+use crate::codec;
+
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub dev: Arc<dyn BlockDev>,
+    pub read_only: bool,
+}
+
+impl Export {
+    pub fn size_bytes(&self) -> u64 {
+        self.dev.info().size_bytes
+    }
+
+    /// Transmission flags for this export; `structured` decides SEND_DF.
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
+        let mut flags = codec::TF_HAS_FLAGS
+            | codec::TF_SEND_FLUSH
+            | codec::TF_SEND_FUA
+            | codec::TF_CAN_MULTI_CONN
+            | codec::TF_SEND_CACHE;
+        if self.read_only {
+            flags |= codec::TF_READ_ONLY;
+        } else {
+            flags |= codec::TF_SEND_TRIM | codec::TF_SEND_WRITE_ZEROES | codec::TF_SEND_FAST_ZERO;
+        }
+        if structured {
+            flags |= codec::TF_SEND_DF;
+        }
+        flags
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("export {0:?} already exists")]
+    Exists(String),
+    #[error("no export named {0:?}")]
+    NotFound(String),
+    #[error("invalid export name {0:?}: 1-4096 bytes of UTF-8 without NUL")]
+    BadName(String),
+}
+
+#[derive(Default)]
+struct Inner {
+    map: BTreeMap<String, Arc<Export>>,
+    default: Option<String>,
+}
+
+#[derive(Default)]
+pub struct ExportTable {
+    inner: RwLock<Inner>,
+}
+
+impl ExportTable {
+    pub fn add(&self, export: Export) -> Result<(), ExportError> {
+        let name = export.name.clone();
+        if name.is_empty() || name.len() > codec::STRING_MAX || name.contains('\0') {
+            return Err(ExportError::BadName(name));
+        }
+        let mut inner = self.inner.write();
+        if inner.map.contains_key(&name) {
+            return Err(ExportError::Exists(name));
+        }
+        inner.map.insert(name.clone(), Arc::new(export));
+        inner.default.get_or_insert(name);
+        Ok(())
+    }
+
+    /// Removes an export; connections already using it keep their device until they close.
+    pub fn remove(&self, name: &str) -> Result<Arc<Export>, ExportError> {
+        let mut inner = self.inner.write();
+        let export = inner
+            .map
+            .remove(name)
+            .ok_or_else(|| ExportError::NotFound(name.into()))?;
+        if inner.default.as_deref() == Some(name) {
+            inner.default = inner.map.keys().next().cloned();
+        }
+        Ok(export)
+    }
+
+    pub fn set_default(&self, name: &str) -> Result<(), ExportError> {
+        let mut inner = self.inner.write();
+        if !inner.map.contains_key(name) {
+            return Err(ExportError::NotFound(name.into()));
+        }
+        inner.default = Some(name.into());
+        Ok(())
+    }
+
+    /// Looks up an export; the empty name means the default export.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        let inner = self.inner.read();
+        let key = if name.is_empty() {
+            inner.default.as_deref()?
+        } else {
+            name
+        };
+        inner.map.get(key).cloned()
+    }
+
+    pub fn default_name(&self) -> Option<String> {
+        self.inner.read().default.clone()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Export>> {
+        self.inner.read().map.values().cloned().collect()
+    }
+
+    /// Every export's device (for flushing at shutdown).
+    pub fn devices(&self) -> Vec<Arc<dyn BlockDev>> {
+        self.inner
+            .read()
+            .map
+            .values()
+            .map(|e| e.dev.clone())
+            .collect()
+    }
+}

@@ -1,0 +1,122 @@
+//! The NBD listener: a task on one core that accepts connections and hands each to a core,
+//! round-robin, as a [`Conn`] task.
+
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use ballast_engine::{Cx, Msg, Owned, Task};
+use ballast_ffi::Op;
+use nix::sys::socket::{getpeername, setsockopt, shutdown, sockopt, Shutdown, SockaddrStorage};
+
+use crate::conn::Conn;
+use crate::exports::ExportTable;
+
+const TAG_ACCEPT: u32 = 0;
+
+pub struct Acceptor {
+    listener: TcpListener,
+    exports: Arc<ExportTable>,
+    next_core: usize,
+    inflight: bool,
+    stopping: bool,
+    errors_in_a_row: u32,
+}
+
+impl Acceptor {
+    pub fn new(listener: TcpListener, exports: Arc<ExportTable>) -> Acceptor {
+        Acceptor {
+            listener,
+            exports,
+            next_core: 0,
+            inflight: false,
+            stopping: false,
+            errors_in_a_row: 0,
+        }
+    }
+
+    fn arm(&mut self, cx: &mut Cx<'_>) {
+        if !self.inflight && !self.stopping {
+            self.inflight = true;
+            cx.submit(
+                Op::Accept {
+                    fd: self.listener.as_raw_fd(),
+                },
+                TAG_ACCEPT,
+            );
+        }
+    }
+
+    fn hand_off(&mut self, cx: &mut Cx<'_>, fd: OwnedFd) {
+        if let Err(e) = setsockopt(&fd, sockopt::TcpNoDelay, &true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+        let peer = getpeername::<SockaddrStorage>(fd.as_raw_fd())
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let core = self.next_core % cx.cores();
+        self.next_core = self.next_core.wrapping_add(1);
+        let exports = self.exports.clone();
+        if core == cx.core() {
+            cx.spawn_local(Box::new(Conn::new(fd, peer, exports)));
+            return;
+        }
+        let msg = Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| {
+            Box::new(Conn::new(fd, peer, exports)) as Box<dyn Task>
+        }));
+        if let Err(Msg::Spawn(build)) = cx.peers()[core].send(msg) {
+            // That core's mailbox is full: serve the connection here instead.
+            let task = build(cx);
+            cx.spawn_local(task);
+        }
+    }
+}
+
+impl Task for Acceptor {
+    fn start(&mut self, cx: &mut Cx<'_>) {
+        if let Ok(addr) = self.listener.local_addr() {
+            tracing::info!(%addr, core = cx.core(), "NBD listening");
+        }
+        self.arm(cx);
+    }
+
+    fn on_completion(&mut self, cx: &mut Cx<'_>, _tag: u32, result: i32, owned: Owned) {
+        self.inflight = false;
+        match owned {
+            Owned::Fd(fd) if !self.stopping => {
+                self.errors_in_a_row = 0;
+                self.hand_off(cx, fd);
+            }
+            Owned::Fd(_) => {}
+            _ => {
+                if !self.stopping {
+                    self.errors_in_a_row += 1;
+                    if self.errors_in_a_row.is_power_of_two() {
+                        tracing::warn!(
+                            errno = -result,
+                            count = self.errors_in_a_row,
+                            "accept failed"
+                        );
+                    }
+                    if result == -libc::EMFILE || result == -libc::ENFILE {
+                        // Out of descriptors: accepting again at once would spin; yield a moment.
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+        self.arm(cx);
+    }
+
+    fn flush(&mut self, _cx: &mut Cx<'_>) {}
+
+    fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {
+        self.stopping = true;
+        // Wakes the pending accept with an error.
+        let _ = shutdown(self.listener.as_raw_fd(), Shutdown::Both);
+    }
+
+    fn is_done(&self) -> bool {
+        self.stopping && !self.inflight
+    }
+}

@@ -1,0 +1,142 @@
+//! The CLI side of the control API: one JSON-RPC 2.0 call per command over the Unix socket.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::AddArgs;
+
+/// Where the daemon's control socket is.
+#[derive(Args, Clone)]
+pub struct Target {
+    /// Control socket (default: <data-dir>/ballast.sock).
+    #[arg(long)]
+    pub rpc_socket: Option<PathBuf>,
+    /// The daemon's data directory.
+    #[arg(long, default_value = "ballast-data")]
+    pub data_dir: PathBuf,
+}
+
+impl Target {
+    fn socket(&self) -> PathBuf {
+        self.rpc_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("ballast.sock"))
+    }
+}
+
+/// Calls `method` and returns its `result`, or the server's error as an error.
+pub fn call(target: &Target, method: &str, params: Value) -> anyhow::Result<Value> {
+    let path = target.socket();
+    let mut stream = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "cannot reach the daemon at {} (is `ballast serve` running?)",
+            path.display()
+        )
+    })?;
+    let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    stream.write_all(serde_json::to_string(&request)?.as_bytes())?;
+    stream.write_all(b"\n")?;
+    let mut responses = serde_json::Deserializer::from_reader(&stream).into_iter::<Value>();
+    let response = responses
+        .next()
+        .ok_or_else(|| anyhow!("daemon closed the connection"))??;
+    if let Some(err) = response.get("error") {
+        let msg = err
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown error");
+        bail!("{method}: {msg}");
+    }
+    Ok(response.get("result").cloned().unwrap_or(Value::Null))
+}
+
+pub fn export_list(target: &Target, as_json: bool) -> anyhow::Result<()> {
+    let result = call(target, "export_list", json!({}))?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:>14} {:<4} {:<3} BACKEND",
+        "NAME", "SIZE_BYTES", "RO", "DEF"
+    );
+    for e in result.as_array().into_iter().flatten() {
+        println!(
+            "{:<20} {:>14} {:<4} {:<3} {}",
+            e["name"].as_str().unwrap_or(""),
+            e["size_bytes"].as_u64().unwrap_or(0),
+            if e["read_only"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            if e["default"].as_bool() == Some(true) {
+                "*"
+            } else {
+                ""
+            },
+            e["backend"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}
+
+pub fn export_add(args: &AddArgs) -> anyhow::Result<()> {
+    let mut params = json!({
+        "name": args.name,
+        "read_only": args.read_only,
+        "description": args.description,
+    });
+    match (&args.ram, &args.file) {
+        (Some(size), None) => params["ram_size"] = json!(size),
+        (None, Some(path)) => {
+            let abs = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            params["file"] = json!(abs);
+            if let Some(size) = &args.size {
+                params["size"] = json!(size);
+            }
+        }
+        _ => bail!("give exactly one of --ram SIZE or --file PATH"),
+    }
+    call(&args.target, "export_add", params)?;
+    println!("added export {}", args.name);
+    Ok(())
+}
+
+pub fn export_remove(target: &Target, name: &str) -> anyhow::Result<()> {
+    call(target, "export_remove", json!({"name": name}))?;
+    println!("removed export {name}");
+    Ok(())
+}
+
+pub fn stats(target: &Target, as_json: bool) -> anyhow::Result<()> {
+    let result = call(target, "framework_get_reactors", json!({}))?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    println!(
+        "{:>4} {:>10} {:>10} {:>8} {:>7} {:>9} {:>9} {:>9} {:>6}",
+        "CORE", "READS", "WRITES", "FLUSHES", "ERRORS", "P50_US", "P99_US", "P999_US", "CONNS"
+    );
+    for c in result["reactors"].as_array().into_iter().flatten() {
+        println!(
+            "{:>4} {:>10} {:>10} {:>8} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>6}",
+            c["core"],
+            c["reads"],
+            c["writes"],
+            c["flushes"],
+            c["errors"],
+            c["latency_us_p50"].as_f64().unwrap_or(0.0),
+            c["latency_us_p99"].as_f64().unwrap_or(0.0),
+            c["latency_us_p999"].as_f64().unwrap_or(0.0),
+            c["connections_open"],
+        );
+    }
+    Ok(())
+}

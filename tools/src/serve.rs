@@ -1,0 +1,175 @@
+//! `ballast serve`: parses the settings, opens the backends, starts the cores, the NBD listener
+//! and the control API, then waits for SIGINT/SIGTERM and shuts down in order.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use ballast_engine::file::FileDev;
+use ballast_engine::ram::RamDev;
+use ballast_engine::size::parse_size;
+use ballast_engine::{BlockDev, Engine, EngineConfig, Msg, Task};
+use ballast_nbd::{Acceptor, Export, ExportTable};
+use clap::Args;
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::rpc::{self, Control};
+
+/// Size of the embedded default volume created on first run.
+const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Directory for the default volume and the control socket.
+    #[arg(long, default_value = "ballast-data")]
+    data_dir: PathBuf,
+    /// NBD listen address.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    nbd_listen: SocketAddr,
+    /// Number of data cores (reactor threads); default: every CPU we may run on.
+    #[arg(long)]
+    cores: Option<usize>,
+    /// Control socket path (default: <data-dir>/ballast.sock).
+    #[arg(long)]
+    rpc_socket: Option<PathBuf>,
+    /// An export, NAME=ram:SIZE or NAME=file:PATH[:SIZE] (repeatable); default: vol0 in the data dir.
+    #[arg(long = "export", value_name = "NAME=SPEC")]
+    exports: Vec<String>,
+    /// Export served for the empty name (default: the first).
+    #[arg(long)]
+    default_export: Option<String>,
+    /// Busy-poll this many microseconds after the last work before sleeping.
+    #[arg(long, default_value_t = 50)]
+    poll_us: u64,
+}
+
+/// Opens a backend from `ram:SIZE` or `file:PATH[:SIZE]`.
+pub fn open_backend(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn BlockDev>> {
+    if let Some(size) = spec.strip_prefix("ram:") {
+        let bytes = parse_size(size)?;
+        if bytes == 0 {
+            bail!("ram export of size 0");
+        }
+        return Ok(Arc::new(RamDev::new(bytes)));
+    }
+    if let Some(rest) = spec.strip_prefix("file:") {
+        // A trailing ":SIZE" is a size only if it parses as one.
+        let (path, size) = match rest.rsplit_once(':') {
+            Some((p, s)) if parse_size(s).is_ok() => (p, Some(parse_size(s)?)),
+            _ => (rest, None),
+        };
+        return Ok(Arc::new(FileDev::open(Path::new(path), size, read_only)?));
+    }
+    bail!("unknown backend {spec:?}: expected ram:SIZE or file:PATH[:SIZE]")
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    raise_fd_limit();
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+
+    let exports = Arc::new(ExportTable::default());
+    if args.exports.is_empty() {
+        let path = args.data_dir.join("vol0");
+        let dev = open_backend(
+            &format!("file:{}:{DEFAULT_VOLUME_BYTES}", path.display()),
+            false,
+        )?;
+        let description = "default volume".to_string();
+        exports.add(Export {
+            name: "vol0".into(),
+            description,
+            dev,
+            read_only: false,
+        })?;
+    }
+    for spec in &args.exports {
+        let Some((name, backend)) = spec.split_once('=') else {
+            bail!("--export {spec:?}: expected NAME=ram:SIZE or NAME=file:PATH[:SIZE]");
+        };
+        let dev = open_backend(backend, false).with_context(|| format!("export {name}"))?;
+        exports.add(Export {
+            name: name.into(),
+            description: String::new(),
+            dev,
+            read_only: false,
+        })?;
+    }
+    if let Some(name) = &args.default_export {
+        exports.set_default(name)?;
+    }
+
+    // Signals are taken synchronously by this thread; every thread started below inherits the
+    // mask, so SIGINT/SIGTERM never interrupt a reactor.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block()?;
+
+    let cpus = ballast_ffi::sys::allowed_cpus();
+    let count = args.cores.unwrap_or(cpus.len()).clamp(1, cpus.len());
+    let config = EngineConfig {
+        cpus: cpus[..count].to_vec(),
+        poll_us: args.poll_us,
+        ring_entries: 1024,
+        mailbox_depth: 1024,
+    };
+    let engine = Engine::start(config).context("starting the engine")?;
+    let handles = engine.handles();
+
+    let listener = TcpListener::bind(args.nbd_listen)
+        .with_context(|| format!("binding NBD on {}", args.nbd_listen))?;
+    let nbd_exports = exports.clone();
+    let spawn = Msg::Spawn(Box::new(move |_cx| {
+        Box::new(Acceptor::new(listener, nbd_exports)) as Box<dyn Task>
+    }));
+    if !handles[0].send_blocking(spawn) {
+        bail!("core 0 is not running");
+    }
+
+    let socket = args
+        .rpc_socket
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("ballast.sock"));
+    rpc::start(
+        &socket,
+        Arc::new(Control {
+            exports: exports.clone(),
+            cores: handles,
+        }),
+    )?;
+    tracing::info!(
+        cores = count,
+        exports = exports.list().len(),
+        "ballast serving"
+    );
+
+    let signal = signals.wait()?;
+    tracing::info!(?signal, "shutting down: draining connections");
+    engine.shutdown();
+    for dev in exports.devices() {
+        if let Err(e) = dev.flush_blocking() {
+            tracing::error!(backend = %dev.info().backend, error = %e, "final flush failed");
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}

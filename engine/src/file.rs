@@ -99,7 +99,7 @@ impl FileDev {
     }
 
     fn fd_for(&self, offset: u64, len: u64, addr_aligned: bool) -> i32 {
-        if addr_aligned && offset % ALIGN == 0 && len % ALIGN == 0 {
+        if addr_aligned && offset.is_multiple_of(ALIGN) && len.is_multiple_of(ALIGN) {
             self.direct.as_raw_fd()
         } else {
             self.buffered.as_raw_fd()

@@ -263,6 +263,8 @@ struct Core {
     tasks: Slab<Slot>,
     ready: VecDeque<Completion>,
     spawns: Vec<Box<dyn Task>>,
+    /// Tasks that received events this iteration, to `flush` at its end (each once).
+    dirty: Vec<usize>,
     stats: CoreStats,
     poll: Duration,
     shutdown_at: Option<Instant>,
@@ -286,6 +288,7 @@ impl Core {
             tasks: Slab::new(),
             ready: VecDeque::new(),
             spawns: Vec::new(),
+            dirty: Vec::new(),
             stats: CoreStats::new(id),
             poll: Duration::from_micros(cfg.poll_us),
             shutdown_at: None,
@@ -375,7 +378,7 @@ impl Core {
             panic!("completion for missing task {key} (tag {tag})");
         };
         slot.task.on_completion(&mut cx, tag, c.result, c.owned);
-        slot.dirty = true;
+        self.mark_dirty(key as usize);
     }
 
     fn arm_eventfd(&mut self, mut buf: IoBuf) {
@@ -419,9 +422,8 @@ impl Core {
         let keys: Vec<usize> = self.tasks.iter().map(|(k, _)| k).collect();
         for key in keys {
             let (mut cx, tasks) = self.cx(key as u32);
-            let slot = &mut tasks[key];
-            slot.task.on_shutdown(&mut cx);
-            slot.dirty = true;
+            tasks[key].task.on_shutdown(&mut cx);
+            self.mark_dirty(key);
         }
     }
 
@@ -429,7 +431,7 @@ impl Core {
         let mut count = 0;
         while let Some(task) = self.spawns.pop() {
             count += 1;
-            let key = self.tasks.insert(Slot { task, dirty: true });
+            let key = self.tasks.insert(Slot { task, dirty: false });
             assert!(key < INTERNAL_KEY as usize);
             let shutting_down = self.shutdown_at.is_some();
             let (mut cx, tasks) = self.cx(key as u32);
@@ -438,18 +440,14 @@ impl Core {
             if shutting_down {
                 slot.task.on_shutdown(&mut cx);
             }
+            self.mark_dirty(key);
         }
         count
     }
 
     fn flush_dirty(&mut self) {
-        let keys: Vec<usize> = self
-            .tasks
-            .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(k, _)| k)
-            .collect();
-        for key in keys {
+        let mut keys = std::mem::take(&mut self.dirty);
+        for key in keys.drain(..) {
             let (mut cx, tasks) = self.cx(key as u32);
             let slot = &mut tasks[key];
             slot.dirty = false;
@@ -457,6 +455,15 @@ impl Core {
             if slot.task.is_done() {
                 tasks.remove(key);
             }
+        }
+        self.dirty = keys;
+    }
+
+    fn mark_dirty(&mut self, key: usize) {
+        let slot = &mut self.tasks[key];
+        if !slot.dirty {
+            slot.dirty = true;
+            self.dirty.push(key);
         }
     }
 }

@@ -241,7 +241,7 @@ impl Conn {
                     if let Ok(ext) = dev.extents(offset, u64::from(len)) {
                         if ext.len() == 1 && ext[0].hole && ext[0].len == u64::from(len) {
                             codec::encode_offset_hole(
-                                &mut self.scratch_reset(),
+                                self.scratch_reset(),
                                 true,
                                 req.handle,
                                 offset,
@@ -325,7 +325,7 @@ impl Conn {
                 tracing::debug!(peer = %self.peer, why, kind = req.kind, offset = req.offset, len = req.length, "request rejected");
                 self.skip = u64::from(discard);
                 if req.kind == codec::CMD_READ && session.structured {
-                    codec::encode_error_chunk(&mut self.scratch_reset(), req.handle, error, why);
+                    codec::encode_error_chunk(self.scratch_reset(), req.handle, error, why);
                     self.flush_scratch();
                 } else {
                     self.reply_simple(req.handle, error);
@@ -400,7 +400,7 @@ impl Conn {
                     descs.truncate(1);
                 }
                 codec::encode_block_status(
-                    &mut self.scratch_reset(),
+                    self.scratch_reset(),
                     handle,
                     META_ALLOCATION_ID,
                     &descs,
@@ -410,7 +410,7 @@ impl Conn {
             Err(e) => {
                 let error = codec::nbd_error_from_errno(e.raw_os_error().unwrap_or(libc::EIO));
                 codec::encode_error_chunk(
-                    &mut self.scratch_reset(),
+                    self.scratch_reset(),
                     handle,
                     error,
                     "block status failed",
@@ -431,7 +431,7 @@ impl Conn {
     }
 
     fn reply_simple(&mut self, handle: u64, error: u32) {
-        codec::encode_simple_reply(&mut self.scratch_reset(), error, handle);
+        codec::encode_simple_reply(self.scratch_reset(), error, handle);
         self.flush_scratch();
     }
 
@@ -487,12 +487,7 @@ impl Conn {
             }
             (OpKind::Read, _, error) if structured => {
                 let error = if error == 0 { codec::EIO } else { error };
-                codec::encode_error_chunk(
-                    &mut self.scratch_reset(),
-                    req.handle,
-                    error,
-                    "read failed",
-                );
+                codec::encode_error_chunk(self.scratch_reset(), req.handle, error, "read failed");
                 self.flush_scratch();
             }
             (OpKind::Read, _, error) => {

@@ -24,11 +24,7 @@ pub enum IoCmd {
     /// The range's contents become unspecified (we read zeros) and space may be freed.
     Discard { offset: u64, len: u64 },
     /// The range reads zeros afterwards; `may_unmap` allows freeing space.
-    WriteZeroes {
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-    },
+    WriteZeroes { offset: u64, len: u64, may_unmap: bool },
 }
 
 /// What a device is.

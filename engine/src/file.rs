@@ -25,10 +25,7 @@ const ALIGN: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum FileDevError {
     #[error("{path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { path: PathBuf, source: std::io::Error },
     #[error("{path}: size is 0 (create it with a size)")]
     Empty { path: PathBuf },
 }
@@ -47,27 +44,16 @@ impl FileDev {
         create_size: Option<u64>,
         read_only: bool,
     ) -> Result<FileDev, FileDevError> {
-        let err = |source| FileDevError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
+        let err = |source| FileDevError::Open { path: path.to_path_buf(), source };
         if let (Some(size), false) = (create_size, path.exists()) {
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .map_err(err)?;
+            let f = OpenOptions::new().write(true).create_new(true).open(path).map_err(err)?;
             f.set_len(size).map_err(err)?;
         }
         let (direct, mode) = sys::open_direct(path, read_only).map_err(err)?;
         if mode == CacheMode::Buffered {
             tracing::warn!(path = %path.display(), "filesystem refuses O_DIRECT; using buffered I/O");
         }
-        let buffered = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(err)?;
+        let buffered = OpenOptions::new().read(true).write(!read_only).open(path).map_err(err)?;
         let is_block_device = sys::is_block_device(&direct).map_err(err)?;
         let size_bytes = if is_block_device {
             sys::block_device_size(&direct).map_err(err)?
@@ -75,9 +61,7 @@ impl FileDev {
             direct.metadata().map_err(err)?.len()
         };
         if size_bytes == 0 {
-            return Err(FileDevError::Empty {
-                path: path.to_path_buf(),
-            });
+            return Err(FileDevError::Empty { path: path.to_path_buf() });
         }
         let mode_text = match mode {
             CacheMode::Direct => "O_DIRECT",
@@ -90,12 +74,7 @@ impl FileDev {
             backend: format!("file:{} ({mode_text})", path.display()),
             cheap_extents: false,
         };
-        Ok(FileDev {
-            direct,
-            buffered,
-            info,
-            is_block_device,
-        })
+        Ok(FileDev { direct, buffered, info, is_block_device })
     }
 
     fn fd_for(&self, offset: u64, len: u64, addr_aligned: bool) -> i32 {
@@ -124,64 +103,27 @@ impl BlockDev for FileDev {
                 assert!(!self.info.read_only);
                 assert!(in_range(offset, buf.len() as u64, size));
                 let fd = self.fd_for(offset, buf.len() as u64, true);
-                cx.submit(
-                    Op::Write {
-                        fd,
-                        buf,
-                        offset,
-                        fua,
-                    },
-                    tag,
-                );
+                cx.submit(Op::Write { fd, buf, offset, fua }, tag);
             }
             IoCmd::Flush => {
                 if self.info.read_only {
                     cx.complete(tag, 0, Owned::None);
                 } else {
-                    cx.submit(
-                        Op::Fsync {
-                            fd: self.direct.as_raw_fd(),
-                        },
-                        tag,
-                    );
+                    cx.submit(Op::Fsync { fd: self.direct.as_raw_fd() }, tag);
                 }
             }
             IoCmd::Discard { offset, len }
-            | IoCmd::WriteZeroes {
-                offset,
-                len,
-                may_unmap: true,
-            } => {
+            | IoCmd::WriteZeroes { offset, len, may_unmap: true } => {
                 assert!(!self.info.read_only);
                 assert!(in_range(offset, len, size));
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                cx.submit(
-                    Op::Fallocate {
-                        fd: self.direct.as_raw_fd(),
-                        mode,
-                        offset,
-                        len,
-                    },
-                    tag,
-                );
+                cx.submit(Op::Fallocate { fd: self.direct.as_raw_fd(), mode, offset, len }, tag);
             }
-            IoCmd::WriteZeroes {
-                offset,
-                len,
-                may_unmap: false,
-            } => {
+            IoCmd::WriteZeroes { offset, len, may_unmap: false } => {
                 assert!(!self.info.read_only);
                 assert!(in_range(offset, len, size));
                 let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-                cx.submit(
-                    Op::Fallocate {
-                        fd: self.direct.as_raw_fd(),
-                        mode,
-                        offset,
-                        len,
-                    },
-                    tag,
-                );
+                cx.submit(Op::Fallocate { fd: self.direct.as_raw_fd(), mode, offset, len }, tag);
             }
         }
     }
@@ -190,14 +132,7 @@ impl BlockDev for FileDev {
         let end = offset.saturating_add(len).min(self.info.size_bytes);
         let mut out = Vec::new();
         if self.is_block_device {
-            push_extent(
-                &mut out,
-                Extent {
-                    len: end - offset,
-                    hole: false,
-                    zero: false,
-                },
-            );
+            push_extent(&mut out, Extent { len: end - offset, hole: false, zero: false });
             return Ok(out);
         }
         let fd = self.buffered.as_fd();
@@ -208,14 +143,7 @@ impl BlockDev for FileDev {
                 Err(nix::errno::Errno::ENXIO) => end,
                 Err(e) => return Err(e.into()),
             };
-            push_extent(
-                &mut out,
-                Extent {
-                    len: data - pos,
-                    hole: true,
-                    zero: true,
-                },
-            );
+            push_extent(&mut out, Extent { len: data - pos, hole: true, zero: true });
             if data >= end {
                 break;
             }
@@ -223,14 +151,7 @@ impl BlockDev for FileDev {
                 Ok(h) => (h as u64).min(end),
                 Err(_) => end,
             };
-            push_extent(
-                &mut out,
-                Extent {
-                    len: hole - data,
-                    hole: false,
-                    zero: false,
-                },
-            );
+            push_extent(&mut out, Extent { len: hole - data, hole: false, zero: false });
             pos = hole;
         }
         Ok(out)

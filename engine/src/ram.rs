@@ -92,11 +92,7 @@ impl BlockDev for RamDev {
                 self.read(offset, buf.as_mut_slice());
                 cx.complete(tag, buf.len() as i32, Owned::Buf(buf));
             }
-            IoCmd::Write {
-                offset,
-                buf,
-                fua: _,
-            } => {
+            IoCmd::Write { offset, buf, fua: _ } => {
                 assert!(in_range(offset, buf.len() as u64, size));
                 self.write(offset, buf.as_slice());
                 cx.complete(tag, buf.len() as i32, Owned::Buf(buf));
@@ -117,11 +113,7 @@ impl BlockDev for RamDev {
             let present = self.chunks[idx].read().is_some();
             push_extent(
                 &mut out,
-                Extent {
-                    len: range.len() as u64,
-                    hole: !present,
-                    zero: !present,
-                },
+                Extent { len: range.len() as u64, hole: !present, zero: !present },
             );
         });
         Ok(out)
@@ -145,25 +137,11 @@ mod tests {
         dev.read(CHUNK - 10, &mut back);
         assert_eq!(back, data);
         let ext = dev.extents(0, 4 * CHUNK).unwrap();
-        assert_eq!(
-            ext[0],
-            Extent {
-                len: 3 * CHUNK,
-                hole: false,
-                zero: false
-            }
-        );
+        assert_eq!(ext[0], Extent { len: 3 * CHUNK, hole: false, zero: false });
         assert!(ext[1].hole);
         dev.zero(CHUNK, CHUNK);
         let ext = dev.extents(CHUNK, CHUNK).unwrap();
-        assert_eq!(
-            ext,
-            vec![Extent {
-                len: CHUNK,
-                hole: true,
-                zero: true
-            }]
-        );
+        assert_eq!(ext, vec![Extent { len: CHUNK, hole: true, zero: true }]);
         let mut one = [1u8; 1];
         dev.read(CHUNK + 5, &mut one);
         assert_eq!(one[0], 0);

@@ -21,6 +21,7 @@ use ballast_ffi::{Completion, IoBuf, Op, Owned, Ring, RingError};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use slab::Slab;
 
+use crate::pool::BufPool;
 use crate::stats::{CoreStats, StatsSnapshot};
 
 /// Reserved task key for the reactor's own operations (the mailbox eventfd read).
@@ -125,10 +126,7 @@ impl Engine {
             let wake = ballast_ffi::sys::eventfd()
                 .map_err(|source| EngineError::Eventfd { core, source })?;
             let wake = Arc::new(wake);
-            handles.push(CoreHandle {
-                tx,
-                wake: wake.clone(),
-            });
+            handles.push(CoreHandle { tx, wake: wake.clone() });
             mailboxes.push((rx, wake));
         }
         let handles = Arc::new(handles);
@@ -196,6 +194,7 @@ pub struct Cx<'a> {
     spawns: &'a mut Vec<Box<dyn Task>>,
     peers: &'a Arc<Vec<CoreHandle>>,
     stats: &'a mut CoreStats,
+    pool: &'a mut BufPool,
     shutting_down: bool,
 }
 
@@ -220,6 +219,23 @@ impl Cx<'_> {
         self.stats
     }
 
+    /// A buffer from this core's pool with `len` bytes in use (contents arbitrary).
+    pub fn buf(&mut self, len: usize) -> IoBuf {
+        let mut buf = self.pool.get(len);
+        buf.set_len(len);
+        buf
+    }
+
+    /// An empty buffer from this core's pool with room for `cap` bytes.
+    pub fn buf_with_capacity(&mut self, cap: usize) -> IoBuf {
+        self.pool.get(cap)
+    }
+
+    /// Gives a buffer back to this core's pool.
+    pub fn recycle(&mut self, buf: IoBuf) {
+        self.pool.put(buf);
+    }
+
     /// Submits `op` to this core's ring; the completion comes back to this task with `tag`.
     pub fn submit(&mut self, op: Op, tag: u32) {
         let token = token(self.task, tag);
@@ -232,11 +248,7 @@ impl Cx<'_> {
     /// Completes `tag` for this task without I/O (memory backends, immediate errors); it is
     /// delivered in the next loop iteration, never re-entrantly.
     pub fn complete(&mut self, tag: u32, result: i32, owned: Owned) {
-        self.ready.push_back(Completion {
-            token: token(self.task, tag),
-            result,
-            owned,
-        });
+        self.ready.push_back(Completion { token: token(self.task, tag), result, owned });
     }
 
     /// Starts a task on this core (after the current event).
@@ -266,6 +278,7 @@ struct Core {
     /// Tasks that received events this iteration, to `flush` at its end (each once).
     dirty: Vec<usize>,
     stats: CoreStats,
+    pool: BufPool,
     poll: Duration,
     shutdown_at: Option<Instant>,
 }
@@ -289,6 +302,7 @@ impl Core {
             ready: VecDeque::new(),
             spawns: Vec::new(),
             dirty: Vec::new(),
+            pool: BufPool::default(),
             stats: CoreStats::new(id),
             poll: Duration::from_micros(cfg.poll_us),
             shutdown_at: None,
@@ -334,15 +348,9 @@ impl Core {
         if self.tasks.is_empty() && self.spawns.is_empty() {
             return true;
         }
-        let expired = self
-            .shutdown_at
-            .is_some_and(|t| t.elapsed() > DRAIN_TIMEOUT);
+        let expired = self.shutdown_at.is_some_and(|t| t.elapsed() > DRAIN_TIMEOUT);
         if expired {
-            tracing::warn!(
-                core = self.id,
-                tasks = self.tasks.len(),
-                "tasks did not drain in time"
-            );
+            tracing::warn!(core = self.id, tasks = self.tasks.len(), "tasks did not drain in time");
         }
         expired
     }
@@ -356,6 +364,7 @@ impl Core {
             spawns: &mut self.spawns,
             peers: &self.peers,
             stats: &mut self.stats,
+            pool: &mut self.pool,
             shutting_down: self.shutdown_at.is_some(),
         };
         (cx, &mut self.tasks)
@@ -366,10 +375,7 @@ impl Core {
         let tag = c.token as u32;
         if key == INTERNAL_KEY {
             assert_eq!(tag, TAG_EVENTFD);
-            let buf = c
-                .owned
-                .into_buf()
-                .unwrap_or_else(|| IoBuf::with_capacity(8));
+            let buf = c.owned.into_buf().unwrap_or_else(|| IoBuf::with_capacity(8));
             self.arm_eventfd(buf);
             return;
         }
@@ -384,10 +390,9 @@ impl Core {
     fn arm_eventfd(&mut self, mut buf: IoBuf) {
         buf.set_len(0);
         let fd = self.wake.as_raw_fd();
-        if let Err(e) = self.ring.push(
-            Op::ReadEventfd { fd, buf },
-            token(INTERNAL_KEY, TAG_EVENTFD),
-        ) {
+        if let Err(e) =
+            self.ring.push(Op::ReadEventfd { fd, buf }, token(INTERNAL_KEY, TAG_EVENTFD))
+        {
             panic!("core {}: cannot arm eventfd: {e}", self.id);
         }
     }

@@ -8,14 +8,9 @@ pub struct SizeError {
 
 /// Parses a byte count with an optional binary suffix (K, M, G, T; `iB`/`B` tolerated).
 pub fn parse_size(text: &str) -> Result<u64, SizeError> {
-    let err = || SizeError {
-        text: text.to_string(),
-    };
+    let err = || SizeError { text: text.to_string() };
     let t = text.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
     let (digits, shift) = match t.chars().last() {
         Some('k' | 'K') => (&t[..t.len() - 1], 10),
         Some('m' | 'M') => (&t[..t.len() - 1], 20),

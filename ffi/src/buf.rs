@@ -32,9 +32,7 @@ impl IoBuf {
         let layout = Layout::from_size_align(cap, ALIGN).expect("IoBuf layout");
         // SAFETY: layout has non-zero size (cap >= ALIGN).
         let raw = unsafe { alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout)
-        };
+        let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
         IoBuf { ptr, len: 0, cap }
     }
 

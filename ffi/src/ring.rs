@@ -20,10 +20,7 @@ use crate::buf::IoBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
     #[error("io_uring_setup failed: {source}; {hint}")]
-    Setup {
-        source: std::io::Error,
-        hint: String,
-    },
+    Setup { source: std::io::Error, hint: String },
     #[error("io_uring_enter failed: {0}")]
     Enter(std::io::Error),
 }
@@ -62,10 +59,7 @@ impl SendBatch {
         self.arena.extend_from_slice(bytes);
         match self.segs.last_mut() {
             Some(Seg::Arena { off: o, len }) if *o + *len == off => *len += bytes.len(),
-            _ => self.segs.push(Seg::Arena {
-                off,
-                len: bytes.len(),
-            }),
+            _ => self.segs.push(Seg::Arena { off, len: bytes.len() }),
         }
     }
 
@@ -75,11 +69,7 @@ impl SendBatch {
         if len == 0 {
             return;
         }
-        self.segs.push(Seg::Buf {
-            idx: self.bufs.len(),
-            off: 0,
-            len,
-        });
+        self.segs.push(Seg::Buf { idx: self.bufs.len(), off: 0, len });
         self.bufs.push(buf);
     }
 
@@ -131,15 +121,8 @@ impl SendBatch {
         self.arena.extend_from_slice(&other.arena);
         for seg in other.segs.drain(..) {
             self.segs.push(match seg {
-                Seg::Arena { off, len } => Seg::Arena {
-                    off: off + arena_base,
-                    len,
-                },
-                Seg::Buf { idx, off, len } => Seg::Buf {
-                    idx: idx + buf_base,
-                    off,
-                    len,
-                },
+                Seg::Arena { off, len } => Seg::Arena { off: off + arena_base, len },
+                Seg::Buf { idx, off, len } => Seg::Buf { idx: idx + buf_base, off, len },
             });
         }
         self.bufs.append(&mut other.bufs);
@@ -147,12 +130,13 @@ impl SendBatch {
         other.iov.clear();
     }
 
-    /// Empties the batch, returning payload buffers for reuse.
-    pub fn clear(&mut self) -> Vec<IoBuf> {
+    /// Empties the batch, handing each payload buffer to `recycle`.
+    pub fn clear(&mut self, recycle: impl FnMut(IoBuf)) {
         self.arena.clear();
         self.segs.clear();
         self.iov.clear();
-        std::mem::take(&mut self.bufs)
+        self.msg = None;
+        self.bufs.drain(..).for_each(recycle);
     }
 
     fn build_msghdr(&mut self) -> *const libc::msghdr {
@@ -162,10 +146,7 @@ impl SendBatch {
                 Seg::Arena { off, len } => (self.arena[off..].as_ptr() as *mut libc::c_void, len),
                 Seg::Buf { idx, off, len } => (self.bufs[idx].raw_at(off).cast(), len),
             };
-            self.iov.push(libc::iovec {
-                iov_base: base,
-                iov_len: len,
-            });
+            self.iov.push(libc::iovec { iov_base: base, iov_len: len });
         }
         // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
         let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
@@ -189,21 +170,11 @@ pub enum Op {
     /// pread of `buf.len()` bytes at `offset`.
     Read { fd: RawFd, buf: IoBuf, offset: u64 },
     /// pwrite of `buf[..len]` at `offset`, with RWF_DSYNC when `fua`.
-    Write {
-        fd: RawFd,
-        buf: IoBuf,
-        offset: u64,
-        fua: bool,
-    },
+    Write { fd: RawFd, buf: IoBuf, offset: u64, fua: bool },
     /// fdatasync(2).
     Fsync { fd: RawFd },
     /// fallocate(2) with `mode` (punch hole, zero range, …).
-    Fallocate {
-        fd: RawFd,
-        mode: i32,
-        offset: u64,
-        len: u64,
-    },
+    Fallocate { fd: RawFd, mode: i32, offset: u64, len: u64 },
     /// An 8-byte read (eventfd).
     ReadEventfd { fd: RawFd, buf: IoBuf },
 }
@@ -254,10 +225,7 @@ impl Ring {
             let hint = crate::sys::io_uring_hint(&source);
             RingError::Setup { source, hint }
         })?;
-        Ok(Ring {
-            ring,
-            inflight: Slab::with_capacity(entries as usize * 2),
-        })
+        Ok(Ring { ring, inflight: Slab::with_capacity(entries as usize * 2) })
     }
 
     /// Number of operations submitted and not yet reaped.
@@ -303,23 +271,12 @@ impl Ring {
                     .build();
                 (e, Owned::Batch(batch), None)
             }
-            Op::Read {
-                fd,
-                mut buf,
-                offset,
-            } => {
+            Op::Read { fd, mut buf, offset } => {
                 let len = buf.len() as u32;
-                let e = opcode::Read::new(types::Fd(fd), buf.raw_at(0), len)
-                    .offset(offset)
-                    .build();
+                let e = opcode::Read::new(types::Fd(fd), buf.raw_at(0), len).offset(offset).build();
                 (e, Owned::Buf(buf), None)
             }
-            Op::Write {
-                fd,
-                mut buf,
-                offset,
-                fua,
-            } => {
+            Op::Write { fd, mut buf, offset, fua } => {
                 let len = buf.len() as u32;
                 let flags = if fua { libc::RWF_DSYNC } else { 0 };
                 let e = opcode::Write::new(types::Fd(fd), buf.raw_at(0), len)
@@ -329,21 +286,13 @@ impl Ring {
                 (e, Owned::Buf(buf), None)
             }
             Op::Fsync { fd } => {
-                let e = opcode::Fsync::new(types::Fd(fd))
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build();
+                let e =
+                    opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build();
                 (e, Owned::None, None)
             }
-            Op::Fallocate {
-                fd,
-                mode,
-                offset,
-                len,
-            } => {
-                let e = opcode::Fallocate::new(types::Fd(fd), len)
-                    .offset(offset)
-                    .mode(mode)
-                    .build();
+            Op::Fallocate { fd, mode, offset, len } => {
+                let e =
+                    opcode::Fallocate::new(types::Fd(fd), len).offset(offset).mode(mode).build();
                 (e, Owned::None, None)
             }
             Op::ReadEventfd { fd, mut buf } => {
@@ -354,12 +303,7 @@ impl Ring {
             }
         };
         let accept = matches!(owned, Owned::None) && is_accept;
-        slot.insert(InFlight {
-            token,
-            owned,
-            recv_base,
-            accept,
-        });
+        slot.insert(InFlight { token, owned, recv_base, accept });
         entry.user_data(key)
     }
 
@@ -409,11 +353,7 @@ impl Ring {
                     buf.set_len(base + result as usize);
                 }
             }
-            out.push(Completion {
-                token: slot.token,
-                result,
-                owned,
-            });
+            out.push(Completion { token: slot.token, result, owned });
             count += 1;
         }
         count
@@ -421,10 +361,7 @@ impl Ring {
 }
 
 fn is_transient(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
-    )
+    matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN))
 }
 
 impl Drop for Ring {

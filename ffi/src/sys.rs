@@ -57,9 +57,7 @@ pub fn pin_to_cpu(cpu: usize) -> nix::Result<()> {
 /// CPUs this process may run on, in order.
 pub fn allowed_cpus() -> Vec<usize> {
     match nix::sched::sched_getaffinity(Pid::from_raw(0)) {
-        Ok(set) => (0..CpuSet::count())
-            .filter(|&c| set.is_set(c).unwrap_or(false))
-            .collect(),
+        Ok(set) => (0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect(),
         Err(_) => vec![0],
     }
 }
@@ -117,16 +115,7 @@ mod tests {
         let mut ring = Ring::new(8).unwrap();
         let mut buf = IoBuf::zeroed(4096);
         buf.as_mut_slice().fill(0xab);
-        ring.push(
-            Op::Write {
-                fd: file.as_raw_fd(),
-                buf,
-                offset: 4096,
-                fua: true,
-            },
-            7,
-        )
-        .unwrap();
+        ring.push(Op::Write { fd: file.as_raw_fd(), buf, offset: 4096, fua: true }, 7).unwrap();
         let mut out = Vec::new();
         while out.is_empty() {
             ring.submit_and_wait(None).unwrap();
@@ -134,23 +123,14 @@ mod tests {
         }
         assert_eq!(out[0].token, 7);
         assert_eq!(out[0].result, 4096);
-        ring.push(
-            Op::Read {
-                fd: file.as_raw_fd(),
-                buf: IoBuf::zeroed(4096),
-                offset: 4096,
-            },
-            8,
-        )
-        .unwrap();
+        ring.push(Op::Read { fd: file.as_raw_fd(), buf: IoBuf::zeroed(4096), offset: 4096 }, 8)
+            .unwrap();
         out.clear();
         while out.is_empty() {
             ring.submit_and_wait(None).unwrap();
             ring.reap(&mut out);
         }
-        let Owned::Buf(b) = std::mem::replace(&mut out[0].owned, Owned::None) else {
-            panic!()
-        };
+        let Owned::Buf(b) = std::mem::replace(&mut out[0].owned, Owned::None) else { panic!() };
         assert!(b.as_slice().iter().all(|&x| x == 0xab));
         std::fs::remove_dir_all(&dir).unwrap();
     }

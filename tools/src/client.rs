@@ -23,9 +23,7 @@ pub struct Target {
 
 impl Target {
     fn socket(&self) -> PathBuf {
-        self.rpc_socket
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("ballast.sock"))
+        self.rpc_socket.clone().unwrap_or_else(|| self.data_dir.join("ballast.sock"))
     }
 }
 
@@ -33,23 +31,15 @@ impl Target {
 pub fn call(target: &Target, method: &str, params: Value) -> anyhow::Result<Value> {
     let path = target.socket();
     let mut stream = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "cannot reach the daemon at {} (is `ballast serve` running?)",
-            path.display()
-        )
+        format!("cannot reach the daemon at {} (is `ballast serve` running?)", path.display())
     })?;
     let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
     stream.write_all(serde_json::to_string(&request)?.as_bytes())?;
     stream.write_all(b"\n")?;
     let mut responses = serde_json::Deserializer::from_reader(&stream).into_iter::<Value>();
-    let response = responses
-        .next()
-        .ok_or_else(|| anyhow!("daemon closed the connection"))??;
+    let response = responses.next().ok_or_else(|| anyhow!("daemon closed the connection"))??;
     if let Some(err) = response.get("error") {
-        let msg = err
-            .get("message")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown error");
+        let msg = err.get("message").and_then(Value::as_str).unwrap_or("unknown error");
         bail!("{method}: {msg}");
     }
     Ok(response.get("result").cloned().unwrap_or(Value::Null))
@@ -61,25 +51,14 @@ pub fn export_list(target: &Target, as_json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(());
     }
-    println!(
-        "{:<20} {:>14} {:<4} {:<3} BACKEND",
-        "NAME", "SIZE_BYTES", "RO", "DEF"
-    );
+    println!("{:<20} {:>14} {:<4} {:<3} BACKEND", "NAME", "SIZE_BYTES", "RO", "DEF");
     for e in result.as_array().into_iter().flatten() {
         println!(
             "{:<20} {:>14} {:<4} {:<3} {}",
             e["name"].as_str().unwrap_or(""),
             e["size_bytes"].as_u64().unwrap_or(0),
-            if e["read_only"].as_bool() == Some(true) {
-                "yes"
-            } else {
-                "no"
-            },
-            if e["default"].as_bool() == Some(true) {
-                "*"
-            } else {
-                ""
-            },
+            if e["read_only"].as_bool() == Some(true) { "yes" } else { "no" },
+            if e["default"].as_bool() == Some(true) { "*" } else { "" },
             e["backend"].as_str().unwrap_or(""),
         );
     }

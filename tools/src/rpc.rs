@@ -42,35 +42,27 @@ struct RpcError {
 }
 
 fn invalid(message: impl Into<String>) -> RpcError {
-    RpcError {
-        code: INVALID_PARAMS,
-        message: message.into(),
-    }
+    RpcError { code: INVALID_PARAMS, message: message.into() }
 }
 
 /// Binds the socket (replacing a stale one) and serves it on a background thread.
 pub fn start(path: &Path, control: Arc<Control>) -> anyhow::Result<()> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "{}: another daemon is already listening there",
-                path.display()
-            );
+            anyhow::bail!("{}: another daemon is already listening there", path.display());
         }
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
     tracing::info!(socket = %path.display(), "control API listening");
-    std::thread::Builder::new()
-        .name("ballast-rpc".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let control = control.clone();
-                let _ = std::thread::Builder::new()
-                    .name("ballast-rpc-client".into())
-                    .spawn(move || serve_client(stream, &control));
-            }
-        })?;
+    std::thread::Builder::new().name("ballast-rpc".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let control = control.clone();
+            let _ = std::thread::Builder::new()
+                .name("ballast-rpc-client".into())
+                .spawn(move || serve_client(stream, &control));
+        }
+    })?;
     Ok(())
 }
 
@@ -90,10 +82,7 @@ fn serve_client(stream: UnixStream, control: &Control) {
                 return;
             }
         };
-        if writer
-            .write_all(format!("{response}\n").as_bytes())
-            .is_err()
-        {
+        if writer.write_all(format!("{response}\n").as_bytes()).is_err() {
             return;
         }
     }
@@ -110,10 +99,9 @@ fn handle(req: &Value, control: &Control) -> Value {
         "export_remove" => export_remove(control, &params),
         "bdev_get_bdevs" => Ok(bdev_get_bdevs(control)),
         "framework_get_reactors" => Ok(reactors(control)),
-        _ => Err(RpcError {
-            code: METHOD_NOT_FOUND,
-            message: format!("Method not found: {method}"),
-        }),
+        _ => {
+            Err(RpcError { code: METHOD_NOT_FOUND, message: format!("Method not found: {method}") })
+        }
     };
     match result {
         Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
@@ -150,35 +138,24 @@ fn export_add(control: &Control, p: &Value) -> Result<Value, RpcError> {
         .and_then(Value::as_str)
         .ok_or_else(|| invalid("missing string param: name"))?;
     let read_only = p.get("read_only").and_then(Value::as_bool).unwrap_or(false);
-    let description = p
-        .get("description")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let description = p.get("description").and_then(Value::as_str).unwrap_or("").to_string();
     if control.exports.get(name).is_some() {
         return Err(invalid(format!("export {name:?} already exists")));
     }
-    let spec = match (
-        p.get("ram_size").and_then(Value::as_str),
-        p.get("file").and_then(Value::as_str),
-    ) {
-        (Some(size), None) => format!("ram:{size}"),
-        (None, Some(file)) => match p.get("size").and_then(Value::as_str) {
-            Some(size) => format!("file:{file}:{size}"),
-            None => format!("file:{file}"),
-        },
-        _ => return Err(invalid("give exactly one of ram_size or file")),
-    };
+    let spec =
+        match (p.get("ram_size").and_then(Value::as_str), p.get("file").and_then(Value::as_str)) {
+            (Some(size), None) => format!("ram:{size}"),
+            (None, Some(file)) => match p.get("size").and_then(Value::as_str) {
+                Some(size) => format!("file:{file}:{size}"),
+                None => format!("file:{file}"),
+            },
+            _ => return Err(invalid("give exactly one of ram_size or file")),
+        };
     let dev: Arc<dyn BlockDev> =
         open_backend(&spec, read_only).map_err(|e| invalid(format!("{e:#}")))?;
     control
         .exports
-        .add(Export {
-            name: name.to_string(),
-            description,
-            dev,
-            read_only,
-        })
+        .add(Export { name: name.to_string(), description, dev, read_only })
         .map_err(|e| invalid(e.to_string()))?;
     tracing::info!(export = name, backend = %spec, "export added");
     Ok(json!(true))
@@ -189,10 +166,7 @@ fn export_remove(control: &Control, p: &Value) -> Result<Value, RpcError> {
         .get("name")
         .and_then(Value::as_str)
         .ok_or_else(|| invalid("missing string param: name"))?;
-    let export = control
-        .exports
-        .remove(name)
-        .map_err(|e| invalid(e.to_string()))?;
+    let export = control.exports.remove(name).map_err(|e| invalid(e.to_string()))?;
     if let Err(e) = export.dev.flush_blocking() {
         tracing::warn!(export = name, error = %e, "flush on removal failed");
     }

@@ -79,17 +79,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let exports = Arc::new(ExportTable::default());
     if args.exports.is_empty() {
         let path = args.data_dir.join("vol0");
-        let dev = open_backend(
-            &format!("file:{}:{DEFAULT_VOLUME_BYTES}", path.display()),
-            false,
-        )?;
+        let dev = open_backend(&format!("file:{}:{DEFAULT_VOLUME_BYTES}", path.display()), false)?;
         let description = "default volume".to_string();
-        exports.add(Export {
-            name: "vol0".into(),
-            description,
-            dev,
-            read_only: false,
-        })?;
+        exports.add(Export { name: "vol0".into(), description, dev, read_only: false })?;
     }
     for spec in &args.exports {
         let Some((name, backend)) = spec.split_once('=') else {
@@ -135,22 +127,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         bail!("core 0 is not running");
     }
 
-    let socket = args
-        .rpc_socket
-        .clone()
-        .unwrap_or_else(|| args.data_dir.join("ballast.sock"));
-    rpc::start(
-        &socket,
-        Arc::new(Control {
-            exports: exports.clone(),
-            cores: handles,
-        }),
-    )?;
-    tracing::info!(
-        cores = count,
-        exports = exports.list().len(),
-        "ballast serving"
-    );
+    let socket = args.rpc_socket.clone().unwrap_or_else(|| args.data_dir.join("ballast.sock"));
+    rpc::start(&socket, Arc::new(Control { exports: exports.clone(), cores: handles }))?;
+    tracing::info!(cores = count, exports = exports.list().len(), "ballast serving");
 
     let signal = signals.wait()?;
     tracing::info!(?signal, "shutting down: draining connections");

@@ -394,13 +394,7 @@ pub fn encode_done(out: &mut Vec<u8>, handle: u64) {
 /// NBD_REPLY_TYPE_ERROR with DONE and a human-readable message.
 pub fn encode_error_chunk(out: &mut Vec<u8>, handle: u64, error: u32, message: &str) {
     let msg = &message.as_bytes()[..message.len().min(STRING_MAX)];
-    encode_chunk_header(
-        out,
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        handle,
-        6 + msg.len() as u32,
-    );
+    encode_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, 6 + msg.len() as u32);
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
@@ -423,10 +417,7 @@ mod tests {
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     #[test]
@@ -441,23 +432,11 @@ mod tests {
     fn option_header_and_go() {
         let bytes = hex("49484156454f5054 00000007 0000000c");
         let h = decode_option_header(&bytes).unwrap();
-        assert_eq!(
-            h,
-            OptionHeader {
-                option: OPT_GO,
-                length: 12
-            }
-        );
+        assert_eq!(h, OptionHeader { option: OPT_GO, length: 12 });
         // name "vol0", two info requests: NAME, BLOCK_SIZE
         let data = hex("00000004 766f6c30 0002 0001 0003");
         let req = decode_info_request(&data).unwrap();
-        assert_eq!(
-            req,
-            InfoRequest {
-                name: "vol0".into(),
-                requests: vec![1, 3]
-            }
-        );
+        assert_eq!(req, InfoRequest { name: "vol0".into(), requests: vec![1, 3] });
         assert_eq!(decode_info_request(&data[..9]), Err(DecodeError::Truncated));
         let mut long = data.clone();
         long.push(0);
@@ -484,10 +463,7 @@ mod tests {
         );
         out.clear();
         encode_rep_server(&mut out, "a", "d");
-        assert_eq!(
-            out,
-            hex("0003e889045565a9 00000003 00000002 00000006 00000001 61 64")
-        );
+        assert_eq!(out, hex("0003e889045565a9 00000003 00000002 00000006 00000001 61 64"));
         out.clear();
         encode_rep_meta_context(&mut out, OPT_SET_META_CONTEXT, 1, "base:allocation");
         assert_eq!(
@@ -528,9 +504,7 @@ mod tests {
         assert_eq!(out, bytes);
         assert_eq!(decode_request(&bytes[..27]), Err(DecodeError::Truncated));
         assert!(matches!(
-            decode_request(&hex(
-                "25609514 0000 0000 0000000000000000 0000000000000000 00000000"
-            )),
+            decode_request(&hex("25609514 0000 0000 0000000000000000 0000000000000000 00000000")),
             Err(DecodeError::BadMagic(_))
         ));
     }
@@ -542,10 +516,7 @@ mod tests {
         assert_eq!(out, hex("67446698 00000016 0000000000000007"));
         out.clear();
         encode_offset_data_header(&mut out, true, 7, 512, 4);
-        assert_eq!(
-            out,
-            hex("668e33ef 0001 0001 0000000000000007 0000000c 0000000000000200")
-        );
+        assert_eq!(out, hex("668e33ef 0001 0001 0000000000000007 0000000c 0000000000000200"));
         out.clear();
         encode_offset_hole(&mut out, false, 7, 0, 512);
         assert_eq!(
@@ -554,10 +525,7 @@ mod tests {
         );
         out.clear();
         encode_error_chunk(&mut out, 7, ENOSPC, "x");
-        assert_eq!(
-            out,
-            hex("668e33ef 0001 8001 0000000000000007 00000007 0000001c 0001 78")
-        );
+        assert_eq!(out, hex("668e33ef 0001 8001 0000000000000007 00000007 0000001c 0001 78"));
         out.clear();
         encode_block_status(&mut out, 7, 1, &[(4096, STATE_HOLE | STATE_ZERO), (512, 0)]);
         assert_eq!(

@@ -48,15 +48,19 @@ struct Inflight {
 struct PendingWrite {
     req: Request,
     fua: bool,
-    buf: IoBuf,
+    /// The payload so far; `None` while a receive writes straight into it.
+    buf: Option<IoBuf>,
+}
+
+impl PendingWrite {
+    fn missing(&self) -> usize {
+        self.req.length as usize - self.buf.as_ref().map_or(0, IoBuf::len)
+    }
 }
 
 enum Phase {
     Handshake(Handshake),
-    Transmission {
-        dev: Arc<dyn BlockDev>,
-        session: Session,
-    },
+    Transmission { dev: Arc<dyn BlockDev>, session: Session },
 }
 
 pub struct Conn {
@@ -194,10 +198,7 @@ impl Conn {
             structured: neg.structured,
             meta_allocation: neg.meta_allocation,
         };
-        self.phase = Phase::Transmission {
-            dev: neg.export.dev.clone(),
-            session,
-        };
+        self.phase = Phase::Transmission { dev: neg.export.dev.clone(), session };
     }
 
     /// Handles some input in transmission; returns bytes consumed (None/0: wait for more).
@@ -208,9 +209,10 @@ impl Conn {
             return Some(n);
         }
         if let Some(pw) = &mut self.payload {
-            let need = pw.req.length as usize - pw.buf.len();
+            let need = pw.missing();
             let n = need.min(input.len());
-            pw.buf.extend_from_slice(&input[..n]);
+            let Some(buf) = pw.buf.as_mut() else { return None };
+            buf.extend_from_slice(&input[..n]);
             if n == need {
                 self.submit_write(cx);
             }
@@ -231,9 +233,7 @@ impl Conn {
     }
 
     fn on_request(&mut self, cx: &mut Cx<'_>, req: Request) {
-        let Phase::Transmission { dev, session } = &self.phase else {
-            unreachable!()
-        };
+        let Phase::Transmission { dev, session } = &self.phase else { unreachable!() };
         let (dev, session) = (dev.clone(), *session);
         match classify(&req, &session) {
             Action::Read { offset, len, df } => {
@@ -254,22 +254,12 @@ impl Conn {
                     }
                 }
                 let tag = self.track(&req, OpKind::Read);
-                dev.submit(
-                    cx,
-                    IoCmd::Read {
-                        offset,
-                        buf: IoBuf::zeroed(len as usize),
-                    },
-                    tag,
-                );
+                dev.submit(cx, IoCmd::Read { offset, buf: IoBuf::zeroed(len as usize) }, tag);
             }
             Action::Write { len, fua, .. } => {
                 self.bytes_inflight += u64::from(len);
-                self.payload = Some(PendingWrite {
-                    req,
-                    fua,
-                    buf: IoBuf::with_capacity(len as usize),
-                });
+                let buf = Some(cx.buf_with_capacity(len as usize));
+                self.payload = Some(PendingWrite { req, fua, buf });
                 if len == 0 {
                     self.submit_write(cx);
                 }
@@ -280,48 +270,22 @@ impl Conn {
             }
             Action::Trim { offset, len, .. } => {
                 let tag = self.track(&req, OpKind::Discard);
-                dev.submit(
-                    cx,
-                    IoCmd::Discard {
-                        offset,
-                        len: u64::from(len),
-                    },
-                    tag,
-                );
+                dev.submit(cx, IoCmd::Discard { offset, len: u64::from(len) }, tag);
             }
-            Action::WriteZeroes {
-                offset,
-                len,
-                may_unmap,
-                ..
-            } => {
+            Action::WriteZeroes { offset, len, may_unmap, .. } => {
                 // Both backends zero through fallocate or memory, so every zeroing is fast.
                 let tag = self.track(&req, OpKind::WriteZeroes);
-                dev.submit(
-                    cx,
-                    IoCmd::WriteZeroes {
-                        offset,
-                        len: u64::from(len),
-                        may_unmap,
-                    },
-                    tag,
-                );
+                dev.submit(cx, IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap }, tag);
             }
             Action::Cache => self.reply_simple(req.handle, 0),
-            Action::BlockStatus {
-                offset,
-                len,
-                req_one,
-            } => self.block_status(&dev, req.handle, offset, len, req_one),
+            Action::BlockStatus { offset, len, req_one } => {
+                self.block_status(&dev, req.handle, offset, len, req_one)
+            }
             Action::Disconnect => {
                 tracing::debug!(peer = %self.peer, "client sent NBD_CMD_DISC");
                 self.read_closed = true;
             }
-            Action::Reject {
-                error,
-                discard,
-                why,
-            } => {
+            Action::Reject { error, discard, why } => {
                 tracing::debug!(peer = %self.peer, why, kind = req.kind, offset = req.offset, len = req.length, "request rejected");
                 self.skip = u64::from(discard);
                 if req.kind == codec::CMD_READ && session.structured {
@@ -353,25 +317,17 @@ impl Conn {
         let Some(pw) = self.payload.take() else {
             return;
         };
-        assert_eq!(pw.buf.len(), pw.req.length as usize);
-        let Phase::Transmission { dev, .. } = &self.phase else {
-            unreachable!()
-        };
+        let buf = pw.buf.expect("write submitted while its payload is being received");
+        assert_eq!(buf.len(), pw.req.length as usize);
+        let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
         let dev = dev.clone();
         let tag = self.track(&pw.req, OpKind::Write);
         if pw.req.length == 0 {
+            cx.recycle(buf);
             cx.complete(tag, 0, Owned::None);
             return;
         }
-        dev.submit(
-            cx,
-            IoCmd::Write {
-                offset: pw.req.offset,
-                buf: pw.buf,
-                fua: pw.fua,
-            },
-            tag,
-        );
+        dev.submit(cx, IoCmd::Write { offset: pw.req.offset, buf, fua: pw.fua }, tag);
     }
 
     fn block_status(
@@ -457,20 +413,13 @@ impl Conn {
             tracing::warn!(peer = %self.peer, export = %self.export_name, offset = req.offset, len = req.len, result, "I/O failed");
         }
         let latency_ns = req.started.elapsed().as_nanos() as u64;
-        cx.stats()
-            .record(req.kind, u64::from(req.len), latency_ns, error == 0);
+        cx.stats().record(req.kind, u64::from(req.len), latency_ns, error == 0);
         if self.broken {
             return;
         }
         let structured = matches!(
             self.phase,
-            Phase::Transmission {
-                session: Session {
-                    structured: true,
-                    ..
-                },
-                ..
-            }
+            Phase::Transmission { session: Session { structured: true, .. }, .. }
         );
         match (req.kind, owned, error) {
             (OpKind::Read, Owned::Buf(data), 0) => {
@@ -493,11 +442,16 @@ impl Conn {
             (OpKind::Read, _, error) => {
                 self.reply_simple(req.handle, if error == 0 { codec::EIO } else { error })
             }
-            (_, _, error) => self.reply_simple(req.handle, error),
+            (_, owned, error) => {
+                if let Owned::Buf(buf) = owned {
+                    cx.recycle(buf);
+                }
+                self.reply_simple(req.handle, error)
+            }
         }
     }
 
-    fn on_send(&mut self, result: i32, owned: Owned) {
+    fn on_send(&mut self, cx: &mut Cx<'_>, result: i32, owned: Owned) {
         self.send_inflight = false;
         let Owned::Batch(mut batch) = owned else {
             unreachable!("send completion without its batch")
@@ -507,14 +461,14 @@ impl Conn {
                 tracing::debug!(peer = %self.peer, errno = -result, "send failed");
             }
             self.broken = true;
-            self.out.clear();
-            batch.clear();
+            self.out.clear(|b| cx.recycle(b));
+            batch.clear(|b| cx.recycle(b));
             self.spare = Some(batch);
             return;
         }
         batch.advance(result as usize);
         if batch.is_empty() {
-            batch.clear();
+            batch.clear(|b| cx.recycle(b));
             self.spare = Some(batch);
         } else {
             // Finish this batch before anything queued after it.
@@ -538,7 +492,7 @@ impl Conn {
         let mut rest = std::mem::take(&mut self.out);
         rest.append(&mut queued);
         self.out = rest;
-        queued.clear();
+        queued.clear(|_| {});
         self.spare = Some(queued);
     }
 
@@ -547,13 +501,7 @@ impl Conn {
             let next = self.spare.take().unwrap_or_default();
             let batch = std::mem::replace(&mut self.out, next);
             self.send_inflight = true;
-            cx.submit(
-                Op::Send {
-                    fd: self.fd.as_raw_fd(),
-                    batch,
-                },
-                TAG_SEND,
-            );
+            cx.submit(Op::Send { fd: self.fd.as_raw_fd(), batch }, TAG_SEND);
         }
         if self.read_closed || self.broken || self.recv_inflight || self.payload_recv_inflight {
             return;
@@ -563,18 +511,11 @@ impl Conn {
         }
         let buffered = self.recv_buf.as_ref().map_or(0, |b| b.len());
         if let Some(pw) = self.payload.as_mut() {
-            let need = pw.req.length as usize - pw.buf.len();
+            let need = pw.missing();
             if buffered == 0 && need >= DIRECT_RECV_MIN {
-                let buf = std::mem::replace(&mut pw.buf, IoBuf::with_capacity(0));
+                let Some(buf) = pw.buf.take() else { return };
                 self.payload_recv_inflight = true;
-                cx.submit(
-                    Op::Recv {
-                        fd: self.fd.as_raw_fd(),
-                        buf,
-                        max: need,
-                    },
-                    TAG_RECV_PAYLOAD,
-                );
+                cx.submit(Op::Recv { fd: self.fd.as_raw_fd(), buf, max: need }, TAG_RECV_PAYLOAD);
                 return;
             }
         }
@@ -587,14 +528,7 @@ impl Conn {
             return;
         }
         self.recv_inflight = true;
-        cx.submit(
-            Op::Recv {
-                fd: self.fd.as_raw_fd(),
-                buf,
-                max: usize::MAX,
-            },
-            TAG_RECV,
-        );
+        cx.submit(Op::Recv { fd: self.fd.as_raw_fd(), buf, max: usize::MAX }, TAG_RECV);
     }
 
     fn on_payload_recv(&mut self, cx: &mut Cx<'_>, result: i32, buf: IoBuf) {
@@ -602,12 +536,12 @@ impl Conn {
         let Some(pw) = self.payload.as_mut() else {
             unreachable!("payload receive without a pending write")
         };
-        pw.buf = buf;
+        pw.buf = Some(buf);
         if result <= 0 {
             self.read_closed = true;
             return;
         }
-        if pw.buf.len() == pw.req.length as usize {
+        if pw.missing() == 0 {
             self.submit_write(cx);
         }
     }
@@ -634,21 +568,17 @@ impl Task for Conn {
         match tag {
             TAG_RECV => {
                 self.recv_inflight = false;
-                let buf = owned
-                    .into_buf()
-                    .expect("receive completion without its buffer");
+                let buf = owned.into_buf().expect("receive completion without its buffer");
                 self.on_recv(cx, result, buf);
             }
             TAG_RECV_PAYLOAD => {
-                let buf = owned
-                    .into_buf()
-                    .expect("payload receive completion without its buffer");
+                let buf = owned.into_buf().expect("payload receive completion without its buffer");
                 self.on_payload_recv(cx, result, buf);
                 if !self.read_closed {
                     self.parse(cx);
                 }
             }
-            TAG_SEND => self.on_send(result, owned),
+            TAG_SEND => self.on_send(cx, result, owned),
             _ => {
                 self.on_io_done(cx, tag, result, owned);
                 // Back-pressure may have stopped parsing buffered input.

@@ -79,10 +79,7 @@ impl ExportTable {
     /// Removes an export; connections already using it keep their device until they close.
     pub fn remove(&self, name: &str) -> Result<Arc<Export>, ExportError> {
         let mut inner = self.inner.write();
-        let export = inner
-            .map
-            .remove(name)
-            .ok_or_else(|| ExportError::NotFound(name.into()))?;
+        let export = inner.map.remove(name).ok_or_else(|| ExportError::NotFound(name.into()))?;
         if inner.default.as_deref() == Some(name) {
             inner.default = inner.map.keys().next().cloned();
         }
@@ -101,11 +98,7 @@ impl ExportTable {
     /// Looks up an export; the empty name means the default export.
     pub fn get(&self, name: &str) -> Option<Arc<Export>> {
         let inner = self.inner.read();
-        let key = if name.is_empty() {
-            inner.default.as_deref()?
-        } else {
-            name
-        };
+        let key = if name.is_empty() { inner.default.as_deref()? } else { name };
         inner.map.get(key).cloned()
     }
 
@@ -119,11 +112,6 @@ impl ExportTable {
 
     /// Every export's device (for flushing at shutdown).
     pub fn devices(&self) -> Vec<Arc<dyn BlockDev>> {
-        self.inner
-            .read()
-            .map
-            .values()
-            .map(|e| e.dev.clone())
-            .collect()
+        self.inner.read().map.values().map(|e| e.dev.clone()).collect()
     }
 }

@@ -118,10 +118,7 @@ impl Handshake {
                             self.state = State::Done;
                             return (used, Step::Close("export name too long"));
                         }
-                        State::Skip {
-                            option: header.option,
-                            remaining: header.length,
-                        }
+                        State::Skip { option: header.option, remaining: header.length }
                     } else {
                         State::OptionData(header)
                     };
@@ -310,12 +307,7 @@ impl Handshake {
     fn enter(&mut self, export: Arc<Export>, flags: u16) -> Step {
         let meta_allocation =
             self.structured && self.meta_export.as_deref() == Some(export.name.as_str());
-        Step::Enter(Negotiated {
-            export,
-            structured: self.structured,
-            meta_allocation,
-            flags,
-        })
+        Step::Enter(Negotiated { export, structured: self.structured, meta_allocation, flags })
     }
 }
 
@@ -327,13 +319,8 @@ mod tests {
     fn table() -> ExportTable {
         let t = ExportTable::default();
         let dev = Arc::new(RamDev::new(1 << 20));
-        t.add(Export {
-            name: "vol0".into(),
-            description: "d".into(),
-            dev,
-            read_only: false,
-        })
-        .unwrap();
+        t.add(Export { name: "vol0".into(), description: "d".into(), dev, read_only: false })
+            .unwrap();
         t
     }
 
@@ -382,9 +369,7 @@ mod tests {
         for chunk in [1, 3, 1000] {
             let mut hs = Handshake::new();
             let (out, step) = run(&mut hs, &input, chunk, &t);
-            let Some(Step::Enter(n)) = step else {
-                panic!("no enter")
-            };
+            let Some(Step::Enter(n)) = step else { panic!("no enter") };
             assert_eq!(n.export.name, "vol0");
             assert!(n.structured);
             assert!(n.flags & codec::TF_SEND_DF != 0);

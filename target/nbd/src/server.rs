@@ -38,12 +38,7 @@ impl Acceptor {
     fn arm(&mut self, cx: &mut Cx<'_>) {
         if !self.inflight && !self.stopping {
             self.inflight = true;
-            cx.submit(
-                Op::Accept {
-                    fd: self.listener.as_raw_fd(),
-                },
-                TAG_ACCEPT,
-            );
+            cx.submit(Op::Accept { fd: self.listener.as_raw_fd() }, TAG_ACCEPT);
         }
     }
 

@@ -70,30 +70,16 @@ fn allowed_flags(kind: u16) -> u16 {
 
 /// Decides what to do with `r`.
 pub fn classify(r: &Request, s: &Session) -> Action {
-    let discard = if r.kind == codec::CMD_WRITE {
-        r.length
-    } else {
-        0
-    };
-    let reject = |error, why| Action::Reject {
-        error,
-        discard,
-        why,
-    };
+    let discard = if r.kind == codec::CMD_WRITE { r.length } else { 0 };
+    let reject = |error, why| Action::Reject { error, discard, why };
     if r.flags & !allowed_flags(r.kind) != 0 {
         return reject(codec::EINVAL, "flag not valid for this command");
     }
     if r.flags & codec::CMD_FLAG_DF != 0 && !s.structured {
         return reject(codec::EINVAL, "DF without structured replies");
     }
-    let in_range = r
-        .offset
-        .checked_add(u64::from(r.length))
-        .is_some_and(|end| end <= s.size_bytes);
-    let writes = matches!(
-        r.kind,
-        codec::CMD_WRITE | codec::CMD_TRIM | codec::CMD_WRITE_ZEROES
-    );
+    let in_range = r.offset.checked_add(u64::from(r.length)).is_some_and(|end| end <= s.size_bytes);
+    let writes = matches!(r.kind, codec::CMD_WRITE | codec::CMD_TRIM | codec::CMD_WRITE_ZEROES);
     if writes && s.read_only {
         return reject(codec::EPERM, "export is read-only");
     }
@@ -103,26 +89,16 @@ pub fn classify(r: &Request, s: &Session) -> Action {
             reject(codec::EINVAL, "request larger than the maximum payload")
         }
         codec::CMD_READ if !in_range => reject(codec::EINVAL, "read beyond the end of the export"),
-        codec::CMD_READ => Action::Read {
-            offset: r.offset,
-            len: r.length,
-            df: r.flags & codec::CMD_FLAG_DF != 0,
-        },
+        codec::CMD_READ => {
+            Action::Read { offset: r.offset, len: r.length, df: r.flags & codec::CMD_FLAG_DF != 0 }
+        }
         codec::CMD_WRITE if !in_range => {
             reject(codec::ENOSPC, "write beyond the end of the export")
         }
-        codec::CMD_WRITE => Action::Write {
-            offset: r.offset,
-            len: r.length,
-            fua,
-        },
+        codec::CMD_WRITE => Action::Write { offset: r.offset, len: r.length, fua },
         codec::CMD_FLUSH => Action::Flush,
         codec::CMD_TRIM if !in_range => reject(codec::EINVAL, "trim beyond the end of the export"),
-        codec::CMD_TRIM => Action::Trim {
-            offset: r.offset,
-            len: r.length,
-            fua,
-        },
+        codec::CMD_TRIM => Action::Trim { offset: r.offset, len: r.length, fua },
         codec::CMD_WRITE_ZEROES if !in_range => {
             reject(codec::ENOSPC, "write-zeroes beyond the end of the export")
         }
@@ -157,21 +133,11 @@ pub fn classify(r: &Request, s: &Session) -> Action {
 mod tests {
     use super::*;
 
-    const S: Session = Session {
-        size_bytes: 1 << 20,
-        read_only: false,
-        structured: true,
-        meta_allocation: true,
-    };
+    const S: Session =
+        Session { size_bytes: 1 << 20, read_only: false, structured: true, meta_allocation: true };
 
     fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
-        Request {
-            flags,
-            kind,
-            handle: 1,
-            offset,
-            length,
-        }
+        Request { flags, kind, handle: 1, offset, length }
     }
 
     #[test]
@@ -179,42 +145,23 @@ mod tests {
         let end = 1u64 << 20;
         assert!(matches!(
             classify(&req(codec::CMD_READ, 0, end, 1), &S),
-            Action::Reject {
-                error: codec::EINVAL,
-                discard: 0,
-                ..
-            }
+            Action::Reject { error: codec::EINVAL, discard: 0, .. }
         ));
         assert!(matches!(
             classify(&req(codec::CMD_WRITE, 0, end - 1, 2), &S),
-            Action::Reject {
-                error: codec::ENOSPC,
-                discard: 2,
-                ..
-            }
+            Action::Reject { error: codec::ENOSPC, discard: 2, .. }
         ));
         assert!(matches!(
             classify(&req(codec::CMD_WRITE_ZEROES, 0, end, 1), &S),
-            Action::Reject {
-                error: codec::ENOSPC,
-                discard: 0,
-                ..
-            }
+            Action::Reject { error: codec::ENOSPC, discard: 0, .. }
         ));
         assert!(matches!(
             classify(&req(codec::CMD_TRIM, 0, u64::MAX, 2), &S),
-            Action::Reject {
-                error: codec::EINVAL,
-                ..
-            }
+            Action::Reject { error: codec::EINVAL, .. }
         ));
         assert_eq!(
             classify(&req(codec::CMD_READ, 0, end - 4096, 4096), &S),
-            Action::Read {
-                offset: end - 4096,
-                len: 4096,
-                df: false
-            }
+            Action::Read { offset: end - 4096, len: 4096, df: false }
         );
     }
 
@@ -224,11 +171,7 @@ mod tests {
             classify(&req(codec::CMD_FLUSH, codec::CMD_FLAG_DF, 0, 0), &S),
             Action::Reject { .. }
         ));
-        let simple = Session {
-            structured: false,
-            meta_allocation: false,
-            ..S
-        };
+        let simple = Session { structured: false, meta_allocation: false, ..S };
         assert!(matches!(
             classify(&req(codec::CMD_READ, codec::CMD_FLAG_DF, 0, 1), &simple),
             Action::Reject { .. }
@@ -237,24 +180,14 @@ mod tests {
             classify(&req(codec::CMD_BLOCK_STATUS, 0, 0, 1), &simple),
             Action::Reject { .. }
         ));
-        let ro = Session {
-            read_only: true,
-            ..S
-        };
+        let ro = Session { read_only: true, ..S };
         assert!(matches!(
             classify(&req(codec::CMD_WRITE, 0, 0, 9), &ro),
-            Action::Reject {
-                error: codec::EPERM,
-                discard: 9,
-                ..
-            }
+            Action::Reject { error: codec::EPERM, discard: 9, .. }
         ));
         assert!(matches!(
             classify(&req(99, 0, 0, 0), &S),
-            Action::Reject {
-                error: codec::EINVAL,
-                ..
-            }
+            Action::Reject { error: codec::EINVAL, .. }
         ));
         let big = PAYLOAD_ACCEPT_MAX + 1;
         assert!(
@@ -271,13 +204,7 @@ mod tests {
                 ),
                 &S
             ),
-            Action::WriteZeroes {
-                offset: 0,
-                len: 8,
-                may_unmap: false,
-                fast: true,
-                fua: false
-            }
+            Action::WriteZeroes { offset: 0, len: 8, may_unmap: false, fast: true, fua: false }
         );
     }
 }

@@ -211,7 +211,7 @@ impl Conn {
         if let Some(pw) = &mut self.payload {
             let need = pw.missing();
             let n = need.min(input.len());
-            let Some(buf) = pw.buf.as_mut() else { return None };
+            let buf = pw.buf.as_mut()?;
             buf.extend_from_slice(&input[..n]);
             if n == need {
                 self.submit_write(cx);

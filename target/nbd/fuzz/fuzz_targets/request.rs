@@ -1,0 +1,12 @@
+//! Arbitrary request headers through decode and validation.
+#![no_main]
+use ballast_nbd::codec::decode_request;
+use ballast_nbd::transmission::{classify, Session};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(req) = decode_request(data) {
+        let session = Session { size_bytes: 1 << 30, read_only: data.len() % 2 == 0, structured: true, meta_allocation: true };
+        let _ = classify(&req, &session);
+    }
+});

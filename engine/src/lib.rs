@@ -10,6 +10,7 @@
 
 pub mod blockdev;
 pub mod file;
+pub mod listener;
 pub mod pool;
 pub mod ram;
 pub mod reactor;

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ballast_engine::file::FileDev;
+use ballast_engine::listener::Acceptor;
 use ballast_engine::ram::RamDev;
 use ballast_engine::size::parse_size;
 use ballast_engine::{BlockDev, Engine, EngineConfig, Msg, Task};
-use ballast_nbd::{Acceptor, Export, ExportTable};
+use ballast_nbd::{Export, ExportTable};
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 
@@ -119,9 +120,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let listener = TcpListener::bind(args.nbd_listen)
         .with_context(|| format!("binding NBD on {}", args.nbd_listen))?;
-    let nbd_exports = exports.clone();
+    let factory = ballast_nbd::conn_factory(exports.clone());
     let spawn = Msg::Spawn(Box::new(move |_cx| {
-        Box::new(Acceptor::new(listener, nbd_exports)) as Box<dyn Task>
+        Box::new(Acceptor::new(listener, "nbd", factory)) as Box<dyn Task>
     }));
     if !handles[0].send_blocking(spawn) {
         bail!("core 0 is not running");

@@ -24,15 +24,23 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 #[test]
 fn cargo_output_is_not_in_target_sources() {
     let root = repo();
-    for junk in ["target/debug", "target/release", "target/.rustc_info.json", "target/CACHEDIR.TAG"] {
-        assert!(!root.join(junk).exists(), "{junk} exists: cargo must build into build/ (.cargo/config.toml)");
+    for junk in ["target/debug", "target/release", "target/.rustc_info.json", "target/CACHEDIR.TAG"]
+    {
+        assert!(
+            !root.join(junk).exists(),
+            "{junk} exists: cargo must build into build/ (.cargo/config.toml)"
+        );
     }
-    let config = std::fs::read_to_string(root.join(".cargo/config.toml")).expect(".cargo/config.toml");
+    let config =
+        std::fs::read_to_string(root.join(".cargo/config.toml")).expect(".cargo/config.toml");
     assert!(config.contains("target-dir = \"build/cargo\""));
     let ignore = std::fs::read_to_string(root.join(".gitignore")).expect(".gitignore");
     for line in ignore.lines() {
         let l = line.trim();
-        assert!(l != "/target" && l != "target" && l != "target/" && l != "/target/", ".gitignore hides target/");
+        assert!(
+            l != "/target" && l != "target" && l != "target/" && l != "/target/",
+            ".gitignore hides target/"
+        );
     }
 }
 
@@ -50,7 +58,9 @@ fn unsafe_lives_in_ffi_with_safety_comments() {
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {
             let code = line.split("//").next().unwrap_or("");
-            let is_unsafe = code.contains("unsafe {") || code.contains("unsafe impl") || code.contains("unsafe fn");
+            let is_unsafe = code.contains("unsafe {")
+                || code.contains("unsafe impl")
+                || code.contains("unsafe fn");
             if !is_unsafe || file.ends_with("tidy.rs") {
                 continue;
             }
@@ -60,7 +70,11 @@ fn unsafe_lives_in_ffi_with_safety_comments() {
             }
             let window = &lines[i.saturating_sub(4)..=i];
             if !window.iter().any(|l| l.contains("SAFETY:")) {
-                problems.push(format!("{}:{}: unsafe without a // SAFETY: comment", file.display(), i + 1));
+                problems.push(format!(
+                    "{}:{}: unsafe without a // SAFETY: comment",
+                    file.display(),
+                    i + 1
+                ));
             }
         }
     }

@@ -1,22 +1,25 @@
-//! The NBD listener: a task on one core that accepts connections and hands each to a core,
-//! round-robin, as a [`Conn`] task.
+//! A TCP listener task: accepts connections on one core and hands each to a core, round-robin,
+//! as the task its protocol's factory builds (an NBD connection, an NVMe/TCP queue pair).
 
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
-use ballast_engine::{Cx, Msg, Owned, Task};
-use ballast_ffi::Op;
+use ballast_ffi::{Op, Owned};
 use nix::sys::socket::{getpeername, setsockopt, shutdown, sockopt, Shutdown, SockaddrStorage};
 
-use crate::conn::Conn;
-use crate::exports::ExportTable;
+use crate::reactor::{Cx, Msg, Task};
+
+/// Builds the task serving one accepted connection: `(socket, peer address)`.
+pub type ConnFactory = Arc<dyn Fn(OwnedFd, String) -> Box<dyn Task> + Send + Sync>;
 
 const TAG_ACCEPT: u32 = 0;
 
 pub struct Acceptor {
     listener: TcpListener,
-    exports: Arc<ExportTable>,
+    /// Protocol name for logs.
+    protocol: &'static str,
+    factory: ConnFactory,
     next_core: usize,
     inflight: bool,
     stopping: bool,
@@ -24,10 +27,11 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    pub fn new(listener: TcpListener, exports: Arc<ExportTable>) -> Acceptor {
+    pub fn new(listener: TcpListener, protocol: &'static str, factory: ConnFactory) -> Acceptor {
         Acceptor {
             listener,
-            exports,
+            protocol,
+            factory,
             next_core: 0,
             inflight: false,
             stopping: false,
@@ -51,14 +55,12 @@ impl Acceptor {
             .unwrap_or_else(|_| "?".into());
         let core = self.next_core % cx.cores();
         self.next_core = self.next_core.wrapping_add(1);
-        let exports = self.exports.clone();
+        let factory = self.factory.clone();
         if core == cx.core() {
-            cx.spawn_local(Box::new(Conn::new(fd, peer, exports)));
+            cx.spawn_local(factory(fd, peer));
             return;
         }
-        let msg = Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| {
-            Box::new(Conn::new(fd, peer, exports)) as Box<dyn Task>
-        }));
+        let msg = Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| factory(fd, peer)));
         if let Err(Msg::Spawn(build)) = cx.peers()[core].send(msg) {
             // That core's mailbox is full: serve the connection here instead.
             let task = build(cx);
@@ -70,7 +72,7 @@ impl Acceptor {
 impl Task for Acceptor {
     fn start(&mut self, cx: &mut Cx<'_>) {
         if let Ok(addr) = self.listener.local_addr() {
-            tracing::info!(%addr, core = cx.core(), "NBD listening");
+            tracing::info!(%addr, core = cx.core(), protocol = self.protocol, "listening");
         }
         self.arm(cx);
     }

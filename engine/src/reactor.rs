@@ -251,6 +251,18 @@ impl Cx<'_> {
         self.ready.push_back(Completion { token: token(self.task, tag), result, owned });
     }
 
+    /// Arms a timer that completes `tag` with `-ETIME` after `after`.
+    pub fn timer(&mut self, tag: u32, after: Duration) {
+        self.submit(Op::Timer { after }, tag);
+    }
+
+    /// Cancels this task's operations submitted with `tag`; the cancel itself completes with
+    /// `cancel_tag`.
+    pub fn cancel(&mut self, tag: u32, cancel_tag: u32) {
+        let target = token(self.task, tag);
+        self.submit(Op::Cancel { token: target }, cancel_tag);
+    }
+
     /// Starts a task on this core (after the current event).
     pub fn spawn_local(&mut self, task: Box<dyn Task>) {
         self.spawns.push(task);

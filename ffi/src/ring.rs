@@ -177,6 +177,10 @@ pub enum Op {
     Fallocate { fd: RawFd, mode: i32, offset: u64, len: u64 },
     /// An 8-byte read (eventfd).
     ReadEventfd { fd: RawFd, buf: IoBuf },
+    /// A timer: completes with `-ETIME` after `after`, or `-ECANCELED` if cancelled.
+    Timer { after: Duration },
+    /// Cancels the operation(s) in flight with this token; completes with 0 or `-ENOENT`.
+    Cancel { token: u64 },
 }
 
 /// What a completed operation hands back.
@@ -211,6 +215,8 @@ struct InFlight {
     /// For Recv: the buffer's length before the receive, to which the result is added.
     recv_base: Option<usize>,
     accept: bool,
+    /// The deadline a timer entry points at.
+    _timespec: Option<Box<types::Timespec>>,
 }
 
 pub struct Ring {
@@ -245,9 +251,16 @@ impl Ring {
     }
 
     fn vacant_entry_for(&mut self, op: Op, token: u64) -> squeue::Entry {
+        let cancel_key = match &op {
+            Op::Cancel { token } => {
+                self.inflight.iter().find(|(_, s)| s.token == *token).map(|(k, _)| k as u64)
+            }
+            _ => None,
+        };
         let slot = self.inflight.vacant_entry();
         let key = slot.key() as u64;
         let is_accept = matches!(op, Op::Accept { .. });
+        let mut timespec = None;
         let (entry, owned, recv_base) = match op {
             Op::Accept { fd } => {
                 let e =
@@ -295,6 +308,18 @@ impl Ring {
                     opcode::Fallocate::new(types::Fd(fd), len).offset(offset).mode(mode).build();
                 (e, Owned::None, None)
             }
+            Op::Timer { after } => {
+                let ts = Box::new(types::Timespec::from(after));
+                let e = opcode::Timeout::new(&*ts).build();
+                timespec = Some(ts);
+                (e, Owned::None, None)
+            }
+            Op::Cancel { .. } => {
+                // Nothing to cancel: cancelling an impossible key completes with -ENOENT.
+                let builder = types::CancelBuilder::user_data(cancel_key.unwrap_or(u64::MAX));
+                let e = opcode::AsyncCancel2::new(builder).build();
+                (e, Owned::None, None)
+            }
             Op::ReadEventfd { fd, mut buf } => {
                 assert!(buf.capacity() >= 8);
                 buf.set_len(8);
@@ -303,7 +328,7 @@ impl Ring {
             }
         };
         let accept = matches!(owned, Owned::None) && is_accept;
-        slot.insert(InFlight { token, owned, recv_base, accept });
+        slot.insert(InFlight { token, owned, recv_base, accept, _timespec: timespec });
         entry.user_data(key)
     }
 

@@ -135,3 +135,29 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[cfg(test)]
+mod timer_tests {
+    use crate::{Op, Ring};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn timer_fires_and_cancel_works() {
+        let mut ring = Ring::new(8).unwrap();
+        let start = Instant::now();
+        ring.push(Op::Timer { after: Duration::from_millis(20) }, 1).unwrap();
+        ring.push(Op::Timer { after: Duration::from_secs(60) }, 2).unwrap();
+        ring.push(Op::Cancel { token: 2 }, 3).unwrap();
+        let mut out = Vec::new();
+        while out.len() < 3 {
+            ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
+            ring.reap(&mut out);
+        }
+        let by = |t: u64| out.iter().find(|c| c.token == t).map(|c| c.result).unwrap();
+        assert_eq!(by(1), -libc::ETIME);
+        assert_eq!(by(2), -libc::ECANCELED);
+        assert_eq!(by(3), 0);
+        assert!(start.elapsed() >= Duration::from_millis(20));
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+}

@@ -2,6 +2,7 @@
 
 mod client;
 mod rpc;
+mod rpc_nvmf;
 mod serve;
 
 use std::path::PathBuf;

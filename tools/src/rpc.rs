@@ -19,6 +19,7 @@ use crate::serve::open_backend;
 
 pub struct Control {
     pub exports: Arc<ExportTable>,
+    pub target: Arc<ballast_nvmf::Target>,
     pub cores: Arc<Vec<CoreHandle>>,
 }
 
@@ -29,19 +30,28 @@ const METHODS: &[&str] = &[
     "export_remove",
     "bdev_get_bdevs",
     "framework_get_reactors",
+    "nvmf_get_subsystems",
+    "nvmf_create_subsystem",
+    "nvmf_delete_subsystem",
+    "nvmf_subsystem_add_ns",
+    "nvmf_subsystem_remove_ns",
+    "nvmf_subsystem_add_host",
+    "nvmf_subsystem_remove_host",
+    "nvmf_subsystem_allow_any_host",
+    "nvmf_subsystem_add_listener",
 ];
 
 /// JSON-RPC error codes.
 const INVALID_PARAMS: i64 = -32602;
-const METHOD_NOT_FOUND: i64 = -32601;
+pub const METHOD_NOT_FOUND: i64 = -32601;
 const PARSE_ERROR: i64 = -32700;
 
-struct RpcError {
-    code: i64,
-    message: String,
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
 }
 
-fn invalid(message: impl Into<String>) -> RpcError {
+pub fn invalid(message: impl Into<String>) -> RpcError {
     RpcError { code: INVALID_PARAMS, message: message.into() }
 }
 
@@ -99,6 +109,7 @@ fn handle(req: &Value, control: &Control) -> Value {
         "export_remove" => export_remove(control, &params),
         "bdev_get_bdevs" => Ok(bdev_get_bdevs(control)),
         "framework_get_reactors" => Ok(reactors(control)),
+        m if m.starts_with("nvmf_") => crate::rpc_nvmf::handle(control, m, &params),
         _ => {
             Err(RpcError { code: METHOD_NOT_FOUND, message: format!("Method not found: {method}") })
         }

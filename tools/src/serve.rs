@@ -28,6 +28,15 @@ pub struct ServeArgs {
     /// NBD listen address.
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd_listen: SocketAddr,
+    /// NVMe/TCP listen address (I/O and discovery controllers).
+    #[arg(long, default_value = "127.0.0.1:4420")]
+    nvmf_listen: SocketAddr,
+    /// Extra NVMe/TCP listen address for discovery (conventionally port 8009).
+    #[arg(long)]
+    discovery_listen: Option<SocketAddr>,
+    /// Hosts allowed to connect to the startup subsystems (repeatable); default: any host.
+    #[arg(long = "allow-host", value_name = "HOSTNQN")]
+    allow_hosts: Vec<String>,
     /// Number of data cores (reactor threads); default: every CPU we may run on.
     #[arg(long)]
     cores: Option<usize>,
@@ -118,6 +127,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let engine = Engine::start(config).context("starting the engine")?;
     let handles = engine.handles();
 
+    let target = Arc::new(ballast_nvmf::Target::default());
+    for export in exports.list() {
+        let nqn = format!("{}{}", ballast_nvmf::NQN_PREFIX, export.name);
+        let subsys = target.create_subsystem(&nqn, args.allow_hosts.is_empty())?;
+        subsys.hosts.write().extend(args.allow_hosts.iter().cloned());
+        target.add_namespace(&nqn, 1, export.dev.clone(), 4096)?;
+    }
+    let mut nvmf_addrs = vec![args.nvmf_listen];
+    nvmf_addrs.extend(args.discovery_listen);
+    for addr in nvmf_addrs {
+        start_nvmf_listener(&handles, &target, addr)?;
+    }
+
     let listener = TcpListener::bind(args.nbd_listen)
         .with_context(|| format!("binding NBD on {}", args.nbd_listen))?;
     let factory = ballast_nbd::conn_factory(exports.clone());
@@ -129,7 +151,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let socket = args.rpc_socket.clone().unwrap_or_else(|| args.data_dir.join("ballast.sock"));
-    rpc::start(&socket, Arc::new(Control { exports: exports.clone(), cores: handles }))?;
+    let control = Control { exports: exports.clone(), target: target.clone(), cores: handles };
+    rpc::start(&socket, Arc::new(control))?;
     tracing::info!(cores = count, exports = exports.list().len(), "ballast serving");
 
     let signal = signals.wait()?;
@@ -142,6 +165,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Binds an NVMe/TCP listener and starts its acceptor on core 0.
+pub fn start_nvmf_listener(
+    cores: &[ballast_engine::reactor::CoreHandle],
+    target: &Arc<ballast_nvmf::Target>,
+    addr: SocketAddr,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding NVMe/TCP on {addr}"))?;
+    target.listeners.write().push((addr.ip().to_string(), addr.port()));
+    target.genctr.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let factory = ballast_nvmf::conn_factory(target.clone());
+    let spawn = Msg::Spawn(Box::new(move |_cx| {
+        Box::new(Acceptor::new(listener, "nvme-tcp", factory)) as Box<dyn Task>
+    }));
+    if !cores[0].send_blocking(spawn) {
+        bail!("core 0 is not running");
+    }
     Ok(())
 }
 

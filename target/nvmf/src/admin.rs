@@ -1,0 +1,307 @@
+//! The admin command set and fabrics property registers of one controller: decides the
+//! status, completion dword and returned data for every admin command. Pure except for the
+//! shared controller state it reads and updates; the queue glue moves the bytes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::identify;
+use crate::nvme::{admin, prop, status, Sqe, Status};
+use crate::subsys::{Controller, Target};
+
+/// What an admin command produced.
+#[derive(Debug, Default)]
+pub struct Reply {
+    pub status: Status,
+    pub dw0: u32,
+    pub dw1: u32,
+    /// Data for the host (sent with C2HData before the response).
+    pub data: Option<Vec<u8>>,
+    /// The command is held (Asynchronous Event Request): no response now.
+    pub held: bool,
+}
+
+impl Reply {
+    fn status(status: Status) -> Reply {
+        Reply { status, ..Reply::default() }
+    }
+    fn data(data: Vec<u8>) -> Reply {
+        Reply { data: Some(data), ..Reply::default() }
+    }
+}
+
+/// Controller Configuration bits.
+const CC_EN: u32 = 1;
+const CC_SHN_MASK: u32 = 0x3 << 14;
+/// Controller Status bits.
+const CSTS_RDY: u32 = 1;
+const CSTS_SHST_COMPLETE: u32 = 0x2 << 2;
+
+/// Feature identifiers.
+const FEAT_TEMPERATURE: u8 = 0x04;
+const FEAT_VWC: u8 = 0x06;
+const FEAT_NUM_QUEUES: u8 = 0x07;
+const FEAT_IRQ_COALESCE: u8 = 0x08;
+const FEAT_ASYNC_EVENT: u8 = 0x0b;
+const FEAT_KATO: u8 = 0x0f;
+
+/// Log page identifiers.
+const LOG_ERROR: u8 = 0x01;
+const LOG_SMART: u8 = 0x02;
+const LOG_FIRMWARE: u8 = 0x03;
+const LOG_CHANGED_NS: u8 = 0x04;
+const LOG_DISCOVERY: u8 = 0x70;
+
+/// An AER completion for "namespace attribute changed": notice, info 0, log page 04h.
+pub const AEN_NS_CHANGED: u32 = ((LOG_CHANGED_NS as u32) << 16) | 0x02;
+
+/// Admin-queue state of one controller.
+pub struct AdminState {
+    pub ctrl: Arc<Controller>,
+    pub cc: u32,
+    pub csts: u32,
+    pub async_event_config: u32,
+    pub temperature_threshold: u32,
+    /// CIDs of held Asynchronous Event Requests.
+    pub aers: Vec<u16>,
+}
+
+impl AdminState {
+    pub fn new(ctrl: Arc<Controller>) -> AdminState {
+        AdminState { ctrl, cc: 0, csts: 0, async_event_config: 0, temperature_threshold: 0x157, aers: Vec::new() }
+    }
+
+    fn discovery(&self) -> bool {
+        self.ctrl.subsys.is_none()
+    }
+
+    /// Property Get: (status, value).
+    pub fn property_get(&self, offset: u32, size8: bool) -> (Status, u64) {
+        let value = match (offset, size8) {
+            (prop::CAP, true) => {
+                let mqes = u64::from(identify::QUEUE_ENTRIES_MAX - 1);
+                let timeout_500ms = 30u64;
+                mqes | (1 << 16) | (timeout_500ms << 24) | (1 << 37)
+            }
+            (prop::VS, false) => 0x0001_0300,
+            (prop::CC, false) => u64::from(self.cc),
+            (prop::CSTS, false) => u64::from(self.csts),
+            _ => return (status::INVALID_FIELD, 0),
+        };
+        (status::SUCCESS, value)
+    }
+
+    /// Property Set (only CC is writable).
+    pub fn property_set(&mut self, offset: u32, value: u64) -> Status {
+        if offset != prop::CC {
+            return status::INVALID_FIELD;
+        }
+        let new = value as u32;
+        if new & CC_EN != 0 && self.cc & CC_EN == 0 {
+            self.csts = (self.csts & !CSTS_SHST_COMPLETE) | CSTS_RDY;
+        }
+        if new & CC_EN == 0 && self.cc & CC_EN != 0 {
+            self.csts &= !CSTS_RDY;
+            self.aers.clear();
+        }
+        if new & CC_SHN_MASK != 0 {
+            self.csts |= CSTS_SHST_COMPLETE;
+        }
+        self.cc = new;
+        status::SUCCESS
+    }
+
+    /// Executes one admin command.
+    pub fn execute(&mut self, target: &Target, sqe: &Sqe) -> Reply {
+        self.ctrl.last_seen_ms.store(target.now_ms(), Ordering::Relaxed);
+        if self.cc & CC_EN == 0 {
+            return Reply::status(status::COMMAND_SEQUENCE);
+        }
+        match sqe.opcode {
+            admin::IDENTIFY => self.identify(sqe),
+            admin::GET_LOG_PAGE => self.get_log_page(target, sqe),
+            admin::SET_FEATURES => self.set_features(sqe),
+            admin::GET_FEATURES => self.get_features(sqe),
+            admin::ASYNC_EVENT => {
+                if self.aers.len() >= identify::AER_LIMIT {
+                    return Reply::status(status::AER_LIMIT);
+                }
+                self.aers.push(sqe.cid);
+                Reply { held: true, ..Reply::default() }
+            }
+            admin::KEEP_ALIVE => Reply::default(),
+            // Commands complete too fast to abort: "not aborted" (dw0 bit 0).
+            admin::ABORT => Reply { dw0: 1, ..Reply::default() },
+            _ => Reply::status(status::INVALID_OPCODE),
+        }
+    }
+
+    /// If a notice is pending and an AER is held, the CID to complete with [`AEN_NS_CHANGED`].
+    pub fn take_event(&mut self) -> Option<u16> {
+        if self.aers.is_empty() || !self.ctrl.aen_pending.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.aers.pop()
+    }
+
+    fn identify(&self, sqe: &Sqe) -> Reply {
+        let cns = (sqe.cdw10 & 0xff) as u8;
+        if self.discovery() && cns != 0x01 {
+            return Reply::status(status::INVALID_FIELD);
+        }
+        let subsys = self.ctrl.subsys.as_ref();
+        match cns {
+            0x01 => Reply::data(identify::controller(&self.ctrl)),
+            0x00 | 0x03 => {
+                let Some(subsys) = subsys else { return Reply::status(status::INVALID_FIELD) };
+                if sqe.nsid == 0 || (sqe.nsid > identify::NN && sqe.nsid != u32::MAX) {
+                    return Reply::status(status::INVALID_NAMESPACE);
+                }
+                match (subsys.namespace(sqe.nsid), cns) {
+                    (Some(ns), 0x00) => Reply::data(identify::namespace(&ns)),
+                    (Some(ns), _) => Reply::data(identify::namespace_descriptors(&ns)),
+                    // An inactive id: a zeroed structure (Identify Namespace), or an error.
+                    (None, 0x00) => Reply::data(vec![0u8; identify::IDENTIFY_LEN]),
+                    (None, _) => Reply::status(status::INVALID_NAMESPACE),
+                }
+            }
+            0x02 => match subsys {
+                Some(s) if sqe.nsid < 0xffff_fffe => Reply::data(identify::active_namespaces(s, sqe.nsid)),
+                _ => Reply::status(status::INVALID_NAMESPACE),
+            },
+            _ => Reply::status(status::INVALID_FIELD),
+        }
+    }
+
+    fn get_log_page(&self, target: &Target, sqe: &Sqe) -> Reply {
+        let lid = (sqe.cdw10 & 0xff) as u8;
+        let retain = sqe.cdw10 & (1 << 15) != 0;
+        let numd = ((sqe.cdw11 & 0xffff) << 16 | (sqe.cdw10 >> 16)) as usize + 1;
+        let offset = u64::from(sqe.cdw12) | (u64::from(sqe.cdw13) << 32);
+        let page = match (lid, self.discovery()) {
+            (LOG_DISCOVERY, true) => identify::discovery_log(target, &self.ctrl.hostnqn),
+            (LOG_ERROR, _) => vec![0u8; 64],
+            (LOG_SMART, false) => identify::smart_log(&self.ctrl),
+            (LOG_FIRMWARE, false) => identify::firmware_log(),
+            (LOG_CHANGED_NS, false) => identify::changed_namespaces_log(&self.ctrl, retain),
+            _ => return Reply::status(status::INVALID_LOG_PAGE),
+        };
+        if offset % 4 != 0 || offset > page.len() as u64 {
+            return Reply::status(status::INVALID_FIELD);
+        }
+        let len = numd * 4;
+        let start = offset as usize;
+        let mut data = page[start..(start + len).min(page.len())].to_vec();
+        data.resize(len, 0);
+        Reply::data(data)
+    }
+
+    fn set_features(&mut self, sqe: &Sqe) -> Reply {
+        let fid = (sqe.cdw10 & 0xff) as u8;
+        if sqe.cdw10 & (1 << 31) != 0 {
+            return Reply::status(status::FEATURE_NOT_SAVEABLE);
+        }
+        match fid {
+            FEAT_NUM_QUEUES if !self.discovery() => {
+                let nsqr = sqe.cdw11 & 0xffff;
+                let ncqr = sqe.cdw11 >> 16;
+                if nsqr == 0xffff || ncqr == 0xffff {
+                    return Reply::status(status::INVALID_FIELD);
+                }
+                let max = u32::from(identify::QUEUE_ENTRIES_MAX) - 1;
+                let granted = nsqr.min(ncqr).min(max);
+                self.ctrl.io_queues_granted.store(granted, Ordering::Relaxed);
+                Reply { dw0: granted | (granted << 16), ..Reply::default() }
+            }
+            FEAT_ASYNC_EVENT => {
+                self.async_event_config = sqe.cdw11;
+                Reply::default()
+            }
+            FEAT_KATO => {
+                self.ctrl.kato_ms.store(sqe.cdw11, Ordering::Relaxed);
+                Reply::default()
+            }
+            FEAT_VWC if !self.discovery() => Reply::default(),
+            FEAT_TEMPERATURE => {
+                self.temperature_threshold = sqe.cdw11 & 0xffff;
+                Reply::default()
+            }
+            _ => Reply::status(status::INVALID_FIELD),
+        }
+    }
+
+    fn get_features(&self, sqe: &Sqe) -> Reply {
+        let fid = (sqe.cdw10 & 0xff) as u8;
+        let dw0 = match fid {
+            FEAT_NUM_QUEUES if !self.discovery() => {
+                let g = self.ctrl.io_queues_granted.load(Ordering::Relaxed);
+                g | (g << 16)
+            }
+            FEAT_ASYNC_EVENT => self.async_event_config,
+            FEAT_KATO => self.ctrl.kato_ms.load(Ordering::Relaxed),
+            FEAT_VWC if !self.discovery() => 1,
+            FEAT_TEMPERATURE => self.temperature_threshold,
+            FEAT_IRQ_COALESCE if !self.discovery() => 0,
+            _ => return Reply::status(status::INVALID_FIELD),
+        };
+        Reply { dw0, ..Reply::default() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvme::SqeBuilder;
+    use ballast_engine::ram::RamDev;
+
+    fn setup() -> (Target, AdminState) {
+        let t = Target::default();
+        let s = t.create_subsystem("nqn.2026-11.dev.ballast:t", true).unwrap();
+        t.add_namespace(&s.nqn, 0, Arc::new(RamDev::new(1 << 20)), 4096).unwrap();
+        let c = t.new_controller(Some(s), "nqn.host".into(), [0; 16], 5000).unwrap();
+        (t, AdminState::new(c))
+    }
+
+    fn cmd(opcode: u8, nsid: u32, cdw: [u32; 6]) -> Sqe {
+        Sqe::decode(&SqeBuilder { opcode, cid: 1, nsid, cdw, ..Default::default() }.encode())
+    }
+
+    #[test]
+    fn enable_then_identify_and_aen() {
+        let (t, mut a) = setup();
+        assert_eq!(a.execute(&t, &cmd(admin::IDENTIFY, 0, [1, 0, 0, 0, 0, 0])).status, status::COMMAND_SEQUENCE);
+        assert_eq!(a.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
+        assert_eq!(a.property_get(prop::CSTS, false), (status::SUCCESS, 1));
+        let r = a.execute(&t, &cmd(admin::IDENTIFY, 0, [1, 0, 0, 0, 0, 0]));
+        let id = r.data.unwrap();
+        assert_eq!(u16::from_le_bytes([id[78], id[79]]), a.ctrl.cntlid);
+        assert_eq!(u16::from_le_bytes([id[320], id[321]]), identify::KAS_100MS);
+        let ns = a.execute(&t, &cmd(admin::IDENTIFY, 1, [0; 6])).data.unwrap();
+        assert_eq!(u64::from_le_bytes(ns[0..8].try_into().unwrap()), 256); // 1 MiB / 4 KiB
+        assert_eq!(ns[26], 1);
+        assert_eq!(a.execute(&t, &cmd(admin::IDENTIFY, 7, [3, 0, 0, 0, 0, 0])).status, status::INVALID_NAMESPACE);
+        // AER held, then completed by a namespace change
+        assert!(a.execute(&t, &cmd(admin::ASYNC_EVENT, 0, [0; 6])).held);
+        assert_eq!(a.take_event(), None);
+        let s = t.subsystem("nqn.2026-11.dev.ballast:t").unwrap();
+        t.namespace_changed(&s, 1);
+        assert_eq!(a.take_event(), Some(1));
+        let log = a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x03ff_0004, 0, 0, 0, 0, 0])).data.unwrap();
+        assert_eq!(&log[..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x0000_00c0, 0, 0, 0, 0, 0])).status, status::INVALID_LOG_PAGE);
+        assert_eq!(a.execute(&t, &cmd(0x80, 0, [0; 6])).status, status::INVALID_OPCODE);
+    }
+
+    #[test]
+    fn features() {
+        let (t, mut a) = setup();
+        a.property_set(prop::CC, 1);
+        let r = a.execute(&t, &cmd(admin::SET_FEATURES, 0, [FEAT_NUM_QUEUES as u32, 0x0003_0003, 0, 0, 0, 0]));
+        assert_eq!((r.status, r.dw0), (status::SUCCESS, 0x0003_0003));
+        let r = a.execute(&t, &cmd(admin::SET_FEATURES, 0, [FEAT_KATO as u32, 15000, 0, 0, 0, 0]));
+        assert_eq!(r.status, status::SUCCESS);
+        assert_eq!(a.ctrl.kato_ms.load(Ordering::Relaxed), 15000);
+        let r = a.execute(&t, &cmd(admin::SET_FEATURES, 0, [0x99, 0, 0, 0, 0, 0]));
+        assert_eq!(r.status, status::INVALID_FIELD);
+    }
+}

@@ -1,0 +1,185 @@
+//! Byte layouts of the data structures the admin queue returns: Identify (controller,
+//! namespace, active namespace list, namespace identification descriptors) and log pages
+//! (error, SMART/health, firmware slot, changed namespaces, discovery).
+
+use std::sync::atomic::Ordering;
+
+use crate::nvme::{put_ascii, put_str};
+use crate::subsys::{Controller, Namespace, Subsystem, Target, DISCOVERY_NQN};
+
+pub const IDENTIFY_LEN: usize = 4096;
+/// Maximum data transfer: 2^MDTS pages of 4 KiB = 1 MiB; the data path accepts exactly this.
+pub const MDTS: u8 = 8;
+pub const MAX_TRANSFER_BYTES: u32 = 4096 << MDTS;
+/// In-capsule data we accept on I/O queues (and on the admin queue, for Connect).
+pub const IN_CAPSULE_BYTES: u32 = 8192;
+pub const QUEUE_ENTRIES_MAX: u16 = 128;
+pub const KAS_100MS: u16 = 10;
+pub const AER_LIMIT: usize = 4;
+pub const NN: u32 = 1024;
+const FIRMWARE: &str = env!("CARGO_PKG_VERSION");
+
+fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Identify Controller (CNS 01h), for an NVM subsystem or the discovery subsystem.
+pub fn controller(ctrl: &Controller) -> Vec<u8> {
+    let mut b = vec![0u8; IDENTIFY_LEN];
+    let (serial, subnqn, discovery) = match &ctrl.subsys {
+        Some(s) => (s.serial.as_str(), s.nqn.as_str(), false),
+        None => ("discovery", DISCOVERY_NQN, true),
+    };
+    put_ascii(&mut b[4..24], serial);
+    put_ascii(&mut b[24..64], "ballast");
+    put_ascii(&mut b[64..72], FIRMWARE);
+    b[72] = 6; // RAB
+    b[76] = if discovery { 0 } else { 0x02 }; // CMIC: may have several controllers
+    b[77] = MDTS;
+    put16(&mut b, 78, ctrl.cntlid);
+    put32(&mut b, 80, 0x0001_0300); // VER 1.3
+    put32(&mut b, 92, if discovery { 1 << 31 } else { 1 << 8 }); // OAES: notices we send
+    b[111] = if discovery { 2 } else { 1 }; // CNTRLTYPE
+    b[258] = 3; // ACL: 4 outstanding aborts
+    b[259] = (AER_LIMIT - 1) as u8; // AERL
+    b[260] = 0x03; // FRMW: one slot, read-only
+    b[261] = 0x04; // LPA: extended data for Get Log Page
+    put16(&mut b, 320, KAS_100MS);
+    b[512] = 0x66; // SQES
+    b[513] = 0x44; // CQES
+    put16(&mut b, 514, QUEUE_ENTRIES_MAX);
+    if !discovery {
+        put32(&mut b, 516, NN);
+        put16(&mut b, 520, (1 << 2) | (1 << 3)); // ONCS: DSM, Write Zeroes
+        b[525] = 0x07; // VWC present; flush with NSID FFFFFFFFh supported
+    }
+    put32(&mut b, 536, 1 | (1 << 20)); // SGLS: supported, offsets for in-capsule data
+    put_str(&mut b[768..1024], subnqn);
+    put32(&mut b, 1792, (64 + IN_CAPSULE_BYTES) / 16); // IOCCSZ
+    put32(&mut b, 1796, 1); // IORCSZ
+    put16(&mut b, 1800, 0); // ICDOFF
+    b[1803] = 1; // MSDBD
+    put16(&mut b, 1804, 1); // OFCS: Disconnect supported
+    b
+}
+
+/// Identify Namespace (CNS 00h). Two LBA formats: 512 (index 0) and 4096 (index 1).
+pub fn namespace(ns: &Namespace) -> Vec<u8> {
+    let mut b = vec![0u8; IDENTIFY_LEN];
+    let info = ns.dev.info();
+    let blocks = ns.blocks();
+    let used_bytes: u64 = ns
+        .dev
+        .extents(0, info.size_bytes)
+        .map(|ext| ext.iter().filter(|e| !e.hole).map(|e| e.len).sum())
+        .unwrap_or(info.size_bytes);
+    put64(&mut b, 0, blocks); // NSZE
+    put64(&mut b, 8, blocks); // NCAP
+    put64(&mut b, 16, used_bytes.div_ceil(1 << ns.lba_shift).min(blocks)); // NUSE
+    b[24] = 0x01; // NSFEAT: thin provisioning
+    b[25] = 1; // NLBAF: two formats
+    b[26] = if ns.lba_shift == 12 { 1 } else { 0 }; // FLBAS
+    b[30] = 1; // NMIC: may be shared
+    b[33] = 0x09; // DLFEAT: deallocated reads zero; write zeroes may deallocate
+    b[104..120].copy_from_slice(&ns.nguid);
+    b[120..128].copy_from_slice(&ns.eui64);
+    b[128 + 2] = 9; // LBAF0: 512
+    b[128 + 3] = 2;
+    b[132 + 2] = 12; // LBAF1: 4096
+    b
+}
+
+/// Active Namespace ID list (CNS 02h): ids greater than `after`, ascending.
+pub fn active_namespaces(subsys: &Subsystem, after: u32) -> Vec<u8> {
+    let mut b = vec![0u8; IDENTIFY_LEN];
+    let ids = subsys.namespaces.read().keys().copied().filter(|&id| id > after).take(1024).collect::<Vec<_>>();
+    for (i, id) in ids.iter().enumerate() {
+        put32(&mut b, i * 4, *id);
+    }
+    b
+}
+
+/// Namespace Identification Descriptor list (CNS 03h): EUI-64, NGUID, UUID, CSI.
+pub fn namespace_descriptors(ns: &Namespace) -> Vec<u8> {
+    let mut b = vec![0u8; IDENTIFY_LEN];
+    let mut at = 0;
+    for (kind, id) in [(1u8, &ns.eui64[..]), (2, &ns.nguid[..]), (3, &ns.uuid[..]), (4, &[0u8][..])] {
+        b[at] = kind;
+        b[at + 1] = id.len() as u8;
+        b[at + 4..at + 4 + id.len()].copy_from_slice(id);
+        at += 4 + id.len();
+    }
+    b
+}
+
+/// SMART / Health Information (log 02h).
+pub fn smart_log(ctrl: &Controller) -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    put16(&mut b, 1, 273 + 35); // composite temperature, kelvin
+    b[3] = 100; // available spare
+    b[4] = 10; // spare threshold
+    put64(&mut b, 32, ctrl.data_units_read.load(Ordering::Relaxed));
+    put64(&mut b, 48, ctrl.data_units_written.load(Ordering::Relaxed));
+    put64(&mut b, 64, ctrl.host_reads.load(Ordering::Relaxed));
+    put64(&mut b, 80, ctrl.host_writes.load(Ordering::Relaxed));
+    b
+}
+
+/// Firmware Slot Information (log 03h).
+pub fn firmware_log() -> Vec<u8> {
+    let mut b = vec![0u8; 512];
+    b[0] = 1; // slot 1 active
+    put_ascii(&mut b[8..16], FIRMWARE);
+    b
+}
+
+/// Changed Namespace List (log 04h); empties the list unless `retain`.
+pub fn changed_namespaces_log(ctrl: &Controller, retain: bool) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    let mut list = ctrl.changed_ns.lock();
+    if list.len() > 1024 {
+        put32(&mut b, 0, 0xffff_ffff);
+    } else {
+        for (i, id) in list.iter().enumerate() {
+            put32(&mut b, i * 4, *id);
+        }
+    }
+    if !retain {
+        list.clear();
+    }
+    b
+}
+
+/// Discovery log page (log 70h): one entry per (subsystem this host may use, listener).
+pub fn discovery_log(target: &Target, hostnqn: &str) -> Vec<u8> {
+    let listeners = target.listeners.read().clone();
+    let subsystems: Vec<_> = target.subsystems().into_iter().filter(|s| s.host_allowed(hostnqn)).collect();
+    let count = subsystems.len() * listeners.len();
+    let mut b = vec![0u8; 1024 * (1 + count)];
+    put64(&mut b, 0, target.genctr.load(Ordering::Relaxed));
+    put64(&mut b, 8, count as u64);
+    let mut at = 1024;
+    for s in &subsystems {
+        for (port_id, (addr, port)) in listeners.iter().enumerate() {
+            let e = &mut b[at..at + 1024];
+            e[0] = 3; // TRTYPE: TCP
+            e[1] = if addr.contains(':') { 2 } else { 1 }; // ADRFAM
+            e[2] = 2; // SUBTYPE: NVM subsystem
+            e[3] = 0; // TREQ: secure channel not specified
+            put16(e, 4, port_id as u16 + 1);
+            put16(e, 6, 0xffff);
+            put16(e, 8, 32); // ASQSZ
+            put_str(&mut e[32..64], &port.to_string());
+            put_str(&mut e[256..512], &s.nqn);
+            put_str(&mut e[512..768], addr);
+            at += 1024;
+        }
+    }
+    b
+}

@@ -1,0 +1,25 @@
+//! ballast-nvmf: the NVMe/TCP front-end.
+//!
+//! Layers, kept apart:
+//! - [`pdu`] and [`nvme`]: NVMe/TCP PDUs and NVMe structures ⇄ bytes (pure, golden-tested);
+//! - [`admin`] and [`identify`]: the admin command set and the data it returns (pure);
+//! - [`subsys`]: subsystems, namespaces, allowed hosts, the controller registry;
+//! - [`queue`]: the task on an engine core that owns one queue pair's socket.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod identify;
+pub mod nvme;
+pub mod pdu;
+pub mod queue;
+pub mod subsys;
+
+use std::sync::Arc;
+
+use ballast_engine::listener::ConnFactory;
+pub use subsys::{Target, NQN_PREFIX};
+
+/// The factory the engine's listener uses to serve NVMe/TCP on accepted sockets.
+pub fn conn_factory(target: Arc<Target>) -> ConnFactory {
+    Arc::new(move |fd, peer| Box::new(queue::Queue::new(fd, peer, target.clone())))
+}

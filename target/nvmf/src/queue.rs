@@ -1,0 +1,784 @@
+//! One NVMe/TCP connection (one queue pair) on one core: ICReq/ICResp, Connect, then admin
+//! or I/O commands, turning PDUs into device operations and completions into PDUs.
+//!
+//! Invariants:
+//! - at most one receive and one send in flight; responses queue in `out` and leave together
+//!   (coalescing); a short send is finished before anything queued after it;
+//! - a command occupies one `cmds` slot from its capsule until its response is queued; the
+//!   slot index is its R2T transfer tag and the tag of its device operations;
+//! - at most `QUEUE_ENTRIES_MAX` commands are in flight (the host may not exceed SQSIZE);
+//! - a fatal transport error queues one C2HTermReq, stops reading and closes once it is sent;
+//! - the task is done only with nothing in flight (receive, send, device I/O, timer).
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ballast_engine::stats::OpKind;
+use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, SendBatch, Task};
+use ballast_ffi::Op;
+use nix::sys::socket::{shutdown, Shutdown};
+use slab::Slab;
+
+use crate::admin::{AdminState, Reply, AEN_NS_CHANGED};
+use crate::identify::{self, IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
+use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
+use crate::pdu::{self, kind, CommonHeader, Fatal};
+use crate::subsys::{Controller, Namespace, Target, DISCOVERY_NQN};
+
+const RECV_BUF_BYTES: usize = 512 * 1024;
+/// Largest H2CData payload we accept per PDU.
+pub const MAXH2CDATA: u32 = 128 * 1024;
+const TAG_RECV: u32 = u32::MAX;
+const TAG_SEND: u32 = u32::MAX - 1;
+const TAG_TICK: u32 = u32::MAX - 2;
+const TAG_CANCEL: u32 = u32::MAX - 3;
+const ADMIN_TICK: Duration = Duration::from_millis(250);
+const IO_TICK: Duration = Duration::from_millis(1000);
+
+/// Where the connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for ICReq.
+    Init,
+    /// ICResp sent; only Fabrics Connect is allowed.
+    AwaitConnect,
+    /// Connected as queue `qid` of a controller.
+    Ready,
+}
+
+/// What a command is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CmdState {
+    /// Write data arriving through R2T/H2CData; `received` bytes so far.
+    AwaitData { received: u32 },
+    /// Device operations in flight: `pending` of them.
+    Executing { pending: u32 },
+}
+
+struct Cmd {
+    sqe: Sqe,
+    ns: Option<Arc<Namespace>>,
+    state: CmdState,
+    buf: Option<IoBuf>,
+    status: Status,
+    kind: OpKind,
+    bytes: u32,
+    started: Instant,
+}
+
+pub struct Queue {
+    fd: OwnedFd,
+    peer: String,
+    target: Arc<Target>,
+    phase: Phase,
+    hdgst: bool,
+    ddgst: bool,
+    qid: u16,
+    sq_entries: u16,
+    sqhd: u16,
+    sqflow_disabled: bool,
+    ctrl: Option<Arc<Controller>>,
+    admin: Option<AdminState>,
+    cmds: Slab<Cmd>,
+    recv_buf: Option<IoBuf>,
+    recv_inflight: bool,
+    out: SendBatch,
+    spare: Option<SendBatch>,
+    send_inflight: bool,
+    scratch: Vec<u8>,
+    tick_inflight: bool,
+    cancel_inflight: bool,
+    read_closed: bool,
+    broken: bool,
+    done: bool,
+}
+
+impl Queue {
+    pub fn new(fd: OwnedFd, peer: String, target: Arc<Target>) -> Queue {
+        Queue {
+            fd,
+            peer,
+            target,
+            phase: Phase::Init,
+            hdgst: false,
+            ddgst: false,
+            qid: 0,
+            sq_entries: QUEUE_ENTRIES_MAX,
+            sqhd: 0,
+            sqflow_disabled: false,
+            ctrl: None,
+            admin: None,
+            cmds: Slab::with_capacity(usize::from(QUEUE_ENTRIES_MAX)),
+            recv_buf: Some(IoBuf::with_capacity(RECV_BUF_BYTES)),
+            recv_inflight: false,
+            out: SendBatch::default(),
+            spare: Some(SendBatch::default()),
+            send_inflight: false,
+            scratch: Vec::with_capacity(256),
+            tick_inflight: false,
+            cancel_inflight: false,
+            read_closed: false,
+            broken: false,
+            done: false,
+        }
+    }
+
+    /// Largest PDU we accept: a capsule with full in-capsule data, or an H2CData PDU.
+    fn max_plen(&self) -> u32 {
+        let digests = 8;
+        (pdu::CMD_HLEN as u32 + IN_CAPSULE_BYTES).max(pdu::DATA_HLEN as u32 + MAXH2CDATA) + digests
+    }
+
+    fn fatal(&mut self, f: Fatal, header: &[u8]) {
+        tracing::warn!(peer = %self.peer, fes = f.fes, field = f.field, why = f.why, "NVMe/TCP protocol error; terminating connection");
+        self.scratch.clear();
+        pdu::encode_c2h_term_req(&mut self.scratch, &f, header);
+        self.out.push_bytes(&self.scratch);
+        self.read_closed = true;
+    }
+
+    fn parse(&mut self, cx: &mut Cx<'_>) {
+        let Some(mut buf) = self.recv_buf.take() else { return };
+        let mut used = 0;
+        while !self.read_closed {
+            let input = &buf.as_slice()[used..];
+            let Some(ch) = CommonHeader::decode(input) else { break };
+            let (data_start, data_len) = match pdu::check_host_header(&ch, self.hdgst, self.ddgst, self.max_plen()) {
+                Ok(v) => v,
+                Err(f) => {
+                    let n = input.len().min(128);
+                    let header = input[..n].to_vec();
+                    self.fatal(f, &header);
+                    break;
+                }
+            };
+            let plen = ch.plen as usize;
+            if input.len() < plen {
+                break;
+            }
+            let pdu_bytes = input[..plen].to_vec();
+            used += plen;
+            self.on_pdu(cx, &ch, &pdu_bytes, data_start, data_len);
+        }
+        buf.consume_front(used);
+        self.recv_buf = Some(buf);
+    }
+
+    fn on_pdu(&mut self, cx: &mut Cx<'_>, ch: &CommonHeader, p: &[u8], data_start: usize, data_len: usize) {
+        let hlen = usize::from(ch.hlen);
+        if self.hdgst && ch.kind != kind::IC_REQ && ch.kind != kind::H2C_TERM_REQ && !pdu::digest_ok(&p[..hlen], &p[hlen..hlen + 4]) {
+            self.fatal(Fatal { fes: pdu::fes::HEADER_DIGEST_ERROR, field: 0, why: "header digest mismatch" }, &p[..hlen]);
+            return;
+        }
+        let data = &p[data_start..data_start + data_len];
+        let data_digest_ok = !self.ddgst || data_len == 0 || pdu::digest_ok(data, &p[data_start + data_len..]);
+        match (ch.kind, self.phase) {
+            (kind::IC_REQ, Phase::Init) => self.on_icreq(p),
+            (kind::IC_REQ, _) | (_, Phase::Init) => self.fatal(Fatal { fes: pdu::fes::PDU_SEQUENCE_ERROR, field: 0, why: "PDU out of sequence" }, &p[..hlen]),
+            (kind::H2C_TERM_REQ, _) => {
+                let fes = u16::from_le_bytes([p[8], p[9]]);
+                tracing::warn!(peer = %self.peer, fes, "host terminated the connection (H2CTermReq)");
+                self.read_closed = true;
+            }
+            (kind::CAPSULE_CMD, _) => {
+                let mut raw = [0u8; nvme::SQE_LEN];
+                raw.copy_from_slice(&p[8..72]);
+                let sqe = Sqe::decode(&raw);
+                self.sqhd = (self.sqhd + 1) % self.sq_entries.max(1);
+                if !data_digest_ok {
+                    self.respond(sqe.cid, 0, 0, status::DATA_TRANSFER_ERROR | 0x20);
+                    return;
+                }
+                self.on_capsule(cx, sqe, data);
+            }
+            (kind::H2C_DATA, _) => {
+                let Some(h) = pdu::decode_h2c_data(p) else { return };
+                if !data_digest_ok {
+                    self.fatal(Fatal::field(0, "data digest mismatch in H2CData"), &p[..hlen]);
+                    return;
+                }
+                self.on_h2c_data(cx, &h, data, ch.flags & pdu::FLAG_LAST_PDU != 0, &p[..hlen]);
+            }
+            _ => self.fatal(Fatal::field(0, "unexpected PDU type"), &p[..hlen]),
+        }
+    }
+
+    fn on_icreq(&mut self, p: &[u8]) {
+        let Some(req) = pdu::decode_icreq(p) else { return };
+        if req.pfv != pdu::PFV_1_0 {
+            self.fatal(Fatal { fes: pdu::fes::UNSUPPORTED_PARAMETER, field: 8, why: "unsupported PDU format version" }, &p[..pdu::ICREQ_LEN]);
+            return;
+        }
+        if req.hpda > 31 {
+            self.fatal(Fatal::field(10, "HPDA out of range"), &p[..pdu::ICREQ_LEN]);
+            return;
+        }
+        if req.hpda != 0 {
+            self.fatal(Fatal { fes: pdu::fes::UNSUPPORTED_PARAMETER, field: 10, why: "host PDU data alignment not supported" }, &p[..pdu::ICREQ_LEN]);
+            return;
+        }
+        self.hdgst = req.dgst & pdu::DGST_HEADER != 0;
+        self.ddgst = req.dgst & pdu::DGST_DATA != 0;
+        self.scratch.clear();
+        pdu::encode_icresp(&mut self.scratch, req.dgst & (pdu::DGST_HEADER | pdu::DGST_DATA), MAXH2CDATA);
+        self.out.push_bytes(&self.scratch);
+        self.phase = Phase::AwaitConnect;
+    }
+
+    /// Queues a CapsuleResp for `cid`.
+    fn respond(&mut self, cid: u16, dw0: u32, dw1: u32, st: Status) {
+        let cqe = nvme::encode_cqe(dw0, dw1, self.sqhd, self.qid, cid, st);
+        self.scratch.clear();
+        pdu::encode_capsule_resp(&mut self.scratch, &cqe, self.hdgst);
+        self.out.push_bytes(&self.scratch);
+    }
+
+    /// Queues data for the host, then the response (or the SUCCESS shortcut).
+    fn respond_with_data(&mut self, cid: u16, data: IoBuf, dw0: u32) {
+        let shortcut = self.sqflow_disabled && dw0 == 0;
+        self.scratch.clear();
+        let len = data.len() as u32;
+        pdu::encode_c2h_data_header(&mut self.scratch, cid, 0, len, true, shortcut, self.hdgst, self.ddgst);
+        let digest = self.ddgst.then(|| crc32c::crc32c(data.as_slice()));
+        self.out.push_bytes(&self.scratch);
+        self.out.push_buf(data);
+        if let Some(d) = digest {
+            self.out.push_bytes(&d.to_le_bytes());
+        }
+        if !shortcut {
+            self.respond(cid, dw0, 0, status::SUCCESS);
+        }
+    }
+
+    fn on_capsule(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
+        if sqe.opcode == FABRICS_OPCODE {
+            self.on_fabrics(cx, &sqe, data);
+            return;
+        }
+        if self.phase != Phase::Ready {
+            self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
+            return;
+        }
+        if self.qid == 0 {
+            self.on_admin(&sqe);
+        } else {
+            self.on_io(cx, sqe, data);
+        }
+    }
+
+    fn on_fabrics(&mut self, cx: &mut Cx<'_>, sqe: &Sqe, data: &[u8]) {
+        match (sqe.fctype, self.phase) {
+            (fctype::CONNECT, Phase::AwaitConnect) => self.on_connect(cx, sqe, data),
+            (fctype::CONNECT, _) => self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE),
+            (_, Phase::AwaitConnect) => self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE),
+            (fctype::PROPERTY_GET, _) => {
+                let Some(admin) = self.admin.as_ref() else {
+                    return self.respond(sqe.cid, 0, 0, status::INVALID_FIELD);
+                };
+                let (st, v) = admin.property_get(sqe.cdw11, sqe.cdw10 & 0x7 == 1);
+                self.respond(sqe.cid, v as u32, (v >> 32) as u32, st);
+            }
+            (fctype::PROPERTY_SET, _) => {
+                let Some(admin) = self.admin.as_mut() else {
+                    return self.respond(sqe.cid, 0, 0, status::INVALID_FIELD);
+                };
+                let value = u64::from(sqe.cdw12) | (u64::from(sqe.cdw13) << 32);
+                let st = admin.property_set(sqe.cdw11, value);
+                self.respond(sqe.cid, 0, 0, st);
+            }
+            (fctype::DISCONNECT, _) => {
+                self.respond(sqe.cid, 0, 0, status::SUCCESS);
+                self.read_closed = true;
+            }
+            _ => self.respond(sqe.cid, 0, 0, status::INVALID_OPCODE),
+        }
+    }
+
+    fn on_connect(&mut self, cx: &mut Cx<'_>, sqe: &Sqe, data: &[u8]) {
+        let recfmt = sqe.cdw10 & 0xffff;
+        let qid = (sqe.cdw10 >> 16) as u16;
+        let sqsize = (sqe.cdw11 & 0xffff) as u16;
+        let cattr = (sqe.cdw11 >> 16) as u8;
+        let kato_ms = sqe.cdw12;
+        // Invalid-parameter completions name the field: dw0 = IPO << 16 | IATTR.
+        let bad_sqe_field = |offset: u32| offset << 16;
+        let bad_data_field = |offset: u32| (offset << 16) | 1;
+        if recfmt != 0 {
+            return self.respond(sqe.cid, 0, 0, status::CONNECT_INCOMPATIBLE_FORMAT);
+        }
+        let Some(cd) = nvme::decode_connect_data(data) else {
+            return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+        };
+        if sqsize == 0 || sqsize >= QUEUE_ENTRIES_MAX {
+            return self.respond(sqe.cid, bad_sqe_field(44), 0, status::CONNECT_INVALID_PARAMETERS);
+        }
+        let ctrl = if cd.subnqn == DISCOVERY_NQN {
+            if qid != 0 {
+                return self.respond(sqe.cid, bad_sqe_field(42), 0, status::CONNECT_INVALID_PARAMETERS);
+            }
+            self.target.new_controller(None, cd.hostnqn.clone(), cd.hostid, kato_ms)
+        } else {
+            let Some(subsys) = self.target.subsystem(&cd.subnqn) else {
+                return self.respond(sqe.cid, bad_data_field(256), 0, status::CONNECT_INVALID_PARAMETERS);
+            };
+            if !subsys.host_allowed(&cd.hostnqn) {
+                tracing::warn!(peer = %self.peer, host = %cd.hostnqn, subsystem = %cd.subnqn, "connect refused: host not allowed");
+                return self.respond(sqe.cid, 0, 0, status::CONNECT_INVALID_HOST);
+            }
+            if qid == 0 {
+                self.target.new_controller(Some(subsys), cd.hostnqn.clone(), cd.hostid, kato_ms)
+            } else {
+                match self.target.controller(cd.cntlid) {
+                    Some(c)
+                        if !c.dead.load(Ordering::Relaxed)
+                            && c.hostnqn == cd.hostnqn
+                            && c.subsys.as_ref().is_some_and(|s| s.nqn == cd.subnqn) =>
+                    {
+                        Some(c)
+                    }
+                    _ => return self.respond(sqe.cid, bad_data_field(16), 0, status::CONNECT_INVALID_PARAMETERS),
+                }
+            }
+        };
+        let Some(ctrl) = ctrl else {
+            return self.respond(sqe.cid, 0, 0, status::CONNECT_CONTROLLER_BUSY);
+        };
+        self.qid = qid;
+        self.sq_entries = sqsize + 1;
+        self.sqflow_disabled = cattr & 0x04 != 0;
+        self.phase = Phase::Ready;
+        if qid == 0 {
+            self.admin = Some(AdminState::new(ctrl.clone()));
+        }
+        tracing::info!(
+            peer = %self.peer,
+            subsystem = %cd.subnqn,
+            host = %cd.hostnqn,
+            cntlid = ctrl.cntlid,
+            qid,
+            core = cx.core(),
+            "NVMe/TCP queue connected"
+        );
+        let cntlid = ctrl.cntlid;
+        self.ctrl = Some(ctrl);
+        self.respond(sqe.cid, u32::from(cntlid), 0, status::SUCCESS);
+        self.arm_tick(cx);
+    }
+
+    fn on_admin(&mut self, sqe: &Sqe) {
+        let Some(admin) = self.admin.as_mut() else { return };
+        let reply: Reply = admin.execute(&self.target, sqe);
+        if reply.held {
+            return;
+        }
+        match reply.data {
+            Some(bytes) if reply.status == status::SUCCESS => {
+                let want = (sqe.sgl_len as usize).min(bytes.len());
+                let mut buf = IoBuf::with_capacity(want.max(1));
+                buf.extend_from_slice(&bytes[..want]);
+                if want == 0 {
+                    self.respond(sqe.cid, reply.dw0, reply.dw1, reply.status);
+                } else {
+                    self.respond_with_data(sqe.cid, buf, reply.dw0);
+                }
+            }
+            _ => self.respond(sqe.cid, reply.dw0, reply.dw1, reply.status),
+        }
+        self.deliver_events();
+    }
+
+    fn deliver_events(&mut self) {
+        while let Some(cid) = self.admin.as_mut().and_then(AdminState::take_event) {
+            self.respond(cid, AEN_NS_CHANGED, 0, status::SUCCESS);
+        }
+    }
+
+    /// Validates an I/O command; on success returns the namespace and byte range.
+    fn check_io(&self, sqe: &Sqe) -> Result<(Arc<Namespace>, u64, u32), Status> {
+        let subsys = self.ctrl.as_ref().and_then(|c| c.subsys.clone()).ok_or(status::INVALID_NAMESPACE)?;
+        let ns = subsys.namespace(sqe.nsid).ok_or(status::INVALID_NAMESPACE)?;
+        let nlb = u64::from(sqe.nlb());
+        let end = sqe.slba().checked_add(nlb).ok_or(status::LBA_OUT_OF_RANGE)?;
+        if end > ns.blocks() {
+            return Err(status::LBA_OUT_OF_RANGE);
+        }
+        let bytes = nlb << ns.lba_shift;
+        Ok((ns.clone(), sqe.slba() << ns.lba_shift, bytes.min(u64::from(u32::MAX)) as u32))
+    }
+
+    fn on_io(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
+        if self.cmds.len() >= usize::from(self.sq_entries) {
+            // The host overran its submission queue.
+            return self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
+        }
+        match sqe.opcode {
+            io::READ | io::WRITE => self.on_read_write(cx, sqe, data),
+            io::FLUSH => self.on_flush(cx, sqe),
+            io::WRITE_ZEROES => match self.check_io(&sqe) {
+                Ok((ns, offset, len)) => {
+                    let may_unmap = sqe.cdw12 & (1 << 25) != 0;
+                    let tag = self.track(sqe, Some(ns.clone()), OpKind::WriteZeroes, 0, 1);
+                    ns.dev.submit(cx, IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap }, tag);
+                }
+                Err(st) => self.respond(sqe.cid, 0, 0, st),
+            },
+            io::DSM => self.on_dsm(cx, sqe, data),
+            _ => self.respond(sqe.cid, 0, 0, status::INVALID_OPCODE),
+        }
+    }
+
+    fn track(&mut self, sqe: Sqe, ns: Option<Arc<Namespace>>, kind: OpKind, bytes: u32, pending: u32) -> u32 {
+        let key = self.cmds.insert(Cmd {
+            sqe,
+            ns,
+            state: CmdState::Executing { pending },
+            buf: None,
+            status: status::SUCCESS,
+            kind,
+            bytes,
+            started: Instant::now(),
+        });
+        key as u32
+    }
+
+    fn on_read_write(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
+        let write = sqe.opcode == io::WRITE;
+        let (ns, offset, len) = match self.check_io(&sqe) {
+            Ok(v) => v,
+            Err(st) => return self.respond(sqe.cid, 0, 0, st),
+        };
+        if len > MAX_TRANSFER_BYTES {
+            return self.respond(sqe.cid, 0, 0, status::INVALID_FIELD);
+        }
+        if sqe.sgl_len != len {
+            return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+        }
+        if !write {
+            if sqe.sgl_type != nvme::SGL_TRANSPORT_DATA_BLOCK {
+                return self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID);
+            }
+            let tag = self.track(sqe, Some(ns.clone()), OpKind::Read, len, 1);
+            let buf = cx.buf(len as usize);
+            ns.dev.submit(cx, IoCmd::Read { offset, buf }, tag);
+            return;
+        }
+        if ns.dev.info().read_only {
+            return self.respond(sqe.cid, 0, 0, 0x120); // Attempted Write to Read Only Range
+        }
+        match sqe.sgl_type {
+            nvme::SGL_DATA_BLOCK_OFFSET => {
+                if data.len() != len as usize || sqe.sgl_addr != 0 {
+                    return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+                }
+                let mut buf = cx.buf_with_capacity(len as usize);
+                buf.extend_from_slice(data);
+                let fua = sqe.fua();
+                let tag = self.track(sqe, Some(ns.clone()), OpKind::Write, len, 1);
+                ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, tag);
+            }
+            nvme::SGL_TRANSPORT_DATA_BLOCK => {
+                let buf = cx.buf_with_capacity(len as usize);
+                let tag = self.track(sqe, Some(ns), OpKind::Write, len, 0);
+                let cmd = &mut self.cmds[tag as usize];
+                cmd.state = CmdState::AwaitData { received: 0 };
+                cmd.buf = Some(buf);
+                self.scratch.clear();
+                pdu::encode_r2t(&mut self.scratch, sqe.cid, tag as u16, 0, len, self.hdgst);
+                self.out.push_bytes(&self.scratch);
+            }
+            _ => self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID),
+        }
+    }
+
+    fn on_h2c_data(&mut self, cx: &mut Cx<'_>, h: &pdu::H2cData, data: &[u8], last: bool, header: &[u8]) {
+        let out_of_range = Fatal { fes: pdu::fes::DATA_OUT_OF_RANGE, field: 12, why: "H2CData outside the transfer" };
+        let Some(cmd) = self.cmds.get_mut(usize::from(h.ttag)) else {
+            return self.fatal(Fatal::field(10, "H2CData with an unknown transfer tag"), header);
+        };
+        let CmdState::AwaitData { received } = cmd.state else {
+            return self.fatal(Fatal::field(10, "H2CData for a command not waiting for data"), header);
+        };
+        if cmd.sqe.cid != h.cid {
+            return self.fatal(Fatal::field(8, "H2CData command id does not match its tag"), header);
+        }
+        if h.len as usize != data.len() || h.len > MAXH2CDATA {
+            return self.fatal(Fatal { fes: pdu::fes::DATA_LIMIT_EXCEEDED, field: 16, why: "H2CData length" }, header);
+        }
+        if h.offset != received || received + h.len > cmd.bytes {
+            return self.fatal(out_of_range, header);
+        }
+        let Some(buf) = cmd.buf.as_mut() else { return };
+        buf.extend_from_slice(data);
+        let received = received + h.len;
+        if received < cmd.bytes {
+            cmd.state = CmdState::AwaitData { received };
+            return;
+        }
+        if !last {
+            tracing::debug!(peer = %self.peer, "final H2CData without LAST_PDU");
+        }
+        cmd.state = CmdState::Executing { pending: 1 };
+        let buf = cmd.buf.take().expect("write buffer present");
+        let Some(ns) = cmd.ns.clone() else { return };
+        let offset = cmd.sqe.slba() << ns.lba_shift;
+        let fua = cmd.sqe.fua();
+        ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, u32::from(h.ttag));
+    }
+
+    fn on_flush(&mut self, cx: &mut Cx<'_>, sqe: Sqe) {
+        let Some(subsys) = self.ctrl.as_ref().and_then(|c| c.subsys.clone()) else {
+            return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
+        };
+        let targets: Vec<Arc<Namespace>> = if sqe.nsid == u32::MAX {
+            subsys.namespaces.read().values().cloned().collect()
+        } else {
+            match subsys.namespace(sqe.nsid) {
+                Some(ns) => vec![ns],
+                None => return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE),
+            }
+        };
+        if targets.is_empty() {
+            return self.respond(sqe.cid, 0, 0, status::SUCCESS);
+        }
+        let tag = self.track(sqe, None, OpKind::Flush, 0, targets.len() as u32);
+        for ns in targets {
+            ns.dev.submit(cx, IoCmd::Flush, tag);
+        }
+    }
+
+    fn on_dsm(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
+        let ranges = (sqe.cdw10 & 0xff) as usize + 1;
+        let deallocate = sqe.cdw11 & (1 << 2) != 0;
+        let Some(ns) = self.ctrl.as_ref().and_then(|c| c.subsys.as_ref()).and_then(|s| s.namespace(sqe.nsid)) else {
+            return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
+        };
+        if sqe.sgl_type != nvme::SGL_DATA_BLOCK_OFFSET || data.len() < ranges * 16 {
+            return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+        }
+        let mut work = Vec::with_capacity(ranges);
+        for r in data[..ranges * 16].chunks_exact(16) {
+            let nlb = u64::from(u32::from_le_bytes([r[4], r[5], r[6], r[7]]));
+            let slba = u64::from_le_bytes(r[8..16].try_into().expect("8 bytes"));
+            if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks()) {
+                return self.respond(sqe.cid, 0, 0, status::LBA_OUT_OF_RANGE);
+            }
+            if nlb > 0 {
+                work.push((slba << ns.lba_shift, nlb << ns.lba_shift));
+            }
+        }
+        if !deallocate || work.is_empty() || ns.dev.info().read_only {
+            return self.respond(sqe.cid, 0, 0, status::SUCCESS);
+        }
+        let tag = self.track(sqe, Some(ns.clone()), OpKind::Discard, 0, work.len() as u32);
+        for (offset, len) in work {
+            ns.dev.submit(cx, IoCmd::Discard { offset, len }, tag);
+        }
+    }
+
+    fn on_io_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+        let Some(cmd) = self.cmds.get_mut(tag as usize) else {
+            panic!("completion for unknown command slot {tag}");
+        };
+        let CmdState::Executing { pending } = cmd.state else {
+            panic!("completion for a command not executing");
+        };
+        let write = cmd.kind != OpKind::Read;
+        let ok = match cmd.kind {
+            OpKind::Read | OpKind::Write => result == cmd.bytes as i32,
+            _ => result >= 0,
+        };
+        if !ok && cmd.status == status::SUCCESS {
+            cmd.status = if result < 0 { nvme::status_from_errno(-result, write) } else { status::DATA_TRANSFER_ERROR };
+            tracing::warn!(peer = %self.peer, cid = cmd.sqe.cid, result, "I/O failed");
+        }
+        if pending > 1 {
+            cmd.state = CmdState::Executing { pending: pending - 1 };
+            if let Owned::Buf(b) = owned {
+                cx.recycle(b);
+            }
+            return;
+        }
+        let cmd = self.cmds.remove(tag as usize);
+        let latency_ns = cmd.started.elapsed().as_nanos() as u64;
+        cx.stats().record(cmd.kind, u64::from(cmd.bytes), latency_ns, cmd.status == status::SUCCESS);
+        if let Some(ctrl) = &self.ctrl {
+            let units = u64::from(cmd.bytes).div_ceil(512_000);
+            match cmd.kind {
+                OpKind::Read => {
+                    ctrl.host_reads.fetch_add(1, Ordering::Relaxed);
+                    ctrl.data_units_read.fetch_add(units, Ordering::Relaxed);
+                }
+                OpKind::Write => {
+                    ctrl.host_writes.fetch_add(1, Ordering::Relaxed);
+                    ctrl.data_units_written.fetch_add(units, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        if self.broken {
+            return;
+        }
+        match (cmd.kind, owned) {
+            (OpKind::Read, Owned::Buf(data)) if cmd.status == status::SUCCESS => {
+                self.respond_with_data(cmd.sqe.cid, data, 0);
+            }
+            (_, owned) => {
+                if let Owned::Buf(b) = owned {
+                    cx.recycle(b);
+                }
+                self.respond(cmd.sqe.cid, 0, 0, cmd.status);
+            }
+        }
+    }
+
+    fn arm_tick(&mut self, cx: &mut Cx<'_>) {
+        if self.tick_inflight || self.read_closed {
+            return;
+        }
+        self.tick_inflight = true;
+        cx.timer(TAG_TICK, if self.qid == 0 { ADMIN_TICK } else { IO_TICK });
+    }
+
+    fn on_tick(&mut self, cx: &mut Cx<'_>) {
+        self.tick_inflight = false;
+        let Some(ctrl) = self.ctrl.clone() else { return };
+        if ctrl.dead.load(Ordering::Relaxed) {
+            tracing::info!(peer = %self.peer, cntlid = ctrl.cntlid, qid = self.qid, "controller gone; closing queue");
+            self.close_read();
+            return;
+        }
+        if self.qid == 0 {
+            let kato = u64::from(ctrl.kato_ms.load(Ordering::Relaxed));
+            let idle = self.target.now_ms().saturating_sub(ctrl.last_seen_ms.load(Ordering::Relaxed));
+            if kato > 0 && idle > kato + kato / 2 {
+                tracing::warn!(peer = %self.peer, cntlid = ctrl.cntlid, idle_ms = idle, kato_ms = kato, "keep-alive timeout; tearing the controller down");
+                self.close_read();
+                return;
+            }
+            self.deliver_events();
+        }
+        self.arm_tick(cx);
+    }
+
+    fn close_read(&mut self) {
+        self.read_closed = true;
+        if self.recv_inflight {
+            let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Read);
+        }
+    }
+
+    fn on_send(&mut self, cx: &mut Cx<'_>, result: i32, owned: Owned) {
+        self.send_inflight = false;
+        let Owned::Batch(mut batch) = owned else { unreachable!("send completion without its batch") };
+        if result < 0 {
+            self.broken = true;
+            self.out.clear(|b| cx.recycle(b));
+            batch.clear(|b| cx.recycle(b));
+            self.spare = Some(batch);
+            return;
+        }
+        batch.advance(result as usize);
+        if batch.is_empty() {
+            batch.clear(|b| cx.recycle(b));
+            self.spare = Some(batch);
+        } else {
+            // Finish the rest before anything queued since.
+            let mut later = std::mem::replace(&mut self.out, batch);
+            self.out.append(&mut later);
+            later.clear(|_| {});
+            self.spare = Some(later);
+        }
+    }
+
+    fn post_io(&mut self, cx: &mut Cx<'_>) {
+        if !self.send_inflight && !self.out.is_empty() && !self.broken {
+            let next = self.spare.take().unwrap_or_default();
+            let batch = std::mem::replace(&mut self.out, next);
+            self.send_inflight = true;
+            cx.submit(Op::Send { fd: self.fd.as_raw_fd(), batch }, TAG_SEND);
+        }
+        if self.read_closed || self.broken || self.recv_inflight {
+            return;
+        }
+        let Some(buf) = self.recv_buf.take() else { return };
+        if buf.len() == buf.capacity() {
+            self.recv_buf = Some(buf);
+            return;
+        }
+        self.recv_inflight = true;
+        cx.submit(Op::Recv { fd: self.fd.as_raw_fd(), buf, max: usize::MAX }, TAG_RECV);
+    }
+
+    fn finish(&mut self, cx: &mut Cx<'_>) {
+        if self.tick_inflight && !self.cancel_inflight {
+            self.cancel_inflight = true;
+            cx.cancel(TAG_TICK, TAG_CANCEL);
+        }
+        let quiet = !self.recv_inflight && !self.send_inflight && !self.tick_inflight && !self.cancel_inflight;
+        if quiet && self.cmds.iter().all(|(_, c)| matches!(c.state, CmdState::AwaitData { .. })) {
+            self.cmds.clear();
+            self.done = true;
+            cx.stats().connections_open -= 1;
+            if let (Some(ctrl), 0) = (&self.ctrl, self.qid) {
+                self.target.remove_controller(ctrl.cntlid);
+            }
+            tracing::info!(peer = %self.peer, qid = self.qid, cntlid = self.ctrl.as_ref().map(|c| c.cntlid), "NVMe/TCP connection closed");
+        }
+    }
+}
+
+impl Task for Queue {
+    fn start(&mut self, cx: &mut Cx<'_>) {
+        cx.stats().connections_open += 1;
+        cx.stats().connections_total += 1;
+    }
+
+    fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+        match tag {
+            TAG_RECV => {
+                self.recv_inflight = false;
+                let buf = owned.into_buf().expect("receive completion without its buffer");
+                self.recv_buf = Some(buf);
+                if result <= 0 {
+                    self.read_closed = true;
+                } else if !self.read_closed {
+                    self.parse(cx);
+                }
+            }
+            TAG_SEND => self.on_send(cx, result, owned),
+            TAG_TICK => self.on_tick(cx),
+            TAG_CANCEL => self.cancel_inflight = false,
+            _ => self.on_io_done(cx, tag, result, owned),
+        }
+    }
+
+    fn flush(&mut self, cx: &mut Cx<'_>) {
+        self.post_io(cx);
+        let output_done = self.broken || (self.out.is_empty() && !self.send_inflight);
+        let executing = self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::Executing { .. }));
+        if self.read_closed && !executing && output_done && !self.done {
+            if self.recv_inflight {
+                self.close_read();
+            }
+            self.finish(cx);
+        }
+    }
+
+    fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {
+        self.close_read();
+    }
+
+    fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+/// Quick access for the control plane: identify data sizes used in tests.
+pub const IDENTIFY_BYTES: usize = identify::IDENTIFY_LEN;
+
+/// The device of a namespace, for flushing at shutdown.
+pub fn namespace_device(ns: &Namespace) -> Arc<dyn BlockDev> {
+    ns.dev.clone()
+}

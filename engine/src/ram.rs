@@ -67,13 +67,17 @@ impl RamDev {
         });
     }
 
-    fn zero(&self, offset: u64, len: u64) {
+    /// Zeroes a range; with `unmap`, whole chunks are freed, otherwise they stay allocated
+    /// (NBD_CMD_FLAG_NO_HOLE: "fully provisioned").
+    fn zero(&self, offset: u64, len: u64, unmap: bool) {
         Self::pieces(offset, len, |idx, within, range| {
             let mut chunk = self.chunks[idx].write();
-            if range.len() as u64 == CHUNK {
+            if unmap && range.len() as u64 == CHUNK {
                 *chunk = None;
             } else if let Some(bytes) = chunk.as_mut() {
                 bytes[within..within + range.len()].fill(0);
+            } else if !unmap {
+                *chunk = Some(vec![0u8; CHUNK as usize].into_boxed_slice());
             }
         });
     }
@@ -98,9 +102,15 @@ impl BlockDev for RamDev {
                 cx.complete(tag, buf.len() as i32, Owned::Buf(buf));
             }
             IoCmd::Flush => cx.complete(tag, 0, Owned::None),
-            IoCmd::Discard { offset, len } | IoCmd::WriteZeroes { offset, len, .. } => {
+            IoCmd::Discard { offset, len }
+            | IoCmd::WriteZeroes { offset, len, may_unmap: true } => {
                 assert!(in_range(offset, len, size));
-                self.zero(offset, len);
+                self.zero(offset, len, true);
+                cx.complete(tag, 0, Owned::None);
+            }
+            IoCmd::WriteZeroes { offset, len, may_unmap: false } => {
+                assert!(in_range(offset, len, size));
+                self.zero(offset, len, false);
                 cx.complete(tag, 0, Owned::None);
             }
         }
@@ -139,7 +149,9 @@ mod tests {
         let ext = dev.extents(0, 4 * CHUNK).unwrap();
         assert_eq!(ext[0], Extent { len: 3 * CHUNK, hole: false, zero: false });
         assert!(ext[1].hole);
-        dev.zero(CHUNK, CHUNK);
+        dev.zero(3 * CHUNK, CHUNK, false);
+        assert!(!dev.extents(3 * CHUNK, CHUNK).unwrap()[0].hole);
+        dev.zero(CHUNK, CHUNK, true);
         let ext = dev.extents(CHUNK, CHUNK).unwrap();
         assert_eq!(ext, vec![Extent { len: CHUNK, hole: true, zero: true }]);
         let mut one = [1u8; 1];

@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 use crate::rpc::{invalid, Control, RpcError, METHOD_NOT_FOUND};
 
 fn str_param<'a>(p: &'a Value, key: &str) -> Result<&'a str, RpcError> {
-    p.get(key).and_then(Value::as_str).ok_or_else(|| invalid(format!("missing string param: {key}")))
+    p.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid(format!("missing string param: {key}")))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -40,26 +42,32 @@ pub fn handle(control: &Control, method: &str, p: &Value) -> Result<Value, RpcEr
         }
         "nvmf_subsystem_add_ns" => {
             let nqn = str_param(p, "nqn")?;
-            let ns = p.get("namespace").ok_or_else(|| invalid("missing object param: namespace"))?;
+            let ns =
+                p.get("namespace").ok_or_else(|| invalid("missing object param: namespace"))?;
             let bdev = str_param(ns, "bdev_name")?;
             let nsid = ns.get("nsid").and_then(Value::as_u64).unwrap_or(0) as u32;
             let block_size = ns.get("block_size").and_then(Value::as_u64).unwrap_or(4096) as u32;
             let export = control.exports.get(bdev).filter(|_| !bdev.is_empty());
             let export = export.ok_or_else(|| invalid(format!("no bdev named {bdev:?}")))?;
-            let nsid = target.add_namespace(nqn, nsid, export.dev.clone(), block_size).map_err(err)?;
+            let nsid =
+                target.add_namespace(nqn, nsid, export.dev.clone(), block_size).map_err(err)?;
             tracing::info!(nqn, nsid, bdev, "namespace added");
             Ok(json!(nsid))
         }
         "nvmf_subsystem_remove_ns" => {
             let nqn = str_param(p, "nqn")?;
-            let nsid = p.get("nsid").and_then(Value::as_u64).ok_or_else(|| invalid("missing param: nsid"))?;
+            let nsid = p
+                .get("nsid")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| invalid("missing param: nsid"))?;
             target.remove_namespace(nqn, nsid as u32).map_err(err)?;
             Ok(json!(true))
         }
         "nvmf_subsystem_add_host" | "nvmf_subsystem_remove_host" => {
             let nqn = str_param(p, "nqn")?;
             let host = str_param(p, "host")?;
-            let subsys = target.subsystem(nqn).ok_or_else(|| invalid(format!("no subsystem {nqn:?}")))?;
+            let subsys =
+                target.subsystem(nqn).ok_or_else(|| invalid(format!("no subsystem {nqn:?}")))?;
             if method == "nvmf_subsystem_add_host" {
                 subsys.hosts.write().insert(host.to_string());
             } else {
@@ -71,28 +79,38 @@ pub fn handle(control: &Control, method: &str, p: &Value) -> Result<Value, RpcEr
         "nvmf_subsystem_allow_any_host" => {
             let nqn = str_param(p, "nqn")?;
             let any = p.get("allow_any_host").and_then(Value::as_bool).unwrap_or(false);
-            let subsys = target.subsystem(nqn).ok_or_else(|| invalid(format!("no subsystem {nqn:?}")))?;
+            let subsys =
+                target.subsystem(nqn).ok_or_else(|| invalid(format!("no subsystem {nqn:?}")))?;
             subsys.allow_any_host.store(any, Ordering::Relaxed);
             target.genctr.fetch_add(1, Ordering::Relaxed);
             Ok(json!(true))
         }
         "nvmf_subsystem_add_listener" => {
-            let la = p.get("listen_address").ok_or_else(|| invalid("missing object param: listen_address"))?;
+            let la = p
+                .get("listen_address")
+                .ok_or_else(|| invalid("missing object param: listen_address"))?;
             let trtype = la.get("trtype").and_then(Value::as_str).unwrap_or("tcp");
             if !trtype.eq_ignore_ascii_case("tcp") {
                 return Err(invalid(format!("transport {trtype:?} not supported (tcp only)")));
             }
-            let addr: SocketAddr = format!("{}:{}", str_param(la, "traddr")?, str_param(la, "trsvcid")?)
-                .parse()
-                .map_err(|e| invalid(format!("listen address: {e}")))?;
-            let known = target.listeners.read().iter().any(|(a, port)| *a == addr.ip().to_string() && *port == addr.port());
+            let addr: SocketAddr =
+                format!("{}:{}", str_param(la, "traddr")?, str_param(la, "trsvcid")?)
+                    .parse()
+                    .map_err(|e| invalid(format!("listen address: {e}")))?;
+            let known = target
+                .listeners
+                .read()
+                .iter()
+                .any(|(a, port)| *a == addr.ip().to_string() && *port == addr.port());
             if !known {
                 crate::serve::start_nvmf_listener(&control.cores, target, addr)
                     .map_err(|e| invalid(format!("{e:#}")))?;
             }
             Ok(json!(true))
         }
-        _ => Err(RpcError { code: METHOD_NOT_FOUND, message: format!("Method not found: {method}") }),
+        _ => {
+            Err(RpcError { code: METHOD_NOT_FOUND, message: format!("Method not found: {method}") })
+        }
     }
 }
 

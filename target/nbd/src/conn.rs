@@ -27,7 +27,10 @@ use crate::transmission::{classify, Action, Session};
 
 const RECV_BUF_BYTES: usize = 256 * 1024;
 const INFLIGHT_MAX: usize = 128;
-const INFLIGHT_BYTES_MAX: u64 = 256 << 20;
+/// Payload bytes in flight to the device plus reply bytes not yet sent; past this the
+/// connection stops reading requests (a client that never reads its replies cannot make us
+/// buffer more).
+const INFLIGHT_BYTES_MAX: u64 = 64 << 20;
 /// A write payload still missing at least this much is received straight into its buffer.
 const DIRECT_RECV_MIN: usize = 64 * 1024;
 
@@ -80,6 +83,8 @@ pub struct Conn {
     scratch: Vec<u8>,
     reqs: Slab<Inflight>,
     bytes_inflight: u64,
+    /// Reply bytes queued or being sent.
+    unsent: u64,
     payload: Option<PendingWrite>,
     payload_recv_inflight: bool,
     /// Bytes of a rejected write's payload still to discard.
@@ -108,6 +113,7 @@ impl Conn {
             scratch: Vec::new(),
             reqs: Slab::with_capacity(INFLIGHT_MAX),
             bytes_inflight: 0,
+            unsent: 0,
             payload: None,
             payload_recv_inflight: false,
             skip: 0,
@@ -159,6 +165,7 @@ impl Conn {
                     self.scratch.clear();
                     let (n, step) = hs.on_input(input, &mut self.scratch, &self.exports);
                     used += n;
+                    self.unsent += self.scratch.len() as u64;
                     self.out.push_bytes(&self.scratch);
                     match step {
                         Step::NeedMore => break,
@@ -218,7 +225,7 @@ impl Conn {
             }
             return Some(n);
         }
-        if self.reqs.len() >= INFLIGHT_MAX || self.bytes_inflight >= INFLIGHT_BYTES_MAX {
+        if self.saturated() {
             return None;
         }
         let header = input.get(..codec::REQUEST_LEN)?;
@@ -383,6 +390,7 @@ impl Conn {
     }
 
     fn flush_scratch(&mut self) {
+        self.unsent += self.scratch.len() as u64;
         self.out.push_bytes(&self.scratch);
     }
 
@@ -432,6 +440,7 @@ impl Conn {
                     codec::encode_simple_reply(scratch, 0, req.handle);
                 }
                 self.flush_scratch();
+                self.unsent += data.len() as u64;
                 self.out.push_buf(data);
             }
             (OpKind::Read, _, error) if structured => {
@@ -461,11 +470,14 @@ impl Conn {
                 tracing::debug!(peer = %self.peer, errno = -result, "send failed");
             }
             self.broken = true;
+            self.unsent = 0;
             self.out.clear(|b| cx.recycle(b));
             batch.clear(|b| cx.recycle(b));
             self.spare = Some(batch);
             return;
         }
+        assert!(result as u64 <= self.unsent, "sent more than was queued");
+        self.unsent -= result as u64;
         batch.advance(result as usize);
         if batch.is_empty() {
             batch.clear(|b| cx.recycle(b));
@@ -506,7 +518,7 @@ impl Conn {
         if self.read_closed || self.broken || self.recv_inflight || self.payload_recv_inflight {
             return;
         }
-        if self.reqs.len() >= INFLIGHT_MAX || self.bytes_inflight >= INFLIGHT_BYTES_MAX {
+        if self.saturated() {
             return;
         }
         let buffered = self.recv_buf.as_ref().map_or(0, |b| b.len());
@@ -546,6 +558,11 @@ impl Conn {
         }
     }
 
+    /// Back-pressure: too many requests or bytes in flight or unsent.
+    fn saturated(&self) -> bool {
+        self.reqs.len() >= INFLIGHT_MAX || self.bytes_inflight + self.unsent >= INFLIGHT_BYTES_MAX
+    }
+
     fn idle(&self) -> bool {
         !self.recv_inflight
             && !self.payload_recv_inflight
@@ -561,6 +578,7 @@ impl Task for Conn {
         tracing::debug!(peer = %self.peer, core = cx.core(), "connection accepted");
         let mut greeting = Vec::new();
         Handshake::greeting(&mut greeting);
+        self.unsent += greeting.len() as u64;
         self.out.push_bytes(&greeting);
     }
 
@@ -578,7 +596,13 @@ impl Task for Conn {
                     self.parse(cx);
                 }
             }
-            TAG_SEND => self.on_send(cx, result, owned),
+            TAG_SEND => {
+                self.on_send(cx, result, owned);
+                // Sent replies may lift back-pressure on buffered requests.
+                if !self.read_closed {
+                    self.parse(cx);
+                }
+            }
             _ => {
                 self.on_io_done(cx, tag, result, owned);
                 // Back-pressure may have stopped parsing buffered input.

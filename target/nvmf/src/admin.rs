@@ -68,7 +68,14 @@ pub struct AdminState {
 
 impl AdminState {
     pub fn new(ctrl: Arc<Controller>) -> AdminState {
-        AdminState { ctrl, cc: 0, csts: 0, async_event_config: 0, temperature_threshold: 0x157, aers: Vec::new() }
+        AdminState {
+            ctrl,
+            cc: 0,
+            csts: 0,
+            async_event_config: 0,
+            temperature_threshold: 0x157,
+            aers: Vec::new(),
+        }
     }
 
     fn discovery(&self) -> bool {
@@ -166,7 +173,9 @@ impl AdminState {
                 }
             }
             0x02 => match subsys {
-                Some(s) if sqe.nsid < 0xffff_fffe => Reply::data(identify::active_namespaces(s, sqe.nsid)),
+                Some(s) if sqe.nsid < 0xffff_fffe => {
+                    Reply::data(identify::active_namespaces(s, sqe.nsid))
+                }
                 _ => Reply::status(status::INVALID_NAMESPACE),
             },
             _ => Reply::status(status::INVALID_FIELD),
@@ -269,7 +278,10 @@ mod tests {
     #[test]
     fn enable_then_identify_and_aen() {
         let (t, mut a) = setup();
-        assert_eq!(a.execute(&t, &cmd(admin::IDENTIFY, 0, [1, 0, 0, 0, 0, 0])).status, status::COMMAND_SEQUENCE);
+        assert_eq!(
+            a.execute(&t, &cmd(admin::IDENTIFY, 0, [1, 0, 0, 0, 0, 0])).status,
+            status::COMMAND_SEQUENCE
+        );
         assert_eq!(a.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
         assert_eq!(a.property_get(prop::CSTS, false), (status::SUCCESS, 1));
         let r = a.execute(&t, &cmd(admin::IDENTIFY, 0, [1, 0, 0, 0, 0, 0]));
@@ -279,16 +291,23 @@ mod tests {
         let ns = a.execute(&t, &cmd(admin::IDENTIFY, 1, [0; 6])).data.unwrap();
         assert_eq!(u64::from_le_bytes(ns[0..8].try_into().unwrap()), 256); // 1 MiB / 4 KiB
         assert_eq!(ns[26], 1);
-        assert_eq!(a.execute(&t, &cmd(admin::IDENTIFY, 7, [3, 0, 0, 0, 0, 0])).status, status::INVALID_NAMESPACE);
+        assert_eq!(
+            a.execute(&t, &cmd(admin::IDENTIFY, 7, [3, 0, 0, 0, 0, 0])).status,
+            status::INVALID_NAMESPACE
+        );
         // AER held, then completed by a namespace change
         assert!(a.execute(&t, &cmd(admin::ASYNC_EVENT, 0, [0; 6])).held);
         assert_eq!(a.take_event(), None);
         let s = t.subsystem("nqn.2026-11.dev.ballast:t").unwrap();
         t.namespace_changed(&s, 1);
         assert_eq!(a.take_event(), Some(1));
-        let log = a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x03ff_0004, 0, 0, 0, 0, 0])).data.unwrap();
+        let log =
+            a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x03ff_0004, 0, 0, 0, 0, 0])).data.unwrap();
         assert_eq!(&log[..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x0000_00c0, 0, 0, 0, 0, 0])).status, status::INVALID_LOG_PAGE);
+        assert_eq!(
+            a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x0000_00c0, 0, 0, 0, 0, 0])).status,
+            status::INVALID_LOG_PAGE
+        );
         assert_eq!(a.execute(&t, &cmd(0x80, 0, [0; 6])).status, status::INVALID_OPCODE);
     }
 
@@ -296,7 +315,10 @@ mod tests {
     fn features() {
         let (t, mut a) = setup();
         a.property_set(prop::CC, 1);
-        let r = a.execute(&t, &cmd(admin::SET_FEATURES, 0, [FEAT_NUM_QUEUES as u32, 0x0003_0003, 0, 0, 0, 0]));
+        let r = a.execute(
+            &t,
+            &cmd(admin::SET_FEATURES, 0, [FEAT_NUM_QUEUES as u32, 0x0003_0003, 0, 0, 0, 0]),
+        );
         assert_eq!((r.status, r.dw0), (status::SUCCESS, 0x0003_0003));
         let r = a.execute(&t, &cmd(admin::SET_FEATURES, 0, [FEAT_KATO as u32, 15000, 0, 0, 0, 0]));
         assert_eq!(r.status, status::SUCCESS);

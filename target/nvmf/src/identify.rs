@@ -98,7 +98,14 @@ pub fn namespace(ns: &Namespace) -> Vec<u8> {
 /// Active Namespace ID list (CNS 02h): ids greater than `after`, ascending.
 pub fn active_namespaces(subsys: &Subsystem, after: u32) -> Vec<u8> {
     let mut b = vec![0u8; IDENTIFY_LEN];
-    let ids = subsys.namespaces.read().keys().copied().filter(|&id| id > after).take(1024).collect::<Vec<_>>();
+    let ids = subsys
+        .namespaces
+        .read()
+        .keys()
+        .copied()
+        .filter(|&id| id > after)
+        .take(1024)
+        .collect::<Vec<_>>();
     for (i, id) in ids.iter().enumerate() {
         put32(&mut b, i * 4, *id);
     }
@@ -109,7 +116,8 @@ pub fn active_namespaces(subsys: &Subsystem, after: u32) -> Vec<u8> {
 pub fn namespace_descriptors(ns: &Namespace) -> Vec<u8> {
     let mut b = vec![0u8; IDENTIFY_LEN];
     let mut at = 0;
-    for (kind, id) in [(1u8, &ns.eui64[..]), (2, &ns.nguid[..]), (3, &ns.uuid[..]), (4, &[0u8][..])] {
+    for (kind, id) in [(1u8, &ns.eui64[..]), (2, &ns.nguid[..]), (3, &ns.uuid[..]), (4, &[0u8][..])]
+    {
         b[at] = kind;
         b[at + 1] = id.len() as u8;
         b[at + 4..at + 4 + id.len()].copy_from_slice(id);
@@ -159,7 +167,8 @@ pub fn changed_namespaces_log(ctrl: &Controller, retain: bool) -> Vec<u8> {
 /// Discovery log page (log 70h): one entry per (subsystem this host may use, listener).
 pub fn discovery_log(target: &Target, hostnqn: &str) -> Vec<u8> {
     let listeners = target.listeners.read().clone();
-    let subsystems: Vec<_> = target.subsystems().into_iter().filter(|s| s.host_allowed(hostnqn)).collect();
+    let subsystems: Vec<_> =
+        target.subsystems().into_iter().filter(|s| s.host_allowed(hostnqn)).collect();
     let count = subsystems.len() * listeners.len();
     let mut b = vec![0u8; 1024 * (1 + count)];
     put64(&mut b, 0, target.genctr.load(Ordering::Relaxed));

@@ -179,7 +179,14 @@ impl SqeBuilder {
 }
 
 /// A completion queue entry.
-pub fn encode_cqe(dw0: u32, dw1: u32, sqhd: u16, sqid: u16, cid: u16, status: Status) -> [u8; CQE_LEN] {
+pub fn encode_cqe(
+    dw0: u32,
+    dw1: u32,
+    sqhd: u16,
+    sqid: u16,
+    cid: u16,
+    status: Status,
+) -> [u8; CQE_LEN] {
     let mut c = [0u8; CQE_LEN];
     c[0..4].copy_from_slice(&dw0.to_le_bytes());
     c[4..8].copy_from_slice(&dw1.to_le_bytes());
@@ -236,7 +243,12 @@ pub fn decode_connect_data(b: &[u8]) -> Option<ConnectData> {
     let b = b.get(..CONNECT_DATA_LEN)?;
     let mut hostid = [0u8; 16];
     hostid.copy_from_slice(&b[..16]);
-    Some(ConnectData { hostid, cntlid: le16(b, 16), subnqn: get_str(&b[256..512]), hostnqn: get_str(&b[512..768]) })
+    Some(ConnectData {
+        hostid,
+        cntlid: le16(b, 16),
+        subnqn: get_str(&b[256..512]),
+        hostnqn: get_str(&b[512..768]),
+    })
 }
 
 pub fn encode_connect_data(d: &ConnectData) -> Vec<u8> {
@@ -283,13 +295,21 @@ mod tests {
             ..Default::default()
         };
         let s = Sqe::decode(&b.encode());
-        assert_eq!((s.opcode, s.cid, s.nsid, s.slba(), s.nlb(), s.fua()), (io::WRITE, 9, 1, 100, 2, true));
+        assert_eq!(
+            (s.opcode, s.cid, s.nsid, s.slba(), s.nlb(), s.fua()),
+            (io::WRITE, 9, 1, 100, 2, true)
+        );
         assert_eq!((s.sgl_len, s.sgl_type), (8192, SGL_TRANSPORT_DATA_BLOCK));
     }
 
     #[test]
     fn connect_data_round_trip() {
-        let d = ConnectData { hostid: [7; 16], cntlid: 0xffff, subnqn: "nqn.a".into(), hostnqn: "nqn.h".into() };
+        let d = ConnectData {
+            hostid: [7; 16],
+            cntlid: 0xffff,
+            subnqn: "nqn.a".into(),
+            hostnqn: "nqn.h".into(),
+        };
         assert_eq!(decode_connect_data(&encode_connect_data(&d)), Some(d));
         assert_eq!(decode_connect_data(&[0u8; 100]), None);
     }

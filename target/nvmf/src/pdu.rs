@@ -123,7 +123,11 @@ pub fn check_host_header(
         return Ok((ICREQ_LEN, 0));
     }
     if ch.plen > max_plen {
-        return Err(Fatal { fes: fes::DATA_LIMIT_EXCEEDED, field: 4, why: "PDU longer than we accept" });
+        return Err(Fatal {
+            fes: fes::DATA_LIMIT_EXCEEDED,
+            field: 4,
+            why: "PDU longer than we accept",
+        });
     }
     let header_digest = if hdgst && ch.kind != kind::H2C_TERM_REQ { DIGEST_LEN } else { 0 };
     let header_end = hlen + header_digest;
@@ -198,7 +202,8 @@ pub fn encode_capsule_resp(out: &mut Vec<u8>, cqe: &[u8; 16], hdgst: bool) {
     let digest = if hdgst { DIGEST_LEN } else { 0 };
     let flags = if hdgst { FLAG_HDGSTF } else { 0 };
     let plen = (RESP_HLEN + digest) as u32;
-    CommonHeader { kind: kind::CAPSULE_RESP, flags, hlen: RESP_HLEN as u8, pdo: 0, plen }.encode(out);
+    CommonHeader { kind: kind::CAPSULE_RESP, flags, hlen: RESP_HLEN as u8, pdo: 0, plen }
+        .encode(out);
     out.extend_from_slice(cqe);
     put_header_digest(out, start, hdgst);
 }
@@ -284,7 +289,13 @@ pub fn decode_h2c_data(pdu: &[u8]) -> Option<H2cData> {
 }
 
 /// Encodes an H2CData header (for our initiator and tests).
-pub fn encode_h2c_data_header(out: &mut Vec<u8>, d: &H2cData, last: bool, hdgst: bool, ddgst: bool) {
+pub fn encode_h2c_data_header(
+    out: &mut Vec<u8>,
+    d: &H2cData,
+    last: bool,
+    hdgst: bool,
+    ddgst: bool,
+) {
     let start = out.len();
     let hd = if hdgst { DIGEST_LEN } else { 0 };
     let dd = if ddgst { DIGEST_LEN } else { 0 };
@@ -307,7 +318,13 @@ pub fn encode_h2c_data_header(out: &mut Vec<u8>, d: &H2cData, last: bool, hdgst:
 }
 
 /// Encodes a CapsuleCmd with optional in-capsule data (for our initiator and tests).
-pub fn encode_capsule_cmd(out: &mut Vec<u8>, sqe: &[u8; 64], data: &[u8], hdgst: bool, ddgst: bool) {
+pub fn encode_capsule_cmd(
+    out: &mut Vec<u8>,
+    sqe: &[u8; 64],
+    data: &[u8],
+    hdgst: bool,
+    ddgst: bool,
+) {
     let start = out.len();
     let hd = if hdgst { DIGEST_LEN } else { 0 };
     let dd = if ddgst && !data.is_empty() { DIGEST_LEN } else { 0 };
@@ -377,13 +394,30 @@ mod tests {
 
     #[test]
     fn header_checks() {
-        let cmd = CommonHeader { kind: kind::CAPSULE_CMD, flags: 0, hlen: 72, pdo: 72, plen: 72 + 512 };
+        let cmd =
+            CommonHeader { kind: kind::CAPSULE_CMD, flags: 0, hlen: 72, pdo: 72, plen: 72 + 512 };
         assert_eq!(check_host_header(&cmd, false, false, 9000), Ok((72, 512)));
-        assert_eq!(check_host_header(&CommonHeader { pdo: 76, plen: 76 + 512 + 4, ..cmd }, true, true, 9000), Ok((76, 512)));
-        assert!(check_host_header(&CommonHeader { hlen: 70, ..cmd }, false, false, 9000).is_err());
-        assert!(check_host_header(&CommonHeader { kind: kind::C2H_DATA, ..cmd }, false, false, 9000).is_err());
         assert_eq!(
-            check_host_header(&CommonHeader { plen: 100_000, ..cmd }, false, false, 9000).unwrap_err().fes,
+            check_host_header(
+                &CommonHeader { pdo: 76, plen: 76 + 512 + 4, ..cmd },
+                true,
+                true,
+                9000
+            ),
+            Ok((76, 512))
+        );
+        assert!(check_host_header(&CommonHeader { hlen: 70, ..cmd }, false, false, 9000).is_err());
+        assert!(check_host_header(
+            &CommonHeader { kind: kind::C2H_DATA, ..cmd },
+            false,
+            false,
+            9000
+        )
+        .is_err());
+        assert_eq!(
+            check_host_header(&CommonHeader { plen: 100_000, ..cmd }, false, false, 9000)
+                .unwrap_err()
+                .fes,
             fes::DATA_LIMIT_EXCEEDED
         );
         assert!(check_host_header(&CommonHeader { pdo: 10, ..cmd }, false, false, 9000).is_err());

@@ -145,15 +145,16 @@ impl Queue {
         while !self.read_closed {
             let input = &buf.as_slice()[used..];
             let Some(ch) = CommonHeader::decode(input) else { break };
-            let (data_start, data_len) = match pdu::check_host_header(&ch, self.hdgst, self.ddgst, self.max_plen()) {
-                Ok(v) => v,
-                Err(f) => {
-                    let n = input.len().min(128);
-                    let header = input[..n].to_vec();
-                    self.fatal(f, &header);
-                    break;
-                }
-            };
+            let (data_start, data_len) =
+                match pdu::check_host_header(&ch, self.hdgst, self.ddgst, self.max_plen()) {
+                    Ok(v) => v,
+                    Err(f) => {
+                        let n = input.len().min(128);
+                        let header = input[..n].to_vec();
+                        self.fatal(f, &header);
+                        break;
+                    }
+                };
             let plen = ch.plen as usize;
             if input.len() < plen {
                 break;
@@ -166,17 +167,39 @@ impl Queue {
         self.recv_buf = Some(buf);
     }
 
-    fn on_pdu(&mut self, cx: &mut Cx<'_>, ch: &CommonHeader, p: &[u8], data_start: usize, data_len: usize) {
+    fn on_pdu(
+        &mut self,
+        cx: &mut Cx<'_>,
+        ch: &CommonHeader,
+        p: &[u8],
+        data_start: usize,
+        data_len: usize,
+    ) {
         let hlen = usize::from(ch.hlen);
-        if self.hdgst && ch.kind != kind::IC_REQ && ch.kind != kind::H2C_TERM_REQ && !pdu::digest_ok(&p[..hlen], &p[hlen..hlen + 4]) {
-            self.fatal(Fatal { fes: pdu::fes::HEADER_DIGEST_ERROR, field: 0, why: "header digest mismatch" }, &p[..hlen]);
+        if self.hdgst
+            && ch.kind != kind::IC_REQ
+            && ch.kind != kind::H2C_TERM_REQ
+            && !pdu::digest_ok(&p[..hlen], &p[hlen..hlen + 4])
+        {
+            self.fatal(
+                Fatal {
+                    fes: pdu::fes::HEADER_DIGEST_ERROR,
+                    field: 0,
+                    why: "header digest mismatch",
+                },
+                &p[..hlen],
+            );
             return;
         }
         let data = &p[data_start..data_start + data_len];
-        let data_digest_ok = !self.ddgst || data_len == 0 || pdu::digest_ok(data, &p[data_start + data_len..]);
+        let data_digest_ok =
+            !self.ddgst || data_len == 0 || pdu::digest_ok(data, &p[data_start + data_len..]);
         match (ch.kind, self.phase) {
             (kind::IC_REQ, Phase::Init) => self.on_icreq(p),
-            (kind::IC_REQ, _) | (_, Phase::Init) => self.fatal(Fatal { fes: pdu::fes::PDU_SEQUENCE_ERROR, field: 0, why: "PDU out of sequence" }, &p[..hlen]),
+            (kind::IC_REQ, _) | (_, Phase::Init) => self.fatal(
+                Fatal { fes: pdu::fes::PDU_SEQUENCE_ERROR, field: 0, why: "PDU out of sequence" },
+                &p[..hlen],
+            ),
             (kind::H2C_TERM_REQ, _) => {
                 let fes = u16::from_le_bytes([p[8], p[9]]);
                 tracing::warn!(peer = %self.peer, fes, "host terminated the connection (H2CTermReq)");
@@ -208,7 +231,14 @@ impl Queue {
     fn on_icreq(&mut self, p: &[u8]) {
         let Some(req) = pdu::decode_icreq(p) else { return };
         if req.pfv != pdu::PFV_1_0 {
-            self.fatal(Fatal { fes: pdu::fes::UNSUPPORTED_PARAMETER, field: 8, why: "unsupported PDU format version" }, &p[..pdu::ICREQ_LEN]);
+            self.fatal(
+                Fatal {
+                    fes: pdu::fes::UNSUPPORTED_PARAMETER,
+                    field: 8,
+                    why: "unsupported PDU format version",
+                },
+                &p[..pdu::ICREQ_LEN],
+            );
             return;
         }
         if req.hpda > 31 {
@@ -216,13 +246,24 @@ impl Queue {
             return;
         }
         if req.hpda != 0 {
-            self.fatal(Fatal { fes: pdu::fes::UNSUPPORTED_PARAMETER, field: 10, why: "host PDU data alignment not supported" }, &p[..pdu::ICREQ_LEN]);
+            self.fatal(
+                Fatal {
+                    fes: pdu::fes::UNSUPPORTED_PARAMETER,
+                    field: 10,
+                    why: "host PDU data alignment not supported",
+                },
+                &p[..pdu::ICREQ_LEN],
+            );
             return;
         }
         self.hdgst = req.dgst & pdu::DGST_HEADER != 0;
         self.ddgst = req.dgst & pdu::DGST_DATA != 0;
         self.scratch.clear();
-        pdu::encode_icresp(&mut self.scratch, req.dgst & (pdu::DGST_HEADER | pdu::DGST_DATA), MAXH2CDATA);
+        pdu::encode_icresp(
+            &mut self.scratch,
+            req.dgst & (pdu::DGST_HEADER | pdu::DGST_DATA),
+            MAXH2CDATA,
+        );
         self.out.push_bytes(&self.scratch);
         self.phase = Phase::AwaitConnect;
     }
@@ -240,7 +281,16 @@ impl Queue {
         let shortcut = self.sqflow_disabled && dw0 == 0;
         self.scratch.clear();
         let len = data.len() as u32;
-        pdu::encode_c2h_data_header(&mut self.scratch, cid, 0, len, true, shortcut, self.hdgst, self.ddgst);
+        pdu::encode_c2h_data_header(
+            &mut self.scratch,
+            cid,
+            0,
+            len,
+            true,
+            shortcut,
+            self.hdgst,
+            self.ddgst,
+        );
         let digest = self.ddgst.then(|| crc32c::crc32c(data.as_slice()));
         self.out.push_bytes(&self.scratch);
         self.out.push_buf(data);
@@ -316,12 +366,22 @@ impl Queue {
         }
         let ctrl = if cd.subnqn == DISCOVERY_NQN {
             if qid != 0 {
-                return self.respond(sqe.cid, bad_sqe_field(42), 0, status::CONNECT_INVALID_PARAMETERS);
+                return self.respond(
+                    sqe.cid,
+                    bad_sqe_field(42),
+                    0,
+                    status::CONNECT_INVALID_PARAMETERS,
+                );
             }
             self.target.new_controller(None, cd.hostnqn.clone(), cd.hostid, kato_ms)
         } else {
             let Some(subsys) = self.target.subsystem(&cd.subnqn) else {
-                return self.respond(sqe.cid, bad_data_field(256), 0, status::CONNECT_INVALID_PARAMETERS);
+                return self.respond(
+                    sqe.cid,
+                    bad_data_field(256),
+                    0,
+                    status::CONNECT_INVALID_PARAMETERS,
+                );
             };
             if !subsys.host_allowed(&cd.hostnqn) {
                 tracing::warn!(peer = %self.peer, host = %cd.hostnqn, subsystem = %cd.subnqn, "connect refused: host not allowed");
@@ -338,7 +398,14 @@ impl Queue {
                     {
                         Some(c)
                     }
-                    _ => return self.respond(sqe.cid, bad_data_field(16), 0, status::CONNECT_INVALID_PARAMETERS),
+                    _ => {
+                        return self.respond(
+                            sqe.cid,
+                            bad_data_field(16),
+                            0,
+                            status::CONNECT_INVALID_PARAMETERS,
+                        )
+                    }
                 }
             }
         };
@@ -397,7 +464,8 @@ impl Queue {
 
     /// Validates an I/O command; on success returns the namespace and byte range.
     fn check_io(&self, sqe: &Sqe) -> Result<(Arc<Namespace>, u64, u32), Status> {
-        let subsys = self.ctrl.as_ref().and_then(|c| c.subsys.clone()).ok_or(status::INVALID_NAMESPACE)?;
+        let subsys =
+            self.ctrl.as_ref().and_then(|c| c.subsys.clone()).ok_or(status::INVALID_NAMESPACE)?;
         let ns = subsys.namespace(sqe.nsid).ok_or(status::INVALID_NAMESPACE)?;
         let nlb = u64::from(sqe.nlb());
         let end = sqe.slba().checked_add(nlb).ok_or(status::LBA_OUT_OF_RANGE)?;
@@ -420,7 +488,11 @@ impl Queue {
                 Ok((ns, offset, len)) => {
                     let may_unmap = sqe.cdw12 & (1 << 25) != 0;
                     let tag = self.track(sqe, Some(ns.clone()), OpKind::WriteZeroes, 0, 1);
-                    ns.dev.submit(cx, IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap }, tag);
+                    ns.dev.submit(
+                        cx,
+                        IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap },
+                        tag,
+                    );
                 }
                 Err(st) => self.respond(sqe.cid, 0, 0, st),
             },
@@ -429,7 +501,14 @@ impl Queue {
         }
     }
 
-    fn track(&mut self, sqe: Sqe, ns: Option<Arc<Namespace>>, kind: OpKind, bytes: u32, pending: u32) -> u32 {
+    fn track(
+        &mut self,
+        sqe: Sqe,
+        ns: Option<Arc<Namespace>>,
+        kind: OpKind,
+        bytes: u32,
+        pending: u32,
+    ) -> u32 {
         let key = self.cmds.insert(Cmd {
             sqe,
             ns,
@@ -492,19 +571,35 @@ impl Queue {
         }
     }
 
-    fn on_h2c_data(&mut self, cx: &mut Cx<'_>, h: &pdu::H2cData, data: &[u8], last: bool, header: &[u8]) {
-        let out_of_range = Fatal { fes: pdu::fes::DATA_OUT_OF_RANGE, field: 12, why: "H2CData outside the transfer" };
+    fn on_h2c_data(
+        &mut self,
+        cx: &mut Cx<'_>,
+        h: &pdu::H2cData,
+        data: &[u8],
+        last: bool,
+        header: &[u8],
+    ) {
+        let out_of_range = Fatal {
+            fes: pdu::fes::DATA_OUT_OF_RANGE,
+            field: 12,
+            why: "H2CData outside the transfer",
+        };
         let Some(cmd) = self.cmds.get_mut(usize::from(h.ttag)) else {
             return self.fatal(Fatal::field(10, "H2CData with an unknown transfer tag"), header);
         };
         let CmdState::AwaitData { received } = cmd.state else {
-            return self.fatal(Fatal::field(10, "H2CData for a command not waiting for data"), header);
+            return self
+                .fatal(Fatal::field(10, "H2CData for a command not waiting for data"), header);
         };
         if cmd.sqe.cid != h.cid {
-            return self.fatal(Fatal::field(8, "H2CData command id does not match its tag"), header);
+            return self
+                .fatal(Fatal::field(8, "H2CData command id does not match its tag"), header);
         }
         if h.len as usize != data.len() || h.len > MAXH2CDATA {
-            return self.fatal(Fatal { fes: pdu::fes::DATA_LIMIT_EXCEEDED, field: 16, why: "H2CData length" }, header);
+            return self.fatal(
+                Fatal { fes: pdu::fes::DATA_LIMIT_EXCEEDED, field: 16, why: "H2CData length" },
+                header,
+            );
         }
         if h.offset != received || received + h.len > cmd.bytes {
             return self.fatal(out_of_range, header);
@@ -551,7 +646,9 @@ impl Queue {
     fn on_dsm(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
         let ranges = (sqe.cdw10 & 0xff) as usize + 1;
         let deallocate = sqe.cdw11 & (1 << 2) != 0;
-        let Some(ns) = self.ctrl.as_ref().and_then(|c| c.subsys.as_ref()).and_then(|s| s.namespace(sqe.nsid)) else {
+        let Some(ns) =
+            self.ctrl.as_ref().and_then(|c| c.subsys.as_ref()).and_then(|s| s.namespace(sqe.nsid))
+        else {
             return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
         };
         if sqe.sgl_type != nvme::SGL_DATA_BLOCK_OFFSET || data.len() < ranges * 16 {
@@ -590,7 +687,11 @@ impl Queue {
             _ => result >= 0,
         };
         if !ok && cmd.status == status::SUCCESS {
-            cmd.status = if result < 0 { nvme::status_from_errno(-result, write) } else { status::DATA_TRANSFER_ERROR };
+            cmd.status = if result < 0 {
+                nvme::status_from_errno(-result, write)
+            } else {
+                status::DATA_TRANSFER_ERROR
+            };
             tracing::warn!(peer = %self.peer, cid = cmd.sqe.cid, result, "I/O failed");
         }
         if pending > 1 {
@@ -602,7 +703,12 @@ impl Queue {
         }
         let cmd = self.cmds.remove(tag as usize);
         let latency_ns = cmd.started.elapsed().as_nanos() as u64;
-        cx.stats().record(cmd.kind, u64::from(cmd.bytes), latency_ns, cmd.status == status::SUCCESS);
+        cx.stats().record(
+            cmd.kind,
+            u64::from(cmd.bytes),
+            latency_ns,
+            cmd.status == status::SUCCESS,
+        );
         if let Some(ctrl) = &self.ctrl {
             let units = u64::from(cmd.bytes).div_ceil(512_000);
             match cmd.kind {
@@ -651,7 +757,8 @@ impl Queue {
         }
         if self.qid == 0 {
             let kato = u64::from(ctrl.kato_ms.load(Ordering::Relaxed));
-            let idle = self.target.now_ms().saturating_sub(ctrl.last_seen_ms.load(Ordering::Relaxed));
+            let idle =
+                self.target.now_ms().saturating_sub(ctrl.last_seen_ms.load(Ordering::Relaxed));
             if kato > 0 && idle > kato + kato / 2 {
                 tracing::warn!(peer = %self.peer, cntlid = ctrl.cntlid, idle_ms = idle, kato_ms = kato, "keep-alive timeout; tearing the controller down");
                 self.close_read();
@@ -671,7 +778,9 @@ impl Queue {
 
     fn on_send(&mut self, cx: &mut Cx<'_>, result: i32, owned: Owned) {
         self.send_inflight = false;
-        let Owned::Batch(mut batch) = owned else { unreachable!("send completion without its batch") };
+        let Owned::Batch(mut batch) = owned else {
+            unreachable!("send completion without its batch")
+        };
         if result < 0 {
             self.broken = true;
             self.out.clear(|b| cx.recycle(b));
@@ -716,7 +825,10 @@ impl Queue {
             self.cancel_inflight = true;
             cx.cancel(TAG_TICK, TAG_CANCEL);
         }
-        let quiet = !self.recv_inflight && !self.send_inflight && !self.tick_inflight && !self.cancel_inflight;
+        let quiet = !self.recv_inflight
+            && !self.send_inflight
+            && !self.tick_inflight
+            && !self.cancel_inflight;
         if quiet && self.cmds.iter().all(|(_, c)| matches!(c.state, CmdState::AwaitData { .. })) {
             self.cmds.clear();
             self.done = true;
@@ -757,7 +869,8 @@ impl Task for Queue {
     fn flush(&mut self, cx: &mut Cx<'_>) {
         self.post_io(cx);
         let output_done = self.broken || (self.out.is_empty() && !self.send_inflight);
-        let executing = self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::Executing { .. }));
+        let executing =
+            self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::Executing { .. }));
         if self.read_closed && !executing && output_done && !self.done {
             if self.recv_inflight {
                 self.close_read();

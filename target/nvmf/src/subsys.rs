@@ -135,7 +135,11 @@ impl Target {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    pub fn create_subsystem(&self, nqn: &str, allow_any_host: bool) -> Result<Arc<Subsystem>, SubsysError> {
+    pub fn create_subsystem(
+        &self,
+        nqn: &str,
+        allow_any_host: bool,
+    ) -> Result<Arc<Subsystem>, SubsysError> {
         if !nqn.starts_with("nqn.") || nqn.len() > NQN_MAX || nqn == DISCOVERY_NQN {
             return Err(SubsysError::BadNqn(nqn.into()));
         }
@@ -192,7 +196,8 @@ impl Target {
         };
         let nsid = {
             let mut map = subsys.namespaces.write();
-            let nsid = if nsid == 0 { (1..).find(|n| !map.contains_key(n)).unwrap_or(1) } else { nsid };
+            let nsid =
+                if nsid == 0 { (1..).find(|n| !map.contains_key(n)).unwrap_or(1) } else { nsid };
             if map.contains_key(&nsid) {
                 return Err(SubsysError::NsidInUse(nsid));
             }

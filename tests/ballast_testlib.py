@@ -1,0 +1,225 @@
+"""Shared helpers for ballast's Python end-to-end tests (run them with /usr/bin/python3).
+
+    from ballast_testlib import Ballast, Report
+    r = Report()
+    with Ballast(["--export", "a=ram:64M"]) as b:   # b.port, b.uri("a"), b.data_dir, b.log
+        r.check("something", cond, "detail")
+        ...
+        r.check_eq("exit status", 0, b.stop())
+    r.finish()           # prints "N passed, M failed", exits 1 if M > 0
+
+Environment: BALLAST_BIN (default <repo>/build/cargo/release/ballast), BALLAST_KEEP_TMP.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ballast_bin():
+    return os.environ.get("BALLAST_BIN") or os.path.join(
+        REPO_ROOT, "build", "cargo", "release", "ballast")
+
+
+def port_free(port):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def free_port():
+    import random
+    for _ in range(200):
+        p = random.randint(20000, 31999)
+        if port_free(p):
+            return p
+    raise RuntimeError("no free port")
+
+
+def port_open(port, timeout=1.0):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class Report:
+    def __init__(self):
+        self.passed = 0
+        self.failed = 0
+
+    def ok(self, what):
+        self.passed += 1
+        print("PASS: " + what, flush=True)
+
+    def bad(self, what, detail=""):
+        self.failed += 1
+        print("FAIL: " + what + (" -- " + str(detail) if detail != "" else ""), flush=True)
+
+    def check(self, what, cond, detail=""):
+        if cond:
+            self.ok(what)
+        else:
+            self.bad(what, detail)
+        return bool(cond)
+
+    def check_eq(self, what, expected, actual):
+        return self.check(what, expected == actual, "expected %r, got %r" % (expected, actual))
+
+    def run(self, what, fn, *args, **kw):
+        """Run fn; an exception counts as a failure (with its message)."""
+        try:
+            res = fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001
+            self.bad(what, "%s: %s" % (type(e).__name__, e))
+            return None
+        self.ok(what)
+        return res if res is not None else True
+
+    def finish(self):
+        print("%d passed, %d failed" % (self.passed, self.failed), flush=True)
+        sys.exit(1 if self.failed else 0)
+
+
+class Ballast:
+    """A `ballast serve` in a scratch data dir on a free 127.0.0.1 port.
+
+    "{data}" in args is replaced by the data directory's path."""
+
+    def __init__(self, args=(), data_dir=None, start_timeout=10.0):
+        self.args = list(args)
+        self.tmp = tempfile.mkdtemp(prefix="ballast-pytest.")
+        self.data_dir = data_dir or os.path.join(self.tmp, "data")
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.log = os.path.join(self.tmp, "ballast.log")
+        self.rpc_sock = os.path.join(self.data_dir, "ballast.sock")
+        self.proc = None
+        self.port = None
+        self.start_timeout = start_timeout
+
+    def start(self):
+        exe = ballast_bin()
+        if not os.access(exe, os.X_OK):
+            raise RuntimeError("ballast binary %s missing (build it or set BALLAST_BIN)" % exe)
+        env = dict(os.environ, NO_COLOR="1")
+        try:
+            help_text = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True,
+                                       timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            help_text = ""
+        for _ in range(5):
+            self.port = free_port()
+            args = [a.replace("{data}", self.data_dir) for a in self.args]
+            # other listeners this binary has get free ports too, so daemons can run side by side
+            for opt in ("--nvmf-listen",):
+                if opt in help_text and opt not in args:
+                    args = [opt, "127.0.0.1:%d" % free_port()] + args
+            with open(self.log, "ab") as logf:
+                logf.write(("=== serve %s on %d\n" % (" ".join(args), self.port)).encode())
+                logf.flush()
+                self.proc = subprocess.Popen(
+                    [exe, "serve", "--data-dir", self.data_dir,
+                     "--nbd-listen", "127.0.0.1:%d" % self.port,
+                     "--rpc-socket", self.rpc_sock] + args,
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env)
+            deadline = time.monotonic() + self.start_timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                if os.path.exists(self.rpc_sock) and port_open(self.port):
+                    return self
+                time.sleep(0.1)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+                raise RuntimeError("ballast did not accept connections within %ss:\n%s"
+                                   % (self.start_timeout, self.log_tail()))
+            if "address already in use" not in self.log_tail(3).lower():
+                raise RuntimeError("ballast exited with %s:\n%s"
+                                   % (self.proc.returncode, self.log_tail()))
+        raise RuntimeError("could not find a port ballast could bind")
+
+    def uri(self, name=""):
+        return "nbd://127.0.0.1:%d/%s" % (self.port, name)
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout=30.0):
+        """SIGTERM, wait; returns the exit status (None if it had to be SIGKILLed)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return None
+        return self.proc.returncode
+
+    def ctl(self, *args, timeout=30):
+        """Run the control CLI (`ballast export add ...`); returns CompletedProcess."""
+        argv = [ballast_bin()] + list(args) + ["--rpc-socket", self.rpc_sock]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+    def panics(self):
+        """Lines of the server log that report a panic."""
+        try:
+            with open(self.log, errors="replace") as f:
+                return [ln.rstrip() for ln in f if "panicked" in ln]
+        except OSError:
+            return []
+
+    def log_tail(self, n=30):
+        try:
+            with open(self.log, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if os.environ.get("BALLAST_KEEP_TMP"):
+            print("(kept %s)" % self.tmp, file=sys.stderr)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
+def guarded(main):
+    """Run main(report); an unexpected exception is a failure, and the summary is printed."""
+    r = Report()
+    # `timeout` sends SIGTERM: turn it into SystemExit so `with Ballast(...)` cleans up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        main(r)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        r.bad("test script raised unexpectedly", "%s: %s" % (type(e).__name__, e))
+    r.finish()

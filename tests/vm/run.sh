@@ -1,0 +1,49 @@
+#!/bin/bash
+# Boots the ballast test guest (see build.sh) and runs one shell script inside it, as root, with
+# `sh -e`, in /tmp; prints the console; powers off.
+#
+#   tests/vm/run.sh GUEST_SCRIPT [FILE...]   FILEs are copied into the guest's /guest/ beside the script
+#
+# Exits with the guest script's exit status, or 99 if the guest never finished (crash, timeout).
+# The guest runs under qemu's user-mode network: it reaches this machine's loopback as 10.0.2.2
+# (a server on 127.0.0.1:10809 here is 10.0.2.2:10809 there). Use that address only.
+#
+# Environment:
+#   BALLAST_VM_DIR      guest build (as build.sh; default $HOME/.cache/ballast-vm)
+#   BALLAST_VM_TIMEOUT  seconds before qemu is killed (default 600)
+#   BALLAST_VM_MEM      guest memory, MiB (default 1024)
+#   BALLAST_VM_SMP      guest CPUs (default 2)
+#   BALLAST_VM_HOSTFWD  extra qemu hostfwd rules, e.g. 'hostfwd=tcp:127.0.0.1:14420-:4420'
+#   BALLAST_VM_CONSOLE  if set, the raw console is also saved to this file
+set -euo pipefail
+DIR=${BALLAST_VM_DIR:-$HOME/.cache/ballast-vm}
+here=$(cd "$(dirname "$0")" && pwd)
+script=${1:?usage: run.sh GUEST_SCRIPT [FILE...]}; shift
+[[ -f $script ]] || { echo "run.sh: no such guest script: $script" >&2; exit 2; }
+"$here/build.sh" >/dev/null
+command -v qemu-system-x86_64 >/dev/null || { echo "run.sh: qemu-system-x86_64 missing (run build.sh)" >&2; exit 2; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-vm.XXXXXX"); trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/guest"; cp "$script" "$work/guest/script.sh"
+for f in "$@"; do cp "$f" "$work/guest/"; done
+(cd "$work" && find guest | cpio -o -H newc --quiet | gzip -1 > "$work/extra.cpio.gz")
+cat "$DIR/base.cpio.gz" "$work/extra.cpio.gz" > "$work/initrd.gz"
+
+# software emulation (TCG): works everywhere; the guest is a client for correctness, not a benchmark
+set +e
+timeout -k 10 "${BALLAST_VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -cpu max \
+  -m "${BALLAST_VM_MEM:-1024}" -smp "${BALLAST_VM_SMP:-2}" \
+  -nographic -no-reboot -kernel "$DIR/vmlinuz" -initrd "$work/initrd.gz" \
+  -append "console=ttyS0 quiet panic=-1" \
+  -netdev "user,id=n0${BALLAST_VM_HOSTFWD:+,$BALLAST_VM_HOSTFWD}" -device e1000,netdev=n0 </dev/null 2>&1 \
+  | tee "$work/console" | sed -u -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\x1bc//g' -e 's/\r$//' \
+  | grep --line-buffered -v -E '^(SeaBIOS|iPXE|Booting from|Press Ctrl-B)'
+qrc=${PIPESTATUS[0]}
+set -e
+[[ -n ${BALLAST_VM_CONSOLE:-} ]] && cp "$work/console" "$BALLAST_VM_CONSOLE"
+rc=$(sed -n 's/.*ballast-vm: guest script exit \([0-9]*\).*/\1/p' "$work/console" | tail -1)
+if [[ -z $rc ]]; then
+  if ((qrc == 124 || qrc == 137)); then echo "run.sh: guest timed out after ${BALLAST_VM_TIMEOUT:-600}s" >&2
+  else echo "run.sh: guest never finished (qemu exit $qrc)" >&2; fi
+fi
+exit "${rc:-99}"

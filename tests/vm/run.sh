@@ -37,7 +37,7 @@ timeout -k 10 "${BALLAST_VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -cpu ma
   -append "console=ttyS0 quiet panic=-1" \
   -netdev "user,id=n0${BALLAST_VM_HOSTFWD:+,$BALLAST_VM_HOSTFWD}" -device e1000,netdev=n0 </dev/null 2>&1 \
   | tee "$work/console" | sed -u -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\x1bc//g' -e 's/\r$//' \
-  | grep --line-buffered -v -E '^(SeaBIOS|iPXE|Booting from|Press Ctrl-B)'
+  | grep --line-buffered -v -E '^(SeaBIOS|iPXE|Booting from|Press Ctrl-B|$)'
 qrc=${PIPESTATUS[0]}
 set -e
 [[ -n ${BALLAST_VM_CONSOLE:-} ]] && cp "$work/console" "$BALLAST_VM_CONSOLE"

@@ -45,6 +45,14 @@ pub fn call(target: &Target, method: &str, params: Value) -> anyhow::Result<Valu
     Ok(response.get("result").cloned().unwrap_or(Value::Null))
 }
 
+/// `ballast rpc METHOD PARAMS`: prints the result as JSON.
+pub fn raw(target: &Target, method: &str, params: &str) -> anyhow::Result<()> {
+    let params: Value = serde_json::from_str(params).context("params must be a JSON object")?;
+    let result = call(target, method, params)?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
 pub fn export_list(target: &Target, as_json: bool) -> anyhow::Result<()> {
     let result = call(target, "export_list", json!({}))?;
     if as_json {

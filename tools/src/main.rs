@@ -27,6 +27,18 @@ enum Command {
     /// Manage NBD exports of a running daemon.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Manage NVMe-oF subsystems of a running daemon.
+    #[command(subcommand)]
+    Nvmf(NvmfCommand),
+    /// Call any control method: `ballast rpc METHOD '{"param": 1}'`.
+    Rpc {
+        method: String,
+        /// Parameters as a JSON object.
+        #[arg(default_value = "{}")]
+        params: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
     /// Per-core I/O counters and latency percentiles of a running daemon.
     Stats {
         #[command(flatten)]
@@ -57,6 +69,65 @@ enum ExportCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum NvmfCommand {
+    /// List subsystems with their namespaces, hosts and listeners (JSON).
+    List {
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Create a subsystem (NQN, or a short name made into nqn.2026-11.dev.ballast:NAME).
+    Create {
+        nqn: String,
+        /// Let any host connect (otherwise only hosts added with add-host).
+        #[arg(long)]
+        allow_any_host: bool,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Delete a subsystem; its controllers are torn down.
+    Delete {
+        nqn: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Add an export's device as a namespace.
+    AddNs {
+        nqn: String,
+        /// Export (bdev) name.
+        bdev: String,
+        #[arg(long, default_value_t = 0)]
+        nsid: u32,
+        /// LBA size: 512 or 4096.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Allow a host NQN.
+    AddHost {
+        nqn: String,
+        host: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Disallow a host NQN.
+    RemoveHost {
+        nqn: String,
+        host: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Listen on another address (TCP).
+    AddListener {
+        nqn: String,
+        /// ADDRESS:PORT
+        address: std::net::SocketAddr,
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
 #[derive(Args)]
 pub struct AddArgs {
     /// Export name clients ask for.
@@ -80,6 +151,48 @@ pub struct AddArgs {
     pub target: client::Target,
 }
 
+fn full_nqn(nqn: &str) -> String {
+    if nqn.starts_with("nqn.") {
+        nqn.to_string()
+    } else {
+        format!("{}{nqn}", ballast_nvmf::NQN_PREFIX)
+    }
+}
+
+fn nvmf(cmd: NvmfCommand) -> anyhow::Result<()> {
+    use serde_json::json;
+    let (target, method, params) = match cmd {
+        NvmfCommand::List { target } => (target, "nvmf_get_subsystems", json!({})),
+        NvmfCommand::Create { nqn, allow_any_host, target } => (
+            target,
+            "nvmf_create_subsystem",
+            json!({"nqn": full_nqn(&nqn), "allow_any_host": allow_any_host}),
+        ),
+        NvmfCommand::Delete { nqn, target } => {
+            (target, "nvmf_delete_subsystem", json!({"nqn": full_nqn(&nqn)}))
+        }
+        NvmfCommand::AddNs { nqn, bdev, nsid, block_size, target } => (
+            target,
+            "nvmf_subsystem_add_ns",
+            json!({"nqn": full_nqn(&nqn), "namespace": {"bdev_name": bdev, "nsid": nsid, "block_size": block_size}}),
+        ),
+        NvmfCommand::AddHost { nqn, host, target } => {
+            (target, "nvmf_subsystem_add_host", json!({"nqn": full_nqn(&nqn), "host": host}))
+        }
+        NvmfCommand::RemoveHost { nqn, host, target } => {
+            (target, "nvmf_subsystem_remove_host", json!({"nqn": full_nqn(&nqn), "host": host}))
+        }
+        NvmfCommand::AddListener { nqn, address, target } => (
+            target,
+            "nvmf_subsystem_add_listener",
+            json!({"nqn": full_nqn(&nqn), "listen_address": {"trtype": "tcp", "traddr": address.ip().to_string(), "trsvcid": address.port().to_string()}}),
+        ),
+    };
+    let result = client::call(&target, method, params)?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -90,6 +203,8 @@ fn main() -> std::process::ExitCode {
             client::export_remove(&target, &name)
         }
         Command::Stats { target, json } => client::stats(&target, json),
+        Command::Rpc { method, params, target } => client::raw(&target, &method, &params),
+        Command::Nvmf(cmd) => nvmf(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

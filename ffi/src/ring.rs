@@ -227,10 +227,16 @@ pub struct Ring {
 impl Ring {
     /// Creates a ring, explaining how to enable io_uring when the kernel refuses.
     pub fn new(entries: u32) -> Result<Ring, RingError> {
-        let ring = IoUring::builder().build(entries).map_err(|source| {
-            let hint = crate::sys::io_uring_hint(&source);
-            RingError::Setup { source, hint }
-        })?;
+        // Cooperative task running and a single issuer (Linux 6.0+) save interrupts and
+        // locking; older kernels refuse the flags and get a plain ring.
+        let tuned = IoUring::builder().setup_coop_taskrun().setup_single_issuer().build(entries);
+        let ring = match tuned {
+            Ok(r) => r,
+            Err(_) => IoUring::builder().build(entries).map_err(|source| {
+                let hint = crate::sys::io_uring_hint(&source);
+                RingError::Setup { source, hint }
+            })?,
+        };
         Ok(Ring { ring, inflight: Slab::with_capacity(entries as usize * 2) })
     }
 

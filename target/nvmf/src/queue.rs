@@ -159,9 +159,8 @@ impl Queue {
             if input.len() < plen {
                 break;
             }
-            let pdu_bytes = input[..plen].to_vec();
+            self.on_pdu(cx, &ch, &input[..plen], data_start, data_len);
             used += plen;
-            self.on_pdu(cx, &ch, &pdu_bytes, data_start, data_len);
         }
         buf.consume_front(used);
         self.recv_buf = Some(buf);

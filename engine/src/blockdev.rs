@@ -30,7 +30,6 @@ pub enum IoCmd {
 /// What a device is.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DevInfo {
-    pub size_bytes: u64,
     /// Preferred I/O granularity.
     pub block_size: u32,
     pub read_only: bool,
@@ -52,6 +51,15 @@ pub struct Extent {
 
 pub trait BlockDev: Send + Sync {
     fn info(&self) -> &DevInfo;
+
+    /// Current size; it only grows, through [`BlockDev::grow`].
+    fn size_bytes(&self) -> u64;
+
+    /// Grows the device to `new_size` bytes. Shrinking is refused (it would drop data).
+    fn grow(&self, new_size: u64) -> std::io::Result<()> {
+        let _ = new_size;
+        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "this backend cannot be resized"))
+    }
 
     /// Starts `cmd`; its completion reaches the caller's task with `tag`.
     fn submit(&self, cx: &mut Cx<'_>, cmd: IoCmd, tag: u32);

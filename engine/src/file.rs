@@ -12,6 +12,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ballast_ffi::sys::{self, CacheMode};
 use ballast_ffi::{Op, Owned};
@@ -34,6 +35,7 @@ pub struct FileDev {
     direct: File,
     buffered: File,
     info: DevInfo,
+    size_bytes: AtomicU64,
     is_block_device: bool,
 }
 
@@ -68,13 +70,13 @@ impl FileDev {
             CacheMode::Buffered => "buffered",
         };
         let info = DevInfo {
-            size_bytes,
             block_size: ALIGN as u32,
             read_only,
             backend: format!("file:{} ({mode_text})", path.display()),
             cheap_extents: false,
         };
-        Ok(FileDev { direct, buffered, info, is_block_device })
+        let size_bytes = AtomicU64::new(size_bytes);
+        Ok(FileDev { direct, buffered, info, size_bytes, is_block_device })
     }
 
     fn fd_for(&self, offset: u64, len: u64, addr_aligned: bool) -> i32 {
@@ -92,7 +94,7 @@ impl BlockDev for FileDev {
     }
 
     fn submit(&self, cx: &mut Cx<'_>, cmd: IoCmd, tag: u32) {
-        let size = self.info.size_bytes;
+        let size = self.size_bytes();
         match cmd {
             IoCmd::Read { offset, buf } => {
                 assert!(in_range(offset, buf.len() as u64, size));
@@ -128,8 +130,31 @@ impl BlockDev for FileDev {
         }
     }
 
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
+    }
+
+    fn grow(&self, new_size: u64) -> std::io::Result<()> {
+        let old = self.size_bytes();
+        if self.is_block_device || self.info.read_only {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "cannot resize a block device or read-only file",
+            ));
+        }
+        if new_size < old {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "shrinking would drop data",
+            ));
+        }
+        self.buffered.set_len(new_size)?;
+        self.size_bytes.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
     fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
-        let end = offset.saturating_add(len).min(self.info.size_bytes);
+        let end = offset.saturating_add(len).min(self.size_bytes());
         let mut out = Vec::new();
         if self.is_block_device {
             push_extent(&mut out, Extent { len: end - offset, hole: false, zero: false });

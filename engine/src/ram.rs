@@ -16,6 +16,7 @@ const CHUNK: u64 = 64 * 1024;
 
 pub struct RamDev {
     chunks: Vec<RwLock<Option<Box<[u8]>>>>,
+    size_bytes: u64,
     info: DevInfo,
 }
 
@@ -25,13 +26,12 @@ impl RamDev {
         let count = size_bytes.div_ceil(CHUNK) as usize;
         let chunks = (0..count).map(|_| RwLock::new(None)).collect();
         let info = DevInfo {
-            size_bytes,
             block_size: 4096,
             read_only: false,
             backend: "ram".into(),
             cheap_extents: true,
         };
-        RamDev { chunks, info }
+        RamDev { chunks, size_bytes, info }
     }
 
     /// Calls `f(chunk index, offset in chunk, range in the request)` for each piece.
@@ -89,7 +89,7 @@ impl BlockDev for RamDev {
     }
 
     fn submit(&self, cx: &mut Cx<'_>, cmd: IoCmd, tag: u32) {
-        let size = self.info.size_bytes;
+        let size = self.size_bytes;
         match cmd {
             IoCmd::Read { offset, mut buf } => {
                 assert!(in_range(offset, buf.len() as u64, size));
@@ -116,8 +116,12 @@ impl BlockDev for RamDev {
         }
     }
 
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
     fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
-        let len = len.min(self.info.size_bytes.saturating_sub(offset));
+        let len = len.min(self.size_bytes.saturating_sub(offset));
         let mut out = Vec::new();
         Self::pieces(offset, len, |idx, _, range| {
             let present = self.chunks[idx].read().is_some();

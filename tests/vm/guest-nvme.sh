@@ -39,7 +39,7 @@ check "id-ns shows 2 LBA formats, 4096 in use" sh -c "nvme id-ns $D | grep -q 'n
 check "ns-descs lists EUI64, NGUID, UUID" sh -c "nvme ns-descs $D | grep -q eui64 && nvme ns-descs $D | grep -q nguid && nvme ns-descs $D | grep -q uuid"
 queues=$(ls -d /sys/class/nvme/nvme0/device/../nvme0/* >/dev/null 2>&1; cat /sys/class/nvme/nvme0/queue_count 2>/dev/null)
 echo "queue_count: $queues"
-check "fio randwrite 4k-256k QD16 crc32c verify (digests on)" fio --name=v --filename=$D --rw=randwrite --bs=4k-256k --size=$FIO_SIZE --ioengine=libaio --direct=1 --iodepth=16 --verify=crc32c --verify_fatal=1 --output-format=terse
+check "fio randwrite 4k-256k (bsrange) QD16 crc32c verify (digests on)" fio --name=v --filename=$D --rw=randwrite --bsrange=4k-256k --size=$FIO_SIZE --ioengine=libaio --direct=1 --iodepth=16 --verify=crc32c --verify_fatal=1 --output-format=terse
 check "nvme flush" nvme flush $D -n 1
 dd if=/dev/urandom of=$D bs=1M count=4 seek=8 oflag=direct 2>/dev/null
 check "blkdiscard of 4 MiB" blkdiscard -o $((8<<20)) -l $((4<<20)) $D
@@ -72,6 +72,14 @@ check "usable after idling past KATO" dd if=$D of=/dev/null bs=4k count=16 iflag
 say add-namespace
 i=0; while [ $i -lt 100 ] && [ ! -b /dev/nvme0n2 ]; do sleep 0.2; i=$((i+1)); done
 check "new namespace appears by itself (AEN)" test -b /dev/nvme0n2
+
+# 4b. the volume grows: the host sees the new size by itself (AEN, no rescan command)
+before=$(cat /sys/block/nvme0n1/size)
+say resize-volume
+i=0; while [ $i -lt 100 ] && [ "$(cat /sys/block/nvme0n1/size)" = "$before" ]; do sleep 0.2; i=$((i+1)); done
+after=$(cat /sys/block/nvme0n1/size)
+echo "size in 512-byte sectors: $before -> $after"
+check "grown volume's new size seen without a rescan (AEN)" test "$after" -eq $((before * 2))
 
 # 5. the target restarts under the host; the host reconnects and I/O resumes
 sync

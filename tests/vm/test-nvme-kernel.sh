@@ -71,6 +71,8 @@ while kill -0 "$gpid" 2>/dev/null; do
       add-namespace)
         "$bin" export add extra --ram 32M --rpc-socket "$sock" >/dev/null
         rpc nvmf_subsystem_add_ns '{"nqn":"nqn.2026-11.dev.ballast:vol0","namespace":{"bdev_name":"extra","nsid":2}}' ;;
+      resize-volume)
+        "$bin" export resize vol0 2G --rpc-socket "$sock" >/dev/null ;;
       restart-target)
         kill -TERM "$spid"; wait "$spid"; echo "target stopped with status $? (restarting)" >> "$work/server.log"
         sleep 2; start ;;

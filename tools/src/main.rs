@@ -61,6 +61,15 @@ enum ExportCommand {
     },
     /// Add an export backed by memory or a file/block device.
     Add(AddArgs),
+    /// Grow an export (NVMe hosts are told through an asynchronous event; NBD clients see the
+    /// new size when they reconnect).
+    Resize {
+        name: String,
+        /// New size, e.g. 2G.
+        size: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
     /// Remove an export (open connections keep working until they close).
     Remove {
         name: String,
@@ -199,6 +208,10 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Export(ExportCommand::List { target, json }) => client::export_list(&target, json),
         Command::Export(ExportCommand::Add(args)) => client::export_add(&args),
+        Command::Export(ExportCommand::Resize { name, size, target }) => {
+            client::call(&target, "export_resize", serde_json::json!({"name": name, "size": size}))
+                .map(|_| println!("resized export {name} to {size}"))
+        }
         Command::Export(ExportCommand::Remove { name, target }) => {
             client::export_remove(&target, &name)
         }

@@ -28,6 +28,7 @@ const METHODS: &[&str] = &[
     "export_list",
     "export_add",
     "export_remove",
+    "export_resize",
     "bdev_get_bdevs",
     "framework_get_reactors",
     "nvmf_get_subsystems",
@@ -107,6 +108,7 @@ fn handle(req: &Value, control: &Control) -> Value {
         "export_list" => Ok(export_list(control)),
         "export_add" => export_add(control, &params),
         "export_remove" => export_remove(control, &params),
+        "export_resize" => export_resize(control, &params),
         "bdev_get_bdevs" => Ok(bdev_get_bdevs(control)),
         "framework_get_reactors" => Ok(reactors(control)),
         m if m.starts_with("nvmf_") => crate::rpc_nvmf::handle(control, m, &params),
@@ -185,6 +187,36 @@ fn export_remove(control: &Control, p: &Value) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
+/// Grows an export's device; NVMe hosts learn the new size through an asynchronous event.
+fn export_resize(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let name = p
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("missing string param: name"))?;
+    let size = p
+        .get("size")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("missing string param: size"))?;
+    let bytes = ballast_engine::size::parse_size(size).map_err(|e| invalid(e.to_string()))?;
+    let export = control.exports.get(name).filter(|_| !name.is_empty());
+    let export = export.ok_or_else(|| invalid(format!("no export named {name:?}")))?;
+    export.dev.grow(bytes).map_err(|e| invalid(format!("resize {name}: {e}")))?;
+    for subsys in control.target.subsystems() {
+        let changed: Vec<u32> = subsys
+            .namespaces
+            .read()
+            .values()
+            .filter(|ns| Arc::ptr_eq(&ns.dev, &export.dev))
+            .map(|ns| ns.nsid)
+            .collect();
+        for nsid in changed {
+            control.target.namespace_changed(&subsys, nsid);
+        }
+    }
+    tracing::info!(export = name, size_bytes = bytes, "export resized");
+    Ok(json!(true))
+}
+
 fn bdev_get_bdevs(control: &Control) -> Value {
     let list: Vec<Value> = control
         .exports
@@ -195,7 +227,7 @@ fn bdev_get_bdevs(control: &Control) -> Value {
             json!({
                 "name": e.name,
                 "block_size": info.block_size,
-                "num_blocks": info.size_bytes / u64::from(info.block_size),
+                "num_blocks": e.dev.size_bytes() / u64::from(info.block_size),
                 "product_name": info.backend,
                 "claimed": true,
             })

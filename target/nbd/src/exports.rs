@@ -18,7 +18,7 @@ pub struct Export {
 
 impl Export {
     pub fn size_bytes(&self) -> u64 {
-        self.dev.info().size_bytes
+        self.dev.size_bytes()
     }
 
     /// Transmission flags for this export; `structured` decides SEND_DF.

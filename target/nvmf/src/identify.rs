@@ -72,13 +72,13 @@ pub fn controller(ctrl: &Controller) -> Vec<u8> {
 /// Identify Namespace (CNS 00h). Two LBA formats: 512 (index 0) and 4096 (index 1).
 pub fn namespace(ns: &Namespace) -> Vec<u8> {
     let mut b = vec![0u8; IDENTIFY_LEN];
-    let info = ns.dev.info();
+    let size_bytes = ns.dev.size_bytes();
     let blocks = ns.blocks();
     let used_bytes: u64 = ns
         .dev
-        .extents(0, info.size_bytes)
+        .extents(0, size_bytes)
         .map(|ext| ext.iter().filter(|e| !e.hole).map(|e| e.len).sum())
-        .unwrap_or(info.size_bytes);
+        .unwrap_or(size_bytes);
     put64(&mut b, 0, blocks); // NSZE
     put64(&mut b, 8, blocks); // NCAP
     put64(&mut b, 16, used_bytes.div_ceil(1 << ns.lba_shift).min(blocks)); // NUSE

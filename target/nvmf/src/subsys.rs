@@ -60,7 +60,7 @@ pub struct Namespace {
 
 impl Namespace {
     pub fn blocks(&self) -> u64 {
-        self.dev.info().size_bytes >> self.lba_shift
+        self.dev.size_bytes() >> self.lba_shift
     }
 }
 

@@ -111,6 +111,7 @@ impl AdminState {
             self.csts &= !CSTS_RDY;
             self.aers.clear();
         }
+        self.ctrl.enabled.store(new & CC_EN != 0, Ordering::Release);
         if new & CC_SHN_MASK != 0 {
             self.csts |= CSTS_SHST_COMPLETE;
         }
@@ -198,7 +199,9 @@ impl AdminState {
         if offset % 4 != 0 || offset > page.len() as u64 {
             return Reply::status(status::INVALID_FIELD);
         }
-        let len = numd * 4;
+        // NUMD comes from the host: never build more than the host's buffer (the SGL length)
+        // or one maximum transfer.
+        let len = (numd * 4).min(sqe.sgl_len as usize).min(identify::MAX_TRANSFER_BYTES as usize);
         let start = offset as usize;
         let mut data = page[start..(start + len).min(page.len())].to_vec();
         data.resize(len, 0);

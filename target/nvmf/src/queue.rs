@@ -30,6 +30,8 @@ use crate::subsys::{Controller, Namespace, Target, DISCOVERY_NQN};
 const RECV_BUF_BYTES: usize = 512 * 1024;
 /// Largest H2CData payload we accept per PDU.
 pub const MAXH2CDATA: u32 = 128 * 1024;
+/// Response bytes queued or being sent past which we stop reading from the host.
+const UNSENT_MAX: u64 = 32 << 20;
 const TAG_RECV: u32 = u32::MAX;
 const TAG_SEND: u32 = u32::MAX - 1;
 const TAG_TICK: u32 = u32::MAX - 2;
@@ -87,6 +89,8 @@ pub struct Queue {
     out: SendBatch,
     spare: Option<SendBatch>,
     send_inflight: bool,
+    /// Bytes queued in `out` or being sent.
+    unsent: u64,
     scratch: Vec<u8>,
     tick_inflight: bool,
     cancel_inflight: bool,
@@ -116,6 +120,7 @@ impl Queue {
             out: SendBatch::default(),
             spare: Some(SendBatch::default()),
             send_inflight: false,
+            unsent: 0,
             scratch: Vec::with_capacity(256),
             tick_inflight: false,
             cancel_inflight: false,
@@ -123,6 +128,17 @@ impl Queue {
             broken: false,
             done: false,
         }
+    }
+
+    /// Queues the PDU bytes built in `scratch`.
+    fn queue_scratch(&mut self) {
+        self.unsent += self.scratch.len() as u64;
+        self.out.push_bytes(&self.scratch);
+    }
+
+    /// Back-pressure: a host that does not read its responses stops being read.
+    fn saturated(&self) -> bool {
+        self.unsent >= UNSENT_MAX
     }
 
     /// Largest PDU we accept: a capsule with full in-capsule data, or an H2CData PDU.
@@ -135,14 +151,14 @@ impl Queue {
         tracing::warn!(peer = %self.peer, fes = f.fes, field = f.field, why = f.why, "NVMe/TCP protocol error; terminating connection");
         self.scratch.clear();
         pdu::encode_c2h_term_req(&mut self.scratch, &f, header);
-        self.out.push_bytes(&self.scratch);
+        self.queue_scratch();
         self.read_closed = true;
     }
 
     fn parse(&mut self, cx: &mut Cx<'_>) {
         let Some(mut buf) = self.recv_buf.take() else { return };
         let mut used = 0;
-        while !self.read_closed {
+        while !self.read_closed && !self.saturated() {
             let input = &buf.as_slice()[used..];
             let Some(ch) = CommonHeader::decode(input) else { break };
             let (data_start, data_len) =
@@ -210,18 +226,19 @@ impl Queue {
                 let sqe = Sqe::decode(&raw);
                 self.sqhd = (self.sqhd + 1) % self.sq_entries.max(1);
                 if !data_digest_ok {
-                    self.respond(sqe.cid, 0, 0, status::DATA_TRANSFER_ERROR | 0x20);
+                    self.respond(sqe.cid, 0, 0, status::TRANSIENT_TRANSPORT_ERROR);
+                    return;
+                }
+                if data_len > IN_CAPSULE_BYTES as usize {
+                    self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
                     return;
                 }
                 self.on_capsule(cx, sqe, data);
             }
             (kind::H2C_DATA, _) => {
                 let Some(h) = pdu::decode_h2c_data(p) else { return };
-                if !data_digest_ok {
-                    self.fatal(Fatal::field(0, "data digest mismatch in H2CData"), &p[..hlen]);
-                    return;
-                }
-                self.on_h2c_data(cx, &h, data, ch.flags & pdu::FLAG_LAST_PDU != 0, &p[..hlen]);
+                let last = ch.flags & pdu::FLAG_LAST_PDU != 0;
+                self.on_h2c_data(cx, &h, data, data_digest_ok, last, &p[..hlen]);
             }
             _ => self.fatal(Fatal::field(0, "unexpected PDU type"), &p[..hlen]),
         }
@@ -263,7 +280,7 @@ impl Queue {
             req.dgst & (pdu::DGST_HEADER | pdu::DGST_DATA),
             MAXH2CDATA,
         );
-        self.out.push_bytes(&self.scratch);
+        self.queue_scratch();
         self.phase = Phase::AwaitConnect;
     }
 
@@ -272,7 +289,7 @@ impl Queue {
         let cqe = nvme::encode_cqe(dw0, dw1, self.sqhd, self.qid, cid, st);
         self.scratch.clear();
         pdu::encode_capsule_resp(&mut self.scratch, &cqe, self.hdgst);
-        self.out.push_bytes(&self.scratch);
+        self.queue_scratch();
     }
 
     /// Queues data for the host, then the response (or the SUCCESS shortcut).
@@ -291,9 +308,11 @@ impl Queue {
             self.ddgst,
         );
         let digest = self.ddgst.then(|| crc32c::crc32c(data.as_slice()));
-        self.out.push_bytes(&self.scratch);
+        self.queue_scratch();
+        self.unsent += data.len() as u64;
         self.out.push_buf(data);
         if let Some(d) = digest {
+            self.unsent += 4;
             self.out.push_bytes(&d.to_le_bytes());
         }
         if !shortcut {
@@ -389,23 +408,29 @@ impl Queue {
             if qid == 0 {
                 self.target.new_controller(Some(subsys), cd.hostnqn.clone(), cd.hostid, kato_ms)
             } else {
-                match self.target.controller(cd.cntlid) {
+                let ctrl = match self.target.controller(cd.cntlid) {
                     Some(c)
                         if !c.dead.load(Ordering::Relaxed)
                             && c.hostnqn == cd.hostnqn
                             && c.subsys.as_ref().is_some_and(|s| s.nqn == cd.subnqn) =>
                     {
-                        Some(c)
+                        c
                     }
                     _ => {
-                        return self.respond(
-                            sqe.cid,
-                            bad_data_field(16),
-                            0,
-                            status::CONNECT_INVALID_PARAMETERS,
-                        )
+                        let ipo = bad_data_field(16);
+                        return self.respond(sqe.cid, ipo, 0, status::CONNECT_INVALID_PARAMETERS);
                     }
+                };
+                if !ctrl.enabled.load(Ordering::Acquire) {
+                    return self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
                 }
+                // Valid ids are 1..=granted+1 (the grant is 0's based), each connected once.
+                let granted = ctrl.io_queues_granted.load(Ordering::Relaxed) + 1;
+                if u32::from(qid) > granted || !ctrl.io_qids.lock().insert(qid) {
+                    let ipo = bad_sqe_field(42);
+                    return self.respond(sqe.cid, ipo, 0, status::CONNECT_INVALID_PARAMETERS);
+                }
+                Some(ctrl)
             }
         };
         let Some(ctrl) = ctrl else {
@@ -564,7 +589,7 @@ impl Queue {
                 cmd.buf = Some(buf);
                 self.scratch.clear();
                 pdu::encode_r2t(&mut self.scratch, sqe.cid, tag as u16, 0, len, self.hdgst);
-                self.out.push_bytes(&self.scratch);
+                self.queue_scratch();
             }
             _ => self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID),
         }
@@ -575,6 +600,7 @@ impl Queue {
         cx: &mut Cx<'_>,
         h: &pdu::H2cData,
         data: &[u8],
+        digest_ok: bool,
         last: bool,
         header: &[u8],
     ) {
@@ -605,6 +631,10 @@ impl Queue {
         }
         let Some(buf) = cmd.buf.as_mut() else { return };
         buf.extend_from_slice(data);
+        if !digest_ok {
+            // The data is damaged: take the rest of the transfer, then fail the command.
+            cmd.status = status::TRANSIENT_TRANSPORT_ERROR;
+        }
         let received = received + h.len;
         if received < cmd.bytes {
             cmd.state = CmdState::AwaitData { received };
@@ -612,6 +642,13 @@ impl Queue {
         }
         if !last {
             tracing::debug!(peer = %self.peer, "final H2CData without LAST_PDU");
+        }
+        if cmd.status != status::SUCCESS {
+            let (cid, st) = (cmd.sqe.cid, cmd.status);
+            if let Some(b) = self.cmds.remove(usize::from(h.ttag)).buf {
+                cx.recycle(b);
+            }
+            return self.respond(cid, 0, 0, st);
         }
         cmd.state = CmdState::Executing { pending: 1 };
         let buf = cmd.buf.take().expect("write buffer present");
@@ -782,11 +819,14 @@ impl Queue {
         };
         if result < 0 {
             self.broken = true;
+            self.unsent = 0;
             self.out.clear(|b| cx.recycle(b));
             batch.clear(|b| cx.recycle(b));
             self.spare = Some(batch);
             return;
         }
+        assert!(result as u64 <= self.unsent, "sent more than was queued");
+        self.unsent -= result as u64;
         batch.advance(result as usize);
         if batch.is_empty() {
             batch.clear(|b| cx.recycle(b));
@@ -807,7 +847,7 @@ impl Queue {
             self.send_inflight = true;
             cx.submit(Op::Send { fd: self.fd.as_raw_fd(), batch }, TAG_SEND);
         }
-        if self.read_closed || self.broken || self.recv_inflight {
+        if self.read_closed || self.broken || self.recv_inflight || self.saturated() {
             return;
         }
         let Some(buf) = self.recv_buf.take() else { return };
@@ -832,8 +872,12 @@ impl Queue {
             self.cmds.clear();
             self.done = true;
             cx.stats().connections_open -= 1;
-            if let (Some(ctrl), 0) = (&self.ctrl, self.qid) {
-                self.target.remove_controller(ctrl.cntlid);
+            match (&self.ctrl, self.qid) {
+                (Some(ctrl), 0) => self.target.remove_controller(ctrl.cntlid),
+                (Some(ctrl), qid) => {
+                    ctrl.io_qids.lock().remove(&qid);
+                }
+                _ => {}
             }
             tracing::info!(peer = %self.peer, qid = self.qid, cntlid = self.ctrl.as_ref().map(|c| c.cntlid), "NVMe/TCP connection closed");
         }
@@ -858,7 +902,12 @@ impl Task for Queue {
                     self.parse(cx);
                 }
             }
-            TAG_SEND => self.on_send(cx, result, owned),
+            TAG_SEND => {
+                self.on_send(cx, result, owned);
+                if !self.read_closed {
+                    self.parse(cx);
+                }
+            }
             TAG_TICK => self.on_tick(cx),
             TAG_CANCEL => self.cancel_inflight = false,
             _ => self.on_io_done(cx, tag, result, owned),

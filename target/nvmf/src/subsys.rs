@@ -94,6 +94,10 @@ pub struct Controller {
     /// Milliseconds since `Target::epoch` of the last command on the admin queue.
     pub last_seen_ms: AtomicU64,
     pub dead: AtomicBool,
+    /// CC.EN, as set on the admin queue; I/O queues may connect only while it is set.
+    pub enabled: AtomicBool,
+    /// I/O queue ids connected now.
+    pub io_qids: Mutex<BTreeSet<u16>>,
     /// I/O queues granted by Set Features (Number of Queues), 0's based.
     pub io_queues_granted: AtomicU32,
     /// Namespaces changed since the host last read the Changed Namespace List.
@@ -257,7 +261,12 @@ impl Target {
                 kato_ms: AtomicU32::new(kato_ms),
                 last_seen_ms: AtomicU64::new(self.now_ms()),
                 dead: AtomicBool::new(false),
-                io_queues_granted: AtomicU32::new(0),
+                enabled: AtomicBool::new(false),
+                io_qids: Mutex::default(),
+                // Until Set Features (Number of Queues) narrows it: every queue we could serve.
+                io_queues_granted: AtomicU32::new(
+                    u32::from(crate::identify::QUEUE_ENTRIES_MAX) - 2,
+                ),
                 changed_ns: Mutex::default(),
                 aen_pending: AtomicBool::new(false),
                 data_units_read: AtomicU64::new(0),

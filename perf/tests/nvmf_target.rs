@@ -1216,3 +1216,24 @@ fn io_queue_connect_limits() {
     d.assert_healthy("connect limits");
     d.stop();
 }
+
+/// A controller whose host stops sending keep-alives is torn down after its KATO: the admin
+/// queue and its I/O queues are closed, and the daemon keeps serving others.
+#[test]
+fn keep_alive_timeout_tears_the_controller_down() {
+    let mut d = Daemon::start();
+    let o = QueueOptions { kato_ms: 1000, ..opts(false, false, false) };
+    let mut admin = Queue::connect(d.addr, MAIN, HOSTNQN, 0, CNTLID_DYNAMIC, &o).unwrap();
+    admin.enable_controller(TIMEOUT).unwrap();
+    assert!(admin.set_num_queues(1).unwrap() >= 1);
+    let io = Queue::connect(d.addr, MAIN, HOSTNQN, 1, admin.cntlid(), &o).unwrap();
+    let started = std::time::Instant::now();
+    let mut admin_conn = admin.into_conn();
+    assert!(admin_conn.wait_closed(Duration::from_secs(5)), "admin queue still open 5 s after a 1 s KATO");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(900), "closed too early: {elapsed:?}");
+    let mut io_conn = io.into_conn();
+    assert!(io_conn.wait_closed(Duration::from_secs(5)), "I/O queue of a dead controller still open");
+    d.assert_healthy("keep-alive timeout");
+    d.stop();
+}

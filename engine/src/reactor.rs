@@ -33,6 +33,8 @@ const MAILBOX_BATCH: usize = 64;
 const SLEEP_MAX: Duration = Duration::from_millis(500);
 /// After shutdown is requested, tasks get this long to drain before the core gives up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle spinning reads the clock once per this many turns.
+const SPIN_CLOCK_EVERY: u32 = 32;
 
 /// A unit of work living on one core: a listener, a connection.
 pub trait Task {
@@ -287,6 +289,8 @@ struct Core {
     tasks: Slab<Slot>,
     ready: VecDeque<Completion>,
     spawns: Vec<Box<dyn Task>>,
+    /// The eventfd fired (or a drain stopped at its batch limit): read the mailbox.
+    mail_pending: bool,
     /// Tasks that received events this iteration, to `flush` at its end (each once).
     dirty: Vec<usize>,
     stats: CoreStats,
@@ -314,6 +318,7 @@ impl Core {
             ready: VecDeque::new(),
             spawns: Vec::new(),
             dirty: Vec::new(),
+            mail_pending: true,
             pool: BufPool::default(),
             stats: CoreStats::new(id),
             poll: Duration::from_micros(cfg.poll_us),
@@ -324,7 +329,9 @@ impl Core {
     fn run(mut self) {
         self.arm_eventfd(IoBuf::with_capacity(8));
         let mut completions = Vec::with_capacity(256);
-        let mut last_work = Instant::now();
+        // Start of the current idle stretch, read lazily so busy turns never touch the clock.
+        let mut idle_since: Option<Instant> = None;
+        let mut idle_turns: u32 = 0;
         loop {
             let mut work = self.ring.reap(&mut completions);
             work += self.ready.len();
@@ -332,28 +339,52 @@ impl Core {
             for c in completions.drain(..) {
                 self.dispatch(c);
             }
-            work += self.drain_mailbox();
+            if self.mail_pending {
+                self.mail_pending = false;
+                work += self.drain_mailbox();
+            }
             work += self.start_spawned();
             self.flush_dirty();
             if self.shutdown_at.is_some() && self.finished() {
                 break;
             }
-            let now = Instant::now();
-            if work > 0 {
-                last_work = now;
-                self.stats.loops_busy += 1;
-            }
-            let submit = if !self.ready.is_empty() || now.duration_since(last_work) < self.poll {
-                self.ring.submit().map(|_| ())
+            let result = if work > 0 || !self.ready.is_empty() {
+                self.stats.loops_busy += u64::from(work > 0);
+                idle_since = None;
+                idle_turns = 0;
+                self.enter_if_needed()
+            } else if self.keep_spinning(&mut idle_since, &mut idle_turns) {
+                self.enter_if_needed()
             } else {
                 self.stats.sleeps += 1;
+                idle_since = None;
                 self.ring.submit_and_wait(Some(SLEEP_MAX))
             };
-            if let Err(e) = submit {
+            if let Err(e) = result {
                 panic!("core {}: io_uring_enter: {e}", self.id);
             }
         }
         tracing::debug!(core = self.id, "reactor stopped");
+    }
+
+    /// Enters the kernel only when it has something to do for us; otherwise the next turn
+    /// just reads the completion queue from shared memory.
+    fn enter_if_needed(&mut self) -> Result<(), RingError> {
+        if self.ring.needs_enter() {
+            self.ring.submit()?;
+        }
+        Ok(())
+    }
+
+    /// Whether an idle turn should spin rather than sleep: within `poll` of the last work.
+    /// The clock is read once every `SPIN_CLOCK_EVERY` turns.
+    fn keep_spinning(&self, idle_since: &mut Option<Instant>, idle_turns: &mut u32) -> bool {
+        if self.poll.is_zero() {
+            return false;
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        *idle_turns += 1;
+        !idle_turns.is_multiple_of(SPIN_CLOCK_EVERY) || since.elapsed() < self.poll
     }
 
     fn finished(&self) -> bool {
@@ -389,6 +420,8 @@ impl Core {
             assert_eq!(tag, TAG_EVENTFD);
             let buf = c.owned.into_buf().unwrap_or_else(|| IoBuf::with_capacity(8));
             self.arm_eventfd(buf);
+            // Senders push before they signal, so the mailbox holds what woke us.
+            self.mail_pending = true;
             return;
         }
         let (mut cx, tasks) = self.cx(key);
@@ -411,7 +444,12 @@ impl Core {
 
     fn drain_mailbox(&mut self) -> usize {
         let mut count = 0;
-        while count < MAILBOX_BATCH {
+        loop {
+            if count == MAILBOX_BATCH {
+                // More may wait: look again next turn.
+                self.mail_pending = true;
+                break;
+            }
             let Ok(msg) = self.mailbox.try_recv() else {
                 break;
             };

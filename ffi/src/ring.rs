@@ -229,7 +229,11 @@ impl Ring {
     pub fn new(entries: u32) -> Result<Ring, RingError> {
         // Cooperative task running and a single issuer (Linux 6.0+) save interrupts and
         // locking; older kernels refuse the flags and get a plain ring.
-        let tuned = IoUring::builder().setup_coop_taskrun().setup_single_issuer().build(entries);
+        let tuned = IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .setup_single_issuer()
+            .build(entries);
         let ring = match tuned {
             Ok(r) => r,
             Err(_) => IoUring::builder().build(entries).map_err(|source| {
@@ -336,6 +340,18 @@ impl Ring {
         let accept = matches!(owned, Owned::None) && is_accept;
         slot.insert(InFlight { token, owned, recv_base, accept, _timespec: timespec });
         entry.user_data(key)
+    }
+
+    /// Whether entering the kernel would do anything: entries to submit, deferred task work
+    /// to run (completions waiting to be posted), or an overflowed completion queue.
+    pub fn needs_enter(&mut self) -> bool {
+        let sq = self.ring.submission();
+        !sq.is_empty() || sq.taskrun() || sq.cq_overflow()
+    }
+
+    /// Whether completions are ready to reap, without entering the kernel.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
     }
 
     /// Submits queued entries without waiting.

@@ -49,8 +49,10 @@ pub struct ServeArgs {
     /// Export served for the empty name (default: the first).
     #[arg(long)]
     default_export: Option<String>,
-    /// Busy-poll this many microseconds after the last work before sleeping.
-    #[arg(long, default_value_t = 50)]
+    /// Keep polling this many microseconds after the last work before sleeping in the ring.
+    /// 0 (default) spins only while there is work: the lowest CPU per I/O. 10-50 trades CPU
+    /// for latency at low queue depth (QD1 p50 12.5 -> 10.2 us on loopback).
+    #[arg(long, default_value_t = 0)]
     poll_us: u64,
 }
 

@@ -164,7 +164,8 @@ fn worker(
     let opts = QueueOptions {
         header_digest: cfg.header_digest,
         data_digest: cfg.data_digest,
-        sq_size: cfg.qd,
+        // A queue of N entries holds N - 1 commands; the minimum is 2 entries.
+        sq_size: (cfg.qd + 1).max(2),
         kato_ms: 0,
         disable_sqflow: cfg.disable_sqflow,
         timeout: cfg.timeout,

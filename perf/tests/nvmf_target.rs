@@ -1229,11 +1229,17 @@ fn keep_alive_timeout_tears_the_controller_down() {
     let io = Queue::connect(d.addr, MAIN, HOSTNQN, 1, admin.cntlid(), &o).unwrap();
     let started = std::time::Instant::now();
     let mut admin_conn = admin.into_conn();
-    assert!(admin_conn.wait_closed(Duration::from_secs(5)), "admin queue still open 5 s after a 1 s KATO");
+    assert!(
+        admin_conn.wait_closed(Duration::from_secs(5)),
+        "admin queue still open 5 s after a 1 s KATO"
+    );
     let elapsed = started.elapsed();
     assert!(elapsed >= Duration::from_millis(900), "closed too early: {elapsed:?}");
     let mut io_conn = io.into_conn();
-    assert!(io_conn.wait_closed(Duration::from_secs(5)), "I/O queue of a dead controller still open");
+    assert!(
+        io_conn.wait_closed(Duration::from_secs(5)),
+        "I/O queue of a dead controller still open"
+    );
     d.assert_healthy("keep-alive timeout");
     d.stop();
 }

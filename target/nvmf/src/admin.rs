@@ -275,7 +275,8 @@ mod tests {
     }
 
     fn cmd(opcode: u8, nsid: u32, cdw: [u32; 6]) -> Sqe {
-        Sqe::decode(&SqeBuilder { opcode, cid: 1, nsid, cdw, ..Default::default() }.encode())
+        let b = SqeBuilder { opcode, cid: 1, nsid, cdw, sgl_len: 4096, ..Default::default() };
+        Sqe::decode(&b.encode())
     }
 
     #[test]

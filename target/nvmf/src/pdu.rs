@@ -393,6 +393,40 @@ mod tests {
     }
 
     #[test]
+    fn connect_capsule_golden() {
+        use crate::nvme::{self, SqeBuilder};
+        let sqe = SqeBuilder {
+            opcode: nvme::FABRICS_OPCODE,
+            fctype: nvme::fctype::CONNECT,
+            cid: 1,
+            sgl_len: 1024,
+            sgl_type: nvme::SGL_DATA_BLOCK_OFFSET,
+            cdw: [0, 31, 30_000, 0, 0, 0],
+            ..Default::default()
+        }
+        .encode();
+        let data = nvme::encode_connect_data(&nvme::ConnectData {
+            hostid: [0xab; 16],
+            cntlid: 0xffff,
+            subnqn: "nqn.2026-11.dev.ballast:vol0".into(),
+            hostnqn: "nqn.2014-08.org.nvmexpress:uuid:1".into(),
+        });
+        let mut out = Vec::new();
+        encode_capsule_cmd(&mut out, &sqe, &data, false, false);
+        // common header: CapsuleCmd, no flags, HLEN 72, PDO 72, PLEN 72 + 1024
+        assert_eq!(&out[..8], &hex("04 00 48 48 48040000")[..]);
+        // SQE: opcode 7F, PSDT SGL, CID 1, FCTYPE Connect
+        assert_eq!(&out[8..13], &hex("7f 40 0100 01")[..]);
+        // SGL: in-capsule data block (offset 0, 1024 bytes, type 01h)
+        assert_eq!(&out[8 + 24..8 + 40], &hex("0000000000000000 00040000 000000 01")[..]);
+        // CDW10 RECFMT 0 / QID 0, CDW11 SQSIZE 31, CDW12 KATO 30000 ms
+        assert_eq!(&out[8 + 40..8 + 52], &hex("00000000 1f000000 30750000")[..]);
+        assert_eq!(&out[72 + 16..72 + 18], &[0xff, 0xff]);
+        assert_eq!(&out[72 + 256..72 + 256 + 28], b"nqn.2026-11.dev.ballast:vol0");
+        assert_eq!(out.len(), 72 + 1024);
+    }
+
+    #[test]
     fn header_checks() {
         let cmd =
             CommonHeader { kind: kind::CAPSULE_CMD, flags: 0, hlen: 72, pdo: 72, plen: 72 + 512 };

@@ -16,6 +16,7 @@ pub mod ram;
 pub mod reactor;
 pub mod size;
 pub mod stats;
+pub mod volume;
 
 pub use ballast_ffi::{IoBuf, Owned, SendBatch};
 pub use blockdev::{BlockDev, DevInfo, Extent, IoCmd};

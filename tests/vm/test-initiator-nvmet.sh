@@ -8,7 +8,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 perf=${BALLAST_PERF_BIN:-$root/build/cargo/release/ballast-perf}
 listening() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
-free_port() { local p; for _ in $(seq 50); do p=$((20000 + RANDOM % 40000)); listening "$p" || break; done; echo "$p"; }
+# Ports below the ephemeral range (32768+), so no outgoing connection holds one.
+free_port() { local p; for _ in $(seq 50); do p=$((20000 + RANDOM % 12000)); listening "$p" || break; done; echo "$p"; }
 [[ -x $perf ]] || { echo "FAIL: no ballast-perf at $perf"; echo "0 passed, 1 failed"; exit 1; }
 "$here/build.sh" >/dev/null || { echo "FAIL: building the guest"; echo "0 passed, 1 failed"; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-nvmet-vm.XXXXXX")

@@ -56,7 +56,7 @@ to_bytes() {   # 512M -> 536870912 (binary units); empty if not understood
   esac
 }
 listening() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
-free_port() { local p; for _ in $(seq 50); do p=$((20000 + RANDOM % 40000)); listening "$p" || break; done; echo "$p"; }
+free_port() { local p; for _ in $(seq 50); do p=$((20000 + RANDOM % 12000)); listening "$p" || break; done; echo "$p"; }
 
 "$here/build.sh" || { echo "FAIL: building the guest"; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-nbd-vm.XXXXXX")

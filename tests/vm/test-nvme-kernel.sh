@@ -11,7 +11,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 bin=${BALLAST_BIN:-$root/build/cargo/release/ballast}
 listening() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
-free_port() { local p; for _ in $(seq 50); do p=$((20000 + RANDOM % 40000)); listening "$p" || break; done; echo "$p"; }
+# Ports below the ephemeral range (32768+), so no outgoing connection holds one.
+free_port() { local p; for _ in $(seq 50); do p=$((20000 + RANDOM % 12000)); listening "$p" || break; done; echo "$p"; }
 "$here/build.sh" >/dev/null || { echo "FAIL: building the guest"; echo "0 passed, 1 failed"; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-nvme-vm.XXXXXX")
 port=$(free_port) nbd=$(free_port) disc=$(free_port) sig=$(free_port)
@@ -25,10 +26,16 @@ cleanup() {
 }
 trap cleanup EXIT
 start() {
-  "$bin" serve --data-dir "$work/data" --nbd-listen "127.0.0.1:$nbd" --nvmf-listen "127.0.0.1:$port" \
-    --discovery-listen "127.0.0.1:$disc" >> "$work/server.log" 2>&1 &
-  spid=$!
-  for _ in $(seq 100); do listening "$port" && break; sleep 0.1; done
+  local attempt
+  for attempt in 1 2 3 4 5; do
+    "$bin" serve --data-dir "$work/data" --nbd-listen "127.0.0.1:$nbd" --nvmf-listen "127.0.0.1:$port" \
+      --discovery-listen "127.0.0.1:$disc" >> "$work/server.log" 2>&1 &
+    spid=$!
+    for _ in $(seq 100); do [[ -S $sock ]] && listening "$port" && break; kill -0 "$spid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$spid" 2>/dev/null && break
+    # Lost a port race: the guest only knows the NVMe ports, so only the NBD port moves.
+    wait "$spid"; nbd=$(free_port)
+  done
   "$bin" export add restricted --ram 64M --rpc-socket "$sock" >/dev/null
   rpc nvmf_create_subsystem "{\"nqn\":\"$RESTRICTED\",\"allow_any_host\":false}"
   rpc nvmf_subsystem_add_ns "{\"nqn\":\"$RESTRICTED\",\"namespace\":{\"bdev_name\":\"restricted\"}}"

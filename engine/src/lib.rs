@@ -14,6 +14,7 @@ pub mod listener;
 pub mod pool;
 pub mod ram;
 pub mod reactor;
+pub mod sendq;
 pub mod size;
 pub mod stats;
 pub mod volume;

@@ -14,8 +14,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
-use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, SendBatch, Task};
+use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, Task};
 use ballast_ffi::Op;
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
@@ -76,23 +77,16 @@ pub struct Conn {
     recv_buf: Option<IoBuf>,
     recv_inflight: bool,
     /// Replies waiting for the next send.
-    out: SendBatch,
-    /// An empty batch to swap in when a send starts.
-    spare: Option<SendBatch>,
-    send_inflight: bool,
+    out: SendQueue,
     scratch: Vec<u8>,
     reqs: Slab<Inflight>,
     bytes_inflight: u64,
-    /// Reply bytes queued or being sent.
-    unsent: u64,
     payload: Option<PendingWrite>,
     payload_recv_inflight: bool,
     /// Bytes of a rejected write's payload still to discard.
     skip: u64,
     /// No more input will be read (EOF, error, NBD_CMD_DISC, shutdown, protocol error).
     read_closed: bool,
-    /// The socket failed: drop unsent replies.
-    broken: bool,
     done: bool,
     requests_total: u64,
 }
@@ -107,18 +101,14 @@ impl Conn {
             phase: Phase::Handshake(Handshake::new()),
             recv_buf: Some(IoBuf::with_capacity(RECV_BUF_BYTES)),
             recv_inflight: false,
-            out: SendBatch::default(),
-            spare: Some(SendBatch::default()),
-            send_inflight: false,
+            out: SendQueue::default(),
             scratch: Vec::new(),
             reqs: Slab::with_capacity(INFLIGHT_MAX),
             bytes_inflight: 0,
-            unsent: 0,
             payload: None,
             payload_recv_inflight: false,
             skip: 0,
             read_closed: false,
-            broken: false,
             done: false,
             requests_total: 0,
         }
@@ -165,7 +155,6 @@ impl Conn {
                     self.scratch.clear();
                     let (n, step) = hs.on_input(input, &mut self.scratch, &self.exports);
                     used += n;
-                    self.unsent += self.scratch.len() as u64;
                     self.out.push_bytes(&self.scratch);
                     match step {
                         Step::NeedMore => break,
@@ -390,7 +379,6 @@ impl Conn {
     }
 
     fn flush_scratch(&mut self) {
-        self.unsent += self.scratch.len() as u64;
         self.out.push_bytes(&self.scratch);
     }
 
@@ -422,7 +410,10 @@ impl Conn {
         }
         let latency_ns = req.started.elapsed().as_nanos() as u64;
         cx.stats().record(req.kind, u64::from(req.len), latency_ns, error == 0);
-        if self.broken {
+        if self.out.broken() {
+            if let Owned::Buf(buf) = owned {
+                cx.recycle(buf);
+            }
             return;
         }
         let structured = matches!(
@@ -440,8 +431,7 @@ impl Conn {
                     codec::encode_simple_reply(scratch, 0, req.handle);
                 }
                 self.flush_scratch();
-                self.unsent += data.len() as u64;
-                self.out.push_buf(data);
+                self.out.push_buf(cx, data);
             }
             (OpKind::Read, _, error) if structured => {
                 let error = if error == 0 { codec::EIO } else { error };
@@ -461,61 +451,17 @@ impl Conn {
     }
 
     fn on_send(&mut self, cx: &mut Cx<'_>, result: i32, owned: Owned) {
-        self.send_inflight = false;
-        let Owned::Batch(mut batch) = owned else {
-            unreachable!("send completion without its batch")
-        };
-        if result < 0 {
-            if result != -libc::EPIPE && result != -libc::ECONNRESET {
-                tracing::debug!(peer = %self.peer, errno = -result, "send failed");
+        if let Err(errno) = self.out.on_complete(cx, result, owned) {
+            if errno != libc::EPIPE && errno != libc::ECONNRESET {
+                tracing::debug!(peer = %self.peer, errno, "send failed");
             }
-            self.broken = true;
-            self.unsent = 0;
-            self.out.clear(|b| cx.recycle(b));
-            batch.clear(|b| cx.recycle(b));
-            self.spare = Some(batch);
-            return;
         }
-        assert!(result as u64 <= self.unsent, "sent more than was queued");
-        self.unsent -= result as u64;
-        batch.advance(result as usize);
-        if batch.is_empty() {
-            batch.clear(|b| cx.recycle(b));
-            self.spare = Some(batch);
-        } else {
-            // Finish this batch before anything queued after it.
-            let queued = std::mem::replace(&mut self.out, batch);
-            self.spare = Some(queued);
-            self.merge_spare_into_out();
-        }
-    }
-
-    /// After a short send, `out` holds the unsent rest and `spare` the replies queued since;
-    /// appends the latter so they follow in order.
-    fn merge_spare_into_out(&mut self) {
-        let Some(mut queued) = self.spare.take() else {
-            return;
-        };
-        if queued.is_empty() {
-            self.spare = Some(queued);
-            return;
-        }
-        // Rare path: re-queue the later replies behind the remainder, byte for byte.
-        let mut rest = std::mem::take(&mut self.out);
-        rest.append(&mut queued);
-        self.out = rest;
-        queued.clear(|_| {});
-        self.spare = Some(queued);
     }
 
     fn post_io(&mut self, cx: &mut Cx<'_>) {
-        if !self.send_inflight && !self.out.is_empty() && !self.broken {
-            let next = self.spare.take().unwrap_or_default();
-            let batch = std::mem::replace(&mut self.out, next);
-            self.send_inflight = true;
-            cx.submit(Op::Send { fd: self.fd.as_raw_fd(), batch }, TAG_SEND);
-        }
-        if self.read_closed || self.broken || self.recv_inflight || self.payload_recv_inflight {
+        self.out.start(cx, self.fd.as_raw_fd(), TAG_SEND);
+        if self.read_closed || self.out.broken() || self.recv_inflight || self.payload_recv_inflight
+        {
             return;
         }
         if self.saturated() {
@@ -560,13 +506,14 @@ impl Conn {
 
     /// Back-pressure: too many requests or bytes in flight or unsent.
     fn saturated(&self) -> bool {
-        self.reqs.len() >= INFLIGHT_MAX || self.bytes_inflight + self.unsent >= INFLIGHT_BYTES_MAX
+        self.reqs.len() >= INFLIGHT_MAX
+            || self.bytes_inflight + self.out.unsent() >= INFLIGHT_BYTES_MAX
     }
 
     fn idle(&self) -> bool {
         !self.recv_inflight
             && !self.payload_recv_inflight
-            && !self.send_inflight
+            && !self.out.inflight()
             && self.reqs.is_empty()
     }
 }
@@ -578,7 +525,6 @@ impl Task for Conn {
         tracing::debug!(peer = %self.peer, core = cx.core(), "connection accepted");
         let mut greeting = Vec::new();
         Handshake::greeting(&mut greeting);
-        self.unsent += greeting.len() as u64;
         self.out.push_bytes(&greeting);
     }
 
@@ -615,7 +561,7 @@ impl Task for Conn {
 
     fn flush(&mut self, cx: &mut Cx<'_>) {
         self.post_io(cx);
-        let output_done = self.broken || (self.out.is_empty() && !self.send_inflight);
+        let output_done = self.out.drained();
         if self.read_closed && self.reqs.is_empty() && output_done && !self.done {
             if self.recv_inflight || self.payload_recv_inflight {
                 self.close_read("finished");

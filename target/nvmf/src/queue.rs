@@ -15,8 +15,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
-use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, SendBatch, Task};
+use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, Task};
 use ballast_ffi::Op;
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
@@ -86,16 +87,11 @@ pub struct Queue {
     cmds: Slab<Cmd>,
     recv_buf: Option<IoBuf>,
     recv_inflight: bool,
-    out: SendBatch,
-    spare: Option<SendBatch>,
-    send_inflight: bool,
-    /// Bytes queued in `out` or being sent.
-    unsent: u64,
+    out: SendQueue,
     scratch: Vec<u8>,
     tick_inflight: bool,
     cancel_inflight: bool,
     read_closed: bool,
-    broken: bool,
     done: bool,
 }
 
@@ -117,28 +113,23 @@ impl Queue {
             cmds: Slab::with_capacity(usize::from(QUEUE_ENTRIES_MAX)),
             recv_buf: Some(IoBuf::with_capacity(RECV_BUF_BYTES)),
             recv_inflight: false,
-            out: SendBatch::default(),
-            spare: Some(SendBatch::default()),
-            send_inflight: false,
-            unsent: 0,
+            out: SendQueue::default(),
             scratch: Vec::with_capacity(256),
             tick_inflight: false,
             cancel_inflight: false,
             read_closed: false,
-            broken: false,
             done: false,
         }
     }
 
     /// Queues the PDU bytes built in `scratch`.
     fn queue_scratch(&mut self) {
-        self.unsent += self.scratch.len() as u64;
         self.out.push_bytes(&self.scratch);
     }
 
     /// Back-pressure: a host that does not read its responses stops being read.
     fn saturated(&self) -> bool {
-        self.unsent >= UNSENT_MAX
+        self.out.unsent() >= UNSENT_MAX
     }
 
     /// Largest PDU we accept: a capsule with full in-capsule data, or an H2CData PDU.
@@ -293,7 +284,7 @@ impl Queue {
     }
 
     /// Queues data for the host, then the response (or the SUCCESS shortcut).
-    fn respond_with_data(&mut self, cid: u16, data: IoBuf, dw0: u32) {
+    fn respond_with_data(&mut self, cx: &mut Cx<'_>, cid: u16, data: IoBuf, dw0: u32) {
         let shortcut = self.sqflow_disabled && dw0 == 0;
         self.scratch.clear();
         let len = data.len() as u32;
@@ -309,10 +300,8 @@ impl Queue {
         );
         let digest = self.ddgst.then(|| crc32c::crc32c(data.as_slice()));
         self.queue_scratch();
-        self.unsent += data.len() as u64;
-        self.out.push_buf(data);
+        self.out.push_buf(cx, data);
         if let Some(d) = digest {
-            self.unsent += 4;
             self.out.push_bytes(&d.to_le_bytes());
         }
         if !shortcut {
@@ -330,7 +319,7 @@ impl Queue {
             return;
         }
         if self.qid == 0 {
-            self.on_admin(&sqe);
+            self.on_admin(cx, &sqe);
         } else {
             self.on_io(cx, sqe, data);
         }
@@ -458,7 +447,7 @@ impl Queue {
         self.arm_tick(cx);
     }
 
-    fn on_admin(&mut self, sqe: &Sqe) {
+    fn on_admin(&mut self, cx: &mut Cx<'_>, sqe: &Sqe) {
         let Some(admin) = self.admin.as_mut() else { return };
         let reply: Reply = admin.execute(&self.target, sqe);
         if reply.held {
@@ -472,7 +461,7 @@ impl Queue {
                 if want == 0 {
                     self.respond(sqe.cid, reply.dw0, reply.dw1, reply.status);
                 } else {
-                    self.respond_with_data(sqe.cid, buf, reply.dw0);
+                    self.respond_with_data(cx, sqe.cid, buf, reply.dw0);
                 }
             }
             _ => self.respond(sqe.cid, reply.dw0, reply.dw1, reply.status),
@@ -759,12 +748,15 @@ impl Queue {
                 _ => {}
             }
         }
-        if self.broken {
+        if self.out.broken() {
+            if let Owned::Buf(b) = owned {
+                cx.recycle(b);
+            }
             return;
         }
         match (cmd.kind, owned) {
             (OpKind::Read, Owned::Buf(data)) if cmd.status == status::SUCCESS => {
-                self.respond_with_data(cmd.sqe.cid, data, 0);
+                self.respond_with_data(cx, cmd.sqe.cid, data, 0);
             }
             (_, owned) => {
                 if let Owned::Buf(b) = owned {
@@ -813,41 +805,14 @@ impl Queue {
     }
 
     fn on_send(&mut self, cx: &mut Cx<'_>, result: i32, owned: Owned) {
-        self.send_inflight = false;
-        let Owned::Batch(mut batch) = owned else {
-            unreachable!("send completion without its batch")
-        };
-        if result < 0 {
-            self.broken = true;
-            self.unsent = 0;
-            self.out.clear(|b| cx.recycle(b));
-            batch.clear(|b| cx.recycle(b));
-            self.spare = Some(batch);
-            return;
-        }
-        assert!(result as u64 <= self.unsent, "sent more than was queued");
-        self.unsent -= result as u64;
-        batch.advance(result as usize);
-        if batch.is_empty() {
-            batch.clear(|b| cx.recycle(b));
-            self.spare = Some(batch);
-        } else {
-            // Finish the rest before anything queued since.
-            let mut later = std::mem::replace(&mut self.out, batch);
-            self.out.append(&mut later);
-            later.clear(|_| {});
-            self.spare = Some(later);
+        if let Err(errno) = self.out.on_complete(cx, result, owned) {
+            tracing::debug!(peer = %self.peer, errno, "send failed");
         }
     }
 
     fn post_io(&mut self, cx: &mut Cx<'_>) {
-        if !self.send_inflight && !self.out.is_empty() && !self.broken {
-            let next = self.spare.take().unwrap_or_default();
-            let batch = std::mem::replace(&mut self.out, next);
-            self.send_inflight = true;
-            cx.submit(Op::Send { fd: self.fd.as_raw_fd(), batch }, TAG_SEND);
-        }
-        if self.read_closed || self.broken || self.recv_inflight || self.saturated() {
+        self.out.start(cx, self.fd.as_raw_fd(), TAG_SEND);
+        if self.read_closed || self.out.broken() || self.recv_inflight || self.saturated() {
             return;
         }
         let Some(buf) = self.recv_buf.take() else { return };
@@ -865,7 +830,7 @@ impl Queue {
             cx.cancel(TAG_TICK, TAG_CANCEL);
         }
         let quiet = !self.recv_inflight
-            && !self.send_inflight
+            && !self.out.inflight()
             && !self.tick_inflight
             && !self.cancel_inflight;
         if quiet && self.cmds.iter().all(|(_, c)| matches!(c.state, CmdState::AwaitData { .. })) {
@@ -916,7 +881,7 @@ impl Task for Queue {
 
     fn flush(&mut self, cx: &mut Cx<'_>) {
         self.post_io(cx);
-        let output_done = self.broken || (self.out.is_empty() && !self.send_inflight);
+        let output_done = self.out.drained();
         let executing =
             self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::Executing { .. }));
         if self.read_closed && !executing && output_done && !self.done {

@@ -1,4 +1,6 @@
 //! The volume layer (issue 4, in progress; see docs/VOLUMES.md): pool format, journal, thin
-//! volumes with snapshots and clones. Only the pure on-media codecs exist so far.
+//! volumes with snapshots and clones. So far: the pure on-media codecs and the crash-simulating
+//! device the volume core will be tested against.
 
 pub mod format;
+pub mod sim;

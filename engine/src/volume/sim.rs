@@ -162,8 +162,9 @@ impl SimDisk {
                             Self::apply(&mut self.durable, p.offset, &p.data, None);
                         }
                         _ => {
-                            let keep: Vec<bool> =
-                                (0..p.data.len() / SECTOR).map(|_| self.next() % 2 == 0).collect();
+                            let keep: Vec<bool> = (0..p.data.len() / SECTOR)
+                                .map(|_| self.next().is_multiple_of(2))
+                                .collect();
                             Self::apply(&mut self.durable, p.offset, &p.data, Some(&keep));
                         }
                     }

@@ -267,7 +267,8 @@ def server_cmd(kind, port, args, scratch_file, data_dir, aio="io_uring"):
         export = "mem" if scratch_file is None else "disk"
         spec = f"ram:{size}" if scratch_file is None else f"file:{scratch_file}"
         cmd = [args.ballast_bin, "serve", "--data-dir", data_dir,
-               "--nbd-listen", f"127.0.0.1:{port}", "--cores", "1",
+               "--nbd-listen", f"127.0.0.1:{port}", "--nvmf-listen", f"127.0.0.1:{port + 100}",
+               "--cores", "1",
                "--export", f"{export}={spec}"] + args.ballast_args
         return cmd, export
     if kind == "nbdkit-memory":

@@ -82,7 +82,7 @@ start_server() {   # start_server PORT LOG: sets spid, checks that it listens
   local p=$1 log=$2 args
   case $server in
     ballast)
-      args=(serve --data-dir "$work/data" --nbd-listen "127.0.0.1:$p")
+      args=(serve --data-dir "$work/data" --nbd-listen "127.0.0.1:$p" --nvmf-listen "127.0.0.1:$(free_port)")
       [[ -n $spec ]] && args+=(--export "vol0=$spec")
       # shellcheck disable=SC2206
       args+=(${BALLAST_ARGS:-})

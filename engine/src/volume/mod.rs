@@ -1,6 +1,7 @@
 //! The volume layer (issue 4, in progress; see docs/VOLUMES.md): pool format, journal, thin
-//! volumes with snapshots and clones. So far: the pure on-media codecs and the crash-simulating
-//! device the volume core will be tested against.
+//! volumes with snapshots and clones. So far: the pure on-media codecs, the copy-on-write mapping
+//! tree, and the crash-simulating device the volume core will be tested against.
 
 pub mod format;
+pub mod map;
 pub mod sim;

@@ -35,6 +35,8 @@ const SLEEP_MAX: Duration = Duration::from_millis(500);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle spinning reads the clock once per this many turns.
 const SPIN_CLOCK_EVERY: u32 = 32;
+/// Spin only while busy turns average at least this many events (in sixteenths: 2.0).
+const SPIN_LOAD_MIN_X16: u32 = 32;
 
 /// A unit of work living on one core: a listener, a connection.
 pub trait Task {
@@ -291,6 +293,8 @@ struct Core {
     spawns: Vec<Box<dyn Task>>,
     /// The eventfd fired (or a drain stopped at its batch limit): read the mailbox.
     mail_pending: bool,
+    /// Events per busy turn, a moving average in sixteenths (see `note_load`).
+    load_x16: u32,
     /// Tasks that received events this iteration, to `flush` at its end (each once).
     dirty: Vec<usize>,
     stats: CoreStats,
@@ -319,6 +323,7 @@ impl Core {
             spawns: Vec::new(),
             dirty: Vec::new(),
             mail_pending: true,
+            load_x16: 0,
             pool: BufPool::default(),
             stats: CoreStats::new(id),
             poll: Duration::from_micros(cfg.poll_us),
@@ -350,6 +355,7 @@ impl Core {
             }
             let result = if work > 0 || !self.ready.is_empty() {
                 self.stats.loops_busy += u64::from(work > 0);
+                self.note_load(work);
                 idle_since = None;
                 idle_turns = 0;
                 self.enter_if_needed()
@@ -376,10 +382,19 @@ impl Core {
         Ok(())
     }
 
-    /// Whether an idle turn should spin rather than sleep: within `poll` of the last work.
-    /// The clock is read once every `SPIN_CLOCK_EVERY` turns.
+    /// Tracks how much work busy turns find (an average in sixteenths).
+    fn note_load(&mut self, work: usize) {
+        let sample = (work.min(64) as u32) << 4;
+        self.load_x16 = self.load_x16 - (self.load_x16 >> 3) + (sample >> 3);
+    }
+
+    /// Whether an idle turn should spin rather than sleep: only under concurrent load (busy
+    /// turns find several events each, so the next one is near) and within `poll` of the last
+    /// work. A lone request-response stream (queue depth 1) sleeps at once: spinning there
+    /// would buy a few microseconds of latency with a whole core. The clock is read once every
+    /// `SPIN_CLOCK_EVERY` turns.
     fn keep_spinning(&self, idle_since: &mut Option<Instant>, idle_turns: &mut u32) -> bool {
-        if self.poll.is_zero() {
+        if self.poll.is_zero() || self.load_x16 < SPIN_LOAD_MIN_X16 {
             return false;
         }
         let since = *idle_since.get_or_insert_with(Instant::now);

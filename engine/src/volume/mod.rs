@@ -2,6 +2,8 @@
 //! volumes with snapshots and clones. So far: the pure on-media codecs, the copy-on-write mapping
 //! tree, and the crash-simulating device the volume core will be tested against.
 
+pub mod alloc;
 pub mod format;
 pub mod map;
+pub mod records;
 pub mod sim;

@@ -1,0 +1,280 @@
+//! Journal redo records (docs/VOLUMES.md): typed, little-endian, packed into journal-block
+//! payloads. Replay applies them in order; each is idempotent given the state it follows.
+//! Decoding checks every length first: damaged payloads give an error, never a panic.
+
+/// Longest volume or export name.
+pub const NAME_MAX: usize = 255;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Volume `volume`'s cluster `vcluster` now maps to `entry` (a `map::Entry`; 0 = unmapped).
+    MapSet {
+        volume: u32,
+        vcluster: u64,
+        entry: u64,
+    },
+    /// A new thin volume; `parent` 0 for none.
+    VolumeCreate {
+        id: u32,
+        parent: u32,
+        size_bytes: u64,
+        name: String,
+    },
+    /// A read-only snapshot `id` of volume `of`, sharing its mapping.
+    Snapshot {
+        id: u32,
+        of: u32,
+        name: String,
+    },
+    /// A writable clone `id` of snapshot `of`.
+    Clone {
+        id: u32,
+        of: u32,
+        name: String,
+    },
+    /// Volume `id` now has the mapping of snapshot `to` (rollback).
+    Rollback {
+        id: u32,
+        to: u32,
+    },
+    Delete {
+        id: u32,
+    },
+    Resize {
+        id: u32,
+        size_bytes: u64,
+    },
+    /// Background reclaim of deleted volume `id` has released everything below `cursor`.
+    ReclaimProgress {
+        id: u32,
+        cursor: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("record truncated at byte {0}")]
+    Truncated(usize),
+    #[error("unknown record type {kind} at byte {at}")]
+    UnknownType { kind: u8, at: usize },
+    #[error("name at byte {0} is not UTF-8 or too long")]
+    BadName(usize),
+}
+
+mod kind {
+    pub const MAP_SET: u8 = 1;
+    pub const VOLUME_CREATE: u8 = 2;
+    pub const SNAPSHOT: u8 = 3;
+    pub const CLONE: u8 = 4;
+    pub const ROLLBACK: u8 = 5;
+    pub const DELETE: u8 = 6;
+    pub const RESIZE: u8 = 7;
+    pub const RECLAIM_PROGRESS: u8 = 8;
+}
+
+fn put_name(out: &mut Vec<u8>, name: &str) {
+    assert!(name.len() <= NAME_MAX, "name longer than {NAME_MAX}");
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+}
+
+impl Record {
+    /// Bytes this record takes when encoded.
+    pub fn encoded_len(&self) -> usize {
+        let mut v = Vec::new();
+        self.encode(&mut v);
+        v.len()
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Record::MapSet { volume, vcluster, entry } => {
+                out.push(kind::MAP_SET);
+                out.extend_from_slice(&volume.to_le_bytes());
+                out.extend_from_slice(&vcluster.to_le_bytes());
+                out.extend_from_slice(&entry.to_le_bytes());
+            }
+            Record::VolumeCreate { id, parent, size_bytes, name } => {
+                out.push(kind::VOLUME_CREATE);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&parent.to_le_bytes());
+                out.extend_from_slice(&size_bytes.to_le_bytes());
+                put_name(out, name);
+            }
+            Record::Snapshot { id, of, name } | Record::Clone { id, of, name } => {
+                out.push(if matches!(self, Record::Snapshot { .. }) {
+                    kind::SNAPSHOT
+                } else {
+                    kind::CLONE
+                });
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&of.to_le_bytes());
+                put_name(out, name);
+            }
+            Record::Rollback { id, to } => {
+                out.push(kind::ROLLBACK);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&to.to_le_bytes());
+            }
+            Record::Delete { id } => {
+                out.push(kind::DELETE);
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+            Record::Resize { id, size_bytes } => {
+                out.push(kind::RESIZE);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&size_bytes.to_le_bytes());
+            }
+            Record::ReclaimProgress { id, cursor } => {
+                out.push(kind::RECLAIM_PROGRESS);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&cursor.to_le_bytes());
+            }
+        }
+    }
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], RecordError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or(RecordError::Truncated(self.at))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, RecordError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, RecordError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn name(&mut self) -> Result<String, RecordError> {
+        let at = self.at;
+        let len = self.u8()? as usize;
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| RecordError::BadName(at))
+    }
+}
+
+/// Decodes every record in a journal-block payload.
+pub fn decode_all(payload: &[u8]) -> Result<Vec<Record>, RecordError> {
+    let mut c = Cursor { b: payload, at: 0 };
+    let mut out = Vec::new();
+    while c.at < payload.len() {
+        let at = c.at;
+        let r = match c.u8()? {
+            kind::MAP_SET => {
+                Record::MapSet { volume: c.u32()?, vcluster: c.u64()?, entry: c.u64()? }
+            }
+            kind::VOLUME_CREATE => Record::VolumeCreate {
+                id: c.u32()?,
+                parent: c.u32()?,
+                size_bytes: c.u64()?,
+                name: c.name()?,
+            },
+            kind::SNAPSHOT => Record::Snapshot { id: c.u32()?, of: c.u32()?, name: c.name()? },
+            kind::CLONE => Record::Clone { id: c.u32()?, of: c.u32()?, name: c.name()? },
+            kind::ROLLBACK => Record::Rollback { id: c.u32()?, to: c.u32()? },
+            kind::DELETE => Record::Delete { id: c.u32()? },
+            kind::RESIZE => Record::Resize { id: c.u32()?, size_bytes: c.u64()? },
+            kind::RECLAIM_PROGRESS => Record::ReclaimProgress { id: c.u32()?, cursor: c.u64()? },
+            kind => return Err(RecordError::UnknownType { kind, at }),
+        };
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Packs records into payloads of at most `max` bytes each, in order, never splitting one.
+pub fn pack(records: &[Record], max: usize) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = vec![Vec::new()];
+    let mut one = Vec::new();
+    for r in records {
+        one.clear();
+        r.encode(&mut one);
+        assert!(one.len() <= max, "record larger than a journal block");
+        if out.last().is_some_and(|p| p.len() + one.len() > max) {
+            out.push(Vec::new());
+        }
+        out.last_mut().expect("at least one payload").extend_from_slice(&one);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn golden_map_set() {
+        let mut out = Vec::new();
+        Record::MapSet { volume: 2, vcluster: 0x10, entry: 0xffff_0000_0000_0007 }.encode(&mut out);
+        assert_eq!(out, [1, 2, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(decode_all(&out).unwrap().len(), 1);
+        assert_eq!(decode_all(&out[..10]), Err(RecordError::Truncated(5)));
+        assert_eq!(decode_all(&[99]), Err(RecordError::UnknownType { kind: 99, at: 0 }));
+    }
+
+    fn record() -> impl Strategy<Value = Record> {
+        let name = "[a-z0-9._-]{0,40}";
+        prop_oneof![
+            (any::<u32>(), any::<u64>(), any::<u64>())
+                .prop_map(|(volume, vcluster, entry)| Record::MapSet { volume, vcluster, entry }),
+            (any::<u32>(), any::<u32>(), any::<u64>(), name).prop_map(
+                |(id, parent, size_bytes, name)| Record::VolumeCreate {
+                    id,
+                    parent,
+                    size_bytes,
+                    name
+                }
+            ),
+            (any::<u32>(), any::<u32>(), name).prop_map(|(id, of, name)| Record::Snapshot {
+                id,
+                of,
+                name
+            }),
+            (any::<u32>(), any::<u32>(), name).prop_map(|(id, of, name)| Record::Clone {
+                id,
+                of,
+                name
+            }),
+            (any::<u32>(), any::<u32>()).prop_map(|(id, to)| Record::Rollback { id, to }),
+            any::<u32>().prop_map(|id| Record::Delete { id }),
+            (any::<u32>(), any::<u64>())
+                .prop_map(|(id, size_bytes)| Record::Resize { id, size_bytes }),
+            (any::<u32>(), any::<u64>())
+                .prop_map(|(id, cursor)| Record::ReclaimProgress { id, cursor }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        #[test]
+        fn pack_and_decode_round_trip(records in proptest::collection::vec(record(), 0..300)) {
+            let payloads = pack(&records, super::super::format::JOURNAL_PAYLOAD_MAX);
+            let mut back = Vec::new();
+            for p in &payloads {
+                prop_assert!(p.len() <= super::super::format::JOURNAL_PAYLOAD_MAX);
+                back.extend(decode_all(p).unwrap());
+            }
+            prop_assert_eq!(back, records);
+        }
+
+        #[test]
+        fn damaged_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_all(&bytes);
+        }
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod alloc;
 pub mod format;
+pub mod journal;
 pub mod map;
 pub mod records;
 pub mod sim;

@@ -6,5 +6,6 @@ pub mod alloc;
 pub mod format;
 pub mod journal;
 pub mod map;
+pub mod pool;
 pub mod records;
 pub mod sim;

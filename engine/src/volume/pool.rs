@@ -8,12 +8,15 @@
 //! - every mapping change is a journal record applied through `apply`, the same function
 //!   replay uses, so the in-memory state after replay equals the state when the last durable
 //!   commit was written;
-//! - a cluster is written in place only when exactly one leaf of one tree names it; otherwise a
-//!   write goes to a fresh cluster (copying the cluster's other written pieces);
+//! - a cluster is written in place only when exactly one leaf of one tree names it, both now
+//!   and in the last durable state (its references did not change since the last commit, or it
+//!   was allocated since): after a crash the durable sharing comes back, and an in-place write
+//!   into a cluster a snapshot still shares there would change the snapshot. Otherwise a write
+//!   goes to a fresh cluster (copying the cluster's other written pieces);
 //! - `refs[c]` equals the number of distinct leaves naming cluster `c` (checked by `check`);
 //! - a flush makes data durable before the records that name it, and frees reusable only after.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use super::alloc::Allocator;
 use super::format::{choose_superblock, replay, FormatError, Superblock, BLOCK_SIZE};
@@ -86,6 +89,10 @@ pub struct Pool<D: SyncDisk> {
     volumes: BTreeMap<u32, Volume>,
     refs: Vec<u32>,
     next_id: u32,
+    /// Clusters allocated since the last commit (no durable state names them).
+    epoch_fresh: HashSet<u64>,
+    /// Older clusters whose references changed since the last commit.
+    epoch_touched: HashSet<u64>,
 }
 
 /// Layout parameters for `Pool::format`.
@@ -150,6 +157,8 @@ impl<D: SyncDisk> Pool<D> {
             journal: JournalWriter::new(sb.pool_uuid, sb.incarnation, sb.journal_blocks, head),
             volumes: BTreeMap::new(),
             next_id: 1,
+            epoch_fresh: HashSet::new(),
+            epoch_touched: HashSet::new(),
             cluster_bytes,
             sb,
             disk,
@@ -201,7 +210,14 @@ impl<D: SyncDisk> Pool<D> {
         self.sb.data_start * BLOCK_SIZE as u64 + cluster * self.cluster_bytes
     }
 
+    fn touch(&mut self, cluster: u64) {
+        if !self.epoch_fresh.contains(&cluster) {
+            self.epoch_touched.insert(cluster);
+        }
+    }
+
     fn add_ref(&mut self, cluster: u64) {
+        self.touch(cluster);
         if self.refs[cluster as usize] == 0 && !self.alloc.is_allocated(cluster) {
             self.alloc.mark_allocated(cluster); // replay: the record names a cluster
         }
@@ -209,6 +225,7 @@ impl<D: SyncDisk> Pool<D> {
     }
 
     fn drop_ref(&mut self, cluster: u64) {
+        self.touch(cluster);
         let r = &mut self.refs[cluster as usize];
         assert!(*r > 0, "cluster {cluster} released more than referenced");
         *r -= 1;
@@ -288,6 +305,8 @@ impl<D: SyncDisk> Pool<D> {
             self.disk.write((start + i) * BLOCK_SIZE as u64, &bytes, true);
         }
         self.alloc.commit();
+        self.epoch_fresh.clear();
+        self.epoch_touched.clear();
         Ok(())
     }
 
@@ -388,8 +407,11 @@ impl<D: SyncDisk> Pool<D> {
     ) -> Result<(), PoolError> {
         let v = &self.volumes[&id];
         let e = v.tree.get(vc);
-        let owned =
-            e.cluster().is_some_and(|c| self.refs[c as usize] == 1 && !v.tree.leaf_shared(vc));
+        let owned = e.cluster().is_some_and(|c| {
+            self.refs[c as usize] == 1
+                && !v.tree.leaf_shared(vc)
+                && !self.epoch_touched.contains(&c)
+        });
         if owned {
             let c = e.cluster().expect("owned means mapped");
             self.disk.write(self.cluster_offset(c) + first_bit * PIECE, chunk, false);
@@ -403,6 +425,7 @@ impl<D: SyncDisk> Pool<D> {
             return Ok(());
         }
         let fresh = self.alloc.alloc().ok_or(PoolError::NoSpace)?;
+        self.epoch_fresh.insert(fresh);
         if let Some(old) = e.cluster() {
             // Carry the other written pieces over from the shared cluster.
             for bit in 0..(self.cluster_bytes / PIECE) {

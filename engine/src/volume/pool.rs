@@ -95,6 +95,15 @@ pub struct Pool<D: SyncDisk> {
     epoch_touched: HashSet<u64>,
 }
 
+/// A run of 4 KiB pieces within one cluster: volume cluster, where the run ends (bytes), its
+/// first piece and its pieces as a written-bitmap mask.
+struct Span {
+    vc: u64,
+    cluster_end: u64,
+    first_bit: u64,
+    bits: u16,
+}
+
 /// Layout parameters for `Pool::format`.
 pub struct PoolGeometry {
     pub cluster_shift: u32,
@@ -204,6 +213,16 @@ impl<D: SyncDisk> Pool<D> {
 
     pub fn into_disk(self) -> D {
         self.disk
+    }
+
+    /// The part of `[at, end)` inside `at`'s cluster.
+    fn span(&self, at: u64, end: u64) -> Span {
+        let vc = at / self.cluster_bytes;
+        let cluster_end = ((vc + 1) * self.cluster_bytes).min(end);
+        let first_bit = (at % self.cluster_bytes) / PIECE;
+        let pieces = (cluster_end - at) / PIECE;
+        let bits = (((1u32 << pieces) - 1) << first_bit) as u16;
+        Span { vc, cluster_end, first_bit, bits }
     }
 
     fn cluster_offset(&self, cluster: u64) -> u64 {
@@ -385,11 +404,7 @@ impl<D: SyncDisk> Pool<D> {
         let mut at = offset;
         let end = offset + data.len() as u64;
         while at < end {
-            let vc = at / self.cluster_bytes;
-            let cluster_end = ((vc + 1) * self.cluster_bytes).min(end);
-            let first_bit = (at % self.cluster_bytes) / PIECE;
-            let pieces = (cluster_end - at) / PIECE;
-            let bits: u16 = (((1u32 << pieces) - 1) << first_bit) as u16;
+            let Span { vc, cluster_end, first_bit, bits } = self.span(at, end);
             let chunk = &data[(at - offset) as usize..(cluster_end - offset) as usize];
             self.write_cluster(id, vc, first_bit, bits, chunk)?;
             at = cluster_end;
@@ -450,11 +465,7 @@ impl<D: SyncDisk> Pool<D> {
         self.check_range(id, offset, len, true)?;
         let mut at = offset;
         while at < offset + len {
-            let vc = at / self.cluster_bytes;
-            let cluster_end = ((vc + 1) * self.cluster_bytes).min(offset + len);
-            let first_bit = (at % self.cluster_bytes) / PIECE;
-            let pieces = (cluster_end - at) / PIECE;
-            let bits: u16 = (((1u32 << pieces) - 1) << first_bit) as u16;
+            let Span { vc, cluster_end, bits, .. } = self.span(at, offset + len);
             let e = self.volumes[&id].tree.get(vc);
             if let Some(c) = e.cluster() {
                 let left = e.written() & !bits;

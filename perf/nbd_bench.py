@@ -628,12 +628,23 @@ def bench_server(sid, backing, kind, args, anomalies, results_dir):
             anomalies.append(f"{sid}: machine not quiet: background CPU median "
                              f"{rec['background_pct_median']:.0f}% (max {max(bgs):.0f}%), steal "
                              f"{rec['steal_pct_median'] or 0:.0f}% of a CPU during the runs")
-    # medians
+    compute_medians(rec, args.max_background)
+    return rec
+
+
+def compute_medians(rec, max_background):
+    """Per-profile medians over successful reps, each metric separately.  iops_quiet is the
+    median IOPS over "quiet" reps only (background and steal <= max_background % of a CPU)."""
+    rec["median"] = {}
     for prof, runs in rec["runs"].items():
         ok = [r for r in runs if "error" not in r]
         if not ok:
             continue
         med = {"reps_ok": len(ok), "reps": len(runs)}
+        quiet = [r for r in ok if (r.get("background_pct") or 0) <= max_background
+                 and (r.get("steal_pct") or 0) <= max_background]
+        med["quiet_reps"] = len(quiet)
+        med["iops_quiet"] = statistics.median([r["iops"] for r in quiet]) if quiet else None
         for k in ("iops", "mib_s", "clat_mean_us", "clat_p50_us", "clat_p99_us", "clat_p99_9_us",
                   "server_cpu_s_per_100k_io", "server_cpu_pct", "fio_cpu_pct", "background_pct",
                   "steal_pct", "softirq_pct"):
@@ -643,7 +654,6 @@ def bench_server(sid, backing, kind, args, anomalies, results_dir):
         med["iops_spread_pct"] = (100.0 * (max(iops) - min(iops)) / med["iops"]
                                   if med["iops"] and len(iops) > 1 else None)
         rec["median"][prof] = med
-    return rec
 
 
 LOG_PATTERNS = re.compile(r"panic|\bERROR\b|\bWARN\b|error|fallback|buffered", re.I)
@@ -685,9 +695,10 @@ def tables(results, args):
             continue
         base = servers.get(PEER_OF[backing])
         out.append(f"### {title}, {args.size} export\n")
-        out.append("| profile | server | IOPS | spread | MiB/s | p50 µs | p99 µs | p99.9 µs "
-                   "| srv CPU s/100k IO | srv CPU % | fio CPU % | IOPS ballast/peer | CPU/IO ballast/peer |")
-        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("| profile | server | IOPS | spread | quiet IOPS (n) | MiB/s | p50 µs | p99 µs | p99.9 µs "
+                   "| srv CPU s/100k IO | srv CPU % | fio CPU % | IOPS ballast/peer | quiet IOPS ballast/peer "
+                   "| CPU/IO ballast/peer |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for prof in args.profiles:
             bm = base["median"].get(prof) if base else None
             for sid in ids:
@@ -695,21 +706,25 @@ def tables(results, args):
                 m = s["median"].get(prof)
                 if m is None:
                     out.append(f"| {prof} | {sid} | {s['status'] if s['status'] != 'ok' else 'failed'} "
-                               "| | | | | | | | | | |")
+                               "| | | | | | | | | | | | |")
                     continue
-                r_iops = r_cpu = "—"
+                r_iops = r_cpu = r_quiet = "—"
                 if sid != PEER_OF[backing] and bm:
                     if bm.get("iops") and m.get("iops"):
                         r_iops = f"{bm['iops'] / m['iops']:.2f}"
+                    if bm.get("iops_quiet") and m.get("iops_quiet"):
+                        r_quiet = f"{bm['iops_quiet'] / m['iops_quiet']:.2f}"
                     if bm.get("server_cpu_s_per_100k_io") and m.get("server_cpu_s_per_100k_io"):
                         r_cpu = f"{bm['server_cpu_s_per_100k_io'] / m['server_cpu_s_per_100k_io']:.2f}"
                 reps = "" if m["reps_ok"] == m["reps"] else f" ({m['reps_ok']}/{m['reps']} ok)"
                 spread = "—" if m["iops_spread_pct"] is None else f"{m['iops_spread_pct']:.0f}%"
                 out.append(
                     f"| {prof} | {sid}{reps} | {fmt(m['iops'], 0, 'k')} | {spread} "
+                    f"| {fmt(m.get('iops_quiet'), 0, 'k')} ({m.get('quiet_reps', '?')}) "
                     f"| {fmt(m['mib_s'])} | {fmt(m['clat_p50_us'])} | {fmt(m['clat_p99_us'])} "
                     f"| {fmt(m['clat_p99_9_us'])} | {fmt(m['server_cpu_s_per_100k_io'], 3)} "
-                    f"| {fmt(m['server_cpu_pct'], 0)} | {fmt(m['fio_cpu_pct'], 0)} | {r_iops} | {r_cpu} |")
+                    f"| {fmt(m['server_cpu_pct'], 0)} | {fmt(m['fio_cpu_pct'], 0)} | {r_iops} | {r_quiet} "
+                    f"| {r_cpu} |")
         for i in ids:
             s = servers[i]
             if s.get("background_pct_median") is not None:
@@ -726,6 +741,30 @@ def tables(results, args):
             out.append(f"\n{i}: {servers[i]['status']}")
         out.append("")
     return "\n".join(out)
+
+
+def render_markdown(results, args):
+    md = "## nbd-bench results (" + results["started"] + ")\n\n" + \
+        machine_block(results["machine"], results["config"]) + "\n\n" + tables(results, args)
+    md += ("\nRatios: IOPS ballast/peer > 1 means ballast is faster; CPU/IO ballast/peer < 1 means "
+           "ballast uses less server CPU per I/O. \"quiet\" = repetitions during which other processes "
+           f"used <= {args.max_background:.0f}% of a CPU (n = how many); prefer those columns on a busy "
+           "machine.\n")
+    if results["anomalies"]:
+        md += "\n### Anomalies\n\n" + "\n".join(f"- {a}" for a in results["anomalies"]) + "\n"
+    return md
+
+
+def render_only(path, args):
+    """--render: recompute medians and print the report of an existing results JSON."""
+    with open(path) as f:
+        results = json.load(f)
+    cfg = results["config"]
+    args.profiles, args.size = cfg["profiles"], cfg["size"]
+    for rec in results["servers"].values():
+        compute_medians(rec, args.max_background)
+    print(render_markdown(results, args))
+    return 0
 
 
 def thread_summary(threads):
@@ -784,7 +823,10 @@ def main():
     ap.add_argument("--prefill-timeout", type=int, default=300)
     ap.add_argument("--start-timeout", type=int, default=20)
     ap.add_argument("--stop-timeout", type=int, default=20)
+    ap.add_argument("--render", metavar="JSON", help="only print the report of an existing results file")
     args = ap.parse_args()
+    if args.render:
+        return render_only(args.render, args)
 
     if args.quick:
         args.runtime, args.ramp, args.reps = 1, 1, 1
@@ -861,12 +903,7 @@ def main():
         results["servers"][sid] = bench_server(sid, backing, kind, args, anomalies, results_dir)
 
     results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
-    md = "## nbd-bench results (" + results["started"] + ")\n\n" + machine_block(mi, cfg) + "\n\n" + \
-        tables(results, args)
-    md += "\nRatios: IOPS ballast/peer > 1 means ballast is faster; CPU/IO ballast/peer < 1 means " \
-          "ballast uses less server CPU per I/O.\n"
-    if anomalies:
-        md += "\n### Anomalies\n\n" + "\n".join(f"- {a}" for a in anomalies) + "\n"
+    md = render_markdown(results, args)
     results["markdown"] = md
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -334,7 +334,6 @@ impl Conn {
         len: u32,
         req_one: bool,
     ) {
-        let started = Instant::now();
         match dev.extents(offset, u64::from(len)) {
             Ok(extents) => {
                 let mut descs: Vec<(u32, u32)> = extents
@@ -370,7 +369,6 @@ impl Conn {
                 self.flush_scratch();
             }
         }
-        let _ = started;
     }
 
     fn scratch_reset(&mut self) -> &mut Vec<u8> {

@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
-use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, Task};
+use ballast_engine::{Cx, IoBuf, IoCmd, Owned, Task};
 use ballast_ffi::Op;
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
 use crate::admin::{AdminState, Reply, AEN_NS_CHANGED};
-use crate::identify::{self, IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
+use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
 use crate::subsys::{Controller, Namespace, Target, DISCOVERY_NQN};
@@ -899,12 +899,4 @@ impl Task for Queue {
     fn is_done(&self) -> bool {
         self.done
     }
-}
-
-/// Quick access for the control plane: identify data sizes used in tests.
-pub const IDENTIFY_BYTES: usize = identify::IDENTIFY_LEN;
-
-/// The device of a namespace, for flushing at shutdown.
-pub fn namespace_device(ns: &Namespace) -> Arc<dyn BlockDev> {
-    ns.dev.clone()
 }

@@ -57,11 +57,7 @@ impl FileDev {
         }
         let buffered = OpenOptions::new().read(true).write(!read_only).open(path).map_err(err)?;
         let is_block_device = sys::is_block_device(&direct).map_err(err)?;
-        let size_bytes = if is_block_device {
-            sys::block_device_size(&direct).map_err(err)?
-        } else {
-            direct.metadata().map_err(err)?.len()
-        };
+        let size_bytes = media_size(&direct).map_err(err)?;
         if size_bytes == 0 {
             return Err(FileDevError::Empty { path: path.to_path_buf() });
         }
@@ -85,6 +81,15 @@ impl FileDev {
         } else {
             self.buffered.as_raw_fd()
         }
+    }
+}
+
+/// Size of a regular file or block device.
+pub fn media_size(f: &File) -> std::io::Result<u64> {
+    if sys::is_block_device(f)? {
+        sys::block_device_size(f)
+    } else {
+        Ok(f.metadata()?.len())
     }
 }
 

@@ -255,6 +255,19 @@ impl Cx<'_> {
         self.ready.push_back(Completion { token: token(self.task, tag), result, owned });
     }
 
+    /// The task this context runs (a helper task replies to it through `complete_to`).
+    pub fn task(&self) -> u32 {
+        self.task
+    }
+
+    /// Completes `tag` for task `task` of this core without I/O: a helper task (a volume's
+    /// I/O, which runs several device operations for one request) hands the request's result
+    /// to the task that submitted it. The target must still exist: tasks do not finish while
+    /// requests they submitted are outstanding.
+    pub fn complete_to(&mut self, task: u32, tag: u32, result: i32, owned: Owned) {
+        self.ready.push_back(Completion { token: token(task, tag), result, owned });
+    }
+
     /// Arms a timer that completes `tag` with `-ETIME` after `after`.
     pub fn timer(&mut self, tag: u32, after: Duration) {
         self.submit(Op::Timer { after }, tag);

@@ -4,6 +4,7 @@ mod client;
 mod rpc;
 mod rpc_nvmf;
 mod serve;
+mod volumes;
 
 use std::path::PathBuf;
 
@@ -30,6 +31,18 @@ enum Command {
     /// Manage NVMe-oF subsystems of a running daemon.
     #[command(subcommand)]
     Nvmf(NvmfCommand),
+    /// Create, check or dump a pool (offline: on the file or device itself).
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Thin volumes of the running daemon's pool.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Snapshots (read-only, O(1)) of the running daemon's volumes.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Writable clones of snapshots.
+    #[command(subcommand)]
+    Clone(CloneCommand),
     /// Call any control method: `ballast rpc METHOD '{"param": 1}'`.
     Rpc {
         method: String,
@@ -137,6 +150,210 @@ enum NvmfCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum PoolCommand {
+    /// Format a file or block device as a pool (a missing file is created sparse).
+    Create {
+        path: PathBuf,
+        /// Size of a new file, e.g. 10G.
+        #[arg(long)]
+        size: Option<String>,
+        /// Cluster size in KiB: 16, 32 or 64.
+        #[arg(long, default_value_t = 64)]
+        cluster_kib: u32,
+    },
+    /// Verify a pool (stop the daemon first): superblocks, checkpoint, journal, every tree and
+    /// reference count, free space. Exit status 0 only when everything is exact.
+    Check { path: PathBuf },
+    /// Print a pool's metadata.
+    Dump {
+        path: PathBuf,
+        /// Every mapped cluster of every volume, too.
+        #[arg(long)]
+        maps: bool,
+    },
+    /// The running daemon's pool: size, free space, volumes.
+    Info {
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create a thin volume (exported at once over NBD and NVMe/TCP under its name).
+    Create {
+        name: String,
+        /// Size, e.g. 10G.
+        size: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// List volumes, snapshots and clones with size, allocated bytes and parent.
+    List {
+        #[command(flatten)]
+        target: client::Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow (or, with --force when data would be dropped, shrink) a volume.
+    Resize {
+        name: String,
+        size: String,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Delete a volume, snapshot or clone; its space returns to the pool.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Give a volume the contents of one of its snapshots.
+    Rollback {
+        name: String,
+        snapshot: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot a volume (exported read-only under the snapshot's name).
+    Create {
+        volume: String,
+        name: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// List snapshots.
+    List {
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Delete a snapshot (clones of it keep their data).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum CloneCommand {
+    /// A writable clone of a snapshot.
+    Create {
+        snapshot: String,
+        name: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
+fn print_volumes(list: &serde_json::Value, only_snapshots: bool) {
+    println!("{:<24} {:>16} {:>16} {:<9} PARENT", "NAME", "SIZE", "ALLOCATED", "KIND");
+    for v in list.as_array().into_iter().flatten() {
+        let snap = v["snapshot"].as_bool().unwrap_or(false);
+        if only_snapshots && !snap {
+            continue;
+        }
+        let kind = match (snap, v["parent"].is_string()) {
+            (true, _) => "snapshot",
+            (false, true) => "clone",
+            (false, false) => "volume",
+        };
+        println!(
+            "{:<24} {:>16} {:>16} {:<9} {}",
+            v["name"].as_str().unwrap_or("?"),
+            v["size_bytes"].as_u64().unwrap_or(0),
+            v["allocated_bytes"].as_u64().unwrap_or(0),
+            kind,
+            v["parent"].as_str().unwrap_or("-")
+        );
+    }
+}
+
+fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
+    use serde_json::json;
+    let done = |target: &client::Target, method: &str, params: serde_json::Value, what: String| {
+        client::call(target, method, params).map(|_| println!("{what}"))
+    };
+    match cmd {
+        Command::Pool(PoolCommand::Create { path, size, cluster_kib }) => {
+            volumes::pool_create(&path, size.as_deref(), cluster_kib)
+        }
+        Command::Pool(PoolCommand::Check { path }) => {
+            if volumes::pool_check(&path)? {
+                Ok(())
+            } else {
+                anyhow::bail!("{}: check found problems", path.display())
+            }
+        }
+        Command::Pool(PoolCommand::Dump { path, maps }) => volumes::pool_dump(&path, maps),
+        Command::Pool(PoolCommand::Info { target }) => {
+            let r = client::call(&target, "bdev_lvol_get_lvstores", json!({}))?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
+        }
+        Command::Volume(VolumeCommand::Create { name, size, target }) => done(
+            &target,
+            "bdev_lvol_create",
+            json!({"lvol_name": name, "size": size}),
+            format!("created volume {name} ({size})"),
+        ),
+        Command::Volume(VolumeCommand::List { target, json }) => {
+            let r = client::call(&target, "bdev_lvol_get_lvols", json!({}))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print_volumes(&r, false);
+            }
+            Ok(())
+        }
+        Command::Volume(VolumeCommand::Resize { name, size, force, target }) => done(
+            &target,
+            "bdev_lvol_resize",
+            json!({"name": name, "size": size, "force": force}),
+            format!("resized volume {name} to {size}"),
+        ),
+        Command::Volume(VolumeCommand::Delete { name, target })
+        | Command::Snapshot(SnapshotCommand::Delete { name, target }) => {
+            done(&target, "bdev_lvol_delete", json!({"name": name}), format!("deleted {name}"))
+        }
+        Command::Volume(VolumeCommand::Rollback { name, snapshot, target }) => done(
+            &target,
+            "bdev_lvol_rollback",
+            json!({"name": name, "snapshot_name": snapshot}),
+            format!("rolled {name} back to {snapshot}"),
+        ),
+        Command::Snapshot(SnapshotCommand::Create { volume, name, target }) => {
+            let r = client::call(
+                &target,
+                "bdev_lvol_snapshot",
+                json!({"lvol_name": volume, "snapshot_name": name}),
+            )?;
+            println!("created snapshot {name} of {volume} in {} us", r["micros"]);
+            Ok(())
+        }
+        Command::Snapshot(SnapshotCommand::List { target }) => {
+            let r = client::call(&target, "bdev_lvol_get_lvols", json!({}))?;
+            print_volumes(&r, true);
+            Ok(())
+        }
+        Command::Clone(CloneCommand::Create { snapshot, name, target }) => done(
+            &target,
+            "bdev_lvol_clone",
+            json!({"snapshot_name": snapshot, "clone_name": name}),
+            format!("created clone {name} of {snapshot}"),
+        ),
+        _ => unreachable!("not a volume command"),
+    }
+}
+
 #[derive(Args)]
 pub struct AddArgs {
     /// Export name clients ask for.
@@ -218,6 +435,10 @@ fn main() -> std::process::ExitCode {
         Command::Stats { target, json } => client::stats(&target, json),
         Command::Rpc { method, params, target } => client::raw(&target, &method, &params),
         Command::Nvmf(cmd) => nvmf(cmd),
+        cmd
+        @ (Command::Pool(_) | Command::Volume(_) | Command::Snapshot(_) | Command::Clone(_)) => {
+            volumes_cli(cmd)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

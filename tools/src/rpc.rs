@@ -21,6 +21,10 @@ pub struct Control {
     pub exports: Arc<ExportTable>,
     pub target: Arc<ballast_nvmf::Target>,
     pub cores: Arc<Vec<CoreHandle>>,
+    /// The pool whose volumes are exported, if the daemon serves one.
+    pub pool: Option<Arc<ballast_engine::volume::dev::PoolHandle>>,
+    /// Hosts allowed on subsystems created for new volumes (empty: any host).
+    pub allow_hosts: Vec<String>,
 }
 
 const METHODS: &[&str] = &[
@@ -104,7 +108,10 @@ fn handle(req: &Value, control: &Control) -> Value {
     let method = req.get("method").and_then(Value::as_str).unwrap_or("");
     let params = req.get("params").cloned().unwrap_or_else(|| json!({}));
     let result = match method {
-        "rpc_get_methods" => Ok(json!(METHODS)),
+        "rpc_get_methods" => {
+            Ok(json!(METHODS.iter().chain(crate::volumes::METHODS).collect::<Vec<_>>()))
+        }
+        m if m.starts_with("bdev_lvol_") => crate::volumes::handle(control, m, &params),
         "export_list" => Ok(export_list(control)),
         "export_add" => export_add(control, &params),
         "export_remove" => export_remove(control, &params),

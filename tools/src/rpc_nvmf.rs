@@ -74,6 +74,7 @@ pub fn handle(control: &Control, method: &str, p: &Value) -> Result<Value, RpcEr
                 subsys.hosts.write().remove(host);
             }
             target.genctr.fetch_add(1, Ordering::Relaxed);
+            crate::volumes::persist_hosts(control, nqn);
             Ok(json!(true))
         }
         "nvmf_subsystem_allow_any_host" => {

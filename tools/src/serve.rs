@@ -10,6 +10,8 @@ use ballast_engine::file::FileDev;
 use ballast_engine::listener::Acceptor;
 use ballast_engine::ram::RamDev;
 use ballast_engine::size::parse_size;
+use ballast_engine::volume::dev::PoolHandle;
+use ballast_engine::volume::pool::PoolGeometry;
 use ballast_engine::{BlockDev, Engine, EngineConfig, Msg, Task};
 use ballast_nbd::{Export, ExportTable};
 use clap::Args;
@@ -19,6 +21,8 @@ use crate::rpc::{self, Control};
 
 /// Size of the embedded default volume created on first run.
 const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
+/// Size of the embedded default pool (a sparse file in the data dir) created on first run.
+const DEFAULT_POOL_BYTES: u64 = 10 << 30;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -46,6 +50,11 @@ pub struct ServeArgs {
     /// An export, NAME=ram:SIZE or NAME=file:PATH[:SIZE] (repeatable); default: vol0 in the data dir.
     #[arg(long = "export", value_name = "NAME=SPEC")]
     exports: Vec<String>,
+    /// Serve the volumes of the pool on this file or block device (create it with
+    /// `ballast pool create`). Default, when no --export is given either: the pool
+    /// <data-dir>/pool.img, created on first run (10 GiB sparse) with a 1 GiB volume vol0.
+    #[arg(long)]
+    pool: Option<PathBuf>,
     /// Export served for the empty name (default: the first).
     #[arg(long)]
     default_export: Option<String>,
@@ -89,12 +98,34 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
 
     let exports = Arc::new(ExportTable::default());
-    if args.exports.is_empty() {
-        let path = args.data_dir.join("vol0");
-        let dev = open_backend(&format!("file:{}:{DEFAULT_VOLUME_BYTES}", path.display()), false)?;
-        let description = "default volume".to_string();
-        exports.add(Export { name: "vol0".into(), description, dev, read_only: false })?;
-    }
+    let pool_path = match (&args.pool, args.exports.is_empty()) {
+        (Some(p), _) => Some(p.clone()),
+        (None, true) => {
+            let path = args.data_dir.join("pool.img");
+            if !path.exists() {
+                create_default_pool(&path)?;
+            }
+            Some(path)
+        }
+        (None, false) => None,
+    };
+    let pool = match &pool_path {
+        Some(path) => {
+            let t = std::time::Instant::now();
+            let pool = PoolHandle::open(path)
+                .with_context(|| format!("refusing to serve the pool on {}", path.display()))?;
+            let info = pool.info();
+            tracing::info!(
+                path = %path.display(),
+                volumes = info.volumes,
+                free_bytes = info.free_bytes,
+                open_ms = t.elapsed().as_millis() as u64,
+                "pool opened"
+            );
+            Some(pool)
+        }
+        None => None,
+    };
     for spec in &args.exports {
         let Some((name, backend)) = spec.split_once('=') else {
             bail!("--export {spec:?}: expected NAME=ram:SIZE or NAME=file:PATH[:SIZE]");
@@ -106,9 +137,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             dev,
             read_only: false,
         })?;
-    }
-    if let Some(name) = &args.default_export {
-        exports.set_default(name)?;
     }
 
     // Signals are taken synchronously by this thread; every thread started below inherits the
@@ -130,7 +158,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let handles = engine.handles();
 
     let target = Arc::new(ballast_nvmf::Target::default());
-    for export in exports.list() {
+    let control = Arc::new(Control {
+        exports: exports.clone(),
+        target: target.clone(),
+        cores: handles.clone(),
+        pool: pool.clone(),
+        allow_hosts: args.allow_hosts.clone(),
+    });
+    let plain_exports: Vec<String> = exports.list().iter().map(|e| e.name.clone()).collect();
+    if let Some(pool) = &pool {
+        crate::volumes::export_all(&control, pool)?;
+    }
+    if let Some(name) = &args.default_export {
+        exports.set_default(name)?;
+    }
+    for export in exports.list().into_iter().filter(|e| plain_exports.contains(&e.name)) {
         let nqn = format!("{}{}", ballast_nvmf::NQN_PREFIX, export.name);
         let subsys = target.create_subsystem(&nqn, args.allow_hosts.is_empty())?;
         subsys.hosts.write().extend(args.allow_hosts.iter().cloned());
@@ -153,8 +195,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let socket = args.rpc_socket.clone().unwrap_or_else(|| args.data_dir.join("ballast.sock"));
-    let control = Control { exports: exports.clone(), target: target.clone(), cores: handles };
-    rpc::start(&socket, Arc::new(control))?;
+    rpc::start(&socket, control)?;
     tracing::info!(cores = count, exports = exports.list().len(), "ballast serving");
 
     let signal = signals.wait()?;
@@ -163,6 +204,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     for dev in exports.devices() {
         if let Err(e) = dev.flush_blocking() {
             tracing::error!(backend = %dev.info().backend, error = %e, "final flush failed");
+        }
+    }
+    if let Some(pool) = &pool {
+        // A clean stop leaves a checkpoint: the next start replays nothing.
+        if let Err(e) = pool.checkpoint_blocking() {
+            tracing::error!(error = %e, "final checkpoint failed");
         }
     }
     let _ = std::fs::remove_file(&socket);
@@ -187,6 +234,18 @@ pub fn start_nvmf_listener(
     if !cores[0].send_blocking(spawn) {
         bail!("core 0 is not running");
     }
+    Ok(())
+}
+
+/// The embedded default: a sparse 10 GiB pool holding a 1 GiB volume `vol0`.
+fn create_default_pool(path: &Path) -> anyhow::Result<()> {
+    let g = PoolGeometry::standard(crate::volumes::new_uuid()?);
+    PoolHandle::create(path, Some(DEFAULT_POOL_BYTES), g)
+        .with_context(|| format!("creating the default pool {}", path.display()))?;
+    let pool = PoolHandle::open(path)?;
+    pool.create_volume("vol0", DEFAULT_VOLUME_BYTES)?;
+    pool.checkpoint_blocking()?;
+    tracing::info!(path = %path.display(), "created the default pool with volume vol0");
     Ok(())
 }
 

@@ -46,6 +46,11 @@ impl Allocator {
         self.clusters() - 1 - self.free_count
     }
 
+    /// Clusters freed and not yet sealed by a commit.
+    pub fn pending_count(&self) -> u64 {
+        self.pending.len() as u64
+    }
+
     pub fn is_allocated(&self, cluster: u64) -> bool {
         self.state.get(cluster as usize) == Some(&State::Allocated)
     }
@@ -87,14 +92,27 @@ impl Allocator {
 
     /// The journal records freeing the pending clusters are durable: they become reusable.
     pub fn commit(&mut self) -> usize {
-        let n = self.pending.len();
-        for c in self.pending.drain(..) {
+        let sealed = self.seal();
+        let n = sealed.len();
+        self.release(&sealed);
+        n
+    }
+
+    /// Takes the clusters freed so far (still pending) for a commit now starting; frees made
+    /// after this call belong to the next commit.
+    pub fn seal(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Sealed clusters whose frees are durable (and that no in-flight I/O can still name)
+    /// become reusable.
+    pub fn release(&mut self, clusters: &[u64]) {
+        for &c in clusters {
             let s = &mut self.state[c as usize];
-            assert_eq!(*s, State::PendingFree);
+            assert_eq!(*s, State::PendingFree, "cluster {c} released twice");
             *s = State::Free;
             self.free_count += 1;
         }
-        n
     }
 }
 

@@ -30,7 +30,8 @@ mod sb {
     pub const CHECKPOINT_SEQ: usize = CHECKPOINT_CRC + 4;
     pub const JOURNAL_HEAD_SEQ: usize = CHECKPOINT_SEQ + 8;
     pub const JOURNAL_HEAD_BLOCK: usize = JOURNAL_HEAD_SEQ + 8;
-    pub const CRC: usize = JOURNAL_HEAD_BLOCK + 8;
+    pub const JOURNAL_HEAD_PREV_CRC: usize = JOURNAL_HEAD_BLOCK + 8;
+    pub const CRC: usize = JOURNAL_HEAD_PREV_CRC + 4;
     pub const END: usize = CRC + 4;
 }
 const _: () = assert!(sb::END <= BLOCK_SIZE);
@@ -86,6 +87,8 @@ pub struct Superblock {
     pub checkpoint_seq: u64,
     pub journal_head_seq: u64,
     pub journal_head_block: u64,
+    /// The crc the journal block at the head chains to (the last block a checkpoint covers).
+    pub journal_head_prev_crc: u32,
 }
 
 impl Superblock {
@@ -97,8 +100,8 @@ impl Superblock {
     /// Checks that the regions are in order, inside the device, and not overlapping.
     pub fn validate(&self) -> Result<(), FormatError> {
         let bad = |field, why| Err(FormatError::Invalid { field, why });
-        if !(14..=20).contains(&self.cluster_shift) {
-            return bad("cluster_shift", "cluster size must be 16 KiB to 1 MiB");
+        if !(14..=16).contains(&self.cluster_shift) {
+            return bad("cluster_shift", "cluster size must be 16, 32 or 64 KiB");
         }
         if self.meta_start < 2 {
             return bad("meta_start", "overlaps the superblocks");
@@ -151,6 +154,7 @@ impl Superblock {
         put_u64(&mut b, sb::CHECKPOINT_SEQ, self.checkpoint_seq);
         put_u64(&mut b, sb::JOURNAL_HEAD_SEQ, self.journal_head_seq);
         put_u64(&mut b, sb::JOURNAL_HEAD_BLOCK, self.journal_head_block);
+        put_u32(&mut b, sb::JOURNAL_HEAD_PREV_CRC, self.journal_head_prev_crc);
         let crc = crc32c::crc32c(&b[..sb::CRC]);
         put_u32(&mut b, sb::CRC, crc);
         b
@@ -195,6 +199,7 @@ impl Superblock {
             checkpoint_seq: get_u64(b, sb::CHECKPOINT_SEQ),
             journal_head_seq: get_u64(b, sb::JOURNAL_HEAD_SEQ),
             journal_head_block: get_u64(b, sb::JOURNAL_HEAD_BLOCK),
+            journal_head_prev_crc: get_u32(b, sb::JOURNAL_HEAD_PREV_CRC),
         };
         s.validate()?;
         Ok(s)
@@ -338,6 +343,7 @@ mod tests {
             checkpoint_seq: 100,
             journal_head_seq: 101,
             journal_head_block: 3,
+            journal_head_prev_crc: 0xdead_beef,
         }
     }
 

@@ -87,6 +87,11 @@ impl JournalWriter {
         JournalHead { block: self.next_block, seq: self.next_seq, prev_crc: self.prev_crc }
     }
 
+    /// A checkpoint holds the pending records' effects: they need no journal block.
+    pub fn discard_pending(&mut self) {
+        self.pending.clear();
+    }
+
     /// A checkpoint made everything before `head()` redundant: the whole ring is free again.
     pub fn checkpointed(&mut self) {
         self.used_blocks = 0;

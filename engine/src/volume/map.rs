@@ -3,14 +3,14 @@
 //!
 //! Invariants:
 //! - a snapshot is `Tree::clone`: it shares the root, O(1) whatever the volume size;
-//! - a node is copied only when a tree that shares it is changed (`Rc::make_mut`), and the
+//! - a node is copied only when a tree that shares it is changed (`Arc::make_mut`), and the
 //!   copy is reported, so the caller can add one reference to every cluster the copy names;
 //! - a pool cluster's reference count equals the number of distinct leaf nodes, over all live
 //!   trees, that name it (`count_references` recomputes it for `pool check` and tests);
 //! - releasing a tree reports every cluster whose last leaf reference it held, exactly once.
 
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::sync::Arc;
 
 /// Entries per node (one 4 KiB page of 8-byte entries).
 pub const FANOUT: usize = 512;
@@ -42,7 +42,7 @@ impl Entry {
 #[derive(Clone)]
 enum Node {
     Leaf(Box<[Entry; FANOUT]>),
-    Inner(Box<[Option<Rc<Node>>; FANOUT]>),
+    Inner(Box<[Option<Arc<Node>>; FANOUT]>),
 }
 
 fn empty_leaf() -> Node {
@@ -56,7 +56,7 @@ fn empty_inner() -> Node {
 /// One volume's mapping.
 #[derive(Clone)]
 pub struct Tree {
-    root: Option<Rc<Node>>,
+    root: Option<Arc<Node>>,
     /// Levels of inner nodes above the leaves.
     depth: u32,
 }
@@ -71,6 +71,19 @@ impl Tree {
             depth += 1;
         }
         Tree { root: None, depth }
+    }
+
+    /// Makes the tree able to address `clusters` clusters (volume growth): the old root becomes
+    /// the first child of new levels; nothing is copied, sharing is kept.
+    pub fn grow(&mut self, clusters: u64) {
+        while self.capacity() < clusters {
+            if let Some(old) = self.root.take() {
+                let mut inner: [Option<Arc<Node>>; FANOUT] = std::array::from_fn(|_| None);
+                inner[0] = Some(old);
+                self.root = Some(Arc::new(Node::Inner(Box::new(inner))));
+            }
+            self.depth += 1;
+        }
     }
 
     /// Clusters this tree can address.
@@ -118,14 +131,14 @@ impl Tree {
         for (step, &i) in idx.iter().enumerate() {
             let level = depth - step as u32;
             let node = slot.get_or_insert_with(|| {
-                Rc::new(if level == 0 { empty_leaf() } else { empty_inner() })
+                Arc::new(if level == 0 { empty_leaf() } else { empty_inner() })
             });
-            if Rc::strong_count(node) > 1 {
+            if Arc::strong_count(node) > 1 {
                 if let Node::Leaf(entries) = &**node {
                     on_leaf_copy(&entries[..]);
                 }
             }
-            match Rc::make_mut(node) {
+            match Arc::make_mut(node) {
                 Node::Leaf(entries) => {
                     assert_eq!(level, 0);
                     return std::mem::replace(&mut entries[i], entry);
@@ -142,12 +155,12 @@ impl Tree {
             Some(n) => n,
             None => return false,
         };
-        let mut shared = Rc::strong_count(node) > 1;
+        let mut shared = Arc::strong_count(node) > 1;
         let mut level = self.depth;
         while let Node::Inner(children) = &**node {
             match &children[self.index(vcluster, level)] {
                 Some(child) => {
-                    shared |= Rc::strong_count(child) > 1;
+                    shared |= Arc::strong_count(child) > 1;
                     node = child;
                     level -= 1;
                 }
@@ -160,8 +173,8 @@ impl Tree {
     /// Drops this tree; `on_release` sees each entry whose leaf this tree held the last
     /// reference to (each of their clusters loses a reference).
     pub fn release(self, mut on_release: impl FnMut(Entry)) {
-        fn walk(node: Rc<Node>, f: &mut dyn FnMut(Entry)) {
-            let Ok(node) = Rc::try_unwrap(node) else { return };
+        fn walk(node: Arc<Node>, f: &mut dyn FnMut(Entry)) {
+            let Ok(node) = Arc::try_unwrap(node) else { return };
             match node {
                 Node::Leaf(entries) => {
                     entries.iter().filter(|e| e.cluster().is_some()).for_each(|e| f(*e))
@@ -206,11 +219,11 @@ impl Tree {
 /// Recomputes every cluster's reference count from the live trees: one per distinct leaf.
 pub fn count_references<'a>(trees: impl IntoIterator<Item = &'a Tree>) -> HashMap<u64, u32> {
     fn walk(
-        node: &Rc<Node>,
+        node: &Arc<Node>,
         seen: &mut std::collections::HashSet<*const Node>,
         counts: &mut HashMap<u64, u32>,
     ) {
-        if !seen.insert(Rc::as_ptr(node)) {
+        if !seen.insert(Arc::as_ptr(node)) {
             return;
         }
         match &**node {
@@ -246,7 +259,7 @@ mod tests {
 
     #[test]
     fn snapshot_is_o1_and_copy_on_write() {
-        // 10 TiB of 64 KiB clusters: depth 3, and a snapshot is one Rc clone.
+        // 10 TiB of 64 KiB clusters: depth 3, and a snapshot is one Arc clone.
         let mut t = Tree::new((10u64 << 40) >> 16);
         assert_eq!(t.depth, 3);
         t.set(5, Entry::new(7, 1), |_| panic!("nothing shared yet"));

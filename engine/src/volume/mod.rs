@@ -3,9 +3,11 @@
 //! tree, and the crash-simulating device the volume core will be tested against.
 
 pub mod alloc;
+pub mod dev;
 pub mod format;
 pub mod journal;
 pub mod map;
+pub mod meta;
 pub mod pool;
 pub mod records;
 pub mod sim;

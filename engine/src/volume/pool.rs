@@ -1,508 +1,385 @@
-//! A pool of thin volumes over a synchronous disk: the volume semantics (copy-on-write
-//! clusters with written bitmaps, O(1) snapshots and clones, trim, group commit on flush,
-//! replay after a crash) in their simplest executable form. It is the reference the reactor
-//! integration will follow and the subject of the crash and model tests; it is not yet wired
-//! into the daemon (docs/VOLUMES.md).
+//! A pool of thin volumes over a synchronous disk: the `PoolMeta` decisions driven by plain
+//! blocking I/O. It formats and opens pools (superblock, checkpoint, journal replay) for every
+//! user, serves the control-path operations (create, snapshot, clone, rollback, resize,
+//! delete, checkpoint) and is the subject of the crash and model tests; the reactor device
+//! (`dev.rs`) drives the same `PoolMeta` with asynchronous I/O for the data path.
 //!
-//! Invariants:
-//! - every mapping change is a journal record applied through `apply`, the same function
-//!   replay uses, so the in-memory state after replay equals the state when the last durable
-//!   commit was written;
-//! - a cluster is written in place only when exactly one leaf of one tree names it, both now
-//!   and in the last durable state (its references did not change since the last commit, or it
-//!   was allocated since): after a crash the durable sharing comes back, and an in-place write
-//!   into a cluster a snapshot still shares there would change the snapshot. Otherwise a write
-//!   goes to a fresh cluster (copying the cluster's other written pieces);
-//! - `refs[c]` equals the number of distinct leaves naming cluster `c` (checked by `check`);
-//! - a flush makes data durable before the records that name it, and frees reusable only after.
+//! Invariants (with those of `meta.rs`):
+//! - a commit makes data and every earlier journal block durable (flush) before it writes its
+//!   journal blocks with FUA, and frees become reusable only after;
+//! - a checkpoint is written to the metadata half the live superblock does not name, flushed,
+//!   and only then named by a new superblock (FUA): a crash at any point leaves the old
+//!   checkpoint and its journal, or the new checkpoint, never a mix;
+//! - opening reads nothing but the superblocks, one checkpoint and at most the journal ring.
 
-use std::collections::{BTreeMap, HashSet};
-
-use super::alloc::Allocator;
-use super::format::{choose_superblock, replay, FormatError, Superblock, BLOCK_SIZE};
-use super::journal::{JournalError, JournalHead, JournalWriter};
-use super::map::{count_references, Entry, Tree};
-use super::records::{decode_all, Record};
+use super::format::{choose_superblock, replay, Superblock, BLOCK_SIZE};
+pub use super::meta::{PoolError, Volume, PIECE};
+use super::meta::{PoolMeta, ReadPiece, CHECKPOINT_HEADER};
 use super::sim::SimDisk;
-
-/// Piece size tracked by the written bitmap.
-pub const PIECE: u64 = 4096;
 
 /// What the pool needs from a disk.
 pub trait SyncDisk {
-    fn read(&mut self, offset: u64, len: usize) -> Vec<u8>;
-    fn write(&mut self, offset: u64, data: &[u8], fua: bool);
-    fn flush(&mut self);
+    fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>>;
+    fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()>;
+    fn flush(&mut self) -> std::io::Result<()>;
     fn size_bytes(&self) -> u64;
 }
 
 impl SyncDisk for SimDisk {
-    fn read(&mut self, offset: u64, len: usize) -> Vec<u8> {
-        SimDisk::read(self, offset, len)
+    fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        Ok(SimDisk::read(self, offset, len))
     }
-    fn write(&mut self, offset: u64, data: &[u8], fua: bool) {
-        SimDisk::write(self, offset, data, fua)
+    fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        SimDisk::write(self, offset, data, fua);
+        Ok(())
     }
-    fn flush(&mut self) {
-        SimDisk::flush(self)
+    fn flush(&mut self) -> std::io::Result<()> {
+        SimDisk::flush(self);
+        Ok(())
     }
     fn size_bytes(&self) -> u64 {
         SimDisk::size_bytes(self)
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum PoolError {
-    #[error("pool format: {0}")]
-    Format(#[from] FormatError),
-    #[error("{0}")]
-    Journal(#[from] JournalError),
-    #[error("pool is full")]
-    NoSpace,
-    #[error("no volume {0}")]
-    NoVolume(u32),
-    #[error("volume {0} is read-only (a snapshot)")]
-    ReadOnly(u32),
-    #[error("volume {0} is not a snapshot")]
-    NotSnapshot(u32),
-    #[error("range beyond the end of volume {0}")]
-    Range(u32),
-    #[error("I/O must be aligned to {PIECE} bytes")]
-    Unaligned,
-}
-
-#[derive(Clone)]
-pub struct Volume {
-    pub name: String,
-    pub size_bytes: u64,
-    pub read_only: bool,
-    pub parent: u32,
-    tree: Tree,
-}
-
-pub struct Pool<D: SyncDisk> {
-    disk: D,
-    sb: Superblock,
-    cluster_bytes: u64,
-    alloc: Allocator,
-    journal: JournalWriter,
-    volumes: BTreeMap<u32, Volume>,
-    refs: Vec<u32>,
-    next_id: u32,
-    /// Clusters allocated since the last commit (no durable state names them).
-    epoch_fresh: HashSet<u64>,
-    /// Older clusters whose references changed since the last commit.
-    epoch_touched: HashSet<u64>,
-}
-
-/// A run of 4 KiB pieces within one cluster: volume cluster, where the run ends (bytes), its
-/// first piece and its pieces as a written-bitmap mask.
-struct Span {
-    vc: u64,
-    cluster_end: u64,
-    first_bit: u64,
-    bits: u16,
-}
-
 /// Layout parameters for `Pool::format`.
+#[derive(Debug, Clone)]
 pub struct PoolGeometry {
     pub cluster_shift: u32,
     pub journal_blocks: u64,
     pub pool_uuid: [u8; 16],
+    /// Volumes (snapshots and clones included) the metadata reserve is sized for.
+    pub max_volumes: u64,
+    /// Configuration bytes the metadata reserve is sized for.
+    pub config_bytes: u64,
+}
+
+impl PoolGeometry {
+    /// The defaults for a real pool: 64 KiB clusters, a 16 MiB journal.
+    pub fn standard(pool_uuid: [u8; 16]) -> PoolGeometry {
+        PoolGeometry {
+            cluster_shift: 16,
+            journal_blocks: 4096,
+            pool_uuid,
+            max_volumes: 4096,
+            config_bytes: 1 << 20,
+        }
+    }
+}
+
+pub struct Pool<D: SyncDisk> {
+    disk: D,
+    meta: PoolMeta,
+}
+
+/// Where each region of a new pool goes.
+pub fn layout(total_bytes: u64, g: &PoolGeometry) -> Result<Superblock, PoolError> {
+    let total_blocks = total_bytes / BLOCK_SIZE as u64;
+    let cluster_blocks = 1u64 << g.cluster_shift.clamp(12, 20).saturating_sub(12);
+    let upper_clusters = total_blocks / cluster_blocks;
+    let half_bytes =
+        PoolMeta::checkpoint_reserve_bytes(upper_clusters, g.max_volumes, g.config_bytes);
+    let half_blocks = half_bytes.div_ceil(BLOCK_SIZE as u64);
+    let meta_start = 2;
+    let meta_blocks = 2 * half_blocks;
+    let journal_start = meta_start + meta_blocks;
+    let data_start = (journal_start + g.journal_blocks).div_ceil(cluster_blocks) * cluster_blocks;
+    let cluster_count = total_blocks.saturating_sub(data_start) / cluster_blocks;
+    if cluster_count < 2 {
+        return Err(PoolError::Damaged(format!(
+            "device too small: {total_bytes} bytes leave no data clusters after {} bytes of \
+             superblocks, metadata reserve and journal",
+            data_start * BLOCK_SIZE as u64
+        )));
+    }
+    let sb = Superblock {
+        pool_uuid: g.pool_uuid,
+        generation: 1,
+        incarnation: 1,
+        cluster_shift: g.cluster_shift,
+        total_blocks,
+        meta_start,
+        meta_blocks,
+        journal_start,
+        journal_blocks: g.journal_blocks,
+        data_start,
+        cluster_count,
+        checkpoint_half: 0,
+        checkpoint_blocks: 0,
+        checkpoint_crc: 0,
+        checkpoint_seq: 0,
+        journal_head_seq: 1,
+        journal_head_block: 0,
+        journal_head_prev_crc: 0,
+    };
+    sb.validate()?;
+    Ok(sb)
+}
+
+/// Reads and checks the checkpoint `sb` names; returns its records' payload.
+pub fn read_checkpoint<D: SyncDisk>(disk: &mut D, sb: &Superblock) -> Result<Vec<u8>, PoolError> {
+    if sb.checkpoint_blocks == 0 {
+        return Ok(Vec::new());
+    }
+    let half = sb.meta_blocks / 2;
+    let at = (sb.meta_start + u64::from(sb.checkpoint_half) * half) * BLOCK_SIZE as u64;
+    let blob = disk.read(at, (sb.checkpoint_blocks * BLOCK_SIZE as u64) as usize)?;
+    let crc = crc32c::crc32c(&blob);
+    let name = if sb.checkpoint_half == 0 { "A" } else { "B" };
+    if crc != sb.checkpoint_crc {
+        return Err(PoolError::Damaged(format!(
+            "checkpoint (metadata half {name}, {} blocks at byte {at}) is damaged: crc32c \
+             {crc:#010x}, the superblock recorded {:#010x}",
+            sb.checkpoint_blocks, sb.checkpoint_crc
+        )));
+    }
+    let len = u64::from_le_bytes(blob[..8].try_into().expect("8 bytes"));
+    if len > blob.len() as u64 - CHECKPOINT_HEADER {
+        return Err(PoolError::Damaged(format!("checkpoint {name} length {len} is invalid")));
+    }
+    Ok(blob[CHECKPOINT_HEADER as usize..(CHECKPOINT_HEADER + len) as usize].to_vec())
 }
 
 impl<D: SyncDisk> Pool<D> {
     /// Writes a new, empty pool over the whole disk.
     pub fn format(mut disk: D, g: PoolGeometry) -> Result<Pool<D>, PoolError> {
-        let total_blocks = disk.size_bytes() / BLOCK_SIZE as u64;
-        let cluster_blocks = 1u64 << (g.cluster_shift - 12);
-        let meta_start = 2;
-        let meta_blocks = 2;
-        let journal_start = meta_start + meta_blocks;
-        let data_start =
-            (journal_start + g.journal_blocks).div_ceil(cluster_blocks) * cluster_blocks;
-        let cluster_count = total_blocks.saturating_sub(data_start) / cluster_blocks;
-        let sb = Superblock {
-            pool_uuid: g.pool_uuid,
-            generation: 1,
-            incarnation: 1,
-            cluster_shift: g.cluster_shift,
-            total_blocks,
-            meta_start,
-            meta_blocks,
-            journal_start,
-            journal_blocks: g.journal_blocks,
-            data_start,
-            cluster_count,
-            checkpoint_half: 0,
-            checkpoint_blocks: 0,
-            checkpoint_crc: 0,
-            checkpoint_seq: 0,
-            journal_head_seq: 1,
-            journal_head_block: 0,
-        };
-        sb.validate()?;
+        let sb = layout(disk.size_bytes(), &g)?;
         // Invalidate whatever journal the disk held, then both superblock copies.
         let zero = vec![0u8; BLOCK_SIZE];
-        disk.write(journal_start * BLOCK_SIZE as u64, &zero, false);
-        disk.flush();
-        disk.write(BLOCK_SIZE as u64, &Superblock { generation: 0, ..sb.clone() }.encode(), true);
-        disk.write(0, &sb.encode(), true);
+        disk.write(sb.journal_start * BLOCK_SIZE as u64, &zero, false)?;
+        disk.flush()?;
+        disk.write(BLOCK_SIZE as u64, &Superblock { generation: 0, ..sb.clone() }.encode(), true)?;
+        disk.write(0, &sb.encode(), true)?;
         Self::open(disk)
     }
 
-    /// Opens a pool: newest valid superblock, then replay of the journal from its head.
+    /// Opens a pool: newest valid superblock, its checkpoint, then the journal from its head.
     pub fn open(mut disk: D) -> Result<Pool<D>, PoolError> {
-        let a = disk.read(0, BLOCK_SIZE);
-        let b = disk.read(BLOCK_SIZE as u64, BLOCK_SIZE);
+        let a = disk.read(0, BLOCK_SIZE)?;
+        let b = disk.read(BLOCK_SIZE as u64, BLOCK_SIZE)?;
         let sb = choose_superblock(&a, &b)?;
-        let head =
-            JournalHead { block: sb.journal_head_block, seq: sb.journal_head_seq, prev_crc: 0 };
-        let mut journal = JournalWriter::new(sb.pool_uuid, sb.incarnation, sb.journal_blocks, head);
-        let cluster_bytes = 1u64 << sb.cluster_shift;
-        let mut pool = Pool {
-            alloc: Allocator::new(sb.cluster_count.max(2)),
-            refs: vec![0; sb.cluster_count.max(2) as usize],
-            journal: JournalWriter::new(sb.pool_uuid, sb.incarnation, sb.journal_blocks, head),
-            volumes: BTreeMap::new(),
-            next_id: 1,
-            epoch_fresh: HashSet::new(),
-            epoch_touched: HashSet::new(),
-            cluster_bytes,
-            sb,
-            disk,
+        let checkpoint = read_checkpoint(&mut disk, &sb)?;
+        let mut meta = PoolMeta::new(sb.clone());
+        meta.load(&checkpoint)?;
+        let mut count = 0u64;
+        let mut last = None;
+        let mut io_error = None;
+        let blocks: Vec<_> = {
+            let start = sb.journal_start;
+            let io_error = &mut io_error;
+            let read = |i: u64| match disk.read((start + i) * BLOCK_SIZE as u64, BLOCK_SIZE) {
+                Ok(b) => b,
+                Err(e) => {
+                    io_error.get_or_insert(e);
+                    Vec::new() // ends replay; the error is returned below
+                }
+            };
+            replay(
+                &sb.pool_uuid,
+                sb.journal_blocks,
+                sb.journal_head_block,
+                sb.journal_head_seq,
+                sb.journal_head_prev_crc,
+                read,
+            )
+            .collect()
         };
-        let (start, ring) = (pool.sb.journal_start, pool.sb.journal_blocks);
-        let uuid = pool.sb.pool_uuid;
-        let mut blocks = Vec::new();
-        {
-            let disk = &mut pool.disk;
-            let read = |i: u64| disk.read((start + i) * BLOCK_SIZE as u64, BLOCK_SIZE);
-            for block in replay(&uuid, ring, head.block, head.seq, head.prev_crc, read) {
-                blocks.push(block);
-            }
+        if let Some(e) = io_error {
+            return Err(e.into());
         }
-        let mut last_crc = head.prev_crc;
         for block in &blocks {
-            // Records that decoded wrong cannot be in a block whose crc matched.
-            for r in decode_all(&block.payload)
-                .map_err(|_| FormatError::Invalid { field: "journal", why: "bad record" })?
-            {
-                pool.apply(&r);
-            }
-            // A block belongs to one durable commit: the frees it made were durable before any
-            // later commit could reuse those clusters.
-            pool.alloc.commit();
-            last_crc = block.encode(&uuid).1;
+            meta.load(&block.payload)?;
+            count += 1;
+            last = Some((block.seq, block.encode(&sb.pool_uuid).1));
         }
-        if let Some(last) = blocks.last() {
-            journal.skip_replayed(blocks.len() as u64, last.seq, last_crc);
-        }
-        pool.journal = journal;
-        pool.alloc.commit();
-        Ok(pool)
+        meta.loaded(count, last);
+        Ok(Pool { disk, meta })
     }
 
-    pub fn volumes(&self) -> &BTreeMap<u32, Volume> {
-        &self.volumes
+    pub fn meta(&self) -> &PoolMeta {
+        &self.meta
+    }
+
+    pub fn meta_mut(&mut self) -> &mut PoolMeta {
+        &mut self.meta
+    }
+
+    pub fn volumes(&self) -> &std::collections::BTreeMap<u32, Volume> {
+        self.meta.volumes()
     }
 
     pub fn free_clusters(&self) -> u64 {
-        self.alloc.free_count()
+        self.meta.free_clusters()
     }
 
     pub fn into_disk(self) -> D {
         self.disk
     }
 
-    /// The part of `[at, end)` inside `at`'s cluster.
-    fn span(&self, at: u64, end: u64) -> Span {
-        let vc = at / self.cluster_bytes;
-        let cluster_end = ((vc + 1) * self.cluster_bytes).min(end);
-        let first_bit = (at % self.cluster_bytes) / PIECE;
-        let pieces = (cluster_end - at) / PIECE;
-        let bits = (((1u32 << pieces) - 1) << first_bit) as u16;
-        Span { vc, cluster_end, first_bit, bits }
+    pub fn into_parts(self) -> (D, PoolMeta) {
+        (self.disk, self.meta)
     }
 
-    fn cluster_offset(&self, cluster: u64) -> u64 {
-        self.sb.data_start * BLOCK_SIZE as u64 + cluster * self.cluster_bytes
+    pub fn from_parts(disk: D, meta: PoolMeta) -> Pool<D> {
+        Pool { disk, meta }
     }
 
-    fn touch(&mut self, cluster: u64) {
-        if !self.epoch_fresh.contains(&cluster) {
-            self.epoch_touched.insert(cluster);
-        }
-    }
-
-    fn add_ref(&mut self, cluster: u64) {
-        self.touch(cluster);
-        if self.refs[cluster as usize] == 0 && !self.alloc.is_allocated(cluster) {
-            self.alloc.mark_allocated(cluster); // replay: the record names a cluster
-        }
-        self.refs[cluster as usize] += 1;
-    }
-
-    fn drop_ref(&mut self, cluster: u64) {
-        self.touch(cluster);
-        let r = &mut self.refs[cluster as usize];
-        assert!(*r > 0, "cluster {cluster} released more than referenced");
-        *r -= 1;
-        if *r == 0 {
-            self.alloc.free(cluster);
-        }
-    }
-
-    /// Applies one record to the in-memory state (live operations and replay alike).
-    fn apply(&mut self, r: &Record) {
-        match r {
-            Record::MapSet { volume, vcluster, entry } => {
-                let Some(v) = self.volumes.get_mut(volume) else { return };
-                let mut copied = Vec::new();
-                let old = v.tree.set(*vcluster, Entry(*entry), |leaf| {
-                    copied.extend(leaf.iter().filter_map(|e| e.cluster()));
-                });
-                for c in copied {
-                    self.add_ref(c);
-                }
-                if let Some(c) = Entry(*entry).cluster() {
-                    self.add_ref(c);
-                }
-                if let Some(c) = old.cluster() {
-                    self.drop_ref(c);
-                }
-            }
-            Record::VolumeCreate { id, parent, size_bytes, name } => {
-                let clusters = size_bytes.div_ceil(self.cluster_bytes).max(1);
-                let v = Volume {
-                    name: name.clone(),
-                    size_bytes: *size_bytes,
-                    read_only: false,
-                    parent: *parent,
-                    tree: Tree::new(clusters),
-                };
-                self.volumes.insert(*id, v);
-                self.next_id = self.next_id.max(id + 1);
-            }
-            Record::Snapshot { id, of, name } | Record::Clone { id, of, name } => {
-                let Some(src) = self.volumes.get(of) else { return };
-                let v = Volume {
-                    name: name.clone(),
-                    size_bytes: src.size_bytes,
-                    read_only: matches!(r, Record::Snapshot { .. }),
-                    parent: *of,
-                    tree: src.tree.clone(),
-                };
-                self.volumes.insert(*id, v);
-                self.next_id = self.next_id.max(id + 1);
-            }
-            Record::Delete { id } => {
-                if let Some(v) = self.volumes.remove(id) {
-                    let mut released = Vec::new();
-                    v.tree.release(|e| released.extend(e.cluster()));
-                    for c in released {
-                        self.drop_ref(c);
-                    }
-                }
-            }
-            Record::Rollback { .. } | Record::Resize { .. } | Record::ReclaimProgress { .. } => {
-                unimplemented!("not in the reference pool yet: {r:?}")
-            }
-        }
-    }
-
-    fn log(&mut self, r: Record) {
-        self.apply(&r);
-        self.journal.append(r);
-    }
-
-    /// Group commit: data and earlier journal blocks durable, then the new blocks with FUA.
+    /// Group commit (or a checkpoint when the journal wants one).
     pub fn flush(&mut self) -> Result<(), PoolError> {
-        self.disk.flush();
-        let start = self.sb.journal_start;
-        for (i, bytes) in self.journal.commit()? {
-            self.disk.write((start + i) * BLOCK_SIZE as u64, &bytes, true);
-        }
-        self.alloc.commit();
-        self.epoch_fresh.clear();
-        self.epoch_touched.clear();
-        Ok(())
+        commit_sync(&mut self.disk, &mut self.meta)
+    }
+
+    /// Writes the whole state to the inactive metadata half and names it in a new superblock.
+    pub fn checkpoint(&mut self) -> Result<(), PoolError> {
+        checkpoint_sync(&mut self.disk, &mut self.meta)
     }
 
     pub fn create_volume(&mut self, name: &str, size_bytes: u64) -> Result<u32, PoolError> {
-        let id = self.next_id;
-        self.log(Record::VolumeCreate { id, parent: 0, size_bytes, name: name.into() });
+        let id = self.meta.create_volume(name, size_bytes)?;
         self.flush()?;
         Ok(id)
     }
 
-    /// A read-only snapshot: O(1), it shares the volume's mapping.
     pub fn snapshot(&mut self, of: u32, name: &str) -> Result<u32, PoolError> {
-        self.volumes.get(&of).ok_or(PoolError::NoVolume(of))?;
-        let id = self.next_id;
-        self.log(Record::Snapshot { id, of, name: name.into() });
+        let id = self.meta.snapshot(of, name)?;
         self.flush()?;
         Ok(id)
     }
 
-    /// A writable clone of a snapshot.
     pub fn clone_volume(&mut self, of: u32, name: &str) -> Result<u32, PoolError> {
-        let src = self.volumes.get(&of).ok_or(PoolError::NoVolume(of))?;
-        if !src.read_only {
-            return Err(PoolError::NotSnapshot(of));
-        }
-        let id = self.next_id;
-        self.log(Record::Clone { id, of, name: name.into() });
+        let id = self.meta.clone_volume(of, name)?;
         self.flush()?;
         Ok(id)
     }
 
-    pub fn delete(&mut self, id: u32) -> Result<(), PoolError> {
-        self.volumes.get(&id).ok_or(PoolError::NoVolume(id))?;
-        self.log(Record::Delete { id });
+    pub fn rollback(&mut self, id: u32, to: u32) -> Result<(), PoolError> {
+        self.meta.rollback(id, to)?;
         self.flush()
     }
 
-    fn check_range(
-        &self,
-        id: u32,
-        offset: u64,
-        len: u64,
-        write: bool,
-    ) -> Result<&Volume, PoolError> {
-        let v = self.volumes.get(&id).ok_or(PoolError::NoVolume(id))?;
-        if write && v.read_only {
-            return Err(PoolError::ReadOnly(id));
-        }
-        if !offset.is_multiple_of(PIECE) || !len.is_multiple_of(PIECE) {
-            return Err(PoolError::Unaligned);
-        }
-        if offset.checked_add(len).is_none_or(|end| end > v.size_bytes) {
-            return Err(PoolError::Range(id));
-        }
-        Ok(v)
+    pub fn resize(&mut self, id: u32, size_bytes: u64, force: bool) -> Result<(), PoolError> {
+        self.meta.resize(id, size_bytes, force)?;
+        self.flush()
+    }
+
+    pub fn delete(&mut self, id: u32) -> Result<(), PoolError> {
+        self.meta.delete(id)?;
+        self.flush()
     }
 
     pub fn read(&mut self, id: u32, offset: u64, len: u64) -> Result<Vec<u8>, PoolError> {
-        self.check_range(id, offset, len, false)?;
-        let mut out = vec![0u8; len as usize];
-        for piece in 0..len / PIECE {
-            let at = offset + piece * PIECE;
-            let e = self.volumes[&id].tree.get(at / self.cluster_bytes);
-            let bit = (at % self.cluster_bytes) / PIECE;
-            if let (Some(c), true) = (e.cluster(), e.written() & (1 << bit) != 0) {
-                let data = self.disk.read(self.cluster_offset(c) + bit * PIECE, PIECE as usize);
-                out[(piece * PIECE) as usize..((piece + 1) * PIECE) as usize]
-                    .copy_from_slice(&data);
+        let pieces = self.meta.plan_read(id, offset, len)?;
+        let mut out = Vec::with_capacity(len as usize);
+        for p in pieces {
+            match p {
+                ReadPiece::Zero { len } => out.resize(out.len() + len as usize, 0),
+                ReadPiece::Disk { offset, len } => {
+                    out.extend_from_slice(&self.disk.read(offset, len as usize)?)
+                }
             }
         }
         Ok(out)
     }
 
     pub fn write(&mut self, id: u32, offset: u64, data: &[u8]) -> Result<(), PoolError> {
-        self.check_range(id, offset, data.len() as u64, true)?;
-        let mut at = offset;
-        let end = offset + data.len() as u64;
-        while at < end {
-            let Span { vc, cluster_end, first_bit, bits } = self.span(at, end);
-            let chunk = &data[(at - offset) as usize..(cluster_end - offset) as usize];
-            self.write_cluster(id, vc, first_bit, bits, chunk)?;
-            at = cluster_end;
-        }
-        Ok(())
-    }
-
-    fn write_cluster(
-        &mut self,
-        id: u32,
-        vc: u64,
-        first_bit: u64,
-        bits: u16,
-        chunk: &[u8],
-    ) -> Result<(), PoolError> {
-        let v = &self.volumes[&id];
-        let e = v.tree.get(vc);
-        let owned = e.cluster().is_some_and(|c| {
-            self.refs[c as usize] == 1
-                && !v.tree.leaf_shared(vc)
-                && !self.epoch_touched.contains(&c)
-        });
-        if owned {
-            let c = e.cluster().expect("owned means mapped");
-            self.disk.write(self.cluster_offset(c) + first_bit * PIECE, chunk, false);
-            if e.written() & bits != bits {
-                self.log(Record::MapSet {
-                    volume: id,
-                    vcluster: vc,
-                    entry: Entry::new(c, e.written() | bits).0,
-                });
-            }
-            return Ok(());
-        }
-        let fresh = self.alloc.alloc().ok_or(PoolError::NoSpace)?;
-        self.epoch_fresh.insert(fresh);
-        if let Some(old) = e.cluster() {
-            // Carry the other written pieces over from the shared cluster.
-            for bit in 0..(self.cluster_bytes / PIECE) {
-                if e.written() & (1 << bit) != 0 && bits & (1 << bit) == 0 {
-                    let piece =
-                        self.disk.read(self.cluster_offset(old) + bit * PIECE, PIECE as usize);
-                    self.disk.write(self.cluster_offset(fresh) + bit * PIECE, &piece, false);
+        let plans = match self.meta.plan_write(id, offset, data.len() as u64)? {
+            Ok(plans) => plans,
+            Err(_) => unreachable!("nothing is in flight on a synchronous pool"),
+        };
+        let cb = self.meta.cluster_bytes();
+        for p in &plans {
+            let chunk = &data[p.req_start as usize..(p.req_start + p.req_len) as usize];
+            match p.copy_from {
+                Some(old) => {
+                    let mut whole = self.disk.read(old, cb as usize)?;
+                    let at = (p.offset - self.meta.cluster_offset(p.cluster)) as usize;
+                    whole[at..at + chunk.len()].copy_from_slice(chunk);
+                    self.disk.write(self.meta.cluster_offset(p.cluster), &whole, false)?;
                 }
+                None => self.disk.write(p.offset, chunk, false)?,
             }
+            self.meta.finish_span(id, p);
         }
-        self.disk.write(self.cluster_offset(fresh) + first_bit * PIECE, chunk, false);
-        self.log(Record::MapSet {
-            volume: id,
-            vcluster: vc,
-            entry: Entry::new(fresh, e.written() | bits).0,
-        });
+        self.meta.end_write(id);
         Ok(())
     }
 
-    /// Trims whole 4 KiB pieces: they read zeros; a cluster with no written piece is released.
     pub fn trim(&mut self, id: u32, offset: u64, len: u64) -> Result<(), PoolError> {
-        self.check_range(id, offset, len, true)?;
-        let mut at = offset;
-        while at < offset + len {
-            let Span { vc, cluster_end, bits, .. } = self.span(at, offset + len);
-            let e = self.volumes[&id].tree.get(vc);
-            if let Some(c) = e.cluster() {
-                let left = e.written() & !bits;
-                let entry = if left == 0 { Entry::UNMAPPED } else { Entry::new(c, left) };
-                if entry != e {
-                    self.log(Record::MapSet { volume: id, vcluster: vc, entry: entry.0 });
-                }
-            }
-            at = cluster_end;
+        match self.meta.trim(id, offset, len)? {
+            Ok(()) => Ok(()),
+            Err(_) => unreachable!("nothing is in flight on a synchronous pool"),
         }
-        Ok(())
     }
 
-    /// Recounts references from the trees and compares with the live counts and allocator.
+    /// Every discrepancy between the live counts and what the trees say (empty when exact).
     pub fn check(&self) -> Result<(), String> {
-        let counts = count_references(self.volumes.values().map(|v| &v.tree));
-        for (c, &r) in self.refs.iter().enumerate() {
-            let want = counts.get(&(c as u64)).copied().unwrap_or(0);
-            if r != want {
-                return Err(format!("cluster {c}: refcount {r}, trees say {want}"));
-            }
-            if r > 0 && !self.alloc.is_allocated(c as u64) {
-                return Err(format!("cluster {c} referenced but not allocated"));
-            }
+        let problems = self.meta.check();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
         }
-        let referenced = counts.len() as u64;
-        if self.alloc.used_count() < referenced {
-            return Err("allocator counts fewer clusters than are referenced".into());
-        }
-        Ok(())
     }
 
-    /// Clusters allocated but referenced by nothing (leaks), after pending frees are durable.
     pub fn leaked(&self) -> u64 {
-        let counts = count_references(self.volumes.values().map(|v| &v.tree));
-        self.alloc.used_count() - counts.len() as u64
+        self.meta.leaked()
     }
+}
+
+/// A group commit over a synchronous disk: data and earlier journal blocks durable, then the
+/// sealed blocks with FUA, then the frees released (or a checkpoint when the journal wants
+/// one). The caller holds `meta` exclusively; no other commit is in flight.
+pub fn commit_sync<D: SyncDisk>(disk: &mut D, meta: &mut PoolMeta) -> Result<(), PoolError> {
+    if meta.wants_checkpoint() {
+        return checkpoint_sync(disk, meta);
+    }
+    let sealed = meta.seal()?.expect("the caller made sure no other commit is in flight");
+    let start = meta.superblock().journal_start;
+    let written = disk.flush().and_then(|()| {
+        sealed
+            .blocks
+            .iter()
+            .try_for_each(|(i, bytes)| disk.write((start + i) * BLOCK_SIZE as u64, bytes, true))
+    });
+    if let Err(e) = written {
+        meta.fail(format!("journal commit failed: {e}"));
+        return Err(e.into());
+    }
+    meta.commit_done(sealed);
+    Ok(())
+}
+
+/// Writes the whole state of `meta` to the inactive metadata half, flushes, and names it in a
+/// new superblock (FUA): the journal starts over from the current position.
+pub fn checkpoint_sync<D: SyncDisk>(disk: &mut D, meta: &mut PoolMeta) -> Result<(), PoolError> {
+    let (half, blob) = checkpoint_blob(meta)?;
+    let sb =
+        meta.checkpoint_superblock(blob.len() as u64 / BLOCK_SIZE as u64, crc32c::crc32c(&blob));
+    let written = disk
+        .flush()
+        .and_then(|()| disk.write(meta.checkpoint_offset(half), &blob, false))
+        .and_then(|()| disk.flush())
+        .and_then(|()| disk.write(sb.slot() * BLOCK_SIZE as u64, &sb.encode(), true));
+    if let Err(e) = written {
+        meta.fail(format!("checkpoint failed: {e}"));
+        return Err(e.into());
+    }
+    meta.checkpoint_done(sb);
+    Ok(())
+}
+
+/// The checkpoint of `meta` as written to the media (header + records, padded to blocks) and
+/// the half it goes to.
+pub fn checkpoint_blob(meta: &PoolMeta) -> Result<(u8, Vec<u8>), PoolError> {
+    let payload = meta.checkpoint_payload();
+    let mut blob = Vec::with_capacity(payload.len() + BLOCK_SIZE);
+    blob.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    blob.extend_from_slice(&payload);
+    blob.resize(blob.len().next_multiple_of(BLOCK_SIZE), 0);
+    let limit = meta.checkpoint_half_blocks() * BLOCK_SIZE as u64;
+    // `admit` keeps the worst case inside the half, so this cannot fail on a sound pool.
+    assert!(blob.len() as u64 <= limit, "checkpoint of {} bytes exceeds its half", blob.len());
+    Ok((1 - meta.superblock().checkpoint_half, blob))
 }
 
 #[cfg(test)]
@@ -519,7 +396,14 @@ mod tests {
         let disk = SimDisk::new(4 << 20, seed);
         Pool::format(
             disk,
-            PoolGeometry { cluster_shift: CLUSTER_SHIFT, journal_blocks: 512, pool_uuid: [9; 16] },
+            PoolGeometry {
+                cluster_shift: CLUSTER_SHIFT,
+                // A small ring, so that checkpoints and wrap-around happen in most cases.
+                journal_blocks: 16,
+                pool_uuid: [9; 16],
+                max_volumes: 64,
+                config_bytes: 256,
+            },
         )
         .unwrap()
     }
@@ -562,6 +446,9 @@ mod tests {
         Snapshot { vol: usize },
         Clone { vol: usize },
         Delete { vol: usize },
+        Rollback { vol: usize, snap: usize },
+        Resize { vol: usize, pieces: u64 },
+        Checkpoint,
         Crash { mode: u8 },
     }
 
@@ -574,6 +461,9 @@ mod tests {
             1 => (0usize..4).prop_map(|vol| Op::Snapshot { vol }),
             1 => (0usize..4).prop_map(|vol| Op::Clone { vol }),
             1 => (0usize..4).prop_map(|vol| Op::Delete { vol }),
+            1 => (0usize..4, 0usize..8).prop_map(|(vol, snap)| Op::Rollback { vol, snap }),
+            1 => (0usize..4, 1..=VOL_PIECES).prop_map(|(vol, pieces)| Op::Resize { vol, pieces }),
+            1 => Just(Op::Checkpoint),
             2 => (0u8..3).prop_map(|mode| Op::Crash { mode }),
         ]
     }
@@ -586,6 +476,10 @@ mod tests {
         durable: Vec<u8>,
         since: Vec<BTreeSet<u8>>,
         read_only: bool,
+        /// The volume a snapshot or clone was taken of.
+        parent: u32,
+        /// Size in pieces (the vectors always hold `VOL_PIECES`; beyond the size they are 0).
+        size: u64,
     }
 
     fn run(seed: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -598,6 +492,13 @@ mod tests {
             durable: vec![0; VOL_PIECES as usize],
             since: vec![BTreeSet::new(); VOL_PIECES as usize],
             read_only: false,
+            parent: 0,
+            size: VOL_PIECES,
+        };
+        let mut names = 0u32;
+        let mut name = |prefix: &str| {
+            names += 1;
+            format!("{prefix}{names}")
         };
         models.insert(first, fresh());
         let settle = |m: &mut BTreeMap<u32, Model>| {
@@ -612,7 +513,9 @@ mod tests {
             match op {
                 Op::Write { vol, piece, pieces, byte } => {
                     let Some(id) = pick(vol) else { continue };
-                    let pieces = pieces.min(VOL_PIECES - piece);
+                    let size = models[&id].size;
+                    let piece = piece % size;
+                    let pieces = pieces.min(size - piece);
                     let r = pool.write(id, piece * PIECE, &vec![byte; (pieces * PIECE) as usize]);
                     let m = models.get_mut(&id).unwrap();
                     if m.read_only {
@@ -630,7 +533,9 @@ mod tests {
                 }
                 Op::Trim { vol, piece, pieces } => {
                     let Some(id) = pick(vol) else { continue };
-                    let pieces = pieces.min(VOL_PIECES - piece);
+                    let size = models[&id].size;
+                    let piece = piece % size;
+                    let pieces = pieces.min(size - piece);
                     let r = pool.trim(id, piece * PIECE, pieces * PIECE);
                     let m = models.get_mut(&id).unwrap();
                     if m.read_only {
@@ -649,22 +554,24 @@ mod tests {
                 }
                 Op::Snapshot { vol } => {
                     let Some(id) = pick(vol) else { continue };
-                    let s = pool.snapshot(id, "s").unwrap();
+                    let s = pool.snapshot(id, &name("s")).unwrap();
                     settle(&mut models);
                     let mut m = models[&id].clone();
                     m.read_only = true;
+                    m.parent = id;
                     models.insert(s, m);
                 }
                 Op::Clone { vol } => {
                     let Some(id) = pick(vol) else { continue };
                     if !models[&id].read_only {
-                        prop_assert!(pool.clone_volume(id, "c").is_err());
+                        prop_assert!(pool.clone_volume(id, &name("c")).is_err());
                         continue;
                     }
-                    let c = pool.clone_volume(id, "c").unwrap();
+                    let c = pool.clone_volume(id, &name("c")).unwrap();
                     settle(&mut models);
                     let mut m = models[&id].clone();
                     m.read_only = false;
+                    m.parent = id;
                     models.insert(c, m);
                 }
                 Op::Delete { vol } => {
@@ -672,6 +579,47 @@ mod tests {
                     pool.delete(id).unwrap();
                     settle(&mut models);
                     models.remove(&id);
+                }
+                Op::Rollback { vol, snap } => {
+                    let Some(id) = pick(vol) else { continue };
+                    let snaps: Vec<u32> = models
+                        .iter()
+                        .filter(|(_, m)| m.read_only && m.parent == id)
+                        .map(|(s, _)| *s)
+                        .collect();
+                    let r = snaps.get(snap % snaps.len().max(1)).copied();
+                    let Some(to) = r else { continue };
+                    if models[&id].read_only {
+                        prop_assert!(pool.rollback(id, to).is_err());
+                        continue;
+                    }
+                    pool.rollback(id, to).unwrap();
+                    settle(&mut models);
+                    let snap_model = models[&to].clone();
+                    let m = models.get_mut(&id).unwrap();
+                    m.now = snap_model.now;
+                    m.size = snap_model.size;
+                    settle(&mut models);
+                }
+                Op::Resize { vol, pieces } => {
+                    let Some(id) = pick(vol) else { continue };
+                    let r = pool.resize(id, pieces * PIECE, true);
+                    if models[&id].read_only {
+                        prop_assert!(r.is_err());
+                        continue;
+                    }
+                    r.unwrap();
+                    settle(&mut models);
+                    let m = models.get_mut(&id).unwrap();
+                    for p in pieces..VOL_PIECES {
+                        m.now[p as usize] = 0;
+                    }
+                    m.size = pieces;
+                    settle(&mut models);
+                }
+                Op::Checkpoint => {
+                    pool.checkpoint().unwrap();
+                    settle(&mut models);
                 }
                 Op::Crash { mode } => {
                     let mode =
@@ -682,8 +630,9 @@ mod tests {
                     let ids: BTreeSet<u32> = pool.volumes().keys().copied().collect();
                     prop_assert_eq!(&ids, &models.keys().copied().collect::<BTreeSet<u32>>());
                     for (id, m) in models.iter_mut() {
-                        let data = pool.read(*id, 0, VOL_PIECES * PIECE).unwrap();
-                        for p in 0..VOL_PIECES as usize {
+                        prop_assert_eq!(pool.volumes()[id].size_bytes, m.size * PIECE);
+                        let data = pool.read(*id, 0, m.size * PIECE).unwrap();
+                        for p in 0..m.size as usize {
                             let piece = &data[p * PIECE as usize..(p + 1) * PIECE as usize];
                             let v = piece[0];
                             prop_assert!(
@@ -712,8 +661,8 @@ mod tests {
             }
             // Reads always match the model outside crashes.
             for (id, m) in &models {
-                let data = pool.read(*id, 0, VOL_PIECES * PIECE).unwrap();
-                for p in 0..VOL_PIECES as usize {
+                let data = pool.read(*id, 0, m.size * PIECE).unwrap();
+                for p in 0..m.size as usize {
                     prop_assert_eq!(data[p * PIECE as usize], m.now[p], "vol {} piece {}", id, p);
                 }
             }

@@ -49,7 +49,19 @@ pub enum Record {
         id: u32,
         cursor: u64,
     },
+    /// Volume `id` becomes read-only (checkpoints recreating a snapshot whose origin is gone).
+    ReadOnly {
+        id: u32,
+    },
+    /// Persistent configuration (exports, hosts): `key` now holds `value`; empty removes it.
+    Config {
+        key: String,
+        value: String,
+    },
 }
+
+/// Longest configuration value (it must fit one journal block with its key).
+pub const CONFIG_VALUE_MAX: usize = 3072;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
@@ -70,6 +82,8 @@ mod kind {
     pub const DELETE: u8 = 6;
     pub const RESIZE: u8 = 7;
     pub const RECLAIM_PROGRESS: u8 = 8;
+    pub const READ_ONLY: u8 = 9;
+    pub const CONFIG: u8 = 10;
 }
 
 fn put_name(out: &mut Vec<u8>, name: &str) {
@@ -130,6 +144,17 @@ impl Record {
                 out.extend_from_slice(&id.to_le_bytes());
                 out.extend_from_slice(&cursor.to_le_bytes());
             }
+            Record::ReadOnly { id } => {
+                out.push(kind::READ_ONLY);
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+            Record::Config { key, value } => {
+                assert!(value.len() <= CONFIG_VALUE_MAX, "config value too long");
+                out.push(kind::CONFIG);
+                put_name(out, key);
+                out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+                out.extend_from_slice(value.as_bytes());
+            }
         }
     }
 }
@@ -158,6 +183,15 @@ impl Cursor<'_> {
     }
     fn u64(&mut self) -> Result<u64, RecordError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn long_text(&mut self) -> Result<String, RecordError> {
+        let at = self.at;
+        let len = u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")) as usize;
+        if len > CONFIG_VALUE_MAX {
+            return Err(RecordError::BadName(at));
+        }
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| RecordError::BadName(at))
     }
     fn name(&mut self) -> Result<String, RecordError> {
         let at = self.at;
@@ -189,6 +223,8 @@ pub fn decode_all(payload: &[u8]) -> Result<Vec<Record>, RecordError> {
             kind::DELETE => Record::Delete { id: c.u32()? },
             kind::RESIZE => Record::Resize { id: c.u32()?, size_bytes: c.u64()? },
             kind::RECLAIM_PROGRESS => Record::ReclaimProgress { id: c.u32()?, cursor: c.u64()? },
+            kind::READ_ONLY => Record::ReadOnly { id: c.u32()? },
+            kind::CONFIG => Record::Config { key: c.name()?, value: c.long_text()? },
             kind => return Err(RecordError::UnknownType { kind, at }),
         };
         out.push(r);
@@ -256,6 +292,8 @@ mod tests {
                 .prop_map(|(id, size_bytes)| Record::Resize { id, size_bytes }),
             (any::<u32>(), any::<u64>())
                 .prop_map(|(id, cursor)| Record::ReclaimProgress { id, cursor }),
+            any::<u32>().prop_map(|id| Record::ReadOnly { id }),
+            (name, "[ -~]{0,300}").prop_map(|(key, value)| Record::Config { key, value }),
         ]
     }
 

@@ -1,0 +1,828 @@
+//! A pool opened by the daemon and its volumes as block devices.
+//!
+//! [`PoolHandle`] owns the pool's media twice: as a [`FileDev`] for the data path (O_DIRECT,
+//! asynchronous through the calling core's io_uring) and as a [`FileDisk`] for the control
+//! path (blocking, on the control thread). The [`PoolMeta`] between them sits behind one
+//! mutex held only for in-memory decisions, never across I/O on the data path.
+//!
+//! A [`VolumeDev`] is a [`BlockDev`]: each command becomes a [`VolumeIo`] task on the
+//! submitting core that plans under the lock, runs the device I/O the plan needs (direct reads,
+//! in-place writes, or a copy-on-write: read the old cluster, lay the new data over it, write
+//! the fresh cluster), maps the result, and hands the outcome to the submitting task with the
+//! submitter's tag (`Cx::complete_to`).
+//!
+//! Invariants:
+//! - a flush (or FUA write) completes only after a commit sealed after it arrived is durable:
+//!   `fsync` of the media (the data and every earlier journal block), then the commit's
+//!   journal blocks with FUA, in that order;
+//! - every data I/O holds a ticket from `begin_io` until its device I/O ended, so a cluster
+//!   freed meanwhile is not reused under it;
+//! - control operations that change sharing or size (snapshot, clone, rollback, resize,
+//!   delete) freeze the volume and wait until its writes drained before they change anything.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ballast_ffi::{IoBuf, Owned};
+use parking_lot::{Mutex, MutexGuard};
+
+use super::format::BLOCK_SIZE;
+use super::meta::{PoolMeta, ReadPiece, Sealed, Ticket, WritePlan, PIECE};
+use super::pool::{checkpoint_sync, commit_sync, Pool, PoolError, PoolGeometry, SyncDisk};
+use crate::blockdev::{push_extent, BlockDev, DevInfo, Extent, IoCmd};
+use crate::file::FileDev;
+use crate::reactor::{Cx, Task};
+
+/// How long a request waits before it looks again at a cluster busy with another write.
+const RETRY: Duration = Duration::from_micros(30);
+/// How long a control operation waits for a volume's writes to drain.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Blocking access to the pool's media for the control path.
+pub struct FileDisk {
+    file: File,
+    size: u64,
+}
+
+impl FileDisk {
+    pub fn open(path: &Path, writable: bool) -> std::io::Result<FileDisk> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        let size = crate::file::media_size(&file)?;
+        Ok(FileDisk { file, size })
+    }
+}
+
+impl SyncDisk for FileDisk {
+    fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        self.file.read_exact_at(&mut out, offset)?;
+        Ok(out)
+    }
+    fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        self.file.write_all_at(data, offset)?;
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.size
+    }
+}
+
+/// An open pool shared by the cores and the control thread.
+pub struct PoolHandle {
+    meta: Mutex<PoolMeta>,
+    disk: Mutex<FileDisk>,
+    media: FileDev,
+    path: PathBuf,
+}
+
+/// One volume's listing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VolumeInfo {
+    pub id: u32,
+    pub name: String,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+    pub read_only: bool,
+    pub snapshot: bool,
+    pub parent: Option<String>,
+}
+
+/// The pool's listing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolInfo {
+    pub path: String,
+    pub uuid: String,
+    pub cluster_bytes: u64,
+    pub data_bytes: u64,
+    pub free_bytes: u64,
+    pub used_bytes: u64,
+    pub metadata_bytes: u64,
+    pub journal_bytes: u64,
+    pub volumes: usize,
+}
+
+impl PoolHandle {
+    /// Creates a pool on `path` (a file is created sparse with `size` bytes when missing).
+    pub fn create(path: &Path, size: Option<u64>, g: PoolGeometry) -> Result<(), PoolError> {
+        if let (Some(size), false) = (size, path.exists()) {
+            let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+            f.set_len(size)?;
+        }
+        let disk = FileDisk::open(path, true)?;
+        let mut pool = Pool::format(disk, g)?;
+        pool.checkpoint()?;
+        Ok(())
+    }
+
+    /// Opens the pool on `path`: superblock, checkpoint and journal replay.
+    pub fn open(path: &Path) -> Result<Arc<PoolHandle>, PoolError> {
+        let disk = FileDisk::open(path, true)?;
+        let (disk, meta) = Pool::open(disk)?.into_parts();
+        let media = FileDev::open(path, None, false)
+            .map_err(|e| PoolError::Io(std::io::Error::other(e.to_string())))?;
+        Ok(Arc::new(PoolHandle {
+            meta: Mutex::new(meta),
+            disk: Mutex::new(disk),
+            media,
+            path: path.to_path_buf(),
+        }))
+    }
+
+    pub fn meta(&self) -> MutexGuard<'_, PoolMeta> {
+        self.meta.lock()
+    }
+
+    pub fn info(&self) -> PoolInfo {
+        let m = self.meta.lock();
+        let sb = m.superblock();
+        PoolInfo {
+            path: self.path.display().to_string(),
+            uuid: sb.pool_uuid.iter().map(|b| format!("{b:02x}")).collect(),
+            cluster_bytes: m.cluster_bytes(),
+            data_bytes: m.data_bytes(),
+            free_bytes: m.free_clusters() * m.cluster_bytes(),
+            used_bytes: m.used_clusters() * m.cluster_bytes(),
+            metadata_bytes: sb.meta_blocks * BLOCK_SIZE as u64,
+            journal_bytes: sb.journal_blocks * BLOCK_SIZE as u64,
+            volumes: m.volumes().len(),
+        }
+    }
+
+    pub fn list(&self) -> Vec<VolumeInfo> {
+        let m = self.meta.lock();
+        m.volumes()
+            .iter()
+            .map(|(&id, v)| VolumeInfo {
+                id,
+                name: v.name.clone(),
+                size_bytes: v.size_bytes,
+                allocated_bytes: m.allocated_bytes(id),
+                read_only: v.read_only,
+                snapshot: v.read_only,
+                parent: m.volumes().get(&v.parent).map(|p| p.name.clone()),
+            })
+            .collect()
+    }
+
+    /// Makes every completed write durable, from a blocking thread.
+    pub fn commit_blocking(&self) -> Result<(), PoolError> {
+        let start = Instant::now();
+        loop {
+            let mut meta = self.meta.lock();
+            if let Some(why) = meta.failed() {
+                return Err(PoolError::Failed(why.to_string()));
+            }
+            if meta.committing() {
+                drop(meta);
+                if start.elapsed() > QUIESCE_TIMEOUT {
+                    return Err(PoolError::Failed("a commit did not finish in time".into()));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let mut disk = self.disk.lock();
+            return commit_sync(&mut *disk, &mut meta);
+        }
+    }
+
+    /// Writes a checkpoint now (clean shutdown; the next start replays nothing).
+    pub fn checkpoint_blocking(&self) -> Result<(), PoolError> {
+        let start = Instant::now();
+        loop {
+            let mut meta = self.meta.lock();
+            if meta.committing() && start.elapsed() < QUIESCE_TIMEOUT {
+                drop(meta);
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let mut disk = self.disk.lock();
+            return checkpoint_sync(&mut *disk, &mut meta);
+        }
+    }
+
+    /// Runs a control operation: freezes `quiesce` (if any) until its writes drained, applies
+    /// `op`, unfreezes, and commits, so the operation is durable when this returns.
+    pub fn control<T>(
+        &self,
+        quiesce: Option<u32>,
+        op: impl FnOnce(&mut PoolMeta) -> Result<T, PoolError>,
+    ) -> Result<T, PoolError> {
+        if let Some(id) = quiesce {
+            self.meta.lock().set_frozen(id, true);
+            let start = Instant::now();
+            while !self.meta.lock().quiet(id) {
+                if start.elapsed() > QUIESCE_TIMEOUT {
+                    self.meta.lock().set_frozen(id, false);
+                    return Err(PoolError::Failed("volume writes did not drain".into()));
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        let r = {
+            let mut meta = self.meta.lock();
+            let r = op(&mut meta);
+            if let Some(id) = quiesce {
+                meta.set_frozen(id, false);
+            }
+            r
+        };
+        let value = r?;
+        self.commit_blocking()?;
+        Ok(value)
+    }
+
+    pub fn create_volume(&self, name: &str, size: u64) -> Result<u32, PoolError> {
+        self.control(None, |m| m.create_volume(name, size))
+    }
+
+    pub fn snapshot(&self, of: &str, name: &str) -> Result<u32, PoolError> {
+        let of = self.meta.lock().find(of)?;
+        self.control(Some(of), |m| m.snapshot(of, name))
+    }
+
+    pub fn clone_volume(&self, of: &str, name: &str) -> Result<u32, PoolError> {
+        let of = self.meta.lock().find(of)?;
+        self.control(None, |m| m.clone_volume(of, name))
+    }
+
+    pub fn rollback(&self, vol: &str, to: &str) -> Result<(), PoolError> {
+        let (id, to) = {
+            let m = self.meta.lock();
+            (m.find(vol)?, m.find(to)?)
+        };
+        self.control(Some(id), |m| m.rollback(id, to))
+    }
+
+    pub fn resize(&self, vol: &str, size: u64, force: bool) -> Result<(), PoolError> {
+        let id = self.meta.lock().find(vol)?;
+        self.control(Some(id), |m| m.resize(id, size, force))
+    }
+
+    pub fn delete(&self, vol: &str) -> Result<(), PoolError> {
+        let id = self.meta.lock().find(vol)?;
+        self.control(Some(id), |m| m.delete(id))
+    }
+
+    pub fn set_config(&self, key: &str, value: &str) -> Result<(), PoolError> {
+        self.control(None, |m| m.set_config(key, value))
+    }
+
+    /// A block device for volume `name` (read-only for snapshots, or when asked).
+    pub fn device(self: &Arc<Self>, name: &str, read_only: bool) -> Result<VolumeDev, PoolError> {
+        let m = self.meta.lock();
+        let id = m.find(name)?;
+        let v = m.volume(id)?;
+        let read_only = read_only || v.read_only;
+        let kind = if v.read_only { "snapshot" } else { "volume" };
+        Ok(VolumeDev {
+            pool: Arc::clone(self),
+            id,
+            info: DevInfo {
+                block_size: PIECE as u32,
+                read_only,
+                backend: format!("{kind}:{name} in pool {}", self.path.display()),
+                cheap_extents: false,
+            },
+        })
+    }
+}
+
+/// One volume of an open pool as a block device.
+pub struct VolumeDev {
+    pool: Arc<PoolHandle>,
+    id: u32,
+    info: DevInfo,
+}
+
+impl VolumeDev {
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn pool(&self) -> &Arc<PoolHandle> {
+        &self.pool
+    }
+}
+
+fn errno(e: &PoolError) -> i32 {
+    -match e {
+        PoolError::NoSpace => libc::ENOSPC,
+        PoolError::ReadOnly(_) => libc::EPERM,
+        PoolError::Range(_) | PoolError::Unaligned => libc::EINVAL,
+        PoolError::NoVolume(_) => libc::ENODEV,
+        _ => libc::EIO,
+    }
+}
+
+impl BlockDev for VolumeDev {
+    fn info(&self) -> &DevInfo {
+        &self.info
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.pool.meta.lock().volume(self.id).map_or(0, |v| v.size_bytes)
+    }
+
+    fn grow(&self, new_size: u64) -> std::io::Result<()> {
+        let name = self.pool.meta.lock().volume(self.id).map(|v| v.name.clone());
+        let r = name.and_then(|n| self.pool.resize(&n, new_size, false));
+        r.map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn submit(&self, cx: &mut Cx<'_>, cmd: IoCmd, tag: u32) {
+        let io = VolumeIo {
+            pool: Arc::clone(&self.pool),
+            vol: self.id,
+            reply_task: cx.task(),
+            reply_tag: tag,
+            cmd: Some(cmd),
+            buf: None,
+            offset: 0,
+            len: 0,
+            fua: false,
+            phase: Phase::Plan,
+            outstanding: 0,
+            error: 0,
+            ticket: None,
+            parts: Vec::new(),
+            plans: Vec::new(),
+            sealed: None,
+            wait_seal: 0,
+            done: false,
+        };
+        cx.spawn_local(Box::new(io));
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
+        let m = self.pool.meta.lock();
+        let size = m.volume(self.id).map_or(0, |v| v.size_bytes);
+        let end = offset.saturating_add(len).min(size);
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let piece_end = ((at / PIECE + 1) * PIECE).min(end);
+            let hole = !m.piece_written(self.id, at / PIECE);
+            push_extent(&mut out, Extent { len: piece_end - at, hole, zero: hole });
+            at = piece_end;
+        }
+        Ok(out)
+    }
+
+    fn flush_blocking(&self) -> std::io::Result<()> {
+        self.pool.commit_blocking().map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Plan,
+    Read,
+    Write,
+    Sync,
+    Journal,
+    Done,
+}
+
+/// Tags of a volume I/O's own device operations.
+mod tag {
+    pub const RETRY: u32 = u32::MAX;
+    pub const KIND: u32 = 0xff00_0000;
+    pub const READ: u32 = 0x0100_0000;
+    pub const WRITE: u32 = 0x0200_0000;
+    pub const COPY: u32 = 0x0300_0000;
+    pub const SYNC: u32 = 0x0400_0000;
+    pub const JOURNAL: u32 = 0x0500_0000;
+}
+
+/// One request to a volume, run as a task on the submitting core.
+struct VolumeIo {
+    pool: Arc<PoolHandle>,
+    vol: u32,
+    reply_task: u32,
+    reply_tag: u32,
+    cmd: Option<IoCmd>,
+    /// The submitter's buffer (read target, write source), handed back with the reply.
+    buf: Option<IoBuf>,
+    offset: u64,
+    len: u64,
+    fua: bool,
+    phase: Phase,
+    outstanding: u32,
+    /// First error (negative errno).
+    error: i32,
+    ticket: Option<Ticket>,
+    /// Reads: where each device read lands in the request, and its buffer (None when the read
+    /// went straight into `buf`).
+    parts: Vec<(u64, Option<IoBuf>)>,
+    plans: Vec<WritePlan>,
+    sealed: Option<Sealed>,
+    /// A flush is satisfied once this many commits have been sealed and are durable.
+    wait_seal: u64,
+    done: bool,
+}
+
+impl VolumeIo {
+    fn media(&self) -> &FileDev {
+        &self.pool.media
+    }
+
+    fn reply(&mut self, cx: &mut Cx<'_>, result: i32) {
+        let owned = self.buf.take().map_or(Owned::None, Owned::Buf);
+        cx.complete_to(self.reply_task, self.reply_tag, result, owned);
+        self.phase = Phase::Done;
+        self.done = true;
+    }
+
+    fn note_error(&mut self, result: i32) {
+        if self.error == 0 {
+            self.error = if result < 0 { result } else { -libc::EIO };
+        }
+    }
+
+    /// Plans (or re-plans after a retry) the request.
+    fn plan(&mut self, cx: &mut Cx<'_>) {
+        if let Some(cmd) = self.cmd.take() {
+            match cmd {
+                IoCmd::Read { offset, buf } => {
+                    self.offset = offset;
+                    self.len = buf.len() as u64;
+                    self.buf = Some(buf);
+                    return self.start_read(cx);
+                }
+                IoCmd::Write { offset, buf, fua } => {
+                    self.offset = offset;
+                    self.len = buf.len() as u64;
+                    self.fua = fua;
+                    self.buf = Some(buf);
+                    self.phase = Phase::Write;
+                }
+                IoCmd::Flush => {
+                    self.wait_seal = self.pool.meta.lock().seals() + 1;
+                    self.phase = Phase::Sync;
+                }
+                IoCmd::Discard { offset, len } | IoCmd::WriteZeroes { offset, len, .. } => {
+                    self.offset = offset;
+                    self.len = len;
+                    return self.trim(cx);
+                }
+            }
+        }
+        match self.phase {
+            Phase::Write => self.start_write(cx),
+            Phase::Sync => self.start_commit(cx),
+            Phase::Plan => self.trim(cx),
+            _ => unreachable!("planning in phase {:?}", self.phase),
+        }
+    }
+
+    fn start_read(&mut self, cx: &mut Cx<'_>) {
+        let planned = {
+            let mut m = self.pool.meta.lock();
+            m.plan_read(self.vol, self.offset, self.len).map(|p| (p, m.begin_io()))
+        };
+        let (pieces, ticket) = match planned {
+            Ok(x) => x,
+            Err(e) => return self.reply(cx, errno(&e)),
+        };
+        self.ticket = Some(ticket);
+        self.phase = Phase::Read;
+        if let [ReadPiece::Disk { offset, len }] = pieces[..] {
+            if len == self.len {
+                let buf = self.buf.take().expect("read buffer");
+                self.parts.push((0, None));
+                self.outstanding = 1;
+                self.pool.media.submit(cx, IoCmd::Read { offset, buf }, tag::READ);
+                return;
+            }
+        }
+        let mut pos = 0u64;
+        for p in pieces {
+            match p {
+                ReadPiece::Zero { len } => {
+                    let buf = self.buf.as_mut().expect("read buffer");
+                    buf.as_mut_slice()[pos as usize..(pos + len) as usize].fill(0);
+                    pos += len;
+                }
+                ReadPiece::Disk { offset, len } => {
+                    let i = self.parts.len() as u32;
+                    let sub = cx.buf(len as usize);
+                    self.parts.push((pos, None));
+                    self.outstanding += 1;
+                    self.pool.media.submit(cx, IoCmd::Read { offset, buf: sub }, tag::READ | i);
+                    pos += len;
+                }
+            }
+        }
+        if self.outstanding == 0 {
+            self.finish_read(cx);
+        }
+    }
+
+    fn on_read(&mut self, cx: &mut Cx<'_>, i: usize, result: i32, owned: Owned) {
+        let Some(sub) = owned.into_buf() else {
+            unreachable!("a read completion carries its buffer")
+        };
+        if result < 0 || result as usize != sub.len() {
+            self.note_error(result);
+        }
+        if self.buf.is_none() {
+            self.buf = Some(sub); // the direct read into the submitter's buffer
+        } else {
+            let pos = self.parts[i].0 as usize;
+            if self.error == 0 {
+                let dst = self.buf.as_mut().expect("read buffer");
+                dst.as_mut_slice()[pos..pos + sub.len()].copy_from_slice(sub.as_slice());
+            }
+            cx.recycle(sub);
+        }
+        self.outstanding -= 1;
+        if self.outstanding == 0 {
+            self.finish_read(cx);
+        }
+    }
+
+    fn finish_read(&mut self, cx: &mut Cx<'_>) {
+        if let Some(t) = self.ticket.take() {
+            self.pool.meta.lock().end_io(t);
+        }
+        let result = if self.error != 0 { self.error } else { self.len as i32 };
+        self.reply(cx, result);
+    }
+
+    fn retry(&mut self, cx: &mut Cx<'_>) {
+        cx.timer(tag::RETRY, RETRY);
+    }
+
+    fn start_write(&mut self, cx: &mut Cx<'_>) {
+        let planned = {
+            let mut m = self.pool.meta.lock();
+            match m.plan_write(self.vol, self.offset, self.len) {
+                Ok(Ok(plans)) => Ok(Ok((plans, m.begin_io()))),
+                Ok(Err(busy)) => Ok(Err(busy)),
+                Err(e) => Err(e),
+            }
+        };
+        let (plans, ticket) = match planned {
+            Ok(Ok(x)) => x,
+            Ok(Err(_busy)) => return self.retry(cx),
+            Err(e) => return self.reply(cx, errno(&e)),
+        };
+        self.ticket = Some(ticket);
+        self.outstanding = plans.len() as u32;
+        self.plans = plans;
+        let cb = self.pool.meta.lock().cluster_bytes();
+        for i in 0..self.plans.len() {
+            let p = self.plans[i];
+            if let Some(old) = p.copy_from {
+                let sub = cx.buf(cb as usize);
+                self.pool.media.submit(
+                    cx,
+                    IoCmd::Read { offset: old, buf: sub },
+                    tag::COPY | i as u32,
+                );
+            } else if self.plans.len() == 1 && p.req_len == self.len {
+                let buf = self.buf.take().expect("write buffer");
+                self.pool.media.submit(
+                    cx,
+                    IoCmd::Write { offset: p.offset, buf, fua: false },
+                    tag::WRITE | i as u32,
+                );
+            } else {
+                let mut sub = cx.buf_with_capacity(p.req_len as usize);
+                let src = self.buf.as_ref().expect("write buffer").as_slice();
+                sub.extend_from_slice(
+                    &src[p.req_start as usize..(p.req_start + p.req_len) as usize],
+                );
+                self.pool.media.submit(
+                    cx,
+                    IoCmd::Write { offset: p.offset, buf: sub, fua: false },
+                    tag::WRITE | i as u32,
+                );
+            }
+        }
+    }
+
+    fn on_copy_read(&mut self, cx: &mut Cx<'_>, i: usize, result: i32, owned: Owned) {
+        let Some(mut whole) = owned.into_buf() else {
+            unreachable!("a read completion carries its buffer")
+        };
+        let p = self.plans[i];
+        if result < 0 || result as usize != whole.len() {
+            self.note_error(result);
+            cx.recycle(whole);
+            self.pool.meta.lock().abort_span(self.vol, &p);
+            return self.span_done(cx);
+        }
+        let cb = whole.len() as u64;
+        let base = p.offset - p.offset % cb;
+        let at = (p.offset - base) as usize;
+        let src = self.buf.as_ref().expect("write buffer").as_slice();
+        whole.as_mut_slice()[at..at + p.req_len as usize]
+            .copy_from_slice(&src[p.req_start as usize..(p.req_start + p.req_len) as usize]);
+        self.pool.media.submit(
+            cx,
+            IoCmd::Write { offset: base, buf: whole, fua: false },
+            tag::WRITE | i as u32,
+        );
+    }
+
+    fn on_write(&mut self, cx: &mut Cx<'_>, i: usize, result: i32, owned: Owned) {
+        let p = self.plans[i];
+        let buf = owned.into_buf();
+        let expected = buf.as_ref().map_or(0, |b| b.len());
+        if let Some(buf) = buf {
+            if self.buf.is_none() && self.plans.len() == 1 && p.copy_from.is_none() {
+                self.buf = Some(buf); // the submitter's buffer comes back
+            } else {
+                cx.recycle(buf);
+            }
+        }
+        {
+            let mut m = self.pool.meta.lock();
+            if result < 0 || result as usize != expected {
+                m.abort_span(self.vol, &p);
+            } else {
+                m.finish_span(self.vol, &p);
+            }
+        }
+        if result < 0 || result as usize != expected {
+            self.note_error(result);
+        }
+        self.span_done(cx);
+    }
+
+    fn span_done(&mut self, cx: &mut Cx<'_>) {
+        self.outstanding -= 1;
+        if self.outstanding > 0 {
+            return;
+        }
+        {
+            let mut m = self.pool.meta.lock();
+            m.end_write(self.vol);
+            if let Some(t) = self.ticket.take() {
+                m.end_io(t);
+            }
+        }
+        if self.error != 0 {
+            return self.reply(cx, self.error);
+        }
+        if self.fua {
+            self.wait_seal = self.pool.meta.lock().seals() + 1;
+            self.phase = Phase::Sync;
+            return self.start_commit(cx);
+        }
+        self.reply(cx, self.len as i32);
+    }
+
+    fn trim(&mut self, cx: &mut Cx<'_>) {
+        self.phase = Phase::Plan;
+        if !self.offset.is_multiple_of(PIECE) || !self.len.is_multiple_of(PIECE) {
+            return self.reply(cx, -libc::EINVAL);
+        }
+        let r = self.pool.meta.lock().trim(self.vol, self.offset, self.len);
+        match r {
+            Ok(Ok(())) => self.reply(cx, 0),
+            Ok(Err(_busy)) => self.retry(cx),
+            Err(e) => self.reply(cx, errno(&e)),
+        }
+    }
+
+    /// Flush: waits for a commit sealed after this request arrived (its own, or another's).
+    fn start_commit(&mut self, cx: &mut Cx<'_>) {
+        let mut m = self.pool.meta.lock();
+        if let Some(why) = m.failed() {
+            tracing::debug!(why, "flush on a failed pool");
+            drop(m);
+            return self.reply(cx, -libc::EIO);
+        }
+        if m.durable_seals() >= self.wait_seal {
+            drop(m);
+            return self.finish_commit(cx);
+        }
+        if m.committing() {
+            drop(m);
+            return self.retry(cx);
+        }
+        if m.wants_checkpoint() {
+            // Rare (the ring is three quarters full): written synchronously, under the lock.
+            let r = {
+                let mut disk = self.pool.disk.lock();
+                checkpoint_sync(&mut *disk, &mut m)
+            };
+            drop(m);
+            return match r {
+                Ok(()) => self.finish_commit(cx),
+                Err(e) => self.reply(cx, errno(&e)),
+            };
+        }
+        let sealed = match m.seal() {
+            Ok(Some(s)) => s,
+            Ok(None) => unreachable!("checked that no commit is in flight"),
+            Err(e) => {
+                drop(m);
+                return self.reply(cx, errno(&e));
+            }
+        };
+        drop(m);
+        self.sealed = Some(sealed);
+        self.phase = Phase::Sync;
+        self.outstanding = 1;
+        self.pool.media.submit(cx, IoCmd::Flush, tag::SYNC);
+    }
+
+    fn on_sync(&mut self, cx: &mut Cx<'_>, result: i32) {
+        self.outstanding = 0;
+        if result < 0 {
+            return self.commit_failed(cx, result, "fsync of the pool failed");
+        }
+        let journal_start = self.pool.meta.lock().superblock().journal_start;
+        let sealed = self.sealed.as_ref().expect("a sealed commit");
+        self.phase = Phase::Journal;
+        let blocks: Vec<(u64, Vec<u8>)> = sealed.blocks.clone();
+        for (j, (index, bytes)) in blocks.iter().enumerate() {
+            let mut buf = cx.buf_with_capacity(BLOCK_SIZE);
+            buf.extend_from_slice(bytes);
+            self.outstanding += 1;
+            let offset = (journal_start + index) * BLOCK_SIZE as u64;
+            self.media().submit(
+                cx,
+                IoCmd::Write { offset, buf, fua: true },
+                tag::JOURNAL | j as u32,
+            );
+        }
+        if self.outstanding == 0 {
+            self.commit_written(cx);
+        }
+    }
+
+    fn on_journal(&mut self, cx: &mut Cx<'_>, result: i32, owned: Owned) {
+        if let Some(buf) = owned.into_buf() {
+            cx.recycle(buf);
+        }
+        if result < 0 || result as usize != BLOCK_SIZE {
+            self.note_error(result);
+        }
+        self.outstanding -= 1;
+        if self.outstanding == 0 {
+            if self.error != 0 {
+                let e = self.error;
+                return self.commit_failed(cx, e, "journal write failed");
+            }
+            self.commit_written(cx);
+        }
+    }
+
+    fn commit_written(&mut self, cx: &mut Cx<'_>) {
+        let sealed = self.sealed.take().expect("a sealed commit");
+        self.pool.meta.lock().commit_done(sealed);
+        self.finish_commit(cx);
+    }
+
+    fn commit_failed(&mut self, cx: &mut Cx<'_>, result: i32, what: &str) {
+        self.pool.meta.lock().fail(format!("{what}: errno {}", -result));
+        self.reply(cx, -libc::EIO);
+    }
+
+    fn finish_commit(&mut self, cx: &mut Cx<'_>) {
+        let result = if self.buf.is_some() || self.len > 0 { self.len as i32 } else { 0 };
+        self.reply(cx, result);
+    }
+}
+
+impl Task for VolumeIo {
+    fn start(&mut self, cx: &mut Cx<'_>) {
+        self.plan(cx);
+    }
+
+    fn on_completion(&mut self, cx: &mut Cx<'_>, t: u32, result: i32, owned: Owned) {
+        if t == tag::RETRY {
+            return self.plan(cx);
+        }
+        let i = (t & !tag::KIND) as usize;
+        match t & tag::KIND {
+            tag::READ => self.on_read(cx, i, result, owned),
+            tag::COPY => self.on_copy_read(cx, i, result, owned),
+            tag::WRITE => self.on_write(cx, i, result, owned),
+            tag::SYNC => self.on_sync(cx, result),
+            tag::JOURNAL => self.on_journal(cx, result, owned),
+            _ => unreachable!("volume I/O tag {t:#x}"),
+        }
+    }
+
+    fn flush(&mut self, _cx: &mut Cx<'_>) {}
+
+    fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
+
+    fn is_done(&self) -> bool {
+        self.done
+    }
+}

@@ -32,6 +32,8 @@ pub enum IoCmd {
 pub struct DevInfo {
     /// Preferred I/O granularity.
     pub block_size: u32,
+    /// Smallest I/O the device accepts, and the alignment of every request (1: any).
+    pub min_block: u32,
     pub read_only: bool,
     /// Kind and location, for listings ("ram", "file:/path (O_DIRECT)").
     pub backend: String,

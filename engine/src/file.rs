@@ -66,6 +66,7 @@ impl FileDev {
             CacheMode::Buffered => "buffered",
         };
         let info = DevInfo {
+            min_block: 1,
             block_size: ALIGN as u32,
             read_only,
             backend: format!("file:{} ({mode_text})", path.display()),

@@ -26,6 +26,7 @@ impl RamDev {
         let count = size_bytes.div_ceil(CHUNK) as usize;
         let chunks = (0..count).map(|_| RwLock::new(None)).collect();
         let info = DevInfo {
+            min_block: 1,
             block_size: 4096,
             read_only: false,
             backend: "ram".into(),

@@ -288,6 +288,7 @@ impl PoolHandle {
             id,
             info: DevInfo {
                 block_size: PIECE as u32,
+                min_block: PIECE as u32,
                 read_only,
                 backend: format!("{kind}:{name} in pool {}", self.path.display()),
                 cheap_extents: false,

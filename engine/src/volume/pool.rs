@@ -438,6 +438,102 @@ mod tests {
         assert!(matches!(p.write(v, 0, &[0u8; 4096]), Err(PoolError::NoVolume(_))));
     }
 
+    /// What a crash may leave: each volume's size, kind, parent and contents, by name.
+    type Seen = BTreeMap<String, (u64, bool, u32, Vec<u8>)>;
+
+    fn observe(p: &mut Pool<SimDisk>) -> Seen {
+        let vols: Vec<(u32, String, u64, bool, u32)> = p
+            .volumes()
+            .iter()
+            .map(|(id, v)| (*id, v.name.clone(), v.size_bytes, v.read_only, v.parent))
+            .collect();
+        vols.into_iter()
+            .map(|(id, name, size, ro, parent)| (name, (size, ro, parent, p.read(id, 0, size).unwrap())))
+            .collect()
+    }
+
+    /// A volume with data, a snapshot of it, more writes, a clone with its own writes; then
+    /// `commits` small commits that move the journal head (across the ring's end, and into a
+    /// checkpoint, as `commits` grows).
+    fn sweep_setup(commits: u64) -> Pool<SimDisk> {
+        let mut p = new_pool(7);
+        let v = p.create_volume("v", VOL_PIECES * PIECE).unwrap();
+        p.write(v, 0, &vec![1u8; 10 * PIECE as usize]).unwrap();
+        let s = p.snapshot(v, "s").unwrap();
+        p.write(v, 4 * PIECE, &vec![2u8; 6 * PIECE as usize]).unwrap();
+        let c = p.clone_volume(s, "c").unwrap();
+        p.write(c, 8 * PIECE, &vec![3u8; 2 * PIECE as usize]).unwrap();
+        p.flush().unwrap();
+        for i in 0..commits {
+            let piece = 20 + i % 8;
+            p.write(v, piece * PIECE, &vec![4u8; PIECE as usize]).unwrap();
+            p.trim(v, piece * PIECE, PIECE).unwrap();
+            p.flush().unwrap();
+        }
+        p
+    }
+
+    /// Crash-point sweep: cuts power after the 0th, 1st, … device I/O of `op` and crashes in
+    /// every mode; the pool must open to exactly the state before or exactly the state after.
+    fn sweep(name: &str, commits: u64, op: &dyn Fn(&mut Pool<SimDisk>)) {
+        let mut clean = sweep_setup(commits);
+        let before = observe(&mut clean);
+        let start = clean.disk.ios;
+        op(&mut clean);
+        let ios = clean.disk.ios - start;
+        let after = observe(&mut clean);
+        let modes = [CrashMode::DropAll, CrashMode::ApplyAll, CrashMode::Random, CrashMode::Random];
+        for cut in 0..=ios {
+            for (k, mode) in modes.iter().enumerate() {
+                let mut p = sweep_setup(commits);
+                p.disk.power_cut_at = Some(p.disk.ios + cut);
+                op(&mut p);
+                let mut disk = p.into_disk();
+                disk.reseed(cut * 16 + k as u64);
+                disk.crash(*mode);
+                let mut p = Pool::open(disk)
+                    .unwrap_or_else(|e| panic!("{name}: cut after {cut}/{ios} I/Os: open: {e}"));
+                let seen = observe(&mut p);
+                assert!(
+                    seen == before || seen == after,
+                    "{name} (journal +{commits}): cut after {cut} of {ios} I/Os, {mode:?}: \
+                     neither the state before nor after"
+                );
+                p.check().unwrap_or_else(|e| panic!("{name}: cut {cut}: {e}"));
+                p.flush().unwrap();
+                assert_eq!(p.leaked(), 0, "{name}: cut {cut}: leaked clusters");
+            }
+        }
+    }
+
+    fn id(p: &Pool<SimDisk>, name: &str) -> u32 {
+        p.meta().find(name).unwrap()
+    }
+
+    #[test]
+    fn crash_point_sweeps_are_all_or_nothing() {
+        type OpFn = fn(&mut Pool<SimDisk>);
+        let ops: [(&str, OpFn); 9] = [
+            ("snapshot", |p| drop(p.snapshot(id(p, "v"), "s2").unwrap())),
+            ("clone", |p| drop(p.clone_volume(id(p, "s"), "c2").unwrap())),
+            ("delete origin", |p| p.delete(id(p, "v")).unwrap()),
+            ("delete snapshot", |p| p.delete(id(p, "s")).unwrap()),
+            ("grow", |p| p.resize(id(p, "v"), 2 * VOL_PIECES * PIECE, false).unwrap()),
+            ("shrink", |p| p.resize(id(p, "v"), 2 * PIECE, true).unwrap()),
+            ("rollback", |p| p.rollback(id(p, "v"), id(p, "s")).unwrap()),
+            ("create", |p| drop(p.create_volume("n", 8 * PIECE).unwrap())),
+            ("checkpoint+snapshot", |p| {
+                p.checkpoint().unwrap();
+                drop(p.snapshot(id(p, "c"), "s3").unwrap());
+            }),
+        ];
+        for commits in [0, 5, 11, 14, 15, 16, 17] {
+            for (name, op) in ops {
+                sweep(name, commits, &op);
+            }
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Write { vol: usize, piece: u64, pieces: u64, byte: u8 },

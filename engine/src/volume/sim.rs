@@ -35,6 +35,7 @@ struct Pending {
     data: Vec<u8>,
 }
 
+#[derive(Clone)]
 pub struct SimDisk {
     size_bytes: u64,
     /// Durable contents, sparse by sector; absent sectors read as zeros.
@@ -44,12 +45,21 @@ pub struct SimDisk {
     rng: u64,
     /// Device I/Os so far (writes and flushes), for crash-point sweeps.
     pub ios: u64,
+    /// Power is lost after this many I/Os: later writes and flushes do nothing (until `crash`).
+    pub power_cut_at: Option<u64>,
 }
 
 impl SimDisk {
     pub fn new(size_bytes: u64, seed: u64) -> SimDisk {
         assert!(size_bytes.is_multiple_of(SECTOR as u64));
-        SimDisk { size_bytes, durable: BTreeMap::new(), cache: Vec::new(), rng: seed | 1, ios: 0 }
+        SimDisk {
+            size_bytes,
+            durable: BTreeMap::new(),
+            cache: Vec::new(),
+            rng: seed | 1,
+            ios: 0,
+            power_cut_at: None,
+        }
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -83,6 +93,9 @@ impl SimDisk {
     pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) {
         assert!(offset + data.len() as u64 <= self.size_bytes, "write beyond the device");
         self.ios += 1;
+        if self.powered_off() {
+            return;
+        }
         if fua {
             // Durable now; cached older writes must not undo it on a crash, so their sectors
             // under this write leave the cache (a disk orders them before the FUA write).
@@ -109,6 +122,9 @@ impl SimDisk {
     /// Makes every completed write durable.
     pub fn flush(&mut self) {
         self.ios += 1;
+        if self.powered_off() {
+            return;
+        }
         for p in std::mem::take(&mut self.cache) {
             Self::apply(&mut self.durable, p.offset, &p.data, None);
         }
@@ -136,8 +152,19 @@ impl SimDisk {
         out
     }
 
+    /// Changes the seed of later crash outcomes.
+    pub fn reseed(&mut self, seed: u64) {
+        self.rng = seed | 1;
+    }
+
+    fn powered_off(&self) -> bool {
+        self.power_cut_at.is_some_and(|n| self.ios > n)
+    }
+
     /// Power loss: resolves every unflushed write per `mode`; returns how many were kept whole.
+    /// Power comes back afterwards.
     pub fn crash(&mut self, mode: CrashMode) -> usize {
+        self.power_cut_at = None;
         let mut pending = std::mem::take(&mut self.cache);
         let mut kept = 0;
         match mode {

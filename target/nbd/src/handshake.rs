@@ -222,7 +222,7 @@ impl Handshake {
                 codec::encode_info_block_size(
                     out,
                     option,
-                    BLOCK_MIN,
+                    export.dev.info().min_block.max(BLOCK_MIN),
                     BLOCK_PREFERRED,
                     PAYLOAD_ADVERTISED_MAX,
                 );

@@ -364,16 +364,10 @@ impl BlockDev for VolumeDev {
     }
 
     fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
-        let m = self.pool.meta.lock();
-        let size = m.volume(self.id).map_or(0, |v| v.size_bytes);
-        let end = offset.saturating_add(len).min(size);
-        let mut out = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let piece_end = ((at / PIECE + 1) * PIECE).min(end);
-            let hole = !m.piece_written(self.id, at / PIECE);
-            push_extent(&mut out, Extent { len: piece_end - at, hole, zero: hole });
-            at = piece_end;
+        let runs = self.pool.meta.lock().allocation(self.id, offset, len);
+        let mut out = Vec::with_capacity(runs.len());
+        for (_, len, written) in runs {
+            push_extent(&mut out, Extent { len, hole: !written, zero: !written });
         }
         Ok(out)
     }

@@ -187,6 +187,46 @@ impl Tree {
         }
     }
 
+    /// Mapped entries with volume cluster in `[start, end)`, in order; subtrees outside the
+    /// range or empty are skipped, so the cost follows what is mapped, not the range size.
+    pub fn entries_in(&self, start: u64, end: u64) -> Vec<(u64, Entry)> {
+        fn walk(
+            node: &Node,
+            base: u64,
+            level: u32,
+            range: (u64, u64),
+            out: &mut Vec<(u64, Entry)>,
+        ) {
+            let span = (FANOUT as u64).pow(level);
+            match node {
+                Node::Leaf(entries) => {
+                    for (i, e) in entries.iter().enumerate() {
+                        let vc = base + i as u64;
+                        if e.cluster().is_some() && vc >= range.0 && vc < range.1 {
+                            out.push((vc, *e));
+                        }
+                    }
+                }
+                Node::Inner(children) => {
+                    for (i, c) in children.iter().enumerate() {
+                        let child_base = base + i as u64 * span;
+                        if child_base >= range.1 || child_base + span <= range.0 {
+                            continue;
+                        }
+                        if let Some(c) = c {
+                            walk(c, child_base, level - 1, range, out);
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(root) = &self.root {
+            walk(root, 0, self.depth, (start, end), &mut out);
+        }
+        out
+    }
+
     /// Mapped entries in volume order: (volume cluster, entry).
     pub fn entries(&self) -> Vec<(u64, Entry)> {
         fn walk(node: &Node, base: u64, level: u32, out: &mut Vec<(u64, Entry)>) {

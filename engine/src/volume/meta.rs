@@ -317,8 +317,8 @@ impl PoolMeta {
     /// Pieces of volume `id` that are written, in bytes.
     pub fn allocated_bytes(&self, id: u32) -> u64 {
         self.volumes.get(&id).map_or(0, |v| {
-            v.tree.entries().iter().map(|(_, e)| u64::from(e.written().count_ones())).sum::<u64>()
-                * PIECE
+            let size = v.size_bytes;
+            self.allocation(id, 0, size).iter().filter(|r| r.2).map(|r| r.1).sum()
         })
     }
 
@@ -328,6 +328,41 @@ impl PoolMeta {
         let at = piece * PIECE;
         let e = v.tree.get(at / self.cluster_bytes);
         e.cluster().is_some() && e.written() & (1 << ((at % self.cluster_bytes) / PIECE)) != 0
+    }
+
+    /// Written runs of `[offset, offset + len)` of volume `id`: (start, length, written), in
+    /// order, adjacent runs merged, at 4 KiB granularity. Cost follows the mapped clusters.
+    pub fn allocation(&self, id: u32, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        let Some(v) = self.volumes.get(&id) else { return Vec::new() };
+        let end = offset.saturating_add(len).min(v.size_bytes);
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut push = |start: u64, stop: u64, written: bool| {
+            if stop <= start {
+                return;
+            }
+            match out.last_mut() {
+                Some(last) if last.2 == written && last.0 + last.1 == start => last.1 += stop - start,
+                _ => out.push((start, stop - start, written)),
+            }
+        };
+        let cb = self.cluster_bytes;
+        let mut at = offset;
+        for (vc, e) in v.tree.entries_in(offset / cb, end.div_ceil(cb)) {
+            for bit in 0..cb / PIECE {
+                let p0 = (vc * cb + bit * PIECE).max(offset);
+                let p1 = (vc * cb + (bit + 1) * PIECE).min(end);
+                if p1 <= p0 {
+                    continue;
+                }
+                if e.written() & (1 << bit) != 0 {
+                    push(at, p0, false);
+                    push(p0, p1, true);
+                    at = p1;
+                }
+            }
+        }
+        push(at, end, false);
+        out
     }
 
     fn span(&self, at: u64, end: u64) -> Span {

@@ -761,6 +761,16 @@ mod tests {
                 for p in 0..m.size as usize {
                     prop_assert_eq!(data[p * PIECE as usize], m.now[p], "vol {} piece {}", id, p);
                 }
+                // Allocation (NBD block status, NVMe NUSE) is exactly the written pieces.
+                let mut written = vec![false; m.size as usize];
+                for (start, len, w) in pool.meta().allocation(*id, 0, m.size * PIECE) {
+                    for p in start / PIECE..(start + len) / PIECE {
+                        written[p as usize] = w;
+                    }
+                }
+                for p in 0..m.size as usize {
+                    prop_assert_eq!(written[p], m.now[p] != 0, "vol {} piece {} allocation", id, p);
+                }
             }
         }
         pool.flush().unwrap();

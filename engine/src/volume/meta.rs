@@ -748,6 +748,12 @@ impl PoolMeta {
             }
             at = s.cluster_end;
         }
+        self.trim_unchecked(id, offset, len);
+        Ok(Ok(()))
+    }
+
+    /// Trims a checked range of a volume nothing else is writing.
+    fn trim_unchecked(&mut self, id: u32, offset: u64, len: u64) {
         let mut at = offset;
         while at < offset + len {
             let Span { vc, cluster_end, bits, .. } = self.span(at, offset + len);
@@ -761,7 +767,6 @@ impl PoolMeta {
             }
             at = cluster_end;
         }
-        Ok(Ok(()))
     }
 
     // ---- commits and checkpoints ------------------------------------------------------------
@@ -1060,8 +1065,9 @@ impl PoolMeta {
             if written && !force {
                 return Err(PoolError::WouldDropData(id));
             }
-            // Trim whole pieces beyond the new end so nothing stale reappears on growth.
-            let _ = self.trim(id, size_bytes, old - size_bytes)?;
+            // Trim whole pieces beyond the new end so nothing stale reappears on growth. The
+            // volume is quiesced (frozen, no write in flight), so nothing can be busy.
+            self.trim_unchecked(id, size_bytes, old - size_bytes);
         }
         self.log(Record::Resize { id, size_bytes });
         Ok(())

@@ -240,8 +240,20 @@ impl<D: SyncDisk> Pool<D> {
         Ok(id)
     }
 
+    /// Runs a control operation the way the daemon does: with volume `id` frozen.
+    fn quiesced<T>(
+        &mut self,
+        id: u32,
+        op: impl FnOnce(&mut PoolMeta) -> Result<T, PoolError>,
+    ) -> Result<T, PoolError> {
+        self.meta.set_frozen(id, true);
+        let r = op(&mut self.meta);
+        self.meta.set_frozen(id, false);
+        r
+    }
+
     pub fn snapshot(&mut self, of: u32, name: &str) -> Result<u32, PoolError> {
-        let id = self.meta.snapshot(of, name)?;
+        let id = self.quiesced(of, |m| m.snapshot(of, name))?;
         self.flush()?;
         Ok(id)
     }
@@ -253,17 +265,17 @@ impl<D: SyncDisk> Pool<D> {
     }
 
     pub fn rollback(&mut self, id: u32, to: u32) -> Result<(), PoolError> {
-        self.meta.rollback(id, to)?;
+        self.quiesced(id, |m| m.rollback(id, to))?;
         self.flush()
     }
 
     pub fn resize(&mut self, id: u32, size_bytes: u64, force: bool) -> Result<(), PoolError> {
-        self.meta.resize(id, size_bytes, force)?;
+        self.quiesced(id, |m| m.resize(id, size_bytes, force))?;
         self.flush()
     }
 
     pub fn delete(&mut self, id: u32) -> Result<(), PoolError> {
-        self.meta.delete(id)?;
+        self.quiesced(id, |m| m.delete(id))?;
         self.flush()
     }
 

@@ -1,0 +1,86 @@
+# Runs INSIDE the test guest (tests/vm/run.sh), started by test-volume-kernel.sh. Snapshots and
+# clones through the Linux kernel's own initiators against ballast on the host (10.0.2.2):
+#   1. NVMe/TCP: mkfs.ext4 on volume `base`, files with known checksums, unmount, flush, disconnect
+#   2. say snapshot: the host snapshots base -> base-snap and clones it -> base-clone
+#   3. the clone mounts as a filesystem: same checksums; a new file written to it
+#   4. the origin is overwritten through NVMe/TCP (files replaced, fstrim)
+#   5. the snapshot through the kernel NBD client, read-only: mounts, original checksums, no
+#      clone file; the clone (NVMe/TCP again) still holds its own file and the original ones
+# Prints "PASS: ..." / "FAIL: ..." lines and finally "guest done".
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+. /guest/params
+A=10.0.2.2
+P=nqn.2026-11.dev.ballast:
+pass() { echo "PASS: $*"; }
+fail() { echo "FAIL: $*"; }
+check() { w=$1; shift; if "$@"; then pass "$w"; else fail "$w"; fi; }
+say() { echo "$1" | nc "$A" "$SIGNAL_PORT" >/dev/null 2>&1 || true; }
+dev_of() { # the namespace block device of subsystem $1 (the multipath head when there is one)
+  for s in /sys/class/nvme-subsystem/nvme-subsys*; do
+    [ "$(cat "$s/subsysnqn" 2>/dev/null)" = "$1" ] || continue
+    for b in "$s"/nvme*n1; do [ -e "$b" ] && { echo "/dev/${b##*/}"; return; }; done
+  done
+  for c in /sys/class/nvme/nvme*; do
+    [ "$(cat "$c/subsysnqn" 2>/dev/null)" = "$1" ] || continue
+    n=${c##*/}; echo "/dev/${n}n1"; return
+  done
+}
+connect() { # connect NAME: prints the block device
+  nvme connect -t tcp -a $A -s $PORT -n "$P$1" >/dev/null 2>&1 || return 1
+  i=0; while [ $i -lt 50 ]; do d=$(dev_of "$P$1"); [ -n "$d" ] && [ -b "$d" ] && { echo "$d"; return 0; }; sleep 0.2; i=$((i+1)); done
+  return 1
+}
+mkdir -p /mnt/v
+
+# 1. the origin
+D=$(connect base) && pass "connect base over NVMe/TCP ($D)" || { fail "connect base"; echo "guest done"; exit 1; }
+check "mkfs.ext4 on base" mkfs.ext4 -q -F "$D"
+check "mount base" mount "$D" /mnt/v
+for i in 1 2 3; do dd if=/dev/urandom of=/mnt/v/f$i bs=64k count=$((i*16)) 2>/dev/null; done
+(cd /mnt/v && md5sum f1 f2 f3) > /tmp/orig.sums
+check "umount base" umount /mnt/v
+check "nvme flush base" nvme flush "$D" -n 1
+check "disconnect base" nvme disconnect -n "${P}base"
+
+# 2. snapshot + clone on the host
+say snapshot
+i=0; while [ $i -lt 100 ]; do nvme discover -t tcp -a $A -s $PORT 2>/dev/null | grep -q "subnqn: *${P}base-clone" && break; sleep 0.3; i=$((i+1)); done
+check "the clone's subsystem is discoverable" sh -c "nvme discover -t tcp -a $A -s $PORT | grep -q 'subnqn: *${P}base-clone'"
+
+# 3. the clone mounts as a filesystem
+C=$(connect base-clone) && pass "connect base-clone ($C)" || fail "connect base-clone"
+check "mount the clone" mount "$C" /mnt/v
+check "clone has the origin's files" sh -c "cd /mnt/v && md5sum -c /tmp/orig.sums"
+dd if=/dev/urandom of=/mnt/v/clone-only bs=64k count=8 2>/dev/null
+(cd /mnt/v && md5sum clone-only) > /tmp/clone.sums
+check "umount the clone" umount /mnt/v
+check "e2fsck of the clone is clean" e2fsck -fn "$C"
+nvme disconnect -n "${P}base-clone" >/dev/null
+
+# 4. overwrite the origin
+D=$(connect base) || fail "reconnect base"
+check "mount base again" mount "$D" /mnt/v
+for i in 1 2 3; do dd if=/dev/urandom of=/mnt/v/f$i bs=64k count=$((i*16)) conv=notrunc 2>/dev/null; done
+rm -f /mnt/v/f3
+sync
+check "fstrim on base" fstrim /mnt/v
+check "origin's files now differ" sh -c "cd /mnt/v && ! md5sum -c /tmp/orig.sums >/dev/null 2>&1"
+umount /mnt/v
+nvme disconnect -n "${P}base" >/dev/null
+
+# 5. the snapshot, through the kernel NBD client, read-only
+check "nbd-client attaches the snapshot read-only" timeout 60 nbd-client $A $NBD_PORT /dev/nbd0 -N base-snap -readonly -b 4096 -t 60
+i=0; while [ "$(cat /sys/block/nbd0/size)" = 0 ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
+check "mount the snapshot (ro, noload)" mount -o ro,noload /dev/nbd0 /mnt/v
+check "snapshot still holds the original files" sh -c "cd /mnt/v && md5sum -c /tmp/orig.sums"
+check "snapshot has no clone file" test ! -e /mnt/v/clone-only
+umount /mnt/v
+check "writes to the snapshot are refused" sh -c "! dd if=/dev/zero of=/dev/nbd0 bs=4k count=1 oflag=direct 2>/dev/null"
+nbd-client -d /dev/nbd0 >/dev/null 2>&1
+C=$(connect base-clone) || fail "reconnect base-clone"
+check "mount the clone again" mount "$C" /mnt/v
+check "clone kept its own file" sh -c "cd /mnt/v && md5sum -c /tmp/clone.sums"
+check "clone kept the original files" sh -c "cd /mnt/v && md5sum -c /tmp/orig.sums"
+umount /mnt/v
+nvme disconnect -n "${P}base-clone" >/dev/null
+echo "guest done"

@@ -5,7 +5,7 @@
 #                               [--no-restart] [--multi-conn N]
 #
 #   --export SPEC   ballast serves `--export vol0=SPEC` (e.g. ram:512M, file:/tmp/x.img:512M) instead of
-#                   its default data-dir vol0 (a 1 GiB sparse file)
+#                   its default: volume vol0 (1 GiB) in the data dir's pool (a 10 GiB sparse file)
 #   --server S      what to test: ballast (default), or a reference server that proves the harness
 #                   itself: nbdkit (memory 512M) or qemu-nbd (a 512M sparse file)
 #   --port N        host TCP port (default: a free one); a restarted server uses another free port
@@ -126,9 +126,9 @@ trap cleanup EXIT
 
 start_server "$port" "$work/server.log" || summary
 if [[ $server == ballast && -z $spec ]]; then
-  sz=$(stat -c %s "$work/data/vol0" 2>/dev/null || echo none)
-  [[ $sz == $((1 << 30)) ]] && pass "default export file data-dir/vol0 is 1 GiB" \
-    || fail "default export file data-dir/vol0 is 1 GiB (got $sz)"
+  sz=$(stat -c %s "$work/data/pool.img" 2>/dev/null || echo none)
+  [[ $sz == $((10 << 30)) ]] && pass "default pool data-dir/pool.img (holding vol0) is 10 GiB" \
+    || fail "default pool data-dir/pool.img is 10 GiB (got $sz)"
 fi
 port2=
 ((restart)) && port2=$(free_port)

@@ -20,6 +20,7 @@
 //! - control operations that change sharing or size (snapshot, clone, rollback, resize,
 //!   delete) freeze the volume and wait until its writes drained before they change anything.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -288,7 +289,9 @@ impl PoolHandle {
             id,
             info: DevInfo {
                 block_size: PIECE as u32,
-                min_block: PIECE as u32,
+                // Any alignment works (partial pieces are read-modify-written); 4 KiB is the
+                // preferred size.
+                min_block: 1,
                 read_only,
                 backend: format!("{kind}:{name} in pool {}", self.path.display()),
                 cheap_extents: false,
@@ -358,6 +361,13 @@ impl BlockDev for VolumeDev {
             plans: Vec::new(),
             sealed: None,
             wait_seal: 0,
+            user: None,
+            user_at: 0,
+            user_len: 0,
+            hold: None,
+            edges: Vec::new(),
+            steps: VecDeque::new(),
+            final_result: None,
             done: false,
         };
         cx.spawn_local(Box::new(io));
@@ -380,6 +390,7 @@ impl BlockDev for VolumeDev {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Plan,
+    Hold,
     Read,
     Write,
     Sync,
@@ -396,6 +407,7 @@ mod tag {
     pub const COPY: u32 = 0x0300_0000;
     pub const SYNC: u32 = 0x0400_0000;
     pub const JOURNAL: u32 = 0x0500_0000;
+    pub const EDGE: u32 = 0x0600_0000;
 }
 
 /// One request to a volume, run as a task on the submitting core.
@@ -422,7 +434,27 @@ struct VolumeIo {
     sealed: Option<Sealed>,
     /// A flush is satisfied once this many commits have been sealed and are durable.
     wait_seal: u64,
+    /// Unaligned requests run on the enclosing 4 KiB pieces through a bounce buffer (`buf`):
+    /// the submitter's buffer, where its bytes sit in the bounce buffer, and their length.
+    user: Option<IoBuf>,
+    user_at: usize,
+    user_len: u64,
+    /// A read-modify-write's exclusive hold on its volume clusters (token, clusters).
+    hold: Option<(u64, Vec<u64>)>,
+    /// Edge pieces a read-modify-write reads: position in the bounce buffer.
+    edges: Vec<u64>,
+    /// Further steps of this request (an unaligned write-zeroes), and its result when it has
+    /// steps.
+    steps: VecDeque<IoCmd>,
+    final_result: Option<i32>,
     done: bool,
+}
+
+/// The 4 KiB-aligned range enclosing `[offset, offset + len)`.
+fn enclosing(offset: u64, len: u64) -> (u64, u64) {
+    let start = offset / PIECE * PIECE;
+    let end = offset.saturating_add(len).next_multiple_of(PIECE);
+    (start, end)
 }
 
 impl VolumeIo {
@@ -431,10 +463,57 @@ impl VolumeIo {
     }
 
     fn reply(&mut self, cx: &mut Cx<'_>, result: i32) {
-        let owned = self.buf.take().map_or(Owned::None, Owned::Buf);
+        if let Some((token, vcs)) = self.hold.take() {
+            self.pool.meta.lock().release(self.vol, &vcs, token);
+        }
+        if let Some(user) = self.user.take() {
+            if let Some(bounce) = self.buf.take() {
+                cx.recycle(bounce);
+            }
+            self.buf = Some(user);
+        }
+        if result >= 0 {
+            if let Some(next) = self.steps.pop_front() {
+                if let Some(b) = self.buf.take() {
+                    cx.recycle(b);
+                }
+                self.reset();
+                self.cmd = Some(next);
+                return self.plan(cx);
+            }
+        }
+        let (result, owned) = match self.final_result {
+            // A request of several steps: the buffers were ours.
+            Some(r) => {
+                if let Some(b) = self.buf.take() {
+                    cx.recycle(b);
+                }
+                (if result < 0 { result } else { r }, Owned::None)
+            }
+            None => (result, self.buf.take().map_or(Owned::None, Owned::Buf)),
+        };
         cx.complete_to(self.reply_task, self.reply_tag, result, owned);
         self.phase = Phase::Done;
         self.done = true;
+    }
+
+    /// Forgets a finished step's state (the request's identity and remaining steps stay).
+    fn reset(&mut self) {
+        self.phase = Phase::Plan;
+        self.outstanding = 0;
+        self.error = 0;
+        self.ticket = None;
+        self.parts.clear();
+        self.plans.clear();
+        self.edges.clear();
+        self.offset = 0;
+        self.len = 0;
+        self.fua = false;
+    }
+
+    /// The byte count a successful read or write reports.
+    fn done_len(&self) -> i32 {
+        (if self.user.is_some() { self.user_len } else { self.len }) as i32
     }
 
     fn note_error(&mut self, result: i32) {
@@ -448,30 +527,87 @@ impl VolumeIo {
         if let Some(cmd) = self.cmd.take() {
             match cmd {
                 IoCmd::Read { offset, buf } => {
-                    self.offset = offset;
-                    self.len = buf.len() as u64;
-                    self.buf = Some(buf);
+                    let len = buf.len() as u64;
+                    let (start, end) = enclosing(offset, len);
+                    self.offset = start;
+                    self.len = end - start;
+                    if (start, end) == (offset, offset + len) {
+                        self.buf = Some(buf);
+                    } else {
+                        self.user_at = (offset - start) as usize;
+                        self.user_len = len;
+                        self.user = Some(buf);
+                        self.buf = Some(cx.buf(self.len as usize));
+                    }
                     return self.start_read(cx);
                 }
                 IoCmd::Write { offset, buf, fua } => {
-                    self.offset = offset;
-                    self.len = buf.len() as u64;
+                    let len = buf.len() as u64;
+                    let (start, end) = enclosing(offset, len);
+                    self.offset = start;
+                    self.len = end - start;
                     self.fua = fua;
-                    self.buf = Some(buf);
-                    self.phase = Phase::Write;
+                    if (start, end) == (offset, offset + len) {
+                        self.buf = Some(buf);
+                        self.phase = Phase::Write;
+                    } else {
+                        self.user_at = (offset - start) as usize;
+                        self.user_len = len;
+                        self.user = Some(buf);
+                        self.phase = Phase::Hold;
+                    }
                 }
                 IoCmd::Flush => {
                     self.wait_seal = self.pool.meta.lock().seals() + 1;
                     self.phase = Phase::Sync;
                 }
-                IoCmd::Discard { offset, len } | IoCmd::WriteZeroes { offset, len, .. } => {
-                    self.offset = offset;
-                    self.len = len;
+                IoCmd::Discard { offset, len } => {
+                    // Advisory: only whole pieces are released.
+                    let start = offset.next_multiple_of(PIECE);
+                    let end = offset.saturating_add(len) / PIECE * PIECE;
+                    if end <= start {
+                        return self.reply(cx, 0);
+                    }
+                    self.offset = start;
+                    self.len = end - start;
                     return self.trim(cx);
+                }
+                IoCmd::WriteZeroes { offset, len, .. } => {
+                    let end = offset.saturating_add(len);
+                    if offset.is_multiple_of(PIECE) && end.is_multiple_of(PIECE) {
+                        self.offset = offset;
+                        self.len = len;
+                        return self.trim(cx);
+                    }
+                    // Partial pieces at the edges are written with zeros (read-modify-write),
+                    // the whole pieces between them released.
+                    let inner = (offset.next_multiple_of(PIECE), end / PIECE * PIECE);
+                    let mut steps = VecDeque::new();
+                    let zeros = |cx: &mut Cx<'_>, from: u64, to: u64| {
+                        let mut buf = cx.buf((to - from) as usize);
+                        buf.as_mut_slice().fill(0);
+                        IoCmd::Write { offset: from, buf, fua: false }
+                    };
+                    if inner.1 <= inner.0 {
+                        steps.push_back(zeros(cx, offset, end));
+                    } else {
+                        if offset < inner.0 {
+                            steps.push_back(zeros(cx, offset, inner.0));
+                        }
+                        steps.push_back(IoCmd::Discard { offset: inner.0, len: inner.1 - inner.0 });
+                        if inner.1 < end {
+                            steps.push_back(zeros(cx, inner.1, end));
+                        }
+                    }
+                    self.final_result = Some(0);
+                    self.cmd = steps.pop_front();
+                    self.steps = steps;
+                    return self.plan(cx);
                 }
             }
         }
         match self.phase {
+            Phase::Hold => self.start_hold(cx),
             Phase::Write => self.start_write(cx),
             Phase::Sync => self.start_commit(cx),
             Phase::Plan => self.trim(cx),
@@ -549,8 +685,105 @@ impl VolumeIo {
         if let Some(t) = self.ticket.take() {
             self.pool.meta.lock().end_io(t);
         }
-        let result = if self.error != 0 { self.error } else { self.len as i32 };
+        if let (Some(user), Some(bounce), 0) = (self.user.as_mut(), self.buf.as_ref(), self.error)
+        {
+            let n = self.user_len as usize;
+            user.as_mut_slice()[..n]
+                .copy_from_slice(&bounce.as_slice()[self.user_at..self.user_at + n]);
+        }
+        let result = if self.error != 0 { self.error } else { self.done_len() };
         self.reply(cx, result);
+    }
+
+    /// An unaligned write: hold its clusters, read the partial edge pieces, lay the new bytes
+    /// over them in a bounce buffer, then write the enclosing pieces.
+    fn start_hold(&mut self, cx: &mut Cx<'_>) {
+        let (start, end) = (self.offset, self.offset + self.len);
+        let user_end = self.user_at as u64 + self.user_len;
+        let mut edges = Vec::new();
+        if self.user_at != 0 {
+            edges.push(start);
+        }
+        if !user_end.is_multiple_of(PIECE) && edges.last() != Some(&(end - PIECE)) {
+            edges.push(end - PIECE);
+        }
+        let held = {
+            let mut m = self.pool.meta.lock();
+            let cb = m.cluster_bytes();
+            let vcs: Vec<u64> = (start / cb..end.div_ceil(cb)).collect();
+            match m.hold(self.vol, &vcs) {
+                Ok(Ok(token)) => {
+                    let plans: Result<Vec<_>, _> =
+                        edges.iter().map(|&at| m.plan_read(self.vol, at, PIECE)).collect();
+                    match plans {
+                        Ok(p) => Ok(Ok((token, vcs, p))),
+                        Err(e) => {
+                            m.release(self.vol, &vcs, token);
+                            Err(e)
+                        }
+                    }
+                }
+                Ok(Err(busy)) => Ok(Err(busy)),
+                Err(e) => Err(e),
+            }
+        };
+        let (token, vcs, plans) = match held {
+            Ok(Ok(x)) => x,
+            Ok(Err(_busy)) => return self.retry(cx),
+            Err(e) => return self.reply(cx, errno(&e)),
+        };
+        self.hold = Some((token, vcs));
+        self.buf = Some(cx.buf(self.len as usize));
+        for (k, (at, pieces)) in edges.iter().zip(plans).enumerate() {
+            let pos = (at - start) as usize;
+            match pieces[..] {
+                [ReadPiece::Disk { offset, .. }] => {
+                    self.edges.push(at - start);
+                    self.outstanding += 1;
+                    let sub = cx.buf(PIECE as usize);
+                    self.pool.media.submit(cx, IoCmd::Read { offset, buf: sub }, tag::EDGE | k as u32);
+                }
+                _ => {
+                    self.edges.push(at - start);
+                    let bounce = self.buf.as_mut().expect("bounce buffer");
+                    bounce.as_mut_slice()[pos..pos + PIECE as usize].fill(0);
+                }
+            }
+        }
+        if self.outstanding == 0 {
+            self.edges_done(cx);
+        }
+    }
+
+    fn on_edge(&mut self, cx: &mut Cx<'_>, k: usize, result: i32, owned: Owned) {
+        let Some(sub) = owned.into_buf() else {
+            unreachable!("a read completion carries its buffer")
+        };
+        if result < 0 || result as usize != sub.len() {
+            self.note_error(result);
+        } else {
+            let pos = self.edges[k] as usize;
+            let bounce = self.buf.as_mut().expect("bounce buffer");
+            bounce.as_mut_slice()[pos..pos + sub.len()].copy_from_slice(sub.as_slice());
+        }
+        cx.recycle(sub);
+        self.outstanding -= 1;
+        if self.outstanding == 0 {
+            self.edges_done(cx);
+        }
+    }
+
+    fn edges_done(&mut self, cx: &mut Cx<'_>) {
+        if self.error != 0 {
+            return self.reply(cx, self.error);
+        }
+        let n = self.user_len as usize;
+        let user = self.user.as_ref().expect("unaligned write buffer");
+        let bounce = self.buf.as_mut().expect("bounce buffer");
+        bounce.as_mut_slice()[self.user_at..self.user_at + n]
+            .copy_from_slice(&user.as_slice()[..n]);
+        self.phase = Phase::Write;
+        self.start_write(cx);
     }
 
     fn retry(&mut self, cx: &mut Cx<'_>) {
@@ -560,7 +793,8 @@ impl VolumeIo {
     fn start_write(&mut self, cx: &mut Cx<'_>) {
         let planned = {
             let mut m = self.pool.meta.lock();
-            match m.plan_write(self.vol, self.offset, self.len) {
+            let hold = self.hold.as_ref().map_or(0, |h| h.0);
+            match m.plan_write(self.vol, self.offset, self.len, hold) {
                 Ok(Ok(plans)) => Ok(Ok((plans, m.begin_io()))),
                 Ok(Err(busy)) => Ok(Err(busy)),
                 Err(e) => Err(e),
@@ -670,12 +904,16 @@ impl VolumeIo {
         if self.error != 0 {
             return self.reply(cx, self.error);
         }
+        if let Some((token, vcs)) = self.hold.take() {
+            self.pool.meta.lock().release(self.vol, &vcs, token);
+        }
         if self.fua {
             self.wait_seal = self.pool.meta.lock().seals() + 1;
             self.phase = Phase::Sync;
             return self.start_commit(cx);
         }
-        self.reply(cx, self.len as i32);
+        let n = self.done_len();
+        self.reply(cx, n);
     }
 
     fn trim(&mut self, cx: &mut Cx<'_>) {
@@ -788,7 +1026,7 @@ impl VolumeIo {
     }
 
     fn finish_commit(&mut self, cx: &mut Cx<'_>) {
-        let result = if self.buf.is_some() || self.len > 0 { self.len as i32 } else { 0 };
+        let result = if self.buf.is_some() || self.len > 0 { self.done_len() } else { 0 };
         self.reply(cx, result);
     }
 }
@@ -809,6 +1047,7 @@ impl Task for VolumeIo {
             tag::WRITE => self.on_write(cx, i, result, owned),
             tag::SYNC => self.on_sync(cx, result),
             tag::JOURNAL => self.on_journal(cx, result, owned),
+            tag::EDGE => self.on_edge(cx, i, result, owned),
             _ => unreachable!("volume I/O tag {t:#x}"),
         }
     }

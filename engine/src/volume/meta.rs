@@ -150,6 +150,8 @@ pub struct Sealed {
 struct VcState {
     writers: u32,
     cow: bool,
+    /// Held exclusively by a read-modify-write (its token; 0 = not held).
+    held: u64,
 }
 
 pub struct PoolMeta {
@@ -169,6 +171,7 @@ pub struct PoolMeta {
     sealed_fresh: HashSet<u64>,
     sealed_touched: HashSet<u64>,
     committing: bool,
+    next_hold: u64,
     /// Commits sealed so far, and how many of them are durable (checkpoints count as both).
     seals: u64,
     durable_seals: u64,
@@ -230,6 +233,7 @@ impl PoolMeta {
             sealed_fresh: HashSet::new(),
             sealed_touched: HashSet::new(),
             committing: false,
+            next_hold: 0,
             seals: 0,
             durable_seals: 0,
             busy: HashMap::new(),
@@ -613,6 +617,7 @@ impl PoolMeta {
         id: u32,
         offset: u64,
         len: u64,
+        hold: u64,
     ) -> Result<Result<Vec<WritePlan>, Busy>, PoolError> {
         self.ok()?;
         self.check_range(id, offset, len, true)?;
@@ -627,7 +632,8 @@ impl PoolMeta {
         while at < offset + len {
             let s = self.span(at, offset + len);
             let state = self.busy.get(&(id, s.vc)).copied().unwrap_or_default();
-            if state.cow {
+            // A cluster held by a read-modify-write takes only that request's write.
+            if state.cow || (state.held != 0 && state.held != hold) {
                 return Ok(Err(Busy));
             }
             let e = v.tree.get(s.vc);
@@ -680,11 +686,44 @@ impl PoolMeta {
     fn unbusy(&mut self, id: u32, vc: u64) {
         let st = self.busy.get_mut(&(id, vc)).expect("a planned write holds its cluster");
         st.writers -= 1;
-        if st.writers == 0 {
+        st.cow = false;
+        if st.writers == 0 && st.held == 0 {
             self.busy.remove(&(id, vc));
-        } else {
-            st.cow = false;
         }
+    }
+
+    /// Holds volume clusters `vcs` exclusively for a read-modify-write (an unaligned write):
+    /// no other write, copy-on-write or trim touches them until `release`, so the pieces read
+    /// and merged cannot change meanwhile. `Ok(Err(Busy))` when one is in use (retry later).
+    pub fn hold(&mut self, id: u32, vcs: &[u64]) -> Result<Result<u64, Busy>, PoolError> {
+        self.ok()?;
+        let v = self.volume(id)?;
+        if v.read_only {
+            return Err(PoolError::ReadOnly(id));
+        }
+        if v.frozen || vcs.iter().any(|vc| self.busy.contains_key(&(id, *vc))) {
+            return Ok(Err(Busy));
+        }
+        self.next_hold += 1;
+        let token = self.next_hold;
+        for vc in vcs {
+            self.busy.insert((id, *vc), VcState { writers: 0, cow: false, held: token });
+        }
+        self.volumes.get_mut(&id).expect("checked").writes_inflight += 1;
+        Ok(Ok(token))
+    }
+
+    pub fn release(&mut self, id: u32, vcs: &[u64], token: u64) {
+        for vc in vcs {
+            if let Some(st) = self.busy.get_mut(&(id, *vc)) {
+                assert_eq!(st.held, token, "releasing a hold we do not own");
+                st.held = 0;
+                if st.writers == 0 {
+                    self.busy.remove(&(id, *vc));
+                }
+            }
+        }
+        self.end_write(id);
     }
 
     /// One plan's data is on the media (completed, not necessarily durable): map it.

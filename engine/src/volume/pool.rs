@@ -294,7 +294,7 @@ impl<D: SyncDisk> Pool<D> {
     }
 
     pub fn write(&mut self, id: u32, offset: u64, data: &[u8]) -> Result<(), PoolError> {
-        let plans = match self.meta.plan_write(id, offset, data.len() as u64)? {
+        let plans = match self.meta.plan_write(id, offset, data.len() as u64, 0)? {
             Ok(plans) => plans,
             Err(_) => unreachable!("nothing is in flight on a synchronous pool"),
         };

@@ -330,7 +330,7 @@ pub fn pool_dump(path: &Path, maps: bool) -> anyhow::Result<()> {
     }
     println!("volumes:");
     for (id, v) in m.volumes() {
-        let entries = ballast_engine::volume::meta::mapped_entries(&m, *id);
+        let entries = ballast_engine::volume::meta::mapped_entries(m, *id);
         println!(
             "  #{id} {:?}: {} bytes, {} allocated, {}, parent {}, {} mapped clusters",
             v.name,

@@ -665,15 +665,15 @@ impl VolumeIo {
         if result < 0 || result as usize != sub.len() {
             self.note_error(result);
         }
-        if self.buf.is_none() {
-            self.buf = Some(sub); // the direct read into the submitter's buffer
-        } else {
-            let pos = self.parts[i].0 as usize;
-            if self.error == 0 {
-                let dst = self.buf.as_mut().expect("read buffer");
-                dst.as_mut_slice()[pos..pos + sub.len()].copy_from_slice(sub.as_slice());
+        match self.buf.as_mut() {
+            None => self.buf = Some(sub), // the direct read into the submitter's buffer
+            Some(dst) => {
+                let pos = self.parts[i].0 as usize;
+                if self.error == 0 {
+                    dst.as_mut_slice()[pos..pos + sub.len()].copy_from_slice(sub.as_slice());
+                }
+                cx.recycle(sub);
             }
-            cx.recycle(sub);
         }
         self.outstanding -= 1;
         if self.outstanding == 0 {
@@ -685,8 +685,7 @@ impl VolumeIo {
         if let Some(t) = self.ticket.take() {
             self.pool.meta.lock().end_io(t);
         }
-        if let (Some(user), Some(bounce), 0) = (self.user.as_mut(), self.buf.as_ref(), self.error)
-        {
+        if let (Some(user), Some(bounce), 0) = (self.user.as_mut(), self.buf.as_ref(), self.error) {
             let n = self.user_len as usize;
             user.as_mut_slice()[..n]
                 .copy_from_slice(&bounce.as_slice()[self.user_at..self.user_at + n]);
@@ -741,7 +740,11 @@ impl VolumeIo {
                     self.edges.push(at - start);
                     self.outstanding += 1;
                     let sub = cx.buf(PIECE as usize);
-                    self.pool.media.submit(cx, IoCmd::Read { offset, buf: sub }, tag::EDGE | k as u32);
+                    self.pool.media.submit(
+                        cx,
+                        IoCmd::Read { offset, buf: sub },
+                        tag::EDGE | k as u32,
+                    );
                 }
                 _ => {
                     self.edges.push(at - start);

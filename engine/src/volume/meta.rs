@@ -345,7 +345,9 @@ impl PoolMeta {
                 return;
             }
             match out.last_mut() {
-                Some(last) if last.2 == written && last.0 + last.1 == start => last.1 += stop - start,
+                Some(last) if last.2 == written && last.0 + last.1 == start => {
+                    last.1 += stop - start
+                }
                 _ => out.push((start, stop - start, written)),
             }
         };

@@ -460,7 +460,9 @@ mod tests {
             .map(|(id, v)| (*id, v.name.clone(), v.size_bytes, v.read_only, v.parent))
             .collect();
         vols.into_iter()
-            .map(|(id, name, size, ro, parent)| (name, (size, ro, parent, p.read(id, 0, size).unwrap())))
+            .map(|(id, name, size, ro, parent)| {
+                (name, (size, ro, parent, p.read(id, 0, size).unwrap()))
+            })
             .collect()
     }
 
@@ -526,17 +528,23 @@ mod tests {
     fn crash_point_sweeps_are_all_or_nothing() {
         type OpFn = fn(&mut Pool<SimDisk>);
         let ops: [(&str, OpFn); 9] = [
-            ("snapshot", |p| drop(p.snapshot(id(p, "v"), "s2").unwrap())),
-            ("clone", |p| drop(p.clone_volume(id(p, "s"), "c2").unwrap())),
+            ("snapshot", |p| {
+                p.snapshot(id(p, "v"), "s2").unwrap();
+            }),
+            ("clone", |p| {
+                p.clone_volume(id(p, "s"), "c2").unwrap();
+            }),
             ("delete origin", |p| p.delete(id(p, "v")).unwrap()),
             ("delete snapshot", |p| p.delete(id(p, "s")).unwrap()),
             ("grow", |p| p.resize(id(p, "v"), 2 * VOL_PIECES * PIECE, false).unwrap()),
             ("shrink", |p| p.resize(id(p, "v"), 2 * PIECE, true).unwrap()),
             ("rollback", |p| p.rollback(id(p, "v"), id(p, "s")).unwrap()),
-            ("create", |p| drop(p.create_volume("n", 8 * PIECE).unwrap())),
+            ("create", |p| {
+                p.create_volume("n", 8 * PIECE).unwrap();
+            }),
             ("checkpoint+snapshot", |p| {
                 p.checkpoint().unwrap();
-                drop(p.snapshot(id(p, "c"), "s3").unwrap());
+                p.snapshot(id(p, "c"), "s3").unwrap();
             }),
         ];
         for commits in [0, 5, 11, 14, 15, 16, 17] {
@@ -780,8 +788,8 @@ mod tests {
                         written[p as usize] = w;
                     }
                 }
-                for p in 0..m.size as usize {
-                    prop_assert_eq!(written[p], m.now[p] != 0, "vol {} piece {} allocation", id, p);
+                for (p, w) in written.iter().enumerate() {
+                    prop_assert_eq!(*w, m.now[p] != 0, "vol {} piece {} allocation", id, p);
                 }
             }
         }

@@ -184,7 +184,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         start_nvmf_listener(&handles, &target, addr)?;
     }
 
-    let listener = TcpListener::bind(args.nbd_listen)
+    let listener = bind_retrying(args.nbd_listen)
         .with_context(|| format!("binding NBD on {}", args.nbd_listen))?;
     let factory = ballast_nbd::conn_factory(exports.clone());
     let spawn = Msg::Spawn(Box::new(move |_cx| {
@@ -224,7 +224,7 @@ pub fn start_nvmf_listener(
     addr: SocketAddr,
 ) -> anyhow::Result<()> {
     let listener =
-        TcpListener::bind(addr).with_context(|| format!("binding NVMe/TCP on {addr}"))?;
+        bind_retrying(addr).with_context(|| format!("binding NVMe/TCP on {addr}"))?;
     target.listeners.write().push((addr.ip().to_string(), addr.port()));
     target.genctr.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let factory = ballast_nvmf::conn_factory(target.clone());
@@ -247,6 +247,29 @@ fn create_default_pool(path: &Path) -> anyhow::Result<()> {
     pool.checkpoint_blocking()?;
     tracing::info!(path = %path.display(), "created the default pool with volume vol0");
     Ok(())
+}
+
+/// Binds `addr`, waiting up to 10 s while it is in use: after a kill -9 the previous daemon's
+/// listening sockets stay open until the kernel has torn down its io_uring (an accept in
+/// flight holds them), which takes a moment after the process is gone.
+fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let start = std::time::Instant::now();
+    let mut warned = false;
+    loop {
+        match TcpListener::bind(addr) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && start.elapsed() < std::time::Duration::from_secs(10) =>
+            {
+                if !warned {
+                    tracing::warn!(%addr, "address in use; waiting for it to be released");
+                    warned = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
 
 fn raise_fd_limit() {

@@ -367,6 +367,17 @@ check_eq "v1 after two kill -9s: unchanged" "$SHA_V1_ORIG" "$(nbd_sha v1)"
 
 ##############################################################################################
 echo "## 7: clean restart restores everything"
+check "nvmf add-host on v1's subsystem" ballast_ctl nvmf add-host v1 nqn.2014-08.org.example:h1
+check "nvmf: v1's subsystem admits only listed hosts" ballast_ctl rpc nvmf_subsystem_allow_any_host \
+    '{"nqn": "nqn.2026-11.dev.ballast:v1", "allow_any_host": false}'
+access_of() {
+    ballast_ctl nvmf list 2>/dev/null | "$SYS_PY" -c 'import json,sys
+for s in json.load(sys.stdin):
+    if s["nqn"] == "nqn.2026-11.dev.ballast:"+sys.argv[1]:
+        print(s["allow_any_host"], ",".join(sorted(h["nqn"] for h in s["hosts"])))' "$1"
+}
+ACCESS_V1=$(access_of v1)
+check_eq "v1's access settings before the restart" "False nqn.2014-08.org.example:h1" "$ACCESS_V1"
 before=$(vol_summary)
 declare -A SHAS=()
 for v in $(awk '{print $1}' <<<"$before"); do SHAS[$v]=$(nbd_sha "$v"); done
@@ -392,6 +403,7 @@ for v in "${!SHAS[@]}"; do
 done
 if [[ -z $bad ]]; then pass "data of every volume identical after restart (${#SHAS[@]} volumes)"
 else fail "data identical after restart" "differs:$bad"; fi
+check_eq "v1's allowed hosts survive the restart (kept in the pool)" "$ACCESS_V1" "$(access_of v1)"
 check_eq "s1 still read-only after restart" 0 \
     "$(timeout 30 nbdinfo --is read-only "$NBD_URI/s1" >/dev/null 2>&1; echo $?)"
 

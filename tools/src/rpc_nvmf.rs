@@ -84,6 +84,7 @@ pub fn handle(control: &Control, method: &str, p: &Value) -> Result<Value, RpcEr
                 target.subsystem(nqn).ok_or_else(|| invalid(format!("no subsystem {nqn:?}")))?;
             subsys.allow_any_host.store(any, Ordering::Relaxed);
             target.genctr.fetch_add(1, Ordering::Relaxed);
+            crate::volumes::persist_hosts(control, nqn);
             Ok(json!(true))
         }
         "nvmf_subsystem_add_listener" => {

@@ -223,8 +223,7 @@ pub fn start_nvmf_listener(
     target: &Arc<ballast_nvmf::Target>,
     addr: SocketAddr,
 ) -> anyhow::Result<()> {
-    let listener =
-        bind_retrying(addr).with_context(|| format!("binding NVMe/TCP on {addr}"))?;
+    let listener = bind_retrying(addr).with_context(|| format!("binding NVMe/TCP on {addr}"))?;
     target.listeners.write().push((addr.ip().to_string(), addr.port()));
     target.genctr.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let factory = ballast_nvmf::conn_factory(target.clone());

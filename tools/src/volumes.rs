@@ -23,7 +23,8 @@ use serde_json::{json, Value};
 
 use crate::rpc::{invalid, Control, RpcError};
 
-/// Config key holding the allowed hosts of volume `name`'s subsystem (comma-separated).
+/// Config key holding the access settings of volume `name`'s subsystem (JSON: allow_any_host,
+/// hosts).
 fn hosts_key(name: &str) -> String {
     format!("hosts:{name}")
 }
@@ -60,12 +61,21 @@ pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> a
         read_only,
     })?;
     let nqn = nqn_of(name);
-    let stored_hosts = pool.meta().config().get(&hosts_key(name)).cloned();
-    let hosts: Vec<String> = match &stored_hosts {
-        Some(list) => list.split(',').filter(|h| !h.is_empty()).map(String::from).collect(),
-        None => control.allow_hosts.clone(),
+    let stored: Option<Value> =
+        pool.meta().config().get(&hosts_key(name)).and_then(|v| serde_json::from_str(v).ok());
+    let (any, hosts): (bool, Vec<String>) = match &stored {
+        Some(v) => (
+            v["allow_any_host"].as_bool().unwrap_or(true),
+            v["hosts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|h| h.as_str().map(String::from))
+                .collect(),
+        ),
+        None => (control.allow_hosts.is_empty(), control.allow_hosts.clone()),
     };
-    let subsys = control.target.create_subsystem(&nqn, hosts.is_empty())?;
+    let subsys = control.target.create_subsystem(&nqn, any)?;
     subsys.hosts.write().extend(hosts);
     control.target.add_namespace(&nqn, 1, dev, 4096)?;
     Ok(())
@@ -85,7 +95,8 @@ pub fn export_all(control: &Control, pool: &Arc<PoolHandle>) -> anyhow::Result<(
     Ok(())
 }
 
-/// Keeps a volume subsystem's host list in the pool (after an `nvmf_subsystem_*_host` call).
+/// Keeps a volume subsystem's access settings in the pool (after an `nvmf_subsystem_*_host`
+/// or `nvmf_subsystem_allow_any_host` call).
 pub fn persist_hosts(control: &Control, nqn: &str) {
     let Some(pool) = &control.pool else { return };
     let Some(name) = nqn.strip_prefix(ballast_nvmf::NQN_PREFIX) else { return };
@@ -94,7 +105,9 @@ pub fn persist_hosts(control: &Control, nqn: &str) {
         return;
     }
     let hosts: Vec<String> = subsys.hosts.read().iter().cloned().collect();
-    if let Err(e) = pool.set_config(&hosts_key(name), &hosts.join(",")) {
+    let any = subsys.allow_any_host.load(std::sync::atomic::Ordering::Relaxed);
+    let value = json!({"allow_any_host": any, "hosts": hosts}).to_string();
+    if let Err(e) = pool.set_config(&hosts_key(name), &value) {
         tracing::warn!(volume = name, error = %e, "could not store the host list in the pool");
     }
 }

@@ -185,7 +185,7 @@ impl PoolHandle {
             if meta.committing() {
                 drop(meta);
                 if start.elapsed() > QUIESCE_TIMEOUT {
-                    return Err(PoolError::Failed("a commit did not finish in time".into()));
+                    return Err(PoolError::Damaged("a commit did not finish in time".into()));
                 }
                 std::thread::sleep(Duration::from_micros(200));
                 continue;
@@ -223,7 +223,7 @@ impl PoolHandle {
             while !self.meta.lock().quiet(id) {
                 if start.elapsed() > QUIESCE_TIMEOUT {
                     self.meta.lock().set_frozen(id, false);
-                    return Err(PoolError::Failed("volume writes did not drain".into()));
+                    return Err(PoolError::Busy(id));
                 }
                 std::thread::sleep(Duration::from_micros(100));
             }

@@ -81,6 +81,8 @@ pub enum PoolError {
     BadConfig,
     #[error("{0}")]
     Damaged(String),
+    #[error("volume {0}'s writes did not drain in time; nothing was changed")]
+    Busy(u32),
     #[error("pool I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("the pool failed an I/O and is now read-only until restarted: {0}")]
@@ -624,7 +626,10 @@ impl PoolMeta {
         self.ok()?;
         self.check_range(id, offset, len, true)?;
         let v = &self.volumes[&id];
-        if v.frozen {
+        // A frozen volume takes no new write; a read-modify-write that holds its clusters is
+        // already in flight (counted by the freeze) and must finish, or the freeze would wait
+        // for it forever.
+        if v.frozen && hold == 0 {
             return Ok(Err(Busy));
         }
         // First decide every span (no state changes), so a busy span reserves nothing.

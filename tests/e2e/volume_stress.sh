@@ -53,6 +53,21 @@ else fail "online check" "$(tr '\n' ' ' <<<"$out" | head -c 400)"; fi
 check "a verify pass over the hammered volume (4k-64k writes, crc32c)" timeout 120 fio --name=verify \
     --ioengine=nbd --uri="$NBD_URI/s" --rw=randwrite --bsrange=4k-64k --size=16M --iodepth=8 \
     --verify=crc32c --verify_fatal=1 --output-format=terse
+# Thousands of flush commits fill the journal ring: checkpoints are written by the helper
+# thread while writes go on; then kill -9, and every flushed write must verify (fio flushes
+# after each write but the last: --end_fsync covers that one).
+check "volume create j 32M" ballast_ctl volume create j 32M
+check "fio: 5000 4k writes, each followed by a flush (fills the journal, forces checkpoints)" \
+    timeout 300 fio --name=sync --ioengine=nbd --uri="$NBD_URI/j" --rw=randwrite --bs=4k \
+    --size=32M --number_ios=5000 --iodepth=1 --fsync=1 --end_fsync=1 --verify=crc32c --do_verify=0 \
+    --verify_state_save=0 --output-format=terse
+n=$(grep -c "checkpoint written" "$BALLAST_LOG")
+check "a checkpoint was written during the run ($n)" test "$n" -ge 1
+kill -KILL "$PID"; wait "$PID" 2>/dev/null
+start_ballast --pool "$POOL" || finish
+check "after kill -9: every write of the fsync'd run verifies" timeout 300 fio --name=sync \
+    --ioengine=nbd --uri="$NBD_URI/j" --rw=randwrite --bs=4k --size=32M --number_ios=5000 \
+    --iodepth=1 --verify=crc32c --verify_only --verify_state_save=0 --output-format=terse
 stop_ballast
 check "pool check after the stress: exact" "$(ballast_bin)" pool check "$POOL"
 if grep -E "panicked|assertion" "$BALLAST_LOG" >/dev/null; then

@@ -31,7 +31,7 @@ use ballast_ffi::{IoBuf, Owned};
 use parking_lot::{Mutex, MutexGuard};
 
 use super::format::BLOCK_SIZE;
-use super::meta::{PoolMeta, ReadPiece, Sealed, Ticket, WritePlan, PIECE};
+use super::meta::{Checkpoint, PoolMeta, ReadPiece, Sealed, Ticket, WritePlan, PIECE};
 use super::pool::{checkpoint_sync, commit_sync, Pool, PoolError, PoolGeometry, SyncDisk};
 use crate::blockdev::{push_extent, BlockDev, DevInfo, Extent, IoCmd};
 use crate::file::FileDev;
@@ -39,6 +39,8 @@ use crate::reactor::{Cx, Task};
 
 /// How long a request waits before it looks again at a cluster busy with another write.
 const RETRY: Duration = Duration::from_micros(30);
+/// How long a flush waits before it looks again at a commit in flight.
+const RETRY_COMMIT: Duration = Duration::from_micros(100);
 /// How long a control operation waits for a volume's writes to drain.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -207,6 +209,28 @@ impl PoolHandle {
             }
             let mut disk = self.disk.lock();
             return checkpoint_sync(&mut *disk, &mut meta);
+        }
+    }
+
+    /// The I/O of a checkpoint begun on a core (`begin_checkpoint`), on a helper thread.
+    fn write_checkpoint(&self, job: Checkpoint) {
+        let start = Instant::now();
+        let bytes = job.blob.len();
+        let written = {
+            let mut disk = self.disk.lock();
+            crate::volume::pool::write_checkpoint(&mut *disk, &job)
+        };
+        let mut meta = self.meta.lock();
+        match written {
+            Ok(()) => {
+                meta.checkpoint_done(job);
+                tracing::info!(
+                    bytes,
+                    millis = start.elapsed().as_millis() as u64,
+                    "checkpoint written"
+                );
+            }
+            Err(e) => meta.fail(format!("checkpoint failed: {e}")),
         }
     }
 
@@ -793,6 +817,12 @@ impl VolumeIo {
         cx.timer(tag::RETRY, RETRY);
     }
 
+    /// Waits for the commit (or checkpoint) in flight: they take a device flush, so look less
+    /// often than for a busy cluster.
+    fn retry_commit(&mut self, cx: &mut Cx<'_>) {
+        cx.timer(tag::RETRY, RETRY_COMMIT);
+    }
+
     fn start_write(&mut self, cx: &mut Cx<'_>) {
         let planned = {
             let mut m = self.pool.meta.lock();
@@ -946,19 +976,29 @@ impl VolumeIo {
         }
         if m.committing() {
             drop(m);
-            return self.retry(cx);
+            return self.retry_commit(cx);
         }
         if m.wants_checkpoint() {
-            // Rare (the ring is three quarters full): written synchronously, under the lock.
-            let r = {
-                let mut disk = self.pool.disk.lock();
-                checkpoint_sync(&mut *disk, &mut m)
+            // Rare (the ring is three quarters full): encoded here, written by a helper thread
+            // so that no core waits on its I/O; this flush waits for it like for a commit.
+            let job = match m.begin_checkpoint() {
+                Ok(Some(job)) => job,
+                Ok(None) => unreachable!("checked that no commit is in flight"),
+                Err(e) => {
+                    drop(m);
+                    return self.reply(cx, errno(&e));
+                }
             };
             drop(m);
-            return match r {
-                Ok(()) => self.finish_commit(cx),
-                Err(e) => self.reply(cx, errno(&e)),
-            };
+            let pool = Arc::clone(&self.pool);
+            let spawned = std::thread::Builder::new()
+                .name("ballast-checkpoint".into())
+                .spawn(move || pool.write_checkpoint(job));
+            if let Err(e) = spawned {
+                self.pool.meta.lock().fail(format!("cannot start the checkpoint writer: {e}"));
+                return self.reply(cx, -libc::EIO);
+            }
+            return self.retry_commit(cx);
         }
         let sealed = match m.seal() {
             Ok(Some(s)) => s,

@@ -137,6 +137,16 @@ pub struct WritePlan {
     base_written: u16,
 }
 
+/// A checkpoint being written (`PoolMeta::begin_checkpoint`).
+pub struct Checkpoint {
+    /// Pool byte offset of the inactive metadata half, and what goes there.
+    pub blob_offset: u64,
+    pub blob: Vec<u8>,
+    /// The superblock naming it, to write (FUA, at copy `sb.slot()`) once the blob is durable.
+    pub sb: Superblock,
+    frees: Vec<u64>,
+}
+
 /// Why a request must wait and retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Busy;
@@ -934,36 +944,63 @@ impl PoolMeta {
         self.sb.meta_blocks / 2
     }
 
-    /// A checkpoint of the current state was written to the inactive half (`blocks` blocks,
-    /// `crc`) and the media is flushed: the superblock to write next, which names it and moves
-    /// the journal head here. After writing it (FUA), call `checkpoint_done`.
-    pub fn checkpoint_superblock(&self, blocks: u64, crc: u32) -> Superblock {
+    /// Starts a checkpoint of the current state: encodes it (header + records, padded to
+    /// blocks) for the metadata half the live superblock does not name, and the superblock
+    /// that will name it and move the journal head here. The pending records are covered by
+    /// it (they need no journal block); the frees so far are sealed with it. Like a commit, no
+    /// other commit runs until `checkpoint_done`. The caller then: flushes the media (the data
+    /// of every mapped record), writes the blob, flushes, writes the superblock with FUA.
+    /// `None` while a commit is in flight.
+    pub fn begin_checkpoint(&mut self) -> Result<Option<Checkpoint>, PoolError> {
+        self.ok()?;
+        if self.committing {
+            return Ok(None);
+        }
+        let payload = self.checkpoint_payload();
+        let mut blob = Vec::with_capacity(payload.len() + BLOCK_SIZE);
+        blob.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        blob.extend_from_slice(&payload);
+        blob.resize(blob.len().next_multiple_of(BLOCK_SIZE), 0);
+        // `admit` keeps the worst case inside the half, so this cannot fail on a sound pool.
+        let limit = self.checkpoint_half_blocks() * BLOCK_SIZE as u64;
+        assert!(blob.len() as u64 <= limit, "checkpoint of {} bytes exceeds its half", blob.len());
         let head = self.journal.head();
-        Superblock {
+        let half = 1 - self.sb.checkpoint_half;
+        let sb = Superblock {
             generation: self.sb.generation + 1,
-            checkpoint_half: 1 - self.sb.checkpoint_half,
-            checkpoint_blocks: blocks,
-            checkpoint_crc: crc,
+            checkpoint_half: half,
+            checkpoint_blocks: blob.len() as u64 / BLOCK_SIZE as u64,
+            checkpoint_crc: crc32c::crc32c(&blob),
             checkpoint_seq: head.seq,
             journal_head_seq: head.seq,
             journal_head_block: head.block,
             journal_head_prev_crc: head.prev_crc,
             ..self.sb.clone()
-        }
+        };
+        self.journal.discard_pending();
+        self.committing = true;
+        self.seals += 1;
+        self.sealed_fresh = std::mem::take(&mut self.epoch_fresh);
+        self.sealed_touched = std::mem::take(&mut self.epoch_touched);
+        Ok(Some(Checkpoint {
+            blob_offset: self.checkpoint_offset(half),
+            blob,
+            sb,
+            frees: self.alloc.seal(),
+        }))
     }
 
-    /// The checkpoint's superblock is durable: pending records are covered by it.
-    pub fn checkpoint_done(&mut self, sb: Superblock) {
-        assert!(!self.committing);
-        self.seals += 1;
+    /// The checkpoint's superblock is durable.
+    pub fn checkpoint_done(&mut self, c: Checkpoint) {
+        assert!(self.committing);
+        self.committing = false;
         self.durable_seals = self.seals;
-        self.sb = sb;
-        self.journal.discard_pending();
+        self.sb = c.sb;
+        // Nothing was written to the ring since `begin_checkpoint` (commits waited).
         self.journal.checkpointed();
-        let frees = self.alloc.seal();
-        self.epoch_fresh.clear();
-        self.epoch_touched.clear();
-        self.quarantine.push_back((self.io_epoch, frees));
+        self.sealed_fresh.clear();
+        self.sealed_touched.clear();
+        self.quarantine.push_back((self.io_epoch, c.frees));
         self.io_epoch += 1;
         self.release_quarantine();
     }

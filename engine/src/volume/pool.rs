@@ -13,8 +13,8 @@
 //! - opening reads nothing but the superblocks, one checkpoint and at most the journal ring.
 
 use super::format::{choose_superblock, replay, Superblock, BLOCK_SIZE};
+use super::meta::{Checkpoint, PoolMeta, ReadPiece, CHECKPOINT_HEADER};
 pub use super::meta::{PoolError, Volume, PIECE};
-use super::meta::{PoolMeta, ReadPiece, CHECKPOINT_HEADER};
 use super::sim::SimDisk;
 
 /// What the pool needs from a disk.
@@ -345,7 +345,9 @@ pub fn commit_sync<D: SyncDisk>(disk: &mut D, meta: &mut PoolMeta) -> Result<(),
     if meta.wants_checkpoint() {
         return checkpoint_sync(disk, meta);
     }
-    let sealed = meta.seal()?.expect("the caller made sure no other commit is in flight");
+    let Some(sealed) = meta.seal()? else {
+        return Err(PoolError::Damaged("another commit is still in flight".into()));
+    };
     let start = meta.superblock().journal_start;
     let written = disk.flush().and_then(|()| {
         sealed
@@ -364,34 +366,27 @@ pub fn commit_sync<D: SyncDisk>(disk: &mut D, meta: &mut PoolMeta) -> Result<(),
 /// Writes the whole state of `meta` to the inactive metadata half, flushes, and names it in a
 /// new superblock (FUA): the journal starts over from the current position.
 pub fn checkpoint_sync<D: SyncDisk>(disk: &mut D, meta: &mut PoolMeta) -> Result<(), PoolError> {
-    let (half, blob) = checkpoint_blob(meta)?;
-    let sb =
-        meta.checkpoint_superblock(blob.len() as u64 / BLOCK_SIZE as u64, crc32c::crc32c(&blob));
-    let written = disk
-        .flush()
-        .and_then(|()| disk.write(meta.checkpoint_offset(half), &blob, false))
-        .and_then(|()| disk.flush())
-        .and_then(|()| disk.write(sb.slot() * BLOCK_SIZE as u64, &sb.encode(), true));
-    if let Err(e) = written {
-        meta.fail(format!("checkpoint failed: {e}"));
-        return Err(e.into());
+    let Some(c) = meta.begin_checkpoint()? else {
+        return Err(PoolError::Damaged("a commit is still in flight; checkpoint not taken".into()));
+    };
+    match write_checkpoint(disk, &c) {
+        Ok(()) => {
+            meta.checkpoint_done(c);
+            Ok(())
+        }
+        Err(e) => {
+            meta.fail(format!("checkpoint failed: {e}"));
+            Err(e.into())
+        }
     }
-    meta.checkpoint_done(sb);
-    Ok(())
 }
 
-/// The checkpoint of `meta` as written to the media (header + records, padded to blocks) and
-/// the half it goes to.
-pub fn checkpoint_blob(meta: &PoolMeta) -> Result<(u8, Vec<u8>), PoolError> {
-    let payload = meta.checkpoint_payload();
-    let mut blob = Vec::with_capacity(payload.len() + BLOCK_SIZE);
-    blob.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    blob.extend_from_slice(&payload);
-    blob.resize(blob.len().next_multiple_of(BLOCK_SIZE), 0);
-    let limit = meta.checkpoint_half_blocks() * BLOCK_SIZE as u64;
-    // `admit` keeps the worst case inside the half, so this cannot fail on a sound pool.
-    assert!(blob.len() as u64 <= limit, "checkpoint of {} bytes exceeds its half", blob.len());
-    Ok((1 - meta.superblock().checkpoint_half, blob))
+/// The device I/O of a checkpoint, in its order: data durable, blob, blob durable, superblock.
+pub fn write_checkpoint<D: SyncDisk>(disk: &mut D, c: &Checkpoint) -> std::io::Result<()> {
+    disk.flush()?;
+    disk.write(c.blob_offset, &c.blob, false)?;
+    disk.flush()?;
+    disk.write(c.sb.slot() * BLOCK_SIZE as u64, &c.sb.encode(), true)
 }
 
 #[cfg(test)]

@@ -501,7 +501,30 @@ if [[ -n $half && -n $mstart && -n $mblocks && -n $cblocks ]] && ((cblocks > 0))
 else
     fail "pool dump shows the live checkpoint" "half=$half meta_start=$mstart meta_blocks=$mblocks checkpoint_blocks=$cblocks"
 fi
-rm -f "$T/dmg.img" "$T/base.img"
+# a damaged journal block with intact commits after it
+cp --sparse=always "$T/base.img" "$T/jr.img"
+new_data_dir; PORT=""
+if start_ballast --pool "$T/jr.img"; then
+    for n in 1 2 3; do ballast_ctl volume create "jr$n" 16M >/dev/null 2>&1; done
+    kill -KILL "$PID"; wait "$PID" 2>/dev/null; PID=""
+    timeout 60 "$BIN" pool dump "$T/jr.img" >"$T/dump.out" 2>&1
+    jstart=$(field journal_start); jhead=$(field journal_head_block)
+    if [[ -n $jstart && -n $jhead ]]; then
+        # the first of the three commits after the checkpoint's head
+        head -c 4096 /dev/urandom | dd of="$T/jr.img" bs=4096 seek=$((jstart + jhead)) conv=notrunc status=none
+        serve_refuses "serve refuses a pool with a damaged journal block before intact commits, naming it" \
+            "$T/jr.img" "journal block $jhead"
+        rc=0; pool_check "$T/jr.img" || rc=$?
+        if ((rc == 1)) && grep -q "journal block $jhead" "$T/check.out"; then
+            pass "pool check exits 1 on a damaged journal block, naming it"
+        else
+            fail "pool check on a damaged journal block" "exit $rc: $(tail -3 "$T/check.out" | tr '\n' ' ')"
+        fi
+    else
+        fail "pool dump shows the journal head" "journal_start=$jstart journal_head_block=$jhead"
+    fi
+fi
+rm -f "$T/dmg.img" "$T/base.img" "$T/jr.img"
 
 ##############################################################################################
 echo "## 8: full pool"

@@ -239,8 +239,15 @@ pub struct JournalBlock {
     pub seq: u64,
     /// crc32c of the previous block (its stored crc), chaining the log.
     pub prev_crc: u32,
+    /// The first block of a commit (stored as the top bit of the payload length). A commit
+    /// starts only after every block of the previous one is durable, so a damaged block
+    /// followed by the valid start of the next commit is damage, not a crash's torn tail.
+    pub commit_start: bool,
     pub payload: Vec<u8>,
 }
+
+/// Top bit of the stored payload length: `commit_start`.
+const JB_COMMIT_START: u32 = 1 << 31;
 
 impl JournalBlock {
     /// Encodes the block; returns the bytes and the crc the next block must chain to.
@@ -252,7 +259,8 @@ impl JournalBlock {
         put_u64(&mut b, jb::INCARNATION, self.incarnation);
         put_u64(&mut b, jb::SEQ, self.seq);
         put_u32(&mut b, jb::PREV_CRC, self.prev_crc);
-        put_u32(&mut b, jb::PAYLOAD_LEN, self.payload.len() as u32);
+        let flag = if self.commit_start { JB_COMMIT_START } else { 0 };
+        put_u32(&mut b, jb::PAYLOAD_LEN, self.payload.len() as u32 | flag);
         b[jb::PAYLOAD..jb::PAYLOAD + self.payload.len()].copy_from_slice(&self.payload);
         let crc = crc32c::crc32c(&b[..JB_CRC]);
         put_u32(&mut b, JB_CRC, crc);
@@ -275,7 +283,8 @@ impl JournalBlock {
         if &b[jb::POOL_UUID..jb::POOL_UUID + 16] != pool_uuid {
             return Err(FormatError::OtherPool);
         }
-        let len = get_u32(b, jb::PAYLOAD_LEN) as usize;
+        let raw_len = get_u32(b, jb::PAYLOAD_LEN);
+        let len = (raw_len & !JB_COMMIT_START) as usize;
         if len > JOURNAL_PAYLOAD_MAX {
             return Err(FormatError::Invalid { field: "payload_len", why: "beyond the block" });
         }
@@ -283,6 +292,7 @@ impl JournalBlock {
             incarnation: get_u64(b, jb::INCARNATION),
             seq: get_u64(b, jb::SEQ),
             prev_crc: get_u32(b, jb::PREV_CRC),
+            commit_start: raw_len & JB_COMMIT_START != 0,
             payload: b[jb::PAYLOAD..jb::PAYLOAD + len].to_vec(),
         };
         Ok((block, stored))
@@ -400,6 +410,7 @@ mod tests {
                 incarnation: 1,
                 seq: 10 + i,
                 prev_crc: prev,
+                commit_start: true,
                 payload: vec![i as u8; 100],
             };
             let (bytes, crc) = jb.encode(&uuid);
@@ -416,8 +427,14 @@ mod tests {
             replay(&uuid, ring, 6, 10, 0, |i| torn[i as usize].clone()).map(|b| b.seq).collect();
         assert_eq!(seqs, vec![10, 11]);
         // A stale block from an older pass (valid crc, wrong chain) also ends it.
-        let (stale, _) =
-            JournalBlock { incarnation: 1, seq: 12, prev_crc: 1, payload: vec![] }.encode(&uuid);
+        let (stale, _) = JournalBlock {
+            incarnation: 1,
+            seq: 12,
+            prev_crc: 1,
+            commit_start: true,
+            payload: vec![],
+        }
+        .encode(&uuid);
         let mut chain = blocks.clone();
         chain[0] = stale;
         assert_eq!(replay(&uuid, ring, 6, 10, 0, |i| chain[i as usize].clone()).count(), 2);
@@ -439,7 +456,7 @@ mod tests {
         #[test]
         fn journal_round_trip(payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..JOURNAL_PAYLOAD_MAX),
                               seq: u64, prev: u32) {
-            let jb = JournalBlock { incarnation: 9, seq, prev_crc: prev, payload };
+            let jb = JournalBlock { incarnation: 9, seq, prev_crc: prev, commit_start: seq % 2 == 0, payload };
             let (bytes, crc) = jb.encode(&[1; 16]);
             let (back, crc2) = JournalBlock::decode(&bytes, &[1; 16]).unwrap();
             proptest::prop_assert_eq!(back, jb);

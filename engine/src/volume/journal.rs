@@ -109,11 +109,12 @@ impl JournalWriter {
         }
         self.pending.clear();
         let mut out = Vec::with_capacity(payloads.len());
-        for payload in payloads {
+        for (i, payload) in payloads.into_iter().enumerate() {
             let block = JournalBlock {
                 incarnation: self.incarnation,
                 seq: self.next_seq,
                 prev_crc: self.prev_crc,
+                commit_start: i == 0,
                 payload,
             };
             let (bytes, crc) = block.encode(&self.pool_uuid);

@@ -12,7 +12,7 @@
 //!   checkpoint and its journal, or the new checkpoint, never a mix;
 //! - opening reads nothing but the superblocks, one checkpoint and at most the journal ring.
 
-use super::format::{choose_superblock, replay, Superblock, BLOCK_SIZE};
+use super::format::{choose_superblock, replay, JournalBlock, Superblock, BLOCK_SIZE};
 use super::meta::{Checkpoint, PoolMeta, ReadPiece, CHECKPOINT_HEADER};
 pub use super::meta::{PoolError, Volume, PIECE};
 use super::sim::SimDisk;
@@ -116,6 +116,32 @@ pub fn layout(total_bytes: u64, g: &PoolGeometry) -> Result<Superblock, PoolErro
     Ok(sb)
 }
 
+/// Replay stopped after `replayed` blocks: a crash's torn tail, or damage? A commit starts only
+/// after the previous one is durable, so if the block after the stopping point is the valid
+/// start of the next commit, the block replay stopped at was durable once and is now damaged:
+/// opening would silently drop every record after it, so refuse instead.
+fn check_journal_end<D: SyncDisk>(
+    disk: &mut D,
+    sb: &Superblock,
+    replayed: u64,
+) -> Result<(), PoolError> {
+    if replayed + 1 >= sb.journal_blocks {
+        return Ok(());
+    }
+    let stop = (sb.journal_head_block + replayed) % sb.journal_blocks;
+    let next = (stop + 1) % sb.journal_blocks;
+    let bytes = disk.read((sb.journal_start + next) * BLOCK_SIZE as u64, BLOCK_SIZE)?;
+    let seq = sb.journal_head_seq + replayed;
+    match JournalBlock::decode(&bytes, &sb.pool_uuid) {
+        Ok((b, _)) if b.seq == seq + 1 && b.commit_start => Err(PoolError::Damaged(format!(
+            "journal block {stop} (byte {}, sequence {seq}) is damaged but the commit after it \
+             is intact: refusing to open rather than drop the records after it",
+            (sb.journal_start + stop) * BLOCK_SIZE as u64
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Reads and checks the checkpoint `sb` names; returns its records' payload.
 pub fn read_checkpoint<D: SyncDisk>(disk: &mut D, sb: &Superblock) -> Result<Vec<u8>, PoolError> {
     if sb.checkpoint_blocks == 0 {
@@ -187,6 +213,7 @@ impl<D: SyncDisk> Pool<D> {
         if let Some(e) = io_error {
             return Err(e.into());
         }
+        check_journal_end(&mut disk, &sb, blocks.len() as u64)?;
         for block in &blocks {
             meta.load(&block.payload)?;
             count += 1;
@@ -546,6 +573,33 @@ mod tests {
             for (name, op) in ops {
                 sweep(name, commits, &op);
             }
+        }
+    }
+
+    #[test]
+    fn a_damaged_journal_block_before_intact_commits_is_refused() {
+        let mut p = new_pool(3);
+        let v = p.create_volume("v", VOL_PIECES * PIECE).unwrap();
+        for i in 0..4u64 {
+            p.write(v, i * PIECE, &vec![i as u8 + 1; PIECE as usize]).unwrap();
+            p.flush().unwrap();
+        }
+        let sb = p.meta().superblock().clone();
+        let mut disk = p.into_disk();
+        // The torn tail of a crash is fine: damage the last block only.
+        let clean = disk.clone();
+        let last = (sb.journal_head_block + 4) % sb.journal_blocks;
+        disk.write((sb.journal_start + last) * BLOCK_SIZE as u64, &[0xa5; BLOCK_SIZE], true);
+        assert!(Pool::open(disk).is_ok(), "a damaged last block is a crash's torn tail");
+        // A damaged block with intact commits after it is refused, naming the block.
+        let mut disk = clean;
+        let mid = (sb.journal_head_block + 2) % sb.journal_blocks;
+        disk.write((sb.journal_start + mid) * BLOCK_SIZE as u64, &[0xa5; BLOCK_SIZE], true);
+        match Pool::open(disk) {
+            Err(PoolError::Damaged(why)) => {
+                assert!(why.contains(&format!("journal block {mid}")), "{why}")
+            }
+            other => panic!("expected a refusal, got {:?}", other.err()),
         }
     }
 

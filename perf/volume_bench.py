@@ -3,7 +3,8 @@
 
 On one filesystem, with the server pinned to one CPU and fio (ioengine=nbd) to the other:
   1. raw file export vs a fully allocated volume: 4k random overwrite and read, QD32, alternating
-     runs, medians of --reps, server CPU per I/O (aim: volume >= 0.9x raw IOPS);
+     runs, medians of --reps, server CPU per I/O (aim: volume >= 0.9x raw IOPS); over NBD with
+     fio, and over NVMe/TCP with ballast-perf (a lighter client, so the server shows more);
   2. first writes into unallocated space: one 4k write per 64 KiB cluster (every write
      allocates), vs the same pattern on a fresh sparse raw file;
   3. first writes after a snapshot: one 4k write per cluster of the snapshotted volume (every
@@ -160,6 +161,43 @@ def bench_overwrite(b, raw, pool, args):
     return res
 
 
+def nvme_perf(daemon, export, rw, args):
+    """ballast-perf (our NVMe/TCP initiator, lighter than fio) against export's subsystem."""
+    perf = os.path.join(os.path.dirname(args.binary), "ballast-perf")
+    cmd = ["taskset", "-c", str(args.fio_cpu), perf, "--addr",
+           f"127.0.0.1:{daemon.nvmf_port}", "--nqn", f"nqn.2026-11.dev.ballast:{export}",
+           "--rw", rw, "--bs", "4k", "--qd", "32", "--runtime", str(args.runtime),
+           "--size", f"{args.size}G", "--json"]
+    c0 = daemon.cpu_s()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    c1 = daemon.cpu_s()
+    if out.returncode != 0:
+        raise RuntimeError(f"ballast-perf failed: {out.stderr[-1000:]}")
+    job = json.loads(out.stdout)["jobs"][0]
+    iops = sum(job[d]["iops"] for d in ("read", "write") if d in job)
+    ios = sum(job[d]["total_ios"] for d in ("read", "write") if d in job)
+    return {"iops": iops, "ios": ios, "cpu_s": c1 - c0,
+            "cpu_us_per_io": (c1 - c0) * 1e6 / max(ios, 1)}
+
+
+def bench_nvme(raw, pool, args):
+    res = {}
+    for rw in ("randwrite", "randread"):
+        runs = {"raw": [], "volume": []}
+        for rep in range(args.reps):
+            for name, d, export in (("raw", raw, "raw"), ("volume", pool, "full")):
+                r = nvme_perf(d, export, rw, args)
+                log(f"nvme {rw} {name} rep {rep}: {r['iops']:.0f} IOPS, "
+                    f"{r['cpu_us_per_io']:.2f} us CPU/IO")
+                runs[name].append(r)
+        med = {k: {"iops": median(v, "iops"), "cpu_us_per_io": median(v, "cpu_us_per_io")}
+               for k, v in runs.items()}
+        med["ratio_iops"] = med["volume"]["iops"] / med["raw"]["iops"]
+        med["ratio_cpu_per_io"] = med["volume"]["cpu_us_per_io"] / med["raw"]["cpu_us_per_io"]
+        res[f"nvme-{rw}-4k-qd32"] = {"runs": runs, "median": med}
+    return res
+
+
 def strided(size_gib):
     # One 4 KiB write, then skip the other 60 KiB: one write per 64 KiB cluster.
     return ["--rw=write:60k", "--bs=4k", "--iodepth=32", f"--size={size_gib}G"]
@@ -276,7 +314,7 @@ def main():
     ap.add_argument("--clusters", type=int, default=1_000_000)
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--fio-cpu", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma list: overwrite,first,snapshot,latency,restart")
+    ap.add_argument("--skip", default="", help="comma list: overwrite,nvme,first,snapshot,latency,restart")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     scratch = tempfile.mkdtemp(prefix="ballast-volbench.", dir=args.dir)
@@ -307,6 +345,8 @@ def main():
                                        f"--size={args.size}G", "--end_fsync=1"])
         if "overwrite" not in skip:
             results["overwrite"] = bench_overwrite(b, raw, pool, args)
+        if "nvme" not in skip:
+            results["overwrite_nvme"] = bench_nvme(raw, pool, args)
         if "first" not in skip:
             results["first_writes"] = bench_first_writes(raw, pool, args)
         if "snapshot" not in skip:
@@ -337,7 +377,7 @@ def main():
 
 def render(r):
     lines = ["| measurement | raw file | volume | ratio |", "|---|---|---|---|"]
-    for prof, v in r.get("overwrite", {}).items():
+    for prof, v in list(r.get("overwrite", {}).items()) + list(r.get("overwrite_nvme", {}).items()):
         m = v["median"]
         lines.append(f"| {prof} IOPS (median) | {m['raw']['iops']:.0f} | {m['volume']['iops']:.0f} "
                      f"| {m['ratio_iops']:.2f}x |")

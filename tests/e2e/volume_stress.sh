@@ -63,6 +63,7 @@ check "fio: 5000 4k writes, each followed by a flush (fills the journal, forces 
     --verify_state_save=0 --output-format=terse
 n=$(grep -c "checkpoint written" "$BALLAST_LOG")
 check "a checkpoint was written during the run ($n)" test "$n" -ge 1
+check "flush after fio" timeout 60 nbdsh -u "$NBD_URI/j" -c "h.flush()"
 kill -KILL "$PID"; wait "$PID" 2>/dev/null
 start_ballast --pool "$POOL" || finish
 check "after kill -9: every write of the fsync'd run verifies" timeout 300 fio --name=sync \

@@ -1008,6 +1008,11 @@ impl VolumeIo {
                 return self.reply(cx, errno(&e));
             }
         };
+        tracing::debug!(
+            seal = m.seals(),
+            blocks = ?sealed.blocks.iter().map(|b| b.0).collect::<Vec<_>>(),
+            "commit sealed"
+        );
         drop(m);
         self.sealed = Some(sealed);
         self.phase = Phase::Sync;

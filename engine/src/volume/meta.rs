@@ -856,7 +856,9 @@ impl PoolMeta {
         if self.committing {
             return Ok(None);
         }
+        let records = self.journal.pending();
         let blocks = self.journal.commit()?;
+        tracing::debug!(records, "sealing a commit");
         self.committing = true;
         self.seals += 1;
         self.sealed_fresh = std::mem::take(&mut self.epoch_fresh);

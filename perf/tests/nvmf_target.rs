@@ -59,6 +59,13 @@ struct Daemon {
 
 impl Daemon {
     fn start() -> Daemon {
+        Daemon::start_with(|_| {
+            vec!["--export".into(), "main=ram:64M".into(), "--export".into(), "fuzz=ram:16M".into()]
+        })
+    }
+
+    /// A daemon whose backend arguments `args(dir)` builds (after preparing files in `dir`).
+    fn start_with(args: impl Fn(&Path) -> Vec<String>) -> Daemon {
         let bin = ballast_bin();
         assert!(
             bin.is_file(),
@@ -81,7 +88,8 @@ impl Daemon {
                 .args(["--nbd-listen", &nbd, "--nvmf-listen", &addr.to_string()])
                 .arg("--rpc-socket")
                 .arg(dir.join("ballast.sock"))
-                .args(["--cores", "1", "--export", "main=ram:64M", "--export", "fuzz=ram:16M"])
+                .args(["--cores", "1"])
+                .args(args(&dir))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("log fd"))
                 .stderr(log)
@@ -105,6 +113,18 @@ impl Daemon {
             panic!("ballast did not start listening on {addr}; log:\n{log}");
         }
         panic!("ballast could not get free ports in 5 attempts");
+    }
+
+    /// Runs the control CLI against this daemon; panics unless it succeeds.
+    fn ctl(&self, args: &[&str]) -> String {
+        let out = Process::new(ballast_bin())
+            .args(args)
+            .arg("--rpc-socket")
+            .arg(self.dir.join("ballast.sock"))
+            .output()
+            .expect("running the ballast CLI");
+        assert!(out.status.success(), "ballast {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn running(&mut self) -> bool {
@@ -556,6 +576,63 @@ fn io_error_statuses() {
     let (_, back) = c.io.execute(&Command { sqe, data: Data::FromTarget(4096) }).unwrap();
     assert!(back == data);
     d.assert_healthy("error statuses");
+    d.stop();
+}
+
+/// A thin volume larger than its pool: writes fail with Capacity Exceeded once the pool is
+/// full, overwrites of written blocks still succeed; a snapshot's namespace refuses writes
+/// with "Attempted Write to Read Only Range" and reads its data.
+#[test]
+fn volume_statuses_full_pool_and_read_only_snapshot() {
+    let bin = ballast_bin();
+    let d = Daemon::start_with(|dir| {
+        let pool = dir.join("pool.img");
+        let st = Process::new(&bin)
+            .args(["pool", "create"])
+            .arg(&pool)
+            .args(["--size", "64M"])
+            .output()
+            .expect("ballast pool create");
+        assert!(st.status.success(), "pool create: {}", String::from_utf8_lossy(&st.stderr));
+        vec!["--pool".into(), pool.display().to_string()]
+    });
+    d.ctl(&["volume", "create", "v", "256M"]);
+    let nqn = "nqn.2026-11.dev.ballast:v";
+    let mut c = controller(d.addr, nqn, &opts(false, false, false)).unwrap();
+    assert_eq!(c.ns.lba_size, 4096);
+    let chunk = pattern(1 << 20, 5);
+    let mut full_at = None;
+    for mib in 0..256u64 {
+        let sqe = c.io.rw_sqe(io::WRITE, 1, mib * 256, chunk.len()).unwrap();
+        let (done, _) = c.io.execute(&Command { sqe, data: Data::ViaR2T(&chunk) }).unwrap();
+        if done.status != 0 {
+            assert_eq!(done.status, nvme::status::CAPACITY_EXCEEDED, "write at {mib} MiB");
+            full_at = Some(mib);
+            break;
+        }
+    }
+    let full_at = full_at.expect("a 256 MiB volume in a 64 MiB pool must fill up");
+    assert!(full_at > 16, "the pool filled after only {full_at} MiB");
+    // Overwriting written blocks needs no new space.
+    let again = pattern(1 << 20, 6);
+    let sqe = c.io.rw_sqe(io::WRITE, 1, 0, again.len()).unwrap();
+    let (done, _) = c.io.execute(&Command { sqe, data: Data::ViaR2T(&again) }).unwrap();
+    assert_eq!(done.status, 0, "overwrite in a full pool");
+    let sqe = c.io.rw_sqe(io::READ, 1, 0, again.len()).unwrap();
+    let (done, back) = c.io.execute(&Command { sqe, data: Data::FromTarget(1 << 20) }).unwrap();
+    assert!(done.ok() && back == again, "overwritten data reads back");
+    // A snapshot shares the clusters (no space needed) and refuses writes.
+    d.ctl(&["snapshot", "create", "v", "s"]);
+    let mut s =
+        controller(d.addr, "nqn.2026-11.dev.ballast:s", &opts(false, false, false)).unwrap();
+    let four_k = pattern(4096, 7);
+    let sqe = s.io.rw_sqe(io::WRITE, 1, 0, 4096).unwrap();
+    let (done, _) = s.io.execute(&Command { sqe, data: Data::ToTarget(&four_k) }).unwrap();
+    assert_eq!(done.status, 0x120, "write to a snapshot: Attempted Write to Read Only Range");
+    let sqe = s.io.rw_sqe(io::READ, 1, 0, again.len()).unwrap();
+    let (done, back) = s.io.execute(&Command { sqe, data: Data::FromTarget(1 << 20) }).unwrap();
+    assert!(done.ok() && back == again, "the snapshot reads the volume's data");
+    drop((c, s));
     d.stop();
 }
 

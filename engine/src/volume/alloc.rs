@@ -76,9 +76,15 @@ impl Allocator {
     /// Marks a cluster allocated while rebuilding from the media (open, replay, check).
     pub fn mark_allocated(&mut self, cluster: u64) {
         let s = &mut self.state[cluster as usize];
-        assert_eq!(*s, State::Free, "cluster {cluster} claimed twice");
+        match *s {
+            State::Free => self.free_count -= 1,
+            // Freed and named again within one loaded block: never written by a sound pool
+            // (reuse waits for a durable free), but damaged-yet-checksummed metadata must not
+            // crash the daemon.
+            State::PendingFree => self.pending.retain(|&c| c != cluster),
+            State::Allocated => panic!("cluster {cluster} claimed twice"),
+        }
         *s = State::Allocated;
-        self.free_count -= 1;
     }
 
     /// Frees a cluster once the record freeing it is durable (see `commit`).

@@ -184,6 +184,14 @@ impl<D: SyncDisk> Pool<D> {
         let a = disk.read(0, BLOCK_SIZE)?;
         let b = disk.read(BLOCK_SIZE as u64, BLOCK_SIZE)?;
         let sb = choose_superblock(&a, &b)?;
+        let need = sb.total_blocks * BLOCK_SIZE as u64;
+        if disk.size_bytes() < need {
+            return Err(PoolError::Damaged(format!(
+                "the pool was made for {need} bytes but the device now has {}: it was truncated \
+                 or is the wrong device; refusing to open",
+                disk.size_bytes()
+            )));
+        }
         let checkpoint = read_checkpoint(&mut disk, &sb)?;
         let mut meta = PoolMeta::new(sb.clone());
         meta.load(&checkpoint)?;
@@ -573,6 +581,20 @@ mod tests {
             for (name, op) in ops {
                 sweep(name, commits, &op);
             }
+        }
+    }
+
+    #[test]
+    fn a_truncated_device_is_refused() {
+        let p = new_pool(4);
+        let disk = p.into_disk();
+        let small = SimDisk::new(disk.size_bytes() / 2, 4);
+        let head = disk.read(0, 2 * BLOCK_SIZE);
+        let mut small = small;
+        small.write(0, &head, true);
+        match Pool::open(small) {
+            Err(PoolError::Damaged(why)) => assert!(why.contains("truncated"), "{why}"),
+            other => panic!("expected a refusal, got {:?}", other.err()),
         }
     }
 

@@ -21,6 +21,7 @@ Markdown summary on stdout.
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -33,43 +34,17 @@ import time
 
 PERF_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(PERF_DIR)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, PERF_DIR)
+from nbd_bench import log, pick_port, port_free, proc_cpu_seconds  # noqa: E402
+
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def port_bindable(port):
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def free_port():
     # Below the ephemeral range (32768+): a port from it could be taken by an outgoing
     # connection, even by our own probe connecting to itself while nothing listens.
-    import random
-    while True:
-        port = random.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
+    return pick_port(random.randrange(20000, 31800))
 
 
 class Daemon:
@@ -105,7 +80,7 @@ class Daemon:
         return out.stdout
 
     def cpu_s(self):
-        return cpu_seconds(self.proc.pid)
+        return proc_cpu_seconds(self.proc.pid)
 
     def kill9(self):
         self.proc.send_signal(signal.SIGKILL)
@@ -141,23 +116,27 @@ def median(rows, key):
     return statistics.median(r[key] for r in rows)
 
 
-def bench_overwrite(b, raw, pool, args):
+def fio_4k(daemon, export, rw, args):
+    return fio(daemon, export, args.fio_cpu,
+               [f"--rw={rw}", "--bs=4k", "--iodepth=32", f"--size={args.size}G"], args.runtime)
+
+
+def raw_vs_volume(raw, pool, args, runner, label):
+    """4k random overwrite and read, QD32: alternating raw/volume runs, medians."""
     res = {}
-    for profile, rw in (("randwrite-4k-qd32", "randwrite"), ("randread-4k-qd32", "randread")):
+    for rw in ("randwrite", "randread"):
         runs = {"raw": [], "volume": []}
         for rep in range(args.reps):
             for name, d, export in (("raw", raw, "raw"), ("volume", pool, "full")):
-                r = fio(d, export, args.fio_cpu,
-                        [f"--rw={rw}", "--bs=4k", "--iodepth=32", f"--size={args.size}G"],
-                        args.runtime)
-                log(f"{profile} {name} rep {rep}: {r['iops']:.0f} IOPS, "
+                r = runner(d, export, rw, args)
+                log(f"{label} {rw} {name} rep {rep}: {r['iops']:.0f} IOPS, "
                     f"{r['cpu_us_per_io']:.2f} us CPU/IO")
                 runs[name].append(r)
         med = {k: {"iops": median(v, "iops"), "cpu_us_per_io": median(v, "cpu_us_per_io")}
                for k, v in runs.items()}
         med["ratio_iops"] = med["volume"]["iops"] / med["raw"]["iops"]
         med["ratio_cpu_per_io"] = med["volume"]["cpu_us_per_io"] / med["raw"]["cpu_us_per_io"]
-        res[profile] = {"runs": runs, "median": med}
+        res[f"{label}-{rw}-4k-qd32"] = {"runs": runs, "median": med}
     return res
 
 
@@ -178,24 +157,6 @@ def nvme_perf(daemon, export, rw, args):
     ios = sum(job[d]["total_ios"] for d in ("read", "write") if d in job)
     return {"iops": iops, "ios": ios, "cpu_s": c1 - c0,
             "cpu_us_per_io": (c1 - c0) * 1e6 / max(ios, 1)}
-
-
-def bench_nvme(raw, pool, args):
-    res = {}
-    for rw in ("randwrite", "randread"):
-        runs = {"raw": [], "volume": []}
-        for rep in range(args.reps):
-            for name, d, export in (("raw", raw, "raw"), ("volume", pool, "full")):
-                r = nvme_perf(d, export, rw, args)
-                log(f"nvme {rw} {name} rep {rep}: {r['iops']:.0f} IOPS, "
-                    f"{r['cpu_us_per_io']:.2f} us CPU/IO")
-                runs[name].append(r)
-        med = {k: {"iops": median(v, "iops"), "cpu_us_per_io": median(v, "cpu_us_per_io")}
-               for k, v in runs.items()}
-        med["ratio_iops"] = med["volume"]["iops"] / med["raw"]["iops"]
-        med["ratio_cpu_per_io"] = med["volume"]["cpu_us_per_io"] / med["raw"]["cpu_us_per_io"]
-        res[f"nvme-{rw}-4k-qd32"] = {"runs": runs, "median": med}
-    return res
 
 
 def strided(size_gib):
@@ -273,7 +234,7 @@ def bench_restart(binary, scratch, args):
         # The dead daemon's listening sockets live until the kernel tears down its io_uring;
         # wait for that (reported apart), then time the restart itself.
         t_kill = time.monotonic()
-        while not port_bindable(d.port):
+        while not port_free(d.port):
             time.sleep(0.002)
         released = time.monotonic() - t_kill
         t0 = time.monotonic()
@@ -344,9 +305,9 @@ def main():
         fio(raw, "raw", args.fio_cpu, ["--rw=write", "--bs=1m", "--iodepth=4",
                                        f"--size={args.size}G", "--end_fsync=1"])
         if "overwrite" not in skip:
-            results["overwrite"] = bench_overwrite(b, raw, pool, args)
+            results["overwrite"] = raw_vs_volume(raw, pool, args, fio_4k, "nbd")
         if "nvme" not in skip:
-            results["overwrite_nvme"] = bench_nvme(raw, pool, args)
+            results["overwrite_nvme"] = raw_vs_volume(raw, pool, args, nvme_perf, "nvme")
         if "first" not in skip:
             results["first_writes"] = bench_first_writes(raw, pool, args)
         if "snapshot" not in skip:

@@ -78,6 +78,17 @@ kill9_ballast() {
 
 # serve_refuses DESC POOL WORD: `ballast serve --pool POOL` exits non-zero (within 20 s) and its
 # output contains WORD.
+# check_names_damage DESC POOL REGEX: `pool check` exits 1 and its report matches REGEX.
+check_names_damage() {
+    local rc=0
+    pool_check "$2" || rc=$?
+    if ((rc == 1)) && grep -Eqi -- "$3" "$T/check.out"; then
+        pass "$1"
+    else
+        fail "$1" "exit $rc: $(grep -m3 -Ei 'superblock|problem|cannot' "$T/check.out" | tr '\n' ' ')"
+    fi
+}
+
 serve_refuses() {
     local desc=$1 pool=$2 word=$3 dd out rc=0
     dd=$(mktemp -d "$T/refuse.XXXXXX")
@@ -457,24 +468,16 @@ cp --sparse=always "$T/base.img" "$T/dmg.img"
 head -c 8192 /dev/urandom | dd of="$T/dmg.img" bs=4096 seek=0 conv=notrunc status=none
 serve_refuses "serve refuses a pool with both superblocks damaged, naming the superblock" \
     "$T/dmg.img" superblock
-rc=0; pool_check "$T/dmg.img" || rc=$?
-if ((rc == 1)) && grep -qi 'superblock' "$T/check.out"; then
-    pass "pool check exits 1 on both superblocks damaged, naming them"
-else
-    fail "pool check on both superblocks damaged" "exit $rc: $(tail -3 "$T/check.out" | tr '\n' ' ')"
-fi
+check_names_damage "pool check exits 1 on both superblocks damaged, naming them" \
+    "$T/dmg.img" 'superblock'
 
 # one superblock destroyed: the other copy is used, nothing is lost
 for which in A B; do
     cp --sparse=always "$T/base.img" "$T/dmg.img"
     blk=0; [[ $which == B ]] && blk=1
     head -c 4096 /dev/urandom | dd of="$T/dmg.img" bs=4096 seek=$blk conv=notrunc status=none
-    rc=0; pool_check "$T/dmg.img" || rc=$?
-    if ((rc == 1)) && grep -Eqi "superblock $which: .*(damag|invalid|checksum|magic)" "$T/check.out"; then
-        pass "pool check exits 1 and reports superblock $which damaged"
-    else
-        fail "pool check on superblock $which damaged" "exit $rc: $(head -3 "$T/check.out" | tr '\n' ' ')"
-    fi
+    check_names_damage "pool check exits 1 and reports superblock $which damaged" \
+        "$T/dmg.img" "superblock $which: .*(damag|invalid|checksum|magic)"
     new_data_dir; PORT=""
     if start_ballast --pool "$T/dmg.img"; then
         pass "serve opens the pool with only superblock $which damaged"
@@ -496,12 +499,8 @@ if [[ -n $half && -n $mstart && -n $mblocks && -n $cblocks ]] && ((cblocks > 0))
     head -c 4096 /dev/urandom | dd of="$T/dmg.img" bs=4096 seek="$at" conv=notrunc status=none
     serve_refuses "serve refuses a pool whose live checkpoint is damaged, naming the checkpoint" \
         "$T/dmg.img" checkpoint
-    rc=0; pool_check "$T/dmg.img" || rc=$?
-    if ((rc == 1)) && grep -qi 'checkpoint' "$T/check.out"; then
-        pass "pool check exits 1 on a damaged checkpoint, naming it"
-    else
-        fail "pool check on a damaged checkpoint" "exit $rc: $(tail -3 "$T/check.out" | tr '\n' ' ')"
-    fi
+    check_names_damage "pool check exits 1 on a damaged checkpoint, naming it" \
+        "$T/dmg.img" 'checkpoint'
 else
     fail "pool dump shows the live checkpoint" "half=$half meta_start=$mstart meta_blocks=$mblocks checkpoint_blocks=$cblocks"
 fi
@@ -518,12 +517,8 @@ if start_ballast --pool "$T/jr.img"; then
         head -c 4096 /dev/urandom | dd of="$T/jr.img" bs=4096 seek=$((jstart + jhead)) conv=notrunc status=none
         serve_refuses "serve refuses a pool with a damaged journal block before intact commits, naming it" \
             "$T/jr.img" "journal block $jhead"
-        rc=0; pool_check "$T/jr.img" || rc=$?
-        if ((rc == 1)) && grep -q "journal block $jhead" "$T/check.out"; then
-            pass "pool check exits 1 on a damaged journal block, naming it"
-        else
-            fail "pool check on a damaged journal block" "exit $rc: $(tail -3 "$T/check.out" | tr '\n' ' ')"
-        fi
+        check_names_damage "pool check exits 1 on a damaged journal block, naming it" \
+            "$T/jr.img" "journal block $jhead"
     else
         fail "pool dump shows the journal head" "journal_start=$jstart journal_head_block=$jhead"
     fi

@@ -411,15 +411,13 @@ impl BlockDev for VolumeDev {
     }
 }
 
+/// What a retry (a timer after `Busy` or a commit in flight) resumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Plan,
     Hold,
-    Read,
     Write,
     Sync,
-    Journal,
-    Done,
 }
 
 /// Tags of a volume I/O's own device operations.
@@ -517,7 +515,6 @@ impl VolumeIo {
             None => (result, self.buf.take().map_or(Owned::None, Owned::Buf)),
         };
         cx.complete_to(self.reply_task, self.reply_tag, result, owned);
-        self.phase = Phase::Done;
         self.done = true;
     }
 
@@ -635,7 +632,6 @@ impl VolumeIo {
             Phase::Write => self.start_write(cx),
             Phase::Sync => self.start_commit(cx),
             Phase::Plan => self.trim(cx),
-            _ => unreachable!("planning in phase {:?}", self.phase),
         }
     }
 
@@ -649,7 +645,6 @@ impl VolumeIo {
             Err(e) => return self.reply(cx, errno(&e)),
         };
         self.ticket = Some(ticket);
-        self.phase = Phase::Read;
         if let [ReadPiece::Disk { offset, len }] = pieces[..] {
             if len == self.len {
                 let buf = self.buf.take().expect("read buffer");
@@ -683,26 +678,35 @@ impl VolumeIo {
     }
 
     fn on_read(&mut self, cx: &mut Cx<'_>, i: usize, result: i32, owned: Owned) {
-        let Some(sub) = owned.into_buf() else {
-            unreachable!("a read completion carries its buffer")
-        };
-        if result < 0 || result as usize != sub.len() {
-            self.note_error(result);
-        }
-        match self.buf.as_mut() {
-            None => self.buf = Some(sub), // the direct read into the submitter's buffer
-            Some(dst) => {
-                let pos = self.parts[i].0 as usize;
-                if self.error == 0 {
-                    dst.as_mut_slice()[pos..pos + sub.len()].copy_from_slice(sub.as_slice());
-                }
-                cx.recycle(sub);
+        if self.buf.is_none() {
+            // The direct read into the submitter's buffer.
+            let buf = owned.into_buf().expect("a read completion carries its buffer");
+            if result < 0 || result as usize != buf.len() {
+                self.note_error(result);
             }
+            self.buf = Some(buf);
+            self.outstanding -= 1;
+        } else if !self.land(cx, self.parts[i].0 as usize, result, owned) {
+            return;
         }
-        self.outstanding -= 1;
         if self.outstanding == 0 {
             self.finish_read(cx);
         }
+    }
+
+    /// A device read into a buffer of its own finished: its bytes go to `pos` in `buf` (the
+    /// request's buffer or the bounce buffer). Whether it was the last one outstanding.
+    fn land(&mut self, cx: &mut Cx<'_>, pos: usize, result: i32, owned: Owned) -> bool {
+        let sub = owned.into_buf().expect("a read completion carries its buffer");
+        if result < 0 || result as usize != sub.len() {
+            self.note_error(result);
+        } else if self.error == 0 {
+            let dst = self.buf.as_mut().expect("the request's buffer");
+            dst.as_mut_slice()[pos..pos + sub.len()].copy_from_slice(sub.as_slice());
+        }
+        cx.recycle(sub);
+        self.outstanding -= 1;
+        self.outstanding == 0
     }
 
     fn finish_read(&mut self, cx: &mut Cx<'_>) {
@@ -783,19 +787,7 @@ impl VolumeIo {
     }
 
     fn on_edge(&mut self, cx: &mut Cx<'_>, k: usize, result: i32, owned: Owned) {
-        let Some(sub) = owned.into_buf() else {
-            unreachable!("a read completion carries its buffer")
-        };
-        if result < 0 || result as usize != sub.len() {
-            self.note_error(result);
-        } else {
-            let pos = self.edges[k] as usize;
-            let bounce = self.buf.as_mut().expect("bounce buffer");
-            bounce.as_mut_slice()[pos..pos + sub.len()].copy_from_slice(sub.as_slice());
-        }
-        cx.recycle(sub);
-        self.outstanding -= 1;
-        if self.outstanding == 0 {
+        if self.land(cx, self.edges[k] as usize, result, owned) {
             self.edges_done(cx);
         }
     }
@@ -828,12 +820,12 @@ impl VolumeIo {
             let mut m = self.pool.meta.lock();
             let hold = self.hold.as_ref().map_or(0, |h| h.0);
             match m.plan_write(self.vol, self.offset, self.len, hold) {
-                Ok(Ok(plans)) => Ok(Ok((plans, m.begin_io()))),
+                Ok(Ok(plans)) => Ok(Ok((plans, m.begin_io(), m.cluster_bytes()))),
                 Ok(Err(busy)) => Ok(Err(busy)),
                 Err(e) => Err(e),
             }
         };
-        let (plans, ticket) = match planned {
+        let (plans, ticket, cb) = match planned {
             Ok(Ok(x)) => x,
             Ok(Err(_busy)) => return self.retry(cx),
             Err(e) => return self.reply(cx, errno(&e)),
@@ -841,7 +833,6 @@ impl VolumeIo {
         self.ticket = Some(ticket);
         self.outstanding = plans.len() as u32;
         self.plans = plans;
-        let cb = self.pool.meta.lock().cluster_bytes();
         for i in 0..self.plans.len() {
             let p = self.plans[i];
             if let Some(old) = p.copy_from {
@@ -1027,7 +1018,6 @@ impl VolumeIo {
         }
         let journal_start = self.pool.meta.lock().superblock().journal_start;
         let sealed = self.sealed.as_ref().expect("a sealed commit");
-        self.phase = Phase::Journal;
         let blocks: Vec<(u64, Vec<u8>)> = sealed.blocks.clone();
         for (j, (index, bytes)) in blocks.iter().enumerate() {
             let mut buf = cx.buf_with_capacity(BLOCK_SIZE);

@@ -1236,30 +1236,19 @@ impl PoolMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::format::Superblock;
+    use crate::volume::pool::{layout, PoolGeometry};
     use proptest::prelude::*;
 
+    /// A small pool's layout: 16 KiB clusters, a 16-block journal.
     fn sb() -> Superblock {
-        Superblock {
-            pool_uuid: [1; 16],
-            generation: 1,
-            incarnation: 1,
+        let g = PoolGeometry {
             cluster_shift: 14,
-            total_blocks: 4096,
-            meta_start: 2,
-            meta_blocks: 64,
-            journal_start: 66,
             journal_blocks: 16,
-            data_start: 84,
-            cluster_count: 64,
-            checkpoint_half: 0,
-            checkpoint_blocks: 0,
-            checkpoint_crc: 0,
-            checkpoint_seq: 0,
-            journal_head_seq: 1,
-            journal_head_block: 0,
-            journal_head_prev_crc: 0,
-        }
+            pool_uuid: [1; 16],
+            max_volumes: 8,
+            config_bytes: 0,
+        };
+        layout(1 << 20, &g).expect("a valid layout")
     }
 
     fn record() -> impl Strategy<Value = Record> {

@@ -1,6 +1,7 @@
 # Runs INSIDE the test guest (tests/vm/run.sh), started by test-volume-kernel.sh. Snapshots and
 # clones through the Linux kernel's own initiators against ballast on the host (10.0.2.2):
-#   1. NVMe/TCP: mkfs.ext4 on volume `base`, files with known checksums, unmount, flush, disconnect
+#   1. NVMe/TCP: NUSE of the fresh thin volume is 0 (nvme id-ns); mkfs.ext4, files with known
+#      checksums, NUSE now counts the written blocks; unmount, flush, disconnect
 #   2. say snapshot: the host snapshots base -> base-snap and clones it -> base-clone
 #   3. the clone mounts as a filesystem: same checksums; a new file written to it
 #   4. the origin is overwritten through NVMe/TCP (files replaced, fstrim)
@@ -34,11 +35,16 @@ mkdir -p /mnt/v
 
 # 1. the origin
 D=$(connect base) && pass "connect base over NVMe/TCP ($D)" || { fail "connect base"; echo "guest done"; exit 1; }
+nuse() { echo $(( $(nvme id-ns "$1" | awk '/^nuse/ {print $3}') )); }
+check "id-ns: a fresh thin volume uses nothing (NUSE 0)" test "$(nuse "$D")" -eq 0
 check "mkfs.ext4 on base" mkfs.ext4 -q -F "$D"
 check "mount base" mount "$D" /mnt/v
 for i in 1 2 3; do dd if=/dev/urandom of=/mnt/v/f$i bs=64k count=$((i*16)) 2>/dev/null; done
 (cd /mnt/v && md5sum f1 f2 f3) > /tmp/orig.sums
 check "umount base" umount /mnt/v
+used=$(nuse "$D"); echo "NUSE after mkfs and 6 MiB of files: $used blocks"
+check "id-ns: NUSE counts the written blocks (more than the files, less than the volume)" \
+  sh -c "[ $used -ge 1536 ] && [ $used -lt 65536 ]"
 check "nvme flush base" nvme flush "$D" -n 1
 check "disconnect base" nvme disconnect -n "${P}base"
 

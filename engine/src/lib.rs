@@ -6,14 +6,18 @@
 //! - [`blockdev`]: the [`BlockDev`] trait every backend (and later every volume) implements.
 //! - [`file`], [`ram`]: the file/block-device and memory backends.
 //! - [`stats`]: per-core counters and latency histograms.
+//! - [`pool`], [`limits`]: each core's buffer cache and payload-memory budget; the connection
+//!   limits (count, handshake and stall deadlines) every protocol lives under.
 #![forbid(unsafe_code)]
 
 pub mod blockdev;
 pub mod file;
+pub mod limits;
 pub mod listener;
 pub mod pool;
 pub mod ram;
 pub mod reactor;
+pub mod recvbuf;
 pub mod sendq;
 pub mod size;
 pub mod stats;

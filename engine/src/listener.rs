@@ -1,5 +1,7 @@
 //! A TCP listener task: accepts connections on one core and hands each to a core, round-robin,
 //! as the task its protocol's factory builds (an NBD connection, an NVMe/TCP queue pair).
+//! Each connection first takes a place from the shared [`Admission`]; beyond
+//! `max_connections` it is closed at once.
 
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -8,10 +10,12 @@ use std::sync::Arc;
 use ballast_ffi::{Op, Owned};
 use nix::sys::socket::{getpeername, setsockopt, shutdown, sockopt, Shutdown, SockaddrStorage};
 
+use crate::limits::{Admission, ConnGuard};
 use crate::reactor::{Cx, Msg, Task};
 
-/// Builds the task serving one accepted connection: `(socket, peer address)`.
-pub type ConnFactory = Arc<dyn Fn(OwnedFd, String) -> Box<dyn Task> + Send + Sync>;
+/// Builds the task serving one accepted connection: `(socket, peer address, its place)`. The
+/// task keeps the guard for as long as it lives.
+pub type ConnFactory = Arc<dyn Fn(OwnedFd, String, ConnGuard) -> Box<dyn Task> + Send + Sync>;
 
 const TAG_ACCEPT: u32 = 0;
 
@@ -20,6 +24,7 @@ pub struct Acceptor {
     /// Protocol name for logs.
     protocol: &'static str,
     factory: ConnFactory,
+    admission: Arc<Admission>,
     next_core: usize,
     inflight: bool,
     stopping: bool,
@@ -27,11 +32,17 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    pub fn new(listener: TcpListener, protocol: &'static str, factory: ConnFactory) -> Acceptor {
+    pub fn new(
+        listener: TcpListener,
+        protocol: &'static str,
+        factory: ConnFactory,
+        admission: Arc<Admission>,
+    ) -> Acceptor {
         Acceptor {
             listener,
             protocol,
             factory,
+            admission,
             next_core: 0,
             inflight: false,
             stopping: false,
@@ -47,20 +58,23 @@ impl Acceptor {
     }
 
     fn hand_off(&mut self, cx: &mut Cx<'_>, fd: OwnedFd) {
-        if let Err(e) = setsockopt(&fd, sockopt::TcpNoDelay, &true) {
-            tracing::debug!(error = %e, "TCP_NODELAY");
-        }
         let peer = getpeername::<SockaddrStorage>(fd.as_raw_fd())
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
+        let Some(guard) = self.admission.admit(self.protocol, &peer) else {
+            return; // closed as `fd` drops
+        };
+        if let Err(e) = setsockopt(&fd, sockopt::TcpNoDelay, &true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
         let core = self.next_core % cx.cores();
         self.next_core = self.next_core.wrapping_add(1);
         let factory = self.factory.clone();
         if core == cx.core() {
-            cx.spawn_local(factory(fd, peer));
+            cx.spawn_local(factory(fd, peer, guard));
             return;
         }
-        let msg = Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| factory(fd, peer)));
+        let msg = Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| factory(fd, peer, guard)));
         if let Err(Msg::Spawn(build)) = cx.peers()[core].send(msg) {
             // That core's mailbox is full: serve the connection here instead.
             let task = build(cx);

@@ -1,24 +1,53 @@
-//! Per-core pool of I/O buffers, so the hot path does not allocate.
+//! Per-core pool of I/O buffers, and this core's share of the payload-memory budget.
+//!
+//! Two separate things live here, both owned by one core and never shared:
+//! - a cache of freed buffers by size class, so the hot path does not allocate;
+//! - the budget: payload memory (write data, read data awaiting send, grown receive buffers)
+//!   is *charged* by the connection that holds it before it is allocated, and released when
+//!   the connection lets go. A charge that does not fit is refused and the asking task is
+//!   parked; it is woken (`Task::on_buffers`) when memory is released.
 //!
 //! Invariants:
-//! - owned by one core, never shared; buffers handed out may be returned on the same core only
-//!   (they always are: a request's buffer lives and dies on the connection's core);
+//! - `charged <= budget` always: nothing is charged past the budget;
+//! - a holder that already holds `SMALL_HOLD` bytes or more (counting the new charge) is only
+//!   granted memory below `budget - reserve`: the top quarter of the budget stays for
+//!   connections holding little, so clients that hoard (stalled writers, peers that never read
+//!   their replies) cannot starve the others;
+//! - buffers handed out may be returned on the same core only (they always are: a request's
+//!   buffer lives and dies on the connection's core);
 //! - size classes are powers of two from `CLASS_MIN` to `CLASS_MAX`; larger buffers are
-//!   allocated and freed directly;
-//! - each class keeps at most `KEEP_PER_CLASS` buffers, so the pool is bounded.
+//!   allocated and freed directly; the cache holds at most `cache_max` bytes.
 
 use ballast_ffi::IoBuf;
 
 const CLASS_MIN_SHIFT: u32 = 12; // 4 KiB
 const CLASS_MAX_SHIFT: u32 = 20; // 1 MiB
 const CLASSES: usize = (CLASS_MAX_SHIFT - CLASS_MIN_SHIFT + 1) as usize;
-const KEEP_PER_CLASS: usize = 256;
+/// A holder with at least this much charged only grows into the lower part of the budget.
+pub const SMALL_HOLD: u64 = 1 << 20;
+/// Cache kept after an idle trim.
+const CACHE_FLOOR: u64 = 1 << 20;
 
-#[derive(Default)]
 pub struct BufPool {
     free: [Vec<IoBuf>; CLASSES],
+    cached: u64,
+    cache_max: u64,
+    budget: u64,
+    charged: u64,
+    peak: u64,
+    refusals: u64,
+    /// Tasks refused a charge, to wake when memory is released (a task appears once).
+    waiters: Vec<u32>,
+    /// Memory was released since waiters were last woken.
+    released: bool,
     pub allocated: u64,
     pub reused: u64,
+}
+
+impl Default for BufPool {
+    fn default() -> BufPool {
+        BufPool::new(u64::MAX / 2)
+    }
 }
 
 fn class_of_capacity(cap: usize) -> Option<usize> {
@@ -26,7 +55,35 @@ fn class_of_capacity(cap: usize) -> Option<usize> {
     (shift <= CLASS_MAX_SHIFT).then(|| (shift - CLASS_MIN_SHIFT) as usize)
 }
 
+/// What the budget looks like now, for `ballast stats`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct BudgetSnapshot {
+    pub buffer_budget: u64,
+    pub buffer_charged: u64,
+    pub buffer_peak: u64,
+    pub buffer_refusals: u64,
+    pub buffer_waiters: u64,
+    pub buffer_cached: u64,
+}
+
 impl BufPool {
+    /// A pool whose holders may charge up to `budget` bytes in all.
+    pub fn new(budget: u64) -> BufPool {
+        BufPool {
+            free: Default::default(),
+            cached: 0,
+            cache_max: (budget / 8).min(8 << 20),
+            budget,
+            charged: 0,
+            peak: 0,
+            refusals: 0,
+            waiters: Vec::new(),
+            released: false,
+            allocated: 0,
+            reused: 0,
+        }
+    }
+
     /// A buffer of capacity >= `cap` with length 0. Its bytes are initialised but arbitrary.
     pub fn get(&mut self, cap: usize) -> IoBuf {
         let Some(class) = class_of_capacity(cap) else {
@@ -35,6 +92,7 @@ impl BufPool {
         };
         if let Some(mut buf) = self.free[class].pop() {
             self.reused += 1;
+            self.cached -= buf.capacity() as u64;
             buf.set_len(0);
             return buf;
         }
@@ -42,17 +100,77 @@ impl BufPool {
         IoBuf::with_capacity(1 << (class as u32 + CLASS_MIN_SHIFT))
     }
 
-    /// Returns a buffer for reuse (or frees it if its class is full or it has an odd size).
+    /// Returns a buffer for reuse (or frees it if the cache is full or it has an odd size).
     pub fn put(&mut self, buf: IoBuf) {
         let cap = buf.capacity();
-        if !cap.is_power_of_two() {
+        if !cap.is_power_of_two() || self.cached + cap as u64 > self.cache_max {
             return;
         }
         if let Some(class) = class_of_capacity(cap) {
-            let list = &mut self.free[class];
-            if list.len() < KEEP_PER_CLASS {
-                list.push(buf);
+            self.cached += cap as u64;
+            self.free[class].push(buf);
+        }
+    }
+
+    /// Frees cached buffers down to a small floor (an idle core gives memory back).
+    pub fn trim(&mut self) -> bool {
+        if self.cached <= CACHE_FLOOR {
+            return false;
+        }
+        for list in self.free.iter_mut().rev() {
+            while self.cached > CACHE_FLOOR {
+                let Some(buf) = list.pop() else { break };
+                self.cached -= buf.capacity() as u64;
             }
+        }
+        true
+    }
+
+    /// Charges `bytes` to a holder that already holds `held`; on refusal `task` is parked.
+    pub fn charge(&mut self, bytes: u64, held: u64, task: u32) -> bool {
+        let limit = if held + bytes >= SMALL_HOLD { self.budget - self.budget / 4 } else { self.budget };
+        if self.charged + bytes <= limit {
+            self.charged += bytes;
+            self.peak = self.peak.max(self.charged);
+            return true;
+        }
+        self.refusals += 1;
+        if !self.waiters.contains(&task) {
+            self.waiters.push(task);
+        }
+        false
+    }
+
+    /// The most a single holder can ever be granted: the part of the budget outside the
+    /// reserve for small holders. Requests larger than this must be refused outright.
+    pub fn large_limit(&self) -> u64 {
+        self.budget - self.budget / 4
+    }
+
+    /// Releases a charge.
+    pub fn release(&mut self, bytes: u64) {
+        assert!(bytes <= self.charged, "release of {bytes} with {} charged", self.charged);
+        self.charged -= bytes;
+        self.released |= bytes > 0;
+    }
+
+    /// Parked tasks to wake, if memory was released since they were refused (a task refused
+    /// again waits for the next release: no busy retry).
+    pub fn take_waiters(&mut self, out: &mut Vec<u32>) {
+        if self.released && !self.waiters.is_empty() {
+            out.append(&mut self.waiters);
+        }
+        self.released = false;
+    }
+
+    pub fn snapshot(&self) -> BudgetSnapshot {
+        BudgetSnapshot {
+            buffer_budget: self.budget,
+            buffer_charged: self.charged,
+            buffer_peak: self.peak,
+            buffer_refusals: self.refusals,
+            buffer_waiters: self.waiters.len() as u64,
+            buffer_cached: self.cached,
         }
     }
 }
@@ -74,5 +192,44 @@ mod tests {
         assert!(big.capacity() >= 3 << 20);
         let mid = pool.get(65537);
         assert_eq!(mid.capacity(), 128 * 1024);
+    }
+
+    #[test]
+    fn cache_is_bounded_and_trims() {
+        let mut pool = BufPool::new(64 << 20);
+        let bufs: Vec<IoBuf> = (0..20).map(|_| pool.get(1 << 20)).collect();
+        for b in bufs {
+            pool.put(b);
+        }
+        assert_eq!(pool.snapshot().buffer_cached, 8 << 20, "cache capped at budget/8");
+        assert!(pool.trim());
+        assert!(pool.snapshot().buffer_cached <= CACHE_FLOOR);
+    }
+
+    #[test]
+    fn never_charges_past_the_budget_and_keeps_a_reserve_for_small_holders() {
+        let mut pool = BufPool::new(16 << 20);
+        // Hoarders (each asking 2 MiB) fill only the lower three quarters: 12 MiB.
+        let mut granted = 0;
+        for task in 0..10 {
+            if pool.charge(2 << 20, 0, task) {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, 6);
+        assert_eq!(pool.snapshot().buffer_charged, 12 << 20);
+        assert_eq!(pool.snapshot().buffer_waiters, 4);
+        // A small holder still gets memory from the reserve, up to the budget and no further.
+        for _ in 0..64 {
+            assert!(pool.charge(64 << 10, 0, 99));
+        }
+        assert!(!pool.charge(4096, 0, 99), "the budget is a hard limit");
+        assert_eq!(pool.snapshot().buffer_charged, 16 << 20);
+        let mut woken = Vec::new();
+        pool.take_waiters(&mut woken);
+        assert!(woken.is_empty(), "nothing released: nobody is woken");
+        pool.release(2 << 20);
+        pool.take_waiters(&mut woken);
+        assert_eq!(woken, vec![6, 7, 8, 9, 99]);
     }
 }

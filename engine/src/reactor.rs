@@ -9,7 +9,11 @@
 //! - other threads reach a core only through its bounded mailbox, followed by an eventfd write
 //!   that wakes the core if it sleeps in the ring;
 //! - the core spins (non-blocking submit/reap) while work arrived within the last `poll_us`,
-//!   and otherwise sleeps in `io_uring_enter`, so an idle engine uses no CPU.
+//!   and otherwise sleeps in `io_uring_enter`, so an idle engine uses no CPU;
+//! - payload memory is charged to this core's budget ([`BufPool`]) before it is allocated; a
+//!   task refused a charge is woken through [`Task::on_buffers`] once memory is released;
+//! - a core going idle after connections left gives cached buffers and free heap memory back
+//!   to the system (at most once per `TRIM_EVERY`).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -37,6 +41,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const SPIN_CLOCK_EVERY: u32 = 32;
 /// Spin only while busy turns average at least this many events (in sixteenths: 2.0).
 const SPIN_LOAD_MIN_X16: u32 = 32;
+/// An idle core returns memory to the system at most this often.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 /// A unit of work living on one core: a listener, a connection.
 pub trait Task {
@@ -49,6 +55,11 @@ pub trait Task {
     fn flush(&mut self, cx: &mut Cx<'_>);
     /// The engine is shutting down: stop taking new work and finish what is in flight.
     fn on_shutdown(&mut self, cx: &mut Cx<'_>);
+    /// Memory was released on this core after a charge of this task's was refused
+    /// ([`Cx::charge`]): try again. `flush` follows.
+    fn on_buffers(&mut self, cx: &mut Cx<'_>) {
+        let _ = cx;
+    }
     /// True once the task has finished and nothing it submitted is in flight.
     fn is_done(&self) -> bool;
 }
@@ -101,6 +112,8 @@ pub struct EngineConfig {
     pub poll_us: u64,
     pub ring_entries: u32,
     pub mailbox_depth: usize,
+    /// Payload memory each core may charge ([`Cx::charge`]), in bytes.
+    pub buffer_budget: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,6 +253,24 @@ impl Cx<'_> {
         self.pool.put(buf);
     }
 
+    /// Charges `bytes` of payload memory to this core's budget for a holder (a connection)
+    /// that already holds `held`. Refused when the budget (or, for a large holder, the part of
+    /// it not reserved for small ones) would be exceeded: the task is then woken through
+    /// [`Task::on_buffers`] once memory is released. Allocate only after a grant.
+    pub fn charge(&mut self, bytes: u64, held: u64) -> bool {
+        self.pool.charge(bytes, held, self.task)
+    }
+
+    /// The largest charge this core can ever grant one holder (size requests by it).
+    pub fn charge_limit(&self) -> u64 {
+        self.pool.large_limit()
+    }
+
+    /// Releases payload memory charged earlier.
+    pub fn release(&mut self, bytes: u64) {
+        self.pool.release(bytes);
+    }
+
     /// Submits `op` to this core's ring; the completion comes back to this task with `tag`.
     pub fn submit(&mut self, op: Op, tag: u32) {
         let token = token(self.task, tag);
@@ -310,6 +341,11 @@ struct Core {
     load_x16: u32,
     /// Tasks that received events this iteration, to `flush` at its end (each once).
     dirty: Vec<usize>,
+    /// Tasks to wake because memory they were refused may now be had.
+    buffer_waiters: Vec<u32>,
+    /// Tasks finished since the last memory trim.
+    removed_since_trim: usize,
+    last_trim: Instant,
     stats: CoreStats,
     pool: BufPool,
     poll: Duration,
@@ -335,9 +371,12 @@ impl Core {
             ready: VecDeque::new(),
             spawns: Vec::new(),
             dirty: Vec::new(),
+            buffer_waiters: Vec::new(),
+            removed_since_trim: 0,
+            last_trim: Instant::now(),
             mail_pending: true,
             load_x16: 0,
-            pool: BufPool::default(),
+            pool: BufPool::new(cfg.buffer_budget),
             stats: CoreStats::new(id),
             poll: Duration::from_micros(cfg.poll_us),
             shutdown_at: None,
@@ -362,6 +401,7 @@ impl Core {
                 work += self.drain_mailbox();
             }
             work += self.start_spawned();
+            work += self.wake_buffer_waiters();
             self.flush_dirty();
             if self.shutdown_at.is_some() && self.finished() {
                 break;
@@ -377,6 +417,7 @@ impl Core {
             } else {
                 self.stats.sleeps += 1;
                 idle_since = None;
+                self.trim_if_idle();
                 self.ring.submit_and_wait(Some(SLEEP_MAX))
             };
             if let Err(e) = result {
@@ -413,6 +454,39 @@ impl Core {
         let since = *idle_since.get_or_insert_with(Instant::now);
         *idle_turns += 1;
         !idle_turns.is_multiple_of(SPIN_CLOCK_EVERY) || since.elapsed() < self.poll
+    }
+
+    /// Before sleeping: if connections went away (or the cache grew) since the last trim,
+    /// free cached buffers and give the C heap's free memory back, at most once per
+    /// `TRIM_EVERY`, so memory returns to its baseline when clients leave.
+    fn trim_if_idle(&mut self) {
+        if self.removed_since_trim == 0 && self.pool.snapshot().buffer_cached <= 1 << 20 {
+            return;
+        }
+        if self.last_trim.elapsed() < TRIM_EVERY {
+            return;
+        }
+        self.pool.trim();
+        ballast_ffi::sys::malloc_trim();
+        self.removed_since_trim = 0;
+        self.last_trim = Instant::now();
+    }
+
+    /// Wakes tasks refused memory, if some was released since; returns how many.
+    fn wake_buffer_waiters(&mut self) -> usize {
+        let mut keys = std::mem::take(&mut self.buffer_waiters);
+        self.pool.take_waiters(&mut keys);
+        let count = keys.len();
+        for key in keys.drain(..) {
+            let (mut cx, tasks) = self.cx(key);
+            // A task that finished meanwhile has nothing to retry.
+            if let Some(slot) = tasks.get_mut(key as usize) {
+                slot.task.on_buffers(&mut cx);
+                self.mark_dirty(key as usize);
+            }
+        }
+        self.buffer_waiters = keys;
+        count
     }
 
     fn finished(&self) -> bool {
@@ -490,7 +564,10 @@ impl Core {
                 }
                 Msg::Shutdown => self.begin_shutdown(),
                 Msg::Stats(reply) => {
-                    let _ = reply.send(self.stats.snapshot());
+                    let mut snap = self.stats.snapshot();
+                    snap.buffers = self.pool.snapshot();
+                    snap.tasks = self.tasks.len() as u64;
+                    let _ = reply.send(snap);
                 }
             }
         }
@@ -537,6 +614,7 @@ impl Core {
             slot.task.flush(&mut cx);
             if slot.task.is_done() {
                 tasks.remove(key);
+                self.removed_since_trim += 1;
             }
         }
         self.dirty = keys;

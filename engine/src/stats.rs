@@ -84,6 +84,8 @@ impl CoreStats {
             connections_total: self.connections_total,
             loops_busy: self.loops_busy,
             sleeps: self.sleeps,
+            tasks: 0,
+            buffers: Default::default(),
         }
     }
 }
@@ -109,4 +111,9 @@ pub struct StatsSnapshot {
     pub connections_total: u64,
     pub loops_busy: u64,
     pub sleeps: u64,
+    /// Tasks (connections, listeners, volume I/O) alive on the core.
+    pub tasks: u64,
+    /// The core's payload-memory budget and its use.
+    #[serde(flatten)]
+    pub buffers: crate::pool::BudgetSnapshot,
 }

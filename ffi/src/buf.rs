@@ -4,13 +4,20 @@
 //! - `ptr` is aligned to `ALIGN` and points at `cap` bytes that were zero-initialised at
 //!   allocation, so every byte in `0..cap` is always initialised;
 //! - `len <= cap`;
-//! - the allocation is owned uniquely; `IoBuf` is `Send` (moving it moves ownership).
+//! - the allocation is owned uniquely; `IoBuf` is `Send` (moving it moves ownership);
+//! - buffers of `MAP_MIN` bytes or more are private anonymous mappings of their own: the kernel
+//!   hands them out zeroed and faults their pages in only as bytes are written, so a large
+//!   buffer costs resident memory only for what was filled, and `munmap` returns all of it to
+//!   the system at once (the C heap would keep it: glibc raises its mmap threshold after each
+//!   large free, and freed heap memory stays resident). Smaller ones come from the heap.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 
 /// Alignment of every buffer: the largest logical block size O_DIRECT may require.
 pub const ALIGN: usize = 4096;
+/// Capacity from which a buffer is a mapping of its own rather than a heap block.
+pub const MAP_MIN: usize = 64 * 1024;
 
 /// An owned, aligned byte buffer with a length (bytes in use) and a capacity.
 pub struct IoBuf {
@@ -30,8 +37,28 @@ impl IoBuf {
     pub fn with_capacity(cap: usize) -> IoBuf {
         let cap = cap.max(1).div_ceil(ALIGN) * ALIGN;
         let layout = Layout::from_size_align(cap, ALIGN).expect("IoBuf layout");
-        // SAFETY: layout has non-zero size (cap >= ALIGN).
-        let raw = unsafe { alloc_zeroed(layout) };
+        let raw = if cap >= MAP_MIN {
+            // SAFETY: an anonymous private mapping of `cap` bytes, no address hint, no fd; the
+            // result is checked against MAP_FAILED before use.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    cap,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                std::alloc::handle_alloc_error(layout)
+            }
+            // Page-aligned (ALIGN is the page size) and zero-filled by the kernel.
+            p.cast::<u8>()
+        } else {
+            // SAFETY: layout has non-zero size (cap >= ALIGN).
+            unsafe { alloc_zeroed(layout) }
+        };
         let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
         IoBuf { ptr, len: 0, cap }
     }
@@ -104,6 +131,13 @@ impl IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
+        if self.cap >= MAP_MIN {
+            // SAFETY: ptr/cap are exactly the mapping made in `with_capacity` (cap never
+            // changes), unmapped once, here.
+            let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.cap) };
+            debug_assert_eq!(rc, 0, "munmap of an IoBuf mapping failed");
+            return;
+        }
         let layout = Layout::from_size_align(self.cap, ALIGN).expect("IoBuf layout");
         // SAFETY: ptr was allocated with exactly this layout and is freed once.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
@@ -132,5 +166,15 @@ mod tests {
         assert_eq!(&buf.as_slice()[3..], b"abc");
         buf.consume_front(3);
         assert_eq!(buf.as_slice(), b"abc");
+    }
+
+    #[test]
+    fn large_buffers_are_mappings_zeroed_and_writable() {
+        let mut buf = IoBuf::zeroed(MAP_MIN * 4);
+        assert_eq!(buf.raw_at(0) as usize % ALIGN, 0);
+        assert!(buf.as_slice().iter().all(|&b| b == 0));
+        buf.as_mut_slice()[MAP_MIN * 4 - 1] = 7;
+        buf.consume_front(MAP_MIN * 4 - 1);
+        assert_eq!(buf.as_slice(), &[7]);
     }
 }

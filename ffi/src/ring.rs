@@ -179,6 +179,9 @@ pub enum Op {
     ReadEventfd { fd: RawFd, buf: IoBuf },
     /// A timer: completes with `-ETIME` after `after`, or `-ECANCELED` if cancelled.
     Timer { after: Duration },
+    /// Waits until `fd` is readable (or hung up); completes with the poll mask. A connection
+    /// with nothing to say costs no receive buffer while it waits.
+    PollIn { fd: RawFd },
     /// Cancels the operation(s) in flight with this token; completes with 0 or `-ENOENT`.
     Cancel { token: u64 },
 }
@@ -322,6 +325,10 @@ impl Ring {
                 let ts = Box::new(types::Timespec::from(after));
                 let e = opcode::Timeout::new(&*ts).build();
                 timespec = Some(ts);
+                (e, Owned::None, None)
+            }
+            Op::PollIn { fd } => {
+                let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
                 (e, Owned::None, None)
             }
             Op::Cancel { .. } => {

@@ -108,12 +108,23 @@ pub fn stats(target: &Target, as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:>4} {:>10} {:>10} {:>8} {:>7} {:>9} {:>9} {:>9} {:>6}",
-        "CORE", "READS", "WRITES", "FLUSHES", "ERRORS", "P50_US", "P99_US", "P999_US", "CONNS"
+        "{:>4} {:>10} {:>10} {:>8} {:>7} {:>9} {:>9} {:>9} {:>6} {:>10} {:>10}",
+        "CORE",
+        "READS",
+        "WRITES",
+        "FLUSHES",
+        "ERRORS",
+        "P50_US",
+        "P99_US",
+        "P999_US",
+        "CONNS",
+        "BUF_MIB",
+        "BUF_PEAK"
     );
+    let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
     for c in result["reactors"].as_array().into_iter().flatten() {
         println!(
-            "{:>4} {:>10} {:>10} {:>8} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>6}",
+            "{:>4} {:>10} {:>10} {:>8} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>6} {:>10} {:>10.1}",
             c["core"],
             c["reads"],
             c["writes"],
@@ -123,7 +134,21 @@ pub fn stats(target: &Target, as_json: bool) -> anyhow::Result<()> {
             c["latency_us_p99"].as_f64().unwrap_or(0.0),
             c["latency_us_p999"].as_f64().unwrap_or(0.0),
             c["connections_open"],
+            format!("{:.1}/{:.0}", mib(&c["buffer_charged"]), mib(&c["buffer_budget"])),
+            mib(&c["buffer_peak"]),
         );
     }
+    let (l, n) = (&result["limits"], &result["connections"]);
+    println!(
+        "limits: buffer memory {:.0} MiB, max connections {}, handshake timeout {} ms, stall timeout {} ms",
+        mib(&l["buffer_memory"]),
+        l["max_connections"],
+        l["handshake_timeout"],
+        l["stall_timeout"]
+    );
+    println!(
+        "connections: {} open, {} refused, {} handshake timeouts, {} dropped for stalling",
+        n["open"], n["refused"], n["handshake_timeouts"], n["stalled_dropped"]
+    );
     Ok(())
 }

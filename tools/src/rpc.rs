@@ -25,6 +25,10 @@ pub struct Control {
     pub pool: Option<Arc<ballast_engine::volume::dev::PoolHandle>>,
     /// Hosts allowed on subsystems created for new volumes (empty: any host).
     pub allow_hosts: Vec<String>,
+    /// Connection limits and what they did.
+    pub admission: Arc<ballast_engine::limits::Admission>,
+    /// Payload memory of all cores together (each core has its share).
+    pub buffer_memory: u64,
 }
 
 const METHODS: &[&str] = &[
@@ -253,5 +257,11 @@ fn reactors(control: &Control) -> Value {
             }
         }
     }
-    json!({"reactors": out})
+    let mut limits = serde_json::to_value(&control.admission.limits).unwrap_or(Value::Null);
+    limits["buffer_memory"] = json!(control.buffer_memory);
+    json!({
+        "reactors": out,
+        "limits": limits,
+        "connections": control.admission.counters(),
+    })
 }

@@ -105,7 +105,7 @@ pub fn handle(control: &Control, method: &str, p: &Value) -> Result<Value, RpcEr
                 .iter()
                 .any(|(a, port)| *a == addr.ip().to_string() && *port == addr.port());
             if !known {
-                crate::serve::start_nvmf_listener(&control.cores, target, addr)
+                crate::serve::start_nvmf_listener(&control.cores, target, &control.admission, addr)
                     .map_err(|e| invalid(format!("{e:#}")))?;
             }
             Ok(json!(true))

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ballast_engine::file::FileDev;
+use ballast_engine::limits::{Admission, ConnLimits};
 use ballast_engine::listener::Acceptor;
 use ballast_engine::ram::RamDev;
 use ballast_engine::size::parse_size;
@@ -23,6 +24,11 @@ use crate::rpc::{self, Control};
 const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
 /// Size of the embedded default pool (a sparse file in the data dir) created on first run.
 const DEFAULT_POOL_BYTES: u64 = 10 << 30;
+/// Default payload-memory budget: this, or 1/16 of RAM if that is smaller.
+const BUFFER_MEMORY_DEFAULT: u64 = 256 << 20;
+/// Smallest payload-memory budget per core (its largest single request is 3/4 of it, rounded
+/// down to a power of two: 8 MiB here).
+const BUFFER_MEMORY_PER_CORE_MIN: u64 = 16 << 20;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -63,6 +69,62 @@ pub struct ServeArgs {
     /// for latency at low queue depth (QD1 p50 12.5 -> 10.2 us on loopback).
     #[arg(long, default_value_t = 0)]
     poll_us: u64,
+    /// Payload memory all cores together may hold: write data being received, read data
+    /// waiting to be sent, grown receive buffers. Split evenly over the cores; a core out of
+    /// it stops reading from its sockets until memory returns. Default: 256M or 1/16 of RAM,
+    /// whichever is smaller (at least 16M per core).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    buffer_memory: Option<u64>,
+    /// Connections served at once (NBD and NVMe/TCP together); more are refused.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: u64,
+    /// Seconds an NBD handshake, or NVMe/TCP ICReq + Connect, may take before the connection
+    /// is dropped.
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+    handshake_timeout: std::time::Duration,
+    /// Seconds a connection may owe progress (a write payload still arriving, replies it does
+    /// not read) without making any before it is dropped and its memory returns.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
+    stall_timeout: std::time::Duration,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.01..=86_400.0).contains(&secs) {
+        return Err(format!("{s} seconds is out of range (0.01 to 86400)"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// The budget for `cores` cores: the flag, or the default; refused below the per-core floor.
+fn buffer_budget(flag: Option<u64>, cores: usize) -> anyhow::Result<u64> {
+    let floor = BUFFER_MEMORY_PER_CORE_MIN * cores as u64;
+    let total = match flag {
+        Some(b) if b < floor => bail!(
+            "--buffer-memory {b} is below {} MiB per core ({cores} cores: at least {} MiB)",
+            BUFFER_MEMORY_PER_CORE_MIN >> 20,
+            floor >> 20
+        ),
+        Some(b) => b,
+        None => BUFFER_MEMORY_DEFAULT.min(ram_bytes() / 16).max(floor),
+    };
+    Ok(total)
+}
+
+/// Physical memory, from /proc/meminfo (a large default if it cannot be read).
+fn ram_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(u64::MAX)
 }
 
 /// Opens a backend from `ram:SIZE` or `file:PATH[:SIZE]`.
@@ -148,12 +210,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let cpus = ballast_ffi::sys::allowed_cpus();
     let count = args.cores.unwrap_or(cpus.len()).clamp(1, cpus.len());
+    let buffer_memory = buffer_budget(args.buffer_memory, count)?;
     let config = EngineConfig {
         cpus: cpus[..count].to_vec(),
         poll_us: args.poll_us,
         ring_entries: 1024,
         mailbox_depth: 1024,
+        buffer_budget: buffer_memory / count as u64,
     };
+    let admission = Admission::new(ConnLimits {
+        max_connections: args.max_connections.max(1),
+        handshake_timeout: args.handshake_timeout,
+        stall_timeout: args.stall_timeout,
+    });
+    tracing::info!(
+        buffer_memory,
+        max_connections = admission.limits.max_connections,
+        handshake_timeout_ms = args.handshake_timeout.as_millis() as u64,
+        stall_timeout_ms = args.stall_timeout.as_millis() as u64,
+        "limits"
+    );
     let engine = Engine::start(config).context("starting the engine")?;
     let handles = engine.handles();
 
@@ -164,6 +240,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         cores: handles.clone(),
         pool: pool.clone(),
         allow_hosts: args.allow_hosts.clone(),
+        admission: admission.clone(),
+        buffer_memory,
     });
     let plain_exports: Vec<String> = exports.list().iter().map(|e| e.name.clone()).collect();
     if let Some(pool) = &pool {
@@ -181,14 +259,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut nvmf_addrs = vec![args.nvmf_listen];
     nvmf_addrs.extend(args.discovery_listen);
     for addr in nvmf_addrs {
-        start_nvmf_listener(&handles, &target, addr)?;
+        start_nvmf_listener(&handles, &target, &admission, addr)?;
     }
 
     let listener = bind_retrying(args.nbd_listen)
         .with_context(|| format!("binding NBD on {}", args.nbd_listen))?;
     let factory = ballast_nbd::conn_factory(exports.clone());
+    let nbd_admission = admission.clone();
     let spawn = Msg::Spawn(Box::new(move |_cx| {
-        Box::new(Acceptor::new(listener, "nbd", factory)) as Box<dyn Task>
+        Box::new(Acceptor::new(listener, "nbd", factory, nbd_admission)) as Box<dyn Task>
     }));
     if !handles[0].send_blocking(spawn) {
         bail!("core 0 is not running");
@@ -221,14 +300,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 pub fn start_nvmf_listener(
     cores: &[ballast_engine::reactor::CoreHandle],
     target: &Arc<ballast_nvmf::Target>,
+    admission: &Arc<Admission>,
     addr: SocketAddr,
 ) -> anyhow::Result<()> {
+    let admission = admission.clone();
     let listener = bind_retrying(addr).with_context(|| format!("binding NVMe/TCP on {addr}"))?;
     target.listeners.write().push((addr.ip().to_string(), addr.port()));
     target.genctr.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let factory = ballast_nvmf::conn_factory(target.clone());
     let spawn = Msg::Spawn(Box::new(move |_cx| {
-        Box::new(Acceptor::new(listener, "nvme-tcp", factory)) as Box<dyn Task>
+        Box::new(Acceptor::new(listener, "nvme-tcp", factory, admission)) as Box<dyn Task>
     }));
     if !cores[0].send_blocking(spawn) {
         bail!("core 0 is not running");

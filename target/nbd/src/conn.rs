@@ -2,18 +2,30 @@
 //! events, and their results into ring operations.
 //!
 //! Invariants:
-//! - at most one receive and one send are in flight; replies produced while a send is in
-//!   flight accumulate in `out` and leave together in the next `sendmsg` (coalescing), and a
-//!   short send is finished before anything queued after it, so reply bytes never interleave;
-//! - at most `INFLIGHT_MAX` requests and `INFLIGHT_BYTES_MAX` payload bytes are in flight; past
-//!   that the connection stops parsing (back-pressure), it never allocates more;
-//! - the task reports done only with no receive, send or request in flight, so every
-//!   completion finds it alive; the socket closes when the task drops.
+//! - at most one receive (or readiness poll) and one send are in flight; replies produced
+//!   while a send is in flight accumulate in `out` and leave together in the next `sendmsg`
+//!   (coalescing), and a short send is finished before anything queued after it, so reply
+//!   bytes never interleave;
+//! - at most `INFLIGHT_MAX` requests and `INFLIGHT_BYTES_MAX` payload bytes are in flight or
+//!   unsent; past that the connection stops parsing (back-pressure), it never allocates more;
+//! - payload memory is charged to the core's budget before it is allocated: a write's buffer
+//!   when its first payload bytes arrive (never on the header's word alone), a read's when it
+//!   is submitted; a refused charge stops parsing until `on_buffers`. `charged` is exactly
+//!   what this connection holds: request charges (`Inflight::charged`), the payload being
+//!   received, and read data still in `out` (`charged_out <= out.unsent()`);
+//! - deadlines: the handshake must end within `handshake_timeout`; a connection that owes
+//!   progress (a write payload still arriving, replies it does not read) and makes none for
+//!   `stall_timeout` is dropped. A tick timer runs only while one of them applies;
+//! - the task reports done only with no receive, poll, send, timer or request in flight, so
+//!   every completion finds it alive; the socket closes (and its place in the connection
+//!   limit returns) when the task drops.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ballast_engine::limits::{ConnGuard, Progress};
+use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, Task};
@@ -23,21 +35,25 @@ use slab::Slab;
 
 use crate::codec::{self, Request};
 use crate::exports::ExportTable;
-use crate::handshake::{Handshake, Negotiated, Step, META_ALLOCATION_ID};
+use crate::handshake::{Handshake, Negotiated, Step, META_ALLOCATION_ID, PAYLOAD_ADVERTISED_MAX};
 use crate::transmission::{classify, Action, Session};
 
-const RECV_BUF_BYTES: usize = 256 * 1024;
+/// Largest receive buffer: a whole 64 KiB option (with its header) fits.
+const RECV_BUF_MAX: usize = 256 * 1024;
 const INFLIGHT_MAX: usize = 128;
 /// Payload bytes in flight to the device plus reply bytes not yet sent; past this the
 /// connection stops reading requests (a client that never reads its replies cannot make us
 /// buffer more).
-const INFLIGHT_BYTES_MAX: u64 = 64 << 20;
+const INFLIGHT_BYTES_MAX: u64 = 16 << 20;
 /// A write payload still missing at least this much is received straight into its buffer.
 const DIRECT_RECV_MIN: usize = 64 * 1024;
 
 const TAG_RECV: u32 = u32::MAX;
 const TAG_SEND: u32 = u32::MAX - 1;
 const TAG_RECV_PAYLOAD: u32 = u32::MAX - 2;
+const TAG_POLL: u32 = u32::MAX - 3;
+const TAG_TICK: u32 = u32::MAX - 4;
+const TAG_CANCEL: u32 = u32::MAX - 5;
 
 /// A request handed to the device, waiting for its completion.
 struct Inflight {
@@ -46,14 +62,19 @@ struct Inflight {
     offset: u64,
     len: u32,
     started: Instant,
+    /// Payload memory charged for it (released when it completes, or moved to `out`).
+    charged: u64,
 }
 
 /// A write whose payload is still arriving.
 struct PendingWrite {
     req: Request,
     fua: bool,
-    /// The payload so far; `None` while a receive writes straight into it.
+    /// The payload so far; `None` before its first bytes arrive (nothing allocated or charged
+    /// yet) and while a receive writes straight into it.
     buf: Option<IoBuf>,
+    /// Its charge was granted (and `buf` allocated).
+    charged: bool,
 }
 
 impl PendingWrite {
@@ -70,12 +91,23 @@ enum Phase {
 pub struct Conn {
     fd: OwnedFd,
     peer: String,
+    /// This connection's place under the connection limit, and the limits it lives under.
+    guard: ConnGuard,
+    progress: Progress,
     export_name: String,
     exports: Arc<ExportTable>,
     phase: Phase,
-    /// The receive buffer, when no receive is using it.
-    recv_buf: Option<IoBuf>,
-    recv_inflight: bool,
+    /// Largest read or write accepted (what the core's budget can grant one request).
+    max_payload: u32,
+    recv: RecvBuf,
+    /// Payload memory charged to the core's budget, besides the receive buffer's growth.
+    charged: u64,
+    /// The part of `charged` that is read data queued in `out`.
+    charged_out: u64,
+    /// A charge was refused: parsing waits for `on_buffers`.
+    waiting_memory: bool,
+    tick_inflight: bool,
+    cancel_inflight: bool,
     /// Replies waiting for the next send.
     out: SendQueue,
     scratch: Vec<u8>,
@@ -92,18 +124,25 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(fd: OwnedFd, peer: String, exports: Arc<ExportTable>) -> Conn {
+    pub fn new(fd: OwnedFd, peer: String, guard: ConnGuard, exports: Arc<ExportTable>) -> Conn {
         Conn {
             fd,
             peer,
+            guard,
+            progress: Progress::new(),
             export_name: String::new(),
             exports,
             phase: Phase::Handshake(Handshake::new()),
-            recv_buf: Some(IoBuf::with_capacity(RECV_BUF_BYTES)),
-            recv_inflight: false,
+            max_payload: PAYLOAD_ADVERTISED_MAX,
+            recv: RecvBuf::new(RECV_BUF_MAX),
+            charged: 0,
+            charged_out: 0,
+            waiting_memory: false,
+            tick_inflight: false,
+            cancel_inflight: false,
             out: SendQueue::default(),
             scratch: Vec::new(),
-            reqs: Slab::with_capacity(INFLIGHT_MAX),
+            reqs: Slab::new(),
             bytes_inflight: 0,
             payload: None,
             payload_recv_inflight: false,
@@ -120,13 +159,21 @@ impl Conn {
             tracing::debug!(peer = %self.peer, why, "closing connection input");
             self.read_closed = true;
         }
-        if self.recv_inflight || self.payload_recv_inflight {
+        if self.recv.inflight() || self.payload_recv_inflight {
             let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Read);
         }
     }
 
+    /// Drops the connection at once (a deadline passed): in-flight receives and sends fail,
+    /// everything it held is released as they return.
+    fn abort(&mut self, why: &'static str) {
+        tracing::info!(peer = %self.peer, export = %self.export_name, why, "dropping connection");
+        self.read_closed = true;
+        let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Both);
+    }
+
     fn on_recv(&mut self, cx: &mut Cx<'_>, result: i32, buf: IoBuf) {
-        self.recv_buf = Some(buf);
+        self.recv.on_recv(result, buf);
         if result <= 0 {
             if result < 0 && result != -libc::ECONNRESET {
                 tracing::debug!(peer = %self.peer, errno = -result, "receive failed");
@@ -134,6 +181,7 @@ impl Conn {
             self.read_closed = true;
             return;
         }
+        self.progress.moved();
         if !self.read_closed {
             self.parse(cx);
         }
@@ -141,11 +189,14 @@ impl Conn {
 
     /// Consumes as much buffered input as the state allows.
     fn parse(&mut self, cx: &mut Cx<'_>) {
-        let Some(mut buf) = self.recv_buf.take() else {
+        if self.waiting_memory {
+            return;
+        }
+        let Some(mut buf) = self.recv.take() else {
             return;
         };
         let mut used = 0;
-        while !self.read_closed {
+        while !self.read_closed && !self.waiting_memory {
             let input = &buf.as_slice()[used..];
             if input.is_empty() {
                 break;
@@ -157,7 +208,13 @@ impl Conn {
                     used += n;
                     self.out.push_bytes(&self.scratch);
                     match step {
-                        Step::NeedMore => break,
+                        Step::NeedMore => {
+                            // An option's data must be buffered whole: ask for room for it.
+                            if n == 0 {
+                                self.recv.need(input.len() + 1);
+                            }
+                            break;
+                        }
                         Step::Enter(neg) => {
                             self.enter(neg);
                             continue;
@@ -177,7 +234,7 @@ impl Conn {
             }
         }
         buf.consume_front(used);
-        self.recv_buf = Some(buf);
+        self.recv.put_back(buf);
     }
 
     fn enter(&mut self, neg: Negotiated) {
@@ -193,8 +250,27 @@ impl Conn {
             read_only: neg.export.read_only || neg.export.dev.info().read_only,
             structured: neg.structured,
             meta_allocation: neg.meta_allocation,
+            max_payload: self.max_payload,
         };
         self.phase = Phase::Transmission { dev: neg.export.dev.clone(), session };
+    }
+
+    /// Charges `bytes` of payload memory to the core's budget; on refusal parsing stops
+    /// until `on_buffers`.
+    fn charge(&mut self, cx: &mut Cx<'_>, bytes: u64) -> bool {
+        if cx.charge(bytes, self.charged + self.recv.charged()) {
+            self.charged += bytes;
+            true
+        } else {
+            self.waiting_memory = true;
+            false
+        }
+    }
+
+    fn uncharge(&mut self, cx: &mut Cx<'_>, bytes: u64) {
+        assert!(bytes <= self.charged, "uncharge {bytes} of {}", self.charged);
+        self.charged -= bytes;
+        cx.release(bytes);
     }
 
     /// Handles some input in transmission; returns bytes consumed (None/0: wait for more).
@@ -204,7 +280,19 @@ impl Conn {
             self.skip -= n as u64;
             return Some(n);
         }
-        if let Some(pw) = &mut self.payload {
+        if let Some(pw) = &self.payload {
+            if !pw.charged {
+                // The first payload bytes are here: now the buffer is worth its memory.
+                let len = pw.req.length;
+                if !self.charge(cx, u64::from(len)) {
+                    return None;
+                }
+                let buf = cx.buf_with_capacity(len as usize);
+                let pw = self.payload.as_mut().expect("pending write");
+                pw.charged = true;
+                pw.buf = Some(buf);
+            }
+            let pw = self.payload.as_mut().expect("pending write");
             let need = pw.missing();
             let n = need.min(input.len());
             let buf = pw.buf.as_mut()?;
@@ -223,59 +311,88 @@ impl Conn {
             self.read_closed = true;
             return None;
         };
+        let Phase::Transmission { dev, session } = &self.phase else { unreachable!() };
+        let (dev, session) = (dev.clone(), *session);
+        let action = classify(&req, &session);
+        // A read's buffer is charged before the request is taken; refused, the header stays
+        // buffered until memory returns.
+        let charge = match action {
+            Action::Read { offset, len, df } if !self.reads_hole(&dev, &session, offset, len, df) => {
+                if !self.charge(cx, u64::from(len)) {
+                    return None;
+                }
+                u64::from(len)
+            }
+            _ => 0,
+        };
         self.requests_total += 1;
-        self.on_request(cx, req);
+        self.on_request(cx, req, &dev, session, action, charge);
         Some(codec::REQUEST_LEN)
     }
 
-    fn on_request(&mut self, cx: &mut Cx<'_>, req: Request) {
-        let Phase::Transmission { dev, session } = &self.phase else { unreachable!() };
-        let (dev, session) = (dev.clone(), *session);
-        match classify(&req, &session) {
-            Action::Read { offset, len, df } => {
-                if !df && session.structured && len > 0 && dev.info().cheap_extents {
-                    if let Ok(ext) = dev.extents(offset, u64::from(len)) {
-                        if ext.len() == 1 && ext[0].hole && ext[0].len == u64::from(len) {
-                            codec::encode_offset_hole(
-                                self.scratch_reset(),
-                                true,
-                                req.handle,
-                                offset,
-                                len,
-                            );
-                            self.flush_scratch();
-                            cx.stats().record(OpKind::Read, u64::from(len), 0, true);
-                            return;
-                        }
-                    }
-                }
-                let tag = self.track(&req, OpKind::Read);
-                dev.submit(cx, IoCmd::Read { offset, buf: IoBuf::zeroed(len as usize) }, tag);
+    /// Whether a read can be answered as a hole without I/O (structured replies, a device
+    /// that reports allocation cheaply, and the whole range unallocated).
+    fn reads_hole(
+        &self,
+        dev: &Arc<dyn BlockDev>,
+        session: &Session,
+        offset: u64,
+        len: u32,
+        df: bool,
+    ) -> bool {
+        if df || !session.structured || len == 0 || !dev.info().cheap_extents {
+            return false;
+        }
+        matches!(dev.extents(offset, u64::from(len)), Ok(ext)
+            if ext.len() == 1 && ext[0].hole && ext[0].len == u64::from(len))
+    }
+
+    fn on_request(
+        &mut self,
+        cx: &mut Cx<'_>,
+        req: Request,
+        dev: &Arc<dyn BlockDev>,
+        session: Session,
+        action: Action,
+        charge: u64,
+    ) {
+        match action {
+            Action::Read { offset, len, .. } if charge == 0 && len > 0 => {
+                codec::encode_offset_hole(self.scratch_reset(), true, req.handle, offset, len);
+                self.flush_scratch();
+                cx.stats().record(OpKind::Read, u64::from(len), 0, true);
+            }
+            Action::Read { offset, len, .. } => {
+                let tag = self.track(&req, OpKind::Read, charge);
+                let buf = cx.buf(len as usize);
+                dev.submit(cx, IoCmd::Read { offset, buf }, tag);
             }
             Action::Write { len, fua, .. } => {
                 self.bytes_inflight += u64::from(len);
-                let buf = Some(cx.buf_with_capacity(len as usize));
-                self.payload = Some(PendingWrite { req, fua, buf });
+                self.payload = Some(PendingWrite { req, fua, buf: None, charged: false });
                 if len == 0 {
+                    let pw = self.payload.as_mut().expect("pending write");
+                    pw.buf = Some(cx.buf_with_capacity(0));
+                    pw.charged = true;
                     self.submit_write(cx);
                 }
             }
             Action::Flush => {
-                let tag = self.track(&req, OpKind::Flush);
+                let tag = self.track(&req, OpKind::Flush, 0);
                 dev.submit(cx, IoCmd::Flush, tag);
             }
             Action::Trim { offset, len, .. } => {
-                let tag = self.track(&req, OpKind::Discard);
+                let tag = self.track(&req, OpKind::Discard, 0);
                 dev.submit(cx, IoCmd::Discard { offset, len: u64::from(len) }, tag);
             }
             Action::WriteZeroes { offset, len, may_unmap, .. } => {
                 // Both backends zero through fallocate or memory, so every zeroing is fast.
-                let tag = self.track(&req, OpKind::WriteZeroes);
+                let tag = self.track(&req, OpKind::WriteZeroes, 0);
                 dev.submit(cx, IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap }, tag);
             }
             Action::Cache => self.reply_simple(req.handle, 0),
             Action::BlockStatus { offset, len, req_one } => {
-                self.block_status(&dev, req.handle, offset, len, req_one)
+                self.block_status(dev, req.handle, offset, len, req_one)
             }
             Action::Disconnect => {
                 tracing::debug!(peer = %self.peer, "client sent NBD_CMD_DISC");
@@ -294,7 +411,7 @@ impl Conn {
         }
     }
 
-    fn track(&mut self, req: &Request, kind: OpKind) -> u32 {
+    fn track(&mut self, req: &Request, kind: OpKind, charged: u64) -> u32 {
         if kind == OpKind::Read {
             self.bytes_inflight += u64::from(req.length);
         }
@@ -304,6 +421,7 @@ impl Conn {
             offset: req.offset,
             len: req.length,
             started: Instant::now(),
+            charged,
         });
         assert!(key < INFLIGHT_MAX * 2, "request slab beyond its bound");
         key as u32
@@ -317,7 +435,7 @@ impl Conn {
         assert_eq!(buf.len(), pw.req.length as usize);
         let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
         let dev = dev.clone();
-        let tag = self.track(&pw.req, OpKind::Write);
+        let tag = self.track(&pw.req, OpKind::Write, u64::from(pw.req.length));
         if pw.req.length == 0 {
             cx.recycle(buf);
             cx.complete(tag, 0, Owned::None);
@@ -385,6 +503,7 @@ impl Conn {
         self.flush_scratch();
     }
 
+
     fn on_io_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
         let Some(req) = self.reqs.try_remove(tag as usize) else {
             panic!("completion for unknown request tag {tag}");
@@ -408,18 +527,12 @@ impl Conn {
         }
         let latency_ns = req.started.elapsed().as_nanos() as u64;
         cx.stats().record(req.kind, u64::from(req.len), latency_ns, error == 0);
-        if self.out.broken() {
-            if let Owned::Buf(buf) = owned {
-                cx.recycle(buf);
-            }
-            return;
-        }
         let structured = matches!(
             self.phase,
             Phase::Transmission { session: Session { structured: true, .. }, .. }
         );
         match (req.kind, owned, error) {
-            (OpKind::Read, Owned::Buf(data), 0) => {
+            (OpKind::Read, Owned::Buf(data), 0) if !self.out.broken() => {
                 let scratch = self.scratch_reset();
                 if structured {
                     codec::encode_offset_data_header(
@@ -430,61 +543,115 @@ impl Conn {
                 }
                 self.flush_scratch();
                 self.out.push_buf(cx, data);
-            }
-            (OpKind::Read, _, error) if structured => {
-                let error = if error == 0 { codec::EIO } else { error };
-                codec::encode_error_chunk(self.scratch_reset(), req.handle, error, "read failed");
-                self.flush_scratch();
-            }
-            (OpKind::Read, _, error) => {
-                self.reply_simple(req.handle, if error == 0 { codec::EIO } else { error })
+                // The data's memory stays charged until it is sent.
+                self.charged_out += req.charged;
+                return;
             }
             (_, owned, error) => {
                 if let Owned::Buf(buf) = owned {
                     cx.recycle(buf);
                 }
-                self.reply_simple(req.handle, error)
+                self.uncharge(cx, req.charged);
+                if self.out.broken() {
+                    return;
+                }
+                match req.kind {
+                    OpKind::Read if structured => {
+                        let error = if error == 0 { codec::EIO } else { error };
+                        codec::encode_error_chunk(
+                            self.scratch_reset(),
+                            req.handle,
+                            error,
+                            "read failed",
+                        );
+                        self.flush_scratch();
+                    }
+                    OpKind::Read => {
+                        self.reply_simple(req.handle, if error == 0 { codec::EIO } else { error })
+                    }
+                    _ => self.reply_simple(req.handle, error),
+                }
             }
         }
     }
 
     fn on_send(&mut self, cx: &mut Cx<'_>, result: i32, owned: Owned) {
+        if result > 0 {
+            self.progress.moved();
+        }
         if let Err(errno) = self.out.on_complete(cx, result, owned) {
             if errno != libc::EPIPE && errno != libc::ECONNRESET {
                 tracing::debug!(peer = %self.peer, errno, "send failed");
             }
         }
+        // Read data that left (or never will) gives its memory back.
+        let sent = self.charged_out.saturating_sub(self.out.unsent());
+        if sent > 0 {
+            self.charged_out -= sent;
+            self.uncharge(cx, sent);
+        }
+    }
+
+    /// Whether the client owes us progress: a write payload it is sending, or replies it
+    /// must read before we can send more.
+    fn owes_progress(&self) -> bool {
+        (self.payload.is_some() && !self.waiting_memory) || (self.out.inflight() && self.out.unsent() > 0)
+    }
+
+    fn needs_tick(&self) -> bool {
+        !self.read_closed
+            && (matches!(self.phase, Phase::Handshake(_)) || self.owes_progress())
+    }
+
+    fn on_tick(&mut self) {
+        self.tick_inflight = false;
+        if self.read_closed {
+            return;
+        }
+        let now = Instant::now();
+        let limits = self.guard.limits();
+        if matches!(self.phase, Phase::Handshake(_)) && self.progress.handshake_expired(limits, now)
+        {
+            self.guard.handshake_timed_out();
+            self.abort("handshake not finished within the deadline");
+        } else if self.owes_progress() && self.progress.stalled(limits, now) {
+            self.guard.stalled();
+            self.abort("no progress on a payload or on reading replies within the deadline");
+        }
     }
 
     fn post_io(&mut self, cx: &mut Cx<'_>) {
         self.out.start(cx, self.fd.as_raw_fd(), TAG_SEND);
-        if self.read_closed || self.out.broken() || self.recv_inflight || self.payload_recv_inflight
+        if !self.tick_inflight && self.needs_tick() {
+            self.tick_inflight = true;
+            cx.timer(TAG_TICK, self.guard.limits().tick());
+        }
+        if self.read_closed
+            || self.out.broken()
+            || self.recv.inflight()
+            || self.payload_recv_inflight
+            || self.waiting_memory
         {
             return;
         }
         if self.saturated() {
             return;
         }
-        let buffered = self.recv_buf.as_ref().map_or(0, |b| b.len());
+        let buffered = self.recv.buffered();
         if let Some(pw) = self.payload.as_mut() {
             let need = pw.missing();
-            if buffered == 0 && need >= DIRECT_RECV_MIN {
+            if buffered == 0 && need >= DIRECT_RECV_MIN && pw.charged {
                 let Some(buf) = pw.buf.take() else { return };
                 self.payload_recv_inflight = true;
                 cx.submit(Op::Recv { fd: self.fd.as_raw_fd(), buf, max: need }, TAG_RECV_PAYLOAD);
                 return;
             }
         }
-        let Some(buf) = self.recv_buf.take() else {
-            return;
-        };
-        if buf.len() == buf.capacity() {
-            // Full of input we cannot parse yet (waiting on back-pressure): wait for completions.
-            self.recv_buf = Some(buf);
-            return;
+        let idle = self.reqs.is_empty() && self.payload.is_none();
+        let fd = self.fd.as_raw_fd();
+        if self.recv.post(cx, fd, TAG_RECV, TAG_POLL, self.charged, idle) == Posted::WaitingForMemory {
+            self.waiting_memory = true;
         }
-        self.recv_inflight = true;
-        cx.submit(Op::Recv { fd: self.fd.as_raw_fd(), buf, max: usize::MAX }, TAG_RECV);
     }
 
     fn on_payload_recv(&mut self, cx: &mut Cx<'_>, result: i32, buf: IoBuf) {
@@ -497,6 +664,7 @@ impl Conn {
             self.read_closed = true;
             return;
         }
+        self.progress.moved();
         if pw.missing() == 0 {
             self.submit_write(cx);
         }
@@ -508,11 +676,36 @@ impl Conn {
             || self.bytes_inflight + self.out.unsent() >= INFLIGHT_BYTES_MAX
     }
 
-    fn idle(&self) -> bool {
-        !self.recv_inflight
+    fn quiet(&self) -> bool {
+        !self.recv.inflight()
             && !self.payload_recv_inflight
             && !self.out.inflight()
+            && !self.tick_inflight
+            && !self.cancel_inflight
             && self.reqs.is_empty()
+    }
+
+    /// Ends the connection once nothing is in flight: releases what it held.
+    fn finish(&mut self, cx: &mut Cx<'_>) {
+        if self.tick_inflight && !self.cancel_inflight {
+            self.cancel_inflight = true;
+            cx.cancel(TAG_TICK, TAG_CANCEL);
+        }
+        if !self.quiet() {
+            return;
+        }
+        self.recv.release(cx);
+        if let Some(pw) = self.payload.take() {
+            if let Some(buf) = pw.buf {
+                cx.recycle(buf);
+            }
+        }
+        let held = self.charged;
+        self.uncharge(cx, held);
+        self.charged_out = 0;
+        self.done = true;
+        cx.stats().connections_open -= 1;
+        tracing::info!(peer = %self.peer, export = %self.export_name, requests = self.requests_total, "connection closed");
     }
 }
 
@@ -521,6 +714,10 @@ impl Task for Conn {
         cx.stats().connections_open += 1;
         cx.stats().connections_total += 1;
         tracing::debug!(peer = %self.peer, core = cx.core(), "connection accepted");
+        // Advertise only what the core's budget can always grant one request.
+        let limit = cx.charge_limit().min(u64::from(PAYLOAD_ADVERTISED_MAX));
+        self.max_payload = 1 << (63 - limit.leading_zeros());
+        self.phase = Phase::Handshake(Handshake::with_max_payload(self.max_payload));
         let mut greeting = Vec::new();
         Handshake::greeting(&mut greeting);
         self.out.push_bytes(&greeting);
@@ -529,10 +726,17 @@ impl Task for Conn {
     fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
         match tag {
             TAG_RECV => {
-                self.recv_inflight = false;
                 let buf = owned.into_buf().expect("receive completion without its buffer");
                 self.on_recv(cx, result, buf);
             }
+            TAG_POLL => {
+                self.recv.on_poll();
+                if result < 0 {
+                    self.read_closed = true;
+                }
+            }
+            TAG_TICK => self.on_tick(),
+            TAG_CANCEL => self.cancel_inflight = false,
             TAG_RECV_PAYLOAD => {
                 let buf = owned.into_buf().expect("payload receive completion without its buffer");
                 self.on_payload_recv(cx, result, buf);
@@ -561,15 +765,18 @@ impl Task for Conn {
         self.post_io(cx);
         let output_done = self.out.drained();
         if self.read_closed && self.reqs.is_empty() && output_done && !self.done {
-            if self.recv_inflight || self.payload_recv_inflight {
+            if self.recv.inflight() || self.payload_recv_inflight {
                 self.close_read("finished");
                 return;
             }
-            if self.idle() {
-                self.done = true;
-                cx.stats().connections_open -= 1;
-                tracing::info!(peer = %self.peer, export = %self.export_name, requests = self.requests_total, "connection closed");
-            }
+            self.finish(cx);
+        }
+    }
+
+    fn on_buffers(&mut self, cx: &mut Cx<'_>) {
+        self.waiting_memory = false;
+        if !self.read_closed {
+            self.parse(cx);
         }
     }
 

@@ -52,6 +52,8 @@ pub enum Step {
 
 pub struct Handshake {
     state: State,
+    /// Largest payload advertised (NBD_INFO_BLOCK_SIZE maximum).
+    max_payload: u32,
     no_zeroes: bool,
     structured: bool,
     /// Export name (canonical, non-empty) for which `base:allocation` was set.
@@ -66,7 +68,14 @@ impl Default for Handshake {
 
 impl Handshake {
     pub fn new() -> Handshake {
+        Handshake::with_max_payload(PAYLOAD_ADVERTISED_MAX)
+    }
+
+    /// A handshake advertising `max_payload` as the largest request (at most 32 MiB).
+    pub fn with_max_payload(max_payload: u32) -> Handshake {
+        assert!(max_payload >= BLOCK_PREFERRED, "max payload below the preferred block size");
         Handshake {
+            max_payload: max_payload.min(PAYLOAD_ADVERTISED_MAX),
             state: State::ClientFlags,
             no_zeroes: false,
             structured: false,
@@ -224,7 +233,7 @@ impl Handshake {
                     option,
                     export.dev.info().min_block.max(BLOCK_MIN),
                     BLOCK_PREFERRED,
-                    PAYLOAD_ADVERTISED_MAX,
+                    self.max_payload,
                 );
                 codec::encode_option_reply(out, option, codec::REP_ACK, &[]);
                 if option == codec::OPT_GO {

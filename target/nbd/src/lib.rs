@@ -21,5 +21,5 @@ use ballast_engine::listener::ConnFactory;
 
 /// The factory the engine's listener uses to serve NBD on accepted sockets.
 pub fn conn_factory(exports: Arc<ExportTable>) -> ConnFactory {
-    Arc::new(move |fd, peer| Box::new(conn::Conn::new(fd, peer, exports.clone())))
+    Arc::new(move |fd, peer, guard| Box::new(conn::Conn::new(fd, peer, guard, exports.clone())))
 }

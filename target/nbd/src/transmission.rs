@@ -3,9 +3,6 @@
 
 use crate::codec::{self, Request};
 
-/// Largest payload we accept (we advertise half of it as the maximum).
-pub const PAYLOAD_ACCEPT_MAX: u32 = 64 << 20;
-
 /// What the negotiation fixed for this connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Session {
@@ -13,6 +10,9 @@ pub struct Session {
     pub read_only: bool,
     pub structured: bool,
     pub meta_allocation: bool,
+    /// Largest read or write accepted: the maximum payload advertised in NBD_INFO_BLOCK_SIZE
+    /// (what the core's buffer budget can always grant one request).
+    pub max_payload: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +85,7 @@ pub fn classify(r: &Request, s: &Session) -> Action {
     }
     let fua = r.flags & codec::CMD_FLAG_FUA != 0;
     match r.kind {
-        codec::CMD_READ | codec::CMD_WRITE if r.length > PAYLOAD_ACCEPT_MAX => {
+        codec::CMD_READ | codec::CMD_WRITE if r.length > s.max_payload => {
             reject(codec::EINVAL, "request larger than the maximum payload")
         }
         codec::CMD_READ if !in_range => reject(codec::EINVAL, "read beyond the end of the export"),
@@ -134,7 +134,13 @@ mod tests {
     use super::*;
 
     const S: Session =
-        Session { size_bytes: 1 << 20, read_only: false, structured: true, meta_allocation: true };
+        Session {
+            size_bytes: 1 << 20,
+            read_only: false,
+            structured: true,
+            meta_allocation: true,
+            max_payload: 32 << 20,
+        };
 
     fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
         Request { flags, kind, handle: 1, offset, length }
@@ -189,7 +195,7 @@ mod tests {
             classify(&req(99, 0, 0, 0), &S),
             Action::Reject { error: codec::EINVAL, .. }
         ));
-        let big = PAYLOAD_ACCEPT_MAX + 1;
+        let big = S.max_payload + 1;
         assert!(
             matches!(classify(&req(codec::CMD_WRITE, 0, 0, big), &Session { size_bytes: u64::MAX, ..S }),
             Action::Reject { error: codec::EINVAL, discard, .. } if discard == big)

@@ -21,5 +21,5 @@ pub use subsys::{Target, NQN_PREFIX};
 
 /// The factory the engine's listener uses to serve NVMe/TCP on accepted sockets.
 pub fn conn_factory(target: Arc<Target>) -> ConnFactory {
-    Arc::new(move |fd, peer| Box::new(queue::Queue::new(fd, peer, target.clone())))
+    Arc::new(move |fd, peer, guard| Box::new(queue::Queue::new(fd, peer, guard, target.clone())))
 }

@@ -8,17 +8,27 @@
 //!   slot index is its R2T transfer tag and the tag of its device operations;
 //! - at most `QUEUE_ENTRIES_MAX` commands are in flight (the host may not exceed SQSIZE);
 //! - a fatal transport error queues one C2HTermReq, stops reading and closes once it is sent;
-//! - the task is done only with nothing in flight (receive, send, device I/O, timer).
+//! - payload memory is charged to the core's budget before it is allocated, PDU by PDU,
+//!   before the PDU is taken: a read's buffer with its capsule, in-capsule data with its
+//!   capsule, an R2T transfer's buffer with its *first* H2CData PDU (an R2T itself costs
+//!   nothing, so a host that never sends the data holds no memory). Refused, the PDU stays
+//!   buffered and parsing waits for `on_buffers`. `charged` is exactly what the queue holds:
+//!   command charges (`Cmd::charged`) plus read data still in `out` (`charged_out`);
+//! - ICReq and Connect must arrive within the handshake deadline; a queue that owes progress
+//!   (H2CData for an R2T, reading its responses) and makes none for the stall deadline is
+//!   dropped;
+//! - the task is done only with nothing in flight (receive, poll, send, device I/O, timer).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ballast_engine::limits::{ConnGuard, Progress};
+use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{Cx, IoBuf, IoCmd, Owned, Task};
-use ballast_ffi::Op;
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
@@ -28,15 +38,17 @@ use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
 use crate::subsys::{Controller, Namespace, Target, DISCOVERY_NQN};
 
-const RECV_BUF_BYTES: usize = 512 * 1024;
+/// Largest receive buffer: room for the largest PDU (an H2CData of `MAXH2CDATA`) and more.
+const RECV_BUF_MAX: usize = 256 * 1024;
 /// Largest H2CData payload we accept per PDU.
 pub const MAXH2CDATA: u32 = 128 * 1024;
 /// Response bytes queued or being sent past which we stop reading from the host.
-const UNSENT_MAX: u64 = 32 << 20;
+const UNSENT_MAX: u64 = 16 << 20;
 const TAG_RECV: u32 = u32::MAX;
 const TAG_SEND: u32 = u32::MAX - 1;
 const TAG_TICK: u32 = u32::MAX - 2;
 const TAG_CANCEL: u32 = u32::MAX - 3;
+const TAG_POLL: u32 = u32::MAX - 4;
 const ADMIN_TICK: Duration = Duration::from_millis(250);
 const IO_TICK: Duration = Duration::from_millis(1000);
 
@@ -69,11 +81,16 @@ struct Cmd {
     kind: OpKind,
     bytes: u32,
     started: Instant,
+    /// Payload memory charged for it.
+    charged: u64,
 }
 
 pub struct Queue {
     fd: OwnedFd,
     peer: String,
+    /// This connection's place under the connection limit, and the limits it lives under.
+    guard: ConnGuard,
+    progress: Progress,
     target: Arc<Target>,
     phase: Phase,
     hdgst: bool,
@@ -85,8 +102,15 @@ pub struct Queue {
     ctrl: Option<Arc<Controller>>,
     admin: Option<AdminState>,
     cmds: Slab<Cmd>,
-    recv_buf: Option<IoBuf>,
-    recv_inflight: bool,
+    recv: RecvBuf,
+    /// Payload memory charged to the core's budget (besides the receive buffer's growth).
+    charged: u64,
+    /// The part of `charged` that is read data queued in `out`.
+    charged_out: u64,
+    /// Charged for the PDU being handled, not yet given to a command.
+    charged_for_pdu: u64,
+    /// A charge was refused: parsing waits for `on_buffers`.
+    waiting_memory: bool,
     out: SendQueue,
     scratch: Vec<u8>,
     tick_inflight: bool,
@@ -96,10 +120,12 @@ pub struct Queue {
 }
 
 impl Queue {
-    pub fn new(fd: OwnedFd, peer: String, target: Arc<Target>) -> Queue {
+    pub fn new(fd: OwnedFd, peer: String, guard: ConnGuard, target: Arc<Target>) -> Queue {
         Queue {
             fd,
             peer,
+            guard,
+            progress: Progress::new(),
             target,
             phase: Phase::Init,
             hdgst: false,
@@ -110,9 +136,12 @@ impl Queue {
             sqflow_disabled: false,
             ctrl: None,
             admin: None,
-            cmds: Slab::with_capacity(usize::from(QUEUE_ENTRIES_MAX)),
-            recv_buf: Some(IoBuf::with_capacity(RECV_BUF_BYTES)),
-            recv_inflight: false,
+            cmds: Slab::new(),
+            recv: RecvBuf::new(RECV_BUF_MAX),
+            charged: 0,
+            charged_out: 0,
+            charged_for_pdu: 0,
+            waiting_memory: false,
             out: SendQueue::default(),
             scratch: Vec::with_capacity(256),
             tick_inflight: false,
@@ -146,10 +175,70 @@ impl Queue {
         self.read_closed = true;
     }
 
+    /// Charges `bytes` of payload memory to the core's budget; on refusal parsing stops
+    /// until `on_buffers`.
+    fn charge(&mut self, cx: &mut Cx<'_>, bytes: u64) -> bool {
+        if bytes == 0 {
+            return true;
+        }
+        if cx.charge(bytes, self.charged + self.recv.charged()) {
+            self.charged += bytes;
+            true
+        } else {
+            self.waiting_memory = true;
+            false
+        }
+    }
+
+    fn uncharge(&mut self, cx: &mut Cx<'_>, bytes: u64) {
+        assert!(bytes <= self.charged, "uncharge {bytes} of {}", self.charged);
+        self.charged -= bytes;
+        cx.release(bytes);
+    }
+
+    /// Payload memory the PDU `p` needs before it is taken: a read's data, in-capsule write
+    /// data, or a whole R2T transfer on its first H2CData PDU. Commands that will be refused
+    /// (too long, no such transfer) need none.
+    fn pdu_needs(&self, ch: &CommonHeader, p: &[u8], data_len: usize) -> u64 {
+        if self.phase != Phase::Ready || self.qid == 0 {
+            return 0;
+        }
+        match ch.kind {
+            kind::CAPSULE_CMD if p.len() >= 8 + nvme::SQE_LEN => {
+                let mut raw = [0u8; nvme::SQE_LEN];
+                raw.copy_from_slice(&p[8..8 + nvme::SQE_LEN]);
+                let sqe = Sqe::decode(&raw);
+                match sqe.opcode {
+                    io::READ if sqe.sgl_len <= MAX_TRANSFER_BYTES => u64::from(sqe.sgl_len),
+                    io::WRITE if data_len <= IN_CAPSULE_BYTES as usize => data_len as u64,
+                    _ => 0,
+                }
+            }
+            kind::H2C_DATA => match pdu::decode_h2c_data(p) {
+                Some(h) => match self.cmds.get(usize::from(h.ttag)) {
+                    Some(c) if c.buf.is_none() && c.state == (CmdState::AwaitData { received: 0 }) => {
+                        u64::from(c.bytes)
+                    }
+                    _ => 0,
+                },
+                None => 0,
+            },
+            _ => 0,
+        }
+    }
+
+    /// Hands the charge taken for the current PDU to the command it created.
+    fn take_pdu_charge(&mut self) -> u64 {
+        std::mem::take(&mut self.charged_for_pdu)
+    }
+
     fn parse(&mut self, cx: &mut Cx<'_>) {
-        let Some(mut buf) = self.recv_buf.take() else { return };
+        if self.waiting_memory {
+            return;
+        }
+        let Some(mut buf) = self.recv.take() else { return };
         let mut used = 0;
-        while !self.read_closed && !self.saturated() {
+        while !self.read_closed && !self.saturated() && !self.waiting_memory {
             let input = &buf.as_slice()[used..];
             let Some(ch) = CommonHeader::decode(input) else { break };
             let (data_start, data_len) =
@@ -164,13 +253,22 @@ impl Queue {
                 };
             let plen = ch.plen as usize;
             if input.len() < plen {
+                self.recv.need(plen);
                 break;
             }
-            self.on_pdu(cx, &ch, &input[..plen], data_start, data_len);
+            let p = &input[..plen];
+            let needs = self.pdu_needs(&ch, p, data_len);
+            if !self.charge(cx, needs) {
+                break;
+            }
+            self.charged_for_pdu = needs;
+            self.on_pdu(cx, &ch, p, data_start, data_len);
+            let unused = self.take_pdu_charge();
+            self.uncharge(cx, unused);
             used += plen;
         }
         buf.consume_front(used);
-        self.recv_buf = Some(buf);
+        self.recv.put_back(buf);
     }
 
     fn on_pdu(
@@ -531,6 +629,7 @@ impl Queue {
             kind,
             bytes,
             started: Instant::now(),
+            charged: 0,
         });
         key as u32
     }
@@ -552,6 +651,7 @@ impl Queue {
                 return self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID);
             }
             let tag = self.track(sqe, Some(ns.clone()), OpKind::Read, len, 1);
+            self.cmds[tag as usize].charged = self.take_pdu_charge();
             let buf = cx.buf(len as usize);
             ns.dev.submit(cx, IoCmd::Read { offset, buf }, tag);
             return;
@@ -568,14 +668,14 @@ impl Queue {
                 buf.extend_from_slice(data);
                 let fua = sqe.fua();
                 let tag = self.track(sqe, Some(ns.clone()), OpKind::Write, len, 1);
+                self.cmds[tag as usize].charged = self.take_pdu_charge();
                 ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, tag);
             }
             nvme::SGL_TRANSPORT_DATA_BLOCK => {
-                let buf = cx.buf_with_capacity(len as usize);
+                // No buffer yet: it is charged and allocated when the first H2CData arrives.
                 let tag = self.track(sqe, Some(ns), OpKind::Write, len, 0);
                 let cmd = &mut self.cmds[tag as usize];
                 cmd.state = CmdState::AwaitData { received: 0 };
-                cmd.buf = Some(buf);
                 self.scratch.clear();
                 pdu::encode_r2t(&mut self.scratch, sqe.cid, tag as u16, 0, len, self.hdgst);
                 self.queue_scratch();
@@ -618,6 +718,12 @@ impl Queue {
         if h.offset != received || received + h.len > cmd.bytes {
             return self.fatal(out_of_range, header);
         }
+        if cmd.buf.is_none() {
+            // The first data of the transfer: its memory was charged for this PDU.
+            cmd.charged = std::mem::take(&mut self.charged_for_pdu);
+            assert_eq!(cmd.charged, u64::from(cmd.bytes), "transfer buffer charged whole");
+            cmd.buf = Some(cx.buf_with_capacity(cmd.bytes as usize));
+        }
         let Some(buf) = cmd.buf.as_mut() else { return };
         buf.extend_from_slice(data);
         if !digest_ok {
@@ -634,9 +740,11 @@ impl Queue {
         }
         if cmd.status != status::SUCCESS {
             let (cid, st) = (cmd.sqe.cid, cmd.status);
-            if let Some(b) = self.cmds.remove(usize::from(h.ttag)).buf {
+            let cmd = self.cmds.remove(usize::from(h.ttag));
+            if let Some(b) = cmd.buf {
                 cx.recycle(b);
             }
+            self.uncharge(cx, cmd.charged);
             return self.respond(cid, 0, 0, st);
         }
         cmd.state = CmdState::Executing { pending: 1 };
@@ -748,21 +856,22 @@ impl Queue {
                 _ => {}
             }
         }
-        if self.out.broken() {
-            if let Owned::Buf(b) = owned {
-                cx.recycle(b);
-            }
-            return;
-        }
         match (cmd.kind, owned) {
-            (OpKind::Read, Owned::Buf(data)) if cmd.status == status::SUCCESS => {
+            (OpKind::Read, Owned::Buf(data))
+                if cmd.status == status::SUCCESS && !self.out.broken() =>
+            {
                 self.respond_with_data(cx, cmd.sqe.cid, data, 0);
+                // The data's memory stays charged until it is sent.
+                self.charged_out += cmd.charged;
             }
             (_, owned) => {
                 if let Owned::Buf(b) = owned {
                     cx.recycle(b);
                 }
-                self.respond(cmd.sqe.cid, 0, 0, cmd.status);
+                self.uncharge(cx, cmd.charged);
+                if !self.out.broken() {
+                    self.respond(cmd.sqe.cid, 0, 0, cmd.status);
+                }
             }
         }
     }
@@ -772,12 +881,46 @@ impl Queue {
             return;
         }
         self.tick_inflight = true;
-        cx.timer(TAG_TICK, if self.qid == 0 { ADMIN_TICK } else { IO_TICK });
+        let every = if self.qid == 0 { ADMIN_TICK } else { IO_TICK };
+        cx.timer(TAG_TICK, every.min(self.guard.limits().tick()));
+    }
+
+    /// Whether the host owes us progress: H2CData for an R2T we sent, or reading responses
+    /// we cannot send. (Not while we wait for memory: then we are the ones not reading.)
+    fn owes_progress(&self) -> bool {
+        !self.waiting_memory
+            && ((self.out.inflight() && self.out.unsent() > 0)
+                || self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::AwaitData { .. })))
+    }
+
+    /// Drops the connection at once (a deadline passed): in-flight receives and sends fail.
+    fn abort(&mut self, why: &'static str) {
+        tracing::info!(peer = %self.peer, qid = self.qid, why, "dropping NVMe/TCP connection");
+        self.read_closed = true;
+        let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Both);
     }
 
     fn on_tick(&mut self, cx: &mut Cx<'_>) {
         self.tick_inflight = false;
-        let Some(ctrl) = self.ctrl.clone() else { return };
+        if self.read_closed {
+            return;
+        }
+        let now = Instant::now();
+        if self.phase != Phase::Ready && self.progress.handshake_expired(self.guard.limits(), now)
+        {
+            self.guard.handshake_timed_out();
+            self.abort("ICReq and Connect not done within the handshake deadline");
+            return;
+        }
+        if self.owes_progress() && self.progress.stalled(self.guard.limits(), now) {
+            self.guard.stalled();
+            self.abort("no progress on H2CData or on reading responses within the deadline");
+            return;
+        }
+        let Some(ctrl) = self.ctrl.clone() else {
+            self.arm_tick(cx);
+            return;
+        };
         if ctrl.dead.load(Ordering::Relaxed) {
             tracing::info!(peer = %self.peer, cntlid = ctrl.cntlid, qid = self.qid, "controller gone; closing queue");
             self.close_read();
@@ -799,29 +942,37 @@ impl Queue {
 
     fn close_read(&mut self) {
         self.read_closed = true;
-        if self.recv_inflight {
+        if self.recv.inflight() {
             let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Read);
         }
     }
 
     fn on_send(&mut self, cx: &mut Cx<'_>, result: i32, owned: Owned) {
+        if result > 0 {
+            self.progress.moved();
+        }
         if let Err(errno) = self.out.on_complete(cx, result, owned) {
             tracing::debug!(peer = %self.peer, errno, "send failed");
+        }
+        // Read data that left (or never will) gives its memory back.
+        let sent = self.charged_out.saturating_sub(self.out.unsent());
+        if sent > 0 {
+            self.charged_out -= sent;
+            self.uncharge(cx, sent);
         }
     }
 
     fn post_io(&mut self, cx: &mut Cx<'_>) {
         self.out.start(cx, self.fd.as_raw_fd(), TAG_SEND);
-        if self.read_closed || self.out.broken() || self.recv_inflight || self.saturated() {
+        if self.read_closed || self.out.broken() || self.saturated() || self.waiting_memory {
             return;
         }
-        let Some(buf) = self.recv_buf.take() else { return };
-        if buf.len() == buf.capacity() {
-            self.recv_buf = Some(buf);
-            return;
+        let idle = self.cmds.is_empty();
+        let fd = self.fd.as_raw_fd();
+        let held = self.charged;
+        if self.recv.post(cx, fd, TAG_RECV, TAG_POLL, held, idle) == Posted::WaitingForMemory {
+            self.waiting_memory = true;
         }
-        self.recv_inflight = true;
-        cx.submit(Op::Recv { fd: self.fd.as_raw_fd(), buf, max: usize::MAX }, TAG_RECV);
     }
 
     fn finish(&mut self, cx: &mut Cx<'_>) {
@@ -829,12 +980,20 @@ impl Queue {
             self.cancel_inflight = true;
             cx.cancel(TAG_TICK, TAG_CANCEL);
         }
-        let quiet = !self.recv_inflight
+        let quiet = !self.recv.inflight()
             && !self.out.inflight()
             && !self.tick_inflight
             && !self.cancel_inflight;
         if quiet && self.cmds.iter().all(|(_, c)| matches!(c.state, CmdState::AwaitData { .. })) {
-            self.cmds.clear();
+            for cmd in self.cmds.drain() {
+                if let Some(buf) = cmd.buf {
+                    cx.recycle(buf);
+                }
+            }
+            self.recv.release(cx);
+            let held = self.charged;
+            self.uncharge(cx, held);
+            self.charged_out = 0;
             self.done = true;
             cx.stats().connections_open -= 1;
             match (&self.ctrl, self.qid) {
@@ -853,18 +1012,28 @@ impl Task for Queue {
     fn start(&mut self, cx: &mut Cx<'_>) {
         cx.stats().connections_open += 1;
         cx.stats().connections_total += 1;
+        // The handshake deadline.
+        self.arm_tick(cx);
     }
 
     fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
         match tag {
             TAG_RECV => {
-                self.recv_inflight = false;
                 let buf = owned.into_buf().expect("receive completion without its buffer");
-                self.recv_buf = Some(buf);
+                self.recv.on_recv(result, buf);
                 if result <= 0 {
                     self.read_closed = true;
-                } else if !self.read_closed {
-                    self.parse(cx);
+                } else {
+                    self.progress.moved();
+                    if !self.read_closed {
+                        self.parse(cx);
+                    }
+                }
+            }
+            TAG_POLL => {
+                self.recv.on_poll();
+                if result < 0 {
+                    self.read_closed = true;
                 }
             }
             TAG_SEND => {
@@ -885,10 +1054,17 @@ impl Task for Queue {
         let executing =
             self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::Executing { .. }));
         if self.read_closed && !executing && output_done && !self.done {
-            if self.recv_inflight {
+            if self.recv.inflight() {
                 self.close_read();
             }
             self.finish(cx);
+        }
+    }
+
+    fn on_buffers(&mut self, cx: &mut Cx<'_>) {
+        self.waiting_memory = false;
+        if !self.read_closed {
+            self.parse(cx);
         }
     }
 

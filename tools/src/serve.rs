@@ -63,6 +63,9 @@ pub struct ServeArgs {
     /// for latency at low queue depth (QD1 p50 12.5 -> 10.2 us on loopback).
     #[arg(long, default_value_t = 0)]
     poll_us: u64,
+    /// Control socket limits (--rpc-max-clients, --rpc-max-request, --rpc-idle-timeout).
+    #[command(flatten)]
+    rpc_limits: rpc::RpcLimitArgs,
 }
 
 /// Opens a backend from `ram:SIZE` or `file:PATH[:SIZE]`.
@@ -195,7 +198,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let socket = args.rpc_socket.clone().unwrap_or_else(|| args.data_dir.join("ballast.sock"));
-    rpc::start(&socket, control)?;
+    rpc::start(&socket, control, args.rpc_limits.limits())?;
     tracing::info!(cores = count, exports = exports.list().len(), "ballast serving");
 
     let signal = signals.wait()?;

@@ -305,6 +305,14 @@ fn error_reply(code: i64, message: &str) -> Vec<u8> {
 fn refuse(stream: UnixStream, code: i64, message: &str) {
     let _ = stream.set_nonblocking(true);
     let _ = (&stream).write_all(&error_reply(code, message));
+    // Closing with unread input makes the peer's read after our reply fail with ECONNRESET
+    // instead of EOF: take what it has sent so far (bounded, never waiting).
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        if !matches!((&stream).read(&mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
 }
 
 /// Counts the bytes the JSON parser takes for the current request and fails the read once they

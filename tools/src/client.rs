@@ -30,14 +30,34 @@ impl Target {
 /// Calls `method` and returns its `result`, or the server's error as an error.
 pub fn call(target: &Target, method: &str, params: Value) -> anyhow::Result<Value> {
     let path = target.socket();
-    let mut stream = UnixStream::connect(&path).with_context(|| {
-        format!("cannot reach the daemon at {} (is `ballast serve` running?)", path.display())
-    })?;
+    let mut stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+            "permission denied: the control socket {} is only for root and the daemon's user",
+            path.display()
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot reach the daemon at {} (is `ballast serve` running?)",
+                    path.display()
+                )
+            })
+        }
+    };
     let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-    stream.write_all(serde_json::to_string(&request)?.as_bytes())?;
-    stream.write_all(b"\n")?;
+    let mut line = serde_json::to_string(&request)?;
+    line.push('\n');
+    // A refusing daemon (permission, too many clients) may reply and close before it reads our
+    // request: if the write fails, its reply still says why.
+    let sent = stream.write_all(line.as_bytes());
     let mut responses = serde_json::Deserializer::from_reader(&stream).into_iter::<Value>();
-    let response = responses.next().ok_or_else(|| anyhow!("daemon closed the connection"))??;
+    let response = match (responses.next(), sent) {
+        (Some(Ok(response)), _) => response,
+        (_, Err(e)) => return Err(e).context("sending the request to the daemon"),
+        (Some(Err(e)), Ok(())) => return Err(e).context("reading the daemon's reply"),
+        (None, Ok(())) => return Err(anyhow!("daemon closed the connection")),
+    };
     if let Some(err) = response.get("error") {
         let msg = err.get("message").and_then(Value::as_str).unwrap_or("unknown error");
         bail!("{method}: {msg}");

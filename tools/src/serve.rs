@@ -86,6 +86,9 @@ pub struct ServeArgs {
     /// not read) without making any before it is dropped and its memory returns.
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
     stall_timeout: std::time::Duration,
+    /// Control socket limits (--rpc-max-clients, --rpc-max-request, --rpc-idle-timeout).
+    #[command(flatten)]
+    rpc_limits: rpc::RpcLimitArgs,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -274,7 +277,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let socket = args.rpc_socket.clone().unwrap_or_else(|| args.data_dir.join("ballast.sock"));
-    rpc::start(&socket, control)?;
+    rpc::start(&socket, control, args.rpc_limits.limits())?;
     tracing::info!(cores = count, exports = exports.list().len(), "ballast serving");
 
     let signal = signals.wait()?;

@@ -486,13 +486,17 @@ def run_all(r, b):
                 0 < rss_mib(b.proc.pid) < 1024)
 
     def transmission():
-        # exactly 64 MiB read is accepted (contract: requests up to 64 MiB)
+        # exactly the advertised maximum (32 MiB) is accepted; beyond it is refused (the
+        # buffer budget grants one request at most what is advertised)
         c = Raw(port, timeout=30)
         c.start()
         c.go("vol")
-        err, data = c.read(0, 64 * MiB)
-        r.check("READ of 64 MiB (the accepted maximum) succeeds", err == 0 and len(data) == 64 * MiB,
+        err, data = c.read(0, 32 * MiB)
+        r.check("READ of 32 MiB (the advertised maximum) succeeds", err == 0 and len(data) == 32 * MiB,
                 "err=%s" % errname(err))
+        c.req(CMD_READ, 0, 32 * MiB + 4096)
+        err, _ = c.simple_reply()
+        r.check("READ of 32 MiB + 4 KiB gets EINVAL", err == errno.EINVAL, "err=%s" % errname(err))
 
         # over the limit: READ 128 MiB (in range of the 256 MiB export)
         c.req(CMD_READ, 0, 128 * MiB)

@@ -128,7 +128,8 @@ impl BufPool {
 
     /// Charges `bytes` to a holder that already holds `held`; on refusal `task` is parked.
     pub fn charge(&mut self, bytes: u64, held: u64, task: u32) -> bool {
-        let limit = if held + bytes >= SMALL_HOLD { self.budget - self.budget / 4 } else { self.budget };
+        let limit =
+            if held + bytes >= SMALL_HOLD { self.budget - self.budget / 4 } else { self.budget };
         if self.charged + bytes <= limit {
             self.charged += bytes;
             self.peak = self.peak.max(self.charged);

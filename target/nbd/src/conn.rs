@@ -8,11 +8,13 @@
 //!   bytes never interleave;
 //! - at most `INFLIGHT_MAX` requests and `INFLIGHT_BYTES_MAX` payload bytes are in flight or
 //!   unsent; past that the connection stops parsing (back-pressure), it never allocates more;
-//! - payload memory is charged to the core's budget before it is allocated: a write's buffer
-//!   when its first payload bytes arrive (never on the header's word alone), a read's when it
-//!   is submitted; a refused charge stops parsing until `on_buffers`. `charged` is exactly
-//!   what this connection holds: request charges (`Inflight::charged`), the payload being
-//!   received, and read data still in `out` (`charged_out <= out.unsent()`);
+//! - payload memory is charged to the core's budget before it is used: a write's payload as
+//!   its bytes arrive, in windows of at most `PAYLOAD_WINDOW` (never on the header's word
+//!   alone: its buffer is a lazily-faulted mapping, so untouched pages cost nothing), a read's
+//!   buffer when it is submitted; a refused charge stops parsing until `on_buffers`. `charged`
+//!   is exactly what this connection holds: request charges (`Inflight::charged`), the
+//!   payload being received (`PendingWrite::charged`), and read data still in `out`
+//!   (`charged_out <= out.unsent()`);
 //! - deadlines: the handshake must end within `handshake_timeout`; a connection that owes
 //!   progress (a write payload still arriving, replies it does not read) and makes none for
 //!   `stall_timeout` is dropped. A tick timer runs only while one of them applies;
@@ -47,6 +49,8 @@ const INFLIGHT_MAX: usize = 128;
 const INFLIGHT_BYTES_MAX: u64 = 16 << 20;
 /// A write payload still missing at least this much is received straight into its buffer.
 const DIRECT_RECV_MIN: usize = 64 * 1024;
+/// A write payload is charged ahead of its bytes by at most this much.
+const PAYLOAD_WINDOW: u64 = 1 << 20;
 
 const TAG_RECV: u32 = u32::MAX;
 const TAG_SEND: u32 = u32::MAX - 1;
@@ -70,16 +74,28 @@ struct Inflight {
 struct PendingWrite {
     req: Request,
     fua: bool,
-    /// The payload so far; `None` before its first bytes arrive (nothing allocated or charged
-    /// yet) and while a receive writes straight into it.
+    /// The payload so far; `None` before its first bytes arrive (nothing allocated yet) and
+    /// while a receive writes straight into it.
     buf: Option<IoBuf>,
-    /// Its charge was granted (and `buf` allocated).
-    charged: bool,
+    /// Bytes of it received so far.
+    filled: u64,
+    /// Bytes of it charged so far (`filled <= charged <= length`).
+    charged: u64,
 }
 
 impl PendingWrite {
     fn missing(&self) -> usize {
-        self.req.length as usize - self.buf.as_ref().map_or(0, IoBuf::len)
+        self.req.length as usize - self.filled as usize
+    }
+
+    /// Charge needed before `n` more bytes can be taken: up to the next window boundary.
+    fn charge_for(&self, n: u64) -> u64 {
+        let want = self.filled + n;
+        if want <= self.charged {
+            return 0;
+        }
+        let step = want.div_ceil(PAYLOAD_WINDOW) * PAYLOAD_WINDOW;
+        step.min(u64::from(self.req.length)) - self.charged
     }
 }
 
@@ -281,23 +297,18 @@ impl Conn {
             return Some(n);
         }
         if let Some(pw) = &self.payload {
-            if !pw.charged {
-                // The first payload bytes are here: now the buffer is worth its memory.
-                let len = pw.req.length;
-                if !self.charge(cx, u64::from(len)) {
-                    return None;
-                }
-                let buf = cx.buf_with_capacity(len as usize);
-                let pw = self.payload.as_mut().expect("pending write");
-                pw.charged = true;
-                pw.buf = Some(buf);
+            // Payload bytes are here: charge for them (a window ahead), then take them.
+            let n = pw.missing().min(input.len());
+            let more = pw.charge_for(n as u64);
+            if more > 0 && !self.charge(cx, more) {
+                return None;
             }
             let pw = self.payload.as_mut().expect("pending write");
-            let need = pw.missing();
-            let n = need.min(input.len());
-            let buf = pw.buf.as_mut()?;
+            pw.charged += more;
+            let buf = pw.buf.get_or_insert_with(|| cx.buf_with_capacity(pw.req.length as usize));
             buf.extend_from_slice(&input[..n]);
-            if n == need {
+            pw.filled += n as u64;
+            if pw.missing() == 0 {
                 self.submit_write(cx);
             }
             return Some(n);
@@ -317,7 +328,9 @@ impl Conn {
         // A read's buffer is charged before the request is taken; refused, the header stays
         // buffered until memory returns.
         let charge = match action {
-            Action::Read { offset, len, df } if !self.reads_hole(&dev, &session, offset, len, df) => {
+            Action::Read { offset, len, df }
+                if !self.reads_hole(&dev, &session, offset, len, df) =>
+            {
                 if !self.charge(cx, u64::from(len)) {
                     return None;
                 }
@@ -369,11 +382,10 @@ impl Conn {
             }
             Action::Write { len, fua, .. } => {
                 self.bytes_inflight += u64::from(len);
-                self.payload = Some(PendingWrite { req, fua, buf: None, charged: false });
+                self.payload = Some(PendingWrite { req, fua, buf: None, filled: 0, charged: 0 });
                 if len == 0 {
                     let pw = self.payload.as_mut().expect("pending write");
                     pw.buf = Some(cx.buf_with_capacity(0));
-                    pw.charged = true;
                     self.submit_write(cx);
                 }
             }
@@ -433,6 +445,7 @@ impl Conn {
         };
         let buf = pw.buf.expect("write submitted while its payload is being received");
         assert_eq!(buf.len(), pw.req.length as usize);
+        assert_eq!(pw.charged, u64::from(pw.req.length), "a whole payload is charged");
         let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
         let dev = dev.clone();
         let tag = self.track(&pw.req, OpKind::Write, u64::from(pw.req.length));
@@ -503,7 +516,6 @@ impl Conn {
         self.flush_scratch();
     }
 
-
     fn on_io_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
         let Some(req) = self.reqs.try_remove(tag as usize) else {
             panic!("completion for unknown request tag {tag}");
@@ -545,7 +557,6 @@ impl Conn {
                 self.out.push_buf(cx, data);
                 // The data's memory stays charged until it is sent.
                 self.charged_out += req.charged;
-                return;
             }
             (_, owned, error) => {
                 if let Owned::Buf(buf) = owned {
@@ -583,6 +594,8 @@ impl Conn {
             if errno != libc::EPIPE && errno != libc::ECONNRESET {
                 tracing::debug!(peer = %self.peer, errno, "send failed");
             }
+            // Nothing more can be answered: stop reading too, so the connection ends.
+            self.close_read("send failed");
         }
         // Read data that left (or never will) gives its memory back.
         let sent = self.charged_out.saturating_sub(self.out.unsent());
@@ -595,12 +608,12 @@ impl Conn {
     /// Whether the client owes us progress: a write payload it is sending, or replies it
     /// must read before we can send more.
     fn owes_progress(&self) -> bool {
-        (self.payload.is_some() && !self.waiting_memory) || (self.out.inflight() && self.out.unsent() > 0)
+        (self.payload.is_some() && !self.waiting_memory)
+            || (self.out.inflight() && self.out.unsent() > 0)
     }
 
     fn needs_tick(&self) -> bool {
-        !self.read_closed
-            && (matches!(self.phase, Phase::Handshake(_)) || self.owes_progress())
+        !self.read_closed && (matches!(self.phase, Phase::Handshake(_)) || self.owes_progress())
     }
 
     fn on_tick(&mut self) {
@@ -634,22 +647,32 @@ impl Conn {
         {
             return;
         }
-        if self.saturated() {
+        if self.saturated() && self.payload.is_none() {
+            // Back-pressure stops new requests; a payload under way is still received.
             return;
         }
         let buffered = self.recv.buffered();
-        if let Some(pw) = self.payload.as_mut() {
-            let need = pw.missing();
-            if buffered == 0 && need >= DIRECT_RECV_MIN && pw.charged {
+        if let Some(pw) = self.payload.as_ref() {
+            if buffered == 0 && pw.missing() >= DIRECT_RECV_MIN && pw.buf.is_some() {
+                // Straight into the payload buffer, at most a window beyond what is charged.
+                let more = pw.charge_for(PAYLOAD_WINDOW.min(pw.missing() as u64));
+                if more > 0 && !self.charge(cx, more) {
+                    return;
+                }
+                let pw = self.payload.as_mut().expect("pending write");
+                pw.charged += more;
+                let max = (pw.charged - pw.filled) as usize;
                 let Some(buf) = pw.buf.take() else { return };
                 self.payload_recv_inflight = true;
-                cx.submit(Op::Recv { fd: self.fd.as_raw_fd(), buf, max: need }, TAG_RECV_PAYLOAD);
+                cx.submit(Op::Recv { fd: self.fd.as_raw_fd(), buf, max }, TAG_RECV_PAYLOAD);
                 return;
             }
         }
         let idle = self.reqs.is_empty() && self.payload.is_none();
         let fd = self.fd.as_raw_fd();
-        if self.recv.post(cx, fd, TAG_RECV, TAG_POLL, self.charged, idle) == Posted::WaitingForMemory {
+        if self.recv.post(cx, fd, TAG_RECV, TAG_POLL, self.charged, idle)
+            == Posted::WaitingForMemory
+        {
             self.waiting_memory = true;
         }
     }
@@ -664,6 +687,7 @@ impl Conn {
             self.read_closed = true;
             return;
         }
+        pw.filled += result as u64;
         self.progress.moved();
         if pw.missing() == 0 {
             self.submit_write(cx);

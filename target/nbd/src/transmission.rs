@@ -133,14 +133,13 @@ pub fn classify(r: &Request, s: &Session) -> Action {
 mod tests {
     use super::*;
 
-    const S: Session =
-        Session {
-            size_bytes: 1 << 20,
-            read_only: false,
-            structured: true,
-            meta_allocation: true,
-            max_payload: 32 << 20,
-        };
+    const S: Session = Session {
+        size_bytes: 1 << 20,
+        read_only: false,
+        structured: true,
+        meta_allocation: true,
+        max_payload: 32 << 20,
+    };
 
     fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
         Request { flags, kind, handle: 1, offset, length }

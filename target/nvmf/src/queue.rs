@@ -8,10 +8,11 @@
 //!   slot index is its R2T transfer tag and the tag of its device operations;
 //! - at most `QUEUE_ENTRIES_MAX` commands are in flight (the host may not exceed SQSIZE);
 //! - a fatal transport error queues one C2HTermReq, stops reading and closes once it is sent;
-//! - payload memory is charged to the core's budget before it is allocated, PDU by PDU,
-//!   before the PDU is taken: a read's buffer with its capsule, in-capsule data with its
-//!   capsule, an R2T transfer's buffer with its *first* H2CData PDU (an R2T itself costs
-//!   nothing, so a host that never sends the data holds no memory). Refused, the PDU stays
+//! - payload memory is charged to the core's budget before it is used, PDU by PDU, before
+//!   the PDU is taken: a read's buffer with its capsule, in-capsule data with its capsule, an
+//!   R2T transfer's data with each H2CData PDU that brings it (an R2T itself costs nothing,
+//!   so a host that never sends the data holds no memory; the transfer buffer is allocated at
+//!   the first H2CData and filled as PDUs arrive). Refused, the PDU stays
 //!   buffered and parsing waits for `on_buffers`. `charged` is exactly what the queue holds:
 //!   command charges (`Cmd::charged`) plus read data still in `out` (`charged_out`);
 //! - ICReq and Connect must arrive within the handshake deadline; a queue that owes progress
@@ -197,7 +198,7 @@ impl Queue {
     }
 
     /// Payload memory the PDU `p` needs before it is taken: a read's data, in-capsule write
-    /// data, or a whole R2T transfer on its first H2CData PDU. Commands that will be refused
+    /// data, or the data an H2CData PDU brings to its transfer. Commands that will be refused
     /// (too long, no such transfer) need none.
     fn pdu_needs(&self, ch: &CommonHeader, p: &[u8], data_len: usize) -> u64 {
         if self.phase != Phase::Ready || self.qid == 0 {
@@ -214,14 +215,14 @@ impl Queue {
                     _ => 0,
                 }
             }
-            kind::H2C_DATA => match pdu::decode_h2c_data(p) {
-                Some(h) => match self.cmds.get(usize::from(h.ttag)) {
-                    Some(c) if c.buf.is_none() && c.state == (CmdState::AwaitData { received: 0 }) => {
-                        u64::from(c.bytes)
-                    }
-                    _ => 0,
-                },
-                None => 0,
+            kind::H2C_DATA => match self
+                .cmds
+                .get(usize::from(pdu::decode_h2c_data(p).map_or(u16::MAX, |h| h.ttag)))
+            {
+                Some(c) if matches!(c.state, CmdState::AwaitData { .. }) => {
+                    data_len.min(c.bytes as usize) as u64
+                }
+                _ => 0,
             },
             _ => 0,
         }
@@ -718,10 +719,10 @@ impl Queue {
         if h.offset != received || received + h.len > cmd.bytes {
             return self.fatal(out_of_range, header);
         }
+        // This PDU's data was charged before it was taken.
+        cmd.charged += std::mem::take(&mut self.charged_for_pdu);
+        assert!(cmd.charged <= u64::from(cmd.bytes), "transfer charged beyond its length");
         if cmd.buf.is_none() {
-            // The first data of the transfer: its memory was charged for this PDU.
-            cmd.charged = std::mem::take(&mut self.charged_for_pdu);
-            assert_eq!(cmd.charged, u64::from(cmd.bytes), "transfer buffer charged whole");
             cmd.buf = Some(cx.buf_with_capacity(cmd.bytes as usize));
         }
         let Some(buf) = cmd.buf.as_mut() else { return };
@@ -906,8 +907,7 @@ impl Queue {
             return;
         }
         let now = Instant::now();
-        if self.phase != Phase::Ready && self.progress.handshake_expired(self.guard.limits(), now)
-        {
+        if self.phase != Phase::Ready && self.progress.handshake_expired(self.guard.limits(), now) {
             self.guard.handshake_timed_out();
             self.abort("ICReq and Connect not done within the handshake deadline");
             return;
@@ -953,6 +953,8 @@ impl Queue {
         }
         if let Err(errno) = self.out.on_complete(cx, result, owned) {
             tracing::debug!(peer = %self.peer, errno, "send failed");
+            // Nothing more can be answered: stop reading too, so the queue ends.
+            self.close_read();
         }
         // Read data that left (or never will) gives its memory back.
         let sent = self.charged_out.saturating_sub(self.out.unsent());

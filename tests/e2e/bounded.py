@@ -1,0 +1,419 @@
+#!/usr/bin/python3
+"""Hostile, stalled and crowded clients cannot exhaust the daemon (issue 8). Run with
+/usr/bin/python3 (libnbd's Python module belongs to it).
+
+Part 1, one daemon with a 128 MiB buffer budget, waves of raw-socket clients of our own, each
+wave kept open while the next arrives, while fio (libnbd engine) and libnbd clients keep doing
+verified I/O:
+  1. 1000 idle NBD and 1000 idle NVMe/TCP connections        -> RSS growth <= 16 MiB
+  2. 64 NBD clients stalled mid-way through a 32 MiB write
+  3. 64 NVMe/TCP hosts, 128 x 1 MiB writes each, H2CData never sent
+  4. NBD and NVMe/TCP clients that send reads and never read the replies
+                                                    -> RSS <= baseline + budget + 32 MiB
+  5. everybody leaves                                -> RSS <= baseline + 16 MiB
+Part 2, a daemon with short deadlines and a connection limit of 40: handshake deadline (both
+protocols), stall deadline (stalled writer, non-reader, unanswered R2T), refusal beyond the
+limit and recovery, all counted in `ballast stats --json`.
+"""
+import json
+import os
+import resource
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nbd  # noqa: E402
+
+import nvmeraw  # noqa: E402
+from ballast_testlib import Ballast, free_port, guarded  # noqa: E402
+
+MiB = 1 << 20
+BUDGET = 128 * MiB
+NBDMAGIC, IHAVEOPT, REQ_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x25609513
+OPT_GO, OPT_STRUCTURED_REPLY = 7, 8
+CMD_READ, CMD_WRITE = 0, 1
+NQN = "nqn.2026-11.dev.ballast:vol"
+
+
+def rss_mib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def stats(b):
+    p = b.ctl("stats", "--json")
+    if p.returncode != 0:
+        raise RuntimeError("ballast stats failed: " + p.stderr)
+    return json.loads(p.stdout)
+
+
+def charged(s):
+    return sum(c["buffer_charged"] for c in s["reactors"])
+
+
+def nvmf_port_of(b):
+    """The NVMe/TCP port the test library gave the daemon (it logs its command line)."""
+    with open(b.log) as f:
+        for line in f:
+            if "--nvmf-listen 127.0.0.1:" in line:
+                port = int(line.split("--nvmf-listen 127.0.0.1:")[1].split()[0])
+    return port
+
+
+def wait_for(cond, timeout, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+def recvn(s, n):
+    out = bytearray()
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed")
+        out += chunk
+    return bytes(out)
+
+
+def nbd_connect(port, export="vol", timeout=10.0, rcvbuf=None):
+    """A raw NBD client through OPT_GO (simple replies); returns the socket."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(timeout)
+    s.connect(("127.0.0.1", port))
+    recvn(s, 18)
+    s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+    name = export.encode()
+    s.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, 4 + len(name) + 2) +
+              struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+    while True:
+        _magic, _opt, typ, length = struct.unpack(">QIII", recvn(s, 20))
+        recvn(s, length)
+        if typ == 1:  # ACK
+            return s
+        if typ & (1 << 31):
+            raise AssertionError("OPT_GO refused: 0x%x" % typ)
+
+
+def nbd_req(kind, handle, offset, length):
+    return struct.pack(">IHHQQI", REQ_MAGIC, 0, kind, handle, offset, length)
+
+
+def closed_by_peer(s, within):
+    """True if the server closes `s` within `within` seconds."""
+    s.settimeout(within)
+    try:
+        while True:
+            if not s.recv(65536):
+                return True
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+# 4 MiB in 256 KiB requests (nbdcopy's and qemu's usual size), flushed, read back by another
+# connection.
+VERIFY_CLIENT = r'''
+import nbd, os, sys
+uri, base = sys.argv[1], int(sys.argv[2])
+h = nbd.NBD(); h.connect_uri(uri)
+data = os.urandom(4 << 20)
+for off in range(0, len(data), 256 << 10):
+    h.pwrite(data[off:off + (256 << 10)], base + off)
+h.flush()
+h2 = nbd.NBD(); h2.connect_uri(uri)
+back = b"".join(h2.pread(256 << 10, base + off) for off in range(0, len(data), 256 << 10))
+if back != data:
+    sys.exit("read back differs")
+h.shutdown(); h2.shutdown()
+'''
+
+
+def real_client_works(r, b, what):
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(["/usr/bin/python3", "-c", VERIFY_CLIENT, b.uri("vol"), str(900 * MiB)],
+                           capture_output=True, text=True, timeout=60)
+        ok, detail = p.returncode == 0, p.stderr.strip()[-300:]
+    except subprocess.TimeoutExpired:
+        ok, detail = False, "timed out"
+    r.check("%s: a libnbd client writes, flushes and reads back 4 MiB [%.2fs]"
+            % (what, time.monotonic() - t0), ok, detail)
+    p = subprocess.run(["nbdinfo", "--size", b.uri("vol")], capture_output=True, text=True,
+                       timeout=30)
+    r.check("%s: nbdinfo answers" % what, p.returncode == 0 and p.stdout.strip() == str(1 << 30),
+            (p.stdout + p.stderr).strip())
+    # nbdcopy (its defaults: 64 requests of 256 KiB in flight) in and out of a 32 MiB export
+    src, back = os.path.join(b.tmp, "src.img"), os.path.join(b.tmp, "back.img")
+    if not os.path.exists(src):
+        with open(src, "wb") as f:
+            f.write(os.urandom(32 * MiB))
+    t0 = time.monotonic()
+    try:
+        ok = (subprocess.run(["nbdcopy", src, b.uri("small")], capture_output=True,
+                             timeout=120).returncode == 0
+              and subprocess.run(["nbdcopy", b.uri("small"), back], capture_output=True,
+                                 timeout=120).returncode == 0
+              and open(src, "rb").read() == open(back, "rb").read())
+    except subprocess.TimeoutExpired:
+        ok = False
+    r.check("%s: nbdcopy copies 32 MiB in and out, identical [%.2fs]"
+            % (what, time.monotonic() - t0), ok)
+
+
+def part1(r):
+    with Ballast(["--export", "vol=file:{data}/vol.img:1G", "--export",
+                  "small=file:{data}/small.img:32M", "--buffer-memory", "128M",
+                  "--handshake-timeout", "300", "--stall-timeout", "300",
+                  "--max-connections", "4096", "--cores", "2"]) as b:
+        nvmf_port = nvmf_port_of(b)
+        pid = b.proc.pid
+        real_client_works(r, b, "unloaded")
+        s0 = stats(b)
+        lim = s0["limits"]
+        r.check("stats --json shows every limit",
+                lim.get("buffer_memory") == BUDGET and lim.get("max_connections") == 4096
+                and lim.get("handshake_timeout") == 300000 and lim.get("stall_timeout") == 300000
+                and all(c["buffer_budget"] == BUDGET // 2 for c in s0["reactors"]), json.dumps(lim))
+        human = b.ctl("stats").stdout
+        r.check("ballast stats prints the limits and connection counters",
+                "max connections 4096" in human and "refused" in human, human[-400:])
+        time.sleep(1.5)
+        base = rss_mib(pid)
+        print("baseline RSS %.1f MiB" % base)
+
+        # fio keeps working through every wave (libnbd engine, 4k random read/write).
+        fio_out = os.path.join(b.tmp, "fio.json")
+        fio = subprocess.Popen(
+            ["fio", "--name=real", "--ioengine=nbd", "--uri=" + b.uri("vol"), "--rw=randrw",
+             "--bs=4k", "--iodepth=8", "--size=256M", "--time_based", "--runtime=600",
+             "--output-format=json", "--output=" + fio_out],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        all_socks = []
+        peak = [0.0]
+
+        def sample():
+            v = rss_mib(pid)
+            peak[0] = max(peak[0], v)
+            return v
+
+        # ---- wave 1: idle connections
+        for _ in range(1000):
+            s = socket.create_connection(("127.0.0.1", b.port))
+            all_socks.append(s)
+            t = socket.create_connection(("127.0.0.1", nvmf_port))
+            all_socks.append(t)
+        r.check("wave 1: 2000 idle connections are all open",
+                wait_for(lambda: stats(b)["connections"]["open"] >= 2000, 30),
+                json.dumps(stats(b)["connections"]))
+        time.sleep(1)
+        grow = sample() - base
+        r.check("wave 1: RSS growth for 2000 idle connections <= 16 MiB (%.1f MiB)" % grow,
+                grow <= 16, "")
+        real_client_works(r, b, "wave 1")
+
+        # ---- wave 2: NBD writers stalled mid-way through a 32 MiB write
+        stalled = []
+        for i in range(64):
+            s = nbd_connect(b.port)
+            s.sendall(nbd_req(CMD_WRITE, i, i * 32 * MiB % (1 << 30), 32 * MiB))
+            s.setblocking(False)
+            payload = b"\xab" * MiB
+            try:
+                s.send(payload)  # as much as the socket takes, then nothing more
+            except BlockingIOError:
+                pass
+            stalled.append(s)
+        all_socks += stalled
+        time.sleep(2)
+        rss = sample()
+        st = stats(b)
+        r.check("wave 2: 64 stalled 32 MiB writers: RSS <= baseline + budget + 32 MiB "
+                "(%.1f MiB over baseline, %.1f MiB charged)" % (rss - base, charged(st) / MiB),
+                rss - base <= BUDGET / MiB + 32)
+        r.check("wave 2: buffer memory charged stays within the budget",
+                all(c["buffer_charged"] <= c["buffer_budget"] and c["buffer_peak"] <= c["buffer_budget"]
+                    for c in st["reactors"]), json.dumps([c["buffer_charged"] for c in st["reactors"]]))
+        real_client_works(r, b, "wave 2")
+
+        # ---- wave 3: NVMe/TCP hosts with full queues of 1 MiB writes, H2CData never sent
+        hosts = []
+        for i in range(64):
+            admin, io = nvmeraw.io_queue(nvmf_port, NQN)
+            burst = b"".join(io.write_cmd(slba=(i * 128 + k) * 256, nbytes=MiB) for k in range(128))
+            io.s.sendall(burst)
+            hosts.append((admin, io))
+        r2ts = 0
+        for _, io in hosts[:4]:
+            for _ in range(128):
+                typ, _p = io.pdu()
+                r2ts += typ == nvmeraw.R2T
+        r.check("wave 3: the hosts get their R2Ts (4 x 128)", r2ts == 512, "got %d" % r2ts)
+        time.sleep(2)
+        rss = sample()
+        r.check("wave 3: + 64 NVMe/TCP hosts x 128 unanswered 1 MiB R2Ts: RSS <= baseline + "
+                "budget + 32 MiB (%.1f MiB over baseline)" % (rss - base),
+                rss - base <= BUDGET / MiB + 32)
+        all_socks += [h.s for pair in hosts for h in pair]
+        real_client_works(r, b, "wave 3")
+
+        # ---- wave 4: clients that never read their replies
+        readers = []
+        for i in range(32):
+            s = nbd_connect(b.port, rcvbuf=4096)
+            s.setblocking(False)
+            try:
+                s.send(b"".join(nbd_req(CMD_READ, k, (k % 256) * MiB, MiB) for k in range(64)))
+            except BlockingIOError:
+                pass
+            readers.append(s)
+        for i in range(16):
+            admin, io = nvmeraw.io_queue(nvmf_port, NQN, rcvbuf=4096)
+            io.s.sendall(b"".join(io.read_cmd(slba=k * 32, nbytes=128 * 1024) for k in range(127)))
+            readers += [admin.s, io.s]
+        all_socks += readers
+        time.sleep(3)
+        rss = sample()
+        st = stats(b)
+        r.check("wave 4: + 48 clients that never read: RSS <= baseline + budget + 32 MiB "
+                "(%.1f MiB over baseline, %.1f MiB charged, peak %.1f MiB)"
+                % (rss - base, charged(st) / MiB, max(c["buffer_peak"] for c in st["reactors"]) / MiB),
+                rss - base <= BUDGET / MiB + 32)
+        real_client_works(r, b, "wave 4")
+        r.check("fio is still running through all waves", fio.poll() is None,
+                fio.stderr.read().decode()[-300:] if fio.poll() is not None else "")
+        fio.send_signal(2)  # SIGINT: fio stops and writes its results
+        fio.wait(60)
+        try:
+            with open(fio_out) as f:
+                text = f.read()
+            job = json.loads(text[text.index("{"):])["jobs"][0]  # after "terminating" notes
+            ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+            r.check("fio did real I/O without errors during the waves (%d I/Os)" % ios,
+                    ios > 1000 and job["error"] == 0, "error=%s" % job["error"])
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            r.bad("fio left a JSON result", str(e))
+        print("peak RSS %.1f MiB over baseline" % (peak[0] - base))
+
+        # ---- everybody leaves
+        for s in all_socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+        r.check("all hostile connections are gone",
+                wait_for(lambda: stats(b)["connections"]["open"] == 0, 60),
+                json.dumps(stats(b)["connections"]))
+        r.check("all buffer memory is released", wait_for(lambda: charged(stats(b)) == 0, 10),
+                "charged %d" % charged(stats(b)))
+        ok = wait_for(lambda: rss_mib(pid) - base <= 16, 15, step=0.5)
+        r.check("after they leave RSS is back near its baseline: %.1f MiB over (<= 16)"
+                % (rss_mib(pid) - base), ok)
+        real_client_works(r, b, "after")
+        r.check("no panics", not b.panics(), "\n".join(b.panics()[:5]))
+
+
+def part2(r):
+    with Ballast(["--export", "vol=file:{data}/vol.img:1G", "--handshake-timeout", "1",
+                  "--stall-timeout", "2", "--max-connections", "40", "--cores", "2"]) as b:
+        nvmf_port = nvmf_port_of(b)
+
+        # handshake deadline
+        t0 = time.monotonic()
+        silent_nbd = socket.create_connection(("127.0.0.1", b.port))
+        silent_nvme = socket.create_connection(("127.0.0.1", nvmf_port))
+        half = socket.create_connection(("127.0.0.1", b.port))
+        half.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, OPT_GO, 100) + b"x" * 10)
+        r.check("a silent NBD client is dropped at the 1 s handshake deadline",
+                closed_by_peer(silent_nbd, 4))
+        r.check("a silent NVMe/TCP host (no ICReq) is dropped at the deadline",
+                closed_by_peer(silent_nvme, 4))
+        r.check("an NBD client stuck mid-option is dropped at the deadline", closed_by_peer(half, 4))
+        r.check("... within 1-4 s (%.1fs)" % (time.monotonic() - t0), time.monotonic() - t0 < 5)
+        good = nbd_connect(b.port)
+        admin, io = nvmeraw.io_queue(nvmf_port, NQN)
+        r.check("connections that finished their handshakes are not dropped after it",
+                not closed_by_peer(good, 2.5))
+        admin.s.settimeout(0.5)
+        try:
+            admin.s.recv(1)
+            r.bad("a connected NVMe/TCP admin queue is not dropped", "closed")
+        except socket.timeout:
+            r.ok("a connected NVMe/TCP admin queue is not dropped")
+        s = stats(b)["connections"]
+        r.check("stats count 3 handshake timeouts", s["handshake_timeouts"] == 3, json.dumps(s))
+
+        # stall deadline
+        t0 = time.monotonic()
+        writer = nbd_connect(b.port)
+        writer.sendall(nbd_req(CMD_WRITE, 1, 0, 4 * MiB) + b"\0" * (256 * 1024))
+        nonreader = nbd_connect(b.port, rcvbuf=4096)
+        nonreader.sendall(b"".join(nbd_req(CMD_READ, k, 0, MiB) for k in range(32)))
+        io.s.sendall(io.write_cmd(0, MiB))
+        typ, _ = io.pdu()
+        r.check("the NVMe/TCP host gets an R2T", typ == nvmeraw.R2T)
+        r.check("a writer stalled mid-payload is dropped at the 2 s stall deadline",
+                closed_by_peer(writer, 6))
+        r.check("a client that never reads its replies is dropped", closed_by_peer(nonreader, 6))
+        r.check("an I/O queue that never answers its R2T is dropped", closed_by_peer(io.s, 6))
+        r.check("... within 2-6 s (%.1fs)" % (time.monotonic() - t0), time.monotonic() - t0 < 8)
+        s = stats(b)["connections"]
+        r.check("stats count 3 connections dropped for stalling", s["stalled_dropped"] == 3,
+                json.dumps(s))
+        good.sendall(nbd_req(CMD_READ, 7, 0, 4096))
+        good.settimeout(5)
+        hdr = recvn(good, 16)
+        r.check("a well-behaved idle client survives and still gets replies",
+                struct.unpack(">IIQ", hdr)[1:] == (0, 7) and len(recvn(good, 4096)) == 4096)
+        good.close()
+        admin.close()
+
+        # connection limit
+        r.check("connections from part 2 are gone",
+                wait_for(lambda: stats(b)["connections"]["open"] == 0, 10),
+                json.dumps(stats(b)["connections"]))
+        held = [nbd_connect(b.port) for _ in range(40)]
+        extra = [socket.create_connection(("127.0.0.1", p)) for p in (b.port, nvmf_port) * 5]
+        r.check("beyond --max-connections 40 new connections are closed at once",
+                all(closed_by_peer(s, 3) for s in extra))
+        s = stats(b)["connections"]
+        r.check("stats: 40 open, 10 refused", s["open"] == 40 and s["refused"] == 10, json.dumps(s))
+        with open(b.log) as f:
+            logged = sum("connection limit reached" in line for line in f)
+        r.check("refusals are logged at most once a second (%d lines for 10)" % logged,
+                1 <= logged <= 4)
+        for s_ in held[:5]:
+            s_.close()
+        wait_for(lambda: stats(b)["connections"]["open"] <= 35, 10)
+        h = nbd.NBD()
+        h.connect_uri(b.uri("vol"))
+        r.check("after some leave, a real client connects again", h.get_size() == 1 << 30)
+        h.shutdown()
+        for s_ in held[5:] + extra:
+            s_.close()
+        r.check("no panics", not b.panics(), "\n".join(b.panics()[:5]))
+
+
+def main(r):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    for what, part in (("part 1 (waves)", part1), ("part 2 (deadlines, limit)", part2)):
+        print("==== %s" % what, flush=True)
+        part(r)
+
+
+if __name__ == "__main__":
+    guarded(main)

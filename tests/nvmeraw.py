@@ -1,0 +1,146 @@
+"""A minimal raw-socket NVMe/TCP host for tests that must misbehave on purpose: ICReq, Fabrics
+Connect (admin and I/O queues), Property Set CC.EN, and I/O commands whose data the host then
+never sends (R2T unanswered) or whose responses it never reads.
+
+Wire layout from the NVMe/TCP transport spec (PDU common header, ICReq, CapsuleCmd with a
+64-byte SQE, CapsuleResp with a 16-byte CQE, R2T) and the Fabrics spec (Connect command and
+its 1024-byte data). Blocking sockets with timeouts; nothing here is clever."""
+import socket
+import struct
+
+ICREQ, ICRESP, H2C_TERM, C2H_TERM, CAPSULE_CMD, CAPSULE_RESP, H2C_DATA, C2H_DATA, R2T = \
+    0, 1, 2, 3, 4, 5, 6, 7, 9
+FABRICS = 0x7F
+FCTYPE_PROPERTY_SET, FCTYPE_CONNECT = 0x00, 0x01
+OP_WRITE, OP_READ = 0x01, 0x02
+SGL_INCAPSULE, SGL_TRANSPORT = 0x01, 0x5A
+HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000b0b0"
+
+
+def icreq():
+    body = struct.pack("<HBBI", 0, 0, 0, 0).ljust(120, b"\0")
+    return struct.pack("<BBBBI", ICREQ, 0, 128, 0, 128) + body
+
+
+def capsule(sqe, data=b""):
+    assert len(sqe) == 64
+    pdo = 72 if data else 0
+    return struct.pack("<BBBBI", CAPSULE_CMD, 0, 72, pdo, 72 + len(data)) + sqe + data
+
+
+def sqe(opcode, cid, nsid=0, sgl_len=0, sgl_type=SGL_TRANSPORT, cdw=(0, 0, 0, 0, 0, 0),
+        fctype=0):
+    b = bytearray(64)
+    b[0] = opcode
+    b[1] = 0x40  # PSDT: SGL
+    struct.pack_into("<H", b, 2, cid)
+    if opcode == FABRICS:
+        b[4] = fctype
+    else:
+        struct.pack_into("<I", b, 4, nsid)
+    struct.pack_into("<QI", b, 24, 0, sgl_len)
+    b[39] = sgl_type
+    struct.pack_into("<6I", b, 40, *cdw)
+    return bytes(b)
+
+
+def connect_data(subnqn, hostnqn=HOSTNQN, cntlid=0xFFFF, hostid=b"\x11" * 16):
+    b = bytearray(1024)
+    b[:16] = hostid
+    struct.pack_into("<H", b, 16, cntlid)
+    b[256:256 + len(subnqn)] = subnqn.encode()
+    b[512:512 + len(hostnqn)] = hostnqn.encode()
+    return bytes(b)
+
+
+class Host:
+    """One NVMe/TCP connection (a queue pair)."""
+
+    def __init__(self, port, timeout=10.0, rcvbuf=None):
+        self.s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            self.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.s.settimeout(timeout)
+        self.s.connect(("127.0.0.1", port))
+        self.cid = 0
+
+    def close(self):
+        try:
+            self.s.close()
+        except OSError:
+            pass
+
+    def recvn(self, n):
+        out = bytearray()
+        while len(out) < n:
+            chunk = self.s.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("connection closed")
+            out += chunk
+        return bytes(out)
+
+    def pdu(self):
+        """(type, header+body bytes)."""
+        ch = self.recvn(8)
+        typ, _flags, _hlen, _pdo, plen = struct.unpack("<BBBBI", ch)
+        return typ, ch + self.recvn(plen - 8)
+
+    def response(self):
+        typ, p = self.pdu()
+        if typ != CAPSULE_RESP:
+            raise AssertionError("expected CapsuleResp, got PDU type %d" % typ)
+        dw0, _dw1, _sqhd, _sqid, cid, sf = struct.unpack("<IIHHHH", p[8:24])
+        return cid, (sf >> 1) & 0x7FF, dw0
+
+    def handshake(self):
+        self.s.sendall(icreq())
+        typ, _ = self.pdu()
+        if typ != ICRESP:
+            raise AssertionError("expected ICResp, got %d" % typ)
+
+    def next_cid(self):
+        self.cid = (self.cid + 1) & 0xFFFF
+        return self.cid
+
+    def connect(self, subnqn, qid=0, sqsize=127, cntlid=0xFFFF, kato_ms=0):
+        cid = self.next_cid()
+        cmd = sqe(FABRICS, cid, sgl_len=1024, sgl_type=SGL_INCAPSULE,
+                  cdw=(qid << 16, sqsize, kato_ms, 0, 0, 0), fctype=FCTYPE_CONNECT)
+        self.s.sendall(capsule(cmd, connect_data(subnqn, cntlid=cntlid)))
+        _, status, dw0 = self.response()
+        if status != 0:
+            raise AssertionError("connect (qid %d) failed: status 0x%x" % (qid, status))
+        return dw0 & 0xFFFF
+
+    def enable(self):
+        """Property Set CC = EN | IOSQES 6 | IOCQES 4."""
+        cid = self.next_cid()
+        cc = 1 | (6 << 16) | (4 << 20)
+        cmd = sqe(FABRICS, cid, cdw=(0, 0x14, cc, 0, 0, 0), fctype=FCTYPE_PROPERTY_SET)
+        cmd = cmd[:40] + bytes([1]) + cmd[41:]  # ATTRIB: 8-byte property
+        self.s.sendall(capsule(cmd))
+        _, status, _ = self.response()
+        if status != 0:
+            raise AssertionError("property set CC failed: 0x%x" % status)
+
+    def write_cmd(self, slba, nbytes, lba=4096):
+        cid = self.next_cid()
+        return capsule(sqe(OP_WRITE, cid, nsid=1, sgl_len=nbytes,
+                           cdw=(slba & 0xFFFFFFFF, slba >> 32, nbytes // lba - 1, 0, 0, 0)))
+
+    def read_cmd(self, slba, nbytes, lba=4096):
+        cid = self.next_cid()
+        return capsule(sqe(OP_READ, cid, nsid=1, sgl_len=nbytes,
+                           cdw=(slba & 0xFFFFFFFF, slba >> 32, nbytes // lba - 1, 0, 0, 0)))
+
+
+def io_queue(port, subnqn, timeout=10.0, rcvbuf=None, hostnqn_suffix=""):
+    """An admin queue (enabled) and one I/O queue of 128 entries on a new controller."""
+    admin = Host(port, timeout)
+    admin.handshake()
+    cntlid = admin.connect(subnqn, qid=0, sqsize=31)
+    admin.enable()
+    io = Host(port, timeout, rcvbuf=rcvbuf)
+    io.handshake()
+    io.connect(subnqn, qid=1, sqsize=127, cntlid=cntlid)
+    return admin, io

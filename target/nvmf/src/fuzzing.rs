@@ -214,7 +214,7 @@ fn decode_capsule<'a>(p: &'a [u8], opts: u8, sqe: &[u8; SQE_LEN], data: &[u8]) -
 /// and connect data: decode, then the registry lookups Connect does.
 pub fn connect_case(input: &[u8], meter: &mut impl Meter) {
     let mut input = input.to_vec();
-    if input.len() >= 1 + SQE_LEN {
+    if input.len() > SQE_LEN {
         input[1] = FABRICS_OPCODE;
         input[1 + 4] = fctype::CONNECT;
     }

@@ -4,10 +4,12 @@
 //! - [`pdu`] and [`nvme`]: NVMe/TCP PDUs and NVMe structures ⇄ bytes (pure, golden-tested);
 //! - [`admin`] and [`identify`]: the admin command set and the data it returns (pure);
 //! - [`subsys`]: subsystems, namespaces, allowed hosts, the controller registry;
-//! - [`queue`]: the task on an engine core that owns one queue pair's socket.
+//! - [`queue`]: the task on an engine core that owns one queue pair's socket;
+//! - [`fuzzing`]: the decoders' properties under arbitrary bytes (fuzz targets and proptests).
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod fuzzing;
 pub mod identify;
 pub mod nvme;
 pub mod pdu;

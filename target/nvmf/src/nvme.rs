@@ -229,6 +229,14 @@ pub fn get_str(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
+/// Reads a NUL-terminated NQN field from a host. NQNs are UTF-8: one that is not decodes to
+/// the empty string, which names no subsystem and no allowed host. (A lossy decoding would
+/// let different bytes alias one name and could grow the field threefold.)
+pub fn get_nqn(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    std::str::from_utf8(&b[..end]).map(str::to_owned).unwrap_or_default()
+}
+
 /// Connect command data (Fabrics §3.3.1): host id, controller id, NQNs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectData {
@@ -247,8 +255,8 @@ pub fn decode_connect_data(b: &[u8]) -> Option<ConnectData> {
     Some(ConnectData {
         hostid,
         cntlid: le16(b, 16),
-        subnqn: get_str(&b[256..512]),
-        hostnqn: get_str(&b[512..768]),
+        subnqn: get_nqn(&b[256..512]),
+        hostnqn: get_nqn(&b[512..768]),
     })
 }
 
@@ -313,5 +321,28 @@ mod tests {
         };
         assert_eq!(decode_connect_data(&encode_connect_data(&d)), Some(d));
         assert_eq!(decode_connect_data(&[0u8; 100]), None);
+    }
+
+    /// Found by the `connect` fuzz target: NQN fields of invalid UTF-8 were decoded lossily,
+    /// 256 bytes of 0x80 growing to a 1 KiB string each (2 KiB for a 1 KiB capsule), and two
+    /// different byte strings could decode to the same name.
+    #[test]
+    fn connect_data_with_invalid_utf8_nqns() {
+        let mut b = encode_connect_data(&ConnectData {
+            hostid: [1; 16],
+            cntlid: 1,
+            subnqn: "nqn.a".into(),
+            hostnqn: "nqn.h".into(),
+        });
+        b[256..512].fill(0x80);
+        b[512 + 4] = 0xff;
+        let d = decode_connect_data(&b).unwrap();
+        assert_eq!((d.subnqn.as_str(), d.hostnqn.as_str()), ("", ""));
+        assert_eq!(d.subnqn.capacity(), 0);
+        // Valid UTF-8 beyond ASCII stays as it is, and takes no more than its bytes.
+        b[256..256 + 7].copy_from_slice("nqn.é\0".as_bytes());
+        let d = decode_connect_data(&b).unwrap();
+        assert_eq!(d.subnqn, "nqn.é");
+        assert!(d.subnqn.capacity() <= 256);
     }
 }

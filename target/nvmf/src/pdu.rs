@@ -288,6 +288,30 @@ pub fn decode_h2c_data(pdu: &[u8]) -> Option<H2cData> {
     Some(H2cData { cid: le16(b, 8), ttag: le16(b, 10), offset: le32(b, 12), len: le32(b, 16) })
 }
 
+/// Checks one H2CData PDU against its write transfer: the header's DATAL must equal the
+/// `data_len` the framing carries and be at most `max_len`, and the data must continue the
+/// transfer exactly where the `received` bytes so far end, without passing its `transfer`
+/// bytes. Returns the bytes received once this PDU's data is taken.
+pub fn check_h2c_data(
+    h: &H2cData,
+    data_len: usize,
+    received: u32,
+    transfer: u32,
+    max_len: u32,
+) -> Result<u32, Fatal> {
+    if h.len as usize != data_len || h.len > max_len {
+        return Err(Fatal { fes: fes::DATA_LIMIT_EXCEEDED, field: 16, why: "H2CData length" });
+    }
+    match received.checked_add(h.len) {
+        Some(end) if h.offset == received && end <= transfer => Ok(end),
+        _ => Err(Fatal {
+            fes: fes::DATA_OUT_OF_RANGE,
+            field: 12,
+            why: "H2CData outside the transfer",
+        }),
+    }
+}
+
 /// Encodes an H2CData header (for our initiator and tests).
 pub fn encode_h2c_data_header(
     out: &mut Vec<u8>,

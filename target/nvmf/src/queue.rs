@@ -694,11 +694,6 @@ impl Queue {
         last: bool,
         header: &[u8],
     ) {
-        let out_of_range = Fatal {
-            fes: pdu::fes::DATA_OUT_OF_RANGE,
-            field: 12,
-            why: "H2CData outside the transfer",
-        };
         let Some(cmd) = self.cmds.get_mut(usize::from(h.ttag)) else {
             return self.fatal(Fatal::field(10, "H2CData with an unknown transfer tag"), header);
         };
@@ -710,15 +705,10 @@ impl Queue {
             return self
                 .fatal(Fatal::field(8, "H2CData command id does not match its tag"), header);
         }
-        if h.len as usize != data.len() || h.len > MAXH2CDATA {
-            return self.fatal(
-                Fatal { fes: pdu::fes::DATA_LIMIT_EXCEEDED, field: 16, why: "H2CData length" },
-                header,
-            );
-        }
-        if h.offset != received || received + h.len > cmd.bytes {
-            return self.fatal(out_of_range, header);
-        }
+        let received = match pdu::check_h2c_data(h, data.len(), received, cmd.bytes, MAXH2CDATA) {
+            Ok(received) => received,
+            Err(f) => return self.fatal(f, header),
+        };
         // This PDU's data was charged before it was taken.
         cmd.charged += std::mem::take(&mut self.charged_for_pdu);
         assert!(cmd.charged <= u64::from(cmd.bytes), "transfer charged beyond its length");
@@ -731,7 +721,6 @@ impl Queue {
             // The data is damaged: take the rest of the transfer, then fail the command.
             cmd.status = status::TRANSIENT_TRANSPORT_ERROR;
         }
-        let received = received + h.len;
         if received < cmd.bytes {
             cmd.state = CmdState::AwaitData { received };
             return;

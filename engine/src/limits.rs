@@ -156,6 +156,14 @@ impl Progress {
         self.last = Instant::now();
     }
 
+    /// How long until the handshake deadline (a connection still in its handshake sleeps this
+    /// long rather than ticking: an idle crowd costs one wake-up each, not one a second).
+    pub fn handshake_left(&self, limits: &ConnLimits, now: Instant) -> Duration {
+        (self.started + limits.handshake_timeout)
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(10))
+    }
+
     /// Whether a handshake begun at `started` is past `limits`' deadline at `now`.
     pub fn handshake_expired(&self, limits: &ConnLimits, now: Instant) -> bool {
         now.duration_since(self.started) >= limits.handshake_timeout
@@ -203,6 +211,11 @@ mod tests {
         let t0 = p.started;
         assert!(!p.handshake_expired(&limits, t0 + Duration::from_secs(9)));
         assert!(p.handshake_expired(&limits, t0 + Duration::from_secs(10)));
+        assert_eq!(p.handshake_left(&limits, t0 + Duration::from_secs(4)), Duration::from_secs(6));
+        assert_eq!(
+            p.handshake_left(&limits, t0 + Duration::from_secs(11)),
+            Duration::from_millis(10)
+        );
         assert!(!p.stalled(&limits, t0 + Duration::from_secs(29)));
         assert!(p.stalled(&limits, t0 + Duration::from_secs(31)));
         p.moved();

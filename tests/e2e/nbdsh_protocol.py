@@ -274,14 +274,16 @@ def commands(r, b, name, backing=None):
     r.check("%s: straddling pwrite did not modify the tail" % name,
             h.pread(4096, size - 4096) == tail)
     r.check("%s: connection usable after out-of-range errors" % name, h.pread(100003, 3 * MiB + 777)[:5] == odd[:5])
-    # over the advertised 32 MiB maximum but within the accepted 64 MiB
-    try:
-        blob = os.urandom(48 * MiB)
-        h.pwrite(blob, 0)
-        r.check("%s: 48 MiB request (> advertised max, <= 64 MiB) accepted" % name,
-                h.pread(48 * MiB, 0) == blob)
-    except nbd.Error as e:
-        r.bad("%s: 48 MiB request (> advertised max, <= 64 MiB) accepted" % name, e)
+    # over the advertised 32 MiB maximum: refused with EINVAL after its payload is read (the
+    # buffer budget grants one request at most the advertised maximum), connection usable
+    expect_nbd_error(r, "%s: 48 MiB pwrite (> advertised max) -> EINVAL" % name,
+                     lambda: h.pwrite(os.urandom(48 * MiB), 0), errno.EINVAL)
+    expect_nbd_error(r, "%s: 48 MiB pread (> advertised max) -> EINVAL" % name,
+                     lambda: h.pread(48 * MiB, 0), errno.EINVAL)
+    blob = os.urandom(32 * MiB)
+    h.pwrite(blob, 0)
+    r.check("%s: 32 MiB (the advertised max) write and read, after the refusals" % name,
+            h.pread(32 * MiB, 0) == blob)
     h.shutdown()
 
     # structured replies off: simple replies only

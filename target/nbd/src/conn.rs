@@ -133,6 +133,9 @@ pub struct Conn {
     payload_recv_inflight: bool,
     /// Bytes of a rejected write's payload still to discard.
     skip: u64,
+    /// The error reply of a rejected write, sent once its payload is discarded: a reply that
+    /// overtook the payload would reach a client still sending it (libnbd cannot match it).
+    skip_reply: Option<(u64, u32)>,
     /// No more input will be read (EOF, error, NBD_CMD_DISC, shutdown, protocol error).
     read_closed: bool,
     done: bool,
@@ -163,6 +166,7 @@ impl Conn {
             payload: None,
             payload_recv_inflight: false,
             skip: 0,
+            skip_reply: None,
             read_closed: false,
             done: false,
             requests_total: 0,
@@ -294,6 +298,11 @@ impl Conn {
         if self.skip > 0 {
             let n = (self.skip.min(input.len() as u64)) as usize;
             self.skip -= n as u64;
+            if self.skip == 0 {
+                if let Some((handle, error)) = self.skip_reply.take() {
+                    self.reply_simple(handle, error);
+                }
+            }
             return Some(n);
         }
         if let Some(pw) = &self.payload {
@@ -413,7 +422,9 @@ impl Conn {
             Action::Reject { error, discard, why } => {
                 tracing::debug!(peer = %self.peer, why, kind = req.kind, offset = req.offset, len = req.length, "request rejected");
                 self.skip = u64::from(discard);
-                if req.kind == codec::CMD_READ && session.structured {
+                if discard > 0 {
+                    self.skip_reply = Some((req.handle, error));
+                } else if req.kind == codec::CMD_READ && session.structured {
                     codec::encode_error_chunk(self.scratch_reset(), req.handle, error, why);
                     self.flush_scratch();
                 } else {
@@ -637,7 +648,13 @@ impl Conn {
         self.out.start(cx, self.fd.as_raw_fd(), TAG_SEND);
         if !self.tick_inflight && self.needs_tick() {
             self.tick_inflight = true;
-            cx.timer(TAG_TICK, self.guard.limits().tick());
+            let limits = self.guard.limits();
+            let after = if matches!(self.phase, Phase::Handshake(_)) {
+                self.progress.handshake_left(limits, Instant::now())
+            } else {
+                limits.tick()
+            };
+            cx.timer(TAG_TICK, after);
         }
         if self.read_closed
             || self.out.broken()

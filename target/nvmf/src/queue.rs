@@ -543,6 +543,12 @@ impl Queue {
         let cntlid = ctrl.cntlid;
         self.ctrl = Some(ctrl);
         self.respond(sqe.cid, u32::from(cntlid), 0, status::SUCCESS);
+        if self.tick_inflight && !self.cancel_inflight {
+            // The handshake-deadline timer may be seconds away: cut it short, so the
+            // keep-alive ticks start now (the cancelled timer's completion re-arms).
+            self.cancel_inflight = true;
+            cx.cancel(TAG_TICK, TAG_CANCEL);
+        }
         self.arm_tick(cx);
     }
 
@@ -871,8 +877,15 @@ impl Queue {
             return;
         }
         self.tick_inflight = true;
-        let every = if self.qid == 0 { ADMIN_TICK } else { IO_TICK };
-        cx.timer(TAG_TICK, every.min(self.guard.limits().tick()));
+        let after = if self.phase != Phase::Ready {
+            // Before Connect: one wake-up, at the handshake deadline.
+            self.progress.handshake_left(self.guard.limits(), Instant::now())
+        } else if self.qid == 0 {
+            ADMIN_TICK.min(self.guard.limits().tick())
+        } else {
+            IO_TICK.min(self.guard.limits().tick())
+        };
+        cx.timer(TAG_TICK, after);
     }
 
     /// Whether the host owes us progress: H2CData for an R2T we sent, or reading responses

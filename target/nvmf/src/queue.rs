@@ -12,7 +12,8 @@
 //!   the PDU is taken: a read's buffer with its capsule, in-capsule data with its capsule, an
 //!   R2T transfer's data with each H2CData PDU that brings it (an R2T itself costs nothing,
 //!   so a host that never sends the data holds no memory; the transfer buffer is allocated at
-//!   the first H2CData and filled as PDUs arrive). Refused, the PDU stays
+//!   the first H2CData and filled as PDUs arrive; while the budget could not take its first
+//!   H2CData PDU, a write capsule waits and no R2T goes out). Refused, the PDU stays
 //!   buffered and parsing waits for `on_buffers`. `charged` is exactly what the queue holds:
 //!   command charges (`Cmd::charged`) plus read data still in `out` (`charged_out`);
 //! - ICReq and Connect must arrive within the handshake deadline; a queue that owes progress
@@ -206,11 +207,21 @@ impl Queue {
         }
         match ch.kind {
             kind::CAPSULE_CMD if p.len() >= 8 + nvme::SQE_LEN => {
-                let mut raw = [0u8; nvme::SQE_LEN];
-                raw.copy_from_slice(&p[8..8 + nvme::SQE_LEN]);
-                let sqe = Sqe::decode(&raw);
-                match sqe.opcode {
-                    io::READ if sqe.sgl_len <= MAX_TRANSFER_BYTES => u64::from(sqe.sgl_len),
+                // Only the opcode and the data pointer matter here (SQE bytes 0, 32..36, 39).
+                let sqe = &p[8..8 + nvme::SQE_LEN];
+                let sgl_len = u32::from_le_bytes([sqe[32], sqe[33], sqe[34], sqe[35]]);
+                let sgl_type = sqe[39];
+                match sqe[0] {
+                    io::READ if sgl_len <= MAX_TRANSFER_BYTES => u64::from(sgl_len),
+                    // An R2T is sent only while its first H2CData PDU could be taken: this
+                    // charge is a probe, released once the capsule is handled.
+                    io::WRITE
+                        if data_len == 0
+                            && sgl_type == nvme::SGL_TRANSPORT_DATA_BLOCK
+                            && sgl_len <= MAX_TRANSFER_BYTES =>
+                    {
+                        u64::from(sgl_len.min(MAXH2CDATA))
+                    }
                     io::WRITE if data_len <= IN_CAPSULE_BYTES as usize => data_len as u64,
                     _ => 0,
                 }

@@ -10,9 +10,10 @@
 //!   refused growth waits (the task is woken by `Task::on_buffers`) only when the parser
 //!   cannot go on without it.
 //! - Grows (doubling) when a receive filled all the room it was given (more is likely
-//!   waiting) or the parser needs a longer contiguous unit than fits; shrinks back to
-//!   `RECV_MIN` when the connection is idle, the buffer empty, and the last `SHRINK_AFTER`
-//!   receives each used under a quarter of it.
+//!   waiting) or the parser needs a longer contiguous unit than fits; halves (down to
+//!   `RECV_MIN`) when it is empty and the last `SHRINK_AFTER` receives each used under a
+//!   quarter of it. So it settles where receives fill between a quarter and all of it: no
+//!   copy-and-grow churn under a steady stream, no oversized buffer once the stream thins.
 //!
 //! Invariants: at most one receive or poll in flight; `charged == capacity - RECV_MIN` of the
 //! buffer this owns (0 without one); buffered bytes are never lost by a resize.
@@ -26,9 +27,8 @@ use crate::reactor::Cx;
 /// Every receiving connection's buffer to begin with (a 4 KiB write with its NBD header, an
 /// NVMe capsule with 8 KiB of in-capsule data fit).
 pub const RECV_MIN: usize = 16 * 1024;
-/// Receives in a row using under a quarter of the buffer before an idle connection's buffer
-/// shrinks back to `RECV_MIN`.
-const SHRINK_AFTER: u32 = 8;
+/// Receives in a row using under a quarter of the buffer before it halves.
+const SHRINK_AFTER: u32 = 16;
 
 /// What `post` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,9 +107,7 @@ impl RecvBuf {
     }
 
     /// Starts a receive (or, while silent, a readiness poll), growing or shrinking the buffer
-    /// first. `held` is what the connection holds besides this buffer; `idle` says it has no
-    /// request in progress (the moment to shrink).
-    #[allow(clippy::too_many_arguments)]
+    /// first. `held` is what the connection holds besides this buffer.
     pub fn post(
         &mut self,
         cx: &mut Cx<'_>,
@@ -117,7 +115,6 @@ impl RecvBuf {
         recv_tag: u32,
         poll_tag: u32,
         held: u64,
-        idle: bool,
     ) -> Posted {
         if self.inflight() {
             return Posted::Yes;
@@ -132,11 +129,13 @@ impl RecvBuf {
             None => cx.buf_with_capacity(RECV_MIN),
         };
         let cap = buf.capacity();
-        if idle && buf.is_empty() && cap > RECV_MIN && self.small_streak >= SHRINK_AFTER {
+        if buf.is_empty() && cap > RECV_MIN && self.small_streak >= SHRINK_AFTER {
+            let smaller = (cap / 2).max(RECV_MIN);
             cx.recycle(buf);
-            buf = cx.buf_with_capacity(RECV_MIN);
-            cx.release(self.charged);
-            self.charged = 0;
+            buf = cx.buf_with_capacity(smaller);
+            let keep = (smaller - RECV_MIN) as u64;
+            cx.release(self.charged - keep);
+            self.charged = keep;
             self.small_streak = 0;
         }
         let full = buf.len() == buf.capacity();

@@ -30,6 +30,11 @@ done
 if have busybox && ! file -L "$(command -v busybox)" 2>/dev/null | grep -q 'statically linked'; then
   need+=(busybox-static)
 fi
+# Installing qemu-system-x86 replaces a newer qemu-utils (from backports) with the release's:
+# ask for qemu-utils in the same step, so qemu-img and qemu-nbd never vanish from the machine.
+if [[ " ${need[*]} " == *" qemu-system-x86 "* ]]; then
+  need+=(qemu-utils)
+fi
 if ((${#need[@]})); then
   echo "ballast-vm: installing ${need[*]}"
   timeout 300 apt-get update -qq

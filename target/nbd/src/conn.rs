@@ -685,11 +685,8 @@ impl Conn {
                 return;
             }
         }
-        let idle = self.reqs.is_empty() && self.payload.is_none();
         let fd = self.fd.as_raw_fd();
-        if self.recv.post(cx, fd, TAG_RECV, TAG_POLL, self.charged, idle)
-            == Posted::WaitingForMemory
-        {
+        if self.recv.post(cx, fd, TAG_RECV, TAG_POLL, self.charged) == Posted::WaitingForMemory {
             self.waiting_memory = true;
         }
     }

@@ -982,10 +982,9 @@ impl Queue {
         if self.read_closed || self.out.broken() || self.saturated() || self.waiting_memory {
             return;
         }
-        let idle = self.cmds.is_empty();
         let fd = self.fd.as_raw_fd();
         let held = self.charged;
-        if self.recv.post(cx, fd, TAG_RECV, TAG_POLL, held, idle) == Posted::WaitingForMemory {
+        if self.recv.post(cx, fd, TAG_RECV, TAG_POLL, held) == Posted::WaitingForMemory {
             self.waiting_memory = true;
         }
     }

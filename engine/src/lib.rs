@@ -14,6 +14,7 @@ pub mod blockdev;
 pub mod file;
 pub mod limits;
 pub mod listener;
+pub mod poll;
 pub mod pool;
 pub mod ram;
 pub mod reactor;

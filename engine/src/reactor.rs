@@ -8,8 +8,10 @@
 //!   completion always finds the task that submitted it;
 //! - other threads reach a core only through its bounded mailbox, followed by an eventfd write
 //!   that wakes the core if it sleeps in the ring;
-//! - the core spins (non-blocking submit/reap) while work arrived within the last `poll_us`,
-//!   and otherwise sleeps in `io_uring_enter`, so an idle engine uses no CPU;
+//! - the core spins (non-blocking submit/reap) while the polling policy ([`PollPolicy`]) says
+//!   the next work is near — judged by how often work has been arriving — and never longer
+//!   than `poll_us` after the last work; otherwise it sleeps in `io_uring_enter`, so an idle
+//!   engine uses no CPU;
 //! - payload memory is charged to this core's budget ([`BufPool`]) before it is allocated; a
 //!   task refused a charge is woken through [`Task::on_buffers`] once memory is released;
 //! - a core going idle after connections left gives cached buffers and free heap memory back
@@ -25,6 +27,7 @@ use ballast_ffi::{Completion, IoBuf, Op, Owned, Ring, RingError};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use slab::Slab;
 
+use crate::poll::PollPolicy;
 use crate::pool::BufPool;
 use crate::stats::{CoreStats, StatsSnapshot};
 
@@ -39,8 +42,6 @@ const SLEEP_MAX: Duration = Duration::from_millis(500);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle spinning reads the clock once per this many turns.
 const SPIN_CLOCK_EVERY: u32 = 32;
-/// Spin only while busy turns average at least this many events (in sixteenths: 2.0).
-const SPIN_LOAD_MIN_X16: u32 = 32;
 /// An idle core returns memory to the system at most this often.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 
@@ -108,7 +109,8 @@ impl CoreHandle {
 pub struct EngineConfig {
     /// CPUs to run data cores on, one reactor each.
     pub cpus: Vec<usize>,
-    /// Keep spinning this long after the last work before sleeping in the ring.
+    /// Spin at most this long after the last work before sleeping in the ring (the policy
+    /// decides within it; 0: never spin).
     pub poll_us: u64,
     pub ring_entries: u32,
     pub mailbox_depth: usize,
@@ -337,8 +339,8 @@ struct Core {
     spawns: Vec<Box<dyn Task>>,
     /// The eventfd fired (or a drain stopped at its batch limit): read the mailbox.
     mail_pending: bool,
-    /// Events per busy turn, a moving average in sixteenths (see `note_load`).
-    load_x16: u32,
+    /// Whether idle turns spin or sleep.
+    policy: PollPolicy,
     /// Tasks that received events this iteration, to `flush` at its end (each once).
     dirty: Vec<usize>,
     /// Tasks to wake because memory they were refused may now be had.
@@ -348,7 +350,6 @@ struct Core {
     last_trim: Instant,
     stats: CoreStats,
     pool: BufPool,
-    poll: Duration,
     shutdown_at: Option<Instant>,
 }
 
@@ -375,10 +376,9 @@ impl Core {
             removed_since_trim: 0,
             last_trim: Instant::now(),
             mail_pending: true,
-            load_x16: 0,
+            policy: PollPolicy::new(Duration::from_micros(cfg.poll_us)),
             pool: BufPool::new(cfg.buffer_budget),
             stats: CoreStats::new(id),
-            poll: Duration::from_micros(cfg.poll_us),
             shutdown_at: None,
         }
     }
@@ -386,8 +386,8 @@ impl Core {
     fn run(mut self) {
         self.arm_eventfd(IoBuf::with_capacity(8));
         let mut completions = Vec::with_capacity(256);
-        // Start of the current idle stretch, read lazily so busy turns never touch the clock.
-        let mut idle_since: Option<Instant> = None;
+        // The clock is read when the core changes between busy and idle, and every
+        // `SPIN_CLOCK_EVERY` idle turns while it spins; never on busy turns inside a burst.
         let mut idle_turns: u32 = 0;
         loop {
             let mut work = self.ring.reap(&mut completions);
@@ -408,15 +408,18 @@ impl Core {
             }
             let result = if work > 0 || !self.ready.is_empty() {
                 self.stats.loops_busy += u64::from(work > 0);
-                self.note_load(work);
-                idle_since = None;
+                if !self.policy.busy() {
+                    self.policy.burst_started(Instant::now());
+                }
+                self.policy.note_events(work);
                 idle_turns = 0;
                 self.enter_if_needed()
-            } else if self.keep_spinning(&mut idle_since, &mut idle_turns) {
+            } else if self.keep_spinning(&mut idle_turns) {
+                self.stats.spins += 1;
                 self.enter_if_needed()
             } else {
                 self.stats.sleeps += 1;
-                idle_since = None;
+                idle_turns = 0;
                 self.trim_if_idle();
                 self.ring.submit_and_wait(Some(SLEEP_MAX))
             };
@@ -436,24 +439,24 @@ impl Core {
         Ok(())
     }
 
-    /// Tracks how much work busy turns find (an average in sixteenths).
-    fn note_load(&mut self, work: usize) {
-        let sample = (work.min(64) as u32) << 4;
-        self.load_x16 = self.load_x16 - (self.load_x16 >> 3) + (sample >> 3);
-    }
-
-    /// Whether an idle turn should spin rather than sleep: only under concurrent load (busy
-    /// turns find several events each, so the next one is near) and within `poll` of the last
-    /// work. A lone request-response stream (queue depth 1) sleeps at once: spinning there
-    /// would buy a few microseconds of latency with a whole core. The clock is read once every
-    /// `SPIN_CLOCK_EVERY` turns.
-    fn keep_spinning(&self, idle_since: &mut Option<Instant>, idle_turns: &mut u32) -> bool {
-        if self.poll.is_zero() || self.load_x16 < SPIN_LOAD_MIN_X16 {
+    /// Whether an idle turn should spin rather than sleep ([`PollPolicy`]). The first idle
+    /// turn after a burst reads the clock (the burst's end); spinning then looks at the clock
+    /// once every `SPIN_CLOCK_EVERY` turns.
+    fn keep_spinning(&mut self, idle_turns: &mut u32) -> bool {
+        if self.policy.busy() {
+            let now = Instant::now();
+            self.policy.burst_ended(now);
+            *idle_turns = 1;
+            return self.policy.spin(now);
+        }
+        if *idle_turns == 0 {
+            // Woken with nothing to do (a timeout): no burst to wait after.
             return false;
         }
-        let since = *idle_since.get_or_insert_with(Instant::now);
         *idle_turns += 1;
-        !idle_turns.is_multiple_of(SPIN_CLOCK_EVERY) || since.elapsed() < self.poll
+        // Between clock reads the decision of the last read stands (it said spin, or the
+        // core would be asleep).
+        !idle_turns.is_multiple_of(SPIN_CLOCK_EVERY) || self.policy.spin(Instant::now())
     }
 
     /// Before sleeping: if connections went away (or the cache grew) since the last trim,

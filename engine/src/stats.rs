@@ -30,6 +30,8 @@ pub struct CoreStats {
     pub connections_open: u64,
     pub connections_total: u64,
     pub loops_busy: u64,
+    /// Idle turns that spun (the polling policy expected work soon).
+    pub spins: u64,
     pub sleeps: u64,
 }
 
@@ -45,6 +47,7 @@ impl CoreStats {
             connections_open: 0,
             connections_total: 0,
             loops_busy: 0,
+            spins: 0,
             sleeps: 0,
         }
     }
@@ -83,6 +86,7 @@ impl CoreStats {
             connections_open: self.connections_open,
             connections_total: self.connections_total,
             loops_busy: self.loops_busy,
+            spins: self.spins,
             sleeps: self.sleeps,
             tasks: 0,
             buffers: Default::default(),
@@ -110,6 +114,7 @@ pub struct StatsSnapshot {
     pub connections_open: u64,
     pub connections_total: u64,
     pub loops_busy: u64,
+    pub spins: u64,
     pub sleeps: u64,
     /// Tasks (connections, listeners, volume I/O) alive on the core.
     pub tasks: u64,

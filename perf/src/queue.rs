@@ -133,7 +133,6 @@ pub struct Queue {
     ic: Option<IcResp>,
     qid: u16,
     cntlid: u16,
-    sqflow_disabled: bool,
     in_capsule_max: u32,
     lba_size: u32,
     slots: Vec<Slot>,
@@ -194,7 +193,6 @@ impl Queue {
             ic: None,
             qid,
             cntlid: CNTLID_DYNAMIC,
-            sqflow_disabled: opts.disable_sqflow,
             in_capsule_max: if qid == 0 { ADMIN_IN_CAPSULE_BYTES } else { 0 },
             lba_size: 4096,
             slots: (0..entries).map(|_| Slot::default()).collect(),
@@ -449,8 +447,10 @@ impl Queue {
         let (cid, st, dw0) =
             nvme::decode_cqe(cqe).ok_or_else(|| Error::Protocol("short CQE".into()))?;
         let (dw1, sqhd, sqid) = (le32(cqe, 4), le16(cqe, 8), le16(cqe, 10));
-        // Before Connect completes the controller does not know the queue yet (SQID 0).
-        if sqid != self.qid && self.connected {
+        // Before Connect completes the controller does not know the queue yet (SQID 0), and
+        // some controllers (SPDK's target) send SQID 0 in every CQE: over a fabric the queue
+        // pair is the connection, so only another queue's id is an error.
+        if sqid != self.qid && sqid != 0 && self.connected {
             return Err(Error::Protocol(format!("CQE for SQ {sqid} on queue {}", self.qid)));
         }
         let slot = busy_slot(&mut self.slots, cid, "CapsuleResp")?;
@@ -515,9 +515,9 @@ impl Queue {
         if flags & pdu::FLAG_LAST_PDU == 0 {
             return Err(Error::Protocol("C2HData SUCCESS without LAST_PDU".into()));
         }
-        if !self.sqflow_disabled {
-            return Err(Error::Protocol("C2HData SUCCESS while SQ flow control is on".into()));
-        }
+        // The SUCCESS flag is only *allowed* to the controller once SQ flow control is off,
+        // but the Linux and SPDK hosts accept it either way (SPDK's target sends it with flow
+        // control on): take it, the command is done; there is just no SQ head to learn.
         if slot.done != slot.len {
             return Err(Error::Protocol(format!(
                 "C2HData SUCCESS after {} of {} bytes",
@@ -668,6 +668,56 @@ mod tests {
         let c = q.poll().unwrap();
         assert_eq!((c.cid, c.status, c.sqhd, c.bytes), (w, 0, Some(3), 8192));
         assert_eq!(q.in_flight(), 0);
+    }
+
+    /// What real targets send that the letter of the spec frowns on: SQID 0 in every CQE and
+    /// the C2HData SUCCESS flag while SQ flow control is on (SPDK's target does both).
+    #[test]
+    fn sqid_zero_and_success_with_flow_control_on() {
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 13) as u8).collect();
+        let expect = data.clone();
+        let addr = fake(move |s| {
+            let read = read_n(s, pdu::CMD_HLEN);
+            let write = read_n(s, pdu::CMD_HLEN + 4096);
+            let (rcid, wcid) = (
+                u16::from_le_bytes([read[10], read[11]]),
+                u16::from_le_bytes([write[10], write[11]]),
+            );
+            let mut out = Vec::new();
+            pdu::encode_c2h_data_header(&mut out, rcid, 0, 4096, true, true, false, false);
+            out.extend_from_slice(&expect);
+            pdu::encode_capsule_resp(&mut out, &nvme::encode_cqe(0, 0, 2, 0, wcid, 0), false);
+            s.write_all(&out).unwrap();
+        });
+        let flow_on = QueueOptions { disable_sqflow: false, ..opts() };
+        let mut q = Queue::connect(addr, "nqn.x", HOSTNQN, 1, 7, &flow_on).unwrap();
+        let r = q.submit_read(1, 0, 4096).unwrap();
+        let w = q
+            .submit(&Command {
+                sqe: q.rw_sqe(io::WRITE, 1, 0, 4096).unwrap(),
+                data: Data::InCapsule(&data),
+            })
+            .unwrap();
+        let c = q.poll().unwrap();
+        assert_eq!((c.cid, c.status, c.sqhd), (r, 0, None), "SUCCESS with flow control on");
+        assert!(q.data(r) == &data[..]);
+        let c = q.poll().unwrap();
+        assert_eq!((c.cid, c.status, c.sqhd), (w, 0, Some(2)), "a CQE carrying SQID 0");
+    }
+
+    /// A CQE naming another queue is still refused.
+    #[test]
+    fn cqe_for_another_queue_is_refused() {
+        let addr = fake(move |s| {
+            let read = read_n(s, pdu::CMD_HLEN);
+            let rcid = u16::from_le_bytes([read[10], read[11]]);
+            let mut out = Vec::new();
+            pdu::encode_capsule_resp(&mut out, &nvme::encode_cqe(0, 0, 2, 5, rcid, 0), false);
+            s.write_all(&out).unwrap();
+        });
+        let mut q = Queue::connect(addr, "nqn.x", HOSTNQN, 1, 7, &opts()).unwrap();
+        q.submit_read(1, 0, 4096).unwrap();
+        assert!(matches!(q.poll(), Err(Error::Protocol(m)) if m.contains("SQ 5")));
     }
 
     proptest::proptest! {

@@ -64,10 +64,12 @@ pub struct ServeArgs {
     /// Export served for the empty name (default: the first).
     #[arg(long)]
     default_export: Option<String>,
-    /// Keep polling this many microseconds after the last work before sleeping in the ring.
-    /// 0 (default) spins only while there is work: the lowest CPU per I/O. 10-50 trades CPU
-    /// for latency at low queue depth (QD1 p50 12.5 -> 10.2 us on loopback).
-    #[arg(long, default_value_t = 0)]
+    /// The longest a core keeps polling after its last work before it sleeps in the ring.
+    /// Within it the core spins only while requests have been arriving often enough that
+    /// sleeping and waking would cost more than waiting (about two inter-arrival gaps: a
+    /// queue-depth-1 stream is served without wake-ups); an idle core sleeps within this
+    /// bound, so an idle daemon uses no CPU. 0: never spin (the lowest CPU per I/O).
+    #[arg(long, default_value_t = 1000)]
     poll_us: u64,
     /// Payload memory all cores together may hold: write data being received, read data
     /// waiting to be sent, grown receive buffers. Split evenly over the cores; a core out of

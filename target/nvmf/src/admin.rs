@@ -38,7 +38,11 @@ const CSTS_RDY: u32 = 1;
 const CSTS_SHST_COMPLETE: u32 = 0x2 << 2;
 
 /// Feature identifiers.
+const FEAT_ARBITRATION: u8 = 0x01;
+const FEAT_POWER_MGMT: u8 = 0x02;
 const FEAT_TEMPERATURE: u8 = 0x04;
+const FEAT_ERROR_RECOVERY: u8 = 0x05;
+const FEAT_WRITE_ATOMICITY: u8 = 0x0a;
 const FEAT_VWC: u8 = 0x06;
 const FEAT_NUM_QUEUES: u8 = 0x07;
 const FEAT_IRQ_COALESCE: u8 = 0x08;
@@ -62,6 +66,13 @@ pub struct AdminState {
     pub csts: u32,
     pub async_event_config: u32,
     pub temperature_threshold: u32,
+    /// Arbitration (feature 0x01): burst and weights; kept, not used (one queue per core
+    /// drains in arrival order).
+    pub arbitration: u32,
+    /// Error Recovery (0x05): the time-limited error recovery value; kept (no retries here).
+    pub error_recovery: u32,
+    /// Write Atomicity Normal (0x0a): DN bit; kept (AWUN is 0 anyway).
+    pub write_atomicity: u32,
     /// CIDs of held Asynchronous Event Requests.
     pub aers: Vec<u16>,
 }
@@ -74,6 +85,9 @@ impl AdminState {
             csts: 0,
             async_event_config: 0,
             temperature_threshold: 0x157,
+            arbitration: 0,
+            error_recovery: 0,
+            write_atomicity: 0,
             aers: Vec::new(),
         }
     }
@@ -238,6 +252,27 @@ impl AdminState {
                 self.temperature_threshold = sqe.cdw11 & 0xffff;
                 Reply::default()
             }
+            FEAT_ARBITRATION if !self.discovery() => {
+                self.arbitration = sqe.cdw11;
+                Reply::default()
+            }
+            // One power state (NPSS 0), no workload hint: only PS 0 can be set.
+            FEAT_POWER_MGMT if !self.discovery() => match sqe.cdw11 & 0x1f {
+                0 => Reply::default(),
+                _ => Reply::status(status::INVALID_FIELD),
+            },
+            FEAT_ERROR_RECOVERY if !self.discovery() => {
+                // DULBE (bit 16) needs deallocated-block errors we do not report: refused.
+                if sqe.cdw11 & (1 << 16) != 0 {
+                    return Reply::status(status::INVALID_FIELD);
+                }
+                self.error_recovery = sqe.cdw11 & 0xffff;
+                Reply::default()
+            }
+            FEAT_WRITE_ATOMICITY if !self.discovery() => {
+                self.write_atomicity = sqe.cdw11 & 1;
+                Reply::default()
+            }
             _ => Reply::status(status::INVALID_FIELD),
         }
     }
@@ -254,6 +289,10 @@ impl AdminState {
             FEAT_VWC if !self.discovery() => 1,
             FEAT_TEMPERATURE => self.temperature_threshold,
             FEAT_IRQ_COALESCE if !self.discovery() => 0,
+            FEAT_ARBITRATION if !self.discovery() => self.arbitration,
+            FEAT_POWER_MGMT if !self.discovery() => 0,
+            FEAT_ERROR_RECOVERY if !self.discovery() => self.error_recovery,
+            FEAT_WRITE_ATOMICITY if !self.discovery() => self.write_atomicity,
             _ => return Reply::status(status::INVALID_FIELD),
         };
         Reply { dw0, ..Reply::default() }
@@ -329,5 +368,32 @@ mod tests {
         assert_eq!(a.ctrl.kato_ms.load(Ordering::Relaxed), 15000);
         let r = a.execute(&t, &cmd(admin::SET_FEATURES, 0, [0x99, 0, 0, 0, 0, 0]));
         assert_eq!(r.status, status::INVALID_FIELD);
+    }
+
+    /// The mandatory features SPDK's identify asks for: Arbitration, Power Management, Error
+    /// Recovery, Write Atomicity Normal — get answers, set keeps what is valid.
+    #[test]
+    fn mandatory_features() {
+        let (t, mut a) = setup();
+        a.property_set(prop::CC, 1);
+        let get = |a: &mut AdminState, fid: u8| {
+            let r = a.execute(&t, &cmd(admin::GET_FEATURES, 0, [fid as u32, 0, 0, 0, 0, 0]));
+            (r.status, r.dw0)
+        };
+        for fid in [FEAT_ARBITRATION, FEAT_POWER_MGMT, FEAT_ERROR_RECOVERY, FEAT_WRITE_ATOMICITY] {
+            assert_eq!(get(&mut a, fid), (status::SUCCESS, 0), "feature {fid:#x}");
+        }
+        let set = |a: &mut AdminState, fid: u8, v: u32| {
+            a.execute(&t, &cmd(admin::SET_FEATURES, 0, [fid as u32, v, 0, 0, 0, 0])).status
+        };
+        assert_eq!(set(&mut a, FEAT_ARBITRATION, 0x0302_0103), status::SUCCESS);
+        assert_eq!(get(&mut a, FEAT_ARBITRATION), (status::SUCCESS, 0x0302_0103));
+        assert_eq!(set(&mut a, FEAT_ERROR_RECOVERY, 30), status::SUCCESS);
+        assert_eq!(get(&mut a, FEAT_ERROR_RECOVERY), (status::SUCCESS, 30));
+        assert_eq!(set(&mut a, FEAT_ERROR_RECOVERY, 1 << 16), status::INVALID_FIELD);
+        assert_eq!(set(&mut a, FEAT_WRITE_ATOMICITY, 1), status::SUCCESS);
+        assert_eq!(get(&mut a, FEAT_WRITE_ATOMICITY), (status::SUCCESS, 1));
+        assert_eq!(set(&mut a, FEAT_POWER_MGMT, 0), status::SUCCESS);
+        assert_eq!(set(&mut a, FEAT_POWER_MGMT, 1), status::INVALID_FIELD, "one power state");
     }
 }

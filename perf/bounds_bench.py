@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,6 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "tests", "e2e"))
 from volume_bench import Daemon, fio, nvme_perf  # noqa: E402
 from nbd_bench import log  # noqa: E402
-import nvmeraw  # noqa: E402
 import bounded  # noqa: E402
 
 MiB = 1 << 20
@@ -81,37 +79,12 @@ def cost(args, scratch):
 
 def hostile_waves(port, nvmf_port):
     """Opens the waves of tests/e2e/bounded.py; returns every socket (keep them open)."""
-    socks = []
-    for _ in range(1000):
-        socks.append(socket.create_connection(("127.0.0.1", port)))
-        socks.append(socket.create_connection(("127.0.0.1", nvmf_port)))
-    for i in range(64):
-        s = bounded.nbd_connect(port, export="mem")
-        s.sendall(bounded.nbd_req(bounded.CMD_WRITE, i, i * 8 * MiB, 32 * MiB))
-        s.setblocking(False)
-        try:
-            s.send(b"\xab" * MiB)
-        except BlockingIOError:
-            pass
-        socks.append(s)
     nqn = "nqn.2026-11.dev.ballast:mem"
-    for i in range(64):
-        admin, io = nvmeraw.io_queue(nvmf_port, nqn)
-        io.s.sendall(b"".join(io.write_cmd(slba=(i * 128 + k) * 16, nbytes=MiB) for k in range(128)))
-        socks += [admin.s, io.s]
-    for i in range(32):
-        s = bounded.nbd_connect(port, export="mem", rcvbuf=4096)
-        s.setblocking(False)
-        try:
-            s.send(b"".join(bounded.nbd_req(bounded.CMD_READ, k, (k % 256) * MiB, MiB)
-                            for k in range(64)))
-        except BlockingIOError:
-            pass
-        socks.append(s)
-    for i in range(16):
-        admin, io = nvmeraw.io_queue(nvmf_port, nqn, rcvbuf=4096)
-        io.s.sendall(b"".join(io.read_cmd(slba=k * 32, nbytes=128 * 1024) for k in range(127)))
-        socks += [admin.s, io.s]
+    socks = bounded.idle_crowd(port, nvmf_port, 1000)
+    socks += bounded.stalled_writers(port, "mem", 64)
+    socks += [h.s for pair in bounded.unanswered_r2ts(nvmf_port, nqn, 64)
+              for h in pair]
+    socks += bounded.non_readers(port, nvmf_port, "mem", nqn, 32, 16)
     return socks
 
 

@@ -12,6 +12,7 @@
 
 pub mod blockdev;
 pub mod file;
+pub mod holder;
 pub mod limits;
 pub mod listener;
 pub mod poll;

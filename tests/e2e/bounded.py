@@ -126,6 +126,62 @@ def closed_by_peer(s, within):
 
 # 4 MiB in 256 KiB requests (nbdcopy's and qemu's usual size), flushed, read back by another
 # connection.
+# ---- the hostile waves (also opened by perf/bounds_bench.py); each returns its sockets,
+# which must stay open for the wave to last.
+
+def idle_crowd(port, nvmf_port, n):
+    """n connections per protocol that never say a word."""
+    return [socket.create_connection(("127.0.0.1", p)) for _ in range(n) for p in (port, nvmf_port)]
+
+
+def stalled_writers(port, export, n, region=1 << 30):
+    """n NBD clients that announce a 32 MiB write, send what the socket takes of its first
+    MiB, and stall."""
+    socks = []
+    for i in range(n):
+        s = nbd_connect(port, export=export)
+        s.sendall(nbd_req(CMD_WRITE, i, i * 32 * MiB % region, 32 * MiB))
+        s.setblocking(False)
+        try:
+            s.send(b"\xab" * MiB)
+        except BlockingIOError:
+            pass
+        socks.append(s)
+    return socks
+
+
+def unanswered_r2ts(nvmf_port, nqn, n, export_mib=1024):
+    """n NVMe/TCP hosts (admin + one I/O queue each) that submit 128 writes of 1 MiB (within the
+    first `export_mib` MiB of a 4 KiB-LBA namespace) and never send the data the R2Ts ask for;
+    returns [(admin, io)]."""
+    hosts = []
+    for i in range(n):
+        admin, io = nvmeraw.io_queue(nvmf_port, nqn)
+        io.s.sendall(b"".join(io.write_cmd(slba=((i * 128 + k) % export_mib) * 256, nbytes=MiB)
+                              for k in range(128)))
+        hosts.append((admin, io))
+    return hosts
+
+
+def non_readers(port, nvmf_port, export, nqn, n_nbd, n_nvme):
+    """Clients with tiny receive buffers that ask for reads and never read the replies: n_nbd
+    NBD clients with 64 x 1 MiB reads, n_nvme NVMe/TCP hosts with 127 x 128 KiB reads."""
+    socks = []
+    for _ in range(n_nbd):
+        s = nbd_connect(port, export=export, rcvbuf=4096)
+        s.setblocking(False)
+        try:
+            s.send(b"".join(nbd_req(CMD_READ, k, (k % 256) * MiB, MiB) for k in range(64)))
+        except BlockingIOError:
+            pass
+        socks.append(s)
+    for _ in range(n_nvme):
+        admin, io = nvmeraw.io_queue(nvmf_port, nqn, rcvbuf=4096)
+        io.s.sendall(b"".join(io.read_cmd(slba=k * 32, nbytes=128 * 1024) for k in range(127)))
+        socks += [admin.s, io.s]
+    return socks
+
+
 VERIFY_CLIENT = r'''
 import nbd, os, sys
 uri, base = sys.argv[1], int(sys.argv[2])
@@ -211,11 +267,7 @@ def part1(r):
             return v
 
         # ---- wave 1: idle connections
-        for _ in range(1000):
-            s = socket.create_connection(("127.0.0.1", b.port))
-            all_socks.append(s)
-            t = socket.create_connection(("127.0.0.1", nvmf_port))
-            all_socks.append(t)
+        all_socks += idle_crowd(b.port, nvmf_port, 1000)
         r.check("wave 1: 2000 idle connections are all open",
                 wait_for(lambda: stats(b)["connections"]["open"] >= 2000, 30),
                 json.dumps(stats(b)["connections"]))
@@ -226,18 +278,7 @@ def part1(r):
         real_client_works(r, b, "wave 1")
 
         # ---- wave 2: NBD writers stalled mid-way through a 32 MiB write
-        stalled = []
-        for i in range(64):
-            s = nbd_connect(b.port)
-            s.sendall(nbd_req(CMD_WRITE, i, i * 32 * MiB % (1 << 30), 32 * MiB))
-            s.setblocking(False)
-            payload = b"\xab" * MiB
-            try:
-                s.send(payload)  # as much as the socket takes, then nothing more
-            except BlockingIOError:
-                pass
-            stalled.append(s)
-        all_socks += stalled
+        all_socks += stalled_writers(b.port, "vol", 64)
         time.sleep(2)
         rss = sample()
         st = stats(b)
@@ -250,18 +291,14 @@ def part1(r):
         real_client_works(r, b, "wave 2")
 
         # ---- wave 3: NVMe/TCP hosts with full queues of 1 MiB writes, H2CData never sent
-        hosts = []
-        for i in range(64):
-            admin, io = nvmeraw.io_queue(nvmf_port, NQN)
-            burst = b"".join(io.write_cmd(slba=(i * 128 + k) * 256, nbytes=MiB) for k in range(128))
-            io.s.sendall(burst)
-            hosts.append((admin, io))
+        hosts = unanswered_r2ts(nvmf_port, NQN, 64)
         r2ts = 0
-        for _, io in hosts[:4]:
+        for _, io in hosts:
             for _ in range(128):
                 typ, _p = io.pdu()
                 r2ts += typ == nvmeraw.R2T
-        r.check("wave 3: the hosts get their R2Ts (4 x 128)", r2ts == 512, "got %d" % r2ts)
+        r.check("wave 3: every host gets its 128 R2Ts (64 x 128)", r2ts == 64 * 128,
+                "got %d" % r2ts)
         time.sleep(2)
         rss = sample()
         r.check("wave 3: + 64 NVMe/TCP hosts x 128 unanswered 1 MiB R2Ts: RSS <= baseline + "
@@ -271,20 +308,7 @@ def part1(r):
         real_client_works(r, b, "wave 3")
 
         # ---- wave 4: clients that never read their replies
-        readers = []
-        for i in range(32):
-            s = nbd_connect(b.port, rcvbuf=4096)
-            s.setblocking(False)
-            try:
-                s.send(b"".join(nbd_req(CMD_READ, k, (k % 256) * MiB, MiB) for k in range(64)))
-            except BlockingIOError:
-                pass
-            readers.append(s)
-        for i in range(16):
-            admin, io = nvmeraw.io_queue(nvmf_port, NQN, rcvbuf=4096)
-            io.s.sendall(b"".join(io.read_cmd(slba=k * 32, nbytes=128 * 1024) for k in range(127)))
-            readers += [admin.s, io.s]
-        all_socks += readers
+        all_socks += non_readers(b.port, nvmf_port, "vol", NQN, 32, 16)
         time.sleep(3)
         rss = sample()
         st = stats(b)
@@ -365,11 +389,12 @@ def part2(r):
         io.s.sendall(io.write_cmd(0, MiB))
         typ, _ = io.pdu()
         r.check("the NVMe/TCP host gets an R2T", typ == nvmeraw.R2T)
+        # (generous windows: a loaded CI machine may be slow to run the 2 s deadline's ticks)
         r.check("a writer stalled mid-payload is dropped at the 2 s stall deadline",
-                closed_by_peer(writer, 6))
-        r.check("a client that never reads its replies is dropped", closed_by_peer(nonreader, 6))
-        r.check("an I/O queue that never answers its R2T is dropped", closed_by_peer(io.s, 6))
-        r.check("... within 2-6 s (%.1fs)" % (time.monotonic() - t0), time.monotonic() - t0 < 8)
+                closed_by_peer(writer, 10))
+        r.check("a client that never reads its replies is dropped", closed_by_peer(nonreader, 10))
+        r.check("an I/O queue that never answers its R2T is dropped", closed_by_peer(io.s, 10))
+        r.check("... within 2-10 s (%.1fs)" % (time.monotonic() - t0), time.monotonic() - t0 < 12)
         s = stats(b)["connections"]
         r.check("stats count 3 connections dropped for stalling", s["stalled_dropped"] == 3,
                 json.dumps(s))

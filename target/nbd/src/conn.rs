@@ -12,9 +12,8 @@
 //!   its bytes arrive, in windows of at most `PAYLOAD_WINDOW` (never on the header's word
 //!   alone: its buffer is a lazily-faulted mapping, so untouched pages cost nothing), a read's
 //!   buffer when it is submitted; a refused charge stops parsing until `on_buffers`. `charged`
-//!   is exactly what this connection holds: request charges (`Inflight::charged`), the
-//!   payload being received (`PendingWrite::charged`), and read data still in `out`
-//!   (`charged_out <= out.unsent()`);
+//!   is exactly what this connection holds (`mem`): request charges (`Inflight::charged`),
+//!   the payload being received (`PendingWrite::charged`), and read data still in `out`;
 //! - deadlines: the handshake must end within `handshake_timeout`; a connection that owes
 //!   progress (a write payload still arriving, replies it does not read) and makes none for
 //!   `stall_timeout` is dropped. A tick timer runs only while one of them applies;
@@ -26,6 +25,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ballast_engine::holder::Holder;
 use ballast_engine::limits::{ConnGuard, Progress};
 use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
@@ -116,12 +116,9 @@ pub struct Conn {
     /// Largest read or write accepted (what the core's budget can grant one request).
     max_payload: u32,
     recv: RecvBuf,
-    /// Payload memory charged to the core's budget, besides the receive buffer's growth.
-    charged: u64,
-    /// The part of `charged` that is read data queued in `out`.
-    charged_out: u64,
-    /// A charge was refused: parsing waits for `on_buffers`.
-    waiting_memory: bool,
+    /// Payload memory held of the core's budget, besides the receive buffer's growth; a
+    /// refused charge makes parsing wait for `on_buffers`.
+    mem: Holder,
     tick_inflight: bool,
     cancel_inflight: bool,
     /// Replies waiting for the next send.
@@ -154,9 +151,7 @@ impl Conn {
             phase: Phase::Handshake(Handshake::new()),
             max_payload: PAYLOAD_ADVERTISED_MAX,
             recv: RecvBuf::new(RECV_BUF_MAX),
-            charged: 0,
-            charged_out: 0,
-            waiting_memory: false,
+            mem: Holder::default(),
             tick_inflight: false,
             cancel_inflight: false,
             out: SendQueue::default(),
@@ -209,14 +204,14 @@ impl Conn {
 
     /// Consumes as much buffered input as the state allows.
     fn parse(&mut self, cx: &mut Cx<'_>) {
-        if self.waiting_memory {
+        if self.mem.waiting() {
             return;
         }
         let Some(mut buf) = self.recv.take() else {
             return;
         };
         let mut used = 0;
-        while !self.read_closed && !self.waiting_memory {
+        while !self.read_closed && !self.mem.waiting() {
             let input = &buf.as_slice()[used..];
             if input.is_empty() {
                 break;
@@ -278,19 +273,7 @@ impl Conn {
     /// Charges `bytes` of payload memory to the core's budget; on refusal parsing stops
     /// until `on_buffers`.
     fn charge(&mut self, cx: &mut Cx<'_>, bytes: u64) -> bool {
-        if cx.charge(bytes, self.charged + self.recv.charged()) {
-            self.charged += bytes;
-            true
-        } else {
-            self.waiting_memory = true;
-            false
-        }
-    }
-
-    fn uncharge(&mut self, cx: &mut Cx<'_>, bytes: u64) {
-        assert!(bytes <= self.charged, "uncharge {bytes} of {}", self.charged);
-        self.charged -= bytes;
-        cx.release(bytes);
+        self.mem.charge(cx, bytes, self.recv.charged())
     }
 
     /// Handles some input in transmission; returns bytes consumed (None/0: wait for more).
@@ -567,13 +550,13 @@ impl Conn {
                 self.flush_scratch();
                 self.out.push_buf(cx, data);
                 // The data's memory stays charged until it is sent.
-                self.charged_out += req.charged;
+                self.mem.to_send(req.charged);
             }
             (_, owned, error) => {
                 if let Owned::Buf(buf) = owned {
                     cx.recycle(buf);
                 }
-                self.uncharge(cx, req.charged);
+                self.mem.release(cx, req.charged);
                 if self.out.broken() {
                     return;
                 }
@@ -609,17 +592,13 @@ impl Conn {
             self.close_read("send failed");
         }
         // Read data that left (or never will) gives its memory back.
-        let sent = self.charged_out.saturating_sub(self.out.unsent());
-        if sent > 0 {
-            self.charged_out -= sent;
-            self.uncharge(cx, sent);
-        }
+        self.mem.sent(cx, self.out.unsent());
     }
 
     /// Whether the client owes us progress: a write payload it is sending, or replies it
     /// must read before we can send more.
     fn owes_progress(&self) -> bool {
-        (self.payload.is_some() && !self.waiting_memory)
+        (self.payload.is_some() && !self.mem.waiting())
             || (self.out.inflight() && self.out.unsent() > 0)
     }
 
@@ -660,7 +639,7 @@ impl Conn {
             || self.out.broken()
             || self.recv.inflight()
             || self.payload_recv_inflight
-            || self.waiting_memory
+            || self.mem.waiting()
         {
             return;
         }
@@ -686,8 +665,8 @@ impl Conn {
             }
         }
         let fd = self.fd.as_raw_fd();
-        if self.recv.post(cx, fd, TAG_RECV, TAG_POLL, self.charged) == Posted::WaitingForMemory {
-            self.waiting_memory = true;
+        if self.recv.post(cx, fd, TAG_RECV, TAG_POLL, self.mem.held()) == Posted::WaitingForMemory {
+            self.mem.wait();
         }
     }
 
@@ -738,9 +717,7 @@ impl Conn {
                 cx.recycle(buf);
             }
         }
-        let held = self.charged;
-        self.uncharge(cx, held);
-        self.charged_out = 0;
+        self.mem.release_all(cx);
         self.done = true;
         cx.stats().connections_open -= 1;
         tracing::info!(peer = %self.peer, export = %self.export_name, requests = self.requests_total, "connection closed");
@@ -812,7 +789,7 @@ impl Task for Conn {
     }
 
     fn on_buffers(&mut self, cx: &mut Cx<'_>) {
-        self.waiting_memory = false;
+        self.mem.woken();
         if !self.read_closed {
             self.parse(cx);
         }

@@ -14,8 +14,8 @@
 //!   so a host that never sends the data holds no memory; the transfer buffer is allocated at
 //!   the first H2CData and filled as PDUs arrive; while the budget could not take its first
 //!   H2CData PDU, a write capsule waits and no R2T goes out). Refused, the PDU stays
-//!   buffered and parsing waits for `on_buffers`. `charged` is exactly what the queue holds:
-//!   command charges (`Cmd::charged`) plus read data still in `out` (`charged_out`);
+//!   buffered and parsing waits for `on_buffers`. `mem` is exactly what the queue holds:
+//!   command charges (`Cmd::charged`) plus read data still in `out`;
 //! - ICReq and Connect must arrive within the handshake deadline; a queue that owes progress
 //!   (H2CData for an R2T, reading its responses) and makes none for the stall deadline is
 //!   dropped;
@@ -26,6 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ballast_engine::holder::Holder;
 use ballast_engine::limits::{ConnGuard, Progress};
 use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
@@ -105,14 +106,11 @@ pub struct Queue {
     admin: Option<AdminState>,
     cmds: Slab<Cmd>,
     recv: RecvBuf,
-    /// Payload memory charged to the core's budget (besides the receive buffer's growth).
-    charged: u64,
-    /// The part of `charged` that is read data queued in `out`.
-    charged_out: u64,
+    /// Payload memory held of the core's budget (besides the receive buffer's growth); a
+    /// refused charge makes parsing wait for `on_buffers`.
+    mem: Holder,
     /// Charged for the PDU being handled, not yet given to a command.
     charged_for_pdu: u64,
-    /// A charge was refused: parsing waits for `on_buffers`.
-    waiting_memory: bool,
     out: SendQueue,
     scratch: Vec<u8>,
     tick_inflight: bool,
@@ -140,10 +138,8 @@ impl Queue {
             admin: None,
             cmds: Slab::new(),
             recv: RecvBuf::new(RECV_BUF_MAX),
-            charged: 0,
-            charged_out: 0,
+            mem: Holder::default(),
             charged_for_pdu: 0,
-            waiting_memory: false,
             out: SendQueue::default(),
             scratch: Vec::with_capacity(256),
             tick_inflight: false,
@@ -180,22 +176,7 @@ impl Queue {
     /// Charges `bytes` of payload memory to the core's budget; on refusal parsing stops
     /// until `on_buffers`.
     fn charge(&mut self, cx: &mut Cx<'_>, bytes: u64) -> bool {
-        if bytes == 0 {
-            return true;
-        }
-        if cx.charge(bytes, self.charged + self.recv.charged()) {
-            self.charged += bytes;
-            true
-        } else {
-            self.waiting_memory = true;
-            false
-        }
-    }
-
-    fn uncharge(&mut self, cx: &mut Cx<'_>, bytes: u64) {
-        assert!(bytes <= self.charged, "uncharge {bytes} of {}", self.charged);
-        self.charged -= bytes;
-        cx.release(bytes);
+        self.mem.charge(cx, bytes, self.recv.charged())
     }
 
     /// Payload memory the PDU `p` needs before it is taken: a read's data, in-capsule write
@@ -245,12 +226,12 @@ impl Queue {
     }
 
     fn parse(&mut self, cx: &mut Cx<'_>) {
-        if self.waiting_memory {
+        if self.mem.waiting() {
             return;
         }
         let Some(mut buf) = self.recv.take() else { return };
         let mut used = 0;
-        while !self.read_closed && !self.saturated() && !self.waiting_memory {
+        while !self.read_closed && !self.saturated() && !self.mem.waiting() {
             let input = &buf.as_slice()[used..];
             let Some(ch) = CommonHeader::decode(input) else { break };
             let (data_start, data_len) =
@@ -276,7 +257,7 @@ impl Queue {
             self.charged_for_pdu = needs;
             self.on_pdu(cx, &ch, p, data_start, data_len);
             let unused = self.take_pdu_charge();
-            self.uncharge(cx, unused);
+            self.mem.release(cx, unused);
             used += plen;
         }
         buf.consume_front(used);
@@ -751,7 +732,7 @@ impl Queue {
             if let Some(b) = cmd.buf {
                 cx.recycle(b);
             }
-            self.uncharge(cx, cmd.charged);
+            self.mem.release(cx, cmd.charged);
             return self.respond(cid, 0, 0, st);
         }
         cmd.state = CmdState::Executing { pending: 1 };
@@ -869,13 +850,13 @@ impl Queue {
             {
                 self.respond_with_data(cx, cmd.sqe.cid, data, 0);
                 // The data's memory stays charged until it is sent.
-                self.charged_out += cmd.charged;
+                self.mem.to_send(cmd.charged);
             }
             (_, owned) => {
                 if let Owned::Buf(b) = owned {
                     cx.recycle(b);
                 }
-                self.uncharge(cx, cmd.charged);
+                self.mem.release(cx, cmd.charged);
                 if !self.out.broken() {
                     self.respond(cmd.sqe.cid, 0, 0, cmd.status);
                 }
@@ -902,7 +883,7 @@ impl Queue {
     /// Whether the host owes us progress: H2CData for an R2T we sent, or reading responses
     /// we cannot send. (Not while we wait for memory: then we are the ones not reading.)
     fn owes_progress(&self) -> bool {
-        !self.waiting_memory
+        !self.mem.waiting()
             && ((self.out.inflight() && self.out.unsent() > 0)
                 || self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::AwaitData { .. })))
     }
@@ -970,22 +951,18 @@ impl Queue {
             self.close_read();
         }
         // Read data that left (or never will) gives its memory back.
-        let sent = self.charged_out.saturating_sub(self.out.unsent());
-        if sent > 0 {
-            self.charged_out -= sent;
-            self.uncharge(cx, sent);
-        }
+        self.mem.sent(cx, self.out.unsent());
     }
 
     fn post_io(&mut self, cx: &mut Cx<'_>) {
         self.out.start(cx, self.fd.as_raw_fd(), TAG_SEND);
-        if self.read_closed || self.out.broken() || self.saturated() || self.waiting_memory {
+        if self.read_closed || self.out.broken() || self.saturated() || self.mem.waiting() {
             return;
         }
         let fd = self.fd.as_raw_fd();
-        let held = self.charged;
+        let held = self.mem.held();
         if self.recv.post(cx, fd, TAG_RECV, TAG_POLL, held) == Posted::WaitingForMemory {
-            self.waiting_memory = true;
+            self.mem.wait();
         }
     }
 
@@ -1005,9 +982,7 @@ impl Queue {
                 }
             }
             self.recv.release(cx);
-            let held = self.charged;
-            self.uncharge(cx, held);
-            self.charged_out = 0;
+            self.mem.release_all(cx);
             self.done = true;
             cx.stats().connections_open -= 1;
             match (&self.ctrl, self.qid) {
@@ -1076,7 +1051,7 @@ impl Task for Queue {
     }
 
     fn on_buffers(&mut self, cx: &mut Cx<'_>) {
-        self.waiting_memory = false;
+        self.mem.woken();
         if !self.read_closed {
             self.parse(cx);
         }

@@ -15,21 +15,23 @@ Part 2, a daemon with short deadlines and a connection limit of 40: handshake de
 protocols), stall deadline (stalled writer, non-reader, unanswered R2T), refusal beyond the
 limit and recovery, all counted in `ballast stats --json`.
 """
+import errno
 import json
 import os
 import resource
+import shutil
 import socket
 import struct
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402
 
 import nvmeraw  # noqa: E402
-from ballast_testlib import Ballast, free_port, guarded  # noqa: E402
+from ballast_testlib import Ballast, ballast_bin, free_port, guarded  # noqa: E402
 
 MiB = 1 << 20
 BUDGET = 128 * MiB
@@ -432,10 +434,43 @@ def part2(r):
         r.check("no panics", not b.panics(), "\n".join(b.panics()[:5]))
 
 
+def part3(r):
+    """The budget's own limits: a budget below 16 MiB per core is refused with a clear error;
+    a small one shrinks the largest request NBD advertises (and accepts) to what a core can
+    grant one request."""
+    d = tempfile.mkdtemp(prefix="ballast-budget.")
+    p = subprocess.run([ballast_bin(), "serve",
+                        "--data-dir", d, "--cores", "2", "--buffer-memory", "8M",
+                        "--export", "vol=ram:64M", "--nbd-listen", "127.0.0.1:%d" % free_port(),
+                        "--nvmf-listen", "127.0.0.1:%d" % free_port()],
+                       capture_output=True, text=True, timeout=30)
+    r.check("--buffer-memory below 16 MiB per core is refused, saying why",
+            p.returncode != 0 and "below 16 MiB per core" in p.stderr, p.stderr[-300:])
+    with Ballast(["--export", "vol=ram:64M", "--buffer-memory", "32M", "--cores", "2"]) as b:
+        info = subprocess.run(["nbdinfo", "--json", b.uri("vol")], capture_output=True,
+                              text=True, timeout=30)
+        exp = json.loads(info.stdout)["exports"][0] if info.returncode == 0 else {}
+        # 16 MiB per core: 3/4 of it is 12 MiB, the largest power of two within is 8 MiB.
+        r.check("nbdinfo sees a maximum block size of 8 MiB with a 32 MiB budget on 2 cores",
+                exp.get("block_size_maximum") == 8 * MiB, json.dumps(exp)[:300])
+        h = nbd.NBD()
+        h.connect_uri(b.uri("vol"))
+        r.check("an 8 MiB read works", len(h.pread(8 * MiB, 0)) == 8 * MiB)
+        try:
+            h.pread(16 * MiB, 0)
+            r.bad("a 16 MiB read (beyond the advertised maximum) is refused", "it succeeded")
+        except nbd.Error as e:
+            r.check("a 16 MiB read (beyond the advertised maximum) is refused with EINVAL",
+                    e.errnum == errno.EINVAL, str(e))
+        h.shutdown()
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def main(r):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
-    for what, part in (("part 1 (waves)", part1), ("part 2 (deadlines, limit)", part2)):
+    for what, part in (("part 1 (waves)", part1), ("part 2 (deadlines, limit)", part2),
+                       ("part 3 (the budget's own limits)", part3)):
         print("==== %s" % what, flush=True)
         part(r)
 

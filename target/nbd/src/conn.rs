@@ -276,6 +276,17 @@ impl Conn {
         self.mem.charge(cx, bytes, self.recv.charged())
     }
 
+    /// Charges the pending write's payload so that `n` more of its bytes can be taken (up to
+    /// the next window boundary); false if refused (parsing then waits for `on_buffers`).
+    fn charge_payload(&mut self, cx: &mut Cx<'_>, n: u64) -> bool {
+        let more = self.payload.as_ref().expect("pending write").charge_for(n);
+        if more > 0 && !self.charge(cx, more) {
+            return false;
+        }
+        self.payload.as_mut().expect("pending write").charged += more;
+        true
+    }
+
     /// Handles some input in transmission; returns bytes consumed (None/0: wait for more).
     fn parse_transmission(&mut self, cx: &mut Cx<'_>, input: &[u8]) -> Option<usize> {
         if self.skip > 0 {
@@ -291,12 +302,10 @@ impl Conn {
         if let Some(pw) = &self.payload {
             // Payload bytes are here: charge for them (a window ahead), then take them.
             let n = pw.missing().min(input.len());
-            let more = pw.charge_for(n as u64);
-            if more > 0 && !self.charge(cx, more) {
+            if !self.charge_payload(cx, n as u64) {
                 return None;
             }
             let pw = self.payload.as_mut().expect("pending write");
-            pw.charged += more;
             let buf = pw.buf.get_or_insert_with(|| cx.buf_with_capacity(pw.req.length as usize));
             buf.extend_from_slice(&input[..n]);
             pw.filled += n as u64;
@@ -651,12 +660,10 @@ impl Conn {
         if let Some(pw) = self.payload.as_ref() {
             if buffered == 0 && pw.missing() >= DIRECT_RECV_MIN && pw.buf.is_some() {
                 // Straight into the payload buffer, at most a window beyond what is charged.
-                let more = pw.charge_for(PAYLOAD_WINDOW.min(pw.missing() as u64));
-                if more > 0 && !self.charge(cx, more) {
+                if !self.charge_payload(cx, PAYLOAD_WINDOW.min(pw.missing() as u64)) {
                     return;
                 }
                 let pw = self.payload.as_mut().expect("pending write");
-                pw.charged += more;
                 let max = (pw.charged - pw.filled) as usize;
                 let Some(buf) = pw.buf.take() else { return };
                 self.payload_recv_inflight = true;

@@ -1236,7 +1236,7 @@ impl PoolMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::pool::{layout, PoolGeometry};
+    use crate::pool::{layout, PoolGeometry};
     use proptest::prelude::*;
 
     /// A small pool's layout: 16 KiB clusters, a 16-block journal.

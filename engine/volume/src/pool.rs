@@ -427,7 +427,7 @@ pub fn write_checkpoint<D: SyncDisk>(disk: &mut D, c: &Checkpoint) -> std::io::R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::sim::CrashMode;
+    use crate::sim::CrashMode;
     use proptest::prelude::*;
     use std::collections::{BTreeMap, BTreeSet};
 

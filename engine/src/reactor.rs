@@ -7,7 +7,9 @@
 //!   task slab until it reports `is_done()`, which it must only do with nothing in flight, so a
 //!   completion always finds the task that submitted it;
 //! - other threads reach a core only through its bounded mailbox, followed by an eventfd write
-//!   that wakes the core if it sleeps in the ring;
+//!   that wakes the core if it sleeps in the ring; wake-ups of parked tasks (a volume request
+//!   another core's event unblocked) take a channel of their own, unbounded in type but bounded
+//!   by the requests parked: each parking is woken once ([`CoreHandle::wake_task`]);
 //! - the core spins (non-blocking submit/reap) while the polling policy ([`PollPolicy`]) says
 //!   the next work is near — judged by how often work has been arriving — and never longer
 //!   than `poll_us` after the last work; otherwise it sleeps in `io_uring_enter`, so an idle
@@ -81,6 +83,7 @@ pub enum Msg {
 #[derive(Clone)]
 pub struct CoreHandle {
     tx: Sender<Msg>,
+    wakes: Sender<u64>,
     wake: Arc<OwnedFd>,
 }
 
@@ -94,6 +97,14 @@ impl CoreHandle {
                 Ok(())
             }
             Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Err(m),
+        }
+    }
+
+    /// Completes `tag` for `task` on this core with result 0 and no buffer: wakes a task parked
+    /// on something another core released. Never refused (see the module header).
+    pub fn wake_task(&self, task: u32, tag: u32) {
+        if self.wakes.send(token(task, tag)).is_ok() {
+            ballast_ffi::sys::eventfd_signal(&*self.wake);
         }
     }
 
@@ -142,16 +153,17 @@ impl Engine {
         let mut mailboxes = Vec::new();
         for core in 0..config.cpus.len() {
             let (tx, rx) = crossbeam_channel::bounded(config.mailbox_depth);
+            let (wakes, wakes_rx) = crossbeam_channel::unbounded();
             let wake = ballast_ffi::sys::eventfd()
                 .map_err(|source| EngineError::Eventfd { core, source })?;
             let wake = Arc::new(wake);
-            handles.push(CoreHandle { tx, wake: wake.clone() });
-            mailboxes.push((rx, wake));
+            handles.push(CoreHandle { tx, wakes, wake: wake.clone() });
+            mailboxes.push((rx, wakes_rx, wake));
         }
         let handles = Arc::new(handles);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(config.cpus.len());
         let mut threads = Vec::new();
-        for (core, (rx, wake)) in mailboxes.into_iter().enumerate() {
+        for (core, (rx, wakes_rx, wake)) in mailboxes.into_iter().enumerate() {
             let cpu = config.cpus[core];
             let peers = handles.clone();
             let ready_tx = ready_tx.clone();
@@ -170,7 +182,7 @@ impl Engine {
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
-                    Core::new(core, ring, rx, wake, peers, &cfg).run();
+                    Core::new(core, ring, (rx, wakes_rx), wake, peers, &cfg).run();
                 })
                 .map_err(|source| EngineError::Thread { core, source })?;
             threads.push(thread);
@@ -332,6 +344,7 @@ struct Core {
     id: usize,
     ring: Ring,
     mailbox: Receiver<Msg>,
+    wakes: Receiver<u64>,
     wake: Arc<OwnedFd>,
     peers: Arc<Vec<CoreHandle>>,
     tasks: Slab<Slot>,
@@ -357,7 +370,7 @@ impl Core {
     fn new(
         id: usize,
         ring: Ring,
-        mailbox: Receiver<Msg>,
+        (mailbox, wakes): (Receiver<Msg>, Receiver<u64>),
         wake: Arc<OwnedFd>,
         peers: Arc<Vec<CoreHandle>>,
         cfg: &EngineConfig,
@@ -366,6 +379,7 @@ impl Core {
             id,
             ring,
             mailbox,
+            wakes,
             wake,
             peers,
             tasks: Slab::new(),
@@ -549,6 +563,11 @@ impl Core {
 
     fn drain_mailbox(&mut self) -> usize {
         let mut count = 0;
+        // Wake-ups first, all of them: each is one parked request's, so they are few.
+        while let Ok(token) = self.wakes.try_recv() {
+            count += 1;
+            self.ready.push_back(Completion { token, result: 0, owned: Owned::None });
+        }
         loop {
             if count == MAILBOX_BATCH {
                 // More may wait: look again next turn.

@@ -237,6 +237,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let engine = Engine::start(config).context("starting the engine")?;
     let handles = engine.handles();
+    if let Some(pool) = &pool {
+        pool.attach_cores(handles.clone());
+    }
 
     let target = Arc::new(ballast_nvmf::Target::default());
     let control = Arc::new(Control {

@@ -13,10 +13,13 @@
 #![forbid(unsafe_code)]
 
 pub mod alloc;
+pub mod commit;
 pub mod format;
 pub mod journal;
+pub mod locks;
 pub mod map;
 pub mod meta;
 pub mod pool;
 pub mod records;
+pub mod request;
 pub mod sim;

@@ -11,7 +11,8 @@
 //!   durable state (untouched since the last commit that is durable, or allocated since);
 //!   otherwise it goes to a fresh cluster that carries over the cluster's other written pieces;
 //! - a volume cluster with a copy-on-write in flight takes no other write or trim, and one with
-//!   writes in flight takes no copy-on-write or trim (`busy`): such requests wait and retry;
+//!   writes in flight takes no copy-on-write or trim ([`LockTable`]): such requests are parked
+//!   in the cluster's queue and woken when something leaves it ([`Blocked::Wait`]);
 //! - `refs[c]` equals the number of distinct leaves naming cluster `c` (`check` recomputes it);
 //! - a cluster freed by a record becomes reusable only when that record is durable and every
 //!   I/O that started before (and so might still touch the cluster) has ended (`quarantine`);
@@ -19,11 +20,12 @@
 //!   volumes may only be created, cloned, snapshotted or grown while the sum of all volume sizes
 //!   stays within the provisioning limit the metadata area was sized for at `format`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use super::alloc::Allocator;
 use super::format::{FormatError, Superblock, BLOCK_SIZE};
 use super::journal::{JournalError, JournalHead, JournalWriter};
+use super::locks::{LockTable, Waiter};
 use super::map::{count_references, Entry, Tree};
 use super::records::{decode_all, Record, CONFIG_VALUE_MAX, NAME_MAX};
 
@@ -32,6 +34,9 @@ pub const PIECE: u64 = 4096;
 /// Total volume size (snapshots and clones included) the metadata area is sized for, per byte
 /// of data area, by default.
 pub const OVERCOMMIT: u64 = 8;
+/// Pending journal records after which a commit starts without waiting for a client's flush,
+/// by default (`PoolMeta::set_commit_records`).
+pub const COMMIT_RECORDS: usize = 4096;
 /// Bytes a checkpoint needs per mapped volume cluster (one `MapSet` record).
 const CHECKPOINT_BYTES_PER_CLUSTER: u64 = 21;
 /// Bytes a checkpoint needs per volume (create record with the longest name, plus attributes).
@@ -147,9 +152,20 @@ pub struct Checkpoint {
     frees: Vec<u64>,
 }
 
-/// Why a request must wait and retry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Busy;
+/// Why a request cannot go on now.
+#[derive(Debug)]
+pub enum Blocked {
+    /// It was parked (its [`Waiter`] queued): it plans again when woken.
+    Wait,
+    /// It fails with this error.
+    Fail(PoolError),
+}
+
+impl From<PoolError> for Blocked {
+    fn from(e: PoolError) -> Blocked {
+        Blocked::Fail(e)
+    }
+}
 
 /// What one commit writes: journal blocks (ring index, bytes), to write in order after the data
 /// they describe is durable.
@@ -158,12 +174,11 @@ pub struct Sealed {
     frees: Vec<u64>,
 }
 
-#[derive(Default, Clone, Copy)]
-struct VcState {
-    writers: u32,
-    cow: bool,
-    /// Held exclusively by a read-modify-write (its token; 0 = not held).
-    held: u64,
+impl Sealed {
+    /// A placeholder for a commit already handed back.
+    pub(crate) fn empty() -> Sealed {
+        Sealed { blocks: Vec::new(), frees: Vec::new() }
+    }
 }
 
 pub struct PoolMeta {
@@ -187,11 +202,14 @@ pub struct PoolMeta {
     /// Commits sealed so far, and how many of them are durable (checkpoints count as both).
     seals: u64,
     durable_seals: u64,
-    busy: HashMap<(u32, u64), VcState>,
+    locks: LockTable,
     io_epoch: u64,
     inflight: BTreeMap<u64, u32>,
     quarantine: VecDeque<(u64, Vec<u64>)>,
     failed: Option<String>,
+    /// Pending records that make a background commit due, and whether one was asked for.
+    commit_records: usize,
+    background_asked: bool,
 }
 
 /// A run of 4 KiB pieces within one cluster.
@@ -248,11 +266,13 @@ impl PoolMeta {
             next_hold: 0,
             seals: 0,
             durable_seals: 0,
-            busy: HashMap::new(),
+            locks: LockTable::default(),
             io_epoch: 0,
             inflight: BTreeMap::new(),
             quarantine: VecDeque::new(),
             failed: None,
+            commit_records: COMMIT_RECORDS,
+            background_asked: false,
             sb,
         }
     }
@@ -302,9 +322,29 @@ impl PoolMeta {
         self.journal.pending()
     }
 
+    /// Sets the pending records after which a commit is due without a client's flush.
+    pub fn set_commit_records(&mut self, records: usize) {
+        self.commit_records = records.max(1);
+    }
+
+    /// Whether the driver should start a commit of its own now: at least `commit_records`
+    /// records are pending and no commit is in flight or already asked for. True once per
+    /// commit: the next seal clears it.
+    pub fn take_background_commit(&mut self) -> bool {
+        if self.background_asked || self.committing || self.failed.is_some() {
+            return false;
+        }
+        if self.journal.pending() < self.commit_records {
+            return false;
+        }
+        self.background_asked = true;
+        true
+    }
+
     pub fn fail(&mut self, why: String) {
         tracing::error!(why = %why, "pool failed");
         self.failed.get_or_insert(why);
+        self.locks.wake_all();
     }
 
     pub fn failed(&self) -> Option<&str> {
@@ -641,16 +681,18 @@ impl PoolMeta {
 
     // ---- writes -----------------------------------------------------------------------------
 
-    /// Plans a write of `[offset, offset + len)`: one plan per cluster it touches. `Ok(Err(Busy))`
-    /// when a cluster it needs is being copied or the volume is frozen: nothing was reserved,
-    /// retry later. Each plan must be finished with `finish_write` (or `abort_write`).
+    /// Plans a write of `[offset, offset + len)`: one plan per cluster it touches.
+    /// [`Blocked::Wait`] when a cluster it needs is being copied or the volume is frozen:
+    /// nothing was reserved and `waiter` is parked until that changes. Each plan must be
+    /// finished with `finish_span` (or `abort_span`), then the write with `end_write`.
     pub fn plan_write(
         &mut self,
         id: u32,
         offset: u64,
         len: u64,
         hold: u64,
-    ) -> Result<Result<Vec<WritePlan>, Busy>, PoolError> {
+        waiter: Waiter,
+    ) -> Result<Vec<WritePlan>, Blocked> {
         self.ok()?;
         self.check_range(id, offset, len, true)?;
         let v = &self.volumes[&id];
@@ -658,7 +700,8 @@ impl PoolMeta {
         // already in flight (counted by the freeze) and must finish, or the freeze would wait
         // for it forever.
         if v.frozen && hold == 0 {
-            return Ok(Err(Busy));
+            self.locks.park_frozen(id, waiter);
+            return Err(Blocked::Wait);
         }
         // First decide every span (no state changes), so a busy span reserves nothing.
         let mut spans = Vec::new();
@@ -666,10 +709,11 @@ impl PoolMeta {
         let mut at = offset;
         while at < offset + len {
             let s = self.span(at, offset + len);
-            let state = self.busy.get(&(id, s.vc)).copied().unwrap_or_default();
+            let state = self.locks.state(id, s.vc);
             // A cluster held by a read-modify-write takes only that request's write.
             if state.cow || (state.held != 0 && state.held != hold) {
-                return Ok(Err(Busy));
+                self.locks.park_cluster(id, s.vc, waiter);
+                return Err(Blocked::Wait);
             }
             let e = v.tree.get(s.vc);
             let owned = e.cluster().is_some_and(|c| {
@@ -680,7 +724,8 @@ impl PoolMeta {
             });
             if !owned {
                 if state.writers > 0 {
-                    return Ok(Err(Busy));
+                    self.locks.park_cluster(id, s.vc, waiter);
+                    return Err(Blocked::Wait);
                 }
                 fresh_needed += 1;
             }
@@ -688,7 +733,7 @@ impl PoolMeta {
             at = spans.last().expect("pushed").1.cluster_end;
         }
         if fresh_needed > self.alloc.free_count() {
-            return Err(PoolError::NoSpace);
+            return Err(PoolError::NoSpace.into());
         }
         let mut plans = Vec::with_capacity(spans.len());
         for (at, s, e, owned) in spans {
@@ -699,9 +744,7 @@ impl PoolMeta {
                 self.epoch_fresh.insert(fresh);
                 (fresh, e.cluster().map(|old| self.cluster_offset(old)))
             };
-            let st = self.busy.entry((id, s.vc)).or_default();
-            st.writers += 1;
-            st.cow |= !owned;
+            self.locks.add_writer(id, s.vc, !owned);
             plans.push(WritePlan {
                 vcluster: s.vc,
                 offset: self.cluster_offset(cluster) + s.first_bit * PIECE,
@@ -715,48 +758,43 @@ impl PoolMeta {
             });
         }
         self.volumes.get_mut(&id).expect("checked").writes_inflight += 1;
-        Ok(Ok(plans))
+        Ok(plans)
     }
 
     fn unbusy(&mut self, id: u32, vc: u64) {
-        let st = self.busy.get_mut(&(id, vc)).expect("a planned write holds its cluster");
-        st.writers -= 1;
-        st.cow = false;
-        if st.writers == 0 && st.held == 0 {
-            self.busy.remove(&(id, vc));
-        }
+        self.locks.remove_writer(id, vc);
     }
 
     /// Holds volume clusters `vcs` exclusively for a read-modify-write (an unaligned write):
     /// no other write, copy-on-write or trim touches them until `release`, so the pieces read
-    /// and merged cannot change meanwhile. `Ok(Err(Busy))` when one is in use (retry later).
-    pub fn hold(&mut self, id: u32, vcs: &[u64]) -> Result<Result<u64, Busy>, PoolError> {
+    /// and merged cannot change meanwhile. [`Blocked::Wait`] when one is in use or the volume
+    /// is frozen (`waiter` parked).
+    pub fn hold(&mut self, id: u32, vcs: &[u64], waiter: Waiter) -> Result<u64, Blocked> {
         self.ok()?;
         let v = self.volume(id)?;
         if v.read_only {
-            return Err(PoolError::ReadOnly(id));
+            return Err(PoolError::ReadOnly(id).into());
         }
-        if v.frozen || vcs.iter().any(|vc| self.busy.contains_key(&(id, *vc))) {
-            return Ok(Err(Busy));
+        if v.frozen {
+            self.locks.park_frozen(id, waiter);
+            return Err(Blocked::Wait);
+        }
+        if let Some(vc) = vcs.iter().find(|vc| self.locks.busy(id, **vc)) {
+            self.locks.park_cluster(id, *vc, waiter);
+            return Err(Blocked::Wait);
         }
         self.next_hold += 1;
         let token = self.next_hold;
         for vc in vcs {
-            self.busy.insert((id, *vc), VcState { writers: 0, cow: false, held: token });
+            self.locks.hold(id, *vc, token);
         }
         self.volumes.get_mut(&id).expect("checked").writes_inflight += 1;
-        Ok(Ok(token))
+        Ok(token)
     }
 
     pub fn release(&mut self, id: u32, vcs: &[u64], token: u64) {
         for vc in vcs {
-            if let Some(st) = self.busy.get_mut(&(id, *vc)) {
-                assert_eq!(st.held, token, "releasing a hold we do not own");
-                st.held = 0;
-                if st.writers == 0 {
-                    self.busy.remove(&(id, *vc));
-                }
-            }
+            self.locks.unhold(id, *vc, token);
         }
         self.end_write(id);
     }
@@ -807,23 +845,26 @@ impl PoolMeta {
     }
 
     /// Trims whole 4 KiB pieces: they read zeros; a cluster with no written piece is released.
-    /// `Ok(Err(Busy))` when a write to one of its clusters is in flight (retry later).
-    pub fn trim(&mut self, id: u32, offset: u64, len: u64) -> Result<Result<(), Busy>, PoolError> {
+    /// [`Blocked::Wait`] when a write to one of its clusters is in flight or the volume is
+    /// frozen (`waiter` parked).
+    pub fn trim(&mut self, id: u32, offset: u64, len: u64, waiter: Waiter) -> Result<(), Blocked> {
         self.ok()?;
         self.check_range(id, offset, len, true)?;
         if self.volumes[&id].frozen {
-            return Ok(Err(Busy));
+            self.locks.park_frozen(id, waiter);
+            return Err(Blocked::Wait);
         }
         let mut at = offset;
         while at < offset + len {
             let s = self.span(at, offset + len);
-            if self.busy.contains_key(&(id, s.vc)) {
-                return Ok(Err(Busy));
+            if self.locks.busy(id, s.vc) {
+                self.locks.park_cluster(id, s.vc, waiter);
+                return Err(Blocked::Wait);
             }
             at = s.cluster_end;
         }
         self.trim_unchecked(id, offset, len);
-        Ok(Ok(()))
+        Ok(())
     }
 
     /// Trims a checked range of a volume nothing else is writing.
@@ -878,6 +919,7 @@ impl PoolMeta {
         let blocks = self.journal.commit()?;
         tracing::debug!(records, "sealing a commit");
         self.committing = true;
+        self.background_asked = false;
         self.seals += 1;
         self.sealed_fresh = std::mem::take(&mut self.epoch_fresh);
         self.sealed_touched = std::mem::take(&mut self.epoch_touched);
@@ -894,6 +936,7 @@ impl PoolMeta {
         self.quarantine.push_back((self.io_epoch, sealed.frees));
         self.io_epoch += 1;
         self.release_quarantine();
+        self.locks.commit_ended();
     }
 
     /// Encodes the whole state as records (the checkpoint): parents before children, each
@@ -999,6 +1042,7 @@ impl PoolMeta {
         };
         self.journal.discard_pending();
         self.committing = true;
+        self.background_asked = false;
         self.seals += 1;
         self.sealed_fresh = std::mem::take(&mut self.epoch_fresh);
         self.sealed_touched = std::mem::take(&mut self.epoch_touched);
@@ -1023,6 +1067,7 @@ impl PoolMeta {
         self.quarantine.push_back((self.io_epoch, c.frees));
         self.io_epoch += 1;
         self.release_quarantine();
+        self.locks.commit_ended();
     }
 
     /// Metadata area byte offset of checkpoint half `half`.
@@ -1079,6 +1124,25 @@ impl PoolMeta {
         if let Some(v) = self.volumes.get_mut(&id) {
             v.frozen = frozen;
         }
+        if !frozen {
+            self.locks.thawed(id);
+        }
+    }
+
+    /// Parks `waiter` until the commit (or checkpoint) in flight ends.
+    pub fn park_commit(&mut self, waiter: Waiter) {
+        assert!(self.committing || self.failed.is_some(), "parking with no commit in flight");
+        self.locks.park_commit(waiter);
+    }
+
+    /// Moves the requests woken since the last call into `out`.
+    pub fn take_woken(&mut self, out: &mut Vec<Waiter>) {
+        self.locks.take_woken(out);
+    }
+
+    /// The lock table (for statistics and checks).
+    pub fn locks(&self) -> &LockTable {
+        &self.locks
     }
 
     pub fn create_volume(&mut self, name: &str, size_bytes: u64) -> Result<u32, PoolError> {
@@ -1222,6 +1286,7 @@ impl PoolMeta {
         if used < referenced {
             problems.push(format!("allocator counts {used} clusters, {referenced} referenced"));
         }
+        problems.extend(self.locks.check());
         problems
     }
 

@@ -1,10 +1,11 @@
-//! A pool of thin volumes over a synchronous disk: the `PoolMeta` decisions driven by plain
-//! blocking I/O. It formats and opens pools (superblock, checkpoint, journal replay) for every
-//! user, serves the control-path operations (create, snapshot, clone, rollback, resize,
-//! delete, checkpoint) and is the subject of the crash and model tests; the reactor device
-//! (`dev.rs`) drives the same `PoolMeta` with asynchronous I/O for the data path.
+//! A pool of thin volumes over a synchronous disk. It formats and opens pools (superblock,
+//! checkpoint, journal replay) for every user and serves the control-path operations (create,
+//! snapshot, clone, rollback, resize, delete, checkpoint). Reads, writes, trims, flushes and
+//! checkpoints are the volume core's [`Request`]s, run to completion by [`run`], a trivial
+//! driver that carries out each device operation at once, in order — the same request code the
+//! daemon's reactor adapter and the simulator drive asynchronously.
 //!
-//! Invariants (with those of `meta.rs`):
+//! Invariants (with those of `meta.rs` and `commit.rs`):
 //! - a commit makes data and every earlier journal block durable (flush) before it writes its
 //!   journal blocks with FUA, and frees become reusable only after;
 //! - a checkpoint is written to the metadata half the live superblock does not name, flushed,
@@ -12,9 +13,13 @@
 //!   checkpoint and its journal, or the new checkpoint, never a mix;
 //! - opening reads nothing but the superblocks, one checkpoint and at most the journal ring.
 
+use std::collections::VecDeque;
+
 use super::format::{choose_superblock, replay, JournalBlock, Superblock, BLOCK_SIZE};
-use super::meta::{Checkpoint, PoolMeta, ReadPiece, CHECKPOINT_HEADER};
+use super::locks::Waiter;
 pub use super::meta::{PoolError, Volume, PIECE};
+use super::meta::{PoolMeta, CHECKPOINT_HEADER};
+use super::request::{Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
 use super::sim::SimDisk;
 
 /// What the pool needs from a disk.
@@ -315,47 +320,18 @@ impl<D: SyncDisk> Pool<D> {
     }
 
     pub fn read(&mut self, id: u32, offset: u64, len: u64) -> Result<Vec<u8>, PoolError> {
-        let pieces = self.meta.plan_read(id, offset, len)?;
-        let mut out = Vec::with_capacity(len as usize);
-        for p in pieces {
-            match p {
-                ReadPiece::Zero { len } => out.resize(out.len() + len as usize, 0),
-                ReadPiece::Disk { offset, len } => {
-                    out.extend_from_slice(&self.disk.read(offset, len as usize)?)
-                }
-            }
-        }
-        Ok(out)
+        let buf = vec![0u8; len as usize];
+        let (_, buf) = run(&mut self.disk, &mut self.meta, id, Cmd::Read { offset, buf })?;
+        Ok(buf.expect("a read hands its buffer back"))
     }
 
     pub fn write(&mut self, id: u32, offset: u64, data: &[u8]) -> Result<(), PoolError> {
-        let plans = match self.meta.plan_write(id, offset, data.len() as u64, 0)? {
-            Ok(plans) => plans,
-            Err(_) => unreachable!("nothing is in flight on a synchronous pool"),
-        };
-        let cb = self.meta.cluster_bytes();
-        for p in &plans {
-            let chunk = &data[p.req_start as usize..(p.req_start + p.req_len) as usize];
-            match p.copy_from {
-                Some(old) => {
-                    let mut whole = self.disk.read(old, cb as usize)?;
-                    let at = (p.offset - self.meta.cluster_offset(p.cluster)) as usize;
-                    whole[at..at + chunk.len()].copy_from_slice(chunk);
-                    self.disk.write(self.meta.cluster_offset(p.cluster), &whole, false)?;
-                }
-                None => self.disk.write(p.offset, chunk, false)?,
-            }
-            self.meta.finish_span(id, p);
-        }
-        self.meta.end_write(id);
-        Ok(())
+        let cmd = Cmd::Write { offset, buf: data.to_vec(), fua: false };
+        run(&mut self.disk, &mut self.meta, id, cmd).map(drop)
     }
 
     pub fn trim(&mut self, id: u32, offset: u64, len: u64) -> Result<(), PoolError> {
-        match self.meta.trim(id, offset, len)? {
-            Ok(()) => Ok(()),
-            Err(_) => unreachable!("nothing is in flight on a synchronous pool"),
-        }
+        run(&mut self.disk, &mut self.meta, id, Cmd::Discard { offset, len }).map(drop)
     }
 
     /// Every discrepancy between the live counts and what the trees say (empty when exact).
@@ -373,55 +349,89 @@ impl<D: SyncDisk> Pool<D> {
     }
 }
 
-/// A group commit over a synchronous disk: data and earlier journal blocks durable, then the
-/// sealed blocks with FUA, then the frees released (or a checkpoint when the journal wants
-/// one). The caller holds `meta` exclusively; no other commit is in flight.
+/// Plain vectors as the core's buffers.
+struct VecBufs;
+
+impl Bufs for VecBufs {
+    type B = Vec<u8>;
+    fn get(&mut self, len: usize) -> Vec<u8> {
+        vec![0u8; len]
+    }
+    fn put(&mut self, _buf: Vec<u8>) {}
+}
+
+/// Runs one request of volume `vol` (0 for a flush or checkpoint) to completion over a
+/// synchronous disk: each device operation it asks for is carried out at once, in the order
+/// asked. The caller holds `meta` exclusively, so nothing else is in flight and the request
+/// never parks. The result (bytes or 0) and the command's buffer; a refusal or a device
+/// error as a `PoolError`.
+pub fn run<D: SyncDisk>(
+    disk: &mut D,
+    meta: &mut PoolMeta,
+    vol: u32,
+    cmd: Cmd<Vec<u8>>,
+) -> Result<(i32, Option<Vec<u8>>), PoolError> {
+    let mut bufs = VecBufs;
+    let mut out = Vec::new();
+    let mut queue = VecDeque::new();
+    let mut io_error: Option<std::io::Error> = None;
+    let mut req = Request::new(vol, cmd, Waiter(0));
+    let mut outcome = req.start(&mut Ctx { meta, bufs: &mut bufs, out: &mut out });
+    loop {
+        queue.extend(out.drain(..));
+        let mut woken = Vec::new();
+        meta.take_woken(&mut woken);
+        assert!(woken.is_empty(), "a synchronous pool parks nothing");
+        if let Outcome::Done { result, buf } = outcome {
+            assert!(queue.is_empty(), "a request finished with operations not yet run");
+            if result < 0 {
+                return Err(req
+                    .take_failure()
+                    .or(io_error.map(PoolError::Io))
+                    .unwrap_or_else(|| PoolError::Io(std::io::Error::from_raw_os_error(-result))));
+            }
+            return Ok((result, buf));
+        }
+        assert!(!req.parked(), "a request parked on a synchronous pool: nothing would wake it");
+        let Issue { tag, op } = queue.pop_front().expect("a pending request has work in flight");
+        let (result, buf) = match op {
+            DiskOp::Read { offset, mut buf } => match disk.read(offset, buf.len()) {
+                Ok(data) => {
+                    buf.copy_from_slice(&data);
+                    (buf.len() as i32, Some(buf))
+                }
+                Err(e) => (errno_of(&e, &mut io_error), Some(buf)),
+            },
+            DiskOp::Write { offset, buf, fua } => match disk.write(offset, &buf, fua) {
+                Ok(()) => (buf.len() as i32, Some(buf)),
+                Err(e) => (errno_of(&e, &mut io_error), Some(buf)),
+            },
+            DiskOp::Flush => match disk.flush() {
+                Ok(()) => (0, None),
+                Err(e) => (errno_of(&e, &mut io_error), None),
+            },
+        };
+        outcome =
+            req.on_completion(&mut Ctx { meta, bufs: &mut bufs, out: &mut out }, tag, result, buf);
+    }
+}
+
+/// A device error as the negative errno a request sees; the first one kept for the caller.
+fn errno_of(e: &std::io::Error, first: &mut Option<std::io::Error>) -> i32 {
+    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+    first.get_or_insert_with(|| std::io::Error::new(e.kind(), e.to_string()));
+    -errno
+}
+
+/// A group commit over a synchronous disk (a checkpoint when the journal wants one).
 pub fn commit_sync<D: SyncDisk>(disk: &mut D, meta: &mut PoolMeta) -> Result<(), PoolError> {
-    if meta.wants_checkpoint() {
-        return checkpoint_sync(disk, meta);
-    }
-    let Some(sealed) = meta.seal()? else {
-        return Err(PoolError::Damaged("another commit is still in flight".into()));
-    };
-    let start = meta.superblock().journal_start;
-    let written = disk.flush().and_then(|()| {
-        sealed
-            .blocks
-            .iter()
-            .try_for_each(|(i, bytes)| disk.write((start + i) * BLOCK_SIZE as u64, bytes, true))
-    });
-    if let Err(e) = written {
-        meta.fail(format!("journal commit failed: {e}"));
-        return Err(e.into());
-    }
-    meta.commit_done(sealed);
-    Ok(())
+    run(disk, meta, 0, Cmd::Flush).map(drop)
 }
 
-/// Writes the whole state of `meta` to the inactive metadata half, flushes, and names it in a
-/// new superblock (FUA): the journal starts over from the current position.
+/// A checkpoint over a synchronous disk: the whole state to the inactive metadata half, named
+/// by a new superblock; the journal starts over from the current position.
 pub fn checkpoint_sync<D: SyncDisk>(disk: &mut D, meta: &mut PoolMeta) -> Result<(), PoolError> {
-    let Some(c) = meta.begin_checkpoint()? else {
-        return Err(PoolError::Damaged("a commit is still in flight; checkpoint not taken".into()));
-    };
-    match write_checkpoint(disk, &c) {
-        Ok(()) => {
-            meta.checkpoint_done(c);
-            Ok(())
-        }
-        Err(e) => {
-            meta.fail(format!("checkpoint failed: {e}"));
-            Err(e.into())
-        }
-    }
-}
-
-/// The device I/O of a checkpoint, in its order: data durable, blob, blob durable, superblock.
-pub fn write_checkpoint<D: SyncDisk>(disk: &mut D, c: &Checkpoint) -> std::io::Result<()> {
-    disk.flush()?;
-    disk.write(c.blob_offset, &c.blob, false)?;
-    disk.flush()?;
-    disk.write(c.sb.slot() * BLOCK_SIZE as u64, &c.sb.encode(), true)
+    run(disk, meta, 0, Cmd::Checkpoint).map(drop)
 }
 
 #[cfg(test)]

@@ -1,0 +1,211 @@
+//! The commit pipeline as a state machine free of I/O: what one group commit (or checkpoint)
+//! asks of the device, in order, and what it changes in the pool state when each step ends.
+//!
+//! A journal commit, once sealed ([`PoolMeta::seal`]):
+//! - `SyncData`: the media is flushed, so the data every sealed record maps — and every
+//!   earlier journal block — is durable before any record naming it is;
+//! - `WriteJournal`: the sealed journal blocks are written with FUA (all at once: replay stops
+//!   at the first block that does not chain, so a torn tail is cut cleanly);
+//! - done: [`PoolMeta::commit_done`] (frees of the commit quarantined, waiters woken).
+//!
+//! A checkpoint, once begun ([`PoolMeta::begin_checkpoint`]):
+//! - `SyncData`: as above;
+//! - `WriteBlob`: the encoded state goes to the inactive metadata half;
+//! - `SyncBlob`: the media is flushed, so the blob is durable before anything names it;
+//! - `WriteSuperblock`: the superblock naming the blob and the new journal head, with FUA;
+//! - done: [`PoolMeta::checkpoint_done`].
+//!
+//! A failed step fails the pool ([`PoolMeta::fail`]): what is durable is unknown, so it takes
+//! no more writes until reopened (replay decides). Invariant: one commit in flight per pool
+//! (`PoolMeta` refuses a second seal), and a commit's device operations of one step are all
+//! complete before the next step's are issued.
+
+use crate::format::BLOCK_SIZE;
+use crate::meta::{Checkpoint, PoolError, PoolMeta, Sealed};
+use crate::request::{Buf, Bufs, DiskOp, Issue};
+
+/// What is being made durable.
+enum Job {
+    Journal(Sealed),
+    Checkpoint(Checkpoint),
+}
+
+/// Where a commit stands; one doc line per state in the module header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    SyncData,
+    WriteJournal,
+    WriteBlob,
+    SyncBlob,
+    WriteSuperblock,
+    Done,
+}
+
+/// One commit or checkpoint in flight. Its device operations carry `tag_base | n`.
+pub struct Commit {
+    job: Job,
+    stage: Stage,
+    outstanding: u32,
+    /// First failure of the current step (negative errno, or a short transfer).
+    error: Option<String>,
+    tag_base: u32,
+}
+
+/// How a commit ended.
+pub enum Finished {
+    /// Durable (the pool state knows).
+    Durable,
+    /// It failed and failed the pool.
+    Failed(PoolError),
+}
+
+impl Commit {
+    /// Seals the pending records (or begins a checkpoint, when asked or when the journal wants
+    /// one) and issues the first step. `None` while another commit is in flight.
+    pub fn begin<K: Bufs>(
+        meta: &mut PoolMeta,
+        bufs: &mut K,
+        out: &mut Vec<Issue<K::B>>,
+        tag_base: u32,
+        checkpoint: bool,
+    ) -> Result<Option<Commit>, PoolError> {
+        let job = if checkpoint || meta.wants_checkpoint() {
+            match meta.begin_checkpoint()? {
+                Some(c) => Job::Checkpoint(c),
+                None => return Ok(None),
+            }
+        } else {
+            match meta.seal()? {
+                Some(s) => Job::Journal(s),
+                None => return Ok(None),
+            }
+        };
+        let mut c = Commit { job, stage: Stage::SyncData, outstanding: 0, error: None, tag_base };
+        c.issue(meta, bufs, out);
+        Ok(Some(c))
+    }
+
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    pub fn is_checkpoint(&self) -> bool {
+        matches!(self.job, Job::Checkpoint(_))
+    }
+
+    fn push<B>(&mut self, out: &mut Vec<Issue<B>>, op: DiskOp<B>) {
+        out.push(Issue { tag: self.tag_base | self.outstanding, op });
+        self.outstanding += 1;
+    }
+
+    /// Issues the operations of the current stage.
+    fn issue<K: Bufs>(&mut self, meta: &PoolMeta, bufs: &mut K, out: &mut Vec<Issue<K::B>>) {
+        assert_eq!(self.outstanding, 0, "a step starts when the previous one has ended");
+        match self.stage {
+            Stage::SyncData | Stage::SyncBlob => self.push(out, DiskOp::Flush),
+            Stage::WriteJournal => {
+                let start = meta.superblock().journal_start;
+                let Job::Journal(sealed) = &self.job else { unreachable!("journal stage") };
+                let writes: Vec<(u64, K::B)> = sealed
+                    .blocks
+                    .iter()
+                    .map(|(index, bytes)| {
+                        let mut b = bufs.get(BLOCK_SIZE);
+                        b.as_mut_slice().copy_from_slice(bytes);
+                        ((start + index) * BLOCK_SIZE as u64, b)
+                    })
+                    .collect();
+                for (offset, buf) in writes {
+                    self.push(out, DiskOp::Write { offset, buf, fua: true });
+                }
+            }
+            Stage::WriteBlob => {
+                let Job::Checkpoint(c) = &self.job else { unreachable!("checkpoint stage") };
+                let mut b = bufs.get(c.blob.len());
+                b.as_mut_slice().copy_from_slice(&c.blob);
+                let offset = c.blob_offset;
+                self.push(out, DiskOp::Write { offset, buf: b, fua: false });
+            }
+            Stage::WriteSuperblock => {
+                let Job::Checkpoint(c) = &self.job else { unreachable!("checkpoint stage") };
+                let bytes = c.sb.encode();
+                let mut b = bufs.get(bytes.len());
+                b.as_mut_slice().copy_from_slice(&bytes);
+                let offset = c.sb.slot() * BLOCK_SIZE as u64;
+                self.push(out, DiskOp::Write { offset, buf: b, fua: true });
+            }
+            Stage::Done => unreachable!("nothing to issue when done"),
+        }
+    }
+
+    /// One of this commit's operations completed (`n`: its index within the step). `Some`
+    /// when the commit has ended.
+    pub fn on_completion<K: Bufs>(
+        &mut self,
+        meta: &mut PoolMeta,
+        bufs: &mut K,
+        out: &mut Vec<Issue<K::B>>,
+        result: i32,
+        buf: Option<K::B>,
+    ) -> Option<Finished> {
+        assert!(self.outstanding > 0, "completion of a commit step with nothing in flight");
+        let expected = buf.as_ref().map_or(0, |b| b.len());
+        if let Some(b) = buf {
+            bufs.put(b);
+        }
+        if result < 0 || result as usize != expected {
+            self.error.get_or_insert_with(|| {
+                let what = match self.stage {
+                    Stage::SyncData => "flush of the pool's data before a commit",
+                    Stage::WriteJournal => "journal block write",
+                    Stage::WriteBlob => "checkpoint write",
+                    Stage::SyncBlob => "flush of a checkpoint",
+                    Stage::WriteSuperblock => "superblock write",
+                    Stage::Done => "commit",
+                };
+                if result < 0 {
+                    format!("{what} failed: errno {}", -result)
+                } else {
+                    format!("{what} was short: {result} of {expected} bytes")
+                }
+            });
+        }
+        self.outstanding -= 1;
+        if self.outstanding > 0 {
+            return None;
+        }
+        if let Some(why) = self.error.take() {
+            self.stage = Stage::Done;
+            meta.fail(why.clone());
+            return Some(Finished::Failed(PoolError::Failed(why)));
+        }
+        self.stage = match (self.stage, &self.job) {
+            (Stage::SyncData, Job::Journal(_)) => Stage::WriteJournal,
+            (Stage::WriteJournal, _) => Stage::Done,
+            (Stage::SyncData, Job::Checkpoint(_)) => Stage::WriteBlob,
+            (Stage::WriteBlob, _) => Stage::SyncBlob,
+            (Stage::SyncBlob, _) => Stage::WriteSuperblock,
+            (Stage::WriteSuperblock, _) => Stage::Done,
+            (Stage::Done, _) => unreachable!("completion after the end"),
+        };
+        if self.stage == Stage::WriteJournal {
+            let Job::Journal(sealed) = &self.job else { unreachable!() };
+            if sealed.blocks.is_empty() {
+                self.stage = Stage::Done;
+            }
+        }
+        if self.stage != Stage::Done {
+            self.issue(meta, bufs, out);
+            return None;
+        }
+        let job = std::mem::replace(&mut self.job, Job::Journal(Sealed::empty()));
+        match job {
+            Job::Journal(s) => meta.commit_done(s),
+            Job::Checkpoint(c) => {
+                tracing::info!(bytes = c.blob.len(), "checkpoint written");
+                meta.checkpoint_done(c)
+            }
+        }
+        Some(Finished::Durable)
+    }
+}

@@ -1,6 +1,7 @@
 //! `ballast`: the daemon (`ballast serve`) and the command-line client of its control API.
 
 mod client;
+mod locate;
 mod rpc;
 mod rpc_nvmf;
 mod serve;
@@ -19,8 +20,10 @@ use clap::{Args, Parser, Subcommand};
     long_about = "Userspace block-storage target: thin volumes, snapshots and clones served over \
                   NVMe/TCP and NBD.\n\n`serve` runs the daemon; `pool create|check|dump` work \
                   offline on a pool's file or device; every other command asks a running daemon \
-                  through its control socket (--rpc-socket PATH, or ballast.sock in --data-dir \
-                  DIR, by default ./ballast-data)."
+                  through its control socket: --rpc-socket PATH, --data-dir DIR or \
+                  $BALLAST_RPC_SOCKET if given, else the first live one of \
+                  ./ballast-data/ballast.sock, $XDG_RUNTIME_DIR/ballast/ctl.sock, \
+                  /run/ballast/ctl.sock."
 )]
 struct Cli {
     #[command(subcommand)]

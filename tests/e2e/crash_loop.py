@@ -124,10 +124,21 @@ def round_(b, rep, rng, state, snapshots):
 
 
 def main():
+    # `timeout` sends SIGTERM: make it an exit, so the scratch directory below is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    b = Ballast(["--pool", "{data}/pool.img", "--cores", "2"])
+    try:
+        return run(b)
+    finally:
+        # The pool and the log (~55 MB): removed on success and failure alike (the daemon is
+        # killed first if still running); BALLAST_KEEP_TMP keeps them.
+        b.__exit__(None, None, None)
+
+
+def run(b):
     r = Report()
     rng = random.Random(int(os.environ.get("CRASH_SEED", str(int(time.time())))))
     print("seed and rounds:", rng.getstate()[1][0], ROUNDS)
-    b = Ballast(["--pool", "{data}/pool.img", "--cores", "2"])
     pool = os.path.join(b.data_dir, "pool.img")
     subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "1G"], check=True,
                    capture_output=True)

@@ -1,7 +1,6 @@
 //! The CLI side of the control API: one JSON-RPC 2.0 call per command over the Unix socket.
 
 use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context};
@@ -10,41 +9,22 @@ use serde_json::{json, Value};
 
 use crate::AddArgs;
 
-/// Where the daemon's control socket is.
+/// Where the daemon's control socket is (see `locate` for the search).
 #[derive(Args, Clone)]
 pub struct Target {
-    /// Control socket (default: <data-dir>/ballast.sock).
+    /// Control socket of the daemon (or set BALLAST_RPC_SOCKET). Default: the first live one
+    /// of ./ballast-data/ballast.sock, $XDG_RUNTIME_DIR/ballast/ctl.sock, /run/ballast/ctl.sock.
     #[arg(long)]
     pub rpc_socket: Option<PathBuf>,
-    /// The daemon's data directory.
-    #[arg(long, default_value = "ballast-data")]
-    pub data_dir: PathBuf,
-}
-
-impl Target {
-    fn socket(&self) -> PathBuf {
-        self.rpc_socket.clone().unwrap_or_else(|| self.data_dir.join("ballast.sock"))
-    }
+    /// The daemon's data directory: use its ballast.sock (and look nowhere else).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Calls `method` and returns its `result`, or the server's error as an error.
 pub fn call(target: &Target, method: &str, params: Value) -> anyhow::Result<Value> {
-    let path = target.socket();
-    let mut stream = match UnixStream::connect(&path) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
-            "permission denied: the control socket {} is only for root and the daemon's user",
-            path.display()
-        ),
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "cannot reach the daemon at {} (is `ballast serve` running?)",
-                    path.display()
-                )
-            })
-        }
-    };
+    let (mut stream, _path) =
+        crate::locate::connect(target.rpc_socket.as_deref(), target.data_dir.as_deref())?;
     let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
     let mut line = serde_json::to_string(&request)?;
     line.push('\n');

@@ -1,6 +1,7 @@
 //! `ballast`: the daemon (`ballast serve`) and the command-line client of its control API.
 
 mod client;
+mod locate;
 mod rpc;
 mod rpc_nvmf;
 mod serve;
@@ -14,7 +15,15 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "ballast",
     version,
-    about = "Userspace block-storage target: NBD (and soon NVMe/TCP) over thin volumes"
+    about = "Userspace block-storage target: thin volumes, snapshots and clones served over \
+             NVMe/TCP and NBD",
+    long_about = "Userspace block-storage target: thin volumes, snapshots and clones served over \
+                  NVMe/TCP and NBD.\n\n`serve` runs the daemon; `pool create|check|dump` work \
+                  offline on a pool's file or device; every other command asks a running daemon \
+                  through its control socket: --rpc-socket PATH, --data-dir DIR or \
+                  $BALLAST_RPC_SOCKET if given, else the first live one of \
+                  ./ballast-data/ballast.sock, $XDG_RUNTIME_DIR/ballast/ctl.sock, \
+                  /run/ballast/ctl.sock."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,15 +32,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon.
+    /// Run the daemon: serve a pool's volumes (or --export devices) over NVMe/TCP and NBD, and
+    /// the control socket the other commands talk to.
     Serve(serve::ServeArgs),
-    /// Manage NBD exports of a running daemon.
+    /// Exports of a running daemon: the devices served by name (volumes, and the RAM or file
+    /// backed ones added here; NBD serves each, `nvmf add-ns` puts one in an NVMe subsystem).
     #[command(subcommand)]
     Export(ExportCommand),
     /// Manage NVMe-oF subsystems of a running daemon.
     #[command(subcommand)]
     Nvmf(NvmfCommand),
-    /// Create, check or dump a pool (offline: on the file or device itself).
+    /// Pools: create, check or dump one offline (on its file or device); `info` asks the
+    /// running daemon.
     #[command(subcommand)]
     Pool(PoolCommand),
     /// Thin volumes of the running daemon's pool.
@@ -40,7 +52,7 @@ enum Command {
     /// Snapshots (read-only, O(1)) of the running daemon's volumes.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
-    /// Writable clones of snapshots.
+    /// Writable clones of the running daemon's snapshots.
     #[command(subcommand)]
     Clone(CloneCommand),
     /// Call any control method: `ballast rpc METHOD '{"param": 1}'`.
@@ -64,7 +76,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ExportCommand {
-    /// List exports.
+    /// List exports (volumes included).
     List {
         #[command(flatten)]
         target: client::Target,
@@ -72,7 +84,8 @@ enum ExportCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Add an export backed by memory or a file/block device.
+    /// Add an export backed by memory or a file/block device (served over NBD; `nvmf add-ns`
+    /// adds it to an NVMe subsystem).
     Add(AddArgs),
     /// Grow an export (NVMe hosts are told through an asynchronous event; NBD clients see the
     /// new size when they reconnect).
@@ -152,7 +165,7 @@ enum NvmfCommand {
 
 #[derive(Subcommand)]
 enum PoolCommand {
-    /// Format a file or block device as a pool (a missing file is created sparse).
+    /// Format a file or block device as a pool, offline (a missing file is created sparse).
     Create {
         path: PathBuf,
         /// Size of a new file, e.g. 10G.
@@ -165,7 +178,7 @@ enum PoolCommand {
     /// Verify a pool (stop the daemon first): superblocks, checkpoint, journal, every tree and
     /// reference count, free space. Exit status 0 only when everything is exact.
     Check { path: PathBuf },
-    /// Print a pool's metadata.
+    /// Print a pool's metadata, read offline from its file or device.
     Dump {
         path: PathBuf,
         /// Every mapped cluster of every volume, too.

@@ -32,8 +32,8 @@ const BUFFER_MEMORY_PER_CORE_MIN: u64 = 16 << 20;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Directory for the default volume and the control socket.
-    #[arg(long, default_value = "ballast-data")]
+    /// Directory for the default pool and the control socket.
+    #[arg(long, default_value = crate::locate::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
     /// NBD listen address.
     #[arg(long, default_value = "127.0.0.1:10809")]
@@ -50,7 +50,10 @@ pub struct ServeArgs {
     /// Number of data cores (reactor threads); default: every CPU we may run on.
     #[arg(long)]
     cores: Option<usize>,
-    /// Control socket path (default: <data-dir>/ballast.sock).
+    /// Control socket path. Default: <data-dir>/ballast.sock, with a pointer to it left at
+    /// $XDG_RUNTIME_DIR/ballast/ctl.sock (or, for root without XDG_RUNTIME_DIR,
+    /// /run/ballast/ctl.sock) so the CLI finds the daemon from any directory; an explicit
+    /// path leaves no pointer.
     #[arg(long)]
     rpc_socket: Option<PathBuf>,
     /// An export, NAME=ram:SIZE or NAME=file:PATH[:SIZE] (repeatable); default: vol0 in the data dir.
@@ -281,9 +284,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         bail!("core 0 is not running");
     }
 
-    let socket = args.rpc_socket.clone().unwrap_or_else(|| args.data_dir.join("ballast.sock"));
+    let socket = args
+        .rpc_socket
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join(crate::locate::DATA_DIR_SOCKET));
+    let socket = std::path::absolute(&socket)
+        .with_context(|| format!("control socket {}", socket.display()))?;
     rpc::start(&socket, control, args.rpc_limits.limits())?;
-    tracing::info!(cores = count, exports = exports.list().len(), "ballast serving");
+    let pointer = if args.rpc_socket.is_none() { publish_pointer(&socket) } else { None };
+    tracing::info!(
+        cores = count,
+        exports = exports.list().len(),
+        socket = %socket.display(),
+        "ballast serving"
+    );
 
     let signal = signals.wait()?;
     tracing::info!(?signal, "shutting down: draining connections");
@@ -299,9 +313,39 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             tracing::error!(error = %e, "final checkpoint failed");
         }
     }
+    drop(pointer);
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Leaves a pointer to `socket` where the CLI looks (`locate`), if there is such a place for
+/// this user; a failure is logged and serving goes on (the CLI can still be told the path).
+fn publish_pointer(socket: &Path) -> Option<crate::locate::Pointer> {
+    use crate::locate;
+    let euid = nix::unistd::geteuid().as_raw();
+    let Some(dir) = locate::publish_dir(locate::xdg_runtime_dir().as_deref(), euid) else {
+        tracing::info!(
+            socket = %socket.display(),
+            "no pointer to the control socket: XDG_RUNTIME_DIR is not set (the CLI finds this \
+             daemon from the directory holding its data dir, or with --rpc-socket)"
+        );
+        return None;
+    };
+    match locate::Pointer::publish(&dir, socket) {
+        Ok(pointer) => {
+            tracing::info!(
+                pointer = %pointer.link().display(),
+                socket = %socket.display(),
+                "control socket pointer published"
+            );
+            Some(pointer)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no pointer to the control socket");
+            None
+        }
+    }
 }
 
 /// Binds an NVMe/TCP listener and starts its acceptor on core 0.

@@ -461,6 +461,16 @@ impl PoolMeta {
     }
 
     fn release_tree(&mut self, tree: Tree) {
+        // Every cluster the tree names changes sharing, even those in leaves another tree
+        // still holds (their reference counts stay, but the survivor may now look like the
+        // only owner): none of them may take an in-place write before this is durable, or a
+        // crash would bring the tree back over data written since (found by the simulator: a
+        // deleted snapshot reappeared with its origin's later writes).
+        for (_, e) in tree.entries() {
+            if let Some(c) = e.cluster() {
+                self.touch(c);
+            }
+        }
         let mut released = Vec::new();
         tree.release(|e| released.extend(e.cluster()));
         for c in released {

@@ -1,0 +1,899 @@
+//! The seeded simulator: the volume core's own request code (the code the daemon runs, through
+//! its reactor adapter) driven with many requests in flight on overlapping clusters, device
+//! operations completing in random order, injected EIO, control operations (snapshot, clone,
+//! rollback, resize, delete, create) racing with I/O, and crashes at any point (unflushed
+//! writes dropped, applied, torn or reordered; operations in flight landing or not).
+//!
+//! Oracles:
+//! - a read returns, for every 512-byte sector, a value some write could have left there: not
+//!   one that a write acknowledged before the read was submitted had superseded;
+//! - after a crash every sector holds a value no durable write superseded (a write is durable
+//!   once a flush submitted after its acknowledgement completed, or it was FUA);
+//! - a snapshot never changes: its content is read at creation and compared at every check;
+//! - an operation whose commit completed survives a crash; one whose commit had not may or may
+//!   not, but entirely;
+//! - reference counts and lock table exact (`PoolMeta::check`) at every checkpoint of the run;
+//!   deleting everything at the end returns the pool to its empty baseline.
+//!
+//! `BALLAST_SIM_RUNS` sets the number of seeded runs (default 10,000); `BALLAST_SIM_SEED`
+//! replays one.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use ballast_volume::locks::Waiter;
+use ballast_volume::meta::PoolMeta;
+use ballast_volume::pool::{run, Pool, PoolGeometry, PIECE};
+use ballast_volume::request::{Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
+use ballast_volume::sim::{CrashMode, SimDisk};
+
+const SECT: u64 = 512;
+const CLUSTER_SHIFT: u32 = 14;
+const VOL_BYTES: u64 = 64 * 1024;
+const MAX_BYTES: u64 = 2 * VOL_BYTES;
+const DISK_BYTES: u64 = 2 << 20;
+const STEPS: usize = 400;
+
+/// `BALLAST_SIM_TRACE=1` prints every event of a replayed seed.
+fn tracing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("BALLAST_SIM_TRACE").is_some())
+}
+
+macro_rules! trace {
+    ($($t:tt)*) => { if tracing() { eprintln!($($t)*); } };
+}
+
+/// splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, one_in: u64) -> bool {
+        self.below(one_in) == 0
+    }
+}
+
+struct VecBufs;
+
+impl Bufs for VecBufs {
+    type B = Vec<u8>;
+    fn get(&mut self, len: usize) -> Vec<u8> {
+        vec![0xee; len]
+    }
+    fn put(&mut self, _buf: Vec<u8>) {}
+}
+
+/// One value a sector may hold: who wrote it and when.
+#[derive(Clone, Debug)]
+struct Ev {
+    val: u64,
+    sub: u64,
+    ack: Option<u64>,
+    durable: bool,
+}
+
+impl Ev {
+    fn base(val: u64) -> Ev {
+        Ev { val, sub: 0, ack: Some(0), durable: true }
+    }
+}
+
+/// What the model knows of one volume.
+struct VolModel {
+    name: String,
+    snapshot: bool,
+    size: u64,
+    /// Per sector of the largest size the volume may reach: the values it may hold.
+    sectors: Vec<Vec<Ev>>,
+    /// A snapshot's content, read when it was taken.
+    fixed: Option<Vec<u64>>,
+    /// Created (snapshot, clone, create) but the commit recording it has not completed.
+    pending_create: bool,
+    /// Deleted; the commit recording it has not completed.
+    deleted: bool,
+}
+
+fn sector_value(buf: &[u8], i: usize) -> u64 {
+    let s = &buf[i * SECT as usize..(i + 1) * SECT as usize];
+    let v = u64::from_le_bytes(s[..8].try_into().unwrap());
+    assert!(
+        s.chunks(8).all(|c| u64::from_le_bytes(c.try_into().unwrap()) == v),
+        "sector mixes two writes' bytes"
+    );
+    v
+}
+
+/// Whether `e` was certainly overwritten, for a reader that started at `t`: a later write
+/// `e2` acknowledged before `t` was submitted after `e` was acknowledged.
+fn superseded(evs: &[Ev], e: &Ev, t: u64, durable_only: bool) -> bool {
+    let Some(a) = e.ack else { return false };
+    evs.iter()
+        .any(|e2| e2.ack.is_some_and(|a2| a2 < t) && a < e2.sub && (!durable_only || e2.durable))
+}
+
+fn allowed(evs: &[Ev], x: u64, sub: u64, done: u64, durable_only: bool) -> bool {
+    evs.iter().any(|e| e.val == x && e.sub < done && !superseded(evs, e, sub, durable_only))
+}
+
+#[derive(Debug)]
+enum Kind {
+    Read {
+        vol: u32,
+        off: u64,
+        len: u64,
+        sub: u64,
+    },
+    /// A write (or write-zeroes/discard: value 0 events) whose sectors `first..first+n` got
+    /// events at submission.
+    Write {
+        vol: u32,
+        first: usize,
+        n: usize,
+        fua: bool,
+        sub: u64,
+    },
+    Flush {
+        sub: u64,
+    },
+    /// The commit of a control operation (a flush), and what it makes final.
+    Control {
+        sub: u64,
+        done: Vec<u32>,
+    },
+}
+
+struct Live {
+    req: Request<Vec<u8>>,
+    kind: Kind,
+}
+
+struct InFlight {
+    req: u64,
+    tag: u32,
+    op: DiskOp<Vec<u8>>,
+}
+
+#[derive(Debug)]
+enum ControlOp {
+    Snapshot { of: u32 },
+    Clone { of: u32 },
+    Rollback { vol: u32, to: u32 },
+    Resize { vol: u32, size: u64 },
+    Delete { vol: u32 },
+    Create,
+}
+
+struct Sim {
+    rng: Rng,
+    seed: u64,
+    disk: SimDisk,
+    meta: PoolMeta,
+    live: BTreeMap<u64, Live>,
+    inflight: Vec<InFlight>,
+    woken: VecDeque<Waiter>,
+    vols: BTreeMap<u32, VolModel>,
+    now: u64,
+    next_req: u64,
+    next_write: u64,
+    /// A control operation waiting for its volume to drain.
+    draining: Option<(u32, ControlOp)>,
+    control_busy: bool,
+    names: u64,
+    eio_one_in: u64,
+    commit_records: usize,
+    /// Clusters in use in the empty pool.
+    baseline: u64,
+    stats: Stats,
+}
+
+#[derive(Default, Debug)]
+struct Stats {
+    requests: u64,
+    parked: u64,
+    crashes: u64,
+    eio: u64,
+    controls: u64,
+    reads_checked: u64,
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut rng = Rng(seed);
+        let disk = SimDisk::new(DISK_BYTES, rng.next());
+        let g = PoolGeometry {
+            cluster_shift: CLUSTER_SHIFT,
+            journal_blocks: 16 + rng.below(48),
+            pool_uuid: [7; 16],
+            max_volumes: 64,
+            config_bytes: 256,
+        };
+        let mut pool = Pool::format(disk, g).expect("format");
+        let baseline = pool.meta().used_clusters();
+        let mut vols = BTreeMap::new();
+        for name in ["a", "b"] {
+            let id = pool.create_volume(name, VOL_BYTES).expect("create");
+            vols.insert(id, VolModel::fresh(name, VOL_BYTES));
+        }
+        let (disk, mut meta) = pool.into_parts();
+        let commit_records = 8 + rng.below(64) as usize;
+        meta.set_commit_records(commit_records);
+        let eio_one_in = if rng.chance(3) { 150 } else { 0 };
+        Sim {
+            rng,
+            seed,
+            disk,
+            meta,
+            live: BTreeMap::new(),
+            inflight: Vec::new(),
+            woken: VecDeque::new(),
+            vols,
+            now: 1,
+            next_req: 1,
+            next_write: 1,
+            draining: None,
+            control_busy: false,
+            names: 0,
+            eio_one_in,
+            commit_records,
+            baseline,
+            stats: Stats::default(),
+        }
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.now += 1;
+        self.now
+    }
+
+    /// Writable volumes the model can address now.
+    fn writable(&self) -> Vec<u32> {
+        self.vols.iter().filter(|(_, v)| !v.snapshot && !v.deleted).map(|(id, _)| *id).collect()
+    }
+
+    fn any_volume(&self) -> Vec<u32> {
+        self.vols.iter().filter(|(_, v)| !v.deleted).map(|(id, _)| *id).collect()
+    }
+
+    /// Feeds one event to request `id` and carries out what follows.
+    fn feed(
+        &mut self,
+        id: u64,
+        ev: impl FnOnce(&mut Request<Vec<u8>>, &mut Ctx<'_, VecBufs>) -> Outcome<Vec<u8>>,
+    ) {
+        let mut out: Vec<Issue<Vec<u8>>> = Vec::new();
+        let live = self.live.get_mut(&id).expect("live request");
+        let outcome = {
+            let mut bufs = VecBufs;
+            let mut cx = Ctx { meta: &mut self.meta, bufs: &mut bufs, out: &mut out };
+            ev(&mut live.req, &mut cx)
+        };
+        if live.req.parked() {
+            self.stats.parked += 1;
+        }
+        for Issue { tag, op } in out {
+            self.inflight.push(InFlight { req: id, tag, op });
+        }
+        let mut w = Vec::new();
+        self.meta.take_woken(&mut w);
+        self.woken.extend(w);
+        if let Outcome::Done { result, buf } = outcome {
+            let live = self.live.remove(&id).expect("live");
+            self.finished(live.kind, result, buf);
+            if self.meta.take_background_commit() {
+                self.submit(Kind::Flush { sub: self.now }, Cmd::Flush, 0);
+            }
+        }
+    }
+
+    fn submit(&mut self, kind: Kind, cmd: Cmd<Vec<u8>>, vol: u32) {
+        let id = self.next_req;
+        self.next_req += 1;
+        self.stats.requests += 1;
+        let req = Request::new(vol, cmd, Waiter(id));
+        trace!("t{} submit r{id} {kind:?}", self.now);
+        self.live.insert(id, Live { req, kind });
+        self.feed(id, |r, cx| r.start(cx));
+    }
+
+    /// A request replied.
+    fn finished(&mut self, kind: Kind, result: i32, buf: Option<Vec<u8>>) {
+        let now = self.tick();
+        trace!("t{now} done {kind:?} -> {result}");
+        match kind {
+            Kind::Read { vol, off, len, sub } => {
+                if result < 0 {
+                    return;
+                }
+                assert_eq!(result as u64, len, "seed {}: short read", self.seed);
+                let buf = buf.expect("read buffer");
+                // Reads do not hold off a delete: one may finish after its volume went.
+                let Some(m) = self.vols.get(&vol) else { return };
+                for i in 0..(len / SECT) as usize {
+                    let s = (off / SECT) as usize + i;
+                    let x = sector_value(&buf, i);
+                    if let Some(fixed) = &m.fixed {
+                        assert_eq!(
+                            x, fixed[s],
+                            "seed {}: snapshot {} sector {s} changed",
+                            self.seed, m.name
+                        );
+                    }
+                    assert!(
+                        allowed(&m.sectors[s], x, sub, now, false),
+                        "seed {}: volume {} sector {s} read {x:#x}; possible: {:?}",
+                        self.seed,
+                        m.name,
+                        m.sectors[s]
+                    );
+                }
+                self.stats.reads_checked += 1;
+            }
+            Kind::Write { vol, first, n, fua, sub } => {
+                if result < 0 {
+                    return; // never acknowledged: its events stay possible, never superseding
+                }
+                // A FUA write's data was in place before a delete drained the volume; its reply
+                // waited for a commit that came after.
+                let Some(m) = self.vols.get_mut(&vol) else { return };
+                for s in first..first + n {
+                    for e in m.sectors[s].iter_mut().filter(|e| e.sub == sub && e.ack.is_none()) {
+                        e.ack = Some(now);
+                    }
+                }
+                if fua {
+                    self.durable_before(sub, Some((vol, first, n, sub)));
+                }
+            }
+            Kind::Flush { sub } => {
+                if result == 0 {
+                    self.durable_before(sub, None);
+                }
+            }
+            Kind::Control { sub, done } => {
+                self.control_busy = false;
+                if result == 0 {
+                    self.durable_before(sub, None);
+                    for id in done {
+                        if let Some(m) = self.vols.get_mut(&id) {
+                            m.pending_create = false;
+                            if m.deleted {
+                                self.vols.remove(&id);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every write acknowledged before `sub` is durable (and the FUA write itself).
+    fn durable_before(&mut self, sub: u64, fua: Option<(u32, usize, usize, u64)>) {
+        for (id, m) in self.vols.iter_mut() {
+            for (s, evs) in m.sectors.iter_mut().enumerate() {
+                for e in evs.iter_mut() {
+                    let own = fua
+                        .is_some_and(|(v, f, n, t)| v == *id && s >= f && s < f + n && e.sub == t);
+                    if e.ack.is_some_and(|a| a < sub) || own {
+                        e.durable = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Completes one device operation chosen at random (maybe with EIO).
+    fn complete_one(&mut self) {
+        let i = self.rng.below(self.inflight.len() as u64) as usize;
+        let InFlight { req, tag, op } = self.inflight.swap_remove(i);
+        let fail = self.eio_one_in > 0 && self.rng.chance(self.eio_one_in);
+        trace!(
+            "t{} complete r{req} tag {tag:#x} {} fail={fail}",
+            self.now,
+            match &op {
+                DiskOp::Read { offset, buf } => format!("read {offset:#x}+{:#x}", buf.len()),
+                DiskOp::Write { offset, buf, fua } =>
+                    format!("write {offset:#x}+{:#x} fua={fua}", buf.len()),
+                DiskOp::Flush => "flush".into(),
+            }
+        );
+        if fail {
+            self.stats.eio += 1;
+        }
+        let (result, buf) = match op {
+            DiskOp::Read { offset, mut buf } => {
+                if fail {
+                    (-libc::EIO, Some(buf))
+                } else {
+                    let d = self.disk.read(offset, buf.len());
+                    buf.copy_from_slice(&d);
+                    (buf.len() as i32, Some(buf))
+                }
+            }
+            DiskOp::Write { offset, buf, fua } => {
+                if fail {
+                    (-libc::EIO, Some(buf))
+                } else {
+                    self.disk.write(offset, &buf, fua);
+                    (buf.len() as i32, Some(buf))
+                }
+            }
+            DiskOp::Flush => {
+                if fail {
+                    (-libc::EIO, None)
+                } else {
+                    self.disk.flush();
+                    (0, None)
+                }
+            }
+        };
+        self.feed(req, |r, cx| r.on_completion(cx, tag, result, buf));
+    }
+
+    fn wake_one(&mut self) {
+        let w = self.woken.pop_front().expect("woken");
+        trace!("t{} wake r{}", self.now, w.0);
+        if self.live.contains_key(&w.0) {
+            self.feed(w.0, |r, cx| r.on_wake(cx));
+        }
+    }
+
+    /// A random new request.
+    fn new_request(&mut self) {
+        let sub = self.tick();
+        match self.rng.below(10) {
+            0..=2 => {
+                let vols = self.any_volume();
+                let vol = vols[self.rng.below(vols.len() as u64) as usize];
+                let size = self.vols[&vol].size;
+                let (off, len) = self.range(size);
+                let buf = vec![0xaa; len as usize];
+                self.submit(Kind::Read { vol, off, len, sub }, Cmd::Read { offset: off, buf }, vol);
+            }
+            3..=6 => {
+                let vols = self.writable();
+                if vols.is_empty() {
+                    return;
+                }
+                let vol = vols[self.rng.below(vols.len() as u64) as usize];
+                let size = self.vols[&vol].size;
+                let (off, len) = self.range(size);
+                let fua = self.rng.chance(8);
+                let w = self.next_write;
+                self.next_write += 1;
+                let mut buf = vec![0u8; len as usize];
+                let first = (off / SECT) as usize;
+                let n = (len / SECT) as usize;
+                let m = self.vols.get_mut(&vol).expect("volume");
+                for i in 0..n {
+                    let val = (w << 32) | (first + i) as u64;
+                    for c in buf[i * SECT as usize..(i + 1) * SECT as usize].chunks_mut(8) {
+                        c.copy_from_slice(&val.to_le_bytes());
+                    }
+                    m.sectors[first + i].push(Ev { val, sub, ack: None, durable: false });
+                }
+                self.submit(
+                    Kind::Write { vol, first, n, fua, sub },
+                    Cmd::Write { offset: off, buf, fua },
+                    vol,
+                );
+            }
+            7 => {
+                let vols = self.writable();
+                if vols.is_empty() {
+                    return;
+                }
+                let vol = vols[self.rng.below(vols.len() as u64) as usize];
+                let size = self.vols[&vol].size;
+                let (mut off, mut len) = self.range(size);
+                let discard = self.rng.chance(2);
+                if discard {
+                    // Discard is advisory: the model knows what it does to whole pieces only.
+                    off = off / PIECE * PIECE;
+                    len = len.next_multiple_of(PIECE).min(size - off);
+                }
+                let first = (off / SECT) as usize;
+                let n = (len / SECT) as usize;
+                let m = self.vols.get_mut(&vol).expect("volume");
+                for s in first..first + n {
+                    m.sectors[s].push(Ev { val: 0, sub, ack: None, durable: false });
+                }
+                let cmd = if discard {
+                    Cmd::Discard { offset: off, len }
+                } else {
+                    Cmd::WriteZeroes { offset: off, len }
+                };
+                self.submit(Kind::Write { vol, first, n, fua: false, sub }, cmd, vol);
+            }
+            _ => self.submit(Kind::Flush { sub }, Cmd::Flush, 0),
+        }
+    }
+
+    /// A sector-aligned range inside `size`: mostly small, sometimes unaligned to pieces,
+    /// sometimes spanning clusters.
+    fn range(&mut self, size: u64) -> (u64, u64) {
+        let sectors = size / SECT;
+        let aligned = self.rng.chance(2);
+        let (off, len) = if aligned {
+            let pieces = size / PIECE;
+            let p = self.rng.below(pieces);
+            let n = 1 + self.rng.below(6.min(pieces - p));
+            (p * PIECE, n * PIECE)
+        } else {
+            let s = self.rng.below(sectors);
+            let n = 1 + self.rng.below(40.min(sectors - s));
+            (s * SECT, n * SECT)
+        };
+        (off, len)
+    }
+
+    /// Starts a control operation (one at a time, as the control thread does).
+    fn new_control(&mut self) {
+        if self.control_busy || self.draining.is_some() {
+            return;
+        }
+        let vols = self.writable();
+        let snaps: Vec<u32> =
+            self.vols.iter().filter(|(_, v)| v.snapshot && !v.deleted).map(|(id, _)| *id).collect();
+        let op = match self.rng.below(6) {
+            0 if !vols.is_empty() => {
+                ControlOp::Snapshot { of: vols[self.rng.below(vols.len() as u64) as usize] }
+            }
+            1 if !snaps.is_empty() => {
+                ControlOp::Clone { of: snaps[self.rng.below(snaps.len() as u64) as usize] }
+            }
+            2 if !snaps.is_empty() => {
+                let to = snaps[self.rng.below(snaps.len() as u64) as usize];
+                let parent = self.meta.volumes()[&to].parent;
+                match self.vols.get(&parent) {
+                    Some(m) if !m.deleted && !m.snapshot => ControlOp::Rollback { vol: parent, to },
+                    _ => return,
+                }
+            }
+            3 if !vols.is_empty() => {
+                let vol = vols[self.rng.below(vols.len() as u64) as usize];
+                let size = (1 + self.rng.below(MAX_BYTES / PIECE)) * PIECE;
+                ControlOp::Resize { vol, size }
+            }
+            4 => {
+                let all = self.any_volume();
+                if all.len() <= 1 {
+                    return;
+                }
+                ControlOp::Delete { vol: all[self.rng.below(all.len() as u64) as usize] }
+            }
+            5 if self.vols.len() < 8 => ControlOp::Create,
+            _ => return,
+        };
+        self.stats.controls += 1;
+        let quiesce = match op {
+            ControlOp::Snapshot { of } => Some(of),
+            ControlOp::Rollback { vol, .. }
+            | ControlOp::Resize { vol, .. }
+            | ControlOp::Delete { vol } => Some(vol),
+            ControlOp::Clone { .. } | ControlOp::Create => None,
+        };
+        if let Some(v) = quiesce {
+            self.meta.set_frozen(v, true);
+            self.draining = Some((v, op));
+        } else {
+            self.draining = Some((0, op));
+        }
+    }
+
+    /// Reads a whole volume now, through a request run synchronously (reads never park).
+    fn observe(&mut self, id: u32) -> Vec<u64> {
+        let size = self.meta.volumes()[&id].size_bytes;
+        let buf = vec![0u8; size as usize];
+        let (_, buf) = run(&mut self.disk, &mut self.meta, id, Cmd::Read { offset: 0, buf })
+            .unwrap_or_else(|e| panic!("seed {}: observing volume {id}: {e}", self.seed));
+        let buf = buf.expect("buffer");
+        (0..(size / SECT) as usize).map(|i| sector_value(&buf, i)).collect()
+    }
+
+    /// The draining control operation runs once its volume is quiet.
+    fn try_control(&mut self) {
+        let Some((v, _)) = &self.draining else { return };
+        if *v != 0 && !self.meta.quiet(*v) {
+            return;
+        }
+        let (v, op) = self.draining.take().expect("checked");
+        let now = self.tick();
+        trace!("t{now} control {op:?}");
+        let name = format!("n{}", self.names);
+        self.names += 1;
+        let mut done = Vec::new();
+        let r = match op {
+            ControlOp::Snapshot { of } => self.meta.snapshot(of, &name).map(|id| {
+                let content = self.observe(id);
+                check_against(self.seed, &self.vols[&of], &content, now);
+                let mut m = VolModel::fresh(&name, self.meta.volumes()[&id].size_bytes);
+                m.snapshot = true;
+                m.pending_create = true;
+                for (s, x) in content.iter().enumerate() {
+                    m.sectors[s] = vec![Ev::base(*x)];
+                }
+                m.fixed = Some(content);
+                self.vols.insert(id, m);
+                done.push(id);
+            }),
+            ControlOp::Clone { of } => self.meta.clone_volume(of, &name).map(|id| {
+                let src = self.vols[&of].fixed.clone().expect("a snapshot's content");
+                let mut m = VolModel::fresh(&name, self.meta.volumes()[&id].size_bytes);
+                m.pending_create = true;
+                for (s, x) in src.iter().enumerate() {
+                    m.sectors[s] = vec![Ev::base(*x)];
+                }
+                self.vols.insert(id, m);
+                done.push(id);
+            }),
+            ControlOp::Rollback { vol, to } => self.meta.rollback(vol, to).map(|()| {
+                let src = self.vols[&to].fixed.clone().expect("a snapshot's content");
+                let size = self.meta.volumes()[&vol].size_bytes;
+                let m = self.vols.get_mut(&vol).expect("volume");
+                for s in 0..(MAX_BYTES / SECT) as usize {
+                    let val = src.get(s).copied().unwrap_or(0);
+                    m.sectors[s].push(Ev { val, sub: now, ack: Some(now), durable: false });
+                }
+                m.size = size;
+            }),
+            ControlOp::Resize { vol, size } => self.meta.resize(vol, size, true).map(|()| {
+                let m = self.vols.get_mut(&vol).expect("volume");
+                if size < m.size {
+                    for s in (size / SECT) as usize..(MAX_BYTES / SECT) as usize {
+                        m.sectors[s].push(Ev { val: 0, sub: now, ack: Some(now), durable: false });
+                    }
+                }
+                m.size = size;
+            }),
+            ControlOp::Delete { vol } => self.meta.delete(vol).map(|()| {
+                self.vols.get_mut(&vol).expect("volume").deleted = true;
+                done.push(vol);
+            }),
+            ControlOp::Create => self.meta.create_volume(&name, VOL_BYTES).map(|id| {
+                let mut m = VolModel::fresh(&name, VOL_BYTES);
+                m.pending_create = true;
+                self.vols.insert(id, m);
+                done.push(id);
+            }),
+        };
+        if v != 0 {
+            self.meta.set_frozen(v, false);
+        }
+        let mut w = Vec::new();
+        self.meta.take_woken(&mut w);
+        self.woken.extend(w);
+        if r.is_err() {
+            return; // refused (no space, overprovisioned, failed pool): nothing changed
+        }
+        self.control_busy = true;
+        let sub = self.tick();
+        self.submit(Kind::Control { sub, done }, Cmd::Flush, 0);
+    }
+
+    /// Power cut: operations in flight land or not, the cache drops/applies/tears, reopen,
+    /// and every volume is checked against what may have survived.
+    fn crash(&mut self) {
+        self.stats.crashes += 1;
+        for f in std::mem::take(&mut self.inflight) {
+            if let DiskOp::Write { offset, buf, fua } = f.op {
+                if self.rng.chance(2) {
+                    self.disk.write(offset, &buf, fua);
+                }
+            }
+        }
+        let mode = match self.rng.below(3) {
+            0 => CrashMode::DropAll,
+            1 => CrashMode::ApplyAll,
+            _ => CrashMode::Random,
+        };
+        self.disk.crash(mode);
+        trace!("t{} crash {mode:?}", self.now);
+        self.live.clear();
+        self.woken.clear();
+        self.draining = None;
+        self.control_busy = false;
+        let disk = std::mem::replace(&mut self.disk, SimDisk::new(SECT * 8, 1));
+        let pool = Pool::open(disk)
+            .unwrap_or_else(|e| panic!("seed {}: reopen after a {mode:?} crash: {e}", self.seed));
+        let (disk, mut meta) = pool.into_parts();
+        meta.set_commit_records(self.commit_records);
+        self.disk = disk;
+        self.meta = meta;
+        let now = self.tick();
+        for (id, v) in self.meta.volumes() {
+            assert!(
+                self.vols.get(id).is_some_and(|m| m.name == v.name),
+                "seed {}: volume {} appeared in a crash",
+                self.seed,
+                v.name
+            );
+        }
+        let ids: Vec<u32> = self.vols.keys().copied().collect();
+        for id in ids {
+            let exists =
+                self.meta.volumes().get(&id).is_some_and(|v| v.name == self.vols[&id].name);
+            let m = &self.vols[&id];
+            if !exists {
+                assert!(
+                    m.pending_create || m.deleted,
+                    "seed {}: volume {} lost in a crash after its commit",
+                    self.seed,
+                    m.name
+                );
+                self.vols.remove(&id);
+                continue;
+            }
+            let m = self.vols.get_mut(&id).expect("volume");
+            m.deleted = false;
+            m.pending_create = false;
+            m.size = self.meta.volumes()[&id].size_bytes;
+            let content = self.observe(id);
+            let m = &self.vols[&id];
+            if let Some(fixed) = &m.fixed {
+                assert_eq!(
+                    &content, fixed,
+                    "seed {}: snapshot {} changed in a crash",
+                    self.seed, m.name
+                );
+            }
+            for (s, x) in content.iter().enumerate() {
+                assert!(
+                    allowed(&m.sectors[s], *x, now, now, true),
+                    "seed {}: after a {mode:?} crash volume {} sector {s} holds {x:#x}; possible: {:?}",
+                    self.seed,
+                    m.name,
+                    m.sectors[s]
+                );
+            }
+            // What survived is now the durable base.
+            let m = self.vols.get_mut(&id).expect("volume");
+            for (s, evs) in m.sectors.iter_mut().enumerate() {
+                *evs = vec![Ev::base(content.get(s).copied().unwrap_or(0))];
+            }
+        }
+        self.check_meta();
+    }
+
+    fn check_meta(&self) {
+        let problems = self.meta.check();
+        assert!(problems.is_empty(), "seed {}: {problems:?}", self.seed);
+    }
+
+    fn step(&mut self) {
+        if self.meta.failed().is_some() && self.rng.chance(4) {
+            return self.crash();
+        }
+        match self.rng.below(100) {
+            0..=29 => self.new_request(),
+            30..=79 if !self.inflight.is_empty() => self.complete_one(),
+            30..=79 if !self.woken.is_empty() => self.wake_one(),
+            80..=89 if !self.woken.is_empty() => self.wake_one(),
+            90..=93 => self.new_control(),
+            94 if self.rng.chance(3) => self.crash(),
+            _ => {}
+        }
+        self.try_control();
+    }
+
+    /// Lets everything in flight finish (no new work), then checks the state.
+    fn drain(&mut self) {
+        let mut guard = 0;
+        while !self.inflight.is_empty() || !self.woken.is_empty() || self.draining.is_some() {
+            guard += 1;
+            assert!(guard < 1_000_000, "seed {}: requests never finish", self.seed);
+            if !self.woken.is_empty() && (self.inflight.is_empty() || self.rng.chance(2)) {
+                self.wake_one();
+            } else if !self.inflight.is_empty() {
+                self.complete_one();
+            }
+            self.try_control();
+        }
+        if self.meta.failed().is_none() {
+            assert!(
+                self.live.is_empty(),
+                "seed {}: requests parked with nothing to wake them: {:?}",
+                self.seed,
+                self.live.values().map(|l| &l.kind).collect::<Vec<_>>()
+            );
+            assert_eq!(self.meta.locks().parked(), 0, "seed {}: waiters left", self.seed);
+            assert_eq!(self.meta.locks().slots(), 0, "seed {}: locks left", self.seed);
+        }
+        self.check_meta();
+    }
+
+    /// Deletes everything: the pool returns to its empty baseline.
+    fn delete_all(mut self) {
+        if self.meta.failed().is_some() {
+            self.crash();
+        }
+        let seed = self.seed;
+        let baseline = self.baseline;
+        let mut pool = Pool::from_parts(self.disk, self.meta);
+        let mut ids: Vec<u32> = pool.volumes().keys().copied().collect();
+        ids.sort_unstable_by(|a, b| b.cmp(a)); // children first
+        for id in ids {
+            pool.delete(id).unwrap_or_else(|e| panic!("seed {seed}: delete {id}: {e}"));
+        }
+        pool.flush().expect("flush");
+        pool.check().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert_eq!(pool.leaked(), 0, "seed {seed}: leaked clusters");
+        assert_eq!(pool.meta().used_clusters(), baseline, "seed {seed}: space not returned");
+    }
+}
+
+impl VolModel {
+    fn fresh(name: &str, size: u64) -> VolModel {
+        VolModel {
+            name: name.into(),
+            snapshot: false,
+            size,
+            sectors: vec![vec![Ev::base(0)]; (MAX_BYTES / SECT) as usize],
+            fixed: None,
+            pending_create: false,
+            deleted: false,
+        }
+    }
+}
+
+/// A quiesced volume's content read now is what its model allows.
+fn check_against(seed: u64, m: &VolModel, content: &[u64], now: u64) {
+    for (s, x) in content.iter().enumerate() {
+        assert!(
+            allowed(&m.sectors[s], *x, now, now + 1, false),
+            "seed {seed}: volume {} sector {s} holds {x:#x} when snapshotted; possible: {:?}",
+            m.name,
+            m.sectors[s]
+        );
+    }
+}
+
+fn run_seed(seed: u64) -> Stats {
+    let mut sim = Sim::new(seed);
+    for i in 0..STEPS {
+        sim.step();
+        if i % 97 == 0 {
+            sim.check_meta();
+        }
+    }
+    sim.drain();
+    let stats = std::mem::take(&mut sim.stats);
+    sim.delete_all();
+    stats
+}
+
+#[test]
+fn simulated_requests_crashes_and_control_operations() {
+    if let Ok(seed) = std::env::var("BALLAST_SIM_SEED") {
+        let seed = seed.parse().expect("BALLAST_SIM_SEED: a number");
+        eprintln!("{:?}", run_seed(seed));
+        return;
+    }
+    let runs: u64 =
+        std::env::var("BALLAST_SIM_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let base = std::env::var("BALLAST_SIM_BASE").ok().and_then(|v| v.parse().ok()).unwrap_or(0u64);
+    let mut total = Stats::default();
+    for seed in base..base + runs {
+        let s = run_seed(seed);
+        total.requests += s.requests;
+        total.parked += s.parked;
+        total.crashes += s.crashes;
+        total.eio += s.eio;
+        total.controls += s.controls;
+        total.reads_checked += s.reads_checked;
+    }
+    eprintln!("{runs} runs: {total:?}");
+    // The runs must reach what they are for.
+    assert!(total.parked > runs, "requests rarely parked: {total:?}");
+    assert!(total.crashes > runs / 4, "few crashes: {total:?}");
+    assert!(total.controls > runs, "few control operations: {total:?}");
+    assert!(total.reads_checked > runs * 10, "few reads checked: {total:?}");
+}

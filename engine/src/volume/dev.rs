@@ -233,7 +233,7 @@ impl PoolHandle {
                 continue;
             }
             let mut disk = self.disk.lock();
-            return commit_sync(&mut *disk, &mut *meta);
+            return commit_sync(&mut *disk, &mut meta);
         }
     }
 
@@ -248,7 +248,7 @@ impl PoolHandle {
                 continue;
             }
             let mut disk = self.disk.lock();
-            return checkpoint_sync(&mut *disk, &mut *meta);
+            return checkpoint_sync(&mut *disk, &mut meta);
         }
     }
 

@@ -1,0 +1,25 @@
+#!/bin/bash
+# The volume simulator's own test: each deliberate bug of ballast-volume (the `mutant-*`
+# features: a commit that skips the data flush, a copy-on-write that ignores the writers in its
+# cluster) is built and the simulator run against it; it must fail, and name a seed. The
+# simulator itself (10,000 seeded runs over the unmutated code) runs in `cargo test`.
+set -u
+cd "$(dirname "$0")/../.."
+pass=0 fail=0
+for m in drop-flush skip-lock; do
+    out=$(BALLAST_SIM_RUNS=${BALLAST_MUTANT_RUNS:-10000} cargo test --release -q \
+        -p ballast-volume --features "mutant-$m" --test simulator 2>&1)
+    rc=$?
+    if ((rc != 0)) && grep -q "seed [0-9]*:" <<<"$out"; then
+        echo "PASS: mutant $m caught: $(grep -m1 -o 'seed [0-9]*:.\{0,120\}' <<<"$out")"
+        pass=$((pass + 1))
+    else
+        echo "FAIL: mutant $m not caught by the simulator (rc $rc)"
+        tail -20 <<<"$out"
+        fail=$((fail + 1))
+    fi
+done
+# Leave the unmutated library built for whatever runs next.
+cargo build --release -q -p ballast-volume >/dev/null 2>&1 || true
+echo "$pass passed, $fail failed"
+((fail == 0))

@@ -14,6 +14,11 @@
 //! through its ready queue or another core's wake channel, the control thread through the
 //! cores' wake channels). Nothing polls.
 //!
+//! The control thread is a driver too: its commits are `Flush` requests sent to a core (the
+//! lock is never held across their I/O), and a control operation waiting for a volume's
+//! writes to drain parks the `CONTROL` waiter and sleeps on a condition variable until a core
+//! wakes it.
+//!
 //! Invariants:
 //! - every borrow of the pool state ends by delivering the wake-ups it produced;
 //! - control operations that change sharing or size (snapshot, clone, rollback, resize,
@@ -29,14 +34,15 @@ use std::time::{Duration, Instant};
 use ballast_ffi::{IoBuf, Owned};
 use ballast_volume::locks::Waiter;
 use ballast_volume::request::{Buf, Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
-use parking_lot::{Mutex, MutexGuard};
+use crossbeam_channel::Sender;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::format::BLOCK_SIZE;
 use super::meta::{PoolMeta, PIECE};
 use super::pool::{checkpoint_sync, commit_sync, Pool, PoolError, PoolGeometry, SyncDisk};
 use crate::blockdev::{push_extent, BlockDev, DevInfo, Extent, IoCmd};
 use crate::file::FileDev;
-use crate::reactor::{CoreHandle, Cx, Task};
+use crate::reactor::{CoreHandle, Cx, Msg, Task};
 
 /// How long a control operation waits for a volume's writes to drain.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,13 +90,19 @@ pub struct PoolHandle {
     path: PathBuf,
     /// The cores running the pool's requests, to wake requests the control thread unblocks.
     cores: OnceLock<Arc<Vec<CoreHandle>>>,
+    /// Bumped (and `control_cv` notified) when the `CONTROL` waiter is woken.
+    control_gen: Mutex<u64>,
+    control_cv: Condvar,
 }
+
+/// The waiter of the control thread's parkings (a volume draining).
+const CONTROL: Waiter = Waiter(u64::MAX);
 
 /// The pool state borrowed off the data path (control thread, listings): when it ends, the
 /// requests it woke get their wake-ups through their cores' wake channels.
 pub struct MetaGuard<'a> {
     meta: MutexGuard<'a, PoolMeta>,
-    cores: Option<&'a Arc<Vec<CoreHandle>>>,
+    pool: &'a PoolHandle,
 }
 
 impl Deref for MetaGuard<'_> {
@@ -110,11 +122,12 @@ impl Drop for MetaGuard<'_> {
     fn drop(&mut self) {
         let mut woken = Vec::new();
         self.meta.take_woken(&mut woken);
-        let Some(cores) = self.cores else {
-            assert!(woken.is_empty(), "requests parked on a pool no core serves");
-            return;
-        };
         for w in woken {
+            if w == CONTROL {
+                self.pool.wake_control();
+                continue;
+            }
+            let cores = self.pool.cores.get().expect("requests parked on a pool no core serves");
             cores[(w.0 >> 32) as usize].wake_task(w.0 as u32, TAG_WAKE);
         }
     }
@@ -171,6 +184,8 @@ impl PoolHandle {
             media,
             path: path.to_path_buf(),
             cores: OnceLock::new(),
+            control_gen: Mutex::new(0),
+            control_cv: Condvar::new(),
         }))
     }
 
@@ -181,7 +196,40 @@ impl PoolHandle {
 
     /// The pool state, off the data path.
     pub fn meta(&self) -> MetaGuard<'_> {
-        MetaGuard { meta: self.meta.lock(), cores: self.cores.get() }
+        MetaGuard { meta: self.meta.lock(), pool: self }
+    }
+
+    fn wake_control(&self) {
+        *self.control_gen.lock() += 1;
+        self.control_cv.notify_all();
+    }
+
+    /// Waits off the data path until `ready` holds, parking the `CONTROL` waiter with `park`
+    /// whenever it does not (the change that makes it hold wakes it). False at `deadline`.
+    fn wait_for(
+        &self,
+        deadline: Instant,
+        ready: impl Fn(&PoolMeta) -> bool,
+        park: impl Fn(&mut PoolMeta),
+    ) -> bool {
+        loop {
+            let mut meta = self.meta();
+            if ready(&meta) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            park(&mut meta);
+            let seen = *self.control_gen.lock();
+            drop(meta); // may wake CONTROL itself: `seen` was read first
+            let mut gen = self.control_gen.lock();
+            while *gen == seen {
+                if self.control_cv.wait_until(&mut gen, deadline).timed_out() {
+                    break;
+                }
+            }
+        }
     }
 
     pub fn info(&self) -> PoolInfo {
@@ -217,57 +265,68 @@ impl PoolHandle {
     }
 
     /// Makes every completed write durable, from a blocking thread.
-    pub fn commit_blocking(&self) -> Result<(), PoolError> {
-        let start = Instant::now();
-        loop {
-            let mut meta = self.meta();
-            if let Some(why) = meta.failed() {
-                return Err(PoolError::Failed(why.to_string()));
-            }
-            if meta.committing() {
-                drop(meta);
-                if start.elapsed() > QUIESCE_TIMEOUT {
-                    return Err(PoolError::Damaged("a commit did not finish in time".into()));
-                }
-                std::thread::sleep(Duration::from_micros(200));
-                continue;
-            }
-            let mut disk = self.disk.lock();
-            return commit_sync(&mut *disk, &mut meta);
-        }
+    pub fn commit_blocking(self: &Arc<Self>) -> Result<(), PoolError> {
+        self.run_blocking(Cmd::Flush)
     }
 
     /// Writes a checkpoint now (clean shutdown; the next start replays nothing).
-    pub fn checkpoint_blocking(&self) -> Result<(), PoolError> {
-        let start = Instant::now();
-        loop {
-            let mut meta = self.meta();
-            if meta.committing() && start.elapsed() < QUIESCE_TIMEOUT {
-                drop(meta);
-                std::thread::sleep(Duration::from_micros(200));
-                continue;
+    pub fn checkpoint_blocking(self: &Arc<Self>) -> Result<(), PoolError> {
+        self.run_blocking(Cmd::Checkpoint)
+    }
+
+    /// Runs a pool-wide request (flush, checkpoint) from a blocking thread: on a core (its I/O
+    /// on the ring, the lock never held across it, a commit in flight waited for by parking);
+    /// once the cores are gone, here on the blocking disk.
+    fn run_blocking(self: &Arc<Self>, cmd: Cmd<DevBuf>) -> Result<(), PoolError> {
+        if let Some(why) = self.meta().failed() {
+            return Err(PoolError::Failed(why.to_string()));
+        }
+        let checkpoint = matches!(cmd, Cmd::Checkpoint);
+        if let Some(cores) = self.cores.get() {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let io = VolumeIo {
+                pool: Arc::clone(self),
+                vol: 0,
+                reply: Reply::Channel(tx),
+                cmd: Some(cmd),
+                req: None,
+                out: Vec::new(),
+                woken: Vec::new(),
+            };
+            let spawn = move |_cx: &mut Cx<'_>| Box::new(io) as Box<dyn Task>;
+            if cores[0].send_blocking(Msg::Spawn(Box::new(spawn))) {
+                return match rx.recv_timeout(QUIESCE_TIMEOUT) {
+                    Ok(r) => r,
+                    Err(_) => Err(PoolError::CommitTimeout),
+                };
             }
-            let mut disk = self.disk.lock();
-            return checkpoint_sync(&mut *disk, &mut meta);
+            // The cores have stopped: nothing else runs, so it runs here.
+        }
+        let mut meta = self.meta();
+        if meta.committing() {
+            return Err(PoolError::CommitStranded);
+        }
+        let mut disk = self.disk.lock();
+        if checkpoint {
+            checkpoint_sync(&mut *disk, &mut meta)
+        } else {
+            commit_sync(&mut *disk, &mut meta)
         }
     }
 
     /// Runs a control operation: freezes `quiesce` (if any) until its writes drained, applies
     /// `op`, unfreezes, and commits, so the operation is durable when this returns.
     pub fn control<T>(
-        &self,
+        self: &Arc<Self>,
         quiesce: Option<u32>,
         op: impl FnOnce(&mut PoolMeta) -> Result<T, PoolError>,
     ) -> Result<T, PoolError> {
         if let Some(id) = quiesce {
             self.meta().set_frozen(id, true);
-            let start = Instant::now();
-            while !self.meta().quiet(id) {
-                if start.elapsed() > QUIESCE_TIMEOUT {
-                    self.meta().set_frozen(id, false);
-                    return Err(PoolError::Busy(id));
-                }
-                std::thread::sleep(Duration::from_micros(100));
+            let deadline = Instant::now() + QUIESCE_TIMEOUT;
+            if !self.wait_for(deadline, |m| m.quiet(id), |m| m.park_drained(id, CONTROL)) {
+                self.meta().set_frozen(id, false);
+                return Err(PoolError::Busy(id));
             }
         }
         let r = {
@@ -283,21 +342,21 @@ impl PoolHandle {
         Ok(value)
     }
 
-    pub fn create_volume(&self, name: &str, size: u64) -> Result<u32, PoolError> {
+    pub fn create_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<u32, PoolError> {
         self.control(None, |m| m.create_volume(name, size))
     }
 
-    pub fn snapshot(&self, of: &str, name: &str) -> Result<u32, PoolError> {
+    pub fn snapshot(self: &Arc<Self>, of: &str, name: &str) -> Result<u32, PoolError> {
         let of = self.meta().find(of)?;
         self.control(Some(of), |m| m.snapshot(of, name))
     }
 
-    pub fn clone_volume(&self, of: &str, name: &str) -> Result<u32, PoolError> {
+    pub fn clone_volume(self: &Arc<Self>, of: &str, name: &str) -> Result<u32, PoolError> {
         let of = self.meta().find(of)?;
         self.control(None, |m| m.clone_volume(of, name))
     }
 
-    pub fn rollback(&self, vol: &str, to: &str) -> Result<(), PoolError> {
+    pub fn rollback(self: &Arc<Self>, vol: &str, to: &str) -> Result<(), PoolError> {
         let (id, to) = {
             let m = self.meta();
             (m.find(vol)?, m.find(to)?)
@@ -305,17 +364,17 @@ impl PoolHandle {
         self.control(Some(id), |m| m.rollback(id, to))
     }
 
-    pub fn resize(&self, vol: &str, size: u64, force: bool) -> Result<(), PoolError> {
+    pub fn resize(self: &Arc<Self>, vol: &str, size: u64, force: bool) -> Result<(), PoolError> {
         let id = self.meta().find(vol)?;
         self.control(Some(id), |m| m.resize(id, size, force))
     }
 
-    pub fn delete(&self, vol: &str) -> Result<(), PoolError> {
+    pub fn delete(self: &Arc<Self>, vol: &str) -> Result<(), PoolError> {
         let id = self.meta().find(vol)?;
         self.control(Some(id), |m| m.delete(id))
     }
 
-    pub fn set_config(&self, key: &str, value: &str) -> Result<(), PoolError> {
+    pub fn set_config(self: &Arc<Self>, key: &str, value: &str) -> Result<(), PoolError> {
         self.control(None, |m| m.set_config(key, value))
     }
 
@@ -385,7 +444,7 @@ impl BlockDev for VolumeDev {
         cx.spawn_local(Box::new(VolumeIo {
             pool: Arc::clone(&self.pool),
             vol: self.id,
-            reply: Some((cx.task(), tag)),
+            reply: Reply::Task(cx.task(), tag),
             cmd: Some(cmd),
             req: None,
             out: Vec::new(),
@@ -441,9 +500,13 @@ fn waiter(core: usize, task: u32) -> Waiter {
 }
 
 /// Hands woken requests their wake-up: on this core through the ready queue, on another
-/// through its wake channel.
-fn deliver(cx: &mut Cx<'_>, woken: &mut Vec<Waiter>) {
+/// through its wake channel, the control thread through its condition variable.
+fn deliver(pool: &PoolHandle, cx: &mut Cx<'_>, woken: &mut Vec<Waiter>) {
     for w in woken.drain(..) {
+        if w == CONTROL {
+            pool.wake_control();
+            continue;
+        }
         let (core, task) = ((w.0 >> 32) as usize, w.0 as u32);
         if core == cx.core() {
             cx.complete_to(task, TAG_WAKE, 0, Owned::None);
@@ -459,12 +522,21 @@ fn deliver(cx: &mut Cx<'_>, woken: &mut Vec<Waiter>) {
 struct VolumeIo {
     pool: Arc<PoolHandle>,
     vol: u32,
-    /// Who gets the result (task, tag); `None` for a background commit.
-    reply: Option<(u32, u32)>,
+    reply: Reply,
     cmd: Option<Cmd<DevBuf>>,
     req: Option<Request<DevBuf>>,
     out: Vec<Issue<DevBuf>>,
     woken: Vec<Waiter>,
+}
+
+/// Who gets a request's result.
+enum Reply {
+    /// The submitting task, with its tag.
+    Task(u32, u32),
+    /// The control thread (a commit it asked for).
+    Channel(Sender<Result<(), PoolError>>),
+    /// Nobody (a background commit).
+    None,
 }
 
 /// What drives the request in one event.
@@ -477,7 +549,7 @@ enum Event {
 impl VolumeIo {
     fn step(&mut self, cx: &mut Cx<'_>, ev: Event) {
         let req = self.req.as_mut().expect("started");
-        let (outcome, background) = {
+        let (outcome, background, failure) = {
             let mut meta = self.pool.meta.lock();
             let mut bufs = CoreBufs(cx);
             let mut ctx = Ctx { meta: &mut meta, bufs: &mut bufs, out: &mut self.out };
@@ -489,9 +561,10 @@ impl VolumeIo {
                 }
             };
             meta.take_woken(&mut self.woken);
-            let background =
-                matches!(outcome, Outcome::Done { .. }) && meta.take_background_commit();
-            (outcome, background)
+            let done = matches!(outcome, Outcome::Done { .. });
+            let background = done && meta.take_background_commit();
+            let failure = if done { req.take_failure() } else { None };
+            (outcome, background, failure)
         };
         for Issue { tag, op } in self.out.drain(..) {
             let cmd = match op {
@@ -501,12 +574,26 @@ impl VolumeIo {
             };
             self.pool.media.submit(cx, cmd, tag);
         }
-        deliver(cx, &mut self.woken);
+        deliver(&self.pool, cx, &mut self.woken);
         if let Outcome::Done { result, buf } = outcome {
-            if let Some((task, tag)) = self.reply.take() {
-                cx.complete_to(task, tag, result, buf.map_or(Owned::None, |b| Owned::Buf(b.0)));
-            } else if let Some(b) = buf {
-                cx.recycle(b.0);
+            match std::mem::replace(&mut self.reply, Reply::None) {
+                Reply::Task(task, tag) => {
+                    let owned = buf.map_or(Owned::None, |b| Owned::Buf(b.0));
+                    cx.complete_to(task, tag, result, owned);
+                }
+                other => {
+                    if let Some(b) = buf {
+                        cx.recycle(b.0);
+                    }
+                    if let Reply::Channel(tx) = other {
+                        let r = match (result, failure) {
+                            (0.., _) => Ok(()),
+                            (_, Some(e)) => Err(e),
+                            (errno, None) => Err(std::io::Error::from_raw_os_error(-errno).into()),
+                        };
+                        let _ = tx.send(r);
+                    }
+                }
             }
             if background {
                 // Enough records are pending: commit them without waiting for a client's
@@ -514,7 +601,7 @@ impl VolumeIo {
                 cx.spawn_local(Box::new(VolumeIo {
                     pool: Arc::clone(&self.pool),
                     vol: self.vol,
-                    reply: None,
+                    reply: Reply::None,
                     cmd: Some(Cmd::Flush),
                     req: None,
                     out: Vec::new(),

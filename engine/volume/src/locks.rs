@@ -1,6 +1,7 @@
 //! The per-cluster lock table and its waiter queues: which volume clusters have writes, a
 //! copy-on-write or a read-modify-write hold in flight, and which requests wait — for a
-//! cluster, for a frozen volume to thaw, or for the commit in flight to end.
+//! cluster, for a frozen volume to thaw, for the commit in flight to end, or (a control
+//! operation) for a frozen volume's writes to drain.
 //!
 //! A request that cannot proceed is *parked*: its [`Waiter`] joins exactly one queue, under the
 //! same borrow of the pool state as the check that refused it, so no wake-up can be lost. When
@@ -50,6 +51,7 @@ struct Slot {
 pub struct LockTable {
     slots: HashMap<(u32, u64), Slot>,
     thaw: HashMap<u32, Vec<Waiter>>,
+    drain: HashMap<u32, Vec<Waiter>>,
     commit: Vec<Waiter>,
     woken: Vec<Waiter>,
 }
@@ -130,6 +132,18 @@ impl LockTable {
         }
     }
 
+    /// Parks `w` until volume `vol` has no write in flight.
+    pub fn park_drained(&mut self, vol: u32, w: Waiter) {
+        self.drain.entry(vol).or_default().push(w);
+    }
+
+    /// Volume `vol`'s last write in flight ended (or the volume went).
+    pub fn drained(&mut self, vol: u32) {
+        if let Some(mut q) = self.drain.remove(&vol) {
+            self.woken.append(&mut q);
+        }
+    }
+
     /// Parks `w` until the commit (or checkpoint) in flight ends.
     pub fn park_commit(&mut self, w: Waiter) {
         self.commit.push(w);
@@ -145,7 +159,7 @@ impl LockTable {
         for s in self.slots.values_mut() {
             self.woken.append(&mut s.waiters);
         }
-        for (_, mut q) in self.thaw.drain() {
+        for (_, mut q) in self.thaw.drain().chain(self.drain.drain()) {
             self.woken.append(&mut q);
         }
         self.woken.append(&mut self.commit);
@@ -164,7 +178,7 @@ impl LockTable {
     /// Requests parked now (all queues).
     pub fn parked(&self) -> usize {
         self.slots.values().map(|s| s.waiters.len()).sum::<usize>()
-            + self.thaw.values().map(Vec::len).sum::<usize>()
+            + self.thaw.values().chain(self.drain.values()).map(Vec::len).sum::<usize>()
             + self.commit.len()
     }
 

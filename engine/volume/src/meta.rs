@@ -88,6 +88,10 @@ pub enum PoolError {
     Damaged(String),
     #[error("volume {0}'s writes did not drain in time; nothing was changed")]
     Busy(u32),
+    #[error("a commit is in flight and no core is left to finish it")]
+    CommitStranded,
+    #[error("the pool's commit did not finish in time")]
+    CommitTimeout,
     #[error("pool I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("the pool failed an I/O and is now read-only until restarted: {0}")]
@@ -853,6 +857,9 @@ impl PoolMeta {
     pub fn end_write(&mut self, id: u32) {
         if let Some(v) = self.volumes.get_mut(&id) {
             v.writes_inflight -= 1;
+            if v.writes_inflight == 0 {
+                self.locks.drained(id);
+            }
         }
     }
 
@@ -1138,6 +1145,17 @@ impl PoolMeta {
         }
         if !frozen {
             self.locks.thawed(id);
+        }
+    }
+
+    /// Parks `waiter` (a control operation) until volume `id` has no write in flight.
+    pub fn park_drained(&mut self, id: u32, waiter: Waiter) {
+        if self.quiet(id) {
+            // Nothing would wake it: it proceeds at once.
+            self.locks.park_drained(id, waiter);
+            self.locks.drained(id);
+        } else {
+            self.locks.park_drained(id, waiter);
         }
     }
 

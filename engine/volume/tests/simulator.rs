@@ -32,6 +32,8 @@ const VOL_BYTES: u64 = 64 * 1024;
 const MAX_BYTES: u64 = 2 * VOL_BYTES;
 const DISK_BYTES: u64 = 2 << 20;
 const STEPS: usize = 400;
+/// The control thread's waiter (a volume draining before a control operation).
+const CONTROL: Waiter = Waiter(u64::MAX);
 
 /// `BALLAST_SIM_TRACE=1` prints every event of a replayed seed.
 fn tracing() -> bool {
@@ -184,8 +186,9 @@ struct Sim {
     now: u64,
     next_req: u64,
     next_write: u64,
-    /// A control operation waiting for its volume to drain.
+    /// A control operation waiting for its volume to drain, and whether its waiter was woken.
     draining: Option<(u32, ControlOp)>,
+    drain_woken: bool,
     control_busy: bool,
     names: u64,
     eio_one_in: u64,
@@ -240,6 +243,7 @@ impl Sim {
             next_req: 1,
             next_write: 1,
             draining: None,
+            drain_woken: false,
             control_busy: false,
             names: 0,
             eio_one_in,
@@ -441,6 +445,10 @@ impl Sim {
     fn wake_one(&mut self) {
         let w = self.woken.pop_front().expect("woken");
         trace!("t{} wake r{}", self.now, w.0);
+        if w == CONTROL {
+            self.drain_woken = true;
+            return;
+        }
         if self.live.contains_key(&w.0) {
             self.feed(w.0, |r, cx| r.on_wake(cx));
         }
@@ -581,10 +589,17 @@ impl Sim {
             | ControlOp::Delete { vol } => Some(vol),
             ControlOp::Clone { .. } | ControlOp::Create => None,
         };
+        // As the control thread does: freeze, then park until the volume's writes drained.
         if let Some(v) = quiesce {
             self.meta.set_frozen(v, true);
+            self.meta.park_drained(v, CONTROL);
+            self.drain_woken = false;
+            let mut w = Vec::new();
+            self.meta.take_woken(&mut w);
+            self.woken.extend(w);
             self.draining = Some((v, op));
         } else {
+            self.drain_woken = true;
             self.draining = Some((0, op));
         }
     }
@@ -602,7 +617,18 @@ impl Sim {
     /// The draining control operation runs once its volume is quiet.
     fn try_control(&mut self) {
         let Some((v, _)) = &self.draining else { return };
-        if *v != 0 && !self.meta.quiet(*v) {
+        if !self.drain_woken {
+            return;
+        }
+        let v = *v;
+        if v != 0 && !self.meta.quiet(v) {
+            // Woken by a failing pool, not by the drain: park again.
+            assert!(self.meta.failed().is_some(), "seed {}: drain woke too early", self.seed);
+            self.drain_woken = false;
+            self.meta.park_drained(v, CONTROL);
+            let mut w = Vec::new();
+            self.meta.take_woken(&mut w);
+            self.woken.extend(w);
             return;
         }
         let (v, op) = self.draining.take().expect("checked");

@@ -91,6 +91,15 @@ pub struct ServeArgs {
     /// not read) without making any before it is dropped and its memory returns.
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
     stall_timeout: std::time::Duration,
+    /// Pending journal records (mapping changes of completed writes, trims) after which the
+    /// pool commits without waiting for a client's flush: bounds the memory they hold.
+    #[arg(long, value_name = "RECORDS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    commit_records: u64,
+    /// Seconds after the first pending record at which the pool commits when no client
+    /// flushed: bounds how much unflushed work a crash can lose.
+    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = parse_seconds)]
+    commit_interval: std::time::Duration,
     /// Control socket limits (--rpc-max-clients, --rpc-max-request, --rpc-idle-timeout).
     #[command(flatten)]
     rpc_limits: rpc::RpcLimitArgs,
@@ -241,6 +250,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let engine = Engine::start(config).context("starting the engine")?;
     let handles = engine.handles();
     if let Some(pool) = &pool {
+        pool.set_commit_policy(args.commit_records as usize, args.commit_interval);
         pool.attach_cores(handles.clone());
     }
 

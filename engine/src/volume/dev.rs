@@ -44,6 +44,8 @@ use crate::blockdev::{push_extent, BlockDev, DevInfo, Extent, IoCmd};
 use crate::file::FileDev;
 use crate::reactor::{CoreHandle, Cx, Msg, Task};
 
+/// The longest a pending record waits for a commit when no client flushes, by default.
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a control operation waits for a volume's writes to drain.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -90,6 +92,8 @@ pub struct PoolHandle {
     path: PathBuf,
     /// The cores running the pool's requests, to wake requests the control thread unblocks.
     cores: OnceLock<Arc<Vec<CoreHandle>>>,
+    /// The longest a pending record waits for a commit when no client flushes.
+    commit_interval: Mutex<Duration>,
     /// Bumped (and `control_cv` notified) when the `CONTROL` waiter is woken.
     control_gen: Mutex<u64>,
     control_cv: Condvar,
@@ -186,7 +190,15 @@ impl PoolHandle {
             cores: OnceLock::new(),
             control_gen: Mutex::new(0),
             control_cv: Condvar::new(),
+            commit_interval: Mutex::new(DEFAULT_COMMIT_INTERVAL),
         }))
+    }
+
+    /// Background commits: after `records` pending records, or `interval` after the first
+    /// pending record, whichever comes first, a commit starts without a client's flush.
+    pub fn set_commit_policy(&self, records: usize, interval: Duration) {
+        self.meta.lock().set_commit_records(records);
+        *self.commit_interval.lock() = interval;
     }
 
     /// Names the cores that will run this pool's requests (before any does).
@@ -549,7 +561,7 @@ enum Event {
 impl VolumeIo {
     fn step(&mut self, cx: &mut Cx<'_>, ev: Event) {
         let req = self.req.as_mut().expect("started");
-        let (outcome, background, failure) = {
+        let (outcome, background, timer, failure) = {
             let mut meta = self.pool.meta.lock();
             let mut bufs = CoreBufs(cx);
             let mut ctx = Ctx { meta: &mut meta, bufs: &mut bufs, out: &mut self.out };
@@ -563,8 +575,9 @@ impl VolumeIo {
             meta.take_woken(&mut self.woken);
             let done = matches!(outcome, Outcome::Done { .. });
             let background = done && meta.take_background_commit();
+            let timer = done && !background && meta.take_commit_timer();
             let failure = if done { req.take_failure() } else { None };
-            (outcome, background, failure)
+            (outcome, background, timer, failure)
         };
         for Issue { tag, op } in self.out.drain(..) {
             let cmd = match op {
@@ -598,17 +611,60 @@ impl VolumeIo {
             if background {
                 // Enough records are pending: commit them without waiting for a client's
                 // flush (bounded memory, bounded loss window for unflushed writes).
-                cx.spawn_local(Box::new(VolumeIo {
+                background_commit(cx, &self.pool);
+            }
+            if timer {
+                let after = *self.pool.commit_interval.lock();
+                cx.spawn_local(Box::new(CommitTimer {
                     pool: Arc::clone(&self.pool),
-                    vol: self.vol,
-                    reply: Reply::None,
-                    cmd: Some(Cmd::Flush),
-                    req: None,
-                    out: Vec::new(),
-                    woken: Vec::new(),
+                    after,
+                    done: false,
                 }));
             }
         }
+    }
+}
+
+/// Starts a commit nobody waits for.
+fn background_commit(cx: &mut Cx<'_>, pool: &Arc<PoolHandle>) {
+    cx.spawn_local(Box::new(VolumeIo {
+        pool: Arc::clone(pool),
+        vol: 0,
+        reply: Reply::None,
+        cmd: Some(Cmd::Flush),
+        req: None,
+        out: Vec::new(),
+        woken: Vec::new(),
+    }));
+}
+
+/// Commits what is pending `after` the first pending record, when no flush did meanwhile:
+/// one per pool at a time (armed through `PoolMeta::take_commit_timer`), so an idle pool
+/// keeps no timer.
+struct CommitTimer {
+    pool: Arc<PoolHandle>,
+    after: Duration,
+    done: bool,
+}
+
+impl Task for CommitTimer {
+    fn start(&mut self, cx: &mut Cx<'_>) {
+        cx.timer(0, self.after);
+    }
+
+    fn on_completion(&mut self, cx: &mut Cx<'_>, _tag: u32, _result: i32, _owned: Owned) {
+        self.done = true;
+        if self.pool.meta.lock().commit_timer_fired() {
+            background_commit(cx, &self.pool);
+        }
+    }
+
+    fn flush(&mut self, _cx: &mut Cx<'_>) {}
+
+    fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
+
+    fn is_done(&self) -> bool {
+        self.done
     }
 }
 

@@ -214,6 +214,8 @@ pub struct PoolMeta {
     /// Pending records that make a background commit due, and whether one was asked for.
     commit_records: usize,
     background_asked: bool,
+    /// A driver's commit timer is armed (`take_commit_timer`).
+    timer_armed: bool,
 }
 
 /// A run of 4 KiB pieces within one cluster.
@@ -277,6 +279,7 @@ impl PoolMeta {
             failed: None,
             commit_records: COMMIT_RECORDS,
             background_asked: false,
+            timer_armed: false,
             sb,
         }
     }
@@ -343,6 +346,24 @@ impl PoolMeta {
         }
         self.background_asked = true;
         true
+    }
+
+    /// Whether the driver should arm its commit timer now: records are pending and no timer is
+    /// armed. The driver calls `commit_timer_fired` when it fires and commits what is pending
+    /// then, so no record waits much longer than the timer for a commit, flush or none.
+    pub fn take_commit_timer(&mut self) -> bool {
+        if self.timer_armed || self.failed.is_some() || self.journal.pending() == 0 {
+            return false;
+        }
+        self.timer_armed = true;
+        true
+    }
+
+    /// The commit timer fired: whether records are still pending (commit them).
+    pub fn commit_timer_fired(&mut self) -> bool {
+        assert!(self.timer_armed, "a commit timer fired that was not armed");
+        self.timer_armed = false;
+        self.failed.is_none() && self.journal.pending() > 0
     }
 
     pub fn fail(&mut self, why: String) {

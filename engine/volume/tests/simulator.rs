@@ -189,6 +189,8 @@ struct Sim {
     /// A control operation waiting for its volume to drain, and whether its waiter was woken.
     draining: Option<(u32, ControlOp)>,
     drain_woken: bool,
+    /// The driver's commit timer: steps until it fires.
+    timer: Option<u32>,
     control_busy: bool,
     names: u64,
     eio_one_in: u64,
@@ -244,6 +246,7 @@ impl Sim {
             next_write: 1,
             draining: None,
             drain_woken: false,
+            timer: None,
             control_busy: false,
             names: 0,
             eio_one_in,
@@ -294,6 +297,9 @@ impl Sim {
             self.finished(live.kind, result, buf);
             if self.meta.take_background_commit() {
                 self.submit(Kind::Flush { sub: self.now }, Cmd::Flush, 0);
+            } else if self.meta.take_commit_timer() {
+                assert!(self.timer.is_none(), "seed {}: two commit timers armed", self.seed);
+                self.timer = Some(5 + self.rng.below(60) as u32);
             }
         }
     }
@@ -726,6 +732,7 @@ impl Sim {
         self.live.clear();
         self.woken.clear();
         self.draining = None;
+        self.timer = None;
         self.control_busy = false;
         let disk = std::mem::replace(&mut self.disk, SimDisk::new(SECT * 8, 1));
         let pool = Pool::open(disk)
@@ -797,6 +804,15 @@ impl Sim {
     fn step(&mut self) {
         if self.meta.failed().is_some() && self.rng.chance(4) {
             return self.crash();
+        }
+        if let Some(t) = self.timer.as_mut() {
+            *t -= 1;
+            if *t == 0 {
+                self.timer = None;
+                if self.meta.commit_timer_fired() {
+                    self.submit(Kind::Flush { sub: self.now }, Cmd::Flush, 0);
+                }
+            }
         }
         match self.rng.below(100) {
             0..=29 => self.new_request(),

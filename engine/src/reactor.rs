@@ -7,7 +7,10 @@
 //!   task slab until it reports `is_done()`, which it must only do with nothing in flight, so a
 //!   completion always finds the task that submitted it;
 //! - other threads reach a core only through its bounded mailbox, followed by an eventfd write
-//!   that wakes the core if it sleeps in the ring; wake-ups of parked tasks (a volume request
+//!   that wakes the core if it sleeps in the ring — only then: a core that is awake (busy or
+//!   spinning) looks at its channels every turn, and a sender that sees it awake rings no
+//!   doorbell (the core clears `awake` and looks at its channels once more before it sleeps,
+//!   the sender pushes before it looks at `awake`: one of them always sees the other); wake-ups of parked tasks (a volume request
 //!   another core's event unblocked) take a channel of their own, unbounded in type but bounded
 //!   by the requests parked: each parking is woken once ([`CoreHandle::wake_task`]);
 //! - the core spins (non-blocking submit/reap) while the polling policy ([`PollPolicy`]) says
@@ -21,6 +24,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -85,6 +89,8 @@ pub struct CoreHandle {
     tx: Sender<Msg>,
     wakes: Sender<u64>,
     wake: Arc<OwnedFd>,
+    /// False while the core sleeps (or is about to) in the ring.
+    awake: Arc<AtomicBool>,
 }
 
 impl CoreHandle {
@@ -93,7 +99,7 @@ impl CoreHandle {
     pub fn send(&self, msg: Msg) -> Result<(), Msg> {
         match self.tx.try_send(msg) {
             Ok(()) => {
-                ballast_ffi::sys::eventfd_signal(&*self.wake);
+                self.doorbell();
                 Ok(())
             }
             Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Err(m),
@@ -104,6 +110,15 @@ impl CoreHandle {
     /// on something another core released. Never refused (see the module header).
     pub fn wake_task(&self, task: u32, tag: u32) {
         if self.wakes.send(token(task, tag)).is_ok() {
+            self.doorbell();
+        }
+    }
+
+    /// After a push: wakes the core if it sleeps (an eventfd write, a system call); a core
+    /// that is awake finds the message on its next turn.
+    fn doorbell(&self) {
+        fence(Ordering::SeqCst);
+        if !self.awake.load(Ordering::SeqCst) {
             ballast_ffi::sys::eventfd_signal(&*self.wake);
         }
     }
@@ -111,7 +126,7 @@ impl CoreHandle {
     /// Sends, waiting while the mailbox is full (control plane only, never a core).
     pub fn send_blocking(&self, msg: Msg) -> bool {
         let ok = self.tx.send(msg).is_ok();
-        ballast_ffi::sys::eventfd_signal(&*self.wake);
+        self.doorbell();
         ok
     }
 }
@@ -157,13 +172,14 @@ impl Engine {
             let wake = ballast_ffi::sys::eventfd()
                 .map_err(|source| EngineError::Eventfd { core, source })?;
             let wake = Arc::new(wake);
-            handles.push(CoreHandle { tx, wakes, wake: wake.clone() });
-            mailboxes.push((rx, wakes_rx, wake));
+            let awake = Arc::new(AtomicBool::new(true));
+            handles.push(CoreHandle { tx, wakes, wake: wake.clone(), awake: awake.clone() });
+            mailboxes.push((rx, wakes_rx, wake, awake));
         }
         let handles = Arc::new(handles);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(config.cpus.len());
         let mut threads = Vec::new();
-        for (core, (rx, wakes_rx, wake)) in mailboxes.into_iter().enumerate() {
+        for (core, (rx, wakes_rx, wake, awake)) in mailboxes.into_iter().enumerate() {
             let cpu = config.cpus[core];
             let peers = handles.clone();
             let ready_tx = ready_tx.clone();
@@ -182,7 +198,7 @@ impl Engine {
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
-                    Core::new(core, ring, (rx, wakes_rx), wake, peers, &cfg).run();
+                    Core::new(core, ring, (rx, wakes_rx), (wake, awake), peers, &cfg).run();
                 })
                 .map_err(|source| EngineError::Thread { core, source })?;
             threads.push(thread);
@@ -346,6 +362,7 @@ struct Core {
     mailbox: Receiver<Msg>,
     wakes: Receiver<u64>,
     wake: Arc<OwnedFd>,
+    awake: Arc<AtomicBool>,
     peers: Arc<Vec<CoreHandle>>,
     tasks: Slab<Slot>,
     ready: VecDeque<Completion>,
@@ -371,7 +388,7 @@ impl Core {
         id: usize,
         ring: Ring,
         (mailbox, wakes): (Receiver<Msg>, Receiver<u64>),
-        wake: Arc<OwnedFd>,
+        (wake, awake): (Arc<OwnedFd>, Arc<AtomicBool>),
         peers: Arc<Vec<CoreHandle>>,
         cfg: &EngineConfig,
     ) -> Core {
@@ -380,6 +397,7 @@ impl Core {
             ring,
             mailbox,
             wakes,
+            awake,
             wake,
             peers,
             tasks: Slab::new(),
@@ -410,6 +428,8 @@ impl Core {
             for c in completions.drain(..) {
                 self.dispatch(c);
             }
+            // Senders ring no doorbell while we are awake: look for their messages.
+            self.mail_pending |= self.channels_pending();
             if self.mail_pending {
                 self.mail_pending = false;
                 work += self.drain_mailbox();
@@ -431,17 +451,40 @@ impl Core {
             } else if self.keep_spinning(&mut idle_turns) {
                 self.stats.spins += 1;
                 self.enter_if_needed()
-            } else {
+            } else if self.fall_asleep() {
                 self.stats.sleeps += 1;
                 idle_turns = 0;
                 self.trim_if_idle();
-                self.ring.submit_and_wait(Some(SLEEP_MAX))
+                let r = self.ring.submit_and_wait(Some(SLEEP_MAX));
+                self.awake.store(true, Ordering::SeqCst);
+                r
+            } else {
+                // A message arrived as we were about to sleep.
+                self.enter_if_needed()
             };
             if let Err(e) = result {
                 panic!("core {}: io_uring_enter: {e}", self.id);
             }
         }
         tracing::debug!(core = self.id, "reactor stopped");
+    }
+
+    /// Whether a message or wake-up waits in our channels.
+    fn channels_pending(&self) -> bool {
+        !self.mailbox.is_empty() || !self.wakes.is_empty()
+    }
+
+    /// Tells senders we sleep from now on (they ring the doorbell), then looks at the
+    /// channels once more: false (and awake again) if a message came in meanwhile.
+    fn fall_asleep(&mut self) -> bool {
+        self.awake.store(false, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.channels_pending() {
+            self.awake.store(true, Ordering::SeqCst);
+            self.mail_pending = true;
+            return false;
+        }
+        true
     }
 
     /// Enters the kernel only when it has something to do for us; otherwise the next turn

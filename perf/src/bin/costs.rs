@@ -1,0 +1,284 @@
+//! `ballast-costs`: what the primitives of a scaling design cost on this machine, measured, so
+//! the per-core ownership model (docs/VOLUMES.md, perf/RESULTS.md) is written from numbers:
+//!
+//! - the volume core per request, with no device I/O (completions handed back at once): a 4 KiB
+//!   read of a mapped piece and a 4 KiB in-place overwrite, each under the pool mutex taken once
+//!   per event as the daemon's adapter does, and a task allocation per request;
+//! - the pool mutex itself: uncontended, and contended by two threads on two CPUs;
+//! - a cross-core forward through the engine: a task on core 0 spawns a task on core 1 through
+//!   its mailbox, which wakes the first back through its wake channel (a forwarded request and
+//!   its completion, with no work in between).
+//!
+//! Prints a Markdown table (ns per operation, medians of `--reps`).
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ballast_engine::reactor::{Cx, Engine, EngineConfig, Msg, Task};
+use ballast_engine::Owned;
+use ballast_volume::locks::Waiter;
+use ballast_volume::meta::PoolMeta;
+use ballast_volume::pool::{Pool, PoolGeometry};
+use ballast_volume::request::{Bufs, Cmd, Ctx, Issue, Outcome, Request};
+use ballast_volume::sim::SimDisk;
+use clap::Parser;
+use parking_lot::Mutex;
+
+#[derive(Parser, Debug)]
+#[command(name = "ballast-costs", about = "Costs of the scaling primitives, measured")]
+struct Args {
+    /// Operations per measurement.
+    #[arg(long, default_value_t = 200_000)]
+    ops: u64,
+    /// Measurements per figure (the median is shown).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// The two CPUs for the contended and cross-core figures.
+    #[arg(long, default_value = "0,1")]
+    cpus: String,
+}
+
+struct NoBufs;
+
+impl Bufs for NoBufs {
+    type B = Vec<u8>;
+    fn get(&mut self, len: usize) -> Vec<u8> {
+        vec![0; len]
+    }
+    fn put(&mut self, _buf: Vec<u8>) {}
+}
+
+const PIECE: u64 = 4096;
+const SPAN: u64 = 64 << 20;
+
+/// A pool whose volume has its first 64 MiB written and committed (so overwrites go in place).
+fn mapped_pool() -> anyhow::Result<(PoolMeta, u32)> {
+    let disk = SimDisk::new(256 << 20, 1);
+    let mut pool = Pool::format(disk, PoolGeometry::standard([3; 16]))?;
+    let vol = pool.create_volume("v", 128 << 20)?;
+    let chunk = vec![7u8; 1 << 20];
+    for off in (0..SPAN).step_by(chunk.len()) {
+        pool.write(vol, off, &chunk)?;
+    }
+    pool.flush()?;
+    let (_, meta) = pool.into_parts();
+    Ok((meta, vol))
+}
+
+/// ns per request for `make(offset)` run to completion, device operations completed at once.
+fn volume_core(meta: &Mutex<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
+    let mut bufs = NoBufs;
+    let mut out: Vec<Issue<Vec<u8>>> = Vec::new();
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let buf = vec![1u8; PIECE as usize];
+    let mut spare = Some(buf);
+    let start = Instant::now();
+    for _ in 0..ops {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let offset = (rng % (SPAN / PIECE)) * PIECE;
+        let b = spare.take().expect("buffer");
+        let cmd = if write {
+            Cmd::Write { offset, buf: b, fua: false }
+        } else {
+            Cmd::Read { offset, buf: b }
+        };
+        // The adapter's task allocation per request.
+        let mut req = Box::new(Request::new(vol, cmd, Waiter(1)));
+        let mut outcome = {
+            let mut m = meta.lock();
+            req.start(&mut Ctx { meta: &mut m, bufs: &mut bufs, out: &mut out })
+        };
+        loop {
+            if let Outcome::Done { result, buf } = outcome {
+                assert_eq!(result, PIECE as i32);
+                spare = buf;
+                break;
+            }
+            let Issue { tag, op } = out.pop().expect("an operation in flight");
+            let (len, buf) = match op {
+                ballast_volume::request::DiskOp::Read { buf, .. }
+                | ballast_volume::request::DiskOp::Write { buf, .. } => {
+                    (buf.len() as i32, Some(buf))
+                }
+                ballast_volume::request::DiskOp::Flush => (0, None),
+            };
+            let mut m = meta.lock();
+            outcome = req.on_completion(
+                &mut Ctx { meta: &mut m, bufs: &mut bufs, out: &mut out },
+                tag,
+                len,
+                buf,
+            );
+        }
+    }
+    start.elapsed().as_nanos() as f64 / ops as f64
+}
+
+fn mutex_uncontended(ops: u64) -> f64 {
+    let m = Mutex::new(0u64);
+    let start = Instant::now();
+    for _ in 0..ops {
+        *m.lock() += 1;
+    }
+    assert_eq!(*m.lock(), ops);
+    start.elapsed().as_nanos() as f64 / ops as f64
+}
+
+fn mutex_contended(ops: u64, cpus: [usize; 2]) -> f64 {
+    let m = Arc::new(Mutex::new(0u64));
+    let start = Instant::now();
+    let threads: Vec<_> = cpus
+        .iter()
+        .map(|&cpu| {
+            let m = Arc::clone(&m);
+            std::thread::spawn(move || {
+                let _ = ballast_ffi_pin(cpu);
+                for _ in 0..ops / 2 {
+                    *m.lock() += 1;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    start.elapsed().as_nanos() as f64 / ops as f64
+}
+
+/// Pins the calling thread; a failure only makes the figures noisier.
+fn ballast_ffi_pin(cpu: usize) -> bool {
+    ballast_ffi::sys::pin_to_cpu(cpu).is_ok()
+}
+
+/// Core 0's side of the round trip: forwards to core 1, counts the wake-ups that come back.
+struct Pinger {
+    left: u64,
+    started: Option<Instant>,
+    done: Option<crossbeam_channel::Sender<Duration>>,
+    finished: bool,
+}
+
+impl Pinger {
+    fn forward(&mut self, cx: &mut Cx<'_>) {
+        let (core, task) = (cx.core(), cx.task());
+        let peers = Arc::clone(cx.peers());
+        let back = Arc::clone(&peers);
+        let msg = Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| {
+            Box::new(Ponger { back, core, task }) as Box<dyn Task>
+        }));
+        if peers[1].send(msg).is_err() {
+            panic!("core 1's mailbox is full");
+        }
+    }
+}
+
+impl Task for Pinger {
+    fn start(&mut self, cx: &mut Cx<'_>) {
+        self.started = Some(Instant::now());
+        self.forward(cx);
+    }
+    fn on_completion(&mut self, cx: &mut Cx<'_>, _tag: u32, _result: i32, _owned: Owned) {
+        self.left -= 1;
+        if self.left == 0 {
+            let elapsed = self.started.expect("started").elapsed();
+            if let Some(tx) = self.done.take() {
+                let _ = tx.send(elapsed);
+            }
+            self.finished = true;
+            return;
+        }
+        self.forward(cx);
+    }
+    fn flush(&mut self, _cx: &mut Cx<'_>) {}
+    fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
+    fn is_done(&self) -> bool {
+        self.finished
+    }
+}
+
+/// Core 1's side: wakes the pinger back, and is done.
+struct Ponger {
+    back: Arc<Vec<ballast_engine::reactor::CoreHandle>>,
+    core: usize,
+    task: u32,
+}
+
+impl Task for Ponger {
+    fn start(&mut self, _cx: &mut Cx<'_>) {
+        self.back[self.core].wake_task(self.task, 1);
+    }
+    fn on_completion(&mut self, _cx: &mut Cx<'_>, _tag: u32, _result: i32, _owned: Owned) {}
+    fn flush(&mut self, _cx: &mut Cx<'_>) {}
+    fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
+    fn is_done(&self) -> bool {
+        true
+    }
+}
+
+fn cross_core(ops: u64, cpus: [usize; 2], poll_us: u64) -> anyhow::Result<f64> {
+    let engine = Engine::start(EngineConfig {
+        cpus: cpus.to_vec(),
+        poll_us,
+        ring_entries: 256,
+        mailbox_depth: 1024,
+        buffer_budget: 16 << 20,
+    })
+    .context("starting two cores")?;
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let pinger = Pinger { left: ops, started: None, done: Some(tx), finished: false };
+    let mut pinger = Some(pinger);
+    let spawn = Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| {
+        Box::new(pinger.take().expect("once")) as Box<dyn Task>
+    }));
+    engine.handles()[0].send_blocking(spawn);
+    let elapsed = rx.recv_timeout(Duration::from_secs(120)).context("round trips timed out")?;
+    engine.shutdown();
+    Ok(elapsed.as_nanos() as f64 / ops as f64)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cpus: Vec<usize> =
+        args.cpus.split(',').map(str::parse).collect::<Result<_, _>>().context("--cpus")?;
+    let cpus: [usize; 2] = cpus.try_into().map_err(|_| anyhow::anyhow!("--cpus: two CPUs"))?;
+    let (meta, vol) = mapped_pool()?;
+    let meta = Mutex::new(meta);
+    let _ = ballast_ffi_pin(cpus[0]);
+    let reps = args.reps.max(1);
+    let figure = |f: &mut dyn FnMut() -> f64| median((0..reps).map(|_| f()).collect());
+    let read = figure(&mut || volume_core(&meta, vol, args.ops, false));
+    let write = figure(&mut || volume_core(&meta, vol, args.ops, true));
+    let unc = figure(&mut || mutex_uncontended(args.ops * 10));
+    let con = figure(&mut || mutex_contended(args.ops * 10, cpus));
+    let mut cross = Vec::new();
+    for poll_us in [1000, 0] {
+        let mut runs = Vec::new();
+        for _ in 0..reps {
+            runs.push(cross_core(args.ops / 4, cpus, poll_us)?);
+        }
+        cross.push((poll_us, median(runs)));
+    }
+    println!("| primitive | ns per operation (median of {reps}) |");
+    println!("|---|---|");
+    println!("| volume core: 4 KiB read of a mapped piece (lock per event, task box, no I/O) | {read:.0} |");
+    println!(
+        "| volume core: 4 KiB in-place overwrite (lock per event, task box, no I/O) | {write:.0} |"
+    );
+    println!("| pool mutex, uncontended lock + unlock | {unc:.1} |");
+    println!("| pool mutex, two threads on two CPUs, per lock + unlock | {con:.1} |");
+    for (poll_us, ns) in cross {
+        println!(
+            "| cross-core forward + wake back through the engine (--poll-us {poll_us}) | {ns:.0} |"
+        );
+    }
+    Ok(())
+}

@@ -91,11 +91,10 @@ pub fn layout(total_bytes: u64, g: &PoolGeometry) -> Result<Superblock, PoolErro
     let data_start = (journal_start + g.journal_blocks).div_ceil(cluster_blocks) * cluster_blocks;
     let cluster_count = total_blocks.saturating_sub(data_start) / cluster_blocks;
     if cluster_count < 2 {
-        return Err(PoolError::Damaged(format!(
-            "device too small: {total_bytes} bytes leave no data clusters after {} bytes of \
-             superblocks, metadata reserve and journal",
-            data_start * BLOCK_SIZE as u64
-        )));
+        return Err(PoolError::TooSmall {
+            bytes: total_bytes,
+            overhead: data_start * BLOCK_SIZE as u64,
+        });
     }
     let sb = Superblock {
         pool_uuid: g.pool_uuid,

@@ -1,0 +1,190 @@
+//! Control operations (create, snapshot, clone, rollback, delete, resize, configuration), the
+//! metadata admission that keeps a checkpoint within its half, and freezing for quiescence.
+
+use super::*;
+
+impl PoolMeta {
+    /// The largest checkpoint the state could need if every volume were fully written, with
+    /// `clusters` more volume clusters, `volumes` more volumes and `config` more config bytes.
+    fn worst_checkpoint(&self, clusters: u64, volumes: u64, config: u64) -> u64 {
+        let mapped: u64 =
+            self.volumes.values().map(|v| v.size_bytes.div_ceil(self.cluster_bytes)).sum();
+        let config_now: u64 = self
+            .config
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64 + CHECKPOINT_BYTES_PER_CONFIG)
+            .sum();
+        (mapped + clusters) * CHECKPOINT_BYTES_PER_CLUSTER
+            + (self.volumes.len() as u64 + volumes) * CHECKPOINT_BYTES_PER_VOLUME
+            + config_now
+            + config
+            + CHECKPOINT_HEADER
+    }
+
+    /// Refuses a change after which a checkpoint might not fit its metadata half.
+    fn admit(&self, extra_bytes: u64, volumes: u64, config: u64) -> Result<(), PoolError> {
+        let limit = self.checkpoint_half_blocks() * BLOCK_SIZE as u64;
+        let wanted =
+            self.worst_checkpoint(extra_bytes.div_ceil(self.cluster_bytes), volumes, config);
+        if wanted > limit {
+            return Err(PoolError::Overprovisioned { limit, wanted });
+        }
+        Ok(())
+    }
+
+    fn new_name(&self, name: &str) -> Result<(), PoolError> {
+        if !valid_name(name) {
+            return Err(PoolError::BadName(name.into()));
+        }
+        if self.volumes.values().any(|v| v.name == name) {
+            return Err(PoolError::NameTaken(name.into()));
+        }
+        Ok(())
+    }
+
+    /// Whether volume `id` has no write in flight (a freeze has taken effect).
+    pub fn quiet(&self, id: u32) -> bool {
+        self.volumes.get(&id).is_none_or(|v| v.writes_inflight == 0)
+    }
+
+    pub fn set_frozen(&mut self, id: u32, frozen: bool) {
+        if let Some(v) = self.volumes.get_mut(&id) {
+            v.frozen = frozen;
+        }
+        if !frozen {
+            self.locks.thawed(id);
+        }
+    }
+
+    /// Parks `waiter` (a control operation) until volume `id` has no write in flight.
+    pub fn park_drained(&mut self, id: u32, waiter: Waiter) {
+        if self.quiet(id) {
+            // Nothing would wake it: it proceeds at once.
+            self.locks.park_drained(id, waiter);
+            self.locks.drained(id);
+        } else {
+            self.locks.park_drained(id, waiter);
+        }
+    }
+
+    /// Parks `waiter` until the commit (or checkpoint) in flight ends.
+    pub fn park_commit(&mut self, waiter: Waiter) {
+        assert!(self.committing || self.failed.is_some(), "parking with no commit in flight");
+        self.locks.park_commit(waiter);
+    }
+
+    /// Moves the requests woken since the last call into `out`.
+    pub fn take_woken(&mut self, out: &mut Vec<Waiter>) {
+        self.locks.take_woken(out);
+    }
+
+    /// The lock table (for statistics and checks).
+    pub fn locks(&self) -> &LockTable {
+        &self.locks
+    }
+
+    pub fn create_volume(&mut self, name: &str, size_bytes: u64) -> Result<u32, PoolError> {
+        self.ok()?;
+        self.new_name(name)?;
+        if size_bytes == 0 || !size_bytes.is_multiple_of(PIECE) {
+            return Err(PoolError::BadSize);
+        }
+        self.admit(size_bytes, 1, 0)?;
+        let id = self.next_id;
+        self.log(Record::VolumeCreate { id, parent: 0, size_bytes, name: name.into() });
+        Ok(id)
+    }
+
+    /// A read-only snapshot: O(1), it shares the volume's mapping. The caller has quiesced
+    /// writes to `of`.
+    pub fn snapshot(&mut self, of: u32, name: &str) -> Result<u32, PoolError> {
+        self.ok()?;
+        let size = self.volume(of)?.size_bytes;
+        self.new_name(name)?;
+        self.admit(size, 1, 0)?;
+        let id = self.next_id;
+        self.log(Record::Snapshot { id, of, name: name.into() });
+        Ok(id)
+    }
+
+    /// A writable clone of a snapshot.
+    pub fn clone_volume(&mut self, of: u32, name: &str) -> Result<u32, PoolError> {
+        self.ok()?;
+        let src = self.volume(of)?;
+        if !src.read_only {
+            return Err(PoolError::NotSnapshot(of));
+        }
+        let size = src.size_bytes;
+        self.new_name(name)?;
+        self.admit(size, 1, 0)?;
+        let id = self.next_id;
+        self.log(Record::Clone { id, of, name: name.into() });
+        Ok(id)
+    }
+
+    /// Volume `id` gets the contents (and size) of its snapshot `to`. The caller has quiesced
+    /// writes to `id`.
+    pub fn rollback(&mut self, id: u32, to: u32) -> Result<(), PoolError> {
+        self.ok()?;
+        let v = self.volume(id)?;
+        if v.read_only {
+            return Err(PoolError::ReadOnly(id));
+        }
+        let snap = self.volume(to)?;
+        if !snap.read_only {
+            return Err(PoolError::NotSnapshot(to));
+        }
+        if snap.parent != id {
+            return Err(PoolError::NotSnapshotOf { snap: to, vol: id });
+        }
+        let grow = snap.size_bytes.saturating_sub(v.size_bytes);
+        self.admit(grow, 0, 0)?;
+        self.log(Record::Rollback { id, to });
+        Ok(())
+    }
+
+    pub fn delete(&mut self, id: u32) -> Result<(), PoolError> {
+        self.ok()?;
+        self.volume(id)?;
+        self.log(Record::Delete { id });
+        Ok(())
+    }
+
+    /// Grows or shrinks volume `id`. Shrinking drops written data beyond the new end only with
+    /// `force` (that data is trimmed first). The caller has quiesced writes to `id`.
+    pub fn resize(&mut self, id: u32, size_bytes: u64, force: bool) -> Result<(), PoolError> {
+        self.ok()?;
+        let v = self.volume(id)?;
+        if v.read_only {
+            return Err(PoolError::ReadOnly(id));
+        }
+        if size_bytes == 0 || !size_bytes.is_multiple_of(PIECE) {
+            return Err(PoolError::BadSize);
+        }
+        let old = v.size_bytes;
+        if size_bytes > old {
+            self.admit(size_bytes - old, 0, 0)?;
+        } else if size_bytes < old {
+            let first_piece = size_bytes / PIECE;
+            let written = (first_piece..old / PIECE).any(|p| self.piece_written(id, p));
+            if written && !force {
+                return Err(PoolError::WouldDropData(id));
+            }
+            // Trim whole pieces beyond the new end so nothing stale reappears on growth. The
+            // volume is quiesced (frozen, no write in flight), so nothing can be busy.
+            self.trim_unchecked(id, size_bytes, old - size_bytes);
+        }
+        self.log(Record::Resize { id, size_bytes });
+        Ok(())
+    }
+
+    pub fn set_config(&mut self, key: &str, value: &str) -> Result<(), PoolError> {
+        self.ok()?;
+        if key.is_empty() || key.len() > NAME_MAX || value.len() > CONFIG_VALUE_MAX {
+            return Err(PoolError::BadConfig);
+        }
+        self.admit(0, 0, (key.len() + value.len()) as u64 + CHECKPOINT_BYTES_PER_CONFIG)?;
+        self.log(Record::Config { key: key.into(), value: value.into() });
+        Ok(())
+    }
+}

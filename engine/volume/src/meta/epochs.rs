@@ -1,0 +1,29 @@
+//! I/O epochs: which I/O may still touch clusters named by an older mapping, so a cluster freed
+//! by a durable record is reused only after every I/O that started before has ended.
+
+use super::*;
+
+impl PoolMeta {
+    /// Registers an I/O that may touch clusters named by the current mapping.
+    pub fn begin_io(&mut self) -> Ticket {
+        *self.inflight.entry(self.io_epoch).or_default() += 1;
+        Ticket(self.io_epoch)
+    }
+
+    pub fn end_io(&mut self, t: Ticket) {
+        let n = self.inflight.get_mut(&t.0).expect("ticket of an I/O in flight");
+        *n -= 1;
+        if *n == 0 {
+            self.inflight.remove(&t.0);
+        }
+        self.release_quarantine();
+    }
+
+    pub(super) fn release_quarantine(&mut self) {
+        let oldest = self.inflight.keys().next().copied().unwrap_or(self.io_epoch + 1);
+        while self.quarantine.front().is_some_and(|(e, _)| *e < oldest) {
+            let (_, clusters) = self.quarantine.pop_front().expect("checked");
+            self.alloc.release(&clusters);
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The data path's decisions: where a read comes from, where a write goes (in place or
+//! copy-on-write into a fresh cluster), holds for read-modify-writes, trims; a request that
+//! must wait is parked in the lock table.
+
+use super::*;
+
+impl PoolMeta {
+    fn check_range(&self, id: u32, offset: u64, len: u64, write: bool) -> Result<(), PoolError> {
+        let v = self.volume(id)?;
+        if write && v.read_only {
+            return Err(PoolError::ReadOnly(id));
+        }
+        if !offset.is_multiple_of(PIECE) || !len.is_multiple_of(PIECE) {
+            return Err(PoolError::Unaligned);
+        }
+        if offset.checked_add(len).is_none_or(|end| end > v.size_bytes) {
+            return Err(PoolError::Range(id));
+        }
+        Ok(())
+    }
+
+    /// Where `[offset, offset + len)` of volume `id` comes from, in order, runs merged.
+    pub fn plan_read(&self, id: u32, offset: u64, len: u64) -> Result<Vec<ReadPiece>, PoolError> {
+        self.check_range(id, offset, len, false)?;
+        let tree = &self.volumes[&id].tree;
+        let mut out: Vec<ReadPiece> = Vec::new();
+        let mut at = offset;
+        while at < offset + len {
+            let Span { vc, cluster_end, first_bit, bits } = self.span(at, offset + len);
+            let e = tree.get(vc);
+            for bit in first_bit..first_bit + u64::from(bits.count_ones()) {
+                let piece = match e.cluster() {
+                    Some(c) if e.written() & (1 << bit) != 0 => {
+                        ReadPiece::Disk { offset: self.cluster_offset(c) + bit * PIECE, len: PIECE }
+                    }
+                    _ => ReadPiece::Zero { len: PIECE },
+                };
+                match (out.last_mut(), piece) {
+                    (Some(ReadPiece::Zero { len }), ReadPiece::Zero { len: add }) => *len += add,
+                    (
+                        Some(ReadPiece::Disk { offset: o, len }),
+                        ReadPiece::Disk { offset: next, len: add },
+                    ) if *o + *len == next => *len += add,
+                    _ => out.push(piece),
+                }
+            }
+            at = cluster_end;
+        }
+        Ok(out)
+    }
+
+    // ---- writes -----------------------------------------------------------------------------
+
+    /// Plans a write of `[offset, offset + len)`: one plan per cluster it touches.
+    /// [`Blocked::Wait`] when a cluster it needs is being copied or the volume is frozen:
+    /// nothing was reserved and `waiter` is parked until that changes. Each plan must be
+    /// finished with `finish_span` (or `abort_span`), then the write with `end_write`.
+    pub fn plan_write(
+        &mut self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        hold: u64,
+        waiter: Waiter,
+    ) -> Result<Vec<WritePlan>, Blocked> {
+        self.ok()?;
+        self.check_range(id, offset, len, true)?;
+        let v = &self.volumes[&id];
+        // A frozen volume takes no new write; a read-modify-write that holds its clusters is
+        // already in flight (counted by the freeze) and must finish, or the freeze would wait
+        // for it forever.
+        if v.frozen && hold == 0 {
+            self.locks.park_frozen(id, waiter);
+            return Err(Blocked::Wait);
+        }
+        // First decide every span (no state changes), so a busy span reserves nothing.
+        let mut spans = Vec::new();
+        let mut fresh_needed = 0u64;
+        let mut at = offset;
+        while at < offset + len {
+            let s = self.span(at, offset + len);
+            let state = self.locks.state(id, s.vc);
+            // A cluster held by a read-modify-write takes only that request's write.
+            if state.cow || (state.held != 0 && state.held != hold) {
+                self.locks.park_cluster(id, s.vc, waiter);
+                return Err(Blocked::Wait);
+            }
+            let e = v.tree.get(s.vc);
+            let owned = e.cluster().is_some_and(|c| {
+                self.refs[c as usize] == 1
+                    && !v.tree.leaf_shared(s.vc)
+                    && !self.epoch_touched.contains(&c)
+                    && !self.sealed_touched.contains(&c)
+            });
+            if !owned {
+                // A mutant for the simulator's own test (tests/mutants.sh): a copy-on-write
+                // ignores the writers already in the cluster.
+                if state.writers > 0 && !cfg!(feature = "mutant-skip-lock") {
+                    self.locks.park_cluster(id, s.vc, waiter);
+                    return Err(Blocked::Wait);
+                }
+                fresh_needed += 1;
+            }
+            spans.push((at, s, e, owned));
+            at = spans.last().expect("pushed").1.cluster_end;
+        }
+        if fresh_needed > self.alloc.free_count() {
+            return Err(PoolError::NoSpace.into());
+        }
+        let mut plans = Vec::with_capacity(spans.len());
+        for (at, s, e, owned) in spans {
+            let (cluster, copy_from) = if owned {
+                (e.cluster().expect("owned means mapped"), None)
+            } else {
+                let fresh = self.alloc.alloc().ok_or(PoolError::NoSpace)?;
+                self.epoch_fresh.insert(fresh);
+                (fresh, e.cluster().map(|old| self.cluster_offset(old)))
+            };
+            self.locks.add_writer(id, s.vc, !owned);
+            plans.push(WritePlan {
+                vcluster: s.vc,
+                offset: self.cluster_offset(cluster) + s.first_bit * PIECE,
+                req_start: at - offset,
+                req_len: s.cluster_end - at,
+                cluster,
+                copy_from,
+                fresh: !owned,
+                bits: s.bits,
+                base_written: if owned { 0 } else { e.written() },
+            });
+        }
+        self.volumes.get_mut(&id).expect("checked").writes_inflight += 1;
+        Ok(plans)
+    }
+
+    fn unbusy(&mut self, id: u32, vc: u64) {
+        self.locks.remove_writer(id, vc);
+    }
+
+    /// Holds volume clusters `vcs` exclusively for a read-modify-write (an unaligned write):
+    /// no other write, copy-on-write or trim touches them until `release`, so the pieces read
+    /// and merged cannot change meanwhile. [`Blocked::Wait`] when one is in use or the volume
+    /// is frozen (`waiter` parked).
+    pub fn hold(&mut self, id: u32, vcs: &[u64], waiter: Waiter) -> Result<u64, Blocked> {
+        self.ok()?;
+        let v = self.volume(id)?;
+        if v.read_only {
+            return Err(PoolError::ReadOnly(id).into());
+        }
+        if v.frozen {
+            self.locks.park_frozen(id, waiter);
+            return Err(Blocked::Wait);
+        }
+        if let Some(vc) = vcs.iter().find(|vc| self.locks.busy(id, **vc)) {
+            self.locks.park_cluster(id, *vc, waiter);
+            return Err(Blocked::Wait);
+        }
+        self.next_hold += 1;
+        let token = self.next_hold;
+        for vc in vcs {
+            self.locks.hold(id, *vc, token);
+        }
+        self.volumes.get_mut(&id).expect("checked").writes_inflight += 1;
+        Ok(token)
+    }
+
+    pub fn release(&mut self, id: u32, vcs: &[u64], token: u64) {
+        for vc in vcs {
+            self.locks.unhold(id, *vc, token);
+        }
+        self.end_write(id);
+    }
+
+    /// One plan's data is on the media (completed, not necessarily durable): map it.
+    pub fn finish_span(&mut self, id: u32, p: &WritePlan) {
+        self.unbusy(id, p.vcluster);
+        let Some(v) = self.volumes.get(&id) else {
+            if p.fresh {
+                self.abandon_fresh(p);
+            }
+            return;
+        };
+        let e = v.tree.get(p.vcluster);
+        let entry = if p.fresh {
+            // The fresh cluster holds the carried-over pieces plus the new ones; the cluster's
+            // exclusive hold kept the entry as planned.
+            Entry::new(p.cluster, p.base_written | p.bits)
+        } else if e.cluster() == Some(p.cluster) {
+            Entry::new(p.cluster, e.written() | p.bits)
+        } else {
+            return;
+        };
+        if entry != e {
+            self.log(Record::MapSet { volume: id, vcluster: p.vcluster, entry: entry.0 });
+        }
+    }
+
+    fn abandon_fresh(&mut self, p: &WritePlan) {
+        if self.refs[p.cluster as usize] == 0 && self.alloc.is_allocated(p.cluster) {
+            self.alloc.free(p.cluster);
+        }
+    }
+
+    /// A planned span failed: a fresh cluster goes back, the mapping is unchanged.
+    pub fn abort_span(&mut self, id: u32, p: &WritePlan) {
+        self.unbusy(id, p.vcluster);
+        if p.fresh {
+            self.abandon_fresh(p);
+        }
+    }
+
+    /// Every span of a planned write has finished or aborted.
+    pub fn end_write(&mut self, id: u32) {
+        if let Some(v) = self.volumes.get_mut(&id) {
+            v.writes_inflight -= 1;
+            if v.writes_inflight == 0 {
+                self.locks.drained(id);
+            }
+        }
+    }
+
+    /// Trims whole 4 KiB pieces: they read zeros; a cluster with no written piece is released.
+    /// [`Blocked::Wait`] when a write to one of its clusters is in flight or the volume is
+    /// frozen (`waiter` parked).
+    pub fn trim(&mut self, id: u32, offset: u64, len: u64, waiter: Waiter) -> Result<(), Blocked> {
+        self.ok()?;
+        self.check_range(id, offset, len, true)?;
+        if self.volumes[&id].frozen {
+            self.locks.park_frozen(id, waiter);
+            return Err(Blocked::Wait);
+        }
+        let mut at = offset;
+        while at < offset + len {
+            let s = self.span(at, offset + len);
+            if self.locks.busy(id, s.vc) {
+                self.locks.park_cluster(id, s.vc, waiter);
+                return Err(Blocked::Wait);
+            }
+            at = s.cluster_end;
+        }
+        self.trim_unchecked(id, offset, len);
+        Ok(())
+    }
+
+    /// Trims a checked range of a volume nothing else is writing.
+    pub(super) fn trim_unchecked(&mut self, id: u32, offset: u64, len: u64) {
+        let mut at = offset;
+        while at < offset + len {
+            let Span { vc, cluster_end, bits, .. } = self.span(at, offset + len);
+            let e = self.volumes[&id].tree.get(vc);
+            if let Some(c) = e.cluster() {
+                let left = e.written() & !bits;
+                let entry = if left == 0 { Entry::UNMAPPED } else { Entry::new(c, left) };
+                if entry != e {
+                    self.log(Record::MapSet { volume: id, vcluster: vc, entry: entry.0 });
+                }
+            }
+            at = cluster_end;
+        }
+    }
+}

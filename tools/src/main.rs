@@ -2,6 +2,7 @@
 
 mod client;
 mod locate;
+mod notify;
 mod rpc;
 mod rpc_nvmf;
 mod serve;

@@ -100,9 +100,18 @@ pub struct ServeArgs {
     /// flushed: bounds how much unflushed work a crash can lose.
     #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = parse_seconds)]
     commit_interval: std::time::Duration,
+    /// Log lines as human-readable text, or as one JSON object per line for log collectors.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
     /// Control socket limits (--rpc-max-clients, --rpc-max-request, --rpc-idle-timeout).
     #[command(flatten)]
     rpc_limits: rpc::RpcLimitArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -165,13 +174,22 @@ pub fn open_backend(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn Block
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_current_span(false)
+            .init(),
+    }
+    let notifier = crate::notify::Notifier::from_env()?.map(Arc::new);
     raise_fd_limit();
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
@@ -308,9 +326,30 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         socket = %socket.display(),
         "ballast serving"
     );
+    let watchdog = match &notifier {
+        Some(n) => {
+            n.send(&format!(
+                "READY=1\nSTATUS=serving {} exports on {} cores",
+                exports.list().len(),
+                count
+            ));
+            match crate::notify::watchdog_interval() {
+                Some(every) => Some(
+                    crate::notify::start_watchdog(n.clone(), handles.clone(), every)
+                        .context("starting the watchdog thread")?,
+                ),
+                None => None,
+            }
+        }
+        None => None,
+    };
 
     let signal = signals.wait()?;
     tracing::info!(?signal, "shutting down: draining connections");
+    if let Some(n) = &notifier {
+        n.send("STOPPING=1\nSTATUS=draining connections");
+    }
+    drop(watchdog);
     engine.shutdown();
     for dev in exports.devices() {
         if let Err(e) = dev.flush_blocking() {

@@ -2,6 +2,8 @@
 
 mod client;
 mod locate;
+mod metrics;
+mod metrics_http;
 mod rpc;
 mod rpc_nvmf;
 mod serve;

@@ -202,7 +202,7 @@ impl ScrapeCollector {
             ("ballast_core_connections_open", "Connections served by the core.", Gauge, |s| {
                 s.connections_open
             }),
-            ("ballast_core_connections", "Connections the core took.", Counter, |s| {
+            ("ballast_core_connections_accepted", "Connections the core took.", Counter, |s| {
                 s.connections_total
             }),
             ("ballast_core_tasks", "Tasks (connections, listeners, volume I/O).", Gauge, |s| {

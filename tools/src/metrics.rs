@@ -134,6 +134,9 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 
 type Labels = Vec<(&'static str, String)>;
 
+/// A per-core metric: name, help, type, and where its value is in a core's snapshot.
+type PerCoreMetric = (&'static str, &'static str, MetricType, fn(&StatsSnapshot) -> u64);
+
 #[derive(Debug)]
 struct ScrapeCollector(Scrape);
 
@@ -198,7 +201,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [(&str, &str, MetricType, fn(&StatsSnapshot) -> u64); 12] = [
+        let per_core: [PerCoreMetric; 12] = [
             ("ballast_core_connections_open", "Connections served by the core.", Gauge, |s| {
                 s.connections_open
             }),

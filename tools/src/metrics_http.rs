@@ -194,29 +194,29 @@ enum Request {
         body: bool,
     },
     NotFound,
-    MethodNotAllowed,
-    BadRequest,
+    WrongMethod,
+    Malformed,
 }
 
 /// Parses a request head's first line (HTTP/1.x; a query string is ignored).
 fn parse_request(head: &[u8]) -> Request {
     let line_end = head.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(head.len());
     let Ok(line) = std::str::from_utf8(&head[..line_end]) else {
-        return Request::BadRequest;
+        return Request::Malformed;
     };
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Request::BadRequest;
+        return Request::Malformed;
     };
     if !version.starts_with("HTTP/1.") {
-        return Request::BadRequest;
+        return Request::Malformed;
     }
     let body = match method {
         "GET" => true,
         "HEAD" => false,
-        _ => return Request::MethodNotAllowed,
+        _ => return Request::WrongMethod,
     };
     let path = target.split('?').next().unwrap_or("");
     if path == "/metrics" {
@@ -281,10 +281,10 @@ fn serve_client(mut stream: TcpStream, control: &Control, limits: MetricsLimits,
             Request::NotFound => {
                 response("404 Not Found", "text/plain", "not found: try /metrics\n")
             }
-            Request::MethodNotAllowed => {
+            Request::WrongMethod => {
                 response("405 Method Not Allowed", "text/plain", "only GET and HEAD\n")
             }
-            Request::BadRequest => response("400 Bad Request", "text/plain", "bad request\n"),
+            Request::Malformed => response("400 Bad Request", "text/plain", "bad request\n"),
         },
         Err(HeadError::TooLarge) => {
             tracing::warn!(limit = limits.max_request_bytes, "metrics request too large");
@@ -331,11 +331,11 @@ mod tests {
         );
         assert_eq!(parse_request(b"GET / HTTP/1.1\r\n\r\n"), Request::NotFound);
         assert_eq!(parse_request(b"GET /metricsx HTTP/1.1\r\n\r\n"), Request::NotFound);
-        assert_eq!(parse_request(b"POST /metrics HTTP/1.1\r\n\r\n"), Request::MethodNotAllowed);
-        assert_eq!(parse_request(b"GET /metrics\r\n\r\n"), Request::BadRequest);
-        assert_eq!(parse_request(b"GET /metrics SPDY/3\r\n\r\n"), Request::BadRequest);
-        assert_eq!(parse_request(b"\xff\xfe /metrics HTTP/1.1\r\n\r\n"), Request::BadRequest);
-        assert_eq!(parse_request(b""), Request::BadRequest);
+        assert_eq!(parse_request(b"POST /metrics HTTP/1.1\r\n\r\n"), Request::WrongMethod);
+        assert_eq!(parse_request(b"GET /metrics\r\n\r\n"), Request::Malformed);
+        assert_eq!(parse_request(b"GET /metrics SPDY/3\r\n\r\n"), Request::Malformed);
+        assert_eq!(parse_request(b"\xff\xfe /metrics HTTP/1.1\r\n\r\n"), Request::Malformed);
+        assert_eq!(parse_request(b""), Request::Malformed);
     }
 
     #[test]

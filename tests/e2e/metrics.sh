@@ -218,6 +218,33 @@ if [[ -n $conns ]] && ((conns >= 2)); then
 else
     fail "ballast_core_connections_accepted_total counts fio's connections" "'$conns'"
 fi
+# Every query of the example Grafana dashboard runs on this Prometheus and returns data.
+out=$("$SYS_PY" - "$PROM_PORT" "$REPO_ROOT/docs/grafana-ballast.json" <<'EOF'
+import json, sys, urllib.parse, urllib.request
+port, path = sys.argv[1], sys.argv[2]
+dash = json.load(open(path))
+bad, n = [], 0
+for panel in dash["panels"]:
+    for t in panel["targets"]:
+        q = t["expr"].replace("$instance", ".*").replace("$__rate_interval", "5s")
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+        try:
+            r = json.load(urllib.request.urlopen(url, timeout=10))
+            ok = r.get("status") == "success" and r["data"]["result"]
+        except Exception:  # a 400 for a query that does not parse
+            ok = False
+        n += 1
+        if not ok:
+            bad.append(q)
+print(n, len(bad), bad[:3])
+EOF
+)
+read -r nq nbad rest <<<"$out"
+if [[ ${nbad:-x} == 0 ]] && ((nq > 10)); then
+    pass "all $nq queries of docs/grafana-ballast.json return data from Prometheus"
+else
+    fail "the Grafana dashboard's queries return data" "$out"
+fi
 stop_prometheus
 [[ -z $PROM_PID ]] && pass "prometheus stopped" || fail "prometheus stopped"
 

@@ -74,7 +74,7 @@ selected() {
 declare -A PKG=(
     [nbdkit]=nbdkit [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=libnbd-bin
     [fio]=fio [qemu-img]=qemu-utils [qemu-nbd]=qemu-utils [nbd-client]=nbd-client
-    [sha256sum]=coreutils [timeout]=coreutils [ss]=iproute2
+    [sha256sum]=coreutils [timeout]=coreutils [ss]=iproute2 [prometheus]=prometheus
 )
 missing=()
 for c in "${!PKG[@]}"; do

@@ -2,6 +2,8 @@
 
 mod client;
 mod locate;
+mod metrics;
+mod metrics_http;
 mod notify;
 mod rpc;
 mod rpc_nvmf;
@@ -35,7 +37,7 @@ struct Cli {
 enum Command {
     /// Run the daemon: serve a pool's volumes (or --export devices) over NVMe/TCP and NBD, and
     /// the control socket the other commands talk to.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Exports of a running daemon: the devices served by name (volumes, and the RAM or file
     /// backed ones added here; NBD serves each, `nvmf add-ns` puts one in an NVMe subsystem).
     #[command(subcommand)]
@@ -436,7 +438,7 @@ fn nvmf(cmd: NvmfCommand) -> anyhow::Result<()> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Export(ExportCommand::List { target, json }) => client::export_list(&target, json),
         Command::Export(ExportCommand::Add(args)) => client::export_add(&args),
         Command::Export(ExportCommand::Resize { name, size, target }) => {

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_engine::reactor::CoreHandle;
-use ballast_engine::{BlockDev, Msg};
+use ballast_engine::BlockDev;
 use ballast_nbd::{Export, ExportTable};
 use nix::sys::socket::{getsockopt, sockopt};
 use serde_json::{json, Value};
@@ -219,17 +219,17 @@ fn bind_private(path: &Path) -> Result<UnixListener, StartError> {
 
 /// Counts refusals of one kind and says which to log: the 1st, 2nd, 4th, 8th, ...
 #[derive(Default)]
-struct RateLimitedLog(u64);
+pub(crate) struct RateLimitedLog(u64);
 
 impl RateLimitedLog {
-    fn should_log(&mut self) -> Option<u64> {
+    pub(crate) fn should_log(&mut self) -> Option<u64> {
         self.0 += 1;
         self.0.is_power_of_two().then_some(self.0)
     }
 }
 
 /// Releases a client slot when the client's thread ends (or never starts).
-struct Slot(Arc<AtomicUsize>);
+pub(crate) struct Slot(pub(crate) Arc<AtomicUsize>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -546,15 +546,10 @@ fn bdev_get_bdevs(control: &Control) -> Value {
 }
 
 fn reactors(control: &Control) -> Value {
-    let mut out = Vec::new();
-    for core in control.cores.iter() {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        if core.send_blocking(Msg::Stats(tx)) {
-            if let Ok(snap) = rx.recv_timeout(Duration::from_secs(2)) {
-                out.push(serde_json::to_value(snap).unwrap_or(Value::Null));
-            }
-        }
-    }
+    let out: Vec<Value> = crate::metrics::core_snapshots(&control.cores, true)
+        .into_iter()
+        .map(|snap| serde_json::to_value(snap).unwrap_or(Value::Null))
+        .collect();
     let mut limits = serde_json::to_value(&control.admission.limits).unwrap_or(Value::Null);
     limits["buffer_memory"] = json!(control.buffer_memory);
     json!({

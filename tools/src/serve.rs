@@ -106,6 +106,9 @@ pub struct ServeArgs {
     /// Control socket limits (--rpc-max-clients, --rpc-max-request, --rpc-idle-timeout).
     #[command(flatten)]
     rpc_limits: rpc::RpcLimitArgs,
+    /// Prometheus metrics endpoint (--metrics-listen, off by default; its limits).
+    #[command(flatten)]
+    metrics: crate::metrics_http::MetricsArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -318,6 +321,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| args.data_dir.join(crate::locate::DATA_DIR_SOCKET));
     let socket = std::path::absolute(&socket)
         .with_context(|| format!("control socket {}", socket.display()))?;
+    if let Some(addr) = args.metrics.metrics_listen {
+        crate::metrics_http::start(addr, control.clone(), args.metrics.limits())?;
+    }
     rpc::start(&socket, control, args.rpc_limits.limits())?;
     let pointer = if args.rpc_socket.is_none() { publish_pointer(&socket) } else { None };
     tracing::info!(
@@ -433,7 +439,7 @@ fn create_default_pool(path: &Path) -> anyhow::Result<()> {
 /// Binds `addr`, waiting up to 10 s while it is in use: after a kill -9 the previous daemon's
 /// listening sockets stay open until the kernel has torn down its io_uring (an accept in
 /// flight holds them), which takes a moment after the process is gone.
-fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let start = std::time::Instant::now();
     let mut warned = false;
     loop {

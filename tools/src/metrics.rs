@@ -1,0 +1,522 @@
+//! Prometheus metrics: what the daemon has, gathered at scrape time and encoded in Prometheus'
+//! text format (0.0.4) with the `prometheus-client` crate.
+//!
+//! Nothing here is on the data path. Each core keeps its own plain counters and histogram
+//! (`ballast_engine::stats`); a scrape asks every core for a copy through its mailbox (the
+//! message `ballast stats` uses), reads the pool's and the admission's counters, and encodes
+//! the copies through a [`Collector`] built for that one scrape. Invariants:
+//! - no metric adds work or a shared atomic per I/O: per-core counters are summed (by
+//!   Prometheus, over the `core` label) only when scraped;
+//! - a scrape waits at most [`CORE_REPLY_TIMEOUT`] for the cores together, and never blocks on
+//!   a full mailbox (that core is counted in `ballast_scrape_cores_missing` instead);
+//! - names follow Mayastor's exporter where it has one (`diskpool_*`), else `ballast_*`;
+//!   counters get `_total` from the encoder.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use ballast_engine::limits::ConnCounters;
+use ballast_engine::reactor::CoreHandle;
+use ballast_engine::stats::{StatsSnapshot, LATENCY_BUCKET_BOUNDS_US};
+use ballast_engine::volume::dev::{PoolInfo, VolumeInfo};
+use ballast_engine::Msg;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::rpc::Control;
+
+/// The longest a scrape (or `ballast stats`) waits for the cores' copies, all cores together.
+pub const CORE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks every core for a copy of its statistics and collects the replies (in core order);
+/// cores that do not answer within [`CORE_REPLY_TIMEOUT`] (or whose mailbox is full, when
+/// `wait_for_room` is false) are left out.
+pub fn core_snapshots(cores: &[CoreHandle], wait_for_room: bool) -> Vec<StatsSnapshot> {
+    let mut pending = Vec::with_capacity(cores.len());
+    for core in cores {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let sent = if wait_for_room {
+            core.send_blocking(Msg::Stats(tx))
+        } else {
+            core.send(Msg::Stats(tx)).is_ok()
+        };
+        if sent {
+            pending.push(rx);
+        }
+    }
+    let deadline = Instant::now() + CORE_REPLY_TIMEOUT;
+    let mut out: Vec<StatsSnapshot> =
+        pending.iter().filter_map(|rx| rx.recv_deadline(deadline).ok()).collect();
+    out.sort_by_key(|s| s.core);
+    out
+}
+
+/// One export, as the metrics show it.
+#[derive(Debug)]
+pub struct ExportView {
+    pub name: String,
+    pub backend: String,
+    pub size_bytes: u64,
+    pub read_only: bool,
+}
+
+/// Everything one scrape reports, copied out of the daemon.
+#[derive(Debug)]
+pub struct Scrape {
+    /// This machine's name (Mayastor's `node` label).
+    pub node: String,
+    pub cores_configured: usize,
+    pub cores: Vec<StatsSnapshot>,
+    pub connections: ConnCounters,
+    pub max_connections: u64,
+    pub buffer_memory: u64,
+    pub pool: Option<(PoolInfo, Vec<VolumeInfo>)>,
+    pub exports: Vec<ExportView>,
+    pub nvmf_subsystems: usize,
+    /// How long gathering took (the cores' replies, mostly).
+    pub gather_seconds: f64,
+}
+
+/// Copies what the metrics report out of the running daemon.
+pub fn gather(control: &Control, node: &str) -> Scrape {
+    let started = Instant::now();
+    let cores = core_snapshots(&control.cores, false);
+    let pool = control.pool.as_ref().map(|p| (p.info(), p.list()));
+    let exports = control
+        .exports
+        .list()
+        .iter()
+        .map(|e| ExportView {
+            name: e.name.clone(),
+            backend: e.dev.info().backend.clone(),
+            size_bytes: e.size_bytes(),
+            read_only: e.read_only,
+        })
+        .collect();
+    Scrape {
+        node: node.to_string(),
+        cores_configured: control.cores.len(),
+        cores,
+        connections: control.admission.counters(),
+        max_connections: control.admission.limits.max_connections,
+        buffer_memory: control.buffer_memory,
+        pool,
+        exports,
+        nvmf_subsystems: control.target.subsystems().len(),
+        gather_seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// This machine's host name, for the `node` label.
+pub fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// The scrape in Prometheus' text format.
+pub fn encode(scrape: Scrape) -> Result<String, fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ScrapeCollector(scrape)));
+    let mut text = String::with_capacity(16 << 10);
+    prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+/// The `Content-Type` of [`encode`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// A per-core metric: name, help, type, and where its value is in a core's snapshot.
+type PerCoreMetric = (&'static str, &'static str, MetricType, fn(&StatsSnapshot) -> u64);
+
+#[derive(Debug)]
+struct ScrapeCollector(Scrape);
+
+/// One metric family: its descriptor, then one sample per label set.
+fn family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Labels, u64)>,
+) -> fmt::Result {
+    let mut metric = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        let sample = metric.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(value).encode(sample)?,
+            _ => ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(sample)?,
+        }
+    }
+    Ok(())
+}
+
+fn core_label(s: &StatsSnapshot) -> Labels {
+    vec![("core", s.core.to_string())]
+}
+
+fn labelled(s: &StatsSnapshot, key: &'static str, value: &str) -> Labels {
+    vec![("core", s.core.to_string()), (key, value.to_string())]
+}
+
+impl Collector for ScrapeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        self.encode_cores(&mut enc)?;
+        self.encode_limits(&mut enc)?;
+        self.encode_pool(&mut enc)?;
+        self.encode_exports(&mut enc)
+    }
+}
+
+impl ScrapeCollector {
+    /// Per-core I/O counters, latency histograms, loop counters and payload memory.
+    fn encode_cores(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        use MetricType::{Counter, Gauge};
+        let cores = &self.0.cores;
+        let ops = cores.iter().flat_map(|s| {
+            [
+                ("read", s.reads),
+                ("write", s.writes),
+                ("flush", s.flushes),
+                ("trim", s.discards),
+                ("write_zeroes", s.write_zeroes),
+                ("other", s.other),
+            ]
+            .map(|(op, n)| (labelled(s, "op", op), n))
+        });
+        family(enc, "ballast_core_ops", "Requests completed, by core and kind.", Counter, ops)?;
+        let bytes = cores.iter().flat_map(|s| {
+            [("read", s.bytes_read), ("write", s.bytes_written)]
+                .map(|(op, n)| (labelled(s, "op", op), n))
+        });
+        family(enc, "ballast_core_bytes", "Payload bytes read and written.", Counter, bytes)?;
+        let errors = cores.iter().map(|s| (core_label(s), s.errors));
+        family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
+        self.encode_latency(enc)?;
+        let per_core: [PerCoreMetric; 12] = [
+            ("ballast_core_connections_open", "Connections served by the core.", Gauge, |s| {
+                s.connections_open
+            }),
+            ("ballast_core_connections_accepted", "Connections the core took.", Counter, |s| {
+                s.connections_total
+            }),
+            ("ballast_core_tasks", "Tasks (connections, listeners, volume I/O).", Gauge, |s| {
+                s.tasks
+            }),
+            ("ballast_core_loops_busy", "Reactor turns that found work.", Counter, |s| {
+                s.loops_busy
+            }),
+            ("ballast_core_spins", "Idle turns that polled instead of sleeping.", Counter, |s| {
+                s.spins
+            }),
+            ("ballast_core_sleeps", "Times the core slept in its ring.", Counter, |s| s.sleeps),
+            ("ballast_buffer_budget_bytes", "The core's payload-memory budget.", Gauge, |s| {
+                s.buffers.buffer_budget
+            }),
+            ("ballast_buffer_charged_bytes", "Payload memory charged now.", Gauge, |s| {
+                s.buffers.buffer_charged
+            }),
+            ("ballast_buffer_peak_bytes", "Most payload memory ever charged.", Gauge, |s| {
+                s.buffers.buffer_peak
+            }),
+            ("ballast_buffer_cached_bytes", "Free buffers kept for reuse.", Gauge, |s| {
+                s.buffers.buffer_cached
+            }),
+            ("ballast_buffer_refusals", "Charges the full budget refused.", Counter, |s| {
+                s.buffers.buffer_refusals
+            }),
+            ("ballast_buffer_waiters", "Holders waiting for payload memory.", Gauge, |s| {
+                s.buffers.buffer_waiters
+            }),
+        ];
+        for (name, help, kind, get) in per_core {
+            family(enc, name, help, kind, cores.iter().map(|s| (core_label(s), get(s))))?;
+        }
+        Ok(())
+    }
+
+    /// Each core's service-latency histogram, in seconds (Prometheus' base unit).
+    fn encode_latency(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        let mut metric = enc.encode_descriptor(
+            "ballast_core_request_latency_seconds",
+            "Time from a request's arrival to its reply, all kinds of request.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for s in &self.0.cores {
+            let labels = core_label(s);
+            let mut previous = 0;
+            let buckets: Vec<(f64, u64)> = LATENCY_BUCKET_BOUNDS_US
+                .iter()
+                .zip(s.latency.cumulative)
+                .map(|(&bound_us, cumulative)| {
+                    // The encoder accumulates: hand it each bucket's own count.
+                    let own = cumulative - previous;
+                    previous = cumulative;
+                    (bound_us as f64 / 1e6, own)
+                })
+                .collect();
+            let sum_seconds = s.latency.sum_ns as f64 / 1e9;
+            encode_histogram(
+                metric.encode_family(&labels)?,
+                sum_seconds,
+                s.latency.count,
+                &buckets,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Connection limits and what they did; payload-memory limit; scrape health.
+    fn encode_limits(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        use MetricType::{Counter, Gauge};
+        let s = &self.0;
+        let c = &s.connections;
+        let one = |v: u64| [(Labels::new(), v)];
+        family(
+            enc,
+            "ballast_connections_open",
+            "Connections open, all protocols.",
+            Gauge,
+            one(c.open),
+        )?;
+        family(
+            enc,
+            "ballast_connections_max",
+            "--max-connections.",
+            Gauge,
+            one(s.max_connections),
+        )?;
+        family(
+            enc,
+            "ballast_connections_refused",
+            "Connections refused at the limit.",
+            Counter,
+            one(c.refused),
+        )?;
+        family(
+            enc,
+            "ballast_connections_handshake_timeouts",
+            "Connections dropped for a handshake past --handshake-timeout.",
+            Counter,
+            one(c.handshake_timeouts),
+        )?;
+        family(
+            enc,
+            "ballast_connections_stalled",
+            "Connections dropped for owing progress past --stall-timeout.",
+            Counter,
+            one(c.stalled_dropped),
+        )?;
+        family(
+            enc,
+            "ballast_buffer_memory_limit_bytes",
+            "--buffer-memory: payload memory of all cores together.",
+            Gauge,
+            one(s.buffer_memory),
+        )?;
+        family(enc, "ballast_cores", "Data cores running.", Gauge, one(s.cores_configured as u64))?;
+        let missing = s.cores_configured.saturating_sub(s.cores.len()) as u64;
+        family(
+            enc,
+            "ballast_scrape_cores_missing",
+            "Cores whose statistics did not arrive in time for this scrape.",
+            Gauge,
+            one(missing),
+        )?;
+        let metric = enc.encode_descriptor(
+            "ballast_scrape_gather_seconds",
+            "Time this scrape took to gather the statistics.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(s.gather_seconds).encode(metric)
+    }
+
+    /// The pool (Mayastor's `diskpool_*` names) and its volumes (`volume_*`).
+    fn encode_pool(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        use MetricType::Gauge;
+        let Some((info, volumes)) = &self.0.pool else {
+            return Ok(());
+        };
+        let pool = || vec![("node", self.0.node.clone()), ("name", info.path.clone())];
+        let committed: u64 = volumes.iter().filter(|v| !v.snapshot).map(|v| v.size_bytes).sum();
+        let pool_gauges = [
+            (
+                "diskpool_status",
+                "Pool status: 1 online (a pool that fails to open stops serve).",
+                1,
+            ),
+            ("diskpool_total_size_bytes", "Bytes for data in the pool.", info.data_bytes),
+            ("diskpool_used_size_bytes", "Bytes of data clusters in use.", info.used_bytes),
+            (
+                "diskpool_committed_size_bytes",
+                "Sum of the sizes of the pool's volumes and clones (thin: may pass the total).",
+                committed,
+            ),
+            ("ballast_pool_free_bytes", "Bytes of free data clusters.", info.free_bytes),
+            ("ballast_pool_metadata_bytes", "Bytes reserved for checkpoints.", info.metadata_bytes),
+            ("ballast_pool_journal_bytes", "Bytes of the metadata journal.", info.journal_bytes),
+            ("ballast_pool_cluster_bytes", "Allocation unit.", info.cluster_bytes),
+            ("ballast_pool_volumes", "Volumes, snapshots and clones.", info.volumes as u64),
+        ];
+        for (name, help, value) in pool_gauges {
+            family(enc, name, help, Gauge, [(pool(), value)])?;
+        }
+        let volume = |v: &VolumeInfo| {
+            let kind = if v.snapshot {
+                "snapshot"
+            } else if v.parent.is_some() {
+                "clone"
+            } else {
+                "volume"
+            };
+            vec![("name", v.name.clone()), ("kind", kind.to_string())]
+        };
+        let sizes = volumes.iter().map(|v| (volume(v), v.size_bytes));
+        family(enc, "volume_size_bytes", "A volume's size.", Gauge, sizes)?;
+        let allocated = volumes.iter().map(|v| (volume(v), v.allocated_bytes));
+        family(
+            enc,
+            "volume_allocated_bytes",
+            "Bytes a volume has allocated in the pool.",
+            Gauge,
+            allocated,
+        )
+    }
+
+    /// Exports (NBD names; volumes included) and NVMe-oF subsystems.
+    fn encode_exports(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        use MetricType::Gauge;
+        let exports = self.0.exports.iter().map(|e| {
+            let labels = vec![
+                ("export", e.name.clone()),
+                ("backend", e.backend.clone()),
+                ("read_only", e.read_only.to_string()),
+            ];
+            (labels, e.size_bytes)
+        });
+        family(enc, "ballast_export_size_bytes", "An export's size.", Gauge, exports)?;
+        let subsystems = [(Labels::new(), self.0.nvmf_subsystems as u64)];
+        family(enc, "ballast_nvmf_subsystems", "NVMe-oF subsystems.", Gauge, subsystems)
+    }
+}
+
+fn encode_histogram(
+    mut sample: MetricEncoder,
+    sum: f64,
+    count: u64,
+    buckets: &[(f64, u64)],
+) -> fmt::Result {
+    sample.encode_histogram::<Labels>(sum, count, buckets, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ballast_engine::stats::{CoreStats, OpKind};
+
+    fn scrape() -> Scrape {
+        let mut a = CoreStats::new(0);
+        a.record(OpKind::Read, 4096, 30_000, true);
+        a.record(OpKind::Read, 4096, 30_000, true);
+        a.record(OpKind::Write, 8192, 2_000_000, false);
+        let b = CoreStats::new(1);
+        let pool = PoolInfo {
+            path: "/p.img".into(),
+            uuid: "00".into(),
+            cluster_bytes: 65536,
+            data_bytes: 1 << 30,
+            free_bytes: (1 << 30) - (1 << 20),
+            used_bytes: 1 << 20,
+            metadata_bytes: 4 << 20,
+            journal_bytes: 8 << 20,
+            volumes: 2,
+        };
+        let vol = |name: &str, snapshot: bool| VolumeInfo {
+            id: 1,
+            name: name.into(),
+            size_bytes: 1 << 29,
+            allocated_bytes: 1 << 20,
+            read_only: snapshot,
+            snapshot,
+            parent: None,
+        };
+        Scrape {
+            node: "host".into(),
+            cores_configured: 3,
+            cores: vec![a.snapshot(), b.snapshot()],
+            connections: ConnCounters { open: 2, refused: 5, ..Default::default() },
+            max_connections: 4096,
+            buffer_memory: 256 << 20,
+            pool: Some((pool, vec![vol("v0", false), vol("s0", true)])),
+            exports: vec![ExportView {
+                name: "v0".into(),
+                backend: "volume".into(),
+                size_bytes: 1 << 29,
+                read_only: false,
+            }],
+            nvmf_subsystems: 1,
+            gather_seconds: 0.001,
+        }
+    }
+
+    #[test]
+    fn encodes_counters_histograms_and_pool_gauges() {
+        let text = encode(scrape()).unwrap();
+        for line in [
+            r#"ballast_core_ops_total{core="0",op="read"} 2"#,
+            r#"ballast_core_ops_total{core="0",op="write"} 1"#,
+            r#"ballast_core_ops_total{core="1",op="read"} 0"#,
+            r#"ballast_core_bytes_total{core="0",op="write"} 8192"#,
+            r#"ballast_core_errors_total{core="0"} 1"#,
+            r#"ballast_core_request_latency_seconds_bucket{core="0",le="2.5e-05"} 0"#,
+            r#"ballast_core_request_latency_seconds_bucket{core="0",le="5e-05"} 2"#,
+            r#"ballast_core_request_latency_seconds_bucket{core="0",le="0.0025"} 3"#,
+            r#"ballast_core_request_latency_seconds_bucket{core="0",le="+Inf"} 3"#,
+            r#"ballast_core_request_latency_seconds_count{core="0"} 3"#,
+            r#"ballast_connections_refused_total 5"#,
+            r#"ballast_scrape_cores_missing 1"#,
+            r#"diskpool_used_size_bytes{node="host",name="/p.img"} 1048576"#,
+            r#"diskpool_committed_size_bytes{node="host",name="/p.img"} 536870912"#,
+            r#"volume_allocated_bytes{name="s0",kind="snapshot"} 1048576"#,
+            r#"ballast_export_size_bytes{export="v0",backend="volume",read_only="false"} 536870912"#,
+            "# TYPE ballast_core_request_latency_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        let sum = text
+            .lines()
+            .find(|l| l.starts_with(r#"ballast_core_request_latency_seconds_sum{core="0"}"#))
+            .unwrap();
+        let seconds: f64 = sum.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!((seconds - 0.00206).abs() < 1e-9, "{sum}");
+    }
+
+    #[test]
+    fn every_sample_line_is_well_formed() {
+        let text = encode(scrape()).unwrap();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok() || value == "+Inf", "{line}");
+            assert!(name.chars().next().unwrap().is_ascii_lowercase(), "{line}");
+        }
+    }
+
+    #[test]
+    fn no_pool_no_pool_metrics() {
+        let mut s = scrape();
+        s.pool = None;
+        let text = encode(s).unwrap();
+        assert!(!text.contains("diskpool_"));
+        assert!(text.contains("ballast_core_ops_total"));
+    }
+}

@@ -75,6 +75,7 @@ declare -A PKG=(
     [nbdkit]=nbdkit [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=libnbd-bin
     [fio]=fio [qemu-img]=qemu-utils [qemu-nbd]=qemu-utils [nbd-client]=nbd-client
     [sha256sum]=coreutils [timeout]=coreutils [ss]=iproute2 [prometheus]=prometheus
+    [file]=file [objcopy]=binutils [readelf]=binutils
 )
 missing=()
 for c in "${!PKG[@]}"; do

@@ -62,6 +62,27 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// Fills `buf` from the kernel's random number generator (getrandom(2), blocking until it is
+/// seeded): no /dev needed, so it works in an empty chroot or a FROM-scratch container.
+pub fn random_bytes(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe `rest`, a live, writable slice; getrandom
+        // writes at most that many bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
 /// Returns the C heap's free memory at its top and in whole free pages to the system
 /// (glibc's `malloc_trim(0)`); cheap when there is nothing to return. Called by an idle core
 /// after connections went away, so their buffers do not stay resident.
@@ -113,6 +134,16 @@ pub fn io_uring_hint(err: &std::io::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn random_bytes_fill_the_buffer() {
+        let mut a = [0u8; 64];
+        let mut b = [0u8; 64];
+        super::random_bytes(&mut a).unwrap();
+        super::random_bytes(&mut b).unwrap();
+        assert_ne!(a, [0u8; 64]);
+        assert_ne!(a, b, "two draws of 512 bits differ");
+    }
+
     use super::*;
 
     #[test]

@@ -8,7 +8,6 @@
 //! volume's subsystem are kept in the pool's configuration, so `ballast serve --pool DEV` alone
 //! restores everything.
 
-use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -33,10 +32,10 @@ pub fn nqn_of(name: &str) -> String {
     format!("{}{name}", ballast_nvmf::NQN_PREFIX)
 }
 
-/// A fresh random pool identity.
+/// A fresh random pool identity (getrandom(2): no /dev needed, as in an empty chroot).
 pub fn new_uuid() -> anyhow::Result<[u8; 16]> {
     let mut uuid = [0u8; 16];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut uuid)?;
+    ballast_ffi::sys::random_bytes(&mut uuid)?;
     Ok(uuid)
 }
 

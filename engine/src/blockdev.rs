@@ -39,6 +39,8 @@ pub struct DevInfo {
     pub backend: String,
     /// Whether [`BlockDev::extents`] is cheap enough to call on every read.
     pub cheap_extents: bool,
+    /// This device's counters in every core's statistics ([`crate::stats::device_id`]).
+    pub stats_id: u32,
 }
 
 /// A run of blocks with the same allocation state.

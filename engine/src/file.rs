@@ -71,6 +71,7 @@ impl FileDev {
             read_only,
             backend: format!("file:{} ({mode_text})", path.display()),
             cheap_extents: false,
+            stats_id: crate::stats::device_id(),
         };
         let size_bytes = AtomicU64::new(size_bytes);
         Ok(FileDev { direct, buffered, info, size_bytes, is_block_device })

@@ -31,6 +31,7 @@ impl RamDev {
             read_only: false,
             backend: "ram".into(),
             cheap_extents: true,
+            stats_id: crate::stats::device_id(),
         };
         RamDev { chunks, size_bytes, info }
     }

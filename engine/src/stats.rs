@@ -5,9 +5,69 @@
 //!
 //! Every counter and the histogram only grow (never reset): a snapshot is cumulative since the
 //! core started, as Prometheus counters and histograms want them.
+//!
+//! Besides the core's totals, each device (an export, a volume, whatever both protocols serve)
+//! has its own counters, indexed by its [`device_id`] (`DevInfo::stats_id`): a vector index per
+//! request, no hashing, no lock. At most [`DEVICES_MAX`] ids are counted per device (beyond
+//! that, requests count in the core's totals only).
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+
+/// Device ids counted per device; a core's vector of them is at most this long.
+pub const DEVICES_MAX: usize = 65_536;
+
+static NEXT_DEVICE: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh id for a device's counters (every device constructor takes one).
+pub fn device_id() -> u32 {
+    NEXT_DEVICE.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One device's requests on one core.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DevCounters {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub write_zeroes: u64,
+    pub other: u64,
+    pub errors: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Sum of the requests' latencies, in ns (with the op counts: the average).
+    pub latency_ns_sum: u64,
+}
+
+impl DevCounters {
+    fn add(&mut self, kind: OpKind, bytes: u64, latency_ns: u64, ok: bool) {
+        match kind {
+            OpKind::Read => {
+                self.reads += 1;
+                self.bytes_read += bytes;
+            }
+            OpKind::Write => {
+                self.writes += 1;
+                self.bytes_written += bytes;
+            }
+            OpKind::Flush => self.flushes += 1,
+            OpKind::Discard => self.discards += 1,
+            OpKind::WriteZeroes => self.write_zeroes += 1,
+            OpKind::Other => self.other += 1,
+        }
+        if !ok {
+            self.errors += 1;
+        }
+        self.latency_ns_sum = self.latency_ns_sum.wrapping_add(latency_ns);
+    }
+
+    pub fn ops(&self) -> u64 {
+        self.reads + self.writes + self.flushes + self.discards + self.write_zeroes + self.other
+    }
+}
 
 /// Kinds of block request counted separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +106,8 @@ pub struct CoreStats {
     /// Idle turns that spun (the polling policy expected work soon).
     pub spins: u64,
     pub sleeps: u64,
+    /// Per device, by `device_id`.
+    devices: Vec<DevCounters>,
 }
 
 impl CoreStats {
@@ -63,11 +125,19 @@ impl CoreStats {
             loops_busy: 0,
             spins: 0,
             sleeps: 0,
+            devices: Vec::new(),
         }
     }
 
-    /// Records one finished request.
-    pub fn record(&mut self, kind: OpKind, bytes: u64, latency_ns: u64, ok: bool) {
+    /// Records one finished request on device `dev` (its `DevInfo::stats_id`).
+    pub fn record(&mut self, dev: u32, kind: OpKind, bytes: u64, latency_ns: u64, ok: bool) {
+        let i = dev as usize;
+        if i < DEVICES_MAX {
+            if i >= self.devices.len() {
+                self.devices.resize(i + 1, DevCounters::default());
+            }
+            self.devices[i].add(kind, bytes, latency_ns.clamp(1, LATENCY_NS_MAX), ok);
+        }
         self.ops[kind as usize] += 1;
         if !ok {
             self.errors += 1;
@@ -130,6 +200,13 @@ impl CoreStats {
             tasks: 0,
             buffers: Default::default(),
             latency: self.latency_buckets(),
+            devices: self
+                .devices
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.ops() > 0)
+                .map(|(i, d)| (i as u32, *d))
+                .collect(),
         }
     }
 }
@@ -175,6 +252,9 @@ pub struct StatsSnapshot {
     /// The latency histogram as buckets (for the metrics endpoint; not in `ballast stats`).
     #[serde(skip)]
     pub latency: LatencyBuckets,
+    /// Per device (`DevInfo::stats_id`, counters): those with requests on this core.
+    #[serde(skip)]
+    pub devices: Vec<(u32, DevCounters)>,
 }
 
 #[cfg(test)]
@@ -186,7 +266,7 @@ mod tests {
         let mut s = CoreStats::new(0);
         // 5 µs, 20 µs, 20 µs, 3 ms, 2 min (clamped to the 60 s maximum).
         for ns in [5_000, 20_000, 20_000, 3_000_000, 120_000_000_000] {
-            s.record(OpKind::Read, 4096, ns, true);
+            s.record(0, OpKind::Read, 4096, ns, true);
         }
         let b = s.snapshot().latency;
         assert_eq!(b.count, 5);
@@ -201,6 +281,23 @@ mod tests {
         assert_eq!(at(5_000), 4);
         assert_eq!(at(10_000_000), 4, "the 60 s request is only in +Inf");
         assert!(b.cumulative.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn devices_count_apart_and_only_those_with_requests_show() {
+        let mut s = CoreStats::new(0);
+        s.record(2, OpKind::Write, 8192, 1_000, true);
+        s.record(2, OpKind::Read, 4096, 3_000, false);
+        s.record(5, OpKind::Flush, 0, 10, true);
+        s.record(DEVICES_MAX as u32 + 1, OpKind::Read, 4096, 10, true);
+        let snap = s.snapshot();
+        assert_eq!(snap.reads, 2, "the core's totals count every device");
+        let devs: Vec<u32> = snap.devices.iter().map(|(id, _)| *id).collect();
+        assert_eq!(devs, vec![2, 5], "ids beyond DEVICES_MAX are not counted apart");
+        let d2 = snap.devices[0].1;
+        assert_eq!((d2.reads, d2.writes, d2.errors), (1, 1, 1));
+        assert_eq!((d2.bytes_read, d2.bytes_written, d2.latency_ns_sum), (4096, 8192, 4_000));
+        assert_eq!(snap.devices[1].1.flushes, 1);
     }
 
     #[test]

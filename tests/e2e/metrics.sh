@@ -187,6 +187,21 @@ if [[ -n $before && -n $after ]] && within "$delta" "$fio_ios" 15; then
 else
     fail "the read counter's growth matches fio's reads" "before '$before' after '$after' fio $fio_ios"
 fi
+# The same reads counted per export (vol0's device, over NBD here), summed over the cores.
+vbefore=$(promql 'sum(ballast_export_ops_total{job="ballast",export="vol0",op="read"})' "$("$SYS_PY" -c "print(f'{$t_start - 0.5:.3f}')")")
+vafter=$(promql 'sum(ballast_export_ops_total{job="ballast",export="vol0",op="read"})' "$("$SYS_PY" -c "print(f'{$t_end + 2.5:.3f}')")")
+vdelta=$("$SYS_PY" -c "print(int(float('${vafter:-0}') - float('${vbefore:-0}')))")
+if [[ -n $vbefore && -n $vafter ]] && within "$vdelta" "$fio_ios" 15; then
+    pass "vol0's own read counter grew by $vdelta over the run; fio did $fio_ios reads"
+else
+    fail "vol0's read counter matches fio's reads" "before '$vbefore' after '$vafter' fio $fio_ios"
+fi
+vbytes=$(promql 'sum(ballast_export_bytes_total{job="ballast",export="vol0",op="write"})')
+if [[ -n $vbytes ]] && (( ${vbytes%.*} >= 32 * 1024 * 1024 )); then
+    pass "vol0's written bytes count the 32 MiB fill ($vbytes)"
+else
+    fail "vol0's written bytes count the 32 MiB fill" "'$vbytes'"
+fi
 lat=$(promql 'sum(ballast_core_request_latency_seconds_count{job="ballast"})')
 ops=$(promql 'sum(ballast_core_ops_total{job="ballast"})')
 check_eq "the latency histogram counts every request (histogram count == ops)" "$ops" "$lat"

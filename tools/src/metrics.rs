@@ -62,6 +62,8 @@ pub struct ExportView {
     pub backend: String,
     pub size_bytes: u64,
     pub read_only: bool,
+    /// Its device's counters in the cores' statistics (`DevInfo::stats_id`).
+    pub stats_id: u32,
 }
 
 /// Everything one scrape reports, copied out of the daemon.
@@ -95,6 +97,7 @@ pub fn gather(control: &Control, node: &str) -> Scrape {
             backend: e.dev.info().backend.clone(),
             size_bytes: e.size_bytes(),
             read_only: e.read_only,
+            stats_id: e.dev.info().stats_id,
         })
         .collect();
     Scrape {
@@ -405,8 +408,89 @@ impl ScrapeCollector {
             (labels, e.size_bytes)
         });
         family(enc, "ballast_export_size_bytes", "An export's size.", Gauge, exports)?;
+        self.encode_export_io(enc)?;
         let subsystems = [(Labels::new(), self.0.nvmf_subsystems as u64)];
         family(enc, "ballast_nvmf_subsystems", "NVMe-oF subsystems.", Gauge, subsystems)
+    }
+}
+
+impl ScrapeCollector {
+    /// Each export's requests (over NBD and NVMe/TCP together), its device's counters summed
+    /// over the cores at scrape time.
+    fn encode_export_io(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        use ballast_engine::stats::DevCounters;
+        use MetricType::Counter;
+        let mut sums: std::collections::HashMap<u32, DevCounters> = Default::default();
+        for s in &self.0.cores {
+            for (id, d) in &s.devices {
+                let t = sums.entry(*id).or_default();
+                t.reads += d.reads;
+                t.writes += d.writes;
+                t.flushes += d.flushes;
+                t.discards += d.discards;
+                t.write_zeroes += d.write_zeroes;
+                t.other += d.other;
+                t.errors += d.errors;
+                t.bytes_read += d.bytes_read;
+                t.bytes_written += d.bytes_written;
+                t.latency_ns_sum = t.latency_ns_sum.wrapping_add(d.latency_ns_sum);
+            }
+        }
+        let views: Vec<(&ExportView, DevCounters)> = self
+            .0
+            .exports
+            .iter()
+            .map(|e| (e, sums.get(&e.stats_id).copied().unwrap_or_default()))
+            .collect();
+        let label = |e: &ExportView, k: &'static str, v: &str| {
+            vec![("export", e.name.clone()), (k, v.to_string())]
+        };
+        let ops = views.iter().flat_map(|(e, d)| {
+            [
+                ("read", d.reads),
+                ("write", d.writes),
+                ("flush", d.flushes),
+                ("trim", d.discards),
+                ("write_zeroes", d.write_zeroes),
+                ("other", d.other),
+            ]
+            .map(|(op, n)| (label(e, "op", op), n))
+        });
+        family(
+            enc,
+            "ballast_export_ops",
+            "Requests completed on an export, by kind.",
+            Counter,
+            ops,
+        )?;
+        let bytes = views.iter().flat_map(|(e, d)| {
+            [("read", d.bytes_read), ("write", d.bytes_written)]
+                .map(|(op, n)| (label(e, "op", op), n))
+        });
+        family(
+            enc,
+            "ballast_export_bytes",
+            "Payload bytes read and written on an export.",
+            Counter,
+            bytes,
+        )?;
+        let errors = views.iter().map(|(e, d)| (vec![("export", e.name.clone())], d.errors));
+        family(
+            enc,
+            "ballast_export_errors",
+            "Requests on an export completed with an error.",
+            Counter,
+            errors,
+        )?;
+        let latency =
+            views.iter().map(|(e, d)| (vec![("export", e.name.clone())], d.latency_ns_sum / 1000));
+        family(
+            enc,
+            "ballast_export_latency_microseconds",
+            "Sum of an export's request latencies (divide by its ops for the average).",
+            Counter,
+            latency,
+        )
     }
 }
 
@@ -426,9 +510,9 @@ mod tests {
 
     fn scrape() -> Scrape {
         let mut a = CoreStats::new(0);
-        a.record(OpKind::Read, 4096, 30_000, true);
-        a.record(OpKind::Read, 4096, 30_000, true);
-        a.record(OpKind::Write, 8192, 2_000_000, false);
+        a.record(7, OpKind::Read, 4096, 30_000, true);
+        a.record(7, OpKind::Read, 4096, 30_000, true);
+        a.record(7, OpKind::Write, 8192, 2_000_000, false);
         let b = CoreStats::new(1);
         let pool = PoolInfo {
             path: "/p.img".into(),
@@ -463,6 +547,7 @@ mod tests {
                 backend: "volume".into(),
                 size_bytes: 1 << 29,
                 read_only: false,
+                stats_id: 7,
             }],
             nvmf_subsystems: 1,
             gather_seconds: 0.001,
@@ -489,6 +574,11 @@ mod tests {
             r#"diskpool_committed_size_bytes{node="host",name="/p.img"} 536870912"#,
             r#"volume_allocated_bytes{name="s0",kind="snapshot"} 1048576"#,
             r#"ballast_export_size_bytes{export="v0",backend="volume",read_only="false"} 536870912"#,
+            r#"ballast_export_ops_total{export="v0",op="read"} 2"#,
+            r#"ballast_export_ops_total{export="v0",op="write"} 1"#,
+            r#"ballast_export_bytes_total{export="v0",op="write"} 8192"#,
+            r#"ballast_export_errors_total{export="v0"} 1"#,
+            r#"ballast_export_latency_microseconds_total{export="v0"} 2060"#,
             "# TYPE ballast_core_request_latency_seconds histogram",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");

@@ -408,6 +408,7 @@ impl PoolHandle {
                 read_only,
                 backend: format!("{kind}:{name} in pool {}", self.path.display()),
                 cheap_extents: false,
+                stats_id: crate::stats::device_id(),
             },
         })
     }

@@ -374,7 +374,7 @@ impl Conn {
             Action::Read { offset, len, .. } if charge == 0 && len > 0 => {
                 codec::encode_offset_hole(self.scratch_reset(), true, req.handle, offset, len);
                 self.flush_scratch();
-                cx.stats().record(OpKind::Read, u64::from(len), 0, true);
+                cx.stats().record(dev.info().stats_id, OpKind::Read, u64::from(len), 0, true);
             }
             Action::Read { offset, len, .. } => {
                 let tag = self.track(&req, OpKind::Read, charge);
@@ -541,7 +541,11 @@ impl Conn {
             tracing::warn!(peer = %self.peer, export = %self.export_name, offset = req.offset, len = req.len, result, "I/O failed");
         }
         let latency_ns = req.started.elapsed().as_nanos() as u64;
-        cx.stats().record(req.kind, u64::from(req.len), latency_ns, error == 0);
+        let dev = match &self.phase {
+            Phase::Transmission { dev, .. } => dev.info().stats_id,
+            _ => u32::MAX,
+        };
+        cx.stats().record(dev, req.kind, u64::from(req.len), latency_ns, error == 0);
         let structured = matches!(
             self.phase,
             Phase::Transmission { session: Session { structured: true, .. }, .. }

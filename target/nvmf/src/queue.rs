@@ -824,7 +824,9 @@ impl Queue {
         }
         let cmd = self.cmds.remove(tag as usize);
         let latency_ns = cmd.started.elapsed().as_nanos() as u64;
+        let dev = cmd.ns.as_ref().map_or(u32::MAX, |ns| ns.dev.info().stats_id);
         cx.stats().record(
+            dev,
             cmd.kind,
             u64::from(cmd.bytes),
             latency_ns,

@@ -202,6 +202,13 @@ if [[ -n $vbytes ]] && (( ${vbytes%.*} >= 32 * 1024 * 1024 )); then
 else
     fail "vol0's written bytes count the 32 MiB fill" "'$vbytes'"
 fi
+commits=$(promql 'max(ballast_pool_commits_total{job="ballast"})')
+pending=$(promql 'max(ballast_pool_pending_records{job="ballast"})')
+if [[ -n $commits ]] && (( ${commits%.*} > 0 )) && [[ ${pending%.*} == 0 ]]; then
+    pass "the pool's commits are counted ($commits) and nothing is left pending after the run"
+else
+    fail "pool commits counted, nothing pending" "commits '$commits' pending '$pending'"
+fi
 lat=$(promql 'sum(ballast_core_request_latency_seconds_count{job="ballast"})')
 ops=$(promql 'sum(ballast_core_ops_total{job="ballast"})')
 check_eq "the latency histogram counts every request (histogram count == ops)" "$ops" "$lat"

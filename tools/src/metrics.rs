@@ -370,9 +370,35 @@ impl ScrapeCollector {
             ("ballast_pool_journal_bytes", "Bytes of the metadata journal.", info.journal_bytes),
             ("ballast_pool_cluster_bytes", "Allocation unit.", info.cluster_bytes),
             ("ballast_pool_volumes", "Volumes, snapshots and clones.", info.volumes as u64),
+            (
+                "ballast_pool_journal_free_bytes",
+                "Journal ring bytes free.",
+                info.journal_free_bytes,
+            ),
+            (
+                "ballast_pool_pending_records",
+                "Mapping records not yet committed.",
+                info.pending_records,
+            ),
+            ("ballast_pool_open_milliseconds", "How long opening (recovery) took.", info.open_ms),
         ];
         for (name, help, value) in pool_gauges {
             family(enc, name, help, Gauge, [(pool(), value)])?;
+        }
+        let counters = [
+            (
+                "ballast_pool_commits",
+                "Journal commits made durable since the pool opened.",
+                info.commits,
+            ),
+            (
+                "ballast_pool_checkpoints",
+                "Checkpoints written since the pool opened.",
+                info.checkpoints,
+            ),
+        ];
+        for (name, help, value) in counters {
+            family(enc, name, help, MetricType::Counter, [(pool(), value)])?;
         }
         let volume = |v: &VolumeInfo| {
             let kind = if v.snapshot {
@@ -524,6 +550,11 @@ mod tests {
             metadata_bytes: 4 << 20,
             journal_bytes: 8 << 20,
             volumes: 2,
+            journal_free_bytes: 6 << 20,
+            pending_records: 3,
+            commits: 12,
+            checkpoints: 1,
+            open_ms: 40,
         };
         let vol = |name: &str, snapshot: bool| VolumeInfo {
             id: 1,
@@ -574,6 +605,8 @@ mod tests {
             r#"diskpool_committed_size_bytes{node="host",name="/p.img"} 536870912"#,
             r#"volume_allocated_bytes{name="s0",kind="snapshot"} 1048576"#,
             r#"ballast_export_size_bytes{export="v0",backend="volume",read_only="false"} 536870912"#,
+            r#"ballast_pool_commits_total{node="host",name="/p.img"} 12"#,
+            r#"ballast_pool_pending_records{node="host",name="/p.img"} 3"#,
             r#"ballast_export_ops_total{export="v0",op="read"} 2"#,
             r#"ballast_export_ops_total{export="v0",op="write"} 1"#,
             r#"ballast_export_bytes_total{export="v0",op="write"} 8192"#,

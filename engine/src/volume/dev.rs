@@ -94,6 +94,8 @@ pub struct PoolHandle {
     cores: OnceLock<Arc<Vec<CoreHandle>>>,
     /// The longest a pending record waits for a commit when no client flushes.
     commit_interval: Mutex<Duration>,
+    /// How long opening (recovery) took, in ms.
+    open_ms: u64,
     /// Bumped (and `control_cv` notified) when the `CONTROL` waiter is woken.
     control_gen: Mutex<u64>,
     control_cv: Condvar,
@@ -161,6 +163,15 @@ pub struct PoolInfo {
     pub metadata_bytes: u64,
     pub journal_bytes: u64,
     pub volumes: usize,
+    /// Journal ring bytes free (a checkpoint starts the ring over when a quarter is left).
+    pub journal_free_bytes: u64,
+    /// Mapping records not yet committed.
+    pub pending_records: u64,
+    /// Journal commits and checkpoints made durable since the pool was opened.
+    pub commits: u64,
+    pub checkpoints: u64,
+    /// How long opening took (superblock, checkpoint, journal replay), in ms.
+    pub open_ms: u64,
 }
 
 impl PoolHandle {
@@ -178,6 +189,7 @@ impl PoolHandle {
 
     /// Opens the pool on `path`: superblock, checkpoint and journal replay.
     pub fn open(path: &Path) -> Result<Arc<PoolHandle>, PoolError> {
+        let started = Instant::now();
         let disk = FileDisk::open(path, true)?;
         let (disk, meta) = Pool::open(disk)?.into_parts();
         let media = FileDev::open(path, None, false)
@@ -191,6 +203,7 @@ impl PoolHandle {
             control_gen: Mutex::new(0),
             control_cv: Condvar::new(),
             commit_interval: Mutex::new(DEFAULT_COMMIT_INTERVAL),
+            open_ms: started.elapsed().as_millis() as u64,
         }))
     }
 
@@ -257,6 +270,11 @@ impl PoolHandle {
             metadata_bytes: sb.meta_blocks * BLOCK_SIZE as u64,
             journal_bytes: sb.journal_blocks * BLOCK_SIZE as u64,
             volumes: m.volumes().len(),
+            journal_free_bytes: m.journal_blocks_free() * BLOCK_SIZE as u64,
+            pending_records: m.pending_records() as u64,
+            commits: m.commits_done().0,
+            checkpoints: m.commits_done().1,
+            open_ms: self.open_ms,
         }
     }
 

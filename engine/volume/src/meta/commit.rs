@@ -85,6 +85,7 @@ impl PoolMeta {
     pub fn commit_done(&mut self, sealed: Sealed) {
         assert!(self.committing);
         self.committing = false;
+        self.commits_done += 1;
         self.durable_seals = self.seals;
         self.sealed_fresh.clear();
         self.sealed_touched.clear();
@@ -213,6 +214,7 @@ impl PoolMeta {
     pub fn checkpoint_done(&mut self, c: Checkpoint) {
         assert!(self.committing);
         self.committing = false;
+        self.checkpoints_done += 1;
         self.durable_seals = self.seals;
         self.sb = c.sb;
         // Nothing was written to the ring since `begin_checkpoint` (commits waited).

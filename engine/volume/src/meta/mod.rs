@@ -232,6 +232,9 @@ pub struct PoolMeta {
     background_asked: bool,
     /// A driver's commit timer is armed (`take_commit_timer`).
     timer_armed: bool,
+    /// Commits and checkpoints made durable since the pool was opened.
+    commits_done: u64,
+    checkpoints_done: u64,
 }
 
 /// A run of 4 KiB pieces within one cluster.
@@ -296,6 +299,8 @@ impl PoolMeta {
             commit_records: COMMIT_RECORDS,
             background_asked: false,
             timer_armed: false,
+            commits_done: 0,
+            checkpoints_done: 0,
             sb,
         }
     }
@@ -343,6 +348,11 @@ impl PoolMeta {
 
     pub fn pending_records(&self) -> usize {
         self.journal.pending()
+    }
+
+    /// Journal commits and checkpoints made durable since the pool was opened.
+    pub fn commits_done(&self) -> (u64, u64) {
+        (self.commits_done, self.checkpoints_done)
     }
 
     pub fn fail(&mut self, why: String) {

@@ -632,6 +632,11 @@ impl Core {
                     let mut snap = self.stats.snapshot();
                     snap.buffers = self.pool.snapshot();
                     snap.tasks = self.tasks.len() as u64;
+                    let c = self.ring.counters();
+                    snap.ring_enters = c.enters;
+                    snap.ring_ops = c.ops;
+                    snap.sends = c.sends;
+                    snap.recvs = c.recvs;
                     let _ = reply.send(snap);
                 }
             }

@@ -198,6 +198,10 @@ impl CoreStats {
             spins: self.spins,
             sleeps: self.sleeps,
             tasks: 0,
+            ring_enters: 0,
+            ring_ops: 0,
+            sends: 0,
+            recvs: 0,
             buffers: Default::default(),
             latency: self.latency_buckets(),
             devices: self
@@ -246,6 +250,12 @@ pub struct StatsSnapshot {
     pub sleeps: u64,
     /// Tasks (connections, listeners, volume I/O) alive on the core.
     pub tasks: u64,
+    /// System calls into the core's ring (io_uring_enter), operations queued on it, and the
+    /// socket sends and receives among them.
+    pub ring_enters: u64,
+    pub ring_ops: u64,
+    pub sends: u64,
+    pub recvs: u64,
     /// The core's payload-memory budget and its use.
     #[serde(flatten)]
     pub buffers: crate::pool::BudgetSnapshot,

@@ -9,4 +9,4 @@ pub mod ring;
 pub mod sys;
 
 pub use buf::IoBuf;
-pub use ring::{Completion, Op, Owned, Ring, RingError, SendBatch};
+pub use ring::{Completion, Op, Owned, Ring, RingCounters, RingError, SendBatch};

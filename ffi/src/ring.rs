@@ -225,6 +225,19 @@ struct InFlight {
 pub struct Ring {
     ring: IoUring,
     inflight: Slab<InFlight>,
+    counters: RingCounters,
+}
+
+/// What a ring has done, cumulative: system calls and the socket operations among its work
+/// (what "syscalls and sends per I/O" are computed from).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingCounters {
+    /// io_uring_enter calls (submissions, waits).
+    pub enters: u64,
+    /// Operations queued.
+    pub ops: u64,
+    pub sends: u64,
+    pub recvs: u64,
 }
 
 impl Ring {
@@ -244,7 +257,15 @@ impl Ring {
                 RingError::Setup { source, hint }
             })?,
         };
-        Ok(Ring { ring, inflight: Slab::with_capacity(entries as usize * 2) })
+        Ok(Ring {
+            ring,
+            inflight: Slab::with_capacity(entries as usize * 2),
+            counters: RingCounters::default(),
+        })
+    }
+
+    pub fn counters(&self) -> RingCounters {
+        self.counters
     }
 
     /// Number of operations submitted and not yet reaped.
@@ -254,10 +275,17 @@ impl Ring {
 
     /// Queues `op`; its completion will carry `token`.
     pub fn push(&mut self, op: Op, token: u64) -> Result<(), RingError> {
+        self.counters.ops += 1;
+        match op {
+            Op::Send { .. } => self.counters.sends += 1,
+            Op::Recv { .. } => self.counters.recvs += 1,
+            _ => {}
+        }
         let entry = self.vacant_entry_for(op, token);
         // SAFETY: every pointer in `entry` refers to memory owned by the slab slot created by
         // `vacant_entry_for`, which stays in place (boxed/heap) until this entry is reaped.
         while unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.counters.enters += 1;
             self.ring.submit().map_err(RingError::Enter)?;
         }
         Ok(())
@@ -363,6 +391,7 @@ impl Ring {
 
     /// Submits queued entries without waiting.
     pub fn submit(&mut self) -> Result<usize, RingError> {
+        self.counters.enters += 1;
         match self.ring.submit() {
             Ok(n) => Ok(n),
             Err(e) if is_transient(&e) => Ok(0),
@@ -372,6 +401,7 @@ impl Ring {
 
     /// Submits and sleeps until at least one completion arrives or `timeout` passes.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> Result<(), RingError> {
+        self.counters.enters += 1;
         let result = match timeout {
             None => self.ring.submit_and_wait(1).map(|_| ()),
             Some(t) => {

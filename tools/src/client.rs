@@ -138,6 +138,28 @@ pub fn stats(target: &Target, as_json: bool) -> anyhow::Result<()> {
             mib(&c["buffer_peak"]),
         );
     }
+    let sum = |key: &str| -> u64 {
+        result["reactors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c[key].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let ops: u64 = ["reads", "writes", "flushes", "discards", "write_zeroes", "other"]
+        .iter()
+        .map(|k| sum(k))
+        .sum();
+    if ops > 0 {
+        let per = |key: &str| sum(key) as f64 / ops as f64;
+        println!(
+            "per request (since start): {:.2} system calls into the rings, {:.2} sends, {:.2} receives, {:.2} ring operations",
+            per("ring_enters"),
+            per("sends"),
+            per("recvs"),
+            per("ring_ops")
+        );
+    }
     let (l, n) = (&result["limits"], &result["connections"]);
     println!(
         "limits: buffer memory {:.0} MiB, max connections {}, handshake timeout {} ms, stall timeout {} ms",

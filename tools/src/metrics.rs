@@ -204,7 +204,17 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 12] = [
+        let per_core: [PerCoreMetric; 16] = [
+            ("ballast_core_ring_enters", "System calls into the core's io_uring.", Counter, |s| {
+                s.ring_enters
+            }),
+            ("ballast_core_ring_ops", "Operations queued on the core's io_uring.", Counter, |s| {
+                s.ring_ops
+            }),
+            ("ballast_core_sends", "Socket sends (each a sendmsg of a batch).", Counter, |s| {
+                s.sends
+            }),
+            ("ballast_core_recvs", "Socket receives.", Counter, |s| s.recvs),
             ("ballast_core_connections_open", "Connections served by the core.", Gauge, |s| {
                 s.connections_open
             }),

@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""ab-bench: this build against a previous one, side by side in one run (issue 12).
+
+Both daemons serve a 1 GiB RAM export (the media costs nothing), one core each, pinned to the
+same CPU (--server-cpu, one daemon at a time under load); the client runs on another CPU
+(--client-cpu). For NBD the client is fio (ioengine=nbd), for NVMe/TCP ballast-perf. Runs
+alternate between the builds (old, new / new, old, ...), medians of --reps. Workloads:
+4k random read and write at QD1 and QD32, 128k sequential read and write at QD8.
+
+Per run: IOPS, average and p99 completion latency, server CPU per I/O (the daemon's
+utime+stime), client CPU per I/O (the client's own usr+sys), TCP segments per I/O
+(/proc/net/snmp OutSegs, both directions of the loopback connection: machine-wide, so keep the
+machine otherwise quiet), and — where the build reports them (`ballast stats`: ring_enters,
+sends, recvs) — the server's system calls into its ring and its socket sends per I/O.
+
+Only the Python standard library is used. Results: a JSON file under perf/results/ and a
+Markdown table on stdout. The machines are noisy: compare ratios, not absolute numbers.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PERF_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(PERF_DIR)
+sys.path.insert(0, PERF_DIR)
+from nbd_bench import log  # noqa: E402
+from volume_bench import Daemon  # noqa: E402
+
+WORKLOADS = [
+    ("4k-randread-qd1", "randread", "4k", 1),
+    ("4k-randwrite-qd1", "randwrite", "4k", 1),
+    ("4k-randread-qd32", "randread", "4k", 32),
+    ("4k-randwrite-qd32", "randwrite", "4k", 32),
+    ("128k-read-qd8", "read", "128k", 8),
+    ("128k-write-qd8", "write", "128k", 8),
+]
+
+
+def tcp_out_segs():
+    with open("/proc/net/snmp") as f:
+        lines = [ln.split() for ln in f if ln.startswith("Tcp:")]
+    header, values = lines[0], lines[1]
+    return int(values[header.index("OutSegs")])
+
+
+def server_counters(daemon):
+    """Sums of the daemon's per-core ring counters, or None if the build has none."""
+    out = subprocess.run([daemon.binary, "stats", "--json", "--data-dir", daemon.data_dir],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        return None
+    try:
+        reactors = json.loads(out.stdout)["reactors"]
+    except (ValueError, KeyError):
+        return None
+    if not reactors or "ring_enters" not in reactors[0]:
+        return None
+    return {k: sum(r[k] for r in reactors) for k in ("ring_enters", "sends", "recvs")}
+
+
+def job_side(job):
+    """The direction that did the I/O in a fio-like job."""
+    for d in ("read", "write"):
+        if job.get(d, {}).get("total_ios", 0) > 0:
+            return job[d]
+    return job["read"]
+
+
+def client_run(args, daemon, proto, rw, bs, qd):
+    """Runs the client once; returns the parsed job (fio-like JSON) and its wall seconds."""
+    if proto == "nbd":
+        cmd = ["taskset", "-c", str(args.client_cpu), "fio", "--name=job", "--ioengine=nbd",
+               f"--uri=nbd://127.0.0.1:{daemon.port}/mem", "--output-format=json",
+               f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--size=1G", "--time_based",
+               f"--runtime={args.runtime}", "--ramp_time=1"]
+    else:
+        perf = os.path.join(os.path.dirname(args.binary), "ballast-perf")
+        cmd = ["taskset", "-c", str(args.client_cpu), perf, "--addr",
+               f"127.0.0.1:{daemon.nvmf_port}", "--nqn", "nqn.2026-11.dev.ballast:mem",
+               "--rw", rw, "--bs", bs, "--qd", str(qd), "--runtime", str(args.runtime),
+               "--size", "1G", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.runtime * 10 + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"{cmd[3]} failed: {out.stderr[-1500:]}")
+    text = out.stdout[out.stdout.index("{"):]
+    return json.loads(text)["jobs"][0]
+
+
+def one(args, daemon, proto, rw, bs, qd):
+    c0, s0, k0 = daemon.cpu_s(), tcp_out_segs(), server_counters(daemon)
+    t0 = time.monotonic()
+    job = client_run(args, daemon, proto, rw, bs, qd)
+    wall = time.monotonic() - t0
+    c1, s1, k1 = daemon.cpu_s(), tcp_out_segs(), server_counters(daemon)
+    side = job_side(job)
+    ios = max(side["total_ios"], 1)
+    # fio's ramp time is not in total_ios but is in the daemon's CPU and the segments; scale
+    # the server-side deltas by the share of the wall time the measured part took.
+    runtime_s = (job.get("job_runtime") or side.get("runtime") or args.runtime * 1000) / 1000
+    share = min(1.0, runtime_s / wall) if wall > 0 else 1.0
+    lat = side.get("clat_ns") or side.get("lat_ns") or {}
+    pct = lat.get("percentile", {})
+    p99 = next((v for k, v in pct.items() if k.startswith("99.0")), 0)
+    client_cpu_s = (job.get("usr_cpu", 0) + job.get("sys_cpu", 0)) / 100 * runtime_s
+    r = {
+        "iops": side["iops"],
+        "lat_avg_us": lat.get("mean", 0) / 1000,
+        "lat_p99_us": p99 / 1000,
+        "server_cpu_us_per_io": (c1 - c0) * share * 1e6 / ios,
+        "client_cpu_us_per_io": client_cpu_s * 1e6 / ios,
+        "tcp_segs_per_io": (s1 - s0) * share / ios,
+    }
+    if k0 and k1:
+        for k in ("ring_enters", "sends", "recvs"):
+            r[f"server_{k}_per_io"] = (k1[k] - k0[k]) * share / ios
+    return r
+
+
+def med(runs, key):
+    vals = [r[key] for r in runs if key in r]
+    return statistics.median(vals) if vals else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--binary", default=os.path.join(REPO, "build/cargo/release/ballast"))
+    ap.add_argument("--old-binary", required=True)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=5)
+    ap.add_argument("--server-cpu", type=int, default=0)
+    ap.add_argument("--client-cpu", type=int, default=1)
+    ap.add_argument("--protocols", default="nbd,nvme")
+    ap.add_argument("--workloads", default=",".join(w[0] for w in WORKLOADS))
+    args = ap.parse_args()
+    protos = [p for p in args.protocols.split(",") if p]
+    wanted = set(args.workloads.split(","))
+    scratch = tempfile.mkdtemp(prefix="ab-bench.")
+    daemons = {}
+    for name, binary in (("old", args.old_binary), ("new", args.binary)):
+        d = Daemon(binary, os.path.join(scratch, name), ["--export", "mem=ram:1G"],
+                   args.server_cpu)
+        d.start()
+        daemons[name] = d
+    results = {}
+    try:
+        for d in daemons.values():
+            client_run(args, d, "nbd", "write", "1m", 8)  # fill: reads read data
+        for proto in protos:
+            for label, rw, bs, qd in WORKLOADS:
+                if label not in wanted:
+                    continue
+                runs = {"old": [], "new": []}
+                for rep in range(args.reps):
+                    for name in ("old", "new") if rep % 2 == 0 else ("new", "old"):
+                        r = one(args, daemons[name], proto, rw, bs, qd)
+                        log(f"{proto} {label} {name} rep {rep}: {r['iops']:.0f} IOPS, "
+                            f"avg {r['lat_avg_us']:.1f} us, server "
+                            f"{r['server_cpu_us_per_io']:.2f} us/IO")
+                        runs[name].append(r)
+                results[f"{proto}-{label}"] = {
+                    "runs": runs,
+                    "median": {n: {k: med(v, k) for k in v[0]} for n, v in runs.items()},
+                }
+    finally:
+        for d in daemons.values():
+            d.stop()
+    os.makedirs(os.path.join(PERF_DIR, "results"), exist_ok=True)
+    path = os.path.join(PERF_DIR, "results", time.strftime("ab-%Y%m%d-%H%M%S.json"))
+    with open(path, "w") as f:
+        json.dump({"old": args.old_binary, "new": args.binary, "reps": args.reps,
+                   "runtime": args.runtime, "results": results}, f, indent=1)
+    print(render(results))
+    log(f"results: {path}")
+
+
+def render(results):
+    cols = [("iops", "IOPS", 0), ("lat_avg_us", "avg µs", 1), ("lat_p99_us", "p99 µs", 1),
+            ("server_cpu_us_per_io", "server µs/IO", 2),
+            ("client_cpu_us_per_io", "client µs/IO", 2),
+            ("tcp_segs_per_io", "TCP segs/IO", 2),
+            ("server_ring_enters_per_io", "server syscalls/IO", 2),
+            ("server_sends_per_io", "server sends/IO", 2)]
+    out = ["| run | build | " + " | ".join(c[1] for c in cols) + " |",
+           "|---|---|" + "---|" * len(cols)]
+    for label, r in results.items():
+        for name in ("old", "new"):
+            m = r["median"][name]
+            cells = ["—" if m.get(k) is None else f"{m[k]:.{d}f}" for k, _, d in cols]
+            out.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+        o, n = r["median"]["old"], r["median"]["new"]
+        ratio = [f"{n[k] / o[k]:.2f}x" if o.get(k) and n.get(k) is not None else "—"
+                 for k, _, _ in cols]
+        out.append(f"| {label} | new/old | " + " | ".join(ratio) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -83,6 +83,8 @@ for c in "${!PKG[@]}"; do
 done
 [[ -x /usr/bin/python3 ]] || missing+=(python3)
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || missing+=(python3-libnbd)
+# tests/e2e/spdk_rpc.sh installs SPDK's own RPC client (PyPI's `spdk`) into a venv.
+/usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
     if ((install)) && command -v apt-get >/dev/null 2>&1; then

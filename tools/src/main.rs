@@ -2,10 +2,13 @@
 
 mod client;
 mod locate;
+mod lvstore;
 mod metrics;
 mod metrics_http;
 mod notify;
 mod rpc;
+mod rpc_bdev;
+mod rpc_error;
 mod rpc_nvmf;
 mod serve;
 mod volumes;
@@ -350,7 +353,7 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
             let r = client::call(
                 &target,
                 "bdev_lvol_snapshot",
-                json!({"lvol_name": volume, "snapshot_name": name}),
+                json!({"lvol_name": volume, "snapshot_name": name, "report_micros": true}),
             )?;
             println!("created snapshot {name} of {volume} in {} us", r["micros"]);
             Ok(())

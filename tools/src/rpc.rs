@@ -131,6 +131,8 @@ fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> StartErr
 
 const METHODS: &[&str] = &[
     "rpc_get_methods",
+    "spdk_get_version",
+    "bdev_get_iostat",
     "export_list",
     "export_add",
     "export_remove",
@@ -138,6 +140,8 @@ const METHODS: &[&str] = &[
     "bdev_get_bdevs",
     "framework_get_reactors",
     "nvmf_get_subsystems",
+    "nvmf_create_transport",
+    "nvmf_get_transports",
     "nvmf_create_subsystem",
     "nvmf_delete_subsystem",
     "nvmf_subsystem_add_ns",
@@ -148,19 +152,10 @@ const METHODS: &[&str] = &[
     "nvmf_subsystem_add_listener",
 ];
 
-/// JSON-RPC error codes.
-const INVALID_PARAMS: i64 = -32602;
-pub const METHOD_NOT_FOUND: i64 = -32601;
+pub use crate::rpc_error::{invalid, RpcError};
+use crate::rpc_error::{params, DecodeStyle};
+
 const PARSE_ERROR: i64 = -32700;
-
-pub struct RpcError {
-    pub code: i64,
-    pub message: String,
-}
-
-pub fn invalid(message: impl Into<String>) -> RpcError {
-    RpcError { code: INVALID_PARAMS, message: message.into() }
-}
 
 /// Our refusals of a peer (permission, too many clients): JSON-RPC's "server error" range.
 const SERVER_REFUSED: i64 = -32000;
@@ -168,7 +163,11 @@ const SERVER_REFUSED: i64 = -32000;
 const INVALID_REQUEST: i64 = -32600;
 
 /// Binds the socket (replacing a stale one) and serves it on a background thread.
+/// When the control API started (`bdev_get_iostat`'s `ticks`).
+static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 pub fn start(path: &Path, control: Arc<Control>, limits: RpcLimits) -> Result<(), StartError> {
+    let _ = STARTED.set(Instant::now());
     if path.exists() && UnixStream::connect(path).is_ok() {
         return Err(StartError::InUse(path.to_path_buf()));
     }
@@ -410,20 +409,25 @@ fn handle(req: &Value, control: &Control) -> Value {
     let method = req.get("method").and_then(Value::as_str).unwrap_or("");
     let params = req.get("params").cloned().unwrap_or_else(|| json!({}));
     let result = match method {
-        "rpc_get_methods" => {
-            Ok(json!(METHODS.iter().chain(crate::volumes::METHODS).collect::<Vec<_>>()))
-        }
+        "rpc_get_methods" => rpc_get_methods(&params),
+        "spdk_get_version" => crate::rpc_bdev::spdk_get_version(&params),
         m if m.starts_with("bdev_lvol_") => crate::volumes::handle(control, m, &params),
         "export_list" => Ok(export_list(control)),
         "export_add" => export_add(control, &params),
         "export_remove" => export_remove(control, &params),
         "export_resize" => export_resize(control, &params),
-        "bdev_get_bdevs" => Ok(bdev_get_bdevs(control)),
+        "bdev_get_bdevs" => {
+            crate::rpc_bdev::get_bdevs(&control.exports, control.pool.as_deref(), &params)
+        }
+        "bdev_get_iostat" => {
+            let cores = crate::metrics::core_snapshots(&control.cores, true);
+            let uptime_us = STARTED.get().map_or(0, |t| t.elapsed().as_micros() as u64);
+            let pool = control.pool.as_deref();
+            crate::rpc_bdev::get_iostat(&control.exports, pool, &cores, uptime_us, &params)
+        }
         "framework_get_reactors" => Ok(reactors(control)),
         m if m.starts_with("nvmf_") => crate::rpc_nvmf::handle(control, m, &params),
-        _ => {
-            Err(RpcError { code: METHOD_NOT_FOUND, message: format!("Method not found: {method}") })
-        }
+        _ => Err(crate::rpc_error::method_not_found(method)),
     };
     match result {
         Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
@@ -526,23 +530,20 @@ fn export_resize(control: &Control, p: &Value) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-fn bdev_get_bdevs(control: &Control) -> Value {
-    let list: Vec<Value> = control
-        .exports
-        .list()
-        .iter()
-        .map(|e| {
-            let info = e.dev.info();
-            json!({
-                "name": e.name,
-                "block_size": info.block_size,
-                "num_blocks": e.dev.size_bytes() / u64::from(info.block_size),
-                "product_name": info.backend,
-                "claimed": true,
-            })
-        })
-        .collect();
-    Value::Array(list)
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetMethods {
+    /// SPDK: only methods allowed in the current state (all of ours always are).
+    #[allow(dead_code)]
+    current: Option<bool>,
+    /// SPDK: also the deprecated names (we have none).
+    #[allow(dead_code)]
+    include_aliases: Option<bool>,
+}
+
+fn rpc_get_methods(p: &Value) -> Result<Value, RpcError> {
+    let _: GetMethods = params(p, DecodeStyle::Generic)?;
+    Ok(json!(METHODS.iter().chain(crate::volumes::METHODS).collect::<Vec<_>>()))
 }
 
 fn reactors(control: &Control) -> Value {

@@ -1,139 +1,356 @@
 //! NVMe-oF control methods, with SPDK's names and parameters so SPDK tooling works against us.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
+use ballast_nvmf::subsys::SubsysError;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::rpc::{invalid, Control, RpcError, METHOD_NOT_FOUND};
-
-fn str_param<'a>(p: &'a Value, key: &str) -> Result<&'a str, RpcError> {
-    p.get(key)
-        .and_then(Value::as_str)
-        .ok_or_else(|| invalid(format!("missing string param: {key}")))
-}
+use crate::rpc::Control;
+use crate::rpc_error::{
+    invalid_parameters, method_not_found, params, DecodeStyle, RpcError, INTERNAL_ERROR,
+};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
 
-fn uuid(b: &[u8; 16]) -> String {
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
-}
-
-pub fn handle(control: &Control, method: &str, p: &Value) -> Result<Value, RpcError> {
-    let target = &control.target;
-    let err = |e: ballast_nvmf::subsys::SubsysError| invalid(e.to_string());
-    match method {
-        "nvmf_get_subsystems" => Ok(get_subsystems(control)),
-        "nvmf_create_subsystem" => {
-            let nqn = str_param(p, "nqn")?;
-            let any = p.get("allow_any_host").and_then(Value::as_bool).unwrap_or(false);
-            target.create_subsystem(nqn, any).map_err(err)?;
-            tracing::info!(nqn, allow_any_host = any, "subsystem created");
-            Ok(json!(true))
-        }
-        "nvmf_delete_subsystem" => {
-            let nqn = str_param(p, "nqn")?;
-            target.delete_subsystem(nqn).map_err(err)?;
-            tracing::info!(nqn, "subsystem deleted");
-            Ok(json!(true))
-        }
-        "nvmf_subsystem_add_ns" => {
-            let nqn = str_param(p, "nqn")?;
-            let ns =
-                p.get("namespace").ok_or_else(|| invalid("missing object param: namespace"))?;
-            let bdev = str_param(ns, "bdev_name")?;
-            let nsid = ns.get("nsid").and_then(Value::as_u64).unwrap_or(0) as u32;
-            let block_size = ns.get("block_size").and_then(Value::as_u64).unwrap_or(4096) as u32;
-            let export = control.exports.get(bdev).filter(|_| !bdev.is_empty());
-            let export = export.ok_or_else(|| invalid(format!("no bdev named {bdev:?}")))?;
-            let nsid =
-                target.add_namespace(nqn, nsid, export.dev.clone(), block_size).map_err(err)?;
-            tracing::info!(nqn, nsid, bdev, "namespace added");
-            Ok(json!(nsid))
-        }
-        "nvmf_subsystem_remove_ns" => {
-            let nqn = str_param(p, "nqn")?;
-            let nsid = p
-                .get("nsid")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| invalid("missing param: nsid"))?;
-            target.remove_namespace(nqn, nsid as u32).map_err(err)?;
-            Ok(json!(true))
-        }
-        "nvmf_subsystem_add_host" | "nvmf_subsystem_remove_host" => {
-            let nqn = str_param(p, "nqn")?;
-            let host = str_param(p, "host")?;
-            let subsys =
-                target.subsystem(nqn).ok_or_else(|| invalid(format!("no subsystem {nqn:?}")))?;
-            if method == "nvmf_subsystem_add_host" {
-                subsys.hosts.write().insert(host.to_string());
-            } else {
-                subsys.hosts.write().remove(host);
-            }
-            target.genctr.fetch_add(1, Ordering::Relaxed);
-            crate::volumes::persist_hosts(control, nqn);
-            Ok(json!(true))
-        }
-        "nvmf_subsystem_allow_any_host" => {
-            let nqn = str_param(p, "nqn")?;
-            let any = p.get("allow_any_host").and_then(Value::as_bool).unwrap_or(false);
-            let subsys =
-                target.subsystem(nqn).ok_or_else(|| invalid(format!("no subsystem {nqn:?}")))?;
-            subsys.allow_any_host.store(any, Ordering::Relaxed);
-            target.genctr.fetch_add(1, Ordering::Relaxed);
-            crate::volumes::persist_hosts(control, nqn);
-            Ok(json!(true))
-        }
-        "nvmf_subsystem_add_listener" => {
-            let la = p
-                .get("listen_address")
-                .ok_or_else(|| invalid("missing object param: listen_address"))?;
-            let trtype = la.get("trtype").and_then(Value::as_str).unwrap_or("tcp");
-            if !trtype.eq_ignore_ascii_case("tcp") {
-                return Err(invalid(format!("transport {trtype:?} not supported (tcp only)")));
-            }
-            let addr: SocketAddr =
-                format!("{}:{}", str_param(la, "traddr")?, str_param(la, "trsvcid")?)
-                    .parse()
-                    .map_err(|e| invalid(format!("listen address: {e}")))?;
-            let known = target
-                .listeners
-                .read()
-                .iter()
-                .any(|(a, port)| *a == addr.ip().to_string() && *port == addr.port());
-            if !known {
-                crate::serve::start_nvmf_listener(&control.cores, target, &control.admission, addr)
-                    .map_err(|e| invalid(format!("{e:#}")))?;
-            }
-            Ok(json!(true))
-        }
-        _ => {
-            Err(RpcError { code: METHOD_NOT_FOUND, message: format!("Method not found: {method}") })
-        }
+/// SPDK's methods take `tgt_name` to pick one of several targets; ballast has one, unnamed.
+fn check_target(tgt_name: Option<&str>) -> Result<(), RpcError> {
+    match tgt_name {
+        Some(t) => Err(invalid_parameters(format!("NVMf target '{t}' not found"))),
+        None => Ok(()),
     }
 }
 
-fn get_subsystems(control: &Control) -> Value {
+fn subsys_err(e: SubsysError) -> RpcError {
+    match e {
+        SubsysError::NoSubsystem(nqn) => not_found(&nqn),
+        other => invalid_parameters(other),
+    }
+}
+
+fn not_found(nqn: &str) -> RpcError {
+    invalid_parameters(format!("Subsystem with NQN '{nqn}' not found"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetSubsystems {
+    nqn: Option<String>,
+    tgt_name: Option<String>,
+}
+
+/// `nvmf_create_transport`: TCP is always there (its listeners come from `--nvmf-listen` and
+/// `nvmf_subsystem_add_listener`), so creating it again succeeds. The tuning fields spdk-rpc
+/// sends (`c2h_success`, `zcopy`, `no_srq`, ...) are accepted and do not change anything.
+#[derive(Deserialize)]
+struct CreateTransport {
+    trtype: String,
+    tgt_name: Option<String>,
+    #[serde(flatten)]
+    tuning: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetTransports {
+    trtype: Option<String>,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSubsystem {
+    nqn: String,
+    serial_number: Option<String>,
+    model_number: Option<String>,
+    #[serde(default)]
+    allow_any_host: bool,
+    #[serde(default)]
+    ana_reporting: bool,
+    #[serde(default)]
+    passthrough: bool,
+    #[serde(default)]
+    enable_nssr: bool,
+    max_namespaces: Option<u32>,
+    min_cntlid: Option<u16>,
+    max_cntlid: Option<u16>,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Nqn {
+    nqn: String,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddNs {
+    nqn: String,
+    namespace: NsParams,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NsParams {
+    bdev_name: String,
+    #[serde(default)]
+    nsid: u32,
+    /// Ballast's: the LBA size hosts see (512 or 4096).
+    block_size: Option<u32>,
+    /// Namespace identities derive from the subsystem's NQN; giving them is refused.
+    nguid: Option<String>,
+    eui64: Option<String>,
+    uuid: Option<String>,
+    anagrpid: Option<u32>,
+    ptpl_file: Option<String>,
+    /// Every namespace is visible to every allowed host; `false` (the default) is accepted.
+    #[serde(default)]
+    no_auto_visible: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveNs {
+    nqn: String,
+    nsid: u32,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Host {
+    nqn: String,
+    host: String,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowAnyHost {
+    nqn: String,
+    allow_any_host: bool,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddListener {
+    nqn: String,
+    listen_address: ListenAddress,
+    #[serde(default)]
+    secure_channel: bool,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenAddress {
+    trtype: String,
+    adrfam: Option<String>,
+    traddr: String,
+    trsvcid: Option<String>,
+}
+
+/// Refuses what SPDK would honour and ballast cannot, instead of ignoring it.
+fn unsupported(what: &str, given: bool) -> Result<(), RpcError> {
+    if given {
+        return Err(invalid_parameters(format!("{what} is not supported by ballast")));
+    }
+    Ok(())
+}
+
+pub fn handle(control: &Control, method: &str, p: &Value) -> Result<Value, RpcError> {
+    use DecodeStyle::Generic as G;
+    let target = &control.target;
+    match method {
+        "nvmf_get_subsystems" => {
+            let g: GetSubsystems = params(p, G)?;
+            check_target(g.tgt_name.as_deref())?;
+            get_subsystems(control, g.nqn.as_deref())
+        }
+        "nvmf_create_transport" => {
+            let t: CreateTransport = params(p, G)?;
+            check_target(t.tgt_name.as_deref())?;
+            if !t.trtype.eq_ignore_ascii_case("tcp") {
+                let msg = format!("Transport type '{}' unsupported", t.trtype);
+                return Err(invalid_parameters(msg));
+            }
+            let ignored: Vec<&String> = t.tuning.keys().collect();
+            tracing::info!(?ignored, "nvmf_create_transport TCP: already there");
+            Ok(json!(true))
+        }
+        "nvmf_get_transports" => {
+            let t: GetTransports = params(p, G)?;
+            check_target(t.tgt_name.as_deref())?;
+            if t.trtype.as_deref().is_some_and(|tr| !tr.eq_ignore_ascii_case("tcp")) {
+                return Err(invalid_parameters("transport not found"));
+            }
+            Ok(json!([{"trtype": "TCP", "max_io_size": 1 << 20, "in_capsule_data_size": 8192}]))
+        }
+        "nvmf_create_subsystem" => {
+            let c: CreateSubsystem = params(p, G)?;
+            check_target(c.tgt_name.as_deref())?;
+            unsupported("ana_reporting", c.ana_reporting)?;
+            unsupported("passthrough", c.passthrough)?;
+            unsupported("enable_nssr", c.enable_nssr)?;
+            unsupported("min_cntlid/max_cntlid", c.min_cntlid.is_some() || c.max_cntlid.is_some())?;
+            let nqn = c.nqn.as_str();
+            let subsys = target.create_subsystem(nqn, c.allow_any_host).map_err(|e| match e {
+                SubsysError::Exists(_) => {
+                    RpcError::new(INTERNAL_ERROR, format!("Unable to create subsystem {nqn}"))
+                }
+                other => invalid_parameters(other),
+            })?;
+            // The target derives serial and model from the NQN; say so when asked for others.
+            if c.serial_number.as_ref().is_some_and(|s| *s != subsys.serial)
+                || c.model_number.as_ref().is_some_and(|m| *m != subsys.model)
+            {
+                tracing::warn!(
+                    nqn,
+                    serial = subsys.serial,
+                    model = subsys.model,
+                    "serial_number/model_number not settable: the target derives them from the NQN"
+                );
+            }
+            let max_ns = c.max_namespaces;
+            tracing::info!(nqn, allow_any_host = c.allow_any_host, ?max_ns, "subsystem created");
+            Ok(json!(true))
+        }
+        "nvmf_delete_subsystem" => {
+            let d: Nqn = params(p, G)?;
+            check_target(d.tgt_name.as_deref())?;
+            target.delete_subsystem(&d.nqn).map_err(subsys_err)?;
+            tracing::info!(nqn = d.nqn, "subsystem deleted");
+            Ok(json!(true))
+        }
+        "nvmf_subsystem_add_ns" => {
+            let a: AddNs = params(p, G)?;
+            check_target(a.tgt_name.as_deref())?;
+            let ns = &a.namespace;
+            unsupported("nguid/eui64/uuid", ns.nguid.is_some() || ns.eui64.is_some())?;
+            unsupported("uuid", ns.uuid.is_some())?;
+            unsupported("anagrpid", ns.anagrpid.is_some())?;
+            unsupported("ptpl_file", ns.ptpl_file.is_some())?;
+            unsupported("no_auto_visible", ns.no_auto_visible)?;
+            if target.subsystem(&a.nqn).is_none() {
+                return Err(not_found(&a.nqn));
+            }
+            let bdev = ns.bdev_name.as_str();
+            let export = crate::rpc_bdev::resolve(&control.exports, control.pool.as_deref(), bdev)
+                .ok_or_else(|| invalid_parameters(format!("bdev '{bdev}' does not exist")))?;
+            let block_size = ns.block_size.unwrap_or(4096);
+            let nsid = target
+                .add_namespace(&a.nqn, ns.nsid, export.dev.clone(), block_size)
+                .map_err(subsys_err)?;
+            tracing::info!(nqn = a.nqn, nsid, bdev, export = export.name, "namespace added");
+            Ok(json!(nsid))
+        }
+        "nvmf_subsystem_remove_ns" => {
+            let r: RemoveNs = params(p, G)?;
+            check_target(r.tgt_name.as_deref())?;
+            target.remove_namespace(&r.nqn, r.nsid).map_err(subsys_err)?;
+            Ok(json!(true))
+        }
+        "nvmf_subsystem_add_host" | "nvmf_subsystem_remove_host" => {
+            let h: Host = params(p, G)?;
+            check_target(h.tgt_name.as_deref())?;
+            let subsys = target.subsystem(&h.nqn).ok_or_else(|| not_found(&h.nqn))?;
+            if method == "nvmf_subsystem_add_host" {
+                subsys.hosts.write().insert(h.host.clone());
+            } else {
+                subsys.hosts.write().remove(&h.host);
+            }
+            target.genctr.fetch_add(1, Ordering::Relaxed);
+            crate::volumes::persist_hosts(control, &h.nqn);
+            Ok(json!(true))
+        }
+        "nvmf_subsystem_allow_any_host" => {
+            let a: AllowAnyHost = params(p, G)?;
+            check_target(a.tgt_name.as_deref())?;
+            let subsys = target.subsystem(&a.nqn).ok_or_else(|| not_found(&a.nqn))?;
+            subsys.allow_any_host.store(a.allow_any_host, Ordering::Relaxed);
+            target.genctr.fetch_add(1, Ordering::Relaxed);
+            crate::volumes::persist_hosts(control, &a.nqn);
+            Ok(json!(true))
+        }
+        "nvmf_subsystem_add_listener" => add_listener(control, params(p, G)?),
+        _ => Err(method_not_found(method)),
+    }
+}
+
+/// Listeners are the target's, not a subsystem's: every subsystem is reachable on each. An
+/// address not listened on yet is started at once.
+fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
+    check_target(l.tgt_name.as_deref())?;
+    unsupported("secure_channel", l.secure_channel)?;
+    let target = &control.target;
+    if target.subsystem(&l.nqn).is_none() {
+        return Err(not_found(&l.nqn));
+    }
+    let la = &l.listen_address;
+    if !la.trtype.eq_ignore_ascii_case("tcp") {
+        let msg = format!("transport {:?} not supported (tcp only)", la.trtype);
+        return Err(invalid_parameters(msg));
+    }
+    if let Some(fam) = &la.adrfam {
+        if !fam.eq_ignore_ascii_case("ipv4") && !fam.eq_ignore_ascii_case("ipv6") {
+            return Err(invalid_parameters(format!("adrfam {fam:?}: IPv4 or IPv6 only")));
+        }
+    }
+    let port = la.trsvcid.as_deref().unwrap_or("4420");
+    let host = la.traddr.trim_start_matches('[').trim_end_matches(']');
+    let text =
+        if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    let addr: SocketAddr =
+        text.parse().map_err(|e| invalid_parameters(format!("listen address {text}: {e}")))?;
+    let known = target
+        .listeners
+        .read()
+        .iter()
+        .any(|(a, port)| *a == addr.ip().to_string() && *port == addr.port());
+    if !known {
+        crate::serve::start_nvmf_listener(&control.cores, target, &control.admission, addr)
+            .map_err(|e| invalid_parameters(format!("{e:#}")))?;
+    }
+    tracing::info!(nqn = l.nqn, %addr, new = !known, "listener added");
+    Ok(json!(true))
+}
+
+fn get_subsystems(control: &Control, only: Option<&str>) -> Result<Value, RpcError> {
     let listeners: Vec<Value> = control
         .target
         .listeners
         .read()
         .iter()
-        .map(|(a, p)| json!({"trtype": "TCP", "adrfam": if a.contains(':') { "IPv6" } else { "IPv4" }, "traddr": a, "trsvcid": p.to_string()}))
+        .map(|(a, p)| {
+            let adrfam = if a.contains(':') { "IPv6" } else { "IPv4" };
+            json!({"trtype": "TCP", "adrfam": adrfam, "traddr": a, "trsvcid": p.to_string()})
+        })
         .collect();
-    let mut out = vec![json!({
-        "nqn": ballast_nvmf::subsys::DISCOVERY_NQN,
-        "subtype": "Discovery",
-        "listen_addresses": listeners,
-        "allow_any_host": true,
-        "hosts": [],
-    })];
+    let mut out = Vec::new();
+    if only.is_none_or(|n| n == ballast_nvmf::subsys::DISCOVERY_NQN) {
+        out.push(json!({
+            "nqn": ballast_nvmf::subsys::DISCOVERY_NQN,
+            "subtype": "Discovery",
+            "listen_addresses": listeners,
+            "allow_any_host": true,
+            "hosts": [],
+        }));
+    }
     let names: Vec<(String, std::sync::Arc<dyn ballast_engine::BlockDev>)> =
         control.exports.list().iter().map(|e| (e.name.clone(), e.dev.clone())).collect();
+    let pool = control.pool.as_deref();
     for s in control.target.subsystems() {
+        if only.is_some_and(|n| n != s.nqn) {
+            continue;
+        }
         let namespaces: Vec<Value> = s
             .namespaces
             .read()
@@ -144,18 +361,28 @@ fn get_subsystems(control: &Control) -> Value {
                     .find(|(_, d)| std::sync::Arc::ptr_eq(d, &ns.dev))
                     .map(|(n, _)| n.clone())
                     .unwrap_or_default();
-                json!({
+                let mut j = json!({
                     "nsid": ns.nsid,
                     "bdev_name": bdev,
                     "name": bdev,
                     "nguid": hex(&ns.nguid),
                     "eui64": hex(&ns.eui64),
-                    "uuid": uuid(&ns.uuid),
+                    "uuid": crate::lvstore::format_uuid(&ns.uuid),
                     "block_size": 1u32 << ns.lba_shift,
-                })
+                });
+                if let Some(alias) = pool.filter(|p| p.meta().find(&bdev).is_ok()) {
+                    j["alias"] = json!(crate::lvstore::alias(alias, &bdev));
+                }
+                j
             })
             .collect();
         let hosts: Vec<Value> = s.hosts.read().iter().map(|h| json!({"nqn": h})).collect();
+        let controllers: Vec<Value> = control
+            .target
+            .controllers_of(&s.nqn)
+            .iter()
+            .map(|c| json!({"cntlid": c.cntlid, "hostnqn": c.hostnqn}))
+            .collect();
         out.push(json!({
             "nqn": s.nqn,
             "subtype": "NVMe",
@@ -164,9 +391,15 @@ fn get_subsystems(control: &Control) -> Value {
             "hosts": hosts,
             "serial_number": s.serial,
             "model_number": s.model,
+            "max_namespaces": 0,
+            "min_cntlid": 1,
+            "max_cntlid": 65519,
             "namespaces": namespaces,
-            "controllers": control.target.controllers_of(&s.nqn).iter().map(|c| json!({"cntlid": c.cntlid, "hostnqn": c.hostnqn})).collect::<Vec<_>>(),
+            "controllers": controllers,
         }));
     }
-    Value::Array(out)
+    if let Some(nqn) = only.filter(|_| out.is_empty()) {
+        return Err(not_found(nqn));
+    }
+    Ok(Value::Array(out))
 }

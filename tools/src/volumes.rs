@@ -16,11 +16,18 @@ use ballast_engine::size::parse_size;
 use ballast_engine::volume::dev::{FileDisk, PoolHandle};
 use ballast_engine::volume::format::{choose_superblock, Superblock, BLOCK_SIZE};
 use ballast_engine::volume::pool::{Pool, PoolGeometry, SyncDisk};
+use ballast_engine::volume::pool::{PoolError, PIECE};
 use ballast_engine::BlockDev;
 use ballast_nbd::Export;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::rpc::{invalid, Control, RpcError};
+use crate::lvstore;
+use crate::rpc::Control;
+use crate::rpc_error::{
+    invalid_argument, invalid_parameters, method_not_found, no_such_device, params, DecodeStyle,
+    RpcError, EEXIST, ENODEV, INTERNAL_ERROR,
+};
 
 /// Config key holding the access settings of volume `name`'s subsystem (JSON: allow_any_host,
 /// hosts).
@@ -52,6 +59,9 @@ pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> a
             None => "volume".to_string(),
         }
     };
+    if let Err(e) = lvstore::ensure_volume_uuid(pool, name) {
+        tracing::warn!(volume = name, error = %e, "volume has no UUID (SPDK lookups by UUID fail)");
+    }
     let dev: Arc<dyn BlockDev> = Arc::new(dev);
     control.exports.add(Export {
         name: name.to_string(),
@@ -112,116 +122,325 @@ pub fn persist_hosts(control: &Control, nqn: &str) {
 }
 
 fn pool(control: &Control) -> Result<&Arc<PoolHandle>, RpcError> {
-    control
-        .pool
-        .as_ref()
-        .ok_or_else(|| invalid("this daemon serves no pool (start it with --pool)"))
+    // SPDK with no lvol store answers a lookup with -ENODEV.
+    control.pool.as_ref().ok_or_else(|| {
+        RpcError::new(ENODEV, "No such device: this daemon serves no pool (start it with --pool)")
+    })
 }
 
-fn str_param<'a>(p: &'a Value, names: &[&str]) -> Result<&'a str, RpcError> {
-    names
+/// A size as bytes (number) or a string like "10G" (ballast's CLI); SPDK sends `size_in_mib`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeParam {
+    Bytes(u64),
+    Text(String),
+}
+
+fn size_bytes(size_in_mib: Option<u64>, size: Option<&SizeParam>) -> Result<u64, RpcError> {
+    match (size_in_mib, size) {
+        (Some(mib), None) => {
+            mib.checked_mul(1 << 20).ok_or_else(|| invalid_parameters("size_in_mib too large"))
+        }
+        (None, Some(SizeParam::Bytes(b))) => Ok(*b),
+        (None, Some(SizeParam::Text(s))) => parse_size(s).map_err(invalid_parameters),
+        (None, None) => Err(invalid_parameters("missing size_in_mib (or size)")),
+        (Some(_), Some(_)) => Err(invalid_parameters("give size_in_mib or size, not both")),
+    }
+}
+
+/// `bdev_lvol_get_lvstores`, `bdev_lvol_delete_lvstore`-style store selection.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LvstoreSelect {
+    uuid: Option<String>,
+    lvs_name: Option<String>,
+}
+
+/// `bdev_lvol_get_lvols` (SPDK names the selectors differently here).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LvolsSelect {
+    lvs_uuid: Option<String>,
+    lvs_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LvolCreate {
+    #[serde(alias = "name")]
+    lvol_name: String,
+    size_in_mib: Option<u64>,
+    size: Option<SizeParam>,
+    /// Volumes are always thin; `false` (spdk-rpc's default) is accepted.
+    #[serde(default)]
+    thin_provision: bool,
+    /// Accepted and ignored: new clusters always read as zeroes.
+    #[allow(dead_code)]
+    clear_method: Option<String>,
+    #[allow(dead_code)]
+    lvol_priority_class: Option<i32>,
+    uuid: Option<String>,
+    lvs_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LvolSnapshot {
+    #[serde(alias = "volume")]
+    lvol_name: String,
+    #[serde(alias = "name")]
+    snapshot_name: String,
+    /// Ballast's CLI: answer `{name, uuid, micros}` instead of SPDK's bare UUID.
+    #[serde(default)]
+    report_micros: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LvolClone {
+    #[serde(alias = "snapshot")]
+    snapshot_name: String,
+    #[serde(alias = "name")]
+    clone_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LvolRollback {
+    #[serde(alias = "lvol_name")]
+    name: String,
+    #[serde(alias = "snapshot")]
+    snapshot_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LvolResize {
+    #[serde(alias = "lvol_name")]
+    name: String,
+    size_in_mib: Option<u64>,
+    size: Option<SizeParam>,
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LvolName {
+    #[serde(alias = "lvol_name")]
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenameLvstore {
+    old_name: String,
+    new_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+/// SPDK's `vbdev_get_lvol_store_by_uuid_xor_name`: both given is -EINVAL, a store that is not
+/// this pool is -ENODEV. Neither given selects the pool (SPDK requires one; ballast has one).
+fn check_lvstore(
+    pool: &PoolHandle,
+    uuid: Option<&str>,
+    lvs_name: Option<&str>,
+) -> Result<(), RpcError> {
+    match (uuid, lvs_name) {
+        (Some(_), Some(_)) => Err(invalid_argument()),
+        (Some(u), None) if !lvstore::is_lvs_uuid(pool, u) => Err(no_such_device()),
+        (None, Some(n)) if n != lvstore::lvs_name(pool) => Err(no_such_device()),
+        _ => Ok(()),
+    }
+}
+
+/// The volume an SPDK bdev name (alias, UUID or plain name) names, or SPDK's -ENODEV.
+fn lvol(pool: &PoolHandle, name: &str) -> Result<String, RpcError> {
+    lvstore::resolve(pool, name).ok_or_else(no_such_device)
+}
+
+/// A pool refusal as SPDK words the errno behind it.
+fn pool_err(e: PoolError) -> RpcError {
+    match e {
+        PoolError::NoName(_) | PoolError::NoVolume(_) => no_such_device(),
+        PoolError::NameTaken(_) => RpcError::new(EEXIST, format!("File exists: {e}")),
+        PoolError::NoSpace | PoolError::Overprovisioned { .. } => {
+            RpcError::new(-28, format!("No space left on device: {e}"))
+        }
+        PoolError::Busy(_) => RpcError::new(-16, format!("Device or resource busy: {e}")),
+        other => invalid_parameters(other),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> RpcError {
+    RpcError::new(INTERNAL_ERROR, e.to_string())
+}
+
+/// Exports a new volume and gives it its UUID (which the SPDK methods answer with).
+fn publish(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> Result<String, RpcError> {
+    let uuid = lvstore::assign_volume_uuid(pool, name).map_err(internal)?;
+    export_volume(control, pool, name).map_err(|e| internal(format!("{e:#}")))?;
+    Ok(uuid)
+}
+
+/// `bdev_lvol_get_lvstores`: SPDK's fields, then ballast's own (`pool info` shows them all).
+fn lvstore_json(pool: &PoolHandle) -> Value {
+    let info = pool.info();
+    let cluster = info.cluster_bytes.max(1);
+    let mut v = json!({
+        "uuid": lvstore::lvs_uuid(pool),
+        "name": lvstore::lvs_name(pool),
+        "base_bdev": info.path,
+        "total_data_clusters": info.data_bytes / cluster,
+        "free_clusters": info.free_bytes / cluster,
+        "block_size": PIECE,
+        "cluster_size": info.cluster_bytes,
+    });
+    if let (Value::Object(out), Ok(Value::Object(ours))) = (&mut v, serde_json::to_value(&info)) {
+        for (k, val) in ours {
+            out.entry(k).or_insert(val);
+        }
+    }
+    v
+}
+
+/// `bdev_lvol_get_lvols`: SPDK's fields (`alias`, `uuid`, `is_*`, `lvs`) and ballast's.
+fn lvols_json(pool: &PoolHandle) -> Value {
+    let lvs = json!({"name": lvstore::lvs_name(pool), "uuid": lvstore::lvs_uuid(pool)});
+    let all = pool.list();
+    let out: Vec<Value> = all
         .iter()
-        .find_map(|n| p.get(*n).and_then(Value::as_str))
-        .ok_or_else(|| invalid(format!("missing string param: {}", names[0])))
-}
-
-/// A size given as bytes (number), "10G" (string) or SPDK's `size_in_mib`.
-fn size_param(p: &Value) -> Result<u64, RpcError> {
-    if let Some(mib) = p.get("size_in_mib").and_then(Value::as_u64) {
-        return Ok(mib << 20);
-    }
-    match p.get("size") {
-        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| invalid("size must be positive")),
-        Some(Value::String(s)) => parse_size(s).map_err(|e| invalid(e.to_string())),
-        _ => Err(invalid("missing param: size (bytes, or a string like \"10G\")")),
-    }
-}
-
-fn pool_err(e: impl std::fmt::Display) -> RpcError {
-    invalid(e.to_string())
+        .map(|v| {
+            let mut j = serde_json::to_value(v).unwrap_or_default();
+            let parent_is_snapshot = v
+                .parent
+                .as_ref()
+                .is_some_and(|p| all.iter().any(|o| &o.name == p && o.snapshot) && !v.snapshot);
+            j["alias"] = json!(lvstore::alias(pool, &v.name));
+            j["uuid"] = json!(lvstore::volume_uuid(pool, &v.name));
+            j["is_thin_provisioned"] = json!(true);
+            j["is_snapshot"] = json!(v.snapshot);
+            j["is_clone"] = json!(parent_is_snapshot);
+            j["is_esnap_clone"] = json!(false);
+            j["is_degraded"] = json!(false);
+            j["lvs"] = lvs.clone();
+            j
+        })
+        .collect();
+    Value::Array(out)
 }
 
 pub fn handle(control: &Control, method: &str, p: &Value) -> Result<Value, RpcError> {
+    use DecodeStyle::Lvol as L;
     let pool = pool(control)?;
     match method {
         "bdev_lvol_get_lvstores" => {
-            Ok(json!([serde_json::to_value(pool.info()).unwrap_or_default()]))
+            let sel: LvstoreSelect = params(p, L)?;
+            check_lvstore(pool, sel.uuid.as_deref(), sel.lvs_name.as_deref())?;
+            Ok(json!([lvstore_json(pool)]))
         }
-        "bdev_lvol_get_lvols" => Ok(serde_json::to_value(pool.list()).unwrap_or_default()),
+        "bdev_lvol_get_lvols" => {
+            let sel: LvolsSelect = params(p, L)?;
+            check_lvstore(pool, sel.lvs_uuid.as_deref(), sel.lvs_name.as_deref())?;
+            Ok(lvols_json(pool))
+        }
+        "bdev_lvol_rename_lvstore" => {
+            let r: RenameLvstore = params(p, L)?;
+            if r.old_name != lvstore::lvs_name(pool) {
+                let msg = format!("Lvol store {} not found", r.old_name);
+                return Err(RpcError::new(-2, msg));
+            }
+            if r.new_name.is_empty() || r.new_name.contains('/') || r.new_name.len() > 64 {
+                return Err(invalid_parameters("lvol store name: 1 to 64 bytes, no '/'"));
+            }
+            lvstore::set_lvs_name(pool, &r.new_name).map_err(internal)?;
+            tracing::info!(from = r.old_name, to = r.new_name, "lvol store renamed");
+            Ok(json!(true))
+        }
         "bdev_lvol_create" => {
-            let name = str_param(p, &["lvol_name", "name"])?;
-            let size = size_param(p)?;
+            let c: LvolCreate = params(p, L)?;
+            check_lvstore(pool, c.uuid.as_deref(), c.lvs_name.as_deref())?;
+            let size = size_bytes(c.size_in_mib, c.size.as_ref())?;
+            let name = c.lvol_name.as_str();
             pool.create_volume(name, size).map_err(pool_err)?;
-            export_volume(control, pool, name).map_err(|e| invalid(format!("{e:#}")))?;
-            tracing::info!(volume = name, size_bytes = size, "volume created");
-            Ok(json!(name))
+            let uuid = publish(control, pool, name)?;
+            let thin = c.thin_provision;
+            tracing::info!(volume = name, uuid, size_bytes = size, thin, "volume created");
+            Ok(json!(uuid))
         }
         "bdev_lvol_snapshot" => {
-            let of = str_param(p, &["lvol_name", "volume"])?;
-            let name = str_param(p, &["snapshot_name", "name"])?;
+            let s: LvolSnapshot = params(p, L)?;
+            let of = lvol(pool, &s.lvol_name)?;
+            let name = s.snapshot_name.as_str();
             let t = std::time::Instant::now();
-            pool.snapshot(of, name).map_err(pool_err)?;
+            pool.snapshot(&of, name).map_err(pool_err)?;
             let us = t.elapsed().as_micros() as u64;
-            export_volume(control, pool, name).map_err(|e| invalid(format!("{e:#}")))?;
-            tracing::info!(volume = of, snapshot = name, micros = us, "snapshot created");
-            Ok(json!({"name": name, "micros": us}))
+            let uuid = publish(control, pool, name)?;
+            tracing::info!(volume = of, snapshot = name, uuid, micros = us, "snapshot created");
+            if s.report_micros {
+                return Ok(json!({"name": name, "uuid": uuid, "micros": us}));
+            }
+            Ok(json!(uuid))
         }
         "bdev_lvol_clone" => {
-            let of = str_param(p, &["snapshot_name", "snapshot"])?;
-            let name = str_param(p, &["clone_name", "name"])?;
-            pool.clone_volume(of, name).map_err(pool_err)?;
-            export_volume(control, pool, name).map_err(|e| invalid(format!("{e:#}")))?;
-            tracing::info!(snapshot = of, clone = name, "clone created");
-            Ok(json!(name))
+            let c: LvolClone = params(p, L)?;
+            let of = lvol(pool, &c.snapshot_name)?;
+            let name = c.clone_name.as_str();
+            pool.clone_volume(&of, name).map_err(pool_err)?;
+            let uuid = publish(control, pool, name)?;
+            tracing::info!(snapshot = of, clone = name, uuid, "clone created");
+            Ok(json!(uuid))
         }
         "bdev_lvol_rollback" => {
-            let name = str_param(p, &["name", "lvol_name"])?;
-            let to = str_param(p, &["snapshot_name", "snapshot"])?;
-            pool.rollback(name, to).map_err(pool_err)?;
+            let r: LvolRollback = params(p, L)?;
+            let (name, to) = (lvol(pool, &r.name)?, lvol(pool, &r.snapshot_name)?);
+            pool.rollback(&name, &to).map_err(pool_err)?;
             tracing::info!(volume = name, snapshot = to, "volume rolled back");
             Ok(json!(true))
         }
         "bdev_lvol_resize" => {
-            let name = str_param(p, &["name", "lvol_name"])?;
-            let size = size_param(p)?;
-            let force = p.get("force").and_then(Value::as_bool).unwrap_or(false);
-            pool.resize(name, size, force).map_err(pool_err)?;
-            if let Some(subsys) = control.target.subsystem(&nqn_of(name)) {
+            let r: LvolResize = params(p, L)?;
+            let name = lvol(pool, &r.name)?;
+            let size = size_bytes(r.size_in_mib, r.size.as_ref())?;
+            pool.resize(&name, size, r.force).map_err(pool_err)?;
+            if let Some(subsys) = control.target.subsystem(&nqn_of(&name)) {
                 control.target.namespace_changed(&subsys, 1);
             }
             tracing::info!(volume = name, size_bytes = size, "volume resized");
             Ok(json!(true))
         }
         "bdev_lvol_delete" => {
-            let name = str_param(p, &["name", "lvol_name"])?;
-            pool.meta().find(name).map_err(pool_err)?;
-            unexport_volume(control, name);
-            if let Err(e) = pool.delete(name) {
+            let d: LvolName = params(p, L)?;
+            let name = lvol(pool, &d.name)?;
+            unexport_volume(control, &name);
+            if let Err(e) = pool.delete(&name) {
                 // Put the exports back: the volume is still there.
-                let _ = export_volume(control, pool, name);
+                let _ = export_volume(control, pool, &name);
                 return Err(pool_err(e));
             }
-            let _ = pool.set_config(&hosts_key(name), "");
+            let _ = pool.set_config(&hosts_key(&name), "");
+            lvstore::forget_volume(pool, &name);
             tracing::info!(volume = name, "volume deleted");
             Ok(json!(true))
         }
         "bdev_lvol_check" => {
+            let _: NoParams = params(p, L)?;
             let m = pool.meta();
             let problems = m.check();
-            Ok(
-                json!({"ok": problems.is_empty() && m.leaked() == 0, "problems": problems, "leaked_clusters": m.leaked()}),
-            )
+            let ok = problems.is_empty() && m.leaked() == 0;
+            Ok(json!({"ok": ok, "problems": problems, "leaked_clusters": m.leaked()}))
         }
-        _ => Err(RpcError {
-            code: crate::rpc::METHOD_NOT_FOUND,
-            message: format!("Method not found: {method}"),
-        }),
+        _ => Err(method_not_found(method)),
     }
 }
 
 pub const METHODS: &[&str] = &[
     "bdev_lvol_get_lvstores",
     "bdev_lvol_get_lvols",
+    "bdev_lvol_rename_lvstore",
     "bdev_lvol_create",
     "bdev_lvol_snapshot",
     "bdev_lvol_clone",

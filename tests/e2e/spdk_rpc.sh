@@ -1,0 +1,232 @@
+#!/bin/bash
+# End-to-end: ballast driven by SPDK's own RPC client, `spdk-rpc` from PyPI's `spdk` package,
+# with the lvol + nvmf steps of SPDK's tutorials unchanged (only the base bdev creation is
+# replaced: the pool is the lvol store), then the data checked through NBD and NVMe/TCP.
+#
+#   1  spdk-rpc in a venv (cached in $XDG_CACHE_HOME or build/; SKIP when PyPI is unreachable)
+#   2  spdk_get_version, rpc_get_methods, bdev_lvol_get_lvstores (-l, -u)
+#   3  bdev_lvol_create by -l and by -u (returns the UUID); a pattern written through NBD;
+#      bdev_lvol_snapshot, bdev_lvol_clone on aliases; bdev_get_bdevs (aliases, uuid,
+#      driver_specific.lvol), lookups by alias, UUID and name
+#   4  nvmf_create_transport, nvmf_create_subsystem -a -s, add_ns (alias), add_listener,
+#      add_host, nvmf_get_subsystems; the clone read back through NBD and NVMe/TCP
+#   5  bdev_get_iostat counts the I/O; resize and delete by alias
+#   6  negative cases: wrong -l / -u (-19 No such device), both (-22), unknown bdev (-19),
+#      unknown subsystem, unknown parameter (-32602)
+set -u -o pipefail
+. "$(dirname "$0")/../lib.sh"
+
+T=$TEST_TMP
+MiB=$((1024 * 1024))
+
+echo "## 1: spdk-rpc from PyPI"
+CACHE=${XDG_CACHE_HOME:-$REPO_ROOT/build}
+VENV=$CACHE/ballast-spdk-venv
+SPDK_RPC=$VENV/bin/spdk-rpc
+if [[ ! -x $SPDK_RPC ]]; then
+    rm -rf "$VENV"
+    mkdir -p "$CACHE"
+    if ! "$SYS_PY" -m venv "$VENV" >"$T/venv.log" 2>&1; then
+        fail "python3 -m venv (install python3-venv)" "$(tail -n 3 "$T/venv.log" | tr '\n' ' ')"
+        finish
+    fi
+    if ! timeout 300 "$VENV/bin/pip" install -q --disable-pip-version-check spdk >"$T/pip.log" 2>&1; then
+        if grep -qiE 'connection|resolve|network|timed out|No matching distribution' "$T/pip.log"; then
+            echo "SKIP: pip cannot reach PyPI to install spdk ($(tail -n 1 "$T/pip.log"))"
+            rm -rf "$VENV"
+            echo "0 passed, 0 failed"
+            exit 0
+        fi
+        fail "pip install spdk" "$(tail -n 3 "$T/pip.log" | tr '\n' ' ')"
+        rm -rf "$VENV"
+        finish
+    fi
+fi
+check "spdk-rpc is installed ($("$VENV/bin/pip" show spdk 2>/dev/null | sed -n 's/^Version: /spdk /p'))" \
+    test -x "$SPDK_RPC"
+
+start_ballast --cores 2 || finish
+NVMF_PORT=$(sed -n 's/.*--nvmf-listen 127.0.0.1:\([0-9]*\).*/\1/p' "$BALLAST_LOG" | tail -n 1)
+
+# rpc ARGS...: spdk-rpc against this daemon (stdout: the result; stderr: the error response).
+rpc() { timeout 60 "$SPDK_RPC" -s "$RPC_SOCK" "$@"; }
+# py EXPR < JSON: evaluate EXPR with `j` bound to the JSON on stdin.
+py() { "$SYS_PY" -c 'import json,sys; j=json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
+# rpc_error ARGS...: "CODE MESSAGE" of the error spdk-rpc got (it prints the response on stdout).
+rpc_error() {
+    local out
+    if out=$(rpc "$@" 2>&1); then echo "succeeded"; return; fi
+    "$SYS_PY" -c '
+import json, re, sys
+t = sys.stdin.read()
+m = re.search(r"response:\s*(\{.*?\})", t, re.S)
+if not m:
+    print("unparsed: " + t[-200:].replace("\n", " ")); sys.exit()
+r = json.loads(m.group(1))
+print(r["code"], r["message"])' <<<"$out"
+}
+
+echo "## 2: version, methods, lvol store"
+check_eq "spdk_get_version names ballast" "True" \
+    "$(rpc spdk_get_version | py 'j["version"].startswith("ballast") and "major" in j["fields"]')"
+check_eq "rpc_get_methods lists what the script uses" "True" \
+    "$(rpc rpc_get_methods | py 'all(m in j for m in ["bdev_lvol_create", "bdev_get_bdevs", "bdev_get_iostat", "nvmf_create_transport", "nvmf_subsystem_add_listener", "spdk_get_version"])')"
+rpc bdev_lvol_get_lvstores >"$T/lvs.json"
+LVS=$(py 'j[0]["name"]' <"$T/lvs.json")
+LVS_UUID=$(py 'j[0]["uuid"]' <"$T/lvs.json")
+check_eq "one lvol store with SPDK's fields" "1 True" \
+    "$(py '"%d %s" % (len(j), all(k in j[0] for k in ("name", "uuid", "base_bdev", "cluster_size", "total_data_clusters", "free_clusters", "block_size")))' <"$T/lvs.json")"
+check_eq "the store is lvs0 with a UUID" "lvs0 36" "$LVS ${#LVS_UUID}"
+check_eq "bdev_lvol_get_lvstores -l $LVS" "$LVS_UUID" \
+    "$(rpc bdev_lvol_get_lvstores -l "$LVS" | py 'j[0]["uuid"]')"
+check_eq "bdev_lvol_get_lvstores -u UUID" "$LVS" \
+    "$(rpc bdev_lvol_get_lvstores -u "$LVS_UUID" | py 'j[0]["name"]')"
+
+echo "## 3: lvols, snapshot, clone (the tutorial's lvol steps)"
+LVOL_UUID=$(rpc bdev_lvol_create -l "$LVS" -t lvol0 64)
+check_eq "bdev_lvol_create -l returns a UUID" 36 "${#LVOL_UUID}"
+LVOL1_UUID=$(rpc bdev_lvol_create -u "$LVS_UUID" lvol1 32)
+check_eq "bdev_lvol_create -u (thick, as spdk-rpc sends by default) returns another UUID" \
+    "36 True" "${#LVOL1_UUID} $([[ $LVOL1_UUID != "$LVOL_UUID" ]] && echo True)"
+
+head -c $((4 * MiB)) /dev/urandom >"$T/pattern"
+check "write a 4 MiB pattern to lvol0 through NBD" \
+    timeout 60 nbdcopy --flush "$T/pattern" "$NBD_URI/lvol0"
+SNAP_UUID=$(rpc bdev_lvol_snapshot "$LVS/lvol0" snap0)
+check_eq "bdev_lvol_snapshot LVS/lvol0 returns a UUID" 36 "${#SNAP_UUID}"
+# The volume changes after the snapshot; the clone must show the snapshot's data.
+head -c $MiB /dev/urandom >"$T/later"
+check "overwrite lvol0's first MiB after the snapshot" \
+    timeout 60 nbdcopy --flush "$T/later" "$NBD_URI/lvol0"
+CLONE_UUID=$(rpc bdev_lvol_clone "$LVS/snap0" clone0)
+check_eq "bdev_lvol_clone LVS/snap0 returns a UUID" 36 "${#CLONE_UUID}"
+
+rpc bdev_get_bdevs -b "$LVS/clone0" >"$T/clone.json"
+check_eq "bdev_get_bdevs -b LVS/clone0: SPDK's lvol description" \
+    "clone0 ['$LVS/clone0'] $CLONE_UUID Logical Volume 4096 16384" \
+    "$(py '"%s %s %s %s %d %d" % (j[0]["name"], j[0]["aliases"], j[0]["uuid"], j[0]["product_name"], j[0]["block_size"], j[0]["num_blocks"])' <"$T/clone.json")"
+check_eq "clone0's driver_specific.lvol" "$LVS_UUID True False True snap0" \
+    "$(py 'str(j[0]["driver_specific"]["lvol"]["lvol_store_uuid"]) + " " + " ".join(str(j[0]["driver_specific"]["lvol"][k]) for k in ("thin_provision", "snapshot", "clone", "base_snapshot"))' <"$T/clone.json")"
+check_eq "snap0 is a snapshot listing clone0 among its clones" "True ['clone0']" \
+    "$(rpc bdev_get_bdevs -b "$SNAP_UUID" | py '"%s %s" % (j[0]["driver_specific"]["lvol"]["snapshot"], j[0]["driver_specific"]["lvol"]["clones"])')"
+check_eq "bdev_get_bdevs finds lvol0 by UUID, alias and name" "lvol0 lvol0 lvol0" \
+    "$(rpc bdev_get_bdevs -b "$LVOL_UUID" | py 'j[0]["name"]') $(rpc bdev_get_bdevs -b "$LVS/lvol0" | py 'j[0]["name"]') $(rpc bdev_get_bdevs -b lvol0 | py 'j[0]["name"]')"
+check_eq "bdev_get_bdevs lists every lvol" "True" \
+    "$(rpc bdev_get_bdevs | py 'set(["lvol0", "lvol1", "snap0", "clone0"]) <= set(b["name"] for b in j)')"
+check_eq "bdev_lvol_get_lvols: aliases and UUIDs" "$LVS/clone0 $CLONE_UUID True" \
+    "$(rpc bdev_lvol_get_lvols | py '" ".join(str(x) for v in j if v["name"] == "clone0" for x in (v["alias"], v["uuid"], v["is_clone"]))')"
+
+echo "## 4: NVMe-oF (the tutorial's nvmf steps)"
+NQN=nqn.2016-06.io.spdk:cnode1
+HOST=nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000b0b0
+check "nvmf_create_transport -t TCP" rpc nvmf_create_transport -t TCP
+check "nvmf_create_transport -t TCP again (idempotent)" rpc nvmf_create_transport -t TCP
+check "nvmf_create_subsystem $NQN -a -s SPDK00000000000001 -d SPDK_Controller1" \
+    rpc nvmf_create_subsystem "$NQN" -a -s SPDK00000000000001 -d SPDK_Controller1
+check "nvmf_subsystem_add_ns $NQN $LVS/clone0" rpc nvmf_subsystem_add_ns "$NQN" "$LVS/clone0"
+check "nvmf_subsystem_add_listener -t tcp -a 127.0.0.1 -s $NVMF_PORT" \
+    rpc nvmf_subsystem_add_listener "$NQN" -t tcp -a 127.0.0.1 -s "$NVMF_PORT"
+check "nvmf_subsystem_add_host $NQN HOSTNQN" rpc nvmf_subsystem_add_host "$NQN" "$HOST"
+check "nvmf_subsystem_allow_any_host --no-allow-any-host (only listed hosts from now on)" \
+    rpc nvmf_subsystem_allow_any_host --no-allow-any-host "$NQN"
+rpc nvmf_get_subsystems >"$T/subs.json"
+check_eq "nvmf_get_subsystems: SPDK's shape for $NQN" \
+    "NVMe False ['$HOST'] 1 clone0 $NVMF_PORT True True" \
+    "$(py '" ".join(str(x) for s in j if s["nqn"] == "'"$NQN"'" for x in (s["subtype"], s["allow_any_host"], [h["nqn"] for h in s["hosts"]], s["namespaces"][0]["nsid"], s["namespaces"][0]["bdev_name"], s["listen_addresses"][0]["trsvcid"], len(s["namespaces"][0]["uuid"]) == 36, bool(s["serial_number"] and s["model_number"])))' <"$T/subs.json")"
+
+# The clone holds the snapshot's data: the whole pattern, not the later overwrite.
+check_eq "clone0 read through NBD equals the pattern written before the snapshot" \
+    "$(sha "$T/pattern")" \
+    "$(timeout 60 nbdcopy "$NBD_URI/clone0" - 2>/dev/null | head -c $((4 * MiB)) | sha256sum | cut -d' ' -f1)"
+cat >"$T/nvme_read.py" <<'PYEOF'
+"""Reads LEN bytes from namespace 1 of NQN over NVMe/TCP (tests/nvmeraw.py) to stdout."""
+import struct, sys
+import nvmeraw as n
+
+port, nqn, length = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+admin, io = n.io_queue(port, nqn)
+chunk = 128 * 1024
+out = bytearray()
+for off in range(0, length, chunk):
+    io.s.sendall(io.read_cmd(off // 4096, chunk))
+    got = bytearray()
+    while True:
+        typ, p = io.pdu()
+        if typ == n.C2H_DATA:
+            hlen, pdo = p[2], p[3]
+            got += p[pdo:]
+            if p[1] & 0x08:  # SUCCESS: no response capsule follows
+                break
+        elif typ == n.CAPSULE_RESP:
+            sf = struct.unpack("<H", p[22:24])[0]
+            if (sf >> 1) & 0x7FF:
+                sys.exit("read failed: status 0x%x" % ((sf >> 1) & 0x7FF))
+            break
+        else:
+            sys.exit("unexpected PDU type %d" % typ)
+    out += got
+sys.stdout.buffer.write(bytes(out))
+PYEOF
+check_eq "clone0 read through NVMe/TCP ($NQN, the allowed host) equals the pattern" \
+    "$(sha "$T/pattern")" \
+    "$(PYTHONPATH="$REPO_ROOT/tests" timeout 60 "$SYS_PY" "$T/nvme_read.py" "$NVMF_PORT" "$NQN" $((4 * MiB)) 2>"$T/nvme.err" | sha256sum | cut -d' ' -f1)"
+[[ -s $T/nvme.err ]] && echo "  nvme_read: $(tail -n 2 "$T/nvme.err" | tr '\n' ' ')"
+check_eq "lvol0 itself changed after the snapshot (NBD)" "$(sha "$T/later")" \
+    "$(timeout 60 nbdcopy "$NBD_URI/lvol0" - 2>/dev/null | head -c $MiB | sha256sum | cut -d' ' -f1)"
+
+echo "## 5: iostat, resize, delete"
+check_eq "bdev_get_iostat counts the reads and writes" "True True 1000000" \
+    "$(rpc bdev_get_iostat | py '"%s %s %d" % (j["bdevs"][0]["num_read_ops"] > 0, j["bdevs"][0]["bytes_written"] >= 5 * 2**20, j["tick_rate"])')"
+check_eq "bdev_get_iostat --per-channel has one entry per core" 2 \
+    "$(rpc bdev_get_iostat -c | py 'len(j["cores"])')"
+check "bdev_lvol_resize LVS/lvol1 64" rpc bdev_lvol_resize "$LVS/lvol1" 64
+check_eq "lvol1 is 64 MiB" 16384 "$(rpc bdev_get_bdevs -b "$LVOL1_UUID" | py 'j[0]["num_blocks"]')"
+check "bdev_lvol_delete by UUID" rpc bdev_lvol_delete "$LVOL1_UUID"
+check_eq "the deleted lvol is gone (-19)" "-19 No such device" "$(rpc_error bdev_get_bdevs -b "$LVS/lvol1")"
+
+echo "## 6: errors with SPDK's codes"
+check_eq "bdev_lvol_create -l WRONG: -19 No such device" "-19 No such device" \
+    "$(rpc_error bdev_lvol_create -l WRONG x 4)"
+check_eq "bdev_lvol_create -u OTHER-UUID: -19 No such device" "-19 No such device" \
+    "$(rpc_error bdev_lvol_create -u 00000000-0000-0000-0000-000000000001 x 4)"
+check_eq "bdev_lvol_create -l and -u together: -22 Invalid argument" "-22 Invalid argument" \
+    "$(rpc_error bdev_lvol_create -l "$LVS" -u "$LVS_UUID" x 4)"
+check_eq "nothing was created by the refused calls" "False" \
+    "$(rpc bdev_lvol_get_lvols | py '"x" in [v["name"] for v in j]')"
+check_eq "bdev_get_bdevs -b unknown: -19" "-19 No such device" "$(rpc_error bdev_get_bdevs -b nope)"
+check_eq "bdev_lvol_snapshot of an unknown lvol: -19" "-19 No such device" \
+    "$(rpc_error bdev_lvol_snapshot "$LVS/nope" s)"
+check_eq "bdev_lvol_get_lvstores -l WRONG: -19" "-19 No such device" \
+    "$(rpc_error bdev_lvol_get_lvstores -l WRONG)"
+check_eq "an alias of another store does not resolve" "-19 No such device" \
+    "$(rpc_error bdev_lvol_snapshot other/lvol0 s)"
+check_eq "nvmf_subsystem_add_ns of an unknown bdev: -32602" "-32602" \
+    "$(rpc_error nvmf_subsystem_add_ns "$NQN" nope | cut -d' ' -f1)"
+check_eq "nvmf_subsystem_add_ns to an unknown subsystem: -32602" "-32602" \
+    "$(rpc_error nvmf_subsystem_add_ns nqn.2016-06.io.spdk:none "$LVS/lvol0" | cut -d' ' -f1)"
+check_eq "nvmf_create_subsystem twice: -32603" "-32603 Unable to create subsystem $NQN" \
+    "$(rpc_error nvmf_create_subsystem "$NQN")"
+check_eq "nvmf_create_transport -t RDMA: -32602" "-32602" \
+    "$(rpc_error nvmf_create_transport -t RDMA | cut -d' ' -f1)"
+raw_error() {
+    "$SYS_PY" - "$RPC_SOCK" "$1" <<'PYEOF'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode())
+r = json.loads(s.makefile().readline())
+print(r["error"]["code"], r["error"]["message"].split(":")[0])
+PYEOF
+}
+check_eq "an unknown parameter is refused (-32602 Invalid parameters)" "-32602 Invalid parameters" \
+    "$(raw_error '{"jsonrpc":"2.0","id":1,"method":"bdev_get_bdevs","params":{"nmae":"x"}}')"
+check_eq "an unknown lvol parameter: SPDK's -32603 decode failure" \
+    "-32603 spdk_json_decode_object failed" \
+    "$(raw_error '{"jsonrpc":"2.0","id":1,"method":"bdev_lvol_delete","params":{"name":"lvol0","x":1}}')"
+
+echo "## 7: identities survive a restart"
+stop_ballast
+start_ballast --cores 2 || finish
+check_eq "after restart: lvol0 keeps its UUID, the store its name and UUID" \
+    "lvol0 $LVS_UUID" \
+    "$(rpc bdev_get_bdevs -b "$LVOL_UUID" | py 'j[0]["name"]') $(rpc bdev_lvol_get_lvstores -l "$LVS" | py 'j[0]["uuid"]')"
+finish

@@ -1,0 +1,168 @@
+//! The pool seen as SPDK sees an lvol store: its name, its UUID, every volume's UUID, and how
+//! the names SPDK's tools use (`LVS/LVOL` alias, UUID, plain name) resolve to a volume.
+//!
+//! A leaf module (it uses no other module of the daemon). Invariants:
+//! - identities live in the pool's configuration, so they survive restarts and travel with the
+//!   pool: `lvs:name` (the store's name, [`DEFAULT_LVS_NAME`] until renamed) and `uuid:NAME`
+//!   (one per volume, a random version-4 UUID, lowercase with dashes);
+//! - the store's UUID is the pool's own identity from its superblock;
+//! - a volume's UUID is assigned when the volume is created or, for volumes older than this
+//!   scheme, when it is first exported, and dropped when it is deleted; no two volumes share one.
+
+use std::sync::Arc;
+
+use ballast_engine::volume::dev::PoolHandle;
+use ballast_engine::volume::pool::PoolError;
+
+/// The store's name until `bdev_lvol_rename_lvstore` sets another.
+pub const DEFAULT_LVS_NAME: &str = "lvs0";
+const LVS_NAME_KEY: &str = "lvs:name";
+
+fn uuid_key(volume: &str) -> String {
+    format!("uuid:{volume}")
+}
+
+/// Why an identity could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum LvstoreError {
+    #[error("generating a UUID: {0}")]
+    Random(#[source] std::io::Error),
+    #[error("storing {key} in the pool: {source}")]
+    Store {
+        key: String,
+        #[source]
+        source: PoolError,
+    },
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lowercase.
+pub fn format_uuid(b: &[u8; 16]) -> String {
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// A UUID in any case, with or without dashes, in its canonical form; `None` if it is not one.
+pub fn canonical_uuid(s: &str) -> Option<String> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut b = [0u8; 16];
+    for (i, byte) in b.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(format_uuid(&b))
+}
+
+/// A fresh random (version 4) UUID.
+pub fn random_uuid() -> Result<String, LvstoreError> {
+    let mut b = [0u8; 16];
+    ballast_ffi::sys::random_bytes(&mut b).map_err(LvstoreError::Random)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Ok(format_uuid(&b))
+}
+
+pub fn lvs_name(pool: &PoolHandle) -> String {
+    let m = pool.meta();
+    m.config().get(LVS_NAME_KEY).cloned().unwrap_or_else(|| DEFAULT_LVS_NAME.to_string())
+}
+
+pub fn lvs_uuid(pool: &PoolHandle) -> String {
+    format_uuid(&pool.meta().superblock().pool_uuid)
+}
+
+pub fn set_lvs_name(pool: &Arc<PoolHandle>, name: &str) -> Result<(), LvstoreError> {
+    pool.set_config(LVS_NAME_KEY, name)
+        .map_err(|source| LvstoreError::Store { key: LVS_NAME_KEY.into(), source })
+}
+
+/// Whether `uuid` (any spelling) is this store's UUID.
+pub fn is_lvs_uuid(pool: &PoolHandle, uuid: &str) -> bool {
+    canonical_uuid(uuid).is_some_and(|u| u == lvs_uuid(pool))
+}
+
+/// Volume `name`'s UUID, if it has one yet.
+pub fn volume_uuid(pool: &PoolHandle, name: &str) -> Option<String> {
+    pool.meta().config().get(&uuid_key(name)).cloned()
+}
+
+/// Volume `name`'s UUID, assigning (and storing) a fresh one if it has none.
+pub fn ensure_volume_uuid(pool: &Arc<PoolHandle>, name: &str) -> Result<String, LvstoreError> {
+    match volume_uuid(pool, name) {
+        Some(u) => Ok(u),
+        None => assign_volume_uuid(pool, name),
+    }
+}
+
+/// Gives a new volume a fresh UUID (replacing any left by a deleted volume of that name).
+pub fn assign_volume_uuid(pool: &Arc<PoolHandle>, name: &str) -> Result<String, LvstoreError> {
+    let uuid = random_uuid()?;
+    let key = uuid_key(name);
+    pool.set_config(&key, &uuid).map_err(|source| LvstoreError::Store { key, source })?;
+    Ok(uuid)
+}
+
+/// Drops a deleted volume's UUID (best effort: a stale entry names no volume and is ignored).
+pub fn forget_volume(pool: &Arc<PoolHandle>, name: &str) {
+    if volume_uuid(pool, name).is_some() {
+        if let Err(e) = pool.set_config(&uuid_key(name), "") {
+            tracing::warn!(volume = name, error = %e, "could not drop the volume's UUID");
+        }
+    }
+}
+
+/// SPDK's alias of volume `name`: `LVS_NAME/NAME`.
+pub fn alias(pool: &PoolHandle, name: &str) -> String {
+    format!("{}/{name}", lvs_name(pool))
+}
+
+/// The volume that `s` names: an `LVS/LVOL` alias of this store, a volume UUID, or a plain
+/// volume name (in that order).
+pub fn resolve(pool: &PoolHandle, s: &str) -> Option<String> {
+    let m = pool.meta();
+    let exists = |name: &str| m.find(name).is_ok();
+    if let Some((lvs, lvol)) = s.split_once('/') {
+        let lvs_matches = match m.config().get(LVS_NAME_KEY) {
+            Some(stored) => stored == lvs,
+            None => lvs == DEFAULT_LVS_NAME,
+        };
+        return (lvs_matches && exists(lvol)).then(|| lvol.to_string());
+    }
+    if let Some(uuid) = canonical_uuid(s) {
+        let named = m.config().iter().find_map(|(k, v)| {
+            let name = k.strip_prefix("uuid:")?;
+            (*v == uuid && exists(name)).then(|| name.to_string())
+        });
+        if named.is_some() {
+            return named;
+        }
+    }
+    exists(s).then(|| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_are_canonical_lowercase_with_dashes() {
+        let b: [u8; 16] = core::array::from_fn(|i| (i * 17) as u8);
+        let u = format_uuid(&b);
+        assert_eq!(u, "00112233-4455-6677-8899-aabbccddeeff");
+        assert_eq!(canonical_uuid("00112233445566778899AABBCCDDEEFF").as_deref(), Some(&*u));
+        assert_eq!(canonical_uuid(&u.to_uppercase()).as_deref(), Some(&*u));
+        assert_eq!(canonical_uuid("lvs0/vol0"), None);
+        assert_eq!(canonical_uuid("0011223344556677889aabbccddeeff"), None);
+    }
+
+    #[test]
+    fn random_uuids_are_version_4_and_differ() {
+        let a = random_uuid().unwrap();
+        let b = random_uuid().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");
+    }
+}

@@ -1,0 +1,266 @@
+//! SPDK's generic bdev and framework methods over ballast's exports: `bdev_get_bdevs`,
+//! `bdev_get_iostat`, `spdk_get_version`, and bdev name resolution for the other methods.
+//!
+//! Every export (pool volume, RAM or file) is one bdev named as the export. A pool volume is
+//! also found by its SPDK alias `LVS/LVOL` and by its UUID, and is described as SPDK describes
+//! an lvol (`product_name` "Logical Volume", `driver_specific.lvol`). The module reads the
+//! export table and the pool and changes nothing; it depends on no other method module (the
+//! caller passes in what it needs), so it adds no import cycle.
+
+use std::sync::Arc;
+
+use ballast_engine::stats::StatsSnapshot;
+use ballast_engine::volume::dev::{PoolHandle, VolumeInfo};
+use ballast_nbd::{Export, ExportTable};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::lvstore;
+use crate::rpc_error::{invalid_parameters, no_such_device, params, DecodeStyle, RpcError};
+
+/// The export a bdev name names: an export of that name, else a pool volume by alias or UUID.
+pub fn resolve(
+    exports: &ExportTable,
+    pool: Option<&PoolHandle>,
+    name: &str,
+) -> Option<Arc<Export>> {
+    if name.is_empty() {
+        return None;
+    }
+    if let Some(e) = exports.get(name) {
+        return Some(e);
+    }
+    let volume = lvstore::resolve(pool?, name)?;
+    exports.get(&volume)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetBdevs {
+    name: Option<String>,
+    /// Milliseconds to wait for the bdev to appear: ours appear synchronously, so none.
+    #[allow(dead_code)]
+    timeout: Option<u64>,
+}
+
+/// `bdev_get_bdevs [-b NAME]`; an unknown NAME is SPDK's -19 "No such device".
+pub fn get_bdevs(
+    exports: &ExportTable,
+    pool: Option<&PoolHandle>,
+    p: &Value,
+) -> Result<Value, RpcError> {
+    let req: GetBdevs = params(p, DecodeStyle::Generic)?;
+    let volumes = pool.map(|pool| pool.list()).unwrap_or_default();
+    let chosen = match &req.name {
+        Some(n) => vec![resolve(exports, pool, n).ok_or_else(no_such_device)?],
+        None => exports.list(),
+    };
+    let list = chosen.iter().map(|e| bdev_json(e, pool, &volumes)).collect();
+    Ok(Value::Array(list))
+}
+
+fn bdev_json(e: &Export, pool: Option<&PoolHandle>, volumes: &[VolumeInfo]) -> Value {
+    let info = e.dev.info();
+    let block_size = u64::from(info.block_size.max(1));
+    let volume = pool.zip(volumes.iter().find(|v| v.name == e.name));
+    let product_name = match (&volume, info.backend.as_str()) {
+        (Some(_), _) => "Logical Volume",
+        (None, "ram") => "Malloc disk",
+        (None, _) => "AIO disk",
+    };
+    let mut j = json!({
+        "name": e.name,
+        "aliases": [],
+        "product_name": product_name,
+        "block_size": block_size,
+        "num_blocks": e.dev.size_bytes() / block_size,
+        "claimed": false,
+        "zoned": false,
+        "supported_io_types": {
+            "read": true, "write": !e.read_only, "unmap": !e.read_only, "flush": true,
+            "reset": false, "write_zeroes": !e.read_only, "compare": false,
+            "compare_and_write": false, "abort": false, "nvme_admin": false, "nvme_io": false,
+        },
+        "driver_specific": {"ballast": {"backend": info.backend, "read_only": e.read_only}},
+    });
+    if let Some((pool, v)) = volume {
+        j["aliases"] = json!([lvstore::alias(pool, &v.name)]);
+        if let Some(uuid) = lvstore::volume_uuid(pool, &v.name) {
+            j["uuid"] = json!(uuid);
+        }
+        j["driver_specific"]["lvol"] = lvol_json(pool, v, volumes);
+    }
+    j
+}
+
+/// SPDK's `driver_specific.lvol` of one volume.
+fn lvol_json(pool: &PoolHandle, v: &VolumeInfo, volumes: &[VolumeInfo]) -> Value {
+    let cluster_bytes = pool.meta().cluster_bytes().max(1);
+    let parent = v.parent.as_ref().and_then(|p| volumes.iter().find(|o| &o.name == p));
+    let clone = !v.snapshot && parent.is_some_and(|p| p.snapshot);
+    let mut j = json!({
+        "lvol_store_uuid": lvstore::lvs_uuid(pool),
+        "base_bdev": pool.info().path,
+        "thin_provision": true,
+        "num_allocated_clusters": v.allocated_bytes.div_ceil(cluster_bytes),
+        "snapshot": v.snapshot,
+        "clone": clone,
+        "esnap_clone": false,
+    });
+    if clone {
+        j["base_snapshot"] = json!(v.parent);
+    }
+    if v.snapshot {
+        let clones: Vec<&str> = volumes
+            .iter()
+            .filter(|o| !o.snapshot && o.parent.as_deref() == Some(v.name.as_str()))
+            .map(|o| o.name.as_str())
+            .collect();
+        j["clones"] = json!(clones);
+    }
+    j
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetIostat {
+    name: Option<String>,
+    names: Option<Vec<String>>,
+    #[serde(default)]
+    per_channel: bool,
+    reset_mode: Option<String>,
+}
+
+/// Ticks are microseconds.
+const TICK_RATE_HZ: u64 = 1_000_000;
+
+/// `bdev_get_iostat`: SPDK's shape. The cores count requests of all exports together, so the
+/// counters are daemon totals: `bdevs` holds one entry named `"*"` (ballast's extension: all
+/// bdevs), `cores` the per-core counts (SPDK's `per_channel` view), and a named bdev that
+/// exists gets an empty `bdevs` (per-bdev counters are not kept). Counters cannot be reset.
+pub fn get_iostat(
+    exports: &ExportTable,
+    pool: Option<&PoolHandle>,
+    cores: &[StatsSnapshot],
+    uptime_us: u64,
+    p: &Value,
+) -> Result<Value, RpcError> {
+    let req: GetIostat = params(p, DecodeStyle::Generic)?;
+    if req.reset_mode.as_deref().is_some_and(|m| m != "none") {
+        return Err(invalid_parameters("reset_mode: the counters cannot be reset (use none)"));
+    }
+    let named: Vec<String> = req.name.into_iter().chain(req.names.into_iter().flatten()).collect();
+    for n in &named {
+        resolve(exports, pool, n).ok_or_else(no_such_device)?;
+    }
+    let mut total = StatsSum::default();
+    let per_core: Vec<Value> = cores
+        .iter()
+        .map(|s| {
+            total.add(s);
+            let mut one = StatsSum::default();
+            one.add(s);
+            let mut j = one.json("*");
+            j["core"] = json!(s.core);
+            j
+        })
+        .collect();
+    let bdevs = if named.is_empty() { vec![total.json("*")] } else { Vec::new() };
+    let mut out = json!({"tick_rate": TICK_RATE_HZ, "ticks": uptime_us, "bdevs": bdevs});
+    if req.per_channel || named.is_empty() {
+        out["cores"] = json!(per_core);
+    }
+    Ok(out)
+}
+
+#[derive(Default)]
+struct StatsSum {
+    reads: u64,
+    writes: u64,
+    unmaps: u64,
+    write_zeroes: u64,
+    flushes: u64,
+    errors: u64,
+    bytes_read: u64,
+    bytes_written: u64,
+    latency_ns: u64,
+    max_latency_us: f64,
+}
+
+impl StatsSum {
+    fn add(&mut self, s: &StatsSnapshot) {
+        self.reads += s.reads;
+        self.writes += s.writes;
+        self.unmaps += s.discards;
+        self.write_zeroes += s.write_zeroes;
+        self.flushes += s.flushes;
+        self.errors += s.errors;
+        self.bytes_read += s.bytes_read;
+        self.bytes_written += s.bytes_written;
+        self.latency_ns += s.latency.sum_ns;
+        self.max_latency_us = self.max_latency_us.max(s.latency_us_max);
+    }
+
+    fn json(&self, name: &str) -> Value {
+        json!({
+            "name": name,
+            "bytes_read": self.bytes_read,
+            "num_read_ops": self.reads,
+            "bytes_written": self.bytes_written,
+            "num_write_ops": self.writes,
+            "num_unmap_ops": self.unmaps,
+            "num_write_zeroes_ops": self.write_zeroes,
+            "num_flush_ops": self.flushes,
+            // All kinds together: the cores keep one latency histogram.
+            "latency_ticks": self.latency_ns / 1000,
+            "max_latency_ticks": self.max_latency_us as u64,
+            "io_error": {"count": self.errors},
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+/// `spdk_get_version`: SPDK's shape, naming ballast.
+pub fn spdk_get_version(p: &Value) -> Result<Value, RpcError> {
+    let _: NoParams = params(p, DecodeStyle::Generic)?;
+    let version = env!("CARGO_PKG_VERSION");
+    let mut parts = version.split(['.', '-']).map(|x| x.parse::<u64>().unwrap_or(0));
+    let (major, minor, patch) = (parts.next(), parts.next(), parts.next());
+    Ok(json!({
+        "version": format!("ballast v{version} (SPDK-compatible control API)"),
+        "fields": {
+            "major": major.unwrap_or(0),
+            "minor": minor.unwrap_or(0),
+            "patch": patch.unwrap_or(0),
+            "suffix": "-ballast",
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_has_spdks_fields() {
+        let v = spdk_get_version(&Value::Null).unwrap();
+        assert!(v["version"].as_str().unwrap().starts_with("ballast v"));
+        assert!(v["fields"]["major"].is_u64());
+        assert!(spdk_get_version(&json!({"x": 1})).is_err());
+    }
+
+    #[test]
+    fn iostat_sums_cores_and_refuses_resets_and_unknown_bdevs() {
+        let exports = ExportTable::default();
+        let e = get_iostat(&exports, None, &[], 5, &json!({"reset_mode": "all"})).unwrap_err();
+        assert_eq!(e.code, crate::rpc_error::INVALID_PARAMS);
+        let e = get_iostat(&exports, None, &[], 5, &json!({"name": "nope"})).unwrap_err();
+        assert_eq!((e.code, e.message.as_str()), (-19, "No such device"));
+        let v = get_iostat(&exports, None, &[], 5, &json!({"per_channel": false})).unwrap();
+        assert_eq!(v["tick_rate"], json!(TICK_RATE_HZ));
+        assert_eq!(v["bdevs"][0]["num_read_ops"], json!(0));
+    }
+}

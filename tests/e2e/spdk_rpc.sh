@@ -175,8 +175,12 @@ check_eq "lvol0 itself changed after the snapshot (NBD)" "$(sha "$T/later")" \
     "$(timeout 60 nbdcopy "$NBD_URI/lvol0" - 2>/dev/null | head -c $MiB | sha256sum | cut -d' ' -f1)"
 
 echo "## 5: iostat, resize, delete"
-check_eq "bdev_get_iostat counts the reads and writes" "True True 1000000" \
-    "$(rpc bdev_get_iostat | py '"%s %s %d" % (j["bdevs"][0]["num_read_ops"] > 0, j["bdevs"][0]["bytes_written"] >= 5 * 2**20, j["tick_rate"])')"
+check_eq "bdev_get_iostat --names LVS/lvol0 counts lvol0's own writes (4 MiB pattern + 1 MiB later)" "True lvol0 1000000" \
+    "$(rpc bdev_get_iostat --names "$LVS/lvol0" | py '"%s %s %d" % (j["bdevs"][0]["bytes_written"] >= 5 * 2**20, j["bdevs"][0]["name"], j["tick_rate"])')"
+check_eq "bdev_get_iostat counts clone0's reads apart (NBD and NVMe/TCP), and it wrote nothing" "True 0" \
+    "$(rpc bdev_get_iostat --names "$LVS/clone0" | py '"%s %d" % (j["bdevs"][0]["num_read_ops"] > 0, j["bdevs"][0]["bytes_written"])')"
+check_eq "bdev_get_iostat lists every bdev" "True" \
+    "$(rpc bdev_get_iostat | py 'str(set(["lvol0", "clone0"]) <= set(b["name"] for b in j["bdevs"]))')"
 check_eq "bdev_get_iostat --per-channel has one entry per core" 2 \
     "$(rpc bdev_get_iostat -c | py 'len(j["cores"])')"
 check "bdev_lvol_resize LVS/lvol1 64" rpc bdev_lvol_resize "$LVS/lvol1" 64

@@ -134,10 +134,9 @@ struct GetIostat {
 /// Ticks are microseconds.
 const TICK_RATE_HZ: u64 = 1_000_000;
 
-/// `bdev_get_iostat`: SPDK's shape. The cores count requests of all exports together, so the
-/// counters are daemon totals: `bdevs` holds one entry named `"*"` (ballast's extension: all
-/// bdevs), `cores` the per-core counts (SPDK's `per_channel` view), and a named bdev that
-/// exists gets an empty `bdevs` (per-bdev counters are not kept). Counters cannot be reset.
+/// `bdev_get_iostat`: SPDK's shape. `bdevs` holds one entry per bdev (all, or the ones named),
+/// from its device's counters summed over the cores (NBD and NVMe/TCP together); `cores` the
+/// per-core totals of all bdevs (SPDK's `per_channel` view). Counters cannot be reset.
 pub fn get_iostat(
     exports: &ExportTable,
     pool: Option<&PoolHandle>,
@@ -150,14 +149,30 @@ pub fn get_iostat(
         return Err(invalid_parameters("reset_mode: the counters cannot be reset (use none)"));
     }
     let named: Vec<String> = req.name.into_iter().chain(req.names.into_iter().flatten()).collect();
-    for n in &named {
-        resolve(exports, pool, n).ok_or_else(no_such_device)?;
-    }
-    let mut total = StatsSum::default();
+    let chosen: Vec<Arc<Export>> = if named.is_empty() {
+        exports.list()
+    } else {
+        named
+            .iter()
+            .map(|n| resolve(exports, pool, n).ok_or_else(no_such_device))
+            .collect::<Result<_, _>>()?
+    };
+    let bdevs: Vec<Value> = chosen
+        .iter()
+        .map(|e| {
+            let id = e.dev.info().stats_id;
+            let mut one = StatsSum::default();
+            for s in cores {
+                if let Some((_, d)) = s.devices.iter().find(|(i, _)| *i == id) {
+                    one.add_device(d);
+                }
+            }
+            one.json(&e.name)
+        })
+        .collect();
     let per_core: Vec<Value> = cores
         .iter()
         .map(|s| {
-            total.add(s);
             let mut one = StatsSum::default();
             one.add(s);
             let mut j = one.json("*");
@@ -165,7 +180,6 @@ pub fn get_iostat(
             j
         })
         .collect();
-    let bdevs = if named.is_empty() { vec![total.json("*")] } else { Vec::new() };
     let mut out = json!({"tick_rate": TICK_RATE_HZ, "ticks": uptime_us, "bdevs": bdevs});
     if req.per_channel || named.is_empty() {
         out["cores"] = json!(per_core);
@@ -199,6 +213,18 @@ impl StatsSum {
         self.bytes_written += s.bytes_written;
         self.latency_ns += s.latency.sum_ns;
         self.max_latency_us = self.max_latency_us.max(s.latency_us_max);
+    }
+
+    fn add_device(&mut self, d: &ballast_engine::stats::DevCounters) {
+        self.reads += d.reads;
+        self.writes += d.writes;
+        self.unmaps += d.discards;
+        self.write_zeroes += d.write_zeroes;
+        self.flushes += d.flushes;
+        self.errors += d.errors;
+        self.bytes_read += d.bytes_read;
+        self.bytes_written += d.bytes_written;
+        self.latency_ns += d.latency_ns_sum;
     }
 
     fn json(&self, name: &str) -> Value {
@@ -261,6 +287,6 @@ mod tests {
         assert_eq!((e.code, e.message.as_str()), (-19, "No such device"));
         let v = get_iostat(&exports, None, &[], 5, &json!({"per_channel": false})).unwrap();
         assert_eq!(v["tick_rate"], json!(TICK_RATE_HZ));
-        assert_eq!(v["bdevs"][0]["num_read_ops"], json!(0));
+        assert_eq!(v["bdevs"], json!([]), "no exports, no bdevs");
     }
 }

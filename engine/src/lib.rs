@@ -25,6 +25,6 @@ pub mod size;
 pub mod stats;
 pub mod volume;
 
-pub use ballast_ffi::{IoBuf, Owned, SendBatch};
+pub use ballast_ffi::{IoBuf, Op, Owned, SendBatch};
 pub use blockdev::{BlockDev, DevInfo, Extent, IoCmd};
 pub use reactor::{Cx, Engine, EngineConfig, Msg, Task};

@@ -52,6 +52,10 @@ const TAG_SEND: u32 = u32::MAX - 1;
 const TAG_TICK: u32 = u32::MAX - 2;
 const TAG_CANCEL: u32 = u32::MAX - 3;
 const TAG_POLL: u32 = u32::MAX - 4;
+const TAG_DIRECT: u32 = u32::MAX - 5;
+/// H2CData payloads at least this long are received straight into their command's buffer
+/// once their header is in (no copy out of the receive buffer, no receive buffer that big).
+const DIRECT_MIN: usize = 16 * 1024;
 const ADMIN_TICK: Duration = Duration::from_millis(250);
 const IO_TICK: Duration = Duration::from_millis(1000);
 
@@ -64,6 +68,17 @@ enum Phase {
     AwaitConnect,
     /// Connected as queue `qid` of a controller.
     Ready,
+}
+
+/// An H2CData PDU whose header was parsed and whose data is being received straight into the
+/// command's buffer: `left` bytes still to come; then the transfer has `received` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Direct {
+    ttag: u16,
+    left: usize,
+    received: u32,
+    last: bool,
+    inflight: bool,
 }
 
 /// What a command is waiting for.
@@ -93,6 +108,8 @@ pub struct Queue {
     peer: String,
     /// This connection's place under the connection limit, and the limits it lives under.
     guard: ConnGuard,
+    /// An H2CData payload arriving straight into its command's buffer (no data digest).
+    direct: Option<Direct>,
     progress: Progress,
     target: Arc<Target>,
     phase: Phase,
@@ -126,6 +143,7 @@ impl Queue {
             peer,
             guard,
             progress: Progress::new(),
+            direct: None,
             target,
             phase: Phase::Init,
             hdgst: false,
@@ -246,6 +264,25 @@ impl Queue {
                 };
             let plen = ch.plen as usize;
             if input.len() < plen {
+                if ch.kind == kind::H2C_DATA
+                    && !self.ddgst
+                    && data_len >= DIRECT_MIN
+                    && input.len() >= data_start
+                    && self.phase == Phase::Ready
+                {
+                    // The header is here and the data is large: take what arrived and receive
+                    // the rest straight into the command's buffer.
+                    let needs = self.pdu_needs(&ch, input, data_len);
+                    if !self.charge(cx, needs) {
+                        break;
+                    }
+                    self.charged_for_pdu = needs;
+                    self.on_pdu(cx, &ch, input, data_start, data_len);
+                    let unused = self.take_pdu_charge();
+                    self.mem.release(cx, unused);
+                    used += input.len();
+                    break;
+                }
                 self.recv.need(plen);
                 break;
             }
@@ -288,9 +325,11 @@ impl Queue {
             );
             return;
         }
-        let data = &p[data_start..data_start + data_len];
-        let data_digest_ok =
-            !self.ddgst || data_len == 0 || pdu::digest_ok(data, &p[data_start + data_len..]);
+        // A partial PDU (the direct path) carries the data that arrived with its header.
+        let data = &p[data_start..(data_start + data_len).min(p.len())];
+        let data_digest_ok = !self.ddgst
+            || data_len == 0
+            || pdu::digest_ok(data, &p[(data_start + data_len).min(p.len())..]);
         match (ch.kind, self.phase) {
             (kind::IC_REQ, Phase::Init) => self.on_icreq(p),
             (kind::IC_REQ, _) | (_, Phase::Init) => self.fatal(
@@ -320,7 +359,7 @@ impl Queue {
             (kind::H2C_DATA, _) => {
                 let Some(h) = pdu::decode_h2c_data(p) else { return };
                 let last = ch.flags & pdu::FLAG_LAST_PDU != 0;
-                self.on_h2c_data(cx, &h, data, data_digest_ok, last, &p[..hlen]);
+                self.on_h2c_data(cx, &h, data, data_len, data_digest_ok, last, &p[..hlen]);
             }
             _ => self.fatal(Fatal::field(0, "unexpected PDU type"), &p[..hlen]),
         }
@@ -683,11 +722,15 @@ impl Queue {
         }
     }
 
+    /// An H2CData PDU: `data` is its payload, or the first part of it (`total` bytes in all)
+    /// when the rest is to be received straight into the command's buffer.
+    #[allow(clippy::too_many_arguments)]
     fn on_h2c_data(
         &mut self,
         cx: &mut Cx<'_>,
         h: &pdu::H2cData,
         data: &[u8],
+        total: usize,
         digest_ok: bool,
         last: bool,
         header: &[u8],
@@ -703,7 +746,7 @@ impl Queue {
             return self
                 .fatal(Fatal::field(8, "H2CData command id does not match its tag"), header);
         }
-        let received = match pdu::check_h2c_data(h, data.len(), received, cmd.bytes, MAXH2CDATA) {
+        let received = match pdu::check_h2c_data(h, total, received, cmd.bytes, MAXH2CDATA) {
             Ok(received) => received,
             Err(f) => return self.fatal(f, header),
         };
@@ -715,6 +758,30 @@ impl Queue {
         }
         let Some(buf) = cmd.buf.as_mut() else { return };
         buf.extend_from_slice(data);
+        if data.len() < total {
+            self.direct = Some(Direct {
+                ttag: h.ttag,
+                left: total - data.len(),
+                received,
+                last,
+                inflight: false,
+            });
+            return;
+        }
+        self.h2c_landed(cx, h.ttag, received, digest_ok, last);
+    }
+
+    /// An H2CData PDU's payload is all in its command's buffer: the transfer has `received`
+    /// bytes; when complete, the write goes to the namespace.
+    fn h2c_landed(
+        &mut self,
+        cx: &mut Cx<'_>,
+        ttag: u16,
+        received: u32,
+        digest_ok: bool,
+        last: bool,
+    ) {
+        let Some(cmd) = self.cmds.get_mut(usize::from(ttag)) else { return };
         if !digest_ok {
             // The data is damaged: take the rest of the transfer, then fail the command.
             cmd.status = status::TRANSIENT_TRANSPORT_ERROR;
@@ -728,7 +795,7 @@ impl Queue {
         }
         if cmd.status != status::SUCCESS {
             let (cid, st) = (cmd.sqe.cid, cmd.status);
-            let cmd = self.cmds.remove(usize::from(h.ttag));
+            let cmd = self.cmds.remove(usize::from(ttag));
             if let Some(b) = cmd.buf {
                 cx.recycle(b);
             }
@@ -740,7 +807,48 @@ impl Queue {
         let Some(ns) = cmd.ns.clone() else { return };
         let offset = cmd.sqe.slba() << ns.lba_shift;
         let fua = cmd.sqe.fua();
-        ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, u32::from(h.ttag));
+        ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, u32::from(ttag));
+    }
+
+    /// Posts the receive of a direct H2CData payload's rest into its command's buffer.
+    fn post_direct(&mut self, cx: &mut Cx<'_>) {
+        let Some(d) = self.direct.as_mut() else { return };
+        if d.inflight {
+            return;
+        }
+        let buf = self.cmds.get_mut(usize::from(d.ttag)).and_then(|c| c.buf.take());
+        let Some(buf) = buf else { unreachable!("a direct receive's command holds its buffer") };
+        assert!(buf.capacity() - buf.len() >= d.left, "direct receive beyond the transfer");
+        d.inflight = true;
+        let max = d.left;
+        cx.submit(ballast_engine::Op::Recv { fd: self.fd.as_raw_fd(), buf, max }, TAG_DIRECT);
+    }
+
+    /// A direct receive completed: the bytes are in the command's buffer.
+    fn on_direct(&mut self, cx: &mut Cx<'_>, result: i32, owned: Owned) {
+        let mut d = self.direct.take().expect("a direct receive in flight");
+        assert!(d.inflight);
+        d.inflight = false;
+        let buf = owned.into_buf().expect("receive completion without its buffer");
+        if let Some(cmd) = self.cmds.get_mut(usize::from(d.ttag)) {
+            cmd.buf = Some(buf);
+        } else {
+            cx.recycle(buf);
+        }
+        if result <= 0 {
+            self.read_closed = true;
+            return;
+        }
+        self.progress.moved();
+        d.left -= (result as usize).min(d.left);
+        if d.left > 0 {
+            self.direct = Some(d);
+            return;
+        }
+        self.h2c_landed(cx, d.ttag, d.received, true, d.last);
+        if !self.read_closed {
+            self.parse(cx);
+        }
     }
 
     fn on_flush(&mut self, cx: &mut Cx<'_>, sqe: Sqe) {
@@ -938,7 +1046,7 @@ impl Queue {
 
     fn close_read(&mut self) {
         self.read_closed = true;
-        if self.recv.inflight() {
+        if self.recv.inflight() || self.direct_inflight() {
             let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Read);
         }
     }
@@ -956,10 +1064,18 @@ impl Queue {
         self.mem.sent(cx, self.out.unsent());
     }
 
+    fn direct_inflight(&self) -> bool {
+        self.direct.is_some_and(|d| d.inflight)
+    }
+
     fn post_io(&mut self, cx: &mut Cx<'_>) {
         self.out.start(cx, self.fd.as_raw_fd(), TAG_SEND);
         if self.read_closed || self.out.broken() || self.saturated() || self.mem.waiting() {
             return;
+        }
+        if self.direct.is_some() {
+            // The stream's next bytes are the payload's rest: nothing else is read first.
+            return self.post_direct(cx);
         }
         let fd = self.fd.as_raw_fd();
         let held = self.mem.held();
@@ -974,6 +1090,7 @@ impl Queue {
             cx.cancel(TAG_TICK, TAG_CANCEL);
         }
         let quiet = !self.recv.inflight()
+            && !self.direct_inflight()
             && !self.out.inflight()
             && !self.tick_inflight
             && !self.cancel_inflight;
@@ -1033,6 +1150,7 @@ impl Task for Queue {
                     self.parse(cx);
                 }
             }
+            TAG_DIRECT => self.on_direct(cx, result, owned),
             TAG_TICK => self.on_tick(cx),
             TAG_CANCEL => self.cancel_inflight = false,
             _ => self.on_io_done(cx, tag, result, owned),

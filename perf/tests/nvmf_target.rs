@@ -369,6 +369,40 @@ fn h2c_data(d: &H2cData, payload_len: usize, last: bool) -> Vec<u8> {
 // ------------------------------------------------------------------------------------- tests
 
 #[test]
+fn h2c_data_arriving_in_dribbles_lands_intact() {
+    // A 64 KiB H2CData PDU whose header comes with 100 bytes of payload, then the rest in
+    // uneven pieces with pauses: the target receives the rest straight into the command's
+    // buffer, its receives completing short several times, and the data must land exactly.
+    let mut d = Daemon::start();
+    let (_admin, mut q) = io_queue(d.addr, &opts(false, false, false)).unwrap();
+    let len = 64 * 1024u32;
+    let slba = 4096;
+    let (ttag, _, _) = start_r2t_write(&mut q, 11, slba, len).unwrap();
+    let data = pattern(len as usize, 99);
+    let mut raw = Vec::new();
+    let h = H2cData { cid: 11, ttag, offset: 0, len };
+    pdu::encode_h2c_data_header(&mut raw, &h, true, false, false);
+    let hdr = raw.len();
+    raw.extend_from_slice(&data);
+    let mut at = 0;
+    for cut in [hdr + 100, hdr + 5000, hdr + 20000, hdr + 20001, hdr + 45000, raw.len()] {
+        q.conn_mut().send_raw(&raw[at..cut]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        at = cut;
+    }
+    let resp = q.conn_mut().read_header().unwrap();
+    assert_eq!(resp.ch.kind, kind::CAPSULE_RESP, "the write's response");
+    let (cid, st, _) = nvme::decode_cqe(&resp.bytes()[8..]).unwrap();
+    assert_eq!((cid, st), (11, 0), "the dribbled write succeeds");
+    let sqe = q.rw_sqe(io::READ, 1, slba, len as usize).unwrap();
+    let (cr, back) = q.execute(&Command { sqe, data: Data::FromTarget(len) }).unwrap();
+    assert!(cr.ok(), "read status {:#x}", cr.status);
+    assert!(back == data, "the dribbled data read back differs");
+    d.assert_healthy("dribbled H2CData");
+    d.stop();
+}
+
+#[test]
 fn connect_and_identify() {
     let mut d = Daemon::start();
     let o = QueueOptions { kato_ms: 10_000, ..opts(false, false, false) };

@@ -65,6 +65,11 @@ copy_bin() {   # a host binary and the shared libraries it links, at the same pa
 for b in nvme nbd-client fio mkfs.ext4 mke2fs e2fsck mkfs.xfs xfs_repair blkdiscard sha256sum md5sum; do
   copy_bin "$b"
 done
+# ballast itself (copied in by the tests that run it in the guest) links only these
+for l in /lib/x86_64-linux-gnu/libgcc_s.so.1 /lib/x86_64-linux-gnu/libm.so.6 \
+         /lib/x86_64-linux-gnu/libc.so.6 /lib64/ld-linux-x86-64.so.2; do
+  [[ -e $l ]] && { mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"; }
+done
 # fio loads some engines at run time; libaio is linked in Debian's build, but be safe
 for l in /usr/lib/x86_64-linux-gnu/libaio.so.1*; do [[ -e $l ]] && { mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"; }; done
 [[ -f /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$R/etc/"
@@ -86,13 +91,18 @@ add_mod() {
   esac
   m=$(basename "$f"); order+=("${m%%.ko*}")
 }
-for m in e1000 crc32c_generic crc32c-intel nvme-tcp nbd loop ext4 xfs configfs nvmet nvmet-tcp; do add_mod "$m"; done
+for m in e1000 crc32c_generic crc32c-intel nvme nvme-tcp nbd loop ext4 xfs configfs nvmet nvmet-tcp; do add_mod "$m"; done
 printf '%s\n' "${order[@]}" > "$R/lib/modules/order"
 
 cat > "$R/init" <<'EOI'
 #!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
+# module parameters come from the kernel command line as MODULE.PARAM=VALUE (insmod does not
+# read it, modprobe would): e.g. nvme.poll_queues=2
+for m in $(cat /lib/modules/order); do
+  p=$(echo "$m" | tr - _)
+  insmod /lib/modules/$m.ko $(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$p\.//p") 2>/dev/null
+done
 mount -t configfs none /sys/kernel/config 2>/dev/null
 ip link set lo up; ip link set eth0 up; ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2
 hostname ballast-vm

@@ -409,4 +409,79 @@ mod tests {
         assert_eq!(inner_lbas(100, 1000, 12), (1, 0));
         assert_eq!(inner_lbas(0, 8192, 12), (0, 2));
     }
+
+    /// The reactor side of passthrough without an NVMe device: a task submits a split read
+    /// through [`Cx::submit_nvme`] on /dev/null (newer kernels complete any uring_cmd there with
+    /// 0; older ones refuse it) and gets exactly one completion, with its buffer; on an engine
+    /// without a device ring the same call completes with EOPNOTSUPP.
+    #[test]
+    fn reactor_carries_passthrough_io_to_the_device_ring_and_back() {
+        use crate::reactor::{DeviceRingConfig, Engine, EngineConfig, Msg, Task};
+        use std::os::fd::AsRawFd;
+
+        struct Probe {
+            file: File,
+            done: bool,
+            tx: crossbeam_channel::Sender<(i32, usize)>,
+        }
+        impl Task for Probe {
+            fn start(&mut self, cx: &mut Cx<'_>) {
+                let ns = NvmeNs {
+                    fd: self.file.as_raw_fd(),
+                    nsid: 1,
+                    lba_shift: 9,
+                    max_data_lbas: 8,
+                    max_zeroes_lbas: 8,
+                };
+                let buf = cx.buf(20 * 512);
+                cx.submit_nvme(&ns, NvmeIo::Read { slba: 0, buf }, 7);
+            }
+            fn on_completion(&mut self, _cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+                assert_eq!(tag, 7);
+                assert!(!self.done, "one completion per I/O");
+                let len = owned.into_buf().map_or(0, |b| b.len());
+                self.done = true;
+                let _ = self.tx.send((result, len));
+            }
+            fn flush(&mut self, _cx: &mut Cx<'_>) {}
+            fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
+            fn is_done(&self) -> bool {
+                self.done
+            }
+        }
+        let run = |device_ring: Option<DeviceRingConfig>| -> Option<(i32, usize)> {
+            let config = EngineConfig {
+                cpus: vec![ballast_ffi::sys::allowed_cpus()[0]],
+                poll_us: 0,
+                ring_entries: 64,
+                mailbox_depth: 16,
+                buffer_budget: 16 << 20,
+                device_ring,
+            };
+            let engine = match Engine::start(config) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("skipped: {e}");
+                    return None;
+                }
+            };
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let file = File::open("/dev/null").unwrap();
+            let spawn = Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| {
+                Box::new(Probe { file, done: false, tx }) as Box<dyn Task>
+            }));
+            assert!(engine.handles()[0].send_blocking(spawn));
+            let got = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("a completion");
+            engine.shutdown();
+            Some(got)
+        };
+        if let Some((result, len)) = run(Some(DeviceRingConfig { entries: 8, poll: false })) {
+            assert!(result == 20 * 512 || result < 0, "{result}");
+            assert_eq!(len, 20 * 512);
+        }
+        if let Some((result, len)) = run(None) {
+            assert_eq!(result, -libc::EOPNOTSUPP);
+            assert_eq!(len, 20 * 512);
+        }
+    }
 }

@@ -8,11 +8,17 @@
 #                               an up-to-date build is already there (idempotent)
 #   tests/vm/build.sh --force   rebuilds
 #
+# BALLAST_VM_KERNEL names the Debian kernel (meta-)package whose image the guest boots (default
+# linux-image-amd64, the release's kernel; e.g. linux-image-6.12-amd64): give each its own
+# BALLAST_VM_DIR.
+#
 # Needs root (apt-get) the first time only, when something is missing on the host.
 set -euo pipefail
 DIR=${BALLAST_VM_DIR:-$HOME/.cache/ballast-vm}
 here=$(cd "$(dirname "$0")" && pwd)
-stamp=$(sha256sum "$here/build.sh" | cut -c1-16)   # a changed build.sh rebuilds the guest
+KMETA=${BALLAST_VM_KERNEL:-linux-image-amd64}
+# a changed build.sh (or another kernel) rebuilds the guest
+stamp=$( (cat "$here/build.sh"; echo "$KMETA") | sha256sum | cut -c1-16)
 [[ ${1:-} == --force ]] && rm -rf "$DIR"
 if [[ -f $DIR/base.cpio.gz && -f $DIR/vmlinuz && $(cat "$DIR/stamp" 2>/dev/null) == "$stamp" ]]; then
   echo "ballast-vm: ready in $DIR (kernel $(cat "$DIR/kernel-version"))"; exit 0
@@ -41,8 +47,8 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# the kernel: whatever Debian's linux-image-amd64 points at (downloaded, not installed)
-kdep() { apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9].*\)/\1/p' | head -1; }
+# the kernel: whatever Debian's $KMETA points at (downloaded, not installed)
+kdep() { apt-cache depends "$KMETA" 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9].*\)/\1/p' | head -1; }
 kpkg=$(kdep)
 [[ -n $kpkg ]] || { timeout 300 apt-get update -qq; kpkg=$(kdep); }
 [[ -n $kpkg ]] || { echo "ballast-vm: cannot find Debian's kernel package" >&2; exit 1; }

@@ -250,6 +250,19 @@ impl NvmeDev {
     fn fail(cx: &mut Cx<'_>, tag: u32, errno: i32, buf: Option<IoBuf>) {
         cx.complete(tag, -errno, buf.map_or(Owned::None, Owned::Buf));
     }
+
+    /// Submits `io`, unless it would take more than `PARTS_MAX` commands (a controller with
+    /// tiny transfer limits and a huge request): then EINVAL, never a panic.
+    fn start(&self, cx: &mut Cx<'_>, io: NvmeIo, tag: u32) {
+        if nvme::part_count(&self.ns, &io) > nvme::PARTS_MAX as u64 {
+            let buf = match io {
+                NvmeIo::Read { buf, .. } | NvmeIo::Write { buf, .. } => Some(buf),
+                _ => None,
+            };
+            return Self::fail(cx, tag, libc::EINVAL, buf);
+        }
+        cx.submit_nvme(&self.ns, io, tag);
+    }
 }
 
 /// `/sys/block/nvmeXnY/queue` for `/dev/ngXnY` (the namespace's block device, when the
@@ -281,7 +294,7 @@ impl BlockDev for NvmeDev {
             IoCmd::Read { offset, buf } => {
                 assert!(in_range(offset, buf.len() as u64, size));
                 match to_lbas(offset, buf.len() as u64, shift) {
-                    Some((slba, _)) => cx.submit_nvme(&self.ns, NvmeIo::Read { slba, buf }, tag),
+                    Some((slba, _)) => self.start(cx, NvmeIo::Read { slba, buf }, tag),
                     None => Self::fail(cx, tag, libc::EINVAL, Some(buf)),
                 }
             }
@@ -289,16 +302,14 @@ impl BlockDev for NvmeDev {
                 assert!(!self.info.read_only);
                 assert!(in_range(offset, buf.len() as u64, size));
                 match to_lbas(offset, buf.len() as u64, shift) {
-                    Some((slba, _)) => {
-                        cx.submit_nvme(&self.ns, NvmeIo::Write { slba, buf, fua }, tag)
-                    }
+                    Some((slba, _)) => self.start(cx, NvmeIo::Write { slba, buf, fua }, tag),
                     None => Self::fail(cx, tag, libc::EINVAL, Some(buf)),
                 }
             }
             IoCmd::Flush if self.info.read_only || !self.ctrl.volatile_cache => {
                 cx.complete(tag, 0, Owned::None)
             }
-            IoCmd::Flush => cx.submit_nvme(&self.ns, NvmeIo::Flush, tag),
+            IoCmd::Flush => self.start(cx, NvmeIo::Flush, tag),
             IoCmd::Discard { offset, len } => {
                 assert!(!self.info.read_only);
                 assert!(in_range(offset, len, size));
@@ -306,7 +317,7 @@ impl BlockDev for NvmeDev {
                 if nlb == 0 || !self.ctrl.dsm {
                     cx.complete(tag, 0, Owned::None);
                 } else {
-                    cx.submit_nvme(&self.ns, NvmeIo::Deallocate { slba, nlb }, tag);
+                    self.start(cx, NvmeIo::Deallocate { slba, nlb }, tag);
                 }
             }
             IoCmd::WriteZeroes { offset, len, may_unmap } => {
@@ -317,7 +328,7 @@ impl BlockDev for NvmeDev {
                     _ if !self.ctrl.write_zeroes => Self::fail(cx, tag, libc::EOPNOTSUPP, None),
                     Some((slba, nlb)) => {
                         let io = NvmeIo::WriteZeroes { slba, nlb, deallocate: may_unmap };
-                        cx.submit_nvme(&self.ns, io, tag);
+                        self.start(cx, io, tag);
                     }
                     None => Self::fail(cx, tag, libc::EINVAL, None),
                 }

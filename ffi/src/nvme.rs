@@ -182,6 +182,18 @@ pub fn plan(ns: &NvmeNs, io: &NvmeIo, mut emit: impl FnMut(NvmeCmd)) -> usize {
     count
 }
 
+/// How many commands [`plan`] makes of `io` (callers refuse I/Os above [`PARTS_MAX`]).
+pub fn part_count(ns: &NvmeNs, io: &NvmeIo) -> u64 {
+    match io {
+        NvmeIo::Read { buf, .. } | NvmeIo::Write { buf, .. } => {
+            ((buf.len() as u64) >> ns.lba_shift).div_ceil(u64::from(ns.max_data_lbas.max(1)))
+        }
+        NvmeIo::Flush => 1,
+        NvmeIo::WriteZeroes { nlb, .. } => nlb.div_ceil(u64::from(ns.max_zeroes_lbas.max(1))),
+        NvmeIo::Deallocate { nlb, .. } => nlb.div_ceil(u64::from(u32::MAX)),
+    }
+}
+
 /// `[slba, slba + nlb)` in pieces of at most `max` LBAs: `(start, count)`.
 fn chunks(slba: u64, nlb: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
     assert!(nlb >= 1, "an NVMe I/O covers at least one LBA");
@@ -372,8 +384,10 @@ mod tests {
     fn large_transfers_split_at_the_data_limit_and_cover_the_buffer() {
         // 4 KiB LBAs, at most 32 per command (128 KiB): 1 MiB + 4 KiB becomes 9 commands.
         let ns = ns(12, 32);
-        let cmds = collect(&ns, &NvmeIo::Read { slba: 100, buf: IoBuf::zeroed((256 + 1) << 12) });
+        let io = NvmeIo::Read { slba: 100, buf: IoBuf::zeroed((256 + 1) << 12) };
+        let cmds = collect(&ns, &io);
         assert_eq!(cmds.len(), 9);
+        assert_eq!(part_count(&ns, &io), 9);
         let mut next_lba = 100u64;
         let mut next_byte = 0usize;
         for c in &cmds {
@@ -397,6 +411,7 @@ mod tests {
         let zeroes = NvmeIo::WriteZeroes { slba: 8, nlb: NLB_MAX as u64 + 2, deallocate: true };
         let z = collect(&ns, &zeroes);
         assert_eq!(z.len(), 2);
+        assert_eq!(part_count(&ns, &zeroes), 2);
         assert_eq!(z[0].opcode, OPC_WRITE_ZEROES);
         assert_eq!(z[0].cdw[..3], [8, 0, 0xffff | CDW12_DEAC]);
         assert_eq!(z[1].cdw[..3], [8 + NLB_MAX, 0, 1 | CDW12_DEAC]);

@@ -284,6 +284,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .any(|spec| spec.split_once('=').is_some_and(|(_, b)| needs_device_ring(b)))
             .then_some(DeviceRingConfig { entries: DEVICE_RING_ENTRIES, poll: args.poll_device }),
     };
+    if args.poll_device && config.device_ring.is_none() {
+        tracing::warn!("--poll-device has no effect: no nvme: export");
+    }
     let admission = Admission::new(ConnLimits {
         max_connections: args.max_connections.max(1),
         handshake_timeout: args.handshake_timeout,

@@ -4,7 +4,8 @@
 //!   running [`Task`]s (connections, listeners) and talking to other cores through bounded
 //!   mailboxes with an eventfd wake-up.
 //! - [`blockdev`]: the [`BlockDev`] trait every backend (and later every volume) implements.
-//! - [`file`], [`ram`]: the file/block-device and memory backends.
+//! - [`file`], [`ram`]: the file/block-device and memory backends; [`nvme`]: NVMe namespaces
+//!   through io_uring passthrough on each core's device ring.
 //! - [`stats`]: per-core counters and latency histograms.
 //! - [`pool`], [`limits`]: each core's buffer cache and payload-memory budget; the connection
 //!   limits (count, handshake and stall deadlines) every protocol lives under.
@@ -15,6 +16,7 @@ pub mod file;
 pub mod holder;
 pub mod limits;
 pub mod listener;
+pub mod nvme;
 pub mod poll;
 pub mod pool;
 pub mod ram;
@@ -27,4 +29,4 @@ pub mod volume;
 
 pub use ballast_ffi::{IoBuf, Op, Owned, SendBatch};
 pub use blockdev::{BlockDev, DevInfo, Extent, IoCmd};
-pub use reactor::{Cx, Engine, EngineConfig, Msg, Task};
+pub use reactor::{Cx, DeviceRingConfig, Engine, EngineConfig, Msg, Task};

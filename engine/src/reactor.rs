@@ -20,7 +20,14 @@
 //! - payload memory is charged to this core's budget ([`BufPool`]) before it is allocated; a
 //!   task refused a charge is woken through [`Task::on_buffers`] once memory is released;
 //! - a core going idle after connections left gives cached buffers and free heap memory back
-//!   to the system (at most once per `TRIM_EVERY`).
+//!   to the system (at most once per `TRIM_EVERY`);
+//! - with a device ring configured ([`EngineConfig::device_ring`]), each core also owns a
+//!   small SQE128/CQE32 ring for NVMe passthrough ([`Cx::submit_nvme`]), submitted from and
+//!   reaped on this core every turn while it has I/O in flight. Interrupt mode: before the
+//!   core sleeps it turns on the ring's eventfd, which a read kept in flight on the main ring
+//!   waits on, so a device completion wakes it; while it runs, the eventfd is off. Polled mode
+//!   (IOPOLL): the core does not sleep while device I/O is in flight; entering the device ring
+//!   polls the NVMe completion queue.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -29,7 +36,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ballast_ffi::{Completion, IoBuf, Op, Owned, Ring, RingError};
+use ballast_ffi::RingError;
+use ballast_ffi::{Completion, DevRing, DevRingMode, IoBuf, NvmeIo, NvmeNs, Op, Owned, Ring};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use slab::Slab;
 
@@ -40,6 +48,8 @@ use crate::stats::{CoreStats, StatsSnapshot};
 /// Reserved task key for the reactor's own operations (the mailbox eventfd read).
 const INTERNAL_KEY: u32 = u32::MAX;
 const TAG_EVENTFD: u32 = 0;
+/// The read on the device ring's eventfd (interrupt mode).
+const TAG_DEV_EVENTFD: u32 = 1;
 /// Mailbox messages handled per loop iteration at most (bounded work per turn).
 const MAILBOX_BATCH: usize = 64;
 /// Longest sleep in the ring before re-checking the mailbox anyway.
@@ -144,6 +154,17 @@ pub struct EngineConfig {
     pub mailbox_depth: usize,
     /// Payload memory each core may charge ([`Cx::charge`]), in bytes.
     pub buffer_budget: u64,
+    /// A second, small ring per core for NVMe passthrough, when a backend needs one.
+    pub device_ring: Option<DeviceRingConfig>,
+}
+
+/// Each core's device ring (see the module header).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceRingConfig {
+    /// Submission entries (completion entries: twice as many).
+    pub entries: u32,
+    /// IORING_SETUP_IOPOLL: the core polls the device instead of taking interrupts.
+    pub poll: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +175,10 @@ pub enum EngineError {
     Eventfd { core: usize, source: std::io::Error },
     #[error("core {core}: thread: {source}")]
     Thread { core: usize, source: std::io::Error },
+    #[error("core {core}: device ring (NVMe passthrough needs Linux >= 5.19): {source}")]
+    DeviceRing { core: usize, source: RingError },
+    #[error("core {core}: device ring eventfd: {source}")]
+    DeviceEventfd { core: usize, source: std::io::Error },
 }
 
 /// The running set of cores.
@@ -199,8 +224,15 @@ impl Engine {
                             return;
                         }
                     };
+                    let dev = match DeviceSide::open(core, cfg.device_ring) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
                     let _ = ready_tx.send(Ok(()));
-                    Core::new(core, ring, (rx, wakes_rx), (wake, awake), peers, &cfg).run();
+                    Core::new(core, ring, dev, (rx, wakes_rx), (wake, awake), peers, &cfg).run();
                 })
                 .map_err(|source| EngineError::Thread { core, source })?;
             threads.push(thread);
@@ -239,6 +271,7 @@ pub struct Cx<'a> {
     core: usize,
     task: u32,
     ring: &'a mut Ring,
+    dev: Option<&'a mut DevRing>,
     ready: &'a mut VecDeque<Completion>,
     spawns: &'a mut Vec<Box<dyn Task>>,
     peers: &'a Arc<Vec<CoreHandle>>,
@@ -312,6 +345,25 @@ impl Cx<'_> {
         }
     }
 
+    /// Submits an NVMe passthrough I/O on namespace `ns` to this core's device ring (so the
+    /// kernel issues it on this core's NVMe queue); the completion comes back to this task with
+    /// `tag`: bytes transferred or 0, or `-errno`, and a read's or write's buffer. Without a
+    /// device ring ([`EngineConfig::device_ring`]) it completes with `-EOPNOTSUPP`.
+    pub fn submit_nvme(&mut self, ns: &NvmeNs, io: NvmeIo, tag: u32) {
+        let token = token(self.task, tag);
+        let Some(dev) = self.dev.as_deref_mut() else {
+            let owned = match io {
+                NvmeIo::Read { buf, .. } | NvmeIo::Write { buf, .. } => Owned::Buf(buf),
+                _ => Owned::None,
+            };
+            self.ready.push_back(Completion { token, result: -libc::EOPNOTSUPP, owned });
+            return;
+        };
+        if let Err(e) = dev.push(ns, io, token) {
+            panic!("core {}: cannot submit to the device ring: {e}", self.core);
+        }
+    }
+
     /// Completes `tag` for this task without I/O (memory backends, immediate errors); it is
     /// delivered in the next loop iteration, never re-entrantly.
     pub fn complete(&mut self, tag: u32, result: i32, owned: Owned) {
@@ -358,9 +410,37 @@ struct Slot {
     dirty: bool,
 }
 
+/// A core's device ring and the eventfd it signals (interrupt mode).
+struct DeviceSide {
+    ring: DevRing,
+    wake: Option<OwnedFd>,
+}
+
+impl DeviceSide {
+    fn open(core: usize, config: Option<DeviceRingConfig>) -> Result<Option<Self>, EngineError> {
+        let Some(config) = config else { return Ok(None) };
+        let mode = if config.poll { DevRingMode::Poll } else { DevRingMode::Interrupt };
+        let mut ring = DevRing::new(config.entries, mode)
+            .map_err(|source| EngineError::DeviceRing { core, source })?;
+        let wake = match mode {
+            // Polled completions are never signalled: the core polls while I/O is in flight.
+            DevRingMode::Poll => None,
+            DevRingMode::Interrupt => {
+                let fd = ballast_ffi::sys::eventfd()
+                    .map_err(|source| EngineError::DeviceEventfd { core, source })?;
+                ring.register_eventfd(fd.as_raw_fd())
+                    .map_err(|source| EngineError::DeviceEventfd { core, source })?;
+                Some(fd)
+            }
+        };
+        Ok(Some(DeviceSide { ring, wake }))
+    }
+}
+
 struct Core {
     id: usize,
     ring: Ring,
+    dev: Option<DeviceSide>,
     mailbox: Receiver<Msg>,
     wakes: Receiver<u64>,
     wake: Arc<OwnedFd>,
@@ -389,6 +469,7 @@ impl Core {
     fn new(
         id: usize,
         ring: Ring,
+        dev: Option<DeviceSide>,
         (mailbox, wakes): (Receiver<Msg>, Receiver<u64>),
         (wake, awake): (Arc<OwnedFd>, Arc<AtomicBool>),
         peers: Arc<Vec<CoreHandle>>,
@@ -397,6 +478,7 @@ impl Core {
         Core {
             id,
             ring,
+            dev,
             mailbox,
             wakes,
             awake,
@@ -419,12 +501,16 @@ impl Core {
 
     fn run(mut self) {
         self.arm_eventfd(IoBuf::with_capacity(8));
+        if self.dev.as_ref().is_some_and(|d| d.wake.is_some()) {
+            self.arm_dev_eventfd(IoBuf::with_capacity(8));
+        }
         let mut completions = Vec::with_capacity(256);
         // The clock is read when the core changes between busy and idle, and every
         // `SPIN_CLOCK_EVERY` idle turns while it spins; never on busy turns inside a burst.
         let mut idle_turns: u32 = 0;
         loop {
             let mut work = self.ring.reap(&mut completions);
+            work += self.reap_device(&mut completions);
             work += self.ready.len();
             completions.extend(self.ready.drain(..));
             for c in completions.drain(..) {
@@ -465,14 +551,14 @@ impl Core {
                 self.policy.note_events(work);
                 idle_turns = 0;
                 self.enter_if_needed()
-            } else if self.keep_spinning(&mut idle_turns) {
+            } else if self.polling_device() || self.keep_spinning(&mut idle_turns) {
                 self.stats.spins += 1;
                 self.enter_if_needed()
             } else if self.fall_asleep() {
                 self.stats.sleeps += 1;
                 idle_turns = 0;
                 self.trim_if_idle();
-                let r = self.ring.submit_and_wait(Some(SLEEP_MAX));
+                let r = self.sleep();
                 self.awake.store(true, Ordering::SeqCst);
                 r
             } else {
@@ -510,7 +596,55 @@ impl Core {
         if self.ring.needs_enter() {
             self.ring.submit()?;
         }
+        if let Some(dev) = &mut self.dev {
+            if dev.ring.needs_enter() {
+                dev.ring.submit()?;
+            }
+        }
         Ok(())
+    }
+
+    /// Moves finished device I/O into `out` (nothing to look at while none is in flight).
+    fn reap_device(&mut self, out: &mut Vec<Completion>) -> usize {
+        match &mut self.dev {
+            Some(dev) if dev.ring.inflight() > 0 => dev.ring.reap(out),
+            _ => 0,
+        }
+    }
+
+    /// A polled device ring with I/O in flight: the core keeps turning (each turn polls the
+    /// NVMe completion queue), since nothing would wake it.
+    fn polling_device(&self) -> bool {
+        self.dev
+            .as_ref()
+            .is_some_and(|d| d.ring.mode() == DevRingMode::Poll && d.ring.inflight() > 0)
+    }
+
+    /// Sleeps in the main ring until a completion, a message or `SLEEP_MAX`. Device I/O in
+    /// flight signals the device eventfd while the core sleeps: it is turned on first, then the
+    /// device ring is entered and looked at once more, so a completion posted before the
+    /// switch is reaped now rather than missed. (Passthrough completions are posted by this
+    /// thread's own task work, run on entering either ring, after the switch.)
+    fn sleep(&mut self) -> Result<(), RingError> {
+        let watch = match &mut self.dev {
+            Some(dev) if dev.wake.is_some() && dev.ring.inflight() > 0 => {
+                dev.ring.notify(true);
+                if dev.ring.needs_enter() {
+                    dev.ring.submit()?;
+                }
+                if dev.ring.has_completions() {
+                    dev.ring.notify(false);
+                    return Ok(());
+                }
+                true
+            }
+            _ => false,
+        };
+        let result = self.ring.submit_and_wait(Some(SLEEP_MAX));
+        if let (true, Some(dev)) = (watch, &mut self.dev) {
+            dev.ring.notify(false);
+        }
+        result
     }
 
     /// Whether an idle turn should spin rather than sleep ([`PollPolicy`]). The first idle
@@ -582,6 +716,7 @@ impl Core {
             core: self.id,
             task,
             ring: &mut self.ring,
+            dev: self.dev.as_mut().map(|d| &mut d.ring),
             ready: &mut self.ready,
             spawns: &mut self.spawns,
             peers: &self.peers,
@@ -596,8 +731,13 @@ impl Core {
         let key = (c.token >> 32) as u32;
         let tag = c.token as u32;
         if key == INTERNAL_KEY {
-            assert_eq!(tag, TAG_EVENTFD);
             let buf = c.owned.into_buf().unwrap_or_else(|| IoBuf::with_capacity(8));
+            if tag == TAG_DEV_EVENTFD {
+                // Device completions are reaped every turn: this only woke the core.
+                self.arm_dev_eventfd(buf);
+                return;
+            }
+            assert_eq!(tag, TAG_EVENTFD);
             self.arm_eventfd(buf);
             // Senders push before they signal, so the mailbox holds what woke us.
             self.mail_pending = true;
@@ -618,6 +758,18 @@ impl Core {
             self.ring.push(Op::ReadEventfd { fd, buf }, token(INTERNAL_KEY, TAG_EVENTFD))
         {
             panic!("core {}: cannot arm eventfd: {e}", self.id);
+        }
+    }
+
+    fn arm_dev_eventfd(&mut self, mut buf: IoBuf) {
+        buf.set_len(0);
+        let Some(fd) = self.dev.as_ref().and_then(|d| d.wake.as_ref()).map(|w| w.as_raw_fd())
+        else {
+            return;
+        };
+        let op = Op::ReadEventfd { fd, buf };
+        if let Err(e) = self.ring.push(op, token(INTERNAL_KEY, TAG_DEV_EVENTFD)) {
+            panic!("core {}: cannot arm the device eventfd: {e}", self.id);
         }
     }
 

@@ -3,10 +3,17 @@
 //! - [`buf`]: page-aligned, zero-initialised I/O buffers (O_DIRECT-safe).
 //! - [`ring`]: an io_uring whose in-flight operations own the memory the kernel touches.
 //! - [`sys`]: ioctls, CPU affinity, eventfd, O_DIRECT opens, io_uring availability probe.
+//! - [`nvme`]: NVMe I/O command encoding for io_uring passthrough, status mapping, the
+//!   namespace ioctls (id, Identify, a blocking flush).
+//! - [`devring`]: a core's device ring (SQE128/CQE32) carrying NVMe passthrough commands.
 
 pub mod buf;
+pub mod devring;
+pub mod nvme;
 pub mod ring;
 pub mod sys;
 
 pub use buf::IoBuf;
+pub use devring::{DevRing, DevRingMode};
+pub use nvme::{NvmeIo, NvmeNs};
 pub use ring::{Completion, Op, Owned, Ring, RingCounters, RingError, SendBatch};

@@ -8,11 +8,17 @@
 #                               an up-to-date build is already there (idempotent)
 #   tests/vm/build.sh --force   rebuilds
 #
+# BALLAST_VM_KERNEL names the Debian kernel (meta-)package whose image the guest boots (default
+# linux-image-amd64, the release's kernel; e.g. linux-image-6.12-amd64): give each its own
+# BALLAST_VM_DIR.
+#
 # Needs root (apt-get) the first time only, when something is missing on the host.
 set -euo pipefail
 DIR=${BALLAST_VM_DIR:-$HOME/.cache/ballast-vm}
 here=$(cd "$(dirname "$0")" && pwd)
-stamp=$(sha256sum "$here/build.sh" | cut -c1-16)   # a changed build.sh rebuilds the guest
+KMETA=${BALLAST_VM_KERNEL:-linux-image-amd64}
+# a changed build.sh (or another kernel) rebuilds the guest
+stamp=$( (cat "$here/build.sh"; echo "$KMETA") | sha256sum | cut -c1-16)
 [[ ${1:-} == --force ]] && rm -rf "$DIR"
 if [[ -f $DIR/base.cpio.gz && -f $DIR/vmlinuz && $(cat "$DIR/stamp" 2>/dev/null) == "$stamp" ]]; then
   echo "ballast-vm: ready in $DIR (kernel $(cat "$DIR/kernel-version"))"; exit 0
@@ -41,8 +47,8 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# the kernel: whatever Debian's linux-image-amd64 points at (downloaded, not installed)
-kdep() { apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9].*\)/\1/p' | head -1; }
+# the kernel: whatever Debian's $KMETA points at (downloaded, not installed)
+kdep() { apt-cache depends "$KMETA" 2>/dev/null | sed -n 's/.*Depends: \(linux-image-[0-9].*\)/\1/p' | head -1; }
 kpkg=$(kdep)
 [[ -n $kpkg ]] || { timeout 300 apt-get update -qq; kpkg=$(kdep); }
 [[ -n $kpkg ]] || { echo "ballast-vm: cannot find Debian's kernel package" >&2; exit 1; }
@@ -65,6 +71,11 @@ copy_bin() {   # a host binary and the shared libraries it links, at the same pa
 for b in nvme nbd-client fio mkfs.ext4 mke2fs e2fsck mkfs.xfs xfs_repair blkdiscard sha256sum md5sum; do
   copy_bin "$b"
 done
+# ballast itself (copied in by the tests that run it in the guest) links only these
+for l in /lib/x86_64-linux-gnu/libgcc_s.so.1 /lib/x86_64-linux-gnu/libm.so.6 \
+         /lib/x86_64-linux-gnu/libc.so.6 /lib64/ld-linux-x86-64.so.2; do
+  [[ -e $l ]] && { mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"; }
+done
 # fio loads some engines at run time; libaio is linked in Debian's build, but be safe
 for l in /usr/lib/x86_64-linux-gnu/libaio.so.1*; do [[ -e $l ]] && { mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"; }; done
 [[ -f /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$R/etc/"
@@ -86,13 +97,18 @@ add_mod() {
   esac
   m=$(basename "$f"); order+=("${m%%.ko*}")
 }
-for m in e1000 crc32c_generic crc32c-intel nvme-tcp nbd loop ext4 xfs configfs nvmet nvmet-tcp; do add_mod "$m"; done
+for m in e1000 crc32c_generic crc32c-intel nvme nvme-tcp nbd loop ext4 xfs configfs nvmet nvmet-tcp; do add_mod "$m"; done
 printf '%s\n' "${order[@]}" > "$R/lib/modules/order"
 
 cat > "$R/init" <<'EOI'
 #!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
+# module parameters come from the kernel command line as MODULE.PARAM=VALUE (insmod does not
+# read it, modprobe would): e.g. nvme.poll_queues=2
+for m in $(cat /lib/modules/order); do
+  p=$(echo "$m" | tr - _)
+  insmod /lib/modules/$m.ko $(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$p\.//p") 2>/dev/null
+done
 mount -t configfs none /sys/kernel/config 2>/dev/null
 ip link set lo up; ip link set eth0 up; ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2
 hostname ballast-vm

@@ -15,6 +15,11 @@
 #   BALLAST_VM_SMP      guest CPUs (default 2)
 #   BALLAST_VM_HOSTFWD  extra qemu hostfwd rules, e.g. 'hostfwd=tcp:127.0.0.1:14420-:4420'
 #   BALLAST_VM_CONSOLE  if set, the raw console is also saved to this file
+#   BALLAST_VM_NVME     a raw image to attach as an emulated NVMe controller (qemu -device nvme,
+#                       serial ballast); the guest sees /dev/nvme0n1 and /dev/ng0n1
+#   BALLAST_VM_NVME_LBA its logical block size in bytes (default 512)
+#   BALLAST_VM_APPEND   extra kernel command line, e.g. 'nvme.poll_queues=2' (module parameters
+#                       are passed to insmod)
 set -euo pipefail
 DIR=${BALLAST_VM_DIR:-$HOME/.cache/ballast-vm}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -29,12 +34,19 @@ for f in "$@"; do cp "$f" "$work/guest/"; done
 (cd "$work" && find guest | cpio -o -H newc --quiet | gzip -1 > "$work/extra.cpio.gz")
 cat "$DIR/base.cpio.gz" "$work/extra.cpio.gz" > "$work/initrd.gz"
 
+nvme=()
+if [[ -n ${BALLAST_VM_NVME:-} ]]; then
+  lba=${BALLAST_VM_NVME_LBA:-512}
+  nvme=(-drive "file=$BALLAST_VM_NVME,if=none,id=nvm,format=raw,discard=unmap"
+        -device "nvme,serial=ballast,drive=nvm,logical_block_size=$lba,physical_block_size=$lba")
+fi
+
 # software emulation (TCG): works everywhere; the guest is a client for correctness, not a benchmark
 set +e
 timeout -k 10 "${BALLAST_VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -cpu max \
   -m "${BALLAST_VM_MEM:-1024}" -smp "${BALLAST_VM_SMP:-2}" \
   -nographic -no-reboot -kernel "$DIR/vmlinuz" -initrd "$work/initrd.gz" \
-  -append "console=ttyS0 quiet panic=-1" \
+  -append "console=ttyS0 quiet panic=-1${BALLAST_VM_APPEND:+ $BALLAST_VM_APPEND}" "${nvme[@]}" \
   -netdev "user,id=n0${BALLAST_VM_HOSTFWD:+,$BALLAST_VM_HOSTFWD}" -device e1000,netdev=n0 </dev/null 2>&1 \
   | tee "$work/console" | sed -u -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\x1bc//g' -e 's/\r$//' \
   | grep --line-buffered -v -E '^(SeaBIOS|iPXE|Booting from|Press Ctrl-B|$)'

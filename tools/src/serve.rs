@@ -9,11 +9,12 @@ use anyhow::{bail, Context};
 use ballast_engine::file::FileDev;
 use ballast_engine::limits::{Admission, ConnLimits};
 use ballast_engine::listener::Acceptor;
+use ballast_engine::nvme::NvmeDev;
 use ballast_engine::ram::RamDev;
 use ballast_engine::size::parse_size;
 use ballast_engine::volume::dev::PoolHandle;
 use ballast_engine::volume::pool::PoolGeometry;
-use ballast_engine::{BlockDev, Engine, EngineConfig, Msg, Task};
+use ballast_engine::{BlockDev, DeviceRingConfig, Engine, EngineConfig, Msg, Task};
 use ballast_nbd::{Export, ExportTable};
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
@@ -26,6 +27,9 @@ const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
 const DEFAULT_POOL_BYTES: u64 = 10 << 30;
 /// Default payload-memory budget: this, or 1/16 of RAM if that is smaller.
 const BUFFER_MEMORY_DEFAULT: u64 = 256 << 20;
+/// Submission entries of each core's device ring (NVMe passthrough); a full ring is submitted
+/// and refilled, never an error.
+const DEVICE_RING_ENTRIES: u32 = 256;
 /// Smallest payload-memory budget per core (its largest single request is 3/4 of it, rounded
 /// down to a power of two: 8 MiB here).
 const BUFFER_MEMORY_PER_CORE_MIN: u64 = 16 << 20;
@@ -56,9 +60,17 @@ pub struct ServeArgs {
     /// path leaves no pointer.
     #[arg(long)]
     rpc_socket: Option<PathBuf>,
-    /// An export, NAME=ram:SIZE or NAME=file:PATH[:SIZE] (repeatable); default: vol0 in the data dir.
+    /// An export, NAME=ram:SIZE, NAME=file:PATH[:SIZE] or NAME=nvme:/dev/ngXnY (an NVMe
+    /// namespace through io_uring passthrough, each core submitting on its own NVMe queue;
+    /// needs root and Linux >= 5.19) (repeatable); default: vol0 in the data dir.
     #[arg(long = "export", value_name = "NAME=SPEC")]
     exports: Vec<String>,
+    /// NVMe passthrough exports use polled completions (IORING_SETUP_IOPOLL): a core with
+    /// NVMe I/O in flight polls the device's completion queue instead of taking interrupts
+    /// and does not sleep until it is done. Needs polled queues in the kernel driver
+    /// (boot with nvme.poll_queues=N, N > 0); without them, I/O completes through interrupts.
+    #[arg(long)]
+    poll_device: bool,
     /// Serve the volumes of the pool on this file or block device (create it with
     /// `ballast pool create`). Default, when no --export is given either: the pool
     /// <data-dir>/pool.img, created on first run (10 GiB sparse) with a 1 GiB volume vol0.
@@ -156,7 +168,12 @@ fn ram_bytes() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Opens a backend from `ram:SIZE` or `file:PATH[:SIZE]`.
+/// Whether a backend spec needs each core's device ring.
+pub fn needs_device_ring(spec: &str) -> bool {
+    spec.starts_with("nvme:")
+}
+
+/// Opens a backend from `ram:SIZE`, `file:PATH[:SIZE]` or `nvme:/dev/ngXnY`.
 pub fn open_backend(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn BlockDev>> {
     if let Some(size) = spec.strip_prefix("ram:") {
         let bytes = parse_size(size)?;
@@ -173,7 +190,10 @@ pub fn open_backend(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn Block
         };
         return Ok(Arc::new(FileDev::open(Path::new(path), size, read_only)?));
     }
-    bail!("unknown backend {spec:?}: expected ram:SIZE or file:PATH[:SIZE]")
+    if let Some(path) = spec.strip_prefix("nvme:") {
+        return Ok(Arc::new(NvmeDev::open(Path::new(path), read_only)?));
+    }
+    bail!("unknown backend {spec:?}: expected ram:SIZE, file:PATH[:SIZE] or nvme:/dev/ngXnY")
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -228,7 +248,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     for spec in &args.exports {
         let Some((name, backend)) = spec.split_once('=') else {
-            bail!("--export {spec:?}: expected NAME=ram:SIZE or NAME=file:PATH[:SIZE]");
+            bail!(
+                "--export {spec:?}: expected NAME=ram:SIZE, NAME=file:PATH[:SIZE] or \
+                 NAME=nvme:/dev/ngXnY"
+            );
         };
         let dev = open_backend(backend, false).with_context(|| format!("export {name}"))?;
         exports.add(Export {
@@ -255,7 +278,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ring_entries: 1024,
         mailbox_depth: 1024,
         buffer_budget: buffer_memory / count as u64,
+        device_ring: args
+            .exports
+            .iter()
+            .any(|spec| spec.split_once('=').is_some_and(|(_, b)| needs_device_ring(b)))
+            .then_some(DeviceRingConfig { entries: DEVICE_RING_ENTRIES, poll: args.poll_device }),
     };
+    if args.poll_device && config.device_ring.is_none() {
+        tracing::warn!("--poll-device has no effect: no nvme: export");
+    }
     let admission = Admission::new(ConnLimits {
         max_connections: args.max_connections.max(1),
         handshake_timeout: args.handshake_timeout,

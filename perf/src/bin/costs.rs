@@ -226,6 +226,7 @@ fn cross_core(ops: u64, cpus: [usize; 2], poll_us: u64) -> anyhow::Result<f64> {
         ring_entries: 256,
         mailbox_depth: 1024,
         buffer_budget: 16 << 20,
+        device_ring: None,
     })
     .context("starting two cores")?;
     let (tx, rx) = crossbeam_channel::bounded(1);

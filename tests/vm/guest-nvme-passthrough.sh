@@ -1,0 +1,162 @@
+# Runs INSIDE the test guest (tests/vm/run.sh), started by test-nvme-passthrough.sh, with qemu's
+# emulated NVMe controller attached (BALLAST_VM_NVME). ballast runs in the guest and serves the
+# namespace through io_uring passthrough (--export pt=nvme:/dev/ng0n1); the guest's kernel NBD
+# and NVMe/TCP initiators are its clients, on 127.0.0.1:
+#   1. the namespace appears (/dev/ng0n1); ballast starts on it and logs its geometry
+#   2. NBD: the size matches the namespace; fio randwrite 4k-1m with crc32c verify (requests
+#      above the controller's MDTS are split into several commands)
+#   3. BLKZEROOUT (NBD write-zeroes -> NVMe Write Zeroes) reads back as zeros, neighbours
+#      intact; BLKDISCARD (trim -> Dataset Management) succeeds, neighbours intact
+#   4. mkfs.ext4 on part of the device (it discards it), 24 files with sha256 sums, umount
+#   5. a known pattern written at 448 MiB with fsync (NBD FLUSH -> NVMe Flush), then kill -9
+#   6. restart: e2fsck clean, the files' sums and the pattern are intact
+#   7. NVMe/TCP: the same namespace through the kernel's nvme-tcp host reads the pattern;
+#      fio verify over it
+#   8. SIGTERM: ballast exits 0; no I/O errors in dmesg
+# The host compares the pattern on the image file afterwards. Prints PASS/FAIL lines, then
+# "guest done".
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+. /guest/params
+pass() { echo "PASS: $*"; }
+fail() { echo "FAIL: $*"; }
+check() { w=$1; shift; if "$@"; then pass "$w"; else fail "$w"; fi; }
+B=/guest/ballast
+chmod +x $B
+MiB=1048576
+PATTERN_AT=448   # MiB
+mkdir -p /mnt/v /tmp/data
+MODE=interrupts; [ -n "$POLL" ] && MODE="polled completions ($(cat /sys/module/nvme/parameters/poll_queues 2>/dev/null) poll queues)"
+echo "NVMe passthrough test: ${LBA}-byte LBAs, $MODE"
+
+STARTS=0
+start_ballast() { # starts ballast in the background, waits until it serves; log: $LOG
+  STARTS=$((STARTS + 1)); LOG=/tmp/ballast.$STARTS.log
+  $B serve --data-dir /tmp/data --export pt=nvme:/dev/ng0n1 --cores 2 $POLL $1 \
+    --nbd-listen 127.0.0.1:10809 --nvmf-listen 127.0.0.1:4420 > $LOG 2>&1 &
+  BPID=$!
+  i=0; while [ $i -lt 100 ]; do
+    grep -q "ballast serving" $LOG && return 0
+    kill -0 $BPID 2>/dev/null || return 1
+    sleep 0.2; i=$((i+1))
+  done
+  return 1
+}
+NBD=nbd0   # a kill -9 leaves it to the kernel's teardown: the restart attaches nbd1
+attach() {
+  timeout 60 nbd-client 127.0.0.1 10809 /dev/$NBD -N pt -b 4096 -t 60 > /tmp/nbd-client.out 2>&1 \
+    || { cat /tmp/nbd-client.out; return 1; }
+  i=0; while [ "$(cat /sys/block/$NBD/size)" = 0 ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
+  [ "$(cat /sys/block/$NBD/size)" != 0 ]
+}
+detach() { nbd-client -d /dev/$NBD >/dev/null 2>&1; }
+region_sum() { # region_sum DEV OFFSET_MIB LEN_MIB
+  dd if="$1" bs=$MiB skip="$2" count="$3" iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1
+}
+dev_of() { # the block device of subsystem $1 (the multipath head when there is one)
+  for s in /sys/class/nvme-subsystem/nvme-subsys*; do
+    [ "$(cat "$s/subsysnqn" 2>/dev/null)" = "$1" ] || continue
+    for b in "$s"/nvme*n1; do [ -e "$b" ] && { echo "/dev/${b##*/}"; return; }; done
+  done
+  for c in /sys/class/nvme/nvme*; do
+    [ "$(cat "$c/subsysnqn" 2>/dev/null)" = "$1" ] || continue
+    n=${c##*/}; echo "/dev/${n}n1"; return
+  done
+}
+zero_sum() { dd if=/dev/zero bs=$MiB count="$1" 2>/dev/null | sha256sum | cut -d' ' -f1; }
+
+# 1. the namespace and ballast on it
+i=0; while [ ! -c /dev/ng0n1 ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
+check "the emulated controller's namespace has a generic device (/dev/ng0n1)" test -c /dev/ng0n1
+NS_BYTES=$(( $(cat /sys/block/nvme0n1/size) * 512 ))
+dmesg | grep -E "nvme nvme0: .*queues" | sed 's/^\[[ 0-9.]*\] //'
+echo "namespace: $NS_BYTES bytes, logical block $(cat /sys/block/nvme0n1/queue/logical_block_size)," \
+  "max_hw_sectors_kb $(cat /sys/block/nvme0n1/queue/max_hw_sectors_kb)"
+# The first run never spins (--poll-us 0): every device completion must wake a sleeping core
+# (interrupt mode: the device ring's eventfd); the restart runs with the default polling.
+if start_ballast --poll-us=0; then pass "ballast serves nvme:/dev/ng0n1 (--poll-us 0)"; else
+  fail "ballast serves nvme:/dev/ng0n1"; cat $LOG; echo "guest done"; exit 1
+fi
+grep "NVMe namespace opened" $LOG | sed 's/\x1b\[[0-9;]*m//g'
+
+# 2. NBD: size, fio verify
+check "nbd-client attaches pt" attach
+check "the export's size is the namespace's ($NS_BYTES)" test "$(blockdev --getsize64 /dev/nbd0)" = "$NS_BYTES"
+check "fio randwrite 4k-1m, iodepth 16, crc32c verify" \
+  fio --name=pt --filename=/dev/nbd0 --eta=never --ioengine=libaio --direct=1 --rw=randwrite \
+    --bsrange=4k-1m --iodepth=16 --size=${FIO_SIZE:-48m} --verify=crc32c --do_verify=1 \
+    --verify_fatal=1 --output=/tmp/fio.out
+grep -E "WRITE:|READ:|err=" /tmp/fio.out | head -4
+t0=$(date +%s)
+dd if=/dev/nbd0 of=/dev/null bs=4k count=300 iflag=direct 2>/dev/null
+t1=$(date +%s)
+echo "300 reads at queue depth 1: $((t1 - t0)) s"
+check "300 reads at queue depth 1 take < 15 s (each completion wakes the sleeping core)" test $((t1 - t0)) -lt 15
+
+# 3. write zeroes and discard
+dd if=/dev/urandom of=/tmp/r bs=$MiB count=8 2>/dev/null
+dd if=/tmp/r of=/dev/nbd0 bs=$MiB seek=60 oflag=direct conv=fsync 2>/dev/null
+before_lo=$(region_sum /dev/nbd0 60 2); before_hi=$(region_sum /dev/nbd0 66 2)
+check "BLKZEROOUT of 4 MiB (NVMe Write Zeroes)" /usr/sbin/blkdiscard -z -o $((62 * MiB)) -l $((4 * MiB)) /dev/nbd0
+check "the zeroed range reads zeros" test "$(region_sum /dev/nbd0 62 4)" = "$(zero_sum 4)"
+check "its neighbours are intact" test "$(region_sum /dev/nbd0 60 2)$(region_sum /dev/nbd0 66 2)" = "$before_lo$before_hi"
+dd if=/tmp/r of=/dev/nbd0 bs=$MiB seek=80 oflag=direct conv=fsync 2>/dev/null
+before_lo=$(region_sum /dev/nbd0 80 2); before_hi=$(region_sum /dev/nbd0 86 2)
+check "BLKDISCARD of 4 MiB (NVMe Dataset Management, deallocate)" /usr/sbin/blkdiscard -o $((82 * MiB)) -l $((4 * MiB)) /dev/nbd0
+check "the discard's neighbours are intact" test "$(region_sum /dev/nbd0 80 2)$(region_sum /dev/nbd0 86 2)" = "$before_lo$before_hi"
+if [ "$(region_sum /dev/nbd0 82 4)" = "$(zero_sum 4)" ]; then echo "(the deallocated range reads zeros)"; else echo "(the deallocated range does not read zeros: allowed)"; fi
+
+# 4. a filesystem on the first 384 MiB
+check "mkfs.ext4 (discards the range first)" /usr/sbin/mkfs.ext4 -q -F -b 4096 /dev/nbd0 98304
+check "mount" mount /dev/nbd0 /mnt/v
+i=0; while [ $i -lt 24 ]; do
+  dd if=/dev/urandom of=/mnt/v/f$i bs=4k count=$(( (i * 37) % 200 + 1 )) 2>/dev/null; i=$((i+1))
+done
+(cd /mnt/v && sha256sum f*) > /tmp/files.sums
+check "umount" umount /mnt/v
+
+# 5. a known pattern, flushed; then kill -9
+yes ballast-nvme-pattern | head -c $((4 * MiB)) > /tmp/pattern
+check "pattern written at $PATTERN_AT MiB with fsync (NBD FLUSH -> NVMe Flush)" \
+  dd if=/tmp/pattern of=/dev/nbd0 bs=$MiB seek=$PATTERN_AT oflag=direct conv=fsync
+kill -9 $BPID; wait $BPID 2>/dev/null || true
+detach
+NBD=nbd1
+check "ballast is gone after kill -9" sh -c "! kill -0 $BPID 2>/dev/null"
+
+# 6. restart and verify
+if start_ballast; then pass "ballast restarts on the namespace"; else fail "ballast restarts"; tail -20 $LOG; fi
+check "nbd-client re-attaches" attach
+check "e2fsck -fn is clean after kill -9" /usr/sbin/e2fsck -fn /dev/$NBD
+check "mount after restart" mount /dev/$NBD /mnt/v
+check "the files' sha256 sums are intact" sh -c "cd /mnt/v && sha256sum -c /tmp/files.sums >/dev/null"
+umount /mnt/v
+check "the flushed pattern survived kill -9" test "$(region_sum /dev/$NBD $PATTERN_AT 4)" = "$(sha256sum < /tmp/pattern | cut -d' ' -f1)"
+detach
+
+# 7. NVMe/TCP over the same namespace
+# newer kernels refuse a host id that does not match the host NQN's uuid: give both
+U=$(cat /proc/sys/kernel/random/uuid)
+if nvme connect -t tcp -a 127.0.0.1 -s 4420 -n nqn.2026-11.dev.ballast:pt \
+    --hostnqn=nqn.2014-08.org.nvmexpress:uuid:$U --hostid=$U > /tmp/connect.out 2>&1; then
+  pass "nvme connect over TCP"
+  D=; i=0
+  while [ -z "$D" ] && [ $i -lt 50 ]; do D=$(dev_of nqn.2026-11.dev.ballast:pt); [ -b "$D" ] || { D=; sleep 0.2; i=$((i+1)); }; done
+  echo "NVMe/TCP namespace: $D"
+  check "the pattern reads back over NVMe/TCP" test "$(region_sum "$D" $PATTERN_AT 4)" = "$(sha256sum < /tmp/pattern | cut -d' ' -f1)"
+  check "fio over NVMe/TCP: randwrite 4k-256k, crc32c verify" \
+    fio --name=tcp --filename="$D" --eta=never --ioengine=libaio --direct=1 --rw=randwrite --offset=400m \
+      --bsrange=4k-256k --iodepth=8 --size=16m --verify=crc32c --do_verify=1 --verify_fatal=1 \
+      --output=/tmp/fio-tcp.out
+  nvme disconnect -n nqn.2026-11.dev.ballast:pt >/dev/null 2>&1
+else
+  fail "nvme connect over TCP"; cat /tmp/connect.out
+fi
+
+# 8. clean stop
+kill -TERM $BPID; rc=0; wait $BPID || rc=$?
+check "ballast exits 0 on SIGTERM" test $rc = 0
+check "no panic in ballast's log" sh -c "! grep -qi panic /tmp/ballast.*.log"
+check "no I/O errors in dmesg" sh -c "! dmesg | grep -iE 'I/O error|nvme.*(timeout|abort|reset)|EXT4-fs error|blk_update_request'"
+dmesg | grep -iE 'nvme|nbd' | tail -8
+sync
+echo "guest done"

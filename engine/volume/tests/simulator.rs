@@ -12,7 +12,8 @@
 //! - a snapshot never changes: its content is read at creation and compared at every check;
 //! - an operation whose commit completed survives a crash; one whose commit had not may or may
 //!   not, but entirely;
-//! - reference counts and lock table exact (`PoolMeta::check`) at every checkpoint of the run;
+//! - reference counts, lock table and the leak count exact (`PoolMeta::check`, `leaked`) at
+//!   every checkpoint of the run, I/O and commits in flight;
 //!   deleting everything at the end returns the pool to its empty baseline.
 //!
 //! `BALLAST_SIM_RUNS` sets the number of seeded runs (default 10,000); `BALLAST_SIM_SEED`
@@ -799,6 +800,9 @@ impl Sim {
     fn check_meta(&self) {
         let problems = self.meta.check();
         assert!(problems.is_empty(), "seed {}: {problems:?}", self.seed);
+        // Exact under load: every allocated cluster is referenced, on its way to being free,
+        // or a write span's fresh cluster in flight (what `bdev_lvol_check` reports online).
+        assert_eq!(self.meta.leaked(), 0, "seed {}: leaked clusters mid-run", self.seed);
     }
 
     fn step(&mut self) {

@@ -78,7 +78,9 @@ impl PoolMeta {
         self.seals += 1;
         self.sealed_fresh = std::mem::take(&mut self.epoch_fresh);
         self.sealed_touched = std::mem::take(&mut self.epoch_touched);
-        Ok(Some(Sealed { blocks, frees: self.alloc.seal() }))
+        let frees = self.alloc.seal();
+        self.sealed_frees = frees.len() as u64;
+        Ok(Some(Sealed { blocks, frees }))
     }
 
     /// The sealed commit is durable.
@@ -86,6 +88,7 @@ impl PoolMeta {
         assert!(self.committing);
         self.committing = false;
         self.commits_done += 1;
+        self.sealed_frees = 0;
         self.durable_seals = self.seals;
         self.sealed_fresh.clear();
         self.sealed_touched.clear();
@@ -206,7 +209,11 @@ impl PoolMeta {
             blob_offset: self.checkpoint_offset(half),
             blob,
             sb,
-            frees: self.alloc.seal(),
+            frees: {
+                let frees = self.alloc.seal();
+                self.sealed_frees = frees.len() as u64;
+                frees
+            },
         }))
     }
 
@@ -215,6 +222,7 @@ impl PoolMeta {
         assert!(self.committing);
         self.committing = false;
         self.checkpoints_done += 1;
+        self.sealed_frees = 0;
         self.durable_seals = self.seals;
         self.sb = c.sb;
         // Nothing was written to the ring since `begin_checkpoint` (commits waited).

@@ -114,6 +114,7 @@ impl PoolMeta {
             } else {
                 let fresh = self.alloc.alloc().ok_or(PoolError::NoSpace)?;
                 self.epoch_fresh.insert(fresh);
+                self.fresh_inflight += 1;
                 (fresh, e.cluster().map(|old| self.cluster_offset(old)))
             };
             self.locks.add_writer(id, s.vc, !owned);
@@ -174,6 +175,9 @@ impl PoolMeta {
     /// One plan's data is on the media (completed, not necessarily durable): map it.
     pub fn finish_span(&mut self, id: u32, p: &WritePlan) {
         self.unbusy(id, p.vcluster);
+        if p.fresh {
+            self.fresh_inflight -= 1;
+        }
         let Some(v) = self.volumes.get(&id) else {
             if p.fresh {
                 self.abandon_fresh(p);
@@ -204,6 +208,9 @@ impl PoolMeta {
     /// A planned span failed: a fresh cluster goes back, the mapping is unchanged.
     pub fn abort_span(&mut self, id: u32, p: &WritePlan) {
         self.unbusy(id, p.vcluster);
+        if p.fresh {
+            self.fresh_inflight -= 1;
+        }
         if p.fresh {
             self.abandon_fresh(p);
         }

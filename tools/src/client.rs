@@ -7,8 +7,6 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::AddArgs;
-
 /// Where the daemon's control socket is (see `locate` for the search).
 #[derive(Args, Clone)]
 pub struct Target {
@@ -19,6 +17,29 @@ pub struct Target {
     /// The daemon's data directory: use its ballast.sock (and look nowhere else).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct AddArgs {
+    /// Export name clients ask for.
+    pub name: String,
+    /// Back the export with memory of this size (e.g. 1G).
+    #[arg(long, conflicts_with = "file")]
+    pub ram: Option<String>,
+    /// Back the export with this file or block device.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Create the file sparse with this size if it does not exist.
+    #[arg(long, requires = "file")]
+    pub size: Option<String>,
+    /// Refuse writes.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Free text shown by `nbdinfo --list`.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    #[command(flatten)]
+    pub target: Target,
 }
 
 /// Calls `method` and returns its `result`, or the server's error as an error.

@@ -1,21 +1,27 @@
 //! `ballast`: the daemon (`ballast serve`) and the command-line client of its control API.
 
 mod client;
+mod control;
+mod listeners;
 mod locate;
 mod lvstore;
 mod metrics;
 mod metrics_http;
+#[cfg(test)]
+mod module_graph;
 mod notify;
+mod registry;
 mod rpc;
 mod rpc_bdev;
 mod rpc_error;
+mod rpc_export;
 mod rpc_nvmf;
 mod serve;
 mod volumes;
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -92,7 +98,7 @@ enum ExportCommand {
     },
     /// Add an export backed by memory or a file/block device (served over NBD; `nvmf add-ns`
     /// adds it to an NVMe subsystem).
-    Add(AddArgs),
+    Add(client::AddArgs),
     /// Grow an export (NVMe hosts are told through an asynchronous event; NBD clients see the
     /// new size when they reconnect).
     Resize {
@@ -371,29 +377,6 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
         ),
         _ => unreachable!("not a volume command"),
     }
-}
-
-#[derive(Args)]
-pub struct AddArgs {
-    /// Export name clients ask for.
-    pub name: String,
-    /// Back the export with memory of this size (e.g. 1G).
-    #[arg(long, conflicts_with = "file")]
-    pub ram: Option<String>,
-    /// Back the export with this file or block device.
-    #[arg(long)]
-    pub file: Option<PathBuf>,
-    /// Create the file sparse with this size if it does not exist.
-    #[arg(long, requires = "file")]
-    pub size: Option<String>,
-    /// Refuse writes.
-    #[arg(long)]
-    pub read_only: bool,
-    /// Free text shown by `nbdinfo --list`.
-    #[arg(long, default_value = "")]
-    pub description: String,
-    #[command(flatten)]
-    pub target: client::Target,
 }
 
 fn full_nqn(nqn: &str) -> String {

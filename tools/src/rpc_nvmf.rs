@@ -8,10 +8,9 @@ use ballast_nvmf::subsys::SubsysError;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::rpc::Control;
-use crate::rpc_error::{
-    invalid_parameters, method_not_found, params, DecodeStyle, RpcError, INTERNAL_ERROR,
-};
+use crate::control::{Control, Method};
+use crate::registry::RegistryError;
+use crate::rpc_error::{invalid_parameters, params, DecodeStyle, RpcError, INTERNAL_ERROR};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
@@ -28,6 +27,13 @@ fn check_target(tgt_name: Option<&str>) -> Result<(), RpcError> {
 fn subsys_err(e: SubsysError) -> RpcError {
     match e {
         SubsysError::NoSubsystem(nqn) => not_found(&nqn),
+        other => invalid_parameters(other),
+    }
+}
+
+fn registry_err(e: RegistryError) -> RpcError {
+    match e {
+        RegistryError::Nvmf(e) => subsys_err(e),
         other => invalid_parameters(other),
     }
 }
@@ -166,123 +172,138 @@ fn unsupported(what: &str, given: bool) -> Result<(), RpcError> {
     Ok(())
 }
 
-pub fn handle(control: &Control, method: &str, p: &Value) -> Result<Value, RpcError> {
-    use DecodeStyle::Generic as G;
-    let target = &control.target;
-    match method {
-        "nvmf_get_subsystems" => {
-            let g: GetSubsystems = params(p, G)?;
-            check_target(g.tgt_name.as_deref())?;
-            get_subsystems(control, g.nqn.as_deref())
-        }
-        "nvmf_create_transport" => {
-            let t: CreateTransport = params(p, G)?;
-            check_target(t.tgt_name.as_deref())?;
-            if !t.trtype.eq_ignore_ascii_case("tcp") {
-                let msg = format!("Transport type '{}' unsupported", t.trtype);
-                return Err(invalid_parameters(msg));
-            }
-            let ignored: Vec<&String> = t.tuning.keys().collect();
-            tracing::info!(?ignored, "nvmf_create_transport TCP: already there");
-            Ok(json!(true))
-        }
-        "nvmf_get_transports" => {
-            let t: GetTransports = params(p, G)?;
-            check_target(t.tgt_name.as_deref())?;
-            if t.trtype.as_deref().is_some_and(|tr| !tr.eq_ignore_ascii_case("tcp")) {
-                return Err(invalid_parameters("transport not found"));
-            }
-            Ok(json!([{"trtype": "TCP", "max_io_size": 1 << 20, "in_capsule_data_size": 8192}]))
-        }
-        "nvmf_create_subsystem" => {
-            let c: CreateSubsystem = params(p, G)?;
-            check_target(c.tgt_name.as_deref())?;
-            unsupported("ana_reporting", c.ana_reporting)?;
-            unsupported("passthrough", c.passthrough)?;
-            unsupported("enable_nssr", c.enable_nssr)?;
-            unsupported("min_cntlid/max_cntlid", c.min_cntlid.is_some() || c.max_cntlid.is_some())?;
-            let nqn = c.nqn.as_str();
-            let subsys = target.create_subsystem(nqn, c.allow_any_host).map_err(|e| match e {
-                SubsysError::Exists(_) => {
-                    RpcError::new(INTERNAL_ERROR, format!("Unable to create subsystem {nqn}"))
-                }
-                other => invalid_parameters(other),
-            })?;
-            // The target derives serial and model from the NQN; say so when asked for others.
-            if c.serial_number.as_ref().is_some_and(|s| *s != subsys.serial)
-                || c.model_number.as_ref().is_some_and(|m| *m != subsys.model)
-            {
-                tracing::warn!(
-                    nqn,
-                    serial = subsys.serial,
-                    model = subsys.model,
-                    "serial_number/model_number not settable: the target derives them from the NQN"
-                );
-            }
-            let max_ns = c.max_namespaces;
-            tracing::info!(nqn, allow_any_host = c.allow_any_host, ?max_ns, "subsystem created");
-            Ok(json!(true))
-        }
-        "nvmf_delete_subsystem" => {
-            let d: Nqn = params(p, G)?;
-            check_target(d.tgt_name.as_deref())?;
-            target.delete_subsystem(&d.nqn).map_err(subsys_err)?;
-            tracing::info!(nqn = d.nqn, "subsystem deleted");
-            Ok(json!(true))
-        }
-        "nvmf_subsystem_add_ns" => {
-            let a: AddNs = params(p, G)?;
-            check_target(a.tgt_name.as_deref())?;
-            let ns = &a.namespace;
-            unsupported("nguid/eui64/uuid", ns.nguid.is_some() || ns.eui64.is_some())?;
-            unsupported("uuid", ns.uuid.is_some())?;
-            unsupported("anagrpid", ns.anagrpid.is_some())?;
-            unsupported("ptpl_file", ns.ptpl_file.is_some())?;
-            unsupported("no_auto_visible", ns.no_auto_visible)?;
-            if target.subsystem(&a.nqn).is_none() {
-                return Err(not_found(&a.nqn));
-            }
-            let bdev = ns.bdev_name.as_str();
-            let export = crate::rpc_bdev::resolve(&control.exports, control.pool.as_deref(), bdev)
-                .ok_or_else(|| invalid_parameters(format!("bdev '{bdev}' does not exist")))?;
-            let block_size = ns.block_size.unwrap_or(4096);
-            let nsid = target
-                .add_namespace(&a.nqn, ns.nsid, export.dev.clone(), block_size)
-                .map_err(subsys_err)?;
-            tracing::info!(nqn = a.nqn, nsid, bdev, export = export.name, "namespace added");
-            Ok(json!(nsid))
-        }
-        "nvmf_subsystem_remove_ns" => {
-            let r: RemoveNs = params(p, G)?;
-            check_target(r.tgt_name.as_deref())?;
-            target.remove_namespace(&r.nqn, r.nsid).map_err(subsys_err)?;
-            Ok(json!(true))
-        }
-        "nvmf_subsystem_add_host" | "nvmf_subsystem_remove_host" => {
-            let h: Host = params(p, G)?;
-            check_target(h.tgt_name.as_deref())?;
-            let subsys = target.subsystem(&h.nqn).ok_or_else(|| not_found(&h.nqn))?;
-            if method == "nvmf_subsystem_add_host" {
-                subsys.hosts.write().insert(h.host.clone());
-            } else {
-                subsys.hosts.write().remove(&h.host);
-            }
-            target.genctr.fetch_add(1, Ordering::Relaxed);
-            crate::volumes::persist_hosts(control, &h.nqn);
-            Ok(json!(true))
-        }
-        "nvmf_subsystem_allow_any_host" => {
-            let a: AllowAnyHost = params(p, G)?;
-            check_target(a.tgt_name.as_deref())?;
-            let subsys = target.subsystem(&a.nqn).ok_or_else(|| not_found(&a.nqn))?;
-            subsys.allow_any_host.store(a.allow_any_host, Ordering::Relaxed);
-            target.genctr.fetch_add(1, Ordering::Relaxed);
-            crate::volumes::persist_hosts(control, &a.nqn);
-            Ok(json!(true))
-        }
-        "nvmf_subsystem_add_listener" => add_listener(control, params(p, G)?),
-        _ => Err(method_not_found(method)),
+const G: DecodeStyle = DecodeStyle::Generic;
+
+/// The `nvmf_*` methods, each in one place: name and handler.
+pub const METHODS: &[Method] = &[
+    Method { name: "nvmf_get_subsystems", call: get_subsystems },
+    Method { name: "nvmf_create_transport", call: create_transport },
+    Method { name: "nvmf_get_transports", call: get_transports },
+    Method { name: "nvmf_create_subsystem", call: create_subsystem },
+    Method { name: "nvmf_delete_subsystem", call: delete_subsystem },
+    Method { name: "nvmf_subsystem_add_ns", call: add_ns },
+    Method { name: "nvmf_subsystem_remove_ns", call: remove_ns },
+    Method { name: "nvmf_subsystem_add_host", call: |c, p| host(c, p, true) },
+    Method { name: "nvmf_subsystem_remove_host", call: |c, p| host(c, p, false) },
+    Method { name: "nvmf_subsystem_allow_any_host", call: allow_any_host },
+    Method { name: "nvmf_subsystem_add_listener", call: |c, p| add_listener(c, params(p, G)?) },
+];
+
+fn create_transport(_: &Control, p: &Value) -> Result<Value, RpcError> {
+    let t: CreateTransport = params(p, G)?;
+    check_target(t.tgt_name.as_deref())?;
+    if !t.trtype.eq_ignore_ascii_case("tcp") {
+        let msg = format!("Transport type '{}' unsupported", t.trtype);
+        return Err(invalid_parameters(msg));
     }
+    let ignored: Vec<&String> = t.tuning.keys().collect();
+    tracing::info!(?ignored, "nvmf_create_transport TCP: already there");
+    Ok(json!(true))
+}
+
+fn get_transports(_: &Control, p: &Value) -> Result<Value, RpcError> {
+    let t: GetTransports = params(p, G)?;
+    check_target(t.tgt_name.as_deref())?;
+    if t.trtype.as_deref().is_some_and(|tr| !tr.eq_ignore_ascii_case("tcp")) {
+        return Err(invalid_parameters("transport not found"));
+    }
+    Ok(json!([{"trtype": "TCP", "max_io_size": 1 << 20, "in_capsule_data_size": 8192}]))
+}
+
+fn create_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let c: CreateSubsystem = params(p, G)?;
+    check_target(c.tgt_name.as_deref())?;
+    unsupported("ana_reporting", c.ana_reporting)?;
+    unsupported("passthrough", c.passthrough)?;
+    unsupported("enable_nssr", c.enable_nssr)?;
+    unsupported("min_cntlid/max_cntlid", c.min_cntlid.is_some() || c.max_cntlid.is_some())?;
+    let nqn = c.nqn.as_str();
+    let subsys = control.target.create_subsystem(nqn, c.allow_any_host).map_err(|e| match e {
+        SubsysError::Exists(_) => {
+            RpcError::new(INTERNAL_ERROR, format!("Unable to create subsystem {nqn}"))
+        }
+        other => invalid_parameters(other),
+    })?;
+    // The target derives serial and model from the NQN; say so when asked for others.
+    if c.serial_number.as_ref().is_some_and(|s| *s != subsys.serial)
+        || c.model_number.as_ref().is_some_and(|m| *m != subsys.model)
+    {
+        tracing::warn!(
+            nqn,
+            serial = subsys.serial,
+            model = subsys.model,
+            "serial_number/model_number not settable: the target derives them from the NQN"
+        );
+    }
+    let max_ns = c.max_namespaces;
+    tracing::info!(nqn, allow_any_host = c.allow_any_host, ?max_ns, "subsystem created");
+    Ok(json!(true))
+}
+
+fn delete_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let d: Nqn = params(p, G)?;
+    check_target(d.tgt_name.as_deref())?;
+    control.registry.delete_subsystem(&d.nqn).map_err(registry_err)?;
+    tracing::info!(nqn = d.nqn, "subsystem deleted");
+    Ok(json!(true))
+}
+
+fn add_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let a: AddNs = params(p, G)?;
+    check_target(a.tgt_name.as_deref())?;
+    let ns = &a.namespace;
+    unsupported("nguid/eui64/uuid", ns.nguid.is_some() || ns.eui64.is_some())?;
+    unsupported("uuid", ns.uuid.is_some())?;
+    unsupported("anagrpid", ns.anagrpid.is_some())?;
+    unsupported("ptpl_file", ns.ptpl_file.is_some())?;
+    unsupported("no_auto_visible", ns.no_auto_visible)?;
+    if control.target.subsystem(&a.nqn).is_none() {
+        return Err(not_found(&a.nqn));
+    }
+    let bdev = ns.bdev_name.as_str();
+    let device = control
+        .registry
+        .resolve(bdev)
+        .ok_or_else(|| invalid_parameters(format!("bdev '{bdev}' does not exist")))?;
+    let block_size = ns.block_size.unwrap_or(4096);
+    let nsid = control
+        .registry
+        .add_namespace(&a.nqn, ns.nsid, &device.name, block_size)
+        .map_err(registry_err)?;
+    tracing::info!(nqn = a.nqn, nsid, bdev, export = device.name, "namespace added");
+    Ok(json!(nsid))
+}
+
+fn remove_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let r: RemoveNs = params(p, G)?;
+    check_target(r.tgt_name.as_deref())?;
+    control.registry.remove_namespace(&r.nqn, r.nsid).map_err(registry_err)?;
+    Ok(json!(true))
+}
+
+/// `nvmf_subsystem_add_host` (`add`) and `nvmf_subsystem_remove_host`.
+fn host(control: &Control, p: &Value, add: bool) -> Result<Value, RpcError> {
+    let h: Host = params(p, G)?;
+    check_target(h.tgt_name.as_deref())?;
+    let subsys = control.target.subsystem(&h.nqn).ok_or_else(|| not_found(&h.nqn))?;
+    if add {
+        subsys.hosts.write().insert(h.host.clone());
+    } else {
+        subsys.hosts.write().remove(&h.host);
+    }
+    control.target.genctr.fetch_add(1, Ordering::Relaxed);
+    crate::volumes::persist_hosts(control, &h.nqn);
+    Ok(json!(true))
+}
+
+fn allow_any_host(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let a: AllowAnyHost = params(p, G)?;
+    check_target(a.tgt_name.as_deref())?;
+    let subsys = control.target.subsystem(&a.nqn).ok_or_else(|| not_found(&a.nqn))?;
+    subsys.allow_any_host.store(a.allow_any_host, Ordering::Relaxed);
+    control.target.genctr.fetch_add(1, Ordering::Relaxed);
+    crate::volumes::persist_hosts(control, &a.nqn);
+    Ok(json!(true))
 }
 
 /// Listeners are the target's, not a subsystem's: every subsystem is reachable on each. An
@@ -316,14 +337,17 @@ fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
         .iter()
         .any(|(a, port)| *a == addr.ip().to_string() && *port == addr.port());
     if !known {
-        crate::serve::start_nvmf_listener(&control.cores, target, &control.admission, addr)
+        crate::listeners::start_nvmf_listener(&control.cores, target, &control.admission, addr)
             .map_err(|e| invalid_parameters(format!("{e:#}")))?;
     }
     tracing::info!(nqn = l.nqn, %addr, new = !known, "listener added");
     Ok(json!(true))
 }
 
-fn get_subsystems(control: &Control, only: Option<&str>) -> Result<Value, RpcError> {
+fn get_subsystems(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let g: GetSubsystems = params(p, G)?;
+    check_target(g.tgt_name.as_deref())?;
+    let only = g.nqn.as_deref();
     let listeners: Vec<Value> = control
         .target
         .listeners
@@ -344,9 +368,6 @@ fn get_subsystems(control: &Control, only: Option<&str>) -> Result<Value, RpcErr
             "hosts": [],
         }));
     }
-    let names: Vec<(String, std::sync::Arc<dyn ballast_engine::BlockDev>)> =
-        control.exports.list().iter().map(|e| (e.name.clone(), e.dev.clone())).collect();
-    let pool = control.pool.as_deref();
     for s in control.target.subsystems() {
         if only.is_some_and(|n| n != s.nqn) {
             continue;
@@ -356,11 +377,7 @@ fn get_subsystems(control: &Control, only: Option<&str>) -> Result<Value, RpcErr
             .read()
             .values()
             .map(|ns| {
-                let bdev = names
-                    .iter()
-                    .find(|(_, d)| std::sync::Arc::ptr_eq(d, &ns.dev))
-                    .map(|(n, _)| n.clone())
-                    .unwrap_or_default();
+                let bdev = control.registry.namespace_device(&s.nqn, ns.nsid).unwrap_or_default();
                 let mut j = json!({
                     "nsid": ns.nsid,
                     "bdev_name": bdev,
@@ -370,8 +387,9 @@ fn get_subsystems(control: &Control, only: Option<&str>) -> Result<Value, RpcErr
                     "uuid": crate::lvstore::format_uuid(&ns.uuid),
                     "block_size": 1u32 << ns.lba_shift,
                 });
-                if let Some(alias) = pool.filter(|p| p.meta().find(&bdev).is_ok()) {
-                    j["alias"] = json!(crate::lvstore::alias(alias, &bdev));
+                let device = control.registry.get(&bdev);
+                if let Some(alias) = device.and_then(|d| control.registry.alias(&d)) {
+                    j["alias"] = json!(alias);
                 }
                 j
             })

@@ -18,15 +18,15 @@ use ballast_engine::volume::format::{choose_superblock, Superblock, BLOCK_SIZE};
 use ballast_engine::volume::pool::{Pool, PoolGeometry, SyncDisk};
 use ballast_engine::volume::pool::{PoolError, PIECE};
 use ballast_engine::BlockDev;
-use ballast_nbd::Export;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::control::{Control, Method};
 use crate::lvstore;
-use crate::rpc::Control;
+use crate::registry::{Device, DeviceKind};
 use crate::rpc_error::{
-    invalid_argument, invalid_parameters, method_not_found, no_such_device, params, DecodeStyle,
-    RpcError, EEXIST, ENODEV, INTERNAL_ERROR,
+    invalid_argument, invalid_parameters, no_such_device, params, DecodeStyle, RpcError, EEXIST,
+    ENODEV, INTERNAL_ERROR,
 };
 
 /// Config key holding the access settings of volume `name`'s subsystem (JSON: allow_any_host,
@@ -59,16 +59,13 @@ pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> a
             None => "volume".to_string(),
         }
     };
-    if let Err(e) = lvstore::ensure_volume_uuid(pool, name) {
-        tracing::warn!(volume = name, error = %e, "volume has no UUID (SPDK lookups by UUID fail)");
-    }
-    let dev: Arc<dyn BlockDev> = Arc::new(dev);
-    control.exports.add(Export {
-        name: name.to_string(),
-        description,
-        dev: dev.clone(),
-        read_only,
+    let uuid = lvstore::ensure_volume_uuid(pool, name).or_else(|e| {
+        tracing::warn!(volume = name, error = %e, "volume UUID not stored: it changes at restart");
+        lvstore::random_uuid()
     })?;
+    let dev: Arc<dyn BlockDev> = Arc::new(dev);
+    let device = Device::new(name, uuid, DeviceKind::Volume, description, dev, read_only);
+    control.registry.add(device)?;
     let nqn = nqn_of(name);
     let stored: Option<Value> =
         pool.meta().config().get(&hosts_key(name)).and_then(|v| serde_json::from_str(v).ok());
@@ -86,14 +83,14 @@ pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> a
     };
     let subsys = control.target.create_subsystem(&nqn, any)?;
     subsys.hosts.write().extend(hosts);
-    control.target.add_namespace(&nqn, 1, dev, 4096)?;
+    control.registry.add_namespace(&nqn, 1, name, 4096)?;
     Ok(())
 }
 
 /// Removes volume `name`'s exports (open connections keep their device until they close).
 pub fn unexport_volume(control: &Control, name: &str) {
-    let _ = control.exports.remove(name);
-    let _ = control.target.delete_subsystem(&nqn_of(name));
+    let _ = control.registry.remove(name);
+    let _ = control.registry.delete_subsystem(&nqn_of(name));
 }
 
 /// Exports every volume of `pool`.
@@ -258,8 +255,8 @@ fn check_lvstore(
 }
 
 /// The volume an SPDK bdev name (alias, UUID or plain name) names, or SPDK's -ENODEV.
-fn lvol(pool: &PoolHandle, name: &str) -> Result<String, RpcError> {
-    lvstore::resolve(pool, name).ok_or_else(no_such_device)
+fn lvol(control: &Control, name: &str) -> Result<String, RpcError> {
+    control.registry.resolve_volume(name).map(|d| d.name.clone()).ok_or_else(no_such_device)
 }
 
 /// A pool refusal as SPDK words the errno behind it.
@@ -333,122 +330,135 @@ fn lvols_json(pool: &PoolHandle) -> Value {
     Value::Array(out)
 }
 
-pub fn handle(control: &Control, method: &str, p: &Value) -> Result<Value, RpcError> {
-    use DecodeStyle::Lvol as L;
+const L: DecodeStyle = DecodeStyle::Lvol;
+
+/// The `bdev_lvol_*` methods, each in one place: name and handler.
+pub const METHODS: &[Method] = &[
+    Method { name: "bdev_lvol_get_lvstores", call: get_lvstores },
+    Method { name: "bdev_lvol_get_lvols", call: get_lvols },
+    Method { name: "bdev_lvol_rename_lvstore", call: rename_lvstore },
+    Method { name: "bdev_lvol_create", call: create },
+    Method { name: "bdev_lvol_snapshot", call: snapshot },
+    Method { name: "bdev_lvol_clone", call: clone },
+    Method { name: "bdev_lvol_rollback", call: rollback },
+    Method { name: "bdev_lvol_resize", call: resize },
+    Method { name: "bdev_lvol_delete", call: delete },
+    Method { name: "bdev_lvol_check", call: check },
+];
+
+fn get_lvstores(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let pool = pool(control)?;
-    match method {
-        "bdev_lvol_get_lvstores" => {
-            let sel: LvstoreSelect = params(p, L)?;
-            check_lvstore(pool, sel.uuid.as_deref(), sel.lvs_name.as_deref())?;
-            Ok(json!([lvstore_json(pool)]))
-        }
-        "bdev_lvol_get_lvols" => {
-            let sel: LvolsSelect = params(p, L)?;
-            check_lvstore(pool, sel.lvs_uuid.as_deref(), sel.lvs_name.as_deref())?;
-            Ok(lvols_json(pool))
-        }
-        "bdev_lvol_rename_lvstore" => {
-            let r: RenameLvstore = params(p, L)?;
-            if r.old_name != lvstore::lvs_name(pool) {
-                let msg = format!("Lvol store {} not found", r.old_name);
-                return Err(RpcError::new(-2, msg));
-            }
-            if r.new_name.is_empty() || r.new_name.contains('/') || r.new_name.len() > 64 {
-                return Err(invalid_parameters("lvol store name: 1 to 64 bytes, no '/'"));
-            }
-            lvstore::set_lvs_name(pool, &r.new_name).map_err(internal)?;
-            tracing::info!(from = r.old_name, to = r.new_name, "lvol store renamed");
-            Ok(json!(true))
-        }
-        "bdev_lvol_create" => {
-            let c: LvolCreate = params(p, L)?;
-            check_lvstore(pool, c.uuid.as_deref(), c.lvs_name.as_deref())?;
-            let size = size_bytes(c.size_in_mib, c.size.as_ref())?;
-            let name = c.lvol_name.as_str();
-            pool.create_volume(name, size).map_err(pool_err)?;
-            let uuid = publish(control, pool, name)?;
-            let thin = c.thin_provision;
-            tracing::info!(volume = name, uuid, size_bytes = size, thin, "volume created");
-            Ok(json!(uuid))
-        }
-        "bdev_lvol_snapshot" => {
-            let s: LvolSnapshot = params(p, L)?;
-            let of = lvol(pool, &s.lvol_name)?;
-            let name = s.snapshot_name.as_str();
-            let t = std::time::Instant::now();
-            pool.snapshot(&of, name).map_err(pool_err)?;
-            let us = t.elapsed().as_micros() as u64;
-            let uuid = publish(control, pool, name)?;
-            tracing::info!(volume = of, snapshot = name, uuid, micros = us, "snapshot created");
-            if s.report_micros {
-                return Ok(json!({"name": name, "uuid": uuid, "micros": us}));
-            }
-            Ok(json!(uuid))
-        }
-        "bdev_lvol_clone" => {
-            let c: LvolClone = params(p, L)?;
-            let of = lvol(pool, &c.snapshot_name)?;
-            let name = c.clone_name.as_str();
-            pool.clone_volume(&of, name).map_err(pool_err)?;
-            let uuid = publish(control, pool, name)?;
-            tracing::info!(snapshot = of, clone = name, uuid, "clone created");
-            Ok(json!(uuid))
-        }
-        "bdev_lvol_rollback" => {
-            let r: LvolRollback = params(p, L)?;
-            let (name, to) = (lvol(pool, &r.name)?, lvol(pool, &r.snapshot_name)?);
-            pool.rollback(&name, &to).map_err(pool_err)?;
-            tracing::info!(volume = name, snapshot = to, "volume rolled back");
-            Ok(json!(true))
-        }
-        "bdev_lvol_resize" => {
-            let r: LvolResize = params(p, L)?;
-            let name = lvol(pool, &r.name)?;
-            let size = size_bytes(r.size_in_mib, r.size.as_ref())?;
-            pool.resize(&name, size, r.force).map_err(pool_err)?;
-            if let Some(subsys) = control.target.subsystem(&nqn_of(&name)) {
-                control.target.namespace_changed(&subsys, 1);
-            }
-            tracing::info!(volume = name, size_bytes = size, "volume resized");
-            Ok(json!(true))
-        }
-        "bdev_lvol_delete" => {
-            let d: LvolName = params(p, L)?;
-            let name = lvol(pool, &d.name)?;
-            unexport_volume(control, &name);
-            if let Err(e) = pool.delete(&name) {
-                // Put the exports back: the volume is still there.
-                let _ = export_volume(control, pool, &name);
-                return Err(pool_err(e));
-            }
-            let _ = pool.set_config(&hosts_key(&name), "");
-            lvstore::forget_volume(pool, &name);
-            tracing::info!(volume = name, "volume deleted");
-            Ok(json!(true))
-        }
-        "bdev_lvol_check" => {
-            let _: NoParams = params(p, L)?;
-            let m = pool.meta();
-            let problems = m.check();
-            let ok = problems.is_empty() && m.leaked() == 0;
-            Ok(json!({"ok": ok, "problems": problems, "leaked_clusters": m.leaked()}))
-        }
-        _ => Err(method_not_found(method)),
-    }
+    let sel: LvstoreSelect = params(p, L)?;
+    check_lvstore(pool, sel.uuid.as_deref(), sel.lvs_name.as_deref())?;
+    Ok(json!([lvstore_json(pool)]))
 }
 
-pub const METHODS: &[&str] = &[
-    "bdev_lvol_get_lvstores",
-    "bdev_lvol_get_lvols",
-    "bdev_lvol_rename_lvstore",
-    "bdev_lvol_create",
-    "bdev_lvol_snapshot",
-    "bdev_lvol_clone",
-    "bdev_lvol_rollback",
-    "bdev_lvol_resize",
-    "bdev_lvol_delete",
-    "bdev_lvol_check",
-];
+fn get_lvols(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let sel: LvolsSelect = params(p, L)?;
+    check_lvstore(pool, sel.lvs_uuid.as_deref(), sel.lvs_name.as_deref())?;
+    Ok(lvols_json(pool))
+}
+
+fn rename_lvstore(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let r: RenameLvstore = params(p, L)?;
+    if r.old_name != lvstore::lvs_name(pool) {
+        let msg = format!("Lvol store {} not found", r.old_name);
+        return Err(RpcError::new(-2, msg));
+    }
+    if r.new_name.is_empty() || r.new_name.contains('/') || r.new_name.len() > 64 {
+        return Err(invalid_parameters("lvol store name: 1 to 64 bytes, no '/'"));
+    }
+    lvstore::set_lvs_name(pool, &r.new_name).map_err(internal)?;
+    tracing::info!(from = r.old_name, to = r.new_name, "lvol store renamed");
+    Ok(json!(true))
+}
+
+fn create(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let c: LvolCreate = params(p, L)?;
+    check_lvstore(pool, c.uuid.as_deref(), c.lvs_name.as_deref())?;
+    let size = size_bytes(c.size_in_mib, c.size.as_ref())?;
+    let name = c.lvol_name.as_str();
+    pool.create_volume(name, size).map_err(pool_err)?;
+    let uuid = publish(control, pool, name)?;
+    let thin = c.thin_provision;
+    tracing::info!(volume = name, uuid, size_bytes = size, thin, "volume created");
+    Ok(json!(uuid))
+}
+
+fn snapshot(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let s: LvolSnapshot = params(p, L)?;
+    let of = lvol(control, &s.lvol_name)?;
+    let name = s.snapshot_name.as_str();
+    let t = std::time::Instant::now();
+    pool.snapshot(&of, name).map_err(pool_err)?;
+    let us = t.elapsed().as_micros() as u64;
+    let uuid = publish(control, pool, name)?;
+    tracing::info!(volume = of, snapshot = name, uuid, micros = us, "snapshot created");
+    if s.report_micros {
+        return Ok(json!({"name": name, "uuid": uuid, "micros": us}));
+    }
+    Ok(json!(uuid))
+}
+
+fn clone(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let c: LvolClone = params(p, L)?;
+    let of = lvol(control, &c.snapshot_name)?;
+    let name = c.clone_name.as_str();
+    pool.clone_volume(&of, name).map_err(pool_err)?;
+    let uuid = publish(control, pool, name)?;
+    tracing::info!(snapshot = of, clone = name, uuid, "clone created");
+    Ok(json!(uuid))
+}
+
+fn rollback(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let r: LvolRollback = params(p, L)?;
+    let (name, to) = (lvol(control, &r.name)?, lvol(control, &r.snapshot_name)?);
+    pool.rollback(&name, &to).map_err(pool_err)?;
+    tracing::info!(volume = name, snapshot = to, "volume rolled back");
+    Ok(json!(true))
+}
+
+fn resize(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let r: LvolResize = params(p, L)?;
+    let name = lvol(control, &r.name)?;
+    let size = size_bytes(r.size_in_mib, r.size.as_ref())?;
+    pool.resize(&name, size, r.force).map_err(pool_err)?;
+    control.registry.namespaces_changed(&name);
+    tracing::info!(volume = name, size_bytes = size, "volume resized");
+    Ok(json!(true))
+}
+
+fn delete(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let d: LvolName = params(p, L)?;
+    let name = lvol(control, &d.name)?;
+    unexport_volume(control, &name);
+    if let Err(e) = pool.delete(&name) {
+        // Put the exports back: the volume is still there.
+        let _ = export_volume(control, pool, &name);
+        return Err(pool_err(e));
+    }
+    let _ = pool.set_config(&hosts_key(&name), "");
+    lvstore::forget_volume(pool, &name);
+    tracing::info!(volume = name, "volume deleted");
+    Ok(json!(true))
+}
+
+fn check(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let _: NoParams = params(p, L)?;
+    let m = pool.meta();
+    let problems = m.check();
+    let ok = problems.is_empty() && m.leaked() == 0;
+    Ok(json!({"ok": ok, "problems": problems, "leaked_clusters": m.leaked()}))
+}
 
 // ---- offline tools --------------------------------------------------------------------------
 

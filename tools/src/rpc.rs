@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::control::{Control, Method};
@@ -355,10 +356,25 @@ fn serve_client(stream: UnixStream, control: &Control, limits: RpcLimits) {
     }
 }
 
+/// A JSON-RPC 2.0 request. Lenient: a request that does not decode (no `method`, a `method`
+/// that is not a string) is answered "Method not found" with whatever `id` it had.
+#[derive(serde::Deserialize, Default)]
+struct Request {
+    #[serde(default)]
+    id: Value,
+    #[serde(default)]
+    method: String,
+    #[serde(default)]
+    params: Option<Value>,
+}
+
 fn handle(req: &Value, control: &Control) -> Value {
-    let id = req.get("id").cloned().unwrap_or(Value::Null);
-    let method = req.get("method").and_then(Value::as_str).unwrap_or("");
-    let params = req.get("params").cloned().unwrap_or_else(|| json!({}));
+    let Request { id, method, params } = Request::deserialize(req).unwrap_or_else(|_| Request {
+        id: req.get("id").cloned().unwrap_or(Value::Null),
+        ..Request::default()
+    });
+    let method = method.as_str();
+    let params = params.unwrap_or_else(|| json!({}));
     let result = match self::method(method) {
         Some(m) => (m.call)(control, &params),
         None => Err(crate::rpc_error::method_not_found(method)),

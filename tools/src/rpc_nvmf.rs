@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 use ballast_nvmf::subsys::SubsysError;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::control::{Control, Method};
@@ -42,11 +42,11 @@ fn not_found(nqn: &str) -> RpcError {
     invalid_parameters(format!("Subsystem with NQN '{nqn}' not found"))
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct GetSubsystems {
-    nqn: Option<String>,
-    tgt_name: Option<String>,
+pub struct GetSubsystems {
+    pub nqn: Option<String>,
+    pub tgt_name: Option<String>,
 }
 
 /// `nvmf_create_transport`: TCP is always there (its listeners come from `--nvmf-listen` and
@@ -67,58 +67,58 @@ struct GetTransports {
     tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct CreateSubsystem {
-    nqn: String,
-    serial_number: Option<String>,
-    model_number: Option<String>,
+pub struct CreateSubsystem {
+    pub nqn: String,
+    pub serial_number: Option<String>,
+    pub model_number: Option<String>,
     #[serde(default)]
-    allow_any_host: bool,
+    pub allow_any_host: bool,
     #[serde(default)]
-    ana_reporting: bool,
+    pub ana_reporting: bool,
     #[serde(default)]
-    passthrough: bool,
+    pub passthrough: bool,
     #[serde(default)]
-    enable_nssr: bool,
-    max_namespaces: Option<u32>,
-    min_cntlid: Option<u16>,
-    max_cntlid: Option<u16>,
-    tgt_name: Option<String>,
+    pub enable_nssr: bool,
+    pub max_namespaces: Option<u32>,
+    pub min_cntlid: Option<u16>,
+    pub max_cntlid: Option<u16>,
+    pub tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct Nqn {
-    nqn: String,
-    tgt_name: Option<String>,
+pub struct Nqn {
+    pub nqn: String,
+    pub tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct AddNs {
-    nqn: String,
-    namespace: NsParams,
-    tgt_name: Option<String>,
+pub struct AddNs {
+    pub nqn: String,
+    pub namespace: NsParams,
+    pub tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct NsParams {
-    bdev_name: String,
+pub struct NsParams {
+    pub bdev_name: String,
     #[serde(default)]
-    nsid: u32,
+    pub nsid: u32,
     /// Ballast's: the LBA size hosts see (512 or 4096).
-    block_size: Option<u32>,
+    pub block_size: Option<u32>,
     /// Namespace identities derive from the subsystem's NQN; giving them is refused.
-    nguid: Option<String>,
-    eui64: Option<String>,
-    uuid: Option<String>,
-    anagrpid: Option<u32>,
-    ptpl_file: Option<String>,
+    pub nguid: Option<String>,
+    pub eui64: Option<String>,
+    pub uuid: Option<String>,
+    pub anagrpid: Option<u32>,
+    pub ptpl_file: Option<String>,
     /// Every namespace is visible to every allowed host; `false` (the default) is accepted.
     #[serde(default)]
-    no_auto_visible: bool,
+    pub no_auto_visible: bool,
 }
 
 #[derive(Deserialize)]
@@ -129,12 +129,12 @@ struct RemoveNs {
     tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct Host {
-    nqn: String,
-    host: String,
-    tgt_name: Option<String>,
+pub struct Host {
+    pub nqn: String,
+    pub host: String,
+    pub tgt_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -145,23 +145,23 @@ struct AllowAnyHost {
     tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct AddListener {
-    nqn: String,
-    listen_address: ListenAddress,
+pub struct AddListener {
+    pub nqn: String,
+    pub listen_address: ListenAddress,
     #[serde(default)]
-    secure_channel: bool,
-    tgt_name: Option<String>,
+    pub secure_channel: bool,
+    pub tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct ListenAddress {
-    trtype: String,
-    adrfam: Option<String>,
-    traddr: String,
-    trsvcid: Option<String>,
+pub struct ListenAddress {
+    pub trtype: String,
+    pub adrfam: Option<String>,
+    pub traddr: String,
+    pub trsvcid: Option<String>,
 }
 
 /// Refuses what SPDK would honour and ballast cannot, instead of ignoring it.
@@ -344,80 +344,151 @@ fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
+/// One listen address of `nvmf_get_subsystems`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ListenEntry {
+    pub trtype: String,
+    pub adrfam: String,
+    pub traddr: String,
+    pub trsvcid: String,
+}
+
+/// A host allowed on a subsystem.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct HostEntry {
+    pub nqn: String,
+}
+
+/// One namespace of `nvmf_get_subsystems`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NamespaceEntry {
+    pub nsid: u32,
+    /// The registered device's name (SPDK's `bdev_name`; `name` repeats it).
+    pub bdev_name: String,
+    pub name: String,
+    pub nguid: String,
+    pub eui64: String,
+    pub uuid: String,
+    pub block_size: u32,
+    /// A pool volume's SPDK alias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+}
+
+/// A controller connected to a subsystem.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ControllerEntry {
+    pub cntlid: u16,
+    pub hostnqn: String,
+}
+
+/// One entry of `nvmf_get_subsystems` (SPDK's shape; the discovery subsystem has only the
+/// first five fields).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SubsystemEntry {
+    pub nqn: String,
+    /// "Discovery" or "NVMe".
+    pub subtype: String,
+    pub listen_addresses: Vec<ListenEntry>,
+    pub allow_any_host: bool,
+    pub hosts: Vec<HostEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_number: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_number: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_namespaces: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cntlid: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cntlid: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<NamespaceEntry>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controllers: Option<Vec<ControllerEntry>>,
+}
+
 fn get_subsystems(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let g: GetSubsystems = params(p, G)?;
     check_target(g.tgt_name.as_deref())?;
     let only = g.nqn.as_deref();
-    let listeners: Vec<Value> = control
+    let listeners: Vec<ListenEntry> = control
         .target
         .listeners
         .read()
         .iter()
-        .map(|(a, p)| {
-            let adrfam = if a.contains(':') { "IPv6" } else { "IPv4" };
-            json!({"trtype": "TCP", "adrfam": adrfam, "traddr": a, "trsvcid": p.to_string()})
+        .map(|(a, p)| ListenEntry {
+            trtype: "TCP".into(),
+            adrfam: if a.contains(':') { "IPv6" } else { "IPv4" }.into(),
+            traddr: a.clone(),
+            trsvcid: p.to_string(),
         })
         .collect();
     let mut out = Vec::new();
     if only.is_none_or(|n| n == ballast_nvmf::subsys::DISCOVERY_NQN) {
-        out.push(json!({
-            "nqn": ballast_nvmf::subsys::DISCOVERY_NQN,
-            "subtype": "Discovery",
-            "listen_addresses": listeners,
-            "allow_any_host": true,
-            "hosts": [],
-        }));
+        out.push(SubsystemEntry {
+            nqn: ballast_nvmf::subsys::DISCOVERY_NQN.into(),
+            subtype: "Discovery".into(),
+            listen_addresses: listeners.clone(),
+            allow_any_host: true,
+            hosts: vec![],
+            serial_number: None,
+            model_number: None,
+            max_namespaces: None,
+            min_cntlid: None,
+            max_cntlid: None,
+            namespaces: None,
+            controllers: None,
+        });
     }
+    let registry = &control.registry;
     for s in control.target.subsystems() {
         if only.is_some_and(|n| n != s.nqn) {
             continue;
         }
-        let namespaces: Vec<Value> = s
+        let namespaces = s
             .namespaces
             .read()
             .values()
             .map(|ns| {
-                let bdev = control.registry.namespace_device(&s.nqn, ns.nsid).unwrap_or_default();
-                let mut j = json!({
-                    "nsid": ns.nsid,
-                    "bdev_name": bdev,
-                    "name": bdev,
-                    "nguid": hex(&ns.nguid),
-                    "eui64": hex(&ns.eui64),
-                    "uuid": crate::lvstore::format_uuid(&ns.uuid),
-                    "block_size": 1u32 << ns.lba_shift,
-                });
-                let device = control.registry.get(&bdev);
-                if let Some(alias) = device.and_then(|d| control.registry.alias(&d)) {
-                    j["alias"] = json!(alias);
+                let bdev = registry.namespace_device(&s.nqn, ns.nsid).unwrap_or_default();
+                let alias = registry.get(&bdev).and_then(|d| registry.alias(&d));
+                NamespaceEntry {
+                    nsid: ns.nsid,
+                    name: bdev.clone(),
+                    bdev_name: bdev,
+                    nguid: hex(&ns.nguid),
+                    eui64: hex(&ns.eui64),
+                    uuid: crate::lvstore::format_uuid(&ns.uuid),
+                    block_size: 1u32 << ns.lba_shift,
+                    alias,
                 }
-                j
             })
             .collect();
-        let hosts: Vec<Value> = s.hosts.read().iter().map(|h| json!({"nqn": h})).collect();
-        let controllers: Vec<Value> = control
+        let hosts = s.hosts.read().iter().map(|h| HostEntry { nqn: h.clone() }).collect();
+        let controllers = control
             .target
             .controllers_of(&s.nqn)
             .iter()
-            .map(|c| json!({"cntlid": c.cntlid, "hostnqn": c.hostnqn}))
+            .map(|c| ControllerEntry { cntlid: c.cntlid, hostnqn: c.hostnqn.clone() })
             .collect();
-        out.push(json!({
-            "nqn": s.nqn,
-            "subtype": "NVMe",
-            "listen_addresses": listeners,
-            "allow_any_host": s.allow_any_host.load(Ordering::Relaxed),
-            "hosts": hosts,
-            "serial_number": s.serial,
-            "model_number": s.model,
-            "max_namespaces": 0,
-            "min_cntlid": 1,
-            "max_cntlid": 65519,
-            "namespaces": namespaces,
-            "controllers": controllers,
-        }));
+        out.push(SubsystemEntry {
+            nqn: s.nqn.clone(),
+            subtype: "NVMe".into(),
+            listen_addresses: listeners.clone(),
+            allow_any_host: s.allow_any_host.load(Ordering::Relaxed),
+            hosts,
+            serial_number: Some(s.serial.clone()),
+            model_number: Some(s.model.clone()),
+            max_namespaces: Some(0),
+            min_cntlid: Some(1),
+            max_cntlid: Some(65519),
+            namespaces: Some(namespaces),
+            controllers: Some(controllers),
+        });
     }
     if let Some(nqn) = only.filter(|_| out.is_empty()) {
         return Err(not_found(nqn));
     }
-    Ok(Value::Array(out))
+    Ok(json!(out))
 }

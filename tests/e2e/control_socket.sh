@@ -57,10 +57,12 @@ def call(payload, timeout=10.0):
     s.close()
     return r
 def req(method, params=None, pad=0):
-    p = dict(params or {})
+    # The padding is a member of the request object beside "params" (JSON-RPC ignores it):
+    # methods refuse unknown parameters.
+    r = {"jsonrpc": "2.0", "id": 7, "method": method, "params": dict(params or {})}
     if pad:
-        p["pad"] = "a" * pad
-    return json.dumps({"jsonrpc": "2.0", "id": 7, "method": method, "params": p}).encode()
+        r["pad"] = "a" * pad
+    return json.dumps(r).encode()
 def err(r):
     return r.get("error", {}).get("message", "") if isinstance(r, dict) else repr(r)
 $body

@@ -221,7 +221,7 @@ else
 fi
 
 # The pool's used bytes and the volume's allocated bytes, against the CLI.
-cli_used=$(ballast_ctl pool info | "$SYS_PY" -c 'import json,sys; j=json.load(sys.stdin); j=j[0] if isinstance(j, list) else j; print(j["used_bytes"])')
+cli_used=$(ballast_ctl pool info --json | "$SYS_PY" -c 'import json,sys; j=json.load(sys.stdin); j=j[0] if isinstance(j, list) else j; print(j["used_bytes"])')
 prom_used=$(promql 'diskpool_used_size_bytes{job="ballast"}')
 if [[ -n $cli_used ]] && ((cli_used > 0)) && [[ $prom_used == "$cli_used" ]]; then
     pass "diskpool_used_size_bytes in Prometheus ($prom_used) == ballast pool info used_bytes"
@@ -232,7 +232,7 @@ cli_alloc=$(ballast_ctl volume list --json | "$SYS_PY" -c 'import json,sys; prin
 prom_alloc=$(promql 'volume_allocated_bytes{job="ballast",name="vol0"}')
 check_eq "volume_allocated_bytes{name=vol0} in Prometheus == ballast volume list" "$cli_alloc" "$prom_alloc"
 total=$(promql 'diskpool_total_size_bytes{job="ballast"}')
-cli_total=$(ballast_ctl pool info | "$SYS_PY" -c 'import json,sys; j=json.load(sys.stdin); j=j[0] if isinstance(j, list) else j; print(j["data_bytes"])')
+cli_total=$(ballast_ctl pool info --json | "$SYS_PY" -c 'import json,sys; j=json.load(sys.stdin); j=j[0] if isinstance(j, list) else j; print(j["data_bytes"])')
 check_eq "diskpool_total_size_bytes == ballast pool info data_bytes" "$cli_total" "$total"
 conns=$(promql 'sum(ballast_core_connections_accepted_total{job="ballast"})')
 if [[ -n $conns ]] && ((conns >= 2)); then

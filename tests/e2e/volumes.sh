@@ -39,9 +39,9 @@ vol_summary() {
     json_get "$T/vs.json" '"\n".join(" ".join(str(v[k]) for k in ("name", "id", "size_bytes", "read_only", "snapshot", "parent", "allocated_bytes")) for v in sorted(j, key=lambda v: v["name"]))'
 }
 
-# pool_field FIELD: one field of `pool info` (a JSON list with one pool).
+# pool_field FIELD: one field of `pool info --json` (a JSON list with one pool).
 pool_field() {
-    ballast_ctl pool info >"$T/pi.json" 2>&1 || { echo "pool-info-failed"; return 1; }
+    ballast_ctl pool info --json >"$T/pi.json" 2>&1 || { echo "pool-info-failed"; return 1; }
     json_get "$T/pi.json" "(j[0] if isinstance(j, list) else j)['$1']" 2>&1
 }
 
@@ -386,7 +386,7 @@ check "nvmf add-host on v1's subsystem" ballast_ctl nvmf add-host v1 nqn.2014-08
 check "nvmf: v1's subsystem admits only listed hosts" ballast_ctl rpc nvmf_subsystem_allow_any_host \
     '{"nqn": "nqn.2026-11.dev.ballast:v1", "allow_any_host": false}'
 access_of() {
-    ballast_ctl nvmf list 2>/dev/null | "$SYS_PY" -c 'import json,sys
+    ballast_ctl nvmf list --json 2>/dev/null | "$SYS_PY" -c 'import json,sys
 for s in json.load(sys.stdin):
     if s["nqn"] == "nqn.2026-11.dev.ballast:"+sys.argv[1]:
         print(s["allow_any_host"], ",".join(sorted(h["nqn"] for h in s["hosts"])))' "$1"

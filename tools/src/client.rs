@@ -1,13 +1,17 @@
-//! The CLI side of the control API: one JSON-RPC 2.0 call per command over the Unix socket.
+//! The CLI side of the control API: one JSON-RPC 2.0 call per command over the Unix socket,
+//! with the method's own parameter and result types (the ones the daemon decodes and encodes),
+//! and the aligned tables the listing commands print unless given `--json`.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::AddArgs;
+use crate::rpc_export::{ExportAddParams, ExportEntry, ExportListParams, ExportNameParams};
 
 /// Where the daemon's control socket is (see `locate` for the search).
 #[derive(Args, Clone)]
@@ -21,8 +25,36 @@ pub struct Target {
     pub data_dir: Option<PathBuf>,
 }
 
-/// Calls `method` and returns its `result`, or the server's error as an error.
-pub fn call(target: &Target, method: &str, params: Value) -> anyhow::Result<Value> {
+#[derive(Args)]
+pub struct AddArgs {
+    /// Export name clients ask for.
+    pub name: String,
+    /// Back the export with memory of this size (e.g. 1G).
+    #[arg(long, conflicts_with = "file")]
+    pub ram: Option<String>,
+    /// Back the export with this file or block device.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Create the file sparse with this size if it does not exist.
+    #[arg(long, requires = "file")]
+    pub size: Option<String>,
+    /// Refuse writes.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Free text shown by `nbdinfo --list`.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// Calls `method` with `params` (the method's own parameter type) and decodes its `result` as
+/// `R`, or returns the server's error as an error.
+pub fn call<P: Serialize + ?Sized, R: DeserializeOwned>(
+    target: &Target,
+    method: &str,
+    params: &P,
+) -> anyhow::Result<R> {
     let (mut stream, _path) =
         crate::locate::connect(target.rpc_socket.as_deref(), target.data_dir.as_deref())?;
     let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
@@ -31,113 +63,170 @@ pub fn call(target: &Target, method: &str, params: Value) -> anyhow::Result<Valu
     // A refusing daemon (permission, too many clients) may reply and close before it reads our
     // request: if the write fails, its reply still says why.
     let sent = stream.write_all(line.as_bytes());
-    let mut responses = serde_json::Deserializer::from_reader(&stream).into_iter::<Value>();
+    let mut responses = serde_json::Deserializer::from_reader(&stream).into_iter::<Response>();
     let response = match (responses.next(), sent) {
         (Some(Ok(response)), _) => response,
         (_, Err(e)) => return Err(e).context("sending the request to the daemon"),
         (Some(Err(e)), Ok(())) => return Err(e).context("reading the daemon's reply"),
         (None, Ok(())) => return Err(anyhow!("daemon closed the connection")),
     };
-    if let Some(err) = response.get("error") {
-        let msg = err.get("message").and_then(Value::as_str).unwrap_or("unknown error");
-        bail!("{method}: {msg}");
+    if let Some(err) = response.error {
+        bail!("{method}: {}", err.message.as_deref().unwrap_or("unknown error"));
     }
-    Ok(response.get("result").cloned().unwrap_or(Value::Null))
+    serde_json::from_value(response.result)
+        .with_context(|| format!("{method}: decoding the result"))
 }
 
-/// `ballast rpc METHOD PARAMS`: prints the result as JSON.
-pub fn raw(target: &Target, method: &str, params: &str) -> anyhow::Result<()> {
-    let params: Value = serde_json::from_str(params).context("params must be a JSON object")?;
-    let result = call(target, method, params)?;
-    println!("{}", serde_json::to_string_pretty(&result)?);
+/// A JSON-RPC 2.0 response, as the CLI reads it.
+#[derive(Deserialize)]
+struct Response {
+    #[serde(default)]
+    result: Value,
+    error: Option<ResponseError>,
+}
+
+#[derive(Deserialize)]
+struct ResponseError {
+    message: Option<String>,
+}
+
+/// Prints `value` as indented JSON (every `--json`).
+pub fn print_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
+/// How a table column lines up.
+#[derive(Clone, Copy)]
+pub enum Align {
+    Left,
+    Right,
+}
+
+/// `rows` under `columns` headers, each column as wide as its widest cell, two spaces apart;
+/// the last column is not padded. Rows shorter than the headers are padded with empty cells.
+pub fn table(columns: &[(&str, Align)], rows: Vec<Vec<String>>) -> String {
+    let header: Vec<String> = columns.iter().map(|(h, _)| h.to_string()).collect();
+    let all: Vec<Vec<String>> = std::iter::once(header).chain(rows).collect();
+    let widths: Vec<usize> = (0..columns.len())
+        .map(|i| all.iter().map(|r| r.get(i).map_or(0, |c| c.chars().count())).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &all {
+        let mut line = String::new();
+        for (i, (_, align)) in columns.iter().enumerate() {
+            let cell = row.get(i).map_or("", String::as_str);
+            let last = i + 1 == columns.len();
+            if i > 0 {
+                line.push_str("  ");
+            }
+            match (align, last) {
+                (Align::Left, true) => line.push_str(cell),
+                (Align::Left, false) => line.push_str(&format!("{cell:<w$}", w = widths[i])),
+                (Align::Right, _) => line.push_str(&format!("{cell:>w$}", w = widths[i])),
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+/// `ballast rpc METHOD PARAMS`: prints the result as JSON.
+pub fn raw(target: &Target, method: &str, params: &str) -> anyhow::Result<()> {
+    let params: Value = serde_json::from_str(params).context("params must be a JSON object")?;
+    let result: Value = call(target, method, &params)?;
+    print_json(&result)
+}
+
 pub fn export_list(target: &Target, as_json: bool) -> anyhow::Result<()> {
-    let result = call(target, "export_list", json!({}))?;
+    let list: Vec<ExportEntry> = call(target, "export_list", &ExportListParams {})?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
-        return Ok(());
+        return print_json(&list);
     }
-    println!("{:<20} {:>14} {:<4} {:<3} BACKEND", "NAME", "SIZE_BYTES", "RO", "DEF");
-    for e in result.as_array().into_iter().flatten() {
-        println!(
-            "{:<20} {:>14} {:<4} {:<3} {}",
-            e["name"].as_str().unwrap_or(""),
-            e["size_bytes"].as_u64().unwrap_or(0),
-            if e["read_only"].as_bool() == Some(true) { "yes" } else { "no" },
-            if e["default"].as_bool() == Some(true) { "*" } else { "" },
-            e["backend"].as_str().unwrap_or(""),
-        );
-    }
+    let rows = list
+        .iter()
+        .map(|e| {
+            vec![
+                e.name.clone(),
+                e.size_bytes.to_string(),
+                if e.read_only { "yes" } else { "no" }.to_string(),
+                if e.default { "*" } else { "" }.to_string(),
+                e.backend.clone(),
+            ]
+        })
+        .collect();
+    let columns = [
+        ("NAME", Align::Left),
+        ("SIZE_BYTES", Align::Right),
+        ("RO", Align::Left),
+        ("DEF", Align::Left),
+        ("BACKEND", Align::Left),
+    ];
+    print!("{}", table(&columns, rows));
     Ok(())
 }
 
 pub fn export_add(args: &AddArgs) -> anyhow::Result<()> {
-    let mut params = json!({
-        "name": args.name,
-        "read_only": args.read_only,
-        "description": args.description,
-    });
+    let mut params = ExportAddParams {
+        name: args.name.clone(),
+        read_only: args.read_only,
+        description: args.description.clone(),
+        ..Default::default()
+    };
     match (&args.ram, &args.file) {
-        (Some(size), None) => params["ram_size"] = json!(size),
+        (Some(size), None) => params.ram_size = Some(size.clone()),
         (None, Some(path)) => {
             let abs = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-            params["file"] = json!(abs);
-            if let Some(size) = &args.size {
-                params["size"] = json!(size);
-            }
+            params.file = Some(abs.to_string_lossy().into_owned());
+            params.size = args.size.clone();
         }
         _ => bail!("give exactly one of --ram SIZE or --file PATH"),
     }
-    call(&args.target, "export_add", params)?;
+    let _: Value = call(&args.target, "export_add", &params)?;
     println!("added export {}", args.name);
     Ok(())
 }
 
 pub fn export_remove(target: &Target, name: &str) -> anyhow::Result<()> {
-    call(target, "export_remove", json!({"name": name}))?;
+    let _: Value = call(target, "export_remove", &ExportNameParams { name: name.to_string() })?;
     println!("removed export {name}");
     Ok(())
 }
 
 pub fn stats(target: &Target, as_json: bool) -> anyhow::Result<()> {
-    let result = call(target, "framework_get_reactors", json!({}))?;
+    let result: Value = call(target, "framework_get_reactors", &json!({}))?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
-        return Ok(());
+        return print_json(&result);
     }
-    println!(
-        "{:>4} {:>10} {:>10} {:>8} {:>7} {:>9} {:>9} {:>9} {:>6} {:>10} {:>10}",
-        "CORE",
-        "READS",
-        "WRITES",
-        "FLUSHES",
-        "ERRORS",
-        "P50_US",
-        "P99_US",
-        "P999_US",
-        "CONNS",
-        "BUF_MIB",
-        "BUF_PEAK"
-    );
     let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
-    for c in result["reactors"].as_array().into_iter().flatten() {
-        println!(
-            "{:>4} {:>10} {:>10} {:>8} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>6} {:>10} {:>10.1}",
-            c["core"],
-            c["reads"],
-            c["writes"],
-            c["flushes"],
-            c["errors"],
-            c["latency_us_p50"].as_f64().unwrap_or(0.0),
-            c["latency_us_p99"].as_f64().unwrap_or(0.0),
-            c["latency_us_p999"].as_f64().unwrap_or(0.0),
-            c["connections_open"],
-            format!("{:.1}/{:.0}", mib(&c["buffer_charged"]), mib(&c["buffer_budget"])),
-            mib(&c["buffer_peak"]),
-        );
-    }
+    let int = |v: &Value| v.as_u64().unwrap_or(0).to_string();
+    let us = |v: &Value| format!("{:.1}", v.as_f64().unwrap_or(0.0));
+    let rows = result["reactors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            vec![
+                int(&c["core"]),
+                int(&c["reads"]),
+                int(&c["writes"]),
+                int(&c["flushes"]),
+                int(&c["errors"]),
+                us(&c["latency_us_p50"]),
+                us(&c["latency_us_p99"]),
+                us(&c["latency_us_p999"]),
+                int(&c["connections_open"]),
+                format!("{:.1}/{:.0}", mib(&c["buffer_charged"]), mib(&c["buffer_budget"])),
+                format!("{:.1}", mib(&c["buffer_peak"])),
+            ]
+        })
+        .collect();
+    let headers = [
+        "CORE", "READS", "WRITES", "FLUSHES", "ERRORS", "P50_US", "P99_US", "P999_US", "CONNS",
+        "BUF_MIB", "BUF_PEAK",
+    ];
+    let columns: Vec<(&str, Align)> = headers.iter().map(|h| (*h, Align::Right)).collect();
+    print!("{}", table(&columns, rows));
     let sum = |key: &str| -> u64 {
         result["reactors"]
             .as_array()
@@ -173,4 +262,25 @@ pub fn stats(target: &Target, as_json: bool) -> anyhow::Result<()> {
         n["open"], n["refused"], n["handshake_timeouts"], n["stalled_dropped"]
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns_to_their_widest_cell() {
+        let columns = [("NAME", Align::Left), ("SIZE", Align::Right), ("KIND", Align::Left)];
+        let rows = vec![
+            vec!["a".to_string(), "1073741824".to_string(), "volume".to_string()],
+            vec!["snapshot-1".to_string(), "4096".to_string(), "".to_string()],
+        ];
+        let t = table(&columns, rows);
+        assert_eq!(
+            t,
+            "NAME              SIZE  KIND\n\
+             a           1073741824  volume\n\
+             snapshot-1        4096\n"
+        );
+    }
 }

@@ -1,5 +1,6 @@
-//! The pool seen as SPDK sees an lvol store: its name, its UUID, every volume's UUID, and how
-//! the names SPDK's tools use (`LVS/LVOL` alias, UUID, plain name) resolve to a volume.
+//! The pool seen as SPDK sees an lvol store: its name, its UUID and every volume's UUID (the
+//! registry resolves the names SPDK's tools use, `LVS/LVOL` alias, UUID or plain name, with
+//! them).
 //!
 //! A leaf module (it uses no other module of the daemon). Invariants:
 //! - identities live in the pool's configuration, so they survive restarts and travel with the
@@ -115,30 +116,6 @@ pub fn forget_volume(pool: &Arc<PoolHandle>, name: &str) {
 /// SPDK's alias of volume `name`: `LVS_NAME/NAME`.
 pub fn alias(pool: &PoolHandle, name: &str) -> String {
     format!("{}/{name}", lvs_name(pool))
-}
-
-/// The volume that `s` names: an `LVS/LVOL` alias of this store, a volume UUID, or a plain
-/// volume name (in that order).
-pub fn resolve(pool: &PoolHandle, s: &str) -> Option<String> {
-    let m = pool.meta();
-    let exists = |name: &str| m.find(name).is_ok();
-    if let Some((lvs, lvol)) = s.split_once('/') {
-        let lvs_matches = match m.config().get(LVS_NAME_KEY) {
-            Some(stored) => stored == lvs,
-            None => lvs == DEFAULT_LVS_NAME,
-        };
-        return (lvs_matches && exists(lvol)).then(|| lvol.to_string());
-    }
-    if let Some(uuid) = canonical_uuid(s) {
-        let named = m.config().iter().find_map(|(k, v)| {
-            let name = k.strip_prefix("uuid:")?;
-            (*v == uuid && exists(name)).then(|| name.to_string())
-        });
-        if named.is_some() {
-            return named;
-        }
-    }
-    exists(s).then(|| s.to_string())
 }
 
 #[cfg(test)]

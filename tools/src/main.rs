@@ -1,21 +1,29 @@
 //! `ballast`: the daemon (`ballast serve`) and the command-line client of its control API.
 
 mod client;
+mod control;
+mod listeners;
 mod locate;
 mod lvstore;
 mod metrics;
 mod metrics_http;
+#[cfg(test)]
+mod module_graph;
 mod notify;
+mod registry;
 mod rpc;
 mod rpc_bdev;
 mod rpc_error;
+mod rpc_export;
 mod rpc_nvmf;
 mod serve;
 mod volumes;
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
+use rpc_nvmf::SubsystemEntry;
+use volumes::{LvolEntry, LvstoreEntry};
 
 #[derive(Parser)]
 #[command(
@@ -92,7 +100,7 @@ enum ExportCommand {
     },
     /// Add an export backed by memory or a file/block device (served over NBD; `nvmf add-ns`
     /// adds it to an NVMe subsystem).
-    Add(AddArgs),
+    Add(client::AddArgs),
     /// Grow an export (NVMe hosts are told through an asynchronous event; NBD clients see the
     /// new size when they reconnect).
     Resize {
@@ -112,10 +120,13 @@ enum ExportCommand {
 
 #[derive(Subcommand)]
 enum NvmfCommand {
-    /// List subsystems with their namespaces, hosts and listeners (JSON).
+    /// List subsystems with their namespaces, hosts and listeners.
     List {
         #[command(flatten)]
         target: client::Target,
+        /// Print JSON (SPDK's `nvmf_get_subsystems` shape) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Create a subsystem (NQN, or a short name made into nqn.2026-11.dev.ballast:NAME).
     Create {
@@ -195,6 +206,9 @@ enum PoolCommand {
     Info {
         #[command(flatten)]
         target: client::Target,
+        /// Print JSON (`bdev_lvol_get_lvstores`: a list with the one pool) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -253,6 +267,9 @@ enum SnapshotCommand {
     List {
         #[command(flatten)]
         target: client::Target,
+        /// Print JSON (the snapshots' `bdev_lvol_get_lvols` entries) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete a snapshot (clones of it keep their data).
     Delete {
@@ -273,34 +290,92 @@ enum CloneCommand {
     },
 }
 
-fn print_volumes(list: &serde_json::Value, only_snapshots: bool) {
-    println!("{:<24} {:>16} {:>16} {:<9} PARENT", "NAME", "SIZE", "ALLOCATED", "KIND");
-    for v in list.as_array().into_iter().flatten() {
-        let snap = v["snapshot"].as_bool().unwrap_or(false);
-        if only_snapshots && !snap {
-            continue;
-        }
-        let kind = match (snap, v["parent"].is_string()) {
-            (true, _) => "snapshot",
-            (false, true) => "clone",
-            (false, false) => "volume",
-        };
-        println!(
-            "{:<24} {:>16} {:>16} {:<9} {}",
-            v["name"].as_str().unwrap_or("?"),
-            v["size_bytes"].as_u64().unwrap_or(0),
-            v["allocated_bytes"].as_u64().unwrap_or(0),
-            kind,
-            v["parent"].as_str().unwrap_or("-")
-        );
+/// Volumes (or only snapshots) as a table or JSON.
+fn print_volumes(list: &[LvolEntry], only_snapshots: bool, as_json: bool) -> anyhow::Result<()> {
+    let chosen: Vec<&LvolEntry> = list.iter().filter(|v| !only_snapshots || v.snapshot).collect();
+    if as_json {
+        return client::print_json(&chosen);
     }
+    let rows = chosen
+        .iter()
+        .map(|v| {
+            let kind = match (v.snapshot, v.parent.is_some()) {
+                (true, _) => "snapshot",
+                (false, true) => "clone",
+                (false, false) => "volume",
+            };
+            vec![
+                v.name.clone(),
+                v.size_bytes.to_string(),
+                v.allocated_bytes.to_string(),
+                kind.to_string(),
+                v.parent.clone().unwrap_or_else(|| "-".into()),
+                v.uuid.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    use client::Align::{Left, Right};
+    let columns = [
+        ("NAME", Left),
+        ("SIZE", Right),
+        ("ALLOCATED", Right),
+        ("KIND", Left),
+        ("PARENT", Left),
+        ("UUID", Left),
+    ];
+    print!("{}", client::table(&columns, rows));
+    Ok(())
+}
+
+/// The daemon's pool as a table or JSON.
+fn print_pool(list: &[LvstoreEntry], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return client::print_json(&list);
+    }
+    let rows = list
+        .iter()
+        .map(|p| {
+            let field = |k: &str| p.pool.get(k).map_or("-".into(), |v| v.to_string());
+            vec![
+                p.name.clone(),
+                p.uuid.clone(),
+                p.cluster_size.to_string(),
+                field("data_bytes"),
+                field("used_bytes"),
+                field("free_bytes"),
+                field("volumes"),
+                p.base_bdev.clone(),
+            ]
+        })
+        .collect();
+    use client::Align::{Left, Right};
+    let columns = [
+        ("NAME", Left),
+        ("UUID", Left),
+        ("CLUSTER", Right),
+        ("DATA_BYTES", Right),
+        ("USED_BYTES", Right),
+        ("FREE_BYTES", Right),
+        ("VOLUMES", Right),
+        ("PATH", Left),
+    ];
+    print!("{}", client::table(&columns, rows));
+    Ok(())
+}
+
+/// Calls a method whose result is only success, and says what was done.
+fn done<P: serde::Serialize>(
+    target: &client::Target,
+    method: &str,
+    params: &P,
+    what: String,
+) -> anyhow::Result<()> {
+    client::call(target, method, params).map(|_: serde_json::Value| println!("{what}"))
 }
 
 fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
-    use serde_json::json;
-    let done = |target: &client::Target, method: &str, params: serde_json::Value, what: String| {
-        client::call(target, method, params).map(|_| println!("{what}"))
-    };
+    use volumes::{LvolClone, LvolCreate, LvolName, LvolResize, LvolRollback, LvolSnapshot};
+    use volumes::{LvolsSelect, LvstoreSelect, SizeParam};
     match cmd {
         Command::Pool(PoolCommand::Create { path, size, cluster_kib }) => {
             volumes::pool_create(&path, size.as_deref(), cluster_kib)
@@ -313,87 +388,73 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
             }
         }
         Command::Pool(PoolCommand::Dump { path, maps }) => volumes::pool_dump(&path, maps),
-        Command::Pool(PoolCommand::Info { target }) => {
-            let r = client::call(&target, "bdev_lvol_get_lvstores", json!({}))?;
-            println!("{}", serde_json::to_string_pretty(&r)?);
-            Ok(())
+        Command::Pool(PoolCommand::Info { target, json }) => {
+            let r: Vec<LvstoreEntry> =
+                client::call(&target, "bdev_lvol_get_lvstores", &LvstoreSelect::default())?;
+            print_pool(&r, json)
         }
         Command::Volume(VolumeCommand::Create { name, size, target }) => done(
             &target,
             "bdev_lvol_create",
-            json!({"lvol_name": name, "size": size}),
+            &LvolCreate {
+                lvol_name: name.clone(),
+                size: Some(SizeParam::Text(size.clone())),
+                ..Default::default()
+            },
             format!("created volume {name} ({size})"),
         ),
         Command::Volume(VolumeCommand::List { target, json }) => {
-            let r = client::call(&target, "bdev_lvol_get_lvols", json!({}))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                print_volumes(&r, false);
-            }
-            Ok(())
+            let r: Vec<LvolEntry> =
+                client::call(&target, "bdev_lvol_get_lvols", &LvolsSelect::default())?;
+            print_volumes(&r, false, json)
         }
         Command::Volume(VolumeCommand::Resize { name, size, force, target }) => done(
             &target,
             "bdev_lvol_resize",
-            json!({"name": name, "size": size, "force": force}),
+            &LvolResize {
+                name: name.clone(),
+                size: Some(SizeParam::Text(size.clone())),
+                force,
+                ..Default::default()
+            },
             format!("resized volume {name} to {size}"),
         ),
         Command::Volume(VolumeCommand::Delete { name, target })
-        | Command::Snapshot(SnapshotCommand::Delete { name, target }) => {
-            done(&target, "bdev_lvol_delete", json!({"name": name}), format!("deleted {name}"))
-        }
+        | Command::Snapshot(SnapshotCommand::Delete { name, target }) => done(
+            &target,
+            "bdev_lvol_delete",
+            &LvolName { name: name.clone() },
+            format!("deleted {name}"),
+        ),
         Command::Volume(VolumeCommand::Rollback { name, snapshot, target }) => done(
             &target,
             "bdev_lvol_rollback",
-            json!({"name": name, "snapshot_name": snapshot}),
+            &LvolRollback { name: name.clone(), snapshot_name: snapshot.clone() },
             format!("rolled {name} back to {snapshot}"),
         ),
         Command::Snapshot(SnapshotCommand::Create { volume, name, target }) => {
-            let r = client::call(
-                &target,
-                "bdev_lvol_snapshot",
-                json!({"lvol_name": volume, "snapshot_name": name, "report_micros": true}),
-            )?;
+            let params = LvolSnapshot {
+                lvol_name: volume.clone(),
+                snapshot_name: name.clone(),
+                report_micros: true,
+            };
+            let r: serde_json::Value = client::call(&target, "bdev_lvol_snapshot", &params)?;
             println!("created snapshot {name} of {volume} in {} us", r["micros"]);
             Ok(())
         }
-        Command::Snapshot(SnapshotCommand::List { target }) => {
-            let r = client::call(&target, "bdev_lvol_get_lvols", json!({}))?;
-            print_volumes(&r, true);
-            Ok(())
+        Command::Snapshot(SnapshotCommand::List { target, json }) => {
+            let r: Vec<LvolEntry> =
+                client::call(&target, "bdev_lvol_get_lvols", &LvolsSelect::default())?;
+            print_volumes(&r, true, json)
         }
         Command::Clone(CloneCommand::Create { snapshot, name, target }) => done(
             &target,
             "bdev_lvol_clone",
-            json!({"snapshot_name": snapshot, "clone_name": name}),
+            &LvolClone { snapshot_name: snapshot.clone(), clone_name: name.clone() },
             format!("created clone {name} of {snapshot}"),
         ),
         _ => unreachable!("not a volume command"),
     }
-}
-
-#[derive(Args)]
-pub struct AddArgs {
-    /// Export name clients ask for.
-    pub name: String,
-    /// Back the export with memory of this size (e.g. 1G).
-    #[arg(long, conflicts_with = "file")]
-    pub ram: Option<String>,
-    /// Back the export with this file or block device.
-    #[arg(long)]
-    pub file: Option<PathBuf>,
-    /// Create the file sparse with this size if it does not exist.
-    #[arg(long, requires = "file")]
-    pub size: Option<String>,
-    /// Refuse writes.
-    #[arg(long)]
-    pub read_only: bool,
-    /// Free text shown by `nbdinfo --list`.
-    #[arg(long, default_value = "")]
-    pub description: String,
-    #[command(flatten)]
-    pub target: client::Target,
 }
 
 fn full_nqn(nqn: &str) -> String {
@@ -404,38 +465,100 @@ fn full_nqn(nqn: &str) -> String {
     }
 }
 
-fn nvmf(cmd: NvmfCommand) -> anyhow::Result<()> {
-    use serde_json::json;
-    let (target, method, params) = match cmd {
-        NvmfCommand::List { target } => (target, "nvmf_get_subsystems", json!({})),
-        NvmfCommand::Create { nqn, allow_any_host, target } => (
-            target,
-            "nvmf_create_subsystem",
-            json!({"nqn": full_nqn(&nqn), "allow_any_host": allow_any_host}),
-        ),
-        NvmfCommand::Delete { nqn, target } => {
-            (target, "nvmf_delete_subsystem", json!({"nqn": full_nqn(&nqn)}))
+/// Subsystems as a table (one line per namespace) or JSON.
+fn print_subsystems(list: &[SubsystemEntry], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        return client::print_json(&list);
+    }
+    let mut rows = Vec::new();
+    for s in list {
+        let hosts: Vec<&str> = s.hosts.iter().map(|h| h.nqn.as_str()).collect();
+        let access = match (s.allow_any_host, hosts.is_empty()) {
+            (true, _) => "any".to_string(),
+            (false, true) => "none".to_string(),
+            (false, false) => hosts.join(","),
+        };
+        let namespaces = s.namespaces.as_deref().unwrap_or_default();
+        let controllers = s.controllers.as_ref().map_or(0, Vec::len);
+        let mut row = |nsid: String, bdev: String| {
+            let c = controllers.to_string();
+            rows.push(vec![s.nqn.clone(), s.subtype.clone(), nsid, bdev, c, access.clone()]);
+        };
+        if namespaces.is_empty() {
+            row("-".into(), "-".into());
         }
-        NvmfCommand::AddNs { nqn, bdev, nsid, block_size, target } => (
-            target,
-            "nvmf_subsystem_add_ns",
-            json!({"nqn": full_nqn(&nqn), "namespace": {"bdev_name": bdev, "nsid": nsid, "block_size": block_size}}),
-        ),
+        for ns in namespaces {
+            row(ns.nsid.to_string(), ns.bdev_name.clone());
+        }
+    }
+    use client::Align::{Left, Right};
+    let columns = [
+        ("NQN", Left),
+        ("TYPE", Left),
+        ("NSID", Right),
+        ("BDEV", Left),
+        ("CTRLRS", Right),
+        ("HOSTS", Left),
+    ];
+    print!("{}", client::table(&columns, rows));
+    let listeners: Vec<String> = list
+        .first()
+        .map(|s| s.listen_addresses.iter().map(|l| format!("{}:{}", l.traddr, l.trsvcid)))
+        .into_iter()
+        .flatten()
+        .collect();
+    println!("listeners: {}", listeners.join(" "));
+    Ok(())
+}
+
+fn nvmf(cmd: NvmfCommand) -> anyhow::Result<()> {
+    use rpc_nvmf::{AddListener, AddNs, CreateSubsystem, GetSubsystems, Host, ListenAddress};
+    use rpc_nvmf::{Nqn, NsParams};
+    let result: serde_json::Value = match cmd {
+        NvmfCommand::List { target, json } => {
+            let list: Vec<SubsystemEntry> =
+                client::call(&target, "nvmf_get_subsystems", &GetSubsystems::default())?;
+            return print_subsystems(&list, json);
+        }
+        NvmfCommand::Create { nqn, allow_any_host, target } => {
+            let params =
+                CreateSubsystem { nqn: full_nqn(&nqn), allow_any_host, ..Default::default() };
+            client::call(&target, "nvmf_create_subsystem", &params)?
+        }
+        NvmfCommand::Delete { nqn, target } => {
+            let params = Nqn { nqn: full_nqn(&nqn), tgt_name: None };
+            client::call(&target, "nvmf_delete_subsystem", &params)?
+        }
+        NvmfCommand::AddNs { nqn, bdev, nsid, block_size, target } => {
+            let namespace = NsParams {
+                bdev_name: bdev,
+                nsid,
+                block_size: Some(block_size),
+                ..Default::default()
+            };
+            let params = AddNs { nqn: full_nqn(&nqn), namespace, tgt_name: None };
+            client::call(&target, "nvmf_subsystem_add_ns", &params)?
+        }
         NvmfCommand::AddHost { nqn, host, target } => {
-            (target, "nvmf_subsystem_add_host", json!({"nqn": full_nqn(&nqn), "host": host}))
+            let params = Host { nqn: full_nqn(&nqn), host, tgt_name: None };
+            client::call(&target, "nvmf_subsystem_add_host", &params)?
         }
         NvmfCommand::RemoveHost { nqn, host, target } => {
-            (target, "nvmf_subsystem_remove_host", json!({"nqn": full_nqn(&nqn), "host": host}))
+            let params = Host { nqn: full_nqn(&nqn), host, tgt_name: None };
+            client::call(&target, "nvmf_subsystem_remove_host", &params)?
         }
-        NvmfCommand::AddListener { nqn, address, target } => (
-            target,
-            "nvmf_subsystem_add_listener",
-            json!({"nqn": full_nqn(&nqn), "listen_address": {"trtype": "tcp", "traddr": address.ip().to_string(), "trsvcid": address.port().to_string()}}),
-        ),
+        NvmfCommand::AddListener { nqn, address, target } => {
+            let listen_address = ListenAddress {
+                trtype: "tcp".into(),
+                adrfam: None,
+                traddr: address.ip().to_string(),
+                trsvcid: Some(address.port().to_string()),
+            };
+            let params = AddListener { nqn: full_nqn(&nqn), listen_address, ..Default::default() };
+            client::call(&target, "nvmf_subsystem_add_listener", &params)?
+        }
     };
-    let result = client::call(&target, method, params)?;
-    println!("{}", serde_json::to_string_pretty(&result)?);
-    Ok(())
+    client::print_json(&result)
 }
 
 fn main() -> std::process::ExitCode {
@@ -445,8 +568,9 @@ fn main() -> std::process::ExitCode {
         Command::Export(ExportCommand::List { target, json }) => client::export_list(&target, json),
         Command::Export(ExportCommand::Add(args)) => client::export_add(&args),
         Command::Export(ExportCommand::Resize { name, size, target }) => {
-            client::call(&target, "export_resize", serde_json::json!({"name": name, "size": size}))
-                .map(|_| println!("resized export {name} to {size}"))
+            let params = rpc_export::ExportResizeParams { name: name.clone(), size: size.clone() };
+            client::call(&target, "export_resize", &params)
+                .map(|_: serde_json::Value| println!("resized export {name} to {size}"))
         }
         Command::Export(ExportCommand::Remove { name, target }) => {
             client::export_remove(&target, &name)

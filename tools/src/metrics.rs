@@ -27,7 +27,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::rpc::Control;
+use crate::control::Control;
 
 /// The longest a scrape (or `ballast stats`) waits for the cores' copies, all cores together.
 pub const CORE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -89,7 +89,7 @@ pub fn gather(control: &Control, node: &str) -> Scrape {
     let cores = core_snapshots(&control.cores, false);
     let pool = control.pool.as_ref().map(|p| (p.info(), p.list()));
     let exports = control
-        .exports
+        .registry
         .list()
         .iter()
         .map(|e| ExportView {
@@ -97,7 +97,7 @@ pub fn gather(control: &Control, node: &str) -> Scrape {
             backend: e.dev.info().backend.clone(),
             size_bytes: e.size_bytes(),
             read_only: e.read_only,
-            stats_id: e.dev.info().stats_id,
+            stats_id: e.stats_id,
         })
         .collect();
     Scrape {

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::rpc::{Control, RateLimitedLog, Slot};
+use crate::control::Control;
+use crate::listeners::{RateLimitedLog, Slot};
 
 /// The endpoint's resource limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,8 +102,8 @@ pub fn start(
     control: Arc<Control>,
     limits: MetricsLimits,
 ) -> Result<SocketAddr, MetricsError> {
-    let listener =
-        crate::serve::bind_retrying(addr).map_err(|source| MetricsError::Bind { addr, source })?;
+    let listener = crate::listeners::bind_retrying(addr)
+        .map_err(|source| MetricsError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| MetricsError::Bind { addr, source })?;
     tracing::info!(
         %bound,

@@ -1,5 +1,7 @@
 //! The control plane: JSON-RPC 2.0 over a Unix socket, on its own threads, never on a data
-//! core. It changes the export table and asks cores for statistics through their mailboxes.
+//! core. This module owns the socket and dispatches each request to the method module that owns
+//! its method (`rpc_bdev`, `rpc_export`, `rpc_nvmf`, `volumes`: each lists its methods with
+//! their handlers); it implements none but `rpc_get_methods`.
 //!
 //! Method names follow SPDK where the meaning matches (`bdev_get_bdevs`,
 //! `framework_get_reactors`, `rpc_get_methods`); the rest are ours (`export_*`).
@@ -29,27 +31,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ballast_engine::reactor::CoreHandle;
-use ballast_engine::BlockDev;
-use ballast_nbd::{Export, ExportTable};
 use nix::sys::socket::{getsockopt, sockopt};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::serve::open_backend;
-
-pub struct Control {
-    pub exports: Arc<ExportTable>,
-    pub target: Arc<ballast_nvmf::Target>,
-    pub cores: Arc<Vec<CoreHandle>>,
-    /// The pool whose volumes are exported, if the daemon serves one.
-    pub pool: Option<Arc<ballast_engine::volume::dev::PoolHandle>>,
-    /// Hosts allowed on subsystems created for new volumes (empty: any host).
-    pub allow_hosts: Vec<String>,
-    /// Connection limits and what they did.
-    pub admission: Arc<ballast_engine::limits::Admission>,
-    /// Payload memory of all cores together (each core has its share).
-    pub buffer_memory: u64,
-}
+use crate::control::{Control, Method};
+use crate::listeners::{RateLimitedLog, Slot};
 
 /// The control socket's resource limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,31 +116,20 @@ fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> StartErr
     move |source| StartError::Io { path, what, source }
 }
 
-const METHODS: &[&str] = &[
-    "rpc_get_methods",
-    "spdk_get_version",
-    "bdev_get_iostat",
-    "export_list",
-    "export_add",
-    "export_remove",
-    "export_resize",
-    "bdev_get_bdevs",
-    "framework_get_reactors",
-    "nvmf_get_subsystems",
-    "nvmf_create_transport",
-    "nvmf_get_transports",
-    "nvmf_create_subsystem",
-    "nvmf_delete_subsystem",
-    "nvmf_subsystem_add_ns",
-    "nvmf_subsystem_remove_ns",
-    "nvmf_subsystem_add_host",
-    "nvmf_subsystem_remove_host",
-    "nvmf_subsystem_allow_any_host",
-    "nvmf_subsystem_add_listener",
+/// Every method, by the module that owns it (`rpc_get_methods` lists them in this order).
+const TABLES: &[&[Method]] = &[
+    &[Method { name: "rpc_get_methods", call: rpc_get_methods }],
+    crate::rpc_bdev::METHODS,
+    crate::rpc_export::METHODS,
+    crate::rpc_nvmf::METHODS,
+    crate::volumes::METHODS,
 ];
 
-pub use crate::rpc_error::{invalid, RpcError};
-use crate::rpc_error::{params, DecodeStyle};
+fn method(name: &str) -> Option<&'static Method> {
+    TABLES.iter().flat_map(|t| t.iter()).find(|m| m.name == name)
+}
+
+use crate::rpc_error::{params, DecodeStyle, RpcError};
 
 const PARSE_ERROR: i64 = -32700;
 
@@ -163,11 +139,7 @@ const SERVER_REFUSED: i64 = -32000;
 const INVALID_REQUEST: i64 = -32600;
 
 /// Binds the socket (replacing a stale one) and serves it on a background thread.
-/// When the control API started (`bdev_get_iostat`'s `ticks`).
-static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-
 pub fn start(path: &Path, control: Arc<Control>, limits: RpcLimits) -> Result<(), StartError> {
-    let _ = STARTED.set(Instant::now());
     if path.exists() && UnixStream::connect(path).is_ok() {
         return Err(StartError::InUse(path.to_path_buf()));
     }
@@ -214,26 +186,6 @@ fn bind_private(path: &Path) -> Result<UnixListener, StartError> {
     let _ = std::fs::remove_file(&temp);
     let _ = std::fs::remove_dir(&private);
     result
-}
-
-/// Counts refusals of one kind and says which to log: the 1st, 2nd, 4th, 8th, ...
-#[derive(Default)]
-pub(crate) struct RateLimitedLog(u64);
-
-impl RateLimitedLog {
-    pub(crate) fn should_log(&mut self) -> Option<u64> {
-        self.0 += 1;
-        self.0.is_power_of_two().then_some(self.0)
-    }
-}
-
-/// Releases a client slot when the client's thread ends (or never starts).
-pub(crate) struct Slot(pub(crate) Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 fn accept_loop(listener: &UnixListener, control: &Arc<Control>, limits: RpcLimits) {
@@ -404,30 +356,28 @@ fn serve_client(stream: UnixStream, control: &Control, limits: RpcLimits) {
     }
 }
 
+/// A JSON-RPC 2.0 request. Lenient: a request that does not decode (no `method`, a `method`
+/// that is not a string) is answered "Method not found" with whatever `id` it had.
+#[derive(serde::Deserialize, Default)]
+struct Request {
+    #[serde(default)]
+    id: Value,
+    #[serde(default)]
+    method: String,
+    #[serde(default)]
+    params: Option<Value>,
+}
+
 fn handle(req: &Value, control: &Control) -> Value {
-    let id = req.get("id").cloned().unwrap_or(Value::Null);
-    let method = req.get("method").and_then(Value::as_str).unwrap_or("");
-    let params = req.get("params").cloned().unwrap_or_else(|| json!({}));
-    let result = match method {
-        "rpc_get_methods" => rpc_get_methods(&params),
-        "spdk_get_version" => crate::rpc_bdev::spdk_get_version(&params),
-        m if m.starts_with("bdev_lvol_") => crate::volumes::handle(control, m, &params),
-        "export_list" => Ok(export_list(control)),
-        "export_add" => export_add(control, &params),
-        "export_remove" => export_remove(control, &params),
-        "export_resize" => export_resize(control, &params),
-        "bdev_get_bdevs" => {
-            crate::rpc_bdev::get_bdevs(&control.exports, control.pool.as_deref(), &params)
-        }
-        "bdev_get_iostat" => {
-            let cores = crate::metrics::core_snapshots(&control.cores, true);
-            let uptime_us = STARTED.get().map_or(0, |t| t.elapsed().as_micros() as u64);
-            let pool = control.pool.as_deref();
-            crate::rpc_bdev::get_iostat(&control.exports, pool, &cores, uptime_us, &params)
-        }
-        "framework_get_reactors" => Ok(reactors(control)),
-        m if m.starts_with("nvmf_") => crate::rpc_nvmf::handle(control, m, &params),
-        _ => Err(crate::rpc_error::method_not_found(method)),
+    let Request { id, method, params } = Request::deserialize(req).unwrap_or_else(|_| Request {
+        id: req.get("id").cloned().unwrap_or(Value::Null),
+        ..Request::default()
+    });
+    let method = method.as_str();
+    let params = params.unwrap_or_else(|| json!({}));
+    let result = match self::method(method) {
+        Some(m) => (m.call)(control, &params),
+        None => Err(crate::rpc_error::method_not_found(method)),
     };
     match result {
         Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
@@ -436,98 +386,6 @@ fn handle(req: &Value, control: &Control) -> Value {
             json!({"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}})
         }
     }
-}
-
-fn export_list(control: &Control) -> Value {
-    let default = control.exports.default_name();
-    let list: Vec<Value> = control
-        .exports
-        .list()
-        .iter()
-        .map(|e| {
-            json!({
-                "name": e.name,
-                "size_bytes": e.size_bytes(),
-                "backend": e.dev.info().backend,
-                "read_only": e.read_only,
-                "description": e.description,
-                "default": default.as_deref() == Some(e.name.as_str()),
-            })
-        })
-        .collect();
-    Value::Array(list)
-}
-
-fn export_add(control: &Control, p: &Value) -> Result<Value, RpcError> {
-    let name = p
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| invalid("missing string param: name"))?;
-    let read_only = p.get("read_only").and_then(Value::as_bool).unwrap_or(false);
-    let description = p.get("description").and_then(Value::as_str).unwrap_or("").to_string();
-    if control.exports.get(name).is_some() {
-        return Err(invalid(format!("export {name:?} already exists")));
-    }
-    let spec =
-        match (p.get("ram_size").and_then(Value::as_str), p.get("file").and_then(Value::as_str)) {
-            (Some(size), None) => format!("ram:{size}"),
-            (None, Some(file)) => match p.get("size").and_then(Value::as_str) {
-                Some(size) => format!("file:{file}:{size}"),
-                None => format!("file:{file}"),
-            },
-            _ => return Err(invalid("give exactly one of ram_size or file")),
-        };
-    let dev: Arc<dyn BlockDev> =
-        open_backend(&spec, read_only).map_err(|e| invalid(format!("{e:#}")))?;
-    control
-        .exports
-        .add(Export { name: name.to_string(), description, dev, read_only })
-        .map_err(|e| invalid(e.to_string()))?;
-    tracing::info!(export = name, backend = %spec, "export added");
-    Ok(json!(true))
-}
-
-fn export_remove(control: &Control, p: &Value) -> Result<Value, RpcError> {
-    let name = p
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| invalid("missing string param: name"))?;
-    let export = control.exports.remove(name).map_err(|e| invalid(e.to_string()))?;
-    if let Err(e) = export.dev.flush_blocking() {
-        tracing::warn!(export = name, error = %e, "flush on removal failed");
-    }
-    tracing::info!(export = name, "export removed");
-    Ok(json!(true))
-}
-
-/// Grows an export's device; NVMe hosts learn the new size through an asynchronous event.
-fn export_resize(control: &Control, p: &Value) -> Result<Value, RpcError> {
-    let name = p
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| invalid("missing string param: name"))?;
-    let size = p
-        .get("size")
-        .and_then(Value::as_str)
-        .ok_or_else(|| invalid("missing string param: size"))?;
-    let bytes = ballast_engine::size::parse_size(size).map_err(|e| invalid(e.to_string()))?;
-    let export = control.exports.get(name).filter(|_| !name.is_empty());
-    let export = export.ok_or_else(|| invalid(format!("no export named {name:?}")))?;
-    export.dev.grow(bytes).map_err(|e| invalid(format!("resize {name}: {e}")))?;
-    for subsys in control.target.subsystems() {
-        let changed: Vec<u32> = subsys
-            .namespaces
-            .read()
-            .values()
-            .filter(|ns| Arc::ptr_eq(&ns.dev, &export.dev))
-            .map(|ns| ns.nsid)
-            .collect();
-        for nsid in changed {
-            control.target.namespace_changed(&subsys, nsid);
-        }
-    }
-    tracing::info!(export = name, size_bytes = bytes, "export resized");
-    Ok(json!(true))
 }
 
 #[derive(serde::Deserialize)]
@@ -541,23 +399,10 @@ struct GetMethods {
     include_aliases: Option<bool>,
 }
 
-fn rpc_get_methods(p: &Value) -> Result<Value, RpcError> {
+fn rpc_get_methods(_: &Control, p: &Value) -> Result<Value, RpcError> {
     let _: GetMethods = params(p, DecodeStyle::Generic)?;
-    Ok(json!(METHODS.iter().chain(crate::volumes::METHODS).collect::<Vec<_>>()))
-}
-
-fn reactors(control: &Control) -> Value {
-    let out: Vec<Value> = crate::metrics::core_snapshots(&control.cores, true)
-        .into_iter()
-        .map(|snap| serde_json::to_value(snap).unwrap_or(Value::Null))
-        .collect();
-    let mut limits = serde_json::to_value(&control.admission.limits).unwrap_or(Value::Null);
-    limits["buffer_memory"] = json!(control.buffer_memory);
-    json!({
-        "reactors": out,
-        "limits": limits,
-        "connections": control.admission.counters(),
-    })
+    let names: Vec<&str> = TABLES.iter().flat_map(|t| t.iter()).map(|m| m.name).collect();
+    Ok(json!(names))
 }
 
 #[cfg(test)]
@@ -613,10 +458,14 @@ mod tests {
     }
 
     #[test]
-    fn refusals_are_logged_at_powers_of_two() {
-        let mut log = RateLimitedLog::default();
-        let logged: Vec<u64> = (0..100).filter_map(|_| log.should_log()).collect();
-        assert_eq!(logged, [1, 2, 4, 8, 16, 32, 64]);
+    fn every_method_has_one_name_and_one_handler() {
+        let names: Vec<&str> = TABLES.iter().flat_map(|t| t.iter()).map(|m| m.name).collect();
+        let unique: std::collections::BTreeSet<&str> = names.iter().copied().collect();
+        assert_eq!(unique.len(), names.len(), "a method is listed twice");
+        assert!(method("bdev_lvol_create").is_some());
+        assert!(method("nvmf_subsystem_add_ns").is_some());
+        assert!(method("export_resize").is_some());
+        assert!(method("nope").is_none());
     }
 
     #[test]

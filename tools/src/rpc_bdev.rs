@@ -1,37 +1,55 @@
-//! SPDK's generic bdev and framework methods over ballast's exports: `bdev_get_bdevs`,
-//! `bdev_get_iostat`, `spdk_get_version`, and bdev name resolution for the other methods.
+//! SPDK's generic bdev and framework methods over the device registry: `bdev_get_bdevs`,
+//! `bdev_get_iostat`, `spdk_get_version`, `framework_get_reactors`.
 //!
-//! Every export (pool volume, RAM or file) is one bdev named as the export. A pool volume is
-//! also found by its SPDK alias `LVS/LVOL` and by its UUID, and is described as SPDK describes
-//! an lvol (`product_name` "Logical Volume", `driver_specific.lvol`). The module reads the
-//! export table and the pool and changes nothing; it depends on no other method module (the
-//! caller passes in what it needs), so it adds no import cycle.
+//! Every registered device (pool volume, RAM or file export) is one bdev named as the device,
+//! found by name, UUID or (a volume) SPDK alias `LVS/LVOL` through the registry. A volume is
+//! described as SPDK describes an lvol (`product_name` "Logical Volume",
+//! `driver_specific.lvol`). The module changes nothing; it depends on no other method module.
 
 use std::sync::Arc;
 
 use ballast_engine::stats::StatsSnapshot;
 use ballast_engine::volume::dev::{PoolHandle, VolumeInfo};
-use ballast_nbd::{Export, ExportTable};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::control::{Control, Method};
 use crate::lvstore;
+use crate::registry::{Device, DeviceKind, Registry};
 use crate::rpc_error::{invalid_parameters, no_such_device, params, DecodeStyle, RpcError};
 
-/// The export a bdev name names: an export of that name, else a pool volume by alias or UUID.
-pub fn resolve(
-    exports: &ExportTable,
-    pool: Option<&PoolHandle>,
-    name: &str,
-) -> Option<Arc<Export>> {
-    if name.is_empty() {
-        return None;
-    }
-    if let Some(e) = exports.get(name) {
-        return Some(e);
-    }
-    let volume = lvstore::resolve(pool?, name)?;
-    exports.get(&volume)
+/// The generic bdev and framework methods, each in one place: name and handler.
+pub const METHODS: &[Method] = &[
+    Method { name: "spdk_get_version", call: |_, p| spdk_get_version(p) },
+    Method { name: "bdev_get_iostat", call: iostat },
+    Method { name: "bdev_get_bdevs", call: |c, p| get_bdevs(&c.registry, c.pool.as_deref(), p) },
+    Method { name: "framework_get_reactors", call: reactors },
+];
+
+fn iostat(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let cores = crate::metrics::core_snapshots(&control.cores, true);
+    let uptime_us = control.started.elapsed().as_micros() as u64;
+    get_iostat(&control.registry, &cores, uptime_us, p)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+/// `framework_get_reactors`: every core's statistics, the limits and the connection counters.
+fn reactors(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let _: NoParams = params(p, DecodeStyle::Generic)?;
+    let out: Vec<Value> = crate::metrics::core_snapshots(&control.cores, true)
+        .into_iter()
+        .map(|snap| serde_json::to_value(snap).unwrap_or(Value::Null))
+        .collect();
+    let mut limits = serde_json::to_value(&control.admission.limits).unwrap_or(Value::Null);
+    limits["buffer_memory"] = json!(control.buffer_memory);
+    Ok(json!({
+        "reactors": out,
+        "limits": limits,
+        "connections": control.admission.counters(),
+    }))
 }
 
 #[derive(Deserialize)]
@@ -44,33 +62,39 @@ struct GetBdevs {
 }
 
 /// `bdev_get_bdevs [-b NAME]`; an unknown NAME is SPDK's -19 "No such device".
-pub fn get_bdevs(
-    exports: &ExportTable,
-    pool: Option<&PoolHandle>,
-    p: &Value,
-) -> Result<Value, RpcError> {
+fn get_bdevs(registry: &Registry, pool: Option<&PoolHandle>, p: &Value) -> Result<Value, RpcError> {
     let req: GetBdevs = params(p, DecodeStyle::Generic)?;
     let volumes = pool.map(|pool| pool.list()).unwrap_or_default();
     let chosen = match &req.name {
-        Some(n) => vec![resolve(exports, pool, n).ok_or_else(no_such_device)?],
-        None => exports.list(),
+        Some(n) => vec![registry.resolve(n).ok_or_else(no_such_device)?],
+        None => registry.list(),
     };
-    let list = chosen.iter().map(|e| bdev_json(e, pool, &volumes)).collect();
+    let list = chosen.iter().map(|e| bdev_json(registry, e, pool, &volumes)).collect();
     Ok(Value::Array(list))
 }
 
-fn bdev_json(e: &Export, pool: Option<&PoolHandle>, volumes: &[VolumeInfo]) -> Value {
+fn bdev_json(
+    registry: &Registry,
+    e: &Device,
+    pool: Option<&PoolHandle>,
+    volumes: &[VolumeInfo],
+) -> Value {
     let info = e.dev.info();
     let block_size = u64::from(info.block_size.max(1));
-    let volume = pool.zip(volumes.iter().find(|v| v.name == e.name));
-    let product_name = match (&volume, info.backend.as_str()) {
-        (Some(_), _) => "Logical Volume",
-        (None, "ram") => "Malloc disk",
-        (None, _) => "AIO disk",
+    let volume = match e.kind {
+        DeviceKind::Volume => pool.zip(volumes.iter().find(|v| v.name == e.name)),
+        DeviceKind::Ram | DeviceKind::File | DeviceKind::Nvme => None,
+    };
+    let product_name = match e.kind {
+        DeviceKind::Volume => "Logical Volume",
+        DeviceKind::Ram => "Malloc disk",
+        DeviceKind::File => "AIO disk",
+        DeviceKind::Nvme => "NVMe disk",
     };
     let mut j = json!({
         "name": e.name,
-        "aliases": [],
+        "aliases": registry.alias(e).into_iter().collect::<Vec<_>>(),
+        "uuid": e.uuid,
         "product_name": product_name,
         "block_size": block_size,
         "num_blocks": e.dev.size_bytes() / block_size,
@@ -84,10 +108,6 @@ fn bdev_json(e: &Export, pool: Option<&PoolHandle>, volumes: &[VolumeInfo]) -> V
         "driver_specific": {"ballast": {"backend": info.backend, "read_only": e.read_only}},
     });
     if let Some((pool, v)) = volume {
-        j["aliases"] = json!([lvstore::alias(pool, &v.name)]);
-        if let Some(uuid) = lvstore::volume_uuid(pool, &v.name) {
-            j["uuid"] = json!(uuid);
-        }
         j["driver_specific"]["lvol"] = lvol_json(pool, v, volumes);
     }
     j
@@ -137,9 +157,8 @@ const TICK_RATE_HZ: u64 = 1_000_000;
 /// `bdev_get_iostat`: SPDK's shape. `bdevs` holds one entry per bdev (all, or the ones named),
 /// from its device's counters summed over the cores (NBD and NVMe/TCP together); `cores` the
 /// per-core totals of all bdevs (SPDK's `per_channel` view). Counters cannot be reset.
-pub fn get_iostat(
-    exports: &ExportTable,
-    pool: Option<&PoolHandle>,
+fn get_iostat(
+    registry: &Registry,
     cores: &[StatsSnapshot],
     uptime_us: u64,
     p: &Value,
@@ -149,18 +168,18 @@ pub fn get_iostat(
         return Err(invalid_parameters("reset_mode: the counters cannot be reset (use none)"));
     }
     let named: Vec<String> = req.name.into_iter().chain(req.names.into_iter().flatten()).collect();
-    let chosen: Vec<Arc<Export>> = if named.is_empty() {
-        exports.list()
+    let chosen: Vec<Arc<Device>> = if named.is_empty() {
+        registry.list()
     } else {
         named
             .iter()
-            .map(|n| resolve(exports, pool, n).ok_or_else(no_such_device))
+            .map(|n| registry.resolve(n).ok_or_else(no_such_device))
             .collect::<Result<_, _>>()?
     };
     let bdevs: Vec<Value> = chosen
         .iter()
         .map(|e| {
-            let id = e.dev.info().stats_id;
+            let id = e.stats_id;
             let mut one = StatsSum::default();
             for s in cores {
                 if let Some((_, d)) = s.devices.iter().find(|(i, _)| *i == id) {
@@ -245,12 +264,8 @@ impl StatsSum {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
-
 /// `spdk_get_version`: SPDK's shape, naming ballast.
-pub fn spdk_get_version(p: &Value) -> Result<Value, RpcError> {
+fn spdk_get_version(p: &Value) -> Result<Value, RpcError> {
     let _: NoParams = params(p, DecodeStyle::Generic)?;
     let version = env!("CARGO_PKG_VERSION");
     let mut parts = version.split(['.', '-']).map(|x| x.parse::<u64>().unwrap_or(0));
@@ -280,12 +295,12 @@ mod tests {
 
     #[test]
     fn iostat_sums_cores_and_refuses_resets_and_unknown_bdevs() {
-        let exports = ExportTable::default();
-        let e = get_iostat(&exports, None, &[], 5, &json!({"reset_mode": "all"})).unwrap_err();
+        let r = Registry::new(Arc::new(ballast_nvmf::Target::default()), None);
+        let e = get_iostat(&r, &[], 5, &json!({"reset_mode": "all"})).unwrap_err();
         assert_eq!(e.code, crate::rpc_error::INVALID_PARAMS);
-        let e = get_iostat(&exports, None, &[], 5, &json!({"name": "nope"})).unwrap_err();
+        let e = get_iostat(&r, &[], 5, &json!({"name": "nope"})).unwrap_err();
         assert_eq!((e.code, e.message.as_str()), (-19, "No such device"));
-        let v = get_iostat(&exports, None, &[], 5, &json!({"per_channel": false})).unwrap();
+        let v = get_iostat(&r, &[], 5, &json!({"per_channel": false})).unwrap();
         assert_eq!(v["tick_rate"], json!(TICK_RATE_HZ));
         assert_eq!(v["bdevs"], json!([]), "no exports, no bdevs");
     }

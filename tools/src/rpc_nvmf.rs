@@ -5,13 +5,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 use ballast_nvmf::subsys::SubsysError;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::rpc::Control;
-use crate::rpc_error::{
-    invalid_parameters, method_not_found, params, DecodeStyle, RpcError, INTERNAL_ERROR,
-};
+use crate::control::{Control, Method};
+use crate::registry::RegistryError;
+use crate::rpc_error::{invalid_parameters, params, DecodeStyle, RpcError, INTERNAL_ERROR};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
@@ -32,15 +31,22 @@ fn subsys_err(e: SubsysError) -> RpcError {
     }
 }
 
+fn registry_err(e: RegistryError) -> RpcError {
+    match e {
+        RegistryError::Nvmf(e) => subsys_err(e),
+        other => invalid_parameters(other),
+    }
+}
+
 fn not_found(nqn: &str) -> RpcError {
     invalid_parameters(format!("Subsystem with NQN '{nqn}' not found"))
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct GetSubsystems {
-    nqn: Option<String>,
-    tgt_name: Option<String>,
+pub struct GetSubsystems {
+    pub nqn: Option<String>,
+    pub tgt_name: Option<String>,
 }
 
 /// `nvmf_create_transport`: TCP is always there (its listeners come from `--nvmf-listen` and
@@ -61,58 +67,58 @@ struct GetTransports {
     tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct CreateSubsystem {
-    nqn: String,
-    serial_number: Option<String>,
-    model_number: Option<String>,
+pub struct CreateSubsystem {
+    pub nqn: String,
+    pub serial_number: Option<String>,
+    pub model_number: Option<String>,
     #[serde(default)]
-    allow_any_host: bool,
+    pub allow_any_host: bool,
     #[serde(default)]
-    ana_reporting: bool,
+    pub ana_reporting: bool,
     #[serde(default)]
-    passthrough: bool,
+    pub passthrough: bool,
     #[serde(default)]
-    enable_nssr: bool,
-    max_namespaces: Option<u32>,
-    min_cntlid: Option<u16>,
-    max_cntlid: Option<u16>,
-    tgt_name: Option<String>,
+    pub enable_nssr: bool,
+    pub max_namespaces: Option<u32>,
+    pub min_cntlid: Option<u16>,
+    pub max_cntlid: Option<u16>,
+    pub tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct Nqn {
-    nqn: String,
-    tgt_name: Option<String>,
+pub struct Nqn {
+    pub nqn: String,
+    pub tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct AddNs {
-    nqn: String,
-    namespace: NsParams,
-    tgt_name: Option<String>,
+pub struct AddNs {
+    pub nqn: String,
+    pub namespace: NsParams,
+    pub tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct NsParams {
-    bdev_name: String,
+pub struct NsParams {
+    pub bdev_name: String,
     #[serde(default)]
-    nsid: u32,
+    pub nsid: u32,
     /// Ballast's: the LBA size hosts see (512 or 4096).
-    block_size: Option<u32>,
+    pub block_size: Option<u32>,
     /// Namespace identities derive from the subsystem's NQN; giving them is refused.
-    nguid: Option<String>,
-    eui64: Option<String>,
-    uuid: Option<String>,
-    anagrpid: Option<u32>,
-    ptpl_file: Option<String>,
+    pub nguid: Option<String>,
+    pub eui64: Option<String>,
+    pub uuid: Option<String>,
+    pub anagrpid: Option<u32>,
+    pub ptpl_file: Option<String>,
     /// Every namespace is visible to every allowed host; `false` (the default) is accepted.
     #[serde(default)]
-    no_auto_visible: bool,
+    pub no_auto_visible: bool,
 }
 
 #[derive(Deserialize)]
@@ -123,12 +129,12 @@ struct RemoveNs {
     tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct Host {
-    nqn: String,
-    host: String,
-    tgt_name: Option<String>,
+pub struct Host {
+    pub nqn: String,
+    pub host: String,
+    pub tgt_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -139,23 +145,23 @@ struct AllowAnyHost {
     tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct AddListener {
-    nqn: String,
-    listen_address: ListenAddress,
+pub struct AddListener {
+    pub nqn: String,
+    pub listen_address: ListenAddress,
     #[serde(default)]
-    secure_channel: bool,
-    tgt_name: Option<String>,
+    pub secure_channel: bool,
+    pub tgt_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct ListenAddress {
-    trtype: String,
-    adrfam: Option<String>,
-    traddr: String,
-    trsvcid: Option<String>,
+pub struct ListenAddress {
+    pub trtype: String,
+    pub adrfam: Option<String>,
+    pub traddr: String,
+    pub trsvcid: Option<String>,
 }
 
 /// Refuses what SPDK would honour and ballast cannot, instead of ignoring it.
@@ -166,123 +172,138 @@ fn unsupported(what: &str, given: bool) -> Result<(), RpcError> {
     Ok(())
 }
 
-pub fn handle(control: &Control, method: &str, p: &Value) -> Result<Value, RpcError> {
-    use DecodeStyle::Generic as G;
-    let target = &control.target;
-    match method {
-        "nvmf_get_subsystems" => {
-            let g: GetSubsystems = params(p, G)?;
-            check_target(g.tgt_name.as_deref())?;
-            get_subsystems(control, g.nqn.as_deref())
-        }
-        "nvmf_create_transport" => {
-            let t: CreateTransport = params(p, G)?;
-            check_target(t.tgt_name.as_deref())?;
-            if !t.trtype.eq_ignore_ascii_case("tcp") {
-                let msg = format!("Transport type '{}' unsupported", t.trtype);
-                return Err(invalid_parameters(msg));
-            }
-            let ignored: Vec<&String> = t.tuning.keys().collect();
-            tracing::info!(?ignored, "nvmf_create_transport TCP: already there");
-            Ok(json!(true))
-        }
-        "nvmf_get_transports" => {
-            let t: GetTransports = params(p, G)?;
-            check_target(t.tgt_name.as_deref())?;
-            if t.trtype.as_deref().is_some_and(|tr| !tr.eq_ignore_ascii_case("tcp")) {
-                return Err(invalid_parameters("transport not found"));
-            }
-            Ok(json!([{"trtype": "TCP", "max_io_size": 1 << 20, "in_capsule_data_size": 8192}]))
-        }
-        "nvmf_create_subsystem" => {
-            let c: CreateSubsystem = params(p, G)?;
-            check_target(c.tgt_name.as_deref())?;
-            unsupported("ana_reporting", c.ana_reporting)?;
-            unsupported("passthrough", c.passthrough)?;
-            unsupported("enable_nssr", c.enable_nssr)?;
-            unsupported("min_cntlid/max_cntlid", c.min_cntlid.is_some() || c.max_cntlid.is_some())?;
-            let nqn = c.nqn.as_str();
-            let subsys = target.create_subsystem(nqn, c.allow_any_host).map_err(|e| match e {
-                SubsysError::Exists(_) => {
-                    RpcError::new(INTERNAL_ERROR, format!("Unable to create subsystem {nqn}"))
-                }
-                other => invalid_parameters(other),
-            })?;
-            // The target derives serial and model from the NQN; say so when asked for others.
-            if c.serial_number.as_ref().is_some_and(|s| *s != subsys.serial)
-                || c.model_number.as_ref().is_some_and(|m| *m != subsys.model)
-            {
-                tracing::warn!(
-                    nqn,
-                    serial = subsys.serial,
-                    model = subsys.model,
-                    "serial_number/model_number not settable: the target derives them from the NQN"
-                );
-            }
-            let max_ns = c.max_namespaces;
-            tracing::info!(nqn, allow_any_host = c.allow_any_host, ?max_ns, "subsystem created");
-            Ok(json!(true))
-        }
-        "nvmf_delete_subsystem" => {
-            let d: Nqn = params(p, G)?;
-            check_target(d.tgt_name.as_deref())?;
-            target.delete_subsystem(&d.nqn).map_err(subsys_err)?;
-            tracing::info!(nqn = d.nqn, "subsystem deleted");
-            Ok(json!(true))
-        }
-        "nvmf_subsystem_add_ns" => {
-            let a: AddNs = params(p, G)?;
-            check_target(a.tgt_name.as_deref())?;
-            let ns = &a.namespace;
-            unsupported("nguid/eui64/uuid", ns.nguid.is_some() || ns.eui64.is_some())?;
-            unsupported("uuid", ns.uuid.is_some())?;
-            unsupported("anagrpid", ns.anagrpid.is_some())?;
-            unsupported("ptpl_file", ns.ptpl_file.is_some())?;
-            unsupported("no_auto_visible", ns.no_auto_visible)?;
-            if target.subsystem(&a.nqn).is_none() {
-                return Err(not_found(&a.nqn));
-            }
-            let bdev = ns.bdev_name.as_str();
-            let export = crate::rpc_bdev::resolve(&control.exports, control.pool.as_deref(), bdev)
-                .ok_or_else(|| invalid_parameters(format!("bdev '{bdev}' does not exist")))?;
-            let block_size = ns.block_size.unwrap_or(4096);
-            let nsid = target
-                .add_namespace(&a.nqn, ns.nsid, export.dev.clone(), block_size)
-                .map_err(subsys_err)?;
-            tracing::info!(nqn = a.nqn, nsid, bdev, export = export.name, "namespace added");
-            Ok(json!(nsid))
-        }
-        "nvmf_subsystem_remove_ns" => {
-            let r: RemoveNs = params(p, G)?;
-            check_target(r.tgt_name.as_deref())?;
-            target.remove_namespace(&r.nqn, r.nsid).map_err(subsys_err)?;
-            Ok(json!(true))
-        }
-        "nvmf_subsystem_add_host" | "nvmf_subsystem_remove_host" => {
-            let h: Host = params(p, G)?;
-            check_target(h.tgt_name.as_deref())?;
-            let subsys = target.subsystem(&h.nqn).ok_or_else(|| not_found(&h.nqn))?;
-            if method == "nvmf_subsystem_add_host" {
-                subsys.hosts.write().insert(h.host.clone());
-            } else {
-                subsys.hosts.write().remove(&h.host);
-            }
-            target.genctr.fetch_add(1, Ordering::Relaxed);
-            crate::volumes::persist_hosts(control, &h.nqn);
-            Ok(json!(true))
-        }
-        "nvmf_subsystem_allow_any_host" => {
-            let a: AllowAnyHost = params(p, G)?;
-            check_target(a.tgt_name.as_deref())?;
-            let subsys = target.subsystem(&a.nqn).ok_or_else(|| not_found(&a.nqn))?;
-            subsys.allow_any_host.store(a.allow_any_host, Ordering::Relaxed);
-            target.genctr.fetch_add(1, Ordering::Relaxed);
-            crate::volumes::persist_hosts(control, &a.nqn);
-            Ok(json!(true))
-        }
-        "nvmf_subsystem_add_listener" => add_listener(control, params(p, G)?),
-        _ => Err(method_not_found(method)),
+const G: DecodeStyle = DecodeStyle::Generic;
+
+/// The `nvmf_*` methods, each in one place: name and handler.
+pub const METHODS: &[Method] = &[
+    Method { name: "nvmf_get_subsystems", call: get_subsystems },
+    Method { name: "nvmf_create_transport", call: create_transport },
+    Method { name: "nvmf_get_transports", call: get_transports },
+    Method { name: "nvmf_create_subsystem", call: create_subsystem },
+    Method { name: "nvmf_delete_subsystem", call: delete_subsystem },
+    Method { name: "nvmf_subsystem_add_ns", call: add_ns },
+    Method { name: "nvmf_subsystem_remove_ns", call: remove_ns },
+    Method { name: "nvmf_subsystem_add_host", call: |c, p| host(c, p, true) },
+    Method { name: "nvmf_subsystem_remove_host", call: |c, p| host(c, p, false) },
+    Method { name: "nvmf_subsystem_allow_any_host", call: allow_any_host },
+    Method { name: "nvmf_subsystem_add_listener", call: |c, p| add_listener(c, params(p, G)?) },
+];
+
+fn create_transport(_: &Control, p: &Value) -> Result<Value, RpcError> {
+    let t: CreateTransport = params(p, G)?;
+    check_target(t.tgt_name.as_deref())?;
+    if !t.trtype.eq_ignore_ascii_case("tcp") {
+        let msg = format!("Transport type '{}' unsupported", t.trtype);
+        return Err(invalid_parameters(msg));
     }
+    let ignored: Vec<&String> = t.tuning.keys().collect();
+    tracing::info!(?ignored, "nvmf_create_transport TCP: already there");
+    Ok(json!(true))
+}
+
+fn get_transports(_: &Control, p: &Value) -> Result<Value, RpcError> {
+    let t: GetTransports = params(p, G)?;
+    check_target(t.tgt_name.as_deref())?;
+    if t.trtype.as_deref().is_some_and(|tr| !tr.eq_ignore_ascii_case("tcp")) {
+        return Err(invalid_parameters("transport not found"));
+    }
+    Ok(json!([{"trtype": "TCP", "max_io_size": 1 << 20, "in_capsule_data_size": 8192}]))
+}
+
+fn create_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let c: CreateSubsystem = params(p, G)?;
+    check_target(c.tgt_name.as_deref())?;
+    unsupported("ana_reporting", c.ana_reporting)?;
+    unsupported("passthrough", c.passthrough)?;
+    unsupported("enable_nssr", c.enable_nssr)?;
+    unsupported("min_cntlid/max_cntlid", c.min_cntlid.is_some() || c.max_cntlid.is_some())?;
+    let nqn = c.nqn.as_str();
+    let subsys = control.target.create_subsystem(nqn, c.allow_any_host).map_err(|e| match e {
+        SubsysError::Exists(_) => {
+            RpcError::new(INTERNAL_ERROR, format!("Unable to create subsystem {nqn}"))
+        }
+        other => invalid_parameters(other),
+    })?;
+    // The target derives serial and model from the NQN; say so when asked for others.
+    if c.serial_number.as_ref().is_some_and(|s| *s != subsys.serial)
+        || c.model_number.as_ref().is_some_and(|m| *m != subsys.model)
+    {
+        tracing::warn!(
+            nqn,
+            serial = subsys.serial,
+            model = subsys.model,
+            "serial_number/model_number not settable: the target derives them from the NQN"
+        );
+    }
+    let max_ns = c.max_namespaces;
+    tracing::info!(nqn, allow_any_host = c.allow_any_host, ?max_ns, "subsystem created");
+    Ok(json!(true))
+}
+
+fn delete_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let d: Nqn = params(p, G)?;
+    check_target(d.tgt_name.as_deref())?;
+    control.registry.delete_subsystem(&d.nqn).map_err(registry_err)?;
+    tracing::info!(nqn = d.nqn, "subsystem deleted");
+    Ok(json!(true))
+}
+
+fn add_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let a: AddNs = params(p, G)?;
+    check_target(a.tgt_name.as_deref())?;
+    let ns = &a.namespace;
+    unsupported("nguid/eui64/uuid", ns.nguid.is_some() || ns.eui64.is_some())?;
+    unsupported("uuid", ns.uuid.is_some())?;
+    unsupported("anagrpid", ns.anagrpid.is_some())?;
+    unsupported("ptpl_file", ns.ptpl_file.is_some())?;
+    unsupported("no_auto_visible", ns.no_auto_visible)?;
+    if control.target.subsystem(&a.nqn).is_none() {
+        return Err(not_found(&a.nqn));
+    }
+    let bdev = ns.bdev_name.as_str();
+    let device = control
+        .registry
+        .resolve(bdev)
+        .ok_or_else(|| invalid_parameters(format!("bdev '{bdev}' does not exist")))?;
+    let block_size = ns.block_size.unwrap_or(4096);
+    let nsid = control
+        .registry
+        .add_namespace(&a.nqn, ns.nsid, &device.name, block_size)
+        .map_err(registry_err)?;
+    tracing::info!(nqn = a.nqn, nsid, bdev, export = device.name, "namespace added");
+    Ok(json!(nsid))
+}
+
+fn remove_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let r: RemoveNs = params(p, G)?;
+    check_target(r.tgt_name.as_deref())?;
+    control.registry.remove_namespace(&r.nqn, r.nsid).map_err(registry_err)?;
+    Ok(json!(true))
+}
+
+/// `nvmf_subsystem_add_host` (`add`) and `nvmf_subsystem_remove_host`.
+fn host(control: &Control, p: &Value, add: bool) -> Result<Value, RpcError> {
+    let h: Host = params(p, G)?;
+    check_target(h.tgt_name.as_deref())?;
+    let subsys = control.target.subsystem(&h.nqn).ok_or_else(|| not_found(&h.nqn))?;
+    if add {
+        subsys.hosts.write().insert(h.host.clone());
+    } else {
+        subsys.hosts.write().remove(&h.host);
+    }
+    control.target.genctr.fetch_add(1, Ordering::Relaxed);
+    crate::volumes::persist_hosts(control, &h.nqn);
+    Ok(json!(true))
+}
+
+fn allow_any_host(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let a: AllowAnyHost = params(p, G)?;
+    check_target(a.tgt_name.as_deref())?;
+    let subsys = control.target.subsystem(&a.nqn).ok_or_else(|| not_found(&a.nqn))?;
+    subsys.allow_any_host.store(a.allow_any_host, Ordering::Relaxed);
+    control.target.genctr.fetch_add(1, Ordering::Relaxed);
+    crate::volumes::persist_hosts(control, &a.nqn);
+    Ok(json!(true))
 }
 
 /// Listeners are the target's, not a subsystem's: every subsystem is reachable on each. An
@@ -316,90 +337,158 @@ fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
         .iter()
         .any(|(a, port)| *a == addr.ip().to_string() && *port == addr.port());
     if !known {
-        crate::serve::start_nvmf_listener(&control.cores, target, &control.admission, addr)
+        crate::listeners::start_nvmf_listener(&control.cores, target, &control.admission, addr)
             .map_err(|e| invalid_parameters(format!("{e:#}")))?;
     }
     tracing::info!(nqn = l.nqn, %addr, new = !known, "listener added");
     Ok(json!(true))
 }
 
-fn get_subsystems(control: &Control, only: Option<&str>) -> Result<Value, RpcError> {
-    let listeners: Vec<Value> = control
+/// One listen address of `nvmf_get_subsystems`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ListenEntry {
+    pub trtype: String,
+    pub adrfam: String,
+    pub traddr: String,
+    pub trsvcid: String,
+}
+
+/// A host allowed on a subsystem.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct HostEntry {
+    pub nqn: String,
+}
+
+/// One namespace of `nvmf_get_subsystems`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NamespaceEntry {
+    pub nsid: u32,
+    /// The registered device's name (SPDK's `bdev_name`; `name` repeats it).
+    pub bdev_name: String,
+    pub name: String,
+    pub nguid: String,
+    pub eui64: String,
+    pub uuid: String,
+    pub block_size: u32,
+    /// A pool volume's SPDK alias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+}
+
+/// A controller connected to a subsystem.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ControllerEntry {
+    pub cntlid: u16,
+    pub hostnqn: String,
+}
+
+/// One entry of `nvmf_get_subsystems` (SPDK's shape; the discovery subsystem has only the
+/// first five fields).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SubsystemEntry {
+    pub nqn: String,
+    /// "Discovery" or "NVMe".
+    pub subtype: String,
+    pub listen_addresses: Vec<ListenEntry>,
+    pub allow_any_host: bool,
+    pub hosts: Vec<HostEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_number: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_number: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_namespaces: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cntlid: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cntlid: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<NamespaceEntry>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controllers: Option<Vec<ControllerEntry>>,
+}
+
+fn get_subsystems(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let g: GetSubsystems = params(p, G)?;
+    check_target(g.tgt_name.as_deref())?;
+    let only = g.nqn.as_deref();
+    let listeners: Vec<ListenEntry> = control
         .target
         .listeners
         .read()
         .iter()
-        .map(|(a, p)| {
-            let adrfam = if a.contains(':') { "IPv6" } else { "IPv4" };
-            json!({"trtype": "TCP", "adrfam": adrfam, "traddr": a, "trsvcid": p.to_string()})
+        .map(|(a, p)| ListenEntry {
+            trtype: "TCP".into(),
+            adrfam: if a.contains(':') { "IPv6" } else { "IPv4" }.into(),
+            traddr: a.clone(),
+            trsvcid: p.to_string(),
         })
         .collect();
     let mut out = Vec::new();
     if only.is_none_or(|n| n == ballast_nvmf::subsys::DISCOVERY_NQN) {
-        out.push(json!({
-            "nqn": ballast_nvmf::subsys::DISCOVERY_NQN,
-            "subtype": "Discovery",
-            "listen_addresses": listeners,
-            "allow_any_host": true,
-            "hosts": [],
-        }));
+        out.push(SubsystemEntry {
+            nqn: ballast_nvmf::subsys::DISCOVERY_NQN.into(),
+            subtype: "Discovery".into(),
+            listen_addresses: listeners.clone(),
+            allow_any_host: true,
+            hosts: vec![],
+            serial_number: None,
+            model_number: None,
+            max_namespaces: None,
+            min_cntlid: None,
+            max_cntlid: None,
+            namespaces: None,
+            controllers: None,
+        });
     }
-    let names: Vec<(String, std::sync::Arc<dyn ballast_engine::BlockDev>)> =
-        control.exports.list().iter().map(|e| (e.name.clone(), e.dev.clone())).collect();
-    let pool = control.pool.as_deref();
+    let registry = &control.registry;
     for s in control.target.subsystems() {
         if only.is_some_and(|n| n != s.nqn) {
             continue;
         }
-        let namespaces: Vec<Value> = s
+        let namespaces = s
             .namespaces
             .read()
             .values()
             .map(|ns| {
-                let bdev = names
-                    .iter()
-                    .find(|(_, d)| std::sync::Arc::ptr_eq(d, &ns.dev))
-                    .map(|(n, _)| n.clone())
-                    .unwrap_or_default();
-                let mut j = json!({
-                    "nsid": ns.nsid,
-                    "bdev_name": bdev,
-                    "name": bdev,
-                    "nguid": hex(&ns.nguid),
-                    "eui64": hex(&ns.eui64),
-                    "uuid": crate::lvstore::format_uuid(&ns.uuid),
-                    "block_size": 1u32 << ns.lba_shift,
-                });
-                if let Some(alias) = pool.filter(|p| p.meta().find(&bdev).is_ok()) {
-                    j["alias"] = json!(crate::lvstore::alias(alias, &bdev));
+                let bdev = registry.namespace_device(&s.nqn, ns.nsid).unwrap_or_default();
+                let alias = registry.get(&bdev).and_then(|d| registry.alias(&d));
+                NamespaceEntry {
+                    nsid: ns.nsid,
+                    name: bdev.clone(),
+                    bdev_name: bdev,
+                    nguid: hex(&ns.nguid),
+                    eui64: hex(&ns.eui64),
+                    uuid: crate::lvstore::format_uuid(&ns.uuid),
+                    block_size: 1u32 << ns.lba_shift,
+                    alias,
                 }
-                j
             })
             .collect();
-        let hosts: Vec<Value> = s.hosts.read().iter().map(|h| json!({"nqn": h})).collect();
-        let controllers: Vec<Value> = control
+        let hosts = s.hosts.read().iter().map(|h| HostEntry { nqn: h.clone() }).collect();
+        let controllers = control
             .target
             .controllers_of(&s.nqn)
             .iter()
-            .map(|c| json!({"cntlid": c.cntlid, "hostnqn": c.hostnqn}))
+            .map(|c| ControllerEntry { cntlid: c.cntlid, hostnqn: c.hostnqn.clone() })
             .collect();
-        out.push(json!({
-            "nqn": s.nqn,
-            "subtype": "NVMe",
-            "listen_addresses": listeners,
-            "allow_any_host": s.allow_any_host.load(Ordering::Relaxed),
-            "hosts": hosts,
-            "serial_number": s.serial,
-            "model_number": s.model,
-            "max_namespaces": 0,
-            "min_cntlid": 1,
-            "max_cntlid": 65519,
-            "namespaces": namespaces,
-            "controllers": controllers,
-        }));
+        out.push(SubsystemEntry {
+            nqn: s.nqn.clone(),
+            subtype: "NVMe".into(),
+            listen_addresses: listeners.clone(),
+            allow_any_host: s.allow_any_host.load(Ordering::Relaxed),
+            hosts,
+            serial_number: Some(s.serial.clone()),
+            model_number: Some(s.model.clone()),
+            max_namespaces: Some(0),
+            min_cntlid: Some(1),
+            max_cntlid: Some(65519),
+            namespaces: Some(namespaces),
+            controllers: Some(controllers),
+        });
     }
     if let Some(nqn) = only.filter(|_| out.is_empty()) {
         return Err(not_found(nqn));
     }
-    Ok(Value::Array(out))
+    Ok(json!(out))
 }

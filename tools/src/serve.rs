@@ -1,25 +1,24 @@
 //! `ballast serve`: parses the settings, opens the backends, starts the cores, the NBD listener
 //! and the control API, then waits for SIGINT/SIGTERM and shuts down in order.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use ballast_engine::file::FileDev;
 use ballast_engine::limits::{Admission, ConnLimits};
 use ballast_engine::listener::Acceptor;
-use ballast_engine::nvme::NvmeDev;
-use ballast_engine::ram::RamDev;
 use ballast_engine::size::parse_size;
 use ballast_engine::volume::dev::PoolHandle;
 use ballast_engine::volume::pool::PoolGeometry;
-use ballast_engine::{BlockDev, DeviceRingConfig, Engine, EngineConfig, Msg, Task};
-use ballast_nbd::{Export, ExportTable};
+use ballast_engine::{DeviceRingConfig, Engine, EngineConfig, Msg, Task};
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::rpc::{self, Control};
+use crate::control::Control;
+use crate::listeners::{bind_retrying, start_nvmf_listener};
+use crate::registry::{self, Registry};
+use crate::rpc;
 
 /// Size of the embedded default volume created on first run.
 const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
@@ -173,29 +172,6 @@ pub fn needs_device_ring(spec: &str) -> bool {
     spec.starts_with("nvme:")
 }
 
-/// Opens a backend from `ram:SIZE`, `file:PATH[:SIZE]` or `nvme:/dev/ngXnY`.
-pub fn open_backend(spec: &str, read_only: bool) -> anyhow::Result<Arc<dyn BlockDev>> {
-    if let Some(size) = spec.strip_prefix("ram:") {
-        let bytes = parse_size(size)?;
-        if bytes == 0 {
-            bail!("ram export of size 0");
-        }
-        return Ok(Arc::new(RamDev::new(bytes)));
-    }
-    if let Some(rest) = spec.strip_prefix("file:") {
-        // A trailing ":SIZE" is a size only if it parses as one.
-        let (path, size) = match rest.rsplit_once(':') {
-            Some((p, s)) if parse_size(s).is_ok() => (p, Some(parse_size(s)?)),
-            _ => (rest, None),
-        };
-        return Ok(Arc::new(FileDev::open(Path::new(path), size, read_only)?));
-    }
-    if let Some(path) = spec.strip_prefix("nvme:") {
-        return Ok(Arc::new(NvmeDev::open(Path::new(path), read_only)?));
-    }
-    bail!("unknown backend {spec:?}: expected ram:SIZE, file:PATH[:SIZE] or nvme:/dev/ngXnY")
-}
-
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -217,7 +193,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
 
-    let exports = Arc::new(ExportTable::default());
     let pool_path = match (&args.pool, args.exports.is_empty()) {
         (Some(p), _) => Some(p.clone()),
         (None, true) => {
@@ -246,6 +221,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let target = Arc::new(ballast_nvmf::Target::default());
+    let registry = Arc::new(Registry::new(target.clone(), pool.clone()));
     for spec in &args.exports {
         let Some((name, backend)) = spec.split_once('=') else {
             bail!(
@@ -253,13 +230,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                  NAME=nvme:/dev/ngXnY"
             );
         };
-        let dev = open_backend(backend, false).with_context(|| format!("export {name}"))?;
-        exports.add(Export {
-            name: name.into(),
-            description: String::new(),
-            dev,
-            read_only: false,
-        })?;
+        registry::add_export(&registry, name, backend, false, String::new())
+            .with_context(|| format!("export {name}"))?;
     }
 
     // Signals are taken synchronously by this thread; every thread started below inherits the
@@ -306,28 +278,28 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         pool.attach_cores(handles.clone());
     }
 
-    let target = Arc::new(ballast_nvmf::Target::default());
     let control = Arc::new(Control {
-        exports: exports.clone(),
+        registry: registry.clone(),
         target: target.clone(),
         cores: handles.clone(),
         pool: pool.clone(),
         allow_hosts: args.allow_hosts.clone(),
         admission: admission.clone(),
         buffer_memory,
+        started: std::time::Instant::now(),
     });
-    let plain_exports: Vec<String> = exports.list().iter().map(|e| e.name.clone()).collect();
+    let plain_exports: Vec<String> = registry.list().iter().map(|e| e.name.clone()).collect();
     if let Some(pool) = &pool {
         crate::volumes::export_all(&control, pool)?;
     }
     if let Some(name) = &args.default_export {
-        exports.set_default(name)?;
+        registry.set_default(name)?;
     }
-    for export in exports.list().into_iter().filter(|e| plain_exports.contains(&e.name)) {
-        let nqn = format!("{}{}", ballast_nvmf::NQN_PREFIX, export.name);
+    for name in &plain_exports {
+        let nqn = format!("{}{name}", ballast_nvmf::NQN_PREFIX);
         let subsys = target.create_subsystem(&nqn, args.allow_hosts.is_empty())?;
         subsys.hosts.write().extend(args.allow_hosts.iter().cloned());
-        target.add_namespace(&nqn, 1, export.dev.clone(), 4096)?;
+        registry.add_namespace(&nqn, 1, name, 4096)?;
     }
     let mut nvmf_addrs = vec![args.nvmf_listen];
     nvmf_addrs.extend(args.discovery_listen);
@@ -337,7 +309,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let listener = bind_retrying(args.nbd_listen)
         .with_context(|| format!("binding NBD on {}", args.nbd_listen))?;
-    let factory = ballast_nbd::conn_factory(exports.clone());
+    let factory = ballast_nbd::conn_factory(registry.nbd_exports());
     let nbd_admission = admission.clone();
     let spawn = Msg::Spawn(Box::new(move |_cx| {
         Box::new(Acceptor::new(listener, "nbd", factory, nbd_admission)) as Box<dyn Task>
@@ -359,7 +331,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let pointer = if args.rpc_socket.is_none() { publish_pointer(&socket) } else { None };
     tracing::info!(
         cores = count,
-        exports = exports.list().len(),
+        exports = registry.list().len(),
         socket = %socket.display(),
         "ballast serving"
     );
@@ -367,7 +339,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(n) => {
             n.send(&format!(
                 "READY=1\nSTATUS=serving {} exports on {} cores",
-                exports.list().len(),
+                registry.list().len(),
                 count
             ));
             match crate::notify::watchdog_interval() {
@@ -388,7 +360,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     drop(watchdog);
     engine.shutdown();
-    for dev in exports.devices() {
+    for dev in registry.list().iter().map(|d| &d.dev) {
         if let Err(e) = dev.flush_blocking() {
             tracing::error!(backend = %dev.info().backend, error = %e, "final flush failed");
         }
@@ -434,27 +406,6 @@ fn publish_pointer(socket: &Path) -> Option<crate::locate::Pointer> {
     }
 }
 
-/// Binds an NVMe/TCP listener and starts its acceptor on core 0.
-pub fn start_nvmf_listener(
-    cores: &[ballast_engine::reactor::CoreHandle],
-    target: &Arc<ballast_nvmf::Target>,
-    admission: &Arc<Admission>,
-    addr: SocketAddr,
-) -> anyhow::Result<()> {
-    let admission = admission.clone();
-    let listener = bind_retrying(addr).with_context(|| format!("binding NVMe/TCP on {addr}"))?;
-    target.listeners.write().push((addr.ip().to_string(), addr.port()));
-    target.genctr.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let factory = ballast_nvmf::conn_factory(target.clone());
-    let spawn = Msg::Spawn(Box::new(move |_cx| {
-        Box::new(Acceptor::new(listener, "nvme-tcp", factory, admission)) as Box<dyn Task>
-    }));
-    if !cores[0].send_blocking(spawn) {
-        bail!("core 0 is not running");
-    }
-    Ok(())
-}
-
 /// The embedded default: a sparse 10 GiB pool holding a 1 GiB volume `vol0`.
 fn create_default_pool(path: &Path) -> anyhow::Result<()> {
     let g = PoolGeometry::standard(crate::volumes::new_uuid()?);
@@ -465,29 +416,6 @@ fn create_default_pool(path: &Path) -> anyhow::Result<()> {
     pool.checkpoint_blocking()?;
     tracing::info!(path = %path.display(), "created the default pool with volume vol0");
     Ok(())
-}
-
-/// Binds `addr`, waiting up to 10 s while it is in use: after a kill -9 the previous daemon's
-/// listening sockets stay open until the kernel has torn down its io_uring (an accept in
-/// flight holds them), which takes a moment after the process is gone.
-pub(crate) fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let start = std::time::Instant::now();
-    let mut warned = false;
-    loop {
-        match TcpListener::bind(addr) {
-            Err(e)
-                if e.kind() == std::io::ErrorKind::AddrInUse
-                    && start.elapsed() < std::time::Duration::from_secs(10) =>
-            {
-                if !warned {
-                    tracing::warn!(%addr, "address in use; waiting for it to be released");
-                    warned = true;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            r => return r,
-        }
-    }
 }
 
 fn raise_fd_limit() {

@@ -18,15 +18,15 @@ use ballast_engine::volume::format::{choose_superblock, Superblock, BLOCK_SIZE};
 use ballast_engine::volume::pool::{Pool, PoolGeometry, SyncDisk};
 use ballast_engine::volume::pool::{PoolError, PIECE};
 use ballast_engine::BlockDev;
-use ballast_nbd::Export;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::control::{Control, Method};
 use crate::lvstore;
-use crate::rpc::Control;
+use crate::registry::{Device, DeviceKind};
 use crate::rpc_error::{
-    invalid_argument, invalid_parameters, method_not_found, no_such_device, params, DecodeStyle,
-    RpcError, EEXIST, ENODEV, INTERNAL_ERROR,
+    invalid_argument, invalid_parameters, no_such_device, params, DecodeStyle, RpcError, EEXIST,
+    ENODEV, INTERNAL_ERROR,
 };
 
 /// Config key holding the access settings of volume `name`'s subsystem (JSON: allow_any_host,
@@ -46,6 +46,19 @@ pub fn new_uuid() -> anyhow::Result<[u8; 16]> {
     Ok(uuid)
 }
 
+/// A volume subsystem's access settings as kept in the pool's configuration.
+#[derive(serde::Serialize, Deserialize)]
+struct StoredHosts {
+    #[serde(default = "yes")]
+    allow_any_host: bool,
+    #[serde(default)]
+    hosts: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// Exports volume `name` over NBD and NVMe/TCP.
 pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> anyhow::Result<()> {
     let dev = pool.device(name, false)?;
@@ -59,41 +72,30 @@ pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> a
             None => "volume".to_string(),
         }
     };
-    if let Err(e) = lvstore::ensure_volume_uuid(pool, name) {
-        tracing::warn!(volume = name, error = %e, "volume has no UUID (SPDK lookups by UUID fail)");
-    }
-    let dev: Arc<dyn BlockDev> = Arc::new(dev);
-    control.exports.add(Export {
-        name: name.to_string(),
-        description,
-        dev: dev.clone(),
-        read_only,
+    let uuid = lvstore::ensure_volume_uuid(pool, name).or_else(|e| {
+        tracing::warn!(volume = name, error = %e, "volume UUID not stored: it changes at restart");
+        lvstore::random_uuid()
     })?;
+    let dev: Arc<dyn BlockDev> = Arc::new(dev);
+    let device = Device::new(name, uuid, DeviceKind::Volume, description, dev, read_only);
+    control.registry.add(device)?;
     let nqn = nqn_of(name);
-    let stored: Option<Value> =
+    let stored: Option<StoredHosts> =
         pool.meta().config().get(&hosts_key(name)).and_then(|v| serde_json::from_str(v).ok());
-    let (any, hosts): (bool, Vec<String>) = match &stored {
-        Some(v) => (
-            v["allow_any_host"].as_bool().unwrap_or(true),
-            v["hosts"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|h| h.as_str().map(String::from))
-                .collect(),
-        ),
-        None => (control.allow_hosts.is_empty(), control.allow_hosts.clone()),
-    };
+    let StoredHosts { allow_any_host: any, hosts } = stored.unwrap_or_else(|| StoredHosts {
+        allow_any_host: control.allow_hosts.is_empty(),
+        hosts: control.allow_hosts.clone(),
+    });
     let subsys = control.target.create_subsystem(&nqn, any)?;
     subsys.hosts.write().extend(hosts);
-    control.target.add_namespace(&nqn, 1, dev, 4096)?;
+    control.registry.add_namespace(&nqn, 1, name, 4096)?;
     Ok(())
 }
 
 /// Removes volume `name`'s exports (open connections keep their device until they close).
 pub fn unexport_volume(control: &Control, name: &str) {
-    let _ = control.exports.remove(name);
-    let _ = control.target.delete_subsystem(&nqn_of(name));
+    let _ = control.registry.remove(name);
+    let _ = control.registry.delete_subsystem(&nqn_of(name));
 }
 
 /// Exports every volume of `pool`.
@@ -115,7 +117,7 @@ pub fn persist_hosts(control: &Control, nqn: &str) {
     }
     let hosts: Vec<String> = subsys.hosts.read().iter().cloned().collect();
     let any = subsys.allow_any_host.load(std::sync::atomic::Ordering::Relaxed);
-    let value = json!({"allow_any_host": any, "hosts": hosts}).to_string();
+    let value = json!(StoredHosts { allow_any_host: any, hosts }).to_string();
     if let Err(e) = pool.set_config(&hosts_key(name), &value) {
         tracing::warn!(volume = name, error = %e, "could not store the host list in the pool");
     }
@@ -129,9 +131,9 @@ fn pool(control: &Control) -> Result<&Arc<PoolHandle>, RpcError> {
 }
 
 /// A size as bytes (number) or a string like "10G" (ballast's CLI); SPDK sends `size_in_mib`.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(untagged)]
-enum SizeParam {
+pub enum SizeParam {
     Bytes(u64),
     Text(String),
 }
@@ -149,86 +151,86 @@ fn size_bytes(size_in_mib: Option<u64>, size: Option<&SizeParam>) -> Result<u64,
 }
 
 /// `bdev_lvol_get_lvstores`, `bdev_lvol_delete_lvstore`-style store selection.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct LvstoreSelect {
-    uuid: Option<String>,
-    lvs_name: Option<String>,
+pub struct LvstoreSelect {
+    pub uuid: Option<String>,
+    pub lvs_name: Option<String>,
 }
 
 /// `bdev_lvol_get_lvols` (SPDK names the selectors differently here).
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct LvolsSelect {
-    lvs_uuid: Option<String>,
-    lvs_name: Option<String>,
+pub struct LvolsSelect {
+    pub lvs_uuid: Option<String>,
+    pub lvs_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct LvolCreate {
+pub struct LvolCreate {
     #[serde(alias = "name")]
-    lvol_name: String,
-    size_in_mib: Option<u64>,
-    size: Option<SizeParam>,
+    pub lvol_name: String,
+    pub size_in_mib: Option<u64>,
+    pub size: Option<SizeParam>,
     /// Volumes are always thin; `false` (spdk-rpc's default) is accepted.
     #[serde(default)]
-    thin_provision: bool,
+    pub thin_provision: bool,
     /// Accepted and ignored: new clusters always read as zeroes.
     #[allow(dead_code)]
-    clear_method: Option<String>,
+    pub clear_method: Option<String>,
     #[allow(dead_code)]
-    lvol_priority_class: Option<i32>,
-    uuid: Option<String>,
-    lvs_name: Option<String>,
+    pub lvol_priority_class: Option<i32>,
+    pub uuid: Option<String>,
+    pub lvs_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct LvolSnapshot {
+pub struct LvolSnapshot {
     #[serde(alias = "volume")]
-    lvol_name: String,
+    pub lvol_name: String,
     #[serde(alias = "name")]
-    snapshot_name: String,
+    pub snapshot_name: String,
     /// Ballast's CLI: answer `{name, uuid, micros}` instead of SPDK's bare UUID.
     #[serde(default)]
-    report_micros: bool,
+    pub report_micros: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct LvolClone {
+pub struct LvolClone {
     #[serde(alias = "snapshot")]
-    snapshot_name: String,
+    pub snapshot_name: String,
     #[serde(alias = "name")]
-    clone_name: String,
+    pub clone_name: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct LvolRollback {
+pub struct LvolRollback {
     #[serde(alias = "lvol_name")]
-    name: String,
+    pub name: String,
     #[serde(alias = "snapshot")]
-    snapshot_name: String,
+    pub snapshot_name: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct LvolResize {
+pub struct LvolResize {
     #[serde(alias = "lvol_name")]
-    name: String,
-    size_in_mib: Option<u64>,
-    size: Option<SizeParam>,
+    pub name: String,
+    pub size_in_mib: Option<u64>,
+    pub size: Option<SizeParam>,
     #[serde(default)]
-    force: bool,
+    pub force: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct LvolName {
+pub struct LvolName {
     #[serde(alias = "lvol_name")]
-    name: String,
+    pub name: String,
 }
 
 #[derive(Deserialize)]
@@ -258,8 +260,8 @@ fn check_lvstore(
 }
 
 /// The volume an SPDK bdev name (alias, UUID or plain name) names, or SPDK's -ENODEV.
-fn lvol(pool: &PoolHandle, name: &str) -> Result<String, RpcError> {
-    lvstore::resolve(pool, name).ok_or_else(no_such_device)
+fn lvol(control: &Control, name: &str) -> Result<String, RpcError> {
+    control.registry.resolve_volume(name).map(|d| d.name.clone()).ok_or_else(no_such_device)
 }
 
 /// A pool refusal as SPDK words the errno behind it.
@@ -286,169 +288,231 @@ fn publish(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> Result<Stri
     Ok(uuid)
 }
 
-/// `bdev_lvol_get_lvstores`: SPDK's fields, then ballast's own (`pool info` shows them all).
-fn lvstore_json(pool: &PoolHandle) -> Value {
-    let info = pool.info();
-    let cluster = info.cluster_bytes.max(1);
-    let mut v = json!({
-        "uuid": lvstore::lvs_uuid(pool),
-        "name": lvstore::lvs_name(pool),
-        "base_bdev": info.path,
-        "total_data_clusters": info.data_bytes / cluster,
-        "free_clusters": info.free_bytes / cluster,
-        "block_size": PIECE,
-        "cluster_size": info.cluster_bytes,
-    });
-    if let (Value::Object(out), Ok(Value::Object(ours))) = (&mut v, serde_json::to_value(&info)) {
-        for (k, val) in ours {
-            out.entry(k).or_insert(val);
-        }
-    }
-    v
+/// One entry of `bdev_lvol_get_lvstores`: SPDK's fields, then ballast's own (`pool info` shows
+/// them all).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct LvstoreEntry {
+    pub uuid: String,
+    pub name: String,
+    /// The pool's path.
+    pub base_bdev: String,
+    pub total_data_clusters: u64,
+    pub free_clusters: u64,
+    pub block_size: u64,
+    pub cluster_size: u64,
+    /// Ballast's `PoolInfo` fields (path, data_bytes, used_bytes, free_bytes, volumes, ...).
+    #[serde(flatten)]
+    pub pool: serde_json::Map<String, Value>,
 }
 
-/// `bdev_lvol_get_lvols`: SPDK's fields (`alias`, `uuid`, `is_*`, `lvs`) and ballast's.
-fn lvols_json(pool: &PoolHandle) -> Value {
-    let lvs = json!({"name": lvstore::lvs_name(pool), "uuid": lvstore::lvs_uuid(pool)});
+fn lvstore_entry(pool: &PoolHandle) -> LvstoreEntry {
+    let info = pool.info();
+    let cluster = info.cluster_bytes.max(1);
+    let mut entry = LvstoreEntry {
+        uuid: lvstore::lvs_uuid(pool),
+        name: lvstore::lvs_name(pool),
+        base_bdev: info.path.clone(),
+        total_data_clusters: info.data_bytes / cluster,
+        free_clusters: info.free_bytes / cluster,
+        block_size: PIECE,
+        cluster_size: info.cluster_bytes,
+        pool: serde_json::Map::new(),
+    };
+    if let Ok(Value::Object(ours)) = serde_json::to_value(&info) {
+        // SPDK's names win where both have one (`uuid`: the same value).
+        let spdk = ["uuid", "name", "base_bdev", "total_data_clusters", "free_clusters"];
+        let spdk = [&spdk[..], &["block_size", "cluster_size"]].concat();
+        entry.pool = ours.into_iter().filter(|(k, _)| !spdk.contains(&k.as_str())).collect();
+    }
+    entry
+}
+
+/// `{name, uuid}` of an lvol's store.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct LvsRef {
+    pub name: String,
+    pub uuid: String,
+}
+
+/// One entry of `bdev_lvol_get_lvols`: SPDK's fields, then ballast's.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct LvolEntry {
+    pub alias: String,
+    pub uuid: Option<String>,
+    pub name: String,
+    pub is_thin_provisioned: bool,
+    pub is_snapshot: bool,
+    pub is_clone: bool,
+    pub is_esnap_clone: bool,
+    pub is_degraded: bool,
+    pub lvs: LvsRef,
+    pub id: u32,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+    pub read_only: bool,
+    pub snapshot: bool,
+    pub parent: Option<String>,
+}
+
+fn lvol_entries(pool: &PoolHandle) -> Vec<LvolEntry> {
+    let lvs = LvsRef { name: lvstore::lvs_name(pool), uuid: lvstore::lvs_uuid(pool) };
     let all = pool.list();
-    let out: Vec<Value> = all
-        .iter()
+    all.iter()
         .map(|v| {
-            let mut j = serde_json::to_value(v).unwrap_or_default();
             let parent_is_snapshot = v
                 .parent
                 .as_ref()
                 .is_some_and(|p| all.iter().any(|o| &o.name == p && o.snapshot) && !v.snapshot);
-            j["alias"] = json!(lvstore::alias(pool, &v.name));
-            j["uuid"] = json!(lvstore::volume_uuid(pool, &v.name));
-            j["is_thin_provisioned"] = json!(true);
-            j["is_snapshot"] = json!(v.snapshot);
-            j["is_clone"] = json!(parent_is_snapshot);
-            j["is_esnap_clone"] = json!(false);
-            j["is_degraded"] = json!(false);
-            j["lvs"] = lvs.clone();
-            j
+            LvolEntry {
+                alias: lvstore::alias(pool, &v.name),
+                uuid: lvstore::volume_uuid(pool, &v.name),
+                name: v.name.clone(),
+                is_thin_provisioned: true,
+                is_snapshot: v.snapshot,
+                is_clone: parent_is_snapshot,
+                is_esnap_clone: false,
+                is_degraded: false,
+                lvs: lvs.clone(),
+                id: v.id,
+                size_bytes: v.size_bytes,
+                allocated_bytes: v.allocated_bytes,
+                read_only: v.read_only,
+                snapshot: v.snapshot,
+                parent: v.parent.clone(),
+            }
         })
-        .collect();
-    Value::Array(out)
+        .collect()
 }
 
-pub fn handle(control: &Control, method: &str, p: &Value) -> Result<Value, RpcError> {
-    use DecodeStyle::Lvol as L;
-    let pool = pool(control)?;
-    match method {
-        "bdev_lvol_get_lvstores" => {
-            let sel: LvstoreSelect = params(p, L)?;
-            check_lvstore(pool, sel.uuid.as_deref(), sel.lvs_name.as_deref())?;
-            Ok(json!([lvstore_json(pool)]))
-        }
-        "bdev_lvol_get_lvols" => {
-            let sel: LvolsSelect = params(p, L)?;
-            check_lvstore(pool, sel.lvs_uuid.as_deref(), sel.lvs_name.as_deref())?;
-            Ok(lvols_json(pool))
-        }
-        "bdev_lvol_rename_lvstore" => {
-            let r: RenameLvstore = params(p, L)?;
-            if r.old_name != lvstore::lvs_name(pool) {
-                let msg = format!("Lvol store {} not found", r.old_name);
-                return Err(RpcError::new(-2, msg));
-            }
-            if r.new_name.is_empty() || r.new_name.contains('/') || r.new_name.len() > 64 {
-                return Err(invalid_parameters("lvol store name: 1 to 64 bytes, no '/'"));
-            }
-            lvstore::set_lvs_name(pool, &r.new_name).map_err(internal)?;
-            tracing::info!(from = r.old_name, to = r.new_name, "lvol store renamed");
-            Ok(json!(true))
-        }
-        "bdev_lvol_create" => {
-            let c: LvolCreate = params(p, L)?;
-            check_lvstore(pool, c.uuid.as_deref(), c.lvs_name.as_deref())?;
-            let size = size_bytes(c.size_in_mib, c.size.as_ref())?;
-            let name = c.lvol_name.as_str();
-            pool.create_volume(name, size).map_err(pool_err)?;
-            let uuid = publish(control, pool, name)?;
-            let thin = c.thin_provision;
-            tracing::info!(volume = name, uuid, size_bytes = size, thin, "volume created");
-            Ok(json!(uuid))
-        }
-        "bdev_lvol_snapshot" => {
-            let s: LvolSnapshot = params(p, L)?;
-            let of = lvol(pool, &s.lvol_name)?;
-            let name = s.snapshot_name.as_str();
-            let t = std::time::Instant::now();
-            pool.snapshot(&of, name).map_err(pool_err)?;
-            let us = t.elapsed().as_micros() as u64;
-            let uuid = publish(control, pool, name)?;
-            tracing::info!(volume = of, snapshot = name, uuid, micros = us, "snapshot created");
-            if s.report_micros {
-                return Ok(json!({"name": name, "uuid": uuid, "micros": us}));
-            }
-            Ok(json!(uuid))
-        }
-        "bdev_lvol_clone" => {
-            let c: LvolClone = params(p, L)?;
-            let of = lvol(pool, &c.snapshot_name)?;
-            let name = c.clone_name.as_str();
-            pool.clone_volume(&of, name).map_err(pool_err)?;
-            let uuid = publish(control, pool, name)?;
-            tracing::info!(snapshot = of, clone = name, uuid, "clone created");
-            Ok(json!(uuid))
-        }
-        "bdev_lvol_rollback" => {
-            let r: LvolRollback = params(p, L)?;
-            let (name, to) = (lvol(pool, &r.name)?, lvol(pool, &r.snapshot_name)?);
-            pool.rollback(&name, &to).map_err(pool_err)?;
-            tracing::info!(volume = name, snapshot = to, "volume rolled back");
-            Ok(json!(true))
-        }
-        "bdev_lvol_resize" => {
-            let r: LvolResize = params(p, L)?;
-            let name = lvol(pool, &r.name)?;
-            let size = size_bytes(r.size_in_mib, r.size.as_ref())?;
-            pool.resize(&name, size, r.force).map_err(pool_err)?;
-            if let Some(subsys) = control.target.subsystem(&nqn_of(&name)) {
-                control.target.namespace_changed(&subsys, 1);
-            }
-            tracing::info!(volume = name, size_bytes = size, "volume resized");
-            Ok(json!(true))
-        }
-        "bdev_lvol_delete" => {
-            let d: LvolName = params(p, L)?;
-            let name = lvol(pool, &d.name)?;
-            unexport_volume(control, &name);
-            if let Err(e) = pool.delete(&name) {
-                // Put the exports back: the volume is still there.
-                let _ = export_volume(control, pool, &name);
-                return Err(pool_err(e));
-            }
-            let _ = pool.set_config(&hosts_key(&name), "");
-            lvstore::forget_volume(pool, &name);
-            tracing::info!(volume = name, "volume deleted");
-            Ok(json!(true))
-        }
-        "bdev_lvol_check" => {
-            let _: NoParams = params(p, L)?;
-            let m = pool.meta();
-            let problems = m.check();
-            let ok = problems.is_empty() && m.leaked() == 0;
-            Ok(json!({"ok": ok, "problems": problems, "leaked_clusters": m.leaked()}))
-        }
-        _ => Err(method_not_found(method)),
-    }
-}
+const L: DecodeStyle = DecodeStyle::Lvol;
 
-pub const METHODS: &[&str] = &[
-    "bdev_lvol_get_lvstores",
-    "bdev_lvol_get_lvols",
-    "bdev_lvol_rename_lvstore",
-    "bdev_lvol_create",
-    "bdev_lvol_snapshot",
-    "bdev_lvol_clone",
-    "bdev_lvol_rollback",
-    "bdev_lvol_resize",
-    "bdev_lvol_delete",
-    "bdev_lvol_check",
+/// The `bdev_lvol_*` methods, each in one place: name and handler.
+pub const METHODS: &[Method] = &[
+    Method { name: "bdev_lvol_get_lvstores", call: get_lvstores },
+    Method { name: "bdev_lvol_get_lvols", call: get_lvols },
+    Method { name: "bdev_lvol_rename_lvstore", call: rename_lvstore },
+    Method { name: "bdev_lvol_create", call: create },
+    Method { name: "bdev_lvol_snapshot", call: snapshot },
+    Method { name: "bdev_lvol_clone", call: clone },
+    Method { name: "bdev_lvol_rollback", call: rollback },
+    Method { name: "bdev_lvol_resize", call: resize },
+    Method { name: "bdev_lvol_delete", call: delete },
+    Method { name: "bdev_lvol_check", call: check },
 ];
+
+fn get_lvstores(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let sel: LvstoreSelect = params(p, L)?;
+    check_lvstore(pool, sel.uuid.as_deref(), sel.lvs_name.as_deref())?;
+    Ok(json!([lvstore_entry(pool)]))
+}
+
+fn get_lvols(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let sel: LvolsSelect = params(p, L)?;
+    check_lvstore(pool, sel.lvs_uuid.as_deref(), sel.lvs_name.as_deref())?;
+    Ok(json!(lvol_entries(pool)))
+}
+
+fn rename_lvstore(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let r: RenameLvstore = params(p, L)?;
+    if r.old_name != lvstore::lvs_name(pool) {
+        let msg = format!("Lvol store {} not found", r.old_name);
+        return Err(RpcError::new(-2, msg));
+    }
+    if r.new_name.is_empty() || r.new_name.contains('/') || r.new_name.len() > 64 {
+        return Err(invalid_parameters("lvol store name: 1 to 64 bytes, no '/'"));
+    }
+    lvstore::set_lvs_name(pool, &r.new_name).map_err(internal)?;
+    tracing::info!(from = r.old_name, to = r.new_name, "lvol store renamed");
+    Ok(json!(true))
+}
+
+fn create(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let c: LvolCreate = params(p, L)?;
+    check_lvstore(pool, c.uuid.as_deref(), c.lvs_name.as_deref())?;
+    let size = size_bytes(c.size_in_mib, c.size.as_ref())?;
+    let name = c.lvol_name.as_str();
+    pool.create_volume(name, size).map_err(pool_err)?;
+    let uuid = publish(control, pool, name)?;
+    let thin = c.thin_provision;
+    tracing::info!(volume = name, uuid, size_bytes = size, thin, "volume created");
+    Ok(json!(uuid))
+}
+
+fn snapshot(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let s: LvolSnapshot = params(p, L)?;
+    let of = lvol(control, &s.lvol_name)?;
+    let name = s.snapshot_name.as_str();
+    let t = std::time::Instant::now();
+    pool.snapshot(&of, name).map_err(pool_err)?;
+    let us = t.elapsed().as_micros() as u64;
+    let uuid = publish(control, pool, name)?;
+    tracing::info!(volume = of, snapshot = name, uuid, micros = us, "snapshot created");
+    if s.report_micros {
+        return Ok(json!({"name": name, "uuid": uuid, "micros": us}));
+    }
+    Ok(json!(uuid))
+}
+
+fn clone(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let c: LvolClone = params(p, L)?;
+    let of = lvol(control, &c.snapshot_name)?;
+    let name = c.clone_name.as_str();
+    pool.clone_volume(&of, name).map_err(pool_err)?;
+    let uuid = publish(control, pool, name)?;
+    tracing::info!(snapshot = of, clone = name, uuid, "clone created");
+    Ok(json!(uuid))
+}
+
+fn rollback(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let r: LvolRollback = params(p, L)?;
+    let (name, to) = (lvol(control, &r.name)?, lvol(control, &r.snapshot_name)?);
+    pool.rollback(&name, &to).map_err(pool_err)?;
+    tracing::info!(volume = name, snapshot = to, "volume rolled back");
+    Ok(json!(true))
+}
+
+fn resize(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let r: LvolResize = params(p, L)?;
+    let name = lvol(control, &r.name)?;
+    let size = size_bytes(r.size_in_mib, r.size.as_ref())?;
+    pool.resize(&name, size, r.force).map_err(pool_err)?;
+    control.registry.namespaces_changed(&name);
+    tracing::info!(volume = name, size_bytes = size, "volume resized");
+    Ok(json!(true))
+}
+
+fn delete(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let d: LvolName = params(p, L)?;
+    let name = lvol(control, &d.name)?;
+    unexport_volume(control, &name);
+    if let Err(e) = pool.delete(&name) {
+        // Put the exports back: the volume is still there.
+        let _ = export_volume(control, pool, &name);
+        return Err(pool_err(e));
+    }
+    let _ = pool.set_config(&hosts_key(&name), "");
+    lvstore::forget_volume(pool, &name);
+    tracing::info!(volume = name, "volume deleted");
+    Ok(json!(true))
+}
+
+fn check(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let _: NoParams = params(p, L)?;
+    let m = pool.meta();
+    let problems = m.check();
+    let ok = problems.is_empty() && m.leaked() == 0;
+    Ok(json!({"ok": ok, "problems": problems, "leaked_clusters": m.leaked()}))
+}
 
 // ---- offline tools --------------------------------------------------------------------------
 

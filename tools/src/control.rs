@@ -1,0 +1,41 @@
+//! The daemon's shared state, as every control method and the metrics see it.
+//!
+//! Leaf of the control plane: it depends on the registry and the engine, never on a method
+//! module, so method modules (`rpc_*`, `volumes`, `metrics`) can all depend on it without a
+//! cycle, and `rpc` only dispatches to them. Invariants:
+//! - `registry` is the one place devices are named; `target` is changed only through the
+//!   registry where a namespace is concerned (so every namespace names its device);
+//! - `pool`, when present, is the pool the registry's volumes belong to.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ballast_engine::limits::Admission;
+use ballast_engine::reactor::CoreHandle;
+use ballast_engine::volume::dev::PoolHandle;
+
+use crate::registry::Registry;
+
+pub struct Control {
+    /// Every device served, by name and UUID, and what references it.
+    pub registry: Arc<Registry>,
+    pub target: Arc<ballast_nvmf::Target>,
+    pub cores: Arc<Vec<CoreHandle>>,
+    /// The pool whose volumes are exported, if the daemon serves one.
+    pub pool: Option<Arc<PoolHandle>>,
+    /// Hosts allowed on subsystems created for new volumes (empty: any host).
+    pub allow_hosts: Vec<String>,
+    /// Connection limits and what they did.
+    pub admission: Arc<Admission>,
+    /// Payload memory of all cores together (each core has its share).
+    pub buffer_memory: u64,
+    /// When the daemon started serving (`bdev_get_iostat`'s `ticks`).
+    pub started: Instant,
+}
+
+/// One control method: its name and its handler, in the module that owns it.
+pub struct Method {
+    pub name: &'static str,
+    pub call:
+        fn(&Control, &serde_json::Value) -> Result<serde_json::Value, crate::rpc_error::RpcError>,
+}

@@ -1,0 +1,89 @@
+//! Listening sockets shared by the daemon's servers: binding with a retry, NVMe/TCP acceptors on
+//! core 0, and the client-slot and refusal-log helpers of the control and metrics sockets.
+//!
+//! A leaf module (it uses no other module of the daemon).
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use ballast_engine::limits::Admission;
+use ballast_engine::listener::Acceptor;
+use ballast_engine::{Msg, Task};
+
+/// Counts refusals of one kind and says which to log: the 1st, 2nd, 4th, 8th, ...
+#[derive(Default)]
+pub(crate) struct RateLimitedLog(u64);
+
+impl RateLimitedLog {
+    pub(crate) fn should_log(&mut self) -> Option<u64> {
+        self.0 += 1;
+        self.0.is_power_of_two().then_some(self.0)
+    }
+}
+
+/// Releases a client slot when the client's thread ends (or never starts).
+pub(crate) struct Slot(pub(crate) Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Binds an NVMe/TCP listener and starts its acceptor on core 0.
+pub fn start_nvmf_listener(
+    cores: &[ballast_engine::reactor::CoreHandle],
+    target: &Arc<ballast_nvmf::Target>,
+    admission: &Arc<Admission>,
+    addr: SocketAddr,
+) -> anyhow::Result<()> {
+    let admission = admission.clone();
+    let listener = bind_retrying(addr).with_context(|| format!("binding NVMe/TCP on {addr}"))?;
+    target.listeners.write().push((addr.ip().to_string(), addr.port()));
+    target.genctr.fetch_add(1, Ordering::Relaxed);
+    let factory = ballast_nvmf::conn_factory(target.clone());
+    let spawn = Msg::Spawn(Box::new(move |_cx| {
+        Box::new(Acceptor::new(listener, "nvme-tcp", factory, admission)) as Box<dyn Task>
+    }));
+    if !cores[0].send_blocking(spawn) {
+        bail!("core 0 is not running");
+    }
+    Ok(())
+}
+
+/// Binds `addr`, waiting up to 10 s while it is in use: after a kill -9 the previous daemon's
+/// listening sockets stay open until the kernel has torn down its io_uring (an accept in
+/// flight holds them), which takes a moment after the process is gone.
+pub(crate) fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let start = std::time::Instant::now();
+    let mut warned = false;
+    loop {
+        match TcpListener::bind(addr) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && start.elapsed() < std::time::Duration::from_secs(10) =>
+            {
+                if !warned {
+                    tracing::warn!(%addr, "address in use; waiting for it to be released");
+                    warned = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_at_powers_of_two() {
+        let mut log = RateLimitedLog::default();
+        let logged: Vec<u64> = (0..100).filter_map(|_| log.should_log()).collect();
+        assert_eq!(logged, [1, 2, 4, 8, 16, 32, 64]);
+    }
+}

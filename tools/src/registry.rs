@@ -1,0 +1,344 @@
+//! The device registry: every device the daemon serves (pool volumes, RAM and file exports), by
+//! name and by UUID, and which front-end references each one.
+//!
+//! NBD and NVMe/TCP keep their own tables (the handshake reads `ExportTable`, controllers read
+//! `Subsystem::namespaces`); this module is the only code that changes them, so both always
+//! name devices that are (or were) here. Every lookup by name, SPDK alias (`LVS/LVOL`) or UUID
+//! is [`Registry::resolve`]; nothing finds a device's name by comparing device pointers.
+//!
+//! Invariants:
+//! - a name and a UUID each name at most one device; `by_uuid` maps exactly the UUIDs of
+//!   `devices`;
+//! - every registered device is the NBD export of its name (added and removed together);
+//! - every namespace this daemon created has one entry in `namespaces` naming the device it was
+//!   created with; the entry goes when the namespace or its subsystem does (a removed device's
+//!   namespaces keep their entry, and the device, until then).
+//!
+//! Depends on no method module and on nothing of the control plane but [`crate::lvstore`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::bail;
+use ballast_engine::file::FileDev;
+use ballast_engine::ram::RamDev;
+use ballast_engine::size::parse_size;
+use ballast_engine::volume::dev::PoolHandle;
+use ballast_engine::BlockDev;
+use ballast_nbd::{Export, ExportError, ExportTable};
+use ballast_nvmf::subsys::SubsysError;
+use ballast_nvmf::Target;
+use parking_lot::RwLock;
+
+use crate::lvstore;
+
+/// What a device is, for listings and SPDK's `product_name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// A volume of the daemon's pool (its UUID is kept in the pool).
+    Volume,
+    /// Memory (`ram:SIZE`); its UUID is fresh at every start.
+    Ram,
+    /// A file or block device (`file:PATH`); its UUID is fresh at every start.
+    File,
+    /// An NVMe namespace through io_uring passthrough (`nvme:/dev/ngXnY`); its UUID is fresh
+    /// at every start.
+    Nvme,
+}
+
+/// One registered device.
+pub struct Device {
+    pub name: String,
+    /// Canonical form (lowercase, dashes).
+    pub uuid: String,
+    pub kind: DeviceKind,
+    /// Free text shown by `nbdinfo --list`.
+    pub description: String,
+    pub read_only: bool,
+    pub dev: Arc<dyn BlockDev>,
+    /// This device's counters in the cores' statistics (`dev.info().stats_id`).
+    pub stats_id: u32,
+}
+
+impl Device {
+    pub fn new(
+        name: &str,
+        uuid: String,
+        kind: DeviceKind,
+        description: String,
+        dev: Arc<dyn BlockDev>,
+        read_only: bool,
+    ) -> Device {
+        let stats_id = dev.info().stats_id;
+        Device { name: name.to_string(), uuid, kind, description, read_only, dev, stats_id }
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.dev.size_bytes()
+    }
+}
+
+/// Why the registry refused a change.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("export {0:?} already exists")]
+    Exists(String),
+    #[error("no export named {0:?}")]
+    NotFound(String),
+    #[error("UUID {uuid} of {name:?} is already taken")]
+    UuidTaken { name: String, uuid: String },
+    #[error(transparent)]
+    Nbd(#[from] ExportError),
+    #[error(transparent)]
+    Nvmf(#[from] SubsysError),
+}
+
+#[derive(Default)]
+struct Inner {
+    devices: BTreeMap<String, Arc<Device>>,
+    /// UUID → name.
+    by_uuid: HashMap<String, String>,
+    /// (subsystem NQN, NSID) → the name of the device the namespace was created with.
+    namespaces: BTreeMap<(String, u32), String>,
+}
+
+pub struct Registry {
+    inner: RwLock<Inner>,
+    nbd: Arc<ExportTable>,
+    target: Arc<Target>,
+    pool: Option<Arc<PoolHandle>>,
+}
+
+impl Registry {
+    pub fn new(target: Arc<Target>, pool: Option<Arc<PoolHandle>>) -> Registry {
+        Registry { inner: RwLock::default(), nbd: Arc::new(ExportTable::default()), target, pool }
+    }
+
+    /// NBD's view of the registry (for its handshake).
+    pub fn nbd_exports(&self) -> Arc<ExportTable> {
+        self.nbd.clone()
+    }
+
+    /// Registers `device` and exports it over NBD under its name.
+    pub fn add(&self, device: Device) -> Result<Arc<Device>, RegistryError> {
+        let mut inner = self.inner.write();
+        if inner.devices.contains_key(&device.name) {
+            return Err(RegistryError::Exists(device.name));
+        }
+        if inner.by_uuid.contains_key(&device.uuid) {
+            return Err(RegistryError::UuidTaken { name: device.name, uuid: device.uuid });
+        }
+        self.nbd.add(Export {
+            name: device.name.clone(),
+            description: device.description.clone(),
+            dev: device.dev.clone(),
+            read_only: device.read_only,
+        })?;
+        let device = Arc::new(device);
+        inner.by_uuid.insert(device.uuid.clone(), device.name.clone());
+        inner.devices.insert(device.name.clone(), device.clone());
+        assert_eq!(inner.by_uuid.len(), inner.devices.len());
+        Ok(device)
+    }
+
+    /// Unregisters device `name` and ends its NBD export (open connections and NVMe namespaces
+    /// keep the device until they end).
+    pub fn remove(&self, name: &str) -> Result<Arc<Device>, RegistryError> {
+        let mut inner = self.inner.write();
+        let device =
+            inner.devices.remove(name).ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        inner.by_uuid.remove(&device.uuid);
+        assert_eq!(inner.by_uuid.len(), inner.devices.len());
+        // Registered devices are always exported; a missing export is not worth failing over.
+        let _ = self.nbd.remove(name);
+        Ok(device)
+    }
+
+    /// The device registered under exactly `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Device>> {
+        self.inner.read().devices.get(name).cloned()
+    }
+
+    /// The device `s` names: its name, else (for a pool volume) its SPDK alias `LVS/LVOL`,
+    /// else its UUID in any spelling.
+    pub fn resolve(&self, s: &str) -> Option<Arc<Device>> {
+        if s.is_empty() {
+            return None;
+        }
+        let inner = self.inner.read();
+        if let Some(d) = inner.devices.get(s) {
+            return Some(d.clone());
+        }
+        if let (Some((lvs, lvol)), Some(pool)) = (s.split_once('/'), &self.pool) {
+            let volume = inner.devices.get(lvol).filter(|d| d.kind == DeviceKind::Volume);
+            if volume.is_some() && lvs == lvstore::lvs_name(pool) {
+                return volume.cloned();
+            }
+            return None;
+        }
+        let uuid = lvstore::canonical_uuid(s)?;
+        inner.by_uuid.get(&uuid).and_then(|name| inner.devices.get(name)).cloned()
+    }
+
+    /// The pool volume `s` names (by name, alias or UUID).
+    pub fn resolve_volume(&self, s: &str) -> Option<Arc<Device>> {
+        self.resolve(s).filter(|d| d.kind == DeviceKind::Volume)
+    }
+
+    /// SPDK's alias of a pool volume (`LVS/LVOL`); other devices have none.
+    pub fn alias(&self, device: &Device) -> Option<String> {
+        let pool = self.pool.as_ref().filter(|_| device.kind == DeviceKind::Volume)?;
+        Some(lvstore::alias(pool, &device.name))
+    }
+
+    /// Every device, by name.
+    pub fn list(&self) -> Vec<Arc<Device>> {
+        self.inner.read().devices.values().cloned().collect()
+    }
+
+    /// The NBD export served for the empty name.
+    pub fn default_name(&self) -> Option<String> {
+        self.nbd.default_name()
+    }
+
+    pub fn set_default(&self, name: &str) -> Result<(), RegistryError> {
+        Ok(self.nbd.set_default(name)?)
+    }
+
+    /// Adds device `name` to subsystem `nqn` as namespace `nsid` (0: the lowest free one).
+    pub fn add_namespace(
+        &self,
+        nqn: &str,
+        nsid: u32,
+        name: &str,
+        block_size: u32,
+    ) -> Result<u32, RegistryError> {
+        let device = self.get(name).ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        let nsid = self.target.add_namespace(nqn, nsid, device.dev.clone(), block_size)?;
+        assert!(nsid != 0);
+        self.inner.write().namespaces.insert((nqn.to_string(), nsid), name.to_string());
+        Ok(nsid)
+    }
+
+    pub fn remove_namespace(&self, nqn: &str, nsid: u32) -> Result<(), RegistryError> {
+        self.target.remove_namespace(nqn, nsid)?;
+        self.inner.write().namespaces.remove(&(nqn.to_string(), nsid));
+        Ok(())
+    }
+
+    pub fn delete_subsystem(&self, nqn: &str) -> Result<(), RegistryError> {
+        self.target.delete_subsystem(nqn)?;
+        self.inner.write().namespaces.retain(|(n, _), _| n != nqn);
+        Ok(())
+    }
+
+    /// The name of the device namespace `nsid` of `nqn` was created with.
+    pub fn namespace_device(&self, nqn: &str, nsid: u32) -> Option<String> {
+        self.inner.read().namespaces.get(&(nqn.to_string(), nsid)).cloned()
+    }
+
+    /// Every namespace (NQN, NSID) created with device `name`.
+    pub fn namespaces_of(&self, name: &str) -> Vec<(String, u32)> {
+        let inner = self.inner.read();
+        inner.namespaces.iter().filter(|(_, n)| *n == name).map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Tells the NVMe hosts of every namespace of device `name` that it changed (its size).
+    pub fn namespaces_changed(&self, name: &str) {
+        for (nqn, nsid) in self.namespaces_of(name) {
+            if let Some(subsys) = self.target.subsystem(&nqn) {
+                self.target.namespace_changed(&subsys, nsid);
+            }
+        }
+    }
+}
+
+/// Opens a backend from `ram:SIZE` or `file:PATH[:SIZE]`.
+pub fn open_backend(
+    spec: &str,
+    read_only: bool,
+) -> anyhow::Result<(DeviceKind, Arc<dyn BlockDev>)> {
+    if let Some(size) = spec.strip_prefix("ram:") {
+        let bytes = parse_size(size)?;
+        if bytes == 0 {
+            bail!("ram export of size 0");
+        }
+        return Ok((DeviceKind::Ram, Arc::new(RamDev::new(bytes))));
+    }
+    if let Some(rest) = spec.strip_prefix("file:") {
+        // A trailing ":SIZE" is a size only if it parses as one.
+        let (path, size) = match rest.rsplit_once(':') {
+            Some((p, s)) if parse_size(s).is_ok() => (p, Some(parse_size(s)?)),
+            _ => (rest, None),
+        };
+        let dev = FileDev::open(Path::new(path), size, read_only)?;
+        return Ok((DeviceKind::File, Arc::new(dev)));
+    }
+    if let Some(path) = spec.strip_prefix("nvme:") {
+        let dev = ballast_engine::nvme::NvmeDev::open(Path::new(path), read_only)?;
+        return Ok((DeviceKind::Nvme, Arc::new(dev)));
+    }
+    bail!("unknown backend {spec:?}: expected ram:SIZE, file:PATH[:SIZE] or nvme:/dev/ngXnY")
+}
+
+/// Registers a RAM or file export (`spec` as [`open_backend`] takes it) under a fresh UUID.
+pub fn add_export(
+    registry: &Registry,
+    name: &str,
+    spec: &str,
+    read_only: bool,
+    description: String,
+) -> anyhow::Result<Arc<Device>> {
+    if registry.get(name).is_some() {
+        return Err(RegistryError::Exists(name.to_string()).into());
+    }
+    let (kind, dev) = open_backend(spec, read_only)?;
+    let uuid = lvstore::random_uuid()?;
+    Ok(registry.add(Device::new(name, uuid, kind, description, dev, read_only))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ram(registry: &Registry, name: &str) -> Arc<Device> {
+        add_export(registry, name, "ram:1M", false, String::new()).unwrap()
+    }
+
+    #[test]
+    fn devices_are_found_by_name_and_uuid_and_exported_over_nbd() {
+        let r = Registry::new(Arc::new(Target::default()), None);
+        let a = ram(&r, "a");
+        let b = ram(&r, "b");
+        assert_ne!(a.uuid, b.uuid);
+        assert_eq!(r.resolve("a").unwrap().name, "a");
+        assert_eq!(r.resolve(&a.uuid.to_uppercase()).unwrap().name, "a");
+        assert_eq!(r.resolve(&b.uuid.replace('-', "")).unwrap().name, "b");
+        assert!(r.resolve("").is_none());
+        assert!(r.resolve("lvs0/a").is_none(), "no pool, no aliases");
+        assert!(r.resolve_volume("a").is_none(), "a RAM export is not a volume");
+        assert_eq!(r.nbd_exports().list().len(), 2);
+        assert_eq!(r.default_name().as_deref(), Some("a"));
+        assert!(add_export(&r, "a", "ram:1M", false, String::new()).is_err());
+        r.remove("a").unwrap();
+        assert!(r.resolve(&a.uuid).is_none());
+        assert!(r.nbd_exports().get("a").is_none());
+        assert!(matches!(r.remove("a"), Err(RegistryError::NotFound(_))));
+    }
+
+    #[test]
+    fn namespaces_name_their_device() {
+        let target = Arc::new(Target::default());
+        let r = Registry::new(target.clone(), None);
+        ram(&r, "a");
+        let nqn = format!("{}a", ballast_nvmf::NQN_PREFIX);
+        target.create_subsystem(&nqn, true).unwrap();
+        assert!(matches!(r.add_namespace(&nqn, 1, "zz", 4096), Err(RegistryError::NotFound(_))));
+        let nsid = r.add_namespace(&nqn, 0, "a", 4096).unwrap();
+        assert_eq!(r.namespace_device(&nqn, nsid).as_deref(), Some("a"));
+        assert_eq!(r.namespaces_of("a"), vec![(nqn.clone(), nsid)]);
+        r.delete_subsystem(&nqn).unwrap();
+        assert!(r.namespaces_of("a").is_empty());
+    }
+}

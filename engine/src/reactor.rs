@@ -56,8 +56,6 @@ const MAILBOX_BATCH: usize = 64;
 const SLEEP_MAX: Duration = Duration::from_millis(500);
 /// After shutdown is requested, tasks get this long to drain before the core gives up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Rounds of task-to-task completions run within one turn before entering the kernel.
-const READY_ROUNDS: usize = 4;
 /// Idle spinning reads the clock once per this many turns.
 const SPIN_CLOCK_EVERY: u32 = 32;
 /// An idle core returns memory to the system at most this often.
@@ -525,21 +523,6 @@ impl Core {
             work += self.start_spawned();
             work += self.wake_buffer_waiters();
             self.flush_dirty();
-            // Completions tasks handed each other this turn (a memory device's read, a volume
-            // request's reply) run now, a few rounds at most, so that what they lead to (the
-            // reply's send) goes into the same system call as the rest of the turn's work.
-            for _ in 0..READY_ROUNDS {
-                if self.ready.is_empty() {
-                    break;
-                }
-                completions.extend(self.ready.drain(..));
-                work += completions.len();
-                for c in completions.drain(..) {
-                    self.dispatch(c);
-                }
-                work += self.start_spawned();
-                self.flush_dirty();
-            }
             if self.shutdown_at.is_some() && self.finished() {
                 break;
             }

@@ -80,8 +80,7 @@ def client_run(args, daemon, proto, rw, bs, qd):
                f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--size=1G", "--time_based",
                f"--runtime={args.runtime}", "--ramp_time=1"]
     else:
-        perf = os.path.join(os.path.dirname(args.binary), "ballast-perf")
-        cmd = ["taskset", "-c", str(args.client_cpu), perf, "--addr",
+        cmd = ["taskset", "-c", str(args.client_cpu), args.perf, "--addr",
                f"127.0.0.1:{daemon.nvmf_port}", "--nqn", "nqn.2026-11.dev.ballast:mem",
                "--rw", rw, "--bs", bs, "--qd", str(qd), "--runtime", str(args.runtime),
                "--size", "1G", "--json"]
@@ -131,6 +130,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--binary", default=os.path.join(REPO, "build/cargo/release/ballast"))
     ap.add_argument("--old-binary", required=True)
+    ap.add_argument("--perf", default=os.path.join(REPO, "build/cargo/release/ballast-perf"),
+                    help="the NVMe/TCP client (the same for both builds)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=5)
     ap.add_argument("--server-cpu", type=int, default=0)

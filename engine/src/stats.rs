@@ -64,6 +64,20 @@ impl DevCounters {
         self.latency_ns_sum = self.latency_ns_sum.wrapping_add(latency_ns);
     }
 
+    /// Adds another core's counters of the same device (sums at scrape time).
+    pub fn merge(&mut self, o: &DevCounters) {
+        self.reads += o.reads;
+        self.writes += o.writes;
+        self.flushes += o.flushes;
+        self.discards += o.discards;
+        self.write_zeroes += o.write_zeroes;
+        self.other += o.other;
+        self.errors += o.errors;
+        self.bytes_read += o.bytes_read;
+        self.bytes_written += o.bytes_written;
+        self.latency_ns_sum = self.latency_ns_sum.wrapping_add(o.latency_ns_sum);
+    }
+
     pub fn ops(&self) -> u64 {
         self.reads + self.writes + self.flushes + self.discards + self.write_zeroes + self.other
     }
@@ -211,6 +225,24 @@ impl CoreStats {
                 .filter(|(_, d)| d.ops() > 0)
                 .map(|(i, d)| (i as u32, *d))
                 .collect(),
+        }
+    }
+}
+
+impl StatsSnapshot {
+    /// The core's request counters, all devices together, in the per-device shape.
+    pub fn totals(&self) -> DevCounters {
+        DevCounters {
+            reads: self.reads,
+            writes: self.writes,
+            flushes: self.flushes,
+            discards: self.discards,
+            write_zeroes: self.write_zeroes,
+            other: self.other,
+            errors: self.errors,
+            bytes_read: self.bytes_read,
+            bytes_written: self.bytes_written,
+            latency_ns_sum: self.latency.sum_ns,
         }
     }
 }

@@ -19,7 +19,7 @@ use slab::Slab;
 
 use crate::buf::IoBuf;
 use crate::nvme::{self, NvmeIo, NvmeNs};
-use crate::ring::{Completion, Owned, RingError};
+use crate::ring::{is_transient, Completion, Owned, RingError};
 
 struct InFlight {
     token: u64,
@@ -209,10 +209,6 @@ impl DevRing {
         }
         count
     }
-}
-
-fn is_transient(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN))
 }
 
 impl Drop for DevRing {

@@ -444,7 +444,8 @@ impl Ring {
     }
 }
 
-fn is_transient(e: &std::io::Error) -> bool {
+/// An io_uring_enter failure worth retrying rather than reporting (every ring's submit).
+pub(crate) fn is_transient(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN))
 }
 

@@ -1,5 +1,6 @@
 //! `ballast`: the daemon (`ballast serve`) and the command-line client of its control API.
 
+mod args;
 mod client;
 mod control;
 mod listeners;

@@ -459,17 +459,7 @@ impl ScrapeCollector {
         let mut sums: std::collections::HashMap<u32, DevCounters> = Default::default();
         for s in &self.0.cores {
             for (id, d) in &s.devices {
-                let t = sums.entry(*id).or_default();
-                t.reads += d.reads;
-                t.writes += d.writes;
-                t.flushes += d.flushes;
-                t.discards += d.discards;
-                t.write_zeroes += d.write_zeroes;
-                t.other += d.other;
-                t.errors += d.errors;
-                t.bytes_read += d.bytes_read;
-                t.bytes_written += d.bytes_written;
-                t.latency_ns_sum = t.latency_ns_sum.wrapping_add(d.latency_ns_sum);
+                sums.entry(*id).or_default().merge(d);
             }
         }
         let views: Vec<(&ExportView, DevCounters)> = self

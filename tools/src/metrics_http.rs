@@ -76,11 +76,7 @@ const MIN_HEAD_LIMIT: u64 = 1 << 10;
 const MAX_HEAD_LIMIT: u64 = 1 << 20;
 
 fn parse_head_limit(s: &str) -> Result<u64, String> {
-    let bytes = ballast_engine::size::parse_size(s).map_err(|e| e.to_string())?;
-    if !(MIN_HEAD_LIMIT..=MAX_HEAD_LIMIT).contains(&bytes) {
-        return Err(format!("{s} is {bytes} bytes; give a size from 1K to 1M"));
-    }
-    Ok(bytes)
+    crate::args::size_between(s, MIN_HEAD_LIMIT, MAX_HEAD_LIMIT, "1K to 1M")
 }
 
 /// Why the metrics endpoint could not be started.

@@ -90,11 +90,7 @@ const MIN_REQUEST_LIMIT: u64 = 1 << 10;
 const MAX_REQUEST_LIMIT: u64 = 1 << 30;
 
 fn parse_request_limit(s: &str) -> Result<u64, String> {
-    let bytes = ballast_engine::size::parse_size(s).map_err(|e| e.to_string())?;
-    if !(MIN_REQUEST_LIMIT..=MAX_REQUEST_LIMIT).contains(&bytes) {
-        return Err(format!("{s} is {bytes} bytes; give a size from 1K to 1G"));
-    }
-    Ok(bytes)
+    crate::args::size_between(s, MIN_REQUEST_LIMIT, MAX_REQUEST_LIMIT, "1K to 1G")
 }
 
 /// Why the control socket could not be set up.

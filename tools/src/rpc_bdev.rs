@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use ballast_engine::stats::StatsSnapshot;
+use ballast_engine::stats::{DevCounters, StatsSnapshot};
 use ballast_engine::volume::dev::{PoolHandle, VolumeInfo};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -180,21 +180,19 @@ fn get_iostat(
         .iter()
         .map(|e| {
             let id = e.stats_id;
-            let mut one = StatsSum::default();
+            let mut one = DevCounters::default();
             for s in cores {
                 if let Some((_, d)) = s.devices.iter().find(|(i, _)| *i == id) {
-                    one.add_device(d);
+                    one.merge(d);
                 }
             }
-            one.json(&e.name)
+            iostat_json(&e.name, &one, 0.0)
         })
         .collect();
     let per_core: Vec<Value> = cores
         .iter()
         .map(|s| {
-            let mut one = StatsSum::default();
-            one.add(s);
-            let mut j = one.json("*");
+            let mut j = iostat_json("*", &s.totals(), s.latency_us_max);
             j["core"] = json!(s.core);
             j
         })
@@ -206,62 +204,22 @@ fn get_iostat(
     Ok(out)
 }
 
-#[derive(Default)]
-struct StatsSum {
-    reads: u64,
-    writes: u64,
-    unmaps: u64,
-    write_zeroes: u64,
-    flushes: u64,
-    errors: u64,
-    bytes_read: u64,
-    bytes_written: u64,
-    latency_ns: u64,
-    max_latency_us: f64,
-}
-
-impl StatsSum {
-    fn add(&mut self, s: &StatsSnapshot) {
-        self.reads += s.reads;
-        self.writes += s.writes;
-        self.unmaps += s.discards;
-        self.write_zeroes += s.write_zeroes;
-        self.flushes += s.flushes;
-        self.errors += s.errors;
-        self.bytes_read += s.bytes_read;
-        self.bytes_written += s.bytes_written;
-        self.latency_ns += s.latency.sum_ns;
-        self.max_latency_us = self.max_latency_us.max(s.latency_us_max);
-    }
-
-    fn add_device(&mut self, d: &ballast_engine::stats::DevCounters) {
-        self.reads += d.reads;
-        self.writes += d.writes;
-        self.unmaps += d.discards;
-        self.write_zeroes += d.write_zeroes;
-        self.flushes += d.flushes;
-        self.errors += d.errors;
-        self.bytes_read += d.bytes_read;
-        self.bytes_written += d.bytes_written;
-        self.latency_ns += d.latency_ns_sum;
-    }
-
-    fn json(&self, name: &str) -> Value {
-        json!({
-            "name": name,
-            "bytes_read": self.bytes_read,
-            "num_read_ops": self.reads,
-            "bytes_written": self.bytes_written,
-            "num_write_ops": self.writes,
-            "num_unmap_ops": self.unmaps,
-            "num_write_zeroes_ops": self.write_zeroes,
-            "num_flush_ops": self.flushes,
-            // All kinds together: the cores keep one latency histogram.
-            "latency_ticks": self.latency_ns / 1000,
-            "max_latency_ticks": self.max_latency_us as u64,
-            "io_error": {"count": self.errors},
-        })
-    }
+/// One entry of SPDK's iostat shape from a device's (or a core's) counters.
+fn iostat_json(name: &str, d: &DevCounters, max_latency_us: f64) -> Value {
+    json!({
+        "name": name,
+        "bytes_read": d.bytes_read,
+        "num_read_ops": d.reads,
+        "bytes_written": d.bytes_written,
+        "num_write_ops": d.writes,
+        "num_unmap_ops": d.discards,
+        "num_write_zeroes_ops": d.write_zeroes,
+        "num_flush_ops": d.flushes,
+        // All kinds together: the cores keep one latency sum.
+        "latency_ticks": d.latency_ns_sum / 1000,
+        "max_latency_ticks": max_latency_us as u64,
+        "io_error": {"count": d.errors},
+    })
 }
 
 /// `spdk_get_version`: SPDK's shape, naming ballast.

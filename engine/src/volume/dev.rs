@@ -128,14 +128,7 @@ impl Drop for MetaGuard<'_> {
     fn drop(&mut self) {
         let mut woken = Vec::new();
         self.meta.take_woken(&mut woken);
-        for w in woken {
-            if w == CONTROL {
-                self.pool.wake_control();
-                continue;
-            }
-            let cores = self.pool.cores.get().expect("requests parked on a pool no core serves");
-            cores[(w.0 >> 32) as usize].wake_task(w.0 as u32, TAG_WAKE);
-        }
+        deliver(self.pool, None, &mut woken);
     }
 }
 
@@ -532,17 +525,21 @@ fn waiter(core: usize, task: u32) -> Waiter {
 
 /// Hands woken requests their wake-up: on this core through the ready queue, on another
 /// through its wake channel, the control thread through its condition variable.
-fn deliver(pool: &PoolHandle, cx: &mut Cx<'_>, woken: &mut Vec<Waiter>) {
+/// `cx` is the core delivering (none: the control thread).
+fn deliver(pool: &PoolHandle, mut cx: Option<&mut Cx<'_>>, woken: &mut Vec<Waiter>) {
     for w in woken.drain(..) {
         if w == CONTROL {
             pool.wake_control();
             continue;
         }
         let (core, task) = ((w.0 >> 32) as usize, w.0 as u32);
-        if core == cx.core() {
-            cx.complete_to(task, TAG_WAKE, 0, Owned::None);
-        } else {
-            cx.peers()[core].wake_task(task, TAG_WAKE);
+        match cx.as_deref_mut() {
+            Some(cx) if core == cx.core() => cx.complete_to(task, TAG_WAKE, 0, Owned::None),
+            Some(cx) => cx.peers()[core].wake_task(task, TAG_WAKE),
+            None => {
+                let cores = pool.cores.get().expect("requests parked on a pool no core serves");
+                cores[core].wake_task(task, TAG_WAKE);
+            }
         }
     }
 }
@@ -606,7 +603,7 @@ impl VolumeIo {
             };
             self.pool.media.submit(cx, cmd, tag);
         }
-        deliver(&self.pool, cx, &mut self.woken);
+        deliver(&self.pool, Some(&mut *cx), &mut self.woken);
         if let Outcome::Done { result, buf } = outcome {
             match std::mem::replace(&mut self.reply, Reply::None) {
                 Reply::Task(task, tag) => {

@@ -28,6 +28,8 @@ use crate::request::{Buf, Bufs, DiskOp, Issue};
 enum Job {
     Journal(Sealed),
     Checkpoint(Checkpoint),
+    /// Handed back to the pool state (the commit ended).
+    Ended,
 }
 
 /// Where a commit stands; one doc line per state in the module header.
@@ -65,6 +67,7 @@ impl Stage {
         match job {
             Job::Journal(_) => Stage::WriteJournal,
             Job::Checkpoint(_) => Stage::WriteBlob,
+            Job::Ended => unreachable!("no stage after the end"),
         }
     }
 }
@@ -106,14 +109,6 @@ impl Commit {
             c.stage = Stage::WriteJournal;
         }
         Ok(Some(c))
-    }
-
-    pub fn stage(&self) -> Stage {
-        self.stage
-    }
-
-    pub fn is_checkpoint(&self) -> bool {
-        matches!(self.job, Job::Checkpoint(_))
     }
 
     fn push<B>(&mut self, out: &mut Vec<Issue<B>>, op: DiskOp<B>) {
@@ -220,13 +215,14 @@ impl Commit {
             self.issue(meta, bufs, out);
             return None;
         }
-        let job = std::mem::replace(&mut self.job, Job::Journal(Sealed::empty()));
+        let job = std::mem::replace(&mut self.job, Job::Ended);
         match job {
             Job::Journal(s) => meta.commit_done(s),
             Job::Checkpoint(c) => {
                 tracing::info!(bytes = c.blob.len(), "checkpoint written");
                 meta.checkpoint_done(c)
             }
+            Job::Ended => unreachable!("a commit ends once"),
         }
         Some(Finished::Durable)
     }

@@ -170,11 +170,6 @@ impl LockTable {
         out.append(&mut self.woken);
     }
 
-    /// Whether any request is woken and not yet taken.
-    pub fn has_woken(&self) -> bool {
-        !self.woken.is_empty()
-    }
-
     /// Requests parked now (all queues).
     pub fn parked(&self) -> usize {
         self.slots.values().map(|s| s.waiters.len()).sum::<usize>()

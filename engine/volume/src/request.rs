@@ -254,11 +254,6 @@ impl<B: Buf> Request<B> {
         self.state == State::Done
     }
 
-    /// Whether this request is running the pool's commit.
-    pub fn committing(&self) -> bool {
-        self.state == State::Committing
-    }
-
     pub fn start<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) -> Outcome<B> {
         assert_eq!(self.state, State::Plan, "a request starts once");
         self.plan(cx);

@@ -194,13 +194,6 @@ pub struct Sealed {
     frees: Vec<u64>,
 }
 
-impl Sealed {
-    /// A placeholder for a commit already handed back.
-    pub(crate) fn empty() -> Sealed {
-        Sealed { blocks: Vec::new(), frees: Vec::new() }
-    }
-}
-
 pub struct PoolMeta {
     sb: Superblock,
     cluster_bytes: u64,

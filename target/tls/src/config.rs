@@ -1,0 +1,208 @@
+//! A TLS server's configuration, loaded once and shared by every connection: X.509 (a
+//! certificate chain and its key; optionally a CA that client certificates must chain to) and
+//! TLS-PSK (a table of identities and keys).
+//!
+//! Invariants:
+//! - TLS 1.2 is the oldest version offered (the NBD protocol requires 1.2; 1.3 is preferred);
+//!   no session tickets, no session cache, no renegotiation, no compression, no 0-RTT: every
+//!   connection is a full handshake that proves the key or certificate again;
+//! - with a CA, a client without a certificate that chains to it fails the handshake;
+//! - private keys and PSK files readable by group or others are refused; no secret is ever
+//!   part of an error, a log line or `Debug` output.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openssl::ex_data::Index;
+use openssl::nid::Nid;
+use openssl::ssl::{
+    Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslOptions, SslSessionCacheMode,
+    SslVerifyMode, SslVersion,
+};
+
+use crate::psk_file::{PskFileError, PskTable};
+
+/// TLS 1.2 cipher suites offered (1.3's are OpenSSL's defaults, all AEAD): forward-secret
+/// AEAD with certificates, and the PSK suites, (EC)DHE first.
+const TLS12_CIPHERS: &str = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:ECDHE-PSK+CHACHA20:\
+                             DHE-PSK+AESGCM:ECDHE-PSK+AES:PSK+AESGCM:!aNULL:!MD5:!SHA1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    #[error("TLS: a certificate needs its private key, and a key its certificate")]
+    HalfPair,
+    #[error("TLS: no certificate and no PSK file: nothing to authenticate with")]
+    NoCredentials,
+    #[error("TLS: a CA to check client certificates needs a server certificate too")]
+    CaWithoutCertificate,
+    #[error("TLS: {what} {path}: {source}")]
+    Read { what: &'static str, path: String, source: std::io::Error },
+    #[error(
+        "TLS: private key {path} is readable by group or others (mode {mode:o}); chmod 600 it"
+    )]
+    KeyPermissions { path: String, mode: u32 },
+    #[error("TLS: {what} {path}: {reason}")]
+    OpenSsl { what: &'static str, path: String, reason: String },
+    #[error("{0}")]
+    Psk(#[from] PskFileError),
+}
+
+/// Where a server's credentials are.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    /// PEM certificate chain (the server's certificate first).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert` (mode 0600 or stricter).
+    pub key: Option<PathBuf>,
+    /// PEM CA certificates client certificates must chain to; unset: no client certificate
+    /// is asked for.
+    pub ca: Option<PathBuf>,
+    /// PSK file (`identity:hexkey` lines, mode 0600 or stricter).
+    pub psk: Option<PathBuf>,
+}
+
+/// Who the peer proved to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// The PSK identity (user name) whose key the client proved.
+    Psk(String),
+    /// The common name of a client certificate that chains to the configured CA.
+    Certificate(String),
+    /// Encrypted, but the client proved no identity (no CA configured).
+    Anonymous,
+}
+
+impl Identity {
+    /// The name per-export allow-lists match: the PSK identity or the certificate's CN.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Identity::Psk(n) | Identity::Certificate(n) => Some(n),
+            Identity::Anonymous => None,
+        }
+    }
+}
+
+/// A loaded configuration: the OpenSSL context every session of this server starts from.
+#[derive(Clone)]
+pub struct TlsServer {
+    pub(crate) ctx: SslContext,
+    /// Where the PSK callback leaves the identity it accepted, on each session.
+    pub(crate) psk_identity: Index<Ssl, String>,
+    summary: Arc<str>,
+}
+
+impl std::fmt::Debug for TlsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TlsServer({})", self.summary)
+    }
+}
+
+fn openssl_err(
+    what: &'static str,
+    path: &Path,
+) -> impl FnOnce(openssl::error::ErrorStack) -> TlsConfigError {
+    let path = path.display().to_string();
+    move |e| TlsConfigError::OpenSsl { what, path, reason: e.to_string() }
+}
+
+impl TlsServer {
+    pub fn new(config: &ServerConfig) -> Result<TlsServer, TlsConfigError> {
+        let open = |e: openssl::error::ErrorStack| TlsConfigError::OpenSsl {
+            what: "context",
+            path: String::new(),
+            reason: e.to_string(),
+        };
+        let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(open)?;
+        b.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(open)?;
+        b.set_options(
+            SslOptions::NO_TICKET
+                | SslOptions::NO_COMPRESSION
+                | SslOptions::NO_RENEGOTIATION
+                | SslOptions::CIPHER_SERVER_PREFERENCE,
+        );
+        b.set_num_tickets(0).map_err(open)?;
+        b.set_session_cache_mode(SslSessionCacheMode::OFF);
+        b.set_cipher_list(TLS12_CIPHERS).map_err(open)?;
+        let mut summary = Vec::new();
+        match (&config.cert, &config.key) {
+            (Some(cert), Some(key)) => {
+                check_private(key)?;
+                b.set_certificate_chain_file(cert).map_err(openssl_err("certificate", cert))?;
+                b.set_private_key_file(key, SslFiletype::PEM)
+                    .map_err(openssl_err("private key", key))?;
+                b.check_private_key()
+                    .map_err(openssl_err("private key (does not match the certificate)", key))?;
+                summary.push(format!("certificate {}", cert.display()));
+            }
+            (None, None) => {}
+            _ => return Err(TlsConfigError::HalfPair),
+        }
+        if let Some(ca) = &config.ca {
+            if config.cert.is_none() {
+                return Err(TlsConfigError::CaWithoutCertificate);
+            }
+            b.set_ca_file(ca).map_err(openssl_err("CA file", ca))?;
+            b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+            summary.push(format!("client certificates checked against {}", ca.display()));
+        }
+        let psk_identity = Ssl::new_ex_index::<String>().map_err(open)?;
+        if let Some(path) = &config.psk {
+            let table = PskTable::load(path)?;
+            summary.push(format!("{} PSK identities from {}", table.len(), path.display()));
+            b.set_psk_server_callback(move |ssl, identity, out| {
+                let Some(name) = identity.and_then(|i| std::str::from_utf8(i).ok()) else {
+                    return Ok(0);
+                };
+                let Some(key) = table.get(name) else {
+                    tracing::info!(identity = name, "TLS-PSK: unknown identity");
+                    return Ok(0);
+                };
+                let key = key.bytes();
+                if key.len() > out.len() {
+                    return Ok(0);
+                }
+                out[..key.len()].copy_from_slice(key);
+                ssl.set_ex_data(psk_identity, name.to_string());
+                Ok(key.len())
+            });
+        }
+        if summary.is_empty() {
+            return Err(TlsConfigError::NoCredentials);
+        }
+        Ok(TlsServer { ctx: b.build(), psk_identity, summary: summary.join(", ").into() })
+    }
+
+    /// What this server authenticates with, for logs (no secrets).
+    pub fn summary(&self) -> &str {
+        &self.summary
+    }
+}
+
+/// The identity a finished handshake proved.
+pub(crate) fn identity_of(ssl: &openssl::ssl::SslRef, psk: Index<Ssl, String>) -> Identity {
+    if let Some(name) = ssl.ex_data(psk) {
+        return Identity::Psk(name.clone());
+    }
+    let cn = ssl.peer_certificate().and_then(|cert| {
+        let entry = cert.subject_name().entries_by_nid(Nid::COMMONNAME).next()?;
+        entry.data().to_string().ok()
+    });
+    match cn {
+        Some(cn) => Identity::Certificate(cn),
+        None => Identity::Anonymous,
+    }
+}
+
+fn check_private(path: &Path) -> Result<(), TlsConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| TlsConfigError::Read {
+        what: "private key",
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(TlsConfigError::KeyPermissions { path: path.display().to_string(), mode });
+    }
+    Ok(())
+}

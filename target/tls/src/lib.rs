@@ -1,0 +1,15 @@
+//! ballast-tls: TLS for the front-ends.
+//!
+//! - [`psk_file`]: PSK tables in nbdkit's `identity:hexkey` format (secrets redacted, wiped);
+//! - [`config`]: a server's credentials loaded once into an OpenSSL context;
+//! - [`session`]: one session as a sans-I/O state machine over memory buffers, so the
+//!   connection glue keeps its socket I/O on the core's ring.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod psk_file;
+pub mod session;
+
+pub use config::{Identity, ServerConfig, TlsConfigError, TlsServer};
+pub use psk_file::{PskFileError, PskTable};
+pub use session::{ReadOutcome, TlsError, TlsSession};

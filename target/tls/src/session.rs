@@ -1,0 +1,364 @@
+//! One server-side TLS session, sans I/O: ciphertext in from the ring's receives, plaintext
+//! out to the protocol's parser; plaintext in from the protocol, ciphertext out to the ring's
+//! sends. OpenSSL does the handshake and record protection over a memory pipe; nothing here
+//! touches a socket, so the connection glue keeps its receives and sends on the core's ring.
+//!
+//! States: `Handshaking` (until OpenSSL reports the handshake finished) → `Open` (records
+//! flow; the peer's identity is known) → `Closed` (the peer sent close_notify, or we did).
+//! A failed handshake or a bad record is an error: the connection must end (what OpenSSL
+//! queued, an alert, may still be sent).
+//!
+//! Invariants:
+//! - ciphertext leaves in the order OpenSSL produced it (`take_output` drains it whole);
+//! - plaintext written before the handshake finishes is held and encrypted as soon as it does,
+//!   in order (a protocol may queue a reply while the handshake ends);
+//! - input is held only as the buffer the last receive filled: the glue feeds a new one only
+//!   once `wants_input` says the last is consumed, so ciphertext held is bounded by one receive.
+
+use std::io::{self, Read, Write};
+
+use ballast_ffi::IoBuf;
+use openssl::ssl::{ErrorCode, Ssl, SslStream};
+
+use crate::config::{identity_of, Identity, TlsServer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(String),
+    #[error("TLS record error: {0}")]
+    Record(String),
+    #[error("TLS session setup: {0}")]
+    Setup(String),
+}
+
+/// The memory both directions go through.
+#[derive(Default)]
+struct Pipe {
+    /// The last receive's buffer and how far OpenSSL has read it.
+    input: Option<IoBuf>,
+    input_pos: usize,
+    /// Ciphertext OpenSSL wrote, not yet taken.
+    output: Vec<u8>,
+}
+
+impl Read for Pipe {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let Some(buf) = &self.input else { return Err(io::ErrorKind::WouldBlock.into()) };
+        let rest = &buf.as_slice()[self.input_pos..];
+        if rest.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = rest.len().min(out.len());
+        out[..n].copy_from_slice(&rest[..n]);
+        self.input_pos += n;
+        Ok(n)
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// The handshake is under way.
+    Handshaking,
+    /// Application data flows both ways.
+    Open,
+    /// close_notify was received or sent: nothing more is read.
+    Closed,
+}
+
+/// What a `read` produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// This many plaintext bytes were written to the front of the buffer.
+    Data(usize),
+    /// Nothing more until more ciphertext is fed (the handshake may have progressed: take the
+    /// output).
+    WantInput,
+    /// The peer closed the session (close_notify).
+    Closed,
+}
+
+pub struct TlsSession {
+    stream: SslStream<Pipe>,
+    state: State,
+    /// Plaintext written before the handshake finished.
+    early: Vec<u8>,
+    identity: Option<Identity>,
+    server: TlsServer,
+}
+
+impl TlsSession {
+    /// A session that waits for the client's hello.
+    pub fn accept(server: &TlsServer) -> Result<TlsSession, TlsError> {
+        let mut ssl = Ssl::new(&server.ctx).map_err(|e| TlsError::Setup(e.to_string()))?;
+        ssl.set_accept_state();
+        let stream =
+            SslStream::new(ssl, Pipe::default()).map_err(|e| TlsError::Setup(e.to_string()))?;
+        Ok(TlsSession {
+            stream,
+            state: State::Handshaking,
+            early: Vec::new(),
+            identity: None,
+            server: server.clone(),
+        })
+    }
+
+    /// Hands over a receive's ciphertext. The previous one must be consumed (`wants_input`).
+    pub fn feed(&mut self, buf: IoBuf) {
+        assert!(self.wants_input(), "TLS input fed before the last was consumed");
+        let pipe = self.stream.get_mut();
+        pipe.input = Some(buf);
+        pipe.input_pos = 0;
+    }
+
+    /// Whether all ciphertext fed so far has been consumed (feed the next receive).
+    pub fn wants_input(&self) -> bool {
+        let pipe = self.stream.get_ref();
+        pipe.input.as_ref().is_none_or(|b| pipe.input_pos == b.len())
+    }
+
+    /// The consumed input buffer, for reuse by the next receive.
+    pub fn take_spent(&mut self) -> Option<IoBuf> {
+        if !self.wants_input() {
+            return None;
+        }
+        let pipe = self.stream.get_mut();
+        pipe.input_pos = 0;
+        pipe.input.take()
+    }
+
+    /// Whether plaintext is ready without more input (decrypted and buffered by OpenSSL, or
+    /// ciphertext fed and not yet processed).
+    pub fn readable(&self) -> bool {
+        self.state != State::Closed && (self.stream.ssl().pending() > 0 || !self.wants_input())
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Who the peer proved to be (once open).
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
+    /// Protocol and cipher, for logs.
+    pub fn describe(&self) -> String {
+        let ssl = self.stream.ssl();
+        let cipher = ssl.current_cipher().map_or("none", |c| c.name());
+        format!("{} {}", ssl.version_str(), cipher)
+    }
+
+    /// Advances the handshake and decrypts into `out` (non-empty).
+    pub fn read(&mut self, out: &mut [u8]) -> Result<ReadOutcome, TlsError> {
+        assert!(!out.is_empty(), "TLS read into an empty buffer");
+        if self.state == State::Closed {
+            return Ok(ReadOutcome::Closed);
+        }
+        let result = self.stream.ssl_read(out);
+        self.check_open()?;
+        match result {
+            Ok(n) => Ok(ReadOutcome::Data(n)),
+            Err(e) => match e.code() {
+                ErrorCode::WANT_READ => Ok(ReadOutcome::WantInput),
+                ErrorCode::ZERO_RETURN => {
+                    self.state = State::Closed;
+                    Ok(ReadOutcome::Closed)
+                }
+                _ if self.state == State::Handshaking => Err(TlsError::Handshake(describe(&e))),
+                _ => Err(TlsError::Record(describe(&e))),
+            },
+        }
+    }
+
+    /// Encrypts `plain` (held until the handshake finishes if it has not).
+    pub fn write(&mut self, plain: &[u8]) -> Result<(), TlsError> {
+        match self.state {
+            State::Handshaking => {
+                self.early.extend_from_slice(plain);
+                Ok(())
+            }
+            State::Open => self.write_all(plain),
+            State::Closed => Err(TlsError::Record("write after the session closed".into())),
+        }
+    }
+
+    fn write_all(&mut self, mut plain: &[u8]) -> Result<(), TlsError> {
+        while !plain.is_empty() {
+            let n = self.stream.ssl_write(plain).map_err(|e| TlsError::Record(describe(&e)))?;
+            plain = &plain[n..];
+        }
+        Ok(())
+    }
+
+    /// Ciphertext ready to send, if any: `f` gets all of it, then it is gone.
+    pub fn take_output(&mut self, f: impl FnOnce(&[u8])) {
+        let out = &mut self.stream.get_mut().output;
+        if !out.is_empty() {
+            f(out);
+            out.clear();
+        }
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.stream.get_ref().output.is_empty()
+    }
+
+    /// Queues close_notify (sent with the next output); reads end.
+    pub fn close(&mut self) {
+        if self.state == State::Open {
+            let _ = self.stream.shutdown();
+        }
+        self.state = State::Closed;
+    }
+
+    fn check_open(&mut self) -> Result<(), TlsError> {
+        if self.state == State::Handshaking && self.stream.ssl().is_init_finished() {
+            self.state = State::Open;
+            self.identity = Some(identity_of(self.stream.ssl(), self.server.psk_identity));
+            let early = std::mem::take(&mut self.early);
+            self.write_all(&early)?;
+        }
+        Ok(())
+    }
+}
+
+/// An OpenSSL error as text (library reason strings only: never key material).
+fn describe(e: &openssl::ssl::Error) -> String {
+    match e.ssl_error() {
+        Some(stack) => stack.to_string(),
+        None => match e.io_error() {
+            Some(io) => io.to_string(),
+            None => format!("{:?}", e.code()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    use std::os::unix::fs::PermissionsExt;
+
+    fn psk_server(tag: &str) -> TlsServer {
+        let path = std::env::temp_dir().join(format!("ballast-tls-{tag}-{}", std::process::id()));
+        std::fs::write(&path, "alice:000102030405060708090a0b0c0d0e0f\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let server =
+            TlsServer::new(&ServerConfig { psk: Some(path.clone()), ..Default::default() });
+        std::fs::remove_file(&path).unwrap();
+        server.unwrap()
+    }
+
+    /// An OpenSSL client over a memory pipe, offering `key` for identity "alice".
+    fn client(key: Vec<u8>) -> SslStream<Pipe> {
+        let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+        b.set_verify(SslVerifyMode::NONE);
+        b.set_psk_client_callback(move |_, _, id, psk| {
+            id[..6].copy_from_slice(b"alice\0");
+            psk[..key.len()].copy_from_slice(&key);
+            Ok(key.len())
+        });
+        let mut ssl = Ssl::new(&b.build().into_context()).unwrap();
+        ssl.set_connect_state();
+        SslStream::new(ssl, Pipe::default()).unwrap()
+    }
+
+    /// Appends `bytes` to what the client has not read yet.
+    fn give(client: &mut SslStream<Pipe>, bytes: &[u8]) {
+        let pipe = client.get_mut();
+        let mut all = pipe.input.take().map(|b| b.as_slice()[pipe.input_pos..].to_vec());
+        let all = all.get_or_insert_with(Vec::new);
+        all.extend_from_slice(bytes);
+        pipe.input = Some(to_iobuf(all));
+        pipe.input_pos = 0;
+    }
+
+    fn to_iobuf(bytes: &[u8]) -> IoBuf {
+        let mut b = IoBuf::with_capacity(bytes.len().max(1));
+        b.extend_from_slice(bytes);
+        b
+    }
+
+    /// Moves bytes both ways until neither side has anything to say; returns the plaintext
+    /// the server read.
+    fn pump(server: &mut TlsSession, client: &mut SslStream<Pipe>) -> Result<Vec<u8>, TlsError> {
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            let _ = client.do_handshake();
+            let c2s = std::mem::take(&mut client.get_mut().output);
+            if !c2s.is_empty() {
+                server.feed(to_iobuf(&c2s));
+            }
+            let mut buf = [0u8; 64];
+            while let ReadOutcome::Data(n) = server.read(&mut buf)? {
+                got.extend_from_slice(&buf[..n]);
+            }
+            let mut s2c = Vec::new();
+            server.take_output(|b| s2c.extend_from_slice(b));
+            if s2c.is_empty() && c2s.is_empty() {
+                break;
+            }
+            give(client, &s2c);
+        }
+        Ok(got)
+    }
+
+    #[test]
+    fn psk_handshake_then_data_both_ways_in_order() {
+        let server_cfg = psk_server("ok");
+        let mut s = TlsSession::accept(&server_cfg).unwrap();
+        let mut c = client((0u8..16).collect());
+        s.write(b"early reply ").unwrap();
+        pump(&mut s, &mut c).unwrap();
+        assert!(s.is_open());
+        assert_eq!(s.identity(), Some(&Identity::Psk("alice".into())));
+        assert!(s.describe().starts_with("TLSv1.3"), "{}", s.describe());
+        c.ssl_write(b"hello over tls, a bit longer than one read buffer of 64 bytes.....").unwrap();
+        let got = pump(&mut s, &mut c).unwrap();
+        assert_eq!(
+            &got[..],
+            &b"hello over tls, a bit longer than one read buffer of 64 bytes....."[..]
+        );
+        s.write(b"and back").unwrap();
+        let mut s2c = Vec::new();
+        s.take_output(|b| s2c.extend_from_slice(b));
+        give(&mut c, &s2c);
+        let mut back = Vec::new();
+        while back.len() < 20 {
+            let mut buf = [0u8; 64];
+            let n = c.ssl_read(&mut buf).unwrap();
+            back.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(&back[..], b"early reply and back");
+        s.close();
+        assert!(s.is_closed() && s.has_output());
+    }
+
+    #[test]
+    fn wrong_key_fails_the_handshake() {
+        let server_cfg = psk_server("bad");
+        let mut s = TlsSession::accept(&server_cfg).unwrap();
+        let mut c = client(vec![9u8; 16]);
+        let err = pump(&mut s, &mut c).unwrap_err();
+        assert!(matches!(err, TlsError::Handshake(_)), "{err}");
+        assert!(!s.is_open());
+        assert!(s.identity().is_none());
+    }
+}

@@ -75,8 +75,9 @@ def job_side(job):
 def client_run(args, daemon, proto, rw, bs, qd):
     """Runs the client once; returns the parsed job (fio-like JSON) and its wall seconds."""
     if proto == "nbd":
+        uri = getattr(daemon, "nbd_uri", None) or f"nbd://127.0.0.1:{daemon.port}/mem"
         cmd = ["taskset", "-c", str(args.client_cpu), "fio", "--name=job", "--ioengine=nbd",
-               f"--uri=nbd://127.0.0.1:{daemon.port}/mem", "--output-format=json",
+               f"--uri={uri}", "--output-format=json",
                f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--size=1G", "--time_based",
                f"--runtime={args.runtime}", "--ramp_time=1"]
     else:
@@ -180,7 +181,7 @@ def main():
     log(f"results: {path}")
 
 
-def render(results):
+def render(results, names=("old", "new")):
     cols = [("iops", "IOPS", 0), ("lat_avg_us", "avg µs", 1), ("lat_p99_us", "p99 µs", 1),
             ("server_cpu_us_per_io", "server µs/IO", 2),
             ("client_cpu_us_per_io", "client µs/IO", 2),
@@ -190,14 +191,14 @@ def render(results):
     out = ["| run | build | " + " | ".join(c[1] for c in cols) + " |",
            "|---|---|" + "---|" * len(cols)]
     for label, r in results.items():
-        for name in ("old", "new"):
+        for name in names:
             m = r["median"][name]
             cells = ["—" if m.get(k) is None else f"{m[k]:.{d}f}" for k, _, d in cols]
             out.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
-        o, n = r["median"]["old"], r["median"]["new"]
+        o, n = r["median"][names[0]], r["median"][names[1]]
         ratio = [f"{n[k] / o[k]:.2f}x" if o.get(k) and n.get(k) is not None else "—"
                  for k, _, _ in cols]
-        out.append(f"| {label} | new/old | " + " | ".join(ratio) + " |")
+        out.append(f"| {label} | {names[1]}/{names[0]} | " + " | ".join(ratio) + " |")
     return "\n".join(out)
 
 

@@ -75,13 +75,18 @@ declare -A PKG=(
     [nbdkit]=nbdkit [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=libnbd-bin
     [fio]=fio [qemu-img]=qemu-utils [qemu-nbd]=qemu-utils [nbd-client]=nbd-client
     [sha256sum]=coreutils [timeout]=coreutils [ss]=iproute2 [prometheus]=prometheus
-    [file]=file [objcopy]=binutils [readelf]=binutils
+    [file]=file [objcopy]=binutils [readelf]=binutils [openssl]=openssl
+    [pkg-config]=pkg-config
 )
 missing=()
 for c in "${!PKG[@]}"; do
     command -v "$c" >/dev/null 2>&1 || missing+=("${PKG[$c]}")
 done
 [[ -x /usr/bin/python3 ]] || missing+=(python3)
+# The build links OpenSSL (TLS): its headers and libraries (static ones too, for
+# contrib/release/build-static.sh).
+[[ -f /usr/include/openssl/ssl.h && -n $(compgen -G '/usr/lib/*/libssl.a') ]] \
+    || missing+=(libssl-dev)
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || missing+=(python3-libnbd)
 # tests/e2e/spdk_rpc.sh installs SPDK's own RPC client (PyPI's `spdk`) into a venv.
 /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)

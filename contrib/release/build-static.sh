@@ -19,7 +19,8 @@ for tool in objcopy file; do
 done
 # With an explicit --target, RUSTFLAGS reach only the target's crates (build scripts and
 # proc-macros stay dynamic, as they must).
-CARGO_TARGET_DIR="$ROOT/build/static" RUSTFLAGS="-C target-feature=+crt-static" \
+# OpenSSL (NBD TLS) links statically from Debian's libssl-dev too (libssl.a, libcrypto.a).
+OPENSSL_STATIC=1 CARGO_TARGET_DIR="$ROOT/build/static" RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release --locked --target "$TARGET" -p ballast --bin ballast
 mkdir -p "$OUT"
 bin="$ROOT/build/static/$TARGET/release/ballast"

@@ -124,6 +124,41 @@ impl RecvBuf {
             cx.submit(Op::PollIn { fd }, poll_tag);
             return Posted::Yes;
         }
+        let buf = match self.sized(cx, held) {
+            Ok(buf) => buf,
+            Err(posted) => return posted,
+        };
+        self.recv_inflight = true;
+        cx.submit(Op::Recv { fd, buf, max: usize::MAX }, recv_tag);
+        Posted::Yes
+    }
+
+    /// Like a receive that completes at once: `source` writes input into the room the buffer
+    /// has (grown or shrunk first, as for a receive) and returns how many bytes it wrote. For
+    /// input that arrives some other way than a socket receive (decrypted TLS records).
+    /// Returns `Yes` after `source` ran (whatever it wrote), otherwise why it did not.
+    pub fn fill(
+        &mut self,
+        cx: &mut Cx<'_>,
+        held: u64,
+        source: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Posted {
+        assert!(!self.inflight(), "fill with a receive in flight");
+        self.awake = true;
+        let mut buf = match self.sized(cx, held) {
+            Ok(buf) => buf,
+            Err(posted) => return posted,
+        };
+        let n = source(buf.spare_mut());
+        assert!(n <= buf.capacity() - buf.len(), "source wrote past the room");
+        buf.set_len(buf.len() + n);
+        self.recv_inflight = true;
+        self.on_recv(n as i32, buf);
+        Posted::Yes
+    }
+
+    /// The buffer, grown or shrunk for the next input; `Err` when there is no room for any.
+    fn sized(&mut self, cx: &mut Cx<'_>, held: u64) -> Result<IoBuf, Posted> {
         let mut buf = match self.buf.take() {
             Some(b) => b,
             None => cx.buf_with_capacity(RECV_MIN),
@@ -157,18 +192,16 @@ impl RecvBuf {
                 buf = bigger;
             } else if full || self.need > buf.capacity() {
                 self.buf = Some(buf);
-                return Posted::WaitingForMemory;
+                return Err(Posted::WaitingForMemory);
             }
         }
         self.grow_hint = false;
         if buf.len() == buf.capacity() {
             // Full of input the parser cannot consume yet (back-pressure): wait.
             self.buf = Some(buf);
-            return Posted::No;
+            return Err(Posted::No);
         }
-        self.recv_inflight = true;
-        cx.submit(Op::Recv { fd, buf, max: usize::MAX }, recv_tag);
-        Posted::Yes
+        Ok(buf)
     }
 
     /// The readiness poll completed (readable, hung up, or failed): receive from now on.

@@ -44,6 +44,19 @@ impl SendQueue {
         self.out.push_buf(buf);
     }
 
+    /// Whether bytes are queued that no send carries yet.
+    pub fn queued(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Hands every queued byte (not the send in flight) to `f`, in order, and forgets it: for
+    /// a layer that transforms what leaves (TLS encrypts it into a queue of its own).
+    pub fn drain(&mut self, cx: &mut Cx<'_>, f: impl FnMut(&[u8])) {
+        self.out.for_each_segment(f);
+        self.unsent -= self.out.remaining() as u64;
+        self.out.clear(|b| cx.recycle(b));
+    }
+
     /// Bytes queued or in flight.
     pub fn unsent(&self) -> u64 {
         self.unsent

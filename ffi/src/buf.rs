@@ -115,6 +115,13 @@ impl IoBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
+    /// The bytes past the length, up to the capacity (initialised), to be filled and then
+    /// counted with [`IoBuf::set_len`].
+    pub fn spare_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        &mut self.full_mut()[len..]
+    }
+
     /// The whole capacity, initialised bytes all.
     fn full_mut(&mut self) -> &mut [u8] {
         // SAFETY: every byte in 0..cap was zero-initialised at allocation.

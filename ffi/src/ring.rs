@@ -130,6 +130,16 @@ impl SendBatch {
         other.iov.clear();
     }
 
+    /// Hands each queued segment's bytes to `f`, in order.
+    pub fn for_each_segment(&self, mut f: impl FnMut(&[u8])) {
+        for seg in &self.segs {
+            match *seg {
+                Seg::Arena { off, len } => f(&self.arena[off..off + len]),
+                Seg::Buf { idx, off, len } => f(&self.bufs[idx].as_slice()[off..off + len]),
+            }
+        }
+    }
+
     /// Empties the batch, handing each payload buffer to `recycle`.
     pub fn clear(&mut self, recycle: impl FnMut(IoBuf)) {
         self.arena.clear();

@@ -10,6 +10,7 @@ mod metrics;
 mod metrics_http;
 #[cfg(test)]
 mod module_graph;
+mod nbd_tls;
 mod notify;
 mod registry;
 mod rpc;

@@ -120,6 +120,9 @@ pub struct ServeArgs {
     /// Prometheus metrics endpoint (--metrics-listen, off by default; its limits).
     #[command(flatten)]
     metrics: crate::metrics_http::MetricsArgs,
+    /// NBD over TLS (--nbd-tls, its credentials and allow-lists).
+    #[command(flatten)]
+    nbd_tls: crate::nbd_tls::NbdTlsArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -309,7 +312,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let listener = bind_retrying(args.nbd_listen)
         .with_context(|| format!("binding NBD on {}", args.nbd_listen))?;
-    let factory = ballast_nbd::conn_factory(registry.nbd_exports());
+    let nbd_tls = args.nbd_tls.build(&registry.nbd_exports())?;
+    let factory = ballast_nbd::conn_factory(registry.nbd_exports(), nbd_tls);
     let nbd_admission = admission.clone();
     let spawn = Msg::Spawn(Box::new(move |_cx| {
         Box::new(Acceptor::new(listener, "nbd", factory, nbd_admission)) as Box<dyn Task>

@@ -19,7 +19,13 @@
 //!   `stall_timeout` is dropped. A tick timer runs only while one of them applies;
 //! - the task reports done only with no receive, poll, send, timer or request in flight, so
 //!   every completion finds it alive; the socket closes (and its place in the connection
-//!   limit returns) when the task drops.
+//!   limit returns) when the task drops;
+//! - after NBD_OPT_STARTTLS is acknowledged every byte is TLS: the acknowledgement and what
+//!   was queued before it leave in plaintext first (the queue moves whole into `wire`), then
+//!   replies are encrypted from `out` into `wire` just before each send; receives carry
+//!   ciphertext into the session, which decrypts into `recv` (the parser's buffer, with its
+//!   growth and charges unchanged); a receive is posted only once the last is consumed, so
+//!   ciphertext held is one receive's worth. Payloads are never received directly under TLS.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -32,6 +38,7 @@ use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, Task};
 use ballast_ffi::Op;
+use ballast_tls::{ReadOutcome, TlsSession};
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
@@ -39,6 +46,7 @@ use crate::codec::{self, Request};
 use crate::exports::ExportTable;
 use crate::handshake::{Handshake, Negotiated, Step, META_ALLOCATION_ID, PAYLOAD_ADVERTISED_MAX};
 use crate::transmission::{classify, Action, Session};
+use crate::NbdTls;
 
 /// Largest receive buffer: a whole 64 KiB option (with its header) fits.
 const RECV_BUF_MAX: usize = 256 * 1024;
@@ -58,6 +66,22 @@ const TAG_RECV_PAYLOAD: u32 = u32::MAX - 2;
 const TAG_POLL: u32 = u32::MAX - 3;
 const TAG_TICK: u32 = u32::MAX - 4;
 const TAG_CANCEL: u32 = u32::MAX - 5;
+const TAG_TLS_RECV: u32 = u32::MAX - 6;
+
+/// Ciphertext receive buffer: a few TLS records (at most 16 KiB + 256 bytes each).
+const TLS_RECV_BYTES: usize = 48 * 1024;
+
+/// A connection's TLS layer, once NBD_OPT_STARTTLS was acknowledged.
+struct TlsConn {
+    session: TlsSession,
+    /// Ciphertext (and, first, the plaintext queued before the upgrade) for the socket.
+    wire: SendQueue,
+    recv_inflight: bool,
+    /// The handshake finished and the NBD handshake was told who the client is.
+    announced: bool,
+    /// Plaintext gathered from `out` so that small replies share TLS records.
+    staging: Vec<u8>,
+}
 
 /// A request handed to the device, waiting for its completion.
 struct Inflight {
@@ -112,6 +136,8 @@ pub struct Conn {
     progress: Progress,
     export_name: String,
     exports: Arc<ExportTable>,
+    tls_config: NbdTls,
+    tls: Option<Box<TlsConn>>,
     phase: Phase,
     /// Largest read or write accepted (what the core's budget can grant one request).
     max_payload: u32,
@@ -140,7 +166,13 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(fd: OwnedFd, peer: String, guard: ConnGuard, exports: Arc<ExportTable>) -> Conn {
+    pub fn new(
+        fd: OwnedFd,
+        peer: String,
+        guard: ConnGuard,
+        exports: Arc<ExportTable>,
+        tls_config: NbdTls,
+    ) -> Conn {
         Conn {
             fd,
             peer,
@@ -148,6 +180,8 @@ impl Conn {
             progress: Progress::new(),
             export_name: String::new(),
             exports,
+            tls_config,
+            tls: None,
             phase: Phase::Handshake(Handshake::new()),
             max_payload: PAYLOAD_ADVERTISED_MAX,
             recv: RecvBuf::new(RECV_BUF_MAX),
@@ -174,7 +208,7 @@ impl Conn {
             tracing::debug!(peer = %self.peer, why, "closing connection input");
             self.read_closed = true;
         }
-        if self.recv.inflight() || self.payload_recv_inflight {
+        if self.recv.inflight() || self.payload_recv_inflight || self.tls_recv_inflight() {
             let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Read);
         }
     }
@@ -234,6 +268,11 @@ impl Conn {
                             self.enter(neg);
                             continue;
                         }
+                        Step::StartTls => {
+                            self.start_tls(cx, &buf.as_slice()[used..]);
+                            used = buf.len();
+                            break;
+                        }
                         Step::Close(why) => {
                             tracing::info!(peer = %self.peer, why, "handshake ended");
                             self.read_closed = true;
@@ -250,6 +289,143 @@ impl Conn {
         }
         buf.consume_front(used);
         self.recv.put_back(buf);
+    }
+
+    /// NBD_OPT_STARTTLS was acknowledged: from here on every byte is TLS. `early` is input
+    /// that arrived after the option (the start of the client's TLS handshake).
+    fn start_tls(&mut self, cx: &mut Cx<'_>, early: &[u8]) {
+        let Some(server) = &self.tls_config.server else {
+            unreachable!("STARTTLS acknowledged without a TLS configuration")
+        };
+        let mut session = match TlsSession::accept(server) {
+            Ok(session) => session,
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, error = %e, "cannot start TLS");
+                self.read_closed = true;
+                return;
+            }
+        };
+        if !early.is_empty() {
+            let mut buf = cx.buf_with_capacity(early.len());
+            buf.extend_from_slice(early);
+            session.feed(buf);
+        }
+        // The acknowledgement (and anything queued with it) leaves in plaintext, first.
+        let wire = std::mem::take(&mut self.out);
+        self.tls = Some(Box::new(TlsConn {
+            session,
+            wire,
+            recv_inflight: false,
+            announced: false,
+            staging: Vec::new(),
+        }));
+    }
+
+    fn tls_recv_inflight(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.recv_inflight)
+    }
+
+    /// Decrypts what the session can into the parser's buffer and parses it, until it needs
+    /// more ciphertext, the buffer is full or memory is short.
+    fn pump_tls(&mut self, cx: &mut Cx<'_>) {
+        while !self.read_closed && !self.mem.waiting() {
+            let Some(tls) = self.tls.as_mut() else { return };
+            if !tls.session.readable() {
+                return;
+            }
+            let mut outcome = Ok(ReadOutcome::WantInput);
+            let session = &mut tls.session;
+            let posted = self.recv.fill(cx, self.mem.held(), |room| {
+                outcome = session.read(room);
+                match outcome {
+                    Ok(ReadOutcome::Data(n)) => n,
+                    _ => 0,
+                }
+            });
+            match posted {
+                Posted::Yes => {}
+                Posted::WaitingForMemory => {
+                    self.mem.wait();
+                    return;
+                }
+                Posted::No => return,
+            }
+            if tls.session.is_open() && !tls.announced {
+                tls.announced = true;
+                let identity = tls.session.identity().and_then(|i| i.name()).map(String::from);
+                tracing::info!(
+                    peer = %self.peer,
+                    tls = %tls.session.describe(),
+                    identity = identity.as_deref().unwrap_or("-"),
+                    "TLS established"
+                );
+                if let Phase::Handshake(hs) = &mut self.phase {
+                    hs.on_tls_open(identity);
+                }
+            }
+            match outcome {
+                Ok(ReadOutcome::Data(_)) => self.parse(cx),
+                Ok(ReadOutcome::WantInput) => return,
+                Ok(ReadOutcome::Closed) => self.close_read("TLS close_notify"),
+                Err(e) => {
+                    tracing::info!(peer = %self.peer, error = %e, "TLS failed; closing");
+                    self.close_read("TLS failed");
+                }
+            }
+        }
+    }
+
+    fn on_tls_recv(&mut self, result: i32, buf: IoBuf) {
+        let tls = self.tls.as_mut().expect("TLS receive without TLS");
+        tls.recv_inflight = false;
+        if result <= 0 {
+            tls.session.feed(buf);
+            self.read_closed = true;
+            return;
+        }
+        self.progress.moved();
+        tls.session.feed(buf);
+    }
+
+    /// Sends what is queued: plaintext, or under TLS what `out` holds encrypted into `wire`.
+    fn start_send(&mut self, cx: &mut Cx<'_>) {
+        let fd = self.fd.as_raw_fd();
+        let Some(tls) = self.tls.as_mut() else {
+            self.out.start(cx, fd, TAG_SEND);
+            return;
+        };
+        if self.out.queued() {
+            let staging = &mut tls.staging;
+            staging.clear();
+            self.out.drain(cx, |bytes| staging.extend_from_slice(bytes));
+            if let Err(e) = tls.session.write(&tls.staging) {
+                tracing::info!(peer = %self.peer, error = %e, "TLS failed; closing");
+                self.read_closed = true;
+            }
+        }
+        tls.session.take_output(|ciphertext| tls.wire.push_bytes(ciphertext));
+        tls.wire.start(cx, fd, TAG_SEND);
+    }
+
+    /// The queue the socket's sends belong to.
+    fn wire(&mut self) -> &mut SendQueue {
+        match self.tls.as_mut() {
+            Some(tls) => &mut tls.wire,
+            None => &mut self.out,
+        }
+    }
+
+    /// Bytes queued for the socket, encrypted or not, sent or not.
+    fn unsent(&self) -> u64 {
+        self.out.unsent() + self.tls.as_ref().map_or(0, |t| t.wire.unsent())
+    }
+
+    fn send_inflight(&self) -> bool {
+        self.out.inflight() || self.tls.as_ref().is_some_and(|t| t.wire.inflight())
+    }
+
+    fn send_broken(&self) -> bool {
+        self.out.broken() || self.tls.as_ref().is_some_and(|t| t.wire.broken())
     }
 
     fn enter(&mut self, neg: Negotiated) {
@@ -551,7 +727,7 @@ impl Conn {
             Phase::Transmission { session: Session { structured: true, .. }, .. }
         );
         match (req.kind, owned, error) {
-            (OpKind::Read, Owned::Buf(data), 0) if !self.out.broken() => {
+            (OpKind::Read, Owned::Buf(data), 0) if !self.send_broken() => {
                 let scratch = self.scratch_reset();
                 if structured {
                     codec::encode_offset_data_header(
@@ -570,7 +746,7 @@ impl Conn {
                     cx.recycle(buf);
                 }
                 self.mem.release(cx, req.charged);
-                if self.out.broken() {
+                if self.send_broken() {
                     return;
                 }
                 match req.kind {
@@ -597,7 +773,7 @@ impl Conn {
         if result > 0 {
             self.progress.moved();
         }
-        if let Err(errno) = self.out.on_complete(cx, result, owned) {
+        if let Err(errno) = self.wire().on_complete(cx, result, owned) {
             if errno != libc::EPIPE && errno != libc::ECONNRESET {
                 tracing::debug!(peer = %self.peer, errno, "send failed");
             }
@@ -605,14 +781,15 @@ impl Conn {
             self.close_read("send failed");
         }
         // Read data that left (or never will) gives its memory back.
-        self.mem.sent(cx, self.out.unsent());
+        let unsent = self.unsent();
+        self.mem.sent(cx, unsent);
     }
 
     /// Whether the client owes us progress: a write payload it is sending, or replies it
     /// must read before we can send more.
     fn owes_progress(&self) -> bool {
         (self.payload.is_some() && !self.mem.waiting())
-            || (self.out.inflight() && self.out.unsent() > 0)
+            || (self.send_inflight() && self.unsent() > 0)
     }
 
     fn needs_tick(&self) -> bool {
@@ -637,7 +814,10 @@ impl Conn {
     }
 
     fn post_io(&mut self, cx: &mut Cx<'_>) {
-        self.out.start(cx, self.fd.as_raw_fd(), TAG_SEND);
+        if self.tls.is_some() {
+            self.pump_tls(cx);
+        }
+        self.start_send(cx);
         if !self.tick_inflight && self.needs_tick() {
             self.tick_inflight = true;
             let limits = self.guard.limits();
@@ -649,7 +829,7 @@ impl Conn {
             cx.timer(TAG_TICK, after);
         }
         if self.read_closed
-            || self.out.broken()
+            || self.send_broken()
             || self.recv.inflight()
             || self.payload_recv_inflight
             || self.mem.waiting()
@@ -658,6 +838,18 @@ impl Conn {
         }
         if self.saturated() && self.payload.is_none() {
             // Back-pressure stops new requests; a payload under way is still received.
+            return;
+        }
+        if let Some(tls) = self.tls.as_mut() {
+            if !tls.recv_inflight && tls.session.wants_input() && !tls.session.is_closed() {
+                let buf = match tls.session.take_spent() {
+                    Some(buf) => buf,
+                    None => cx.buf_with_capacity(TLS_RECV_BYTES),
+                };
+                tls.recv_inflight = true;
+                let fd = self.fd.as_raw_fd();
+                cx.submit(Op::Recv { fd, buf, max: usize::MAX }, TAG_TLS_RECV);
+            }
             return;
         }
         let buffered = self.recv.buffered();
@@ -700,14 +892,14 @@ impl Conn {
 
     /// Back-pressure: too many requests or bytes in flight or unsent.
     fn saturated(&self) -> bool {
-        self.reqs.len() >= INFLIGHT_MAX
-            || self.bytes_inflight + self.out.unsent() >= INFLIGHT_BYTES_MAX
+        self.reqs.len() >= INFLIGHT_MAX || self.bytes_inflight + self.unsent() >= INFLIGHT_BYTES_MAX
     }
 
     fn quiet(&self) -> bool {
         !self.recv.inflight()
             && !self.payload_recv_inflight
-            && !self.out.inflight()
+            && !self.tls_recv_inflight()
+            && !self.send_inflight()
             && !self.tick_inflight
             && !self.cancel_inflight
             && self.reqs.is_empty()
@@ -723,6 +915,9 @@ impl Conn {
             return;
         }
         self.recv.release(cx);
+        if let Some(buf) = self.tls.as_mut().and_then(|t| t.session.take_spent()) {
+            cx.recycle(buf);
+        }
         if let Some(pw) = self.payload.take() {
             if let Some(buf) = pw.buf {
                 cx.recycle(buf);
@@ -743,7 +938,7 @@ impl Task for Conn {
         // Advertise only what the core's budget can always grant one request.
         let limit = cx.charge_limit().min(u64::from(PAYLOAD_ADVERTISED_MAX));
         self.max_payload = 1 << (63 - limit.leading_zeros());
-        self.phase = Phase::Handshake(Handshake::with_max_payload(self.max_payload));
+        self.phase = Phase::Handshake(Handshake::with_tls(self.max_payload, self.tls_config.mode));
         let mut greeting = Vec::new();
         Handshake::greeting(&mut greeting);
         self.out.push_bytes(&greeting);
@@ -760,6 +955,10 @@ impl Task for Conn {
                 if result < 0 {
                     self.read_closed = true;
                 }
+            }
+            TAG_TLS_RECV => {
+                let buf = owned.into_buf().expect("TLS receive completion without its buffer");
+                self.on_tls_recv(result, buf);
             }
             TAG_TICK => self.on_tick(),
             TAG_CANCEL => self.cancel_inflight = false,
@@ -789,9 +988,10 @@ impl Task for Conn {
 
     fn flush(&mut self, cx: &mut Cx<'_>) {
         self.post_io(cx);
-        let output_done = self.out.drained();
+        let output_done = self.out.drained()
+            && self.tls.as_ref().is_none_or(|t| t.wire.drained() && !t.session.has_output());
         if self.read_closed && self.reqs.is_empty() && output_done && !self.done {
-            if self.recv.inflight() || self.payload_recv_inflight {
+            if self.recv.inflight() || self.payload_recv_inflight || self.tls_recv_inflight() {
                 self.close_read("finished");
                 return;
             }

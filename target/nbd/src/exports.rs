@@ -54,6 +54,19 @@ pub enum ExportError {
 struct Inner {
     map: BTreeMap<String, Arc<Export>>,
     default: Option<String>,
+    /// Export name → the TLS identities allowed to use it (an export listed here is
+    /// TLS-only). Kept by name, so it outlives the export's removal and re-creation.
+    allow: BTreeMap<String, Vec<String>>,
+}
+
+/// Whether a client may use an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Granted,
+    /// The export is TLS-only and the session is not (yet) encrypted.
+    TlsRequired,
+    /// Encrypted, but the client's TLS identity is not on the export's allow-list.
+    Denied,
 }
 
 #[derive(Default)]
@@ -100,6 +113,32 @@ impl ExportTable {
         let inner = self.inner.read();
         let key = if name.is_empty() { inner.default.as_deref()? } else { name };
         inner.map.get(key).cloned()
+    }
+
+    /// Makes export `name` TLS-only, usable by these identities (PSK user names or client
+    /// certificate common names); an empty list lifts the restriction.
+    pub fn set_allowed(&self, name: &str, identities: Vec<String>) {
+        let mut inner = self.inner.write();
+        if identities.is_empty() {
+            inner.allow.remove(name);
+        } else {
+            inner.allow.insert(name.to_string(), identities);
+        }
+    }
+
+    /// The allow-list of export `name`, if it has one.
+    pub fn allowed(&self, name: &str) -> Option<Vec<String>> {
+        self.inner.read().allow.get(name).cloned()
+    }
+
+    /// Whether a session (TLS or not, with this identity) may use export `name`.
+    pub fn access(&self, name: &str, tls: bool, identity: Option<&str>) -> Access {
+        match self.inner.read().allow.get(name) {
+            None => Access::Granted,
+            Some(_) if !tls => Access::TlsRequired,
+            Some(ids) if identity.is_some_and(|i| ids.iter().any(|a| a == i)) => Access::Granted,
+            Some(_) => Access::Denied,
+        }
     }
 
     pub fn default_name(&self) -> Option<String> {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::codec::{self, OptionHeader};
-use crate::exports::{Export, ExportTable};
+use crate::exports::{Access, Export, ExportTable};
 
 /// Options carrying more data than this are skipped and answered with NBD_REP_ERR_TOO_BIG.
 pub const OPTION_DATA_MAX: u32 = 64 * 1024;
@@ -15,6 +15,19 @@ pub const BLOCK_PREFERRED: u32 = 4096;
 pub const PAYLOAD_ADVERTISED_MAX: u32 = 32 << 20;
 /// Context id we give `base:allocation`.
 pub const META_ALLOCATION_ID: u32 = 1;
+
+/// How the server offers TLS (the NBD protocol's "TLS support" modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// NOTLS: NBD_OPT_STARTTLS is refused (NBD_REP_ERR_POLICY).
+    #[default]
+    Off,
+    /// SELECTIVETLS: the client may upgrade; exports with an allow-list are TLS-only.
+    On,
+    /// FORCEDTLS: every option but NBD_OPT_STARTTLS and NBD_OPT_ABORT gets
+    /// NBD_REP_ERR_TLS_REQD until TLS is up.
+    Require,
+}
 
 /// Where the handshake is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +59,9 @@ pub enum Step {
     NeedMore,
     /// Send `out`, then start transmission.
     Enter(Negotiated),
+    /// Send `out` (NBD_REP_ACK to NBD_OPT_STARTTLS) in plaintext, then run a TLS handshake;
+    /// every byte after it is TLS. Call [`Handshake::on_tls_open`] once it succeeds.
+    StartTls,
     /// Send `out` (if anything), then close the connection.
     Close(&'static str),
 }
@@ -58,6 +74,11 @@ pub struct Handshake {
     structured: bool,
     /// Export name (canonical, non-empty) for which `base:allocation` was set.
     meta_export: Option<String>,
+    tls_mode: TlsMode,
+    /// TLS is up (NBD_OPT_STARTTLS acknowledged and the TLS handshake done).
+    tls_active: bool,
+    /// The TLS identity the client proved (PSK user name or certificate common name).
+    identity: Option<String>,
 }
 
 impl Default for Handshake {
@@ -73,6 +94,11 @@ impl Handshake {
 
     /// A handshake advertising `max_payload` as the largest request (at most 32 MiB).
     pub fn with_max_payload(max_payload: u32) -> Handshake {
+        Handshake::with_tls(max_payload, TlsMode::Off)
+    }
+
+    /// A handshake advertising `max_payload`, offering TLS as `tls_mode` says.
+    pub fn with_tls(max_payload: u32, tls_mode: TlsMode) -> Handshake {
         assert!(max_payload >= BLOCK_PREFERRED, "max payload below the preferred block size");
         Handshake {
             max_payload: max_payload.min(PAYLOAD_ADVERTISED_MAX),
@@ -80,7 +106,33 @@ impl Handshake {
             no_zeroes: false,
             structured: false,
             meta_export: None,
+            tls_mode,
+            tls_active: false,
+            identity: None,
         }
+    }
+
+    /// The TLS handshake that followed [`Step::StartTls`] succeeded; `identity` is what the
+    /// client proved (none for an anonymous session).
+    pub fn on_tls_open(&mut self, identity: Option<String>) {
+        assert!(self.tls_mode != TlsMode::Off, "TLS opened while TLS is off");
+        assert!(!self.tls_active, "TLS opened twice");
+        self.tls_active = true;
+        self.identity = identity;
+    }
+
+    fn access(&self, exports: &ExportTable, export: &Export) -> Access {
+        exports.access(&export.name, self.tls_active, self.identity.as_deref())
+    }
+
+    /// The error reply for an export this session may not use.
+    fn refuse(out: &mut Vec<u8>, option: u32, access: Access) -> Step {
+        let (code, msg): (u32, &[u8]) = match access {
+            Access::TlsRequired => (codec::REP_ERR_TLS_REQD, b"this export requires TLS"),
+            _ => (codec::REP_ERR_POLICY, b"this TLS identity may not use this export"),
+        };
+        codec::encode_option_reply(out, option, code, msg);
+        Step::NeedMore
     }
 
     /// Bytes to send on connect.
@@ -156,6 +208,7 @@ impl Handshake {
                     self.state = State::OptionHeader;
                     match self.on_option(header.option, data, out, exports) {
                         Step::NeedMore => {}
+                        Step::StartTls => return (used, Step::StartTls),
                         done => {
                             self.state = State::Done;
                             return (used, done);
@@ -177,7 +230,36 @@ impl Handshake {
             codec::encode_option_reply(out, option, codec::REP_ERR_INVALID, why.as_bytes());
             Step::NeedMore
         };
+        if self.tls_mode == TlsMode::Require
+            && !self.tls_active
+            && !matches!(option, codec::OPT_STARTTLS | codec::OPT_ABORT)
+        {
+            if option == codec::OPT_EXPORT_NAME {
+                return Step::Close("NBD_OPT_EXPORT_NAME before TLS, which is required");
+            }
+            let msg = b"TLS is required: send NBD_OPT_STARTTLS first";
+            codec::encode_option_reply(out, option, codec::REP_ERR_TLS_REQD, msg);
+            return Step::NeedMore;
+        }
         match option {
+            codec::OPT_STARTTLS => {
+                if !data.is_empty() {
+                    return invalid(out, "NBD_OPT_STARTTLS takes no data");
+                }
+                if self.tls_active {
+                    return invalid(out, "TLS is already active");
+                }
+                if self.tls_mode == TlsMode::Off {
+                    let msg = b"TLS is not enabled on this server";
+                    codec::encode_option_reply(out, option, codec::REP_ERR_POLICY, msg);
+                    return Step::NeedMore;
+                }
+                codec::encode_option_reply(out, option, codec::REP_ACK, &[]);
+                // Nothing negotiated in plaintext survives the upgrade.
+                self.structured = false;
+                self.meta_export = None;
+                Step::StartTls
+            }
             codec::OPT_EXPORT_NAME => {
                 let Ok(name) = codec::decode_export_name(data) else {
                     return Step::Close("bad export name");
@@ -185,6 +267,11 @@ impl Handshake {
                 let Some(export) = exports.get(&name) else {
                     return Step::Close("unknown export (NBD_OPT_EXPORT_NAME)");
                 };
+                if self.access(exports, &export) != Access::Granted {
+                    return Step::Close(
+                        "export not allowed for this session (NBD_OPT_EXPORT_NAME)",
+                    );
+                }
                 let flags = export.transmission_flags(self.structured);
                 codec::encode_export_name_reply(out, export.size_bytes(), flags, self.no_zeroes);
                 self.enter(export, flags)
@@ -198,7 +285,9 @@ impl Handshake {
                     return invalid(out, "NBD_OPT_LIST takes no data");
                 }
                 for export in exports.list() {
-                    codec::encode_rep_server(out, &export.name, &export.description);
+                    if self.access(exports, &export) == Access::Granted {
+                        codec::encode_rep_server(out, &export.name, &export.description);
+                    }
                 }
                 codec::encode_option_reply(out, option, codec::REP_ACK, &[]);
                 Step::NeedMore
@@ -212,6 +301,10 @@ impl Handshake {
                     codec::encode_option_reply(out, option, codec::REP_ERR_UNKNOWN, msg.as_bytes());
                     return Step::NeedMore;
                 };
+                match self.access(exports, &export) {
+                    Access::Granted => {}
+                    refused => return Self::refuse(out, option, refused),
+                }
                 let flags = export.transmission_flags(self.structured);
                 codec::encode_info_export(out, option, export.size_bytes(), flags);
                 for info in &req.requests {
@@ -291,6 +384,10 @@ impl Handshake {
             codec::encode_option_reply(out, option, codec::REP_ERR_UNKNOWN, b"no such export");
             return Step::NeedMore;
         };
+        match self.access(exports, &export) {
+            Access::Granted => {}
+            refused => return Self::refuse(out, option, refused),
+        }
         let wanted = if req.queries.is_empty() {
             !set
         } else {
@@ -429,6 +526,104 @@ mod tests {
         assert!(n.meta_allocation);
     }
 
+    /// Reply type of the option reply starting at `at` in `out`.
+    fn reply_type(out: &[u8], at: usize) -> u32 {
+        u32::from_be_bytes(out[at + 12..at + 16].try_into().unwrap())
+    }
+
+    #[test]
+    fn starttls_refused_when_tls_is_off() {
+        let t = table();
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(opt(codec::OPT_STARTTLS, &[]));
+        input.extend(opt(codec::OPT_GO, &info_data("vol0")));
+        let mut hs = Handshake::new();
+        let (out, step) = run(&mut hs, &input, 3, &t);
+        assert_eq!(reply_type(&out, 0), codec::REP_ERR_POLICY);
+        assert!(matches!(step, Some(Step::Enter(_))));
+    }
+
+    #[test]
+    fn forced_tls_refuses_everything_but_starttls_and_forgets_plaintext_state() {
+        let t = table();
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(opt(codec::OPT_STRUCTURED_REPLY, &[]));
+        input.extend(opt(codec::OPT_LIST, &[]));
+        input.extend(opt(codec::OPT_STARTTLS, &[]));
+        let mut hs = Handshake::with_tls(1 << 20, TlsMode::Require);
+        let (out, step) = run(&mut hs, &input, 5, &t);
+        assert!(matches!(step, Some(Step::StartTls)));
+        assert_eq!(reply_type(&out, 0), codec::REP_ERR_TLS_REQD);
+        let second = 20 + u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
+        assert_eq!(reply_type(&out, second), codec::REP_ERR_TLS_REQD);
+        let third = second
+            + 20
+            + u32::from_be_bytes(out[second + 16..second + 20].try_into().unwrap()) as usize;
+        assert_eq!(reply_type(&out, third), codec::REP_ACK);
+        assert_eq!(out.len(), third + 20);
+        // Over TLS now: structured replies asked before the upgrade are gone.
+        hs.on_tls_open(Some("alice".into()));
+        let mut again = opt(codec::OPT_STARTTLS, &[]);
+        again.extend(opt(codec::OPT_GO, &info_data("vol0")));
+        let (out, used) = {
+            let mut out = Vec::new();
+            let (used, step) = hs.on_input(&again, &mut out, &t);
+            let Step::Enter(n) = step else { panic!("GO over TLS refused") };
+            assert!(!n.structured);
+            (out, used)
+        };
+        assert_eq!(used, again.len());
+        assert_eq!(reply_type(&out, 0), codec::REP_ERR_INVALID);
+    }
+
+    #[test]
+    fn export_name_before_forced_tls_closes() {
+        let t = table();
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(opt(codec::OPT_EXPORT_NAME, b"vol0"));
+        let mut hs = Handshake::with_tls(1 << 20, TlsMode::Require);
+        let (out, step) = run(&mut hs, &input, 100, &t);
+        assert!(matches!(step, Some(Step::Close(_))));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn selective_tls_allow_lists_by_identity() {
+        let t = table();
+        let dev = Arc::new(RamDev::new(1 << 20));
+        t.add(Export { name: "open".into(), description: String::new(), dev, read_only: false })
+            .unwrap();
+        t.set_allowed("vol0", vec!["alice".into()]);
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(opt(codec::OPT_LIST, &[]));
+        input.extend(opt(codec::OPT_GO, &info_data("vol0")));
+        input.extend(opt(codec::OPT_STARTTLS, &[]));
+        let mut hs = Handshake::with_tls(1 << 20, TlsMode::On);
+        let (out, step) = run(&mut hs, &input, 7, &t);
+        assert!(matches!(step, Some(Step::StartTls)));
+        // LIST shows only "open", then ACK; GO on the TLS-only export needs TLS.
+        assert_eq!(reply_type(&out, 0), codec::REP_SERVER);
+        assert!(out.windows(4).any(|w| w == b"open"));
+        assert!(!out.windows(4).any(|w| w == b"vol0"));
+        let go = out.len() - 20 - (20 + b"this export requires TLS".len());
+        assert_eq!(reply_type(&out, go), codec::REP_ERR_TLS_REQD);
+        for (who, granted) in [(Some("bob"), false), (None, false), (Some("alice"), true)] {
+            let mut hs = Handshake::with_tls(1 << 20, TlsMode::On);
+            let mut start = 1u32.to_be_bytes().to_vec();
+            start.extend(opt(codec::OPT_STARTTLS, &[]));
+            let (_, step) = run(&mut hs, &start, 100, &t);
+            assert!(matches!(step, Some(Step::StartTls)));
+            hs.on_tls_open(who.map(String::from));
+            let (out, step) = run(&mut hs, &opt(codec::OPT_GO, &info_data("vol0")), 100, &t);
+            if granted {
+                assert!(matches!(step, Some(Step::Enter(_))), "{who:?}");
+            } else {
+                assert!(step.is_none(), "{who:?}");
+                assert_eq!(reply_type(&out, 0), codec::REP_ERR_POLICY);
+            }
+        }
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
         /// Arbitrary bytes after valid flags never panic the machine.
@@ -448,8 +643,10 @@ mod tests {
             let t = table();
             let mut input = 3u32.to_be_bytes().to_vec();
             input.extend(opt(option, &data));
-            let mut hs = Handshake::new();
-            let _ = run(&mut hs, &input, 5, &t);
+            for mode in [TlsMode::Off, TlsMode::On, TlsMode::Require] {
+                let mut hs = Handshake::with_tls(1 << 20, mode);
+                let _ = run(&mut hs, &input, 5, &t);
+            }
         }
     }
 }

@@ -28,6 +28,11 @@ use crate::psk_file::{PskFileError, PskTable};
 const TLS12_CIPHERS: &str = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:ECDHE-PSK+CHACHA20:\
                              DHE-PSK+AESGCM:ECDHE-PSK+AES:PSK+AESGCM:!aNULL:!MD5:!SHA1";
 
+/// TLS 1.3 cipher suites, in the server's order of preference: AES-GCM first (AES-NI makes it
+/// the cheapest per byte on the x86 machines we run on), ChaCha20 for clients without it.
+const TLS13_SUITES: &str =
+    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
     #[error("TLS: a certificate needs its private key, and a key its certificate")]
@@ -124,6 +129,7 @@ impl TlsServer {
         b.set_num_tickets(0).map_err(open)?;
         b.set_session_cache_mode(SslSessionCacheMode::OFF);
         b.set_cipher_list(TLS12_CIPHERS).map_err(open)?;
+        b.set_ciphersuites(TLS13_SUITES).map_err(open)?;
         let mut summary = Vec::new();
         match (&config.cert, &config.key) {
             (Some(cert), Some(key)) => {

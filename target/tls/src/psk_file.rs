@@ -135,7 +135,7 @@ impl PskTable {
 
 fn decode_hex(hex: &[u8]) -> Option<Vec<u8>> {
     let hex = hex.trim_ascii();
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);

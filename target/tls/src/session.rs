@@ -135,7 +135,9 @@ impl TlsSession {
         }
         let pipe = self.stream.get_mut();
         pipe.input_pos = 0;
-        pipe.input.take()
+        let mut buf = pipe.input.take()?;
+        buf.set_len(0);
+        Some(buf)
     }
 
     /// Whether plaintext is ready without more input (decrypted and buffered by OpenSSL, or

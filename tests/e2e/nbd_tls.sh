@@ -1,0 +1,185 @@
+#!/bin/bash
+# End-to-end: NBD over TLS (NBD_OPT_STARTTLS) with clients we did not write: libnbd's nbdinfo,
+# nbdcopy and nbdsh (GnuTLS), qemu-img and qemu-io (tls-creds-psk / tls-creds-x509).
+#   1. TLS-PSK, --nbd-tls require: data round trips; plaintext, a wrong key and an unknown
+#      identity are refused; the key never reaches the log; a world-readable key file is refused.
+#   2. X.509 with client certificates, --nbd-tls on: an allow-listed export only for its
+#      identity, an open export in plaintext too; an untrusted client certificate and an
+#      untrusted server certificate fail the handshake.
+set -u -o pipefail
+. "$(dirname "$0")/../lib.sh"
+
+T=$TEST_TMP
+MiB=$((1024 * 1024))
+command -v openssl >/dev/null || { fail "openssl CLI present"; finish; }
+
+# qemu_opts KIND DIR [USER]: the --object for qemu's TLS credentials.
+qemu_obj() {
+    if [[ $1 == psk ]]; then
+        echo "tls-creds-psk,id=tls0,endpoint=client,dir=$2,username=$3"
+    else
+        echo "tls-creds-x509,id=tls0,endpoint=client,dir=$2"
+    fi
+}
+qemu_image() { echo "driver=nbd,host=127.0.0.1,port=$PORT,export=$1,tls-creds=tls0"; }
+
+##############################################################################################
+echo "## phase 1: TLS-PSK, TLS required"
+mkdir -p "$T/psk" "$T/wrongpsk" "$T/mallory"
+KEY=$(openssl rand -hex 32)
+printf 'alice:%s\nbob:%s\n' "$KEY" "$(openssl rand -hex 32)" >"$T/psk/keys.psk"
+chmod 600 "$T/psk/keys.psk"
+printf 'alice:%s\n' "$(openssl rand -hex 32)" >"$T/wrongpsk/keys.psk"
+printf 'mallory:%s\n' "$KEY" >"$T/mallory/keys.psk"
+chmod 600 "$T/wrongpsk/keys.psk" "$T/mallory/keys.psk"
+
+new_data_dir
+start_ballast --export vol0=ram:64M --export vol1=ram:16M \
+    --nbd-tls require --nbd-tls-psk "$T/psk/keys.psk" || finish
+PSK_URI="nbds://alice@127.0.0.1:$PORT"
+Q="tls-psk-file=$T/psk/keys.psk"
+
+out=$(timeout 30 nbdinfo "$PSK_URI/vol0?$Q" 2>&1)
+if grep -q "with TLS" <<<"$out" && grep -q "export-size: $((64 * MiB))" <<<"$out"; then
+    pass "nbdinfo over TLS-PSK: TLS negotiated, size right"
+else
+    fail "nbdinfo over TLS-PSK" "$(head -3 <<<"$out" | tr '\n' ' ')"
+fi
+if grep -q 'TLS established.*identity="\?alice' "$BALLAST_LOG"; then
+    pass "server log names the PSK identity and the cipher"
+else
+    fail "server log names the PSK identity" "$(grep -m2 TLS "$BALLAST_LOG")"
+fi
+
+head -c $((48 * MiB)) /dev/urandom >"$T/in.bin"
+check "nbdcopy 48 MiB into vol0 over TLS" \
+    timeout 120 nbdcopy "$T/in.bin" "$PSK_URI/vol0?$Q"
+check "nbdcopy vol0 back over TLS" \
+    timeout 120 nbdcopy "$PSK_URI/vol0?$Q" "$T/out.bin"
+check_eq "data read back over TLS equals data written" "$(sha "$T/in.bin")" \
+    "$(head -c $((48 * MiB)) "$T/out.bin" | sha256sum | cut -d' ' -f1)"
+
+obj=$(qemu_obj psk "$T/psk" alice)
+check "qemu-io writes and reads back a pattern over TLS-PSK" \
+    timeout 60 qemu-io --object "$obj" --image-opts "$(qemu_image vol1)" \
+    -c "write -P 0x5a 1M 3M" -c "read -P 0x5a 1M 3M" -c "read -P 0 0 1M"
+check "qemu-img compare: vol0 over TLS matches what nbdcopy wrote" \
+    timeout 120 qemu-img compare --object "$obj" --image-opts "$(qemu_image vol0)" \
+    "driver=raw,file.filename=$T/in.bin"
+
+check_fails "plaintext client refused (TLS required)" \
+    timeout 30 nbdinfo "nbd://127.0.0.1:$PORT/vol0"
+out=$(timeout 30 /usr/bin/python3 - "$PORT" <<'PY' 2>&1
+import nbd, sys
+h = nbd.NBD()
+h.set_opt_mode(True)
+h.connect_tcp("127.0.0.1", sys.argv[1])
+try:
+    h.opt_list(lambda name, desc: 0)
+    print("listed")
+except nbd.Error as e:
+    print("refused", e.errno)
+PY
+)
+if [[ $out == refused* ]]; then
+    pass "NBD_OPT_LIST before STARTTLS refused (NBD_REP_ERR_TLS_REQD)"
+else
+    fail "NBD_OPT_LIST before STARTTLS" "$out"
+fi
+check_fails "wrong PSK refused" \
+    timeout 30 nbdinfo "$PSK_URI/vol0?tls-psk-file=$T/wrongpsk/keys.psk"
+check_fails "unknown PSK identity refused" \
+    timeout 30 nbdinfo "nbds://mallory@127.0.0.1:$PORT/vol0?tls-psk-file=$T/mallory/keys.psk"
+check_fails "qemu-img with the wrong PSK refused" \
+    timeout 30 qemu-img info --object "$(qemu_obj psk "$T/wrongpsk" alice)" \
+    --image-opts "$(qemu_image vol0)"
+check "server still serves after the refusals" \
+    timeout 30 nbdinfo --size "$PSK_URI/vol0?$Q"
+if grep -qi "$KEY" "$BALLAST_LOG"; then
+    fail "the PSK never appears in the server log"
+else
+    pass "the PSK never appears in the server log"
+fi
+stop_ballast
+
+chmod 644 "$T/psk/keys.psk"
+out=$(timeout 30 "$(ballast_bin)" serve --data-dir "$DATA_DIR" --export v=ram:1M \
+    --nbd-listen 127.0.0.1:0 --nvmf-listen 127.0.0.1:0 --rpc-socket "$T/x.sock" \
+    --nbd-tls require --nbd-tls-psk "$T/psk/keys.psk" 2>&1)
+rc=$?
+if ((rc != 0)) && grep -q "chmod 600" <<<"$out" && ! grep -qi "$KEY" <<<"$out"; then
+    pass "a PSK file others can read is refused at startup, without printing the key"
+else
+    fail "world-readable PSK file refused" "rc $rc: $(tail -2 <<<"$out")"
+fi
+chmod 600 "$T/psk/keys.psk"
+
+##############################################################################################
+echo "## phase 2: X.509, client certificates, TLS optional, allow-lists"
+P=$T/pki
+mkdir -p "$P" "$T/alice" "$T/carol" "$T/rogue" "$T/badca"
+# cert NAME CN CA-PREFIX [SAN]: key and certificate signed by CA-PREFIX.{crt,key}
+cert() {
+    openssl req -new -newkey rsa:2048 -nodes -keyout "$P/$1.key" -subj "/CN=$2" \
+        -out "$P/$1.csr" 2>/dev/null
+    local ext=$P/$1.ext
+    if [[ -n ${4:-} ]]; then printf 'subjectAltName=%s\n' "$4" >"$ext"; else : >"$ext"; fi
+    openssl x509 -req -in "$P/$1.csr" -CA "$3.crt" -CAkey "$3.key" -CAcreateserial \
+        -days 2 -extfile "$ext" -out "$P/$1.crt" 2>/dev/null
+}
+ca() {
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$P/$1.key" -subj "/CN=$1" -days 2 \
+        -out "$P/$1.crt" 2>/dev/null
+}
+ca ca && ca otherca
+cert server localhost "$P/ca" "DNS:localhost,IP:127.0.0.1"
+cert alice alice "$P/ca"
+cert carol carol "$P/ca"
+cert rogue alice "$P/otherca"
+cert fakeserver localhost "$P/otherca" "DNS:localhost,IP:127.0.0.1"
+chmod 600 "$P"/*.key
+# libnbd and qemu read ca-cert.pem, client-cert.pem, client-key.pem from a directory.
+client_dir() {   # client_dir DIR CLIENT CA
+    cp "$P/$3.crt" "$1/ca-cert.pem"
+    cp "$P/$2.crt" "$1/client-cert.pem"
+    cp "$P/$2.key" "$1/client-key.pem"
+}
+client_dir "$T/alice" alice ca
+client_dir "$T/carol" carol ca
+client_dir "$T/rogue" rogue ca
+client_dir "$T/badca" alice otherca
+
+new_data_dir
+start_ballast --export secret=ram:16M --export open=ram:16M \
+    --nbd-tls on --nbd-tls-cert "$P/server.crt" --nbd-tls-key "$P/server.key" \
+    --nbd-tls-ca "$P/ca.crt" --nbd-tls-allow secret=alice || finish
+X="nbds://127.0.0.1:$PORT"
+
+check "alice's certificate opens the allow-listed export" \
+    timeout 30 nbdinfo --size "$X/secret?tls-certificates=$T/alice"
+check "qemu-io as alice writes and reads secret over X.509" \
+    timeout 60 qemu-io --object "$(qemu_obj x509 "$T/alice")" --image-opts "$(qemu_image secret)" \
+    -c "write -P 0x42 0 1M" -c "read -P 0x42 0 1M"
+check_fails "carol (trusted, not allow-listed) is refused the export" \
+    timeout 30 nbdinfo --size "$X/secret?tls-certificates=$T/carol"
+check "carol may use the open export over TLS" \
+    timeout 30 nbdinfo --size "$X/open?tls-certificates=$T/carol"
+check "a plaintext client may use the open export (TLS optional)" \
+    timeout 30 nbdinfo --size "nbd://127.0.0.1:$PORT/open"
+check_fails "a plaintext client is refused the TLS-only export" \
+    timeout 30 nbdinfo --size "nbd://127.0.0.1:$PORT/secret"
+out=$(timeout 30 nbdinfo --list "nbd://127.0.0.1:$PORT" 2>&1)
+if grep -q 'export="open"' <<<"$out" && ! grep -q 'export="secret"' <<<"$out"; then
+    pass "plaintext NBD_OPT_LIST omits the TLS-only export"
+else
+    fail "plaintext list omits secret" "$(grep export= <<<"$out" | tr '\n' ' ')"
+fi
+check_fails "a client certificate from another CA fails the handshake" \
+    timeout 30 nbdinfo --size "$X/open?tls-certificates=$T/rogue"
+check_fails "a client that does not trust the server's CA refuses it" \
+    timeout 30 nbdinfo --size "$X/open?tls-certificates=$T/badca"
+check "server still serves after the refusals" \
+    timeout 30 nbdinfo --size "$X/secret?tls-certificates=$T/alice"
+stop_ballast
+
+finish

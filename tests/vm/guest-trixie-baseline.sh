@@ -43,8 +43,8 @@ for m in nvmet nvmet_tcp nvme_auth nvme_keyring nvme_core nvme_fabrics nvme_tcp 
 done
 # tlshd at debug level, so that its log names the PSK identities and the negotiated session
 kill "$(pidof tlshd)" 2>/dev/null || true
-sed -i -e '/^\[debug\]/,/^\[/ s/^loglevel=.*/loglevel=7/' -e '/^\[debug\]/,/^\[/ s/^tls=.*/tls=1/' /etc/tlshd.conf
-grep -q '^\[debug\]' /etc/tlshd.conf || printf '[debug]\nloglevel=7\ntls=1\nnl=0\n' >> /etc/tlshd.conf
+sed -i -e '/^\[debug\]/,/^\[/ s/^loglevel=.*/loglevel=7/' -e '/^\[debug\]/,/^\[/ s/^tls=.*/tls=4/' /etc/tlshd.conf
+grep -q '^\[debug\]' /etc/tlshd.conf || printf '[debug]\nloglevel=7\ntls=4\nnl=0\n' >> /etc/tlshd.conf
 /usr/sbin/tlshd -s > /run/tlshd.log 2>&1 &
 sleep 0.5
 
@@ -125,7 +125,6 @@ tls_session() {   # tls_session NQN LABEL: connect --tls, record the session, fi
     note "$2: /proc/net/tls_stat: $(grep -E 'TlsCurr(Tx|Rx)(Sw|Device)' /proc/net/tls_stat | tr -s ' \n' ' ')"
     check "$2: kTLS sockets are open (host and target ends)" \
       test "$(awk '/TlsCurrTxSw|TlsCurrTxDevice/ {s += $2} END {print s+0}' /proc/net/tls_stat)" -ge 2
-    ss -tni 2>/dev/null | grep -o 'tcp-ulp-tls[^$]*' | sort | uniq -c | sed "s/^/NOTE: $2: ss: /"
     [ -b "$d" ] && check "$2: fio randwrite 4k-64k with crc32c verify over TLS" fio_verify "$d"
     check "$2: disconnect" disconnect "$1"
   else
@@ -139,11 +138,12 @@ tls_session $TLS384 SHA-384
 # The target's host entry holds the host's secret (and the controller's, for bidirectional
 # authentication), the hash and the DH group it selects from the host's offer.
 H=$T/hosts/$HOSTNQN
-mkdir $H
-ln -s $H $T/subsystems/$AUTH/allowed_hosts/
-auth_setup() {   # auth_setup HASH DHGROUP HOSTKEY CTRLKEY
+auth_setup() {   # auth_setup HASH DHGROUP HOSTKEY [CTRLKEY]: a fresh host entry (a key cannot be unset)
+  if [ -d $H ]; then rm $T/subsystems/$AUTH/allowed_hosts/$HOSTNQN; rmdir $H; fi
+  mkdir $H
   echo "hmac($1)" > $H/dhchap_hash; echo "$2" > $H/dhchap_dhgroup
-  echo "$3" > $H/dhchap_key; echo "$4" > $H/dhchap_ctrl_key
+  echo "$3" > $H/dhchap_key; [ -z "${4:-}" ] || echo "$4" > $H/dhchap_ctrl_key
+  ln -s $H $T/subsystems/$AUTH/allowed_hosts/
 }
 auth_ok() {   # auth_ok LABEL ARGS...: connect must succeed, I/O must work
   if connect -s 4421 -n $AUTH "$@"; then
@@ -165,7 +165,7 @@ key() { nvme gen-dhchap-key --hmac="$1" --nqn="$HOSTNQN" | grep -o 'DHHC-1:[^ ]*
 KH=$(key 1) KC=$(key 1) KX=$(key 1)
 note "DH-HMAC-CHAP secret format: ${KH%%:*}:$(echo "$KH" | cut -d: -f2):<$(echo "$KH" | cut -d: -f3 | tr -d '\n' | wc -c) base64 chars>:"
 dmesg -C
-auth_setup sha256 ffdhe2048 "$KH" ""
+auth_setup sha256 ffdhe2048 "$KH"
 auth_ok "sha256/ffdhe2048 unidirectional" --dhchap-secret="$KH"
 note "the negotiation as the kernel logged it (dynamic debug, qid 0 and the I/O queues):"
 dmesg | grep -iE 'negotiat|dhgroup|hash|auth' | sed 's/^\[[^]]*\] //' | sort | uniq -c | sort -rn | head -30 | sed 's/^/NOTE:   /'
@@ -175,14 +175,14 @@ auth_setup sha256 ffdhe2048 "$KH" "$KC"
 auth_ok "sha256/ffdhe2048 bidirectional" --dhchap-secret="$KH" --dhchap-ctrl-secret="$KC"
 auth_refused "wrong controller secret (the host rejects the target)" --dhchap-secret="$KH" --dhchap-ctrl-secret="$KX"
 K3=$(key 2) K5=$(key 3)
-auth_setup sha384 null "$K3" ""
+auth_setup sha384 null "$K3"
 auth_ok "sha384/null (no DH) with a SHA-384 secret" --dhchap-secret="$K3"
 auth_setup sha512 ffdhe3072 "$K5" "$KC"
 auth_ok "sha512/ffdhe3072 bidirectional with a SHA-512 secret" --dhchap-secret="$K5" --dhchap-ctrl-secret="$KC"
 
 # ---------------------------------------------------------------- TLS and DH-HMAC-CHAP together
 # the TLS-required port gets the authenticated subsystem too: PSK for it, then both at once
-auth_setup sha256 ffdhe2048 "$KH" ""
+auth_setup sha256 ffdhe2048 "$KH"
 PAUTH=$(psk_insert $AUTH 1)
 ln -s $T/subsystems/$AUTH $T/ports/1/subsystems/
 if connect -s 4420 -n $AUTH --tls --dhchap-secret="$KH"; then
@@ -191,7 +191,8 @@ if connect -s 4420 -n $AUTH --tls --dhchap-secret="$KH"; then
   disconnect $AUTH || fail "TLS + DH-HMAC-CHAP: disconnect"
 else fail "TLS + DH-HMAC-CHAP: connect"; cat /tmp/connect.out; fi
 
-note "tlshd's log (identities, session):"
+note "tlshd's log (identities, session), $(wc -l < /run/tlshd.log) lines:"
+cat /run/tlshd.log | sed 's/^/RAW: /' 
 grep -iE 'identity|psk|session|cipher|handshake|key' /run/tlshd.log | sed 's/^/NOTE:   tlshd: /' | sort | uniq -c | sort -rn | head -40
 check "no kernel oops or nvme errors besides the refused connects" sh -c "! dmesg | grep -qiE 'BUG:|Oops|WARNING:|Call Trace'"
 echo "$npass passed, $nfail failed"

@@ -45,8 +45,8 @@ cd "$DIR"; rm -f stamp
 # what this machine needs (the same packages as the default flavour's build asks for, and the same
 # care: installing qemu-system-x86 replaces a newer qemu-utils, so ask for qemu-utils with it)
 need=()
-for p in qemu-system-x86:qemu-system-x86_64 debootstrap:debootstrap cpio:cpio zstd:zstd; do
-  command -v "${p#*:}" >/dev/null 2>&1 || [[ -x /usr/sbin/${p#*:} ]] || need+=("${p%%:*}")
+for p in qemu-system-x86:qemu-system-x86_64 debootstrap:debootstrap cpio:cpio zstd:zstd kmod:modinfo; do
+  command -v "${p#*:}" >/dev/null 2>&1 || [[ -x /usr/sbin/${p#*:} || -x /sbin/${p#*:} ]] || need+=("${p%%:*}")
 done
 [[ " ${need[*]} " == *" qemu-system-x86 "* ]] && need+=(qemu-utils)
 # bookworm's debootstrap knows trixie; an older one would not
@@ -88,7 +88,8 @@ kpkg=$(chroot "$C" apt-cache depends "$KMETA" 2>/dev/null | sed -n 's/.*Depends:
 if [[ ! -f kpkg/$kpkg.done ]]; then
   echo "ballast-vm(trixie): downloading $kpkg"
   rm -rf kpkg "$C"/tmp/linux-image-*.deb; mkdir kpkg
-  timeout 900 chroot "$C" sh -c "cd /tmp && apt-get download -qq $kpkg" >/dev/null
+  # the chroot's package lists are kept (a stable guest); refreshed when the mirror moved on
+  timeout 900 chroot "$C" sh -c "cd /tmp && { apt-get download -qq $kpkg || { apt-get update -qq && apt-get download -qq $kpkg; }; }" >/dev/null
   mv "$C"/tmp/linux-image-*.deb kpkg/
   (cd kpkg && dpkg-deb -x ./*.deb root && rm -f ./*.deb && touch "$kpkg.done")
 fi
@@ -121,7 +122,7 @@ add_mod() {
   f=$(find "$MODS/kernel" \( -name "$name.ko*" -o -name "${name//_/-}.ko*" \) | head -1 || true)
   [[ -n $f ]] || return 0   # built into the kernel
   mkdir -p "$KD/$(dirname "${f#"$MODS"/}")"; cp "$f" "$KD/${f#"$MODS"/}"
-  for dep in $(modinfo -F depends "$f" 2>/dev/null | tr ',' ' '); do add_mod "$dep"; done
+  for dep in $(PATH=$PATH:/sbin:/usr/sbin modinfo -F depends "$f" 2>/dev/null | tr ',' ' '); do add_mod "$dep"; done
 }
 for m in $MODLIST; do add_mod "$m"; done
 for d in crypto arch/x86/crypto lib/crypto; do

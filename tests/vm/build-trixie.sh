@@ -22,25 +22,34 @@ set -euo pipefail
 DIR=${BALLAST_VM_DIR:-$HOME/.cache/ballast-vm-trixie}
 here=$(cd "$(dirname "$0")" && pwd)
 self=$here/build-trixie.sh
-if ((EUID != 0)); then
-  command -v sudo >/dev/null || { echo "ballast-vm(trixie): needs root (debootstrap, chroot)" >&2; exit 1; }
-  exec sudo BALLAST_VM_DIR="$DIR" ${BALLAST_VM_MIRROR:+BALLAST_VM_MIRROR="$BALLAST_VM_MIRROR"} "$self" "$@"
-fi
 # the packages installed in the chroot; a change here re-runs apt-get there
 PKGS="nvme-cli ktls-utils keyutils fio e2fsprogs util-linux kmod busybox-static iproute2 nbd-client"
 KMETA=linux-image-amd64
 stamp=$( (cat "$self"; echo "$PKGS $KMETA") | sha256sum | cut -c1-16)
+ready() { [[ -f $DIR/base.cpio.zst && -f $DIR/vmlinuz && $(cat "$DIR/stamp" 2>/dev/null) == "$stamp" ]]; }
+if [[ -z ${1:-} ]] && ready; then   # the common case: no root, no lock needed (files are replaced whole)
+  echo "ballast-vm(trixie): ready in $DIR (kernel $(cat "$DIR/kernel-version"))"; exit 0
+fi
+if ((EUID != 0)); then
+  command -v sudo >/dev/null || { echo "ballast-vm(trixie): needs root (debootstrap, chroot)" >&2; exit 1; }
+  exec sudo BALLAST_VM_DIR="$DIR" ${BALLAST_VM_MIRROR:+BALLAST_VM_MIRROR="$BALLAST_VM_MIRROR"} "$self" "$@"
+fi
 
 mkdir -p "$DIR"
 exec 9>"$DIR/.lock"; flock 9   # one build at a time; a second caller waits, then finds it ready
 case ${1:-} in
   --force) rm -f "$DIR/stamp" ;;
-  --force-all) find "$DIR" -mindepth 1 -maxdepth 1 ! -name .lock -exec rm -rf {} + ;;
+  --force-all) grep -q " $DIR/" /proc/mounts && { echo "ballast-vm(trixie): mounts under $DIR; retry" >&2; exit 1; }
+               find "$DIR" -mindepth 1 -maxdepth 1 ! -name .lock -exec rm -rf --one-file-system {} + ;;
 esac
-if [[ -f $DIR/base.cpio.zst && -f $DIR/vmlinuz && $(cat "$DIR/stamp" 2>/dev/null) == "$stamp" ]]; then
+if ready; then
   echo "ballast-vm(trixie): ready in $DIR (kernel $(cat "$DIR/kernel-version"))"; exit 0
 fi
 cd "$DIR"; rm -f stamp
+# an interrupted debootstrap or apt-get may leave /proc or /sys mounted in the chroot: never
+# descend into them when removing it
+unmount_under() { grep -o " $1/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" || true; done; }
+unmount_under "$DIR"
 
 # what this machine needs (the same packages as the default flavour's build asks for, and the same
 # care: installing qemu-system-x86 replaces a newer qemu-utils, so ask for qemu-utils with it)
@@ -65,7 +74,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 #    made), then apt-get inside it. Kept between builds; redone when PKGS change.
 C=$DIR/chroot
 if [[ ! -x $C/usr/bin/apt-get ]]; then
-  rm -rf "$C" "$C.tmp"
+  rm -rf --one-file-system "$C" "$C.tmp"
   echo "ballast-vm(trixie): debootstrap trixie from $MIRROR"
   timeout 1200 debootstrap --variant=minbase trixie "$C.tmp" "$MIRROR" > debootstrap.log 2>&1 \
     || { tail -20 debootstrap.log >&2; echo "ballast-vm(trixie): debootstrap failed (log: $DIR/debootstrap.log)" >&2; exit 1; }
@@ -99,7 +108,7 @@ K=$(basename "$MODS")
 cp "kpkg/root/boot/vmlinuz-$K" vmlinuz
 
 # 3. the guest root: a pruned copy of the chroot
-R=$DIR/rootfs; rm -rf "$R"; cp -a "$C" "$R"
+R=$DIR/rootfs; rm -rf --one-file-system "$R"; cp -a --one-file-system "$C" "$R"
 rm -rf "$R"/usr/share/{doc,man,info,locale,i18n,lintian,bash-completion,zsh,common-licenses} \
        "$R"/var/cache/apt/* "$R"/var/lib/apt/lists/* "$R"/var/cache/debconf/*-old "$R"/var/log/* \
        "$R"/usr/sbin/policy-rc.d "$R/.ballast-pkgs"
@@ -165,6 +174,6 @@ chmod +x "$R/init"
 (cd "$R" && find . | cpio -o -H newc --quiet | zstd -q -T0 -6 > "$DIR/base.cpio.zst.tmp")
 mv "$DIR/base.cpio.zst.tmp" "$DIR/base.cpio.zst"
 echo "$K" > "$DIR/kernel-version"
-size=$(du -sh "$R" | cut -f1); rm -rf "$R"
+size=$(du -sh "$R" | cut -f1); rm -rf --one-file-system "$R"
 echo "$stamp" > "$DIR/stamp"
 echo "ballast-vm(trixie): built guest with kernel $K in $DIR ($(du -h "$DIR/base.cpio.zst" | cut -f1) initramfs, $size unpacked)"

@@ -48,7 +48,7 @@ fi
 cd "$DIR"; rm -f stamp
 # an interrupted debootstrap or apt-get may leave /proc or /sys mounted in the chroot: never
 # descend into them when removing it
-unmount_under() { grep -o " $1/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" || true; done; }
+unmount_under() { { grep -o " $1/[^ ]*" /proc/mounts || true; } | sort -r | while read -r m; do umount -l "$m" || true; done; }
 unmount_under "$DIR"
 
 # what this machine needs (the same packages as the default flavour's build asks for, and the same

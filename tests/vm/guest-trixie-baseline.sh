@@ -193,7 +193,8 @@ else fail "TLS + DH-HMAC-CHAP: connect"; cat /tmp/connect.out; fi
 
 note "tlshd (one process per handshake, host and target side alike): priorities, then per handshake:"
 grep 'priority string' /run/tlshd.log | sed 's/^/NOTE:   /'
-note "  supported groups the host offers: $(grep -m1 -A40 'Keeping ciphersuite' /run/tlshd.log | grep 'Sent group' | sed 's/.*Sent group //' | tr '\n' ' ')"
+first=$(grep -m1 'Keeping ciphersuite' /run/tlshd.log | sed 's/:.*//')   # the first client's "tlshd[PID]"
+note "  supported groups the host offers: $(grep -F "$first: " /run/tlshd.log | grep 'Sent group' | sed 's/.*Sent group //' | tr '\n' ' ')"
 grep -E 'Using psk identity|Keeping ciphersuite|sending key share for|PSK KE mode|Pre Shared Key/41 \(|Selected cipher suite|Selected group .*\(|Session description|failed|unhandled|unknown type' /run/tlshd.log \
   | sed -e 's/gnutls([0-9]*): [A-Z]*\[0x[0-9a-f]*\]: //' -e 's/^/NOTE:   /'
 check "no kernel oops or nvme errors besides the refused connects" sh -c "! dmesg | grep -qiE 'BUG:|Oops|WARNING:|Call Trace'"

@@ -9,9 +9,13 @@
 # (a server on 127.0.0.1:10809 here is 10.0.2.2:10809 there). Use that address only.
 #
 # Environment:
-#   BALLAST_VM_DIR      guest build (as build.sh; default $HOME/.cache/ballast-vm)
+#   BALLAST_VM_FLAVOUR  default (build.sh: this machine's Debian kernel and binaries) or trixie
+#                       (build-trixie.sh: Debian trixie's 6.12 kernel and userspace, for NVMe/TCP
+#                       TLS 1.3 PSK and DH-HMAC-CHAP; tlshd runs, its log in /run/tlshd.log)
+#   BALLAST_VM_DIR      guest build (as build.sh; default $HOME/.cache/ballast-vm, or
+#                       $HOME/.cache/ballast-vm-trixie for the trixie flavour)
 #   BALLAST_VM_TIMEOUT  seconds before qemu is killed (default 600)
-#   BALLAST_VM_MEM      guest memory, MiB (default 1024)
+#   BALLAST_VM_MEM      guest memory, MiB (default 1024; trixie 2048: its root is a larger initramfs)
 #   BALLAST_VM_SMP      guest CPUs (default 2)
 #   BALLAST_VM_HOSTFWD  extra qemu hostfwd rules, e.g. 'hostfwd=tcp:127.0.0.1:14420-:4420'
 #   BALLAST_VM_CONSOLE  if set, the raw console is also saved to this file
@@ -21,18 +25,23 @@
 #   BALLAST_VM_APPEND   extra kernel command line, e.g. 'nvme.poll_queues=2' (module parameters
 #                       are passed to insmod)
 set -euo pipefail
-DIR=${BALLAST_VM_DIR:-$HOME/.cache/ballast-vm}
 here=$(cd "$(dirname "$0")" && pwd)
 script=${1:?usage: run.sh GUEST_SCRIPT [FILE...]}; shift
 [[ -f $script ]] || { echo "run.sh: no such guest script: $script" >&2; exit 2; }
-"$here/build.sh" >/dev/null
+case ${BALLAST_VM_FLAVOUR:-default} in
+  default) DIR=${BALLAST_VM_DIR:-$HOME/.cache/ballast-vm} base=base.cpio.gz mem=1024
+           "$here/build.sh" >/dev/null ;;
+  trixie)  DIR=${BALLAST_VM_DIR:-$HOME/.cache/ballast-vm-trixie} base=base.cpio.zst mem=2048
+           BALLAST_VM_DIR=$DIR "$here/build-trixie.sh" >/dev/null ;;
+  *) echo "run.sh: unknown BALLAST_VM_FLAVOUR ${BALLAST_VM_FLAVOUR} (default or trixie)" >&2; exit 2 ;;
+esac
 command -v qemu-system-x86_64 >/dev/null || { echo "run.sh: qemu-system-x86_64 missing (run build.sh)" >&2; exit 2; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-vm.XXXXXX"); trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/guest"; cp "$script" "$work/guest/script.sh"
 for f in "$@"; do cp "$f" "$work/guest/"; done
 (cd "$work" && find guest | cpio -o -H newc --quiet | gzip -1 > "$work/extra.cpio.gz")
-cat "$DIR/base.cpio.gz" "$work/extra.cpio.gz" > "$work/initrd.gz"
+cat "$DIR/$base" "$work/extra.cpio.gz" > "$work/initrd.gz"
 
 nvme=()
 if [[ -n ${BALLAST_VM_NVME:-} ]]; then
@@ -44,7 +53,7 @@ fi
 # software emulation (TCG): works everywhere; the guest is a client for correctness, not a benchmark
 set +e
 timeout -k 10 "${BALLAST_VM_TIMEOUT:-600}" qemu-system-x86_64 -accel tcg -cpu max \
-  -m "${BALLAST_VM_MEM:-1024}" -smp "${BALLAST_VM_SMP:-2}" \
+  -m "${BALLAST_VM_MEM:-$mem}" -smp "${BALLAST_VM_SMP:-2}" \
   -nographic -no-reboot -kernel "$DIR/vmlinuz" -initrd "$work/initrd.gz" \
   -append "console=ttyS0 quiet panic=-1${BALLAST_VM_APPEND:+ $BALLAST_VM_APPEND}" "${nvme[@]}" \
   -netdev "user,id=n0${BALLAST_VM_HOSTFWD:+,$BALLAST_VM_HOSTFWD}" -device e1000,netdev=n0 </dev/null 2>&1 \

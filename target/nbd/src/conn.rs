@@ -38,7 +38,7 @@ use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, Task};
 use ballast_ffi::Op;
-use ballast_tls::{ReadOutcome, TlsSession};
+use ballast_tls::{Pump, TlsLink, TlsSession};
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
@@ -67,21 +67,6 @@ const TAG_POLL: u32 = u32::MAX - 3;
 const TAG_TICK: u32 = u32::MAX - 4;
 const TAG_CANCEL: u32 = u32::MAX - 5;
 const TAG_TLS_RECV: u32 = u32::MAX - 6;
-
-/// Ciphertext receive buffer: a few TLS records (at most 16 KiB + 256 bytes each).
-const TLS_RECV_BYTES: usize = 48 * 1024;
-
-/// A connection's TLS layer, once NBD_OPT_STARTTLS was acknowledged.
-struct TlsConn {
-    session: TlsSession,
-    /// Ciphertext (and, first, the plaintext queued before the upgrade) for the socket.
-    wire: SendQueue,
-    recv_inflight: bool,
-    /// The handshake finished and the NBD handshake was told who the client is.
-    announced: bool,
-    /// Plaintext gathered from `out` so that small replies share TLS records.
-    staging: Vec<u8>,
-}
 
 /// A request handed to the device, waiting for its completion.
 struct Inflight {
@@ -137,7 +122,8 @@ pub struct Conn {
     export_name: String,
     exports: Arc<ExportTable>,
     tls_config: NbdTls,
-    tls: Option<Box<TlsConn>>,
+    /// The TLS layer, once NBD_OPT_STARTTLS was acknowledged.
+    tls: Option<Box<TlsLink>>,
     phase: Phase,
     /// Largest read or write accepted (what the core's budget can grant one request).
     max_payload: u32,
@@ -297,7 +283,7 @@ impl Conn {
         let Some(server) = &self.tls_config.server else {
             unreachable!("STARTTLS acknowledged without a TLS configuration")
         };
-        let mut session = match TlsSession::accept(server) {
+        let session = match TlsSession::accept(server) {
             Ok(session) => session,
             Err(e) => {
                 tracing::warn!(peer = %self.peer, error = %e, "cannot start TLS");
@@ -305,24 +291,11 @@ impl Conn {
                 return;
             }
         };
-        if !early.is_empty() {
-            let mut buf = cx.buf_with_capacity(early.len());
-            buf.extend_from_slice(early);
-            session.feed(buf);
-        }
-        // The acknowledgement (and anything queued with it) leaves in plaintext, first.
-        let wire = std::mem::take(&mut self.out);
-        self.tls = Some(Box::new(TlsConn {
-            session,
-            wire,
-            recv_inflight: false,
-            announced: false,
-            staging: Vec::new(),
-        }));
+        self.tls = Some(Box::new(TlsLink::start(cx, session, &mut self.out, early)));
     }
 
     fn tls_recv_inflight(&self) -> bool {
-        self.tls.as_ref().is_some_and(|t| t.recv_inflight)
+        self.tls.as_ref().is_some_and(|t| t.recv_inflight())
     }
 
     /// Decrypts what the session can into the parser's buffer and parses it, until it needs
@@ -330,32 +303,12 @@ impl Conn {
     fn pump_tls(&mut self, cx: &mut Cx<'_>) {
         while !self.read_closed && !self.mem.waiting() {
             let Some(tls) = self.tls.as_mut() else { return };
-            if !tls.session.readable() {
-                return;
-            }
-            let mut outcome = Ok(ReadOutcome::WantInput);
-            let session = &mut tls.session;
-            let posted = self.recv.fill(cx, self.mem.held(), |room| {
-                outcome = session.read(room);
-                match outcome {
-                    Ok(ReadOutcome::Data(n)) => n,
-                    _ => 0,
-                }
-            });
-            match posted {
-                Posted::Yes => {}
-                Posted::WaitingForMemory => {
-                    self.mem.wait();
-                    return;
-                }
-                Posted::No => return,
-            }
-            if tls.session.is_open() && !tls.announced {
-                tls.announced = true;
-                let identity = tls.session.identity().and_then(|i| i.name()).map(String::from);
+            let pump = tls.pump(cx, &mut self.recv, self.mem.held());
+            if let Some(identity) = tls.opened() {
+                let identity = identity.name().map(String::from);
                 tracing::info!(
                     peer = %self.peer,
-                    tls = %tls.session.describe(),
+                    tls = %tls.describe(),
                     identity = identity.as_deref().unwrap_or("-"),
                     "TLS established"
                 );
@@ -363,11 +316,15 @@ impl Conn {
                     hs.on_tls_open(identity);
                 }
             }
-            match outcome {
-                Ok(ReadOutcome::Data(_)) => self.parse(cx),
-                Ok(ReadOutcome::WantInput) => return,
-                Ok(ReadOutcome::Closed) => self.close_read("TLS close_notify"),
-                Err(e) => {
+            match pump {
+                Pump::Data => self.parse(cx),
+                Pump::Idle => return,
+                Pump::WaitingForMemory => {
+                    self.mem.wait();
+                    return;
+                }
+                Pump::Closed => self.close_read("TLS close_notify"),
+                Pump::Failed(e) => {
                     tracing::info!(peer = %self.peer, error = %e, "TLS failed; closing");
                     self.close_read("TLS failed");
                 }
@@ -377,14 +334,11 @@ impl Conn {
 
     fn on_tls_recv(&mut self, result: i32, buf: IoBuf) {
         let tls = self.tls.as_mut().expect("TLS receive without TLS");
-        tls.recv_inflight = false;
-        if result <= 0 {
-            tls.session.feed(buf);
+        if tls.on_recv(result, buf) {
+            self.progress.moved();
+        } else {
             self.read_closed = true;
-            return;
         }
-        self.progress.moved();
-        tls.session.feed(buf);
     }
 
     /// Sends what is queued: plaintext, or under TLS what `out` holds encrypted into `wire`.
@@ -394,38 +348,31 @@ impl Conn {
             self.out.start(cx, fd, TAG_SEND);
             return;
         };
-        if self.out.queued() {
-            let staging = &mut tls.staging;
-            staging.clear();
-            self.out.drain(cx, |bytes| staging.extend_from_slice(bytes));
-            if let Err(e) = tls.session.write(&tls.staging) {
-                tracing::info!(peer = %self.peer, error = %e, "TLS failed; closing");
-                self.read_closed = true;
-            }
+        if let Err(e) = tls.send(cx, &mut self.out, fd, TAG_SEND) {
+            tracing::info!(peer = %self.peer, error = %e, "TLS failed; closing");
+            self.read_closed = true;
         }
-        tls.session.take_output(|ciphertext| tls.wire.push_bytes(ciphertext));
-        tls.wire.start(cx, fd, TAG_SEND);
     }
 
     /// The queue the socket's sends belong to.
     fn wire(&mut self) -> &mut SendQueue {
         match self.tls.as_mut() {
-            Some(tls) => &mut tls.wire,
+            Some(tls) => tls.wire(),
             None => &mut self.out,
         }
     }
 
     /// Bytes queued for the socket, encrypted or not, sent or not.
     fn unsent(&self) -> u64 {
-        self.out.unsent() + self.tls.as_ref().map_or(0, |t| t.wire.unsent())
+        self.out.unsent() + self.tls.as_ref().map_or(0, |t| t.unsent())
     }
 
     fn send_inflight(&self) -> bool {
-        self.out.inflight() || self.tls.as_ref().is_some_and(|t| t.wire.inflight())
+        self.out.inflight() || self.tls.as_ref().is_some_and(|t| t.send_inflight())
     }
 
     fn send_broken(&self) -> bool {
-        self.out.broken() || self.tls.as_ref().is_some_and(|t| t.wire.broken())
+        self.out.broken() || self.tls.as_ref().is_some_and(|t| t.broken())
     }
 
     fn enter(&mut self, neg: Negotiated) {
@@ -841,15 +788,7 @@ impl Conn {
             return;
         }
         if let Some(tls) = self.tls.as_mut() {
-            if !tls.recv_inflight && tls.session.wants_input() && !tls.session.is_closed() {
-                let buf = match tls.session.take_spent() {
-                    Some(buf) => buf,
-                    None => cx.buf_with_capacity(TLS_RECV_BYTES),
-                };
-                tls.recv_inflight = true;
-                let fd = self.fd.as_raw_fd();
-                cx.submit(Op::Recv { fd, buf, max: usize::MAX }, TAG_TLS_RECV);
-            }
+            tls.post_recv(cx, self.fd.as_raw_fd(), TAG_TLS_RECV);
             return;
         }
         let buffered = self.recv.buffered();
@@ -915,8 +854,8 @@ impl Conn {
             return;
         }
         self.recv.release(cx);
-        if let Some(buf) = self.tls.as_mut().and_then(|t| t.session.take_spent()) {
-            cx.recycle(buf);
+        if let Some(tls) = self.tls.as_mut() {
+            tls.release(cx);
         }
         if let Some(pw) = self.payload.take() {
             if let Some(buf) = pw.buf {
@@ -988,8 +927,7 @@ impl Task for Conn {
 
     fn flush(&mut self, cx: &mut Cx<'_>) {
         self.post_io(cx);
-        let output_done = self.out.drained()
-            && self.tls.as_ref().is_none_or(|t| t.wire.drained() && !t.session.has_output());
+        let output_done = self.out.drained() && self.tls.as_ref().is_none_or(|t| t.drained());
         if self.read_closed && self.reqs.is_empty() && output_done && !self.done {
             if self.recv.inflight() || self.payload_recv_inflight || self.tls_recv_inflight() {
                 self.close_read("finished");

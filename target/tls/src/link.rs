@@ -1,0 +1,194 @@
+//! The TLS layer of one connection on a core: what the NBD connection and the NVMe/TCP queue
+//! both put between their parser and their socket once TLS starts. It owns the session, the
+//! ciphertext send queue and the ciphertext receive; the protocol keeps its plaintext receive
+//! buffer (`RecvBuf`, with its growth and charges) and its plaintext send queue (`out`).
+//!
+//! Invariants:
+//! - what was queued in plaintext before TLS started leaves first and unencrypted (`out` moves
+//!   whole into `wire`, a send in flight included), then everything leaves encrypted, in the
+//!   order the protocol queued it: `out` is drained into the session just before each send;
+//! - at most one ciphertext receive is in flight, and it is posted only once the session has
+//!   consumed the last (ciphertext held: one receive's worth, `RECV_BYTES`);
+//! - decrypted bytes go into the protocol's `RecvBuf` only as far as it has room, so a
+//!   protocol that stops parsing stops the reading (back-pressure reaches the socket).
+
+use std::os::fd::RawFd;
+
+use ballast_engine::recvbuf::{Posted, RecvBuf};
+use ballast_engine::sendq::SendQueue;
+use ballast_engine::{Cx, IoBuf};
+use ballast_ffi::Op;
+
+use crate::config::Identity;
+use crate::session::{ReadOutcome, TlsError, TlsSession};
+
+/// Ciphertext receive buffer: a few TLS records (at most 16 KiB + 256 bytes each).
+pub const RECV_BYTES: usize = 48 * 1024;
+
+/// What one step of [`TlsLink::pump`] did.
+#[derive(Debug)]
+pub enum Pump {
+    /// Plaintext was added to the receive buffer: parse it, then pump again.
+    Data,
+    /// Nothing more without more ciphertext (post a receive), room or memory.
+    Idle,
+    /// The receive buffer needs memory the core refused: wait for `on_buffers`.
+    WaitingForMemory,
+    /// The peer closed the session (close_notify).
+    Closed,
+    /// The session failed (handshake or record): end the connection; what is queued (an
+    /// alert) may still be sent.
+    Failed(TlsError),
+}
+
+pub struct TlsLink {
+    session: TlsSession,
+    wire: SendQueue,
+    recv_inflight: bool,
+    /// The handshake's end was reported by `opened`.
+    announced: bool,
+    /// Plaintext gathered from `out` so that small messages share records.
+    staging: Vec<u8>,
+}
+
+impl TlsLink {
+    /// TLS starts now: `out` (what is queued in plaintext, a send in flight included) moves
+    /// into the link and leaves first; `early` is input that already arrived after the
+    /// plaintext part (the start of the client's handshake).
+    pub fn start(
+        cx: &mut Cx<'_>,
+        mut session: TlsSession,
+        out: &mut SendQueue,
+        early: &[u8],
+    ) -> TlsLink {
+        if !early.is_empty() {
+            let mut buf = cx.buf_with_capacity(early.len());
+            buf.extend_from_slice(early);
+            session.feed(buf);
+        }
+        TlsLink {
+            session,
+            wire: std::mem::take(out),
+            recv_inflight: false,
+            announced: false,
+            staging: Vec::new(),
+        }
+    }
+
+    /// Decrypts what it can into `recv` (`held`: what the connection holds besides it).
+    pub fn pump(&mut self, cx: &mut Cx<'_>, recv: &mut RecvBuf, held: u64) -> Pump {
+        if !self.session.readable() {
+            return Pump::Idle;
+        }
+        let mut outcome = Ok(ReadOutcome::WantInput);
+        let session = &mut self.session;
+        let posted = recv.fill(cx, held, |room| {
+            outcome = session.read(room);
+            match outcome {
+                Ok(ReadOutcome::Data(n)) => n,
+                _ => 0,
+            }
+        });
+        match posted {
+            Posted::Yes => {}
+            Posted::WaitingForMemory => return Pump::WaitingForMemory,
+            Posted::No => return Pump::Idle,
+        }
+        match outcome {
+            Ok(ReadOutcome::Data(_)) => Pump::Data,
+            Ok(ReadOutcome::WantInput) => Pump::Idle,
+            Ok(ReadOutcome::Closed) => Pump::Closed,
+            Err(e) => Pump::Failed(e),
+        }
+    }
+
+    /// The handshake finished since the last call: who the peer is, once.
+    pub fn opened(&mut self) -> Option<&Identity> {
+        if self.announced || !self.session.is_open() {
+            return None;
+        }
+        self.announced = true;
+        self.session.identity()
+    }
+
+    /// Protocol and cipher, for logs.
+    pub fn describe(&self) -> String {
+        self.session.describe()
+    }
+
+    /// Encrypts what `out` holds and starts a send of the ciphertext, unless one is in flight.
+    pub fn send(
+        &mut self,
+        cx: &mut Cx<'_>,
+        out: &mut SendQueue,
+        fd: RawFd,
+        tag: u32,
+    ) -> Result<(), TlsError> {
+        let mut result = Ok(());
+        if out.queued() {
+            let staging = &mut self.staging;
+            staging.clear();
+            out.drain(cx, |bytes| staging.extend_from_slice(bytes));
+            result = self.session.write(&self.staging);
+        }
+        self.session.take_output(|ciphertext| self.wire.push_bytes(ciphertext));
+        self.wire.start(cx, fd, tag);
+        result
+    }
+
+    /// Posts a ciphertext receive if none is in flight and the last was consumed.
+    pub fn post_recv(&mut self, cx: &mut Cx<'_>, fd: RawFd, tag: u32) {
+        if self.recv_inflight || !self.session.wants_input() || self.session.is_closed() {
+            return;
+        }
+        let buf = match self.session.take_spent() {
+            Some(buf) => buf,
+            None => cx.buf_with_capacity(RECV_BYTES),
+        };
+        self.recv_inflight = true;
+        cx.submit(Op::Recv { fd, buf, max: usize::MAX }, tag);
+    }
+
+    /// The ciphertext receive completed; false if the peer is gone (EOF or error).
+    pub fn on_recv(&mut self, result: i32, buf: IoBuf) -> bool {
+        assert!(self.recv_inflight, "TLS receive completion without a receive");
+        self.recv_inflight = false;
+        self.session.feed(buf);
+        result > 0
+    }
+
+    pub fn recv_inflight(&self) -> bool {
+        self.recv_inflight
+    }
+
+    /// The queue the socket's sends belong to.
+    pub fn wire(&mut self) -> &mut SendQueue {
+        &mut self.wire
+    }
+
+    /// Ciphertext queued or in flight.
+    pub fn unsent(&self) -> u64 {
+        self.wire.unsent()
+    }
+
+    pub fn send_inflight(&self) -> bool {
+        self.wire.inflight()
+    }
+
+    pub fn broken(&self) -> bool {
+        self.wire.broken()
+    }
+
+    /// Nothing left to send (or nothing that ever will be).
+    pub fn drained(&self) -> bool {
+        self.wire.drained() && (self.wire.broken() || !self.session.has_output())
+    }
+
+    /// The connection is finished: the receive buffer returns.
+    pub fn release(&mut self, cx: &mut Cx<'_>) {
+        assert!(!self.recv_inflight, "TLS link released with a receive in flight");
+        if let Some(buf) = self.session.take_spent() {
+            cx.recycle(buf);
+        }
+    }
+}

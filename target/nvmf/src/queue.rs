@@ -39,7 +39,7 @@ use crate::admin::{AdminState, Reply, AEN_NS_CHANGED};
 use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
-use crate::subsys::{Controller, Namespace, Target, DISCOVERY_NQN};
+use crate::subsys::{Controller, ListenAddr, Namespace, Target, DISCOVERY_NQN};
 
 /// Largest receive buffer: room for the largest PDU (an H2CData of `MAXH2CDATA`) and more.
 const RECV_BUF_MAX: usize = 256 * 1024;
@@ -111,6 +111,8 @@ fn stats_id(ns: Option<&Namespace>) -> u32 {
 pub struct Queue {
     fd: OwnedFd,
     peer: String,
+    /// The listener that accepted it: the subsystems listening there are the ones it may join.
+    via: ListenAddr,
     /// This connection's place under the connection limit, and the limits it lives under.
     guard: ConnGuard,
     /// An H2CData payload arriving straight into its command's buffer (no data digest).
@@ -142,10 +144,17 @@ pub struct Queue {
 }
 
 impl Queue {
-    pub fn new(fd: OwnedFd, peer: String, guard: ConnGuard, target: Arc<Target>) -> Queue {
+    pub fn new(
+        fd: OwnedFd,
+        peer: String,
+        guard: ConnGuard,
+        target: Arc<Target>,
+        via: ListenAddr,
+    ) -> Queue {
         Queue {
             fd,
             peer,
+            via,
             guard,
             progress: Progress::new(),
             direct: None,
@@ -515,7 +524,8 @@ impl Queue {
                     status::CONNECT_INVALID_PARAMETERS,
                 );
             }
-            self.target.new_controller(None, cd.hostnqn.clone(), cd.hostid, kato_ms)
+            let via = self.via.clone();
+            self.target.new_controller(None, cd.hostnqn.clone(), cd.hostid, kato_ms, via)
         } else {
             let Some(subsys) = self.target.subsystem(&cd.subnqn) else {
                 return self.respond(
@@ -525,12 +535,23 @@ impl Queue {
                     status::CONNECT_INVALID_PARAMETERS,
                 );
             };
+            // Not listening here is not being here (Linux nvmet looks subsystems up per port).
+            if !subsys.listens_on(&self.via) {
+                tracing::warn!(peer = %self.peer, via = %self.via, subsystem = %cd.subnqn, "connect refused: the subsystem does not listen on this address");
+                return self.respond(
+                    sqe.cid,
+                    bad_data_field(256),
+                    0,
+                    status::CONNECT_INVALID_PARAMETERS,
+                );
+            }
             if !subsys.host_allowed(&cd.hostnqn) {
                 tracing::warn!(peer = %self.peer, host = %cd.hostnqn, subsystem = %cd.subnqn, "connect refused: host not allowed");
                 return self.respond(sqe.cid, 0, 0, status::CONNECT_INVALID_HOST);
             }
             if qid == 0 {
-                self.target.new_controller(Some(subsys), cd.hostnqn.clone(), cd.hostid, kato_ms)
+                let (host, via) = (cd.hostnqn.clone(), self.via.clone());
+                self.target.new_controller(Some(subsys), host, cd.hostid, kato_ms, via)
             } else {
                 let ctrl = match self.target.controller(cd.cntlid) {
                     Some(c)

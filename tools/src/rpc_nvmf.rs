@@ -208,13 +208,26 @@ fn create_transport(_: &Control, p: &Value) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
+/// One transport of `nvmf_get_transports` (SPDK's fields that apply).
+#[derive(Serialize)]
+struct TransportEntry {
+    trtype: &'static str,
+    max_io_size: u32,
+    in_capsule_data_size: u32,
+}
+
 fn get_transports(_: &Control, p: &Value) -> Result<Value, RpcError> {
     let t: GetTransports = params(p, G)?;
     check_target(t.tgt_name.as_deref())?;
     if t.trtype.as_deref().is_some_and(|tr| !tr.eq_ignore_ascii_case("tcp")) {
         return Err(invalid_parameters("transport not found"));
     }
-    Ok(json!([{"trtype": "TCP", "max_io_size": 1 << 20, "in_capsule_data_size": 8192}]))
+    let tcp = TransportEntry {
+        trtype: "TCP",
+        max_io_size: ballast_nvmf::identify::MAX_TRANSFER_BYTES,
+        in_capsule_data_size: ballast_nvmf::identify::IN_CAPSULE_BYTES,
+    };
+    Ok(json!([tcp]))
 }
 
 fn create_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {

@@ -165,6 +165,10 @@ check "nvmf_subsystem_add_listener $NQN2 -s $PORT2 (a new port)" \
     rpc nvmf_subsystem_add_listener "$NQN2" -t tcp -a 127.0.0.1 -s "$PORT2"
 check_eq "nvmf_subsystem_get_listeners $NQN2: the new port only" "['$PORT2']" \
     "$(rpc nvmf_subsystem_get_listeners "$NQN2" | py '[l["address"]["trsvcid"] for l in j]')"
+check_eq "ballast nvmf listeners $NQN2: an aligned table" "TRTYPE ADRFAM ADDRESS|TCP IPv4 127.0.0.1:$PORT2" \
+    "$(ballast_ctl nvmf listeners "$NQN2" | awk '{print $1, $2, $3}' | paste -sd'|')"
+check_eq "ballast nvmf list: $NQN2's row names its listener" "127.0.0.1:$PORT2" \
+    "$(ballast_ctl nvmf list | awk -v q="$NQN2" '$1 == q {print $NF}')"
 check_eq "Connect: $NQN2 accepted on $PORT2, $NQN refused there, $NQN2 refused on $NVMF_PORT" \
     "0x0 0x182 0x182" \
     "$(nvmeq 'p1, p2, a, b = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]

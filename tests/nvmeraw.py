@@ -1,6 +1,7 @@
 """A minimal raw-socket NVMe/TCP host for tests that must misbehave on purpose: ICReq, Fabrics
-Connect (admin and I/O queues), Property Set CC.EN, and I/O commands whose data the host then
-never sends (R2T unanswered) or whose responses it never reads.
+Connect (admin and I/O queues), Property Set CC.EN, admin commands that read data (Identify,
+Get Log Page), and I/O commands whose data the host then never sends (R2T unanswered) or
+whose responses it never reads.
 
 Wire layout from the NVMe/TCP transport spec (PDU common header, ICReq, CapsuleCmd with a
 64-byte SQE, CapsuleResp with a 16-byte CQE, R2T) and the Fabrics spec (Connect command and
@@ -13,6 +14,9 @@ ICREQ, ICRESP, H2C_TERM, C2H_TERM, CAPSULE_CMD, CAPSULE_RESP, H2C_DATA, C2H_DATA
 FABRICS = 0x7F
 FCTYPE_PROPERTY_SET, FCTYPE_CONNECT = 0x00, 0x01
 OP_WRITE, OP_READ = 0x01, 0x02
+OP_GET_LOG_PAGE, OP_IDENTIFY = 0x02, 0x06
+LID_DISCOVERY = 0x70
+DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
 SGL_INCAPSULE, SGL_TRANSPORT = 0x01, 0x5A
 HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000b0b0"
 
@@ -112,6 +116,56 @@ class Host:
             raise AssertionError("connect (qid %d) failed: status 0x%x" % (qid, status))
         return dw0 & 0xFFFF
 
+    def try_connect(self, subnqn, qid=0, sqsize=31, cntlid=0xFFFF):
+        """Connect; (status, dw0) whatever the status (status = SCT << 8 | SC)."""
+        cid = self.next_cid()
+        cmd = sqe(FABRICS, cid, sgl_len=1024, sgl_type=SGL_INCAPSULE,
+                  cdw=(qid << 16, sqsize, 0, 0, 0, 0), fctype=FCTYPE_CONNECT)
+        self.s.sendall(capsule(cmd, connect_data(subnqn, cntlid=cntlid)))
+        _, status, dw0 = self.response()
+        return status, dw0
+
+    def admin_read(self, opcode, cdw, length, nsid=0):
+        """An admin command that returns `length` bytes: (status, data)."""
+        cid = self.next_cid()
+        self.s.sendall(capsule(sqe(opcode, cid, nsid=nsid, sgl_len=length, cdw=cdw)))
+        data = bytearray()
+        while True:
+            typ, p = self.pdu()
+            if typ == C2H_DATA:
+                data += p[p[3]:]
+                if p[1] & 0x08:  # SUCCESS: no response capsule follows
+                    return 0, bytes(data)
+            elif typ == CAPSULE_RESP:
+                sf = struct.unpack("<H", p[22:24])[0]
+                return (sf >> 1) & 0x7FF, bytes(data)
+            else:
+                raise AssertionError("unexpected PDU type %d" % typ)
+
+    def identify_controller(self):
+        """Identify (CNS 01h): the 4096 bytes; raises on an error status."""
+        status, data = self.admin_read(OP_IDENTIFY, (1, 0, 0, 0, 0, 0), 4096)
+        if status != 0:
+            raise AssertionError("identify failed: status 0x%x" % status)
+        return data
+
+    def discovery_log(self):
+        """[(subnqn, "traddr:trsvcid")] of the discovery log (on a discovery controller)."""
+        def numd(n):
+            return (n // 4 - 1) & 0xFFFF, (n // 4 - 1) >> 16
+        lo, hi = numd(1024)
+        status, head = self.admin_read(OP_GET_LOG_PAGE, (LID_DISCOVERY | lo << 16, hi, 0, 0, 0, 0), 1024)
+        if status != 0:
+            raise AssertionError("get log page failed: status 0x%x" % status)
+        count = struct.unpack("<Q", head[8:16])[0]
+        lo, hi = numd(1024 * (1 + count))
+        _, page = self.admin_read(OP_GET_LOG_PAGE, (LID_DISCOVERY | lo << 16, hi, 0, 0, 0, 0),
+                                  1024 * (1 + count))
+        text = lambda b: b.split(b"\0")[0].decode().strip()
+        entries = [page[1024 * (i + 1):1024 * (i + 2)] for i in range(count)]
+        return sorted((text(e[256:512]), "%s:%s" % (text(e[512:768]), text(e[32:64])))
+                      for e in entries)
+
     def enable(self):
         """Property Set CC = EN | IOSQES 6 | IOCQES 4."""
         cid = self.next_cid()
@@ -144,3 +198,22 @@ def io_queue(port, subnqn, timeout=10.0, rcvbuf=None, hostnqn_suffix=""):
     io.handshake()
     io.connect(subnqn, qid=1, sqsize=127, cntlid=cntlid)
     return admin, io
+
+
+def admin_queue(port, subnqn, timeout=10.0):
+    """An admin queue (connected, enabled) on a new controller of `subnqn`."""
+    admin = Host(port, timeout)
+    admin.handshake()
+    admin.connect(subnqn, qid=0, sqsize=31)
+    admin.enable()
+    return admin
+
+
+def connect_status(port, subnqn, timeout=10.0):
+    """The status of an admin-queue Connect to `subnqn` on `port` (0: accepted)."""
+    h = Host(port, timeout)
+    try:
+        h.handshake()
+        return h.try_connect(subnqn)[0]
+    finally:
+        h.close()

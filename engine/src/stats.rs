@@ -4,7 +4,10 @@
 //! mailbox ([`crate::Msg::Stats`]), so nothing here is shared or locked.
 //!
 //! Every counter and the histogram only grow (never reset): a snapshot is cumulative since the
-//! core started, as Prometheus counters and histograms want them.
+//! core started, as Prometheus counters and histograms want them. The one gauge, `in_flight`
+//! (requests handed to a device and not completed yet: the queue depth), goes up at
+//! [`CoreStats::submitted`] and down at [`CoreStats::retired`], both on the core that owns the
+//! request, so a core's count never goes below zero and the sum over cores is the device's depth.
 //!
 //! Besides the core's totals, each device (an export, a volume, whatever both protocols serve)
 //! has its own counters, indexed by its [`device_id`] (`DevInfo::stats_id`): a vector index per
@@ -40,6 +43,8 @@ pub struct DevCounters {
     pub bytes_written: u64,
     /// Sum of the requests' latencies, in ns (with the op counts: the average).
     pub latency_ns_sum: u64,
+    /// Requests submitted and not completed yet (a gauge: the device's queue depth here).
+    pub in_flight: u64,
 }
 
 impl DevCounters {
@@ -76,6 +81,7 @@ impl DevCounters {
         self.bytes_read += o.bytes_read;
         self.bytes_written += o.bytes_written;
         self.latency_ns_sum = self.latency_ns_sum.wrapping_add(o.latency_ns_sum);
+        self.in_flight += o.in_flight;
     }
 
     pub fn ops(&self) -> u64 {
@@ -120,6 +126,8 @@ pub struct CoreStats {
     /// Idle turns that spun (the polling policy expected work soon).
     pub spins: u64,
     pub sleeps: u64,
+    /// Requests submitted on this core and not completed yet, all devices together.
+    in_flight: u64,
     /// Per device, by `device_id`.
     devices: Vec<DevCounters>,
 }
@@ -139,18 +147,45 @@ impl CoreStats {
             loops_busy: 0,
             spins: 0,
             sleeps: 0,
+            in_flight: 0,
             devices: Vec::new(),
+        }
+    }
+
+    /// Device `dev`'s counters (its `DevInfo::stats_id`), `None` beyond [`DEVICES_MAX`].
+    fn device(&mut self, dev: u32) -> Option<&mut DevCounters> {
+        let i = dev as usize;
+        if i >= DEVICES_MAX {
+            return None;
+        }
+        if i >= self.devices.len() {
+            self.devices.resize(i + 1, DevCounters::default());
+        }
+        Some(&mut self.devices[i])
+    }
+
+    /// A request was taken in for device `dev`: one more in flight until [`Self::retired`].
+    pub fn submitted(&mut self, dev: u32) {
+        self.in_flight += 1;
+        if let Some(d) = self.device(dev) {
+            d.in_flight += 1;
+        }
+    }
+
+    /// A request counted by [`Self::submitted`] on this core is finished (whatever its outcome).
+    pub fn retired(&mut self, dev: u32) {
+        assert!(self.in_flight > 0, "a request retired that was not submitted");
+        self.in_flight -= 1;
+        if let Some(d) = self.device(dev) {
+            assert!(d.in_flight > 0, "device {dev}: a request retired that was not submitted");
+            d.in_flight -= 1;
         }
     }
 
     /// Records one finished request on device `dev` (its `DevInfo::stats_id`).
     pub fn record(&mut self, dev: u32, kind: OpKind, bytes: u64, latency_ns: u64, ok: bool) {
-        let i = dev as usize;
-        if i < DEVICES_MAX {
-            if i >= self.devices.len() {
-                self.devices.resize(i + 1, DevCounters::default());
-            }
-            self.devices[i].add(kind, bytes, latency_ns.clamp(1, LATENCY_NS_MAX), ok);
+        if let Some(d) = self.device(dev) {
+            d.add(kind, bytes, latency_ns.clamp(1, LATENCY_NS_MAX), ok);
         }
         self.ops[kind as usize] += 1;
         if !ok {
@@ -211,6 +246,7 @@ impl CoreStats {
             loops_busy: self.loops_busy,
             spins: self.spins,
             sleeps: self.sleeps,
+            in_flight: self.in_flight,
             tasks: 0,
             ring_enters: 0,
             ring_ops: 0,
@@ -222,7 +258,7 @@ impl CoreStats {
                 .devices
                 .iter()
                 .enumerate()
-                .filter(|(_, d)| d.ops() > 0)
+                .filter(|(_, d)| d.ops() > 0 || d.in_flight > 0)
                 .map(|(i, d)| (i as u32, *d))
                 .collect(),
         }
@@ -243,6 +279,7 @@ impl StatsSnapshot {
             bytes_read: self.bytes_read,
             bytes_written: self.bytes_written,
             latency_ns_sum: self.latency.sum_ns,
+            in_flight: self.in_flight,
         }
     }
 }
@@ -280,6 +317,8 @@ pub struct StatsSnapshot {
     pub loops_busy: u64,
     pub spins: u64,
     pub sleeps: u64,
+    /// Requests submitted and not completed yet (the core's queue depth, all devices).
+    pub in_flight: u64,
     /// Tasks (connections, listeners, volume I/O) alive on the core.
     pub tasks: u64,
     /// System calls into the core's ring (io_uring_enter), operations queued on it, and the
@@ -340,6 +379,35 @@ mod tests {
         assert_eq!((d2.reads, d2.writes, d2.errors), (1, 1, 1));
         assert_eq!((d2.bytes_read, d2.bytes_written, d2.latency_ns_sum), (4096, 8192, 4_000));
         assert_eq!(snap.devices[1].1.flushes, 1);
+    }
+
+    #[test]
+    fn in_flight_counts_submitted_requests_until_retired() {
+        let mut s = CoreStats::new(0);
+        for _ in 0..3 {
+            s.submitted(4);
+        }
+        s.submitted(DEVICES_MAX as u32 + 1);
+        let snap = s.snapshot();
+        assert_eq!(snap.in_flight, 4, "the core counts every device's requests");
+        assert_eq!(snap.devices, vec![(4, DevCounters { in_flight: 3, ..Default::default() })]);
+        s.retired(4);
+        s.record(4, OpKind::Read, 4096, 1_000, true);
+        assert_eq!(s.snapshot().devices[0].1.in_flight, 2);
+        s.retired(4);
+        s.retired(4);
+        s.retired(DEVICES_MAX as u32 + 1);
+        let snap = s.snapshot();
+        assert_eq!((snap.in_flight, snap.totals().in_flight), (0, 0));
+        assert_eq!(snap.devices[0].1.in_flight, 0, "the device still shows: it has a read");
+    }
+
+    #[test]
+    #[should_panic(expected = "not submitted")]
+    fn retiring_more_than_submitted_is_a_bug() {
+        let mut s = CoreStats::new(0);
+        s.submitted(1);
+        s.retired(2);
     }
 
     #[test]

@@ -1354,3 +1354,80 @@ fn keep_alive_timeout_tears_the_controller_down() {
     d.assert_healthy("keep-alive timeout");
     d.stop();
 }
+
+/// (subsystem NQN, "traddr:trsvcid") of each entry of the discovery log asked through `addr`.
+fn discovery_entries(addr: SocketAddr) -> Vec<(String, String)> {
+    let o = opts(false, false, false);
+    let disc = "nqn.2014-08.org.nvmexpress.discovery";
+    let mut q = Queue::connect(addr, disc, HOSTNQN, 0, CNTLID_DYNAMIC, &o).unwrap();
+    q.enable_controller(TIMEOUT).unwrap();
+    let head = q.get_log_page(0x70, 0, 1024, 0).unwrap();
+    let count = u64::from_le_bytes(head[8..16].try_into().unwrap()) as usize;
+    assert!(count < 64, "discovery log of {count} entries");
+    let page = q.get_log_page(0x70, 0, 1024 * (1 + count as u32), 0).unwrap();
+    let text = |b: &[u8]| nvme::get_str(b);
+    let mut out: Vec<(String, String)> = page[1024..]
+        .chunks_exact(1024)
+        .map(|e| (text(&e[256..512]), format!("{}:{}", text(&e[512..768]), text(&e[32..64]))))
+        .collect();
+    out.sort();
+    out
+}
+
+fn connect_refused(addr: SocketAddr, nqn: &str) -> bool {
+    let o = opts(false, false, false);
+    match Queue::connect(addr, nqn, HOSTNQN, 0, CNTLID_DYNAMIC, &o) {
+        Err(Error::Status { status, .. }) => status == nvme::status::CONNECT_INVALID_PARAMETERS,
+        Ok(_) => false,
+        Err(e) => panic!("connect to {nqn} on {addr}: {e}"),
+    }
+}
+
+/// A subsystem made through the control API (SPDK's methods): its serial and model number
+/// reach Identify Controller; it listens only where told, Connect elsewhere is refused, and
+/// each port's discovery log lists the subsystems listening there.
+#[test]
+fn subsystem_identity_and_listeners() {
+    let d = Daemon::start();
+    let nqn = "nqn.2016-06.io.spdk:cnode1";
+    let create = format!(
+        r#"{{"nqn":"{nqn}","allow_any_host":true,"serial_number":"SPDK00000000000001","model_number":"SPDK bdev Controller"}}"#
+    );
+    d.ctl(&["rpc", "nvmf_create_subsystem", &create]);
+    let ns = format!(r#"{{"nqn":"{nqn}","namespace":{{"bdev_name":"fuzz"}}}}"#);
+    d.ctl(&["rpc", "nvmf_subsystem_add_ns", &ns]);
+    assert!(connect_refused(d.addr, nqn), "no listener yet: refused on the default port");
+    let port = free_port();
+    let other: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listener = |method: &str| {
+        let la = format!(
+            r#"{{"nqn":"{nqn}","listen_address":{{"trtype":"tcp","traddr":"127.0.0.1","trsvcid":"{port}"}}}}"#
+        );
+        d.ctl(&["rpc", method, &la]);
+    };
+    listener("nvmf_subsystem_add_listener");
+    let (_admin, info, ns) = open_controller(other, nqn, HOSTNQN, 1, &opts(false, false, false))
+        .expect("connecting where the subsystem listens");
+    assert_eq!(info.serial, "SPDK00000000000001");
+    assert_eq!(info.model, "SPDK bdev Controller");
+    assert_eq!(&info.raw[4..24], b"SPDK00000000000001  ", "SN padded with spaces");
+    assert_eq!(ns.size_bytes(), 16 << 20);
+    let main = open_controller(d.addr, MAIN, HOSTNQN, 1, &opts(false, false, false)).unwrap();
+    assert_eq!(main.1.model, "ballast", "the default model number");
+    assert_eq!(main.1.serial.len(), 16, "the default serial: {:?}", main.1.serial);
+    assert!(connect_refused(other, MAIN), "main does not listen on the new port");
+    let here = |a: SocketAddr| format!("127.0.0.1:{}", a.port());
+    assert_eq!(discovery_entries(other), vec![(nqn.to_string(), here(other))]);
+    assert_eq!(
+        discovery_entries(d.addr),
+        vec![(FUZZ.to_string(), here(d.addr)), (MAIN.to_string(), here(d.addr))]
+    );
+    let got = d.ctl(&["rpc", "nvmf_subsystem_get_listeners", &format!(r#"{{"nqn":"{nqn}"}}"#)]);
+    let got: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(got[0]["address"]["trsvcid"], port.to_string(), "{got}");
+    assert_eq!(got.as_array().map(Vec::len), Some(1), "{got}");
+    listener("nvmf_subsystem_remove_listener");
+    assert!(connect_refused(other, nqn), "refused once the listener is removed");
+    assert_eq!(discovery_entries(other), vec![], "nothing listens on the port any more");
+    d.stop();
+}

@@ -3,7 +3,8 @@
 # `serve --metrics-listen` every second while fio (ioengine=nbd) reads 4k blocks at a fixed rate;
 # then Prometheus' HTTP API must give rate() of the read ops within 15% of fio's own IOPS, the
 # counter's increase over the run within 15% of fio's I/O count, and the pool's used bytes and
-# the volume's allocated bytes equal to what `ballast pool info` / `volume list` say.
+# the volume's allocated bytes equal to what `ballast pool info` / `volume list` say; the
+# queue-depth gauge shows requests in flight during a fio QD32 run and none after it.
 # Then the endpoint's limits: a path other than /metrics gets 404, another method 405, an
 # oversized request head 431 (closed), clients beyond --metrics-max-clients 503 without a
 # thread, a silent client is closed after --metrics-timeout and frees its slot; bad flag values
@@ -269,6 +270,41 @@ else
 fi
 stop_prometheus
 [[ -z $PROM_PID ]] && pass "prometheus stopped" || fail "prometheus stopped"
+
+##############################################################################################
+echo "## phase 1b: the queue-depth gauge, during and after a fio QD32 run"
+# qdepth: ballast_export_queue_depth{export="vol0"} scraped now (empty if absent).
+qdepth() {
+    http "$MPORT" '
+s, body = get("/metrics")
+for line in body.decode().splitlines():
+    if line.startswith("ballast_export_queue_depth{export=\"vol0\"} "):
+        print(line.rsplit(" ", 1)[1])
+'
+}
+(cd "$T" && timeout 60 fio --name=qd32 --ioengine=nbd --uri="$NBD_URI/vol0" --rw=randrw \
+    --bs=4k --size=32M --iodepth=32 --direct=1 --time_based --runtime=4 \
+    >"$T/fio-qd32.out" 2>&1) &
+fio_pid=$!
+sleep 1
+depths=()
+for ((i = 0; i < 10; i++)); do depths+=("$(qdepth)"); sleep 0.2; done
+wait "$fio_pid"
+fio_rc=$?
+max_depth=$("$SYS_PY" -c 'import sys; print(max(int(v or 0) for v in sys.argv[1:]))' "${depths[@]}")
+if ((fio_rc == 0)) && ((max_depth > 0 && max_depth <= 32)); then
+    pass "ballast_export_queue_depth{export=vol0} during fio QD32 reaches $max_depth (samples ${depths[*]})"
+else
+    fail "the queue depth shows requests in flight during fio QD32" \
+        "fio exit $fio_rc, samples '${depths[*]}'; $(tail -n 2 "$T/fio-qd32.out" | tr '\n' ' ')"
+fi
+check_eq "ballast_export_queue_depth{export=vol0} is 0 once fio is done" 0 "$(qdepth)"
+core_depth=$(http "$MPORT" '
+s, body = get("/metrics")
+print(sum(int(l.rsplit(" ", 1)[1]) for l in body.decode().splitlines()
+          if l.startswith("ballast_core_queue_depth{")))
+')
+check_eq "ballast_core_queue_depth summed over the cores is 0 too" 0 "$core_depth"
 
 ##############################################################################################
 echo "## phase 2: the endpoint's limits (defaults)"

@@ -8,8 +8,10 @@
 #   3  bdev_lvol_create by -l and by -u (returns the UUID); a pattern written through NBD;
 #      bdev_lvol_snapshot, bdev_lvol_clone on aliases; bdev_get_bdevs (aliases, uuid,
 #      driver_specific.lvol), lookups by alias, UUID and name
-#   4  nvmf_create_transport, nvmf_create_subsystem -a -s, add_ns (alias), add_listener,
-#      add_host, nvmf_get_subsystems; the clone read back through NBD and NVMe/TCP
+#   4  nvmf_create_transport, nvmf_create_subsystem -a -s -d, add_ns (alias), add_listener,
+#      add_host, nvmf_get_subsystems; serial/model in Identify Controller and refused when too
+#      long; listeners per subsystem (Connect refused where it does not listen, each port's
+#      discovery log, get/remove_listener); the clone read back through NBD and NVMe/TCP
 #   5  bdev_get_iostat counts the I/O; resize and delete by alias
 #   6  negative cases: wrong -l / -u (-19 No such device), both (-22), unknown bdev (-19),
 #      unknown subsystem, unknown parameter (-32602)
@@ -133,6 +135,61 @@ rpc nvmf_get_subsystems >"$T/subs.json"
 check_eq "nvmf_get_subsystems: SPDK's shape for $NQN" \
     "NVMe False ['$HOST'] 1 clone0 $NVMF_PORT True True" \
     "$(py '" ".join(str(x) for s in j if s["nqn"] == "'"$NQN"'" for x in (s["subtype"], s["allow_any_host"], [h["nqn"] for h in s["hosts"]], s["namespaces"][0]["nsid"], s["namespaces"][0]["bdev_name"], s["listen_addresses"][0]["trsvcid"], len(s["namespaces"][0]["uuid"]) == 36, bool(s["serial_number"] and s["model_number"])))' <"$T/subs.json")"
+
+check_eq "nvmf_get_subsystems: the -s/-d serial and model numbers" "SPDK00000000000001 SPDK_Controller1" \
+    "$(py '" ".join(s["serial_number"] + " " + s["model_number"] for s in j if s["nqn"] == "'"$NQN"'")' <"$T/subs.json")"
+# nvmeq PYTHON-BODY [ARGS...]: run PYTHON-BODY with tests/nvmeraw.py as `n`; sys.argv[1:] = ARGS.
+nvmeq() { local body=$1; shift; PYTHONPATH="$REPO_ROOT/tests" timeout 60 "$SYS_PY" -c "import sys, nvmeraw as n
+$body" "$@"; }
+check_eq "Identify Controller over NVMe/TCP reports them (SN bytes 4-23, MN bytes 24-63)" \
+    "'SPDK00000000000001  ' 'SPDK_Controller1'" \
+    "$(nvmeq 'd = n.admin_queue(int(sys.argv[1]), sys.argv[2]).identify_controller()
+print(repr(d[4:24].decode()), repr(d[24:64].decode().rstrip()))' "$NVMF_PORT" "$NQN" 2>&1)"
+check_eq "nvmf_create_subsystem -s with 21 characters: SPDK's -32602 Invalid SN" \
+    "-32602 Invalid SN 123456789012345678901" \
+    "$(rpc_error nvmf_create_subsystem nqn.2016-06.io.spdk:badsn -s 123456789012345678901)"
+check_eq "nvmf_create_subsystem -d with 41 characters: -32602 Invalid MN" \
+    "-32602 Invalid MN $(printf 'm%.0s' {1..41})" \
+    "$(rpc_error nvmf_create_subsystem nqn.2016-06.io.spdk:badmn -d "$(printf 'm%.0s' {1..41})")"
+check_eq "the refused subsystems were not created" "False" \
+    "$(rpc nvmf_get_subsystems | py 'any(s["nqn"].endswith(("badsn", "badmn")) for s in j)')"
+
+# Listeners belong to subsystems: cnode2 listens on a second port only.
+NQN2=nqn.2016-06.io.spdk:cnode2
+PORT2=$(free_port)
+check "nvmf_create_subsystem $NQN2 -a" rpc nvmf_create_subsystem "$NQN2" -a
+check "nvmf_subsystem_add_ns $NQN2 $LVS/lvol0" rpc nvmf_subsystem_add_ns "$NQN2" "$LVS/lvol0"
+check_eq "$NQN2 listens nowhere yet: Connect on $NVMF_PORT refused (Connect Invalid Parameters)" \
+    "0x182" "$(nvmeq 'print(hex(n.connect_status(int(sys.argv[1]), sys.argv[2])))' "$NVMF_PORT" "$NQN2" 2>&1)"
+check "nvmf_subsystem_add_listener $NQN2 -s $PORT2 (a new port)" \
+    rpc nvmf_subsystem_add_listener "$NQN2" -t tcp -a 127.0.0.1 -s "$PORT2"
+check_eq "nvmf_subsystem_get_listeners $NQN2: the new port only" "['$PORT2']" \
+    "$(rpc nvmf_subsystem_get_listeners "$NQN2" | py '[l["address"]["trsvcid"] for l in j]')"
+check_eq "ballast nvmf listeners $NQN2: an aligned table" "TRTYPE ADRFAM ADDRESS|TCP IPv4 127.0.0.1:$PORT2" \
+    "$(ballast_ctl nvmf listeners "$NQN2" | awk '{print $1, $2, $3}' | paste -sd'|')"
+check_eq "ballast nvmf list: $NQN2's row names its listener" "127.0.0.1:$PORT2" \
+    "$(ballast_ctl nvmf list | awk -v q="$NQN2" '$1 == q {print $NF}')"
+check_eq "Connect: $NQN2 accepted on $PORT2, $NQN refused there, $NQN2 refused on $NVMF_PORT" \
+    "0x0 0x182 0x182" \
+    "$(nvmeq 'p1, p2, a, b = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+print(*(hex(n.connect_status(p, q)) for p, q in ((p2, b), (p2, a), (p1, b))))' "$NVMF_PORT" "$PORT2" "$NQN" "$NQN2" 2>&1)"
+disc() { nvmeq 'print(n.admin_queue(int(sys.argv[1]), n.DISCOVERY_NQN).discovery_log())' "$1" 2>&1; }
+check_eq "the discovery log on $PORT2 lists $NQN2 there, nothing else" \
+    "[('$NQN2', '127.0.0.1:$PORT2')]" "$(disc "$PORT2")"
+d1=$(disc "$NVMF_PORT")
+if [[ $d1 == *"('$NQN', '127.0.0.1:$NVMF_PORT')"* && $d1 != *"$NQN2"* ]]; then
+    pass "the discovery log on $NVMF_PORT lists $NQN there, not $NQN2"
+else
+    fail "the discovery log on $NVMF_PORT lists $NQN there, not $NQN2" "$d1"
+fi
+check "nvmf_subsystem_remove_listener $NQN2 -s $PORT2" \
+    rpc nvmf_subsystem_remove_listener "$NQN2" -t tcp -a 127.0.0.1 -s "$PORT2"
+check_eq "after it: no listener, Connect on $PORT2 refused, its discovery log empty" \
+    "[] 0x182 []" \
+    "$(rpc nvmf_subsystem_get_listeners "$NQN2" | tr -d '\n ') $(nvmeq 'print(hex(n.connect_status(int(sys.argv[1]), sys.argv[2])))' "$PORT2" "$NQN2" 2>&1) $(disc "$PORT2")"
+check_eq "removing it again: -32602 Invalid parameters" "-32602 Invalid parameters" \
+    "$(rpc_error nvmf_subsystem_remove_listener "$NQN2" -t tcp -a 127.0.0.1 -s "$PORT2")"
+check "nvmf_delete_subsystem $NQN2" rpc nvmf_delete_subsystem "$NQN2"
 
 # The clone holds the snapshot's data: the whole pattern, not the later overwrite.
 check_eq "clone0 read through NBD equals the pattern written before the snapshot" \

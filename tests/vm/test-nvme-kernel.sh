@@ -40,6 +40,7 @@ start() {
   rpc nvmf_create_subsystem "{\"nqn\":\"$RESTRICTED\",\"allow_any_host\":false}"
   rpc nvmf_subsystem_add_ns "{\"nqn\":\"$RESTRICTED\",\"namespace\":{\"bdev_name\":\"restricted\"}}"
   rpc nvmf_subsystem_add_host "{\"nqn\":\"$RESTRICTED\",\"host\":\"$ALLOWED\"}"
+  rpc nvmf_subsystem_add_listener "{\"nqn\":\"$RESTRICTED\",\"listen_address\":{\"trtype\":\"tcp\",\"traddr\":\"127.0.0.1\",\"trsvcid\":\"$port\"}}"
 }
 rpc() {   # rpc METHOD PARAMS_JSON: one JSON-RPC call on the control socket
   /usr/bin/python3 - "$sock" "$1" "$2" <<'PY'

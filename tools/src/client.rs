@@ -212,6 +212,7 @@ pub fn stats(target: &Target, as_json: bool) -> anyhow::Result<()> {
                 int(&c["writes"]),
                 int(&c["flushes"]),
                 int(&c["errors"]),
+                int(&c["in_flight"]),
                 us(&c["latency_us_p50"]),
                 us(&c["latency_us_p99"]),
                 us(&c["latency_us_p999"]),
@@ -222,8 +223,8 @@ pub fn stats(target: &Target, as_json: bool) -> anyhow::Result<()> {
         })
         .collect();
     let headers = [
-        "CORE", "READS", "WRITES", "FLUSHES", "ERRORS", "P50_US", "P99_US", "P999_US", "CONNS",
-        "BUF_MIB", "BUF_PEAK",
+        "CORE", "READS", "WRITES", "FLUSHES", "ERRORS", "QD", "P50_US", "P99_US", "P999_US",
+        "CONNS", "BUF_MIB", "BUF_PEAK",
     ];
     let columns: Vec<(&str, Align)> = headers.iter().map(|h| (*h, Align::Right)).collect();
     print!("{}", table(&columns, rows));

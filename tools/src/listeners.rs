@@ -32,7 +32,8 @@ impl Drop for Slot {
     }
 }
 
-/// Binds an NVMe/TCP listener and starts its acceptor on core 0.
+/// Binds an NVMe/TCP listener and starts its acceptor on core 0. Which subsystems a host
+/// reaches through it is the subsystems' business (`Subsystem::listeners`).
 pub fn start_nvmf_listener(
     cores: &[ballast_engine::reactor::CoreHandle],
     target: &Arc<ballast_nvmf::Target>,
@@ -41,9 +42,9 @@ pub fn start_nvmf_listener(
 ) -> anyhow::Result<()> {
     let admission = admission.clone();
     let listener = bind_retrying(addr).with_context(|| format!("binding NVMe/TCP on {addr}"))?;
-    target.listeners.write().push((addr.ip().to_string(), addr.port()));
-    target.genctr.fetch_add(1, Ordering::Relaxed);
-    let factory = ballast_nvmf::conn_factory(target.clone());
+    let via = ballast_nvmf::ListenAddr::from(addr);
+    target.listener_bound(via.clone());
+    let factory = ballast_nvmf::conn_factory(target.clone(), via);
     let spawn = Msg::Spawn(Box::new(move |_cx| {
         Box::new(Acceptor::new(listener, "nvme-tcp", factory, admission)) as Box<dyn Task>
     }));

@@ -1,6 +1,7 @@
 //! `ballast`: the daemon (`ballast serve`) and the command-line client of its control API.
 
 mod args;
+mod cli_nvmf;
 mod client;
 mod control;
 mod listeners;
@@ -24,7 +25,6 @@ mod volumes;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use rpc_nvmf::SubsystemEntry;
 use volumes::{LvolEntry, LvstoreEntry};
 
 #[derive(Parser)]
@@ -57,7 +57,7 @@ enum Command {
     Export(ExportCommand),
     /// Manage NVMe-oF subsystems of a running daemon.
     #[command(subcommand)]
-    Nvmf(NvmfCommand),
+    Nvmf(cli_nvmf::NvmfCommand),
     /// Pools: create, check or dump one offline (on its file or device); `info` asks the
     /// running daemon.
     #[command(subcommand)]
@@ -115,68 +115,6 @@ enum ExportCommand {
     /// Remove an export (open connections keep working until they close).
     Remove {
         name: String,
-        #[command(flatten)]
-        target: client::Target,
-    },
-}
-
-#[derive(Subcommand)]
-enum NvmfCommand {
-    /// List subsystems with their namespaces, hosts and listeners.
-    List {
-        #[command(flatten)]
-        target: client::Target,
-        /// Print JSON (SPDK's `nvmf_get_subsystems` shape) instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Create a subsystem (NQN, or a short name made into nqn.2026-11.dev.ballast:NAME).
-    Create {
-        nqn: String,
-        /// Let any host connect (otherwise only hosts added with add-host).
-        #[arg(long)]
-        allow_any_host: bool,
-        #[command(flatten)]
-        target: client::Target,
-    },
-    /// Delete a subsystem; its controllers are torn down.
-    Delete {
-        nqn: String,
-        #[command(flatten)]
-        target: client::Target,
-    },
-    /// Add an export's device as a namespace.
-    AddNs {
-        nqn: String,
-        /// Export (bdev) name.
-        bdev: String,
-        #[arg(long, default_value_t = 0)]
-        nsid: u32,
-        /// LBA size: 512 or 4096.
-        #[arg(long, default_value_t = 4096)]
-        block_size: u32,
-        #[command(flatten)]
-        target: client::Target,
-    },
-    /// Allow a host NQN.
-    AddHost {
-        nqn: String,
-        host: String,
-        #[command(flatten)]
-        target: client::Target,
-    },
-    /// Disallow a host NQN.
-    RemoveHost {
-        nqn: String,
-        host: String,
-        #[command(flatten)]
-        target: client::Target,
-    },
-    /// Listen on another address (TCP).
-    AddListener {
-        nqn: String,
-        /// ADDRESS:PORT
-        address: std::net::SocketAddr,
         #[command(flatten)]
         target: client::Target,
     },
@@ -459,110 +397,6 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
     }
 }
 
-fn full_nqn(nqn: &str) -> String {
-    if nqn.starts_with("nqn.") {
-        nqn.to_string()
-    } else {
-        format!("{}{nqn}", ballast_nvmf::NQN_PREFIX)
-    }
-}
-
-/// Subsystems as a table (one line per namespace) or JSON.
-fn print_subsystems(list: &[SubsystemEntry], as_json: bool) -> anyhow::Result<()> {
-    if as_json {
-        return client::print_json(&list);
-    }
-    let mut rows = Vec::new();
-    for s in list {
-        let hosts: Vec<&str> = s.hosts.iter().map(|h| h.nqn.as_str()).collect();
-        let access = match (s.allow_any_host, hosts.is_empty()) {
-            (true, _) => "any".to_string(),
-            (false, true) => "none".to_string(),
-            (false, false) => hosts.join(","),
-        };
-        let namespaces = s.namespaces.as_deref().unwrap_or_default();
-        let controllers = s.controllers.as_ref().map_or(0, Vec::len);
-        let mut row = |nsid: String, bdev: String| {
-            let c = controllers.to_string();
-            rows.push(vec![s.nqn.clone(), s.subtype.clone(), nsid, bdev, c, access.clone()]);
-        };
-        if namespaces.is_empty() {
-            row("-".into(), "-".into());
-        }
-        for ns in namespaces {
-            row(ns.nsid.to_string(), ns.bdev_name.clone());
-        }
-    }
-    use client::Align::{Left, Right};
-    let columns = [
-        ("NQN", Left),
-        ("TYPE", Left),
-        ("NSID", Right),
-        ("BDEV", Left),
-        ("CTRLRS", Right),
-        ("HOSTS", Left),
-    ];
-    print!("{}", client::table(&columns, rows));
-    let listeners: Vec<String> = list
-        .first()
-        .map(|s| s.listen_addresses.iter().map(|l| format!("{}:{}", l.traddr, l.trsvcid)))
-        .into_iter()
-        .flatten()
-        .collect();
-    println!("listeners: {}", listeners.join(" "));
-    Ok(())
-}
-
-fn nvmf(cmd: NvmfCommand) -> anyhow::Result<()> {
-    use rpc_nvmf::{AddListener, AddNs, CreateSubsystem, GetSubsystems, Host, ListenAddress};
-    use rpc_nvmf::{Nqn, NsParams};
-    let result: serde_json::Value = match cmd {
-        NvmfCommand::List { target, json } => {
-            let list: Vec<SubsystemEntry> =
-                client::call(&target, "nvmf_get_subsystems", &GetSubsystems::default())?;
-            return print_subsystems(&list, json);
-        }
-        NvmfCommand::Create { nqn, allow_any_host, target } => {
-            let params =
-                CreateSubsystem { nqn: full_nqn(&nqn), allow_any_host, ..Default::default() };
-            client::call(&target, "nvmf_create_subsystem", &params)?
-        }
-        NvmfCommand::Delete { nqn, target } => {
-            let params = Nqn { nqn: full_nqn(&nqn), tgt_name: None };
-            client::call(&target, "nvmf_delete_subsystem", &params)?
-        }
-        NvmfCommand::AddNs { nqn, bdev, nsid, block_size, target } => {
-            let namespace = NsParams {
-                bdev_name: bdev,
-                nsid,
-                block_size: Some(block_size),
-                ..Default::default()
-            };
-            let params = AddNs { nqn: full_nqn(&nqn), namespace, tgt_name: None };
-            client::call(&target, "nvmf_subsystem_add_ns", &params)?
-        }
-        NvmfCommand::AddHost { nqn, host, target } => {
-            let params = Host { nqn: full_nqn(&nqn), host, tgt_name: None };
-            client::call(&target, "nvmf_subsystem_add_host", &params)?
-        }
-        NvmfCommand::RemoveHost { nqn, host, target } => {
-            let params = Host { nqn: full_nqn(&nqn), host, tgt_name: None };
-            client::call(&target, "nvmf_subsystem_remove_host", &params)?
-        }
-        NvmfCommand::AddListener { nqn, address, target } => {
-            let listen_address = ListenAddress {
-                trtype: "tcp".into(),
-                adrfam: None,
-                traddr: address.ip().to_string(),
-                trsvcid: Some(address.port().to_string()),
-            };
-            let params = AddListener { nqn: full_nqn(&nqn), listen_address, ..Default::default() };
-            client::call(&target, "nvmf_subsystem_add_listener", &params)?
-        }
-    };
-    client::print_json(&result)
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -579,7 +413,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Stats { target, json } => client::stats(&target, json),
         Command::Rpc { method, params, target } => client::raw(&target, &method, &params),
-        Command::Nvmf(cmd) => nvmf(cmd),
+        Command::Nvmf(cmd) => cli_nvmf::run(cmd),
         cmd
         @ (Command::Pool(_) | Command::Volume(_) | Command::Snapshot(_) | Command::Clone(_)) => {
             volumes_cli(cmd)

@@ -204,7 +204,10 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 16] = [
+        let per_core: [PerCoreMetric; 17] = [
+            ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
+                s.in_flight
+            }),
             ("ballast_core_ring_enters", "System calls into the core's io_uring.", Counter, |s| {
                 s.ring_enters
             }),
@@ -508,6 +511,14 @@ impl ScrapeCollector {
             Counter,
             errors,
         )?;
+        let depth = views.iter().map(|(e, d)| (vec![("export", e.name.clone())], d.in_flight));
+        family(
+            enc,
+            "ballast_export_queue_depth",
+            "Requests on an export taken in and not completed yet, all cores.",
+            MetricType::Gauge,
+            depth,
+        )?;
         let latency =
             views.iter().map(|(e, d)| (vec![("export", e.name.clone())], d.latency_ns_sum / 1000));
         family(
@@ -539,7 +550,10 @@ mod tests {
         a.record(7, OpKind::Read, 4096, 30_000, true);
         a.record(7, OpKind::Read, 4096, 30_000, true);
         a.record(7, OpKind::Write, 8192, 2_000_000, false);
-        let b = CoreStats::new(1);
+        a.submitted(7);
+        let mut b = CoreStats::new(1);
+        b.submitted(7);
+        b.submitted(7);
         let pool = PoolInfo {
             path: "/p.img".into(),
             uuid: "00".into(),
@@ -612,6 +626,9 @@ mod tests {
             r#"ballast_export_bytes_total{export="v0",op="write"} 8192"#,
             r#"ballast_export_errors_total{export="v0"} 1"#,
             r#"ballast_export_latency_microseconds_total{export="v0"} 2060"#,
+            r#"ballast_export_queue_depth{export="v0"} 3"#,
+            r#"ballast_core_queue_depth{core="0"} 1"#,
+            r#"ballast_core_queue_depth{core="1"} 2"#,
             "# TYPE ballast_core_request_latency_seconds histogram",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");

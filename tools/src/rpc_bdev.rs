@@ -8,15 +8,18 @@
 
 use std::sync::Arc;
 
+use ballast_engine::limits::{ConnCounters, ConnLimits};
 use ballast_engine::stats::{DevCounters, StatsSnapshot};
 use ballast_engine::volume::dev::{PoolHandle, VolumeInfo};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::control::{Control, Method};
 use crate::lvstore;
 use crate::registry::{Device, DeviceKind, Registry};
-use crate::rpc_error::{invalid_parameters, no_such_device, params, DecodeStyle, RpcError};
+use crate::rpc_error::{
+    invalid_parameters, no_such_device, params, DecodeStyle, RpcError, INTERNAL_ERROR,
+};
 
 /// The generic bdev and framework methods, each in one place: name and handler.
 pub const METHODS: &[Method] = &[
@@ -36,20 +39,38 @@ fn iostat(control: &Control, p: &Value) -> Result<Value, RpcError> {
 #[serde(deny_unknown_fields)]
 struct NoParams {}
 
+/// `framework_get_reactors`' result.
+#[derive(Serialize)]
+struct Reactors<'a> {
+    reactors: Vec<StatsSnapshot>,
+    limits: ReactorLimits<'a>,
+    connections: ConnCounters,
+}
+
+#[derive(Serialize)]
+struct ReactorLimits<'a> {
+    #[serde(flatten)]
+    connections: &'a ConnLimits,
+    buffer_memory: u64,
+}
+
 /// `framework_get_reactors`: every core's statistics, the limits and the connection counters.
 fn reactors(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let _: NoParams = params(p, DecodeStyle::Generic)?;
-    let out: Vec<Value> = crate::metrics::core_snapshots(&control.cores, true)
-        .into_iter()
-        .map(|snap| serde_json::to_value(snap).unwrap_or(Value::Null))
-        .collect();
-    let mut limits = serde_json::to_value(&control.admission.limits).unwrap_or(Value::Null);
-    limits["buffer_memory"] = json!(control.buffer_memory);
-    Ok(json!({
-        "reactors": out,
-        "limits": limits,
-        "connections": control.admission.counters(),
-    }))
+    let out = Reactors {
+        reactors: crate::metrics::core_snapshots(&control.cores, true),
+        limits: ReactorLimits {
+            connections: &control.admission.limits,
+            buffer_memory: control.buffer_memory,
+        },
+        connections: control.admission.counters(),
+    };
+    to_result(&out)
+}
+
+/// A typed result as the JSON-RPC result value.
+fn to_result<T: Serialize>(result: &T) -> Result<Value, RpcError> {
+    serde_json::to_value(result).map_err(|e| RpcError::new(INTERNAL_ERROR, e.to_string()))
 }
 
 #[derive(Deserialize)]
@@ -69,16 +90,76 @@ fn get_bdevs(registry: &Registry, pool: Option<&PoolHandle>, p: &Value) -> Resul
         Some(n) => vec![registry.resolve(n).ok_or_else(no_such_device)?],
         None => registry.list(),
     };
-    let list = chosen.iter().map(|e| bdev_json(registry, e, pool, &volumes)).collect();
-    Ok(Value::Array(list))
+    let list: Vec<BdevEntry> =
+        chosen.iter().map(|e| bdev_entry(registry, e, pool, &volumes)).collect();
+    to_result(&list)
 }
 
-fn bdev_json(
+/// One bdev of `bdev_get_bdevs` (SPDK's shape).
+#[derive(Serialize)]
+struct BdevEntry {
+    name: String,
+    aliases: Vec<String>,
+    uuid: String,
+    product_name: &'static str,
+    block_size: u64,
+    num_blocks: u64,
+    claimed: bool,
+    zoned: bool,
+    supported_io_types: IoTypes,
+    driver_specific: DriverSpecific,
+}
+
+#[derive(Serialize)]
+struct IoTypes {
+    read: bool,
+    write: bool,
+    unmap: bool,
+    flush: bool,
+    reset: bool,
+    write_zeroes: bool,
+    compare: bool,
+    compare_and_write: bool,
+    abort: bool,
+    nvme_admin: bool,
+    nvme_io: bool,
+}
+
+#[derive(Serialize)]
+struct DriverSpecific {
+    ballast: BallastSpecific,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lvol: Option<LvolSpecific>,
+}
+
+#[derive(Serialize)]
+struct BallastSpecific {
+    backend: String,
+    read_only: bool,
+}
+
+/// SPDK's `driver_specific.lvol` of one volume.
+#[derive(Serialize)]
+struct LvolSpecific {
+    lvol_store_uuid: String,
+    base_bdev: String,
+    thin_provision: bool,
+    num_allocated_clusters: u64,
+    snapshot: bool,
+    clone: bool,
+    esnap_clone: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_snapshot: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clones: Option<Vec<String>>,
+}
+
+fn bdev_entry(
     registry: &Registry,
     e: &Device,
     pool: Option<&PoolHandle>,
     volumes: &[VolumeInfo],
-) -> Value {
+) -> BdevEntry {
     let info = e.dev.info();
     let block_size = u64::from(info.block_size.max(1));
     let volume = match e.kind {
@@ -91,54 +172,58 @@ fn bdev_json(
         DeviceKind::File => "AIO disk",
         DeviceKind::Nvme => "NVMe disk",
     };
-    let mut j = json!({
-        "name": e.name,
-        "aliases": registry.alias(e).into_iter().collect::<Vec<_>>(),
-        "uuid": e.uuid,
-        "product_name": product_name,
-        "block_size": block_size,
-        "num_blocks": e.dev.size_bytes() / block_size,
-        "claimed": false,
-        "zoned": false,
-        "supported_io_types": {
-            "read": true, "write": !e.read_only, "unmap": !e.read_only, "flush": true,
-            "reset": false, "write_zeroes": !e.read_only, "compare": false,
-            "compare_and_write": false, "abort": false, "nvme_admin": false, "nvme_io": false,
+    let writable = !e.read_only;
+    BdevEntry {
+        name: e.name.clone(),
+        aliases: registry.alias(e).into_iter().collect(),
+        uuid: e.uuid.clone(),
+        product_name,
+        block_size,
+        num_blocks: e.dev.size_bytes() / block_size,
+        claimed: false,
+        zoned: false,
+        supported_io_types: IoTypes {
+            read: true,
+            write: writable,
+            unmap: writable,
+            flush: true,
+            reset: false,
+            write_zeroes: writable,
+            compare: false,
+            compare_and_write: false,
+            abort: false,
+            nvme_admin: false,
+            nvme_io: false,
         },
-        "driver_specific": {"ballast": {"backend": info.backend, "read_only": e.read_only}},
-    });
-    if let Some((pool, v)) = volume {
-        j["driver_specific"]["lvol"] = lvol_json(pool, v, volumes);
+        driver_specific: DriverSpecific {
+            ballast: BallastSpecific { backend: info.backend.clone(), read_only: e.read_only },
+            lvol: volume.map(|(pool, v)| lvol_specific(pool, v, volumes)),
+        },
     }
-    j
 }
 
-/// SPDK's `driver_specific.lvol` of one volume.
-fn lvol_json(pool: &PoolHandle, v: &VolumeInfo, volumes: &[VolumeInfo]) -> Value {
+fn lvol_specific(pool: &PoolHandle, v: &VolumeInfo, volumes: &[VolumeInfo]) -> LvolSpecific {
     let cluster_bytes = pool.meta().cluster_bytes().max(1);
     let parent = v.parent.as_ref().and_then(|p| volumes.iter().find(|o| &o.name == p));
     let clone = !v.snapshot && parent.is_some_and(|p| p.snapshot);
-    let mut j = json!({
-        "lvol_store_uuid": lvstore::lvs_uuid(pool),
-        "base_bdev": pool.info().path,
-        "thin_provision": true,
-        "num_allocated_clusters": v.allocated_bytes.div_ceil(cluster_bytes),
-        "snapshot": v.snapshot,
-        "clone": clone,
-        "esnap_clone": false,
-    });
-    if clone {
-        j["base_snapshot"] = json!(v.parent);
-    }
-    if v.snapshot {
-        let clones: Vec<&str> = volumes
+    let clones = v.snapshot.then(|| {
+        volumes
             .iter()
             .filter(|o| !o.snapshot && o.parent.as_deref() == Some(v.name.as_str()))
-            .map(|o| o.name.as_str())
-            .collect();
-        j["clones"] = json!(clones);
+            .map(|o| o.name.clone())
+            .collect()
+    });
+    LvolSpecific {
+        lvol_store_uuid: lvstore::lvs_uuid(pool),
+        base_bdev: pool.info().path,
+        thin_provision: true,
+        num_allocated_clusters: v.allocated_bytes.div_ceil(cluster_bytes),
+        snapshot: v.snapshot,
+        clone,
+        esnap_clone: false,
+        base_snapshot: if clone { v.parent.clone() } else { None },
+        clones,
     }
-    j
 }
 
 #[derive(Deserialize)]
@@ -176,7 +261,7 @@ fn get_iostat(
             .map(|n| registry.resolve(n).ok_or_else(no_such_device))
             .collect::<Result<_, _>>()?
     };
-    let bdevs: Vec<Value> = chosen
+    let bdevs: Vec<IostatEntry> = chosen
         .iter()
         .map(|e| {
             let id = e.stats_id;
@@ -186,40 +271,72 @@ fn get_iostat(
                     one.merge(d);
                 }
             }
-            iostat_json(&e.name, &one, 0.0)
+            IostatEntry::new(&e.name, &one, 0.0, None)
         })
         .collect();
-    let per_core: Vec<Value> = cores
+    let per_core = cores
         .iter()
-        .map(|s| {
-            let mut j = iostat_json("*", &s.totals(), s.latency_us_max);
-            j["core"] = json!(s.core);
-            j
-        })
+        .map(|s| IostatEntry::new("*", &s.totals(), s.latency_us_max, Some(s.core)))
         .collect();
-    let mut out = json!({"tick_rate": TICK_RATE_HZ, "ticks": uptime_us, "bdevs": bdevs});
-    if req.per_channel || named.is_empty() {
-        out["cores"] = json!(per_core);
-    }
-    Ok(out)
+    let cores = (req.per_channel || named.is_empty()).then_some(per_core);
+    to_result(&Iostat { tick_rate: TICK_RATE_HZ, ticks: uptime_us, bdevs, cores })
 }
 
-/// One entry of SPDK's iostat shape from a device's (or a core's) counters.
-fn iostat_json(name: &str, d: &DevCounters, max_latency_us: f64) -> Value {
-    json!({
-        "name": name,
-        "bytes_read": d.bytes_read,
-        "num_read_ops": d.reads,
-        "bytes_written": d.bytes_written,
-        "num_write_ops": d.writes,
-        "num_unmap_ops": d.discards,
-        "num_write_zeroes_ops": d.write_zeroes,
-        "num_flush_ops": d.flushes,
-        // All kinds together: the cores keep one latency sum.
-        "latency_ticks": d.latency_ns_sum / 1000,
-        "max_latency_ticks": max_latency_us as u64,
-        "io_error": {"count": d.errors},
-    })
+/// `bdev_get_iostat`'s result (SPDK's shape).
+#[derive(Serialize)]
+struct Iostat {
+    tick_rate: u64,
+    ticks: u64,
+    bdevs: Vec<IostatEntry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cores: Option<Vec<IostatEntry>>,
+}
+
+/// One entry of SPDK's iostat shape, from a device's (or a core's) counters.
+#[derive(Serialize)]
+struct IostatEntry {
+    name: String,
+    bytes_read: u64,
+    num_read_ops: u64,
+    bytes_written: u64,
+    num_write_ops: u64,
+    num_unmap_ops: u64,
+    num_write_zeroes_ops: u64,
+    num_flush_ops: u64,
+    /// All kinds together: the cores keep one latency sum.
+    latency_ticks: u64,
+    max_latency_ticks: u64,
+    io_error: IoErrors,
+    /// Requests in flight now (ballast's; SPDK has no such field).
+    queue_depth: u64,
+    /// The core, in the per-core view.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    core: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct IoErrors {
+    count: u64,
+}
+
+impl IostatEntry {
+    fn new(name: &str, d: &DevCounters, max_latency_us: f64, core: Option<usize>) -> Self {
+        IostatEntry {
+            name: name.to_string(),
+            bytes_read: d.bytes_read,
+            num_read_ops: d.reads,
+            bytes_written: d.bytes_written,
+            num_write_ops: d.writes,
+            num_unmap_ops: d.discards,
+            num_write_zeroes_ops: d.write_zeroes,
+            num_flush_ops: d.flushes,
+            latency_ticks: d.latency_ns_sum / 1000,
+            max_latency_ticks: max_latency_us as u64,
+            io_error: IoErrors { count: d.errors },
+            queue_depth: d.in_flight,
+            core,
+        }
+    }
 }
 
 /// `spdk_get_version`: SPDK's shape, naming ballast.
@@ -228,20 +345,36 @@ fn spdk_get_version(p: &Value) -> Result<Value, RpcError> {
     let version = env!("CARGO_PKG_VERSION");
     let mut parts = version.split(['.', '-']).map(|x| x.parse::<u64>().unwrap_or(0));
     let (major, minor, patch) = (parts.next(), parts.next(), parts.next());
-    Ok(json!({
-        "version": format!("ballast v{version} (SPDK-compatible control API)"),
-        "fields": {
-            "major": major.unwrap_or(0),
-            "minor": minor.unwrap_or(0),
-            "patch": patch.unwrap_or(0),
-            "suffix": "-ballast",
+    to_result(&Version {
+        version: format!("ballast v{version} (SPDK-compatible control API)"),
+        fields: VersionFields {
+            major: major.unwrap_or(0),
+            minor: minor.unwrap_or(0),
+            patch: patch.unwrap_or(0),
+            suffix: "-ballast",
         },
-    }))
+    })
+}
+
+/// `spdk_get_version`'s result.
+#[derive(Serialize)]
+struct Version {
+    version: String,
+    fields: VersionFields,
+}
+
+#[derive(Serialize)]
+struct VersionFields {
+    major: u64,
+    minor: u64,
+    patch: u64,
+    suffix: &'static str,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn version_has_spdks_fields() {

@@ -4,13 +4,15 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use ballast_nvmf::subsys::SubsysError;
+use ballast_nvmf::subsys::{Identity, ListenAddr, SubsysError, DISCOVERY_NQN};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::control::{Control, Method};
 use crate::registry::RegistryError;
-use crate::rpc_error::{invalid_parameters, params, DecodeStyle, RpcError, INTERNAL_ERROR};
+use crate::rpc_error::{
+    invalid_parameters, params, DecodeStyle, RpcError, INTERNAL_ERROR, INVALID_PARAMS,
+};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
@@ -187,6 +189,11 @@ pub const METHODS: &[Method] = &[
     Method { name: "nvmf_subsystem_remove_host", call: |c, p| host(c, p, false) },
     Method { name: "nvmf_subsystem_allow_any_host", call: allow_any_host },
     Method { name: "nvmf_subsystem_add_listener", call: |c, p| add_listener(c, params(p, G)?) },
+    Method {
+        name: "nvmf_subsystem_remove_listener",
+        call: |c, p| remove_listener(c, params(p, G)?),
+    },
+    Method { name: "nvmf_subsystem_get_listeners", call: get_listeners },
 ];
 
 fn create_transport(_: &Control, p: &Value) -> Result<Value, RpcError> {
@@ -201,13 +208,26 @@ fn create_transport(_: &Control, p: &Value) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
+/// One transport of `nvmf_get_transports` (SPDK's fields that apply).
+#[derive(Serialize)]
+struct TransportEntry {
+    trtype: &'static str,
+    max_io_size: u32,
+    in_capsule_data_size: u32,
+}
+
 fn get_transports(_: &Control, p: &Value) -> Result<Value, RpcError> {
     let t: GetTransports = params(p, G)?;
     check_target(t.tgt_name.as_deref())?;
     if t.trtype.as_deref().is_some_and(|tr| !tr.eq_ignore_ascii_case("tcp")) {
         return Err(invalid_parameters("transport not found"));
     }
-    Ok(json!([{"trtype": "TCP", "max_io_size": 1 << 20, "in_capsule_data_size": 8192}]))
+    let tcp = TransportEntry {
+        trtype: "TCP",
+        max_io_size: ballast_nvmf::identify::MAX_TRANSFER_BYTES,
+        in_capsule_data_size: ballast_nvmf::identify::IN_CAPSULE_BYTES,
+    };
+    Ok(json!([tcp]))
 }
 
 fn create_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
@@ -218,25 +238,27 @@ fn create_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
     unsupported("enable_nssr", c.enable_nssr)?;
     unsupported("min_cntlid/max_cntlid", c.min_cntlid.is_some() || c.max_cntlid.is_some())?;
     let nqn = c.nqn.as_str();
-    let subsys = control.target.create_subsystem(nqn, c.allow_any_host).map_err(|e| match e {
-        SubsysError::Exists(_) => {
-            RpcError::new(INTERNAL_ERROR, format!("Unable to create subsystem {nqn}"))
-        }
-        other => invalid_parameters(other),
-    })?;
-    // The target derives serial and model from the NQN; say so when asked for others.
-    if c.serial_number.as_ref().is_some_and(|s| *s != subsys.serial)
-        || c.model_number.as_ref().is_some_and(|m| *m != subsys.model)
-    {
-        tracing::warn!(
-            nqn,
-            serial = subsys.serial,
-            model = subsys.model,
-            "serial_number/model_number not settable: the target derives them from the NQN"
-        );
-    }
+    let identity = Identity { serial: c.serial_number.clone(), model: c.model_number.clone() };
+    let subsys = control.target.create_subsystem_as(nqn, c.allow_any_host, identity).map_err(
+        |e| match e {
+            SubsysError::Exists(_) => {
+                RpcError::new(INTERNAL_ERROR, format!("Unable to create subsystem {nqn}"))
+            }
+            // SPDK's messages for what spdk_nvmf_subsystem_set_sn/_mn refuse.
+            SubsysError::BadSerial(sn) => RpcError::new(INVALID_PARAMS, format!("Invalid SN {sn}")),
+            SubsysError::BadModel(mn) => RpcError::new(INVALID_PARAMS, format!("Invalid MN {mn}")),
+            other => invalid_parameters(other),
+        },
+    )?;
     let max_ns = c.max_namespaces;
-    tracing::info!(nqn, allow_any_host = c.allow_any_host, ?max_ns, "subsystem created");
+    tracing::info!(
+        nqn,
+        allow_any_host = c.allow_any_host,
+        serial = subsys.serial,
+        model = subsys.model,
+        ?max_ns,
+        "subsystem created"
+    );
     Ok(json!(true))
 }
 
@@ -306,16 +328,8 @@ fn allow_any_host(control: &Control, p: &Value) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-/// Listeners are the target's, not a subsystem's: every subsystem is reachable on each. An
-/// address not listened on yet is started at once.
-fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
-    check_target(l.tgt_name.as_deref())?;
-    unsupported("secure_channel", l.secure_channel)?;
-    let target = &control.target;
-    if target.subsystem(&l.nqn).is_none() {
-        return Err(not_found(&l.nqn));
-    }
-    let la = &l.listen_address;
+/// The address of `nvmf_subsystem_add_listener`/`_remove_listener` (TCP only).
+fn listen_addr(la: &ListenAddress) -> Result<SocketAddr, RpcError> {
     if !la.trtype.eq_ignore_ascii_case("tcp") {
         let msg = format!("transport {:?} not supported (tcp only)", la.trtype);
         return Err(invalid_parameters(msg));
@@ -329,19 +343,77 @@ fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
     let host = la.traddr.trim_start_matches('[').trim_end_matches(']');
     let text =
         if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-    let addr: SocketAddr =
-        text.parse().map_err(|e| invalid_parameters(format!("listen address {text}: {e}")))?;
-    let known = target
-        .listeners
-        .read()
-        .iter()
-        .any(|(a, port)| *a == addr.ip().to_string() && *port == addr.port());
-    if !known {
+    text.parse().map_err(|e| invalid_parameters(format!("listen address {text}: {e}")))
+}
+
+/// Lets hosts reach a subsystem through an address, binding it first if nothing listens there
+/// yet. On the discovery NQN, the address becomes a discovery service (its log lists every
+/// subsystem, as `--discovery-listen`'s does).
+fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
+    check_target(l.tgt_name.as_deref())?;
+    unsupported("secure_channel", l.secure_channel)?;
+    let target = &control.target;
+    let discovery = l.nqn == DISCOVERY_NQN;
+    if !discovery && target.subsystem(&l.nqn).is_none() {
+        return Err(not_found(&l.nqn));
+    }
+    let addr = listen_addr(&l.listen_address)?;
+    let via = ListenAddr::from(addr);
+    let bound = target.port_id(&via).is_some();
+    if !bound {
         crate::listeners::start_nvmf_listener(&control.cores, target, &control.admission, addr)
             .map_err(|e| invalid_parameters(format!("{e:#}")))?;
     }
-    tracing::info!(nqn = l.nqn, %addr, new = !known, "listener added");
+    if discovery {
+        target.discovery_services.write().insert(via);
+        target.genctr.fetch_add(1, Ordering::Relaxed);
+    } else {
+        target.add_listener(&l.nqn, via).map_err(subsys_err)?;
+    }
+    tracing::info!(nqn = l.nqn, %addr, new = !bound, "listener added");
     Ok(json!(true))
+}
+
+/// Stops a subsystem listening on an address; its controllers connected there end. The socket
+/// stays bound (discovery answers there; other subsystems may listen on it).
+fn remove_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
+    check_target(l.tgt_name.as_deref())?;
+    let target = &control.target;
+    let via = ListenAddr::from(listen_addr(&l.listen_address)?);
+    if l.nqn == DISCOVERY_NQN {
+        if !target.discovery_services.write().remove(&via) {
+            return Err(RpcError::new(INVALID_PARAMS, "Invalid parameters"));
+        }
+    } else {
+        target.remove_listener(&l.nqn, &via).map_err(|e| match e {
+            SubsysError::NoSubsystem(nqn) => not_found(&nqn),
+            // SPDK's answer when the subsystem has no such listener.
+            _ => RpcError::new(INVALID_PARAMS, "Invalid parameters"),
+        })?;
+    }
+    tracing::info!(nqn = l.nqn, addr = %via, "listener removed");
+    Ok(json!(true))
+}
+
+/// One listener of `nvmf_subsystem_get_listeners` (SPDK's shape).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ListenerEntry {
+    pub address: ListenEntry,
+}
+
+fn get_listeners(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let g: Nqn = params(p, G)?;
+    check_target(g.tgt_name.as_deref())?;
+    let addrs: Vec<ListenAddr> = if g.nqn == DISCOVERY_NQN {
+        control.target.listeners.read().clone()
+    } else {
+        let subsys = control.target.subsystem(&g.nqn).ok_or_else(|| not_found(&g.nqn))?;
+        let addrs = subsys.listeners.read().iter().cloned().collect();
+        addrs
+    };
+    let out: Vec<ListenerEntry> =
+        addrs.iter().map(|a| ListenerEntry { address: ListenEntry::from(a) }).collect();
+    Ok(json!(out))
 }
 
 /// One listen address of `nvmf_get_subsystems`.
@@ -351,6 +423,17 @@ pub struct ListenEntry {
     pub adrfam: String,
     pub traddr: String,
     pub trsvcid: String,
+}
+
+impl From<&ListenAddr> for ListenEntry {
+    fn from(a: &ListenAddr) -> ListenEntry {
+        ListenEntry {
+            trtype: "TCP".into(),
+            adrfam: if a.is_ipv6() { "IPv6" } else { "IPv4" }.into(),
+            traddr: a.traddr.clone(),
+            trsvcid: a.port.to_string(),
+        }
+    }
 }
 
 /// A host allowed on a subsystem.
@@ -412,24 +495,14 @@ fn get_subsystems(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let g: GetSubsystems = params(p, G)?;
     check_target(g.tgt_name.as_deref())?;
     let only = g.nqn.as_deref();
-    let listeners: Vec<ListenEntry> = control
-        .target
-        .listeners
-        .read()
-        .iter()
-        .map(|(a, p)| ListenEntry {
-            trtype: "TCP".into(),
-            adrfam: if a.contains(':') { "IPv6" } else { "IPv4" }.into(),
-            traddr: a.clone(),
-            trsvcid: p.to_string(),
-        })
-        .collect();
     let mut out = Vec::new();
-    if only.is_none_or(|n| n == ballast_nvmf::subsys::DISCOVERY_NQN) {
+    if only.is_none_or(|n| n == DISCOVERY_NQN) {
+        // The discovery controller answers on every listener.
+        let everywhere = control.target.listeners.read().iter().map(ListenEntry::from).collect();
         out.push(SubsystemEntry {
-            nqn: ballast_nvmf::subsys::DISCOVERY_NQN.into(),
+            nqn: DISCOVERY_NQN.into(),
             subtype: "Discovery".into(),
-            listen_addresses: listeners.clone(),
+            listen_addresses: everywhere,
             allow_any_host: true,
             hosts: vec![],
             serial_number: None,
@@ -475,7 +548,7 @@ fn get_subsystems(control: &Control, p: &Value) -> Result<Value, RpcError> {
         out.push(SubsystemEntry {
             nqn: s.nqn.clone(),
             subtype: "NVMe".into(),
-            listen_addresses: listeners.clone(),
+            listen_addresses: s.listeners.read().iter().map(ListenEntry::from).collect(),
             allow_any_host: s.allow_any_host.load(Ordering::Relaxed),
             hosts,
             serial_number: Some(s.serial.clone()),

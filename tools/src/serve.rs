@@ -291,6 +291,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         buffer_memory,
         started: std::time::Instant::now(),
     });
+    // The daemon's own subsystems (volumes', startup exports') listen on --nvmf-listen; the
+    // discovery listener serves the whole discovery log.
+    target.default_listeners.write().insert(args.nvmf_listen.into());
+    if let Some(addr) = args.discovery_listen {
+        target.discovery_services.write().insert(addr.into());
+    }
     let plain_exports: Vec<String> = registry.list().iter().map(|e| e.name.clone()).collect();
     if let Some(pool) = &pool {
         crate::volumes::export_all(&control, pool)?;

@@ -500,7 +500,7 @@ impl Conn {
                 cx.stats().record(dev.info().stats_id, OpKind::Read, u64::from(len), 0, true);
             }
             Action::Read { offset, len, .. } => {
-                let tag = self.track(&req, OpKind::Read, charge);
+                let tag = self.track(cx, &req, OpKind::Read, charge);
                 let buf = cx.buf(len as usize);
                 dev.submit(cx, IoCmd::Read { offset, buf }, tag);
             }
@@ -514,16 +514,16 @@ impl Conn {
                 }
             }
             Action::Flush => {
-                let tag = self.track(&req, OpKind::Flush, 0);
+                let tag = self.track(cx, &req, OpKind::Flush, 0);
                 dev.submit(cx, IoCmd::Flush, tag);
             }
             Action::Trim { offset, len, .. } => {
-                let tag = self.track(&req, OpKind::Discard, 0);
+                let tag = self.track(cx, &req, OpKind::Discard, 0);
                 dev.submit(cx, IoCmd::Discard { offset, len: u64::from(len) }, tag);
             }
             Action::WriteZeroes { offset, len, may_unmap, .. } => {
                 // Both backends zero through fallocate or memory, so every zeroing is fast.
-                let tag = self.track(&req, OpKind::WriteZeroes, 0);
+                let tag = self.track(cx, &req, OpKind::WriteZeroes, 0);
                 dev.submit(cx, IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap }, tag);
             }
             Action::Cache => self.reply_simple(req.handle, 0),
@@ -549,7 +549,9 @@ impl Conn {
         }
     }
 
-    fn track(&mut self, req: &Request, kind: OpKind, charged: u64) -> u32 {
+    /// Takes a request in: it counts as in flight on its device until its completion.
+    fn track(&mut self, cx: &mut Cx<'_>, req: &Request, kind: OpKind, charged: u64) -> u32 {
+        cx.stats().submitted(self.stats_id());
         if kind == OpKind::Read {
             self.bytes_inflight += u64::from(req.length);
         }
@@ -565,6 +567,14 @@ impl Conn {
         key as u32
     }
 
+    /// The statistics id of the export being served (`u32::MAX` before there is one).
+    fn stats_id(&self) -> u32 {
+        match &self.phase {
+            Phase::Transmission { dev, .. } => dev.info().stats_id,
+            _ => u32::MAX,
+        }
+    }
+
     fn submit_write(&mut self, cx: &mut Cx<'_>) {
         let Some(pw) = self.payload.take() else {
             return;
@@ -574,7 +584,7 @@ impl Conn {
         assert_eq!(pw.charged, u64::from(pw.req.length), "a whole payload is charged");
         let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
         let dev = dev.clone();
-        let tag = self.track(&pw.req, OpKind::Write, u64::from(pw.req.length));
+        let tag = self.track(cx, &pw.req, OpKind::Write, u64::from(pw.req.length));
         if pw.req.length == 0 {
             cx.recycle(buf);
             cx.complete(tag, 0, Owned::None);
@@ -664,10 +674,8 @@ impl Conn {
             tracing::warn!(peer = %self.peer, export = %self.export_name, offset = req.offset, len = req.len, result, "I/O failed");
         }
         let latency_ns = req.started.elapsed().as_nanos() as u64;
-        let dev = match &self.phase {
-            Phase::Transmission { dev, .. } => dev.info().stats_id,
-            _ => u32::MAX,
-        };
+        let dev = self.stats_id();
+        cx.stats().retired(dev);
         cx.stats().record(dev, req.kind, u64::from(req.len), latency_ns, error == 0);
         let structured = matches!(
             self.phase,

@@ -203,7 +203,9 @@ impl AdminState {
         let numd = ((sqe.cdw11 & 0xffff) << 16 | (sqe.cdw10 >> 16)) as usize + 1;
         let offset = u64::from(sqe.cdw12) | (u64::from(sqe.cdw13) << 32);
         let page = match (lid, self.discovery()) {
-            (LOG_DISCOVERY, true) => identify::discovery_log(target, &self.ctrl.hostnqn),
+            (LOG_DISCOVERY, true) => {
+                identify::discovery_log(target, &self.ctrl.hostnqn, &self.ctrl.via)
+            }
             (LOG_ERROR, _) => vec![0u8; 64],
             (LOG_SMART, false) => identify::smart_log(&self.ctrl),
             (LOG_FIRMWARE, false) => identify::firmware_log(),
@@ -303,19 +305,64 @@ impl AdminState {
 mod tests {
     use super::*;
     use crate::nvme::SqeBuilder;
+    use crate::subsys::ListenAddr;
     use ballast_engine::ram::RamDev;
+
+    fn via() -> ListenAddr {
+        ListenAddr { traddr: "127.0.0.1".into(), port: 4420 }
+    }
 
     fn setup() -> (Target, AdminState) {
         let t = Target::default();
         let s = t.create_subsystem("nqn.2026-11.dev.ballast:t", true).unwrap();
         t.add_namespace(&s.nqn, 0, Arc::new(RamDev::new(1 << 20)), 4096).unwrap();
-        let c = t.new_controller(Some(s), "nqn.host".into(), [0; 16], 5000).unwrap();
+        let c = t.new_controller(Some(s), "nqn.host".into(), [0; 16], 5000, via()).unwrap();
         (t, AdminState::new(c))
     }
 
     fn cmd(opcode: u8, nsid: u32, cdw: [u32; 6]) -> Sqe {
         let b = SqeBuilder { opcode, cid: 1, nsid, cdw, sgl_len: 4096, ..Default::default() };
         Sqe::decode(&b.encode())
+    }
+
+    #[test]
+    fn identify_controller_carries_the_given_serial_and_model() {
+        use crate::subsys::{Identity, SubsysError};
+        let t = Target::default();
+        let sn = "SPDK00000000000001";
+        let mn = "SPDK_Controller1";
+        let identity = Identity { serial: Some(sn.into()), model: Some(mn.into()) };
+        let s = t.create_subsystem_as("nqn.2026-11.dev.ballast:id", true, identity).unwrap();
+        let d = t.create_subsystem("nqn.2026-11.dev.ballast:default", true).unwrap();
+        let identify = |s| {
+            let c = t.new_controller(Some(s), "nqn.host".into(), [0; 16], 5000, via()).unwrap();
+            let mut a = AdminState::new(c);
+            assert_eq!(a.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
+            a.execute(&t, &cmd(admin::IDENTIFY, 0, [1, 0, 0, 0, 0, 0])).data.unwrap()
+        };
+        let id = identify(s);
+        assert_eq!(&id[4..24], format!("{sn:<20}").as_bytes(), "SN, space padded");
+        assert_eq!(&id[24..64], format!("{mn:<40}").as_bytes(), "MN, space padded");
+        let id = identify(d);
+        let serial = std::str::from_utf8(&id[4..24]).unwrap();
+        assert_eq!(serial.trim_end().len(), 16, "the default serial: 16 hex digits of the NQN");
+        assert!(serial.trim_end().bytes().all(|b| b.is_ascii_hexdigit()), "{serial:?}");
+        assert_eq!(&id[24..64], format!("{:<40}", "ballast").as_bytes());
+        // SPDK's limits: SN 20 bytes, MN 40, printable ASCII; nothing is created when refused.
+        let bad = [
+            (Some("x".repeat(21)), None),
+            (Some("tab\there".into()), None),
+            (None, Some("m".repeat(41))),
+            (None, Some("caf\u{e9}".into())),
+        ];
+        for (serial, model) in bad {
+            let nqn = "nqn.2026-11.dev.ballast:bad";
+            let r = t.create_subsystem_as(nqn, true, Identity { serial, model });
+            assert!(matches!(r, Err(SubsysError::BadSerial(_) | SubsysError::BadModel(_))));
+            assert!(t.subsystem(nqn).is_none());
+        }
+        let edge = Identity { serial: Some("s".repeat(20)), model: Some("m".repeat(40)) };
+        assert!(t.create_subsystem_as("nqn.2026-11.dev.ballast:edge", true, edge).is_ok());
     }
 
     #[test]

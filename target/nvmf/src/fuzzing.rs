@@ -13,7 +13,7 @@ use crate::identify::{IDENTIFY_LEN, IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES};
 use crate::nvme::{self, fctype, ConnectData, Sqe, FABRICS_OPCODE, SQE_LEN};
 use crate::pdu::{self, kind, CommonHeader, H2cData, IcReq};
 use crate::queue::MAXH2CDATA;
-use crate::subsys::{Subsystem, Target};
+use crate::subsys::{ListenAddr, Subsystem, Target};
 
 /// Runs decoding under an allocation bound.
 pub trait Meter {
@@ -172,11 +172,18 @@ pub fn icreq_case(input: &[u8], meter: &mut impl Meter) {
     assert_eq!(out[11] & !req.dgst, 0, "ICResp grants a digest the host did not ask for");
 }
 
+/// The listener the fixture's controllers connected through.
+fn fuzz_via() -> ListenAddr {
+    ListenAddr { traddr: "127.0.0.1".into(), port: 4420 }
+}
+
 /// A target with one subsystem (one namespace, any host) for the registry and admin checks.
 fn fixture() -> &'static (Target, Arc<Subsystem>) {
     static FIXTURE: OnceLock<(Target, Arc<Subsystem>)> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let target = Target::default();
+        target.default_listeners.write().insert(fuzz_via());
+        target.listener_bound(fuzz_via());
         let subsys = target.create_subsystem("nqn.2026-11.dev.ballast:fuzz", true).unwrap();
         target.add_namespace(&subsys.nqn, 1, Arc::new(RamDev::new(1 << 20)), 512).unwrap();
         (target, subsys)
@@ -260,7 +267,7 @@ pub fn capsule_case(input: &[u8], meter: &mut impl Meter) {
     }
     let (target, subsys) = fixture();
     let sub = (opts & 4 == 0).then(|| subsys.clone());
-    let Some(ctrl) = target.new_controller(sub, "nqn.host".into(), [0; 16], 0) else {
+    let Some(ctrl) = target.new_controller(sub, "nqn.host".into(), [0; 16], 0, fuzz_via()) else {
         return;
     };
     let cntlid = ctrl.cntlid;

@@ -5,7 +5,9 @@
 use std::sync::atomic::Ordering;
 
 use crate::nvme::{put_ascii, put_str};
-use crate::subsys::{Controller, Namespace, Subsystem, Target, DISCOVERY_NQN};
+use crate::subsys::{
+    Controller, ListenAddr, Namespace, Subsystem, Target, DISCOVERY_NQN, MODEL_DEFAULT,
+};
 
 pub const IDENTIFY_LEN: usize = 4096;
 /// Maximum data transfer: 2^MDTS pages of 4 KiB = 1 MiB; the data path accepts exactly this.
@@ -32,12 +34,12 @@ fn put64(b: &mut [u8], at: usize, v: u64) {
 /// Identify Controller (CNS 01h), for an NVM subsystem or the discovery subsystem.
 pub fn controller(ctrl: &Controller) -> Vec<u8> {
     let mut b = vec![0u8; IDENTIFY_LEN];
-    let (serial, subnqn, discovery) = match &ctrl.subsys {
-        Some(s) => (s.serial.as_str(), s.nqn.as_str(), false),
-        None => ("discovery", DISCOVERY_NQN, true),
+    let (serial, model, subnqn, discovery) = match &ctrl.subsys {
+        Some(s) => (s.serial.as_str(), s.model.as_str(), s.nqn.as_str(), false),
+        None => ("discovery", MODEL_DEFAULT, DISCOVERY_NQN, true),
     };
     put_ascii(&mut b[4..24], serial);
-    put_ascii(&mut b[24..64], "ballast");
+    put_ascii(&mut b[24..64], model);
     put_ascii(&mut b[64..72], FIRMWARE);
     b[72] = 6; // RAB
     b[76] = if discovery { 0 } else { 0x02 }; // CMIC: may have several controllers
@@ -164,31 +166,33 @@ pub fn changed_namespaces_log(ctrl: &Controller, retain: bool) -> Vec<u8> {
     b
 }
 
-/// Discovery log page (log 70h): one entry per (subsystem this host may use, listener).
-pub fn discovery_log(target: &Target, hostnqn: &str) -> Vec<u8> {
-    let listeners = target.listeners.read().clone();
-    let subsystems: Vec<_> =
-        target.subsystems().into_iter().filter(|s| s.host_allowed(hostnqn)).collect();
-    let count = subsystems.len() * listeners.len();
-    let mut b = vec![0u8; 1024 * (1 + count)];
-    put64(&mut b, 0, target.genctr.load(Ordering::Relaxed));
-    put64(&mut b, 8, count as u64);
-    let mut at = 1024;
-    for s in &subsystems {
-        for (port_id, (addr, port)) in listeners.iter().enumerate() {
-            let e = &mut b[at..at + 1024];
-            e[0] = 3; // TRTYPE: TCP
-            e[1] = if addr.contains(':') { 2 } else { 1 }; // ADRFAM
-            e[2] = 2; // SUBTYPE: NVM subsystem
-            e[3] = 0; // TREQ: secure channel not specified
-            put16(e, 4, port_id as u16 + 1);
-            put16(e, 6, 0xffff);
-            put16(e, 8, 32); // ASQSZ
-            put_str(&mut e[32..64], &port.to_string());
-            put_str(&mut e[256..512], &s.nqn);
-            put_str(&mut e[512..768], addr);
-            at += 1024;
+/// Discovery log page (log 70h), as asked through listener `via`, for host `hostnqn`: the
+/// subsystems it may use (its access list) and where. On a discovery service (`--discovery-listen`,
+/// SPDK's default `match_any`): every such subsystem at each of its listeners. On any other
+/// listener (Linux nvmet's per-port view, SPDK's `match_transport_address` filter): only the
+/// subsystems listening on `via`, at `via`.
+pub fn discovery_log(target: &Target, hostnqn: &str, via: &ListenAddr) -> Vec<u8> {
+    let everything = target.discovery_services.read().contains(via);
+    let mut entries: Vec<(String, ListenAddr)> = Vec::new();
+    for s in target.subsystems().into_iter().filter(|s| s.host_allowed(hostnqn)) {
+        for addr in s.listeners.read().iter().filter(|a| everything || *a == via) {
+            entries.push((s.nqn.clone(), addr.clone()));
         }
+    }
+    let mut b = vec![0u8; 1024 * (1 + entries.len())];
+    put64(&mut b, 0, target.genctr.load(Ordering::Relaxed));
+    put64(&mut b, 8, entries.len() as u64);
+    for (e, (nqn, addr)) in b[1024..].chunks_exact_mut(1024).zip(&entries) {
+        e[0] = 3; // TRTYPE: TCP
+        e[1] = if addr.is_ipv6() { 2 } else { 1 }; // ADRFAM
+        e[2] = 2; // SUBTYPE: NVM subsystem
+        e[3] = 0; // TREQ: secure channel not specified
+        put16(e, 4, target.port_id(addr).unwrap_or(0xffff));
+        put16(e, 6, 0xffff); // CNTLID: dynamic
+        put16(e, 8, 32); // ASQSZ
+        put_str(&mut e[32..64], &addr.port.to_string());
+        put_str(&mut e[256..512], nqn);
+        put_str(&mut e[512..768], &addr.traddr);
     }
     b
 }

@@ -19,9 +19,11 @@ pub mod subsys;
 use std::sync::Arc;
 
 use ballast_engine::listener::ConnFactory;
-pub use subsys::{Target, NQN_PREFIX};
+pub use subsys::{ListenAddr, Target, NQN_PREFIX};
 
-/// The factory the engine's listener uses to serve NVMe/TCP on accepted sockets.
-pub fn conn_factory(target: Arc<Target>) -> ConnFactory {
-    Arc::new(move |fd, peer, guard| Box::new(queue::Queue::new(fd, peer, guard, target.clone())))
+/// The factory the engine's listener on `via` uses to serve NVMe/TCP on accepted sockets.
+pub fn conn_factory(target: Arc<Target>, via: ListenAddr) -> ConnFactory {
+    Arc::new(move |fd, peer, guard| {
+        Box::new(queue::Queue::new(fd, peer, guard, target.clone(), via.clone()))
+    })
 }

@@ -39,7 +39,7 @@ use crate::admin::{AdminState, Reply, AEN_NS_CHANGED};
 use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
-use crate::subsys::{Controller, Namespace, Target, DISCOVERY_NQN};
+use crate::subsys::{Controller, ListenAddr, Namespace, Target, DISCOVERY_NQN};
 
 /// Largest receive buffer: room for the largest PDU (an H2CData of `MAXH2CDATA`) and more.
 const RECV_BUF_MAX: usize = 256 * 1024;
@@ -103,9 +103,16 @@ struct Cmd {
     charged: u64,
 }
 
+/// The statistics id of a command's device (`u32::MAX`, counted per core only, for none).
+fn stats_id(ns: Option<&Namespace>) -> u32 {
+    ns.map_or(u32::MAX, |ns| ns.dev.info().stats_id)
+}
+
 pub struct Queue {
     fd: OwnedFd,
     peer: String,
+    /// The listener that accepted it: the subsystems listening there are the ones it may join.
+    via: ListenAddr,
     /// This connection's place under the connection limit, and the limits it lives under.
     guard: ConnGuard,
     /// An H2CData payload arriving straight into its command's buffer (no data digest).
@@ -137,10 +144,17 @@ pub struct Queue {
 }
 
 impl Queue {
-    pub fn new(fd: OwnedFd, peer: String, guard: ConnGuard, target: Arc<Target>) -> Queue {
+    pub fn new(
+        fd: OwnedFd,
+        peer: String,
+        guard: ConnGuard,
+        target: Arc<Target>,
+        via: ListenAddr,
+    ) -> Queue {
         Queue {
             fd,
             peer,
+            via,
             guard,
             progress: Progress::new(),
             direct: None,
@@ -510,7 +524,8 @@ impl Queue {
                     status::CONNECT_INVALID_PARAMETERS,
                 );
             }
-            self.target.new_controller(None, cd.hostnqn.clone(), cd.hostid, kato_ms)
+            let via = self.via.clone();
+            self.target.new_controller(None, cd.hostnqn.clone(), cd.hostid, kato_ms, via)
         } else {
             let Some(subsys) = self.target.subsystem(&cd.subnqn) else {
                 return self.respond(
@@ -520,12 +535,23 @@ impl Queue {
                     status::CONNECT_INVALID_PARAMETERS,
                 );
             };
+            // Not listening here is not being here (Linux nvmet looks subsystems up per port).
+            if !subsys.listens_on(&self.via) {
+                tracing::warn!(peer = %self.peer, via = %self.via, subsystem = %cd.subnqn, "connect refused: the subsystem does not listen on this address");
+                return self.respond(
+                    sqe.cid,
+                    bad_data_field(256),
+                    0,
+                    status::CONNECT_INVALID_PARAMETERS,
+                );
+            }
             if !subsys.host_allowed(&cd.hostnqn) {
                 tracing::warn!(peer = %self.peer, host = %cd.hostnqn, subsystem = %cd.subnqn, "connect refused: host not allowed");
                 return self.respond(sqe.cid, 0, 0, status::CONNECT_INVALID_HOST);
             }
             if qid == 0 {
-                self.target.new_controller(Some(subsys), cd.hostnqn.clone(), cd.hostid, kato_ms)
+                let (host, via) = (cd.hostnqn.clone(), self.via.clone());
+                self.target.new_controller(Some(subsys), host, cd.hostid, kato_ms, via)
             } else {
                 let ctrl = match self.target.controller(cd.cntlid) {
                     Some(c)
@@ -636,7 +662,7 @@ impl Queue {
             io::WRITE_ZEROES => match self.check_io(&sqe) {
                 Ok((ns, offset, len)) => {
                     let may_unmap = sqe.cdw12 & (1 << 25) != 0;
-                    let tag = self.track(sqe, Some(ns.clone()), OpKind::WriteZeroes, 0, 1);
+                    let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::WriteZeroes, 0, 1);
                     ns.dev.submit(
                         cx,
                         IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap },
@@ -650,14 +676,17 @@ impl Queue {
         }
     }
 
+    /// Takes a command in: it counts as in flight on its device until [`Self::untrack`].
     fn track(
         &mut self,
+        cx: &mut Cx<'_>,
         sqe: Sqe,
         ns: Option<Arc<Namespace>>,
         kind: OpKind,
         bytes: u32,
         pending: u32,
     ) -> u32 {
+        cx.stats().submitted(stats_id(ns.as_deref()));
         let key = self.cmds.insert(Cmd {
             sqe,
             ns,
@@ -670,6 +699,13 @@ impl Queue {
             charged: 0,
         });
         key as u32
+    }
+
+    /// Lets a command go, whatever became of it (the one way out of `cmds`).
+    fn untrack(&mut self, cx: &mut Cx<'_>, tag: usize) -> Cmd {
+        let cmd = self.cmds.remove(tag);
+        cx.stats().retired(stats_id(cmd.ns.as_deref()));
+        cmd
     }
 
     fn on_read_write(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
@@ -688,7 +724,7 @@ impl Queue {
             if sqe.sgl_type != nvme::SGL_TRANSPORT_DATA_BLOCK {
                 return self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID);
             }
-            let tag = self.track(sqe, Some(ns.clone()), OpKind::Read, len, 1);
+            let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::Read, len, 1);
             self.cmds[tag as usize].charged = self.take_pdu_charge();
             let buf = cx.buf(len as usize);
             ns.dev.submit(cx, IoCmd::Read { offset, buf }, tag);
@@ -705,13 +741,13 @@ impl Queue {
                 let mut buf = cx.buf_with_capacity(len as usize);
                 buf.extend_from_slice(data);
                 let fua = sqe.fua();
-                let tag = self.track(sqe, Some(ns.clone()), OpKind::Write, len, 1);
+                let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::Write, len, 1);
                 self.cmds[tag as usize].charged = self.take_pdu_charge();
                 ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, tag);
             }
             nvme::SGL_TRANSPORT_DATA_BLOCK => {
                 // No buffer yet: it is charged and allocated when the first H2CData arrives.
-                let tag = self.track(sqe, Some(ns), OpKind::Write, len, 0);
+                let tag = self.track(cx, sqe, Some(ns), OpKind::Write, len, 0);
                 let cmd = &mut self.cmds[tag as usize];
                 cmd.state = CmdState::AwaitData { received: 0 };
                 self.scratch.clear();
@@ -795,7 +831,7 @@ impl Queue {
         }
         if cmd.status != status::SUCCESS {
             let (cid, st) = (cmd.sqe.cid, cmd.status);
-            let cmd = self.cmds.remove(usize::from(ttag));
+            let cmd = self.untrack(cx, usize::from(ttag));
             if let Some(b) = cmd.buf {
                 cx.recycle(b);
             }
@@ -866,7 +902,7 @@ impl Queue {
         if targets.is_empty() {
             return self.respond(sqe.cid, 0, 0, status::SUCCESS);
         }
-        let tag = self.track(sqe, None, OpKind::Flush, 0, targets.len() as u32);
+        let tag = self.track(cx, sqe, None, OpKind::Flush, 0, targets.len() as u32);
         for ns in targets {
             ns.dev.submit(cx, IoCmd::Flush, tag);
         }
@@ -897,7 +933,7 @@ impl Queue {
         if !deallocate || work.is_empty() || ns.dev.info().read_only {
             return self.respond(sqe.cid, 0, 0, status::SUCCESS);
         }
-        let tag = self.track(sqe, Some(ns.clone()), OpKind::Discard, 0, work.len() as u32);
+        let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::Discard, 0, work.len() as u32);
         for (offset, len) in work {
             ns.dev.submit(cx, IoCmd::Discard { offset, len }, tag);
         }
@@ -930,11 +966,10 @@ impl Queue {
             }
             return;
         }
-        let cmd = self.cmds.remove(tag as usize);
+        let cmd = self.untrack(cx, tag as usize);
         let latency_ns = cmd.started.elapsed().as_nanos() as u64;
-        let dev = cmd.ns.as_ref().map_or(u32::MAX, |ns| ns.dev.info().stats_id);
         cx.stats().record(
-            dev,
+            stats_id(cmd.ns.as_deref()),
             cmd.kind,
             u64::from(cmd.bytes),
             latency_ns,
@@ -1095,8 +1130,9 @@ impl Queue {
             && !self.tick_inflight
             && !self.cancel_inflight;
         if quiet && self.cmds.iter().all(|(_, c)| matches!(c.state, CmdState::AwaitData { .. })) {
-            for cmd in self.cmds.drain() {
-                if let Some(buf) = cmd.buf {
+            let tags: Vec<usize> = self.cmds.iter().map(|(tag, _)| tag).collect();
+            for tag in tags {
+                if let Some(buf) = self.untrack(cx, tag).buf {
                     cx.recycle(buf);
                 }
             }

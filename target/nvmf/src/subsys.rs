@@ -1,11 +1,27 @@
-//! Subsystems, namespaces, host access lists and the controller registry, shared by every
-//! queue on every core and by the control plane. Touched on connect, admin commands and
+//! Subsystems, namespaces, host access lists, listeners and the controller registry, shared by
+//! every queue on every core and by the control plane. Touched on connect, admin commands and
 //! control requests only, never per I/O.
 //!
+//! Listeners belong to subsystems, as in SPDK (`nvmf_subsystem_add_listener`) and Linux nvmet
+//! (ports): a host may connect to a subsystem only through an address the subsystem listens
+//! on. The daemon's own subsystems (startup exports, volumes) listen on the default listeners
+//! (`--nvmf-listen`); one made by `nvmf_create_subsystem` listens nowhere until told. The
+//! discovery subsystem answers on every listener; what its log lists depends on where it is
+//! asked (see [`crate::identify::discovery_log`]). Invariants:
+//! - every address in a subsystem's `listeners` is bound (in `Target::listeners`) or is about
+//!   to be by the caller that added it (the control plane binds before it adds);
+//! - a controller is reachable only through the address it connected on (`Controller::via`):
+//!   removing that address from its subsystem ends it.
+//!
 //! Identities (serial, NGUID, EUI-64, UUID) are derived from the subsystem NQN and namespace
-//! id, so they are stable across restarts without storing anything.
+//! id, so they are stable across restarts without storing anything; a subsystem's serial and
+//! model number may be given instead (SPDK's `serial_number`, `model_number`), checked as
+//! Identify Controller needs them: printable ASCII, at most [`SERIAL_MAX`] and [`MODEL_MAX`]
+//! bytes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,6 +33,11 @@ pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
 pub const NQN_PREFIX: &str = "nqn.2026-11.dev.ballast:";
 /// Longest NQN (Base spec: 223 bytes).
 pub const NQN_MAX: usize = 223;
+/// Identify Controller's SN field (bytes 4..24) and MN field (bytes 24..64).
+pub const SERIAL_MAX: usize = 20;
+pub const MODEL_MAX: usize = 40;
+/// The model number when none is given.
+pub const MODEL_DEFAULT: &str = "ballast";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubsysError {
@@ -32,6 +53,78 @@ pub enum SubsysError {
     NoNamespace(u32),
     #[error("block size {0} not supported (512 or 4096)")]
     BlockSize(u32),
+    #[error("subsystem {nqn:?} does not listen on {addr}")]
+    NoListener { nqn: String, addr: ListenAddr },
+    #[error("invalid serial number {0:?}: at most 20 printable ASCII characters")]
+    BadSerial(String),
+    #[error("invalid model number {0:?}: at most 40 printable ASCII characters")]
+    BadModel(String),
+}
+
+/// What Identify Controller may carry in an ASCII field (NVMe Base spec 1.3: 20h to 7Eh).
+fn printable_ascii(s: &str) -> bool {
+    s.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+/// A subsystem's identity as a host sees it in Identify Controller; `None` fields take the
+/// defaults (serial derived from the NQN, model [`MODEL_DEFAULT`]).
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub serial: Option<String>,
+    pub model: Option<String>,
+}
+
+impl Identity {
+    /// The serial and model for `nqn`, checked like SPDK's `spdk_nvmf_subsystem_set_sn/_mn`.
+    fn resolve(self, nqn: &str) -> Result<(String, String), SubsysError> {
+        let serial = match self.serial {
+            Some(sn) if sn.len() > SERIAL_MAX || !printable_ascii(&sn) => {
+                return Err(SubsysError::BadSerial(sn))
+            }
+            Some(sn) => sn,
+            None => format!("{:016x}", fnv(&[nqn.as_bytes()])),
+        };
+        let model = match self.model {
+            Some(mn) if mn.len() > MODEL_MAX || !printable_ascii(&mn) => {
+                return Err(SubsysError::BadModel(mn))
+            }
+            Some(mn) => mn,
+            None => MODEL_DEFAULT.to_string(),
+        };
+        assert!(serial.len() <= SERIAL_MAX);
+        assert!(model.len() <= MODEL_MAX);
+        Ok((serial, model))
+    }
+}
+
+/// A TCP address the target listens on, as hosts and discovery log entries name it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ListenAddr {
+    /// The IP address, as `IpAddr` prints it (no brackets for IPv6).
+    pub traddr: String,
+    pub port: u16,
+}
+
+impl ListenAddr {
+    pub fn is_ipv6(&self) -> bool {
+        self.traddr.contains(':')
+    }
+}
+
+impl From<SocketAddr> for ListenAddr {
+    fn from(a: SocketAddr) -> ListenAddr {
+        ListenAddr { traddr: a.ip().to_string(), port: a.port() }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_ipv6() {
+            write!(f, "[{}]:{}", self.traddr, self.port)
+        } else {
+            write!(f, "{}:{}", self.traddr, self.port)
+        }
+    }
 }
 
 /// A 64-bit FNV-1a hash, for deriving stable identifiers.
@@ -71,9 +164,15 @@ pub struct Subsystem {
     pub allow_any_host: AtomicBool,
     pub hosts: RwLock<BTreeSet<String>>,
     pub namespaces: RwLock<BTreeMap<u32, Arc<Namespace>>>,
+    /// Where hosts may connect to it.
+    pub listeners: RwLock<BTreeSet<ListenAddr>>,
 }
 
 impl Subsystem {
+    pub fn listens_on(&self, addr: &ListenAddr) -> bool {
+        self.listeners.read().contains(addr)
+    }
+
     pub fn host_allowed(&self, hostnqn: &str) -> bool {
         self.allow_any_host.load(Ordering::Relaxed) || self.hosts.read().contains(hostnqn)
     }
@@ -90,6 +189,8 @@ pub struct Controller {
     pub subsys: Option<Arc<Subsystem>>,
     pub hostnqn: String,
     pub hostid: [u8; 16],
+    /// The listener its admin queue connected through.
+    pub via: ListenAddr,
     pub kato_ms: AtomicU32,
     /// Milliseconds since `Target::epoch` of the last command on the admin queue.
     pub last_seen_ms: AtomicU64,
@@ -117,8 +218,13 @@ pub struct Target {
     next_cntlid: AtomicU32,
     /// Discovery log generation counter: bumped on every change a host could see.
     pub genctr: AtomicU64,
-    /// Where we listen, for discovery log entries: (address, port).
-    pub listeners: RwLock<Vec<(String, u16)>>,
+    /// Every address bound, in the order bound (a listener's port id is its index + 1).
+    pub listeners: RwLock<Vec<ListenAddr>>,
+    /// The listeners whose discovery log lists every subsystem at all its listeners (a
+    /// dedicated discovery service, `--discovery-listen`), not only those listening there.
+    pub discovery_services: RwLock<BTreeSet<ListenAddr>>,
+    /// Where the daemon's own subsystems listen ([`Target::create_subsystem`]).
+    pub default_listeners: RwLock<BTreeSet<ListenAddr>>,
 }
 
 impl Default for Target {
@@ -130,6 +236,8 @@ impl Default for Target {
             next_cntlid: AtomicU32::new(1),
             genctr: AtomicU64::new(1),
             listeners: RwLock::default(),
+            discovery_services: RwLock::default(),
+            default_listeners: RwLock::default(),
         }
     }
 }
@@ -139,10 +247,25 @@ impl Target {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// The daemon's own subsystem (a startup export's, a volume's): the default identity,
+    /// listening on the default listeners.
     pub fn create_subsystem(
         &self,
         nqn: &str,
         allow_any_host: bool,
+    ) -> Result<Arc<Subsystem>, SubsysError> {
+        let subsys = self.create_subsystem_as(nqn, allow_any_host, Identity::default())?;
+        subsys.listeners.write().extend(self.default_listeners.read().iter().cloned());
+        Ok(subsys)
+    }
+
+    /// A subsystem as SPDK's `nvmf_create_subsystem` makes one: its Identify Controller says
+    /// `identity` (checked before anything changes), and it listens nowhere yet.
+    pub fn create_subsystem_as(
+        &self,
+        nqn: &str,
+        allow_any_host: bool,
+        identity: Identity,
     ) -> Result<Arc<Subsystem>, SubsysError> {
         if !nqn.starts_with("nqn.") || nqn.len() > NQN_MAX || nqn == DISCOVERY_NQN {
             return Err(SubsysError::BadNqn(nqn.into()));
@@ -151,14 +274,15 @@ impl Target {
         if map.contains_key(nqn) {
             return Err(SubsysError::Exists(nqn.into()));
         }
-        let serial = format!("{:016x}", fnv(&[nqn.as_bytes()]))[..16].to_string();
+        let (serial, model) = identity.resolve(nqn)?;
         let subsys = Arc::new(Subsystem {
             nqn: nqn.into(),
             serial,
-            model: "ballast".into(),
+            model,
             allow_any_host: AtomicBool::new(allow_any_host),
             hosts: RwLock::default(),
             namespaces: RwLock::default(),
+            listeners: RwLock::default(),
         });
         map.insert(nqn.into(), subsys.clone());
         self.genctr.fetch_add(1, Ordering::Relaxed);
@@ -171,6 +295,51 @@ impl Target {
             if c.subsys.as_ref().is_some_and(|s| s.nqn == nqn) {
                 c.dead.store(true, Ordering::Relaxed);
             }
+        }
+        self.genctr.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Records a bound listener (once); returns its port id.
+    pub fn listener_bound(&self, addr: ListenAddr) -> u16 {
+        let mut all = self.listeners.write();
+        let index = match all.iter().position(|a| *a == addr) {
+            Some(i) => i,
+            None => {
+                all.push(addr);
+                self.genctr.fetch_add(1, Ordering::Relaxed);
+                all.len() - 1
+            }
+        };
+        u16::try_from(index + 1).unwrap_or(u16::MAX)
+    }
+
+    /// The port id of a bound listener (its place among them, from 1).
+    pub fn port_id(&self, addr: &ListenAddr) -> Option<u16> {
+        let index = self.listeners.read().iter().position(|a| a == addr)?;
+        u16::try_from(index + 1).ok()
+    }
+
+    /// Lets hosts reach subsystem `nqn` through `addr` (bound by the caller); `false` if it
+    /// already listened there.
+    pub fn add_listener(&self, nqn: &str, addr: ListenAddr) -> Result<bool, SubsysError> {
+        let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
+        let added = subsys.listeners.write().insert(addr);
+        if added {
+            self.genctr.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(added)
+    }
+
+    /// Stops subsystem `nqn` listening on `addr`; its controllers connected there end (the
+    /// socket stays bound: other subsystems may listen on it, and discovery answers there).
+    pub fn remove_listener(&self, nqn: &str, addr: &ListenAddr) -> Result<(), SubsysError> {
+        let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
+        if !subsys.listeners.write().remove(addr) {
+            return Err(SubsysError::NoListener { nqn: nqn.into(), addr: addr.clone() });
+        }
+        for c in self.controllers_of(nqn).iter().filter(|c| c.via == *addr) {
+            c.dead.store(true, Ordering::Relaxed);
         }
         self.genctr.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -246,6 +415,7 @@ impl Target {
         hostnqn: String,
         hostid: [u8; 16],
         kato_ms: u32,
+        via: ListenAddr,
     ) -> Option<Arc<Controller>> {
         let mut map = self.controllers.lock();
         for _ in 0..0xffef {
@@ -258,6 +428,7 @@ impl Target {
                 subsys,
                 hostnqn,
                 hostid,
+                via,
                 kato_ms: AtomicU32::new(kato_ms),
                 last_seen_ms: AtomicU64::new(self.now_ms()),
                 dead: AtomicBool::new(false),

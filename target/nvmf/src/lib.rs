@@ -13,7 +13,9 @@ pub mod fuzzing;
 pub mod identify;
 pub mod nvme;
 pub mod pdu;
+pub mod psk;
 pub mod queue;
+pub mod secret;
 pub mod subsys;
 
 use std::sync::Arc;

@@ -5,15 +5,20 @@
 //! - [`admin`] and [`identify`]: the admin command set and the data it returns (pure);
 //! - [`subsys`]: subsystems, namespaces, allowed hosts, the controller registry;
 //! - [`queue`]: the task on an engine core that owns one queue pair's socket;
+//! - [`psk`], [`auth`] and [`secret`]: NVMe/TCP TLS PSKs and DH-HMAC-CHAP in-band
+//!   authentication (pure codecs, key derivations and the per-queue state machine);
 //! - [`fuzzing`]: the decoders' properties under arbitrary bytes (fuzz targets and proptests).
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod fuzzing;
 pub mod identify;
 pub mod nvme;
 pub mod pdu;
+pub mod psk;
 pub mod queue;
+pub mod secret;
 pub mod subsys;
 
 use std::sync::Arc;

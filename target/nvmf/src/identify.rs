@@ -186,13 +186,15 @@ pub fn discovery_log(target: &Target, hostnqn: &str, via: &ListenAddr) -> Vec<u8
         e[0] = 3; // TRTYPE: TCP
         e[1] = if addr.is_ipv6() { 2 } else { 1 }; // ADRFAM
         e[2] = 2; // SUBTYPE: NVM subsystem
-        e[3] = 0; // TREQ: secure channel not specified
+        let secure = target.secure_channel(addr);
+        e[3] = secure.treq(); // TREQ: secure channel
         put16(e, 4, target.port_id(addr).unwrap_or(0xffff));
         put16(e, 6, 0xffff); // CNTLID: dynamic
         put16(e, 8, 32); // ASQSZ
         put_str(&mut e[32..64], &addr.port.to_string());
         put_str(&mut e[256..512], nqn);
         put_str(&mut e[512..768], &addr.traddr);
+        e[768] = secure.sectype(); // TSAS (TCP): security type
     }
     b
 }

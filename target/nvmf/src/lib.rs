@@ -7,6 +7,7 @@
 //! - [`queue`]: the task on an engine core that owns one queue pair's socket;
 //! - [`psk`], [`auth`] and [`secret`]: NVMe/TCP TLS PSKs and DH-HMAC-CHAP in-band
 //!   authentication (pure codecs, key derivations and the per-queue state machine);
+//! - [`tls`]: the secure channel: keys per host and subsystem, listener requirements;
 //! - [`fuzzing`]: the decoders' properties under arbitrary bytes (fuzz targets and proptests).
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod psk;
 pub mod queue;
 pub mod secret;
 pub mod subsys;
+pub mod tls;
 
 use std::sync::Arc;
 

@@ -19,7 +19,12 @@
 //! - ICReq and Connect must arrive within the handshake deadline; a queue that owes progress
 //!   (H2CData for an R2T, reading its responses) and makes none for the stall deadline is
 //!   dropped;
-//! - the task is done only with nothing in flight (receive, poll, send, device I/O, timer).
+//! - the task is done only with nothing in flight (receive, poll, send, device I/O, timer);
+//! - the secure channel (`tls`): the first byte a host sends decides — a TLS handshake record
+//!   starts TLS (where the listener offers it), anything else is plaintext (where the listener
+//!   allows it); under TLS every byte after is TLS (`TlsLink`), payloads are never received
+//!   directly, and Connect must name the host and subsystem the TLS identity named; a host
+//!   with a key for a subsystem reaches it only that way.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -32,6 +37,7 @@ use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{Cx, IoBuf, IoCmd, Owned, Task};
+use ballast_tls::{Pump, TlsLink, TlsSession};
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
@@ -40,6 +46,7 @@ use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
 use crate::subsys::{Controller, ListenAddr, Namespace, Target, DISCOVERY_NQN};
+use crate::tls::{identity_names, SecureChannel, TLS_HANDSHAKE_RECORD};
 
 /// Largest receive buffer: room for the largest PDU (an H2CData of `MAXH2CDATA`) and more.
 const RECV_BUF_MAX: usize = 256 * 1024;
@@ -53,6 +60,7 @@ const TAG_TICK: u32 = u32::MAX - 2;
 const TAG_CANCEL: u32 = u32::MAX - 3;
 const TAG_POLL: u32 = u32::MAX - 4;
 const TAG_DIRECT: u32 = u32::MAX - 5;
+const TAG_TLS_RECV: u32 = u32::MAX - 6;
 /// H2CData payloads at least this long are received straight into their command's buffer
 /// once their header is in (no copy out of the receive buffer, no receive buffer that big).
 const DIRECT_MIN: usize = 16 * 1024;
@@ -141,6 +149,12 @@ pub struct Queue {
     cancel_inflight: bool,
     read_closed: bool,
     done: bool,
+    /// The first byte arrived and chose TLS or plaintext.
+    transport_chosen: bool,
+    /// The TLS layer, when the host chose TLS.
+    tls: Option<Box<TlsLink>>,
+    /// The host and subsystem the TLS identity named, once the handshake proved the key.
+    tls_names: Option<(String, String)>,
 }
 
 impl Queue {
@@ -178,6 +192,9 @@ impl Queue {
             cancel_inflight: false,
             read_closed: false,
             done: false,
+            transport_chosen: false,
+            tls: None,
+            tls_names: None,
         }
     }
 
@@ -188,7 +205,96 @@ impl Queue {
 
     /// Back-pressure: a host that does not read its responses stops being read.
     fn saturated(&self) -> bool {
-        self.out.unsent() >= UNSENT_MAX
+        self.unsent() >= UNSENT_MAX
+    }
+
+    /// Response bytes queued for the socket, encrypted or not, sent or not.
+    fn unsent(&self) -> u64 {
+        self.out.unsent() + self.tls.as_ref().map_or(0, |t| t.unsent())
+    }
+
+    fn send_inflight(&self) -> bool {
+        self.out.inflight() || self.tls.as_ref().is_some_and(|t| t.send_inflight())
+    }
+
+    fn send_broken(&self) -> bool {
+        self.out.broken() || self.tls.as_ref().is_some_and(|t| t.broken())
+    }
+
+    fn tls_recv_inflight(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.recv_inflight())
+    }
+
+    /// The first bytes of a connection decide its transport: a TLS handshake record starts
+    /// TLS where the listener offers it, anything else is plaintext where it allows that.
+    /// Returns false if the connection ends here.
+    fn choose_transport(&mut self, cx: &mut Cx<'_>, buf: &mut IoBuf) -> bool {
+        let Some(&first) = buf.as_slice().first() else { return true };
+        self.transport_chosen = true;
+        let secure = self.target.secure_channel(&self.via);
+        if first != TLS_HANDSHAKE_RECORD {
+            if secure == SecureChannel::Required {
+                tracing::warn!(peer = %self.peer, via = %self.via, "plaintext connection refused: this listener requires TLS");
+                self.read_closed = true;
+                return false;
+            }
+            return true;
+        }
+        if secure == SecureChannel::None {
+            tracing::warn!(peer = %self.peer, via = %self.via, "TLS connection refused: this listener has no secure channel");
+            self.read_closed = true;
+            return false;
+        }
+        match TlsSession::accept(self.target.tls.server()) {
+            Ok(session) => {
+                let early = buf.as_slice().to_vec();
+                buf.consume_front(buf.len());
+                self.tls = Some(Box::new(TlsLink::start(cx, session, &mut self.out, &early)));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, error = %e, "cannot start TLS");
+                self.read_closed = true;
+                false
+            }
+        }
+    }
+
+    /// Decrypts what the session can into the receive buffer and parses it, until it needs
+    /// more ciphertext, the buffer is full or memory is short.
+    fn pump_tls(&mut self, cx: &mut Cx<'_>) {
+        while !self.read_closed && !self.mem.waiting() && !self.saturated() {
+            let Some(tls) = self.tls.as_mut() else { return };
+            let pump = tls.pump(cx, &mut self.recv, self.mem.held());
+            if let Some(identity) = tls.opened() {
+                let name = identity.name().unwrap_or_default().to_string();
+                tracing::info!(peer = %self.peer, tls = %tls.describe(), identity = %name, "NVMe/TCP TLS established");
+                self.tls_names = identity_names(&name);
+            }
+            match pump {
+                Pump::Data => self.parse(cx),
+                Pump::Idle => return,
+                Pump::WaitingForMemory => {
+                    self.mem.wait();
+                    return;
+                }
+                Pump::Closed => self.close_read(),
+                Pump::Failed(e) => {
+                    tracing::info!(peer = %self.peer, error = %e, "NVMe/TCP TLS failed; closing");
+                    self.close_read();
+                }
+            }
+        }
+    }
+
+    /// Whether the connection's transport lets `hostnqn` reach `subnqn`: through TLS, the
+    /// identity must have named exactly them (discovery: the host); without TLS, the host
+    /// must have no key for the subsystem.
+    fn secure_enough(&self, hostnqn: &str, subnqn: &str) -> bool {
+        match &self.tls_names {
+            Some((host, sub)) => host == hostnqn && (sub == subnqn || subnqn == DISCOVERY_NQN),
+            None => !self.target.tls.has_key(hostnqn, subnqn),
+        }
     }
 
     /// Largest PDU we accept: a capsule with full in-capsule data, or an H2CData PDU.
@@ -262,6 +368,10 @@ impl Queue {
             return;
         }
         let Some(mut buf) = self.recv.take() else { return };
+        if !self.transport_chosen && self.tls.is_none() && !self.choose_transport(cx, &mut buf) {
+            self.recv.put_back(buf);
+            return;
+        }
         let mut used = 0;
         while !self.read_closed && !self.saturated() && !self.mem.waiting() {
             let input = &buf.as_slice()[used..];
@@ -280,6 +390,7 @@ impl Queue {
             if input.len() < plen {
                 if ch.kind == kind::H2C_DATA
                     && !self.ddgst
+                    && self.tls.is_none()
                     && data_len >= DIRECT_MIN
                     && input.len() >= data_start
                     && self.phase == Phase::Ready
@@ -514,6 +625,10 @@ impl Queue {
         };
         if sqsize == 0 || sqsize >= QUEUE_ENTRIES_MAX {
             return self.respond(sqe.cid, bad_sqe_field(44), 0, status::CONNECT_INVALID_PARAMETERS);
+        }
+        if !self.secure_enough(&cd.hostnqn, &cd.subnqn) {
+            tracing::warn!(peer = %self.peer, host = %cd.hostnqn, subsystem = %cd.subnqn, tls = ?self.tls_names, "connect refused: the secure channel does not match (a host with a key must use TLS with it)");
+            return self.respond(sqe.cid, 0, 0, status::CONNECT_INVALID_HOST);
         }
         let ctrl = if cd.subnqn == DISCOVERY_NQN {
             if qid != 0 {
@@ -991,7 +1106,7 @@ impl Queue {
         }
         match (cmd.kind, owned) {
             (OpKind::Read, Owned::Buf(data))
-                if cmd.status == status::SUCCESS && !self.out.broken() =>
+                if cmd.status == status::SUCCESS && !self.send_broken() =>
             {
                 self.respond_with_data(cx, cmd.sqe.cid, data, 0);
                 // The data's memory stays charged until it is sent.
@@ -1002,7 +1117,7 @@ impl Queue {
                     cx.recycle(b);
                 }
                 self.mem.release(cx, cmd.charged);
-                if !self.out.broken() {
+                if !self.send_broken() {
                     self.respond(cmd.sqe.cid, 0, 0, cmd.status);
                 }
             }
@@ -1029,7 +1144,7 @@ impl Queue {
     /// we cannot send. (Not while we wait for memory: then we are the ones not reading.)
     fn owes_progress(&self) -> bool {
         !self.mem.waiting()
-            && ((self.out.inflight() && self.out.unsent() > 0)
+            && ((self.send_inflight() && self.unsent() > 0)
                 || self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::AwaitData { .. })))
     }
 
@@ -1081,7 +1196,7 @@ impl Queue {
 
     fn close_read(&mut self) {
         self.read_closed = true;
-        if self.recv.inflight() || self.direct_inflight() {
+        if self.recv.inflight() || self.direct_inflight() || self.tls_recv_inflight() {
             let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Read);
         }
     }
@@ -1090,13 +1205,18 @@ impl Queue {
         if result > 0 {
             self.progress.moved();
         }
-        if let Err(errno) = self.out.on_complete(cx, result, owned) {
+        let wire = match self.tls.as_mut() {
+            Some(tls) => tls.wire(),
+            None => &mut self.out,
+        };
+        if let Err(errno) = wire.on_complete(cx, result, owned) {
             tracing::debug!(peer = %self.peer, errno, "send failed");
             // Nothing more can be answered: stop reading too, so the queue ends.
             self.close_read();
         }
         // Read data that left (or never will) gives its memory back.
-        self.mem.sent(cx, self.out.unsent());
+        let unsent = self.unsent();
+        self.mem.sent(cx, unsent);
     }
 
     fn direct_inflight(&self) -> bool {
@@ -1104,8 +1224,24 @@ impl Queue {
     }
 
     fn post_io(&mut self, cx: &mut Cx<'_>) {
-        self.out.start(cx, self.fd.as_raw_fd(), TAG_SEND);
-        if self.read_closed || self.out.broken() || self.saturated() || self.mem.waiting() {
+        if self.tls.is_some() {
+            self.pump_tls(cx);
+        }
+        let fd = self.fd.as_raw_fd();
+        match self.tls.as_mut() {
+            None => self.out.start(cx, fd, TAG_SEND),
+            Some(tls) => {
+                if let Err(e) = tls.send(cx, &mut self.out, fd, TAG_SEND) {
+                    tracing::info!(peer = %self.peer, error = %e, "NVMe/TCP TLS failed; closing");
+                    self.read_closed = true;
+                }
+            }
+        }
+        if self.read_closed || self.send_broken() || self.saturated() || self.mem.waiting() {
+            return;
+        }
+        if let Some(tls) = self.tls.as_mut() {
+            tls.post_recv(cx, fd, TAG_TLS_RECV);
             return;
         }
         if self.direct.is_some() {
@@ -1126,7 +1262,8 @@ impl Queue {
         }
         let quiet = !self.recv.inflight()
             && !self.direct_inflight()
-            && !self.out.inflight()
+            && !self.tls_recv_inflight()
+            && !self.send_inflight()
             && !self.tick_inflight
             && !self.cancel_inflight;
         if quiet && self.cmds.iter().all(|(_, c)| matches!(c.state, CmdState::AwaitData { .. })) {
@@ -1137,6 +1274,9 @@ impl Queue {
                 }
             }
             self.recv.release(cx);
+            if let Some(tls) = self.tls.as_mut() {
+                tls.release(cx);
+            }
             self.mem.release_all(cx);
             self.done = true;
             cx.stats().connections_open -= 1;
@@ -1187,6 +1327,15 @@ impl Task for Queue {
                 }
             }
             TAG_DIRECT => self.on_direct(cx, result, owned),
+            TAG_TLS_RECV => {
+                let buf = owned.into_buf().expect("TLS receive completion without its buffer");
+                let tls = self.tls.as_mut().expect("TLS receive without TLS");
+                if tls.on_recv(result, buf) {
+                    self.progress.moved();
+                } else {
+                    self.read_closed = true;
+                }
+            }
             TAG_TICK => self.on_tick(cx),
             TAG_CANCEL => self.cancel_inflight = false,
             _ => self.on_io_done(cx, tag, result, owned),
@@ -1195,11 +1344,11 @@ impl Task for Queue {
 
     fn flush(&mut self, cx: &mut Cx<'_>) {
         self.post_io(cx);
-        let output_done = self.out.drained();
+        let output_done = self.out.drained() && self.tls.as_ref().is_none_or(|t| t.drained());
         let executing =
             self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::Executing { .. }));
         if self.read_closed && !executing && output_done && !self.done {
-            if self.recv.inflight() {
+            if self.recv.inflight() || self.tls_recv_inflight() {
                 self.close_read();
             }
             self.finish(cx);

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::tls::{NvmfTls, SecureChannel};
 use ballast_engine::BlockDev;
 use parking_lot::{Mutex, RwLock};
 
@@ -225,6 +226,10 @@ pub struct Target {
     pub discovery_services: RwLock<BTreeSet<ListenAddr>>,
     /// Where the daemon's own subsystems listen ([`Target::create_subsystem`]).
     pub default_listeners: RwLock<BTreeSet<ListenAddr>>,
+    /// TLS keys per host and subsystem, and the TLS server that uses them.
+    pub tls: NvmfTls,
+    /// What each listener asks of hosts (absent: plaintext only).
+    secure: RwLock<BTreeMap<ListenAddr, SecureChannel>>,
 }
 
 impl Default for Target {
@@ -238,11 +243,24 @@ impl Default for Target {
             listeners: RwLock::default(),
             discovery_services: RwLock::default(),
             default_listeners: RwLock::default(),
+            tls: NvmfTls::new(),
+            secure: RwLock::default(),
         }
     }
 }
 
 impl Target {
+    /// What listener `addr` asks of hosts.
+    pub fn secure_channel(&self, addr: &ListenAddr) -> SecureChannel {
+        self.secure.read().get(addr).copied().unwrap_or_default()
+    }
+
+    /// Sets what listener `addr` asks of hosts (the discovery log shows it).
+    pub fn set_secure_channel(&self, addr: ListenAddr, secure: SecureChannel) {
+        self.secure.write().insert(addr, secure);
+        self.genctr.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }

@@ -21,7 +21,7 @@ use openssl::ssl::{
     SslVerifyMode, SslVersion,
 };
 
-use crate::psk_file::{PskFileError, PskTable};
+use crate::psk_file::{Key, PskFileError, PskTable};
 
 /// TLS 1.2 cipher suites offered (1.3's are OpenSSL's defaults, all AEAD): forward-secret
 /// AEAD with certificates, and the PSK suites, (EC)DHE first.
@@ -177,6 +177,51 @@ impl TlsServer {
             return Err(TlsConfigError::NoCredentials);
         }
         Ok(TlsServer { ctx: b.build(), psk_identity, summary: summary.join(", ").into() })
+    }
+
+    /// A TLS 1.3-only server whose pre-shared keys come from `resolve` (identity → key; none
+    /// refuses the identity): NVMe/TCP's secure channel, where keys are derived per host and
+    /// subsystem from the identity the host offers. PSK with (EC)DHE, no certificates.
+    pub fn with_psk_resolver(
+        resolve: impl Fn(&str) -> Option<Key> + Send + Sync + 'static,
+    ) -> Result<TlsServer, TlsConfigError> {
+        let open = |e: openssl::error::ErrorStack| TlsConfigError::OpenSsl {
+            what: "context",
+            path: String::new(),
+            reason: e.to_string(),
+        };
+        let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(open)?;
+        b.set_min_proto_version(Some(SslVersion::TLS1_3)).map_err(open)?;
+        b.set_options(
+            SslOptions::NO_TICKET
+                | SslOptions::NO_COMPRESSION
+                | SslOptions::CIPHER_SERVER_PREFERENCE,
+        );
+        b.set_num_tickets(0).map_err(open)?;
+        b.set_session_cache_mode(SslSessionCacheMode::OFF);
+        b.set_ciphersuites(TLS13_SUITES).map_err(open)?;
+        let psk_identity = Ssl::new_ex_index::<String>().map_err(open)?;
+        b.set_psk_server_callback(move |ssl, identity, out| {
+            let Some(name) = identity.and_then(|i| std::str::from_utf8(i).ok()) else {
+                return Ok(0);
+            };
+            let Some(key) = resolve(name) else {
+                tracing::info!(identity = name, "TLS-PSK: no key for this identity");
+                return Ok(0);
+            };
+            let key = key.bytes();
+            if key.is_empty() || key.len() > out.len() {
+                return Ok(0);
+            }
+            out[..key.len()].copy_from_slice(key);
+            ssl.set_ex_data(psk_identity, name.to_string());
+            Ok(key.len())
+        });
+        Ok(TlsServer {
+            ctx: b.build(),
+            psk_identity,
+            summary: "TLS 1.3 PSK (resolved per identity)".into(),
+        })
     }
 
     /// What this server authenticates with, for logs (no secrets).

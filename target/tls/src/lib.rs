@@ -14,5 +14,5 @@ pub mod session;
 
 pub use config::{Identity, ServerConfig, TlsConfigError, TlsServer};
 pub use link::{Pump, TlsLink};
-pub use psk_file::{PskFileError, PskTable};
+pub use psk_file::{Key, PskFileError, PskTable};
 pub use session::{ReadOutcome, TlsError, TlsSession};

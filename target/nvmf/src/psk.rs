@@ -99,13 +99,6 @@ impl CipherHash {
             CipherHash::Sha384 => "SHA-384",
         }
     }
-    fn from_id(id: u8) -> Option<Self> {
-        match id {
-            1 => Some(CipherHash::Sha256),
-            2 => Some(CipherHash::Sha384),
-            _ => None,
-        }
-    }
 }
 
 /// Which HKDF-Expand-Label encoding (see the module header).
@@ -459,11 +452,6 @@ pub fn psk_for_identity(
         return Ok((encoding, psk));
     }
     Err(PskError::DigestMismatch)
-}
-
-/// `CipherHash` for an identity hash id (01/02), for callers holding the number.
-pub fn cipher_hash(id: u8) -> Option<CipherHash> {
-    CipherHash::from_id(id)
 }
 
 #[cfg(test)]

@@ -68,10 +68,13 @@ pub enum NvmfCommand {
         #[command(flatten)]
         out: Out,
     },
-    /// Allow a host NQN.
+    /// Allow a host NQN (with --psk: only over TLS with that key).
     AddHost {
         nqn: String,
         host: String,
+        /// The keyring name of the host's TLS PSK (`ballast rpc keyring_file_add_key`).
+        #[arg(long)]
+        psk: Option<String>,
         #[command(flatten)]
         out: Out,
     },
@@ -187,16 +190,16 @@ pub fn run(cmd: NvmfCommand) -> anyhow::Result<()> {
                 format!("added {bdev} to {nqn} as namespace {nsid}")
             })
         }
-        NvmfCommand::AddHost { nqn, host, out } => {
+        NvmfCommand::AddHost { nqn, host, psk, out } => {
             let nqn = full_nqn(&nqn);
-            let params = Host { nqn: nqn.clone(), host: host.clone(), tgt_name: None };
+            let params = Host { nqn: nqn.clone(), host: host.clone(), psk, ..Default::default() };
             act(&out, "nvmf_subsystem_add_host", &params, |_: &bool| {
                 format!("allowed {host} on {nqn}")
             })
         }
         NvmfCommand::RemoveHost { nqn, host, out } => {
             let nqn = full_nqn(&nqn);
-            let params = Host { nqn: nqn.clone(), host: host.clone(), tgt_name: None };
+            let params = Host { nqn: nqn.clone(), host: host.clone(), ..Default::default() };
             act(&out, "nvmf_subsystem_remove_host", &params, |_: &bool| {
                 format!("disallowed {host} on {nqn}")
             })

@@ -31,6 +31,8 @@ pub struct Control {
     pub buffer_memory: u64,
     /// When the daemon started serving (`bdev_get_iostat`'s `ticks`).
     pub started: Instant,
+    /// Named secrets (TLS PSKs) added through `keyring_file_add_key`.
+    pub keyring: crate::keyring::Keyring,
 }
 
 /// One control method: its name and its handler, in the module that owns it.

@@ -4,6 +4,7 @@ mod args;
 mod cli_nvmf;
 mod client;
 mod control;
+mod keyring;
 mod listeners;
 mod locate;
 mod lvstore;

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 use ballast_nvmf::subsys::{Identity, ListenAddr, SubsysError, DISCOVERY_NQN};
+use ballast_nvmf::tls::SecureChannel;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -137,6 +138,13 @@ pub struct Host {
     pub nqn: String,
     pub host: String,
     pub tgt_name: Option<String>,
+    /// The keyring name of the host's TLS PSK (interchange format `NVMeTLSkey-1:xx:...:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psk: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhchap_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhchap_ctrlr_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -152,9 +160,35 @@ struct AllowAnyHost {
 pub struct AddListener {
     pub nqn: String,
     pub listen_address: ListenAddress,
+    /// SPDK's `true` (TLS required on this listener), or ballast's "none" | "optional" |
+    /// "required".
     #[serde(default)]
-    pub secure_channel: bool,
+    pub secure_channel: SecureChannelParam,
     pub tgt_name: Option<String>,
+}
+
+/// `secure_channel` of `nvmf_subsystem_add_listener`: SPDK's flag or a named mode.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum SecureChannelParam {
+    Flag(bool),
+    Mode(SecureChannel),
+}
+
+impl Default for SecureChannelParam {
+    fn default() -> Self {
+        SecureChannelParam::Flag(false)
+    }
+}
+
+impl SecureChannelParam {
+    fn mode(self) -> SecureChannel {
+        match self {
+            SecureChannelParam::Flag(true) => SecureChannel::Required,
+            SecureChannelParam::Flag(false) => SecureChannel::None,
+            SecureChannelParam::Mode(m) => m,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -307,11 +341,30 @@ fn remove_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
 fn host(control: &Control, p: &Value, add: bool) -> Result<Value, RpcError> {
     let h: Host = params(p, G)?;
     check_target(h.tgt_name.as_deref())?;
+    unsupported("dhchap_key", h.dhchap_key.is_some())?;
+    unsupported("dhchap_ctrlr_key", h.dhchap_ctrlr_key.is_some())?;
     let subsys = control.target.subsystem(&h.nqn).ok_or_else(|| not_found(&h.nqn))?;
+    let psk = match (&h.psk, add) {
+        (Some(name), true) => {
+            let text = control.keyring.text(name).ok_or_else(|| {
+                invalid_parameters(format!("no key named {name:?} in the keyring"))
+            })?;
+            let key = ballast_nvmf::psk::TlsKey::parse(&text)
+                .map_err(|e| invalid_parameters(format!("key {name:?}: {e}")))?;
+            Some(key)
+        }
+        (Some(_), false) => return Err(invalid_parameters("psk is only for adding a host")),
+        (None, _) => None,
+    };
     if add {
         subsys.hosts.write().insert(h.host.clone());
+        if psk.is_some() {
+            tracing::info!(host = h.host, nqn = h.nqn, key = ?h.psk, "host added with a TLS PSK");
+        }
+        control.target.tls.set_key(&h.host, &h.nqn, psk);
     } else {
         subsys.hosts.write().remove(&h.host);
+        control.target.tls.set_key(&h.host, &h.nqn, None);
     }
     control.target.genctr.fetch_add(1, Ordering::Relaxed);
     crate::volumes::persist_hosts(control, &h.nqn);
@@ -351,7 +404,6 @@ fn listen_addr(la: &ListenAddress) -> Result<SocketAddr, RpcError> {
 /// subsystem, as `--discovery-listen`'s does).
 fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
     check_target(l.tgt_name.as_deref())?;
-    unsupported("secure_channel", l.secure_channel)?;
     let target = &control.target;
     let discovery = l.nqn == DISCOVERY_NQN;
     if !discovery && target.subsystem(&l.nqn).is_none() {
@@ -370,7 +422,11 @@ fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
     } else {
         target.add_listener(&l.nqn, via).map_err(subsys_err)?;
     }
-    tracing::info!(nqn = l.nqn, %addr, new = !bound, "listener added");
+    let secure = l.secure_channel.mode();
+    if secure != SecureChannel::None {
+        target.set_secure_channel(ListenAddr::from(addr), secure);
+    }
+    tracing::info!(nqn = l.nqn, %addr, new = !bound, ?secure, "listener added");
     Ok(json!(true))
 }
 

@@ -44,6 +44,12 @@ pub struct ServeArgs {
     /// NVMe/TCP listen address (I/O and discovery controllers).
     #[arg(long, default_value = "127.0.0.1:4420")]
     nvmf_listen: SocketAddr,
+    /// What the --nvmf-listen and --discovery-listen listeners ask of hosts: none (plaintext),
+    /// optional (TLS 1.3 or plaintext, as each host chooses) or required (TLS 1.3 only).
+    /// Hosts get TLS keys through keyring_file_add_key and nvmf_subsystem_add_host --psk; a
+    /// host with a key reaches its subsystem only over TLS with it, whatever this says.
+    #[arg(long, value_enum, default_value = "none")]
+    nvmf_secure_channel: SecureChannelArg,
     /// Extra NVMe/TCP listen address for discovery (conventionally port 8009).
     #[arg(long)]
     discovery_listen: Option<SocketAddr>,
@@ -123,6 +129,24 @@ pub struct ServeArgs {
     /// NBD over TLS (--nbd-tls, its credentials and allow-lists).
     #[command(flatten)]
     nbd_tls: crate::nbd_tls::NbdTlsArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SecureChannelArg {
+    None,
+    Optional,
+    Required,
+}
+
+impl From<SecureChannelArg> for ballast_nvmf::tls::SecureChannel {
+    fn from(a: SecureChannelArg) -> Self {
+        use ballast_nvmf::tls::SecureChannel as S;
+        match a {
+            SecureChannelArg::None => S::None,
+            SecureChannelArg::Optional => S::Optional,
+            SecureChannelArg::Required => S::Required,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -290,6 +314,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         admission: admission.clone(),
         buffer_memory,
         started: std::time::Instant::now(),
+        keyring: crate::keyring::Keyring::default(),
     });
     // The daemon's own subsystems (volumes', startup exports') listen on --nvmf-listen; the
     // discovery listener serves the whole discovery log.
@@ -314,6 +339,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     nvmf_addrs.extend(args.discovery_listen);
     for addr in nvmf_addrs {
         start_nvmf_listener(&handles, &target, &admission, addr)?;
+        if args.nvmf_secure_channel != SecureChannelArg::None {
+            let via = ballast_nvmf::ListenAddr::from(addr);
+            target.set_secure_channel(via, args.nvmf_secure_channel.into());
+        }
     }
 
     let listener = bind_retrying(args.nbd_listen)

@@ -17,11 +17,12 @@
 //!   hash, "nvme-tls-psk", context, len(key)), where the context is the whole identity for
 //!   version 0 and `"%02d %s" (cipher, digest)` for version 1.
 //!
-//! Two encodings of HKDF-Expand-Label exist in the field ([`Encoding`]): RFC 8446's HkdfLabel
-//! (libnvme since its `_compat` split, and so nvme-cli 2.11 and later by default), and the
-//! older libnvme one (`derive_retained_key_compat` / `derive_tls_key_compat`: a little-endian
-//! length, no length prefixes on label and context), still produced by `nvme gen-tls-key
-//! --compat` and by hosts with older libnvme.
+//! Two encodings of HKDF-Expand-Label exist in the field ([`Encoding`]): RFC 8446's HkdfLabel,
+//! and libnvme's own (a little-endian length, no length prefixes on label and context). The
+//! Linux host as Debian trixie ships it (nvme-cli 2.13, libnvme 1.13) derives with libnvme's
+//! own: the version 1 digest `nvme check-tls-key --identity=1` printed matches
+//! [`Encoding::LibnvmeCompat`] (tls.rs keeps that test), and a kernel host connected with the
+//! version 0 PSK it gives.
 //!
 //! Invariants:
 //! - key material lives only in [`SecretBytes`] (zeroized, redacted); errors name fields, never

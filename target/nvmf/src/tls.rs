@@ -124,7 +124,11 @@ fn resolve(keys: &KeyMap, identity: &str) -> Option<Key> {
         }
         None => return None,
     };
-    match psk_for_identity(&key, &id, &[Encoding::Rfc8446, Encoding::LibnvmeCompat]) {
+    // libnvme's own encoding first: it is what nvme-cli 2.13 / libnvme 1.13 (Debian trixie)
+    // derive, checked against a real host (the NVMe1 digest `nvme check-tls-key --identity=1`
+    // prints matches `LibnvmeCompat`); a version 0 identity carries no digest to tell them
+    // apart, so the first is the one used.
+    match psk_for_identity(&key, &id, &[Encoding::LibnvmeCompat, Encoding::Rfc8446]) {
         Ok((_, psk)) => Some(Key::new(psk.expose().to_vec())),
         Err(e) => {
             tracing::info!(identity, error = %e, "TLS-PSK: the identity does not fit the key");
@@ -146,6 +150,24 @@ mod tests {
     const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6";
     const SUB: &str = "nqn.2026-11.dev.ballast:vol0";
 
+    /// What a real host computed: `nvme check-tls-key --identity=1` (nvme-cli 2.13, libnvme
+    /// 1.13, Debian trixie) for this key, host and subsystem printed this identity.
+    #[test]
+    fn the_digest_a_real_host_printed() {
+        let key =
+            TlsKey::parse("NVMeTLSkey-1:01:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh+KfiaR:")
+                .unwrap();
+        let host = "nqn.2014-08.org.nvmexpress:uuid:6f1c3c52-0b1e-4c52-9d1c-7e1d1a3d0001";
+        let d = derive(&key, host, "nqn.2026-11.dev.ballast:vol0", 1, Encoding::LibnvmeCompat);
+        assert_eq!(
+            d.unwrap().identity.to_string(),
+            format!(
+                "NVMe1R01 {host} nqn.2026-11.dev.ballast:vol0 \
+                 TUZH9u8DmxnxPmBdIoQNmIYr43Xu/+TBHhM7TZQWdqA="
+            )
+        );
+    }
+
     #[test]
     fn resolves_the_psk_the_host_derives_and_nothing_else() {
         let key =
@@ -154,7 +176,7 @@ mod tests {
         let tls = NvmfTls::new();
         tls.set_key(HOST, SUB, Some(key.clone()));
         for version in [0, 1] {
-            let host_side = derive(&key, HOST, SUB, version, Encoding::Rfc8446).unwrap();
+            let host_side = derive(&key, HOST, SUB, version, Encoding::LibnvmeCompat).unwrap();
             let id = host_side.identity.to_string();
             let got = resolve(&tls.keys.read(), &id).expect("resolved");
             assert_eq!(got.bytes(), host_side.psk.expose(), "version {version}");
@@ -163,7 +185,7 @@ mod tests {
         let other =
             derive(&key, HOST, "nqn.2026-11.dev.ballast:other", 0, Encoding::Rfc8446).unwrap();
         assert!(resolve(&tls.keys.read(), &other.identity.to_string()).is_none());
-        let disc = derive(&key, HOST, DISCOVERY_NQN, 0, Encoding::Rfc8446).unwrap();
+        let disc = derive(&key, HOST, DISCOVERY_NQN, 0, Encoding::LibnvmeCompat).unwrap();
         assert_eq!(
             resolve(&tls.keys.read(), &disc.identity.to_string()).unwrap().bytes(),
             disc.psk.expose()

@@ -1,6 +1,7 @@
 //! The keyring: named secrets read from files, referenced by name elsewhere (a host's TLS PSK
-//! in `nvmf_subsystem_add_host --psk NAME`). SPDK's method names and shapes:
-//! `keyring_file_add_key`, `keyring_file_remove_key`, `keyring_get_keys`.
+//! in `nvmf_subsystem_add_host --psk NAME`). A leaf: its methods (SPDK's
+//! `keyring_file_add_key`, `keyring_file_remove_key`, `keyring_get_keys`) are in
+//! `rpc_keyring`.
 //!
 //! Invariants:
 //! - a key file must be given by an absolute path and be readable by its owner only (mode
@@ -13,12 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use parking_lot::RwLock;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use zeroize::Zeroizing;
-
-use crate::control::{Control, Method};
-use crate::rpc_error::{invalid_parameters, params, DecodeStyle, RpcError, EEXIST, ENODEV};
 
 /// Keys one daemon holds at most.
 pub const KEYS_MAX: usize = 4096;
@@ -28,6 +24,33 @@ const KEY_FILE_MAX: u64 = 4096;
 struct KeyFile {
     path: PathBuf,
     text: Zeroizing<String>,
+}
+
+/// Why a key was not added (no key text in any of them).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("key name: 1 to 256 bytes")]
+    BadName,
+    #[error("Non-absolute paths are not allowed: {0}")]
+    RelativePath(String),
+    #[error("key file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("Invalid permissions for key file '{path}': 0{mode:o} (chmod 600)")]
+    Permissions { path: String, mode: u32 },
+    #[error("key file {0}: not a regular file of at most 4096 bytes")]
+    NotAKeyFile(String),
+    #[error("File exists")]
+    Exists,
+    #[error("the keyring holds {KEYS_MAX} keys already")]
+    Full,
+    #[error("No such device")]
+    NoKey,
+}
+
+/// One key as listed: its name and file, never its text.
+pub struct KeyInfo {
+    pub name: String,
+    pub path: String,
 }
 
 #[derive(Default)]
@@ -40,102 +63,81 @@ impl Keyring {
     pub fn text(&self, name: &str) -> Option<Zeroizing<String>> {
         self.keys.read().get(name).map(|k| k.text.clone())
     }
+
+    /// Reads key file `path` (absolute, owner-only) as key `name`.
+    pub fn add(&self, name: &str, path: PathBuf) -> Result<(), KeyringError> {
+        if name.is_empty() || name.len() > 256 {
+            return Err(KeyringError::BadName);
+        }
+        let shown = path.display().to_string();
+        if !path.is_absolute() {
+            return Err(KeyringError::RelativePath(shown));
+        }
+        let read_err = |source| KeyringError::Read { path: shown.clone(), source };
+        let meta = std::fs::metadata(&path).map_err(read_err)?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyringError::Permissions { path: shown, mode });
+        }
+        if !meta.is_file() || meta.len() > KEY_FILE_MAX {
+            return Err(KeyringError::NotAKeyFile(shown));
+        }
+        let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(read_err)?);
+        let text = Zeroizing::new(text.trim().to_string());
+        let mut keys = self.keys.write();
+        if keys.contains_key(name) {
+            return Err(KeyringError::Exists);
+        }
+        if keys.len() >= KEYS_MAX {
+            return Err(KeyringError::Full);
+        }
+        tracing::info!(name, path = %path.display(), "key added to the keyring");
+        keys.insert(name.to_string(), KeyFile { path, text });
+        Ok(())
+    }
+
+    pub fn remove(&self, name: &str) -> Result<(), KeyringError> {
+        self.keys.write().remove(name).ok_or(KeyringError::NoKey)?;
+        tracing::info!(name, "key removed from the keyring");
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<KeyInfo> {
+        let keys = self.keys.read();
+        keys.iter()
+            .map(|(name, k)| KeyInfo { name: name.clone(), path: k.path.display().to_string() })
+            .collect()
+    }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddKey {
-    name: String,
-    path: PathBuf,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RemoveKey {
-    name: String,
-}
-
-/// One key of `keyring_get_keys` (SPDK's fields; never the key).
-#[derive(Serialize)]
-struct KeyEntry {
-    name: String,
-    removed: bool,
-    probed: bool,
-    refcnt: u32,
-    path: String,
-    module: &'static str,
-}
-
-pub const METHODS: &[Method] = &[
-    Method { name: "keyring_file_add_key", call: add_key },
-    Method { name: "keyring_file_remove_key", call: remove_key },
-    Method { name: "keyring_get_keys", call: get_keys },
-];
-
-fn add_key(control: &Control, p: &Value) -> Result<Value, RpcError> {
-    let a: AddKey = params(p, DecodeStyle::Generic)?;
-    if a.name.is_empty() || a.name.len() > 256 {
-        return Err(invalid_parameters("key name: 1 to 256 bytes"));
+    #[test]
+    fn adds_owner_only_files_by_absolute_path_and_never_shows_the_text() {
+        let dir = std::env::temp_dir().join(format!("ballast-keyring-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k0");
+        std::fs::write(&path, "NVMeTLSkey-1:01:secretsecret:\n").unwrap();
+        let ring = Keyring::default();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = ring.add("k0", path.clone()).unwrap_err().to_string();
+        assert!(e.contains("Invalid permissions") && !e.contains("secret"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(ring.add("k0", "k0".into()), Err(KeyringError::RelativePath(_))));
+        ring.add("k0", path.clone()).unwrap();
+        assert!(matches!(ring.add("k0", path.clone()), Err(KeyringError::Exists)));
+        assert_eq!(ring.text("k0").unwrap().as_str(), "NVMeTLSkey-1:01:secretsecret:");
+        let listed = ring.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].name.as_str(), listed[0].path.as_str()),
+            ("k0", path.to_str().unwrap())
+        );
+        ring.remove("k0").unwrap();
+        assert!(matches!(ring.remove("k0"), Err(KeyringError::NoKey)));
+        assert!(ring.text("k0").is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
-    if !a.path.is_absolute() {
-        return Err(invalid_parameters(format!(
-            "Non-absolute paths are not allowed: {}",
-            a.path.display()
-        )));
-    }
-    let meta = std::fs::metadata(&a.path)
-        .map_err(|e| invalid_parameters(format!("key file {}: {e}", a.path.display())))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(invalid_parameters(format!(
-            "Invalid permissions for key file '{}': 0{mode:o} (chmod 600)",
-            a.path.display()
-        )));
-    }
-    if !meta.is_file() || meta.len() > KEY_FILE_MAX {
-        return Err(invalid_parameters(format!(
-            "key file {}: not a regular file of at most {KEY_FILE_MAX} bytes",
-            a.path.display()
-        )));
-    }
-    let text = Zeroizing::new(
-        std::fs::read_to_string(&a.path)
-            .map_err(|e| invalid_parameters(format!("key file {}: {e}", a.path.display())))?,
-    );
-    let text = Zeroizing::new(text.trim().to_string());
-    let mut keys = control.keyring.keys.write();
-    if keys.contains_key(&a.name) {
-        return Err(RpcError::new(EEXIST, "File exists"));
-    }
-    if keys.len() >= KEYS_MAX {
-        return Err(invalid_parameters(format!("the keyring holds {KEYS_MAX} keys already")));
-    }
-    tracing::info!(name = a.name, path = %a.path.display(), "key added to the keyring");
-    keys.insert(a.name, KeyFile { path: a.path, text });
-    Ok(json!(true))
-}
-
-fn remove_key(control: &Control, p: &Value) -> Result<Value, RpcError> {
-    let r: RemoveKey = params(p, DecodeStyle::Generic)?;
-    if control.keyring.keys.write().remove(&r.name).is_none() {
-        return Err(RpcError::new(ENODEV, "No such device"));
-    }
-    tracing::info!(name = r.name, "key removed from the keyring");
-    Ok(json!(true))
-}
-
-fn get_keys(control: &Control, _: &Value) -> Result<Value, RpcError> {
-    let keys = control.keyring.keys.read();
-    let out: Vec<KeyEntry> = keys
-        .iter()
-        .map(|(name, k)| KeyEntry {
-            name: name.clone(),
-            removed: false,
-            probed: true,
-            refcnt: 1,
-            path: k.path.display().to_string(),
-            module: "keyring_file",
-        })
-        .collect();
-    Ok(json!(out))
 }

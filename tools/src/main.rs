@@ -19,6 +19,7 @@ mod rpc;
 mod rpc_bdev;
 mod rpc_error;
 mod rpc_export;
+mod rpc_keyring;
 mod rpc_nvmf;
 mod serve;
 mod volumes;

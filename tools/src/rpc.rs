@@ -119,7 +119,7 @@ const TABLES: &[&[Method]] = &[
     crate::rpc_export::METHODS,
     crate::rpc_nvmf::METHODS,
     crate::volumes::METHODS,
-    crate::keyring::METHODS,
+    crate::rpc_keyring::METHODS,
 ];
 
 fn method(name: &str) -> Option<&'static Method> {

@@ -68,13 +68,26 @@ pub enum NvmfCommand {
         #[command(flatten)]
         out: Out,
     },
-    /// Allow a host NQN (with --psk: only over TLS with that key).
+    /// Allow a host NQN (with --psk: only over TLS with that key; with --dhchap-key: only
+    /// after DH-HMAC-CHAP in-band authentication).
     AddHost {
         nqn: String,
         host: String,
         /// The keyring name of the host's TLS PSK (`ballast rpc keyring_file_add_key`).
         #[arg(long)]
         psk: Option<String>,
+        /// The keyring name of the host's DH-HMAC-CHAP secret (`DHHC-1:xx:...:`).
+        #[arg(long)]
+        dhchap_key: Option<String>,
+        /// The keyring name of the controller's secret (bidirectional authentication).
+        #[arg(long, requires = "dhchap_key")]
+        dhchap_ctrlr_key: Option<String>,
+        /// Hashes this host may use, preferred first (sha256,sha384,sha512).
+        #[arg(long, value_delimiter = ',', requires = "dhchap_key")]
+        dhchap_digests: Option<Vec<String>>,
+        /// DH groups this host may use, preferred first (null,ffdhe2048,...,ffdhe8192).
+        #[arg(long, value_delimiter = ',', requires = "dhchap_key")]
+        dhchap_dhgroups: Option<Vec<String>>,
         #[command(flatten)]
         out: Out,
     },
@@ -190,9 +203,27 @@ pub fn run(cmd: NvmfCommand) -> anyhow::Result<()> {
                 format!("added {bdev} to {nqn} as namespace {nsid}")
             })
         }
-        NvmfCommand::AddHost { nqn, host, psk, out } => {
+        NvmfCommand::AddHost {
+            nqn,
+            host,
+            psk,
+            dhchap_key,
+            dhchap_ctrlr_key,
+            dhchap_digests,
+            dhchap_dhgroups,
+            out,
+        } => {
             let nqn = full_nqn(&nqn);
-            let params = Host { nqn: nqn.clone(), host: host.clone(), psk, ..Default::default() };
+            let params = Host {
+                nqn: nqn.clone(),
+                host: host.clone(),
+                psk,
+                dhchap_key,
+                dhchap_ctrlr_key,
+                dhchap_digests,
+                dhchap_dhgroups,
+                tgt_name: None,
+            };
             act(&out, "nvmf_subsystem_add_host", &params, |_: &bool| {
                 format!("allowed {host} on {nqn}")
             })

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
+use ballast_nvmf::auth::keys::{dh_group_by_name, hash_by_name};
+use ballast_nvmf::auth::{AuthConfig, DhGroup, DhchapSecret, HashId};
 use ballast_nvmf::subsys::{Identity, ListenAddr, SubsysError, DISCOVERY_NQN};
 use ballast_nvmf::tls::SecureChannel;
 use serde::{Deserialize, Serialize};
@@ -141,10 +143,20 @@ pub struct Host {
     /// The keyring name of the host's TLS PSK (interchange format `NVMeTLSkey-1:xx:...:`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub psk: Option<String>,
+    /// The keyring name of the host's DH-HMAC-CHAP secret (`DHHC-1:xx:...:`): the host must
+    /// authenticate in-band on every queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhchap_key: Option<String>,
+    /// The keyring name of the controller's secret (bidirectional authentication).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhchap_ctrlr_key: Option<String>,
+    /// ballast's extension, with the names SPDK's `nvmf_set_config` uses target-wide: the
+    /// hashes (`sha256`, `sha384`, `sha512`) this host may use, preferred first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhchap_digests: Option<Vec<String>>,
+    /// Likewise the DH groups (`null`, `ffdhe2048` … `ffdhe8192`), preferred first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhchap_dhgroups: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -341,8 +353,7 @@ fn remove_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
 fn host(control: &Control, p: &Value, add: bool) -> Result<Value, RpcError> {
     let h: Host = params(p, G)?;
     check_target(h.tgt_name.as_deref())?;
-    unsupported("dhchap_key", h.dhchap_key.is_some())?;
-    unsupported("dhchap_ctrlr_key", h.dhchap_ctrlr_key.is_some())?;
+    let auth = if add { dhchap_config(control, &h)? } else { None };
     let subsys = control.target.subsystem(&h.nqn).ok_or_else(|| not_found(&h.nqn))?;
     let psk = match (&h.psk, add) {
         (Some(name), true) => {
@@ -362,13 +373,68 @@ fn host(control: &Control, p: &Value, add: bool) -> Result<Value, RpcError> {
             tracing::info!(host = h.host, nqn = h.nqn, key = ?h.psk, "host added with a TLS PSK");
         }
         control.target.tls.set_key(&h.host, &h.nqn, psk);
+        if auth.is_some() {
+            tracing::info!(host = h.host, nqn = h.nqn, key = ?h.dhchap_key, ctrlr_key = ?h.dhchap_ctrlr_key, "host added with DH-HMAC-CHAP");
+        }
+        control.target.auth.set(&h.host, &h.nqn, auth);
     } else {
         subsys.hosts.write().remove(&h.host);
         control.target.tls.set_key(&h.host, &h.nqn, None);
+        control.target.auth.set(&h.host, &h.nqn, None);
     }
     control.target.genctr.fetch_add(1, Ordering::Relaxed);
     crate::volumes::persist_hosts(control, &h.nqn);
     Ok(json!(true))
+}
+
+/// A DH-HMAC-CHAP secret from the keyring, by name (errors name the key, never its bytes).
+fn dhchap_secret(control: &Control, name: &str) -> Result<DhchapSecret, RpcError> {
+    let text = control
+        .keyring
+        .text(name)
+        .ok_or_else(|| invalid_parameters(format!("no key named {name:?} in the keyring")))?;
+    DhchapSecret::parse(&text).map_err(|e| invalid_parameters(format!("key {name:?}: {e}")))
+}
+
+/// The DH-HMAC-CHAP configuration `nvmf_subsystem_add_host` asks for, if any.
+fn dhchap_config(control: &Control, h: &Host) -> Result<Option<AuthConfig>, RpcError> {
+    let Some(host_key) = &h.dhchap_key else {
+        let extra = h.dhchap_ctrlr_key.is_some()
+            || h.dhchap_digests.is_some()
+            || h.dhchap_dhgroups.is_some();
+        if extra {
+            return Err(invalid_parameters(
+                "dhchap_ctrlr_key, dhchap_digests and dhchap_dhgroups need dhchap_key",
+            ));
+        }
+        return Ok(None);
+    };
+    let host_secret = dhchap_secret(control, host_key)?;
+    let ctrl_secret =
+        h.dhchap_ctrlr_key.as_deref().map(|n| dhchap_secret(control, n)).transpose()?;
+    let config = AuthConfig::new(&h.host, &h.nqn, &host_secret, ctrl_secret.as_ref());
+    if h.dhchap_digests.is_none() && h.dhchap_dhgroups.is_none() {
+        return Ok(Some(config));
+    }
+    let names = |list: &Option<Vec<String>>, all: Vec<&'static str>| -> Vec<String> {
+        match list {
+            Some(list) => list.clone(),
+            None => all.into_iter().rev().map(String::from).collect(),
+        }
+    };
+    let digests = names(&h.dhchap_digests, HashId::ALL.iter().map(|h| h.name()).collect());
+    let groups = names(&h.dhchap_dhgroups, DhGroup::ALL.iter().map(|g| g.name()).collect());
+    let hashes = digests
+        .iter()
+        .map(|n| hash_by_name(n).ok_or_else(|| invalid_parameters(format!("unknown digest {n:?}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dh_groups = groups
+        .iter()
+        .map(|n| {
+            dh_group_by_name(n).ok_or_else(|| invalid_parameters(format!("unknown DH group {n:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    config.with_preferences(&hashes, &dh_groups).map(Some).map_err(invalid_parameters)
 }
 
 fn allow_any_host(control: &Control, p: &Value) -> Result<Value, RpcError> {

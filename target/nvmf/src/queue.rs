@@ -24,7 +24,12 @@
 //!   starts TLS (where the listener offers it), anything else is plaintext (where the listener
 //!   allows it); under TLS every byte after is TLS (`TlsLink`), payloads are never received
 //!   directly, and Connect must name the host and subsystem the TLS identity named; a host
-//!   with a key for a subsystem reaches it only that way.
+//!   with a key for a subsystem reaches it only that way;
+//! - in-band authentication (`auth`): a queue whose host has a DH-HMAC-CHAP configuration for
+//!   its subsystem gets ATR in its Connect response and, until its own handshake succeeded,
+//!   answers every command but Authentication Send/Receive, Property Get and Disconnect with
+//!   Authentication Required; the handshake deadline covers it too (each queue authenticates
+//!   on its own, as the kernel host does).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -42,6 +47,12 @@ use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
 use crate::admin::{AdminState, Reply, AEN_NS_CHANGED};
+use crate::auth::command::{
+    self as auth_command, AuthCommand, AUTH_REQUIRED, CONNECT_AUTHREQ_ATR, FCTYPE_AUTH_RECEIVE,
+    FCTYPE_AUTH_SEND,
+};
+use crate::auth::machine::{Action, Event};
+use crate::auth::{OsEntropy, QueueAuth};
 use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
@@ -155,6 +166,8 @@ pub struct Queue {
     tls: Option<Box<TlsLink>>,
     /// The host and subsystem the TLS identity named, once the handshake proved the key.
     tls_names: Option<(String, String)>,
+    /// DH-HMAC-CHAP for this queue, when its host must authenticate to its subsystem.
+    auth: Option<Box<QueueAuth>>,
 }
 
 impl Queue {
@@ -195,7 +208,13 @@ impl Queue {
             transport_chosen: false,
             tls: None,
             tls_names: None,
+            auth: None,
         }
+    }
+
+    /// Whether the queue must still authenticate before it may do anything else.
+    fn auth_pending(&self) -> bool {
+        self.auth.as_ref().is_some_and(|a| !a.is_authenticated())
     }
 
     /// Queues the PDU bytes built in `scratch`.
@@ -573,6 +592,10 @@ impl Queue {
             self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
             return;
         }
+        if self.auth_pending() {
+            self.respond(sqe.cid, 0, 0, AUTH_REQUIRED);
+            return;
+        }
         if self.qid == 0 {
             self.on_admin(cx, &sqe);
         } else {
@@ -585,6 +608,10 @@ impl Queue {
             (fctype::CONNECT, Phase::AwaitConnect) => self.on_connect(cx, sqe, data),
             (fctype::CONNECT, _) => self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE),
             (_, Phase::AwaitConnect) => self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE),
+            (FCTYPE_AUTH_SEND | FCTYPE_AUTH_RECEIVE, _) => self.on_auth(cx, sqe, data),
+            (fctype::PROPERTY_SET, _) if self.auth_pending() => {
+                self.respond(sqe.cid, 0, 0, AUTH_REQUIRED)
+            }
             (fctype::PROPERTY_GET, _) => {
                 let Some(admin) = self.admin.as_ref() else {
                     return self.respond(sqe.cid, 0, 0, status::INVALID_FIELD);
@@ -696,6 +723,11 @@ impl Queue {
         let Some(ctrl) = ctrl else {
             return self.respond(sqe.cid, 0, 0, status::CONNECT_CONTROLLER_BUSY);
         };
+        let auth = match cd.subnqn.as_str() {
+            DISCOVERY_NQN => None,
+            subnqn => self.target.auth.get(&cd.hostnqn, subnqn),
+        };
+        self.auth = auth.map(|config| Box::new(QueueAuth::new(config, Box::new(OsEntropy))));
         self.qid = qid;
         self.sq_entries = sqsize + 1;
         self.sqflow_disabled = cattr & 0x04 != 0;
@@ -710,18 +742,74 @@ impl Queue {
             cntlid = ctrl.cntlid,
             qid,
             core = cx.core(),
+            authenticate = self.auth.is_some(),
             "NVMe/TCP queue connected"
         );
         let cntlid = ctrl.cntlid;
         self.ctrl = Some(ctrl);
-        self.respond(sqe.cid, u32::from(cntlid), 0, status::SUCCESS);
+        let atr = if self.auth.is_some() { CONNECT_AUTHREQ_ATR } else { 0 };
+        self.respond(sqe.cid, u32::from(cntlid) | atr, 0, status::SUCCESS);
+        if !self.auth_pending() {
+            self.restart_tick(cx);
+        }
+    }
+
+    /// Re-arms the tick for the phase the queue is now in: the handshake-deadline timer may be
+    /// seconds away, so it is cut short and the keep-alive ticks start now (the cancelled
+    /// timer's completion re-arms).
+    fn restart_tick(&mut self, cx: &mut Cx<'_>) {
         if self.tick_inflight && !self.cancel_inflight {
-            // The handshake-deadline timer may be seconds away: cut it short, so the
-            // keep-alive ticks start now (the cancelled timer's completion re-arms).
             self.cancel_inflight = true;
             cx.cancel(TAG_TICK, TAG_CANCEL);
         }
         self.arm_tick(cx);
+    }
+
+    /// Fabrics Authentication Send / Receive: the payloads go through the queue's
+    /// DH-HMAC-CHAP state machine (`auth::machine`), which answers protocol errors itself
+    /// (a Failure1 on the next Receive); only malformed commands get an error status here.
+    fn on_auth(&mut self, cx: &mut Cx<'_>, sqe: &Sqe, data: &[u8]) {
+        let command = match auth_command::parse(sqe, data.len()) {
+            Ok(command) => command,
+            Err(refused) => {
+                tracing::debug!(peer = %self.peer, qid = self.qid, error = %refused, "authentication command refused");
+                return self.respond(sqe.cid, 0, 0, refused.status);
+            }
+        };
+        let Some(auth) = self.auth.as_mut() else {
+            // Nothing to authenticate: ATR was not set (nvmet: no host key).
+            return self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
+        };
+        let was_authenticated = auth.is_authenticated();
+        let action = match command {
+            AuthCommand::Send { .. } => auth.on_event(Event::Send(data)),
+            AuthCommand::Receive { allocation_len } => {
+                auth.on_event(Event::Receive { allocation_len: allocation_len as usize })
+            }
+        };
+        let (authenticated, negotiated) = (auth.is_authenticated(), auth.negotiated());
+        let failure = auth.failure();
+        let receive = matches!(command, AuthCommand::Receive { .. });
+        match action {
+            Action::Accepted => self.respond(sqe.cid, 0, 0, status::SUCCESS),
+            Action::Data(bytes) => {
+                let mut buf = IoBuf::with_capacity(bytes.len().max(1));
+                buf.extend_from_slice(&bytes);
+                self.respond_with_data(cx, sqe.cid, buf, 0);
+            }
+            Action::AllocationTooSmall { needed } => {
+                tracing::debug!(peer = %self.peer, qid = self.qid, needed, "AUTH_Receive allocation too small");
+                self.respond(sqe.cid, 0, 0, status::INVALID_FIELD);
+            }
+        }
+        let host = self.ctrl.as_ref().map(|c| c.hostnqn.clone()).unwrap_or_default();
+        if authenticated && !was_authenticated {
+            let (hash, group) = negotiated.map_or(("?", "?"), |(h, g)| (h.name(), g.name()));
+            tracing::info!(peer = %self.peer, host = %host, qid = self.qid, hash, dhgroup = group, "DH-HMAC-CHAP: queue authenticated");
+            self.restart_tick(cx);
+        } else if let (Some(reason), true) = (failure, receive) {
+            tracing::warn!(peer = %self.peer, host = %host, qid = self.qid, ?reason, "DH-HMAC-CHAP: authentication failed");
+        }
     }
 
     fn on_admin(&mut self, cx: &mut Cx<'_>, sqe: &Sqe) {
@@ -1129,8 +1217,8 @@ impl Queue {
             return;
         }
         self.tick_inflight = true;
-        let after = if self.phase != Phase::Ready {
-            // Before Connect: one wake-up, at the handshake deadline.
+        let after = if self.phase != Phase::Ready || self.auth_pending() {
+            // Before Connect and authentication: one wake-up, at the handshake deadline.
             self.progress.handshake_left(self.guard.limits(), Instant::now())
         } else if self.qid == 0 {
             ADMIN_TICK.min(self.guard.limits().tick())
@@ -1161,9 +1249,10 @@ impl Queue {
             return;
         }
         let now = Instant::now();
-        if self.phase != Phase::Ready && self.progress.handshake_expired(self.guard.limits(), now) {
+        let handshaking = self.phase != Phase::Ready || self.auth_pending();
+        if handshaking && self.progress.handshake_expired(self.guard.limits(), now) {
             self.guard.handshake_timed_out();
-            self.abort("ICReq and Connect not done within the handshake deadline");
+            self.abort("ICReq, Connect and authentication not done within the handshake deadline");
             return;
         }
         if self.owes_progress() && self.progress.stalled(self.guard.limits(), now) {

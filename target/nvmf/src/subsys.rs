@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::auth::keys::AuthKeys;
 use crate::tls::{NvmfTls, SecureChannel};
 use ballast_engine::BlockDev;
 use parking_lot::{Mutex, RwLock};
@@ -228,6 +229,8 @@ pub struct Target {
     pub default_listeners: RwLock<BTreeSet<ListenAddr>>,
     /// TLS keys per host and subsystem, and the TLS server that uses them.
     pub tls: NvmfTls,
+    /// DH-HMAC-CHAP configuration per host and subsystem.
+    pub auth: AuthKeys,
     /// What each listener asks of hosts (absent: plaintext only).
     secure: RwLock<BTreeMap<ListenAddr, SecureChannel>>,
 }
@@ -244,6 +247,7 @@ impl Default for Target {
             discovery_services: RwLock::default(),
             default_listeners: RwLock::default(),
             tls: NvmfTls::new(),
+            auth: AuthKeys::default(),
             secure: RwLock::default(),
         }
     }
@@ -309,6 +313,7 @@ impl Target {
 
     pub fn delete_subsystem(&self, nqn: &str) -> Result<(), SubsysError> {
         self.subsystems.write().remove(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
+        self.auth.remove_subsystem(nqn);
         for c in self.controllers.lock().values() {
             if c.subsys.as_ref().is_some_and(|s| s.nqn == nqn) {
                 c.dead.store(true, Ordering::Relaxed);

@@ -6,7 +6,9 @@
 //! - [`secret`]: `DHHC-1:xx:<base64>:` secrets and the kernel's key transform;
 //! - [`dh`]: the RFC 7919 FFDHE groups (OpenSSL's constant-time modular exponentiation);
 //! - [`chap`]: the HMAC computations (responses, augmented challenges);
-//! - [`machine`]: the per-queue state machine.
+//! - [`machine`]: the per-queue state machine;
+//! - [`command`]: the AUTH_Send / AUTH_Receive SQEs as the queue checks them;
+//! - [`keys`]: the configuration per (host, subsystem).
 //!
 //! Byte layouts, labels and the order of HMAC inputs follow the Linux kernel, the host ballast
 //! must interoperate with: include/linux/nvme.h (`struct nvmf_auth_dhchap_*`),
@@ -17,8 +19,10 @@
 
 pub mod chap;
 pub mod codec;
+pub mod command;
 pub mod dh;
 pub mod fuzzing;
+pub mod keys;
 pub mod machine;
 pub mod secret;
 

@@ -66,11 +66,11 @@ assert shared == pow(int.from_bytes(host_pub, "big"), x, p).to_bytes(256, "big")
 r1 = host_response(2, kh, augmented(2, shared, c1), s1, tid)
 c2 = bytes((0x29 * i + 1) & 0xff for i in range(48)); s2 = 0x01020304
 r2 = ctrl_response(2, kc, augmented(2, shared, c2), s2, tid)
-challenge = (bytes([0x90, 0x01, 0, 0]) + struct.pack("<H", tid) + bytes([48, 0, 2, 1])
+challenge = (bytes([0x01, 0x01, 0, 0]) + struct.pack("<H", tid) + bytes([48, 0, 2, 1])
              + struct.pack("<H", 256) + s1_bytes + c1 + ctrl_pub)
-reply = (bytes([0x90, 0x02, 0, 0]) + struct.pack("<H", tid) + bytes([48, 0, 1, 0])
+reply = (bytes([0x01, 0x02, 0, 0]) + struct.pack("<H", tid) + bytes([48, 0, 1, 0])
          + struct.pack("<H", 256) + struct.pack("<I", s2) + r1 + c2 + host_pub)
-success1 = bytes([0x90, 0x03, 0, 0]) + struct.pack("<H", tid) + bytes([48, 0, 1]) + bytes(7) + r2
+success1 = bytes([0x01, 0x03, 0, 0]) + struct.pack("<H", tid) + bytes([48, 0, 1]) + bytes(7) + r2
 print("dh C1", c1.hex())
 print("dh x", bytes(x_bytes).hex())
 print("dh challenge sha256", hashlib.sha256(challenge).hexdigest())

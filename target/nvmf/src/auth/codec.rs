@@ -35,7 +35,7 @@ pub const SPSP1: u8 = 0x01;
 /// `auth_type` of Negotiate and the Failure messages.
 pub const AUTH_TYPE_COMMON: u8 = 0x00;
 /// `auth_type` of the DH-HMAC-CHAP messages.
-pub const AUTH_TYPE_DHCHAP: u8 = 0x90;
+pub const AUTH_TYPE_DHCHAP: u8 = 0x01; // include/linux/nvme.h NVME_AUTH_DHCHAP_MESSAGES
 
 /// `auth_id` values.
 pub mod auth_id {

@@ -48,7 +48,7 @@ fn challenge_reply_success_failure_golden() {
         dh_value: &dh,
     }
     .encode(&mut out);
-    let mut expected = vec![0x90, 0x01, 0, 0, 7, 0, 32, 0, 1, 1, 0x00, 0x01, 4, 3, 2, 1];
+    let mut expected = vec![0x01, 0x01, 0, 0, 7, 0, 32, 0, 1, 1, 0x00, 0x01, 4, 3, 2, 1];
     expected.extend_from_slice(&c1);
     expected.extend_from_slice(&dh);
     assert_eq!(out, expected);
@@ -57,20 +57,20 @@ fn challenge_reply_success_failure_golden() {
     let c2 = [0x22u8; 48];
     out.clear();
     Message::Reply { tid: 7, seqnum: 9, r1: &r1, c2: Some(&c2), dh_value: &[] }.encode(&mut out);
-    let mut expected = vec![0x90, 0x02, 0, 0, 7, 0, 48, 0, 1, 0, 0, 0, 9, 0, 0, 0];
+    let mut expected = vec![0x01, 0x02, 0, 0, 7, 0, 48, 0, 1, 0, 0, 0, 9, 0, 0, 0];
     expected.extend_from_slice(&r1);
     expected.extend_from_slice(&c2);
     assert_eq!(out, expected);
 
     out.clear();
     Message::Success1 { tid: 7, hl: 64, r2: None }.encode(&mut out);
-    let mut expected = vec![0x90, 0x03, 0, 0, 7, 0, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let mut expected = vec![0x01, 0x03, 0, 0, 7, 0, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     expected.resize(16 + 64, 0);
     assert_eq!(out, expected);
 
     out.clear();
     Message::Success2 { tid: 0xabcd }.encode(&mut out);
-    assert_eq!(out, [0x90, 0x04, 0, 0, 0xcd, 0xab, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(out, [0x01, 0x04, 0, 0, 0xcd, 0xab, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
 
     out.clear();
     Message::Failure1 { tid: 3, reason: FailureReason::IncorrectMessage }.encode(&mut out);
@@ -108,7 +108,7 @@ fn malformed_fields_are_typed_errors() {
     ));
     assert!(matches!(Message::decode(&with(20, 9)), Err(CodecError::Reserved { offset: 20, .. })));
     assert!(matches!(Message::decode(&with(1, 0x05)), Err(CodecError::UnknownMessage { .. })));
-    assert!(matches!(Message::decode(&with(0, 0x90)), Err(CodecError::UnknownMessage { .. })));
+    assert!(matches!(Message::decode(&with(0, 0x02)), Err(CodecError::UnknownMessage { .. })));
 
     let mut reply = Vec::new();
     Message::Reply { tid: 1, seqnum: 0, r1: &[1; 32], c2: None, dh_value: &[5; 256] }

@@ -79,11 +79,11 @@ fn kernel_host_known_answer_ffdhe2048_sha384_bidirectional() {
     use sha2::Digest as _;
     assert_eq!(
         sha2::Sha256::digest(&challenge)[..],
-        hex("5a82b7dc0bf11d1cde63ca5a9ed27331780b5e11dd952b1940ff7e379107a08a")[..]
+        hex("e64419b14bbec89be9a419fd3ef93e37175293e9e755b56fc85cc872b8813dc7")[..]
     );
     assert_eq!(q.state_name(), "WaitReply");
     let reply = hex(concat!(
-        "900200000b0a300001000001040302010638f5b96f5998032792636ce88dd8b9989590f1445959fbd2288836c463",
+        "010200000b0a300001000001040302010638f5b96f5998032792636ce88dd8b9989590f1445959fbd2288836c463",
         "ba31fac33ebbbd410182a21c07aad076fdd3012a537ca5cef72049729bc4ed163f6891bae30c355e87b0d9022b547da6",
         "cff8214a739cc5ee17406992bbe40d365f88e22dc64f4fd201da00e822bf6e257325b398b2052e974ce2aab368ead0b3",
         "0f672ad01f55100a1af717103a304e0d11a0ffa0099be343fa3ad2f13f3f8ae8d412a7692047234b9b16183697a329fb",
@@ -99,7 +99,7 @@ fn kernel_host_known_answer_ffdhe2048_sha384_bidirectional() {
     assert_eq!(
         success1,
         hex(concat!(
-            "900300000b0a3000010000000000000006ac050e56039df2be2518a88cb401fefcc4edac59175eadcc6ebfcb",
+            "010300000b0a3000010000000000000006ac050e56039df2be2518a88cb401fefcc4edac59175eadcc6ebfcb",
             "900b834639fbb75b0e6470c802c20b5751f9151f",
         ))
     );
@@ -286,7 +286,7 @@ fn out_of_order_messages_are_refused() {
 
     // Garbage.
     let mut q = queue(config(), Vec::new());
-    send(&mut q, &[0x90, 0x02, 0, 0]);
+    send(&mut q, &[0x01, 0x02, 0, 0]);
     assert_eq!(failure1(&receive(&mut q)), FailureReason::IncorrectPayload);
 
     // The host gives up with Failure2.

@@ -1,0 +1,58 @@
+# Runs INSIDE the trixie test guest (sh -e, as root), started by test-nvme-auth-kernel.sh: the
+# Linux kernel's NVMe/TCP host authenticating to ballast (10.0.2.2) with DH-HMAC-CHAP.
+# /guest/params: PORT (plaintext), TPORT (TLS required), HA..HE host NQNs (HA sha256/ffdhe2048
+# with H256; HB sha384/null with H384 and controller secret C512; HC sha512/ffdhe3072 with H512
+# and C512; HD H256 with ballast's default choice; HE like HA, on TPORT with the TLS key PSK),
+# HOSTID, VOL0, WRONG (a secret ballast does not know). Prints PASS/FAIL lines and GUEST-DONE.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+. /guest/params
+A=10.0.2.2
+failed=0
+pass() { echo "PASS: $*"; }
+fail() { echo "FAIL: $*"; failed=$((failed + 1)); }
+connected() { nvme list-subsys 2>/dev/null | grep -q "NQN=$1"; }
+dev_of() { for c in /sys/class/nvme/nvme*; do
+  [ "$(cat "$c/subsysnqn" 2>/dev/null)" = "$1" ] && ls -d "$c"/nvme*n1 2>/dev/null | head -1 | xargs -r basename; done | head -1; }
+connect() { timeout 120 nvme connect -t tcp -a $A -n "$VOL0" --hostid="$HOSTID" "$@" > /tmp/connect.out 2>&1; }
+disconnect() { nvme disconnect -n "$VOL0" >/dev/null 2>&1; sleep 0.5; ! connected "$VOL0"; }
+fio_verify() {
+  fio --name=v --filename="/dev/$1" --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-64k \
+      --iodepth=8 --size=8m --verify=crc32c --do_verify=1 --output=/tmp/fio.out >/dev/null 2>&1 \
+    || { tail -5 /tmp/fio.out; return 1; }
+}
+auth_ok() {   # auth_ok LABEL EXPECT ARGS...: connect must succeed, the kernel log name EXPECT, fio verify
+  label=$1 expect=$2; shift 2
+  dmesg -C
+  if connect "$@"; then
+    pass "DH-HMAC-CHAP $label: connect"
+    sleep 1; d=$(dev_of "$VOL0")
+    if [ -n "$d" ] && fio_verify "$d"; then pass "DH-HMAC-CHAP $label: fio verify"; else fail "DH-HMAC-CHAP $label: fio verify on '$d'"; fi
+    if dmesg | grep -q "authenticated with hash hmac($expect"; then pass "DH-HMAC-CHAP $label: kernel says hmac($expect"
+    else fail "DH-HMAC-CHAP $label: kernel log"; dmesg | grep -i auth | tail -5; fi
+    disconnect || fail "DH-HMAC-CHAP $label: disconnect"
+  else
+    fail "DH-HMAC-CHAP $label: connect"; cat /tmp/connect.out; dmesg | tail -5
+  fi
+}
+auth_refused() {   # auth_refused LABEL ARGS...: connect must fail
+  label=$1; shift
+  if connect "$@"; then fail "DH-HMAC-CHAP refused: $label"; disconnect
+  else pass "DH-HMAC-CHAP refused: $label ($(tail -1 /tmp/connect.out))"; fi
+}
+echo "guest: kernel $(uname -r), $(nvme version | head -1)"
+echo 'file drivers/nvme/host/auth.c +p' > /sys/kernel/debug/dynamic_debug/control 2>/dev/null || true
+
+auth_ok "sha256/ffdhe2048 unidirectional" "sha256) dhgroup ffdhe2048" -s "$PORT" --hostnqn="$HA" --dhchap-secret="$H256"
+auth_ok "sha384/null bidirectional" "sha384) dhgroup null" -s "$PORT" --hostnqn="$HB" --dhchap-secret="$H384" --dhchap-ctrl-secret="$C512"
+auth_ok "sha512/ffdhe3072 bidirectional" "sha512) dhgroup ffdhe3072" -s "$PORT" --hostnqn="$HC" --dhchap-secret="$H512" --dhchap-ctrl-secret="$C512"
+auth_ok "ballast's default choice (sha512/ffdhe8192)" "sha512) dhgroup ffdhe8192" -s "$PORT" --hostnqn="$HD" --dhchap-secret="$H256"
+auth_refused "wrong host secret" -s "$PORT" --hostnqn="$HA" --dhchap-secret="$WRONG"
+auth_refused "no secret from a host that must authenticate" -s "$PORT" --hostnqn="$HA"
+auth_refused "wrong controller secret (the host rejects ballast)" -s "$PORT" --hostnqn="$HB" --dhchap-secret="$H384" --dhchap-ctrl-secret="$WRONG"
+# TLS and DH-HMAC-CHAP together.
+if nvme check-tls-key --hostnqn="$HE" --subsysnqn="$VOL0" --keydata="$PSK" --insert > /tmp/insert.out 2>&1; then
+  auth_ok "over TLS (sha256/ffdhe2048)" "sha256) dhgroup ffdhe2048" -s "$TPORT" --hostnqn="$HE" --tls --dhchap-secret="$H256"
+else fail "inserting the PSK"; cat /tmp/insert.out; fi
+dmesg | grep -q "BUG:\|Oops:" && fail "no kernel oops" || pass "no kernel oops"
+[ "$failed" = 0 ] && echo "guest: all passed"
+echo GUEST-DONE

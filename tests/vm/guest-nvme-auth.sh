@@ -2,7 +2,7 @@
 # Linux kernel's NVMe/TCP host authenticating to ballast (10.0.2.2) with DH-HMAC-CHAP.
 # /guest/params: PORT (plaintext), TPORT (TLS required), HA..HE host NQNs (HA sha256/ffdhe2048
 # with H256; HB sha384/null with H384 and controller secret C512; HC sha512/ffdhe3072 with H512
-# and C512; HD H256 with ballast's default hash and ffdhe4096; HE like HA, on TPORT with the TLS key PSK),
+# and C512; HD H256 with ballast's default hash and group; HE like HA, on TPORT with the TLS key PSK),
 # HOSTID, VOL0, WRONG (a secret ballast does not know). Prints PASS/FAIL lines and GUEST-DONE.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 . /guest/params
@@ -45,7 +45,7 @@ echo 'file drivers/nvme/host/auth.c +p' > /sys/kernel/debug/dynamic_debug/contro
 auth_ok "sha256/ffdhe2048 unidirectional" "sha256) dhgroup ffdhe2048" -s "$PORT" --hostnqn="$HA" --dhchap-secret="$H256"
 auth_ok "sha384/null bidirectional" "sha384) dhgroup null" -s "$PORT" --hostnqn="$HB" --dhchap-secret="$H384" --dhchap-ctrl-secret="$C512"
 auth_ok "sha512/ffdhe3072 bidirectional" "sha512) dhgroup ffdhe3072" -s "$PORT" --hostnqn="$HC" --dhchap-secret="$H512" --dhchap-ctrl-secret="$C512"
-auth_ok "ballast's default hash, ffdhe4096 (sha512/ffdhe4096)" "sha512) dhgroup ffdhe4096" -s "$PORT" --hostnqn="$HD" --dhchap-secret="$H256"
+auth_ok "ballast's defaults (sha512/ffdhe3072)" "sha512) dhgroup ffdhe3072" -s "$PORT" --hostnqn="$HD" --dhchap-secret="$H256"
 auth_refused "wrong host secret" -s "$PORT" --hostnqn="$HA" --dhchap-secret="$WRONG"
 auth_refused "no secret from a host that must authenticate" -s "$PORT" --hostnqn="$HA"
 auth_refused "wrong controller secret (the host rejects ballast)" -s "$PORT" --hostnqn="$HB" --dhchap-secret="$H384" --dhchap-ctrl-secret="$WRONG"

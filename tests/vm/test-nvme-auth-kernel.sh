@@ -55,7 +55,7 @@ for k in H256 H384 H512 C512 PSK; do rpc keyring_file_add_key "{\"name\":\"$k\",
 add "$HA" H256 - sha256 ffdhe2048 || ok=
 add "$HB" H384 C512 sha384 null || ok=
 add "$HC" H512 C512 sha512 ffdhe3072 || ok=
-add "$HD" H256 - - ffdhe4096 || ok=   # the hash: ballast's default (strongest offered)
+add "$HD" H256 - - - || ok=   # ballast's defaults: the strongest hash offered, ffdhe3072
 rpc nvmf_subsystem_add_listener "{\"nqn\":\"$VOL0\",\"listen_address\":{\"trtype\":\"tcp\",\"traddr\":\"127.0.0.1\",\"trsvcid\":\"$tport\"},\"secure_channel\":\"required\"}" || ok=
 add "$HE" H256 - sha256 ffdhe2048 '"psk":"PSK"' || ok=
 [[ -n $ok ]] && pass "secrets and hosts configured through SPDK's methods" || fail "configuring secrets"

@@ -51,9 +51,23 @@ pub enum ConfigError {
     NoDhGroup,
 }
 
+/// DH groups by default, in order: ffdhe3072 first (128-bit strength; the controller's modular
+/// exponentiations, a few milliseconds, run on the queue's core, and a slow host must finish
+/// its own within the handshake deadline: ffdhe8192 took an emulated guest over 10 s), then
+/// the smaller and the larger groups, and no DH (null) last. `with_preferences` changes it.
+pub const DEFAULT_DH_GROUPS: [DhGroup; 6] = [
+    DhGroup::Ffdhe3072,
+    DhGroup::Ffdhe2048,
+    DhGroup::Ffdhe4096,
+    DhGroup::Ffdhe6144,
+    DhGroup::Ffdhe8192,
+    DhGroup::Null,
+];
+
 impl AuthConfig {
-    /// Allows every hash and DH group, strongest first (SHA-512, ffdhe8192 before the rest):
-    /// the first of these preferences that the host offers is chosen.
+    /// Allows every hash, strongest first (SHA-512 before the rest), and every DH group in
+    /// `DEFAULT_DH_GROUPS`' order: the first of these preferences that the host offers is
+    /// chosen.
     pub fn new(
         hostnqn: &str,
         subnqn: &str,
@@ -62,8 +76,7 @@ impl AuthConfig {
     ) -> Self {
         let mut hashes = HashId::ALL.to_vec();
         hashes.reverse();
-        let mut dh_groups = DhGroup::ALL.to_vec();
-        dh_groups.reverse();
+        let dh_groups = DEFAULT_DH_GROUPS.to_vec();
         AuthConfig {
             hostnqn: hostnqn.to_string(),
             subnqn: subnqn.to_string(),

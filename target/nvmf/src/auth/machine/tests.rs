@@ -198,7 +198,7 @@ fn every_hash_and_group_authenticates_both_ways() {
 }
 
 #[test]
-fn default_preferences_pick_the_strongest_offer() {
+fn default_preferences_pick_the_strongest_hash_and_ffdhe3072() {
     let host = Host { secret: secret(None, 3), ctrl_secret: None, hostnqn: HOSTNQN };
     let mut q = queue(AuthConfig::new(HOSTNQN, SUBNQN, &host.secret, None), Vec::new());
     send(&mut q, &linux_negotiate(1));
@@ -208,7 +208,7 @@ fn default_preferences_pick_the_strongest_offer() {
     else {
         panic!()
     };
-    assert_eq!((hash_id, dh_group_id, dh_value.len()), (3, 5, 1024));
+    assert_eq!((hash_id, dh_group_id, dh_value.len()), (3, 2, 384));
 }
 
 #[test]
@@ -337,8 +337,8 @@ fn small_allocation_keeps_the_message() {
     send(&mut q, &linux_negotiate(1));
     assert_eq!(
         q.on_event(Event::Receive { allocation_len: 100 }),
-        Action::AllocationTooSmall { needed: 16 + 64 + 1024 }
+        Action::AllocationTooSmall { needed: 16 + 64 + 384 }
     );
     assert_eq!(q.state_name(), "ChallengePending");
-    assert_eq!(receive(&mut q).len(), 16 + 64 + 1024);
+    assert_eq!(receive(&mut q).len(), 16 + 64 + 384);
 }

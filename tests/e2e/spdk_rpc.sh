@@ -284,7 +284,42 @@ check_eq "an unknown lvol parameter: SPDK's -32603 decode failure" \
     "-32603 spdk_json_decode_object failed" \
     "$(raw_error '{"jsonrpc":"2.0","id":1,"method":"bdev_lvol_delete","params":{"name":"lvol0","x":1}}')"
 
-echo "## 7: identities survive a restart"
+echo "## 7: keys: the keyring, a host's TLS PSK and DH-HMAC-CHAP keys through spdk-rpc"
+# interchange PREFIX HH NBYTES: PREFIX:HH:base64(key || crc32 LE): (as nvme gen-tls-key and
+# nvme gen-dhchap-key print them)
+interchange() {
+    "$SYS_PY" -c 'import base64,os,sys,zlib
+k=os.urandom(int(sys.argv[3]))
+print("%s:%s:%s:" % (sys.argv[1], sys.argv[2], base64.b64encode(k + zlib.crc32(k).to_bytes(4, "little")).decode()))' "$@"
+}
+PSK_TEXT=$(interchange NVMeTLSkey-1 01 32)
+DH_TEXT=$(interchange DHHC-1 01 32)
+(umask 077; echo "$PSK_TEXT" >"$T/psk0"; echo "$DH_TEXT" >"$T/dh0")
+HOST2=nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000c0c0
+check "keyring_file_add_key psk0" rpc keyring_file_add_key psk0 "$T/psk0"
+check "keyring_file_add_key dh0" rpc keyring_file_add_key dh0 "$T/dh0"
+keys=$(rpc keyring_get_keys)
+check_eq "keyring_get_keys: names and paths, never the keys" "dh0 psk0 False" \
+    "$(py '" ".join(sorted(k["name"] for k in j)) + " " + str(any(k.get("module") != "keyring_file" for k in j))' <<<"$keys")"
+if grep -q "${PSK_TEXT:20:20}\|${DH_TEXT:12:20}" <<<"$keys"; then fail "keyring_get_keys leaks key text"; fi
+check "nvmf_subsystem_add_host --psk psk0 --dhchap-key dh0" \
+    rpc nvmf_subsystem_add_host "$NQN" "$HOST2" --psk psk0 --dhchap-key dh0
+subs=$(rpc nvmf_get_subsystems)
+check_eq "nvmf_get_subsystems names the host's keys (SPDK's fields)" "psk0 dh0" \
+    "$(py '" ".join(str(h.get(k)) for s in j if s["nqn"] == "'"$NQN"'" for h in s["hosts"] if h["nqn"] == "'"$HOST2"'" for k in ("psk", "dhchap_key"))' <<<"$subs")"
+if grep -q "${PSK_TEXT:20:20}\|${DH_TEXT:12:20}" <<<"$subs"; then fail "nvmf_get_subsystems leaks key text"; fi
+check_eq "add_host --psk with a key that is no TLS PSK is refused" "-32602" \
+    "$(rpc_error nvmf_subsystem_add_host "$NQN" "$HOST2" --psk dh0 | cut -d' ' -f1)"
+check_eq "add_host --psk with no such key is refused" "-32602" \
+    "$(rpc_error nvmf_subsystem_add_host "$NQN" "$HOST2" --psk nosuch | cut -d' ' -f1)"
+check "nvmf_subsystem_remove_host forgets the keys" rpc nvmf_subsystem_remove_host "$NQN" "$HOST2"
+check_eq "the host and its key names are gone" "0" \
+    "$(rpc nvmf_get_subsystems | py 'sum(1 for s in j for h in s["hosts"] if h["nqn"] == "'"$HOST2"'")')"
+check "keyring_file_remove_key psk0" rpc keyring_file_remove_key psk0
+check_eq "removing it again: -19 No such device" "-19 No such device" "$(rpc_error keyring_file_remove_key psk0)"
+if grep -q "${PSK_TEXT:20:20}\|${DH_TEXT:12:20}" "$BALLAST_LOG"; then fail "a key appears in the server log"; else pass "no key in the server log"; fi
+
+echo "## 8: identities survive a restart"
 stop_ballast
 start_ballast --cores 2 || finish
 check_eq "after restart: lvol0 keeps its UUID, the store its name and UUID" \

@@ -31,8 +31,19 @@ pub struct Control {
     pub buffer_memory: u64,
     /// When the daemon started serving (`bdev_get_iostat`'s `ticks`).
     pub started: Instant,
-    /// Named secrets (TLS PSKs) added through `keyring_file_add_key`.
+    /// Named secrets (TLS PSKs, DH-HMAC-CHAP secrets) added through `keyring_file_add_key`.
     pub keyring: crate::keyring::Keyring,
+    /// (subsystem NQN, host NQN) → the keyring names its keys came from, for
+    /// `nvmf_get_subsystems` (the keys themselves live in the target).
+    pub host_keys: parking_lot::RwLock<std::collections::BTreeMap<(String, String), HostKeyNames>>,
+}
+
+/// The keyring names of one host's keys for one subsystem.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostKeyNames {
+    pub psk: Option<String>,
+    pub dhchap_key: Option<String>,
+    pub dhchap_ctrlr_key: Option<String>,
 }
 
 /// One control method: its name and its handler, in the module that owns it.

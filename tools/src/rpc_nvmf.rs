@@ -11,7 +11,7 @@ use ballast_nvmf::tls::SecureChannel;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::control::{Control, Method};
+use crate::control::{Control, HostKeyNames, Method};
 use crate::registry::RegistryError;
 use crate::rpc_error::{
     invalid_parameters, params, DecodeStyle, RpcError, INTERNAL_ERROR, INVALID_PARAMS,
@@ -312,6 +312,7 @@ fn delete_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let d: Nqn = params(p, G)?;
     check_target(d.tgt_name.as_deref())?;
     control.registry.delete_subsystem(&d.nqn).map_err(registry_err)?;
+    control.host_keys.write().retain(|(nqn, _), _| *nqn != d.nqn);
     tracing::info!(nqn = d.nqn, "subsystem deleted");
     Ok(json!(true))
 }
@@ -377,10 +378,23 @@ fn host(control: &Control, p: &Value, add: bool) -> Result<Value, RpcError> {
             tracing::info!(host = h.host, nqn = h.nqn, key = ?h.dhchap_key, ctrlr_key = ?h.dhchap_ctrlr_key, "host added with DH-HMAC-CHAP");
         }
         control.target.auth.set(&h.host, &h.nqn, auth);
+        let names = HostKeyNames {
+            psk: h.psk.clone(),
+            dhchap_key: h.dhchap_key.clone(),
+            dhchap_ctrlr_key: h.dhchap_ctrlr_key.clone(),
+        };
+        let key = (h.nqn.clone(), h.host.clone());
+        let mut host_keys = control.host_keys.write();
+        if names == HostKeyNames::default() {
+            host_keys.remove(&key);
+        } else {
+            host_keys.insert(key, names);
+        }
     } else {
         subsys.hosts.write().remove(&h.host);
         control.target.tls.set_key(&h.host, &h.nqn, None);
         control.target.auth.set(&h.host, &h.nqn, None);
+        control.host_keys.write().remove(&(h.nqn.clone(), h.host.clone()));
     }
     control.target.genctr.fetch_add(1, Ordering::Relaxed);
     crate::volumes::persist_hosts(control, &h.nqn);
@@ -562,6 +576,13 @@ impl From<&ListenAddr> for ListenEntry {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct HostEntry {
     pub nqn: String,
+    /// Keyring names of the host's keys (SPDK's fields; never the keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psk: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhchap_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhchap_ctrlr_key: Option<String>,
 }
 
 /// One namespace of `nvmf_get_subsystems`.
@@ -660,7 +681,22 @@ fn get_subsystems(control: &Control, p: &Value) -> Result<Value, RpcError> {
                 }
             })
             .collect();
-        let hosts = s.hosts.read().iter().map(|h| HostEntry { nqn: h.clone() }).collect();
+        let host_keys = control.host_keys.read();
+        let hosts = s
+            .hosts
+            .read()
+            .iter()
+            .map(|h| {
+                let names = host_keys.get(&(s.nqn.clone(), h.clone())).cloned().unwrap_or_default();
+                HostEntry {
+                    nqn: h.clone(),
+                    psk: names.psk,
+                    dhchap_key: names.dhchap_key,
+                    dhchap_ctrlr_key: names.dhchap_ctrlr_key,
+                }
+            })
+            .collect();
+        drop(host_keys);
         let controllers = control
             .target
             .controllers_of(&s.nqn)

@@ -315,6 +315,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         buffer_memory,
         started: std::time::Instant::now(),
         keyring: crate::keyring::Keyring::default(),
+        host_keys: Default::default(),
     });
     // The daemon's own subsystems (volumes', startup exports') listen on --nvmf-listen; the
     // discovery listener serves the whole discovery log.

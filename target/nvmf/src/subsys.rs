@@ -314,6 +314,7 @@ impl Target {
     pub fn delete_subsystem(&self, nqn: &str) -> Result<(), SubsysError> {
         self.subsystems.write().remove(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
         self.auth.remove_subsystem(nqn);
+        self.tls.remove_subsystem(nqn);
         for c in self.controllers.lock().values() {
             if c.subsys.as_ref().is_some_and(|s| s.nqn == nqn) {
                 c.dead.store(true, Ordering::Relaxed);

@@ -91,6 +91,11 @@ impl NvmfTls {
         }
     }
 
+    /// Forgets every key for subsystem `subnqn` (it was deleted).
+    pub fn remove_subsystem(&self, subnqn: &str) {
+        self.keys.write().retain(|(_, s), _| s != subnqn);
+    }
+
     /// Whether host `hostnqn` has a key for subsystem `subnqn` (and so must use TLS there).
     pub fn has_key(&self, hostnqn: &str, subnqn: &str) -> bool {
         self.keys.read().contains_key(&(hostnqn.to_string(), subnqn.to_string()))
@@ -191,7 +196,10 @@ mod tests {
             disc.psk.expose()
         );
         assert!(tls.has_key(HOST, SUB) && !tls.has_key(HOST, DISCOVERY_NQN));
-        tls.set_key(HOST, SUB, None);
+        tls.remove_subsystem("nqn.2026-11.dev.ballast:other");
+        assert!(tls.has_key(HOST, SUB));
+        tls.remove_subsystem(SUB);
+        assert!(!tls.has_key(HOST, SUB));
         assert!(resolve(&tls.keys.read(), &disc.identity.to_string()).is_none());
     }
 }

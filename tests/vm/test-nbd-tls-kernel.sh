@@ -11,11 +11,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 bin=${BALLAST_BIN:-$root/build/cargo/release/ballast}
-npass=0 nfail=0 spid=
-pass() { echo "PASS: $*"; npass=$((npass + 1)); }
-fail() { echo "FAIL: $*"; nfail=$((nfail + 1)); }
-listening() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
-free_port() { local p; for _ in $(seq 50); do p=$((20000 + RANDOM % 12000)); listening "$p" || break; done; echo "$p"; }
+. "$here/host-lib.sh"
 "$here/build.sh" || { echo "FAIL: building the guest"; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-nbd-tls-vm.XXXXXX")
 trap '[[ -n $spid ]] && kill -KILL $spid 2>/dev/null' EXIT

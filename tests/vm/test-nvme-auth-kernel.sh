@@ -14,21 +14,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 bin=${BALLAST_BIN:-$root/build/cargo/release/ballast}
 export BALLAST_VM_FLAVOUR=trixie
-npass=0 nfail=0 spid=
-pass() { echo "PASS: $*"; npass=$((npass + 1)); }
-fail() { echo "FAIL: $*"; nfail=$((nfail + 1)); }
-listening() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
-free_port() { local p; for _ in $(seq 50); do p=$((20000 + RANDOM % 12000)); listening "$p" || break; done; echo "$p"; }
+. "$here/host-lib.sh"
 "$here/build-trixie.sh" || { echo "FAIL: building the trixie guest"; echo "0 passed, 1 failed"; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-nvme-auth-vm.XXXXXX")
 trap '[[ -n $spid ]] && kill -KILL $spid 2>/dev/null' EXIT
 
-# secret PREFIX KEYBYTES HH: PREFIX:HH:base64(key || crc32 little-endian):
-secret() {
-  /usr/bin/python3 -c 'import base64,os,sys,zlib
-k=os.urandom(int(sys.argv[2]))
-print("%s:%s:%s:" % (sys.argv[1], sys.argv[3], base64.b64encode(k + zlib.crc32(k).to_bytes(4, "little")).decode()))' "$1" "$2" "$3"
-}
 H256=$(secret DHHC-1 32 01) H384=$(secret DHHC-1 48 02) H512=$(secret DHHC-1 64 03)
 C512=$(secret DHHC-1 64 03) WRONG=$(secret DHHC-1 32 01) PSK=$(secret NVMeTLSkey-1 32 01)
 for k in H256 H384 H512 C512 PSK; do (umask 077; echo "${!k}" > "$work/$k.key"); done

@@ -13,22 +13,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 bin=${BALLAST_BIN:-$root/build/cargo/release/ballast}
 export BALLAST_VM_FLAVOUR=trixie
-npass=0 nfail=0 spid=
-pass() { echo "PASS: $*"; npass=$((npass + 1)); }
-fail() { echo "FAIL: $*"; nfail=$((nfail + 1)); }
-listening() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
-free_port() { local p; for _ in $(seq 50); do p=$((20000 + RANDOM % 12000)); listening "$p" || break; done; echo "$p"; }
+. "$here/host-lib.sh"
 "$here/build-trixie.sh" || { echo "FAIL: building the trixie guest"; echo "0 passed, 1 failed"; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-nvme-tls-vm.XXXXXX")
 trap '[[ -n $spid ]] && kill -KILL $spid 2>/dev/null' EXIT
 
-# interchange KEYBYTES HH: NVMeTLSkey-1:HH:base64(key || crc32 little-endian):
-interchange() {
-  /usr/bin/python3 -c 'import base64,os,sys,zlib
-k=os.urandom(int(sys.argv[1]))
-print("NVMeTLSkey-1:%s:%s:" % (sys.argv[2], base64.b64encode(k + zlib.crc32(k).to_bytes(4, "little")).decode()))' "$1" "$2"
-}
-K256=$(interchange 32 01) K384=$(interchange 48 02) KWRONG=$(interchange 32 01)
+K256=$(secret NVMeTLSkey-1 32 01) K384=$(secret NVMeTLSkey-1 48 02)
+KWRONG=$(secret NVMeTLSkey-1 32 01)
 for k in K256 K384; do (umask 077; echo "${!k}" > "$work/$k.key"); done
 HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:6f1c3c52-0b1e-4c52-9d1c-7e1d1a3d0001
 HOST2=nqn.2014-08.org.nvmexpress:uuid:6f1c3c52-0b1e-4c52-9d1c-7e1d1a3d0002

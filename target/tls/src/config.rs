@@ -113,23 +113,9 @@ fn openssl_err(
 
 impl TlsServer {
     pub fn new(config: &ServerConfig) -> Result<TlsServer, TlsConfigError> {
-        let open = |e: openssl::error::ErrorStack| TlsConfigError::OpenSsl {
-            what: "context",
-            path: String::new(),
-            reason: e.to_string(),
-        };
-        let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(open)?;
-        b.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(open)?;
-        b.set_options(
-            SslOptions::NO_TICKET
-                | SslOptions::NO_COMPRESSION
-                | SslOptions::NO_RENEGOTIATION
-                | SslOptions::CIPHER_SERVER_PREFERENCE,
-        );
-        b.set_num_tickets(0).map_err(open)?;
-        b.set_session_cache_mode(SslSessionCacheMode::OFF);
-        b.set_cipher_list(TLS12_CIPHERS).map_err(open)?;
-        b.set_ciphersuites(TLS13_SUITES).map_err(open)?;
+        let mut b = context(SslVersion::TLS1_2)?;
+        b.set_options(SslOptions::NO_RENEGOTIATION);
+        b.set_cipher_list(TLS12_CIPHERS).map_err(context_err)?;
         let mut summary = Vec::new();
         match (&config.cert, &config.key) {
             (Some(cert), Some(key)) => {
@@ -152,26 +138,11 @@ impl TlsServer {
             b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
             summary.push(format!("client certificates checked against {}", ca.display()));
         }
-        let psk_identity = Ssl::new_ex_index::<String>().map_err(open)?;
+        let psk_identity = Ssl::new_ex_index::<String>().map_err(context_err)?;
         if let Some(path) = &config.psk {
             let table = PskTable::load(path)?;
             summary.push(format!("{} PSK identities from {}", table.len(), path.display()));
-            b.set_psk_server_callback(move |ssl, identity, out| {
-                let Some(name) = identity.and_then(|i| std::str::from_utf8(i).ok()) else {
-                    return Ok(0);
-                };
-                let Some(key) = table.get(name) else {
-                    tracing::info!(identity = name, "TLS-PSK: unknown identity");
-                    return Ok(0);
-                };
-                let key = key.bytes();
-                if key.len() > out.len() {
-                    return Ok(0);
-                }
-                out[..key.len()].copy_from_slice(key);
-                ssl.set_ex_data(psk_identity, name.to_string());
-                Ok(key.len())
-            });
+            psk_callback(&mut b, psk_identity, move |name| table.get(name).cloned());
         }
         if summary.is_empty() {
             return Err(TlsConfigError::NoCredentials);
@@ -185,38 +156,9 @@ impl TlsServer {
     pub fn with_psk_resolver(
         resolve: impl Fn(&str) -> Option<Key> + Send + Sync + 'static,
     ) -> Result<TlsServer, TlsConfigError> {
-        let open = |e: openssl::error::ErrorStack| TlsConfigError::OpenSsl {
-            what: "context",
-            path: String::new(),
-            reason: e.to_string(),
-        };
-        let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(open)?;
-        b.set_min_proto_version(Some(SslVersion::TLS1_3)).map_err(open)?;
-        b.set_options(
-            SslOptions::NO_TICKET
-                | SslOptions::NO_COMPRESSION
-                | SslOptions::CIPHER_SERVER_PREFERENCE,
-        );
-        b.set_num_tickets(0).map_err(open)?;
-        b.set_session_cache_mode(SslSessionCacheMode::OFF);
-        b.set_ciphersuites(TLS13_SUITES).map_err(open)?;
-        let psk_identity = Ssl::new_ex_index::<String>().map_err(open)?;
-        b.set_psk_server_callback(move |ssl, identity, out| {
-            let Some(name) = identity.and_then(|i| std::str::from_utf8(i).ok()) else {
-                return Ok(0);
-            };
-            let Some(key) = resolve(name) else {
-                tracing::info!(identity = name, "TLS-PSK: no key for this identity");
-                return Ok(0);
-            };
-            let key = key.bytes();
-            if key.is_empty() || key.len() > out.len() {
-                return Ok(0);
-            }
-            out[..key.len()].copy_from_slice(key);
-            ssl.set_ex_data(psk_identity, name.to_string());
-            Ok(key.len())
-        });
+        let mut b = context(SslVersion::TLS1_3)?;
+        let psk_identity = Ssl::new_ex_index::<String>().map_err(context_err)?;
+        psk_callback(&mut b, psk_identity, resolve);
         Ok(TlsServer {
             ctx: b.build(),
             psk_identity,
@@ -228,6 +170,49 @@ impl TlsServer {
     pub fn summary(&self) -> &str {
         &self.summary
     }
+}
+
+/// A server context with what every ballast TLS server shares: `min` as the oldest version,
+/// no tickets, no session cache, no compression, the server's cipher order, TLS 1.3 suites.
+fn context(min: SslVersion) -> Result<SslContextBuilder, TlsConfigError> {
+    let mut b = SslContextBuilder::new(SslMethod::tls_server()).map_err(context_err)?;
+    b.set_min_proto_version(Some(min)).map_err(context_err)?;
+    b.set_options(
+        SslOptions::NO_TICKET | SslOptions::NO_COMPRESSION | SslOptions::CIPHER_SERVER_PREFERENCE,
+    );
+    b.set_num_tickets(0).map_err(context_err)?;
+    b.set_session_cache_mode(SslSessionCacheMode::OFF);
+    b.set_ciphersuites(TLS13_SUITES).map_err(context_err)?;
+    Ok(b)
+}
+
+fn context_err(e: openssl::error::ErrorStack) -> TlsConfigError {
+    TlsConfigError::OpenSsl { what: "context", path: String::new(), reason: e.to_string() }
+}
+
+/// The PSK callback: the key `lookup` gives for the identity the client offers (none refuses
+/// it); the accepted identity is left on the session under `psk_identity`.
+fn psk_callback(
+    b: &mut SslContextBuilder,
+    psk_identity: Index<Ssl, String>,
+    lookup: impl Fn(&str) -> Option<Key> + Send + Sync + 'static,
+) {
+    b.set_psk_server_callback(move |ssl, identity, out| {
+        let Some(name) = identity.and_then(|i| std::str::from_utf8(i).ok()) else {
+            return Ok(0);
+        };
+        let Some(key) = lookup(name) else {
+            tracing::info!(identity = name, "TLS-PSK: no key for this identity");
+            return Ok(0);
+        };
+        let key = key.bytes();
+        if key.is_empty() || key.len() > out.len() {
+            return Ok(0);
+        }
+        out[..key.len()].copy_from_slice(key);
+        ssl.set_ex_data(psk_identity, name.to_string());
+        Ok(key.len())
+    });
 }
 
 /// The identity a finished handshake proved.

@@ -1,0 +1,15 @@
+# Sourced by the host side of the VM suites that start ballast themselves
+# (test-nbd-tls-kernel.sh, test-nvme-tls-kernel.sh, test-nvme-auth-kernel.sh): counting checks,
+# free ports, and key material in the NVMe interchange formats.
+npass=0 nfail=0 spid=
+pass() { echo "PASS: $*"; npass=$((npass + 1)); }
+fail() { echo "FAIL: $*"; nfail=$((nfail + 1)); }
+listening() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
+free_port() { local p; for _ in $(seq 50); do p=$((20000 + RANDOM % 12000)); listening "$p" || break; done; echo "$p"; }
+# secret PREFIX KEYBYTES HH: PREFIX:HH:base64(key || crc32 little-endian): -- a TLS PSK
+# (NVMeTLSkey-1) or a DH-HMAC-CHAP secret (DHHC-1), as nvme gen-tls-key / gen-dhchap-key print.
+secret() {
+  /usr/bin/python3 -c 'import base64,os,sys,zlib
+k=os.urandom(int(sys.argv[2]))
+print("%s:%s:%s:" % (sys.argv[1], sys.argv[3], base64.b64encode(k + zlib.crc32(k).to_bytes(4, "little")).decode()))' "$1" "$2" "$3"
+}

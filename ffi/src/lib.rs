@@ -6,9 +6,11 @@
 //! - [`nvme`]: NVMe I/O command encoding for io_uring passthrough, status mapping, the
 //!   namespace ioctls (id, Identify, a blocking flush).
 //! - [`devring`]: a core's device ring (SQE128/CQE32) carrying NVMe passthrough commands.
+//! - [`ktls`]: handing an established TLS 1.3 session's record layer to the kernel.
 
 pub mod buf;
 pub mod devring;
+pub mod ktls;
 pub mod nvme;
 pub mod ring;
 pub mod sys;

@@ -50,6 +50,11 @@ pub struct ServeArgs {
     /// host with a key reaches its subsystem only over TLS with it, whatever this says.
     #[arg(long, value_enum, default_value = "none")]
     nvmf_secure_channel: SecureChannelArg,
+    /// TLS records (NVMe/TCP and NBD): auto hands each TLS 1.3 session to the kernel's TLS
+    /// (kTLS) once its handshake is done, where the kernel has it (the `tls` module), so the
+    /// socket carries plaintext for us; off keeps them in OpenSSL.
+    #[arg(long, value_enum, default_value = "auto")]
+    kernel_tls: KernelTls,
     /// Extra NVMe/TCP listen address for discovery (conventionally port 8009).
     #[arg(long)]
     discovery_listen: Option<SocketAddr>,
@@ -129,6 +134,12 @@ pub struct ServeArgs {
     /// NBD over TLS (--nbd-tls, its credentials and allow-lists).
     #[command(flatten)]
     nbd_tls: crate::nbd_tls::NbdTlsArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelTls {
+    Auto,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -348,6 +359,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let listener = bind_retrying(args.nbd_listen)
         .with_context(|| format!("binding NBD on {}", args.nbd_listen))?;
+    if args.kernel_tls == KernelTls::Off {
+        ballast_tls::ktls::disable_offload();
+    }
     let nbd_tls = args.nbd_tls.build(&registry.nbd_exports())?;
     let factory = ballast_nbd::conn_factory(registry.nbd_exports(), nbd_tls);
     let nbd_admission = admission.clone();

@@ -38,7 +38,7 @@ use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, Task};
 use ballast_ffi::Op;
-use ballast_tls::{Pump, TlsLink, TlsSession};
+use ballast_tls::{offload_to_kernel, Pump, TlsLink, TlsSession};
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
@@ -344,6 +344,16 @@ impl Conn {
     /// Sends what is queued: plaintext, or under TLS what `out` holds encrypted into `wire`.
     fn start_send(&mut self, cx: &mut Cx<'_>) {
         let fd = self.fd.as_raw_fd();
+        match offload_to_kernel(&mut self.tls, cx, fd) {
+            Ok(true) => {
+                tracing::info!(peer = %self.peer, "TLS records handed to the kernel (kTLS)")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, error = %e, "kernel TLS failed halfway; closing");
+                self.read_closed = true;
+            }
+        }
         let Some(tls) = self.tls.as_mut() else {
             self.out.start(cx, fd, TAG_SEND);
             return;

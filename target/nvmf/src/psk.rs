@@ -224,15 +224,9 @@ pub fn hkdf_expand_label(
     let mut info = Vec::with_capacity(4 + full_label.len() + context.len());
     match encoding {
         Encoding::Rfc8446 => {
-            let label_len = u8::try_from(full_label.len())
-                .map_err(|_| PskError::ContextTooLong { len_bytes: full_label.len() })?;
-            let context_len = u8::try_from(context.len())
-                .map_err(|_| PskError::ContextTooLong { len_bytes: context.len() })?;
-            info.extend_from_slice(&len_u16.to_be_bytes());
-            info.push(label_len);
-            info.extend_from_slice(full_label.as_bytes());
-            info.push(context_len);
-            info.extend_from_slice(context);
+            info = ballast_tls::ktls::hkdf_label(len_u16, label, context).ok_or(
+                PskError::ContextTooLong { len_bytes: full_label.len().max(context.len()) },
+            )?;
         }
         Encoding::LibnvmeCompat => {
             // libnvme: `*(uint16_t *)pos = cpu_to_le16(key_len)`, then one snprintf of at most

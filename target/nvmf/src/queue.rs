@@ -42,7 +42,7 @@ use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{Cx, IoBuf, IoCmd, Owned, Task};
-use ballast_tls::{Pump, TlsLink, TlsSession};
+use ballast_tls::{offload_to_kernel, Pump, TlsLink, TlsSession};
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
@@ -1317,6 +1317,16 @@ impl Queue {
             self.pump_tls(cx);
         }
         let fd = self.fd.as_raw_fd();
+        match offload_to_kernel(&mut self.tls, cx, fd) {
+            Ok(true) => {
+                tracing::info!(peer = %self.peer, "NVMe/TCP TLS records handed to the kernel (kTLS)")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, error = %e, "kernel TLS failed halfway; closing");
+                self.read_closed = true;
+            }
+        }
         match self.tls.as_mut() {
             None => self.out.start(cx, fd, TAG_SEND),
             Some(tls) => {

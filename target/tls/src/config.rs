@@ -183,6 +183,8 @@ fn context(min: SslVersion) -> Result<SslContextBuilder, TlsConfigError> {
     b.set_num_tickets(0).map_err(context_err)?;
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
     b.set_ciphersuites(TLS13_SUITES).map_err(context_err)?;
+    // Sessions that may go to the kernel keep their traffic secrets (nothing is logged).
+    b.set_keylog_callback(crate::ktls::on_keylog);
     Ok(b)
 }
 

@@ -10,7 +10,11 @@
 //! - at most one ciphertext receive is in flight, and it is posted only once the session has
 //!   consumed the last (ciphertext held: one receive's worth, `RECV_BYTES`);
 //! - decrypted bytes go into the protocol's `RecvBuf` only as far as it has room, so a
-//!   protocol that stops parsing stops the reading (back-pressure reaches the socket).
+//!   protocol that stops parsing stops the reading (back-pressure reaches the socket);
+//! - the link ends early when the kernel takes the session's records over
+//!   ([`offload_to_kernel`]): only with no receive in flight, no ciphertext queued or in
+//!   flight, and the session at a record boundary both ways; what `out` holds then was never
+//!   encrypted and leaves through the kernel.
 
 use std::os::fd::RawFd;
 
@@ -20,7 +24,8 @@ use ballast_engine::{Cx, IoBuf};
 use ballast_ffi::Op;
 
 use crate::config::Identity;
-use crate::session::{ReadOutcome, TlsError, TlsSession};
+use crate::ktls::Installed;
+use crate::session::{Handoff, ReadOutcome, TlsError, TlsSession};
 
 /// Ciphertext receive buffer: a few TLS records (at most 16 KiB + 256 bytes each).
 pub const RECV_BYTES: usize = 48 * 1024;
@@ -43,6 +48,8 @@ pub enum Pump {
 
 pub struct TlsLink {
     session: TlsSession,
+    /// The session may still go to the kernel (`offload_to_kernel`).
+    kernel_wanted: bool,
     wire: SendQueue,
     recv_inflight: bool,
     /// The handshake's end was reported by `opened`.
@@ -68,6 +75,7 @@ impl TlsLink {
         }
         TlsLink {
             session,
+            kernel_wanted: true,
             wire: std::mem::take(out),
             recv_inflight: false,
             announced: false,
@@ -190,5 +198,44 @@ impl TlsLink {
         if let Some(buf) = self.session.take_spent() {
             cx.recycle(buf);
         }
+    }
+}
+
+/// Hands the connection's TLS records to the kernel when the session can go (see `ktls`):
+/// returns true when it went, the link released and gone — from here the socket carries
+/// plaintext and the connection's own receive and send paths serve it. An error: the kernel
+/// took half of it and the socket serves neither way; the connection must end.
+pub fn offload_to_kernel(
+    link: &mut Option<Box<TlsLink>>,
+    cx: &mut Cx<'_>,
+    fd: RawFd,
+) -> Result<bool, TlsError> {
+    let Some(l) = link.as_mut() else { return Ok(false) };
+    if !l.kernel_wanted || l.recv_inflight || !l.wire.drained() || l.wire.broken() {
+        return Ok(false);
+    }
+    match l.session.handoff() {
+        Handoff::NotYet => Ok(false),
+        Handoff::Never(why) => {
+            l.kernel_wanted = false;
+            tracing::debug!(%why, tls = %l.describe(), "TLS records stay in userspace");
+            Ok(false)
+        }
+        Handoff::Ready(keys) => match keys.install(fd) {
+            Installed::Yes => {
+                tracing::debug!(tls = %l.describe(), ?keys, "TLS records handed to the kernel");
+                l.release(cx);
+                *link = None;
+                Ok(true)
+            }
+            Installed::No(_) => {
+                l.kernel_wanted = false;
+                Ok(false)
+            }
+            Installed::Half(e) => {
+                l.kernel_wanted = false;
+                Err(TlsError::Setup(e.to_string()))
+            }
+        },
     }
 }

@@ -21,6 +21,7 @@ use ballast_ffi::IoBuf;
 use openssl::ssl::{ErrorCode, Ssl, SslStream};
 
 use crate::config::{identity_of, Identity, TlsServer};
+use crate::ktls::{self, KernelKeys, RecordCounter, Refusal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -40,6 +41,15 @@ struct Pipe {
     input_pos: usize,
     /// Ciphertext OpenSSL wrote, not yet taken.
     output: Vec<u8>,
+    /// Records OpenSSL read and wrote since the handshake finished, counted only for a
+    /// session that may go to the kernel (see `ktls`).
+    counters: Option<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    rx: RecordCounter,
+    tx: RecordCounter,
 }
 
 impl Read for Pipe {
@@ -52,6 +62,9 @@ impl Read for Pipe {
         let n = rest.len().min(out.len());
         out[..n].copy_from_slice(&rest[..n]);
         self.input_pos += n;
+        if let Some(c) = &mut self.counters {
+            c.rx.feed(&out[..n]);
+        }
         Ok(n)
     }
 }
@@ -59,6 +72,9 @@ impl Read for Pipe {
 impl Write for Pipe {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
         self.output.extend_from_slice(bytes);
+        if let Some(c) = &mut self.counters {
+            c.tx.feed(bytes);
+        }
         Ok(bytes.len())
     }
 
@@ -75,6 +91,17 @@ enum State {
     Open,
     /// close_notify was received or sent: nothing more is read.
     Closed,
+}
+
+/// Whether a session's record layer can go to the kernel.
+#[derive(Debug)]
+pub enum Handoff {
+    /// Not at this moment (handshake under way, bytes in flight or buffered): ask later.
+    NotYet,
+    /// Never: the session stays in userspace.
+    Never(Refusal),
+    /// Now, with these keys.
+    Ready(KernelKeys),
 }
 
 /// What a `read` produced.
@@ -103,6 +130,9 @@ impl TlsSession {
     pub fn accept(server: &TlsServer) -> Result<TlsSession, TlsError> {
         let mut ssl = Ssl::new(&server.ctx).map_err(|e| TlsError::Setup(e.to_string()))?;
         ssl.set_accept_state();
+        if ktls::offload_wanted() {
+            ssl.set_ex_data(ktls::secrets_index(), ktls::Secrets::default());
+        }
         let stream =
             SslStream::new(ssl, Pipe::default()).map_err(|e| TlsError::Setup(e.to_string()))?;
         Ok(TlsSession {
@@ -172,8 +202,16 @@ impl TlsSession {
         if self.state == State::Closed {
             return Ok(ReadOutcome::Closed);
         }
+        if self.state == State::Handshaking {
+            // The handshake alone first: it ends exactly after the client's Finished, so
+            // the records counted from there are the application's (see `kernel_keys`).
+            match self.stream.do_handshake() {
+                Ok(()) => self.check_open()?,
+                Err(e) if e.code() == ErrorCode::WANT_READ => return Ok(ReadOutcome::WantInput),
+                Err(e) => return Err(TlsError::Handshake(describe(&e))),
+            }
+        }
         let result = self.stream.ssl_read(out);
-        self.check_open()?;
         match result {
             Ok(n) => Ok(ReadOutcome::Data(n)),
             Err(e) => match e.code() {
@@ -229,10 +267,38 @@ impl TlsSession {
         self.state = State::Closed;
     }
 
+    /// Whether the record layer can go to the kernel now ([`Handoff::Ready`] with its keys):
+    /// open, everything fed consumed and everything decrypted read, no ciphertext left to
+    /// take, both directions at a record boundary. The caller must also have sent all it took.
+    pub fn handoff(&self) -> Handoff {
+        let Some(c) = &self.stream.get_ref().counters else {
+            return match self.state {
+                State::Handshaking => Handoff::NotYet,
+                _ => Handoff::Never(Refusal::NoSecrets),
+            };
+        };
+        if self.state != State::Open
+            || !self.wants_input()
+            || self.stream.ssl().pending() > 0
+            || self.has_output()
+            || !c.rx.at_boundary()
+            || !c.tx.at_boundary()
+        {
+            return Handoff::NotYet;
+        }
+        match ktls::kernel_keys(self.stream.ssl(), c.rx.records(), c.tx.records()) {
+            Ok(keys) => Handoff::Ready(keys),
+            Err(refusal) => Handoff::Never(refusal),
+        }
+    }
+
     fn check_open(&mut self) -> Result<(), TlsError> {
         if self.state == State::Handshaking && self.stream.ssl().is_init_finished() {
             self.state = State::Open;
             self.identity = Some(identity_of(self.stream.ssl(), self.server.psk_identity));
+            if self.stream.ssl().ex_data(ktls::secrets_index()).is_some() {
+                self.stream.get_mut().counters = Some(Counters::default());
+            }
             let early = std::mem::take(&mut self.early);
             self.write_all(&early)?;
         }
@@ -255,7 +321,9 @@ fn describe(e: &openssl::ssl::Error) -> String {
 mod tests {
     use super::*;
     use crate::config::ServerConfig;
+    use ballast_ffi::ktls::KtlsCipher;
     use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
     use std::os::unix::fs::PermissionsExt;
 
     fn psk_server(tag: &str) -> TlsServer {
@@ -351,6 +419,102 @@ mod tests {
         assert_eq!(&back[..], b"early reply and back");
         s.close();
         assert!(s.is_closed() && s.has_output());
+    }
+
+    /// One TLS 1.3 record as the kernel would protect it with `keys` (RFC 8446 5.2).
+    fn seal(keys: &crate::ktls::DirectionKeys, seq: u64, plain: &[u8]) -> Vec<u8> {
+        let mut inner = plain.to_vec();
+        inner.push(23);
+        let len = u16::try_from(inner.len() + 16).unwrap();
+        let mut header = vec![23, 3, 3];
+        header.extend_from_slice(&len.to_be_bytes());
+        let mut tag = [0u8; 16];
+        let body = encrypt_aead(
+            Cipher::aes_128_gcm(),
+            &keys.key,
+            Some(&nonce(keys, seq)),
+            &header,
+            &inner,
+            &mut tag,
+        )
+        .unwrap();
+        [header, body, tag.to_vec()].concat()
+    }
+
+    /// The plaintext of one record protected with `keys` at `seq`, as the kernel would read it.
+    fn open(keys: &crate::ktls::DirectionKeys, seq: u64, record: &[u8]) -> Vec<u8> {
+        let (header, rest) = record.split_at(5);
+        let (body, tag) = rest.split_at(rest.len() - 16);
+        let mut inner = decrypt_aead(
+            Cipher::aes_128_gcm(),
+            &keys.key,
+            Some(&nonce(keys, seq)),
+            header,
+            body,
+            tag,
+        )
+        .expect("the record opens with the handed-over keys");
+        assert_eq!(inner.pop(), Some(23), "application data");
+        inner
+    }
+
+    fn nonce(keys: &crate::ktls::DirectionKeys, seq: u64) -> [u8; 12] {
+        let mut n = *keys.iv;
+        for (b, s) in n[4..].iter_mut().zip(seq.to_be_bytes()) {
+            *b ^= s;
+        }
+        n
+    }
+
+    /// The keys and sequence numbers a session hands to the kernel are the ones its peer
+    /// uses: records sealed with them open at the client and the client's open with them.
+    #[test]
+    fn handoff_keys_continue_the_session_both_ways() {
+        let server_cfg = psk_server("kt");
+        let mut s = TlsSession::accept(&server_cfg).unwrap();
+        let mut c = client((0u8..16).collect());
+        assert!(matches!(s.handoff(), Handoff::NotYet), "not before the handshake");
+        s.write(b"early reply").unwrap();
+        pump(&mut s, &mut c).unwrap();
+        c.ssl_write(b"one").unwrap();
+        c.ssl_write(b"two").unwrap();
+        assert_eq!(pump(&mut s, &mut c).unwrap(), b"onetwo");
+        let mut early = [0u8; 32];
+        let n = c.ssl_read(&mut early).unwrap();
+        assert_eq!(&early[..n], b"early reply");
+        let Handoff::Ready(keys) = s.handoff() else { panic!("not ready: {:?}", s.handoff()) };
+        assert_eq!((keys.cipher, keys.rx.seq, keys.tx.seq), (KtlsCipher::Aes128Gcm, 2, 1));
+        // The client goes on; the "kernel" reads what it sends and writes to it.
+        c.ssl_write(b"after the handoff").unwrap();
+        let record = std::mem::take(&mut c.get_mut().output);
+        assert_eq!(open(&keys.rx, keys.rx.seq, &record), b"after the handoff");
+        give(&mut c, &seal(&keys.tx, keys.tx.seq, b"from the kernel"));
+        let n = c.ssl_read(&mut early).unwrap();
+        assert_eq!(&early[..n], b"from the kernel");
+    }
+
+    /// Half a record fed, or ciphertext not yet taken: not a moment to hand over.
+    #[test]
+    fn no_handoff_mid_record_or_with_output_pending() {
+        let server_cfg = psk_server("kt2");
+        let mut s = TlsSession::accept(&server_cfg).unwrap();
+        let mut c = client((0u8..16).collect());
+        pump(&mut s, &mut c).unwrap();
+        assert!(matches!(s.handoff(), Handoff::Ready(_)));
+        c.ssl_write(b"split me").unwrap();
+        let record = std::mem::take(&mut c.get_mut().output);
+        s.feed(to_iobuf(&record[..7]));
+        let mut buf = [0u8; 64];
+        assert_eq!(s.read(&mut buf).unwrap(), ReadOutcome::WantInput);
+        assert!(matches!(s.handoff(), Handoff::NotYet), "mid-record");
+        s.feed(to_iobuf(&record[7..]));
+        assert_eq!(s.read(&mut buf).unwrap(), ReadOutcome::Data(8));
+        assert!(matches!(s.handoff(), Handoff::Ready(_)));
+        s.write(b"reply").unwrap();
+        assert!(matches!(s.handoff(), Handoff::NotYet), "ciphertext not taken yet");
+        s.take_output(|_| {});
+        let Handoff::Ready(keys) = s.handoff() else { panic!("not ready") };
+        assert_eq!((keys.rx.seq, keys.tx.seq), (1, 1));
     }
 
     #[test]

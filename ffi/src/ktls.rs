@@ -1,0 +1,222 @@
+//! Kernel TLS (kTLS): handing an established TLS 1.3 session's record layer to the kernel, so
+//! that the socket's receives return plaintext and its sends take plaintext (the kernel
+//! encrypts, or a NIC does). The handshake stays in userspace; this module only installs the
+//! traffic keys the handshake produced.
+//!
+//! Invariants:
+//! - `install` sets the `tls` upper-layer protocol, then the receive keys, then the send keys;
+//!   the caller must have consumed every ciphertext byte the socket delivered and sent every
+//!   ciphertext byte it produced, and pass the record sequence numbers reached in each
+//!   direction, or the stream is corrupted (the AEAD makes that an error, never silent);
+//! - the key copies made for the kernel are zeroed once handed over.
+
+use std::os::fd::{BorrowedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::setsockopt;
+use nix::sys::socket::sockopt::{TcpTlsRx, TcpTlsTx, TcpUlp, TlsCryptoInfo};
+
+/// The AEAD a TLS 1.3 session negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KtlsCipher {
+    Aes128Gcm,
+    Aes256Gcm,
+    Chacha20Poly1305,
+}
+
+impl KtlsCipher {
+    pub fn key_len(self) -> usize {
+        match self {
+            KtlsCipher::Aes128Gcm => 16,
+            KtlsCipher::Aes256Gcm | KtlsCipher::Chacha20Poly1305 => 32,
+        }
+    }
+}
+
+/// One direction's record protection: the write key, the 12-byte write IV (RFC 8446 7.3) and
+/// the sequence number of the next record.
+pub struct KtlsKeys<'a> {
+    pub key: &'a [u8],
+    pub iv: &'a [u8; 12],
+    pub seq: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KtlsError {
+    /// The kernel has no TLS upper-layer protocol (CONFIG_TLS off or the module missing).
+    #[error("kernel TLS is not available here (setting TCP_ULP \"tls\": {0})")]
+    Unavailable(Errno),
+    #[error("kernel TLS refused the {direction} keys: {errno}")]
+    Keys { direction: &'static str, errno: Errno },
+    #[error("kernel TLS: a {cipher:?} key must be {want} bytes, not {got}")]
+    KeyLength { cipher: KtlsCipher, want: usize, got: usize },
+}
+
+const TLS_1_3_VERSION: u16 = 0x0304;
+
+/// Hands the record layer of the TLS 1.3 session on `fd` to the kernel: `rx` protects what
+/// the peer sends, `tx` what we send.
+pub fn install(
+    fd: RawFd,
+    cipher: KtlsCipher,
+    rx: &KtlsKeys<'_>,
+    tx: &KtlsKeys<'_>,
+) -> Result<(), KtlsError> {
+    for keys in [rx, tx] {
+        if keys.key.len() != cipher.key_len() {
+            return Err(KtlsError::KeyLength {
+                cipher,
+                want: cipher.key_len(),
+                got: keys.key.len(),
+            });
+        }
+    }
+    // SAFETY: the caller owns `fd`, an open socket, for the duration of this call; the
+    // borrow does not outlive it.
+    let sock = unsafe { BorrowedFd::borrow_raw(fd) };
+    setsockopt(&sock, TcpUlp::default(), b"tls").map_err(KtlsError::Unavailable)?;
+    let mut info = crypto_info(cipher, rx);
+    let result = setsockopt(&sock, TcpTlsRx, &info);
+    wipe(&mut info);
+    result.map_err(|errno| KtlsError::Keys { direction: "receive", errno })?;
+    let mut info = crypto_info(cipher, tx);
+    let result = setsockopt(&sock, TcpTlsTx, &info);
+    wipe(&mut info);
+    result.map_err(|errno| KtlsError::Keys { direction: "send", errno })
+}
+
+/// The kernel's `tls12_crypto_info_*` for TLS 1.3: the IV's first four bytes are the "salt",
+/// the other eight the "iv"; ChaCha20-Poly1305 takes all twelve as its iv.
+fn crypto_info(cipher: KtlsCipher, keys: &KtlsKeys<'_>) -> TlsCryptoInfo {
+    let seq = keys.seq.to_be_bytes();
+    match cipher {
+        KtlsCipher::Aes128Gcm => {
+            let mut c = libc::tls12_crypto_info_aes_gcm_128 {
+                info: libc::tls_crypto_info {
+                    version: TLS_1_3_VERSION,
+                    cipher_type: libc::TLS_CIPHER_AES_GCM_128,
+                },
+                iv: [0; 8],
+                key: [0; 16],
+                salt: [0; 4],
+                rec_seq: seq,
+            };
+            c.key.copy_from_slice(keys.key);
+            c.salt.copy_from_slice(&keys.iv[..4]);
+            c.iv.copy_from_slice(&keys.iv[4..]);
+            TlsCryptoInfo::Aes128Gcm(c)
+        }
+        KtlsCipher::Aes256Gcm => {
+            let mut c = libc::tls12_crypto_info_aes_gcm_256 {
+                info: libc::tls_crypto_info {
+                    version: TLS_1_3_VERSION,
+                    cipher_type: libc::TLS_CIPHER_AES_GCM_256,
+                },
+                iv: [0; 8],
+                key: [0; 32],
+                salt: [0; 4],
+                rec_seq: seq,
+            };
+            c.key.copy_from_slice(keys.key);
+            c.salt.copy_from_slice(&keys.iv[..4]);
+            c.iv.copy_from_slice(&keys.iv[4..]);
+            TlsCryptoInfo::Aes256Gcm(c)
+        }
+        KtlsCipher::Chacha20Poly1305 => {
+            let mut c = libc::tls12_crypto_info_chacha20_poly1305 {
+                info: libc::tls_crypto_info {
+                    version: TLS_1_3_VERSION,
+                    cipher_type: libc::TLS_CIPHER_CHACHA20_POLY1305,
+                },
+                iv: [0; 12],
+                key: [0; 32],
+                salt: [],
+                rec_seq: seq,
+            };
+            c.key.copy_from_slice(keys.key);
+            c.iv.copy_from_slice(keys.iv);
+            TlsCryptoInfo::Chacha20Poly1305(c)
+        }
+    }
+}
+
+/// Zeroes the key and IV copies (volatile writes: the optimiser may not drop them).
+fn wipe(info: &mut TlsCryptoInfo) {
+    fn zero(bytes: &mut [u8]) {
+        for b in bytes {
+            // SAFETY: `b` is a valid, aligned, exclusive reference to one byte.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+    }
+    match info {
+        TlsCryptoInfo::Aes128Gcm(c) => {
+            zero(&mut c.key);
+            zero(&mut c.iv);
+            zero(&mut c.salt);
+        }
+        TlsCryptoInfo::Aes256Gcm(c) => {
+            zero(&mut c.key);
+            zero(&mut c.iv);
+            zero(&mut c.salt);
+        }
+        TlsCryptoInfo::Chacha20Poly1305(c) => {
+            zero(&mut c.key);
+            zero(&mut c.iv);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn crypto_info_splits_the_iv_into_salt_and_iv() {
+        let key = [7u8; 16];
+        let iv: [u8; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+        let TlsCryptoInfo::Aes128Gcm(c) =
+            crypto_info(KtlsCipher::Aes128Gcm, &KtlsKeys { key: &key, iv: &iv, seq: 0x0102 })
+        else {
+            panic!("wrong variant")
+        };
+        assert_eq!(c.salt, [1, 2, 3, 4]);
+        assert_eq!(c.iv, [5, 6, 7, 8, 9, 10, 11, 12]);
+        assert_eq!(c.rec_seq, [0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(c.info.version, 0x0304);
+        let mut info = TlsCryptoInfo::Aes128Gcm(c);
+        wipe(&mut info);
+        let TlsCryptoInfo::Aes128Gcm(c) = info else { unreachable!() };
+        assert_eq!((c.key, c.salt, c.iv), ([0; 16], [0; 4], [0; 8]));
+    }
+
+    #[test]
+    fn wrong_key_length_is_refused_before_touching_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let iv = [0u8; 12];
+        let short = KtlsKeys { key: &[0; 16], iv: &iv, seq: 0 };
+        let err = install(s.as_raw_fd(), KtlsCipher::Aes256Gcm, &short, &short).unwrap_err();
+        assert!(matches!(err, KtlsError::KeyLength { want: 32, got: 16, .. }), "{err}");
+    }
+
+    /// Where the kernel has no TLS (this build machine), installing says so and leaves the
+    /// socket as it was; where it has, the keys are taken.
+    #[test]
+    fn install_on_a_connected_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_peer, _) = listener.accept().unwrap();
+        let key = [9u8; 16];
+        let iv = [3u8; 12];
+        let keys = KtlsKeys { key: &key, iv: &iv, seq: 5 };
+        match install(s.as_raw_fd(), KtlsCipher::Aes128Gcm, &keys, &keys) {
+            Ok(()) => {}
+            Err(KtlsError::Unavailable(errno)) => {
+                assert!(matches!(errno, Errno::ENOENT | Errno::EOPNOTSUPP), "{errno}")
+            }
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+}

@@ -1,6 +1,6 @@
 # Sourced by the host side of the VM suites that start ballast themselves
-# (test-nbd-tls-kernel.sh, test-nvme-tls-kernel.sh, test-nvme-auth-kernel.sh): counting checks,
-# free ports, and key material in the NVMe interchange formats.
+# (test-nbd-tls-kernel.sh, test-nvme-tls-kernel.sh, test-nvme-auth-kernel.sh, test-ktls-kernel.sh):
+# counting checks, free ports, and key material in the NVMe interchange formats.
 npass=0 nfail=0 spid=
 pass() { echo "PASS: $*"; npass=$((npass + 1)); }
 fail() { echo "FAIL: $*"; nfail=$((nfail + 1)); }

@@ -1,0 +1,47 @@
+#!/bin/bash
+# Kernel TLS offload (kTLS): ballast runs INSIDE the trixie guest (this machine's kernel has no
+# TLS; trixie's 6.12 has), its TLS 1.3 sessions go to the kernel after their handshakes, and the
+# kernel's own NVMe/TCP host (nvme-cli 2.13, tlshd) and NBD client (nbd-client, GnuTLS) move data
+# through them; then the same with --kernel-tls off (guest side: guest-ktls.sh). The host makes
+# the PSK and a small PKI and copies the ballast binary in. Prints PASS/FAIL, "N passed, M failed".
+#
+# Environment: BALLAST_BIN, BALLAST_VM_TIMEOUT (default 600 s), KEEP=1 keeps the work dir.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+bin=${BALLAST_BIN:-$root/build/cargo/release/ballast}
+export BALLAST_VM_FLAVOUR=trixie
+. "$here/host-lib.sh"
+"$here/build-trixie.sh" || { echo "FAIL: building the trixie guest"; echo "0 passed, 1 failed"; exit 1; }
+work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-ktls-vm.XXXXXX")
+
+# the binary without its debug info (the guest's root is an initramfs)
+objcopy --strip-debug "$bin" "$work/ballast" && pass "ballast binary for the guest" || fail "stripping ballast"
+p=$work/pki; mkdir -p "$p"
+ossl() { openssl "$@" 2>>"$work/openssl.log"; }
+ossl req -x509 -newkey rsa:2048 -nodes -keyout "$p/ca.key" -subj "/CN=ballast test CA" -days 2 -out "$p/ca.pem"
+for who in server client; do
+  cn=$who; [[ $who == client ]] && cn=guest
+  ossl req -new -newkey rsa:2048 -nodes -keyout "$p/$who.key" -subj "/CN=$cn" -out "$p/$who.csr"
+  : > "$p/$who.ext"
+  [[ $who == server ]] && echo "subjectAltName=IP:127.0.0.1,DNS:localhost" > "$p/$who.ext"
+  ossl x509 -req -in "$p/$who.csr" -CA "$p/ca.pem" -CAkey "$p/ca.key" -CAcreateserial -days 2 \
+    -extfile "$p/$who.ext" -out "$p/$who.pem"
+done
+cat > "$work/params" <<P
+HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:6f1c3c52-0b1e-4c52-9d1c-7e1d1a3d00f1
+HOSTID=6f1c3c52-0b1e-4c52-9d1c-7e1d1a3d00f1
+VOL0=nqn.2026-11.dev.ballast:vol0
+K256=$(secret NVMeTLSkey-1 32 01)
+P
+timeout $((${BALLAST_VM_TIMEOUT:-600} + 60)) env BALLAST_VM_TIMEOUT=${BALLAST_VM_TIMEOUT:-600} \
+  "$here/run.sh" "$here/guest-ktls.sh" "$work/ballast" "$work/params" "$p/ca.pem" "$p/server.pem" \
+  "$p/server.key" "$p/client.pem" "$p/client.key" > "$work/console" 2>&1
+grc=$?
+grep -a '^PASS: \|^FAIL: \|^guest: ' "$work/console"
+npass=$((npass + $(grep -ac '^PASS: ' "$work/console")))
+nfail=$((nfail + $(grep -ac '^FAIL: ' "$work/console")))
+grep -aq '^GUEST-DONE' "$work/console" && pass "guest finished (exit $grc)" || { fail "guest finished"; tail -40 "$work/console"; }
+echo "=== $npass passed, $nfail failed"
+if ((nfail)) || [[ -n ${KEEP:-} ]]; then echo "logs kept in $work"; else rm -rf "$work"; fi
+((nfail == 0))

@@ -17,6 +17,7 @@ pub mod holder;
 pub mod limits;
 pub mod listener;
 pub mod nvme;
+pub mod offload;
 pub mod poll;
 pub mod pool;
 pub mod ram;

@@ -468,6 +468,8 @@ mod tests {
                 mailbox_depth: 16,
                 buffer_budget: 16 << 20,
                 device_ring,
+                offload_threads: 0,
+                offload_queue: 1,
             };
             let engine = match Engine::start(config) {
                 Ok(e) => e,

@@ -41,6 +41,7 @@ use ballast_ffi::{Completion, DevRing, DevRingMode, IoBuf, NvmeIo, NvmeNs, Op, O
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use slab::Slab;
 
+use crate::offload::Offload;
 use crate::poll::PollPolicy;
 use crate::pool::BufPool;
 use crate::stats::{CoreStats, StatsSnapshot};
@@ -154,6 +155,10 @@ pub struct EngineConfig {
     pub buffer_budget: u64,
     /// A second, small ring per core for NVMe passthrough, when a backend needs one.
     pub device_ring: Option<DeviceRingConfig>,
+    /// Threads for CPU-heavy one-off work off the cores ([`Cx::offload`]; 0: in place).
+    pub offload_threads: usize,
+    /// Jobs waiting for an offload thread at most; beyond, they run on the core.
+    pub offload_queue: usize,
 }
 
 /// Each core's device ring (see the module header).
@@ -177,18 +182,24 @@ pub enum EngineError {
     DeviceRing { core: usize, source: RingError },
     #[error("core {core}: device ring eventfd: {source}")]
     DeviceEventfd { core: usize, source: std::io::Error },
+    #[error("offload threads: {0}")]
+    Offload(std::io::Error),
 }
 
 /// The running set of cores.
 pub struct Engine {
     handles: Arc<Vec<CoreHandle>>,
     threads: Vec<JoinHandle<()>>,
+    /// Dropped after the cores stopped: its threads finish their queue first.
+    offload: Arc<Offload>,
 }
 
 impl Engine {
     /// Starts one pinned reactor per CPU in `config.cpus`; fails if any ring cannot be created.
     pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
         assert!(!config.cpus.is_empty(), "engine needs at least one core");
+        let offload = Offload::start(config.offload_threads, config.offload_queue)
+            .map_err(EngineError::Offload)?;
         let mut handles = Vec::new();
         let mut mailboxes = Vec::new();
         for core in 0..config.cpus.len() {
@@ -207,6 +218,7 @@ impl Engine {
         for (core, (rx, wakes_rx, wake, awake)) in mailboxes.into_iter().enumerate() {
             let cpu = config.cpus[core];
             let peers = handles.clone();
+            let offload = offload.clone();
             let ready_tx = ready_tx.clone();
             let cfg = config.clone();
             let thread = std::thread::Builder::new()
@@ -230,7 +242,16 @@ impl Engine {
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
-                    Core::new(core, ring, dev, (rx, wakes_rx), (wake, awake), peers, &cfg).run();
+                    Core::new(
+                        core,
+                        ring,
+                        dev,
+                        (rx, wakes_rx),
+                        (wake, awake),
+                        (peers, offload),
+                        &cfg,
+                    )
+                    .run();
                 })
                 .map_err(|source| EngineError::Thread { core, source })?;
             threads.push(thread);
@@ -241,7 +262,7 @@ impl Engine {
                 first_error.get_or_insert(e);
             }
         }
-        let engine = Engine { handles, threads };
+        let engine = Engine { handles, threads, offload };
         if let Some(e) = first_error {
             engine.shutdown();
             return Err(e);
@@ -261,6 +282,7 @@ impl Engine {
         for t in self.threads {
             let _ = t.join();
         }
+        drop(self.offload);
     }
 }
 
@@ -273,6 +295,7 @@ pub struct Cx<'a> {
     ready: &'a mut VecDeque<Completion>,
     spawns: &'a mut Vec<Box<dyn Task>>,
     peers: &'a Arc<Vec<CoreHandle>>,
+    offload: &'a Offload,
     stats: &'a mut CoreStats,
     pool: &'a mut BufPool,
     shutting_down: bool,
@@ -393,6 +416,27 @@ impl Cx<'_> {
         self.submit(Op::Cancel { token: target }, cancel_tag);
     }
 
+    /// Runs `work` off the core, on an offload thread, and completes `tag` for this task
+    /// (result 0, nothing owned) once it is done; where no thread can take it now (none
+    /// configured, queue full), `work` runs here, before this returns, and `tag` completes
+    /// after the current event. Either way `tag` completes exactly once, after `work`.
+    pub fn offload(&mut self, tag: u32, work: Box<dyn FnOnce() + Send>) {
+        let handle = self.peers[self.core].clone();
+        let task = self.task;
+        match self.offload.try_run(Box::new(move || {
+            work();
+            handle.wake_task(task, tag);
+        })) {
+            Ok(()) => self.stats.offloaded += 1,
+            Err(job) => {
+                // `job` wakes through the channel of this very core: the same completion,
+                // a turn later.
+                self.stats.offload_in_place += 1;
+                job();
+            }
+        }
+    }
+
     /// Starts a task on this core (after the current event).
     pub fn spawn_local(&mut self, task: Box<dyn Task>) {
         self.spawns.push(task);
@@ -444,6 +488,7 @@ struct Core {
     wake: Arc<OwnedFd>,
     awake: Arc<AtomicBool>,
     peers: Arc<Vec<CoreHandle>>,
+    offload: Arc<Offload>,
     tasks: Slab<Slot>,
     ready: VecDeque<Completion>,
     spawns: Vec<Box<dyn Task>>,
@@ -470,7 +515,7 @@ impl Core {
         dev: Option<DeviceSide>,
         (mailbox, wakes): (Receiver<Msg>, Receiver<u64>),
         (wake, awake): (Arc<OwnedFd>, Arc<AtomicBool>),
-        peers: Arc<Vec<CoreHandle>>,
+        (peers, offload): (Arc<Vec<CoreHandle>>, Arc<Offload>),
         cfg: &EngineConfig,
     ) -> Core {
         Core {
@@ -482,6 +527,7 @@ impl Core {
             awake,
             wake,
             peers,
+            offload,
             tasks: Slab::new(),
             ready: VecDeque::new(),
             spawns: Vec::new(),
@@ -703,6 +749,7 @@ impl Core {
             ready: &mut self.ready,
             spawns: &mut self.spawns,
             peers: &self.peers,
+            offload: &self.offload,
             stats: &mut self.stats,
             pool: &mut self.pool,
             shutting_down: self.shutdown_at.is_some(),

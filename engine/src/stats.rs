@@ -126,6 +126,10 @@ pub struct CoreStats {
     /// Idle turns that spun (the polling policy expected work soon).
     pub spins: u64,
     pub sleeps: u64,
+    /// Jobs this core handed to an offload thread ([`crate::Cx::offload`]).
+    pub offloaded: u64,
+    /// Jobs it ran in place because no offload thread could take them.
+    pub offload_in_place: u64,
     /// Requests submitted on this core and not completed yet, all devices together.
     in_flight: u64,
     /// Per device, by `device_id`.
@@ -147,6 +151,8 @@ impl CoreStats {
             loops_busy: 0,
             spins: 0,
             sleeps: 0,
+            offloaded: 0,
+            offload_in_place: 0,
             in_flight: 0,
             devices: Vec::new(),
         }
@@ -246,6 +252,8 @@ impl CoreStats {
             loops_busy: self.loops_busy,
             spins: self.spins,
             sleeps: self.sleeps,
+            offloaded: self.offloaded,
+            offload_in_place: self.offload_in_place,
             in_flight: self.in_flight,
             tasks: 0,
             ring_enters: 0,
@@ -317,6 +325,8 @@ pub struct StatsSnapshot {
     pub loops_busy: u64,
     pub spins: u64,
     pub sleeps: u64,
+    pub offloaded: u64,
+    pub offload_in_place: u64,
     /// Requests submitted and not completed yet (the core's queue depth, all devices).
     pub in_flight: u64,
     /// Tasks (connections, listeners, volume I/O) alive on the core.

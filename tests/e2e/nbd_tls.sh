@@ -2,10 +2,12 @@
 # End-to-end: NBD over TLS (NBD_OPT_STARTTLS) with clients we did not write: libnbd's nbdinfo,
 # nbdcopy and nbdsh (GnuTLS), qemu-img and qemu-io (tls-creds-psk / tls-creds-x509).
 #   1. TLS-PSK, --nbd-tls require: data round trips; plaintext, a wrong key and an unknown
-#      identity are refused; the key never reaches the log; a world-readable key file is refused.
+#      identity are refused; the key never reaches the log; a world-readable key file is refused;
+#      the handshakes ran on offload threads (metrics).
 #   2. X.509 with client certificates, --nbd-tls on: an allow-listed export only for its
 #      identity, an open export in plaintext too; an untrusted client certificate and an
-#      untrusted server certificate fail the handshake.
+#      untrusted server certificate fail the handshake; handshakes on the core
+#      (--offload-threads 0).
 set -u -o pipefail
 . "$(dirname "$0")/../lib.sh"
 
@@ -34,7 +36,8 @@ printf 'mallory:%s\n' "$KEY" >"$T/mallory/keys.psk"
 chmod 600 "$T/wrongpsk/keys.psk" "$T/mallory/keys.psk"
 
 new_data_dir
-start_ballast --export vol0=ram:64M --export vol1=ram:16M \
+MPORT=$(free_port)
+start_ballast --export vol0=ram:64M --export vol1=ram:16M --metrics-listen "127.0.0.1:$MPORT" \
     --nbd-tls require --nbd-tls-psk "$T/psk/keys.psk" || finish
 PSK_URI="nbds://alice@127.0.0.1:$PORT"
 Q="tls-psk-file=$T/psk/keys.psk"
@@ -44,6 +47,13 @@ if grep -q "with TLS" <<<"$out" && grep -q "export-size: $((64 * MiB))" <<<"$out
     pass "nbdinfo over TLS-PSK: TLS negotiated, size right"
 else
     fail "nbdinfo over TLS-PSK" "$(head -3 <<<"$out" | tr '\n' ' ')"
+fi
+# Handshakes run off the data cores (--offload-threads, default 2).
+offloaded=$(curl -s "http://127.0.0.1:$MPORT/metrics" | awk '/^ballast_core_offloaded_total[{ ]/ { n += $NF } END { print n + 0 }')
+if ((offloaded >= 2)); then
+    pass "TLS handshake steps ran on offload threads ($offloaded)"
+else
+    fail "handshake steps offloaded" "ballast_core_offloaded=$offloaded"
 fi
 if grep -q 'TLS established.*identity="\?alice' "$BALLAST_LOG"; then
     pass "server log names the PSK identity and the cipher"
@@ -150,7 +160,8 @@ client_dir "$T/rogue" rogue ca
 client_dir "$T/badca" alice otherca
 
 new_data_dir
-start_ballast --export secret=ram:16M --export open=ram:16M \
+# --offload-threads 0: the handshakes run on the data core itself (the other path).
+start_ballast --export secret=ram:16M --export open=ram:16M --offload-threads 0 \
     --nbd-tls on --nbd-tls-cert "$P/server.crt" --nbd-tls-key "$P/server.key" \
     --nbd-tls-ca "$P/ca.crt" --nbd-tls-allow secret=alice || finish
 X="nbds://127.0.0.1:$PORT"

@@ -204,7 +204,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 17] = [
+        let per_core: [PerCoreMetric; 19] = [
             ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
                 s.in_flight
             }),
@@ -234,6 +234,18 @@ impl ScrapeCollector {
                 s.spins
             }),
             ("ballast_core_sleeps", "Times the core slept in its ring.", Counter, |s| s.sleeps),
+            (
+                "ballast_core_offloaded",
+                "CPU-heavy jobs (TLS handshake steps) handed to offload threads.",
+                Counter,
+                |s| s.offloaded,
+            ),
+            (
+                "ballast_core_offload_in_place",
+                "CPU-heavy jobs run on the core: no offload thread could take them.",
+                Counter,
+                |s| s.offload_in_place,
+            ),
             ("ballast_buffer_budget_bytes", "The core's payload-memory budget.", Gauge, |s| {
                 s.buffers.buffer_budget
             }),

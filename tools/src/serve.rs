@@ -55,6 +55,16 @@ pub struct ServeArgs {
     /// socket carries plaintext for us; off keeps them in OpenSSL.
     #[arg(long, value_enum, default_value = "auto")]
     kernel_tls: KernelTls,
+    /// Threads that run TLS handshakes (key exchange, signatures: milliseconds of CPU each)
+    /// off the data cores, so a burst of connections does not stall their I/O; 0 runs them
+    /// on the cores.
+    #[arg(long, default_value_t = ballast_engine::offload::THREADS_DEFAULT as u16,
+          value_parser = clap::value_parser!(u16).range(0..=64))]
+    offload_threads: u16,
+    /// Handshake steps waiting for an offload thread at most; beyond, a core runs them itself.
+    #[arg(long, default_value_t = ballast_engine::offload::QUEUE_DEFAULT as u32,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    offload_queue: u32,
     /// Extra NVMe/TCP listen address for discovery (conventionally port 8009).
     #[arg(long)]
     discovery_listen: Option<SocketAddr>,
@@ -293,6 +303,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .iter()
             .any(|spec| spec.split_once('=').is_some_and(|(_, b)| needs_device_ring(b)))
             .then_some(DeviceRingConfig { entries: DEVICE_RING_ENTRIES, poll: args.poll_device }),
+        offload_threads: usize::from(args.offload_threads),
+        offload_queue: args.offload_queue as usize,
     };
     if args.poll_device && config.device_ring.is_none() {
         tracing::warn!("--poll-device has no effect: no nvme: export");

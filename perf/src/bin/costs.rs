@@ -227,6 +227,8 @@ fn cross_core(ops: u64, cpus: [usize; 2], poll_us: u64) -> anyhow::Result<f64> {
         mailbox_depth: 1024,
         buffer_budget: 16 << 20,
         device_ring: None,
+        offload_threads: 0,
+        offload_queue: 1,
     })
     .context("starting two cores")?;
     let (tx, rx) = crossbeam_channel::bounded(1);

@@ -67,6 +67,8 @@ const TAG_POLL: u32 = u32::MAX - 3;
 const TAG_TICK: u32 = u32::MAX - 4;
 const TAG_CANCEL: u32 = u32::MAX - 5;
 const TAG_TLS_RECV: u32 = u32::MAX - 6;
+/// A TLS handshake step run off the core came back.
+const TAG_TLS_WORK: u32 = u32::MAX - 7;
 
 /// A request handed to the device, waiting for its completion.
 struct Inflight {
@@ -291,7 +293,7 @@ impl Conn {
                 return;
             }
         };
-        self.tls = Some(Box::new(TlsLink::start(cx, session, &mut self.out, early)));
+        self.tls = Some(Box::new(TlsLink::start(cx, session, &mut self.out, early, TAG_TLS_WORK)));
     }
 
     fn tls_recv_inflight(&self) -> bool {
@@ -916,6 +918,10 @@ impl Task for Conn {
             TAG_TLS_RECV => {
                 let buf = owned.into_buf().expect("TLS receive completion without its buffer");
                 self.on_tls_recv(result, buf);
+            }
+            TAG_TLS_WORK => {
+                self.tls.as_mut().expect("TLS handshake step without TLS").on_work_done();
+                self.progress.moved();
             }
             TAG_TICK => self.on_tick(),
             TAG_CANCEL => self.cancel_inflight = false,

@@ -72,6 +72,8 @@ const TAG_CANCEL: u32 = u32::MAX - 3;
 const TAG_POLL: u32 = u32::MAX - 4;
 const TAG_DIRECT: u32 = u32::MAX - 5;
 const TAG_TLS_RECV: u32 = u32::MAX - 6;
+/// A TLS handshake step run off the core came back.
+const TAG_TLS_WORK: u32 = u32::MAX - 7;
 /// H2CData payloads at least this long are received straight into their command's buffer
 /// once their header is in (no copy out of the receive buffer, no receive buffer that big).
 const DIRECT_MIN: usize = 16 * 1024;
@@ -268,7 +270,13 @@ impl Queue {
             Ok(session) => {
                 let early = buf.as_slice().to_vec();
                 buf.consume_front(buf.len());
-                self.tls = Some(Box::new(TlsLink::start(cx, session, &mut self.out, &early)));
+                self.tls = Some(Box::new(TlsLink::start(
+                    cx,
+                    session,
+                    &mut self.out,
+                    &early,
+                    TAG_TLS_WORK,
+                )));
                 true
             }
             Err(e) => {
@@ -1434,6 +1442,10 @@ impl Task for Queue {
                 } else {
                     self.read_closed = true;
                 }
+            }
+            TAG_TLS_WORK => {
+                self.tls.as_mut().expect("TLS handshake step without TLS").on_work_done();
+                self.progress.moved();
             }
             TAG_TICK => self.on_tick(cx),
             TAG_CANCEL => self.cancel_inflight = false,

@@ -11,6 +11,9 @@
 //!   consumed the last (ciphertext held: one receive's worth, `RECV_BYTES`);
 //! - decrypted bytes go into the protocol's `RecvBuf` only as far as it has room, so a
 //!   protocol that stops parsing stops the reading (back-pressure reaches the socket);
+//! - a handshake step (key exchange, signatures: milliseconds of CPU) runs off the core
+//!   ([`Cx::offload`]): the session is away meanwhile — nothing is received, encrypted or
+//!   decrypted, and the connection waits for it before it finishes (`recv_inflight`);
 //! - the link ends early when the kernel takes the session's records over
 //!   ([`offload_to_kernel`]): only with no receive in flight, no ciphertext queued or in
 //!   flight, and the session at a record boundary both ways; what `out` holds then was never
@@ -22,6 +25,7 @@ use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::{Cx, IoBuf};
 use ballast_ffi::Op;
+use crossbeam_channel::Receiver;
 
 use crate::config::Identity;
 use crate::ktls::Installed;
@@ -46,8 +50,17 @@ pub enum Pump {
     Failed(TlsError),
 }
 
+/// A handshake step's result coming back from an offload thread.
+type Returning = Receiver<(Box<TlsSession>, Result<(), TlsError>)>;
+
 pub struct TlsLink {
-    session: TlsSession,
+    /// None while a handshake step runs off the core (`away`).
+    session: Option<Box<TlsSession>>,
+    away: Option<Returning>,
+    /// A handshake step that failed off the core, reported by the next `pump`.
+    failed: Option<TlsError>,
+    /// The tag the connection routes to `on_work_done`.
+    work_tag: u32,
     /// The session may still go to the kernel (`offload_to_kernel`).
     kernel_wanted: bool,
     wire: SendQueue,
@@ -62,11 +75,14 @@ impl TlsLink {
     /// TLS starts now: `out` (what is queued in plaintext, a send in flight included) moves
     /// into the link and leaves first; `early` is input that already arrived after the
     /// plaintext part (the start of the client's handshake).
+    /// `work_tag`: the connection's tag for handshake steps run off the core; its completion
+    /// goes to [`TlsLink::on_work_done`].
     pub fn start(
         cx: &mut Cx<'_>,
         mut session: TlsSession,
         out: &mut SendQueue,
         early: &[u8],
+        work_tag: u32,
     ) -> TlsLink {
         if !early.is_empty() {
             let mut buf = cx.buf_with_capacity(early.len());
@@ -74,7 +90,10 @@ impl TlsLink {
             session.feed(buf);
         }
         TlsLink {
-            session,
+            session: Some(Box::new(session)),
+            away: None,
+            failed: None,
+            work_tag,
             kernel_wanted: true,
             wire: std::mem::take(out),
             recv_inflight: false,
@@ -85,11 +104,28 @@ impl TlsLink {
 
     /// Decrypts what it can into `recv` (`held`: what the connection holds besides it).
     pub fn pump(&mut self, cx: &mut Cx<'_>, recv: &mut RecvBuf, held: u64) -> Pump {
-        if !self.session.readable() {
+        if let Some(e) = self.failed.take() {
+            return Pump::Failed(e);
+        }
+        let Some(session) = self.session.as_mut() else { return Pump::Idle };
+        if !session.readable() {
+            return Pump::Idle;
+        }
+        if session.is_handshaking() {
+            // Key exchange and signatures cost milliseconds: off the core with them.
+            let mut session = self.session.take().expect("session present");
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            self.away = Some(rx);
+            cx.offload(
+                self.work_tag,
+                Box::new(move || {
+                    let result = session.handshake();
+                    let _ = tx.send((session, result));
+                }),
+            );
             return Pump::Idle;
         }
         let mut outcome = Ok(ReadOutcome::WantInput);
-        let session = &mut self.session;
         let posted = recv.fill(cx, held, |room| {
             outcome = session.read(room);
             match outcome {
@@ -110,18 +146,29 @@ impl TlsLink {
         }
     }
 
+    /// A handshake step run off the core came back (the connection's `work_tag` completed).
+    pub fn on_work_done(&mut self) {
+        let back = self.away.take().expect("handshake step completion without one away");
+        let (session, result) = back.try_recv().expect("a handshake step wakes after its work");
+        self.session = Some(session);
+        if let Err(e) = result {
+            self.failed = Some(e);
+        }
+    }
+
     /// The handshake finished since the last call: who the peer is, once.
     pub fn opened(&mut self) -> Option<&Identity> {
-        if self.announced || !self.session.is_open() {
+        let session = self.session.as_ref()?;
+        if self.announced || !session.is_open() {
             return None;
         }
         self.announced = true;
-        self.session.identity()
+        session.identity()
     }
 
     /// Protocol and cipher, for logs.
     pub fn describe(&self) -> String {
-        self.session.describe()
+        self.session.as_ref().map_or_else(|| "TLS handshake under way".into(), |s| s.describe())
     }
 
     /// Encrypts what `out` holds and starts a send of the ciphertext, unless one is in flight.
@@ -133,23 +180,26 @@ impl TlsLink {
         tag: u32,
     ) -> Result<(), TlsError> {
         let mut result = Ok(());
-        if out.queued() {
-            let staging = &mut self.staging;
-            staging.clear();
-            out.drain(cx, |bytes| staging.extend_from_slice(bytes));
-            result = self.session.write(&self.staging);
+        if let Some(session) = self.session.as_mut() {
+            if out.queued() {
+                let staging = &mut self.staging;
+                staging.clear();
+                out.drain(cx, |bytes| staging.extend_from_slice(bytes));
+                result = session.write(&self.staging);
+            }
+            session.take_output(|ciphertext| self.wire.push_bytes(ciphertext));
         }
-        self.session.take_output(|ciphertext| self.wire.push_bytes(ciphertext));
         self.wire.start(cx, fd, tag);
         result
     }
 
     /// Posts a ciphertext receive if none is in flight and the last was consumed.
     pub fn post_recv(&mut self, cx: &mut Cx<'_>, fd: RawFd, tag: u32) {
-        if self.recv_inflight || !self.session.wants_input() || self.session.is_closed() {
+        let Some(session) = self.session.as_mut() else { return };
+        if self.recv_inflight || !session.wants_input() || session.is_closed() {
             return;
         }
-        let buf = match self.session.take_spent() {
+        let buf = match session.take_spent() {
             Some(buf) => buf,
             None => cx.buf_with_capacity(RECV_BYTES),
         };
@@ -161,12 +211,14 @@ impl TlsLink {
     pub fn on_recv(&mut self, result: i32, buf: IoBuf) -> bool {
         assert!(self.recv_inflight, "TLS receive completion without a receive");
         self.recv_inflight = false;
-        self.session.feed(buf);
+        self.session.as_mut().expect("no receive is posted while the session is away").feed(buf);
         result > 0
     }
 
+    /// A ciphertext receive, or a handshake step off the core, is in flight: the connection
+    /// must wait for it before it finishes.
     pub fn recv_inflight(&self) -> bool {
-        self.recv_inflight
+        self.recv_inflight || self.away.is_some()
     }
 
     /// The queue the socket's sends belong to.
@@ -189,13 +241,14 @@ impl TlsLink {
 
     /// Nothing left to send (or nothing that ever will be).
     pub fn drained(&self) -> bool {
-        self.wire.drained() && (self.wire.broken() || !self.session.has_output())
+        self.wire.drained()
+            && (self.wire.broken() || self.session.as_ref().is_some_and(|s| !s.has_output()))
     }
 
     /// The connection is finished: the receive buffer returns.
     pub fn release(&mut self, cx: &mut Cx<'_>) {
-        assert!(!self.recv_inflight, "TLS link released with a receive in flight");
-        if let Some(buf) = self.session.take_spent() {
+        assert!(!self.recv_inflight(), "TLS link released with a receive or handshake in flight");
+        if let Some(buf) = self.session.as_mut().and_then(|s| s.take_spent()) {
             cx.recycle(buf);
         }
     }
@@ -214,7 +267,8 @@ pub fn offload_to_kernel(
     if !l.kernel_wanted || l.recv_inflight || !l.wire.drained() || l.wire.broken() {
         return Ok(false);
     }
-    match l.session.handoff() {
+    let Some(session) = l.session.as_ref() else { return Ok(false) };
+    match session.handoff() {
         Handoff::NotYet => Ok(false),
         Handoff::Never(why) => {
             l.kernel_wanted = false;

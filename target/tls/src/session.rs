@@ -203,12 +203,9 @@ impl TlsSession {
             return Ok(ReadOutcome::Closed);
         }
         if self.state == State::Handshaking {
-            // The handshake alone first: it ends exactly after the client's Finished, so
-            // the records counted from there are the application's (see `kernel_keys`).
-            match self.stream.do_handshake() {
-                Ok(()) => self.check_open()?,
-                Err(e) if e.code() == ErrorCode::WANT_READ => return Ok(ReadOutcome::WantInput),
-                Err(e) => return Err(TlsError::Handshake(describe(&e))),
+            self.handshake()?;
+            if self.state == State::Handshaking {
+                return Ok(ReadOutcome::WantInput);
             }
         }
         let result = self.stream.ssl_read(out);
@@ -224,6 +221,25 @@ impl TlsSession {
                 _ => Err(TlsError::Record(describe(&e))),
             },
         }
+    }
+
+    /// Advances the handshake with the ciphertext fed — the costly part of TLS (key exchange,
+    /// signatures), which the link may run off the core — and reads no application data: it
+    /// ends exactly after the client's Finished, so the records counted from there are the
+    /// application's (see `handoff`). Ok also when it needs more input.
+    pub fn handshake(&mut self) -> Result<(), TlsError> {
+        if self.state != State::Handshaking {
+            return Ok(());
+        }
+        match self.stream.do_handshake() {
+            Ok(()) => self.check_open(),
+            Err(e) if e.code() == ErrorCode::WANT_READ => Ok(()),
+            Err(e) => Err(TlsError::Handshake(describe(&e))),
+        }
+    }
+
+    pub fn is_handshaking(&self) -> bool {
+        self.state == State::Handshaking
     }
 
     /// Encrypts `plain` (held until the handshake finishes if it has not).

@@ -43,6 +43,7 @@ use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{Cx, IoBuf, IoCmd, Owned, Task};
 use ballast_tls::{offload_to_kernel, Pump, TlsLink, TlsSession};
+use crossbeam_channel::Receiver;
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
@@ -74,6 +75,16 @@ const TAG_DIRECT: u32 = u32::MAX - 5;
 const TAG_TLS_RECV: u32 = u32::MAX - 6;
 /// A TLS handshake step run off the core came back.
 const TAG_TLS_WORK: u32 = u32::MAX - 7;
+/// A DH-HMAC-CHAP step run off the core came back.
+const TAG_AUTH_WORK: u32 = u32::MAX - 8;
+
+/// What answering an authentication command needs once its step is done.
+struct AuthStep {
+    cid: u16,
+    receive: bool,
+    was_authenticated: bool,
+    action: Action,
+}
 /// H2CData payloads at least this long are received straight into their command's buffer
 /// once their header is in (no copy out of the receive buffer, no receive buffer that big).
 const DIRECT_MIN: usize = 16 * 1024;
@@ -170,6 +181,8 @@ pub struct Queue {
     tls_names: Option<(String, String)>,
     /// DH-HMAC-CHAP for this queue, when its host must authenticate to its subsystem.
     auth: Option<Box<QueueAuth>>,
+    /// An authentication step running off the core (its result comes back here).
+    auth_away: Option<Receiver<(Box<QueueAuth>, AuthStep)>>,
 }
 
 impl Queue {
@@ -211,12 +224,14 @@ impl Queue {
             tls: None,
             tls_names: None,
             auth: None,
+            auth_away: None,
         }
     }
 
-    /// Whether the queue must still authenticate before it may do anything else.
+    /// Whether the queue must still authenticate before it may do anything else (a step
+    /// away on an offload thread counts as not yet).
     fn auth_pending(&self) -> bool {
-        self.auth.as_ref().is_some_and(|a| !a.is_authenticated())
+        self.auth_away.is_some() || self.auth.as_ref().is_some_and(|a| !a.is_authenticated())
     }
 
     /// Queues the PDU bytes built in `scratch`.
@@ -784,30 +799,55 @@ impl Queue {
                 return self.respond(sqe.cid, 0, 0, refused.status);
             }
         };
-        let Some(auth) = self.auth.as_mut() else {
-            // Nothing to authenticate: ATR was not set (nvmet: no host key).
+        let Some(mut auth) = self.auth.take() else {
+            // Nothing to authenticate (ATR was not set: nvmet, no host key), or a step is
+            // still away: the host sends one authentication command at a time.
             return self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
         };
-        let was_authenticated = auth.is_authenticated();
-        let action = match command {
-            AuthCommand::Send { .. } => auth.on_event(Event::Send(data)),
-            AuthCommand::Receive { allocation_len } => {
-                auth.on_event(Event::Receive { allocation_len: allocation_len as usize })
-            }
-        };
+        // The step's modular exponentiation (DH) costs milliseconds: off the core with it;
+        // the queue stays unauthenticated meanwhile (`auth_pending`).
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.auth_away = Some(rx);
+        let (cid, payload) = (sqe.cid, data.to_vec());
+        cx.offload(
+            TAG_AUTH_WORK,
+            Box::new(move || {
+                let was_authenticated = auth.is_authenticated();
+                let action = match command {
+                    AuthCommand::Send { .. } => auth.on_event(Event::Send(&payload)),
+                    AuthCommand::Receive { allocation_len } => {
+                        auth.on_event(Event::Receive { allocation_len: allocation_len as usize })
+                    }
+                };
+                let step = AuthStep {
+                    cid,
+                    receive: matches!(command, AuthCommand::Receive { .. }),
+                    was_authenticated,
+                    action,
+                };
+                let _ = tx.send((auth, step));
+            }),
+        );
+    }
+
+    /// An authentication step came back from the offload thread: answer its command.
+    fn on_auth_done(&mut self, cx: &mut Cx<'_>) {
+        let back = self.auth_away.take().expect("authentication step completion without one away");
+        let (auth, step) = back.try_recv().expect("an authentication step wakes after its work");
         let (authenticated, negotiated) = (auth.is_authenticated(), auth.negotiated());
         let failure = auth.failure();
-        let receive = matches!(command, AuthCommand::Receive { .. });
+        self.auth = Some(auth);
+        let AuthStep { cid, receive, was_authenticated, action } = step;
         match action {
-            Action::Accepted => self.respond(sqe.cid, 0, 0, status::SUCCESS),
+            Action::Accepted => self.respond(cid, 0, 0, status::SUCCESS),
             Action::Data(bytes) => {
                 let mut buf = IoBuf::with_capacity(bytes.len().max(1));
                 buf.extend_from_slice(&bytes);
-                self.respond_with_data(cx, sqe.cid, buf, 0);
+                self.respond_with_data(cx, cid, buf, 0);
             }
             Action::AllocationTooSmall { needed } => {
                 tracing::debug!(peer = %self.peer, qid = self.qid, needed, "AUTH_Receive allocation too small");
-                self.respond(sqe.cid, 0, 0, status::INVALID_FIELD);
+                self.respond(cid, 0, 0, status::INVALID_FIELD);
             }
         }
         let host = self.ctrl.as_ref().map(|c| c.hostnqn.clone()).unwrap_or_default();
@@ -1367,7 +1407,8 @@ impl Queue {
             self.cancel_inflight = true;
             cx.cancel(TAG_TICK, TAG_CANCEL);
         }
-        let quiet = !self.recv.inflight()
+        let quiet = self.auth_away.is_none()
+            && !self.recv.inflight()
             && !self.direct_inflight()
             && !self.tls_recv_inflight()
             && !self.send_inflight()
@@ -1442,6 +1483,10 @@ impl Task for Queue {
                 } else {
                     self.read_closed = true;
                 }
+            }
+            TAG_AUTH_WORK => {
+                self.on_auth_done(cx);
+                self.progress.moved();
             }
             TAG_TLS_WORK => {
                 self.tls.as_mut().expect("TLS handshake step without TLS").on_work_done();

@@ -52,7 +52,7 @@ pub enum ConfigError {
 }
 
 /// DH groups by default, in order: ffdhe3072 first (128-bit strength; the controller's modular
-/// exponentiations, a few milliseconds, run on the queue's core, and a slow host must finish
+/// exponentiations take a few milliseconds (on an offload thread), and a slow host must finish
 /// its own within the handshake deadline: ffdhe8192 took an emulated guest over 10 s), then
 /// the smaller and the larger groups, and no DH (null) last. `with_preferences` changes it.
 pub const DEFAULT_DH_GROUPS: [DhGroup; 6] = [

@@ -98,7 +98,7 @@ impl FailureReason {
 
 /// Where the controller's random values come from (C1, sequence numbers, DH private keys):
 /// injected, so tests can script them and the state machine stays deterministic.
-pub trait Entropy {
+pub trait Entropy: Send {
     fn fill(&mut self, buf: &mut [u8]);
 }
 

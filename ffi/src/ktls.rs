@@ -1,4 +1,4 @@
-//! Kernel TLS (kTLS): handing an established TLS 1.3 session's record layer to the kernel, so
+//! Kernel TLS (kTLS): handing an established TLS 1.2 or 1.3 session's record layer to the kernel, so
 //! that the socket's receives return plaintext and its sends take plaintext (the kernel
 //! encrypts, or a NIC does). The handshake stays in userspace; this module only installs the
 //! traffic keys the handshake produced.
@@ -33,8 +33,26 @@ impl KtlsCipher {
     }
 }
 
-/// One direction's record protection: the write key, the 12-byte write IV (RFC 8446 7.3) and
-/// the sequence number of the next record.
+/// The TLS version whose record format the kernel speaks on the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KtlsVersion {
+    Tls12,
+    Tls13,
+}
+
+impl KtlsVersion {
+    fn wire(self) -> u16 {
+        match self {
+            KtlsVersion::Tls12 => 0x0303,
+            KtlsVersion::Tls13 => 0x0304,
+        }
+    }
+}
+
+/// One direction's record protection: the write key, a 12-byte IV and the sequence number of
+/// the next record. TLS 1.3 and ChaCha20-Poly1305: the write IV (RFC 8446 7.3, RFC 7905).
+/// TLS 1.2 AES-GCM (RFC 5288): the 4-byte implicit salt, then the explicit nonce of the next
+/// record we send (the kernel counts on from it; unused for receiving).
 pub struct KtlsKeys<'a> {
     pub key: &'a [u8],
     pub iv: &'a [u8; 12],
@@ -52,12 +70,11 @@ pub enum KtlsError {
     KeyLength { cipher: KtlsCipher, want: usize, got: usize },
 }
 
-const TLS_1_3_VERSION: u16 = 0x0304;
-
-/// Hands the record layer of the TLS 1.3 session on `fd` to the kernel: `rx` protects what
-/// the peer sends, `tx` what we send.
+/// Hands the record layer of the TLS session on `fd` to the kernel: `rx` protects what the
+/// peer sends, `tx` what we send.
 pub fn install(
     fd: RawFd,
+    version: KtlsVersion,
     cipher: KtlsCipher,
     rx: &KtlsKeys<'_>,
     tx: &KtlsKeys<'_>,
@@ -75,25 +92,25 @@ pub fn install(
     // borrow does not outlive it.
     let sock = unsafe { BorrowedFd::borrow_raw(fd) };
     setsockopt(&sock, TcpUlp::default(), b"tls").map_err(KtlsError::Unavailable)?;
-    let mut info = crypto_info(cipher, rx);
+    let mut info = crypto_info(version, cipher, rx);
     let result = setsockopt(&sock, TcpTlsRx, &info);
     wipe(&mut info);
     result.map_err(|errno| KtlsError::Keys { direction: "receive", errno })?;
-    let mut info = crypto_info(cipher, tx);
+    let mut info = crypto_info(version, cipher, tx);
     let result = setsockopt(&sock, TcpTlsTx, &info);
     wipe(&mut info);
     result.map_err(|errno| KtlsError::Keys { direction: "send", errno })
 }
 
-/// The kernel's `tls12_crypto_info_*` for TLS 1.3: the IV's first four bytes are the "salt",
-/// the other eight the "iv"; ChaCha20-Poly1305 takes all twelve as its iv.
-fn crypto_info(cipher: KtlsCipher, keys: &KtlsKeys<'_>) -> TlsCryptoInfo {
+/// The kernel's `tls12_crypto_info_*`: the IV's first four bytes are the "salt", the other
+/// eight the "iv"; ChaCha20-Poly1305 takes all twelve as its iv.
+fn crypto_info(version: KtlsVersion, cipher: KtlsCipher, keys: &KtlsKeys<'_>) -> TlsCryptoInfo {
     let seq = keys.seq.to_be_bytes();
     match cipher {
         KtlsCipher::Aes128Gcm => {
             let mut c = libc::tls12_crypto_info_aes_gcm_128 {
                 info: libc::tls_crypto_info {
-                    version: TLS_1_3_VERSION,
+                    version: version.wire(),
                     cipher_type: libc::TLS_CIPHER_AES_GCM_128,
                 },
                 iv: [0; 8],
@@ -109,7 +126,7 @@ fn crypto_info(cipher: KtlsCipher, keys: &KtlsKeys<'_>) -> TlsCryptoInfo {
         KtlsCipher::Aes256Gcm => {
             let mut c = libc::tls12_crypto_info_aes_gcm_256 {
                 info: libc::tls_crypto_info {
-                    version: TLS_1_3_VERSION,
+                    version: version.wire(),
                     cipher_type: libc::TLS_CIPHER_AES_GCM_256,
                 },
                 iv: [0; 8],
@@ -125,7 +142,7 @@ fn crypto_info(cipher: KtlsCipher, keys: &KtlsKeys<'_>) -> TlsCryptoInfo {
         KtlsCipher::Chacha20Poly1305 => {
             let mut c = libc::tls12_crypto_info_chacha20_poly1305 {
                 info: libc::tls_crypto_info {
-                    version: TLS_1_3_VERSION,
+                    version: version.wire(),
                     cipher_type: libc::TLS_CIPHER_CHACHA20_POLY1305,
                 },
                 iv: [0; 12],
@@ -176,9 +193,11 @@ mod tests {
     fn crypto_info_splits_the_iv_into_salt_and_iv() {
         let key = [7u8; 16];
         let iv: [u8; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
-        let TlsCryptoInfo::Aes128Gcm(c) =
-            crypto_info(KtlsCipher::Aes128Gcm, &KtlsKeys { key: &key, iv: &iv, seq: 0x0102 })
-        else {
+        let TlsCryptoInfo::Aes128Gcm(c) = crypto_info(
+            KtlsVersion::Tls13,
+            KtlsCipher::Aes128Gcm,
+            &KtlsKeys { key: &key, iv: &iv, seq: 0x0102 },
+        ) else {
             panic!("wrong variant")
         };
         assert_eq!(c.salt, [1, 2, 3, 4]);
@@ -197,7 +216,8 @@ mod tests {
         let s = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let iv = [0u8; 12];
         let short = KtlsKeys { key: &[0; 16], iv: &iv, seq: 0 };
-        let err = install(s.as_raw_fd(), KtlsCipher::Aes256Gcm, &short, &short).unwrap_err();
+        let err = install(s.as_raw_fd(), KtlsVersion::Tls13, KtlsCipher::Aes256Gcm, &short, &short)
+            .unwrap_err();
         assert!(matches!(err, KtlsError::KeyLength { want: 32, got: 16, .. }), "{err}");
     }
 
@@ -211,7 +231,7 @@ mod tests {
         let key = [9u8; 16];
         let iv = [3u8; 12];
         let keys = KtlsKeys { key: &key, iv: &iv, seq: 5 };
-        match install(s.as_raw_fd(), KtlsCipher::Aes128Gcm, &keys, &keys) {
+        match install(s.as_raw_fd(), KtlsVersion::Tls12, KtlsCipher::Aes128Gcm, &keys, &keys) {
             Ok(()) => {}
             Err(KtlsError::Unavailable(errno)) => {
                 assert!(matches!(errno, Errno::ENOENT | Errno::EOPNOTSUPP), "{errno}")

@@ -74,14 +74,15 @@ after=$(tls_stat TlsTxSw)
 # The host's sockets and ballast's both count: at least two per queue.
 [ $((after - before)) -ge $((2 * n)) ] && pass "the kernel counts ballast's kTLS sockets too ($before -> $after)" \
   || fail "kernel kTLS sockets: $before -> $after for $n queues"
-# nbd-client offers only TLS 1.2 unless told otherwise: 1.2 sessions stay in OpenSSL.
+# nbd-client offers only TLS 1.2 unless told otherwise: both versions go to the kernel.
 m=$(handed)
 nbd_round "kTLS, TLS 1.3" -priority NORMAL:-VERS-TLS-ALL:+VERS-TLS1.3
 [ "$(handed)" = $((m + 1)) ] && pass "ballast handed the NBD TLS 1.3 connection to the kernel" \
-  || { fail "NBD hand-over missing"; grep -i "tls" /tmp/ballast.log | tail -6; }
-nbd_round "TLS 1.2 (nbd-client's default)"
-[ "$(handed)" = $((m + 1)) ] && grep -q "stay in userspace why=not TLS 1.3" /tmp/ballast.log \
-  && pass "a TLS 1.2 session stays in OpenSSL" || fail "TLS 1.2 session handling"
+  || { fail "NBD TLS 1.3 hand-over missing"; grep -i "tls" /tmp/ballast.log | tail -6; }
+nbd_round "kTLS, TLS 1.2 (nbd-client's default)"
+[ "$(handed)" = $((m + 2)) ] && grep -q "keys=KernelKeys(Tls12" /tmp/ballast.log \
+  && pass "ballast handed the NBD TLS 1.2 connection to the kernel" \
+  || { fail "NBD TLS 1.2 hand-over missing"; grep -i "tls" /tmp/ballast.log | tail -6; }
 grep -q "panicked" /tmp/ballast.log && fail "ballast panicked" || pass "no panic"
 stop && pass "ballast exits 0 (kTLS run)" || fail "ballast exit status"
 grep -q "NVMeTLSkey" /tmp/ballast.log && fail "the PSK appears in the log"

@@ -25,8 +25,9 @@ use crate::psk_file::{Key, PskFileError, PskTable};
 
 /// TLS 1.2 cipher suites offered (1.3's are OpenSSL's defaults, all AEAD): forward-secret
 /// AEAD with certificates, and the PSK suites, (EC)DHE first.
-const TLS12_CIPHERS: &str = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:ECDHE-PSK+CHACHA20:\
-                             DHE-PSK+AESGCM:ECDHE-PSK+AES:PSK+AESGCM:!aNULL:!MD5:!SHA1";
+const TLS12_CIPHERS: &str = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:\
+                             ECDHE-PSK-CHACHA20-POLY1305:DHE-PSK+AESGCM:PSK+AESGCM:\
+                             PSK-CHACHA20-POLY1305:!aNULL:!MD5:!SHA1";
 
 /// TLS 1.3 cipher suites, in the server's order of preference: AES-GCM first (AES-NI makes it
 /// the cheapest per byte on the x86 machines we run on), ChaCha20 for clients without it.

@@ -1,26 +1,29 @@
-//! Kernel TLS offload of an established TLS 1.3 session: what it takes to hand the record
+//! Kernel TLS offload of an established TLS 1.2 or 1.3 session: what it takes to hand the record
 //! layer to the kernel (`ballast_ffi::ktls`) once the handshake is done, so that the socket
 //! carries plaintext for us and the connection goes back to its plain receive and send paths
 //! (the kernel, or a NIC, encrypts; no copy through OpenSSL's buffers).
 //!
-//! Owns: the session's application traffic secrets (captured from OpenSSL's key-log callback
-//! into the session's ex-data, zeroed on drop, never logged or written anywhere), the record
-//! counters that say how many records each direction protected since the handshake, and the
-//! keys and IVs derived from the secrets (RFC 8446 section 7.3).
+//! Owns: the session's application traffic secrets (TLS 1.3: captured from OpenSSL's key-log
+//! callback into the session's ex-data, zeroed on drop, never logged or written anywhere;
+//! TLS 1.2: the session's master secret), the record counters that say how many records each
+//! direction protected since the handshake, and the keys and IVs derived from the secrets
+//! (RFC 8446 section 7.3; RFC 5246 section 6.3's key block).
 //!
 //! Invariants:
 //! - a session is handed over only at a record boundary in both directions: every ciphertext
 //!   byte received was consumed, every one produced was sent, nothing decrypted is waiting;
 //!   the kernel then starts at the next record's sequence number in each direction;
-//! - only TLS 1.3 with one of the kernel's AEADs is handed over; anything else stays in
-//!   userspace for its whole life (never an error);
+//! - only TLS 1.2 or 1.3 with one of the kernel's AEADs (AES-GCM, ChaCha20-Poly1305) is
+//!   handed over; anything else stays in userspace for its whole life (never an error);
 //! - once the kernel says it has no TLS, no later session tries again (one log line).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-use ballast_ffi::ktls::{self as sys, KtlsCipher, KtlsError, KtlsKeys};
+use ballast_ffi::ktls::{self as sys, KtlsCipher, KtlsError, KtlsKeys, KtlsVersion};
 use hkdf::Hkdf;
+use hmac::digest::KeyInit;
+use hmac::{Hmac, Mac};
 use openssl::ex_data::Index;
 use openssl::ssl::{Ssl, SslRef, SslVersion};
 use sha2::{Sha256, Sha384};
@@ -38,6 +41,12 @@ pub struct RecordCounter {
     header_seen: usize,
     /// Body bytes still to come of the record under way.
     body_left: usize,
+    /// Body bytes seen of the record under way (up to the first eight).
+    body_seen: usize,
+    /// The first eight body bytes of the record under way, then of the last whole one: in a
+    /// TLS 1.2 AES-GCM record, its explicit nonce.
+    prefix: [u8; 8],
+    last_prefix: [u8; 8],
 }
 
 impl RecordCounter {
@@ -45,11 +54,15 @@ impl RecordCounter {
         while !bytes.is_empty() {
             if self.body_left > 0 {
                 let n = self.body_left.min(bytes.len());
+                if self.body_seen < 8 {
+                    let k = n.min(8 - self.body_seen);
+                    self.prefix[self.body_seen..self.body_seen + k].copy_from_slice(&bytes[..k]);
+                }
+                self.body_seen += n;
                 self.body_left -= n;
                 bytes = &bytes[n..];
                 if self.body_left == 0 {
-                    self.header_seen = 0;
-                    self.records += 1;
+                    self.end_record();
                 }
                 continue;
             }
@@ -59,12 +72,25 @@ impl RecordCounter {
             bytes = &bytes[n..];
             if self.header_seen == HEADER {
                 self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                self.body_seen = 0;
+                self.prefix = [0; 8];
                 if self.body_left == 0 {
-                    self.header_seen = 0;
-                    self.records += 1;
+                    self.end_record();
                 }
             }
         }
+    }
+
+    fn end_record(&mut self) {
+        self.header_seen = 0;
+        self.records += 1;
+        self.last_prefix = self.prefix;
+    }
+
+    /// The first eight body bytes of the last whole record (TLS 1.2 AES-GCM: its explicit
+    /// nonce).
+    pub fn last_prefix(&self) -> [u8; 8] {
+        self.last_prefix
     }
 
     /// Whole records seen.
@@ -213,6 +239,7 @@ impl DirectionKeys {
 
 /// What the kernel needs to carry on a session: its AEAD and both directions' keys.
 pub struct KernelKeys {
+    pub version: KtlsVersion,
     pub cipher: KtlsCipher,
     /// What the peer (the client) sends.
     pub rx: DirectionKeys,
@@ -222,7 +249,11 @@ pub struct KernelKeys {
 
 impl std::fmt::Debug for KernelKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KernelKeys({:?}, rx seq {}, tx seq {})", self.cipher, self.rx.seq, self.tx.seq)
+        write!(
+            f,
+            "KernelKeys({:?} {:?}, rx seq {}, tx seq {})",
+            self.version, self.cipher, self.rx.seq, self.tx.seq
+        )
     }
 }
 
@@ -237,31 +268,131 @@ pub enum Refusal {
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Refusal::NotTls13 => "not TLS 1.3",
+            Refusal::NotTls13 => "neither TLS 1.2 nor 1.3",
             Refusal::Cipher => "a cipher suite the kernel does not offload",
             Refusal::NoSecrets => "the handshake's traffic secrets were not captured",
         })
     }
 }
 
-/// The keys for the kernel from a finished TLS 1.3 session, at the given sequence numbers.
-pub(crate) fn kernel_keys(ssl: &SslRef, rx_seq: u64, tx_seq: u64) -> Result<KernelKeys, Refusal> {
-    if ssl.version2() != Some(SslVersion::TLS1_3) {
-        return Err(Refusal::NotTls13);
+/// Where each direction stands when the session is handed over.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Position {
+    /// Records received since the handshake finished.
+    pub rx_records: u64,
+    /// Records sent since the handshake finished.
+    pub tx_records: u64,
+    /// The explicit nonce of the last record sent (TLS 1.2 AES-GCM).
+    pub tx_last_nonce: [u8; 8],
+}
+
+/// The kernel's AEAD and the PRF hash of a cipher suite (RFC 8446 or RFC 5246 name).
+fn suite(name: &str) -> Option<(KtlsCipher, Hash)> {
+    let cipher = if name.contains("_AES_128_GCM_") {
+        KtlsCipher::Aes128Gcm
+    } else if name.contains("_AES_256_GCM_") {
+        KtlsCipher::Aes256Gcm
+    } else if name.contains("_CHACHA20_POLY1305_") {
+        KtlsCipher::Chacha20Poly1305
+    } else {
+        return None;
+    };
+    let hash = if name.ends_with("_SHA384") {
+        Hash::Sha384
+    } else if name.ends_with("_SHA256") {
+        Hash::Sha256
+    } else {
+        return None;
+    };
+    Some((cipher, hash))
+}
+
+/// The keys for the kernel from a finished session, where it stands now.
+pub(crate) fn kernel_keys(ssl: &SslRef, at: Position) -> Result<KernelKeys, Refusal> {
+    let name = ssl.current_cipher().and_then(|c| c.standard_name()).ok_or(Refusal::Cipher)?;
+    let (cipher, hash) = suite(name).ok_or(Refusal::Cipher)?;
+    match ssl.version2() {
+        Some(SslVersion::TLS1_3) => {
+            let secrets = ssl.ex_data(secrets_index()).ok_or(Refusal::NoSecrets)?;
+            let (Some(client), Some(server)) = (secrets.client.get(), secrets.server.get()) else {
+                return Err(Refusal::NoSecrets);
+            };
+            let rx = DirectionKeys::derive(hash, cipher, client, at.rx_records)
+                .ok_or(Refusal::NoSecrets)?;
+            let tx = DirectionKeys::derive(hash, cipher, server, at.tx_records)
+                .ok_or(Refusal::NoSecrets)?;
+            Ok(KernelKeys { version: KtlsVersion::Tls13, cipher, rx, tx })
+        }
+        Some(SslVersion::TLS1_2) => tls12_keys(ssl, cipher, hash, at),
+        _ => Err(Refusal::NotTls13),
     }
-    let (cipher, hash) = match ssl.current_cipher().map(|c| c.standard_name()) {
-        Some(Some("TLS_AES_128_GCM_SHA256")) => (KtlsCipher::Aes128Gcm, Hash::Sha256),
-        Some(Some("TLS_AES_256_GCM_SHA384")) => (KtlsCipher::Aes256Gcm, Hash::Sha384),
-        Some(Some("TLS_CHACHA20_POLY1305_SHA256")) => (KtlsCipher::Chacha20Poly1305, Hash::Sha256),
-        _ => return Err(Refusal::Cipher),
-    };
-    let secrets = ssl.ex_data(secrets_index()).ok_or(Refusal::NoSecrets)?;
-    let (Some(client), Some(server)) = (secrets.client.get(), secrets.server.get()) else {
+}
+
+/// TLS 1.2 (RFC 5246 6.3): the key block from the master secret and both randoms; each
+/// direction's Finished was record 0 under these keys, so the next is 1 + those since.
+fn tls12_keys(
+    ssl: &SslRef,
+    cipher: KtlsCipher,
+    hash: Hash,
+    at: Position,
+) -> Result<KernelKeys, Refusal> {
+    let session = ssl.session().ok_or(Refusal::NoSecrets)?;
+    let mut master = Zeroizing::new([0u8; 48]);
+    if session.master_key(&mut master[..]) != 48 {
         return Err(Refusal::NoSecrets);
+    }
+    let (mut client_random, mut server_random) = ([0u8; 32], [0u8; 32]);
+    if ssl.client_random(&mut client_random) != 32 || ssl.server_random(&mut server_random) != 32 {
+        return Err(Refusal::NoSecrets);
+    }
+    let key_len = cipher.key_len();
+    let iv_len = if cipher == KtlsCipher::Chacha20Poly1305 { 12 } else { 4 };
+    let seed = [&server_random[..], &client_random[..]].concat();
+    let block = prf(hash, &master[..], b"key expansion", &seed, 2 * key_len + 2 * iv_len);
+    let (client_key, rest) = block.split_at(key_len);
+    let (server_key, rest) = rest.split_at(key_len);
+    let (client_iv, server_iv) = rest.split_at(iv_len);
+    let direction = |key: &[u8], implicit: &[u8], explicit: [u8; 8], seq: u64| {
+        let mut iv = Zeroizing::new([0u8; 12]);
+        iv[..implicit.len()].copy_from_slice(implicit);
+        if implicit.len() == 4 {
+            iv[4..].copy_from_slice(&explicit);
+        }
+        DirectionKeys { key: Zeroizing::new(key.to_vec()), iv, seq }
     };
-    let rx = DirectionKeys::derive(hash, cipher, client, rx_seq).ok_or(Refusal::NoSecrets)?;
-    let tx = DirectionKeys::derive(hash, cipher, server, tx_seq).ok_or(Refusal::NoSecrets)?;
-    Ok(KernelKeys { cipher, rx, tx })
+    // OpenSSL counts its explicit nonces up by one per record: the kernel goes on from there.
+    let next_nonce = u64::from_be_bytes(at.tx_last_nonce).wrapping_add(1).to_be_bytes();
+    Ok(KernelKeys {
+        version: KtlsVersion::Tls12,
+        cipher,
+        rx: direction(client_key, client_iv, [0; 8], 1 + at.rx_records),
+        tx: direction(server_key, server_iv, next_nonce, 1 + at.tx_records),
+    })
+}
+
+/// TLS 1.2's PRF (RFC 5246 5): P_hash(secret, label || seed), `len` bytes.
+fn prf(hash: Hash, secret: &[u8], label: &[u8], seed: &[u8], len: usize) -> Zeroizing<Vec<u8>> {
+    fn p_hash<M: Mac + KeyInit + Clone>(secret: &[u8], seed: &[u8], len: usize) -> Vec<u8> {
+        let mac = <M as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
+        let mut out = Vec::with_capacity(len);
+        let mut a = seed.to_vec();
+        while out.len() < len {
+            let mut m = mac.clone();
+            m.update(&a);
+            a = m.finalize().into_bytes().to_vec();
+            let mut m = mac.clone();
+            m.update(&a);
+            m.update(seed);
+            out.extend_from_slice(&m.finalize().into_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+    let seed = [label, seed].concat();
+    Zeroizing::new(match hash {
+        Hash::Sha256 => p_hash::<Hmac<Sha256>>(secret, &seed, len),
+        Hash::Sha384 => p_hash::<Hmac<Sha384>>(secret, &seed, len),
+    })
 }
 
 /// What installing keys on a socket did.
@@ -278,7 +409,7 @@ pub enum Installed {
 
 impl KernelKeys {
     pub fn install(&self, fd: std::os::fd::RawFd) -> Installed {
-        match sys::install(fd, self.cipher, &self.rx.as_sys(), &self.tx.as_sys()) {
+        match sys::install(fd, self.version, self.cipher, &self.rx.as_sys(), &self.tx.as_sys()) {
             Ok(()) => {
                 let _ = KERNEL.compare_exchange(
                     UNKNOWN,

@@ -21,7 +21,7 @@ use ballast_ffi::IoBuf;
 use openssl::ssl::{ErrorCode, Ssl, SslStream};
 
 use crate::config::{identity_of, Identity, TlsServer};
-use crate::ktls::{self, KernelKeys, RecordCounter, Refusal};
+use crate::ktls::{self, KernelKeys, Position, RecordCounter, Refusal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -41,8 +41,8 @@ struct Pipe {
     input_pos: usize,
     /// Ciphertext OpenSSL wrote, not yet taken.
     output: Vec<u8>,
-    /// Records OpenSSL read and wrote since the handshake finished, counted only for a
-    /// session that may go to the kernel (see `ktls`).
+    /// Records OpenSSL read and wrote, counted only for a session that may go to the kernel
+    /// (see `ktls`).
     counters: Option<Counters>,
 }
 
@@ -50,6 +50,8 @@ struct Pipe {
 struct Counters {
     rx: RecordCounter,
     tx: RecordCounter,
+    /// Records each way when the handshake finished (rx, tx).
+    at_open: Option<(u64, u64)>,
 }
 
 impl Read for Pipe {
@@ -130,11 +132,12 @@ impl TlsSession {
     pub fn accept(server: &TlsServer) -> Result<TlsSession, TlsError> {
         let mut ssl = Ssl::new(&server.ctx).map_err(|e| TlsError::Setup(e.to_string()))?;
         ssl.set_accept_state();
-        if ktls::offload_wanted() {
+        let offload = ktls::offload_wanted();
+        if offload {
             ssl.set_ex_data(ktls::secrets_index(), ktls::Secrets::default());
         }
-        let stream =
-            SslStream::new(ssl, Pipe::default()).map_err(|e| TlsError::Setup(e.to_string()))?;
+        let pipe = Pipe { counters: offload.then(Counters::default), ..Pipe::default() };
+        let stream = SslStream::new(ssl, pipe).map_err(|e| TlsError::Setup(e.to_string()))?;
         Ok(TlsSession {
             stream,
             state: State::Handshaking,
@@ -288,11 +291,9 @@ impl TlsSession {
     /// take, both directions at a record boundary. The caller must also have sent all it took.
     pub fn handoff(&self) -> Handoff {
         let Some(c) = &self.stream.get_ref().counters else {
-            return match self.state {
-                State::Handshaking => Handoff::NotYet,
-                _ => Handoff::Never(Refusal::NoSecrets),
-            };
+            return Handoff::Never(Refusal::NoSecrets);
         };
+        let Some((rx_at_open, tx_at_open)) = c.at_open else { return Handoff::NotYet };
         if self.state != State::Open
             || !self.wants_input()
             || self.stream.ssl().pending() > 0
@@ -302,7 +303,12 @@ impl TlsSession {
         {
             return Handoff::NotYet;
         }
-        match ktls::kernel_keys(self.stream.ssl(), c.rx.records(), c.tx.records()) {
+        let at = Position {
+            rx_records: c.rx.records() - rx_at_open,
+            tx_records: c.tx.records() - tx_at_open,
+            tx_last_nonce: c.tx.last_prefix(),
+        };
+        match ktls::kernel_keys(self.stream.ssl(), at) {
             Ok(keys) => Handoff::Ready(keys),
             Err(refusal) => Handoff::Never(refusal),
         }
@@ -312,8 +318,8 @@ impl TlsSession {
         if self.state == State::Handshaking && self.stream.ssl().is_init_finished() {
             self.state = State::Open;
             self.identity = Some(identity_of(self.stream.ssl(), self.server.psk_identity));
-            if self.stream.ssl().ex_data(ktls::secrets_index()).is_some() {
-                self.stream.get_mut().counters = Some(Counters::default());
+            if let Some(c) = &mut self.stream.get_mut().counters {
+                c.at_open = Some((c.rx.records(), c.tx.records()));
             }
             let early = std::mem::take(&mut self.early);
             self.write_all(&early)?;
@@ -337,7 +343,8 @@ fn describe(e: &openssl::ssl::Error) -> String {
 mod tests {
     use super::*;
     use crate::config::ServerConfig;
-    use ballast_ffi::ktls::KtlsCipher;
+    use crate::ktls::DirectionKeys;
+    use ballast_ffi::ktls::{KtlsCipher, KtlsVersion};
     use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
     use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
     use std::os::unix::fs::PermissionsExt;
@@ -354,8 +361,16 @@ mod tests {
 
     /// An OpenSSL client over a memory pipe, offering `key` for identity "alice".
     fn client(key: Vec<u8>) -> SslStream<Pipe> {
+        client_with(key, |_| {})
+    }
+
+    fn client_with(
+        key: Vec<u8>,
+        setup: impl FnOnce(&mut openssl::ssl::SslConnectorBuilder),
+    ) -> SslStream<Pipe> {
         let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
         b.set_verify(SslVerifyMode::NONE);
+        setup(&mut b);
         b.set_psk_client_callback(move |_, _, id, psk| {
             id[..6].copy_from_slice(b"alice\0");
             psk[..key.len()].copy_from_slice(&key);
@@ -438,7 +453,7 @@ mod tests {
     }
 
     /// One TLS 1.3 record as the kernel would protect it with `keys` (RFC 8446 5.2).
-    fn seal(keys: &crate::ktls::DirectionKeys, seq: u64, plain: &[u8]) -> Vec<u8> {
+    fn seal(keys: &DirectionKeys, seq: u64, plain: &[u8]) -> Vec<u8> {
         let mut inner = plain.to_vec();
         inner.push(23);
         let len = u16::try_from(inner.len() + 16).unwrap();
@@ -458,7 +473,7 @@ mod tests {
     }
 
     /// The plaintext of one record protected with `keys` at `seq`, as the kernel would read it.
-    fn open(keys: &crate::ktls::DirectionKeys, seq: u64, record: &[u8]) -> Vec<u8> {
+    fn open(keys: &DirectionKeys, seq: u64, record: &[u8]) -> Vec<u8> {
         let (header, rest) = record.split_at(5);
         let (body, tag) = rest.split_at(rest.len() - 16);
         let mut inner = decrypt_aead(
@@ -474,7 +489,7 @@ mod tests {
         inner
     }
 
-    fn nonce(keys: &crate::ktls::DirectionKeys, seq: u64) -> [u8; 12] {
+    fn nonce(keys: &DirectionKeys, seq: u64) -> [u8; 12] {
         let mut n = *keys.iv;
         for (b, s) in n[4..].iter_mut().zip(seq.to_be_bytes()) {
             *b ^= s;
@@ -507,6 +522,103 @@ mod tests {
         give(&mut c, &seal(&keys.tx, keys.tx.seq, b"from the kernel"));
         let n = c.ssl_read(&mut early).unwrap();
         assert_eq!(&early[..n], b"from the kernel");
+    }
+
+    /// TLS 1.2 records as the kernel writes and reads them (RFC 5288, RFC 7905): AES-GCM with
+    /// the explicit nonce in the record, ChaCha20-Poly1305 with the IV xor the sequence.
+    struct Tls12 {
+        cipher: Cipher,
+        gcm: bool,
+    }
+
+    impl Tls12 {
+        fn nonce_and_aad(
+            &self,
+            keys: &DirectionKeys,
+            seq: u64,
+            explicit: [u8; 8],
+            len: usize,
+        ) -> ([u8; 12], Vec<u8>) {
+            let mut n = *keys.iv;
+            if self.gcm {
+                n[4..].copy_from_slice(&explicit);
+            } else {
+                for (b, s) in n[4..].iter_mut().zip(seq.to_be_bytes()) {
+                    *b ^= s;
+                }
+            }
+            let mut aad = seq.to_be_bytes().to_vec();
+            aad.extend_from_slice(&[23, 3, 3]);
+            aad.extend_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
+            (n, aad)
+        }
+
+        fn seal(&self, keys: &DirectionKeys, seq: u64, explicit: [u8; 8], plain: &[u8]) -> Vec<u8> {
+            let (nonce, aad) = self.nonce_and_aad(keys, seq, explicit, plain.len());
+            let mut tag = [0u8; 16];
+            let body =
+                encrypt_aead(self.cipher, &keys.key, Some(&nonce), &aad, plain, &mut tag).unwrap();
+            let prefix = if self.gcm { explicit.to_vec() } else { Vec::new() };
+            let len = u16::try_from(prefix.len() + body.len() + 16).unwrap();
+            let mut record = vec![23, 3, 3];
+            record.extend_from_slice(&len.to_be_bytes());
+            [record, prefix, body, tag.to_vec()].concat()
+        }
+
+        fn open(&self, keys: &DirectionKeys, seq: u64, record: &[u8]) -> Vec<u8> {
+            let mut body = &record[5..];
+            let mut explicit = [0u8; 8];
+            if self.gcm {
+                explicit.copy_from_slice(&body[..8]);
+                body = &body[8..];
+            }
+            let (ct, tag) = body.split_at(body.len() - 16);
+            let (nonce, aad) = self.nonce_and_aad(keys, seq, explicit, ct.len());
+            decrypt_aead(self.cipher, &keys.key, Some(&nonce), &aad, ct, tag)
+                .expect("the record opens with the handed-over keys")
+        }
+    }
+
+    /// TLS 1.2 sessions hand over too: the key block, the sequence numbers after each side's
+    /// Finished, and (AES-GCM) the explicit nonce after OpenSSL's last.
+    #[test]
+    fn tls12_handoff_keys_continue_the_session_both_ways() {
+        let cases = [
+            ("PSK-AES128-GCM-SHA256", KtlsCipher::Aes128Gcm, Cipher::aes_128_gcm(), true),
+            ("PSK-AES256-GCM-SHA384", KtlsCipher::Aes256Gcm, Cipher::aes_256_gcm(), true),
+            (
+                "ECDHE-PSK-CHACHA20-POLY1305",
+                KtlsCipher::Chacha20Poly1305,
+                Cipher::chacha20_poly1305(),
+                false,
+            ),
+        ];
+        for (suite, want, cipher, gcm) in cases {
+            let server_cfg = psk_server("kt12");
+            let mut s = TlsSession::accept(&server_cfg).unwrap();
+            let mut c = client_with((0u8..16).collect(), |b| {
+                b.set_max_proto_version(Some(openssl::ssl::SslVersion::TLS1_2)).unwrap();
+                b.set_cipher_list(suite).unwrap();
+            });
+            s.write(b"early").unwrap();
+            pump(&mut s, &mut c).unwrap();
+            c.ssl_write(b"ping").unwrap();
+            assert_eq!(pump(&mut s, &mut c).unwrap(), b"ping", "{suite}");
+            let mut buf = [0u8; 64];
+            assert_eq!(c.ssl_read(&mut buf).unwrap(), 5);
+            let Handoff::Ready(keys) = s.handoff() else { panic!("{suite}: {:?}", s.handoff()) };
+            assert_eq!((keys.version, keys.cipher), (KtlsVersion::Tls12, want), "{suite}");
+            assert_eq!((keys.rx.seq, keys.tx.seq), (2, 2), "{suite}: Finished, then one record");
+            let t = Tls12 { cipher, gcm };
+            c.ssl_write(b"after the handoff").unwrap();
+            let record = std::mem::take(&mut c.get_mut().output);
+            assert_eq!(t.open(&keys.rx, keys.rx.seq, &record), b"after the handoff", "{suite}");
+            let mut explicit = [0u8; 8];
+            explicit.copy_from_slice(&keys.tx.iv[4..]);
+            give(&mut c, &t.seal(&keys.tx, keys.tx.seq, explicit, b"from the kernel"));
+            let n = c.ssl_read(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"from the kernel", "{suite}");
+        }
     }
 
     /// Half a record fed, or ciphertext not yet taken: not a moment to hand over.

@@ -504,3 +504,369 @@ pub fn unbindable(control: &Control, addr: SocketAddr) {
     control.target.discovery_services.write().remove(&via);
     control.target.genctr.fetch_add(1, Ordering::Relaxed);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, Instant};
+
+    use ballast_engine::limits::{Admission, ConnLimits};
+    use ballast_engine::volume::pool::PoolGeometry;
+    use ballast_nvmf::auth::{DhchapSecret, HashId};
+    use ballast_nvmf::secret::SecretBytes;
+    use serde_json::{json, Value};
+
+    use crate::registry::Registry;
+    use crate::volumes::nqn_of;
+
+    const SUB: &str = "nqn.2016-06.io.spdk:cnode1";
+    const SUB2: &str = "nqn.2016-06.io.spdk:cnode2";
+    const HOST_PSK: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000a1";
+    const HOST_DH: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000a2";
+    const HOST_GONE: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000a3";
+    const HOST_PLAIN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000a4";
+    /// A TLS PSK in the interchange format (the NVMe TLS test vector's key).
+    const PSK_TEXT: &str = "NVMeTLSkey-1:01:VRLbtnN9AQb2WXW3c9+wEf/DRLz0QuLdbYvEhwtdWwNf9LrZ:";
+    const DEFAULT_LISTEN: &str = "127.0.0.1:4420";
+    const TLS_LISTEN: &str = "127.0.0.1:4421";
+
+    /// A scratch directory, removed at the end.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let dir =
+                std::env::temp_dir().join(format!("ballast-persist-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn key(&self, name: &str, text: &str) -> String {
+            let path = self.0.join(name);
+            std::fs::write(&path, format!("{text}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            path.display().to_string()
+        }
+
+        /// A pool with one volume, vol0.
+        fn pool(&self) -> PathBuf {
+            let path = self.0.join("pool.img");
+            PoolHandle::create(&path, Some(256 << 20), PoolGeometry::standard([7; 16])).unwrap();
+            PoolHandle::open(&path).unwrap().create_volume("vol0", 16 << 20).unwrap();
+            path
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dhchap_text(byte: u8) -> String {
+        let secret = DhchapSecret::new(Some(HashId::Sha256), SecretBytes::new(vec![byte; 32]));
+        secret.unwrap().encode().to_string()
+    }
+
+    /// What `serve` does with a pool, without cores or sockets: open it, make the volumes'
+    /// subsystems, restore what it keeps; the addresses it would bind count as bound.
+    fn start(pool_path: &Path, max_hosts: usize) -> Control {
+        let pool = PoolHandle::open(pool_path).unwrap();
+        let target = Arc::new(ballast_nvmf::Target::default());
+        let default: SocketAddr = DEFAULT_LISTEN.parse().unwrap();
+        target.default_listeners.write().insert(default.into());
+        let control = Control {
+            registry: Arc::new(Registry::new(target.clone(), Some(pool.clone()))),
+            target,
+            cores: Arc::new(Vec::new()),
+            pool: Some(pool.clone()),
+            allow_hosts: Vec::new(),
+            admission: Admission::new(ConnLimits {
+                max_connections: 16,
+                handshake_timeout: Duration::from_secs(10),
+                stall_timeout: Duration::from_secs(30),
+            }),
+            buffer_memory: 0,
+            started: Instant::now(),
+            keyring: Default::default(),
+            host_keys: Default::default(),
+            max_hosts,
+            settings: Default::default(),
+        };
+        crate::volumes::export_all(&control, &pool).unwrap();
+        let bind = restore(&control);
+        for addr in std::iter::once(default).chain(bind) {
+            control.target.listener_bound(addr.into());
+        }
+        control
+    }
+
+    fn call(control: &Control, method: &str, params: Value) -> Result<Value, (i64, String)> {
+        let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let reply = crate::rpc::handle(&req, control);
+        match reply.get("error") {
+            Some(e) => Err((e["code"].as_i64().unwrap(), e["message"].as_str().unwrap().into())),
+            None => Ok(reply["result"].clone()),
+        }
+    }
+
+    fn ok(control: &Control, method: &str, params: Value) -> Value {
+        call(control, method, params.clone()).unwrap_or_else(|e| panic!("{method} {params}: {e:?}"))
+    }
+
+    fn subsystem(control: &Control, nqn: &str) -> Value {
+        ok(control, "nvmf_get_subsystems", json!({"nqn": nqn}))[0].clone()
+    }
+
+    fn host_names(s: &Value) -> Vec<String> {
+        let mut h: Vec<String> = s["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["nqn"].as_str().unwrap().into())
+            .collect();
+        h.sort();
+        h
+    }
+
+    #[test]
+    fn the_security_configuration_survives_a_restart_and_a_missing_key_fails_closed() {
+        let scratch = Scratch::new("restart");
+        let pool = scratch.pool();
+        let dh0 = dhchap_text(1);
+        let dh1 = dhchap_text(2);
+        let (psk0_path, dh0_path, dh1_path) =
+            (scratch.key("psk0", PSK_TEXT), scratch.key("dh0", &dh0), scratch.key("dh1", &dh1));
+        let gone_path = scratch.key("gone0", PSK_TEXT);
+        let vol0 = nqn_of("vol0");
+        {
+            let c = start(&pool, 1024);
+            c.target.listener_bound(TLS_LISTEN.parse::<SocketAddr>().unwrap().into());
+            for (name, path) in [
+                ("psk0", &psk0_path),
+                ("dh0", &dh0_path),
+                ("dh1", &dh1_path),
+                ("gone0", &gone_path),
+            ] {
+                ok(&c, "keyring_file_add_key", json!({"name": name, "path": path}));
+            }
+            ok(
+                &c,
+                "nvmf_create_subsystem",
+                json!({"nqn": SUB, "allow_any_host": true, "serial_number": "SN0001", "model_number": "Model X"}),
+            );
+            ok(
+                &c,
+                "nvmf_subsystem_add_ns",
+                json!({"nqn": SUB, "namespace": {"bdev_name": "vol0", "block_size": 512}}),
+            );
+            ok(&c, "nvmf_subsystem_add_host", json!({"nqn": SUB, "host": HOST_PSK, "psk": "psk0"}));
+            ok(
+                &c,
+                "nvmf_subsystem_add_host",
+                json!({"nqn": SUB, "host": HOST_DH, "dhchap_key": "dh0", "dhchap_ctrlr_key": "dh1", "dhchap_digests": ["sha384"], "dhchap_dhgroups": ["ffdhe3072"]}),
+            );
+            ok(
+                &c,
+                "nvmf_subsystem_add_host",
+                json!({"nqn": SUB, "host": HOST_GONE, "psk": "gone0"}),
+            );
+            ok(&c, "nvmf_subsystem_add_host", json!({"nqn": SUB, "host": HOST_PLAIN}));
+            let tls = json!({"trtype": "tcp", "traddr": "127.0.0.1", "trsvcid": "4421"});
+            ok(
+                &c,
+                "nvmf_subsystem_add_listener",
+                json!({"nqn": SUB, "listen_address": tls, "secure_channel": true}),
+            );
+            // The volume's own subsystem: a host, no longer any host, not on the default port.
+            ok(&c, "nvmf_subsystem_add_host", json!({"nqn": vol0, "host": HOST_PLAIN}));
+            ok(&c, "nvmf_subsystem_allow_any_host", json!({"nqn": vol0, "allow_any_host": false}));
+            let default = json!({"trtype": "tcp", "traddr": "127.0.0.1", "trsvcid": "4420"});
+            ok(
+                &c,
+                "nvmf_subsystem_remove_listener",
+                json!({"nqn": vol0, "listen_address": default}),
+            );
+            // Made and deleted: nothing of it comes back.
+            ok(&c, "nvmf_create_subsystem", json!({"nqn": SUB2}));
+            ok(
+                &c,
+                "nvmf_subsystem_add_host",
+                json!({"nqn": SUB2, "host": HOST_PSK, "psk": "psk0"}),
+            );
+            ok(&c, "nvmf_delete_subsystem", json!({"nqn": SUB2}));
+            // No clean stop (no checkpoint): as after kill -9, the journal holds it all.
+        }
+        std::fs::remove_file(&gone_path).unwrap();
+        let c = start(&pool, 1024);
+        let keys = ok(&c, "keyring_get_keys", json!({}));
+        let listed: Vec<(String, String, bool)> = keys
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                (
+                    k["name"].as_str().unwrap().into(),
+                    k["path"].as_str().unwrap().into(),
+                    k.get("unavailable").is_some(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                ("dh0".into(), dh0_path.clone(), false),
+                ("dh1".into(), dh1_path.clone(), false),
+                ("gone0".into(), gone_path.clone(), true),
+                ("psk0".into(), psk0_path.clone(), false),
+            ]
+        );
+        let s = subsystem(&c, SUB);
+        assert_eq!(
+            (s["serial_number"].as_str(), s["model_number"].as_str()),
+            (Some("SN0001"), Some("Model X"))
+        );
+        assert_eq!(s["allow_any_host"], json!(true));
+        assert_eq!(host_names(&s), vec![HOST_PSK, HOST_DH, HOST_GONE, HOST_PLAIN]);
+        let host = |nqn: &str| {
+            s["hosts"].as_array().unwrap().iter().find(|h| h["nqn"] == nqn).unwrap().clone()
+        };
+        assert_eq!(host(HOST_PSK)["psk"], "psk0");
+        assert_eq!(
+            (host(HOST_DH)["dhchap_key"].as_str(), host(HOST_DH)["dhchap_ctrlr_key"].as_str()),
+            (Some("dh0"), Some("dh1"))
+        );
+        assert_eq!(
+            (host(HOST_GONE)["psk"].as_str(), host(HOST_GONE)["refused"].as_bool()),
+            (Some("gone0"), Some(true))
+        );
+        assert!(host(HOST_PSK).get("refused").is_none());
+        assert_eq!(s["namespaces"][0]["bdev_name"], "vol0");
+        assert_eq!(s["namespaces"][0]["block_size"], 512);
+        assert_eq!(s["listen_addresses"].as_array().unwrap().len(), 1);
+        assert_eq!(s["listen_addresses"][0]["trsvcid"], "4421");
+        let listeners = ok(&c, "nvmf_subsystem_get_listeners", json!({"nqn": SUB}));
+        assert_eq!(
+            (&listeners[0]["secure_channel"], &listeners[0]["secure_channel_mode"]),
+            (&json!(true), &json!("required"))
+        );
+        // What the target enforces: the keys are back; the host whose key file is gone is
+        // refused although the subsystem allows any host.
+        let t = &c.target;
+        let sub = t.subsystem(SUB).unwrap();
+        assert!(t.tls.has_key(HOST_PSK, SUB));
+        assert!(t.auth.get(HOST_DH, SUB).is_some_and(|a| a.bidirectional()));
+        assert!(sub.host_allowed(HOST_PLAIN) && sub.host_allowed(HOST_PSK));
+        assert!(!sub.host_allowed(HOST_GONE), "admitted without the key it was configured with");
+        assert!(!t.tls.has_key(HOST_GONE, SUB));
+        assert!(t.subsystem(SUB2).is_none());
+        let v = subsystem(&c, &vol0);
+        assert_eq!(
+            (&v["allow_any_host"], host_names(&v)),
+            (&json!(false), vec![HOST_PLAIN.to_string()])
+        );
+        assert!(
+            v["listen_addresses"].as_array().unwrap().is_empty(),
+            "the default listener was removed"
+        );
+        // The pool holds names and paths, never key text.
+        let bytes = std::fs::read(&pool).unwrap();
+        for text in [PSK_TEXT, dh0.as_str(), dh1.as_str()] {
+            let body = text.split(':').nth(2).unwrap().as_bytes();
+            assert!(!bytes.windows(body.len()).any(|w| w == body), "key text in the pool");
+        }
+        assert!(bytes.windows(psk0_path.len()).any(|w| w == psk0_path.as_bytes()));
+        // The key file is back and added again: the refused host is admitted, with its key.
+        let gone_path = scratch.key("gone0", PSK_TEXT);
+        ok(&c, "keyring_file_add_key", json!({"name": "gone0", "path": gone_path}));
+        assert!(sub.host_allowed(HOST_GONE) && t.tls.has_key(HOST_GONE, SUB));
+        assert!(subsystem(&c, SUB)["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h.get("refused").is_none()));
+        drop(c);
+        // Nothing is left over: a third start removes no entry and finds the same.
+        let c = start(&pool, 1024);
+        assert_eq!(host_names(&subsystem(&c, SUB)), vec![HOST_PSK, HOST_DH, HOST_GONE, HOST_PLAIN]);
+        assert!(c.target.subsystem(SUB).unwrap().host_allowed(HOST_GONE));
+        let decoded = pool_config::decode(c.pool.as_ref().unwrap().meta().config());
+        assert!(decoded.stale.is_empty() && decoded.problems.is_empty(), "{:?}", decoded.stale);
+    }
+
+    #[test]
+    fn a_pool_of_the_old_format_opens_and_moves_to_anchors_on_its_first_change() {
+        let scratch = Scratch::new("legacy");
+        let pool = scratch.pool();
+        let vol0 = nqn_of("vol0");
+        {
+            // What the daemon kept before this format: `hosts:VOLUME`.
+            let p = PoolHandle::open(&pool).unwrap();
+            let legacy = json!({"allow_any_host": false, "hosts": [HOST_PLAIN]}).to_string();
+            p.set_config("hosts:vol0", &legacy).unwrap();
+        }
+        let c = start(&pool, 1024);
+        let v = subsystem(&c, &vol0);
+        assert_eq!(
+            (&v["allow_any_host"], host_names(&v)),
+            (&json!(false), vec![HOST_PLAIN.to_string()])
+        );
+        assert!(!c.target.subsystem(&vol0).unwrap().host_allowed(HOST_PSK));
+        ok(&c, "nvmf_subsystem_add_host", json!({"nqn": vol0, "host": HOST_DH}));
+        {
+            let meta = c.pool.as_ref().unwrap().meta();
+            assert!(!meta.config().contains_key("hosts:vol0"), "the legacy entry went");
+            assert!(meta.config().contains_key(&anchor_key(&vol0)));
+        }
+        drop(c);
+        let c = start(&pool, 1024);
+        let v = subsystem(&c, &vol0);
+        assert_eq!(
+            (&v["allow_any_host"], host_names(&v)),
+            (&json!(false), vec![HOST_DH.to_string(), HOST_PLAIN.to_string()])
+        );
+        // An anchor this version cannot read: the subsystem admits no host at all.
+        c.pool
+            .as_ref()
+            .unwrap()
+            .set_config(&anchor_key(&vol0), r#"{"nqn":"x","future":1}"#)
+            .unwrap();
+        drop(c);
+        let c = start(&pool, 1024);
+        let sub = c.target.subsystem(&vol0).unwrap();
+        assert!(!sub.allow_any_host.load(Ordering::Relaxed) && sub.hosts.read().is_empty());
+        assert!(!sub.host_allowed(HOST_PLAIN) && !sub.host_allowed(HOST_DH));
+    }
+
+    #[test]
+    fn a_subsystem_lists_at_most_max_hosts_and_says_so() {
+        let scratch = Scratch::new("limit");
+        let pool = scratch.pool();
+        let vol0 = nqn_of("vol0");
+        let c = start(&pool, 3);
+        let host = |i: u32| format!("nqn.2014-08.org.nvmexpress:uuid:host-{i}");
+        for i in 0..3 {
+            ok(&c, "nvmf_subsystem_add_host", json!({"nqn": vol0, "host": host(i)}));
+        }
+        let e =
+            call(&c, "nvmf_subsystem_add_host", json!({"nqn": vol0, "host": host(3)})).unwrap_err();
+        assert_eq!(
+            e,
+            (
+                crate::rpc_error::INVALID_PARAMS,
+                format!("Invalid parameters: subsystem '{vol0}' has 3 hosts, the most it may have (--max-hosts-per-subsystem 3)")
+            )
+        );
+        assert_eq!(host_names(&subsystem(&c, &vol0)).len(), 3, "nothing was added");
+        // Adding a listed host again (new keys) is no new host; removing one makes room.
+        ok(&c, "nvmf_subsystem_add_host", json!({"nqn": vol0, "host": host(0)}));
+        ok(&c, "nvmf_subsystem_remove_host", json!({"nqn": vol0, "host": host(1)}));
+        ok(&c, "nvmf_subsystem_add_host", json!({"nqn": vol0, "host": host(3)}));
+        drop(c);
+        let c = start(&pool, 3);
+        assert_eq!(host_names(&subsystem(&c, &vol0)), vec![host(0), host(2), host(3)]);
+    }
+}

@@ -154,11 +154,23 @@ pub fn keep_created(
     write(pool, &[entry(anchor_key(nqn), &anchor)?])
 }
 
-/// `nvmf_delete_subsystem`, or its volume deleted: everything kept for `nqn`.
+/// Its volume deleted: everything kept for subsystem `nqn`.
 pub fn forget_subsystem(control: &Control, nqn: &str) -> Result<(), PersistError> {
     let Some(pool) = &control.pool else { return Ok(()) };
     let batch = forgetting(pool.meta().config(), nqn);
     write(pool, &batch)
+}
+
+/// `nvmf_delete_subsystem`: everything kept for `nqn` if `nvmf_create_subsystem` made it. The
+/// daemon's own subsystems (volumes', startup exports') keep their settings: the next start
+/// makes them again, and they must not come back more open than they were.
+pub fn forget_deleted(control: &Control, nqn: &str) -> Result<(), PersistError> {
+    let Some(pool) = &control.pool else { return Ok(()) };
+    let created = anchor_of(pool.meta().config(), nqn).is_some_and(|a| a.created);
+    if !created {
+        return Ok(());
+    }
+    forget_subsystem(control, nqn)
 }
 
 /// `nvmf_subsystem_allow_any_host`.
@@ -351,7 +363,8 @@ fn apply(control: &Control, cfg: &SubsystemConfig, pending: &mut Pending) {
             continue;
         }
         if let Err(e) = control.registry.add_namespace(nqn, ns.nsid, &ns.bdev, ns.block_size) {
-            tracing::warn!(nqn, nsid = ns.nsid, bdev = ns.bdev, error = %e, "kept namespace not restored");
+            let (nsid, bdev) = (ns.nsid, ns.bdev.as_str());
+            tracing::warn!(nqn, nsid, bdev, error = %e, "kept namespace not restored");
         }
     }
     let mut refused = 0;
@@ -374,7 +387,13 @@ fn apply(control: &Control, cfg: &SubsystemConfig, pending: &mut Pending) {
     }
     let hosts = subsys.hosts.read().len();
     if hosts > control.max_hosts {
-        tracing::warn!(nqn, hosts, limit = control.max_hosts, "subsystem lists more hosts than --max-hosts-per-subsystem: all restored, none can be added");
+        tracing::warn!(
+            nqn,
+            hosts,
+            limit = control.max_hosts,
+            "subsystem lists more hosts than --max-hosts-per-subsystem: all restored, none can \
+             be added"
+        );
     }
     for l in &cfg.listeners {
         let via = ListenAddr::from(l.addr);
@@ -386,7 +405,11 @@ fn apply(control: &Control, cfg: &SubsystemConfig, pending: &mut Pending) {
         }
     }
     if cfg.damaged {
-        tracing::error!(nqn, "some of the pool's settings for this subsystem cannot be read: it admits only the hosts restored");
+        tracing::error!(
+            nqn,
+            "some of the pool's settings for this subsystem cannot be read: it admits only the \
+             hosts restored"
+        );
     }
     subsys.allow_any_host.store(cfg.subsystem.allow_any_host && !cfg.damaged, Ordering::Relaxed);
     target.genctr.fetch_add(1, Ordering::Relaxed);
@@ -498,7 +521,11 @@ pub fn unbindable(control: &Control, addr: SocketAddr) {
     let via = ListenAddr::from(addr);
     for subsys in control.target.subsystems() {
         if subsys.listeners.write().remove(&via) {
-            tracing::warn!(nqn = subsys.nqn, %addr, "subsystem does not listen on this kept address: it cannot be bound");
+            tracing::warn!(
+                nqn = subsys.nqn,
+                %addr,
+                "subsystem does not listen on this kept address: it cannot be bound"
+            );
         }
     }
     control.target.discovery_services.write().remove(&via);
@@ -656,7 +683,10 @@ mod tests {
             ok(
                 &c,
                 "nvmf_create_subsystem",
-                json!({"nqn": SUB, "allow_any_host": true, "serial_number": "SN0001", "model_number": "Model X"}),
+                json!({
+                    "nqn": SUB, "allow_any_host": true,
+                    "serial_number": "SN0001", "model_number": "Model X"
+                }),
             );
             ok(
                 &c,
@@ -667,7 +697,10 @@ mod tests {
             ok(
                 &c,
                 "nvmf_subsystem_add_host",
-                json!({"nqn": SUB, "host": HOST_DH, "dhchap_key": "dh0", "dhchap_ctrlr_key": "dh1", "dhchap_digests": ["sha384"], "dhchap_dhgroups": ["ffdhe3072"]}),
+                json!({
+                    "nqn": SUB, "host": HOST_DH, "dhchap_key": "dh0", "dhchap_ctrlr_key": "dh1",
+                    "dhchap_digests": ["sha384"], "dhchap_dhgroups": ["ffdhe3072"]
+                }),
             );
             ok(
                 &c,
@@ -857,7 +890,10 @@ mod tests {
             e,
             (
                 crate::rpc_error::INVALID_PARAMS,
-                format!("Invalid parameters: subsystem '{vol0}' has 3 hosts, the most it may have (--max-hosts-per-subsystem 3)")
+                format!(
+                    "Invalid parameters: subsystem '{vol0}' has 3 hosts, the most it may have \
+                     (--max-hosts-per-subsystem 3)"
+                )
             )
         );
         assert_eq!(host_names(&subsystem(&c, &vol0)).len(), 3, "nothing was added");
@@ -865,8 +901,14 @@ mod tests {
         ok(&c, "nvmf_subsystem_add_host", json!({"nqn": vol0, "host": host(0)}));
         ok(&c, "nvmf_subsystem_remove_host", json!({"nqn": vol0, "host": host(1)}));
         ok(&c, "nvmf_subsystem_add_host", json!({"nqn": vol0, "host": host(3)}));
+        ok(&c, "nvmf_subsystem_allow_any_host", json!({"nqn": vol0, "allow_any_host": false}));
+        // Deleting the volume's own subsystem lasts until the restart, which makes it again
+        // with its settings, not more open than it was.
+        ok(&c, "nvmf_delete_subsystem", json!({"nqn": vol0}));
         drop(c);
         let c = start(&pool, 3);
-        assert_eq!(host_names(&subsystem(&c, &vol0)), vec![host(0), host(2), host(3)]);
+        let v = subsystem(&c, &vol0);
+        assert_eq!(host_names(&v), vec![host(0), host(2), host(3)]);
+        assert_eq!(v["allow_any_host"], json!(false));
     }
 }

@@ -5,14 +5,16 @@
 //! Entries (values are JSON objects; fields added later must default, and unknown ones are
 //! refused so a value is never half understood):
 //!
-//! | key | value |
-//! |---|---|
-//! | `keyring:H(name)` | [`StoredKey`] `{name, path}`: a key's name and file, never its text |
-//! | `nvmf:H(nqn)` | [`StoredSubsystem`] `{nqn, gen, created, allow_any_host, serial_number?, model_number?}`: the anchor |
-//! | `nvmf:H(nqn):host:H(host)` | [`StoredHost`] `{gen, host, keys: {psk?, dhchap_key?, dhchap_ctrlr_key?, dhchap_digests?, dhchap_dhgroups?}}` (key names) |
-//! | `nvmf:H(nqn):listener:H(addr)` | [`StoredListener`] `{gen, addr, listen, secure_channel}` |
-//! | `nvmf:H(nqn):ns:NSID` | [`StoredNamespace`] `{gen, nsid, bdev, block_size}` |
-//! | `hosts:VOLUME` (legacy) | `{allow_any_host, hosts}`: a volume's subsystem before anchors; read, never written |
+//! - `keyring:H(name)` → [`StoredKey`] `{name, path}`: a key's name and file, never its text;
+//! - `nvmf:H(nqn)` → [`StoredSubsystem`] `{nqn, gen, created, allow_any_host, serial_number?,
+//!   model_number?}`: the subsystem's anchor;
+//! - `nvmf:H(nqn):host:H(host)` → [`StoredHost`] `{gen, host, keys: {psk?, dhchap_key?,
+//!   dhchap_ctrlr_key?, dhchap_digests?, dhchap_dhgroups?}}`: a host and its key *names*;
+//! - `nvmf:H(nqn):listener:H(addr)` → [`StoredListener`] `{gen, addr, listen,
+//!   secure_channel}`;
+//! - `nvmf:H(nqn):ns:NSID` → [`StoredNamespace`] `{gen, nsid, bdev, block_size}`;
+//! - `hosts:VOLUME` (legacy) → `{allow_any_host, hosts}`: a volume's subsystem as kept before
+//!   anchors; read, never written.
 //!
 //! `H(x)` is the first 12 bytes of SHA-256(x) in hex, so keys stay short whatever the names
 //! (NQNs reach 223 bytes, key names 256); the value names what the key stands for and is
@@ -519,7 +521,9 @@ mod tests {
         assert_eq!(
             v,
             format!(
-                r#"{{"gen":1,"host":"{HOST_A}","keys":{{"psk":"psk0","dhchap_key":"dh0","dhchap_ctrlr_key":"dh1","dhchap_digests":["sha384"],"dhchap_dhgroups":["ffdhe3072","null"]}}}}"#
+                "{{\"gen\":1,\"host\":\"{HOST_A}\",\"keys\":{{\"psk\":\"psk0\",\
+                 \"dhchap_key\":\"dh0\",\"dhchap_ctrlr_key\":\"dh1\",\
+                 \"dhchap_digests\":[\"sha384\"],\"dhchap_dhgroups\":[\"ffdhe3072\",\"null\"]}}}}"
             )
         );
         let (_, v) = entry(anchor_key(SUB), &anchor(SUB, 2, false)).unwrap();

@@ -330,7 +330,7 @@ fn delete_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
     if control.target.subsystem(&d.nqn).is_none() {
         return Err(not_found(&d.nqn));
     }
-    persist::forget_subsystem(control, &d.nqn).map_err(persist_err)?;
+    persist::forget_deleted(control, &d.nqn).map_err(persist_err)?;
     control.registry.delete_subsystem(&d.nqn).map_err(registry_err)?;
     control.host_keys.write().retain(|(nqn, _), _| *nqn != d.nqn);
     tracing::info!(nqn = d.nqn, "subsystem deleted");

@@ -475,7 +475,12 @@ fn delete(control: &Control, p: &Value) -> Result<Value, RpcError> {
         return Err(pool_err(e));
     }
     if let Err(e) = crate::persist::forget_subsystem(control, &nqn_of(&name)) {
-        tracing::warn!(volume = name, error = %e, "the deleted volume's subsystem settings stay in the pool (a new volume of that name starts without them)");
+        tracing::warn!(
+            volume = name,
+            error = %e,
+            "the deleted volume's subsystem settings stay in the pool (a new volume of that \
+             name starts without them)"
+        );
     }
     lvstore::forget_volume(pool, &name);
     tracing::info!(volume = name, "volume deleted");

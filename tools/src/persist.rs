@@ -558,6 +558,7 @@ mod tests {
     const PSK_TEXT: &str = "NVMeTLSkey-1:01:VRLbtnN9AQb2WXW3c9+wEf/DRLz0QuLdbYvEhwtdWwNf9LrZ:";
     const DEFAULT_LISTEN: &str = "127.0.0.1:4420";
     const TLS_LISTEN: &str = "127.0.0.1:4421";
+    const DISCOVERY_LISTEN: &str = "127.0.0.1:8009";
 
     /// A scratch directory, removed at the end.
     struct Scratch(PathBuf);
@@ -723,6 +724,14 @@ mod tests {
                 "nvmf_subsystem_remove_listener",
                 json!({"nqn": vol0, "listen_address": default}),
             );
+            // A discovery service on an address of its own.
+            let disc = json!({"trtype": "tcp", "traddr": "127.0.0.1", "trsvcid": "8009"});
+            c.target.listener_bound(DISCOVERY_LISTEN.parse::<SocketAddr>().unwrap().into());
+            ok(
+                &c,
+                "nvmf_subsystem_add_listener",
+                json!({"nqn": DISCOVERY_NQN, "listen_address": disc}),
+            );
             // Made and deleted: nothing of it comes back.
             ok(&c, "nvmf_create_subsystem", json!({"nqn": SUB2}));
             ok(
@@ -796,6 +805,8 @@ mod tests {
         assert!(!sub.host_allowed(HOST_GONE), "admitted without the key it was configured with");
         assert!(!t.tls.has_key(HOST_GONE, SUB));
         assert!(t.subsystem(SUB2).is_none());
+        let disc: SocketAddr = DISCOVERY_LISTEN.parse().unwrap();
+        assert!(t.discovery_services.read().contains(&ListenAddr::from(disc)));
         let v = subsystem(&c, &vol0);
         assert_eq!(
             (&v["allow_any_host"], host_names(&v)),

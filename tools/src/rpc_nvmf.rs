@@ -1,4 +1,7 @@
 //! NVMe-oF control methods, with SPDK's names and parameters so SPDK tooling works against us.
+//! A method that changes a subsystem, its hosts or listeners keeps the change in the pool
+//! (`persist`, under `Control::settings`) before it takes effect, and answers an error, having
+//! changed nothing, when it cannot.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -305,3 +305,37 @@ rand_file() {
 }
 
 sha() { sha256sum "$1" | cut -d' ' -f1; }
+
+# ---------------------------------------------------------------- SPDK's RPC client
+# need_spdk_rpc: sets SPDK_RPC to `spdk-rpc` from PyPI's `spdk` package, in a venv cached in
+# $XDG_CACHE_HOME (or build/) and made on first use.  When PyPI cannot be reached it prints
+# SKIP and "0 passed, 0 failed" and exits 0; another failure is a FAIL and finishes the suite.
+need_spdk_rpc() {
+    local cache=${XDG_CACHE_HOME:-$REPO_ROOT/build}
+    SPDK_VENV=$cache/ballast-spdk-venv
+    SPDK_RPC=$SPDK_VENV/bin/spdk-rpc
+    [[ -x $SPDK_RPC ]] && return 0
+    rm -rf "$SPDK_VENV"
+    mkdir -p "$cache"
+    if ! "$SYS_PY" -m venv "$SPDK_VENV" >"$TEST_TMP/venv.log" 2>&1; then
+        fail "python3 -m venv (install python3-venv)" "$(tail -n 3 "$TEST_TMP/venv.log" | tr '\n' ' ')"
+        finish
+    fi
+    if ! timeout 300 "$SPDK_VENV/bin/pip" install -q --disable-pip-version-check spdk \
+        >"$TEST_TMP/pip.log" 2>&1; then
+        if grep -qiE 'connection|resolve|network|timed out|No matching distribution' "$TEST_TMP/pip.log"; then
+            echo "SKIP: pip cannot reach PyPI to install spdk ($(tail -n 1 "$TEST_TMP/pip.log"))"
+            rm -rf "$SPDK_VENV"
+            echo "0 passed, 0 failed"
+            exit 0
+        fi
+        fail "pip install spdk" "$(tail -n 3 "$TEST_TMP/pip.log" | tr '\n' ' ')"
+        rm -rf "$SPDK_VENV"
+        finish
+    fi
+}
+
+# spdk_rpc_version: "spdk X.Y.Z", the installed package's version.
+spdk_rpc_version() {
+    "$SPDK_VENV/bin/pip" show spdk 2>/dev/null | sed -n 's/^Version: /spdk /p'
+}

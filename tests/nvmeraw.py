@@ -116,12 +116,12 @@ class Host:
             raise AssertionError("connect (qid %d) failed: status 0x%x" % (qid, status))
         return dw0 & 0xFFFF
 
-    def try_connect(self, subnqn, qid=0, sqsize=31, cntlid=0xFFFF):
+    def try_connect(self, subnqn, qid=0, sqsize=31, cntlid=0xFFFF, hostnqn=HOSTNQN):
         """Connect; (status, dw0) whatever the status (status = SCT << 8 | SC)."""
         cid = self.next_cid()
         cmd = sqe(FABRICS, cid, sgl_len=1024, sgl_type=SGL_INCAPSULE,
                   cdw=(qid << 16, sqsize, 0, 0, 0, 0), fctype=FCTYPE_CONNECT)
-        self.s.sendall(capsule(cmd, connect_data(subnqn, cntlid=cntlid)))
+        self.s.sendall(capsule(cmd, connect_data(subnqn, hostnqn=hostnqn, cntlid=cntlid)))
         _, status, dw0 = self.response()
         return status, dw0
 
@@ -209,11 +209,17 @@ def admin_queue(port, subnqn, timeout=10.0):
     return admin
 
 
-def connect_status(port, subnqn, timeout=10.0):
+def connect_status(port, subnqn, timeout=10.0, hostnqn=HOSTNQN):
     """The status of an admin-queue Connect to `subnqn` on `port` (0: accepted)."""
+    return connect_reply(port, subnqn, timeout, hostnqn)[0]
+
+
+def connect_reply(port, subnqn, timeout=10.0, hostnqn=HOSTNQN):
+    """(status, dw0) of an admin-queue Connect to `subnqn` on `port` as `hostnqn`; dw0 bit 17
+    (ATR) set: the host must authenticate in-band (DH-HMAC-CHAP) before anything else."""
     h = Host(port, timeout)
     try:
         h.handshake()
-        return h.try_connect(subnqn)[0]
+        return h.try_connect(subnqn, hostnqn=hostnqn)
     finally:
         h.close()

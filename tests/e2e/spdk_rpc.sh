@@ -15,6 +15,9 @@
 #   5  bdev_get_iostat counts the I/O; resize and delete by alias
 #   6  negative cases: wrong -l / -u (-19 No such device), both (-22), unknown bdev (-19),
 #      unknown subsystem, unknown parameter (-32602)
+#   7  the keyring and a host's key names (never the keys)
+#   8  after a restart: the lvol and store identities, and the subsystem made in 4
+#      (tests/e2e/nvmf_persist.sh covers the restart of the security settings in depth)
 set -u -o pipefail
 . "$(dirname "$0")/../lib.sh"
 
@@ -22,30 +25,8 @@ T=$TEST_TMP
 MiB=$((1024 * 1024))
 
 echo "## 1: spdk-rpc from PyPI"
-CACHE=${XDG_CACHE_HOME:-$REPO_ROOT/build}
-VENV=$CACHE/ballast-spdk-venv
-SPDK_RPC=$VENV/bin/spdk-rpc
-if [[ ! -x $SPDK_RPC ]]; then
-    rm -rf "$VENV"
-    mkdir -p "$CACHE"
-    if ! "$SYS_PY" -m venv "$VENV" >"$T/venv.log" 2>&1; then
-        fail "python3 -m venv (install python3-venv)" "$(tail -n 3 "$T/venv.log" | tr '\n' ' ')"
-        finish
-    fi
-    if ! timeout 300 "$VENV/bin/pip" install -q --disable-pip-version-check spdk >"$T/pip.log" 2>&1; then
-        if grep -qiE 'connection|resolve|network|timed out|No matching distribution' "$T/pip.log"; then
-            echo "SKIP: pip cannot reach PyPI to install spdk ($(tail -n 1 "$T/pip.log"))"
-            rm -rf "$VENV"
-            echo "0 passed, 0 failed"
-            exit 0
-        fi
-        fail "pip install spdk" "$(tail -n 3 "$T/pip.log" | tr '\n' ' ')"
-        rm -rf "$VENV"
-        finish
-    fi
-fi
-check "spdk-rpc is installed ($("$VENV/bin/pip" show spdk 2>/dev/null | sed -n 's/^Version: /spdk /p'))" \
-    test -x "$SPDK_RPC"
+need_spdk_rpc
+check "spdk-rpc is installed ($(spdk_rpc_version))" test -x "$SPDK_RPC"
 
 start_ballast --cores 2 || finish
 NVMF_PORT=$(sed -n 's/.*--nvmf-listen 127.0.0.1:\([0-9]*\).*/\1/p' "$BALLAST_LOG" | tail -n 1)
@@ -325,4 +306,7 @@ start_ballast --cores 2 || finish
 check_eq "after restart: lvol0 keeps its UUID, the store its name and UUID" \
     "lvol0 $LVS_UUID" \
     "$(rpc bdev_get_bdevs -b "$LVOL_UUID" | py 'j[0]["name"]') $(rpc bdev_lvol_get_lvstores -l "$LVS" | py 'j[0]["uuid"]')"
+check_eq "after restart: $NQN is back (serial, model, access, host, namespace, listener)" \
+    "SPDK00000000000001 SPDK_Controller1 False ['$HOST'] clone0 ['$NVMF_PORT']" \
+    "$(rpc nvmf_get_subsystems "$NQN" | py '" ".join(str(x) for x in (j[0]["serial_number"], j[0]["model_number"], j[0]["allow_any_host"], [h["nqn"] for h in j[0]["hosts"]], j[0]["namespaces"][0]["bdev_name"], [a["trsvcid"] for a in j[0]["listen_addresses"]]))')"
 finish

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::client::{self, Align};
 use crate::rpc_nvmf::{
     AddListener, AddNs, CreateSubsystem, GetSubsystems, Host, ListenAddress, ListenEntry,
-    ListenerEntry, Nqn, NsParams, SubsystemEntry,
+    ListenerEntry, Nqn, NsParams, SecureChannelParam, SubsystemEntry,
 };
 
 /// Where a command goes and how it prints.
@@ -103,6 +103,10 @@ pub enum NvmfCommand {
         nqn: String,
         /// ADDRESS:PORT
         address: SocketAddr,
+        /// What the listener asks of hosts: none (plaintext), optional (TLS 1.3 or
+        /// plaintext), required (TLS 1.3 only).
+        #[arg(long, value_enum, default_value = "none")]
+        secure_channel: crate::serve::SecureChannelArg,
         #[command(flatten)]
         out: Out,
     },
@@ -235,10 +239,16 @@ pub fn run(cmd: NvmfCommand) -> anyhow::Result<()> {
                 format!("disallowed {host} on {nqn}")
             })
         }
-        NvmfCommand::AddListener { nqn, address, out } => {
+        NvmfCommand::AddListener { nqn, address, secure_channel, out } => {
             let nqn = full_nqn(&nqn);
             let listen_address = listen_address(address);
-            let params = AddListener { nqn: nqn.clone(), listen_address, ..Default::default() };
+            let mode = ballast_nvmf::tls::SecureChannel::from(secure_channel);
+            let params = AddListener {
+                nqn: nqn.clone(),
+                listen_address,
+                secure_channel: SecureChannelParam::Mode(mode),
+                ..Default::default()
+            };
             act(&out, "nvmf_subsystem_add_listener", &params, |_: &bool| {
                 format!("{nqn} listens on {address}")
             })
@@ -261,11 +271,20 @@ pub fn run(cmd: NvmfCommand) -> anyhow::Result<()> {
             let rows = list
                 .iter()
                 .map(|l| {
-                    vec![l.address.trtype.clone(), l.address.adrfam.clone(), address(&l.address)]
+                    let secure = serde_json::to_value(l.secure_channel_mode)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default();
+                    let (trtype, adrfam) = (l.address.trtype.clone(), l.address.adrfam.clone());
+                    vec![trtype, adrfam, address(&l.address), secure]
                 })
                 .collect();
-            let columns =
-                [("TRTYPE", Align::Left), ("ADRFAM", Align::Left), ("ADDRESS", Align::Left)];
+            let columns = [
+                ("TRTYPE", Align::Left),
+                ("ADRFAM", Align::Left),
+                ("ADDRESS", Align::Left),
+                ("SECURE", Align::Left),
+            ];
             print!("{}", client::table(&columns, rows));
             Ok(())
         }
@@ -279,7 +298,11 @@ fn print_subsystems(list: &[SubsystemEntry], as_json: bool) -> anyhow::Result<()
     }
     let mut rows = Vec::new();
     for s in list {
-        let hosts: Vec<&str> = s.hosts.iter().map(|h| h.nqn.as_str()).collect();
+        let hosts: Vec<String> = s
+            .hosts
+            .iter()
+            .map(|h| if h.refused { format!("{}(refused)", h.nqn) } else { h.nqn.clone() })
+            .collect();
         let access = match (s.allow_any_host, hosts.is_empty()) {
             (true, _) => "any".to_string(),
             (false, true) => "none".to_string(),

@@ -34,16 +34,43 @@ pub struct Control {
     /// Named secrets (TLS PSKs, DH-HMAC-CHAP secrets) added through `keyring_file_add_key`.
     pub keyring: crate::keyring::Keyring,
     /// (subsystem NQN, host NQN) → the keyring names its keys came from, for
-    /// `nvmf_get_subsystems` (the keys themselves live in the target).
+    /// `nvmf_get_subsystems` and the pool's copy of the configuration (the keys themselves
+    /// live in the target).
     pub host_keys: parking_lot::RwLock<std::collections::BTreeMap<(String, String), HostKeyNames>>,
+    /// Hosts one subsystem may list at most (`--max-hosts-per-subsystem`).
+    pub max_hosts: usize,
+    /// Held by every method that changes what the pool keeps of the NVMe-oF settings or the
+    /// keyring (`persist`), for its whole run: the pool keeps changes in the order they take
+    /// effect, and a subsystem never gets two anchors.
+    pub settings: parking_lot::Mutex<()>,
 }
 
-/// The keyring names of one host's keys for one subsystem.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What `nvmf_subsystem_add_host` was given for one host of one subsystem besides its NQN: the
+/// keyring names of its keys and its DH-HMAC-CHAP choices (never a key). Kept in the pool as
+/// is (`pool_config`), so its fields refuse unknown ones and default to absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HostKeyNames {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub psk: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhchap_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhchap_ctrlr_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhchap_digests: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhchap_dhgroups: Option<Vec<String>>,
+}
+
+impl HostKeyNames {
+    /// The keyring names this host's keys come from.
+    pub fn key_names(&self) -> impl Iterator<Item = &str> {
+        [&self.psk, &self.dhchap_key, &self.dhchap_ctrlr_key]
+            .into_iter()
+            .flatten()
+            .map(|s| s.as_str())
+    }
 }
 
 /// One control method: its name and its handler, in the module that owns it.

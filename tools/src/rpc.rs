@@ -365,7 +365,7 @@ struct Request {
     params: Option<Value>,
 }
 
-fn handle(req: &Value, control: &Control) -> Value {
+pub(crate) fn handle(req: &Value, control: &Control) -> Value {
     let Request { id, method, params } = Request::deserialize(req).unwrap_or_else(|_| Request {
         id: req.get("id").cloned().unwrap_or(Value::Null),
         ..Request::default()

@@ -1,5 +1,7 @@
 //! The keyring's control methods, SPDK's names and shapes: `keyring_file_add_key`,
-//! `keyring_file_remove_key`, `keyring_get_keys` (names and paths; never key text).
+//! `keyring_file_remove_key`, `keyring_get_keys` (names and paths; never key text). A key's
+//! name and path are kept in the pool (`persist`) before the method answers; adding a key
+//! admits the hosts that were refused for want of it.
 
 use std::path::PathBuf;
 
@@ -8,7 +10,10 @@ use serde_json::{json, Value};
 
 use crate::control::{Control, Method};
 use crate::keyring::KeyringError;
-use crate::rpc_error::{invalid_parameters, params, DecodeStyle, RpcError, EEXIST, ENODEV};
+use crate::persist::PersistError;
+use crate::rpc_error::{
+    invalid_parameters, params, DecodeStyle, RpcError, EEXIST, ENODEV, INTERNAL_ERROR,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +37,10 @@ struct KeyEntry {
     refcnt: u32,
     path: String,
     module: &'static str,
+    /// ballast's: why the key has no text (its file could not be read when the keyring was
+    /// restored at start-up); hosts configured with it are refused until it is added again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unavailable: Option<String>,
 }
 
 pub const METHODS: &[Method] = &[
@@ -49,15 +58,49 @@ fn rpc_err(e: KeyringError) -> RpcError {
     }
 }
 
+fn persist_err(e: PersistError) -> RpcError {
+    match e {
+        PersistError::Codec(e) => invalid_parameters(e),
+        e => RpcError::new(INTERNAL_ERROR, e.to_string()),
+    }
+}
+
 fn add_key(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let a: AddKey = params(p, DecodeStyle::Generic)?;
+    let path = a.path.display().to_string();
+    let _settings = control.settings.lock();
     control.keyring.add(&a.name, a.path).map_err(rpc_err)?;
+    if let Err(e) = crate::persist::keep_key(control, &a.name, &path) {
+        let _ = control.keyring.remove(&a.name);
+        return Err(persist_err(e));
+    }
+    crate::host_auth::readmit_with(control, &a.name);
     Ok(json!(true))
 }
 
 fn remove_key(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let r: RemoveKey = params(p, DecodeStyle::Generic)?;
+    let _settings = control.settings.lock();
+    if control.keyring.path(&r.name).is_none() {
+        return Err(rpc_err(KeyringError::NoKey));
+    }
+    crate::persist::forget_key(control, &r.name).map_err(persist_err)?;
     control.keyring.remove(&r.name).map_err(rpc_err)?;
+    let users: Vec<String> = control
+        .host_keys
+        .read()
+        .iter()
+        .filter(|(_, names)| names.key_names().any(|n| n == r.name))
+        .map(|((nqn, host), _)| format!("{host} on {nqn}"))
+        .collect();
+    if !users.is_empty() {
+        tracing::warn!(
+            key = r.name,
+            ?users,
+            "key removed while hosts use it: they keep it until the daemon restarts, then are \
+             refused until it is added again"
+        );
+    }
     Ok(json!(true))
 }
 
@@ -73,7 +116,22 @@ fn get_keys(control: &Control, _: &Value) -> Result<Value, RpcError> {
             refcnt: 1,
             path: k.path,
             module: "keyring_file",
+            unavailable: k.unavailable,
         })
         .collect();
     Ok(json!(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_keyring_is_refused_with_spdk_invalid_params_saying_so() {
+        let e = rpc_err(KeyringError::Full);
+        assert_eq!(e.code, crate::rpc_error::INVALID_PARAMS);
+        assert_eq!(e.message, "Invalid parameters: the keyring holds 4096 keys already");
+        assert_eq!(rpc_err(KeyringError::Exists).code, EEXIST);
+        assert_eq!(rpc_err(KeyringError::NoKey).code, ENODEV);
+    }
 }

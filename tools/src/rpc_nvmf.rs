@@ -1,17 +1,20 @@
 //! NVMe-oF control methods, with SPDK's names and parameters so SPDK tooling works against us.
+//! A method that changes a subsystem, its hosts or listeners keeps the change in the pool
+//! (`persist`, under `Control::settings`) before it takes effect, and answers an error, having
+//! changed nothing, when it cannot.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use ballast_nvmf::auth::keys::{dh_group_by_name, hash_by_name};
-use ballast_nvmf::auth::{AuthConfig, DhGroup, DhchapSecret, HashId};
 use ballast_nvmf::subsys::{Identity, ListenAddr, SubsysError, DISCOVERY_NQN};
 use ballast_nvmf::tls::SecureChannel;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::control::{Control, HostKeyNames, Method};
+use crate::host_auth;
+use crate::persist::{self, PersistError};
 use crate::registry::RegistryError;
 use crate::rpc_error::{
     invalid_parameters, params, DecodeStyle, RpcError, INTERNAL_ERROR, INVALID_PARAMS,
@@ -45,6 +48,15 @@ fn registry_err(e: RegistryError) -> RpcError {
 
 fn not_found(nqn: &str) -> RpcError {
     invalid_parameters(format!("Subsystem with NQN '{nqn}' not found"))
+}
+
+/// A change the pool could not keep (so it did not take effect).
+pub fn persist_err(e: PersistError) -> RpcError {
+    match e {
+        PersistError::NoSubsystem(nqn) => not_found(&nqn),
+        PersistError::Codec(e) => invalid_parameters(e),
+        e @ PersistError::Pool(_) => RpcError::new(INTERNAL_ERROR, e.to_string()),
+    }
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -285,8 +297,11 @@ fn create_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
     unsupported("min_cntlid/max_cntlid", c.min_cntlid.is_some() || c.max_cntlid.is_some())?;
     let nqn = c.nqn.as_str();
     let identity = Identity { serial: c.serial_number.clone(), model: c.model_number.clone() };
-    let subsys = control.target.create_subsystem_as(nqn, c.allow_any_host, identity).map_err(
-        |e| match e {
+    let _settings = control.settings.lock();
+    let subsys = control
+        .target
+        .create_subsystem_as(nqn, c.allow_any_host, identity.clone())
+        .map_err(|e| match e {
             SubsysError::Exists(_) => {
                 RpcError::new(INTERNAL_ERROR, format!("Unable to create subsystem {nqn}"))
             }
@@ -294,8 +309,11 @@ fn create_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
             SubsysError::BadSerial(sn) => RpcError::new(INVALID_PARAMS, format!("Invalid SN {sn}")),
             SubsysError::BadModel(mn) => RpcError::new(INVALID_PARAMS, format!("Invalid MN {mn}")),
             other => invalid_parameters(other),
-        },
-    )?;
+        })?;
+    if let Err(e) = persist::keep_created(control, nqn, c.allow_any_host, &identity) {
+        let _ = control.registry.delete_subsystem(nqn);
+        return Err(persist_err(e));
+    }
     let max_ns = c.max_namespaces;
     tracing::info!(
         nqn,
@@ -311,6 +329,11 @@ fn create_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
 fn delete_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let d: Nqn = params(p, G)?;
     check_target(d.tgt_name.as_deref())?;
+    let _settings = control.settings.lock();
+    if control.target.subsystem(&d.nqn).is_none() {
+        return Err(not_found(&d.nqn));
+    }
+    persist::forget_deleted(control, &d.nqn).map_err(persist_err)?;
     control.registry.delete_subsystem(&d.nqn).map_err(registry_err)?;
     control.host_keys.write().retain(|(nqn, _), _| *nqn != d.nqn);
     tracing::info!(nqn = d.nqn, "subsystem deleted");
@@ -335,10 +358,15 @@ fn add_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
         .resolve(bdev)
         .ok_or_else(|| invalid_parameters(format!("bdev '{bdev}' does not exist")))?;
     let block_size = ns.block_size.unwrap_or(4096);
+    let _settings = control.settings.lock();
     let nsid = control
         .registry
         .add_namespace(&a.nqn, ns.nsid, &device.name, block_size)
         .map_err(registry_err)?;
+    if let Err(e) = persist::keep_namespace(control, &a.nqn, nsid, &device.name, block_size) {
+        let _ = control.registry.remove_namespace(&a.nqn, nsid);
+        return Err(persist_err(e));
+    }
     tracing::info!(nqn = a.nqn, nsid, bdev, export = device.name, "namespace added");
     Ok(json!(nsid))
 }
@@ -346,118 +374,67 @@ fn add_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
 fn remove_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let r: RemoveNs = params(p, G)?;
     check_target(r.tgt_name.as_deref())?;
+    let _settings = control.settings.lock();
+    let subsys = control.target.subsystem(&r.nqn).ok_or_else(|| not_found(&r.nqn))?;
+    if subsys.namespace(r.nsid).is_none() {
+        return Err(subsys_err(SubsysError::NoNamespace(r.nsid)));
+    }
+    persist::forget_namespace(control, &r.nqn, r.nsid).map_err(persist_err)?;
     control.registry.remove_namespace(&r.nqn, r.nsid).map_err(registry_err)?;
     Ok(json!(true))
 }
 
-/// `nvmf_subsystem_add_host` (`add`) and `nvmf_subsystem_remove_host`.
+/// `nvmf_subsystem_add_host` (`add`) and `nvmf_subsystem_remove_host`. A host is added with
+/// every key it names resolved, kept in the pool, then admitted; at most `--max-hosts-per-
+/// subsystem` hosts per subsystem.
 fn host(control: &Control, p: &Value, add: bool) -> Result<Value, RpcError> {
     let h: Host = params(p, G)?;
     check_target(h.tgt_name.as_deref())?;
-    let auth = if add { dhchap_config(control, &h)? } else { None };
-    let subsys = control.target.subsystem(&h.nqn).ok_or_else(|| not_found(&h.nqn))?;
-    let psk = match (&h.psk, add) {
-        (Some(name), true) => {
-            let text = control.keyring.text(name).ok_or_else(|| {
-                invalid_parameters(format!("no key named {name:?} in the keyring"))
-            })?;
-            let key = ballast_nvmf::psk::TlsKey::parse(&text)
-                .map_err(|e| invalid_parameters(format!("key {name:?}: {e}")))?;
-            Some(key)
-        }
-        (Some(_), false) => return Err(invalid_parameters("psk is only for adding a host")),
-        (None, _) => None,
+    let names = HostKeyNames {
+        psk: h.psk.clone(),
+        dhchap_key: h.dhchap_key.clone(),
+        dhchap_ctrlr_key: h.dhchap_ctrlr_key.clone(),
+        dhchap_digests: h.dhchap_digests.clone(),
+        dhchap_dhgroups: h.dhchap_dhgroups.clone(),
     };
+    if !add && h.psk.is_some() {
+        return Err(invalid_parameters("psk is only for adding a host"));
+    }
+    let _settings = control.settings.lock();
+    let subsys = control.target.subsystem(&h.nqn).ok_or_else(|| not_found(&h.nqn))?;
     if add {
-        subsys.hosts.write().insert(h.host.clone());
-        if psk.is_some() {
-            tracing::info!(host = h.host, nqn = h.nqn, key = ?h.psk, "host added with a TLS PSK");
+        let keys = host_auth::resolve(&control.keyring, &h.nqn, &h.host, &names)
+            .map_err(invalid_parameters)?;
+        let listed = subsys.hosts.read().len();
+        if listed >= control.max_hosts && !subsys.hosts.read().contains(&h.host) {
+            return Err(invalid_parameters(format!(
+                "subsystem '{}' has {listed} hosts, the most it may have \
+                 (--max-hosts-per-subsystem {})",
+                h.nqn, control.max_hosts
+            )));
         }
-        control.target.tls.set_key(&h.host, &h.nqn, psk);
-        if auth.is_some() {
-            tracing::info!(host = h.host, nqn = h.nqn, key = ?h.dhchap_key, ctrlr_key = ?h.dhchap_ctrlr_key, "host added with DH-HMAC-CHAP");
-        }
-        control.target.auth.set(&h.host, &h.nqn, auth);
-        let names = HostKeyNames {
-            psk: h.psk.clone(),
-            dhchap_key: h.dhchap_key.clone(),
-            dhchap_ctrlr_key: h.dhchap_ctrlr_key.clone(),
-        };
-        let key = (h.nqn.clone(), h.host.clone());
-        let mut host_keys = control.host_keys.write();
-        if names == HostKeyNames::default() {
-            host_keys.remove(&key);
-        } else {
-            host_keys.insert(key, names);
+        persist::keep_host(control, &h.nqn, &h.host, &names).map_err(persist_err)?;
+        host_auth::admit(control, &subsys, &h.host, &names, keys);
+        if names != HostKeyNames::default() {
+            let keys: Vec<&str> = names.key_names().collect();
+            tracing::info!(host = h.host, nqn = h.nqn, ?keys, "host added with keys");
         }
     } else {
-        subsys.hosts.write().remove(&h.host);
-        control.target.tls.set_key(&h.host, &h.nqn, None);
-        control.target.auth.set(&h.host, &h.nqn, None);
-        control.host_keys.write().remove(&(h.nqn.clone(), h.host.clone()));
+        persist::forget_host(control, &h.nqn, &h.host).map_err(persist_err)?;
+        host_auth::forget(control, &subsys, &h.host);
     }
     control.target.genctr.fetch_add(1, Ordering::Relaxed);
-    crate::volumes::persist_hosts(control, &h.nqn);
     Ok(json!(true))
-}
-
-/// A DH-HMAC-CHAP secret from the keyring, by name (errors name the key, never its bytes).
-fn dhchap_secret(control: &Control, name: &str) -> Result<DhchapSecret, RpcError> {
-    let text = control
-        .keyring
-        .text(name)
-        .ok_or_else(|| invalid_parameters(format!("no key named {name:?} in the keyring")))?;
-    DhchapSecret::parse(&text).map_err(|e| invalid_parameters(format!("key {name:?}: {e}")))
-}
-
-/// The DH-HMAC-CHAP configuration `nvmf_subsystem_add_host` asks for, if any.
-fn dhchap_config(control: &Control, h: &Host) -> Result<Option<AuthConfig>, RpcError> {
-    let Some(host_key) = &h.dhchap_key else {
-        let extra = h.dhchap_ctrlr_key.is_some()
-            || h.dhchap_digests.is_some()
-            || h.dhchap_dhgroups.is_some();
-        if extra {
-            return Err(invalid_parameters(
-                "dhchap_ctrlr_key, dhchap_digests and dhchap_dhgroups need dhchap_key",
-            ));
-        }
-        return Ok(None);
-    };
-    let host_secret = dhchap_secret(control, host_key)?;
-    let ctrl_secret =
-        h.dhchap_ctrlr_key.as_deref().map(|n| dhchap_secret(control, n)).transpose()?;
-    let config = AuthConfig::new(&h.host, &h.nqn, &host_secret, ctrl_secret.as_ref());
-    if h.dhchap_digests.is_none() && h.dhchap_dhgroups.is_none() {
-        return Ok(Some(config));
-    }
-    let names = |list: &Option<Vec<String>>, all: Vec<&'static str>| -> Vec<String> {
-        match list {
-            Some(list) => list.clone(),
-            None => all.into_iter().rev().map(String::from).collect(),
-        }
-    };
-    let digests = names(&h.dhchap_digests, HashId::ALL.iter().map(|h| h.name()).collect());
-    let groups = names(&h.dhchap_dhgroups, DhGroup::ALL.iter().map(|g| g.name()).collect());
-    let hashes = digests
-        .iter()
-        .map(|n| hash_by_name(n).ok_or_else(|| invalid_parameters(format!("unknown digest {n:?}"))))
-        .collect::<Result<Vec<_>, _>>()?;
-    let dh_groups = groups
-        .iter()
-        .map(|n| {
-            dh_group_by_name(n).ok_or_else(|| invalid_parameters(format!("unknown DH group {n:?}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    config.with_preferences(&hashes, &dh_groups).map(Some).map_err(invalid_parameters)
 }
 
 fn allow_any_host(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let a: AllowAnyHost = params(p, G)?;
     check_target(a.tgt_name.as_deref())?;
+    let _settings = control.settings.lock();
     let subsys = control.target.subsystem(&a.nqn).ok_or_else(|| not_found(&a.nqn))?;
+    persist::keep_access(control, &a.nqn, a.allow_any_host).map_err(persist_err)?;
     subsys.allow_any_host.store(a.allow_any_host, Ordering::Relaxed);
     control.target.genctr.fetch_add(1, Ordering::Relaxed);
-    crate::volumes::persist_hosts(control, &a.nqn);
     Ok(json!(true))
 }
 
@@ -480,31 +457,43 @@ fn listen_addr(la: &ListenAddress) -> Result<SocketAddr, RpcError> {
 }
 
 /// Lets hosts reach a subsystem through an address, binding it first if nothing listens there
-/// yet. On the discovery NQN, the address becomes a discovery service (its log lists every
-/// subsystem, as `--discovery-listen`'s does).
+/// yet (its secure channel set before it accepts). On the discovery NQN, the address becomes a
+/// discovery service (its log lists every subsystem, as `--discovery-listen`'s does). Kept in
+/// the pool before the subsystem listens there.
 fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
     check_target(l.tgt_name.as_deref())?;
     let target = &control.target;
     let discovery = l.nqn == DISCOVERY_NQN;
+    let _settings = control.settings.lock();
     if !discovery && target.subsystem(&l.nqn).is_none() {
         return Err(not_found(&l.nqn));
     }
     let addr = listen_addr(&l.listen_address)?;
     let via = ListenAddr::from(addr);
+    let secure = l.secure_channel.mode();
     let bound = target.port_id(&via).is_some();
     if !bound {
-        crate::listeners::start_nvmf_listener(&control.cores, target, &control.admission, addr)
-            .map_err(|e| invalid_parameters(format!("{e:#}")))?;
+        let before = target.secure_channel(&via);
+        if secure != before {
+            target.set_secure_channel(via.clone(), secure);
+        }
+        let started =
+            crate::listeners::start_nvmf_listener(&control.cores, target, &control.admission, addr);
+        if let Err(e) = started {
+            if secure != before {
+                target.set_secure_channel(via.clone(), before);
+            }
+            return Err(invalid_parameters(format!("{e:#}")));
+        }
+    } else if secure != SecureChannel::None {
+        target.set_secure_channel(via.clone(), secure);
     }
+    persist::keep_listener(control, &l.nqn, addr, true, secure).map_err(persist_err)?;
     if discovery {
         target.discovery_services.write().insert(via);
         target.genctr.fetch_add(1, Ordering::Relaxed);
     } else {
         target.add_listener(&l.nqn, via).map_err(subsys_err)?;
-    }
-    let secure = l.secure_channel.mode();
-    if secure != SecureChannel::None {
-        target.set_secure_channel(ListenAddr::from(addr), secure);
     }
     tracing::info!(nqn = l.nqn, %addr, new = !bound, ?secure, "listener added");
     Ok(json!(true))
@@ -515,16 +504,30 @@ fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
 fn remove_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
     check_target(l.tgt_name.as_deref())?;
     let target = &control.target;
-    let via = ListenAddr::from(listen_addr(&l.listen_address)?);
+    let addr = listen_addr(&l.listen_address)?;
+    let via = ListenAddr::from(addr);
+    let _settings = control.settings.lock();
+    // SPDK's answer when the subsystem has no such listener.
+    let no_listener = || RpcError::new(INVALID_PARAMS, "Invalid parameters");
     if l.nqn == DISCOVERY_NQN {
-        if !target.discovery_services.write().remove(&via) {
-            return Err(RpcError::new(INVALID_PARAMS, "Invalid parameters"));
+        if !target.discovery_services.read().contains(&via) {
+            return Err(no_listener());
         }
+    } else {
+        let subsys = target.subsystem(&l.nqn).ok_or_else(|| not_found(&l.nqn))?;
+        if !subsys.listens_on(&via) {
+            return Err(no_listener());
+        }
+    }
+    persist::keep_listener(control, &l.nqn, addr, false, SecureChannel::None)
+        .map_err(persist_err)?;
+    if l.nqn == DISCOVERY_NQN {
+        target.discovery_services.write().remove(&via);
+        target.genctr.fetch_add(1, Ordering::Relaxed);
     } else {
         target.remove_listener(&l.nqn, &via).map_err(|e| match e {
             SubsysError::NoSubsystem(nqn) => not_found(&nqn),
-            // SPDK's answer when the subsystem has no such listener.
-            _ => RpcError::new(INVALID_PARAMS, "Invalid parameters"),
+            _ => no_listener(),
         })?;
     }
     tracing::info!(nqn = l.nqn, addr = %via, "listener removed");
@@ -535,6 +538,12 @@ fn remove_listener(control: &Control, l: AddListener) -> Result<Value, RpcError>
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ListenerEntry {
     pub address: ListenEntry,
+    /// SPDK's: whether the listener requires TLS.
+    #[serde(default)]
+    pub secure_channel: bool,
+    /// ballast's: what the listener asks of hosts ("none", "optional", "required").
+    #[serde(default)]
+    pub secure_channel_mode: SecureChannel,
 }
 
 fn get_listeners(control: &Control, p: &Value) -> Result<Value, RpcError> {
@@ -547,8 +556,17 @@ fn get_listeners(control: &Control, p: &Value) -> Result<Value, RpcError> {
         let addrs = subsys.listeners.read().iter().cloned().collect();
         addrs
     };
-    let out: Vec<ListenerEntry> =
-        addrs.iter().map(|a| ListenerEntry { address: ListenEntry::from(a) }).collect();
+    let out: Vec<ListenerEntry> = addrs
+        .iter()
+        .map(|a| {
+            let mode = control.target.secure_channel(a);
+            ListenerEntry {
+                address: ListenEntry::from(a),
+                secure_channel: mode == SecureChannel::Required,
+                secure_channel_mode: mode,
+            }
+        })
+        .collect();
     Ok(json!(out))
 }
 
@@ -583,6 +601,10 @@ pub struct HostEntry {
     pub dhchap_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhchap_ctrlr_key: Option<String>,
+    /// ballast's: the host is refused until a key it was configured with is available again
+    /// (its file could not be read when the keyring was restored).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
 }
 
 /// One namespace of `nvmf_get_subsystems`.
@@ -681,15 +703,16 @@ fn get_subsystems(control: &Control, p: &Value) -> Result<Value, RpcError> {
                 }
             })
             .collect();
+        let listed: Vec<String> = s.hosts.read().iter().cloned().collect();
+        let refused = s.refused_hosts.read().clone();
         let host_keys = control.host_keys.read();
-        let hosts = s
-            .hosts
-            .read()
-            .iter()
+        let hosts = listed
+            .into_iter()
             .map(|h| {
                 let names = host_keys.get(&(s.nqn.clone(), h.clone())).cloned().unwrap_or_default();
                 HostEntry {
-                    nqn: h.clone(),
+                    refused: refused.contains(&h),
+                    nqn: h,
                     psk: names.psk,
                     dhchap_key: names.dhchap_key,
                     dhchap_ctrlr_key: names.dhchap_ctrlr_key,

@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// Connections served at once (NBD and NVMe/TCP together); more are refused.
     #[arg(long, default_value_t = 4096)]
     max_connections: u64,
+    /// Hosts one NVMe-oF subsystem may list (nvmf_subsystem_add_host); more are refused.
+    #[arg(long, value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    max_hosts_per_subsystem: u64,
     /// Seconds an NBD handshake, or NVMe/TCP ICReq + Connect, may take before the connection
     /// is dropped.
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
@@ -339,6 +343,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         started: std::time::Instant::now(),
         keyring: crate::keyring::Keyring::default(),
         host_keys: Default::default(),
+        max_hosts: args.max_hosts_per_subsystem as usize,
+        settings: Default::default(),
     });
     // The daemon's own subsystems (volumes', startup exports') listen on --nvmf-listen; the
     // discovery listener serves the whole discovery log.
@@ -361,11 +367,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let mut nvmf_addrs = vec![args.nvmf_listen];
     nvmf_addrs.extend(args.discovery_listen);
+    // Nothing listens yet: each listener's secure channel, then what the pool keeps (the
+    // keyring, subsystems' hosts and keys, listeners) are in place before the first accept.
+    if args.nvmf_secure_channel != SecureChannelArg::None {
+        for addr in &nvmf_addrs {
+            let via = ballast_nvmf::ListenAddr::from(*addr);
+            target.set_secure_channel(via, args.nvmf_secure_channel.into());
+        }
+    }
+    let kept_addrs = crate::persist::restore(&control);
     for addr in nvmf_addrs {
         start_nvmf_listener(&handles, &target, &admission, addr)?;
-        if args.nvmf_secure_channel != SecureChannelArg::None {
-            let via = ballast_nvmf::ListenAddr::from(addr);
-            target.set_secure_channel(via, args.nvmf_secure_channel.into());
+    }
+    for addr in kept_addrs {
+        if target.port_id(&addr.into()).is_some() {
+            continue;
+        }
+        if let Err(e) = start_nvmf_listener(&handles, &target, &admission, addr) {
+            tracing::warn!(%addr, error = %format!("{e:#}"), "kept listener cannot be bound");
+            crate::persist::unbindable(&control, addr);
         }
     }
 

@@ -4,9 +4,9 @@
 //!
 //! Every volume of the pool is exported under its name: NBD export `NAME`, NVMe subsystem
 //! `nqn.2026-11.dev.ballast:NAME` with namespace 1 (serial and NGUID derive from the NQN, so they
-//! are the same after every restart). Snapshots are exported read-only. Allowed hosts of a
-//! volume's subsystem are kept in the pool's configuration, so `ballast serve --pool DEV` alone
-//! restores everything.
+//! are the same after every restart). Snapshots are exported read-only. The settings of a
+//! volume's subsystem (hosts and their keys, listeners) are kept in the pool's configuration
+//! (`persist`), so `ballast serve --pool DEV` alone restores everything.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,12 +29,6 @@ use crate::rpc_error::{
     ENODEV, INTERNAL_ERROR,
 };
 
-/// Config key holding the access settings of volume `name`'s subsystem (JSON: allow_any_host,
-/// hosts).
-fn hosts_key(name: &str) -> String {
-    format!("hosts:{name}")
-}
-
 pub fn nqn_of(name: &str) -> String {
     format!("{}{name}", ballast_nvmf::NQN_PREFIX)
 }
@@ -46,20 +40,9 @@ pub fn new_uuid() -> anyhow::Result<[u8; 16]> {
     Ok(uuid)
 }
 
-/// A volume subsystem's access settings as kept in the pool's configuration.
-#[derive(serde::Serialize, Deserialize)]
-struct StoredHosts {
-    #[serde(default = "yes")]
-    allow_any_host: bool,
-    #[serde(default)]
-    hosts: Vec<String>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// Exports volume `name` over NBD and NVMe/TCP.
+/// Exports volume `name` over NBD and NVMe/TCP. Its subsystem starts with the startup access
+/// settings (`--allow-host`), or, when the pool keeps settings for it, admitting no host until
+/// they are applied (`persist::restore` at start-up, `persist::reapply` later).
 pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> anyhow::Result<()> {
     let dev = pool.device(name, false)?;
     let read_only = dev.info().read_only;
@@ -80,22 +63,22 @@ pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> a
     let device = Device::new(name, uuid, DeviceKind::Volume, description, dev, read_only);
     control.registry.add(device)?;
     let nqn = nqn_of(name);
-    let stored: Option<StoredHosts> =
-        pool.meta().config().get(&hosts_key(name)).and_then(|v| serde_json::from_str(v).ok());
-    let StoredHosts { allow_any_host: any, hosts } = stored.unwrap_or_else(|| StoredHosts {
-        allow_any_host: control.allow_hosts.is_empty(),
-        hosts: control.allow_hosts.clone(),
-    });
+    let kept = crate::persist::has_settings(control, &nqn);
+    let any = !kept && control.allow_hosts.is_empty();
     let subsys = control.target.create_subsystem(&nqn, any)?;
-    subsys.hosts.write().extend(hosts);
+    if !kept {
+        subsys.hosts.write().extend(control.allow_hosts.iter().cloned());
+    }
     control.registry.add_namespace(&nqn, 1, name, 4096)?;
     Ok(())
 }
 
 /// Removes volume `name`'s exports (open connections keep their device until they close).
 pub fn unexport_volume(control: &Control, name: &str) {
+    let nqn = nqn_of(name);
     let _ = control.registry.remove(name);
-    let _ = control.registry.delete_subsystem(&nqn_of(name));
+    let _ = control.registry.delete_subsystem(&nqn);
+    control.host_keys.write().retain(|(n, _), _| *n != nqn);
 }
 
 /// Exports every volume of `pool`.
@@ -104,23 +87,6 @@ pub fn export_all(control: &Control, pool: &Arc<PoolHandle>) -> anyhow::Result<(
         export_volume(control, pool, &v.name).with_context(|| format!("exporting {}", v.name))?;
     }
     Ok(())
-}
-
-/// Keeps a volume subsystem's access settings in the pool (after an `nvmf_subsystem_*_host`
-/// or `nvmf_subsystem_allow_any_host` call).
-pub fn persist_hosts(control: &Control, nqn: &str) {
-    let Some(pool) = &control.pool else { return };
-    let Some(name) = nqn.strip_prefix(ballast_nvmf::NQN_PREFIX) else { return };
-    let Some(subsys) = control.target.subsystem(nqn) else { return };
-    if pool.meta().find(name).is_err() {
-        return;
-    }
-    let hosts: Vec<String> = subsys.hosts.read().iter().cloned().collect();
-    let any = subsys.allow_any_host.load(std::sync::atomic::Ordering::Relaxed);
-    let value = json!(StoredHosts { allow_any_host: any, hosts }).to_string();
-    if let Err(e) = pool.set_config(&hosts_key(name), &value) {
-        tracing::warn!(volume = name, error = %e, "could not store the host list in the pool");
-    }
 }
 
 fn pool(control: &Control) -> Result<&Arc<PoolHandle>, RpcError> {
@@ -284,6 +250,12 @@ fn internal(e: impl std::fmt::Display) -> RpcError {
 /// Exports a new volume and gives it its UUID (which the SPDK methods answer with).
 fn publish(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> Result<String, RpcError> {
     let uuid = lvstore::assign_volume_uuid(pool, name).map_err(internal)?;
+    let nqn = nqn_of(name);
+    let _settings = control.settings.lock();
+    if crate::persist::has_settings(control, &nqn) {
+        // Left by an earlier volume of this name whose deletion could not forget them.
+        crate::persist::forget_subsystem(control, &nqn).map_err(internal)?;
+    }
     export_volume(control, pool, name).map_err(|e| internal(format!("{e:#}")))?;
     Ok(uuid)
 }
@@ -493,13 +465,23 @@ fn delete(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let pool = pool(control)?;
     let d: LvolName = params(p, L)?;
     let name = lvol(control, &d.name)?;
+    let _settings = control.settings.lock();
     unexport_volume(control, &name);
     if let Err(e) = pool.delete(&name) {
-        // Put the exports back: the volume is still there.
-        let _ = export_volume(control, pool, &name);
+        // Put the exports back, with their kept settings: the volume is still there.
+        if export_volume(control, pool, &name).is_ok() {
+            crate::persist::reapply(control, &nqn_of(&name));
+        }
         return Err(pool_err(e));
     }
-    let _ = pool.set_config(&hosts_key(&name), "");
+    if let Err(e) = crate::persist::forget_subsystem(control, &nqn_of(&name)) {
+        tracing::warn!(
+            volume = name,
+            error = %e,
+            "the deleted volume's subsystem settings stay in the pool (a new volume of that \
+             name starts without them)"
+        );
+    }
     lvstore::forget_volume(pool, &name);
     tracing::info!(volume = name, "volume deleted");
     Ok(json!(true))

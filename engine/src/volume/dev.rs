@@ -401,6 +401,12 @@ impl PoolHandle {
         self.control(None, |m| m.set_config(key, value))
     }
 
+    /// Several configuration entries in one control operation and one commit
+    /// ([`PoolMeta::set_configs`]: all admitted or none; a crash keeps a prefix of them).
+    pub fn set_configs(self: &Arc<Self>, entries: &[(String, String)]) -> Result<(), PoolError> {
+        self.control(None, |m| m.set_configs(entries))
+    }
+
     /// A block device for volume `name` (read-only for snapshots, or when asked).
     pub fn device(self: &Arc<Self>, name: &str, read_only: bool) -> Result<VolumeDev, PoolError> {
         let m = self.meta();

@@ -594,6 +594,51 @@ mod tests {
     }
 
     #[test]
+    fn a_config_batch_is_admitted_whole_and_a_crash_keeps_a_prefix_of_it() {
+        let mut p = new_pool(11);
+        let bad = [("a".to_string(), "1".to_string()), (String::new(), "2".to_string())];
+        assert!(matches!(p.meta_mut().set_configs(&bad), Err(PoolError::BadConfig)));
+        assert!(p.meta().config().is_empty(), "a refused batch sets nothing");
+        p.flush().unwrap();
+        // Values of 2500 bytes: each record needs a journal block of its own.
+        let batch: Vec<(String, String)> = (0..3u8)
+            .map(|i| (format!("k{i}"), char::from(b'a' + i).to_string().repeat(2500)))
+            .collect();
+        let run = |p: &mut Pool<SimDisk>| {
+            p.meta_mut().set_configs(&batch).unwrap();
+            p.flush().unwrap();
+        };
+        let mut clean = new_pool(11);
+        clean.flush().unwrap();
+        let start = clean.disk.ios;
+        run(&mut clean);
+        let ios = clean.disk.ios - start;
+        assert!(ios >= 3, "the batch spans several journal blocks ({ios} I/Os)");
+        assert_eq!(clean.meta().config().len(), 3);
+        let modes = [CrashMode::DropAll, CrashMode::ApplyAll, CrashMode::Random];
+        let mut lengths = std::collections::BTreeSet::new();
+        for cut in 0..=ios {
+            for (k, mode) in modes.iter().enumerate() {
+                let mut p = new_pool(11);
+                p.flush().unwrap();
+                p.disk.power_cut_at = Some(p.disk.ios + cut);
+                p.meta_mut().set_configs(&batch).unwrap();
+                let _ = p.flush();
+                let mut disk = p.into_disk();
+                disk.reseed(cut * 8 + k as u64);
+                disk.crash(*mode);
+                let p = Pool::open(disk).unwrap();
+                let seen: Vec<(String, String)> =
+                    p.meta().config().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                assert_eq!(seen, batch[..seen.len()], "cut {cut} {mode:?}: not a prefix");
+                lengths.insert(seen.len());
+            }
+        }
+        // Every prefix happens: a commit spanning blocks is not atomic, hence the ordering rule.
+        assert_eq!(lengths, (0..=3).collect(), "prefixes seen after the crashes");
+    }
+
+    #[test]
     fn a_truncated_device_is_refused() {
         let p = new_pool(4);
         let disk = p.into_disk();

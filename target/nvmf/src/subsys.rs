@@ -12,6 +12,8 @@
 //!   to be by the caller that added it (the control plane binds before it adds);
 //! - a controller is reachable only through the address it connected on (`Controller::via`):
 //!   removing that address from its subsystem ends it.
+//! - a host in a subsystem's `refused_hosts` is refused at Connect (and left out of its
+//!   discovery log) whatever the subsystem's access list says.
 //!
 //! Identities (serial, NGUID, EUI-64, UUID) are derived from the subsystem NQN and namespace
 //! id, so they are stable across restarts without storing anything; a subsystem's serial and
@@ -165,6 +167,10 @@ pub struct Subsystem {
     pub model: String,
     pub allow_any_host: AtomicBool,
     pub hosts: RwLock<BTreeSet<String>>,
+    /// Hosts refused whatever `allow_any_host` and `hosts` say: their configured keys could
+    /// not be restored (a key file missing at start-up). They stay refused (fail closed) until
+    /// the control plane gives them their keys again; never admitted without them.
+    pub refused_hosts: RwLock<BTreeSet<String>>,
     pub namespaces: RwLock<BTreeMap<u32, Arc<Namespace>>>,
     /// Where hosts may connect to it.
     pub listeners: RwLock<BTreeSet<ListenAddr>>,
@@ -176,6 +182,9 @@ impl Subsystem {
     }
 
     pub fn host_allowed(&self, hostnqn: &str) -> bool {
+        if self.refused_hosts.read().contains(hostnqn) {
+            return false;
+        }
         self.allow_any_host.load(Ordering::Relaxed) || self.hosts.read().contains(hostnqn)
     }
 
@@ -303,6 +312,7 @@ impl Target {
             model,
             allow_any_host: AtomicBool::new(allow_any_host),
             hosts: RwLock::default(),
+            refused_hosts: RwLock::default(),
             namespaces: RwLock::default(),
             listeners: RwLock::default(),
         });
@@ -493,5 +503,27 @@ impl Target {
             .filter(|c| c.subsys.as_ref().is_some_and(|s| s.nqn == nqn))
             .cloned()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000b0b0";
+
+    #[test]
+    fn a_refused_host_is_refused_whatever_the_access_list_says() {
+        let target = Target::default();
+        let subsys = target.create_subsystem("nqn.2026-11.dev.ballast:t", true).unwrap();
+        assert!(subsys.host_allowed(HOST), "any host");
+        subsys.refused_hosts.write().insert(HOST.into());
+        assert!(!subsys.host_allowed(HOST), "refused although any host is allowed");
+        subsys.allow_any_host.store(false, Ordering::Relaxed);
+        subsys.hosts.write().insert(HOST.into());
+        assert!(!subsys.host_allowed(HOST), "refused although listed");
+        assert!(!subsys.host_allowed("nqn.2014-08.org.nvmexpress:other"), "not listed");
+        subsys.refused_hosts.write().remove(HOST);
+        assert!(subsys.host_allowed(HOST), "listed again once no longer refused");
     }
 }

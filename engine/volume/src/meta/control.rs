@@ -179,12 +179,27 @@ impl PoolMeta {
     }
 
     pub fn set_config(&mut self, key: &str, value: &str) -> Result<(), PoolError> {
+        self.set_configs(&[(key.to_string(), value.to_string())])
+    }
+
+    /// Sets several configuration entries (an empty value removes its key) in one control
+    /// operation: every entry is checked and admitted before any is applied, so a refusal
+    /// changes nothing. They are journaled in the order given and replay keeps a prefix of
+    /// them after a crash (a commit may span journal blocks), so callers order entries such
+    /// that every prefix is a consistent configuration.
+    pub fn set_configs(&mut self, entries: &[(String, String)]) -> Result<(), PoolError> {
         self.ok()?;
-        if key.is_empty() || key.len() > NAME_MAX || value.len() > CONFIG_VALUE_MAX {
-            return Err(PoolError::BadConfig);
+        let mut bytes = 0u64;
+        for (key, value) in entries {
+            if key.is_empty() || key.len() > NAME_MAX || value.len() > CONFIG_VALUE_MAX {
+                return Err(PoolError::BadConfig);
+            }
+            bytes += (key.len() + value.len()) as u64 + CHECKPOINT_BYTES_PER_CONFIG;
         }
-        self.admit(0, 0, (key.len() + value.len()) as u64 + CHECKPOINT_BYTES_PER_CONFIG)?;
-        self.log(Record::Config { key: key.into(), value: value.into() });
+        self.admit(0, 0, bytes)?;
+        for (key, value) in entries {
+            self.log(Record::Config { key: key.clone(), value: value.clone() });
+        }
         Ok(())
     }
 }

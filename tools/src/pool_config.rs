@@ -1,0 +1,684 @@
+//! The codec between the daemon's NVMe-oF and keyring settings and the pool's configuration
+//! entries (`Config` records: key → value of at most `CONFIG_VALUE_MAX` bytes, an empty value
+//! removing the key). Pure: no I/O, no clock, no randomness (generations are given).
+//!
+//! Entries (values are JSON objects; fields added later must default, and unknown ones are
+//! refused so a value is never half understood):
+//!
+//! - `keyring:H(name)` → [`StoredKey`] `{name, path}`: a key's name and file, never its text;
+//! - `nvmf:H(nqn)` → [`StoredSubsystem`] `{nqn, gen, created, allow_any_host, serial_number?,
+//!   model_number?}`: the subsystem's anchor;
+//! - `nvmf:H(nqn):host:H(host)` → [`StoredHost`] `{gen, host, keys: {psk?, dhchap_key?,
+//!   dhchap_ctrlr_key?, dhchap_digests?, dhchap_dhgroups?}}`: a host and its key *names*;
+//! - `nvmf:H(nqn):listener:H(addr)` → [`StoredListener`] `{gen, addr, listen,
+//!   secure_channel}`;
+//! - `nvmf:H(nqn):ns:NSID` → [`StoredNamespace`] `{gen, nsid, bdev, block_size}`;
+//! - `hosts:VOLUME` (legacy) → `{allow_any_host, hosts}`: a volume's subsystem as kept before
+//!   anchors; read, never written.
+//!
+//! `H(x)` is the first 12 bytes of SHA-256(x) in hex, so keys stay short whatever the names
+//! (NQNs reach 223 bytes, key names 256); the value names what the key stands for and is
+//! checked against it.
+//!
+//! Invariants:
+//! - a child entry (host, listener, namespace) counts only under a readable anchor with the
+//!   same `gen`; a subsystem made again gets a new `gen`, so nothing left of an earlier one of
+//!   the same name ever applies to it (such entries are `stale`);
+//! - a crash keeps a prefix of a batch (`PoolMeta::set_configs`), so batches put children
+//!   before their anchor, the anchor before the legacy entry's removal, and a subsystem's
+//!   anchor removal before its children's: every prefix decodes to the state before or after;
+//! - decoding never fails as a whole: an entry it cannot read is reported in `problems`, and
+//!   its subsystem is marked `damaged` (or, for an anchor, listed in `unreadable`) so the
+//!   daemon restores it admitting only the hosts it could read (fail closed);
+//! - no value holds key text: only keyring names and file paths.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use ballast_engine::volume::records::CONFIG_VALUE_MAX;
+use ballast_nvmf::subsys::NQN_PREFIX;
+use ballast_nvmf::tls::SecureChannel;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::control::HostKeyNames;
+
+const KEYRING: &str = "keyring:";
+const NVMF: &str = "nvmf:";
+const LEGACY_HOSTS: &str = "hosts:";
+const HOST: &str = "host";
+const LISTENER: &str = "listener";
+const NAMESPACE: &str = "ns";
+/// Bytes of SHA-256 a key keeps (hex: twice as many characters).
+const DIGEST_BYTES: usize = 12;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error(
+        "{what} needs {len_bytes} bytes in the pool's configuration, more than the \
+         {CONFIG_VALUE_MAX} one entry may hold"
+    )]
+    TooLong { what: String, len_bytes: usize },
+    #[error("encoding {what}: {source}")]
+    Encode {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A keyring key: its name and file (never its text).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoredKey {
+    pub name: String,
+    pub path: String,
+}
+
+/// A subsystem's anchor: what it is, and the generation its other entries carry.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoredSubsystem {
+    pub nqn: String,
+    pub gen: u64,
+    /// Made by `nvmf_create_subsystem`: restoring makes it again. Otherwise the daemon makes
+    /// it (a volume's, a startup export's) and only its settings are kept.
+    #[serde(default)]
+    pub created: bool,
+    pub allow_any_host: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_number: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_number: Option<String>,
+}
+
+/// A host allowed on a subsystem, with the keyring names of its keys.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoredHost {
+    pub gen: u64,
+    pub host: String,
+    #[serde(default)]
+    pub keys: HostKeyNames,
+}
+
+/// An address a subsystem was told to listen on (`listen`) or to stop listening on (`!listen`:
+/// one of the daemon's default listeners taken away from it).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoredListener {
+    pub gen: u64,
+    pub addr: SocketAddr,
+    pub listen: bool,
+    #[serde(default)]
+    pub secure_channel: SecureChannel,
+}
+
+/// A namespace added by `nvmf_subsystem_add_ns`, by the name of its device.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoredNamespace {
+    pub gen: u64,
+    pub nsid: u32,
+    pub bdev: String,
+    pub block_size: u32,
+}
+
+/// A volume's subsystem as kept before anchors existed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LegacyHosts {
+    #[serde(default = "yes")]
+    allow_any_host: bool,
+    #[serde(default)]
+    hosts: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One subsystem's kept settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubsystemConfig {
+    pub subsystem: StoredSubsystem,
+    /// From the legacy `hosts:VOLUME` entry: hosts without keys, nothing else.
+    pub legacy: bool,
+    /// One of its entries could not be read: it is restored admitting listed hosts only.
+    pub damaged: bool,
+    pub hosts: Vec<StoredHost>,
+    pub listeners: Vec<StoredListener>,
+    pub namespaces: Vec<StoredNamespace>,
+}
+
+/// Everything a pool's configuration holds for the daemon's NVMe-oF and keyring settings.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub keys: Vec<StoredKey>,
+    pub subsystems: Vec<SubsystemConfig>,
+    /// Anchor keys whose value could not be read: the subsystem behind each (found by
+    /// [`anchor_key`]) admits no host until set again.
+    pub unreadable: BTreeSet<String>,
+    /// Entries that no longer apply (another generation, no anchor, a superseded legacy
+    /// entry): removing them changes nothing.
+    pub stale: Vec<String>,
+    /// One line per entry that could not be read, naming its key.
+    pub problems: Vec<String>,
+}
+
+fn digest(s: &str) -> String {
+    let d = Sha256::digest(s.as_bytes());
+    d[..DIGEST_BYTES].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The entry key of keyring key `name`.
+pub fn key_entry_key(name: &str) -> String {
+    format!("{KEYRING}{}", digest(name))
+}
+
+/// The anchor's entry key of subsystem `nqn` (its other entries' keys start with it).
+pub fn anchor_key(nqn: &str) -> String {
+    format!("{NVMF}{}", digest(nqn))
+}
+
+pub fn host_key(nqn: &str, host: &str) -> String {
+    format!("{}:{HOST}:{}", anchor_key(nqn), digest(host))
+}
+
+pub fn listener_key(nqn: &str, addr: &SocketAddr) -> String {
+    format!("{}:{LISTENER}:{}", anchor_key(nqn), digest(&addr.to_string()))
+}
+
+pub fn namespace_key(nqn: &str, nsid: u32) -> String {
+    format!("{}:{NAMESPACE}:{nsid}", anchor_key(nqn))
+}
+
+/// The legacy entry key of a volume's subsystem `nqn` (daemon-named NQNs only).
+pub fn legacy_key(nqn: &str) -> Option<String> {
+    nqn.strip_prefix(NQN_PREFIX).map(|name| format!("{LEGACY_HOSTS}{name}"))
+}
+
+/// The entry setting `key` to `value`, refused if it would not fit one configuration entry.
+pub fn entry<T: Serialize>(key: String, value: &T) -> Result<(String, String), CodecError> {
+    let text = serde_json::to_string(value)
+        .map_err(|source| CodecError::Encode { what: key.clone(), source })?;
+    if text.len() > CONFIG_VALUE_MAX {
+        return Err(CodecError::TooLong { what: key, len_bytes: text.len() });
+    }
+    Ok((key, text))
+}
+
+/// The entry removing `key`.
+pub fn removal(key: String) -> (String, String) {
+    (key, String::new())
+}
+
+/// The entries giving subsystem `anchor.nqn` an anchor: `hosts` (its hosts as they are now,
+/// under `anchor.gen`), then the anchor, then the removal of its legacy entry if `config`
+/// has one. Every prefix decodes to the settings before (legacy or none) or after.
+pub fn anchoring(
+    config: &BTreeMap<String, String>,
+    anchor: &StoredSubsystem,
+    hosts: &[StoredHost],
+) -> Result<Vec<(String, String)>, CodecError> {
+    let nqn = anchor.nqn.as_str();
+    let mut out = Vec::with_capacity(hosts.len() + 2);
+    for h in hosts {
+        assert_eq!(h.gen, anchor.gen, "a snapshot's hosts carry the new anchor's generation");
+        out.push(entry(host_key(nqn, &h.host), h)?);
+    }
+    out.push(entry(anchor_key(nqn), anchor)?);
+    if let Some(legacy) = legacy_key(nqn).filter(|k| config.contains_key(k)) {
+        out.push(removal(legacy));
+    }
+    Ok(out)
+}
+
+/// The entries removing everything kept for subsystem `nqn`: its anchor first (which makes
+/// the rest stale at once), then its other entries, then its legacy entry.
+pub fn forgetting(config: &BTreeMap<String, String>, nqn: &str) -> Vec<(String, String)> {
+    let anchor = anchor_key(nqn);
+    let children = format!("{anchor}:");
+    let mut out = Vec::new();
+    if config.contains_key(&anchor) {
+        out.push(removal(anchor.clone()));
+    }
+    let under = config.range(children.clone()..).take_while(|(k, _)| k.starts_with(&children));
+    out.extend(under.map(|(k, _)| removal(k.clone())));
+    if let Some(legacy) = legacy_key(nqn).filter(|k| config.contains_key(k)) {
+        out.push(removal(legacy));
+    }
+    out
+}
+
+/// The anchor of subsystem `nqn` as kept in `config`, if there is a readable one.
+pub fn anchor_of(config: &BTreeMap<String, String>, nqn: &str) -> Option<StoredSubsystem> {
+    let s: StoredSubsystem = parse(config.get(&anchor_key(nqn))?).ok()?;
+    (s.nqn == nqn).then_some(s)
+}
+
+fn parse<T: DeserializeOwned>(value: &str) -> Result<T, serde_json::Error> {
+    serde_json::from_str(value)
+}
+
+/// A child entry of an anchor, decoded.
+enum Child {
+    Host(StoredHost),
+    Listener(StoredListener),
+    Namespace(StoredNamespace),
+}
+
+impl Child {
+    fn gen(&self) -> u64 {
+        match self {
+            Child::Host(h) => h.gen,
+            Child::Listener(l) => l.gen,
+            Child::Namespace(n) => n.gen,
+        }
+    }
+
+    /// The key this entry must be kept under in subsystem `nqn`.
+    fn key(&self, nqn: &str) -> String {
+        match self {
+            Child::Host(h) => host_key(nqn, &h.host),
+            Child::Listener(l) => listener_key(nqn, &l.addr),
+            Child::Namespace(n) => namespace_key(nqn, n.nsid),
+        }
+    }
+}
+
+fn child(kind: &str, value: &str) -> Result<Child, String> {
+    let e = |e: serde_json::Error| e.to_string();
+    match kind {
+        HOST => parse(value).map(Child::Host).map_err(e),
+        LISTENER => parse(value).map(Child::Listener).map_err(e),
+        NAMESPACE => parse(value).map(Child::Namespace).map_err(e),
+        other => Err(format!("unknown kind of entry {other:?}")),
+    }
+}
+
+/// Reads every entry of `config` this codec owns (others, such as volume UUIDs, are left).
+pub fn decode(config: &BTreeMap<String, String>) -> Decoded {
+    let mut out = Decoded::default();
+    let mut anchors: BTreeMap<String, StoredSubsystem> = BTreeMap::new();
+    // Anchor key → (entry key, kind, value) of the entries under it.
+    let mut children: BTreeMap<String, Vec<(&String, &str, &String)>> = BTreeMap::new();
+    let mut legacy = Vec::new();
+    for (key, value) in config {
+        if let Some(hash) = key.strip_prefix(KEYRING) {
+            match parse::<StoredKey>(value) {
+                Ok(k) if digest(&k.name) == hash => out.keys.push(k),
+                Ok(k) => out.problems.push(format!("{key}: holds key {:?}, not its own", k.name)),
+                Err(e) => out.problems.push(format!("{key}: {e}")),
+            }
+        } else if let Some(rest) = key.strip_prefix(NVMF) {
+            let mut parts = rest.splitn(3, ':');
+            let anchor = format!("{NVMF}{}", parts.next().unwrap_or_default());
+            match parts.next() {
+                None => match parse::<StoredSubsystem>(value) {
+                    Ok(s) if anchor_key(&s.nqn) == *key => {
+                        anchors.insert(anchor, s);
+                    }
+                    Ok(s) => {
+                        out.problems
+                            .push(format!("{key}: holds subsystem {:?}, not its own", s.nqn));
+                        out.unreadable.insert(anchor);
+                    }
+                    Err(e) => {
+                        out.problems.push(format!("{key}: {e}"));
+                        out.unreadable.insert(anchor);
+                    }
+                },
+                Some(kind) => children.entry(anchor).or_default().push((key, kind, value)),
+            }
+        } else if let Some(volume) = key.strip_prefix(LEGACY_HOSTS) {
+            legacy.push((key, volume, value));
+        }
+    }
+    for (anchor, subsystem) in anchors {
+        let nqn = subsystem.nqn.clone();
+        let mut cfg = SubsystemConfig {
+            subsystem,
+            legacy: false,
+            damaged: false,
+            hosts: Vec::new(),
+            listeners: Vec::new(),
+            namespaces: Vec::new(),
+        };
+        for (key, kind, value) in children.remove(&anchor).unwrap_or_default() {
+            let c = match child(kind, value) {
+                Ok(c) => c,
+                Err(e) => {
+                    out.problems.push(format!("{key}: {e}"));
+                    cfg.damaged = true;
+                    continue;
+                }
+            };
+            if c.gen() != cfg.subsystem.gen {
+                out.stale.push(key.clone());
+            } else if c.key(&nqn) != *key {
+                out.problems.push(format!("{key}: holds an entry of another key"));
+                cfg.damaged = true;
+            } else {
+                match c {
+                    Child::Host(h) => cfg.hosts.push(h),
+                    Child::Listener(l) => cfg.listeners.push(l),
+                    Child::Namespace(n) => cfg.namespaces.push(n),
+                }
+            }
+        }
+        out.subsystems.push(cfg);
+    }
+    // Entries under no readable anchor: left over (stale), unless their anchor is unreadable.
+    for (anchor, entries) in children {
+        if !out.unreadable.contains(&anchor) {
+            out.stale.extend(entries.into_iter().map(|(k, _, _)| k.clone()));
+        }
+    }
+    for (key, volume, value) in legacy {
+        let nqn = format!("{NQN_PREFIX}{volume}");
+        let anchor = anchor_key(&nqn);
+        if out.subsystems.iter().any(|s| s.subsystem.nqn == nqn) {
+            out.stale.push(key.clone());
+            continue;
+        }
+        if out.unreadable.contains(&anchor) {
+            continue;
+        }
+        let (allow_any_host, hosts, damaged) = match parse::<LegacyHosts>(value) {
+            Ok(l) => (l.allow_any_host, l.hosts, false),
+            Err(e) => {
+                out.problems.push(format!("{key}: {e}"));
+                (false, Vec::new(), true)
+            }
+        };
+        let hosts = hosts
+            .into_iter()
+            .map(|host| StoredHost { gen: 0, host, keys: HostKeyNames::default() })
+            .collect();
+        let subsystem = StoredSubsystem {
+            nqn,
+            gen: 0,
+            created: false,
+            allow_any_host,
+            serial_number: None,
+            model_number: None,
+        };
+        out.subsystems.push(SubsystemConfig {
+            subsystem,
+            legacy: true,
+            damaged,
+            hosts,
+            listeners: Vec::new(),
+            namespaces: Vec::new(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ballast_engine::volume::records::NAME_MAX as CONFIG_KEY_MAX;
+
+    const SUB: &str = "nqn.2016-06.io.spdk:cnode1";
+    const HOST_A: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000b0b0";
+    const HOST_B: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000c0c0";
+
+    fn apply(config: &mut BTreeMap<String, String>, entries: &[(String, String)]) {
+        for (k, v) in entries {
+            if v.is_empty() {
+                config.remove(k);
+            } else {
+                config.insert(k.clone(), v.clone());
+            }
+        }
+    }
+
+    fn anchor(nqn: &str, gen: u64, created: bool) -> StoredSubsystem {
+        StoredSubsystem {
+            nqn: nqn.into(),
+            gen,
+            created,
+            allow_any_host: false,
+            serial_number: created.then(|| "SPDK00000000000001".into()),
+            model_number: created.then(|| "SPDK_Controller1".into()),
+        }
+    }
+
+    fn keyed_host(gen: u64) -> StoredHost {
+        StoredHost {
+            gen,
+            host: HOST_A.into(),
+            keys: HostKeyNames {
+                psk: Some("psk0".into()),
+                dhchap_key: Some("dh0".into()),
+                dhchap_ctrlr_key: Some("dh1".into()),
+                dhchap_digests: Some(vec!["sha384".into()]),
+                dhchap_dhgroups: Some(vec!["ffdhe3072".into(), "null".into()]),
+            },
+        }
+    }
+
+    #[test]
+    fn every_setting_round_trips() {
+        let mut config = BTreeMap::new();
+        config.insert("uuid:vol0".to_string(), "0f0e-...".to_string());
+        config.insert("lvs:name".to_string(), "lvs0".to_string());
+        let key = StoredKey { name: "psk0".into(), path: "/etc/ballast/psk0".into() };
+        let host = keyed_host(7);
+        let plain = StoredHost { gen: 7, host: HOST_B.into(), keys: HostKeyNames::default() };
+        let l4 = StoredListener {
+            gen: 7,
+            addr: "127.0.0.1:4421".parse().unwrap(),
+            listen: true,
+            secure_channel: SecureChannel::Required,
+        };
+        let l6 = StoredListener {
+            gen: 7,
+            addr: "[::1]:4420".parse().unwrap(),
+            listen: false,
+            secure_channel: SecureChannel::None,
+        };
+        let ns = StoredNamespace { gen: 7, nsid: 3, bdev: "clone0".into(), block_size: 512 };
+        let sub = anchor(SUB, 7, true);
+        let mut batch = vec![entry(key_entry_key("psk0"), &key).unwrap()];
+        batch.extend(anchoring(&config, &sub, &[host.clone(), plain.clone()]).unwrap());
+        batch.push(entry(listener_key(SUB, &l4.addr), &l4).unwrap());
+        batch.push(entry(listener_key(SUB, &l6.addr), &l6).unwrap());
+        batch.push(entry(namespace_key(SUB, 3), &ns).unwrap());
+        apply(&mut config, &batch);
+        for k in config.keys() {
+            assert!(k.len() <= CONFIG_KEY_MAX, "{k}");
+        }
+        let d = decode(&config);
+        assert!(d.problems.is_empty() && d.stale.is_empty(), "{:?} {:?}", d.problems, d.stale);
+        assert_eq!(d.keys, vec![key]);
+        assert_eq!(d.subsystems.len(), 1);
+        let s = &d.subsystems[0];
+        assert_eq!((&s.subsystem, s.legacy, s.damaged), (&sub, false, false));
+        let mut hosts = s.hosts.clone();
+        hosts.sort_by(|a, b| a.host.cmp(&b.host));
+        assert_eq!(hosts, vec![host, plain]);
+        let mut listeners = s.listeners.clone();
+        listeners.sort_by_key(|l| l.addr);
+        assert_eq!(listeners, vec![l4, l6]);
+        assert_eq!(s.namespaces, vec![ns]);
+        assert_eq!(anchor_of(&config, SUB), Some(sub));
+        // Forgetting the subsystem leaves the rest of the configuration as it was.
+        let forget = forgetting(&config, SUB);
+        apply(&mut config, &forget);
+        let d = decode(&config);
+        assert!(d.subsystems.is_empty() && d.stale.is_empty());
+        assert_eq!(config.len(), 3, "{config:?}");
+    }
+
+    #[test]
+    fn values_are_as_documented_and_hold_no_key_text() {
+        let (k, v) = entry(host_key(SUB, HOST_A), &keyed_host(1)).unwrap();
+        assert!(k.starts_with(&anchor_key(SUB)) && k.contains(":host:"), "{k}");
+        assert_eq!(
+            v,
+            format!(
+                "{{\"gen\":1,\"host\":\"{HOST_A}\",\"keys\":{{\"psk\":\"psk0\",\
+                 \"dhchap_key\":\"dh0\",\"dhchap_ctrlr_key\":\"dh1\",\
+                 \"dhchap_digests\":[\"sha384\"],\"dhchap_dhgroups\":[\"ffdhe3072\",\"null\"]}}}}"
+            )
+        );
+        let (_, v) = entry(anchor_key(SUB), &anchor(SUB, 2, false)).unwrap();
+        assert_eq!(
+            v,
+            format!(r#"{{"nqn":"{SUB}","gen":2,"created":false,"allow_any_host":false}}"#)
+        );
+    }
+
+    #[test]
+    fn a_pool_of_the_old_format_opens_with_its_hosts() {
+        let mut config = BTreeMap::new();
+        // What `persist_hosts` wrote before anchors, and a volume stored with only a host list.
+        config.insert(
+            "hosts:vol0".to_string(),
+            format!(r#"{{"allow_any_host":false,"hosts":["{HOST_A}","{HOST_B}"]}}"#),
+        );
+        config.insert("hosts:vol1".to_string(), format!(r#"{{"hosts":["{HOST_A}"]}}"#));
+        config.insert("uuid:vol0".to_string(), "x".to_string());
+        let d = decode(&config);
+        assert!(d.problems.is_empty() && d.stale.is_empty() && d.keys.is_empty());
+        let got: Vec<(String, bool, bool, Vec<String>)> = d
+            .subsystems
+            .iter()
+            .map(|s| {
+                let hosts = s.hosts.iter().map(|h| h.host.clone()).collect();
+                (s.subsystem.nqn.clone(), s.subsystem.allow_any_host, s.legacy, hosts)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (format!("{NQN_PREFIX}vol0"), false, true, vec![HOST_A.into(), HOST_B.into()]),
+                (format!("{NQN_PREFIX}vol1"), true, true, vec![HOST_A.into()]),
+            ]
+        );
+        assert!(d
+            .subsystems
+            .iter()
+            .all(|s| s.hosts.iter().all(|h| h.keys == HostKeyNames::default())));
+        // A legacy entry that does not decode fails closed.
+        config.insert("hosts:vol2".to_string(), "{not json".to_string());
+        let d = decode(&config);
+        let s = d.subsystems.iter().find(|s| s.subsystem.nqn.ends_with(":vol2")).unwrap();
+        assert!(s.damaged && !s.subsystem.allow_any_host && s.hosts.is_empty());
+        assert_eq!(d.problems.len(), 1);
+    }
+
+    /// Moving a volume's subsystem from the legacy entry to an anchor, then removing a host:
+    /// a crash after any entry of the batch leaves the hosts before or after, never fewer or
+    /// more.
+    #[test]
+    fn every_prefix_of_an_anchoring_batch_is_the_state_before_or_after() {
+        let nqn = format!("{NQN_PREFIX}vol0");
+        let mut before = BTreeMap::new();
+        before.insert(
+            "hosts:vol0".to_string(),
+            format!(r#"{{"allow_any_host":false,"hosts":["{HOST_A}","{HOST_B}"]}}"#),
+        );
+        let hosts_of = |config: &BTreeMap<String, String>| -> (bool, Vec<String>) {
+            let d = decode(config);
+            assert!(d.problems.is_empty(), "{:?}", d.problems);
+            let s = d.subsystems.iter().find(|s| s.subsystem.nqn == nqn).unwrap();
+            let mut h: Vec<String> = s.hosts.iter().map(|h| h.host.clone()).collect();
+            h.sort();
+            (s.subsystem.allow_any_host, h)
+        };
+        let a = anchor(&nqn, 99, false);
+        let snapshot: Vec<StoredHost> = [HOST_A, HOST_B]
+            .iter()
+            .map(|h| StoredHost { gen: 99, host: h.to_string(), keys: HostKeyNames::default() })
+            .collect();
+        let mut batch = anchoring(&before, &a, &snapshot).unwrap();
+        batch.push(removal(host_key(&nqn, HOST_B)));
+        let start = hosts_of(&before);
+        let mut end = before.clone();
+        apply(&mut end, &batch);
+        let end = hosts_of(&end);
+        assert_eq!(end, (false, vec![HOST_A.to_string()]));
+        for cut in 0..=batch.len() {
+            let mut config = before.clone();
+            apply(&mut config, &batch[..cut]);
+            let seen = hosts_of(&config);
+            assert!(seen == start || seen == end, "cut {cut}: {seen:?}");
+        }
+        // And forgetting: the anchor goes first, so every prefix has it whole or not at all.
+        let mut after = before.clone();
+        apply(&mut after, &batch);
+        let forget = forgetting(&after, &nqn);
+        assert_eq!(forget[0], removal(anchor_key(&nqn)));
+        for cut in 1..=forget.len() {
+            let mut config = after.clone();
+            apply(&mut config, &forget[..cut]);
+            let d = decode(&config);
+            assert!(d.subsystems.is_empty(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn entries_of_another_generation_or_no_anchor_are_stale() {
+        let mut config = BTreeMap::new();
+        let batch = anchoring(&config, &anchor(SUB, 1, true), &[keyed_host(1)]).unwrap();
+        apply(&mut config, &batch);
+        // The subsystem is made again (a new generation) before the old host entry went.
+        apply(&mut config, &[entry(anchor_key(SUB), &anchor(SUB, 2, true)).unwrap()]);
+        let orphan = StoredHost { gen: 5, host: HOST_B.into(), keys: HostKeyNames::default() };
+        let other = "nqn.2016-06.io.spdk:gone";
+        apply(&mut config, &[entry(host_key(other, HOST_B), &orphan).unwrap()]);
+        let d = decode(&config);
+        assert!(d.problems.is_empty());
+        assert_eq!(d.subsystems.len(), 1);
+        assert!(d.subsystems[0].hosts.is_empty(), "the old generation's host does not apply");
+        let mut stale = d.stale.clone();
+        stale.sort();
+        let mut want = vec![host_key(SUB, HOST_A), host_key(other, HOST_B)];
+        want.sort();
+        assert_eq!(stale, want);
+    }
+
+    #[test]
+    fn unreadable_entries_are_reported_and_fail_closed() {
+        let mut config = BTreeMap::new();
+        let batch = anchoring(&config, &anchor(SUB, 1, true), &[keyed_host(1)]).unwrap();
+        apply(&mut config, &batch);
+        // A field this version does not know (a newer ballast wrote it): refused, not half read.
+        let newer = format!(r#"{{"gen":1,"host":"{HOST_B}","keys":{{}},"future":true}}"#);
+        config.insert(host_key(SUB, HOST_B), newer);
+        config.insert(format!("{}:tunnel:x", anchor_key(SUB)), "{}".into());
+        let d = decode(&config);
+        assert_eq!(d.problems.len(), 2, "{:?}", d.problems);
+        assert!(d.problems.iter().any(|p| p.contains("future")));
+        let s = &d.subsystems[0];
+        assert!(s.damaged);
+        assert_eq!(s.hosts.len(), 1, "the readable host is still restored");
+        // An anchor that cannot be read makes its subsystem unreadable; its entries stay.
+        let volume = format!("{NQN_PREFIX}vol0");
+        config.insert(anchor_key(&volume), r#"{"nqn":1}"#.into());
+        config.insert("hosts:vol0".into(), r#"{"hosts":[]}"#.into());
+        let d = decode(&config);
+        assert!(d.unreadable.contains(&anchor_key(&volume)));
+        assert!(d.subsystems.iter().all(|s| s.subsystem.nqn != volume), "no legacy fallback");
+        // A value filed under another key is not believed.
+        config.insert(key_entry_key("a"), r#"{"name":"b","path":"/b"}"#.into());
+        assert!(decode(&config).keys.is_empty());
+    }
+
+    #[test]
+    fn an_entry_too_long_for_the_pool_is_refused_naming_its_key() {
+        let key =
+            StoredKey { name: "k".into(), path: format!("/{}", "p".repeat(CONFIG_VALUE_MAX)) };
+        let e = entry(key_entry_key("k"), &key).unwrap_err();
+        assert!(matches!(e, CodecError::TooLong { .. }), "{e}");
+        assert!(e.to_string().starts_with(&key_entry_key("k")), "{e}");
+        // The longest names still make short keys.
+        let nqn = format!("nqn.{}", "n".repeat(219));
+        assert!(host_key(&nqn, &nqn).len() <= CONFIG_KEY_MAX);
+    }
+}

@@ -6,7 +6,9 @@
 //! - [`nvme`]: NVMe I/O command encoding for io_uring passthrough, status mapping, the
 //!   namespace ioctls (id, Identify, a blocking flush).
 //! - [`devring`]: a core's device ring (SQE128/CQE32) carrying NVMe passthrough commands.
-//! - [`ktls`]: handing an established TLS 1.3 session's record layer to the kernel.
+//! - [`ktls`]: handing an established TLS session's record layer to the kernel.
+//! - [`tls_psk`]: TLS 1.3 external PSKs bound to SHA-384 (OpenSSL callbacks the `openssl`
+//!   crate does not wrap).
 
 pub mod buf;
 pub mod devring;
@@ -14,6 +16,7 @@ pub mod ktls;
 pub mod nvme;
 pub mod ring;
 pub mod sys;
+pub mod tls_psk;
 
 pub use buf::IoBuf;
 pub use devring::{DevRing, DevRingMode};

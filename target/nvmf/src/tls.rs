@@ -12,10 +12,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ballast_tls::{Key, TlsServer};
+use ballast_tls::{Key, PskHash, TlsServer};
 use parking_lot::RwLock;
 
-use crate::psk::{psk_for_identity, Encoding, PskIdentity, TlsKey};
+use crate::psk::{psk_for_identity, CipherHash, Encoding, PskIdentity, TlsKey};
 use crate::subsys::DISCOVERY_NQN;
 
 /// TREQ (discovery log entry byte 3), secure channel bits.
@@ -120,7 +120,7 @@ impl Default for NvmfTls {
 /// The TLS PSK for `identity`, from the key configured for its host and subsystem; for the
 /// discovery subsystem, from the first key configured for the host (hosts insert their
 /// configured key for the discovery NQN too: `nvme discover --tls`).
-fn resolve(keys: &KeyMap, identity: &str) -> Option<Key> {
+fn resolve(keys: &KeyMap, identity: &str) -> Option<(Key, PskHash)> {
     let id = PskIdentity::parse(identity).ok()?;
     let key = match keys.get(&(id.hostnqn.clone(), id.subnqn.clone())) {
         Some(k) => k.clone(),
@@ -134,7 +134,13 @@ fn resolve(keys: &KeyMap, identity: &str) -> Option<Key> {
     // prints matches `LibnvmeCompat`); a version 0 identity carries no digest to tell them
     // apart, so the first is the one used.
     match psk_for_identity(&key, &id, &[Encoding::LibnvmeCompat, Encoding::Rfc8446]) {
-        Ok((_, psk)) => Some(Key::new(psk.expose().to_vec())),
+        Ok((_, psk)) => {
+            let hash = match id.hash {
+                CipherHash::Sha256 => PskHash::Sha256,
+                CipherHash::Sha384 => PskHash::Sha384,
+            };
+            Some((Key::new(psk.expose().to_vec()), hash))
+        }
         Err(e) => {
             tracing::info!(identity, error = %e, "TLS-PSK: the identity does not fit the key");
             None
@@ -183,7 +189,7 @@ mod tests {
         for version in [0, 1] {
             let host_side = derive(&key, HOST, SUB, version, Encoding::LibnvmeCompat).unwrap();
             let id = host_side.identity.to_string();
-            let got = resolve(&tls.keys.read(), &id).expect("resolved");
+            let (got, _) = resolve(&tls.keys.read(), &id).expect("resolved");
             assert_eq!(got.bytes(), host_side.psk.expose(), "version {version}");
             assert_eq!(identity_names(&id), Some((HOST.into(), SUB.into())));
         }
@@ -192,7 +198,7 @@ mod tests {
         assert!(resolve(&tls.keys.read(), &other.identity.to_string()).is_none());
         let disc = derive(&key, HOST, DISCOVERY_NQN, 0, Encoding::LibnvmeCompat).unwrap();
         assert_eq!(
-            resolve(&tls.keys.read(), &disc.identity.to_string()).unwrap().bytes(),
+            resolve(&tls.keys.read(), &disc.identity.to_string()).unwrap().0.bytes(),
             disc.psk.expose()
         );
         assert!(tls.has_key(HOST, SUB) && !tls.has_key(HOST, DISCOVERY_NQN));

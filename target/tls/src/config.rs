@@ -14,11 +14,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ballast_ffi::tls_psk::{set_psk_find_session, ExternalPsk, PskHash};
 use openssl::ex_data::Index;
 use openssl::nid::Nid;
 use openssl::ssl::{
-    Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslOptions, SslSessionCacheMode,
-    SslVerifyMode, SslVersion,
+    ClientHelloResponse, Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslOptions,
+    SslSessionCacheMode, SslVerifyMode, SslVersion,
 };
 
 use crate::psk_file::{Key, PskFileError, PskTable};
@@ -151,15 +152,44 @@ impl TlsServer {
         Ok(TlsServer { ctx: b.build(), psk_identity, summary: summary.join(", ").into() })
     }
 
-    /// A TLS 1.3-only server whose pre-shared keys come from `resolve` (identity → key; none
-    /// refuses the identity): NVMe/TCP's secure channel, where keys are derived per host and
-    /// subsystem from the identity the host offers. PSK with (EC)DHE, no certificates.
+    /// A TLS 1.3-only server whose pre-shared keys come from `resolve` (identity → key and
+    /// the hash it is bound to; none refuses the identity): NVMe/TCP's secure channel, where
+    /// keys are derived per host and subsystem from the identity the host offers. PSK with
+    /// (EC)DHE, no certificates.
+    ///
+    /// A key's hash decides its cipher suite only for a client that offers no SHA-256 suite
+    /// (SPDK's initiator with a SHA-384 key: TLS_AES_256_GCM_SHA384 alone); one that offers
+    /// them gets the key bound to SHA-256, as OpenSSL's PSK callback binds every key — what
+    /// the Linux host (tlshd) does even for SHA-384 keys, and what the kernel target accepts.
     pub fn with_psk_resolver(
-        resolve: impl Fn(&str) -> Option<Key> + Send + Sync + 'static,
+        resolve: impl Fn(&str) -> Option<(Key, PskHash)> + Send + Sync + 'static,
     ) -> Result<TlsServer, TlsConfigError> {
         let mut b = context(SslVersion::TLS1_3)?;
         let psk_identity = Ssl::new_ex_index::<String>().map_err(context_err)?;
-        psk_callback(&mut b, psk_identity, resolve);
+        let resolve = Arc::new(resolve);
+        let legacy = resolve.clone();
+        psk_callback(&mut b, psk_identity, move |name| legacy(name).map(|(key, _)| key));
+        let sha256_offered = Ssl::new_ex_index::<bool>().map_err(context_err)?;
+        b.set_client_hello_callback(move |ssl, _alert| {
+            let offered = ssl.client_hello_ciphers().is_some_and(|suites| {
+                suites.chunks_exact(2).any(|s| s == [0x13, 0x01] || s == [0x13, 0x03])
+            });
+            ssl.set_ex_data(sha256_offered, offered);
+            Ok(ClientHelloResponse::SUCCESS)
+        });
+        set_psk_find_session(&mut b, move |ssl, identity| {
+            if ssl.ex_data(sha256_offered).copied().unwrap_or(true) {
+                return None;
+            }
+            let name = std::str::from_utf8(identity).ok()?;
+            let (key, hash) = resolve(name)?;
+            if hash != PskHash::Sha384 {
+                return None;
+            }
+            ssl.set_ex_data(psk_identity, name.to_string());
+            Some(ExternalPsk { key: zeroize::Zeroizing::new(key.bytes().to_vec()), hash })
+        })
+        .map_err(context_err)?;
         Ok(TlsServer {
             ctx: b.build(),
             psk_identity,

@@ -14,6 +14,7 @@ pub mod link;
 pub mod psk_file;
 pub mod session;
 
+pub use ballast_ffi::tls_psk::PskHash;
 pub use config::{Identity, ServerConfig, TlsConfigError, TlsServer};
 pub use link::{offload_to_kernel, Pump, TlsLink};
 pub use psk_file::{Key, PskFileError, PskTable};

@@ -345,6 +345,7 @@ mod tests {
     use crate::config::ServerConfig;
     use crate::ktls::DirectionKeys;
     use ballast_ffi::ktls::{KtlsCipher, KtlsVersion};
+    use ballast_ffi::tls_psk::{set_psk_use_session, ExternalPsk, PskHash};
     use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
     use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
     use std::os::unix::fs::PermissionsExt;
@@ -474,17 +475,14 @@ mod tests {
 
     /// The plaintext of one record protected with `keys` at `seq`, as the kernel would read it.
     fn open(keys: &DirectionKeys, seq: u64, record: &[u8]) -> Vec<u8> {
+        open_with(Cipher::aes_128_gcm(), keys, seq, record)
+    }
+
+    fn open_with(cipher: Cipher, keys: &DirectionKeys, seq: u64, record: &[u8]) -> Vec<u8> {
         let (header, rest) = record.split_at(5);
         let (body, tag) = rest.split_at(rest.len() - 16);
-        let mut inner = decrypt_aead(
-            Cipher::aes_128_gcm(),
-            &keys.key,
-            Some(&nonce(keys, seq)),
-            header,
-            body,
-            tag,
-        )
-        .expect("the record opens with the handed-over keys");
+        let mut inner = decrypt_aead(cipher, &keys.key, Some(&nonce(keys, seq)), header, body, tag)
+            .expect("the record opens with the handed-over keys");
         assert_eq!(inner.pop(), Some(23), "application data");
         inner
     }
@@ -619,6 +617,49 @@ mod tests {
             let n = c.ssl_read(&mut buf).unwrap();
             assert_eq!(&buf[..n], b"from the kernel", "{suite}");
         }
+    }
+
+    /// A resolver server and a key bound to SHA-384: a client that binds it so and offers
+    /// only TLS_AES_256_GCM_SHA384 (SPDK's initiator) gets that suite; one that binds it to
+    /// SHA-256 through OpenSSL's PSK callback and offers the SHA-256 suites (how the Linux
+    /// host's tlshd does it) gets one of those; a wrong key fails either way.
+    #[test]
+    fn sha384_keys_serve_both_kinds_of_clients() {
+        let key: Vec<u8> = (0u8..48).collect();
+        let k = key.clone();
+        let server_cfg = TlsServer::with_psk_resolver(move |id| {
+            (id == "alice").then(|| (crate::Key::new(k.clone()), PskHash::Sha384))
+        })
+        .unwrap();
+        let spdk_like = |key: Vec<u8>| {
+            client_with(Vec::new(), move |b| {
+                b.set_ciphersuites("TLS_AES_256_GCM_SHA384").unwrap();
+                b.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_3)).unwrap();
+                let psk = ExternalPsk { key: zeroize::Zeroizing::new(key), hash: PskHash::Sha384 };
+                set_psk_use_session(b, b"alice", psk).unwrap();
+            })
+        };
+        let mut s = TlsSession::accept(&server_cfg).unwrap();
+        let mut c = spdk_like(key.clone());
+        pump(&mut s, &mut c).unwrap();
+        assert!(s.is_open());
+        assert_eq!(s.describe(), "TLSv1.3 TLS_AES_256_GCM_SHA384");
+        assert_eq!(s.identity(), Some(&Identity::Psk("alice".into())));
+        let Handoff::Ready(keys) = s.handoff() else { panic!("{:?}", s.handoff()) };
+        assert_eq!(keys.cipher, KtlsCipher::Aes256Gcm);
+        c.ssl_write(b"sha384").unwrap();
+        let record = std::mem::take(&mut c.get_mut().output);
+        assert_eq!(open_with(Cipher::aes_256_gcm(), &keys.rx, 0, &record), b"sha384");
+
+        let mut s = TlsSession::accept(&server_cfg).unwrap();
+        let mut c = client(key.clone());
+        pump(&mut s, &mut c).unwrap();
+        assert!(s.is_open(), "OpenSSL's PSK callback (SHA-256 binder) still works");
+        assert!(!s.describe().contains("SHA384"), "{}", s.describe());
+
+        let mut s = TlsSession::accept(&server_cfg).unwrap();
+        let mut c = spdk_like(vec![7u8; 48]);
+        assert!(matches!(pump(&mut s, &mut c), Err(TlsError::Handshake(_))));
     }
 
     /// Half a record fed, or ciphertext not yet taken: not a moment to hand over.

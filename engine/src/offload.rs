@@ -42,7 +42,9 @@ impl Offload {
             let thread = std::thread::Builder::new().name(format!("ballast-offload{i}")).spawn(
                 move || {
                     for job in rx {
-                        job();
+                        // A job that panics has woken its task already (its guard dropped);
+                        // the thread goes on with the next.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                     }
                 },
             )?;
@@ -95,6 +97,82 @@ mod tests {
         }
         drop(pool);
         assert_eq!(done.load(Ordering::SeqCst), 50, "the queue drains before the threads exit");
+    }
+
+    /// Through a core: the task's tag completes once, after the work, with the work on an
+    /// offload thread (or on the core without threads), also when the work panics.
+    #[test]
+    fn cx_offload_completes_the_tag_after_the_work() {
+        use crate::reactor::{Cx, Engine, EngineConfig, Msg, Task};
+        use ballast_ffi::Owned;
+        use std::sync::atomic::AtomicBool;
+
+        struct Probe {
+            ran: Arc<AtomicBool>,
+            core_thread: Option<std::thread::ThreadId>,
+            worker: Arc<parking_lot::Mutex<Option<std::thread::ThreadId>>>,
+            panic: bool,
+            done: bool,
+            tx: crossbeam_channel::Sender<(bool, bool)>,
+        }
+        impl Task for Probe {
+            fn start(&mut self, cx: &mut Cx<'_>) {
+                self.core_thread = Some(std::thread::current().id());
+                let (ran, worker, panic) = (self.ran.clone(), self.worker.clone(), self.panic);
+                cx.offload(
+                    9,
+                    Box::new(move || {
+                        *worker.lock() = Some(std::thread::current().id());
+                        assert!(!panic, "a job that panics (expected in this test)");
+                        ran.store(true, Ordering::SeqCst);
+                    }),
+                );
+            }
+            fn on_completion(&mut self, _cx: &mut Cx<'_>, tag: u32, result: i32, _o: Owned) {
+                assert_eq!((tag, result), (9, 0));
+                assert!(!self.done, "one completion per job");
+                self.done = true;
+                let off_core = *self.worker.lock() != self.core_thread;
+                let _ = self.tx.send((self.ran.load(Ordering::SeqCst), off_core));
+            }
+            fn flush(&mut self, _cx: &mut Cx<'_>) {}
+            fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
+            fn is_done(&self) -> bool {
+                self.done
+            }
+        }
+        let run = |threads: usize, panic: bool| -> (bool, bool) {
+            let engine = Engine::start(EngineConfig {
+                cpus: vec![ballast_ffi::sys::allowed_cpus()[0]],
+                poll_us: 0,
+                ring_entries: 64,
+                mailbox_depth: 16,
+                buffer_budget: 16 << 20,
+                device_ring: None,
+                offload_threads: threads,
+                offload_queue: 4,
+            })
+            .expect("an engine");
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let probe = Probe {
+                ran: Arc::default(),
+                core_thread: None,
+                worker: Arc::default(),
+                panic,
+                done: false,
+                tx,
+            };
+            let spawn =
+                Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| Box::new(probe) as Box<dyn Task>));
+            assert!(engine.handles()[0].send_blocking(spawn));
+            let got =
+                rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the tag completes");
+            engine.shutdown();
+            got
+        };
+        assert_eq!(run(2, false), (true, true), "ran, on an offload thread");
+        assert_eq!(run(0, false), (true, false), "ran, in place on the core");
+        assert_eq!(run(1, true).0, false, "a panicking job still completes its tag");
     }
 
     /// The queue bound holds: with the only thread busy and the queue full, a job comes back.

@@ -12,7 +12,9 @@
 //!   doorbell (the core clears `awake` and looks at its channels once more before it sleeps,
 //!   the sender pushes before it looks at `awake`: one of them always sees the other); wake-ups of parked tasks (a volume request
 //!   another core's event unblocked) take a channel of their own, unbounded in type but bounded
-//!   by the requests parked: each parking is woken once ([`CoreHandle::wake_task`]);
+//!   by the requests parked: each parking is woken once ([`CoreHandle::wake_task`]); a job a
+//!   task handed to the offload threads ([`Cx::offload`]) wakes it the same way, once, after
+//!   the work (or its panic), and the task stays (not `is_done`) until that wake arrives;
 //! - the core spins (non-blocking submit/reap) while the polling policy ([`PollPolicy`]) says
 //!   the next work is near — judged by how often work has been arriving — and never longer
 //!   than `poll_us` after the last work; otherwise it sleeps in `io_uring_enter`, so an idle
@@ -421,11 +423,11 @@ impl Cx<'_> {
     /// configured, queue full), `work` runs here, before this returns, and `tag` completes
     /// after the current event. Either way `tag` completes exactly once, after `work`.
     pub fn offload(&mut self, tag: u32, work: Box<dyn FnOnce() + Send>) {
-        let handle = self.peers[self.core].clone();
-        let task = self.task;
+        let wake = WakeOnDrop(Some((self.peers[self.core].clone(), self.task, tag)));
         match self.offload.try_run(Box::new(move || {
+            // The wake follows the work, also if the work panics (the guard drops).
+            let _wake = wake;
             work();
-            handle.wake_task(task, tag);
         })) {
             Ok(()) => self.stats.offloaded += 1,
             Err(job) => {
@@ -440,6 +442,17 @@ impl Cx<'_> {
     /// Starts a task on this core (after the current event).
     pub fn spawn_local(&mut self, task: Box<dyn Task>) {
         self.spawns.push(task);
+    }
+}
+
+/// Completes an offloaded job's tag when dropped: after the work, or while unwinding from it.
+struct WakeOnDrop(Option<(CoreHandle, u32, u32)>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        if let Some((handle, task, tag)) = self.0.take() {
+            handle.wake_task(task, tag);
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! Kernel TLS (kTLS): handing an established TLS 1.2 or 1.3 session's record layer to the kernel, so
+//! Kernel TLS (kTLS): handing an established TLS 1.2 or 1.3 session's record layer to the
+//! kernel, so
 //! that the socket's receives return plaintext and its sends take plaintext (the kernel
 //! encrypts, or a NIC does). The handshake stays in userspace; this module only installs the
 //! traffic keys the handshake produced.
@@ -16,7 +17,7 @@ use nix::errno::Errno;
 use nix::sys::socket::setsockopt;
 use nix::sys::socket::sockopt::{TcpTlsRx, TcpTlsTx, TcpUlp, TlsCryptoInfo};
 
-/// The AEAD a TLS 1.3 session negotiated.
+/// The AEAD a TLS session negotiated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KtlsCipher {
     Aes128Gcm,
@@ -64,6 +65,9 @@ pub enum KtlsError {
     /// The kernel has no TLS upper-layer protocol (CONFIG_TLS off or the module missing).
     #[error("kernel TLS is not available here (setting TCP_ULP \"tls\": {0})")]
     Unavailable(Errno),
+    /// This socket could not take the TLS upper-layer protocol (not the kernel's lack of it).
+    #[error("kernel TLS: setting TCP_ULP \"tls\" on this socket: {0}")]
+    Ulp(Errno),
     #[error("kernel TLS refused the {direction} keys: {errno}")]
     Keys { direction: &'static str, errno: Errno },
     #[error("kernel TLS: a {cipher:?} key must be {want} bytes, not {got}")]
@@ -71,7 +75,8 @@ pub enum KtlsError {
 }
 
 /// Hands the record layer of the TLS session on `fd` to the kernel: `rx` protects what the
-/// peer sends, `tx` what we send.
+/// peer sends, `tx` what we send. The key copies made for the kernel are wiped after each
+/// `setsockopt` (the caller's own keys stay in its zeroizing buffers).
 pub fn install(
     fd: RawFd,
     version: KtlsVersion,
@@ -91,7 +96,7 @@ pub fn install(
     // SAFETY: the caller owns `fd`, an open socket, for the duration of this call; the
     // borrow does not outlive it.
     let sock = unsafe { BorrowedFd::borrow_raw(fd) };
-    setsockopt(&sock, TcpUlp::default(), b"tls").map_err(KtlsError::Unavailable)?;
+    setsockopt(&sock, TcpUlp::default(), b"tls").map_err(ulp_error)?;
     let mut info = crypto_info(version, cipher, rx);
     let result = setsockopt(&sock, TcpTlsRx, &info);
     wipe(&mut info);
@@ -100,6 +105,15 @@ pub fn install(
     let result = setsockopt(&sock, TcpTlsTx, &info);
     wipe(&mut info);
     result.map_err(|errno| KtlsError::Keys { direction: "send", errno })
+}
+
+/// What a failed `TCP_ULP "tls"` says: that the kernel has no TLS, or only that this socket
+/// could not take it (ENOTCONN: the peer already left).
+fn ulp_error(errno: Errno) -> KtlsError {
+    match errno {
+        Errno::ENOENT | Errno::EOPNOTSUPP | Errno::ENOPROTOOPT => KtlsError::Unavailable(errno),
+        errno => KtlsError::Ulp(errno),
+    }
 }
 
 /// The kernel's `tls12_crypto_info_*`: the IV's first four bytes are the "salt", the other
@@ -219,6 +233,18 @@ mod tests {
         let err = install(s.as_raw_fd(), KtlsVersion::Tls13, KtlsCipher::Aes256Gcm, &short, &short)
             .unwrap_err();
         assert!(matches!(err, KtlsError::KeyLength { want: 32, got: 16, .. }), "{err}");
+    }
+
+    /// One socket's trouble is not the kernel's lack of TLS (that would turn offload off for
+    /// every later connection).
+    #[test]
+    fn only_missing_tls_means_unavailable() {
+        for errno in [Errno::ENOENT, Errno::EOPNOTSUPP, Errno::ENOPROTOOPT] {
+            assert!(matches!(ulp_error(errno), KtlsError::Unavailable(_)), "{errno}");
+        }
+        for errno in [Errno::ENOTCONN, Errno::EEXIST, Errno::ENOMEM] {
+            assert!(matches!(ulp_error(errno), KtlsError::Ulp(_)), "{errno}");
+        }
     }
 
     /// Where the kernel has no TLS (this build machine), installing says so and leaves the

@@ -50,9 +50,9 @@ pub struct ServeArgs {
     /// host with a key reaches its subsystem only over TLS with it, whatever this says.
     #[arg(long, value_enum, default_value = "none")]
     nvmf_secure_channel: SecureChannelArg,
-    /// TLS records (NVMe/TCP and NBD): auto hands each TLS 1.3 session to the kernel's TLS
-    /// (kTLS) once its handshake is done, where the kernel has it (the `tls` module), so the
-    /// socket carries plaintext for us; off keeps them in OpenSSL.
+    /// TLS records (NVMe/TCP and NBD): auto hands each TLS 1.3 or 1.2 (AEAD) session to the
+    /// kernel's TLS (kTLS) once its handshake is done, where the kernel has it (the `tls`
+    /// module), so the socket carries plaintext for us; off keeps them in OpenSSL.
     #[arg(long, value_enum, default_value = "auto")]
     kernel_tls: KernelTls,
     /// Threads that run TLS handshakes (key exchange, signatures: milliseconds of CPU each)
@@ -325,6 +325,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         stall_timeout_ms = args.stall_timeout.as_millis() as u64,
         "limits"
     );
+    // Before any listener: no session may start with offload on when the operator said off.
+    if args.kernel_tls == KernelTls::Off {
+        ballast_tls::ktls::disable_offload();
+    }
     let engine = Engine::start(config).context("starting the engine")?;
     let handles = engine.handles();
     if let Some(pool) = &pool {
@@ -391,9 +395,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let listener = bind_retrying(args.nbd_listen)
         .with_context(|| format!("binding NBD on {}", args.nbd_listen))?;
-    if args.kernel_tls == KernelTls::Off {
-        ballast_tls::ktls::disable_offload();
-    }
     let nbd_tls = args.nbd_tls.build(&registry.nbd_exports())?;
     let factory = ballast_nbd::conn_factory(registry.nbd_exports(), nbd_tls);
     let nbd_admission = admission.clone();

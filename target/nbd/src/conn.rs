@@ -25,7 +25,9 @@
 //!   replies are encrypted from `out` into `wire` just before each send; receives carry
 //!   ciphertext into the session, which decrypts into `recv` (the parser's buffer, with its
 //!   growth and charges unchanged); a receive is posted only once the last is consumed, so
-//!   ciphertext held is one receive's worth. Payloads are never received directly under TLS.
+//!   ciphertext held is one receive's worth. Payloads are never received directly under TLS
+//!   in userspace; once the kernel carries the records (`offload_to_kernel`) the link is gone
+//!   and the connection is served as a plaintext one. Handshake steps run on offload threads.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;

@@ -22,9 +22,11 @@
 //! - the task is done only with nothing in flight (receive, poll, send, device I/O, timer);
 //! - the secure channel (`tls`): the first byte a host sends decides — a TLS handshake record
 //!   starts TLS (where the listener offers it), anything else is plaintext (where the listener
-//!   allows it); under TLS every byte after is TLS (`TlsLink`), payloads are never received
-//!   directly, and Connect must name the host and subsystem the TLS identity named; a host
-//!   with a key for a subsystem reaches it only that way;
+//!   allows it); under TLS every byte after is TLS (`TlsLink`; payloads are received directly
+//!   only once the kernel carries the records, `offload_to_kernel`), the handshake's steps and
+//!   DH-HMAC-CHAP's run on offload threads (the task waits for them before it finishes), and
+//!   Connect must name the host and subsystem the TLS identity named; a host with a key for a
+//!   subsystem reaches it only that way;
 //! - in-band authentication (`auth`): a queue whose host has a DH-HMAC-CHAP configuration for
 //!   its subsystem gets ATR in its Connect response and, until its own handshake succeeded,
 //!   answers every command but Authentication Send/Receive, Property Get and Disconnect with
@@ -833,7 +835,12 @@ impl Queue {
     /// An authentication step came back from the offload thread: answer its command.
     fn on_auth_done(&mut self, cx: &mut Cx<'_>) {
         let back = self.auth_away.take().expect("authentication step completion without one away");
-        let (auth, step) = back.try_recv().expect("an authentication step wakes after its work");
+        let Ok((auth, step)) = back.try_recv() else {
+            // The step died with the state machine (a panic on the offload thread).
+            tracing::warn!(peer = %self.peer, qid = self.qid, "DH-HMAC-CHAP step lost; closing");
+            self.close_read();
+            return;
+        };
         let (authenticated, negotiated) = (auth.is_authenticated(), auth.negotiated());
         let failure = auth.failure();
         self.auth = Some(auth);

@@ -173,16 +173,6 @@ pub fn disable_offload() {
     KERNEL.store(DISABLED, Ordering::Relaxed);
 }
 
-/// What serving TLS does with records, for logs and stats: "kernel" once a session went
-/// there, "userspace" when the kernel has none or offload is off, "untried" before.
-pub fn offload_state() -> &'static str {
-    match KERNEL.load(Ordering::Relaxed) {
-        AVAILABLE => "kernel",
-        UNAVAILABLE | DISABLED => "userspace",
-        _ => "untried",
-    }
-}
-
 /// RFC 8446 section 7.1's HkdfLabel: `length` (be16), "tls13 " + `label` and `context`,
 /// each with a one-byte length.
 pub fn hkdf_label(length: u16, label: &str, context: &[u8]) -> Option<Vec<u8>> {
@@ -260,17 +250,19 @@ impl std::fmt::Debug for KernelKeys {
 /// Why a session will never go to the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    NotTls13,
+    Version,
     Cipher,
     NoSecrets,
+    Tickets,
 }
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Refusal::NotTls13 => "neither TLS 1.2 nor 1.3",
+            Refusal::Version => "neither TLS 1.2 nor 1.3",
             Refusal::Cipher => "a cipher suite the kernel does not offload",
             Refusal::NoSecrets => "the handshake's traffic secrets were not captured",
+            Refusal::Tickets => "the session sends tickets",
         })
     }
 }
@@ -309,6 +301,12 @@ fn suite(name: &str) -> Option<(KtlsCipher, Hash)> {
 
 /// The keys for the kernel from a finished session, where it stands now.
 pub(crate) fn kernel_keys(ssl: &SslRef, at: Position) -> Result<KernelKeys, Refusal> {
+    // A TLS 1.3 ticket is written under the application key inside the handshake call, before
+    // the counting starts: the send sequence would be short by the tickets (nonce reuse).
+    // Every ballast context sends none (config.rs); refuse rather than trust it.
+    if ssl.num_tickets() != 0 {
+        return Err(Refusal::Tickets);
+    }
     let name = ssl.current_cipher().and_then(|c| c.standard_name()).ok_or(Refusal::Cipher)?;
     let (cipher, hash) = suite(name).ok_or(Refusal::Cipher)?;
     match ssl.version2() {
@@ -324,7 +322,7 @@ pub(crate) fn kernel_keys(ssl: &SslRef, at: Position) -> Result<KernelKeys, Refu
             Ok(KernelKeys { version: KtlsVersion::Tls13, cipher, rx, tx })
         }
         Some(SslVersion::TLS1_2) => tls12_keys(ssl, cipher, hash, at),
-        _ => Err(Refusal::NotTls13),
+        _ => Err(Refusal::Version),
     }
 }
 
@@ -372,27 +370,34 @@ fn tls12_keys(
 
 /// TLS 1.2's PRF (RFC 5246 5): P_hash(secret, label || seed), `len` bytes.
 fn prf(hash: Hash, secret: &[u8], label: &[u8], seed: &[u8], len: usize) -> Zeroizing<Vec<u8>> {
-    fn p_hash<M: Mac + KeyInit + Clone>(secret: &[u8], seed: &[u8], len: usize) -> Vec<u8> {
+    fn p_hash<M: Mac + KeyInit + Clone>(
+        secret: &[u8],
+        seed: &[u8],
+        len: usize,
+        out: &mut Zeroizing<Vec<u8>>,
+    ) {
         let mac = <M as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
-        let mut out = Vec::with_capacity(len);
-        let mut a = seed.to_vec();
+        let mut a = Zeroizing::new(seed.to_vec());
         while out.len() < len {
             let mut m = mac.clone();
             m.update(&a);
-            a = m.finalize().into_bytes().to_vec();
+            *a = m.finalize().into_bytes().to_vec();
             let mut m = mac.clone();
             m.update(&a);
             m.update(seed);
             out.extend_from_slice(&m.finalize().into_bytes());
         }
         out.truncate(len);
-        out
     }
     let seed = [label, seed].concat();
-    Zeroizing::new(match hash {
-        Hash::Sha256 => p_hash::<Hmac<Sha256>>(secret, &seed, len),
-        Hash::Sha384 => p_hash::<Hmac<Sha384>>(secret, &seed, len),
-    })
+    // Room for whole hash outputs up front: the buffer never moves, so no copy of the key
+    // block is left behind unzeroed.
+    let mut out = Zeroizing::new(Vec::with_capacity(len + 64));
+    match hash {
+        Hash::Sha256 => p_hash::<Hmac<Sha256>>(secret, &seed, len, &mut out),
+        Hash::Sha384 => p_hash::<Hmac<Sha384>>(secret, &seed, len, &mut out),
+    }
+    out
 }
 
 /// What installing keys on a socket did.

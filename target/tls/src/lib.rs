@@ -5,7 +5,7 @@
 //! - [`session`]: one session as a sans-I/O state machine over memory buffers, so the
 //!   connection glue keeps its socket I/O on the core's ring;
 //! - [`link`]: the glue both front-ends put between their parser and their socket;
-//! - [`ktls`]: handing an established TLS 1.3 session's records to the kernel.
+//! - [`ktls`]: handing an established TLS 1.2/1.3 session's records to the kernel.
 #![forbid(unsafe_code)]
 
 pub mod config;

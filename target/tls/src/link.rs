@@ -111,7 +111,7 @@ impl TlsLink {
         if !session.readable() {
             return Pump::Idle;
         }
-        if session.is_handshaking() {
+        if session.is_handshaking() && !self.recv_inflight {
             // Key exchange and signatures cost milliseconds: off the core with them.
             let mut session = self.session.take().expect("session present");
             let (tx, rx) = crossbeam_channel::bounded(1);
@@ -149,10 +149,16 @@ impl TlsLink {
     /// A handshake step run off the core came back (the connection's `work_tag` completed).
     pub fn on_work_done(&mut self) {
         let back = self.away.take().expect("handshake step completion without one away");
-        let (session, result) = back.try_recv().expect("a handshake step wakes after its work");
-        self.session = Some(session);
-        if let Err(e) = result {
-            self.failed = Some(e);
+        match back.try_recv() {
+            Ok((session, result)) => {
+                self.session = Some(session);
+                if let Err(e) = result {
+                    self.failed = Some(e);
+                }
+            }
+            // The step died with the session (a panic on the offload thread): the
+            // connection ends.
+            Err(_) => self.failed = Some(TlsError::Setup("the handshake step was lost".into())),
         }
     }
 
@@ -264,7 +270,9 @@ pub fn offload_to_kernel(
     fd: RawFd,
 ) -> Result<bool, TlsError> {
     let Some(l) = link.as_mut() else { return Ok(false) };
-    if !l.kernel_wanted || l.recv_inflight || !l.wire.drained() || l.wire.broken() {
+    // `announced`: the connection has learnt who the peer is (`opened`) — after the link is
+    // gone nobody could tell it.
+    if !l.kernel_wanted || !l.announced || l.recv_inflight || !l.wire.drained() || l.wire.broken() {
         return Ok(false);
     }
     let Some(session) = l.session.as_ref() else { return Ok(false) };
@@ -282,7 +290,8 @@ pub fn offload_to_kernel(
                 *link = None;
                 Ok(true)
             }
-            Installed::No(_) => {
+            Installed::No(e) => {
+                tracing::debug!(error = %e, "TLS records stay in userspace");
                 l.kernel_wanted = false;
                 Ok(false)
             }

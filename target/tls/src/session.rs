@@ -604,9 +604,20 @@ mod tests {
             assert_eq!(pump(&mut s, &mut c).unwrap(), b"ping", "{suite}");
             let mut buf = [0u8; 64];
             assert_eq!(c.ssl_read(&mut buf).unwrap(), 5);
+            // One more record from OpenSSL, taken here to see its explicit nonce.
+            s.write(b"last").unwrap();
+            let mut last = Vec::new();
+            s.take_output(|b| last.extend_from_slice(b));
+            give(&mut c, &last);
+            assert_eq!(c.ssl_read(&mut buf).unwrap(), 4);
             let Handoff::Ready(keys) = s.handoff() else { panic!("{suite}: {:?}", s.handoff()) };
             assert_eq!((keys.version, keys.cipher), (KtlsVersion::Tls12, want), "{suite}");
-            assert_eq!((keys.rx.seq, keys.tx.seq), (2, 2), "{suite}: Finished, then one record");
+            assert_eq!((keys.rx.seq, keys.tx.seq), (2, 3), "{suite}: Finished, then the records");
+            if gcm {
+                let used = u64::from_be_bytes(last[5..13].try_into().unwrap());
+                let next = u64::from_be_bytes(keys.tx.iv[4..].try_into().unwrap());
+                assert_eq!(next, used.wrapping_add(1), "{suite}: the kernel's first nonce is new");
+            }
             let t = Tls12 { cipher, gcm };
             c.ssl_write(b"after the handoff").unwrap();
             let record = std::mem::take(&mut c.get_mut().output);

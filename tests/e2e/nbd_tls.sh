@@ -8,6 +8,8 @@
 #      identity, an open export in plaintext too; an untrusted client certificate and an
 #      untrusted server certificate fail the handshake; handshakes on the core
 #      (--offload-threads 0).
+#   3. TLS sessions against --max-connections: the one too many is refused, a closed one frees
+#      its place, the held ones cost little memory.
 set -u -o pipefail
 . "$(dirname "$0")/../lib.sh"
 
@@ -191,6 +193,58 @@ check_fails "a client that does not trust the server's CA refuses it" \
     timeout 30 nbdinfo --size "$X/open?tls-certificates=$T/badca"
 check "server still serves after the refusals" \
     timeout 30 nbdinfo --size "$X/secret?tls-certificates=$T/alice"
+stop_ballast
+
+##############################################################################################
+echo "## phase 3: TLS connections against --max-connections"
+new_data_dir
+start_ballast --export vol0=ram:16M --max-connections 6 \
+    --nbd-tls require --nbd-tls-psk "$T/psk/keys.psk" || finish
+# Six TLS sessions held open (libnbd, GnuTLS); the seventh is closed at once; one closed, a
+# new one gets in; the daemon's memory for the six stays small.
+out=$(timeout 120 /usr/bin/python3 - "nbds://alice@127.0.0.1:$PORT/vol0?$Q" "$PID" <<'PY' 2>&1
+import nbd, sys
+uri, pid = sys.argv[1], sys.argv[2]
+def rss_kib():
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+def connect():
+    h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
+    h.connect_uri(uri)
+    h.pread(4096, 0)
+    return h
+before = rss_kib()
+held = [connect() for _ in range(6)]
+grown = rss_kib() - before
+try:
+    extra = connect()
+    print("SEVENTH-ACCEPTED")
+except nbd.Error:
+    print("SEVENTH-REFUSED")
+held.pop().shutdown()
+import time; time.sleep(0.5)
+try:
+    connect().shutdown()
+    print("AFTER-CLOSE-OK")
+except nbd.Error as e:
+    print("AFTER-CLOSE-FAILED", e)
+print(f"GROWN-KIB {grown}")
+for h in held:
+    h.shutdown()
+PY
+)
+grep -q SEVENTH-REFUSED <<<"$out" && pass "a seventh TLS session is refused at --max-connections 6" \
+    || fail "TLS sessions beyond --max-connections" "$out"
+grep -q AFTER-CLOSE-OK <<<"$out" && pass "a closed TLS session frees its place" \
+    || fail "place freed after a TLS session closed" "$out"
+grown=$(awk '/^GROWN-KIB/ { print $2 }' <<<"$out")
+if [[ -n $grown ]] && ((grown < 6 * 512)); then
+    pass "six open TLS sessions grew the daemon by ${grown} KiB (< 512 KiB each)"
+else
+    fail "TLS session memory" "grown ${grown:-?} KiB"
+fi
 stop_ballast
 
 finish

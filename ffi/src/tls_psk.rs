@@ -138,7 +138,7 @@ pub fn set_psk_use_session(
 /// A TLS 1.3 session resuming nothing: the PSK, TLS 1.3, the hash's cipher suite.
 ///
 /// # Safety
-/// `ssl` must be a live SSL in a handshake.
+/// SAFETY: `ssl` must be a live SSL in a handshake (both callbacks below pass theirs).
 unsafe fn psk_session(ssl: *mut SSL, psk: &ExternalPsk) -> *mut SSL_SESSION {
     let suite = psk.hash.suite();
     // SAFETY: `ssl` is live (caller); `suite` holds the two bytes SSL_CIPHER_find reads.

@@ -13,7 +13,8 @@ use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::queue::{Queue, QueueOptions};
+use crate::queue::{Queue, QueueOptions, CNTLID_DYNAMIC};
+use crate::tls::TlsClient;
 
 /// Access pattern, named as fio names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -69,6 +70,8 @@ pub struct BenchConfig {
     pub seed: u64,
     /// Stop each queue after this many I/Os (the runtime still bounds the run).
     pub number_ios: Option<u64>,
+    /// Every queue over TLS with this client's PSK; `None`: plaintext.
+    pub tls: Option<Arc<TlsClient>>,
 }
 
 /// Counters and latencies of one direction.
@@ -119,6 +122,8 @@ pub struct Report {
     pub sys_cpu: f64,
     pub cntlid: u16,
     pub namespace_bytes: u64,
+    /// TLS version and cipher suite of the admin queue; `None` in plaintext.
+    pub tls: Option<String>,
 }
 
 /// splitmix64: a small, fast, good-enough generator for offsets.
@@ -169,6 +174,7 @@ fn worker(
         kato_ms: 0,
         disable_sqflow: cfg.disable_sqflow,
         timeout: cfg.timeout,
+        tls: cfg.tls.clone(),
         ..QueueOptions::default()
     };
     let connected = Queue::connect(cfg.addr, &cfg.nqn, &cfg.hostnqn, w.qid, w.cntlid, &opts);
@@ -267,6 +273,7 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
         data_digest: cfg.data_digest,
         kato_ms: cfg.kato_ms,
         timeout: cfg.timeout,
+        tls: cfg.tls.clone(),
         ..QueueOptions::default()
     };
     let (mut admin, ctrl, ns) =
@@ -379,6 +386,74 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
         sys_cpu: 100.0 * (cpu_end.1 - cpu_start.1) / secs,
         cntlid: admin.cntlid(),
         namespace_bytes: ns.size_bytes(),
+        tls: admin.conn_mut().tls_description(),
+    })
+}
+
+/// What [`handshakes`] measured.
+#[derive(Debug, Clone)]
+pub struct HandshakeReport {
+    pub count: u64,
+    pub elapsed: Duration,
+    /// Process CPU seconds over the loop (user, system).
+    pub cpu_s: (f64, f64),
+    pub tls: bool,
+}
+
+impl HandshakeReport {
+    pub fn per_second(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn text(&self) -> String {
+        format!(
+            "ballast-perf: {} handshakes ({}) in {:.3}s: {:.0}/s, client cpu {:.1} us each\n",
+            self.count,
+            if self.tls { "TLS" } else { "plaintext" },
+            self.elapsed.as_secs_f64(),
+            self.per_second(),
+            (self.cpu_s.0 + self.cpu_s.1) * 1e6 / self.count.max(1) as f64,
+        )
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "handshakes": self.count,
+            "seconds": self.elapsed.as_secs_f64(),
+            "per_second": self.per_second(),
+            "usr_cpu_s": self.cpu_s.0,
+            "sys_cpu_s": self.cpu_s.1,
+            "tls": self.tls,
+        })
+    }
+}
+
+/// `count` times in a row: TCP connect, TLS handshake (with `cfg.tls`), ICReq/ICResp, Fabrics
+/// Connect of an admin queue, Fabrics Disconnect, close. What a host pays to set up one queue
+/// (the kernel host connects an admin queue and one I/O queue per CPU this way).
+pub fn handshakes(cfg: &BenchConfig, count: u64) -> anyhow::Result<HandshakeReport> {
+    let opts = QueueOptions {
+        header_digest: cfg.header_digest,
+        data_digest: cfg.data_digest,
+        kato_ms: cfg.kato_ms,
+        timeout: cfg.timeout,
+        tls: cfg.tls.clone(),
+        ..QueueOptions::default()
+    };
+    let cpu_start = cpu_seconds();
+    let t_start = Instant::now();
+    for i in 0..count {
+        let mut q = Queue::connect(cfg.addr, &cfg.nqn, &cfg.hostnqn, 0, CNTLID_DYNAMIC, &opts)
+            .with_context(|| format!("connection {i} to {} at {}", cfg.nqn, cfg.addr))?;
+        q.disconnect().with_context(|| format!("Disconnect of connection {i}"))?;
+    }
+    let elapsed = t_start.elapsed();
+    let cpu_end = cpu_seconds();
+    Ok(HandshakeReport {
+        count,
+        elapsed,
+        cpu_s: (cpu_end.0 - cpu_start.0, cpu_end.1 - cpu_start.1),
+        tls: cfg.tls.is_some(),
     })
 }
 
@@ -435,6 +510,9 @@ impl Report {
         s += &self.dir_line("total", &all);
         s.push('\n');
         s += &format!("  cpu: usr={:.1}% sys={:.1}%\n", self.usr_cpu, self.sys_cpu);
+        if let Some(tls) = &self.tls {
+            s += &format!("  tls: {tls}\n");
+        }
         s
     }
 
@@ -484,6 +562,7 @@ impl Report {
                 "hostnqn": c.hostnqn,
                 "header_digest": c.header_digest,
                 "data_digest": c.data_digest,
+                "tls": self.tls,
             },
             "jobs": [{
                 "jobname": c.rw.name(),

@@ -5,6 +5,9 @@
 //! commands: [`crate::queue`] owns those. Raw access ([`Conn::send_raw`],
 //! [`Conn::read_header`]) is public so tests can speak malformed NVMe/TCP.
 //!
+//! Over TLS ([`Conn::open_tls`]) the handshake comes first and every byte after it is TLS
+//! record payload ([`crate::tls`]); nothing else here changes.
+//!
 //! PDU layouts come from `ballast_nvmf::pdu`; nothing is encoded or decoded twice.
 
 use std::io::{BufReader, Read, Write};
@@ -14,6 +17,7 @@ use std::time::{Duration, Instant};
 use ballast_nvmf::pdu::{self, kind, CommonHeader, IcReq};
 
 use crate::error::{Error, Result};
+use crate::tls::{Stream, TlsClient};
 
 /// Largest PDU we accept from a controller (a C2HData of up to 64 MiB plus headers).
 pub const MAX_PLEN: usize = (64 << 20) + 256;
@@ -63,8 +67,8 @@ pub fn controller_pdu_hlen(pdu_kind: u8) -> Option<usize> {
 
 /// A connected socket, before or after the ICReq/ICResp exchange.
 pub struct Conn {
-    rx: BufReader<TcpStream>,
-    tx: TcpStream,
+    /// Reads are buffered; writes go straight to the stream (one per [`Conn::flush`]).
+    rx: BufReader<Stream>,
     out: Vec<u8>,
     peer: SocketAddr,
     /// Header digests negotiated.
@@ -78,20 +82,38 @@ pub struct Conn {
 impl Conn {
     /// Connects (TCP only, no NVMe/TCP yet); reads and writes time out after `timeout`.
     pub fn open(addr: SocketAddr, timeout: Duration) -> Result<Conn> {
-        let tx = TcpStream::connect_timeout(&addr, timeout)?;
-        tx.set_nodelay(true)?;
-        let rx = tx.try_clone()?;
-        let mut conn = Conn {
-            rx: BufReader::with_capacity(READ_BUF_BYTES, rx),
-            tx,
+        let tcp = Conn::tcp_connect(addr, timeout)?;
+        Ok(Conn::with_stream(Stream::Plain(tcp), addr))
+    }
+
+    /// Connects and makes the TLS handshake (no NVMe/TCP yet); the handshake, reads and
+    /// writes time out after `timeout`.
+    pub fn open_tls(addr: SocketAddr, timeout: Duration, tls: &TlsClient) -> Result<Conn> {
+        let tcp = Conn::tcp_connect(addr, timeout)?;
+        Ok(Conn::with_stream(tls.connect(tcp)?, addr))
+    }
+
+    fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        tcp.set_nodelay(true)?;
+        set_timeouts(&tcp, timeout)?;
+        Ok(tcp)
+    }
+
+    fn with_stream(stream: Stream, peer: SocketAddr) -> Conn {
+        Conn {
+            rx: BufReader::with_capacity(READ_BUF_BYTES, stream),
             out: Vec::with_capacity(64 * 1024),
-            peer: addr,
+            peer,
             hdgst: false,
             ddgst: false,
             maxh2cdata: 0,
-        };
-        conn.set_timeout(timeout)?;
-        Ok(conn)
+        }
+    }
+
+    /// TLS version and cipher suite; `None` in plaintext.
+    pub fn tls_description(&self) -> Option<String> {
+        self.rx.get_ref().tls_description()
     }
 
     pub fn peer(&self) -> SocketAddr {
@@ -100,10 +122,7 @@ impl Conn {
 
     /// Socket read and write timeout (zero is taken as 1 ms).
     pub fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
-        let t = Some(timeout.max(Duration::from_millis(1)));
-        self.tx.set_read_timeout(t)?;
-        self.tx.set_write_timeout(t)?;
-        Ok(())
+        set_timeouts(self.rx.get_ref().tcp(), timeout)
     }
 
     /// Sends ICReq asking for the given digests, reads and checks ICResp, and adopts what
@@ -160,7 +179,8 @@ impl Conn {
     /// Sends everything batched.
     pub fn flush(&mut self) -> Result<()> {
         if !self.out.is_empty() {
-            let r = self.tx.write_all(&self.out);
+            let stream = self.rx.get_mut();
+            let r = stream.write_all(&self.out).and_then(|()| stream.flush());
             self.out.clear();
             r?;
         }
@@ -264,4 +284,12 @@ impl Conn {
             }
         }
     }
+}
+
+/// Socket read and write timeout (zero is taken as 1 ms).
+fn set_timeouts(tcp: &TcpStream, timeout: Duration) -> Result<()> {
+    let t = Some(timeout.max(Duration::from_millis(1)));
+    tcp.set_read_timeout(t)?;
+    tcp.set_write_timeout(t)?;
+    Ok(())
 }

@@ -16,6 +16,10 @@ pub enum Error {
     /// The target closed the connection.
     #[error("connection closed by the target")]
     Closed,
+    /// The TLS handshake failed (a wrong key, a target without TLS, ...): OpenSSL's reason,
+    /// which names no key.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     /// The target ended the connection with a C2HTermReq.
     #[error("target terminated the connection (C2HTermReq): FES {fes:#04x}, FEI {fei:#x}")]
     Terminated { fes: u16, fei: u32 },

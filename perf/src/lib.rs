@@ -1,6 +1,7 @@
 //! ballast-perf: a blocking NVMe/TCP initiator and the load generator built on it.
 //!
 //! Layers:
+//! - [`tls`]: the secure channel (TLS 1.3 with a PSK derived as the Linux host derives it);
 //! - [`conn`]: the TCP connection, ICReq/ICResp, header checks and digests;
 //! - [`queue`]: Fabrics Connect and the command data path (capsules, R2T/H2CData, C2HData);
 //! - [`admin`]: admin-queue helpers (properties, Identify, features, log pages, keep-alive);
@@ -15,11 +16,13 @@ pub mod bench;
 pub mod conn;
 pub mod error;
 pub mod queue;
+pub mod tls;
 
 pub use admin::{ControllerInfo, NamespaceInfo};
 pub use conn::{Conn, IcResp};
 pub use error::{Error, Result};
 pub use queue::{Command, Completion, Data, Queue, QueueOptions, CNTLID_DYNAMIC};
+pub use tls::{TlsClient, TlsError};
 
 /// Connects an admin queue, enables the controller and identifies it and namespace `nsid`.
 pub fn open_controller(

@@ -4,12 +4,15 @@
 #![forbid(unsafe_code)]
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use ballast_engine::size::parse_size;
 use ballast_perf::bench::{self, BenchConfig, Rw};
+use ballast_perf::TlsClient;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -72,6 +75,14 @@ struct Args {
     /// Seed for random offsets.
     #[arg(long, default_value_t = 0x0ba1_1a57)]
     seed: u64,
+    /// TLS 1.3 with the PSK in FILE (NVMe interchange format, `NVMeTLSkey-1:01:<base64>:`):
+    /// derived for --hostnqn and --nqn as the Linux host derives it (identity NVMe0R0x).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Instead of I/O: connect an admin queue (TCP, TLS with --tls-key, ICReq, Connect) and
+    /// disconnect it, N times in a row; prints handshakes per second.
+    #[arg(long, value_name = "N")]
+    handshakes: Option<u64>,
     /// Print a fio-like JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -128,7 +139,21 @@ fn run(args: &Args) -> anyhow::Result<()> {
         timeout: secs("timeout", args.timeout)?,
         seed: args.seed,
         number_ios: args.number_ios,
+        tls: args
+            .tls_key
+            .as_deref()
+            .map(|path| TlsClient::from_key_file(path, &args.hostnqn, &args.nqn).map(Arc::new))
+            .transpose()?,
     };
+    if let Some(count) = args.handshakes {
+        let report = bench::handshakes(&cfg, count)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report.json())?);
+        } else {
+            print!("{}", report.text());
+        }
+        return Ok(());
+    }
     let report = bench::run(&cfg)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report.json())?);

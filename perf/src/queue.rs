@@ -6,6 +6,7 @@
 //! completes. Any error leaves the queue unusable ([`Error::Broken`] afterwards).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_nvmf::nvme::{
@@ -16,6 +17,7 @@ use ballast_nvmf::pdu::{self, kind};
 
 use crate::conn::{Conn, Header, IcResp};
 use crate::error::{Error, Result};
+use crate::tls::TlsClient;
 
 /// The Connect controller id asking for a new (dynamic) controller.
 pub const CNTLID_DYNAMIC: u16 = 0xffff;
@@ -40,6 +42,9 @@ pub struct QueueOptions {
     pub timeout: Duration,
     /// Host identifier sent in Connect.
     pub hostid: [u8; 16],
+    /// TLS before ICReq, with this client's PSK (its identity must name the host and the
+    /// subsystem this queue connects to); `None`: plaintext.
+    pub tls: Option<Arc<TlsClient>>,
 }
 
 impl Default for QueueOptions {
@@ -52,6 +57,7 @@ impl Default for QueueOptions {
             disable_sqflow: false,
             timeout: Duration::from_secs(10),
             hostid: *b"ballast-perf-hid",
+            tls: None,
         }
     }
 }
@@ -176,9 +182,13 @@ impl Queue {
         Ok(q)
     }
 
-    /// TCP connect and ICReq/ICResp only: a queue that is not yet connected (for tests).
+    /// TCP connect (and TLS with `opts.tls`) and ICReq/ICResp only: a queue that is not yet
+    /// connected (for tests).
     pub fn handshake(addr: SocketAddr, qid: u16, opts: &QueueOptions) -> Result<Queue> {
-        let mut conn = Conn::open(addr, opts.timeout)?;
+        let mut conn = match &opts.tls {
+            Some(tls) => Conn::open_tls(addr, opts.timeout, tls)?,
+            None => Conn::open(addr, opts.timeout)?,
+        };
         let ic = conn.handshake(opts.header_digest, opts.data_digest)?;
         let mut q = Queue::new(conn, qid, opts);
         q.ic = Some(ic);

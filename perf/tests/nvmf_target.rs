@@ -9,13 +9,10 @@
 //! (run `cargo build --release` first). Only 127.0.0.1 is used; every socket operation has a
 //! timeout, so every test is bounded in time.
 
-use std::fs::File;
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, Stdio};
+use std::net::SocketAddr;
+use std::process::Command as Process;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ballast_nvmf::nvme::{self, admin, io, SqeBuilder, SGL_DATA_BLOCK_OFFSET};
 use ballast_nvmf::pdu::{self, kind, CommonHeader, H2cData, IcReq};
@@ -34,159 +31,21 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 // ------------------------------------------------------------------------------------ daemon
 
-fn ballast_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("BALLAST_BIN") {
-        return PathBuf::from(p);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/cargo/release/ballast")
+mod support;
+use support::{ballast_bin, free_port, Daemon};
+
+/// The health check every hostile case ends with.
+trait Healthy {
+    fn assert_healthy(&mut self, after: &str);
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding a free loopback port")
-}
-
-static DAEMONS: AtomicU32 = AtomicU32::new(0);
-
-/// One `ballast serve` with exports `main` (64 MiB) and `fuzz` (16 MiB) in RAM.
-struct Daemon {
-    child: Option<Child>,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        Daemon::start_with(|_| {
-            vec!["--export".into(), "main=ram:64M".into(), "--export".into(), "fuzz=ram:16M".into()]
-        })
-    }
-
-    /// A daemon whose backend arguments `args(dir)` builds (after preparing files in `dir`).
-    fn start_with(args: impl Fn(&Path) -> Vec<String>) -> Daemon {
-        let bin = ballast_bin();
-        assert!(
-            bin.is_file(),
-            "ballast binary not found at {}: run `cargo build --release` first, or set BALLAST_BIN",
-            bin.display()
-        );
-        for _attempt in 0..5 {
-            let n = DAEMONS.fetch_add(1, Ordering::Relaxed);
-            let dir =
-                std::env::temp_dir().join(format!("ballast-perf-test-{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("creating the daemon's data dir");
-            let log = File::create(dir.join("ballast.log")).expect("creating the log");
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let nbd = format!("127.0.0.1:{}", free_port());
-            let child = Process::new(&bin)
-                .arg("serve")
-                .arg("--data-dir")
-                .arg(&dir)
-                .args(["--nbd-listen", &nbd, "--nvmf-listen", &addr.to_string()])
-                .arg("--rpc-socket")
-                .arg(dir.join("ballast.sock"))
-                .args(["--cores", "1"])
-                .args(args(&dir))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log fd"))
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-            let mut d = Daemon { child: Some(child), addr, dir };
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if !d.running() {
-                    break;
-                }
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    return d;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let log = d.log();
-            if log.contains("Address already in use") {
-                continue; // lost a race for a port
-            }
-            panic!("ballast did not start listening on {addr}; log:\n{log}");
-        }
-        panic!("ballast could not get free ports in 5 attempts");
-    }
-
-    /// Runs the control CLI against this daemon; panics unless it succeeds.
-    fn ctl(&self, args: &[&str]) -> String {
-        let out = Process::new(ballast_bin())
-            .args(args)
-            .arg("--rpc-socket")
-            .arg(self.dir.join("ballast.sock"))
-            .output()
-            .expect("running the ballast CLI");
-        assert!(out.status.success(), "ballast {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    fn log(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = File::open(self.dir.join("ballast.log")) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
-
-    fn log_tail(&self) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
+impl Healthy for Daemon {
     /// The daemon still runs and a fresh controller does verified I/O.
     fn assert_healthy(&mut self, after: &str) {
         assert!(self.running(), "ballast died after {after}; log tail:\n{}", self.log_tail());
         if let Err(e) = healthy_io(self.addr) {
             panic!("no healthy I/O after {after}: {e}; log tail:\n{}", self.log_tail());
         }
-    }
-
-    /// SIGTERM; the daemon must exit 0 within 20 s, and never have panicked.
-    fn stop(mut self) {
-        let mut child = self.child.take().expect("daemon child");
-        let _ = Process::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(s)) => break Some(s),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => break None,
-            }
-        };
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let log = self.log();
-        assert!(!log.contains("panicked"), "ballast panicked; log:\n{log}");
-        match status {
-            Some(s) if s.success() => {}
-            other => panic!("ballast did not exit 0 after SIGTERM ({other:?}); log:\n{log}"),
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -1079,7 +938,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 #[test]
 fn get_log_page_numd_is_bounded() {
     let mut d = Daemon::start();
-    let pid = d.child.as_ref().unwrap().id();
+    let pid = d.pid();
     let (mut admin, _, _) =
         open_controller(d.addr, MAIN, HOSTNQN, 1, &opts(false, false, false)).unwrap();
     let before = peak_rss_kib(pid);
@@ -1268,7 +1127,7 @@ fn fuzz_after_icreq() {
 #[test]
 fn unread_responses_are_bounded() {
     let mut d = Daemon::start();
-    let pid = d.child.as_ref().unwrap().id();
+    let pid = d.pid();
     let (_admin, mut q) = io_queue(d.addr, &opts(false, false, false)).unwrap();
     let rss_kib = || {
         std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -1,22 +1,34 @@
 #!/usr/bin/env python3
-"""tls-bench: NBD over TLS against plaintext, the same build, side by side in one run (issue 9).
+"""tls-bench: NVMe/TCP and NBD over TLS against plaintext, the same build, side by side in one run (issue 9).
 
 Two daemons of one build serve a 1 GiB RAM export, one core each, pinned to the same CPU
-(--server-cpu): one plaintext, one with `--nbd-tls require` and a TLS-PSK key. The client is
-libnbd (GnuTLS for TLS) through its Python binding (Debian's python3-libnbd, so run with
-/usr/bin/python3), pinned to another CPU, keeping QD requests in flight with aio_pread/
-aio_pwrite for --runtime seconds: 4k random read/write at QD32 and 128k sequential read/write
-at QD8. (fio's nbd engine cannot be used: libnbd refuses it the local PSK file.) The client is
-slower than fio; it is the same for both daemons, and the server's CPU per I/O is what is
-compared. Runs alternate between the two, medians of --reps. Then handshakes: --handshakes
-sequential connect + NBD_OPT_GO + disconnect, plaintext and TLS: handshakes per second and
-server CPU per handshake.
+(--server-cpu): one plaintext, one TLS-only: `--nvmf-secure-channel required` with an NVMe
+interchange-format key (`NVMeTLSkey-1:01:...:`) given to the bench host through SPDK's
+keyring_file_add_key and nvmf_subsystem_add_host --psk, and `--nbd-tls require` with a TLS-PSK
+key. Both are filled first (1 MiB writes over NVMe/TCP), so reads return written data.
 
-Results: JSON under perf/results/ and a Markdown table on stdout. The machines are noisy:
-compare ratios, not absolute numbers.
+NVMe/TCP: ballast-perf (our initiator) pinned to --client-cpu, over TLS with --tls-key: TLS 1.3
+set up as the Linux host sets it up (identity NVMe0R01, libnvme's PSK derivation, TLS_AES_128_
+GCM_SHA256, secp384r1): 4k random read/write at QD32 and 128k sequential read/write at QD8.
+
+NBD: the client is libnbd (GnuTLS for TLS) through its Python binding (Debian's python3-libnbd,
+so run with /usr/bin/python3), keeping QD requests in flight with aio_pread/aio_pwrite, same
+workloads. (fio's nbd engine cannot be used: libnbd refuses it the local PSK file.) It is slower
+than fio; it is the same for both daemons.
+
+Every run is --runtime seconds; runs alternate between the two daemons, medians of --reps.
+Server CPU per I/O is utime+stime of the daemon (/proc/PID/stat) over the client's whole run
+(connects included: a few ms against seconds of I/O). Then handshakes, plaintext and TLS:
+--handshakes sequential NVMe/TCP connects (TCP, TLS, ICReq, Fabrics Connect of an admin queue,
+Disconnect: `ballast-perf --handshakes`) and NBD connects (NBD_OPT_GO, disconnect): per second
+and server CPU per handshake.
+
+Results: JSON under perf/results/ and Markdown tables on stdout. The machines are noisy: compare
+ratios, not absolute numbers. --quick: tiny inputs, a test of the script.
 """
 
 import argparse
+import base64
 import json
 import os
 import statistics
@@ -24,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 PERF_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(PERF_DIR)
@@ -37,6 +50,9 @@ WORKLOADS = [
     ("128k-read-qd8", "read", 131072, 8, False),
     ("128k-write-qd8", "write", 131072, 8, False),
 ]
+NQN = "nqn.2026-11.dev.ballast:mem"
+HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000ba11a570"
+EXPORT_BYTES = 1 << 30
 
 # The client: QD requests in flight for RUNTIME seconds; prints ops and its own CPU seconds.
 CLIENT = r"""
@@ -98,6 +114,65 @@ print(n / (time.monotonic() - t0))
 """
 
 
+def nvme_key():
+    """A random 32-byte key in the NVMe interchange format (key || CRC-32, base64)."""
+    k = os.urandom(32)
+    return "NVMeTLSkey-1:01:%s:" % base64.b64encode(k + zlib.crc32(k).to_bytes(4, "little")).decode()
+
+
+def perf_cmd(args, daemon, tls):
+    cmd = ["taskset", "-c", str(args.client_cpu), args.perf_binary,
+           "--addr", f"127.0.0.1:{daemon.nvmf_port}", "--nqn", NQN, "--hostnqn", HOSTNQN, "--json"]
+    return cmd + (["--tls-key", daemon.nvme_key] if tls else [])
+
+
+def run_nvme(args, daemon, tls, rw, bs, qd, rand, extra=()):
+    pattern = ("rand" if rand else "") + rw
+    c0 = daemon.cpu_s()
+    out = subprocess.run(perf_cmd(args, daemon, tls) + [
+        "--rw", pattern, "--bs", str(bs), "--qd", str(qd), "--runtime", str(args.runtime),
+        *extra], capture_output=True, text=True, timeout=args.runtime * 10 + 120)
+    server = daemon.cpu_s() - c0
+    if out.returncode != 0:
+        raise RuntimeError(f"ballast-perf failed: {out.stderr[-800:]}")
+    job = json.loads(out.stdout)["jobs"][0]
+    side = job[rw]
+    ios, secs = side["total_ios"], job["job_runtime"] / 1000
+    client = (job["usr_cpu"] + job["sys_cpu"]) / 100 * secs
+    pct = side["clat_ns"]["percentile"]
+    return {"iops": side["iops"], "mb_s": side["bw_bytes"] / 1e6,
+            "server_cpu_us_per_io": server * 1e6 / max(ios, 1),
+            "client_cpu_us_per_io": client * 1e6 / max(ios, 1),
+            "p50_us": pct["50.000000"] / 1000, "p99_us": pct["99.000000"] / 1000}
+
+
+def prefill(args, daemon, tls):
+    """Writes the whole export once (1 MiB sequential writes)."""
+    blocks = EXPORT_BYTES >> 20
+    out = subprocess.run(perf_cmd(args, daemon, tls) + [
+        "--rw", "write", "--bs", "1m", "--qd", "4", "--number-ios", str(blocks),
+        "--runtime", "300"], capture_output=True, text=True, timeout=360)
+    if out.returncode != 0:
+        raise RuntimeError(f"prefill failed: {out.stderr[-800:]}")
+    written = json.loads(out.stdout)["jobs"][0]["write"]["total_ios"]
+    if written != blocks:
+        raise RuntimeError(f"prefill wrote {written} of {blocks} MiB")
+
+
+def nvme_handshakes(args, daemon, tls):
+    c0 = daemon.cpu_s()
+    out = subprocess.run(perf_cmd(args, daemon, tls) + ["--handshakes", str(args.handshakes)],
+                         capture_output=True, text=True, timeout=600)
+    server = daemon.cpu_s() - c0
+    if out.returncode != 0:
+        raise RuntimeError(f"ballast-perf --handshakes failed: {out.stderr[-800:]}")
+    r = json.loads(out.stdout)
+    return {"handshakes_per_s": r["per_second"],
+            "server_cpu_us_per_handshake": server * 1e6 / args.handshakes,
+            "client_cpu_us_per_handshake": (r["usr_cpu_s"] + r["sys_cpu_s"]) * 1e6
+            / args.handshakes}
+
+
 def run_client(args, daemon, rw, bs, qd, rand):
     c0 = daemon.cpu_s()
     out = subprocess.run(["taskset", "-c", str(args.client_cpu), "/usr/bin/python3", "-c", CLIENT,
@@ -109,12 +184,12 @@ def run_client(args, daemon, rw, bs, qd, rand):
     ops, wall, cpu = out.stdout.split()
     ops, wall, cpu = int(ops), float(wall), float(cpu)
     server = daemon.cpu_s() - c0
-    return {"iops": ops / wall, "mib_s": ops * bs / wall / 2**20,
+    return {"iops": ops / wall, "mb_s": ops * bs / wall / 1e6,
             "server_cpu_us_per_io": server * 1e6 / max(ops, 1),
             "client_cpu_us_per_io": cpu * 1e6 / max(ops, 1)}
 
 
-def handshakes(args, daemon):
+def nbd_handshakes(args, daemon):
     c0 = daemon.cpu_s()
     out = subprocess.run(["taskset", "-c", str(args.client_cpu), "/usr/bin/python3", "-c",
                           HANDSHAKES, daemon.nbd_uri, str(args.handshakes)],
@@ -125,67 +200,143 @@ def handshakes(args, daemon):
             "server_cpu_us_per_handshake": (daemon.cpu_s() - c0) * 1e6 / args.handshakes}
 
 
+def alternate(args, daemons, run):
+    """run(name) for each daemon, --reps times, alternating the order; medians per daemon."""
+    runs = {"plain": [], "tls": []}
+    for rep in range(args.reps):
+        for name in ("plain", "tls") if rep % 2 == 0 else ("tls", "plain"):
+            runs[name].append(run(name))
+    medians = {n: {k: statistics.median(x[k] for x in v) for k in v[0]} for n, v in runs.items()}
+    return medians, runs
+
+
+def table(title, results):
+    print(f"### {title}")
+    print()
+    print("| workload | IOPS plain / TLS | MB/s plain / TLS | server µs/IO plain / TLS "
+          "| TLS/plain server CPU per I/O | client µs/IO plain / TLS |")
+    print("|---|---|---|---|---|---|")
+    for label, r in results.items():
+        p, t = r["plain"], r["tls"]
+        print(f"| {label} | {p['iops']:,.0f} / {t['iops']:,.0f} | {p['mb_s']:,.0f} / "
+              f"{t['mb_s']:,.0f} | {p['server_cpu_us_per_io']:.2f} / "
+              f"{t['server_cpu_us_per_io']:.2f} | "
+              f"**{t['server_cpu_us_per_io'] / p['server_cpu_us_per_io']:.2f}×** | "
+              f"{p['client_cpu_us_per_io']:.1f} / {t['client_cpu_us_per_io']:.1f} |")
+    print()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--binary", default=os.path.join(REPO, "build/cargo/release/ballast"))
+    ap.add_argument("--perf-binary", default=os.path.join(REPO, "build/cargo/release/ballast-perf"))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--runtime", type=float, default=4)
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--client-cpu", type=int, default=1)
     ap.add_argument("--handshakes", type=int, default=200)
+    ap.add_argument("--protocols", default="nvme,nbd", help="nvme, nbd or both (comma-separated)")
+    ap.add_argument("--kernel-tls", choices=["auto", "off"], default="auto",
+                    help="the TLS daemon's --kernel-tls (auto uses kTLS where the kernel has it)")
+    ap.add_argument("--quick", action="store_true", help="tiny inputs: a test of this script")
     args = ap.parse_args()
+    if args.quick:
+        args.reps, args.runtime, args.handshakes = 1, 0.5, 10
+    protocols = [p for p in args.protocols.split(",") if p]
+    if set(protocols) - {"nvme", "nbd"}:
+        ap.error("--protocols takes nvme and/or nbd")
     scratch = tempfile.mkdtemp(prefix="tls-bench.")
     psk = os.path.join(scratch, "keys.psk")
     with open(psk, "w") as f:
         f.write("bench:" + os.urandom(32).hex() + "\n")
     os.chmod(psk, 0o600)
+    key_path = os.path.join(scratch, "nvme.key")
+    with open(key_path, "w") as f:
+        f.write(nvme_key() + "\n")
+    os.chmod(key_path, 0o600)
     daemons = {}
     for name, extra in (("plain", []),
-                        ("tls", ["--nbd-tls", "require", "--nbd-tls-psk", psk])):
+                        ("tls", ["--nbd-tls", "require", "--nbd-tls-psk", psk,
+                                 "--nvmf-secure-channel", "required",
+                                 "--kernel-tls", args.kernel_tls])):
         d = Daemon(args.binary, os.path.join(scratch, name),
-                   ["--export", "mem=ram:1G"] + extra, args.server_cpu)
+                   ["--export", f"mem=ram:{EXPORT_BYTES >> 20}M"] + extra, args.server_cpu)
         d.start()
         d.nbd_uri = (f"nbds://bench@127.0.0.1:{d.port}/mem?tls-psk-file={psk}"
                      if name == "tls" else f"nbd://127.0.0.1:{d.port}/mem")
+        d.nvme_key = key_path
         daemons[name] = d
-    results, shakes = {}, {}
+    daemons["tls"].rpc("rpc", "keyring_file_add_key",
+                       json.dumps({"name": "bench", "path": key_path}))
+    daemons["tls"].rpc("rpc", "nvmf_subsystem_add_host",
+                       json.dumps({"nqn": NQN, "host": HOSTNQN, "psk": "bench"}))
+    nvme, nbd, shakes, raw = {}, {}, {}, {}
     try:
-        for label, rw, bs, qd, rand in WORKLOADS:
-            runs = {"plain": [], "tls": []}
-            for rep in range(args.reps):
-                for name in ("plain", "tls") if rep % 2 == 0 else ("tls", "plain"):
-                    r = run_client(args, daemons[name], rw, bs, qd, rand)
-                    log(f"{label} {name} rep {rep}: {r['iops']:.0f} IOPS, server "
-                        f"{r['server_cpu_us_per_io']:.2f} us/IO")
-                    runs[name].append(r)
-            results[label] = {n: {k: statistics.median(x[k] for x in v) for k in v[0]}
-                              for n, v in runs.items()}
         for name, d in daemons.items():
-            shakes[name] = handshakes(args, d)
-            log(f"{name}: {shakes[name]}")
+            prefill(args, d, name == "tls")
+            log(f"{name}: export filled")
+        if "nvme" in protocols:
+            for label, rw, bs, qd, rand in WORKLOADS:
+                def run(name):
+                    r = run_nvme(args, daemons[name], name == "tls", rw, bs, qd, rand)
+                    log(f"nvme {label} {name}: {r['iops']:.0f} IOPS, server "
+                        f"{r['server_cpu_us_per_io']:.2f} us/IO")
+                    return r
+                nvme[label], raw[f"nvme {label}"] = alternate(args, daemons, run)
+        if "nbd" in protocols:
+            for label, rw, bs, qd, rand in WORKLOADS:
+                def run(name):
+                    r = run_client(args, daemons[name], rw, bs, qd, rand)
+                    log(f"nbd {label} {name}: {r['iops']:.0f} IOPS, server "
+                        f"{r['server_cpu_us_per_io']:.2f} us/IO")
+                    return r
+                nbd[label], raw[f"nbd {label}"] = alternate(args, daemons, run)
+        for proto in protocols:
+            def run(name):
+                d = daemons[name]
+                r = (nvme_handshakes(args, d, name == "tls") if proto == "nvme"
+                     else nbd_handshakes(args, d))
+                log(f"{proto} handshakes {name}: {r}")
+                return r
+            shakes[proto], raw[f"{proto} handshakes"] = alternate(args, daemons, run)
     finally:
         for d in daemons.values():
             d.stop()
+    with open(os.path.join(daemons["tls"].data_dir, "serve.log")) as f:
+        tls_log = f.read()
+    kernel_tls = "handed to the kernel (kTLS)" in tls_log
+    for secret in (key_path, psk):
+        with open(secret) as f:
+            if f.read().strip().split(":")[-2 if secret == key_path else -1] in tls_log:
+                raise RuntimeError(f"the key in {secret} appears in the daemon's log")
     os.makedirs(os.path.join(PERF_DIR, "results"), exist_ok=True)
     path = os.path.join(PERF_DIR, "results", time.strftime("tls-%Y%m%d-%H%M%S.json"))
     with open(path, "w") as f:
-        json.dump({"binary": args.binary, "reps": args.reps, "runtime": args.runtime,
-                   "results": results, "handshakes": shakes}, f, indent=1)
-    print("| workload | IOPS plain / TLS | server µs/IO plain / TLS | TLS/plain server CPU per I/O "
-          "| client µs/IO plain / TLS |")
-    print("|---|---|---|---|---|")
-    for label, r in results.items():
-        p, t = r["plain"], r["tls"]
-        print(f"| {label} | {p['iops']:.0f} / {t['iops']:.0f} | "
-              f"{p['server_cpu_us_per_io']:.2f} / {t['server_cpu_us_per_io']:.2f} | "
-              f"{t['server_cpu_us_per_io'] / p['server_cpu_us_per_io']:.2f}x | "
-              f"{p['client_cpu_us_per_io']:.1f} / {t['client_cpu_us_per_io']:.1f} |")
+        json.dump({"binary": args.binary, "perf_binary": args.perf_binary, "reps": args.reps,
+                   "runtime": args.runtime, "kernel_tls": kernel_tls, "nvme": nvme, "nbd": nbd,
+                   "handshakes": shakes, "runs": raw}, f, indent=1)
+    print(f"TLS records in {'the kernel (kTLS)' if kernel_tls else 'OpenSSL (no kTLS)'}; "
+          f"medians of {args.reps} x {args.runtime} s")
     print()
-    print("| handshakes | per second | server µs CPU each |")
-    print("|---|---|---|")
-    for name, h in shakes.items():
-        print(f"| {name} | {h['handshakes_per_s']:.0f} | "
-              f"{h['server_cpu_us_per_handshake']:.0f} |")
+    if nvme:
+        table("NVMe/TCP (ballast-perf)", nvme)
+    if nbd:
+        table("NBD (libnbd, Python)", nbd)
+    print("| handshakes | per second plain / TLS | server µs CPU each plain / TLS "
+          "| TLS/plain server CPU | client µs CPU each plain / TLS |")
+    print("|---|---|---|---|---|")
+    names = {"nvme": "NVMe/TCP (TCP, TLS, ICReq, Connect, Disconnect)",
+             "nbd": "NBD (connect, TLS, NBD_OPT_GO, disconnect)"}
+    for proto, r in shakes.items():
+        p, t = r["plain"], r["tls"]
+        client = (f"{p['client_cpu_us_per_handshake']:.0f} / "
+                  f"{t['client_cpu_us_per_handshake']:.0f}"
+                  if "client_cpu_us_per_handshake" in p else "—")
+        ratio = (f"{t['server_cpu_us_per_handshake'] / p['server_cpu_us_per_handshake']:.1f}×"
+                 if p["server_cpu_us_per_handshake"] else "—")  # 10 ms ticks: --quick sees 0
+        print(f"| {names[proto]} | {p['handshakes_per_s']:,.0f} / {t['handshakes_per_s']:,.0f} | "
+              f"{p['server_cpu_us_per_handshake']:.0f} / {t['server_cpu_us_per_handshake']:.0f} | "
+              f"{ratio} | {client} |")
     log(f"results: {path}")
 
 

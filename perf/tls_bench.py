@@ -41,7 +41,7 @@ import zlib
 PERF_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(PERF_DIR)
 sys.path.insert(0, PERF_DIR)
-from nbd_bench import log  # noqa: E402
+from nbd_bench import children_cpu_seconds, log, sys_cpu_times  # noqa: E402
 from volume_bench import Daemon  # noqa: E402
 
 WORKLOADS = [
@@ -126,13 +126,31 @@ def perf_cmd(args, daemon, tls):
     return cmd + (["--tls-key", daemon.nvme_key] if tls else [])
 
 
-def run_nvme(args, daemon, tls, rw, bs, qd, rand, extra=()):
+class Window:
+    """Server CPU and other processes' CPU (% of one CPU: machine-wide busy time less the
+    daemon's and our children's) over one client run."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.t0, self.c0 = time.monotonic(), daemon.cpu_s()
+        self.busy0, self.children0 = sys_cpu_times()[0], children_cpu_seconds()
+
+    def close(self):
+        """(server CPU seconds, background % of a CPU)."""
+        server = self.daemon.cpu_s() - self.c0
+        busy = sys_cpu_times()[0] - self.busy0
+        children = children_cpu_seconds() - self.children0
+        wall = max(time.monotonic() - self.t0, 1e-9)
+        return server, max(0.0, (busy - server - children) / wall * 100)
+
+
+def run_nvme(args, daemon, tls, rw, bs, qd, rand):
     pattern = ("rand" if rand else "") + rw
-    c0 = daemon.cpu_s()
+    w = Window(daemon)
     out = subprocess.run(perf_cmd(args, daemon, tls) + [
-        "--rw", pattern, "--bs", str(bs), "--qd", str(qd), "--runtime", str(args.runtime),
-        *extra], capture_output=True, text=True, timeout=args.runtime * 10 + 120)
-    server = daemon.cpu_s() - c0
+        "--rw", pattern, "--bs", str(bs), "--qd", str(qd), "--runtime", str(args.runtime)],
+        capture_output=True, text=True, timeout=args.runtime * 10 + 120)
+    server, background = w.close()
     if out.returncode != 0:
         raise RuntimeError(f"ballast-perf failed: {out.stderr[-800:]}")
     job = json.loads(out.stdout)["jobs"][0]
@@ -143,7 +161,8 @@ def run_nvme(args, daemon, tls, rw, bs, qd, rand, extra=()):
     return {"iops": side["iops"], "mb_s": side["bw_bytes"] / 1e6,
             "server_cpu_us_per_io": server * 1e6 / max(ios, 1),
             "client_cpu_us_per_io": client * 1e6 / max(ios, 1),
-            "p50_us": pct["50.000000"] / 1000, "p99_us": pct["99.000000"] / 1000}
+            "p50_us": pct["50.000000"] / 1000, "p99_us": pct["99.000000"] / 1000,
+            "background_pct": background}
 
 
 def prefill(args, daemon, tls):
@@ -174,7 +193,7 @@ def nvme_handshakes(args, daemon, tls):
 
 
 def run_client(args, daemon, rw, bs, qd, rand):
-    c0 = daemon.cpu_s()
+    w = Window(daemon)
     out = subprocess.run(["taskset", "-c", str(args.client_cpu), "/usr/bin/python3", "-c", CLIENT,
                           daemon.nbd_uri, rw, str(bs), str(qd), "1" if rand else "0",
                           str(args.runtime)], capture_output=True, text=True,
@@ -183,10 +202,10 @@ def run_client(args, daemon, rw, bs, qd, rand):
         raise RuntimeError(f"client failed: {out.stderr[-800:]}")
     ops, wall, cpu = out.stdout.split()
     ops, wall, cpu = int(ops), float(wall), float(cpu)
-    server = daemon.cpu_s() - c0
+    server, background = w.close()
     return {"iops": ops / wall, "mb_s": ops * bs / wall / 1e6,
             "server_cpu_us_per_io": server * 1e6 / max(ops, 1),
-            "client_cpu_us_per_io": cpu * 1e6 / max(ops, 1)}
+            "client_cpu_us_per_io": cpu * 1e6 / max(ops, 1), "background_pct": background}
 
 
 def nbd_handshakes(args, daemon):
@@ -210,7 +229,7 @@ def alternate(args, daemons, run):
     return medians, runs
 
 
-def table(title, results):
+def table(title, results, runs):
     print(f"### {title}")
     print()
     print("| workload | IOPS plain / TLS | MB/s plain / TLS | server µs/IO plain / TLS "
@@ -223,6 +242,10 @@ def table(title, results):
               f"{t['server_cpu_us_per_io']:.2f} | "
               f"**{t['server_cpu_us_per_io'] / p['server_cpu_us_per_io']:.2f}×** | "
               f"{p['client_cpu_us_per_io']:.1f} / {t['client_cpu_us_per_io']:.1f} |")
+    print()
+    bg = [x["background_pct"] for r in runs.values() for v in r.values() for x in v]
+    print(f"Other processes' CPU during these runs: median {statistics.median(bg):.0f}%, "
+          f"max {max(bg):.0f}% of a CPU.")
     print()
 
 
@@ -280,7 +303,8 @@ def main():
                 def run(name):
                     r = run_nvme(args, daemons[name], name == "tls", rw, bs, qd, rand)
                     log(f"nvme {label} {name}: {r['iops']:.0f} IOPS, server "
-                        f"{r['server_cpu_us_per_io']:.2f} us/IO")
+                        f"{r['server_cpu_us_per_io']:.2f} us/IO, "
+                        f"background {r['background_pct']:.0f}%")
                     return r
                 nvme[label], raw[f"nvme {label}"] = alternate(args, daemons, run)
         if "nbd" in protocols:
@@ -288,7 +312,8 @@ def main():
                 def run(name):
                     r = run_client(args, daemons[name], rw, bs, qd, rand)
                     log(f"nbd {label} {name}: {r['iops']:.0f} IOPS, server "
-                        f"{r['server_cpu_us_per_io']:.2f} us/IO")
+                        f"{r['server_cpu_us_per_io']:.2f} us/IO, "
+                        f"background {r['background_pct']:.0f}%")
                     return r
                 nbd[label], raw[f"nbd {label}"] = alternate(args, daemons, run)
         for proto in protocols:
@@ -319,9 +344,9 @@ def main():
           f"medians of {args.reps} x {args.runtime} s")
     print()
     if nvme:
-        table("NVMe/TCP (ballast-perf)", nvme)
+        table("NVMe/TCP (ballast-perf)", nvme, {k: raw[f"nvme {k}"] for k in nvme})
     if nbd:
-        table("NBD (libnbd, Python)", nbd)
+        table("NBD (libnbd, Python)", nbd, {k: raw[f"nbd {k}"] for k in nbd})
     print("| handshakes | per second plain / TLS | server µs CPU each plain / TLS "
           "| TLS/plain server CPU | client µs CPU each plain / TLS |")
     print("|---|---|---|---|---|")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""tls-bench: NVMe/TCP and NBD over TLS against plaintext, the same build, side by side in one run (issue 9).
+"""tls-bench: NVMe/TCP and NBD over TLS against plaintext, one build, in one run (issue 9).
 
 Two daemons of one build serve a 1 GiB RAM export, one core each, pinned to the same CPU
 (--server-cpu): one plaintext, one TLS-only: `--nvmf-secure-channel required` with an NVMe
@@ -117,7 +117,8 @@ print(n / (time.monotonic() - t0))
 def nvme_key():
     """A random 32-byte key in the NVMe interchange format (key || CRC-32, base64)."""
     k = os.urandom(32)
-    return "NVMeTLSkey-1:01:%s:" % base64.b64encode(k + zlib.crc32(k).to_bytes(4, "little")).decode()
+    body = base64.b64encode(k + zlib.crc32(k).to_bytes(4, "little")).decode()
+    return f"NVMeTLSkey-1:01:{body}:"
 
 
 def perf_cmd(args, daemon, tls):

@@ -262,6 +262,8 @@ def main():
     ap.add_argument("--protocols", default="nvme,nbd", help="nvme, nbd or both (comma-separated)")
     ap.add_argument("--kernel-tls", choices=["auto", "off"], default="auto",
                     help="the TLS daemon's --kernel-tls (auto uses kTLS where the kernel has it)")
+    ap.add_argument("--poll-us", type=int, help="both daemons' --poll-us (default: theirs)")
+    ap.add_argument("--skip", default="", help="io and/or handshakes (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="tiny inputs: a test of this script")
     args = ap.parse_args()
     if args.quick:
@@ -269,6 +271,10 @@ def main():
     protocols = [p for p in args.protocols.split(",") if p]
     if set(protocols) - {"nvme", "nbd"}:
         ap.error("--protocols takes nvme and/or nbd")
+    skip = {x for x in args.skip.split(",") if x}
+    if skip - {"io", "handshakes"}:
+        ap.error("--skip takes io and/or handshakes")
+    poll = [] if args.poll_us is None else ["--poll-us", str(args.poll_us)]
     scratch = tempfile.mkdtemp(prefix="tls-bench.")
     psk = os.path.join(scratch, "keys.psk")
     with open(psk, "w") as f:
@@ -284,7 +290,7 @@ def main():
                                  "--nvmf-secure-channel", "required",
                                  "--kernel-tls", args.kernel_tls])):
         d = Daemon(args.binary, os.path.join(scratch, name),
-                   ["--export", f"mem=ram:{EXPORT_BYTES >> 20}M"] + extra, args.server_cpu)
+                   ["--export", f"mem=ram:{EXPORT_BYTES >> 20}M"] + poll + extra, args.server_cpu)
         d.start()
         d.nbd_uri = (f"nbds://bench@127.0.0.1:{d.port}/mem?tls-psk-file={psk}"
                      if name == "tls" else f"nbd://127.0.0.1:{d.port}/mem")
@@ -297,9 +303,10 @@ def main():
     nvme, nbd, shakes, raw = {}, {}, {}, {}
     try:
         for name, d in daemons.items():
-            prefill(args, d, name == "tls")
-            log(f"{name}: export filled")
-        if "nvme" in protocols:
+            if "io" not in skip:
+                prefill(args, d, name == "tls")
+                log(f"{name}: export filled")
+        if "nvme" in protocols and "io" not in skip:
             for label, rw, bs, qd, rand in WORKLOADS:
                 def run(name):
                     r = run_nvme(args, daemons[name], name == "tls", rw, bs, qd, rand)
@@ -308,7 +315,7 @@ def main():
                         f"background {r['background_pct']:.0f}%")
                     return r
                 nvme[label], raw[f"nvme {label}"] = alternate(args, daemons, run)
-        if "nbd" in protocols:
+        if "nbd" in protocols and "io" not in skip:
             for label, rw, bs, qd, rand in WORKLOADS:
                 def run(name):
                     r = run_client(args, daemons[name], rw, bs, qd, rand)
@@ -317,7 +324,7 @@ def main():
                         f"background {r['background_pct']:.0f}%")
                     return r
                 nbd[label], raw[f"nbd {label}"] = alternate(args, daemons, run)
-        for proto in protocols:
+        for proto in [] if "handshakes" in skip else protocols:
             def run(name):
                 d = daemons[name]
                 r = (nvme_handshakes(args, d, name == "tls") if proto == "nvme"
@@ -339,18 +346,20 @@ def main():
     path = os.path.join(PERF_DIR, "results", time.strftime("tls-%Y%m%d-%H%M%S.json"))
     with open(path, "w") as f:
         json.dump({"binary": args.binary, "perf_binary": args.perf_binary, "reps": args.reps,
-                   "runtime": args.runtime, "kernel_tls": kernel_tls, "nvme": nvme, "nbd": nbd,
-                   "handshakes": shakes, "runs": raw}, f, indent=1)
+                   "runtime": args.runtime, "poll_us": args.poll_us, "kernel_tls": kernel_tls,
+                   "nvme": nvme, "nbd": nbd, "handshakes": shakes, "runs": raw}, f, indent=1)
     print(f"TLS records in {'the kernel (kTLS)' if kernel_tls else 'OpenSSL (no kTLS)'}; "
-          f"medians of {args.reps} x {args.runtime} s")
+          f"medians of {args.reps} x {args.runtime} s; "
+          f"--poll-us {'default' if args.poll_us is None else args.poll_us}")
     print()
     if nvme:
         table("NVMe/TCP (ballast-perf)", nvme, {k: raw[f"nvme {k}"] for k in nvme})
     if nbd:
         table("NBD (libnbd, Python)", nbd, {k: raw[f"nbd {k}"] for k in nbd})
-    print("| handshakes | per second plain / TLS | server µs CPU each plain / TLS "
-          "| TLS/plain server CPU | client µs CPU each plain / TLS |")
-    print("|---|---|---|---|---|")
+    if shakes:
+        print("| handshakes | per second plain / TLS | server µs CPU each plain / TLS "
+              "| TLS/plain server CPU | client µs CPU each plain / TLS |")
+        print("|---|---|---|---|---|")
     names = {"nvme": "NVMe/TCP (TCP, TLS, ICReq, Connect, Disconnect)",
              "nbd": "NBD (connect, TLS, NBD_OPT_GO, disconnect)"}
     for proto, r in shakes.items():

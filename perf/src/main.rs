@@ -79,6 +79,10 @@ struct Args {
     /// derived for --hostnqn and --nqn as the Linux host derives it (identity NVMe0R0x).
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Groups offered with --tls-key, the first with a key share (OpenSSL's list syntax); the
+    /// default is tlshd's list, secp384r1 first.
+    #[arg(long, value_name = "LIST", default_value = ballast_perf::tls::GROUPS)]
+    tls_groups: String,
     /// Instead of I/O: connect an admin queue (TCP, TLS with --tls-key, ICReq, Connect) and
     /// disconnect it, N times in a row; prints handshakes per second.
     #[arg(long, value_name = "N")]
@@ -142,7 +146,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         tls: args
             .tls_key
             .as_deref()
-            .map(|path| TlsClient::from_key_file(path, &args.hostnqn, &args.nqn).map(Arc::new))
+            .map(|path| {
+                TlsClient::from_key_file(path, &args.hostnqn, &args.nqn, &args.tls_groups)
+                    .map(Arc::new)
+            })
             .transpose()?,
     };
     if let Some(count) = args.handshakes {

@@ -78,19 +78,36 @@ impl fmt::Debug for TlsClient {
 }
 
 impl TlsClient {
-    /// Reads the interchange key in `path` and derives the PSK for `hostnqn` and `subnqn`.
-    pub fn from_key_file(path: &Path, hostnqn: &str, subnqn: &str) -> Result<Self, TlsError> {
+    /// Reads the interchange key in `path` and derives the PSK for `hostnqn` and `subnqn`;
+    /// key shares from `groups` (OpenSSL's list syntax; [`GROUPS`] is the Linux host's).
+    pub fn from_key_file(
+        path: &Path,
+        hostnqn: &str,
+        subnqn: &str,
+        groups: &str,
+    ) -> Result<Self, TlsError> {
         let text = zeroize::Zeroizing::new(
             std::fs::read_to_string(path)
                 .map_err(|source| TlsError::KeyFile { path: path.into(), source })?,
         );
         let key =
             TlsKey::parse(&text).map_err(|source| TlsError::Key { path: path.into(), source })?;
-        TlsClient::new(&key, hostnqn, subnqn)
+        TlsClient::with_groups(&key, hostnqn, subnqn, groups)
     }
 
-    /// The client for `key`, as host `hostnqn` talking to subsystem `subnqn`.
+    /// The client for `key`, as host `hostnqn` talking to subsystem `subnqn`, offering the
+    /// Linux host's groups.
     pub fn new(key: &TlsKey, hostnqn: &str, subnqn: &str) -> Result<Self, TlsError> {
+        TlsClient::with_groups(key, hostnqn, subnqn, GROUPS)
+    }
+
+    /// [`TlsClient::new`] offering `groups` (the first gets the key share).
+    pub fn with_groups(
+        key: &TlsKey,
+        hostnqn: &str,
+        subnqn: &str,
+        groups: &str,
+    ) -> Result<Self, TlsError> {
         let derived =
             derive(key, hostnqn, subnqn, IDENTITY_VERSION, ENCODING).map_err(|source| {
                 TlsError::Derive { hostnqn: hostnqn.into(), subnqn: subnqn.into(), source }
@@ -104,7 +121,7 @@ impl TlsClient {
         b.set_min_proto_version(Some(SslVersion::TLS1_3))?;
         b.set_max_proto_version(Some(SslVersion::TLS1_3))?;
         b.set_ciphersuites(CIPHERSUITE)?;
-        b.set_groups_list(GROUPS)?;
+        b.set_groups_list(groups)?;
         b.set_options(SslOptions::NO_TICKET | SslOptions::IGNORE_UNEXPECTED_EOF);
         let id_bytes = identity.into_bytes();
         // TLS 1.3 binds a key from this callback to SHA-256 (TLS_AES_128_GCM_SHA256), as
@@ -272,9 +289,10 @@ mod tests {
         let path = dir.join("bad.key");
         std::fs::write(&path, "NVMeTLSkey-1:01:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh+KfiaX:")
             .unwrap();
-        let e = TlsClient::from_key_file(&path, HOST, SUB).unwrap_err().to_string();
+        let e = TlsClient::from_key_file(&path, HOST, SUB, GROUPS).unwrap_err().to_string();
         assert!(e.contains("bad.key") && e.contains("CRC") && !e.contains("AAEC"), "{e}");
-        let missing = TlsClient::from_key_file(&dir.join("none.key"), HOST, SUB).unwrap_err();
+        let missing =
+            TlsClient::from_key_file(&dir.join("none.key"), HOST, SUB, GROUPS).unwrap_err();
         assert!(matches!(missing, TlsError::KeyFile { .. }));
         std::fs::remove_dir_all(&dir).unwrap();
     }

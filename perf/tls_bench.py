@@ -124,7 +124,10 @@ def nvme_key():
 def perf_cmd(args, daemon, tls):
     cmd = ["taskset", "-c", str(args.client_cpu), args.perf_binary,
            "--addr", f"127.0.0.1:{daemon.nvmf_port}", "--nqn", NQN, "--hostnqn", HOSTNQN, "--json"]
-    return cmd + (["--tls-key", daemon.nvme_key] if tls else [])
+    if not tls:
+        return cmd
+    return cmd + ["--tls-key", daemon.nvme_key] + (
+        ["--tls-groups", args.tls_groups] if args.tls_groups else [])
 
 
 class Window:
@@ -262,6 +265,8 @@ def main():
     ap.add_argument("--protocols", default="nvme,nbd", help="nvme, nbd or both (comma-separated)")
     ap.add_argument("--kernel-tls", choices=["auto", "off"], default="auto",
                     help="the TLS daemon's --kernel-tls (auto uses kTLS where the kernel has it)")
+    ap.add_argument("--tls-groups", help="ballast-perf --tls-groups (default: the Linux host's, "
+                    "secp384r1 first)")
     ap.add_argument("--poll-us", type=int, help="both daemons' --poll-us (default: theirs)")
     ap.add_argument("--skip", default="", help="io and/or handshakes (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="tiny inputs: a test of this script")
@@ -347,6 +352,7 @@ def main():
     with open(path, "w") as f:
         json.dump({"binary": args.binary, "perf_binary": args.perf_binary, "reps": args.reps,
                    "runtime": args.runtime, "poll_us": args.poll_us, "kernel_tls": kernel_tls,
+                   "tls_groups": args.tls_groups,
                    "nvme": nvme, "nbd": nbd, "handshakes": shakes, "runs": raw}, f, indent=1)
     print(f"TLS records in {'the kernel (kTLS)' if kernel_tls else 'OpenSSL (no kTLS)'}; "
           f"medians of {args.reps} x {args.runtime} s; "

@@ -41,6 +41,7 @@ import zlib
 PERF_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(PERF_DIR)
 sys.path.insert(0, PERF_DIR)
+from ab_bench import server_counters  # noqa: E402
 from nbd_bench import children_cpu_seconds, log, sys_cpu_times  # noqa: E402
 from volume_bench import Daemon  # noqa: E402
 
@@ -131,21 +132,29 @@ def perf_cmd(args, daemon, tls):
 
 
 class Window:
-    """Server CPU and other processes' CPU (% of one CPU: machine-wide busy time less the
-    daemon's and our children's) over one client run."""
+    """Server CPU, other processes' CPU (% of one CPU: machine-wide busy time less the
+    daemon's and our children's) and the daemon's ring counters over one client run. The
+    counters are read outside the CPU window (asking for them costs the daemon a little)."""
 
     def __init__(self, daemon):
         self.daemon = daemon
+        self.counters0 = server_counters(daemon)
         self.t0, self.c0 = time.monotonic(), daemon.cpu_s()
         self.busy0, self.children0 = sys_cpu_times()[0], children_cpu_seconds()
 
-    def close(self):
-        """(server CPU seconds, background % of a CPU)."""
+    def close(self, ios):
+        """Server CPU seconds, background % of a CPU, and per I/O: the daemon's system calls
+        into its ring, socket sends and receives."""
         server = self.daemon.cpu_s() - self.c0
         busy = sys_cpu_times()[0] - self.busy0
         children = children_cpu_seconds() - self.children0
         wall = max(time.monotonic() - self.t0, 1e-9)
-        return server, max(0.0, (busy - server - children) / wall * 100)
+        counters = server_counters(self.daemon)
+        per_io = {}
+        if counters and self.counters0:
+            per_io = {f"server_{k}_per_io": (counters[k] - self.counters0[k]) / max(ios, 1)
+                      for k in counters}
+        return server, max(0.0, (busy - server - children) / wall * 100), per_io
 
 
 def run_nvme(args, daemon, tls, rw, bs, qd, rand):
@@ -154,19 +163,19 @@ def run_nvme(args, daemon, tls, rw, bs, qd, rand):
     out = subprocess.run(perf_cmd(args, daemon, tls) + [
         "--rw", pattern, "--bs", str(bs), "--qd", str(qd), "--runtime", str(args.runtime)],
         capture_output=True, text=True, timeout=args.runtime * 10 + 120)
-    server, background = w.close()
     if out.returncode != 0:
         raise RuntimeError(f"ballast-perf failed: {out.stderr[-800:]}")
     job = json.loads(out.stdout)["jobs"][0]
     side = job[rw]
     ios, secs = side["total_ios"], job["job_runtime"] / 1000
+    server, background, per_io = w.close(ios)
     client = (job["usr_cpu"] + job["sys_cpu"]) / 100 * secs
     pct = side["clat_ns"]["percentile"]
     return {"iops": side["iops"], "mb_s": side["bw_bytes"] / 1e6,
             "server_cpu_us_per_io": server * 1e6 / max(ios, 1),
             "client_cpu_us_per_io": client * 1e6 / max(ios, 1),
             "p50_us": pct["50.000000"] / 1000, "p99_us": pct["99.000000"] / 1000,
-            "background_pct": background}
+            "background_pct": background, **per_io}
 
 
 def prefill(args, daemon, tls):
@@ -206,10 +215,11 @@ def run_client(args, daemon, rw, bs, qd, rand):
         raise RuntimeError(f"client failed: {out.stderr[-800:]}")
     ops, wall, cpu = out.stdout.split()
     ops, wall, cpu = int(ops), float(wall), float(cpu)
-    server, background = w.close()
+    server, background, per_io = w.close(ops)
     return {"iops": ops / wall, "mb_s": ops * bs / wall / 1e6,
             "server_cpu_us_per_io": server * 1e6 / max(ops, 1),
-            "client_cpu_us_per_io": cpu * 1e6 / max(ops, 1), "background_pct": background}
+            "client_cpu_us_per_io": cpu * 1e6 / max(ops, 1), "background_pct": background,
+            **per_io}
 
 
 def nbd_handshakes(args, daemon):
@@ -233,19 +243,25 @@ def alternate(args, daemons, run):
     return medians, runs
 
 
+def calls(r):
+    return f"{r['server_ring_enters_per_io']:.2f}" if "server_ring_enters_per_io" in r else "—"
+
+
 def table(title, results, runs):
     print(f"### {title}")
     print()
     print("| workload | IOPS plain / TLS | MB/s plain / TLS | server µs/IO plain / TLS "
-          "| TLS/plain server CPU per I/O | client µs/IO plain / TLS |")
-    print("|---|---|---|---|---|---|")
+          "| TLS/plain server CPU per I/O | client µs/IO plain / TLS "
+          "| server syscalls/IO plain / TLS |")
+    print("|---|---|---|---|---|---|---|")
     for label, r in results.items():
         p, t = r["plain"], r["tls"]
         print(f"| {label} | {p['iops']:,.0f} / {t['iops']:,.0f} | {p['mb_s']:,.0f} / "
               f"{t['mb_s']:,.0f} | {p['server_cpu_us_per_io']:.2f} / "
               f"{t['server_cpu_us_per_io']:.2f} | "
               f"**{t['server_cpu_us_per_io'] / p['server_cpu_us_per_io']:.2f}×** | "
-              f"{p['client_cpu_us_per_io']:.1f} / {t['client_cpu_us_per_io']:.1f} |")
+              f"{p['client_cpu_us_per_io']:.1f} / {t['client_cpu_us_per_io']:.1f} | "
+              f"{calls(p)} / {calls(t)} |")
     print()
     bg = [x["background_pct"] for r in runs.values() for v in r.values() for x in v]
     print(f"Other processes' CPU during these runs: median {statistics.median(bg):.0f}%, "

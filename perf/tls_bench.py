@@ -101,17 +101,24 @@ print(done[0], wall, cpu)
 h.shutdown()
 """
 
+# A failed shutdown (the connection was made; libnbd then saw the socket closed under it) is
+# counted, not fatal: the second number printed.
 HANDSHAKES = r"""
 import nbd, sys, time
 uri, n = sys.argv[1], int(sys.argv[2])
+failed = 0
 t0 = time.monotonic()
 for _ in range(n):
     h = nbd.NBD()
     h.set_uri_allow_local_file(True)
     h.connect_uri(uri)
-    h.shutdown()
+    try:
+        h.shutdown()
+    except nbd.Error as e:
+        failed += 1
+        print(e, file=sys.stderr)
     del h
-print(n / (time.monotonic() - t0))
+print(n / (time.monotonic() - t0), failed)
 """
 
 
@@ -229,7 +236,11 @@ def nbd_handshakes(args, daemon):
                          capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"handshake loop failed: {out.stderr[-800:]}")
-    return {"handshakes_per_s": float(out.stdout.strip()),
+    rate, failed = out.stdout.split()
+    if int(failed):
+        log(f"nbd handshakes: {failed} of {args.handshakes} shutdowns failed: "
+            f"{out.stderr.strip().splitlines()[-1]}")
+    return {"handshakes_per_s": float(rate), "failed_shutdowns": int(failed),
             "server_cpu_us_per_handshake": (daemon.cpu_s() - c0) * 1e6 / args.handshakes}
 
 
@@ -322,6 +333,16 @@ def main():
     daemons["tls"].rpc("rpc", "nvmf_subsystem_add_host",
                        json.dumps({"nqn": NQN, "host": HOSTNQN, "psk": "bench"}))
     nvme, nbd, shakes, raw = {}, {}, {}, {}
+    os.makedirs(os.path.join(PERF_DIR, "results"), exist_ok=True)
+    path = os.path.join(PERF_DIR, "results", time.strftime("tls-%Y%m%d-%H%M%S.json"))
+
+    def save(**extra):
+        """Everything so far (after each case: a failure later keeps what was measured)."""
+        with open(path, "w") as f:
+            json.dump({"binary": args.binary, "perf_binary": args.perf_binary,
+                       "reps": args.reps, "runtime": args.runtime, "poll_us": args.poll_us,
+                       "tls_groups": args.tls_groups, **extra, "nvme": nvme, "nbd": nbd,
+                       "handshakes": shakes, "runs": raw}, f, indent=1)
     try:
         for name, d in daemons.items():
             if "io" not in skip:
@@ -336,6 +357,7 @@ def main():
                         f"background {r['background_pct']:.0f}%")
                     return r
                 nvme[label], raw[f"nvme {label}"] = alternate(args, daemons, run)
+                save()
         if "nbd" in protocols and "io" not in skip:
             for label, rw, bs, qd, rand in WORKLOADS:
                 def run(name):
@@ -345,6 +367,7 @@ def main():
                         f"background {r['background_pct']:.0f}%")
                     return r
                 nbd[label], raw[f"nbd {label}"] = alternate(args, daemons, run)
+                save()
         for proto in [] if "handshakes" in skip else protocols:
             def run(name):
                 d = daemons[name]
@@ -353,6 +376,7 @@ def main():
                 log(f"{proto} handshakes {name}: {r}")
                 return r
             shakes[proto], raw[f"{proto} handshakes"] = alternate(args, daemons, run)
+            save()
     finally:
         for d in daemons.values():
             d.stop()
@@ -363,13 +387,7 @@ def main():
         with open(secret) as f:
             if f.read().strip().split(":")[-2 if secret == key_path else -1] in tls_log:
                 raise RuntimeError(f"the key in {secret} appears in the daemon's log")
-    os.makedirs(os.path.join(PERF_DIR, "results"), exist_ok=True)
-    path = os.path.join(PERF_DIR, "results", time.strftime("tls-%Y%m%d-%H%M%S.json"))
-    with open(path, "w") as f:
-        json.dump({"binary": args.binary, "perf_binary": args.perf_binary, "reps": args.reps,
-                   "runtime": args.runtime, "poll_us": args.poll_us, "kernel_tls": kernel_tls,
-                   "tls_groups": args.tls_groups,
-                   "nvme": nvme, "nbd": nbd, "handshakes": shakes, "runs": raw}, f, indent=1)
+    save(kernel_tls=kernel_tls)
     print(f"TLS records in {'the kernel (kTLS)' if kernel_tls else 'OpenSSL (no kTLS)'}; "
           f"medians of {args.reps} x {args.runtime} s; "
           f"--poll-us {'default' if args.poll_us is None else args.poll_us}")

@@ -104,6 +104,7 @@ fn round_trips(addr: SocketAddr, o: &QueueOptions, seed: u64) {
         assert!(q.poll().unwrap().ok());
     }
     q.disconnect().unwrap();
+    assert!(q.conn_mut().wait_closed(TIMEOUT), "Disconnect closes the queue, TLS and all");
     admin.keep_alive().unwrap();
 }
 

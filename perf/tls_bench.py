@@ -199,17 +199,17 @@ def prefill(args, daemon, tls):
 
 
 def nvme_handshakes(args, daemon, tls):
-    c0 = daemon.cpu_s()
+    w = Window(daemon)
     out = subprocess.run(perf_cmd(args, daemon, tls) + ["--handshakes", str(args.handshakes)],
                          capture_output=True, text=True, timeout=600)
-    server = daemon.cpu_s() - c0
+    server, background, _ = w.close(args.handshakes)
     if out.returncode != 0:
         raise RuntimeError(f"ballast-perf --handshakes failed: {out.stderr[-800:]}")
     r = json.loads(out.stdout)
     return {"handshakes_per_s": r["per_second"],
             "server_cpu_us_per_handshake": server * 1e6 / args.handshakes,
             "client_cpu_us_per_handshake": (r["usr_cpu_s"] + r["sys_cpu_s"]) * 1e6
-            / args.handshakes}
+            / args.handshakes, "background_pct": background}
 
 
 def run_client(args, daemon, rw, bs, qd, rand):
@@ -230,18 +230,20 @@ def run_client(args, daemon, rw, bs, qd, rand):
 
 
 def nbd_handshakes(args, daemon):
-    c0 = daemon.cpu_s()
+    w = Window(daemon)
     out = subprocess.run(["taskset", "-c", str(args.client_cpu), "/usr/bin/python3", "-c",
                           HANDSHAKES, daemon.nbd_uri, str(args.handshakes)],
                          capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"handshake loop failed: {out.stderr[-800:]}")
+    server, background, _ = w.close(args.handshakes)
     rate, failed = out.stdout.split()
     if int(failed):
         log(f"nbd handshakes: {failed} of {args.handshakes} shutdowns failed: "
             f"{out.stderr.strip().splitlines()[-1]}")
     return {"handshakes_per_s": float(rate), "failed_shutdowns": int(failed),
-            "server_cpu_us_per_handshake": (daemon.cpu_s() - c0) * 1e6 / args.handshakes}
+            "server_cpu_us_per_handshake": server * 1e6 / args.handshakes,
+            "background_pct": background}
 
 
 def alternate(args, daemons, run):
@@ -295,6 +297,8 @@ def main():
     ap.add_argument("--tls-groups", help="ballast-perf --tls-groups (default: the Linux host's, "
                     "secp384r1 first)")
     ap.add_argument("--poll-us", type=int, help="both daemons' --poll-us (default: theirs)")
+    ap.add_argument("--daemon-args", default="",
+                    help="more `ballast serve` arguments for both daemons, e.g. '--offload-threads 0'")
     ap.add_argument("--skip", default="", help="io and/or handshakes (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="tiny inputs: a test of this script")
     args = ap.parse_args()
@@ -307,6 +311,7 @@ def main():
     if skip - {"io", "handshakes"}:
         ap.error("--skip takes io and/or handshakes")
     poll = [] if args.poll_us is None else ["--poll-us", str(args.poll_us)]
+    poll += args.daemon_args.split()
     scratch = tempfile.mkdtemp(prefix="tls-bench.")
     psk = os.path.join(scratch, "keys.psk")
     with open(psk, "w") as f:
@@ -341,6 +346,7 @@ def main():
         with open(path, "w") as f:
             json.dump({"binary": args.binary, "perf_binary": args.perf_binary,
                        "reps": args.reps, "runtime": args.runtime, "poll_us": args.poll_us,
+                       "daemon_args": args.daemon_args,
                        "tls_groups": args.tls_groups, **extra, "nvme": nvme, "nbd": nbd,
                        "handshakes": shakes, "runs": raw}, f, indent=1)
     try:
@@ -390,7 +396,8 @@ def main():
     save(kernel_tls=kernel_tls)
     print(f"TLS records in {'the kernel (kTLS)' if kernel_tls else 'OpenSSL (no kTLS)'}; "
           f"medians of {args.reps} x {args.runtime} s; "
-          f"--poll-us {'default' if args.poll_us is None else args.poll_us}")
+          f"--poll-us {'default' if args.poll_us is None else args.poll_us}"
+          + (f"; daemons with {args.daemon_args}" if args.daemon_args else ""))
     print()
     if nvme:
         table("NVMe/TCP (ballast-perf)", nvme, {k: raw[f"nvme {k}"] for k in nvme})
@@ -412,6 +419,12 @@ def main():
         print(f"| {names[proto]} | {p['handshakes_per_s']:,.0f} / {t['handshakes_per_s']:,.0f} | "
               f"{p['server_cpu_us_per_handshake']:.0f} / {t['server_cpu_us_per_handshake']:.0f} | "
               f"{ratio} | {client} |")
+    if shakes:
+        bg = [x["background_pct"] for proto in shakes for v in raw[f"{proto} handshakes"].values()
+              for x in v]
+        print()
+        print(f"Other processes' CPU during these runs: median {statistics.median(bg):.0f}%, "
+              f"max {max(bg):.0f}% of a CPU.")
     log(f"results: {path}")
 
 

@@ -298,7 +298,8 @@ def main():
                     "secp384r1 first)")
     ap.add_argument("--poll-us", type=int, help="both daemons' --poll-us (default: theirs)")
     ap.add_argument("--daemon-args", default="",
-                    help="more `ballast serve` arguments for both daemons, e.g. '--offload-threads 0'")
+                    help="more `ballast serve` arguments for both daemons "
+                    "(e.g. '--offload-threads 0')")
     ap.add_argument("--skip", default="", help="io and/or handshakes (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="tiny inputs: a test of this script")
     args = ap.parse_args()

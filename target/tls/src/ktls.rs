@@ -20,6 +20,8 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
+use parking_lot::Mutex;
+
 use ballast_ffi::ktls::{self as sys, KtlsCipher, KtlsError, KtlsKeys, KtlsVersion};
 use hkdf::Hkdf;
 use hmac::digest::KeyInit;
@@ -104,11 +106,12 @@ impl RecordCounter {
     }
 }
 
-/// A session's application traffic secrets, as the handshake derives them.
+/// A session's application traffic secrets, as the handshake derives them, until the kernel
+/// has the keys or the session will never go there (`forget`).
 #[derive(Default)]
 pub struct Secrets {
-    client: OnceLock<Zeroizing<Vec<u8>>>,
-    server: OnceLock<Zeroizing<Vec<u8>>>,
+    client: Mutex<Option<Zeroizing<Vec<u8>>>>,
+    server: Mutex<Option<Zeroizing<Vec<u8>>>>,
 }
 
 impl Secrets {
@@ -123,8 +126,14 @@ impl Secrets {
         };
         let Some(hex) = parts.nth(1) else { return };
         if let Some(secret) = unhex(hex) {
-            let _ = slot.set(secret);
+            slot.lock().get_or_insert(secret);
         }
+    }
+
+    /// Drops (and zeroes) both secrets: nothing will derive keys from them any more.
+    pub(crate) fn forget(&self) {
+        self.client.lock().take();
+        self.server.lock().take();
     }
 }
 
@@ -312,7 +321,8 @@ pub(crate) fn kernel_keys(ssl: &SslRef, at: Position) -> Result<KernelKeys, Refu
     match ssl.version2() {
         Some(SslVersion::TLS1_3) => {
             let secrets = ssl.ex_data(secrets_index()).ok_or(Refusal::NoSecrets)?;
-            let (Some(client), Some(server)) = (secrets.client.get(), secrets.server.get()) else {
+            let (client, server) = (secrets.client.lock(), secrets.server.lock());
+            let (Some(client), Some(server)) = (client.as_ref(), server.as_ref()) else {
                 return Err(Refusal::NoSecrets);
             };
             let rx = DirectionKeys::derive(hash, cipher, client, at.rx_records)
@@ -474,10 +484,16 @@ mod tests {
         s.record("CLIENT_HANDSHAKE_TRAFFIC_SECRET 00 aabb");
         s.record("CLIENT_TRAFFIC_SECRET_0 00 0102");
         s.record("SERVER_TRAFFIC_SECRET_0 00 zz");
-        assert_eq!(s.client.get().map(|v| v.to_vec()), Some(vec![1, 2]));
-        assert!(s.server.get().is_none(), "bad hex is ignored");
+        assert_eq!(s.client.lock().as_ref().map(|v| v.to_vec()), Some(vec![1, 2]));
+        assert!(s.server.lock().is_none(), "bad hex is ignored");
         s.record("CLIENT_TRAFFIC_SECRET_0 00 0304");
-        assert_eq!(s.client.get().map(|v| v.to_vec()), Some(vec![1, 2]), "the first is kept");
+        assert_eq!(
+            s.client.lock().as_ref().map(|v| v.to_vec()),
+            Some(vec![1, 2]),
+            "the first is kept"
+        );
+        s.forget();
+        assert!(s.client.lock().is_none() && s.server.lock().is_none());
     }
 
     fn records(lens: &[u16]) -> Vec<u8> {

@@ -280,25 +280,30 @@ pub fn offload_to_kernel(
         Handoff::NotYet => Ok(false),
         Handoff::Never(why) => {
             l.kernel_wanted = false;
+            session.forget_secrets();
             tracing::debug!(%why, tls = %l.describe(), "TLS records stay in userspace");
             Ok(false)
         }
-        Handoff::Ready(keys) => match keys.install(fd) {
-            Installed::Yes => {
-                tracing::debug!(tls = %l.describe(), ?keys, "TLS records handed to the kernel");
-                l.release(cx);
-                *link = None;
-                Ok(true)
+        Handoff::Ready(keys) => {
+            // The keys are derived: the secrets they came from are no longer needed.
+            session.forget_secrets();
+            match keys.install(fd) {
+                Installed::Yes => {
+                    tracing::debug!(tls = %l.describe(), ?keys, "TLS records handed to the kernel");
+                    l.release(cx);
+                    *link = None;
+                    Ok(true)
+                }
+                Installed::No(e) => {
+                    tracing::debug!(error = %e, "TLS records stay in userspace");
+                    l.kernel_wanted = false;
+                    Ok(false)
+                }
+                Installed::Half(e) => {
+                    l.kernel_wanted = false;
+                    Err(TlsError::Setup(e.to_string()))
+                }
             }
-            Installed::No(e) => {
-                tracing::debug!(error = %e, "TLS records stay in userspace");
-                l.kernel_wanted = false;
-                Ok(false)
-            }
-            Installed::Half(e) => {
-                l.kernel_wanted = false;
-                Err(TlsError::Setup(e.to_string()))
-            }
-        },
+        }
     }
 }

@@ -314,6 +314,14 @@ impl TlsSession {
         }
     }
 
+    /// The session will not go to the kernel (or already has its keys): its captured traffic
+    /// secrets are dropped and zeroed now rather than with the session.
+    pub fn forget_secrets(&self) {
+        if let Some(secrets) = self.stream.ssl().ex_data(ktls::secrets_index()) {
+            secrets.forget();
+        }
+    }
+
     fn check_open(&mut self) -> Result<(), TlsError> {
         if self.state == State::Handshaking && self.stream.ssl().is_init_finished() {
             self.state = State::Open;

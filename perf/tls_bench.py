@@ -24,13 +24,15 @@ Disconnect: `ballast-perf --handshakes`) and NBD connects (NBD_OPT_GO, disconnec
 and server CPU per handshake.
 
 Results: JSON under perf/results/ and Markdown tables on stdout. The machines are noisy: compare
-ratios, not absolute numbers. --quick: tiny inputs, a test of the script.
+ratios, not absolute numbers. --quick: tiny inputs, a test of the script. The scratch directory
+(keys, daemon logs) is removed at the end unless KEEP=1.
 """
 
 import argparse
 import base64
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -395,6 +397,10 @@ def main():
             if f.read().strip().split(":")[-2 if secret == key_path else -1] in tls_log:
                 raise RuntimeError(f"the key in {secret} appears in the daemon's log")
     save(kernel_tls=kernel_tls)
+    if os.environ.get("KEEP"):
+        log(f"kept {scratch} (keys, daemon logs)")
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
     print(f"TLS records in {'the kernel (kTLS)' if kernel_tls else 'OpenSSL (no kTLS)'}; "
           f"medians of {args.reps} x {args.runtime} s; "
           f"--poll-us {'default' if args.poll_us is None else args.poll_us}"

@@ -10,19 +10,9 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 . /guest/params
 B=/guest/ballast
 A=127.0.0.1
-failed=0
-pass() { echo "PASS: $*"; }
-fail() { echo "FAIL: $*"; failed=$((failed + 1)); }
-connected() { nvme list-subsys 2>/dev/null | grep -q "NQN=$1"; }
-dev_of() { for c in /sys/class/nvme/nvme*; do
-  [ "$(cat "$c/subsysnqn" 2>/dev/null)" = "$1" ] && ls -d "$c"/nvme*n1 2>/dev/null | head -1 | xargs -r basename; done | head -1; }
+. /guest/guest-lib.sh
 tls_stat() { awk -v k="$1" '$1 == k { print $2 }' /proc/net/tls_stat; }
 handed() { grep -c "records handed to the kernel (kTLS)" /tmp/ballast.log; }
-fio_verify() {
-  fio --name=v --filename="/dev/$1" --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-128k \
-      --iodepth=8 --size=16m --verify=crc32c --do_verify=1 --output=/tmp/fio.out >/dev/null 2>&1 \
-    || { tail -5 /tmp/fio.out; return 1; }
-}
 nbd_size() { cat /sys/block/nbd0/size 2>/dev/null || echo 0; }
 start() {   # start EXTRA-FLAGS...: ballast on 127.0.0.1 with TLS required on both protocols
   mkdir -p /tmp/d
@@ -40,7 +30,7 @@ nvme_round() {   # nvme_round WHAT: connect over TLS, fio verify, disconnect
   if timeout 120 nvme connect -t tcp -a $A -s 4420 -n "$VOL0" --hostnqn="$HOSTNQN" --hostid="$HOSTID" --tls > /tmp/connect.out 2>&1; then
     pass "$1: nvme connect --tls"
     sleep 1; d=$(dev_of "$VOL0")
-    if [ -n "$d" ] && fio_verify "$d"; then pass "$1: fio verify over TLS"; else fail "$1: fio verify over TLS on '$d'"; fi
+    if [ -n "$d" ] && fio_verify "$d" 128k 16m; then pass "$1: fio verify over TLS"; else fail "$1: fio verify over TLS on '$d'"; fi
     nvme disconnect -n "$VOL0" >/dev/null 2>&1; sleep 0.5
   else fail "$1: nvme connect --tls"; cat /tmp/connect.out; tail -5 /tmp/ballast.log; fi
 }

@@ -7,19 +7,9 @@
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 . /guest/params
 A=10.0.2.2
-failed=0
-pass() { echo "PASS: $*"; }
-fail() { echo "FAIL: $*"; failed=$((failed + 1)); }
-connected() { nvme list-subsys 2>/dev/null | grep -q "NQN=$1"; }
-dev_of() { for c in /sys/class/nvme/nvme*; do
-  [ "$(cat "$c/subsysnqn" 2>/dev/null)" = "$1" ] && ls -d "$c"/nvme*n1 2>/dev/null | head -1 | xargs -r basename; done | head -1; }
+. /guest/guest-lib.sh
 connect() { timeout 120 nvme connect -t tcp -a $A -n "$VOL0" --hostid="$HOSTID" "$@" > /tmp/connect.out 2>&1; }
 disconnect() { nvme disconnect -n "$VOL0" >/dev/null 2>&1; sleep 0.5; ! connected "$VOL0"; }
-fio_verify() {
-  fio --name=v --filename="/dev/$1" --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-64k \
-      --iodepth=8 --size=8m --verify=crc32c --do_verify=1 --output=/tmp/fio.out >/dev/null 2>&1 \
-    || { tail -5 /tmp/fio.out; return 1; }
-}
 auth_ok() {   # auth_ok LABEL EXPECT ARGS...: connect must succeed, the kernel log name EXPECT, fio verify
   label=$1 expect=$2; shift 2
   dmesg -C

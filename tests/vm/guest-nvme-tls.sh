@@ -7,22 +7,12 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 . /guest/params
 A=10.0.2.2
 DISC=nqn.2014-08.org.nvmexpress.discovery
-failed=0
-pass() { echo "PASS: $*"; }
-fail() { echo "FAIL: $*"; failed=$((failed + 1)); }
-connected() { nvme list-subsys 2>/dev/null | grep -q "NQN=$1"; }
-dev_of() { for c in /sys/class/nvme/nvme*; do
-  [ "$(cat "$c/subsysnqn" 2>/dev/null)" = "$1" ] && ls -d "$c"/nvme*n1 2>/dev/null | head -1 | xargs -r basename; done | head -1; }
+. /guest/guest-lib.sh
 connect() { timeout 90 nvme connect -t tcp -a $A "$@" > /tmp/connect.out 2>&1; }
 disconnect() { nvme disconnect -n "$1" >/dev/null 2>&1; sleep 0.5; ! connected "$1"; }
 insert() {   # insert HOSTNQN SUBNQN KEY
   nvme check-tls-key --hostnqn="$1" --subsysnqn="$2" --keydata="$3" --insert > /tmp/insert.out 2>&1 \
     || { cat /tmp/insert.out; return 1; }
-}
-fio_verify() {
-  fio --name=v --filename="/dev/$1" --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-64k \
-      --iodepth=8 --size=8m --verify=crc32c --do_verify=1 --output=/tmp/fio.out >/dev/null 2>&1 \
-    || { tail -5 /tmp/fio.out; return 1; }
 }
 echo "guest: kernel $(uname -r), $(nvme version | head -1)"
 

@@ -13,3 +13,16 @@ secret() {
 k=os.urandom(int(sys.argv[2]))
 print("%s:%s:%s:" % (sys.argv[1], sys.argv[3], base64.b64encode(k + zlib.crc32(k).to_bytes(4, "little")).decode()))' "$1" "$2" "$3"
 }
+# run_guest DEFAULT_TIMEOUT GUEST_SCRIPT [FILE...]: boots the guest (run.sh) with the script and
+# files, under BALLAST_VM_TIMEOUT (default DEFAULT_TIMEOUT s); its console goes to $work/console;
+# prints the guest's PASS/FAIL/"guest:" lines, adds them to the counts and checks it finished.
+run_guest() {
+  local t=${BALLAST_VM_TIMEOUT:-$1} grc; shift
+  timeout $((t + 60)) env BALLAST_VM_TIMEOUT="$t" "$here/run.sh" "$@" > "$work/console" 2>&1
+  grc=$?
+  grep -a '^PASS: \|^FAIL: \|^guest: ' "$work/console"
+  npass=$((npass + $(grep -ac '^PASS: ' "$work/console")))
+  nfail=$((nfail + $(grep -ac '^FAIL: ' "$work/console")))
+  grep -aq '^GUEST-DONE' "$work/console" && pass "guest finished (exit $grc)" \
+    || { fail "guest finished"; tail -40 "$work/console"; }
+}

@@ -38,7 +38,7 @@ esac
 command -v qemu-system-x86_64 >/dev/null || { echo "run.sh: qemu-system-x86_64 missing (run build.sh)" >&2; exit 2; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-vm.XXXXXX"); trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/guest"; cp "$script" "$work/guest/script.sh"
+mkdir -p "$work/guest"; cp "$script" "$work/guest/script.sh"; cp "$here/guest-lib.sh" "$work/guest/"
 for f in "$@"; do cp "$f" "$work/guest/"; done
 (cd "$work" && find guest | cpio -o -H newc --quiet | gzip -1 > "$work/extra.cpio.gz")
 cat "$DIR/$base" "$work/extra.cpio.gz" > "$work/initrd.gz"

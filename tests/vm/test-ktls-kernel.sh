@@ -34,14 +34,7 @@ HOSTID=6f1c3c52-0b1e-4c52-9d1c-7e1d1a3d00f1
 VOL0=nqn.2026-11.dev.ballast:vol0
 K256=$(secret NVMeTLSkey-1 32 01)
 P
-timeout $((${BALLAST_VM_TIMEOUT:-600} + 60)) env BALLAST_VM_TIMEOUT=${BALLAST_VM_TIMEOUT:-600} \
-  "$here/run.sh" "$here/guest-ktls.sh" "$work/ballast" "$work/params" "$p/ca.pem" "$p/server.pem" \
-  "$p/server.key" "$p/client.pem" "$p/client.key" > "$work/console" 2>&1
-grc=$?
-grep -a '^PASS: \|^FAIL: \|^guest: ' "$work/console"
-npass=$((npass + $(grep -ac '^PASS: ' "$work/console")))
-nfail=$((nfail + $(grep -ac '^FAIL: ' "$work/console")))
-grep -aq '^GUEST-DONE' "$work/console" && pass "guest finished (exit $grc)" || { fail "guest finished"; tail -40 "$work/console"; }
+run_guest 600 "$here/guest-ktls.sh" "$work/ballast" "$work/params" "$p/ca.pem" "$p/server.pem" "$p/server.key" "$p/client.pem" "$p/client.key"
 echo "=== $npass passed, $nfail failed"
 if ((nfail)) || [[ -n ${KEEP:-} ]]; then echo "logs kept in $work"; else rm -rf "$work"; fi
 ((nfail == 0))

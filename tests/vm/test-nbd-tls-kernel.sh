@@ -37,14 +37,7 @@ for _ in $(seq 100); do listening "$port" && break; sleep 0.2; done
 listening "$port" && pass "ballast listening with --nbd-tls require" || { fail "ballast listening"; tail "$work/server.log"; }
 
 echo "NBD_PORT=$port" > "$work/params"
-timeout $((${BALLAST_VM_TIMEOUT:-300} + 60)) env BALLAST_VM_TIMEOUT=${BALLAST_VM_TIMEOUT:-300} \
-  "$here/run.sh" "$here/guest-nbd-tls.sh" "$work/params" "$p/ca.pem" "$p/client.pem" \
-  "$p/client.key" "$p/other.pem" "$p/other.key" > "$work/console" 2>&1
-grc=$?
-grep -a '^PASS: \|^FAIL: ' "$work/console"
-npass=$((npass + $(grep -ac '^PASS: ' "$work/console")))
-nfail=$((nfail + $(grep -ac '^FAIL: ' "$work/console")))
-grep -aq '^GUEST-DONE' "$work/console" && pass "guest finished (exit $grc)" || { fail "guest finished"; tail -30 "$work/console"; }
+run_guest 300 "$here/guest-nbd-tls.sh" "$work/params" "$p/ca.pem" "$p/client.pem" "$p/client.key" "$p/other.pem" "$p/other.key"
 grep -q 'TLS established.*identity="\?guest' "$work/server.log" && pass "server log: TLS established for identity guest" \
   || fail "server log shows the TLS identity"
 if kill -TERM "$spid" && wait "$spid"; then pass "server exits 0 after SIGTERM"; else fail "server exit status"; fi

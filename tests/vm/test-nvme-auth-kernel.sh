@@ -70,13 +70,7 @@ C512=$C512
 WRONG=$WRONG
 PSK=$PSK
 P
-timeout $((${BALLAST_VM_TIMEOUT:-480} + 60)) env BALLAST_VM_TIMEOUT=${BALLAST_VM_TIMEOUT:-480} \
-  "$here/run.sh" "$here/guest-nvme-auth.sh" "$work/params" > "$work/console" 2>&1
-grc=$?
-grep -a '^PASS: \|^FAIL: \|^guest: ' "$work/console"
-npass=$((npass + $(grep -ac '^PASS: ' "$work/console")))
-nfail=$((nfail + $(grep -ac '^FAIL: ' "$work/console")))
-grep -aq '^GUEST-DONE' "$work/console" && pass "guest finished (exit $grc)" || { fail "guest finished"; tail -30 "$work/console"; }
+run_guest 480 "$here/guest-nvme-auth.sh" "$work/params"
 grep -q 'DH-HMAC-CHAP: queue authenticated' "$work/server.log" && pass "server log: queues authenticated" || fail "server log shows authentication"
 grep 'DH-HMAC-CHAP: queue authenticated' "$work/server.log" | grep -q 'qid=[1-9]' \
   && pass "server log: I/O queues authenticated too" || fail "server log shows I/O queues authenticating"

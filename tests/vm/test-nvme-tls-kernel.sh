@@ -57,13 +57,7 @@ K256=$K256
 K384=$K384
 KWRONG=$KWRONG
 P
-timeout $((${BALLAST_VM_TIMEOUT:-420} + 60)) env BALLAST_VM_TIMEOUT=${BALLAST_VM_TIMEOUT:-420} \
-  "$here/run.sh" "$here/guest-nvme-tls.sh" "$work/params" > "$work/console" 2>&1
-grc=$?
-grep -a '^PASS: \|^FAIL: \|^guest: ' "$work/console"
-npass=$((npass + $(grep -ac '^PASS: ' "$work/console")))
-nfail=$((nfail + $(grep -ac '^FAIL: ' "$work/console")))
-grep -aq '^GUEST-DONE' "$work/console" && pass "guest finished (exit $grc)" || { fail "guest finished"; tail -30 "$work/console"; }
+run_guest 420 "$here/guest-nvme-tls.sh" "$work/params"
 grep -q 'NVMe/TCP TLS established' "$work/server.log" && pass "server log: TLS established" || fail "server log shows TLS"
 for k in K256 K384; do grep -q "${!k}" "$work/server.log" && fail "the $k key appears in the server log"; done
 if kill -TERM "$spid" && wait "$spid"; then pass "server exits 0 after SIGTERM"; else fail "server exit status"; fi

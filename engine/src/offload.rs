@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 /// A job: the work, then its wake-up.
 pub type Job = Box<dyn FnOnce() + Send>;
@@ -64,6 +64,21 @@ impl Offload {
 
     pub fn threads(&self) -> usize {
         self.threads.len()
+    }
+}
+
+/// A value whose computation was handed to an offload thread ([`crate::Cx::offload_with`]):
+/// it comes back through `take` once the task's tag completed.
+pub struct Away<T>(Receiver<T>);
+
+impl<T> Away<T> {
+    pub(crate) fn new(rx: Receiver<T>) -> Away<T> {
+        Away(rx)
+    }
+
+    /// The result, once the tag completed; None if the work panicked.
+    pub fn take(self) -> Option<T> {
+        self.0.try_recv().ok()
     }
 }
 

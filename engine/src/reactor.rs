@@ -43,7 +43,7 @@ use ballast_ffi::{Completion, DevRing, DevRingMode, IoBuf, NvmeIo, NvmeNs, Op, O
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use slab::Slab;
 
-use crate::offload::Offload;
+use crate::offload::{Away, Offload};
 use crate::poll::PollPolicy;
 use crate::pool::BufPool;
 use crate::stats::{CoreStats, StatsSnapshot};
@@ -437,6 +437,23 @@ impl Cx<'_> {
                 job();
             }
         }
+    }
+
+    /// [`Cx::offload`] for work that produces a value: `tag` completes once the value is
+    /// ready, and the returned [`Away`] hands it over.
+    pub fn offload_with<T: Send + 'static>(
+        &mut self,
+        tag: u32,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Away<T> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.offload(
+            tag,
+            Box::new(move || {
+                let _ = tx.send(work());
+            }),
+        );
+        Away::new(rx)
     }
 
     /// Starts a task on this core (after the current event).

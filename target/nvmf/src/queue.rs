@@ -40,12 +40,12 @@ use std::time::{Duration, Instant};
 
 use ballast_engine::holder::Holder;
 use ballast_engine::limits::{ConnGuard, Progress};
+use ballast_engine::offload::Away;
 use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{Cx, IoBuf, IoCmd, Owned, Task};
 use ballast_tls::{offload_to_kernel, Pump, TlsLink, TlsSession};
-use crossbeam_channel::Receiver;
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
@@ -184,7 +184,7 @@ pub struct Queue {
     /// DH-HMAC-CHAP for this queue, when its host must authenticate to its subsystem.
     auth: Option<Box<QueueAuth>>,
     /// An authentication step running off the core (its result comes back here).
-    auth_away: Option<Receiver<(Box<QueueAuth>, AuthStep)>>,
+    auth_away: Option<Away<(Box<QueueAuth>, AuthStep)>>,
 }
 
 impl Queue {
@@ -808,34 +808,24 @@ impl Queue {
         };
         // The step's modular exponentiation (DH) costs milliseconds: off the core with it;
         // the queue stays unauthenticated meanwhile (`auth_pending`).
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.auth_away = Some(rx);
         let (cid, payload) = (sqe.cid, data.to_vec());
-        cx.offload(
-            TAG_AUTH_WORK,
-            Box::new(move || {
-                let was_authenticated = auth.is_authenticated();
-                let action = match command {
-                    AuthCommand::Send { .. } => auth.on_event(Event::Send(&payload)),
-                    AuthCommand::Receive { allocation_len } => {
-                        auth.on_event(Event::Receive { allocation_len: allocation_len as usize })
-                    }
-                };
-                let step = AuthStep {
-                    cid,
-                    receive: matches!(command, AuthCommand::Receive { .. }),
-                    was_authenticated,
-                    action,
-                };
-                let _ = tx.send((auth, step));
-            }),
-        );
+        self.auth_away = Some(cx.offload_with(TAG_AUTH_WORK, move || {
+            let was_authenticated = auth.is_authenticated();
+            let action = match command {
+                AuthCommand::Send { .. } => auth.on_event(Event::Send(&payload)),
+                AuthCommand::Receive { allocation_len } => {
+                    auth.on_event(Event::Receive { allocation_len: allocation_len as usize })
+                }
+            };
+            let receive = matches!(command, AuthCommand::Receive { .. });
+            (auth, AuthStep { cid, receive, was_authenticated, action })
+        }));
     }
 
     /// An authentication step came back from the offload thread: answer its command.
     fn on_auth_done(&mut self, cx: &mut Cx<'_>) {
         let back = self.auth_away.take().expect("authentication step completion without one away");
-        let Ok((auth, step)) = back.try_recv() else {
+        let Some((auth, step)) = back.take() else {
             // The step died with the state machine (a panic on the offload thread).
             tracing::warn!(peer = %self.peer, qid = self.qid, "DH-HMAC-CHAP step lost; closing");
             self.close_read();

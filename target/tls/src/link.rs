@@ -21,11 +21,11 @@
 
 use std::os::fd::RawFd;
 
+use ballast_engine::offload::Away;
 use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::{Cx, IoBuf};
 use ballast_ffi::Op;
-use crossbeam_channel::Receiver;
 
 use crate::config::Identity;
 use crate::ktls::Installed;
@@ -51,7 +51,7 @@ pub enum Pump {
 }
 
 /// A handshake step's result coming back from an offload thread.
-type Returning = Receiver<(Box<TlsSession>, Result<(), TlsError>)>;
+type Returning = Away<(Box<TlsSession>, Result<(), TlsError>)>;
 
 pub struct TlsLink {
     /// None while a handshake step runs off the core (`away`).
@@ -114,15 +114,10 @@ impl TlsLink {
         if session.is_handshaking() && !self.recv_inflight {
             // Key exchange and signatures cost milliseconds: off the core with them.
             let mut session = self.session.take().expect("session present");
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            self.away = Some(rx);
-            cx.offload(
-                self.work_tag,
-                Box::new(move || {
-                    let result = session.handshake();
-                    let _ = tx.send((session, result));
-                }),
-            );
+            self.away = Some(cx.offload_with(self.work_tag, move || {
+                let result = session.handshake();
+                (session, result)
+            }));
             return Pump::Idle;
         }
         let mut outcome = Ok(ReadOutcome::WantInput);
@@ -149,8 +144,8 @@ impl TlsLink {
     /// A handshake step run off the core came back (the connection's `work_tag` completed).
     pub fn on_work_done(&mut self) {
         let back = self.away.take().expect("handshake step completion without one away");
-        match back.try_recv() {
-            Ok((session, result)) => {
+        match back.take() {
+            Some((session, result)) => {
                 self.session = Some(session);
                 if let Err(e) = result {
                     self.failed = Some(e);
@@ -158,7 +153,7 @@ impl TlsLink {
             }
             // The step died with the session (a panic on the offload thread): the
             // connection ends.
-            Err(_) => self.failed = Some(TlsError::Setup("the handshake step was lost".into())),
+            None => self.failed = Some(TlsError::Setup("the handshake step was lost".into())),
         }
     }
 

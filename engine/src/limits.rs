@@ -13,6 +13,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use std::os::fd::{AsFd, AsRawFd};
+
+/// Drops a connection that broke a deadline: its receives and sends in flight fail now, and
+/// when the socket is closed the kernel resets the connection (linger 0) instead of keeping
+/// the unsent replies queued behind a FIN that a client which never reads would never let
+/// through — the socket's memory returns at once and the client sees the reset.
+pub fn abort_socket(fd: &impl AsFd) {
+    use nix::sys::socket::{setsockopt, shutdown, sockopt, Shutdown};
+    let hard = libc::linger { l_onoff: 1, l_linger: 0 };
+    let _ = setsockopt(fd, sockopt::Linger, &hard);
+    let _ = shutdown(fd.as_fd().as_raw_fd(), Shutdown::Both);
+}
 
 /// The limits every connection lives under.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use ballast_ffi::{IoBuf, Owned};
 use ballast_volume::locks::Waiter;
+use ballast_volume::meta::Encoded;
 use ballast_volume::request::{Buf, Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -42,6 +43,7 @@ use super::meta::{PoolMeta, PIECE};
 use super::pool::{checkpoint_sync, commit_sync, Pool, PoolError, PoolGeometry, SyncDisk};
 use crate::blockdev::{push_extent, BlockDev, DevInfo, Extent, IoCmd};
 use crate::file::FileDev;
+use crate::offload::Away;
 use crate::reactor::{CoreHandle, Cx, Msg, Task};
 
 /// The longest a pending record waits for a commit when no client flushes, by default.
@@ -307,15 +309,7 @@ impl PoolHandle {
         let checkpoint = matches!(cmd, Cmd::Checkpoint);
         if let Some(cores) = self.cores.get() {
             let (tx, rx) = crossbeam_channel::bounded(1);
-            let io = VolumeIo {
-                pool: Arc::clone(self),
-                vol: 0,
-                reply: Reply::Channel(tx),
-                cmd: Some(cmd),
-                req: None,
-                out: Vec::new(),
-                woken: Vec::new(),
-            };
+            let io = VolumeIo::new(Arc::clone(self), 0, Reply::Channel(tx), cmd);
             let spawn = move |_cx: &mut Cx<'_>| Box::new(io) as Box<dyn Task>;
             if cores[0].send_blocking(Msg::Spawn(Box::new(spawn))) {
                 return match rx.recv_timeout(QUIESCE_TIMEOUT) {
@@ -471,15 +465,8 @@ impl BlockDev for VolumeDev {
             IoCmd::Discard { offset, len } => Cmd::Discard { offset, len },
             IoCmd::WriteZeroes { offset, len, .. } => Cmd::WriteZeroes { offset, len },
         };
-        cx.spawn_local(Box::new(VolumeIo {
-            pool: Arc::clone(&self.pool),
-            vol: self.id,
-            reply: Reply::Task(cx.task(), tag),
-            cmd: Some(cmd),
-            req: None,
-            out: Vec::new(),
-            woken: Vec::new(),
-        }));
+        let reply = Reply::Task(cx.task(), tag);
+        cx.spawn_local(Box::new(VolumeIo::new(Arc::clone(&self.pool), self.id, reply, cmd)));
     }
 
     fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
@@ -498,6 +485,8 @@ impl BlockDev for VolumeDev {
 
 /// The tag of a parked request's wake-up.
 const TAG_WAKE: u32 = u32::MAX;
+/// The tag of a checkpoint's encoding, done on an offload thread.
+const TAG_ENCODE: u32 = u32::MAX - 1;
 
 /// An [`IoBuf`] as the volume core's buffer.
 pub struct DevBuf(pub IoBuf);
@@ -561,6 +550,8 @@ struct VolumeIo {
     req: Option<Request<DevBuf>>,
     out: Vec<Issue<DevBuf>>,
     woken: Vec<Waiter>,
+    /// A checkpoint's encoding away on an offload thread, and the tag the request gave it.
+    encoding: Option<(u32, Away<Encoded>)>,
 }
 
 /// Who gets a request's result.
@@ -578,9 +569,23 @@ enum Event {
     Start,
     Wake,
     Completion(u32, i32, Option<DevBuf>),
+    Encoded(u32, Encoded),
 }
 
 impl VolumeIo {
+    fn new(pool: Arc<PoolHandle>, vol: u32, reply: Reply, cmd: Cmd<DevBuf>) -> VolumeIo {
+        VolumeIo {
+            pool,
+            vol,
+            reply,
+            cmd: Some(cmd),
+            req: None,
+            out: Vec::new(),
+            woken: Vec::new(),
+            encoding: None,
+        }
+    }
+
     fn step(&mut self, cx: &mut Cx<'_>, ev: Event) {
         let req = self.req.as_mut().expect("started");
         let (outcome, background, timer, failure) = {
@@ -593,6 +598,7 @@ impl VolumeIo {
                 Event::Completion(tag, result, buf) => {
                     req.on_completion(&mut ctx, tag, result, buf)
                 }
+                Event::Encoded(tag, encoded) => req.on_encoded(&mut ctx, tag, encoded),
             };
             meta.take_woken(&mut self.woken);
             let done = matches!(outcome, Outcome::Done { .. });
@@ -606,6 +612,13 @@ impl VolumeIo {
                 DiskOp::Read { offset, buf } => IoCmd::Read { offset, buf: buf.0 },
                 DiskOp::Write { offset, buf, fua } => IoCmd::Write { offset, buf: buf.0, fua },
                 DiskOp::Flush => IoCmd::Flush,
+                DiskOp::Encode(job) => {
+                    // A checkpoint's encoding is CPU work over a frozen copy: off the core,
+                    // which goes on serving I/O (the pool lock is not held meanwhile).
+                    assert!(self.encoding.is_none(), "one encoding at a time");
+                    self.encoding = Some((tag, cx.offload_with(TAG_ENCODE, move || job.run())));
+                    continue;
+                }
             };
             self.pool.media.submit(cx, cmd, tag);
         }
@@ -649,15 +662,7 @@ impl VolumeIo {
 
 /// Starts a commit nobody waits for.
 fn background_commit(cx: &mut Cx<'_>, pool: &Arc<PoolHandle>) {
-    cx.spawn_local(Box::new(VolumeIo {
-        pool: Arc::clone(pool),
-        vol: 0,
-        reply: Reply::None,
-        cmd: Some(Cmd::Flush),
-        req: None,
-        out: Vec::new(),
-        woken: Vec::new(),
-    }));
+    cx.spawn_local(Box::new(VolumeIo::new(Arc::clone(pool), 0, Reply::None, Cmd::Flush)));
 }
 
 /// Commits what is pending `after` the first pending record, when no flush did meanwhile:
@@ -700,6 +705,13 @@ impl Task for VolumeIo {
     fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
         if tag == TAG_WAKE {
             return self.step(cx, Event::Wake);
+        }
+        if tag == TAG_ENCODE {
+            let (tag, away) = self.encoding.take().expect("an encoding in flight");
+            // Encoding is pure; it panics only on a broken invariant (the blob outgrew its
+            // half), which was fatal on the core before it moved off it.
+            let encoded = away.take().expect("a checkpoint's encoding panicked");
+            return self.step(cx, Event::Encoded(tag, encoded));
         }
         self.step(cx, Event::Completion(tag, result, owned.into_buf().map(DevBuf)));
     }

@@ -8,8 +8,9 @@
 //!   at the first block that does not chain, so a torn tail is cut cleanly);
 //! - done: [`PoolMeta::commit_done`] (frees of the commit quarantined, waiters woken).
 //!
-//! A checkpoint, once begun ([`PoolMeta::begin_checkpoint`]):
-//! - `SyncData`: as above;
+//! A checkpoint, once begun ([`PoolMeta::begin_checkpoint`], which freezes the state):
+//! - `Encode`: the frozen state is encoded by the driver, on whatever thread it likes
+//!   ([`DiskOp::Encode`]), while the media is flushed as in `SyncData`;
 //! - `WriteBlob`: the encoded state goes to the inactive metadata half;
 //! - `SyncBlob`: the media is flushed, so the blob is durable before anything names it;
 //! - `WriteSuperblock`: the superblock naming the blob and the new journal head, with FUA;
@@ -21,13 +22,13 @@
 //! complete before the next step's are issued.
 
 use crate::format::BLOCK_SIZE;
-use crate::meta::{Checkpoint, PoolError, PoolMeta, Sealed};
+use crate::meta::{Checkpoint, Encoded, PoolError, PoolMeta, Sealed};
 use crate::request::{Buf, Bufs, DiskOp, Issue};
 
 /// What is being made durable.
 enum Job {
     Journal(Sealed),
-    Checkpoint(Checkpoint),
+    Checkpoint(Box<Checkpoint>),
     /// Handed back to the pool state (the commit ended).
     Ended,
 }
@@ -36,6 +37,7 @@ enum Job {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     SyncData,
+    Encode,
     WriteJournal,
     WriteBlob,
     SyncBlob,
@@ -61,16 +63,9 @@ pub enum Finished {
     Failed(PoolError),
 }
 
-impl Stage {
-    /// The stage after `SyncData`.
-    fn after_data_sync(job: &Job) -> Stage {
-        match job {
-            Job::Journal(_) => Stage::WriteJournal,
-            Job::Checkpoint(_) => Stage::WriteBlob,
-            Job::Ended => unreachable!("no stage after the end"),
-        }
-    }
-}
+/// A mutant for the simulator's own test (tests/e2e/sim_mutants.sh): commits skip the flush
+/// that makes their data durable before the records naming it.
+const DROP_FLUSH: bool = cfg!(feature = "mutant-drop-flush");
 
 impl Commit {
     /// Seals the pending records (or begins a checkpoint, when asked or when the journal wants
@@ -84,7 +79,7 @@ impl Commit {
     ) -> Result<Option<Commit>, PoolError> {
         let job = if checkpoint || meta.wants_checkpoint() {
             match meta.begin_checkpoint()? {
-                Some(c) => Job::Checkpoint(c),
+                Some(c) => Job::Checkpoint(Box::new(c)),
                 None => return Ok(None),
             }
         } else {
@@ -93,12 +88,10 @@ impl Commit {
                 None => return Ok(None),
             }
         };
-        // A mutant for the simulator's own test (tests/mutants.sh): the commit skips the
-        // flush that makes its data durable before the records naming it.
-        let first = if cfg!(feature = "mutant-drop-flush") {
-            Stage::after_data_sync(&job)
-        } else {
-            Stage::SyncData
+        let first = match job {
+            Job::Journal(_) if DROP_FLUSH => Stage::WriteJournal,
+            Job::Journal(_) => Stage::SyncData,
+            _ => Stage::Encode,
         };
         let mut c = Commit { job, stage: first, outstanding: 0, error: None, tag_base };
         c.issue(meta, bufs, out);
@@ -121,6 +114,14 @@ impl Commit {
         assert_eq!(self.outstanding, 0, "a step starts when the previous one has ended");
         match self.stage {
             Stage::SyncData | Stage::SyncBlob => self.push(out, DiskOp::Flush),
+            Stage::Encode => {
+                let Job::Checkpoint(c) = &mut self.job else { unreachable!("checkpoint stage") };
+                let job = c.take_encode().expect("a checkpoint is encoded once");
+                self.push(out, DiskOp::Encode(job));
+                if !DROP_FLUSH {
+                    self.push(out, DiskOp::Flush);
+                }
+            }
             Stage::WriteJournal => {
                 let start = meta.superblock().journal_start;
                 let Job::Journal(sealed) = &self.job else { unreachable!("journal stage") };
@@ -139,6 +140,7 @@ impl Commit {
             }
             Stage::WriteBlob => {
                 let Job::Checkpoint(c) = &self.job else { unreachable!("checkpoint stage") };
+                assert!(c.is_encoded(), "the blob is written once encoded");
                 let mut b = bufs.get(c.blob.len());
                 b.as_mut_slice().copy_from_slice(&c.blob);
                 let offset = c.blob_offset;
@@ -175,6 +177,7 @@ impl Commit {
             self.error.get_or_insert_with(|| {
                 let what = match self.stage {
                     Stage::SyncData => "flush of the pool's data before a commit",
+                    Stage::Encode => "flush of the pool's data before a checkpoint",
                     Stage::WriteJournal => "journal block write",
                     Stage::WriteBlob => "checkpoint write",
                     Stage::SyncBlob => "flush of a checkpoint",
@@ -189,6 +192,32 @@ impl Commit {
             });
         }
         self.outstanding -= 1;
+        self.step_ended(meta, bufs, out)
+    }
+
+    /// The checkpoint's frozen state, handed out as [`DiskOp::Encode`], is encoded. `Some`
+    /// when the commit has ended.
+    pub fn on_encoded<K: Bufs>(
+        &mut self,
+        meta: &mut PoolMeta,
+        bufs: &mut K,
+        out: &mut Vec<Issue<K::B>>,
+        encoded: Encoded,
+    ) -> Option<Finished> {
+        assert!(self.stage == Stage::Encode && self.outstanding > 0, "an encoding not asked for");
+        let Job::Checkpoint(c) = &mut self.job else { unreachable!("checkpoint stage") };
+        c.encoded(encoded);
+        self.outstanding -= 1;
+        self.step_ended(meta, bufs, out)
+    }
+
+    /// After an operation of the current step ended: the next step once all have.
+    fn step_ended<K: Bufs>(
+        &mut self,
+        meta: &mut PoolMeta,
+        bufs: &mut K,
+        out: &mut Vec<Issue<K::B>>,
+    ) -> Option<Finished> {
         if self.outstanding > 0 {
             return None;
         }
@@ -197,13 +226,14 @@ impl Commit {
             meta.fail(why.clone());
             return Some(Finished::Failed(PoolError::Failed(why)));
         }
-        self.stage = match (self.stage, &self.job) {
-            (Stage::SyncData, job) => Stage::after_data_sync(job),
-            (Stage::WriteJournal, _) => Stage::Done,
-            (Stage::WriteBlob, _) => Stage::SyncBlob,
-            (Stage::SyncBlob, _) => Stage::WriteSuperblock,
-            (Stage::WriteSuperblock, _) => Stage::Done,
-            (Stage::Done, _) => unreachable!("completion after the end"),
+        self.stage = match self.stage {
+            Stage::SyncData => Stage::WriteJournal,
+            Stage::Encode => Stage::WriteBlob,
+            Stage::WriteJournal => Stage::Done,
+            Stage::WriteBlob => Stage::SyncBlob,
+            Stage::SyncBlob => Stage::WriteSuperblock,
+            Stage::WriteSuperblock => Stage::Done,
+            Stage::Done => unreachable!("completion after the end"),
         };
         if self.stage == Stage::WriteJournal {
             let Job::Journal(sealed) = &self.job else { unreachable!() };
@@ -220,7 +250,7 @@ impl Commit {
             Job::Journal(s) => meta.commit_done(s),
             Job::Checkpoint(c) => {
                 tracing::info!(bytes = c.blob.len(), "checkpoint written");
-                meta.checkpoint_done(c)
+                meta.checkpoint_done(*c)
             }
             Job::Ended => unreachable!("a commit ends once"),
         }

@@ -187,6 +187,43 @@ impl Tree {
         }
     }
 
+    /// Copies the tree's leaves out, for a checkpoint to encode while the live tree goes on
+    /// changing. A leaf several trees share is copied once (`seen`, by node, over all the
+    /// trees frozen together) and shared by their frozen copies, so the encoder can tell what
+    /// a clone shares with its parent. Costs one copy of each distinct leaf; the live tree's
+    /// nodes are not shared with the copy (their reference counts mean "trees sharing").
+    pub fn freeze(&self, seen: &mut Freezer) -> FrozenTree {
+        fn walk(
+            node: &Arc<Node>,
+            base: u64,
+            level: u32,
+            seen: &mut HashMap<usize, FrozenLeaf>,
+            out: &mut Vec<(u64, FrozenLeaf)>,
+        ) {
+            match &**node {
+                Node::Leaf(entries) => {
+                    let leaf = seen
+                        .entry(Arc::as_ptr(node) as usize)
+                        .or_insert_with(|| FrozenLeaf(Arc::new(**entries)));
+                    out.push((base, leaf.clone()));
+                }
+                Node::Inner(children) => {
+                    let span = (FANOUT as u64).pow(level);
+                    for (i, c) in children.iter().enumerate() {
+                        if let Some(c) = c {
+                            walk(c, base + i as u64 * span, level - 1, seen, out);
+                        }
+                    }
+                }
+            }
+        }
+        let mut leaves = Vec::new();
+        if let Some(root) = &self.root {
+            walk(root, 0, self.depth, &mut seen.0, &mut leaves);
+        }
+        FrozenTree { capacity: self.capacity(), leaves }
+    }
+
     /// Mapped entries with volume cluster in `[start, end)`, in order; subtrees outside the
     /// range or empty are skipped, so the cost follows what is mapped, not the range size.
     pub fn entries_in(&self, start: u64, end: u64) -> Vec<(u64, Entry)> {
@@ -289,6 +326,48 @@ pub fn count_references<'a>(trees: impl IntoIterator<Item = &'a Tree>) -> HashMa
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// A frozen copy lists what the tree maps, its difference from a parent's copy is the
+        /// naive one, and freezing shares no live node (sharing decisions stay the same).
+        #[test]
+        fn frozen_copies_and_differences(
+            sets in proptest::collection::vec((0u64..3000, 1u64..50), 1..200),
+            child_sets in proptest::collection::vec((0u64..3000, 0u64..50), 0..100),
+        ) {
+            let mut parent = Tree::new(3000);
+            for &(vc, c) in &sets {
+                parent.set(vc, Entry::new(c, 1), |_| {});
+            }
+            let mut child = parent.clone();
+            for &(vc, c) in &child_sets {
+                let e = if c == 0 { Entry::UNMAPPED } else { Entry::new(c + 100, 3) };
+                child.set(vc, e, |_| {});
+            }
+            let shared_before: Vec<bool> = (0..3000).map(|vc| child.leaf_shared(vc)).collect();
+            let mut seen = Freezer::default();
+            let (fp, fc) = (parent.freeze(&mut seen), child.freeze(&mut seen));
+            let shared_after: Vec<bool> = (0..3000).map(|vc| child.leaf_shared(vc)).collect();
+            prop_assert_eq!(shared_before, shared_after);
+            let mut mapped = Vec::new();
+            fc.for_each_mapped(|vc, e| mapped.push((vc, e)));
+            prop_assert_eq!(&mapped, &child.entries());
+            let theirs: HashMap<u64, Entry> = parent.entries().into_iter().collect();
+            let mine: HashMap<u64, Entry> = child.entries().into_iter().collect();
+            let mut naive: Vec<(u64, Entry)> = mine
+                .iter()
+                .filter(|(vc, e)| theirs.get(vc) != Some(e))
+                .map(|(vc, e)| (*vc, *e))
+                .chain(theirs.keys().filter(|vc| !mine.contains_key(vc)).map(|vc| (*vc, Entry::UNMAPPED)))
+                .collect();
+            naive.sort_by_key(|(vc, _)| *vc);
+            let mut diff = Vec::new();
+            fc.for_each_difference(&fp, |vc, e| diff.push((vc, e)));
+            diff.sort_by_key(|(vc, _)| *vc);
+            prop_assert_eq!(diff, naive);
+        }
+    }
 
     #[test]
     fn entry_packing() {
@@ -396,6 +475,90 @@ mod tests {
                     let mut want: Vec<(u64, Entry)> = m.iter().map(|(k, v)| (*k, *v)).collect();
                     want.sort_by_key(|x| x.0);
                     prop_assert_eq!(t.entries(), want);
+                }
+            }
+        }
+    }
+}
+
+/// The leaves copied so far while freezing several trees together (by the live node's
+/// address: every tree is borrowed meanwhile, so no address is reused).
+#[derive(Default)]
+pub struct Freezer(HashMap<usize, FrozenLeaf>);
+
+/// One leaf's entries, copied out by [`Tree::freeze`] (shared by the frozen copies of the trees
+/// that shared the live leaf).
+#[derive(Clone)]
+pub struct FrozenLeaf(Arc<[Entry; FANOUT]>);
+
+/// A tree's leaves at one moment: (first volume cluster of the leaf, entries), in order.
+#[derive(Clone)]
+pub struct FrozenTree {
+    capacity: u64,
+    leaves: Vec<(u64, FrozenLeaf)>,
+}
+
+impl FrozenTree {
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Every mapped entry, in order.
+    pub fn for_each_mapped(&self, mut f: impl FnMut(u64, Entry)) {
+        for (base, leaf) in &self.leaves {
+            for (i, e) in leaf.0.iter().enumerate() {
+                if e.cluster().is_some() {
+                    f(base + i as u64, *e);
+                }
+            }
+        }
+    }
+
+    /// Where this tree differs from `parent`: `f(vcluster, entry)` for each entry mapped here
+    /// and not the same in the parent, and `f(vcluster, UNMAPPED)` for each entry the parent
+    /// maps that this tree does not (within this tree's capacity). Leaves the two share are
+    /// skipped whole.
+    pub fn for_each_difference(&self, parent: &FrozenTree, mut f: impl FnMut(u64, Entry)) {
+        let empty = [Entry::UNMAPPED; FANOUT];
+        let (mut a, mut b) = (self.leaves.iter().peekable(), parent.leaves.iter().peekable());
+        loop {
+            let (base, mine, theirs) = match (a.peek(), b.peek()) {
+                (None, None) => return,
+                (Some((x, m)), Some((y, t))) if x == y => {
+                    let r = (*x, &m.0[..], &t.0[..]);
+                    if Arc::ptr_eq(&m.0, &t.0) {
+                        a.next();
+                        b.next();
+                        continue;
+                    }
+                    a.next();
+                    b.next();
+                    r
+                }
+                (Some((x, m)), Some((y, _))) if x < y => {
+                    let r = (*x, &m.0[..], &empty[..]);
+                    a.next();
+                    r
+                }
+                (Some((x, m)), None) => {
+                    let r = (*x, &m.0[..], &empty[..]);
+                    a.next();
+                    r
+                }
+                (_, Some((y, t))) => {
+                    let r = (*y, &empty[..], &t.0[..]);
+                    b.next();
+                    r
+                }
+            };
+            for (i, (m, t)) in mine.iter().zip(theirs).enumerate() {
+                let vc = base + i as u64;
+                if m.cluster().is_some() {
+                    if m != t {
+                        f(vc, *m);
+                    }
+                } else if t.cluster().is_some() && vc < self.capacity {
+                    f(vc, Entry::UNMAPPED);
                 }
             }
         }

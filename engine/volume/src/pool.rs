@@ -393,7 +393,12 @@ pub fn run<D: SyncDisk>(
         }
         assert!(!req.parked(), "a request parked on a synchronous pool: nothing would wake it");
         let Issue { tag, op } = queue.pop_front().expect("a pending request has work in flight");
+        let ctx = &mut Ctx { meta, bufs: &mut bufs, out: &mut out };
         let (result, buf) = match op {
+            DiskOp::Encode(job) => {
+                outcome = req.on_encoded(ctx, tag, job.run());
+                continue;
+            }
             DiskOp::Read { offset, mut buf } => match disk.read(offset, buf.len()) {
                 Ok(data) => {
                     buf.copy_from_slice(&data);
@@ -410,8 +415,7 @@ pub fn run<D: SyncDisk>(
                 Err(e) => (errno_of(&e, &mut io_error), None),
             },
         };
-        outcome =
-            req.on_completion(&mut Ctx { meta, bufs: &mut bufs, out: &mut out }, tag, result, buf);
+        outcome = req.on_completion(ctx, tag, result, buf);
     }
 }
 

@@ -25,7 +25,9 @@ use std::collections::VecDeque;
 
 use crate::commit::{Commit, Finished};
 use crate::locks::Waiter;
-use crate::meta::{Blocked, PoolError, PoolMeta, ReadPiece, Ticket, WritePlan, PIECE};
+use crate::meta::{
+    Blocked, Encode, Encoded, PoolError, PoolMeta, ReadPiece, Ticket, WritePlan, PIECE,
+};
 
 /// A buffer the driver owns the memory of.
 pub trait Buf {
@@ -95,6 +97,10 @@ pub enum DiskOp<B> {
         fua: bool,
     },
     Flush,
+    /// Not the device's: a checkpoint's frozen state to encode ([`Encode::run`], pure CPU
+    /// work a driver may run on another thread); its completion is
+    /// [`Request::on_encoded`] with the result.
+    Encode(Encode),
 }
 
 /// A device operation and the tag its completion must carry back.
@@ -292,6 +298,24 @@ impl<B: Buf> Request<B> {
             (tag::COMMIT, State::Committing) => self.on_commit(cx, result, buf),
             (kind, state) => panic!("completion kind {kind:#x} while {state:?}"),
         }
+        self.outcome()
+    }
+
+    /// The [`DiskOp::Encode`] this request issued with `tag` ran: `encoded` is its result.
+    pub fn on_encoded<K: Bufs<B = B>>(
+        &mut self,
+        cx: &mut Ctx<'_, K>,
+        t: u32,
+        encoded: Encoded,
+    ) -> Outcome<B> {
+        assert!(
+            t & tag::KIND == tag::COMMIT && self.state == State::Committing,
+            "encoding {t:#x} while {:?}",
+            self.state
+        );
+        let c = self.commit.as_mut().expect("a commit in flight");
+        let finished = c.on_encoded(cx.meta, cx.bufs, cx.out, encoded);
+        self.on_commit_step(cx, finished);
         self.outcome()
     }
 
@@ -805,7 +829,13 @@ impl<B: Buf> Request<B> {
 
     fn on_commit<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>, result: i32, buf: Option<B>) {
         let c = self.commit.as_mut().expect("a commit in flight");
-        match c.on_completion(cx.meta, cx.bufs, cx.out, result, buf) {
+        let finished = c.on_completion(cx.meta, cx.bufs, cx.out, result, buf);
+        self.on_commit_step(cx, finished)
+    }
+
+    /// A step of the commit in flight ended (`finished`: the commit too).
+    fn on_commit_step<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>, finished: Option<Finished>) {
+        match finished {
             None => {}
             Some(Finished::Durable) => {
                 self.commit = None;

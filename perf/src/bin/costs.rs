@@ -9,6 +9,10 @@
 //!   its mailbox, which wakes the first back through its wake channel (a forwarded request and
 //!   its completion, with no work in between).
 //!
+//! - a checkpoint of a pool with `--checkpoint-clusters` mapped clusters (a volume, a
+//!   snapshot of it and a clone that differs in 1%): freezing the state, the part that stays on
+//!   the core under the pool lock, against encoding it, the part an offload thread does.
+//!
 //! Prints a Markdown table (ns per operation, medians of `--reps`).
 #![forbid(unsafe_code)]
 
@@ -35,6 +39,9 @@ struct Args {
     /// Measurements per figure (the median is shown).
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Mapped clusters of the checkpoint figures (64 KiB each: 1,048,576 = 64 GiB written).
+    #[arg(long, default_value_t = 1 << 20)]
+    checkpoint_clusters: u64,
     /// The two CPUs for the contended and cross-core figures.
     #[arg(long, default_value = "0,1")]
     cpus: String,
@@ -65,6 +72,43 @@ fn mapped_pool() -> anyhow::Result<(PoolMeta, u32)> {
     pool.flush()?;
     let (_, meta) = pool.into_parts();
     Ok((meta, vol))
+}
+
+/// A pool state with `clusters` mapped clusters in volume 1, a snapshot of it (2) and a
+/// clone of the snapshot (3) that remaps 1% of them; built from records, no data written.
+fn checkpoint_pool(clusters: u64) -> anyhow::Result<PoolMeta> {
+    use ballast_volume::records::Record;
+    let bytes = (clusters * 3 + 4096) << 16;
+    let disk = SimDisk::new(bytes.next_multiple_of(1 << 20), 1);
+    let mut g = PoolGeometry::standard([4; 16]);
+    g.max_volumes = 16;
+    let (_, mut meta) = Pool::format(disk, g)?.into_parts();
+    let size = clusters << 16;
+    meta.apply(&Record::VolumeCreate { id: 1, parent: 0, size_bytes: size, name: "v".into() });
+    for vc in 0..clusters {
+        let entry = (vc + 1) | (0xffff << 40);
+        meta.apply(&Record::MapSet { volume: 1, vcluster: vc, entry });
+    }
+    meta.apply(&Record::Snapshot { id: 2, of: 1, name: "s".into() });
+    meta.apply(&Record::Clone { id: 3, of: 2, name: "c".into() });
+    for vc in (0..clusters).step_by(100) {
+        let entry = (clusters + vc + 1) | (0xffff << 40);
+        meta.apply(&Record::MapSet { volume: 3, vcluster: vc, entry });
+    }
+    Ok(meta)
+}
+
+/// ms to freeze the state for a checkpoint, ms to encode the frozen state, payload bytes and
+/// checksum.
+fn checkpoint_costs(meta: &PoolMeta) -> (f64, f64, usize, u32) {
+    let t = Instant::now();
+    let frozen = meta.freeze();
+    let freeze = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let payload = frozen.payload();
+    let crc = crc32c::crc32c(&payload);
+    let encode = t.elapsed().as_secs_f64() * 1e3;
+    (freeze, encode, payload.len(), crc)
 }
 
 /// ns per request for `make(offset)` run to completion, device operations completed at once.
@@ -105,6 +149,9 @@ fn volume_core(meta: &Mutex<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
                     (buf.len() as i32, Some(buf))
                 }
                 ballast_volume::request::DiskOp::Flush => (0, None),
+                ballast_volume::request::DiskOp::Encode(_) => {
+                    unreachable!("reads and overwrites write no checkpoint")
+                }
             };
             let mut m = meta.lock();
             outcome = req.on_completion(
@@ -270,6 +317,11 @@ fn main() -> anyhow::Result<()> {
         }
         cross.push((poll_us, median(runs)));
     }
+    let ckpt = checkpoint_pool(args.checkpoint_clusters)?;
+    let costs: Vec<(f64, f64, usize, u32)> = (0..reps).map(|_| checkpoint_costs(&ckpt)).collect();
+    let freeze = median(costs.iter().map(|c| c.0).collect());
+    let encode = median(costs.iter().map(|c| c.1).collect());
+    let (blob, crc) = (costs[0].2, costs[0].3);
     println!("| primitive | ns per operation (median of {reps}) |");
     println!("|---|---|");
     println!("| volume core: 4 KiB read of a mapped piece (lock per event, task box, no I/O) | {read:.0} |");
@@ -283,5 +335,15 @@ fn main() -> anyhow::Result<()> {
             "| cross-core forward + wake back through the engine (--poll-us {poll_us}) | {ns:.0} |"
         );
     }
+    let n = args.checkpoint_clusters;
+    println!(
+        "| checkpoint of {n} mapped clusters + snapshot + clone (1% differs): freeze, on the core \
+         under the pool lock | {:.0} |",
+        freeze * 1e6
+    );
+    println!(
+        "| the same checkpoint: encode {blob} bytes (crc32c {crc:08x}), on an offload thread | {:.0} |",
+        encode * 1e6
+    );
     Ok(())
 }

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ballast_engine::holder::Holder;
-use ballast_engine::limits::{ConnGuard, Progress};
+use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
 use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
@@ -208,7 +208,7 @@ impl Conn {
     fn abort(&mut self, why: &'static str) {
         tracing::info!(peer = %self.peer, export = %self.export_name, why, "dropping connection");
         self.read_closed = true;
-        let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Both);
+        abort_socket(&self.fd);
     }
 
     fn on_recv(&mut self, cx: &mut Cx<'_>, result: i32, buf: IoBuf) {

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_engine::holder::Holder;
-use ballast_engine::limits::{ConnGuard, Progress};
+use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
 use ballast_engine::offload::Away;
 use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
@@ -1285,7 +1285,7 @@ impl Queue {
     fn abort(&mut self, why: &'static str) {
         tracing::info!(peer = %self.peer, qid = self.qid, why, "dropping NVMe/TCP connection");
         self.read_closed = true;
-        let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Both);
+        abort_socket(&self.fd);
     }
 
     fn on_tick(&mut self, cx: &mut Cx<'_>) {

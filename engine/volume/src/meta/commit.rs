@@ -2,6 +2,7 @@
 //! makes durable, when one is due (background policy), and the checkpoint's encoding.
 
 use super::*;
+use crate::map::{Freezer, FrozenTree};
 
 impl PoolMeta {
     /// Sets the pending records after which a commit is due without a client's flush.
@@ -98,10 +99,128 @@ impl PoolMeta {
         self.locks.commit_ended();
     }
 
-    /// Encodes the whole state as records (the checkpoint): parents before children, each
-    /// snapshot or clone as its creation record plus the entries where it differs from its
-    /// parent, so loading it shares leaves the way the live trees do.
-    pub fn checkpoint_payload(&self) -> Vec<u8> {
+    /// The state a checkpoint encodes, frozen: one copy of each distinct mapping leaf (4 KiB
+    /// per 512 volume clusters), a small part of what encoding costs.
+    pub fn freeze(&self) -> Frozen {
+        let mut seen = Freezer::default();
+        let volumes = self
+            .volumes
+            .iter()
+            .map(|(&id, v)| {
+                let frozen = FrozenVolume {
+                    name: v.name.clone(),
+                    size_bytes: v.size_bytes,
+                    read_only: v.read_only,
+                    parent: v.parent,
+                    tree: v.tree.freeze(&mut seen),
+                };
+                (id, frozen)
+            })
+            .collect();
+        Frozen { config: self.config.clone(), volumes }
+    }
+
+    /// Blocks of each metadata half.
+    pub fn checkpoint_half_blocks(&self) -> u64 {
+        self.sb.meta_blocks / 2
+    }
+
+    /// Starts a checkpoint of the current state: freezes it (to encode as header + records,
+    /// padded to blocks, off the data path: `Checkpoint::take_encode`) for the metadata half
+    /// the live superblock does not name, and the superblock that will name it and move the
+    /// journal head here. The pending records are covered by
+    /// it (they need no journal block); the frees so far are sealed with it. Like a commit, no
+    /// other commit runs until `checkpoint_done`. The caller then: encodes the frozen state and
+    /// flushes the media (the data of every mapped record), writes the blob, flushes, writes
+    /// the superblock with FUA.
+    /// `None` while a commit is in flight.
+    pub fn begin_checkpoint(&mut self) -> Result<Option<Checkpoint>, PoolError> {
+        self.ok()?;
+        if self.committing {
+            return Ok(None);
+        }
+        let head = self.journal.head();
+        let half = 1 - self.sb.checkpoint_half;
+        let sb = Superblock {
+            generation: self.sb.generation + 1,
+            checkpoint_half: half,
+            // Filled in once the frozen state is encoded (`Checkpoint::encoded`).
+            checkpoint_blocks: 0,
+            checkpoint_crc: 0,
+            checkpoint_seq: head.seq,
+            journal_head_seq: head.seq,
+            journal_head_block: head.block,
+            journal_head_prev_crc: head.prev_crc,
+            ..self.sb.clone()
+        };
+        self.journal.discard_pending();
+        self.committing = true;
+        self.background_asked = false;
+        self.seals += 1;
+        self.sealed_fresh = std::mem::take(&mut self.epoch_fresh);
+        self.sealed_touched = std::mem::take(&mut self.epoch_touched);
+        Ok(Some(Checkpoint {
+            blob_offset: self.checkpoint_offset(half),
+            encode: Some(Encode {
+                frozen: self.freeze(),
+                limit: self.checkpoint_half_blocks() * BLOCK_SIZE as u64,
+            }),
+            blob: Vec::new(),
+            sb,
+            frees: {
+                let frees = self.alloc.seal();
+                self.sealed_frees = frees.len() as u64;
+                frees
+            },
+        }))
+    }
+
+    /// The checkpoint's superblock is durable.
+    pub fn checkpoint_done(&mut self, c: Checkpoint) {
+        assert!(self.committing);
+        self.committing = false;
+        self.checkpoints_done += 1;
+        self.sealed_frees = 0;
+        self.durable_seals = self.seals;
+        self.sb = c.sb;
+        // Nothing was written to the ring since `begin_checkpoint` (commits waited).
+        self.journal.checkpointed();
+        self.sealed_fresh.clear();
+        self.sealed_touched.clear();
+        self.quarantine.push_back((self.io_epoch, c.frees));
+        self.io_epoch += 1;
+        self.release_quarantine();
+        self.locks.commit_ended();
+    }
+
+    /// Metadata area byte offset of checkpoint half `half`.
+    pub fn checkpoint_offset(&self, half: u8) -> u64 {
+        (self.sb.meta_start + u64::from(half) * self.checkpoint_half_blocks()) * BLOCK_SIZE as u64
+    }
+}
+
+/// One volume as a checkpoint encodes it.
+#[derive(Clone)]
+struct FrozenVolume {
+    name: String,
+    size_bytes: u64,
+    read_only: bool,
+    parent: u32,
+    tree: FrozenTree,
+}
+
+/// The state a checkpoint holds, frozen at `begin_checkpoint` ([`PoolMeta::freeze`]).
+#[derive(Clone)]
+pub struct Frozen {
+    config: BTreeMap<String, String>,
+    volumes: BTreeMap<u32, FrozenVolume>,
+}
+
+impl Frozen {
+    /// Encodes the state as records: parents before children, each snapshot or clone as its
+    /// creation record plus the entries where it differs from its parent, so loading it shares
+    /// leaves the way the live trees do.
+    pub fn payload(&self) -> Vec<u8> {
         let mut out = Vec::new();
         for (key, value) in &self.config {
             Record::Config { key: key.clone(), value: value.clone() }.encode(&mut out);
@@ -134,109 +253,68 @@ impl PoolMeta {
                     None
                 }
             };
-            let mine = v.tree.entries();
+            let mut set = |vcluster: u64, e: Entry| {
+                Record::MapSet { volume: id, vcluster, entry: e.0 }.encode(&mut out)
+            };
             match base {
-                None => {
-                    for (vc, e) in mine {
-                        Record::MapSet { volume: id, vcluster: vc, entry: e.0 }.encode(&mut out);
-                    }
-                }
-                Some(parent) => {
-                    let theirs: BTreeMap<u64, Entry> = parent.entries().into_iter().collect();
-                    let mine_map: BTreeMap<u64, Entry> = mine.into_iter().collect();
-                    for (vc, e) in &mine_map {
-                        if theirs.get(vc) != Some(e) {
-                            Record::MapSet { volume: id, vcluster: *vc, entry: e.0 }
-                                .encode(&mut out);
-                        }
-                    }
-                    for vc in theirs.keys() {
-                        if !mine_map.contains_key(vc) && *vc < v.tree.capacity() {
-                            Record::MapSet { volume: id, vcluster: *vc, entry: 0 }.encode(&mut out);
-                        }
-                    }
-                }
+                None => v.tree.for_each_mapped(&mut set),
+                Some(parent) => v.tree.for_each_difference(parent, &mut set),
             }
         }
         out
     }
+}
 
-    /// Blocks of each metadata half.
-    pub fn checkpoint_half_blocks(&self) -> u64 {
-        self.sb.meta_blocks / 2
-    }
+/// Encoding a checkpoint's frozen state: pure CPU work over data nothing else touches, so a
+/// driver may run it on any thread ([`Encode::run`]) and hand the result back
+/// ([`Checkpoint::encoded`]).
+pub struct Encode {
+    frozen: Frozen,
+    /// Bytes of the metadata half the blob must fit.
+    limit: u64,
+}
 
-    /// Starts a checkpoint of the current state: encodes it (header + records, padded to
-    /// blocks) for the metadata half the live superblock does not name, and the superblock
-    /// that will name it and move the journal head here. The pending records are covered by
-    /// it (they need no journal block); the frees so far are sealed with it. Like a commit, no
-    /// other commit runs until `checkpoint_done`. The caller then: flushes the media (the data
-    /// of every mapped record), writes the blob, flushes, writes the superblock with FUA.
-    /// `None` while a commit is in flight.
-    pub fn begin_checkpoint(&mut self) -> Result<Option<Checkpoint>, PoolError> {
-        self.ok()?;
-        if self.committing {
-            return Ok(None);
-        }
-        let payload = self.checkpoint_payload();
+/// A checkpoint blob: header + records, padded to whole blocks, and its checksum.
+pub struct Encoded {
+    blob: Vec<u8>,
+    crc: u32,
+}
+
+impl Encode {
+    pub fn run(self) -> Encoded {
+        let payload = self.frozen.payload();
         let mut blob = Vec::with_capacity(payload.len() + BLOCK_SIZE);
         blob.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         blob.extend_from_slice(&payload);
         blob.resize(blob.len().next_multiple_of(BLOCK_SIZE), 0);
         // `admit` keeps the worst case inside the half, so this cannot fail on a sound pool.
-        let limit = self.checkpoint_half_blocks() * BLOCK_SIZE as u64;
-        assert!(blob.len() as u64 <= limit, "checkpoint of {} bytes exceeds its half", blob.len());
-        let head = self.journal.head();
-        let half = 1 - self.sb.checkpoint_half;
-        let sb = Superblock {
-            generation: self.sb.generation + 1,
-            checkpoint_half: half,
-            checkpoint_blocks: blob.len() as u64 / BLOCK_SIZE as u64,
-            checkpoint_crc: crc32c::crc32c(&blob),
-            checkpoint_seq: head.seq,
-            journal_head_seq: head.seq,
-            journal_head_block: head.block,
-            journal_head_prev_crc: head.prev_crc,
-            ..self.sb.clone()
-        };
-        self.journal.discard_pending();
-        self.committing = true;
-        self.background_asked = false;
-        self.seals += 1;
-        self.sealed_fresh = std::mem::take(&mut self.epoch_fresh);
-        self.sealed_touched = std::mem::take(&mut self.epoch_touched);
-        Ok(Some(Checkpoint {
-            blob_offset: self.checkpoint_offset(half),
-            blob,
-            sb,
-            frees: {
-                let frees = self.alloc.seal();
-                self.sealed_frees = frees.len() as u64;
-                frees
-            },
-        }))
+        assert!(
+            blob.len() as u64 <= self.limit,
+            "checkpoint of {} bytes exceeds its half of {}",
+            blob.len(),
+            self.limit
+        );
+        let crc = crc32c::crc32c(&blob);
+        Encoded { blob, crc }
+    }
+}
+
+impl Checkpoint {
+    /// The encoding still to run (once: the first call takes it).
+    pub fn take_encode(&mut self) -> Option<Encode> {
+        self.encode.take()
     }
 
-    /// The checkpoint's superblock is durable.
-    pub fn checkpoint_done(&mut self, c: Checkpoint) {
-        assert!(self.committing);
-        self.committing = false;
-        self.checkpoints_done += 1;
-        self.sealed_frees = 0;
-        self.durable_seals = self.seals;
-        self.sb = c.sb;
-        // Nothing was written to the ring since `begin_checkpoint` (commits waited).
-        self.journal.checkpointed();
-        self.sealed_fresh.clear();
-        self.sealed_touched.clear();
-        self.quarantine.push_back((self.io_epoch, c.frees));
-        self.io_epoch += 1;
-        self.release_quarantine();
-        self.locks.commit_ended();
+    /// The frozen state's encoding is done: the blob and the superblock naming it are ready.
+    pub fn encoded(&mut self, e: Encoded) {
+        assert!(self.encode.is_none() && self.blob.is_empty(), "a checkpoint is encoded once");
+        self.sb.checkpoint_blocks = e.blob.len() as u64 / BLOCK_SIZE as u64;
+        self.sb.checkpoint_crc = e.crc;
+        self.blob = e.blob;
     }
 
-    /// Metadata area byte offset of checkpoint half `half`.
-    pub fn checkpoint_offset(&self, half: u8) -> u64 {
-        (self.sb.meta_start + u64::from(half) * self.checkpoint_half_blocks()) * BLOCK_SIZE as u64
+    /// Whether the blob is ready to write.
+    pub fn is_encoded(&self) -> bool {
+        !self.blob.is_empty()
     }
 }

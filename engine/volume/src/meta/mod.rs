@@ -34,6 +34,7 @@ use crate::journal::{JournalError, JournalHead, JournalWriter};
 use crate::locks::{LockTable, Waiter};
 
 mod commit;
+pub use commit::{Encode, Encoded, Frozen};
 mod control;
 mod epochs;
 mod io;
@@ -166,6 +167,9 @@ pub struct WritePlan {
 pub struct Checkpoint {
     /// Pool byte offset of the inactive metadata half, and what goes there.
     pub blob_offset: u64,
+    /// The frozen state to encode, until a driver takes it.
+    encode: Option<Encode>,
+    /// Empty until encoded (`Checkpoint::encoded`).
     pub blob: Vec<u8>,
     /// The superblock naming it, to write (FUA, at copy `sb.slot()`) once the blob is durable.
     pub sb: Superblock,

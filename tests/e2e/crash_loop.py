@@ -1,10 +1,10 @@
 #!/usr/bin/python3
 """kill -9 during writes, again and again: no flushed write is lost, snapshots never change.
 
-A libnbd client keeps 16 random 4 KiB writes in flight over a small range of a pool volume
-(so blocks are overwritten often and copy-on-write follows each snapshot), flushes every few
-dozen writes, and sometimes has the daemon snapshot the volume. At a random moment the daemon is
-killed with SIGKILL, writes still in flight. After the restart every block must hold the value
+A libnbd client keeps 16 random 4 KiB writes (to 16 different blocks) in flight over a small
+range of a pool volume (so blocks are overwritten often and copy-on-write follows each
+snapshot), flushes every few dozen writes, and sometimes has the daemon snapshot the volume.
+At a random moment the daemon is killed with SIGKILL, writes still in flight. After the restart every block must hold the value
 of its last write completed before the last completed flush, or of a write issued after it
 (never anything else, never a mix inside a block), and every snapshot must read exactly what
 the volume held when it was taken. Eight rounds; then `ballast pool check` must be exact.
@@ -77,7 +77,13 @@ def round_(b, rep, rng, state, snapshots):
                 b.proc.wait()
                 killed = True
             while len(inflight) < QD:
+                # One write per block at a time: two overlapping writes in flight may land in
+                # either order (NBD orders nothing among requests in flight), so the block's
+                # value after them would not be the last one completed.
+                busy = {v[0] for v in inflight.values()}
                 blk = rng.randrange(BLOCKS)
+                while blk in busy:
+                    blk = rng.randrange(BLOCKS)
                 buf = nbd.Buffer.from_bytearray(bytearray(content(blk, gen)))
                 cookie = h.aio_pwrite(buf, blk * BLOCK)
                 inflight[cookie] = (blk, gen, buf)

@@ -14,15 +14,17 @@
 //! through its ready queue or another core's wake channel, the control thread through the
 //! cores' wake channels). Nothing polls.
 //!
-//! The control thread is a driver too: its commits are `Flush` requests sent to a core (the
-//! lock is never held across their I/O), and a control operation waiting for a volume's
-//! writes to drain parks the `CONTROL` waiter and sleeps on a condition variable until a core
-//! wakes it.
+//! Control operations are messages to a core: the control thread sends a `Control` request
+//! (`ballast_volume::ops`) — freeze, park until the volume's writes drained, apply, thaw,
+//! commit, the same request the simulator runs — to core 0 and waits for its reply; commits and
+//! checkpoints it asks for are `Flush`/`Checkpoint` requests sent the same way. The lock is
+//! never held across I/O, and nothing sleeps on a condition or polls.
 //!
 //! Invariants:
 //! - every borrow of the pool state ends by delivering the wake-ups it produced;
-//! - control operations that change sharing or size (snapshot, clone, rollback, resize,
-//!   delete) freeze the volume and wait until its writes drained before they change anything.
+//! - control operations that change sharing or size (snapshot, rollback, resize, delete)
+//!   freeze the volume and wait until its writes drained before they change anything; a drain
+//!   that outlasts `QUIESCE_TIMEOUT` is given up (`Busy`), nothing changed.
 
 use std::fs::{File, OpenOptions};
 use std::ops::{Deref, DerefMut};
@@ -36,11 +38,12 @@ use ballast_volume::locks::Waiter;
 use ballast_volume::meta::Encoded;
 use ballast_volume::request::{Buf, Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
 use crossbeam_channel::Sender;
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
 
 use super::format::BLOCK_SIZE;
 use super::meta::{PoolMeta, PIECE};
-use super::pool::{checkpoint_sync, commit_sync, Pool, PoolError, PoolGeometry, SyncDisk};
+use super::ops::ControlOp;
+use super::pool::{run, Pool, PoolError, PoolGeometry, SyncDisk};
 use crate::blockdev::{push_extent, BlockDev, DevInfo, Extent, IoCmd};
 use crate::file::FileDev;
 use crate::offload::Away;
@@ -98,13 +101,7 @@ pub struct PoolHandle {
     commit_interval: Mutex<Duration>,
     /// How long opening (recovery) took, in ms.
     open_ms: u64,
-    /// Bumped (and `control_cv` notified) when the `CONTROL` waiter is woken.
-    control_gen: Mutex<u64>,
-    control_cv: Condvar,
 }
-
-/// The waiter of the control thread's parkings (a volume draining).
-const CONTROL: Waiter = Waiter(u64::MAX);
 
 /// The pool state borrowed off the data path (control thread, listings): when it ends, the
 /// requests it woke get their wake-ups through their cores' wake channels.
@@ -195,8 +192,6 @@ impl PoolHandle {
             media,
             path: path.to_path_buf(),
             cores: OnceLock::new(),
-            control_gen: Mutex::new(0),
-            control_cv: Condvar::new(),
             commit_interval: Mutex::new(DEFAULT_COMMIT_INTERVAL),
             open_ms: started.elapsed().as_millis() as u64,
         }))
@@ -217,39 +212,6 @@ impl PoolHandle {
     /// The pool state, off the data path.
     pub fn meta(&self) -> MetaGuard<'_> {
         MetaGuard { meta: self.meta.lock(), pool: self }
-    }
-
-    fn wake_control(&self) {
-        *self.control_gen.lock() += 1;
-        self.control_cv.notify_all();
-    }
-
-    /// Waits off the data path until `ready` holds, parking the `CONTROL` waiter with `park`
-    /// whenever it does not (the change that makes it hold wakes it). False at `deadline`.
-    fn wait_for(
-        &self,
-        deadline: Instant,
-        ready: impl Fn(&PoolMeta) -> bool,
-        park: impl Fn(&mut PoolMeta),
-    ) -> bool {
-        loop {
-            let mut meta = self.meta();
-            if ready(&meta) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            park(&mut meta);
-            let seen = *self.control_gen.lock();
-            drop(meta); // may wake CONTROL itself: `seen` was read first
-            let mut gen = self.control_gen.lock();
-            while *gen == seen {
-                if self.control_cv.wait_until(&mut gen, deadline).timed_out() {
-                    break;
-                }
-            }
-        }
     }
 
     pub fn info(&self) -> PoolInfo {
@@ -291,28 +253,42 @@ impl PoolHandle {
 
     /// Makes every completed write durable, from a blocking thread.
     pub fn commit_blocking(self: &Arc<Self>) -> Result<(), PoolError> {
-        self.run_blocking(Cmd::Flush)
+        self.run_blocking(Cmd::Flush).map(drop)
     }
 
     /// Writes a checkpoint now (clean shutdown; the next start replays nothing).
     pub fn checkpoint_blocking(self: &Arc<Self>) -> Result<(), PoolError> {
-        self.run_blocking(Cmd::Checkpoint)
+        self.run_blocking(Cmd::Checkpoint).map(drop)
     }
 
-    /// Runs a pool-wide request (flush, checkpoint) from a blocking thread: on a core (its I/O
-    /// on the ring, the lock never held across it, a commit in flight waited for by parking);
-    /// once the cores are gone, here on the blocking disk.
-    fn run_blocking(self: &Arc<Self>, cmd: Cmd<DevBuf>) -> Result<(), PoolError> {
+    /// Runs a control operation (durable when this returns): the new volume's id for a
+    /// create, snapshot or clone, else 0.
+    pub fn control(self: &Arc<Self>, op: ControlOp) -> Result<u32, PoolError> {
+        self.run_blocking(Cmd::Control(op)).map(|id| id as u32)
+    }
+
+    /// Runs a pool-wide request (flush, checkpoint, control operation) from a blocking thread:
+    /// as a message to core 0, where it runs like any request (its I/O on the ring, the lock
+    /// never held across it, parked while it waits); once the cores are gone, here on the
+    /// blocking disk, the same request run to completion.
+    fn run_blocking(self: &Arc<Self>, cmd: Cmd<DevBuf>) -> Result<i32, PoolError> {
         if let Some(why) = self.meta().failed() {
             return Err(PoolError::Failed(why.to_string()));
         }
-        let checkpoint = matches!(cmd, Cmd::Checkpoint);
+        // The same command for the blocking disk, should the cores be gone.
+        let here: Cmd<Vec<u8>> = match &cmd {
+            Cmd::Flush => Cmd::Flush,
+            Cmd::Checkpoint => Cmd::Checkpoint,
+            Cmd::Control(op) => Cmd::Control(op.clone()),
+            _ => unreachable!("only pool-wide requests run from a blocking thread"),
+        };
         if let Some(cores) = self.cores.get() {
             let (tx, rx) = crossbeam_channel::bounded(1);
             let io = VolumeIo::new(Arc::clone(self), 0, Reply::Channel(tx), cmd);
             let spawn = move |_cx: &mut Cx<'_>| Box::new(io) as Box<dyn Task>;
             if cores[0].send_blocking(Msg::Spawn(Box::new(spawn))) {
-                return match rx.recv_timeout(QUIESCE_TIMEOUT) {
+                // A drain may take up to QUIESCE_TIMEOUT, then the commit.
+                return match rx.recv_timeout(2 * QUIESCE_TIMEOUT) {
                     Ok(r) => r,
                     Err(_) => Err(PoolError::CommitTimeout),
                 };
@@ -324,53 +300,21 @@ impl PoolHandle {
             return Err(PoolError::CommitStranded);
         }
         let mut disk = self.disk.lock();
-        if checkpoint {
-            checkpoint_sync(&mut *disk, &mut meta)
-        } else {
-            commit_sync(&mut *disk, &mut meta)
-        }
-    }
-
-    /// Runs a control operation: freezes `quiesce` (if any) until its writes drained, applies
-    /// `op`, unfreezes, and commits, so the operation is durable when this returns.
-    pub fn control<T>(
-        self: &Arc<Self>,
-        quiesce: Option<u32>,
-        op: impl FnOnce(&mut PoolMeta) -> Result<T, PoolError>,
-    ) -> Result<T, PoolError> {
-        if let Some(id) = quiesce {
-            self.meta().set_frozen(id, true);
-            let deadline = Instant::now() + QUIESCE_TIMEOUT;
-            if !self.wait_for(deadline, |m| m.quiet(id), |m| m.park_drained(id, CONTROL)) {
-                self.meta().set_frozen(id, false);
-                return Err(PoolError::Busy(id));
-            }
-        }
-        let r = {
-            let mut meta = self.meta();
-            let r = op(&mut meta);
-            if let Some(id) = quiesce {
-                meta.set_frozen(id, false);
-            }
-            r
-        };
-        let value = r?;
-        self.commit_blocking()?;
-        Ok(value)
+        run(&mut *disk, &mut meta, 0, here).map(|(r, _)| r)
     }
 
     pub fn create_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<u32, PoolError> {
-        self.control(None, |m| m.create_volume(name, size))
+        self.control(ControlOp::Create { name: name.into(), size_bytes: size })
     }
 
     pub fn snapshot(self: &Arc<Self>, of: &str, name: &str) -> Result<u32, PoolError> {
         let of = self.meta().find(of)?;
-        self.control(Some(of), |m| m.snapshot(of, name))
+        self.control(ControlOp::Snapshot { of, name: name.into() })
     }
 
     pub fn clone_volume(self: &Arc<Self>, of: &str, name: &str) -> Result<u32, PoolError> {
         let of = self.meta().find(of)?;
-        self.control(None, |m| m.clone_volume(of, name))
+        self.control(ControlOp::Clone { of, name: name.into() })
     }
 
     pub fn rollback(self: &Arc<Self>, vol: &str, to: &str) -> Result<(), PoolError> {
@@ -378,27 +322,27 @@ impl PoolHandle {
             let m = self.meta();
             (m.find(vol)?, m.find(to)?)
         };
-        self.control(Some(id), |m| m.rollback(id, to))
+        self.control(ControlOp::Rollback { id, to }).map(drop)
     }
 
     pub fn resize(self: &Arc<Self>, vol: &str, size: u64, force: bool) -> Result<(), PoolError> {
         let id = self.meta().find(vol)?;
-        self.control(Some(id), |m| m.resize(id, size, force))
+        self.control(ControlOp::Resize { id, size_bytes: size, force }).map(drop)
     }
 
     pub fn delete(self: &Arc<Self>, vol: &str) -> Result<(), PoolError> {
         let id = self.meta().find(vol)?;
-        self.control(Some(id), |m| m.delete(id))
+        self.control(ControlOp::Delete { id }).map(drop)
     }
 
     pub fn set_config(self: &Arc<Self>, key: &str, value: &str) -> Result<(), PoolError> {
-        self.control(None, |m| m.set_config(key, value))
+        self.set_configs(&[(key.to_string(), value.to_string())])
     }
 
     /// Several configuration entries in one control operation and one commit
     /// ([`PoolMeta::set_configs`]: all admitted or none; a crash keeps a prefix of them).
     pub fn set_configs(self: &Arc<Self>, entries: &[(String, String)]) -> Result<(), PoolError> {
-        self.control(None, |m| m.set_configs(entries))
+        self.control(ControlOp::SetConfigs(entries.to_vec())).map(drop)
     }
 
     /// A block device for volume `name` (read-only for snapshots, or when asked).
@@ -487,6 +431,9 @@ impl BlockDev for VolumeDev {
 const TAG_WAKE: u32 = u32::MAX;
 /// The tag of a checkpoint's encoding, done on an offload thread.
 const TAG_ENCODE: u32 = u32::MAX - 1;
+/// The deadline of a control operation's drain, and the cancel of that timer.
+const TAG_DEADLINE: u32 = u32::MAX - 2;
+const TAG_DEADLINE_CANCEL: u32 = u32::MAX - 3;
 
 /// An [`IoBuf`] as the volume core's buffer.
 pub struct DevBuf(pub IoBuf);
@@ -519,14 +466,9 @@ fn waiter(core: usize, task: u32) -> Waiter {
 }
 
 /// Hands woken requests their wake-up: on this core through the ready queue, on another
-/// through its wake channel, the control thread through its condition variable.
-/// `cx` is the core delivering (none: the control thread).
+/// through its wake channel. `cx` is the core delivering (none: the control thread).
 fn deliver(pool: &PoolHandle, mut cx: Option<&mut Cx<'_>>, woken: &mut Vec<Waiter>) {
     for w in woken.drain(..) {
-        if w == CONTROL {
-            pool.wake_control();
-            continue;
-        }
         let (core, task) = ((w.0 >> 32) as usize, w.0 as u32);
         match cx.as_deref_mut() {
             Some(cx) if core == cx.core() => cx.complete_to(task, TAG_WAKE, 0, Owned::None),
@@ -552,14 +494,19 @@ struct VolumeIo {
     woken: Vec<Waiter>,
     /// A checkpoint's encoding away on an offload thread, and the tag the request gave it.
     encoding: Option<(u32, Away<Encoded>)>,
+    /// A control operation's drain deadline is armed; its cancel was sent; engine operations
+    /// (the timer, its cancel) not yet completed — the task ends only when none is left.
+    deadline_armed: bool,
+    deadline_cancelled: bool,
+    timer_ops: u32,
 }
 
 /// Who gets a request's result.
 enum Reply {
     /// The submitting task, with its tag.
     Task(u32, u32),
-    /// The control thread (a commit it asked for).
-    Channel(Sender<Result<(), PoolError>>),
+    /// The control thread (a commit, checkpoint or control operation it asked for).
+    Channel(Sender<Result<i32, PoolError>>),
     /// Nobody (a background commit).
     None,
 }
@@ -570,6 +517,8 @@ enum Event {
     Wake,
     Completion(u32, i32, Option<DevBuf>),
     Encoded(u32, Encoded),
+    /// A control operation's drain outlasted its deadline.
+    Expire,
 }
 
 impl VolumeIo {
@@ -583,6 +532,25 @@ impl VolumeIo {
             out: Vec::new(),
             woken: Vec::new(),
             encoding: None,
+            deadline_armed: false,
+            deadline_cancelled: false,
+            timer_ops: 0,
+        }
+    }
+
+    /// Arms the drain deadline while a control operation waits for it; cancels it once the
+    /// request is done.
+    fn watch_deadline(&mut self, cx: &mut Cx<'_>) {
+        let req = self.req.as_ref().expect("started");
+        if req.draining() && !self.deadline_armed {
+            self.deadline_armed = true;
+            self.deadline_cancelled = false;
+            self.timer_ops += 1;
+            cx.timer(TAG_DEADLINE, QUIESCE_TIMEOUT);
+        } else if req.is_done() && self.deadline_armed && !self.deadline_cancelled {
+            self.deadline_cancelled = true;
+            self.timer_ops += 1;
+            cx.cancel(TAG_DEADLINE, TAG_DEADLINE_CANCEL);
         }
     }
 
@@ -599,6 +567,7 @@ impl VolumeIo {
                     req.on_completion(&mut ctx, tag, result, buf)
                 }
                 Event::Encoded(tag, encoded) => req.on_encoded(&mut ctx, tag, encoded),
+                Event::Expire => req.expire(&mut ctx),
             };
             meta.take_woken(&mut self.woken);
             let done = matches!(outcome, Outcome::Done { .. });
@@ -635,7 +604,7 @@ impl VolumeIo {
                     }
                     if let Reply::Channel(tx) = other {
                         let r = match (result, failure) {
-                            (0.., _) => Ok(()),
+                            (0.., _) => Ok(result),
                             (_, Some(e)) => Err(e),
                             (errno, None) => Err(std::io::Error::from_raw_os_error(-errno).into()),
                         };
@@ -700,11 +669,38 @@ impl Task for VolumeIo {
         let cmd = self.cmd.take().expect("a command");
         self.req = Some(Request::new(self.vol, cmd, waiter(cx.core(), cx.task())));
         self.step(cx, Event::Start);
+        self.watch_deadline(cx);
     }
 
     fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+        self.on_event(cx, tag, result, owned);
+        self.watch_deadline(cx);
+    }
+
+    fn flush(&mut self, _cx: &mut Cx<'_>) {}
+
+    fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
+
+    fn is_done(&self) -> bool {
+        self.timer_ops == 0 && self.req.as_ref().is_some_and(Request::is_done)
+    }
+}
+
+impl VolumeIo {
+    fn on_event(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
         if tag == TAG_WAKE {
             return self.step(cx, Event::Wake);
+        }
+        if tag == TAG_DEADLINE || tag == TAG_DEADLINE_CANCEL {
+            self.timer_ops -= 1;
+            if tag == TAG_DEADLINE {
+                self.deadline_armed = false;
+                let draining = self.req.as_ref().is_some_and(Request::draining);
+                if result == -libc::ETIME && draining {
+                    self.step(cx, Event::Expire);
+                }
+            }
+            return;
         }
         if tag == TAG_ENCODE {
             let (tag, away) = self.encoding.take().expect("an encoding in flight");
@@ -714,13 +710,5 @@ impl Task for VolumeIo {
             return self.step(cx, Event::Encoded(tag, encoded));
         }
         self.step(cx, Event::Completion(tag, result, owned.into_buf().map(DevBuf)));
-    }
-
-    fn flush(&mut self, _cx: &mut Cx<'_>) {}
-
-    fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
-
-    fn is_done(&self) -> bool {
-        self.req.as_ref().is_some_and(Request::is_done)
     }
 }

@@ -19,6 +19,7 @@ pub mod journal;
 pub mod locks;
 pub mod map;
 pub mod meta;
+pub mod ops;
 pub mod pool;
 pub mod records;
 pub mod request;

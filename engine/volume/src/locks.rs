@@ -137,6 +137,18 @@ impl LockTable {
         self.drain.entry(vol).or_default().push(w);
     }
 
+    /// Takes `w` back out of volume `vol`'s drain queue (its wait was given up); false when it
+    /// is not there (already woken: its wake-up is on its way).
+    pub fn unpark_drained(&mut self, vol: u32, w: Waiter) -> bool {
+        let Some(q) = self.drain.get_mut(&vol) else { return false };
+        let Some(i) = q.iter().position(|&x| x == w) else { return false };
+        q.remove(i);
+        if q.is_empty() {
+            self.drain.remove(&vol);
+        }
+        true
+    }
+
     /// Volume `vol`'s last write in flight ended (or the volume went).
     pub fn drained(&mut self, vol: u32) {
         if let Some(mut q) = self.drain.remove(&vol) {

@@ -19,6 +19,7 @@ use super::format::{choose_superblock, replay, JournalBlock, Superblock, BLOCK_S
 use super::locks::Waiter;
 pub use super::meta::{PoolError, Volume, PIECE};
 use super::meta::{PoolMeta, CHECKPOINT_HEADER};
+use super::ops::ControlOp;
 use super::request::{Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
 use super::sim::SimDisk;
 
@@ -273,49 +274,34 @@ impl<D: SyncDisk> Pool<D> {
         checkpoint_sync(&mut self.disk, &mut self.meta)
     }
 
-    pub fn create_volume(&mut self, name: &str, size_bytes: u64) -> Result<u32, PoolError> {
-        let id = self.meta.create_volume(name, size_bytes)?;
-        self.flush()?;
-        Ok(id)
+    /// Runs a control operation as the daemon does — the same request: freeze, apply, thaw,
+    /// commit — and returns its result (the new volume's id, or 0).
+    pub fn control(&mut self, op: ControlOp) -> Result<u32, PoolError> {
+        run(&mut self.disk, &mut self.meta, 0, Cmd::Control(op)).map(|(id, _)| id as u32)
     }
 
-    /// Runs a control operation the way the daemon does: with volume `id` frozen.
-    fn quiesced<T>(
-        &mut self,
-        id: u32,
-        op: impl FnOnce(&mut PoolMeta) -> Result<T, PoolError>,
-    ) -> Result<T, PoolError> {
-        self.meta.set_frozen(id, true);
-        let r = op(&mut self.meta);
-        self.meta.set_frozen(id, false);
-        r
+    pub fn create_volume(&mut self, name: &str, size_bytes: u64) -> Result<u32, PoolError> {
+        self.control(ControlOp::Create { name: name.into(), size_bytes })
     }
 
     pub fn snapshot(&mut self, of: u32, name: &str) -> Result<u32, PoolError> {
-        let id = self.quiesced(of, |m| m.snapshot(of, name))?;
-        self.flush()?;
-        Ok(id)
+        self.control(ControlOp::Snapshot { of, name: name.into() })
     }
 
     pub fn clone_volume(&mut self, of: u32, name: &str) -> Result<u32, PoolError> {
-        let id = self.meta.clone_volume(of, name)?;
-        self.flush()?;
-        Ok(id)
+        self.control(ControlOp::Clone { of, name: name.into() })
     }
 
     pub fn rollback(&mut self, id: u32, to: u32) -> Result<(), PoolError> {
-        self.quiesced(id, |m| m.rollback(id, to))?;
-        self.flush()
+        self.control(ControlOp::Rollback { id, to }).map(drop)
     }
 
     pub fn resize(&mut self, id: u32, size_bytes: u64, force: bool) -> Result<(), PoolError> {
-        self.quiesced(id, |m| m.resize(id, size_bytes, force))?;
-        self.flush()
+        self.control(ControlOp::Resize { id, size_bytes, force }).map(drop)
     }
 
     pub fn delete(&mut self, id: u32) -> Result<(), PoolError> {
-        self.quiesced(id, |m| m.delete(id))?;
-        self.flush()
+        self.control(ControlOp::Delete { id }).map(drop)
     }
 
     pub fn read(&mut self, id: u32, offset: u64, len: u64) -> Result<Vec<u8>, PoolError> {

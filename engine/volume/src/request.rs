@@ -14,6 +14,11 @@
 //! - `Writing`: the write's spans in flight (a copy-on-write reads the old cluster first);
 //! - `Parked`: waiting in a lock-table queue (busy cluster, frozen volume, commit in flight);
 //! - `Committing`: this request runs the pool's group commit ([`crate::commit`]);
+//!
+//! A control operation ([`Cmd::Control`], [`crate::ops`]) freezes the volume it changes,
+//! waits `Parked` until that volume's writes drained (a driver may give up with
+//! [`Request::expire`]), applies, thaws and commits like a flush: it replies once the change is
+//! durable, with the new volume's id where it made one.
 //! - `Done`: replied; nothing in flight.
 //!
 //! Invariants (asserted): a request replies exactly once and only with nothing in flight; a
@@ -28,6 +33,7 @@ use crate::locks::Waiter;
 use crate::meta::{
     Blocked, Encode, Encoded, PoolError, PoolMeta, ReadPiece, Ticket, WritePlan, PIECE,
 };
+use crate::ops::ControlOp;
 
 /// A buffer the driver owns the memory of.
 pub trait Buf {
@@ -82,6 +88,9 @@ pub enum Cmd<B> {
     },
     /// Write a checkpoint of the whole state (clean stop; the next open replays nothing).
     Checkpoint,
+    /// A control operation (request volume 0): done once durable; the result is the new
+    /// volume's id for a create, snapshot or clone, else 0.
+    Control(ControlOp),
 }
 
 /// A device operation on the pool's media.
@@ -145,6 +154,8 @@ enum Resume {
     Write,
     Trim,
     Sync,
+    /// A control operation waits for its volume's writes to drain.
+    Drain,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +212,11 @@ pub struct Request<B> {
     commit: Option<Commit>,
     /// `Cmd::Checkpoint`: the commit it waits for must be a checkpoint of its own.
     checkpoint: bool,
+    /// `Cmd::Control`: the operation until applied, the volume it keeps frozen until then,
+    /// and its result once applied (until the driver takes it: `take_applied`).
+    control: Option<ControlOp>,
+    frozen: Option<u32>,
+    applied: Option<u32>,
     result: Option<i32>,
     /// The pool's refusal behind a negative result, when it was one (not a device error).
     failure: Option<PoolError>,
@@ -240,6 +256,9 @@ impl<B: Buf> Request<B> {
             final_result: None,
             commit: None,
             checkpoint: false,
+            control: None,
+            frozen: None,
+            applied: None,
             result: None,
             failure: None,
         }
@@ -275,8 +294,34 @@ impl<B: Buf> Request<B> {
             Resume::Write => self.start_write(cx),
             Resume::Trim => self.trim(cx),
             Resume::Sync => self.start_commit(cx),
+            Resume::Drain => self.drain(cx),
         }
         self.outcome()
+    }
+
+    /// Whether a control operation waits for its volume's writes to drain.
+    pub fn draining(&self) -> bool {
+        self.state == State::Parked(Resume::Drain)
+    }
+
+    /// The driver gives up waiting for a drain (its deadline passed): the operation is
+    /// refused with `Busy` and the volume thawed, nothing changed. Does nothing when the
+    /// request is not waiting, or when its wake-up is already on the way (it goes on then).
+    pub fn expire<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) -> Outcome<B> {
+        if let (true, Some(v)) = (self.draining(), self.frozen) {
+            if cx.meta.unpark_drained(v, self.waiter) {
+                self.thaw(cx);
+                self.control = None;
+                self.refuse(cx, PoolError::Busy(v));
+            }
+        }
+        self.outcome()
+    }
+
+    /// A control operation's result, once, right after it applied (its commit runs next): a
+    /// driver with a model of the pool (the simulator) looks at the state at that moment.
+    pub fn take_applied(&mut self) -> Option<u32> {
+        self.applied.take()
     }
 
     /// A device operation this request issued with `tag` completed: `result` is the byte
@@ -335,6 +380,7 @@ impl<B: Buf> Request<B> {
 
     fn reply<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>, result: i32) {
         assert_eq!(self.outstanding, 0, "replying with I/O in flight");
+        assert!(self.frozen.is_none(), "replying with a volume frozen");
         if let Some((token, vcs)) = self.hold.take() {
             cx.meta.release(self.vol, &vcs, token);
         }
@@ -452,6 +498,14 @@ impl<B: Buf> Request<B> {
             Cmd::Checkpoint => {
                 self.checkpoint = true;
                 self.start_commit(cx)
+            }
+            Cmd::Control(op) => {
+                if let Some(v) = op.quiesce() {
+                    cx.meta.set_frozen(v, true);
+                    self.frozen = Some(v);
+                }
+                self.control = Some(op);
+                self.drain(cx)
             }
             Cmd::Discard { offset, len } => {
                 // Advisory: only whole pieces are released.
@@ -803,6 +857,42 @@ impl<B: Buf> Request<B> {
     }
 
     /// Flush: waits for a commit sealed after this request arrived (its own, or another's).
+    /// A control operation applies once its volume (if any) has no write in flight.
+    fn drain<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
+        if let Some(why) = cx.meta.failed() {
+            let e = PoolError::Failed(why.to_string());
+            self.thaw(cx);
+            self.control = None;
+            return self.refuse(cx, e);
+        }
+        // A mutant for the simulator's own test (tests/e2e/sim_mutants.sh): control operations
+        // apply without waiting for their volume's writes to drain.
+        if let (Some(v), false) = (self.frozen, cfg!(feature = "mutant-skip-drain")) {
+            if !cx.meta.quiet(v) {
+                cx.meta.park_drained(v, self.waiter);
+                return self.park(Resume::Drain);
+            }
+        }
+        let op = self.control.take().expect("a control operation to apply");
+        let r = op.apply(cx.meta);
+        self.thaw(cx);
+        match r {
+            Err(e) => self.refuse(cx, e),
+            Ok(id) => {
+                self.applied = Some(id);
+                self.final_result = Some(id as i32);
+                self.wait_seal = cx.meta.seals() + 1;
+                self.start_commit(cx)
+            }
+        }
+    }
+
+    fn thaw<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
+        if let Some(v) = self.frozen.take() {
+            cx.meta.set_frozen(v, false);
+        }
+    }
+
     fn start_commit<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         if let Some(why) = cx.meta.failed() {
             tracing::debug!(why, "flush on a failed pool");

@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use ballast_volume::locks::Waiter;
 use ballast_volume::meta::PoolMeta;
+use ballast_volume::ops::ControlOp;
 use ballast_volume::pool::{run, Pool, PoolGeometry, PIECE};
 use ballast_volume::request::{Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
 use ballast_volume::sim::{CrashMode, SimDisk};
@@ -33,8 +34,6 @@ const VOL_BYTES: u64 = 64 * 1024;
 const MAX_BYTES: u64 = 2 * VOL_BYTES;
 const DISK_BYTES: u64 = 2 << 20;
 const STEPS: usize = 400;
-/// The control thread's waiter (a volume draining before a control operation).
-const CONTROL: Waiter = Waiter(u64::MAX);
 
 /// `BALLAST_SIM_TRACE=1` prints every event of a replayed seed.
 fn tracing() -> bool {
@@ -147,8 +146,11 @@ enum Kind {
     Flush {
         sub: u64,
     },
-    /// The commit of a control operation (a flush), and what it makes final.
+    /// A control operation (the daemon's `Cmd::Control` request): what the model does when
+    /// it applies; then the tick its commit covers and the volumes it makes final.
     Control {
+        op: SimOp,
+        name: String,
         sub: u64,
         done: Vec<u32>,
     },
@@ -165,8 +167,8 @@ struct InFlight {
     op: DiskOp<Vec<u8>>,
 }
 
-#[derive(Debug)]
-enum ControlOp {
+#[derive(Debug, Clone, Copy)]
+enum SimOp {
     Snapshot { of: u32 },
     Clone { of: u32 },
     Rollback { vol: u32, to: u32 },
@@ -187,9 +189,6 @@ struct Sim {
     now: u64,
     next_req: u64,
     next_write: u64,
-    /// A control operation waiting for its volume to drain, and whether its waiter was woken.
-    draining: Option<(u32, ControlOp)>,
-    drain_woken: bool,
     /// The driver's commit timer: steps until it fires.
     timer: Option<u32>,
     control_busy: bool,
@@ -212,6 +211,8 @@ struct Stats {
     /// Checkpoint encodings, and those that ended with device operations in flight beside them.
     encodes: u64,
     encodes_raced: u64,
+    /// Control operations given up while their volume drained (refused `Busy`).
+    expired: u64,
 }
 
 impl Sim {
@@ -248,8 +249,6 @@ impl Sim {
             now: 1,
             next_req: 1,
             next_write: 1,
-            draining: None,
-            drain_woken: false,
             timer: None,
             control_busy: false,
             names: 0,
@@ -296,6 +295,10 @@ impl Sim {
         let mut w = Vec::new();
         self.meta.take_woken(&mut w);
         self.woken.extend(w);
+        let applied = self.live.get_mut(&id).expect("live").req.take_applied();
+        if let Some(new_id) = applied {
+            self.control_applied(id, new_id);
+        }
         if let Outcome::Done { result, buf } = outcome {
             let live = self.live.remove(&id).expect("live");
             self.finished(live.kind, result, buf);
@@ -372,9 +375,9 @@ impl Sim {
                     self.durable_before(sub, None);
                 }
             }
-            Kind::Control { sub, done } => {
+            Kind::Control { sub, done, .. } => {
                 self.control_busy = false;
-                if result == 0 {
+                if result >= 0 {
                     self.durable_before(sub, None);
                     for id in done {
                         if let Some(m) = self.vols.get_mut(&id) {
@@ -464,10 +467,6 @@ impl Sim {
     fn wake_one(&mut self) {
         let w = self.woken.pop_front().expect("woken");
         trace!("t{} wake r{}", self.now, w.0);
-        if w == CONTROL {
-            self.drain_woken = true;
-            return;
-        }
         if self.live.contains_key(&w.0) {
             self.feed(w.0, |r, cx| r.on_wake(cx));
         }
@@ -567,7 +566,7 @@ impl Sim {
 
     /// Starts a control operation (one at a time, as the control thread does).
     fn new_control(&mut self) {
-        if self.control_busy || self.draining.is_some() {
+        if self.control_busy {
             return;
         }
         let vols = self.writable();
@@ -575,57 +574,60 @@ impl Sim {
             self.vols.iter().filter(|(_, v)| v.snapshot && !v.deleted).map(|(id, _)| *id).collect();
         let op = match self.rng.below(6) {
             0 if !vols.is_empty() => {
-                ControlOp::Snapshot { of: vols[self.rng.below(vols.len() as u64) as usize] }
+                SimOp::Snapshot { of: vols[self.rng.below(vols.len() as u64) as usize] }
             }
             1 if !snaps.is_empty() => {
-                ControlOp::Clone { of: snaps[self.rng.below(snaps.len() as u64) as usize] }
+                SimOp::Clone { of: snaps[self.rng.below(snaps.len() as u64) as usize] }
             }
             2 if !snaps.is_empty() => {
                 let to = snaps[self.rng.below(snaps.len() as u64) as usize];
                 let parent = self.meta.volumes()[&to].parent;
                 match self.vols.get(&parent) {
-                    Some(m) if !m.deleted && !m.snapshot => ControlOp::Rollback { vol: parent, to },
+                    Some(m) if !m.deleted && !m.snapshot => SimOp::Rollback { vol: parent, to },
                     _ => return,
                 }
             }
             3 if !vols.is_empty() => {
                 let vol = vols[self.rng.below(vols.len() as u64) as usize];
                 let size = (1 + self.rng.below(MAX_BYTES / PIECE)) * PIECE;
-                ControlOp::Resize { vol, size }
+                SimOp::Resize { vol, size }
             }
             4 => {
                 let all = self.any_volume();
                 if all.len() <= 1 {
                     return;
                 }
-                ControlOp::Delete { vol: all[self.rng.below(all.len() as u64) as usize] }
+                SimOp::Delete { vol: all[self.rng.below(all.len() as u64) as usize] }
             }
-            5 if self.vols.len() < 8 => ControlOp::Create,
+            5 if self.vols.len() < 8 => SimOp::Create,
             _ => return,
         };
         self.stats.controls += 1;
-        let quiesce = match op {
-            ControlOp::Snapshot { of } => Some(of),
-            ControlOp::Rollback { vol, .. }
-            | ControlOp::Resize { vol, .. }
-            | ControlOp::Delete { vol } => Some(vol),
-            ControlOp::Clone { .. } | ControlOp::Create => None,
+        let name = format!("n{}", self.names);
+        self.names += 1;
+        let real = match op {
+            SimOp::Snapshot { of } => ControlOp::Snapshot { of, name: name.clone() },
+            SimOp::Clone { of } => ControlOp::Clone { of, name: name.clone() },
+            SimOp::Rollback { vol, to } => ControlOp::Rollback { id: vol, to },
+            SimOp::Resize { vol, size } => {
+                ControlOp::Resize { id: vol, size_bytes: size, force: true }
+            }
+            SimOp::Delete { vol } => ControlOp::Delete { id: vol },
+            SimOp::Create => ControlOp::Create { name: name.clone(), size_bytes: VOL_BYTES },
         };
-        // As the control thread does: freeze, then park until the volume's writes drained.
-        if let Some(v) = quiesce {
-            self.meta.set_frozen(v, true);
-            self.meta.park_drained(v, CONTROL);
-            self.drain_woken = false;
-            let mut w = Vec::new();
-            self.meta.take_woken(&mut w);
-            self.woken.extend(w);
-            self.draining = Some((v, op));
-        } else {
-            self.drain_woken = true;
-            self.draining = Some((0, op));
-        }
+        // As the daemon's control thread does: one at a time, a request like any other.
+        self.control_busy = true;
+        let kind = Kind::Control { op, name, sub: 0, done: Vec::new() };
+        self.submit(kind, Cmd::Control(real), 0);
     }
 
+    /// The driver gives up a control operation's drain (its deadline), as the daemon does.
+    fn expire_control(&mut self) {
+        let Some((&id, _)) = self.live.iter().find(|(_, l)| l.req.draining()) else { return };
+        trace!("t{} expire r{id}", self.now);
+        self.feed(id, |r, cx| r.expire(cx));
+        self.stats.expired += u64::from(!self.live.contains_key(&id));
+    }
     /// Reads a whole volume now, through a request run synchronously (reads never park).
     fn observe(&mut self, id: u32) -> Vec<u64> {
         let size = self.meta.volumes()[&id].size_bytes;
@@ -636,31 +638,18 @@ impl Sim {
         (0..(size / SECT) as usize).map(|i| sector_value(&buf, i)).collect()
     }
 
-    /// The draining control operation runs once its volume is quiet.
-    fn try_control(&mut self) {
-        let Some((v, _)) = &self.draining else { return };
-        if !self.drain_woken {
-            return;
-        }
-        let v = *v;
-        if v != 0 && !self.meta.quiet(v) {
-            // Woken by a failing pool, not by the drain: park again.
-            assert!(self.meta.failed().is_some(), "seed {}: drain woke too early", self.seed);
-            self.drain_woken = false;
-            self.meta.park_drained(v, CONTROL);
-            let mut w = Vec::new();
-            self.meta.take_woken(&mut w);
-            self.woken.extend(w);
-            return;
-        }
-        let (v, op) = self.draining.take().expect("checked");
+    /// A control operation request applied (its commit runs next): the model follows, looking
+    /// at the pool state as the operation left it.
+    fn control_applied(&mut self, req: u64, id: u32) {
         let now = self.tick();
-        trace!("t{now} control {op:?}");
-        let name = format!("n{}", self.names);
-        self.names += 1;
+        let (op, name) = match &self.live[&req].kind {
+            Kind::Control { op, name, .. } => (*op, name.clone()),
+            other => panic!("seed {}: {other:?} applied a control operation", self.seed),
+        };
+        trace!("t{now} control {op:?} applied -> {id}");
         let mut done = Vec::new();
-        let r = match op {
-            ControlOp::Snapshot { of } => self.meta.snapshot(of, &name).map(|id| {
+        match op {
+            SimOp::Snapshot { of } => {
                 let content = self.observe(id);
                 check_against(self.seed, &self.vols[&of], &content, now);
                 let mut m = VolModel::fresh(&name, self.meta.volumes()[&id].size_bytes);
@@ -672,8 +661,8 @@ impl Sim {
                 m.fixed = Some(content);
                 self.vols.insert(id, m);
                 done.push(id);
-            }),
-            ControlOp::Clone { of } => self.meta.clone_volume(of, &name).map(|id| {
+            }
+            SimOp::Clone { of } => {
                 let src = self.vols[&of].fixed.clone().expect("a snapshot's content");
                 let mut m = VolModel::fresh(&name, self.meta.volumes()[&id].size_bytes);
                 m.pending_create = true;
@@ -682,8 +671,8 @@ impl Sim {
                 }
                 self.vols.insert(id, m);
                 done.push(id);
-            }),
-            ControlOp::Rollback { vol, to } => self.meta.rollback(vol, to).map(|()| {
+            }
+            SimOp::Rollback { vol, to } => {
                 let src = self.vols[&to].fixed.clone().expect("a snapshot's content");
                 let size = self.meta.volumes()[&vol].size_bytes;
                 let m = self.vols.get_mut(&vol).expect("volume");
@@ -692,8 +681,8 @@ impl Sim {
                     m.sectors[s].push(Ev { val, sub: now, ack: Some(now), durable: false });
                 }
                 m.size = size;
-            }),
-            ControlOp::Resize { vol, size } => self.meta.resize(vol, size, true).map(|()| {
+            }
+            SimOp::Resize { vol, size } => {
                 let m = self.vols.get_mut(&vol).expect("volume");
                 if size < m.size {
                     for s in (size / SECT) as usize..(MAX_BYTES / SECT) as usize {
@@ -701,30 +690,25 @@ impl Sim {
                     }
                 }
                 m.size = size;
-            }),
-            ControlOp::Delete { vol } => self.meta.delete(vol).map(|()| {
+            }
+            SimOp::Delete { vol } => {
                 self.vols.get_mut(&vol).expect("volume").deleted = true;
                 done.push(vol);
-            }),
-            ControlOp::Create => self.meta.create_volume(&name, VOL_BYTES).map(|id| {
+            }
+            SimOp::Create => {
                 let mut m = VolModel::fresh(&name, VOL_BYTES);
                 m.pending_create = true;
                 self.vols.insert(id, m);
                 done.push(id);
-            }),
-        };
-        if v != 0 {
-            self.meta.set_frozen(v, false);
+            }
         }
-        let mut w = Vec::new();
-        self.meta.take_woken(&mut w);
-        self.woken.extend(w);
-        if r.is_err() {
-            return; // refused (no space, overprovisioned, failed pool): nothing changed
-        }
-        self.control_busy = true;
         let sub = self.tick();
-        self.submit(Kind::Control { sub, done }, Cmd::Flush, 0);
+        if let Some(Live { kind: Kind::Control { sub: s, done: d, .. }, .. }) =
+            self.live.get_mut(&req)
+        {
+            *s = sub;
+            *d = done;
+        }
     }
 
     /// Power cut: operations in flight land or not, the cache drops/applies/tears, reopen,
@@ -747,7 +731,6 @@ impl Sim {
         trace!("t{} crash {mode:?}", self.now);
         self.live.clear();
         self.woken.clear();
-        self.draining = None;
         self.timer = None;
         self.control_busy = false;
         let disk = std::mem::replace(&mut self.disk, SimDisk::new(SECT * 8, 1));
@@ -840,15 +823,15 @@ impl Sim {
             80..=89 if !self.woken.is_empty() => self.wake_one(),
             90..=93 => self.new_control(),
             94 if self.rng.chance(3) => self.crash(),
+            95 if self.rng.chance(4) => self.expire_control(),
             _ => {}
         }
-        self.try_control();
     }
 
     /// Lets everything in flight finish (no new work), then checks the state.
     fn drain(&mut self) {
         let mut guard = 0;
-        while !self.inflight.is_empty() || !self.woken.is_empty() || self.draining.is_some() {
+        while !self.inflight.is_empty() || !self.woken.is_empty() {
             guard += 1;
             assert!(guard < 1_000_000, "seed {}: requests never finish", self.seed);
             if !self.woken.is_empty() && (self.inflight.is_empty() || self.rng.chance(2)) {
@@ -856,7 +839,6 @@ impl Sim {
             } else if !self.inflight.is_empty() {
                 self.complete_one();
             }
-            self.try_control();
         }
         if self.meta.failed().is_none() {
             assert!(
@@ -952,6 +934,7 @@ fn simulated_requests_crashes_and_control_operations() {
         total.reads_checked += s.reads_checked;
         total.encodes += s.encodes;
         total.encodes_raced += s.encodes_raced;
+        total.expired += s.expired;
     }
     eprintln!("{runs} runs: {total:?}");
     // The runs must reach what they are for.
@@ -960,4 +943,5 @@ fn simulated_requests_crashes_and_control_operations() {
     assert!(total.controls > runs, "few control operations: {total:?}");
     assert!(total.reads_checked > runs * 10, "few reads checked: {total:?}");
     assert!(total.encodes > runs && total.encodes_raced > runs / 10, "few checkpoints: {total:?}");
+    assert!(total.expired > runs / 100, "drains rarely given up: {total:?}");
 }

@@ -67,6 +67,12 @@ impl PoolMeta {
         }
     }
 
+    /// Takes `waiter` out of volume `id`'s drain queue (it gave up waiting); false when it was
+    /// already woken.
+    pub fn unpark_drained(&mut self, id: u32, waiter: Waiter) -> bool {
+        self.locks.unpark_drained(id, waiter)
+    }
+
     /// Parks `waiter` until the commit (or checkpoint) in flight ends.
     pub fn park_commit(&mut self, waiter: Waiter) {
         assert!(self.committing || self.failed.is_some(), "parking with no commit in flight");

@@ -1,0 +1,74 @@
+//! Control operations as data: what the control plane asks of a pool (create, snapshot,
+//! clone, rollback, resize, delete, configuration), which volume's writes must drain first,
+//! and how each applies to the pool state. A control operation runs as a [`crate::request`]
+//! (`Cmd::Control`) — freeze, park until drained, apply, thaw, commit — on a core in the
+//! daemon and in the simulator alike, so both run one implementation of it.
+//!
+//! Invariant: an operation that changes what a volume's writes see (snapshot, rollback, resize,
+//! delete) names that volume in [`ControlOp::quiesce`]; it is applied only with the volume
+//! frozen and no write of it in flight.
+
+use crate::meta::{PoolError, PoolMeta};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlOp {
+    Create {
+        name: String,
+        size_bytes: u64,
+    },
+    /// A read-only snapshot of `of`.
+    Snapshot {
+        of: u32,
+        name: String,
+    },
+    /// A writable clone of snapshot `of`.
+    Clone {
+        of: u32,
+        name: String,
+    },
+    /// Volume `id` takes snapshot `to`'s content.
+    Rollback {
+        id: u32,
+        to: u32,
+    },
+    Resize {
+        id: u32,
+        size_bytes: u64,
+        force: bool,
+    },
+    Delete {
+        id: u32,
+    },
+    /// Configuration entries (an empty value removes its key), all admitted or none.
+    SetConfigs(Vec<(String, String)>),
+}
+
+impl ControlOp {
+    /// The volume whose writes must drain (it is frozen meanwhile) before the operation
+    /// applies.
+    pub fn quiesce(&self) -> Option<u32> {
+        match *self {
+            ControlOp::Snapshot { of, .. } => Some(of),
+            ControlOp::Rollback { id, .. }
+            | ControlOp::Resize { id, .. }
+            | ControlOp::Delete { id } => Some(id),
+            ControlOp::Create { .. } | ControlOp::Clone { .. } | ControlOp::SetConfigs(_) => None,
+        }
+    }
+
+    /// Applies the operation (its records join the pending ones): the new volume's id for a
+    /// create, snapshot or clone, else 0. A refusal changes nothing.
+    pub fn apply(&self, meta: &mut PoolMeta) -> Result<u32, PoolError> {
+        match self {
+            ControlOp::Create { name, size_bytes } => meta.create_volume(name, *size_bytes),
+            ControlOp::Snapshot { of, name } => meta.snapshot(*of, name),
+            ControlOp::Clone { of, name } => meta.clone_volume(*of, name),
+            ControlOp::Rollback { id, to } => meta.rollback(*id, *to).map(|()| 0),
+            ControlOp::Resize { id, size_bytes, force } => {
+                meta.resize(*id, *size_bytes, *force).map(|()| 0)
+            }
+            ControlOp::Delete { id } => meta.delete(*id).map(|()| 0),
+            ControlOp::SetConfigs(entries) => meta.set_configs(entries).map(|()| 0),
+        }
+    }
+}

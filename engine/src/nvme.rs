@@ -247,6 +247,14 @@ impl NvmeDev {
         self.ns
     }
 
+    /// Blocking access to the same namespace (its own descriptor), for what runs off the
+    /// cores: opening and formatting a pool on it.
+    pub fn blocking(&self) -> std::io::Result<NvmeDisk> {
+        let file = self.file.try_clone()?;
+        let ns = NvmeNs { fd: file.as_raw_fd(), ..self.ns };
+        Ok(NvmeDisk { file, ns, size_bytes: self.size_bytes })
+    }
+
     fn fail(cx: &mut Cx<'_>, tag: u32, errno: i32, buf: Option<IoBuf>) {
         cx.complete(tag, -errno, buf.map_or(Owned::None, Owned::Buf));
     }
@@ -262,6 +270,45 @@ impl NvmeDev {
             return Self::fail(cx, tag, libc::EINVAL, buf);
         }
         cx.submit_nvme(&self.ns, io, tag);
+    }
+}
+
+/// A namespace driven by blocking passthrough ioctls: whole LBAs only, like the ring path.
+pub struct NvmeDisk {
+    file: File,
+    ns: NvmeNs,
+    size_bytes: u64,
+}
+
+impl NvmeDisk {
+    fn lbas(&self, offset: u64, len: usize) -> std::io::Result<u64> {
+        to_lbas(offset, len as u64, self.ns.lba_shift)
+            .filter(|_| len > 0 && in_range(offset, len as u64, self.size_bytes))
+            .map(|(slba, _)| slba)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    pub fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let slba = self.lbas(offset, len)?;
+        let mut io = NvmeIo::Read { slba, buf: IoBuf::zeroed(len) };
+        nvme::io_blocking(&self.file, &self.ns, &mut io)?;
+        let NvmeIo::Read { buf, .. } = io else { unreachable!("a read stays a read") };
+        Ok(buf.as_slice().to_vec())
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        let slba = self.lbas(offset, data.len())?;
+        let mut buf = IoBuf::zeroed(data.len());
+        buf.as_mut_slice().copy_from_slice(data);
+        nvme::io_blocking(&self.file, &self.ns, &mut NvmeIo::Write { slba, buf, fua })
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        nvme::flush_blocking(&self.file, self.ns.nsid)
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
     }
 }
 

@@ -1,9 +1,9 @@
 //! NVMe I/O commands for io_uring passthrough (`IORING_OP_URING_CMD` on `/dev/ngXnY`): the
 //! command encoding, how one logical I/O splits into commands the device accepts, the
 //! completion status → errno mapping, and the blocking ioctls (namespace id, Identify, a
-//! synchronous flush) used at open and shutdown.
+//! synchronous flush, synchronous reads and writes) used at open, format and shutdown.
 //!
-//! Everything here except the three ioctls is pure: it builds bytes and numbers, and is
+//! Everything here except the ioctls is pure: it builds bytes and numbers, and is
 //! unit-tested against the layouts of the kernel's `include/uapi/linux/nvme_ioctl.h` and the
 //! NVM Express Base / NVM Command Set specifications (sections cited per item).
 //!
@@ -314,6 +314,44 @@ pub fn flush_blocking(file: &File, nsid: u32) -> std::io::Result<()> {
     let status =
         unsafe { nvme_ioctl_io_cmd(file.as_raw_fd(), &mut cmd) }.map_err(std::io::Error::from)?;
     status_result(status)
+}
+
+/// Runs a read or write (`io`, whole LBAs) on the namespace and waits for it
+/// (`NVME_IOCTL_IO_CMD`, one command per [`plan`] part, in LBA order): for the blocking paths
+/// that open and format a pool on a namespace. Read data lands in the I/O's buffer.
+pub fn io_blocking(file: &File, ns: &NvmeNs, io: &mut NvmeIo) -> std::io::Result<()> {
+    let mut cmds = Vec::new();
+    plan(ns, io, |cmd| cmds.push(cmd));
+    let buf = match io {
+        NvmeIo::Read { buf, .. } | NvmeIo::Write { buf, .. } => buf,
+        NvmeIo::Flush => return flush_blocking(file, ns.nsid),
+        _ => return Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+    };
+    for c in cmds {
+        let (offset, len) = c.data.expect("reads and writes transfer data");
+        assert!(offset + len <= buf.len(), "a command's data inside its buffer");
+        let mut cmd = PassthruCmd {
+            opcode: c.opcode,
+            nsid: c.nsid,
+            addr: buf.raw_at(offset) as u64,
+            data_len: len as u32,
+            cdw10: c.cdw[0],
+            cdw11: c.cdw[1],
+            cdw12: c.cdw[2],
+            cdw13: c.cdw[3],
+            cdw14: c.cdw[4],
+            cdw15: c.cdw[5],
+            ..PassthruCmd::default()
+        };
+        // SAFETY: the kernel reads or writes at most `data_len` bytes at `addr`, which lie
+        // inside `buf` (asserted above), borrowed mutably here and so alive and unmoved until
+        // the ioctl returns; `cmd` is a valid `nvme_passthru_cmd` for the call; the fd is
+        // borrowed.
+        let status = unsafe { nvme_ioctl_io_cmd(file.as_raw_fd(), &mut cmd) }
+            .map_err(std::io::Error::from)?;
+        status_result(status)?;
+    }
+    Ok(())
 }
 
 fn status_result(status: i32) -> std::io::Result<()> {

@@ -51,19 +51,18 @@ cd "$DIR"; rm -f stamp
 unmount_under() { { grep -o " $1/[^ ]*" /proc/mounts || true; } | sort -r | while read -r m; do umount -l "$m" || true; done; }
 unmount_under "$DIR"
 
-# what this machine needs (the same packages as the default flavour's build asks for, and the same
-# care: installing qemu-system-x86 replaces a newer qemu-utils, so ask for qemu-utils with it)
+# what this machine needs (the same packages as the default flavour's build asks for, installed
+# the same way: host-packages.sh)
 need=()
 for p in qemu-system-x86:qemu-system-x86_64 debootstrap:debootstrap cpio:cpio zstd:zstd kmod:modinfo; do
   command -v "${p#*:}" >/dev/null 2>&1 || [[ -x /usr/sbin/${p#*:} || -x /sbin/${p#*:} ]] || need+=("${p%%:*}")
 done
-[[ " ${need[*]} " == *" qemu-system-x86 "* ]] && need+=(qemu-utils)
 # bookworm's debootstrap knows trixie; an older one would not
 [[ -e /usr/share/debootstrap/scripts/trixie ]] || [[ " ${need[*]} " == *" debootstrap "* ]] || need+=(debootstrap)
 if ((${#need[@]})); then
   echo "ballast-vm(trixie): installing ${need[*]}"
-  timeout 300 apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "${need[@]}" >/dev/null
+  . "$here/host-packages.sh"
+  install_host_packages "${need[@]}"
 fi
 
 MIRROR=${BALLAST_VM_MIRROR:-$(grep -rhoE '^(URIs:|deb)[[:space:]]+(\[[^]]*\][[:space:]]+)?[a-z]+://[^ ]*/debian/?([[:space:]]|$)' \

@@ -36,15 +36,11 @@ done
 if have busybox && ! file -L "$(command -v busybox)" 2>/dev/null | grep -q 'statically linked'; then
   need+=(busybox-static)
 fi
-# Installing qemu-system-x86 replaces a newer qemu-utils (from backports) with the release's:
-# ask for qemu-utils in the same step, so qemu-img and qemu-nbd never vanish from the machine.
-if [[ " ${need[*]} " == *" qemu-system-x86 "* ]]; then
-  need+=(qemu-utils)
-fi
+# (qemu-system-x86 comes with the release's qemu-utils: host-packages.sh)
 if ((${#need[@]})); then
   echo "ballast-vm: installing ${need[*]}"
-  timeout 300 apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "${need[@]}" >/dev/null
+  . "$here/host-packages.sh"
+  install_host_packages "${need[@]}"
 fi
 
 # the kernel: whatever Debian's $KMETA points at (downloaded, not installed)

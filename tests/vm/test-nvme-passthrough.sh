@@ -3,8 +3,9 @@
 # emulated NVMe controller on a sparse image, runs ballast INSIDE the guest on /dev/ng0n1
 # (--export pt=nvme:/dev/ng0n1, io_uring passthrough) and drives it with the guest kernel's NBD
 # and NVMe/TCP initiators (tests/vm/guest-nvme-passthrough.sh: fio verify, write zeroes,
-# discard, ext4 + checksums, kill -9 + restart). Afterwards this side checks the pattern the
-# guest wrote (and flushed before kill -9) is on the image file itself.
+# discard, ext4 + checksums, kill -9 + restart), then a pool on the namespace (volume,
+# snapshot, fio verify, kill -9, pool check). Afterwards this side checks the pattern the guest
+# wrote (and flushed before kill -9) is on the image file itself.
 #
 #   tests/vm/test-nvme-passthrough.sh              512-byte LBAs, interrupts
 #   tests/vm/test-nvme-passthrough.sh --lba 4096   4 KiB LBAs

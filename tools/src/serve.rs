@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use ballast_engine::limits::{Admission, ConnLimits};
 use ballast_engine::listener::Acceptor;
 use ballast_engine::size::parse_size;
-use ballast_engine::volume::dev::PoolHandle;
+use ballast_engine::volume::dev::{is_namespace, PoolHandle};
 use ballast_engine::volume::pool::PoolGeometry;
 use ballast_engine::{DeviceRingConfig, Engine, EngineConfig, Msg, Task};
 use clap::Args;
@@ -91,8 +91,8 @@ pub struct ServeArgs {
     /// (boot with nvme.poll_queues=N, N > 0); without them, I/O completes through interrupts.
     #[arg(long)]
     poll_device: bool,
-    /// Serve the volumes of the pool on this file or block device (create it with
-    /// `ballast pool create`). Default, when no --export is given either: the pool
+    /// Serve the volumes of the pool on this file, block device or NVMe namespace
+    /// (/dev/ngXnY, through passthrough) (create it with `ballast pool create`). Default, when no --export is given either: the pool
     /// <data-dir>/pool.img, created on first run (10 GiB sparse) with a 1 GiB volume vol0.
     #[arg(long)]
     pool: Option<PathBuf>,
@@ -302,16 +302,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ring_entries: 1024,
         mailbox_depth: 1024,
         buffer_budget: buffer_memory / count as u64,
-        device_ring: args
+        device_ring: (args
             .exports
             .iter()
             .any(|spec| spec.split_once('=').is_some_and(|(_, b)| needs_device_ring(b)))
-            .then_some(DeviceRingConfig { entries: DEVICE_RING_ENTRIES, poll: args.poll_device }),
+            || args.pool.as_deref().is_some_and(is_namespace))
+        .then_some(DeviceRingConfig { entries: DEVICE_RING_ENTRIES, poll: args.poll_device }),
         offload_threads: usize::from(args.offload_threads),
         offload_queue: args.offload_queue as usize,
     };
     if args.poll_device && config.device_ring.is_none() {
-        tracing::warn!("--poll-device has no effect: no nvme: export");
+        tracing::warn!("--poll-device has no effect: no nvme: export and no pool on a namespace");
     }
     let admission = Admission::new(ConnLimits {
         max_connections: args.max_connections.max(1),

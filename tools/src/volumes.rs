@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ballast_engine::size::parse_size;
-use ballast_engine::volume::dev::{FileDisk, PoolHandle};
+use ballast_engine::volume::dev::{PoolDisk, PoolHandle};
 use ballast_engine::volume::format::{choose_superblock, Superblock, BLOCK_SIZE};
 use ballast_engine::volume::pool::{Pool, PoolGeometry, SyncDisk};
 use ballast_engine::volume::pool::{PoolError, PIECE};
@@ -511,7 +511,7 @@ pub fn pool_create(path: &Path, size: Option<&str>, cluster_kib: u32) -> anyhow:
         64 => 16,
         other => bail!("--cluster-kib {other}: must be 16, 32 or 64"),
     };
-    if let Ok(mut disk) = FileDisk::open(path, false) {
+    if let Ok(mut disk) = PoolDisk::open(path, false) {
         let a = disk.read(0, BLOCK_SIZE)?;
         let b = disk.read(BLOCK_SIZE as u64, BLOCK_SIZE)?;
         if choose_superblock(&a, &b).is_ok() {
@@ -544,7 +544,7 @@ fn describe_sb(which: &str, bytes: &[u8]) -> String {
 /// recounts every reference from the trees and compares with the allocator. Exit status 0 only
 /// when everything is exact.
 pub fn pool_check(path: &Path) -> anyhow::Result<bool> {
-    let mut disk = FileDisk::open(path, false)?;
+    let mut disk = PoolDisk::open(path, false)?;
     let a = disk.read(0, BLOCK_SIZE)?;
     let b = disk.read(BLOCK_SIZE as u64, BLOCK_SIZE)?;
     let mut ok = true;
@@ -593,7 +593,7 @@ pub fn pool_check(path: &Path) -> anyhow::Result<bool> {
 
 /// `ballast pool dump PATH [--maps]`: the pool's metadata in words.
 pub fn pool_dump(path: &Path, maps: bool) -> anyhow::Result<()> {
-    let mut disk = FileDisk::open(path, false)?;
+    let mut disk = PoolDisk::open(path, false)?;
     let a = disk.read(0, BLOCK_SIZE)?;
     let b = disk.read(BLOCK_SIZE as u64, BLOCK_SIZE)?;
     println!("{}\n{}", describe_sb("A", &a), describe_sb("B", &b));

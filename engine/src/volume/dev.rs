@@ -1,8 +1,11 @@
 //! A pool opened by the daemon and its volumes as block devices: the adapter between the
 //! volume core (`ballast-volume`, free of I/O) and the reactor.
 //!
-//! [`PoolHandle`] owns the pool's media twice: as a [`FileDev`] for the data path (O_DIRECT,
-//! asynchronous through the calling core's io_uring) and as a [`FileDisk`] for the control
+//! [`PoolHandle`] owns the pool's media twice: for the data path as a [`FileDev`] (a file or
+//! block device, O_DIRECT, asynchronous through the calling core's io_uring) or an
+//! [`NvmeDev`] (an NVMe namespace's `/dev/ngXnY`, passthrough commands on the calling core's
+//! device ring), and as a [`PoolDisk`] (blocking: file I/O, or passthrough ioctls) for the
+//! control
 //! path (blocking, on the control thread). The [`PoolMeta`] between them sits behind one
 //! mutex held only for in-memory decisions, never across I/O on the data path.
 //!
@@ -46,6 +49,7 @@ use super::ops::ControlOp;
 use super::pool::{run, Pool, PoolError, PoolGeometry, SyncDisk};
 use crate::blockdev::{push_extent, BlockDev, DevInfo, Extent, IoCmd};
 use crate::file::FileDev;
+use crate::nvme::{NvmeDev, NvmeDisk};
 use crate::offload::Away;
 use crate::reactor::{CoreHandle, Cx, Msg, Task};
 
@@ -54,7 +58,73 @@ pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a control operation waits for a volume's writes to drain.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Blocking access to the pool's media for the control path.
+/// Whether `path` is a character device: an NVMe namespace's generic device, which a pool
+/// reaches through passthrough commands (anything else is a file or block device).
+pub fn is_namespace(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device())
+}
+
+/// Blocking access to the pool's media (opening, formatting, checks): a file or block device,
+/// or an NVMe namespace through passthrough ioctls.
+pub enum PoolDisk {
+    File(FileDisk),
+    Nvme(NvmeDisk),
+}
+
+impl PoolDisk {
+    pub fn open(path: &Path, writable: bool) -> std::io::Result<PoolDisk> {
+        if is_namespace(path) {
+            let dev = NvmeDev::open(path, !writable).map_err(std::io::Error::other)?;
+            return Ok(PoolDisk::Nvme(dev.blocking()?));
+        }
+        Ok(PoolDisk::File(FileDisk::open(path, writable)?))
+    }
+}
+
+impl SyncDisk for PoolDisk {
+    fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        match self {
+            PoolDisk::File(d) => d.read(offset, len),
+            PoolDisk::Nvme(d) => d.read(offset, len),
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        match self {
+            PoolDisk::File(d) => d.write(offset, data, fua),
+            PoolDisk::Nvme(d) => d.write(offset, data, fua),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            PoolDisk::File(d) => d.flush(),
+            PoolDisk::Nvme(d) => d.flush(),
+        }
+    }
+    fn size_bytes(&self) -> u64 {
+        match self {
+            PoolDisk::File(d) => d.size_bytes(),
+            PoolDisk::Nvme(d) => d.size_bytes(),
+        }
+    }
+}
+
+/// The pool's media on the data path.
+enum Media {
+    File(FileDev),
+    Nvme(NvmeDev),
+}
+
+impl Media {
+    fn submit(&self, cx: &mut Cx<'_>, cmd: IoCmd, tag: u32) {
+        match self {
+            Media::File(d) => d.submit(cx, cmd, tag),
+            Media::Nvme(d) => d.submit(cx, cmd, tag),
+        }
+    }
+}
+
+/// Blocking access to a file or block device.
 pub struct FileDisk {
     file: File,
     size: u64,
@@ -92,8 +162,8 @@ impl SyncDisk for FileDisk {
 /// An open pool shared by the cores and the control thread.
 pub struct PoolHandle {
     meta: Mutex<PoolMeta>,
-    disk: Mutex<FileDisk>,
-    media: FileDev,
+    disk: Mutex<PoolDisk>,
+    media: Media,
     path: PathBuf,
     /// The cores running the pool's requests, to wake requests the control thread unblocks.
     cores: OnceLock<Arc<Vec<CoreHandle>>>,
@@ -167,13 +237,14 @@ pub struct PoolInfo {
 }
 
 impl PoolHandle {
-    /// Creates a pool on `path` (a file is created sparse with `size` bytes when missing).
+    /// Creates a pool on `path` (a file is created sparse with `size` bytes when missing; a
+    /// block device or NVMe namespace takes its whole size).
     pub fn create(path: &Path, size: Option<u64>, g: PoolGeometry) -> Result<(), PoolError> {
         if let (Some(size), false) = (size, path.exists()) {
             let f = OpenOptions::new().write(true).create_new(true).open(path)?;
             f.set_len(size)?;
         }
-        let disk = FileDisk::open(path, true)?;
+        let disk = PoolDisk::open(path, true)?;
         let mut pool = Pool::format(disk, g)?;
         pool.checkpoint()?;
         Ok(())
@@ -182,10 +253,16 @@ impl PoolHandle {
     /// Opens the pool on `path`: superblock, checkpoint and journal replay.
     pub fn open(path: &Path) -> Result<Arc<PoolHandle>, PoolError> {
         let started = Instant::now();
-        let disk = FileDisk::open(path, true)?;
+        let (media, disk) = if is_namespace(path) {
+            let dev = NvmeDev::open(path, false).map_err(std::io::Error::other)?;
+            let disk = PoolDisk::Nvme(dev.blocking()?);
+            (Media::Nvme(dev), disk)
+        } else {
+            let dev = FileDev::open(path, None, false)
+                .map_err(|e| PoolError::Io(std::io::Error::other(e.to_string())))?;
+            (Media::File(dev), PoolDisk::File(FileDisk::open(path, true)?))
+        };
         let (disk, meta) = Pool::open(disk)?.into_parts();
-        let media = FileDev::open(path, None, false)
-            .map_err(|e| PoolError::Io(std::io::Error::other(e.to_string())))?;
         Ok(Arc::new(PoolHandle {
             meta: Mutex::new(meta),
             disk: Mutex::new(disk),

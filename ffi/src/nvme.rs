@@ -318,8 +318,13 @@ pub fn flush_blocking(file: &File, nsid: u32) -> std::io::Result<()> {
 
 /// Runs a read or write (`io`, whole LBAs) on the namespace and waits for it
 /// (`NVME_IOCTL_IO_CMD`, one command per [`plan`] part, in LBA order): for the blocking paths
-/// that open and format a pool on a namespace. Read data lands in the I/O's buffer.
+/// that open and format a pool on a namespace. Read data lands in the I/O's buffer. An I/O
+/// that would take more than [`PARTS_MAX`] commands fails with EINVAL.
 pub fn io_blocking(file: &File, ns: &NvmeNs, io: &mut NvmeIo) -> std::io::Result<()> {
+    if part_count(ns, io) > PARTS_MAX as u64 {
+        // As the ring path does: too many commands for one I/O is the caller's error.
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let mut cmds = Vec::new();
     plan(ns, io, |cmd| cmds.push(cmd));
     let buf = match io {

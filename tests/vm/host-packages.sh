@@ -1,5 +1,6 @@
 # Sourced by build.sh and build-trixie.sh: installs what this machine lacks to build and boot a
-# guest, never removing anything the user has.
+# guest. What the user has stays: a newer qemu-utils (and what comes with it) is downgraded to
+# the release's, never removed.
 #
 # install_host_packages PKG...: apt-get install them. Installing qemu-system-x86 brings the
 # release's qemu-system-common, which a newer qemu-utils (from backports) breaks: then
@@ -11,10 +12,13 @@ install_host_packages() {
     pkgs+=(qemu-utils)
   fi
   timeout 300 apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "${pkgs[@]}" >/dev/null 2>&1 && return 0
+  local err
+  err=$(DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "${pkgs[@]}" 2>&1) \
+    && return 0
+  echo "$err" | tail -5 >&2
   rel=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
   [[ -n $rel && " ${pkgs[*]} " == *" qemu-utils "* ]] || return 1
-  echo "ballast-vm: a newer qemu-utils blocks $rel's qemu-system-x86: installing $rel's qemu-utils with it"
+  echo "ballast-vm: retrying with $rel's qemu-utils (a newer one blocks $rel's qemu-system-x86)"
   local i
   for i in "${!pkgs[@]}"; do [[ ${pkgs[$i]} == qemu-utils ]] && pkgs[$i]=qemu-utils/$rel; done
   DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq --allow-downgrades "${pkgs[@]}" >/dev/null

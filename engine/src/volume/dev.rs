@@ -4,10 +4,10 @@
 //! [`PoolHandle`] owns the pool's media twice: for the data path as a [`FileDev`] (a file or
 //! block device, O_DIRECT, asynchronous through the calling core's io_uring) or an
 //! [`NvmeDev`] (an NVMe namespace's `/dev/ngXnY`, passthrough commands on the calling core's
-//! device ring), and as a [`PoolDisk`] (blocking: file I/O, or passthrough ioctls) for the
-//! control
-//! path (blocking, on the control thread). The [`PoolMeta`] between them sits behind one
-//! mutex held only for in-memory decisions, never across I/O on the data path.
+//! device ring), and as a [`PoolDisk`] (blocking: file I/O, or passthrough ioctls) for
+//! opening and formatting it, and for the requests that arrive once the cores are gone. The
+//! [`PoolMeta`] between them sits behind one mutex held only for in-memory decisions, never
+//! across I/O on the data path.
 //!
 //! A [`VolumeDev`] is a [`BlockDev`]: each command becomes a [`VolumeIo`] task on the
 //! submitting core that runs the core's [`Request`] state machine — the same code the
@@ -376,6 +376,12 @@ impl PoolHandle {
         if meta.committing() {
             return Err(PoolError::CommitStranded);
         }
+        // Nothing would wake a drain now: a volume with a write left in flight stays busy.
+        if let Cmd::Control(op) = &here {
+            if let Some(v) = op.quiesce().filter(|&v| !meta.quiet(v)) {
+                return Err(PoolError::Busy(v));
+            }
+        }
         let mut disk = self.disk.lock();
         run(&mut *disk, &mut meta, 0, here).map(|(r, _)| r)
     }
@@ -576,6 +582,8 @@ struct VolumeIo {
     deadline_armed: bool,
     deadline_cancelled: bool,
     timer_ops: u32,
+    /// When the drain began: the deadline counts from there, however often it is re-armed.
+    drain_started: Option<Instant>,
 }
 
 /// Who gets a request's result.
@@ -612,6 +620,7 @@ impl VolumeIo {
             deadline_armed: false,
             deadline_cancelled: false,
             timer_ops: 0,
+            drain_started: None,
         }
     }
 
@@ -620,10 +629,11 @@ impl VolumeIo {
     fn watch_deadline(&mut self, cx: &mut Cx<'_>) {
         let req = self.req.as_ref().expect("started");
         if req.draining() && !self.deadline_armed {
+            let started = *self.drain_started.get_or_insert_with(Instant::now);
             self.deadline_armed = true;
             self.deadline_cancelled = false;
             self.timer_ops += 1;
-            cx.timer(TAG_DEADLINE, QUIESCE_TIMEOUT);
+            cx.timer(TAG_DEADLINE, QUIESCE_TIMEOUT.saturating_sub(started.elapsed()));
         } else if req.is_done() && self.deadline_armed && !self.deadline_cancelled {
             self.deadline_cancelled = true;
             self.timer_ops += 1;

@@ -285,7 +285,8 @@ mod tests {
         let t = std::time::Instant::now();
         assert_eq!(a.alloc(), Some(5));
         assert_eq!(a.alloc(), None);
-        assert!(t.elapsed() < std::time::Duration::from_millis(5), "{:?}", t.elapsed());
+        // ~16 K summary words take microseconds; a flat scan of 64 M clusters, tens of ms.
+        assert!(t.elapsed() < std::time::Duration::from_millis(20), "{:?}", t.elapsed());
     }
 
     #[test]

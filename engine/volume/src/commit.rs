@@ -63,6 +63,9 @@ pub enum Finished {
     Failed(PoolError),
 }
 
+/// Bytes of a checkpoint blob per device write (and per read at open: `pool::read_checkpoint`).
+pub const BLOB_CHUNK: usize = 1 << 20;
+
 /// A mutant for the simulator's own test (tests/e2e/sim_mutants.sh): commits skip the flush
 /// that makes their data durable before the records naming it.
 const DROP_FLUSH: bool = cfg!(feature = "mutant-drop-flush");
@@ -141,10 +144,21 @@ impl Commit {
             Stage::WriteBlob => {
                 let Job::Checkpoint(c) = &self.job else { unreachable!("checkpoint stage") };
                 assert!(c.is_encoded(), "the blob is written once encoded");
-                let mut b = bufs.get(c.blob.len());
-                b.as_mut_slice().copy_from_slice(&c.blob);
-                let offset = c.blob_offset;
-                self.push(out, DiskOp::Write { offset, buf: b, fua: false });
+                // In pieces: one device I/O stays within what any backend takes at once (an
+                // NVMe namespace splits an I/O into at most PARTS_MAX commands).
+                let writes: Vec<(u64, K::B)> = c
+                    .blob
+                    .chunks(BLOB_CHUNK)
+                    .enumerate()
+                    .map(|(i, piece)| {
+                        let mut b = bufs.get(piece.len());
+                        b.as_mut_slice().copy_from_slice(piece);
+                        (c.blob_offset + (i * BLOB_CHUNK) as u64, b)
+                    })
+                    .collect();
+                for (offset, buf) in writes {
+                    self.push(out, DiskOp::Write { offset, buf, fua: false });
+                }
             }
             Stage::WriteSuperblock => {
                 let Job::Checkpoint(c) = &self.job else { unreachable!("checkpoint stage") };

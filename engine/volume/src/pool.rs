@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 
+use super::commit::BLOB_CHUNK;
 use super::format::{choose_superblock, replay, JournalBlock, Superblock, BLOCK_SIZE};
 use super::locks::Waiter;
 pub use super::meta::{PoolError, Volume, PIECE};
@@ -154,7 +155,12 @@ pub fn read_checkpoint<D: SyncDisk>(disk: &mut D, sb: &Superblock) -> Result<Vec
     }
     let half = sb.meta_blocks / 2;
     let at = (sb.meta_start + u64::from(sb.checkpoint_half) * half) * BLOCK_SIZE as u64;
-    let blob = disk.read(at, (sb.checkpoint_blocks * BLOCK_SIZE as u64) as usize)?;
+    let total = sb.checkpoint_blocks * BLOCK_SIZE as u64;
+    let mut blob = Vec::with_capacity(total as usize);
+    for from in (0..total).step_by(BLOB_CHUNK) {
+        let len = (total - from).min(BLOB_CHUNK as u64) as usize;
+        blob.extend_from_slice(&disk.read(at + from, len)?);
+    }
     let crc = crc32c::crc32c(&blob);
     let name = if sb.checkpoint_half == 0 { "A" } else { "B" };
     if crc != sb.checkpoint_crc {
@@ -447,6 +453,27 @@ mod tests {
             },
         )
         .unwrap()
+    }
+
+    /// A checkpoint of several MiB goes out and comes back in `BLOB_CHUNK` pieces, whole.
+    #[test]
+    fn a_checkpoint_larger_than_one_chunk_round_trips() {
+        use crate::meta::mapped_entries;
+        use crate::records::Record;
+        let disk = SimDisk::new(8 << 30, 3);
+        let mut p = Pool::format(disk, PoolGeometry::standard([5; 16])).unwrap();
+        let n = 120_000u64; // ~2.5 MB of MapSet records: three chunks
+        let m = p.meta_mut();
+        m.apply(&Record::VolumeCreate { id: 1, parent: 0, size_bytes: n << 16, name: "v".into() });
+        for vc in 0..n {
+            m.apply(&Record::MapSet { volume: 1, vcluster: vc, entry: (vc + 1) | (1 << 40) });
+        }
+        let before = mapped_entries(p.meta(), 1);
+        p.checkpoint().unwrap();
+        let blocks = p.meta().superblock().checkpoint_blocks;
+        assert!(blocks * BLOCK_SIZE as u64 > 2 * BLOB_CHUNK as u64, "{blocks} blocks");
+        let p = Pool::open(p.into_disk()).unwrap();
+        assert_eq!(mapped_entries(p.meta(), 1), before);
     }
 
     #[test]

@@ -14,12 +14,12 @@
 //! - `Writing`: the write's spans in flight (a copy-on-write reads the old cluster first);
 //! - `Parked`: waiting in a lock-table queue (busy cluster, frozen volume, commit in flight);
 //! - `Committing`: this request runs the pool's group commit ([`crate::commit`]);
+//! - `Done`: replied; nothing in flight.
 //!
 //! A control operation ([`Cmd::Control`], [`crate::ops`]) freezes the volume it changes,
 //! waits `Parked` until that volume's writes drained (a driver may give up with
 //! [`Request::expire`]), applies, thaws and commits like a flush: it replies once the change is
 //! durable, with the new volume's id where it made one.
-//! - `Done`: replied; nothing in flight.
 //!
 //! Invariants (asserted): a request replies exactly once and only with nothing in flight; a
 //! data I/O holds an epoch ticket from planning until its device I/O ended, so a cluster freed
@@ -856,7 +856,6 @@ impl<B: Buf> Request<B> {
         }
     }
 
-    /// Flush: waits for a commit sealed after this request arrived (its own, or another's).
     /// A control operation applies once its volume (if any) has no write in flight.
     fn drain<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         if let Some(why) = cx.meta.failed() {
@@ -893,6 +892,7 @@ impl<B: Buf> Request<B> {
         }
     }
 
+    /// Flush: waits for a commit sealed after this request arrived (its own, or another's).
     fn start_commit<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         if let Some(why) = cx.meta.failed() {
             tracing::debug!(why, "flush on a failed pool");

@@ -47,12 +47,25 @@ impl PoolMeta {
         self.volumes.get(&id).is_none_or(|v| v.writes_inflight == 0)
     }
 
+    /// Freezes volume `id` (`true`) for one more control operation, or ends one operation's
+    /// freeze (`false`): new writes wait while any holds it; they are woken when the last
+    /// lets go.
     pub fn set_frozen(&mut self, id: u32, frozen: bool) {
-        if let Some(v) = self.volumes.get_mut(&id) {
-            v.frozen = frozen;
-        }
-        if !frozen {
-            self.locks.thawed(id);
+        let Some(v) = self.volumes.get_mut(&id) else {
+            // Gone (deleted by the operation that froze it): its waiters fail when woken.
+            if !frozen {
+                self.locks.thawed(id);
+            }
+            return;
+        };
+        if frozen {
+            v.frozen += 1;
+        } else {
+            assert!(v.frozen > 0, "thawing volume {id} that is not frozen");
+            v.frozen -= 1;
+            if v.frozen == 0 {
+                self.locks.thawed(id);
+            }
         }
     }
 

@@ -69,7 +69,7 @@ impl PoolMeta {
         // A frozen volume takes no new write; a read-modify-write that holds its clusters is
         // already in flight (counted by the freeze) and must finish, or the freeze would wait
         // for it forever.
-        if v.frozen && hold == 0 {
+        if v.frozen > 0 && hold == 0 {
             self.locks.park_frozen(id, waiter);
             return Err(Blocked::Wait);
         }
@@ -148,7 +148,7 @@ impl PoolMeta {
         if v.read_only {
             return Err(PoolError::ReadOnly(id).into());
         }
-        if v.frozen {
+        if v.frozen > 0 {
             self.locks.park_frozen(id, waiter);
             return Err(Blocked::Wait);
         }
@@ -232,7 +232,7 @@ impl PoolMeta {
     pub fn trim(&mut self, id: u32, offset: u64, len: u64, waiter: Waiter) -> Result<(), Blocked> {
         self.ok()?;
         self.check_range(id, offset, len, true)?;
-        if self.volumes[&id].frozen {
+        if self.volumes[&id].frozen > 0 {
             self.locks.park_frozen(id, waiter);
             return Err(Blocked::Wait);
         }

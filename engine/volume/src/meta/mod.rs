@@ -124,8 +124,9 @@ pub struct Volume {
     /// after the parent is deleted.
     pub parent: u32,
     pub(crate) tree: Tree,
-    /// New writes wait (a snapshot, clone, rollback, resize or delete is quiescing it).
-    pub frozen: bool,
+    /// Control operations quiescing it (snapshot, rollback, resize, delete): while any does,
+    /// new writes wait.
+    pub frozen: u32,
     /// Writes planned and not yet finished.
     pub writes_inflight: u32,
 }
@@ -526,7 +527,7 @@ impl PoolMeta {
                     read_only: false,
                     parent: *parent,
                     tree: Tree::new(clusters),
-                    frozen: false,
+                    frozen: 0,
                     writes_inflight: 0,
                 };
                 if let Some(old) = self.volumes.insert(*id, v) {
@@ -542,7 +543,7 @@ impl PoolMeta {
                     read_only: matches!(r, Record::Snapshot { .. }),
                     parent: *of,
                     tree: src.tree.clone(),
-                    frozen: false,
+                    frozen: 0,
                     writes_inflight: 0,
                 };
                 if let Some(old) = self.volumes.insert(*id, v) {

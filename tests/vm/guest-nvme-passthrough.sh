@@ -34,10 +34,11 @@ MODE=interrupts; [ -n "$POLL" ] && MODE="polled completions ($(cat /sys/module/n
 echo "NVMe passthrough test: ${LBA}-byte LBAs, $MODE"
 
 STARTS=0
-start_ballast() { # starts ballast in the background, waits until it serves; log: $LOG
+serve() { # serve ARGS...: starts ballast with ARGS in the background, waits until it serves;
+          # log: $LOG
   STARTS=$((STARTS + 1)); LOG=/tmp/ballast.$STARTS.log
-  $B serve --data-dir /tmp/data --export pt=nvme:/dev/ng0n1 --cores 2 $POLL $1 \
-    --nbd-listen 127.0.0.1:10809 --nvmf-listen 127.0.0.1:4420 > $LOG 2>&1 &
+  $B serve --cores 2 $POLL "$@" --nbd-listen 127.0.0.1:10809 --nvmf-listen 127.0.0.1:4420 \
+    > $LOG 2>&1 &
   BPID=$!
   i=0; while [ $i -lt 100 ]; do
     grep -q "ballast serving" $LOG && return 0
@@ -46,9 +47,10 @@ start_ballast() { # starts ballast in the background, waits until it serves; log
   done
   return 1
 }
+start_ballast() { serve --data-dir /tmp/data --export pt=nvme:/dev/ng0n1 "$@"; }
 NBD=nbd0   # a kill -9 leaves it to the kernel's teardown: the restart attaches nbd1
-attach() {
-  timeout 60 nbd-client 127.0.0.1 10809 /dev/$NBD -N pt -b 4096 -t 60 > /tmp/nbd-client.out 2>&1 \
+attach() { # attach [EXPORT]: EXPORT (default pt) on /dev/$NBD
+  timeout 60 nbd-client 127.0.0.1 10809 /dev/$NBD -N "${1:-pt}" -b 4096 -t 60 > /tmp/nbd-client.out 2>&1 \
     || { cat /tmp/nbd-client.out; return 1; }
   i=0; while [ "$(cat /sys/block/$NBD/size)" = 0 ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
   [ "$(cat /sys/block/$NBD/size)" != 0 ]
@@ -163,26 +165,8 @@ check "ballast exits 0 on SIGTERM" test $rc = 0
 
 # 9. a pool on the namespace (the first 128 MiB of data clusters at most: the host's pattern
 # at 448 MiB stays)
-PSTARTS=0
-start_pool() {
-  PSTARTS=$((PSTARTS + 1)); LOG=/tmp/ballast.pool.$PSTARTS.log
-  $B serve --data-dir /tmp/pdata --pool /dev/ng0n1 --cores 2 $POLL \
-    --nbd-listen 127.0.0.1:10809 --nvmf-listen 127.0.0.1:4420 > $LOG 2>&1 &
-  BPID=$!
-  i=0; while [ $i -lt 100 ]; do
-    grep -q "ballast serving" $LOG && return 0
-    kill -0 $BPID 2>/dev/null || return 1
-    sleep 0.2; i=$((i+1))
-  done
-  return 1
-}
+start_pool() { serve --data-dir /tmp/pdata --pool /dev/ng0n1; }
 ctl() { timeout 60 $B "$@" --data-dir /tmp/pdata; }
-attach_vol() { # attach_vol NAME: the volume on the next free nbd device ($NBD)
-  timeout 60 nbd-client 127.0.0.1 10809 /dev/$NBD -N "$1" -b 4096 -t 60 > /tmp/nbd-client.out 2>&1 \
-    || { cat /tmp/nbd-client.out; return 1; }
-  i=0; while [ "$(cat /sys/block/$NBD/size)" = 0 ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
-  [ "$(cat /sys/block/$NBD/size)" != 0 ]
-}
 mkdir -p /tmp/pdata
 check "pool create on /dev/ng0n1 (passthrough ioctls)" $B pool create /dev/ng0n1
 if start_pool; then pass "ballast serves a pool on /dev/ng0n1"; else
@@ -190,7 +174,7 @@ if start_pool; then pass "ballast serves a pool on /dev/ng0n1"; else
 fi
 check "volume create v 64M" ctl volume create v 64M
 NBD=nbd2
-check "nbd-client attaches volume v" attach_vol v
+check "nbd-client attaches volume v" attach v
 check "fio randwrite 4k-256k on the volume, crc32c verify" \
   fio --name=pv --filename=/dev/$NBD --eta=never --ioengine=libaio --direct=1 --rw=randwrite \
     --bsrange=4k-256k --iodepth=16 --size=32m --verify=crc32c --do_verify=1 --verify_fatal=1 \
@@ -206,11 +190,11 @@ if start_pool; then pass "ballast reopens the pool after kill -9 (journal replay
   fail "ballast reopens the pool"; tail -20 $LOG
 fi
 NBD=nbd3
-check "nbd-client attaches v again" attach_vol v
+check "nbd-client attaches v again" attach v
 check "the flushed pattern survived kill -9" test "$(region_sum /dev/$NBD 8 2)" = "$(sha256sum < /tmp/ppattern | cut -d' ' -f1)"
 detach
 NBD=nbd4
-check "nbd-client attaches snapshot s1" attach_vol s1
+check "nbd-client attaches snapshot s1" attach s1
 check "snapshot s1 is unchanged" test "$(region_sum /dev/$NBD 0 32)" = "$SNAP_SUM"
 detach
 kill -TERM $BPID; rc=0; wait $BPID || rc=$?

@@ -641,6 +641,33 @@ impl VolumeIo {
         }
     }
 
+    /// One completion for this task: a wake-up, the drain deadline (or its cancel), an
+    /// encoding back from the offload thread, or a device operation.
+    fn on_event(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+        if tag == TAG_WAKE {
+            return self.step(cx, Event::Wake);
+        }
+        if tag == TAG_DEADLINE || tag == TAG_DEADLINE_CANCEL {
+            self.timer_ops -= 1;
+            if tag == TAG_DEADLINE {
+                self.deadline_armed = false;
+                let draining = self.req.as_ref().is_some_and(Request::draining);
+                if result == -libc::ETIME && draining {
+                    self.step(cx, Event::Expire);
+                }
+            }
+            return;
+        }
+        if tag == TAG_ENCODE {
+            let (tag, away) = self.encoding.take().expect("an encoding in flight");
+            // Encoding is pure; it panics only on a broken invariant (the blob outgrew its
+            // half), which was fatal on the core before it moved off it.
+            let encoded = away.take().expect("a checkpoint's encoding panicked");
+            return self.step(cx, Event::Encoded(tag, encoded));
+        }
+        self.step(cx, Event::Completion(tag, result, owned.into_buf().map(DevBuf)));
+    }
+
     fn step(&mut self, cx: &mut Cx<'_>, ev: Event) {
         let req = self.req.as_mut().expect("started");
         let (outcome, background, timer, failure) = {
@@ -770,32 +797,5 @@ impl Task for VolumeIo {
 
     fn is_done(&self) -> bool {
         self.timer_ops == 0 && self.req.as_ref().is_some_and(Request::is_done)
-    }
-}
-
-impl VolumeIo {
-    fn on_event(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
-        if tag == TAG_WAKE {
-            return self.step(cx, Event::Wake);
-        }
-        if tag == TAG_DEADLINE || tag == TAG_DEADLINE_CANCEL {
-            self.timer_ops -= 1;
-            if tag == TAG_DEADLINE {
-                self.deadline_armed = false;
-                let draining = self.req.as_ref().is_some_and(Request::draining);
-                if result == -libc::ETIME && draining {
-                    self.step(cx, Event::Expire);
-                }
-            }
-            return;
-        }
-        if tag == TAG_ENCODE {
-            let (tag, away) = self.encoding.take().expect("an encoding in flight");
-            // Encoding is pure; it panics only on a broken invariant (the blob outgrew its
-            // half), which was fatal on the core before it moved off it.
-            let encoded = away.take().expect("a checkpoint's encoding panicked");
-            return self.step(cx, Event::Encoded(tag, encoded));
-        }
-        self.step(cx, Event::Completion(tag, result, owned.into_buf().map(DevBuf)));
     }
 }

@@ -492,7 +492,6 @@ pub struct Freezer(HashMap<usize, FrozenLeaf>);
 pub struct FrozenLeaf(Arc<[Entry; FANOUT]>);
 
 /// A tree's leaves at one moment: (first volume cluster of the leaf, entries), in order.
-#[derive(Clone)]
 pub struct FrozenTree {
     capacity: u64,
     leaves: Vec<(u64, FrozenLeaf)>,
@@ -522,35 +521,20 @@ impl FrozenTree {
         let empty = [Entry::UNMAPPED; FANOUT];
         let (mut a, mut b) = (self.leaves.iter().peekable(), parent.leaves.iter().peekable());
         loop {
-            let (base, mine, theirs) = match (a.peek(), b.peek()) {
-                (None, None) => return,
-                (Some((x, m)), Some((y, t))) if x == y => {
-                    let r = (*x, &m.0[..], &t.0[..]);
-                    if Arc::ptr_eq(&m.0, &t.0) {
-                        a.next();
-                        b.next();
-                        continue;
-                    }
-                    a.next();
-                    b.next();
-                    r
+            // Both sorted by base: take the lower base from each side (both when equal).
+            let (ka, kb) = (a.peek().map(|l| l.0), b.peek().map(|l| l.0));
+            let take_a = ka.is_some_and(|x| kb.is_none_or(|y| x <= y));
+            let take_b = kb.is_some_and(|y| ka.is_none_or(|x| y <= x));
+            let mine = if take_a { a.next() } else { None };
+            let theirs = if take_b { b.next() } else { None };
+            let Some(base) = mine.or(theirs).map(|l| l.0) else { return };
+            if let (Some(m), Some(t)) = (mine, theirs) {
+                if Arc::ptr_eq(&m.1 .0, &t.1 .0) {
+                    continue; // a leaf the two share: no difference in it
                 }
-                (Some((x, m)), Some((y, _))) if x < y => {
-                    let r = (*x, &m.0[..], &empty[..]);
-                    a.next();
-                    r
-                }
-                (Some((x, m)), None) => {
-                    let r = (*x, &m.0[..], &empty[..]);
-                    a.next();
-                    r
-                }
-                (_, Some((y, t))) => {
-                    let r = (*y, &empty[..], &t.0[..]);
-                    b.next();
-                    r
-                }
-            };
+            }
+            let mine = mine.map_or(&empty[..], |l| &l.1 .0[..]);
+            let theirs = theirs.map_or(&empty[..], |l| &l.1 .0[..]);
             for (i, (m, t)) in mine.iter().zip(theirs).enumerate() {
                 let vc = base + i as u64;
                 if m.cluster().is_some() {

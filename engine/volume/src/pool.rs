@@ -272,12 +272,13 @@ impl<D: SyncDisk> Pool<D> {
 
     /// Group commit (or a checkpoint when the journal wants one).
     pub fn flush(&mut self) -> Result<(), PoolError> {
-        commit_sync(&mut self.disk, &mut self.meta)
+        run(&mut self.disk, &mut self.meta, 0, Cmd::Flush).map(drop)
     }
 
-    /// Writes the whole state to the inactive metadata half and names it in a new superblock.
+    /// Writes the whole state to the inactive metadata half and names it in a new superblock
+    /// (the journal starts over from the current position).
     pub fn checkpoint(&mut self) -> Result<(), PoolError> {
-        checkpoint_sync(&mut self.disk, &mut self.meta)
+        run(&mut self.disk, &mut self.meta, 0, Cmd::Checkpoint).map(drop)
     }
 
     /// Runs a control operation as the daemon does — the same request: freeze, apply, thaw,
@@ -416,17 +417,6 @@ fn errno_of(e: &std::io::Error, first: &mut Option<std::io::Error>) -> i32 {
     let errno = e.raw_os_error().unwrap_or(libc::EIO);
     first.get_or_insert_with(|| std::io::Error::new(e.kind(), e.to_string()));
     -errno
-}
-
-/// A group commit over a synchronous disk (a checkpoint when the journal wants one).
-pub fn commit_sync<D: SyncDisk>(disk: &mut D, meta: &mut PoolMeta) -> Result<(), PoolError> {
-    run(disk, meta, 0, Cmd::Flush).map(drop)
-}
-
-/// A checkpoint over a synchronous disk: the whole state to the inactive metadata half, named
-/// by a new superblock; the journal starts over from the current position.
-pub fn checkpoint_sync<D: SyncDisk>(disk: &mut D, meta: &mut PoolMeta) -> Result<(), PoolError> {
-    run(disk, meta, 0, Cmd::Checkpoint).map(drop)
 }
 
 #[cfg(test)]

@@ -200,7 +200,6 @@ impl PoolMeta {
 }
 
 /// One volume as a checkpoint encodes it.
-#[derive(Clone)]
 struct FrozenVolume {
     name: String,
     size_bytes: u64,
@@ -210,7 +209,6 @@ struct FrozenVolume {
 }
 
 /// The state a checkpoint holds, frozen at `begin_checkpoint` ([`PoolMeta::freeze`]).
-#[derive(Clone)]
 pub struct Frozen {
     config: BTreeMap<String, String>,
     volumes: BTreeMap<u32, FrozenVolume>,

@@ -31,6 +31,7 @@
 //!   (IOPOLL): the core does not sleep while device I/O is in flight; entering the device ring
 //!   polls the NVMe completion queue.
 
+use std::any::{Any, TypeId};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
@@ -300,8 +301,16 @@ pub struct Cx<'a> {
     offload: &'a Offload,
     stats: &'a mut CoreStats,
     pool: &'a mut BufPool,
+    locals: &'a mut Locals,
     shutting_down: bool,
 }
+
+/// Per-core values of modules above the reactor, one per type (a volume pool's request slots
+/// on this core): reached from any task on the core, never from another thread. A value is
+/// checked out while in use ([`Cx::take_local`]) and must be put back before the event ends;
+/// taking it again meanwhile is a bug (re-entrancy) and panics.
+#[derive(Default)]
+struct Locals(Vec<(TypeId, Option<Box<dyn Any>>)>);
 
 impl Cx<'_> {
     pub fn core(&self) -> usize {
@@ -456,6 +465,36 @@ impl Cx<'_> {
         Away::new(rx)
     }
 
+    /// Checks out this core's value of type `T` (none yet: `None`, and the caller makes one);
+    /// it must come back through [`Cx::put_local`] before the event ends.
+    pub fn take_local<T: Any>(&mut self) -> Option<Box<T>> {
+        let id = TypeId::of::<T>();
+        let (_, slot) = self.locals.0.iter_mut().find(|(t, _)| *t == id)?;
+        let value = slot.take().expect("a per-core value taken twice (re-entrant use)");
+        Some(value.downcast::<T>().expect("per-core values are keyed by their type"))
+    }
+
+    /// Puts this core's value of type `T` back (or in, the first time).
+    pub fn put_local<T: Any>(&mut self, value: Box<T>) {
+        let id = TypeId::of::<T>();
+        match self.locals.0.iter_mut().find(|(t, _)| *t == id) {
+            Some((_, slot)) => {
+                assert!(slot.is_none(), "a per-core value put back twice");
+                *slot = Some(value);
+            }
+            None => self.locals.0.push((id, Some(value))),
+        }
+    }
+
+    /// Runs `f` as task `task` of this core: what it submits completes to `task`. For a
+    /// service task (a pool's request slots) that another task's call hands work to.
+    pub fn as_task<R>(&mut self, task: u32, f: impl FnOnce(&mut Cx<'_>) -> R) -> R {
+        let caller = std::mem::replace(&mut self.task, task);
+        let r = f(self);
+        self.task = caller;
+        r
+    }
+
     /// Starts a task on this core (after the current event).
     pub fn spawn_local(&mut self, task: Box<dyn Task>) {
         self.spawns.push(task);
@@ -535,6 +574,8 @@ struct Core {
     last_trim: Instant,
     stats: CoreStats,
     pool: BufPool,
+    /// State that modules above the reactor keep per core ([`Cx::take_local`]).
+    locals: Locals,
     shutdown_at: Option<Instant>,
 }
 
@@ -569,6 +610,7 @@ impl Core {
             policy: PollPolicy::new(Duration::from_micros(cfg.poll_us)),
             pool: BufPool::new(cfg.buffer_budget),
             stats: CoreStats::new(id),
+            locals: Locals::default(),
             shutdown_at: None,
         }
     }
@@ -782,6 +824,7 @@ impl Core {
             offload: &self.offload,
             stats: &mut self.stats,
             pool: &mut self.pool,
+            locals: &mut self.locals,
             shutting_down: self.shutdown_at.is_some(),
         };
         (cx, &mut self.tasks)

@@ -16,7 +16,7 @@
 //! - a copy-on-write slot has exactly one writer; a held slot's writers all belong to the
 //!   holder (checked by the callers in `meta`, which know the hold tokens).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 /// A parked request's name, chosen by the driver (the daemon: core and task; the simulator:
 /// its request number). Woken at most once per parking.

@@ -194,6 +194,8 @@ pub struct Request<B> {
     ticket: Option<Ticket>,
     /// Reads: where each device read lands in `buf` (`None`: straight into `buf`).
     parts: Vec<Option<u64>>,
+    /// Scratch: the pieces a read plans (kept for reuse, see [`Request::reuse`]).
+    pieces: Vec<ReadPiece>,
     plans: Vec<WritePlan>,
     /// A flush is satisfied once this many commits have been sealed and are durable.
     wait_seal: u64,
@@ -245,6 +247,7 @@ impl<B: Buf> Request<B> {
             error: 0,
             ticket: None,
             parts: Vec::new(),
+            pieces: Vec::new(),
             plans: Vec::new(),
             wait_seal: 0,
             user: None,
@@ -262,6 +265,22 @@ impl<B: Buf> Request<B> {
             result: None,
             failure: None,
         }
+    }
+
+    /// Makes a finished request the request for `cmd` on volume `vol`, keeping the memory of
+    /// its vectors (a driver that runs many requests reuses them, allocating nothing per
+    /// request once warm).
+    pub fn reuse(&mut self, vol: u32, cmd: Cmd<B>, waiter: Waiter) {
+        assert!(self.is_done() && self.outstanding == 0, "only a finished request is reused");
+        let mut parts = std::mem::take(&mut self.parts);
+        let mut pieces = std::mem::take(&mut self.pieces);
+        let mut plans = std::mem::take(&mut self.plans);
+        let mut edges = std::mem::take(&mut self.edges);
+        parts.clear();
+        pieces.clear();
+        plans.clear();
+        edges.clear();
+        *self = Request { parts, pieces, plans, edges, ..Request::new(vol, cmd, waiter) };
     }
 
     /// Why the pool refused the request, when a negative result came from a refusal (range,
@@ -554,10 +573,11 @@ impl<B: Buf> Request<B> {
     }
 
     fn start_read<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
-        let pieces = match cx.meta.plan_read(self.vol, self.offset, self.len) {
-            Ok(p) => p,
-            Err(e) => return self.refuse(cx, e),
-        };
+        let mut pieces = std::mem::take(&mut self.pieces);
+        if let Err(e) = cx.meta.plan_read_into(self.vol, self.offset, self.len, &mut pieces) {
+            self.pieces = pieces;
+            return self.refuse(cx, e);
+        }
         self.ticket = Some(cx.meta.begin_io());
         self.state = State::Reading;
         if let [ReadPiece::Disk { offset, len }] = pieces[..] {
@@ -566,11 +586,12 @@ impl<B: Buf> Request<B> {
                 self.parts.push(None);
                 self.outstanding = 1;
                 cx.out.push(Issue { tag: tag::READ, op: DiskOp::Read { offset, buf } });
+                self.pieces = pieces;
                 return;
             }
         }
         let mut pos = 0u64;
-        for p in pieces {
+        for &p in &pieces {
             match p {
                 ReadPiece::Zero { len } => {
                     let buf = self.buf.as_mut().expect("read buffer");
@@ -588,6 +609,7 @@ impl<B: Buf> Request<B> {
                 }
             }
         }
+        self.pieces = pieces;
         if self.outstanding == 0 {
             self.finish_read(cx);
         }
@@ -735,16 +757,16 @@ impl<B: Buf> Request<B> {
 
     fn start_write<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         let hold = self.hold.as_ref().map_or(0, |h| h.0);
-        let plans = match cx.meta.plan_write(self.vol, self.offset, self.len, hold, self.waiter) {
-            Ok(p) => p,
+        let (vol, offset, len, waiter) = (self.vol, self.offset, self.len, self.waiter);
+        match cx.meta.plan_write_into(vol, offset, len, hold, waiter, &mut self.plans) {
+            Ok(()) => {}
             Err(Blocked::Wait) => return self.park(Resume::Write),
             Err(Blocked::Fail(e)) => return self.refuse(cx, e),
-        };
+        }
         let cb = cx.meta.cluster_bytes();
         self.ticket = Some(cx.meta.begin_io());
         self.state = State::Writing;
-        self.outstanding = plans.len() as u32;
-        self.plans = plans;
+        self.outstanding = self.plans.len() as u32;
         for i in 0..self.plans.len() {
             let p = self.plans[i];
             let t = i as u32;

@@ -3,7 +3,8 @@
 //!
 //! - the volume core per request, with no device I/O (completions handed back at once): a 4 KiB
 //!   read of a mapped piece and a 4 KiB in-place overwrite, each under the pool mutex taken once
-//!   per event as the daemon's adapter does, and a task allocation per request;
+//!   per event as the daemon's adapter does, the request reused in its slot as the adapter
+//!   does (no allocation per request);
 //! - the pool mutex itself: uncontended, and contended by two threads on two CPUs;
 //! - a cross-core forward through the engine: a task on core 0 spawns a task on core 1 through
 //!   its mailbox, which wakes the first back through its wake channel (a forwarded request and
@@ -139,6 +140,7 @@ fn volume_core(meta: &Mutex<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let buf = vec![1u8; PIECE as usize];
     let mut spare = Some(buf);
+    let mut slot: Option<Request<Vec<u8>>> = None;
     let start = Instant::now();
     for _ in 0..ops {
         rng ^= rng << 13;
@@ -151,8 +153,14 @@ fn volume_core(meta: &Mutex<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
         } else {
             Cmd::Read { offset, buf: b }
         };
-        // The adapter's task allocation per request.
-        let mut req = Box::new(Request::new(vol, cmd, Waiter(1)));
+        // The adapter reuses a finished request in its slot (no allocation per request).
+        let mut req = match slot.take() {
+            Some(mut req) => {
+                Request::reuse(&mut req, vol, cmd, Waiter(1));
+                req
+            }
+            None => Request::new(vol, cmd, Waiter(1)),
+        };
         let mut outcome = {
             let mut m = meta.lock();
             req.start(&mut Ctx { meta: &mut m, bufs: &mut bufs, out: &mut out })
@@ -161,6 +169,7 @@ fn volume_core(meta: &Mutex<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
             if let Outcome::Done { result, buf } = outcome {
                 assert_eq!(result, PIECE as i32);
                 spare = buf;
+                slot = Some(req);
                 break;
             }
             let Issue { tag, op } = out.pop().expect("an operation in flight");

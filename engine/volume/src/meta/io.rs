@@ -21,9 +21,23 @@ impl PoolMeta {
 
     /// Where `[offset, offset + len)` of volume `id` comes from, in order, runs merged.
     pub fn plan_read(&self, id: u32, offset: u64, len: u64) -> Result<Vec<ReadPiece>, PoolError> {
+        let mut out = Vec::new();
+        self.plan_read_into(id, offset, len, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`PoolMeta::plan_read`] into `out` (cleared first): a caller that reads often keeps
+    /// one vector.
+    pub fn plan_read_into(
+        &self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<ReadPiece>,
+    ) -> Result<(), PoolError> {
+        out.clear();
         self.check_range(id, offset, len, false)?;
         let tree = &self.volumes[&id].tree;
-        let mut out: Vec<ReadPiece> = Vec::new();
         let mut at = offset;
         while at < offset + len {
             let Span { vc, cluster_end, first_bit, bits } = self.span(at, offset + len);
@@ -46,7 +60,7 @@ impl PoolMeta {
             }
             at = cluster_end;
         }
-        Ok(out)
+        Ok(())
     }
 
     // ---- writes -----------------------------------------------------------------------------
@@ -63,6 +77,22 @@ impl PoolMeta {
         hold: u64,
         waiter: Waiter,
     ) -> Result<Vec<WritePlan>, Blocked> {
+        let mut plans = Vec::new();
+        self.plan_write_into(id, offset, len, hold, waiter, &mut plans)?;
+        Ok(plans)
+    }
+
+    /// [`PoolMeta::plan_write`] into `plans` (cleared first; left empty when it fails).
+    pub fn plan_write_into(
+        &mut self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        hold: u64,
+        waiter: Waiter,
+        plans: &mut Vec<WritePlan>,
+    ) -> Result<(), Blocked> {
+        plans.clear();
         self.ok()?;
         self.check_range(id, offset, len, true)?;
         let v = &self.volumes[&id];
@@ -73,8 +103,8 @@ impl PoolMeta {
             self.locks.park_frozen(id, waiter);
             return Err(Blocked::Wait);
         }
-        // First decide every span (no state changes), so a busy span reserves nothing.
-        let mut spans = Vec::new();
+        // First decide every span (no state changes), so a busy span reserves nothing: each
+        // plan names the old cluster for now, and its offset within the cluster.
         let mut fresh_needed = 0u64;
         let mut at = offset;
         while at < offset + len {
@@ -83,6 +113,7 @@ impl PoolMeta {
             // A cluster held by a read-modify-write takes only that request's write.
             if state.cow || (state.held != 0 && state.held != hold) {
                 self.locks.park_cluster(id, s.vc, waiter);
+                plans.clear();
                 return Err(Blocked::Wait);
             }
             let e = v.tree.get(s.vc);
@@ -97,41 +128,40 @@ impl PoolMeta {
                 // ignores the writers already in the cluster.
                 if state.writers > 0 && !cfg!(feature = "mutant-skip-lock") {
                     self.locks.park_cluster(id, s.vc, waiter);
+                    plans.clear();
                     return Err(Blocked::Wait);
                 }
                 fresh_needed += 1;
             }
-            spans.push((at, s, e, owned));
-            at = spans.last().expect("pushed").1.cluster_end;
-        }
-        if fresh_needed > self.alloc.free_count() {
-            return Err(PoolError::NoSpace.into());
-        }
-        let mut plans = Vec::with_capacity(spans.len());
-        for (at, s, e, owned) in spans {
-            let (cluster, copy_from) = if owned {
-                (e.cluster().expect("owned means mapped"), None)
-            } else {
-                let fresh = self.alloc.alloc().ok_or(PoolError::NoSpace)?;
-                self.epoch_fresh.insert(fresh);
-                self.fresh_inflight += 1;
-                (fresh, e.cluster().map(|old| self.cluster_offset(old)))
-            };
-            self.locks.add_writer(id, s.vc, !owned);
             plans.push(WritePlan {
                 vcluster: s.vc,
-                offset: self.cluster_offset(cluster) + s.first_bit * PIECE,
+                offset: s.first_bit * PIECE,
                 req_start: at - offset,
                 req_len: s.cluster_end - at,
-                cluster,
-                copy_from,
+                cluster: e.cluster().unwrap_or(0),
+                copy_from: if owned { None } else { e.cluster().map(|c| self.cluster_offset(c)) },
                 fresh: !owned,
                 bits: s.bits,
                 base_written: if owned { 0 } else { e.written() },
             });
+            at = s.cluster_end;
+        }
+        if fresh_needed > self.alloc.free_count() {
+            plans.clear();
+            return Err(PoolError::NoSpace.into());
+        }
+        for p in plans.iter_mut() {
+            if p.fresh {
+                let fresh = self.alloc.alloc().expect("counted free above");
+                self.epoch_fresh.insert(fresh);
+                self.fresh_inflight += 1;
+                p.cluster = fresh;
+            }
+            p.offset += self.cluster_offset(p.cluster);
+            self.locks.add_writer(id, p.vcluster, p.fresh);
         }
         self.volumes.get_mut(&id).expect("checked").writes_inflight += 1;
-        Ok(plans)
+        Ok(())
     }
 
     fn unbusy(&mut self, id: u32, vc: u64) {

@@ -26,7 +26,9 @@
 //!   volumes may only be created, cloned, snapshotted or grown while the sum of all volume sizes
 //!   stays within the provisioning limit the metadata area was sized for at `format`.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use rustc_hash::FxHashSet as HashSet;
 
 use crate::alloc::Allocator;
 use crate::format::{FormatError, Superblock, BLOCK_SIZE};
@@ -285,10 +287,10 @@ impl PoolMeta {
             config: BTreeMap::new(),
             refs: vec![0; clusters as usize],
             next_id: 1,
-            epoch_fresh: HashSet::new(),
-            epoch_touched: HashSet::new(),
-            sealed_fresh: HashSet::new(),
-            sealed_touched: HashSet::new(),
+            epoch_fresh: HashSet::default(),
+            epoch_touched: HashSet::default(),
+            sealed_fresh: HashSet::default(),
+            sealed_touched: HashSet::default(),
             committing: false,
             next_hold: 0,
             seals: 0,

@@ -355,9 +355,9 @@ fn main() -> anyhow::Result<()> {
     let alloc = figure(&mut allocator_cost);
     println!("| primitive | ns per operation (median of {reps}) |");
     println!("|---|---|");
-    println!("| volume core: 4 KiB read of a mapped piece (lock per event, task box, no I/O) | {read:.0} |");
+    println!("| volume core: 4 KiB read of a mapped piece (lock per event, request reused in its slot, no I/O) | {read:.0} |");
     println!(
-        "| volume core: 4 KiB in-place overwrite (lock per event, task box, no I/O) | {write:.0} |"
+        "| volume core: 4 KiB in-place overwrite (lock per event, request reused in its slot, no I/O) | {write:.0} |"
     );
     println!("| pool mutex, uncontended lock + unlock | {unc:.1} |");
     println!("| pool mutex, two threads on two CPUs, per lock + unlock | {con:.1} |");

@@ -139,6 +139,15 @@ struct Exchange {
     dh: Option<DhKeyPair>,
 }
 
+/// A public value for a debug line: its length, first 32 and last 8 bytes in hex.
+fn public_hex(bytes: &[u8]) -> String {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    if bytes.len() <= 40 {
+        return format!("{}:{}", bytes.len(), hex(bytes));
+    }
+    format!("{}:{}..{}", bytes.len(), hex(&bytes[..32]), hex(&bytes[bytes.len() - 8..]))
+}
+
 /// The per-queue states.
 enum State {
     /// No transaction: only a Negotiate is accepted.
@@ -274,7 +283,22 @@ impl QueueAuth {
                         group: exchange.group,
                         r2,
                     },
-                    Err(reason) => State::FailurePending { tid, reason },
+                    Err(reason) => {
+                        // Public values only — each crossed the wire in clear — so that a
+                        // refused response can be compared with the host's own debug output.
+                        let ctrl_dh = exchange.dh.as_ref().map(DhKeyPair::public_value);
+                        tracing::debug!(
+                            tid,
+                            s1 = exchange.s1,
+                            c1 = %public_hex(&exchange.c1),
+                            ctrl_dh = %public_hex(ctrl_dh.as_deref().unwrap_or_default()),
+                            host_dh = %public_hex(dh_value),
+                            r1 = %public_hex(r1),
+                            ?reason,
+                            "DH-HMAC-CHAP: reply refused; the exchange's public values"
+                        );
+                        State::FailurePending { tid, reason }
+                    }
                 }
             }
             (State::WaitSuccess2 { hash, group, .. }, Message::Success2 { .. }) => {

@@ -168,12 +168,23 @@ impl DhKeyPair {
         {
             return Err(DhError::PublicRange);
         }
-        // DH_compute_key strips leading zero bytes.
-        let raw = Zeroizing::new(self.dh.compute_key(&y).map_err(|_| DhError::PublicRange)?);
-        assert!(raw.len() <= len, "shared secret wider than the prime");
-        let mut padded = vec![0u8; len];
-        padded[len - raw.len()..].copy_from_slice(&raw);
-        Ok(SecretBytes::new(padded))
+        // Not `Dh::compute_key`: DH_compute_key strips the value's leading zero bytes and the
+        // binding returns the whole buffer regardless, so a shared value with a leading zero
+        // byte (1 exchange in 256) came out shifted left — the host computed another
+        // augmented challenge and its response "did not match". y^x mod p, computed here with
+        // the exponent in constant time and every intermediate in OpenSSL's secure heap
+        // (cleared when freed), then padded to the prime's size as the spec and the kernel do.
+        let p = self.group.prime()?;
+        let mut x = BigNum::new_secure().map_err(openssl_error)?;
+        let zero = BigNum::new().map_err(openssl_error)?;
+        x.checked_add(self.dh.private_key(), &zero).map_err(openssl_error)?;
+        x.set_const_time();
+        let mut z = BigNum::new_secure().map_err(openssl_error)?;
+        let mut ctx = BigNumContext::new_secure().map_err(openssl_error)?;
+        z.mod_exp(&y, &x, &p, &mut ctx).map_err(openssl_error)?;
+        let padded = SecretBytes::new(z.to_vec_padded(len as i32).map_err(openssl_error)?);
+        assert_eq!(padded.len(), len, "shared secret wider than the prime");
+        Ok(padded)
     }
 }
 
@@ -329,6 +340,18 @@ mod tests {
         }
     }
 
+    struct Xorshift(u64);
+    impl Entropy for Xorshift {
+        fn fill(&mut self, buf: &mut [u8]) {
+            for b in buf {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                *b = (self.0 >> 24) as u8;
+            }
+        }
+    }
+
     #[test]
     fn groups_are_safe_primes_of_the_rfc7919_shape() {
         // ffdhe2048's first and last words as printed in RFC 7919 appendix A.1.
@@ -351,6 +374,32 @@ mod tests {
             assert_eq!(sa.len(), group.len_bytes());
             assert!(sa.ct_eq(sb.expose()));
         }
+    }
+
+    /// The exchange that failed one kernel connect in a few hundred: a shared value whose
+    /// first byte is zero must come out as g^(xa·xb) mod p padded on the left (OpenSSL's
+    /// DH_compute_key strips the zero and its Rust binding returned the value shifted left).
+    #[test]
+    fn a_shared_value_with_a_leading_zero_byte_is_padded_not_shifted() {
+        let group = DhGroup::Ffdhe2048;
+        let a = DhKeyPair::generate(group, &mut Xorshift(7)).unwrap();
+        let (b, sa) = (0..4096)
+            .map(|seed| DhKeyPair::generate(group, &mut Xorshift(1000 + seed)).unwrap())
+            .find_map(|b| {
+                let sa = a.shared_secret(&b.public_value()).unwrap();
+                (sa.expose()[0] == 0).then_some((b, sa))
+            })
+            .expect("one exchange in 256 has a leading zero byte");
+        let sb = b.shared_secret(&a.public_value()).unwrap();
+        assert!(sa.ct_eq(sb.expose()));
+        // The reference, computed another way: g^(xa·xb) mod p.
+        let mut ctx = BigNumContext::new().unwrap();
+        let mut xab = BigNum::new().unwrap();
+        xab.checked_mul(a.dh.private_key(), b.dh.private_key(), &mut ctx).unwrap();
+        let (p, g) = (group.prime().unwrap(), BigNum::from_u32(2).unwrap());
+        let mut z = BigNum::new().unwrap();
+        z.mod_exp(&g, &xab, &p, &mut ctx).unwrap();
+        assert_eq!(sa.expose(), &z.to_vec_padded(group.len_bytes() as i32).unwrap()[..]);
     }
 
     #[test]

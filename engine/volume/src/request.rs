@@ -758,7 +758,7 @@ impl<B: Buf> Request<B> {
     fn start_write<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         let hold = self.hold.as_ref().map_or(0, |h| h.0);
         let (vol, offset, len, waiter) = (self.vol, self.offset, self.len, self.waiter);
-        match cx.meta.plan_write_into(vol, offset, len, hold, waiter, &mut self.plans) {
+        match cx.meta.plan_write(vol, offset, len, hold, waiter, &mut self.plans) {
             Ok(()) => {}
             Err(Blocked::Wait) => return self.park(Resume::Write),
             Err(Blocked::Fail(e)) => return self.refuse(cx, e),

@@ -65,25 +65,12 @@ impl PoolMeta {
 
     // ---- writes -----------------------------------------------------------------------------
 
-    /// Plans a write of `[offset, offset + len)`: one plan per cluster it touches.
-    /// [`Blocked::Wait`] when a cluster it needs is being copied or the volume is frozen:
-    /// nothing was reserved and `waiter` is parked until that changes. Each plan must be
-    /// finished with `finish_span` (or `abort_span`), then the write with `end_write`.
+    /// Plans a write of `[offset, offset + len)` into `plans` (cleared first; left empty when
+    /// it fails): one plan per cluster it touches. [`Blocked::Wait`] when a cluster it needs is
+    /// being copied or the volume is frozen: nothing was reserved and `waiter` is parked until
+    /// that changes. Each plan must be finished with `finish_span` (or `abort_span`), then the
+    /// write with `end_write`.
     pub fn plan_write(
-        &mut self,
-        id: u32,
-        offset: u64,
-        len: u64,
-        hold: u64,
-        waiter: Waiter,
-    ) -> Result<Vec<WritePlan>, Blocked> {
-        let mut plans = Vec::new();
-        self.plan_write_into(id, offset, len, hold, waiter, &mut plans)?;
-        Ok(plans)
-    }
-
-    /// [`PoolMeta::plan_write`] into `plans` (cleared first; left empty when it fails).
-    pub fn plan_write_into(
         &mut self,
         id: u32,
         offset: u64,

@@ -136,6 +136,10 @@ pub struct ServeArgs {
     /// flushed: bounds how much unflushed work a crash can lose.
     #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = parse_seconds)]
     commit_interval: std::time::Duration,
+    /// Seconds a snapshot, rollback, resize or delete waits for the volume's writes in flight
+    /// to finish; past it the operation fails (busy) and nothing changes.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
+    quiesce_timeout: std::time::Duration,
     /// Log lines as human-readable text, or as one JSON object per line for log collectors.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -334,6 +338,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let handles = engine.handles();
     if let Some(pool) = &pool {
         pool.set_commit_policy(args.commit_records as usize, args.commit_interval);
+        pool.set_quiesce_timeout(args.quiesce_timeout);
         pool.attach_cores(handles.clone());
     }
 

@@ -29,7 +29,8 @@
 //! - every borrow of the pool state ends by delivering the wake-ups it produced;
 //! - control operations that change sharing or size (snapshot, rollback, resize, delete)
 //!   freeze the volume and wait until its writes drained before they change anything; a drain
-//!   that outlasts `QUIESCE_TIMEOUT` is given up (`Busy`), nothing changed.
+//!   that outlasts the pool's quiesce timeout (`PoolHandle::set_quiesce_timeout`, by default
+//!   `DEFAULT_QUIESCE_TIMEOUT`) is given up (`Busy`), nothing changed.
 
 use std::fs::{File, OpenOptions};
 use std::ops::{Deref, DerefMut};
@@ -59,8 +60,11 @@ use crate::reactor::{CoreHandle, Cx, Msg, Task};
 
 /// The longest a pending record waits for a commit when no client flushes, by default.
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
-/// How long a control operation waits for a volume's writes to drain.
-const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a control operation waits for a volume's writes to drain, by default.
+pub const DEFAULT_QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// What the control thread allows a pool-wide request beyond twice its drain deadline (the
+/// commit that follows the drain).
+const COMMIT_GRACE: Duration = Duration::from_secs(30);
 
 /// Whether `path` is a character device: an NVMe namespace's generic device, which a pool
 /// reaches through passthrough commands (anything else is a file or block device).
@@ -173,6 +177,9 @@ pub struct PoolHandle {
     cores: OnceLock<Arc<Vec<CoreHandle>>>,
     /// The longest a pending record waits for a commit when no client flushes.
     commit_interval: Mutex<Duration>,
+    /// How long a control operation waits for a volume's writes to drain before it gives up
+    /// (`Busy`, nothing changed).
+    quiesce_timeout: Mutex<Duration>,
     /// How long opening (recovery) took, in ms.
     open_ms: u64,
     /// The sizes the volumes' devices report, refreshed after each control operation (the
@@ -277,6 +284,7 @@ impl PoolHandle {
             path: path.to_path_buf(),
             cores: OnceLock::new(),
             commit_interval: Mutex::new(DEFAULT_COMMIT_INTERVAL),
+            quiesce_timeout: Mutex::new(DEFAULT_QUIESCE_TIMEOUT),
             open_ms: started.elapsed().as_millis() as u64,
             sizes: Mutex::new(Vec::new()),
         }))
@@ -287,6 +295,13 @@ impl PoolHandle {
     pub fn set_commit_policy(&self, records: usize, interval: Duration) {
         self.meta.lock().set_commit_records(records);
         *self.commit_interval.lock() = interval;
+    }
+
+    /// How long a control operation that changes sharing or size (snapshot, rollback, resize,
+    /// delete) waits for the volume's writes in flight to drain; past it the operation fails
+    /// (`Busy`) and nothing changes.
+    pub fn set_quiesce_timeout(&self, timeout: Duration) {
+        *self.quiesce_timeout.lock() = timeout;
     }
 
     /// Names the cores that will run this pool's requests (before any does).
@@ -385,8 +400,9 @@ impl PoolHandle {
             let io = Handoff { pool: Arc::clone(self), request };
             let spawn = move |_cx: &mut Cx<'_>| Box::new(io) as Box<dyn Task>;
             if cores[0].send_blocking(Msg::Spawn(Box::new(spawn))) {
-                // A drain may take up to QUIESCE_TIMEOUT, then the commit.
-                return match rx.recv_timeout(2 * QUIESCE_TIMEOUT) {
+                // A drain may take up to the quiesce timeout, then the commit.
+                let patience = 2 * *self.quiesce_timeout.lock() + COMMIT_GRACE;
+                return match rx.recv_timeout(patience) {
                     Ok(r) => r,
                     Err(_) => Err(PoolError::CommitTimeout),
                 };
@@ -816,7 +832,8 @@ impl CoreQueue {
             s.deadline_armed = true;
             s.deadline_cancelled = false;
             s.timer_ops += 1;
-            cx.timer(tag::DEADLINE | slot, QUIESCE_TIMEOUT.saturating_sub(started.elapsed()));
+            let timeout = *self.pool.quiesce_timeout.lock();
+            cx.timer(tag::DEADLINE | slot, timeout.saturating_sub(started.elapsed()));
         } else if s.req.is_done() && s.deadline_armed && !s.deadline_cancelled {
             s.deadline_cancelled = true;
             s.timer_ops += 1;
@@ -1050,7 +1067,7 @@ mod tests {
         let cluster = (i / 2) * 65536;
         let offset = if i % 8 == 7 { cluster + 3 * 4096 + 10 } else { cluster + (i % 2) * 4096 };
         let len = if i % 8 == 7 { 100 } else { 4096 };
-        (offset, vec![i as u8 + 1; len])
+        (offset, vec![(i % 251) as u8 + 1; len])
     }
 
     impl Task for Client {
@@ -1111,13 +1128,10 @@ mod tests {
         }
     }
 
-    /// The daemon's adapter end to end on a real pool file and a real core: concurrent writes
-    /// (some parked behind a cluster's allocation, some read-modify-writes), a flush, reads
-    /// that return the data; the requests ran in reused slots, which shrink back to
-    /// `SLOTS_KEPT` once idle after the burst, and a control operation ran on the core.
-    #[test]
-    fn requests_run_in_reused_slots_on_the_core() {
-        let dir = std::env::temp_dir().join(format!("ballast-slots-{}", std::process::id()));
+    /// A fresh 256 MiB pool file in its own directory, opened and served by one core, with a
+    /// 64 MiB volume "v" (created as a request on that core).
+    fn pool_on_a_core(name: &str) -> (std::path::PathBuf, Arc<PoolHandle>, Engine) {
+        let dir = std::env::temp_dir().join(format!("ballast-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("pool.img");
         let _ = std::fs::remove_file(&path);
@@ -1136,6 +1150,16 @@ mod tests {
         .expect("an engine");
         pool.attach_cores(engine.handles());
         pool.create_volume("v", 64 << 20).expect("create runs as a request on core 0");
+        (dir, pool, engine)
+    }
+
+    /// The daemon's adapter end to end on a real pool file and a real core: concurrent writes
+    /// (some parked behind a cluster's allocation, some read-modify-writes), a flush, reads
+    /// that return the data; the requests ran in reused slots, which shrink back to
+    /// `SLOTS_KEPT` once idle after the burst, and a control operation ran on the core.
+    #[test]
+    fn requests_run_in_reused_slots_on_the_core() {
+        let (dir, pool, engine) = pool_on_a_core("slots");
         let dev = Arc::new(pool.device("v", false).unwrap());
         assert_eq!(dev.size_bytes(), 64 << 20);
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -1157,6 +1181,33 @@ mod tests {
         assert_eq!(dev.size_bytes(), 128 << 20, "the device reports the new size");
         engine.shutdown();
         drop(dev);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A control operation that changes sharing (a snapshot) waits for the volume's writes in
+    /// flight to drain, and gives up at the pool's quiesce timeout with `Busy`, nothing
+    /// changed; once the writes are gone it succeeds. A read-modify-write's hold stands in for
+    /// a write that never finishes (it counts as a write in flight, as a hung device write
+    /// would).
+    #[test]
+    fn a_drain_that_outlasts_the_quiesce_timeout_gives_up_and_changes_nothing() {
+        let (dir, pool, engine) = pool_on_a_core("quiesce");
+        pool.set_quiesce_timeout(Duration::from_millis(300));
+        let id = pool.meta().find("v").unwrap();
+        let token = pool.meta().hold(id, &[0], Waiter(u64::MAX)).expect("nothing else holds it");
+        let started = Instant::now();
+        let r = pool.snapshot("v", "s");
+        let waited = started.elapsed();
+        assert!(matches!(r, Err(PoolError::Busy(v)) if v == id), "{r:?}");
+        assert!(waited >= Duration::from_millis(300), "gave up after {waited:?}, before its time");
+        assert!(waited < Duration::from_secs(10), "gave up after {waited:?}");
+        assert!(pool.meta().find("s").is_err(), "a snapshot that gave up left nothing");
+        assert_eq!(pool.list().len(), 1);
+        assert_eq!(pool.meta().volume(id).unwrap().frozen, 0, "the freeze ended with it");
+        pool.meta().release(id, &[0], token);
+        pool.snapshot("v", "s").expect("nothing in flight: the snapshot is taken");
+        assert!(pool.meta().find("s").is_ok());
+        engine.shutdown();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

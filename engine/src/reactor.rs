@@ -302,6 +302,8 @@ pub struct Cx<'a> {
     stats: &'a mut CoreStats,
     pool: &'a mut BufPool,
     locals: &'a mut Locals,
+    /// Tasks to `flush` at the end of this loop iteration although no event came to them.
+    flush_also: &'a mut Vec<u32>,
     shutting_down: bool,
 }
 
@@ -486,13 +488,11 @@ impl Cx<'_> {
         }
     }
 
-    /// Runs `f` as task `task` of this core: what it submits completes to `task`. For a
-    /// service task (a pool's request slots) that another task's call hands work to.
-    pub fn as_task<R>(&mut self, task: u32, f: impl FnOnce(&mut Cx<'_>) -> R) -> R {
-        let caller = std::mem::replace(&mut self.task, task);
-        let r = f(self);
-        self.task = caller;
-        r
+    /// Has task `task` of this core `flush`ed at the end of this loop iteration, with the
+    /// tasks that received events: a service task (a pool's request slots) that another
+    /// task's call handed work to does that work then, together with the rest of the turn's.
+    pub fn flush_later(&mut self, task: u32) {
+        self.flush_also.push(task);
     }
 
     /// Starts a task on this core (after the current event).
@@ -567,6 +567,8 @@ struct Core {
     policy: PollPolicy,
     /// Tasks that received events this iteration, to `flush` at its end (each once).
     dirty: Vec<usize>,
+    /// Tasks asked to be flushed this iteration without an event ([`Cx::flush_later`]).
+    flush_also: Vec<u32>,
     /// Tasks to wake because memory they were refused may now be had.
     buffer_waiters: Vec<u32>,
     /// Tasks finished since the last memory trim.
@@ -603,6 +605,7 @@ impl Core {
             ready: VecDeque::new(),
             spawns: Vec::new(),
             dirty: Vec::new(),
+            flush_also: Vec::new(),
             buffer_waiters: Vec::new(),
             removed_since_trim: 0,
             last_trim: Instant::now(),
@@ -825,6 +828,7 @@ impl Core {
             stats: &mut self.stats,
             pool: &mut self.pool,
             locals: &mut self.locals,
+            flush_also: &mut self.flush_also,
             shutting_down: self.shutdown_at.is_some(),
         };
         (cx, &mut self.tasks)
@@ -947,16 +951,30 @@ impl Core {
         count
     }
 
+    /// Flushes every task that received an event this iteration or was asked to be
+    /// ([`Cx::flush_later`]), each once per round; a flush that asks for more flushes gets
+    /// another round.
     fn flush_dirty(&mut self) {
-        let mut keys = std::mem::take(&mut self.dirty);
-        for key in keys.drain(..) {
-            let (mut cx, tasks) = self.cx(key as u32);
-            let slot = &mut tasks[key];
-            slot.dirty = false;
-            slot.task.flush(&mut cx);
-            if slot.task.is_done() {
-                tasks.remove(key);
-                self.removed_since_trim += 1;
+        let mut keys = Vec::new();
+        loop {
+            while let Some(task) = self.flush_also.pop() {
+                if self.tasks.contains(task as usize) {
+                    self.mark_dirty(task as usize);
+                }
+            }
+            if self.dirty.is_empty() {
+                break;
+            }
+            std::mem::swap(&mut keys, &mut self.dirty);
+            for key in keys.drain(..) {
+                let (mut cx, tasks) = self.cx(key as u32);
+                let slot = &mut tasks[key];
+                slot.dirty = false;
+                slot.task.flush(&mut cx);
+                if slot.task.is_done() {
+                    tasks.remove(key);
+                    self.removed_since_trim += 1;
+                }
             }
         }
         self.dirty = keys;

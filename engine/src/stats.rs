@@ -130,6 +130,10 @@ pub struct CoreStats {
     pub offloaded: u64,
     /// Jobs it ran in place because no offload thread could take them.
     pub offload_in_place: u64,
+    /// Times this core borrowed a pool's shared state on the data path (one per turn with
+    /// volume work, per pool), and the request events decided in those borrows.
+    pub volume_rounds: u64,
+    pub volume_events: u64,
     /// Requests submitted on this core and not completed yet, all devices together.
     in_flight: u64,
     /// Per device, by `device_id`.
@@ -153,6 +157,8 @@ impl CoreStats {
             sleeps: 0,
             offloaded: 0,
             offload_in_place: 0,
+            volume_rounds: 0,
+            volume_events: 0,
             in_flight: 0,
             devices: Vec::new(),
         }
@@ -254,6 +260,8 @@ impl CoreStats {
             sleeps: self.sleeps,
             offloaded: self.offloaded,
             offload_in_place: self.offload_in_place,
+            volume_rounds: self.volume_rounds,
+            volume_events: self.volume_events,
             in_flight: self.in_flight,
             tasks: 0,
             ring_enters: 0,
@@ -327,6 +335,10 @@ pub struct StatsSnapshot {
     pub sleeps: u64,
     pub offloaded: u64,
     pub offload_in_place: u64,
+    /// Borrows of a pool's shared state on the data path, and the request events decided in
+    /// them (events per round: how well a turn's volume work shares one borrow).
+    pub volume_rounds: u64,
+    pub volume_events: u64,
     /// Requests submitted and not completed yet (the core's queue depth, all devices).
     pub in_flight: u64,
     /// Tasks (connections, listeners, volume I/O) alive on the core.

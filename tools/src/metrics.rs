@@ -204,7 +204,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 19] = [
+        let per_core: [PerCoreMetric; 21] = [
             ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
                 s.in_flight
             }),
@@ -245,6 +245,18 @@ impl ScrapeCollector {
                 "CPU-heavy jobs run on the core: no offload thread could take them.",
                 Counter,
                 |s| s.offload_in_place,
+            ),
+            (
+                "ballast_core_volume_rounds",
+                "Borrows of a pool's shared state by the core's volume requests (one per turn).",
+                Counter,
+                |s| s.volume_rounds,
+            ),
+            (
+                "ballast_core_volume_events",
+                "Volume request events decided in those borrows.",
+                Counter,
+                |s| s.volume_events,
             ),
             ("ballast_buffer_budget_bytes", "The core's payload-memory budget.", Gauge, |s| {
                 s.buffers.buffer_budget

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """ab-bench: this build against a previous one, side by side in one run (issue 12).
 
-Both daemons serve a 1 GiB RAM export (the media costs nothing), one core each, pinned to the
-same CPU (--server-cpu, one daemon at a time under load); the client runs on another CPU
+Both daemons serve a 1 GiB RAM export (the media costs nothing) — or, with --backing volume,
+a fully written 1 GiB volume of a pool file on --pool-dir (tmpfs by default, so the media costs
+nothing and the volume layer shows) — one core each, pinned to the same CPU (--server-cpu, one daemon at a time under load); the client runs on another CPU
 (--client-cpu). For NBD the client is fio (ioengine=nbd), for NVMe/TCP ballast-perf. Runs
 alternate between the builds (old, new / new, old, ...), medians of --reps. Workloads:
 4k random read and write at QD1 and QD32, 128k sequential read and write at QD8.
@@ -11,7 +12,8 @@ Per run: IOPS, average and p99 completion latency, server CPU per I/O (the daemo
 utime+stime), client CPU per I/O (the client's own usr+sys), TCP segments per I/O
 (/proc/net/snmp OutSegs, both directions of the loopback connection: machine-wide, so keep the
 machine otherwise quiet), and — where the build reports them (`ballast stats`: ring_enters,
-sends, recvs) — the server's system calls into its ring and its socket sends per I/O.
+sends, recvs) — the server's system calls into its ring and its socket sends per I/O; for a
+volume, its borrows of the pool state per I/O (volume_rounds: one per turn with volume work).
 
 Only the Python standard library is used. Results: a JSON file under perf/results/ and a
 Markdown table on stdout. The machines are noisy: compare ratios, not absolute numbers.
@@ -42,6 +44,10 @@ WORKLOADS = [
 ]
 
 
+# `ballast stats` counters reported per I/O, where the build has them.
+COUNTERS = ("ring_enters", "sends", "recvs", "volume_rounds", "volume_events")
+
+
 def tcp_out_segs():
     with open("/proc/net/snmp") as f:
         lines = [ln.split() for ln in f if ln.startswith("Tcp:")]
@@ -61,7 +67,7 @@ def server_counters(daemon):
         return None
     if not reactors or "ring_enters" not in reactors[0]:
         return None
-    return {k: sum(r[k] for r in reactors) for k in ("ring_enters", "sends", "recvs")}
+    return {k: sum(r[k] for r in reactors) for k in COUNTERS if k in reactors[0]}
 
 
 def job_side(job):
@@ -117,8 +123,9 @@ def one(args, daemon, proto, rw, bs, qd):
         "tcp_segs_per_io": (s1 - s0) * share / ios,
     }
     if k0 and k1:
-        for k in ("ring_enters", "sends", "recvs"):
-            r[f"server_{k}_per_io"] = (k1[k] - k0[k]) * share / ios
+        for k in COUNTERS:
+            if k in k0 and k in k1:
+                r[f"server_{k}_per_io"] = (k1[k] - k0[k]) * share / ios
     return r
 
 
@@ -139,15 +146,29 @@ def main():
     ap.add_argument("--client-cpu", type=int, default=1)
     ap.add_argument("--protocols", default="nbd,nvme")
     ap.add_argument("--workloads", default=",".join(w[0] for w in WORKLOADS))
+    ap.add_argument("--backing", choices=("ram", "volume"), default="ram",
+                    help="what both daemons export: a RAM device, or a volume of a pool file")
+    ap.add_argument("--pool-dir", default="/dev/shm",
+                    help="where the pool files go with --backing volume")
     args = ap.parse_args()
     protos = [p for p in args.protocols.split(",") if p]
     wanted = set(args.workloads.split(","))
     scratch = tempfile.mkdtemp(prefix="ab-bench.")
     daemons = {}
+    pools = []
     for name, binary in (("old", args.old_binary), ("new", args.binary)):
-        d = Daemon(binary, os.path.join(scratch, name), ["--export", "mem=ram:1G"],
-                   args.server_cpu)
+        if args.backing == "ram":
+            serve = ["--export", "mem=ram:1G"]
+        else:
+            pool = os.path.join(args.pool_dir, f"ab-bench-{os.getpid()}-{name}.img")
+            subprocess.run([binary, "pool", "create", pool, "--size", "2G"], check=True,
+                           capture_output=True)
+            pools.append(pool)
+            serve = ["--pool", pool]
+        d = Daemon(binary, os.path.join(scratch, name), serve, args.server_cpu)
         d.start()
+        if args.backing == "volume":
+            d.rpc("volume", "create", "mem", "1G")
         daemons[name] = d
     results = {}
     try:
@@ -172,10 +193,13 @@ def main():
     finally:
         for d in daemons.values():
             d.stop()
+        for pool in pools:
+            os.unlink(pool)
     os.makedirs(os.path.join(PERF_DIR, "results"), exist_ok=True)
     path = os.path.join(PERF_DIR, "results", time.strftime("ab-%Y%m%d-%H%M%S.json"))
     with open(path, "w") as f:
-        json.dump({"old": args.old_binary, "new": args.binary, "reps": args.reps,
+        json.dump({"old": args.old_binary, "new": args.binary, "backing": args.backing,
+                   "reps": args.reps,
                    "runtime": args.runtime, "results": results}, f, indent=1)
     print(render(results))
     log(f"results: {path}")
@@ -187,7 +211,8 @@ def render(results, names=("old", "new")):
             ("client_cpu_us_per_io", "client µs/IO", 2),
             ("tcp_segs_per_io", "TCP segs/IO", 2),
             ("server_ring_enters_per_io", "server syscalls/IO", 2),
-            ("server_sends_per_io", "server sends/IO", 2)]
+            ("server_sends_per_io", "server sends/IO", 2),
+            ("server_volume_rounds_per_io", "pool-state borrows/IO", 3)]
     out = ["| run | build | " + " | ".join(c[1] for c in cols) + " |",
            "|---|---|" + "---|" * len(cols)]
     for label, r in results.items():

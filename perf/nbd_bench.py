@@ -47,6 +47,8 @@ SERVERS = [
     # id, backing, kind
     ("ballast-ram", "ram", "ballast"),
     ("nbdkit-memory", "ram", "nbdkit-memory"),
+    # A fully written volume of a pool file on tmpfs: the volume layer over memory.
+    ("ballast-volume", "ram", "ballast-volume"),
     ("ballast-file", "file", "ballast"),
     ("nbdkit-file", "file", "nbdkit-file"),
     ("qemu-nbd", "file", "qemu-nbd"),
@@ -271,6 +273,11 @@ def server_cmd(kind, port, args, scratch_file, data_dir, aio="io_uring"):
                "--cores", "1",
                "--export", f"{export}={spec}"] + args.ballast_args
         return cmd, export
+    if kind == "ballast-volume":
+        cmd = [args.ballast_bin, "serve", "--data-dir", data_dir,
+               "--nbd-listen", f"127.0.0.1:{port}", "--nvmf-listen", f"127.0.0.1:{port + 100}",
+               "--cores", "1", "--pool", volume_pool(data_dir)] + args.ballast_args
+        return cmd, "vol"
     if kind == "nbdkit-memory":
         return ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port),
                 "-e", "mem", "memory", size], "mem"
@@ -285,6 +292,11 @@ def server_cmd(kind, port, args, scratch_file, data_dir, aio="io_uring"):
     raise ValueError(kind)
 
 
+def volume_pool(data_dir):
+    """The pool file of a ballast-volume server: on tmpfs, named after its data directory."""
+    return os.path.join("/dev/shm", os.path.basename(data_dir) + "-pool.img")
+
+
 class Server:
     def __init__(self, sid, backing, kind, args, port, scratch_file, data_dir, log_path):
         self.sid, self.backing, self.kind = sid, backing, kind
@@ -297,6 +309,11 @@ class Server:
 
     def start(self):
         attempts = ["io_uring", "native"] if self.kind == "qemu-nbd" else [None]
+        if self.kind == "ballast-volume":
+            pool = volume_pool(self.data_dir)
+            subprocess.run([self.args.ballast_bin, "pool", "create", pool, "--size",
+                            str(2 * self.args.size_bytes + (1 << 30))],
+                           check=True, capture_output=True, timeout=60)
         for aio in attempts:
             cmd, export = server_cmd(self.kind, self.port, self.args, self.scratch_file,
                                      self.data_dir, **({"aio": aio} if aio else {}))
@@ -310,6 +327,10 @@ class Server:
             logf.close()
             _children.append(self.proc)
             if wait_listening(self.proc, self.port, self.args.start_timeout):
+                if self.kind == "ballast-volume":
+                    subprocess.run([self.args.ballast_bin, "volume", "create", "vol",
+                                    str(self.args.size_bytes), "--data-dir", self.data_dir],
+                                   check=True, capture_output=True, timeout=60)
                 if aio and aio != attempts[0]:
                     self.notes.append(f"--aio={attempts[0]} failed to start; used --aio={aio}")
                 return True
@@ -613,6 +634,8 @@ def bench_server(sid, backing, kind, args, anomalies, results_dir):
         if kind == "ballast" and rc not in (0, None):
             anomalies.append(f"{sid}: exit code {rc} after SIGTERM (contract says 0)")
         shutil.rmtree(data_dir, ignore_errors=True)
+        if kind == "ballast-volume" and os.path.exists(volume_pool(data_dir)):
+            os.unlink(volume_pool(data_dir))
         if scratch_file and not args.keep_scratch and os.path.exists(scratch_file):
             os.unlink(scratch_file)
         scan_log(sid, log_path, anomalies, rec)
@@ -699,8 +722,10 @@ def tables(results, args):
                    "| srv CPU s/100k IO | srv CPU % | fio CPU % | IOPS ballast/peer | quiet IOPS ballast/peer "
                    "| CPU/IO ballast/peer |")
         out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        peer_id = next((i for i in ids if not i.startswith("ballast")), None)
         for prof in args.profiles:
             bm = base["median"].get(prof) if base else None
+            pm = servers[peer_id]["median"].get(prof) if peer_id else None
             for sid in ids:
                 s = servers[sid]
                 m = s["median"].get(prof)
@@ -709,7 +734,15 @@ def tables(results, args):
                                "| | | | | | | | | | | | |")
                     continue
                 r_iops = r_cpu = r_quiet = "—"
-                if sid != PEER_OF[backing] and bm:
+                if sid.startswith("ballast") and sid != PEER_OF[backing] and pm:
+                    # Another ballast configuration against the first peer: ballast/peer too.
+                    if pm.get("iops") and m.get("iops"):
+                        r_iops = f"{m['iops'] / pm['iops']:.2f}"
+                    if pm.get("iops_quiet") and m.get("iops_quiet"):
+                        r_quiet = f"{m['iops_quiet'] / pm['iops_quiet']:.2f}"
+                    if pm.get("server_cpu_s_per_100k_io") and m.get("server_cpu_s_per_100k_io"):
+                        r_cpu = f"{m['server_cpu_s_per_100k_io'] / pm['server_cpu_s_per_100k_io']:.2f}"
+                elif sid != PEER_OF[backing] and bm:
                     if bm.get("iops") and m.get("iops"):
                         r_iops = f"{bm['iops'] / m['iops']:.2f}"
                     if bm.get("iops_quiet") and m.get("iops_quiet"):
@@ -889,7 +922,7 @@ def main():
         if sid not in args.servers:
             continue
         missing = None
-        if kind == "ballast" and not os.access(args.ballast_bin, os.X_OK):
+        if kind.startswith("ballast") and not os.access(args.ballast_bin, os.X_OK):
             missing = f"ballast binary not found at {args.ballast_bin}"
         elif kind.startswith("nbdkit") and not shutil.which("nbdkit"):
             missing = "nbdkit not installed"

@@ -988,3 +988,115 @@ impl Core {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+    use std::sync::atomic::AtomicU32;
+
+    type Log = Arc<Mutex<Vec<&'static str>>>;
+
+    /// A service task: it does its work in `flush`, which other tasks ask for.
+    struct Service {
+        id: Arc<AtomicU32>,
+        log: Log,
+        done: bool,
+    }
+
+    impl Task for Service {
+        fn start(&mut self, cx: &mut Cx<'_>) {
+            self.id.store(cx.task(), Ordering::SeqCst);
+        }
+        fn on_completion(&mut self, _cx: &mut Cx<'_>, _tag: u32, _result: i32, _owned: Owned) {}
+        fn flush(&mut self, _cx: &mut Cx<'_>) {
+            self.log.lock().push("service flush");
+        }
+        fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {
+            self.done = true;
+        }
+        fn is_done(&self) -> bool {
+            self.done
+        }
+    }
+
+    /// Hands the service work at its start and again from its own flush; completes a tag of
+    /// its own, which arrives in the next loop iteration.
+    struct Client {
+        service: u32,
+        log: Log,
+        flushed: bool,
+        done: bool,
+    }
+
+    impl Task for Client {
+        fn start(&mut self, cx: &mut Cx<'_>) {
+            self.log.lock().push("client start");
+            cx.flush_later(self.service);
+            cx.complete(1, 0, Owned::None);
+        }
+        fn on_completion(&mut self, _cx: &mut Cx<'_>, _tag: u32, _result: i32, _owned: Owned) {
+            self.log.lock().push("next iteration");
+            self.done = true;
+        }
+        fn flush(&mut self, cx: &mut Cx<'_>) {
+            if !self.flushed {
+                self.flushed = true;
+                self.log.lock().push("client flush");
+                cx.flush_later(self.service);
+            }
+        }
+        fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
+        fn is_done(&self) -> bool {
+            self.done
+        }
+    }
+
+    /// `Cx::flush_later`: the task named is flushed at the end of the same loop iteration,
+    /// with the tasks that had events, though no event came to it; a flush that names a task
+    /// again gets another round, still before the next iteration.
+    #[test]
+    fn a_task_named_by_flush_later_is_flushed_in_the_same_iteration() {
+        let engine = Engine::start(EngineConfig {
+            cpus: vec![ballast_ffi::sys::allowed_cpus()[0]],
+            poll_us: 0,
+            ring_entries: 16,
+            mailbox_depth: 4,
+            buffer_budget: 16 << 20,
+            device_ring: None,
+            offload_threads: 0,
+            offload_queue: 1,
+        })
+        .expect("an engine");
+        let log: Log = Arc::default();
+        let id = Arc::new(AtomicU32::new(u32::MAX));
+        let service = Service { id: Arc::clone(&id), log: Arc::clone(&log), done: false };
+        let spawn = move |_cx: &mut Cx<'_>| Box::new(service) as Box<dyn Task>;
+        assert!(engine.handles()[0].send_blocking(Msg::Spawn(Box::new(spawn))));
+        let started = Instant::now();
+        while id.load(Ordering::SeqCst) == u32::MAX {
+            assert!(started.elapsed() < Duration::from_secs(10), "the service started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let client = Client {
+            service: id.load(Ordering::SeqCst),
+            log: Arc::clone(&log),
+            flushed: false,
+            done: false,
+        };
+        let spawn = move |_cx: &mut Cx<'_>| Box::new(client) as Box<dyn Task>;
+        assert!(engine.handles()[0].send_blocking(Msg::Spawn(Box::new(spawn))));
+        while !log.lock().contains(&"next iteration") {
+            assert!(started.elapsed() < Duration::from_secs(10), "the client finished");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // (Shutting down flushes the service once more.)
+        let log = log.lock().clone();
+        engine.shutdown();
+        let from = log.iter().position(|e| *e == "client start").expect("the client started");
+        assert_eq!(
+            log[from..],
+            ["client start", "client flush", "service flush", "service flush", "next iteration"]
+        );
+    }
+}

@@ -309,10 +309,18 @@ pub struct Cx<'a> {
 
 /// Per-core values of modules above the reactor, one per type (a volume pool's request slots
 /// on this core): reached from any task on the core, never from another thread. A value is
-/// checked out while in use ([`Cx::take_local`]) and must be put back before the event ends;
-/// taking it again meanwhile is a bug (re-entrancy) and panics.
+/// checked out while in use ([`Cx::take_local`]) and must be put back before the event ends
+/// (asserted at the end of every loop iteration); taking it again meanwhile is a bug
+/// (re-entrancy) and panics.
 #[derive(Default)]
 struct Locals(Vec<(TypeId, Option<Box<dyn Any>>)>);
+
+impl Locals {
+    /// Whether every per-core value is back in place (none checked out).
+    fn all_in(&self) -> bool {
+        self.0.iter().all(|(_, v)| v.is_some())
+    }
+}
 
 impl Cx<'_> {
     pub fn core(&self) -> usize {
@@ -644,6 +652,9 @@ impl Core {
             work += self.start_spawned();
             work += self.wake_buffer_waiters();
             self.flush_dirty();
+            // A per-core value checked out by an event and never put back would be lost to
+            // every later event of the core.
+            assert!(self.locals.all_in(), "core {}: a per-core value was not put back", self.id);
             if self.shutdown_at.is_some() && self.finished() {
                 break;
             }

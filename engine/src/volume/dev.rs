@@ -63,9 +63,6 @@ use crate::reactor::{CoreHandle, Cx, Msg, Task};
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a control operation waits for a volume's writes to drain, by default.
 pub const DEFAULT_QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
-/// What the control thread allows a pool-wide request beyond twice its drain deadline (the
-/// commit that follows the drain).
-const COMMIT_GRACE: Duration = Duration::from_secs(30);
 
 /// Whether `path` is a character device: an NVMe namespace's generic device, which a pool
 /// reaches through passthrough commands (anything else is a file or block device).
@@ -401,8 +398,10 @@ impl PoolHandle {
             let io = Handoff { pool: Arc::clone(self), request };
             let spawn = move |_cx: &mut Cx<'_>| Box::new(io) as Box<dyn Task>;
             if cores[0].send_blocking(Msg::Spawn(Box::new(spawn))) {
-                // A drain may take up to the quiesce timeout, then the commit.
-                let patience = 2 * *self.quiesce_timeout.lock() + COMMIT_GRACE;
+                // A drain may take up to the quiesce timeout, then the commit (never less
+                // patience than the default timeout allows: a short drain deadline says
+                // nothing about how long the operation queued before it or its commit take).
+                let patience = 2 * (*self.quiesce_timeout.lock()).max(DEFAULT_QUIESCE_TIMEOUT);
                 return match rx.recv_timeout(patience) {
                     Ok(r) => r,
                     Err(_) => Err(PoolError::CommitTimeout),
@@ -901,7 +900,7 @@ impl CoreQueue {
             if let Outcome::Done { result, buf } = outcome {
                 if meta.take_background_commit() {
                     self.background = true;
-                } else if meta.take_commit_timer() {
+                } else if !self.background && meta.take_commit_timer() {
                     self.timer = true;
                 }
                 finished.push((slot, result, buf, req.take_failure()));
@@ -1265,10 +1264,15 @@ mod tests {
         let (errors, slots, free, (rounds, events)) =
             rx.recv_timeout(Duration::from_secs(20)).expect("a report");
         assert_eq!(errors, Vec::<String>::new());
-        // Every write and read starts and completes at least once; a turn's events share one
-        // borrow of the pool state (measured: ~1,450 events in ~26 rounds).
+        // Every write and read starts and completes at least once. A turn's events share one
+        // borrow of the pool state: at least the writes the client submitted in one event
+        // did, and so did the reads (however the device's completions trickle in; measured
+        // on ext4: ~1,450 events in ~26 borrows).
         assert!(events >= 4 * WRITES, "{events} events");
-        assert!(rounds * 8 <= events, "{rounds} borrows of the pool state for {events} events");
+        assert!(
+            rounds + 2 * (WRITES - 1) <= events,
+            "{rounds} borrows of the pool state for {events} events"
+        );
         assert_eq!(slots, SLOTS_KEPT, "{slots} slots kept after {WRITES} at once, then idle");
         assert_eq!(free, slots, "every slot free again");
         pool.resize("v", 128 << 20, false).expect("resize");

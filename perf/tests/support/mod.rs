@@ -73,12 +73,23 @@ impl Daemon {
                 .spawn()
                 .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
             let mut d = Daemon { child: Some(child), addr, dir };
+            // Ready when the daemon itself says it listens on both ports. A connect is no
+            // proof: `free_port` hands out ephemeral ports, so a probe to a port nobody listens
+            // on yet can connect to itself (TCP simultaneous open), or reach another test's
+            // daemon that took the same port after ours failed to bind.
+            let said = |log: &str, a: &str| {
+                log.lines().any(|l| l.contains(" listening ") && l.contains(&format!("addr={a} ")))
+            };
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 if !d.running() {
                     break;
                 }
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                let log = d.log();
+                if said(&log, &addr.to_string()) && said(&log, &nbd) {
+                    let probe = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+                        .expect("connecting to a daemon that says it listens");
+                    assert_ne!(probe.local_addr().ok(), probe.peer_addr().ok(), "self-connect");
                     return d;
                 }
                 std::thread::sleep(Duration::from_millis(20));

@@ -3,8 +3,8 @@
 
 Both daemons serve a 1 GiB RAM export (the media costs nothing) — or, with --backing volume,
 a fully written 1 GiB volume of a pool file on --pool-dir (tmpfs by default, so the media costs
-nothing and the volume layer shows) — one core each, pinned to the same CPU (--server-cpu, one daemon at a time under load); the client runs on another CPU
-(--client-cpu). For NBD the client is fio (ioengine=nbd), for NVMe/TCP ballast-perf. Runs
+nothing and the volume layer shows) — one core each, pinned to the same CPU (--server-cpu, one
+daemon at a time under load); the client runs on another CPU (--client-cpu). For NBD the client is fio (ioengine=nbd), for NVMe/TCP ballast-perf. Runs
 alternate between the builds (old, new / new, old, ...), medians of --reps. Workloads:
 4k random read and write at QD1 and QD32, 128k sequential read and write at QD8.
 

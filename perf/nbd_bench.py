@@ -707,6 +707,13 @@ def fmt(v, digits=1, unit=""):
     return f"{v:.{digits}f}"
 
 
+def ratio(pair, key):
+    """pair[0][key] / pair[1][key], formatted, or "—" where either is missing."""
+    if pair is None or not pair[0].get(key) or not pair[1].get(key):
+        return "—"
+    return f"{pair[0][key] / pair[1][key]:.2f}"
+
+
 def tables(results, args):
     out = []
     servers = results["servers"]
@@ -733,22 +740,15 @@ def tables(results, args):
                     out.append(f"| {prof} | {sid} | {s['status'] if s['status'] != 'ok' else 'failed'} "
                                "| | | | | | | | | | | | |")
                     continue
-                r_iops = r_cpu = r_quiet = "—"
+                # ballast/peer: a peer's row against the base ballast server; another ballast
+                # configuration's row against the backing's first peer.
+                pair = None
                 if sid.startswith("ballast") and sid != PEER_OF[backing] and pm:
-                    # Another ballast configuration against the first peer: ballast/peer too.
-                    if pm.get("iops") and m.get("iops"):
-                        r_iops = f"{m['iops'] / pm['iops']:.2f}"
-                    if pm.get("iops_quiet") and m.get("iops_quiet"):
-                        r_quiet = f"{m['iops_quiet'] / pm['iops_quiet']:.2f}"
-                    if pm.get("server_cpu_s_per_100k_io") and m.get("server_cpu_s_per_100k_io"):
-                        r_cpu = f"{m['server_cpu_s_per_100k_io'] / pm['server_cpu_s_per_100k_io']:.2f}"
+                    pair = (m, pm)
                 elif sid != PEER_OF[backing] and bm:
-                    if bm.get("iops") and m.get("iops"):
-                        r_iops = f"{bm['iops'] / m['iops']:.2f}"
-                    if bm.get("iops_quiet") and m.get("iops_quiet"):
-                        r_quiet = f"{bm['iops_quiet'] / m['iops_quiet']:.2f}"
-                    if bm.get("server_cpu_s_per_100k_io") and m.get("server_cpu_s_per_100k_io"):
-                        r_cpu = f"{bm['server_cpu_s_per_100k_io'] / m['server_cpu_s_per_100k_io']:.2f}"
+                    pair = (bm, m)
+                r_iops, r_quiet, r_cpu = (ratio(pair, k) for k in (
+                    "iops", "iops_quiet", "server_cpu_s_per_100k_io"))
                 reps = "" if m["reps_ok"] == m["reps"] else f" ({m['reps_ok']}/{m['reps']} ok)"
                 spread = "—" if m["iops_spread_pct"] is None else f"{m['iops_spread_pct']:.0f}%"
                 out.append(

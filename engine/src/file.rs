@@ -340,17 +340,7 @@ mod tests {
             (65_536, None, 65_536),
             (0, None, 4096),
         ];
-        let engine = Engine::start(EngineConfig {
-            cpus: vec![ballast_ffi::sys::allowed_cpus()[0]],
-            poll_us: 0,
-            ring_entries: 64,
-            mailbox_depth: 16,
-            buffer_budget: 64 << 20,
-            device_ring: None,
-            offload_threads: 0,
-            offload_queue: 1,
-        })
-        .expect("an engine");
+        let engine = Engine::start(EngineConfig::one_core_for_tests()).expect("an engine");
         let (tx, rx) = crossbeam_channel::bounded(1);
         let runner = Runner { dev, ops, next: 0, seen: Vec::new(), report: Some(tx) };
         let spawn = Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| Box::new(runner) as Box<dyn Task>));

@@ -508,16 +508,7 @@ mod tests {
             }
         }
         let run = |device_ring: Option<DeviceRingConfig>| -> Option<(i32, usize)> {
-            let config = EngineConfig {
-                cpus: vec![ballast_ffi::sys::allowed_cpus()[0]],
-                poll_us: 0,
-                ring_entries: 64,
-                mailbox_depth: 16,
-                buffer_budget: 16 << 20,
-                device_ring,
-                offload_threads: 0,
-                offload_queue: 1,
-            };
+            let config = EngineConfig { device_ring, ..EngineConfig::one_core_for_tests() };
             let engine = match Engine::start(config) {
                 Ok(e) => e,
                 Err(e) => {

@@ -158,14 +158,9 @@ mod tests {
         }
         let run = |threads: usize, panic: bool| -> (bool, bool) {
             let engine = Engine::start(EngineConfig {
-                cpus: vec![ballast_ffi::sys::allowed_cpus()[0]],
-                poll_us: 0,
-                ring_entries: 64,
-                mailbox_depth: 16,
-                buffer_budget: 16 << 20,
-                device_ring: None,
                 offload_threads: threads,
                 offload_queue: 4,
+                ..EngineConfig::one_core_for_tests()
             })
             .expect("an engine");
             let (tx, rx) = crossbeam_channel::bounded(1);

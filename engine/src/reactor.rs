@@ -164,6 +164,24 @@ pub struct EngineConfig {
     pub offload_queue: usize,
 }
 
+#[cfg(test)]
+impl EngineConfig {
+    /// One core on the first allowed CPU, never spinning, no device ring or offload thread:
+    /// the engine the unit tests run their tasks on (each overrides what it needs).
+    pub(crate) fn one_core_for_tests() -> EngineConfig {
+        EngineConfig {
+            cpus: vec![ballast_ffi::sys::allowed_cpus()[0]],
+            poll_us: 0,
+            ring_entries: 64,
+            mailbox_depth: 16,
+            buffer_budget: 16 << 20,
+            device_ring: None,
+            offload_threads: 0,
+            offload_queue: 1,
+        }
+    }
+}
+
 /// Each core's device ring (see the module header).
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceRingConfig {
@@ -1068,17 +1086,7 @@ mod tests {
     /// again gets another round, still before the next iteration.
     #[test]
     fn a_task_named_by_flush_later_is_flushed_in_the_same_iteration() {
-        let engine = Engine::start(EngineConfig {
-            cpus: vec![ballast_ffi::sys::allowed_cpus()[0]],
-            poll_us: 0,
-            ring_entries: 16,
-            mailbox_depth: 4,
-            buffer_budget: 16 << 20,
-            device_ring: None,
-            offload_threads: 0,
-            offload_queue: 1,
-        })
-        .expect("an engine");
+        let engine = Engine::start(EngineConfig::one_core_for_tests()).expect("an engine");
         let log: Log = Arc::default();
         let id = Arc::new(AtomicU32::new(u32::MAX));
         let service = Service { id: Arc::clone(&id), log: Arc::clone(&log), done: false };

@@ -832,7 +832,7 @@ impl CoreQueue {
                         return;
                     }
                 }
-                self.touch(slot);
+                touch(&mut self.slots, &mut self.touched, slot);
             }
             tag::OP => match self.ops.remove(slot as usize) {
                 OpFor::Disk { slot, tag } => {
@@ -848,16 +848,6 @@ impl CoreQueue {
                 }
             },
             _ => unreachable!("two bits of kind"),
-        }
-    }
-
-    /// Marks `slot` for `after_event` once the batch is carried out.
-    fn touch(&mut self, slot: u32) {
-        let s = &mut self.slots[slot as usize];
-        assert!(s.live, "an event for a free slot");
-        if !s.touched {
-            s.touched = true;
-            self.touched.push(slot);
         }
     }
 
@@ -905,10 +895,7 @@ impl CoreQueue {
                 }
                 finished.push((slot, result, buf, req.take_failure()));
             }
-            if !s.touched {
-                s.touched = true;
-                touched.push(slot);
-            }
+            touch(slots, touched, slot);
         }
         meta.take_woken(woken);
     }
@@ -1009,6 +996,16 @@ impl CoreQueue {
                 self.free.extend((0..SLOTS_KEPT as u32).rev());
             }
         }
+    }
+}
+
+/// Marks `slot` (live) for its `after_event` once the batch is carried out, once per batch.
+fn touch(slots: &mut [Slot], touched: &mut Vec<u32>, slot: u32) {
+    let s = &mut slots[slot as usize];
+    assert!(s.live, "an event for a free slot");
+    if !s.touched {
+        s.touched = true;
+        touched.push(slot);
     }
 }
 
@@ -1225,14 +1222,11 @@ mod tests {
         PoolHandle::create(&path, Some(256 << 20), PoolGeometry::standard([7; 16])).unwrap();
         let pool = PoolHandle::open(&path).unwrap();
         let engine = Engine::start(EngineConfig {
-            cpus: vec![ballast_ffi::sys::allowed_cpus()[0]],
-            poll_us: 0,
             ring_entries: 256,
-            mailbox_depth: 16,
             buffer_budget: 64 << 20,
-            device_ring: None,
             offload_threads: 1,
             offload_queue: 4,
+            ..EngineConfig::one_core_for_tests()
         })
         .expect("an engine");
         pool.attach_cores(engine.handles());

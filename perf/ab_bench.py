@@ -12,7 +12,7 @@ Per run: IOPS, average and p99 completion latency, server CPU per I/O (the daemo
 utime+stime), client CPU per I/O (the client's own usr+sys), TCP segments per I/O
 (/proc/net/snmp OutSegs, both directions of the loopback connection: machine-wide, so keep the
 machine otherwise quiet), and — where the build reports them (`ballast stats`: ring_enters,
-sends, recvs) — the server's system calls into its ring and its socket sends per I/O; for a
+sends, recvs, sleeps, loops_busy) — the server's system calls into its ring, its socket sends, its sleeps in the ring and its busy loop turns per I/O; for a
 volume, its borrows of the pool state per I/O (volume_rounds: one per turn with volume work).
 
 Only the Python standard library is used. Results: a JSON file under perf/results/ and a
@@ -45,7 +45,8 @@ WORKLOADS = [
 
 
 # `ballast stats` counters reported per I/O, where the build has them.
-COUNTERS = ("ring_enters", "sends", "recvs", "volume_rounds", "volume_events")
+COUNTERS = ("ring_enters", "sends", "recvs", "volume_rounds", "volume_events", "sleeps",
+            "loops_busy")
 
 
 def tcp_out_segs():
@@ -212,6 +213,8 @@ def render(results, names=("old", "new")):
             ("tcp_segs_per_io", "TCP segs/IO", 2),
             ("server_ring_enters_per_io", "server syscalls/IO", 2),
             ("server_sends_per_io", "server sends/IO", 2),
+            ("server_sleeps_per_io", "server sleeps/IO", 3),
+            ("server_loops_busy_per_io", "server busy turns/IO", 2),
             ("server_volume_rounds_per_io", "pool-state borrows/IO", 3)]
     out = ["| run | build | " + " | ".join(c[1] for c in cols) + " |",
            "|---|---|" + "---|" * len(cols)]

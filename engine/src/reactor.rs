@@ -19,6 +19,11 @@
 //!   the next work is near — judged by how often work has been arriving — and never longer
 //!   than `poll_us` after the last work; otherwise it sleeps in `io_uring_enter`, so an idle
 //!   engine uses no CPU;
+//! - completions made without I/O ([`Cx::complete`]: memory devices, replies a volume's
+//!   requests hand their connections) are delivered within the loop iteration that made them,
+//!   in at most `READY_ROUNDS` rounds after its flushes, so a memory read's reply joins the
+//!   same ring entry as the request's next receive; what a longer chain makes waits for the
+//!   next iteration, whose ring completions are reaped first;
 //! - payload memory is charged to this core's budget ([`BufPool`]) before it is allocated; a
 //!   task refused a charge is woken through [`Task::on_buffers`] once memory is released;
 //! - a core going idle after connections left gives cached buffers and free heap memory back
@@ -56,6 +61,12 @@ const TAG_EVENTFD: u32 = 0;
 const TAG_DEV_EVENTFD: u32 = 1;
 /// Mailbox messages handled per loop iteration at most (bounded work per turn).
 const MAILBOX_BATCH: usize = 64;
+/// Rounds per loop iteration in which completions made without I/O ([`Cx::complete`]) are
+/// delivered and their tasks flushed again, before the ring is entered: a memory read's
+/// reply leaves in the same turn as its request, through the volume layer too (device
+/// completion → the core's volume decisions → the connection's reply: two rounds). Bounded, so
+/// a chain of such completions cannot keep the ring from being reaped.
+const READY_ROUNDS: usize = 4;
 /// Longest sleep in the ring before re-checking the mailbox anyway.
 const SLEEP_MAX: Duration = Duration::from_millis(500);
 /// After shutdown is requested, tasks get this long to drain before the core gives up on them.
@@ -425,7 +436,8 @@ impl Cx<'_> {
     }
 
     /// Completes `tag` for this task without I/O (memory backends, immediate errors); it is
-    /// delivered in the next loop iteration, never re-entrantly.
+    /// delivered after this round of flushes — in the same loop iteration, up to
+    /// `READY_ROUNDS` rounds, else in the next — never re-entrantly.
     pub fn complete(&mut self, tag: u32, result: i32, owned: Owned) {
         self.ready.push_back(Completion { token: token(self.task, tag), result, owned });
     }
@@ -670,6 +682,7 @@ impl Core {
             work += self.start_spawned();
             work += self.wake_buffer_waiters();
             self.flush_dirty();
+            work += self.deliver_ready_in_turn(&mut completions);
             // A per-core value checked out by an event and never put back would be lost to
             // every later event of the core.
             assert!(self.locals.all_in(), "core {}: a per-core value was not put back", self.id);
@@ -980,6 +993,25 @@ impl Core {
         count
     }
 
+    /// Completions made without I/O during this iteration ([`Cx::complete`]) are delivered
+    /// now, and the tasks they reach flushed, for up to `READY_ROUNDS` rounds; what is still
+    /// ready after that waits for the next iteration. Returns the completions delivered.
+    fn deliver_ready_in_turn(&mut self, completions: &mut Vec<Completion>) -> usize {
+        let mut delivered = 0;
+        for _ in 0..READY_ROUNDS {
+            if self.ready.is_empty() {
+                break;
+            }
+            delivered += self.ready.len();
+            completions.extend(self.ready.drain(..));
+            for c in completions.drain(..) {
+                self.dispatch(c);
+            }
+            self.flush_dirty();
+        }
+        delivered
+    }
+
     /// Flushes every task that received an event this iteration or was asked to be
     /// ([`Cx::flush_later`]), each once per round; a flush that asks for more flushes gets
     /// another round.
@@ -1050,7 +1082,7 @@ mod tests {
     }
 
     /// Hands the service work at its start and again from its own flush; completes a tag of
-    /// its own, which arrives in the next loop iteration.
+    /// its own, which arrives after those flushes, still in the same loop iteration.
     struct Client {
         service: u32,
         log: Log,
@@ -1065,7 +1097,7 @@ mod tests {
             cx.complete(1, 0, Owned::None);
         }
         fn on_completion(&mut self, _cx: &mut Cx<'_>, _tag: u32, _result: i32, _owned: Owned) {
-            self.log.lock().push("next iteration");
+            self.log.lock().push("completion");
             self.done = true;
         }
         fn flush(&mut self, cx: &mut Cx<'_>) {
@@ -1105,7 +1137,7 @@ mod tests {
         };
         let spawn = move |_cx: &mut Cx<'_>| Box::new(client) as Box<dyn Task>;
         assert!(engine.handles()[0].send_blocking(Msg::Spawn(Box::new(spawn))));
-        while !log.lock().contains(&"next iteration") {
+        while !log.lock().contains(&"completion") {
             assert!(started.elapsed() < Duration::from_secs(10), "the client finished");
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -1115,7 +1147,99 @@ mod tests {
         let from = log.iter().position(|e| *e == "client start").expect("the client started");
         assert_eq!(
             log[from..],
-            ["client start", "client flush", "service flush", "service flush", "next iteration"]
+            ["client start", "client flush", "service flush", "service flush", "completion"]
         );
+    }
+
+    /// Completes its own tag `left` times in a chain (each completion asks for the next),
+    /// noting the core's busy-loop count at each; with a timer armed beside the chain.
+    struct Chain {
+        left: u32,
+        seen_loops: Arc<Mutex<Vec<u64>>>,
+        timer_fired_after: Arc<Mutex<Option<u32>>>,
+        started_in_loop: u64,
+        timer_inflight: bool,
+    }
+
+    impl Task for Chain {
+        fn start(&mut self, cx: &mut Cx<'_>) {
+            self.started_in_loop = cx.stats().loops_busy;
+            cx.complete(1, 0, Owned::None);
+        }
+        fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, _result: i32, _owned: Owned) {
+            if tag == 2 {
+                self.timer_inflight = false;
+                *self.timer_fired_after.lock() = Some(self.seen_loops.lock().len() as u32);
+                return;
+            }
+            self.seen_loops.lock().push(cx.stats().loops_busy);
+            if self.seen_loops.lock().len() == 1 {
+                // Due at once: it must be reaped while the chain still runs.
+                self.timer_inflight = true;
+                cx.timer(2, Duration::from_millis(1));
+            }
+            self.left -= 1;
+            if self.left > 0 {
+                cx.complete(1, 0, Owned::None);
+            }
+        }
+        fn flush(&mut self, _cx: &mut Cx<'_>) {}
+        fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
+        fn is_done(&self) -> bool {
+            self.left == 0 && !self.timer_inflight
+        }
+    }
+
+    /// `Cx::complete`: a completion made without I/O is delivered in the loop iteration that
+    /// made it (no ring entry between a memory read and its reply), for `READY_ROUNDS` rounds;
+    /// a longer chain goes on in later iterations, and the ring is reaped between them (a
+    /// timer fires while the chain runs).
+    #[test]
+    fn completions_without_io_arrive_in_the_same_iteration_for_a_bounded_number_of_rounds() {
+        let engine = Engine::start(EngineConfig::one_core_for_tests()).expect("an engine");
+        const LINKS: u32 = 200_000;
+        let seen_loops = Arc::new(Mutex::new(Vec::new()));
+        let timer_fired_after = Arc::new(Mutex::new(None));
+        let chain = Chain {
+            left: LINKS,
+            seen_loops: Arc::clone(&seen_loops),
+            timer_fired_after: Arc::clone(&timer_fired_after),
+            started_in_loop: u64::MAX,
+            timer_inflight: false,
+        };
+        let started_in_loop = Arc::new(Mutex::new(u64::MAX));
+        let spawn = {
+            let started_in_loop = Arc::clone(&started_in_loop);
+            move |cx: &mut Cx<'_>| {
+                *started_in_loop.lock() = cx.stats().loops_busy;
+                Box::new(chain) as Box<dyn Task>
+            }
+        };
+        assert!(engine.handles()[0].send_blocking(Msg::Spawn(Box::new(spawn))));
+        let started = Instant::now();
+        while timer_fired_after.lock().is_none() || seen_loops.lock().len() < LINKS as usize {
+            assert!(started.elapsed() < Duration::from_secs(30), "the chain and the timer ended");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        engine.shutdown();
+        let seen = seen_loops.lock().clone();
+        let start = *started_in_loop.lock();
+        // The first completion arrives in the iteration that started the task.
+        assert_eq!(seen[0], start, "the first link arrived in its own iteration");
+        // An iteration delivers one link with the ring's completions and one in each of its
+        // READY_ROUNDS rounds — no more, and no fewer while the chain runs (a round is never
+        // left unused): all but the first and last iterations carry exactly that many.
+        let mut per_loop = std::collections::BTreeMap::<u64, usize>::new();
+        for l in &seen {
+            *per_loop.entry(*l).or_default() += 1;
+        }
+        let counts: Vec<usize> = per_loop.values().copied().collect();
+        let inner = &counts[1..counts.len() - 1];
+        assert_eq!(counts[0], READY_ROUNDS, "links in the starting iteration");
+        let odd: Vec<_> = inner.iter().filter(|&&n| n != READY_ROUNDS + 1).take(5).collect();
+        assert!(odd.is_empty(), "iterations delivering other than {}: {odd:?}", READY_ROUNDS + 1);
+        // The timer, due 1 ms after the first link, fired before the chain's end.
+        let after = timer_fired_after.lock().expect("the timer fired");
+        assert!(after < LINKS, "the timer fired after link {after} of {LINKS}");
     }
 }

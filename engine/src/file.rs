@@ -9,7 +9,7 @@
 //! - discard and write-zeroes use `fallocate` (on a block device the kernel turns these into
 //!   BLKDISCARD / BLKZEROOUT);
 //! - a file on a memory filesystem (tmpfs, ramfs) is memory: its reads, writes and flushes are
-//!   copies the core makes itself (`pread`/`pwrite`, completed in the next loop iteration, as a
+//!   copies the core makes itself (`pread`/`pwrite`, completed through `Cx::complete`, as a
 //!   RAM export's are). Such files offer io_uring no non-blocking path, so every operation on
 //!   the ring would be handed to one of io_uring's worker threads: a wake-up, two context
 //!   switches and a task-work completion around a 4 KiB copy (measured: the worker alone spent

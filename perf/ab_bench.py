@@ -12,8 +12,9 @@ Per run: IOPS, average and p99 completion latency, server CPU per I/O (the daemo
 utime+stime), client CPU per I/O (the client's own usr+sys), TCP segments per I/O
 (/proc/net/snmp OutSegs, both directions of the loopback connection: machine-wide, so keep the
 machine otherwise quiet), and — where the build reports them (`ballast stats`: ring_enters,
-sends, recvs, sleeps, loops_busy) — the server's system calls into its ring, its socket sends, its sleeps in the ring and its busy loop turns per I/O; for a
-volume, its borrows of the pool state per I/O (volume_rounds: one per turn with volume work).
+sends, recvs, sleeps, loops_busy) — the server's system calls into its ring, its socket
+sends, its sleeps in the ring and its busy loop turns per I/O; for a volume, its borrows of
+the pool state per I/O (volume_rounds: one per flush round with volume work).
 
 Only the Python standard library is used. Results: a JSON file under perf/results/ and a
 Markdown table on stdout. The machines are noisy: compare ratios, not absolute numbers.

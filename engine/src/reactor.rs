@@ -21,9 +21,10 @@
 //!   engine uses no CPU;
 //! - completions made without I/O ([`Cx::complete`]: memory devices, replies a volume's
 //!   requests hand their connections) are delivered within the loop iteration that made them,
-//!   in at most `READY_ROUNDS` rounds after its flushes, so a memory read's reply joins the
-//!   same ring entry as the request's next receive; what a longer chain makes waits for the
-//!   next iteration, whose ring completions are reaped first;
+//!   in at most `READY_ROUNDS` rounds: those the ring's completions made before any task is
+//!   flushed (a memory read's reply joins the other replies in one send), those the flushes
+//!   made after them, so a reply joins the same ring entry as the request's next receive; what
+//!   a longer chain makes waits for the next iteration, whose ring completions are reaped first;
 //! - payload memory is charged to this core's budget ([`BufPool`]) before it is allocated; a
 //!   task refused a charge is woken through [`Task::on_buffers`] once memory is released;
 //! - a core going idle after connections left gives cached buffers and free heap memory back
@@ -436,8 +437,9 @@ impl Cx<'_> {
     }
 
     /// Completes `tag` for this task without I/O (memory backends, immediate errors); it is
-    /// delivered after this round of flushes — in the same loop iteration, up to
-    /// `READY_ROUNDS` rounds, else in the next — never re-entrantly.
+    /// delivered in the same loop iteration — before the iteration's flushes if made while the
+    /// ring's completions were dispatched, else after the flush that made it — up to
+    /// `READY_ROUNDS` rounds, else in the next; never re-entrantly.
     pub fn complete(&mut self, tag: u32, result: i32, owned: Owned) {
         self.ready.push_back(Completion { token: token(self.task, tag), result, owned });
     }
@@ -673,6 +675,11 @@ impl Core {
             for c in completions.drain(..) {
                 self.dispatch(c);
             }
+            // Rounds of completions made without I/O left to this iteration.
+            let mut rounds = READY_ROUNDS;
+            // What the ring's completions made without I/O (a memory read's data) is delivered
+            // before anything is flushed, so its replies join the others in one send.
+            work += self.deliver_ready(&mut completions, &mut rounds, false);
             // Senders ring no doorbell while we are awake: look for their messages.
             self.mail_pending |= self.channels_pending();
             if self.mail_pending {
@@ -682,7 +689,8 @@ impl Core {
             work += self.start_spawned();
             work += self.wake_buffer_waiters();
             self.flush_dirty();
-            work += self.deliver_ready_in_turn(&mut completions);
+            // What the flushes made (a volume request's reply after the core's decisions).
+            work += self.deliver_ready(&mut completions, &mut rounds, true);
             // A per-core value checked out by an event and never put back would be lost to
             // every later event of the core.
             assert!(self.locals.all_in(), "core {}: a per-core value was not put back", self.id);
@@ -994,20 +1002,26 @@ impl Core {
     }
 
     /// Completions made without I/O during this iteration ([`Cx::complete`]) are delivered
-    /// now, and the tasks they reach flushed, for up to `READY_ROUNDS` rounds; what is still
-    /// ready after that waits for the next iteration. Returns the completions delivered.
-    fn deliver_ready_in_turn(&mut self, completions: &mut Vec<Completion>) -> usize {
+    /// now, a round at a time while `rounds` lasts (the iteration's `READY_ROUNDS`), and with
+    /// `flush` the tasks they reach are flushed after each round; what is still ready after
+    /// that waits for the next iteration. Returns the completions delivered.
+    fn deliver_ready(
+        &mut self,
+        completions: &mut Vec<Completion>,
+        rounds: &mut usize,
+        flush: bool,
+    ) -> usize {
         let mut delivered = 0;
-        for _ in 0..READY_ROUNDS {
-            if self.ready.is_empty() {
-                break;
-            }
+        while *rounds > 0 && !self.ready.is_empty() {
+            *rounds -= 1;
             delivered += self.ready.len();
             completions.extend(self.ready.drain(..));
             for c in completions.drain(..) {
                 self.dispatch(c);
             }
-            self.flush_dirty();
+            if flush {
+                self.flush_dirty();
+            }
         }
         delivered
     }
@@ -1156,14 +1170,14 @@ mod tests {
     struct Chain {
         left: u32,
         seen_loops: Arc<Mutex<Vec<u64>>>,
+        /// The busy-loop count at each flush while the chain runs.
+        flush_loops: Arc<Mutex<Vec<u64>>>,
         timer_fired_after: Arc<Mutex<Option<u32>>>,
-        started_in_loop: u64,
         timer_inflight: bool,
     }
 
     impl Task for Chain {
         fn start(&mut self, cx: &mut Cx<'_>) {
-            self.started_in_loop = cx.stats().loops_busy;
             cx.complete(1, 0, Owned::None);
         }
         fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, _result: i32, _owned: Owned) {
@@ -1183,7 +1197,11 @@ mod tests {
                 cx.complete(1, 0, Owned::None);
             }
         }
-        fn flush(&mut self, _cx: &mut Cx<'_>) {}
+        fn flush(&mut self, cx: &mut Cx<'_>) {
+            if self.left > 0 {
+                self.flush_loops.lock().push(cx.stats().loops_busy);
+            }
+        }
         fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
         fn is_done(&self) -> bool {
             self.left == 0 && !self.timer_inflight
@@ -1199,12 +1217,13 @@ mod tests {
         let engine = Engine::start(EngineConfig::one_core_for_tests()).expect("an engine");
         const LINKS: u32 = 200_000;
         let seen_loops = Arc::new(Mutex::new(Vec::new()));
+        let flush_loops = Arc::new(Mutex::new(Vec::new()));
         let timer_fired_after = Arc::new(Mutex::new(None));
         let chain = Chain {
             left: LINKS,
             seen_loops: Arc::clone(&seen_loops),
+            flush_loops: Arc::clone(&flush_loops),
             timer_fired_after: Arc::clone(&timer_fired_after),
-            started_in_loop: u64::MAX,
             timer_inflight: false,
         };
         let started_in_loop = Arc::new(Mutex::new(u64::MAX));
@@ -1238,6 +1257,24 @@ mod tests {
         assert_eq!(counts[0], READY_ROUNDS, "links in the starting iteration");
         let odd: Vec<_> = inner.iter().filter(|&&n| n != READY_ROUNDS + 1).take(5).collect();
         assert!(odd.is_empty(), "iterations delivering other than {}: {odd:?}", READY_ROUNDS + 1);
+        // A link the ring's completions made (the one the iteration began with) is followed
+        // before any flush: the rounds go to deliveries, and the task is flushed once per
+        // iteration, not once per round. (The starting iteration flushes after each round.)
+        let mut flushes = std::collections::BTreeMap::<u64, usize>::new();
+        for l in flush_loops.lock().iter() {
+            *flushes.entry(*l).or_default() += 1;
+        }
+        let inner_flushes: Vec<usize> =
+            flushes.range(start + 1..).map(|(_, n)| *n).filter(|&n| n != 1).take(5).collect();
+        assert!(
+            inner_flushes.is_empty(),
+            "iterations flushing the chain more than once: {inner_flushes:?}"
+        );
+        assert_eq!(
+            flushes.get(&start),
+            Some(&(READY_ROUNDS + 1)),
+            "flushes when the chain started"
+        );
         // The timer, due 1 ms after the first link, fired before the chain's end.
         let after = timer_fired_after.lock().expect("the timer fired");
         assert!(after < LINKS, "the timer fired after link {after} of {LINKS}");

@@ -130,8 +130,8 @@ pub struct CoreStats {
     pub offloaded: u64,
     /// Jobs it ran in place because no offload thread could take them.
     pub offload_in_place: u64,
-    /// Times this core borrowed a pool's shared state on the data path (one per turn with
-    /// volume work, per pool), and the request events decided in those borrows.
+    /// Times this core borrowed a pool's shared state on the data path (one per flush round
+    /// with volume work, per pool), and the request events decided in those borrows.
     pub volume_rounds: u64,
     pub volume_events: u64,
     /// Requests submitted on this core and not completed yet, all devices together.

@@ -248,7 +248,7 @@ impl ScrapeCollector {
             ),
             (
                 "ballast_core_volume_rounds",
-                "Borrows of a pool's shared state by the core's volume requests (one per turn).",
+                "Borrows of a pool's shared state by the core's volume requests (one per flush round).",
                 Counter,
                 |s| s.volume_rounds,
             ),

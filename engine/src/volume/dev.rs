@@ -7,7 +7,8 @@
 //! device ring), and as a [`PoolDisk`] (blocking: file I/O, or passthrough ioctls) for
 //! opening and formatting it, and for the requests that arrive once the cores are gone. The
 //! [`PoolMeta`] between them sits behind one mutex held only for in-memory decisions, never
-//! across I/O on the data path, and taken by a core once per turn with volume work: a turn's
+//! across I/O on the data path, and taken by a core once per flush round with volume work (a
+//! loop iteration flushes once, then once per round of same-iteration completions): a round's
 //! request events are decided together in one borrow.
 //!
 //! A [`VolumeDev`] is a [`BlockDev`]: each command becomes a request in a slot of the
@@ -681,10 +682,11 @@ enum Runner {
 /// — the same code the simulator drives — and its device operations go to this core's ring.
 ///
 /// A turn's events for the slots (new requests, device completions, wake-ups) are queued as
-/// they come and decided together at the turn's end, in one borrow of the pool state (the
-/// slots task's `flush`); what the decisions ask for (device operations, replies, wake-ups)
-/// is carried out after the borrow ends. The lock the cores share is taken once per turn with
-/// volume work, not once or twice per request.
+/// they come and decided together when the turn's tasks are flushed, in one borrow of the
+/// pool state (the slots task's `flush`); what the decisions ask for (device operations,
+/// replies, wake-ups) is carried out after the borrow ends. The lock the cores share is taken
+/// once per flush round with volume work (a few per loop iteration at most), not once or
+/// twice per request.
 ///
 /// Invariants: a slot is freed only when its request is done and none of its operations
 /// (device I/O, encoding, deadline timer or its cancel) is in flight; `ops` holds exactly the
@@ -1236,7 +1238,8 @@ mod tests {
 
     /// The daemon's adapter end to end on a real pool file and a real core: concurrent writes
     /// (some parked behind a cluster's allocation, some read-modify-writes), a flush, reads
-    /// that return the data; each turn's events were decided in one borrow of the pool state;
+    /// that return the data; each flush round's events were decided in one borrow of the pool
+    /// state;
     /// the requests ran in reused slots, which shrink back to
     /// `SLOTS_KEPT` once idle after the burst, and a control operation ran on the core.
     #[test]

@@ -1497,10 +1497,13 @@ impl Task for Queue {
 
     fn flush(&mut self, cx: &mut Cx<'_>) {
         self.post_io(cx);
+        if !self.read_closed || self.done {
+            return;
+        }
         let output_done = self.out.drained() && self.tls.as_ref().is_none_or(|t| t.drained());
         let executing =
             self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::Executing { .. }));
-        if self.read_closed && !executing && output_done && !self.done {
+        if !executing && output_done {
             if self.recv.inflight() || self.tls_recv_inflight() {
                 self.close_read();
             }

@@ -50,15 +50,18 @@ def free_port():
 class Daemon:
     """One `ballast serve`, pinned to a CPU."""
 
-    def __init__(self, binary, data_dir, args, cpu):
+    def __init__(self, binary, data_dir, args, cpu, cores=1):
+        """`cpu`: the CPU (or taskset list, e.g. "0,1") the daemon runs on; `cores`: its data
+        cores."""
         self.binary, self.data_dir, self.args, self.cpu = binary, data_dir, args, cpu
+        self.cores = cores
         self.port = free_port()
         self.nvmf_port = free_port()
         self.proc = None
         os.makedirs(data_dir, exist_ok=True)
 
     def start(self):
-        cmd = ["taskset", "-c", str(self.cpu), self.binary, "serve", "--cores", "1",
+        cmd = ["taskset", "-c", str(self.cpu), self.binary, "serve", "--cores", str(self.cores),
                "--data-dir", self.data_dir, "--nbd-listen", f"127.0.0.1:{self.port}",
                "--nvmf-listen", f"127.0.0.1:{self.nvmf_port}"] + self.args
         self.log = open(os.path.join(self.data_dir, "serve.log"), "a")

@@ -4,8 +4,8 @@
 Both daemons serve a 1 GiB RAM export (the media costs nothing) — or, with --backing volume,
 a fully written 1 GiB volume of a pool file on --pool-dir (tmpfs by default, so the media costs
 nothing and the volume layer shows) — one core each, pinned to the same CPU (--server-cpu, one
-daemon at a time under load); the client runs on another CPU (--client-cpu). For NBD the client is fio (ioengine=nbd), for NVMe/TCP ballast-perf. Runs
-alternate between the builds (old, new / new, old, ...), medians of --reps. Workloads:
+daemon at a time under load); the client runs on another CPU (--client-cpu). For NBD the
+client is fio (ioengine=nbd), for NVMe/TCP ballast-perf. Runs alternate between the builds (old, new / new, old, ...), medians of --reps. Workloads:
 4k random read and write at QD1 and QD32, 128k sequential read and write at QD8.
 
 Per run: IOPS, average and p99 completion latency, server CPU per I/O (the daemon's
@@ -59,14 +59,7 @@ def tcp_out_segs():
 
 def server_counters(daemon):
     """Sums of the daemon's per-core ring counters, or None if the build has none."""
-    out = subprocess.run([daemon.binary, "stats", "--json", "--data-dir", daemon.data_dir],
-                         capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        return None
-    try:
-        reactors = json.loads(out.stdout)["reactors"]
-    except (ValueError, KeyError):
-        return None
+    reactors = daemon.reactors()
     if not reactors or "ring_enters" not in reactors[0]:
         return None
     return {k: sum(r[k] for r in reactors) for k in COUNTERS if k in reactors[0]}

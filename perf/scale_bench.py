@@ -52,12 +52,6 @@ CONFIGS = [
 ]
 
 
-def stats(daemon):
-    out = subprocess.run([daemon.binary, "stats", "--json", "--data-dir", daemon.data_dir],
-                         capture_output=True, text=True, timeout=30, check=True)
-    return json.loads(out.stdout)["reactors"]
-
-
 def io_count(reactor):
     """Reads and writes a core completed."""
     return reactor["reads"] + reactor["writes"]
@@ -77,10 +71,10 @@ def fio_two(daemon, exports, args, rw, extra=()):
 
 
 def one(daemon, exports, args):
-    r0, c0 = stats(daemon), daemon.cpu_s()
+    r0, c0 = daemon.reactors(), daemon.cpu_s()
     jobs = fio_two(daemon, exports, args, args.rw,
                    ["--time_based", f"--runtime={args.runtime}"])
-    c1, r1 = daemon.cpu_s(), stats(daemon)
+    c1, r1 = daemon.cpu_s(), daemon.reactors()
     side = "read" if "read" in args.rw else "write"
     ios = sum(j[side]["total_ios"] for j in jobs)
     iops = sum(j[side]["iops"] for j in jobs)
@@ -115,38 +109,31 @@ def main():
     pool = os.path.join(args.pool_dir, f"scale-bench-{os.getpid()}.img")
     subprocess.run([args.binary, "pool", "create", pool, "--size", "3G"], check=True,
                    capture_output=True)
-    daemons = {}
+    runs = {label: [] for label, _, _ in CONFIGS}
     try:
-        runs = {label: [] for label, _, _ in CONFIGS}
-        first = True
         for rep in range(args.reps):
             order = CONFIGS if rep % 2 == 0 else list(reversed(CONFIGS))
             for label, cores, exports in order:
-                d = daemons.get(cores)
-                if d is None:
-                    d = Daemon(args.binary, os.path.join(scratch, f"cores{cores}"),
-                               ["--pool", pool, "--poll-us", str(args.poll_us)],
-                               ",".join(cpus[:cores]), cores=cores)
-                    d.start()
-                    if first:
+                # The pool has one owner at a time: a fresh daemon per configuration.
+                d = Daemon(args.binary, os.path.join(scratch, f"cores{cores}"),
+                           ["--pool", pool, "--poll-us", str(args.poll_us)],
+                           ",".join(cpus[:cores]), cores=cores)
+                d.start()
+                try:
+                    if rep == 0 and label == order[0][0]:
                         for v in VOLUMES:
                             d.rpc("volume", "create", v, "1G")
                         # Written once, so reads read data and writes overwrite in place.
                         fio_two(d, VOLUMES, args, "write", ["--bs=1m", "--iodepth=8"])
-                        first = False
-                    daemons[cores] = d
-                r = one(d, exports, args)
+                    r = one(d, exports, args)
+                finally:
+                    d.stop()
                 assert len(r["core_shares"]) == cores, r
                 log(f"{label} rep {rep}: {r['iops']:.0f} IOPS, server "
                     f"{r['server_cpu_us_per_io']:.2f} us/IO, core shares "
                     + ", ".join(f"{s:.2f}" for s in r["core_shares"]))
                 runs[label].append(r)
-                # The pool has one owner at a time: stop this daemon before the other starts.
-                d.stop()
-                daemons.pop(cores)
     finally:
-        for d in daemons.values():
-            d.stop()
         os.unlink(pool)
     med = {label: {k: statistics.median(r[k] for r in rs)
                    for k in ("iops", "server_cpu_us_per_io", "borrows_per_io")}

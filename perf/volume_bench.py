@@ -82,6 +82,17 @@ class Daemon:
                              capture_output=True, text=True, check=True)
         return out.stdout
 
+    def reactors(self):
+        """Per-core statistics (`ballast stats --json`), or None if the build has none."""
+        out = subprocess.run([self.binary, "stats", "--json", "--data-dir", self.data_dir],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            return None
+        try:
+            return json.loads(out.stdout)["reactors"]
+        except (ValueError, KeyError):
+            return None
+
     def cpu_s(self):
         return proc_cpu_seconds(self.proc.pid)
 

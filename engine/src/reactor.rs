@@ -670,11 +670,7 @@ impl Core {
         loop {
             let mut work = self.ring.reap(&mut completions);
             work += self.reap_device(&mut completions);
-            work += self.ready.len();
-            completions.extend(self.ready.drain(..));
-            for c in completions.drain(..) {
-                self.dispatch(c);
-            }
+            work += self.dispatch_with_ready(&mut completions);
             // Rounds of completions made without I/O left to this iteration.
             let mut rounds = READY_ROUNDS;
             // What the ring's completions made without I/O (a memory read's data) is delivered
@@ -1001,6 +997,17 @@ impl Core {
         count
     }
 
+    /// Dispatches `completions` (the ring's, if any) and then what is ready without I/O, in
+    /// that order; returns how many ready completions were delivered.
+    fn dispatch_with_ready(&mut self, completions: &mut Vec<Completion>) -> usize {
+        let ready = self.ready.len();
+        completions.extend(self.ready.drain(..));
+        for c in completions.drain(..) {
+            self.dispatch(c);
+        }
+        ready
+    }
+
     /// Completions made without I/O during this iteration ([`Cx::complete`]) are delivered
     /// now, a round at a time while `rounds` lasts (the iteration's `READY_ROUNDS`), and with
     /// `flush` the tasks they reach are flushed after each round; what is still ready after
@@ -1014,11 +1021,7 @@ impl Core {
         let mut delivered = 0;
         while *rounds > 0 && !self.ready.is_empty() {
             *rounds -= 1;
-            delivered += self.ready.len();
-            completions.extend(self.ready.drain(..));
-            for c in completions.drain(..) {
-                self.dispatch(c);
-            }
+            delivered += self.dispatch_with_ready(completions);
             if flush {
                 self.flush_dirty();
             }

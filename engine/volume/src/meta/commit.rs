@@ -77,8 +77,7 @@ impl PoolMeta {
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;
-        self.sealed_fresh = std::mem::take(&mut self.epoch_fresh);
-        self.sealed_touched = std::mem::take(&mut self.epoch_touched);
+        self.fam.seal_epoch();
         let frees = self.alloc.seal();
         self.sealed_frees = frees.len() as u64;
         Ok(Some(Sealed { blocks, frees }))
@@ -91,12 +90,7 @@ impl PoolMeta {
         self.commits_done += 1;
         self.sealed_frees = 0;
         self.durable_seals = self.seals;
-        self.sealed_fresh.clear();
-        self.sealed_touched.clear();
-        self.quarantine.push_back((self.io_epoch, sealed.frees));
-        self.io_epoch += 1;
-        self.release_quarantine();
-        self.locks.commit_ended();
+        self.fam.commit_ended(sealed.frees, &mut self.alloc);
     }
 
     /// The state a checkpoint encodes, frozen: one copy of each distinct mapping leaf (4 KiB
@@ -104,6 +98,7 @@ impl PoolMeta {
     pub fn freeze(&self) -> Frozen {
         let mut seen = Freezer::default();
         let volumes = self
+            .fam
             .volumes
             .iter()
             .map(|(&id, v)| {
@@ -157,8 +152,7 @@ impl PoolMeta {
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;
-        self.sealed_fresh = std::mem::take(&mut self.epoch_fresh);
-        self.sealed_touched = std::mem::take(&mut self.epoch_touched);
+        self.fam.seal_epoch();
         Ok(Some(Checkpoint {
             blob_offset: self.checkpoint_offset(half),
             encode: Some(Encode {
@@ -185,12 +179,7 @@ impl PoolMeta {
         self.sb = c.sb;
         // Nothing was written to the ring since `begin_checkpoint` (commits waited).
         self.journal.checkpointed();
-        self.sealed_fresh.clear();
-        self.sealed_touched.clear();
-        self.quarantine.push_back((self.io_epoch, c.frees));
-        self.io_epoch += 1;
-        self.release_quarantine();
-        self.locks.commit_ended();
+        self.fam.commit_ended(c.frees, &mut self.alloc);
     }
 
     /// Metadata area byte offset of checkpoint half `half`.

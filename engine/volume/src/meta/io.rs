@@ -1,10 +1,11 @@
 //! The data path's decisions: where a read comes from, where a write goes (in place or
 //! copy-on-write into a fresh cluster), holds for read-modify-writes, trims; a request that
-//! must wait is parked in the lock table.
+//! must wait is parked in the lock table. Family decisions (`impl Family`), reaching the pool
+//! only through a [`Link`]; `PoolMeta` wraps them with the pool's health check.
 
 use super::*;
 
-impl PoolMeta {
+impl Family {
     fn check_range(&self, id: u32, offset: u64, len: u64, write: bool) -> Result<(), PoolError> {
         let v = self.volume(id)?;
         if write && v.read_only {
@@ -19,16 +20,7 @@ impl PoolMeta {
         Ok(())
     }
 
-    /// Where `[offset, offset + len)` of volume `id` comes from, in order, runs merged.
-    pub fn plan_read(&self, id: u32, offset: u64, len: u64) -> Result<Vec<ReadPiece>, PoolError> {
-        let mut out = Vec::new();
-        self.plan_read_into(id, offset, len, &mut out)?;
-        Ok(out)
-    }
-
-    /// [`PoolMeta::plan_read`] into `out` (cleared first): a caller that reads often keeps
-    /// one vector.
-    pub fn plan_read_into(
+    fn plan_read_into(
         &self,
         id: u32,
         offset: u64,
@@ -65,12 +57,8 @@ impl PoolMeta {
 
     // ---- writes -----------------------------------------------------------------------------
 
-    /// Plans a write of `[offset, offset + len)` into `plans` (cleared first; left empty when
-    /// it fails): one plan per cluster it touches. [`Blocked::Wait`] when a cluster it needs is
-    /// being copied or the volume is frozen: nothing was reserved and `waiter` is parked until
-    /// that changes. Each plan must be finished with `finish_span` (or `abort_span`), then the
-    /// write with `end_write`.
-    pub fn plan_write(
+    #[allow(clippy::too_many_arguments)] // `PoolMeta::plan_write`'s, and the allocator
+    fn plan_write(
         &mut self,
         id: u32,
         offset: u64,
@@ -78,9 +66,8 @@ impl PoolMeta {
         hold: u64,
         waiter: Waiter,
         plans: &mut Vec<WritePlan>,
+        alloc: &mut Allocator,
     ) -> Result<(), Blocked> {
-        plans.clear();
-        self.ok()?;
         self.check_range(id, offset, len, true)?;
         let v = &self.volumes[&id];
         // A frozen volume takes no new write; a read-modify-write that holds its clusters is
@@ -133,13 +120,13 @@ impl PoolMeta {
             });
             at = s.cluster_end;
         }
-        if fresh_needed > self.alloc.free_count() {
+        if fresh_needed > alloc.free_count() {
             plans.clear();
             return Err(PoolError::NoSpace.into());
         }
         for p in plans.iter_mut() {
             if p.fresh {
-                let fresh = self.alloc.alloc().expect("counted free above");
+                let fresh = alloc.alloc().expect("counted free above");
                 self.epoch_fresh.insert(fresh);
                 self.fresh_inflight += 1;
                 p.cluster = fresh;
@@ -155,12 +142,7 @@ impl PoolMeta {
         self.locks.remove_writer(id, vc);
     }
 
-    /// Holds volume clusters `vcs` exclusively for a read-modify-write (an unaligned write):
-    /// no other write, copy-on-write or trim touches them until `release`, so the pieces read
-    /// and merged cannot change meanwhile. [`Blocked::Wait`] when one is in use or the volume
-    /// is frozen (`waiter` parked).
-    pub fn hold(&mut self, id: u32, vcs: &[u64], waiter: Waiter) -> Result<u64, Blocked> {
-        self.ok()?;
+    fn hold(&mut self, id: u32, vcs: &[u64], waiter: Waiter) -> Result<u64, Blocked> {
         let v = self.volume(id)?;
         if v.read_only {
             return Err(PoolError::ReadOnly(id).into());
@@ -182,22 +164,21 @@ impl PoolMeta {
         Ok(token)
     }
 
-    pub fn release(&mut self, id: u32, vcs: &[u64], token: u64) {
+    fn release(&mut self, id: u32, vcs: &[u64], token: u64) {
         for vc in vcs {
             self.locks.unhold(id, *vc, token);
         }
         self.end_write(id);
     }
 
-    /// One plan's data is on the media (completed, not necessarily durable): map it.
-    pub fn finish_span(&mut self, id: u32, p: &WritePlan) {
+    fn finish_span(&mut self, id: u32, p: &WritePlan, link: &mut Link) {
         self.unbusy(id, p.vcluster);
         if p.fresh {
             self.fresh_inflight -= 1;
         }
         let Some(v) = self.volumes.get(&id) else {
             if p.fresh {
-                self.abandon_fresh(p);
+                self.abandon_fresh(p, link.alloc);
             }
             return;
         };
@@ -212,29 +193,25 @@ impl PoolMeta {
             return;
         };
         if entry != e {
-            self.log(Record::MapSet { volume: id, vcluster: p.vcluster, entry: entry.0 });
+            self.log(Record::MapSet { volume: id, vcluster: p.vcluster, entry: entry.0 }, link);
         }
     }
 
-    fn abandon_fresh(&mut self, p: &WritePlan) {
-        if self.refs[p.cluster as usize] == 0 && self.alloc.is_allocated(p.cluster) {
-            self.alloc.free(p.cluster);
+    fn abandon_fresh(&mut self, p: &WritePlan, alloc: &mut Allocator) {
+        if self.refs[p.cluster as usize] == 0 && alloc.is_allocated(p.cluster) {
+            alloc.free(p.cluster);
         }
     }
 
-    /// A planned span failed: a fresh cluster goes back, the mapping is unchanged.
-    pub fn abort_span(&mut self, id: u32, p: &WritePlan) {
+    fn abort_span(&mut self, id: u32, p: &WritePlan, alloc: &mut Allocator) {
         self.unbusy(id, p.vcluster);
         if p.fresh {
             self.fresh_inflight -= 1;
-        }
-        if p.fresh {
-            self.abandon_fresh(p);
+            self.abandon_fresh(p, alloc);
         }
     }
 
-    /// Every span of a planned write has finished or aborted.
-    pub fn end_write(&mut self, id: u32) {
+    pub(super) fn end_write(&mut self, id: u32) {
         if let Some(v) = self.volumes.get_mut(&id) {
             v.writes_inflight -= 1;
             if v.writes_inflight == 0 {
@@ -243,11 +220,14 @@ impl PoolMeta {
         }
     }
 
-    /// Trims whole 4 KiB pieces: they read zeros; a cluster with no written piece is released.
-    /// [`Blocked::Wait`] when a write to one of its clusters is in flight or the volume is
-    /// frozen (`waiter` parked).
-    pub fn trim(&mut self, id: u32, offset: u64, len: u64, waiter: Waiter) -> Result<(), Blocked> {
-        self.ok()?;
+    fn trim(
+        &mut self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        waiter: Waiter,
+        link: &mut Link,
+    ) -> Result<(), Blocked> {
         self.check_range(id, offset, len, true)?;
         if self.volumes[&id].frozen > 0 {
             self.locks.park_frozen(id, waiter);
@@ -262,12 +242,12 @@ impl PoolMeta {
             }
             at = s.cluster_end;
         }
-        self.trim_unchecked(id, offset, len);
+        self.trim_unchecked(id, offset, len, link);
         Ok(())
     }
 
     /// Trims a checked range of a volume nothing else is writing.
-    pub(super) fn trim_unchecked(&mut self, id: u32, offset: u64, len: u64) {
+    pub(super) fn trim_unchecked(&mut self, id: u32, offset: u64, len: u64, link: &mut Link) {
         let mut at = offset;
         while at < offset + len {
             let Span { vc, cluster_end, bits, .. } = self.span(at, offset + len);
@@ -276,10 +256,94 @@ impl PoolMeta {
                 let left = e.written() & !bits;
                 let entry = if left == 0 { Entry::UNMAPPED } else { Entry::new(c, left) };
                 if entry != e {
-                    self.log(Record::MapSet { volume: id, vcluster: vc, entry: entry.0 });
+                    self.log(Record::MapSet { volume: id, vcluster: vc, entry: entry.0 }, link);
                 }
             }
             at = cluster_end;
         }
+    }
+}
+
+impl PoolMeta {
+    /// Where `[offset, offset + len)` of volume `id` comes from, in order, runs merged.
+    pub fn plan_read(&self, id: u32, offset: u64, len: u64) -> Result<Vec<ReadPiece>, PoolError> {
+        let mut out = Vec::new();
+        self.plan_read_into(id, offset, len, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`PoolMeta::plan_read`] into `out` (cleared first): a caller that reads often keeps
+    /// one vector.
+    pub fn plan_read_into(
+        &self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<ReadPiece>,
+    ) -> Result<(), PoolError> {
+        self.fam.plan_read_into(id, offset, len, out)
+    }
+
+    /// Plans a write of `[offset, offset + len)` into `plans` (cleared first; left empty when
+    /// it fails): one plan per cluster it touches. [`Blocked::Wait`] when a cluster it needs is
+    /// being copied or the volume is frozen: nothing was reserved and `waiter` is parked until
+    /// that changes. Each plan must be finished with `finish_span` (or `abort_span`), then the
+    /// write with `end_write`.
+    pub fn plan_write(
+        &mut self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        hold: u64,
+        waiter: Waiter,
+        plans: &mut Vec<WritePlan>,
+    ) -> Result<(), Blocked> {
+        plans.clear();
+        self.ok()?;
+        self.fam.plan_write(id, offset, len, hold, waiter, plans, &mut self.alloc)
+    }
+
+    /// Holds volume clusters `vcs` exclusively for a read-modify-write (an unaligned write):
+    /// no other write, copy-on-write or trim touches them until `release`, so the pieces read
+    /// and merged cannot change meanwhile. [`Blocked::Wait`] when one is in use or the volume
+    /// is frozen (`waiter` parked).
+    pub fn hold(&mut self, id: u32, vcs: &[u64], waiter: Waiter) -> Result<u64, Blocked> {
+        self.ok()?;
+        self.fam.hold(id, vcs, waiter)
+    }
+
+    pub fn release(&mut self, id: u32, vcs: &[u64], token: u64) {
+        self.fam.release(id, vcs, token)
+    }
+
+    /// One plan's data is on the media (completed, not necessarily durable): map it.
+    pub fn finish_span(&mut self, id: u32, p: &WritePlan) {
+        let (fam, mut link) = self.split();
+        fam.finish_span(id, p, &mut link)
+    }
+
+    /// A planned span failed: a fresh cluster goes back, the mapping is unchanged.
+    pub fn abort_span(&mut self, id: u32, p: &WritePlan) {
+        self.fam.abort_span(id, p, &mut self.alloc)
+    }
+
+    /// Every span of a planned write has finished or aborted.
+    pub fn end_write(&mut self, id: u32) {
+        self.fam.end_write(id)
+    }
+
+    /// Trims whole 4 KiB pieces: they read zeros; a cluster with no written piece is released.
+    /// [`Blocked::Wait`] when a write to one of its clusters is in flight or the volume is
+    /// frozen (`waiter` parked).
+    pub fn trim(&mut self, id: u32, offset: u64, len: u64, waiter: Waiter) -> Result<(), Blocked> {
+        self.ok()?;
+        let (fam, mut link) = self.split();
+        fam.trim(id, offset, len, waiter, &mut link)
+    }
+
+    /// Trims a checked range of a volume nothing else is writing.
+    pub(super) fn trim_unchecked(&mut self, id: u32, offset: u64, len: u64) {
+        let (fam, mut link) = self.split();
+        fam.trim_unchecked(id, offset, len, &mut link)
     }
 }

@@ -4,11 +4,15 @@
 //! (`request.rs`) consult it; their drivers — the daemon's reactor adapter, the synchronous
 //! pool, the simulator — run the same decisions.
 //!
-//! This module holds the durable state (volumes, trees, reference counts, allocator, `apply`
-//! and loading) and its checks; the decisions live beside it by concern: `io` (reads, writes,
-//! holds, trims), `commit` (sealing, checkpoints, when a commit is due), `control` (volume
-//! operations and metadata admission), `epochs` (I/O tickets and the quarantine of freed
-//! clusters).
+//! The state is in two parts, the split per-family ownership will move between cores
+//! (docs/VOLUMES.md): the pool part here (superblock, allocator, journal, configuration, the
+//! commit pipeline, health; `apply` and loading, checks) and the family part (`family`:
+//! volumes, trees, reference counts, the lock table, I/O epochs, the in-place/copy-on-write
+//! sets). A family decision reaches the pool only through a `Link` (the allocator and the
+//! journal's pending records). The decisions live beside them by concern: `io` (reads,
+//! writes, holds, trims), `commit` (sealing, checkpoints, when a commit is due), `control`
+//! (volume operations and metadata admission), `epochs` (I/O tickets and the quarantine of
+//! freed clusters).
 //!
 //! Invariants:
 //! - every mapping change is a journal record applied through `apply`, the function replay and
@@ -39,6 +43,8 @@ mod commit;
 pub use commit::{Encode, Encoded, Frozen};
 mod control;
 mod epochs;
+mod family;
+use family::{Family, Link};
 mod io;
 use crate::map::{count_references, Entry, Tree};
 use crate::records::{decode_all, Record, CONFIG_VALUE_MAX, NAME_MAX};
@@ -201,31 +207,21 @@ pub struct Sealed {
     frees: Vec<u64>,
 }
 
+/// The state of an open pool: the pool part here (superblock, allocator, journal,
+/// configuration, the commit pipeline, health) and the family part ([`Family`]: volumes,
+/// reference counts, locks, epochs). Family decisions reach the pool only through a
+/// [`family::Link`].
 pub struct PoolMeta {
     sb: Superblock,
-    cluster_bytes: u64,
     alloc: Allocator,
     journal: JournalWriter,
-    volumes: BTreeMap<u32, Volume>,
     config: BTreeMap<String, String>,
-    refs: Vec<u32>,
     next_id: u32,
-    /// Clusters allocated since the last seal (no durable state names them).
-    epoch_fresh: HashSet<u64>,
-    /// Older clusters whose references changed since the last seal.
-    epoch_touched: HashSet<u64>,
-    /// The same two sets for the commit in flight.
-    sealed_fresh: HashSet<u64>,
-    sealed_touched: HashSet<u64>,
+    fam: Family,
     committing: bool,
-    next_hold: u64,
     /// Commits sealed so far, and how many of them are durable (checkpoints count as both).
     seals: u64,
     durable_seals: u64,
-    locks: LockTable,
-    io_epoch: u64,
-    inflight: BTreeMap<u64, u32>,
-    quarantine: VecDeque<(u64, Vec<u64>)>,
     failed: Option<String>,
     /// Pending records that make a background commit due, and whether one was asked for.
     commit_records: usize,
@@ -235,8 +231,6 @@ pub struct PoolMeta {
     /// Commits and checkpoints made durable since the pool was opened.
     commits_done: u64,
     checkpoints_done: u64,
-    /// Fresh clusters of write spans in flight (allocated, mapped when the span finishes).
-    fresh_inflight: u64,
     /// Clusters freed by the commit in flight (between its seal and its end).
     sealed_frees: u64,
 }
@@ -255,7 +249,7 @@ pub struct Ticket(u64);
 
 /// Volume `id`'s mapped clusters: (volume cluster, pool cluster, written bitmap).
 pub fn mapped_entries(meta: &PoolMeta, id: u32) -> Vec<(u64, u64, u16)> {
-    meta.volumes.get(&id).map_or_else(Vec::new, |v| {
+    meta.fam.volumes.get(&id).map_or_else(Vec::new, |v| {
         v.tree
             .entries()
             .into_iter()
@@ -279,36 +273,30 @@ impl PoolMeta {
             prev_crc: sb.journal_head_prev_crc,
         };
         let clusters = sb.cluster_count.max(2);
+        let cluster_bytes = 1u64 << sb.cluster_shift;
         PoolMeta {
-            cluster_bytes: 1u64 << sb.cluster_shift,
             alloc: Allocator::new(clusters),
             journal: JournalWriter::new(sb.pool_uuid, sb.incarnation, sb.journal_blocks, head),
-            volumes: BTreeMap::new(),
             config: BTreeMap::new(),
-            refs: vec![0; clusters as usize],
             next_id: 1,
-            epoch_fresh: HashSet::default(),
-            epoch_touched: HashSet::default(),
-            sealed_fresh: HashSet::default(),
-            sealed_touched: HashSet::default(),
+            fam: Family::new(cluster_bytes, sb.data_start * BLOCK_SIZE as u64, clusters),
             committing: false,
-            next_hold: 0,
             seals: 0,
             durable_seals: 0,
-            locks: LockTable::default(),
-            io_epoch: 0,
-            inflight: BTreeMap::new(),
-            quarantine: VecDeque::new(),
             failed: None,
             commit_records: COMMIT_RECORDS,
             background_asked: false,
             timer_armed: false,
             commits_done: 0,
             checkpoints_done: 0,
-            fresh_inflight: 0,
             sealed_frees: 0,
             sb,
         }
+    }
+
+    /// The family part and the pool's link to it, borrowed apart.
+    fn split(&mut self) -> (&mut Family, Link<'_>) {
+        (&mut self.fam, Link { alloc: &mut self.alloc, journal: &mut self.journal })
     }
 
     /// Bytes each metadata half reserves for a pool of `cluster_count` clusters, `volumes`
@@ -325,11 +313,11 @@ impl PoolMeta {
     }
 
     pub fn cluster_bytes(&self) -> u64 {
-        self.cluster_bytes
+        self.fam.cluster_bytes
     }
 
     pub fn volumes(&self) -> &BTreeMap<u32, Volume> {
-        &self.volumes
+        &self.fam.volumes
     }
 
     pub fn config(&self) -> &BTreeMap<String, String> {
@@ -345,7 +333,7 @@ impl PoolMeta {
     }
 
     pub fn data_bytes(&self) -> u64 {
-        self.sb.cluster_count.saturating_sub(1) * self.cluster_bytes
+        self.sb.cluster_count.saturating_sub(1) * self.fam.cluster_bytes
     }
 
     pub fn journal_blocks_free(&self) -> u64 {
@@ -364,7 +352,7 @@ impl PoolMeta {
     pub fn fail(&mut self, why: String) {
         tracing::error!(why = %why, "pool failed");
         self.failed.get_or_insert(why);
-        self.locks.wake_all();
+        self.fam.locks.wake_all();
     }
 
     pub fn failed(&self) -> Option<&str> {
@@ -379,20 +367,16 @@ impl PoolMeta {
     }
 
     pub fn find(&self, name: &str) -> Result<u32, PoolError> {
-        self.volumes
-            .iter()
-            .find(|(_, v)| v.name == name)
-            .map(|(id, _)| *id)
-            .ok_or_else(|| PoolError::NoName(name.to_string()))
+        self.fam.find(name)
     }
 
     pub fn volume(&self, id: u32) -> Result<&Volume, PoolError> {
-        self.volumes.get(&id).ok_or(PoolError::NoVolume(id))
+        self.fam.volume(id)
     }
 
     /// Pieces of volume `id` that are written, in bytes.
     pub fn allocated_bytes(&self, id: u32) -> u64 {
-        self.volumes.get(&id).map_or(0, |v| {
+        self.fam.volumes.get(&id).map_or(0, |v| {
             let size = v.size_bytes;
             self.allocation(id, 0, size).iter().filter(|r| r.2).map(|r| r.1).sum()
         })
@@ -400,193 +384,33 @@ impl PoolMeta {
 
     /// Whether 4 KiB piece `piece` of volume `id` holds written data (else it reads as zeros).
     pub fn piece_written(&self, id: u32, piece: u64) -> bool {
-        let Some(v) = self.volumes.get(&id) else { return false };
-        let at = piece * PIECE;
-        let e = v.tree.get(at / self.cluster_bytes);
-        e.cluster().is_some() && e.written() & (1 << ((at % self.cluster_bytes) / PIECE)) != 0
+        self.fam.piece_written(id, piece)
     }
 
     /// Written runs of `[offset, offset + len)` of volume `id`: (start, length, written), in
     /// order, adjacent runs merged, at 4 KiB granularity. Cost follows the mapped clusters.
     pub fn allocation(&self, id: u32, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
-        let Some(v) = self.volumes.get(&id) else { return Vec::new() };
-        let end = offset.saturating_add(len).min(v.size_bytes);
-        let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        let mut push = |start: u64, stop: u64, written: bool| {
-            if stop <= start {
-                return;
-            }
-            match out.last_mut() {
-                Some(last) if last.2 == written && last.0 + last.1 == start => {
-                    last.1 += stop - start
-                }
-                _ => out.push((start, stop - start, written)),
-            }
-        };
-        let cb = self.cluster_bytes;
-        let mut at = offset;
-        for (vc, e) in v.tree.entries_in(offset / cb, end.div_ceil(cb)) {
-            for bit in 0..cb / PIECE {
-                let p0 = (vc * cb + bit * PIECE).max(offset);
-                let p1 = (vc * cb + (bit + 1) * PIECE).min(end);
-                if p1 <= p0 {
-                    continue;
-                }
-                if e.written() & (1 << bit) != 0 {
-                    push(at, p0, false);
-                    push(p0, p1, true);
-                    at = p1;
-                }
-            }
-        }
-        push(at, end, false);
-        out
-    }
-
-    fn span(&self, at: u64, end: u64) -> Span {
-        let vc = at / self.cluster_bytes;
-        let cluster_end = ((vc + 1) * self.cluster_bytes).min(end);
-        let first_bit = (at % self.cluster_bytes) / PIECE;
-        let pieces = (cluster_end - at) / PIECE;
-        let bits = (((1u32 << pieces) - 1) << first_bit) as u16;
-        Span { vc, cluster_end, first_bit, bits }
+        self.fam.allocation(id, offset, len)
     }
 
     pub fn cluster_offset(&self, cluster: u64) -> u64 {
-        self.sb.data_start * BLOCK_SIZE as u64 + cluster * self.cluster_bytes
-    }
-
-    fn touch(&mut self, cluster: u64) {
-        if !self.epoch_fresh.contains(&cluster) && !self.sealed_fresh.contains(&cluster) {
-            self.epoch_touched.insert(cluster);
-        }
-    }
-
-    fn add_ref(&mut self, cluster: u64) {
-        self.touch(cluster);
-        if self.refs[cluster as usize] == 0 && !self.alloc.is_allocated(cluster) {
-            self.alloc.mark_allocated(cluster); // loading: the record names a cluster
-        }
-        self.refs[cluster as usize] += 1;
-    }
-
-    fn drop_ref(&mut self, cluster: u64) {
-        self.touch(cluster);
-        let r = &mut self.refs[cluster as usize];
-        assert!(*r > 0, "cluster {cluster} released more than referenced");
-        *r -= 1;
-        if *r == 0 {
-            self.alloc.free(cluster);
-        }
-    }
-
-    fn release_tree(&mut self, tree: Tree) {
-        // Every cluster the tree names changes sharing, even those in leaves another tree
-        // still holds (their reference counts stay, but the survivor may now look like the
-        // only owner): none of them may take an in-place write before this is durable, or a
-        // crash would bring the tree back over data written since (found by the simulator: a
-        // deleted snapshot reappeared with its origin's later writes).
-        for (_, e) in tree.entries() {
-            if let Some(c) = e.cluster() {
-                self.touch(c);
-            }
-        }
-        let mut released = Vec::new();
-        tree.release(|e| released.extend(e.cluster()));
-        for c in released {
-            self.drop_ref(c);
-        }
+        self.fam.cluster_offset(cluster)
     }
 
     /// Applies one record to the in-memory state (live operations, replay and checkpoint
-    /// loading alike). Records naming volumes that do not exist are ignored (idempotence).
+    /// loading alike): configuration to the pool, everything else to the family. Records
+    /// naming volumes that do not exist are ignored (idempotence).
     pub fn apply(&mut self, r: &Record) {
-        match r {
-            Record::MapSet { volume, vcluster, entry } => {
-                let Some(v) = self.volumes.get_mut(volume) else { return };
-                if *vcluster >= v.tree.capacity() {
-                    return;
-                }
-                let mut copied = Vec::new();
-                let old = v.tree.set(*vcluster, Entry(*entry), |leaf| {
-                    copied.extend(leaf.iter().filter_map(|e| e.cluster()));
-                });
-                for c in copied {
-                    self.add_ref(c);
-                }
-                if let Some(c) = Entry(*entry).cluster() {
-                    self.add_ref(c);
-                }
-                if let Some(c) = old.cluster() {
-                    self.drop_ref(c);
-                }
+        if let Record::Config { key, value } = r {
+            if value.is_empty() {
+                self.config.remove(key);
+            } else {
+                self.config.insert(key.clone(), value.clone());
             }
-            Record::VolumeCreate { id, parent, size_bytes, name } => {
-                let clusters = size_bytes.div_ceil(self.cluster_bytes).max(1);
-                let v = Volume {
-                    name: name.clone(),
-                    size_bytes: *size_bytes,
-                    read_only: false,
-                    parent: *parent,
-                    tree: Tree::new(clusters),
-                    frozen: 0,
-                    writes_inflight: 0,
-                };
-                if let Some(old) = self.volumes.insert(*id, v) {
-                    self.release_tree(old.tree);
-                }
-                self.next_id = self.next_id.max(id + 1);
-            }
-            Record::Snapshot { id, of, name } | Record::Clone { id, of, name } => {
-                let Some(src) = self.volumes.get(of) else { return };
-                let v = Volume {
-                    name: name.clone(),
-                    size_bytes: src.size_bytes,
-                    read_only: matches!(r, Record::Snapshot { .. }),
-                    parent: *of,
-                    tree: src.tree.clone(),
-                    frozen: 0,
-                    writes_inflight: 0,
-                };
-                if let Some(old) = self.volumes.insert(*id, v) {
-                    self.release_tree(old.tree);
-                }
-                self.next_id = self.next_id.max(id + 1);
-            }
-            Record::Rollback { id, to } => {
-                let Some(snap) = self.volumes.get(to) else { return };
-                let (tree, size) = (snap.tree.clone(), snap.size_bytes);
-                let Some(v) = self.volumes.get_mut(id) else { return };
-                let old = std::mem::replace(&mut v.tree, tree);
-                v.size_bytes = size;
-                self.release_tree(old);
-            }
-            Record::Delete { id } => {
-                if let Some(v) = self.volumes.remove(id) {
-                    self.release_tree(v.tree);
-                }
-            }
-            Record::Resize { id, size_bytes } => {
-                let cb = self.cluster_bytes;
-                let Some(v) = self.volumes.get_mut(id) else { return };
-                v.tree.grow(size_bytes.div_ceil(cb).max(1));
-                v.size_bytes = *size_bytes;
-            }
-            Record::ReadOnly { id } => {
-                if let Some(v) = self.volumes.get_mut(id) {
-                    v.read_only = true;
-                }
-            }
-            Record::Config { key, value } => {
-                if value.is_empty() {
-                    self.config.remove(key);
-                } else {
-                    self.config.insert(key.clone(), value.clone());
-                }
-            }
-            // Deletion releases a tree in memory at once (nothing on the media is per-cluster),
-            // so there is no reclaim progress to resume.
-            Record::ReclaimProgress { .. } => {}
+            return;
+        }
+        if let Some(id) = self.fam.apply(r, &mut self.alloc) {
+            self.next_id = self.next_id.max(id + 1);
         }
     }
 
@@ -634,8 +458,7 @@ impl PoolMeta {
             self.journal.skip_replayed(blocks, seq, crc);
         }
         self.alloc.commit();
-        self.epoch_fresh.clear();
-        self.epoch_touched.clear();
+        self.fam.loaded();
     }
 
     // ---- checking ---------------------------------------------------------------------------
@@ -643,39 +466,7 @@ impl PoolMeta {
     /// Recounts references from the trees and compares them with the live counts and the
     /// allocator. Returns every discrepancy found.
     pub fn check(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        let counts = count_references(self.volumes.values().map(|v| &v.tree));
-        for (c, &r) in self.refs.iter().enumerate() {
-            let want = counts.get(&(c as u64)).copied().unwrap_or(0);
-            if r != want {
-                problems.push(format!("cluster {c}: refcount {r}, trees say {want}"));
-            }
-            if r > 0 && !self.alloc.is_allocated(c as u64) {
-                problems.push(format!("cluster {c} referenced but not allocated"));
-            }
-        }
-        for (&id, v) in &self.volumes {
-            for (vc, e) in v.tree.entries() {
-                if let Some(c) = e.cluster() {
-                    if c >= self.sb.cluster_count {
-                        problems.push(format!(
-                            "volume {id} cluster {vc} maps to {c}, beyond the pool's {} clusters",
-                            self.sb.cluster_count
-                        ));
-                    }
-                }
-                if vc * self.cluster_bytes >= v.size_bytes.next_multiple_of(self.cluster_bytes) {
-                    problems.push(format!("volume {id} maps cluster {vc} beyond its end"));
-                }
-            }
-        }
-        let referenced = counts.len() as u64;
-        let used = self.alloc.used_count();
-        if used < referenced {
-            problems.push(format!("allocator counts {used} clusters, {referenced} referenced"));
-        }
-        problems.extend(self.locks.check());
-        problems
+        self.fam.check(&self.alloc, self.sb.cluster_count)
     }
 
     /// Clusters allocated but referenced by nothing and not on their way anywhere (leaks):
@@ -683,13 +474,7 @@ impl PoolMeta {
     /// quarantined behind older I/O) nor the fresh cluster of a write span in flight. Exact
     /// at any moment, under load too.
     pub fn leaked(&self) -> u64 {
-        let counts = count_references(self.volumes.values().map(|v| &v.tree));
-        let quarantined: u64 = self.quarantine.iter().map(|(_, c)| c.len() as u64).sum();
-        let accounted = counts.len() as u64
-            + quarantined
-            + self.alloc.pending_count()
-            + self.sealed_frees
-            + self.fresh_inflight;
+        let accounted = self.fam.accounted() + self.alloc.pending_count() + self.sealed_frees;
         self.alloc.used_count().saturating_sub(accounted)
     }
 }

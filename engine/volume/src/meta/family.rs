@@ -1,0 +1,349 @@
+//! The family part of the pool state: volumes with their trees and reference counts, the lock
+//! table, the I/O epochs and the quarantine of freed clusters, and the sets that decide in
+//! place vs copy-on-write. Every per-I/O decision (`plan_read`, `plan_write`, `finish_span`,
+//! `trim`) touches only this part plus a [`Link`] to the pool.
+//!
+//! A family is a volume with its snapshots and clones: clusters are only ever shared inside
+//! one. Today one `Family` holds every volume of the pool, behind the pool's one mutex, beside
+//! the pool part (`PoolMeta`: superblock, allocator, journal, configuration, commit pipeline,
+//! health). The split is the first step of per-family ownership (docs/VOLUMES.md): what a
+//! family takes from the pool is exactly what [`Link`] carries.
+//!
+//! Invariants (asserted by `check`): `refs[c]` equals the number of distinct leaves naming
+//! cluster `c`; every referenced cluster is allocated; the lock table is consistent.
+
+use super::*;
+
+/// What a family's decisions take from the pool: clusters from the allocator, and the journal
+/// its records are queued in. With families owned by cores these become the core's allocator
+/// extent and its pending batch.
+pub(super) struct Link<'a> {
+    pub(super) alloc: &'a mut Allocator,
+    pub(super) journal: &'a mut JournalWriter,
+}
+
+pub(super) struct Family {
+    /// Geometry, fixed at format.
+    pub(super) cluster_bytes: u64,
+    /// Pool byte offset of cluster 0.
+    data_offset: u64,
+    pub(super) volumes: BTreeMap<u32, Volume>,
+    pub(super) refs: Vec<u32>,
+    pub(super) locks: LockTable,
+    pub(super) next_hold: u64,
+    /// Clusters allocated since the last seal (no durable state names them).
+    pub(super) epoch_fresh: HashSet<u64>,
+    /// Older clusters whose references changed since the last seal.
+    pub(super) epoch_touched: HashSet<u64>,
+    /// The same two sets for the commit in flight.
+    pub(super) sealed_fresh: HashSet<u64>,
+    pub(super) sealed_touched: HashSet<u64>,
+    /// Fresh clusters of write spans in flight (allocated, mapped when the span finishes).
+    pub(super) fresh_inflight: u64,
+    /// The current I/O epoch (one per durable commit), the I/O in flight per epoch, and the
+    /// clusters freed by each durable commit waiting for the I/O older than it to end.
+    pub(super) io_epoch: u64,
+    pub(super) inflight: BTreeMap<u64, u32>,
+    pub(super) quarantine: VecDeque<(u64, Vec<u64>)>,
+}
+
+impl Family {
+    pub(super) fn new(cluster_bytes: u64, data_offset: u64, clusters: u64) -> Family {
+        Family {
+            cluster_bytes,
+            data_offset,
+            volumes: BTreeMap::new(),
+            refs: vec![0; clusters as usize],
+            locks: LockTable::default(),
+            next_hold: 0,
+            epoch_fresh: HashSet::default(),
+            epoch_touched: HashSet::default(),
+            sealed_fresh: HashSet::default(),
+            sealed_touched: HashSet::default(),
+            fresh_inflight: 0,
+            io_epoch: 0,
+            inflight: BTreeMap::new(),
+            quarantine: VecDeque::new(),
+        }
+    }
+
+    pub(super) fn find(&self, name: &str) -> Result<u32, PoolError> {
+        self.volumes
+            .iter()
+            .find(|(_, v)| v.name == name)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| PoolError::NoName(name.to_string()))
+    }
+
+    pub(super) fn volume(&self, id: u32) -> Result<&Volume, PoolError> {
+        self.volumes.get(&id).ok_or(PoolError::NoVolume(id))
+    }
+
+    pub(super) fn cluster_offset(&self, cluster: u64) -> u64 {
+        self.data_offset + cluster * self.cluster_bytes
+    }
+
+    pub(super) fn span(&self, at: u64, end: u64) -> Span {
+        let vc = at / self.cluster_bytes;
+        let cluster_end = ((vc + 1) * self.cluster_bytes).min(end);
+        let first_bit = (at % self.cluster_bytes) / PIECE;
+        let pieces = (cluster_end - at) / PIECE;
+        let bits = (((1u32 << pieces) - 1) << first_bit) as u16;
+        Span { vc, cluster_end, first_bit, bits }
+    }
+
+    /// Whether 4 KiB piece `piece` of volume `id` holds written data.
+    pub(super) fn piece_written(&self, id: u32, piece: u64) -> bool {
+        let Some(v) = self.volumes.get(&id) else { return false };
+        let at = piece * PIECE;
+        let e = v.tree.get(at / self.cluster_bytes);
+        e.cluster().is_some() && e.written() & (1 << ((at % self.cluster_bytes) / PIECE)) != 0
+    }
+
+    /// Written runs of `[offset, offset + len)` of volume `id` (see `PoolMeta::allocation`).
+    pub(super) fn allocation(&self, id: u32, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        let Some(v) = self.volumes.get(&id) else { return Vec::new() };
+        let end = offset.saturating_add(len).min(v.size_bytes);
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut push = |start: u64, stop: u64, written: bool| {
+            if stop <= start {
+                return;
+            }
+            match out.last_mut() {
+                Some(last) if last.2 == written && last.0 + last.1 == start => {
+                    last.1 += stop - start
+                }
+                _ => out.push((start, stop - start, written)),
+            }
+        };
+        let cb = self.cluster_bytes;
+        let mut at = offset;
+        for (vc, e) in v.tree.entries_in(offset / cb, end.div_ceil(cb)) {
+            for bit in 0..cb / PIECE {
+                let p0 = (vc * cb + bit * PIECE).max(offset);
+                let p1 = (vc * cb + (bit + 1) * PIECE).min(end);
+                if p1 <= p0 {
+                    continue;
+                }
+                if e.written() & (1 << bit) != 0 {
+                    push(at, p0, false);
+                    push(p0, p1, true);
+                    at = p1;
+                }
+            }
+        }
+        push(at, end, false);
+        out
+    }
+
+    pub(super) fn touch(&mut self, cluster: u64) {
+        if !self.epoch_fresh.contains(&cluster) && !self.sealed_fresh.contains(&cluster) {
+            self.epoch_touched.insert(cluster);
+        }
+    }
+
+    fn add_ref(&mut self, cluster: u64, alloc: &mut Allocator) {
+        self.touch(cluster);
+        if self.refs[cluster as usize] == 0 && !alloc.is_allocated(cluster) {
+            alloc.mark_allocated(cluster); // loading: the record names a cluster
+        }
+        self.refs[cluster as usize] += 1;
+    }
+
+    fn drop_ref(&mut self, cluster: u64, alloc: &mut Allocator) {
+        self.touch(cluster);
+        let r = &mut self.refs[cluster as usize];
+        assert!(*r > 0, "cluster {cluster} released more than referenced");
+        *r -= 1;
+        if *r == 0 {
+            alloc.free(cluster);
+        }
+    }
+
+    fn release_tree(&mut self, tree: Tree, alloc: &mut Allocator) {
+        // Every cluster the tree names changes sharing, even those in leaves another tree
+        // still holds (their reference counts stay, but the survivor may now look like the
+        // only owner): none of them may take an in-place write before this is durable, or a
+        // crash would bring the tree back over data written since (found by the simulator: a
+        // deleted snapshot reappeared with its origin's later writes).
+        for (_, e) in tree.entries() {
+            if let Some(c) = e.cluster() {
+                self.touch(c);
+            }
+        }
+        let mut released = Vec::new();
+        tree.release(|e| released.extend(e.cluster()));
+        for c in released {
+            self.drop_ref(c, alloc);
+        }
+    }
+
+    /// Applies one volume record (every kind but `Config`) to the family's state. Records
+    /// naming volumes that do not exist are ignored (idempotence). Returns the id of the
+    /// volume it created, if any.
+    pub(super) fn apply(&mut self, r: &Record, alloc: &mut Allocator) -> Option<u32> {
+        match r {
+            Record::MapSet { volume, vcluster, entry } => {
+                let v = self.volumes.get_mut(volume)?;
+                if *vcluster >= v.tree.capacity() {
+                    return None;
+                }
+                let mut copied = Vec::new();
+                let old = v.tree.set(*vcluster, Entry(*entry), |leaf| {
+                    copied.extend(leaf.iter().filter_map(|e| e.cluster()));
+                });
+                for c in copied {
+                    self.add_ref(c, alloc);
+                }
+                if let Some(c) = Entry(*entry).cluster() {
+                    self.add_ref(c, alloc);
+                }
+                if let Some(c) = old.cluster() {
+                    self.drop_ref(c, alloc);
+                }
+                None
+            }
+            Record::VolumeCreate { id, parent, size_bytes, name } => {
+                let clusters = size_bytes.div_ceil(self.cluster_bytes).max(1);
+                let v = Volume {
+                    name: name.clone(),
+                    size_bytes: *size_bytes,
+                    read_only: false,
+                    parent: *parent,
+                    tree: Tree::new(clusters),
+                    frozen: 0,
+                    writes_inflight: 0,
+                };
+                if let Some(old) = self.volumes.insert(*id, v) {
+                    self.release_tree(old.tree, alloc);
+                }
+                Some(*id)
+            }
+            Record::Snapshot { id, of, name } | Record::Clone { id, of, name } => {
+                let src = self.volumes.get(of)?;
+                let v = Volume {
+                    name: name.clone(),
+                    size_bytes: src.size_bytes,
+                    read_only: matches!(r, Record::Snapshot { .. }),
+                    parent: *of,
+                    tree: src.tree.clone(),
+                    frozen: 0,
+                    writes_inflight: 0,
+                };
+                if let Some(old) = self.volumes.insert(*id, v) {
+                    self.release_tree(old.tree, alloc);
+                }
+                Some(*id)
+            }
+            Record::Rollback { id, to } => {
+                let snap = self.volumes.get(to)?;
+                let (tree, size) = (snap.tree.clone(), snap.size_bytes);
+                let v = self.volumes.get_mut(id)?;
+                let old = std::mem::replace(&mut v.tree, tree);
+                v.size_bytes = size;
+                self.release_tree(old, alloc);
+                None
+            }
+            Record::Delete { id } => {
+                if let Some(v) = self.volumes.remove(id) {
+                    self.release_tree(v.tree, alloc);
+                }
+                None
+            }
+            Record::Resize { id, size_bytes } => {
+                let cb = self.cluster_bytes;
+                let v = self.volumes.get_mut(id)?;
+                v.tree.grow(size_bytes.div_ceil(cb).max(1));
+                v.size_bytes = *size_bytes;
+                None
+            }
+            Record::ReadOnly { id } => {
+                if let Some(v) = self.volumes.get_mut(id) {
+                    v.read_only = true;
+                }
+                None
+            }
+            Record::Config { .. } => unreachable!("configuration is the pool's, not a family's"),
+            // Deletion releases a tree in memory at once (nothing on the media is per-cluster),
+            // so there is no reclaim progress to resume.
+            Record::ReclaimProgress { .. } => None,
+        }
+    }
+
+    /// Applies a record of the family's and queues it in the pool's journal.
+    pub(super) fn log(&mut self, r: Record, link: &mut Link) {
+        let created = self.apply(&r, link.alloc);
+        debug_assert!(created.is_none(), "volumes are created by the pool");
+        link.journal.append(r);
+    }
+
+    /// Everything loaded is durable: no cluster is fresh or touched since a seal.
+    pub(super) fn loaded(&mut self) {
+        self.epoch_fresh.clear();
+        self.epoch_touched.clear();
+    }
+
+    /// A commit (or checkpoint) seals the changes so far: the fresh and touched clusters of
+    /// this epoch become the commit's.
+    pub(super) fn seal_epoch(&mut self) {
+        self.sealed_fresh = std::mem::take(&mut self.epoch_fresh);
+        self.sealed_touched = std::mem::take(&mut self.epoch_touched);
+    }
+
+    /// The sealed commit is durable: its clusters are durable state now, and what it freed
+    /// waits in quarantine for the I/O older than it.
+    pub(super) fn commit_ended(&mut self, frees: Vec<u64>, alloc: &mut Allocator) {
+        self.sealed_fresh.clear();
+        self.sealed_touched.clear();
+        self.quarantine.push_back((self.io_epoch, frees));
+        self.io_epoch += 1;
+        self.release_quarantine(alloc);
+        self.locks.commit_ended();
+    }
+
+    /// Recounts references from the trees and compares them with the live counts and the
+    /// allocator; `cluster_count` is the pool's.
+    pub(super) fn check(&self, alloc: &Allocator, cluster_count: u64) -> Vec<String> {
+        let mut problems = Vec::new();
+        let counts = count_references(self.volumes.values().map(|v| &v.tree));
+        for (c, &r) in self.refs.iter().enumerate() {
+            let want = counts.get(&(c as u64)).copied().unwrap_or(0);
+            if r != want {
+                problems.push(format!("cluster {c}: refcount {r}, trees say {want}"));
+            }
+            if r > 0 && !alloc.is_allocated(c as u64) {
+                problems.push(format!("cluster {c} referenced but not allocated"));
+            }
+        }
+        for (&id, v) in &self.volumes {
+            for (vc, e) in v.tree.entries() {
+                if let Some(c) = e.cluster() {
+                    if c >= cluster_count {
+                        problems.push(format!(
+                            "volume {id} cluster {vc} maps to {c}, beyond the pool's \
+                             {cluster_count} clusters"
+                        ));
+                    }
+                }
+                if vc * self.cluster_bytes >= v.size_bytes.next_multiple_of(self.cluster_bytes) {
+                    problems.push(format!("volume {id} maps cluster {vc} beyond its end"));
+                }
+            }
+        }
+        let referenced = counts.len() as u64;
+        let used = alloc.used_count();
+        if used < referenced {
+            problems.push(format!("allocator counts {used} clusters, {referenced} referenced"));
+        }
+        problems.extend(self.locks.check());
+        problems
+    }
+
+    /// Clusters the family accounts for: referenced by a tree, quarantined, or the fresh
+    /// cluster of a write span in flight.
+    pub(super) fn accounted(&self) -> u64 {
+        let counts = count_references(self.volumes.values().map(|v| &v.tree));
+        let quarantined: u64 = self.quarantine.iter().map(|(_, c)| c.len() as u64).sum();
+        counts.len() as u64 + quarantined + self.fresh_inflight
+    }
+}

@@ -606,13 +606,13 @@ pub fn pool_dump(path: &Path, maps: bool) -> anyhow::Result<()> {
         println!("  {k} = {v}");
     }
     println!("volumes:");
-    for (id, v) in m.volumes() {
-        let entries = ballast_engine::volume::meta::mapped_entries(m, *id);
+    for (&id, v) in &m.volumes() {
+        let entries = ballast_engine::volume::meta::mapped_entries(m, id);
         println!(
             "  #{id} {:?}: {} bytes, {} allocated, {}, parent {}, {} mapped clusters",
             v.name,
             v.size_bytes,
-            m.allocated_bytes(*id),
+            m.allocated_bytes(id),
             if v.read_only { "read-only" } else { "writable" },
             v.parent,
             entries.len()

@@ -250,7 +250,7 @@ impl<D: SyncDisk> Pool<D> {
         &mut self.meta
     }
 
-    pub fn volumes(&self) -> &std::collections::BTreeMap<u32, Volume> {
+    pub fn volumes(&self) -> std::collections::BTreeMap<u32, &Volume> {
         self.meta.volumes()
     }
 

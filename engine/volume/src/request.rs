@@ -578,7 +578,7 @@ impl<B: Buf> Request<B> {
             self.pieces = pieces;
             return self.refuse(cx, e);
         }
-        self.ticket = Some(cx.meta.begin_io());
+        self.ticket = Some(cx.meta.begin_io(self.vol));
         self.state = State::Reading;
         if let [ReadPiece::Disk { offset, len }] = pieces[..] {
             if len == self.len {
@@ -702,7 +702,7 @@ impl<B: Buf> Request<B> {
         };
         // Held: nothing can change the edge pieces' mapping until released.
         self.hold = Some((token, vcs));
-        self.ticket = Some(cx.meta.begin_io());
+        self.ticket = Some(cx.meta.begin_io(self.vol));
         self.state = State::ReadingEdges;
         self.buf = Some(cx.bufs.get(self.len as usize));
         for (k, (at, pieces)) in edges.iter().zip(plans).enumerate() {
@@ -764,7 +764,7 @@ impl<B: Buf> Request<B> {
             Err(Blocked::Fail(e)) => return self.refuse(cx, e),
         }
         let cb = cx.meta.cluster_bytes();
-        self.ticket = Some(cx.meta.begin_io());
+        self.ticket = Some(cx.meta.begin_io(self.vol));
         self.state = State::Writing;
         self.outstanding = self.plans.len() as u32;
         for i in 0..self.plans.len() {

@@ -741,7 +741,7 @@ impl Sim {
         self.disk = disk;
         self.meta = meta;
         let now = self.tick();
-        for (id, v) in self.meta.volumes() {
+        for (id, v) in &self.meta.volumes() {
             assert!(
                 self.vols.get(id).is_some_and(|m| m.name == v.name),
                 "seed {}: volume {} appeared in a crash",
@@ -847,8 +847,8 @@ impl Sim {
                 self.seed,
                 self.live.values().map(|l| &l.kind).collect::<Vec<_>>()
             );
-            assert_eq!(self.meta.locks().parked(), 0, "seed {}: waiters left", self.seed);
-            assert_eq!(self.meta.locks().slots(), 0, "seed {}: locks left", self.seed);
+            assert_eq!(self.meta.parked(), 0, "seed {}: waiters left", self.seed);
+            assert_eq!(self.meta.lock_slots(), 0, "seed {}: locks left", self.seed);
         }
         self.check_meta();
     }

@@ -77,7 +77,7 @@ impl PoolMeta {
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;
-        self.fam.seal_epoch();
+        self.seal_families();
         let frees = self.alloc.seal();
         self.sealed_frees = frees.len() as u64;
         Ok(Some(Sealed { blocks, frees }))
@@ -90,7 +90,7 @@ impl PoolMeta {
         self.commits_done += 1;
         self.sealed_frees = 0;
         self.durable_seals = self.seals;
-        self.fam.commit_ended(sealed.frees, &mut self.alloc);
+        self.end_families(sealed.frees.len());
     }
 
     /// The state a checkpoint encodes, frozen: one copy of each distinct mapping leaf (4 KiB
@@ -98,10 +98,9 @@ impl PoolMeta {
     pub fn freeze(&self) -> Frozen {
         let mut seen = Freezer::default();
         let volumes = self
-            .fam
-            .volumes
-            .iter()
-            .map(|(&id, v)| {
+            .volumes()
+            .into_iter()
+            .map(|(id, v)| {
                 let frozen = FrozenVolume {
                     name: v.name.clone(),
                     size_bytes: v.size_bytes,
@@ -113,6 +112,31 @@ impl PoolMeta {
             })
             .collect();
         Frozen { config: self.config.clone(), volumes }
+    }
+
+    /// Every family's changes so far become the commit's. Called before `alloc.seal`: the
+    /// allocator's pending frees are then exactly the families' `freed` (asserted).
+    fn seal_families(&mut self) {
+        let pending = self.alloc.pending_count();
+        let mut freed = 0;
+        for f in self.fams.values_mut() {
+            freed += f.freed.len() as u64;
+            f.seal_epoch();
+        }
+        assert_eq!(freed, pending, "the families' frees are the allocator's pending frees");
+    }
+
+    /// The commit in flight, which sealed `frees` frees, is durable: every family moves on,
+    /// requests waiting for it proceed, and families left empty and idle go.
+    fn end_families(&mut self, frees: usize) {
+        let mut sealed = 0;
+        for f in self.fams.values_mut() {
+            sealed += f.sealed_freed.len();
+            f.commit_ended(&mut self.alloc);
+        }
+        assert_eq!(sealed, frees, "the families' sealed frees are the commit's");
+        self.commit_waiters.commit_ended();
+        self.prune_families();
     }
 
     /// Blocks of each metadata half.
@@ -152,7 +176,7 @@ impl PoolMeta {
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;
-        self.fam.seal_epoch();
+        self.seal_families();
         Ok(Some(Checkpoint {
             blob_offset: self.checkpoint_offset(half),
             encode: Some(Encode {
@@ -179,7 +203,7 @@ impl PoolMeta {
         self.sb = c.sb;
         // Nothing was written to the ring since `begin_checkpoint` (commits waited).
         self.journal.checkpointed();
-        self.fam.commit_ended(c.frees, &mut self.alloc);
+        self.end_families(c.frees.len());
     }
 
     /// Metadata area byte offset of checkpoint half `half`.

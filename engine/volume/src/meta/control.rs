@@ -7,15 +7,16 @@ impl PoolMeta {
     /// The largest checkpoint the state could need if every volume were fully written, with
     /// `clusters` more volume clusters, `volumes` more volumes and `config` more config bytes.
     fn worst_checkpoint(&self, clusters: u64, volumes: u64, config: u64) -> u64 {
-        let cb = self.fam.cluster_bytes;
-        let mapped: u64 = self.fam.volumes.values().map(|v| v.size_bytes.div_ceil(cb)).sum();
+        let cb = self.cluster_bytes;
+        let vols = self.volumes();
+        let mapped: u64 = vols.values().map(|v| v.size_bytes.div_ceil(cb)).sum();
         let config_now: u64 = self
             .config
             .iter()
             .map(|(k, v)| (k.len() + v.len()) as u64 + CHECKPOINT_BYTES_PER_CONFIG)
             .sum();
         (mapped + clusters) * CHECKPOINT_BYTES_PER_CLUSTER
-            + (self.fam.volumes.len() as u64 + volumes) * CHECKPOINT_BYTES_PER_VOLUME
+            + (vols.len() as u64 + volumes) * CHECKPOINT_BYTES_PER_VOLUME
             + config_now
             + config
             + CHECKPOINT_HEADER
@@ -25,7 +26,7 @@ impl PoolMeta {
     fn admit(&self, extra_bytes: u64, volumes: u64, config: u64) -> Result<(), PoolError> {
         let limit = self.checkpoint_half_blocks() * BLOCK_SIZE as u64;
         let wanted =
-            self.worst_checkpoint(extra_bytes.div_ceil(self.fam.cluster_bytes), volumes, config);
+            self.worst_checkpoint(extra_bytes.div_ceil(self.cluster_bytes), volumes, config);
         if wanted > limit {
             return Err(PoolError::Overprovisioned { limit, wanted });
         }
@@ -36,7 +37,7 @@ impl PoolMeta {
         if !valid_name(name) {
             return Err(PoolError::BadName(name.into()));
         }
-        if self.fam.volumes.values().any(|v| v.name == name) {
+        if self.find(name).is_ok() {
             return Err(PoolError::NameTaken(name.into()));
         }
         Ok(())
@@ -44,17 +45,18 @@ impl PoolMeta {
 
     /// Whether volume `id` has no write in flight (a freeze has taken effect).
     pub fn quiet(&self, id: u32) -> bool {
-        self.fam.volumes.get(&id).is_none_or(|v| v.writes_inflight == 0)
+        self.volume(id).map_or(true, |v| v.writes_inflight == 0)
     }
 
     /// Freezes volume `id` (`true`) for one more control operation, or ends one operation's
     /// freeze (`false`): new writes wait while any holds it; they are woken when the last
     /// lets go.
     pub fn set_frozen(&mut self, id: u32, frozen: bool) {
-        let Some(v) = self.fam.volumes.get_mut(&id) else {
+        let Some(fam) = self.family_mut(id) else { return };
+        let Some(v) = fam.volumes.get_mut(&id) else {
             // Gone (deleted by the operation that froze it): its waiters fail when woken.
             if !frozen {
-                self.fam.locks.thawed(id);
+                fam.locks.thawed(id);
             }
             return;
         };
@@ -64,42 +66,55 @@ impl PoolMeta {
             assert!(v.frozen > 0, "thawing volume {id} that is not frozen");
             v.frozen -= 1;
             if v.frozen == 0 {
-                self.fam.locks.thawed(id);
+                fam.locks.thawed(id);
             }
         }
     }
 
     /// Parks `waiter` (a control operation) until volume `id` has no write in flight.
     pub fn park_drained(&mut self, id: u32, waiter: Waiter) {
-        if self.quiet(id) {
+        let quiet = self.quiet(id);
+        // A volume that is gone is quiet: its waiter proceeds (and fails) at once, through the
+        // commit waiters' table when not even its family is left.
+        let locks = match self.family_mut(id) {
+            Some(fam) => &mut fam.locks,
+            None => &mut self.commit_waiters,
+        };
+        locks.park_drained(id, waiter);
+        if quiet {
             // Nothing would wake it: it proceeds at once.
-            self.fam.locks.park_drained(id, waiter);
-            self.fam.locks.drained(id);
-        } else {
-            self.fam.locks.park_drained(id, waiter);
+            locks.drained(id);
         }
     }
 
     /// Takes `waiter` out of volume `id`'s drain queue (it gave up waiting); false when it was
     /// already woken.
     pub fn unpark_drained(&mut self, id: u32, waiter: Waiter) -> bool {
-        self.fam.locks.unpark_drained(id, waiter)
+        self.family_mut(id).is_some_and(|f| f.locks.unpark_drained(id, waiter))
     }
 
     /// Parks `waiter` until the commit (or checkpoint) in flight ends.
     pub fn park_commit(&mut self, waiter: Waiter) {
         assert!(self.committing || self.failed.is_some(), "parking with no commit in flight");
-        self.fam.locks.park_commit(waiter);
+        self.commit_waiters.park_commit(waiter);
     }
 
     /// Moves the requests woken since the last call into `out`.
     pub fn take_woken(&mut self, out: &mut Vec<Waiter>) {
-        self.fam.locks.take_woken(out);
+        self.commit_waiters.take_woken(out);
+        for f in self.fams.values_mut() {
+            f.locks.take_woken(out);
+        }
     }
 
-    /// The lock table (for statistics and checks).
-    pub fn locks(&self) -> &LockTable {
-        &self.fam.locks
+    /// Requests parked now, in every queue of every family and the commit's.
+    pub fn parked(&self) -> usize {
+        self.commit_waiters.parked() + self.fams.values().map(|f| f.locks.parked()).sum::<usize>()
+    }
+
+    /// Volume clusters with something in flight (lock table slots), in every family.
+    pub fn lock_slots(&self) -> usize {
+        self.fams.values().map(|f| f.locks.slots()).sum()
     }
 
     pub fn create_volume(&mut self, name: &str, size_bytes: u64) -> Result<u32, PoolError> {

@@ -5,16 +5,17 @@
 use super::*;
 
 impl Family {
-    pub(super) fn begin_io(&mut self) -> Ticket {
+    /// Registers an I/O; returns its epoch.
+    fn begin_io(&mut self) -> u64 {
         *self.inflight.entry(self.io_epoch).or_default() += 1;
-        Ticket(self.io_epoch)
+        self.io_epoch
     }
 
-    pub(super) fn end_io(&mut self, t: Ticket, alloc: &mut Allocator) {
-        let n = self.inflight.get_mut(&t.0).expect("ticket of an I/O in flight");
+    fn end_io(&mut self, epoch: u64, alloc: &mut Allocator) {
+        let n = self.inflight.get_mut(&epoch).expect("ticket of an I/O in flight");
         *n -= 1;
         if *n == 0 {
-            self.inflight.remove(&t.0);
+            self.inflight.remove(&epoch);
         }
         self.release_quarantine(alloc);
     }
@@ -29,12 +30,15 @@ impl Family {
 }
 
 impl PoolMeta {
-    /// Registers an I/O that may touch clusters named by the current mapping.
-    pub fn begin_io(&mut self) -> Ticket {
-        self.fam.begin_io()
+    /// Registers an I/O of volume `id` (whose mapping it has just planned) that may touch
+    /// clusters named by the current mapping.
+    pub fn begin_io(&mut self, id: u32) -> Ticket {
+        let f = *self.family_of.get(&id).expect("an I/O of a volume it has just planned");
+        Ticket(f, self.fams.get_mut(&f).expect("a named volume's family").begin_io())
     }
 
     pub fn end_io(&mut self, t: Ticket) {
-        self.fam.end_io(t, &mut self.alloc)
+        let fam = self.fams.get_mut(&t.0).expect("a family lives while it has I/O in flight");
+        fam.end_io(t.1, &mut self.alloc)
     }
 }

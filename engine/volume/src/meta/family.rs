@@ -3,23 +3,29 @@
 //! place vs copy-on-write. Every per-I/O decision (`plan_read`, `plan_write`, `finish_span`,
 //! `trim`) touches only this part plus a [`Link`] to the pool.
 //!
-//! A family is a volume with its snapshots and clones: clusters are only ever shared inside
-//! one. Today one `Family` holds every volume of the pool, behind the pool's one mutex, beside
-//! the pool part (`PoolMeta`: superblock, allocator, journal, configuration, commit pipeline,
-//! health). The split is the first step of per-family ownership (docs/VOLUMES.md): what a
+//! A family is a volume with its snapshots and clones (a `VolumeCreate` starts one; a
+//! `Snapshot` or `Clone` joins its source's): clusters are only ever shared inside one. The
+//! pool holds its families beside the pool part (`PoolMeta`: superblock, allocator, journal,
+//! reference counts, configuration, commit pipeline, health), all behind the pool's one mutex
+//! today; this split is the first step of per-family ownership (docs/VOLUMES.md): what a
 //! family takes from the pool is exactly what [`Link`] carries.
 //!
-//! Invariants (asserted by `check`): `refs[c]` equals the number of distinct leaves naming
-//! cluster `c`; every referenced cluster is allocated; the lock table is consistent.
+//! Invariants (asserted by `PoolMeta::check` and the commit path): the lock table is
+//! consistent; the clusters a family's records freed since the last seal are `freed`, those
+//! the commit in flight carries `sealed_freed` (together, every pending-free cluster of the
+//! allocator); a cluster a family frees is reused only when its record is durable and the
+//! family's I/O older than that has ended (only a family's own I/O touches its clusters).
 
 use super::*;
 
-/// What a family's decisions take from the pool: clusters from the allocator, and the journal
-/// its records are queued in. With families owned by cores these become the core's allocator
-/// extent and its pending batch.
+/// What a family's decisions take from the pool: clusters from the allocator, the journal its
+/// records are queued in, and the reference counts (indexed by cluster; a family reads and
+/// writes only the counts of its own clusters). With families owned by cores these become the
+/// core's allocator extent, its pending batch, and a count array partitioned by ownership.
 pub(super) struct Link<'a> {
     pub(super) alloc: &'a mut Allocator,
     pub(super) journal: &'a mut JournalWriter,
+    pub(super) refs: &'a mut [u32],
 }
 
 pub(super) struct Family {
@@ -28,7 +34,6 @@ pub(super) struct Family {
     /// Pool byte offset of cluster 0.
     data_offset: u64,
     pub(super) volumes: BTreeMap<u32, Volume>,
-    pub(super) refs: Vec<u32>,
     pub(super) locks: LockTable,
     pub(super) next_hold: u64,
     /// Clusters allocated since the last seal (no durable state names them).
@@ -45,15 +50,18 @@ pub(super) struct Family {
     pub(super) io_epoch: u64,
     pub(super) inflight: BTreeMap<u64, u32>,
     pub(super) quarantine: VecDeque<(u64, Vec<u64>)>,
+    /// Clusters this family's records freed since the last seal, and those the commit in
+    /// flight carries.
+    pub(super) freed: Vec<u64>,
+    pub(super) sealed_freed: Vec<u64>,
 }
 
 impl Family {
-    pub(super) fn new(cluster_bytes: u64, data_offset: u64, clusters: u64) -> Family {
+    pub(super) fn new(cluster_bytes: u64, data_offset: u64) -> Family {
         Family {
             cluster_bytes,
             data_offset,
             volumes: BTreeMap::new(),
-            refs: vec![0; clusters as usize],
             locks: LockTable::default(),
             next_hold: 0,
             epoch_fresh: HashSet::default(),
@@ -64,15 +72,21 @@ impl Family {
             io_epoch: 0,
             inflight: BTreeMap::new(),
             quarantine: VecDeque::new(),
+            freed: Vec::new(),
+            sealed_freed: Vec::new(),
         }
     }
 
-    pub(super) fn find(&self, name: &str) -> Result<u32, PoolError> {
-        self.volumes
-            .iter()
-            .find(|(_, v)| v.name == name)
-            .map(|(id, _)| *id)
-            .ok_or_else(|| PoolError::NoName(name.to_string()))
+    /// Nothing in it and nothing in flight or waiting: it can go.
+    pub(super) fn idle_empty(&self) -> bool {
+        self.volumes.is_empty()
+            && self.inflight.is_empty()
+            && self.quarantine.is_empty()
+            && self.fresh_inflight == 0
+            && self.freed.is_empty()
+            && self.sealed_freed.is_empty()
+            && self.locks.slots() == 0
+            && self.locks.parked() == 0
     }
 
     pub(super) fn volume(&self, id: u32) -> Result<&Volume, PoolError> {
@@ -142,25 +156,31 @@ impl Family {
         }
     }
 
-    fn add_ref(&mut self, cluster: u64, alloc: &mut Allocator) {
+    fn add_ref(&mut self, cluster: u64, link: &mut Link) {
         self.touch(cluster);
-        if self.refs[cluster as usize] == 0 && !alloc.is_allocated(cluster) {
-            alloc.mark_allocated(cluster); // loading: the record names a cluster
+        if link.refs[cluster as usize] == 0 && !link.alloc.is_allocated(cluster) {
+            link.alloc.mark_allocated(cluster); // loading: the record names a cluster
         }
-        self.refs[cluster as usize] += 1;
+        link.refs[cluster as usize] += 1;
     }
 
-    fn drop_ref(&mut self, cluster: u64, alloc: &mut Allocator) {
+    fn drop_ref(&mut self, cluster: u64, link: &mut Link) {
         self.touch(cluster);
-        let r = &mut self.refs[cluster as usize];
+        let r = &mut link.refs[cluster as usize];
         assert!(*r > 0, "cluster {cluster} released more than referenced");
         *r -= 1;
         if *r == 0 {
-            alloc.free(cluster);
+            self.free(cluster, link.alloc);
         }
     }
 
-    fn release_tree(&mut self, tree: Tree, alloc: &mut Allocator) {
+    /// Frees a cluster of this family's: pending until the record freeing it is durable.
+    pub(super) fn free(&mut self, cluster: u64, alloc: &mut Allocator) {
+        alloc.free(cluster);
+        self.freed.push(cluster);
+    }
+
+    pub(super) fn release_tree(&mut self, tree: Tree, link: &mut Link) {
         // Every cluster the tree names changes sharing, even those in leaves another tree
         // still holds (their reference counts stay, but the survivor may now look like the
         // only owner): none of them may take an in-place write before this is durable, or a
@@ -174,106 +194,71 @@ impl Family {
         let mut released = Vec::new();
         tree.release(|e| released.extend(e.cluster()));
         for c in released {
-            self.drop_ref(c, alloc);
+            self.drop_ref(c, link);
         }
     }
 
-    /// Applies one volume record (every kind but `Config`) to the family's state. Records
-    /// naming volumes that do not exist are ignored (idempotence). Returns the id of the
-    /// volume it created, if any.
-    pub(super) fn apply(&mut self, r: &Record, alloc: &mut Allocator) -> Option<u32> {
+    /// Applies one record about volumes already in this family (`MapSet`, `Rollback` within
+    /// the family, `Delete`, `Resize`, `ReadOnly`; the pool places creations, snapshots and
+    /// clones). Records naming volumes that do not exist are ignored (idempotence).
+    pub(super) fn apply(&mut self, r: &Record, link: &mut Link) {
         match r {
             Record::MapSet { volume, vcluster, entry } => {
-                let v = self.volumes.get_mut(volume)?;
+                let Some(v) = self.volumes.get_mut(volume) else { return };
                 if *vcluster >= v.tree.capacity() {
-                    return None;
+                    return;
                 }
                 let mut copied = Vec::new();
                 let old = v.tree.set(*vcluster, Entry(*entry), |leaf| {
                     copied.extend(leaf.iter().filter_map(|e| e.cluster()));
                 });
                 for c in copied {
-                    self.add_ref(c, alloc);
+                    self.add_ref(c, link);
                 }
                 if let Some(c) = Entry(*entry).cluster() {
-                    self.add_ref(c, alloc);
+                    self.add_ref(c, link);
                 }
                 if let Some(c) = old.cluster() {
-                    self.drop_ref(c, alloc);
+                    self.drop_ref(c, link);
                 }
-                None
-            }
-            Record::VolumeCreate { id, parent, size_bytes, name } => {
-                let clusters = size_bytes.div_ceil(self.cluster_bytes).max(1);
-                let v = Volume {
-                    name: name.clone(),
-                    size_bytes: *size_bytes,
-                    read_only: false,
-                    parent: *parent,
-                    tree: Tree::new(clusters),
-                    frozen: 0,
-                    writes_inflight: 0,
-                };
-                if let Some(old) = self.volumes.insert(*id, v) {
-                    self.release_tree(old.tree, alloc);
-                }
-                Some(*id)
-            }
-            Record::Snapshot { id, of, name } | Record::Clone { id, of, name } => {
-                let src = self.volumes.get(of)?;
-                let v = Volume {
-                    name: name.clone(),
-                    size_bytes: src.size_bytes,
-                    read_only: matches!(r, Record::Snapshot { .. }),
-                    parent: *of,
-                    tree: src.tree.clone(),
-                    frozen: 0,
-                    writes_inflight: 0,
-                };
-                if let Some(old) = self.volumes.insert(*id, v) {
-                    self.release_tree(old.tree, alloc);
-                }
-                Some(*id)
             }
             Record::Rollback { id, to } => {
-                let snap = self.volumes.get(to)?;
+                let Some(snap) = self.volumes.get(to) else { return };
                 let (tree, size) = (snap.tree.clone(), snap.size_bytes);
-                let v = self.volumes.get_mut(id)?;
+                let Some(v) = self.volumes.get_mut(id) else { return };
                 let old = std::mem::replace(&mut v.tree, tree);
                 v.size_bytes = size;
-                self.release_tree(old, alloc);
-                None
+                self.release_tree(old, link);
             }
             Record::Delete { id } => {
                 if let Some(v) = self.volumes.remove(id) {
-                    self.release_tree(v.tree, alloc);
+                    self.release_tree(v.tree, link);
                 }
-                None
             }
             Record::Resize { id, size_bytes } => {
                 let cb = self.cluster_bytes;
-                let v = self.volumes.get_mut(id)?;
+                let Some(v) = self.volumes.get_mut(id) else { return };
                 v.tree.grow(size_bytes.div_ceil(cb).max(1));
                 v.size_bytes = *size_bytes;
-                None
             }
             Record::ReadOnly { id } => {
                 if let Some(v) = self.volumes.get_mut(id) {
                     v.read_only = true;
                 }
-                None
             }
-            Record::Config { .. } => unreachable!("configuration is the pool's, not a family's"),
-            // Deletion releases a tree in memory at once (nothing on the media is per-cluster),
-            // so there is no reclaim progress to resume.
-            Record::ReclaimProgress { .. } => None,
+            Record::VolumeCreate { .. }
+            | Record::Snapshot { .. }
+            | Record::Clone { .. }
+            | Record::Config { .. }
+            | Record::ReclaimProgress { .. } => {
+                unreachable!("the pool applies {r:?}, not a family")
+            }
         }
     }
 
     /// Applies a record of the family's and queues it in the pool's journal.
     pub(super) fn log(&mut self, r: Record, link: &mut Link) {
-        let created = self.apply(&r, link.alloc);
-        debug_assert!(created.is_none(), "volumes are created by the pool");
+        self.apply(&r, link);
         link.journal.append(r);
     }
 
@@ -281,40 +266,36 @@ impl Family {
     pub(super) fn loaded(&mut self) {
         self.epoch_fresh.clear();
         self.epoch_touched.clear();
+        self.freed.clear();
     }
 
     /// A commit (or checkpoint) seals the changes so far: the fresh and touched clusters of
     /// this epoch become the commit's.
     pub(super) fn seal_epoch(&mut self) {
+        assert!(self.sealed_freed.is_empty(), "sealing beside a commit in flight");
         self.sealed_fresh = std::mem::take(&mut self.epoch_fresh);
         self.sealed_touched = std::mem::take(&mut self.epoch_touched);
+        self.sealed_freed = std::mem::take(&mut self.freed);
     }
 
     /// The sealed commit is durable: its clusters are durable state now, and what it freed
     /// waits in quarantine for the I/O older than it.
-    pub(super) fn commit_ended(&mut self, frees: Vec<u64>, alloc: &mut Allocator) {
+    pub(super) fn commit_ended(&mut self, alloc: &mut Allocator) {
         self.sealed_fresh.clear();
         self.sealed_touched.clear();
-        self.quarantine.push_back((self.io_epoch, frees));
+        let frees = std::mem::take(&mut self.sealed_freed);
+        if !frees.is_empty() {
+            self.quarantine.push_back((self.io_epoch, frees));
+        }
         self.io_epoch += 1;
         self.release_quarantine(alloc);
         self.locks.commit_ended();
     }
 
-    /// Recounts references from the trees and compares them with the live counts and the
-    /// allocator; `cluster_count` is the pool's.
-    pub(super) fn check(&self, alloc: &Allocator, cluster_count: u64) -> Vec<String> {
+    /// The family's own consistency: mappings within the pool and within their volumes, the
+    /// lock table. `cluster_count` is the pool's.
+    pub(super) fn check(&self, cluster_count: u64) -> Vec<String> {
         let mut problems = Vec::new();
-        let counts = count_references(self.volumes.values().map(|v| &v.tree));
-        for (c, &r) in self.refs.iter().enumerate() {
-            let want = counts.get(&(c as u64)).copied().unwrap_or(0);
-            if r != want {
-                problems.push(format!("cluster {c}: refcount {r}, trees say {want}"));
-            }
-            if r > 0 && !alloc.is_allocated(c as u64) {
-                problems.push(format!("cluster {c} referenced but not allocated"));
-            }
-        }
         for (&id, v) in &self.volumes {
             for (vc, e) in v.tree.entries() {
                 if let Some(c) = e.cluster() {
@@ -330,20 +311,14 @@ impl Family {
                 }
             }
         }
-        let referenced = counts.len() as u64;
-        let used = alloc.used_count();
-        if used < referenced {
-            problems.push(format!("allocator counts {used} clusters, {referenced} referenced"));
-        }
         problems.extend(self.locks.check());
         problems
     }
 
-    /// Clusters the family accounts for: referenced by a tree, quarantined, or the fresh
-    /// cluster of a write span in flight.
-    pub(super) fn accounted(&self) -> u64 {
-        let counts = count_references(self.volumes.values().map(|v| &v.tree));
+    /// Clusters the family accounts for beyond those its trees name: quarantined, or the
+    /// fresh cluster of a write span in flight.
+    pub(super) fn in_transit(&self) -> u64 {
         let quarantined: u64 = self.quarantine.iter().map(|(_, c)| c.len() as u64).sum();
-        counts.len() as u64 + quarantined + self.fresh_inflight
+        quarantined + self.fresh_inflight
     }
 }

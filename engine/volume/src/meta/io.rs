@@ -57,7 +57,7 @@ impl Family {
 
     // ---- writes -----------------------------------------------------------------------------
 
-    #[allow(clippy::too_many_arguments)] // `PoolMeta::plan_write`'s, and the allocator
+    #[allow(clippy::too_many_arguments)] // `PoolMeta::plan_write`'s, and the link
     fn plan_write(
         &mut self,
         id: u32,
@@ -66,7 +66,7 @@ impl Family {
         hold: u64,
         waiter: Waiter,
         plans: &mut Vec<WritePlan>,
-        alloc: &mut Allocator,
+        link: &mut Link,
     ) -> Result<(), Blocked> {
         self.check_range(id, offset, len, true)?;
         let v = &self.volumes[&id];
@@ -92,7 +92,7 @@ impl Family {
             }
             let e = v.tree.get(s.vc);
             let owned = e.cluster().is_some_and(|c| {
-                self.refs[c as usize] == 1
+                link.refs[c as usize] == 1
                     && !v.tree.leaf_shared(s.vc)
                     && !self.epoch_touched.contains(&c)
                     && !self.sealed_touched.contains(&c)
@@ -120,13 +120,13 @@ impl Family {
             });
             at = s.cluster_end;
         }
-        if fresh_needed > alloc.free_count() {
+        if fresh_needed > link.alloc.free_count() {
             plans.clear();
             return Err(PoolError::NoSpace.into());
         }
         for p in plans.iter_mut() {
             if p.fresh {
-                let fresh = alloc.alloc().expect("counted free above");
+                let fresh = link.alloc.alloc().expect("counted free above");
                 self.epoch_fresh.insert(fresh);
                 self.fresh_inflight += 1;
                 p.cluster = fresh;
@@ -178,7 +178,7 @@ impl Family {
         }
         let Some(v) = self.volumes.get(&id) else {
             if p.fresh {
-                self.abandon_fresh(p, link.alloc);
+                self.abandon_fresh(p, link);
             }
             return;
         };
@@ -197,17 +197,17 @@ impl Family {
         }
     }
 
-    fn abandon_fresh(&mut self, p: &WritePlan, alloc: &mut Allocator) {
-        if self.refs[p.cluster as usize] == 0 && alloc.is_allocated(p.cluster) {
-            alloc.free(p.cluster);
+    fn abandon_fresh(&mut self, p: &WritePlan, link: &mut Link) {
+        if link.refs[p.cluster as usize] == 0 && link.alloc.is_allocated(p.cluster) {
+            self.free(p.cluster, link.alloc);
         }
     }
 
-    fn abort_span(&mut self, id: u32, p: &WritePlan, alloc: &mut Allocator) {
+    fn abort_span(&mut self, id: u32, p: &WritePlan, link: &mut Link) {
         self.unbusy(id, p.vcluster);
         if p.fresh {
             self.fresh_inflight -= 1;
-            self.abandon_fresh(p, alloc);
+            self.abandon_fresh(p, link);
         }
     }
 
@@ -281,7 +281,8 @@ impl PoolMeta {
         len: u64,
         out: &mut Vec<ReadPiece>,
     ) -> Result<(), PoolError> {
-        self.fam.plan_read_into(id, offset, len, out)
+        out.clear();
+        self.family(id).ok_or(PoolError::NoVolume(id))?.plan_read_into(id, offset, len, out)
     }
 
     /// Plans a write of `[offset, offset + len)` into `plans` (cleared first; left empty when
@@ -300,7 +301,8 @@ impl PoolMeta {
     ) -> Result<(), Blocked> {
         plans.clear();
         self.ok()?;
-        self.fam.plan_write(id, offset, len, hold, waiter, plans, &mut self.alloc)
+        let (fam, mut link) = self.split(id).ok_or(PoolError::NoVolume(id))?;
+        fam.plan_write(id, offset, len, hold, waiter, plans, &mut link)
     }
 
     /// Holds volume clusters `vcs` exclusively for a read-modify-write (an unaligned write):
@@ -309,27 +311,28 @@ impl PoolMeta {
     /// is frozen (`waiter` parked).
     pub fn hold(&mut self, id: u32, vcs: &[u64], waiter: Waiter) -> Result<u64, Blocked> {
         self.ok()?;
-        self.fam.hold(id, vcs, waiter)
+        self.family_mut(id).ok_or(PoolError::NoVolume(id))?.hold(id, vcs, waiter)
     }
 
     pub fn release(&mut self, id: u32, vcs: &[u64], token: u64) {
-        self.fam.release(id, vcs, token)
+        self.family_mut(id).expect("a held volume's family").release(id, vcs, token)
     }
 
     /// One plan's data is on the media (completed, not necessarily durable): map it.
     pub fn finish_span(&mut self, id: u32, p: &WritePlan) {
-        let (fam, mut link) = self.split();
+        let (fam, mut link) = self.split(id).expect("a planned volume's family");
         fam.finish_span(id, p, &mut link)
     }
 
     /// A planned span failed: a fresh cluster goes back, the mapping is unchanged.
     pub fn abort_span(&mut self, id: u32, p: &WritePlan) {
-        self.fam.abort_span(id, p, &mut self.alloc)
+        let (fam, mut link) = self.split(id).expect("a planned volume's family");
+        fam.abort_span(id, p, &mut link)
     }
 
     /// Every span of a planned write has finished or aborted.
     pub fn end_write(&mut self, id: u32) {
-        self.fam.end_write(id)
+        self.family_mut(id).expect("a planned volume's family").end_write(id)
     }
 
     /// Trims whole 4 KiB pieces: they read zeros; a cluster with no written piece is released.
@@ -337,13 +340,13 @@ impl PoolMeta {
     /// frozen (`waiter` parked).
     pub fn trim(&mut self, id: u32, offset: u64, len: u64, waiter: Waiter) -> Result<(), Blocked> {
         self.ok()?;
-        let (fam, mut link) = self.split();
+        let (fam, mut link) = self.split(id).ok_or(PoolError::NoVolume(id))?;
         fam.trim(id, offset, len, waiter, &mut link)
     }
 
     /// Trims a checked range of a volume nothing else is writing.
     pub(super) fn trim_unchecked(&mut self, id: u32, offset: u64, len: u64) {
-        let (fam, mut link) = self.split();
+        let (fam, mut link) = self.split(id).expect("a checked volume's family");
         fam.trim_unchecked(id, offset, len, &mut link)
     }
 }

@@ -32,7 +32,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use rustc_hash::FxHashSet as HashSet;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::alloc::Allocator;
 use crate::format::{FormatError, Superblock, BLOCK_SIZE};
@@ -207,17 +207,26 @@ pub struct Sealed {
     frees: Vec<u64>,
 }
 
-/// The state of an open pool: the pool part here (superblock, allocator, journal,
-/// configuration, the commit pipeline, health) and the family part ([`Family`]: volumes,
-/// reference counts, locks, epochs). Family decisions reach the pool only through a
-/// [`family::Link`].
+/// The state of an open pool: the pool part here (superblock, allocator, journal, reference
+/// counts, configuration, the commit pipeline, health) and its families ([`Family`]: volumes,
+/// locks, epochs). Family decisions reach the pool only through a [`family::Link`].
 pub struct PoolMeta {
     sb: Superblock,
+    cluster_bytes: u64,
     alloc: Allocator,
     journal: JournalWriter,
+    /// `refs[c]`: distinct leaves naming cluster `c` (a family touches only its clusters').
+    refs: Vec<u32>,
     config: BTreeMap<String, String>,
     next_id: u32,
-    fam: Family,
+    /// The families by number, which family each volume is in (kept after a volume's delete
+    /// while its family lives: its waiters and spans in flight still end there), and the
+    /// next family's number.
+    fams: BTreeMap<u32, Family>,
+    family_of: HashMap<u32, u32>,
+    next_family: u32,
+    /// Requests waiting for the commit in flight to end (the only queue of this table used).
+    commit_waiters: LockTable,
     committing: bool,
     /// Commits sealed so far, and how many of them are durable (checkpoints count as both).
     seals: u64,
@@ -243,19 +252,23 @@ struct Span {
     bits: u16,
 }
 
-/// An I/O's place in the epoch order (see `begin_io`).
+/// An I/O's place in its family's epoch order (see `begin_io`): the family's number and the
+/// epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ticket(u64);
+pub struct Ticket(u32, u64);
 
 /// Volume `id`'s mapped clusters: (volume cluster, pool cluster, written bitmap).
 pub fn mapped_entries(meta: &PoolMeta, id: u32) -> Vec<(u64, u64, u16)> {
-    meta.fam.volumes.get(&id).map_or_else(Vec::new, |v| {
-        v.tree
-            .entries()
-            .into_iter()
-            .filter_map(|(vc, e)| e.cluster().map(|c| (vc, c, e.written())))
-            .collect()
-    })
+    meta.volume(id).map_or_else(
+        |_| Vec::new(),
+        |v| {
+            v.tree
+                .entries()
+                .into_iter()
+                .filter_map(|(vc, e)| e.cluster().map(|c| (vc, c, e.written())))
+                .collect()
+        },
+    )
 }
 
 pub fn valid_name(name: &str) -> bool {
@@ -273,13 +286,17 @@ impl PoolMeta {
             prev_crc: sb.journal_head_prev_crc,
         };
         let clusters = sb.cluster_count.max(2);
-        let cluster_bytes = 1u64 << sb.cluster_shift;
         PoolMeta {
+            cluster_bytes: 1u64 << sb.cluster_shift,
             alloc: Allocator::new(clusters),
             journal: JournalWriter::new(sb.pool_uuid, sb.incarnation, sb.journal_blocks, head),
+            refs: vec![0; clusters as usize],
             config: BTreeMap::new(),
             next_id: 1,
-            fam: Family::new(cluster_bytes, sb.data_start * BLOCK_SIZE as u64, clusters),
+            fams: BTreeMap::new(),
+            family_of: HashMap::default(),
+            next_family: 0,
+            commit_waiters: LockTable::default(),
             committing: false,
             seals: 0,
             durable_seals: 0,
@@ -294,9 +311,36 @@ impl PoolMeta {
         }
     }
 
-    /// The family part and the pool's link to it, borrowed apart.
-    fn split(&mut self) -> (&mut Family, Link<'_>) {
-        (&mut self.fam, Link { alloc: &mut self.alloc, journal: &mut self.journal })
+    /// Volume `id`'s family and the pool's link to it, borrowed apart (`None`: no such
+    /// volume, nor a deleted one whose family still lives).
+    fn split(&mut self, id: u32) -> Option<(&mut Family, Link<'_>)> {
+        let f = *self.family_of.get(&id)?;
+        let fam = self.fams.get_mut(&f).expect("a volume's family lives while it is named");
+        Some((
+            fam,
+            Link { alloc: &mut self.alloc, journal: &mut self.journal, refs: &mut self.refs },
+        ))
+    }
+
+    /// Volume `id`'s family, read-only.
+    fn family(&self, id: u32) -> Option<&Family> {
+        self.family_of.get(&id).map(|f| &self.fams[f])
+    }
+
+    fn family_mut(&mut self, id: u32) -> Option<&mut Family> {
+        let f = *self.family_of.get(&id)?;
+        self.fams.get_mut(&f)
+    }
+
+    /// Removes families with no volume and nothing in flight, waiting or quarantined, and the
+    /// names of deleted volumes that led to them.
+    fn prune_families(&mut self) {
+        let before = self.fams.len();
+        self.fams.retain(|_, f| !f.idle_empty());
+        if self.fams.len() != before {
+            let fams = &self.fams;
+            self.family_of.retain(|_, f| fams.contains_key(f));
+        }
     }
 
     /// Bytes each metadata half reserves for a pool of `cluster_count` clusters, `volumes`
@@ -313,11 +357,22 @@ impl PoolMeta {
     }
 
     pub fn cluster_bytes(&self) -> u64 {
-        self.fam.cluster_bytes
+        self.cluster_bytes
     }
 
-    pub fn volumes(&self) -> &BTreeMap<u32, Volume> {
-        &self.fam.volumes
+    /// Every volume, by id (gathered from the families: for listings and control operations,
+    /// not the data path).
+    pub fn volumes(&self) -> BTreeMap<u32, &Volume> {
+        self.fams.values().flat_map(|f| f.volumes.iter().map(|(id, v)| (*id, v))).collect()
+    }
+
+    pub fn volume_count(&self) -> usize {
+        self.fams.values().map(|f| f.volumes.len()).sum()
+    }
+
+    /// Families (a volume with its snapshots and clones) now.
+    pub fn family_count(&self) -> usize {
+        self.fams.len()
     }
 
     pub fn config(&self) -> &BTreeMap<String, String> {
@@ -333,7 +388,7 @@ impl PoolMeta {
     }
 
     pub fn data_bytes(&self) -> u64 {
-        self.sb.cluster_count.saturating_sub(1) * self.fam.cluster_bytes
+        self.sb.cluster_count.saturating_sub(1) * self.cluster_bytes
     }
 
     pub fn journal_blocks_free(&self) -> u64 {
@@ -352,7 +407,10 @@ impl PoolMeta {
     pub fn fail(&mut self, why: String) {
         tracing::error!(why = %why, "pool failed");
         self.failed.get_or_insert(why);
-        self.fam.locks.wake_all();
+        for f in self.fams.values_mut() {
+            f.locks.wake_all();
+        }
+        self.commit_waiters.wake_all();
     }
 
     pub fn failed(&self) -> Option<&str> {
@@ -367,16 +425,21 @@ impl PoolMeta {
     }
 
     pub fn find(&self, name: &str) -> Result<u32, PoolError> {
-        self.fam.find(name)
+        self.fams
+            .values()
+            .flat_map(|f| f.volumes.iter())
+            .find(|(_, v)| v.name == name)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| PoolError::NoName(name.to_string()))
     }
 
     pub fn volume(&self, id: u32) -> Result<&Volume, PoolError> {
-        self.fam.volume(id)
+        self.family(id).ok_or(PoolError::NoVolume(id))?.volume(id)
     }
 
     /// Pieces of volume `id` that are written, in bytes.
     pub fn allocated_bytes(&self, id: u32) -> u64 {
-        self.fam.volumes.get(&id).map_or(0, |v| {
+        self.volume(id).map_or(0, |v| {
             let size = v.size_bytes;
             self.allocation(id, 0, size).iter().filter(|r| r.2).map(|r| r.1).sum()
         })
@@ -384,34 +447,96 @@ impl PoolMeta {
 
     /// Whether 4 KiB piece `piece` of volume `id` holds written data (else it reads as zeros).
     pub fn piece_written(&self, id: u32, piece: u64) -> bool {
-        self.fam.piece_written(id, piece)
+        self.family(id).is_some_and(|f| f.piece_written(id, piece))
     }
 
     /// Written runs of `[offset, offset + len)` of volume `id`: (start, length, written), in
     /// order, adjacent runs merged, at 4 KiB granularity. Cost follows the mapped clusters.
     pub fn allocation(&self, id: u32, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
-        self.fam.allocation(id, offset, len)
+        self.family(id).map_or_else(Vec::new, |f| f.allocation(id, offset, len))
     }
 
     pub fn cluster_offset(&self, cluster: u64) -> u64 {
-        self.fam.cluster_offset(cluster)
+        self.sb.data_start * BLOCK_SIZE as u64 + cluster * self.cluster_bytes
     }
 
     /// Applies one record to the in-memory state (live operations, replay and checkpoint
-    /// loading alike): configuration to the pool, everything else to the family. Records
-    /// naming volumes that do not exist are ignored (idempotence).
+    /// loading alike): configuration to the pool; a creation starts a family, a snapshot or
+    /// clone joins its source's, everything else goes to the volume's family. Records naming
+    /// volumes that do not exist are ignored (idempotence), and so is a rollback between
+    /// families (which no sound pool writes: a snapshot is in its origin's family).
     pub fn apply(&mut self, r: &Record) {
-        if let Record::Config { key, value } = r {
-            if value.is_empty() {
-                self.config.remove(key);
-            } else {
-                self.config.insert(key.clone(), value.clone());
+        match r {
+            Record::Config { key, value } => {
+                if value.is_empty() {
+                    self.config.remove(key);
+                } else {
+                    self.config.insert(key.clone(), value.clone());
+                }
             }
-            return;
+            Record::VolumeCreate { id, parent, size_bytes, name } => {
+                let v = Volume {
+                    name: name.clone(),
+                    size_bytes: *size_bytes,
+                    read_only: false,
+                    parent: *parent,
+                    tree: Tree::new(size_bytes.div_ceil(self.cluster_bytes).max(1)),
+                    frozen: 0,
+                    writes_inflight: 0,
+                };
+                let f = self.next_family;
+                self.next_family += 1;
+                let data_offset = self.cluster_offset(0);
+                self.fams.insert(f, Family::new(self.cluster_bytes, data_offset));
+                self.place(*id, v, f);
+            }
+            Record::Snapshot { id, of, name } | Record::Clone { id, of, name } => {
+                let Some(&f) = self.family_of.get(of) else { return };
+                let Some(src) = self.fams[&f].volumes.get(of) else { return };
+                let v = Volume {
+                    name: name.clone(),
+                    size_bytes: src.size_bytes,
+                    read_only: matches!(r, Record::Snapshot { .. }),
+                    parent: *of,
+                    tree: src.tree.clone(),
+                    frozen: 0,
+                    writes_inflight: 0,
+                };
+                self.place(*id, v, f);
+            }
+            Record::Rollback { id, to } => {
+                if self.family_of.get(id) != self.family_of.get(to) {
+                    return;
+                }
+                if let Some((fam, mut link)) = self.split(*id) {
+                    fam.apply(r, &mut link);
+                }
+            }
+            Record::MapSet { volume: id, .. }
+            | Record::Delete { id }
+            | Record::Resize { id, .. }
+            | Record::ReadOnly { id } => {
+                if let Some((fam, mut link)) = self.split(*id) {
+                    fam.apply(r, &mut link);
+                }
+            }
+            // Deletion releases a tree in memory at once (nothing on the media is per-cluster),
+            // so there is no reclaim progress to resume.
+            Record::ReclaimProgress { .. } => {}
         }
-        if let Some(id) = self.fam.apply(r, &mut self.alloc) {
-            self.next_id = self.next_id.max(id + 1);
+    }
+
+    /// Puts volume `id` into family `f`, replacing (and releasing) a volume of that id
+    /// wherever it was (only replayed damage names a live id again).
+    fn place(&mut self, id: u32, v: Volume, f: u32) {
+        if let Some((fam, mut link)) = self.split(id) {
+            if let Some(old) = fam.volumes.remove(&id) {
+                fam.release_tree(old.tree, &mut link);
+            }
         }
+        self.fams.get_mut(&f).expect("placing into a live family").volumes.insert(id, v);
+        self.family_of.insert(id, f);
+        self.next_id = self.next_id.max(id + 1);
     }
 
     /// Applies a record and queues it for the next commit.
@@ -448,6 +573,9 @@ impl PoolMeta {
         // The frees these records made were durable before any later commit could reuse the
         // clusters (reuse needs a durable free), so they are free for the records that follow.
         self.alloc.commit();
+        for f in self.fams.values_mut() {
+            f.loaded();
+        }
         Ok(())
     }
 
@@ -458,15 +586,102 @@ impl PoolMeta {
             self.journal.skip_replayed(blocks, seq, crc);
         }
         self.alloc.commit();
-        self.fam.loaded();
+        for f in self.fams.values_mut() {
+            f.loaded();
+        }
+        self.prune_families();
+        self.merge_sharing_families();
+    }
+
+    /// Merges families whose trees name a common cluster. A sound pool shares clusters only
+    /// inside a family, but a checkpoint writes a volume whose parent was deleted as a new
+    /// volume with its own mappings (a `VolumeCreate`, not a `Snapshot`), so loading it starts
+    /// a family that still shares clusters with its relatives: they are one family again.
+    fn merge_sharing_families(&mut self) {
+        if self.fams.len() < 2 {
+            return;
+        }
+        const NONE: u32 = u32::MAX;
+        // Union-find over family numbers, by the first family seen naming each cluster.
+        let mut owner = vec![NONE; self.refs.len()];
+        let mut root: BTreeMap<u32, u32> = self.fams.keys().map(|&f| (f, f)).collect();
+        fn find(root: &mut BTreeMap<u32, u32>, mut f: u32) -> u32 {
+            while root[&f] != f {
+                let up = root[&root[&f]];
+                root.insert(f, up);
+                f = up;
+            }
+            f
+        }
+        for (&f, fam) in &self.fams {
+            for v in fam.volumes.values() {
+                for c in v.tree.entries().into_iter().filter_map(|(_, e)| e.cluster()) {
+                    let slot = &mut owner[c as usize];
+                    if *slot == NONE {
+                        *slot = f;
+                    } else {
+                        let (a, b) = (find(&mut root, *slot), find(&mut root, f));
+                        if a != b {
+                            root.insert(a.max(b), a.min(b));
+                        }
+                    }
+                }
+            }
+        }
+        let numbers: Vec<u32> = self.fams.keys().copied().collect();
+        for f in numbers {
+            let to = find(&mut root, f);
+            if to == f {
+                continue;
+            }
+            let from = self.fams.remove(&f).expect("a family being merged");
+            assert!(
+                from.inflight.is_empty() && from.quarantine.is_empty() && from.locks.slots() == 0,
+                "families are merged only at open, with nothing in flight"
+            );
+            for (id, v) in from.volumes {
+                self.family_of.insert(id, to);
+                self.fams.get_mut(&to).expect("a merge target").volumes.insert(id, v);
+            }
+        }
+        let fams = &self.fams;
+        self.family_of.retain(|_, f| fams.contains_key(f));
     }
 
     // ---- checking ---------------------------------------------------------------------------
 
     /// Recounts references from the trees and compares them with the live counts and the
-    /// allocator. Returns every discrepancy found.
+    /// allocator; checks each family and that no cluster is shared between families. Returns
+    /// every discrepancy found.
     pub fn check(&self) -> Vec<String> {
-        self.fam.check(&self.alloc, self.sb.cluster_count)
+        let mut problems = Vec::new();
+        let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut owner: HashMap<u64, u32> = HashMap::default();
+        for (&f, fam) in &self.fams {
+            for (c, n) in count_references(fam.volumes.values().map(|v| &v.tree)) {
+                *counts.entry(c).or_default() += n;
+                if let Some(g) = owner.insert(c, f) {
+                    problems.push(format!("cluster {c} is shared by families {g} and {f}"));
+                }
+            }
+            problems.extend(fam.check(self.sb.cluster_count));
+        }
+        for (c, &r) in self.refs.iter().enumerate() {
+            let want = counts.get(&(c as u64)).copied().unwrap_or(0);
+            if r != want {
+                problems.push(format!("cluster {c}: refcount {r}, trees say {want}"));
+            }
+            if r > 0 && !self.alloc.is_allocated(c as u64) {
+                problems.push(format!("cluster {c} referenced but not allocated"));
+            }
+        }
+        let referenced = counts.len() as u64;
+        let used = self.alloc.used_count();
+        if used < referenced {
+            problems.push(format!("allocator counts {used} clusters, {referenced} referenced"));
+        }
+        problems.extend(self.commit_waiters.check());
+        problems
     }
 
     /// Clusters allocated but referenced by nothing and not on their way anywhere (leaks):
@@ -474,7 +689,10 @@ impl PoolMeta {
     /// quarantined behind older I/O) nor the fresh cluster of a write span in flight. Exact
     /// at any moment, under load too.
     pub fn leaked(&self) -> u64 {
-        let accounted = self.fam.accounted() + self.alloc.pending_count() + self.sealed_frees;
+        let trees = self.fams.values().flat_map(|f| f.volumes.values().map(|v| &v.tree));
+        let referenced = count_references(trees).len() as u64;
+        let in_transit: u64 = self.fams.values().map(Family::in_transit).sum();
+        let accounted = referenced + in_transit + self.alloc.pending_count() + self.sealed_frees;
         self.alloc.used_count().saturating_sub(accounted)
     }
 }
@@ -511,6 +729,78 @@ mod tests {
             1 => (1u32..5).prop_map(|id| Record::Delete { id }),
             1 => (1u32..5, 1u64..(1 << 23)).prop_map(|(id, size_bytes)| Record::Resize { id, size_bytes }),
         ]
+    }
+
+    /// A durable write of piece 0 of volume `id`.
+    fn write(m: &mut PoolMeta, id: u32) {
+        let mut plans = Vec::new();
+        m.plan_write(id, 0, PIECE, 0, Waiter(0), &mut plans).expect("nothing blocks it");
+        for p in &plans {
+            m.finish_span(id, p);
+        }
+        m.end_write(id);
+        commit(m);
+    }
+
+    fn commit(m: &mut PoolMeta) {
+        let sealed = m.seal().expect("a sound pool").expect("no commit in flight");
+        m.commit_done(sealed);
+    }
+
+    fn fresh() -> PoolMeta {
+        let mut m = PoolMeta::new(sb());
+        m.loaded(0, None);
+        m
+    }
+
+    /// Clusters are shared only inside a family, so a cluster a family frees waits only for
+    /// that family's older I/O: another volume's long read does not hold it back.
+    #[test]
+    fn a_family_reuses_what_it_frees_whatever_other_families_have_in_flight() {
+        let mut m = fresh();
+        let a = m.create_volume("a", 1 << 20).unwrap();
+        let b = m.create_volume("b", 1 << 20).unwrap();
+        let snap = m.snapshot(b, "b-snap").unwrap();
+        assert_eq!(m.family_count(), 2, "a snapshot joins its origin's family");
+        write(&mut m, a);
+        write(&mut m, b);
+        let free = m.free_clusters();
+        let b_read = m.begin_io(b);
+        let a_read = m.begin_io(a);
+        m.trim(a, 0, PIECE, Waiter(1)).unwrap();
+        commit(&mut m);
+        assert_eq!(m.free_clusters(), free, "a's own older read still may touch the cluster");
+        m.end_io(a_read);
+        assert_eq!(m.free_clusters(), free + 1, "b's read does not hold a's cluster back");
+        m.end_io(b_read);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        // Deleting a family's last volume lets the family go once nothing is left in flight.
+        for id in [a, b, snap] {
+            m.delete(id).unwrap();
+        }
+        commit(&mut m);
+        assert_eq!((m.family_count(), m.volume_count(), m.leaked()), (0, 0, 0));
+    }
+
+    /// A checkpoint writes a clone whose snapshot was deleted as a volume of its own; loading
+    /// it must still put it in its origin's family, as they share clusters.
+    #[test]
+    fn loading_merges_families_that_share_clusters() {
+        let mut m = fresh();
+        let origin = m.create_volume("o", 1 << 20).unwrap();
+        write(&mut m, origin);
+        let snap = m.snapshot(origin, "s").unwrap();
+        let clone = m.clone_volume(snap, "c").unwrap();
+        m.delete(snap).unwrap();
+        commit(&mut m);
+        assert_eq!(m.family_count(), 1);
+        let mut n = PoolMeta::new(sb());
+        n.load(&m.freeze().payload()).unwrap();
+        assert_eq!(n.family_count(), 2, "the clone is loaded as a volume of its own");
+        n.loaded(0, None);
+        assert_eq!(n.family_count(), 1, "and then merged with the origin it shares clusters with");
+        assert!(n.check().is_empty(), "{:?}", n.check());
+        assert_eq!(n.volume(clone).unwrap().parent, snap);
     }
 
     proptest! {

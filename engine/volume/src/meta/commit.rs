@@ -17,7 +17,7 @@ impl PoolMeta {
         if self.background_asked || self.committing || self.failed.is_some() {
             return false;
         }
-        if self.journal.pending() < self.commit_records {
+        if self.pending_records() < self.commit_records {
             return false;
         }
         self.background_asked = true;
@@ -28,7 +28,7 @@ impl PoolMeta {
     /// armed. The driver calls `commit_timer_fired` when it fires and commits what is pending
     /// then, so no record waits much longer than the timer for a commit, flush or none.
     pub fn take_commit_timer(&mut self) -> bool {
-        if self.timer_armed || self.failed.is_some() || self.journal.pending() == 0 {
+        if self.timer_armed || self.failed.is_some() || self.pending_records() == 0 {
             return false;
         }
         self.timer_armed = true;
@@ -39,7 +39,7 @@ impl PoolMeta {
     pub fn commit_timer_fired(&mut self) -> bool {
         assert!(self.timer_armed, "a commit timer fired that was not armed");
         self.timer_armed = false;
-        self.failed.is_none() && self.journal.pending() > 0
+        self.failed.is_none() && self.pending_records() > 0
     }
 
     pub fn committing(&self) -> bool {
@@ -59,7 +59,7 @@ impl PoolMeta {
     pub fn wants_checkpoint(&self) -> bool {
         let free = self.journal.blocks_free();
         let ring = self.sb.journal_blocks;
-        let pending_blocks = (self.journal.pending() as u64 * 40).div_ceil(3800) + 1;
+        let pending_blocks = (self.pending_records() as u64 * 40).div_ceil(3800) + 1;
         free < ring / 4 || pending_blocks > free
     }
 
@@ -71,7 +71,14 @@ impl PoolMeta {
         if self.committing {
             return Ok(None);
         }
-        let records = self.journal.pending();
+        let records = self.pending_records();
+        // The configuration's records, then each family's in the order it made them.
+        for f in self.fams.values_mut() {
+            for r in f.pending.drain(..) {
+                self.journal.append(r);
+            }
+        }
+        self.family_pending = 0;
         let blocks = self.journal.commit()?;
         tracing::debug!(records, "sealing a commit");
         self.committing = true;
@@ -173,6 +180,10 @@ impl PoolMeta {
             ..self.sb.clone()
         };
         self.journal.discard_pending();
+        for f in self.fams.values_mut() {
+            f.pending.clear();
+        }
+        self.family_pending = 0;
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;

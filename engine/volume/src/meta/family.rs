@@ -18,14 +18,15 @@
 
 use super::*;
 
-/// What a family's decisions take from the pool: clusters from the allocator, the journal its
-/// records are queued in, and the reference counts (indexed by cluster; a family reads and
-/// writes only the counts of its own clusters). With families owned by cores these become the
-/// core's allocator extent, its pending batch, and a count array partitioned by ownership.
+/// What a family's decisions take from the pool: clusters from the allocator, the reference
+/// counts (indexed by cluster; a family reads and writes only the counts of its own clusters),
+/// and the pool's count of records pending in families (its commit policy's input). With
+/// families owned by cores these become the core's allocator extent, a count array
+/// partitioned by ownership, and a per-core count.
 pub(super) struct Link<'a> {
     pub(super) alloc: &'a mut Allocator,
-    pub(super) journal: &'a mut JournalWriter,
     pub(super) refs: &'a mut [u32],
+    pub(super) pending: &'a mut usize,
 }
 
 pub(super) struct Family {
@@ -54,6 +55,9 @@ pub(super) struct Family {
     /// flight carries.
     pub(super) freed: Vec<u64>,
     pub(super) sealed_freed: Vec<u64>,
+    /// The family's records since the last seal, applied, in the order they were made: the
+    /// next commit writes them (families' records commute, so only this order matters).
+    pub(super) pending: Vec<Record>,
 }
 
 impl Family {
@@ -74,6 +78,7 @@ impl Family {
             quarantine: VecDeque::new(),
             freed: Vec::new(),
             sealed_freed: Vec::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -85,6 +90,7 @@ impl Family {
             && self.fresh_inflight == 0
             && self.freed.is_empty()
             && self.sealed_freed.is_empty()
+            && self.pending.is_empty()
             && self.locks.slots() == 0
             && self.locks.parked() == 0
     }
@@ -256,10 +262,16 @@ impl Family {
         }
     }
 
-    /// Applies a record of the family's and queues it in the pool's journal.
+    /// Applies a record of the family's and queues it for the next commit.
     pub(super) fn log(&mut self, r: Record, link: &mut Link) {
         self.apply(&r, link);
-        link.journal.append(r);
+        self.queue(r, link.pending);
+    }
+
+    /// Queues an applied record for the next commit; `pending` is the pool's count.
+    pub(super) fn queue(&mut self, r: Record, pending: &mut usize) {
+        self.pending.push(r);
+        *pending += 1;
     }
 
     /// Everything loaded is durable: no cluster is fresh or touched since a seal.

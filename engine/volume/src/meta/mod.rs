@@ -227,6 +227,8 @@ pub struct PoolMeta {
     next_family: u32,
     /// Requests waiting for the commit in flight to end (the only queue of this table used).
     commit_waiters: LockTable,
+    /// Records pending in the families (the journal's own pending are the configuration's).
+    family_pending: usize,
     committing: bool,
     /// Commits sealed so far, and how many of them are durable (checkpoints count as both).
     seals: u64,
@@ -297,6 +299,7 @@ impl PoolMeta {
             family_of: HashMap::default(),
             next_family: 0,
             commit_waiters: LockTable::default(),
+            family_pending: 0,
             committing: false,
             seals: 0,
             durable_seals: 0,
@@ -316,10 +319,9 @@ impl PoolMeta {
     fn split(&mut self, id: u32) -> Option<(&mut Family, Link<'_>)> {
         let f = *self.family_of.get(&id)?;
         let fam = self.fams.get_mut(&f).expect("a volume's family lives while it is named");
-        Some((
-            fam,
-            Link { alloc: &mut self.alloc, journal: &mut self.journal, refs: &mut self.refs },
-        ))
+        let link =
+            Link { alloc: &mut self.alloc, refs: &mut self.refs, pending: &mut self.family_pending };
+        Some((fam, link))
     }
 
     /// Volume `id`'s family, read-only.
@@ -395,8 +397,10 @@ impl PoolMeta {
         self.journal.blocks_free()
     }
 
+    /// Records applied and not yet sealed into a commit: the families' and the
+    /// configuration's.
     pub fn pending_records(&self) -> usize {
-        self.journal.pending()
+        self.journal.pending() + self.family_pending
     }
 
     /// Journal commits and checkpoints made durable since the pool was opened.
@@ -539,10 +543,29 @@ impl PoolMeta {
         self.next_id = self.next_id.max(id + 1);
     }
 
-    /// Applies a record and queues it for the next commit.
+    /// Applies a record and queues it for the next commit: in the family of the volume it is
+    /// about (where the volume's data records queue too, so their order is kept), or the
+    /// pool's journal for configuration.
     pub fn log(&mut self, r: Record) {
         self.apply(&r);
-        self.journal.append(r);
+        let id = match &r {
+            Record::Config { .. } | Record::ReclaimProgress { .. } => None,
+            Record::MapSet { volume: id, .. }
+            | Record::VolumeCreate { id, .. }
+            | Record::Snapshot { id, .. }
+            | Record::Clone { id, .. }
+            | Record::Rollback { id, .. }
+            | Record::Delete { id }
+            | Record::Resize { id, .. }
+            | Record::ReadOnly { id } => Some(*id),
+        };
+        match id.and_then(|id| self.family_of.get(&id).copied()) {
+            Some(f) => {
+                let fam = self.fams.get_mut(&f).expect("a named volume's family");
+                fam.queue(r, &mut self.family_pending);
+            }
+            None => self.journal.append(r),
+        }
     }
 
     /// Loads records read from the media (checkpoint, then journal blocks in order).

@@ -1,7 +1,8 @@
-//! The family part of the pool state: volumes with their trees and reference counts, the lock
-//! table, the I/O epochs and the quarantine of freed clusters, and the sets that decide in
-//! place vs copy-on-write. Every per-I/O decision (`plan_read`, `plan_write`, `finish_span`,
-//! `trim`) touches only this part plus a [`Link`] to the pool.
+//! A family's part of the pool state: its volumes and their trees, the lock table, the I/O
+//! epochs and the quarantine of freed clusters, the sets that decide in place vs
+//! copy-on-write, and its records pending for the next commit. Every per-I/O decision
+//! (`plan_read`, `plan_write`, `finish_span`, `trim`) touches only this part plus a [`Link`]
+//! to the pool.
 //!
 //! A family is a volume with its snapshots and clones (a `VolumeCreate` starts one; a
 //! `Snapshot` or `Clone` joins its source's): clusters are only ever shared inside one. The

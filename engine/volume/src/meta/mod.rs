@@ -319,8 +319,11 @@ impl PoolMeta {
     fn split(&mut self, id: u32) -> Option<(&mut Family, Link<'_>)> {
         let f = *self.family_of.get(&id)?;
         let fam = self.fams.get_mut(&f).expect("a volume's family lives while it is named");
-        let link =
-            Link { alloc: &mut self.alloc, refs: &mut self.refs, pending: &mut self.family_pending };
+        let link = Link {
+            alloc: &mut self.alloc,
+            refs: &mut self.refs,
+            pending: &mut self.family_pending,
+        };
         Some((fam, link))
     }
 

@@ -49,10 +49,10 @@ pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> a
     let description = {
         let m = pool.meta();
         let v = m.volume(dev.id())?;
-        match m.volumes().get(&v.parent) {
-            Some(p) if v.read_only => format!("snapshot of {}", p.name),
-            Some(p) => format!("clone of {}", p.name),
-            None => "volume".to_string(),
+        match m.volume(v.parent) {
+            Ok(p) if v.read_only => format!("snapshot of {}", p.name),
+            Ok(p) => format!("clone of {}", p.name),
+            Err(_) => "volume".to_string(),
         }
     };
     let uuid = lvstore::ensure_volume_uuid(pool, name).or_else(|e| {

@@ -336,8 +336,8 @@ impl PoolHandle {
 
     pub fn list(&self) -> Vec<VolumeInfo> {
         let m = self.meta();
-        m.volumes()
-            .iter()
+        let vols = m.volumes();
+        vols.iter()
             .map(|(&id, v)| VolumeInfo {
                 id,
                 name: v.name.clone(),
@@ -345,7 +345,7 @@ impl PoolHandle {
                 allocated_bytes: m.allocated_bytes(id),
                 read_only: v.read_only,
                 snapshot: v.read_only,
-                parent: m.volumes().get(&v.parent).map(|p| p.name.clone()),
+                parent: vols.get(&v.parent).map(|p| p.name.clone()),
             })
             .collect()
     }

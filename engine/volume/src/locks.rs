@@ -189,6 +189,11 @@ impl LockTable {
             + self.commit.len()
     }
 
+    /// Requests woken and not yet taken.
+    pub fn woken(&self) -> usize {
+        self.woken.len()
+    }
+
     /// Slots in use (clusters with something in flight).
     pub fn slots(&self) -> usize {
         self.slots.len()

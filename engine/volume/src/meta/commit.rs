@@ -72,13 +72,7 @@ impl PoolMeta {
             return Ok(None);
         }
         let records = self.pending_records();
-        // The configuration's records, then each family's in the order it made them.
-        for f in self.fams.values_mut() {
-            for r in f.pending.drain(..) {
-                self.journal.append(r);
-            }
-        }
-        self.family_pending = 0;
+        self.gather_pending();
         let blocks = self.journal.commit()?;
         tracing::debug!(records, "sealing a commit");
         self.committing = true;

@@ -171,6 +171,12 @@ impl PoolMeta {
         if snap.parent != id {
             return Err(PoolError::NotSnapshotOf { snap: to, vol: id });
         }
+        if self.family_of.get(&id) != self.family_of.get(&to) {
+            // A snapshot joins its origin's family, live and when loaded: never reached.
+            return Err(PoolError::Damaged(format!(
+                "snapshot {to} of volume {id} is not in its family"
+            )));
+        }
         let grow = snap.size_bytes.saturating_sub(v.size_bytes);
         self.admit(grow, 0, 0)?;
         self.log(Record::Rollback { id, to });

@@ -1,6 +1,6 @@
 //! A family's part of the pool state: its volumes and their trees, the lock table, the I/O
 //! epochs and the quarantine of freed clusters, the sets that decide in place vs
-//! copy-on-write, and its records pending for the next commit. Every per-I/O decision
+//! copy-on-write, and its data records pending for the next commit. Every per-I/O decision
 //! (`plan_read`, `plan_write`, `finish_span`, `trim`) touches only this part plus a [`Link`]
 //! to the pool.
 //!
@@ -56,8 +56,8 @@ pub(super) struct Family {
     /// flight carries.
     pub(super) freed: Vec<u64>,
     pub(super) sealed_freed: Vec<u64>,
-    /// The family's records since the last seal, applied, in the order they were made: the
-    /// next commit writes them (families' records commute, so only this order matters).
+    /// The family's data records (`MapSet`) since the last seal or control record, applied, in
+    /// the order they were made (`PoolMeta::log` says why that is the only order that matters).
     pub(super) pending: Vec<Record>,
 }
 
@@ -94,6 +94,7 @@ impl Family {
             && self.pending.is_empty()
             && self.locks.slots() == 0
             && self.locks.parked() == 0
+            && self.locks.woken() == 0
     }
 
     pub(super) fn volume(&self, id: u32) -> Result<&Volume, PoolError> {
@@ -265,6 +266,7 @@ impl Family {
 
     /// Applies a record of the family's and queues it for the next commit.
     pub(super) fn log(&mut self, r: Record, link: &mut Link) {
+        assert!(matches!(r, Record::MapSet { .. }), "a family logs data records only");
         self.apply(&r, link);
         self.queue(r, link.pending);
     }

@@ -102,8 +102,10 @@ impl PoolMeta {
     /// Moves the requests woken since the last call into `out`.
     pub fn take_woken(&mut self, out: &mut Vec<Waiter>) {
         self.commit_waiters.take_woken(out);
-        for f in self.fams.values_mut() {
-            f.locks.take_woken(out);
+        for f in self.borrowed.drain(..) {
+            if let Some(fam) = self.fams.get_mut(&f) {
+                fam.locks.take_woken(out);
+            }
         }
     }
 

@@ -304,7 +304,6 @@ impl Family {
         }
         self.io_epoch += 1;
         self.release_quarantine(alloc);
-        self.locks.commit_ended();
     }
 
     /// The family's own consistency: mappings within the pool and within their volumes, the

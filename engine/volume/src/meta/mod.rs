@@ -229,6 +229,9 @@ pub struct PoolMeta {
     commit_waiters: LockTable,
     /// Records pending in the families (the journal's own pending are the configuration's).
     family_pending: usize,
+    /// Families borrowed mutably since `take_woken` last ran (only they can have woken
+    /// anyone), so collecting wake-ups costs what was done, not the number of families.
+    borrowed: Vec<u32>,
     committing: bool,
     /// Commits sealed so far, and how many of them are durable (checkpoints count as both).
     seals: u64,
@@ -300,6 +303,7 @@ impl PoolMeta {
             next_family: 0,
             commit_waiters: LockTable::default(),
             family_pending: 0,
+            borrowed: Vec::new(),
             committing: false,
             seals: 0,
             durable_seals: 0,
@@ -318,6 +322,7 @@ impl PoolMeta {
     /// volume, nor a deleted one whose family still lives).
     fn split(&mut self, id: u32) -> Option<(&mut Family, Link<'_>)> {
         let f = *self.family_of.get(&id)?;
+        self.note_borrowed(f);
         let fam = self.fams.get_mut(&f).expect("a volume's family lives while it is named");
         let link = Link {
             alloc: &mut self.alloc,
@@ -334,7 +339,14 @@ impl PoolMeta {
 
     fn family_mut(&mut self, id: u32) -> Option<&mut Family> {
         let f = *self.family_of.get(&id)?;
+        self.note_borrowed(f);
         self.fams.get_mut(&f)
+    }
+
+    fn note_borrowed(&mut self, f: u32) {
+        if self.borrowed.last() != Some(&f) {
+            self.borrowed.push(f);
+        }
     }
 
     /// Removes families with no volume and nothing in flight, waiting or quarantined, and the
@@ -414,8 +426,9 @@ impl PoolMeta {
     pub fn fail(&mut self, why: String) {
         tracing::error!(why = %why, "pool failed");
         self.failed.get_or_insert(why);
-        for f in self.fams.values_mut() {
+        for (&n, f) in &mut self.fams {
             f.locks.wake_all();
+            self.borrowed.push(n);
         }
         self.commit_waiters.wake_all();
     }
@@ -712,6 +725,11 @@ impl PoolMeta {
             problems.push(format!("allocator counts {used} clusters, {referenced} referenced"));
         }
         problems.extend(self.commit_waiters.check());
+        for (f, fam) in &self.fams {
+            if fam.locks.woken() > 0 && !self.borrowed.contains(f) {
+                problems.push(format!("family {f}: wake-ups that take_woken would not collect"));
+            }
+        }
         problems
     }
 

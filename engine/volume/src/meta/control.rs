@@ -103,7 +103,7 @@ impl PoolMeta {
     pub fn take_woken(&mut self, out: &mut Vec<Waiter>) {
         self.commit_waiters.take_woken(out);
         for f in self.borrowed.drain(..) {
-            if let Some(fam) = self.fams.get_mut(&f) {
+            if let Some(fam) = self.fams.get_mut(f) {
                 fam.locks.take_woken(out);
             }
         }

@@ -34,11 +34,11 @@ impl PoolMeta {
     /// clusters named by the current mapping.
     pub fn begin_io(&mut self, id: u32) -> Ticket {
         let f = *self.family_of.get(&id).expect("an I/O of a volume it has just planned");
-        Ticket(f, self.fams.get_mut(&f).expect("a named volume's family").begin_io())
+        Ticket(f, self.fams.get_mut(f).expect("a named volume's family").begin_io())
     }
 
     pub fn end_io(&mut self, t: Ticket) {
-        let fam = self.fams.get_mut(&t.0).expect("a family lives while it has I/O in flight");
+        let fam = self.fams.get_mut(t.0).expect("a family lives while it has I/O in flight");
         fam.end_io(t.1, &mut self.alloc)
     }
 }

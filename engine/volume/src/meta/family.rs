@@ -336,3 +336,76 @@ impl Family {
         quarantined + self.fresh_inflight
     }
 }
+
+/// The pool's families by number: a slab (a family's number is its slot, reused after the
+/// family goes), so finding a volume's family on the data path is an index, not a search.
+#[derive(Default)]
+pub(super) struct Families {
+    slots: Vec<Option<Family>>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl Families {
+    /// Adds a family; returns its number.
+    pub(super) fn add(&mut self, fam: Family) -> u32 {
+        self.len += 1;
+        match self.free.pop() {
+            Some(f) => {
+                self.slots[f as usize] = Some(fam);
+                f
+            }
+            None => {
+                self.slots.push(Some(fam));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, f: u32) -> Option<Family> {
+        let fam = self.slots.get_mut(f as usize)?.take()?;
+        self.len -= 1;
+        self.free.push(f);
+        Some(fam)
+    }
+
+    #[inline]
+    pub(super) fn get(&self, f: u32) -> Option<&Family> {
+        self.slots.get(f as usize)?.as_ref()
+    }
+
+    #[inline]
+    pub(super) fn get_mut(&mut self, f: u32) -> Option<&mut Family> {
+        self.slots.get_mut(f as usize)?.as_mut()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Families in number order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (u32, &Family)> {
+        self.slots.iter().enumerate().filter_map(|(f, s)| s.as_ref().map(|fam| (f as u32, fam)))
+    }
+
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (u32, &mut Family)> {
+        self.slots.iter_mut().enumerate().filter_map(|(f, s)| s.as_mut().map(|fam| (f as u32, fam)))
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Family> {
+        self.slots.iter().flatten()
+    }
+
+    pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut Family> {
+        self.slots.iter_mut().flatten()
+    }
+
+    /// Keeps the families `keep` approves; returns whether any went.
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(&Family) -> bool) -> bool {
+        let gone: Vec<u32> = self.iter().filter(|(_, fam)| !keep(fam)).map(|(f, _)| f).collect();
+        for &f in &gone {
+            self.remove(f);
+        }
+        !gone.is_empty()
+    }
+}

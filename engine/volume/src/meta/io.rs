@@ -282,7 +282,8 @@ impl PoolMeta {
         out: &mut Vec<ReadPiece>,
     ) -> Result<(), PoolError> {
         out.clear();
-        self.family(id).ok_or(PoolError::NoVolume(id))?.plan_read_into(id, offset, len, out)
+        let Some(fam) = self.family(id) else { return Err(PoolError::NoVolume(id)) };
+        fam.plan_read_into(id, offset, len, out)
     }
 
     /// Plans a write of `[offset, offset + len)` into `plans` (cleared first; left empty when
@@ -301,7 +302,9 @@ impl PoolMeta {
     ) -> Result<(), Blocked> {
         plans.clear();
         self.ok()?;
-        let (fam, mut link) = self.split(id).ok_or(PoolError::NoVolume(id))?;
+        let Some((fam, mut link)) = self.split(id) else {
+            return Err(PoolError::NoVolume(id).into());
+        };
         fam.plan_write(id, offset, len, hold, waiter, plans, &mut link)
     }
 
@@ -311,7 +314,8 @@ impl PoolMeta {
     /// is frozen (`waiter` parked).
     pub fn hold(&mut self, id: u32, vcs: &[u64], waiter: Waiter) -> Result<u64, Blocked> {
         self.ok()?;
-        self.family_mut(id).ok_or(PoolError::NoVolume(id))?.hold(id, vcs, waiter)
+        let Some(fam) = self.family_mut(id) else { return Err(PoolError::NoVolume(id).into()) };
+        fam.hold(id, vcs, waiter)
     }
 
     pub fn release(&mut self, id: u32, vcs: &[u64], token: u64) {
@@ -340,7 +344,9 @@ impl PoolMeta {
     /// frozen (`waiter` parked).
     pub fn trim(&mut self, id: u32, offset: u64, len: u64, waiter: Waiter) -> Result<(), Blocked> {
         self.ok()?;
-        let (fam, mut link) = self.split(id).ok_or(PoolError::NoVolume(id))?;
+        let Some((fam, mut link)) = self.split(id) else {
+            return Err(PoolError::NoVolume(id).into());
+        };
         fam.trim(id, offset, len, waiter, &mut link)
     }
 

@@ -44,7 +44,7 @@ pub use commit::{Encode, Encoded, Frozen};
 mod control;
 mod epochs;
 mod family;
-use family::{Family, Link};
+use family::{Families, Family, Link};
 mod io;
 use crate::map::{count_references, Entry, Tree};
 use crate::records::{decode_all, Record, CONFIG_VALUE_MAX, NAME_MAX};
@@ -219,12 +219,10 @@ pub struct PoolMeta {
     refs: Vec<u32>,
     config: BTreeMap<String, String>,
     next_id: u32,
-    /// The families by number, which family each volume is in (kept after a volume's delete
-    /// while its family lives: its waiters and spans in flight still end there), and the
-    /// next family's number.
-    fams: BTreeMap<u32, Family>,
+    /// The families by number, and which family each volume is in (kept after a volume's
+    /// delete while its family lives: its waiters and spans in flight still end there).
+    fams: Families,
     family_of: HashMap<u32, u32>,
-    next_family: u32,
     /// Requests waiting for the commit in flight to end (the only queue of this table used).
     commit_waiters: LockTable,
     /// Records pending in the families (the journal's own pending are the configuration's).
@@ -298,9 +296,8 @@ impl PoolMeta {
             refs: vec![0; clusters as usize],
             config: BTreeMap::new(),
             next_id: 1,
-            fams: BTreeMap::new(),
+            fams: Families::default(),
             family_of: HashMap::default(),
-            next_family: 0,
             commit_waiters: LockTable::default(),
             family_pending: 0,
             borrowed: Vec::new(),
@@ -320,10 +317,11 @@ impl PoolMeta {
 
     /// Volume `id`'s family and the pool's link to it, borrowed apart (`None`: no such
     /// volume, nor a deleted one whose family still lives).
+    #[inline]
     fn split(&mut self, id: u32) -> Option<(&mut Family, Link<'_>)> {
         let f = *self.family_of.get(&id)?;
         self.note_borrowed(f);
-        let fam = self.fams.get_mut(&f).expect("a volume's family lives while it is named");
+        let fam = self.fams.get_mut(f).expect("a volume's family lives while it is named");
         let link = Link {
             alloc: &mut self.alloc,
             refs: &mut self.refs,
@@ -333,16 +331,19 @@ impl PoolMeta {
     }
 
     /// Volume `id`'s family, read-only.
+    #[inline]
     fn family(&self, id: u32) -> Option<&Family> {
-        self.family_of.get(&id).map(|f| &self.fams[f])
+        self.family_of.get(&id).and_then(|&f| self.fams.get(f))
     }
 
+    #[inline]
     fn family_mut(&mut self, id: u32) -> Option<&mut Family> {
         let f = *self.family_of.get(&id)?;
         self.note_borrowed(f);
-        self.fams.get_mut(&f)
+        self.fams.get_mut(f)
     }
 
+    #[inline]
     fn note_borrowed(&mut self, f: u32) {
         if self.borrowed.last() != Some(&f) {
             self.borrowed.push(f);
@@ -352,11 +353,9 @@ impl PoolMeta {
     /// Removes families with no volume and nothing in flight, waiting or quarantined, and the
     /// names of deleted volumes that led to them.
     fn prune_families(&mut self) {
-        let before = self.fams.len();
-        self.fams.retain(|_, f| !f.idle_empty());
-        if self.fams.len() != before {
+        if self.fams.retain(|f| !f.idle_empty()) {
             let fams = &self.fams;
-            self.family_of.retain(|_, f| fams.contains_key(f));
+            self.family_of.retain(|_, f| fams.get(*f).is_some());
         }
     }
 
@@ -426,7 +425,7 @@ impl PoolMeta {
     pub fn fail(&mut self, why: String) {
         tracing::error!(why = %why, "pool failed");
         self.failed.get_or_insert(why);
-        for (&n, f) in &mut self.fams {
+        for (n, f) in self.fams.iter_mut() {
             f.locks.wake_all();
             self.borrowed.push(n);
         }
@@ -454,7 +453,8 @@ impl PoolMeta {
     }
 
     pub fn volume(&self, id: u32) -> Result<&Volume, PoolError> {
-        self.family(id).ok_or(PoolError::NoVolume(id))?.volume(id)
+        let Some(fam) = self.family(id) else { return Err(PoolError::NoVolume(id)) };
+        fam.volume(id)
     }
 
     /// Pieces of volume `id` that are written, in bytes.
@@ -504,15 +504,15 @@ impl PoolMeta {
                     frozen: 0,
                     writes_inflight: 0,
                 };
-                let f = self.next_family;
-                self.next_family += 1;
                 let data_offset = self.cluster_offset(0);
-                self.fams.insert(f, Family::new(self.cluster_bytes, data_offset));
+                let f = self.fams.add(Family::new(self.cluster_bytes, data_offset));
                 self.place(*id, v, f);
             }
             Record::Snapshot { id, of, name } | Record::Clone { id, of, name } => {
                 let Some(&f) = self.family_of.get(of) else { return };
-                let Some(src) = self.fams[&f].volumes.get(of) else { return };
+                let Some(src) = self.fams.get(f).and_then(|fam| fam.volumes.get(of)) else {
+                    return;
+                };
                 let v = Volume {
                     name: name.clone(),
                     size_bytes: src.size_bytes,
@@ -554,7 +554,7 @@ impl PoolMeta {
                 fam.release_tree(old.tree, &mut link);
             }
         }
-        self.fams.get_mut(&f).expect("placing into a live family").volumes.insert(id, v);
+        self.fams.get_mut(f).expect("placing into a live family").volumes.insert(id, v);
         self.family_of.insert(id, f);
         self.next_id = self.next_id.max(id + 1);
     }
@@ -571,7 +571,7 @@ impl PoolMeta {
         self.apply(&r);
         if let Record::MapSet { volume, .. } = &r {
             if let Some(f) = self.family_of.get(volume).copied() {
-                let fam = self.fams.get_mut(&f).expect("a named volume's family");
+                let fam = self.fams.get_mut(f).expect("a named volume's family");
                 return fam.queue(r, &mut self.family_pending);
             }
         }
@@ -648,7 +648,7 @@ impl PoolMeta {
         const NONE: u32 = u32::MAX;
         // Union-find over family numbers, by the first family seen naming each cluster.
         let mut owner = vec![NONE; self.refs.len()];
-        let mut root: BTreeMap<u32, u32> = self.fams.keys().map(|&f| (f, f)).collect();
+        let mut root: BTreeMap<u32, u32> = self.fams.iter().map(|(f, _)| (f, f)).collect();
         fn find(root: &mut BTreeMap<u32, u32>, mut f: u32) -> u32 {
             while root[&f] != f {
                 let up = root[&root[&f]];
@@ -657,7 +657,7 @@ impl PoolMeta {
             }
             f
         }
-        for (&f, fam) in &self.fams {
+        for (f, fam) in self.fams.iter() {
             for v in fam.volumes.values() {
                 for c in v.tree.entries().into_iter().filter_map(|(_, e)| e.cluster()) {
                     let slot = &mut owner[c as usize];
@@ -672,24 +672,24 @@ impl PoolMeta {
                 }
             }
         }
-        let numbers: Vec<u32> = self.fams.keys().copied().collect();
+        let numbers: Vec<u32> = self.fams.iter().map(|(f, _)| f).collect();
         for f in numbers {
             let to = find(&mut root, f);
             if to == f {
                 continue;
             }
-            let from = self.fams.remove(&f).expect("a family being merged");
+            let from = self.fams.remove(f).expect("a family being merged");
             assert!(
                 from.inflight.is_empty() && from.quarantine.is_empty() && from.locks.slots() == 0,
                 "families are merged only at open, with nothing in flight"
             );
             for (id, v) in from.volumes {
                 self.family_of.insert(id, to);
-                self.fams.get_mut(&to).expect("a merge target").volumes.insert(id, v);
+                self.fams.get_mut(to).expect("a merge target").volumes.insert(id, v);
             }
         }
         let fams = &self.fams;
-        self.family_of.retain(|_, f| fams.contains_key(f));
+        self.family_of.retain(|_, f| fams.get(*f).is_some());
     }
 
     // ---- checking ---------------------------------------------------------------------------
@@ -701,7 +701,7 @@ impl PoolMeta {
         let mut problems = Vec::new();
         let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
         let mut owner: HashMap<u64, u32> = HashMap::default();
-        for (&f, fam) in &self.fams {
+        for (f, fam) in self.fams.iter() {
             for (c, n) in count_references(fam.volumes.values().map(|v| &v.tree)) {
                 *counts.entry(c).or_default() += n;
                 if let Some(g) = owner.insert(c, f) {
@@ -725,8 +725,8 @@ impl PoolMeta {
             problems.push(format!("allocator counts {used} clusters, {referenced} referenced"));
         }
         problems.extend(self.commit_waiters.check());
-        for (f, fam) in &self.fams {
-            if fam.locks.woken() > 0 && !self.borrowed.contains(f) {
+        for (f, fam) in self.fams.iter() {
+            if fam.locks.woken() > 0 && !self.borrowed.contains(&f) {
                 problems.push(format!("family {f}: wake-ups that take_woken would not collect"));
             }
         }

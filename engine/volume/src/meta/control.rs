@@ -7,7 +7,7 @@ impl PoolMeta {
     /// The largest checkpoint the state could need if every volume were fully written, with
     /// `clusters` more volume clusters, `volumes` more volumes and `config` more config bytes.
     fn worst_checkpoint(&self, clusters: u64, volumes: u64, config: u64) -> u64 {
-        let cb = self.cluster_bytes;
+        let cb = self.geo.cluster_bytes;
         let vols = self.volumes();
         let mapped: u64 = vols.values().map(|v| v.size_bytes.div_ceil(cb)).sum();
         let config_now: u64 = self
@@ -26,7 +26,7 @@ impl PoolMeta {
     fn admit(&self, extra_bytes: u64, volumes: u64, config: u64) -> Result<(), PoolError> {
         let limit = self.checkpoint_half_blocks() * BLOCK_SIZE as u64;
         let wanted =
-            self.worst_checkpoint(extra_bytes.div_ceil(self.cluster_bytes), volumes, config);
+            self.worst_checkpoint(extra_bytes.div_ceil(self.geo.cluster_bytes), volumes, config);
         if wanted > limit {
             return Err(PoolError::Overprovisioned { limit, wanted });
         }

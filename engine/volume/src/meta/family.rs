@@ -30,11 +30,29 @@ pub(super) struct Link<'a> {
     pub(super) pending: &'a mut usize,
 }
 
-pub(super) struct Family {
-    /// Geometry, fixed at format.
+/// Where clusters are on the media: fixed at format, one copy in the pool and in each family.
+#[derive(Clone, Copy)]
+pub(super) struct Geometry {
     pub(super) cluster_bytes: u64,
     /// Pool byte offset of cluster 0.
     data_offset: u64,
+}
+
+impl Geometry {
+    pub(super) fn of(sb: &Superblock) -> Geometry {
+        Geometry {
+            cluster_bytes: 1u64 << sb.cluster_shift,
+            data_offset: sb.data_start * BLOCK_SIZE as u64,
+        }
+    }
+
+    pub(super) fn cluster_offset(&self, cluster: u64) -> u64 {
+        self.data_offset + cluster * self.cluster_bytes
+    }
+}
+
+pub(super) struct Family {
+    pub(super) geo: Geometry,
     pub(super) volumes: BTreeMap<u32, Volume>,
     pub(super) locks: LockTable,
     pub(super) next_hold: u64,
@@ -62,10 +80,9 @@ pub(super) struct Family {
 }
 
 impl Family {
-    pub(super) fn new(cluster_bytes: u64, data_offset: u64) -> Family {
+    pub(super) fn new(geo: Geometry) -> Family {
         Family {
-            cluster_bytes,
-            data_offset,
+            geo,
             volumes: BTreeMap::new(),
             locks: LockTable::default(),
             next_hold: 0,
@@ -102,13 +119,13 @@ impl Family {
     }
 
     pub(super) fn cluster_offset(&self, cluster: u64) -> u64 {
-        self.data_offset + cluster * self.cluster_bytes
+        self.geo.cluster_offset(cluster)
     }
 
     pub(super) fn span(&self, at: u64, end: u64) -> Span {
-        let vc = at / self.cluster_bytes;
-        let cluster_end = ((vc + 1) * self.cluster_bytes).min(end);
-        let first_bit = (at % self.cluster_bytes) / PIECE;
+        let vc = at / self.geo.cluster_bytes;
+        let cluster_end = ((vc + 1) * self.geo.cluster_bytes).min(end);
+        let first_bit = (at % self.geo.cluster_bytes) / PIECE;
         let pieces = (cluster_end - at) / PIECE;
         let bits = (((1u32 << pieces) - 1) << first_bit) as u16;
         Span { vc, cluster_end, first_bit, bits }
@@ -118,8 +135,8 @@ impl Family {
     pub(super) fn piece_written(&self, id: u32, piece: u64) -> bool {
         let Some(v) = self.volumes.get(&id) else { return false };
         let at = piece * PIECE;
-        let e = v.tree.get(at / self.cluster_bytes);
-        e.cluster().is_some() && e.written() & (1 << ((at % self.cluster_bytes) / PIECE)) != 0
+        let e = v.tree.get(at / self.geo.cluster_bytes);
+        e.cluster().is_some() && e.written() & (1 << ((at % self.geo.cluster_bytes) / PIECE)) != 0
     }
 
     /// Written runs of `[offset, offset + len)` of volume `id` (see `PoolMeta::allocation`).
@@ -138,7 +155,7 @@ impl Family {
                 _ => out.push((start, stop - start, written)),
             }
         };
-        let cb = self.cluster_bytes;
+        let cb = self.geo.cluster_bytes;
         let mut at = offset;
         for (vc, e) in v.tree.entries_in(offset / cb, end.div_ceil(cb)) {
             for bit in 0..cb / PIECE {
@@ -244,7 +261,7 @@ impl Family {
                 }
             }
             Record::Resize { id, size_bytes } => {
-                let cb = self.cluster_bytes;
+                let cb = self.geo.cluster_bytes;
                 let Some(v) = self.volumes.get_mut(id) else { return };
                 v.tree.grow(size_bytes.div_ceil(cb).max(1));
                 v.size_bytes = *size_bytes;
@@ -320,7 +337,9 @@ impl Family {
                         ));
                     }
                 }
-                if vc * self.cluster_bytes >= v.size_bytes.next_multiple_of(self.cluster_bytes) {
+                if vc * self.geo.cluster_bytes
+                    >= v.size_bytes.next_multiple_of(self.geo.cluster_bytes)
+                {
                     problems.push(format!("volume {id} maps cluster {vc} beyond its end"));
                 }
             }

@@ -27,7 +27,6 @@ impl Family {
         len: u64,
         out: &mut Vec<ReadPiece>,
     ) -> Result<(), PoolError> {
-        out.clear();
         self.check_range(id, offset, len, false)?;
         let tree = &self.volumes[&id].tree;
         let mut at = offset;

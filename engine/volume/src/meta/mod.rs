@@ -44,7 +44,7 @@ pub use commit::{Encode, Encoded, Frozen};
 mod control;
 mod epochs;
 mod family;
-use family::{Families, Family, Link};
+use family::{Families, Family, Geometry, Link};
 mod io;
 use crate::map::{count_references, Entry, Tree};
 use crate::records::{decode_all, Record, CONFIG_VALUE_MAX, NAME_MAX};
@@ -212,7 +212,7 @@ pub struct Sealed {
 /// locks, epochs). Family decisions reach the pool only through a [`family::Link`].
 pub struct PoolMeta {
     sb: Superblock,
-    cluster_bytes: u64,
+    geo: Geometry,
     alloc: Allocator,
     journal: JournalWriter,
     /// `refs[c]`: distinct leaves naming cluster `c` (a family touches only its clusters').
@@ -290,7 +290,7 @@ impl PoolMeta {
         };
         let clusters = sb.cluster_count.max(2);
         PoolMeta {
-            cluster_bytes: 1u64 << sb.cluster_shift,
+            geo: Geometry::of(&sb),
             alloc: Allocator::new(clusters),
             journal: JournalWriter::new(sb.pool_uuid, sb.incarnation, sb.journal_blocks, head),
             refs: vec![0; clusters as usize],
@@ -373,7 +373,7 @@ impl PoolMeta {
     }
 
     pub fn cluster_bytes(&self) -> u64 {
-        self.cluster_bytes
+        self.geo.cluster_bytes
     }
 
     /// Every volume, by id (gathered from the families: for listings and control operations,
@@ -404,7 +404,7 @@ impl PoolMeta {
     }
 
     pub fn data_bytes(&self) -> u64 {
-        self.sb.cluster_count.saturating_sub(1) * self.cluster_bytes
+        self.sb.cluster_count.saturating_sub(1) * self.geo.cluster_bytes
     }
 
     pub fn journal_blocks_free(&self) -> u64 {
@@ -477,7 +477,7 @@ impl PoolMeta {
     }
 
     pub fn cluster_offset(&self, cluster: u64) -> u64 {
-        self.sb.data_start * BLOCK_SIZE as u64 + cluster * self.cluster_bytes
+        self.geo.cluster_offset(cluster)
     }
 
     /// Applies one record to the in-memory state (live operations, replay and checkpoint
@@ -500,12 +500,11 @@ impl PoolMeta {
                     size_bytes: *size_bytes,
                     read_only: false,
                     parent: *parent,
-                    tree: Tree::new(size_bytes.div_ceil(self.cluster_bytes).max(1)),
+                    tree: Tree::new(size_bytes.div_ceil(self.geo.cluster_bytes).max(1)),
                     frozen: 0,
                     writes_inflight: 0,
                 };
-                let data_offset = self.cluster_offset(0);
-                let f = self.fams.add(Family::new(self.cluster_bytes, data_offset));
+                let f = self.fams.add(Family::new(self.geo));
                 self.place(*id, v, f);
             }
             Record::Snapshot { id, of, name } | Record::Clone { id, of, name } => {
@@ -725,8 +724,9 @@ impl PoolMeta {
             problems.push(format!("allocator counts {used} clusters, {referenced} referenced"));
         }
         problems.extend(self.commit_waiters.check());
+        let borrowed: HashSet<u32> = self.borrowed.iter().copied().collect();
         for (f, fam) in self.fams.iter() {
-            if fam.locks.woken() > 0 && !self.borrowed.contains(&f) {
+            if fam.locks.woken() > 0 && !borrowed.contains(&f) {
                 problems.push(format!("family {f}: wake-ups that take_woken would not collect"));
             }
         }

@@ -7,7 +7,9 @@
 //!   otherwise leave two owners; `commit` (after the journal write) makes them free;
 //! - cluster 0 is never handed out (a mapping entry of 0 means "unmapped");
 //! - `alloc` fails only when no cluster is free: the caller turns that into ENOSPC / Capacity
-//!   Exceeded for new allocations; overwrites of owned clusters never allocate.
+//!   Exceeded for new allocations; overwrites of owned clusters never allocate;
+//! - a cluster lent to an owner's [`Stock`] (`lend`) counts as allocated here until it comes
+//!   back (`take_back`): while lent, only that owner decides what happens to it.
 
 /// Clusters per bitmap word.
 const WORD: u64 = 64;
@@ -198,6 +200,27 @@ impl Allocator {
         std::mem::take(&mut self.pending)
     }
 
+    /// Lends up to `n` free clusters to `stock` (fewer when fewer are free); returns how many.
+    /// The stock hands them out in ascending order, as `alloc` would have.
+    pub fn lend(&mut self, n: u64, stock: &mut Stock) -> u64 {
+        let start = stock.clusters.len();
+        for _ in 0..n {
+            let Some(c) = self.alloc() else { break };
+            stock.clusters.push(c);
+        }
+        stock.clusters[start..].reverse();
+        (stock.clusters.len() - start) as u64
+    }
+
+    /// Clusters lent (or allocated) that are free again: reusable by anyone.
+    pub fn take_back(&mut self, clusters: impl IntoIterator<Item = u64>) {
+        for c in clusters {
+            assert!(c != 0 && self.is_allocated(c), "taking back cluster {c}, which is not lent");
+            self.free.insert(c);
+            self.free_count += 1;
+        }
+    }
+
     /// Sealed clusters whose frees are durable (and that no in-flight I/O can still name)
     /// become reusable.
     pub fn release(&mut self, clusters: &[u64]) {
@@ -207,6 +230,55 @@ impl Allocator {
             self.free.insert(c);
             self.free_count += 1;
         }
+    }
+}
+
+/// Free clusters the pool's allocator lent one owner (a family): only that owner hands them
+/// out, so taking a fresh cluster for a write needs no pool state. Refilled from the allocator
+/// when short (`Allocator::lend`), topped up by what the owner itself frees once that is
+/// reusable, and given back beyond [`Stock::MAX`] or when the pool runs short elsewhere.
+#[derive(Default)]
+pub struct Stock {
+    /// Popped from the end.
+    clusters: Vec<u64>,
+}
+
+impl Stock {
+    /// Clusters a refill asks for at least: one pool visit per this many fresh clusters.
+    pub const BATCH: u64 = 32;
+    /// Clusters a stock keeps at most of those its owner freed; the rest go back to the pool.
+    pub const MAX: usize = 2 * Self::BATCH as usize;
+
+    pub fn len(&self) -> u64 {
+        self.clusters.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clusters.is_empty()
+    }
+
+    /// A cluster to use now.
+    pub fn take(&mut self) -> Option<u64> {
+        self.clusters.pop()
+    }
+
+    /// Keeps a reusable cluster of the owner's if there is room; otherwise returns it (for the
+    /// pool).
+    pub fn keep(&mut self, c: u64) -> Option<u64> {
+        if self.clusters.len() >= Self::MAX {
+            return Some(c);
+        }
+        self.clusters.push(c);
+        None
+    }
+
+    /// Everything in it, for the pool to take back.
+    pub fn drain(&mut self) -> impl Iterator<Item = u64> + '_ {
+        self.clusters.drain(..)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.clusters.iter().copied()
     }
 }
 
@@ -287,6 +359,26 @@ mod tests {
         assert_eq!(a.alloc(), None);
         // ~16 K summary words take microseconds; a flat scan of 64 M clusters, tens of ms.
         assert!(t.elapsed() < std::time::Duration::from_millis(20), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn lent_clusters_are_allocated_until_taken_back() {
+        let mut a = Allocator::new(10);
+        let mut s = Stock::default();
+        assert_eq!(a.lend(4, &mut s), 4);
+        assert_eq!((a.free_count(), a.used_count()), (5, 4));
+        let order: Vec<u64> = std::iter::from_fn(|| s.take()).collect();
+        assert_eq!(order, [1, 2, 3, 4], "a stock hands clusters out in ascending order");
+        assert!(order.iter().all(|&c| a.is_allocated(c)));
+        assert_eq!(a.lend(9, &mut s), 5, "lends what is free, no more");
+        a.take_back(s.drain());
+        a.take_back(order);
+        assert_eq!(a.free_count(), 9);
+        for c in 1..Stock::MAX as u64 {
+            assert_eq!(s.keep(c), None);
+        }
+        assert_eq!(s.keep(99), None);
+        assert_eq!(s.keep(100), Some(100), "a stock keeps at most Stock::MAX");
     }
 
     #[test]

@@ -78,9 +78,7 @@ impl PoolMeta {
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;
-        self.seal_families();
-        let frees = self.alloc.seal();
-        self.sealed_frees = frees.len() as u64;
+        let frees = self.seal_families();
         Ok(Some(Sealed { blocks, frees }))
     }
 
@@ -89,9 +87,8 @@ impl PoolMeta {
         assert!(self.committing);
         self.committing = false;
         self.commits_done += 1;
-        self.sealed_frees = 0;
         self.durable_seals = self.seals;
-        self.end_families(sealed.frees.len());
+        self.end_families(sealed.frees);
     }
 
     /// The state a checkpoint encodes, frozen: one copy of each distinct mapping leaf (4 KiB
@@ -115,16 +112,16 @@ impl PoolMeta {
         Frozen { config: self.config.clone(), volumes }
     }
 
-    /// Every family's changes so far become the commit's. Called before `alloc.seal`: the
-    /// allocator's pending frees are then exactly the families' `freed` (asserted).
-    fn seal_families(&mut self) {
-        let pending = self.alloc.pending_count();
+    /// Every family's changes so far become the commit's; returns how many clusters it frees
+    /// (every live free is a family's: the allocator holds none pending once loaded).
+    fn seal_families(&mut self) -> usize {
+        assert_eq!(self.alloc.pending_count(), 0, "live frees are the families'");
         let mut freed = 0;
         for f in self.fams.values_mut() {
-            freed += f.freed.len() as u64;
+            freed += f.freed.len();
             f.seal_epoch();
         }
-        assert_eq!(freed, pending, "the families' frees are the allocator's pending frees");
+        freed
     }
 
     /// The commit in flight, which sealed `frees` frees, is durable: every family moves on,
@@ -181,7 +178,7 @@ impl PoolMeta {
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;
-        self.seal_families();
+        let frees = self.seal_families();
         Ok(Some(Checkpoint {
             blob_offset: self.checkpoint_offset(half),
             encode: Some(Encode {
@@ -190,11 +187,7 @@ impl PoolMeta {
             }),
             blob: Vec::new(),
             sb,
-            frees: {
-                let frees = self.alloc.seal();
-                self.sealed_frees = frees.len() as u64;
-                frees
-            },
+            frees,
         }))
     }
 
@@ -203,12 +196,11 @@ impl PoolMeta {
         assert!(self.committing);
         self.committing = false;
         self.checkpoints_done += 1;
-        self.sealed_frees = 0;
         self.durable_seals = self.seals;
         self.sb = c.sb;
         // Nothing was written to the ring since `begin_checkpoint` (commits waited).
         self.journal.checkpointed();
-        self.end_families(c.frees.len());
+        self.end_families(c.frees);
     }
 
     /// Metadata area byte offset of checkpoint half `half`.

@@ -11,20 +11,23 @@ impl Family {
         self.io_epoch
     }
 
-    fn end_io(&mut self, epoch: u64, alloc: &mut Allocator) {
+    fn end_io(&mut self, epoch: u64, pool: &mut Allocator) {
         let n = self.inflight.get_mut(&epoch).expect("ticket of an I/O in flight");
         *n -= 1;
         if *n == 0 {
             self.inflight.remove(&epoch);
         }
-        self.release_quarantine(alloc);
+        self.release_quarantine(pool);
     }
 
-    pub(super) fn release_quarantine(&mut self, alloc: &mut Allocator) {
+    /// Quarantined clusters no I/O in flight can name are reusable: into the family's stock,
+    /// the pool taking back what the stock does not keep.
+    pub(super) fn release_quarantine(&mut self, pool: &mut Allocator) {
         let oldest = self.inflight.keys().next().copied().unwrap_or(self.io_epoch + 1);
         while self.quarantine.front().is_some_and(|(e, _)| *e < oldest) {
             let (_, clusters) = self.quarantine.pop_front().expect("checked");
-            alloc.release(&clusters);
+            let stock = &mut self.stock;
+            pool.take_back(clusters.into_iter().filter_map(|c| stock.keep(c)));
         }
     }
 }

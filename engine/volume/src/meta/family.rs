@@ -11,23 +11,31 @@
 //! today; this split is the first step of per-family ownership (docs/VOLUMES.md): what a
 //! family takes from the pool is exactly what [`Link`] carries.
 //!
+//! A family takes fresh clusters from its own [`Stock`], which the pool's allocator lends it
+//! in batches; what it frees stays its own (freed → sealed → quarantined → back in its stock,
+//! beyond `Stock::MAX` back to the pool). So a live write's decisions touch no pool state but
+//! the reference counts; the pool is visited to refill a short stock and to take clusters
+//! back.
+//!
 //! Invariants (asserted by `PoolMeta::check` and the commit path): the lock table is
-//! consistent; the clusters a family's records freed since the last seal are `freed`, those
-//! the commit in flight carries `sealed_freed` (together, every pending-free cluster of the
-//! allocator); a cluster a family frees is reused only when its record is durable and the
-//! family's I/O older than that has ended (only a family's own I/O touches its clusters).
+//! consistent; every cluster the pool lent a family is exactly one of: in its stock, the fresh
+//! cluster of a write span in flight, named by its trees, freed since the last seal (`freed`),
+//! freed by the commit in flight (`sealed_freed`), or quarantined; a cluster a family frees is
+//! reused only when its record is durable and the family's I/O older than that has ended (only
+//! a family's own I/O touches its clusters).
 
 use super::*;
 
-/// What a family's decisions take from the pool: clusters from the allocator, the reference
-/// counts (indexed by cluster; a family reads and writes only the counts of its own clusters),
-/// and the pool's count of records pending in families (its commit policy's input). With
-/// families owned by cores these become the core's allocator extent, a count array
-/// partitioned by ownership, and a per-core count.
+/// What a family's decisions take from the pool: the reference counts (indexed by cluster; a
+/// family reads and writes only the counts of its own clusters) and the pool's count of
+/// records pending in families (its commit policy's input) — with families owned by cores, a
+/// count array partitioned by ownership and a per-core count — and, only while the pool is
+/// being loaded, its allocator: loaded records are durable, so what they free is free at the
+/// end of the block that freed it, and what they name is taken from the pool directly.
 pub(super) struct Link<'a> {
-    pub(super) alloc: &'a mut Allocator,
     pub(super) refs: &'a mut [u32],
     pub(super) pending: &'a mut usize,
+    pub(super) loading: Option<&'a mut Allocator>,
 }
 
 /// Where clusters are on the media: fixed at format, one copy in the pool and in each family.
@@ -77,6 +85,8 @@ pub(super) struct Family {
     /// The family's data records (`MapSet`) since the last seal or control record, applied, in
     /// the order they were made (`PoolMeta::log` says why that is the only order that matters).
     pub(super) pending: Vec<Record>,
+    /// Free clusters lent by the pool, for this family's fresh clusters.
+    pub(super) stock: Stock,
 }
 
 impl Family {
@@ -97,10 +107,11 @@ impl Family {
             freed: Vec::new(),
             sealed_freed: Vec::new(),
             pending: Vec::new(),
+            stock: Stock::default(),
         }
     }
 
-    /// Nothing in it and nothing in flight or waiting: it can go.
+    /// Nothing in it and nothing in flight or waiting: it can go (its stock back to the pool).
     pub(super) fn idle_empty(&self) -> bool {
         self.volumes.is_empty()
             && self.inflight.is_empty()
@@ -183,8 +194,14 @@ impl Family {
 
     fn add_ref(&mut self, cluster: u64, link: &mut Link) {
         self.touch(cluster);
-        if link.refs[cluster as usize] == 0 && !link.alloc.is_allocated(cluster) {
-            link.alloc.mark_allocated(cluster); // loading: the record names a cluster
+        if link.refs[cluster as usize] == 0 {
+            // Live, a cluster gets its first reference only as a write's fresh cluster, lent
+            // already; a loaded record may name any cluster.
+            if let Some(alloc) = link.loading.as_deref_mut() {
+                if !alloc.is_allocated(cluster) {
+                    alloc.mark_allocated(cluster);
+                }
+            }
         }
         link.refs[cluster as usize] += 1;
     }
@@ -195,14 +212,18 @@ impl Family {
         assert!(*r > 0, "cluster {cluster} released more than referenced");
         *r -= 1;
         if *r == 0 {
-            self.free(cluster, link.alloc);
+            self.free(cluster, link);
         }
     }
 
-    /// Frees a cluster of this family's: pending until the record freeing it is durable.
-    pub(super) fn free(&mut self, cluster: u64, alloc: &mut Allocator) {
-        alloc.free(cluster);
-        self.freed.push(cluster);
+    /// Frees a cluster of this family's: pending until the record freeing it is durable (kept
+    /// by the family, in `freed`), or, while loading durable records, pending in the pool's
+    /// allocator until the loaded block ends.
+    pub(super) fn free(&mut self, cluster: u64, link: &mut Link) {
+        match link.loading.as_deref_mut() {
+            Some(alloc) => alloc.free(cluster),
+            None => self.freed.push(cluster),
+        }
     }
 
     pub(super) fn release_tree(&mut self, tree: Tree, link: &mut Link) {
@@ -311,8 +332,9 @@ impl Family {
     }
 
     /// The sealed commit is durable: its clusters are durable state now, and what it freed
-    /// waits in quarantine for the I/O older than it.
-    pub(super) fn commit_ended(&mut self, alloc: &mut Allocator) {
+    /// waits in quarantine for the I/O older than it (the pool takes back what the stock
+    /// does not keep).
+    pub(super) fn commit_ended(&mut self, pool: &mut Allocator) {
         self.sealed_fresh.clear();
         self.sealed_touched.clear();
         let frees = std::mem::take(&mut self.sealed_freed);
@@ -320,7 +342,7 @@ impl Family {
             self.quarantine.push_back((self.io_epoch, frees));
         }
         self.io_epoch += 1;
-        self.release_quarantine(alloc);
+        self.release_quarantine(pool);
     }
 
     /// The family's own consistency: mappings within the pool and within their volumes, the
@@ -348,11 +370,21 @@ impl Family {
         problems
     }
 
-    /// Clusters the family accounts for beyond those its trees name: quarantined, or the
-    /// fresh cluster of a write span in flight.
+    /// Clusters the family accounts for beyond those its trees name: in its stock, the fresh
+    /// cluster of a write span in flight, or freed and not yet reusable.
     pub(super) fn in_transit(&self) -> u64 {
-        let quarantined: u64 = self.quarantine.iter().map(|(_, c)| c.len() as u64).sum();
-        quarantined + self.fresh_inflight
+        self.fresh_inflight + self.held_free().count() as u64
+    }
+
+    /// The clusters the family holds that no tree names, but the fresh clusters of spans in
+    /// flight: what holds each, and the cluster.
+    pub(super) fn held_free(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        let stock = self.stock.iter().map(|c| ("stock", c));
+        let freed = self.freed.iter().map(|&c| ("freed", c));
+        let sealed = self.sealed_freed.iter().map(|&c| ("sealed", c));
+        let quarantined =
+            self.quarantine.iter().flat_map(|(_, cs)| cs.iter().map(|&c| ("quarantine", c)));
+        stock.chain(freed).chain(sealed).chain(quarantined)
     }
 }
 
@@ -419,12 +451,9 @@ impl Families {
         self.slots.iter_mut().flatten()
     }
 
-    /// Keeps the families `keep` approves; returns whether any went.
-    pub(super) fn retain(&mut self, mut keep: impl FnMut(&Family) -> bool) -> bool {
+    /// Keeps the families `keep` approves; returns those that went.
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(&Family) -> bool) -> Vec<Family> {
         let gone: Vec<u32> = self.iter().filter(|(_, fam)| !keep(fam)).map(|(f, _)| f).collect();
-        for &f in &gone {
-            self.remove(f);
-        }
-        !gone.is_empty()
+        gone.into_iter().filter_map(|f| self.remove(f)).collect()
     }
 }

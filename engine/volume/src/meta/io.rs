@@ -119,13 +119,14 @@ impl Family {
             });
             at = s.cluster_end;
         }
-        if fresh_needed > link.alloc.free_count() {
+        // The pool topped the stock up to a fresh cluster per span if it could.
+        if fresh_needed > self.stock.len() {
             plans.clear();
             return Err(PoolError::NoSpace.into());
         }
         for p in plans.iter_mut() {
             if p.fresh {
-                let fresh = link.alloc.alloc().expect("counted free above");
+                let fresh = self.stock.take().expect("counted in stock above");
                 self.epoch_fresh.insert(fresh);
                 self.fresh_inflight += 1;
                 p.cluster = fresh;
@@ -196,9 +197,11 @@ impl Family {
         }
     }
 
+    /// A fresh cluster no mapping took (its volume went, or its span failed): freed like any
+    /// other cluster.
     fn abandon_fresh(&mut self, p: &WritePlan, link: &mut Link) {
-        if link.refs[p.cluster as usize] == 0 && link.alloc.is_allocated(p.cluster) {
-            self.free(p.cluster, link.alloc);
+        if link.refs[p.cluster as usize] == 0 {
+            self.free(p.cluster, link);
         }
     }
 
@@ -301,10 +304,38 @@ impl PoolMeta {
     ) -> Result<(), Blocked> {
         plans.clear();
         self.ok()?;
+        // At most one fresh cluster per span: a stock shorter than that is refilled first.
+        let spans = (offset % self.geo.cluster_bytes + len).div_ceil(self.geo.cluster_bytes);
+        self.refill(id, spans);
         let Some((fam, mut link)) = self.split(id) else {
             return Err(PoolError::NoVolume(id).into());
         };
         fam.plan_write(id, offset, len, hold, waiter, plans, &mut link)
+    }
+
+    /// Makes volume `id`'s family's stock hold at least `want` clusters if the pool can: a
+    /// refill lends at least a batch; when the pool's allocator is short, the other families'
+    /// stocks come back to it first, so a pool is full only when every free cluster is used.
+    #[inline]
+    fn refill(&mut self, id: u32, want: u64) {
+        let Some(&f) = self.family_of.get(&id) else { return };
+        let Some(fam) = self.fams.get_mut(f) else { return };
+        if fam.stock.len() >= want {
+            return;
+        }
+        let short = want.max(Stock::BATCH) - fam.stock.len();
+        self.alloc.lend(short, &mut fam.stock);
+        if fam.stock.len() >= want {
+            return;
+        }
+        for (g, other) in self.fams.iter_mut() {
+            if g != f {
+                self.alloc.take_back(other.stock.drain());
+            }
+        }
+        let fam = self.fams.get_mut(f).expect("looked up above");
+        let short = want - fam.stock.len();
+        self.alloc.lend(short, &mut fam.stock);
     }
 
     /// Holds volume clusters `vcs` exclusively for a read-modify-write (an unaligned write):

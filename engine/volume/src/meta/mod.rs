@@ -7,9 +7,10 @@
 //! The state is in two parts, the split per-family ownership will move between cores
 //! (docs/VOLUMES.md): the pool part here (superblock, allocator, journal, configuration, the
 //! commit pipeline, health; `apply` and loading, checks) and the family part (`family`:
-//! volumes, trees, reference counts, the lock table, I/O epochs, the in-place/copy-on-write
-//! sets). A family decision reaches the pool only through a `Link` (the allocator and the
-//! journal's pending records). The decisions live beside them by concern: `io` (reads,
+//! volumes, trees, the lock table, I/O epochs, the in-place/copy-on-write sets, a stock of
+//! free clusters lent by the allocator). A family decision reaches the pool only through a
+//! `Link` (the reference counts and the count of pending records; the allocator too while
+//! loading); the pool refills a family's stock before a write that may need it. The decisions live beside them by concern: `io` (reads,
 //! writes, holds, trims), `commit` (sealing, checkpoints, when a commit is due), `control`
 //! (volume operations and metadata admission), `epochs` (I/O tickets and the quarantine of
 //! freed clusters).
@@ -34,7 +35,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
-use crate::alloc::Allocator;
+use crate::alloc::{Allocator, Stock};
 use crate::format::{FormatError, Superblock, BLOCK_SIZE};
 use crate::journal::{JournalError, JournalHead, JournalWriter};
 use crate::locks::{LockTable, Waiter};
@@ -182,7 +183,8 @@ pub struct Checkpoint {
     pub blob: Vec<u8>,
     /// The superblock naming it, to write (FUA, at copy `sb.slot()`) once the blob is durable.
     pub sb: Superblock,
-    frees: Vec<u64>,
+    /// Clusters it frees.
+    frees: usize,
 }
 
 /// Why a request cannot go on now.
@@ -204,7 +206,8 @@ impl From<PoolError> for Blocked {
 /// they describe is durable.
 pub struct Sealed {
     pub blocks: Vec<(u64, Vec<u8>)>,
-    frees: Vec<u64>,
+    /// Clusters it frees.
+    frees: usize,
 }
 
 /// The state of an open pool: the pool part here (superblock, allocator, journal, reference
@@ -243,8 +246,9 @@ pub struct PoolMeta {
     /// Commits and checkpoints made durable since the pool was opened.
     commits_done: u64,
     checkpoints_done: u64,
-    /// Clusters freed by the commit in flight (between its seal and its end).
-    sealed_frees: u64,
+    /// Records are being loaded (`load`) and `loaded` has not run yet: what they free and
+    /// name is the allocator's business directly (see [`family::Link`]).
+    loading: bool,
 }
 
 /// A run of 4 KiB pieces within one cluster.
@@ -310,7 +314,7 @@ impl PoolMeta {
             timer_armed: false,
             commits_done: 0,
             checkpoints_done: 0,
-            sealed_frees: 0,
+            loading: true,
             sb,
         }
     }
@@ -323,9 +327,9 @@ impl PoolMeta {
         self.note_borrowed(f);
         let fam = self.fams.get_mut(f).expect("a volume's family lives while it is named");
         let link = Link {
-            alloc: &mut self.alloc,
             refs: &mut self.refs,
             pending: &mut self.family_pending,
+            loading: if self.loading { Some(&mut self.alloc) } else { None },
         };
         Some((fam, link))
     }
@@ -350,13 +354,23 @@ impl PoolMeta {
         }
     }
 
-    /// Removes families with no volume and nothing in flight, waiting or quarantined, and the
-    /// names of deleted volumes that led to them.
+    /// Removes families with no volume and nothing in flight, waiting or quarantined (their
+    /// stocks back to the allocator), and the names of deleted volumes that led to them.
     fn prune_families(&mut self) {
-        if self.fams.retain(|f| !f.idle_empty()) {
-            let fams = &self.fams;
-            self.family_of.retain(|_, f| fams.get(*f).is_some());
+        let gone = self.fams.retain(|f| !f.idle_empty());
+        if gone.is_empty() {
+            return;
         }
+        for mut fam in gone {
+            self.alloc.take_back(fam.stock.drain());
+        }
+        let fams = &self.fams;
+        self.family_of.retain(|_, f| fams.get(*f).is_some());
+    }
+
+    /// Clusters lent to families and free in their stocks.
+    fn stocked(&self) -> u64 {
+        self.fams.values().map(|f| f.stock.len()).sum()
     }
 
     /// Bytes each metadata half reserves for a pool of `cluster_count` clusters, `volumes`
@@ -395,12 +409,14 @@ impl PoolMeta {
         &self.config
     }
 
+    /// Free clusters: the allocator's and those in the families' stocks.
     pub fn free_clusters(&self) -> u64 {
-        self.alloc.free_count()
+        self.alloc.free_count() + self.stocked()
     }
 
+    /// Clusters in use (named, in flight, or freed and not yet reusable).
     pub fn used_clusters(&self) -> u64 {
-        self.alloc.used_count()
+        self.alloc.used_count() - self.stocked()
     }
 
     pub fn data_bytes(&self) -> u64 {
@@ -628,6 +644,7 @@ impl PoolMeta {
         if let Some((seq, crc)) = last {
             self.journal.skip_replayed(blocks, seq, crc);
         }
+        self.loading = false;
         self.alloc.commit();
         for f in self.fams.values_mut() {
             f.loaded();
@@ -679,8 +696,10 @@ impl PoolMeta {
             }
             let from = self.fams.remove(f).expect("a family being merged");
             assert!(
-                from.inflight.is_empty() && from.quarantine.is_empty() && from.locks.slots() == 0,
-                "families are merged only at open, with nothing in flight"
+                from.inflight.is_empty()
+                    && from.held_free().next().is_none()
+                    && from.locks.slots() == 0,
+                "families are merged only at open, with nothing in flight, freed or stocked"
             );
             for (id, v) in from.volumes {
                 self.family_of.insert(id, to);
@@ -709,6 +728,23 @@ impl PoolMeta {
             }
             problems.extend(fam.check(self.sb.cluster_count));
         }
+        // What families hold unnamed: each cluster once, named by no tree, lent.
+        let mut held: HashMap<u64, (u32, &str)> = HashMap::default();
+        for (f, fam) in self.fams.iter() {
+            for (what, c) in fam.held_free() {
+                if let Some((g, other)) = held.insert(c, (f, what)) {
+                    problems.push(format!(
+                        "cluster {c} held twice: by family {g} ({other}) and family {f} ({what})"
+                    ));
+                }
+                if counts.contains_key(&c) {
+                    problems.push(format!("cluster {c} in family {f}'s {what} but named"));
+                }
+                if !self.alloc.is_allocated(c) {
+                    problems.push(format!("cluster {c} in family {f}'s {what} but not lent"));
+                }
+            }
+        }
         for (c, &r) in self.refs.iter().enumerate() {
             let want = counts.get(&(c as u64)).copied().unwrap_or(0);
             if r != want {
@@ -734,14 +770,14 @@ impl PoolMeta {
     }
 
     /// Clusters allocated but referenced by nothing and not on their way anywhere (leaks):
-    /// neither freed and waiting for a commit (pending, sealed into the commit in flight, or
-    /// quarantined behind older I/O) nor the fresh cluster of a write span in flight. Exact
-    /// at any moment, under load too.
+    /// not in a family's stock, not freed and waiting for a commit (pending, sealed into the
+    /// commit in flight, or quarantined behind older I/O), not the fresh cluster of a write
+    /// span in flight. Exact at any moment, under load too.
     pub fn leaked(&self) -> u64 {
         let trees = self.fams.values().flat_map(|f| f.volumes.values().map(|v| &v.tree));
         let referenced = count_references(trees).len() as u64;
         let in_transit: u64 = self.fams.values().map(Family::in_transit).sum();
-        let accounted = referenced + in_transit + self.alloc.pending_count() + self.sealed_frees;
+        let accounted = referenced + in_transit + self.alloc.pending_count();
         self.alloc.used_count().saturating_sub(accounted)
     }
 }
@@ -754,6 +790,10 @@ mod tests {
 
     /// A small pool's layout: 16 KiB clusters, a 16-block journal.
     fn sb() -> Superblock {
+        sb_of(1 << 20)
+    }
+
+    fn sb_of(bytes: u64) -> Superblock {
         let g = PoolGeometry {
             cluster_shift: 14,
             journal_blocks: 16,
@@ -761,7 +801,7 @@ mod tests {
             max_volumes: 8,
             config_bytes: 0,
         };
-        layout(1 << 20, &g).expect("a valid layout")
+        layout(bytes, &g).expect("a valid layout")
     }
 
     fn record() -> impl Strategy<Value = Record> {
@@ -797,9 +837,78 @@ mod tests {
     }
 
     fn fresh() -> PoolMeta {
-        let mut m = PoolMeta::new(sb());
+        fresh_of(sb())
+    }
+
+    fn fresh_of(sb: Superblock) -> PoolMeta {
+        let mut m = PoolMeta::new(sb);
         m.loaded(0, None);
         m
+    }
+
+    /// Writes piece 0 of volume cluster `vc` (not committed); false when the pool is full.
+    fn write_cluster(m: &mut PoolMeta, id: u32, vc: u64) -> bool {
+        let mut plans = Vec::new();
+        match m.plan_write(id, vc * m.cluster_bytes(), PIECE, 0, Waiter(0), &mut plans) {
+            Ok(()) => {}
+            Err(Blocked::Fail(PoolError::NoSpace)) => return false,
+            Err(e) => panic!("writing {id}:{vc}: {e:?}"),
+        }
+        for p in &plans {
+            m.finish_span(id, p);
+        }
+        m.end_write(id);
+        true
+    }
+
+    /// A family's stock of lent clusters never makes another family run out early: the pool is
+    /// full only when every free cluster, stocked or not, is used. (A refill that does not
+    /// take the other stocks back, run as a mutant, fails here.)
+    #[test]
+    fn a_family_can_use_the_clusters_another_family_holds_in_stock() {
+        let mut m = fresh();
+        let a = m.create_volume("a", 1 << 20).unwrap();
+        let b = m.create_volume("b", 4 << 20).unwrap();
+        assert!(write_cluster(&mut m, a, 0));
+        let a_stock = m.fams.get(m.family_of[&a]).unwrap().stock.len();
+        assert!(a_stock > 0, "the write's family keeps the rest of its batch");
+        let free = m.free_clusters();
+        assert_eq!(free, m.alloc.free_count() + a_stock, "stocked clusters count as free");
+        let mut written = 0;
+        while write_cluster(&mut m, b, written) {
+            written += 1;
+            assert!(m.check().is_empty(), "{:?}", m.check());
+        }
+        assert_eq!(written, free, "b used every free cluster, a's stock included");
+        assert_eq!((m.free_clusters(), m.leaked()), (0, 0));
+        commit(&mut m);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+    }
+
+    /// What a family frees comes back to its own stock once reusable, up to `Stock::MAX`; the
+    /// pool takes back the rest, and the stock itself when the family goes.
+    #[test]
+    fn freed_clusters_refill_the_family_stock_up_to_its_bound() {
+        let mut m = fresh_of(sb_of(8 << 20));
+        let baseline = m.free_clusters();
+        let a = m.create_volume("a", 4 << 20).unwrap();
+        let n = 3 * Stock::MAX as u64;
+        for vc in 0..n {
+            assert!(write_cluster(&mut m, a, vc));
+        }
+        commit(&mut m);
+        assert_eq!(m.free_clusters(), baseline - n);
+        m.trim(a, 0, n * m.cluster_bytes(), Waiter(0)).unwrap();
+        assert_eq!(m.free_clusters(), baseline - n, "not reusable before the trim is durable");
+        commit(&mut m);
+        let stock = m.fams.get(m.family_of[&a]).unwrap().stock.len();
+        assert_eq!(stock, Stock::MAX as u64, "the stock keeps what it may");
+        assert_eq!(m.free_clusters(), baseline, "and the pool took back the rest");
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        m.delete(a).unwrap();
+        commit(&mut m);
+        assert_eq!(m.family_count(), 0);
+        assert_eq!((m.alloc.free_count(), m.leaked()), (baseline, 0), "a gone family's stock");
     }
 
     /// Clusters are shared only inside a family, so a cluster a family frees waits only for

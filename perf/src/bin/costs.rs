@@ -4,7 +4,8 @@
 //! - the volume core per request, with no device I/O (completions handed back at once): a 4 KiB
 //!   read of a mapped piece and a 4 KiB in-place overwrite, each under the pool mutex taken once
 //!   per event as the daemon's adapter does, the request reused in its slot as the adapter
-//!   does (no allocation per request);
+//!   does (no allocation per request); and the pool state's part of a first write of a
+//!   cluster: a fresh cluster taken, mapped, then trimmed and freed, commits making it reusable;
 //! - the pool mutex itself: uncontended, and contended by two threads on two CPUs;
 //! - a cross-core forward through the engine: a task on core 0 spawns a task on core 1 through
 //!   its mailbox, which wakes the first back through its wake channel (a forwarded request and
@@ -195,6 +196,56 @@ fn volume_core(meta: &Mutex<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
     start.elapsed().as_nanos() as f64 / ops as f64
 }
 
+/// ns per first write of a cluster (a fresh cluster taken, written, mapped) followed by a trim
+/// of it (freed), with a commit every 256 writes making the freed clusters reusable: what the
+/// allocation and freeing of clusters cost a write, the pool state only (no request, no I/O).
+fn fresh_cluster(meta: &Mutex<PoolMeta>, vol: u32, ops: u64) -> f64 {
+    use ballast_volume::meta::Blocked;
+    let mut m = meta.lock();
+    let cb = m.cluster_bytes();
+    // Clusters past the written span: unmapped, so each write takes a fresh one.
+    let first = SPAN / cb;
+    let room = m.volume(vol).expect("the volume").size_bytes / cb - first;
+    let mut plans = Vec::new();
+    let start = Instant::now();
+    for i in 0..ops {
+        let at = (first + i % room) * cb;
+        match m.plan_write(vol, at, PIECE, 0, Waiter(1), &mut plans) {
+            Ok(()) => {}
+            Err(Blocked::Wait) => unreachable!("nothing else runs"),
+            Err(Blocked::Fail(e)) => panic!("fresh write: {e}"),
+        }
+        let ticket = m.begin_io(vol);
+        for p in &plans {
+            assert!(p.fresh);
+            m.finish_span(vol, p);
+        }
+        m.end_write(vol);
+        m.end_io(ticket);
+        m.trim(vol, at, PIECE, Waiter(1)).expect("nothing blocks a trim");
+        if i % 256 == 255 {
+            commit(&mut m);
+        }
+    }
+    let ns = start.elapsed().as_nanos() as f64 / ops as f64;
+    commit(&mut m);
+    ns
+}
+
+/// Commits what is pending: a checkpoint when the journal asks for one (no I/O: the blocks
+/// and the blob are dropped).
+fn commit(m: &mut PoolMeta) {
+    if m.wants_checkpoint() {
+        let mut c = m.begin_checkpoint().expect("a sound pool").expect("no commit in flight");
+        let encoded = c.take_encode().expect("not encoded yet").run();
+        c.encoded(encoded);
+        m.checkpoint_done(c);
+    } else {
+        let sealed = m.seal().expect("a sound pool").expect("no commit in flight");
+        m.commit_done(sealed);
+    }
+}
+
 fn mutex_uncontended(ops: u64) -> f64 {
     let m = Mutex::new(0u64);
     let start = Instant::now();
@@ -337,6 +388,7 @@ fn main() -> anyhow::Result<()> {
     let figure = |f: &mut dyn FnMut() -> f64| median((0..reps).map(|_| f()).collect());
     let read = figure(&mut || volume_core(&meta, vol, args.ops, false));
     let write = figure(&mut || volume_core(&meta, vol, args.ops, true));
+    let fresh = figure(&mut || fresh_cluster(&meta, vol, args.ops));
     let unc = figure(&mut || mutex_uncontended(args.ops * 10));
     let con = figure(&mut || mutex_contended(args.ops * 10, cpus));
     let mut cross = Vec::new();
@@ -358,6 +410,9 @@ fn main() -> anyhow::Result<()> {
     println!("| volume core: 4 KiB read of a mapped piece (lock per event, request reused in its slot, no I/O) | {read:.0} |");
     println!(
         "| volume core: 4 KiB in-place overwrite (lock per event, request reused in its slot, no I/O) | {write:.0} |"
+    );
+    println!(
+        "| volume core: first 4 KiB write of a cluster (fresh cluster, mapped) + trim, commit per 256 (pool state only) | {fresh:.0} |"
     );
     println!("| pool mutex, uncontended lock + unlock | {unc:.1} |");
     println!("| pool mutex, two threads on two CPUs, per lock + unlock | {con:.1} |");

@@ -304,25 +304,23 @@ impl PoolMeta {
     ) -> Result<(), Blocked> {
         plans.clear();
         self.ok()?;
-        // At most one fresh cluster per span: a stock shorter than that is refilled first.
-        let spans = (offset % self.geo.cluster_bytes + len).div_ceil(self.geo.cluster_bytes);
-        self.refill(id, spans);
-        let Some((fam, mut link)) = self.split(id) else {
+        let Some(&f) = self.family_of.get(&id) else {
             return Err(PoolError::NoVolume(id).into());
         };
+        // At most one fresh cluster per span: a stock shorter than that is refilled first.
+        let spans = (offset % self.geo.cluster_bytes + len).div_ceil(self.geo.cluster_bytes);
+        if self.fams.get(f).is_some_and(|fam| fam.stock.len() < spans) {
+            self.refill(f, spans);
+        }
+        let (fam, mut link) = self.split_family(f);
         fam.plan_write(id, offset, len, hold, waiter, plans, &mut link)
     }
 
-    /// Makes volume `id`'s family's stock hold at least `want` clusters if the pool can: a
-    /// refill lends at least a batch; when the pool's allocator is short, the other families'
-    /// stocks come back to it first, so a pool is full only when every free cluster is used.
-    #[inline]
-    fn refill(&mut self, id: u32, want: u64) {
-        let Some(&f) = self.family_of.get(&id) else { return };
-        let Some(fam) = self.fams.get_mut(f) else { return };
-        if fam.stock.len() >= want {
-            return;
-        }
+    /// Makes family `f`'s stock hold at least `want` clusters if the pool can: a refill lends
+    /// at least a batch; when the pool's allocator is short, the other families' stocks come
+    /// back to it first, so a pool is full only when every free cluster is used.
+    fn refill(&mut self, f: u32, want: u64) {
+        let fam = self.fams.get_mut(f).expect("a named volume's family");
         let short = want.max(Stock::BATCH) - fam.stock.len();
         self.alloc.lend(short, &mut fam.stock);
         if fam.stock.len() >= want {

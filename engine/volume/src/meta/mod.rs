@@ -324,6 +324,12 @@ impl PoolMeta {
     #[inline]
     fn split(&mut self, id: u32) -> Option<(&mut Family, Link<'_>)> {
         let f = *self.family_of.get(&id)?;
+        Some(self.split_family(f))
+    }
+
+    /// Family `f` (alive) and the pool's link to it, borrowed apart.
+    #[inline]
+    fn split_family(&mut self, f: u32) -> (&mut Family, Link<'_>) {
         self.note_borrowed(f);
         let fam = self.fams.get_mut(f).expect("a volume's family lives while it is named");
         let link = Link {
@@ -331,7 +337,7 @@ impl PoolMeta {
             pending: &mut self.family_pending,
             loading: if self.loading { Some(&mut self.alloc) } else { None },
         };
-        Some((fam, link))
+        (fam, link)
     }
 
     /// Volume `id`'s family, read-only.

@@ -278,6 +278,9 @@ impl Family {
             }
             Record::Delete { id } => {
                 if let Some(v) = self.volumes.remove(id) {
+                    // Whoever waits for it to thaw or drain proceeds now, and finds it gone.
+                    self.locks.thawed(*id);
+                    self.locks.drained(*id);
                     self.release_tree(v.tree, link);
                 }
             }

@@ -222,8 +222,8 @@ pub struct PoolMeta {
     refs: Vec<u32>,
     config: BTreeMap<String, String>,
     next_id: u32,
-    /// The families by number, and which family each volume is in (kept after a volume's
-    /// delete while its family lives: its waiters and spans in flight still end there).
+    /// The families by number, and which family each volume is in (a deleted volume leaves it
+    /// at its delete, which the control operation made only once its writes drained).
     fams: Families,
     family_of: HashMap<u32, u32>,
     /// Requests waiting for the commit in flight to end (the only queue of this table used).
@@ -553,8 +553,18 @@ impl PoolMeta {
                     fam.apply(r, &mut link);
                 }
             }
+            Record::Delete { id } => {
+                // A deleted volume's name leaves with it once nothing of it is in flight (the
+                // control operation drained its writes; reads end by their family's number).
+                let quiet = self.volume(*id).is_ok_and(|v| v.writes_inflight == 0);
+                if let Some((fam, mut link)) = self.split(*id) {
+                    fam.apply(r, &mut link);
+                }
+                if quiet {
+                    self.family_of.remove(id);
+                }
+            }
             Record::MapSet { volume: id, .. }
-            | Record::Delete { id }
             | Record::Resize { id, .. }
             | Record::ReadOnly { id } => {
                 if let Some((fam, mut link)) = self.split(*id) {
@@ -837,9 +847,17 @@ mod tests {
         commit(m);
     }
 
+    /// Commits what is pending: a checkpoint when the journal asks for one.
     fn commit(m: &mut PoolMeta) {
-        let sealed = m.seal().expect("a sound pool").expect("no commit in flight");
-        m.commit_done(sealed);
+        if m.wants_checkpoint() {
+            let mut c = m.begin_checkpoint().expect("a sound pool").expect("no commit in flight");
+            let encoded = c.take_encode().expect("not encoded yet").run();
+            c.encoded(encoded);
+            m.checkpoint_done(c);
+        } else {
+            let sealed = m.seal().expect("a sound pool").expect("no commit in flight");
+            m.commit_done(sealed);
+        }
     }
 
     fn fresh() -> PoolMeta {
@@ -944,6 +962,37 @@ mod tests {
         }
         commit(&mut m);
         assert_eq!((m.family_count(), m.volume_count(), m.leaked()), (0, 0, 0));
+    }
+
+    /// A family that lives on (rolling snapshots of a volume) does not keep the names of the
+    /// volumes deleted from it; whoever waited for a deleted volume to thaw is woken and finds
+    /// it gone.
+    #[test]
+    fn deleted_volumes_leave_no_trace_in_a_living_family() {
+        let mut m = fresh();
+        let v = m.create_volume("v", 1 << 20).unwrap();
+        for i in 0..50 {
+            let s = m.snapshot(v, &format!("s{i}")).unwrap();
+            write(&mut m, v);
+            m.delete(s).unwrap();
+            commit(&mut m);
+        }
+        assert_eq!((m.family_count(), m.family_of.len()), (1, 1));
+        // A write waits for a frozen volume that is then deleted.
+        m.set_frozen(v, true);
+        let mut plans = Vec::new();
+        let r = m.plan_write(v, 0, PIECE, 0, Waiter(7), &mut plans);
+        assert!(matches!(r, Err(Blocked::Wait)), "{r:?}");
+        m.delete(v).unwrap();
+        m.set_frozen(v, false);
+        let mut woken = Vec::new();
+        m.take_woken(&mut woken);
+        assert_eq!(woken, [Waiter(7)]);
+        let r = m.plan_write(v, 0, PIECE, 0, Waiter(7), &mut plans);
+        assert!(matches!(r, Err(Blocked::Fail(PoolError::NoVolume(_)))), "{r:?}");
+        commit(&mut m);
+        assert_eq!((m.family_count(), m.family_of.len(), m.parked()), (0, 0, 0));
+        assert!(m.check().is_empty(), "{:?}", m.check());
     }
 
     /// A checkpoint writes a clone whose snapshot was deleted as a volume of its own; loading

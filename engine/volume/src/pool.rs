@@ -451,13 +451,17 @@ mod tests {
         use crate::meta::mapped_entries;
         use crate::records::Record;
         let disk = SimDisk::new(8 << 30, 3);
-        let mut p = Pool::format(disk, PoolGeometry::standard([5; 16])).unwrap();
+        let (disk, formatted) =
+            Pool::format(disk, PoolGeometry::standard([5; 16])).unwrap().into_parts();
         let n = 120_000u64; // ~2.5 MB of MapSet records: three chunks
-        let m = p.meta_mut();
+                            // The state built as loading builds it (mapping records are applied only while loading).
+        let mut m = PoolMeta::new(formatted.superblock().clone());
         m.apply(&Record::VolumeCreate { id: 1, parent: 0, size_bytes: n << 16, name: "v".into() });
         for vc in 0..n {
             m.apply(&Record::MapSet { volume: 1, vcluster: vc, entry: (vc + 1) | (1 << 40) });
         }
+        m.loaded(0, None);
+        let mut p = Pool::from_parts(disk, m);
         let before = mapped_entries(p.meta(), 1);
         p.checkpoint().unwrap();
         let blocks = p.meta().superblock().checkpoint_blocks;

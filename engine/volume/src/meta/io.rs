@@ -5,6 +5,15 @@
 
 use super::*;
 
+/// How a family's planning of a write ended when nothing blocked it.
+pub(super) enum Planned {
+    /// Planned: every fresh cluster taken from the stock.
+    Ready,
+    /// Nothing planned: the write needs this many fresh clusters and the stock holds fewer (the
+    /// pool refills it and plans again).
+    Short(u64),
+}
+
 impl Family {
     fn check_range(&self, id: u32, offset: u64, len: u64, write: bool) -> Result<(), PoolError> {
         let v = self.volume(id)?;
@@ -66,7 +75,7 @@ impl Family {
         waiter: Waiter,
         plans: &mut Vec<WritePlan>,
         link: &mut Link,
-    ) -> Result<(), Blocked> {
+    ) -> Result<Planned, Blocked> {
         self.check_range(id, offset, len, true)?;
         let v = &self.volumes[&id];
         // A frozen volume takes no new write; a read-modify-write that holds its clusters is
@@ -119,10 +128,9 @@ impl Family {
             });
             at = s.cluster_end;
         }
-        // The pool topped the stock up to a fresh cluster per span if it could.
         if fresh_needed > self.stock.len() {
             plans.clear();
-            return Err(PoolError::NoSpace.into());
+            return Ok(Planned::Short(fresh_needed));
         }
         for p in plans.iter_mut() {
             if p.fresh {
@@ -135,7 +143,7 @@ impl Family {
             self.locks.add_writer(id, p.vcluster, p.fresh);
         }
         self.volumes.get_mut(&id).expect("checked").writes_inflight += 1;
-        Ok(())
+        Ok(Planned::Ready)
     }
 
     fn unbusy(&mut self, id: u32, vc: u64) {
@@ -307,13 +315,20 @@ impl PoolMeta {
         let Some(&f) = self.family_of.get(&id) else {
             return Err(PoolError::NoVolume(id).into());
         };
-        // At most one fresh cluster per span: a stock shorter than that is refilled first.
-        let spans = (offset % self.geo.cluster_bytes + len).div_ceil(self.geo.cluster_bytes);
-        if self.fams.get(f).is_some_and(|fam| fam.stock.len() < spans) {
-            self.refill(f, spans);
-        }
         let (fam, mut link) = self.split_family(f);
-        fam.plan_write(id, offset, len, hold, waiter, plans, &mut link)
+        let Planned::Short(want) =
+            fam.plan_write(id, offset, len, hold, waiter, plans, &mut link)?
+        else {
+            return Ok(());
+        };
+        // The family's stock is short of fresh clusters: refilled, it plans again (nothing was
+        // reserved or parked; at most once per `Stock::BATCH` fresh clusters).
+        self.refill(f, want);
+        let (fam, mut link) = self.split_family(f);
+        match fam.plan_write(id, offset, len, hold, waiter, plans, &mut link)? {
+            Planned::Ready => Ok(()),
+            Planned::Short(_) => Err(PoolError::NoSpace.into()),
+        }
     }
 
     /// Makes family `f`'s stock hold at least `want` clusters if the pool can: a refill lends

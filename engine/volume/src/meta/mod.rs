@@ -10,8 +10,8 @@
 //! volumes, trees, the lock table, I/O epochs, the in-place/copy-on-write sets, a stock of
 //! free clusters lent by the allocator). A family decision reaches the pool only through a
 //! `Link` (the reference counts and the count of pending records; the allocator too while
-//! loading); the pool refills a family's stock before a write that may need it. The decisions live beside them by concern: `io` (reads,
-//! writes, holds, trims), `commit` (sealing, checkpoints, when a commit is due), `control`
+//! loading); the pool refills a family's stock when a write finds it short. The decisions live
+//! beside them by concern: `io` (reads, writes, holds, trims), `commit` (sealing, checkpoints, when a commit is due), `control`
 //! (volume operations and metadata admission), `epochs` (I/O tickets and the quarantine of
 //! freed clusters).
 //!
@@ -502,9 +502,10 @@ impl PoolMeta {
         self.geo.cluster_offset(cluster)
     }
 
-    /// Applies one record to the in-memory state (live operations, replay and checkpoint
-    /// loading alike): configuration to the pool; a creation starts a family, a snapshot or
-    /// clone joins its source's, everything else goes to the volume's family. Records naming
+    /// Applies one record to the in-memory state (live control operations, replay and
+    /// checkpoint loading alike; a mapping record only while loading, before `loaded`):
+    /// configuration to the pool; a creation starts a family, a snapshot or clone joins its
+    /// source's, everything else goes to the volume's family. Records naming
     /// volumes that do not exist are ignored (idempotence), and so is a rollback between
     /// families (which no sound pool writes: a snapshot is in its origin's family).
     pub fn apply(&mut self, r: &Record) {
@@ -567,6 +568,13 @@ impl PoolMeta {
             Record::MapSet { volume: id, .. }
             | Record::Resize { id, .. }
             | Record::ReadOnly { id } => {
+                // Live, a mapping changes only through its family's decisions (a write, a
+                // trim), which take and free clusters the family's way; an applied one would
+                // name clusters no allocator state accounts for.
+                assert!(
+                    self.loading || !matches!(r, Record::MapSet { .. }),
+                    "a mapping record applied outside loading: {r:?}"
+                );
                 if let Some((fam, mut link)) = self.split(*id) {
                     fam.apply(r, &mut link);
                 }
@@ -907,6 +915,46 @@ mod tests {
         assert_eq!((m.free_clusters(), m.leaked()), (0, 0));
         commit(&mut m);
         assert!(m.check().is_empty(), "{:?}", m.check());
+    }
+
+    /// Only a write that needs fresh clusters its stock lacks makes the pool lend: not one that
+    /// is refused, nor one that overwrites in place, however many clusters it spans.
+    #[test]
+    fn only_a_write_short_of_fresh_clusters_refills_its_stock() {
+        let mut m = fresh_of(sb_of(8 << 20));
+        let v = m.create_volume("v", 1 << 20).unwrap();
+        let mut plans = Vec::new();
+        let whole = 1 << 20;
+        m.plan_write(v, 0, whole, 0, Waiter(0), &mut plans).unwrap();
+        assert_eq!(plans.len() as u64, whole / m.cluster_bytes());
+        for p in &plans {
+            m.finish_span(v, p);
+        }
+        m.end_write(v);
+        commit(&mut m);
+        let lent = |m: &PoolMeta| m.alloc.used_count();
+        let before = lent(&m);
+        m.plan_write(v, 0, whole, 0, Waiter(0), &mut plans).unwrap();
+        assert!(plans.iter().all(|p| !p.fresh), "owned clusters are overwritten in place");
+        for p in &plans {
+            m.finish_span(v, p);
+        }
+        m.end_write(v);
+        assert_eq!(lent(&m), before, "an in-place write lends nothing");
+        let s = m.snapshot(v, "s").unwrap();
+        let r = m.plan_write(s, 0, whole, 0, Waiter(0), &mut plans);
+        assert!(matches!(r, Err(Blocked::Fail(PoolError::ReadOnly(_)))), "{r:?}");
+        assert_eq!(lent(&m), before, "a refused write lends nothing");
+        assert!(m.check().is_empty(), "{:?}", m.check());
+    }
+
+    /// Mapping records change live state only through a family's decisions.
+    #[test]
+    #[should_panic(expected = "a mapping record applied outside loading")]
+    fn a_mapping_record_is_not_applied_live() {
+        let mut m = fresh();
+        let v = m.create_volume("v", 1 << 20).unwrap();
+        m.apply(&Record::MapSet { volume: v, vcluster: 0, entry: Entry::new(5, 1).0 });
     }
 
     /// What a family frees comes back to its own stock once reusable, up to `Stock::MAX`; the

@@ -24,18 +24,50 @@
 //! reused only when its record is durable and the family's I/O older than that has ended (only
 //! a family's own I/O touches its clusters).
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use super::*;
 
-/// What a family's decisions take from the pool: the reference counts (indexed by cluster; a
-/// family reads and writes only the counts of its own clusters) and the pool's count of
-/// records pending in families (its commit policy's input) — with families owned by cores, a
-/// count array partitioned by ownership and a per-core count — and, only while the pool is
-/// being loaded, its allocator: loaded records are durable, so what they free is free at the
-/// end of the block that freed it, and what they name is taken from the pool directly.
+/// What a family's decisions take from the pool: the reference counts, shared (a family reads
+/// and writes only the counts of its own clusters), and, only while the pool is being loaded,
+/// its allocator: loaded records are durable, so what they free is free at the end of the
+/// block that freed it, and what they name is taken from the pool directly.
 pub(super) struct Link<'a> {
-    pub(super) refs: &'a mut [u32],
-    pub(super) pending: &'a mut usize,
+    pub(super) refs: &'a Refs,
     pub(super) loading: Option<&'a mut Allocator>,
+}
+
+/// Reference counts, one per cluster: the distinct leaves naming it. Each entry is read and
+/// written only by the family owning the cluster (the pool while loading), so families can
+/// share the array with no lock: atomics make the sharing sound, and plain (`Relaxed`) loads
+/// and stores suffice because whatever hands a family from one thread to another orders its
+/// accesses. An entry is never updated by two owners at once, so a load then a store is an
+/// exact update (no read-modify-write instruction on the data path).
+pub(super) struct Refs(Box<[AtomicU32]>);
+
+impl Refs {
+    pub(super) fn new(clusters: u64) -> Refs {
+        Refs((0..clusters).map(|_| AtomicU32::new(0)).collect())
+    }
+
+    #[inline]
+    pub(super) fn get(&self, cluster: u64) -> u32 {
+        self.0[cluster as usize].load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn set(&self, cluster: u64, count: u32) {
+        self.0[cluster as usize].store(count, Ordering::Relaxed)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Every count, by cluster.
+    pub(super) fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().map(|r| r.load(Ordering::Relaxed))
+    }
 }
 
 /// Where clusters are on the media: fixed at format, one copy in the pool and in each family.
@@ -194,7 +226,8 @@ impl Family {
 
     fn add_ref(&mut self, cluster: u64, link: &mut Link) {
         self.touch(cluster);
-        if link.refs[cluster as usize] == 0 {
+        let n = link.refs.get(cluster);
+        if n == 0 {
             // Live, a cluster gets its first reference only as a write's fresh cluster, lent
             // already; a loaded record may name any cluster.
             if let Some(alloc) = link.loading.as_deref_mut() {
@@ -203,15 +236,15 @@ impl Family {
                 }
             }
         }
-        link.refs[cluster as usize] += 1;
+        link.refs.set(cluster, n + 1);
     }
 
     fn drop_ref(&mut self, cluster: u64, link: &mut Link) {
         self.touch(cluster);
-        let r = &mut link.refs[cluster as usize];
-        assert!(*r > 0, "cluster {cluster} released more than referenced");
-        *r -= 1;
-        if *r == 0 {
+        let n = link.refs.get(cluster);
+        assert!(n > 0, "cluster {cluster} released more than referenced");
+        link.refs.set(cluster, n - 1);
+        if n == 1 {
             self.free(cluster, link);
         }
     }
@@ -305,17 +338,12 @@ impl Family {
         }
     }
 
-    /// Applies a record of the family's and queues it for the next commit.
+    /// Applies a record of the family's and queues it for the next commit (the pool counts
+    /// what its calls queued).
     pub(super) fn log(&mut self, r: Record, link: &mut Link) {
         assert!(matches!(r, Record::MapSet { .. }), "a family logs data records only");
         self.apply(&r, link);
-        self.queue(r, link.pending);
-    }
-
-    /// Queues an applied record for the next commit; `pending` is the pool's count.
-    pub(super) fn queue(&mut self, r: Record, pending: &mut usize) {
         self.pending.push(r);
-        *pending += 1;
     }
 
     /// Everything loaded is durable: no cluster is fresh or touched since a seal.

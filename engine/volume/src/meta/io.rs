@@ -100,7 +100,7 @@ impl Family {
             }
             let e = v.tree.get(s.vc);
             let owned = e.cluster().is_some_and(|c| {
-                link.refs[c as usize] == 1
+                link.refs.get(c) == 1
                     && !v.tree.leaf_shared(s.vc)
                     && !self.epoch_touched.contains(&c)
                     && !self.sealed_touched.contains(&c)
@@ -208,7 +208,7 @@ impl Family {
     /// A fresh cluster no mapping took (its volume went, or its span failed): freed like any
     /// other cluster.
     fn abandon_fresh(&mut self, p: &WritePlan, link: &mut Link) {
-        if link.refs[p.cluster as usize] == 0 {
+        if link.refs.get(p.cluster) == 0 {
             self.free(p.cluster, link);
         }
     }
@@ -368,7 +368,10 @@ impl PoolMeta {
     /// One plan's data is on the media (completed, not necessarily durable): map it.
     pub fn finish_span(&mut self, id: u32, p: &WritePlan) {
         let (fam, mut link) = self.split(id).expect("a planned volume's family");
-        fam.finish_span(id, p, &mut link)
+        let before = fam.pending.len();
+        fam.finish_span(id, p, &mut link);
+        let queued = fam.pending.len() - before;
+        self.family_pending += queued;
     }
 
     /// A planned span failed: a fresh cluster goes back, the mapping is unchanged.
@@ -390,12 +393,19 @@ impl PoolMeta {
         let Some((fam, mut link)) = self.split(id) else {
             return Err(PoolError::NoVolume(id).into());
         };
-        fam.trim(id, offset, len, waiter, &mut link)
+        let before = fam.pending.len();
+        let r = fam.trim(id, offset, len, waiter, &mut link);
+        let queued = fam.pending.len() - before;
+        self.family_pending += queued;
+        r
     }
 
     /// Trims a checked range of a volume nothing else is writing.
     pub(super) fn trim_unchecked(&mut self, id: u32, offset: u64, len: u64) {
         let (fam, mut link) = self.split(id).expect("a checked volume's family");
-        fam.trim_unchecked(id, offset, len, &mut link)
+        let before = fam.pending.len();
+        fam.trim_unchecked(id, offset, len, &mut link);
+        let queued = fam.pending.len() - before;
+        self.family_pending += queued;
     }
 }

@@ -45,7 +45,7 @@ pub use commit::{Encode, Encoded, Frozen};
 mod control;
 mod epochs;
 mod family;
-use family::{Families, Family, Geometry, Link};
+use family::{Families, Family, Geometry, Link, Refs};
 mod io;
 use crate::map::{count_references, Entry, Tree};
 use crate::records::{decode_all, Record, CONFIG_VALUE_MAX, NAME_MAX};
@@ -218,8 +218,8 @@ pub struct PoolMeta {
     geo: Geometry,
     alloc: Allocator,
     journal: JournalWriter,
-    /// `refs[c]`: distinct leaves naming cluster `c` (a family touches only its clusters').
-    refs: Vec<u32>,
+    /// Distinct leaves naming each cluster (a family touches only its clusters' counts).
+    refs: Refs,
     config: BTreeMap<String, String>,
     next_id: u32,
     /// The families by number, and which family each volume is in (a deleted volume leaves it
@@ -297,7 +297,7 @@ impl PoolMeta {
             geo: Geometry::of(&sb),
             alloc: Allocator::new(clusters),
             journal: JournalWriter::new(sb.pool_uuid, sb.incarnation, sb.journal_blocks, head),
-            refs: vec![0; clusters as usize],
+            refs: Refs::new(clusters),
             config: BTreeMap::new(),
             next_id: 1,
             fams: Families::default(),
@@ -333,8 +333,7 @@ impl PoolMeta {
         self.note_borrowed(f);
         let fam = self.fams.get_mut(f).expect("a volume's family lives while it is named");
         let link = Link {
-            refs: &mut self.refs,
-            pending: &mut self.family_pending,
+            refs: &self.refs,
             loading: if self.loading { Some(&mut self.alloc) } else { None },
         };
         (fam, link)
@@ -598,8 +597,8 @@ impl PoolMeta {
         self.next_id = self.next_id.max(id + 1);
     }
 
-    /// Applies a record and queues it for the next commit. A data record (`MapSet`) queues in
-    /// its volume's family. Any other record (a control operation's, the configuration's) is a
+    /// Applies a control or configuration record and queues it for the next commit (a data
+    /// record, `MapSet`, is made and queued by its volume's family). Such a record is a
     /// barrier: every family's pending records go to the journal first, then it. So a crash
     /// that keeps only the first blocks of a commit keeps a prefix of the control records in
     /// the order they were made, each after every record made before it — never, say, a
@@ -607,13 +606,8 @@ impl PoolMeta {
     /// records of different families commute; they are independent until a flush, which waits
     /// for the whole commit.
     pub fn log(&mut self, r: Record) {
+        assert!(!matches!(r, Record::MapSet { .. }), "a family logs its data records");
         self.apply(&r);
-        if let Record::MapSet { volume, .. } = &r {
-            if let Some(f) = self.family_of.get(volume).copied() {
-                let fam = self.fams.get_mut(f).expect("a named volume's family");
-                return fam.queue(r, &mut self.family_pending);
-            }
-        }
         self.gather_pending();
         self.journal.append(r);
     }
@@ -769,7 +763,7 @@ impl PoolMeta {
                 }
             }
         }
-        for (c, &r) in self.refs.iter().enumerate() {
+        for (c, r) in self.refs.iter().enumerate() {
             let want = counts.get(&(c as u64)).copied().unwrap_or(0);
             if r != want {
                 problems.push(format!("cluster {c}: refcount {r}, trees say {want}"));
@@ -784,6 +778,13 @@ impl PoolMeta {
             problems.push(format!("allocator counts {used} clusters, {referenced} referenced"));
         }
         problems.extend(self.commit_waiters.check());
+        let queued: usize = self.fams.values().map(|f| f.pending.len()).sum();
+        if queued != self.family_pending {
+            problems.push(format!(
+                "families hold {queued} pending records, the pool counts {}",
+                self.family_pending
+            ));
+        }
         let borrowed: HashSet<u32> = self.borrowed.iter().copied().collect();
         for (f, fam) in self.fams.iter() {
             if fam.locks.woken() > 0 && !borrowed.contains(&f) {

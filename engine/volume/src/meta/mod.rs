@@ -9,8 +9,8 @@
 //! commit pipeline, health; `apply` and loading, checks) and the family part (`family`:
 //! volumes, trees, the lock table, I/O epochs, the in-place/copy-on-write sets, a stock of
 //! free clusters lent by the allocator). A family decision reaches the pool only through a
-//! `Link` (the reference counts and the count of pending records; the allocator too while
-//! loading); the pool refills a family's stock when a write finds it short. The decisions live
+//! `Link` (the reference counts, shared; the allocator too while loading); the pool counts
+//! the records a family call queued, and refills a family's stock when a write finds it short. The decisions live
 //! beside them by concern: `io` (reads, writes, holds, trims), `commit` (sealing, checkpoints, when a commit is due), `control`
 //! (volume operations and metadata admission), `epochs` (I/O tickets and the quarantine of
 //! freed clusters).

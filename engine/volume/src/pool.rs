@@ -453,8 +453,9 @@ mod tests {
         let disk = SimDisk::new(8 << 30, 3);
         let (disk, formatted) =
             Pool::format(disk, PoolGeometry::standard([5; 16])).unwrap().into_parts();
-        let n = 120_000u64; // ~2.5 MB of MapSet records: three chunks
-                            // The state built as loading builds it (mapping records are applied only while loading).
+        // ~2.5 MB of MapSet records: three chunks. The state is built as loading builds it
+        // (mapping records are applied only while loading).
+        let n = 120_000u64;
         let mut m = PoolMeta::new(formatted.superblock().clone());
         m.apply(&Record::VolumeCreate { id: 1, parent: 0, size_bytes: n << 16, name: "v".into() });
         for vc in 0..n {

@@ -41,8 +41,10 @@ pub(super) struct Link<'a> {
 /// written only by the family owning the cluster (the pool while loading), so families can
 /// share the array with no lock: atomics make the sharing sound, and plain (`Relaxed`) loads
 /// and stores suffice because whatever hands a family from one thread to another orders its
-/// accesses. An entry is never updated by two owners at once, so a load then a store is an
-/// exact update (no read-modify-write instruction on the data path).
+/// accesses — and whatever hands a cluster from one family to another (freed to a count of 0,
+/// then lent to another family through the allocator) must order them too, as the pool's
+/// allocator does by being the pool's. An entry is never updated by two owners at once, so a
+/// load then a store is an exact update (no read-modify-write instruction on the data path).
 pub(super) struct Refs(Box<[AtomicU32]>);
 
 impl Refs {

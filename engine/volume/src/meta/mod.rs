@@ -10,10 +10,10 @@
 //! volumes, trees, the lock table, I/O epochs, the in-place/copy-on-write sets, a stock of
 //! free clusters lent by the allocator). A family decision reaches the pool only through a
 //! `Link` (the reference counts, shared; the allocator too while loading); the pool counts
-//! the records a family call queued, and refills a family's stock when a write finds it short. The decisions live
-//! beside them by concern: `io` (reads, writes, holds, trims), `commit` (sealing, checkpoints, when a commit is due), `control`
-//! (volume operations and metadata admission), `epochs` (I/O tickets and the quarantine of
-//! freed clusters).
+//! the records a family call queued, and refills a family's stock when a write finds it
+//! short. The decisions live beside them by concern: `io` (reads, writes, holds, trims),
+//! `commit` (sealing, checkpoints, when a commit is due), `control` (volume operations and
+//! metadata admission), `epochs` (I/O tickets and the quarantine of freed clusters).
 //!
 //! Invariants:
 //! - every mapping change is a journal record applied through `apply`, the function replay and
@@ -716,8 +716,10 @@ impl PoolMeta {
             assert!(
                 from.inflight.is_empty()
                     && from.held_free().next().is_none()
+                    && from.pending.is_empty()
                     && from.locks.slots() == 0,
-                "families are merged only at open, with nothing in flight, freed or stocked"
+                "families are merged only at open, with nothing in flight, freed, stocked or \
+                 pending"
             );
             for (id, v) in from.volumes {
                 self.family_of.insert(id, to);

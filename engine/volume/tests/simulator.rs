@@ -213,6 +213,9 @@ struct Stats {
     encodes_raced: u64,
     /// Control operations given up while their volume drained (refused `Busy`).
     expired: u64,
+    /// Families' stock refills, and those that first took other families' stocks back.
+    refills: u64,
+    refills_taking_back: u64,
 }
 
 impl Sim {
@@ -715,6 +718,7 @@ impl Sim {
     /// and every volume is checked against what may have survived.
     fn crash(&mut self) {
         self.stats.crashes += 1;
+        self.count_refills();
         for f in std::mem::take(&mut self.inflight) {
             if let DiskOp::Write { offset, buf, fua } = f.op {
                 if self.rng.chance(2) {
@@ -899,6 +903,15 @@ fn check_against(seed: u64, m: &VolModel, content: &[u64], now: u64) {
     }
 }
 
+impl Sim {
+    /// Adds the open pool's stock refills to the run's (before the pool state goes).
+    fn count_refills(&mut self) {
+        let (refills, taking_back) = self.meta.refills();
+        self.stats.refills += refills;
+        self.stats.refills_taking_back += taking_back;
+    }
+}
+
 fn run_seed(seed: u64) -> Stats {
     let mut sim = Sim::new(seed);
     for i in 0..STEPS {
@@ -908,6 +921,7 @@ fn run_seed(seed: u64) -> Stats {
         }
     }
     sim.drain();
+    sim.count_refills();
     let stats = std::mem::take(&mut sim.stats);
     sim.delete_all();
     stats
@@ -935,6 +949,8 @@ fn simulated_requests_crashes_and_control_operations() {
         total.encodes += s.encodes;
         total.encodes_raced += s.encodes_raced;
         total.expired += s.expired;
+        total.refills += s.refills;
+        total.refills_taking_back += s.refills_taking_back;
     }
     eprintln!("{runs} runs: {total:?}");
     // The runs must reach what they are for.
@@ -944,4 +960,8 @@ fn simulated_requests_crashes_and_control_operations() {
     assert!(total.reads_checked > runs * 10, "few reads checked: {total:?}");
     assert!(total.encodes > runs && total.encodes_raced > runs / 10, "few checkpoints: {total:?}");
     assert!(total.expired > runs / 100, "drains rarely given up: {total:?}");
+    assert!(
+        total.refills > runs && total.refills_taking_back > runs / 25,
+        "stocks rarely refilled, or never from other families' stocks: {total:?}"
+    );
 }

@@ -335,12 +335,14 @@ impl PoolMeta {
     /// at least a batch; when the pool's allocator is short, the other families' stocks come
     /// back to it first, so a pool is full only when every free cluster is used.
     fn refill(&mut self, f: u32, want: u64) {
+        self.refills += 1;
         let fam = self.fams.get_mut(f).expect("a named volume's family");
         let short = want.max(Stock::BATCH) - fam.stock.len();
         self.alloc.lend(short, &mut fam.stock);
         if fam.stock.len() >= want {
             return;
         }
+        self.refills_taking_back += 1;
         for (g, other) in self.fams.iter_mut() {
             if g != f {
                 self.alloc.take_back(other.stock.drain());

@@ -249,6 +249,10 @@ pub struct PoolMeta {
     /// Records are being loaded (`load`) and `loaded` has not run yet: what they free and
     /// name is the allocator's business directly (see [`family::Link`]).
     loading: bool,
+    /// Stock refills, and refills that took other families' stocks back first (the pool was
+    /// short), since the pool was opened.
+    refills: u64,
+    refills_taking_back: u64,
 }
 
 /// A run of 4 KiB pieces within one cluster.
@@ -315,6 +319,8 @@ impl PoolMeta {
             commits_done: 0,
             checkpoints_done: 0,
             loading: true,
+            refills: 0,
+            refills_taking_back: 0,
             sb,
         }
     }
@@ -436,6 +442,12 @@ impl PoolMeta {
     /// configuration's.
     pub fn pending_records(&self) -> usize {
         self.journal.pending() + self.family_pending
+    }
+
+    /// Families' stock refills since the pool was opened, and how many of them first took
+    /// other families' stocks back because the allocator was short.
+    pub fn refills(&self) -> (u64, u64) {
+        (self.refills, self.refills_taking_back)
     }
 
     /// Journal commits and checkpoints made durable since the pool was opened.

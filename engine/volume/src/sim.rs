@@ -206,6 +206,22 @@ fn overlaps(a: u64, alen: usize, b: u64, blen: usize) -> bool {
     a < b + blen as u64 && b < a + alen as u64
 }
 
+/// Commits what a pool state has pending with no device at all (its blocks and checkpoint blob
+/// dropped): a checkpoint when the journal asks for one, else a journal commit. For tests and
+/// cost measurements that drive `PoolMeta` directly; panics on a failed pool or a commit in
+/// flight.
+pub fn commit_in_memory(m: &mut crate::meta::PoolMeta) {
+    if m.wants_checkpoint() {
+        let mut c = m.begin_checkpoint().expect("a sound pool").expect("no commit in flight");
+        let encoded = c.take_encode().expect("not encoded yet").run();
+        c.encoded(encoded);
+        m.checkpoint_done(c);
+    } else {
+        let sealed = m.seal().expect("a sound pool").expect("no commit in flight");
+        m.commit_done(sealed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

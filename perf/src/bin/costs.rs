@@ -31,7 +31,7 @@ use ballast_volume::locks::Waiter;
 use ballast_volume::meta::PoolMeta;
 use ballast_volume::pool::{Pool, PoolGeometry};
 use ballast_volume::request::{Bufs, Cmd, Ctx, Issue, Outcome, Request};
-use ballast_volume::sim::SimDisk;
+use ballast_volume::sim::{commit_in_memory, SimDisk};
 use clap::Parser;
 use parking_lot::Mutex;
 
@@ -227,26 +227,12 @@ fn fresh_cluster(meta: &Mutex<PoolMeta>, vol: u32, ops: u64) -> f64 {
         m.end_io(ticket);
         m.trim(vol, at, PIECE, Waiter(1)).expect("nothing blocks a trim");
         if i % 256 == 255 {
-            commit(&mut m);
+            commit_in_memory(&mut m);
         }
     }
     let ns = start.elapsed().as_nanos() as f64 / ops as f64;
-    commit(&mut m);
+    commit_in_memory(&mut m);
     ns
-}
-
-/// Commits what is pending: a checkpoint when the journal asks for one (no I/O: the blocks
-/// and the blob are dropped).
-fn commit(m: &mut PoolMeta) {
-    if m.wants_checkpoint() {
-        let mut c = m.begin_checkpoint().expect("a sound pool").expect("no commit in flight");
-        let encoded = c.take_encode().expect("not encoded yet").run();
-        c.encoded(encoded);
-        m.checkpoint_done(c);
-    } else {
-        let sealed = m.seal().expect("a sound pool").expect("no commit in flight");
-        m.commit_done(sealed);
-    }
 }
 
 fn mutex_uncontended(ops: u64) -> f64 {

@@ -369,11 +369,8 @@ impl PoolMeta {
 
     /// One plan's data is on the media (completed, not necessarily durable): map it.
     pub fn finish_span(&mut self, id: u32, p: &WritePlan) {
-        let (fam, mut link) = self.split(id).expect("a planned volume's family");
-        let before = fam.pending.len();
-        fam.finish_span(id, p, &mut link);
-        let queued = fam.pending.len() - before;
-        self.family_pending += queued;
+        self.logging(id, |fam, link| fam.finish_span(id, p, link))
+            .expect("a planned volume's family")
     }
 
     /// A planned span failed: a fresh cluster goes back, the mapping is unchanged.
@@ -392,22 +389,25 @@ impl PoolMeta {
     /// frozen (`waiter` parked).
     pub fn trim(&mut self, id: u32, offset: u64, len: u64, waiter: Waiter) -> Result<(), Blocked> {
         self.ok()?;
-        let Some((fam, mut link)) = self.split(id) else {
-            return Err(PoolError::NoVolume(id).into());
-        };
-        let before = fam.pending.len();
-        let r = fam.trim(id, offset, len, waiter, &mut link);
-        let queued = fam.pending.len() - before;
-        self.family_pending += queued;
-        r
+        self.logging(id, |fam, link| fam.trim(id, offset, len, waiter, link))
+            .unwrap_or_else(|| Err(PoolError::NoVolume(id).into()))
     }
 
     /// Trims a checked range of a volume nothing else is writing.
     pub(super) fn trim_unchecked(&mut self, id: u32, offset: u64, len: u64) {
-        let (fam, mut link) = self.split(id).expect("a checked volume's family");
+        self.logging(id, |fam, link| fam.trim_unchecked(id, offset, len, link))
+            .expect("a checked volume's family")
+    }
+
+    /// Runs a family decision that may log data records on volume `id`'s family (`None`: no
+    /// such family), counting what it queued into the pool's pending count.
+    #[inline]
+    fn logging<R>(&mut self, id: u32, op: impl FnOnce(&mut Family, &mut Link) -> R) -> Option<R> {
+        let (fam, mut link) = self.split(id)?;
         let before = fam.pending.len();
-        fam.trim_unchecked(id, offset, len, &mut link);
+        let r = op(fam, &mut link);
         let queued = fam.pending.len() - before;
         self.family_pending += queued;
+        Some(r)
     }
 }

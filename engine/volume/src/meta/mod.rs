@@ -825,6 +825,7 @@ impl PoolMeta {
 mod tests {
     use super::*;
     use crate::pool::{layout, PoolGeometry};
+    use crate::sim::commit_in_memory as commit;
     use proptest::prelude::*;
 
     /// A small pool's layout: 16 KiB clusters, a 16-block journal.
@@ -868,19 +869,6 @@ mod tests {
         }
         m.end_write(id);
         commit(m);
-    }
-
-    /// Commits what is pending: a checkpoint when the journal asks for one.
-    fn commit(m: &mut PoolMeta) {
-        if m.wants_checkpoint() {
-            let mut c = m.begin_checkpoint().expect("a sound pool").expect("no commit in flight");
-            let encoded = c.take_encode().expect("not encoded yet").run();
-            c.encoded(encoded);
-            m.checkpoint_done(c);
-        } else {
-            let sealed = m.seal().expect("a sound pool").expect("no commit in flight");
-            m.commit_done(sealed);
-        }
     }
 
     fn fresh() -> PoolMeta {

@@ -45,9 +45,9 @@ use std::time::{Duration, Instant};
 use ballast_ffi::{IoBuf, Owned};
 use ballast_volume::locks::Waiter;
 use ballast_volume::meta::Encoded;
-use ballast_volume::request::{Buf, Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
+use ballast_volume::request::{Access, Buf, Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
 use crossbeam_channel::Sender;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use slab::Slab;
 
 use super::format::BLOCK_SIZE;
@@ -168,7 +168,9 @@ impl SyncDisk for FileDisk {
 
 /// An open pool shared by the cores and the control thread.
 pub struct PoolHandle {
-    meta: Mutex<PoolMeta>,
+    /// Shared by the cores' data-path decisions (each locks the one family it decides for),
+    /// exclusive for the pool's own steps (commits, control operations, listings).
+    meta: RwLock<PoolMeta>,
     disk: Mutex<PoolDisk>,
     media: Media,
     path: PathBuf,
@@ -186,10 +188,10 @@ pub struct PoolHandle {
     sizes: Mutex<Vec<(u32, Weak<AtomicU64>)>>,
 }
 
-/// The pool state borrowed off the data path (control thread, listings): when it ends, the
-/// requests it woke get their wake-ups through their cores' wake channels.
+/// The pool state borrowed exclusively off the data path (control thread, listings): when it
+/// ends, the requests it woke get their wake-ups through their cores' wake channels.
 pub struct MetaGuard<'a> {
-    meta: MutexGuard<'a, PoolMeta>,
+    meta: RwLockWriteGuard<'a, PoolMeta>,
     pool: &'a PoolHandle,
 }
 
@@ -277,7 +279,7 @@ impl PoolHandle {
         };
         let (disk, meta) = Pool::open(disk)?.into_parts();
         Ok(Arc::new(PoolHandle {
-            meta: Mutex::new(meta),
+            meta: RwLock::new(meta),
             disk: Mutex::new(disk),
             media,
             path: path.to_path_buf(),
@@ -292,7 +294,7 @@ impl PoolHandle {
     /// Background commits: after `records` pending records, or `interval` after the first
     /// pending record, whichever comes first, a commit starts without a client's flush.
     pub fn set_commit_policy(&self, records: usize, interval: Duration) {
-        self.meta.lock().set_commit_records(records);
+        self.meta.write().set_commit_records(records);
         *self.commit_interval.lock() = interval;
     }
 
@@ -310,7 +312,13 @@ impl PoolHandle {
 
     /// The pool state, off the data path.
     pub fn meta(&self) -> MetaGuard<'_> {
-        MetaGuard { meta: self.meta.lock(), pool: self }
+        MetaGuard { meta: self.meta.write(), pool: self }
+    }
+
+    /// The pool state borrowed shared, for what only reads it (a volume's allocation map): the
+    /// cores' decisions go on meanwhile.
+    pub fn meta_shared(&self) -> RwLockReadGuard<'_, PoolMeta> {
+        self.meta.read()
     }
 
     pub fn info(&self) -> PoolInfo {
@@ -522,7 +530,7 @@ impl BlockDev for VolumeDev {
     }
 
     fn grow(&self, new_size: u64) -> std::io::Result<()> {
-        let name = self.pool.meta().volume(self.id).map(|v| v.name.clone());
+        let name = self.pool.meta_shared().volume(self.id).map(|v| v.name);
         let r = name.and_then(|n| self.pool.resize(&n, new_size, false));
         r.map_err(|e| std::io::Error::other(e.to_string()))
     }
@@ -540,7 +548,7 @@ impl BlockDev for VolumeDev {
     }
 
     fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
-        let runs = self.pool.meta().allocation(self.id, offset, len);
+        let runs = self.pool.meta_shared().allocation(self.id, offset, len);
         let mut out = Vec::with_capacity(runs.len());
         for (_, len, written) in runs {
             push_extent(&mut out, Extent { len, hole: !written, zero: !written });
@@ -872,7 +880,7 @@ impl CoreQueue {
         stats.volume_rounds += 1;
         stats.volume_events += self.batch.len() as u64;
         let CoreQueue { pool, slots, batch, issued, finished, touched, out, woken, .. } = self;
-        let mut meta = pool.meta.lock();
+        let mut meta = Round { lock: &pool.meta, read: None, write: None };
         let mut bufs = CoreBufs(cx);
         for (slot, ev) in batch.drain(..) {
             let s = &mut slots[slot as usize];
@@ -890,16 +898,17 @@ impl CoreQueue {
             };
             issued.extend(out.drain(..).map(|issue| (slot, issue)));
             if let Outcome::Done { result, buf } = outcome {
-                if meta.take_background_commit() {
-                    self.background = true;
-                } else if !self.background && meta.take_commit_timer() {
-                    self.timer = true;
+                if meta.shared().background_commit_due() {
+                    self.background |= meta.exclusive().take_background_commit();
+                } else if !self.background && meta.shared().commit_timer_due() {
+                    self.timer |= meta.exclusive().take_commit_timer();
                 }
                 finished.push((slot, result, buf, req.take_failure()));
             }
             touch(slots, touched, slot);
+            meta.relax(woken);
         }
-        meta.take_woken(woken);
+        meta.shared().take_woken_shared(woken);
     }
 
     /// What the decisions asked for, the pool state no longer borrowed: device operations go
@@ -1002,6 +1011,45 @@ impl CoreQueue {
 }
 
 /// Marks `slot` (live) for its `after_event` once the batch is carried out, once per batch.
+/// A core's borrow of the pool state for one round of decisions: shared (the read lock, kept
+/// for the round) for the data path, whose decisions lock one family at a time; exclusive (the
+/// write lock) for a request step that needs it (a commit, a control operation, parking on
+/// the commit), given back after that event. Nothing is locked across I/O.
+struct Round<'a> {
+    lock: &'a RwLock<PoolMeta>,
+    read: Option<RwLockReadGuard<'a, PoolMeta>>,
+    write: Option<RwLockWriteGuard<'a, PoolMeta>>,
+}
+
+impl Access for Round<'_> {
+    fn shared(&mut self) -> &PoolMeta {
+        if let Some(w) = &self.write {
+            return w;
+        }
+        let lock = self.lock;
+        self.read.get_or_insert_with(|| lock.read())
+    }
+
+    fn exclusive(&mut self) -> &mut PoolMeta {
+        if self.write.is_none() {
+            // The read lock goes first: two cores each waiting to upgrade would wait forever.
+            self.read = None;
+            self.write = Some(self.lock.write());
+        }
+        self.write.as_mut().expect("just taken")
+    }
+}
+
+impl Round<'_> {
+    /// Between events: an exclusive borrow ends (collecting whom its steps woke), so other
+    /// cores decide again.
+    fn relax(&mut self, woken: &mut Vec<Waiter>) {
+        if let Some(mut w) = self.write.take() {
+            w.take_woken(woken);
+        }
+    }
+}
+
 fn touch(slots: &mut [Slot], touched: &mut Vec<u32>, slot: u32) {
     let s = &mut slots[slot as usize];
     assert!(s.live, "an event for a free slot");
@@ -1081,7 +1129,7 @@ impl Task for CommitTimer {
 
     fn on_completion(&mut self, cx: &mut Cx<'_>, _tag: u32, _result: i32, _owned: Owned) {
         self.done = true;
-        if self.pool.meta.lock().commit_timer_fired() {
+        if self.pool.meta.write().commit_timer_fired() {
             submit_local(cx, &self.pool, 0, Reply::None, Cmd::Flush);
         }
     }

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use super::commit::BLOB_CHUNK;
 use super::format::{choose_superblock, replay, JournalBlock, Superblock, BLOCK_SIZE};
 use super::locks::Waiter;
-pub use super::meta::{PoolError, Volume, PIECE};
+pub use super::meta::{PoolError, VolumeAttrs, PIECE};
 use super::meta::{PoolMeta, CHECKPOINT_HEADER};
 use super::ops::ControlOp;
 use super::request::{Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
@@ -250,7 +250,7 @@ impl<D: SyncDisk> Pool<D> {
         &mut self.meta
     }
 
-    pub fn volumes(&self) -> std::collections::BTreeMap<u32, &Volume> {
+    pub fn volumes(&self) -> std::collections::BTreeMap<u32, VolumeAttrs> {
         self.meta.volumes()
     }
 

@@ -169,9 +169,30 @@ enum State {
     Done,
 }
 
+/// How a request reaches the pool state. The data path's decisions (plan, hold, map, trim,
+/// I/O tickets) take a shared borrow: each locks the one family it decides for, so several
+/// drivers may decide at once for different families. The pool's own steps (commits, control
+/// operations, parking on the commit, freezing) take an exclusive borrow. A driver with the
+/// state to itself hands `&mut PoolMeta`, which is both.
+pub trait Access {
+    fn shared(&mut self) -> &PoolMeta;
+    fn exclusive(&mut self) -> &mut PoolMeta;
+}
+
+impl Access for PoolMeta {
+    #[inline]
+    fn shared(&mut self) -> &PoolMeta {
+        self
+    }
+    #[inline]
+    fn exclusive(&mut self) -> &mut PoolMeta {
+        self
+    }
+}
+
 /// What one event needs from the driver.
 pub struct Ctx<'a, K: Bufs> {
-    pub meta: &'a mut PoolMeta,
+    pub meta: &'a mut dyn Access,
     pub bufs: &'a mut K,
     pub out: &'a mut Vec<Issue<K::B>>,
 }
@@ -328,7 +349,7 @@ impl<B: Buf> Request<B> {
     /// request is not waiting, or when its wake-up is already on the way (it goes on then).
     pub fn expire<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) -> Outcome<B> {
         if let (true, Some(v)) = (self.draining(), self.frozen) {
-            if cx.meta.unpark_drained(v, self.waiter) {
+            if cx.meta.exclusive().unpark_drained(v, self.waiter) {
                 self.thaw(cx);
                 self.control = None;
                 self.refuse(cx, PoolError::Busy(v));
@@ -378,7 +399,7 @@ impl<B: Buf> Request<B> {
             self.state
         );
         let c = self.commit.as_mut().expect("a commit in flight");
-        let finished = c.on_encoded(cx.meta, cx.bufs, cx.out, encoded);
+        let finished = c.on_encoded(cx.meta.exclusive(), cx.bufs, cx.out, encoded);
         self.on_commit_step(cx, finished);
         self.outcome()
     }
@@ -401,10 +422,10 @@ impl<B: Buf> Request<B> {
         assert_eq!(self.outstanding, 0, "replying with I/O in flight");
         assert!(self.frozen.is_none(), "replying with a volume frozen");
         if let Some((token, vcs)) = self.hold.take() {
-            cx.meta.release(self.vol, &vcs, token);
+            cx.meta.shared().release(self.vol, &vcs, token);
         }
         if let Some(t) = self.ticket.take() {
-            cx.meta.end_io(t);
+            cx.meta.shared().end_io(t);
         }
         if let Some(user) = self.user.take() {
             if let Some(bounce) = self.buf.take() {
@@ -511,7 +532,7 @@ impl<B: Buf> Request<B> {
                 }
             }
             Cmd::Flush => {
-                self.wait_seal = cx.meta.seals() + 1;
+                self.wait_seal = cx.meta.shared().seals() + 1;
                 self.start_commit(cx)
             }
             Cmd::Checkpoint => {
@@ -520,7 +541,7 @@ impl<B: Buf> Request<B> {
             }
             Cmd::Control(op) => {
                 if let Some(v) = op.quiesce() {
-                    cx.meta.set_frozen(v, true);
+                    cx.meta.exclusive().set_frozen(v, true);
                     self.frozen = Some(v);
                 }
                 self.control = Some(op);
@@ -574,11 +595,13 @@ impl<B: Buf> Request<B> {
 
     fn start_read<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         let mut pieces = std::mem::take(&mut self.pieces);
-        if let Err(e) = cx.meta.plan_read_into(self.vol, self.offset, self.len, &mut pieces) {
+        if let Err(e) =
+            cx.meta.shared().plan_read_into(self.vol, self.offset, self.len, &mut pieces)
+        {
             self.pieces = pieces;
             return self.refuse(cx, e);
         }
-        self.ticket = Some(cx.meta.begin_io(self.vol));
+        self.ticket = Some(cx.meta.shared().begin_io(self.vol));
         self.state = State::Reading;
         if let [ReadPiece::Disk { offset, len }] = pieces[..] {
             if len == self.len {
@@ -686,23 +709,23 @@ impl<B: Buf> Request<B> {
         if !user_end.is_multiple_of(PIECE) && edges.last() != Some(&(end - PIECE)) {
             edges.push(end - PIECE);
         }
-        let cb = cx.meta.cluster_bytes();
+        let cb = cx.meta.shared().cluster_bytes();
         let vcs: Vec<u64> = (start / cb..end.div_ceil(cb)).collect();
         // Check the range before holding: the hold is taken on clusters that must exist.
         let plans: Result<Vec<_>, _> =
-            edges.iter().map(|&at| cx.meta.plan_read(self.vol, at, PIECE)).collect();
+            edges.iter().map(|&at| cx.meta.shared().plan_read(self.vol, at, PIECE)).collect();
         let plans = match plans {
             Ok(p) => p,
             Err(e) => return self.refuse(cx, e),
         };
-        let token = match cx.meta.hold(self.vol, &vcs, self.waiter) {
+        let token = match cx.meta.shared().hold(self.vol, &vcs, self.waiter) {
             Ok(t) => t,
             Err(Blocked::Wait) => return self.park(Resume::Hold),
             Err(Blocked::Fail(e)) => return self.refuse(cx, e),
         };
         // Held: nothing can change the edge pieces' mapping until released.
         self.hold = Some((token, vcs));
-        self.ticket = Some(cx.meta.begin_io(self.vol));
+        self.ticket = Some(cx.meta.shared().begin_io(self.vol));
         self.state = State::ReadingEdges;
         self.buf = Some(cx.bufs.get(self.len as usize));
         for (k, (at, pieces)) in edges.iter().zip(plans).enumerate() {
@@ -742,7 +765,7 @@ impl<B: Buf> Request<B> {
 
     fn edges_done<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         if let Some(t) = self.ticket.take() {
-            cx.meta.end_io(t);
+            cx.meta.shared().end_io(t);
         }
         if self.error != 0 {
             return self.reply(cx, self.error);
@@ -758,13 +781,13 @@ impl<B: Buf> Request<B> {
     fn start_write<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         let hold = self.hold.as_ref().map_or(0, |h| h.0);
         let (vol, offset, len, waiter) = (self.vol, self.offset, self.len, self.waiter);
-        match cx.meta.plan_write(vol, offset, len, hold, waiter, &mut self.plans) {
+        match cx.meta.shared().plan_write(vol, offset, len, hold, waiter, &mut self.plans) {
             Ok(()) => {}
             Err(Blocked::Wait) => return self.park(Resume::Write),
             Err(Blocked::Fail(e)) => return self.refuse(cx, e),
         }
-        let cb = cx.meta.cluster_bytes();
-        self.ticket = Some(cx.meta.begin_io(self.vol));
+        let cb = cx.meta.shared().cluster_bytes();
+        self.ticket = Some(cx.meta.shared().begin_io(self.vol));
         self.state = State::Writing;
         self.outstanding = self.plans.len() as u32;
         for i in 0..self.plans.len() {
@@ -806,7 +829,7 @@ impl<B: Buf> Request<B> {
         if result < 0 || result as usize != whole.len() {
             self.note_error(result);
             cx.bufs.put(whole);
-            cx.meta.abort_span(self.vol, &p);
+            cx.meta.shared().abort_span(self.vol, &p);
             return self.span_done(cx);
         }
         let cb = whole.len() as u64;
@@ -838,10 +861,10 @@ impl<B: Buf> Request<B> {
             }
         }
         if result < 0 || result as usize != expected {
-            cx.meta.abort_span(self.vol, &p);
+            cx.meta.shared().abort_span(self.vol, &p);
             self.note_error(result);
         } else {
-            cx.meta.finish_span(self.vol, &p);
+            cx.meta.shared().finish_span(self.vol, &p);
         }
         self.span_done(cx);
     }
@@ -851,18 +874,18 @@ impl<B: Buf> Request<B> {
         if self.outstanding > 0 {
             return;
         }
-        cx.meta.end_write(self.vol);
+        cx.meta.shared().end_write(self.vol);
         if let Some(t) = self.ticket.take() {
-            cx.meta.end_io(t);
+            cx.meta.shared().end_io(t);
         }
         if let Some((token, vcs)) = self.hold.take() {
-            cx.meta.release(self.vol, &vcs, token);
+            cx.meta.shared().release(self.vol, &vcs, token);
         }
         if self.error != 0 {
             return self.reply(cx, self.error);
         }
         if self.fua {
-            self.wait_seal = cx.meta.seals() + 1;
+            self.wait_seal = cx.meta.shared().seals() + 1;
             return self.start_commit(cx);
         }
         let n = self.done_len();
@@ -871,7 +894,7 @@ impl<B: Buf> Request<B> {
 
     fn trim<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         self.state = State::Plan;
-        match cx.meta.trim(self.vol, self.offset, self.len, self.waiter) {
+        match cx.meta.shared().trim(self.vol, self.offset, self.len, self.waiter) {
             Ok(()) => self.reply(cx, 0),
             Err(Blocked::Wait) => self.park(Resume::Trim),
             Err(Blocked::Fail(e)) => self.refuse(cx, e),
@@ -880,7 +903,7 @@ impl<B: Buf> Request<B> {
 
     /// A control operation applies once its volume (if any) has no write in flight.
     fn drain<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
-        if let Some(why) = cx.meta.failed() {
+        if let Some(why) = cx.meta.exclusive().failed() {
             let e = PoolError::Failed(why.to_string());
             self.thaw(cx);
             self.control = None;
@@ -889,20 +912,20 @@ impl<B: Buf> Request<B> {
         // A mutant for the simulator's own test (tests/e2e/sim_mutants.sh): control operations
         // apply without waiting for their volume's writes to drain.
         if let (Some(v), false) = (self.frozen, cfg!(feature = "mutant-skip-drain")) {
-            if !cx.meta.quiet(v) {
-                cx.meta.park_drained(v, self.waiter);
+            if !cx.meta.exclusive().quiet(v) {
+                cx.meta.exclusive().park_drained(v, self.waiter);
                 return self.park(Resume::Drain);
             }
         }
         let op = self.control.take().expect("a control operation to apply");
-        let r = op.apply(cx.meta);
+        let r = op.apply(cx.meta.exclusive());
         self.thaw(cx);
         match r {
             Err(e) => self.refuse(cx, e),
             Ok(id) => {
                 self.applied = Some(id);
                 self.final_result = Some(id as i32);
-                self.wait_seal = cx.meta.seals() + 1;
+                self.wait_seal = cx.meta.shared().seals() + 1;
                 self.start_commit(cx)
             }
         }
@@ -910,25 +933,25 @@ impl<B: Buf> Request<B> {
 
     fn thaw<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         if let Some(v) = self.frozen.take() {
-            cx.meta.set_frozen(v, false);
+            cx.meta.exclusive().set_frozen(v, false);
         }
     }
 
     /// Flush: waits for a commit sealed after this request arrived (its own, or another's).
     fn start_commit<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
-        if let Some(why) = cx.meta.failed() {
+        if let Some(why) = cx.meta.exclusive().failed() {
             tracing::debug!(why, "flush on a failed pool");
             let e = PoolError::Failed(why.to_string());
             return self.refuse(cx, e);
         }
-        if !self.checkpoint && cx.meta.durable_seals() >= self.wait_seal {
+        if !self.checkpoint && cx.meta.exclusive().durable_seals() >= self.wait_seal {
             return self.finish_commit(cx);
         }
-        if cx.meta.committing() {
-            cx.meta.park_commit(self.waiter);
+        if cx.meta.exclusive().committing() {
+            cx.meta.exclusive().park_commit(self.waiter);
             return self.park(Resume::Sync);
         }
-        match Commit::begin(cx.meta, cx.bufs, cx.out, tag::COMMIT, self.checkpoint) {
+        match Commit::begin(cx.meta.exclusive(), cx.bufs, cx.out, tag::COMMIT, self.checkpoint) {
             Ok(Some(c)) => {
                 self.outstanding = 1;
                 self.commit = Some(c);
@@ -941,7 +964,7 @@ impl<B: Buf> Request<B> {
 
     fn on_commit<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>, result: i32, buf: Option<B>) {
         let c = self.commit.as_mut().expect("a commit in flight");
-        let finished = c.on_completion(cx.meta, cx.bufs, cx.out, result, buf);
+        let finished = c.on_completion(cx.meta.exclusive(), cx.bufs, cx.out, result, buf);
         self.on_commit_step(cx, finished)
     }
 

@@ -2,10 +2,11 @@
 //! the per-core ownership model (docs/VOLUMES.md, perf/RESULTS.md) is written from numbers:
 //!
 //! - the volume core per request, with no device I/O (completions handed back at once): a 4 KiB
-//!   read of a mapped piece and a 4 KiB in-place overwrite, each under the pool mutex taken once
-//!   per event as the daemon's adapter does, the request reused in its slot as the adapter
-//!   does (no allocation per request); and the pool state's part of a first write of a
-//!   cluster: a fresh cluster taken, mapped, then trimmed and freed, commits making it reusable;
+//!   read of a mapped piece and a 4 KiB in-place overwrite, each under a shared borrow of the
+//!   pool state (its read lock) taken once per event, the family's own lock per decision, as
+//!   the daemon's adapter does, the request reused in its slot as the adapter does (no
+//!   allocation per request); and the pool state's part of a first write of a cluster: a fresh
+//!   cluster taken, mapped, then trimmed and freed, commits making it reusable;
 //! - the pool mutex itself: uncontended, and contended by two threads on two CPUs;
 //! - a cross-core forward through the engine: a task on core 0 spawns a task on core 1 through
 //!   its mailbox, which wakes the first back through its wake channel (a forwarded request and
@@ -30,10 +31,10 @@ use ballast_engine::Owned;
 use ballast_volume::locks::Waiter;
 use ballast_volume::meta::PoolMeta;
 use ballast_volume::pool::{Pool, PoolGeometry};
-use ballast_volume::request::{Bufs, Cmd, Ctx, Issue, Outcome, Request};
+use ballast_volume::request::{Access, Bufs, Cmd, Ctx, Issue, Outcome, Request};
 use ballast_volume::sim::{commit_in_memory, SimDisk};
 use clap::Parser;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 #[derive(Parser, Debug)]
 #[command(name = "ballast-costs", about = "Costs of the scaling primitives, measured")]
@@ -137,8 +138,21 @@ fn allocator_cost() -> f64 {
     t.elapsed().as_nanos() as f64 / free as f64
 }
 
+/// A shared borrow of the pool state, as a core's round of data-path decisions holds it: reads
+/// and overwrites need nothing exclusive (asserted).
+struct Shared<'a>(RwLockReadGuard<'a, PoolMeta>);
+
+impl Access for Shared<'_> {
+    fn shared(&mut self) -> &PoolMeta {
+        &self.0
+    }
+    fn exclusive(&mut self) -> &mut PoolMeta {
+        unreachable!("a read or an overwrite asked for an exclusive borrow of the pool state")
+    }
+}
+
 /// ns per request for `make(offset)` run to completion, device operations completed at once.
-fn volume_core(meta: &Mutex<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
+fn volume_core(meta: &RwLock<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
     let mut bufs = NoBufs;
     let mut out: Vec<Issue<Vec<u8>>> = Vec::new();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -166,7 +180,7 @@ fn volume_core(meta: &Mutex<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
             None => Request::new(vol, cmd, Waiter(1)),
         };
         let mut outcome = {
-            let mut m = meta.lock();
+            let mut m = Shared(meta.read());
             req.start(&mut Ctx { meta: &mut m, bufs: &mut bufs, out: &mut out })
         };
         loop {
@@ -187,7 +201,7 @@ fn volume_core(meta: &Mutex<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
                     unreachable!("reads and overwrites write no checkpoint")
                 }
             };
-            let mut m = meta.lock();
+            let mut m = Shared(meta.read());
             outcome = req.on_completion(
                 &mut Ctx { meta: &mut m, bufs: &mut bufs, out: &mut out },
                 tag,
@@ -202,9 +216,9 @@ fn volume_core(meta: &Mutex<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
 /// ns per first write of a cluster (a fresh cluster taken, written, mapped) followed by a trim
 /// of it (freed), with a commit every 256 writes making the freed clusters reusable: what the
 /// allocation and freeing of clusters cost a write, the pool state only (no request, no I/O).
-fn fresh_cluster(meta: &Mutex<PoolMeta>, vol: u32, ops: u64) -> f64 {
+fn fresh_cluster(meta: &RwLock<PoolMeta>, vol: u32, ops: u64) -> f64 {
     use ballast_volume::meta::Blocked;
-    let mut m = meta.lock();
+    let mut m = meta.write();
     let cb = m.cluster_bytes();
     // Clusters past the written span: unmapped, so each write takes a fresh one.
     let first = SPAN / cb;
@@ -371,7 +385,7 @@ fn main() -> anyhow::Result<()> {
         args.cpus.split(',').map(str::parse).collect::<Result<_, _>>().context("--cpus")?;
     let cpus: [usize; 2] = cpus.try_into().map_err(|_| anyhow::anyhow!("--cpus: two CPUs"))?;
     let (meta, vol) = mapped_pool()?;
-    let meta = Mutex::new(meta);
+    let meta = RwLock::new(meta);
     let _ = ballast_ffi_pin(cpus[0]);
     let reps = args.reps.max(1);
     let figure = |f: &mut dyn FnMut() -> f64| median((0..reps).map(|_| f()).collect());
@@ -396,9 +410,9 @@ fn main() -> anyhow::Result<()> {
     let alloc = figure(&mut allocator_cost);
     println!("| primitive | ns per operation (median of {reps}) |");
     println!("|---|---|");
-    println!("| volume core: 4 KiB read of a mapped piece (lock per event, request reused in its slot, no I/O) | {read:.0} |");
+    println!("| volume core: 4 KiB read of a mapped piece (shared borrow per event, family lock per decision, request reused in its slot, no I/O) | {read:.0} |");
     println!(
-        "| volume core: 4 KiB in-place overwrite (lock per event, request reused in its slot, no I/O) | {write:.0} |"
+        "| volume core: 4 KiB in-place overwrite (shared borrow per event, family lock per decision, request reused in its slot, no I/O) | {write:.0} |"
     );
     println!(
         "| volume core: first 4 KiB write of a cluster (fresh cluster, mapped) + trim, commit per \

@@ -14,25 +14,36 @@ impl PoolMeta {
     /// records are pending and no commit is in flight or already asked for. True once per
     /// commit: the next seal clears it.
     pub fn take_background_commit(&mut self) -> bool {
-        if self.background_asked || self.committing || self.failed.is_some() {
-            return false;
-        }
-        if self.pending_records() < self.commit_records {
+        if !self.background_commit_due() {
             return false;
         }
         self.background_asked = true;
         true
     }
 
+    /// Whether `take_background_commit` would start one now (a shared borrow may ask; the
+    /// answer holds until the next exclusive borrow).
+    pub fn background_commit_due(&self) -> bool {
+        !self.background_asked
+            && !self.committing
+            && self.failed.is_none()
+            && self.pending_records() >= self.commit_records
+    }
+
     /// Whether the driver should arm its commit timer now: records are pending and no timer is
     /// armed. The driver calls `commit_timer_fired` when it fires and commits what is pending
     /// then, so no record waits much longer than the timer for a commit, flush or none.
     pub fn take_commit_timer(&mut self) -> bool {
-        if self.timer_armed || self.failed.is_some() || self.pending_records() == 0 {
+        if !self.commit_timer_due() {
             return false;
         }
         self.timer_armed = true;
         true
+    }
+
+    /// Whether `take_commit_timer` would arm one now (a shared borrow may ask).
+    pub fn commit_timer_due(&self) -> bool {
+        !self.timer_armed && self.failed.is_none() && self.pending_records() > 0
     }
 
     /// The commit timer fired: whether records are still pending (commit them).
@@ -95,10 +106,10 @@ impl PoolMeta {
     /// per 512 volume clusters), a small part of what encoding costs.
     pub fn freeze(&self) -> Frozen {
         let mut seen = Freezer::default();
-        let volumes = self
-            .volumes()
-            .into_iter()
-            .map(|(id, v)| {
+        let mut volumes = BTreeMap::new();
+        // Family by family (only a family's volumes share leaves), each in id order.
+        for fam in self.fams.values() {
+            for (&id, v) in &fam.volumes {
                 let frozen = FrozenVolume {
                     name: v.name.clone(),
                     size_bytes: v.size_bytes,
@@ -106,16 +117,16 @@ impl PoolMeta {
                     parent: v.parent,
                     tree: v.tree.freeze(&mut seen),
                 };
-                (id, frozen)
-            })
-            .collect();
+                volumes.insert(id, frozen);
+            }
+        }
         Frozen { config: self.config.clone(), volumes }
     }
 
     /// Every family's changes so far become the commit's; returns how many clusters it frees
     /// (every live free is a family's: the allocator holds none pending once loaded).
     fn seal_families(&mut self) -> usize {
-        assert_eq!(self.alloc.pending_count(), 0, "live frees are the families'");
+        assert_eq!(self.alloc.get_mut().pending_count(), 0, "live frees are the families'");
         let mut freed = 0;
         for f in self.fams.values_mut() {
             freed += f.freed.len();
@@ -130,7 +141,8 @@ impl PoolMeta {
         let mut sealed = 0;
         for f in self.fams.values_mut() {
             sealed += f.sealed_freed.len();
-            f.commit_ended(&mut self.alloc);
+            let surplus = f.commit_ended();
+            self.alloc.get_mut().take_back(surplus);
         }
         assert_eq!(sealed, frees, "the families' sealed frees are the commit's");
         self.commit_waiters.commit_ended();
@@ -174,7 +186,7 @@ impl PoolMeta {
         for f in self.fams.values_mut() {
             f.pending.clear();
         }
-        self.family_pending = 0;
+        *self.family_pending.get_mut() = 0;
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;

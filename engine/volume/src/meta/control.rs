@@ -107,6 +107,22 @@ impl PoolMeta {
                 fam.locks.take_woken(out);
             }
         }
+        if *self.woken_count.get_mut() > 0 {
+            out.append(self.woken.get_mut());
+            *self.woken_count.get_mut() = 0;
+        }
+    }
+
+    /// Moves the requests woken by decisions made under a shared borrow into `out` (those of
+    /// an exclusive borrow's operations are `take_woken`'s): one load of a shared count when
+    /// nobody was woken.
+    pub fn take_woken_shared(&self, out: &mut Vec<Waiter>) {
+        if self.woken_count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut woken = self.woken.lock();
+        out.append(&mut woken);
+        self.woken_count.store(0, Ordering::Relaxed);
     }
 
     /// Requests parked now, in every queue of every family and the commit's.

@@ -11,37 +11,47 @@ impl Family {
         self.io_epoch
     }
 
-    fn end_io(&mut self, epoch: u64, pool: &mut Allocator) {
+    /// Ends an I/O of epoch `epoch`; returns the clusters its stock does not keep of those
+    /// this made reusable, for the pool's allocator.
+    fn end_io(&mut self, epoch: u64) -> Vec<u64> {
         let n = self.inflight.get_mut(&epoch).expect("ticket of an I/O in flight");
         *n -= 1;
         if *n == 0 {
             self.inflight.remove(&epoch);
         }
-        self.release_quarantine(pool);
+        self.release_quarantine()
     }
 
-    /// Quarantined clusters no I/O in flight can name are reusable: into the family's stock,
-    /// the pool taking back what the stock does not keep.
-    pub(super) fn release_quarantine(&mut self, pool: &mut Allocator) {
+    /// Quarantined clusters no I/O in flight can name are reusable: into the family's stock;
+    /// returns what the stock does not keep, for the pool's allocator (empty, unallocated,
+    /// when nothing was released).
+    pub(super) fn release_quarantine(&mut self) -> Vec<u64> {
         let oldest = self.inflight.keys().next().copied().unwrap_or(self.io_epoch + 1);
+        let mut surplus = Vec::new();
         while self.quarantine.front().is_some_and(|(e, _)| *e < oldest) {
             let (_, clusters) = self.quarantine.pop_front().expect("checked");
             let stock = &mut self.stock;
-            pool.take_back(clusters.into_iter().filter_map(|c| stock.keep(c)));
+            surplus.extend(clusters.into_iter().filter_map(|c| stock.keep(c)));
         }
+        surplus
     }
 }
 
 impl PoolMeta {
     /// Registers an I/O of volume `id` (whose mapping it has just planned) that may touch
     /// clusters named by the current mapping.
-    pub fn begin_io(&mut self, id: u32) -> Ticket {
+    pub fn begin_io(&self, id: u32) -> Ticket {
         let f = *self.family_of.get(&id).expect("an I/O of a volume it has just planned");
-        Ticket(f, self.fams.get_mut(f).expect("a named volume's family").begin_io())
+        Ticket(f, self.fams.get(f).expect("a named volume's family").begin_io())
     }
 
-    pub fn end_io(&mut self, t: Ticket) {
-        let fam = self.fams.get_mut(t.0).expect("a family lives while it has I/O in flight");
-        fam.end_io(t.1, &mut self.alloc)
+    /// Ends an I/O: what its family's stock does not keep of the clusters that became
+    /// reusable goes back to the allocator (the family's lock, then the allocator's).
+    pub fn end_io(&self, t: Ticket) {
+        let mut fam = self.fams.get(t.0).expect("a family lives while it has I/O in flight");
+        let surplus = fam.end_io(t.1);
+        if !surplus.is_empty() {
+            self.alloc.lock().take_back(surplus);
+        }
     }
 }

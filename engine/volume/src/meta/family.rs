@@ -26,6 +26,8 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use parking_lot::{Mutex, MutexGuard};
+
 use super::*;
 
 /// What a family's decisions take from the pool: the reference counts, shared (a family reads
@@ -365,9 +367,9 @@ impl Family {
     }
 
     /// The sealed commit is durable: its clusters are durable state now, and what it freed
-    /// waits in quarantine for the I/O older than it (the pool takes back what the stock
-    /// does not keep).
-    pub(super) fn commit_ended(&mut self, pool: &mut Allocator) {
+    /// waits in quarantine for the I/O older than it; returns what the stock does not keep of
+    /// what became reusable, for the pool's allocator.
+    pub(super) fn commit_ended(&mut self) -> Vec<u64> {
         self.sealed_fresh.clear();
         self.sealed_touched.clear();
         let frees = std::mem::take(&mut self.sealed_freed);
@@ -375,7 +377,7 @@ impl Family {
             self.quarantine.push_back((self.io_epoch, frees));
         }
         self.io_epoch += 1;
-        self.release_quarantine(pool);
+        self.release_quarantine()
     }
 
     /// The family's own consistency: mappings within the pool and within their volumes, the
@@ -423,9 +425,15 @@ impl Family {
 
 /// The pool's families by number: a slab (a family's number is its slot, reused after the
 /// family goes), so finding a volume's family on the data path is an index, not a search.
+///
+/// Each family sits behind its own mutex: the data path (`PoolMeta`'s `&self` decisions, which
+/// a driver may run from several threads under a shared borrow of the pool state) locks the
+/// one family it decides for, and nothing else but leaf locks (the allocator, the wake-up
+/// queue); whoever borrows the pool state exclusively reaches every family without locking
+/// (`get_mut`). A family lock is never held while another family's is taken.
 #[derive(Default)]
 pub(super) struct Families {
-    slots: Vec<Option<Family>>,
+    slots: Vec<Option<Mutex<Family>>>,
     free: Vec<u32>,
     len: usize,
 }
@@ -434,6 +442,7 @@ impl Families {
     /// Adds a family; returns its number.
     pub(super) fn add(&mut self, fam: Family) -> u32 {
         self.len += 1;
+        let fam = Mutex::new(fam);
         match self.free.pop() {
             Some(f) => {
                 self.slots[f as usize] = Some(fam);
@@ -450,43 +459,52 @@ impl Families {
         let fam = self.slots.get_mut(f as usize)?.take()?;
         self.len -= 1;
         self.free.push(f);
-        Some(fam)
+        Some(fam.into_inner())
     }
 
+    /// Family `f`, locked (a shared borrow of the pool state: other threads may decide for
+    /// other families meanwhile).
     #[inline]
-    pub(super) fn get(&self, f: u32) -> Option<&Family> {
-        self.slots.get(f as usize)?.as_ref()
+    pub(super) fn get(&self, f: u32) -> Option<MutexGuard<'_, Family>> {
+        Some(self.slots.get(f as usize)?.as_ref()?.lock())
     }
 
     #[inline]
     pub(super) fn get_mut(&mut self, f: u32) -> Option<&mut Family> {
-        self.slots.get_mut(f as usize)?.as_mut()
+        Some(self.slots.get_mut(f as usize)?.as_mut()?.get_mut())
     }
 
     pub(super) fn len(&self) -> usize {
         self.len
     }
 
-    /// Families in number order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (u32, &Family)> {
-        self.slots.iter().enumerate().filter_map(|(f, s)| s.as_ref().map(|fam| (f as u32, fam)))
+    /// Families in number order, each locked in turn (one at a time).
+    pub(super) fn iter(&self) -> impl Iterator<Item = (u32, MutexGuard<'_, Family>)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(f, s)| s.as_ref().map(|fam| (f as u32, fam.lock())))
     }
 
     pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (u32, &mut Family)> {
-        self.slots.iter_mut().enumerate().filter_map(|(f, s)| s.as_mut().map(|fam| (f as u32, fam)))
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(f, s)| s.as_mut().map(|fam| (f as u32, fam.get_mut())))
     }
 
-    pub(super) fn values(&self) -> impl Iterator<Item = &Family> {
-        self.slots.iter().flatten()
+    pub(super) fn values(&self) -> impl Iterator<Item = MutexGuard<'_, Family>> {
+        self.slots.iter().flatten().map(|fam| fam.lock())
     }
 
     pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut Family> {
-        self.slots.iter_mut().flatten()
+        self.slots.iter_mut().flatten().map(|fam| fam.get_mut())
     }
 
     /// Keeps the families `keep` approves; returns those that went.
     pub(super) fn retain(&mut self, mut keep: impl FnMut(&Family) -> bool) -> Vec<Family> {
-        let gone: Vec<u32> = self.iter().filter(|(_, fam)| !keep(fam)).map(|(f, _)| f).collect();
+        let gone: Vec<u32> =
+            self.iter_mut().filter(|(_, fam)| !keep(fam)).map(|(f, _)| f).collect();
         gone.into_iter().filter_map(|f| self.remove(f)).collect()
     }
 }

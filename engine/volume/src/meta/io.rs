@@ -302,7 +302,7 @@ impl PoolMeta {
     /// that changes. Each plan must be finished with `finish_span` (or `abort_span`), then the
     /// write with `end_write`.
     pub fn plan_write(
-        &mut self,
+        &self,
         id: u32,
         offset: u64,
         len: u64,
@@ -312,20 +312,20 @@ impl PoolMeta {
     ) -> Result<(), Blocked> {
         plans.clear();
         self.ok()?;
-        let Some(&f) = self.family_of.get(&id) else {
-            return Err(PoolError::NoVolume(id).into());
+        let plan = |fam: &mut Family, link: &mut Link| {
+            fam.plan_write(id, offset, len, hold, waiter, plans, link)
         };
-        let (fam, mut link) = self.split_family(f);
-        let Planned::Short(want) =
-            fam.plan_write(id, offset, len, hold, waiter, plans, &mut link)?
-        else {
+        let Planned::Short(want) = self.deciding(id, plan).ok_or(PoolError::NoVolume(id))?? else {
             return Ok(());
         };
         // The family's stock is short of fresh clusters: refilled, it plans again (nothing was
         // reserved or parked; at most once per `Stock::BATCH` fresh clusters).
+        let f = *self.family_of.get(&id).expect("a volume just planned for");
         self.refill(f, want);
-        let (fam, mut link) = self.split_family(f);
-        match fam.plan_write(id, offset, len, hold, waiter, plans, &mut link)? {
+        let plan = |fam: &mut Family, link: &mut Link| {
+            fam.plan_write(id, offset, len, hold, waiter, plans, link)
+        };
+        match self.deciding(id, plan).expect("a volume just planned for")? {
             Planned::Ready => Ok(()),
             Planned::Short(_) => Err(PoolError::NoSpace.into()),
         }
@@ -333,63 +333,70 @@ impl PoolMeta {
 
     /// Makes family `f`'s stock hold at least `want` clusters if the pool can: a refill lends
     /// at least a batch; when the pool's allocator is short, the other families' stocks come
-    /// back to it first, so a pool is full only when every free cluster is used.
-    fn refill(&mut self, f: u32, want: u64) {
-        self.refills += 1;
-        let fam = self.fams.get_mut(f).expect("a named volume's family");
-        let short = want.max(Stock::BATCH) - fam.stock.len();
-        self.alloc.lend(short, &mut fam.stock);
-        if fam.stock.len() >= want {
-            return;
-        }
-        self.refills_taking_back += 1;
-        for (g, other) in self.fams.iter_mut() {
-            if g != f {
-                self.alloc.take_back(other.stock.drain());
+    /// back to it first, so a pool is full only when every free cluster is used (a shared
+    /// borrow: the other stocks come back one family at a time, holding no other family's
+    /// lock, so another thread may take what came back before this family's second lend —
+    /// the pool is then full but for what that thread's write holds).
+    fn refill(&self, f: u32, want: u64) {
+        self.refills.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut fam = self.fams.get(f).expect("a named volume's family");
+            let short = want.max(Stock::BATCH).saturating_sub(fam.stock.len());
+            self.alloc.lock().lend(short, &mut fam.stock);
+            if fam.stock.len() >= want {
+                return;
             }
         }
-        let fam = self.fams.get_mut(f).expect("looked up above");
-        let short = want - fam.stock.len();
-        self.alloc.lend(short, &mut fam.stock);
+        self.refills_taking_back.fetch_add(1, Ordering::Relaxed);
+        for (g, mut other) in self.fams.iter() {
+            if g != f && !other.stock.is_empty() {
+                let back: Vec<u64> = other.stock.drain().collect();
+                drop(other);
+                self.alloc.lock().take_back(back);
+            }
+        }
+        let mut fam = self.fams.get(f).expect("looked up above");
+        let short = want.saturating_sub(fam.stock.len());
+        self.alloc.lock().lend(short, &mut fam.stock);
     }
 
     /// Holds volume clusters `vcs` exclusively for a read-modify-write (an unaligned write):
     /// no other write, copy-on-write or trim touches them until `release`, so the pieces read
     /// and merged cannot change meanwhile. [`Blocked::Wait`] when one is in use or the volume
     /// is frozen (`waiter` parked).
-    pub fn hold(&mut self, id: u32, vcs: &[u64], waiter: Waiter) -> Result<u64, Blocked> {
+    pub fn hold(&self, id: u32, vcs: &[u64], waiter: Waiter) -> Result<u64, Blocked> {
         self.ok()?;
-        let Some(fam) = self.family_mut(id) else { return Err(PoolError::NoVolume(id).into()) };
-        fam.hold(id, vcs, waiter)
+        self.deciding(id, |fam, _| fam.hold(id, vcs, waiter))
+            .unwrap_or_else(|| Err(PoolError::NoVolume(id).into()))
     }
 
-    pub fn release(&mut self, id: u32, vcs: &[u64], token: u64) {
-        self.family_mut(id).expect("a held volume's family").release(id, vcs, token)
+    pub fn release(&self, id: u32, vcs: &[u64], token: u64) {
+        self.deciding(id, |fam, _| fam.release(id, vcs, token)).expect("a held volume's family")
     }
 
     /// One plan's data is on the media (completed, not necessarily durable): map it.
-    pub fn finish_span(&mut self, id: u32, p: &WritePlan) {
-        self.logging(id, |fam, link| fam.finish_span(id, p, link))
+    pub fn finish_span(&self, id: u32, p: &WritePlan) {
+        self.deciding(id, |fam, link| fam.finish_span(id, p, link))
             .expect("a planned volume's family")
     }
 
     /// A planned span failed: a fresh cluster goes back, the mapping is unchanged.
-    pub fn abort_span(&mut self, id: u32, p: &WritePlan) {
-        let (fam, mut link) = self.split(id).expect("a planned volume's family");
-        fam.abort_span(id, p, &mut link)
+    pub fn abort_span(&self, id: u32, p: &WritePlan) {
+        self.deciding(id, |fam, link| fam.abort_span(id, p, link))
+            .expect("a planned volume's family")
     }
 
     /// Every span of a planned write has finished or aborted.
-    pub fn end_write(&mut self, id: u32) {
-        self.family_mut(id).expect("a planned volume's family").end_write(id)
+    pub fn end_write(&self, id: u32) {
+        self.deciding(id, |fam, _| fam.end_write(id)).expect("a planned volume's family")
     }
 
     /// Trims whole 4 KiB pieces: they read zeros; a cluster with no written piece is released.
     /// [`Blocked::Wait`] when a write to one of its clusters is in flight or the volume is
     /// frozen (`waiter` parked).
-    pub fn trim(&mut self, id: u32, offset: u64, len: u64, waiter: Waiter) -> Result<(), Blocked> {
+    pub fn trim(&self, id: u32, offset: u64, len: u64, waiter: Waiter) -> Result<(), Blocked> {
         self.ok()?;
-        self.logging(id, |fam, link| fam.trim(id, offset, len, waiter, link))
+        self.deciding(id, |fam, link| fam.trim(id, offset, len, waiter, link))
             .unwrap_or_else(|| Err(PoolError::NoVolume(id).into()))
     }
 
@@ -407,7 +414,7 @@ impl PoolMeta {
         let before = fam.pending.len();
         let r = op(fam, &mut link);
         let queued = fam.pending.len() - before;
-        self.family_pending += queued;
+        *self.family_pending.get_mut() += queued;
         Some(r)
     }
 }

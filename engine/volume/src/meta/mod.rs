@@ -33,6 +33,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use parking_lot::{Mutex, MutexGuard};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::alloc::{Allocator, Stock};
@@ -140,6 +143,30 @@ pub struct Volume {
     pub writes_inflight: u32,
 }
 
+/// A volume's attributes, copied out of its family (listings, control operations, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeAttrs {
+    pub name: String,
+    pub size_bytes: u64,
+    pub read_only: bool,
+    pub parent: u32,
+    pub frozen: u32,
+    pub writes_inflight: u32,
+}
+
+impl Volume {
+    pub fn attrs(&self) -> VolumeAttrs {
+        VolumeAttrs {
+            name: self.name.clone(),
+            size_bytes: self.size_bytes,
+            read_only: self.read_only,
+            parent: self.parent,
+            frozen: self.frozen,
+            writes_inflight: self.writes_inflight,
+        }
+    }
+}
+
 /// Where a run of a read comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadPiece {
@@ -216,7 +243,10 @@ pub struct Sealed {
 pub struct PoolMeta {
     sb: Superblock,
     geo: Geometry,
-    alloc: Allocator,
+    /// The allocator: behind a leaf lock of its own, taken by a family's write whose stock is
+    /// short (once per `Stock::BATCH` fresh clusters) and by a family's quarantine returning
+    /// what its stock does not keep; an exclusive borrow reaches it without locking.
+    alloc: Mutex<Allocator>,
     journal: JournalWriter,
     /// Distinct leaves naming each cluster (a family touches only its clusters' counts).
     refs: Refs,
@@ -228,8 +258,13 @@ pub struct PoolMeta {
     family_of: HashMap<u32, u32>,
     /// Requests waiting for the commit in flight to end (the only queue of this table used).
     commit_waiters: LockTable,
-    /// Records pending in the families (the journal's own pending are the configuration's).
-    family_pending: usize,
+    /// Records pending in the families (the journal's own pending are the configuration's):
+    /// counted by whichever thread's family decision queued them.
+    family_pending: AtomicUsize,
+    /// Requests woken by family decisions made under a shared borrow (`take_woken_shared`),
+    /// and how many: the count is read on every round, the queue locked only when it is not 0.
+    woken: Mutex<Vec<Waiter>>,
+    woken_count: AtomicUsize,
     /// Families borrowed mutably since `take_woken` last ran (only they can have woken
     /// anyone), so collecting wake-ups costs what was done, not the number of families.
     borrowed: Vec<u32>,
@@ -251,8 +286,8 @@ pub struct PoolMeta {
     loading: bool,
     /// Stock refills, and refills that took other families' stocks back first (the pool was
     /// short), since the pool was opened.
-    refills: u64,
-    refills_taking_back: u64,
+    refills: AtomicU64,
+    refills_taking_back: AtomicU64,
 }
 
 /// A run of 4 KiB pieces within one cluster.
@@ -270,16 +305,14 @@ pub struct Ticket(u32, u64);
 
 /// Volume `id`'s mapped clusters: (volume cluster, pool cluster, written bitmap).
 pub fn mapped_entries(meta: &PoolMeta, id: u32) -> Vec<(u64, u64, u16)> {
-    meta.volume(id).map_or_else(
-        |_| Vec::new(),
-        |v| {
-            v.tree
-                .entries()
-                .into_iter()
-                .filter_map(|(vc, e)| e.cluster().map(|c| (vc, c, e.written())))
-                .collect()
-        },
-    )
+    let Some(fam) = meta.family(id) else { return Vec::new() };
+    fam.volumes.get(&id).map_or_else(Vec::new, |v| {
+        v.tree
+            .entries()
+            .into_iter()
+            .filter_map(|(vc, e)| e.cluster().map(|c| (vc, c, e.written())))
+            .collect()
+    })
 }
 
 pub fn valid_name(name: &str) -> bool {
@@ -299,7 +332,7 @@ impl PoolMeta {
         let clusters = sb.cluster_count.max(2);
         PoolMeta {
             geo: Geometry::of(&sb),
-            alloc: Allocator::new(clusters),
+            alloc: Mutex::new(Allocator::new(clusters)),
             journal: JournalWriter::new(sb.pool_uuid, sb.incarnation, sb.journal_blocks, head),
             refs: Refs::new(clusters),
             config: BTreeMap::new(),
@@ -307,7 +340,9 @@ impl PoolMeta {
             fams: Families::default(),
             family_of: HashMap::default(),
             commit_waiters: LockTable::default(),
-            family_pending: 0,
+            family_pending: AtomicUsize::new(0),
+            woken: Mutex::new(Vec::new()),
+            woken_count: AtomicUsize::new(0),
             borrowed: Vec::new(),
             committing: false,
             seals: 0,
@@ -319,8 +354,8 @@ impl PoolMeta {
             commits_done: 0,
             checkpoints_done: 0,
             loading: true,
-            refills: 0,
-            refills_taking_back: 0,
+            refills: AtomicU64::new(0),
+            refills_taking_back: AtomicU64::new(0),
             sb,
         }
     }
@@ -340,15 +375,38 @@ impl PoolMeta {
         let fam = self.fams.get_mut(f).expect("a volume's family lives while it is named");
         let link = Link {
             refs: &self.refs,
-            loading: if self.loading { Some(&mut self.alloc) } else { None },
+            loading: if self.loading { Some(self.alloc.get_mut()) } else { None },
         };
         (fam, link)
     }
 
-    /// Volume `id`'s family, read-only.
+    /// Volume `id`'s family, locked (a shared borrow: the data path's way in; it takes no other
+    /// family's lock while it holds this one).
     #[inline]
-    fn family(&self, id: u32) -> Option<&Family> {
+    fn family(&self, id: u32) -> Option<MutexGuard<'_, Family>> {
         self.family_of.get(&id).and_then(|&f| self.fams.get(f))
+    }
+
+    /// Runs a family decision on volume `id`'s family under a shared borrow of the pool state
+    /// (`None`: no such volume), locking that family alone: counts the data records it queued
+    /// into the pool's pending count and moves whom it woke to the shared wake-up queue.
+    #[inline]
+    fn deciding<R>(&self, id: u32, op: impl FnOnce(&mut Family, &mut Link) -> R) -> Option<R> {
+        debug_assert!(!self.loading, "the data path runs on a loaded pool");
+        let mut fam = self.family(id)?;
+        let mut link = Link { refs: &self.refs, loading: None };
+        let before = fam.pending.len();
+        let r = op(&mut fam, &mut link);
+        let queued = fam.pending.len() - before;
+        if queued > 0 {
+            self.family_pending.fetch_add(queued, Ordering::Relaxed);
+        }
+        if fam.locks.woken() > 0 {
+            let mut woken = self.woken.lock();
+            fam.locks.take_woken(&mut woken);
+            self.woken_count.store(woken.len(), Ordering::Relaxed);
+        }
+        Some(r)
     }
 
     #[inline]
@@ -373,10 +431,10 @@ impl PoolMeta {
             return;
         }
         for mut fam in gone {
-            self.alloc.take_back(fam.stock.drain());
+            self.alloc.get_mut().take_back(fam.stock.drain());
         }
-        let fams = &self.fams;
-        self.family_of.retain(|_, f| fams.get(*f).is_some());
+        let fams = &mut self.fams;
+        self.family_of.retain(|_, f| fams.get_mut(*f).is_some());
     }
 
     /// Clusters lent to families and free in their stocks.
@@ -401,10 +459,14 @@ impl PoolMeta {
         self.geo.cluster_bytes
     }
 
-    /// Every volume, by id (gathered from the families: for listings and control operations,
-    /// not the data path).
-    pub fn volumes(&self) -> BTreeMap<u32, &Volume> {
-        self.fams.values().flat_map(|f| f.volumes.iter().map(|(id, v)| (*id, v))).collect()
+    /// Every volume's attributes, by id (copied out of the families: for listings and control
+    /// operations, not the data path).
+    pub fn volumes(&self) -> BTreeMap<u32, VolumeAttrs> {
+        let mut out = BTreeMap::new();
+        for f in self.fams.values() {
+            out.extend(f.volumes.iter().map(|(id, v)| (*id, v.attrs())));
+        }
+        out
     }
 
     pub fn volume_count(&self) -> usize {
@@ -422,12 +484,15 @@ impl PoolMeta {
 
     /// Free clusters: the allocator's and those in the families' stocks.
     pub fn free_clusters(&self) -> u64 {
-        self.alloc.free_count() + self.stocked()
+        // The stocks first: the allocator's lock is a leaf, never held while a family's is taken.
+        let stocked = self.stocked();
+        self.alloc.lock().free_count() + stocked
     }
 
     /// Clusters in use (named, in flight, or freed and not yet reusable).
     pub fn used_clusters(&self) -> u64 {
-        self.alloc.used_count() - self.stocked()
+        let stocked = self.stocked();
+        self.alloc.lock().used_count() - stocked
     }
 
     pub fn data_bytes(&self) -> u64 {
@@ -441,13 +506,13 @@ impl PoolMeta {
     /// Records applied and not yet sealed into a commit: the families' and the
     /// configuration's.
     pub fn pending_records(&self) -> usize {
-        self.journal.pending() + self.family_pending
+        self.journal.pending() + self.family_pending.load(Ordering::Relaxed)
     }
 
     /// Families' stock refills since the pool was opened, and how many of them first took
     /// other families' stocks back because the allocator was short.
     pub fn refills(&self) -> (u64, u64) {
-        (self.refills, self.refills_taking_back)
+        (self.refills.load(Ordering::Relaxed), self.refills_taking_back.load(Ordering::Relaxed))
     }
 
     /// Journal commits and checkpoints made durable since the pool was opened.
@@ -479,15 +544,14 @@ impl PoolMeta {
     pub fn find(&self, name: &str) -> Result<u32, PoolError> {
         self.fams
             .values()
-            .flat_map(|f| f.volumes.iter())
-            .find(|(_, v)| v.name == name)
-            .map(|(id, _)| *id)
+            .find_map(|f| f.volumes.iter().find(|(_, v)| v.name == name).map(|(id, _)| *id))
             .ok_or_else(|| PoolError::NoName(name.to_string()))
     }
 
-    pub fn volume(&self, id: u32) -> Result<&Volume, PoolError> {
+    /// Volume `id`'s attributes, copied out of its family.
+    pub fn volume(&self, id: u32) -> Result<VolumeAttrs, PoolError> {
         let Some(fam) = self.family(id) else { return Err(PoolError::NoVolume(id)) };
-        fam.volume(id)
+        fam.volume(id).map(Volume::attrs)
     }
 
     /// Pieces of volume `id` that are written, in bytes.
@@ -543,7 +607,7 @@ impl PoolMeta {
             }
             Record::Snapshot { id, of, name } | Record::Clone { id, of, name } => {
                 let Some(&f) = self.family_of.get(of) else { return };
-                let Some(src) = self.fams.get(f).and_then(|fam| fam.volumes.get(of)) else {
+                let Some(src) = self.fams.get_mut(f).and_then(|fam| fam.volumes.get(of)) else {
                     return;
                 };
                 let v = Volume {
@@ -631,7 +695,7 @@ impl PoolMeta {
                 self.journal.append(r);
             }
         }
-        self.family_pending = 0;
+        *self.family_pending.get_mut() = 0;
     }
 
     /// Loads records read from the media (checkpoint, then journal blocks in order).
@@ -661,7 +725,7 @@ impl PoolMeta {
         }
         // The frees these records made were durable before any later commit could reuse the
         // clusters (reuse needs a durable free), so they are free for the records that follow.
-        self.alloc.commit();
+        self.alloc.get_mut().commit();
         for f in self.fams.values_mut() {
             f.loaded();
         }
@@ -675,7 +739,7 @@ impl PoolMeta {
             self.journal.skip_replayed(blocks, seq, crc);
         }
         self.loading = false;
-        self.alloc.commit();
+        self.alloc.get_mut().commit();
         for f in self.fams.values_mut() {
             f.loaded();
         }
@@ -694,7 +758,7 @@ impl PoolMeta {
         const NONE: u32 = u32::MAX;
         // Union-find over family numbers, by the first family seen naming each cluster.
         let mut owner = vec![NONE; self.refs.len()];
-        let mut root: BTreeMap<u32, u32> = self.fams.iter().map(|(f, _)| (f, f)).collect();
+        let mut root: BTreeMap<u32, u32> = self.fams.iter_mut().map(|(f, _)| (f, f)).collect();
         fn find(root: &mut BTreeMap<u32, u32>, mut f: u32) -> u32 {
             while root[&f] != f {
                 let up = root[&root[&f]];
@@ -703,7 +767,7 @@ impl PoolMeta {
             }
             f
         }
-        for (f, fam) in self.fams.iter() {
+        for (f, fam) in self.fams.iter_mut() {
             for v in fam.volumes.values() {
                 for c in v.tree.entries().into_iter().filter_map(|(_, e)| e.cluster()) {
                     let slot = &mut owner[c as usize];
@@ -718,7 +782,7 @@ impl PoolMeta {
                 }
             }
         }
-        let numbers: Vec<u32> = self.fams.iter().map(|(f, _)| f).collect();
+        let numbers: Vec<u32> = self.fams.iter_mut().map(|(f, _)| f).collect();
         for f in numbers {
             let to = find(&mut root, f);
             if to == f {
@@ -738,8 +802,8 @@ impl PoolMeta {
                 self.fams.get_mut(to).expect("a merge target").volumes.insert(id, v);
             }
         }
-        let fams = &self.fams;
-        self.family_of.retain(|_, f| fams.get(*f).is_some());
+        let fams = &mut self.fams;
+        self.family_of.retain(|_, f| fams.get_mut(*f).is_some());
     }
 
     // ---- checking ---------------------------------------------------------------------------
@@ -747,11 +811,17 @@ impl PoolMeta {
     /// Recounts references from the trees and compares them with the live counts and the
     /// allocator; checks each family and that no cluster is shared between families. Returns
     /// every discrepancy found.
+    ///
+    /// Exact when nothing decides meanwhile (an exclusive borrow); it locks every family at
+    /// once, in number order (a decision holds one family's lock and waits for no other).
     pub fn check(&self) -> Vec<String> {
+        let fams: Vec<(u32, MutexGuard<'_, Family>)> = self.fams.iter().collect();
+        let alloc = self.alloc.lock();
         let mut problems = Vec::new();
         let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
         let mut owner: HashMap<u64, u32> = HashMap::default();
-        for (f, fam) in self.fams.iter() {
+        for (f, fam) in &fams {
+            let f = *f;
             for (c, n) in count_references(fam.volumes.values().map(|v| &v.tree)) {
                 *counts.entry(c).or_default() += n;
                 if let Some(g) = owner.insert(c, f) {
@@ -762,7 +832,8 @@ impl PoolMeta {
         }
         // What families hold unnamed: each cluster once, named by no tree, lent.
         let mut held: HashMap<u64, (u32, &str)> = HashMap::default();
-        for (f, fam) in self.fams.iter() {
+        for (f, fam) in &fams {
+            let f = *f;
             for (what, c) in fam.held_free() {
                 if let Some((g, other)) = held.insert(c, (f, what)) {
                     problems.push(format!(
@@ -772,7 +843,7 @@ impl PoolMeta {
                 if counts.contains_key(&c) {
                     problems.push(format!("cluster {c} in family {f}'s {what} but named"));
                 }
-                if !self.alloc.is_allocated(c) {
+                if !alloc.is_allocated(c) {
                     problems.push(format!("cluster {c} in family {f}'s {what} but not lent"));
                 }
             }
@@ -782,25 +853,25 @@ impl PoolMeta {
             if r != want {
                 problems.push(format!("cluster {c}: refcount {r}, trees say {want}"));
             }
-            if r > 0 && !self.alloc.is_allocated(c as u64) {
+            if r > 0 && !alloc.is_allocated(c as u64) {
                 problems.push(format!("cluster {c} referenced but not allocated"));
             }
         }
         let referenced = counts.len() as u64;
-        let used = self.alloc.used_count();
+        let used = alloc.used_count();
         if used < referenced {
             problems.push(format!("allocator counts {used} clusters, {referenced} referenced"));
         }
         problems.extend(self.commit_waiters.check());
-        let queued: usize = self.fams.values().map(|f| f.pending.len()).sum();
-        if queued != self.family_pending {
-            problems.push(format!(
-                "families hold {queued} pending records, the pool counts {}",
-                self.family_pending
-            ));
+        let queued: usize = fams.iter().map(|(_, f)| f.pending.len()).sum();
+        let counted = self.family_pending.load(Ordering::Relaxed);
+        if queued != counted {
+            problems
+                .push(format!("families hold {queued} pending records, the pool counts {counted}"));
         }
         let borrowed: HashSet<u32> = self.borrowed.iter().copied().collect();
-        for (f, fam) in self.fams.iter() {
+        for (f, fam) in &fams {
+            let f = *f;
             if fam.locks.woken() > 0 && !borrowed.contains(&f) {
                 problems.push(format!("family {f}: wake-ups that take_woken would not collect"));
             }
@@ -812,12 +883,15 @@ impl PoolMeta {
     /// not in a family's stock, not freed and waiting for a commit (pending, sealed into the
     /// commit in flight, or quarantined behind older I/O), not the fresh cluster of a write
     /// span in flight. Exact at any moment, under load too.
+    /// Locks every family at once, as `check` does.
     pub fn leaked(&self) -> u64 {
-        let trees = self.fams.values().flat_map(|f| f.volumes.values().map(|v| &v.tree));
+        let fams: Vec<MutexGuard<'_, Family>> = self.fams.values().collect();
+        let trees = fams.iter().flat_map(|f| f.volumes.values().map(|v| &v.tree));
         let referenced = count_references(trees).len() as u64;
-        let in_transit: u64 = self.fams.values().map(Family::in_transit).sum();
-        let accounted = referenced + in_transit + self.alloc.pending_count();
-        self.alloc.used_count().saturating_sub(accounted)
+        let in_transit: u64 = fams.iter().map(|f| f.in_transit()).sum();
+        let alloc = self.alloc.lock();
+        let accounted = referenced + in_transit + alloc.pending_count();
+        alloc.used_count().saturating_sub(accounted)
     }
 }
 
@@ -896,6 +970,129 @@ mod tests {
         true
     }
 
+    /// Decisions run at once from several threads under shared borrows of the pool state —
+    /// for different families, and for two volumes of one family (a volume and a clone of its
+    /// snapshot, sharing clusters) —
+    /// while another thread commits and checks under the exclusive borrow. Each decision locks
+    /// one family at a time; the state stays exact (reference counts, stocks, the pending
+    /// count, nothing leaked) and every write is mapped. The pool is small, so stocks run short
+    /// and take other families' stocks back while those families decide.
+    #[test]
+    fn families_decide_at_once_under_shared_borrows() {
+        use parking_lot::RwLock;
+        const VCS: u64 = 40;
+        const ROUNDS: usize = 10_000;
+        let mut m = fresh_of(sb_of(4 << 20));
+        let a = m.create_volume("a", VCS * m.cluster_bytes()).unwrap();
+        for vc in 0..VCS / 2 {
+            assert!(write_cluster(&mut m, a, vc));
+        }
+        commit(&mut m);
+        let snap = m.snapshot(a, "a-snap").unwrap();
+        let ac = m.clone_volume(snap, "a-clone").unwrap();
+        let b = m.create_volume("b", VCS * m.cluster_bytes()).unwrap();
+        let c = m.create_volume("c", VCS * m.cluster_bytes()).unwrap();
+        assert_eq!(m.family_count(), 3);
+        let cb = m.cluster_bytes();
+        let baseline_refills = m.refills();
+        let meta = RwLock::new(m);
+        // Threads inside a shared borrow now, and the most seen at once.
+        let (inside, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let writer = |vol: u32, seed: u64| {
+            let meta = &meta;
+            let (inside, most) = (&inside, &most);
+            move || {
+                let mut rng = seed;
+                let mut next = move || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng
+                };
+                // `a` wrote its first half before the snapshot its clone `ac` started from.
+                let mut written = vec![false; VCS as usize];
+                if vol == a || vol == ac {
+                    written[..VCS as usize / 2].fill(true);
+                }
+                let (mut plans, mut pieces) = (Vec::new(), Vec::new());
+                for _ in 0..ROUNDS {
+                    let vc = next() % VCS;
+                    let at = vc * cb;
+                    let m = meta.read();
+                    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    let mut full = false;
+                    match next() % 4 {
+                        0 => {
+                            m.trim(vol, at, cb, Waiter(vol.into())).expect("nothing blocks it");
+                            written[vc as usize] = false;
+                        }
+                        1 => {
+                            let t = m.begin_io(vol);
+                            m.plan_read_into(vol, at, PIECE, &mut pieces).unwrap();
+                            m.end_io(t);
+                        }
+                        _ => {
+                            match m.plan_write(vol, at, PIECE, 0, Waiter(vol.into()), &mut plans) {
+                                Ok(()) => {
+                                    let t = m.begin_io(vol);
+                                    for p in &plans {
+                                        m.finish_span(vol, p);
+                                    }
+                                    m.end_write(vol);
+                                    m.end_io(t);
+                                    written[vc as usize] = true;
+                                }
+                                Err(Blocked::Fail(PoolError::NoSpace)) => full = true,
+                                Err(e) => panic!("writing {vol}:{vc}: {e:?}"),
+                            }
+                        }
+                    }
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    drop(m);
+                    if full {
+                        // What the families freed waits for a commit: make one.
+                        commit(&mut meta.write());
+                    }
+                }
+                (vol, written)
+            }
+        };
+        let models = std::thread::scope(|s| {
+            let threads: Vec<_> = [(a, 1), (ac, 2), (b, 3), (c, 4)]
+                .into_iter()
+                .map(|(vol, seed)| s.spawn(writer(vol, 0x9e37_79b9 * seed)))
+                .collect();
+            while !threads.iter().all(|t| t.is_finished()) {
+                let mut m = meta.write();
+                commit(&mut m);
+                assert!(m.check().is_empty(), "{:?}", m.check());
+                assert_eq!(m.leaked(), 0);
+                drop(m);
+                std::thread::yield_now();
+            }
+            threads.into_iter().map(|t| t.join().unwrap()).collect::<Vec<_>>()
+        });
+        assert!(most.into_inner() >= 2, "the shared borrows never overlapped");
+        let mut m = meta.into_inner();
+        commit(&mut m);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        assert_eq!(m.leaked(), 0);
+        for (vol, written) in models {
+            for (vc, w) in written.into_iter().enumerate() {
+                let piece = vc as u64 * cb / PIECE;
+                assert_eq!(m.piece_written(vol, piece), w, "volume {vol} cluster {vc}");
+            }
+        }
+        let (refills, taking_back) = m.refills();
+        assert!(
+            taking_back > baseline_refills.1 && refills > baseline_refills.0,
+            "the short-pool path ran: {:?} -> {:?}",
+            baseline_refills,
+            (refills, taking_back)
+        );
+    }
+
     /// A family's stock of lent clusters never makes another family run out early: the pool is
     /// full only when every free cluster, stocked or not, is used. (A refill that does not
     /// take the other stocks back, run as a mutant, fails here.)
@@ -908,7 +1105,7 @@ mod tests {
         let a_stock = m.fams.get(m.family_of[&a]).unwrap().stock.len();
         assert!(a_stock > 0, "the write's family keeps the rest of its batch");
         let free = m.free_clusters();
-        assert_eq!(free, m.alloc.free_count() + a_stock, "stocked clusters count as free");
+        assert_eq!(free, m.alloc.lock().free_count() + a_stock, "stocked clusters count as free");
         let mut written = 0;
         while write_cluster(&mut m, b, written) {
             written += 1;
@@ -935,7 +1132,7 @@ mod tests {
         }
         m.end_write(v);
         commit(&mut m);
-        let lent = |m: &PoolMeta| m.alloc.used_count();
+        let lent = |m: &PoolMeta| m.alloc.lock().used_count();
         let before = lent(&m);
         m.plan_write(v, 0, whole, 0, Waiter(0), &mut plans).unwrap();
         assert!(plans.iter().all(|p| !p.fresh), "owned clusters are overwritten in place");
@@ -983,7 +1180,8 @@ mod tests {
         m.delete(a).unwrap();
         commit(&mut m);
         assert_eq!(m.family_count(), 0);
-        assert_eq!((m.alloc.free_count(), m.leaked()), (baseline, 0), "a gone family's stock");
+        let free = m.alloc.lock().free_count();
+        assert_eq!((free, m.leaked()), (baseline, 0), "a gone family's stock");
     }
 
     /// Clusters are shared only inside a family, so a cluster a family frees waits only for

@@ -595,13 +595,13 @@ impl<B: Buf> Request<B> {
 
     fn start_read<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         let mut pieces = std::mem::take(&mut self.pieces);
-        if let Err(e) =
-            cx.meta.shared().plan_read_into(self.vol, self.offset, self.len, &mut pieces)
-        {
-            self.pieces = pieces;
-            return self.refuse(cx, e);
+        match cx.meta.shared().plan_read_io(self.vol, self.offset, self.len, &mut pieces) {
+            Ok(t) => self.ticket = Some(t),
+            Err(e) => {
+                self.pieces = pieces;
+                return self.refuse(cx, e);
+            }
         }
-        self.ticket = Some(cx.meta.shared().begin_io(self.vol));
         self.state = State::Reading;
         if let [ReadPiece::Disk { offset, len }] = pieces[..] {
             if len == self.len {
@@ -781,13 +781,12 @@ impl<B: Buf> Request<B> {
     fn start_write<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         let hold = self.hold.as_ref().map_or(0, |h| h.0);
         let (vol, offset, len, waiter) = (self.vol, self.offset, self.len, self.waiter);
-        match cx.meta.shared().plan_write(vol, offset, len, hold, waiter, &mut self.plans) {
-            Ok(()) => {}
+        match cx.meta.shared().plan_write_io(vol, offset, len, hold, waiter, &mut self.plans) {
+            Ok(t) => self.ticket = Some(t),
             Err(Blocked::Wait) => return self.park(Resume::Write),
             Err(Blocked::Fail(e)) => return self.refuse(cx, e),
         }
         let cb = cx.meta.shared().cluster_bytes();
-        self.ticket = Some(cx.meta.shared().begin_io(self.vol));
         self.state = State::Writing;
         self.outstanding = self.plans.len() as u32;
         for i in 0..self.plans.len() {
@@ -874,10 +873,8 @@ impl<B: Buf> Request<B> {
         if self.outstanding > 0 {
             return;
         }
-        cx.meta.shared().end_write(self.vol);
-        if let Some(t) = self.ticket.take() {
-            cx.meta.shared().end_io(t);
-        }
+        let t = self.ticket.take().expect("a write in flight holds its ticket");
+        cx.meta.shared().end_write_io(self.vol, t);
         if let Some((token, vcs)) = self.hold.take() {
             cx.meta.shared().release(self.vol, &vcs, token);
         }

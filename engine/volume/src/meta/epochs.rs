@@ -6,14 +6,14 @@ use super::*;
 
 impl Family {
     /// Registers an I/O; returns its epoch.
-    fn begin_io(&mut self) -> u64 {
+    pub(super) fn begin_io(&mut self) -> u64 {
         *self.inflight.entry(self.io_epoch).or_default() += 1;
         self.io_epoch
     }
 
     /// Ends an I/O of epoch `epoch`; returns the clusters its stock does not keep of those
     /// this made reusable, for the pool's allocator.
-    fn end_io(&mut self, epoch: u64) -> Vec<u64> {
+    pub(super) fn end_io(&mut self, epoch: u64) -> Vec<u64> {
         let n = self.inflight.get_mut(&epoch).expect("ticket of an I/O in flight");
         *n -= 1;
         if *n == 0 {
@@ -50,6 +50,23 @@ impl PoolMeta {
     pub fn end_io(&self, t: Ticket) {
         let mut fam = self.fams.get(t.0).expect("a family lives while it has I/O in flight");
         let surplus = fam.end_io(t.1);
+        self.give_back(surplus);
+    }
+
+    /// `end_write` and `end_io` of a write in one decision (one lock of its family).
+    pub fn end_write_io(&self, id: u32, t: Ticket) {
+        debug_assert_eq!(self.family_of.get(&id), Some(&t.0), "a write's ticket is its family's");
+        let surplus = self
+            .deciding(id, |fam, _| {
+                fam.end_write(id);
+                fam.end_io(t.1)
+            })
+            .expect("a planned volume's family");
+        self.give_back(surplus);
+    }
+
+    /// Clusters a family's stock did not keep, back to the allocator.
+    fn give_back(&self, surplus: Vec<u64>) {
         if !surplus.is_empty() {
             self.alloc.lock().take_back(surplus);
         }

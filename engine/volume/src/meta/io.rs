@@ -310,25 +310,73 @@ impl PoolMeta {
         waiter: Waiter,
         plans: &mut Vec<WritePlan>,
     ) -> Result<(), Blocked> {
+        self.plan_write_with(id, offset, len, hold, waiter, plans, false).map(|_| ())
+    }
+
+    /// `plan_write` and `begin_io` in one decision (one lock of the family): the write's I/O
+    /// ticket.
+    pub fn plan_write_io(
+        &self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        hold: u64,
+        waiter: Waiter,
+        plans: &mut Vec<WritePlan>,
+    ) -> Result<Ticket, Blocked> {
+        let t = self.plan_write_with(id, offset, len, hold, waiter, plans, true)?;
+        Ok(t.expect("a planned write's ticket"))
+    }
+
+    #[allow(clippy::too_many_arguments)] // `plan_write`'s, and whether to take a ticket
+    fn plan_write_with(
+        &self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        hold: u64,
+        waiter: Waiter,
+        plans: &mut Vec<WritePlan>,
+        io: bool,
+    ) -> Result<Option<Ticket>, Blocked> {
         plans.clear();
         self.ok()?;
-        let plan = |fam: &mut Family, link: &mut Link| {
-            fam.plan_write(id, offset, len, hold, waiter, plans, link)
+        let Some(&f) = self.family_of.get(&id) else {
+            return Err(PoolError::NoVolume(id).into());
         };
-        let Planned::Short(want) = self.deciding(id, plan).ok_or(PoolError::NoVolume(id))?? else {
-            return Ok(());
+        let mut plan = |fam: &mut Family, link: &mut Link| -> Result<_, Blocked> {
+            Ok(match fam.plan_write(id, offset, len, hold, waiter, plans, link)? {
+                Planned::Ready => Ok(io.then(|| Ticket(f, fam.begin_io()))),
+                Planned::Short(want) => Err(want),
+            })
+        };
+        let want = match self.deciding(id, &mut plan).expect("a named volume's family")? {
+            Ok(ticket) => return Ok(ticket),
+            Err(want) => want,
         };
         // The family's stock is short of fresh clusters: refilled, it plans again (nothing was
         // reserved or parked; at most once per `Stock::BATCH` fresh clusters).
-        let f = *self.family_of.get(&id).expect("a volume just planned for");
         self.refill(f, want);
-        let plan = |fam: &mut Family, link: &mut Link| {
-            fam.plan_write(id, offset, len, hold, waiter, plans, link)
-        };
-        match self.deciding(id, plan).expect("a volume just planned for")? {
-            Planned::Ready => Ok(()),
-            Planned::Short(_) => Err(PoolError::NoSpace.into()),
+        match self.deciding(id, &mut plan).expect("a named volume's family")? {
+            Ok(ticket) => Ok(ticket),
+            Err(_) => Err(PoolError::NoSpace.into()),
         }
+    }
+
+    /// `plan_read_into` and `begin_io` in one decision (one lock of the family): the read's
+    /// I/O ticket.
+    pub fn plan_read_io(
+        &self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<ReadPiece>,
+    ) -> Result<Ticket, PoolError> {
+        out.clear();
+        let Some(&f) = self.family_of.get(&id) else { return Err(PoolError::NoVolume(id)) };
+        let mut fam = self.fams.get(f).expect("a named volume's family");
+        fam.plan_read_into(id, offset, len, out)?;
+        Ok(Ticket(f, fam.begin_io()))
     }
 
     /// Makes family `f`'s stock hold at least `want` clusters if the pool can: a refill lends

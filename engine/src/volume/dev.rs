@@ -6,10 +6,14 @@
 //! [`NvmeDev`] (an NVMe namespace's `/dev/ngXnY`, passthrough commands on the calling core's
 //! device ring), and as a [`PoolDisk`] (blocking: file I/O, or passthrough ioctls) for
 //! opening and formatting it, and for the requests that arrive once the cores are gone. The
-//! [`PoolMeta`] between them sits behind one mutex held only for in-memory decisions, never
-//! across I/O on the data path, and taken by a core once per flush round with volume work (a
-//! loop iteration flushes once, then once per round of same-iteration completions): a round's
-//! request events are decided together in one borrow.
+//! [`PoolMeta`] between them sits behind a read-write lock held only for in-memory decisions,
+//! never across I/O. A core borrows it shared once per flush round with volume work (a loop
+//! iteration flushes once, then once per round of same-iteration completions): a round's
+//! request events are decided together in that borrow, each data-path decision locking only
+//! its volume's family (`ballast_volume::meta`), so cores serving different families decide at
+//! the same time. A step that needs the pool itself — a commit, a control operation, parking
+//! on the commit — takes the exclusive borrow for that event alone (`Round`); the control
+//! thread's listings and operations take it too ([`PoolHandle::meta`]).
 //!
 //! A [`VolumeDev`] is a [`BlockDev`]: each command becomes a request in a slot of the
 //! submitting core's [`CoreQueue`] for the pool — request slots reused in place, run by one
@@ -924,7 +928,7 @@ impl CoreQueue {
                 DiskOp::Flush => IoCmd::Flush,
                 DiskOp::Encode(job) => {
                     // A checkpoint's encoding is CPU work over a frozen copy: off the core,
-                    // which goes on serving I/O (the pool lock is not held meanwhile).
+                    // which goes on serving I/O (the pool state is not borrowed meanwhile).
                     let s = &mut slots[slot as usize];
                     assert!(s.encoding.is_none(), "one encoding at a time");
                     let key = op_key(ops, OpFor::Encode { slot });

@@ -828,8 +828,7 @@ impl<B: Buf> Request<B> {
         if result < 0 || result as usize != whole.len() {
             self.note_error(result);
             cx.bufs.put(whole);
-            cx.meta.shared().abort_span(self.vol, &p);
-            return self.span_done(cx);
+            return self.span_done(cx, p, false);
         }
         let cb = whole.len() as u64;
         let base = p.offset - p.offset % cb;
@@ -859,22 +858,27 @@ impl<B: Buf> Request<B> {
                 cx.bufs.put(buf);
             }
         }
-        if result < 0 || result as usize != expected {
-            cx.meta.shared().abort_span(self.vol, &p);
+        let ok = result >= 0 && result as usize == expected;
+        if !ok {
             self.note_error(result);
-        } else {
-            cx.meta.shared().finish_span(self.vol, &p);
         }
-        self.span_done(cx);
+        self.span_done(cx, p, ok);
     }
 
-    fn span_done<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
+    /// Span `p` ended, its data on the media (`ok`) or not: mapped or aborted; the last one
+    /// also ends the write and its I/O, in the same decision.
+    fn span_done<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>, p: WritePlan, ok: bool) {
         self.outstanding -= 1;
         if self.outstanding > 0 {
+            if ok {
+                cx.meta.shared().finish_span(self.vol, &p);
+            } else {
+                cx.meta.shared().abort_span(self.vol, &p);
+            }
             return;
         }
         let t = self.ticket.take().expect("a write in flight holds its ticket");
-        cx.meta.shared().end_write_io(self.vol, t);
+        cx.meta.shared().end_write_io(self.vol, t, &p, ok);
         if let Some((token, vcs)) = self.hold.take() {
             cx.meta.shared().release(self.vol, &vcs, token);
         }

@@ -7,7 +7,10 @@
 //!   the daemon's adapter does, the request reused in its slot as the adapter does (no
 //!   allocation per request); and the pool state's part of a first write of a cluster: a fresh
 //!   cluster taken, mapped, then trimmed and freed, commits making it reusable;
-//! - the pool mutex itself: uncontended, and contended by two threads on two CPUs;
+//! - two threads on two CPUs overwriting a volume each (two families): every event under the
+//!   exclusive borrow of the pool state, as under the former pool mutex, against shared borrows
+//!   (each decision locking its own family) — what deciding for families at once buys;
+//! - a mutex itself: uncontended, and contended by two threads on two CPUs;
 //! - a cross-core forward through the engine: a task on core 0 spawns a task on core 1 through
 //!   its mailbox, which wakes the first back through its wake channel (a forwarded request and
 //!   its completion, with no work in between).
@@ -34,7 +37,7 @@ use ballast_volume::pool::{Pool, PoolGeometry};
 use ballast_volume::request::{Access, Bufs, Cmd, Ctx, Issue, Outcome, Request};
 use ballast_volume::sim::{commit_in_memory, SimDisk};
 use clap::Parser;
-use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 #[derive(Parser, Debug)]
 #[command(name = "ballast-costs", about = "Costs of the scaling primitives, measured")]
@@ -67,17 +70,20 @@ const PIECE: u64 = 4096;
 const SPAN: u64 = 64 << 20;
 
 /// A pool whose volume has its first 64 MiB written and committed (so overwrites go in place).
-fn mapped_pool() -> anyhow::Result<(PoolMeta, u32)> {
+fn mapped_pool() -> anyhow::Result<(PoolMeta, [u32; 2])> {
     let disk = SimDisk::new(256 << 20, 1);
     let mut pool = Pool::format(disk, PoolGeometry::standard([3; 16]))?;
-    let vol = pool.create_volume("v", 128 << 20)?;
     let chunk = vec![7u8; 1 << 20];
-    for off in (0..SPAN).step_by(chunk.len()) {
-        pool.write(vol, off, &chunk)?;
+    let mut vols = [0; 2];
+    for (vol, name) in vols.iter_mut().zip(["v", "w"]) {
+        *vol = pool.create_volume(name, 96 << 20)?;
+        for off in (0..SPAN).step_by(chunk.len()) {
+            pool.write(*vol, off, &chunk)?;
+        }
     }
     pool.flush()?;
     let (_, meta) = pool.into_parts();
-    Ok((meta, vol))
+    Ok((meta, vols))
 }
 
 /// A pool state with `clusters` mapped clusters in volume 1, a snapshot of it (2) and a
@@ -151,8 +157,61 @@ impl Access for Shared<'_> {
     }
 }
 
+/// The pool state borrowed exclusively for every event, as the one pool mutex was before the
+/// data path borrowed it shared: the baseline of the two-family figure.
+struct Exclusive<'a>(RwLockWriteGuard<'a, PoolMeta>);
+
+impl Access for Exclusive<'_> {
+    fn shared(&mut self) -> &PoolMeta {
+        &self.0
+    }
+    fn exclusive(&mut self) -> &mut PoolMeta {
+        &mut self.0
+    }
+}
+
+/// ns per request, aggregate, when two threads on two CPUs each run `volume_core` on a volume
+/// of its own family: each event under a shared borrow (the families decide at once) or, with
+/// `exclusive`, under the exclusive one (one at a time, as under the former pool mutex).
+fn two_families(
+    meta: &RwLock<PoolMeta>,
+    vols: [u32; 2],
+    ops: u64,
+    cpus: [usize; 2],
+    exclusive: bool,
+) -> f64 {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for (vol, cpu) in vols.into_iter().zip(cpus) {
+            s.spawn(move || {
+                let _ = ballast_ffi_pin(cpu);
+                volume_core_as(meta, vol, ops / 2, true, exclusive)
+            });
+        }
+    });
+    start.elapsed().as_nanos() as f64 / ops as f64
+}
+
 /// ns per request for `make(offset)` run to completion, device operations completed at once.
 fn volume_core(meta: &RwLock<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
+    volume_core_as(meta, vol, ops, write, false)
+}
+
+/// `volume_core`, each event under the exclusive borrow when `exclusive`.
+fn volume_core_as(
+    meta: &RwLock<PoolMeta>,
+    vol: u32,
+    ops: u64,
+    write: bool,
+    exclusive: bool,
+) -> f64 {
+    let borrow = || -> Box<dyn Access + '_> {
+        if exclusive {
+            Box::new(Exclusive(meta.write()))
+        } else {
+            Box::new(Shared(meta.read()))
+        }
+    };
     let mut bufs = NoBufs;
     let mut out: Vec<Issue<Vec<u8>>> = Vec::new();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -180,8 +239,8 @@ fn volume_core(meta: &RwLock<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 
             None => Request::new(vol, cmd, Waiter(1)),
         };
         let mut outcome = {
-            let mut m = Shared(meta.read());
-            req.start(&mut Ctx { meta: &mut m, bufs: &mut bufs, out: &mut out })
+            let mut m = borrow();
+            req.start(&mut Ctx { meta: &mut *m, bufs: &mut bufs, out: &mut out })
         };
         loop {
             if let Outcome::Done { result, buf } = outcome {
@@ -201,9 +260,9 @@ fn volume_core(meta: &RwLock<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 
                     unreachable!("reads and overwrites write no checkpoint")
                 }
             };
-            let mut m = Shared(meta.read());
+            let mut m = borrow();
             outcome = req.on_completion(
-                &mut Ctx { meta: &mut m, bufs: &mut bufs, out: &mut out },
+                &mut Ctx { meta: &mut *m, bufs: &mut bufs, out: &mut out },
                 tag,
                 len,
                 buf,
@@ -384,7 +443,8 @@ fn main() -> anyhow::Result<()> {
     let cpus: Vec<usize> =
         args.cpus.split(',').map(str::parse).collect::<Result<_, _>>().context("--cpus")?;
     let cpus: [usize; 2] = cpus.try_into().map_err(|_| anyhow::anyhow!("--cpus: two CPUs"))?;
-    let (meta, vol) = mapped_pool()?;
+    let (meta, vols) = mapped_pool()?;
+    let vol = vols[0];
     let meta = RwLock::new(meta);
     let _ = ballast_ffi_pin(cpus[0]);
     let reps = args.reps.max(1);
@@ -394,6 +454,8 @@ fn main() -> anyhow::Result<()> {
     let fresh = figure(&mut || fresh_cluster(&meta, vol, args.ops));
     let unc = figure(&mut || mutex_uncontended(args.ops * 10));
     let con = figure(&mut || mutex_contended(args.ops * 10, cpus));
+    let two_excl = figure(&mut || two_families(&meta, vols, args.ops, cpus, true));
+    let two_shared = figure(&mut || two_families(&meta, vols, args.ops, cpus, false));
     let mut cross = Vec::new();
     for poll_us in [1000, 0] {
         let mut runs = Vec::new();
@@ -417,6 +479,15 @@ fn main() -> anyhow::Result<()> {
     println!(
         "| volume core: first 4 KiB write of a cluster (fresh cluster, mapped) + trim, commit per \
          256 (pool state only) | {fresh:.0} |"
+    );
+    println!(
+        "| volume core: 4 KiB in-place overwrites, two threads on two CPUs, a family each, every \
+         event under the exclusive borrow (as under the former pool mutex): ns per request, \
+         both threads together | {two_excl:.0} |"
+    );
+    println!(
+        "| the same, every event under a shared borrow (the families decide at once) | \
+         {two_shared:.0} |"
     );
     println!("| pool mutex, uncontended lock + unlock | {unc:.1} |");
     println!("| pool mutex, two threads on two CPUs, per lock + unlock | {con:.1} |");

@@ -53,20 +53,8 @@ impl PoolMeta {
         self.give_back(surplus);
     }
 
-    /// `end_write` and `end_io` of a write in one decision (one lock of its family).
-    pub fn end_write_io(&self, id: u32, t: Ticket) {
-        debug_assert_eq!(self.family_of.get(&id), Some(&t.0), "a write's ticket is its family's");
-        let surplus = self
-            .deciding(id, |fam, _| {
-                fam.end_write(id);
-                fam.end_io(t.1)
-            })
-            .expect("a planned volume's family");
-        self.give_back(surplus);
-    }
-
     /// Clusters a family's stock did not keep, back to the allocator.
-    fn give_back(&self, surplus: Vec<u64>) {
+    pub(super) fn give_back(&self, surplus: Vec<u64>) {
         if !surplus.is_empty() {
             self.alloc.lock().take_back(surplus);
         }

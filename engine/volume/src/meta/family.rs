@@ -7,8 +7,10 @@
 //! A family is a volume with its snapshots and clones (a `VolumeCreate` starts one; a
 //! `Snapshot` or `Clone` joins its source's): clusters are only ever shared inside one. The
 //! pool holds its families beside the pool part (`PoolMeta`: superblock, allocator, journal,
-//! reference counts, configuration, commit pipeline, health), all behind the pool's one mutex
-//! today; this split is the first step of per-family ownership (docs/VOLUMES.md): what a
+//! reference counts, configuration, commit pipeline, health), each family behind a lock of its
+//! own ([`Families`]): the data path decides under a shared borrow of the pool state, locking
+//! the one family it decides for; the pool's own steps borrow it exclusively and reach every
+//! family without locking. This is a step of per-family ownership (docs/VOLUMES.md): what a
 //! family takes from the pool is exactly what [`Link`] carries.
 //!
 //! A family takes fresh clusters from its own [`Stock`], which the pool's allocator lends it
@@ -43,9 +45,9 @@ pub(super) struct Link<'a> {
 /// written only by the family owning the cluster (the pool while loading), so families can
 /// share the array with no lock: atomics make the sharing sound, and plain (`Relaxed`) loads
 /// and stores suffice because whatever hands a family from one thread to another orders its
-/// accesses — and whatever hands a cluster from one family to another (freed to a count of 0,
-/// then lent to another family through the allocator) must order them too, as the pool's
-/// allocator does by being the pool's. An entry is never updated by two owners at once, so a
+/// accesses (the family's own lock) — and whatever hands a cluster from one family to another
+/// (freed to a count of 0, then lent to another family through the allocator) must order them
+/// too, as the allocator's lock does. An entry is never updated by two owners at once, so a
 /// load then a store is an exact update (no read-modify-write instruction on the data path).
 pub(super) struct Refs(Box<[AtomicU32]>);
 

@@ -434,6 +434,25 @@ impl PoolMeta {
             .expect("a planned volume's family")
     }
 
+    /// A write's last span ended — mapped (`mapped`: its data is on the media) or aborted —
+    /// then the write and its I/O, in one decision (one lock of its family): `finish_span` or
+    /// `abort_span`, `end_write` and `end_io` in one.
+    pub fn end_write_io(&self, id: u32, t: Ticket, last: &WritePlan, mapped: bool) {
+        debug_assert_eq!(self.family_of.get(&id), Some(&t.0), "a write's ticket is its family's");
+        let surplus = self
+            .deciding(id, |fam, link| {
+                if mapped {
+                    fam.finish_span(id, last, link);
+                } else {
+                    fam.abort_span(id, last, link);
+                }
+                fam.end_write(id);
+                fam.end_io(t.1)
+            })
+            .expect("a planned volume's family");
+        self.give_back(surplus);
+    }
+
     /// Every span of a planned write has finished or aborted.
     pub fn end_write(&self, id: u32) {
         self.deciding(id, |fam, _| fam.end_write(id)).expect("a planned volume's family")

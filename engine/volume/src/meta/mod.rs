@@ -11,9 +11,17 @@
 //! free clusters lent by the allocator). A family decision reaches the pool only through a
 //! `Link` (the reference counts, shared; the allocator too while loading); the pool counts
 //! the records a family call queued, and refills a family's stock when a write finds it
-//! short. The decisions live beside them by concern: `io` (reads, writes, holds, trims),
-//! `commit` (sealing, checkpoints, when a commit is due), `control` (volume operations and
-//! metadata admission), `epochs` (I/O tickets and the quarantine of freed clusters).
+//! short. Who may decide at once: the data path's decisions (`plan_read_io`, `plan_write_io`,
+//! `finish_span`, `end_write_io`, `trim`, `hold`/`release`, I/O tickets) take `&self` — a
+//! shared borrow several threads may hold at once — and lock the one family they decide for;
+//! everything else takes `&mut self`, an exclusive borrow that reaches every family without
+//! locking. Lock order under a shared borrow: a family's lock, then the leaf locks (the
+//! allocator's, the wake-up queue's); a family's lock is never taken while another family's or
+//! a leaf lock is held (a refill that takes other families' stocks back takes them one at a
+//! time, holding nothing else), so decisions cannot deadlock. The decisions live beside them
+//! by concern: `io` (reads, writes, holds, trims), `commit` (sealing, checkpoints, when a
+//! commit is due), `control` (volume operations and metadata admission), `epochs` (I/O
+//! tickets and the quarantine of freed clusters).
 //!
 //! Invariants:
 //! - every mapping change is a journal record applied through `apply`, the function replay and

@@ -1014,7 +1014,6 @@ impl CoreQueue {
     }
 }
 
-/// Marks `slot` (live) for its `after_event` once the batch is carried out, once per batch.
 /// A core's borrow of the pool state for one round of decisions: shared (the read lock, kept
 /// for the round) for the data path, whose decisions lock one family at a time; exclusive (the
 /// write lock) for a request step that needs it (a commit, a control operation, parking on
@@ -1054,6 +1053,7 @@ impl Round<'_> {
     }
 }
 
+/// Marks `slot` (live) for its `after_event` once the batch is carried out, once per batch.
 fn touch(slots: &mut [Slot], touched: &mut Vec<u32>, slot: u32) {
     let s = &mut slots[slot as usize];
     assert!(s.live, "an event for a free slot");

@@ -711,21 +711,17 @@ impl<B: Buf> Request<B> {
         }
         let cb = cx.meta.shared().cluster_bytes();
         let vcs: Vec<u64> = (start / cb..end.div_ceil(cb)).collect();
-        // Check the range before holding: the hold is taken on clusters that must exist.
-        let plans: Result<Vec<_>, _> =
-            edges.iter().map(|&at| cx.meta.shared().plan_read(self.vol, at, PIECE)).collect();
-        let plans = match plans {
-            Ok(p) => p,
-            Err(e) => return self.refuse(cx, e),
-        };
-        let token = match cx.meta.shared().hold(self.vol, &vcs, self.waiter) {
-            Ok(t) => t,
+        // The range checked, the edges planned, the clusters held and the ticket taken in one
+        // decision: nothing can change the edge pieces' mapping until released.
+        let mut plans = Vec::new();
+        match cx.meta.shared().hold_io(self.vol, &vcs, &edges, self.waiter, &mut plans) {
+            Ok((token, t)) => {
+                self.hold = Some((token, vcs));
+                self.ticket = Some(t);
+            }
             Err(Blocked::Wait) => return self.park(Resume::Hold),
             Err(Blocked::Fail(e)) => return self.refuse(cx, e),
-        };
-        // Held: nothing can change the edge pieces' mapping until released.
-        self.hold = Some((token, vcs));
-        self.ticket = Some(cx.meta.shared().begin_io(self.vol));
+        }
         self.state = State::ReadingEdges;
         self.buf = Some(cx.bufs.get(self.len as usize));
         for (k, (at, pieces)) in edges.iter().zip(plans).enumerate() {

@@ -10,7 +10,7 @@
 //! reference counts, configuration, commit pipeline, health), each family behind a lock of its
 //! own ([`Families`]): the data path decides under a shared borrow of the pool state, locking
 //! the one family it decides for; the pool's own steps borrow it exclusively and reach every
-//! family without locking. This is a step of per-family ownership (docs/VOLUMES.md): what a
+//! family without contention. This is a step of per-family ownership (docs/VOLUMES.md): what a
 //! family takes from the pool is exactly what [`Link`] carries.
 //!
 //! A family takes fresh clusters from its own [`Stock`], which the pool's allocator lends it
@@ -432,7 +432,8 @@ impl Family {
 /// a driver may run from several threads under a shared borrow of the pool state) locks the
 /// one family it decides for, and nothing else but leaf locks (the allocator, the wake-up
 /// queue); whoever borrows the pool state exclusively reaches every family without locking
-/// (`get_mut`). A family lock is never held while another family's is taken.
+/// (`get_mut`; its `&self` helpers lock, uncontended). Families are locked in number order
+/// when several are (`PoolMeta::check`); a decision locks one.
 #[derive(Default)]
 pub(super) struct Families {
     slots: Vec<Option<Mutex<Family>>>,

@@ -5,6 +5,10 @@
 
 use super::*;
 
+/// Passes of taking other families' stocks back before a write short of fresh clusters fails
+/// with `NoSpace` (one suffices unless other decisions take the clusters meanwhile).
+const TAKE_BACK_PASSES: usize = 4;
+
 /// How a family's planning of a write ended when nothing blocked it.
 pub(super) enum Planned {
     /// Planned: every fresh cluster taken from the stock.
@@ -344,23 +348,38 @@ impl PoolMeta {
         let Some(&f) = self.family_of.get(&id) else {
             return Err(PoolError::NoVolume(id).into());
         };
+        // Planned with the family's lock held throughout: a stock found short is refilled from
+        // the allocator (the leaf lock after the family's) and the write planned again in the
+        // same decision, so no other decision can take what was lent in between.
         let mut plan = |fam: &mut Family, link: &mut Link| -> Result<_, Blocked> {
-            Ok(match fam.plan_write(id, offset, len, hold, waiter, plans, link)? {
+            let mut planned = fam.plan_write(id, offset, len, hold, waiter, plans, link)?;
+            if let Planned::Short(want) = planned {
+                self.refills.fetch_add(1, Ordering::Relaxed);
+                let short = want.max(Stock::BATCH).saturating_sub(fam.stock.len());
+                self.alloc.lock().lend(short, &mut fam.stock);
+                planned = fam.plan_write(id, offset, len, hold, waiter, plans, link)?;
+            }
+            Ok(match planned {
                 Planned::Ready => Ok(io.then(|| Ticket(f, fam.begin_io()))),
                 Planned::Short(want) => Err(want),
             })
         };
-        let want = match self.deciding(id, &mut plan).expect("a named volume's family")? {
-            Ok(ticket) => return Ok(ticket),
-            Err(want) => want,
-        };
-        // The family's stock is short of fresh clusters: refilled, it plans again (nothing was
-        // reserved or parked; at most once per `Stock::BATCH` fresh clusters).
-        self.refill(f, want);
-        match self.deciding(id, &mut plan).expect("a named volume's family")? {
-            Ok(ticket) => Ok(ticket),
-            Err(_) => Err(PoolError::NoSpace.into()),
+        // The allocator itself was short: the other families' stocks come back to it (one
+        // family at a time, holding no other lock) and the write plans again — again while a
+        // pass brings clusters back (another decision may take them meanwhile) — so a pool is
+        // full only when every free cluster is used.
+        for _ in 0..TAKE_BACK_PASSES {
+            match self.deciding(id, &mut plan).expect("a named volume's family")? {
+                Ok(ticket) => return Ok(ticket),
+                Err(want) => {
+                    if self.take_back_stocks(f) == 0 {
+                        break;
+                    }
+                    tracing::trace!(family = f, want, "stocks taken back for a short write");
+                }
+            }
         }
+        Err(PoolError::NoSpace.into())
     }
 
     /// `plan_read_into` and `begin_io` in one decision (one lock of the family): the read's
@@ -379,33 +398,49 @@ impl PoolMeta {
         Ok(Ticket(f, fam.begin_io()))
     }
 
-    /// Makes family `f`'s stock hold at least `want` clusters if the pool can: a refill lends
-    /// at least a batch; when the pool's allocator is short, the other families' stocks come
-    /// back to it first, so a pool is full only when every free cluster is used (a shared
-    /// borrow: the other stocks come back one family at a time, holding no other family's
-    /// lock, so another thread may take what came back before this family's second lend —
-    /// the pool is then full but for what that thread's write holds).
-    fn refill(&self, f: u32, want: u64) {
-        self.refills.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut fam = self.fams.get(f).expect("a named volume's family");
-            let short = want.max(Stock::BATCH).saturating_sub(fam.stock.len());
-            self.alloc.lock().lend(short, &mut fam.stock);
-            if fam.stock.len() >= want {
-                return;
-            }
-        }
+    /// Takes every other family's stock back into the allocator, one family at a time with
+    /// no other lock held; returns how many clusters came back.
+    fn take_back_stocks(&self, f: u32) -> u64 {
         self.refills_taking_back.fetch_add(1, Ordering::Relaxed);
+        let mut back = 0;
         for (g, mut other) in self.fams.iter() {
             if g != f && !other.stock.is_empty() {
-                let back: Vec<u64> = other.stock.drain().collect();
+                let clusters: Vec<u64> = other.stock.drain().collect();
                 drop(other);
-                self.alloc.lock().take_back(back);
+                back += clusters.len() as u64;
+                self.alloc.lock().take_back(clusters);
             }
         }
-        let mut fam = self.fams.get(f).expect("looked up above");
-        let short = want.saturating_sub(fam.stock.len());
-        self.alloc.lock().lend(short, &mut fam.stock);
+        back
+    }
+
+    /// For a read-modify-write, in one decision (one lock of the family): checks that the
+    /// pieces at `edges` are within the volume and plans their reads (into `edge_plans`, one
+    /// list per edge), holds volume clusters `vcs` (`hold`), and takes the I/O ticket — so
+    /// the edges' mapping cannot change between their planning and the hold.
+    pub fn hold_io(
+        &self,
+        id: u32,
+        vcs: &[u64],
+        edges: &[u64],
+        waiter: Waiter,
+        edge_plans: &mut Vec<Vec<ReadPiece>>,
+    ) -> Result<(u64, Ticket), Blocked> {
+        self.ok()?;
+        let Some(&f) = self.family_of.get(&id) else {
+            return Err(PoolError::NoVolume(id).into());
+        };
+        self.deciding(id, |fam, _| {
+            edge_plans.clear();
+            for &at in edges {
+                let mut pieces = Vec::new();
+                fam.plan_read_into(id, at, PIECE, &mut pieces)?;
+                edge_plans.push(pieces);
+            }
+            let token = fam.hold(id, vcs, waiter)?;
+            Ok((token, Ticket(f, fam.begin_io())))
+        })
+        .expect("a named volume's family")
     }
 
     /// Holds volume clusters `vcs` exclusively for a read-modify-write (an unaligned write):

@@ -12,16 +12,17 @@
 //! `Link` (the reference counts, shared; the allocator too while loading); the pool counts
 //! the records a family call queued, and refills a family's stock when a write finds it
 //! short. Who may decide at once: the data path's decisions (`plan_read_io`, `plan_write_io`,
-//! `finish_span`, `end_write_io`, `trim`, `hold`/`release`, I/O tickets) take `&self` — a
+//! `finish_span`, `end_write_io`, `trim`, `hold_io`/`release`, I/O tickets) take `&self` — a
 //! shared borrow several threads may hold at once — and lock the one family they decide for;
 //! everything else takes `&mut self`, an exclusive borrow that reaches every family without
-//! locking. Lock order under a shared borrow: a family's lock, then the leaf locks (the
-//! allocator's, the wake-up queue's); a family's lock is never taken while another family's or
-//! a leaf lock is held (a refill that takes other families' stocks back takes them one at a
-//! time, holding nothing else), so decisions cannot deadlock. The decisions live beside them
-//! by concern: `io` (reads, writes, holds, trims), `commit` (sealing, checkpoints, when a
-//! commit is due), `control` (volume operations and metadata admission), `epochs` (I/O
-//! tickets and the quarantine of freed clusters).
+//! contention. Lock order: families' locks in number order, then the leaf locks (the
+//! allocator's, the wake-up queue's), which nothing holds while taking another lock. A
+//! decision locks one family only (a write that takes other families' stocks back takes them
+//! one at a time, holding nothing else); `check` and `leaked` lock every family, in number
+//! order. So nothing can deadlock. The decisions live beside them by concern: `io` (reads,
+//! writes, holds, trims), `commit` (sealing, checkpoints, when a commit is due), `control`
+//! (volume operations and metadata admission), `epochs` (I/O tickets and the quarantine of
+//! freed clusters).
 //!
 //! Invariants:
 //! - every mapping change is a journal record applied through `apply`, the function replay and
@@ -890,7 +891,9 @@ impl PoolMeta {
     /// Clusters allocated but referenced by nothing and not on their way anywhere (leaks):
     /// not in a family's stock, not freed and waiting for a commit (pending, sealed into the
     /// commit in flight, or quarantined behind older I/O), not the fresh cluster of a write
-    /// span in flight. Exact at any moment, under load too.
+    /// span in flight. Exact at any moment under an exclusive borrow, under load too (under a
+    /// shared one, clusters on their way between a family and the allocator — a write's refill
+    /// taking other stocks back, an I/O's surplus — are briefly in neither).
     /// Locks every family at once, as `check` does.
     pub fn leaked(&self) -> u64 {
         let fams: Vec<MutexGuard<'_, Family>> = self.fams.values().collect();
@@ -1004,11 +1007,13 @@ mod tests {
         let cb = m.cluster_bytes();
         let baseline_refills = m.refills();
         let meta = RwLock::new(m);
-        // Threads inside a shared borrow now, and the most seen at once.
+        // Threads inside a shared borrow now, and the most seen at once; the four writers meet
+        // inside their first shared borrows before the committer starts.
         let (inside, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let met = std::sync::Barrier::new(5);
         let writer = |vol: u32, seed: u64| {
             let meta = &meta;
-            let (inside, most) = (&inside, &most);
+            let (inside, most, met) = (&inside, &most, &met);
             move || {
                 let mut rng = seed;
                 let mut next = move || {
@@ -1023,12 +1028,15 @@ mod tests {
                     written[..VCS as usize / 2].fill(true);
                 }
                 let (mut plans, mut pieces) = (Vec::new(), Vec::new());
-                for _ in 0..ROUNDS {
+                for round in 0..ROUNDS {
                     let vc = next() % VCS;
                     let at = vc * cb;
                     let m = meta.read();
                     let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
+                    if round == 0 {
+                        met.wait();
+                    }
                     let mut full = false;
                     match next() % 4 {
                         0 => {
@@ -1071,6 +1079,7 @@ mod tests {
                 .into_iter()
                 .map(|(vol, seed)| s.spawn(writer(vol, 0x9e37_79b9 * seed)))
                 .collect();
+            met.wait();
             while !threads.iter().all(|t| t.is_finished()) {
                 let mut m = meta.write();
                 commit(&mut m);
@@ -1081,7 +1090,7 @@ mod tests {
             }
             threads.into_iter().map(|t| t.join().unwrap()).collect::<Vec<_>>()
         });
-        assert!(most.into_inner() >= 2, "the shared borrows never overlapped");
+        assert_eq!(most.into_inner(), 4, "the four writers' shared borrows overlapped");
         let mut m = meta.into_inner();
         commit(&mut m);
         assert!(m.check().is_empty(), "{:?}", m.check());

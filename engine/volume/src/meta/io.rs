@@ -6,7 +6,8 @@
 use super::*;
 
 /// Passes of taking other families' stocks back before a write short of fresh clusters fails
-/// with `NoSpace` (one suffices unless other decisions take the clusters meanwhile).
+/// with `NoSpace` (one suffices unless other decisions take the clusters meanwhile); the write
+/// plans once more after each.
 const TAKE_BACK_PASSES: usize = 4;
 
 /// How a family's planning of a write ended when nothing blocked it.
@@ -350,34 +351,39 @@ impl PoolMeta {
         };
         // Planned with the family's lock held throughout: a stock found short is refilled from
         // the allocator (the leaf lock after the family's) and the write planned again in the
-        // same decision, so no other decision can take what was lent in between.
-        let mut plan = |fam: &mut Family, link: &mut Link| -> Result<_, Blocked> {
-            let mut planned = fam.plan_write(id, offset, len, hold, waiter, plans, link)?;
-            if let Planned::Short(want) = planned {
-                self.refills.fetch_add(1, Ordering::Relaxed);
-                let short = want.max(Stock::BATCH).saturating_sub(fam.stock.len());
-                self.alloc.lock().lend(short, &mut fam.stock);
-                planned = fam.plan_write(id, offset, len, hold, waiter, plans, link)?;
-            }
-            Ok(match planned {
-                Planned::Ready => Ok(io.then(|| Ticket(f, fam.begin_io()))),
-                Planned::Short(want) => Err(want),
-            })
-        };
-        // The allocator itself was short: the other families' stocks come back to it (one
-        // family at a time, holding no other lock) and the write plans again — again while a
-        // pass brings clusters back (another decision may take them meanwhile) — so a pool is
-        // full only when every free cluster is used.
-        for _ in 0..TAKE_BACK_PASSES {
-            match self.deciding(id, &mut plan).expect("a named volume's family")? {
-                Ok(ticket) => return Ok(ticket),
-                Err(want) => {
-                    if self.take_back_stocks(f) == 0 {
-                        break;
+        // same decision, so no other decision can take what was lent in between. The first
+        // pass lends at least a batch; when the allocator itself was short, the other
+        // families' stocks come back to it (one family at a time, holding no other lock) and
+        // the write plans again lending only what it needs — again while a pass brings
+        // clusters back (another decision may take them meanwhile) — so a pool is full only
+        // when every free cluster is used.
+        for pass in 0..=TAKE_BACK_PASSES {
+            let plan = |fam: &mut Family, link: &mut Link| -> Result<_, Blocked> {
+                let mut planned = fam.plan_write(id, offset, len, hold, waiter, plans, link)?;
+                if let Planned::Short(want) = planned {
+                    if pass == 0 {
+                        self.refills.fetch_add(1, Ordering::Relaxed);
                     }
-                    tracing::trace!(family = f, want, "stocks taken back for a short write");
+                    let batch = if pass == 0 { want.max(Stock::BATCH) } else { want };
+                    self.alloc.lock().lend(batch.saturating_sub(fam.stock.len()), &mut fam.stock);
+                    planned = fam.plan_write(id, offset, len, hold, waiter, plans, link)?;
                 }
+                Ok(match planned {
+                    Planned::Ready => Ok(io.then(|| Ticket(f, fam.begin_io()))),
+                    Planned::Short(want) => Err(want),
+                })
+            };
+            let want = match self.deciding(id, plan).expect("a named volume's family")? {
+                Ok(ticket) => return Ok(ticket),
+                Err(want) => want,
+            };
+            if pass == 0 {
+                self.refills_taking_back.fetch_add(1, Ordering::Relaxed);
             }
+            if pass == TAKE_BACK_PASSES || self.take_back_stocks(f) == 0 {
+                break;
+            }
+            tracing::trace!(family = f, want, pass, "stocks taken back for a short write");
         }
         Err(PoolError::NoSpace.into())
     }
@@ -401,7 +407,6 @@ impl PoolMeta {
     /// Takes every other family's stock back into the allocator, one family at a time with
     /// no other lock held; returns how many clusters came back.
     fn take_back_stocks(&self, f: u32) -> u64 {
-        self.refills_taking_back.fetch_add(1, Ordering::Relaxed);
         let mut back = 0;
         for (g, mut other) in self.fams.iter() {
             if g != f && !other.stock.is_empty() {
@@ -426,7 +431,6 @@ impl PoolMeta {
         waiter: Waiter,
         edge_plans: &mut Vec<Vec<ReadPiece>>,
     ) -> Result<(u64, Ticket), Blocked> {
-        self.ok()?;
         let Some(&f) = self.family_of.get(&id) else {
             return Err(PoolError::NoVolume(id).into());
         };
@@ -437,6 +441,8 @@ impl PoolMeta {
                 fam.plan_read_into(id, at, PIECE, &mut pieces)?;
                 edge_plans.push(pieces);
             }
+            // A bad range is refused as such before a failed pool is (as `hold` alone did).
+            self.ok()?;
             let token = fam.hold(id, vcs, waiter)?;
             Ok((token, Ticket(f, fam.begin_io())))
         })

@@ -1341,7 +1341,11 @@ mod tests {
         let (dir, pool, engine) = pool_on_a_core("quiesce");
         pool.set_quiesce_timeout(Duration::from_millis(300));
         let id = pool.meta().find("v").unwrap();
-        let token = pool.meta().hold(id, &[0], Waiter(u64::MAX)).expect("nothing else holds it");
+        let mut edges = Vec::new();
+        let (token, ticket) = pool
+            .meta()
+            .hold_io(id, &[0], &[], Waiter(u64::MAX), &mut edges)
+            .expect("nothing else holds it");
         let started = Instant::now();
         let r = pool.snapshot("v", "s");
         let waited = started.elapsed();
@@ -1352,6 +1356,7 @@ mod tests {
         assert_eq!(pool.list().len(), 1);
         assert_eq!(pool.meta().volume(id).unwrap().frozen, 0, "the freeze ended with it");
         pool.meta().release(id, &[0], token);
+        pool.meta().end_io(ticket);
         pool.snapshot("v", "s").expect("nothing in flight: the snapshot is taken");
         assert!(pool.meta().find("s").is_ok());
         engine.shutdown();

@@ -421,8 +421,11 @@ impl PoolMeta {
 
     /// For a read-modify-write, in one decision (one lock of the family): checks that the
     /// pieces at `edges` are within the volume and plans their reads (into `edge_plans`, one
-    /// list per edge), holds volume clusters `vcs` (`hold`), and takes the I/O ticket — so
-    /// the edges' mapping cannot change between their planning and the hold.
+    /// list per edge), holds volume clusters `vcs` exclusively, and takes the I/O ticket — so
+    /// the edges' mapping cannot change between their planning and the hold. Until `release`
+    /// no other write, copy-on-write or trim touches the clusters, so the pieces read and
+    /// merged cannot change meanwhile. [`Blocked::Wait`] when one is in use or the volume is
+    /// frozen (`waiter` parked).
     pub fn hold_io(
         &self,
         id: u32,
@@ -447,16 +450,6 @@ impl PoolMeta {
             Ok((token, Ticket(f, fam.begin_io())))
         })
         .expect("a named volume's family")
-    }
-
-    /// Holds volume clusters `vcs` exclusively for a read-modify-write (an unaligned write):
-    /// no other write, copy-on-write or trim touches them until `release`, so the pieces read
-    /// and merged cannot change meanwhile. [`Blocked::Wait`] when one is in use or the volume
-    /// is frozen (`waiter` parked).
-    pub fn hold(&self, id: u32, vcs: &[u64], waiter: Waiter) -> Result<u64, Blocked> {
-        self.ok()?;
-        self.deciding(id, |fam, _| fam.hold(id, vcs, waiter))
-            .unwrap_or_else(|| Err(PoolError::NoVolume(id).into()))
     }
 
     pub fn release(&self, id: u32, vcs: &[u64], token: u64) {
@@ -509,20 +502,8 @@ impl PoolMeta {
     }
 
     /// Trims a checked range of a volume nothing else is writing.
-    pub(super) fn trim_unchecked(&mut self, id: u32, offset: u64, len: u64) {
-        self.logging(id, |fam, link| fam.trim_unchecked(id, offset, len, link))
+    pub(super) fn trim_unchecked(&self, id: u32, offset: u64, len: u64) {
+        self.deciding(id, |fam, link| fam.trim_unchecked(id, offset, len, link))
             .expect("a checked volume's family")
-    }
-
-    /// Runs a family decision that may log data records on volume `id`'s family (`None`: no
-    /// such family), counting what it queued into the pool's pending count.
-    #[inline]
-    fn logging<R>(&mut self, id: u32, op: impl FnOnce(&mut Family, &mut Link) -> R) -> Option<R> {
-        let (fam, mut link) = self.split(id)?;
-        let before = fam.pending.len();
-        let r = op(fam, &mut link);
-        let queued = fam.pending.len() - before;
-        *self.family_pending.get_mut() += queued;
-        Some(r)
     }
 }

@@ -1044,19 +1044,16 @@ mod tests {
                             written[vc as usize] = false;
                         }
                         1 => {
-                            let t = m.begin_io(vol);
-                            m.plan_read_into(vol, at, PIECE, &mut pieces).unwrap();
+                            let t = m.plan_read_io(vol, at, PIECE, &mut pieces).unwrap();
                             m.end_io(t);
                         }
                         _ => {
-                            match m.plan_write(vol, at, PIECE, 0, Waiter(vol.into()), &mut plans) {
-                                Ok(()) => {
-                                    let t = m.begin_io(vol);
-                                    for p in &plans {
-                                        m.finish_span(vol, p);
-                                    }
-                                    m.end_write(vol);
-                                    m.end_io(t);
+                            let w = Waiter(vol.into());
+                            match m.plan_write_io(vol, at, PIECE, 0, w, &mut plans) {
+                                Ok(t) => {
+                                    // One cluster: its span and the write end in one decision,
+                                    // as a request's last span does.
+                                    m.end_write_io(vol, t, &plans[0], true);
                                     written[vc as usize] = true;
                                 }
                                 Err(Blocked::Fail(PoolError::NoSpace)) => full = true,

@@ -134,6 +134,10 @@ pub struct CoreStats {
     /// with volume work, per pool), and the request events decided in those borrows.
     pub volume_rounds: u64,
     pub volume_events: u64,
+    /// Volume requests this core forwarded to the core owning their family, and the
+    /// wake-ups its mail posts needed (one per batch at most).
+    pub volume_forwarded: u64,
+    pub volume_mail_wakes: u64,
     /// Requests submitted on this core and not completed yet, all devices together.
     in_flight: u64,
     /// Per device, by `device_id`.
@@ -159,6 +163,8 @@ impl CoreStats {
             offload_in_place: 0,
             volume_rounds: 0,
             volume_events: 0,
+            volume_forwarded: 0,
+            volume_mail_wakes: 0,
             in_flight: 0,
             devices: Vec::new(),
         }
@@ -262,6 +268,8 @@ impl CoreStats {
             offload_in_place: self.offload_in_place,
             volume_rounds: self.volume_rounds,
             volume_events: self.volume_events,
+            volume_forwarded: self.volume_forwarded,
+            volume_mail_wakes: self.volume_mail_wakes,
             in_flight: self.in_flight,
             tasks: 0,
             ring_enters: 0,
@@ -339,6 +347,10 @@ pub struct StatsSnapshot {
     /// them (events per round: how well a turn's volume work shares one borrow).
     pub volume_rounds: u64,
     pub volume_events: u64,
+    /// Volume requests this core forwarded to the core owning their family, and the
+    /// wake-ups its mail posts needed (one per batch at most).
+    pub volume_forwarded: u64,
+    pub volume_mail_wakes: u64,
     /// Requests submitted and not completed yet (the core's queue depth, all devices).
     pub in_flight: u64,
     /// Tasks (connections, listeners, volume I/O) alive on the core.

@@ -204,7 +204,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 21] = [
+        let per_core: [PerCoreMetric; 23] = [
             ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
                 s.in_flight
             }),
@@ -257,6 +257,18 @@ impl ScrapeCollector {
                 "Volume request events decided in those borrows.",
                 Counter,
                 |s| s.volume_events,
+            ),
+            (
+                "ballast_core_volume_forwarded",
+                "Volume requests the core forwarded to the core owning their family.",
+                Counter,
+                |s| s.volume_forwarded,
+            ),
+            (
+                "ballast_core_volume_mail_wakes",
+                "Wake-ups the core sent with forwarded requests or their answers (one per batch at most).",
+                Counter,
+                |s| s.volume_mail_wakes,
             ),
             ("ballast_buffer_budget_bytes", "The core's payload-memory budget.", Gauge, |s| {
                 s.buffers.buffer_budget

@@ -140,6 +140,12 @@ pub struct ServeArgs {
     /// to finish; past it the operation fails (busy) and nothing changes.
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
     quiesce_timeout: std::time::Duration,
+    /// Which core runs a volume's I/O: `owner`, the core owning the volume's family (a volume
+    /// with its snapshots and clones; families are spread over the cores) — commands arriving
+    /// on other cores are forwarded to it in batches; `any`, the core the command arrived on
+    /// (a family's decisions then come from several cores, each under the family's lock).
+    #[arg(long, value_name = "WHERE", default_value = "owner")]
+    volume_placement: VolumePlacement,
     /// Log lines as human-readable text, or as one JSON object per line for log collectors.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -152,6 +158,22 @@ pub struct ServeArgs {
     /// NBD over TLS (--nbd-tls, its credentials and allow-lists).
     #[command(flatten)]
     nbd_tls: crate::nbd_tls::NbdTlsArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VolumePlacement {
+    Owner,
+    Any,
+}
+
+impl From<VolumePlacement> for ballast_engine::volume::forward::Placement {
+    fn from(p: VolumePlacement) -> Self {
+        use ballast_engine::volume::forward::Placement;
+        match p {
+            VolumePlacement::Owner => Placement::Owner,
+            VolumePlacement::Any => Placement::Any,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -339,6 +361,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(pool) = &pool {
         pool.set_commit_policy(args.commit_records as usize, args.commit_interval);
         pool.set_quiesce_timeout(args.quiesce_timeout);
+        pool.set_placement(args.volume_placement.into());
         pool.attach_cores(handles.clone());
     }
 

@@ -557,6 +557,12 @@ impl PoolMeta {
             .ok_or_else(|| PoolError::NoName(name.to_string()))
     }
 
+    /// The number of volume `id`'s family (a volume with its snapshots and clones): fixed for
+    /// the volume's life while the pool is open (a daemon places a family's requests by it).
+    pub fn family_number(&self, id: u32) -> Option<u32> {
+        self.family_of.get(&id).copied()
+    }
+
     /// Volume `id`'s attributes, copied out of its family.
     pub fn volume(&self, id: u32) -> Result<VolumeAttrs, PoolError> {
         let Some(fam) = self.family(id) else { return Err(PoolError::NoVolume(id)) };

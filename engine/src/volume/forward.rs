@@ -1,0 +1,166 @@
+//! Requests carried between cores for the core that owns a volume's family.
+//!
+//! Under the `owner` placement ([`Placement`]) each family (a volume with its snapshots and
+//! clones) is served by one core, its owner: its number modulo the cores. A command a
+//! connection on another core submits travels to the owner in the owner's [`Mailbox`] for
+//! the pool, runs there like a local one (same slots, same request state machine), and its
+//! answer — result and buffer — comes back in the submitting core's mailbox. So a family's
+//! lock, trees and lock table are only ever touched by one core's data path.
+//!
+//! A mailbox is a short critical section, not a channel: a core posts what one flush round
+//! forwarded to a destination under one lock, and wakes the destination's slots task only if
+//! the mailbox was not already notified since it was last emptied — one wake-up (and at most
+//! one system call, if the core sleeps) per batch, however many requests it carries.
+//!
+//! Invariants:
+//! - a mailbox is emptied only by its core's slots task (`take`), which clears `notified`
+//!   under the same lock: content posted after that gets a wake-up of its own, none is lost;
+//! - while no slots task is registered (`open`) nothing is woken; requests are refused
+//!   (`post` leaves them with the caller, who runs them where it is) but answers are kept, and
+//!   the slots task takes them as it opens the mailbox;
+//! - `close` succeeds only on an empty mailbox (the slots task ends with nothing left in it).
+
+use parking_lot::Mutex;
+
+/// Which core runs a volume's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum Placement {
+    /// The family's owning core (its number modulo the cores); other cores forward to it.
+    #[default]
+    Owner,
+    /// The core the command arrived on (families decided from several cores, each decision
+    /// under the family's lock).
+    Any,
+}
+
+/// What became of a post.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Posted {
+    /// Delivered; the destination's slots task (this id) must be woken.
+    Wake(u32),
+    /// Delivered; a wake-up is already on its way (or the destination takes its mail as it
+    /// starts).
+    Quiet,
+    /// Refused (no slots task runs there): the items are still the caller's.
+    Closed,
+}
+
+struct Inbox<T> {
+    /// The core's slots task for the pool, while it runs.
+    task: Option<u32>,
+    /// A wake-up was sent since the mailbox was last emptied.
+    notified: bool,
+    items: Vec<T>,
+}
+
+/// One core's mail for one pool: forwarded requests and answers to requests it forwarded.
+pub struct Mailbox<T> {
+    inbox: Mutex<Inbox<T>>,
+}
+
+impl<T> Default for Mailbox<T> {
+    fn default() -> Self {
+        Mailbox { inbox: Mutex::new(Inbox { task: None, notified: false, items: Vec::new() }) }
+    }
+}
+
+impl<T> Mailbox<T> {
+    /// Moves `items` into the mailbox (all of them, leaving `items` empty) unless it is closed
+    /// and `keep_if_closed` is false (then nothing moves).
+    pub fn post(&self, items: &mut Vec<T>, keep_if_closed: bool) -> Posted {
+        if items.is_empty() {
+            return Posted::Quiet;
+        }
+        let mut inbox = self.inbox.lock();
+        if inbox.task.is_none() && !keep_if_closed {
+            return Posted::Closed;
+        }
+        inbox.items.append(items);
+        match inbox.task {
+            Some(task) if !inbox.notified => {
+                inbox.notified = true;
+                Posted::Wake(task)
+            }
+            _ => Posted::Quiet,
+        }
+    }
+
+    /// Registers the core's slots task `task` and takes what is already there.
+    pub fn open(&self, task: u32, into: &mut Vec<T>) {
+        let mut inbox = self.inbox.lock();
+        assert!(inbox.task.is_none(), "one slots task per core and pool");
+        inbox.task = Some(task);
+        inbox.notified = false;
+        into.append(&mut inbox.items);
+    }
+
+    /// Takes everything (the slots task, woken or flushing); the next post wakes it again.
+    pub fn take(&self, into: &mut Vec<T>) {
+        let mut inbox = self.inbox.lock();
+        inbox.notified = false;
+        into.append(&mut inbox.items);
+    }
+
+    /// Unregisters the slots task if nothing is left in the mailbox; false if something is.
+    pub fn close(&self) -> bool {
+        let mut inbox = self.inbox.lock();
+        if !inbox.items.is_empty() {
+            return false;
+        }
+        inbox.task = None;
+        inbox.notified = false;
+        true
+    }
+}
+
+/// The owning core of family `family` among `cores` cores.
+pub fn owner(family: u32, cores: usize) -> usize {
+    family as usize % cores.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_wake_per_batch_until_taken() {
+        let m = Mailbox::default();
+        let mut into = Vec::new();
+        m.open(7, &mut into);
+        assert!(into.is_empty());
+        assert_eq!(m.post(&mut vec![1, 2], false), Posted::Wake(7));
+        // Not yet taken: more mail rides on the same wake-up.
+        let mut more = vec![3];
+        assert_eq!(m.post(&mut more, false), Posted::Quiet);
+        assert!(more.is_empty(), "posted items move");
+        m.take(&mut into);
+        assert_eq!(into, vec![1, 2, 3]);
+        // Taken: the next post wakes again.
+        assert_eq!(m.post(&mut vec![4], false), Posted::Wake(7));
+        assert_eq!(m.post(&mut Vec::new(), false), Posted::Quiet, "nothing to post");
+    }
+
+    #[test]
+    fn a_closed_mailbox_refuses_requests_and_keeps_answers_for_its_next_task() {
+        let m = Mailbox::default();
+        let mut requests = vec![1];
+        assert_eq!(m.post(&mut requests, false), Posted::Closed);
+        assert_eq!(requests, vec![1], "refused items stay with the caller");
+        // Answers wait for the slots task that opens the mailbox.
+        assert_eq!(m.post(&mut vec![2], true), Posted::Quiet);
+        let mut into = Vec::new();
+        m.open(3, &mut into);
+        assert_eq!(into, vec![2]);
+        assert_eq!(m.post(&mut vec![5], false), Posted::Wake(3));
+        assert!(!m.close(), "mail left: the task must take it first");
+        m.take(&mut into);
+        assert!(m.close());
+        assert_eq!(m.post(&mut vec![6], false), Posted::Closed);
+    }
+
+    #[test]
+    fn families_spread_over_the_cores() {
+        assert_eq!((0..6).map(|f| owner(f, 4)).collect::<Vec<_>>(), vec![0, 1, 2, 3, 0, 1]);
+        assert_eq!(owner(9, 1), 0);
+    }
+}

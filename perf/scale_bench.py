@@ -13,6 +13,13 @@ connections — one fio job each — in four configurations, alternating, median
   cores1-two-volumes   --cores 1, each connection to its own volume
   cores2-two-volumes   --cores 2, each connection to its own volume (one pool, two families)
 
+With --cores 2 each configuration runs once per --placements entry (`owner`: a family's I/O
+runs on its owning core, connections on the other core forward to it; `any`: each connection's
+core decides for the family under its lock), labelled `cores2-...-owner` / `-any`. One volume
+under `owner`: the connection on the non-owning core forwards every command. Two volumes: the
+listener places connection i on core i, and volume vi's family is owned by core i — nothing
+crosses (reversed, both would).
+
 Reported per configuration: IOPS, server CPU per I/O (the daemon's utime+stime over the I/Os),
 and from `ballast stats` the share of the I/Os each core served (proof that both cores worked)
 and the pool-state borrows per I/O; the ratio cores2/cores1 is the issue's measure.
@@ -44,12 +51,15 @@ from nbd_bench import log  # noqa: E402
 from volume_bench import Daemon  # noqa: E402
 
 VOLUMES = ("v0", "v1")
-CONFIGS = [
-    ("cores1-one-volume", 1, ("v0", "v0")),
-    ("cores2-one-volume", 2, ("v0", "v0")),
-    ("cores1-two-volumes", 1, ("v0", "v1")),
-    ("cores2-two-volumes", 2, ("v0", "v1")),
-]
+
+
+def configs(placements):
+    """(label, cores, exports, placement) for every configuration."""
+    out = []
+    for what, exports in (("one-volume", ("v0", "v0")), ("two-volumes", ("v0", "v1"))):
+        out.append((f"cores1-{what}", 1, exports, "owner"))
+        out += [(f"cores2-{what}-{p}", 2, exports, p) for p in placements]
+    return out
 
 
 def io_count(reactor):
@@ -80,12 +90,14 @@ def one(daemon, exports, args):
     iops = sum(j[side]["iops"] for j in jobs)
     per_core = [io_count(b) - io_count(a) for a, b in zip(r0, r1)]
     rounds = sum(b.get("volume_rounds", 0) - a.get("volume_rounds", 0) for a, b in zip(r0, r1))
+    fwd = sum(b.get("volume_forwarded", 0) - a.get("volume_forwarded", 0) for a, b in zip(r0, r1))
     total = max(sum(per_core), 1)
     return {
         "iops": iops,
         "server_cpu_us_per_io": (c1 - c0) * 1e6 / max(ios, 1),
         "core_shares": [n / total for n in per_core],
         "borrows_per_io": rounds / max(ios, 1),
+        "forwarded_per_io": fwd / max(ios, 1),
     }
 
 
@@ -101,7 +113,10 @@ def main():
     ap.add_argument("--client-cpus", default="0,1")
     ap.add_argument("--poll-us", type=int, default=0)
     ap.add_argument("--pool-dir", default="/dev/shm")
+    ap.add_argument("--placements", default="owner,any",
+                    help="--volume-placement values to run --cores 2 with")
     args = ap.parse_args()
+    plan = configs(args.placements.split(","))
     cpus = args.server_cpus.split(",")
     if len(cpus) < 2:
         ap.error("--server-cpus needs two CPUs (the first serves --cores 1)")
@@ -109,14 +124,15 @@ def main():
     pool = os.path.join(args.pool_dir, f"scale-bench-{os.getpid()}.img")
     subprocess.run([args.binary, "pool", "create", pool, "--size", "3G"], check=True,
                    capture_output=True)
-    runs = {label: [] for label, _, _ in CONFIGS}
+    runs = {label: [] for label, *_ in plan}
     try:
         for rep in range(args.reps):
-            order = CONFIGS if rep % 2 == 0 else list(reversed(CONFIGS))
-            for label, cores, exports in order:
+            order = plan if rep % 2 == 0 else list(reversed(plan))
+            for label, cores, exports, placement in order:
                 # The pool has one owner at a time: a fresh daemon per configuration.
                 d = Daemon(args.binary, os.path.join(scratch, f"cores{cores}"),
-                           ["--pool", pool, "--poll-us", str(args.poll_us)],
+                           ["--pool", pool, "--poll-us", str(args.poll_us),
+                            "--volume-placement", placement],
                            ",".join(cpus[:cores]), cores=cores)
                 d.start()
                 try:
@@ -136,7 +152,8 @@ def main():
     finally:
         os.unlink(pool)
     med = {label: {k: statistics.median(r[k] for r in rs)
-                   for k in ("iops", "server_cpu_us_per_io", "borrows_per_io")}
+                   for k in ("iops", "server_cpu_us_per_io", "borrows_per_io",
+                             "forwarded_per_io")}
            for label, rs in runs.items()}
     for label, rs in runs.items():
         shares = [r["core_shares"] for r in rs]
@@ -150,17 +167,19 @@ def main():
     print(f"fio {args.rw} {args.bs}, QD{args.qd} per connection, two connections, "
           f"--poll-us {args.poll_us}, medians of {args.reps}\n")
     print("| configuration | IOPS | server µs CPU/IO | I/O share per core | "
-          "pool-state borrows/IO |")
-    print("|---|---|---|---|---|")
+          "pool-state borrows/IO | forwarded/IO |")
+    print("|---|---|---|---|---|---|")
     for label, m in med.items():
         shares = " / ".join(f"{s:.2f}" for s in m["core_shares"])
         print(f"| {label} | {m['iops']:.0f} | {m['server_cpu_us_per_io']:.2f} | {shares} | "
-              f"{m['borrows_per_io']:.2f} |")
+              f"{m['borrows_per_io']:.2f} | {m['forwarded_per_io']:.2f} |")
     for what in ("one-volume", "two-volumes"):
-        a, b = med[f"cores1-{what}"], med[f"cores2-{what}"]
-        print(f"\n{what}: --cores 2 / --cores 1 server CPU per I/O "
-              f"{b['server_cpu_us_per_io'] / a['server_cpu_us_per_io']:.2f}x, "
-              f"IOPS {b['iops'] / a['iops']:.2f}x")
+        a = med[f"cores1-{what}"]
+        for p in args.placements.split(","):
+            b = med[f"cores2-{what}-{p}"]
+            print(f"\n{what}, {p}: --cores 2 / --cores 1 server CPU per I/O "
+                  f"{b['server_cpu_us_per_io'] / a['server_cpu_us_per_io']:.2f}x, "
+                  f"IOPS {b['iops'] / a['iops']:.2f}x")
     log(f"results: {path}")
 
 

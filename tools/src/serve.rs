@@ -140,11 +140,14 @@ pub struct ServeArgs {
     /// to finish; past it the operation fails (busy) and nothing changes.
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
     quiesce_timeout: std::time::Duration,
-    /// Which core runs a volume's I/O: `owner`, the core owning the volume's family (a volume
-    /// with its snapshots and clones; families are spread over the cores) — commands arriving
-    /// on other cores are forwarded to it in batches; `any`, the core the command arrived on
-    /// (a family's decisions then come from several cores, each under the family's lock).
-    #[arg(long, value_name = "WHERE", default_value = "owner")]
+    /// Which core runs a volume's I/O: `any`, the core the command arrived on (a family's
+    /// decisions may come from several cores, each under the family's lock); `owner`, the
+    /// core owning the volume's family (a volume with its snapshots and clones: the first core
+    /// to submit I/O to it) — commands arriving on other cores are forwarded to it in batches,
+    /// so one core alone touches a family's state. Forwarding costs a cross-core round trip
+    /// per batch (perf/RESULTS.md §6.9), which `owner` pays only for connections to a family
+    /// owned elsewhere.
+    #[arg(long, value_name = "WHERE", default_value = "any")]
     volume_placement: VolumePlacement,
     /// Log lines as human-readable text, or as one JSON object per line for log collectors.
     #[arg(long, value_enum, default_value = "text")]

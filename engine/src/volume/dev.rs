@@ -38,6 +38,7 @@
 //!   that outlasts the pool's quiesce timeout (`PoolHandle::set_quiesce_timeout`, by default
 //!   `DEFAULT_QUIESCE_TIMEOUT`) is given up (`Busy`), nothing changed.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::FileExt;
@@ -55,7 +56,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use slab::Slab;
 
 use super::format::BLOCK_SIZE;
-use super::forward::{self, Mailbox, Placement, Posted};
+use super::forward::{Mailbox, Owner, Placement, Posted};
 use super::meta::{PoolMeta, PIECE};
 use super::ops::ControlOp;
 use super::pool::{run, Pool, PoolError, PoolGeometry, SyncDisk};
@@ -186,6 +187,8 @@ pub struct PoolHandle {
     mail: OnceLock<Box<[Mailbox<Mail>]>>,
     /// Requests run on their family's owning core ([`Placement::Owner`]), not where they arrive.
     forwarding: AtomicBool,
+    /// Each family's owning core, by family number (shared with the family's devices).
+    owners: Mutex<HashMap<u32, Arc<Owner>>>,
     /// The longest a pending record waits for a commit when no client flushes.
     commit_interval: Mutex<Duration>,
     /// How long a control operation waits for a volume's writes to drain before it gives up
@@ -295,6 +298,7 @@ impl PoolHandle {
             path: path.to_path_buf(),
             cores: OnceLock::new(),
             mail: OnceLock::new(),
+            owners: Mutex::new(HashMap::new()),
             forwarding: AtomicBool::new(Placement::default() == Placement::Owner),
             commit_interval: Mutex::new(DEFAULT_COMMIT_INTERVAL),
             quiesce_timeout: Mutex::new(DEFAULT_QUIESCE_TIMEOUT),
@@ -520,12 +524,13 @@ impl PoolHandle {
         let id = m.find(name)?;
         let v = m.volume(id)?;
         let family = m.family_number(id).ok_or(PoolError::NoVolume(id))?;
+        let owner = Arc::clone(self.owners.lock().entry(family).or_default());
         let read_only = read_only || v.read_only;
         let kind = if v.read_only { "snapshot" } else { "volume" };
         let size = Arc::new(AtomicU64::new(v.size_bytes));
         self.sizes.lock().push((id, Arc::downgrade(&size)));
         Ok(VolumeDev {
-            family,
+            owner,
             pool: Arc::clone(self),
             id,
             size,
@@ -547,8 +552,8 @@ impl PoolHandle {
 pub struct VolumeDev {
     pool: Arc<PoolHandle>,
     id: u32,
-    /// The volume's family number (fixed for its life): where its requests run.
-    family: u32,
+    /// The core owning the volume's family (its number is fixed for the volume's life).
+    owner: Arc<Owner>,
     /// The volume's size as of the last control operation (asked per I/O: no lock).
     size: Arc<AtomicU64>,
     info: DevInfo,
@@ -587,13 +592,12 @@ impl BlockDev for VolumeDev {
             IoCmd::Discard { offset, len } => Cmd::Discard { offset, len },
             IoCmd::WriteZeroes { offset, len, .. } => Cmd::WriteZeroes { offset, len },
         };
-        let owner = forward::owner(self.family, cx.cores());
-        if owner != cx.core()
-            && self.pool.forwarding.load(Ordering::Relaxed)
-            && self.pool.mailbox(owner).is_some()
-        {
-            with_queue(cx, &self.pool, |q, cx| q.forward(cx, owner, self.id, tag, cmd));
-            return;
+        if self.pool.forwarding.load(Ordering::Relaxed) {
+            let owner = self.owner.claim(cx.core());
+            if owner != cx.core() && self.pool.mailbox(owner).is_some() {
+                with_queue(cx, &self.pool, |q, cx| q.forward(cx, owner, self.id, tag, cmd));
+                return;
+            }
         }
         let reply = Reply::Task(cx.task(), tag);
         submit_local(cx, &self.pool, self.id, reply, cmd);
@@ -1548,12 +1552,50 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Two cores, two families: volume "v" (family 0, owned by core 0) and "w" (family 1,
-    /// owned by core 1), each driven by a client on the other core. Under the `owner`
-    /// placement every request crosses: it runs on its family's core and its answer (result,
-    /// read data) comes back; the client's burst of writes leaves in one batch per flush
-    /// round, not one wake-up per request. Under `any` nothing crosses. Both read back what
-    /// they wrote, and the engine shuts down with nothing left in flight.
+    /// Spawns a [`Client`] on each (core, volume) at once and waits for their reports.
+    fn clients(engine: &Engine, pool: &Arc<PoolHandle>, on: &[(usize, &str)]) {
+        let mut reports = Vec::new();
+        for &(core, vol) in on {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let client = Client {
+                dev: Arc::new(pool.device(vol, false).unwrap()),
+                expect: HashMap::new(),
+                pending: 0,
+                reading: false,
+                errors: Vec::new(),
+                report: Some(tx),
+                alone: false,
+            };
+            let spawn =
+                Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| Box::new(client) as Box<dyn Task>));
+            assert!(engine.handles()[core].send_blocking(spawn));
+            reports.push(rx);
+        }
+        for rx in reports {
+            let (errors, ..) = rx.recv_timeout(Duration::from_secs(20)).expect("a report");
+            assert_eq!(errors, Vec::<String>::new());
+        }
+    }
+
+    /// Every core's (forwarded, mail wake-ups, events) so far.
+    fn forwarding_stats(engine: &Engine) -> Vec<(u64, u64, u64)> {
+        let mut out = Vec::new();
+        for h in engine.handles().iter() {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            assert!(h.send_blocking(Msg::Stats(tx)));
+            let s = rx.recv_timeout(Duration::from_secs(5)).expect("stats");
+            out.push((s.volume_forwarded, s.volume_mail_wakes, s.volume_events));
+        }
+        out
+    }
+
+    /// Two cores, two families: volume "v" first written from core 0 and "w" from core 1,
+    /// which makes them their families' owners (first touch) — nothing crosses. Then each
+    /// volume is driven from the other core: under the `owner` placement every request crosses,
+    /// runs on its family's core and its answer (result, read data) comes back; a client's
+    /// burst leaves in one batch per flush round, not one wake-up per request. Under `any`
+    /// nothing crosses. Every read returns what was written, and the engine shuts down with
+    /// nothing left in flight.
     #[test]
     fn requests_run_on_the_core_owning_their_family() {
         for placement in [Placement::Owner, Placement::Any] {
@@ -1578,57 +1620,28 @@ mod tests {
             pool.attach_cores(engine.handles());
             pool.create_volume("v", 64 << 20).unwrap();
             pool.create_volume("w", 64 << 20).unwrap();
-            {
-                let m = pool.meta();
-                assert_eq!(m.family_number(m.find("v").unwrap()), Some(0));
-                assert_eq!(m.family_number(m.find("w").unwrap()), Some(1));
-            }
-            let mut reports = Vec::new();
-            for (core, vol) in [(0, "w"), (1, "v")] {
-                let (tx, rx) = crossbeam_channel::bounded(1);
-                let client = Client {
-                    dev: Arc::new(pool.device(vol, false).unwrap()),
-                    expect: HashMap::new(),
-                    pending: 0,
-                    reading: false,
-                    errors: Vec::new(),
-                    report: Some(tx),
-                    alone: false,
-                };
-                let spawn =
-                    Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| Box::new(client) as Box<dyn Task>));
-                assert!(engine.handles()[core].send_blocking(spawn));
-                reports.push(rx);
-            }
-            for rx in reports {
-                let (errors, ..) = rx.recv_timeout(Duration::from_secs(20)).expect("a report");
-                assert_eq!(errors, Vec::<String>::new(), "{placement:?}");
-            }
-            let mut stats = Vec::new();
-            for h in engine.handles().iter() {
-                let (tx, rx) = crossbeam_channel::bounded(1);
-                assert!(h.send_blocking(Msg::Stats(tx)));
-                stats.push(rx.recv_timeout(Duration::from_secs(5)).expect("stats"));
-            }
+            clients(&engine, &pool, &[(0, "v"), (1, "w")]);
+            let first = forwarding_stats(&engine);
+            assert!(first.iter().all(|&(f, w, _)| f == 0 && w == 0), "{first:?}");
+            clients(&engine, &pool, &[(1, "v"), (0, "w")]);
+            let then = forwarding_stats(&engine);
             // Each client: WRITES writes, a flush, WRITES reads.
             let sent = 2 * WRITES + 1;
-            for (core, s) in stats.iter().enumerate() {
+            for (core, (&(f0, w0, e0), &(f, w, e))) in first.iter().zip(&then).enumerate() {
+                let (forwarded, wakes, events) = (f - f0, w - w0, e - e0);
                 match placement {
                     Placement::Owner => {
-                        assert_eq!(s.volume_forwarded, sent, "core {core} forwarded all");
+                        assert_eq!(forwarded, sent, "core {core} forwarded all");
                         assert!(
-                            s.volume_mail_wakes > 0 && s.volume_mail_wakes < sent / 4,
-                            "core {core}: {} wake-ups for {sent} requests and their answers",
-                            s.volume_mail_wakes
+                            wakes > 0 && wakes < sent / 4,
+                            "core {core}: {wakes} wake-ups for {sent} requests and their answers"
                         );
-                        // The owner started the other core's requests (and no others).
-                        assert!(s.volume_events >= sent, "core {core}: {}", s.volume_events);
                     }
-                    Placement::Any => {
-                        assert_eq!((s.volume_forwarded, s.volume_mail_wakes), (0, 0));
-                        assert!(s.volume_events >= sent, "core {core}: {}", s.volume_events);
-                    }
+                    Placement::Any => assert_eq!((forwarded, wakes), (0, 0)),
                 }
+                // Either way each core started its share: the owner the other core's requests
+                // (owner), or its own client's (any).
+                assert!(events >= sent, "core {core}: {events} events");
             }
             engine.shutdown();
             assert_eq!(pool.meta().check(), Vec::<String>::new(), "the pool is consistent");

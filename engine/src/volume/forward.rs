@@ -1,8 +1,9 @@
 //! Requests carried between cores for the core that owns a volume's family.
 //!
 //! Under the `owner` placement ([`Placement`]) each family (a volume with its snapshots and
-//! clones) is served by one core, its owner: its number modulo the cores. A command a
-//! connection on another core submits travels to the owner in the owner's [`Mailbox`] for
+//! clones) is served by one core, its owner: the first core that submitted I/O to it while the
+//! pool is open (first touch: connections spread over the cores by volume need no forwarding;
+//! [`Owner`]). A command a connection on another core submits travels to the owner in the owner's [`Mailbox`] for
 //! the pool, runs there like a local one (same slots, same request state machine), and its
 //! answer — result and buffer — comes back in the submitting core's mailbox. So a family's
 //! lock, trees and lock table are only ever touched by one core's data path.
@@ -25,11 +26,11 @@ use parking_lot::Mutex;
 /// Which core runs a volume's requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub enum Placement {
-    /// The family's owning core (its number modulo the cores); other cores forward to it.
-    #[default]
+    /// The family's owning core (the first to submit I/O to it); other cores forward to it.
     Owner,
     /// The core the command arrived on (families decided from several cores, each decision
     /// under the family's lock).
+    #[default]
     Any,
 }
 
@@ -113,9 +114,20 @@ impl<T> Mailbox<T> {
     }
 }
 
-/// The owning core of family `family` among `cores` cores.
-pub fn owner(family: u32, cores: usize) -> usize {
-    family as usize % cores.max(1)
+/// A family's owning core, shared by every device of the family: none until the first core
+/// submits I/O to it, then that core for as long as the pool is open.
+#[derive(Debug, Default)]
+pub struct Owner(std::sync::OnceLock<usize>);
+
+impl Owner {
+    /// The owner, `core` if the family had none (one load once set).
+    pub fn claim(&self, core: usize) -> usize {
+        *self.0.get_or_init(|| core)
+    }
+
+    pub fn get(&self) -> Option<usize> {
+        self.0.get().copied()
+    }
 }
 
 #[cfg(test)]
@@ -159,8 +171,11 @@ mod tests {
     }
 
     #[test]
-    fn families_spread_over_the_cores() {
-        assert_eq!((0..6).map(|f| owner(f, 4)).collect::<Vec<_>>(), vec![0, 1, 2, 3, 0, 1]);
-        assert_eq!(owner(9, 1), 0);
+    fn the_first_core_to_claim_a_family_owns_it() {
+        let o = Owner::default();
+        assert_eq!(o.get(), None);
+        assert_eq!(o.claim(3), 3);
+        assert_eq!(o.claim(1), 3, "claimed once");
+        assert_eq!(o.get(), Some(3));
     }
 }

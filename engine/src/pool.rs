@@ -14,7 +14,9 @@
 //!   connections holding little, so clients that hoard (stalled writers, peers that never read
 //!   their replies) cannot starve the others;
 //! - buffers handed out may be returned on the same core only (they always are: a request's
-//!   buffer lives and dies on the connection's core);
+//!   buffer comes back to the connection's core — a volume request forwarded to the core
+//!   owning its family carries it there and back with its answer, and the owner's own
+//!   scratch buffers stay the owner's);
 //! - size classes are powers of two from `CLASS_MIN` to `CLASS_MAX`; larger buffers are
 //!   allocated and freed directly; the cache holds at most `cache_max` bytes.
 

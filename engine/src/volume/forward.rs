@@ -6,7 +6,9 @@
 //! [`Owner`]). A command a connection on another core submits travels to the owner in the owner's [`Mailbox`] for
 //! the pool, runs there like a local one (same slots, same request state machine), and its
 //! answer — result and buffer — comes back in the submitting core's mailbox. So a family's
-//! lock, trees and lock table are only ever touched by one core's data path.
+//! lock, trees and lock table are touched by one core's data path, except for requests a
+//! mailbox refuses (its core's slots task not running: startup, shutdown), which run where they
+//! arrived — still correct, every decision takes the family's lock whatever the placement.
 //!
 //! A mailbox is a short critical section, not a channel: a core posts what one flush round
 //! forwarded to a destination under one lock, and wakes the destination's slots task only if
@@ -20,6 +22,10 @@
 //!   (`post` leaves them with the caller, who runs them where it is) but answers are kept, and
 //!   the slots task takes them as it opens the mailbox;
 //! - `close` succeeds only on an empty mailbox (the slots task ends with nothing left in it).
+//!
+//! Limit: a core that leaves at shutdown on its drain timeout (a connection of its own never
+//! finished) leaves its slots task registered; what other cores post to it then waits until
+//! their own drain timeout ends them too.
 
 use parking_lot::Mutex;
 

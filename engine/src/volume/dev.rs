@@ -1510,13 +1510,26 @@ mod tests {
     /// A fresh 256 MiB pool file in its own directory, opened and served by one core, with a
     /// 64 MiB volume "v" (created as a request on that core).
     fn pool_on_a_core(name: &str) -> (std::path::PathBuf, Arc<PoolHandle>, Engine) {
+        pool_on_cores(name, 1, Placement::default())
+    }
+
+    /// [`pool_on_a_core`] with `cores` cores (on the first and last allowed CPUs when two)
+    /// and the given placement.
+    fn pool_on_cores(
+        name: &str,
+        cores: usize,
+        placement: Placement,
+    ) -> (std::path::PathBuf, Arc<PoolHandle>, Engine) {
         let dir = std::env::temp_dir().join(format!("ballast-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("pool.img");
         let _ = std::fs::remove_file(&path);
         PoolHandle::create(&path, Some(256 << 20), PoolGeometry::standard([7; 16])).unwrap();
         let pool = PoolHandle::open(&path).unwrap();
+        let allowed = ballast_ffi::sys::allowed_cpus();
+        let cpus = (0..cores).map(|i| allowed[(i * (allowed.len() - 1)).min(allowed.len() - 1)]);
         let engine = Engine::start(EngineConfig {
+            cpus: cpus.collect(),
             ring_entries: 256,
             buffer_budget: 64 << 20,
             offload_threads: 1,
@@ -1524,6 +1537,7 @@ mod tests {
             ..EngineConfig::one_core_for_tests()
         })
         .expect("an engine");
+        pool.set_placement(placement);
         pool.attach_cores(engine.handles());
         pool.create_volume("v", 64 << 20).expect("create runs as a request on core 0");
         (dir, pool, engine)
@@ -1621,25 +1635,7 @@ mod tests {
     fn requests_run_on_the_core_owning_their_family() {
         for placement in [Placement::Owner, Placement::Any] {
             let name = format!("owner-{placement:?}");
-            let dir = std::env::temp_dir().join(format!("ballast-{name}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let path = dir.join("pool.img");
-            let _ = std::fs::remove_file(&path);
-            PoolHandle::create(&path, Some(256 << 20), PoolGeometry::standard([7; 16])).unwrap();
-            let pool = PoolHandle::open(&path).unwrap();
-            let cpus = ballast_ffi::sys::allowed_cpus();
-            let engine = Engine::start(EngineConfig {
-                cpus: vec![cpus[0], cpus[cpus.len() - 1]],
-                ring_entries: 256,
-                buffer_budget: 64 << 20,
-                offload_threads: 1,
-                offload_queue: 4,
-                ..EngineConfig::one_core_for_tests()
-            })
-            .expect("an engine");
-            pool.set_placement(placement);
-            pool.attach_cores(engine.handles());
-            pool.create_volume("v", 64 << 20).unwrap();
+            let (dir, pool, engine) = pool_on_cores(&name, 2, placement);
             pool.create_volume("w", 64 << 20).unwrap();
             clients(&engine, &pool, &[(0, "v"), (1, "w")]);
             let first = forwarding_stats(&engine);

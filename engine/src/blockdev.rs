@@ -65,6 +65,14 @@ pub trait BlockDev: Send + Sync {
         Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "this backend cannot be resized"))
     }
 
+    /// The core that should serve this device's I/O, asked by a connection arriving on core
+    /// `here` once it knows its device: `None` (the default) wherever it arrived; a volume
+    /// under the `owner` placement names its family's owner, and the connection moves there.
+    fn home_core(&self, here: usize) -> Option<usize> {
+        let _ = here;
+        None
+    }
+
     /// Starts `cmd`; its completion reaches the caller's task with `tag`.
     fn submit(&self, cx: &mut Cx<'_>, cmd: IoCmd, tag: u32);
 

@@ -79,6 +79,11 @@ impl RecvBuf {
         self.buf.as_ref().map_or(0, IoBuf::len)
     }
 
+    /// The bytes received and not yet consumed.
+    pub fn unconsumed(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[], IoBuf::as_slice)
+    }
+
     /// Lends the buffer (holding the bytes not yet consumed) to the parser, which consumes
     /// from its front and hands it back with [`RecvBuf::put_back`]. `None` while a receive is
     /// in flight or the connection is silent.

@@ -122,6 +122,9 @@ pub struct CoreStats {
     latency_ns_sum: u64,
     pub connections_open: u64,
     pub connections_total: u64,
+    /// Connections this core sent to the core their volume lives on (`--volume-placement
+    /// owner`).
+    pub connections_moved: u64,
     pub loops_busy: u64,
     /// Idle turns that spun (the polling policy expected work soon).
     pub spins: u64,
@@ -156,6 +159,7 @@ impl CoreStats {
             latency_ns_sum: 0,
             connections_open: 0,
             connections_total: 0,
+            connections_moved: 0,
             loops_busy: 0,
             spins: 0,
             sleeps: 0,
@@ -261,6 +265,7 @@ impl CoreStats {
             latency_us_max: self.latency_ns.max() as f64 / 1000.0,
             connections_open: self.connections_open,
             connections_total: self.connections_total,
+            connections_moved: self.connections_moved,
             loops_busy: self.loops_busy,
             spins: self.spins,
             sleeps: self.sleeps,
@@ -338,6 +343,8 @@ pub struct StatsSnapshot {
     pub latency_us_max: f64,
     pub connections_open: u64,
     pub connections_total: u64,
+    /// Connections the core sent on to the core their volume lives on.
+    pub connections_moved: u64,
     pub loops_busy: u64,
     pub spins: u64,
     pub sleeps: u64,

@@ -2,23 +2,29 @@
 """Volume placement: a volume's I/O runs on the core owning its family, wherever it arrives.
 
 Two cores, two volumes "a" and "b". libnbd opens four connections in the order a, a, b, b;
-the listener places connections on the cores round-robin, so each volume has a connection on
-either core. The first connection to each volume writes first, which makes its core the
-owner of the volume's family (first touch); the second connection to each is on the other core,
-so under `--volume-placement owner` its commands are forwarded to the owner and answered back.
+the listener places connections on the cores round-robin (0, 1, 0, 1), so each volume has a
+connection on either core. Under `--volume-placement owner`:
+- plaintext connections move, after their handshake, to the core owning their volume's family
+  (a new family goes to the core owning the fewest): a stays on core 0, the second a-connection
+  moves there, b goes to core 1 and its first connection moves there — two moves, two
+  connections per core, and nothing forwarded;
+- TLS-PSK connections (userspace TLS stays on the core that accepted it) cannot move: the
+  crossing connections' commands are forwarded to the owner and answered back, in batches.
+  (Where the kernel takes the TLS records — kTLS — they move like plaintext ones.)
 Every connection writes its own pattern into its own part of the volume, many commands in
 flight at once (libnbd's asynchronous commands), flushes, and reads back both its own and the
 other connection's part.
 
 Checked: every read returns what was written, through every connection; `ballast stats`
-shows the crossing connections' requests forwarded and fewer wake-ups than requests
-(batches); kill -9 after the flushes and a restart keep every block; with `any` (the default)
-nothing is forwarded and the data is the same; a bad `--volume-placement` is refused with a
-clear error.
+shows the moves, the cores' connections and the forwarded requests; kill -9 after the flushes
+and a restart keep every block; with `any` (the default) nothing moves or is forwarded and the
+data is the same; a bad `--volume-placement` is refused with a clear error.
 """
 
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 
@@ -73,11 +79,17 @@ def verify(r, label, handles):
                 % (label, conn, ORDER[conn]), bad == 0, "%d blocks differ" % bad)
 
 
-def connect(b):
+def connect(b, psk=None):
     handles = []
     for name in ORDER:
         h = nbd.NBD()
-        h.connect_uri(b.uri(name))
+        if psk:
+            h.set_tls(nbd.TLS_REQUIRE)
+            h.set_tls_psk_file(psk)
+            h.set_tls_username("alice")
+            h.connect_uri("nbds://alice@127.0.0.1:%d/%s" % (b.port, name))
+        else:
+            h.connect_uri(b.uri(name))
         handles.append(h)
     return handles
 
@@ -90,46 +102,145 @@ def close(handles):
             pass
 
 
-def run(r, placement):
+def deltas(before, after, key):
+    return [a[key] - z[key] for z, a in zip(before, after)]
+
+
+def write_psk(dir):
+    path = os.path.join(dir, "keys.psk")
+    with open(path, "w") as f:
+        f.write("alice:%s\n" % os.urandom(32).hex())
+    os.chmod(path, 0o600)
+    return path
+
+
+def recv_exact(sock, n):
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise RuntimeError("connection closed after %d of %d bytes" % (len(out), n))
+        out += chunk
+    return out
+
+
+def pipelined(port, name, data, off):
+    """A raw client that sends NBD_OPT_GO, a write and a flush in one go, before reading any
+    reply (the requests are already received when the handshake ends), then reads the range
+    back; returns what the read returned, or an error string."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+
+    def request(kind, handle, length):
+        return struct.pack(">IHHQQI", 0x25609513, 0, kind, handle, off, length)
+
+    def replies(handles):
+        # Replies may come in any order (NBD): collect them by handle.
+        got = set()
+        while got != handles:
+            magic, err, handle = struct.unpack(">IIQ", recv_exact(s, 16))
+            if magic != 0x67446698 or err != 0 or handle not in handles - got:
+                raise RuntimeError("reply %#x error %d handle %d" % (magic, err, handle))
+            got.add(handle)
+
+    try:
+        hello = recv_exact(s, 18)
+        if hello[:16] != b"NBDMAGICIHAVEOPT":
+            return "bad greeting"
+        out = struct.pack(">I", 3)  # FIXED_NEWSTYLE | NO_ZEROES
+        opt = struct.pack(">I", len(name)) + name.encode() + struct.pack(">H", 0)
+        out += b"IHAVEOPT" + struct.pack(">II", 7, len(opt)) + opt  # NBD_OPT_GO
+        out += request(1, 1, len(data)) + data + request(3, 2, 0)  # write, flush
+        s.sendall(out)
+        while True:  # option replies until the final one
+            magic, _opt, kind, length = struct.unpack(">QIII", recv_exact(s, 20))
+            recv_exact(s, length)
+            if magic != 0x3e889045565a9 or kind & 0x80000000:
+                return "option refused (reply %#x)" % kind
+            if kind == 1:  # NBD_REP_ACK
+                break
+        replies({1, 2})
+        s.sendall(request(0, 3, len(data)))  # read
+        replies({3})
+        return recv_exact(s, len(data))
+    except (RuntimeError, OSError) as e:
+        return str(e)
+    finally:
+        s.close()
+
+
+def run(r, placement, tls=False):
+    label = placement + (" (TLS)" if tls else "")
     b = Ballast(["--pool", "{data}/pool.img", "--cores", "2", "--volume-placement", placement])
+    psk = write_psk(b.tmp) if tls else None
+    if tls:
+        b.args += ["--nbd-tls", "require", "--nbd-tls-psk", psk]
     pool = os.path.join(b.data_dir, "pool.img")
     subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "256M"], check=True,
                    capture_output=True)
     with b:
         for name in ("a", "b"):
-            r.check("%s: volume %s created" % (placement, name),
+            r.check("%s: volume %s created" % (label, name),
                     b.ctl("volume", "create", name, "16M").returncode == 0)
         before = stats(b)
-        handles = connect(b)
+        handles = connect(b, psk)
         drive(handles)
-        verify(r, placement, handles)
+        verify(r, label, handles)
         after = stats(b)
-        fwd = [a["volume_forwarded"] - z["volume_forwarded"] for z, a in zip(before, after)]
-        wakes = [a["volume_mail_wakes"] - z["volume_mail_wakes"] for z, a in zip(before, after)]
-        print("%s: forwarded per core %s, wake-ups %s" % (placement, fwd, wakes), flush=True)
+        fwd = deltas(before, after, "volume_forwarded")
+        wakes = deltas(before, after, "volume_mail_wakes")
+        moved = deltas(before, after, "connections_moved")
+        open_now = [a["connections_open"] for a in after]
+        print("%s: moved per core %s, open %s, forwarded %s, wake-ups %s"
+              % (label, moved, open_now, fwd, wakes), flush=True)
+        ktls = "handed to the kernel" in open(b.log).read() if tls else False
         # Writes, flush and verifying reads of a crossing connection (one per volume).
         crossing = PER_CONN + 1 + 2 * len(range(0, PER_CONN, 7))
-        if placement == "owner":
-            r.check("owner: the crossing connections' commands were forwarded",
+        if placement == "owner" and not (tls and not ktls):
+            r.check("%s: the two crossing connections moved to their volumes' cores" % label,
+                    sum(moved) == 2, "moved %s" % moved)
+            r.check("%s: families spread, two connections on each core" % label,
+                    open_now == [2, 2], "open %s" % open_now)
+            r.check("%s: nothing forwarded" % label, sum(fwd) == 0, "forwarded %s" % fwd)
+        elif placement == "owner":
+            r.check("%s: TLS connections stay where they were accepted" % label,
+                    sum(moved) == 0 and open_now == [2, 2], "moved %s open %s" % (moved, open_now))
+            r.check("%s: the crossing connections' commands were forwarded" % label,
                     sum(fwd) >= 2 * crossing, "forwarded %s, want >= %d" % (fwd, 2 * crossing))
-            r.check("owner: forwarded requests and answers travel in batches (wake-ups < requests)",
-                    sum(wakes) < sum(fwd), "wake-ups %s for %s forwarded" % (wakes, fwd))
+            r.check("%s: forwarded requests and answers travel in batches (wake-ups < requests)"
+                    % label, sum(wakes) < sum(fwd), "wake-ups %s for %s forwarded" % (wakes, fwd))
         else:
-            r.check("any: nothing forwarded", fwd == [0, 0] and wakes == [0, 0],
-                    "forwarded %s, wake-ups %s" % (fwd, wakes))
+            r.check("%s: nothing moved or forwarded" % label,
+                    fwd == [0, 0] and wakes == [0, 0] and moved == [0, 0],
+                    "moved %s, forwarded %s, wake-ups %s" % (moved, fwd, wakes))
+        if placement == "owner" and not tls:
+            # Two raw clients whose requests arrive with their NBD_OPT_GO: they land on the
+            # core not owning their volume (4 connections so far: 0, 1 next), move, and the
+            # input that came before the move is served there — a 4 KiB write whole, and the
+            # first part of a 192 KiB one whose rest is still in the socket.
+            before = stats(b)
+            small = os.urandom(BLOCK)
+            big = os.urandom(48 * BLOCK)
+            got = [pipelined(b.port, "b", small, 12 << 20), pipelined(b.port, "a", big, 13 << 20)]
+            moved = deltas(before, stats(b), "connections_moved")
+            r.check("owner: requests sent with the handshake are served after the move",
+                    got == [small, big], "got %s" % [g if isinstance(g, str) else len(g)
+                                                     for g in got])
+            r.check("owner: both pipelining connections moved", moved == [1, 1],
+                    "moved %s" % moved)
         # kill -9 after the flushes: every block is there after a restart.
         b.proc.kill()
         b.proc.wait()
         close(handles)
         b.start()
-        handles = connect(b)
-        verify(r, placement + " after kill -9", handles)
+        handles = connect(b, psk)
+        verify(r, label + " after kill -9", handles)
         close(handles)
-        r.check("%s: no panic" % placement, not b.panics(), "\n".join(b.panics()))
+        r.check("%s: no panic" % label, not b.panics(), "\n".join(b.panics()))
 
 
 def main(r):
     run(r, "owner")
+    run(r, "owner", tls=True)
     run(r, "any")
     p = subprocess.run([ballast_bin(), "serve", "--volume-placement", "nearest"],
                        capture_output=True, text=True, timeout=30)

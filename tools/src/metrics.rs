@@ -204,7 +204,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 23] = [
+        let per_core: [PerCoreMetric; 24] = [
             ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
                 s.in_flight
             }),
@@ -224,6 +224,12 @@ impl ScrapeCollector {
             ("ballast_core_connections_accepted", "Connections the core took.", Counter, |s| {
                 s.connections_total
             }),
+            (
+                "ballast_core_connections_moved",
+                "Connections the core sent on to the core their volume lives on.",
+                Counter,
+                |s| s.connections_moved,
+            ),
             ("ballast_core_tasks", "Tasks (connections, listeners, volume I/O).", Gauge, |s| {
                 s.tasks
             }),

@@ -56,7 +56,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use slab::Slab;
 
 use super::format::BLOCK_SIZE;
-use super::forward::{Mailbox, Owner, Placement, Posted};
+use super::forward::{Claims, Mailbox, Owner, Placement, Posted};
 use super::meta::{PoolMeta, PIECE};
 use super::ops::ControlOp;
 use super::pool::{run, Pool, PoolError, PoolGeometry, SyncDisk};
@@ -189,6 +189,8 @@ pub struct PoolHandle {
     forwarding: AtomicBool,
     /// Each family's owning core, by family number (shared with the family's devices).
     owners: Mutex<HashMap<u32, Arc<Owner>>>,
+    /// How many families each core owns (made with `cores`), to place new ones evenly.
+    claims: OnceLock<Claims>,
     /// The longest a pending record waits for a commit when no client flushes.
     commit_interval: Mutex<Duration>,
     /// How long a control operation waits for a volume's writes to drain before it gives up
@@ -299,6 +301,7 @@ impl PoolHandle {
             cores: OnceLock::new(),
             mail: OnceLock::new(),
             owners: Mutex::new(HashMap::new()),
+            claims: OnceLock::new(),
             forwarding: AtomicBool::new(Placement::default() == Placement::Owner),
             commit_interval: Mutex::new(DEFAULT_COMMIT_INTERVAL),
             quiesce_timeout: Mutex::new(DEFAULT_QUIESCE_TIMEOUT),
@@ -339,7 +342,10 @@ impl PoolHandle {
     pub fn attach_cores(self: &Arc<Self>, cores: Arc<Vec<CoreHandle>>) {
         // The mailboxes first: a slots task that sees the cores finds its mailbox too.
         let mail = (0..cores.len()).map(|_| Mailbox::default()).collect();
-        if self.mail.set(mail).is_err() || self.cores.set(Arc::clone(&cores)).is_err() {
+        if self.claims.set(Claims::new(cores.len())).is_err()
+            || self.mail.set(mail).is_err()
+            || self.cores.set(Arc::clone(&cores)).is_err()
+        {
             return;
         }
         for core in cores.iter() {
@@ -348,6 +354,19 @@ impl PoolHandle {
                 Box::new(Starter { pool: Some(pool) })
             })));
         }
+    }
+
+    /// The families' owners' counts, under the `owner` placement once cores are attached.
+    fn owned_by_cores(&self) -> Option<&Claims> {
+        match self.forwarding.load(Ordering::Relaxed) {
+            true => self.claims.get(),
+            false => None,
+        }
+    }
+
+    /// How many families each core owns (empty before cores are attached).
+    pub fn families_per_core(&self) -> Vec<usize> {
+        self.claims.get().map(Claims::loads).unwrap_or_default()
     }
 
     /// Core `core`'s mailbox for this pool, once cores are attached.
@@ -593,8 +612,8 @@ impl BlockDev for VolumeDev {
             IoCmd::Discard { offset, len } => Cmd::Discard { offset, len },
             IoCmd::WriteZeroes { offset, len, .. } => Cmd::WriteZeroes { offset, len },
         };
-        if self.pool.forwarding.load(Ordering::Relaxed) {
-            let owner = self.owner.claim(cx.core());
+        if let Some(claims) = self.pool.owned_by_cores() {
+            let owner = self.owner.claim(cx.core(), claims);
             if owner != cx.core() && self.pool.mailbox(owner).is_some() {
                 with_queue(cx, &self.pool, |q, cx| q.forward(cx, owner, self.id, tag, cmd));
                 return;
@@ -602,6 +621,13 @@ impl BlockDev for VolumeDev {
         }
         let reply = Reply::Task(cx.task(), tag);
         submit_local(cx, &self.pool, self.id, reply, cmd);
+    }
+
+    /// Under the `owner` placement, the family's owner (placed on the core owning the fewest
+    /// families if it has none yet): connections to the volume move there.
+    fn home_core(&self, here: usize) -> Option<usize> {
+        let claims = self.pool.owned_by_cores()?;
+        Some(self.owner.place(here, claims))
     }
 
     fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {

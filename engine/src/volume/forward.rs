@@ -27,6 +27,8 @@
 //! finished) leaves its slots task registered; what other cores post to it then waits until
 //! their own drain timeout ends them too.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use parking_lot::Mutex;
 
 /// Which core runs a volume's requests.
@@ -120,19 +122,60 @@ impl<T> Mailbox<T> {
     }
 }
 
-/// A family's owning core, shared by every device of the family: none until the first core
-/// submits I/O to it, then that core for as long as the pool is open.
+/// A family's owning core, shared by every device of the family: none until a core claims it
+/// (the first to submit I/O to it, or the core a connection to it is placed on), then that
+/// core for as long as the pool is open.
 #[derive(Debug, Default)]
 pub struct Owner(std::sync::OnceLock<usize>);
 
 impl Owner {
-    /// The owner, `core` if the family had none (one load once set).
-    pub fn claim(&self, core: usize) -> usize {
-        *self.0.get_or_init(|| core)
+    /// The owner, `core` if the family had none (one load once set): first touch by I/O.
+    pub fn claim(&self, core: usize, claims: &Claims) -> usize {
+        *self.0.get_or_init(|| claims.count(core))
+    }
+
+    /// The owner, or if the family has none the core that owns the fewest families (`here`
+    /// among equals): where a connection to the family is placed before its first request.
+    pub fn place(&self, here: usize, claims: &Claims) -> usize {
+        *self.0.get_or_init(|| claims.count(claims.least(here)))
     }
 
     pub fn get(&self) -> Option<usize> {
         self.0.get().copied()
+    }
+}
+
+/// How many families each core of a pool owns, to place new families evenly.
+pub struct Claims(Box<[AtomicUsize]>);
+
+impl Claims {
+    pub fn new(cores: usize) -> Claims {
+        assert!(cores > 0, "a pool served by no core");
+        Claims((0..cores).map(|_| AtomicUsize::new(0)).collect())
+    }
+
+    /// The core owning the fewest families; `here` if it is one of them.
+    fn least(&self, here: usize) -> usize {
+        let load = |c: usize| self.0.get(c).map_or(usize::MAX, |n| n.load(Ordering::Relaxed));
+        let best = (0..self.0.len()).min_by_key(|&c| load(c)).unwrap_or(0);
+        if load(here) <= load(best) {
+            here
+        } else {
+            best
+        }
+    }
+
+    /// Counts a family now owned by `core`; returns `core`.
+    fn count(&self, core: usize) -> usize {
+        if let Some(n) = self.0.get(core) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+        core
+    }
+
+    /// Families owned by each core.
+    pub fn loads(&self) -> Vec<usize> {
+        self.0.iter().map(|n| n.load(Ordering::Relaxed)).collect()
     }
 }
 
@@ -178,10 +221,31 @@ mod tests {
 
     #[test]
     fn the_first_core_to_claim_a_family_owns_it() {
+        let claims = Claims::new(4);
         let o = Owner::default();
         assert_eq!(o.get(), None);
-        assert_eq!(o.claim(3), 3);
-        assert_eq!(o.claim(1), 3, "claimed once");
+        assert_eq!(o.claim(3, &claims), 3);
+        assert_eq!(o.claim(1, &claims), 3, "claimed once");
+        assert_eq!(o.place(0, &claims), 3, "placing follows the owner");
         assert_eq!(o.get(), Some(3));
+        assert_eq!(claims.loads(), vec![0, 0, 0, 1], "counted once");
+    }
+
+    #[test]
+    fn connections_place_new_families_on_the_least_loaded_core() {
+        let claims = Claims::new(3);
+        let families: Vec<Owner> = (0..7).map(|_| Owner::default()).collect();
+        // Every connection arrives on core 0: families still spread, here winning ties.
+        let placed: Vec<usize> = families.iter().map(|f| f.place(0, &claims)).collect();
+        assert_eq!(placed, vec![0, 1, 2, 0, 1, 2, 0]);
+        assert_eq!(claims.loads(), vec![3, 2, 2]);
+        // A tie with the arrival core keeps the family where it arrived.
+        let f = Owner::default();
+        assert_eq!(f.place(2, &claims), 2);
+        assert_eq!(claims.loads(), vec![3, 2, 3]);
+        // First touch by I/O owns where it runs, loaded or not.
+        let g = Owner::default();
+        assert_eq!(g.claim(0, &claims), 0);
+        assert_eq!(claims.loads(), vec![4, 2, 3]);
     }
 }

@@ -27,7 +27,13 @@
 //!   growth and charges unchanged); a receive is posted only once the last is consumed, so
 //!   ciphertext held is one receive's worth. Payloads are never received directly under TLS
 //!   in userspace; once the kernel carries the records (`offload_to_kernel`) the link is gone
-//!   and the connection is served as a plaintext one. Handshake steps run on offload threads.
+//!   and the connection is served as a plaintext one. Handshake steps run on offload threads;
+//! - a connection whose device names another home core (`BlockDev::home_core`: a volume's
+//!   family owner) moves there when its handshake ends, before it parses a request: it stops
+//!   reading, finishes its last send, cancels its timer, gives its core's memory back and
+//!   travels as a whole ([`crate::placed`]); input already received (at most `RECV_MIN` bytes,
+//!   else it stays) goes along and is parsed first on the new core. A userspace-TLS connection
+//!   stays where it is (its session's handshake work is tied to this core's offload tag).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -35,7 +41,7 @@ use std::time::Instant;
 
 use ballast_engine::holder::Holder;
 use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
-use ballast_engine::recvbuf::{Posted, RecvBuf};
+use ballast_engine::recvbuf::{Posted, RecvBuf, RECV_MIN};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, Task};
@@ -153,6 +159,11 @@ pub struct Conn {
     read_closed: bool,
     done: bool,
     requests_total: u64,
+    /// The core this connection is moving to (its device's home), from the handshake's end
+    /// until it leaves.
+    moving: Option<usize>,
+    /// On a connection that moved: input received before the move, parsed first on arrival.
+    arrived: Option<Vec<u8>>,
 }
 
 impl Conn {
@@ -189,7 +200,48 @@ impl Conn {
             read_closed: false,
             done: false,
             requests_total: 0,
+            moving: None,
+            arrived: None,
         }
+    }
+
+    /// The core this connection can move to now: its move was decided, its output is sent
+    /// and nothing of it is in flight.
+    pub(crate) fn ready_to_move(&self) -> Option<usize> {
+        self.moving.filter(|_| self.quiet() && self.out.drained() && !self.read_closed)
+    }
+
+    /// Gives back what the connection holds of this core (its receive buffer, keeping the
+    /// bytes in it, and its memory charges) before it moves. False, and it stays, when more
+    /// input is buffered than a new core's first receive buffer holds.
+    pub(crate) fn leave(&mut self, cx: &mut Cx<'_>) -> bool {
+        self.moving = None;
+        if self.recv.buffered() > RECV_MIN {
+            return false;
+        }
+        self.arrived = Some(self.recv.unconsumed().to_vec());
+        self.recv.release(cx);
+        self.recv = RecvBuf::new(RECV_BUF_MAX);
+        self.mem.release_all(cx);
+        cx.stats().connections_open -= 1;
+        true
+    }
+
+    /// Takes the connection in on the core it moved to (or came back to): counts it, and
+    /// parses the input that came along.
+    fn arrive(&mut self, cx: &mut Cx<'_>, early: Vec<u8>) {
+        cx.stats().connections_open += 1;
+        tracing::debug!(peer = %self.peer, export = %self.export_name, core = cx.core(), input = early.len(), "connection placed on its volume's core");
+        if early.is_empty() {
+            return;
+        }
+        let n = early.len();
+        let posted = self.recv.fill(cx, 0, |room| {
+            room[..n].copy_from_slice(&early);
+            n
+        });
+        assert_eq!(posted, Posted::Yes, "a moved connection's input fits its first buffer");
+        self.parse(cx);
     }
 
     /// Stops reading; a pending receive returns at once.
@@ -235,7 +287,7 @@ impl Conn {
             return;
         };
         let mut used = 0;
-        while !self.read_closed && !self.mem.waiting() {
+        while !self.read_closed && !self.mem.waiting() && self.moving.is_none() {
             let input = &buf.as_slice()[used..];
             if input.is_empty() {
                 break;
@@ -255,7 +307,7 @@ impl Conn {
                             break;
                         }
                         Step::Enter(neg) => {
-                            self.enter(neg);
+                            self.enter(cx, neg);
                             continue;
                         }
                         Step::StartTls => {
@@ -389,7 +441,7 @@ impl Conn {
         self.out.broken() || self.tls.as_ref().is_some_and(|t| t.broken())
     }
 
-    fn enter(&mut self, neg: Negotiated) {
+    fn enter(&mut self, cx: &mut Cx<'_>, neg: Negotiated) {
         tracing::info!(
             peer = %self.peer,
             export = %neg.export.name,
@@ -404,6 +456,10 @@ impl Conn {
             meta_allocation: neg.meta_allocation,
             max_payload: self.max_payload,
         };
+        let home = neg.export.dev.home_core(cx.core());
+        if self.tls.is_none() {
+            self.moving = home.filter(|&core| core != cx.core() && core < cx.cores());
+        }
         self.phase = Phase::Transmission { dev: neg.export.dev.clone(), session };
     }
 
@@ -783,6 +839,15 @@ impl Conn {
     }
 
     fn post_io(&mut self, cx: &mut Cx<'_>) {
+        if self.moving.is_some() {
+            // Leaving: the handshake's last reply goes out, nothing more comes in here.
+            self.start_send(cx);
+            if self.tick_inflight && !self.cancel_inflight {
+                self.cancel_inflight = true;
+                cx.cancel(TAG_TICK, TAG_CANCEL);
+            }
+            return;
+        }
         if self.tls.is_some() {
             self.pump_tls(cx);
         }
@@ -893,6 +958,10 @@ impl Conn {
 
 impl Task for Conn {
     fn start(&mut self, cx: &mut Cx<'_>) {
+        if let Some(early) = self.arrived.take() {
+            self.arrive(cx, early);
+            return;
+        }
         cx.stats().connections_open += 1;
         cx.stats().connections_total += 1;
         tracing::debug!(peer = %self.peer, core = cx.core(), "connection accepted");
@@ -952,6 +1021,10 @@ impl Task for Conn {
     }
 
     fn flush(&mut self, cx: &mut Cx<'_>) {
+        if self.read_closed || self.send_broken() {
+            // Ending instead (the client left, a deadline, shutdown): no move.
+            self.moving = None;
+        }
         self.post_io(cx);
         let output_done = self.out.drained() && self.tls.as_ref().is_none_or(|t| t.drained());
         if self.read_closed && self.reqs.is_empty() && output_done && !self.done {

@@ -4,13 +4,15 @@
 //! - [`codec`]: bytes ⇄ typed messages (pure, golden-tested, fuzzed);
 //! - [`handshake`] and [`transmission`]: the negotiation state machine and request
 //!   validation (pure);
-//! - [`conn`]: the task on an engine core that owns one client's socket.
+//! - [`conn`]: the task on an engine core that owns one client's socket, and [`placed`]: its
+//!   move to the core its volume lives on.
 #![forbid(unsafe_code)]
 
 pub mod codec;
 pub mod conn;
 pub mod exports;
 pub mod handshake;
+pub mod placed;
 pub mod transmission;
 
 pub use exports::{Access, Export, ExportError, ExportTable};
@@ -32,6 +34,12 @@ pub struct NbdTls {
 pub fn conn_factory(exports: Arc<ExportTable>, tls: NbdTls) -> ConnFactory {
     assert!(tls.mode == TlsMode::Off || tls.server.is_some(), "NBD TLS on without credentials");
     Arc::new(move |fd, peer, guard| {
-        Box::new(conn::Conn::new(fd, peer, guard, exports.clone(), tls.clone()))
+        Box::new(placed::Placed::new(conn::Conn::new(
+            fd,
+            peer,
+            guard,
+            exports.clone(),
+            tls.clone(),
+        )))
     })
 }

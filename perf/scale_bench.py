@@ -13,12 +13,13 @@ connections — one fio job each — in four configurations, alternating, median
   cores1-two-volumes   --cores 1, each connection to its own volume
   cores2-two-volumes   --cores 2, each connection to its own volume (one pool, two families)
 
-With --cores 2 each configuration runs once per --placements entry (`owner`: a family's I/O
-runs on its owning core, connections on the other core forward to it; `any`: each connection's
-core decides for the family under its lock), labelled `cores2-...-owner` / `-any`. One volume
-under `owner`: the connection on the non-owning core forwards every command. Two volumes: the
-listener places connection i on core i, and volume vi's family is owned by core i — nothing
-crosses (reversed, both would).
+With --cores 2 each configuration runs once per --placements entry (`owner`: a family is
+served by its owning core, connections move there after their handshake; `any`: each
+connection's core decides for the family under its lock), labelled `cores2-...-owner` / `-any`.
+One volume under `owner`: both connections end on the family's core (one core serves it).
+Two volumes: the families go to different cores (a new family goes to the core owning the
+fewest), each connection to its volume's core — nothing is forwarded either way
+(`forwarded/IO`; `moved` counts the connections that changed core).
 
 Reported per configuration: IOPS, server CPU per I/O (the daemon's utime+stime over the I/Os),
 and from `ballast stats` the share of the I/Os each core served (proof that both cores worked)
@@ -91,6 +92,8 @@ def one(daemon, exports, args):
     per_core = [io_count(b) - io_count(a) for a, b in zip(r0, r1)]
     rounds = sum(b.get("volume_rounds", 0) - a.get("volume_rounds", 0) for a, b in zip(r0, r1))
     fwd = sum(b.get("volume_forwarded", 0) - a.get("volume_forwarded", 0) for a, b in zip(r0, r1))
+    moved = sum(b.get("connections_moved", 0) - a.get("connections_moved", 0)
+                for a, b in zip(r0, r1))
     total = max(sum(per_core), 1)
     return {
         "iops": iops,
@@ -98,6 +101,7 @@ def one(daemon, exports, args):
         "core_shares": [n / total for n in per_core],
         "borrows_per_io": rounds / max(ios, 1),
         "forwarded_per_io": fwd / max(ios, 1),
+        "moved": moved,
     }
 
 
@@ -153,7 +157,7 @@ def main():
         os.unlink(pool)
     med = {label: {k: statistics.median(r[k] for r in rs)
                    for k in ("iops", "server_cpu_us_per_io", "borrows_per_io",
-                             "forwarded_per_io")}
+                             "forwarded_per_io", "moved")}
            for label, rs in runs.items()}
     for label, rs in runs.items():
         shares = [r["core_shares"] for r in rs]
@@ -167,12 +171,12 @@ def main():
     print(f"fio {args.rw} {args.bs}, QD{args.qd} per connection, two connections, "
           f"--poll-us {args.poll_us}, medians of {args.reps}\n")
     print("| configuration | IOPS | server µs CPU/IO | I/O share per core | "
-          "pool-state borrows/IO | forwarded/IO |")
-    print("|---|---|---|---|---|---|")
+          "pool-state borrows/IO | forwarded/IO | moved |")
+    print("|---|---|---|---|---|---|---|")
     for label, m in med.items():
         shares = " / ".join(f"{s:.2f}" for s in m["core_shares"])
         print(f"| {label} | {m['iops']:.0f} | {m['server_cpu_us_per_io']:.2f} | {shares} | "
-              f"{m['borrows_per_io']:.2f} | {m['forwarded_per_io']:.2f} |")
+              f"{m['borrows_per_io']:.2f} | {m['forwarded_per_io']:.2f} | {m['moved']:.0f} |")
     for what in ("one-volume", "two-volumes"):
         a = med[f"cores1-{what}"]
         for p in args.placements.split(","):

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod listener;
 pub mod nvme;
 pub mod offload;
+pub mod placed;
 pub mod poll;
 pub mod pool;
 pub mod ram;

@@ -142,11 +142,12 @@ pub struct ServeArgs {
     quiesce_timeout: std::time::Duration,
     /// Which core runs a volume's I/O: `any`, the core the command arrived on (a family's
     /// decisions may come from several cores, each under the family's lock); `owner`, the
-    /// core owning the volume's family (a volume with its snapshots and clones: the first core
-    /// to submit I/O to it) — commands arriving on other cores are forwarded to it in batches,
-    /// so one core alone touches a family's state. Forwarding costs a cross-core round trip
-    /// per batch (perf/RESULTS.md §6.9), which `owner` pays only for connections to a family
-    /// owned elsewhere.
+    /// core owning the volume's family (a volume with its snapshots and clones), so one core
+    /// alone touches a family's state: NBD connections and NVMe/TCP I/O queues move to that
+    /// core once they know their volume (a family without an owner gets the core owning the
+    /// fewest), and commands that still arrive elsewhere (userspace-TLS connections, which
+    /// stay) are forwarded to it in batches. Under `owner` one hot volume is served by one
+    /// core (perf/RESULTS.md §6.10).
     #[arg(long, value_name = "WHERE", default_value = "any")]
     volume_placement: VolumePlacement,
     /// Log lines as human-readable text, or as one JSON object per line for log collectors.

@@ -31,7 +31,7 @@
 //! - a connection whose device names another home core (`BlockDev::home_core`: a volume's
 //!   family owner) moves there when its handshake ends, before it parses a request: it stops
 //!   reading, finishes its last send, cancels its timer, gives its core's memory back and
-//!   travels as a whole ([`crate::placed`]); input already received (at most `RECV_MIN` bytes,
+//!   travels as a whole (`ballast_engine::placed`); input already received (at most `RECV_MIN` bytes,
 //!   else it stays) goes along and is parsed first on the new core. A userspace-TLS connection
 //!   stays where it is (its session's handshake work is tied to this core's offload tag).
 
@@ -41,6 +41,7 @@ use std::time::Instant;
 
 use ballast_engine::holder::Holder;
 use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
+use ballast_engine::placed::Movable;
 use ballast_engine::recvbuf::{Posted, RecvBuf, RECV_MIN};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
@@ -203,28 +204,6 @@ impl Conn {
             moving: None,
             arrived: None,
         }
-    }
-
-    /// The core this connection can move to now: its move was decided, its output is sent
-    /// and nothing of it is in flight.
-    pub(crate) fn ready_to_move(&self) -> Option<usize> {
-        self.moving.filter(|_| self.quiet() && self.out.drained() && !self.read_closed)
-    }
-
-    /// Gives back what the connection holds of this core (its receive buffer, keeping the
-    /// bytes in it, and its memory charges) before it moves. False, and it stays, when more
-    /// input is buffered than a new core's first receive buffer holds.
-    pub(crate) fn leave(&mut self, cx: &mut Cx<'_>) -> bool {
-        self.moving = None;
-        if self.recv.buffered() > RECV_MIN {
-            return false;
-        }
-        self.arrived = Some(self.recv.unconsumed().to_vec());
-        self.recv.release(cx);
-        self.recv = RecvBuf::new(RECV_BUF_MAX);
-        self.mem.release_all(cx);
-        cx.stats().connections_open -= 1;
-        true
     }
 
     /// Takes the connection in on the core it moved to (or came back to): counts it, and
@@ -953,6 +932,27 @@ impl Conn {
         self.done = true;
         cx.stats().connections_open -= 1;
         tracing::info!(peer = %self.peer, export = %self.export_name, requests = self.requests_total, "connection closed");
+    }
+}
+
+impl Movable for Conn {
+    fn ready_to_move(&self) -> Option<usize> {
+        self.moving.filter(|_| self.quiet() && self.out.drained() && !self.read_closed)
+    }
+
+    /// Gives back the receive buffer (keeping the bytes in it) and the memory charges. Stays
+    /// when more input is buffered than a new core's first receive buffer holds.
+    fn leave(&mut self, cx: &mut Cx<'_>) -> bool {
+        self.moving = None;
+        if self.recv.buffered() > RECV_MIN {
+            return false;
+        }
+        self.arrived = Some(self.recv.unconsumed().to_vec());
+        self.recv.release(cx);
+        self.recv = RecvBuf::new(RECV_BUF_MAX);
+        self.mem.release_all(cx);
+        cx.stats().connections_open -= 1;
+        true
     }
 }
 

@@ -26,11 +26,12 @@ pub mod tls;
 use std::sync::Arc;
 
 use ballast_engine::listener::ConnFactory;
+use ballast_engine::placed::Placed;
 pub use subsys::{ListenAddr, Target, NQN_PREFIX};
 
 /// The factory the engine's listener on `via` uses to serve NVMe/TCP on accepted sockets.
 pub fn conn_factory(target: Arc<Target>, via: ListenAddr) -> ConnFactory {
     Arc::new(move |fd, peer, guard| {
-        Box::new(queue::Queue::new(fd, peer, guard, target.clone(), via.clone()))
+        Box::new(Placed::new(queue::Queue::new(fd, peer, guard, target.clone(), via.clone())))
     })
 }

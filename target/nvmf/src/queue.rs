@@ -31,7 +31,14 @@
 //!   its subsystem gets ATR in its Connect response and, until its own handshake succeeded,
 //!   answers every command but Authentication Send/Receive, Property Get and Disconnect with
 //!   Authentication Required; the handshake deadline covers it too (each queue authenticates
-//!   on its own, as the kernel host does).
+//!   on its own, as the kernel host does);
+//! - an I/O queue whose subsystem's first namespace names another home core
+//!   (`BlockDev::home_core`: a volume's family owner) moves there right after its Connect,
+//!   before it parses a command: it stops reading, sends the Connect response, cancels its
+//!   timer, gives its core's memory back and travels whole (`ballast_engine::placed`); input
+//!   already received (at most `RECV_MIN` bytes, else it stays) goes along and is parsed first
+//!   on the new core. Admin queues, queues that must authenticate and userspace-TLS queues
+//!   stay where they were accepted.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -41,7 +48,8 @@ use std::time::{Duration, Instant};
 use ballast_engine::holder::Holder;
 use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
 use ballast_engine::offload::Away;
-use ballast_engine::recvbuf::{Posted, RecvBuf};
+use ballast_engine::placed::Movable;
+use ballast_engine::recvbuf::{Posted, RecvBuf, RECV_MIN};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{Cx, IoBuf, IoCmd, Owned, Task};
@@ -185,6 +193,11 @@ pub struct Queue {
     auth: Option<Box<QueueAuth>>,
     /// An authentication step running off the core (its result comes back here).
     auth_away: Option<Away<(Box<QueueAuth>, AuthStep)>>,
+    /// The core this queue is moving to (its namespace's home), from its Connect until it
+    /// leaves.
+    moving: Option<usize>,
+    /// On a queue that moved: input received before the move, parsed first on arrival.
+    arrived: Option<Vec<u8>>,
 }
 
 impl Queue {
@@ -227,7 +240,27 @@ impl Queue {
             tls_names: None,
             auth: None,
             auth_away: None,
+            moving: None,
+            arrived: None,
         }
+    }
+
+    /// Takes the queue in on the core it moved to (or came back to): counts it, starts its
+    /// ticks and parses the input that came along.
+    fn arrive(&mut self, cx: &mut Cx<'_>, early: Vec<u8>) {
+        cx.stats().connections_open += 1;
+        tracing::debug!(peer = %self.peer, qid = self.qid, core = cx.core(), input = early.len(), "NVMe/TCP queue placed on its namespace's core");
+        self.arm_tick(cx);
+        if early.is_empty() {
+            return;
+        }
+        let n = early.len();
+        let posted = self.recv.fill(cx, 0, |room| {
+            room[..n].copy_from_slice(&early);
+            n
+        });
+        assert_eq!(posted, Posted::Yes, "a moved queue's input fits its first buffer");
+        self.parse(cx);
     }
 
     /// Whether the queue must still authenticate before it may do anything else (a step
@@ -417,7 +450,8 @@ impl Queue {
             return;
         }
         let mut used = 0;
-        while !self.read_closed && !self.saturated() && !self.mem.waiting() {
+        while !self.read_closed && !self.saturated() && !self.mem.waiting() && self.moving.is_none()
+        {
             let input = &buf.as_slice()[used..];
             let Some(ch) = CommonHeader::decode(input) else { break };
             let (data_start, data_len) =
@@ -770,6 +804,14 @@ impl Queue {
             authenticate = self.auth.is_some(),
             "NVMe/TCP queue connected"
         );
+        let home = match &ctrl.subsys {
+            Some(subsys) if qid != 0 && self.auth.is_none() && self.tls.is_none() => {
+                let first = subsys.namespaces.read().values().next().cloned();
+                first.and_then(|ns| ns.dev.home_core(cx.core()))
+            }
+            _ => None,
+        };
+        self.moving = home.filter(|&core| core != cx.core() && core < cx.cores());
         let cntlid = ctrl.cntlid;
         self.ctrl = Some(ctrl);
         let atr = if self.auth.is_some() { CONNECT_AUTHREQ_ATR } else { 0 };
@@ -1258,7 +1300,7 @@ impl Queue {
     }
 
     fn arm_tick(&mut self, cx: &mut Cx<'_>) {
-        if self.tick_inflight || self.read_closed {
+        if self.tick_inflight || self.read_closed || self.moving.is_some() {
             return;
         }
         self.tick_inflight = true;
@@ -1358,6 +1400,15 @@ impl Queue {
     }
 
     fn post_io(&mut self, cx: &mut Cx<'_>) {
+        if self.moving.is_some() {
+            // Leaving: the Connect response goes out, nothing more comes in here.
+            self.out.start(cx, self.fd.as_raw_fd(), TAG_SEND);
+            if self.tick_inflight && !self.cancel_inflight {
+                self.cancel_inflight = true;
+                cx.cancel(TAG_TICK, TAG_CANCEL);
+            }
+            return;
+        }
         if self.tls.is_some() {
             self.pump_tls(cx);
         }
@@ -1437,8 +1488,42 @@ impl Queue {
     }
 }
 
+impl Movable for Queue {
+    fn ready_to_move(&self) -> Option<usize> {
+        let quiet = self.auth_away.is_none()
+            && !self.recv.inflight()
+            && self.direct.is_none()
+            && self.tls.is_none()
+            && !self.send_inflight()
+            && !self.tick_inflight
+            && !self.cancel_inflight
+            && self.cmds.is_empty();
+        self.moving.filter(|_| quiet && self.out.drained() && !self.read_closed)
+    }
+
+    /// Gives back the receive buffer (keeping the bytes in it) and the memory charges. Stays
+    /// when more input is buffered than a new core's first receive buffer holds.
+    fn leave(&mut self, cx: &mut Cx<'_>) -> bool {
+        self.moving = None;
+        if self.recv.buffered() > RECV_MIN {
+            self.arm_tick(cx);
+            return false;
+        }
+        self.arrived = Some(self.recv.unconsumed().to_vec());
+        self.recv.release(cx);
+        self.recv = RecvBuf::new(RECV_BUF_MAX);
+        self.mem.release_all(cx);
+        cx.stats().connections_open -= 1;
+        true
+    }
+}
+
 impl Task for Queue {
     fn start(&mut self, cx: &mut Cx<'_>) {
+        if let Some(early) = self.arrived.take() {
+            self.arrive(cx, early);
+            return;
+        }
         cx.stats().connections_open += 1;
         cx.stats().connections_total += 1;
         // The handshake deadline.
@@ -1496,6 +1581,10 @@ impl Task for Queue {
     }
 
     fn flush(&mut self, cx: &mut Cx<'_>) {
+        if self.read_closed || self.send_broken() {
+            // Ending instead (the host left, a deadline, shutdown): no move.
+            self.moving = None;
+        }
         self.post_io(cx);
         if !self.read_closed || self.done {
             return;

@@ -440,6 +440,20 @@ impl PoolHandle {
         r
     }
 
+    /// The core a pool-wide request runs on: under the `owner` placement, a control operation
+    /// that freezes a volume and drains its writes (snapshot, rollback, resize, delete) on the
+    /// core owning the volume's family, if it has one — the core whose requests it waits for
+    /// and whose family state it changes; everything else on core 0.
+    fn core_for<B>(&self, cmd: &Cmd<B>, cores: usize) -> usize {
+        let Cmd::Control(op) = cmd else { return 0 };
+        if self.owned_by_cores().is_none() {
+            return 0;
+        }
+        let family = op.quiesce().and_then(|id| self.meta_shared().family_number(id));
+        let owner = family.and_then(|f| self.owners.lock().get(&f).and_then(|o| o.get()));
+        owner.filter(|&core| core < cores).unwrap_or(0)
+    }
+
     /// Brings the sizes devices report up to date (a deleted volume reports 0).
     fn refresh_sizes(&self) {
         let m = self.meta();
@@ -451,9 +465,9 @@ impl PoolHandle {
     }
 
     /// Runs a pool-wide request (flush, checkpoint, control operation) from a blocking thread:
-    /// as a message to core 0, where it runs like any request (its I/O on the ring, the lock
-    /// never held across it, parked while it waits); once the cores are gone, here on the
-    /// blocking disk, the same request run to completion.
+    /// as a message to a core ([`PoolHandle::core_for`]), where it runs like any request (its
+    /// I/O on the ring, the lock never held across it, parked while it waits); once the cores
+    /// are gone, here on the blocking disk, the same request run to completion.
     fn run_blocking(self: &Arc<Self>, cmd: Cmd<DevBuf>) -> Result<i32, PoolError> {
         if let Some(why) = self.meta().failed() {
             return Err(PoolError::Failed(why.to_string()));
@@ -466,11 +480,12 @@ impl PoolHandle {
             _ => unreachable!("only pool-wide requests run from a blocking thread"),
         };
         if let Some(cores) = self.cores.get() {
+            let core = self.core_for(&cmd, cores.len());
             let (tx, rx) = crossbeam_channel::bounded(1);
             let request = Some((Reply::Channel(tx), cmd));
             let io = Handoff { pool: Arc::clone(self), request };
             let spawn = move |_cx: &mut Cx<'_>| Box::new(io) as Box<dyn Task>;
-            if cores[0].send_blocking(Msg::Spawn(Box::new(spawn))) {
+            if cores[core].send_blocking(Msg::Spawn(Box::new(spawn))) {
                 // A drain may take up to the quiesce timeout, then the commit (never less
                 // patience than the default timeout allows: a short drain deadline says
                 // nothing about how long the operation queued before it or its commit take).
@@ -1687,6 +1702,16 @@ mod tests {
                 // (owner), or its own client's (any).
                 assert!(events >= sent, "core {core}: {events} events");
             }
+            // A snapshot of w (owned by core 1) runs on its owner under `owner`, on core 0
+            // under `any`: only that core decides anything meanwhile (the clients are done).
+            pool.snapshot("w", "w-snap").unwrap();
+            let after = forwarding_stats(&engine);
+            let ran: Vec<bool> = then.iter().zip(&after).map(|(a, b)| b.2 > a.2).collect();
+            let expect = match placement {
+                Placement::Owner => [false, true],
+                Placement::Any => [true, false],
+            };
+            assert_eq!(ran, expect, "the cores that decided the snapshot");
             engine.shutdown();
             assert_eq!(pool.meta().check(), Vec::<String>::new(), "the pool is consistent");
             assert_eq!(pool.meta().leaked(), 0);

@@ -12,6 +12,9 @@
 //! that builds it on the new core; if that core's mailbox refuses it, it starts again here and
 //! is served here. Its socket, its place under the connection limit and its negotiated state
 //! travel with it; `start` on the new core takes it in (counts it, parses what came along).
+//!
+//! Limit: a move accepted by a core's message queue in the instant that core finishes its
+//! shutdown is dropped with the core (the socket closes): only at engine shutdown.
 
 use crate::reactor::{Cx, Msg, Task};
 use crate::Owned;
@@ -22,7 +25,7 @@ pub trait Movable: Task + Send + 'static {
     /// nothing of it is in flight.
     fn ready_to_move(&self) -> Option<usize>;
     /// Gives back what it holds of this core before it moves; false when it cannot move after
-    /// all (it then stays and is served here).
+    /// all (it then stays and is served here: it resumes its work, and its `flush` follows).
     fn leave(&mut self, cx: &mut Cx<'_>) -> bool;
 }
 
@@ -45,7 +48,9 @@ impl<T: Movable> Placed<T> {
         };
         let mut conn = self.0.take().expect("checked above");
         if !conn.leave(cx) {
+            // Staying: one more flush posts what its resumed work needs (sends, receives).
             self.0 = Some(conn);
+            cx.flush_later(cx.task());
             return;
         }
         let msg = Msg::Spawn(Box::new(move |_: &mut Cx<'_>| Box::new(Placed(Some(conn))) as _));
@@ -112,13 +117,14 @@ mod tests {
         allow_leave: bool,
         timer: bool,
         moving: bool,
+        stayed: bool,
         done: bool,
     }
 
     impl Task for Hop {
         fn start(&mut self, cx: &mut Cx<'_>) {
             self.log.lock().push(format!("start on {}", cx.core()));
-            if cx.core() == self.to || self.log.lock().iter().any(|e| e == "stayed") {
+            if cx.core() == self.to {
                 self.done = true;
                 return;
             }
@@ -130,7 +136,13 @@ mod tests {
             self.timer = false;
             self.log.lock().push(format!("timer back on {}", cx.core()));
         }
-        fn flush(&mut self, _cx: &mut Cx<'_>) {}
+        fn flush(&mut self, _cx: &mut Cx<'_>) {
+            if self.stayed {
+                self.stayed = false;
+                self.done = true;
+                self.log.lock().push("flushed after staying".into());
+            }
+        }
         fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
         fn is_done(&self) -> bool {
             self.done
@@ -145,7 +157,7 @@ mod tests {
             self.moving = false;
             if !self.allow_leave {
                 self.log.lock().push("stayed".into());
-                self.done = true;
+                self.stayed = true;
                 return false;
             }
             self.log.lock().push(format!("left {}", cx.core()));
@@ -165,12 +177,13 @@ mod tests {
             allow_leave,
             timer: false,
             moving: false,
+            stayed: false,
             done: false,
         };
         let spawn = move |_: &mut Cx<'_>| Box::new(Placed::new(hop)) as Box<dyn Task>;
         assert!(engine.handles()[0].send_blocking(Msg::Spawn(Box::new(spawn))));
         let started = Instant::now();
-        let last = if allow_leave { "start on 1" } else { "stayed" };
+        let last = if allow_leave { "start on 1" } else { "flushed after staying" };
         while !log.lock().iter().any(|e| e == last) {
             assert!(started.elapsed() < Duration::from_secs(10), "the task got to `{last}`");
             std::thread::sleep(Duration::from_millis(1));
@@ -197,9 +210,13 @@ mod tests {
         );
     }
 
-    /// A connection that cannot leave after all stays and is served where it is.
+    /// A connection that cannot leave after all stays and is served where it is: it is
+    /// flushed again at once (to post what its resumed work needs), with no event of its own.
     #[test]
     fn a_connection_that_cannot_leave_stays() {
-        assert_eq!(run(false), ["start on 0", "timer back on 0", "stayed", "moved [0, 0]"]);
+        assert_eq!(
+            run(false),
+            ["start on 0", "timer back on 0", "stayed", "flushed after staying", "moved [0, 0]"]
+        );
     }
 }

@@ -124,10 +124,11 @@ def recv_exact(sock, n):
     return out
 
 
-def pipelined(port, name, data, off):
+def pipelined(port, name, data, off, big_option=False):
     """A raw client that sends NBD_OPT_GO, a write and a flush in one go, before reading any
     reply (the requests are already received when the handshake ends), then reads the range
-    back; returns what the read returned, or an error string."""
+    back; returns what the read returned, or an error string. With `big_option`, a 60 KB
+    option the server does not know goes first (its receive buffer grows to hold it whole)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=20)
 
     def request(kind, handle, length):
@@ -147,10 +148,21 @@ def pipelined(port, name, data, off):
         if hello[:16] != b"NBDMAGICIHAVEOPT":
             return "bad greeting"
         out = struct.pack(">I", 3)  # FIXED_NEWSTYLE | NO_ZEROES
+        if big_option:
+            # Alone first, answered before the rest is sent: the buffer is big and empty then.
+            s.sendall(out + b"IHAVEOPT" + struct.pack(">II", 0x4242, 60000) + bytes(60000))
+            magic, option, kind, length = struct.unpack(">QIII", recv_exact(s, 20))
+            recv_exact(s, length)
+            if (magic, option, kind) != (0x3e889045565a9, 0x4242, 0x80000001):  # ERR_UNSUP
+                return "unknown option answered %#x" % kind
+            out = b""
         opt = struct.pack(">I", len(name)) + name.encode() + struct.pack(">H", 0)
         out += b"IHAVEOPT" + struct.pack(">II", 7, len(opt)) + opt  # NBD_OPT_GO
         out += request(1, 1, len(data)) + data + request(3, 2, 0)  # write, flush
+        # Corked: one segment (under loopback's MSS), so the server receives it in one piece.
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         s.sendall(out)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         while True:  # option replies until the final one
             magic, _opt, kind, length = struct.unpack(">QIII", recv_exact(s, 20))
             recv_exact(s, length)
@@ -227,6 +239,18 @@ def run(r, placement, tls=False):
                                                      for g in got])
             r.check("owner: both pipelining connections moved", moved == [1, 1],
                     "moved %s" % moved)
+            # A client whose receive buffer grew in the handshake (a 60 KB option) and that
+            # sends a 48 KiB write with its NBD_OPT_GO: more is buffered than a moved
+            # connection carries, so it stays (on the core not owning volume b) and forwards.
+            before = stats(b)
+            got = pipelined(b.port, "b", big[:12 * BLOCK], 14 << 20, big_option=True)
+            after = stats(b)
+            moved = deltas(before, after, "connections_moved")
+            fwd = deltas(before, after, "volume_forwarded")
+            r.check("owner: a connection with more input buffered than it can carry stays and "
+                    "is served", got == big[:12 * BLOCK] and moved == [0, 0] and sum(fwd) >= 3,
+                    "got %s, moved %s, forwarded %s"
+                    % (got if isinstance(got, str) else len(got), moved, fwd))
         # kill -9 after the flushes: every block is there after a restart.
         b.proc.kill()
         b.proc.wait()

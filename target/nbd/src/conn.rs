@@ -435,8 +435,9 @@ impl Conn {
             meta_allocation: neg.meta_allocation,
             max_payload: self.max_payload,
         };
-        let home = neg.export.dev.home_core(cx.core());
         if self.tls.is_none() {
+            // (Asked only by a connection that can move: asking places a new family.)
+            let home = neg.export.dev.home_core(cx.core());
             self.moving = home.filter(|&core| core != cx.core() && core < cx.cores());
         }
         self.phase = Phase::Transmission { dev: neg.export.dev.clone(), session };
@@ -817,20 +818,8 @@ impl Conn {
         }
     }
 
-    fn post_io(&mut self, cx: &mut Cx<'_>) {
-        if self.moving.is_some() {
-            // Leaving: the handshake's last reply goes out, nothing more comes in here.
-            self.start_send(cx);
-            if self.tick_inflight && !self.cancel_inflight {
-                self.cancel_inflight = true;
-                cx.cancel(TAG_TICK, TAG_CANCEL);
-            }
-            return;
-        }
-        if self.tls.is_some() {
-            self.pump_tls(cx);
-        }
-        self.start_send(cx);
+    /// Starts the tick timer if a deadline applies and none is running.
+    fn arm_tick(&mut self, cx: &mut Cx<'_>) {
         if !self.tick_inflight && self.needs_tick() {
             self.tick_inflight = true;
             let limits = self.guard.limits();
@@ -841,6 +830,27 @@ impl Conn {
             };
             cx.timer(TAG_TICK, after);
         }
+    }
+
+    fn post_io(&mut self, cx: &mut Cx<'_>) {
+        if self.moving.is_some() {
+            // Leaving: the handshake's replies go out, nothing more comes in here. The tick
+            // keeps watching a client that does not read them (the stall deadline) and is
+            // cancelled once they are all sent.
+            self.start_send(cx);
+            if !self.out.drained() {
+                self.arm_tick(cx);
+            } else if self.tick_inflight && !self.cancel_inflight {
+                self.cancel_inflight = true;
+                cx.cancel(TAG_TICK, TAG_CANCEL);
+            }
+            return;
+        }
+        if self.tls.is_some() {
+            self.pump_tls(cx);
+        }
+        self.start_send(cx);
+        self.arm_tick(cx);
         if self.read_closed
             || self.send_broken()
             || self.recv.inflight()
@@ -941,10 +951,12 @@ impl Movable for Conn {
     }
 
     /// Gives back the receive buffer (keeping the bytes in it) and the memory charges. Stays
-    /// when more input is buffered than a new core's first receive buffer holds.
+    /// when more input is buffered than a new core's first receive buffer holds, and parses
+    /// it here (its flush follows: `Placed`).
     fn leave(&mut self, cx: &mut Cx<'_>) -> bool {
         self.moving = None;
         if self.recv.buffered() > RECV_MIN {
+            self.parse(cx);
             return false;
         }
         self.arrived = Some(self.recv.unconsumed().to_vec());

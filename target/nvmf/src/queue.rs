@@ -1300,7 +1300,10 @@ impl Queue {
     }
 
     fn arm_tick(&mut self, cx: &mut Cx<'_>) {
-        if self.tick_inflight || self.read_closed || self.moving.is_some() {
+        // A moving queue's tick watches its last responses leave (the stall deadline); once
+        // they are sent it is cancelled, and the queue's new core starts its own.
+        let leaving = self.moving.is_some() && self.out.drained();
+        if self.tick_inflight || self.read_closed || leaving {
             return;
         }
         self.tick_inflight = true;
@@ -1403,7 +1406,7 @@ impl Queue {
         if self.moving.is_some() {
             // Leaving: the Connect response goes out, nothing more comes in here.
             self.out.start(cx, self.fd.as_raw_fd(), TAG_SEND);
-            if self.tick_inflight && !self.cancel_inflight {
+            if self.out.drained() && self.tick_inflight && !self.cancel_inflight {
                 self.cancel_inflight = true;
                 cx.cancel(TAG_TICK, TAG_CANCEL);
             }
@@ -1502,11 +1505,13 @@ impl Movable for Queue {
     }
 
     /// Gives back the receive buffer (keeping the bytes in it) and the memory charges. Stays
-    /// when more input is buffered than a new core's first receive buffer holds.
+    /// when more input is buffered than a new core's first receive buffer holds, and parses
+    /// it here (its flush follows: `Placed`).
     fn leave(&mut self, cx: &mut Cx<'_>) -> bool {
         self.moving = None;
         if self.recv.buffered() > RECV_MIN {
             self.arm_tick(cx);
+            self.parse(cx);
             return false;
         }
         self.arrived = Some(self.recv.unconsumed().to_vec());

@@ -539,8 +539,26 @@ impl PoolHandle {
     }
 
     pub fn delete(self: &Arc<Self>, vol: &str) -> Result<(), PoolError> {
-        let id = self.meta().find(vol)?;
-        self.control(ControlOp::Delete { id }).map(drop)
+        let (id, family) = {
+            let m = self.meta();
+            let id = m.find(vol)?;
+            (id, m.family_number(id))
+        };
+        self.control(ControlOp::Delete { id })?;
+        // The family's last volume gone: its owner no longer counts against its core. (Under
+        // the pool state's borrow, as `device` takes it before `owners`: a new family reusing
+        // the number cannot get a device with the old owner in between.)
+        if let Some(f) = family {
+            let m = self.meta_shared();
+            if !m.family_alive(f) {
+                let owner = self.owners.lock().remove(&f);
+                if let (Some(core), Some(claims)) = (owner.and_then(|o| o.get()), self.claims.get())
+                {
+                    claims.release(core);
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn set_config(self: &Arc<Self>, key: &str, value: &str) -> Result<(), PoolError> {
@@ -1712,6 +1730,16 @@ mod tests {
                 Placement::Any => [true, false],
             };
             assert_eq!(ran, expect, "the cores that decided the snapshot");
+            // Deleting the family's volumes: its core owns one family fewer once the last goes.
+            let owned = |loads: [usize; 2]| match placement {
+                Placement::Owner => loads.to_vec(),
+                Placement::Any => vec![0, 0],
+            };
+            assert_eq!(pool.families_per_core(), owned([1, 1]));
+            pool.delete("w-snap").unwrap();
+            assert_eq!(pool.families_per_core(), owned([1, 1]), "w still lives");
+            pool.delete("w").unwrap();
+            assert_eq!(pool.families_per_core(), owned([1, 0]));
             engine.shutdown();
             assert_eq!(pool.meta().check(), Vec::<String>::new(), "the pool is consistent");
             assert_eq!(pool.meta().leaked(), 0);

@@ -173,6 +173,14 @@ impl Claims {
         core
     }
 
+    /// A family `core` owned is gone (its last volume deleted).
+    pub fn release(&self, core: usize) {
+        if let Some(n) = self.0.get(core) {
+            let before = n.fetch_sub(1, Ordering::Relaxed);
+            assert!(before > 0, "core {core} released a family it did not own");
+        }
+    }
+
     /// Families owned by each core.
     pub fn loads(&self) -> Vec<usize> {
         self.0.iter().map(|n| n.load(Ordering::Relaxed)).collect()
@@ -247,5 +255,9 @@ mod tests {
         let g = Owner::default();
         assert_eq!(g.claim(0, &claims), 0);
         assert_eq!(claims.loads(), vec![4, 2, 3]);
+        // Families gone: the next new one goes to the core now owning the fewest.
+        claims.release(2);
+        claims.release(2);
+        assert_eq!(Owner::default().place(0, &claims), 2);
     }
 }

@@ -563,6 +563,11 @@ impl PoolMeta {
         self.family_of.get(&id).copied()
     }
 
+    /// Whether any volume still belongs to family number `family`.
+    pub fn family_alive(&self, family: u32) -> bool {
+        self.family_of.values().any(|&f| f == family)
+    }
+
     /// Volume `id`'s attributes, copied out of its family.
     pub fn volume(&self, id: u32) -> Result<VolumeAttrs, PoolError> {
         let Some(fam) = self.family(id) else { return Err(PoolError::NoVolume(id)) };

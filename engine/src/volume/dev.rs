@@ -52,7 +52,9 @@ use ballast_volume::locks::Waiter;
 use ballast_volume::meta::Encoded;
 use ballast_volume::request::{Access, Buf, Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
 use crossbeam_channel::Sender;
-use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::Mutex;
+
+use super::state_lock::{StateLock, StateRead, StateWrite};
 use slab::Slab;
 
 use super::format::BLOCK_SIZE;
@@ -176,7 +178,7 @@ impl SyncDisk for FileDisk {
 pub struct PoolHandle {
     /// Shared by the cores' data-path decisions (each locks the one family it decides for),
     /// exclusive for the pool's own steps (commits, control operations, listings).
-    meta: RwLock<PoolMeta>,
+    meta: StateLock<PoolMeta>,
     disk: Mutex<PoolDisk>,
     media: Media,
     path: PathBuf,
@@ -206,7 +208,7 @@ pub struct PoolHandle {
 /// The pool state borrowed exclusively off the data path (control thread, listings): when it
 /// ends, the requests it woke get their wake-ups through their cores' wake channels.
 pub struct MetaGuard<'a> {
-    meta: RwLockWriteGuard<'a, PoolMeta>,
+    meta: StateWrite<'a, PoolMeta>,
     pool: &'a PoolHandle,
 }
 
@@ -294,7 +296,7 @@ impl PoolHandle {
         };
         let (disk, meta) = Pool::open(disk)?.into_parts();
         Ok(Arc::new(PoolHandle {
-            meta: RwLock::new(meta),
+            meta: StateLock::new(meta),
             disk: Mutex::new(disk),
             media,
             path: path.to_path_buf(),
@@ -381,7 +383,7 @@ impl PoolHandle {
 
     /// The pool state borrowed shared, for what only reads it (a volume's allocation map): the
     /// cores' decisions go on meanwhile.
-    pub fn meta_shared(&self) -> RwLockReadGuard<'_, PoolMeta> {
+    pub fn meta_shared(&self) -> StateRead<'_, PoolMeta> {
         self.meta.read()
     }
 
@@ -1268,14 +1270,14 @@ impl CoreQueue {
     }
 }
 
-/// A core's borrow of the pool state for one round of decisions: shared (the read lock, kept
-/// for the round) for the data path, whose decisions lock one family at a time; exclusive (the
-/// write lock) for a request step that needs it (a commit, a control operation, parking on
+/// A core's borrow of the pool state for one round of decisions: shared (its shard of the read
+/// lock, kept for the round) for the data path, whose decisions lock one family at a time;
+/// exclusive (every shard) for a request step that needs it (a commit, a control operation, parking on
 /// the commit), given back after that event. Nothing is locked across I/O.
 struct Round<'a> {
-    lock: &'a RwLock<PoolMeta>,
-    read: Option<RwLockReadGuard<'a, PoolMeta>>,
-    write: Option<RwLockWriteGuard<'a, PoolMeta>>,
+    lock: &'a StateLock<PoolMeta>,
+    read: Option<StateRead<'a, PoolMeta>>,
+    write: Option<StateWrite<'a, PoolMeta>>,
 }
 
 impl Access for Round<'_> {

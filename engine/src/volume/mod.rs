@@ -6,3 +6,4 @@ pub use ballast_volume::{alloc, format, journal, map, meta, ops, pool, records, 
 
 pub mod dev;
 pub mod forward;
+pub mod state_lock;

@@ -11,6 +11,8 @@
 //!   exclusive borrow of the pool state, as under the former pool mutex, against shared borrows
 //!   (each decision locking its own family) — what deciding for families at once buys;
 //! - a mutex itself: uncontended, and contended by two threads on two CPUs;
+//! - a shared borrow taken by two threads on two CPUs at once: of one reader-writer lock (both
+//!   write its cache line) against the sharded lock the pool state uses (a shard per thread);
 //! - a cross-core forward through the engine: a task on core 0 spawns a task on core 1 through
 //!   its mailbox, which wakes the first back through its wake channel (a forwarded request and
 //!   its completion, with no work in between).
@@ -30,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ballast_engine::reactor::{Cx, Engine, EngineConfig, Msg, Task};
+use ballast_engine::volume::state_lock::StateLock;
 use ballast_engine::Owned;
 use ballast_volume::locks::Waiter;
 use ballast_volume::meta::PoolMeta;
@@ -339,6 +342,36 @@ fn mutex_contended(ops: u64, cpus: [usize; 2]) -> f64 {
     start.elapsed().as_nanos() as f64 / ops as f64
 }
 
+/// Two threads on two CPUs taking a shared borrow, reading the value and giving it back, `ops`
+/// times together: ns per borrow, both threads together. `borrow` is the lock's read.
+fn shared_borrows<L: Send + Sync + 'static>(
+    ops: u64,
+    cpus: [usize; 2],
+    lock: L,
+    borrow: fn(&L) -> u64,
+) -> f64 {
+    let lock = Arc::new(lock);
+    let start = Instant::now();
+    let threads: Vec<_> = cpus
+        .iter()
+        .map(|&cpu| {
+            let lock = Arc::clone(&lock);
+            std::thread::spawn(move || {
+                let _ = ballast_ffi_pin(cpu);
+                let mut sum = 0u64;
+                for _ in 0..ops / 2 {
+                    sum = sum.wrapping_add(std::hint::black_box(borrow(&lock)));
+                }
+                sum
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    start.elapsed().as_nanos() as f64 / ops as f64
+}
+
 /// Pins the calling thread; a failure only makes the figures noisier.
 fn ballast_ffi_pin(cpu: usize) -> bool {
     ballast_ffi::sys::pin_to_cpu(cpu).is_ok()
@@ -454,6 +487,12 @@ fn main() -> anyhow::Result<()> {
     let fresh = figure(&mut || fresh_cluster(&meta, vol, args.ops));
     let unc = figure(&mut || mutex_uncontended(args.ops * 10));
     let con = figure(&mut || mutex_contended(args.ops * 10, cpus));
+    let rw_shared = figure(&mut || {
+        shared_borrows(args.ops * 10, cpus, RwLock::new(7u64), |l: &RwLock<u64>| *l.read())
+    });
+    let sharded_shared = figure(&mut || {
+        shared_borrows(args.ops * 10, cpus, StateLock::new(7u64), |l: &StateLock<u64>| *l.read())
+    });
     let two_excl = figure(&mut || two_families(&meta, vols, args.ops, cpus, true));
     let two_shared = figure(&mut || two_families(&meta, vols, args.ops, cpus, false));
     let mut cross = Vec::new();
@@ -491,6 +530,14 @@ fn main() -> anyhow::Result<()> {
     );
     println!("| pool mutex, uncontended lock + unlock | {unc:.1} |");
     println!("| pool mutex, two threads on two CPUs, per lock + unlock | {con:.1} |");
+    println!(
+        "| shared borrow of one reader-writer lock (the pool state's before), two threads on two \
+         CPUs, per borrow, both threads together | {rw_shared:.1} |"
+    );
+    println!(
+        "| the same with the sharded lock the pool state uses now (a shard per thread) | \
+         {sharded_shared:.1} |"
+    );
     for (poll_us, ns) in cross {
         println!(
             "| cross-core forward + wake back through the engine (--poll-us {poll_us}) | {ns:.0} |"

@@ -1272,8 +1272,8 @@ impl CoreQueue {
 
 /// A core's borrow of the pool state for one round of decisions: shared (its shard of the read
 /// lock, kept for the round) for the data path, whose decisions lock one family at a time;
-/// exclusive (every shard) for a request step that needs it (a commit, a control operation, parking on
-/// the commit), given back after that event. Nothing is locked across I/O.
+/// exclusive (every shard) for a request step that needs it (a commit, a control operation,
+/// parking on the commit), given back after that event. Nothing is locked across I/O.
 struct Round<'a> {
     lock: &'a StateLock<PoolMeta>,
     read: Option<StateRead<'a, PoolMeta>>,

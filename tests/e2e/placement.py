@@ -15,6 +15,12 @@ Every connection writes its own pattern into its own part of the volume, many co
 flight at once (libnbd's asynchronous commands), flushes, and reads back both its own and the
 other connection's part.
 
+Raw clients (plain sockets) check the edges of a move: requests sent together with NBD_OPT_GO
+are carried to the new core and served there (a 4 KiB write whole, and the first 16 KiB of a
+192 KiB one whose rest is still in the socket); a client whose receive buffer grew in the
+handshake and that sends a 48 KiB write with NBD_OPT_GO (more than a move carries) stays and
+is served where it is, forwarding.
+
 Checked: every read returns what was written, through every connection; `ballast stats`
 shows the moves, the cores' connections and the forwarded requests; kill -9 after the flushes
 and a restart keep every block; with `any` (the default) nothing moves or is forwarded and the

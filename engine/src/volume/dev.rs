@@ -27,8 +27,9 @@
 //!
 //! Control operations are messages to a core: the control thread sends a `Control` request
 //! (`ballast_volume::ops`) — freeze, park until the volume's writes drained, apply, thaw,
-//! commit, the same request the simulator runs — to core 0 and waits for its reply; commits and
-//! checkpoints it asks for are `Flush`/`Checkpoint` requests sent the same way. The lock is
+//! commit, the same request the simulator runs — to core 0 (under the `owner` placement, one
+//! that freezes a volume to its family's owner) and waits for its reply; commits and
+//! checkpoints it asks for are `Flush`/`Checkpoint` requests sent to core 0 the same way. The lock is
 //! never held across I/O, and nothing sleeps on a condition or polls.
 //!
 //! Invariants:
@@ -475,19 +476,18 @@ impl PoolHandle {
             return Err(PoolError::Failed(why.to_string()));
         }
         // The same command for the blocking disk, should the cores be gone.
-        let here: Cmd<Vec<u8>> = match &cmd {
-            Cmd::Flush => Cmd::Flush,
-            Cmd::Checkpoint => Cmd::Checkpoint,
-            Cmd::Control(op) => Cmd::Control(op.clone()),
-            _ => unreachable!("only pool-wide requests run from a blocking thread"),
-        };
+        let here: Cmd<Vec<u8>> = pool_wide(&cmd);
         if let Some(cores) = self.cores.get() {
-            let core = self.core_for(&cmd, cores.len());
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            let request = Some((Reply::Channel(tx), cmd));
-            let io = Handoff { pool: Arc::clone(self), request };
-            let spawn = move |_cx: &mut Cx<'_>| Box::new(io) as Box<dyn Task>;
-            if cores[core].send_blocking(Msg::Spawn(Box::new(spawn))) {
+            // Its core first; should that one have stopped already (shutdown), core 0.
+            let first = self.core_for(&cmd, cores.len());
+            for core in if first == 0 { vec![0] } else { vec![first, 0] } {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                let request = Some((Reply::Channel(tx), pool_wide(&cmd)));
+                let io = Handoff { pool: Arc::clone(self), request };
+                let spawn = move |_cx: &mut Cx<'_>| Box::new(io) as Box<dyn Task>;
+                if !cores[core].send_blocking(Msg::Spawn(Box::new(spawn))) {
+                    continue;
+                }
                 // A drain may take up to the quiesce timeout, then the commit (never less
                 // patience than the default timeout allows: a short drain deadline says
                 // nothing about how long the operation queued before it or its commit take).
@@ -547,15 +547,16 @@ impl PoolHandle {
             (id, m.family_number(id))
         };
         self.control(ControlOp::Delete { id })?;
-        // The family's last volume gone: its owner no longer counts against its core. (Under
-        // the pool state's borrow, as `device` takes it before `owners`: a new family reusing
-        // the number cannot get a device with the old owner in between.)
+        // The family's last volume gone: its owner no longer counts against its core, and a
+        // device of it still held somewhere (a connection not yet closed) can claim no core.
+        // (Checked and removed under the pool state's borrow, which `device` takes before
+        // `owners`; a new family that reused the number in between keeps the old owner, as
+        // it would have without this.)
         if let Some(f) = family {
             let m = self.meta_shared();
             if !m.family_alive(f) {
-                let owner = self.owners.lock().remove(&f);
-                if let (Some(core), Some(claims)) = (owner.and_then(|o| o.get()), self.claims.get())
-                {
+                let retired = self.owners.lock().remove(&f).and_then(|o| o.retire());
+                if let (Some(core), Some(claims)) = (retired, self.claims.get()) {
                     claims.release(core);
                 }
             }
@@ -1234,6 +1235,8 @@ impl CoreQueue {
                 pool: Arc::clone(&self.pool),
                 after,
                 done: false,
+                stopping: false,
+                cancel_inflight: false,
             }));
         }
     }
@@ -1306,6 +1309,17 @@ impl Round<'_> {
         if let Some(mut w) = self.write.take() {
             w.take_woken(woken);
         }
+    }
+}
+
+/// A copy of a pool-wide request (flush, checkpoint, control operation: no buffers), for any
+/// buffer type.
+fn pool_wide<A, B>(cmd: &Cmd<A>) -> Cmd<B> {
+    match cmd {
+        Cmd::Flush => Cmd::Flush,
+        Cmd::Checkpoint => Cmd::Checkpoint,
+        Cmd::Control(op) => Cmd::Control(op.clone()),
+        _ => unreachable!("only pool-wide requests run from a blocking thread"),
     }
 }
 
@@ -1393,31 +1407,50 @@ impl Task for SlotsTask {
 
 /// Commits what is pending `after` the first pending record, when no flush did meanwhile:
 /// one per pool at a time (armed through `PoolMeta::take_commit_timer`), so an idle pool
-/// keeps no timer.
+/// keeps no timer. At shutdown the timer is cancelled instead of waited for (however long
+/// `--commit-interval` is): the daemon commits what is pending once the cores stopped.
 struct CommitTimer {
     pool: Arc<PoolHandle>,
     after: Duration,
+    /// The timer came back (fired or cancelled).
     done: bool,
+    stopping: bool,
+    cancel_inflight: bool,
+}
+
+impl CommitTimer {
+    const TIMER: u32 = 0;
+    const CANCEL: u32 = 1;
 }
 
 impl Task for CommitTimer {
     fn start(&mut self, cx: &mut Cx<'_>) {
-        cx.timer(0, self.after);
+        cx.timer(Self::TIMER, self.after);
     }
 
-    fn on_completion(&mut self, cx: &mut Cx<'_>, _tag: u32, _result: i32, _owned: Owned) {
+    fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, _result: i32, _owned: Owned) {
+        if tag == Self::CANCEL {
+            self.cancel_inflight = false;
+            return;
+        }
         self.done = true;
-        if self.pool.meta.write().commit_timer_fired() {
+        if self.pool.meta.write().commit_timer_fired() && !self.stopping {
             submit_local(cx, &self.pool, 0, Reply::None, Cmd::Flush);
         }
     }
 
     fn flush(&mut self, _cx: &mut Cx<'_>) {}
 
-    fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
+    fn on_shutdown(&mut self, cx: &mut Cx<'_>) {
+        self.stopping = true;
+        if !self.done && !self.cancel_inflight {
+            self.cancel_inflight = true;
+            cx.cancel(Self::TIMER, Self::CANCEL);
+        }
+    }
 
     fn is_done(&self) -> bool {
-        self.done
+        self.done && !self.cancel_inflight
     }
 }
 
@@ -1697,6 +1730,8 @@ mod tests {
         for placement in [Placement::Owner, Placement::Any] {
             let name = format!("owner-{placement:?}");
             let (dir, pool, engine) = pool_on_cores(&name, 2, placement);
+            // No background commit (which could run on either core) during the checks below.
+            pool.set_commit_policy(1 << 20, Duration::from_secs(600));
             pool.create_volume("w", 64 << 20).unwrap();
             clients(&engine, &pool, &[(0, "v"), (1, "w")]);
             let first = forwarding_stats(&engine);
@@ -1742,7 +1777,11 @@ mod tests {
             assert_eq!(pool.families_per_core(), owned([1, 1]), "w still lives");
             pool.delete("w").unwrap();
             assert_eq!(pool.families_per_core(), owned([1, 0]));
+            // A commit timer pending (10 minutes) is cancelled, not waited for.
+            let stopping = Instant::now();
             engine.shutdown();
+            let took = stopping.elapsed();
+            assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
             assert_eq!(pool.meta().check(), Vec::<String>::new(), "the pool is consistent");
             assert_eq!(pool.meta().leaked(), 0);
             drop(pool);

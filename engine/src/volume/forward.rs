@@ -141,9 +141,23 @@ impl Owner {
     }
 
     pub fn get(&self) -> Option<usize> {
-        self.0.get().copied()
+        self.0.get().copied().filter(|&core| core != RETIRED)
+    }
+
+    /// The family is gone: no core can claim it from now on (a device of it still held runs
+    /// its requests where they arrive, and a connection to it stays). Returns the core that
+    /// owned it, whose count must drop.
+    pub fn retire(&self) -> Option<usize> {
+        match self.0.set(RETIRED) {
+            Ok(()) => None,
+            Err(_) => self.get(),
+        }
     }
 }
+
+/// What a retired family's owner reads: beyond every core (`claim`/`place` return it; callers
+/// treat a core they do not have as "here").
+const RETIRED: usize = usize::MAX;
 
 /// How many families each core of a pool owns, to place new families evenly.
 pub struct Claims(Box<[AtomicUsize]>);
@@ -255,6 +269,14 @@ mod tests {
         let g = Owner::default();
         assert_eq!(g.claim(0, &claims), 0);
         assert_eq!(claims.loads(), vec![4, 2, 3]);
+        // A family gone: its owner is retired; claimed, its core counts it no more, unclaimed,
+        // nothing can claim it afterwards.
+        assert_eq!(g.retire(), Some(0));
+        let unclaimed = Owner::default();
+        assert_eq!(unclaimed.retire(), None);
+        assert_eq!(unclaimed.claim(1, &claims), RETIRED, "retired: no core owns it");
+        assert_eq!(unclaimed.get(), None);
+        assert_eq!(claims.loads(), vec![4, 2, 3], "nothing counted for it");
         // Families gone: the next new one goes to the core now owning the fewest.
         claims.release(2);
         claims.release(2);

@@ -210,6 +210,16 @@ def run(r, placement, tls=False):
         open_now = [a["connections_open"] for a in after]
         print("%s: moved per core %s, open %s, forwarded %s, wake-ups %s"
               % (label, moved, open_now, fwd, wakes), flush=True)
+        info = json.loads(b.ctl("pool", "info", "--json").stdout)
+        info = info[0] if isinstance(info, list) else info
+        owned = info.get("families_per_core")
+        r.check("%s: pool info names the placement and the families each core owns" % label,
+                info.get("placement") == placement
+                # Placed by moving connections: one each; by TLS connections' first I/O
+                # (they stay): both where they arrived; `any` owns nothing.
+                and (owned == [1, 1] if placement == "owner" and not tls
+                     else sum(owned or [9]) == 2 if placement == "owner" else owned == [0, 0]),
+                "placement %s, families per core %s" % (info.get("placement"), owned))
         ktls = "handed to the kernel" in open(b.log).read() if tls else False
         # Writes, flush and verifying reads of a crossing connection (one per volume).
         crossing = PER_CONN + 1 + 2 * len(range(0, PER_CONN, 7))

@@ -611,6 +611,8 @@ mod tests {
             commits: 12,
             checkpoints: 1,
             open_ms: 40,
+            placement: Default::default(),
+            families_per_core: vec![0, 0],
         };
         let vol = |name: &str, snapshot: bool| VolumeInfo {
             id: 1,

@@ -267,6 +267,10 @@ pub struct PoolInfo {
     pub checkpoints: u64,
     /// How long opening took (superblock, checkpoint, journal replay), in ms.
     pub open_ms: u64,
+    /// Which core runs a volume's requests (`--volume-placement`).
+    pub placement: Placement,
+    /// Families owned by each core (under `owner`; zeros under `any`).
+    pub families_per_core: Vec<usize>,
 }
 
 impl PoolHandle {
@@ -406,6 +410,8 @@ impl PoolHandle {
             commits: m.commits_done().0,
             checkpoints: m.commits_done().1,
             open_ms: self.open_ms,
+            placement: self.placement(),
+            families_per_core: self.families_per_core(),
         }
     }
 

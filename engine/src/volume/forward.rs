@@ -33,6 +33,7 @@ use parking_lot::Mutex;
 
 /// Which core runs a volume's requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Placement {
     /// The family's owning core (the first to submit I/O to it); other cores forward to it.
     Owner,

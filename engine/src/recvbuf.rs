@@ -79,11 +79,6 @@ impl RecvBuf {
         self.buf.as_ref().map_or(0, IoBuf::len)
     }
 
-    /// The bytes received and not yet consumed.
-    pub fn unconsumed(&self) -> &[u8] {
-        self.buf.as_ref().map_or(&[], IoBuf::as_slice)
-    }
-
     /// Lends the buffer (holding the bytes not yet consumed) to the parser, which consumes
     /// from its front and hands it back with [`RecvBuf::put_back`]. `None` while a receive is
     /// in flight or the connection is silent.
@@ -234,6 +229,33 @@ impl RecvBuf {
             }
         }
         self.buf = Some(buf);
+    }
+
+    /// For a connection moving to another core: gives the buffer and its charge back and
+    /// returns the bytes received and not yet consumed, leaving a silent receive side; `None`
+    /// (nothing changed) when more is buffered than a new core's first buffer holds.
+    pub fn detach(&mut self, cx: &mut Cx<'_>) -> Option<Vec<u8>> {
+        if self.buffered() > RECV_MIN {
+            return None;
+        }
+        let bytes = self.buf.as_ref().map_or(Vec::new(), |b| b.as_slice().to_vec());
+        self.release(cx);
+        *self = RecvBuf::new(self.max);
+        Some(bytes)
+    }
+
+    /// On the core a connection moved to: the bytes [`RecvBuf::detach`] returned become its
+    /// buffered input, ahead of anything it receives here.
+    pub fn attach(&mut self, cx: &mut Cx<'_>, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let n = bytes.len();
+        let posted = self.fill(cx, 0, |room| {
+            room[..n].copy_from_slice(bytes);
+            n
+        });
+        assert_eq!(posted, Posted::Yes, "a moved connection's input fits its first buffer");
     }
 
     /// Gives the buffer and its charge back (the connection is finished).

@@ -322,33 +322,20 @@ fn mutex_uncontended(ops: u64) -> f64 {
 }
 
 fn mutex_contended(ops: u64, cpus: [usize; 2]) -> f64 {
-    let m = Arc::new(Mutex::new(0u64));
-    let start = Instant::now();
-    let threads: Vec<_> = cpus
-        .iter()
-        .map(|&cpu| {
-            let m = Arc::clone(&m);
-            std::thread::spawn(move || {
-                let _ = ballast_ffi_pin(cpu);
-                for _ in 0..ops / 2 {
-                    *m.lock() += 1;
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("thread");
-    }
-    start.elapsed().as_nanos() as f64 / ops as f64
+    on_two_cpus(ops, cpus, Mutex::new(0u64), |m: &Mutex<u64>| {
+        let mut n = m.lock();
+        *n += 1;
+        *n
+    })
 }
 
-/// Two threads on two CPUs taking a shared borrow, reading the value and giving it back, `ops`
-/// times together: ns per borrow, both threads together. `borrow` is the lock's read.
-fn shared_borrows<L: Send + Sync + 'static>(
+/// Two threads on two CPUs running `op` on one shared `lock` (a lock and unlock, a shared
+/// borrow and its read), `ops` times together: ns per operation, both threads together.
+fn on_two_cpus<L: Send + Sync + 'static>(
     ops: u64,
     cpus: [usize; 2],
     lock: L,
-    borrow: fn(&L) -> u64,
+    op: fn(&L) -> u64,
 ) -> f64 {
     let lock = Arc::new(lock);
     let start = Instant::now();
@@ -360,7 +347,7 @@ fn shared_borrows<L: Send + Sync + 'static>(
                 let _ = ballast_ffi_pin(cpu);
                 let mut sum = 0u64;
                 for _ in 0..ops / 2 {
-                    sum = sum.wrapping_add(std::hint::black_box(borrow(&lock)));
+                    sum = sum.wrapping_add(std::hint::black_box(op(&lock)));
                 }
                 sum
             })
@@ -488,10 +475,10 @@ fn main() -> anyhow::Result<()> {
     let unc = figure(&mut || mutex_uncontended(args.ops * 10));
     let con = figure(&mut || mutex_contended(args.ops * 10, cpus));
     let rw_shared = figure(&mut || {
-        shared_borrows(args.ops * 10, cpus, RwLock::new(7u64), |l: &RwLock<u64>| *l.read())
+        on_two_cpus(args.ops * 10, cpus, RwLock::new(7u64), |l: &RwLock<u64>| *l.read())
     });
     let sharded_shared = figure(&mut || {
-        shared_borrows(args.ops * 10, cpus, StateLock::new(7u64), |l: &StateLock<u64>| *l.read())
+        on_two_cpus(args.ops * 10, cpus, StateLock::new(7u64), |l: &StateLock<u64>| *l.read())
     });
     let two_excl = figure(&mut || two_families(&meta, vols, args.ops, cpus, true));
     let two_shared = figure(&mut || two_families(&meta, vols, args.ops, cpus, false));

@@ -42,7 +42,7 @@ use std::time::Instant;
 use ballast_engine::holder::Holder;
 use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
 use ballast_engine::placed::Movable;
-use ballast_engine::recvbuf::{Posted, RecvBuf, RECV_MIN};
+use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, Task};
@@ -211,16 +211,10 @@ impl Conn {
     fn arrive(&mut self, cx: &mut Cx<'_>, early: Vec<u8>) {
         cx.stats().connections_open += 1;
         tracing::debug!(peer = %self.peer, export = %self.export_name, core = cx.core(), input = early.len(), "connection placed on its volume's core");
-        if early.is_empty() {
-            return;
+        if !early.is_empty() {
+            self.recv.attach(cx, &early);
+            self.parse(cx);
         }
-        let n = early.len();
-        let posted = self.recv.fill(cx, 0, |room| {
-            room[..n].copy_from_slice(&early);
-            n
-        });
-        assert_eq!(posted, Posted::Yes, "a moved connection's input fits its first buffer");
-        self.parse(cx);
     }
 
     /// Stops reading; a pending receive returns at once.
@@ -955,13 +949,11 @@ impl Movable for Conn {
     /// it here (its flush follows: `Placed`).
     fn leave(&mut self, cx: &mut Cx<'_>) -> bool {
         self.moving = None;
-        if self.recv.buffered() > RECV_MIN {
+        let Some(bytes) = self.recv.detach(cx) else {
             self.parse(cx);
             return false;
-        }
-        self.arrived = Some(self.recv.unconsumed().to_vec());
-        self.recv.release(cx);
-        self.recv = RecvBuf::new(RECV_BUF_MAX);
+        };
+        self.arrived = Some(bytes);
         self.mem.release_all(cx);
         cx.stats().connections_open -= 1;
         true

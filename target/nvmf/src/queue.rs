@@ -49,7 +49,7 @@ use ballast_engine::holder::Holder;
 use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
 use ballast_engine::offload::Away;
 use ballast_engine::placed::Movable;
-use ballast_engine::recvbuf::{Posted, RecvBuf, RECV_MIN};
+use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{Cx, IoBuf, IoCmd, Owned, Task};
@@ -251,16 +251,10 @@ impl Queue {
         cx.stats().connections_open += 1;
         tracing::debug!(peer = %self.peer, qid = self.qid, core = cx.core(), input = early.len(), "NVMe/TCP queue placed on its namespace's core");
         self.arm_tick(cx);
-        if early.is_empty() {
-            return;
+        if !early.is_empty() {
+            self.recv.attach(cx, &early);
+            self.parse(cx);
         }
-        let n = early.len();
-        let posted = self.recv.fill(cx, 0, |room| {
-            room[..n].copy_from_slice(&early);
-            n
-        });
-        assert_eq!(posted, Posted::Yes, "a moved queue's input fits its first buffer");
-        self.parse(cx);
     }
 
     /// Whether the queue must still authenticate before it may do anything else (a step
@@ -1509,14 +1503,12 @@ impl Movable for Queue {
     /// it here (its flush follows: `Placed`).
     fn leave(&mut self, cx: &mut Cx<'_>) -> bool {
         self.moving = None;
-        if self.recv.buffered() > RECV_MIN {
+        let Some(bytes) = self.recv.detach(cx) else {
             self.arm_tick(cx);
             self.parse(cx);
             return false;
-        }
-        self.arrived = Some(self.recv.unconsumed().to_vec());
-        self.recv.release(cx);
-        self.recv = RecvBuf::new(RECV_BUF_MAX);
+        };
+        self.arrived = Some(bytes);
         self.mem.release_all(cx);
         cx.stats().connections_open -= 1;
         true

@@ -8,6 +8,12 @@ daemon at a time under load); the client runs on another CPU (--client-cpu). For
 client is fio (ioengine=nbd), for NVMe/TCP ballast-perf. Runs alternate between the builds (old, new / new, old, ...), medians of --reps. Workloads:
 4k random read and write at QD1 and QD32, 128k sequential read and write at QD8.
 
+With --backing file, each daemon exports a file or block device of its own (--paths OLD,NEW:
+O_DIRECT media, e.g. two zram devices); with --backing volume and --paths, each pool lives
+there instead of in --pool-dir. --old-args / --new-args add serve flags to one side, so one
+binary can be run against itself with a feature off (e.g. --old-binary the same build and
+--old-args "--registered-files 0 --registered-buffers 0").
+
 Per run: IOPS, average and p99 completion latency, server CPU per I/O (the daemon's
 utime+stime), client CPU per I/O (the client's own usr+sys), TCP segments per I/O
 (/proc/net/snmp OutSegs, both directions of the loopback connection: machine-wide, so keep the
@@ -47,7 +53,7 @@ WORKLOADS = [
 
 # `ballast stats` counters reported per I/O, where the build has them.
 COUNTERS = ("ring_enters", "sends", "recvs", "volume_rounds", "volume_events", "sleeps",
-            "loops_busy")
+            "loops_busy", "fixed_file_ops", "fixed_buf_ops")
 
 
 def tcp_out_segs():
@@ -141,25 +147,44 @@ def main():
     ap.add_argument("--client-cpu", type=int, default=1)
     ap.add_argument("--protocols", default="nbd,nvme")
     ap.add_argument("--workloads", default=",".join(w[0] for w in WORKLOADS))
-    ap.add_argument("--backing", choices=("ram", "volume"), default="ram",
-                    help="what both daemons export: a RAM device, or a volume of a pool file")
+    ap.add_argument("--backing", choices=("ram", "volume", "file"), default="ram",
+                    help="what both daemons export: a RAM device, a volume of a pool, or a "
+                    "file / block device (--paths)")
     ap.add_argument("--pool-dir", default="/dev/shm",
                     help="where the pool files go with --backing volume")
+    ap.add_argument("--paths", default="",
+                    help="OLD,NEW: the file or block device each daemon exports (--backing "
+                    "file) or keeps its pool on (--backing volume); 1 GiB or more each")
+    ap.add_argument("--no-fill", action="store_true",
+                    help="skip writing the export before the runs (reads then read what the "
+                    "media gives unwritten blocks)")
+    ap.add_argument("--old-args", default="", help="extra serve flags for the old side")
+    ap.add_argument("--new-args", default="", help="extra serve flags for the new side")
     args = ap.parse_args()
+    paths = [p for p in args.paths.split(",") if p]
+    if args.backing == "file" and len(paths) != 2:
+        ap.error("--backing file needs --paths OLD,NEW")
     protos = [p for p in args.protocols.split(",") if p]
     wanted = set(args.workloads.split(","))
     scratch = tempfile.mkdtemp(prefix="ab-bench.")
     daemons = {}
     pools = []
-    for name, binary in (("old", args.old_binary), ("new", args.binary)):
+    for i, (name, binary) in enumerate((("old", args.old_binary), ("new", args.binary))):
         if args.backing == "ram":
             serve = ["--export", "mem=ram:1G"]
+        elif args.backing == "file":
+            serve = ["--export", f"mem=file:{paths[i]}"]
+        elif paths:
+            subprocess.run([binary, "pool", "create", paths[i]], check=True,
+                           capture_output=True)
+            serve = ["--pool", paths[i]]
         else:
             pool = os.path.join(args.pool_dir, f"ab-bench-{os.getpid()}-{name}.img")
             subprocess.run([binary, "pool", "create", pool, "--size", "2G"], check=True,
                            capture_output=True)
             pools.append(pool)
             serve = ["--pool", pool]
+        serve += (args.old_args if name == "old" else args.new_args).split()
         d = Daemon(binary, os.path.join(scratch, name), serve, args.server_cpu)
         d.start()
         if args.backing == "volume":
@@ -167,7 +192,7 @@ def main():
         daemons[name] = d
     results = {}
     try:
-        for d in daemons.values():
+        for d in daemons.values() if not args.no_fill else []:
             client_run(args, d, "nbd", "write", "1m", 8)  # fill: reads read data
         for proto in protos:
             for label, rw, bs, qd in WORKLOADS:
@@ -194,6 +219,7 @@ def main():
     path = os.path.join(PERF_DIR, "results", time.strftime("ab-%Y%m%d-%H%M%S.json"))
     with open(path, "w") as f:
         json.dump({"old": args.old_binary, "new": args.binary, "backing": args.backing,
+                   "paths": paths, "old_args": args.old_args, "new_args": args.new_args,
                    "reps": args.reps,
                    "runtime": args.runtime, "results": results}, f, indent=1)
     print(render(results))
@@ -209,7 +235,8 @@ def render(results, names=("old", "new")):
             ("server_sends_per_io", "server sends/IO", 2),
             ("server_sleeps_per_io", "server sleeps/IO", 3),
             ("server_loops_busy_per_io", "server busy turns/IO", 2),
-            ("server_volume_rounds_per_io", "pool-state borrows/IO", 3)]
+            ("server_volume_rounds_per_io", "pool-state borrows/IO", 3),
+            ("server_fixed_buf_ops_per_io", "registered-buffer ops/IO", 2)]
     out = ["| run | build | " + " | ".join(c[1] for c in cols) + " |",
            "|---|---|" + "---|" * len(cols)]
     for label, r in results.items():

@@ -8,6 +8,8 @@
 //!   every core, so one flush on any connection makes every completed write durable;
 //! - discard and write-zeroes use `fallocate` (on a block device the kernel turns these into
 //!   BLKDISCARD / BLKZEROOUT);
+//! - the O_DIRECT descriptor is registered with the ring of each core that submits on it
+//!   ([`crate::fixed`]) and named by its slot there; the buffered one goes as a descriptor;
 //! - a file on a memory filesystem (tmpfs, ramfs) is memory: its reads, writes and flushes are
 //!   copies the core makes itself (`pread`/`pwrite`, completed through `Cx::complete`, as a
 //!   RAM export's are). Such files offer io_uring no non-blocking path, so every operation on
@@ -23,10 +25,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ballast_ffi::sys::{self, CacheMode};
-use ballast_ffi::{Op, Owned};
+use ballast_ffi::{FileRef, Op, Owned};
 use nix::unistd::{lseek, Whence};
 
 use crate::blockdev::{in_range, push_extent, BlockDev, DevInfo, Extent, IoCmd};
+use crate::fixed::Registered;
 use crate::reactor::Cx;
 
 const ALIGN: u64 = 4096;
@@ -41,6 +44,8 @@ pub enum FileDevError {
 
 pub struct FileDev {
     direct: File,
+    /// `direct` as the cores' rings hold it registered (after `direct`: dropped after it).
+    direct_reg: Registered,
     buffered: File,
     info: DevInfo,
     size_bytes: AtomicU64,
@@ -115,15 +120,23 @@ impl FileDev {
             stats_id: crate::stats::device_id(),
         };
         let size_bytes = AtomicU64::new(size_bytes);
-        Ok(FileDev { direct, buffered, info, size_bytes, is_block_device, in_memory })
+        let direct_reg = Registered::new(direct.as_raw_fd());
+        Ok(FileDev { direct, direct_reg, buffered, info, size_bytes, is_block_device, in_memory })
     }
 
-    fn fd_for(&self, offset: u64, len: u64, addr_aligned: bool) -> i32 {
-        if addr_aligned && offset.is_multiple_of(ALIGN) && len.is_multiple_of(ALIGN) {
-            self.direct.as_raw_fd()
+    /// The O_DIRECT descriptor (registered on this core) for aligned requests, the buffered
+    /// one for the others.
+    fn file_for(&self, cx: &mut Cx<'_>, offset: u64, len: u64) -> FileRef {
+        if offset.is_multiple_of(ALIGN) && len.is_multiple_of(ALIGN) {
+            cx.file_ref(&self.direct_reg)
         } else {
-            self.buffered.as_raw_fd()
+            FileRef::Raw(self.buffered.as_raw_fd())
         }
+    }
+
+    /// Cores whose rings hold this file registered.
+    pub fn cores_registered(&self) -> usize {
+        self.direct_reg.cores_registered()
     }
 }
 
@@ -171,20 +184,21 @@ impl BlockDev for FileDev {
             }
             IoCmd::Read { offset, buf } => {
                 assert!(in_range(offset, buf.len() as u64, size));
-                let fd = self.fd_for(offset, buf.len() as u64, true);
-                cx.submit(Op::Read { fd, buf, offset }, tag);
+                let file = self.file_for(cx, offset, buf.len() as u64);
+                cx.submit(Op::Read { file, buf, offset }, tag);
             }
             IoCmd::Write { offset, buf, fua } => {
                 assert!(!self.info.read_only);
                 assert!(in_range(offset, buf.len() as u64, size));
-                let fd = self.fd_for(offset, buf.len() as u64, true);
-                cx.submit(Op::Write { fd, buf, offset, fua }, tag);
+                let file = self.file_for(cx, offset, buf.len() as u64);
+                cx.submit(Op::Write { file, buf, offset, fua }, tag);
             }
             IoCmd::Flush => {
                 if self.info.read_only {
                     cx.complete(tag, 0, Owned::None);
                 } else {
-                    cx.submit(Op::Fsync { fd: self.direct.as_raw_fd() }, tag);
+                    let file = cx.file_ref(&self.direct_reg);
+                    cx.submit(Op::Fsync { file }, tag);
                 }
             }
             IoCmd::Discard { offset, len }
@@ -192,13 +206,15 @@ impl BlockDev for FileDev {
                 assert!(!self.info.read_only);
                 assert!(in_range(offset, len, size));
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                cx.submit(Op::Fallocate { fd: self.direct.as_raw_fd(), mode, offset, len }, tag);
+                let file = cx.file_ref(&self.direct_reg);
+                cx.submit(Op::Fallocate { file, mode, offset, len }, tag);
             }
             IoCmd::WriteZeroes { offset, len, may_unmap: false } => {
                 assert!(!self.info.read_only);
                 assert!(in_range(offset, len, size));
                 let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-                cx.submit(Op::Fallocate { fd: self.direct.as_raw_fd(), mode, offset, len }, tag);
+                let file = cx.file_ref(&self.direct_reg);
+                cx.submit(Op::Fallocate { file, mode, offset, len }, tag);
             }
         }
     }
@@ -383,5 +399,146 @@ mod tests {
             }
             None => eprintln!("no tmpfs at /dev/shm or /run: only the ring's path was tested"),
         }
+    }
+}
+
+#[cfg(test)]
+mod fixed_tests {
+    use super::*;
+    use crate::reactor::{Cx, Engine, EngineConfig, Msg, Task};
+    use crate::stats::StatsSnapshot;
+    use ballast_ffi::FixedConfig;
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// Writes then reads back 64 KiB at 0 and 4 KiB at 12,345 (unaligned) on `dev`, then
+    /// flushes and trims; reports whether every result and byte was right.
+    struct Check {
+        dev: Arc<FileDev>,
+        step: u32,
+        ok: bool,
+        report: Option<crossbeam_channel::Sender<bool>>,
+    }
+
+    impl Check {
+        fn next(&mut self, cx: &mut Cx<'_>) {
+            let cmd = match self.step {
+                0 => {
+                    let mut buf = cx.buf_with_capacity(65_536);
+                    buf.extend_from_slice(&[0x5a; 65_536]);
+                    IoCmd::Write { offset: 0, buf, fua: false }
+                }
+                1 => IoCmd::Read { offset: 0, buf: cx.buf(65_536) },
+                2 => {
+                    let mut buf = cx.buf_with_capacity(4096);
+                    buf.extend_from_slice(&[0x6b; 4096]);
+                    IoCmd::Write { offset: 12_345, buf, fua: true }
+                }
+                3 => IoCmd::Read { offset: 12_345, buf: cx.buf(4096) },
+                4 => IoCmd::Flush,
+                5 => IoCmd::Discard { offset: 1 << 20, len: 1 << 20 },
+                _ => {
+                    let _ = self.report.take().expect("once").send(self.ok);
+                    return;
+                }
+            };
+            self.dev.submit(cx, cmd, self.step);
+        }
+    }
+
+    impl Task for Check {
+        fn start(&mut self, cx: &mut Cx<'_>) {
+            self.next(cx);
+        }
+        fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+            assert_eq!(tag, self.step);
+            let want = [65_536, 65_536, 4096, 4096, 0, 0][tag as usize];
+            self.ok &= result == want;
+            if let (1 | 3, Some(b)) = (tag, owned.into_buf()) {
+                let byte = if tag == 1 { 0x5a } else { 0x6b };
+                // The unaligned write landed over the aligned one's bytes from 12,345.
+                self.ok &= b.as_slice().iter().all(|&x| x == byte);
+                cx.recycle(b);
+            }
+            self.step += 1;
+            self.next(cx);
+        }
+        fn flush(&mut self, _cx: &mut Cx<'_>) {}
+        fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
+        fn is_done(&self) -> bool {
+            self.report.is_none()
+        }
+    }
+
+    fn check(engine: &Engine, dev: &Arc<FileDev>) -> bool {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let task = Check { dev: dev.clone(), step: 0, ok: true, report: Some(tx) };
+        let spawn = Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| Box::new(task) as Box<dyn Task>));
+        assert!(engine.handles()[0].send_blocking(spawn));
+        rx.recv_timeout(Duration::from_secs(20)).expect("a report")
+    }
+
+    fn stats(engine: &Engine) -> StatsSnapshot {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        assert!(engine.handles()[0].send_blocking(Msg::Stats(tx)));
+        rx.recv_timeout(Duration::from_secs(5)).expect("stats")
+    }
+
+    /// A file's O_DIRECT descriptor is registered with the core's ring at its first
+    /// submission, its buffers as they are submitted, and the right bytes come back; with a
+    /// table of one file a second device goes as a plain descriptor and works the same; when
+    /// a registered device is dropped the core — asleep — is woken to clear its slot, and the
+    /// file is really closed (inotify sees both descriptors close) well within the core's
+    /// longest sleep.
+    #[test]
+    fn a_files_descriptor_is_registered_per_core_and_closed_with_its_device() {
+        let dir = std::env::temp_dir().join(format!("ballast-fixedfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (pa, pb) = (dir.join("a"), dir.join("b"));
+        let a = Arc::new(FileDev::open(&pa, Some(4 << 20), false).unwrap());
+        let b = Arc::new(FileDev::open(&pb, Some(4 << 20), false).unwrap());
+        if a.in_memory {
+            eprintln!("the temporary directory is in memory: no ring I/O to register");
+            std::fs::remove_dir_all(&dir).unwrap();
+            return;
+        }
+        let engine = Engine::start(EngineConfig {
+            fixed: FixedConfig { files: 1, bufs: 8 },
+            ..EngineConfig::one_core_for_tests()
+        })
+        .expect("an engine");
+
+        assert!(check(&engine, &a), "device a: results or bytes wrong");
+        let s = stats(&engine);
+        assert_eq!(a.cores_registered(), 1);
+        assert_eq!(s.files_registered, 1);
+        // Aligned write and read, the flush and the trim name the registered file.
+        assert_eq!(s.fixed_file_ops, 4, "{s:?}");
+        assert!(s.fixed_buf_ops >= 2 && s.bufs_registered >= 1, "{s:?}");
+
+        assert!(check(&engine, &b), "device b: results or bytes wrong");
+        let s = stats(&engine);
+        assert_eq!(b.cores_registered(), 0, "the table of one file is full");
+        assert_eq!(s.fixed_file_ops, 4, "b's operations went as descriptors");
+
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
+        inotify.add_watch(&pa, AddWatchFlags::IN_CLOSE_WRITE).unwrap();
+        // Let the core fall asleep (poll_us is 0: at once), then drop the device.
+        std::thread::sleep(Duration::from_millis(50));
+        let dropped = Instant::now();
+        drop(a);
+        let mut closes = 0;
+        while closes < 2 && dropped.elapsed() < Duration::from_millis(300) {
+            closes += inotify.read_events().map(|e| e.len()).unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(closes, 2, "both descriptors of the dropped device closed, the ring's too");
+        assert_eq!(stats(&engine).files_registered, 0);
+        // The slot is free again: b registers in it.
+        assert!(check(&engine, &b));
+        assert_eq!(b.cores_registered(), 1);
+        engine.shutdown();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

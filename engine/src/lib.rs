@@ -13,6 +13,7 @@
 
 pub mod blockdev;
 pub mod file;
+pub mod fixed;
 pub mod holder;
 pub mod limits;
 pub mod listener;

@@ -46,10 +46,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ballast_ffi::RingError;
-use ballast_ffi::{Completion, DevRing, DevRingMode, IoBuf, NvmeIo, NvmeNs, Op, Owned, Ring};
+use ballast_ffi::{
+    Completion, DevRing, DevRingMode, FileRef, FixedConfig, IoBuf, NvmeIo, NvmeNs, Op, Owned, Ring,
+};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use slab::Slab;
 
+use crate::fixed::{CoreFiles, Registered};
 use crate::offload::{Away, Offload};
 use crate::poll::PollPolicy;
 use crate::pool::BufPool;
@@ -142,7 +145,7 @@ impl CoreHandle {
 
     /// After a push: wakes the core if it sleeps (an eventfd write, a system call); a core
     /// that is awake finds the message on its next turn.
-    fn doorbell(&self) {
+    pub(crate) fn doorbell(&self) {
         fence(Ordering::SeqCst);
         if !self.awake.load(Ordering::SeqCst) {
             ballast_ffi::sys::eventfd_signal(&*self.wake);
@@ -174,6 +177,8 @@ pub struct EngineConfig {
     pub offload_threads: usize,
     /// Jobs waiting for an offload thread at most; beyond, they run on the core.
     pub offload_queue: usize,
+    /// Files and buffers each core's ring may hold registered ([`crate::fixed`]).
+    pub fixed: FixedConfig,
 }
 
 #[cfg(test)]
@@ -190,6 +195,7 @@ impl EngineConfig {
             device_ring: None,
             offload_threads: 0,
             offload_queue: 1,
+            fixed: FixedConfig { files: 4, bufs: 16 },
         }
     }
 }
@@ -260,7 +266,7 @@ impl Engine {
                     if let Err(e) = ballast_ffi::sys::pin_to_cpu(cpu) {
                         tracing::warn!(core, cpu, error = %e, "could not pin reactor thread");
                     }
-                    let ring = match Ring::new(cfg.ring_entries) {
+                    let ring = match Ring::with_fixed(cfg.ring_entries, cfg.fixed) {
                         Ok(r) => r,
                         Err(source) => {
                             let _ = ready_tx.send(Err(EngineError::Ring { core, source }));
@@ -332,6 +338,7 @@ pub struct Cx<'a> {
     stats: &'a mut CoreStats,
     pool: &'a mut BufPool,
     locals: &'a mut Locals,
+    files: &'a mut CoreFiles,
     /// Tasks to `flush` at the end of this loop iteration although no event came to them.
     flush_also: &'a mut Vec<u32>,
     shutting_down: bool,
@@ -415,6 +422,12 @@ impl Cx<'_> {
             // push only fails if io_uring_enter fails while the queue is full: fatal for the ring.
             panic!("core {}: cannot submit to io_uring: {e}", self.core);
         }
+    }
+
+    /// The file to name in an operation on `reg`'s descriptor: this core's registered slot for
+    /// it (registered now, the first time), or the descriptor when the ring has no slot.
+    pub fn file_ref(&mut self, reg: &Registered) -> FileRef {
+        self.files.file_ref(reg, self.ring, &self.peers[self.core])
     }
 
     /// Submits an NVMe passthrough I/O on namespace `ns` to this core's device ring (so the
@@ -618,6 +631,8 @@ struct Core {
     pool: BufPool,
     /// State that modules above the reactor keep per core ([`Cx::take_local`]).
     locals: Locals,
+    /// Which devices' files this core's ring holds registered.
+    files: CoreFiles,
     shutdown_at: Option<Instant>,
 }
 
@@ -654,6 +669,7 @@ impl Core {
             pool: BufPool::new(cfg.buffer_budget),
             stats: CoreStats::new(id),
             locals: Locals::default(),
+            files: CoreFiles::default(),
             shutdown_at: None,
         }
     }
@@ -668,6 +684,11 @@ impl Core {
         // `SPIN_CLOCK_EVERY` idle turns while it spins; never on busy turns inside a burst.
         let mut idle_turns: u32 = 0;
         loop {
+            if self.ring.returns().pending() {
+                // Registrations let go of (a device dropped, registered buffers freed).
+                let cleared = self.ring.reclaim();
+                self.files.forget(&cleared);
+            }
             let mut work = self.ring.reap(&mut completions);
             work += self.reap_device(&mut completions);
             work += self.dispatch_with_ready(&mut completions);
@@ -874,6 +895,7 @@ impl Core {
             stats: &mut self.stats,
             pool: &mut self.pool,
             locals: &mut self.locals,
+            files: &mut self.files,
             flush_also: &mut self.flush_also,
             shutting_down: self.shutdown_at.is_some(),
         };
@@ -959,6 +981,12 @@ impl Core {
                     snap.ring_ops = c.ops;
                     snap.sends = c.sends;
                     snap.recvs = c.recvs;
+                    snap.fixed_file_ops = c.fixed_file_ops;
+                    snap.fixed_buf_ops = c.fixed_buf_ops;
+                    snap.buf_registrations = c.buf_registrations;
+                    snap.registration_failures = c.registration_failures;
+                    snap.files_registered = c.files_registered;
+                    snap.bufs_registered = c.bufs_registered;
                     let _ = reply.send(snap);
                 }
             }

@@ -281,6 +281,12 @@ impl CoreStats {
             ring_ops: 0,
             sends: 0,
             recvs: 0,
+            fixed_file_ops: 0,
+            fixed_buf_ops: 0,
+            buf_registrations: 0,
+            registration_failures: 0,
+            files_registered: 0,
+            bufs_registered: 0,
             buffers: Default::default(),
             latency: self.latency_buckets(),
             devices: self
@@ -368,6 +374,15 @@ pub struct StatsSnapshot {
     pub ring_ops: u64,
     pub sends: u64,
     pub recvs: u64,
+    /// Device operations naming a registered file, a registered buffer ([`crate::fixed`]);
+    /// buffers registered over time and registrations refused; files and buffers registered
+    /// now.
+    pub fixed_file_ops: u64,
+    pub fixed_buf_ops: u64,
+    pub buf_registrations: u64,
+    pub registration_failures: u64,
+    pub files_registered: u64,
+    pub bufs_registered: u64,
     /// The core's payload-memory budget and its use.
     #[serde(flatten)]
     pub buffers: crate::pool::BudgetSnapshot,

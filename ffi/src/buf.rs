@@ -14,6 +14,8 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 
+use crate::fixed::FixedBuf;
+
 /// Alignment of every buffer: the largest logical block size O_DIRECT may require.
 pub const ALIGN: usize = 4096;
 /// Capacity from which a buffer is a mapping of its own rather than a heap block.
@@ -24,6 +26,8 @@ pub struct IoBuf {
     ptr: NonNull<u8>,
     len: usize,
     cap: usize,
+    /// Its registration with a ring, if one registered it (returned when the buffer drops).
+    fixed: Option<FixedBuf>,
 }
 
 // SAFETY: IoBuf uniquely owns its allocation (like Vec<u8>), so sending it to another thread
@@ -60,7 +64,7 @@ impl IoBuf {
             unsafe { alloc_zeroed(layout) }
         };
         let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
-        IoBuf { ptr, len: 0, cap }
+        IoBuf { ptr, len: 0, cap, fixed: None }
     }
 
     /// A zero-filled buffer whose length is `len`.
@@ -128,6 +132,27 @@ impl IoBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) }
     }
 
+    /// The ring registration this buffer carries, if any.
+    pub(crate) fn fixed(&self) -> Option<&FixedBuf> {
+        self.fixed.as_ref()
+    }
+
+    /// Records the buffer's registration (once: a buffer is registered with one ring).
+    pub(crate) fn set_fixed(&mut self, fixed: FixedBuf) {
+        assert!(self.fixed.is_none(), "an IoBuf registered twice");
+        self.fixed = Some(fixed);
+    }
+
+    /// Whether a ring registered this buffer.
+    pub fn is_registered(&self) -> bool {
+        self.fixed.is_some()
+    }
+
+    /// The whole allocation as an iovec, for registering it.
+    pub(crate) fn iovec(&mut self) -> libc::iovec {
+        libc::iovec { iov_base: self.ptr.as_ptr().cast(), iov_len: self.cap }
+    }
+
     /// Pointer to byte `offset` for the kernel; only the ring uses it, while it owns the buffer.
     pub(crate) fn raw_at(&mut self, offset: usize) -> *mut u8 {
         assert!(offset <= self.cap);
@@ -138,6 +163,8 @@ impl IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
+        // The memory goes now; a registration (the field, dropped after this) hands its slot
+        // back to its ring, which unpins the pages (see `fixed`'s invariants).
         if self.cap >= MAP_MIN {
             // SAFETY: ptr/cap are exactly the mapping made in `with_capacity` (cap never
             // changes), unmapped once, here.

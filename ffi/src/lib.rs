@@ -1,6 +1,7 @@
 //! ballast-ffi: every `unsafe` block of ballast lives in this crate, behind safe APIs.
 //!
 //! - [`buf`]: page-aligned, zero-initialised I/O buffers (O_DIRECT-safe).
+//! - [`fixed`]: a ring's registered files and buffers, and how their slots come back.
 //! - [`ring`]: an io_uring whose in-flight operations own the memory the kernel touches.
 //! - [`sys`]: ioctls, CPU affinity, eventfd, O_DIRECT opens, io_uring availability probe.
 //! - [`nvme`]: NVMe I/O command encoding for io_uring passthrough, status mapping, the
@@ -12,6 +13,7 @@
 
 pub mod buf;
 pub mod devring;
+pub mod fixed;
 pub mod ktls;
 pub mod nvme;
 pub mod ring;
@@ -20,5 +22,8 @@ pub mod tls_psk;
 
 pub use buf::IoBuf;
 pub use devring::{DevRing, DevRingMode};
+pub use fixed::Returns;
 pub use nvme::{NvmeIo, NvmeNs};
-pub use ring::{Completion, Op, Owned, Ring, RingCounters, RingError, SendBatch};
+pub use ring::{
+    Completion, FileRef, FixedConfig, Op, Owned, Ring, RingCounters, RingError, SendBatch,
+};

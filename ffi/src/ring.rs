@@ -10,12 +10,14 @@
 
 use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
 
 use crate::buf::IoBuf;
+use crate::fixed::{Returns, Slots, Tables, FIXED_BUFS_MAX, FIXED_BUF_MAX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
@@ -168,6 +170,21 @@ impl SendBatch {
     }
 }
 
+/// The file an operation works on: a descriptor, or a slot of the ring's registered files
+/// ([`Ring::register_file`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRef {
+    Raw(RawFd),
+    Fixed(u32),
+}
+
+/// How many files and buffers a ring may hold registered (0: none).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FixedConfig {
+    pub files: u32,
+    pub bufs: u32,
+}
+
 /// One operation to submit. Buffers move into the ring and come back in the [`Completion`].
 pub enum Op {
     /// accept(2) on a listening socket; the result is the new fd.
@@ -177,14 +194,15 @@ pub enum Op {
     Recv { fd: RawFd, buf: IoBuf, max: usize },
     /// sendmsg(2) with MSG_NOSIGNAL; the result may be short: `advance` and resubmit.
     Send { fd: RawFd, batch: SendBatch },
-    /// pread of `buf.len()` bytes at `offset`.
-    Read { fd: RawFd, buf: IoBuf, offset: u64 },
-    /// pwrite of `buf[..len]` at `offset`, with RWF_DSYNC when `fua`.
-    Write { fd: RawFd, buf: IoBuf, offset: u64, fua: bool },
+    /// pread of `buf.len()` bytes at `offset`. A buffer this ring registered (or can register
+    /// now) goes as a fixed buffer.
+    Read { file: FileRef, buf: IoBuf, offset: u64 },
+    /// pwrite of `buf[..len]` at `offset`, with RWF_DSYNC when `fua`; buffers as for `Read`.
+    Write { file: FileRef, buf: IoBuf, offset: u64, fua: bool },
     /// fdatasync(2).
-    Fsync { fd: RawFd },
+    Fsync { file: FileRef },
     /// fallocate(2) with `mode` (punch hole, zero range, …).
-    Fallocate { fd: RawFd, mode: i32, offset: u64, len: u64 },
+    Fallocate { file: FileRef, mode: i32, offset: u64, len: u64 },
     /// An 8-byte read (eventfd).
     ReadEventfd { fd: RawFd, buf: IoBuf },
     /// A timer: completes with `-ETIME` after `after`, or `-ECANCELED` if cancelled.
@@ -236,6 +254,7 @@ pub struct Ring {
     ring: IoUring,
     inflight: Slab<InFlight>,
     counters: RingCounters,
+    tables: Tables,
 }
 
 /// What a ring has done, cumulative: system calls and the socket operations among its work
@@ -248,11 +267,28 @@ pub struct RingCounters {
     pub ops: u64,
     pub sends: u64,
     pub recvs: u64,
+    /// Operations on a registered file, on a registered buffer.
+    pub fixed_file_ops: u64,
+    pub fixed_buf_ops: u64,
+    /// Buffers registered (each once in its life), registrations the kernel refused (the table
+    /// is then given up: what it held stays, nothing more is registered).
+    pub buf_registrations: u64,
+    pub registration_failures: u64,
+    /// Files and buffers registered now.
+    pub files_registered: u64,
+    pub bufs_registered: u64,
 }
 
 impl Ring {
     /// Creates a ring, explaining how to enable io_uring when the kernel refuses.
     pub fn new(entries: u32) -> Result<Ring, RingError> {
+        Ring::with_fixed(entries, FixedConfig::default())
+    }
+
+    /// Creates a ring with tables for up to `fixed.files` registered files and `fixed.bufs`
+    /// registered buffers, empty at first. A kernel without sparse tables (before 5.19) gets
+    /// a ring without them: everything then goes as plain descriptors and buffers.
+    pub fn with_fixed(entries: u32, fixed: FixedConfig) -> Result<Ring, RingError> {
         // Cooperative task running and a single issuer (Linux 6.0+) save interrupts and
         // locking; older kernels refuse the flags and get a plain ring.
         let tuned = IoUring::builder()
@@ -267,11 +303,103 @@ impl Ring {
                 RingError::Setup { source, hint }
             })?,
         };
+        let submitter = ring.submitter();
+        let files = (fixed.files > 0 && submitter.register_files_sparse(fixed.files).is_ok())
+            .then(|| Slots::new(fixed.files));
+        let nbufs = fixed.bufs.min(FIXED_BUFS_MAX);
+        let bufs = (nbufs > 0 && submitter.register_buffers_sparse(nbufs).is_ok())
+            .then(|| Slots::new(nbufs));
         Ok(Ring {
             ring,
             inflight: Slab::with_capacity(entries as usize * 2),
             counters: RingCounters::default(),
+            tables: Tables { files, bufs, home: Arc::new(Returns::default()) },
         })
+    }
+
+    /// Where the owners of this ring's registrations hand their slots back.
+    pub fn returns(&self) -> &Arc<Returns> {
+        &self.tables.home
+    }
+
+    /// Registers `fd` in a free file slot: its slot, or None (no table, table full, or the
+    /// kernel refused). The caller returns the slot through [`Ring::returns`] once nothing
+    /// will submit on it, and must keep `fd` open until then or use the slot no more.
+    pub fn register_file(&mut self, fd: RawFd) -> Option<u32> {
+        let slot = self.tables.files.as_mut()?.take()?;
+        match self.ring.submitter().register_files_update(slot, &[fd]) {
+            Ok(1) => {
+                self.counters.files_registered += 1;
+                Some(slot)
+            }
+            _ => {
+                self.counters.registration_failures += 1;
+                self.tables.files = None;
+                None
+            }
+        }
+    }
+
+    /// Clears the slots returned since the last call (one system call for the buffers, one
+    /// per file) and frees them; the file slots cleared, for the caller's own bookkeeping.
+    pub fn reclaim(&mut self) -> Vec<u32> {
+        let (files, bufs) = self.tables.take_returned();
+        for &slot in &files {
+            // Fails only if the table is gone (then nothing is registered there any more).
+            let _ = self.ring.submitter().register_files_update(slot, &[-1]);
+            if let Some(t) = self.tables.files.as_mut() {
+                t.give(slot);
+            }
+            self.counters.files_registered -= 1;
+        }
+        if !bufs.is_empty() {
+            let empty = vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 1];
+            for &slot in &bufs {
+                // SAFETY: a null, empty iovec registers nothing: the slot is cleared and the
+                // pages of the buffer that was there are unpinned.
+                let _ = unsafe {
+                    self.ring.submitter().register_buffers_update(slot.into(), &empty, None)
+                };
+                if let Some(t) = self.tables.bufs.as_mut() {
+                    t.give(slot.into());
+                }
+                self.counters.bufs_registered -= 1;
+            }
+        }
+        files
+    }
+
+    /// The buffer slot `buf` goes in on this ring: its own registration here, or a fresh one
+    /// if it has none and a slot is free. None: a plain buffer.
+    fn fixed_slot(&mut self, buf: &mut IoBuf) -> Option<u16> {
+        if let Some(f) = buf.fixed() {
+            return f.slot_on(&self.tables.home);
+        }
+        if buf.capacity() > FIXED_BUF_MAX {
+            return None;
+        }
+        let slot = self.tables.bufs.as_mut()?.take()?;
+        let iov = [buf.iovec()];
+        // SAFETY: the iovec is the buffer's whole allocation, which lives as long as the
+        // registration can be used: the slot is named only by this buffer's `FixedBuf`, and
+        // the slot is cleared (`reclaim`) after the buffer is gone, before it is used again.
+        let r = unsafe { self.ring.submitter().register_buffers_update(slot, &iov, None) };
+        match r {
+            Ok(()) => {
+                let slot = slot as u16;
+                buf.set_fixed(self.tables.tag(slot));
+                self.counters.buf_registrations += 1;
+                self.counters.bufs_registered += 1;
+                Some(slot)
+            }
+            Err(_) => {
+                // Out of lockable memory (RLIMIT_MEMLOCK for an unprivileged user) or a
+                // kernel without it: plain buffers from now on.
+                self.counters.registration_failures += 1;
+                self.tables.bufs = None;
+                None
+            }
+        }
     }
 
     pub fn counters(&self) -> RingCounters {
@@ -308,8 +436,7 @@ impl Ring {
             }
             _ => None,
         };
-        let slot = self.inflight.vacant_entry();
-        let key = slot.key() as u64;
+        let key = self.inflight.vacant_key() as u64;
         let is_accept = matches!(op, Op::Accept { .. });
         let mut timespec = None;
         let (entry, owned, recv_base) = match op {
@@ -335,28 +462,76 @@ impl Ring {
                     .build();
                 (e, Owned::Batch(batch), None)
             }
-            Op::Read { fd, mut buf, offset } => {
+            Op::Read { file, mut buf, offset } => {
                 let len = buf.len() as u32;
-                let e = opcode::Read::new(types::Fd(fd), buf.raw_at(0), len).offset(offset).build();
+                let ptr = buf.raw_at(0);
+                let e = match (self.fixed_slot(&mut buf), file) {
+                    (Some(i), FileRef::Fixed(f)) => {
+                        opcode::ReadFixed::new(types::Fixed(f), ptr, len, i).offset(offset).build()
+                    }
+                    (Some(i), FileRef::Raw(fd)) => {
+                        opcode::ReadFixed::new(types::Fd(fd), ptr, len, i).offset(offset).build()
+                    }
+                    (None, FileRef::Fixed(f)) => {
+                        opcode::Read::new(types::Fixed(f), ptr, len).offset(offset).build()
+                    }
+                    (None, FileRef::Raw(fd)) => {
+                        opcode::Read::new(types::Fd(fd), ptr, len).offset(offset).build()
+                    }
+                };
+                let fixed_buf = self.is_fixed_here(&buf);
+                self.count_fixed(file, fixed_buf);
                 (e, Owned::Buf(buf), None)
             }
-            Op::Write { fd, mut buf, offset, fua } => {
+            Op::Write { file, mut buf, offset, fua } => {
                 let len = buf.len() as u32;
                 let flags = if fua { libc::RWF_DSYNC } else { 0 };
-                let e = opcode::Write::new(types::Fd(fd), buf.raw_at(0), len)
-                    .offset(offset)
-                    .rw_flags(flags)
-                    .build();
+                let ptr = buf.raw_at(0);
+                let e = match (self.fixed_slot(&mut buf), file) {
+                    (Some(i), FileRef::Fixed(f)) => {
+                        opcode::WriteFixed::new(types::Fixed(f), ptr, len, i)
+                            .offset(offset)
+                            .rw_flags(flags)
+                            .build()
+                    }
+                    (Some(i), FileRef::Raw(fd)) => {
+                        opcode::WriteFixed::new(types::Fd(fd), ptr, len, i)
+                            .offset(offset)
+                            .rw_flags(flags)
+                            .build()
+                    }
+                    (None, FileRef::Fixed(f)) => opcode::Write::new(types::Fixed(f), ptr, len)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build(),
+                    (None, FileRef::Raw(fd)) => opcode::Write::new(types::Fd(fd), ptr, len)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build(),
+                };
+                let fixed_buf = self.is_fixed_here(&buf);
+                self.count_fixed(file, fixed_buf);
                 (e, Owned::Buf(buf), None)
             }
-            Op::Fsync { fd } => {
-                let e =
-                    opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build();
+            Op::Fsync { file } => {
+                let e = match file {
+                    FileRef::Fixed(f) => opcode::Fsync::new(types::Fixed(f)),
+                    FileRef::Raw(fd) => opcode::Fsync::new(types::Fd(fd)),
+                }
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
+                self.count_fixed(file, false);
                 (e, Owned::None, None)
             }
-            Op::Fallocate { fd, mode, offset, len } => {
-                let e =
-                    opcode::Fallocate::new(types::Fd(fd), len).offset(offset).mode(mode).build();
+            Op::Fallocate { file, mode, offset, len } => {
+                let e = match file {
+                    FileRef::Fixed(f) => opcode::Fallocate::new(types::Fixed(f), len),
+                    FileRef::Raw(fd) => opcode::Fallocate::new(types::Fd(fd), len),
+                }
+                .offset(offset)
+                .mode(mode)
+                .build();
+                self.count_fixed(file, false);
                 (e, Owned::None, None)
             }
             Op::Timer { after } => {
@@ -383,8 +558,19 @@ impl Ring {
             }
         };
         let accept = matches!(owned, Owned::None) && is_accept;
-        slot.insert(InFlight { token, owned, recv_base, accept, _timespec: timespec });
+        let at =
+            self.inflight.insert(InFlight { token, owned, recv_base, accept, _timespec: timespec });
+        assert_eq!(at as u64, key, "the slab's vacant key moved while building the entry");
         entry.user_data(key)
+    }
+
+    fn is_fixed_here(&self, buf: &IoBuf) -> bool {
+        buf.fixed().is_some_and(|f| f.slot_on(&self.tables.home).is_some())
+    }
+
+    fn count_fixed(&mut self, file: FileRef, fixed_buf: bool) {
+        self.counters.fixed_file_ops += u64::from(matches!(file, FileRef::Fixed(_)));
+        self.counters.fixed_buf_ops += u64::from(fixed_buf);
     }
 
     /// Whether entering the kernel would do anything: entries to submit, deferred task work
@@ -465,5 +651,110 @@ impl Drop for Ring {
         for slot in self.inflight.drain() {
             let _ = ManuallyDrop::new(slot.owned);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn run(ring: &mut Ring, op: Op, token: u64) -> Completion {
+        ring.push(op, token).unwrap();
+        let mut out = Vec::new();
+        while out.is_empty() {
+            ring.submit_and_wait(None).unwrap();
+            ring.reap(&mut out);
+        }
+        out.pop().unwrap()
+    }
+
+    fn filled(len: usize, byte: u8) -> IoBuf {
+        let mut b = IoBuf::zeroed(len);
+        b.as_mut_slice().fill(byte);
+        b
+    }
+
+    /// A registered file and registered buffers carry the same bytes as plain ones; a buffer
+    /// is registered once and reused without registering again; a dropped buffer's slot and a
+    /// returned file's slot are cleared and given out again; a full table and another ring's
+    /// buffer fall back to plain operations.
+    #[test]
+    fn registered_files_and_buffers_round_trip() {
+        let dir = std::env::temp_dir().join(format!("ballast-fixed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let (file, _) = crate::sys::open_direct(&path, false).unwrap();
+        let (other, _) = crate::sys::open_direct(&path, false).unwrap();
+        let mut ring = Ring::with_fixed(8, FixedConfig { files: 1, bufs: 2 }).unwrap();
+        let slot = ring.register_file(file.as_raw_fd()).expect("a file slot");
+        assert_eq!(ring.register_file(other.as_raw_fd()), None, "a table of one is full");
+        let f = FileRef::Fixed(slot);
+
+        let c =
+            run(&mut ring, Op::Write { file: f, buf: filled(8192, 0xa1), offset: 0, fua: true }, 1);
+        assert_eq!(c.result, 8192);
+        let written = c.owned.into_buf().unwrap();
+        assert!(written.is_registered(), "a fresh buffer is registered as it is submitted");
+        let c = run(&mut ring, Op::Read { file: f, buf: IoBuf::zeroed(8192), offset: 0 }, 2);
+        assert_eq!(c.result, 8192);
+        let read = c.owned.into_buf().unwrap();
+        assert!(read.as_slice().iter().all(|&b| b == 0xa1), "fixed file and buffer read back");
+        let n = ring.counters();
+        assert_eq!((n.fixed_file_ops, n.fixed_buf_ops, n.buf_registrations), (2, 2, 2));
+        assert_eq!(n.bufs_registered, 2);
+
+        // Both buffer slots are taken: a third buffer goes plain, and still works.
+        let c = run(
+            &mut ring,
+            Op::Read {
+                file: FileRef::Raw(other.as_raw_fd()),
+                buf: IoBuf::zeroed(4096),
+                offset: 4096,
+            },
+            3,
+        );
+        assert_eq!(c.result, 4096);
+        let plain = c.owned.into_buf().unwrap();
+        assert!(!plain.is_registered());
+        assert!(plain.as_slice().iter().all(|&b| b == 0xa1));
+        // A registered buffer reused: no new registration.
+        let mut again = read;
+        again.as_mut_slice().fill(0xb2);
+        let c = run(&mut ring, Op::Write { file: f, buf: again, offset: 8192, fua: false }, 4);
+        assert_eq!(c.result, 8192);
+        assert_eq!(ring.counters().buf_registrations, 2, "reused, not registered again");
+        assert_eq!(ring.counters().fixed_buf_ops, 3);
+
+        // A buffer registered here is a plain buffer on another ring.
+        let mut second = Ring::with_fixed(8, FixedConfig { files: 0, bufs: 0 }).unwrap();
+        let c = run(
+            &mut second,
+            Op::Read { file: FileRef::Raw(file.as_raw_fd()), buf: written, offset: 8192 },
+            5,
+        );
+        assert_eq!(c.result, 8192);
+        let from_second = c.owned.into_buf().unwrap();
+        assert!(from_second.as_slice().iter().all(|&b| b == 0xb2));
+        assert_eq!(second.counters().fixed_buf_ops, 0);
+
+        // Dropping a registered buffer returns its slot; reclaiming frees it for a new buffer.
+        drop(from_second);
+        assert!(ring.returns().pending());
+        assert_eq!(ring.reclaim(), Vec::<u32>::new());
+        assert_eq!(ring.counters().bufs_registered, 1);
+        let c = run(&mut ring, Op::Read { file: f, buf: IoBuf::zeroed(4096), offset: 0 }, 6);
+        assert!(c.owned.into_buf().unwrap().is_registered(), "the freed slot is used again");
+        assert_eq!(ring.counters().buf_registrations, 3);
+
+        // A returned file slot is cleared and can hold another file.
+        ring.returns().return_file(slot);
+        assert_eq!(ring.reclaim(), vec![slot]);
+        assert_eq!(ring.counters().files_registered, 0);
+        let slot2 = ring.register_file(other.as_raw_fd()).expect("the slot is free again");
+        let c = run(&mut ring, Op::Fsync { file: FileRef::Fixed(slot2) }, 7);
+        assert_eq!(c.result, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

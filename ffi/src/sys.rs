@@ -157,7 +157,11 @@ mod tests {
         let mut ring = Ring::new(8).unwrap();
         let mut buf = IoBuf::zeroed(4096);
         buf.as_mut_slice().fill(0xab);
-        ring.push(Op::Write { fd: file.as_raw_fd(), buf, offset: 4096, fua: true }, 7).unwrap();
+        ring.push(
+            Op::Write { file: crate::FileRef::Raw(file.as_raw_fd()), buf, offset: 4096, fua: true },
+            7,
+        )
+        .unwrap();
         let mut out = Vec::new();
         while out.is_empty() {
             ring.submit_and_wait(None).unwrap();
@@ -165,8 +169,8 @@ mod tests {
         }
         assert_eq!(out[0].token, 7);
         assert_eq!(out[0].result, 4096);
-        ring.push(Op::Read { fd: file.as_raw_fd(), buf: IoBuf::zeroed(4096), offset: 4096 }, 8)
-            .unwrap();
+        let file = crate::FileRef::Raw(file.as_raw_fd());
+        ring.push(Op::Read { file, buf: IoBuf::zeroed(4096), offset: 4096 }, 8).unwrap();
         out.clear();
         while out.is_empty() {
             ring.submit_and_wait(None).unwrap();

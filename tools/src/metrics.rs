@@ -204,7 +204,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 24] = [
+        let per_core: [PerCoreMetric; 28] = [
             ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
                 s.in_flight
             }),
@@ -218,6 +218,24 @@ impl ScrapeCollector {
                 s.sends
             }),
             ("ballast_core_recvs", "Socket receives.", Counter, |s| s.recvs),
+            (
+                "ballast_core_fixed_file_ops",
+                "Device operations naming a file registered with the core's ring.",
+                Counter,
+                |s| s.fixed_file_ops,
+            ),
+            (
+                "ballast_core_fixed_buf_ops",
+                "Device operations on a buffer registered with the core's ring.",
+                Counter,
+                |s| s.fixed_buf_ops,
+            ),
+            ("ballast_core_files_registered", "Files the core's ring holds registered.", Gauge, |s| {
+                s.files_registered
+            }),
+            ("ballast_core_bufs_registered", "Buffers the core's ring holds registered.", Gauge, |s| {
+                s.bufs_registered
+            }),
             ("ballast_core_connections_open", "Connections served by the core.", Gauge, |s| {
                 s.connections_open
             }),

@@ -12,6 +12,7 @@ use ballast_engine::size::parse_size;
 use ballast_engine::volume::dev::{is_namespace, PoolHandle};
 use ballast_engine::volume::pool::PoolGeometry;
 use ballast_engine::{DeviceRingConfig, Engine, EngineConfig, Msg, Task};
+use ballast_ffi::FixedConfig;
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 
@@ -65,6 +66,17 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = ballast_engine::offload::QUEUE_DEFAULT as u32,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     offload_queue: u32,
+    /// Files (the pool's, file exports, block devices) each core's io_uring may hold
+    /// registered, so the kernel does not look the descriptor up and count a reference on
+    /// every read and write; 0: none.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    registered_files: u32,
+    /// Buffers (up to 1 MiB each) each core's io_uring may hold registered, their pages pinned
+    /// once instead of on every O_DIRECT read and write; 0: none. Pinned memory counts against
+    /// RLIMIT_MEMLOCK for a daemon without CAP_IPC_LOCK: if it runs out, the core goes on with
+    /// plain buffers.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(0..=32768))]
+    registered_buffers: u32,
     /// Extra NVMe/TCP listen address for discovery (conventionally port 8009).
     #[arg(long)]
     discovery_listen: Option<SocketAddr>,
@@ -340,6 +352,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .then_some(DeviceRingConfig { entries: DEVICE_RING_ENTRIES, poll: args.poll_device }),
         offload_threads: usize::from(args.offload_threads),
         offload_queue: args.offload_queue as usize,
+        fixed: FixedConfig { files: args.registered_files, bufs: args.registered_buffers },
     };
     if args.poll_device && config.device_ring.is_none() {
         tracing::warn!("--poll-device has no effect: no nvme: export and no pool on a namespace");

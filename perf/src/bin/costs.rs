@@ -24,6 +24,11 @@
 //! - the cluster allocator of a 1 TiB pool (16 M clusters of 64 KiB) 99.9% full, its free
 //!   clusters scattered: ns per allocation.
 //!
+//! - with `--device PATH` (a block device or a file on a disk filesystem, 1 GiB or more, its
+//!   contents read, never written): 4 KiB and 128 KiB O_DIRECT random reads at QD32 through a
+//!   core's ring (the file backend's own `submit`), the process's CPU per read (io_uring's
+//!   worker threads included), with plain descriptors and buffers against registered ones.
+//!
 //! Prints a Markdown table (ns per operation, medians of `--reps`).
 #![forbid(unsafe_code)]
 
@@ -31,6 +36,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use ballast_engine::blockdev::{BlockDev, IoCmd};
+use ballast_engine::file::FileDev;
 use ballast_engine::reactor::{Cx, Engine, EngineConfig, Msg, Task};
 use ballast_engine::volume::state_lock::StateLock;
 use ballast_engine::Owned;
@@ -57,6 +64,12 @@ struct Args {
     /// The two CPUs for the contended and cross-core figures.
     #[arg(long, default_value = "0,1")]
     cpus: String,
+    /// A block device or file to read for the registered files and buffers figures.
+    #[arg(long)]
+    device: Option<std::path::PathBuf>,
+    /// Only the device figures.
+    #[arg(long)]
+    device_only: bool,
 }
 
 struct NoBufs;
@@ -439,6 +452,7 @@ fn cross_core(ops: u64, cpus: [usize; 2], poll_us: u64) -> anyhow::Result<f64> {
         device_ring: None,
         offload_threads: 0,
         offload_queue: 1,
+        fixed: ballast_ffi::FixedConfig::default(),
     })
     .context("starting two cores")?;
     let (tx, rx) = crossbeam_channel::bounded(1);
@@ -453,6 +467,143 @@ fn cross_core(ops: u64, cpus: [usize; 2], poll_us: u64) -> anyhow::Result<f64> {
     Ok(elapsed.as_nanos() as f64 / ops as f64)
 }
 
+/// Random O_DIRECT reads of `bs` bytes at QD32 through the file backend, `left` in all.
+struct Reader {
+    dev: Arc<FileDev>,
+    bs: usize,
+    left: u64,
+    inflight: u32,
+    rng: u64,
+    done: Option<crossbeam_channel::Sender<bool>>,
+    ok: bool,
+}
+
+impl Reader {
+    fn submit(&mut self, cx: &mut Cx<'_>) {
+        // xorshift: an offset anywhere in the first GiB, aligned to the read size.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let span = (1u64 << 30).min(self.dev.size_bytes()) / self.bs as u64;
+        let offset = (self.rng % span) * self.bs as u64;
+        self.left -= 1;
+        self.inflight += 1;
+        let buf = cx.buf(self.bs);
+        self.dev.submit(cx, IoCmd::Read { offset, buf }, 0);
+    }
+}
+
+impl Task for Reader {
+    fn start(&mut self, cx: &mut Cx<'_>) {
+        while self.inflight < 32 && self.left > 0 {
+            self.submit(cx);
+        }
+    }
+    fn on_completion(&mut self, cx: &mut Cx<'_>, _tag: u32, result: i32, owned: Owned) {
+        self.inflight -= 1;
+        self.ok &= result == self.bs as i32;
+        if let Some(b) = owned.into_buf() {
+            cx.recycle(b);
+        }
+        if self.left > 0 {
+            self.submit(cx);
+        } else if self.inflight == 0 {
+            if let Some(tx) = self.done.take() {
+                let _ = tx.send(self.ok);
+            }
+        }
+    }
+    fn flush(&mut self, _cx: &mut Cx<'_>) {}
+    fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
+    fn is_done(&self) -> bool {
+        self.done.is_none()
+    }
+}
+
+/// The process's CPU time so far (every thread, io_uring's workers included).
+fn process_cpu() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    tv(u.user_time()) + tv(u.system_time())
+}
+
+/// Process CPU ns per read of `bs` bytes, `ops` reads, with the ring's tables `fixed`.
+fn device_reads(
+    path: &std::path::Path,
+    bs: usize,
+    ops: u64,
+    cpu: usize,
+    fixed: ballast_ffi::FixedConfig,
+) -> anyhow::Result<f64> {
+    let dev = Arc::new(FileDev::open(path, None, true).context("opening --device")?);
+    anyhow::ensure!(
+        !dev.info().backend.contains("in memory"),
+        "--device is in memory: no ring I/O to measure"
+    );
+    let engine = Engine::start(EngineConfig {
+        cpus: vec![cpu],
+        poll_us: 0,
+        ring_entries: 256,
+        mailbox_depth: 16,
+        buffer_budget: 64 << 20,
+        device_ring: None,
+        offload_threads: 0,
+        offload_queue: 1,
+        fixed,
+    })
+    .context("starting a core")?;
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let reader =
+        Reader { dev, bs, left: ops, inflight: 0, rng: 0x9e37_79b9, done: Some(tx), ok: true };
+    let mut reader = Some(reader);
+    let t0 = process_cpu();
+    engine.handles()[0].send_blocking(Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| {
+        Box::new(reader.take().expect("once")) as Box<dyn Task>
+    })));
+    let ok = rx.recv_timeout(Duration::from_secs(300)).context("reads timed out")?;
+    let cpu_used = process_cpu() - t0;
+    engine.shutdown();
+    anyhow::ensure!(ok, "a read failed or came back short");
+    Ok(cpu_used.as_nanos() as f64 / ops as f64)
+}
+
+/// The device figures: (block size, plain ns, registered ns) per size.
+fn device_costs(
+    args: &Args,
+    path: &std::path::Path,
+    cpu: usize,
+) -> anyhow::Result<Vec<(usize, f64, f64)>> {
+    let plain = ballast_ffi::FixedConfig::default();
+    let fixed = ballast_ffi::FixedConfig { files: 4, bufs: 256 };
+    let mut out = Vec::new();
+    for bs in [4096, 128 << 10] {
+        let ops = if bs == 4096 { args.ops } else { args.ops / 8 };
+        let (mut p, mut f) = (Vec::new(), Vec::new());
+        // Alternating, so drift in the machine hits both alike.
+        for _ in 0..args.reps.max(1) {
+            p.push(device_reads(path, bs, ops, cpu, plain)?);
+            f.push(device_reads(path, bs, ops, cpu, fixed)?);
+        }
+        out.push((bs, median(p), median(f)));
+    }
+    Ok(out)
+}
+
+fn print_device_costs(path: &std::path::Path, costs: &[(usize, f64, f64)]) {
+    for (bs, plain, fixed) in costs {
+        println!(
+            "| {} KiB O_DIRECT random read at QD32 through a core's ring ({}), process CPU: plain \
+             descriptor and buffer / registered file and buffer | {plain:.0} / {fixed:.0} ({:.2}x) |",
+            bs / 1024,
+            path.display(),
+            fixed / plain
+        );
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -463,6 +614,17 @@ fn main() -> anyhow::Result<()> {
     let cpus: Vec<usize> =
         args.cpus.split(',').map(str::parse).collect::<Result<_, _>>().context("--cpus")?;
     let cpus: [usize; 2] = cpus.try_into().map_err(|_| anyhow::anyhow!("--cpus: two CPUs"))?;
+    let device = match &args.device {
+        Some(path) => Some((path.clone(), device_costs(&args, path, cpus[0])?)),
+        None => None,
+    };
+    if args.device_only {
+        let (path, costs) = device.context("--device-only needs --device")?;
+        println!("| primitive | ns per operation (median of {}) |", args.reps.max(1));
+        println!("|---|---|");
+        print_device_costs(&path, &costs);
+        return Ok(());
+    }
     let (meta, vols) = mapped_pool()?;
     let vol = vols[0];
     let meta = RwLock::new(meta);
@@ -543,5 +705,8 @@ fn main() -> anyhow::Result<()> {
         "| the same checkpoint: encode {blob} bytes (crc32c {crc:08x}), on an offload thread | {:.0} |",
         encode * 1e6
     );
+    if let Some((path, costs)) = device {
+        print_device_costs(&path, &costs);
+    }
     Ok(())
 }

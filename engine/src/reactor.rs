@@ -267,13 +267,22 @@ impl Engine {
                         tracing::warn!(core, cpu, error = %e, "could not pin reactor thread");
                     }
                     let ring = match Ring::with_fixed(cfg.ring_entries, cfg.fixed) {
+                        Ok(r) if r.counters().registration_failures > 0 => {
+                            tracing::warn!(
+                                core,
+                                "the kernel refused tables of registered files or buffers \
+                                 (--registered-files, --registered-buffers): plain descriptors \
+                                 and buffers"
+                            );
+                            r
+                        }
                         Ok(r) => r,
                         Err(source) => {
                             let _ = ready_tx.send(Err(EngineError::Ring { core, source }));
                             return;
                         }
                     };
-                    let dev = match DeviceSide::open(core, cfg.device_ring) {
+                    let dev = match DeviceSide::open(core, cfg.device_ring, cfg.fixed.bufs) {
                         Ok(d) => d,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -581,10 +590,14 @@ struct DeviceSide {
 }
 
 impl DeviceSide {
-    fn open(core: usize, config: Option<DeviceRingConfig>) -> Result<Option<Self>, EngineError> {
+    fn open(
+        core: usize,
+        config: Option<DeviceRingConfig>,
+        fixed_bufs: u32,
+    ) -> Result<Option<Self>, EngineError> {
         let Some(config) = config else { return Ok(None) };
         let mode = if config.poll { DevRingMode::Poll } else { DevRingMode::Interrupt };
-        let mut ring = DevRing::new(config.entries, mode)
+        let mut ring = DevRing::new(config.entries, mode, fixed_bufs)
             .map_err(|source| EngineError::DeviceRing { core, source })?;
         let wake = match mode {
             // Polled completions are never signalled: the core polls while I/O is in flight.
@@ -684,11 +697,7 @@ impl Core {
         // `SPIN_CLOCK_EVERY` idle turns while it spins; never on busy turns inside a burst.
         let mut idle_turns: u32 = 0;
         loop {
-            if self.ring.returns().pending() {
-                // Registrations let go of (a device dropped, registered buffers freed).
-                let cleared = self.ring.reclaim();
-                self.files.forget(&cleared);
-            }
+            self.reclaim_returned();
             let mut work = self.ring.reap(&mut completions);
             work += self.reap_device(&mut completions);
             work += self.dispatch_with_ready(&mut completions);
@@ -729,6 +738,8 @@ impl Core {
                 self.stats.sleeps += 1;
                 idle_turns = 0;
                 self.trim_if_idle();
+                // What the trim freed was maybe registered: unpin it before sleeping.
+                self.reclaim_returned();
                 let r = self.sleep();
                 self.awake.store(true, Ordering::SeqCst);
                 r
@@ -753,12 +764,30 @@ impl Core {
     fn fall_asleep(&mut self) -> bool {
         self.awake.store(false, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if self.channels_pending() {
+        // A dropped device's slot returned meanwhile rang no doorbell (we were awake).
+        if self.channels_pending() || self.returns_pending() {
             self.awake.store(true, Ordering::SeqCst);
             self.mail_pending = true;
             return false;
         }
         true
+    }
+
+    /// Whether registrations were let go of (a device dropped, registered buffers freed).
+    fn returns_pending(&self) -> bool {
+        self.ring.returns().pending()
+            || self.dev.as_ref().is_some_and(|d| d.ring.returns().pending())
+    }
+
+    /// Clears the ring slots of registrations let go of, and forgets the files among them.
+    fn reclaim_returned(&mut self) {
+        if self.ring.returns().pending() {
+            let cleared = self.ring.reclaim();
+            self.files.forget(&cleared);
+        }
+        if let Some(dev) = self.dev.as_mut().filter(|d| d.ring.returns().pending()) {
+            dev.ring.reclaim();
+        }
     }
 
     /// Enters the kernel only when it has something to do for us; otherwise the next turn
@@ -987,6 +1016,14 @@ impl Core {
                     snap.registration_failures = c.registration_failures;
                     snap.files_registered = c.files_registered;
                     snap.bufs_registered = c.bufs_registered;
+                    if let Some(dev) = &self.dev {
+                        // The device ring's registered buffers count with the core's.
+                        let (d, ops) = dev.ring.fixed_counters();
+                        snap.fixed_buf_ops += ops;
+                        snap.buf_registrations += d.buf_registrations;
+                        snap.registration_failures += d.registration_failures;
+                        snap.bufs_registered += d.bufs_registered;
+                    }
                     let _ = reply.send(snap);
                 }
             }

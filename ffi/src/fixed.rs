@@ -14,19 +14,24 @@
 //!   slot always reaches the memory of the buffer that carries it;
 //! - the kernel keeps a returned buffer's pages pinned until the ring clears its slot; no
 //!   operation names a returned slot (its buffer is gone), so those pages are never written to
-//!   again, and clearing (one system call for all returned slots) gives them back;
+//!   again, and clearing the slot gives them back;
 //! - a file slot is returned only by the owner of the file once nothing can submit on it;
 //! - each ring's [`Returns`] is its own: a buffer registered on one ring is submitted as a
 //!   plain buffer on any other.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+use io_uring::Submitter;
+
+use crate::buf::IoBuf;
 
 /// The largest buffer registered (larger ones go as plain buffers): bounds what one slot
 /// pins.
 pub const FIXED_BUF_MAX: usize = 1 << 20;
-/// The most buffer slots a ring may have (the SQE's buffer index is 16 bits).
-pub const FIXED_BUFS_MAX: u32 = 1 << 15;
+/// The most buffer slots a ring may have (the kernel's IORING_MAX_REG_BUFFERS).
+pub const FIXED_BUFS_MAX: u32 = 1 << 14;
 
 /// Where slots come back to a ring from wherever their owners let go (any thread).
 #[derive(Default)]
@@ -38,7 +43,8 @@ pub struct Returns {
 }
 
 impl Returns {
-    /// Hands back a file slot (its file must no longer be submitted on this ring).
+    /// Hands back a file slot this ring gave out ([`crate::Ring::register_file`]); its file
+    /// must no longer be submitted on this ring.
     pub fn return_file(&self, slot: u32) {
         self.files.lock().unwrap_or_else(|e| e.into_inner()).push(slot);
         self.pending.store(true, Ordering::Release);
@@ -103,22 +109,129 @@ impl Slots {
     }
 }
 
-/// One ring's tables: file slots, buffer slots, and where their owners return them.
+/// What a ring's tables did: registrations over time and now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FixedCounters {
+    /// Buffers registered (each once in its life), registrations the kernel refused (the
+    /// table is then given up: what it held stays, nothing more is registered).
+    pub buf_registrations: u64,
+    pub registration_failures: u64,
+    /// Files and buffers registered now.
+    pub files_registered: u64,
+    pub bufs_registered: u64,
+}
+
+/// One ring's tables: file slots, buffer slots, and where their owners return them. Shared by
+/// the main ring and the device ring, each with its own.
 pub(crate) struct Tables {
-    pub(crate) files: Option<Slots>,
-    pub(crate) bufs: Option<Slots>,
-    pub(crate) home: Arc<Returns>,
+    files: Option<Slots>,
+    bufs: Option<Slots>,
+    home: Arc<Returns>,
+    pub(crate) counters: FixedCounters,
 }
 
 impl Tables {
-    /// Takes back what was returned; the caller clears the slots in the kernel first.
-    pub(crate) fn take_returned(&self) -> (Vec<u32>, Vec<u16>) {
-        self.home.take()
+    /// Sparse tables of `files` and `bufs` slots on the ring of `submitter`; a kernel that
+    /// refuses them (before 5.19) leaves the ring without: plain descriptors and buffers.
+    pub(crate) fn open(submitter: &Submitter<'_>, files: u32, bufs: u32) -> Tables {
+        let mut counters = FixedCounters::default();
+        let mut refused = |ok: bool| {
+            counters.registration_failures += u64::from(!ok);
+            ok
+        };
+        let files = (files > 0 && refused(submitter.register_files_sparse(files).is_ok()))
+            .then(|| Slots::new(files));
+        let nbufs = bufs.min(FIXED_BUFS_MAX);
+        let bufs = (nbufs > 0 && refused(submitter.register_buffers_sparse(nbufs).is_ok()))
+            .then(|| Slots::new(nbufs));
+        Tables { files, bufs, home: Arc::new(Returns::default()), counters }
     }
 
-    /// A registration record for a buffer just registered in `slot`.
-    pub(crate) fn tag(&self, slot: u16) -> FixedBuf {
-        FixedBuf { home: self.home.clone(), slot }
+    pub(crate) fn home(&self) -> &Arc<Returns> {
+        &self.home
+    }
+
+    /// Whether `buf` is registered with this ring.
+    pub(crate) fn is_home_of(&self, buf: &IoBuf) -> bool {
+        buf.fixed().is_some_and(|f| f.slot_on(&self.home).is_some())
+    }
+
+    /// Registers `fd` in a free file slot: the slot, or None (no table, table full, or the
+    /// kernel refused: the table is given up).
+    pub(crate) fn register_file(&mut self, submitter: &Submitter<'_>, fd: RawFd) -> Option<u32> {
+        let slot = self.files.as_mut()?.take()?;
+        match submitter.register_files_update(slot, &[fd]) {
+            Ok(1) => {
+                self.counters.files_registered += 1;
+                Some(slot)
+            }
+            _ => {
+                self.counters.registration_failures += 1;
+                self.files = None;
+                None
+            }
+        }
+    }
+
+    /// The buffer slot `buf` goes in on this ring: its own registration here, or a fresh one
+    /// if it has none and a slot is free. None: a plain buffer.
+    pub(crate) fn buf_slot(&mut self, submitter: &Submitter<'_>, buf: &mut IoBuf) -> Option<u16> {
+        if let Some(f) = buf.fixed() {
+            return f.slot_on(&self.home);
+        }
+        // Only buffers of the cores' pool classes (powers of two) are registered: they are
+        // reused, so the registration is paid once; an odd size is freed after one use.
+        if buf.capacity() > FIXED_BUF_MAX || !buf.capacity().is_power_of_two() {
+            return None;
+        }
+        let slot = self.bufs.as_mut()?.take()?;
+        let iov = [buf.iovec()];
+        // SAFETY: the iovec is the buffer's whole allocation, which lives as long as the
+        // registration can be used: the slot is named only by this buffer's `FixedBuf`, and
+        // it is cleared (`reclaim`) after the buffer is gone, before it is used again.
+        let r = unsafe { submitter.register_buffers_update(slot, &iov, None) };
+        match r {
+            Ok(()) => {
+                let slot = u16::try_from(slot).expect("buffer tables have at most 2^15 slots");
+                buf.set_fixed(FixedBuf { home: self.home.clone(), slot });
+                self.counters.buf_registrations += 1;
+                self.counters.bufs_registered += 1;
+                Some(slot)
+            }
+            Err(_) => {
+                // Out of lockable memory (RLIMIT_MEMLOCK for an unprivileged user) or a
+                // kernel without it: plain buffers from now on. The slot stays taken.
+                self.counters.registration_failures += 1;
+                self.bufs = None;
+                None
+            }
+        }
+    }
+
+    /// Clears the slots returned since the last call (one system call per slot; slots come
+    /// back only when their device or buffer is dropped) and frees them; the file slots
+    /// cleared, for the caller's own bookkeeping.
+    pub(crate) fn reclaim(&mut self, submitter: &Submitter<'_>) -> Vec<u32> {
+        let (files, bufs) = self.home.take();
+        for &slot in &files {
+            // Fails only if the table is gone (then nothing is registered there any more).
+            let _ = submitter.register_files_update(slot, &[-1]);
+            if let Some(t) = self.files.as_mut() {
+                t.give(slot);
+            }
+            self.counters.files_registered -= 1;
+        }
+        let empty = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }];
+        for &slot in &bufs {
+            // SAFETY: a null, empty iovec registers nothing: the slot is cleared and the pages
+            // of the buffer that was there are unpinned.
+            let _ = unsafe { submitter.register_buffers_update(slot.into(), &empty, None) };
+            if let Some(t) = self.bufs.as_mut() {
+                t.give(slot.into());
+            }
+            self.counters.bufs_registered -= 1;
+        }
+        files
     }
 }
 
@@ -133,16 +246,16 @@ mod tests {
         let b = s.take().unwrap();
         assert_ne!(a, b);
         assert!(s.take().is_none(), "a table of two gives two");
-        let t = Tables { files: None, bufs: None, home: Arc::new(Returns::default()) };
-        let tag = t.tag(b as u16);
-        assert_eq!(tag.slot_on(&t.home), Some(b as u16));
+        let home = Arc::new(Returns::default());
+        let tag = FixedBuf { home: home.clone(), slot: b as u16 };
+        assert_eq!(tag.slot_on(&home), Some(b as u16));
         assert_eq!(tag.slot_on(&Arc::new(Returns::default())), None, "another ring's");
-        assert!(!t.home.pending());
+        assert!(!home.pending());
         drop(tag);
-        t.home.return_file(a);
-        assert!(t.home.pending());
-        let (files, bufs) = t.take_returned();
+        home.return_file(a);
+        assert!(home.pending());
+        let (files, bufs) = home.take();
         assert_eq!((files, bufs), (vec![a], vec![b as u16]));
-        assert!(!t.home.pending());
+        assert!(!home.pending());
     }
 }

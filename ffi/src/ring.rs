@@ -17,7 +17,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
 
 use crate::buf::IoBuf;
-use crate::fixed::{Returns, Slots, Tables, FIXED_BUFS_MAX, FIXED_BUF_MAX};
+use crate::fixed::{Returns, Tables};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
@@ -303,107 +303,53 @@ impl Ring {
                 RingError::Setup { source, hint }
             })?,
         };
-        let submitter = ring.submitter();
-        let files = (fixed.files > 0 && submitter.register_files_sparse(fixed.files).is_ok())
-            .then(|| Slots::new(fixed.files));
-        let nbufs = fixed.bufs.min(FIXED_BUFS_MAX);
-        let bufs = (nbufs > 0 && submitter.register_buffers_sparse(nbufs).is_ok())
-            .then(|| Slots::new(nbufs));
+        let tables = Tables::open(&ring.submitter(), fixed.files, fixed.bufs);
         Ok(Ring {
             ring,
             inflight: Slab::with_capacity(entries as usize * 2),
             counters: RingCounters::default(),
-            tables: Tables { files, bufs, home: Arc::new(Returns::default()) },
+            tables,
         })
     }
 
     /// Where the owners of this ring's registrations hand their slots back.
     pub fn returns(&self) -> &Arc<Returns> {
-        &self.tables.home
+        self.tables.home()
     }
 
     /// Registers `fd` in a free file slot: its slot, or None (no table, table full, or the
     /// kernel refused). The caller returns the slot through [`Ring::returns`] once nothing
     /// will submit on it, and must keep `fd` open until then or use the slot no more.
     pub fn register_file(&mut self, fd: RawFd) -> Option<u32> {
-        let slot = self.tables.files.as_mut()?.take()?;
-        match self.ring.submitter().register_files_update(slot, &[fd]) {
-            Ok(1) => {
-                self.counters.files_registered += 1;
-                Some(slot)
-            }
-            _ => {
-                self.counters.registration_failures += 1;
-                self.tables.files = None;
-                None
-            }
-        }
+        self.tables.register_file(&self.ring.submitter(), fd)
     }
 
-    /// Clears the slots returned since the last call (one system call for the buffers, one
-    /// per file) and frees them; the file slots cleared, for the caller's own bookkeeping.
+    /// Clears the slots returned since the last call and frees them; the file slots cleared,
+    /// for the caller's own bookkeeping.
     pub fn reclaim(&mut self) -> Vec<u32> {
-        let (files, bufs) = self.tables.take_returned();
-        for &slot in &files {
-            // Fails only if the table is gone (then nothing is registered there any more).
-            let _ = self.ring.submitter().register_files_update(slot, &[-1]);
-            if let Some(t) = self.tables.files.as_mut() {
-                t.give(slot);
-            }
-            self.counters.files_registered -= 1;
+        // Entries still queued (a submission the kernel refused for now) may name a returned
+        // file's slot: clear nothing before they are in the kernel (the returns stay pending).
+        if !self.ring.submission().is_empty() {
+            return Vec::new();
         }
-        if !bufs.is_empty() {
-            let empty = vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 1];
-            for &slot in &bufs {
-                // SAFETY: a null, empty iovec registers nothing: the slot is cleared and the
-                // pages of the buffer that was there are unpinned.
-                let _ = unsafe {
-                    self.ring.submitter().register_buffers_update(slot.into(), &empty, None)
-                };
-                if let Some(t) = self.tables.bufs.as_mut() {
-                    t.give(slot.into());
-                }
-                self.counters.bufs_registered -= 1;
-            }
-        }
-        files
+        self.tables.reclaim(&self.ring.submitter())
     }
 
     /// The buffer slot `buf` goes in on this ring: its own registration here, or a fresh one
     /// if it has none and a slot is free. None: a plain buffer.
     fn fixed_slot(&mut self, buf: &mut IoBuf) -> Option<u16> {
-        if let Some(f) = buf.fixed() {
-            return f.slot_on(&self.tables.home);
-        }
-        if buf.capacity() > FIXED_BUF_MAX {
-            return None;
-        }
-        let slot = self.tables.bufs.as_mut()?.take()?;
-        let iov = [buf.iovec()];
-        // SAFETY: the iovec is the buffer's whole allocation, which lives as long as the
-        // registration can be used: the slot is named only by this buffer's `FixedBuf`, and
-        // the slot is cleared (`reclaim`) after the buffer is gone, before it is used again.
-        let r = unsafe { self.ring.submitter().register_buffers_update(slot, &iov, None) };
-        match r {
-            Ok(()) => {
-                let slot = slot as u16;
-                buf.set_fixed(self.tables.tag(slot));
-                self.counters.buf_registrations += 1;
-                self.counters.bufs_registered += 1;
-                Some(slot)
-            }
-            Err(_) => {
-                // Out of lockable memory (RLIMIT_MEMLOCK for an unprivileged user) or a
-                // kernel without it: plain buffers from now on.
-                self.counters.registration_failures += 1;
-                self.tables.bufs = None;
-                None
-            }
-        }
+        self.tables.buf_slot(&self.ring.submitter(), buf)
     }
 
     pub fn counters(&self) -> RingCounters {
-        self.counters
+        let t = self.tables.counters;
+        RingCounters {
+            buf_registrations: t.buf_registrations,
+            registration_failures: t.registration_failures,
+            files_registered: t.files_registered,
+            bufs_registered: t.bufs_registered,
+            ..self.counters
+        }
     }
 
     /// Number of operations submitted and not yet reaped.
@@ -565,7 +511,7 @@ impl Ring {
     }
 
     fn is_fixed_here(&self, buf: &IoBuf) -> bool {
-        buf.fixed().is_some_and(|f| f.slot_on(&self.tables.home).is_some())
+        self.tables.is_home_of(buf)
     }
 
     fn count_fixed(&mut self, file: FileRef, fixed_buf: bool) {
@@ -685,8 +631,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");
         std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(dir.join("g"), vec![0xc3u8; 1 << 20]).unwrap();
         let (file, _) = crate::sys::open_direct(&path, false).unwrap();
-        let (other, _) = crate::sys::open_direct(&path, false).unwrap();
+        let (other, _) = crate::sys::open_direct(&dir.join("g"), false).unwrap();
         let mut ring = Ring::with_fixed(8, FixedConfig { files: 1, bufs: 2 }).unwrap();
         let slot = ring.register_file(file.as_raw_fd()).expect("a file slot");
         assert_eq!(ring.register_file(other.as_raw_fd()), None, "a table of one is full");
@@ -718,7 +665,11 @@ mod tests {
         assert_eq!(c.result, 4096);
         let plain = c.owned.into_buf().unwrap();
         assert!(!plain.is_registered());
-        assert!(plain.as_slice().iter().all(|&b| b == 0xa1));
+        assert!(plain.as_slice().iter().all(|&b| b == 0xc3), "the other file's bytes");
+        // An odd-sized buffer (never kept for reuse) is not registered.
+        let c = run(&mut ring, Op::Read { file: f, buf: IoBuf::zeroed(3 * 4096), offset: 0 }, 33);
+        assert_eq!(c.result, 3 * 4096);
+        assert!(!c.owned.into_buf().unwrap().is_registered());
         // A registered buffer reused: no new registration.
         let mut again = read;
         again.as_mut_slice().fill(0xb2);
@@ -745,7 +696,10 @@ mod tests {
         assert_eq!(ring.reclaim(), Vec::<u32>::new());
         assert_eq!(ring.counters().bufs_registered, 1);
         let c = run(&mut ring, Op::Read { file: f, buf: IoBuf::zeroed(4096), offset: 0 }, 6);
-        assert!(c.owned.into_buf().unwrap().is_registered(), "the freed slot is used again");
+        assert_eq!(c.result, 4096);
+        let reused = c.owned.into_buf().unwrap();
+        assert!(reused.is_registered(), "the freed slot is used again");
+        assert!(reused.as_slice().iter().all(|&b| b == 0xa1), "into the new buffer's pages");
         assert_eq!(ring.counters().buf_registrations, 3);
 
         // A returned file slot is cleared and can hold another file.
@@ -753,8 +707,24 @@ mod tests {
         assert_eq!(ring.reclaim(), vec![slot]);
         assert_eq!(ring.counters().files_registered, 0);
         let slot2 = ring.register_file(other.as_raw_fd()).expect("the slot is free again");
-        let c = run(&mut ring, Op::Fsync { file: FileRef::Fixed(slot2) }, 7);
+        let c = run(&mut ring, Op::Read { file: FileRef::Fixed(slot2), buf: reused, offset: 0 }, 7);
+        assert_eq!(c.result, 4096);
+        let b = c.owned.into_buf().unwrap();
+        assert!(b.as_slice().iter().all(|&b| b == 0xc3), "the slot now names the other file");
+        let c = run(&mut ring, Op::Fsync { file: FileRef::Fixed(slot2) }, 8);
         assert_eq!(c.result, 0);
+        // Returns wait while entries are queued (they may name a returned slot).
+        ring.push(Op::Fsync { file: FileRef::Fixed(slot2) }, 9).unwrap();
+        ring.returns().return_file(slot2);
+        assert_eq!(ring.reclaim(), Vec::<u32>::new(), "nothing cleared under a queued entry");
+        assert!(ring.returns().pending());
+        let mut out = Vec::new();
+        while out.is_empty() {
+            ring.submit_and_wait(None).unwrap();
+            ring.reap(&mut out);
+        }
+        assert_eq!(out[0].result, 0);
+        assert_eq!(ring.reclaim(), vec![slot2]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -75,7 +75,7 @@ pub struct ServeArgs {
     /// once instead of on every O_DIRECT read and write; 0: none. Pinned memory counts against
     /// RLIMIT_MEMLOCK for a daemon without CAP_IPC_LOCK: if it runs out, the core goes on with
     /// plain buffers.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(0..=32768))]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(0..=16384))]
     registered_buffers: u32,
     /// Extra NVMe/TCP listen address for discovery (conventionally port 8009).
     #[arg(long)]

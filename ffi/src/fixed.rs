@@ -121,8 +121,7 @@ pub struct FixedCounters {
     pub bufs_registered: u64,
 }
 
-/// One ring's tables: file slots, buffer slots, and where their owners return them. Shared by
-/// the main ring and the device ring, each with its own.
+/// One ring's tables: file slots, buffer slots, and where their owners return them.
 pub(crate) struct Tables {
     files: Option<Slots>,
     bufs: Option<Slots>,

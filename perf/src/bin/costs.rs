@@ -531,11 +531,12 @@ fn process_cpu() -> Duration {
 }
 
 /// Process CPU ns per read of `bs` bytes, `ops` reads, with the ring's tables `fixed`.
+/// `ops` reads on each of `cpus` (a core each, all on the same device).
 fn device_reads(
     path: &std::path::Path,
     bs: usize,
     ops: u64,
-    cpu: usize,
+    cpus: &[usize],
     fixed: ballast_ffi::FixedConfig,
 ) -> anyhow::Result<f64> {
     let dev = Arc::new(FileDev::open(path, None, true).context("opening --device")?);
@@ -544,7 +545,7 @@ fn device_reads(
         "--device is in memory: no ring I/O to measure"
     );
     let engine = Engine::start(EngineConfig {
-        cpus: vec![cpu],
+        cpus: cpus.to_vec(),
         poll_us: 0,
         ring_entries: 256,
         mailbox_depth: 16,
@@ -555,51 +556,65 @@ fn device_reads(
         fixed,
     })
     .context("starting a core")?;
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let reader =
-        Reader { dev, bs, left: ops, inflight: 0, rng: 0x9e37_79b9, done: Some(tx), ok: true };
-    let mut reader = Some(reader);
+    let (tx, rx) = crossbeam_channel::bounded(cpus.len());
     let t0 = process_cpu();
-    engine.handles()[0].send_blocking(Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| {
-        Box::new(reader.take().expect("once")) as Box<dyn Task>
-    })));
-    let ok = rx.recv_timeout(Duration::from_secs(300)).context("reads timed out")?;
+    for (i, handle) in engine.handles().iter().enumerate() {
+        let (dev, done) = (dev.clone(), Some(tx.clone()));
+        let rng = 0x9e37_79b9 + i as u64;
+        let mut reader = Some(Reader { dev, bs, left: ops, inflight: 0, rng, done, ok: true });
+        handle.send_blocking(Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| {
+            Box::new(reader.take().expect("once")) as Box<dyn Task>
+        })));
+    }
+    let mut ok = true;
+    for _ in cpus {
+        ok &= rx.recv_timeout(Duration::from_secs(300)).context("reads timed out")?;
+    }
     let cpu_used = process_cpu() - t0;
     engine.shutdown();
     anyhow::ensure!(ok, "a read failed or came back short");
-    Ok(cpu_used.as_nanos() as f64 / ops as f64)
+    Ok(cpu_used.as_nanos() as f64 / (ops * cpus.len() as u64) as f64)
 }
 
-/// The device figures: (block size, plain ns, registered ns) per size.
+/// The device figures per size and core count: block size, cores, and ns per read with plain
+/// descriptor and buffer, registered file only, registered file and buffer.
 fn device_costs(
     args: &Args,
     path: &std::path::Path,
-    cpu: usize,
-) -> anyhow::Result<Vec<(usize, f64, f64)>> {
-    let plain = ballast_ffi::FixedConfig::default();
-    let fixed = ballast_ffi::FixedConfig { files: 4, bufs: 256 };
+    cpus: [usize; 2],
+) -> anyhow::Result<Vec<(usize, usize, [f64; 3])>> {
+    use ballast_ffi::FixedConfig;
+    let configs = [
+        FixedConfig::default(),
+        FixedConfig { files: 4, bufs: 0 },
+        FixedConfig { files: 4, bufs: 256 },
+    ];
     let mut out = Vec::new();
-    for bs in [4096, 128 << 10] {
+    // One core; then two on the same file, whose reference count both would write.
+    for (bs, cores) in [(4096, &cpus[..1]), (128 << 10, &cpus[..1]), (4096, &cpus[..])] {
         let ops = if bs == 4096 { args.ops } else { args.ops / 8 };
-        let (mut p, mut f) = (Vec::new(), Vec::new());
-        // Alternating, so drift in the machine hits both alike.
+        let mut runs = [Vec::new(), Vec::new(), Vec::new()];
+        // In turn, so drift in the machine hits all alike.
         for _ in 0..args.reps.max(1) {
-            p.push(device_reads(path, bs, ops, cpu, plain)?);
-            f.push(device_reads(path, bs, ops, cpu, fixed)?);
+            for (i, fixed) in configs.iter().enumerate() {
+                runs[i].push(device_reads(path, bs, ops, cores, *fixed)?);
+            }
         }
-        out.push((bs, median(p), median(f)));
+        out.push((bs, cores.len(), runs.map(median)));
     }
     Ok(out)
 }
 
-fn print_device_costs(path: &std::path::Path, costs: &[(usize, f64, f64)]) {
-    for (bs, plain, fixed) in costs {
+fn print_device_costs(path: &std::path::Path, costs: &[(usize, usize, [f64; 3])]) {
+    for (bs, cores, [plain, file, both]) in costs {
         println!(
-            "| {} KiB O_DIRECT random read at QD32 through a core's ring ({}), process CPU: plain \
-             descriptor and buffer / registered file and buffer | {plain:.0} / {fixed:.0} ({:.2}x) |",
+            "| {} KiB O_DIRECT random read at QD32 through {cores} core(s)' rings ({}), process \
+             CPU per read: plain / registered file / registered file and buffer | {plain:.0} / \
+             {file:.0} ({:.2}x) / {both:.0} ({:.2}x) |",
             bs / 1024,
             path.display(),
-            fixed / plain
+            file / plain,
+            both / plain
         );
     }
 }
@@ -615,7 +630,7 @@ fn main() -> anyhow::Result<()> {
         args.cpus.split(',').map(str::parse).collect::<Result<_, _>>().context("--cpus")?;
     let cpus: [usize; 2] = cpus.try_into().map_err(|_| anyhow::anyhow!("--cpus: two CPUs"))?;
     let device = match &args.device {
-        Some(path) => Some((path.clone(), device_costs(&args, path, cpus[0])?)),
+        Some(path) => Some((path.clone(), device_costs(&args, path, cpus)?)),
         None => None,
     };
     if args.device_only {

@@ -1,7 +1,7 @@
 //! A device's file registered with the rings of the cores that submit on it.
 //!
 //! Each core registers a device's descriptor with its own ring the first time it submits on
-//! it ([`Cx::file_ref`]) and from then on names the ring's slot, so the kernel does not look the
+//! it ([`crate::reactor::Cx::file_ref`]) and from then on names the ring's slot, so the kernel does not look the
 //! descriptor up and take a reference to the file on every operation — a reference count every
 //! core using the file would otherwise write. A core whose table is full (or a kernel without
 //! registered files) submits on the descriptor as before.
@@ -11,7 +11,7 @@
 //!   alive: the slot is handed back (and the core woken to clear it) when the device's
 //!   [`Registered`] drops, and nothing can submit on a dropped device;
 //! - the core forgets its record of a slot in the same step as its ring clears the slot
-//!   (`Core::reclaim`), so a slot is never named for a device after it was reused.
+//!   (`Core::reclaim_returned`), so a slot is never named for a device after it was reused.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};

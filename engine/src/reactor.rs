@@ -195,7 +195,8 @@ impl EngineConfig {
             device_ring: None,
             offload_threads: 0,
             offload_queue: 1,
-            fixed: FixedConfig { files: 4, bufs: 16 },
+            // No buffers: pinned memory counts against RLIMIT_MEMLOCK, tests run side by side.
+            fixed: FixedConfig { files: 4, bufs: 0 },
         }
     }
 }

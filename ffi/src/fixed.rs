@@ -3,7 +3,7 @@
 //!
 //! What it saves, per read or write: `fget`/`fput` of the file (an atomic on the file's
 //! reference count, a cache line every core using the file shares) and, for a buffer, pinning
-//! and unpinning its pages (O_DIRECT and NVMe passthrough map user memory on every operation).
+//! and unpinning its pages (O_DIRECT maps user memory on every operation).
 //!
 //! Invariants:
 //! - a table slot is in exactly one of: free, in use by one registration, returned (its owner
@@ -111,7 +111,7 @@ impl Slots {
 
 /// What a ring's tables did: registrations over time and now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FixedCounters {
+pub(crate) struct FixedCounters {
     /// Buffers registered (each once in its life), registrations the kernel refused (the
     /// table is then given up: what it held stays, nothing more is registered).
     pub buf_registrations: u64,
@@ -191,7 +191,7 @@ impl Tables {
         let r = unsafe { submitter.register_buffers_update(slot, &iov, None) };
         match r {
             Ok(()) => {
-                let slot = u16::try_from(slot).expect("buffer tables have at most 2^15 slots");
+                let slot = u16::try_from(slot).expect("buffer tables have at most 2^14 slots");
                 buf.set_fixed(FixedBuf { home: self.home.clone(), slot });
                 self.counters.buf_registrations += 1;
                 self.counters.bufs_registered += 1;

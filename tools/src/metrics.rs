@@ -204,7 +204,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 28] = [
+        let per_core: [PerCoreMetric; 29] = [
             ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
                 s.in_flight
             }),
@@ -229,6 +229,12 @@ impl ScrapeCollector {
                 "Device operations on a buffer registered with the core's ring.",
                 Counter,
                 |s| s.fixed_buf_ops,
+            ),
+            (
+                "ballast_core_registration_failures",
+                "Registrations of files or buffers the kernel refused (the table is then given up).",
+                Counter,
+                |s| s.registration_failures,
             ),
             ("ballast_core_files_registered", "Files the core's ring holds registered.", Gauge, |s| {
                 s.files_registered

@@ -71,10 +71,10 @@ pub struct ServeArgs {
     /// every read and write; 0: none.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=4096))]
     registered_files: u32,
-    /// Buffers (up to 1 MiB each) each core's io_uring may hold registered, their pages pinned
-    /// once instead of on every O_DIRECT read and write; 0: none. Pinned memory counts against
-    /// RLIMIT_MEMLOCK for a daemon without CAP_IPC_LOCK: if it runs out, the core goes on with
-    /// plain buffers.
+    /// Buffers each core's io_uring may hold registered (its pool's, 4 KiB to 1 MiB), their
+    /// pages pinned once instead of on every O_DIRECT read and write; 0: none. Pinned memory
+    /// counts against RLIMIT_MEMLOCK for a daemon without CAP_IPC_LOCK: if it runs out, the
+    /// core goes on with plain buffers for the rest of its life.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(0..=16384))]
     registered_buffers: u32,
     /// Extra NVMe/TCP listen address for discovery (conventionally port 8009).

@@ -44,6 +44,8 @@ pub struct BufPool {
     released: bool,
     pub allocated: u64,
     pub reused: u64,
+    /// Cached buffers freed to make room for another class.
+    pub evicted: u64,
 }
 
 impl Default for BufPool {
@@ -83,6 +85,7 @@ impl BufPool {
             released: false,
             allocated: 0,
             reused: 0,
+            evicted: 0,
         }
     }
 
@@ -102,16 +105,27 @@ impl BufPool {
         IoBuf::with_capacity(1 << (class as u32 + CLASS_MIN_SHIFT))
     }
 
-    /// Returns a buffer for reuse (or frees it if the cache is full or it has an odd size).
+    /// Returns a buffer for reuse (or frees it if it has an odd size). A full cache makes room
+    /// by freeing buffers of other classes, largest first: the sizes in use changed, and the
+    /// class being returned is the one the core needs now (otherwise every request of the new
+    /// size would allocate — and register with the ring — afresh).
     pub fn put(&mut self, buf: IoBuf) {
         let cap = buf.capacity();
-        if !cap.is_power_of_two() || self.cached + cap as u64 > self.cache_max {
+        let Some(class) = class_of_capacity(cap).filter(|_| cap.is_power_of_two()) else {
+            return;
+        };
+        for other in (0..CLASSES).rev().filter(|&c| c != class) {
+            while self.cached + cap as u64 > self.cache_max {
+                let Some(old) = self.free[other].pop() else { break };
+                self.cached -= old.capacity() as u64;
+                self.evicted += 1;
+            }
+        }
+        if self.cached + cap as u64 > self.cache_max {
             return;
         }
-        if let Some(class) = class_of_capacity(cap) {
-            self.cached += cap as u64;
-            self.free[class].push(buf);
-        }
+        self.cached += cap as u64;
+        self.free[class].push(buf);
     }
 
     /// Frees cached buffers down to a small floor (an idle core gives memory back).
@@ -205,6 +219,19 @@ mod tests {
             pool.put(b);
         }
         assert_eq!(pool.snapshot().buffer_cached, 8 << 20, "cache capped at budget/8");
+        // The sizes in use change: the new class takes the room of the old one.
+        let small: Vec<IoBuf> = (0..40).map(|_| pool.get(256 << 10)).collect();
+        for b in small {
+            pool.put(b);
+        }
+        assert_eq!(pool.snapshot().buffer_cached, 8 << 20, "still capped");
+        assert_eq!(pool.evicted, 8, "the eight 1 MiB buffers made room");
+        let reused = pool.reused;
+        let again: Vec<IoBuf> = (0..32).map(|_| pool.get(256 << 10)).collect();
+        assert_eq!(pool.reused - reused, 32, "the 256 KiB requests find their buffers");
+        for b in again {
+            pool.put(b);
+        }
         assert!(pool.trim());
         assert!(pool.snapshot().buffer_cached <= CACHE_FLOOR);
     }

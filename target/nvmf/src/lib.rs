@@ -20,6 +20,7 @@ pub mod pdu;
 pub mod psk;
 pub mod queue;
 pub mod secret;
+pub mod spread;
 pub mod subsys;
 pub mod tls;
 

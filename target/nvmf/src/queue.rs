@@ -33,7 +33,9 @@
 //!   Authentication Required; the handshake deadline covers it too (each queue authenticates
 //!   on its own, as the kernel host does);
 //! - an I/O queue whose subsystem's first namespace names another home core
-//!   (`BlockDev::home_core`: a volume's family owner) moves there right after its Connect,
+//!   (`BlockDev::home_core`: a volume's family owner), or else whose core serves more I/O
+//!   queues than another core does (`crate::spread`: the listener's round-robin cannot tell
+//!   admin queues from I/O queues), moves there right after its Connect,
 //!   before it parses a command: it stops reading, sends the Connect response, cancels its
 //!   timer, gives its core's memory back and travels whole (`ballast_engine::placed`); input
 //!   already received (at most `RECV_MIN` bytes, else it stays) goes along and is parsed first
@@ -67,6 +69,7 @@ use crate::auth::{OsEntropy, QueueAuth};
 use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
+use crate::spread::Slot;
 use crate::subsys::{Controller, ListenAddr, Namespace, Target, DISCOVERY_NQN};
 use crate::tls::{identity_names, SecureChannel, TLS_HANDSHAKE_RECORD};
 
@@ -198,6 +201,8 @@ pub struct Queue {
     moving: Option<usize>,
     /// On a queue that moved: input received before the move, parsed first on arrival.
     arrived: Option<Vec<u8>>,
+    /// An I/O queue's place among the cores' I/O queues (counted on the core it serves from).
+    spread: Option<Slot>,
 }
 
 impl Queue {
@@ -242,6 +247,7 @@ impl Queue {
             auth_away: None,
             moving: None,
             arrived: None,
+            spread: None,
         }
     }
 
@@ -249,6 +255,10 @@ impl Queue {
     /// ticks and parses the input that came along.
     fn arrive(&mut self, cx: &mut Cx<'_>, early: Vec<u8>) {
         cx.stats().connections_open += 1;
+        if let Some(slot) = &mut self.spread {
+            // Counted where it landed (the core it left, if the new one's mailbox refused it).
+            slot.rehome(cx.core());
+        }
         tracing::debug!(peer = %self.peer, qid = self.qid, core = cx.core(), input = early.len(), "NVMe/TCP queue placed on its namespace's core");
         self.arm_tick(cx);
         if !early.is_empty() {
@@ -798,14 +808,23 @@ impl Queue {
             authenticate = self.auth.is_some(),
             "NVMe/TCP queue connected"
         );
-        let home = match &ctrl.subsys {
-            Some(subsys) if qid != 0 && self.auth.is_none() && self.tls.is_none() => {
-                let first = subsys.namespaces.read().values().next().cloned();
-                first.and_then(|ns| ns.dev.home_core(cx.core()))
-            }
-            _ => None,
-        };
-        self.moving = home.filter(|&core| core != cx.core() && core < cx.cores());
+        if qid != 0 {
+            // An I/O queue goes to its device's home core, or else to the core serving the
+            // fewest I/O queues (`spread`); a TLS or authenticating queue stays where it is.
+            let here = cx.core();
+            let slot = match &ctrl.subsys {
+                Some(subsys) if self.auth.is_none() && self.tls.is_none() => {
+                    let first = subsys.namespaces.read().values().next().cloned();
+                    match first.and_then(|ns| ns.dev.home_core(here)) {
+                        Some(home) if home < cx.cores() => self.target.spread.take_on(home),
+                        _ => self.target.spread.take(here, cx.cores()),
+                    }
+                }
+                _ => self.target.spread.take(here, cx.cores()),
+            };
+            self.moving = Some(slot.core()).filter(|&core| core != here);
+            self.spread = Some(slot);
+        }
         let cntlid = ctrl.cntlid;
         self.ctrl = Some(ctrl);
         let atr = if self.auth.is_some() { CONNECT_AUTHREQ_ATR } else { 0 };
@@ -1504,6 +1523,9 @@ impl Movable for Queue {
     fn leave(&mut self, cx: &mut Cx<'_>) -> bool {
         self.moving = None;
         let Some(bytes) = self.recv.detach(cx) else {
+            if let Some(slot) = &mut self.spread {
+                slot.rehome(cx.core());
+            }
             self.arm_tick(cx);
             self.parse(cx);
             return false;

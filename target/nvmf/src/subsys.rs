@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::auth::keys::AuthKeys;
+use crate::spread::Spread;
 use crate::tls::{NvmfTls, SecureChannel};
 use ballast_engine::BlockDev;
 use parking_lot::{Mutex, RwLock};
@@ -242,6 +243,8 @@ pub struct Target {
     pub auth: AuthKeys,
     /// What each listener asks of hosts (absent: plaintext only).
     secure: RwLock<BTreeMap<ListenAddr, SecureChannel>>,
+    /// The I/O queues each core serves, so new ones go where there are fewest.
+    pub spread: Arc<Spread>,
 }
 
 impl Default for Target {
@@ -258,6 +261,7 @@ impl Default for Target {
             tls: NvmfTls::new(),
             auth: AuthKeys::default(),
             secure: RwLock::default(),
+            spread: Arc::default(),
         }
     }
 }

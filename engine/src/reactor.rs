@@ -179,6 +179,10 @@ pub struct EngineConfig {
     pub offload_queue: usize,
     /// Files and buffers each core's ring may hold registered ([`crate::fixed`]).
     pub fixed: FixedConfig,
+    /// The kernel's worker threads (io-wq) each core may have running its operations that
+    /// would block (a buffered write waiting on a file's lock, say), each kind; 0: the
+    /// kernel's default (up to four per CPU for files, the process limit for sockets).
+    pub io_workers: u32,
 }
 
 #[cfg(test)]
@@ -197,6 +201,7 @@ impl EngineConfig {
             offload_queue: 1,
             // No buffers: pinned memory counts against RLIMIT_MEMLOCK, tests run side by side.
             fixed: FixedConfig { files: 4, bufs: 0 },
+            io_workers: 4,
         }
     }
 }
@@ -290,6 +295,19 @@ impl Engine {
                             return;
                         }
                     };
+                    if cfg.io_workers > 0 {
+                        // Set on both rings before the thread's first submission: the kernel
+                        // gives the thread its workers, with the limits of the ring that
+                        // submits first.
+                        let n = cfg.io_workers;
+                        let set = ring.limit_workers(n, n).and_then(|_| {
+                            dev.as_ref().map_or(Ok([0; 2]), |d| d.ring.limit_workers(n, n))
+                        });
+                        if let Err(e) = set {
+                            tracing::warn!(core, error = %e, "the kernel refused a limit on its \
+                                           worker threads (--io-workers): its defaults apply");
+                        }
+                    }
                     let _ = ready_tx.send(Ok(()));
                     Core::new(
                         core,

@@ -312,6 +312,16 @@ impl Ring {
         })
     }
 
+    /// Caps the kernel's worker threads (io-wq) that run this thread's operations which cannot
+    /// complete without blocking: `bounded` for files and block devices, `unbounded` for
+    /// sockets and other files; 0 leaves one as it is. Returns the limits in force before
+    /// (zeros until the thread's first submission made its workers). Linux 5.15 and later.
+    pub fn limit_workers(&self, bounded: u32, unbounded: u32) -> std::io::Result<[u32; 2]> {
+        let mut max = [bounded, unbounded];
+        self.ring.submitter().register_iowq_max_workers(&mut max)?;
+        Ok(max)
+    }
+
     /// Where the owners of this ring's registrations hand their slots back.
     pub fn returns(&self) -> &Arc<Returns> {
         self.tables.home()
@@ -613,6 +623,32 @@ mod tests {
             ring.reap(&mut out);
         }
         out.pop().unwrap()
+    }
+
+    /// The worker cap is the kernel's: once the thread has its workers, the limits set are the
+    /// ones it reports back.
+    #[test]
+    fn worker_limits_are_the_kernels() {
+        let mut ring = Ring::new(8).unwrap();
+        let dir = std::env::temp_dir().join(format!("ballast-iowq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = std::fs::File::create(dir.join("f")).unwrap();
+        // A first submission gives this thread its workers' context.
+        let c = run(&mut ring, Op::Fsync { file: FileRef::Raw(file.as_raw_fd()) }, 1);
+        assert_eq!(c.result, 0);
+        let before = match ring.limit_workers(3, 5) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("skipped: this kernel has no worker limits ({e})");
+                std::fs::remove_dir_all(&dir).unwrap();
+                return;
+            }
+        };
+        assert!(before[0] > 0 && before[1] > 0, "the kernel's defaults: {before:?}");
+        assert_eq!(ring.limit_workers(0, 0).unwrap(), [3, 5], "the limits set are in force");
+        assert_eq!(ring.limit_workers(0, 7).unwrap(), [3, 5]);
+        assert_eq!(ring.limit_workers(0, 0).unwrap(), [3, 7], "0 leaves a limit as it is");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn filled(len: usize, byte: u8) -> IoBuf {

@@ -77,6 +77,13 @@ pub struct ServeArgs {
     /// core goes on with plain buffers for the rest of its life.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(0..=16384))]
     registered_buffers: u32,
+    /// Kernel worker threads (io-wq) each core may have blocked in its operations at once, for
+    /// files and block devices and again for sockets: a write that cannot go straight through
+    /// (a buffered write waiting on its file's lock, a direct write allocating blocks) waits in
+    /// one; beyond the limit such operations queue for the next free worker. 0: the kernel's
+    /// defaults (up to four per CPU for files, the process's limit for sockets).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    io_workers: u32,
     /// Extra NVMe/TCP listen address for discovery (conventionally port 8009).
     #[arg(long)]
     discovery_listen: Option<SocketAddr>,
@@ -353,6 +360,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         offload_threads: usize::from(args.offload_threads),
         offload_queue: args.offload_queue as usize,
         fixed: FixedConfig { files: args.registered_files, bufs: args.registered_buffers },
+        io_workers: args.io_workers,
     };
     if args.poll_device && config.device_ring.is_none() {
         tracing::warn!("--poll-device has no effect: no nvme: export and no pool on a namespace");

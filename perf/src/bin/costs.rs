@@ -453,6 +453,7 @@ fn cross_core(ops: u64, cpus: [usize; 2], poll_us: u64) -> anyhow::Result<f64> {
         offload_threads: 0,
         offload_queue: 1,
         fixed: ballast_ffi::FixedConfig::default(),
+        io_workers: 8,
     })
     .context("starting two cores")?;
     let (tx, rx) = crossbeam_channel::bounded(1);
@@ -554,6 +555,7 @@ fn device_reads(
         offload_threads: 0,
         offload_queue: 1,
         fixed,
+        io_workers: 8,
     })
     .context("starting a core")?;
     let (tx, rx) = crossbeam_channel::bounded(cpus.len());

@@ -288,7 +288,7 @@ impl Engine {
                             return;
                         }
                     };
-                    let dev = match DeviceSide::open(core, cfg.device_ring) {
+                    let dev = match DeviceSide::open(core, cfg.device_ring, cfg.fixed.bufs) {
                         Ok(d) => d,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -609,10 +609,14 @@ struct DeviceSide {
 }
 
 impl DeviceSide {
-    fn open(core: usize, config: Option<DeviceRingConfig>) -> Result<Option<Self>, EngineError> {
+    fn open(
+        core: usize,
+        config: Option<DeviceRingConfig>,
+        fixed_bufs: u32,
+    ) -> Result<Option<Self>, EngineError> {
         let Some(config) = config else { return Ok(None) };
         let mode = if config.poll { DevRingMode::Poll } else { DevRingMode::Interrupt };
-        let mut ring = DevRing::new(config.entries, mode)
+        let mut ring = DevRing::new(config.entries, mode, fixed_bufs)
             .map_err(|source| EngineError::DeviceRing { core, source })?;
         let wake = match mode {
             // Polled completions are never signalled: the core polls while I/O is in flight.
@@ -791,6 +795,7 @@ impl Core {
     /// Whether registrations were let go of (a device dropped, registered buffers freed).
     fn returns_pending(&self) -> bool {
         self.ring.returns().pending()
+            || self.dev.as_ref().is_some_and(|d| d.ring.returns().pending())
     }
 
     /// Clears the ring slots of registrations let go of, and forgets the files among them.
@@ -798,6 +803,9 @@ impl Core {
         if self.ring.returns().pending() {
             let cleared = self.ring.reclaim();
             self.files.forget(&cleared);
+        }
+        if let Some(dev) = self.dev.as_mut().filter(|d| d.ring.returns().pending()) {
+            dev.ring.reclaim();
         }
     }
 
@@ -1027,6 +1035,14 @@ impl Core {
                     snap.registration_failures = c.registration_failures;
                     snap.files_registered = c.files_registered;
                     snap.bufs_registered = c.bufs_registered;
+                    if let Some(dev) = &self.dev {
+                        // The device ring's registered buffers count with the core's.
+                        let (d, ops) = dev.ring.fixed_counters();
+                        snap.fixed_buf_ops += ops;
+                        snap.buf_registrations += d.buf_registrations;
+                        snap.registration_failures += d.registration_failures;
+                        snap.bufs_registered += d.bufs_registered;
+                    }
                     let _ = reply.send(snap);
                 }
             }

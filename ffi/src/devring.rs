@@ -8,16 +8,20 @@
 //!   the kernel reads or writes until the last of those commands is reaped;
 //! - a slot completes once, when `parts_left` reaches 0, with the first failure among its
 //!   commands (as a negative errno) or its success value;
-//! - if the ring is dropped with commands in flight, their buffers are leaked, never freed.
+//! - if the ring is dropped with commands in flight, their buffers are leaked, never freed;
+//! - data buffers are registered with this ring as they are first submitted (`fixed`'s
+//!   invariants), so the kernel does not pin and unpin their pages per command.
 
 use std::mem::ManuallyDrop;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use slab::Slab;
 
 use crate::buf::IoBuf;
+use crate::fixed::{FixedCounters, Returns, Tables};
 use crate::nvme::{self, NvmeIo, NvmeNs};
 use crate::ring::{is_transient, Completion, Owned, RingError};
 
@@ -50,11 +54,25 @@ pub struct DevRing {
     mode: DevRingMode,
     /// The commands of the I/O being pushed (kept to spare an allocation per I/O).
     scratch: Vec<nvme::NvmeCmd>,
+    /// Registered buffers (no files: namespaces go by descriptor).
+    tables: Tables,
+    /// Commands sent on a registered buffer.
+    fixed_buf_ops: u64,
 }
 
+/// The first kernel passthrough commands go on registered buffers with: the one tested. On
+/// Debian's 6.1 a 1 MiB read split into three commands at offsets inside one registered buffer
+/// failed with EINVAL (6.1 also copies such buffers through a bounce buffer: direct bvec
+/// mapping for passthrough came in 6.2); Debian trixie's 6.12 runs tests/vm's passthrough
+/// suite on them (`--trixie`).
+pub const PASSTHROUGH_FIXED_SINCE: (u32, u32) = (6, 12);
+
 impl DevRing {
-    /// Creates a device ring of `entries` submission entries.
-    pub fn new(entries: u32, mode: DevRingMode) -> Result<DevRing, RingError> {
+    /// Creates a device ring of `entries` submission entries, with room for `fixed_bufs`
+    /// registered buffers on kernels from [`PASSTHROUGH_FIXED_SINCE`] on (none before).
+    pub fn new(entries: u32, mode: DevRingMode, fixed_bufs: u32) -> Result<DevRing, RingError> {
+        let tested = crate::sys::kernel_version().is_some_and(|v| v >= PASSTHROUGH_FIXED_SINCE);
+        let fixed_bufs = if tested { fixed_bufs } else { 0 };
         let build = |tuned: bool| {
             let mut b = IoUring::<squeue::Entry128, cqueue::Entry32>::builder();
             if mode == DevRingMode::Poll {
@@ -70,7 +88,27 @@ impl DevRing {
             RingError::Setup { source, hint }
         })?;
         let inflight = Slab::with_capacity(entries as usize);
-        Ok(DevRing { ring, inflight, mode, scratch: Vec::new() })
+        let tables = Tables::open(&ring.submitter(), 0, fixed_bufs);
+        Ok(DevRing { ring, inflight, mode, scratch: Vec::new(), tables, fixed_buf_ops: 0 })
+    }
+
+    /// Where this ring's registered buffers come back when they drop.
+    pub fn returns(&self) -> &Arc<Returns> {
+        self.tables.home()
+    }
+
+    /// Clears the buffer slots returned since the last call and frees them.
+    pub fn reclaim(&mut self) {
+        if !self.ring.submission().is_empty() {
+            return; // queued commands may still name a returned slot: later
+        }
+        let files = self.tables.reclaim(&self.ring.submitter());
+        debug_assert!(files.is_empty(), "the device ring registers no files");
+    }
+
+    /// What its registered buffers did, and commands sent on one.
+    pub fn fixed_counters(&self) -> (FixedCounters, u64) {
+        (self.tables.counters, self.fixed_buf_ops)
     }
 
     /// Caps the kernel's worker threads for this thread's operations that would block, as
@@ -121,13 +159,15 @@ impl DevRing {
             NvmeIo::Deallocate { slba, nlb } => Some(nvme::dsm_ranges(*slba, *nlb)),
             _ => None,
         };
-        let (buf, success) = match io {
+        let (mut buf, success) = match io {
             NvmeIo::Read { buf, .. } | NvmeIo::Write { buf, .. } => {
                 let len = i32::try_from(buf.len()).expect("an NVMe transfer fits an i32");
                 (Some(buf), len)
             }
             _ => (None, 0),
         };
+        // Every command of the I/O addresses inside the buffer: one registration covers them.
+        let buf_index = buf.as_mut().and_then(|b| self.tables.buf_slot(&self.ring.submitter(), b));
         let parts_left = cmds.len() as u32;
         let key =
             self.inflight.insert(InFlight { token, buf, ranges, parts_left, error: 0, success });
@@ -142,8 +182,12 @@ impl DevRing {
                     (target.raw_at(offset) as u64, len as u32)
                 }
             };
+            // The range list of a deallocate is never registered: only data goes fixed.
+            let index = if cmd.data.is_some() && slot.buf.is_some() { buf_index } else { None };
+            self.fixed_buf_ops += u64::from(index.is_some());
             let sqe = opcode::UringCmd80::new(types::Fd(ns.fd), nvme::NVME_URING_CMD_IO)
                 .cmd(cmd.encode(addr, len))
+                .buf_index(index)
                 .build()
                 .user_data(key as u64);
             // SAFETY: `addr` points into the buffer or range list owned by the slot `key`
@@ -240,7 +284,7 @@ mod tests {
 
     /// Pushes a 3-command read (token 42) and a deallocate (token 43) on `fd`, reaps both.
     fn run_two(fd: RawFd) -> Option<Vec<Completion>> {
-        let Ok(mut ring) = DevRing::new(8, DevRingMode::Interrupt) else {
+        let Ok(mut ring) = DevRing::new(8, DevRingMode::Interrupt, 4) else {
             eprintln!("skipped: this kernel has no SQE128/CQE32 rings");
             return None;
         };

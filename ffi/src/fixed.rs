@@ -111,7 +111,7 @@ impl Slots {
 
 /// What a ring's tables did: registrations over time and now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct FixedCounters {
+pub struct FixedCounters {
     /// Buffers registered (each once in its life), registrations the kernel refused (the
     /// table is then given up: what it held stays, nothing more is registered).
     pub buf_registrations: u64,
@@ -121,7 +121,8 @@ pub(crate) struct FixedCounters {
     pub bufs_registered: u64,
 }
 
-/// One ring's tables: file slots, buffer slots, and where their owners return them.
+/// One ring's tables: file slots, buffer slots, and where their owners return them. Shared by
+/// the main ring and the device ring, each with its own.
 pub(crate) struct Tables {
     files: Option<Slots>,
     bufs: Option<Slots>,

@@ -47,6 +47,19 @@ pub fn open_direct(path: &Path, read_only: bool) -> std::io::Result<(File, Cache
     }
 }
 
+/// The running kernel's version, major and minor (`/proc/sys/kernel/osrelease`), if readable.
+pub fn kernel_version() -> Option<(u32, u32)> {
+    parse_release(&std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?)
+}
+
+/// `"6.12.38+deb13-amd64"` → `(6, 12)`.
+pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// Pins the calling thread to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> nix::Result<()> {
     let mut set = CpuSet::new();
@@ -134,6 +147,16 @@ pub fn io_uring_hint(err: &std::io::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kernel_releases_parse() {
+        use super::{kernel_version, parse_release};
+        assert_eq!(parse_release("6.12.38+deb13-amd64\n"), Some((6, 12)));
+        assert_eq!(parse_release("6.1.0-37-amd64"), Some((6, 1)));
+        assert_eq!(parse_release("6.18.44-fc-v1252-gpu"), Some((6, 18)));
+        assert_eq!(parse_release("garbage"), None);
+        assert!(kernel_version().is_some(), "this kernel's release parses");
+    }
+
     #[test]
     fn random_bytes_fill_the_buffer() {
         let mut a = [0u8; 64];

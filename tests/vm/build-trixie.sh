@@ -116,10 +116,10 @@ mkdir -p "$R"/etc/nvme "$R"/opt/busybox/bin "$R"/guest "$R"/run "$R"/tmp
 for a in $("$R"/usr/bin/busybox --list); do ln -sf /usr/bin/busybox "$R/opt/busybox/bin/$a"; done   # last in PATH
 
 # modules, compressed as shipped (the guest's kmod loads them; depmod below): what NVMe/TCP,
-# TLS, authentication, nvmet, NBD and the filesystems need, their dependencies, and all of crypto/
+# TLS, authentication, nvmet, NBD, qemu's emulated NVMe controller (nvme) and the filesystems need, their dependencies, and all of crypto/
 # (the kernel asks modprobe for "crypto-hmac(sha384)", "crypto-ffdhe3072(dh)" and the like)
-MODLIST="e1000 crc32c_generic crc32c_intel nvme_core nvme_fabrics nvme_tcp nvme_keyring nvme_auth tls
-         configfs nvmet nvmet_tcp loop nbd ext4"
+MODLIST="e1000 crc32c_generic crc32c_intel nvme_core nvme nvme_fabrics nvme_tcp nvme_keyring nvme_auth
+         tls configfs nvmet nvmet_tcp loop nbd ext4"
 KD=$R/usr/lib/modules/$K
 mkdir -p "$KD"
 cp "$MODS"/modules.{order,builtin,builtin.modinfo} "$KD/"

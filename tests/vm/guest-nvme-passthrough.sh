@@ -93,6 +93,18 @@ check "fio randwrite 4k-1m, iodepth 16, crc32c verify" \
     --bsrange=4k-1m --iodepth=16 --size=${FIO_SIZE:-48m} --verify=crc32c --do_verify=1 \
     --verify_fatal=1 --output=/tmp/fio.out
 grep -E "WRITE:|READ:|err=" /tmp/fio.out | head -4
+# From Linux 6.12 (ffi/src/devring.rs PASSTHROUGH_FIXED_SINCE) the data buffers go to the
+# namespace registered with the core's device ring (no page pinning per command); before, they
+# go plain. `ballast stats --json` counts the commands sent on registered buffers.
+fixed_ops=$($B stats --json --data-dir /tmp/data | grep -o '"fixed_buf_ops": *[0-9]*' | grep -o '[0-9]*$' \
+  | awk '{s += $1} END {print s + 0}')
+kv=$(uname -r); kmaj=${kv%%.*}; kmin=${kv#*.}; kmin=${kmin%%[!0-9]*}
+echo "passthrough commands on registered buffers: $fixed_ops (kernel $kv)"
+if [ "$kmaj" -gt 6 ] || { [ "$kmaj" -eq 6 ] && [ "$kmin" -ge 12 ]; }; then
+  check "passthrough data went on registered buffers (fixed_buf_ops $fixed_ops > 50)" test "$fixed_ops" -gt 50
+else
+  check "kernel $kv: passthrough data on plain buffers (fixed_buf_ops $fixed_ops = 0)" test "$fixed_ops" -eq 0
+fi
 t0=$(date +%s)
 dd if=/dev/nbd0 of=/dev/null bs=4k count=300 iflag=direct 2>/dev/null
 t1=$(date +%s)

@@ -11,6 +11,9 @@
 #   tests/vm/test-nvme-passthrough.sh --lba 4096   4 KiB LBAs
 #   tests/vm/test-nvme-passthrough.sh --poll       --poll-device (IOPOLL), guest booted with
 #                                                  nvme.poll_queues=2
+#   tests/vm/test-nvme-passthrough.sh --trixie     the trixie guest (Linux 6.12: passthrough
+#                                                  commands on registered buffers); combines
+#                                                  with the others
 #
 # Prints PASS/FAIL lines and "N passed, M failed"; exits 1 on any failure.
 # Environment: BALLAST_BIN, BALLAST_VM_TIMEOUT (default 900), FIO_SIZE (default 48m), KEEP=1.
@@ -18,29 +21,39 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 bin=${BALLAST_BIN:-$root/build/cargo/release/ballast}
-lba=512 poll=
+lba=512 poll= flavour=default
 while (($#)); do
   case $1 in
     --lba) lba=$2; shift 2 ;;
     --poll) poll=--poll-device; shift ;;
-    *) echo "usage: $0 [--lba 512|4096] [--poll]" >&2; exit 2 ;;
+    --trixie) flavour=trixie; shift ;;
+    *) echo "usage: $0 [--lba 512|4096] [--poll] [--trixie]" >&2; exit 2 ;;
   esac
 done
-DIR=${BALLAST_VM_DIR:-$HOME/.cache/ballast-vm}
+export BALLAST_VM_FLAVOUR=$flavour
+if [[ $flavour == trixie ]]; then
+  DIR=${BALLAST_VM_DIR:-$HOME/.cache/ballast-vm-trixie} builder=build-trixie.sh base=base.cpio.zst
+else
+  DIR=${BALLAST_VM_DIR:-$HOME/.cache/ballast-vm} builder=build.sh base=base.cpio.gz
+fi
 npass=0 nfail=0
 pass() { echo "PASS: $*"; npass=$((npass + 1)); }
 fail() { echo "FAIL: $*"; nfail=$((nfail + 1)); }
-"$here/build.sh" >/dev/null || { echo "FAIL: building the guest"; echo "0 passed, 1 failed"; exit 1; }
+"$here/$builder" >/dev/null || { echo "FAIL: building the guest"; echo "0 passed, 1 failed"; exit 1; }
 [[ -x $bin ]] || { echo "FAIL: no ballast binary at $bin"; echo "0 passed, 1 failed"; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-nvme-vm.XXXXXX")
 cleanup() { [[ -n ${KEEP:-} ]] && echo "kept $work" || rm -rf "$work"; }
 trap cleanup EXIT
 
 # ballast runs in the guest: its shared libraries must be in the initramfs (build.sh)
-zcat "$DIR/base.cpio.gz" | cpio -t --quiet 2>/dev/null | sed 's|^\./||' > "$work/guest-files"
+case $base in
+  *.zst) zstd -dc "$DIR/$base" ;;
+  *) zcat "$DIR/$base" ;;
+esac | cpio -t --quiet 2>/dev/null | sed 's|^\./||' > "$work/guest-files"
 missing=
 for l in $(ldd "$bin" | grep -o '/[^ ]*'); do
-  grep -qx "${l#/}" "$work/guest-files" || missing+=" $l"
+  # a merged-/usr guest (trixie) holds /lib/... as usr/lib/...
+  grep -qxE "(usr/)?${l#/}" "$work/guest-files" || missing+=" $l"
 done
 if [[ -z $missing ]]; then pass "ballast's shared libraries are in the guest"
 else fail "the guest lacks ballast's libraries:$missing"; fi

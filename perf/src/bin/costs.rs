@@ -324,6 +324,41 @@ fn fresh_cluster(meta: &RwLock<PoolMeta>, vol: u32, ops: u64) -> f64 {
     ns
 }
 
+/// The commit's pause of every core: µs to seal `records` pending mapping records (first writes
+/// of as many clusters) and to mark that commit durable, both under the exclusive borrow of the
+/// pool state in the daemon; and the journal blocks sealed.
+fn seal_cost(records: u64) -> anyhow::Result<(f64, f64, usize)> {
+    use ballast_volume::meta::Blocked;
+    let cb = 64 << 10;
+    let disk = SimDisk::new((records * cb * 2 + (64 << 20)).next_multiple_of(1 << 20), 1);
+    let mut pool = Pool::format(disk, PoolGeometry::standard([3; 16]))?;
+    let vol = pool.create_volume("s", records * cb)?;
+    pool.flush()?;
+    let (_, mut m) = pool.into_parts();
+    let mut plans = Vec::new();
+    for i in 0..records {
+        match m.plan_write(vol, i * cb, PIECE, 0, Waiter(1), &mut plans) {
+            Ok(()) => {}
+            Err(Blocked::Wait) => unreachable!("nothing else runs"),
+            Err(Blocked::Fail(e)) => anyhow::bail!("fresh write: {e}"),
+        }
+        let ticket = m.begin_io(vol);
+        for p in &plans {
+            m.finish_span(vol, p);
+        }
+        m.end_write(vol);
+        m.end_io(ticket);
+    }
+    anyhow::ensure!(m.pending_records() as u64 >= records, "{} pending", m.pending_records());
+    let t = Instant::now();
+    let sealed = m.seal()?.context("no commit in flight")?;
+    let seal = t.elapsed().as_secs_f64() * 1e6;
+    let blocks = sealed.blocks.len();
+    let t = Instant::now();
+    m.commit_done(sealed);
+    Ok((seal, t.elapsed().as_secs_f64() * 1e6, blocks))
+}
+
 fn mutex_uncontended(ops: u64) -> f64 {
     let m = Mutex::new(0u64);
     let start = Instant::now();
@@ -675,6 +710,14 @@ fn main() -> anyhow::Result<()> {
     let encode = median(costs.iter().map(|c| c.1).collect());
     let (blob, crc) = (costs[0].2, costs[0].3);
     let alloc = figure(&mut allocator_cost);
+    let mut seals = Vec::new();
+    for records in [256u64, 4096] {
+        let runs: Vec<(f64, f64, usize)> =
+            (0..reps).map(|_| seal_cost(records)).collect::<anyhow::Result<_>>()?;
+        let seal = median(runs.iter().map(|r| r.0).collect());
+        let done = median(runs.iter().map(|r| r.1).collect());
+        seals.push((records, seal, done, runs[0].2));
+    }
     println!("| primitive | ns per operation (median of {reps}) |");
     println!("|---|---|");
     println!("| volume core: 4 KiB read of a mapped piece (shared borrow per event, family lock per decision, request reused in its slot, no I/O) | {read:.0} |");
@@ -722,6 +765,13 @@ fn main() -> anyhow::Result<()> {
         "| the same checkpoint: encode {blob} bytes (crc32c {crc:08x}), on an offload thread | {:.0} |",
         encode * 1e6
     );
+    for (records, seal, done, blocks) in seals {
+        println!(
+            "| commit of {records} pending mapping records ({blocks} journal blocks): seal, then \
+             mark durable, each under the exclusive borrow (every core's decisions wait), µs | \
+             {seal:.1} + {done:.1} |"
+        );
+    }
     if let Some((path, costs)) = device {
         print_device_costs(&path, &costs);
     }

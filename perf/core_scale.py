@@ -87,9 +87,8 @@ def measure(daemon, args, exports, rw, cpus):
     r0, c0 = daemon.reactors(), daemon.cpu_s()
     jobs = clients(daemon, args, exports, rw, args.bs, args.qd, args.runtime, cpus)
     c1, r1 = daemon.cpu_s(), daemon.reactors()
-    side = "read" if "read" in rw else "write"
-    ios = sum(j[side]["total_ios"] for j in jobs)
-    iops = sum(j[side]["iops"] for j in jobs)
+    ios = sum(j[d]["total_ios"] for j in jobs for d in ("read", "write") if d in j)
+    iops = sum(j[d]["iops"] for j in jobs for d in ("read", "write") if d in j)
     per_core = [(b["reads"] + b["writes"]) - (a["reads"] + a["writes"]) for a, b in zip(r0, r1)]
     total = max(sum(per_core), 1)
 

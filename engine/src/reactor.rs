@@ -296,9 +296,8 @@ impl Engine {
                         }
                     };
                     if cfg.io_workers > 0 {
-                        // Set on both rings before the thread's first submission: the kernel
-                        // gives the thread its workers, with the limits of the ring that
-                        // submits first.
+                        // On both rings: each applies them to the thread's workers (made when
+                        // its first ring was set up), or to those it makes later.
                         let n = cfg.io_workers;
                         let set = ring.limit_workers(n, n).and_then(|_| {
                             dev.as_ref().map_or(Ok([0; 2]), |d| d.ring.limit_workers(n, n))

@@ -122,8 +122,8 @@ pub struct CoreStats {
     latency_ns_sum: u64,
     pub connections_open: u64,
     pub connections_total: u64,
-    /// Connections this core sent to the core their volume lives on (`--volume-placement
-    /// owner`).
+    /// Connections this core sent to another core: to the core their volume lives on
+    /// (`--volume-placement owner`), or NVMe/TCP I/O queues to the core serving the fewest.
     pub connections_moved: u64,
     pub loops_busy: u64,
     /// Idle turns that spun (the polling policy expected work soon).

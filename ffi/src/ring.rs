@@ -315,7 +315,8 @@ impl Ring {
     /// Caps the kernel's worker threads (io-wq) that run this thread's operations which cannot
     /// complete without blocking: `bounded` for files and block devices, `unbounded` for
     /// sockets and other files; 0 leaves one as it is. Returns the limits in force before
-    /// (zeros until the thread's first submission made its workers). Linux 5.15 and later.
+    /// (zeros where the thread has no workers' context yet; the limits then apply when it
+    /// gets one). Linux 5.15 and later.
     pub fn limit_workers(&self, bounded: u32, unbounded: u32) -> std::io::Result<[u32; 2]> {
         let mut max = [bounded, unbounded];
         self.ring.submitter().register_iowq_max_workers(&mut max)?;

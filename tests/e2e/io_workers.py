@@ -133,7 +133,11 @@ def main(r):
         with Ballast(export) as b:
             most, ok = load(b)
             r.check("default: every write reads back", ok)
-            r.check("default: never more than eight workers", most <= 8, "saw %d" % most)
+            if free > 8:
+                r.check("default: never more than eight workers (%d without a limit)" % free,
+                        most <= 8, "saw %d" % most)
+            else:
+                print("SKIP the default's limit: the load made no more than eight workers here")
     finally:
         subprocess.run(["rm", "-rf", scratch])
 

@@ -96,8 +96,9 @@ grep -E "WRITE:|READ:|err=" /tmp/fio.out | head -4
 # From Linux 6.12 (ffi/src/devring.rs PASSTHROUGH_FIXED_SINCE) the data buffers go to the
 # namespace registered with the core's device ring (no page pinning per command); before, they
 # go plain. `ballast stats --json` counts the commands sent on registered buffers.
-fixed_ops=$($B stats --json --data-dir /tmp/data | grep -o '"fixed_buf_ops": *[0-9]*' | grep -o '[0-9]*$' \
-  | awk '{s += $1} END {print s + 0}')
+$B stats --json --data-dir /tmp/data | grep -o '"fixed_buf_ops": *[0-9]*' | grep -o '[0-9]*$' > /tmp/fixed
+fixed_ops=$(awk '{s += $1} END {print s + 0}' /tmp/fixed)
+check "ballast stats counts fixed_buf_ops for both cores" test "$(wc -l < /tmp/fixed)" -eq 2
 kv=$(uname -r); kmaj=${kv%%.*}; kmin=${kv#*.}; kmin=${kmin%%[!0-9]*}
 echo "passthrough commands on registered buffers: $fixed_ops (kernel $kv)"
 if [ "$kmaj" -gt 6 ] || { [ "$kmaj" -eq 6 ] && [ "$kmin" -ge 12 ]; }; then

@@ -53,7 +53,7 @@ esac | cpio -t --quiet 2>/dev/null | sed 's|^\./||' > "$work/guest-files"
 missing=
 for l in $(ldd "$bin" | grep -o '/[^ ]*'); do
   # a merged-/usr guest (trixie) holds /lib/... as usr/lib/...
-  grep -qxE "(usr/)?${l#/}" "$work/guest-files" || missing+=" $l"
+  grep -qxF -e "${l#/}" -e "usr/${l#/}" "$work/guest-files" || missing+=" $l"
 done
 if [[ -z $missing ]]; then pass "ballast's shared libraries are in the guest"
 else fail "the guest lacks ballast's libraries:$missing"; fi

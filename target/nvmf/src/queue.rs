@@ -820,9 +820,14 @@ impl Queue {
                         _ => self.target.spread.take(here, cx.cores()),
                     }
                 }
-                _ => self.target.spread.take(here, cx.cores()),
+                // Counted where it stays: its TLS or authentication state cannot travel.
+                _ => self.target.spread.take_on(here),
             };
             self.moving = Some(slot.core()).filter(|&core| core != here);
+            assert!(
+                self.moving.is_none() || (self.auth.is_none() && self.tls.is_none()),
+                "a TLS or authenticating queue never moves"
+            );
             self.spread = Some(slot);
         }
         let cntlid = ctrl.cntlid;

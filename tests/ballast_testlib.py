@@ -210,6 +210,25 @@ class Ballast:
         return False
 
 
+def on_disk(path):
+    """Whether `path` is on a filesystem that is not memory (its files go through the ring)."""
+    out = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True)
+    return out.returncode == 0 and out.stdout.strip() not in ("tmpfs", "ramfs")
+
+
+def disk_scratch(r, name):
+    """A fresh directory `name`-PID on a disk filesystem (/tmp, else <repo>/build), for exports
+    whose files must go through the ring; None (a failed check) if there is none."""
+    for base in ("/tmp", os.path.join(REPO_ROOT, "build")):
+        if os.path.isdir(base) and on_disk(base):
+            scratch = os.path.join(base, "%s-%d" % (name, os.getpid()))
+            os.makedirs(scratch, exist_ok=True)
+            r.ok("a directory on a disk filesystem: %s" % scratch)
+            return scratch
+    r.bad("a directory on a disk filesystem for the exports")
+    return None
+
+
 def guarded(main):
     """Run main(report); an unexpected exception is a failure, and the summary is printed."""
     r = Report()

@@ -296,13 +296,9 @@ impl Engine {
                         }
                     };
                     if cfg.io_workers > 0 {
-                        // On both rings: each applies them to the thread's workers (made when
-                        // its first ring was set up), or to those it makes later.
+                        // The workers are the thread's: this covers the device ring too.
                         let n = cfg.io_workers;
-                        let set = ring.limit_workers(n, n).and_then(|_| {
-                            dev.as_ref().map_or(Ok([0; 2]), |d| d.ring.limit_workers(n, n))
-                        });
-                        if let Err(e) = set {
+                        if let Err(e) = ring.limit_workers(n, n) {
                             tracing::warn!(core, error = %e, "the kernel refused a limit on its \
                                            worker threads (--io-workers): its defaults apply");
                         }

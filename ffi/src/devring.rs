@@ -111,15 +111,6 @@ impl DevRing {
         (self.tables.counters, self.fixed_buf_ops)
     }
 
-    /// Caps the kernel's worker threads for this thread's operations that would block, as
-    /// [`crate::ring::Ring::limit_workers`] does (whichever of a thread's rings submits first
-    /// makes its workers, with the limits set on that ring).
-    pub fn limit_workers(&self, bounded: u32, unbounded: u32) -> std::io::Result<[u32; 2]> {
-        let mut max = [bounded, unbounded];
-        self.ring.submitter().register_iowq_max_workers(&mut max)?;
-        Ok(max)
-    }
-
     pub fn mode(&self) -> DevRingMode {
         self.mode
     }

@@ -22,17 +22,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402  (Debian's python3-libnbd)
-from ballast_testlib import Ballast, guarded  # noqa: E402
+from ballast_testlib import Ballast, disk_scratch, guarded  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPTH = 64
 CHUNK = 64 << 10
 SIZE = 256 << 20
-
-
-def on_disk(path):
-    out = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True)
-    return out.returncode == 0 and out.stdout.strip() not in ("tmpfs", "ramfs")
 
 
 def workers(pid):
@@ -99,15 +93,9 @@ def load(b):
 
 
 def main(r):
-    scratch = None
-    for base in ("/tmp", os.path.join(REPO, "build")):
-        if os.path.isdir(base) and on_disk(base):
-            scratch = os.path.join(base, "ballast-io-workers-%d" % os.getpid())
-            break
-    r.check("a directory on a disk filesystem for the export", scratch is not None)
+    scratch = disk_scratch(r, "ballast-io-workers")
     if scratch is None:
         return
-    os.makedirs(scratch, exist_ok=True)
     path = os.path.join(scratch, "f")
     export = ["--cores", "1", "--export", "f=file:%s" % path]
     try:

@@ -19,16 +19,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402  (Debian's python3-libnbd)
-from ballast_testlib import Ballast, guarded  # noqa: E402
+from ballast_testlib import Ballast, disk_scratch, guarded  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZES = [4096, 12288, 65536, 131072, 1 << 20]
-
-
-def on_disk(path):
-    """Whether `path` is on a filesystem that is not memory (its files go through the ring)."""
-    out = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True)
-    return out.returncode == 0 and out.stdout.strip() not in ("tmpfs", "ramfs")
 
 
 def ring_files(pid):
@@ -87,14 +80,9 @@ def exercise(r, b, label, names):
 def main(r):
     scratch = None
     try:
-        for base in ("/tmp", os.path.join(REPO, "build")):
-            if os.path.isdir(base) and on_disk(base):
-                scratch = os.path.join(base, "ballast-registered-%d" % os.getpid())
-                break
-        r.check("a directory on a disk filesystem for the exports", scratch is not None)
+        scratch = disk_scratch(r, "ballast-registered")
         if scratch is None:
             return
-        os.makedirs(scratch, exist_ok=True)
         paths = [os.path.join(scratch, n) for n in ("a", "b")]
         for p in paths:
             with open(p, "wb") as f:

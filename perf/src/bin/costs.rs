@@ -291,8 +291,30 @@ fn volume_core_as(
 /// ns per first write of a cluster (a fresh cluster taken, written, mapped) followed by a trim
 /// of it (freed), with a commit every 256 writes making the freed clusters reusable: what the
 /// allocation and freeing of clusters cost a write, the pool state only (no request, no I/O).
-fn fresh_cluster(meta: &RwLock<PoolMeta>, vol: u32, ops: u64) -> f64 {
+/// The pool state's part of a 4 KiB first write at `at` (a fresh cluster mapped), as the
+/// daemon's request runs it, without the I/O.
+fn first_write(
+    m: &mut PoolMeta,
+    vol: u32,
+    at: u64,
+    plans: &mut Vec<ballast_volume::meta::WritePlan>,
+) {
     use ballast_volume::meta::Blocked;
+    match m.plan_write(vol, at, PIECE, 0, Waiter(1), plans) {
+        Ok(()) => {}
+        Err(Blocked::Wait) => unreachable!("nothing else runs"),
+        Err(Blocked::Fail(e)) => panic!("fresh write: {e}"),
+    }
+    let ticket = m.begin_io(vol);
+    for p in plans.iter() {
+        assert!(p.fresh, "a first write takes a fresh cluster");
+        m.finish_span(vol, p);
+    }
+    m.end_write(vol);
+    m.end_io(ticket);
+}
+
+fn fresh_cluster(meta: &RwLock<PoolMeta>, vol: u32, ops: u64) -> f64 {
     let mut m = meta.write();
     let cb = m.cluster_bytes();
     // Clusters past the written span: unmapped, so each write takes a fresh one.
@@ -302,18 +324,7 @@ fn fresh_cluster(meta: &RwLock<PoolMeta>, vol: u32, ops: u64) -> f64 {
     let start = Instant::now();
     for i in 0..ops {
         let at = (first + i % room) * cb;
-        match m.plan_write(vol, at, PIECE, 0, Waiter(1), &mut plans) {
-            Ok(()) => {}
-            Err(Blocked::Wait) => unreachable!("nothing else runs"),
-            Err(Blocked::Fail(e)) => panic!("fresh write: {e}"),
-        }
-        let ticket = m.begin_io(vol);
-        for p in &plans {
-            assert!(p.fresh);
-            m.finish_span(vol, p);
-        }
-        m.end_write(vol);
-        m.end_io(ticket);
+        first_write(&mut m, vol, at, &mut plans);
         m.trim(vol, at, PIECE, Waiter(1)).expect("nothing blocks a trim");
         if i % 256 == 255 {
             commit_in_memory(&mut m);
@@ -328,7 +339,6 @@ fn fresh_cluster(meta: &RwLock<PoolMeta>, vol: u32, ops: u64) -> f64 {
 /// of as many clusters) and to mark that commit durable, both under the exclusive borrow of the
 /// pool state in the daemon; and the journal blocks sealed.
 fn seal_cost(records: u64) -> anyhow::Result<(f64, f64, usize)> {
-    use ballast_volume::meta::Blocked;
     let cb = 64 << 10;
     let disk = SimDisk::new((records * cb * 2 + (64 << 20)).next_multiple_of(1 << 20), 1);
     let mut pool = Pool::format(disk, PoolGeometry::standard([3; 16]))?;
@@ -337,17 +347,7 @@ fn seal_cost(records: u64) -> anyhow::Result<(f64, f64, usize)> {
     let (_, mut m) = pool.into_parts();
     let mut plans = Vec::new();
     for i in 0..records {
-        match m.plan_write(vol, i * cb, PIECE, 0, Waiter(1), &mut plans) {
-            Ok(()) => {}
-            Err(Blocked::Wait) => unreachable!("nothing else runs"),
-            Err(Blocked::Fail(e)) => anyhow::bail!("fresh write: {e}"),
-        }
-        let ticket = m.begin_io(vol);
-        for p in &plans {
-            m.finish_span(vol, p);
-        }
-        m.end_write(vol);
-        m.end_io(ticket);
+        first_write(&mut m, vol, i * cb, &mut plans);
     }
     anyhow::ensure!(m.pending_records() as u64 >= records, "{} pending", m.pending_records());
     let t = Instant::now();

@@ -51,11 +51,7 @@ impl Spread {
     /// Places an I/O queue on `core`, chosen by something else: its device's home, or the core
     /// it connected on when it cannot move.
     pub fn take_on(self: &Arc<Self>, core: usize) -> Slot {
-        let mut counts = self.counts.lock();
-        if counts.len() <= core {
-            counts.resize(core + 1, 0);
-        }
-        counts[core] += 1;
+        *at(&mut self.counts.lock(), core) += 1;
         Slot { spread: Arc::clone(self), core }
     }
 
@@ -77,14 +73,19 @@ impl Slot {
             return;
         }
         let mut counts = self.spread.counts.lock();
-        if counts.len() <= core {
-            counts.resize(core + 1, 0);
-        }
         assert!(counts[self.core] > 0, "a slot on core {} not counted there", self.core);
         counts[self.core] -= 1;
-        counts[core] += 1;
+        *at(&mut counts, core) += 1;
         self.core = core;
     }
+}
+
+/// Core `core`'s count, the table grown to hold it.
+fn at(counts: &mut Vec<usize>, core: usize) -> &mut usize {
+    if counts.len() <= core {
+        counts.resize(core + 1, 0);
+    }
+    &mut counts[core]
 }
 
 impl Drop for Slot {

@@ -1180,12 +1180,18 @@ impl CoreQueue {
     /// finished requests their replies; then each touched slot's `after_event`, and a
     /// background commit or the commit timer if one was asked for.
     fn carry_out(&mut self, cx: &mut Cx<'_>) {
-        let CoreQueue { pool, slots, ops, issued, finished, woken, answers_out, .. } = self;
+        let CoreQueue { pool, slots, ops, issued, finished, woken, answers_out, batch, .. } = self;
         for (slot, Issue { tag, op }) in issued.drain(..) {
             let cmd = match op {
                 DiskOp::Read { offset, buf } => IoCmd::Read { offset, buf: buf.0 },
                 DiskOp::Write { offset, buf, fua } => IoCmd::Write { offset, buf: buf.0, fua },
                 DiskOp::Flush => IoCmd::Flush,
+                DiskOp::Encode(job) if !job.off_core() => {
+                    // A commit's records: encoded here, the pool state not borrowed (other
+                    // cores decide meanwhile); decided again in this turn's next round.
+                    batch.push((slot, Event::Encoded(tag, job.run())));
+                    continue;
+                }
                 DiskOp::Encode(job) => {
                     // A checkpoint's encoding is CPU work over a frozen copy: off the core,
                     // which goes on serving I/O (the pool state is not borrowed meanwhile).

@@ -1,9 +1,11 @@
 //! The commit pipeline as a state machine free of I/O: what one group commit (or checkpoint)
 //! asks of the device, in order, and what it changes in the pool state when each step ends.
 //!
-//! A journal commit, once sealed ([`PoolMeta::seal`]):
-//! - `SyncData`: the media is flushed, so the data every sealed record maps — and every
-//!   earlier journal block — is durable before any record naming it is;
+//! A journal commit, once sealed ([`PoolMeta::seal`], which only moves the records and reserves
+//! their blocks):
+//! - `SyncData`: the sealed records are encoded into their blocks by the driver, without the
+//!   pool state ([`DiskOp::Encode`]), while the media is flushed, so the data every sealed
+//!   record maps — and every earlier journal block — is durable before any record naming it is;
 //! - `WriteJournal`: the sealed journal blocks are written with FUA (all at once: replay stops
 //!   at the first block that does not chain, so a torn tail is cut cleanly);
 //! - done: [`PoolMeta::commit_done`] (frees of the commit quarantined, waiters woken).
@@ -19,11 +21,13 @@
 //! A failed step fails the pool ([`PoolMeta::fail`]): what is durable is unknown, so it takes
 //! no more writes until reopened (replay decides). Invariant: one commit in flight per pool
 //! (`PoolMeta` refuses a second seal), and a commit's device operations of one step are all
-//! complete before the next step's are issued.
+//! complete before the next step's are issued. The pool state is borrowed exclusively only
+//! where a step changes it (the commit's end, a failure); a completion within a step, and the
+//! next step's operations, need it shared at most.
 
 use crate::format::BLOCK_SIZE;
 use crate::meta::{Checkpoint, Encoded, PoolError, PoolMeta, Sealed};
-use crate::request::{Buf, Bufs, DiskOp, Issue};
+use crate::request::{Access, Buf, Bufs, DiskOp, Issue};
 
 /// What is being made durable.
 enum Job {
@@ -92,18 +96,12 @@ impl Commit {
             }
         };
         let first = match job {
-            Job::Journal(_) if DROP_FLUSH => Stage::WriteJournal,
             Job::Journal(_) => Stage::SyncData,
             _ => Stage::Encode,
         };
         let mut c = Commit { job, stage: first, outstanding: 0, error: None, tag_base };
         c.issue(meta, bufs, out);
-        if c.outstanding == 0 {
-            // Only the mutant gets here: a commit with no journal blocks and no flush.
-            c.outstanding = 1;
-            out.push(Issue { tag: tag_base, op: DiskOp::Flush });
-            c.stage = Stage::WriteJournal;
-        }
+        assert!(c.outstanding > 0, "a commit's first step issues something");
         Ok(Some(c))
     }
 
@@ -116,7 +114,19 @@ impl Commit {
     fn issue<K: Bufs>(&mut self, meta: &PoolMeta, bufs: &mut K, out: &mut Vec<Issue<K::B>>) {
         assert_eq!(self.outstanding, 0, "a step starts when the previous one has ended");
         match self.stage {
-            Stage::SyncData | Stage::SyncBlob => self.push(out, DiskOp::Flush),
+            Stage::SyncData => {
+                let Job::Journal(sealed) = &mut self.job else { unreachable!("journal stage") };
+                let encode = sealed.take_encode();
+                // The flush first, so a driver that submits as it goes has the device working
+                // while it encodes. The mutant skips it where the commit has records.
+                if !(DROP_FLUSH && encode.is_some()) {
+                    self.push(out, DiskOp::Flush);
+                }
+                if let Some(job) = encode {
+                    self.push(out, DiskOp::Encode(job));
+                }
+            }
+            Stage::SyncBlob => self.push(out, DiskOp::Flush),
             Stage::Encode => {
                 let Job::Checkpoint(c) = &mut self.job else { unreachable!("checkpoint stage") };
                 let job = c.take_encode().expect("a checkpoint is encoded once");
@@ -128,6 +138,7 @@ impl Commit {
             Stage::WriteJournal => {
                 let start = meta.superblock().journal_start;
                 let Job::Journal(sealed) = &self.job else { unreachable!("journal stage") };
+                assert!(!sealed.blocks.is_empty(), "journal blocks are written once encoded");
                 let writes: Vec<(u64, K::B)> = sealed
                     .blocks
                     .iter()
@@ -176,7 +187,7 @@ impl Commit {
     /// when the commit has ended.
     pub fn on_completion<K: Bufs>(
         &mut self,
-        meta: &mut PoolMeta,
+        meta: &mut dyn Access,
         bufs: &mut K,
         out: &mut Vec<Issue<K::B>>,
         result: i32,
@@ -209,18 +220,23 @@ impl Commit {
         self.step_ended(meta, bufs, out)
     }
 
-    /// The checkpoint's frozen state, handed out as [`DiskOp::Encode`], is encoded. `Some`
-    /// when the commit has ended.
+    /// What this commit handed out as [`DiskOp::Encode`] (the checkpoint's frozen state, or
+    /// the journal commit's records) is encoded. `Some` when the commit has ended.
     pub fn on_encoded<K: Bufs>(
         &mut self,
-        meta: &mut PoolMeta,
+        meta: &mut dyn Access,
         bufs: &mut K,
         out: &mut Vec<Issue<K::B>>,
         encoded: Encoded,
     ) -> Option<Finished> {
-        assert!(self.stage == Stage::Encode && self.outstanding > 0, "an encoding not asked for");
-        let Job::Checkpoint(c) = &mut self.job else { unreachable!("checkpoint stage") };
-        c.encoded(encoded);
+        assert!(self.outstanding > 0, "an encoding not asked for");
+        match (&mut self.job, encoded) {
+            (Job::Checkpoint(c), Encoded::Checkpoint(e)) if self.stage == Stage::Encode => {
+                c.encoded(e)
+            }
+            (Job::Journal(s), Encoded::Journal(e)) if self.stage == Stage::SyncData => s.encoded(e),
+            _ => panic!("an encoding not asked for, at {:?}", self.stage),
+        }
         self.outstanding -= 1;
         self.step_ended(meta, bufs, out)
     }
@@ -228,7 +244,7 @@ impl Commit {
     /// After an operation of the current step ended: the next step once all have.
     fn step_ended<K: Bufs>(
         &mut self,
-        meta: &mut PoolMeta,
+        meta: &mut dyn Access,
         bufs: &mut K,
         out: &mut Vec<Issue<K::B>>,
     ) -> Option<Finished> {
@@ -237,7 +253,7 @@ impl Commit {
         }
         if let Some(why) = self.error.take() {
             self.stage = Stage::Done;
-            meta.fail(why.clone());
+            meta.exclusive().fail(why.clone());
             return Some(Finished::Failed(PoolError::Failed(why)));
         }
         self.stage = match self.stage {
@@ -251,14 +267,15 @@ impl Commit {
         };
         if self.stage == Stage::WriteJournal {
             let Job::Journal(sealed) = &self.job else { unreachable!() };
-            if sealed.blocks.is_empty() {
+            if !sealed.has_blocks() {
                 self.stage = Stage::Done;
             }
         }
         if self.stage != Stage::Done {
-            self.issue(meta, bufs, out);
+            self.issue(meta.shared(), bufs, out);
             return None;
         }
+        let meta = meta.exclusive();
         let job = std::mem::replace(&mut self.job, Job::Ended);
         match job {
             Job::Journal(s) => meta.commit_done(s),

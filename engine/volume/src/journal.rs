@@ -2,16 +2,25 @@
 //! self-validating log blocks at the ring's next positions (docs/VOLUMES.md). Pure: it returns
 //! the blocks to write (with FUA); the caller orders them after the data they describe.
 //!
+//! A commit is made in two steps so that the pool state is held only for the cheap one:
+//! [`JournalWriter::reserve`] takes the pending records and places them in ring blocks
+//! (counted from their lengths: positions and sequence numbers are known at once), and
+//! [`JournalBatch::encode`] — pure CPU work on what it owns, anywhere — writes and checksums
+//! the blocks. Each block chains to its predecessor's crc, which only encoding learns, so the
+//! writer takes the batch's last crc back ([`JournalWriter::chained`]) before the next
+//! reservation or checkpoint head.
+//!
 //! Invariants:
 //! - blocks carry consecutive sequence numbers and each chains to its predecessor's crc, so
 //!   replay (`format::replay`) returns exactly a prefix of what was committed;
 //! - the writer never overwrites blocks that replay still needs: `blocks_free` counts ring
 //!   blocks since the last checkpoint, and a commit that would not fit is refused (the caller
 //!   checkpoints first);
+//! - at most one reservation is unchained (asserted): the next one, and `head`, need its crc;
 //! - a commit with no records writes nothing.
 
 use super::format::{JournalBlock, JOURNAL_PAYLOAD_MAX};
-use super::records::{pack, Record};
+use super::records::{pack_planned, plan, Record};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JournalError {
@@ -28,7 +37,33 @@ pub struct JournalWriter {
     prev_crc: u32,
     /// Blocks written since the checkpoint that replay starts from.
     used_blocks: u64,
+    /// The pending records: whole runs moved in (`append_all`, a family's records without a
+    /// copy), then `pending`, where single records go.
+    runs: Vec<Vec<Record>>,
     pending: Vec<Record>,
+    /// A reservation's blocks are placed but not encoded: `prev_crc` is not known yet.
+    unchained: bool,
+}
+
+/// One commit's records and the ring blocks reserved for them: what [`JournalBatch::encode`]
+/// turns into blocks, off the pool state.
+pub struct JournalBatch {
+    pool_uuid: [u8; 16],
+    incarnation: u64,
+    ring_blocks: u64,
+    /// Where the first block goes, its sequence number, and the crc it chains to.
+    first: JournalHead,
+    /// The records, in order, in the runs they were gathered in.
+    runs: Vec<Vec<Record>>,
+    /// Records per block ([`plan`]).
+    plan: Vec<usize>,
+}
+
+/// An encoded [`JournalBatch`]: `(ring block index, 4 KiB)` to write in order, and the crc the
+/// next commit's first block chains to.
+pub struct JournalBlocks {
+    pub blocks: Vec<(u64, Vec<u8>)>,
+    pub last_crc: u32,
 }
 
 /// Where replay must start: the state a checkpoint records in the superblock.
@@ -57,7 +92,9 @@ impl JournalWriter {
             next_seq: head.seq,
             prev_crc: head.prev_crc,
             used_blocks: 0,
+            runs: Vec::new(),
             pending: Vec::new(),
+            unchained: false,
         }
     }
 
@@ -73,8 +110,21 @@ impl JournalWriter {
         self.pending.push(record);
     }
 
+    /// Appends `records` after the pending ones, in order, taking the vector itself (no
+    /// record is copied: a commit's pause does not grow with its records); leaves it empty.
+    pub fn append_all(&mut self, records: &mut Vec<Record>) {
+        if records.is_empty() {
+            return;
+        }
+        let tail = std::mem::take(records);
+        let before = std::mem::replace(&mut self.pending, tail);
+        if !before.is_empty() {
+            self.runs.push(before);
+        }
+    }
+
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        self.runs.iter().map(Vec::len).sum::<usize>() + self.pending.len()
     }
 
     /// Ring blocks that may still be written before a checkpoint.
@@ -84,11 +134,13 @@ impl JournalWriter {
 
     /// Where the next commit starts: a checkpoint taken now records this as the new head.
     pub fn head(&self) -> JournalHead {
+        assert!(!self.unchained, "the head of a journal whose last blocks are not encoded");
         JournalHead { block: self.next_block, seq: self.next_seq, prev_crc: self.prev_crc }
     }
 
     /// A checkpoint holds the pending records' effects: they need no journal block.
     pub fn discard_pending(&mut self) {
+        self.runs.clear();
         self.pending.clear();
     }
 
@@ -97,34 +149,85 @@ impl JournalWriter {
         self.used_blocks = 0;
     }
 
-    /// Turns pending records into blocks: `(ring block index, 4 KiB)` to write in order.
-    pub fn commit(&mut self) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
-        if self.pending.is_empty() {
-            return Ok(Vec::new());
+    /// Takes the pending records and reserves the ring blocks they fill: the batch to encode
+    /// ([`JournalBatch::encode`]) and write in order, then [`JournalWriter::chained`]. `None`
+    /// when nothing is pending; refused when the blocks would overrun what replay still needs.
+    pub fn reserve(&mut self) -> Result<Option<JournalBatch>, JournalError> {
+        assert!(!self.unchained, "a reservation before the last one's blocks were encoded");
+        if self.pending() == 0 {
+            return Ok(None);
         }
-        let payloads = pack(&self.pending, JOURNAL_PAYLOAD_MAX);
-        let needed = payloads.len() as u64;
+        let plan = plan(self.runs.iter().flatten().chain(&self.pending), JOURNAL_PAYLOAD_MAX);
+        let needed = plan.len() as u64;
         if needed > self.blocks_free() {
             return Err(JournalError::Full { needed, free: self.blocks_free() });
         }
-        self.pending.clear();
-        let mut out = Vec::with_capacity(payloads.len());
+        let first = self.head();
+        self.next_seq += needed;
+        self.next_block = (self.next_block + needed) % self.ring_blocks;
+        self.used_blocks += needed;
+        self.unchained = true;
+        Ok(Some(JournalBatch {
+            pool_uuid: self.pool_uuid,
+            incarnation: self.incarnation,
+            ring_blocks: self.ring_blocks,
+            first,
+            runs: {
+                let mut runs = std::mem::take(&mut self.runs);
+                runs.push(std::mem::take(&mut self.pending));
+                runs
+            },
+            plan,
+        }))
+    }
+
+    /// The last reservation is encoded: the next block chains to `last_crc`.
+    pub fn chained(&mut self, last_crc: u32) {
+        assert!(self.unchained, "chained without a reservation");
+        self.prev_crc = last_crc;
+        self.unchained = false;
+    }
+
+    /// Reserves, encodes and chains at once: the pending records as blocks to write in order.
+    pub fn commit(&mut self) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
+        let Some(batch) = self.reserve()? else { return Ok(Vec::new()) };
+        let encoded = batch.encode();
+        self.chained(encoded.last_crc);
+        Ok(encoded.blocks)
+    }
+}
+
+impl JournalBatch {
+    /// Blocks reserved.
+    pub fn blocks(&self) -> usize {
+        self.plan.len()
+    }
+
+    /// Records it holds.
+    pub fn records(&self) -> usize {
+        self.runs.iter().map(Vec::len).sum()
+    }
+
+    /// Encodes the records into their reserved blocks, each chained to the one before.
+    pub fn encode(self) -> JournalBlocks {
+        let payloads = pack_planned(self.runs.iter().flatten(), &self.plan, JOURNAL_PAYLOAD_MAX);
+        let mut blocks = Vec::with_capacity(payloads.len());
+        let JournalHead { block: mut at, mut seq, prev_crc: mut crc } = self.first;
         for (i, payload) in payloads.into_iter().enumerate() {
             let block = JournalBlock {
                 incarnation: self.incarnation,
-                seq: self.next_seq,
-                prev_crc: self.prev_crc,
+                seq,
+                prev_crc: crc,
                 commit_start: i == 0,
                 payload,
             };
-            let (bytes, crc) = block.encode(&self.pool_uuid);
-            out.push((self.next_block, bytes));
-            self.prev_crc = crc;
-            self.next_seq += 1;
-            self.next_block = (self.next_block + 1) % self.ring_blocks;
-            self.used_blocks += 1;
+            let (bytes, next) = block.encode(&self.pool_uuid);
+            blocks.push((at, bytes));
+            crc = next;
+            seq += 1;
+            at = (at + 1) % self.ring_blocks;
         }
-        Ok(out)
+        JournalBlocks { blocks, last_crc: crc }
     }
 }
 
@@ -194,6 +297,72 @@ mod tests {
             );
             assert_eq!(&all[..got.len()], &got[..], "seed {seed}: replay is not a prefix");
         }
+    }
+
+    /// A commit in two steps: records appended while a reservation is being encoded go to the
+    /// next commit, whose blocks follow and chain on; replay returns everything in order.
+    #[test]
+    fn records_arriving_while_a_commit_encodes_go_to_the_next() {
+        let mut disk = SimDisk::new(RING * BLOCK_SIZE as u64, 1);
+        let head = JournalHead { block: 14, seq: 7, prev_crc: 9 };
+        let mut w = JournalWriter::new(UUID, 1, RING, head);
+        // Single records and whole runs (a family's, moved in), interleaved: order kept.
+        let first: Vec<Record> = (0..400).map(map).collect();
+        for r in &first[..10] {
+            w.append(r.clone());
+        }
+        w.append_all(&mut first[10..200].to_vec());
+        w.append(first[200].clone());
+        let mut run = first[201..].to_vec();
+        w.append_all(&mut run);
+        assert!(run.is_empty(), "the run was taken");
+        w.append_all(&mut Vec::new());
+        assert_eq!(w.pending(), 400);
+        let batch = w.reserve().unwrap().expect("records pending");
+        assert_eq!((batch.records(), w.pending()), (400, 0));
+        let blocks = batch.blocks() as u64;
+        assert!(blocks >= 2, "spans blocks (and wraps the ring)");
+        assert_eq!(w.blocks_free(), RING - blocks, "reserved at once");
+        w.append(map(1000));
+        let encoded = batch.encode();
+        assert_eq!(encoded.blocks.len() as u64, blocks);
+        assert_eq!(encoded.blocks[0].0, 14);
+        assert_eq!(encoded.blocks[2].0, 0, "wrapped");
+        disk.flush();
+        for (i, bytes) in &encoded.blocks {
+            disk.write(i * BLOCK_SIZE as u64, bytes, true);
+        }
+        w.chained(encoded.last_crc);
+        let second = w.commit().unwrap();
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].0, (14 + blocks) % RING, "follows the first commit's blocks");
+        for (i, bytes) in &second {
+            disk.write(i * BLOCK_SIZE as u64, bytes, true);
+        }
+        let mut all = first;
+        all.push(map(1000));
+        assert_eq!(replayed(&disk, head), all);
+    }
+
+    #[test]
+    #[should_panic(expected = "before the last one's blocks were encoded")]
+    fn a_second_reservation_waits_for_the_first_to_chain() {
+        let mut w =
+            JournalWriter::new(UUID, 1, RING, JournalHead { block: 0, seq: 1, prev_crc: 0 });
+        w.append(map(1));
+        let _batch = w.reserve().unwrap();
+        w.append(map(2));
+        let _ = w.reserve();
+    }
+
+    #[test]
+    #[should_panic(expected = "not encoded")]
+    fn no_checkpoint_head_while_blocks_are_unchained() {
+        let mut w =
+            JournalWriter::new(UUID, 1, RING, JournalHead { block: 0, seq: 1, prev_crc: 0 });
+        w.append(map(1));
+        let _batch = w.reserve().unwrap();
+        let _ = w.head();
     }
 
     #[test]

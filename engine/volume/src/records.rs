@@ -93,11 +93,18 @@ fn put_name(out: &mut Vec<u8>, name: &str) {
 }
 
 impl Record {
-    /// Bytes this record takes when encoded.
+    /// Bytes this record takes when encoded (what [`Record::encode`] appends; counted without
+    /// encoding, so a commit can place its records in journal blocks before encoding them).
     pub fn encoded_len(&self) -> usize {
-        let mut v = Vec::new();
-        self.encode(&mut v);
-        v.len()
+        1 + match self {
+            Record::MapSet { .. } => 4 + 8 + 8,
+            Record::VolumeCreate { name, .. } => 4 + 4 + 8 + 1 + name.len(),
+            Record::Snapshot { name, .. } | Record::Clone { name, .. } => 4 + 4 + 1 + name.len(),
+            Record::Rollback { .. } => 4 + 4,
+            Record::Delete { .. } | Record::ReadOnly { .. } => 4,
+            Record::Resize { .. } | Record::ReclaimProgress { .. } => 4 + 8,
+            Record::Config { key, value } => 1 + key.len() + 2 + value.len(),
+        }
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -232,20 +239,51 @@ pub fn decode_all(payload: &[u8]) -> Result<Vec<Record>, RecordError> {
     Ok(out)
 }
 
-/// Packs records into payloads of at most `max` bytes each, in order, never splitting one.
-pub fn pack(records: &[Record], max: usize) -> Vec<Vec<u8>> {
-    let mut out: Vec<Vec<u8>> = vec![Vec::new()];
-    let mut one = Vec::new();
+/// Where records go in payloads of at most `max` bytes each, in order, never splitting one:
+/// how many records each payload holds (at least one payload, even for no records). Counted
+/// from [`Record::encoded_len`], without encoding.
+pub fn plan<'a>(records: impl IntoIterator<Item = &'a Record>, max: usize) -> Vec<usize> {
+    let mut out = vec![0];
+    let mut bytes = 0;
     for r in records {
-        one.clear();
-        r.encode(&mut one);
-        assert!(one.len() <= max, "record larger than a journal block");
-        if out.last().is_some_and(|p| p.len() + one.len() > max) {
-            out.push(Vec::new());
+        let len = r.encoded_len();
+        assert!(len <= max, "record larger than a journal block");
+        if bytes + len > max {
+            out.push(0);
+            bytes = 0;
         }
-        out.last_mut().expect("at least one payload").extend_from_slice(&one);
+        bytes += len;
+        *out.last_mut().expect("at least one payload") += 1;
     }
     out
+}
+
+/// Packs records into payloads of at most `max` bytes each, in order, never splitting one
+/// (as [`plan`] places them).
+pub fn pack(records: &[Record], max: usize) -> Vec<Vec<u8>> {
+    pack_planned(records, &plan(records, max), max)
+}
+
+/// Encodes records into the payloads `plan` (from [`plan`] with the same `max`) gives them.
+pub fn pack_planned<'a>(
+    records: impl IntoIterator<Item = &'a Record>,
+    plan: &[usize],
+    max: usize,
+) -> Vec<Vec<u8>> {
+    let mut records = records.into_iter();
+    let payloads = plan
+        .iter()
+        .map(|&n| {
+            let mut payload = Vec::with_capacity(max);
+            for r in records.by_ref().take(n) {
+                r.encode(&mut payload);
+            }
+            assert!(payload.len() <= max, "a plan for other records");
+            payload
+        })
+        .collect();
+    assert!(records.next().is_none(), "a plan for other records");
+    payloads
 }
 
 #[cfg(test)]
@@ -308,6 +346,33 @@ mod tests {
                 back.extend(decode_all(p).unwrap());
             }
             prop_assert_eq!(back, records);
+        }
+
+        /// The length a commit plans with is the length it encodes, and a payload ends only
+        /// where the next record would not fit (the packing is the one it always was).
+        #[test]
+        fn plans_count_what_encoding_writes(
+            records in proptest::collection::vec(record(), 0..300),
+            max in 300usize..4000,
+        ) {
+            for r in &records {
+                let mut one = Vec::new();
+                r.encode(&mut one);
+                prop_assert_eq!(r.encoded_len(), one.len(), "{:?}", r);
+            }
+            let records: Vec<Record> =
+                records.into_iter().filter(|r| r.encoded_len() <= max).collect();
+            let plan = plan(&records, max);
+            let payloads = pack_planned(&records, &plan, max);
+            prop_assert_eq!(payloads.len(), plan.len());
+            let mut at = 0;
+            for (i, (&n, p)) in plan.iter().zip(&payloads).enumerate() {
+                prop_assert_eq!(decode_all(p).unwrap().len(), n);
+                at += n;
+                if i + 1 < plan.len() {
+                    prop_assert!(p.len() + records[at].encoded_len() > max, "a payload ended early");
+                }
+            }
         }
 
         #[test]

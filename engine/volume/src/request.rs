@@ -106,8 +106,9 @@ pub enum DiskOp<B> {
         fua: bool,
     },
     Flush,
-    /// Not the device's: a checkpoint's frozen state to encode ([`Encode::run`], pure CPU
-    /// work a driver may run on another thread); its completion is
+    /// Not the device's: a checkpoint's frozen state or a commit's sealed records to encode
+    /// ([`Encode::run`]: pure CPU work, run without the pool state borrowed — on another
+    /// thread where [`Encode::off_core`] says it pays); its completion is
     /// [`Request::on_encoded`] with the result.
     Encode(Encode),
 }
@@ -399,7 +400,7 @@ impl<B: Buf> Request<B> {
             self.state
         );
         let c = self.commit.as_mut().expect("a commit in flight");
-        let finished = c.on_encoded(cx.meta.exclusive(), cx.bufs, cx.out, encoded);
+        let finished = c.on_encoded(&mut *cx.meta, cx.bufs, cx.out, encoded);
         self.on_commit_step(cx, finished);
         self.outcome()
     }
@@ -961,7 +962,7 @@ impl<B: Buf> Request<B> {
 
     fn on_commit<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>, result: i32, buf: Option<B>) {
         let c = self.commit.as_mut().expect("a commit in flight");
-        let finished = c.on_completion(cx.meta.exclusive(), cx.bufs, cx.out, result, buf);
+        let finished = c.on_completion(&mut *cx.meta, cx.bufs, cx.out, result, buf);
         self.on_commit_step(cx, finished)
     }
 

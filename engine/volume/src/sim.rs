@@ -213,11 +213,14 @@ fn overlaps(a: u64, alen: usize, b: u64, blen: usize) -> bool {
 pub fn commit_in_memory(m: &mut crate::meta::PoolMeta) {
     if m.wants_checkpoint() {
         let mut c = m.begin_checkpoint().expect("a sound pool").expect("no commit in flight");
-        let encoded = c.take_encode().expect("not encoded yet").run();
-        c.encoded(encoded);
+        let Some(crate::meta::Encode::Checkpoint(job)) = c.take_encode() else {
+            unreachable!("a checkpoint encodes its state")
+        };
+        c.encoded(job.run());
         m.checkpoint_done(c);
     } else {
-        let sealed = m.seal().expect("a sound pool").expect("no commit in flight");
+        let mut sealed = m.seal().expect("a sound pool").expect("no commit in flight");
+        sealed.encode_now();
         m.commit_done(sealed);
     }
 }

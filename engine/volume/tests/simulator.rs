@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use ballast_volume::locks::Waiter;
-use ballast_volume::meta::PoolMeta;
+use ballast_volume::meta::{Encode, PoolMeta};
 use ballast_volume::ops::ControlOp;
 use ballast_volume::pool::{run, Pool, PoolGeometry, PIECE};
 use ballast_volume::request::{Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
@@ -211,6 +211,10 @@ struct Stats {
     /// Checkpoint encodings, and those that ended with device operations in flight beside them.
     encodes: u64,
     encodes_raced: u64,
+    /// Journal commits' encodings, and those that ended after their commit's data flush (the
+    /// step then waits for the encoding, not the device).
+    journal_encodes: u64,
+    journal_encodes_late: u64,
     /// Control operations given up while their volume drained (refused `Busy`).
     expired: u64,
     /// Families' stock refills, and those that first took other families' stocks back.
@@ -427,8 +431,15 @@ impl Sim {
             }
         );
         if let DiskOp::Encode(job) = op {
-            self.stats.encodes += 1;
-            self.stats.encodes_raced += u64::from(!self.inflight.is_empty());
+            if let Encode::Journal(_) = job {
+                self.stats.journal_encodes += 1;
+                let flushing =
+                    self.inflight.iter().any(|f| f.req == req && matches!(f.op, DiskOp::Flush));
+                self.stats.journal_encodes_late += u64::from(!flushing);
+            } else {
+                self.stats.encodes += 1;
+                self.stats.encodes_raced += u64::from(!self.inflight.is_empty());
+            }
             // CPU work, not the device's: it cannot fail, and it ends whenever the driver's
             // thread gets to it (here: at a random point among the device's completions).
             return self.feed(req, |r, cx| r.on_encoded(cx, tag, job.run()));
@@ -948,6 +959,8 @@ fn simulated_requests_crashes_and_control_operations() {
         total.reads_checked += s.reads_checked;
         total.encodes += s.encodes;
         total.encodes_raced += s.encodes_raced;
+        total.journal_encodes += s.journal_encodes;
+        total.journal_encodes_late += s.journal_encodes_late;
         total.expired += s.expired;
         total.refills += s.refills;
         total.refills_taking_back += s.refills_taking_back;
@@ -959,6 +972,11 @@ fn simulated_requests_crashes_and_control_operations() {
     assert!(total.controls > runs, "few control operations: {total:?}");
     assert!(total.reads_checked > runs * 10, "few reads checked: {total:?}");
     assert!(total.encodes > runs && total.encodes_raced > runs / 10, "few checkpoints: {total:?}");
+    let (journal, late) = (total.journal_encodes, total.journal_encodes_late);
+    assert!(
+        journal > runs * 4 && late > journal / 10 && late < journal * 9 / 10,
+        "journal encodings rarely end on both sides of their data flush: {total:?}"
+    );
     assert!(total.expired > runs / 100, "drains rarely given up: {total:?}");
     assert!(
         total.refills > runs && total.refills_taking_back > runs / 25,

@@ -70,6 +70,9 @@ struct Args {
     /// Only the device figures.
     #[arg(long)]
     device_only: bool,
+    /// Only the commit figures (seal, encode, mark durable).
+    #[arg(long)]
+    seal_only: bool,
 }
 
 struct NoBufs;
@@ -337,8 +340,9 @@ fn fresh_cluster(meta: &RwLock<PoolMeta>, vol: u32, ops: u64) -> f64 {
 
 /// The commit's pause of every core: µs to seal `records` pending mapping records (first writes
 /// of as many clusters) and to mark that commit durable, both under the exclusive borrow of the
-/// pool state in the daemon; and the journal blocks sealed.
-fn seal_cost(records: u64) -> anyhow::Result<(f64, f64, usize)> {
+/// pool state in the daemon; µs to encode the sealed records, on the sealing core without the
+/// borrow; and the journal blocks sealed.
+fn seal_cost(records: u64) -> anyhow::Result<(f64, f64, f64, usize)> {
     let cb = 64 << 10;
     let disk = SimDisk::new((records * cb * 2 + (64 << 20)).next_multiple_of(1 << 20), 1);
     let mut pool = Pool::format(disk, PoolGeometry::standard([3; 16]))?;
@@ -351,12 +355,15 @@ fn seal_cost(records: u64) -> anyhow::Result<(f64, f64, usize)> {
     }
     anyhow::ensure!(m.pending_records() as u64 >= records, "{} pending", m.pending_records());
     let t = Instant::now();
-    let sealed = m.seal()?.context("no commit in flight")?;
+    let mut sealed = m.seal()?.context("no commit in flight")?;
     let seal = t.elapsed().as_secs_f64() * 1e6;
+    let t = Instant::now();
+    sealed.encode_now();
+    let encode = t.elapsed().as_secs_f64() * 1e6;
     let blocks = sealed.blocks.len();
     let t = Instant::now();
     m.commit_done(sealed);
-    Ok((seal, t.elapsed().as_secs_f64() * 1e6, blocks))
+    Ok((seal, t.elapsed().as_secs_f64() * 1e6, encode, blocks))
 }
 
 fn mutex_uncontended(ops: u64) -> f64 {
@@ -661,6 +668,46 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// One commit figure: medians of µs.
+struct SealFigure {
+    records: u64,
+    seal: f64,
+    done: f64,
+    encode: f64,
+    blocks: usize,
+}
+
+/// The commit figures, medians of `reps`.
+fn seal_figures(reps: usize) -> anyhow::Result<Vec<SealFigure>> {
+    let mut seals = Vec::new();
+    for records in [256u64, 4096] {
+        let runs: Vec<(f64, f64, f64, usize)> =
+            (0..reps).map(|_| seal_cost(records)).collect::<anyhow::Result<_>>()?;
+        seals.push(SealFigure {
+            records,
+            seal: median(runs.iter().map(|r| r.0).collect()),
+            done: median(runs.iter().map(|r| r.1).collect()),
+            encode: median(runs.iter().map(|r| r.2).collect()),
+            blocks: runs[0].3,
+        });
+    }
+    Ok(seals)
+}
+
+fn print_seals(seals: &[SealFigure]) {
+    for SealFigure { records, seal, done, encode, blocks } in seals {
+        println!(
+            "| commit of {records} pending mapping records ({blocks} journal blocks): seal, then \
+             mark durable, each under the exclusive borrow (every core's decisions wait), µs | \
+             {seal:.1} + {done:.1} |"
+        );
+        println!(
+            "| the same commit: encode its records into blocks, on the sealing core without the \
+             borrow, µs | {encode:.1} |"
+        );
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cpus: Vec<usize> =
@@ -675,6 +722,13 @@ fn main() -> anyhow::Result<()> {
         println!("| primitive | ns per operation (median of {}) |", args.reps.max(1));
         println!("|---|---|");
         print_device_costs(&path, &costs);
+        return Ok(());
+    }
+    if args.seal_only {
+        let reps = args.reps.max(1);
+        println!("| primitive | µs (median of {reps}) |");
+        println!("|---|---|");
+        print_seals(&seal_figures(reps)?);
         return Ok(());
     }
     let (meta, vols) = mapped_pool()?;
@@ -710,14 +764,7 @@ fn main() -> anyhow::Result<()> {
     let encode = median(costs.iter().map(|c| c.1).collect());
     let (blob, crc) = (costs[0].2, costs[0].3);
     let alloc = figure(&mut allocator_cost);
-    let mut seals = Vec::new();
-    for records in [256u64, 4096] {
-        let runs: Vec<(f64, f64, usize)> =
-            (0..reps).map(|_| seal_cost(records)).collect::<anyhow::Result<_>>()?;
-        let seal = median(runs.iter().map(|r| r.0).collect());
-        let done = median(runs.iter().map(|r| r.1).collect());
-        seals.push((records, seal, done, runs[0].2));
-    }
+    let seals = seal_figures(reps)?;
     println!("| primitive | ns per operation (median of {reps}) |");
     println!("|---|---|");
     println!("| volume core: 4 KiB read of a mapped piece (shared borrow per event, family lock per decision, request reused in its slot, no I/O) | {read:.0} |");
@@ -765,13 +812,7 @@ fn main() -> anyhow::Result<()> {
         "| the same checkpoint: encode {blob} bytes (crc32c {crc:08x}), on an offload thread | {:.0} |",
         encode * 1e6
     );
-    for (records, seal, done, blocks) in seals {
-        println!(
-            "| commit of {records} pending mapping records ({blocks} journal blocks): seal, then \
-             mark durable, each under the exclusive borrow (every core's decisions wait), µs | \
-             {seal:.1} + {done:.1} |"
-        );
-    }
+    print_seals(&seals);
     if let Some((path, costs)) = device {
         print_device_costs(&path, &costs);
     }

@@ -77,6 +77,10 @@ impl PoolMeta {
     /// Starts a commit: takes the pending records as journal blocks. The caller makes the
     /// data durable (and earlier blocks), writes the blocks with FUA in order, then calls
     /// `commit_done`. `None` while another commit is in flight.
+    ///
+    /// Sealing only moves the records and reserves their ring blocks: their encoding, most of
+    /// what a commit costs the CPU, is the driver's to run without the pool state
+    /// ([`Sealed::take_encode`], [`Sealed::encoded`]).
     pub fn seal(&mut self) -> Result<Option<Sealed>, PoolError> {
         self.ok()?;
         if self.committing {
@@ -84,18 +88,23 @@ impl PoolMeta {
         }
         let records = self.pending_records();
         self.gather_pending();
-        let blocks = self.journal.commit()?;
+        let batch = self.journal.reserve()?;
         tracing::debug!(records, "sealing a commit");
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;
         let frees = self.seal_families();
-        Ok(Some(Sealed { blocks, frees }))
+        let reserved = batch.is_some();
+        Ok(Some(Sealed { batch, reserved, blocks: Vec::new(), last_crc: None, frees }))
     }
 
     /// The sealed commit is durable.
     pub fn commit_done(&mut self, sealed: Sealed) {
         assert!(self.committing);
+        if sealed.reserved {
+            let crc = sealed.last_crc.expect("a commit's blocks are encoded before it is durable");
+            self.journal.chained(crc);
+        }
         self.committing = false;
         self.commits_done += 1;
         self.durable_seals = self.seals;
@@ -193,7 +202,7 @@ impl PoolMeta {
         let frees = self.seal_families();
         Ok(Some(Checkpoint {
             blob_offset: self.checkpoint_offset(half),
-            encode: Some(Encode {
+            encode: Some(EncodeState {
                 frozen: self.freeze(),
                 limit: self.checkpoint_half_blocks() * BLOCK_SIZE as u64,
             }),
@@ -285,23 +294,53 @@ impl Frozen {
     }
 }
 
-/// Encoding a checkpoint's frozen state: pure CPU work over data nothing else touches, so a
-/// driver may run it on any thread ([`Encode::run`]) and hand the result back
-/// ([`Checkpoint::encoded`]).
-pub struct Encode {
+/// CPU work a commit hands its driver: pure, over what the job owns (nothing the pool state
+/// still touches), so the driver runs it without the pool state borrowed, on whatever thread it
+/// likes ([`Encode::run`]), and hands the result back ([`crate::commit::Commit::on_encoded`]).
+pub enum Encode {
+    /// A checkpoint's frozen state: big (every mapping), best run away from the data cores.
+    Checkpoint(EncodeState),
+    /// A journal commit's records, their blocks reserved: at most a few hundred KiB.
+    Journal(JournalBatch),
+}
+
+/// What an [`Encode`] made.
+pub enum Encoded {
+    Checkpoint(StateBlob),
+    Journal(JournalBlocks),
+}
+
+impl Encode {
+    pub fn run(self) -> Encoded {
+        match self {
+            Encode::Checkpoint(e) => Encoded::Checkpoint(e.run()),
+            Encode::Journal(b) => Encoded::Journal(b.encode()),
+        }
+    }
+
+    /// Whether it is worth a trip to another thread: a checkpoint is (milliseconds per
+    /// hundred thousand mappings); a journal commit is not (tens of ns per record, less than
+    /// the trip, and its core does nothing else meanwhile that the trip would let it do).
+    pub fn off_core(&self) -> bool {
+        matches!(self, Encode::Checkpoint(_))
+    }
+}
+
+/// Encoding a checkpoint's frozen state.
+pub struct EncodeState {
     frozen: Frozen,
     /// Bytes of the metadata half the blob must fit.
     limit: u64,
 }
 
 /// A checkpoint blob: header + records, padded to whole blocks, and its checksum.
-pub struct Encoded {
+pub struct StateBlob {
     blob: Vec<u8>,
     crc: u32,
 }
 
-impl Encode {
-    pub fn run(self) -> Encoded {
+impl EncodeState {
+    pub fn run(self) -> StateBlob {
         let payload = self.frozen.payload();
         let mut blob = Vec::with_capacity(payload.len() + BLOCK_SIZE);
         blob.extend_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -315,18 +354,18 @@ impl Encode {
             self.limit
         );
         let crc = crc32c::crc32c(&blob);
-        Encoded { blob, crc }
+        StateBlob { blob, crc }
     }
 }
 
 impl Checkpoint {
     /// The encoding still to run (once: the first call takes it).
     pub fn take_encode(&mut self) -> Option<Encode> {
-        self.encode.take()
+        self.encode.take().map(Encode::Checkpoint)
     }
 
     /// The frozen state's encoding is done: the blob and the superblock naming it are ready.
-    pub fn encoded(&mut self, e: Encoded) {
+    pub fn encoded(&mut self, e: StateBlob) {
         assert!(self.encode.is_none() && self.blob.is_empty(), "a checkpoint is encoded once");
         self.sb.checkpoint_blocks = e.blob.len() as u64 / BLOCK_SIZE as u64;
         self.sb.checkpoint_crc = e.crc;
@@ -336,5 +375,34 @@ impl Checkpoint {
     /// Whether the blob is ready to write.
     pub fn is_encoded(&self) -> bool {
         !self.blob.is_empty()
+    }
+}
+
+impl Sealed {
+    /// The records' encoding still to run (once; `None` for a commit without records).
+    pub fn take_encode(&mut self) -> Option<Encode> {
+        self.batch.take().map(Encode::Journal)
+    }
+
+    /// The records are encoded: the blocks are ready to write.
+    pub fn encoded(&mut self, e: JournalBlocks) {
+        assert!(
+            self.reserved && self.batch.is_none() && self.last_crc.is_none(),
+            "a commit's records are encoded once"
+        );
+        self.blocks = e.blocks;
+        self.last_crc = Some(e.last_crc);
+    }
+
+    /// Encodes the records here and now (a driver with nothing better to do meanwhile).
+    pub fn encode_now(&mut self) {
+        if let Some(b) = self.batch.take() {
+            self.encoded(b.encode());
+        }
+    }
+
+    /// Whether there are blocks to write (once encoded).
+    pub fn has_blocks(&self) -> bool {
+        self.reserved
     }
 }

@@ -49,11 +49,11 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::alloc::{Allocator, Stock};
 use crate::format::{FormatError, Superblock, BLOCK_SIZE};
-use crate::journal::{JournalError, JournalHead, JournalWriter};
+use crate::journal::{JournalBatch, JournalBlocks, JournalError, JournalHead, JournalWriter};
 use crate::locks::{LockTable, Waiter};
 
 mod commit;
-pub use commit::{Encode, Encoded, Frozen};
+pub use commit::{Encode, EncodeState, Encoded, Frozen, StateBlob};
 mod control;
 mod epochs;
 mod family;
@@ -214,7 +214,7 @@ pub struct Checkpoint {
     /// Pool byte offset of the inactive metadata half, and what goes there.
     pub blob_offset: u64,
     /// The frozen state to encode, until a driver takes it.
-    encode: Option<Encode>,
+    encode: Option<EncodeState>,
     /// Empty until encoded (`Checkpoint::encoded`).
     pub blob: Vec<u8>,
     /// The superblock naming it, to write (FUA, at copy `sb.slot()`) once the blob is durable.
@@ -239,9 +239,18 @@ impl From<PoolError> for Blocked {
 }
 
 /// What one commit writes: journal blocks (ring index, bytes), to write in order after the data
-/// they describe is durable.
+/// they describe is durable. Sealed with its records and their blocks reserved; the blocks are
+/// there once the records are encoded ([`Sealed::take_encode`] then [`Sealed::encoded`], or
+/// [`Sealed::encode_now`]).
 pub struct Sealed {
+    /// The records and their reserved blocks, until a driver takes them to encode.
+    batch: Option<JournalBatch>,
+    /// Blocks were reserved (the commit has records).
+    reserved: bool,
+    /// Empty until encoded.
     pub blocks: Vec<(u64, Vec<u8>)>,
+    /// The crc the next commit chains to, once encoded.
+    last_crc: Option<u32>,
     /// Clusters it frees.
     frees: usize,
 }
@@ -711,9 +720,7 @@ impl PoolMeta {
     /// Moves every family's pending records to the journal, in family order.
     fn gather_pending(&mut self) {
         for f in self.fams.values_mut() {
-            for r in f.pending.drain(..) {
-                self.journal.append(r);
-            }
+            self.journal.append_all(&mut f.pending);
         }
         *self.family_pending.get_mut() = 0;
     }
@@ -1321,7 +1328,8 @@ mod tests {
         }
         m.delete(x).unwrap();
         m.snapshot(a, "x").unwrap();
-        let sealed = m.seal().unwrap().unwrap();
+        let mut sealed = m.seal().unwrap().unwrap();
+        sealed.encode_now();
         assert!(sealed.blocks.len() >= 2, "the commit spans blocks");
         for keep in 0..=sealed.blocks.len() {
             let mut n = PoolMeta::new(sb());

@@ -72,6 +72,9 @@ pub struct BenchConfig {
     pub number_ios: Option<u64>,
     /// Every queue over TLS with this client's PSK; `None`: plaintext.
     pub tls: Option<Arc<TlsClient>>,
+    /// I/O queues poll their sockets (each I/O thread spins on its CPU, as SPDK's perf tool
+    /// does) instead of sleeping in them; the admin queue still sleeps.
+    pub poll: bool,
 }
 
 /// Counters and latencies of one direction.
@@ -175,6 +178,7 @@ fn worker(
         disable_sqflow: cfg.disable_sqflow,
         timeout: cfg.timeout,
         tls: cfg.tls.clone(),
+        poll: cfg.poll,
         ..QueueOptions::default()
     };
     let connected = Queue::connect(cfg.addr, &cfg.nqn, &cfg.hostnqn, w.qid, w.cntlid, &opts);

@@ -86,6 +86,15 @@ impl Conn {
         Ok(Conn::with_stream(Stream::Plain(tcp), addr))
     }
 
+    /// Connects (TCP only) on a non-blocking socket that every read and write polls, spinning
+    /// until it makes progress or `timeout` passes without any: the host side of a
+    /// polling initiator (SPDK's perf tool polls its sockets the same way).
+    pub fn open_polled(addr: SocketAddr, timeout: Duration) -> Result<Conn> {
+        let tcp = Conn::tcp_connect(addr, timeout)?;
+        tcp.set_nonblocking(true)?;
+        Ok(Conn::with_stream(Stream::Spin(tcp, timeout), addr))
+    }
+
     /// Connects and makes the TLS handshake (no NVMe/TCP yet); the handshake, reads and
     /// writes time out after `timeout`.
     pub fn open_tls(addr: SocketAddr, timeout: Duration, tls: &TlsClient) -> Result<Conn> {
@@ -122,6 +131,9 @@ impl Conn {
 
     /// Socket read and write timeout (zero is taken as 1 ms).
     pub fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
+        if let Stream::Spin(_, t) = self.rx.get_mut() {
+            *t = timeout.max(Duration::from_millis(1));
+        }
         set_timeouts(self.rx.get_ref().tcp(), timeout)
     }
 

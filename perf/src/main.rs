@@ -90,6 +90,10 @@ struct Args {
     /// Print a fio-like JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Poll each I/O queue's socket instead of sleeping in it (plaintext): each I/O thread
+    /// spins on its CPU, as SPDK's perf tool does, so latency holds no wake-up of ours.
+    #[arg(long, conflicts_with = "tls_key")]
+    poll: bool,
 }
 
 fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
@@ -151,6 +155,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     .map(Arc::new)
             })
             .transpose()?,
+        poll: args.poll,
     };
     if let Some(count) = args.handshakes {
         let report = bench::handshakes(&cfg, count)?;

@@ -45,6 +45,8 @@ pub struct QueueOptions {
     /// TLS before ICReq, with this client's PSK (its identity must name the host and the
     /// subsystem this queue connects to); `None`: plaintext.
     pub tls: Option<Arc<TlsClient>>,
+    /// Poll the socket (spin) instead of sleeping in it (plaintext only).
+    pub poll: bool,
 }
 
 impl Default for QueueOptions {
@@ -58,6 +60,7 @@ impl Default for QueueOptions {
             timeout: Duration::from_secs(10),
             hostid: *b"ballast-perf-hid",
             tls: None,
+            poll: false,
         }
     }
 }
@@ -186,7 +189,11 @@ impl Queue {
     /// connected (for tests).
     pub fn handshake(addr: SocketAddr, qid: u16, opts: &QueueOptions) -> Result<Queue> {
         let mut conn = match &opts.tls {
+            Some(_) if opts.poll => {
+                return Err(Error::Protocol("polling is for plaintext queues only".into()))
+            }
             Some(tls) => Conn::open_tls(addr, opts.timeout, tls)?,
+            None if opts.poll => Conn::open_polled(addr, opts.timeout)?,
             None => Conn::open(addr, opts.timeout)?,
         };
         let ic = conn.handshake(opts.header_digest, opts.data_digest)?;
@@ -631,6 +638,34 @@ mod tests {
 
     #[test]
     fn split_c2h_data_and_several_r2ts() {
+        split_c2h_data_and_several_r2ts_with(opts());
+    }
+
+    /// The same exchange on a polled socket: every read and write spins until it progresses
+    /// (the controller answers after a pause, so the reads find nothing at first).
+    #[test]
+    fn split_c2h_data_and_several_r2ts_polled() {
+        split_c2h_data_and_several_r2ts_with(QueueOptions { poll: true, ..opts() });
+    }
+
+    /// A polled read that never progresses gives up after the queue's timeout, as a blocking
+    /// one does.
+    #[test]
+    fn a_polled_queue_times_out() {
+        let addr = fake(|s| {
+            read_n(s, pdu::CMD_HLEN);
+            thread::sleep(Duration::from_secs(2));
+        });
+        let o = QueueOptions { poll: true, timeout: Duration::from_millis(200), ..opts() };
+        let mut q = Queue::connect(addr, "nqn.x", HOSTNQN, 1, 7, &o).unwrap();
+        q.submit_read(1, 0, 4096).unwrap();
+        let t = std::time::Instant::now();
+        let e = q.poll().expect_err("nothing answers");
+        assert!(matches!(e, Error::Timeout), "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(1), "gave up after {:?}", t.elapsed());
+    }
+
+    fn split_c2h_data_and_several_r2ts_with(o: QueueOptions) {
         let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
         let expect = data.clone();
         let addr = fake(move |s| {
@@ -641,6 +676,7 @@ mod tests {
                 u16::from_le_bytes([write[10], write[11]]),
             );
             let mut out = Vec::new();
+            thread::sleep(Duration::from_millis(20));
             pdu::encode_c2h_data_header(&mut out, rcid, 0, 4096, false, false, false, false);
             out.extend_from_slice(&expect[..4096]);
             pdu::encode_c2h_data_header(&mut out, rcid, 4096, 4096, true, true, false, false);
@@ -664,7 +700,7 @@ mod tests {
                 s.write_all(&out).unwrap();
             }
         });
-        let mut q = Queue::connect(addr, "nqn.x", HOSTNQN, 1, 7, &opts()).unwrap();
+        let mut q = Queue::connect(addr, "nqn.x", HOSTNQN, 1, 7, &o).unwrap();
         assert_eq!(q.cntlid(), 7);
         let r = q.submit_read(1, 0, 8192).unwrap();
         let w = q.submit(&Command {

@@ -27,6 +27,7 @@ use std::fmt;
 use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use ballast_nvmf::psk::{derive, Encoding, PskError, PskIdentity, TlsKey};
 use openssl::ssl::{
@@ -195,13 +196,38 @@ impl Write for TlsSocket {
 pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<SslStream<TlsSocket>>),
+    /// Plaintext on a non-blocking socket that reads and writes spin on, as SPDK's perf
+    /// tool polls its sockets: no sleep and wake-up between a request and its answer. The
+    /// duration is how long one read or write may spin without progress.
+    Spin(TcpStream, Duration),
+}
+
+/// Runs a non-blocking socket operation until it makes progress, spinning (no sleep) for
+/// at most `timeout` while it would block.
+fn spin<T>(timeout: Duration, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut deadline = None;
+    loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = Instant::now();
+                if now >= *deadline.get_or_insert(now + timeout) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no progress on the socket in {timeout:?} of polling"),
+                    ));
+                }
+                std::hint::spin_loop();
+            }
+            r => return r,
+        }
+    }
 }
 
 impl Stream {
     /// The TCP socket (for timeouts).
     pub(crate) fn tcp(&self) -> &TcpStream {
         match self {
-            Stream::Plain(s) => s,
+            Stream::Plain(s) | Stream::Spin(s, _) => s,
             Stream::Tls(s) => s.get_ref().rx.get_ref(),
         }
     }
@@ -209,7 +235,7 @@ impl Stream {
     /// Protocol version and cipher suite, for reports; `None` in plaintext.
     pub(crate) fn tls_description(&self) -> Option<String> {
         match self {
-            Stream::Plain(_) => None,
+            Stream::Plain(_) | Stream::Spin(..) => None,
             Stream::Tls(s) => {
                 let ssl = s.ssl();
                 let cipher = ssl.current_cipher().map_or("?", |c| c.standard_name().unwrap_or("?"));
@@ -224,6 +250,7 @@ impl Read for Stream {
         match self {
             Stream::Plain(s) => s.read(buf),
             Stream::Tls(s) => s.read(buf),
+            Stream::Spin(s, t) => spin(*t, || s.read(buf)),
         }
     }
 }
@@ -233,6 +260,7 @@ impl Write for Stream {
         match self {
             Stream::Plain(s) => s.write(buf),
             Stream::Tls(s) => s.write(buf),
+            Stream::Spin(s, t) => spin(*t, || s.write(buf)),
         }
     }
 
@@ -240,12 +268,23 @@ impl Write for Stream {
         match self {
             Stream::Plain(s) => s.write_all(buf),
             Stream::Tls(s) => s.write_all(buf),
+            Stream::Spin(s, t) => {
+                let t = *t;
+                let mut rest = buf;
+                while !rest.is_empty() {
+                    match spin(t, || s.write(rest))? {
+                        0 => return Err(io::ErrorKind::WriteZero.into()),
+                        n => rest = &rest[n..],
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Stream::Plain(_) => Ok(()),
+            Stream::Plain(_) | Stream::Spin(..) => Ok(()),
             Stream::Tls(s) => s.flush(),
         }
     }

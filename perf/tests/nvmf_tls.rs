@@ -227,6 +227,7 @@ fn benchmark_paths_over_tls() {
         seed: 7,
         number_ios: None,
         tls: Some(tls),
+        poll: false,
     };
     let report = bench::run(&cfg).expect("a benchmark run over TLS");
     assert!(report.read.ops > 0 && report.write.ops > 0, "{}", report.text());
@@ -246,5 +247,11 @@ fn benchmark_paths_over_tls() {
     assert!(!shakes.tls);
     let report = bench::run(&plain).expect("a plaintext run");
     assert_eq!(report.tls, None);
+    // Polled I/O queues (spinning on their sockets) carry the same mixed load ...
+    let polled = BenchConfig { poll: true, ..plain.clone() };
+    let report = bench::run(&polled).expect("a polled plaintext run");
+    assert!(report.read.ops > 0 && report.write.ops > 0, "{}", report.text());
+    // ... in plaintext only.
+    assert!(bench::run(&BenchConfig { poll: true, ..cfg.clone() }).is_err());
     d.stop();
 }

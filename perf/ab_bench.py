@@ -91,7 +91,7 @@ def client_run(args, daemon, proto, rw, bs, qd):
         cmd = ["taskset", "-c", str(args.client_cpu), args.perf, "--addr",
                f"127.0.0.1:{daemon.nvmf_port}", "--nqn", "nqn.2026-11.dev.ballast:mem",
                "--rw", rw, "--bs", bs, "--qd", str(qd), "--runtime", str(args.runtime),
-               "--size", "1G", "--json"]
+               "--size", "1G", "--json"] + args.perf_args.split()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.runtime * 10 + 60)
     if out.returncode != 0:
         raise RuntimeError(f"{cmd[3]} failed: {out.stderr[-1500:]}")
@@ -160,6 +160,8 @@ def main():
                     "media gives unwritten blocks)")
     ap.add_argument("--old-args", default="", help="extra serve flags for the old side")
     ap.add_argument("--new-args", default="", help="extra serve flags for the new side")
+    ap.add_argument("--perf-args", default="",
+                    help="extra ballast-perf flags (e.g. --poll: a polling initiator, as SPDK's perf)")
     args = ap.parse_args()
     paths = [p for p in args.paths.split(",") if p]
     if args.backing == "file" and len(paths) != 2:

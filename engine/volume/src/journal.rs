@@ -20,7 +20,7 @@
 //! - a commit with no records writes nothing.
 
 use super::format::{JournalBlock, JOURNAL_PAYLOAD_MAX};
-use super::records::{pack_planned, plan, Record};
+use super::records::{pack_planned, Planner, Record, MAP_SET_LEN};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JournalError {
@@ -37,12 +37,18 @@ pub struct JournalWriter {
     prev_crc: u32,
     /// Blocks written since the checkpoint that replay starts from.
     used_blocks: u64,
-    /// The pending records: whole runs moved in (`append_all`, a family's records without a
-    /// copy), then `pending`, where single records go.
-    runs: Vec<Vec<Record>>,
-    pending: Vec<Record>,
+    /// The pending records, in order: runs moved in whole (`append_map_sets`, a family's
+    /// data records, without a copy) and runs of single records (`append`).
+    runs: Vec<Run>,
     /// A reservation's blocks are placed but not encoded: `prev_crc` is not known yet.
     unchained: bool,
+}
+
+/// Pending records: a family's mapping records (all [`MAP_SET_LEN`] bytes: placed in blocks
+/// in one step per block, `Planner::uniform`), or single records of any kind.
+struct Run {
+    records: Vec<Record>,
+    map_sets: bool,
 }
 
 /// One commit's records and the ring blocks reserved for them: what [`JournalBatch::encode`]
@@ -54,8 +60,8 @@ pub struct JournalBatch {
     /// Where the first block goes, its sequence number, and the crc it chains to.
     first: JournalHead,
     /// The records, in order, in the runs they were gathered in.
-    runs: Vec<Vec<Record>>,
-    /// Records per block ([`plan`]).
+    runs: Vec<Run>,
+    /// Records per block ([`Planner`]).
     plan: Vec<usize>,
 }
 
@@ -93,7 +99,6 @@ impl JournalWriter {
             prev_crc: head.prev_crc,
             used_blocks: 0,
             runs: Vec::new(),
-            pending: Vec::new(),
             unchained: false,
         }
     }
@@ -107,24 +112,25 @@ impl JournalWriter {
     }
 
     pub fn append(&mut self, record: Record) {
-        self.pending.push(record);
+        match self.runs.last_mut() {
+            Some(run) if !run.map_sets => run.records.push(record),
+            _ => self.runs.push(Run { records: vec![record], map_sets: false }),
+        }
     }
 
-    /// Appends `records` after the pending ones, in order, taking the vector itself (no
-    /// record is copied: a commit's pause does not grow with its records); leaves it empty.
-    pub fn append_all(&mut self, records: &mut Vec<Record>) {
+    /// Appends a family's mapping records after the pending ones, in order, taking the vector
+    /// itself (no record is copied, none is looked at: a commit's pause does not grow with its
+    /// records); leaves it empty.
+    pub fn append_map_sets(&mut self, records: &mut Vec<Record>) {
         if records.is_empty() {
             return;
         }
-        let tail = std::mem::take(records);
-        let before = std::mem::replace(&mut self.pending, tail);
-        if !before.is_empty() {
-            self.runs.push(before);
-        }
+        debug_assert!(records.iter().all(|r| matches!(r, Record::MapSet { .. })));
+        self.runs.push(Run { records: std::mem::take(records), map_sets: true });
     }
 
     pub fn pending(&self) -> usize {
-        self.runs.iter().map(Vec::len).sum::<usize>() + self.pending.len()
+        self.runs.iter().map(|r| r.records.len()).sum()
     }
 
     /// Ring blocks that may still be written before a checkpoint.
@@ -141,7 +147,6 @@ impl JournalWriter {
     /// A checkpoint holds the pending records' effects: they need no journal block.
     pub fn discard_pending(&mut self) {
         self.runs.clear();
-        self.pending.clear();
     }
 
     /// A checkpoint made everything before `head()` redundant: the whole ring is free again.
@@ -157,7 +162,17 @@ impl JournalWriter {
         if self.pending() == 0 {
             return Ok(None);
         }
-        let plan = plan(self.runs.iter().flatten().chain(&self.pending), JOURNAL_PAYLOAD_MAX);
+        let mut planner = Planner::new(JOURNAL_PAYLOAD_MAX);
+        for run in &self.runs {
+            if run.map_sets {
+                planner.uniform(run.records.len(), MAP_SET_LEN);
+            } else {
+                for r in &run.records {
+                    planner.one(r.encoded_len());
+                }
+            }
+        }
+        let plan = planner.finish();
         let needed = plan.len() as u64;
         if needed > self.blocks_free() {
             return Err(JournalError::Full { needed, free: self.blocks_free() });
@@ -172,11 +187,7 @@ impl JournalWriter {
             incarnation: self.incarnation,
             ring_blocks: self.ring_blocks,
             first,
-            runs: {
-                let mut runs = std::mem::take(&mut self.runs);
-                runs.push(std::mem::take(&mut self.pending));
-                runs
-            },
+            runs: std::mem::take(&mut self.runs),
             plan,
         }))
     }
@@ -205,12 +216,13 @@ impl JournalBatch {
 
     /// Records it holds.
     pub fn records(&self) -> usize {
-        self.runs.iter().map(Vec::len).sum()
+        self.runs.iter().map(|r| r.records.len()).sum()
     }
 
     /// Encodes the records into their reserved blocks, each chained to the one before.
     pub fn encode(self) -> JournalBlocks {
-        let payloads = pack_planned(self.runs.iter().flatten(), &self.plan, JOURNAL_PAYLOAD_MAX);
+        let records = self.runs.iter().flat_map(|r| &r.records);
+        let payloads = pack_planned(records, &self.plan, JOURNAL_PAYLOAD_MAX);
         let mut blocks = Vec::with_capacity(payloads.len());
         let JournalHead { block: mut at, mut seq, prev_crc: mut crc } = self.first;
         for (i, payload) in payloads.into_iter().enumerate() {
@@ -306,17 +318,20 @@ mod tests {
         let mut disk = SimDisk::new(RING * BLOCK_SIZE as u64, 1);
         let head = JournalHead { block: 14, seq: 7, prev_crc: 9 };
         let mut w = JournalWriter::new(UUID, 1, RING, head);
-        // Single records and whole runs (a family's, moved in), interleaved: order kept.
-        let first: Vec<Record> = (0..400).map(map).collect();
+        // Single records of other lengths and whole runs (a family's, moved in), interleaved:
+        // order kept, blocks placed as encoding fills them.
+        let mut first: Vec<Record> = (0..400).map(map).collect();
+        first[5] = Record::Delete { id: 3 };
+        first[200] = Record::Config { key: "k".into(), value: "v".repeat(700) };
         for r in &first[..10] {
             w.append(r.clone());
         }
-        w.append_all(&mut first[10..200].to_vec());
+        w.append_map_sets(&mut first[10..200].to_vec());
         w.append(first[200].clone());
         let mut run = first[201..].to_vec();
-        w.append_all(&mut run);
+        w.append_map_sets(&mut run);
         assert!(run.is_empty(), "the run was taken");
-        w.append_all(&mut Vec::new());
+        w.append_map_sets(&mut Vec::new());
         assert_eq!(w.pending(), 400);
         let batch = w.reserve().unwrap().expect("records pending");
         assert_eq!((batch.records(), w.pending()), (400, 0));

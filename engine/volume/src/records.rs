@@ -92,12 +92,15 @@ fn put_name(out: &mut Vec<u8>, name: &str) {
     out.extend_from_slice(name.as_bytes());
 }
 
+/// Bytes a [`Record::MapSet`] takes encoded (every family data record).
+pub const MAP_SET_LEN: usize = 1 + 4 + 8 + 8;
+
 impl Record {
     /// Bytes this record takes when encoded (what [`Record::encode`] appends; counted without
     /// encoding, so a commit can place its records in journal blocks before encoding them).
     pub fn encoded_len(&self) -> usize {
         1 + match self {
-            Record::MapSet { .. } => 4 + 8 + 8,
+            Record::MapSet { .. } => MAP_SET_LEN - 1,
             Record::VolumeCreate { name, .. } => 4 + 4 + 8 + 1 + name.len(),
             Record::Snapshot { name, .. } | Record::Clone { name, .. } => 4 + 4 + 1 + name.len(),
             Record::Rollback { .. } => 4 + 4,
@@ -239,23 +242,58 @@ pub fn decode_all(payload: &[u8]) -> Result<Vec<Record>, RecordError> {
     Ok(out)
 }
 
-/// Where records go in payloads of at most `max` bytes each, in order, never splitting one:
-/// how many records each payload holds (at least one payload, even for no records). Counted
-/// from [`Record::encoded_len`], without encoding.
-pub fn plan<'a>(records: impl IntoIterator<Item = &'a Record>, max: usize) -> Vec<usize> {
-    let mut out = vec![0];
-    let mut bytes = 0;
-    for r in records {
-        let len = r.encoded_len();
-        assert!(len <= max, "record larger than a journal block");
-        if bytes + len > max {
-            out.push(0);
-            bytes = 0;
-        }
-        bytes += len;
-        *out.last_mut().expect("at least one payload") += 1;
+/// Places records in payloads of at most `max` bytes each, in order, never splitting one,
+/// from their lengths alone ([`Record::encoded_len`]): how many records each payload holds.
+/// A run of records of one length is placed in one step per payload it touches, whatever its
+/// size ([`Planner::uniform`]).
+pub struct Planner {
+    max: usize,
+    /// Records per payload so far (at least one payload, even for no records).
+    counts: Vec<usize>,
+    /// Bytes in the last payload.
+    bytes: usize,
+}
+
+impl Planner {
+    pub fn new(max: usize) -> Planner {
+        Planner { max, counts: vec![0], bytes: 0 }
     }
-    out
+
+    /// Places one record of `len` bytes.
+    pub fn one(&mut self, len: usize) {
+        self.uniform(1, len);
+    }
+
+    /// Places `n` records of `len` bytes each.
+    pub fn uniform(&mut self, mut n: usize, len: usize) {
+        assert!(len > 0 && len <= self.max, "record larger than a journal block");
+        while n > 0 {
+            let fit = (self.max - self.bytes) / len;
+            if fit == 0 {
+                self.counts.push(0);
+                self.bytes = 0;
+                continue;
+            }
+            let take = fit.min(n);
+            *self.counts.last_mut().expect("at least one payload") += take;
+            self.bytes += take * len;
+            n -= take;
+        }
+    }
+
+    /// Records per payload.
+    pub fn finish(self) -> Vec<usize> {
+        self.counts
+    }
+}
+
+/// Where records go in payloads of at most `max` bytes each ([`Planner`], record by record).
+pub fn plan<'a>(records: impl IntoIterator<Item = &'a Record>, max: usize) -> Vec<usize> {
+    let mut p = Planner::new(max);
+    for r in records {
+        p.one(r.encoded_len());
+    }
+    p.finish()
 }
 
 /// Packs records into payloads of at most `max` bytes each, in order, never splitting one
@@ -363,6 +401,16 @@ mod tests {
             let records: Vec<Record> =
                 records.into_iter().filter(|r| r.encoded_len() <= max).collect();
             let plan = plan(&records, max);
+            // Runs of equal lengths placed at once land where record by record does.
+            let mut runs = Planner::new(max);
+            let mut i = 0;
+            while i < records.len() {
+                let len = records[i].encoded_len();
+                let n = records[i..].iter().take_while(|r| r.encoded_len() == len).count();
+                runs.uniform(n, len);
+                i += n;
+            }
+            prop_assert_eq!(&runs.finish(), &plan);
             let payloads = pack_planned(&records, &plan, max);
             prop_assert_eq!(payloads.len(), plan.len());
             let mut at = 0;

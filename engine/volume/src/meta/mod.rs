@@ -720,7 +720,7 @@ impl PoolMeta {
     /// Moves every family's pending records to the journal, in family order.
     fn gather_pending(&mut self) {
         for f in self.fams.values_mut() {
-            self.journal.append_all(&mut f.pending);
+            self.journal.append_map_sets(&mut f.pending);
         }
         *self.family_pending.get_mut() = 0;
     }

@@ -438,6 +438,20 @@ impl Cx<'_> {
         self.pool.release(bytes);
     }
 
+    /// Hands what this core has queued on its rings to the kernel now, without waiting, so
+    /// the device works while the task goes on computing (the loop would submit at the end of
+    /// its iteration). A failed enter is left to the loop's own, which reports it.
+    pub fn submit_queued(&mut self) {
+        if self.ring.needs_enter() {
+            let _ = self.ring.submit();
+        }
+        if let Some(dev) = self.dev.as_deref_mut() {
+            if dev.needs_enter() {
+                let _ = dev.submit();
+            }
+        }
+    }
+
     /// Submits `op` to this core's ring; the completion comes back to this task with `tag`.
     pub fn submit(&mut self, op: Op, tag: u32) {
         let token = token(self.task, tag);

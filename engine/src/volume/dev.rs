@@ -11,9 +11,10 @@
 //! iteration flushes once, then once per round of same-iteration completions): a round's
 //! request events are decided together in that borrow, each data-path decision locking only
 //! its volume's family (`ballast_volume::meta`), so cores serving different families decide at
-//! the same time. A step that needs the pool itself — a commit, a control operation, parking
-//! on the commit — takes the exclusive borrow for that event alone (`Round`); the control
-//! thread's listings and operations take it too ([`PoolHandle::meta`]).
+//! the same time. A step that needs the pool itself — a commit's seal and end (its steps in
+//! between borrow shared at most), a control operation, parking on the commit — takes the
+//! exclusive borrow for that event alone (`Round`); the control thread's listings and
+//! operations take it too ([`PoolHandle::meta`]).
 //!
 //! A [`VolumeDev`] is a [`BlockDev`]: each command becomes a request in a slot of the
 //! submitting core's [`CoreQueue`] for the pool — request slots reused in place, run by one
@@ -1176,20 +1177,21 @@ impl CoreQueue {
     }
 
     /// What the decisions asked for, the pool state no longer borrowed: device operations go
-    /// to the ring (encodings to an offload thread), parked requests get their wake-ups,
+    /// to the ring (a checkpoint's encoding to an offload thread; a commit's records are
+    /// encoded here, last), parked requests get their wake-ups,
     /// finished requests their replies; then each touched slot's `after_event`, and a
     /// background commit or the commit timer if one was asked for.
     fn carry_out(&mut self, cx: &mut Cx<'_>) {
         let CoreQueue { pool, slots, ops, issued, finished, woken, answers_out, batch, .. } = self;
+        // A commit's records to encode on this core, once everything else is on its way.
+        let mut here = Vec::new();
         for (slot, Issue { tag, op }) in issued.drain(..) {
             let cmd = match op {
                 DiskOp::Read { offset, buf } => IoCmd::Read { offset, buf: buf.0 },
                 DiskOp::Write { offset, buf, fua } => IoCmd::Write { offset, buf: buf.0, fua },
                 DiskOp::Flush => IoCmd::Flush,
                 DiskOp::Encode(job) if !job.off_core() => {
-                    // A commit's records: encoded here, the pool state not borrowed (other
-                    // cores decide meanwhile); decided again in this turn's next round.
-                    batch.push((slot, Event::Encoded(tag, job.run())));
+                    here.push((slot, tag, job));
                     continue;
                 }
                 DiskOp::Encode(job) => {
@@ -1229,6 +1231,16 @@ impl CoreQueue {
                         let _ = tx.send(r);
                     }
                 }
+            }
+        }
+        if !here.is_empty() {
+            // A commit's records: encoded here, the pool state not borrowed (other cores decide
+            // meanwhile), after the operations queued so far — the commit's data flush among
+            // them — are with the kernel and the replies are out, so the device works while
+            // this core encodes; decided again in this turn's next round.
+            cx.submit_queued();
+            for (slot, tag, job) in here {
+                batch.push((slot, Event::Encoded(tag, job.run())));
             }
         }
         while let Some(slot) = self.touched.pop() {

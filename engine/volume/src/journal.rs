@@ -35,7 +35,7 @@ pub struct JournalWriter {
     next_block: u64,
     next_seq: u64,
     prev_crc: u32,
-    /// Blocks written since the checkpoint that replay starts from.
+    /// Blocks written or reserved since the checkpoint that replay starts from.
     used_blocks: u64,
     /// The pending records, in order: runs moved in whole (`append_map_sets`, a family's
     /// data records, without a copy) and runs of single records (`append`).

@@ -172,8 +172,9 @@ enum State {
 
 /// How a request reaches the pool state. The data path's decisions (plan, hold, map, trim,
 /// I/O tickets) take a shared borrow: each locks the one family it decides for, so several
-/// drivers may decide at once for different families. The pool's own steps (commits, control
-/// operations, parking on the commit, freezing) take an exclusive borrow. A driver with the
+/// drivers may decide at once for different families. The pool's own steps (a commit's seal,
+/// end or failure — its steps in between need a shared borrow at most —, control operations,
+/// parking on the commit, freezing) take an exclusive borrow. A driver with the
 /// state to itself hands `&mut PoolMeta`, which is both.
 pub trait Access {
     fn shared(&mut self) -> &PoolMeta;

@@ -25,7 +25,7 @@ use ballast_volume::locks::Waiter;
 use ballast_volume::meta::{Encode, PoolMeta};
 use ballast_volume::ops::ControlOp;
 use ballast_volume::pool::{run, Pool, PoolGeometry, PIECE};
-use ballast_volume::request::{Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
+use ballast_volume::request::{Access, Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
 use ballast_volume::sim::{CrashMode, SimDisk};
 
 const SECT: u64 = 512;
@@ -177,6 +177,23 @@ enum SimOp {
     Create,
 }
 
+/// The pool state as a driver hands it to a request, noting whether the request asked for it
+/// exclusively.
+struct Watched<'a> {
+    meta: &'a mut PoolMeta,
+    exclusive: bool,
+}
+
+impl Access for Watched<'_> {
+    fn shared(&mut self) -> &PoolMeta {
+        self.meta
+    }
+    fn exclusive(&mut self) -> &mut PoolMeta {
+        self.exclusive = true;
+        self.meta
+    }
+}
+
 struct Sim {
     rng: Rng,
     seed: u64,
@@ -288,11 +305,21 @@ impl Sim {
     ) {
         let mut out: Vec<Issue<Vec<u8>>> = Vec::new();
         let live = self.live.get_mut(&id).expect("live request");
+        // A completion that leaves its request with operations in flight (a step's other
+        // operations: a commit's flush beside its encoding, a read's other pieces) decides
+        // under a shared borrow at most: the daemon's other cores go on deciding meanwhile.
+        let mid_step = self.inflight.iter().any(|f| f.req == id);
+        let mut watched = Watched { meta: &mut self.meta, exclusive: false };
         let outcome = {
             let mut bufs = VecBufs;
-            let mut cx = Ctx { meta: &mut self.meta, bufs: &mut bufs, out: &mut out };
+            let mut cx = Ctx { meta: &mut watched, bufs: &mut bufs, out: &mut out };
             ev(&mut live.req, &mut cx)
         };
+        assert!(
+            !(mid_step && watched.exclusive),
+            "seed {}: request {id} borrowed the pool state exclusively with operations in flight",
+            self.seed
+        );
         if live.req.parked() {
             self.stats.parked += 1;
         }

@@ -2,7 +2,8 @@
 # An idle appliance burns ~0% CPU: the daemon on two cores with its default volume and an open
 # but idle NBD connection must use less than 1% of a CPU over 10 s, and still serve afterwards;
 # and after a queue-depth-1 stream (which the polling policy serves spinning) stops, the cores
-# go back to sleep at once: under 0.5% of a CPU over the next 10 s.
+# go back to sleep at once: under 0.5% of a CPU over the next 10 s; after a polling NVMe/TCP
+# initiator's QD1 stream, at most 0.1% of a core over the next 30 s.
 . "$(dirname "$0")/../lib.sh"
 start_ballast --cores 2 || finish
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
@@ -42,6 +43,42 @@ if fio --enghelp=nbd >/dev/null 2>&1; then
         awk -v u="$used" 'BEGIN { exit !(u < 0.05) }'
 else
     echo "SKIP: fio without the nbd engine: no QD1 phase"
+fi
+
+# Issue 12's bar: a polling NVMe/TCP initiator at QD1 for 3 s — a request every ~10 µs, which
+# the polling policy serves spinning — then 30 s of nothing: at most 0.1% of a core.
+PERF_BIN=${BALLAST_PERF_BIN:-$(dirname "$(ballast_bin)")/ballast-perf}
+[[ -x $PERF_BIN ]] || PERF_BIN=$REPO_ROOT/build/cargo/release/ballast-perf
+NVMF_ADDR=""
+for ((i = 0; i + 1 < ${#EXTRA_LISTEN[@]}; i++)); do
+    [[ ${EXTRA_LISTEN[i]} == --nvmf-listen ]] && NVMF_ADDR=${EXTRA_LISTEN[i + 1]}
+done
+if [[ -x $PERF_BIN && -n $NVMF_ADDR ]]; then
+    polled_qd1() {
+        "$PERF_BIN" --addr "$NVMF_ADDR" --nqn nqn.2026-11.dev.ballast:vol0 --rw randread \
+            --qd 1 --size 64m --runtime 3 --poll >"$TEST_TMP/qd1-poll.out" 2>&1
+    }
+    # Measured in nanoseconds (the threads' schedstat run time), not in 10 ms ticks: a tick
+    # charges a whole 10 ms to a thread that ran a few µs when it fell.
+    run_ns() { cat /proc/"$PID"/task/*/schedstat | awk '{ s += $1 } END { printf "%.0f", s }'; }
+    seconds_since() { awk -v n="$(($(run_ns) - $1))" 'BEGIN { printf "%.6f", n / 1e9 }'; }
+    t0=$(run_ns)
+    polled_qd1
+    busy=$(seconds_since "$t0")
+    echo "CPU used by the daemon during 3 s of polled NVMe/TCP QD1: ${busy} s"
+    echo "  $(grep -m1 'read:' "$TEST_TMP/qd1-poll.out")"
+    check "the polled QD1 stream ran" grep -q 'read: IOPS=[1-9]' "$TEST_TMP/qd1-poll.out"
+    check "the core spun while it ran (daemon CPU ${busy} s of 3 s)" \
+        awk -v u="$busy" 'BEGIN { exit !(u > 1.0) }'
+    sleep 0.2
+    t0=$(run_ns)
+    sleep 30
+    used=$(seconds_since "$t0")
+    echo "CPU used over 30 s idle after the polled QD1 stream: ${used} s"
+    check "after a polled QD1 stream: <= 0.1% of a core over 30 s (used ${used} s)" \
+        awk -v u="$used" 'BEGIN { exit !(u <= 0.03) }'
+else
+    echo "SKIP: no ballast-perf ($PERF_BIN) or no NVMe/TCP listener: no polled QD1 phase"
 fi
 stop_ballast
 finish

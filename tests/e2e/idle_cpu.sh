@@ -6,15 +6,17 @@
 # initiator's QD1 stream, at most 0.1% of a core over the next 30 s.
 . "$(dirname "$0")/../lib.sh"
 start_ballast --cores 2 || finish
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
-hz=$(getconf CLK_TCK)
+# The daemon's CPU time in nanoseconds, from its threads' schedstat: exact, where the 10 ms
+# ticks of /proc/PID/stat charge a whole tick to a thread that ran a few µs when one fell (and
+# nothing to one that slipped between them). A thread that ends within a window is not counted.
+run_ns() { cat /proc/"$PID"/task/*/schedstat | awk '{ s += $1 } END { printf "%.0f", s }'; }
+seconds_since() { awk -v n="$(($(run_ns) - $1))" 'BEGIN { printf "%.6f", n / 1e9 }'; }
 # cpu_while CMD...: the daemon's CPU seconds while CMD runs
 cpu_while() {
-    local t0 t1
-    t0=$(cpu_ticks)
+    local t0
+    t0=$(run_ns)
     "$@"
-    t1=$(cpu_ticks)
-    awk -v t="$((t1 - t0))" -v hz="$hz" 'BEGIN { printf "%.3f", t / hz }'
+    seconds_since "$t0"
 }
 
 # An idle NBD client holding its connection open.
@@ -58,22 +60,14 @@ if [[ -x $PERF_BIN && -n $NVMF_ADDR ]]; then
         "$PERF_BIN" --addr "$NVMF_ADDR" --nqn nqn.2026-11.dev.ballast:vol0 --rw randread \
             --qd 1 --size 64m --runtime 3 --poll >"$TEST_TMP/qd1-poll.out" 2>&1
     }
-    # Measured in nanoseconds (the threads' schedstat run time), not in 10 ms ticks: a tick
-    # charges a whole 10 ms to a thread that ran a few µs when it fell.
-    run_ns() { cat /proc/"$PID"/task/*/schedstat | awk '{ s += $1 } END { printf "%.0f", s }'; }
-    seconds_since() { awk -v n="$(($(run_ns) - $1))" 'BEGIN { printf "%.6f", n / 1e9 }'; }
-    t0=$(run_ns)
-    polled_qd1
-    busy=$(seconds_since "$t0")
+    busy=$(cpu_while polled_qd1)
     echo "CPU used by the daemon during 3 s of polled NVMe/TCP QD1: ${busy} s"
     echo "  $(grep -m1 'read:' "$TEST_TMP/qd1-poll.out")"
     check "the polled QD1 stream ran" grep -q 'read: IOPS=[1-9]' "$TEST_TMP/qd1-poll.out"
     check "the core spun while it ran (daemon CPU ${busy} s of 3 s)" \
         awk -v u="$busy" 'BEGIN { exit !(u > 1.0) }'
     sleep 0.2
-    t0=$(run_ns)
-    sleep 30
-    used=$(seconds_since "$t0")
+    used=$(cpu_while sleep 30)
     echo "CPU used over 30 s idle after the polled QD1 stream: ${used} s"
     check "after a polled QD1 stream: <= 0.1% of a core over 30 s (used ${used} s)" \
         awk -v u="$used" 'BEGIN { exit !(u <= 0.03) }'

@@ -342,16 +342,21 @@ fn fresh_cluster(meta: &RwLock<PoolMeta>, vol: u32, ops: u64) -> f64 {
 /// of as many clusters) and to mark that commit durable, both under the exclusive borrow of the
 /// pool state in the daemon; µs to encode the sealed records, on the sealing core without the
 /// borrow; and the journal blocks sealed.
-fn seal_cost(records: u64) -> anyhow::Result<(f64, f64, f64, usize)> {
+/// The records are spread over `volumes` volumes (each its own family), round robin.
+fn seal_cost(records: u64, volumes: u64) -> anyhow::Result<(f64, f64, f64, usize)> {
     let cb = 64 << 10;
     let disk = SimDisk::new((records * cb * 2 + (64 << 20)).next_multiple_of(1 << 20), 1);
     let mut pool = Pool::format(disk, PoolGeometry::standard([3; 16]))?;
-    let vol = pool.create_volume("s", records * cb)?;
+    let per = records.div_ceil(volumes);
+    let vols: Vec<u32> = (0..volumes)
+        .map(|v| pool.create_volume(&format!("s{v}"), per * cb))
+        .collect::<Result<_, _>>()?;
     pool.flush()?;
     let (_, mut m) = pool.into_parts();
     let mut plans = Vec::new();
     for i in 0..records {
-        first_write(&mut m, vol, i * cb, &mut plans);
+        let vol = vols[(i % volumes) as usize];
+        first_write(&mut m, vol, (i / volumes) * cb, &mut plans);
     }
     anyhow::ensure!(m.pending_records() as u64 >= records, "{} pending", m.pending_records());
     let t = Instant::now();
@@ -671,6 +676,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// One commit figure: medians of µs.
 struct SealFigure {
     records: u64,
+    volumes: u64,
     seal: f64,
     done: f64,
     encode: f64,
@@ -680,11 +686,12 @@ struct SealFigure {
 /// The commit figures, medians of `reps`.
 fn seal_figures(reps: usize) -> anyhow::Result<Vec<SealFigure>> {
     let mut seals = Vec::new();
-    for records in [256u64, 4096] {
+    for (records, volumes) in [(256u64, 1u64), (4096, 1), (4096, 256)] {
         let runs: Vec<(f64, f64, f64, usize)> =
-            (0..reps).map(|_| seal_cost(records)).collect::<anyhow::Result<_>>()?;
+            (0..reps).map(|_| seal_cost(records, volumes)).collect::<anyhow::Result<_>>()?;
         seals.push(SealFigure {
             records,
+            volumes,
             seal: median(runs.iter().map(|r| r.0).collect()),
             done: median(runs.iter().map(|r| r.1).collect()),
             encode: median(runs.iter().map(|r| r.2).collect()),
@@ -695,9 +702,10 @@ fn seal_figures(reps: usize) -> anyhow::Result<Vec<SealFigure>> {
 }
 
 fn print_seals(seals: &[SealFigure]) {
-    for SealFigure { records, seal, done, encode, blocks } in seals {
+    for SealFigure { records, volumes, seal, done, encode, blocks } in seals {
+        let over = if *volumes > 1 { format!(" over {volumes} volumes") } else { String::new() };
         println!(
-            "| commit of {records} pending mapping records ({blocks} journal blocks): seal, then \
+            "| commit of {records} pending mapping records{over} ({blocks} journal blocks): seal, then \
              mark durable, each under the exclusive borrow (every core's decisions wait), µs | \
              {seal:.1} + {done:.1} |"
         );

@@ -342,8 +342,9 @@ fn fresh_cluster(meta: &RwLock<PoolMeta>, vol: u32, ops: u64) -> f64 {
 /// of as many clusters) and to mark that commit durable, both under the exclusive borrow of the
 /// pool state in the daemon; µs to encode the sealed records, on the sealing core without the
 /// borrow; and the journal blocks sealed.
-/// The records are spread over `volumes` volumes (each its own family), round robin.
-fn seal_cost(records: u64, volumes: u64) -> anyhow::Result<(f64, f64, f64, usize)> {
+/// The records are spread over `volumes` volumes (each its own family), round robin; `idle`
+/// more volumes (families) exist without records.
+fn seal_cost(records: u64, volumes: u64, idle: u64) -> anyhow::Result<(f64, f64, f64, usize)> {
     let cb = 64 << 10;
     let disk = SimDisk::new((records * cb * 2 + (64 << 20)).next_multiple_of(1 << 20), 1);
     let mut pool = Pool::format(disk, PoolGeometry::standard([3; 16]))?;
@@ -351,6 +352,9 @@ fn seal_cost(records: u64, volumes: u64) -> anyhow::Result<(f64, f64, f64, usize
     let vols: Vec<u32> = (0..volumes)
         .map(|v| pool.create_volume(&format!("s{v}"), per * cb))
         .collect::<Result<_, _>>()?;
+    for v in 0..idle {
+        pool.create_volume(&format!("idle{v}"), cb)?;
+    }
     pool.flush()?;
     let (_, mut m) = pool.into_parts();
     let mut plans = Vec::new();
@@ -677,6 +681,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct SealFigure {
     records: u64,
     volumes: u64,
+    idle: u64,
     seal: f64,
     done: f64,
     encode: f64,
@@ -686,12 +691,15 @@ struct SealFigure {
 /// The commit figures, medians of `reps`.
 fn seal_figures(reps: usize) -> anyhow::Result<Vec<SealFigure>> {
     let mut seals = Vec::new();
-    for (records, volumes) in [(256u64, 1u64), (4096, 1), (4096, 256)] {
+    for (records, volumes, idle) in
+        [(256u64, 1u64, 0u64), (4096, 1, 0), (4096, 256, 0), (4096, 1, 4096)]
+    {
         let runs: Vec<(f64, f64, f64, usize)> =
-            (0..reps).map(|_| seal_cost(records, volumes)).collect::<anyhow::Result<_>>()?;
+            (0..reps).map(|_| seal_cost(records, volumes, idle)).collect::<anyhow::Result<_>>()?;
         seals.push(SealFigure {
             records,
             volumes,
+            idle,
             seal: median(runs.iter().map(|r| r.0).collect()),
             done: median(runs.iter().map(|r| r.1).collect()),
             encode: median(runs.iter().map(|r| r.2).collect()),
@@ -702,8 +710,12 @@ fn seal_figures(reps: usize) -> anyhow::Result<Vec<SealFigure>> {
 }
 
 fn print_seals(seals: &[SealFigure]) {
-    for SealFigure { records, volumes, seal, done, encode, blocks } in seals {
-        let over = if *volumes > 1 { format!(" over {volumes} volumes") } else { String::new() };
+    for SealFigure { records, volumes, idle, seal, done, encode, blocks } in seals {
+        let mut over =
+            if *volumes > 1 { format!(" over {volumes} volumes") } else { String::new() };
+        if *idle > 0 {
+            over += &format!(", {idle} idle volumes beside");
+        }
         println!(
             "| commit of {records} pending mapping records{over} ({blocks} journal blocks): seal, then \
              mark durable, each under the exclusive borrow (every core's decisions wait), µs | \

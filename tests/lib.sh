@@ -46,6 +46,25 @@ ballast_bin() {
     fi
 }
 
+# ballast_perf_bin: the NVMe/TCP initiator: BALLAST_PERF_BIN, else next to the daemon, else
+# the build's.
+ballast_perf_bin() {
+    local bin=${BALLAST_PERF_BIN:-$(dirname "$(ballast_bin)")/ballast-perf}
+    [[ -x $bin ]] || bin=$REPO_ROOT/build/cargo/release/ballast-perf
+    echo "$bin"
+}
+
+# nvmf_addr: the NVMe/TCP listener start_ballast gave the daemon (empty without one).
+nvmf_addr() {
+    local i
+    for ((i = 0; i + 1 < ${#EXTRA_LISTEN[@]}; i++)); do
+        if [[ ${EXTRA_LISTEN[i]} == --nvmf-listen ]]; then
+            echo "${EXTRA_LISTEN[i + 1]}"
+            return
+        fi
+    done
+}
+
 # ---------------------------------------------------------------- reporting
 pass() {
     PASS_COUNT=$((PASS_COUNT + 1))

@@ -442,14 +442,7 @@ impl Cx<'_> {
     /// the device works while the task goes on computing (the loop would submit at the end of
     /// its iteration). A failed enter is left to the loop's own, which reports it.
     pub fn submit_queued(&mut self) {
-        if self.ring.needs_enter() {
-            let _ = self.ring.submit();
-        }
-        if let Some(dev) = self.dev.as_deref_mut() {
-            if dev.needs_enter() {
-                let _ = dev.submit();
-            }
-        }
+        let _ = enter_if_needed(self.ring, self.dev.as_deref_mut());
     }
 
     /// Submits `op` to this core's ring; the completion comes back to this task with `tag`.
@@ -821,15 +814,7 @@ impl Core {
     /// Enters the kernel only when it has something to do for us; otherwise the next turn
     /// just reads the completion queue from shared memory.
     fn enter_if_needed(&mut self) -> Result<(), RingError> {
-        if self.ring.needs_enter() {
-            self.ring.submit()?;
-        }
-        if let Some(dev) = &mut self.dev {
-            if dev.ring.needs_enter() {
-                dev.ring.submit()?;
-            }
-        }
-        Ok(())
+        enter_if_needed(&mut self.ring, self.dev.as_mut().map(|d| &mut d.ring))
     }
 
     /// Moves finished device I/O into `out` (nothing to look at while none is in flight).
@@ -1158,6 +1143,20 @@ impl Core {
             self.dirty.push(key);
         }
     }
+}
+
+/// Enters the kernel for a core's rings only where it has something to do: entries to
+/// submit, task work to run, an overflowed completion queue.
+fn enter_if_needed(ring: &mut Ring, dev: Option<&mut DevRing>) -> Result<(), RingError> {
+    if ring.needs_enter() {
+        ring.submit()?;
+    }
+    if let Some(dev) = dev {
+        if dev.needs_enter() {
+            dev.submit()?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ballast_nvmf::pdu::{self, kind, CommonHeader, IcReq};
 
 use crate::error::{Error, Result};
-use crate::tls::{Stream, TlsClient};
+use crate::tls::{Spinning, Stream, TlsClient};
 
 /// Largest PDU we accept from a controller (a C2HData of up to 64 MiB plus headers).
 pub const MAX_PLEN: usize = (64 << 20) + 256;
@@ -92,7 +92,7 @@ impl Conn {
     pub fn open_polled(addr: SocketAddr, timeout: Duration) -> Result<Conn> {
         let tcp = Conn::tcp_connect(addr, timeout)?;
         tcp.set_nonblocking(true)?;
-        Ok(Conn::with_stream(Stream::Spin(tcp, timeout), addr))
+        Ok(Conn::with_stream(Stream::Spin(Spinning { tcp, timeout }), addr))
     }
 
     /// Connects and makes the TLS handshake (no NVMe/TCP yet); the handshake, reads and
@@ -131,8 +131,8 @@ impl Conn {
 
     /// Socket read and write timeout (zero is taken as 1 ms).
     pub fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
-        if let Stream::Spin(_, t) = self.rx.get_mut() {
-            *t = timeout.max(Duration::from_millis(1));
+        if let Stream::Spin(s) = self.rx.get_mut() {
+            s.timeout = timeout.max(Duration::from_millis(1));
         }
         set_timeouts(self.rx.get_ref().tcp(), timeout)
     }

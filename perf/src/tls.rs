@@ -196,30 +196,54 @@ impl Write for TlsSocket {
 pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<SslStream<TlsSocket>>),
-    /// Plaintext on a non-blocking socket that reads and writes spin on, as SPDK's perf
-    /// tool polls its sockets: no sleep and wake-up between a request and its answer. The
-    /// duration is how long one read or write may spin without progress.
-    Spin(TcpStream, Duration),
+    /// Plaintext on a socket that reads and writes poll ([`Spinning`]).
+    Spin(Spinning),
 }
 
-/// Runs a non-blocking socket operation until it makes progress, spinning (no sleep) for
-/// at most `timeout` while it would block.
-fn spin<T>(timeout: Duration, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
-    let mut deadline = None;
-    loop {
-        match op() {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let now = Instant::now();
-                if now >= *deadline.get_or_insert(now + timeout) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("no progress on the socket in {timeout:?} of polling"),
-                    ));
+/// A non-blocking socket that reads and writes spin on, as SPDK's perf tool polls its sockets:
+/// no sleep and wake-up between a request and its answer. `timeout` is how long one read or
+/// write may spin without progress.
+pub(crate) struct Spinning {
+    pub(crate) tcp: TcpStream,
+    pub(crate) timeout: Duration,
+}
+
+impl Spinning {
+    /// Runs a non-blocking socket operation until it makes progress, spinning (no sleep) for
+    /// at most `timeout` while it would block.
+    fn spin<T>(&mut self, mut op: impl FnMut(&mut TcpStream) -> io::Result<T>) -> io::Result<T> {
+        let mut deadline = None;
+        loop {
+            match op(&mut self.tcp) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let now = Instant::now();
+                    if now >= *deadline.get_or_insert(now + self.timeout) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no progress on the socket in {:?} of polling", self.timeout),
+                        ));
+                    }
+                    std::hint::spin_loop();
                 }
-                std::hint::spin_loop();
+                r => return r,
             }
-            r => return r,
         }
+    }
+}
+
+impl Read for Spinning {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.spin(|s| s.read(buf))
+    }
+}
+
+impl Write for Spinning {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.spin(|s| s.write(buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -227,7 +251,7 @@ impl Stream {
     /// The TCP socket (for timeouts).
     pub(crate) fn tcp(&self) -> &TcpStream {
         match self {
-            Stream::Plain(s) | Stream::Spin(s, _) => s,
+            Stream::Plain(s) | Stream::Spin(Spinning { tcp: s, .. }) => s,
             Stream::Tls(s) => s.get_ref().rx.get_ref(),
         }
     }
@@ -235,7 +259,7 @@ impl Stream {
     /// Protocol version and cipher suite, for reports; `None` in plaintext.
     pub(crate) fn tls_description(&self) -> Option<String> {
         match self {
-            Stream::Plain(_) | Stream::Spin(..) => None,
+            Stream::Plain(_) | Stream::Spin(_) => None,
             Stream::Tls(s) => {
                 let ssl = s.ssl();
                 let cipher = ssl.current_cipher().map_or("?", |c| c.standard_name().unwrap_or("?"));
@@ -250,7 +274,7 @@ impl Read for Stream {
         match self {
             Stream::Plain(s) => s.read(buf),
             Stream::Tls(s) => s.read(buf),
-            Stream::Spin(s, t) => spin(*t, || s.read(buf)),
+            Stream::Spin(s) => s.read(buf),
         }
     }
 }
@@ -260,7 +284,7 @@ impl Write for Stream {
         match self {
             Stream::Plain(s) => s.write(buf),
             Stream::Tls(s) => s.write(buf),
-            Stream::Spin(s, t) => spin(*t, || s.write(buf)),
+            Stream::Spin(s) => s.write(buf),
         }
     }
 
@@ -268,23 +292,13 @@ impl Write for Stream {
         match self {
             Stream::Plain(s) => s.write_all(buf),
             Stream::Tls(s) => s.write_all(buf),
-            Stream::Spin(s, t) => {
-                let t = *t;
-                let mut rest = buf;
-                while !rest.is_empty() {
-                    match spin(t, || s.write(rest))? {
-                        0 => return Err(io::ErrorKind::WriteZero.into()),
-                        n => rest = &rest[n..],
-                    }
-                }
-                Ok(())
-            }
+            Stream::Spin(s) => s.write_all(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Stream::Plain(_) | Stream::Spin(..) => Ok(()),
+            Stream::Plain(_) | Stream::Spin(_) => Ok(()),
             Stream::Tls(s) => s.flush(),
         }
     }

@@ -49,12 +49,8 @@ fi
 
 # Issue 12's bar: a polling NVMe/TCP initiator at QD1 for 3 s — a request every ~10 µs, which
 # the polling policy serves spinning — then 30 s of nothing: at most 0.1% of a core.
-PERF_BIN=${BALLAST_PERF_BIN:-$(dirname "$(ballast_bin)")/ballast-perf}
-[[ -x $PERF_BIN ]] || PERF_BIN=$REPO_ROOT/build/cargo/release/ballast-perf
-NVMF_ADDR=""
-for ((i = 0; i + 1 < ${#EXTRA_LISTEN[@]}; i++)); do
-    [[ ${EXTRA_LISTEN[i]} == --nvmf-listen ]] && NVMF_ADDR=${EXTRA_LISTEN[i + 1]}
-done
+PERF_BIN=$(ballast_perf_bin)
+NVMF_ADDR=$(nvmf_addr)
 if [[ -x $PERF_BIN && -n $NVMF_ADDR ]]; then
     polled_qd1() {
         "$PERF_BIN" --addr "$NVMF_ADDR" --nqn nqn.2026-11.dev.ballast:vol0 --rw randread \

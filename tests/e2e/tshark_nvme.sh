@@ -17,8 +17,7 @@ set -u -o pipefail
 . "$(dirname "$0")/../lib.sh"
 
 T=$TEST_TMP
-PERF_BIN=${BALLAST_PERF_BIN:-$(dirname "$(ballast_bin)")/ballast-perf}
-[[ -x $PERF_BIN ]] || PERF_BIN=$REPO_ROOT/build/cargo/release/ballast-perf
+PERF_BIN=$(ballast_perf_bin)
 
 # ------------------------------------------------------------------ tshark
 install_tshark() {
@@ -66,10 +65,7 @@ TYPE_FIELD=$PROTO.type
 
 # ------------------------------------------------------------------ daemon + capture
 start_ballast --export cap=ram:64M || finish
-NVMF_ADDR=""
-for ((i = 0; i + 1 < ${#EXTRA_LISTEN[@]}; i++)); do
-    [[ ${EXTRA_LISTEN[i]} == --nvmf-listen ]] && NVMF_ADDR=${EXTRA_LISTEN[i + 1]}
-done
+NVMF_ADDR=$(nvmf_addr)
 if [[ -z $NVMF_ADDR ]]; then
     fail "ballast has an NVMe/TCP listener" "serve --help shows no --nvmf-listen"
     finish

@@ -138,9 +138,9 @@ impl Commit {
             Stage::WriteJournal => {
                 let start = meta.superblock().journal_start;
                 let Job::Journal(sealed) = &self.job else { unreachable!("journal stage") };
-                assert!(!sealed.blocks.is_empty(), "journal blocks are written once encoded");
+                assert!(!sealed.blocks().is_empty(), "journal blocks are written once encoded");
                 let writes: Vec<(u64, K::B)> = sealed
-                    .blocks
+                    .blocks()
                     .iter()
                     .map(|(index, bytes)| {
                         let mut b = bufs.get(BLOCK_SIZE);

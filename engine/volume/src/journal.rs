@@ -167,9 +167,7 @@ impl JournalWriter {
             if run.map_sets {
                 planner.uniform(run.records.len(), MAP_SET_LEN);
             } else {
-                for r in &run.records {
-                    planner.one(r.encoded_len());
-                }
+                planner.each(&run.records);
             }
         }
         let plan = planner.finish();
@@ -200,6 +198,7 @@ impl JournalWriter {
     }
 
     /// Reserves, encodes and chains at once: the pending records as blocks to write in order.
+    #[cfg(test)]
     pub fn commit(&mut self) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
         let Some(batch) = self.reserve()? else { return Ok(Vec::new()) };
         let encoded = batch.encode();
@@ -359,13 +358,19 @@ mod tests {
         assert_eq!(replayed(&disk, head), all);
     }
 
-    #[test]
-    #[should_panic(expected = "before the last one's blocks were encoded")]
-    fn a_second_reservation_waits_for_the_first_to_chain() {
+    /// A writer with one reservation not yet chained.
+    fn unchained() -> JournalWriter {
         let mut w =
             JournalWriter::new(UUID, 1, RING, JournalHead { block: 0, seq: 1, prev_crc: 0 });
         w.append(map(1));
-        let _batch = w.reserve().unwrap();
+        w.reserve().unwrap().expect("a record pending");
+        w
+    }
+
+    #[test]
+    #[should_panic(expected = "before the last one's blocks were encoded")]
+    fn a_second_reservation_waits_for_the_first_to_chain() {
+        let mut w = unchained();
         w.append(map(2));
         let _ = w.reserve();
     }
@@ -373,11 +378,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "not encoded")]
     fn no_checkpoint_head_while_blocks_are_unchained() {
-        let mut w =
-            JournalWriter::new(UUID, 1, RING, JournalHead { block: 0, seq: 1, prev_crc: 0 });
-        w.append(map(1));
-        let _batch = w.reserve().unwrap();
-        let _ = w.head();
+        let _ = unchained().head();
     }
 
     #[test]

@@ -259,9 +259,11 @@ impl Planner {
         Planner { max, counts: vec![0], bytes: 0 }
     }
 
-    /// Places one record of `len` bytes.
-    pub fn one(&mut self, len: usize) {
-        self.uniform(1, len);
+    /// Places records of any lengths, one by one.
+    pub fn each<'a>(&mut self, records: impl IntoIterator<Item = &'a Record>) {
+        for r in records {
+            self.uniform(1, r.encoded_len());
+        }
     }
 
     /// Places `n` records of `len` bytes each.
@@ -287,22 +289,8 @@ impl Planner {
     }
 }
 
-/// Where records go in payloads of at most `max` bytes each ([`Planner`], record by record).
-pub fn plan<'a>(records: impl IntoIterator<Item = &'a Record>, max: usize) -> Vec<usize> {
-    let mut p = Planner::new(max);
-    for r in records {
-        p.one(r.encoded_len());
-    }
-    p.finish()
-}
-
-/// Packs records into payloads of at most `max` bytes each, in order, never splitting one
-/// (as [`plan`] places them).
-pub fn pack(records: &[Record], max: usize) -> Vec<Vec<u8>> {
-    pack_planned(records, &plan(records, max), max)
-}
-
-/// Encodes records into the payloads `plan` (from [`plan`] with the same `max`) gives them.
+/// Encodes records into the payloads `plan` (from a [`Planner`] with the same `max`) gives
+/// them.
 pub fn pack_planned<'a>(
     records: impl IntoIterator<Item = &'a Record>,
     plan: &[usize],
@@ -327,6 +315,18 @@ pub fn pack_planned<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where records go in payloads of at most `max` bytes each, record by record.
+    fn plan(records: &[Record], max: usize) -> Vec<usize> {
+        let mut p = Planner::new(max);
+        p.each(records);
+        p.finish()
+    }
+
+    /// Packs records into payloads of at most `max` bytes each, as [`plan`] places them.
+    fn pack(records: &[Record], max: usize) -> Vec<Vec<u8>> {
+        pack_planned(records, &plan(records, max), max)
+    }
     use proptest::prelude::*;
 
     #[test]

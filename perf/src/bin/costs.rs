@@ -369,7 +369,7 @@ fn seal_cost(records: u64, volumes: u64, idle: u64) -> anyhow::Result<(f64, f64,
     let t = Instant::now();
     sealed.encode_now();
     let encode = t.elapsed().as_secs_f64() * 1e6;
-    let blocks = sealed.blocks.len();
+    let blocks = sealed.blocks().len();
     let t = Instant::now();
     m.commit_done(sealed);
     Ok((seal, t.elapsed().as_secs_f64() * 1e6, encode, blocks))

@@ -94,16 +94,17 @@ impl PoolMeta {
         self.background_asked = false;
         self.seals += 1;
         let frees = self.seal_families();
-        let reserved = batch.is_some();
-        Ok(Some(Sealed { batch, reserved, blocks: Vec::new(), last_crc: None, frees }))
+        let journal = batch.map_or(SealedJournal::Empty, SealedJournal::Reserved);
+        Ok(Some(Sealed { journal, frees }))
     }
 
     /// The sealed commit is durable.
     pub fn commit_done(&mut self, sealed: Sealed) {
         assert!(self.committing);
-        if sealed.reserved {
-            let crc = sealed.last_crc.expect("a commit's blocks are encoded before it is durable");
-            self.journal.chained(crc);
+        match &sealed.journal {
+            SealedJournal::Empty => {}
+            SealedJournal::Encoded(e) => self.journal.chained(e.last_crc),
+            _ => panic!("a commit's blocks are encoded before it is durable"),
         }
         self.committing = false;
         self.commits_done += 1;
@@ -381,28 +382,41 @@ impl Checkpoint {
 impl Sealed {
     /// The records' encoding still to run (once; `None` for a commit without records).
     pub fn take_encode(&mut self) -> Option<Encode> {
-        self.batch.take().map(Encode::Journal)
+        match std::mem::replace(&mut self.journal, SealedJournal::Encoding) {
+            SealedJournal::Reserved(b) => Some(Encode::Journal(b)),
+            other => {
+                self.journal = other;
+                None
+            }
+        }
     }
 
     /// The records are encoded: the blocks are ready to write.
     pub fn encoded(&mut self, e: JournalBlocks) {
         assert!(
-            self.reserved && self.batch.is_none() && self.last_crc.is_none(),
-            "a commit's records are encoded once"
+            matches!(self.journal, SealedJournal::Encoding),
+            "a commit's records are encoded once, after they were taken"
         );
-        self.blocks = e.blocks;
-        self.last_crc = Some(e.last_crc);
+        self.journal = SealedJournal::Encoded(e);
     }
 
     /// Encodes the records here and now (a driver with nothing better to do meanwhile).
     pub fn encode_now(&mut self) {
-        if let Some(b) = self.batch.take() {
+        if let Some(Encode::Journal(b)) = self.take_encode() {
             self.encoded(b.encode());
         }
     }
 
     /// Whether there are blocks to write (once encoded).
     pub fn has_blocks(&self) -> bool {
-        self.reserved
+        !matches!(self.journal, SealedJournal::Empty)
+    }
+
+    /// The blocks to write in order, `(ring block index, 4 KiB)`: empty until encoded.
+    pub fn blocks(&self) -> &[(u64, Vec<u8>)] {
+        match &self.journal {
+            SealedJournal::Encoded(e) => &e.blocks,
+            _ => &[],
+        }
     }
 }

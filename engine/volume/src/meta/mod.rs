@@ -243,16 +243,21 @@ impl From<PoolError> for Blocked {
 /// there once the records are encoded ([`Sealed::take_encode`] then [`Sealed::encoded`], or
 /// [`Sealed::encode_now`]).
 pub struct Sealed {
-    /// The records and their reserved blocks, until a driver takes them to encode.
-    batch: Option<JournalBatch>,
-    /// Blocks were reserved (the commit has records).
-    reserved: bool,
-    /// Empty until encoded.
-    pub blocks: Vec<(u64, Vec<u8>)>,
-    /// The crc the next commit chains to, once encoded.
-    last_crc: Option<u32>,
+    journal: SealedJournal,
     /// Clusters it frees.
     frees: usize,
+}
+
+/// Where a commit's journal blocks stand.
+enum SealedJournal {
+    /// No records: nothing to write.
+    Empty,
+    /// The records and their reserved blocks, until a driver takes them to encode.
+    Reserved(JournalBatch),
+    /// Taken to encode.
+    Encoding,
+    /// Ready to write; the next commit chains to their last crc.
+    Encoded(JournalBlocks),
 }
 
 /// The state of an open pool: the pool part here (superblock, allocator, journal, reference
@@ -1330,11 +1335,11 @@ mod tests {
         m.snapshot(a, "x").unwrap();
         let mut sealed = m.seal().unwrap().unwrap();
         sealed.encode_now();
-        assert!(sealed.blocks.len() >= 2, "the commit spans blocks");
-        for keep in 0..=sealed.blocks.len() {
+        assert!(sealed.blocks().len() >= 2, "the commit spans blocks");
+        for keep in 0..=sealed.blocks().len() {
             let mut n = PoolMeta::new(sb());
             n.load(&before).unwrap();
-            for (_, bytes) in &sealed.blocks[..keep] {
+            for (_, bytes) in &sealed.blocks()[..keep] {
                 let (block, _) = JournalBlock::decode(bytes, &[1; 16]).unwrap();
                 n.load(&block.payload).unwrap();
             }

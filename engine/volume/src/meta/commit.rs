@@ -133,32 +133,6 @@ impl PoolMeta {
         Frozen { config: self.config.clone(), volumes }
     }
 
-    /// Every family's changes so far become the commit's; returns how many clusters it frees
-    /// (every live free is a family's: the allocator holds none pending once loaded).
-    fn seal_families(&mut self) -> usize {
-        assert_eq!(self.alloc.get_mut().pending_count(), 0, "live frees are the families'");
-        let mut freed = 0;
-        for f in self.fams.values_mut() {
-            freed += f.freed.len();
-            f.seal_epoch();
-        }
-        freed
-    }
-
-    /// The commit in flight, which sealed `frees` frees, is durable: every family moves on,
-    /// requests waiting for it proceed, and families left empty and idle go.
-    fn end_families(&mut self, frees: usize) {
-        let mut sealed = 0;
-        for f in self.fams.values_mut() {
-            sealed += f.sealed_freed.len();
-            let surplus = f.commit_ended();
-            self.alloc.get_mut().take_back(surplus);
-        }
-        assert_eq!(sealed, frees, "the families' sealed frees are the commit's");
-        self.commit_waiters.commit_ended();
-        self.prune_families();
-    }
-
     /// Blocks of each metadata half.
     pub fn checkpoint_half_blocks(&self) -> u64 {
         self.sb.meta_blocks / 2
@@ -193,10 +167,7 @@ impl PoolMeta {
             ..self.sb.clone()
         };
         self.journal.discard_pending();
-        for f in self.fams.values_mut() {
-            f.pending.clear();
-        }
-        *self.family_pending.get_mut() = 0;
+        self.discard_family_pending();
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;

@@ -125,6 +125,8 @@ pub(super) struct Family {
     pub(super) pending: Vec<Record>,
     /// Free clusters lent by the pool, for this family's fresh clusters.
     pub(super) stock: Stock,
+    /// On the pool's list of families the next seal visits (`touched`).
+    pub(super) listed: bool,
 }
 
 impl Family {
@@ -146,7 +148,25 @@ impl Family {
             sealed_freed: Vec::new(),
             pending: Vec::new(),
             stock: Stock::default(),
+            listed: false,
         }
+    }
+
+    /// Holds something the next seal takes: pending records, frees, clusters fresh or touched
+    /// since the last seal.
+    #[inline]
+    pub(super) fn touched(&self) -> bool {
+        !self.pending.is_empty()
+            || !self.freed.is_empty()
+            || !self.epoch_fresh.is_empty()
+            || !self.epoch_touched.is_empty()
+    }
+
+    /// Holds what a commit in flight sealed.
+    pub(super) fn holds_sealed(&self) -> bool {
+        !self.sealed_freed.is_empty()
+            || !self.sealed_fresh.is_empty()
+            || !self.sealed_touched.is_empty()
     }
 
     /// Nothing in it and nothing in flight or waiting: it can go (its stock back to the pool).
@@ -502,12 +522,5 @@ impl Families {
 
     pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut Family> {
         self.slots.iter_mut().flatten().map(|fam| fam.get_mut())
-    }
-
-    /// Keeps the families `keep` approves; returns those that went.
-    pub(super) fn retain(&mut self, mut keep: impl FnMut(&Family) -> bool) -> Vec<Family> {
-        let gone: Vec<u32> =
-            self.iter_mut().filter(|(_, fam)| !keep(fam)).map(|(f, _)| f).collect();
-        gone.into_iter().filter_map(|f| self.remove(f)).collect()
     }
 }

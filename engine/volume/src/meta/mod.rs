@@ -22,7 +22,8 @@
 //! order. So nothing can deadlock. The decisions live beside them by concern: `io` (reads,
 //! writes, holds, trims), `commit` (sealing, checkpoints, when a commit is due), `control`
 //! (volume operations and metadata admission), `epochs` (I/O tickets and the quarantine of
-//! freed clusters).
+//! freed clusters), `touched` (which families a commit visits: those changed since the last
+//! seal, so a commit's cost follows what changed, not how many volumes the pool holds).
 //!
 //! Invariants:
 //! - every mapping change is a journal record applied through `apply`, the function replay and
@@ -40,7 +41,7 @@
 //!   volumes may only be created, cloned, snapshotted or grown while the sum of all volume sizes
 //!   stays within the provisioning limit the metadata area was sized for at `format`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -59,8 +60,10 @@ mod epochs;
 mod family;
 use family::{Families, Family, Geometry, Link, Refs};
 mod io;
+mod touched;
 use crate::map::{count_references, Entry, Tree};
 use crate::records::{decode_all, Record, CONFIG_VALUE_MAX, NAME_MAX};
+use touched::Touched;
 
 /// Piece size tracked by the written bitmap: the pool's I/O granularity.
 pub const PIECE: u64 = 4096;
@@ -291,6 +294,9 @@ pub struct PoolMeta {
     /// Families borrowed mutably since `take_woken` last ran (only they can have woken
     /// anyone), so collecting wake-ups costs what was done, not the number of families.
     borrowed: Vec<u32>,
+    /// The families the next commit visits, those the commit in flight visits, and those
+    /// waiting to go (`touched`).
+    touched: Touched,
     committing: bool,
     /// Commits sealed so far, and how many of them are durable (checkpoints count as both).
     seals: u64,
@@ -367,6 +373,7 @@ impl PoolMeta {
             woken: Mutex::new(Vec::new()),
             woken_count: AtomicUsize::new(0),
             borrowed: Vec::new(),
+            touched: Touched::default(),
             committing: false,
             seals: 0,
             durable_seals: 0,
@@ -416,7 +423,8 @@ impl PoolMeta {
     #[inline]
     fn deciding<R>(&self, id: u32, op: impl FnOnce(&mut Family, &mut Link) -> R) -> Option<R> {
         debug_assert!(!self.loading, "the data path runs on a loaded pool");
-        let mut fam = self.family(id)?;
+        let f = *self.family_of.get(&id)?;
+        let mut fam = self.fams.get(f)?;
         let mut link = Link { refs: &self.refs, loading: None };
         let before = fam.pending.len();
         let r = op(&mut fam, &mut link);
@@ -424,6 +432,7 @@ impl PoolMeta {
         if queued > 0 {
             self.family_pending.fetch_add(queued, Ordering::Relaxed);
         }
+        self.list_decided(f, &mut fam);
         if fam.locks.woken() > 0 {
             let mut woken = self.woken.lock();
             fam.locks.take_woken(&mut woken);
@@ -439,25 +448,14 @@ impl PoolMeta {
         self.fams.get_mut(f)
     }
 
+    /// Family `f` is borrowed mutably: its wake-ups are collected (`take_woken`) and the next
+    /// commit visits it.
     #[inline]
     fn note_borrowed(&mut self, f: u32) {
         if self.borrowed.last() != Some(&f) {
             self.borrowed.push(f);
         }
-    }
-
-    /// Removes families with no volume and nothing in flight, waiting or quarantined (their
-    /// stocks back to the allocator), and the names of deleted volumes that led to them.
-    fn prune_families(&mut self) {
-        let gone = self.fams.retain(|f| !f.idle_empty());
-        if gone.is_empty() {
-            return;
-        }
-        for mut fam in gone {
-            self.alloc.get_mut().take_back(fam.stock.drain());
-        }
-        let fams = &mut self.fams;
-        self.family_of.retain(|_, f| fams.get_mut(*f).is_some());
+        self.list_borrowed(f);
     }
 
     /// Clusters lent to families and free in their stocks.
@@ -722,14 +720,6 @@ impl PoolMeta {
         self.journal.append(r);
     }
 
-    /// Moves every family's pending records to the journal, in family order.
-    fn gather_pending(&mut self) {
-        for f in self.fams.values_mut() {
-            self.journal.append_map_sets(&mut f.pending);
-        }
-        *self.family_pending.get_mut() = 0;
-    }
-
     /// Loads records read from the media (checkpoint, then journal blocks in order).
     pub fn load(&mut self, payload: &[u8]) -> Result<(), PoolError> {
         let records = decode_all(payload)
@@ -772,10 +762,7 @@ impl PoolMeta {
         }
         self.loading = false;
         self.alloc.get_mut().commit();
-        for f in self.fams.values_mut() {
-            f.loaded();
-        }
-        self.prune_families();
+        self.touched_loaded();
         self.merge_sharing_families();
     }
 
@@ -901,6 +888,7 @@ impl PoolMeta {
             problems
                 .push(format!("families hold {queued} pending records, the pool counts {counted}"));
         }
+        problems.extend(self.check_touched(&fams));
         let borrowed: HashSet<u32> = self.borrowed.iter().copied().collect();
         for (f, fam) in &fams {
             let f = *f;
@@ -1278,6 +1266,48 @@ mod tests {
         assert!(matches!(r, Err(Blocked::Fail(PoolError::NoVolume(_)))), "{r:?}");
         commit(&mut m);
         assert_eq!((m.family_count(), m.family_of.len(), m.parked()), (0, 0, 0));
+        assert!(m.check().is_empty(), "{:?}", m.check());
+    }
+
+    /// A commit visits the families touched since the last seal, not every family: idle ones
+    /// keep their I/O epoch; a deleted family still reading goes at the first commit after
+    /// its last I/O, though that commit touched nothing of it.
+    #[test]
+    fn a_commit_visits_only_the_families_touched_since_the_last_seal() {
+        let mut m = fresh_of(sb_of(4 << 20));
+        let ids: Vec<u32> =
+            (0..6).map(|i| m.create_volume(&format!("v{i}"), 1 << 20).unwrap()).collect();
+        for &id in &ids {
+            write(&mut m, id);
+        }
+        assert_eq!(m.touched_families(), 0, "a commit leaves nothing listed");
+        let epoch = |m: &PoolMeta, id: u32| m.fams.get(m.family_of[&id]).unwrap().io_epoch;
+        let before: Vec<u64> = ids.iter().map(|&id| epoch(&m, id)).collect();
+        // A read touches nothing; a write lists its family once, however many records.
+        let mut pieces = Vec::new();
+        let read = m.plan_read_io(ids[1], 0, PIECE, &mut pieces).unwrap();
+        m.end_io(read);
+        assert_eq!(m.touched_families(), 0, "a read lists nothing");
+        for vc in 0..8 {
+            assert!(write_cluster(&mut m, ids[0], vc));
+        }
+        assert_eq!(m.touched_families(), 1);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        commit(&mut m);
+        let after: Vec<u64> = ids.iter().map(|&id| epoch(&m, id)).collect();
+        assert_eq!(after[0], before[0] + 1, "the written family's epoch moves on");
+        assert_eq!(after[1..], before[1..], "the idle families were not visited");
+        // A read in flight on a volume that is then deleted: its family waits for it.
+        let families = m.family_count();
+        let read = m.plan_read_io(ids[2], 0, PIECE, &mut pieces).unwrap();
+        m.delete(ids[2]).unwrap();
+        commit(&mut m);
+        assert_eq!(m.family_count(), families, "the family waits for its read");
+        m.end_io(read);
+        assert!(write_cluster(&mut m, ids[3], 1));
+        commit(&mut m);
+        assert_eq!(m.family_count(), families - 1, "and goes at the next commit");
+        assert_eq!(m.leaked(), 0);
         assert!(m.check().is_empty(), "{:?}", m.check());
     }
 

@@ -133,8 +133,14 @@ def main():
                     help="volume: N volumes of one pool file; file: one file export per "
                     "connection on --pool-dir (the `one` shape: all on the first); ram: one "
                     "RAM export per connection")
+    ap.add_argument("--fresh", action="store_true",
+                    help="with --backing volume: every cell formats the pool afresh and writes "
+                    "into new, never written volumes (each 4 KiB piece's first write makes a "
+                    "mapping record: commits, and their seals pausing every core, under load)")
     ap.add_argument("--out", default=os.path.join(PERF_DIR, "results"))
     args = ap.parse_args()
+    if args.fresh and args.backing != "volume":
+        ap.error("--fresh needs --backing volume")
     args.perf = args.perf or os.path.join(os.path.dirname(args.binary), "ballast-perf")
 
     def cpu_list(spec):
@@ -158,10 +164,16 @@ def main():
         if args.backing == "volume":
             if args.pool_path:
                 pool = args.pool_path
-                wipe(pool)
-            subprocess.run([args.binary, "pool", "create", pool]
-                           + ([] if args.pool_path else ["--size", "16G"]),
-                           check=True, capture_output=True)
+
+            def format_pool():
+                if args.pool_path:
+                    wipe(pool)
+                elif os.path.exists(pool):
+                    os.unlink(pool)
+                subprocess.run([args.binary, "pool", "create", pool]
+                               + ([] if args.pool_path else ["--size", "16G"]),
+                               check=True, capture_output=True)
+            format_pool()
             where = ["--pool", pool]
         elif args.backing == "file":
             for f in files:
@@ -181,6 +193,9 @@ def main():
         try:
             for rep in range(args.reps):
                 for shape, rw, p in (cells if rep % 2 == 0 else list(reversed(cells))):
+                    if args.fresh and os.path.exists(filled):
+                        format_pool()
+                        os.unlink(filled)
                     d = Daemon(args.binary, os.path.join(scratch, f"cores{n}"),
                                where + ["--poll-us", str(args.poll_us),
                                 "--volume-placement", p] + args.serve_args.split(),
@@ -191,8 +206,10 @@ def main():
                             for v in vols if args.backing == "volume" else ():
                                 d.rpc("volume", "create", v, args.volume_size)
                             # Written once: reads read data, writes overwrite in place.
-                            clients(d, args, vols, "write", "128k", 8, 600, client_cpus,
-                                    ["--number-ios", str(size_bytes(args.volume_size) // 131072)])
+                            if not args.fresh:
+                                clients(d, args, vols, "write", "128k", 8, 600, client_cpus,
+                                        ["--number-ios",
+                                         str(size_bytes(args.volume_size) // 131072)])
                             open(filled, "w").close()
                         exports = vols if shape == "spread" else ["v0"] * n
                         r = measure(d, args, exports, rw, client_cpus)
@@ -217,7 +234,8 @@ def main():
         med[label]["core_share_min"] = statistics.median(min(r["core_shares"]) for r in rs)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"core-scale-{args.backing}-{stamp}.json")
+    kind = args.backing + ("-fresh" if args.fresh else "")
+    path = os.path.join(args.out, f"core-scale-{kind}-{stamp}.json")
     with open(path, "w") as f:
         json.dump({"args": vars(args), "nproc": os.cpu_count(), "uname": os.uname().release,
                    "runs": runs, "median": med}, f, indent=1)

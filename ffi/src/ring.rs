@@ -290,7 +290,9 @@ impl Ring {
     /// a ring without them: everything then goes as plain descriptors and buffers.
     pub fn with_fixed(entries: u32, fixed: FixedConfig) -> Result<Ring, RingError> {
         // Cooperative task running and a single issuer (Linux 6.0+) save interrupts and
-        // locking; older kernels refuse the flags and get a plain ring.
+        // locking; older kernels refuse the flags and get a plain ring. (Deferred task running,
+        // IORING_SETUP_DEFER_TASKRUN, was measured in its place and did not pay: perf/RESULTS.md
+        // §8.2.)
         let tuned = IoUring::builder()
             .setup_coop_taskrun()
             .setup_taskrun_flag()

@@ -692,7 +692,7 @@ struct SealFigure {
 fn seal_figures(reps: usize) -> anyhow::Result<Vec<SealFigure>> {
     let mut seals = Vec::new();
     for (records, volumes, idle) in
-        [(256u64, 1u64, 0u64), (4096, 1, 0), (4096, 256, 0), (4096, 1, 4096)]
+        [(256u64, 1u64, 0u64), (4096, 1, 0), (4096, 256, 0), (4096, 4096, 0), (4096, 1, 4096)]
     {
         let runs: Vec<(f64, f64, f64, usize)> =
             (0..reps).map(|_| seal_cost(records, volumes, idle)).collect::<anyhow::Result<_>>()?;

@@ -127,6 +127,11 @@ pub(super) struct Family {
     pub(super) stock: Stock,
     /// On the pool's list of families the next seal visits (`touched`).
     pub(super) listed: bool,
+    /// The seal (the pool's count) that made the sealed sets, 0 when they are empty: a
+    /// commit that freed nothing of the family's is ended by the family itself, at its next
+    /// decision after the commit is durable (`catch_up`), not by the pool under its exclusive
+    /// borrow.
+    pub(super) sealed_at: u64,
 }
 
 impl Family {
@@ -149,6 +154,7 @@ impl Family {
             pending: Vec::new(),
             stock: Stock::default(),
             listed: false,
+            sealed_at: 0,
         }
     }
 
@@ -392,6 +398,7 @@ impl Family {
     /// waits in quarantine for the I/O older than it; returns what the stock does not keep of
     /// what became reusable, for the pool's allocator.
     pub(super) fn commit_ended(&mut self) -> Vec<u64> {
+        self.sealed_at = 0;
         self.sealed_fresh.clear();
         self.sealed_touched.clear();
         let frees = std::mem::take(&mut self.sealed_freed);
@@ -400,6 +407,23 @@ impl Family {
         }
         self.io_epoch += 1;
         self.release_quarantine()
+    }
+
+    /// Ends the commit that sealed the family if it is durable (`durable`: the pool's durable
+    /// seals) and the pool left its end to the family (it freed nothing): before any decision
+    /// looks at the sealed sets. Returns what the stock does not keep of what became reusable.
+    #[inline]
+    pub(super) fn catch_up(&mut self, durable: u64) -> Vec<u64> {
+        if self.sealed_at == 0 || self.sealed_at > durable {
+            return Vec::new();
+        }
+        debug_assert!(self.sealed_freed.is_empty(), "a commit that freed clusters ends at once");
+        self.commit_ended()
+    }
+
+    /// Whether the family's sealed sets belong to a durable commit it has not ended yet.
+    pub(super) fn behind(&self, durable: u64) -> bool {
+        self.sealed_at != 0 && self.sealed_at <= durable
     }
 
     /// The family's own consistency: mappings within the pool and within their volumes, the

@@ -425,6 +425,8 @@ impl PoolMeta {
         debug_assert!(!self.loading, "the data path runs on a loaded pool");
         let f = *self.family_of.get(&id)?;
         let mut fam = self.fams.get(f)?;
+        let caught_up = fam.catch_up(self.durable_seals);
+        self.give_back(caught_up);
         let mut link = Link { refs: &self.refs, loading: None };
         let before = fam.pending.len();
         let r = op(&mut fam, &mut link);
@@ -665,8 +667,13 @@ impl PoolMeta {
                 // A deleted volume's name leaves with it once nothing of it is in flight (the
                 // control operation drained its writes; reads end by their family's number).
                 let quiet = self.volume(*id).is_ok_and(|v| v.writes_inflight == 0);
-                if let Some((fam, mut link)) = self.split(*id) {
+                let emptied = self.split(*id).map(|(fam, mut link)| {
                     fam.apply(r, &mut link);
+                    fam.volumes.is_empty()
+                });
+                if emptied == Some(true) {
+                    let f = self.family_of[id];
+                    self.family_emptied(f);
                 }
                 if quiet {
                     self.family_of.remove(id);
@@ -1270,8 +1277,9 @@ mod tests {
     }
 
     /// A commit visits the families touched since the last seal, not every family: idle ones
-    /// keep their I/O epoch; a deleted family still reading goes at the first commit after
-    /// its last I/O, though that commit touched nothing of it.
+    /// keep their I/O epoch; one that freed nothing ends the commit itself at its next
+    /// decision; a deleted family still reading goes at the first commit after its last I/O,
+    /// though that commit touched nothing of it.
     #[test]
     fn a_commit_visits_only_the_families_touched_since_the_last_seal() {
         let mut m = fresh_of(sb_of(4 << 20));
@@ -1295,8 +1303,17 @@ mod tests {
         assert!(m.check().is_empty(), "{:?}", m.check());
         commit(&mut m);
         let after: Vec<u64> = ids.iter().map(|&id| epoch(&m, id)).collect();
-        assert_eq!(after[0], before[0] + 1, "the written family's epoch moves on");
+        // The written family ended the first commits itself at its first write; the idle
+        // ones end theirs when they next decide (a read is no decision).
         assert_eq!(after[1..], before[1..], "the idle families were not visited");
+        assert_eq!(after[0], before[0] + 1, "the commit's end left the written family alone");
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        let read = m.plan_read_io(ids[0], 0, PIECE, &mut pieces).unwrap();
+        m.end_io(read);
+        assert_eq!(epoch(&m, ids[0]), before[0] + 1, "a read is not a decision");
+        assert!(write_cluster(&mut m, ids[0], 9));
+        assert_eq!(epoch(&m, ids[0]), before[0] + 2, "which ends it at its next decision");
+        assert!(m.check().is_empty(), "{:?}", m.check());
         // A read in flight on a volume that is then deleted: its family waits for it.
         let families = m.family_count();
         let read = m.plan_read_io(ids[2], 0, PIECE, &mut pieces).unwrap();

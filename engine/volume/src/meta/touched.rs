@@ -3,12 +3,15 @@
 //! references changed since the last seal (`Family::touched`). Each touched family is listed
 //! once per epoch (its own `listed` flag, set under its lock by the decision that touched it),
 //! so gathering, sealing and ending a commit visit the families that changed, not every family
-//! of the pool: a pool of thousands of idle volumes pays nothing per commit for them. Only the
-//! families a commit ended can have been left empty by it, so pruning looks at those too.
+//! of the pool: a pool of thousands of idle volumes pays nothing per commit for them. And a
+//! commit's end visits only the families whose frees it made durable: the others end it
+//! themselves at their next decision (`Family::catch_up`). Pruning looks only at the families
+//! a deletion left with no volume.
 //!
 //! Invariants (asserted by `PoolMeta::check`): a family that is not listed is not touched;
-//! `listed` is set exactly for the families on the list, each there once; while a commit is in
-//! flight only the families it sealed hold sealed state, and with none in flight none does. A
+//! `listed` is set exactly for the families on the list, each there once; sealed state belongs
+//! to the commit in flight (which ends every family it frees clusters of) or to a durable
+//! commit that freed nothing of the family's, ended at its next decision. A
 //! family the pool borrows exclusively (a control operation, loading) is listed whatever it
 //! did: such borrows are rare, and a clean family listed costs one visit. A clean family's I/O
 //! epoch stays where it is across a commit: it freed nothing that its older I/O could still
@@ -25,7 +28,7 @@ pub(super) struct Touched {
     listed: Mutex<Vec<u32>>,
     /// The families the commit in flight sealed (empty with none in flight).
     sealed: Vec<u32>,
-    /// Families a commit left with no volume, until they are idle and go.
+    /// Families a deletion left with no volume, until they are idle and go.
     emptied: BTreeSet<u32>,
 }
 
@@ -45,9 +48,12 @@ impl PoolMeta {
         }
     }
 
-    /// Family `f` is borrowed exclusively: listed for the next seal, whatever the borrow does.
+    /// Family `f` is borrowed exclusively: caught up with the durable commits, and listed for
+    /// the next seal, whatever the borrow does.
     pub(super) fn list_borrowed(&mut self, f: u32) {
         if let Some(fam) = self.fams.get_mut(f) {
+            let caught_up = fam.catch_up(self.durable_seals);
+            self.alloc.get_mut().take_back(caught_up);
             if !fam.listed {
                 fam.listed = true;
                 self.touched.listed.get_mut().push(f);
@@ -73,26 +79,36 @@ impl PoolMeta {
         *self.family_pending.get_mut() = 0;
     }
 
-    /// Every touched family's changes so far become the commit's (the list becomes the
-    /// commit's); returns how many clusters it frees (every live free is a family's: the
-    /// allocator holds none pending once loaded).
+    /// Every touched family's changes so far become the commit's; returns how many clusters
+    /// it frees (every live free is a family's: the allocator holds none pending once loaded).
+    /// The families that free clusters are the commit's to end when it is durable (`sealed`);
+    /// the others end it themselves at their next decision after that (`Family::catch_up`), so
+    /// a commit's end under the exclusive borrow visits only them.
     pub(super) fn seal_families(&mut self) -> usize {
         assert_eq!(self.alloc.get_mut().pending_count(), 0, "live frees are the families'");
         assert!(self.touched.sealed.is_empty(), "sealing beside a commit in flight");
+        let (seal, durable) = (self.seals, self.durable_seals);
         let t = &mut self.touched;
-        std::mem::swap(t.listed.get_mut(), &mut t.sealed);
         let mut freed = 0;
-        for &f in &t.sealed {
+        for &f in t.listed.get_mut().iter() {
             let fam = self.fams.get_mut(f).expect("a listed family lives");
-            freed += fam.freed.len();
+            let caught_up = fam.catch_up(durable);
+            self.alloc.get_mut().take_back(caught_up);
+            let frees = fam.freed.len();
+            freed += frees;
             fam.seal_epoch();
+            fam.sealed_at = seal;
             fam.listed = false;
+            if frees > 0 {
+                t.sealed.push(f);
+            }
         }
+        t.listed.get_mut().clear();
         freed
     }
 
-    /// The commit in flight, which sealed `frees` frees, is durable: the families it sealed
-    /// move on, requests waiting for it proceed, and families left empty and idle go.
+    /// The commit in flight, which sealed `frees` frees, is durable: the families it left to
+    /// the pool move on, requests waiting for it proceed, and families left empty and idle go.
     pub(super) fn end_families(&mut self, frees: usize) {
         let mut sealed = 0;
         for &f in &self.touched.sealed {
@@ -100,14 +116,16 @@ impl PoolMeta {
             sealed += fam.sealed_freed.len();
             let surplus = fam.commit_ended();
             self.alloc.get_mut().take_back(surplus);
-            if fam.volumes.is_empty() {
-                self.touched.emptied.insert(f);
-            }
         }
         self.touched.sealed.clear();
         assert_eq!(sealed, frees, "the families' sealed frees are the commit's");
         self.commit_waiters.commit_ended();
         self.prune_families();
+    }
+
+    /// Volume `id`, just deleted, was the last of family `f`: the family goes once idle.
+    pub(super) fn family_emptied(&mut self, f: u32) {
+        self.touched.emptied.insert(f);
     }
 
     /// Removes the emptied families with nothing in flight, waiting, quarantined or listed
@@ -168,6 +186,7 @@ impl PoolMeta {
         if !self.committing && !sealed.is_empty() {
             problems.push(format!("families {sealed:?} sealed with no commit in flight"));
         }
+        let in_flight = if self.committing { self.seals } else { 0 };
         for (f, fam) in fams {
             let f = *f;
             if fam.listed != on_list.contains(&f) {
@@ -183,9 +202,22 @@ impl PoolMeta {
                      would miss it"
                 ));
             }
-            if !sealed.contains(&f) && fam.holds_sealed() {
+            // Sealed state belongs to the commit in flight (which the pool ends for the family
+            // when it frees clusters), or to a durable commit that freed nothing of the
+            // family's, which it ends at its next decision.
+            let behind = fam.behind(self.durable_seals);
+            let fits = match fam.sealed_at {
+                0 => !fam.holds_sealed(),
+                at if at == in_flight => sealed.contains(&f) || fam.sealed_freed.is_empty(),
+                _ => behind && fam.sealed_freed.is_empty(),
+            };
+            if !fits {
                 problems.push(format!(
-                    "family {f} holds sealed state that the commit in flight did not seal"
+                    "family {f}: sealed state of seal {} does not fit (commit in flight: {},                      durable seals {}, ended by the pool: {})",
+                    fam.sealed_at,
+                    in_flight,
+                    self.durable_seals,
+                    sealed.contains(&f)
                 ));
             }
         }

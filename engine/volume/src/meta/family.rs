@@ -106,7 +106,8 @@ pub(super) struct Family {
     pub(super) epoch_fresh: HashSet<u64>,
     /// Older clusters whose references changed since the last seal.
     pub(super) epoch_touched: HashSet<u64>,
-    /// The same two sets for the commit in flight.
+    /// The same two sets as the last seal left them: the commit in flight's, or a durable
+    /// commit's that the family has not ended yet (`sealed_at`, `catch_up`).
     pub(super) sealed_fresh: HashSet<u64>,
     pub(super) sealed_touched: HashSet<u64>,
     /// Fresh clusters of write spans in flight (allocated, mapped when the span finishes).
@@ -168,7 +169,7 @@ impl Family {
             || !self.epoch_touched.is_empty()
     }
 
-    /// Holds what a commit in flight sealed.
+    /// Holds what a seal left: for the commit in flight, or for a durable one not yet ended.
     pub(super) fn holds_sealed(&self) -> bool {
         !self.sealed_freed.is_empty()
             || !self.sealed_fresh.is_empty()

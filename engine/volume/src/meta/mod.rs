@@ -294,8 +294,8 @@ pub struct PoolMeta {
     /// Families borrowed mutably since `take_woken` last ran (only they can have woken
     /// anyone), so collecting wake-ups costs what was done, not the number of families.
     borrowed: Vec<u32>,
-    /// The families the next commit visits, those the commit in flight visits, and those
-    /// waiting to go (`touched`).
+    /// The families the next commit visits, those whose frees the commit in flight makes
+    /// durable (it ends them), and those waiting to go (`touched`).
     touched: Touched,
     committing: bool,
     /// Commits sealed so far, and how many of them are durable (checkpoints count as both).

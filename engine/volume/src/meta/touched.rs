@@ -26,7 +26,8 @@ pub(super) struct Touched {
     /// Families touched since the last seal, in the order they were listed (each once: its
     /// `listed` flag). A leaf lock: taken while a family's lock is held, never the other way.
     listed: Mutex<Vec<u32>>,
-    /// The families the commit in flight sealed (empty with none in flight).
+    /// The families the commit in flight ends when it is durable: those it frees clusters of
+    /// (empty with none in flight; the others end it themselves, `Family::catch_up`).
     sealed: Vec<u32>,
     /// Families a deletion left with no volume, until they are idle and go.
     emptied: BTreeSet<u32>,
@@ -86,7 +87,8 @@ impl PoolMeta {
     /// a commit's end under the exclusive borrow visits only them.
     pub(super) fn seal_families(&mut self) -> usize {
         assert_eq!(self.alloc.get_mut().pending_count(), 0, "live frees are the families'");
-        assert!(self.touched.sealed.is_empty(), "sealing beside a commit in flight");
+        assert_eq!(self.durable_seals + 1, self.seals, "sealing beside a commit in flight");
+        assert!(self.touched.sealed.is_empty(), "the last commit's end visited its families");
         let (seal, durable) = (self.seals, self.durable_seals);
         let t = &mut self.touched;
         let mut freed = 0;
@@ -213,12 +215,23 @@ impl PoolMeta {
             };
             if !fits {
                 problems.push(format!(
-                    "family {f}: sealed state of seal {} does not fit (commit in flight: {},                      durable seals {}, ended by the pool: {})",
+                    "family {f}: sealed state of seal {} does not fit (commit in flight: {}, \
+                     durable seals {}, ended by the pool: {})",
                     fam.sealed_at,
                     in_flight,
                     self.durable_seals,
                     sealed.contains(&f)
                 ));
+            }
+        }
+        for &f in &self.touched.sealed {
+            if let Some((_, fam)) = fams.iter().find(|(g, _)| *g == f) {
+                if fam.sealed_at != in_flight {
+                    problems.push(format!(
+                        "family {f} is for the commit in flight to end, but was sealed by seal {}",
+                        fam.sealed_at
+                    ));
+                }
             }
         }
         for f in listed.iter().chain(&self.touched.sealed).chain(&self.touched.emptied) {

@@ -166,8 +166,8 @@ impl PoolMeta {
             journal_head_prev_crc: head.prev_crc,
             ..self.sb.clone()
         };
+        self.gather_pending();
         self.journal.discard_pending();
-        self.discard_family_pending();
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;

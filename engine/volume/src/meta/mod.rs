@@ -425,8 +425,7 @@ impl PoolMeta {
         debug_assert!(!self.loading, "the data path runs on a loaded pool");
         let f = *self.family_of.get(&id)?;
         let mut fam = self.fams.get(f)?;
-        let caught_up = fam.catch_up(self.durable_seals);
-        self.give_back(caught_up);
+        fam.catch_up(self.durable_seals);
         let mut link = Link { refs: &self.refs, loading: None };
         let before = fam.pending.len();
         let r = op(&mut fam, &mut link);

@@ -53,8 +53,7 @@ impl PoolMeta {
     /// the next seal, whatever the borrow does.
     pub(super) fn list_borrowed(&mut self, f: u32) {
         if let Some(fam) = self.fams.get_mut(f) {
-            let caught_up = fam.catch_up(self.durable_seals);
-            self.alloc.get_mut().take_back(caught_up);
+            fam.catch_up(self.durable_seals);
             if !fam.listed {
                 fam.listed = true;
                 self.touched.listed.get_mut().push(f);
@@ -68,14 +67,6 @@ impl PoolMeta {
         for &f in self.touched.listed.get_mut().iter() {
             let fam = self.fams.get_mut(f).expect("a listed family lives");
             self.journal.append_map_sets(&mut fam.pending);
-        }
-        *self.family_pending.get_mut() = 0;
-    }
-
-    /// Drops the touched families' pending records (a checkpoint covers them).
-    pub(super) fn discard_family_pending(&mut self) {
-        for &f in self.touched.listed.get_mut().iter() {
-            self.fams.get_mut(f).expect("a listed family lives").pending.clear();
         }
         *self.family_pending.get_mut() = 0;
     }
@@ -94,8 +85,7 @@ impl PoolMeta {
         let mut freed = 0;
         for &f in t.listed.get_mut().iter() {
             let fam = self.fams.get_mut(f).expect("a listed family lives");
-            let caught_up = fam.catch_up(durable);
-            self.alloc.get_mut().take_back(caught_up);
+            fam.catch_up(durable);
             let frees = fam.freed.len();
             freed += frees;
             fam.seal_epoch();
@@ -160,19 +150,15 @@ impl PoolMeta {
     /// Loading ended: every family is durable and clean (none listed), and those left with no
     /// volume go.
     pub(super) fn touched_loaded(&mut self) {
-        for fam in self.fams.values_mut() {
+        assert!(self.touched.sealed.is_empty(), "no commit while loading");
+        self.touched.listed.get_mut().clear();
+        for (f, fam) in self.fams.iter_mut() {
             fam.loaded();
             fam.listed = false;
+            if fam.volumes.is_empty() {
+                self.touched.emptied.insert(f);
+            }
         }
-        self.touched.listed.get_mut().clear();
-        assert!(self.touched.sealed.is_empty(), "no commit while loading");
-        let empty: Vec<u32> = self
-            .fams
-            .iter_mut()
-            .filter(|(_, fam)| fam.volumes.is_empty())
-            .map(|(f, _)| f)
-            .collect();
-        self.touched.emptied.extend(empty);
         self.prune_families();
     }
 
@@ -189,8 +175,15 @@ impl PoolMeta {
             problems.push(format!("families {sealed:?} sealed with no commit in flight"));
         }
         let in_flight = if self.committing { self.seals } else { 0 };
+        let live: HashSet<u32> = fams.iter().map(|(f, _)| *f).collect();
         for (f, fam) in fams {
             let f = *f;
+            if sealed.contains(&f) && fam.sealed_at != in_flight {
+                problems.push(format!(
+                    "family {f} is for the commit in flight to end, but was sealed by seal {}",
+                    fam.sealed_at
+                ));
+            }
             if fam.listed != on_list.contains(&f) {
                 problems.push(format!(
                     "family {f}: listed flag {} but {} the list",
@@ -224,18 +217,8 @@ impl PoolMeta {
                 ));
             }
         }
-        for &f in &self.touched.sealed {
-            if let Some((_, fam)) = fams.iter().find(|(g, _)| *g == f) {
-                if fam.sealed_at != in_flight {
-                    problems.push(format!(
-                        "family {f} is for the commit in flight to end, but was sealed by seal {}",
-                        fam.sealed_at
-                    ));
-                }
-            }
-        }
         for f in listed.iter().chain(&self.touched.sealed).chain(&self.touched.emptied) {
-            if !fams.iter().any(|(g, _)| g == f) {
+            if !live.contains(f) {
                 problems.push(format!("family {f} is listed but gone"));
             }
         }

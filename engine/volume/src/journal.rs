@@ -154,23 +154,53 @@ impl JournalWriter {
         self.used_blocks = 0;
     }
 
+    /// Room for `runs` more runs of mapping records (a seal appends one per family).
+    pub fn expect_runs(&mut self, runs: usize) {
+        self.runs.reserve(runs);
+    }
+
+    /// The payloads (records per block) of the pending records with `more_map_sets` mapping
+    /// records after them. Consecutive runs of mapping records are placed as one: records of
+    /// one length fill payloads alike however they are grouped.
+    fn plan(&self, more_map_sets: usize) -> Vec<usize> {
+        let mut planner = Planner::new(JOURNAL_PAYLOAD_MAX);
+        let mut map_sets = 0;
+        for run in &self.runs {
+            if run.map_sets {
+                map_sets += run.records.len();
+            } else {
+                planner.uniform(map_sets, MAP_SET_LEN);
+                map_sets = 0;
+                planner.each(&run.records);
+            }
+        }
+        planner.uniform(map_sets + more_map_sets, MAP_SET_LEN);
+        planner.finish()
+    }
+
+    /// Refuses now what [`JournalWriter::reserve`] would refuse once `map_sets` more mapping
+    /// records are appended: a seal checks before it takes the families' records.
+    pub fn check_room(&self, map_sets: usize) -> Result<(), JournalError> {
+        if self.runs.is_empty() && map_sets == 0 {
+            return Ok(());
+        }
+        let needed = self.plan(map_sets).len() as u64;
+        if needed > self.blocks_free() {
+            return Err(JournalError::Full { needed, free: self.blocks_free() });
+        }
+        Ok(())
+    }
+
     /// Takes the pending records and reserves the ring blocks they fill: the batch to encode
     /// ([`JournalBatch::encode`]) and write in order, then [`JournalWriter::chained`]. `None`
     /// when nothing is pending; refused when the blocks would overrun what replay still needs.
     pub fn reserve(&mut self) -> Result<Option<JournalBatch>, JournalError> {
         assert!(!self.unchained, "a reservation before the last one's blocks were encoded");
-        if self.pending() == 0 {
+        // Runs are never empty (`append`, `append_map_sets`).
+        if self.runs.is_empty() {
             return Ok(None);
         }
-        let mut planner = Planner::new(JOURNAL_PAYLOAD_MAX);
-        for run in &self.runs {
-            if run.map_sets {
-                planner.uniform(run.records.len(), MAP_SET_LEN);
-            } else {
-                planner.each(&run.records);
-            }
-        }
-        let plan = planner.finish();
+        let plan = self.plan(0);
         let needed = plan.len() as u64;
         if needed > self.blocks_free() {
             return Err(JournalError::Full { needed, free: self.blocks_free() });
@@ -379,6 +409,64 @@ mod tests {
     #[should_panic(expected = "not encoded")]
     fn no_checkpoint_head_while_blocks_are_unchained() {
         let _ = unchained().head();
+    }
+
+    /// A seal asks before it moves the families' records: `check_room(n)` answers as the
+    /// reservation does once `n` mapping records follow what is pending, around the ring's
+    /// last block, however the records come in runs.
+    #[test]
+    fn room_checked_ahead_is_the_room_a_reservation_finds() {
+        let per_block = JOURNAL_PAYLOAD_MAX / MAP_SET_LEN;
+        for n in [0, 1, per_block - 3, per_block - 2, per_block - 1, per_block, 2 * per_block] {
+            let mut w =
+                JournalWriter::new(UUID, 1, 2, JournalHead { block: 0, seq: 1, prev_crc: 0 });
+            w.append(Record::Config { key: "k".into(), value: "v".repeat(40) });
+            w.append_map_sets(&mut (0..3).map(map).collect());
+            w.append(Record::Delete { id: 9 });
+            let fits = w.check_room(n).is_ok();
+            // The n records in runs of 1, 2, 3, ... (families of several sizes).
+            let mut next = 0;
+            for len in 1.. {
+                if next == n {
+                    break;
+                }
+                let end = (next + len).min(n);
+                w.append_map_sets(&mut (next as u64..end as u64).map(map).collect());
+                next = end;
+            }
+            let reserved = w.reserve();
+            assert_eq!(
+                fits,
+                reserved.is_ok(),
+                "{n} records: checked {fits}, {:?}",
+                reserved.as_ref().err()
+            );
+            if let Ok(Some(batch)) = reserved {
+                assert_eq!(batch.records(), n + 5);
+                let encoded = batch.encode();
+                assert_eq!(encoded.blocks.len(), batch_blocks(n), "{n} records");
+            }
+        }
+        // Nothing pending needs no room, even with no block free.
+        let mut w = JournalWriter::new(UUID, 1, 2, JournalHead { block: 0, seq: 1, prev_crc: 0 });
+        w.append(map(1));
+        w.append(map(2));
+        assert_eq!(w.commit().unwrap().len(), 1);
+        w.append(map(3));
+        assert_eq!(w.commit().unwrap().len(), 1);
+        assert!(w.check_room(0).is_ok());
+        assert!(w.check_room(1).is_err(), "the ring is full until a checkpoint");
+    }
+
+    /// Blocks of the test above's records, packed one by one (the reference placement).
+    fn batch_blocks(n: usize) -> usize {
+        let mut records = vec![Record::Config { key: "k".into(), value: "v".repeat(40) }];
+        records.extend((0..3).map(map));
+        records.push(Record::Delete { id: 9 });
+        records.extend((0..n as u64).map(map));
+        let mut planner = Planner::new(JOURNAL_PAYLOAD_MAX);
+        planner.each(&records);
+        planner.finish().len()
     }
 
     #[test]

@@ -87,13 +87,15 @@ impl PoolMeta {
             return Ok(None);
         }
         let records = self.pending_records();
-        self.gather_pending();
-        let batch = self.journal.reserve()?;
+        // Refused before anything moves: the families' records go to the journal as the
+        // families are sealed, in one visit each.
+        self.journal.check_room(*self.family_pending.get_mut())?;
         tracing::debug!(records, "sealing a commit");
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;
         let frees = self.seal_families();
+        let batch = self.journal.reserve().expect("the journal's room was checked before the seal");
         let journal = batch.map_or(SealedJournal::Empty, SealedJournal::Reserved);
         Ok(Some(Sealed { journal, frees }))
     }
@@ -166,12 +168,13 @@ impl PoolMeta {
             journal_head_prev_crc: head.prev_crc,
             ..self.sb.clone()
         };
-        self.gather_pending();
-        self.journal.discard_pending();
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;
+        // The checkpoint holds the pending records' effects: sealing gathers them, and the
+        // journal drops them.
         let frees = self.seal_families();
+        self.journal.discard_pending();
         Ok(Some(Checkpoint {
             blob_offset: self.checkpoint_offset(half),
             encode: Some(EncodeState {

@@ -135,6 +135,19 @@ pub(super) struct Family {
     pub(super) sealed_at: u64,
 }
 
+/// Sets of clusters a family keeps room in between epochs: at most this many entries' worth,
+/// so a family that once took a burst of writes does not hold its memory while idle.
+const SET_ROOM_KEPT: usize = 256;
+
+/// Empties `set`, keeping its room for the next epoch up to [`SET_ROOM_KEPT`] entries.
+fn empty_keeping_room(set: &mut HashSet<u64>) {
+    if set.capacity() > SET_ROOM_KEPT {
+        *set = HashSet::default();
+    } else {
+        set.clear();
+    }
+}
+
 impl Family {
     pub(super) fn new(geo: Geometry) -> Family {
         Family {
@@ -388,10 +401,16 @@ impl Family {
 
     /// A commit (or checkpoint) seals the changes so far: the fresh and touched clusters of
     /// this epoch become the commit's.
+    /// The sets trade places: the sealed ones, empty by now, keep their room for the next
+    /// epoch (no allocation per family per commit).
     pub(super) fn seal_epoch(&mut self) {
         assert!(self.sealed_freed.is_empty(), "sealing beside a commit in flight");
-        self.sealed_fresh = std::mem::take(&mut self.epoch_fresh);
-        self.sealed_touched = std::mem::take(&mut self.epoch_touched);
+        assert!(
+            self.sealed_fresh.is_empty() && self.sealed_touched.is_empty(),
+            "sealing before the last commit's sets were ended"
+        );
+        std::mem::swap(&mut self.sealed_fresh, &mut self.epoch_fresh);
+        std::mem::swap(&mut self.sealed_touched, &mut self.epoch_touched);
         self.sealed_freed = std::mem::take(&mut self.freed);
     }
 
@@ -400,8 +419,8 @@ impl Family {
     /// what became reusable, for the pool's allocator.
     pub(super) fn commit_ended(&mut self) -> Vec<u64> {
         self.sealed_at = 0;
-        self.sealed_fresh.clear();
-        self.sealed_touched.clear();
+        empty_keeping_room(&mut self.sealed_fresh);
+        empty_keeping_room(&mut self.sealed_touched);
         let frees = std::mem::take(&mut self.sealed_freed);
         if !frees.is_empty() {
             self.quarantine.push_back((self.io_epoch, frees));

@@ -2,8 +2,8 @@
 //! something the next seal takes: pending data records, frees, clusters fresh or whose
 //! references changed since the last seal (`Family::touched`). Each touched family is listed
 //! once per epoch (its own `listed` flag, set under its lock by the decision that touched it),
-//! so gathering, sealing and ending a commit visit the families that changed, not every family
-//! of the pool: a pool of thousands of idle volumes pays nothing per commit for them. And a
+//! so sealing a commit (its records gathered in the same visit) and ending it visit the
+//! families that changed, not every family of the pool: a pool of thousands of idle volumes pays nothing per commit for them. And a
 //! commit's end visits only the families whose frees it made durable: the others end it
 //! themselves at their next decision (`Family::catch_up`). Pruning looks only at the families
 //! a deletion left with no volume.
@@ -62,7 +62,8 @@ impl PoolMeta {
     }
 
     /// Moves every touched family's pending records to the journal, in the order the families
-    /// were listed (data records of different families commute: `log`).
+    /// were listed (data records of different families commute: `log`). A control record's
+    /// barrier; a seal gathers in its own visit (`seal_families`).
     pub(super) fn gather_pending(&mut self) {
         for &f in self.touched.listed.get_mut().iter() {
             let fam = self.fams.get_mut(f).expect("a listed family lives");
@@ -71,8 +72,10 @@ impl PoolMeta {
         *self.family_pending.get_mut() = 0;
     }
 
-    /// Every touched family's changes so far become the commit's; returns how many clusters
-    /// it frees (every live free is a family's: the allocator holds none pending once loaded).
+    /// Every touched family's changes so far become the commit's, its pending records moved
+    /// to the journal (in the order the families were listed, as `gather_pending` does) in
+    /// the same visit; returns how many clusters it frees (every live free is a family's: the
+    /// allocator holds none pending once loaded).
     /// The families that free clusters are the commit's to end when it is durable (`sealed`);
     /// the others end it themselves at their next decision after that (`Family::catch_up`), so
     /// a commit's end under the exclusive borrow visits only them.
@@ -82,9 +85,11 @@ impl PoolMeta {
         assert!(self.touched.sealed.is_empty(), "the last commit's end visited its families");
         let (seal, durable) = (self.seals, self.durable_seals);
         let t = &mut self.touched;
+        self.journal.expect_runs(t.listed.get_mut().len());
         let mut freed = 0;
         for &f in t.listed.get_mut().iter() {
             let fam = self.fams.get_mut(f).expect("a listed family lives");
+            self.journal.append_map_sets(&mut fam.pending);
             fam.catch_up(durable);
             let frees = fam.freed.len();
             freed += frees;
@@ -96,6 +101,7 @@ impl PoolMeta {
             }
         }
         t.listed.get_mut().clear();
+        *self.family_pending.get_mut() = 0;
         freed
     }
 

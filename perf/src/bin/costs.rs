@@ -39,7 +39,7 @@ use anyhow::Context;
 use ballast_engine::blockdev::{BlockDev, IoCmd};
 use ballast_engine::file::FileDev;
 use ballast_engine::reactor::{Cx, Engine, EngineConfig, Msg, Task};
-use ballast_engine::volume::state_lock::StateLock;
+use ballast_engine::volume::state_lock::{StateLock, StateRead, StateWrite};
 use ballast_engine::Owned;
 use ballast_volume::locks::Waiter;
 use ballast_volume::meta::PoolMeta;
@@ -47,7 +47,7 @@ use ballast_volume::pool::{Pool, PoolGeometry};
 use ballast_volume::request::{Access, Bufs, Cmd, Ctx, Issue, Outcome, Request};
 use ballast_volume::sim::{commit_in_memory, SimDisk};
 use clap::Parser;
-use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::{Mutex, RwLock};
 
 #[derive(Parser, Debug)]
 #[command(name = "ballast-costs", about = "Costs of the scaling primitives, measured")]
@@ -165,7 +165,7 @@ fn allocator_cost() -> f64 {
 
 /// A shared borrow of the pool state, as a core's round of data-path decisions holds it: reads
 /// and overwrites need nothing exclusive (asserted).
-struct Shared<'a>(RwLockReadGuard<'a, PoolMeta>);
+struct Shared<'a>(StateRead<'a, PoolMeta>);
 
 impl Access for Shared<'_> {
     fn shared(&mut self) -> &PoolMeta {
@@ -178,7 +178,7 @@ impl Access for Shared<'_> {
 
 /// The pool state borrowed exclusively for every event, as the one pool mutex was before the
 /// data path borrowed it shared: the baseline of the two-family figure.
-struct Exclusive<'a>(RwLockWriteGuard<'a, PoolMeta>);
+struct Exclusive<'a>(StateWrite<'a, PoolMeta>);
 
 impl Access for Exclusive<'_> {
     fn shared(&mut self) -> &PoolMeta {
@@ -193,7 +193,7 @@ impl Access for Exclusive<'_> {
 /// of its own family: each event under a shared borrow (the families decide at once) or, with
 /// `exclusive`, under the exclusive one (one at a time, as under the former pool mutex).
 fn two_families(
-    meta: &RwLock<PoolMeta>,
+    meta: &StateLock<PoolMeta>,
     vols: [u32; 2],
     ops: u64,
     cpus: [usize; 2],
@@ -212,13 +212,13 @@ fn two_families(
 }
 
 /// ns per request for `make(offset)` run to completion, device operations completed at once.
-fn volume_core(meta: &RwLock<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
+fn volume_core(meta: &StateLock<PoolMeta>, vol: u32, ops: u64, write: bool) -> f64 {
     volume_core_as(meta, vol, ops, write, false)
 }
 
 /// `volume_core`, each event under the exclusive borrow when `exclusive`.
 fn volume_core_as(
-    meta: &RwLock<PoolMeta>,
+    meta: &StateLock<PoolMeta>,
     vol: u32,
     ops: u64,
     write: bool,
@@ -317,7 +317,7 @@ fn first_write(
     m.end_io(ticket);
 }
 
-fn fresh_cluster(meta: &RwLock<PoolMeta>, vol: u32, ops: u64) -> f64 {
+fn fresh_cluster(meta: &StateLock<PoolMeta>, vol: u32, ops: u64) -> f64 {
     let mut m = meta.write();
     let cb = m.cluster_bytes();
     // Clusters past the written span: unmapped, so each write takes a fresh one.
@@ -753,7 +753,8 @@ fn main() -> anyhow::Result<()> {
     }
     let (meta, vols) = mapped_pool()?;
     let vol = vols[0];
-    let meta = RwLock::new(meta);
+    // The daemon's lock of the pool state (sharded: a shared borrow takes this thread's shard).
+    let meta = StateLock::new(meta);
     let _ = ballast_ffi_pin(cpus[0]);
     let reps = args.reps.max(1);
     let figure = |f: &mut dyn FnMut() -> f64| median((0..reps).map(|_| f()).collect());

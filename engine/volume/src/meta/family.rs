@@ -28,6 +28,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
 
 use super::*;
@@ -501,9 +502,12 @@ impl Family {
 /// queue); whoever borrows the pool state exclusively reaches every family without locking
 /// (`get_mut`; its `&self` helpers lock, uncontended). Families are locked in number order
 /// when several are (`PoolMeta::check`); a decision locks one.
+///
+/// Slots are cache-line aligned (`CachePadded`): a core deciding for one family (its lock
+/// word, its counters) moves no line that another core reads deciding for the next.
 #[derive(Default)]
 pub(super) struct Families {
-    slots: Vec<Option<Mutex<Family>>>,
+    slots: Vec<Option<CachePadded<Mutex<Family>>>>,
     free: Vec<u32>,
     len: usize,
 }
@@ -512,7 +516,7 @@ impl Families {
     /// Adds a family; returns its number.
     pub(super) fn add(&mut self, fam: Family) -> u32 {
         self.len += 1;
-        let fam = Mutex::new(fam);
+        let fam = CachePadded::new(Mutex::new(fam));
         match self.free.pop() {
             Some(f) => {
                 self.slots[f as usize] = Some(fam);
@@ -529,7 +533,7 @@ impl Families {
         let fam = self.slots.get_mut(f as usize)?.take()?;
         self.len -= 1;
         self.free.push(f);
-        Some(fam.into_inner())
+        Some(CachePadded::into_inner(fam).into_inner())
     }
 
     /// Family `f`, locked (a shared borrow of the pool state: other threads may decide for

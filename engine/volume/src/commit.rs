@@ -137,7 +137,7 @@ impl Commit {
             }
             Stage::WriteJournal => {
                 let start = meta.superblock().journal_start;
-                let Job::Journal(sealed) = &self.job else { unreachable!("journal stage") };
+                let Job::Journal(sealed) = &mut self.job else { unreachable!("journal stage") };
                 assert!(!sealed.blocks().is_empty(), "journal blocks are written once encoded");
                 let writes: Vec<(u64, K::B)> = sealed
                     .blocks()
@@ -148,6 +148,7 @@ impl Commit {
                         ((start + index) * BLOCK_SIZE as u64, b)
                     })
                     .collect();
+                sealed.blocks_issued();
                 for (offset, buf) in writes {
                     self.push(out, DiskOp::Write { offset, buf, fua: true });
                 }

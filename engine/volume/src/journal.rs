@@ -8,7 +8,9 @@
 //! [`JournalBatch::encode`] — pure CPU work on what it owns, anywhere — writes and checksums
 //! the blocks. Each block chains to its predecessor's crc, which only encoding learns, so the
 //! writer takes the batch's last crc back ([`JournalWriter::chained`]) before the next
-//! reservation or checkpoint head.
+//! reservation or checkpoint head. A seal may place first and reserve after
+//! ([`JournalWriter::plan_room`], [`JournalWriter::reserve_planned`]): it learns whether the
+//! records fit before it moves the families' records in.
 //!
 //! Invariants:
 //! - blocks carry consecutive sequence numbers and each chains to its predecessor's crc, so
@@ -17,7 +19,8 @@
 //!   blocks since the last checkpoint, and a commit that would not fit is refused (the caller
 //!   checkpoints first);
 //! - at most one reservation is unchained (asserted): the next one, and `head`, need its crc;
-//! - a commit with no records writes nothing.
+//! - a commit with no records writes nothing;
+//! - `records` counts the records in `runs`; a planned reservation is for exactly those.
 
 use super::format::{JournalBlock, JOURNAL_PAYLOAD_MAX};
 use super::records::{pack_planned, Planner, Record, MAP_SET_LEN};
@@ -40,8 +43,17 @@ pub struct JournalWriter {
     /// The pending records, in order: runs moved in whole (`append_map_sets`, a family's
     /// data records, without a copy) and runs of single records (`append`).
     runs: Vec<Run>,
+    /// Records in `runs`.
+    records: usize,
     /// A reservation's blocks are placed but not encoded: `prev_crc` is not known yet.
     unchained: bool,
+}
+
+/// Where pending records (and mapping records to follow them) would go: payloads and their
+/// record counts ([`JournalWriter::plan_room`]), for [`JournalWriter::reserve_planned`].
+pub struct Planned {
+    plan: Vec<usize>,
+    records: usize,
 }
 
 /// Pending records: a family's mapping records (all [`MAP_SET_LEN`] bytes: placed in blocks
@@ -99,6 +111,7 @@ impl JournalWriter {
             prev_crc: head.prev_crc,
             used_blocks: 0,
             runs: Vec::new(),
+            records: 0,
             unchained: false,
         }
     }
@@ -112,6 +125,7 @@ impl JournalWriter {
     }
 
     pub fn append(&mut self, record: Record) {
+        self.records += 1;
         match self.runs.last_mut() {
             Some(run) if !run.map_sets => run.records.push(record),
             _ => self.runs.push(Run { records: vec![record], map_sets: false }),
@@ -126,11 +140,12 @@ impl JournalWriter {
             return;
         }
         debug_assert!(records.iter().all(|r| matches!(r, Record::MapSet { .. })));
+        self.records += records.len();
         self.runs.push(Run { records: std::mem::take(records), map_sets: true });
     }
 
     pub fn pending(&self) -> usize {
-        self.runs.iter().map(|r| r.records.len()).sum()
+        self.records
     }
 
     /// Ring blocks that may still be written before a checkpoint.
@@ -147,6 +162,7 @@ impl JournalWriter {
     /// A checkpoint holds the pending records' effects: they need no journal block.
     pub fn discard_pending(&mut self) {
         self.runs.clear();
+        self.records = 0;
     }
 
     /// A checkpoint made everything before `head()` redundant: the whole ring is free again.
@@ -178,46 +194,54 @@ impl JournalWriter {
         planner.finish()
     }
 
-    /// Refuses now what [`JournalWriter::reserve`] would refuse once `map_sets` more mapping
-    /// records are appended: a seal checks before it takes the families' records.
-    pub fn check_room(&self, map_sets: usize) -> Result<(), JournalError> {
-        if self.runs.is_empty() && map_sets == 0 {
-            return Ok(());
+    /// Where the pending records, and `more_map_sets` mapping records appended after them,
+    /// would go; refused as [`JournalWriter::reserve`] refuses. A seal plans before it moves
+    /// the families' records (so a refusal moves nothing), then reserves what it planned.
+    pub fn plan_room(&self, more_map_sets: usize) -> Result<Planned, JournalError> {
+        let records = self.records + more_map_sets;
+        if records == 0 {
+            return Ok(Planned { plan: Vec::new(), records });
         }
-        let needed = self.plan(map_sets).len() as u64;
+        let plan = self.plan(more_map_sets);
+        let needed = plan.len() as u64;
         if needed > self.blocks_free() {
             return Err(JournalError::Full { needed, free: self.blocks_free() });
         }
-        Ok(())
+        Ok(Planned { plan, records })
     }
 
     /// Takes the pending records and reserves the ring blocks they fill: the batch to encode
     /// ([`JournalBatch::encode`]) and write in order, then [`JournalWriter::chained`]. `None`
     /// when nothing is pending; refused when the blocks would overrun what replay still needs.
     pub fn reserve(&mut self) -> Result<Option<JournalBatch>, JournalError> {
+        let planned = self.plan_room(0)?;
+        Ok(self.reserve_planned(planned))
+    }
+
+    /// [`JournalWriter::reserve`] with the placement [`JournalWriter::plan_room`] made, the
+    /// mapping records it counted since appended (asserted by the count).
+    pub fn reserve_planned(&mut self, planned: Planned) -> Option<JournalBatch> {
         assert!(!self.unchained, "a reservation before the last one's blocks were encoded");
-        // Runs are never empty (`append`, `append_map_sets`).
-        if self.runs.is_empty() {
-            return Ok(None);
+        assert_eq!(planned.records, self.records, "a plan for other records");
+        if self.records == 0 {
+            return None;
         }
-        let plan = self.plan(0);
+        let plan = planned.plan;
         let needed = plan.len() as u64;
-        if needed > self.blocks_free() {
-            return Err(JournalError::Full { needed, free: self.blocks_free() });
-        }
         let first = self.head();
         self.next_seq += needed;
         self.next_block = (self.next_block + needed) % self.ring_blocks;
         self.used_blocks += needed;
         self.unchained = true;
-        Ok(Some(JournalBatch {
+        self.records = 0;
+        Some(JournalBatch {
             pool_uuid: self.pool_uuid,
             incarnation: self.incarnation,
             ring_blocks: self.ring_blocks,
             first,
             runs: std::mem::take(&mut self.runs),
             plan,
-        }))
+        })
     }
 
     /// The last reservation is encoded: the next block chains to `last_crc`.
@@ -411,11 +435,12 @@ mod tests {
         let _ = unchained().head();
     }
 
-    /// A seal asks before it moves the families' records: `check_room(n)` answers as the
-    /// reservation does once `n` mapping records follow what is pending, around the ring's
-    /// last block, however the records come in runs.
+    /// A seal plans before it moves the families' records: `plan_room(n)` refuses what does
+    /// not fit and places what does as the records packed one by one would go, once `n`
+    /// mapping records follow what is pending, around the ring's last block, however the
+    /// records come in runs.
     #[test]
-    fn room_checked_ahead_is_the_room_a_reservation_finds() {
+    fn room_planned_ahead_is_where_the_records_go() {
         let per_block = JOURNAL_PAYLOAD_MAX / MAP_SET_LEN;
         for n in [0, 1, per_block - 3, per_block - 2, per_block - 1, per_block, 2 * per_block] {
             let mut w =
@@ -423,7 +448,8 @@ mod tests {
             w.append(Record::Config { key: "k".into(), value: "v".repeat(40) });
             w.append_map_sets(&mut (0..3).map(map).collect());
             w.append(Record::Delete { id: 9 });
-            let fits = w.check_room(n).is_ok();
+            let room = w.plan_room(n);
+            assert_eq!(room.is_ok(), batch_blocks(n) <= 2, "{n} records in a ring of two");
             // The n records in runs of 1, 2, 3, ... (families of several sizes).
             let mut next = 0;
             for len in 1.. {
@@ -434,18 +460,10 @@ mod tests {
                 w.append_map_sets(&mut (next as u64..end as u64).map(map).collect());
                 next = end;
             }
-            let reserved = w.reserve();
-            assert_eq!(
-                fits,
-                reserved.is_ok(),
-                "{n} records: checked {fits}, {:?}",
-                reserved.as_ref().err()
-            );
-            if let Ok(Some(batch)) = reserved {
-                assert_eq!(batch.records(), n + 5);
-                let encoded = batch.encode();
-                assert_eq!(encoded.blocks.len(), batch_blocks(n), "{n} records");
-            }
+            let Ok(room) = room else { continue };
+            let batch = w.reserve_planned(room).expect("records pending");
+            assert_eq!(batch.records(), n + 5);
+            assert_eq!(batch.encode().blocks.len(), batch_blocks(n), "{n} records");
         }
         // Nothing pending needs no room, even with no block free.
         let mut w = JournalWriter::new(UUID, 1, 2, JournalHead { block: 0, seq: 1, prev_crc: 0 });
@@ -454,8 +472,8 @@ mod tests {
         assert_eq!(w.commit().unwrap().len(), 1);
         w.append(map(3));
         assert_eq!(w.commit().unwrap().len(), 1);
-        assert!(w.check_room(0).is_ok());
-        assert!(w.check_room(1).is_err(), "the ring is full until a checkpoint");
+        assert!(w.plan_room(0).is_ok());
+        assert!(w.plan_room(1).is_err(), "the ring is full until a checkpoint");
     }
 
     /// Blocks of the test above's records, packed one by one (the reference placement).

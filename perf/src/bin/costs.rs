@@ -370,6 +370,8 @@ fn seal_cost(records: u64, volumes: u64, idle: u64) -> anyhow::Result<(f64, f64,
     sealed.encode_now();
     let encode = t.elapsed().as_secs_f64() * 1e6;
     let blocks = sealed.blocks().len();
+    // As the daemon's journal write does, once the blocks are in its write buffers.
+    sealed.blocks_issued();
     let t = Instant::now();
     m.commit_done(sealed);
     Ok((seal, t.elapsed().as_secs_f64() * 1e6, encode, blocks))

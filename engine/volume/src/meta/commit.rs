@@ -88,14 +88,14 @@ impl PoolMeta {
         }
         let records = self.pending_records();
         // Refused before anything moves: the families' records go to the journal as the
-        // families are sealed, in one visit each.
-        self.journal.check_room(*self.family_pending.get_mut())?;
+        // families are sealed, in one visit each, where this places them.
+        let room = self.journal.plan_room(*self.family_pending.get_mut())?;
         tracing::debug!(records, "sealing a commit");
         self.committing = true;
         self.background_asked = false;
         self.seals += 1;
         let frees = self.seal_families();
-        let batch = self.journal.reserve().expect("the journal's room was checked before the seal");
+        let batch = self.journal.reserve_planned(room);
         let journal = batch.map_or(SealedJournal::Empty, SealedJournal::Reserved);
         Ok(Some(Sealed { journal, frees }))
     }
@@ -106,6 +106,7 @@ impl PoolMeta {
         match &sealed.journal {
             SealedJournal::Empty => {}
             SealedJournal::Encoded(e) => self.journal.chained(e.last_crc),
+            SealedJournal::Issued { last_crc } => self.journal.chained(*last_crc),
             _ => panic!("a commit's blocks are encoded before it is durable"),
         }
         self.committing = false;
@@ -384,6 +385,15 @@ impl Sealed {
     /// Whether there are blocks to write (once encoded).
     pub fn has_blocks(&self) -> bool {
         !matches!(self.journal, SealedJournal::Empty)
+    }
+
+    /// The blocks were copied into the device's write buffers: their bytes go now, off the
+    /// exclusive borrow the commit's end takes, and only the chain's last crc stays.
+    pub fn blocks_issued(&mut self) {
+        if let SealedJournal::Encoded(e) = &self.journal {
+            let last_crc = e.last_crc;
+            self.journal = SealedJournal::Issued { last_crc };
+        }
     }
 
     /// The blocks to write in order, `(ring block index, 4 KiB)`: empty until encoded.

@@ -261,6 +261,10 @@ enum SealedJournal {
     Encoding,
     /// Ready to write; the next commit chains to their last crc.
     Encoded(JournalBlocks),
+    /// Copied into the device's write buffers and let go of (`Sealed::blocks_issued`): only
+    /// the chain's last crc is left, so the commit's end, under the exclusive borrow, frees
+    /// no memory (a heap trim there would hold every core's decisions).
+    Issued { last_crc: u32 },
 }
 
 /// The state of an open pool: the pool part here (superblock, allocator, journal, reference

@@ -396,7 +396,8 @@ impl Sealed {
         }
     }
 
-    /// The blocks to write in order, `(ring block index, 4 KiB)`: empty until encoded.
+    /// The blocks to write in order, `(ring block index, 4 KiB)`: empty until encoded, and
+    /// again once issued (`blocks_issued`).
     pub fn blocks(&self) -> &[(u64, Vec<u8>)] {
         match &self.journal {
             SealedJournal::Encoded(e) => &e.blocks,

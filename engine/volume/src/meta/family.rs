@@ -141,9 +141,10 @@ pub(super) struct Family {
     pub(super) stock: Stock,
 }
 
-/// Sets of clusters a family keeps room in between epochs: at most this many entries' worth,
-/// so a family that once took a burst of writes does not hold its memory while idle.
-const SET_ROOM_KEPT: usize = 256;
+/// Sets of clusters a family keeps room in between epochs: at most this many entries' worth
+/// (its four sets ~2.5 KiB in all), so a family that once took a burst of writes does not
+/// hold its memory while idle; an epoch with more fresh or touched clusters allocates.
+const SET_ROOM_KEPT: usize = 64;
 
 /// Empties `set`, keeping its room for the next epoch up to [`SET_ROOM_KEPT`] entries.
 fn empty_keeping_room(set: &mut HashSet<u64>) {
@@ -407,8 +408,9 @@ impl Family {
 
     /// A commit (or checkpoint) seals the changes so far: the fresh and touched clusters of
     /// this epoch become the commit's.
-    /// The sets trade places: the sealed ones, empty by now, keep their room for the next
-    /// epoch (no allocation per family per commit).
+    ///
+    /// The sets trade places: the sealed ones, empty by now, keep their room (up to
+    /// [`SET_ROOM_KEPT`] entries) for the next epoch, which then allocates nothing to begin.
     pub(super) fn seal_epoch(&mut self) {
         assert!(self.sealed_freed.is_empty(), "sealing beside a commit in flight");
         assert!(

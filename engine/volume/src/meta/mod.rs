@@ -244,7 +244,8 @@ impl From<PoolError> for Blocked {
 /// What one commit writes: journal blocks (ring index, bytes), to write in order after the data
 /// they describe is durable. Sealed with its records and their blocks reserved; the blocks are
 /// there once the records are encoded ([`Sealed::take_encode`] then [`Sealed::encoded`], or
-/// [`Sealed::encode_now`]).
+/// [`Sealed::encode_now`]), and go once copied into the device's write buffers
+/// ([`Sealed::blocks_issued`]): the commit's end needs only their last crc.
 pub struct Sealed {
     journal: SealedJournal,
     /// Clusters it frees.

@@ -3,9 +3,9 @@
 //! references changed since the last seal (`Family::touched`). Each touched family is listed
 //! once per epoch (its own `listed` flag, set under its lock by the decision that touched it),
 //! so sealing a commit (its records gathered in the same visit) and ending it visit the
-//! families that changed, not every family of the pool: a pool of thousands of idle volumes pays nothing per commit for them. And a
-//! commit's end visits only the families whose frees it made durable: the others end it
-//! themselves at their next decision (`Family::catch_up`). Pruning looks only at the families
+//! families that changed, not every family of the pool: a pool of thousands of idle volumes
+//! pays nothing per commit for them. And a commit's end visits only the families whose frees
+//! it made durable: the others end it themselves at their next decision (`Family::catch_up`). Pruning looks only at the families
 //! a deletion left with no volume.
 //!
 //! Invariants (asserted by `PoolMeta::check`): a family that is not listed is not touched;
@@ -62,8 +62,8 @@ impl PoolMeta {
     }
 
     /// Moves every touched family's pending records to the journal, in the order the families
-    /// were listed (data records of different families commute: `log`). A control record's
-    /// barrier; a seal gathers in its own visit (`seal_families`).
+    /// were listed (data records of different families commute: `log`): the barrier before a
+    /// control record. A seal gathers in its own visit to each family (`seal_families`).
     pub(super) fn gather_pending(&mut self) {
         for &f in self.touched.listed.get_mut().iter() {
             let fam = self.fams.get_mut(f).expect("a listed family lives");

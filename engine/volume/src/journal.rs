@@ -8,9 +8,10 @@
 //! [`JournalBatch::encode`] — pure CPU work on what it owns, anywhere — writes and checksums
 //! the blocks. Each block chains to its predecessor's crc, which only encoding learns, so the
 //! writer takes the batch's last crc back ([`JournalWriter::chained`]) before the next
-//! reservation or checkpoint head. A seal may place first and reserve after
+//! reservation or checkpoint head. A seal places first and reserves after
 //! ([`JournalWriter::plan_room`], [`JournalWriter::reserve_planned`]): it learns whether the
-//! records fit before it moves the families' records in.
+//! records fit before it moves the families' records in (`reserve` does both at once, for the
+//! tests).
 //!
 //! Invariants:
 //! - blocks carry consecutive sequence numbers and each chains to its predecessor's crc, so
@@ -213,6 +214,8 @@ impl JournalWriter {
     /// Takes the pending records and reserves the ring blocks they fill: the batch to encode
     /// ([`JournalBatch::encode`]) and write in order, then [`JournalWriter::chained`]. `None`
     /// when nothing is pending; refused when the blocks would overrun what replay still needs.
+    /// (The seal plans and reserves in two steps; this is both, for the tests.)
+    #[cfg(test)]
     pub fn reserve(&mut self) -> Result<Option<JournalBatch>, JournalError> {
         let planned = self.plan_room(0)?;
         Ok(self.reserve_planned(planned))

@@ -592,6 +592,23 @@ mod tests {
     /// A family's slot in the slab is eight whole cache lines (the slab is cache-line aligned):
     /// a field added to `Family` that grows it past them costs every family a ninth and a
     /// tenth line (the slot rounds up to 128 bytes), and should move something out instead.
+    /// The room a family keeps between epochs is bounded: a set emptied after a burst gives
+    /// its memory back, a small one keeps its room (the next epoch's first inserts allocate
+    /// nothing).
+    #[test]
+    fn an_emptied_set_keeps_room_only_up_to_its_bound() {
+        let mut big: HashSet<u64> = (0..10 * SET_ROOM_KEPT as u64).collect();
+        empty_keeping_room(&mut big);
+        assert!(big.is_empty());
+        assert_eq!(big.capacity(), 0, "a burst's room is not kept");
+        let mut small: HashSet<u64> = (0..SET_ROOM_KEPT as u64 / 2).collect();
+        let room = small.capacity();
+        assert!(room > 0 && room <= SET_ROOM_KEPT);
+        empty_keeping_room(&mut small);
+        assert!(small.is_empty());
+        assert_eq!(small.capacity(), room, "a small set keeps its room");
+    }
+
     #[test]
     fn a_family_slot_is_eight_cache_lines() {
         assert_eq!(std::mem::size_of::<CachePadded<Option<Mutex<Family>>>>(), 512);

@@ -5,8 +5,8 @@
 //! so sealing a commit (its records gathered in the same visit) and ending it visit the
 //! families that changed, not every family of the pool: a pool of thousands of idle volumes
 //! pays nothing per commit for them. And a commit's end visits only the families whose frees
-//! it made durable: the others end it themselves at their next decision (`Family::catch_up`). Pruning looks only at the families
-//! a deletion left with no volume.
+//! it made durable: the others end it themselves at their next decision (`Family::catch_up`).
+//! Pruning looks only at the families a deletion left with no volume.
 //!
 //! Invariants (asserted by `PoolMeta::check`): a family that is not listed is not touched;
 //! `listed` is set exactly for the families on the list, each there once; sealed state belongs

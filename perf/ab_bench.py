@@ -53,7 +53,7 @@ WORKLOADS = [
 
 # `ballast stats` counters reported per I/O, where the build has them.
 COUNTERS = ("ring_enters", "sends", "recvs", "volume_rounds", "volume_events", "sleeps",
-            "loops_busy", "fixed_file_ops", "fixed_buf_ops")
+            "loops_busy", "fixed_file_ops", "fixed_buf_ops", "allocations")
 
 
 def tcp_out_segs():
@@ -238,7 +238,8 @@ def render(results, names=("old", "new")):
             ("server_sleeps_per_io", "server sleeps/IO", 3),
             ("server_loops_busy_per_io", "server busy turns/IO", 2),
             ("server_volume_rounds_per_io", "pool-state borrows/IO", 3),
-            ("server_fixed_buf_ops_per_io", "registered-buffer ops/IO", 2)]
+            ("server_fixed_buf_ops_per_io", "registered-buffer ops/IO", 2),
+            ("server_allocations_per_io", "server heap allocations/IO", 3)]
     out = ["| run | build | " + " | ".join(c[1] for c in cols) + " |",
            "|---|---|" + "---|" * len(cols)]
     for label, r in results.items():

@@ -79,6 +79,15 @@ pub trait BlockDev: Send + Sync {
     /// Allocation map of `[offset, offset + len)`, in order, covering at most `len` bytes.
     fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>>;
 
+    /// Whether all of `[offset, offset + len)` (non-empty, within the device) is unallocated:
+    /// it reads as zeros and could be answered as a hole. Asked on every read only where
+    /// [`DevInfo::cheap_extents`] says so; the default asks [`BlockDev::extents`].
+    fn is_unallocated(&self, offset: u64, len: u64) -> bool {
+        len > 0
+            && matches!(self.extents(offset, len), Ok(ext)
+                if ext.len() == 1 && ext[0].hole && ext[0].len == len)
+    }
+
     /// Synchronous flush, for shutdown.
     fn flush_blocking(&self) -> std::io::Result<()>;
 }

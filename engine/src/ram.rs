@@ -135,6 +135,15 @@ impl BlockDev for RamDev {
         Ok(out)
     }
 
+    /// Every chunk the range touches is absent (no allocation: reads ask this per request).
+    fn is_unallocated(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || !in_range(offset, len, self.size_bytes) {
+            return false;
+        }
+        let (first, last) = ((offset / CHUNK) as usize, ((offset + len - 1) / CHUNK) as usize);
+        self.chunks[first..=last].iter().all(|c| c.read().is_none())
+    }
+
     fn flush_blocking(&self) -> std::io::Result<()> {
         Ok(())
     }
@@ -163,5 +172,33 @@ mod tests {
         let mut one = [1u8; 1];
         dev.read(CHUNK + 5, &mut one);
         assert_eq!(one[0], 0);
+    }
+
+    #[test]
+    fn unallocated_ranges_agree_with_the_extents() {
+        let dev = RamDev::new(4 * CHUNK);
+        dev.write(2 * CHUNK + 100, &[7u8; 10]);
+        let cases = [
+            (0, 1),
+            (0, 2 * CHUNK),
+            (CHUNK - 1, 2),
+            (CHUNK, CHUNK + 1),
+            (2 * CHUNK - 4096, 4096),
+            (2 * CHUNK + 4096, 4096),
+            (3 * CHUNK, CHUNK),
+            (3 * CHUNK, CHUNK + 1),
+            (4 * CHUNK, 1),
+            (5, 0),
+        ];
+        for (offset, len) in cases {
+            let by_extents = len > 0
+                && in_range(offset, len, 4 * CHUNK)
+                && dev.extents(offset, len).unwrap()
+                    == vec![Extent { len, hole: true, zero: true }];
+            assert_eq!(dev.is_unallocated(offset, len), by_extents, "{offset} + {len}");
+        }
+        assert!(dev.is_unallocated(0, 2 * CHUNK));
+        assert!(!dev.is_unallocated(2 * CHUNK + 4096, 4096), "the written chunk");
+        assert!(!dev.is_unallocated(3 * CHUNK, CHUNK + 1), "past the end");
     }
 }

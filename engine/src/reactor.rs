@@ -654,6 +654,9 @@ struct Core {
     policy: PollPolicy,
     /// Tasks that received events this iteration, to `flush` at its end (each once).
     dirty: Vec<usize>,
+    /// The list `flush_dirty` works through while tasks it flushes mark others: it trades
+    /// places with `dirty` each round, both keeping their room (no allocation per turn).
+    flushing: Vec<usize>,
     /// Tasks asked to be flushed this iteration without an event ([`Cx::flush_later`]).
     flush_also: Vec<u32>,
     /// Tasks to wake because memory they were refused may now be had.
@@ -694,6 +697,7 @@ impl Core {
             ready: VecDeque::new(),
             spawns: Vec::new(),
             dirty: Vec::new(),
+            flushing: Vec::new(),
             flush_also: Vec::new(),
             buffer_waiters: Vec::new(),
             removed_since_trim: 0,
@@ -1023,6 +1027,7 @@ impl Core {
                     snap.ring_ops = c.ops;
                     snap.sends = c.sends;
                     snap.recvs = c.recvs;
+                    snap.allocations = ballast_ffi::alloc::thread_allocations();
                     snap.fixed_file_ops = c.fixed_file_ops;
                     snap.fixed_buf_ops = c.fixed_buf_ops;
                     snap.buf_registrations = c.buf_registrations;
@@ -1111,7 +1116,8 @@ impl Core {
     /// ([`Cx::flush_later`]), each once per round; a flush that asks for more flushes gets
     /// another round.
     fn flush_dirty(&mut self) {
-        let mut keys = Vec::new();
+        let mut keys = std::mem::take(&mut self.flushing);
+        debug_assert!(keys.is_empty());
         loop {
             while let Some(task) = self.flush_also.pop() {
                 if self.tasks.contains(task as usize) {
@@ -1133,7 +1139,7 @@ impl Core {
                 }
             }
         }
-        self.dirty = keys;
+        self.flushing = keys;
     }
 
     fn mark_dirty(&mut self, key: usize) {

@@ -281,6 +281,7 @@ impl CoreStats {
             ring_ops: 0,
             sends: 0,
             recvs: 0,
+            allocations: 0,
             fixed_file_ops: 0,
             fixed_buf_ops: 0,
             buf_registrations: 0,
@@ -374,6 +375,9 @@ pub struct StatsSnapshot {
     pub ring_ops: u64,
     pub sends: u64,
     pub recvs: u64,
+    /// Heap allocations (and reallocations) made on the core's thread since it started: zero
+    /// in a binary that does not count them (`ballast_ffi::alloc`).
+    pub allocations: u64,
     /// Device operations naming a registered file, a registered buffer ([`crate::fixed`]);
     /// buffers registered over time and registrations refused; files and buffers registered
     /// now.

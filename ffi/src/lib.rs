@@ -1,5 +1,6 @@
 //! ballast-ffi: every `unsafe` block of ballast lives in this crate, behind safe APIs.
 //!
+//! - [`alloc`]: the daemon's global allocator, counting each thread's allocations.
 //! - [`buf`]: page-aligned, zero-initialised I/O buffers (O_DIRECT-safe).
 //! - [`fixed`]: a ring's registered files and buffers, and how their slots come back.
 //! - [`ring`]: an io_uring whose in-flight operations own the memory the kernel touches.
@@ -11,6 +12,7 @@
 //! - [`tls_psk`]: TLS 1.3 external PSKs bound to SHA-384 (OpenSSL callbacks the `openssl`
 //!   crate does not wrap).
 
+pub mod alloc;
 pub mod buf;
 pub mod devring;
 pub mod fixed;

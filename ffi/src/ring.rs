@@ -147,7 +147,6 @@ impl SendBatch {
         self.arena.clear();
         self.segs.clear();
         self.iov.clear();
-        self.msg = None;
         self.bufs.drain(..).for_each(recycle);
     }
 
@@ -160,13 +159,15 @@ impl SendBatch {
             };
             self.iov.push(libc::iovec { iov_base: base, iov_len: len });
         }
+        // The header is boxed (its address survives the batch moving into the ring's slot)
+        // and kept across the batch's reuses: a send allocates nothing.
         // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
-        let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        let msg = self.msg.get_or_insert_with(|| Box::new(unsafe { std::mem::zeroed() }));
+        // SAFETY: as above; every field the last send set is reset.
+        **msg = unsafe { std::mem::zeroed() };
         msg.msg_iov = self.iov.as_mut_ptr();
         msg.msg_iovlen = self.iov.len() as _;
-        let ptr: *const libc::msghdr = &*msg;
-        self.msg = Some(msg);
-        ptr
+        &**msg
     }
 }
 
@@ -246,15 +247,23 @@ struct InFlight {
     /// For Recv: the buffer's length before the receive, to which the result is added.
     recv_base: Option<usize>,
     accept: bool,
-    /// The deadline a timer entry points at.
-    _timespec: Option<Box<types::Timespec>>,
+    /// The deadline a timer entry points at (back to `Ring::timespecs` when reaped).
+    timespec: Option<Box<types::Timespec>>,
 }
+
+/// Most boxed deadlines a ring keeps for its next timers.
+const TIMESPECS_KEPT: usize = 16;
 
 pub struct Ring {
     ring: IoUring,
     inflight: Slab<InFlight>,
     counters: RingCounters,
     tables: Tables,
+    /// Deadlines of reaped timers, boxed, for the next ones: arming a timer allocates nothing.
+    /// Boxed because a timer's entry points at its deadline, which must not move with the
+    /// slot holding it.
+    #[allow(clippy::vec_box)]
+    timespecs: Vec<Box<types::Timespec>>,
 }
 
 /// What a ring has done, cumulative: system calls and the socket operations among its work
@@ -311,6 +320,7 @@ impl Ring {
             inflight: Slab::with_capacity(entries as usize * 2),
             counters: RingCounters::default(),
             tables,
+            timespecs: Vec::with_capacity(TIMESPECS_KEPT),
         })
     }
 
@@ -495,7 +505,13 @@ impl Ring {
                 (e, Owned::None, None)
             }
             Op::Timer { after } => {
-                let ts = Box::new(types::Timespec::from(after));
+                let ts = match self.timespecs.pop() {
+                    Some(mut ts) => {
+                        *ts = types::Timespec::from(after);
+                        ts
+                    }
+                    None => Box::new(types::Timespec::from(after)),
+                };
                 let e = opcode::Timeout::new(&*ts).build();
                 timespec = Some(ts);
                 (e, Owned::None, None)
@@ -518,8 +534,7 @@ impl Ring {
             }
         };
         let accept = matches!(owned, Owned::None) && is_accept;
-        let at =
-            self.inflight.insert(InFlight { token, owned, recv_base, accept, _timespec: timespec });
+        let at = self.inflight.insert(InFlight { token, owned, recv_base, accept, timespec });
         assert_eq!(at as u64, key, "the slab's vacant key moved while building the entry");
         entry.user_data(key)
     }
@@ -582,6 +597,11 @@ impl Ring {
                 panic!("completion for unknown user_data {key}");
             };
             let result = cqe.result();
+            if let Some(ts) = slot.timespec {
+                if self.timespecs.len() < TIMESPECS_KEPT {
+                    self.timespecs.push(ts);
+                }
+            }
             let mut owned = slot.owned;
             if slot.accept && result >= 0 {
                 // SAFETY: a successful accept returns a new descriptor that nothing else owns;

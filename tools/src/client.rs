@@ -243,11 +243,12 @@ pub fn stats(target: &Target, as_json: bool) -> anyhow::Result<()> {
     if ops > 0 {
         let per = |key: &str| sum(key) as f64 / ops as f64;
         println!(
-            "per request (since start): {:.2} system calls into the rings, {:.2} sends, {:.2} receives, {:.2} ring operations",
+            "per request (since start): {:.2} system calls into the rings, {:.2} sends, {:.2} receives, {:.2} ring operations, {:.3} heap allocations on the cores",
             per("ring_enters"),
             per("sends"),
             per("recvs"),
-            per("ring_ops")
+            per("ring_ops"),
+            per("allocations")
         );
     }
     let (l, n) = (&result["limits"], &result["connections"]);

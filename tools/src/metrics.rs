@@ -204,7 +204,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 29] = [
+        let per_core: [PerCoreMetric; 30] = [
             ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
                 s.in_flight
             }),
@@ -218,6 +218,12 @@ impl ScrapeCollector {
                 s.sends
             }),
             ("ballast_core_recvs", "Socket receives.", Counter, |s| s.recvs),
+            (
+                "ballast_core_allocations",
+                "Heap allocations made on the core's thread (the per-I/O path makes none).",
+                Counter,
+                |s| s.allocations,
+            ),
             (
                 "ballast_core_fixed_file_ops",
                 "Device operations naming a file registered with the core's ring.",

@@ -524,8 +524,7 @@ impl Conn {
         if df || !session.structured || len == 0 || !dev.info().cheap_extents {
             return false;
         }
-        matches!(dev.extents(offset, u64::from(len)), Ok(ext)
-            if ext.len() == 1 && ext[0].hole && ext[0].len == u64::from(len))
+        dev.is_unallocated(offset, u64::from(len))
     }
 
     fn on_request(

@@ -1,0 +1,129 @@
+#!/usr/bin/python3
+"""The per-I/O path allocates nothing: heap allocations on the data cores per request.
+
+The daemon's allocator counts each thread's allocations, and every core reports its own
+(`ballast stats --json`: `allocations`). A RAM export and a volume of a pool (both written
+first, so writes overwrite) are driven by fio's NBD engine (libnbd) and by ballast-perf over
+NVMe/TCP: 4 KiB random reads and writes at QD32, 4 KiB random reads at QD1, 128 KiB sequential
+reads and writes at QD8. Each workload runs long (warming the daemon's buffer caches up to its
+peak), then short and long again, each on a fresh connection; what a connection costs (its
+handshake, its task, its vectors' growth) is about the same in the last two, so the difference
+in allocations over the difference in requests is what a request costs: at most one allocation
+per 2,000 requests (statistics replies) beyond a few dozen for the setups' variation. Before this
+check a send allocated its message header, an NBD read from RAM its extent list, a flush round
+its task list and a timer its deadline. Done with one core, then with two cores and two NVMe/TCP
+queues (a queue per core).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ballast_testlib import REPO_ROOT, Ballast, ballast_bin, free_port, guarded  # noqa: E402
+
+PERF = os.environ.get("BALLAST_PERF_BIN") or os.path.join(
+    REPO_ROOT, "build", "cargo", "release", "ballast-perf")
+# (label, rw, block size, queue depth, requests in the short run, in the long run)
+WORKLOADS = [
+    ("4k random read QD32", "randread", "4k", 32, 4000, 40000),
+    ("4k random write QD32", "randwrite", "4k", 32, 4000, 40000),
+    ("4k random read QD1", "randread", "4k", 1, 1000, 6000),
+    ("128k read QD8", "read", "128k", 8, 1000, 8000),
+    ("128k write QD8", "write", "128k", 8, 1000, 8000),
+]
+BYTES = {"4k": 4096, "128k": 131072, "1m": 1 << 20}
+SPAN = 128 << 20  # bytes of each export the workloads use
+PER_IO_MAX = 1 / 2000
+# What a connection's setup may vary by between two runs: its vectors (in-flight table, send
+# batch) grow by doublings up to the peak its run happened to reach.
+SLACK = 40
+
+
+def core_totals(b):
+    out = b.ctl("stats", "--json")
+    if out.returncode != 0:
+        raise RuntimeError("stats failed: " + out.stderr)
+    cores = json.loads(out.stdout)["reactors"]
+    ios = sum(c["reads"] + c["writes"] for c in cores)
+    return sum(c["allocations"] for c in cores), ios
+
+
+def run_fio(b, export, rw, bs, qd, count):
+    subprocess.run(
+        ["fio", "--name=allocs", "--ioengine=nbd", "--uri=" + b.uri(export), "--rw=" + rw,
+         "--bs=" + bs, "--iodepth=%d" % qd, "--size=%d" % SPAN,
+         "--io_size=%d" % (count * BYTES[bs]), "--output-format=terse"],
+        check=True, capture_output=True, timeout=120)
+
+
+def run_perf(b, nvmf_port, export, rw, bs, qd, count, queues):
+    subprocess.run(
+        [PERF, "--addr", "127.0.0.1:%d" % nvmf_port, "--nqn", "nqn.2026-11.dev.ballast:" + export,
+         "--rw", rw, "--bs", bs, "--qd", str(qd), "--size", str(SPAN), "--queues", str(queues),
+         "--number-ios", str(count), "--runtime", "60"],
+        check=True, capture_output=True, timeout=120)
+
+
+def measure(r, b, label, client):
+    """Runs `client(count)` long (to warm the daemon's caches up to this workload's peak),
+    short and long again; checks the allocations per extra request."""
+    counts = []
+    client(client.counts[1])
+    for count in client.counts:
+        a0, n0 = core_totals(b)
+        client(count)
+        a1, n1 = core_totals(b)
+        counts.append((a1 - a0, n1 - n0))
+    (a_short, n_short), (a_long, n_long) = counts
+    extra_ios = n_long - n_short
+    extra_allocs = a_long - a_short
+    r.check("%s: the long run did more requests (%d vs %d)" % (label, n_long, n_short),
+            extra_ios >= (client.counts[1] - client.counts[0]) // 2, str(counts))
+    r.check("%s: %d allocations over %d more requests (at most %d + %.4f per request; "
+            "short run %d allocations for %d requests)"
+            % (label, extra_allocs, extra_ios, SLACK, PER_IO_MAX, a_short, n_short),
+            extra_allocs <= SLACK + extra_ios * PER_IO_MAX, str(counts))
+
+
+def serve_and_check(r, cores, queues):
+    nvmf_port = free_port()
+    b = Ballast(["--cores", str(cores), "--nvmf-listen", "127.0.0.1:%d" % nvmf_port,
+                 "--pool", "{data}/pool.img", "--export", "ram=ram:%d" % SPAN])
+    pool = os.path.join(b.data_dir, "pool.img")
+    subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "1G"], check=True,
+                   capture_output=True)
+    with b:
+        made = b.ctl("volume", "create", "vol", "%dM" % (SPAN >> 20))
+        r.check("volume create", made.returncode == 0, made.stderr)
+        a, _ = core_totals(b)
+        r.check("the cores count their allocations (the daemon's allocator counts)", a > 0,
+                str(a))
+        for export in ("ram", "vol"):
+            run_fio(b, export, "write", "1m", 8, SPAN >> 20)  # written: writes overwrite
+        for export in ("ram", "vol"):
+            for label, rw, bs, qd, short, long_ in WORKLOADS:
+                def nbd_client(count, export=export, rw=rw, bs=bs, qd=qd):
+                    run_fio(b, export, rw, bs, qd, count)
+                nbd_client.counts = (short, long_)
+                measure(r, b, "cores %d, NBD (fio), %s, %s" % (cores, export, label), nbd_client)
+
+                def nvmf_client(count, export=export, rw=rw, bs=bs, qd=qd):
+                    run_perf(b, nvmf_port, export, rw, bs, qd, count, queues)
+                nvmf_client.counts = (short, long_)
+                measure(r, b, "cores %d, NVMe/TCP (%d queues), %s, %s"
+                        % (cores, queues, export, label), nvmf_client)
+        r.check("no panic", not b.panics(), "\n".join(b.panics()))
+
+
+def main(r):
+    if not os.access(PERF, os.X_OK):
+        r.bad("ballast-perf missing", PERF)
+        return
+    serve_and_check(r, 1, 1)
+    serve_and_check(r, 2, 2)
+
+
+if __name__ == "__main__":
+    guarded(main)

@@ -150,22 +150,31 @@ impl Drop for ConnGuard {
     }
 }
 
-/// What a connection needs to judge its own deadlines: when it started, when it last moved.
+/// What a connection needs to judge its own deadlines: when it started, and when it last
+/// moved. Moving is counted, not timed: `moved` runs on every receive and send, and a clock
+/// read there would be one per I/O. The connection's tick looks at the count (`stalled`), so
+/// progress is dated to the first tick that sees it, at most one tick late: the stall deadline
+/// is judged at ticks anyway, and a tick is at most a quarter of it (`ConnLimits::tick`).
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
     pub started: Instant,
-    pub last: Instant,
+    /// When progress was last seen: at the start, or at the tick that saw `moves` change.
+    seen_at: Instant,
+    /// Times bytes moved; and that count when a tick last looked.
+    moves: u64,
+    seen: u64,
 }
 
 impl Progress {
     pub fn new() -> Progress {
         let now = Instant::now();
-        Progress { started: now, last: now }
+        Progress { started: now, seen_at: now, moves: 0, seen: 0 }
     }
 
-    /// Bytes moved: the clock of the stall deadline restarts.
+    /// Bytes moved: the clock of the stall deadline restarts (as of the next tick).
+    #[inline]
     pub fn moved(&mut self) {
-        self.last = Instant::now();
+        self.moves = self.moves.wrapping_add(1);
     }
 
     /// How long until the handshake deadline (a connection still in its handshake sleeps this
@@ -181,9 +190,14 @@ impl Progress {
         now.duration_since(self.started) >= limits.handshake_timeout
     }
 
-    /// Whether a connection that owes progress has made none for the stall deadline.
-    pub fn stalled(&self, limits: &ConnLimits, now: Instant) -> bool {
-        now.duration_since(self.last) >= limits.stall_timeout
+    /// At a tick (`now`): whether a connection that owes progress has made none for the stall
+    /// deadline. Progress made since the last look is dated `now`.
+    pub fn stalled(&mut self, limits: &ConnLimits, now: Instant) -> bool {
+        if self.moves != self.seen {
+            self.seen = self.moves;
+            self.seen_at = now;
+        }
+        now.duration_since(self.seen_at) >= limits.stall_timeout
     }
 }
 
@@ -230,8 +244,16 @@ mod tests {
         );
         assert!(!p.stalled(&limits, t0 + Duration::from_secs(29)));
         assert!(p.stalled(&limits, t0 + Duration::from_secs(31)));
+        // Progress is dated by the tick that sees it, and only once.
         p.moved();
-        assert!(!p.stalled(&limits, p.last + Duration::from_secs(29)));
+        p.moved();
+        let t1 = t0 + Duration::from_secs(32);
+        assert!(!p.stalled(&limits, t1), "moved since the last tick");
+        assert!(!p.stalled(&limits, t1 + Duration::from_secs(29)));
+        assert!(p.stalled(&limits, t1 + Duration::from_secs(30)), "nothing since the tick at t1");
+        p.moved();
+        assert!(!p.stalled(&limits, t1 + Duration::from_secs(31)));
+        assert!(p.stalled(&limits, t1 + Duration::from_secs(61)));
         assert_eq!(limits.tick(), Duration::from_secs(1));
         let short = ConnLimits { handshake_timeout: Duration::from_millis(100), ..limits };
         assert_eq!(short.tick(), Duration::from_millis(50));

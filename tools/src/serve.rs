@@ -143,7 +143,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
     handshake_timeout: std::time::Duration,
     /// Seconds a connection may owe progress (a write payload still arriving, replies it does
-    /// not read) without making any before it is dropped and its memory returns.
+    /// not read) without making any before it is dropped and its memory returns. Judged at
+    /// the connection's checks, a quarter of the shorter deadline apart (50 ms to 1 s): the
+    /// drop comes up to two checks after the deadline.
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
     stall_timeout: std::time::Duration,
     /// Pending journal records (mapping changes of completed writes, trims) after which the

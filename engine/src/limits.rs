@@ -152,9 +152,11 @@ impl Drop for ConnGuard {
 
 /// What a connection needs to judge its own deadlines: when it started, and when it last
 /// moved. Moving is counted, not timed: `moved` runs on every receive and send, and a clock
-/// read there would be one per I/O. The connection's tick looks at the count (`stalled`), so
-/// progress is dated to the first tick that sees it, at most one tick late: the stall deadline
-/// is judged at ticks anyway, and a tick is at most a quarter of it (`ConnLimits::tick`).
+/// read there would be one per I/O. The connection's ticks look at the count (`stalled`, asked
+/// while the connection owes progress), so progress is dated to the first look that sees it:
+/// never earlier than it happened, so a connection is never dropped sooner than with exact
+/// times, and at most about two ticks (`ConnLimits::tick`) after the deadline once it owes
+/// progress and makes none.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
     pub started: Instant,

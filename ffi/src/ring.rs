@@ -259,7 +259,8 @@ pub struct Ring {
     inflight: Slab<InFlight>,
     counters: RingCounters,
     tables: Tables,
-    /// Deadlines of reaped timers, boxed, for the next ones: arming a timer allocates nothing.
+    /// Deadlines of reaped timers, boxed, for the next ones (up to `TIMESPECS_KEPT`): while
+    /// no more timers than that are armed at once, arming one allocates nothing.
     /// Boxed because a timer's entry points at its deadline, which must not move with the
     /// slot holding it.
     #[allow(clippy::vec_box)]

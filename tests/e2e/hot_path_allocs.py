@@ -5,14 +5,15 @@ The daemon's allocator counts each thread's allocations, and every core reports 
 (`ballast stats --json`: `allocations`). A RAM export and a volume of a pool (both written
 first, so writes overwrite) are driven by fio's NBD engine (libnbd) and by ballast-perf over
 NVMe/TCP: 4 KiB random reads and writes at QD32, 4 KiB random reads at QD1, 128 KiB sequential
-reads and writes at QD8. Each workload runs long (warming the daemon's buffer caches up to its
+reads and writes at QD8; and a second RAM export, never written, is read over NBD at QD32 and
+QD8 (answered as holes). Each workload runs long (warming the daemon's buffer caches up to its
 peak), then short and long again, each on a fresh connection; what a connection costs (its
 handshake, its task, its vectors' growth) is about the same in the last two, so the difference
 in allocations over the difference in requests is what a request costs: at most one allocation
-per 2,000 requests (statistics replies) beyond a few dozen for the setups' variation. Before this
-check a send allocated its message header, an NBD read from RAM its extent list, a flush round
-its task list and a timer its deadline. Done with one core, then with two cores and two NVMe/TCP
-queues (a queue per core).
+per 2,000 requests (statistics replies) beyond a few dozen for the setups' variation. Before
+this check a send allocated its message header, an NBD read from RAM its extent list and a
+flush round its task list (each is caught here). Done with one core, then with two cores and
+two NVMe/TCP queues (a queue per core); every core must answer every statistics request.
 """
 
 import json
@@ -41,13 +42,17 @@ PER_IO_MAX = 1 / 2000
 SLACK = 40
 
 
-def core_totals(b):
+def core_totals(b, cores):
+    """Allocations and requests summed over the daemon's `cores` cores (all must answer)."""
     out = b.ctl("stats", "--json")
     if out.returncode != 0:
         raise RuntimeError("stats failed: " + out.stderr)
-    cores = json.loads(out.stdout)["reactors"]
-    ios = sum(c["reads"] + c["writes"] for c in cores)
-    return sum(c["allocations"] for c in cores), ios
+    reactors = json.loads(out.stdout)["reactors"]
+    if sorted(c["core"] for c in reactors) != list(range(cores)):
+        raise RuntimeError("stats from cores %s, not all %d" % ([c["core"] for c in reactors],
+                                                                  cores))
+    ios = sum(c["reads"] + c["writes"] for c in reactors)
+    return sum(c["allocations"] for c in reactors), ios
 
 
 def run_fio(b, export, rw, bs, qd, count):
@@ -66,15 +71,15 @@ def run_perf(b, nvmf_port, export, rw, bs, qd, count, queues):
         check=True, capture_output=True, timeout=120)
 
 
-def measure(r, b, label, client):
+def measure(r, b, cores, label, client):
     """Runs `client(count)` long (to warm the daemon's caches up to this workload's peak),
     short and long again; checks the allocations per extra request."""
     counts = []
     client(client.counts[1])
     for count in client.counts:
-        a0, n0 = core_totals(b)
+        a0, n0 = core_totals(b, cores)
         client(count)
-        a1, n1 = core_totals(b)
+        a1, n1 = core_totals(b, cores)
         counts.append((a1 - a0, n1 - n0))
     (a_short, n_short), (a_long, n_long) = counts
     extra_ios = n_long - n_short
@@ -90,14 +95,15 @@ def measure(r, b, label, client):
 def serve_and_check(r, cores, queues):
     nvmf_port = free_port()
     b = Ballast(["--cores", str(cores), "--nvmf-listen", "127.0.0.1:%d" % nvmf_port,
-                 "--pool", "{data}/pool.img", "--export", "ram=ram:%d" % SPAN])
+                 "--pool", "{data}/pool.img", "--export", "ram=ram:%d" % SPAN,
+                 "--export", "holes=ram:%d" % SPAN])
     pool = os.path.join(b.data_dir, "pool.img")
     subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "1G"], check=True,
                    capture_output=True)
     with b:
         made = b.ctl("volume", "create", "vol", "%dM" % (SPAN >> 20))
         r.check("volume create", made.returncode == 0, made.stderr)
-        a, _ = core_totals(b)
+        a, _ = core_totals(b, cores)
         r.check("the cores count their allocations (the daemon's allocator counts)", a > 0,
                 str(a))
         for export in ("ram", "vol"):
@@ -107,13 +113,22 @@ def serve_and_check(r, cores, queues):
                 def nbd_client(count, export=export, rw=rw, bs=bs, qd=qd):
                     run_fio(b, export, rw, bs, qd, count)
                 nbd_client.counts = (short, long_)
-                measure(r, b, "cores %d, NBD (fio), %s, %s" % (cores, export, label), nbd_client)
+                measure(r, b, cores, "cores %d, NBD (fio), %s, %s" % (cores, export, label),
+                        nbd_client)
 
                 def nvmf_client(count, export=export, rw=rw, bs=bs, qd=qd):
                     run_perf(b, nvmf_port, export, rw, bs, qd, count, queues)
                 nvmf_client.counts = (short, long_)
-                measure(r, b, "cores %d, NVMe/TCP (%d queues), %s, %s"
+                measure(r, b, cores, "cores %d, NVMe/TCP (%d queues), %s, %s"
                         % (cores, queues, export, label), nvmf_client)
+        # Reads of a RAM export never written: NBD answers them as holes (no buffer at all).
+        for label, rw, bs, qd, short, long_ in WORKLOADS:
+            if rw.endswith("read") and qd > 1:
+                def hole_client(count, rw=rw, bs=bs, qd=qd):
+                    run_fio(b, "holes", rw, bs, qd, count)
+                hole_client.counts = (short, long_)
+                measure(r, b, cores, "cores %d, NBD (fio), holes, %s" % (cores, label),
+                        hole_client)
         r.check("no panic", not b.panics(), "\n".join(b.panics()))
 
 

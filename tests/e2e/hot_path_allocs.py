@@ -5,15 +5,19 @@ The daemon's allocator counts each thread's allocations, and every core reports 
 (`ballast stats --json`: `allocations`). A RAM export and a volume of a pool (both written
 first, so writes overwrite) are driven by fio's NBD engine (libnbd) and by ballast-perf over
 NVMe/TCP: 4 KiB random reads and writes at QD32, 4 KiB random reads at QD1, 128 KiB sequential
-reads and writes at QD8; and a second RAM export, never written, is read over NBD at QD32 and
-QD8 (answered as holes). Each workload runs long (warming the daemon's buffer caches up to its
+reads and writes at QD8. Each workload runs long (warming the daemon's buffer caches up to its
 peak), then short and long again, each on a fresh connection; what a connection costs (its
 handshake, its task, its vectors' growth) is about the same in the last two, so the difference
 in allocations over the difference in requests is what a request costs: at most one allocation
-per 2,000 requests (statistics replies) beyond a few dozen for the setups' variation. Before
-this check a send allocated its message header, an NBD read from RAM its extent list and a
-flush round its task list (each is caught here). Done with one core, then with two cores and
-two NVMe/TCP queues (a queue per core); every core must answer every statistics request.
+per 2,000 requests (statistics replies) beyond a few dozen for the setups' variation. A second
+RAM export, never written, is read the same way over NBD (answered as holes). And 20,000 4 KiB
+random writes go into a fresh 1 GiB volume over each protocol: first writes, whose metadata
+grows, at most one allocation per 10 writes (measured ~0.03).
+
+Before this check a send allocated its message header, an NBD read from RAM its extent list, a
+flush round its task list, and a first write its path down the mapping tree (0.87 per write);
+each is caught here. Done with one core, then with two cores and two NVMe/TCP queues (a queue
+per core); every core must answer every statistics request.
 """
 
 import json
@@ -37,6 +41,11 @@ WORKLOADS = [
 BYTES = {"4k": 4096, "128k": 131072, "1m": 1 << 20}
 SPAN = 128 << 20  # bytes of each export the workloads use
 PER_IO_MAX = 1 / 2000
+# First writes into a fresh volume: each maps a cluster or marks a 4 KiB piece written (a
+# mapping record, a tree update); what may allocate is per commit and per epoch (journal
+# blocks, the families' record and cluster sets growing back), measured ~0.02 per write. Each
+# write's tree update allocated its path (0.87 per write) before the check.
+FIRST_WRITE_MAX = 1 / 10
 # What a connection's setup may vary by between two runs: its vectors (in-flight table, send
 # batch) grow by doublings up to the peak its run happened to reach.
 SLACK = 40
@@ -71,6 +80,37 @@ def run_perf(b, nvmf_port, export, rw, bs, qd, count, queues):
         check=True, capture_output=True, timeout=120)
 
 
+def first_writes(r, b, cores, nvmf_port, queues):
+    """4 KiB random writes into a fresh 1 GiB volume, NBD (fio) and NVMe/TCP (ballast-perf):
+    most map a cluster or mark a piece written; allocations stay at FIRST_WRITE_MAX."""
+    for proto in ("nbd", "nvmf"):
+        name = "fresh-" + proto
+        made = b.ctl("volume", "create", name, "1G")
+        r.check("volume create " + name, made.returncode == 0, made.stderr)
+        a0, n0 = core_totals(b, cores)
+        if proto == "nbd":
+            subprocess.run(
+                ["fio", "--name=first", "--ioengine=nbd", "--uri=" + b.uri(name),
+                 "--rw=randwrite", "--bs=4k", "--iodepth=32", "--io_size=%d" % (20000 * 4096),
+                 "--output-format=terse"], check=True, capture_output=True, timeout=120)
+        else:
+            subprocess.run(
+                [PERF, "--addr", "127.0.0.1:%d" % nvmf_port, "--nqn",
+                 "nqn.2026-11.dev.ballast:" + name, "--rw", "randwrite", "--bs", "4k", "--qd",
+                 "32", "--queues", str(queues), "--number-ios", str(20000 // queues),
+                 "--runtime", "60"], check=True, capture_output=True, timeout=120)
+        a1, n1 = core_totals(b, cores)
+        listed = json.loads(b.ctl("volume", "list", "--json").stdout)
+        allocated = sum(v["allocated_bytes"] for v in listed if v["name"] == name)
+        # allocated_bytes counts the 4 KiB pieces written: most of the 20,000 were fresh.
+        r.check("cores %d, %s: the writes went to fresh pieces (%d MiB allocated)"
+                % (cores, name, allocated >> 20), allocated >= 64 << 20, str(allocated))
+        r.check("cores %d, %s: %d allocations for %d first writes (at most %.2f each)"
+                % (cores, name, a1 - a0, n1 - n0, FIRST_WRITE_MAX),
+                n1 - n0 >= 20000 and a1 - a0 <= (n1 - n0) * FIRST_WRITE_MAX,
+                "%d %d" % (a1 - a0, n1 - n0))
+
+
 def measure(r, b, cores, label, client):
     """Runs `client(count)` long (to warm the daemon's caches up to this workload's peak),
     short and long again; checks the allocations per extra request."""
@@ -98,7 +138,7 @@ def serve_and_check(r, cores, queues):
                  "--pool", "{data}/pool.img", "--export", "ram=ram:%d" % SPAN,
                  "--export", "holes=ram:%d" % SPAN])
     pool = os.path.join(b.data_dir, "pool.img")
-    subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "1G"], check=True,
+    subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "4G"], check=True,
                    capture_output=True)
     with b:
         made = b.ctl("volume", "create", "vol", "%dM" % (SPAN >> 20))
@@ -121,6 +161,7 @@ def serve_and_check(r, cores, queues):
                 nvmf_client.counts = (short, long_)
                 measure(r, b, cores, "cores %d, NVMe/TCP (%d queues), %s, %s"
                         % (cores, queues, export, label), nvmf_client)
+        first_writes(r, b, cores, nvmf_port, queues)
         # Reads of a RAM export never written: NBD answers them as holes (no buffer at all).
         for label, rw, bs, qd, short, long_ in WORKLOADS:
             if rw.endswith("read") and qd > 1:

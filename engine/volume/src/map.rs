@@ -45,6 +45,12 @@ enum Node {
     Inner(Box<[Option<Arc<Node>>; FANOUT]>),
 }
 
+/// The slot of `vcluster`'s path in a node `level` levels above the leaves (0: the leaf).
+#[inline]
+fn index_at(vcluster: u64, level: u32) -> usize {
+    ((vcluster >> (FANOUT_BITS * level)) as usize) & (FANOUT - 1)
+}
+
 fn empty_leaf() -> Node {
     Node::Leaf(Box::new([Entry::UNMAPPED; FANOUT]))
 }
@@ -92,7 +98,7 @@ impl Tree {
     }
 
     fn index(&self, vcluster: u64, level: u32) -> usize {
-        ((vcluster >> (FANOUT_BITS * level)) as usize) & (FANOUT - 1)
+        index_at(vcluster, level)
     }
 
     pub fn get(&self, vcluster: u64) -> Entry {
@@ -125,11 +131,9 @@ impl Tree {
         mut on_leaf_copy: impl FnMut(&[Entry]),
     ) -> Entry {
         assert!(vcluster < self.capacity());
-        let depth = self.depth;
-        let idx: Vec<usize> = (0..=depth).rev().map(|l| self.index(vcluster, l)).collect();
         let mut slot = &mut self.root;
-        for (step, &i) in idx.iter().enumerate() {
-            let level = depth - step as u32;
+        for level in (0..=self.depth).rev() {
+            let i = index_at(vcluster, level);
             let node = slot.get_or_insert_with(|| {
                 Arc::new(if level == 0 { empty_leaf() } else { empty_inner() })
             });

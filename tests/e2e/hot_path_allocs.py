@@ -12,7 +12,8 @@ in allocations over the difference in requests is what a request costs: at most 
 per 2,000 requests (statistics replies) beyond a few dozen for the setups' variation. A second
 RAM export, never written, is read the same way over NBD (answered as holes). And 20,000 4 KiB
 random writes go into a fresh 1 GiB volume over each protocol: first writes, whose metadata
-grows, at most one allocation per 10 writes (measured ~0.03).
+grows, at most one allocation per 10 writes (measured ~0.03). Last, NBD over TLS (a PSK;
+userspace TLS where the kernel has no kTLS) through libnbd, measured within one connection.
 
 Before this check a send allocated its message header, an NBD read from RAM its extent list, a
 flush round its task list, and a first write its path down the mapping tree (0.87 per write);
@@ -22,6 +23,7 @@ per core); every core must answer every statistics request.
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -173,12 +175,73 @@ def serve_and_check(r, cores, queues):
         r.check("no panic", not b.panics(), "\n".join(b.panics()))
 
 
+def libnbd_run(h, write, bs, qd, count):
+    """`count` random `bs` reads or writes at depth `qd` on libnbd handle `h`."""
+    import nbd  # Debian's python3-libnbd
+    buf = nbd.Buffer(bs)
+    blocks = h.get_size() // bs
+    rng = random.Random(bs * 31 + qd)
+    issued = done = 0
+    while done < count:
+        while issued - done < qd and issued < count:
+            off = rng.randrange(blocks) * bs
+            (h.aio_pwrite if write else h.aio_pread)(buf, off)
+            issued += 1
+        h.poll(-1)
+        while done < issued:
+            try:
+                c = h.aio_peek_command_completed()
+            except nbd.Error:  # none in flight or completed: all retired
+                break
+            if c == 0:
+                break
+            h.aio_command_completed(c)
+            done += 1
+
+
+def tls_check(r):
+    """NBD over TLS (PSK; userspace TLS where the kernel has no kTLS): libnbd, one connection
+    per workload, 20,000 requests measured after 3,000 of warm-up: the same bound."""
+    import nbd  # Debian's python3-libnbd
+    b = Ballast(["--cores", "1", "--export", "ram=ram:%d" % SPAN, "--nbd-tls", "require",
+                 "--nbd-tls-psk", "{data}/keys.psk"])
+    with open(os.path.join(b.data_dir, "keys.psk"), "w") as f:
+        f.write("alice:%s\n" % os.urandom(32).hex())
+    os.chmod(os.path.join(b.data_dir, "keys.psk"), 0o600)
+    with b:
+        uri = "nbds://alice@127.0.0.1:%d/ram?tls-psk-file=%s" % (
+            b.port, os.path.join(b.data_dir, "keys.psk"))
+        for write, bs, qd in ((True, 1 << 20, 8), (False, 4096, 32), (True, 4096, 32),
+                              (False, 131072, 8), (True, 131072, 8)):
+            h = nbd.NBD()
+            h.set_uri_allow_local_file(True)
+            h.connect_uri(uri)
+            if bs == 1 << 20:  # written first: writes overwrite (no RAM chunk allocated)
+                for off in range(0, SPAN, bs):
+                    h.pwrite(bytes(bs), off)
+                h.shutdown()
+                continue
+            libnbd_run(h, write, bs, qd, 3000)
+            a0, n0 = core_totals(b, 1)
+            libnbd_run(h, write, bs, qd, 20000)
+            a1, n1 = core_totals(b, 1)
+            h.shutdown()
+            label = "TLS, NBD (libnbd), %s %d KiB QD%d" % ("write" if write else "read",
+                                                             bs >> 10, qd)
+            r.check("%s: %d allocations over %d requests on one connection (at most %d + "
+                    "%.4f per request)" % (label, a1 - a0, n1 - n0, SLACK, PER_IO_MAX),
+                    n1 - n0 >= 20000 and a1 - a0 <= SLACK + (n1 - n0) * PER_IO_MAX,
+                    "%d %d" % (a1 - a0, n1 - n0))
+        r.check("TLS: no panic", not b.panics(), "\n".join(b.panics()))
+
+
 def main(r):
     if not os.access(PERF, os.X_OK):
         r.bad("ballast-perf missing", PERF)
         return
     serve_and_check(r, 1, 1)
     serve_and_check(r, 2, 2)
+    tls_check(r)
 
 
 if __name__ == "__main__":

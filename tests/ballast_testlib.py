@@ -177,6 +177,15 @@ class Ballast:
         argv = [ballast_bin()] + list(args) + ["--rpc-socket", self.rpc_sock]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
+    def reactors(self):
+        """The per-core statistics (`ballast stats --json`: "reactors"); raises if the daemon
+        does not answer."""
+        import json
+        out = self.ctl("stats", "--json")
+        if out.returncode != 0:
+            raise RuntimeError("ballast stats failed: " + out.stderr)
+        return json.loads(out.stdout)["reactors"]
+
     def panics(self):
         """Lines of the server log that report a panic."""
         try:

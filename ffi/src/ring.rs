@@ -650,6 +650,36 @@ mod tests {
         out.pop().unwrap()
     }
 
+    /// Reaped timers' deadlines are kept for the next timers, up to `TIMESPECS_KEPT`: more
+    /// timers at once than that allocate their own, and the extra boxes go when reaped.
+    #[test]
+    fn timer_deadlines_are_reused_up_to_the_bound() {
+        let mut ring = Ring::new(64).unwrap();
+        let armed = TIMESPECS_KEPT + 4;
+        for t in 0..armed {
+            ring.push(Op::Timer { after: Duration::from_micros(50) }, t as u64).unwrap();
+        }
+        let mut out = Vec::new();
+        while out.len() < armed {
+            ring.submit_and_wait(None).unwrap();
+            ring.reap(&mut out);
+        }
+        assert!(out.iter().all(|c| c.result == -libc::ETIME), "every timer expired");
+        assert_eq!(ring.timespecs.len(), TIMESPECS_KEPT, "no more kept than the bound");
+        let kept: Vec<*const types::Timespec> = ring.timespecs.iter().map(|b| &**b as _).collect();
+        ring.push(Op::Timer { after: Duration::from_micros(10) }, 99).unwrap();
+        assert_eq!(ring.timespecs.len(), TIMESPECS_KEPT - 1, "the timer took a kept deadline");
+        let mut out = Vec::new();
+        while out.is_empty() {
+            ring.submit_and_wait(None).unwrap();
+            ring.reap(&mut out);
+        }
+        assert_eq!(out[0].result, -libc::ETIME);
+        assert_eq!(ring.timespecs.len(), TIMESPECS_KEPT, "the box came back");
+        let reused = ring.timespecs.iter().map(|b| &**b as *const types::Timespec);
+        assert!(reused.clone().all(|p| kept.contains(&p)), "a kept deadline was reused");
+    }
+
     /// The worker cap is the kernel's and the thread's: the limits set on one ring are the ones
     /// it, and the thread's next ring, report back.
     #[test]

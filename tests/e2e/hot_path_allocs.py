@@ -55,10 +55,7 @@ SLACK = 40
 
 def core_totals(b, cores):
     """Allocations and requests summed over the daemon's `cores` cores (all must answer)."""
-    out = b.ctl("stats", "--json")
-    if out.returncode != 0:
-        raise RuntimeError("stats failed: " + out.stderr)
-    reactors = json.loads(out.stdout)["reactors"]
+    reactors = b.reactors()
     if sorted(c["core"] for c in reactors) != list(range(cores)):
         raise RuntimeError("stats from cores %s, not all %d" % ([c["core"] for c in reactors],
                                                                   cores))

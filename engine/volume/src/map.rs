@@ -97,10 +97,6 @@ impl Tree {
         (FANOUT as u64).saturating_pow(self.depth + 1)
     }
 
-    fn index(&self, vcluster: u64, level: u32) -> usize {
-        index_at(vcluster, level)
-    }
-
     pub fn get(&self, vcluster: u64) -> Entry {
         assert!(vcluster < self.capacity());
         let mut node = match &self.root {
@@ -110,8 +106,8 @@ impl Tree {
         let mut level = self.depth;
         loop {
             match &**node {
-                Node::Leaf(entries) => return entries[self.index(vcluster, 0)],
-                Node::Inner(children) => match &children[self.index(vcluster, level)] {
+                Node::Leaf(entries) => return entries[index_at(vcluster, 0)],
+                Node::Inner(children) => match &children[index_at(vcluster, level)] {
                     Some(child) => {
                         node = child;
                         level -= 1;
@@ -162,7 +158,7 @@ impl Tree {
         let mut shared = Arc::strong_count(node) > 1;
         let mut level = self.depth;
         while let Node::Inner(children) = &**node {
-            match &children[self.index(vcluster, level)] {
+            match &children[index_at(vcluster, level)] {
                 Some(child) => {
                     shared |= Arc::strong_count(child) > 1;
                     node = child;

@@ -589,9 +589,6 @@ impl Families {
 mod tests {
     use super::*;
 
-    /// A family's slot in the slab is eight whole cache lines (the slab is cache-line aligned):
-    /// a field added to `Family` that grows it past them costs every family a ninth and a
-    /// tenth line (the slot rounds up to 128 bytes), and should move something out instead.
     /// The room a family keeps between epochs is bounded: a set emptied after a burst gives
     /// its memory back, a small one keeps its room (the next epoch's first inserts allocate
     /// nothing).
@@ -609,6 +606,9 @@ mod tests {
         assert_eq!(small.capacity(), room, "a small set keeps its room");
     }
 
+    /// A family's slot in the slab is eight whole cache lines (the slab is cache-line aligned):
+    /// a field added to `Family` that grows it past them costs every family a ninth and a
+    /// tenth line (the slot rounds up to 128 bytes), and should move something out instead.
     #[test]
     fn a_family_slot_is_eight_cache_lines() {
         assert_eq!(std::mem::size_of::<CachePadded<Option<Mutex<Family>>>>(), 512);

@@ -99,10 +99,11 @@ def client_run(args, daemon, proto, rw, bs, qd):
     return json.loads(text)["jobs"][0]
 
 
-def one(args, daemon, proto, rw, bs, qd):
+def one(args, daemon, proto, rw, bs, qd, client=None):
+    """One measured run of `client` (by default `client_run`) against `daemon`."""
     c0, s0, k0 = daemon.cpu_s(), tcp_out_segs(), server_counters(daemon)
     t0 = time.monotonic()
-    job = client_run(args, daemon, proto, rw, bs, qd)
+    job = (client or client_run)(args, daemon, proto, rw, bs, qd)
     wall = time.monotonic() - t0
     c1, s1, k1 = daemon.cpu_s(), tcp_out_segs(), server_counters(daemon)
     side = job_side(job)

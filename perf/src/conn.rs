@@ -222,11 +222,25 @@ impl Conn {
         Ok(())
     }
 
-    /// Flushes, then reads the next PDU's header and header digest. Checks the type is one a
-    /// controller sends, HLEN matches it and PLEN covers it; a C2HTermReq is read whole and
-    /// returned as [`Error::Terminated`]. The caller must consume [`Header::rest`] bytes.
+    /// Whether the whole next PDU is already read in (its header says how long it is): taking
+    /// it needs no system call, so capsules batched meanwhile may wait for the next read that
+    /// does. A PDU begun but not complete is not.
+    fn next_pdu_buffered(&self) -> bool {
+        let b = self.rx.buffer();
+        b.len() >= pdu::CH_LEN
+            && CommonHeader::decode(b).is_some_and(|ch| b.len() >= ch.plen as usize)
+    }
+
+    /// Flushes (unless the whole next PDU is already read in: a host batches the capsules it
+    /// submits while it takes completions that arrived together, sending them with its next
+    /// read from the socket), then reads the next PDU's header and header digest. Checks the
+    /// type is one a controller sends, HLEN matches it and PLEN covers it; a C2HTermReq is read
+    /// whole and returned as [`Error::Terminated`]. The caller must consume [`Header::rest`]
+    /// bytes.
     pub fn read_header(&mut self) -> Result<Header> {
-        self.flush()?;
+        if !self.next_pdu_buffered() {
+            self.flush()?;
+        }
         let mut buf = [0u8; MAX_HLEN];
         self.read_exact(&mut buf[..pdu::CH_LEN])?;
         let ch = CommonHeader::decode(&buf)

@@ -388,7 +388,8 @@ impl Queue {
         r
     }
 
-    /// Sends what is batched and reads PDUs (answering R2Ts) until a command completes.
+    /// Reads PDUs (answering R2Ts) until a command completes, sending what is batched before
+    /// any read that needs the socket (completions already read in are taken first).
     pub fn poll(&mut self) -> Result<Completion> {
         if self.broken {
             return Err(Error::Broken);
@@ -646,6 +647,72 @@ mod tests {
     #[test]
     fn split_c2h_data_and_several_r2ts_polled() {
         split_c2h_data_and_several_r2ts_with(QueueOptions { poll: true, ..opts() });
+    }
+
+    /// Capsules submitted while completions that arrived together are taken wait for the next
+    /// read that needs the socket, and then leave in one send (as SPDK's and Linux's hosts
+    /// batch them): a poll answered from what is already read in sends nothing.
+    #[test]
+    fn capsules_wait_while_completions_already_read_in_are_taken() {
+        for poll in [false, true] {
+            capsules_wait_while_completions_already_read_in_are_taken_with(poll);
+        }
+    }
+
+    fn capsules_wait_while_completions_already_read_in_are_taken_with(poll: bool) {
+        let (taken_tx, taken_rx) = std::sync::mpsc::channel::<()>();
+        let (quiet_tx, quiet_rx) = std::sync::mpsc::channel::<bool>();
+        let addr = fake(move |s| {
+            let cids: Vec<u16> = (0..2)
+                .map(|_| {
+                    let c = read_n(s, pdu::CMD_HLEN);
+                    u16::from_le_bytes([c[10], c[11]])
+                })
+                .collect();
+            let mut out = Vec::new();
+            for &cid in &cids {
+                pdu::encode_capsule_resp(&mut out, &nvme::encode_cqe(0, 0, 2, 1, cid, 0), false);
+            }
+            s.write_all(&out).unwrap();
+            // The host took both completions and submitted two commands meanwhile.
+            taken_rx.recv().unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            let mut b = [0u8; 1];
+            let quiet = matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut);
+            quiet_tx.send(quiet).unwrap();
+            s.set_read_timeout(None).unwrap();
+            // Then both capsules arrive, back to back.
+            let mut out = Vec::new();
+            for _ in 0..2 {
+                let c = read_n(s, pdu::CMD_HLEN);
+                let cid = u16::from_le_bytes([c[10], c[11]]);
+                pdu::encode_capsule_resp(&mut out, &nvme::encode_cqe(0, 0, 4, 1, cid, 0), false);
+            }
+            s.write_all(&out).unwrap();
+        });
+        let mut q =
+            Queue::connect(addr, "nqn.x", HOSTNQN, 1, 7, &QueueOptions { poll, ..opts() }).unwrap();
+        let flush = || Command {
+            sqe: SqeBuilder { opcode: io::FLUSH, nsid: 1, ..Default::default() },
+            data: Data::None,
+        };
+        q.submit(&flush()).unwrap();
+        q.submit(&flush()).unwrap();
+        assert!(q.poll().unwrap().ok());
+        q.submit(&flush()).unwrap();
+        // Answered from what the first read took in: nothing is sent.
+        assert!(q.poll().unwrap().ok());
+        q.submit(&flush()).unwrap();
+        taken_tx.send(()).unwrap();
+        assert!(
+            quiet_rx.recv().unwrap(),
+            "a capsule left before its batch's next read (poll {poll})"
+        );
+        for _ in 0..2 {
+            assert!(q.poll().unwrap().ok());
+        }
+        assert_eq!(q.in_flight(), 0);
     }
 
     /// A polled read that never progresses gives up after the queue's timeout, as a blocking

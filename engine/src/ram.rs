@@ -1,13 +1,15 @@
-//! Memory backend: sparse chunks allocated on first write, shared by all cores.
+//! Memory backend: sparse chunks in one reserved mapping (`ballast_ffi::region`, on huge pages
+//! where the kernel has them), shared by all cores.
 //!
 //! Invariants:
-//! - the device is `CHUNK`-sized chunks; an absent chunk reads as zeros and is reported as a
-//!   hole; a chunk that is discarded whole is freed;
-//! - each chunk has its own lock, held only for one memcpy; requests spanning chunks take them
+//! - the device is `CHUNK`-sized chunks; an absent chunk reads as zeros, is reported as a hole
+//!   and holds no memory (its pages were never written or were given back); a chunk that is
+//!   discarded whole becomes absent;
+//! - each chunk has its own lock, held only for one copy; requests spanning chunks take them
 //!   one at a time, in address order (no two locks are ever held together).
 
+use ballast_ffi::region::Region;
 use ballast_ffi::Owned;
-use parking_lot::RwLock;
 
 use crate::blockdev::{in_range, push_extent, BlockDev, DevInfo, Extent, IoCmd};
 use crate::reactor::Cx;
@@ -15,16 +17,18 @@ use crate::reactor::Cx;
 const CHUNK: u64 = 64 * 1024;
 
 pub struct RamDev {
-    chunks: Vec<RwLock<Option<Box<[u8]>>>>,
+    mem: Region,
     size_bytes: u64,
     info: DevInfo,
 }
 
 impl RamDev {
-    pub fn new(size_bytes: u64) -> RamDev {
+    /// A device of `size_bytes`, all holes; its memory is reserved now and taken as written.
+    pub fn try_new(size_bytes: u64) -> std::io::Result<RamDev> {
         assert!(size_bytes > 0);
-        let count = size_bytes.div_ceil(CHUNK) as usize;
-        let chunks = (0..count).map(|_| RwLock::new(None)).collect();
+        let len = usize::try_from(size_bytes)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+        let mem = Region::new(len, CHUNK as usize)?;
         let info = DevInfo {
             min_block: 1,
             block_size: 4096,
@@ -33,7 +37,12 @@ impl RamDev {
             cheap_extents: true,
             stats_id: crate::stats::device_id(),
         };
-        RamDev { chunks, size_bytes, info }
+        Ok(RamDev { mem, size_bytes, info })
+    }
+
+    /// [`RamDev::try_new`] for sizes that must fit (tests, fuzzers).
+    pub fn new(size_bytes: u64) -> RamDev {
+        RamDev::try_new(size_bytes).expect("reserving a RAM device's memory")
     }
 
     /// Calls `f(chunk index, offset in chunk, range in the request)` for each piece.
@@ -52,35 +61,21 @@ impl RamDev {
 
     fn read(&self, offset: u64, out: &mut [u8]) {
         Self::pieces(offset, out.len() as u64, |idx, within, range| {
-            let chunk = self.chunks[idx].read();
-            let dst = &mut out[range.clone()];
-            match chunk.as_ref() {
-                Some(data) => dst.copy_from_slice(&data[within..within + range.len()]),
-                None => dst.fill(0),
-            }
+            self.mem.read(idx, within, &mut out[range]);
         });
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
         Self::pieces(offset, data.len() as u64, |idx, within, range| {
-            let mut chunk = self.chunks[idx].write();
-            let bytes = chunk.get_or_insert_with(|| vec![0u8; CHUNK as usize].into_boxed_slice());
-            bytes[within..within + range.len()].copy_from_slice(&data[range]);
+            self.mem.write(idx, within, &data[range]);
         });
     }
 
-    /// Zeroes a range; with `unmap`, whole chunks are freed, otherwise they stay allocated
-    /// (NBD_CMD_FLAG_NO_HOLE: "fully provisioned").
+    /// Zeroes a range; with `unmap`, whole chunks are given back, otherwise they stay
+    /// allocated (NBD_CMD_FLAG_NO_HOLE: "fully provisioned").
     fn zero(&self, offset: u64, len: u64, unmap: bool) {
         Self::pieces(offset, len, |idx, within, range| {
-            let mut chunk = self.chunks[idx].write();
-            if unmap && range.len() as u64 == CHUNK {
-                *chunk = None;
-            } else if let Some(bytes) = chunk.as_mut() {
-                bytes[within..within + range.len()].fill(0);
-            } else if !unmap {
-                *chunk = Some(vec![0u8; CHUNK as usize].into_boxed_slice());
-            }
+            self.mem.zero(idx, within, range.len(), unmap);
         });
     }
 }
@@ -126,7 +121,7 @@ impl BlockDev for RamDev {
         let len = len.min(self.size_bytes.saturating_sub(offset));
         let mut out = Vec::new();
         Self::pieces(offset, len, |idx, _, range| {
-            let present = self.chunks[idx].read().is_some();
+            let present = self.mem.present(idx);
             push_extent(
                 &mut out,
                 Extent { len: range.len() as u64, hole: !present, zero: !present },
@@ -141,7 +136,7 @@ impl BlockDev for RamDev {
             return false;
         }
         let (first, last) = ((offset / CHUNK) as usize, ((offset + len - 1) / CHUNK) as usize);
-        self.chunks[first..=last].iter().all(|c| c.read().is_none())
+        (first..=last).all(|idx| !self.mem.present(idx))
     }
 
     fn flush_blocking(&self) -> std::io::Result<()> {

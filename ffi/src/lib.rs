@@ -3,6 +3,8 @@
 //! - [`alloc`]: the daemon's global allocator, counting each thread's allocations.
 //! - [`buf`]: page-aligned, zero-initialised I/O buffers (O_DIRECT-safe).
 //! - [`fixed`]: a ring's registered files and buffers, and how their slots come back.
+//! - [`region`]: a RAM device's memory: one mapping (huge pages where the kernel has them) in
+//!   chunks, each behind its own lock.
 //! - [`ring`]: an io_uring whose in-flight operations own the memory the kernel touches.
 //! - [`sys`]: ioctls, CPU affinity, eventfd, O_DIRECT opens, io_uring availability probe.
 //! - [`nvme`]: NVMe I/O command encoding for io_uring passthrough, status mapping, the
@@ -18,6 +20,7 @@ pub mod devring;
 pub mod fixed;
 pub mod ktls;
 pub mod nvme;
+pub mod region;
 pub mod ring;
 pub mod sys;
 pub mod tls_psk;

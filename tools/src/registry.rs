@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use ballast_engine::file::FileDev;
 use ballast_engine::ram::RamDev;
 use ballast_engine::size::parse_size;
@@ -264,7 +264,9 @@ pub fn open_backend(
         if bytes == 0 {
             bail!("ram export of size 0");
         }
-        return Ok((DeviceKind::Ram, Arc::new(RamDev::new(bytes))));
+        let dev = RamDev::try_new(bytes)
+            .with_context(|| format!("reserving {bytes} bytes of memory for a ram export"))?;
+        return Ok((DeviceKind::Ram, Arc::new(dev)));
     }
     if let Some(rest) = spec.strip_prefix("file:") {
         // A trailing ":SIZE" is a size only if it parses as one.

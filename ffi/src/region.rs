@@ -1,0 +1,252 @@
+//! Memory for a RAM device: one anonymous mapping cut into chunks, each behind its own lock.
+//!
+//! The mapping is reserved whole at creation (`MAP_NORESERVE`: the kernel takes pages only as
+//! they are written) and asked to be backed by transparent huge pages (`MADV_HUGEPAGE`), as
+//! SPDK's malloc bdev lives in huge pages: a 4 KiB request into a large device then costs no
+//! page walk of its own (measured: a 4 KiB copy from a random block of 1 GiB, ~0.5 µs with
+//! 4 KiB pages, ~0.43 with huge pages, on the 2-CPU VM). Where the kernel has no transparent
+//! huge pages it is ordinary memory.
+//!
+//! Invariants:
+//! - `base` is the start of a private anonymous mapping of `len` bytes (a whole number of
+//!   chunks), aligned to `HUGE`, owned by this value and unmapped when it drops;
+//! - every byte of the mapping is only touched with its chunk's lock held: read under the read
+//!   lock, written under the write lock — so no two threads ever race on a byte;
+//! - a chunk that is not present holds only zeros (the mapping starts zero, and a chunk made
+//!   absent is given back with `MADV_DONTNEED`, which zeroes it), so writing into an absent
+//!   chunk needs no clearing first.
+
+use std::io;
+use std::ptr::NonNull;
+
+use parking_lot::RwLock;
+
+/// The alignment asked of the mapping: the x86-64 huge page.
+pub const HUGE: usize = 2 << 20;
+
+/// A chunked memory region (see the module header).
+pub struct Region {
+    base: NonNull<u8>,
+    len: usize,
+    chunk: usize,
+    /// Per chunk: whether it holds data (false: all zero, its pages maybe given back).
+    chunks: Vec<RwLock<bool>>,
+}
+
+// SAFETY: the region owns its mapping; every access to its bytes goes through a chunk lock
+// (module invariants), so sharing the value between threads shares no unsynchronised memory.
+unsafe impl Send for Region {}
+// SAFETY: as above: `&Region` reaches the bytes only under the chunk locks.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Reserves `len` bytes (rounded up to whole chunks of `chunk` bytes, a power of two and a
+    /// multiple of the page size), all chunks absent.
+    pub fn new(len: usize, chunk: usize) -> io::Result<Region> {
+        assert!(chunk.is_power_of_two() && chunk >= 4096, "chunk {chunk}");
+        let count = len.max(1).div_ceil(chunk);
+        let len = count
+            .checked_mul(chunk)
+            .filter(|l| l.checked_add(HUGE).is_some())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        let span = len + HUGE;
+        // SAFETY: a fresh private anonymous mapping with no address hint and no descriptor;
+        // the result is checked against MAP_FAILED before use.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let start = raw as usize;
+        let aligned = start.next_multiple_of(HUGE);
+        let (head, tail) = (aligned - start, start + span - (aligned + len));
+        // SAFETY: both ranges lie inside the mapping just made, outside [aligned, aligned+len),
+        // and nothing refers to them; unmapping a zero-length range is skipped.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+        }
+        let base = aligned as *mut u8;
+        // Huge pages where the kernel offers them; without (EINVAL) the region is still memory.
+        // SAFETY: advice on the mapping this value owns; it changes no contents.
+        unsafe { libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE) };
+        let Some(base) = NonNull::new(base) else {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        };
+        let chunks = (0..count).map(|_| RwLock::new(false)).collect();
+        Ok(Region { base, len, chunk, chunks })
+    }
+
+    /// Bytes reserved (whole chunks).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn chunk_size(&self) -> usize {
+        self.chunk
+    }
+
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Whether chunk `idx` holds data.
+    pub fn present(&self, idx: usize) -> bool {
+        *self.chunks[idx].read()
+    }
+
+    /// The bytes `within..within + len` of chunk `idx`, its lock held by the caller.
+    fn range(&self, idx: usize, within: usize, len: usize) -> *mut u8 {
+        assert!(within.checked_add(len).is_some_and(|end| end <= self.chunk), "past the chunk");
+        assert!(idx < self.chunks.len());
+        // In bounds: idx * chunk + within + len <= count * chunk == self.len.
+        self.base.as_ptr().wrapping_add(idx * self.chunk + within)
+    }
+
+    /// Copies chunk `idx`'s bytes from `within` into `dst`; zeros if it is absent. Returns
+    /// whether it was present.
+    pub fn read(&self, idx: usize, within: usize, dst: &mut [u8]) -> bool {
+        let present = self.chunks[idx].read();
+        if !*present {
+            dst.fill(0);
+            return false;
+        }
+        let src = self.range(idx, within, dst.len());
+        // SAFETY: `src` points at dst.len() bytes inside the mapping (checked by `range`), which
+        // are initialised (anonymous memory reads as zero); the chunk's read lock is held, so no
+        // writer touches them; `dst` is a distinct Rust slice.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        true
+    }
+
+    /// Copies `src` into chunk `idx` from `within`; the chunk is present afterwards.
+    pub fn write(&self, idx: usize, within: usize, src: &[u8]) {
+        let mut present = self.chunks[idx].write();
+        let dst = self.range(idx, within, src.len());
+        // SAFETY: `dst` points at src.len() bytes inside the mapping (checked by `range`); the
+        // chunk's write lock is held, so nothing else reads or writes them; `src` is a distinct
+        // Rust slice.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+        *present = true;
+    }
+
+    /// Zeroes `len` bytes of chunk `idx` from `within`. With `unmap` and the whole chunk, the
+    /// chunk becomes absent and its pages go back to the system; without `unmap`, an absent
+    /// chunk becomes present ("fully provisioned": it already reads as zeros).
+    pub fn zero(&self, idx: usize, within: usize, len: usize, unmap: bool) {
+        let mut present = self.chunks[idx].write();
+        let at = self.range(idx, within, len);
+        if unmap && len == self.chunk {
+            if *present {
+                // SAFETY: the whole chunk, inside the mapping, its write lock held: nothing
+                // refers to its bytes; MADV_DONTNEED on private anonymous memory makes them read
+                // as zero from now on (the module invariant for absent chunks).
+                let r = unsafe { libc::madvise(at.cast(), len, libc::MADV_DONTNEED) };
+                if r != 0 {
+                    // Not given back: clear it by hand, so the invariant holds all the same.
+                    // SAFETY: as above.
+                    unsafe { std::ptr::write_bytes(at, 0, len) };
+                }
+            }
+            *present = false;
+        } else if *present {
+            // SAFETY: `len` bytes inside the mapping (checked by `range`), the write lock held.
+            unsafe { std::ptr::write_bytes(at, 0, len) };
+        } else if !unmap {
+            *present = true;
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this value made and owns; nothing borrows it once it drops.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: usize = 64 * 1024;
+
+    #[test]
+    fn chunks_start_absent_and_read_zero() {
+        let r = Region::new(3 * CHUNK + 1, CHUNK).unwrap();
+        assert_eq!((r.len(), r.chunks()), (4 * CHUNK, 4));
+        assert_eq!(r.base.as_ptr() as usize % HUGE, 0, "aligned to a huge page");
+        let mut b = [7u8; 100];
+        assert!(!r.read(3, CHUNK - 100, &mut b));
+        assert!(b.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn writes_read_back_and_whole_chunk_unmaps_give_zeros() {
+        let r = Region::new(2 * CHUNK, CHUNK).unwrap();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 13) as u8).collect();
+        r.write(1, 8192, &data);
+        assert!(r.present(1) && !r.present(0));
+        let mut back = vec![0u8; 4096];
+        assert!(r.read(1, 8192, &mut back));
+        assert_eq!(back, data);
+        // A partial zero keeps the chunk and clears the bytes.
+        r.zero(1, 8192, 100, true);
+        assert!(r.present(1));
+        r.read(1, 8192, &mut back);
+        assert!(back[..100].iter().all(|&x| x == 0) && back[100..] == data[100..]);
+        // A whole-chunk unmap makes it absent; written again, the rest reads zero.
+        r.zero(1, 0, CHUNK, true);
+        assert!(!r.present(1));
+        r.write(1, 0, &[1u8; 10]);
+        let mut all = vec![9u8; CHUNK];
+        r.read(1, 0, &mut all);
+        assert!(all[..10].iter().all(|&x| x == 1) && all[10..].iter().all(|&x| x == 0));
+        // Zeroing an absent chunk without unmap provisions it.
+        r.zero(0, 0, CHUNK, false);
+        assert!(r.present(0));
+    }
+
+    #[test]
+    fn a_region_too_large_is_an_error_not_a_panic() {
+        assert!(Region::new(usize::MAX - 10, CHUNK).is_err());
+    }
+
+    #[test]
+    fn threads_write_and_read_their_chunks_at_once() {
+        let r = std::sync::Arc::new(Region::new(8 * CHUNK, CHUNK).unwrap());
+        let handles: Vec<_> = (0..4u8)
+            .map(|t| {
+                let r = std::sync::Arc::clone(&r);
+                std::thread::spawn(move || {
+                    let mut back = [0u8; 512];
+                    for i in 0..2000usize {
+                        let idx = (i + t as usize) % 8;
+                        r.write(idx, (t as usize) * 512, &[t + 1; 512]);
+                        r.read(idx, (t as usize) * 512, &mut back);
+                        assert!(back.iter().all(|&x| x == t + 1));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+}

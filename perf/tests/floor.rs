@@ -51,8 +51,8 @@ fn run(port: u16, shape: &str, qd: u32, ios: u64, poll: bool) -> serde_json::Val
 fn every_request_is_answered_at_each_depth() {
     for (shape, side, poll, span) in [
         ("nvmf-read4k", "read", true, "0"),
-        ("nvmf-write4k", "write", false, "1M"),
-        ("nbd-read4k", "read", false, "64k"),
+        ("nvmf-write4k", "write", false, "4M"),
+        ("nbd-read4k", "read", false, "2M"),
         ("nbd-write4k", "write", true, "0"),
     ] {
         let port = free_port();

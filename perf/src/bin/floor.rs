@@ -10,7 +10,9 @@
 //! on the same machine, kernel and TCP stack: the reference a target's figures are measured
 //! against (perf/floor_bench.py), where the machine itself moves from run to run. With
 //! `--span 1G` it also copies each request's 4 KiB from or to a random block of 1 GiB of
-//! memory, once, as the least a RAM-backed target does (SPDK's malloc bdev copies the same way).
+//! memory (whole 2 MiB units of it, on huge pages where the kernel has them, each behind the
+//! lock of `ballast_ffi::region`), once, as the least a RAM-backed target does (SPDK's malloc
+//! bdev copies the same way, from huge pages).
 //!
 //! `ballast-floor run` is its client: `--qd` requests in flight, each answered in order, for
 //! `--runtime` seconds (or `--number-ios`), spinning (`--poll`) or sleeping in `recv`, as
@@ -29,6 +31,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ballast_ffi::region::{Region, HUGE};
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -201,11 +204,16 @@ fn serve(listen: SocketAddr, shape: Shape, poll: bool, span: usize) -> anyhow::R
     // The replies of a full receive, at most: every whole request in RECV_ROOM answered.
     let mut replies = vec![0x5au8; (RECV_ROOM / req + 1) * resp];
     let mut buf = vec![0u8; RECV_ROOM];
-    // The memory a RAM-backed target serves: written once, so every page is there before
-    // the server listens.
-    let mut media = vec![0x3cu8; span];
+    // The memory a RAM-backed target serves, on huge pages where the kernel has them (as
+    // SPDK's malloc bdev and ballast's RAM exports are): written once, so every page is there
+    // before the server listens.
+    let media = Region::new(span.max(1), HUGE)?;
+    let fill = vec![0x3cu8; HUGE];
+    for idx in 0..(span / HUGE) {
+        media.write(idx, 0, &fill);
+    }
     let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
-    let blocks = (span / BLOCK) as u64;
+    let blocks = (span / HUGE * HUGE / BLOCK) as u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     loop {
         let (mut s, _) = listener.accept().context("accepting")?;
@@ -226,13 +234,13 @@ fn serve(listen: SocketAddr, shape: Shape, poll: bool, span: usize) -> anyhow::R
                     rng ^= rng >> 7;
                     rng ^= rng << 17;
                     let at = (rng % blocks) as usize * BLOCK;
-                    let block = &mut media[at..at + BLOCK];
+                    let (idx, within) = (at / HUGE, at % HUGE);
                     if read {
                         let data = i * resp + shape.data_at();
-                        replies[data..data + BLOCK].copy_from_slice(block);
+                        media.read(idx, within, &mut replies[data..data + BLOCK]);
                     } else {
                         let data = i * req + shape.data_at();
-                        block.copy_from_slice(&buf[data..data + BLOCK]);
+                        media.write(idx, within, &buf[data..data + BLOCK]);
                     }
                 }
             }

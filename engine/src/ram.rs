@@ -3,8 +3,10 @@
 //!
 //! Invariants:
 //! - the device is `CHUNK`-sized chunks; an absent chunk reads as zeros, is reported as a hole
-//!   and holds no memory (its pages were never written or were given back); a chunk that is
-//!   discarded whole becomes absent;
+//!   and its pages were never written or were given back (`MADV_DONTNEED`; inside a huge page
+//!   the kernel frees them as it splits it); a chunk that is discarded whole becomes absent;
+//! - memory is taken as written: with transparent huge pages, 2 MiB at a time (a sparse
+//!   export's scattered writes hold up to 32x what 64 KiB chunks held; at most its size);
 //! - each chunk has its own lock, held only for one copy; requests spanning chunks take them
 //!   one at a time, in address order (no two locks are ever held together).
 

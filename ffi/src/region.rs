@@ -1,11 +1,14 @@
 //! Memory for a RAM device: one anonymous mapping cut into chunks, each behind its own lock.
 //!
 //! The mapping is reserved whole at creation (`MAP_NORESERVE`: the kernel takes pages only as
-//! they are written) and asked to be backed by transparent huge pages (`MADV_HUGEPAGE`), as
-//! SPDK's malloc bdev lives in huge pages: a 4 KiB request into a large device then costs no
-//! page walk of its own (measured: a 4 KiB copy from a random block of 1 GiB, ~0.5 µs with
-//! 4 KiB pages, ~0.43 with huge pages, on the 2-CPU VM). Where the kernel has no transparent
-//! huge pages it is ordinary memory.
+//! they are written; under strict overcommit, `vm.overcommit_memory=2`, it is charged whole)
+//! and asked to be backed by transparent huge pages (`MADV_HUGEPAGE`), as SPDK's malloc bdev
+//! lives in huge pages: a 4 KiB request into a large device then costs no page walk of its own
+//! (measured: a 4 KiB copy from a random block of 1 GiB, ~0.5 µs with 4 KiB pages, ~0.43 with
+//! huge pages, on the 2-CPU VM). Where the kernel has no transparent huge pages it is ordinary
+//! memory. What huge pages change: the first write into each 2 MiB takes 2 MiB (a sparse
+//! device's writes can hold up to 32x the memory 64 KiB chunks held), and that first write may
+//! wait for the kernel to compact memory for the huge page (its `defrag` setting decides).
 //!
 //! Invariants:
 //! - `base` is the start of a private anonymous mapping of `len` bytes (a whole number of
@@ -14,7 +17,9 @@
 //!   lock, written under the write lock — so no two threads ever race on a byte;
 //! - a chunk that is not present holds only zeros (the mapping starts zero, and a chunk made
 //!   absent is given back with `MADV_DONTNEED`, which zeroes it), so writing into an absent
-//!   chunk needs no clearing first.
+//!   chunk needs no clearing first. A chunk inside a huge page splits it; the kernel frees the
+//!   pages as it splits, and may later gather the range into a huge page again.
+//! - chunks are whole pages (asserted), so giving one back never touches its neighbours.
 
 use std::io;
 use std::ptr::NonNull;
@@ -43,12 +48,19 @@ impl Region {
     /// Reserves `len` bytes (rounded up to whole chunks of `chunk` bytes, a power of two and a
     /// multiple of the page size), all chunks absent.
     pub fn new(len: usize, chunk: usize) -> io::Result<Region> {
-        assert!(chunk.is_power_of_two() && chunk >= 4096, "chunk {chunk}");
+        // A chunk given back with MADV_DONTNEED must not share a page with its neighbours.
+        // SAFETY: sysconf reads a constant of the system; no pointers.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        assert!(chunk.is_power_of_two() && chunk.is_multiple_of(page), "chunk {chunk}");
         let count = len.max(1).div_ceil(chunk);
         let len = count
             .checked_mul(chunk)
             .filter(|l| l.checked_add(HUGE).is_some())
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // The chunks' locks first: a size whose lock table cannot be had is an error too.
+        let mut chunks = Vec::new();
+        chunks.try_reserve_exact(count).map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        chunks.extend((0..count).map(|_| RwLock::new(false)));
         let span = len + HUGE;
         // SAFETY: a fresh private anonymous mapping with no address hint and no descriptor;
         // the result is checked against MAP_FAILED before use.
@@ -85,7 +97,6 @@ impl Region {
         let Some(base) = NonNull::new(base) else {
             return Err(io::Error::from_raw_os_error(libc::ENOMEM));
         };
-        let chunks = (0..count).map(|_| RwLock::new(false)).collect();
         Ok(Region { base, len, chunk, chunks })
     }
 
@@ -147,8 +158,9 @@ impl Region {
     }
 
     /// Zeroes `len` bytes of chunk `idx` from `within`. With `unmap` and the whole chunk, the
-    /// chunk becomes absent and its pages go back to the system; without `unmap`, an absent
-    /// chunk becomes present ("fully provisioned": it already reads as zeros).
+    /// chunk becomes absent and its pages are given back (`MADV_DONTNEED`; inside a huge page,
+    /// as the kernel splits it); without `unmap`, an absent chunk becomes present ("fully
+    /// provisioned": it already reads as zeros).
     pub fn zero(&self, idx: usize, within: usize, len: usize, unmap: bool) {
         let mut present = self.chunks[idx].write();
         let at = self.range(idx, within, len);
@@ -226,6 +238,8 @@ mod tests {
     #[test]
     fn a_region_too_large_is_an_error_not_a_panic() {
         assert!(Region::new(usize::MAX - 10, CHUNK).is_err());
+        // 1 PiB in 4 KiB chunks: a lock table of 4 TiB, or more address space than there is.
+        assert!(Region::new(1 << 50, 4096).is_err());
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! data path of every command: in-capsule write data, write data sent as H2CData when the
 //! controller asks with R2T (split at MAXH2CDATA), read data arriving as C2HData (with the
 //! SUCCESS shortcut or a following CapsuleResp), and completions. Blocking: [`Queue::submit`]
-//! only batches a capsule; [`Queue::poll`] sends the batch and reads until one command
-//! completes. Any error leaves the queue unusable ([`Error::Broken`] afterwards).
+//! only batches a capsule; [`Queue::poll`] reads until one command completes, sending the
+//! batch before any read that needs the socket (so capsules submitted while completions that
+//! arrived together are taken leave together). Any error leaves the queue unusable
+//! ([`Error::Broken`] afterwards).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -303,7 +305,8 @@ impl Queue {
         self.conn
     }
 
-    /// Queues a command's capsule (sent by the next [`Queue::poll`] or [`Queue::flush`]);
+    /// Queues a command's capsule (sent by [`Queue::flush`], or by the first [`Queue::poll`]
+    /// that has to read from the socket);
     /// returns its command id.
     pub fn submit(&mut self, cmd: &Command<'_>) -> Result<u16> {
         if self.broken {

@@ -109,7 +109,8 @@ enum Cmd {
         #[arg(long)]
         poll: bool,
         /// Copy each request's 4 KiB from (reads) or to (writes) a random block of this many
-        /// bytes of memory, as a RAM-backed target must (e.g. 1G); 0: touch no data.
+        /// bytes of memory (whole 2 MiB units, at least one), as a RAM-backed target must (e.g.
+        /// 1G); 0: touch no data.
         #[arg(long, default_value = "0", value_parser = parse_bytes)]
         span: usize,
     },
@@ -200,6 +201,9 @@ fn open(s: &TcpStream, poll: bool) -> std::io::Result<()> {
 }
 
 fn serve(listen: SocketAddr, shape: Shape, poll: bool, span: usize) -> anyhow::Result<()> {
+    if span != 0 && span < HUGE {
+        bail!("--span {span}: 0 or at least 2 MiB (the memory is used in whole 2 MiB units)");
+    }
     let (req, resp, read) = shape.sizes();
     // The replies of a full receive, at most: every whole request in RECV_ROOM answered.
     let mut replies = vec![0x5au8; (RECV_ROOM / req + 1) * resp];

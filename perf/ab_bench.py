@@ -229,18 +229,22 @@ def main():
     log(f"results: {path}")
 
 
+# The report's columns: (key of a run's result, heading, decimals); client-side ones first.
+COLUMNS = [("iops", "IOPS", 0), ("lat_avg_us", "avg µs", 1), ("lat_p99_us", "p99 µs", 1),
+           ("server_cpu_us_per_io", "server µs/IO", 2),
+           ("client_cpu_us_per_io", "client µs/IO", 2),
+           ("tcp_segs_per_io", "TCP segs/IO", 2),
+           ("server_ring_enters_per_io", "server syscalls/IO", 2),
+           ("server_sends_per_io", "server sends/IO", 2),
+           ("server_sleeps_per_io", "server sleeps/IO", 3),
+           ("server_loops_busy_per_io", "server busy turns/IO", 2),
+           ("server_volume_rounds_per_io", "pool-state borrows/IO", 3),
+           ("server_fixed_buf_ops_per_io", "registered-buffer ops/IO", 2),
+           ("server_allocations_per_io", "server heap allocations/IO", 3)]
+
+
 def render(results, names=("old", "new")):
-    cols = [("iops", "IOPS", 0), ("lat_avg_us", "avg µs", 1), ("lat_p99_us", "p99 µs", 1),
-            ("server_cpu_us_per_io", "server µs/IO", 2),
-            ("client_cpu_us_per_io", "client µs/IO", 2),
-            ("tcp_segs_per_io", "TCP segs/IO", 2),
-            ("server_ring_enters_per_io", "server syscalls/IO", 2),
-            ("server_sends_per_io", "server sends/IO", 2),
-            ("server_sleeps_per_io", "server sleeps/IO", 3),
-            ("server_loops_busy_per_io", "server busy turns/IO", 2),
-            ("server_volume_rounds_per_io", "pool-state borrows/IO", 3),
-            ("server_fixed_buf_ops_per_io", "registered-buffer ops/IO", 2),
-            ("server_allocations_per_io", "server heap allocations/IO", 3)]
+    cols = COLUMNS
     out = ["| run | build | " + " | ".join(c[1] for c in cols) + " |",
            "|---|---|" + "---|" * len(cols)]
     for label, r in results.items():

@@ -28,7 +28,6 @@ standard library is used; results go to perf/results/floor-*.json and a Markdown
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,8 +36,8 @@ import time
 PERF_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(PERF_DIR)
 sys.path.insert(0, PERF_DIR)
-from ab_bench import client_run, med, one  # noqa: E402
-from nbd_bench import log, proc_cpu_seconds  # noqa: E402
+from ab_bench import COLUMNS, client_run, med, one  # noqa: E402
+from nbd_bench import log, proc_cpu_seconds, wait_listening  # noqa: E402
 from volume_bench import Daemon, free_port  # noqa: E402
 
 WORKLOADS = [
@@ -60,15 +59,9 @@ class Floor:
                f"127.0.0.1:{self.port}", "--shape", shape, "--span", span]
         cmd += ["--poll"] if poll else []
         self.proc = subprocess.Popen(cmd)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("ballast-floor serve did not start")
-                time.sleep(0.01)
+        if not wait_listening(self.proc, self.port, 10):
+            self.stop()
+            raise RuntimeError("ballast-floor serve did not start")
 
     def cpu_s(self):
         return proc_cpu_seconds(self.proc.pid)
@@ -170,10 +163,8 @@ def main():
 
 
 def render(results, servers):
-    cols = [("iops", "IOPS", 0), ("lat_avg_us", "avg µs", 1), ("lat_p99_us", "p99 µs", 1),
-            ("server_cpu_us_per_io", "server µs/IO", 2),
-            ("client_cpu_us_per_io", "client µs/IO", 2),
-            ("tcp_segs_per_io", "TCP segs/IO", 2)]
+    # ab_bench's columns up to the TCP segments (the floor has no ring counters).
+    cols = COLUMNS[:[c[0] for c in COLUMNS].index("tcp_segs_per_io") + 1]
     out = ["| workload | server | " + " | ".join(c[1] for c in cols) + " |",
            "|---|---|" + "---|" * len(cols)]
     for label, r in results.items():

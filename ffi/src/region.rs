@@ -101,19 +101,13 @@ impl Region {
     }
 
     /// Bytes reserved (whole chunks).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn chunk_size(&self) -> usize {
-        self.chunk
-    }
-
-    pub fn chunks(&self) -> usize {
+    #[cfg(test)]
+    fn chunks(&self) -> usize {
         self.chunks.len()
     }
 

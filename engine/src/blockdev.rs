@@ -8,6 +8,7 @@
 //! Invariants the callers guarantee (asserted by backends): `offset + len <= size_bytes`, and
 //! write/discard/zeroes are never sent to a read-only device.
 
+use ballast_ffi::region::Lent;
 use ballast_ffi::IoBuf;
 
 use crate::reactor::Cx;
@@ -86,6 +87,16 @@ pub trait BlockDev: Send + Sync {
         len > 0
             && matches!(self.extents(offset, len), Ok(ext)
                 if ext.len() == 1 && ext[0].hole && ext[0].len == len)
+    }
+
+    /// A read without I/O or copy: `[offset, offset + len)` (within the device) lent from
+    /// the device's memory, for a protocol to queue on a plain socket send (the kernel copies
+    /// the bytes when the send goes; nothing reads them before). `None` (the default, and for
+    /// ranges a device would rather copy): submit an [`IoCmd::Read`]. A send concurrent with
+    /// an overlapping write may carry a mix of old and new bytes, as a page-cache read may.
+    fn lend(&self, offset: u64, len: u64) -> Option<Lent> {
+        let _ = (offset, len);
+        None
     }
 
     /// Synchronous flush, for shutdown.

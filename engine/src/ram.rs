@@ -8,9 +8,11 @@
 //! - memory is taken as written: with transparent huge pages, 2 MiB at a time (a sparse
 //!   export's scattered writes hold up to 32x what 64 KiB chunks held; at most its size);
 //! - each chunk has its own lock, held only for one copy; requests spanning chunks take them
-//!   one at a time, in address order (no two locks are ever held together).
+//!   one at a time, in address order (no two locks are ever held together);
+//! - reads of written ranges may be lent ([`BlockDev::lend`]) rather than copied: the socket
+//!   send copies straight from the device's memory.
 
-use ballast_ffi::region::Region;
+use ballast_ffi::region::{Lent, Region};
 use ballast_ffi::Owned;
 
 use crate::blockdev::{in_range, push_extent, BlockDev, DevInfo, Extent, IoCmd};
@@ -132,6 +134,13 @@ impl BlockDev for RamDev {
         Ok(out)
     }
 
+    /// Lends a range whose chunks are all written (others are copied: zeros are cheaper to
+    /// write than to fault in).
+    fn lend(&self, offset: u64, len: u64) -> Option<Lent> {
+        assert!(in_range(offset, len, self.size_bytes));
+        self.mem.lend(usize::try_from(offset).ok()?, usize::try_from(len).ok()?)
+    }
+
     /// Every chunk the range touches is absent (no allocation: reads ask this per request).
     fn is_unallocated(&self, offset: u64, len: u64) -> bool {
         if len == 0 || !in_range(offset, len, self.size_bytes) {
@@ -169,6 +178,21 @@ mod tests {
         let mut one = [1u8; 1];
         dev.read(CHUNK + 5, &mut one);
         assert_eq!(one[0], 0);
+    }
+
+    /// Written ranges are lent, ranges touching an unwritten or trimmed chunk are copied.
+    #[test]
+    fn only_written_ranges_are_lent() {
+        let dev = RamDev::new(4 * CHUNK);
+        dev.write(CHUNK, &vec![5u8; 2 * CHUNK as usize]);
+        assert_eq!(dev.lend(CHUNK, 2 * CHUNK).map(|l| l.len()), Some(2 * CHUNK as usize));
+        assert_eq!(dev.lend(2 * CHUNK - 1, 2).map(|l| l.len()), Some(2));
+        assert!(dev.lend(CHUNK - 1, 2).is_none(), "chunk 0 was never written");
+        assert!(dev.lend(3 * CHUNK - 4096, 8192).is_none(), "chunk 3 was never written");
+        dev.zero(2 * CHUNK, CHUNK, true);
+        assert!(dev.lend(2 * CHUNK, 4096).is_none(), "a trimmed chunk is absent");
+        dev.zero(CHUNK, 4096, true);
+        assert!(dev.lend(CHUNK, 4096).is_some(), "a partly zeroed chunk is still written");
     }
 
     #[test]

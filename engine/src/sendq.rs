@@ -11,6 +11,7 @@
 
 use std::os::fd::RawFd;
 
+use ballast_ffi::region::Lent;
 use ballast_ffi::{IoBuf, Op, Owned, SendBatch};
 
 use crate::reactor::Cx;
@@ -42,6 +43,16 @@ impl SendQueue {
         }
         self.unsent += buf.len() as u64;
         self.out.push_buf(buf);
+    }
+
+    /// Queues a lent range ([`crate::blockdev::BlockDev::lend`]). Only for a queue whose
+    /// bytes go straight to the socket: [`SendQueue::drain`] cannot read one.
+    pub fn push_lent(&mut self, lent: Lent) {
+        if self.broken {
+            return;
+        }
+        self.unsent += lent.len() as u64;
+        self.out.push_lent(lent);
     }
 
     /// Whether bytes are queued that no send carries yet.

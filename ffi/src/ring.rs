@@ -18,6 +18,7 @@ use slab::Slab;
 
 use crate::buf::IoBuf;
 use crate::fixed::{Returns, Tables};
+use crate::region::Lent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
@@ -34,13 +35,17 @@ enum Seg {
     Arena { off: usize, len: usize },
     /// `bufs[idx][off..off + len]`
     Buf { idx: usize, off: usize, len: usize },
+    /// `lent[idx]`'s bytes `off..off + len`, read only by the kernel
+    Lent { idx: usize, off: usize, len: usize },
 }
 
-/// A gather list for one `sendmsg`: small headers copied into an arena, payloads by ownership.
+/// A gather list for one `sendmsg`: small headers copied into an arena, payloads by ownership
+/// or lent from a region ([`crate::region::Lent`]; the kernel copies those when the send goes).
 #[derive(Default)]
 pub struct SendBatch {
     arena: Vec<u8>,
     bufs: Vec<IoBuf>,
+    lent: Vec<Lent>,
     segs: Vec<Seg>,
     /// The iovec array handed to the kernel; rebuilt before each submission.
     iov: Vec<libc::iovec>,
@@ -48,7 +53,8 @@ pub struct SendBatch {
 }
 
 // SAFETY: the raw pointers in `iov`/`msg` point only into memory this batch owns (`arena`,
-// `bufs`); moving the batch between threads moves that memory with it.
+// `bufs`) or holds alive (`lent`: the mapping's `Arc`); moving the batch between threads moves
+// that memory, or its keep-alive, with it.
 unsafe impl Send for SendBatch {}
 
 impl SendBatch {
@@ -75,12 +81,23 @@ impl SendBatch {
         self.bufs.push(buf);
     }
 
+    /// Queues a lent range to send: the kernel copies it when the send goes. A batch holding
+    /// one is only ever sent, never read by us ([`SendBatch::for_each_segment`] refuses it).
+    pub fn push_lent(&mut self, lent: Lent) {
+        let len = lent.len();
+        if len == 0 {
+            return;
+        }
+        self.segs.push(Seg::Lent { idx: self.lent.len(), off: 0, len });
+        self.lent.push(lent);
+    }
+
     /// Bytes still to send.
     pub fn remaining(&self) -> usize {
         self.segs
             .iter()
             .map(|s| match *s {
-                Seg::Arena { len, .. } | Seg::Buf { len, .. } => len,
+                Seg::Arena { len, .. } | Seg::Buf { len, .. } | Seg::Lent { len, .. } => len,
             })
             .sum()
     }
@@ -103,7 +120,9 @@ impl SendBatch {
                 break;
             }
             let (off, len) = match seg {
-                Seg::Arena { off, len } | Seg::Buf { off, len, .. } => (off, len),
+                Seg::Arena { off, len }
+                | Seg::Buf { off, len, .. }
+                | Seg::Lent { off, len, .. } => (off, len),
             };
             let step = n.min(*len);
             *off += step;
@@ -120,24 +139,31 @@ impl SendBatch {
     pub fn append(&mut self, other: &mut SendBatch) {
         let arena_base = self.arena.len();
         let buf_base = self.bufs.len();
+        let lent_base = self.lent.len();
         self.arena.extend_from_slice(&other.arena);
         for seg in other.segs.drain(..) {
             self.segs.push(match seg {
                 Seg::Arena { off, len } => Seg::Arena { off: off + arena_base, len },
                 Seg::Buf { idx, off, len } => Seg::Buf { idx: idx + buf_base, off, len },
+                Seg::Lent { idx, off, len } => Seg::Lent { idx: idx + lent_base, off, len },
             });
         }
         self.bufs.append(&mut other.bufs);
+        self.lent.append(&mut other.lent);
         other.arena.clear();
         other.iov.clear();
     }
 
     /// Hands each queued segment's bytes to `f`, in order.
+    ///
+    /// Panics if a lent range is queued: its bytes may be written by another core as we read
+    /// them, so only the kernel reads them (protocols lend only to sends nothing transforms).
     pub fn for_each_segment(&self, mut f: impl FnMut(&[u8])) {
         for seg in &self.segs {
             match *seg {
                 Seg::Arena { off, len } => f(&self.arena[off..off + len]),
                 Seg::Buf { idx, off, len } => f(&self.bufs[idx].as_slice()[off..off + len]),
+                Seg::Lent { .. } => panic!("a lent range read as bytes (only sends may carry one)"),
             }
         }
     }
@@ -147,6 +173,7 @@ impl SendBatch {
         self.arena.clear();
         self.segs.clear();
         self.iov.clear();
+        self.lent.clear();
         self.bufs.drain(..).for_each(recycle);
     }
 
@@ -156,6 +183,7 @@ impl SendBatch {
             let (base, len) = match *seg {
                 Seg::Arena { off, len } => (self.arena[off..].as_ptr() as *mut libc::c_void, len),
                 Seg::Buf { idx, off, len } => (self.bufs[idx].raw_at(off).cast(), len),
+                Seg::Lent { idx, off, len } => (self.lent[idx].addr_at(off), len),
             };
             self.iov.push(libc::iovec { iov_base: base, iov_len: len });
         }
@@ -698,6 +726,78 @@ mod tests {
         assert_eq!(ring.limit_workers(0, 0).unwrap(), [3, 7], "0 leaves a limit as it is");
         // Another ring of the same thread sees the same workers' limits.
         assert_eq!(Ring::new(8).unwrap().limit_workers(0, 0).unwrap(), [3, 7]);
+    }
+
+    /// A lent range leaves the way a buffer does: between headers, in order, resumed at the
+    /// right byte after a short send and after `append`; it is sent from the region's memory
+    /// even once the region itself is gone (the range keeps the mapping alive).
+    #[test]
+    fn lent_ranges_are_sent_in_order_and_keep_their_mapping() {
+        use crate::region::Region;
+        use std::io::Read;
+        const CHUNK: usize = 64 * 1024;
+        let region = Region::new(4 * CHUNK, CHUNK).unwrap();
+        let data: Vec<u8> = (0..2 * CHUNK as u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for (idx, piece) in data.chunks(CHUNK).enumerate() {
+            region.write(idx, 0, piece);
+        }
+        // Only written chunks are lent; nothing past the end, nothing empty.
+        assert!(region.lend(2 * CHUNK - 10, 20).is_none(), "chunk 2 is absent");
+        assert!(region.lend(4 * CHUNK - 10, 20).is_none(), "past the end");
+        assert!(region.lend(0, 0).is_none());
+        let across = region.lend(CHUNK - 3000, 5000).expect("chunks 0 and 1 are written");
+        let head = region.lend(10, 100).unwrap();
+        let tail = region.lend(2 * CHUNK - 4096, 4096).unwrap();
+        drop(region);
+
+        let mut batch = SendBatch::default();
+        batch.push_bytes(b"hdr1");
+        batch.push_lent(across);
+        batch.push_bytes(b"hdr2");
+        batch.push_lent(head);
+        let mut later = SendBatch::default();
+        later.push_bytes(b"hdr3");
+        later.push_lent(tail);
+        let mut want = b"hdr1".to_vec();
+        want.extend_from_slice(&data[CHUNK - 3000..CHUNK + 2000]);
+        want.extend_from_slice(b"hdr2");
+        want.extend_from_slice(&data[10..110]);
+        want.extend_from_slice(b"hdr3");
+        want.extend_from_slice(&data[2 * CHUNK - 4096..]);
+        // As after a short send of 1000 bytes: the rest first, then what was queued since.
+        batch.advance(1000);
+        batch.append(&mut later);
+        assert_eq!(batch.remaining(), want.len() - 1000);
+        assert_eq!(batch.segments(), 5, "hdr1 went whole, the first range in part");
+
+        let (mine, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut ring = Ring::new(8).unwrap();
+        let mut got = Vec::new();
+        while !batch.is_empty() {
+            let c = run(&mut ring, Op::Send { fd: mine.as_raw_fd(), batch }, 1);
+            assert!(c.result > 0, "send failed: {}", c.result);
+            let Owned::Batch(mut b) = c.owned else { panic!("the batch comes back") };
+            b.advance(c.result as usize);
+            let mut part = vec![0u8; c.result as usize];
+            (&theirs).read_exact(&mut part).unwrap();
+            got.extend_from_slice(&part);
+            batch = b;
+        }
+        assert!(got == want[1000..], "the bytes sent are the region's, in order");
+        batch.clear(|_| {});
+        assert_eq!(batch.remaining(), 0);
+    }
+
+    /// Nothing of ours reads a lent range: a layer that would (TLS) is refused loudly.
+    #[test]
+    #[should_panic(expected = "lent range")]
+    fn lent_ranges_are_never_read_as_bytes() {
+        let region = crate::region::Region::new(64 * 1024, 64 * 1024).unwrap();
+        region.write(0, 0, &[1u8; 16]);
+        let mut batch = SendBatch::default();
+        batch.push_bytes(b"x");
+        batch.push_lent(region.lend(0, 16).unwrap());
+        batch.for_each_segment(|_| {});
     }
 
     fn filled(len: usize, byte: u8) -> IoBuf {

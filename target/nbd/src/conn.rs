@@ -542,6 +542,31 @@ impl Conn {
                 self.flush_scratch();
                 cx.stats().record(dev.info().stats_id, OpKind::Read, u64::from(len), 0, true);
             }
+            Action::Read { offset, len, .. } if self.tls.is_none() => {
+                match dev.lend(offset, u64::from(len)) {
+                    // Answered from the device's memory: no I/O, no buffer, no copy of ours
+                    // (only for plain sockets: a TLS layer would have to read the bytes).
+                    Some(_) if self.send_broken() => self.mem.release(cx, charge),
+                    Some(data) => {
+                        self.read_reply_header(session.structured, req.handle, offset, len);
+                        self.out.push_lent(data);
+                        // Charged like copied data until it is sent.
+                        self.mem.to_send(charge);
+                        cx.stats().record(
+                            dev.info().stats_id,
+                            OpKind::Read,
+                            u64::from(len),
+                            0,
+                            true,
+                        );
+                    }
+                    None => {
+                        let tag = self.track(cx, &req, OpKind::Read, charge);
+                        let buf = cx.buf(len as usize);
+                        dev.submit(cx, IoCmd::Read { offset, buf }, tag);
+                    }
+                }
+            }
             Action::Read { offset, len, .. } => {
                 let tag = self.track(cx, &req, OpKind::Read, charge);
                 let buf = cx.buf(len as usize);
@@ -690,6 +715,17 @@ impl Conn {
         self.out.push_bytes(&self.scratch);
     }
 
+    /// Queues the reply header a successful read's `len` bytes follow.
+    fn read_reply_header(&mut self, structured: bool, handle: u64, offset: u64, len: u32) {
+        let scratch = self.scratch_reset();
+        if structured {
+            codec::encode_offset_data_header(scratch, true, handle, offset, len);
+        } else {
+            codec::encode_simple_reply(scratch, 0, handle);
+        }
+        self.flush_scratch();
+    }
+
     fn reply_simple(&mut self, handle: u64, error: u32) {
         codec::encode_simple_reply(self.scratch_reset(), error, handle);
         self.flush_scratch();
@@ -726,15 +762,7 @@ impl Conn {
         );
         match (req.kind, owned, error) {
             (OpKind::Read, Owned::Buf(data), 0) if !self.send_broken() => {
-                let scratch = self.scratch_reset();
-                if structured {
-                    codec::encode_offset_data_header(
-                        scratch, true, req.handle, req.offset, req.len,
-                    );
-                } else {
-                    codec::encode_simple_reply(scratch, 0, req.handle);
-                }
-                self.flush_scratch();
+                self.read_reply_header(structured, req.handle, req.offset, req.len);
                 self.out.push_buf(cx, data);
                 // The data's memory stays charged until it is sent.
                 self.mem.to_send(req.charged);

@@ -55,6 +55,7 @@ use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
 use ballast_engine::{Cx, IoBuf, IoCmd, Owned, Task};
+use ballast_ffi::region::Lent;
 use ballast_tls::{offload_to_kernel, Pump, TlsLink, TlsSession};
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
@@ -622,9 +623,45 @@ impl Queue {
 
     /// Queues data for the host, then the response (or the SUCCESS shortcut).
     fn respond_with_data(&mut self, cx: &mut Cx<'_>, cid: u16, data: IoBuf, dw0: u32) {
+        let len = data.len() as u32;
+        self.c2h_data_header(cid, len, dw0);
+        let digest = self.ddgst.then(|| crc32c::crc32c(data.as_slice()));
+        self.out.push_buf(cx, data);
+        if let Some(d) = digest {
+            self.out.push_bytes(&d.to_le_bytes());
+        }
+        self.c2h_data_done(cid, dw0);
+    }
+
+    /// Whether a read's data may be lent ([`ballast_engine::BlockDev::lend`]): only what goes
+    /// to the socket as it is (no data digest to compute over it, no TLS layer to encrypt it).
+    fn may_lend(&self) -> bool {
+        !self.ddgst && self.tls.is_none()
+    }
+
+    /// A read answered from the device's lent memory: no I/O, no buffer, no copy of ours.
+    fn respond_lent(&mut self, cx: &mut Cx<'_>, sqe: &Sqe, ns: &Namespace, data: Lent) {
+        debug_assert!(self.may_lend());
+        let len = data.len() as u32;
+        cx.stats().record(ns.dev.info().stats_id, OpKind::Read, u64::from(len), 0, true);
+        self.count_done(OpKind::Read, len);
+        let charged = self.take_pdu_charge();
+        if self.send_broken() {
+            self.mem.release(cx, charged);
+            return;
+        }
+        self.c2h_data_header(sqe.cid, len, 0);
+        self.out.push_lent(data);
+        self.c2h_data_done(sqe.cid, 0);
+        // Charged like copied data until it is sent: a host that does not read holds its
+        // budget, not more.
+        self.mem.to_send(charged);
+    }
+
+    /// Queues the one C2HData header a read's `len` bytes go under.
+    fn c2h_data_header(&mut self, cid: u16, len: u32, dw0: u32) {
         let shortcut = self.sqflow_disabled && dw0 == 0;
         self.scratch.clear();
-        let len = data.len() as u32;
         pdu::encode_c2h_data_header(
             &mut self.scratch,
             cid,
@@ -635,13 +672,12 @@ impl Queue {
             self.hdgst,
             self.ddgst,
         );
-        let digest = self.ddgst.then(|| crc32c::crc32c(data.as_slice()));
         self.queue_scratch();
-        self.out.push_buf(cx, data);
-        if let Some(d) = digest {
-            self.out.push_bytes(&d.to_le_bytes());
-        }
-        if !shortcut {
+    }
+
+    /// After a read's data: its response, unless the data's SUCCESS flag was the response.
+    fn c2h_data_done(&mut self, cid: u16, dw0: u32) {
+        if !(self.sqflow_disabled && dw0 == 0) {
             self.respond(cid, dw0, 0, status::SUCCESS);
         }
     }
@@ -1032,6 +1068,11 @@ impl Queue {
             if sqe.sgl_type != nvme::SGL_TRANSPORT_DATA_BLOCK {
                 return self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID);
             }
+            if self.may_lend() {
+                if let Some(data) = ns.dev.lend(offset, u64::from(len)) {
+                    return self.respond_lent(cx, &sqe, &ns, data);
+                }
+            }
             let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::Read, len, 1);
             self.cmds[tag as usize].charged = self.take_pdu_charge();
             let buf = cx.buf(len as usize);
@@ -1283,20 +1324,7 @@ impl Queue {
             latency_ns,
             cmd.status == status::SUCCESS,
         );
-        if let Some(ctrl) = &self.ctrl {
-            let units = u64::from(cmd.bytes).div_ceil(512_000);
-            match cmd.kind {
-                OpKind::Read => {
-                    ctrl.host_reads.fetch_add(1, Ordering::Relaxed);
-                    ctrl.data_units_read.fetch_add(units, Ordering::Relaxed);
-                }
-                OpKind::Write => {
-                    ctrl.host_writes.fetch_add(1, Ordering::Relaxed);
-                    ctrl.data_units_written.fetch_add(units, Ordering::Relaxed);
-                }
-                _ => {}
-            }
-        }
+        self.count_done(cmd.kind, cmd.bytes);
         match (cmd.kind, owned) {
             (OpKind::Read, Owned::Buf(data))
                 if cmd.status == status::SUCCESS && !self.send_broken() =>
@@ -1314,6 +1342,23 @@ impl Queue {
                     self.respond(cmd.sqe.cid, 0, 0, cmd.status);
                 }
             }
+        }
+    }
+
+    /// Counts a finished command in its controller's SMART log (commands and data units).
+    fn count_done(&self, kind: OpKind, bytes: u32) {
+        let Some(ctrl) = &self.ctrl else { return };
+        let units = u64::from(bytes).div_ceil(512_000);
+        match kind {
+            OpKind::Read => {
+                ctrl.host_reads.fetch_add(1, Ordering::Relaxed);
+                ctrl.data_units_read.fetch_add(units, Ordering::Relaxed);
+            }
+            OpKind::Write => {
+                ctrl.host_writes.fetch_add(1, Ordering::Relaxed);
+                ctrl.data_units_written.fetch_add(units, Ordering::Relaxed);
+            }
+            _ => {}
         }
     }
 

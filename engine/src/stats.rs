@@ -133,6 +133,9 @@ pub struct CoreStats {
     pub offloaded: u64,
     /// Jobs it ran in place because no offload thread could take them.
     pub offload_in_place: u64,
+    /// Reads answered from a device's lent memory ([`crate::blockdev::BlockDev::lend`]): no
+    /// I/O, no buffer, no copy of ours.
+    pub reads_lent: u64,
     /// Times this core borrowed a pool's shared state on the data path (one per flush round
     /// with volume work, per pool), and the request events decided in those borrows.
     pub volume_rounds: u64,
@@ -165,6 +168,7 @@ impl CoreStats {
             sleeps: 0,
             offloaded: 0,
             offload_in_place: 0,
+            reads_lent: 0,
             volume_rounds: 0,
             volume_events: 0,
             volume_forwarded: 0,
@@ -271,6 +275,7 @@ impl CoreStats {
             sleeps: self.sleeps,
             offloaded: self.offloaded,
             offload_in_place: self.offload_in_place,
+            reads_lent: self.reads_lent,
             volume_rounds: self.volume_rounds,
             volume_events: self.volume_events,
             volume_forwarded: self.volume_forwarded,
@@ -357,6 +362,8 @@ pub struct StatsSnapshot {
     pub sleeps: u64,
     pub offloaded: u64,
     pub offload_in_place: u64,
+    /// Reads sent from a device's lent memory.
+    pub reads_lent: u64,
     /// Borrows of a pool's shared state on the data path, and the request events decided in
     /// them (events per round: how well a turn's volume work shares one borrow).
     pub volume_rounds: u64,

@@ -244,7 +244,7 @@ impl Region {
     /// Zeroes `len` bytes of chunk `idx` from `within`. With `unmap` and the whole chunk, the
     /// chunk becomes absent and its pages are given back (`MADV_DONTNEED`; inside a huge page,
     /// as the kernel splits it); without `unmap`, an absent chunk becomes present ("fully
-    /// provisioned": it already reads as zeros).
+    /// provisioned": the zeros are written, its pages taken).
     pub fn zero(&self, idx: usize, within: usize, len: usize, unmap: bool) {
         let _held = self.locks[idx].write();
         let present = self.present(idx);
@@ -266,6 +266,10 @@ impl Region {
             // SAFETY: `len` bytes inside the mapping (checked by `range`), the write lock held.
             unsafe { std::ptr::write_bytes(at, 0, len) };
         } else if !unmap {
+            // "Fully provisioned": the zeros are written, so the pages are taken now (and a
+            // lent read of them finds memory, not the zero page).
+            // SAFETY: `len` bytes inside the mapping (checked by `range`), the write lock held.
+            unsafe { std::ptr::write_bytes(at, 0, len) };
             self.set_present(idx, true);
         }
     }

@@ -204,7 +204,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 30] = [
+        let per_core: [PerCoreMetric; 31] = [
             ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
                 s.in_flight
             }),
@@ -281,6 +281,12 @@ impl ScrapeCollector {
                 "CPU-heavy jobs run on the core: no offload thread could take them.",
                 Counter,
                 |s| s.offload_in_place,
+            ),
+            (
+                "ballast_core_reads_lent",
+                "Reads sent straight from a RAM export's memory (no I/O, no copy of ours).",
+                Counter,
+                |s| s.reads_lent,
             ),
             (
                 "ballast_core_volume_rounds",

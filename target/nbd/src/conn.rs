@@ -546,19 +546,18 @@ impl Conn {
                 match dev.lend(offset, u64::from(len)) {
                     // Answered from the device's memory: no I/O, no buffer, no copy of ours
                     // (only for plain sockets: a TLS layer would have to read the bytes).
-                    Some(_) if self.send_broken() => self.mem.release(cx, charge),
                     Some(data) => {
+                        let id = dev.info().stats_id;
+                        cx.stats().record(id, OpKind::Read, u64::from(len), 0, true);
+                        cx.stats().reads_lent += 1;
+                        if self.send_broken() {
+                            self.mem.release(cx, charge);
+                            return;
+                        }
                         self.read_reply_header(session.structured, req.handle, offset, len);
                         self.out.push_lent(data);
                         // Charged like copied data until it is sent.
                         self.mem.to_send(charge);
-                        cx.stats().record(
-                            dev.info().stats_id,
-                            OpKind::Read,
-                            u64::from(len),
-                            0,
-                            true,
-                        );
                     }
                     None => {
                         let tag = self.track(cx, &req, OpKind::Read, charge);

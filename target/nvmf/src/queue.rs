@@ -644,6 +644,7 @@ impl Queue {
         debug_assert!(self.may_lend());
         let len = data.len() as u32;
         cx.stats().record(ns.dev.info().stats_id, OpKind::Read, u64::from(len), 0, true);
+        cx.stats().reads_lent += 1;
         self.count_done(OpKind::Read, len);
         let charged = self.take_pdu_charge();
         if self.send_broken() {

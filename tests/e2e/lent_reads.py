@@ -1,0 +1,140 @@
+#!/usr/bin/python3
+"""Reads of a RAM export's written ranges leave straight from the export's memory (lent to the
+socket send, not copied first) — and that memory outlives the export while replies wait.
+
+An NVMe/TCP host with a 4 KiB receive buffer asks for 127 reads of 128 KiB of written data
+(16 MiB, more than the kernel's socket buffers hold) and reads nothing; the daemon answers them
+all from the export's memory (counted: `reads_lent`), so most of the replies wait in its send
+queue. Then the namespace is removed and the export with it: the device is gone, its memory
+must not be (RSS stays). The host then reads every reply: each carries the data written
+(libnbd wrote it); the daemon lives, and once the replies are sent the export's memory is given
+back (RSS falls). A build that unmapped the memory with the device fails here (the sends fault
+and the connection drops).
+Run with /usr/bin/python3 (Debian's python3-libnbd).
+"""
+import json
+import os
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nbd  # noqa: E402
+import nvmeraw  # noqa: E402
+from ballast_testlib import Ballast, guarded  # noqa: E402
+
+MiB = 1 << 20
+NQN = "nqn.2026-11.dev.ballast:mem"
+READS, READ_BYTES = 127, 128 * 1024
+
+
+def nvmf_port_of(b):
+    with open(b.log) as f:
+        for line in f:
+            if "--nvmf-listen 127.0.0.1:" in line:
+                port = int(line.split("--nvmf-listen 127.0.0.1:")[1].split()[0])
+    return port
+
+
+def reads_lent(b):
+    p = b.ctl("stats", "--json")
+    if p.returncode != 0:
+        raise RuntimeError("ballast stats failed: " + p.stderr)
+    return sum(c.get("reads_lent", 0) for c in json.loads(p.stdout)["reactors"])
+
+
+def rss_mib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def wait_for(cond, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def main(r):
+    with Ballast(["--export", "mem=ram:64M", "--cores", "1", "--stall-timeout", "60"]) as b:
+        port = nvmf_port_of(b)
+        model = os.urandom(READS * READ_BYTES)
+        h = nbd.NBD()
+        h.connect_uri(b.uri("mem"))
+        for off in range(0, len(model), 4 * MiB):
+            h.pwrite(model[off:off + 4 * MiB], off)
+        h.shutdown()
+        rss_written = rss_mib(b.proc.pid)
+
+        admin, io = nvmeraw.io_queue(port, NQN, rcvbuf=4096)
+        lent0 = reads_lent(b)
+        cids = []
+        for k in range(READS):
+            cmd = io.read_cmd(slba=k * READ_BYTES // 4096, nbytes=READ_BYTES)
+            cids.append(io.cid)
+            io.s.sendall(cmd)
+        r.check("all %d reads of written ranges are lent (reads_lent counts them)" % READS,
+                wait_for(lambda: reads_lent(b) - lent0 >= READS, 10),
+                "reads_lent went %d -> %d" % (lent0, reads_lent(b)))
+        lent_before = reads_lent(b) - lent0
+
+        p = b.ctl("rpc", "nvmf_subsystem_remove_ns", json.dumps({"nqn": NQN, "nsid": 1}))
+        r.check("namespace removed while its replies wait unread", p.returncode == 0,
+                p.stderr.strip() or p.stdout.strip())
+        p = b.ctl("export", "remove", "mem")
+        r.check("export removed while its replies wait unread", p.returncode == 0,
+                p.stderr.strip())
+        time.sleep(0.3)
+        r.check("the export's memory stays while its replies wait (RSS %.0f MiB, %.0f written)"
+                % (rss_mib(b.proc.pid), rss_written), rss_mib(b.proc.pid) > rss_written - 4)
+
+        # Read every reply: C2HData (then a response) for reads answered, or an error.
+        data = {}
+        status = {}
+        io.s.settimeout(20)
+        try:
+            while len(status) < READS:
+                typ, pdu = io.pdu()
+                if typ == nvmeraw.C2H_DATA:
+                    cid, _ttag, datao, datal = struct.unpack("<HHII", pdu[8:20])
+                    hlen, pdo = pdu[2], pdu[3]
+                    body = pdu[pdo:pdo + datal] if pdo else pdu[hlen:hlen + datal]
+                    buf = data.setdefault(cid, bytearray(READ_BYTES))
+                    buf[datao:datao + datal] = body
+                elif typ == nvmeraw.CAPSULE_RESP:
+                    _dw0, _dw1, _sqhd, _sqid, cid, sf = struct.unpack("<IIHHHH", pdu[8:24])
+                    status[cid] = (sf >> 1) & 0x7FF
+                else:
+                    raise AssertionError("unexpected PDU type %d" % typ)
+        except Exception as e:  # noqa: BLE001
+            r.bad("every read answered", "%s after %d responses" % (e, len(status)))
+        answered = [c for c in cids if status.get(c) == 0]
+        intact = [c for c in answered
+                  if bytes(data.get(c, b"")) == model[cids.index(c) * READ_BYTES:
+                                                      (cids.index(c) + 1) * READ_BYTES]]
+        r.check("every read answered: data or an error (%d data, %d errors)"
+                % (len(answered), READS - len(answered)), len(status) == READS,
+                "%d responses" % len(status))
+        r.check("reads answered before the export went carry its data, intact (%d lent)"
+                % lent_before, len(answered) == lent_before and intact == answered,
+                "%d of %d intact" % (len(intact), len(answered)))
+        io.close()
+        admin.close()
+        r.check("the export's memory is given back once its replies are sent (RSS %.0f -> %.0f MiB)"
+                % (rss_written, rss_mib(b.proc.pid)),
+                wait_for(lambda: rss_mib(b.proc.pid) < rss_written - 6, 10),
+                "RSS %.0f MiB" % rss_mib(b.proc.pid))
+        r.check("daemon still alive", b.alive(), b.log_tail(20))
+        r.check_eq("ballast exits 0 on SIGTERM", 0, b.stop())
+        r.check("server log has no panic", not b.panics(), b.panics()[:3])
+        if r.failed:
+            print("---- server log tail ----\n" + b.log_tail(30))
+
+
+if __name__ == "__main__":
+    guarded(main)

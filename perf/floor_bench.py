@@ -36,7 +36,7 @@ import time
 PERF_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(PERF_DIR)
 sys.path.insert(0, PERF_DIR)
-from ab_bench import COLUMNS, client_run, med, one  # noqa: E402
+from ab_bench import COLUMNS, fill, med, one  # noqa: E402
 from nbd_bench import log, proc_cpu_seconds, wait_listening  # noqa: E402
 from volume_bench import Daemon, free_port  # noqa: E402
 
@@ -121,7 +121,7 @@ def main():
             d.start()
             if name == "volume":
                 d.rpc("volume", "create", "mem", "1G")
-            client_run(args, d, "nbd", "write", "1m", 8)  # written: reads read data
+            fill(args, d)  # written: reads read data
         for label, rw, qd in WORKLOADS:
             if label not in wanted:
                 continue

@@ -99,6 +99,15 @@ pub trait BlockDev: Send + Sync {
         None
     }
 
+    /// A write without I/O: a device whose media is memory stores `data` at `offset` (within
+    /// the device; never read-only) now, straight from the caller's bytes (a protocol's receive
+    /// buffer), durable as any of its completed writes, and returns true. `false` (the default):
+    /// submit an [`IoCmd::Write`].
+    fn write_now(&self, offset: u64, data: &[u8]) -> bool {
+        let _ = (offset, data);
+        false
+    }
+
     /// Synchronous flush, for shutdown.
     fn flush_blocking(&self) -> std::io::Result<()>;
 }

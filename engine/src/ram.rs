@@ -141,6 +141,13 @@ impl BlockDev for RamDev {
         self.mem.lend(usize::try_from(offset).ok()?, usize::try_from(len).ok()?)
     }
 
+    /// Stores at once: memory is the media (FUA changes nothing).
+    fn write_now(&self, offset: u64, data: &[u8]) -> bool {
+        assert!(in_range(offset, data.len() as u64, self.size_bytes));
+        self.write(offset, data);
+        true
+    }
+
     /// Every chunk the range touches is absent (no allocation: reads ask this per request).
     fn is_unallocated(&self, offset: u64, len: u64) -> bool {
         if len == 0 || !in_range(offset, len, self.size_bytes) {
@@ -193,6 +200,19 @@ mod tests {
         assert!(dev.lend(2 * CHUNK, 4096).is_none(), "a trimmed chunk is absent");
         dev.zero(CHUNK, 4096, true);
         assert!(dev.lend(CHUNK, 4096).is_some(), "a partly zeroed chunk is still written");
+    }
+
+    /// A write stored at once reads back, across chunks, and makes its chunks written.
+    #[test]
+    fn writes_now_store_at_once() {
+        let dev = RamDev::new(4 * CHUNK);
+        let data: Vec<u8> = (0..9000u32).map(|i| (i * 31) as u8).collect();
+        assert!(dev.write_now(CHUNK - 4000, &data));
+        let mut back = vec![0u8; data.len()];
+        dev.read(CHUNK - 4000, &mut back);
+        assert_eq!(back, data);
+        assert!(dev.lend(CHUNK - 4000, 9000).is_some(), "chunks 0 and 1 are written");
+        assert!(dev.is_unallocated(2 * CHUNK, CHUNK));
     }
 
     #[test]

@@ -136,6 +136,9 @@ pub struct CoreStats {
     /// Reads answered from a device's lent memory ([`crate::blockdev::BlockDev::lend`]): no
     /// I/O, no buffer, no copy of ours.
     pub reads_lent: u64,
+    /// Writes stored at once from a receive buffer ([`crate::blockdev::BlockDev::write_now`]):
+    /// no I/O, no buffer, no copy of ours but the one into the device's memory.
+    pub writes_now: u64,
     /// Times this core borrowed a pool's shared state on the data path (one per flush round
     /// with volume work, per pool), and the request events decided in those borrows.
     pub volume_rounds: u64,
@@ -169,6 +172,7 @@ impl CoreStats {
             offloaded: 0,
             offload_in_place: 0,
             reads_lent: 0,
+            writes_now: 0,
             volume_rounds: 0,
             volume_events: 0,
             volume_forwarded: 0,
@@ -276,6 +280,7 @@ impl CoreStats {
             offloaded: self.offloaded,
             offload_in_place: self.offload_in_place,
             reads_lent: self.reads_lent,
+            writes_now: self.writes_now,
             volume_rounds: self.volume_rounds,
             volume_events: self.volume_events,
             volume_forwarded: self.volume_forwarded,
@@ -364,6 +369,8 @@ pub struct StatsSnapshot {
     pub offload_in_place: u64,
     /// Reads sent from a device's lent memory.
     pub reads_lent: u64,
+    /// Writes stored at once from a receive buffer.
+    pub writes_now: u64,
     /// Borrows of a pool's shared state on the data path, and the request events decided in
     /// them (events per round: how well a turn's volume work shares one borrow).
     pub volume_rounds: u64,

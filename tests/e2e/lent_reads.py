@@ -1,6 +1,11 @@
 #!/usr/bin/python3
 """Reads of a RAM export's written ranges leave straight from the export's memory (lent to the
-socket send, not copied first) — and that memory outlives the export while replies wait.
+socket send, not copied first) — and that memory outlives the export while replies wait; and
+writes whose data came in the command capsule are stored straight from the receive buffer.
+
+NVMe/TCP in-capsule writes (4 and 8 KiB, one across two 64 KiB chunks, one over another) are
+stored at once (counted:
+`writes_now`) and read back through libnbd.
 
 An NVMe/TCP host with a 4 KiB receive buffer asks for 127 reads of 128 KiB of written data
 (16 MiB, more than the kernel's socket buffers hold) and reads nothing; the daemon answers them
@@ -36,11 +41,15 @@ def nvmf_port_of(b):
     return port
 
 
-def reads_lent(b):
+def counter(b, name):
     p = b.ctl("stats", "--json")
     if p.returncode != 0:
         raise RuntimeError("ballast stats failed: " + p.stderr)
-    return sum(c.get("reads_lent", 0) for c in json.loads(p.stdout)["reactors"])
+    return sum(c.get(name, 0) for c in json.loads(p.stdout)["reactors"])
+
+
+def reads_lent(b):
+    return counter(b, "reads_lent")
 
 
 def rss_mib(pid):
@@ -70,6 +79,41 @@ def main(r):
             h.pwrite(model[off:off + 4 * MiB], off)
         h.shutdown()
         rss_written = rss_mib(b.proc.pid)
+
+        # In-capsule writes: stored from the receive buffer, read back by another client.
+        w_admin, w_io = nvmeraw.io_queue(port, NQN)
+        now0 = counter(b, "writes_now")
+        expect = {}
+        for i, (slba, nbytes) in enumerate([(15, 8192), (16, 8192), (100, 4096)]):
+            blob = bytes([(i * 37 + j) & 0xFF for j in range(nbytes)])
+            cid = w_io.next_cid()
+            w_io.s.sendall(nvmeraw.capsule(
+                nvmeraw.sqe(nvmeraw.OP_WRITE, cid, nsid=1, sgl_len=nbytes,
+                            sgl_type=nvmeraw.SGL_INCAPSULE,
+                            cdw=(slba, 0, nbytes // 4096 - 1, 0, 0, 0)), blob))
+            got_cid, st, _ = w_io.response()
+            r.check("in-capsule write of %d bytes at LBA %d succeeds" % (nbytes, slba),
+                    got_cid == cid and st == 0, "cid %d status 0x%x" % (got_cid, st))
+            expect[slba * 4096] = blob
+        w_io.close()
+        w_admin.close()
+        r.check("in-capsule writes are stored from the receive buffer (writes_now %d -> %d)"
+                % (now0, counter(b, "writes_now")), counter(b, "writes_now") - now0 >= 3)
+        h = nbd.NBD()
+        h.connect_uri(b.uri("mem"))
+        # LBA 15's 8 KiB crosses from chunk 0 into chunk 1; LBA 16's overwrote its second half.
+        merged = bytearray(h.pread(24 * 4096, 15 * 4096))
+        want = bytearray(model[15 * 4096:39 * 4096])
+        for off, blob in expect.items():
+            if 15 * 4096 <= off < 39 * 4096:
+                want[off - 15 * 4096:off - 15 * 4096 + len(blob)] = blob
+        r.check("NBD reads back what the in-capsule writes stored", merged == want)
+        r.check("and the one at LBA 100", h.pread(4096, 100 * 4096) == expect[100 * 4096])
+        h.shutdown()
+        model = bytearray(model)
+        for off, blob in expect.items():
+            model[off:off + len(blob)] = blob
+        model = bytes(model)
 
         admin, io = nvmeraw.io_queue(port, NQN, rcvbuf=4096)
         lent0 = reads_lent(b)

@@ -306,10 +306,10 @@ def commands(r, b, name, backing=None):
 
 
 def lent_reads(r, b):
-    """A RAM export's written ranges are sent straight from its memory (lent, not copied):
-    many reads in flight at once, of odd sizes and offsets, across written, never-written
-    and trimmed 64 KiB chunks, in both reply styles, read what a model of the writes says,
-    and the daemon counts the lent ones. (tests/e2e/lent_reads.py: the memory outliving its
+    """A RAM export's written ranges are sent straight from its memory (lent, not copied), and
+    small writes are stored straight from the receive buffer: many reads in flight at once, of
+    odd sizes and offsets, across written, never-written and trimmed 64 KiB chunks, in both
+    reply styles, read what a model of the writes says, and the daemon counts both kinds. (tests/e2e/lent_reads.py: the memory outliving its
     export while replies wait.)"""
     import json
     import random
@@ -320,9 +320,12 @@ def lent_reads(r, b):
     if not r.check("export add lend0 (control CLI)", p.returncode == 0, p.stderr.strip()):
         return
 
-    def lent():
+    def counter(name):
         p = b.ctl("stats", "--json")
-        return sum(c.get("reads_lent", 0) for c in json.loads(p.stdout)["reactors"])
+        return sum(c.get(name, 0) for c in json.loads(p.stdout)["reactors"])
+
+    def lent():
+        return counter("reads_lent")
 
     model = bytearray(size)
     h = connect(b, "lend0")
@@ -335,6 +338,16 @@ def lent_reads(r, b):
     for c in (4, 40, 100):
         h.trim(chunk, c * chunk)
         model[c * chunk:(c + 1) * chunk] = bytes(chunk)
+    # Small writes arrive whole with their request: stored from the receive buffer.
+    now0 = counter("writes_now")
+    for _ in range(64):
+        n = rnd.choice((1, 511, 4096, 8192))
+        off = rnd.randrange(0, size - n + 1)
+        data = os.urandom(n)
+        h.pwrite(data, off)
+        model[off:off + n] = data
+    r.check("small writes are stored from the receive buffer (writes_now %d -> %d)"
+            % (now0, counter("writes_now")), counter("writes_now") - now0 >= 32)
     h.shutdown()
     lent0 = lent()
     for structured in (True, False):

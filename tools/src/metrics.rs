@@ -204,7 +204,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 31] = [
+        let per_core: [PerCoreMetric; 32] = [
             ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
                 s.in_flight
             }),
@@ -287,6 +287,12 @@ impl ScrapeCollector {
                 "Reads sent straight from a RAM export's memory (no I/O, no copy of ours).",
                 Counter,
                 |s| s.reads_lent,
+            ),
+            (
+                "ballast_core_writes_now",
+                "Writes stored straight from a receive buffer into a RAM export (no I/O, no buffer).",
+                Counter,
+                |s| s.writes_now,
             ),
             (
                 "ballast_core_volume_rounds",

@@ -1088,6 +1088,21 @@ impl Queue {
                 if data.len() != len as usize || sqe.sgl_addr != 0 {
                     return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
                 }
+                if ns.dev.write_now(offset, data) {
+                    // Stored from the receive buffer: no buffer, no I/O, no request slot.
+                    cx.stats().record(
+                        ns.dev.info().stats_id,
+                        OpKind::Write,
+                        u64::from(len),
+                        0,
+                        true,
+                    );
+                    cx.stats().writes_now += 1;
+                    self.count_done(OpKind::Write, len);
+                    let charged = self.take_pdu_charge();
+                    self.mem.release(cx, charged);
+                    return self.respond(sqe.cid, 0, 0, status::SUCCESS);
+                }
                 let mut buf = cx.buf_with_capacity(len as usize);
                 buf.extend_from_slice(data);
                 let fua = sqe.fua();

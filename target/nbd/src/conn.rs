@@ -467,7 +467,8 @@ impl Conn {
             return Some(n);
         }
         if let Some(pw) = &self.payload {
-            if pw.buf.is_none() && pw.req.length > 0 && input.len() >= pw.req.length as usize {
+            let untouched = pw.buf.is_none() && pw.filled == 0 && pw.charged == 0;
+            if untouched && pw.req.length > 0 && input.len() >= pw.req.length as usize {
                 // The whole payload is here: a memory device stores it from the receive
                 // buffer (no payload buffer, no charge, no I/O).
                 let (offset, n) = (pw.req.offset, pw.req.length as usize);

@@ -1101,7 +1101,10 @@ impl Queue {
                     self.count_done(OpKind::Write, len);
                     let charged = self.take_pdu_charge();
                     self.mem.release(cx, charged);
-                    return self.respond(sqe.cid, 0, 0, status::SUCCESS);
+                    if !self.send_broken() {
+                        self.respond(sqe.cid, 0, 0, status::SUCCESS);
+                    }
+                    return;
                 }
                 let mut buf = cx.buf_with_capacity(len as usize);
                 buf.extend_from_slice(data);

@@ -186,6 +186,28 @@ class Ballast:
             raise RuntimeError("ballast stats failed: " + out.stderr)
         return json.loads(out.stdout)["reactors"]
 
+    def counter(self, name):
+        """A per-core counter of `ballast stats --json`, summed over the cores (0 if absent)."""
+        return sum(c.get(name, 0) for c in self.reactors())
+
+    def nvmf_port(self):
+        """The NVMe/TCP port `start` gave the daemon (its command line is in the log)."""
+        port = None
+        with open(self.log) as f:
+            for line in f:
+                if "--nvmf-listen 127.0.0.1:" in line:
+                    port = int(line.split("--nvmf-listen 127.0.0.1:")[1].split()[0])
+        return port
+
+    def check_clean_end(self, r):
+        """The checks a suite ends with: the daemon lived, exits 0 on SIGTERM, logged no
+        panic (its log's tail printed if anything failed)."""
+        r.check("daemon still alive", self.alive(), self.log_tail(20))
+        r.check_eq("ballast exits 0 on SIGTERM", 0, self.stop())
+        r.check("server log has no panic", not self.panics(), self.panics()[:3])
+        if r.failed:
+            print("---- server log tail ----\n" + self.log_tail(30))
+
     def panics(self):
         """Lines of the server log that report a panic."""
         try:
@@ -217,6 +239,25 @@ class Ballast:
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
+
+
+def wait_for(cond, timeout, step=0.1):
+    """Polls `cond` every `step` seconds until it holds or `timeout` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+def rss_mib(pid):
+    """Resident memory of process `pid`, in MiB (0.0 if it cannot be read)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
 
 
 def on_disk(path):

@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import nbd  # noqa: E402
 
 import nvmeraw  # noqa: E402
-from ballast_testlib import Ballast, ballast_bin, free_port, guarded  # noqa: E402
+from ballast_testlib import (Ballast, ballast_bin, free_port, guarded, rss_mib,  # noqa: E402
+                             wait_for)
 
 MiB = 1 << 20
 BUDGET = 128 * MiB
@@ -40,14 +41,6 @@ NBDMAGIC, IHAVEOPT, REQ_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x256095
 OPT_GO, OPT_STRUCTURED_REPLY = 7, 8
 CMD_READ, CMD_WRITE = 0, 1
 NQN = "nqn.2026-11.dev.ballast:vol"
-
-
-def rss_mib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
 
 
 def stats(b):
@@ -59,24 +52,6 @@ def stats(b):
 
 def charged(s):
     return sum(c["buffer_charged"] for c in s["reactors"])
-
-
-def nvmf_port_of(b):
-    """The NVMe/TCP port the test library gave the daemon (it logs its command line)."""
-    with open(b.log) as f:
-        for line in f:
-            if "--nvmf-listen 127.0.0.1:" in line:
-                port = int(line.split("--nvmf-listen 127.0.0.1:")[1].split()[0])
-    return port
-
-
-def wait_for(cond, timeout, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
 
 
 def recvn(s, n):
@@ -251,7 +226,7 @@ def part1(r):
                   "small=file:{data}/small.img:32M", "--buffer-memory", "128M",
                   "--handshake-timeout", "300", "--stall-timeout", "300",
                   "--max-connections", "4096", "--cores", "2"]) as b:
-        nvmf_port = nvmf_port_of(b)
+        nvmf_port = b.nvmf_port()
         pid = b.proc.pid
         real_client_works(r, b, "unloaded")
         s0 = stats(b)
@@ -369,7 +344,7 @@ def part1(r):
 def part2(r):
     with Ballast(["--export", "vol=file:{data}/vol.img:1G", "--handshake-timeout", "1",
                   "--stall-timeout", "2", "--max-connections", "40", "--cores", "2"]) as b:
-        nvmf_port = nvmf_port_of(b)
+        nvmf_port = b.nvmf_port()
 
         # handshake deadline
         t0 = time.monotonic()

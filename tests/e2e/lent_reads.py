@@ -26,52 +26,16 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402
 import nvmeraw  # noqa: E402
-from ballast_testlib import Ballast, guarded  # noqa: E402
+from ballast_testlib import Ballast, guarded, rss_mib, wait_for  # noqa: E402
 
 MiB = 1 << 20
 NQN = "nqn.2026-11.dev.ballast:mem"
 READS, READ_BYTES = 127, 128 * 1024
 
 
-def nvmf_port_of(b):
-    with open(b.log) as f:
-        for line in f:
-            if "--nvmf-listen 127.0.0.1:" in line:
-                port = int(line.split("--nvmf-listen 127.0.0.1:")[1].split()[0])
-    return port
-
-
-def counter(b, name):
-    p = b.ctl("stats", "--json")
-    if p.returncode != 0:
-        raise RuntimeError("ballast stats failed: " + p.stderr)
-    return sum(c.get(name, 0) for c in json.loads(p.stdout)["reactors"])
-
-
-def reads_lent(b):
-    return counter(b, "reads_lent")
-
-
-def rss_mib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
-
-
-def wait_for(cond, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
-
 def main(r):
     with Ballast(["--export", "mem=ram:64M", "--cores", "1", "--stall-timeout", "60"]) as b:
-        port = nvmf_port_of(b)
+        port = b.nvmf_port()
         model = os.urandom(READS * READ_BYTES)
         h = nbd.NBD()
         h.connect_uri(b.uri("mem"))
@@ -82,7 +46,7 @@ def main(r):
 
         # In-capsule writes: stored from the receive buffer, read back by another client.
         w_admin, w_io = nvmeraw.io_queue(port, NQN)
-        now0 = counter(b, "writes_now")
+        now0 = b.counter("writes_now")
         expect = {}
         for i, (slba, nbytes) in enumerate([(15, 8192), (16, 8192), (100, 4096)]):
             blob = bytes([(i * 37 + j) & 0xFF for j in range(nbytes)])
@@ -98,7 +62,7 @@ def main(r):
         w_io.close()
         w_admin.close()
         r.check("in-capsule writes are stored from the receive buffer (writes_now %d -> %d)"
-                % (now0, counter(b, "writes_now")), counter(b, "writes_now") - now0 >= 3)
+                % (now0, b.counter("writes_now")), b.counter("writes_now") - now0 >= 3)
         h = nbd.NBD()
         h.connect_uri(b.uri("mem"))
         # LBA 15's 8 KiB crosses from chunk 0 into chunk 1; LBA 16's overwrote its second half.
@@ -116,16 +80,16 @@ def main(r):
         model = bytes(model)
 
         admin, io = nvmeraw.io_queue(port, NQN, rcvbuf=4096)
-        lent0 = reads_lent(b)
+        lent0 = b.counter("reads_lent")
         cids = []
         for k in range(READS):
             cmd = io.read_cmd(slba=k * READ_BYTES // 4096, nbytes=READ_BYTES)
             cids.append(io.cid)
             io.s.sendall(cmd)
         r.check("all %d reads of written ranges are lent (reads_lent counts them)" % READS,
-                wait_for(lambda: reads_lent(b) - lent0 >= READS, 10),
-                "reads_lent went %d -> %d" % (lent0, reads_lent(b)))
-        lent_before = reads_lent(b) - lent0
+                wait_for(lambda: b.counter("reads_lent") - lent0 >= READS, 10),
+                "reads_lent went %d -> %d" % (lent0, b.counter("reads_lent")))
+        lent_before = b.counter("reads_lent") - lent0
 
         p = b.ctl("rpc", "nvmf_subsystem_remove_ns", json.dumps({"nqn": NQN, "nsid": 1}))
         r.check("namespace removed while its replies wait unread", p.returncode == 0,
@@ -173,11 +137,7 @@ def main(r):
                 % (rss_written, rss_mib(b.proc.pid)),
                 wait_for(lambda: rss_mib(b.proc.pid) < rss_written - 6, 10),
                 "RSS %.0f MiB" % rss_mib(b.proc.pid))
-        r.check("daemon still alive", b.alive(), b.log_tail(20))
-        r.check_eq("ballast exits 0 on SIGTERM", 0, b.stop())
-        r.check("server log has no panic", not b.panics(), b.panics()[:3])
-        if r.failed:
-            print("---- server log tail ----\n" + b.log_tail(30))
+        b.check_clean_end(r)
 
 
 if __name__ == "__main__":

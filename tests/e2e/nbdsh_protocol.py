@@ -311,7 +311,6 @@ def lent_reads(r, b):
     odd sizes and offsets, across written, never-written and trimmed 64 KiB chunks, in both
     reply styles, read what a model of the writes says, and the daemon counts both kinds. (tests/e2e/lent_reads.py: the memory outliving its
     export while replies wait.)"""
-    import json
     import random
     import time
     rnd = random.Random(20261205)
@@ -319,13 +318,6 @@ def lent_reads(r, b):
     p = b.ctl("export", "add", "lend0", "--ram", "8M")
     if not r.check("export add lend0 (control CLI)", p.returncode == 0, p.stderr.strip()):
         return
-
-    def counter(name):
-        p = b.ctl("stats", "--json")
-        return sum(c.get(name, 0) for c in json.loads(p.stdout)["reactors"])
-
-    def lent():
-        return counter("reads_lent")
 
     model = bytearray(size)
     h = connect(b, "lend0")
@@ -339,7 +331,7 @@ def lent_reads(r, b):
         h.trim(chunk, c * chunk)
         model[c * chunk:(c + 1) * chunk] = bytes(chunk)
     # Small writes arrive whole with their request: stored from the receive buffer.
-    now0 = counter("writes_now")
+    now0 = b.counter("writes_now")
     for _ in range(64):
         n = rnd.choice((1, 511, 4096, 8192))
         off = rnd.randrange(0, size - n + 1)
@@ -347,9 +339,9 @@ def lent_reads(r, b):
         h.pwrite(data, off)
         model[off:off + n] = data
     r.check("small writes are stored from the receive buffer (writes_now %d -> %d)"
-            % (now0, counter("writes_now")), counter("writes_now") - now0 >= 32)
+            % (now0, b.counter("writes_now")), b.counter("writes_now") - now0 >= 32)
     h.shutdown()
-    lent0 = lent()
+    lent0 = b.counter("reads_lent")
     for structured in (True, False):
         style = "structured" if structured else "simple"
         h = connect(b, "lend0", structured=structured)
@@ -379,8 +371,8 @@ def lent_reads(r, b):
         r.check("lend0 (%s replies): every read matches the writes" % style, not bad, bad[:5])
         h.shutdown()
     # Of 800 random reads, those wholly inside written chunks (about a third) were lent.
-    r.check("reads of written ranges were lent (reads_lent %d -> %d)" % (lent0, lent()),
-            lent() - lent0 >= 100)
+    r.check("reads of written ranges were lent (reads_lent %d -> %d)" % (lent0, b.counter("reads_lent")),
+            b.counter("reads_lent") - lent0 >= 100)
 
 
 def read_only(r, b):
@@ -423,11 +415,7 @@ def main(r):
             read_only(r, b)
         except Exception as e:  # noqa: BLE001
             r.bad("read-only checks raised", "%s: %s" % (type(e).__name__, e))
-        r.check("daemon still alive", b.alive(), b.log_tail(20))
-        r.check_eq("ballast exits 0 on SIGTERM", 0, b.stop())
-        r.check("server log has no panic", not b.panics(), b.panics()[:3])
-        if r.failed:
-            print("---- server log tail ----\n" + b.log_tail(30))
+        b.check_clean_end(r)
 
 
 if __name__ == "__main__":

@@ -560,10 +560,11 @@ impl Conn {
                 self.flush_scratch();
                 cx.stats().record(dev.info().stats_id, OpKind::Read, u64::from(len), 0, true);
             }
-            Action::Read { offset, len, .. } if self.tls.is_none() => {
-                match dev.lend(offset, u64::from(len)) {
-                    // Answered from the device's memory: no I/O, no buffer, no copy of ours
-                    // (only for plain sockets: a TLS layer would have to read the bytes).
+            Action::Read { offset, len, .. } => {
+                // Only on a plain socket: a TLS layer would have to read lent bytes.
+                let lent = if self.tls.is_none() { dev.lend(offset, u64::from(len)) } else { None };
+                match lent {
+                    // Answered from the device's memory: no I/O, no buffer, no copy of ours.
                     Some(data) => {
                         let id = dev.info().stats_id;
                         cx.stats().record(id, OpKind::Read, u64::from(len), 0, true);
@@ -583,11 +584,6 @@ impl Conn {
                         dev.submit(cx, IoCmd::Read { offset, buf }, tag);
                     }
                 }
-            }
-            Action::Read { offset, len, .. } => {
-                let tag = self.track(cx, &req, OpKind::Read, charge);
-                let buf = cx.buf(len as usize);
-                dev.submit(cx, IoCmd::Read { offset, buf }, tag);
             }
             Action::Write { len, fua, .. } => {
                 self.bytes_inflight += u64::from(len);

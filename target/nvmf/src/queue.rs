@@ -643,9 +643,8 @@ impl Queue {
     fn respond_lent(&mut self, cx: &mut Cx<'_>, sqe: &Sqe, ns: &Namespace, data: Lent) {
         debug_assert!(self.may_lend());
         let len = data.len() as u32;
-        cx.stats().record(ns.dev.info().stats_id, OpKind::Read, u64::from(len), 0, true);
+        self.done_at_once(cx, ns, OpKind::Read, len);
         cx.stats().reads_lent += 1;
-        self.count_done(OpKind::Read, len);
         let charged = self.take_pdu_charge();
         if self.send_broken() {
             self.mem.release(cx, charged);
@@ -1090,15 +1089,8 @@ impl Queue {
                 }
                 if ns.dev.write_now(offset, data) {
                     // Stored from the receive buffer: no buffer, no I/O, no request slot.
-                    cx.stats().record(
-                        ns.dev.info().stats_id,
-                        OpKind::Write,
-                        u64::from(len),
-                        0,
-                        true,
-                    );
+                    self.done_at_once(cx, &ns, OpKind::Write, len);
                     cx.stats().writes_now += 1;
-                    self.count_done(OpKind::Write, len);
                     let charged = self.take_pdu_charge();
                     self.mem.release(cx, charged);
                     if !self.send_broken() {
@@ -1362,6 +1354,13 @@ impl Queue {
                 }
             }
         }
+    }
+
+    /// Counts a command answered as it was taken (no I/O): in the core's statistics, with no
+    /// time in flight, and in the SMART log.
+    fn done_at_once(&self, cx: &mut Cx<'_>, ns: &Namespace, kind: OpKind, len: u32) {
+        cx.stats().record(ns.dev.info().stats_id, kind, u64::from(len), 0, true);
+        self.count_done(kind, len);
     }
 
     /// Counts a finished command in its controller's SMART log (commands and data units).

@@ -28,7 +28,9 @@ pub struct RamDev {
 
 impl RamDev {
     /// A device of `size_bytes`, all holes; its memory is reserved now and taken as written.
-    pub fn try_new(size_bytes: u64) -> std::io::Result<RamDev> {
+    /// A `read_only` one says so in its [`DevInfo`] (front-ends refuse writes before they
+    /// reach it; it asserts that they did).
+    pub fn try_new(size_bytes: u64, read_only: bool) -> std::io::Result<RamDev> {
         assert!(size_bytes > 0);
         let len = usize::try_from(size_bytes)
             .map_err(|_| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
@@ -36,7 +38,7 @@ impl RamDev {
         let info = DevInfo {
             min_block: 1,
             block_size: 4096,
-            read_only: false,
+            read_only,
             backend: "ram".into(),
             cheap_extents: true,
             stats_id: crate::stats::device_id(),
@@ -44,9 +46,9 @@ impl RamDev {
         Ok(RamDev { mem, size_bytes, info })
     }
 
-    /// [`RamDev::try_new`] for sizes that must fit (tests, fuzzers).
+    /// A writable [`RamDev::try_new`] for sizes that must fit (tests, fuzzers).
     pub fn new(size_bytes: u64) -> RamDev {
-        RamDev::try_new(size_bytes).expect("reserving a RAM device's memory")
+        RamDev::try_new(size_bytes, false).expect("reserving a RAM device's memory")
     }
 
     /// Calls `f(chunk index, offset in chunk, range in the request)` for each piece.
@@ -98,6 +100,7 @@ impl BlockDev for RamDev {
                 cx.complete(tag, buf.len() as i32, Owned::Buf(buf));
             }
             IoCmd::Write { offset, buf, fua: _ } => {
+                assert!(!self.info.read_only);
                 assert!(in_range(offset, buf.len() as u64, size));
                 self.write(offset, buf.as_slice());
                 cx.complete(tag, buf.len() as i32, Owned::Buf(buf));
@@ -105,11 +108,13 @@ impl BlockDev for RamDev {
             IoCmd::Flush => cx.complete(tag, 0, Owned::None),
             IoCmd::Discard { offset, len }
             | IoCmd::WriteZeroes { offset, len, may_unmap: true } => {
+                assert!(!self.info.read_only);
                 assert!(in_range(offset, len, size));
                 self.zero(offset, len, true);
                 cx.complete(tag, 0, Owned::None);
             }
             IoCmd::WriteZeroes { offset, len, may_unmap: false } => {
+                assert!(!self.info.read_only);
                 assert!(in_range(offset, len, size));
                 self.zero(offset, len, false);
                 cx.complete(tag, 0, Owned::None);
@@ -143,6 +148,7 @@ impl BlockDev for RamDev {
 
     /// Stores at once: memory is the media (FUA changes nothing).
     fn write_now(&self, offset: u64, data: &[u8]) -> bool {
+        assert!(!self.info.read_only);
         assert!(in_range(offset, data.len() as u64, self.size_bytes));
         self.write(offset, data);
         true

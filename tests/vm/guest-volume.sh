@@ -6,7 +6,10 @@
 #   3. the clone mounts as a filesystem: same checksums; a new file written to it
 #   4. the origin is overwritten through NVMe/TCP (files replaced, fstrim)
 #   5. the snapshot through the kernel NBD client, read-only: mounts, original checksums, no
-#      clone file; the clone (NVMe/TCP again) still holds its own file and the original ones
+#      clone file; through NVMe/TCP: the disk is read-only (Identify Namespace says write
+#      protected), mounts with the original files, and writes forced through fail (the target
+#      answers write protected); the clone (NVMe/TCP again) still holds its own file and the
+#      original ones
 # Prints "PASS: ..." / "FAIL: ..." lines and finally "guest done".
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 . /guest/params
@@ -83,6 +86,19 @@ check "snapshot has no clone file" test ! -e /mnt/v/clone-only
 umount /mnt/v
 check "writes to the snapshot are refused" sh -c "! dd if=/dev/zero of=/dev/nbd0 bs=4k count=1 oflag=direct 2>/dev/null"
 nbd-client -d /dev/nbd0 >/dev/null 2>&1
+# ... and through NVMe/TCP: Identify Namespace says write protected, so the disk is read-only
+S=$(connect base-snap) && pass "connect base-snap over NVMe/TCP ($S)" || fail "connect base-snap"
+check "the kernel marks the snapshot's namespace read-only (NSATTR)" test "$(cat /sys/block/${S##*/}/ro)" = 1
+check "mount the snapshot over NVMe/TCP (ro, noload)" mount -o ro,noload "$S" /mnt/v
+check "it holds the original files" sh -c "cd /mnt/v && md5sum -c /tmp/orig.sums"
+umount /mnt/v
+check "the kernel refuses writes to it" sh -c "! dd if=/dev/zero of=$S bs=4k count=1 oflag=direct 2>/dev/null"
+blockdev --setrw "$S"
+check "made writable by hand, writes still fail: the target answers write protected" \
+  sh -c "! dd if=/dev/zero of=$S bs=4k count=1 oflag=direct 2>/dev/null"
+check "the snapshot still holds the original files" sh -c "mount -o ro,noload $S /mnt/v && cd /mnt/v && md5sum -c /tmp/orig.sums"
+umount /mnt/v 2>/dev/null
+nvme disconnect -n "${P}base-snap" >/dev/null
 C=$(connect base-clone) || fail "reconnect base-clone"
 check "mount the clone again" mount "$C" /mnt/v
 check "clone kept its own file" sh -c "cd /mnt/v && md5sum -c /tmp/clone.sums"

@@ -264,7 +264,7 @@ pub fn open_backend(
         if bytes == 0 {
             bail!("ram export of size 0");
         }
-        let dev = RamDev::try_new(bytes)
+        let dev = RamDev::try_new(bytes, read_only)
             .with_context(|| format!("reserving {bytes} bytes of memory for a ram export"))?;
         return Ok((DeviceKind::Ram, Arc::new(dev)));
     }

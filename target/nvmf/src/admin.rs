@@ -365,6 +365,21 @@ mod tests {
         assert!(t.create_subsystem_as("nqn.2026-11.dev.ballast:edge", true, edge).is_ok());
     }
 
+    /// Identify Namespace says "write protected" (NSATTR bit 0) exactly for a read-only device.
+    #[test]
+    fn identify_namespace_says_which_namespaces_are_write_protected() {
+        let (t, mut a) = setup();
+        let s = t.subsystem("nqn.2026-11.dev.ballast:t").unwrap();
+        let ro = Arc::new(RamDev::try_new(1 << 20, true).unwrap());
+        assert_eq!(t.add_namespace(&s.nqn, 2, ro, 4096).unwrap(), 2);
+        assert_eq!(a.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
+        let nsattr = |a: &mut AdminState, nsid| {
+            a.execute(&t, &cmd(admin::IDENTIFY, nsid, [0; 6])).data.unwrap()[99]
+        };
+        assert_eq!(nsattr(&mut a, 1), 0);
+        assert_eq!(nsattr(&mut a, 2), 1);
+    }
+
     #[test]
     fn enable_then_identify_and_aen() {
         let (t, mut a) = setup();

@@ -89,6 +89,7 @@ pub fn namespace(ns: &Namespace) -> Vec<u8> {
     b[26] = if ns.lba_shift == 12 { 1 } else { 0 }; // FLBAS
     b[30] = 1; // NMIC: may be shared
     b[33] = 0x09; // DLFEAT: deallocated reads zero; write zeroes may deallocate
+    b[99] = u8::from(ns.read_only()); // NSATTR: write protected
     b[104..120].copy_from_slice(&ns.nguid);
     b[120..128].copy_from_slice(&ns.eui64);
     b[128 + 2] = 9; // LBAF0: 512

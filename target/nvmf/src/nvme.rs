@@ -48,6 +48,9 @@ pub mod status {
     pub const COMMAND_SEQUENCE: Status = 0x00c;
     pub const SGL_DATA_LENGTH_INVALID: Status = 0x00f;
     pub const SGL_TYPE_INVALID: Status = 0x011;
+    /// The namespace refuses writes (a read-only export, a snapshot): what Linux's nvmet
+    /// answers too, for every command that would change data.
+    pub const NS_WRITE_PROTECTED: Status = 0x020;
     pub const TRANSIENT_TRANSPORT_ERROR: Status = 0x022;
     pub const LBA_OUT_OF_RANGE: Status = 0x080;
     pub const CAPACITY_EXCEEDED: Status = 0x081;

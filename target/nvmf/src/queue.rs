@@ -1004,6 +1004,9 @@ impl Queue {
             io::READ | io::WRITE => self.on_read_write(cx, sqe, data),
             io::FLUSH => self.on_flush(cx, sqe),
             io::WRITE_ZEROES => match self.check_io(&sqe) {
+                Ok((ns, ..)) if ns.read_only() => {
+                    self.respond(sqe.cid, 0, 0, status::NS_WRITE_PROTECTED)
+                }
                 Ok((ns, offset, len)) => {
                     let may_unmap = sqe.cdw12 & (1 << 25) != 0;
                     let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::WriteZeroes, 0, 1);
@@ -1079,8 +1082,8 @@ impl Queue {
             ns.dev.submit(cx, IoCmd::Read { offset, buf }, tag);
             return;
         }
-        if ns.dev.info().read_only {
-            return self.respond(sqe.cid, 0, 0, 0x120); // Attempted Write to Read Only Range
+        if ns.read_only() {
+            return self.respond(sqe.cid, 0, 0, status::NS_WRITE_PROTECTED);
         }
         match sqe.sgl_type {
             nvme::SGL_DATA_BLOCK_OFFSET => {
@@ -1290,7 +1293,10 @@ impl Queue {
                 work.push((slba << ns.lba_shift, nlb << ns.lba_shift));
             }
         }
-        if !deallocate || work.is_empty() || ns.dev.info().read_only {
+        if deallocate && ns.read_only() {
+            return self.respond(sqe.cid, 0, 0, status::NS_WRITE_PROTECTED);
+        }
+        if !deallocate || work.is_empty() {
             return self.respond(sqe.cid, 0, 0, status::SUCCESS);
         }
         let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::Discard, 0, work.len() as u32);

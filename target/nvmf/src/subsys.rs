@@ -160,6 +160,11 @@ impl Namespace {
     pub fn blocks(&self) -> u64 {
         self.dev.size_bytes() >> self.lba_shift
     }
+
+    /// Writes, write zeroes and deallocation are refused (Identify says so: NSATTR bit 0).
+    pub fn read_only(&self) -> bool {
+        self.dev.info().read_only
+    }
 }
 
 pub struct Subsystem {

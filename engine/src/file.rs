@@ -134,6 +134,37 @@ impl FileDev {
         }
     }
 
+    /// Zeroes `len` bytes at `offset` of a file in memory, on the core: the range is given
+    /// back (a hole), and with `keep` taken again (what write-zeroes without unmapping asks
+    /// for; tmpfs has no `FALLOC_FL_ZERO_RANGE`); a filesystem without `fallocate` (ramfs) gets
+    /// zeros written. 0 or a negative errno, as a completion has it.
+    fn zero_in_memory(&self, offset: u64, len: u64, keep: bool) -> i32 {
+        use nix::fcntl::{fallocate, FallocateFlags as F};
+        let (off, n) = (offset as libc::off_t, len as libc::off_t);
+        let fd = self.buffered.as_fd();
+        let r = fallocate(fd, F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE, off, n).and_then(
+            |()| if keep { fallocate(fd, F::FALLOC_FL_KEEP_SIZE, off, n) } else { Ok(()) },
+        );
+        match r {
+            Ok(()) => 0,
+            Err(nix::errno::Errno::EOPNOTSUPP) => {
+                static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+                let mut at = offset;
+                while at < offset + len {
+                    let step = (offset + len - at).min(ZEROS.len() as u64) as usize;
+                    let r =
+                        copy_all(step, at, |done, o| self.buffered.write_at(&ZEROS[done..step], o));
+                    if r != step as i32 {
+                        return if r < 0 { r } else { -libc::EIO };
+                    }
+                    at += step as u64;
+                }
+                0
+            }
+            Err(e) => -(e as i32),
+        }
+    }
+
     /// Cores whose rings hold this file registered.
     pub fn cores_registered(&self) -> usize {
         self.direct_reg.cores_registered()
@@ -181,6 +212,14 @@ impl BlockDev for FileDev {
                     Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
                 };
                 cx.complete(tag, r, Owned::None);
+            }
+            IoCmd::Discard { offset, len } | IoCmd::WriteZeroes { offset, len, .. }
+                if self.in_memory =>
+            {
+                assert!(!self.info.read_only);
+                assert!(in_range(offset, len, size));
+                let keep = matches!(cmd, IoCmd::WriteZeroes { may_unmap: false, .. });
+                cx.complete(tag, self.zero_in_memory(offset, len, keep), Owned::None);
             }
             IoCmd::Read { offset, buf } => {
                 assert!(in_range(offset, buf.len() as u64, size));
@@ -289,11 +328,22 @@ mod tests {
     /// Each completion's result and, for a read, the bytes read.
     type Seen = Vec<(i32, Vec<u8>)>;
 
+    /// One request of a [`Runner`].
+    #[derive(Clone)]
+    enum Step {
+        Write(u64, Vec<u8>),
+        Read(u64, usize),
+        Flush,
+        /// Write zeroes without unmapping (the range stays allocated).
+        Zero(u64, u64),
+        Trim(u64, u64),
+    }
+
     /// Runs `ops` on a core one after another; reports each completion's result and, for a
     /// read, the bytes read.
     struct Runner {
         dev: Arc<FileDev>,
-        ops: Vec<(u64, Option<Vec<u8>>, usize)>,
+        ops: Vec<Step>,
         next: usize,
         seen: Seen,
         report: Option<Sender<Seen>>,
@@ -301,18 +351,20 @@ mod tests {
 
     impl Runner {
         fn submit_next(&mut self, cx: &mut Cx<'_>) {
-            let Some((offset, data, len)) = self.ops.get(self.next).cloned() else {
+            let Some(step) = self.ops.get(self.next).cloned() else {
                 let _ = self.report.take().expect("once").send(std::mem::take(&mut self.seen));
                 return;
             };
-            let cmd = match data {
-                Some(d) if d.is_empty() => IoCmd::Flush,
-                Some(d) => {
+            let cmd = match step {
+                Step::Flush => IoCmd::Flush,
+                Step::Write(offset, d) => {
                     let mut buf = cx.buf_with_capacity(d.len());
                     buf.extend_from_slice(&d);
                     IoCmd::Write { offset, buf, fua: self.next.is_multiple_of(2) }
                 }
-                None => IoCmd::Read { offset, buf: cx.buf(len) },
+                Step::Read(offset, len) => IoCmd::Read { offset, buf: cx.buf(len) },
+                Step::Zero(offset, len) => IoCmd::WriteZeroes { offset, len, may_unmap: false },
+                Step::Trim(offset, len) => IoCmd::Discard { offset, len },
             };
             self.dev.submit(cx, cmd, self.next as u32);
         }
@@ -324,7 +376,7 @@ mod tests {
         }
         fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
             assert_eq!(tag as usize, self.next);
-            let read = self.ops[self.next].1.is_none();
+            let read = matches!(self.ops[self.next], Step::Read(..));
             let bytes = match owned.into_buf() {
                 Some(b) if read => b.as_slice().to_vec(),
                 _ => Vec::new(),
@@ -340,21 +392,25 @@ mod tests {
         }
     }
 
-    /// Writes (aligned, unaligned, FUA or not), a flush and reads through a real core; what
-    /// the completions say and what the reads return.
-    fn run_on_a_core(path: &Path) -> (bool, Seen) {
+    /// Writes (aligned, unaligned, FUA or not), a flush, write zeroes (not unmapped) and reads
+    /// through a real core; what the completions say, what the reads return, and whether the
+    /// zeroed range is still allocated.
+    fn run_on_a_core(path: &Path) -> (bool, Seen, bool) {
         let _ = std::fs::remove_file(path);
         let dev = Arc::new(FileDev::open(path, Some(1 << 20), false).expect("a file device"));
         let in_memory = dev.in_memory;
         let ops = vec![
-            (8192, Some(vec![1u8; 4096]), 0),
-            (12_345, Some(vec![2u8; 100]), 0),
-            (65_536, Some(vec![3u8; 65_536]), 0),
-            (0, Some(Vec::new()), 0),
-            (8192, None, 4096),
-            (12_288, None, 4096),
-            (65_536, None, 65_536),
-            (0, None, 4096),
+            Step::Write(8192, vec![1u8; 4096]),
+            Step::Write(12_345, vec![2u8; 100]),
+            Step::Write(65_536, vec![3u8; 65_536]),
+            Step::Flush,
+            Step::Read(8192, 4096),
+            Step::Read(12_288, 4096),
+            Step::Read(65_536, 65_536),
+            Step::Read(0, 4096),
+            Step::Zero(69_632, 8192),
+            Step::Trim(77_824, 4096),
+            Step::Read(65_536, 16_384),
         ];
         let engine = Engine::start(EngineConfig::one_core_for_tests()).expect("an engine");
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -363,12 +419,17 @@ mod tests {
         assert!(engine.handles()[0].send_blocking(spawn));
         let seen = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a report");
         engine.shutdown();
+        // 18 pages were written (2, 3 and 16-31) and one trimmed; the two zeroed are among them
+        // and must stay (a hole punched and not taken again would leave 15).
+        use std::os::unix::fs::MetadataExt;
+        let allocated = std::fs::metadata(path).expect("the file").blocks() * 512 >= 17 * 4096;
         let _ = std::fs::remove_file(path);
-        (in_memory, seen)
+        (in_memory, seen, allocated)
     }
 
     /// A file on tmpfs is served by copies on the core, a file on a disk filesystem through
-    /// the ring: the same completions and the same bytes either way.
+    /// the ring: the same completions and the same bytes either way (write zeroes included:
+    /// tmpfs has no FALLOC_FL_ZERO_RANGE).
     #[test]
     fn a_file_in_memory_is_copied_on_the_core_with_the_rings_results() {
         let name = format!("ballast-filedev-{}", std::process::id());
@@ -383,19 +444,24 @@ mod tests {
             (4096, piece),
             (65_536, vec![3; 65_536]),
             (4096, vec![0; 4096]),
+            (0, vec![]),
+            (0, vec![]),
+            (16_384, [[3; 4096], [0; 4096], [0; 4096], [0; 4096]].concat()),
         ];
         // Wherever the temporary directory is, and on tmpfs wherever the machine has one.
-        let (_, seen) = run_on_a_core(&std::env::temp_dir().join(&name));
+        let (_, seen, allocated) = run_on_a_core(&std::env::temp_dir().join(&name));
         assert!(seen == want, "completions or bytes differ in the temporary directory");
+        assert!(allocated, "write zeroes without unmapping leaves the range allocated");
         let tmpfs = ["/dev/shm", "/run"].into_iter().map(Path::new).find(|d| {
             std::fs::File::open(d).is_ok_and(|f| on_memory_filesystem(&f))
                 && std::fs::metadata(d).is_ok_and(|m| !m.permissions().readonly())
         });
         match tmpfs {
             Some(dir) => {
-                let (in_memory, seen) = run_on_a_core(&dir.join(&name));
+                let (in_memory, seen, allocated) = run_on_a_core(&dir.join(&name));
                 assert!(in_memory, "a file on tmpfs ({}) is copied on the core", dir.display());
                 assert!(seen == want, "tmpfs: completions or bytes differ");
+                assert!(allocated, "tmpfs: write zeroes without unmapping leaves it allocated");
             }
             None => eprintln!("no tmpfs at /dev/shm or /run: only the ring's path was tested"),
         }

@@ -1,0 +1,372 @@
+#!/usr/bin/python3
+"""Random NVMe/TCP I/O commands against every kind of namespace, checked against a model.
+
+One host per namespace, all at once (two cores): RAM exports (4096- and 512-byte LBAs), files on
+tmpfs (copied on the core) and on disk (O_DIRECT through the ring), a volume, its snapshot and a
+clone of it, a volume behind 512-byte LBAs, and read-only RAM and file exports. Each host sends
+seeded random commands over the first 2 MiB of its namespace — reads, writes with in-capsule
+data and through R2T/H2CData, FUA, Write Zeroes with and without deallocation, Dataset
+Management deallocate over several ranges (a volume releases the whole 4 KiB pieces inside
+each range; RAM and files zero every LBA), flushes — plus commands that must fail: ranges past
+the end, transfers over MDTS, unknown opcodes, another namespace ID, and on read-only namespaces
+everything that would change data.
+
+Every command must get exactly the status the spec and docs/INTERFACE.md give it (the first
+failing check, in the order the target checks); every read must return what the model holds
+(writes as written, deallocated and zeroed ranges as zeros: DLFEAT says deallocated blocks read
+zero); at the end NBD (libnbd) reads every namespace's 2 MiB back and must see the model too;
+the daemon lives, exits 0 and never panicked.
+Run with /usr/bin/python3 (Debian's python3-libnbd). BALLAST_STORM_SEED, BALLAST_STORM_OPS.
+"""
+import os
+import random
+import struct
+import subprocess
+import sys
+import threading
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nbd  # noqa: E402
+import nvmeraw  # noqa: E402
+from ballast_testlib import Ballast, ballast_bin, guarded  # noqa: E402
+
+MiB = 1 << 20
+PREFIX = "nqn.2026-11.dev.ballast:"
+REGION = 2 * MiB
+SIZE = 32 * MiB
+MDTS = 1 * MiB
+IN_CAPSULE = 8192
+OP_FLUSH, OP_WRITE, OP_READ, OP_WRITE_ZEROES, OP_DSM = 0x00, 0x01, 0x02, 0x08, 0x09
+OK, INVALID_OPCODE, INVALID_FIELD, INVALID_NS = 0x000, 0x001, 0x002, 0x00b
+WRITE_PROTECTED, LBA_OUT_OF_RANGE = 0x020, 0x080
+H2C_CHUNK = 64 * 1024
+FUA = 1 << 30
+DEAC = 1 << 25
+
+
+class Storm:
+    """One namespace's host, its model and its random commands."""
+
+    def __init__(self, name, nqn, lba, writable, seed, whole_pieces):
+        self.name, self.nqn, self.lba, self.writable = name, nqn, lba, writable
+        self.whole_pieces = whole_pieces
+        self.blocks = SIZE // lba
+        self.rng = random.Random(seed)
+        self.model = None
+        self.failures = []
+        self.counts = {}
+        self.log = []
+        self.detail = ""
+        self.io = self.admin = None
+
+    def fail(self, what):
+        if len(self.failures) < 12:
+            self.failures.append(what)
+
+    # -- wire -------------------------------------------------------------------------------
+    def send(self, opcode, cdw, nsid=1, data=b"", sgl_len=None, incapsule=False):
+        cid = self.io.next_cid()
+        sgl_type = nvmeraw.SGL_INCAPSULE if incapsule else nvmeraw.SGL_TRANSPORT
+        sgl_len = len(data) if sgl_len is None else sgl_len
+        self.io.s.sendall(nvmeraw.capsule(
+            nvmeraw.sqe(opcode, cid, nsid=nsid, sgl_len=sgl_len, sgl_type=sgl_type, cdw=cdw),
+            data if incapsule else b""))
+        return cid
+
+    def finish(self, cid, payload=b""):
+        """Reads PDUs until `cid`'s response: answers R2Ts from `payload`, gathers C2HData.
+        Returns (status, data read)."""
+        data = bytearray()
+        while True:
+            typ, p = self.io.pdu()
+            if typ == nvmeraw.R2T:
+                cccid, ttag, r2to, r2tl = struct.unpack("<HHII", p[8:20])
+                if cccid != cid or r2to + r2tl > len(payload):
+                    raise AssertionError("R2T for cid %d [%d+%d], expected cid %d of %d bytes"
+                                         % (cccid, r2to, r2tl, cid, len(payload)))
+                off = r2to
+                while off < r2to + r2tl:
+                    n = min(H2C_CHUNK, r2to + r2tl - off)
+                    last = 0x04 if off + n == r2to + r2tl else 0
+                    hdr = struct.pack("<BBBBIHHIII", nvmeraw.H2C_DATA, last, 24, 24, 24 + n,
+                                      cid, ttag, off, n, 0)
+                    self.io.s.sendall(hdr + payload[off:off + n])
+                    off += n
+            elif typ == nvmeraw.C2H_DATA:
+                ccid, _, datao, datal = struct.unpack("<HHII", p[8:20])
+                if ccid != cid or datao != len(data):
+                    raise AssertionError("C2HData for cid %d at %d, expected cid %d at %d"
+                                         % (ccid, datao, cid, len(data)))
+                body = p[p[3]:] if p[3] else p[p[2]:]
+                data += body[:datal]
+                if p[1] & 0x08:  # SUCCESS: no response capsule follows
+                    return OK, bytes(data)
+            elif typ == nvmeraw.CAPSULE_RESP:
+                _dw0, _dw1, _sqhd, _sqid, rcid, sf = struct.unpack("<IIHHHH", p[8:24])
+                if rcid != cid:
+                    raise AssertionError("response for cid %d, expected %d" % (rcid, cid))
+                return (sf >> 1) & 0x7FF, bytes(data)
+            else:
+                raise AssertionError("unexpected PDU type %d" % typ)
+
+    # -- the model --------------------------------------------------------------------------
+    def in_region(self, slba, nlb):
+        return slba * self.lba + nlb * self.lba <= REGION
+
+    def store(self, slba, data):
+        """The model holds the region; what lands past it (near the end) is not modelled."""
+        off = slba * self.lba
+        if off < REGION:
+            data = data[:REGION - off]
+            self.model[off:off + len(data)] = data
+
+    def zero(self, slba, nlb):
+        self.store(slba, bytes(nlb * self.lba))
+
+    def range_(self):
+        """A random (slba, nlb): mostly inside the region, sometimes past the end."""
+        r = self.rng.random()
+        if r < 0.06:
+            nlb = self.rng.randint(1, 16)
+            return self.blocks - nlb + self.rng.randint(1, nlb), nlb  # crosses the end
+        if r < 0.08:
+            return self.blocks + self.rng.randint(0, 1 << 20), 1  # starts past the end
+        max_nlb = (64 * 1024 if self.rng.random() < 0.8 else 512 * 1024) // self.lba
+        nlb = self.rng.randint(1, max_nlb)
+        slba = self.rng.randint(0, REGION // self.lba - nlb)
+        return slba, nlb
+
+    def expect(self, slba, nlb, changes, mdts=True):
+        """The status the target must answer, in the order it checks."""
+        if slba + nlb > self.blocks:
+            return LBA_OUT_OF_RANGE
+        if mdts and nlb * self.lba > MDTS:
+            return INVALID_FIELD
+        if changes and not self.writable:
+            return WRITE_PROTECTED
+        return OK
+
+    def check(self, what, want, got):
+        self.counts[what] = self.counts.get(what, 0) + 1
+        self.log.append((what, got, self.detail))
+        if want != got:
+            self.fail("%s: status 0x%03x, expected 0x%03x" % (what, got, want))
+            return False
+        return True
+
+    # -- commands ---------------------------------------------------------------------------
+    def read(self):
+        slba, nlb = self.range_()
+        if nlb * self.lba > MDTS and self.rng.random() < 0.7:
+            nlb = MDTS // self.lba
+        cid = self.send(OP_READ, (slba & 0xFFFFFFFF, slba >> 32, nlb - 1, 0, 0, 0),
+                        sgl_len=nlb * self.lba)
+        st, data = self.finish(cid)
+        self.detail = (slba, nlb)
+        want = self.expect(slba, nlb, False)
+        if self.check("read", want, st) and st == OK and self.in_region(slba, nlb):
+            off = slba * self.lba
+            if data != self.model[off:off + nlb * self.lba]:
+                bad = [i for i in range(len(data)) if data[i] != self.model[off + i]]
+                self.fail("read LBA %d+%d: bytes %d-%d of it differ from the model (op %d)"
+                          % (slba, nlb, bad[0], bad[-1], len(self.log)))
+
+    def write(self):
+        incapsule = self.rng.random() < 0.5
+        slba, nlb = self.range_()
+        if incapsule:
+            nlb = min(nlb, IN_CAPSULE // self.lba)
+        payload = os.urandom(nlb * self.lba) if nlb * self.lba <= 4 * MiB else b""
+        fua = FUA if self.rng.random() < 0.3 else 0
+        cdw = (slba & 0xFFFFFFFF, slba >> 32, (nlb - 1) | fua, 0, 0, 0)
+        want = self.expect(slba, nlb, True)
+        self.detail = (slba, nlb, fua)
+        if incapsule:
+            cid = self.send(OP_WRITE, cdw, data=payload, incapsule=True)
+        else:
+            cid = self.send(OP_WRITE, cdw, sgl_len=nlb * self.lba)
+        st, _ = self.finish(cid, payload if want == OK else b"")
+        if self.check("write" + (" in capsule" if incapsule else " via R2T"), want, st) \
+                and st == OK:
+            self.store(slba, payload)
+
+    def write_zeroes(self):
+        slba, nlb = self.range_()
+        if self.rng.random() < 0.2 and nlb * self.lba < REGION:
+            nlb = self.rng.randint(1, REGION // self.lba)  # beyond MDTS: no transfer, allowed
+            slba = self.rng.randint(0, REGION // self.lba - nlb)
+        nlb = min(nlb, 1 << 16)
+        flags = (DEAC if self.rng.random() < 0.5 else 0) | (FUA if self.rng.random() < 0.2 else 0)
+        cid = self.send(OP_WRITE_ZEROES, (slba & 0xFFFFFFFF, slba >> 32, (nlb - 1) | flags,
+                                          0, 0, 0))
+        st, _ = self.finish(cid)
+        self.detail = (slba, nlb, flags)
+        if self.check("write zeroes", self.expect(slba, nlb, True, mdts=False), st) and st == OK:
+            self.zero(slba, nlb)
+
+    def dsm(self):
+        ranges = [self.range_() for _ in range(self.rng.randint(1, 4))]
+        body = b"".join(struct.pack("<IIQ", 0, nlb, slba) for slba, nlb in ranges)
+        cid = self.send(OP_DSM, (len(ranges) - 1, 1 << 2, 0, 0, 0, 0), data=body,
+                        incapsule=True)
+        st, _ = self.finish(cid)
+        self.detail = ranges
+        want = OK
+        if any(slba + nlb > self.blocks for slba, nlb in ranges):
+            want = LBA_OUT_OF_RANGE
+        elif not self.writable:
+            want = WRITE_PROTECTED
+        if self.check("dataset management", want, st) and st == OK:
+            for slba, nlb in ranges:
+                if not self.whole_pieces:
+                    self.zero(slba, nlb)
+                    continue
+                # A volume releases the whole 4 KiB pieces inside a range; the rest keeps its
+                # data (deallocation is advisory: "may deallocate").
+                lo = -(-slba * self.lba // 4096) * 4096
+                hi = (slba + nlb) * self.lba // 4096 * 4096
+                if hi > lo:
+                    self.zero(lo // self.lba, (hi - lo) // self.lba)
+
+    def must_fail(self):
+        r = self.rng.random()
+        if r < 0.4:
+            cid = self.send(self.rng.choice([0x04, 0x05, 0x0c, 0x0d, 0x11, 0x7e]),
+                            (0, 0, 0, 0, 0, 0))
+            self.check("unknown opcode", INVALID_OPCODE, self.finish(cid)[0])
+        elif r < 0.7:
+            nsid = self.rng.choice([2, 7, 0xFFFFFFFE])
+            cid = self.send(OP_READ, (0, 0, 0, 0, 0, 0), nsid=nsid, sgl_len=self.lba)
+            self.check("read of another namespace ID", INVALID_NS, self.finish(cid)[0])
+        else:
+            nlb = MDTS // self.lba + self.rng.randint(1, 64)
+            cid = self.send(OP_READ, (0, 0, nlb - 1, 0, 0, 0), sgl_len=nlb * self.lba)
+            self.check("read over MDTS", INVALID_FIELD, self.finish(cid)[0])
+
+    def flush(self):
+        cid = self.send(OP_FLUSH, (0, 0, 0, 0, 0, 0))
+        self.check("flush", OK, self.finish(cid)[0])
+
+    def run(self, port, ops):
+        try:
+            self.admin, self.io = nvmeraw.io_queue(port, self.nqn, timeout=30)
+            steps = [(self.read, 30), (self.write, 30), (self.write_zeroes, 10), (self.dsm, 10),
+                     (self.must_fail, 8), (self.flush, 4)]
+            fns = [f for f, w in steps for _ in range(w)]
+            for _ in range(ops):
+                self.rng.choice(fns)()
+        except Exception as e:  # noqa: BLE001
+            self.fail("%s: %s" % (type(e).__name__, e))
+        finally:
+            for q in (self.io, self.admin):
+                if q is not None:
+                    q.close()
+
+
+def nbd_read(b, export):
+    h = nbd.NBD()
+    h.connect_uri(b.uri(export))
+    try:
+        return bytearray(h.pread(REGION, 0))
+    finally:
+        h.shutdown()
+
+
+def main(r):
+    seed = int(os.environ.get("BALLAST_STORM_SEED", random.randrange(1 << 30)))
+    ops = int(os.environ.get("BALLAST_STORM_OPS", "4000"))
+    print("seed %d, %d commands per namespace (BALLAST_STORM_SEED=%d to repeat)"
+          % (seed, ops, seed))
+    b = Ballast(["--pool", "{data}/pool.img", "--cores", "2",
+                 "--export", "mem=ram:32M", "--export", "mem512=ram:32M"])
+    pool = os.path.join(b.data_dir, "pool.img")
+    subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "512M"], check=True,
+                   capture_output=True)
+    shm = "/dev/shm/ballast-storm-%d.img" % os.getpid()
+    disk = os.path.join(b.tmp, "disk.img")
+    rof = os.path.join(b.tmp, "ro.img")
+    for path in (shm, disk):
+        with open(path, "wb") as f:
+            f.truncate(SIZE)
+    with open(rof, "wb") as f:
+        f.write(random.Random(seed).randbytes(REGION))
+        f.truncate(SIZE)
+    try:
+        with b:
+            port = b.nvmf_port()
+
+            def ctl(*args):
+                p = b.ctl(*args)
+                if p.returncode != 0:
+                    raise AssertionError("ballast %s: %s" % (" ".join(args), p.stderr.strip()))
+
+            def subsystem(nqn_name, export, block_size=4096):
+                ctl("nvmf", "create", nqn_name, "--allow-any-host")
+                ctl("nvmf", "add-ns", PREFIX + nqn_name, export, "--block-size", str(block_size))
+                ctl("nvmf", "add-listener", PREFIX + nqn_name, "127.0.0.1:%d" % port)
+
+            ctl("export", "add", "tmpfs", "--file", shm)
+            ctl("export", "add", "disk", "--file", disk)
+            ctl("export", "add", "ror", "--ram", "32M", "--read-only")
+            ctl("export", "add", "rof", "--file", rof, "--read-only")
+            for name in ("tmpfs", "disk", "ror", "rof"):
+                subsystem(name, name)
+            subsystem("m512", "mem512", 512)
+            ctl("volume", "create", "v", "32M")
+            ctl("volume", "create", "v512", "32M")
+            subsystem("v512s", "v512", 512)
+            # Something in every writable namespace first, so zeros mean something.
+            rng = random.Random(seed ^ 1)
+            for export in ("mem", "mem512", "tmpfs", "disk", "v", "v512"):
+                h = nbd.NBD()
+                h.connect_uri(b.uri(export))
+                h.pwrite(rng.randbytes(REGION), 0)
+                h.flush()
+                h.shutdown()
+            ctl("snapshot", "create", "v", "s")
+            ctl("clone", "create", "s", "c")
+
+            volumes = ("v", "s", "c", "v512")
+            spec = [("mem", "mem", 4096, True), ("mem512", "m512", 512, True),
+                    ("tmpfs", "tmpfs", 4096, True), ("disk", "disk", 4096, True),
+                    ("v", "v", 4096, True), ("s", "s", 4096, False), ("c", "c", 4096, True),
+                    ("v512", "v512s", 512, True), ("ror", "ror", 4096, False),
+                    ("rof", "rof", 4096, False)]
+            only = [n for n in os.environ.get("BALLAST_STORM_ONLY", "").split(",") if n]
+            storms = {}
+            for i, (export, sub, lba, writable) in enumerate(spec):
+                if only and export not in only:
+                    continue
+                s = Storm(export, PREFIX + sub, lba, writable, seed + i, export in volumes)
+                s.model = nbd_read(b, export)
+                storms[export] = s
+            snapshot_before = bytes(storms["s"].model) if "s" in storms else b""
+            threads = [threading.Thread(target=s.run, args=(port, ops)) for s in storms.values()]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(600)
+            for export, s in storms.items():
+                total = sum(s.counts.values())
+                r.check("%s (%d-byte LBAs, %s): %d commands answered as the model says (%s)"
+                        % (export, s.lba, "writable" if s.writable else "read-only", total,
+                           ", ".join("%s %d" % kv for kv in sorted(s.counts.items()))),
+                        not s.failures and total >= ops, "; ".join(s.failures))
+                if os.environ.get("BALLAST_STORM_LOG") and s.failures:
+                    for i, e in enumerate(s.log):
+                        print("  %s op %d: %s" % (export, i + 1, e))
+                back = nbd_read(b, export)
+                r.check("%s: NBD reads back what the model holds" % export, back == s.model,
+                        "%d bytes read, model %d; first difference at byte %s"
+                        % (len(back), len(s.model), next(
+                            (i for i in range(min(len(back), len(s.model)))
+                             if back[i] != s.model[i]), None)))
+            if "s" in storms:
+                r.check("the snapshot never changed", bytes(storms["s"].model) == snapshot_before)
+            b.check_clean_end(r)
+    finally:
+        os.unlink(shm)
+
+
+if __name__ == "__main__":
+    guarded(main)

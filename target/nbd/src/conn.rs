@@ -88,6 +88,9 @@ struct Inflight {
     started: Instant,
     /// Payload memory charged for it (released when it completes, or moved to `out`).
     charged: u64,
+    /// FUA on a trim or write-zeroes: once it is done, its device is flushed before it is
+    /// answered (the write path's FUA is the backend's; these have none).
+    then_flush: bool,
 }
 
 /// A write whose payload is still arriving.
@@ -598,13 +601,15 @@ impl Conn {
                 let tag = self.track(cx, &req, OpKind::Flush, 0);
                 dev.submit(cx, IoCmd::Flush, tag);
             }
-            Action::Trim { offset, len, .. } => {
+            Action::Trim { offset, len, fua } => {
                 let tag = self.track(cx, &req, OpKind::Discard, 0);
+                self.reqs[tag as usize].then_flush = fua;
                 dev.submit(cx, IoCmd::Discard { offset, len: u64::from(len) }, tag);
             }
-            Action::WriteZeroes { offset, len, may_unmap, .. } => {
+            Action::WriteZeroes { offset, len, may_unmap, fua, .. } => {
                 // Both backends zero through fallocate or memory, so every zeroing is fast.
                 let tag = self.track(cx, &req, OpKind::WriteZeroes, 0);
+                self.reqs[tag as usize].then_flush = fua;
                 dev.submit(cx, IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap }, tag);
             }
             Action::Cache => self.reply_simple(req.handle, 0),
@@ -643,6 +648,7 @@ impl Conn {
             len: req.length,
             started: Instant::now(),
             charged,
+            then_flush: false,
         });
         assert!(key < INFLIGHT_MAX * 2, "request slab beyond its bound");
         key as u32
@@ -745,9 +751,18 @@ impl Conn {
     }
 
     fn on_io_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
-        let Some(req) = self.reqs.try_remove(tag as usize) else {
+        let Some(req) = self.reqs.get_mut(tag as usize) else {
             panic!("completion for unknown request tag {tag}");
         };
+        if req.then_flush && result >= 0 {
+            // Done: now make it durable (FUA), under the same tag.
+            req.then_flush = false;
+            debug_assert!(matches!(owned, Owned::None));
+            let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
+            dev.clone().submit(cx, IoCmd::Flush, tag);
+            return;
+        }
+        let req = self.reqs.remove(tag as usize);
         if matches!(req.kind, OpKind::Read | OpKind::Write) {
             self.bytes_inflight -= u64::from(req.len);
         }

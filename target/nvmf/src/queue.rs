@@ -147,6 +147,8 @@ struct Cmd {
     started: Instant,
     /// Payload memory charged for it.
     charged: u64,
+    /// A Write Zeroes with FUA: once it is done its device is flushed, then it is answered.
+    then_flush: bool,
 }
 
 /// The statistics id of a command's device (`u32::MAX`, counted per core only, for none).
@@ -1009,7 +1011,9 @@ impl Queue {
                 }
                 Ok((ns, offset, len)) => {
                     let may_unmap = sqe.cdw12 & (1 << 25) != 0;
+                    let fua = sqe.fua();
                     let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::WriteZeroes, 0, 1);
+                    self.cmds[tag as usize].then_flush = fua;
                     ns.dev.submit(
                         cx,
                         IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap },
@@ -1044,6 +1048,7 @@ impl Queue {
             bytes,
             started: Instant::now(),
             charged: 0,
+            then_flush: false,
         });
         key as u32
     }
@@ -1330,6 +1335,14 @@ impl Queue {
             if let Owned::Buf(b) = owned {
                 cx.recycle(b);
             }
+            return;
+        }
+        if cmd.then_flush && cmd.status == status::SUCCESS {
+            // Done: now make it durable (FUA), under the same tag.
+            cmd.then_flush = false;
+            let ns = cmd.ns.clone().expect("a Write Zeroes has its namespace");
+            debug_assert!(matches!(owned, Owned::None));
+            ns.dev.submit(cx, IoCmd::Flush, tag);
             return;
         }
         let cmd = self.untrack(cx, tag as usize);

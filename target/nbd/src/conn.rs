@@ -558,6 +558,20 @@ impl Conn {
         charge: u64,
     ) {
         match action {
+            Action::Read { len: 0, .. } => {
+                // Nothing to read: a structured reply may carry no zero-length content chunk.
+                if session.structured {
+                    codec::encode_done(self.scratch_reset(), req.handle);
+                    self.flush_scratch();
+                } else {
+                    self.reply_simple(req.handle, 0);
+                }
+                cx.stats().record(dev.info().stats_id, OpKind::Read, 0, 0, true);
+            }
+            Action::Trim { len: 0, .. } | Action::WriteZeroes { len: 0, .. } => {
+                // Nothing to change (fallocate would refuse an empty range).
+                self.reply_simple(req.handle, 0);
+            }
             Action::Read { offset, len, .. } if charge == 0 && len > 0 => {
                 codec::encode_offset_hole(self.scratch_reset(), true, req.handle, offset, len);
                 self.flush_scratch();

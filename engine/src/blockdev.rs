@@ -108,6 +108,13 @@ pub trait BlockDev: Send + Sync {
         false
     }
 
+    /// Whether a write-zeroes that must leave its range allocated (`may_unmap: false`) is as
+    /// quick as one that may free it (true, the default: memory, `fallocate`, an NVMe Write
+    /// Zeroes). A volume writes zeros there: NBD's FAST_ZERO is then refused (ENOTSUP).
+    fn allocated_zeroes_are_fast(&self) -> bool {
+        true
+    }
+
     /// Synchronous flush, for shutdown.
     fn flush_blocking(&self) -> std::io::Result<()>;
 }

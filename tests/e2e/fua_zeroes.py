@@ -6,7 +6,8 @@ A volume of a pool (commits only when asked: `--commit-interval 600`, `--commit-
 before the next:
 - NVMe/TCP Write Zeroes with FUA (raw host), once with Deallocate and once without;
 - NBD (libnbd) WRITE_ZEROES and TRIM with NBD_CMD_FLAG_FUA;
-- then, as the control, an NVMe/TCP Write Zeroes without FUA and nothing after it.
+- then, as the control, an NVMe/TCP Write Zeroes with Deallocate (a volume releases the
+  pieces: records that wait for a commit) without FUA, and nothing after it.
 The daemon is killed (SIGKILL) at once and started again on the same pool: the four FUA ranges
 must read zeros. The control range must read its old data again — an unflushed zeroing is lost
 by a kill — which shows the kill came before any background commit, so the FUA ranges are zeros
@@ -31,7 +32,7 @@ RANGES = [("NVMe Write Zeroes, FUA", 0, 64 * KiB),
           ("NVMe Write Zeroes, FUA + Deallocate", 128 * KiB, 64 * KiB),
           ("NBD WRITE_ZEROES, FUA", 256 * KiB, 64 * KiB),
           ("NBD TRIM, FUA", 384 * KiB, 64 * KiB),
-          ("control: NVMe Write Zeroes without FUA", 512 * KiB, 64 * KiB)]
+          ("control: NVMe Write Zeroes + Deallocate without FUA", 512 * KiB, 64 * KiB)]
 SPAN = 640 * KiB
 ARGS = ["--pool", "{data}/pool.img", "--cores", "1", "--commit-interval", "600",
         "--commit-records", "1000000"]
@@ -66,7 +67,8 @@ def main(r):
         r.ok(RANGES[2][0] + " answered")
         h.trim(RANGES[3][2], RANGES[3][1], nbd.CMD_FLAG_FUA)
         r.ok(RANGES[3][0] + " answered")
-        r.check(RANGES[4][0] + " answered", write_zeroes(io, RANGES[4][1], RANGES[4][2], 0))
+        r.check(RANGES[4][0] + " answered",
+                write_zeroes(io, RANGES[4][1], RANGES[4][2], DEAC))
         b.proc.kill()
         b.proc.wait()
         io.close()

@@ -13,7 +13,7 @@ What must hold (NBD's proto.md and docs/INTERFACE.md):
 - every command answers what the model says: success, or the error the server documents
   (EINVAL for reads, trims, caches and block status past the end, ENOSPC for writes and
   zeroing past the end, EPERM for changes to a read-only export, ENOTSUP for a FAST_ZERO that
-  would not be fast);
+  would not be fast: NO_HOLE on a volume, which writes its zeros);
 - reads return the model (writes as written, zeroed ranges as zeros, trimmed ranges as zeros on
   RAM and files, on volumes the whole 4 KiB pieces inside them);
 - block status: every extent marked ZERO reads zeros in the model, the extents are in order,
@@ -154,6 +154,9 @@ class Storm:
             flags |= nbd.CMD_FLAG_FAST_ZERO
         want = errno.EPERM if not self.writable else \
             (errno.ENOSPC if not self.in_range(off, n) else 0)
+        slow = flags & nbd.CMD_FLAG_NO_HOLE and self.whole_pieces  # a volume writes zeros
+        if want == 0 and n > 0 and slow and flags & nbd.CMD_FLAG_FAST_ZERO:
+            want = errno.ENOTSUP
         before = len(self.failures)
         self.call("write zeroes", lambda: self.h.zero(n, off, flags), want)
         if want == 0 and len(self.failures) == before:
@@ -220,6 +223,45 @@ class Storm:
                 self.h.shutdown()
             except nbd.Error:
                 pass
+
+
+def provisioning(r, b, ctl):
+    """NO_HOLE on a thin volume provisions its range (no hole after it, whether it held data or
+    was never written); without it, whole pieces are released."""
+    ctl("volume", "create", "z", "16M")
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(b.uri("z"))
+    try:
+        h.pwrite(b"\x55" * (4 * MiB), 0)
+        zeroed = [(1000, MiB, nbd.CMD_FLAG_NO_HOLE),  # written before; unaligned, many steps
+                  (2 * MiB + 4096, MiB, 0),  # written before, may be released
+                  (6 * MiB + 1000, MiB, nbd.CMD_FLAG_NO_HOLE)]  # never written
+        for off, n, flags in zeroed:
+            h.zero(n, off, flags)
+        seen = []
+        h.block_status(8 * MiB, 0, lambda meta, off, ents, err: seen.extend(
+            zip(ents[::2], ents[1::2])) or 0)
+        holes, pos = [], 0
+        for length, state in seen:
+            if state & STATE_HOLE:
+                holes.append((pos, pos + length))
+            pos += length
+        for off, n, flags in zeroed:
+            overlap = [hl for hl in holes if hl[0] < off + n and hl[1] > off]
+            if flags:
+                r.check("NO_HOLE zeroing of %d+%d on a volume leaves it allocated (holes %s)"
+                        % (off, n, overlap), not overlap)
+            else:
+                r.check("zeroing %d+%d without NO_HOLE releases its pieces" % (off, n),
+                        any(a <= off and z >= off + n for a, z in overlap), str(overlap))
+        model = bytearray(b"\x55" * (4 * MiB) + bytes(4 * MiB))
+        for off, n, _ in zeroed:
+            model[off:off + n] = bytes(n)
+        r.check("and each reads zeros where it zeroed, the data elsewhere",
+                h.pread(8 * MiB, 0) == model)
+    finally:
+        h.shutdown()
 
 
 def read_region(b, export):
@@ -301,6 +343,7 @@ def main(r):
                             (i for i in range(REGION) if back[i] != model[i]), None))
             if snapshot_before is not None:
                 r.check("the snapshot never changed", bytes(models["s"]) == snapshot_before)
+            provisioning(r, b, ctl)
             b.check_clean_end(r)
     finally:
         os.unlink(shm)

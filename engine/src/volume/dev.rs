@@ -653,7 +653,9 @@ impl BlockDev for VolumeDev {
             IoCmd::Write { offset, buf, fua } => Cmd::Write { offset, buf: DevBuf(buf), fua },
             IoCmd::Flush => Cmd::Flush,
             IoCmd::Discard { offset, len } => Cmd::Discard { offset, len },
-            IoCmd::WriteZeroes { offset, len, .. } => Cmd::WriteZeroes { offset, len },
+            IoCmd::WriteZeroes { offset, len, may_unmap } => {
+                Cmd::WriteZeroes { offset, len, unmap: may_unmap }
+            }
         };
         if let Some(claims) = self.pool.owned_by_cores() {
             let owner = self.owner.claim(cx.core(), claims);
@@ -680,6 +682,11 @@ impl BlockDev for VolumeDev {
             push_extent(&mut out, Extent { len, hole: !written, zero: !written });
         }
         Ok(out)
+    }
+
+    /// Zeros that must stay allocated are written (in steps of `ZERO_STEP`): not fast.
+    fn allocated_zeroes_are_fast(&self) -> bool {
+        false
     }
 
     fn flush_blocking(&self) -> std::io::Result<()> {

@@ -65,6 +65,10 @@ pub trait Bufs {
     fn put(&mut self, buf: Self::B);
 }
 
+/// The most a write-zeroes that keeps its range allocated writes in one step (its steps end on
+/// multiples of it): one buffer of it at a time, however long the range.
+pub const ZERO_STEP: u64 = 64 * 1024;
+
 /// A command to a volume. Byte offsets and lengths need no alignment.
 pub enum Cmd<B> {
     Read {
@@ -82,9 +86,14 @@ pub enum Cmd<B> {
         offset: u64,
         len: u64,
     },
+    /// Every byte of the range reads zero afterwards. With `unmap`, whole pieces inside it are
+    /// released (the edges written with zeros); without, the whole range is written with zeros
+    /// and stays allocated (NBD's NO_HOLE, NVMe Write Zeroes without Deallocate), in steps of
+    /// at most [`ZERO_STEP`] bytes ending on its multiples.
     WriteZeroes {
         offset: u64,
         len: u64,
+        unmap: bool,
     },
     /// Write a checkpoint of the whole state (clean stop; the next open replays nothing).
     Checkpoint,
@@ -560,7 +569,22 @@ impl<B: Buf> Request<B> {
                 self.len = end - start;
                 self.trim(cx)
             }
-            Cmd::WriteZeroes { offset, len } => {
+            Cmd::WriteZeroes { len: 0, .. } => self.reply(cx, 0),
+            Cmd::WriteZeroes { offset, len, unmap: false } => {
+                // One step now, the rest after it (one buffer at a time).
+                let step = ((offset / ZERO_STEP + 1) * ZERO_STEP - offset).min(len);
+                if step < len {
+                    let rest =
+                        Cmd::WriteZeroes { offset: offset + step, len: len - step, unmap: false };
+                    self.steps.push_front(rest);
+                }
+                let mut buf = cx.bufs.get(step as usize);
+                buf.as_mut_slice().fill(0);
+                self.final_result = Some(0);
+                self.cmd = Some(Cmd::Write { offset, buf, fua: false });
+                self.plan(cx)
+            }
+            Cmd::WriteZeroes { offset, len, unmap: true } => {
                 let end = offset.saturating_add(len);
                 if offset.is_multiple_of(PIECE) && end.is_multiple_of(PIECE) {
                     self.offset = offset;

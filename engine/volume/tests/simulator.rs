@@ -576,7 +576,7 @@ impl Sim {
                 let cmd = if discard {
                     Cmd::Discard { offset: off, len }
                 } else {
-                    Cmd::WriteZeroes { offset: off, len }
+                    Cmd::WriteZeroes { offset: off, len, unmap: self.rng.chance(2) }
                 };
                 self.submit(Kind::Write { vol, first, n, fua: false, sub }, cmd, vol);
             }

@@ -620,6 +620,12 @@ impl Conn {
                 self.reqs[tag as usize].then_flush = fua;
                 dev.submit(cx, IoCmd::Discard { offset, len: u64::from(len) }, tag);
             }
+            Action::WriteZeroes { may_unmap: false, fast: true, .. }
+                if !dev.allocated_zeroes_are_fast() =>
+            {
+                // FAST_ZERO: fail at once rather than write zeros (the client writes its own).
+                self.reply_simple(req.handle, codec::ENOTSUP);
+            }
             Action::WriteZeroes { offset, len, may_unmap, fua, .. } => {
                 // Both backends zero through fallocate or memory, so every zeroing is fast.
                 let tag = self.track(cx, &req, OpKind::WriteZeroes, 0);

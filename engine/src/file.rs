@@ -6,8 +6,10 @@
 //!   coherent with direct I/O (direct writes invalidate, direct reads write back first);
 //! - flush is `fdatasync`, which covers writes completed through either descriptor and from
 //!   every core, so one flush on any connection makes every completed write durable;
-//! - discard and write-zeroes use `fallocate` (on a block device the kernel turns these into
-//!   BLKDISCARD / BLKZEROOUT);
+//! - discard and write-zeroes use `fallocate`; on a block device (whose `fallocate` takes whole
+//!   logical blocks: its advertised minimum block) a discard covers the whole logical blocks
+//!   inside its range and is a zeroing that may unmap, a write-zeroes is a zeroing that falls
+//!   back to writing zeros on devices without an offload;
 //! - the O_DIRECT descriptor is registered with the ring of each core that submits on it
 //!   ([`crate::fixed`]) and named by its slot there; the buffered one goes as a descriptor;
 //! - a file on a memory filesystem (tmpfs, ramfs) is memory: its reads, writes and flushes are
@@ -50,6 +52,9 @@ pub struct FileDev {
     info: DevInfo,
     size_bytes: AtomicU64,
     is_block_device: bool,
+    /// A block device's logical block size (1 for a file): its trims and zeroing take whole
+    /// logical blocks (`fallocate` on a block device refuses anything else).
+    lbs: u64,
     /// The file lives in memory (tmpfs, ramfs): reads, writes and flushes are done on the core.
     in_memory: bool,
 }
@@ -105,6 +110,11 @@ impl FileDev {
         if size_bytes == 0 {
             return Err(FileDevError::Empty { path: path.to_path_buf() });
         }
+        let lbs = if is_block_device {
+            u64::from(sys::block_device_logical_block_size(&direct).map_err(err)?)
+        } else {
+            1
+        };
         let in_memory = !is_block_device && on_memory_filesystem(&direct);
         let mode_text = match (in_memory, mode) {
             (true, _) => "in memory: copied on the core",
@@ -112,7 +122,7 @@ impl FileDev {
             (false, CacheMode::Buffered) => "buffered",
         };
         let info = DevInfo {
-            min_block: 1,
+            min_block: lbs as u32,
             block_size: ALIGN as u32,
             read_only,
             backend: format!("file:{} ({mode_text})", path.display()),
@@ -121,7 +131,16 @@ impl FileDev {
         };
         let size_bytes = AtomicU64::new(size_bytes);
         let direct_reg = Registered::new(direct.as_raw_fd());
-        Ok(FileDev { direct, direct_reg, buffered, info, size_bytes, is_block_device, in_memory })
+        Ok(FileDev {
+            direct,
+            direct_reg,
+            buffered,
+            info,
+            size_bytes,
+            is_block_device,
+            lbs,
+            in_memory,
+        })
     }
 
     /// The O_DIRECT descriptor (registered on this core) for aligned requests, the buffered
@@ -240,18 +259,35 @@ impl BlockDev for FileDev {
                     cx.submit(Op::Fsync { file }, tag);
                 }
             }
-            IoCmd::Discard { offset, len }
-            | IoCmd::WriteZeroes { offset, len, may_unmap: true } => {
+            IoCmd::Discard { offset, len } => {
                 assert!(!self.info.read_only);
                 assert!(in_range(offset, len, size));
+                // Advisory: on a block device, the whole logical blocks inside the range (where
+                // a hole punched is a zeroing that may unmap and never falls back: a device
+                // without it answers EOPNOTSUPP, which front-ends take as a trim not done).
+                let (start, end) =
+                    (offset.next_multiple_of(self.lbs), (offset + len) / self.lbs * self.lbs);
+                if end <= start {
+                    return cx.complete(tag, 0, Owned::None);
+                }
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 let file = cx.file_ref(&self.direct_reg);
-                cx.submit(Op::Fallocate { file, mode, offset, len }, tag);
+                cx.submit(Op::Fallocate { file, mode, offset: start, len: end - start }, tag);
             }
-            IoCmd::WriteZeroes { offset, len, may_unmap: false } => {
+            IoCmd::WriteZeroes { offset, len, may_unmap } => {
                 assert!(!self.info.read_only);
                 assert!(in_range(offset, len, size));
-                let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+                if !(offset.is_multiple_of(self.lbs) && len.is_multiple_of(self.lbs)) {
+                    // Only whole logical blocks on a block device (its advertised minimum).
+                    return cx.complete(tag, -libc::EINVAL, Owned::None);
+                }
+                // On a block device ZERO_RANGE zeroes on any device (falling back to writing
+                // zeros); a hole punched there would fail where the device cannot unmap.
+                let mode = if may_unmap && !self.is_block_device {
+                    libc::FALLOC_FL_PUNCH_HOLE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE
+                } | libc::FALLOC_FL_KEEP_SIZE;
                 let file = cx.file_ref(&self.direct_reg);
                 cx.submit(Op::Fallocate { file, mode, offset, len }, tag);
             }

@@ -20,6 +20,20 @@ pub fn block_device_size(file: &File) -> std::io::Result<u64> {
     Ok(size)
 }
 
+nix::ioctl_read_bad!(blksszget, libc::BLKSSZGET, libc::c_int);
+
+/// Logical block size in bytes of an open block device (BLKSSZGET): the unit its discards and
+/// zeroing take.
+pub fn block_device_logical_block_size(file: &File) -> std::io::Result<u32> {
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points at `size`, live for
+    // the duration of the call; the fd is valid because `file` is borrowed.
+    unsafe { blksszget(file.as_raw_fd(), &mut size) }.map_err(std::io::Error::from)?;
+    u32::try_from(size).ok().filter(|s| s.is_power_of_two()).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("logical block size {size}"))
+    })
+}
+
 /// Whether `file` is a block device.
 pub fn is_block_device(file: &File) -> std::io::Result<bool> {
     Ok(file.metadata()?.file_type().is_block_device())

@@ -474,7 +474,7 @@ fn io_error_statuses() {
 
 /// A thin volume larger than its pool: writes fail with Capacity Exceeded once the pool is
 /// full, overwrites of written blocks still succeed; a snapshot's namespace refuses writes
-/// with "Attempted Write to Read Only Range" and reads its data.
+/// with "Namespace is Write Protected" and reads its data.
 #[test]
 fn volume_statuses_full_pool_and_read_only_snapshot() {
     let bin = ballast_bin();
@@ -521,7 +521,7 @@ fn volume_statuses_full_pool_and_read_only_snapshot() {
     let four_k = pattern(4096, 7);
     let sqe = s.io.rw_sqe(io::WRITE, 1, 0, 4096).unwrap();
     let (done, _) = s.io.execute(&Command { sqe, data: Data::ToTarget(&four_k) }).unwrap();
-    assert_eq!(done.status, 0x120, "write to a snapshot: Attempted Write to Read Only Range");
+    assert_eq!(done.status, 0x020, "write to a snapshot: Namespace is Write Protected");
     let sqe = s.io.rw_sqe(io::READ, 1, 0, again.len()).unwrap();
     let (done, back) = s.io.execute(&Command { sqe, data: Data::FromTarget(1 << 20) }).unwrap();
     assert!(done.ok() && back == again, "the snapshot reads the volume's data");

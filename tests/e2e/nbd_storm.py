@@ -264,6 +264,45 @@ def provisioning(r, b, ctl):
         h.shutdown()
 
 
+def block_status_bound(r, b, ctl):
+    """A 64 MiB range of 16,384 extents (every other 4 KiB piece written): one block-status
+    reply describes at most 4,096 of them, in order, exactly; asking again from where it ended
+    walks the rest."""
+    ctl("volume", "create", "frag", "64M")
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(b.uri("frag"))
+    try:
+        for i in range(0, 64 * MiB // PIECE, 2):
+            h.aio_pwrite(b"\x33" * PIECE, i * PIECE)
+            if h.aio_in_flight() >= 64:
+                h.poll(-1)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        extents = []
+
+        def cb(meta, off, ents, err):
+            extents.append(list(zip(ents[::2], ents[1::2])))
+            return 0
+        h.block_status(64 * MiB, 0, cb)
+        first = extents[0]
+        r.check("block status over 16,384 extents answers at most 4,096 (%d)" % len(first),
+                0 < len(first) <= 4096)
+        r.check("each describes one 4 KiB piece, written and unwritten (zero) in turn",
+                all(n == PIECE and bool(st & STATE_ZERO) == (i % 2 == 1)
+                    for i, (n, st) in enumerate(first)), str(first[:4]))
+        pos, rounds = 0, 0
+        while pos < 64 * MiB and rounds < 16:
+            extents.clear()
+            h.block_status(64 * MiB - pos, pos, cb)
+            pos += sum(n for n, _ in extents[0])
+            rounds += 1
+        r.check("asking again from each reply's end covers the range (%d replies)" % rounds,
+                pos == 64 * MiB and rounds >= 4)
+    finally:
+        h.shutdown()
+
+
 def read_region(b, export):
     h = nbd.NBD()
     h.connect_uri(b.uri(export))
@@ -344,6 +383,7 @@ def main(r):
             if snapshot_before is not None:
                 r.check("the snapshot never changed", bytes(models["s"]) == snapshot_before)
             provisioning(r, b, ctl)
+            block_status_bound(r, b, ctl)
             b.check_clean_end(r)
     finally:
         os.unlink(shm)

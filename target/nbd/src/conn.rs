@@ -64,6 +64,10 @@ const INFLIGHT_MAX: usize = 128;
 /// connection stops reading requests (a client that never reads its replies cannot make us
 /// buffer more).
 const INFLIGHT_BYTES_MAX: u64 = 16 << 20;
+/// Descriptors in one block-status reply (32 KiB of them): a client asking about a long,
+/// finely fragmented range gets the first ones and asks again from where they end, as the
+/// spec allows ("the server MAY return less descriptors").
+const BLOCK_STATUS_MAX: usize = 4096;
 /// A write payload still missing at least this much is received straight into its buffer.
 const DIRECT_RECV_MIN: usize = 64 * 1024;
 /// A write payload is charged ahead of its bytes by at most this much.
@@ -721,9 +725,7 @@ impl Conn {
                 if descs.is_empty() {
                     descs.push((len, 0));
                 }
-                if req_one {
-                    descs.truncate(1);
-                }
+                descs.truncate(if req_one { 1 } else { BLOCK_STATUS_MAX });
                 codec::encode_block_status(
                     self.scratch_reset(),
                     handle,
@@ -788,6 +790,8 @@ impl Conn {
         }
         let full = match req.kind {
             OpKind::Read | OpKind::Write => result == req.len as i32,
+            // A trim is a hint: a device that cannot did nothing, which is allowed.
+            OpKind::Discard => result >= 0 || result == -libc::EOPNOTSUPP,
             _ => result >= 0,
         };
         let error = if full {

@@ -1320,6 +1320,8 @@ impl Queue {
         let write = cmd.kind != OpKind::Read;
         let ok = match cmd.kind {
             OpKind::Read | OpKind::Write => result == cmd.bytes as i32,
+            // Deallocation is advisory: a device that cannot did nothing, which is allowed.
+            OpKind::Discard => result >= 0 || result == -libc::EOPNOTSUPP,
             _ => result >= 0,
         };
         if !ok && cmd.status == status::SUCCESS {

@@ -1,7 +1,7 @@
 """A minimal raw-socket NVMe/TCP host for tests that must misbehave on purpose: ICReq, Fabrics
 Connect (admin and I/O queues), Property Set CC.EN, admin commands that read data (Identify,
 Get Log Page), and I/O commands whose data the host then never sends (R2T unanswered) or
-whose responses it never reads.
+whose responses it never reads; header and data digests (CRC-32C) when asked for.
 
 Wire layout from the NVMe/TCP transport spec (PDU common header, ICReq, CapsuleCmd with a
 64-byte SQE, CapsuleResp with a 16-byte CQE, R2T) and the Fabrics spec (Connect command and
@@ -21,8 +21,33 @@ SGL_INCAPSULE, SGL_TRANSPORT = 0x01, 0x5A
 HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000b0b0"
 
 
-def icreq():
-    body = struct.pack("<HBBI", 0, 0, 0, 0).ljust(120, b"\0")
+HDGSTF, DDGSTF = 0x01, 0x02
+
+
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data):
+    """CRC-32C (Castagnoli), as NVMe/TCP's header and data digests use it."""
+    c = 0xFFFFFFFF
+    t = _CRC32C
+    for b in data:
+        c = t[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def icreq(digests=False):
+    body = struct.pack("<HBBI", 0, 0, 3 if digests else 0, 0).ljust(120, b"\0")
     return struct.pack("<BBBBI", ICREQ, 0, 128, 0, 128) + body
 
 
@@ -60,13 +85,35 @@ def connect_data(subnqn, hostnqn=HOSTNQN, cntlid=0xFFFF, hostid=b"\x11" * 16):
 class Host:
     """One NVMe/TCP connection (a queue pair)."""
 
-    def __init__(self, port, timeout=10.0, rcvbuf=None):
+    def __init__(self, port, timeout=10.0, rcvbuf=None, digests=False):
         self.s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
             self.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.s.settimeout(timeout)
         self.s.connect(("127.0.0.1", port))
         self.cid = 0
+        # Header and data digests: asked for in ICReq, in use once ICResp grants them.
+        self.want_digests = digests
+        self.digests = False
+
+    def send(self, pdu, bad_data_digest=False):
+        """Sends a PDU built without digests (as `capsule` builds them), adding the header and
+        data digests when they are in use (`bad_data_digest`: a wrong one, on purpose)."""
+        if not self.digests:
+            self.s.sendall(pdu)
+            return
+        typ, flags, hlen, pdo, plen = struct.unpack("<BBBBI", pdu[:8])
+        header = pdu[:hlen]
+        data = pdu[pdo:plen] if pdo else b""
+        ddgst = b""
+        flags |= HDGSTF
+        if data:
+            flags |= DDGSTF
+            ddgst = struct.pack("<I", crc32c(data) ^ (0xFFFFFFFF if bad_data_digest else 0))
+        pdo = hlen + 4 if data else 0
+        plen = hlen + 4 + len(data) + len(ddgst)
+        header = struct.pack("<BBBBI", typ, flags, hlen, pdo, plen) + header[8:]
+        self.s.sendall(header + struct.pack("<I", crc32c(header)) + data + ddgst)
 
     def close(self):
         try:
@@ -84,10 +131,23 @@ class Host:
         return bytes(out)
 
     def pdu(self):
-        """(type, header+body bytes)."""
+        """(type, header+body bytes). With digests in use, both are checked (a mismatch raises)
+        and taken out: the PDU comes back as it would without them."""
         ch = self.recvn(8)
-        typ, _flags, _hlen, _pdo, plen = struct.unpack("<BBBBI", ch)
-        return typ, ch + self.recvn(plen - 8)
+        typ, flags, hlen, pdo, plen = struct.unpack("<BBBBI", ch)
+        p = ch + self.recvn(plen - 8)
+        if not self.digests or typ == ICRESP:
+            return typ, p
+        if not flags & HDGSTF or struct.unpack("<I", p[hlen:hlen + 4])[0] != crc32c(p[:hlen]):
+            raise AssertionError("PDU type %d: header digest missing or wrong" % typ)
+        data = b""
+        if pdo:
+            data = p[pdo:plen - 4] if flags & DDGSTF else p[pdo:plen]
+            if not flags & DDGSTF or struct.unpack("<I", p[plen - 4:])[0] != crc32c(data):
+                raise AssertionError("PDU type %d: data digest missing or wrong" % typ)
+        header = struct.pack("<BBBBI", typ, flags & ~(HDGSTF | DDGSTF), hlen,
+                             hlen if data else 0, hlen + len(data)) + p[8:hlen]
+        return typ, header + data
 
     def response(self):
         typ, p = self.pdu()
@@ -97,10 +157,14 @@ class Host:
         return cid, (sf >> 1) & 0x7FF, dw0
 
     def handshake(self):
-        self.s.sendall(icreq())
-        typ, _ = self.pdu()
+        self.s.sendall(icreq(self.want_digests))
+        typ, p = self.pdu()
         if typ != ICRESP:
             raise AssertionError("expected ICResp, got %d" % typ)
+        granted = p[11] & 3
+        if self.want_digests and granted != 3:
+            raise AssertionError("ICResp granted digests %d, asked for both" % granted)
+        self.digests = granted == 3
 
     def next_cid(self):
         self.cid = (self.cid + 1) & 0xFFFF
@@ -110,7 +174,7 @@ class Host:
         cid = self.next_cid()
         cmd = sqe(FABRICS, cid, sgl_len=1024, sgl_type=SGL_INCAPSULE,
                   cdw=(qid << 16, sqsize, kato_ms, 0, 0, 0), fctype=FCTYPE_CONNECT)
-        self.s.sendall(capsule(cmd, connect_data(subnqn, cntlid=cntlid)))
+        self.send(capsule(cmd, connect_data(subnqn, cntlid=cntlid)))
         _, status, dw0 = self.response()
         if status != 0:
             raise AssertionError("connect (qid %d) failed: status 0x%x" % (qid, status))
@@ -121,14 +185,14 @@ class Host:
         cid = self.next_cid()
         cmd = sqe(FABRICS, cid, sgl_len=1024, sgl_type=SGL_INCAPSULE,
                   cdw=(qid << 16, sqsize, 0, 0, 0, 0), fctype=FCTYPE_CONNECT)
-        self.s.sendall(capsule(cmd, connect_data(subnqn, hostnqn=hostnqn, cntlid=cntlid)))
+        self.send(capsule(cmd, connect_data(subnqn, hostnqn=hostnqn, cntlid=cntlid)))
         _, status, dw0 = self.response()
         return status, dw0
 
     def admin_read(self, opcode, cdw, length, nsid=0):
         """An admin command that returns `length` bytes: (status, data)."""
         cid = self.next_cid()
-        self.s.sendall(capsule(sqe(opcode, cid, nsid=nsid, sgl_len=length, cdw=cdw)))
+        self.send(capsule(sqe(opcode, cid, nsid=nsid, sgl_len=length, cdw=cdw)))
         data = bytearray()
         while True:
             typ, p = self.pdu()
@@ -172,7 +236,7 @@ class Host:
         cc = 1 | (6 << 16) | (4 << 20)
         cmd = sqe(FABRICS, cid, cdw=(0, 0x14, cc, 0, 0, 0), fctype=FCTYPE_PROPERTY_SET)
         cmd = cmd[:40] + bytes([1]) + cmd[41:]  # ATTRIB: 8-byte property
-        self.s.sendall(capsule(cmd))
+        self.send(capsule(cmd))
         _, status, _ = self.response()
         if status != 0:
             raise AssertionError("property set CC failed: 0x%x" % status)
@@ -188,13 +252,14 @@ class Host:
                            cdw=(slba & 0xFFFFFFFF, slba >> 32, nbytes // lba - 1, 0, 0, 0)))
 
 
-def io_queue(port, subnqn, timeout=10.0, rcvbuf=None, hostnqn_suffix=""):
-    """An admin queue (enabled) and one I/O queue of 128 entries on a new controller."""
-    admin = Host(port, timeout)
+def io_queue(port, subnqn, timeout=10.0, rcvbuf=None, hostnqn_suffix="", digests=False):
+    """An admin queue (enabled) and one I/O queue of 128 entries on a new controller (both with
+    header and data digests if `digests`)."""
+    admin = Host(port, timeout, digests=digests)
     admin.handshake()
     cntlid = admin.connect(subnqn, qid=0, sqsize=31)
     admin.enable()
-    io = Host(port, timeout, rcvbuf=rcvbuf)
+    io = Host(port, timeout, rcvbuf=rcvbuf, digests=digests)
     io.handshake()
     io.connect(subnqn, qid=1, sqsize=127, cntlid=cntlid)
     return admin, io

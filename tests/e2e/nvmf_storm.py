@@ -3,7 +3,9 @@
 
 One host per namespace, all at once (two cores): RAM exports (4096- and 512-byte LBAs), files on
 tmpfs (copied on the core) and on disk (O_DIRECT through the ring), a volume, its snapshot and a
-clone of it, a volume behind 512-byte LBAs, and read-only RAM and file exports. Each host sends
+clone of it, a volume behind 512-byte LBAs, read-only RAM and file exports, and a RAM export and
+a volume whose hosts use header and data digests (one write in ten with a wrong data digest:
+Transient Transport Error, nothing stored). Each host sends
 seeded random commands over the first 2 MiB of its namespace — reads, writes with in-capsule
 data and through R2T/H2CData, FUA, Write Zeroes with and without deallocation, Dataset
 Management deallocate over several ranges (a volume releases the whole 4 KiB pieces inside
@@ -38,7 +40,7 @@ MDTS = 1 * MiB
 IN_CAPSULE = 8192
 OP_FLUSH, OP_WRITE, OP_READ, OP_WRITE_ZEROES, OP_DSM = 0x00, 0x01, 0x02, 0x08, 0x09
 OK, INVALID_OPCODE, INVALID_FIELD, INVALID_NS = 0x000, 0x001, 0x002, 0x00b
-WRITE_PROTECTED, LBA_OUT_OF_RANGE = 0x020, 0x080
+WRITE_PROTECTED, TRANSIENT_TRANSPORT_ERROR, LBA_OUT_OF_RANGE = 0x020, 0x022, 0x080
 H2C_CHUNK = 64 * 1024
 FUA = 1 << 30
 DEAC = 1 << 25
@@ -47,9 +49,10 @@ DEAC = 1 << 25
 class Storm:
     """One namespace's host, its model and its random commands."""
 
-    def __init__(self, name, nqn, lba, writable, seed, whole_pieces):
+    def __init__(self, name, nqn, lba, writable, seed, whole_pieces, digests=False):
         self.name, self.nqn, self.lba, self.writable = name, nqn, lba, writable
         self.whole_pieces = whole_pieces
+        self.digests = digests
         self.blocks = SIZE // lba
         self.rng = random.Random(seed)
         self.model = None
@@ -64,16 +67,16 @@ class Storm:
             self.failures.append(what)
 
     # -- wire -------------------------------------------------------------------------------
-    def send(self, opcode, cdw, nsid=1, data=b"", sgl_len=None, incapsule=False):
+    def send(self, opcode, cdw, nsid=1, data=b"", sgl_len=None, incapsule=False, bad=False):
         cid = self.io.next_cid()
         sgl_type = nvmeraw.SGL_INCAPSULE if incapsule else nvmeraw.SGL_TRANSPORT
         sgl_len = len(data) if sgl_len is None else sgl_len
-        self.io.s.sendall(nvmeraw.capsule(
+        self.io.send(nvmeraw.capsule(
             nvmeraw.sqe(opcode, cid, nsid=nsid, sgl_len=sgl_len, sgl_type=sgl_type, cdw=cdw),
-            data if incapsule else b""))
+            data if incapsule else b""), bad_data_digest=bad)
         return cid
 
-    def finish(self, cid, payload=b""):
+    def finish(self, cid, payload=b"", bad=False):
         """Reads PDUs until `cid`'s response: answers R2Ts from `payload`, gathers C2HData.
         Returns (status, data read)."""
         data = bytearray()
@@ -90,7 +93,7 @@ class Storm:
                     last = 0x04 if off + n == r2to + r2tl else 0
                     hdr = struct.pack("<BBBBIHHIII", nvmeraw.H2C_DATA, last, 24, 24, 24 + n,
                                       cid, ttag, off, n, 0)
-                    self.io.s.sendall(hdr + payload[off:off + n])
+                    self.io.send(hdr + payload[off:off + n], bad_data_digest=bad)
                     off += n
             elif typ == nvmeraw.C2H_DATA:
                 ccid, _, datao, datal = struct.unpack("<HHII", p[8:20])
@@ -176,18 +179,26 @@ class Storm:
         slba, nlb = self.range_()
         if incapsule:
             nlb = min(nlb, IN_CAPSULE // self.lba)
+        # With digests, some writes carry a wrong data digest: the data must not be stored.
+        bad = self.digests and self.rng.random() < 0.1
         payload = os.urandom(nlb * self.lba) if nlb * self.lba <= 4 * MiB else b""
         fua = FUA if self.rng.random() < 0.3 else 0
         cdw = (slba & 0xFFFFFFFF, slba >> 32, (nlb - 1) | fua, 0, 0, 0)
         want = self.expect(slba, nlb, True)
         self.detail = (slba, nlb, fua)
         if incapsule:
-            cid = self.send(OP_WRITE, cdw, data=payload, incapsule=True)
+            cid = self.send(OP_WRITE, cdw, data=payload, incapsule=True, bad=bad)
+            if bad:  # checked before anything else is
+                want = TRANSIENT_TRANSPORT_ERROR
         else:
             cid = self.send(OP_WRITE, cdw, sgl_len=nlb * self.lba)
-        st, _ = self.finish(cid, payload if want == OK else b"")
-        if self.check("write" + (" in capsule" if incapsule else " via R2T"), want, st) \
-                and st == OK:
+            if bad and want == OK:  # the data follows an R2T, then the command fails
+                want = TRANSIENT_TRANSPORT_ERROR
+        st, _ = self.finish(cid, payload if want in (OK, TRANSIENT_TRANSPORT_ERROR) and not
+                            (incapsule and bad) else b"", bad)
+        what = "write" + (" in capsule" if incapsule else " via R2T") + \
+            (", wrong data digest" if bad else "")
+        if self.check(what, want, st) and st == OK:
             self.store(slba, payload)
 
     def write_zeroes(self):
@@ -249,7 +260,8 @@ class Storm:
 
     def run(self, port, ops):
         try:
-            self.admin, self.io = nvmeraw.io_queue(port, self.nqn, timeout=30)
+            self.admin, self.io = nvmeraw.io_queue(port, self.nqn, timeout=30,
+                                                   digests=self.digests)
             steps = [(self.read, 30), (self.write, 30), (self.write_zeroes, 10), (self.dsm, 10),
                      (self.must_fail, 8), (self.flush, 4)]
             fns = [f for f, w in steps for _ in range(w)]
@@ -278,7 +290,8 @@ def main(r):
     print("seed %d, %d commands per namespace (BALLAST_STORM_SEED=%d to repeat)"
           % (seed, ops, seed))
     b = Ballast(["--pool", "{data}/pool.img", "--cores", "2",
-                 "--export", "mem=ram:32M", "--export", "mem512=ram:32M"])
+                 "--export", "mem=ram:32M", "--export", "mem512=ram:32M",
+                 "--export", "memd=ram:32M"])
     pool = os.path.join(b.data_dir, "pool.img")
     subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "512M"], check=True,
                    capture_output=True)
@@ -314,10 +327,11 @@ def main(r):
             subsystem("m512", "mem512", 512)
             ctl("volume", "create", "v", "32M")
             ctl("volume", "create", "v512", "32M")
+            ctl("volume", "create", "vd", "32M")
             subsystem("v512s", "v512", 512)
             # Something in every writable namespace first, so zeros mean something.
             rng = random.Random(seed ^ 1)
-            for export in ("mem", "mem512", "tmpfs", "disk", "v", "v512"):
+            for export in ("mem", "mem512", "memd", "tmpfs", "disk", "v", "v512", "vd"):
                 h = nbd.NBD()
                 h.connect_uri(b.uri(export))
                 h.pwrite(rng.randbytes(REGION), 0)
@@ -326,32 +340,39 @@ def main(r):
             ctl("snapshot", "create", "v", "s")
             ctl("clone", "create", "s", "c")
 
-            volumes = ("v", "s", "c", "v512")
+            volumes = ("v", "s", "c", "v512", "vd")
+            digests = ("memd", "vd")
             spec = [("mem", "mem", 4096, True), ("mem512", "m512", 512, True),
                     ("tmpfs", "tmpfs", 4096, True), ("disk", "disk", 4096, True),
                     ("v", "v", 4096, True), ("s", "s", 4096, False), ("c", "c", 4096, True),
                     ("v512", "v512s", 512, True), ("ror", "ror", 4096, False),
-                    ("rof", "rof", 4096, False)]
+                    ("rof", "rof", 4096, False), ("memd", "memd", 4096, True),
+                    ("vd", "vd", 4096, True)]
             only = [n for n in os.environ.get("BALLAST_STORM_ONLY", "").split(",") if n]
             storms = {}
             for i, (export, sub, lba, writable) in enumerate(spec):
                 if only and export not in only:
                     continue
-                s = Storm(export, PREFIX + sub, lba, writable, seed + i, export in volumes)
+                s = Storm(export, PREFIX + sub, lba, writable, seed + i, export in volumes,
+                          export in digests)
                 s.model = nbd_read(b, export)
                 storms[export] = s
             snapshot_before = bytes(storms["s"].model) if "s" in storms else b""
-            threads = [threading.Thread(target=s.run, args=(port, ops)) for s in storms.values()]
+            # Digests are computed in Python here: their hosts send a quarter as many commands.
+            threads = [threading.Thread(target=s.run, args=(port, ops // 4 if s.digests else ops))
+                       for s in storms.values()]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(600)
             for export, s in storms.items():
                 total = sum(s.counts.values())
-                r.check("%s (%d-byte LBAs, %s): %d commands answered as the model says (%s)"
-                        % (export, s.lba, "writable" if s.writable else "read-only", total,
+                r.check("%s (%d-byte LBAs, %s%s): %d commands answered as the model says (%s)"
+                        % (export, s.lba, "writable" if s.writable else "read-only",
+                           ", header and data digests" if s.digests else "", total,
                            ", ".join("%s %d" % kv for kv in sorted(s.counts.items()))),
-                        not s.failures and total >= ops, "; ".join(s.failures))
+                        not s.failures and total >= (ops // 4 if s.digests else ops),
+                        "; ".join(s.failures))
                 if os.environ.get("BALLAST_STORM_LOG") and s.failures:
                     for i, e in enumerate(s.log):
                         print("  %s op %d: %s" % (export, i + 1, e))

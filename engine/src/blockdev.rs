@@ -77,15 +77,18 @@ pub trait BlockDev: Send + Sync {
     /// Starts `cmd`; its completion reaches the caller's task with `tag`.
     fn submit(&self, cx: &mut Cx<'_>, cmd: IoCmd, tag: u32);
 
-    /// Allocation map of `[offset, offset + len)`, in order, covering at most `len` bytes.
-    fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>>;
+    /// Allocation map of `[offset, offset + len)`, in order: at most `max` extents (`max` ≥ 1),
+    /// covering the whole range or, where that would take more, a prefix of it (a caller
+    /// answering a client bounds the work and the reply; one summing the whole device passes
+    /// `usize::MAX`).
+    fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>>;
 
     /// Whether all of `[offset, offset + len)` (non-empty, within the device) is unallocated:
     /// it reads as zeros and could be answered as a hole. Asked on every read only where
     /// [`DevInfo::cheap_extents`] says so; the default asks [`BlockDev::extents`].
     fn is_unallocated(&self, offset: u64, len: u64) -> bool {
         len > 0
-            && matches!(self.extents(offset, len), Ok(ext)
+            && matches!(self.extents(offset, len, 1), Ok(ext)
                 if ext.len() == 1 && ext[0].hole && ext[0].len == len)
     }
 
@@ -108,10 +111,12 @@ pub trait BlockDev: Send + Sync {
         false
     }
 
-    /// Whether a write-zeroes that must leave its range allocated (`may_unmap: false`) is as
-    /// quick as one that may free it (true, the default: memory, `fallocate`, an NVMe Write
-    /// Zeroes). A volume writes zeros there: NBD's FAST_ZERO is then refused (ENOTSUP).
-    fn allocated_zeroes_are_fast(&self) -> bool {
+    /// Whether a write-zeroes (`may_unmap` as [`IoCmd::WriteZeroes`] has it) is quick: true,
+    /// the default (memory, `fallocate` on a file, an NVMe Write Zeroes). A volume writes zeros
+    /// where it may not unmap, a block device may have the kernel write them: NBD's FAST_ZERO
+    /// is then refused at once (ENOTSUP), as the spec asks of a zeroing that would be slow.
+    fn zeroes_are_fast(&self, may_unmap: bool) -> bool {
+        let _ = may_unmap;
         true
     }
 

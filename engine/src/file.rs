@@ -317,7 +317,8 @@ impl BlockDev for FileDev {
         Ok(())
     }
 
-    fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
+    /// Stops seeking once it has `max` extents (each one or two `lseek`s on the core).
+    fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {
         let end = offset.saturating_add(len).min(self.size_bytes());
         let mut out = Vec::new();
         if self.is_block_device {
@@ -326,7 +327,7 @@ impl BlockDev for FileDev {
         }
         let fd = self.buffered.as_fd();
         let mut pos = offset;
-        while pos < end {
+        while pos < end && out.len() < max {
             let data = match lseek(fd, pos as i64, Whence::SeekData) {
                 Ok(d) => (d as u64).min(end),
                 Err(nix::errno::Errno::ENXIO) => end,
@@ -343,6 +344,7 @@ impl BlockDev for FileDev {
             push_extent(&mut out, Extent { len: hole - data, hole: false, zero: false });
             pos = hole;
         }
+        out.truncate(max);
         Ok(out)
     }
 
@@ -351,6 +353,11 @@ impl BlockDev for FileDev {
             return Ok(());
         }
         self.direct.sync_data()
+    }
+
+    /// On a block device the kernel may write the zeros (devices without an offload).
+    fn zeroes_are_fast(&self, _may_unmap: bool) -> bool {
+        !self.is_block_device
     }
 }
 
@@ -501,6 +508,32 @@ mod tests {
             }
             None => eprintln!("no tmpfs at /dev/shm or /run: only the ring's path was tested"),
         }
+    }
+}
+
+#[cfg(test)]
+mod extent_tests {
+    use super::*;
+
+    /// A file of data and holes in turn: at most `max` extents, in order, a prefix.
+    #[test]
+    fn extents_stop_seeking_at_the_most_asked_for() {
+        let path = std::env::temp_dir().join(format!("ballast-extents-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let dev = FileDev::open(&path, Some(16 << 20), false).expect("a file device");
+        for i in (0..16u64).step_by(2) {
+            dev.buffered.write_at(&[7u8; 4096], i << 20).expect("a write");
+        }
+        let all = dev.extents(0, 16 << 20, usize::MAX).expect("extents");
+        let three = dev.extents(0, 16 << 20, 3).expect("extents");
+        let _ = std::fs::remove_file(&path);
+        if all.len() < 4 {
+            eprintln!("this filesystem reports no holes: only the bound was checked");
+        } else {
+            assert_eq!(three[..], all[..3], "the first three, in order");
+        }
+        assert!(three.len() <= 3);
+        assert!(all.iter().map(|e| e.len).sum::<u64>() == 16 << 20);
     }
 }
 

@@ -383,7 +383,7 @@ impl BlockDev for NvmeDev {
         }
     }
 
-    fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
+    fn extents(&self, offset: u64, len: u64, _max: usize) -> std::io::Result<Vec<Extent>> {
         // Allocation is the controller's business (Get LBA Status is optional): all data.
         let end = offset.saturating_add(len).min(self.size_bytes);
         let mut out = Vec::new();

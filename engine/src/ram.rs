@@ -126,16 +126,20 @@ impl BlockDev for RamDev {
         self.size_bytes
     }
 
-    fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
+    fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {
         let len = len.min(self.size_bytes.saturating_sub(offset));
         let mut out = Vec::new();
         Self::pieces(offset, len, |idx, _, range| {
+            if out.len() > max {
+                return;
+            }
             let present = self.mem.present(idx);
             push_extent(
                 &mut out,
                 Extent { len: range.len() as u64, hole: !present, zero: !present },
             );
         });
+        out.truncate(max);
         Ok(out)
     }
 
@@ -180,17 +184,35 @@ mod tests {
         let mut back = vec![0u8; data.len()];
         dev.read(CHUNK - 10, &mut back);
         assert_eq!(back, data);
-        let ext = dev.extents(0, 4 * CHUNK).unwrap();
+        let ext = dev.extents(0, 4 * CHUNK, usize::MAX).unwrap();
         assert_eq!(ext[0], Extent { len: 3 * CHUNK, hole: false, zero: false });
         assert!(ext[1].hole);
         dev.zero(3 * CHUNK, CHUNK, false);
-        assert!(!dev.extents(3 * CHUNK, CHUNK).unwrap()[0].hole);
+        assert!(!dev.extents(3 * CHUNK, CHUNK, usize::MAX).unwrap()[0].hole);
         dev.zero(CHUNK, CHUNK, true);
-        let ext = dev.extents(CHUNK, CHUNK).unwrap();
+        let ext = dev.extents(CHUNK, CHUNK, usize::MAX).unwrap();
         assert_eq!(ext, vec![Extent { len: CHUNK, hole: true, zero: true }]);
         let mut one = [1u8; 1];
         dev.read(CHUNK + 5, &mut one);
         assert_eq!(one[0], 0);
+    }
+
+    /// At most `max` extents, in order: a prefix of the range.
+    #[test]
+    fn extents_stop_at_the_most_asked_for() {
+        let dev = RamDev::new(8 * CHUNK);
+        for idx in (0..8).step_by(2) {
+            dev.write(idx * CHUNK, &[1u8; 16]);
+        }
+        assert_eq!(dev.extents(0, 8 * CHUNK, usize::MAX).unwrap().len(), 8);
+        let three = dev.extents(0, 8 * CHUNK, 3).unwrap();
+        let flags: Vec<bool> = three.iter().map(|e| e.hole).collect();
+        assert_eq!((three.len(), flags), (3, vec![false, true, false]));
+        assert!(three.iter().all(|e| e.len == CHUNK));
+        assert_eq!(
+            dev.extents(CHUNK, 7 * CHUNK, 1).unwrap(),
+            vec![Extent { len: CHUNK, hole: true, zero: true }]
+        );
     }
 
     /// Written ranges are lent, ranges touching an unwritten or trimmed chunk are copied.
@@ -240,7 +262,7 @@ mod tests {
         for (offset, len) in cases {
             let by_extents = len > 0
                 && in_range(offset, len, 4 * CHUNK)
-                && dev.extents(offset, len).unwrap()
+                && dev.extents(offset, len, usize::MAX).unwrap()
                     == vec![Extent { len, hole: true, zero: true }];
             assert_eq!(dev.is_unallocated(offset, len), by_extents, "{offset} + {len}");
         }

@@ -8,7 +8,8 @@ libnbd:
 - a trim of any range succeeds and zeroes exactly the whole logical blocks inside it (the rest
   keeps its data); an empty one succeeds;
 - write-zeroes of whole logical blocks reads zeros — with NO_HOLE, FUA, or neither — and one
-  that is not whole blocks fails with EINVAL, changing nothing;
+  that is not whole blocks fails with EINVAL, changing nothing; FAST_ZERO fails with ENOTSUP
+  (the kernel may write the zeros itself), changing nothing;
 - unaligned reads and writes still work (through the buffered descriptor);
 - the data survives a reconnect; the daemon never panics.
 Needs root and loop devices; where `losetup` cannot make one, says so and checks nothing else.
@@ -84,6 +85,9 @@ def check_device(r, b, name, dev, lbs):
                 r.bad("%s: write zeroes %d+%d succeeds" % (name, off, n), str(e))
         expect_errno(r, "%s: write zeroes of part of a logical block fails with EINVAL" % name,
                      lambda: h.zero(lbs // 2, 800 * 1024 + 16), errno.EINVAL)
+        # The kernel may write the zeros itself: FAST_ZERO is refused at once, nothing changed.
+        expect_errno(r, "%s: FAST_ZERO write zeroes fails with ENOTSUP" % name,
+                     lambda: h.zero(4 * lbs, 900 * 1024, nbd.CMD_FLAG_FAST_ZERO), errno.ENOTSUP)
         r.check("%s: every byte is what the model says" % name, h.pread(len(model), 0) == model)
     finally:
         h.shutdown()

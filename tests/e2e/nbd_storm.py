@@ -19,8 +19,10 @@ What must hold (NBD's proto.md and docs/INTERFACE.md):
 - block status: every extent marked ZERO reads zeros in the model, the extents are in order,
   cover at least one byte and at most the range asked;
 - libnbd never sees a reply it calls a protocol error (it would drop the connection);
-- at the end a fresh connection reads every export's 2 MiB as the model; the snapshot never
-  changed; the daemon lives, exits 0 and never panicked.
+- at the end a fresh connection reads every export's 2 MiB as the model (the snapshot's, and
+  the read-only exports', as they were: nothing may change them); NO_HOLE provisions a volume's
+  range; a block-status reply over 16,384 extents stops at 4,096; the daemon lives, exits 0
+  and never panicked.
 Run with /usr/bin/python3 (Debian's python3-libnbd). BALLAST_STORM_SEED, BALLAST_STORM_OPS.
 """
 import errno
@@ -364,7 +366,6 @@ def main(r):
                               seed + 2 * i + j)
                     storms.append(s)
                     threads.append(threading.Thread(target=s.run, args=(ops, lock)))
-            snapshot_before = bytes(models["s"]) if "s" in models else None
             for t in threads:
                 t.start()
             for t in threads:
@@ -380,8 +381,6 @@ def main(r):
                 r.check("%s: a fresh connection reads what the model holds" % export,
                         back == model, "first difference at byte %s" % next(
                             (i for i in range(REGION) if back[i] != model[i]), None))
-            if snapshot_before is not None:
-                r.check("the snapshot never changed", bytes(models["s"]) == snapshot_before)
             provisioning(r, b, ctl)
             block_status_bound(r, b, ctl)
             b.check_clean_end(r)

@@ -93,9 +93,13 @@ check "mount the snapshot over NVMe/TCP (ro, noload)" mount -o ro,noload "$S" /m
 check "it holds the original files" sh -c "cd /mnt/v && md5sum -c /tmp/orig.sums"
 umount /mnt/v
 check "the kernel refuses writes to it" sh -c "! dd if=/dev/zero of=$S bs=4k count=1 oflag=direct 2>/dev/null"
-blockdev --setrw "$S"
-check "made writable by hand, writes still fail: the target answers write protected" \
-  sh -c "! dd if=/dev/zero of=$S bs=4k count=1 oflag=direct 2>/dev/null"
+# The block device refuses writes itself; an NVMe Write sent through the namespace's generic
+# character device reaches the target, which must answer Namespace is Write Protected (20h).
+NG=/dev/ng${S#/dev/nvme}
+out=$(nvme write "$NG" --start-block=0 --block-count=0 --data-size=4096 --data=/dev/zero 2>&1 || true)
+echo "nvme write $NG: $out"
+check "an NVMe Write sent to the snapshot is refused by the target: Namespace is Write Protected" \
+  sh -c "echo '$out' | grep -qi 'write protect'"
 check "the snapshot still holds the original files" sh -c "mount -o ro,noload $S /mnt/v && cd /mnt/v && md5sum -c /tmp/orig.sums"
 umount /mnt/v 2>/dev/null
 nvme disconnect -n "${P}base-snap" >/dev/null

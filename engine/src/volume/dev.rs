@@ -675,18 +675,23 @@ impl BlockDev for VolumeDev {
         Some(self.owner.place(here, claims))
     }
 
-    fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<Extent>> {
+    /// The whole range's runs are computed (the map in memory), then cut to `max`.
+    fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {
         let runs = self.pool.meta_shared().allocation(self.id, offset, len);
-        let mut out = Vec::with_capacity(runs.len());
+        let mut out = Vec::with_capacity(runs.len().min(max));
         for (_, len, written) in runs {
             push_extent(&mut out, Extent { len, hole: !written, zero: !written });
+            if out.len() > max {
+                out.truncate(max);
+                break;
+            }
         }
         Ok(out)
     }
 
     /// Zeros that must stay allocated are written (in steps of `ZERO_STEP`): not fast.
-    fn allocated_zeroes_are_fast(&self) -> bool {
-        false
+    fn zeroes_are_fast(&self, may_unmap: bool) -> bool {
+        may_unmap
     }
 
     fn flush_blocking(&self) -> std::io::Result<()> {

@@ -572,7 +572,7 @@ impl<B: Buf> Request<B> {
             Cmd::WriteZeroes { len: 0, .. } => self.reply(cx, 0),
             Cmd::WriteZeroes { offset, len, unmap: false } => {
                 // One step now, the rest after it (one buffer at a time).
-                let step = ((offset / ZERO_STEP + 1) * ZERO_STEP - offset).min(len);
+                let step = (ZERO_STEP - offset % ZERO_STEP).min(len);
                 if step < len {
                     let rest =
                         Cmd::WriteZeroes { offset: offset + step, len: len - step, unmap: false };

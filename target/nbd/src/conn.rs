@@ -624,14 +624,13 @@ impl Conn {
                 self.reqs[tag as usize].then_flush = fua;
                 dev.submit(cx, IoCmd::Discard { offset, len: u64::from(len) }, tag);
             }
-            Action::WriteZeroes { may_unmap: false, fast: true, .. }
-                if !dev.allocated_zeroes_are_fast() =>
+            Action::WriteZeroes { may_unmap, fast: true, .. }
+                if !dev.zeroes_are_fast(may_unmap) =>
             {
                 // FAST_ZERO: fail at once rather than write zeros (the client writes its own).
                 self.reply_simple(req.handle, codec::ENOTSUP);
             }
             Action::WriteZeroes { offset, len, may_unmap, fua, .. } => {
-                // Both backends zero through fallocate or memory, so every zeroing is fast.
                 let tag = self.track(cx, &req, OpKind::WriteZeroes, 0);
                 self.reqs[tag as usize].then_flush = fua;
                 dev.submit(cx, IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap }, tag);
@@ -712,7 +711,7 @@ impl Conn {
         len: u32,
         req_one: bool,
     ) {
-        match dev.extents(offset, u64::from(len)) {
+        match dev.extents(offset, u64::from(len), if req_one { 1 } else { BLOCK_STATUS_MAX }) {
             Ok(extents) => {
                 let mut descs: Vec<(u32, u32)> = extents
                     .iter()
@@ -725,7 +724,6 @@ impl Conn {
                 if descs.is_empty() {
                     descs.push((len, 0));
                 }
-                descs.truncate(if req_one { 1 } else { BLOCK_STATUS_MAX });
                 codec::encode_block_status(
                     self.scratch_reset(),
                     handle,

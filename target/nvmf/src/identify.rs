@@ -78,7 +78,7 @@ pub fn namespace(ns: &Namespace) -> Vec<u8> {
     let blocks = ns.blocks();
     let used_bytes: u64 = ns
         .dev
-        .extents(0, size_bytes)
+        .extents(0, size_bytes, usize::MAX)
         .map(|ext| ext.iter().filter(|e| !e.hole).map(|e| e.len).sum())
         .unwrap_or(size_bytes);
     put64(&mut b, 0, blocks); // NSZE

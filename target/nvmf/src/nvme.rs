@@ -73,6 +73,8 @@ pub fn status_from_errno(errno: i32, write: bool) -> Status {
     match errno {
         libc::ENOSPC | libc::EDQUOT => status::CAPACITY_EXCEEDED,
         libc::EINVAL => status::INVALID_FIELD,
+        // The media refused the change (a write-protected namespace behind an `nvme:` export).
+        libc::EROFS | libc::EPERM | libc::EACCES if write => status::NS_WRITE_PROTECTED,
         _ if write => status::WRITE_FAULT,
         _ => status::UNRECOVERED_READ,
     }
@@ -283,6 +285,16 @@ pub mod prop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Backend errors as NVMe statuses: space, arguments, refused changes, the rest.
+    #[test]
+    fn errnos_map_to_the_statuses_hosts_act_on() {
+        assert_eq!(status_from_errno(libc::ENOSPC, true), status::CAPACITY_EXCEEDED);
+        assert_eq!(status_from_errno(libc::EINVAL, false), status::INVALID_FIELD);
+        assert_eq!(status_from_errno(libc::EROFS, true), status::NS_WRITE_PROTECTED);
+        assert_eq!(status_from_errno(libc::EIO, true), status::WRITE_FAULT);
+        assert_eq!(status_from_errno(libc::EROFS, false), status::UNRECOVERED_READ);
+    }
 
     #[test]
     fn cqe_status_encoding_round_trips() {

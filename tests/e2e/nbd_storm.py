@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Random NBD commands through libnbd against every kind of export, checked against a model.
 
-One libnbd client per export and reply style (structured and simple), all at once (two cores):
+One libnbd client per export and reply style (structured and simple), and for a RAM export and a
+volume a third over TLS (PSK), all at once (two cores):
 RAM exports, files on tmpfs (copied on the core) and on disk (O_DIRECT through the ring), a
 volume, its snapshot and a clone, and read-only RAM and file exports. Each client sends seeded
 random commands over the first 2 MiB of its export: reads (also with DF), writes, TRIM, WRITE_ZEROES
@@ -46,7 +47,7 @@ STATE_HOLE, STATE_ZERO = 1, 2
 class Storm:
     """One export's client (structured or simple replies), its model and its commands."""
 
-    def __init__(self, b, export, structured, writable, whole_pieces, model, seed):
+    def __init__(self, b, export, structured, writable, whole_pieces, model, seed, tls=None):
         self.export, self.structured = export, structured
         self.writable, self.whole_pieces = writable, whole_pieces
         self.model = model  # shared by the export's two clients: they take turns (a lock)
@@ -58,8 +59,14 @@ class Storm:
         self.h.set_request_structured_replies(structured)
         if structured:
             self.h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-        self.h.connect_uri(b.uri(export))
-        self.label = "%s (%s)" % (export, "structured" if structured else "simple")
+        if tls:  # the PSK file: NBD over TLS (userspace TLS where the kernel has no kTLS)
+            self.h.set_uri_allow_local_file(True)
+            self.h.connect_uri("nbds://alice@127.0.0.1:%d/%s?tls-psk-file=%s"
+                               % (b.port, export, tls))
+        else:
+            self.h.connect_uri(b.uri(export))
+        self.label = "%s (%s%s)" % (export, "structured" if structured else "simple",
+                                    ", TLS" if tls else "")
 
     def fail(self, what):
         if len(self.failures) < 12:
@@ -318,7 +325,12 @@ def main(r):
     seed = int(os.environ.get("BALLAST_STORM_SEED", random.randrange(1 << 30)))
     ops = int(os.environ.get("BALLAST_STORM_OPS", "2500"))
     print("seed %d, %d commands per client (BALLAST_STORM_SEED=%d to repeat)" % (seed, ops, seed))
-    b = Ballast(["--pool", "{data}/pool.img", "--cores", "2", "--export", "mem=ram:32M"])
+    b = Ballast(["--pool", "{data}/pool.img", "--cores", "2", "--export", "mem=ram:32M",
+                 "--nbd-tls", "on", "--nbd-tls-psk", "{data}/keys.psk"])
+    psk = os.path.join(b.data_dir, "keys.psk")
+    with open(psk, "w") as f:
+        f.write("alice:%s\n" % os.urandom(32).hex())
+    os.chmod(psk, 0o600)
     pool = os.path.join(b.data_dir, "pool.img")
     subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "512M"], check=True,
                    capture_output=True)
@@ -361,9 +373,12 @@ def main(r):
                     continue
                 models[export] = read_region(b, export)
                 lock = threading.Lock()
-                for j, structured in enumerate((True, False)):
+                clients = [(True, None), (False, None)]
+                if export in ("mem", "v"):
+                    clients.append((True, psk))
+                for j, (structured, tls) in enumerate(clients):
                     s = Storm(b, export, structured, writable, pieces, models[export],
-                              seed + 2 * i + j)
+                              seed + 3 * i + j, tls)
                     storms.append(s)
                     threads.append(threading.Thread(target=s.run, args=(ops, lock)))
             for t in threads:

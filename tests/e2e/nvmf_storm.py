@@ -60,6 +60,7 @@ class Storm:
         self.counts = {}
         self.log = []
         self.detail = ""
+        self.deepest = 0
         self.io = self.admin = None
 
     def fail(self, what):
@@ -258,6 +259,164 @@ class Storm:
         cid = self.send(OP_FLUSH, (0, 0, 0, 0, 0, 0))
         self.check("flush", OK, self.finish(cid)[0])
 
+    # -- the deep phase: up to `depth` commands in flight, never two over the same bytes ----
+    def deep_command(self):
+        """A random command as an entry of the in-flight table (not yet sent): what, want,
+        spans (byte ranges of the region it reads or changes), the PDU and what follows."""
+        e = {"spans": [], "data": bytearray(), "payload": b"", "bad": False, "pdu": None}
+        cid = self.io.next_cid()
+        e["cid"] = cid
+        r = self.rng.random()
+
+        def capsule(opcode, cdw, data=b"", sgl_len=None, incapsule=False, nsid=1):
+            sgl_type = nvmeraw.SGL_INCAPSULE if incapsule else nvmeraw.SGL_TRANSPORT
+            return nvmeraw.capsule(nvmeraw.sqe(
+                opcode, cid, nsid=nsid, sgl_len=len(data) if sgl_len is None else sgl_len,
+                sgl_type=sgl_type, cdw=cdw), data if incapsule else b"")
+
+        def span(slba, nlb):
+            lo = slba * self.lba
+            if lo < REGION:
+                e["spans"].append((lo, min(REGION, lo + nlb * self.lba)))
+
+        if r < 0.35:
+            slba, nlb = self.range_()
+            e.update(what="read", kind="read", slba=slba, nlb=nlb,
+                     want=self.expect(slba, nlb, False),
+                     pdu=capsule(OP_READ, (slba & 0xFFFFFFFF, slba >> 32, nlb - 1, 0, 0, 0),
+                                 sgl_len=nlb * self.lba))
+            span(slba, nlb)
+        elif r < 0.7:
+            incapsule = self.rng.random() < 0.5
+            slba, nlb = self.range_()
+            if incapsule:
+                nlb = min(nlb, IN_CAPSULE // self.lba)
+            bad = self.digests and self.rng.random() < 0.1
+            payload = os.urandom(nlb * self.lba)
+            fua = FUA if self.rng.random() < 0.3 else 0
+            cdw = (slba & 0xFFFFFFFF, slba >> 32, (nlb - 1) | fua, 0, 0, 0)
+            want = self.expect(slba, nlb, True)
+            if bad and (incapsule or want == OK):
+                want = TRANSIENT_TRANSPORT_ERROR
+            e.update(what="write" + (" in capsule" if incapsule else " via R2T")
+                     + (", wrong data digest" if bad else ""), kind="write", slba=slba,
+                     payload=payload, bad=bad and not incapsule, want=want,
+                     pdu=capsule(OP_WRITE, cdw, payload, incapsule=incapsule)
+                     if incapsule else capsule(OP_WRITE, cdw, sgl_len=nlb * self.lba),
+                     pdu_bad=bad and incapsule)
+            span(slba, nlb)
+        elif r < 0.82:
+            slba, nlb = self.range_()
+            flags = (DEAC if self.rng.random() < 0.5 else 0) | \
+                (FUA if self.rng.random() < 0.2 else 0)
+            e.update(what="write zeroes", kind="zero", zeros=[(slba, nlb)],
+                     want=self.expect(slba, nlb, True, mdts=False),
+                     pdu=capsule(OP_WRITE_ZEROES,
+                                 (slba & 0xFFFFFFFF, slba >> 32, (nlb - 1) | flags, 0, 0, 0)))
+            span(slba, nlb)
+        elif r < 0.92:
+            ranges = [self.range_() for _ in range(self.rng.randint(1, 4))]
+            body = b"".join(struct.pack("<IIQ", 0, nlb, slba) for slba, nlb in ranges)
+            want = OK
+            if any(slba + nlb > self.blocks for slba, nlb in ranges):
+                want = LBA_OUT_OF_RANGE
+            elif not self.writable:
+                want = WRITE_PROTECTED
+            e.update(what="dataset management", kind="dsm", want=want, ranges=ranges,
+                     pdu=capsule(OP_DSM, (len(ranges) - 1, 1 << 2, 0, 0, 0, 0), body,
+                                 incapsule=True))
+            for slba, nlb in ranges:
+                span(slba, nlb)
+        elif r < 0.96:
+            e.update(what="flush", kind="none", want=OK, pdu=capsule(OP_FLUSH, (0,) * 6))
+        else:
+            e.update(what="unknown opcode", kind="none", want=INVALID_OPCODE,
+                     pdu=capsule(self.rng.choice([0x04, 0x05, 0x0c, 0x7e]), (0,) * 6))
+        return e
+
+    def deep_done(self, e, status):
+        if not self.check(e["what"] + " (deep)", e["want"], status) or status != OK:
+            return
+        if e["kind"] == "read" and e["spans"]:
+            lo, hi = e["spans"][0]
+            if len(e["data"]) < hi - lo or e["data"][:hi - lo] != self.model[lo:hi]:
+                self.fail("deep read LBA %d+%d: data differs from the model"
+                          % (e["slba"], e["nlb"]))
+        elif e["kind"] == "write":
+            self.store(e["slba"], e["payload"])
+        elif e["kind"] == "zero":
+            for slba, nlb in e["zeros"]:
+                self.zero(slba, nlb)
+        elif e["kind"] == "dsm":
+            for slba, nlb in e["ranges"]:
+                lo, hi = slba * self.lba, (slba + nlb) * self.lba
+                if self.whole_pieces:
+                    lo, hi = -(-lo // 4096) * 4096, hi // 4096 * 4096
+                if hi > lo:
+                    self.zero(lo // self.lba, (hi - lo) // self.lba)
+
+    def deep_pdu(self, inflight):
+        """Takes one PDU from the target and moves its command on."""
+        typ, p = self.io.pdu()
+        if typ == nvmeraw.R2T:
+            cccid, ttag, r2to, r2tl = struct.unpack("<HHII", p[8:20])
+            e = inflight.get(cccid)
+            if e is None or e["kind"] != "write" or r2to + r2tl > len(e["payload"]):
+                raise AssertionError("R2T for cid %d [%d+%d] of no write waiting" %
+                                     (cccid, r2to, r2tl))
+            off = r2to
+            while off < r2to + r2tl:
+                n = min(H2C_CHUNK, r2to + r2tl - off)
+                last = 0x04 if off + n == r2to + r2tl else 0
+                hdr = struct.pack("<BBBBIHHIII", nvmeraw.H2C_DATA, last, 24, 24, 24 + n,
+                                  cccid, ttag, off, n, 0)
+                self.io.send(hdr + e["payload"][off:off + n], bad_data_digest=e["bad"])
+                off += n
+        elif typ == nvmeraw.C2H_DATA:
+            ccid, _, datao, datal = struct.unpack("<HHII", p[8:20])
+            e = inflight.get(ccid)
+            if e is None or e["kind"] != "read" or datao != len(e["data"]):
+                raise AssertionError("C2HData for cid %d at %d unexpected" % (ccid, datao))
+            body = p[p[3]:] if p[3] else p[p[2]:]
+            e["data"] += body[:datal]
+            if p[1] & 0x08:
+                self.deep_done(inflight.pop(ccid), OK)
+        elif typ == nvmeraw.CAPSULE_RESP:
+            rcid, sf = struct.unpack("<HH", p[20:24])
+            e = inflight.pop(rcid, None)
+            if e is None:
+                raise AssertionError("response for cid %d, not in flight" % rcid)
+            self.deep_done(e, (sf >> 1) & 0x7FF)
+        else:
+            raise AssertionError("unexpected PDU type %d" % typ)
+
+    def run_deep(self, port, ops, depth):
+        """`ops` random commands, up to `depth` in flight; a command waits to be sent while
+        it would touch bytes one in flight touches (so every answer has one right value)."""
+        try:
+            self.admin, self.io = nvmeraw.io_queue(port, self.nqn, timeout=30,
+                                                   digests=self.digests)
+            inflight, sent, nxt = {}, 0, None
+            while sent < ops or inflight:
+                if nxt is None and sent < ops:
+                    nxt = self.deep_command()
+                clash = nxt is not None and any(
+                    a < d and c < b for a, b in nxt["spans"]
+                    for f in inflight.values() for c, d in f["spans"])
+                if nxt is not None and not clash and len(inflight) < depth:
+                    inflight[nxt["cid"]] = nxt
+                    self.deepest = max(self.deepest, len(inflight))
+                    self.io.send(nxt["pdu"], bad_data_digest=nxt.get("pdu_bad", False))
+                    nxt, sent = None, sent + 1
+                else:
+                    self.deep_pdu(inflight)
+        except Exception as e:  # noqa: BLE001
+            self.fail("deep: %s: %s" % (type(e).__name__, e))
+        finally:
+            for q in (self.io, self.admin):
+                if q is not None:
+                    q.close()
+
     def run(self, port, ops):
         try:
             self.admin, self.io = nvmeraw.io_queue(port, self.nqn, timeout=30,
@@ -365,13 +524,23 @@ def main(r):
                 t.start()
             for t in threads:
                 t.join(600)
+            # Then, on a fresh connection each, up to 16 commands in flight at once.
+            threads = [threading.Thread(target=s.run_deep,
+                                        args=(port, ops // 8 if s.digests else ops // 2, 16))
+                       for s in storms.values()]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(600)
             for export, s in storms.items():
                 total = sum(s.counts.values())
-                r.check("%s (%d-byte LBAs, %s%s): %d commands answered as the model says (%s)"
+                r.check("%s (%d-byte LBAs, %s%s): %d commands (then up to %d in flight) "
+                        "answered as the model says (%s)"
                         % (export, s.lba, "writable" if s.writable else "read-only",
-                           ", header and data digests" if s.digests else "", total,
+                           ", header and data digests" if s.digests else "", total, s.deepest,
                            ", ".join("%s %d" % kv for kv in sorted(s.counts.items()))),
-                        not s.failures and total >= (ops // 4 if s.digests else ops),
+                        not s.failures and s.deepest > 1
+                        and total >= (ops // 4 + ops // 8 if s.digests else ops + ops // 2),
                         "; ".join(s.failures))
                 if os.environ.get("BALLAST_STORM_LOG") and s.failures:
                     for i, e in enumerate(s.log):

@@ -20,6 +20,8 @@ What must hold (NBD's proto.md and docs/INTERFACE.md):
 - block status: every extent marked ZERO reads zeros in the model, the extents are in order,
   cover at least one byte and at most the range asked;
 - libnbd never sees a reply it calls a protocol error (it would drop the connection);
+- then one client per export (over TLS where there is one) keeps up to 16 commands in flight
+  through libnbd's aio calls, never two over the same bytes, all checked the same way;
 - at the end a fresh connection reads every export's 2 MiB as the model (the snapshot's, and
   the read-only exports', as they were: nothing may change them); NO_HOLE provisions a volume's
   range; a block-status reply over 16,384 extents stops at 4,096; the daemon lives, exits 0
@@ -54,6 +56,7 @@ class Storm:
         self.rng = random.Random(seed)
         self.failures = []
         self.counts = {}
+        self.deepest = 0
         self.h = nbd.NBD()
         self.h.set_strict_mode(0)
         self.h.set_request_structured_replies(structured)
@@ -216,6 +219,90 @@ class Storm:
         if flags and len(entries) != 2:
             self.fail("block status %d+%d, REQ_ONE: %d extents" % (off, n, len(entries) // 2))
 
+    # -- the deep phase: up to `depth` commands in flight (libnbd's aio), never two over the
+    # same bytes, so each answer still has one right value ---------------------------------
+    def deep_command(self):
+        """(what, want, spans, issue: fn -> cookie, done: fn applied on success)."""
+        r = self.rng.random()
+        off, n = self.range_()
+        inside = off + n <= REGION
+        spans = [(off, min(off + n, REGION))] if off < REGION and n else []
+        if r < 0.4:
+            want = 0 if self.in_range(off, n) else errno.EINVAL
+            buf = nbd.Buffer(n)
+
+            def check_read():
+                got = buf.to_bytearray()
+                if inside and got != self.model[off:off + n]:
+                    self.fail("deep read %d+%d: data differs from the model" % (off, n))
+            return ("read", want, spans, lambda: self.h.aio_pread(buf, off), check_read)
+        if r < 0.75:
+            data = os.urandom(n)
+            fua = nbd.CMD_FLAG_FUA if self.rng.random() < 0.2 else 0
+            want = errno.EPERM if not self.writable else \
+                (errno.ENOSPC if not self.in_range(off, n) else 0)
+            return ("write", want, spans,
+                    lambda: self.h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off,
+                                              flags=fua),
+                    lambda: self.store(off, data))
+        if r < 0.85:
+            want = errno.EPERM if not self.writable else \
+                (errno.ENOSPC if not self.in_range(off, n) else 0)
+            no_hole = nbd.CMD_FLAG_NO_HOLE if self.rng.random() < 0.3 else 0
+            return ("write zeroes", want, spans,
+                    lambda: self.h.aio_zero(n, off, flags=no_hole),
+                    lambda: self.store(off, bytes(n)))
+        if r < 0.95:
+            want = errno.EPERM if not self.writable else \
+                (errno.EINVAL if not self.in_range(off, n) else 0)
+
+            def trimmed():
+                lo, hi = off, off + n
+                if self.whole_pieces:
+                    lo, hi = -(-lo // PIECE) * PIECE, hi // PIECE * PIECE
+                if hi > lo:
+                    self.store(lo, bytes(hi - lo))
+            return ("trim", want, spans, lambda: self.h.aio_trim(n, off), trimmed)
+        return ("flush", 0, [], self.h.aio_flush, lambda: None)
+
+    def run_deep(self, ops, depth, lock):
+        """`ops` random commands through libnbd's aio, up to `depth` in flight; a command
+        waits while it would touch bytes one in flight touches."""
+        inflight, sent, nxt = {}, 0, None
+        try:
+            while sent < ops or inflight:
+                with lock:
+                    if nxt is None and sent < ops:
+                        nxt = self.deep_command()
+                    clash = nxt is not None and any(
+                        a < d and c < b for a, b in nxt[2]
+                        for f in inflight.values() for c, d in f[2])
+                    if nxt is not None and not clash and len(inflight) < depth:
+                        inflight[nxt[3]()] = nxt
+                        self.deepest = max(self.deepest, len(inflight))
+                        nxt, sent = None, sent + 1
+                        continue
+                self.h.poll(-1)
+                with lock:
+                    for cookie in list(inflight):
+                        what, want, _, _, done = inflight[cookie]
+                        try:
+                            if not self.h.aio_command_completed(cookie):
+                                continue
+                            got = 0
+                        except nbd.Error as e:
+                            got = e.errnum or -1
+                        del inflight[cookie]
+                        self.counts[what + " (deep)"] = self.counts.get(what + " (deep)", 0) + 1
+                        if got != want:
+                            self.fail("deep %s: %s, expected %s" % (
+                                what, errno.errorcode.get(got, got) if got else "success",
+                                errno.errorcode.get(want, "success")))
+                        elif want == 0:
+                            done()
+        except Exception as e:  # noqa: BLE001
+            self.fail("deep: %s: %s" % (type(e).__name__, e))
+
     def run(self, ops, lock):
         steps = [(self.read, 30), (self.write, 25), (self.trim, 10), (self.zero, 12),
                  (self.flush, 4), (self.cache, 3), (self.block_status, 8)]
@@ -227,11 +314,12 @@ class Storm:
                     fn()
         except Exception as e:  # noqa: BLE001
             self.fail("%s: %s" % (type(e).__name__, e))
-        finally:
-            try:
-                self.h.shutdown()
-            except nbd.Error:
-                pass
+
+    def close(self):
+        try:
+            self.h.shutdown()
+        except nbd.Error:
+            pass
 
 
 def provisioning(r, b, ctl):
@@ -385,12 +473,28 @@ def main(r):
                 t.start()
             for t in threads:
                 t.join(900)
+            # Then one client per export (the TLS one where there is one, else the structured
+            # one) keeps up to 16 commands in flight.
+            deep = {}
+            for s in storms:
+                if s.export not in deep or "TLS" in s.label:
+                    deep[s.export] = s
+            threads = [threading.Thread(target=s.run_deep, args=(ops // 2, 16, threading.Lock()))
+                       for s in deep.values()]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(900)
+            for s in storms:
+                s.close()
             for s in storms:
                 total = sum(s.counts.values())
-                r.check("%s: %d commands answered as the model says (%s)"
-                        % (s.label, total, ", ".join("%s %d" % kv
+                r.check("%s: %d commands%s answered as the model says (%s)"
+                        % (s.label, total, " (then up to %d in flight)" % s.deepest
+                           if s.deepest else "", ", ".join("%s %d" % kv
                                                       for kv in sorted(s.counts.items()))),
-                        not s.failures and total >= ops * 0.9, "; ".join(s.failures))
+                        not s.failures and total >= ops * 0.9
+                        and (s.deepest > 1 or deep[s.export] is not s), "; ".join(s.failures))
             for export, model in models.items():
                 back = read_region(b, export)
                 r.check("%s: a fresh connection reads what the model holds" % export,

@@ -2,7 +2,7 @@
 """Random NVMe/TCP I/O commands against every kind of namespace, checked against a model.
 
 One host per namespace, all at once (two cores): RAM exports (4096- and 512-byte LBAs), files on
-tmpfs (copied on the core) and on disk (O_DIRECT through the ring), a volume, its snapshot and a
+tmpfs (copied on the core) and on disk (O_DIRECT through the ring; also behind 512-byte LBAs), a volume, its snapshot and a
 clone of it, a volume behind 512-byte LBAs, read-only RAM and file exports, and a RAM export and
 a volume whose hosts use header and data digests (one write in ten with a wrong data digest:
 Transient Transport Error, nothing stored). Each host sends
@@ -256,8 +256,10 @@ class Storm:
             self.check("read over MDTS", INVALID_FIELD, self.finish(cid)[0])
 
     def flush(self):
-        cid = self.send(OP_FLUSH, (0, 0, 0, 0, 0, 0))
-        self.check("flush", OK, self.finish(cid)[0])
+        # Namespace 1, or every namespace of the controller (FFFFFFFFh).
+        nsid = 0xFFFFFFFF if self.rng.random() < 0.3 else 1
+        cid = self.send(OP_FLUSH, (0, 0, 0, 0, 0, 0), nsid=nsid)
+        self.check("flush" if nsid == 1 else "flush of every namespace", OK, self.finish(cid)[0])
 
     # -- the deep phase: up to `depth` commands in flight, never two over the same bytes ----
     def deep_command(self):
@@ -456,8 +458,9 @@ def main(r):
                    capture_output=True)
     shm = "/dev/shm/ballast-storm-%d.img" % os.getpid()
     disk = os.path.join(b.tmp, "disk.img")
+    disk512 = os.path.join(b.tmp, "disk512.img")
     rof = os.path.join(b.tmp, "ro.img")
-    for path in (shm, disk):
+    for path in (shm, disk, disk512):
         with open(path, "wb") as f:
             f.truncate(SIZE)
     with open(rof, "wb") as f:
@@ -479,6 +482,8 @@ def main(r):
 
             ctl("export", "add", "tmpfs", "--file", shm)
             ctl("export", "add", "disk", "--file", disk)
+            ctl("export", "add", "disk512", "--file", disk512)
+            subsystem("d512", "disk512", 512)
             ctl("export", "add", "ror", "--ram", "32M", "--read-only")
             ctl("export", "add", "rof", "--file", rof, "--read-only")
             for name in ("tmpfs", "disk", "ror", "rof"):
@@ -490,7 +495,8 @@ def main(r):
             subsystem("v512s", "v512", 512)
             # Something in every writable namespace first, so zeros mean something.
             rng = random.Random(seed ^ 1)
-            for export in ("mem", "mem512", "memd", "tmpfs", "disk", "v", "v512", "vd"):
+            for export in ("mem", "mem512", "memd", "tmpfs", "disk", "disk512", "v", "v512",
+                           "vd"):
                 h = nbd.NBD()
                 h.connect_uri(b.uri(export))
                 h.pwrite(rng.randbytes(REGION), 0)
@@ -503,6 +509,7 @@ def main(r):
             digests = ("memd", "vd")
             spec = [("mem", "mem", 4096, True), ("mem512", "m512", 512, True),
                     ("tmpfs", "tmpfs", 4096, True), ("disk", "disk", 4096, True),
+                    ("disk512", "d512", 512, True),
                     ("v", "v", 4096, True), ("s", "s", 4096, False), ("c", "c", 4096, True),
                     ("v512", "v512s", 512, True), ("ror", "ror", 4096, False),
                     ("rof", "rof", 4096, False), ("memd", "memd", 4096, True),

@@ -73,6 +73,10 @@ pub fn status_from_errno(errno: i32, write: bool) -> Status {
     match errno {
         libc::ENOSPC | libc::EDQUOT => status::CAPACITY_EXCEEDED,
         libc::EINVAL => status::INVALID_FIELD,
+        // The backend cannot do it (an `nvme:` export's controller without Write Zeroes, a
+        // filesystem without the fallocate mode): hosts then do it another way (Linux writes
+        // the zeros itself), where a media error would fail their I/O.
+        libc::EOPNOTSUPP => status::INVALID_OPCODE,
         // The media refused the change (a write-protected namespace behind an `nvme:` export).
         libc::EROFS | libc::EPERM | libc::EACCES if write => status::NS_WRITE_PROTECTED,
         _ if write => status::WRITE_FAULT,
@@ -294,6 +298,7 @@ mod tests {
         assert_eq!(status_from_errno(libc::EROFS, true), status::NS_WRITE_PROTECTED);
         assert_eq!(status_from_errno(libc::EIO, true), status::WRITE_FAULT);
         assert_eq!(status_from_errno(libc::EROFS, false), status::UNRECOVERED_READ);
+        assert_eq!(status_from_errno(libc::EOPNOTSUPP, true), status::INVALID_OPCODE);
     }
 
     #[test]

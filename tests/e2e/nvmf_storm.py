@@ -77,6 +77,17 @@ class Storm:
             data if incapsule else b""), bad_data_digest=bad)
         return cid
 
+    def send_h2c(self, cid, ttag, r2to, r2tl, payload, bad):
+        """Answers an R2T: its range of `payload` in H2CData PDUs of at most H2C_CHUNK."""
+        off = r2to
+        while off < r2to + r2tl:
+            n = min(H2C_CHUNK, r2to + r2tl - off)
+            last = 0x04 if off + n == r2to + r2tl else 0
+            hdr = struct.pack("<BBBBIHHIII", nvmeraw.H2C_DATA, last, 24, 24, 24 + n,
+                              cid, ttag, off, n, 0)
+            self.io.send(hdr + payload[off:off + n], bad_data_digest=bad)
+            off += n
+
     def finish(self, cid, payload=b"", bad=False):
         """Reads PDUs until `cid`'s response: answers R2Ts from `payload`, gathers C2HData.
         Returns (status, data read)."""
@@ -88,14 +99,7 @@ class Storm:
                 if cccid != cid or r2to + r2tl > len(payload):
                     raise AssertionError("R2T for cid %d [%d+%d], expected cid %d of %d bytes"
                                          % (cccid, r2to, r2tl, cid, len(payload)))
-                off = r2to
-                while off < r2to + r2tl:
-                    n = min(H2C_CHUNK, r2to + r2tl - off)
-                    last = 0x04 if off + n == r2to + r2tl else 0
-                    hdr = struct.pack("<BBBBIHHIII", nvmeraw.H2C_DATA, last, 24, 24, 24 + n,
-                                      cid, ttag, off, n, 0)
-                    self.io.send(hdr + payload[off:off + n], bad_data_digest=bad)
-                    off += n
+                self.send_h2c(cid, ttag, r2to, r2tl, payload, bad)
             elif typ == nvmeraw.C2H_DATA:
                 ccid, _, datao, datal = struct.unpack("<HHII", p[8:20])
                 if ccid != cid or datao != len(data):
@@ -366,14 +370,7 @@ class Storm:
             if e is None or e["kind"] != "write" or r2to + r2tl > len(e["payload"]):
                 raise AssertionError("R2T for cid %d [%d+%d] of no write waiting" %
                                      (cccid, r2to, r2tl))
-            off = r2to
-            while off < r2to + r2tl:
-                n = min(H2C_CHUNK, r2to + r2tl - off)
-                last = 0x04 if off + n == r2to + r2tl else 0
-                hdr = struct.pack("<BBBBIHHIII", nvmeraw.H2C_DATA, last, 24, 24, 24 + n,
-                                  cccid, ttag, off, n, 0)
-                self.io.send(hdr + e["payload"][off:off + n], bad_data_digest=e["bad"])
-                off += n
+            self.send_h2c(cccid, ttag, r2to, r2tl, e["payload"], e["bad"])
         elif typ == nvmeraw.C2H_DATA:
             ccid, _, datao, datal = struct.unpack("<HHII", p[8:20])
             e = inflight.get(ccid)

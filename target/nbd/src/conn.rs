@@ -28,6 +28,12 @@
 //!   ciphertext held is one receive's worth. Payloads are never received directly under TLS
 //!   in userspace; once the kernel carries the records (`offload_to_kernel`) the link is gone
 //!   and the connection is served as a plaintext one. Handshake steps run on offload threads;
+//! - a client that ends the connection (NBD_CMD_DISC, NBD_OPT_ABORT) gets a graceful close:
+//!   once its replies are out, our close_notify (TLS in userspace) and our FIN, then what it
+//!   still sends is read and dropped until its FIN (`Closing`). Closing a socket with input
+//!   unread makes the kernel answer with a reset, which the client can see as an error instead
+//!   of the end (libnbd's TLS close_notify follows its NBD_CMD_DISC at once). The lingering is
+//!   bounded: `LINGER_BYTES_MAX`, the stall deadline, the daemon's shutdown;
 //! - a connection whose device names another home core (`BlockDev::home_core`: a volume's
 //!   family owner) moves there when its handshake ends, before it parses a request: it stops
 //!   reading, finishes its last send, cancels its timer, gives its core's memory back and
@@ -72,6 +78,10 @@ const BLOCK_STATUS_MAX: usize = 4096;
 const DIRECT_RECV_MIN: usize = 64 * 1024;
 /// A write payload is charged ahead of its bytes by at most this much.
 const PAYLOAD_WINDOW: u64 = 1 << 20;
+/// After a disconnect, input read and dropped before the socket is closed regardless.
+const LINGER_BYTES_MAX: u64 = 64 * 1024;
+/// One receive of that input.
+const LINGER_RECV_BYTES: usize = 4096;
 
 const TAG_RECV: u32 = u32::MAX;
 const TAG_SEND: u32 = u32::MAX - 1;
@@ -82,6 +92,8 @@ const TAG_CANCEL: u32 = u32::MAX - 5;
 const TAG_TLS_RECV: u32 = u32::MAX - 6;
 /// A TLS handshake step run off the core came back.
 const TAG_TLS_WORK: u32 = u32::MAX - 7;
+/// A receive of what the client sends after it disconnected (dropped).
+const TAG_LINGER: u32 = u32::MAX - 8;
 
 /// A request handed to the device, waiting for its completion.
 struct Inflight {
@@ -126,6 +138,19 @@ impl PendingWrite {
     }
 }
 
+/// How the connection ends once nothing is left to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// The socket closes at once (the client left, an error, a deadline, a protocol error).
+    Now,
+    /// The client disconnected (NBD_CMD_DISC, NBD_OPT_ABORT): close_notify and FIN go out
+    /// behind the replies, then `Draining`.
+    Graceful,
+    /// Our FIN is out; input is read and dropped until the client's FIN, an error,
+    /// `LINGER_BYTES_MAX` or the stall deadline. `inflight`: a receive of it is posted.
+    Draining { dropped: u64, inflight: bool },
+}
+
 enum Phase {
     Handshake(Handshake),
     Transmission { dev: Arc<dyn BlockDev>, session: Session },
@@ -165,6 +190,7 @@ pub struct Conn {
     skip_reply: Option<(u64, u32)>,
     /// No more input will be read (EOF, error, NBD_CMD_DISC, shutdown, protocol error).
     read_closed: bool,
+    closing: Closing,
     done: bool,
     requests_total: u64,
     /// The core this connection is moving to (its device's home), from the handshake's end
@@ -206,6 +232,7 @@ impl Conn {
             skip: 0,
             skip_reply: None,
             read_closed: false,
+            closing: Closing::Now,
             done: false,
             requests_total: 0,
             moving: None,
@@ -240,6 +267,9 @@ impl Conn {
     fn abort(&mut self, why: &'static str) {
         tracing::info!(peer = %self.peer, export = %self.export_name, why, "dropping connection");
         self.read_closed = true;
+        if self.closing == Closing::Graceful {
+            self.closing = Closing::Now;
+        }
         abort_socket(&self.fd);
     }
 
@@ -298,6 +328,12 @@ impl Conn {
                         Step::Close(why) => {
                             tracing::info!(peer = %self.peer, why, "handshake ended");
                             self.read_closed = true;
+                            break;
+                        }
+                        Step::Abort => {
+                            tracing::debug!(peer = %self.peer, "client sent NBD_OPT_ABORT");
+                            self.read_closed = true;
+                            self.closing = Closing::Graceful;
                             break;
                         }
                     }
@@ -642,6 +678,7 @@ impl Conn {
             Action::Disconnect => {
                 tracing::debug!(peer = %self.peer, "client sent NBD_CMD_DISC");
                 self.read_closed = true;
+                self.closing = Closing::Graceful;
             }
             Action::Reject { error, discard, why } => {
                 tracing::debug!(peer = %self.peer, why, kind = req.kind, offset = req.offset, len = req.length, "request rejected");
@@ -868,17 +905,32 @@ impl Conn {
             || (self.send_inflight() && self.unsent() > 0)
     }
 
+    /// Waiting for a client that disconnected to close its end (`Closing`).
+    fn lingering(&self) -> bool {
+        matches!(self.closing, Closing::Graceful | Closing::Draining { inflight: true, .. })
+    }
+
     fn needs_tick(&self) -> bool {
-        !self.read_closed && (matches!(self.phase, Phase::Handshake(_)) || self.owes_progress())
+        self.lingering()
+            || (!self.read_closed
+                && (matches!(self.phase, Phase::Handshake(_)) || self.owes_progress()))
     }
 
     fn on_tick(&mut self) {
         self.tick_inflight = false;
+        let now = Instant::now();
+        let limits = self.guard.limits();
+        if self.lingering() {
+            // After a disconnect the client owes us its close (or the reading of our replies).
+            if self.progress.stalled(limits, now) {
+                self.guard.stalled();
+                self.abort("the client kept the connection open after it disconnected");
+            }
+            return;
+        }
         if self.read_closed {
             return;
         }
-        let now = Instant::now();
-        let limits = self.guard.limits();
         if matches!(self.phase, Phase::Handshake(_)) && self.progress.handshake_expired(limits, now)
         {
             self.guard.handshake_timed_out();
@@ -988,7 +1040,57 @@ impl Conn {
             && !self.send_inflight()
             && !self.tick_inflight
             && !self.cancel_inflight
+            && !matches!(self.closing, Closing::Draining { inflight: true, .. })
             && self.reqs.is_empty()
+    }
+
+    /// The graceful end, once the replies are out (`Closing`): true while it goes on.
+    fn linger(&mut self, cx: &mut Cx<'_>) -> bool {
+        match self.closing {
+            Closing::Now => false,
+            Closing::Graceful => {
+                if self.send_broken() {
+                    return false;
+                }
+                if self.tls.as_mut().is_some_and(|tls| tls.close()) {
+                    // close_notify goes first; the send's completion comes back here.
+                    self.start_send(cx);
+                    return true;
+                }
+                let fd = self.fd.as_raw_fd();
+                if shutdown(fd, Shutdown::Write).is_err() {
+                    return false;
+                }
+                tracing::debug!(peer = %self.peer, "replies sent; waiting for the client to close");
+                self.closing = Closing::Draining { dropped: 0, inflight: true };
+                let buf = cx.buf_with_capacity(LINGER_RECV_BYTES);
+                cx.submit(Op::Recv { fd, buf, max: usize::MAX }, TAG_LINGER);
+                self.arm_tick(cx);
+                true
+            }
+            Closing::Draining { inflight, .. } => inflight,
+        }
+    }
+
+    /// What the client sent after it disconnected: dropped; another receive follows until
+    /// its FIN (0), an error, or `LINGER_BYTES_MAX`.
+    fn on_linger_recv(&mut self, cx: &mut Cx<'_>, result: i32, mut buf: IoBuf) {
+        let Closing::Draining { dropped, inflight } = &mut self.closing else {
+            unreachable!("linger receive while not draining")
+        };
+        *inflight = false;
+        tracing::trace!(peer = %self.peer, result, "linger receive");
+        if result > 0 {
+            *dropped += result as u64;
+            if *dropped < LINGER_BYTES_MAX && !cx.shutting_down() {
+                *inflight = true;
+                buf.set_len(0);
+                cx.submit(Op::Recv { fd: self.fd.as_raw_fd(), buf, max: usize::MAX }, TAG_LINGER);
+                return;
+            }
+            tracing::debug!(peer = %self.peer, dropped = *dropped, "client kept sending after it disconnected");
+        }
+        cx.recycle(buf);
     }
 
     /// Ends the connection once nothing is in flight: releases what it held.
@@ -1076,6 +1178,10 @@ impl Task for Conn {
                 self.progress.moved();
             }
             TAG_TICK => self.on_tick(),
+            TAG_LINGER => {
+                let buf = owned.into_buf().expect("linger receive completion without its buffer");
+                self.on_linger_recv(cx, result, buf);
+            }
             TAG_CANCEL => self.cancel_inflight = false,
             TAG_RECV_PAYLOAD => {
                 let buf = owned.into_buf().expect("payload receive completion without its buffer");
@@ -1110,7 +1216,14 @@ impl Task for Conn {
         let output_done = self.out.drained() && self.tls.as_ref().is_none_or(|t| t.drained());
         if self.read_closed && self.reqs.is_empty() && output_done && !self.done {
             if self.recv.inflight() || self.payload_recv_inflight || self.tls_recv_inflight() {
-                self.close_read("finished");
+                // A graceful end lets it complete (with what the client still sends, or its
+                // FIN; the tick bounds the wait).
+                if self.closing == Closing::Now {
+                    self.close_read("finished");
+                }
+                return;
+            }
+            if self.linger(cx) {
                 return;
             }
             self.finish(cx);
@@ -1126,6 +1239,14 @@ impl Task for Conn {
 
     fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {
         self.close_read("daemon shutting down");
+        match self.closing {
+            Closing::Now => {}
+            Closing::Graceful => self.closing = Closing::Now,
+            // The receive returns at once.
+            Closing::Draining { .. } => {
+                let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Read);
+            }
+        }
     }
 
     fn is_done(&self) -> bool {

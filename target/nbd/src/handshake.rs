@@ -64,6 +64,8 @@ pub enum Step {
     StartTls,
     /// Send `out` (if anything), then close the connection.
     Close(&'static str),
+    /// NBD_OPT_ABORT: send `out` (its acknowledgement), then end the connection gracefully.
+    Abort,
 }
 
 pub struct Handshake {
@@ -278,7 +280,7 @@ impl Handshake {
             }
             codec::OPT_ABORT => {
                 codec::encode_option_reply(out, option, codec::REP_ACK, &[]);
-                Step::Close("client aborted")
+                Step::Abort
             }
             codec::OPT_LIST => {
                 if !data.is_empty() {
@@ -529,6 +531,20 @@ mod tests {
     /// Reply type of the option reply starting at `at` in `out`.
     fn reply_type(out: &[u8], at: usize) -> u32 {
         u32::from_be_bytes(out[at + 12..at + 16].try_into().unwrap())
+    }
+
+    #[test]
+    fn abort_is_acknowledged_and_ends_gracefully() {
+        let t = table();
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(opt(codec::OPT_ABORT, &[]));
+        // Under forced TLS too: NBD_OPT_ABORT needs no TLS.
+        for mut hs in [Handshake::new(), Handshake::with_tls(1 << 20, TlsMode::Require)] {
+            let (out, step) = run(&mut hs, &input, 5, &t);
+            assert!(matches!(step, Some(Step::Abort)));
+            assert_eq!(out.len(), 20);
+            assert_eq!(reply_type(&out, 0), codec::REP_ACK);
+        }
     }
 
     #[test]

@@ -246,6 +246,19 @@ impl TlsLink {
             && (self.wire.broken() || self.session.as_ref().is_some_and(|s| !s.has_output()))
     }
 
+    /// The connection ends gracefully: close_notify is queued behind what `out` holds and
+    /// leaves with the next [`TlsLink::send`]; nothing more is decrypted. True when it was
+    /// queued now (send it before closing the socket); false when the session was already
+    /// closed, or is away on a handshake step (the connection then simply closes).
+    pub fn close(&mut self) -> bool {
+        let Some(session) = self.session.as_mut() else { return false };
+        if session.is_closed() {
+            return false;
+        }
+        session.close();
+        session.has_output()
+    }
+
     /// The connection is finished: the receive buffer returns.
     pub fn release(&mut self, cx: &mut Cx<'_>) {
         assert!(!self.recv_inflight(), "TLS link released with a receive or handshake in flight");

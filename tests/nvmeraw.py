@@ -154,6 +154,7 @@ class Host:
         if typ != CAPSULE_RESP:
             raise AssertionError("expected CapsuleResp, got PDU type %d" % typ)
         dw0, _dw1, _sqhd, _sqid, cid, sf = struct.unpack("<IIHHHH", p[8:24])
+        self.dnr = bool(sf & 0x8000)  # Do Not Retry, of the last response
         return cid, (sf >> 1) & 0x7FF, dw0
 
     def handshake(self):
@@ -202,6 +203,7 @@ class Host:
                     return 0, bytes(data)
             elif typ == CAPSULE_RESP:
                 sf = struct.unpack("<H", p[22:24])[0]
+                self.dnr = bool(sf & 0x8000)
                 return (sf >> 1) & 0x7FF, bytes(data)
             else:
                 raise AssertionError("unexpected PDU type %d" % typ)

@@ -120,6 +120,14 @@ pub trait BlockDev: Send + Sync {
         true
     }
 
+    /// Whether every byte of a range reads zero after its [`IoCmd::Discard`] succeeds — what
+    /// NVMe's DLFEAT tells hosts, which may then zero a range by deallocating it. True by
+    /// default (memory, a hole punched in a file, a volume); false where a discard is only
+    /// advisory (a block device without a zeroing discard, an NVMe controller without DSM).
+    fn discard_zeroes(&self) -> bool {
+        true
+    }
+
     /// Synchronous flush, for shutdown.
     fn flush_blocking(&self) -> std::io::Result<()>;
 }

@@ -359,6 +359,11 @@ impl BlockDev for FileDev {
     fn zeroes_are_fast(&self, _may_unmap: bool) -> bool {
         !self.is_block_device
     }
+
+    /// A block device's discard covers whole logical blocks, and may not be done at all.
+    fn discard_zeroes(&self) -> bool {
+        !self.is_block_device
+    }
 }
 
 #[cfg(test)]

@@ -326,6 +326,12 @@ impl BlockDev for NvmeDev {
         &self.info
     }
 
+    /// A controller without DSM completes a discard without doing it; one with it says in
+    /// its own DLFEAT what deallocated blocks read, which is not passed through: no promise.
+    fn discard_zeroes(&self) -> bool {
+        false
+    }
+
     fn size_bytes(&self) -> u64 {
         self.size_bytes
     }

@@ -11,7 +11,9 @@ libnbd:
   that is not whole blocks fails with EINVAL, changing nothing; FAST_ZERO fails with ENOTSUP
   (the kernel may write the zeros itself), changing nothing;
 - unaligned reads and writes still work (through the buffered descriptor);
-- the data survives a reconnect; the daemon never panics.
+- the data survives a reconnect; the daemon never panics;
+- over NVMe/TCP, Identify Namespace's DLFEAT does not promise that deallocated blocks read
+  zero (a block device's discard is advisory), while a RAM export's does.
 Needs root and loop devices; where `losetup` cannot make one, says so and checks nothing else.
 Run with /usr/bin/python3 (Debian's python3-libnbd).
 """
@@ -22,6 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402
+import nvmeraw  # noqa: E402
 from ballast_testlib import Ballast, guarded  # noqa: E402
 
 MiB = 1 << 20
@@ -97,6 +100,25 @@ def check_device(r, b, name, dev, lbs):
     h.shutdown()
 
 
+def dlfeat(r, b, export, want):
+    """Identify Namespace byte 33 (DLFEAT) of `export` in a subsystem of its own."""
+    nqn = "nqn.2026-12.dev.ballast:dlfeat-" + export
+    for args in (("nvmf", "create", nqn, "--allow-any-host"), ("nvmf", "add-ns", nqn, export),
+                 ("nvmf", "add-listener", nqn, "127.0.0.1:%d" % b.nvmf_port())):
+        p = b.ctl(*args)
+        if p.returncode != 0:
+            r.bad("%s: ballast %s" % (export, " ".join(args)), p.stderr.strip())
+            return
+    admin = nvmeraw.admin_queue(b.nvmf_port(), nqn)
+    try:
+        status, ns = admin.admin_read(nvmeraw.OP_IDENTIFY, (0, 0, 0, 0, 0, 0), 4096, nsid=1)
+        r.check("%s: DLFEAT 0x%02x over NVMe/TCP (%s)" % (
+            export, want, "deallocated blocks read zero" if want & 7 else "no promise"),
+            status == 0 and ns[33] == want, "status 0x%x, DLFEAT 0x%02x" % (status, ns[33]))
+    finally:
+        admin.close()
+
+
 def main(r):
     with Ballast(["--cores", "1", "--export", "mem=ram:16M"]) as b:
         loops = []
@@ -112,6 +134,8 @@ def main(r):
                     return
                 loops.append(dev)
                 check_device(r, b, "bd%d" % lbs, dev, lbs)
+                dlfeat(r, b, "bd%d" % lbs, 0x08)
+            dlfeat(r, b, "mem", 0x09)
             b.check_clean_end(r)
         finally:
             b.stop()

@@ -84,6 +84,13 @@ check_eq "socket is owned by the daemon's (effective) user" "$daemon_uid" "$(sta
 leftover=$(find "$DATA_DIR" -maxdepth 1 -name '.ballast-rpc.*' | wc -l)
 check_eq "no private bind directory is left behind" 0 "$leftover"
 check "the daemon's user (root) can call ballast stats" ballast_ctl stats
+# No pool: SPDK's listings of lvol stores and lvols are empty (spdk-csi lists them first);
+# asking for a store by name is -19.
+check_eq "no pool: bdev_lvol_get_lvstores and bdev_lvol_get_lvols list nothing" "[] []" \
+    "$(ballast_ctl rpc bdev_lvol_get_lvstores | tr -d ' \n') $(ballast_ctl rpc bdev_lvol_get_lvols | tr -d ' \n')"
+out=$(ballast_ctl rpc bdev_lvol_get_lvstores '{"lvs_name":"lvs0"}' 2>&1)
+if grep -q "No such device" <<<"$out"; then pass "no pool: bdev_lvol_get_lvstores -l lvs0 is -19 No such device"
+else fail "no pool: bdev_lvol_get_lvstores -l lvs0" "$out"; fi
 grep -q "control API listening (mode 0600).*max_clients=16 max_request_bytes=1048576 idle_timeout_s=60" \
     "$BALLAST_LOG" && pass "log states the default limits" || fail "log states the default limits"
 

@@ -8,8 +8,9 @@ a volume whose hosts use header and data digests (one write in ten with a wrong 
 Transient Transport Error, nothing stored). Each host sends
 seeded random commands over the first 2 MiB of its namespace — reads, writes with in-capsule
 data and through R2T/H2CData, FUA, Write Zeroes with and without deallocation, Dataset
-Management deallocate over several ranges (a volume releases the whole 4 KiB pieces inside
-each range; RAM and files zero every LBA), flushes — plus commands that must fail: ranges past
+Management deallocate over several ranges (every LBA of them reads zero afterwards, as
+DLFEAT says: a volume releases the whole 4 KiB pieces and writes zeros over the partial ones at
+the edges), flushes — plus commands that must fail: ranges past
 the end, transfers over MDTS, unknown opcodes, another namespace ID, and on read-only namespaces
 everything that would change data.
 
@@ -49,9 +50,8 @@ DEAC = 1 << 25
 class Storm:
     """One namespace's host, its model and its random commands."""
 
-    def __init__(self, name, nqn, lba, writable, seed, whole_pieces, digests=False):
+    def __init__(self, name, nqn, lba, writable, seed, digests=False):
         self.name, self.nqn, self.lba, self.writable = name, nqn, lba, writable
-        self.whole_pieces = whole_pieces
         self.digests = digests
         self.blocks = SIZE // lba
         self.rng = random.Random(seed)
@@ -108,11 +108,13 @@ class Storm:
                 body = p[p[3]:] if p[3] else p[p[2]:]
                 data += body[:datal]
                 if p[1] & 0x08:  # SUCCESS: no response capsule follows
+                    self.dnr = False
                     return OK, bytes(data)
             elif typ == nvmeraw.CAPSULE_RESP:
                 _dw0, _dw1, _sqhd, _sqid, rcid, sf = struct.unpack("<IIHHHH", p[8:24])
                 if rcid != cid:
                     raise AssertionError("response for cid %d, expected %d" % (rcid, cid))
+                self.dnr = bool(sf & 0x8000)
                 return (sf >> 1) & 0x7FF, bytes(data)
             else:
                 raise AssertionError("unexpected PDU type %d" % typ)
@@ -154,11 +156,16 @@ class Storm:
             return WRITE_PROTECTED
         return OK
 
-    def check(self, what, want, got):
+    def check(self, what, want, got, dnr=None):
         self.counts[what] = self.counts.get(what, 0) + 1
         self.log.append((what, got, self.detail))
         if want != got:
             self.fail("%s: status 0x%03x, expected 0x%03x" % (what, got, want))
+            return False
+        # Do Not Retry: on every error but a transport's (a digest error: the host retries).
+        dnr = self.dnr if dnr is None else dnr
+        if dnr != (got not in (OK, TRANSIENT_TRANSPORT_ERROR)):
+            self.fail("%s: status 0x%03x with DNR %s" % (what, got, dnr))
             return False
         return True
 
@@ -234,15 +241,7 @@ class Storm:
             want = WRITE_PROTECTED
         if self.check("dataset management", want, st) and st == OK:
             for slba, nlb in ranges:
-                if not self.whole_pieces:
-                    self.zero(slba, nlb)
-                    continue
-                # A volume releases the whole 4 KiB pieces inside a range; the rest keeps its
-                # data (deallocation is advisory: "may deallocate").
-                lo = -(-slba * self.lba // 4096) * 4096
-                hi = (slba + nlb) * self.lba // 4096 * 4096
-                if hi > lo:
-                    self.zero(lo // self.lba, (hi - lo) // self.lba)
+                self.zero(slba, nlb)
 
     def must_fail(self):
         r = self.rng.random()
@@ -355,11 +354,7 @@ class Storm:
                 self.zero(slba, nlb)
         elif e["kind"] == "dsm":
             for slba, nlb in e["ranges"]:
-                lo, hi = slba * self.lba, (slba + nlb) * self.lba
-                if self.whole_pieces:
-                    lo, hi = -(-lo // 4096) * 4096, hi // 4096 * 4096
-                if hi > lo:
-                    self.zero(lo // self.lba, (hi - lo) // self.lba)
+                self.zero(slba, nlb)
 
     def deep_pdu(self, inflight):
         """Takes one PDU from the target and moves its command on."""
@@ -379,12 +374,14 @@ class Storm:
             body = p[p[3]:] if p[3] else p[p[2]:]
             e["data"] += body[:datal]
             if p[1] & 0x08:
+                self.dnr = False
                 self.deep_done(inflight.pop(ccid), OK)
         elif typ == nvmeraw.CAPSULE_RESP:
             rcid, sf = struct.unpack("<HH", p[20:24])
             e = inflight.pop(rcid, None)
             if e is None:
                 raise AssertionError("response for cid %d, not in flight" % rcid)
+            self.dnr = bool(sf & 0x8000)
             self.deep_done(e, (sf >> 1) & 0x7FF)
         else:
             raise AssertionError("unexpected PDU type %d" % typ)
@@ -502,7 +499,6 @@ def main(r):
             ctl("snapshot", "create", "v", "s")
             ctl("clone", "create", "s", "c")
 
-            volumes = ("v", "s", "c", "v512", "vd")
             digests = ("memd", "vd")
             spec = [("mem", "mem", 4096, True), ("mem512", "m512", 512, True),
                     ("tmpfs", "tmpfs", 4096, True), ("disk", "disk", 4096, True),
@@ -516,8 +512,7 @@ def main(r):
             for i, (export, sub, lba, writable) in enumerate(spec):
                 if only and export not in only:
                     continue
-                s = Storm(export, PREFIX + sub, lba, writable, seed + i, export in volumes,
-                          export in digests)
+                s = Storm(export, PREFIX + sub, lba, writable, seed + i, export in digests)
                 s.model = nbd_read(b, export)
                 storms[export] = s
             snapshot_before = bytes(storms["s"].model) if "s" in storms else b""

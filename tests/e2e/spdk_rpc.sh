@@ -134,6 +134,36 @@ check_eq "nvmf_create_subsystem -d with 41 characters: -32602 Invalid MN" \
     "$(rpc_error nvmf_create_subsystem nqn.2016-06.io.spdk:badmn -d "$(printf 'm%.0s' {1..41})")"
 check_eq "the refused subsystems were not created" "False" \
     "$(rpc nvmf_get_subsystems | py 'any(s["nqn"].endswith(("badsn", "badmn")) for s in j)')"
+# SPDK's default controller-id range (older clients always send it) is accepted; another is not.
+check "nvmf_create_subsystem -i 1 -I 65519 (SPDK's defaults)" \
+    rpc nvmf_create_subsystem nqn.2016-06.io.spdk:cntlid -i 1 -I 65519
+check_eq "nvmf_create_subsystem -i 5: -32602" "-32602" \
+    "$(rpc_error nvmf_create_subsystem nqn.2016-06.io.spdk:cntlid5 -i 5 | cut -d' ' -f1)"
+check_eq "nvmf_get_subsystems of an unknown NQN: -19 No such device (as SPDK)" \
+    "-19 No such device" "$(rpc_error nvmf_get_subsystems nqn.2016-06.io.spdk:none)"
+check_eq "nvmf_subsystem_add_ns -n 4294967295 (the broadcast id): -32602" "-32602" \
+    "$(rpc_error nvmf_subsystem_add_ns nqn.2016-06.io.spdk:cntlid "$LVS/clone0" -n 4294967295 | cut -d' ' -f1)"
+check_eq "nvmf_subsystem_add_ns -n 1025 (beyond Identify's NN 1024): -32602" "-32602" \
+    "$(rpc_error nvmf_subsystem_add_ns nqn.2016-06.io.spdk:cntlid "$LVS/clone0" -n 1025 | cut -d' ' -f1)"
+check "nvmf_delete_subsystem nqn.2016-06.io.spdk:cntlid" \
+    rpc nvmf_delete_subsystem nqn.2016-06.io.spdk:cntlid
+# Persistent discovery: a discovery controller whose host enabled discovery-change notices
+# (AEC bit 31) and holds an AER hears of a subsystem created over RPC (0070F002h: what
+# nvme-cli's autoconnect udev rule keys on).
+check_eq "a discovery controller's AER completes with 0x70f002 when a subsystem is created" \
+    "0 0x70f002" "$(nvmeq '
+import json, socket
+a = n.admin_queue(int(sys.argv[1]), "nqn.2014-08.org.nvmexpress.discovery")
+a.send(n.capsule(n.sqe(0x09, 101, cdw=(0x0b, 1 << 31, 0, 0, 0, 0))))  # Set Features AEC
+assert a.response()[1] == 0
+a.send(n.capsule(n.sqe(0x0c, 102)))  # Asynchronous Event Request: held
+r = socket.socket(socket.AF_UNIX); r.connect(sys.argv[2])
+r.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "nvmf_create_subsystem",
+                      "params": {"nqn": "nqn.2016-06.io.spdk:aen"}}).encode())
+assert "result" in json.loads(r.makefile().readline())
+cid, st, dw0 = a.response()
+print(st, hex(dw0) if cid == 102 else "cid %d" % cid)' "$NVMF_PORT" "$RPC_SOCK" 2>&1)"
+check "nvmf_delete_subsystem nqn.2016-06.io.spdk:aen" rpc nvmf_delete_subsystem nqn.2016-06.io.spdk:aen
 
 # Listeners belong to subsystems: cnode2 listens on a second port only.
 NQN2=nqn.2016-06.io.spdk:cnode2
@@ -264,6 +294,23 @@ check_eq "an unknown parameter is refused (-32602 Invalid parameters)" "-32602 I
 check_eq "an unknown lvol parameter: SPDK's -32603 decode failure" \
     "-32603 spdk_json_decode_object failed" \
     "$(raw_error '{"jsonrpc":"2.0","id":1,"method":"bdev_lvol_delete","params":{"name":"lvol0","x":1}}')"
+# JSON-RPC framing as SPDK's server takes it.
+check_eq "a batch array: -32600 Invalid request (SPDK supports none)" "-32600 Invalid request" \
+    "$(raw_error '[{"jsonrpc":"2.0","id":1,"method":"spdk_get_version"}]')"
+check_eq "positional params: -32600 Invalid request (nothing deleted)" "-32600 Invalid request" \
+    "$(raw_error '{"jsonrpc":"2.0","id":1,"method":"bdev_lvol_delete","params":["lvol0"]}')"
+check_eq "no jsonrpc member: -32600 Invalid request" "-32600 Invalid request" \
+    "$(raw_error '{"id":1,"method":"spdk_get_version"}')"
+out=$("$SYS_PY" - "$RPC_SOCK" <<'PYEOF'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+# A notification (no id) is not answered; the request after it is.
+s.sendall(b'{"jsonrpc":"2.0","method":"spdk_get_version"}{"jsonrpc":"2.0","id":"two","method":"spdk_get_version"}')
+r = json.loads(s.makefile().readline())
+print(r["id"], "version" in r["result"])
+PYEOF
+)
+check_eq "a notification gets no reply; the next request does" "two True" "$out"
 
 echo "## 7: keys: the keyring, a host's TLS PSK and DH-HMAC-CHAP keys through spdk-rpc"
 # interchange PREFIX HH NBYTES: PREFIX:HH:base64(key || crc32 LE): (as nvme gen-tls-key and

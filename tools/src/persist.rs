@@ -634,7 +634,7 @@ mod tests {
 
     fn call(control: &Control, method: &str, params: Value) -> Result<Value, (i64, String)> {
         let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        let reply = crate::rpc::handle(&req, control);
+        let reply = crate::rpc::handle(&req, control).expect("a request with an id is answered");
         match reply.get("error") {
             Some(e) => Err((e["code"].as_i64().unwrap(), e["message"].as_str().unwrap().into())),
             None => Ok(reply["result"].clone()),

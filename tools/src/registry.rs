@@ -215,7 +215,8 @@ impl Registry {
         block_size: u32,
     ) -> Result<u32, RegistryError> {
         let device = self.get(name).ok_or_else(|| RegistryError::NotFound(name.into()))?;
-        let nsid = self.target.add_namespace(nqn, nsid, device.dev.clone(), block_size)?;
+        let nsid =
+            self.target.add_namespace(nqn, nsid, device.dev.clone(), block_size, &device.uuid)?;
         assert!(nsid != 0);
         self.inner.write().namespaces.insert((nqn.to_string(), nsid), name.to_string());
         Ok(nsid)
@@ -284,6 +285,32 @@ pub fn open_backend(
     bail!("unknown backend {spec:?}: expected ram:SIZE, file:PATH[:SIZE] or nvme:/dev/ngXnY")
 }
 
+/// The file or device behind a `file:` or `nvme:` spec, as the system names it.
+fn backend_path(spec: &str) -> Option<std::path::PathBuf> {
+    let path = match spec.strip_prefix("file:") {
+        Some(rest) => match rest.rsplit_once(':') {
+            Some((p, s)) if parse_size(s).is_ok() => p,
+            _ => rest,
+        },
+        None => spec.strip_prefix("nvme:")?,
+    };
+    Some(std::fs::canonicalize(path).unwrap_or_else(|_| Path::new(path).to_path_buf()))
+}
+
+/// A UUID that only `name` and `path` decide (SHA-256 of them, laid out as a version 5 UUID).
+fn stable_uuid(name: &str, path: std::path::PathBuf) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"ballast export\0");
+    h.update(name.as_bytes());
+    h.update(b"\0");
+    h.update(path.as_os_str().as_encoded_bytes());
+    let mut b: [u8; 16] = h.finalize()[..16].try_into().expect("16 of 32 bytes");
+    b[6] = (b[6] & 0x0f) | 0x50;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    lvstore::format_uuid(&b)
+}
+
 /// Registers a RAM or file export (`spec` as [`open_backend`] takes it) under a fresh UUID.
 pub fn add_export(
     registry: &Registry,
@@ -296,7 +323,13 @@ pub fn add_export(
         return Err(RegistryError::Exists(name.to_string()).into());
     }
     let (kind, dev) = open_backend(spec, read_only)?;
-    let uuid = lvstore::random_uuid()?;
+    let uuid = match backend_path(spec) {
+        // Its data outlives the daemon: the same name on the same file is the same device
+        // after a restart (its namespaces keep their identifiers).
+        Some(path) => stable_uuid(name, path),
+        // A RAM export's data does not: each is a new device.
+        None => lvstore::random_uuid()?,
+    };
     Ok(registry.add(Device::new(name, uuid, kind, description, dev, read_only))?)
 }
 

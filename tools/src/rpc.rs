@@ -132,7 +132,7 @@ const PARSE_ERROR: i64 = -32700;
 
 /// Our refusals of a peer (permission, too many clients): JSON-RPC's "server error" range.
 const SERVER_REFUSED: i64 = -32000;
-/// JSON-RPC "Invalid Request": used for a request over the size limit.
+/// JSON-RPC "Invalid Request": a request over the size limit, or not a request object.
 const INVALID_REQUEST: i64 = -32600;
 
 /// Binds the socket (replacing a stale one) and serves it on a background thread.
@@ -332,7 +332,11 @@ fn serve_client(stream: UnixStream, control: &Control, limits: RpcLimits) {
         let response = match request {
             Ok(req) => {
                 state.reset();
-                handle(&req, control)
+                match handle(&req, control) {
+                    Some(response) => response,
+                    // A notification's success: no reply.
+                    None => continue,
+                }
             }
             Err(_) if state.too_large.get() => {
                 tracing::warn!(limit = limits.max_request_bytes, "control request too large");
@@ -353,23 +357,59 @@ fn serve_client(stream: UnixStream, control: &Control, limits: RpcLimits) {
     }
 }
 
-/// A JSON-RPC 2.0 request. Lenient: a request that does not decode (no `method`, a `method`
-/// that is not a string) is answered "Method not found" with whatever `id` it had.
-#[derive(serde::Deserialize, Default)]
+/// A JSON-RPC 2.0 request, as SPDK's server takes it (lib/jsonrpc/jsonrpc_server.c): one object
+/// (a batch array is not supported) with `jsonrpc` "2.0", a string `method`, `params` an object
+/// (or absent) and an `id` that is a string, a number or null; anything else is answered
+/// -32600 "Invalid request". Other members are ignored (SPDK refuses them; callers pad
+/// requests). Without an `id` it is a notification: it runs, and only an error is answered
+/// (with `id` null, as SPDK does).
+#[derive(serde::Deserialize)]
 struct Request {
-    #[serde(default)]
-    id: Value,
-    #[serde(default)]
+    jsonrpc: String,
     method: String,
     #[serde(default)]
     params: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Value>,
 }
 
-pub(crate) fn handle(req: &Value, control: &Control) -> Value {
-    let Request { id, method, params } = Request::deserialize(req).unwrap_or_else(|_| Request {
-        id: req.get("id").cloned().unwrap_or(Value::Null),
-        ..Request::default()
-    });
+/// `id` present (null included) → `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// The request `req` holds, or why it is not one.
+fn parse_request(req: &Value) -> Result<Request, String> {
+    if req.is_array() {
+        return Err("batch requests are not supported".into());
+    }
+    if !req.is_object() {
+        return Err("a request is a JSON object".into());
+    }
+    let r = Request::deserialize(req).map_err(|e| e.to_string())?;
+    if r.jsonrpc != "2.0" {
+        return Err("\"jsonrpc\" must be \"2.0\"".into());
+    }
+    if r.params.as_ref().is_some_and(|p| !p.is_object() && !p.is_null()) {
+        return Err("\"params\" must be an object".into());
+    }
+    if r.id.as_ref().is_some_and(|id| !(id.is_string() || id.is_number() || id.is_null())) {
+        return Err("\"id\" must be a string, a number or null".into());
+    }
+    Ok(r)
+}
+
+/// Runs one request; the reply, or `None` for a notification that succeeded.
+pub(crate) fn handle(req: &Value, control: &Control) -> Option<Value> {
+    let Request { method, params, id, .. } = match parse_request(req) {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::info!(why, "control request refused: not a JSON-RPC 2.0 request");
+            let message = format!("Invalid request: {why}");
+            return Some(json!({"jsonrpc": "2.0", "id": null,
+                "error": {"code": INVALID_REQUEST, "message": message}}));
+        }
+    };
     let method = method.as_str();
     let params = params.unwrap_or_else(|| json!({}));
     let result = match self::method(method) {
@@ -377,10 +417,13 @@ pub(crate) fn handle(req: &Value, control: &Control) -> Value {
         None => Err(crate::rpc_error::method_not_found(method)),
     };
     match result {
-        Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
+        Ok(result) => id.map(|id| json!({"jsonrpc": "2.0", "id": id, "result": result})),
         Err(e) => {
             tracing::info!(method, error = %e.message, "control request refused");
-            json!({"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}})
+            let id = id.unwrap_or(Value::Null);
+            Some(
+                json!({"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}}),
+            )
         }
     }
 }
@@ -443,6 +486,32 @@ mod tests {
         let first = serde_json::Deserializer::from_reader(r).into_iter::<Value>().next();
         assert!(matches!(first, Some(Err(e)) if e.is_io()));
         assert!(state.too_large.get());
+    }
+
+    #[test]
+    fn requests_are_taken_as_spdks_server_takes_them() {
+        let ok = |v: Value| parse_request(&v).unwrap_or_else(|e| panic!("{v}: {e}"));
+        let r = ok(json!({"jsonrpc": "2.0", "method": "m", "id": 1, "params": {"a": 1}}));
+        assert_eq!((r.method.as_str(), r.id), ("m", Some(json!(1))));
+        assert_eq!(ok(json!({"jsonrpc": "2.0", "method": "m", "id": "x"})).id, Some(json!("x")));
+        assert_eq!(ok(json!({"jsonrpc": "2.0", "method": "m", "id": null})).id, Some(json!(null)));
+        assert_eq!(ok(json!({"jsonrpc": "2.0", "method": "m"})).id, None, "a notification");
+        ok(json!({"jsonrpc": "2.0", "method": "m", "id": 1, "pad": "x"}));
+        for (bad, why) in [
+            (json!([{"jsonrpc": "2.0", "method": "m", "id": 1}]), "batch"),
+            (json!("spdk_get_version"), "JSON object"),
+            (json!({"method": "m", "id": 1}), "jsonrpc"),
+            (json!({"jsonrpc": "1.0", "method": "m", "id": 1}), "must be \"2.0\""),
+            (json!({"jsonrpc": "2.0", "id": 1}), "method"),
+            (json!({"jsonrpc": "2.0", "method": 7, "id": 1}), "string"),
+            (json!({"jsonrpc": "2.0", "method": "m", "id": 1, "params": ["lvs0/v"]}), "params"),
+            (json!({"jsonrpc": "2.0", "method": "m", "id": {"a": 1}}), "id"),
+        ] {
+            match parse_request(&bad) {
+                Ok(_) => panic!("{bad} taken"),
+                Err(e) => assert!(e.contains(why), "{bad}: {e}"),
+            }
+        }
     }
 
     #[test]

@@ -17,7 +17,8 @@ use crate::host_auth;
 use crate::persist::{self, PersistError};
 use crate::registry::RegistryError;
 use crate::rpc_error::{
-    invalid_parameters, params, DecodeStyle, RpcError, INTERNAL_ERROR, INVALID_PARAMS,
+    invalid_parameters, no_such_device, params, DecodeStyle, RpcError, INTERNAL_ERROR,
+    INVALID_PARAMS,
 };
 
 fn hex(bytes: &[u8]) -> String {
@@ -45,6 +46,10 @@ fn registry_err(e: RegistryError) -> RpcError {
         other => invalid_parameters(other),
     }
 }
+
+/// The controller ids every subsystem hands out (SPDK's defaults, 0xFFEF the spec's highest).
+const CNTLID_MIN: u16 = 1;
+const CNTLID_MAX: u16 = 0xFFEF;
 
 fn not_found(nqn: &str) -> RpcError {
     invalid_parameters(format!("Subsystem with NQN '{nqn}' not found"))
@@ -278,7 +283,8 @@ fn get_transports(_: &Control, p: &Value) -> Result<Value, RpcError> {
     let t: GetTransports = params(p, G)?;
     check_target(t.tgt_name.as_deref())?;
     if t.trtype.as_deref().is_some_and(|tr| !tr.eq_ignore_ascii_case("tcp")) {
-        return Err(invalid_parameters("transport not found"));
+        // SPDK (rpc_nvmf_get_transports): -ENODEV.
+        return Err(no_such_device());
     }
     let tcp = TransportEntry {
         trtype: "TCP",
@@ -294,7 +300,12 @@ fn create_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
     unsupported("ana_reporting", c.ana_reporting)?;
     unsupported("passthrough", c.passthrough)?;
     unsupported("enable_nssr", c.enable_nssr)?;
-    unsupported("min_cntlid/max_cntlid", c.min_cntlid.is_some() || c.max_cntlid.is_some())?;
+    // SPDK's own defaults (older clients always send them) are our range; others are refused.
+    unsupported(
+        "min_cntlid/max_cntlid other than 1/65519",
+        c.min_cntlid.is_some_and(|n| n != CNTLID_MIN)
+            || c.max_cntlid.is_some_and(|n| n != CNTLID_MAX),
+    )?;
     let nqn = c.nqn.as_str();
     let identity = Identity { serial: c.serial_number.clone(), model: c.model_number.clone() };
     let _settings = control.settings.lock();
@@ -735,14 +746,16 @@ fn get_subsystems(control: &Control, p: &Value) -> Result<Value, RpcError> {
             serial_number: Some(s.serial.clone()),
             model_number: Some(s.model.clone()),
             max_namespaces: Some(0),
-            min_cntlid: Some(1),
-            max_cntlid: Some(65519),
+            min_cntlid: Some(CNTLID_MIN),
+            max_cntlid: Some(CNTLID_MAX),
             namespaces: Some(namespaces),
             controllers: Some(controllers),
         });
     }
     if let Some(nqn) = only.filter(|_| out.is_empty()) {
-        return Err(not_found(nqn));
+        // SPDK (rpc_nvmf_get_subsystems): -ENODEV, which callers test for "absent".
+        tracing::debug!(nqn, "nvmf_get_subsystems: no such subsystem");
+        return Err(no_such_device());
     }
     Ok(json!(out))
 }

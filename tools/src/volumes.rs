@@ -373,15 +373,21 @@ pub const METHODS: &[Method] = &[
 ];
 
 fn get_lvstores(control: &Control, p: &Value) -> Result<Value, RpcError> {
-    let pool = pool(control)?;
     let sel: LvstoreSelect = params(p, L)?;
+    if control.pool.is_none() && sel.uuid.is_none() && sel.lvs_name.is_none() {
+        return Ok(json!([])); // SPDK with no lvol store lists none
+    }
+    let pool = pool(control)?;
     check_lvstore(pool, sel.uuid.as_deref(), sel.lvs_name.as_deref())?;
     Ok(json!([lvstore_entry(pool)]))
 }
 
 fn get_lvols(control: &Control, p: &Value) -> Result<Value, RpcError> {
-    let pool = pool(control)?;
     let sel: LvolsSelect = params(p, L)?;
+    if control.pool.is_none() && sel.lvs_uuid.is_none() && sel.lvs_name.is_none() {
+        return Ok(json!([]));
+    }
+    let pool = pool(control)?;
     check_lvstore(pool, sel.lvs_uuid.as_deref(), sel.lvs_name.as_deref())?;
     Ok(json!(lvol_entries(pool)))
 }

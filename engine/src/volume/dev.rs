@@ -652,7 +652,9 @@ impl BlockDev for VolumeDev {
             IoCmd::Read { offset, buf } => Cmd::Read { offset, buf: DevBuf(buf) },
             IoCmd::Write { offset, buf, fua } => Cmd::Write { offset, buf: DevBuf(buf), fua },
             IoCmd::Flush => Cmd::Flush,
-            IoCmd::Discard { offset, len } => Cmd::Discard { offset, len },
+            // The whole range reads zero afterwards (whole pieces released, partial ones at the
+            // edges written with zeros): `discard_zeroes` holds for volumes.
+            IoCmd::Discard { offset, len } => Cmd::WriteZeroes { offset, len, unmap: true },
             IoCmd::WriteZeroes { offset, len, may_unmap } => {
                 Cmd::WriteZeroes { offset, len, unmap: may_unmap }
             }

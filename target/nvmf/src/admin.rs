@@ -58,6 +58,10 @@ const LOG_DISCOVERY: u8 = 0x70;
 
 /// An AER completion for "namespace attribute changed": notice, info 0, log page 04h.
 pub const AEN_NS_CHANGED: u32 = ((LOG_CHANGED_NS as u32) << 16) | 0x02;
+/// Asynchronous event: notice (2), discovery log page change (F0h), log page 70h.
+pub const AEN_DISC_CHANGED: u32 = ((LOG_DISCOVERY as u32) << 16) | (0xf0 << 8) | 0x02;
+/// Asynchronous Event Configuration: discovery log page change notices.
+const AEC_DISC_CHANGED: u32 = 1 << 31;
 
 /// Admin-queue state of one controller.
 pub struct AdminState {
@@ -158,12 +162,25 @@ impl AdminState {
         }
     }
 
-    /// If a notice is pending and an AER is held, the CID to complete with [`AEN_NS_CHANGED`].
-    pub fn take_event(&mut self) -> Option<u16> {
-        if self.aers.is_empty() || !self.ctrl.aen_pending.swap(false, Ordering::AcqRel) {
+    /// If a notice is pending and an AER is held: the CID to complete, and the event (dw0) —
+    /// [`AEN_NS_CHANGED`] on an I/O controller, [`AEN_DISC_CHANGED`] on a discovery
+    /// controller whose host enabled it (AEC bit 31; it stays pending until then).
+    pub fn take_event(&mut self) -> Option<(u16, u32)> {
+        if self.aers.is_empty() {
             return None;
         }
-        self.aers.pop()
+        let event = if self.discovery() {
+            if self.async_event_config & AEC_DISC_CHANGED == 0 {
+                return None;
+            }
+            AEN_DISC_CHANGED
+        } else {
+            AEN_NS_CHANGED
+        };
+        if !self.ctrl.aen_pending.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.aers.pop().map(|cid| (cid, event))
     }
 
     fn identify(&self, sqe: &Sqe) -> Reply {
@@ -249,7 +266,12 @@ impl AdminState {
                 self.ctrl.kato_ms.store(sqe.cdw11, Ordering::Relaxed);
                 Reply::default()
             }
-            FEAT_VWC if !self.discovery() => Reply::default(),
+            // The cache is always on (writes are durable at Flush or FUA): enabling it is a
+            // no-op; turning it off is refused rather than ignored (as Linux's nvmet does).
+            FEAT_VWC if !self.discovery() => match sqe.cdw11 & 1 {
+                1 => Reply::default(),
+                _ => Reply::status(status::INVALID_FIELD),
+            },
             FEAT_TEMPERATURE => {
                 self.temperature_threshold = sqe.cdw11 & 0xffff;
                 Reply::default()
@@ -315,7 +337,7 @@ mod tests {
     fn setup() -> (Target, AdminState) {
         let t = Target::default();
         let s = t.create_subsystem("nqn.2026-11.dev.ballast:t", true).unwrap();
-        t.add_namespace(&s.nqn, 0, Arc::new(RamDev::new(1 << 20)), 4096).unwrap();
+        t.add_namespace(&s.nqn, 0, Arc::new(RamDev::new(1 << 20)), 4096, "dev").unwrap();
         let c = t.new_controller(Some(s), "nqn.host".into(), [0; 16], 5000, via()).unwrap();
         (t, AdminState::new(c))
     }
@@ -371,13 +393,65 @@ mod tests {
         let (t, mut a) = setup();
         let s = t.subsystem("nqn.2026-11.dev.ballast:t").unwrap();
         let ro = Arc::new(RamDev::try_new(1 << 20, true).unwrap());
-        assert_eq!(t.add_namespace(&s.nqn, 2, ro, 4096).unwrap(), 2);
+        assert_eq!(t.add_namespace(&s.nqn, 2, ro, 4096, "dev").unwrap(), 2);
         assert_eq!(a.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
         let nsattr = |a: &mut AdminState, nsid| {
             a.execute(&t, &cmd(admin::IDENTIFY, nsid, [0; 6])).data.unwrap()[99]
         };
         assert_eq!(nsattr(&mut a, 1), 0);
         assert_eq!(nsattr(&mut a, 2), 1);
+    }
+
+    #[test]
+    fn smart_data_units_round_the_totals_and_the_write_cache_stays_on() {
+        let (t, mut a) = setup();
+        assert_eq!(a.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
+        // 1000 reads of 4 KiB: 4,096,000 bytes = 8 units of 1000 x 512 bytes (not 1000).
+        a.ctrl.bytes_read.fetch_add(1000 * 4096, Ordering::Relaxed);
+        a.ctrl.bytes_written.fetch_add(1, Ordering::Relaxed);
+        let smart = |a: &mut AdminState| {
+            let log =
+                a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0xffff_ffff, [0x007f_0002, 0, 0, 0, 0, 0]));
+            log.data.unwrap()
+        };
+        let log = smart(&mut a);
+        assert_eq!(u64::from_le_bytes(log[32..40].try_into().unwrap()), 8, "data units read");
+        assert_eq!(u64::from_le_bytes(log[48..56].try_into().unwrap()), 1, "rounded up");
+        // Volatile Write Cache: enabling is a no-op, disabling is refused, it reads enabled.
+        let vwc = |a: &mut AdminState, on| {
+            a.execute(&t, &cmd(admin::SET_FEATURES, 0, [6, on, 0, 0, 0, 0]))
+        };
+        assert_eq!(vwc(&mut a, 1).status, status::SUCCESS);
+        assert_eq!(vwc(&mut a, 0).status, status::INVALID_FIELD);
+        assert_eq!(a.execute(&t, &cmd(admin::GET_FEATURES, 0, [6, 0, 0, 0, 0, 0])).dw0, 1);
+    }
+
+    /// A discovery controller's host that enabled discovery-change notices (AEC bit 31, as
+    /// persistent discovery does) gets 0070F002h when a subsystem or listener comes or goes.
+    #[test]
+    fn discovery_controllers_hear_of_discovery_log_changes_once_enabled() {
+        let t = Target::default();
+        let c = t.new_controller(None, "nqn.host".into(), [0; 16], 5000, via()).unwrap();
+        let mut a = AdminState::new(c);
+        assert_eq!(a.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
+        let id = a.execute(&t, &cmd(admin::IDENTIFY, 0, [1, 0, 0, 0, 0, 0])).data.unwrap();
+        assert_eq!(u32::from_le_bytes(id[92..96].try_into().unwrap()), 1 << 31, "OAES");
+        assert!(a.execute(&t, &cmd(admin::ASYNC_EVENT, 0, [0; 6])).held);
+        t.create_subsystem("nqn.2026-11.dev.ballast:new", true).unwrap();
+        assert_eq!(a.take_event(), None, "not enabled: no notice");
+        let aec = cmd(admin::SET_FEATURES, 0, [0x0b, 1 << 31, 0, 0, 0, 0]);
+        assert_eq!(a.execute(&t, &aec).status, status::SUCCESS);
+        assert_eq!(a.take_event(), Some((1, 0x0070_f002)), "the pending change, once enabled");
+        assert_eq!(a.take_event(), None);
+        assert!(a.execute(&t, &cmd(admin::ASYNC_EVENT, 0, [0; 6])).held);
+        t.add_listener("nqn.2026-11.dev.ballast:new", via()).unwrap();
+        assert_eq!(a.take_event(), Some((1, AEN_DISC_CHANGED)));
+        // An I/O controller hears nothing of it.
+        let (t2, mut io) = setup();
+        assert_eq!(io.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
+        assert!(io.execute(&t2, &cmd(admin::ASYNC_EVENT, 0, [0; 6])).held);
+        t2.create_subsystem("nqn.2026-11.dev.ballast:other", true).unwrap();
+        assert_eq!(io.take_event(), None);
     }
 
     #[test]
@@ -405,7 +479,7 @@ mod tests {
         assert_eq!(a.take_event(), None);
         let s = t.subsystem("nqn.2026-11.dev.ballast:t").unwrap();
         t.namespace_changed(&s, 1);
-        assert_eq!(a.take_event(), Some(1));
+        assert_eq!(a.take_event(), Some((1, AEN_NS_CHANGED)));
         let log =
             a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x03ff_0004, 0, 0, 0, 0, 0])).data.unwrap();
         assert_eq!(&log[..8], &[1, 0, 0, 0, 0, 0, 0, 0]);

@@ -185,7 +185,7 @@ fn fixture() -> &'static (Target, Arc<Subsystem>) {
         target.default_listeners.write().insert(fuzz_via());
         target.listener_bound(fuzz_via());
         let subsys = target.create_subsystem("nqn.2026-11.dev.ballast:fuzz", true).unwrap();
-        target.add_namespace(&subsys.nqn, 1, Arc::new(RamDev::new(1 << 20)), 512).unwrap();
+        target.add_namespace(&subsys.nqn, 1, Arc::new(RamDev::new(1 << 20)), 512, "dev").unwrap();
         (target, subsys)
     })
 }

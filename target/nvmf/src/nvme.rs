@@ -203,11 +203,32 @@ pub fn encode_cqe(
     c[8..10].copy_from_slice(&sqhd.to_le_bytes());
     c[10..12].copy_from_slice(&sqid.to_le_bytes());
     c[12..14].copy_from_slice(&cid.to_le_bytes());
-    // Phase bit 0 is unused on fabrics; SC in bits 8:1, SCT in bits 11:9; DNR for errors.
-    let dnr = if status == status::SUCCESS { 0 } else { 1 << 15 };
+    // Phase bit 0 is unused on fabrics; SC in bits 8:1, SCT in bits 11:9; DNR (bit 15) for
+    // errors a retry cannot cure.
+    let dnr = if status == status::SUCCESS || retryable(status) { 0 } else { 1 << 15 };
     let sf: u16 = ((status & 0xff) << 1) | (((status >> 8) & 0x7) << 9) | dnr;
     c[14..16].copy_from_slice(&sf.to_le_bytes());
     c
+}
+
+/// Whether a failed command may succeed if the host sends it again (its completion then goes
+/// without Do Not Retry): a failure of the moment — the transport (a data digest error), the
+/// backend's I/O, an abort, authentication still to be done, a busy controller — as Linux's
+/// nvmet and SPDK answer them. A Linux host retries these (up to `nvme_core.max_retries`, or
+/// on another path) instead of failing the I/O at once; a command that is wrong in itself
+/// (a bad field, an LBA out of range, a write-protected namespace) gets DNR.
+pub fn retryable(status: Status) -> bool {
+    use status::*;
+    matches!(
+        status,
+        INTERNAL
+            | ABORT_REQUESTED
+            | TRANSIENT_TRANSPORT_ERROR
+            | CONNECT_CONTROLLER_BUSY
+            | WRITE_FAULT
+            | UNRECOVERED_READ
+            | crate::auth::command::AUTH_REQUIRED
+    )
 }
 
 /// Decodes a CQE's (cid, status, dw0) (for our initiator and tests).
@@ -310,6 +331,16 @@ mod tests {
         // SC 0x84 << 1 = 0x108, SCT 1 << 9 = 0x200, DNR 0x8000
         assert_eq!(u16::from_le_bytes([c[14], c[15]]), 0x8308);
         assert_eq!(decode_cqe(&c).unwrap().1, status::CONNECT_INVALID_HOST);
+        // A digest error or the backend's failure may be retried: no DNR.
+        for st in [status::TRANSIENT_TRANSPORT_ERROR, status::WRITE_FAULT, status::INTERNAL] {
+            let sf = u16::from_le_bytes(encode_cqe(0, 0, 0, 1, 1, st)[14..16].try_into().unwrap());
+            assert_eq!(sf & 0x8000, 0, "status {st:#x}");
+            assert_eq!(decode_cqe(&encode_cqe(0, 0, 0, 1, 1, st)).unwrap().1, st);
+        }
+        for st in [status::INVALID_FIELD, status::NS_WRITE_PROTECTED, status::CAPACITY_EXCEEDED] {
+            let sf = u16::from_le_bytes(encode_cqe(0, 0, 0, 1, 1, st)[14..16].try_into().unwrap());
+            assert_eq!(sf & 0x8000, 0x8000, "status {st:#x}");
+        }
     }
 
     #[test]

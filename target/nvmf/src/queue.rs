@@ -60,7 +60,7 @@ use ballast_tls::{offload_to_kernel, Pump, TlsLink, TlsSession};
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
-use crate::admin::{AdminState, Reply, AEN_NS_CHANGED};
+use crate::admin::{AdminState, Reply};
 use crate::auth::command::{
     self as auth_command, AuthCommand, AUTH_REQUIRED, CONNECT_AUTHREQ_ATR, FCTYPE_AUTH_RECEIVE,
     FCTYPE_AUTH_SEND,
@@ -978,8 +978,8 @@ impl Queue {
     }
 
     fn deliver_events(&mut self) {
-        while let Some(cid) = self.admin.as_mut().and_then(AdminState::take_event) {
-            self.respond(cid, AEN_NS_CHANGED, 0, status::SUCCESS);
+        while let Some((cid, event)) = self.admin.as_mut().and_then(AdminState::take_event) {
+            self.respond(cid, event, 0, status::SUCCESS);
         }
     }
 
@@ -1387,15 +1387,15 @@ impl Queue {
     /// Counts a finished command in its controller's SMART log (commands and data units).
     fn count_done(&self, kind: OpKind, bytes: u32) {
         let Some(ctrl) = &self.ctrl else { return };
-        let units = u64::from(bytes).div_ceil(512_000);
+        let bytes = u64::from(bytes);
         match kind {
             OpKind::Read => {
                 ctrl.host_reads.fetch_add(1, Ordering::Relaxed);
-                ctrl.data_units_read.fetch_add(units, Ordering::Relaxed);
+                ctrl.bytes_read.fetch_add(bytes, Ordering::Relaxed);
             }
             OpKind::Write => {
                 ctrl.host_writes.fetch_add(1, Ordering::Relaxed);
-                ctrl.data_units_written.fetch_add(units, Ordering::Relaxed);
+                ctrl.bytes_written.fetch_add(bytes, Ordering::Relaxed);
             }
             _ => {}
         }

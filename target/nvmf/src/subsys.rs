@@ -56,6 +56,10 @@ pub enum SubsysError {
     NsidInUse(u32),
     #[error("no namespace {0}")]
     NoNamespace(u32),
+    #[error("namespace id {0} out of range: 1 to {max} (Identify's NN)", max = crate::identify::NN)]
+    NsidRange(u32),
+    #[error("subsystem {nqn:?} holds at most {max} namespaces")]
+    Full { nqn: String, max: u32 },
     #[error("block size {0} not supported (512 or 4096)")]
     BlockSize(u32),
     #[error("subsystem {nqn:?} does not listen on {addr}")]
@@ -222,8 +226,10 @@ pub struct Controller {
     pub changed_ns: Mutex<BTreeSet<u32>>,
     /// A namespace-attribute notice is waiting for an AER.
     pub aen_pending: AtomicBool,
-    pub data_units_read: AtomicU64,
-    pub data_units_written: AtomicU64,
+    /// Bytes its reads and writes moved: the SMART log's data units are rounded from these
+    /// totals, not per command.
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
     pub host_reads: AtomicU64,
     pub host_writes: AtomicU64,
 }
@@ -280,7 +286,7 @@ impl Target {
     /// Sets what listener `addr` asks of hosts (the discovery log shows it).
     pub fn set_secure_channel(&self, addr: ListenAddr, secure: SecureChannel) {
         self.secure.write().insert(addr, secure);
-        self.genctr.fetch_add(1, Ordering::Relaxed);
+        self.discovery_changed();
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -326,7 +332,8 @@ impl Target {
             listeners: RwLock::default(),
         });
         map.insert(nqn.into(), subsys.clone());
-        self.genctr.fetch_add(1, Ordering::Relaxed);
+        drop(map);
+        self.discovery_changed();
         Ok(subsys)
     }
 
@@ -339,21 +346,25 @@ impl Target {
                 c.dead.store(true, Ordering::Relaxed);
             }
         }
-        self.genctr.fetch_add(1, Ordering::Relaxed);
+        self.discovery_changed();
         Ok(())
     }
 
     /// Records a bound listener (once); returns its port id.
     pub fn listener_bound(&self, addr: ListenAddr) -> u16 {
-        let mut all = self.listeners.write();
-        let index = match all.iter().position(|a| *a == addr) {
-            Some(i) => i,
-            None => {
-                all.push(addr);
-                self.genctr.fetch_add(1, Ordering::Relaxed);
-                all.len() - 1
+        let (index, added) = {
+            let mut all = self.listeners.write();
+            match all.iter().position(|a| *a == addr) {
+                Some(i) => (i, false),
+                None => {
+                    all.push(addr);
+                    (all.len() - 1, true)
+                }
             }
         };
+        if added {
+            self.discovery_changed();
+        }
         u16::try_from(index + 1).unwrap_or(u16::MAX)
     }
 
@@ -369,7 +380,7 @@ impl Target {
         let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
         let added = subsys.listeners.write().insert(addr);
         if added {
-            self.genctr.fetch_add(1, Ordering::Relaxed);
+            self.discovery_changed();
         }
         Ok(added)
     }
@@ -384,7 +395,7 @@ impl Target {
         for c in self.controllers_of(nqn).iter().filter(|c| c.via == *addr) {
             c.dead.store(true, Ordering::Relaxed);
         }
-        self.genctr.fetch_add(1, Ordering::Relaxed);
+        self.discovery_changed();
         Ok(())
     }
 
@@ -397,12 +408,17 @@ impl Target {
     }
 
     /// Adds a namespace (`nsid` 0 picks the lowest free id); tells the controllers.
+    /// `device_id` names the data behind it (its device's UUID): the namespace's NGUID, UUID
+    /// and EUI-64 derive from it with the NQN and the id, so they stay the same across
+    /// restarts while the data does, and are never those of another device given the same
+    /// id later (a host that sees the same identifiers keeps its cache of the old data).
     pub fn add_namespace(
         &self,
         nqn: &str,
         nsid: u32,
         dev: Arc<dyn BlockDev>,
         block_size: u32,
+        device_id: &str,
     ) -> Result<u32, SubsysError> {
         let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
         let lba_shift = match block_size {
@@ -410,15 +426,25 @@ impl Target {
             4096 => 12,
             other => return Err(SubsysError::BlockSize(other)),
         };
+        // Hosts ask Identify only for ids up to NN; FFFFFFFFh is the broadcast id.
+        if nsid > crate::identify::NN {
+            return Err(SubsysError::NsidRange(nsid));
+        }
         let nsid = {
             let mut map = subsys.namespaces.write();
-            let nsid =
-                if nsid == 0 { (1..).find(|n| !map.contains_key(n)).unwrap_or(1) } else { nsid };
+            let nsid = if nsid == 0 {
+                (1..=crate::identify::NN)
+                    .find(|n| !map.contains_key(n))
+                    .ok_or(SubsysError::Full { nqn: nqn.into(), max: crate::identify::NN })?
+            } else {
+                nsid
+            };
             if map.contains_key(&nsid) {
                 return Err(SubsysError::NsidInUse(nsid));
             }
-            let h1 = fnv(&[nqn.as_bytes(), &nsid.to_le_bytes(), b"nguid"]);
-            let h2 = fnv(&[nqn.as_bytes(), &nsid.to_le_bytes(), b"uuid"]);
+            let id = device_id.as_bytes();
+            let h1 = fnv(&[nqn.as_bytes(), &nsid.to_le_bytes(), id, b"nguid"]);
+            let h2 = fnv(&[nqn.as_bytes(), &nsid.to_le_bytes(), id, b"uuid"]);
             let mut nguid = [0u8; 16];
             nguid[..8].copy_from_slice(&h1.to_be_bytes());
             nguid[8..].copy_from_slice(&h2.to_be_bytes());
@@ -426,7 +452,7 @@ impl Target {
             uuid.reverse();
             uuid[6] = (uuid[6] & 0x0f) | 0x40; // version 4 layout
             uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
-            let eui64 = fnv(&[nqn.as_bytes(), &nsid.to_le_bytes(), b"eui64"]).to_be_bytes();
+            let eui64 = fnv(&[nqn.as_bytes(), &nsid.to_le_bytes(), id, b"eui64"]).to_be_bytes();
             map.insert(nsid, Arc::new(Namespace { nsid, dev, lba_shift, nguid, eui64, uuid }));
             nsid
         };
@@ -439,6 +465,18 @@ impl Target {
         subsys.namespaces.write().remove(&nsid).ok_or(SubsysError::NoNamespace(nsid))?;
         self.namespace_changed(&subsys, nsid);
         Ok(())
+    }
+
+    /// The discovery log changed: its generation counter moves on, and every discovery
+    /// controller gets a discovery-log-change notice (sent if its host enabled them, AEC bit
+    /// 31: persistent discovery, nvme-cli's autoconnect rules).
+    fn discovery_changed(&self) {
+        self.genctr.fetch_add(1, Ordering::Relaxed);
+        for c in self.controllers.lock().values() {
+            if c.subsys.is_none() {
+                c.aen_pending.store(true, Ordering::Release);
+            }
+        }
     }
 
     /// Queues a namespace-attribute-changed notice for every controller of `subsys`.
@@ -483,8 +521,8 @@ impl Target {
                 ),
                 changed_ns: Mutex::default(),
                 aen_pending: AtomicBool::new(false),
-                data_units_read: AtomicU64::new(0),
-                data_units_written: AtomicU64::new(0),
+                bytes_read: AtomicU64::new(0),
+                bytes_written: AtomicU64::new(0),
                 host_reads: AtomicU64::new(0),
                 host_writes: AtomicU64::new(0),
             });
@@ -534,5 +572,28 @@ mod tests {
         assert!(!subsys.host_allowed("nqn.2014-08.org.nvmexpress:other"), "not listed");
         subsys.refused_hosts.write().remove(HOST);
         assert!(subsys.host_allowed(HOST), "listed again once no longer refused");
+    }
+
+    #[test]
+    fn namespace_ids_stay_within_what_identify_answers() {
+        use ballast_engine::ram::RamDev;
+        let target = Target::default();
+        let nqn = "nqn.2026-11.dev.ballast:ids";
+        target.create_subsystem(nqn, true).unwrap();
+        let dev = || -> Arc<dyn BlockDev> { Arc::new(RamDev::new(1 << 20)) };
+        for bad in [crate::identify::NN + 1, 2000, u32::MAX] {
+            let e = target.add_namespace(nqn, bad, dev(), 4096, "dev").unwrap_err();
+            assert!(matches!(e, SubsysError::NsidRange(n) if n == bad), "{bad}: {e}");
+        }
+        assert_eq!(
+            target.add_namespace(nqn, crate::identify::NN, dev(), 4096, "dev").unwrap(),
+            1024
+        );
+        // Automatic ids fill 1..=NN, then the subsystem is full.
+        for want in 1..crate::identify::NN {
+            assert_eq!(target.add_namespace(nqn, 0, dev(), 4096, "dev").unwrap(), want);
+        }
+        let e = target.add_namespace(nqn, 0, dev(), 4096, "dev").unwrap_err();
+        assert!(matches!(e, SubsysError::Full { max: 1024, .. }), "{e}");
     }
 }

@@ -341,6 +341,29 @@ mod tests {
         add_export(registry, name, "ram:1M", false, String::new()).unwrap()
     }
 
+    /// A file export is the same device after a restart (its namespaces keep their ids): its
+    /// UUID comes from its name and file; a RAM export's data is new each time, and so is it.
+    #[test]
+    fn a_file_exports_uuid_outlives_the_daemon_a_ram_exports_does_not() {
+        let dir = std::env::temp_dir().join(format!("ballast-uuid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.img");
+        let spec = format!("file:{}:1M", path.display());
+        let uuid = |name: &str, spec: &str| {
+            let r = Registry::new(Arc::new(Target::default()), None);
+            add_export(&r, name, spec, false, String::new()).unwrap().uuid.clone()
+        };
+        let first = uuid("f", &spec);
+        assert_eq!(uuid("f", &spec), first, "same name, same file: same device");
+        // The same file by another path spelling is the same file.
+        let other = format!("file:{}/./f.img:1M", dir.display());
+        assert_eq!(uuid("f", &other), first);
+        assert_ne!(uuid("g", &spec), first, "another name: another device");
+        assert!(lvstore::canonical_uuid(&first).is_some());
+        assert_ne!(uuid("r", "ram:1M"), uuid("r", "ram:1M"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn devices_are_found_by_name_and_uuid_and_exported_over_nbd() {
         let r = Registry::new(Arc::new(Target::default()), None);

@@ -575,6 +575,25 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_is_identified_by_its_device_not_only_its_place() {
+        use ballast_engine::ram::RamDev;
+        let target = Target::default();
+        let nqn = "nqn.2026-11.dev.ballast:swap";
+        target.create_subsystem(nqn, true).unwrap();
+        let ids = |device: &str| {
+            target.add_namespace(nqn, 1, Arc::new(RamDev::new(1 << 20)), 4096, device).unwrap();
+            let ns = target.subsystem(nqn).unwrap().namespace(1).unwrap();
+            target.remove_namespace(nqn, 1).unwrap();
+            (ns.nguid, ns.uuid, ns.eui64)
+        };
+        let a = ids("5f0c7a2e-0000-4000-8000-00000000000a");
+        let b = ids("5f0c7a2e-0000-4000-8000-00000000000b");
+        assert!(a.0 != b.0 && a.1 != b.1 && a.2 != b.2, "another device at nsid 1: new ids");
+        assert_eq!(ids("5f0c7a2e-0000-4000-8000-00000000000a"), a, "the same device: the same");
+        assert_eq!(a.1[6] >> 4, 4, "UUID version 4 layout");
+    }
+
+    #[test]
     fn namespace_ids_stay_within_what_identify_answers() {
         use ballast_engine::ram::RamDev;
         let target = Target::default();

@@ -200,6 +200,7 @@ class Host:
             if typ == C2H_DATA:
                 data += p[p[3]:]
                 if p[1] & 0x08:  # SUCCESS: no response capsule follows
+                    self.dnr = False
                     return 0, bytes(data)
             elif typ == CAPSULE_RESP:
                 sf = struct.unpack("<H", p[22:24])[0]

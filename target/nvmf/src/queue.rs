@@ -95,7 +95,6 @@ const TAG_AUTH_WORK: u32 = u32::MAX - 8;
 /// What answering an authentication command needs once its step is done.
 struct AuthStep {
     cid: u16,
-    receive: bool,
     was_authenticated: bool,
     action: Action,
 }
@@ -199,6 +198,10 @@ pub struct Queue {
     auth: Option<Box<QueueAuth>>,
     /// An authentication step running off the core (its result comes back here).
     auth_away: Option<Away<(Box<QueueAuth>, AuthStep)>>,
+    /// When a queue that had authenticated began again (a host re-authenticates its live
+    /// queues when its secrets change): that transaction's deadline counts from here, not
+    /// from the connection's start.
+    reauth_since: Option<Instant>,
     /// The core this queue is moving to (its namespace's home), from its Connect until it
     /// leaves.
     moving: Option<usize>,
@@ -248,6 +251,7 @@ impl Queue {
             tls_names: None,
             auth: None,
             auth_away: None,
+            reauth_since: None,
             moving: None,
             arrived: None,
             spread: None,
@@ -906,6 +910,14 @@ impl Queue {
         };
         // The step's modular exponentiation (DH) costs milliseconds: off the core with it;
         // the queue stays unauthenticated meanwhile (`auth_pending`).
+        if matches!(command, AuthCommand::Send { .. }) {
+            // The keys configured now, for the transaction a Negotiate would start (a rotated
+            // key authenticates, a removed one no longer does).
+            if let Some(ctrl) = &self.ctrl {
+                let subnqn = ctrl.subsys.as_ref().map_or(DISCOVERY_NQN, |s| s.nqn.as_str());
+                auth.rekey(self.target.auth.get(&ctrl.hostnqn, subnqn));
+            }
+        }
         let (cid, payload) = (sqe.cid, data.to_vec());
         self.auth_away = Some(cx.offload_with(TAG_AUTH_WORK, move || {
             let was_authenticated = auth.is_authenticated();
@@ -915,8 +927,7 @@ impl Queue {
                     auth.on_event(Event::Receive { allocation_len: allocation_len as usize })
                 }
             };
-            let receive = matches!(command, AuthCommand::Receive { .. });
-            (auth, AuthStep { cid, receive, was_authenticated, action })
+            (auth, AuthStep { cid, was_authenticated, action })
         }));
     }
 
@@ -930,9 +941,9 @@ impl Queue {
             return;
         };
         let (authenticated, negotiated) = (auth.is_authenticated(), auth.negotiated());
-        let failure = auth.failure();
+        let (failure, failed) = (auth.failure(), auth.is_failed());
         self.auth = Some(auth);
-        let AuthStep { cid, receive, was_authenticated, action } = step;
+        let AuthStep { cid, was_authenticated, action } = step;
         match action {
             Action::Accepted => self.respond(cid, 0, 0, status::SUCCESS),
             Action::Data(bytes) => {
@@ -946,12 +957,21 @@ impl Queue {
             }
         }
         let host = self.ctrl.as_ref().map(|c| c.hostnqn.clone()).unwrap_or_default();
+        if authenticated {
+            self.reauth_since = None;
+        } else if was_authenticated {
+            self.reauth_since = Some(Instant::now());
+        }
         if authenticated && !was_authenticated {
             let (hash, group) = negotiated.map_or(("?", "?"), |(h, g)| (h.name(), g.name()));
             tracing::info!(peer = %self.peer, host = %host, qid = self.qid, hash, dhgroup = group, "DH-HMAC-CHAP: queue authenticated");
             self.restart_tick(cx);
-        } else if let (Some(reason), true) = (failure, receive) {
-            tracing::warn!(peer = %self.peer, host = %host, qid = self.qid, ?reason, "DH-HMAC-CHAP: authentication failed");
+        } else if failed {
+            // The host was told (Failure1) or told us (Failure2): the association ends, as
+            // nvmet (a fatal controller error) and SPDK end it; the response goes out first.
+            let reason = failure.map(|r| format!("{r:?}")).unwrap_or_default();
+            tracing::warn!(peer = %self.peer, host = %host, qid = self.qid, reason, "DH-HMAC-CHAP: authentication failed; closing the queue");
+            self.close_read();
         }
     }
 
@@ -1442,7 +1462,12 @@ impl Queue {
         }
         let now = Instant::now();
         let handshaking = self.phase != Phase::Ready || self.auth_pending();
-        if handshaking && self.progress.handshake_expired(self.guard.limits(), now) {
+        let expired = match self.reauth_since {
+            // A re-authentication has the handshake deadline from its own start.
+            Some(since) => now.duration_since(since) >= self.guard.limits().handshake_timeout,
+            None => self.progress.handshake_expired(self.guard.limits(), now),
+        };
+        if handshaking && expired {
             self.guard.handshake_timed_out();
             self.abort("ICReq, Connect and authentication not done within the handshake deadline");
             return;

@@ -19,7 +19,10 @@
 //! - every message after the Negotiate must carry the Negotiate's T_ID;
 //! - a protocol error never panics and never completes the command with an error status: as
 //!   in nvmet, the Send succeeds and the next Receive returns a Failure1 naming the reason;
-//! - the transformed secrets are computed once per [`AuthConfig`] and never leave it.
+//! - the transformed secrets are computed once per [`AuthConfig`] and never leave it;
+//! - each transaction uses the keys configured when its Negotiate arrived
+//!   ([`QueueAuth::rekey`]: a host re-authenticating after a key rotation proves the new key,
+//!   and a revoked key no longer authenticates), as nvmet reloads them at every Negotiate.
 
 use std::sync::Arc;
 
@@ -171,6 +174,8 @@ enum State {
 /// One queue's authentication.
 pub struct QueueAuth {
     config: Arc<AuthConfig>,
+    /// The keys configured now (`Some(None)`: none any more), taken at the next Negotiate.
+    rekeyed: Option<Option<Arc<AuthConfig>>>,
     entropy: Box<dyn Entropy + Send>,
     state: State,
 }
@@ -183,7 +188,13 @@ impl std::fmt::Debug for QueueAuth {
 
 impl QueueAuth {
     pub fn new(config: Arc<AuthConfig>, entropy: Box<dyn Entropy + Send>) -> Self {
-        QueueAuth { config, entropy, state: State::WaitNegotiate }
+        QueueAuth { config, rekeyed: None, entropy, state: State::WaitNegotiate }
+    }
+
+    /// The keys configured for this host and subsystem now (`None`: it has none any more):
+    /// the next transaction (Negotiate) uses them; one under way keeps its own.
+    pub fn rekey(&mut self, config: Option<Arc<AuthConfig>>) {
+        self.rekeyed = Some(config);
     }
 
     /// True once the host proved its secret (and, bidirectionally, acknowledged ours).
@@ -197,6 +208,11 @@ impl QueueAuth {
             State::Done { hash, group, .. } => Some((hash, group)),
             _ => None,
         }
+    }
+
+    /// The transaction failed and the host was told (Failure1 delivered, or its Failure2).
+    pub fn is_failed(&self) -> bool {
+        matches!(self.state, State::Failed { .. })
     }
 
     /// Why the last transaction failed, once it has.
@@ -254,6 +270,17 @@ impl QueueAuth {
             Err(_) => return self.fail(tid, FailureReason::IncorrectPayload),
         };
         if let Message::Negotiate { tid, sc_c, descriptors } = &message {
+            let config = match self.rekeyed.take() {
+                Some(Some(config)) => Some(config),
+                Some(None) => None,
+                None => Some(self.config.clone()),
+            };
+            let Some(config) = config else {
+                // Its keys were removed: nothing to authenticate with.
+                self.state = State::FailurePending { tid: *tid, reason: FailureReason::Failed };
+                return;
+            };
+            self.config = config;
             self.state = match self.negotiate(*tid, *sc_c, descriptors) {
                 Ok(exchange) => State::ChallengePending(Box::new(exchange)),
                 Err(reason) => State::FailurePending { tid: *tid, reason },

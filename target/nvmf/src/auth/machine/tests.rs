@@ -240,6 +240,32 @@ fn wrong_secrets_fail() {
     assert!(!q.is_authenticated());
 }
 
+/// A re-authentication after the host's key was replaced proves the new key (the old one
+/// fails); once the key is removed, no re-authentication succeeds.
+#[test]
+fn each_transaction_uses_the_keys_configured_at_its_negotiate() {
+    let config = |s: &DhchapSecret| {
+        Arc::new(
+            AuthConfig::new(HOSTNQN, SUBNQN, s, None)
+                .with_preferences(&[HashId::Sha256], &[DhGroup::Null])
+                .unwrap(),
+        )
+    };
+    let (old, new) = (secret(Some(HashId::Sha256), 1), secret(Some(HashId::Sha256), 2));
+    let host = |s: &DhchapSecret| Host { secret: s.clone(), ctrl_secret: None, hostnqn: HOSTNQN };
+    let mut q = QueueAuth::new(config(&old), Box::new(Script(VecDeque::new(), 1)));
+    host(&old).authenticate(&mut q, 1);
+    assert!(q.is_authenticated());
+    q.rekey(Some(config(&new)));
+    assert_eq!(failure1(&host(&old).authenticate(&mut q, 2)), FailureReason::Failed);
+    q.rekey(Some(config(&new)));
+    host(&new).authenticate(&mut q, 3);
+    assert!(q.is_authenticated(), "the rotated key authenticates");
+    q.rekey(None);
+    assert_eq!(failure1(&host(&new).authenticate(&mut q, 5)), FailureReason::Failed);
+    assert!(!q.is_authenticated(), "a removed key authenticates nothing");
+}
+
 #[test]
 fn out_of_order_messages_are_refused() {
     let host_secret = secret(None, 1);

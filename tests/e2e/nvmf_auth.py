@@ -1,0 +1,190 @@
+#!/usr/bin/python3
+"""DH-HMAC-CHAP on live queues, with a raw host (tests/nvmeraw.py) that computes its responses
+as Linux's host does (NULL DH group, SHA-256, a DHHC-1:00 secret: no transform):
+- a host whose key the subsystem has must authenticate its admin queue before anything else
+  (Authentication Required, with Do Not Retry, as nvmet sends it);
+- re-authentication of a queue older than the handshake deadline (Linux's host does it when its
+  secret is written in sysfs) is not cut off by that deadline: it has its own;
+- a key rotated over RPC (the host added again with a new key) is the one a re-authentication
+  proves, on the same queue; the old one fails;
+- a failed authentication ends the queue once the host has its Failure1, as nvmet and SPDK do.
+Run with /usr/bin/python3.
+"""
+import base64
+import hashlib
+import hmac
+import json
+import os
+import socket
+import struct
+import sys
+import time
+import zlib
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nvmeraw as n  # noqa: E402
+from ballast_testlib import Ballast, guarded  # noqa: E402
+
+NQN = "nqn.2026-12.dev.ballast:auth"
+SEND, RECEIVE = 0x05, 0x06
+CDW10 = (0xe9 << 24) | (0x01 << 16) | (0x01 << 8)  # SECP, SPSP1, SPSP0
+AUTH_REQUIRED = 0x191
+
+
+def dhhc(key):
+    """The key as `nvme gen-dhchap-key` prints it (no transform)."""
+    return "DHHC-1:00:%s:" % base64.b64encode(key + zlib.crc32(key).to_bytes(4, "little")).decode()
+
+
+class AuthHost:
+    """An admin queue of a controller of NQN, and DH-HMAC-CHAP over it."""
+
+    def __init__(self, port):
+        self.q = n.Host(port, timeout=10)
+        self.q.handshake()
+        cid = self.q.next_cid()
+        self.q.send(n.capsule(n.sqe(n.FABRICS, cid, sgl_len=1024, sgl_type=n.SGL_INCAPSULE,
+                                    cdw=(0, 31, 0, 0, 0, 0), fctype=n.FCTYPE_CONNECT),
+                              n.connect_data(NQN)))
+        _, self.connect_status, dw0 = self.q.response()
+        self.atr = bool(dw0 & (1 << 17))
+        self.tid = 0
+
+    def send(self, payload):
+        cid = self.q.next_cid()
+        self.q.send(n.capsule(n.sqe(n.FABRICS, cid, sgl_len=len(payload), sgl_type=n.SGL_INCAPSULE,
+                                    cdw=(CDW10, len(payload), 0, 0, 0, 0), fctype=SEND), payload))
+        return self.q.response()[1]
+
+    def receive(self, length=4096):
+        cid = self.q.next_cid()
+        self.q.send(n.capsule(n.sqe(n.FABRICS, cid, sgl_len=length,
+                                    cdw=(CDW10, length, 0, 0, 0, 0), fctype=RECEIVE)))
+        data = bytearray()
+        while True:
+            typ, p = self.q.pdu()
+            if typ == n.C2H_DATA:
+                data += p[p[3]:]
+                if p[1] & 0x08:
+                    return 0, bytes(data)
+            elif typ == n.CAPSULE_RESP:
+                return (struct.unpack("<H", p[22:24])[0] >> 1) & 0x7FF, bytes(data)
+
+    def negotiate(self):
+        self.tid += 1
+        d = bytearray(64)
+        d[0], d[2], d[3] = 1, 1, 1      # DH-HMAC-CHAP; one hash, one group
+        d[4], d[34] = 1, 0              # SHA-256; the NULL DH group
+        return self.send(struct.pack("<BBHHBB", 0, 0, 0, self.tid, 0, 1) + bytes(d))
+
+    def finish(self, key):
+        """After a Negotiate: Challenge, Reply with R1 from `key`, then the controller's answer
+        ("success", "failure", or what else came)."""
+        st, ch = self.receive()
+        if st != 0 or len(ch) < 16 or ch[:2] != b"\x01\x01":
+            return "no challenge (status 0x%x, %r)" % (st, ch[:8])
+        hl, seq = ch[6], struct.unpack("<I", ch[12:16])[0]
+        c1 = ch[16:16 + hl]
+        r1 = hmac.new(key, c1 + struct.pack("<IHB", seq, self.tid, 0) + b"HostHost" +
+                      n.HOSTNQN.encode() + b"\0" + NQN.encode(), hashlib.sha256).digest()
+        reply = struct.pack("<BBHHBBBBHI", 1, 2, 0, self.tid, 32, 0, 0, 0, 0, 0) + r1 + bytes(32)
+        if self.send(reply) != 0:
+            return "reply refused"
+        st, ans = self.receive()
+        if st == 0 and ans[:2] == b"\x01\x03":
+            return "success"
+        if st == 0 and ans[:2] == b"\x00\xf1":
+            return "failure"
+        return "status 0x%x %r" % (st, ans[:8])
+
+    def authenticate(self, key):
+        st = self.negotiate()
+        return self.finish(key) if st == 0 else "negotiate refused 0x%x" % st
+
+    def identify(self):
+        """Identify Controller: its status and Do Not Retry."""
+        st, _ = self.q.admin_read(n.OP_IDENTIFY, (1, 0, 0, 0, 0, 0), 4096)
+        return st, self.q.dnr
+
+    def closed(self, within):
+        """True if the target closes the connection within `within` seconds."""
+        self.q.s.settimeout(within)
+        try:
+            while True:
+                if not self.q.s.recv(4096):
+                    return True
+        except socket.timeout:
+            return False
+        except OSError:
+            return True
+
+    def close(self):
+        self.q.close()
+
+
+def main(r):
+    with Ballast(["--export", "mem=ram:16M", "--handshake-timeout", "2"]) as b:
+        port = b.nvmf_port()
+
+        def rpc(method, params):
+            p = b.ctl("rpc", method, json.dumps(params))
+            if p.returncode != 0:
+                raise AssertionError("%s: %s" % (method, p.stderr.strip()))
+
+        keys = {name: os.urandom(32) for name in ("k1", "k2", "wrong")}
+        for name, key in keys.items():
+            path = os.path.join(b.tmp, name + ".key")
+            with open(path, "w") as f:
+                f.write(dhhc(key))
+            os.chmod(path, 0o600)
+            rpc("keyring_file_add_key", {"name": name, "path": path})
+        rpc("nvmf_create_subsystem", {"nqn": NQN})
+        rpc("nvmf_subsystem_add_ns", {"nqn": NQN, "namespace": {"bdev_name": "mem"}})
+        rpc("nvmf_subsystem_add_listener", {"nqn": NQN, "listen_address": {
+            "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": str(port)}})
+        rpc("nvmf_subsystem_add_host", {"nqn": NQN, "host": n.HOSTNQN, "dhchap_key": "k1"})
+
+        h = AuthHost(port)
+        r.check("Connect asks the host to authenticate (ATR)", h.connect_status == 0 and h.atr)
+        st, dnr = h.identify()
+        r.check("before authenticating: Authentication Required, with Do Not Retry (as nvmet)",
+                st == AUTH_REQUIRED and dnr, "status 0x%x, DNR %s" % (st, dnr))
+        r.check_eq("the host authenticates with its key", "success", h.authenticate(keys["k1"]))
+        h.q.enable()
+        r.check_eq("then commands run", (0, False), h.identify())
+
+        # Past the 2 s handshake deadline, the host re-authenticates (new secret in sysfs).
+        time.sleep(3)
+        st = h.negotiate()
+        time.sleep(1.2)  # several ticks of the admin queue mid-transaction
+        st2, dnr = h.identify()
+        r.check("mid re-authentication: Authentication Required, with Do Not Retry",
+                st == 0 and st2 == AUTH_REQUIRED and dnr, "negotiate 0x%x, identify 0x%x" % (st, st2))
+        r.check_eq("a re-authentication after the handshake deadline is not cut off by it",
+                   "success", h.finish(keys["k1"]))
+        r.check_eq("... and the queue serves", (0, False), h.identify())
+
+        # The key rotates: the host is added again with k2; re-authentication proves k2.
+        rpc("nvmf_subsystem_add_host", {"nqn": NQN, "host": n.HOSTNQN, "dhchap_key": "k2"})
+        r.check_eq("after a rotation over RPC, re-authenticating with the new key succeeds on the "
+                   "same queue", "success", h.authenticate(keys["k2"]))
+        h.close()
+
+        # A failed authentication ends the queue once the host has its Failure1.
+        bad = AuthHost(port)
+        r.check_eq("a wrong key: Failure1", "failure", bad.authenticate(keys["wrong"]))
+        r.check("... and the target closes the queue", bad.closed(3))
+        bad.close()
+        old = AuthHost(port)
+        r.check_eq("the rotated-out key fails on a new connection", "failure",
+                   old.authenticate(keys["k1"]))
+        old.close()
+        good = AuthHost(port)
+        r.check_eq("a new connection with the current key authenticates", "success",
+                   good.authenticate(keys["k2"]))
+        good.close()
+        r.check("no panics", not b.panics(), "\n".join(b.panics()[:5]))
+
+
+if __name__ == "__main__":
+    guarded(main)

@@ -607,6 +607,19 @@ def run_all(r, b):
         accept_error_or_close(r, "BLOCK_STATUS without negotiated meta context", c, usable_check=usable)
         c.close()
 
+        # FUA is valid on every command (proto.md: the server MUST accept it, even by ignoring
+        # it): CACHE and FLUSH with it succeed, DISC with it still disconnects.
+        c = Raw(port, timeout=30)
+        c.start()
+        c.go("vol")
+        for kind, name in ((CMD_CACHE, "CACHE"), (CMD_FLUSH, "FLUSH")):
+            c.req(kind, 0, 4096 if kind == CMD_CACHE else 0, flags=1)
+            err, _ = c.simple_reply()
+            r.check_eq("%s with FUA succeeds" % name, "ok", errname(err) if err else "ok")
+        c.req(CMD_DISC, 0, 0, flags=1)
+        r.check("DISC with FUA disconnects", c.wait_closed(5), "still open after 5 s")
+        c.close()
+
         c = Raw(port, timeout=30)
         c.start()
         c.go("vol")

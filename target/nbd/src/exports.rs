@@ -48,6 +48,8 @@ pub enum ExportError {
     NotFound(String),
     #[error("invalid export name {0:?}: 1-4096 bytes of UTF-8 without NUL")]
     BadName(String),
+    #[error("invalid description of export {0:?}: at most 4096 bytes of UTF-8 without NUL")]
+    BadDescription(String),
 }
 
 #[derive(Default)]
@@ -79,6 +81,11 @@ impl ExportTable {
         let name = export.name.clone();
         if name.is_empty() || name.len() > codec::STRING_MAX || name.contains('\0') {
             return Err(ExportError::BadName(name));
+        }
+        // NBD_INFO_DESCRIPTION and NBD_OPT_LIST carry it: a longer one breaks libnbd's listing
+        // of every export.
+        if export.description.len() > codec::STRING_MAX || export.description.contains('\0') {
+            return Err(ExportError::BadDescription(name));
         }
         let mut inner = self.inner.write();
         if inner.map.contains_key(&name) {

@@ -299,7 +299,9 @@ impl Handshake {
                     return invalid(out, "malformed NBD_OPT_INFO/GO data");
                 };
                 let Some(export) = exports.get(&req.name) else {
-                    let msg = format!("no export named {:?}", req.name);
+                    // Strings on the wire are at most 4096 bytes (the name may be that long).
+                    let mut msg = format!("no export named {:?}", req.name);
+                    msg.truncate(msg.floor_char_boundary(codec::STRING_MAX));
                     codec::encode_option_reply(out, option, codec::REP_ERR_UNKNOWN, msg.as_bytes());
                     return Step::NeedMore;
                 };
@@ -323,11 +325,14 @@ impl Handshake {
                         _ => {}
                     }
                 }
+                // The preferred size is never below the minimum (a 16 KiB-LBA namespace): qemu
+                // drops such a server, libnbd ignores all three sizes.
+                let min = export.dev.info().min_block.max(BLOCK_MIN);
                 codec::encode_info_block_size(
                     out,
                     option,
-                    export.dev.info().min_block.max(BLOCK_MIN),
-                    BLOCK_PREFERRED,
+                    min,
+                    BLOCK_PREFERRED.max(min),
                     self.max_payload,
                 );
                 codec::encode_option_reply(out, option, codec::REP_ACK, &[]);
@@ -398,10 +403,11 @@ impl Handshake {
             })
         };
         if wanted {
+            // A listed context has no id yet: proto.md says it SHOULD be zero (as qemu sends).
             codec::encode_rep_meta_context(
                 out,
                 option,
-                META_ALLOCATION_ID,
+                if set { META_ALLOCATION_ID } else { 0 },
                 codec::META_BASE_ALLOCATION,
             );
         }
@@ -423,6 +429,7 @@ impl Handshake {
 mod tests {
     use super::*;
     use ballast_engine::ram::RamDev;
+    use ballast_engine::BlockDev;
 
     fn table() -> ExportTable {
         let t = ExportTable::default();
@@ -526,6 +533,107 @@ mod tests {
         assert_eq!(&out[12..16], &codec::REP_ERR_INVALID.to_be_bytes());
         let Some(Step::Enter(n)) = step else { panic!() };
         assert!(n.meta_allocation);
+    }
+
+    /// NBD_OPT_LIST_META_CONTEXT names the context with id 0 (proto.md: it SHOULD; ids are
+    /// SET_META_CONTEXT's), SET with its id.
+    #[test]
+    fn listed_contexts_carry_id_zero_set_ones_their_id() {
+        let t = table();
+        let mut meta = 4u32.to_be_bytes().to_vec();
+        meta.extend_from_slice(b"vol0");
+        meta.extend_from_slice(&0u32.to_be_bytes()); // no query: list all
+        for (option, want) in
+            [(codec::OPT_LIST_META_CONTEXT, 0), (codec::OPT_SET_META_CONTEXT, META_ALLOCATION_ID)]
+        {
+            let mut input = 3u32.to_be_bytes().to_vec();
+            input.extend(opt(codec::OPT_STRUCTURED_REPLY, &[]));
+            let mut query = meta.clone();
+            if option == codec::OPT_SET_META_CONTEXT {
+                query.truncate(8);
+                query.extend_from_slice(&1u32.to_be_bytes());
+                query.extend_from_slice(&15u32.to_be_bytes());
+                query.extend_from_slice(b"base:allocation");
+            }
+            input.extend(opt(option, &query));
+            let mut hs = Handshake::new();
+            let (out, _) = run(&mut hs, &input, 64, &t);
+            // After STRUCTURED_REPLY's ACK (20 bytes): REP_META_CONTEXT, its id first.
+            assert_eq!(reply_type(&out, 20), codec::REP_META_CONTEXT);
+            assert_eq!(u32::from_be_bytes(out[40..44].try_into().unwrap()), want);
+        }
+    }
+
+    /// The preferred block size is never below the minimum (a namespace with 16 KiB blocks).
+    #[test]
+    fn preferred_block_size_is_at_least_the_minimum() {
+        struct Big(RamDev, ballast_engine::DevInfo);
+        impl BlockDev for Big {
+            fn info(&self) -> &ballast_engine::DevInfo {
+                &self.1
+            }
+            fn size_bytes(&self) -> u64 {
+                self.0.size_bytes()
+            }
+            fn submit(
+                &self,
+                cx: &mut ballast_engine::Cx<'_>,
+                cmd: ballast_engine::IoCmd,
+                tag: u32,
+            ) {
+                self.0.submit(cx, cmd, tag)
+            }
+            fn extents(
+                &self,
+                offset: u64,
+                len: u64,
+                max: usize,
+            ) -> std::io::Result<Vec<ballast_engine::Extent>> {
+                self.0.extents(offset, len, max)
+            }
+            fn flush_blocking(&self) -> std::io::Result<()> {
+                self.0.flush_blocking()
+            }
+        }
+        let ram = RamDev::new(1 << 20);
+        let info = ballast_engine::DevInfo { min_block: 16384, ..ram.info().clone() };
+        let t = ExportTable::default();
+        let dev = Arc::new(Big(ram, info));
+        t.add(Export { name: "big".into(), description: String::new(), dev, read_only: false })
+            .unwrap();
+        let mut input = 1u32.to_be_bytes().to_vec();
+        let mut go = info_data("big");
+        go.truncate(go.len() - 2);
+        go.extend_from_slice(&1u16.to_be_bytes());
+        go.extend_from_slice(&codec::INFO_BLOCK_SIZE.to_be_bytes());
+        input.extend(opt(codec::OPT_GO, &go));
+        let mut hs = Handshake::new();
+        let (out, step) = run(&mut hs, &input, 64, &t);
+        assert!(matches!(step, Some(Step::Enter(_))));
+        // The INFO replies: EXPORT (12 bytes of data), then BLOCK_SIZE: min, preferred, max.
+        let at = 20 + 12;
+        assert_eq!(reply_type(&out, at), codec::REP_INFO);
+        let sizes: Vec<u32> = out[at + 22..at + 34]
+            .chunks(4)
+            .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(&sizes[..2], &[16384, 16384], "{sizes:?}");
+    }
+
+    /// A description is a wire string: at most 4096 bytes, no NUL (NBD_OPT_LIST and
+    /// NBD_INFO_DESCRIPTION carry it; a longer one broke libnbd's listing of every export).
+    #[test]
+    fn export_descriptions_are_wire_strings() {
+        let t = ExportTable::default();
+        let add = |name: &str, description: String| {
+            let dev = Arc::new(RamDev::new(1 << 20));
+            t.add(Export { name: name.into(), description, dev, read_only: false })
+        };
+        assert!(add("a", "d".repeat(codec::STRING_MAX)).is_ok());
+        let long = add("b", "d".repeat(codec::STRING_MAX + 1));
+        assert!(matches!(long, Err(crate::exports::ExportError::BadDescription(_))));
+        assert!(add("c", "a\0b".into()).is_err());
+        assert!(t.get("b").is_none() && t.get("c").is_none(), "nothing added");
     }
 
     /// Reply type of the option reply starting at `at` in `out`.

@@ -56,16 +56,17 @@ pub enum Action {
     },
 }
 
+/// The flags each command takes. FUA is valid on every command (proto.md: with SEND_FUA
+/// negotiated the server "MUST accept all commands with this bit set (even by ignoring the
+/// bit)"; clients are known to set it on others): ignored where it means nothing.
 fn allowed_flags(kind: u16) -> u16 {
-    match kind {
-        codec::CMD_READ => codec::CMD_FLAG_FUA | codec::CMD_FLAG_DF,
-        codec::CMD_WRITE | codec::CMD_TRIM | codec::CMD_FLUSH => codec::CMD_FLAG_FUA,
-        codec::CMD_WRITE_ZEROES => {
-            codec::CMD_FLAG_FUA | codec::CMD_FLAG_NO_HOLE | codec::CMD_FLAG_FAST_ZERO
+    codec::CMD_FLAG_FUA
+        | match kind {
+            codec::CMD_READ => codec::CMD_FLAG_DF,
+            codec::CMD_WRITE_ZEROES => codec::CMD_FLAG_NO_HOLE | codec::CMD_FLAG_FAST_ZERO,
+            codec::CMD_BLOCK_STATUS => codec::CMD_FLAG_REQ_ONE,
+            _ => 0,
         }
-        codec::CMD_BLOCK_STATUS => codec::CMD_FLAG_REQ_ONE,
-        _ => 0,
-    }
 }
 
 /// Decides what to do with `r`.

@@ -248,6 +248,11 @@ impl AdminState {
         }
         match fid {
             FEAT_NUM_QUEUES if !self.discovery() => {
+                // Spec: after any I/O queue exists, Command Sequence Error (the grant is what
+                // the connected queue ids were checked against).
+                if !self.ctrl.io_qids.lock().is_empty() {
+                    return Reply::status(status::COMMAND_SEQUENCE);
+                }
                 let nsqr = sqe.cdw11 & 0xffff;
                 let ncqr = sqe.cdw11 >> 16;
                 if nsqr == 0xffff || ncqr == 0xffff {
@@ -417,6 +422,11 @@ mod tests {
         let log = smart(&mut a);
         assert_eq!(u64::from_le_bytes(log[32..40].try_into().unwrap()), 8, "data units read");
         assert_eq!(u64::from_le_bytes(log[48..56].try_into().unwrap()), 1, "rounded up");
+        // Number of Queues: granted before any I/O queue exists, refused after.
+        let nq = cmd(admin::SET_FEATURES, 0, [7, 3 | (3 << 16), 0, 0, 0, 0]);
+        assert_eq!(a.execute(&t, &nq).dw0, 3 | (3 << 16));
+        a.ctrl.io_qids.lock().insert(1);
+        assert_eq!(a.execute(&t, &nq).status, status::COMMAND_SEQUENCE);
         // Volatile Write Cache: enabling is a no-op, disabling is refused, it reads enabled.
         let vwc = |a: &mut AdminState, on| {
             a.execute(&t, &cmd(admin::SET_FEATURES, 0, [6, on, 0, 0, 0, 0]))

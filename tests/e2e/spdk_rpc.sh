@@ -83,6 +83,11 @@ check "overwrite lvol0's first MiB after the snapshot" \
     timeout 60 nbdcopy --flush "$T/later" "$NBD_URI/lvol0"
 CLONE_UUID=$(rpc bdev_lvol_clone "$LVS/snap0" clone0)
 check_eq "bdev_lvol_clone LVS/snap0 returns a UUID" 36 "${#CLONE_UUID}"
+# A taken name: SPDK answers snapshot and clone from their callbacks, -32602 "File exists".
+check_eq "bdev_lvol_snapshot to a taken name: -32602 File exists (as SPDK's callback)" \
+    "-32602 File exists" "$(rpc_error bdev_lvol_snapshot "$LVS/lvol0" clone0 | cut -d: -f1)"
+check_eq "bdev_lvol_clone to a taken name: -32602 File exists" \
+    "-32602 File exists" "$(rpc_error bdev_lvol_clone "$LVS/snap0" lvol0 | cut -d: -f1)"
 
 rpc bdev_get_bdevs -b "$LVS/clone0" >"$T/clone.json"
 check_eq "bdev_get_bdevs -b LVS/clone0: SPDK's lvol description" \

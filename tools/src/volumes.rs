@@ -243,6 +243,18 @@ fn pool_err(e: PoolError) -> RpcError {
     }
 }
 
+/// A refusal of the lvol methods SPDK answers from their completion callbacks (snapshot, clone,
+/// resize): -32602 with the errno's text (`rpc_bdev_lvol_snapshot_cb` and its kind), where
+/// `bdev_lvol_create` answers the errno itself.
+fn pool_err_cb(e: PoolError) -> RpcError {
+    let r = pool_err(e);
+    if (-200..0).contains(&r.code) {
+        RpcError::new(crate::rpc_error::INVALID_PARAMS, r.message)
+    } else {
+        r
+    }
+}
+
 fn internal(e: impl std::fmt::Display) -> RpcError {
     RpcError::new(INTERNAL_ERROR, e.to_string())
 }
@@ -426,7 +438,7 @@ fn snapshot(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let of = lvol(control, &s.lvol_name)?;
     let name = s.snapshot_name.as_str();
     let t = std::time::Instant::now();
-    pool.snapshot(&of, name).map_err(pool_err)?;
+    pool.snapshot(&of, name).map_err(pool_err_cb)?;
     let us = t.elapsed().as_micros() as u64;
     let uuid = publish(control, pool, name)?;
     tracing::info!(volume = of, snapshot = name, uuid, micros = us, "snapshot created");
@@ -441,7 +453,7 @@ fn clone(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let c: LvolClone = params(p, L)?;
     let of = lvol(control, &c.snapshot_name)?;
     let name = c.clone_name.as_str();
-    pool.clone_volume(&of, name).map_err(pool_err)?;
+    pool.clone_volume(&of, name).map_err(pool_err_cb)?;
     let uuid = publish(control, pool, name)?;
     tracing::info!(snapshot = of, clone = name, uuid, "clone created");
     Ok(json!(uuid))
@@ -461,7 +473,7 @@ fn resize(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let r: LvolResize = params(p, L)?;
     let name = lvol(control, &r.name)?;
     let size = size_bytes(r.size_in_mib, r.size.as_ref())?;
-    pool.resize(&name, size, r.force).map_err(pool_err)?;
+    pool.resize(&name, size, r.force).map_err(pool_err_cb)?;
     control.registry.namespaces_changed(&name);
     tracing::info!(volume = name, size_bytes = size, "volume resized");
     Ok(json!(true))

@@ -122,8 +122,9 @@ pub trait BlockDev: Send + Sync {
 
     /// Whether every byte of a range reads zero after its [`IoCmd::Discard`] succeeds — what
     /// NVMe's DLFEAT tells hosts, which may then zero a range by deallocating it. True by
-    /// default (memory, a hole punched in a file, a volume); false where a discard is only
-    /// advisory (a block device without a zeroing discard, an NVMe controller without DSM).
+    /// default (memory, a hole punched in a file); false where a discard is only advisory (a
+    /// volume's partial pieces, a block device, a filesystem without hole punching, an NVMe
+    /// controller without DSM).
     fn discard_zeroes(&self) -> bool {
         true
     }

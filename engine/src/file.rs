@@ -57,6 +57,9 @@ pub struct FileDev {
     lbs: u64,
     /// The file lives in memory (tmpfs, ramfs): reads, writes and flushes are done on the core.
     in_memory: bool,
+    /// Not a block device, and its filesystem punches holes (probed at open): a discard
+    /// zeroes its range.
+    punches_holes: bool,
 }
 
 /// Whether `f` is a file of a filesystem that keeps its data in memory (tmpfs, ramfs).
@@ -116,6 +119,14 @@ impl FileDev {
             1
         };
         let in_memory = !is_block_device && on_memory_filesystem(&direct);
+        // Whether a discard zeroes (DLFEAT): a hole punched past the end changes nothing and
+        // says whether the filesystem punches holes at all (ramfs gets zeros written instead).
+        let punches_holes = !is_block_device
+            && (read_only || in_memory || {
+                use nix::fcntl::{fallocate, FallocateFlags as F};
+                let flags = F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE;
+                fallocate(buffered.as_fd(), flags, size_bytes as libc::off_t, 4096).is_ok()
+            });
         let mode_text = match (in_memory, mode) {
             (true, _) => "in memory: copied on the core",
             (false, CacheMode::Direct) => "O_DIRECT",
@@ -140,6 +151,7 @@ impl FileDev {
             is_block_device,
             lbs,
             in_memory,
+            punches_holes,
         })
     }
 
@@ -360,9 +372,10 @@ impl BlockDev for FileDev {
         !self.is_block_device
     }
 
-    /// A block device's discard covers whole logical blocks, and may not be done at all.
+    /// A block device's discard covers whole logical blocks, and may not be done at all; a
+    /// filesystem without hole punching does none (EOPNOTSUPP, taken as a trim not done).
     fn discard_zeroes(&self) -> bool {
-        !self.is_block_device
+        self.punches_holes
     }
 }
 

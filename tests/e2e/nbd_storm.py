@@ -15,8 +15,8 @@ What must hold (NBD's proto.md and docs/INTERFACE.md):
   (EINVAL for reads, trims, caches and block status past the end, ENOSPC for writes and
   zeroing past the end, EPERM for changes to a read-only export, ENOTSUP for a FAST_ZERO that
   would not be fast: NO_HOLE on a volume, which writes its zeros);
-- reads return the model (writes as written, zeroed and trimmed ranges as zeros: a volume
-  releases the whole 4 KiB pieces of a trim and writes zeros over the partial ones);
+- reads return the model (writes as written, zeroed ranges as zeros, trimmed ranges as zeros on
+  RAM and files, on volumes the whole 4 KiB pieces inside them);
 - block status: every extent marked ZERO reads zeros in the model, the extents are in order,
   cover at least one byte and at most the range asked;
 - libnbd never sees a reply it calls a protocol error (it would drop the connection);
@@ -148,7 +148,12 @@ class Storm:
         before = len(self.failures)
         self.call("trim", lambda: self.h.trim(n, off, fua), want)
         if want == 0 and len(self.failures) == before:
-            self.store(off, bytes(n))
+            if self.whole_pieces:
+                lo, hi = -(-off // PIECE) * PIECE, (off + n) // PIECE * PIECE
+                if hi > lo:
+                    self.store(lo, bytes(hi - lo))
+            else:
+                self.store(off, bytes(n))
 
     def zero(self):
         off, n = self.range_(REGION)
@@ -252,7 +257,11 @@ class Storm:
                 (errno.EINVAL if not self.in_range(off, n) else 0)
 
             def trimmed():
-                self.store(off, bytes(n))
+                lo, hi = off, off + n
+                if self.whole_pieces:
+                    lo, hi = -(-lo // PIECE) * PIECE, hi // PIECE * PIECE
+                if hi > lo:
+                    self.store(lo, bytes(hi - lo))
             return ("trim", want, spans, lambda: self.h.aio_trim(n, off), trimmed)
         return ("flush", 0, [], self.h.aio_flush, lambda: None)
 

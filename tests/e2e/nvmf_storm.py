@@ -8,9 +8,9 @@ a volume whose hosts use header and data digests (one write in ten with a wrong 
 Transient Transport Error, nothing stored). Each host sends
 seeded random commands over the first 2 MiB of its namespace — reads, writes with in-capsule
 data and through R2T/H2CData, FUA, Write Zeroes with and without deallocation, Dataset
-Management deallocate over several ranges (every LBA of them reads zero afterwards, as
-DLFEAT says: a volume releases the whole 4 KiB pieces and writes zeros over the partial ones at
-the edges), flushes — plus commands that must fail: ranges past
+Management deallocate over several ranges (a volume releases the whole 4 KiB pieces inside
+each range, and says in DLFEAT that it promises nothing more; RAM and files zero every LBA, as
+their DLFEAT says), flushes — plus commands that must fail: ranges past
 the end, transfers over MDTS, unknown opcodes, another namespace ID, and on read-only namespaces
 everything that would change data.
 
@@ -50,8 +50,9 @@ DEAC = 1 << 25
 class Storm:
     """One namespace's host, its model and its random commands."""
 
-    def __init__(self, name, nqn, lba, writable, seed, digests=False):
+    def __init__(self, name, nqn, lba, writable, seed, whole_pieces, digests=False):
         self.name, self.nqn, self.lba, self.writable = name, nqn, lba, writable
+        self.whole_pieces = whole_pieces
         self.digests = digests
         self.blocks = SIZE // lba
         self.rng = random.Random(seed)
@@ -241,7 +242,15 @@ class Storm:
             want = WRITE_PROTECTED
         if self.check("dataset management", want, st) and st == OK:
             for slba, nlb in ranges:
-                self.zero(slba, nlb)
+                if not self.whole_pieces:
+                    self.zero(slba, nlb)
+                    continue
+                # A volume releases the whole 4 KiB pieces inside a range; the rest keeps its
+                # data (deallocation is advisory: "may deallocate"; its DLFEAT promises nothing).
+                lo = -(-slba * self.lba // 4096) * 4096
+                hi = (slba + nlb) * self.lba // 4096 * 4096
+                if hi > lo:
+                    self.zero(lo // self.lba, (hi - lo) // self.lba)
 
     def must_fail(self):
         r = self.rng.random()
@@ -354,7 +363,11 @@ class Storm:
                 self.zero(slba, nlb)
         elif e["kind"] == "dsm":
             for slba, nlb in e["ranges"]:
-                self.zero(slba, nlb)
+                lo, hi = slba * self.lba, (slba + nlb) * self.lba
+                if self.whole_pieces:
+                    lo, hi = -(-lo // 4096) * 4096, hi // 4096 * 4096
+                if hi > lo:
+                    self.zero(lo // self.lba, (hi - lo) // self.lba)
 
     def deep_pdu(self, inflight):
         """Takes one PDU from the target and moves its command on."""
@@ -499,6 +512,7 @@ def main(r):
             ctl("snapshot", "create", "v", "s")
             ctl("clone", "create", "s", "c")
 
+            volumes = ("v", "s", "c", "v512", "vd")
             digests = ("memd", "vd")
             spec = [("mem", "mem", 4096, True), ("mem512", "m512", 512, True),
                     ("tmpfs", "tmpfs", 4096, True), ("disk", "disk", 4096, True),
@@ -512,7 +526,8 @@ def main(r):
             for i, (export, sub, lba, writable) in enumerate(spec):
                 if only and export not in only:
                     continue
-                s = Storm(export, PREFIX + sub, lba, writable, seed + i, export in digests)
+                s = Storm(export, PREFIX + sub, lba, writable, seed + i, export in volumes,
+                          export in digests)
                 s.model = nbd_read(b, export)
                 storms[export] = s
             snapshot_before = bytes(storms["s"].model) if "s" in storms else b""

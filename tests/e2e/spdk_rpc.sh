@@ -302,10 +302,11 @@ check_eq "an unknown lvol parameter: SPDK's -32603 decode failure" \
 # JSON-RPC framing as SPDK's server takes it.
 check_eq "a batch array: -32600 Invalid request (SPDK supports none)" "-32600 Invalid request" \
     "$(raw_error '[{"jsonrpc":"2.0","id":1,"method":"spdk_get_version"}]')"
-check_eq "positional params: -32600 Invalid request (nothing deleted)" "-32600 Invalid request" \
+check_eq "positional params: the method's decode failure (-32603 for lvol methods)" \
+    "-32603 spdk_json_decode_object failed" \
     "$(raw_error '{"jsonrpc":"2.0","id":1,"method":"bdev_lvol_delete","params":["lvol0"]}')"
-check_eq "no jsonrpc member: -32600 Invalid request" "-32600 Invalid request" \
-    "$(raw_error '{"id":1,"method":"spdk_get_version"}')"
+check_eq "jsonrpc 1.0: -32600 Invalid request" "-32600 Invalid request" \
+    "$(raw_error '{"jsonrpc":"1.0","id":1,"method":"spdk_get_version"}')"
 out=$("$SYS_PY" - "$RPC_SOCK" <<'PYEOF'
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])

@@ -285,7 +285,9 @@ pub fn open_backend(
     bail!("unknown backend {spec:?}: expected ram:SIZE, file:PATH[:SIZE] or nvme:/dev/ngXnY")
 }
 
-/// The file or device behind a `file:` or `nvme:` spec, as the system names it.
+/// The file or device behind a `file:` or `nvme:` spec: a regular file by its canonical path
+/// (one file, however spelled); a device node as given (`/dev/disk/by-id/...` names the disk,
+/// the `/dev/sdX` or `/dev/ngXnY` it resolves to only its place in this boot's enumeration).
 fn backend_path(spec: &str) -> Option<std::path::PathBuf> {
     let path = match spec.strip_prefix("file:") {
         Some(rest) => match rest.rsplit_once(':') {
@@ -294,7 +296,11 @@ fn backend_path(spec: &str) -> Option<std::path::PathBuf> {
         },
         None => spec.strip_prefix("nvme:")?,
     };
-    Some(std::fs::canonicalize(path).unwrap_or_else(|_| Path::new(path).to_path_buf()))
+    let given = Path::new(path).to_path_buf();
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Some(std::fs::canonicalize(path).unwrap_or(given)),
+        _ => Some(given),
+    }
 }
 
 /// A UUID that only `name` and `path` decide (SHA-256 of them, laid out as a version 5 UUID).

@@ -358,14 +358,16 @@ fn serve_client(stream: UnixStream, control: &Control, limits: RpcLimits) {
 }
 
 /// A JSON-RPC 2.0 request, as SPDK's server takes it (lib/jsonrpc/jsonrpc_server.c): one object
-/// (a batch array is not supported) with `jsonrpc` "2.0", a string `method`, `params` an object
-/// (or absent) and an `id` that is a string, a number or null; anything else is answered
-/// -32600 "Invalid request". Other members are ignored (SPDK refuses them; callers pad
+/// (a batch array is not supported) with a string `method`, `jsonrpc` "2.0" if present,
+/// `params` an object or array (or absent: an array is refused by the method, -32602, as
+/// SPDK's object decoders refuse it) and an `id` that is a string, a number or null; anything
+/// else is answered -32600 "Invalid request". Other members are ignored (callers pad
 /// requests). Without an `id` it is a notification: it runs, and only an error is answered
 /// (with `id` null, as SPDK does).
 #[derive(serde::Deserialize)]
 struct Request {
-    jsonrpc: String,
+    #[serde(default)]
+    jsonrpc: Option<String>,
     method: String,
     #[serde(default)]
     params: Option<Value>,
@@ -387,10 +389,10 @@ fn parse_request(req: &Value) -> Result<Request, String> {
         return Err("a request is a JSON object".into());
     }
     let r = Request::deserialize(req).map_err(|e| e.to_string())?;
-    if r.jsonrpc != "2.0" {
+    if r.jsonrpc.as_deref().is_some_and(|v| v != "2.0") {
         return Err("\"jsonrpc\" must be \"2.0\"".into());
     }
-    if r.params.as_ref().is_some_and(|p| !p.is_object() && !p.is_null()) {
+    if r.params.as_ref().is_some_and(|p| !p.is_object() && !p.is_array() && !p.is_null()) {
         return Err("\"params\" must be an object".into());
     }
     if r.id.as_ref().is_some_and(|id| !(id.is_string() || id.is_number() || id.is_null())) {
@@ -497,14 +499,15 @@ mod tests {
         assert_eq!(ok(json!({"jsonrpc": "2.0", "method": "m", "id": null})).id, Some(json!(null)));
         assert_eq!(ok(json!({"jsonrpc": "2.0", "method": "m"})).id, None, "a notification");
         ok(json!({"jsonrpc": "2.0", "method": "m", "id": 1, "pad": "x"}));
+        ok(json!({"method": "m", "id": 1})); // no `jsonrpc`: taken (SPDK's newer servers do)
+        ok(json!({"jsonrpc": "2.0", "method": "m", "id": 1, "params": ["v"]})); // the method refuses
         for (bad, why) in [
             (json!([{"jsonrpc": "2.0", "method": "m", "id": 1}]), "batch"),
             (json!("spdk_get_version"), "JSON object"),
-            (json!({"method": "m", "id": 1}), "jsonrpc"),
             (json!({"jsonrpc": "1.0", "method": "m", "id": 1}), "must be \"2.0\""),
             (json!({"jsonrpc": "2.0", "id": 1}), "method"),
             (json!({"jsonrpc": "2.0", "method": 7, "id": 1}), "string"),
-            (json!({"jsonrpc": "2.0", "method": "m", "id": 1, "params": ["lvs0/v"]}), "params"),
+            (json!({"jsonrpc": "2.0", "method": "m", "id": 1, "params": 7}), "params"),
             (json!({"jsonrpc": "2.0", "method": "m", "id": {"a": 1}}), "id"),
         ] {
             match parse_request(&bad) {

@@ -70,6 +70,16 @@ pub enum DecodeStyle {
 /// Decodes `params` (absent or `null` counts as `{}`) into `T`; a failure names the field.
 pub fn params<T: DeserializeOwned>(p: &Value, style: DecodeStyle) -> Result<T, RpcError> {
     let p = if p.is_null() { Value::Object(Default::default()) } else { p.clone() };
+    if !p.is_object() {
+        // serde would read a struct from an array positionally; SPDK's decoders take objects.
+        return Err(match style {
+            DecodeStyle::Lvol => RpcError::new(
+                INTERNAL_ERROR,
+                "spdk_json_decode_object failed: params not an object",
+            ),
+            DecodeStyle::Generic => invalid_parameters("params must be an object"),
+        });
+    }
     serde_json::from_value(p).map_err(|e| match style {
         DecodeStyle::Lvol => {
             RpcError::new(INTERNAL_ERROR, format!("spdk_json_decode_object failed: {e}"))

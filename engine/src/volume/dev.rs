@@ -652,9 +652,7 @@ impl BlockDev for VolumeDev {
             IoCmd::Read { offset, buf } => Cmd::Read { offset, buf: DevBuf(buf) },
             IoCmd::Write { offset, buf, fua } => Cmd::Write { offset, buf: DevBuf(buf), fua },
             IoCmd::Flush => Cmd::Flush,
-            // The whole range reads zero afterwards (whole pieces released, partial ones at the
-            // edges written with zeros): `discard_zeroes` holds for volumes.
-            IoCmd::Discard { offset, len } => Cmd::WriteZeroes { offset, len, unmap: true },
+            IoCmd::Discard { offset, len } => Cmd::Discard { offset, len },
             IoCmd::WriteZeroes { offset, len, may_unmap } => {
                 Cmd::WriteZeroes { offset, len, unmap: may_unmap }
             }
@@ -694,6 +692,12 @@ impl BlockDev for VolumeDev {
     /// Zeros that must stay allocated are written (in steps of `ZERO_STEP`): not fast.
     fn zeroes_are_fast(&self, may_unmap: bool) -> bool {
         may_unmap
+    }
+
+    /// A discard releases the whole 4 KiB pieces inside its range; partial ones keep their
+    /// data (zeroing them would allocate, or copy a snapshot's, on a trim meant to free space).
+    fn discard_zeroes(&self) -> bool {
+        false
     }
 
     fn flush_blocking(&self) -> std::io::Result<()> {

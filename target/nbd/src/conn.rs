@@ -905,9 +905,14 @@ impl Conn {
             || (self.send_inflight() && self.unsent() > 0)
     }
 
-    /// Waiting for a client that disconnected to close its end (`Closing`).
+    /// Waiting for a client that disconnected to read its last replies and close its end
+    /// (`Closing`); requests still with the device are ours to finish, not a stall.
     fn lingering(&self) -> bool {
-        matches!(self.closing, Closing::Graceful | Closing::Draining { inflight: true, .. })
+        match self.closing {
+            Closing::Graceful => self.reqs.is_empty(),
+            Closing::Draining { inflight, .. } => inflight,
+            Closing::Now => false,
+        }
     }
 
     fn needs_tick(&self) -> bool {
@@ -946,7 +951,7 @@ impl Conn {
         if !self.tick_inflight && self.needs_tick() {
             self.tick_inflight = true;
             let limits = self.guard.limits();
-            let after = if matches!(self.phase, Phase::Handshake(_)) {
+            let after = if matches!(self.phase, Phase::Handshake(_)) && !self.lingering() {
                 self.progress.handshake_left(limits, Instant::now())
             } else {
                 limits.tick()

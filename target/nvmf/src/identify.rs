@@ -88,8 +88,9 @@ pub fn namespace(ns: &Namespace) -> Vec<u8> {
     b[25] = 1; // NLBAF: two formats
     b[26] = if ns.lba_shift == 12 { 1 } else { 0 }; // FLBAS
     b[30] = 1; // NMIC: may be shared
-               // DLFEAT: Write Zeroes may deallocate (bit 3); deallocated blocks read zero (001b) only
-               // where a discard really zeroes its whole range (hosts may zero by deallocating).
+
+    // DLFEAT: Write Zeroes may deallocate (bit 3); deallocated blocks read zero (001b) only
+    // where a discard really zeroes its whole range (hosts may zero by deallocating).
     b[33] = if ns.dev.discard_zeroes() { 0x09 } else { 0x08 };
     b[99] = u8::from(ns.read_only()); // NSATTR: write protected
     b[104..120].copy_from_slice(&ns.nguid);
@@ -137,7 +138,8 @@ pub fn smart_log(ctrl: &Controller) -> Vec<u8> {
     put16(&mut b, 1, 273 + 35); // composite temperature, kelvin
     b[3] = 100; // available spare
     b[4] = 10; // spare threshold
-               // Data units: thousands of 512-byte units, rounded up (of the running totals).
+
+    // Data units: thousands of 512-byte units, rounded up (of the running totals).
     put64(&mut b, 32, ctrl.bytes_read.load(Ordering::Relaxed).div_ceil(512_000));
     put64(&mut b, 48, ctrl.bytes_written.load(Ordering::Relaxed).div_ceil(512_000));
     put64(&mut b, 64, ctrl.host_reads.load(Ordering::Relaxed));

@@ -213,11 +213,12 @@ pub fn encode_cqe(
 
 /// Whether a failed command may succeed if the host sends it again (its completion then goes
 /// without Do Not Retry): a failure of the moment — the transport (a data digest error), the
-/// backend's I/O, an abort, a busy controller — as Linux's nvmet and SPDK answer them.
-/// Authentication Required keeps DNR, as nvmet sends it (without, a Linux host re-authenticates
-/// every queue and retries, and a command sent mid re-authentication would start another). A Linux host retries these (up to `nvme_core.max_retries`, or
-/// on another path) instead of failing the I/O at once; a command that is wrong in itself
-/// (a bad field, an LBA out of range, a write-protected namespace) gets DNR.
+/// backend's I/O, an abort, a busy controller — as Linux's nvmet and SPDK answer them. A Linux
+/// host retries these (up to `nvme_core.max_retries`, or on another path) instead of failing
+/// the I/O at once. A command that is wrong in itself (a bad field, an LBA out of range, a
+/// write-protected namespace) gets DNR, and so does Authentication Required, as nvmet sends
+/// it (without, a Linux host re-authenticates every queue and retries, and a command sent
+/// mid re-authentication would start another).
 pub fn retryable(status: Status) -> bool {
     use status::*;
     matches!(

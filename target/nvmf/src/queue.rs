@@ -918,6 +918,11 @@ impl Queue {
                 auth.rekey(self.target.auth.get(&ctrl.hostnqn, subnqn));
             }
         }
+        if auth.is_authenticated() && self.reauth_since.is_none() {
+            // A step on an authenticated queue may start a re-authentication: its deadline
+            // counts from now (the step away makes the queue unauthenticated meanwhile).
+            self.reauth_since = Some(Instant::now());
+        }
         let (cid, payload) = (sqe.cid, data.to_vec());
         self.auth_away = Some(cx.offload_with(TAG_AUTH_WORK, move || {
             let was_authenticated = auth.is_authenticated();
@@ -959,8 +964,6 @@ impl Queue {
         let host = self.ctrl.as_ref().map(|c| c.hostnqn.clone()).unwrap_or_default();
         if authenticated {
             self.reauth_since = None;
-        } else if was_authenticated {
-            self.reauth_since = Some(Instant::now());
         }
         if authenticated && !was_authenticated {
             let (hash, group) = negotiated.map_or(("?", "?"), |(h, g)| (h.name(), g.name()));
@@ -1429,7 +1432,11 @@ impl Queue {
             return;
         }
         self.tick_inflight = true;
-        let after = if self.phase != Phase::Ready || self.auth_pending() {
+        let after = if let (Some(since), true) = (self.reauth_since, self.auth_pending()) {
+            // A re-authentication: one wake-up, at its own deadline.
+            let limit = self.guard.limits().handshake_timeout;
+            limit.saturating_sub(since.elapsed()).max(Duration::from_millis(10))
+        } else if self.phase != Phase::Ready || self.auth_pending() {
             // Before Connect and authentication: one wake-up, at the handshake deadline.
             self.progress.handshake_left(self.guard.limits(), Instant::now())
         } else if self.qid == 0 {

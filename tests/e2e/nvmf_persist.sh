@@ -61,8 +61,8 @@ for k in psk0:"$PSK0" dh0:"$DH0" dh1:"$DH1" gonepsk:"$GPSK" gonedh:"$GDH"; do
     check "keyring_file_add_key ${k%%:*}" rpc keyring_file_add_key "${k%%:*}" "$(key_file "${k%%:*}" "${k#*:}")"
 done
 check "bdev_lvol_create lvol0" rpc bdev_lvol_create -l lvs0 lvol0 16
-check "nvmf_create_subsystem $NQN -a -s -d" \
-    rpc nvmf_create_subsystem "$NQN" -a -s SPDK00000000000009 -d Ballast_Persist
+check "nvmf_create_subsystem $NQN -a -s -d -m 8" \
+    rpc nvmf_create_subsystem "$NQN" -a -s SPDK00000000000009 -d Ballast_Persist -m 8
 check "nvmf_subsystem_add_ns lvs0/lvol0" rpc nvmf_subsystem_add_ns "$NQN" lvs0/lvol0
 check "nvmf_subsystem_add_listener $PLAIN_PORT" \
     rpc nvmf_subsystem_add_listener "$NQN" -t tcp -a 127.0.0.1 -s "$PLAIN_PORT"
@@ -89,7 +89,7 @@ while text:
 keys, subs, listeners = docs
 print(sorted((k["name"], k["path"], "unavailable" in k) for k in keys))
 s = subs[0]
-print(s["serial_number"], s["model_number"], s["allow_any_host"],
+print(s["serial_number"], s["model_number"], s["max_namespaces"], s["allow_any_host"],
       [(n["nsid"], n["bdev_name"]) for n in s["namespaces"]])
 print(sorted((h["nqn"][-2:], h.get("psk"), h.get("dhchap_key"), h.get("dhchap_ctrlr_key"), h.get("refused", False)) for h in s["hosts"]))
 print(sorted((l["address"]["trsvcid"], l["secure_channel"]) for l in listeners))'
@@ -118,7 +118,7 @@ EXPECT_SEES="psk:0x184 dh:0x0+atr gpsk:0x184 gdh:0x0+atr plain:0x0 tls-port:clos
 check_eq "hosts see their keys enforced" "$EXPECT_SEES" "$(sees)"
 BEFORE=$(state)
 check_eq "the configuration as listed (serial, model, hosts' key names, TLS listener)" \
-    "SPDK00000000000009 Ballast_Persist True [(1, 'lvol0')]" "$(sed -n 2p <<<"$BEFORE")"
+    "SPDK00000000000009 Ballast_Persist 8 True [(1, 'lvol0')]" "$(sed -n 2p <<<"$BEFORE")"
 
 echo "## 2: kill -9 and restart on the same pool"
 kill -KILL "$PID"; wait "$PID" 2>/dev/null; PID=""

@@ -152,6 +152,14 @@ check_eq "nvmf_subsystem_add_ns -n 1025 (beyond Identify's NN 1024): -32602" "-3
     "$(rpc_error nvmf_subsystem_add_ns nqn.2016-06.io.spdk:cntlid "$LVS/clone0" -n 1025 | cut -d' ' -f1)"
 check "nvmf_delete_subsystem nqn.2016-06.io.spdk:cntlid" \
     rpc nvmf_delete_subsystem nqn.2016-06.io.spdk:cntlid
+# max_namespaces (-m): the highest namespace id, enforced and reported (and Identify's NN).
+check "nvmf_create_subsystem -m 1" rpc nvmf_create_subsystem nqn.2016-06.io.spdk:one -m 1
+check "the first namespace fits" rpc nvmf_subsystem_add_ns nqn.2016-06.io.spdk:one "$LVS/clone0"
+check_eq "a second one is refused (-32602)" "-32602" \
+    "$(rpc_error nvmf_subsystem_add_ns nqn.2016-06.io.spdk:one "$LVS/lvol0" | cut -d' ' -f1)"
+check_eq "nvmf_get_subsystems reports max_namespaces 1 and one namespace" "1 1" \
+    "$(rpc nvmf_get_subsystems nqn.2016-06.io.spdk:one | py '"%d %d" % (j[0]["max_namespaces"], len(j[0]["namespaces"]))')"
+check "nvmf_delete_subsystem nqn.2016-06.io.spdk:one" rpc nvmf_delete_subsystem nqn.2016-06.io.spdk:one
 # Persistent discovery: a discovery controller whose host enabled discovery-change notices
 # (AEC bit 31) and holds an AER hears of a subsystem created over RPC (0070F002h: what
 # nvme-cli's autoconnect udev rule keys on).

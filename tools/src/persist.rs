@@ -104,6 +104,7 @@ fn anchored(
         allow_any_host,
         serial_number: None,
         model_number: None,
+        max_namespaces: None,
     };
     let batch = anchoring(pool.meta().config(), &anchor, &hosts)?;
     Ok((anchor, batch))
@@ -150,6 +151,7 @@ pub fn keep_created(
         allow_any_host,
         serial_number: identity.serial.clone(),
         model_number: identity.model.clone(),
+        max_namespaces: identity.max_namespaces.filter(|&n| n > 0),
     };
     write(pool, &[entry(anchor_key(nqn), &anchor)?])
 }
@@ -336,6 +338,7 @@ fn apply(control: &Control, cfg: &SubsystemConfig, pending: &mut Pending) {
             let identity = Identity {
                 serial: cfg.subsystem.serial_number.clone(),
                 model: cfg.subsystem.model_number.clone(),
+                max_namespaces: cfg.subsystem.max_namespaces,
             };
             match target.create_subsystem_as(nqn, false, identity) {
                 Ok(s) => s,

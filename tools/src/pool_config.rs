@@ -91,6 +91,9 @@ pub struct StoredSubsystem {
     pub serial_number: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_number: Option<String>,
+    /// `nvmf_create_subsystem`'s `max_namespaces` (absent: the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_namespaces: Option<u32>,
 }
 
 /// A host allowed on a subsystem, with the keyring names of its keys.
@@ -404,6 +407,7 @@ pub fn decode(config: &BTreeMap<String, String>) -> Decoded {
             allow_any_host,
             serial_number: None,
             model_number: None,
+            max_namespaces: None,
         };
         out.subsystems.push(SubsystemConfig {
             subsystem,
@@ -444,6 +448,7 @@ mod tests {
             allow_any_host: false,
             serial_number: created.then(|| "SPDK00000000000001".into()),
             model_number: created.then(|| "SPDK_Controller1".into()),
+            max_namespaces: created.then_some(4),
         }
     }
 

@@ -307,7 +307,11 @@ fn create_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
             || c.max_cntlid.is_some_and(|n| n != CNTLID_MAX),
     )?;
     let nqn = c.nqn.as_str();
-    let identity = Identity { serial: c.serial_number.clone(), model: c.model_number.clone() };
+    let identity = Identity {
+        serial: c.serial_number.clone(),
+        model: c.model_number.clone(),
+        max_namespaces: c.max_namespaces,
+    };
     let _settings = control.settings.lock();
     let subsys = control
         .target
@@ -745,7 +749,12 @@ fn get_subsystems(control: &Control, p: &Value) -> Result<Value, RpcError> {
             hosts,
             serial_number: Some(s.serial.clone()),
             model_number: Some(s.model.clone()),
-            max_namespaces: Some(0),
+            // SPDK's: the limit set at creation, 0 for none.
+            max_namespaces: Some(if s.max_nsid == ballast_nvmf::identify::NN {
+                0
+            } else {
+                s.max_nsid
+            }),
             min_cntlid: Some(CNTLID_MIN),
             max_cntlid: Some(CNTLID_MAX),
             namespaces: Some(namespaces),

@@ -193,7 +193,7 @@ impl AdminState {
             0x01 => Reply::data(identify::controller(&self.ctrl)),
             0x00 | 0x03 => {
                 let Some(subsys) = subsys else { return Reply::status(status::INVALID_FIELD) };
-                if sqe.nsid == 0 || (sqe.nsid > identify::NN && sqe.nsid != u32::MAX) {
+                if sqe.nsid == 0 || (sqe.nsid > subsys.max_nsid && sqe.nsid != u32::MAX) {
                     return Reply::status(status::INVALID_NAMESPACE);
                 }
                 match (subsys.namespace(sqe.nsid), cns) {
@@ -358,7 +358,8 @@ mod tests {
         let t = Target::default();
         let sn = "SPDK00000000000001";
         let mn = "SPDK_Controller1";
-        let identity = Identity { serial: Some(sn.into()), model: Some(mn.into()) };
+        let identity =
+            Identity { serial: Some(sn.into()), model: Some(mn.into()), ..Identity::default() };
         let s = t.create_subsystem_as("nqn.2026-11.dev.ballast:id", true, identity).unwrap();
         let d = t.create_subsystem("nqn.2026-11.dev.ballast:default", true).unwrap();
         let identify = |s| {
@@ -384,11 +385,16 @@ mod tests {
         ];
         for (serial, model) in bad {
             let nqn = "nqn.2026-11.dev.ballast:bad";
-            let r = t.create_subsystem_as(nqn, true, Identity { serial, model });
+            let r =
+                t.create_subsystem_as(nqn, true, Identity { serial, model, ..Identity::default() });
             assert!(matches!(r, Err(SubsysError::BadSerial(_) | SubsysError::BadModel(_))));
             assert!(t.subsystem(nqn).is_none());
         }
-        let edge = Identity { serial: Some("s".repeat(20)), model: Some("m".repeat(40)) };
+        let edge = Identity {
+            serial: Some("s".repeat(20)),
+            model: Some("m".repeat(40)),
+            ..Identity::default()
+        };
         assert!(t.create_subsystem_as("nqn.2026-11.dev.ballast:edge", true, edge).is_ok());
     }
 

@@ -34,9 +34,9 @@ fn put64(b: &mut [u8], at: usize, v: u64) {
 /// Identify Controller (CNS 01h), for an NVM subsystem or the discovery subsystem.
 pub fn controller(ctrl: &Controller) -> Vec<u8> {
     let mut b = vec![0u8; IDENTIFY_LEN];
-    let (serial, model, subnqn, discovery) = match &ctrl.subsys {
-        Some(s) => (s.serial.as_str(), s.model.as_str(), s.nqn.as_str(), false),
-        None => ("discovery", MODEL_DEFAULT, DISCOVERY_NQN, true),
+    let (serial, model, subnqn, discovery, nn) = match &ctrl.subsys {
+        Some(s) => (s.serial.as_str(), s.model.as_str(), s.nqn.as_str(), false, s.max_nsid),
+        None => ("discovery", MODEL_DEFAULT, DISCOVERY_NQN, true, 0),
     };
     put_ascii(&mut b[4..24], serial);
     put_ascii(&mut b[24..64], model);
@@ -57,7 +57,7 @@ pub fn controller(ctrl: &Controller) -> Vec<u8> {
     b[513] = 0x44; // CQES
     put16(&mut b, 514, QUEUE_ENTRIES_MAX);
     if !discovery {
-        put32(&mut b, 516, NN);
+        put32(&mut b, 516, nn);
         put16(&mut b, 520, (1 << 2) | (1 << 3)); // ONCS: DSM, Write Zeroes
         b[525] = 0x07; // VWC present; flush with NSID FFFFFFFFh supported
     }

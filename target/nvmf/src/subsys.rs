@@ -56,8 +56,10 @@ pub enum SubsysError {
     NsidInUse(u32),
     #[error("no namespace {0}")]
     NoNamespace(u32),
-    #[error("namespace id {0} out of range: 1 to {max} (Identify's NN)", max = crate::identify::NN)]
-    NsidRange(u32),
+    #[error("namespace id {nsid} out of range: 1 to {max} (the subsystem's max_namespaces)")]
+    NsidRange { nsid: u32, max: u32 },
+    #[error("max_namespaces {0} out of range: at most {max}", max = crate::identify::NN)]
+    MaxNamespaces(u32),
     #[error("subsystem {nqn:?} holds at most {max} namespaces")]
     Full { nqn: String, max: u32 },
     #[error("block size {0} not supported (512 or 4096)")]
@@ -76,16 +78,26 @@ fn printable_ascii(s: &str) -> bool {
 }
 
 /// A subsystem's identity as a host sees it in Identify Controller; `None` fields take the
-/// defaults (serial derived from the NQN, model [`MODEL_DEFAULT`]).
+/// defaults (serial derived from the NQN, model [`MODEL_DEFAULT`], at most
+/// [`crate::identify::NN`] namespaces).
 #[derive(Debug, Clone, Default)]
 pub struct Identity {
     pub serial: Option<String>,
     pub model: Option<String>,
+    /// SPDK's `max_namespaces`: the highest namespace id (Identify Controller's NN); 0 or
+    /// `None`: the default.
+    pub max_namespaces: Option<u32>,
 }
 
 impl Identity {
-    /// The serial and model for `nqn`, checked like SPDK's `spdk_nvmf_subsystem_set_sn/_mn`.
-    fn resolve(self, nqn: &str) -> Result<(String, String), SubsysError> {
+    /// The serial, model and highest namespace id for `nqn`, checked like SPDK's
+    /// `spdk_nvmf_subsystem_set_sn/_mn`.
+    fn resolve(self, nqn: &str) -> Result<(String, String, u32), SubsysError> {
+        let max_nsid = match self.max_namespaces {
+            None | Some(0) => crate::identify::NN,
+            Some(n) if n <= crate::identify::NN => n,
+            Some(n) => return Err(SubsysError::MaxNamespaces(n)),
+        };
         let serial = match self.serial {
             Some(sn) if sn.len() > SERIAL_MAX || !printable_ascii(&sn) => {
                 return Err(SubsysError::BadSerial(sn))
@@ -102,7 +114,7 @@ impl Identity {
         };
         assert!(serial.len() <= SERIAL_MAX);
         assert!(model.len() <= MODEL_MAX);
-        Ok((serial, model))
+        Ok((serial, model, max_nsid))
     }
 }
 
@@ -175,6 +187,9 @@ pub struct Subsystem {
     pub nqn: String,
     pub serial: String,
     pub model: String,
+    /// The highest namespace id (Identify Controller's NN): `max_namespaces`, or
+    /// [`crate::identify::NN`].
+    pub max_nsid: u32,
     pub allow_any_host: AtomicBool,
     pub hosts: RwLock<BTreeSet<String>>,
     /// Hosts refused whatever `allow_any_host` and `hosts` say: their configured keys could
@@ -320,11 +335,12 @@ impl Target {
         if map.contains_key(nqn) {
             return Err(SubsysError::Exists(nqn.into()));
         }
-        let (serial, model) = identity.resolve(nqn)?;
+        let (serial, model, max_nsid) = identity.resolve(nqn)?;
         let subsys = Arc::new(Subsystem {
             nqn: nqn.into(),
             serial,
             model,
+            max_nsid,
             allow_any_host: AtomicBool::new(allow_any_host),
             hosts: RwLock::default(),
             refused_hosts: RwLock::default(),
@@ -427,15 +443,16 @@ impl Target {
             other => return Err(SubsysError::BlockSize(other)),
         };
         // Hosts ask Identify only for ids up to NN; FFFFFFFFh is the broadcast id.
-        if nsid > crate::identify::NN {
-            return Err(SubsysError::NsidRange(nsid));
+        let max = subsys.max_nsid;
+        if nsid > max {
+            return Err(SubsysError::NsidRange { nsid, max });
         }
         let nsid = {
             let mut map = subsys.namespaces.write();
             let nsid = if nsid == 0 {
-                (1..=crate::identify::NN)
+                (1..=max)
                     .find(|n| !map.contains_key(n))
-                    .ok_or(SubsysError::Full { nqn: nqn.into(), max: crate::identify::NN })?
+                    .ok_or(SubsysError::Full { nqn: nqn.into(), max })?
             } else {
                 nsid
             };
@@ -593,6 +610,29 @@ mod tests {
         assert_eq!(a.1[6] >> 4, 4, "UUID version 4 layout");
     }
 
+    /// SPDK's `max_namespaces`: the highest id, what Identify Controller's NN says.
+    #[test]
+    fn max_namespaces_bounds_the_ids_and_is_checked() {
+        use ballast_engine::ram::RamDev;
+        let target = Target::default();
+        let nqn = "nqn.2026-11.dev.ballast:two";
+        let two = Identity { max_namespaces: Some(2), ..Identity::default() };
+        assert_eq!(target.create_subsystem_as(nqn, true, two).unwrap().max_nsid, 2);
+        let dev = || -> Arc<dyn BlockDev> { Arc::new(RamDev::new(1 << 20)) };
+        let e = target.add_namespace(nqn, 3, dev(), 4096, "dev").unwrap_err();
+        assert!(matches!(e, SubsysError::NsidRange { nsid: 3, max: 2 }), "{e}");
+        assert_eq!(target.add_namespace(nqn, 0, dev(), 4096, "dev").unwrap(), 1);
+        assert_eq!(target.add_namespace(nqn, 0, dev(), 4096, "dev").unwrap(), 2);
+        let e = target.add_namespace(nqn, 0, dev(), 4096, "dev").unwrap_err();
+        assert!(matches!(e, SubsysError::Full { max: 2, .. }), "{e}");
+        let over = Identity { max_namespaces: Some(1025), ..Identity::default() };
+        let e = target.create_subsystem_as("nqn.2026-11.dev.ballast:over", true, over);
+        assert!(matches!(e, Err(SubsysError::MaxNamespaces(1025))));
+        let zero = Identity { max_namespaces: Some(0), ..Identity::default() };
+        let s = target.create_subsystem_as("nqn.2026-11.dev.ballast:zero", true, zero).unwrap();
+        assert_eq!(s.max_nsid, crate::identify::NN, "0: the default");
+    }
+
     #[test]
     fn namespace_ids_stay_within_what_identify_answers() {
         use ballast_engine::ram::RamDev;
@@ -602,7 +642,7 @@ mod tests {
         let dev = || -> Arc<dyn BlockDev> { Arc::new(RamDev::new(1 << 20)) };
         for bad in [crate::identify::NN + 1, 2000, u32::MAX] {
             let e = target.add_namespace(nqn, bad, dev(), 4096, "dev").unwrap_err();
-            assert!(matches!(e, SubsysError::NsidRange(n) if n == bad), "{bad}: {e}");
+            assert!(matches!(e, SubsysError::NsidRange { nsid, .. } if nsid == bad), "{bad}: {e}");
         }
         assert_eq!(
             target.add_namespace(nqn, crate::identify::NN, dev(), 4096, "dev").unwrap(),

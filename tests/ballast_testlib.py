@@ -23,6 +23,9 @@ import traceback
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The NQN prefix of the subsystems the daemon and `ballast nvmf create NAME` make.
+NQN_PREFIX = "nqn.2026-11.dev.ballast:"
+
 def ballast_bin():
     return os.environ.get("BALLAST_BIN") or os.path.join(
         REPO_ROOT, "build", "cargo", "release", "ballast")
@@ -190,6 +193,21 @@ class Ballast:
         """A per-core counter of `ballast stats --json`, summed over the cores (0 if absent)."""
         return sum(c.get(name, 0) for c in self.reactors())
 
+    def nvmf_export(self, name, export, block_size=None):
+        """Serves `export` as namespace 1 of a new subsystem (any host) on the daemon's
+        NVMe/TCP port, through the CLI; `name` is its NQN, or what follows the daemon's
+        prefix. Returns the NQN; raises naming the step that failed."""
+        nqn = name if name.startswith("nqn.") else NQN_PREFIX + name
+        add_ns = ["nvmf", "add-ns", nqn, export]
+        if block_size:
+            add_ns += ["--block-size", str(block_size)]
+        for args in (["nvmf", "create", nqn, "--allow-any-host"], add_ns,
+                     ["nvmf", "add-listener", nqn, "127.0.0.1:%d" % self.nvmf_port()]):
+            p = self.ctl(*args)
+            if p.returncode != 0:
+                raise AssertionError("ballast %s: %s" % (" ".join(args), p.stderr.strip()))
+        return nqn
+
     def nvmf_port(self):
         """The NVMe/TCP port `start` gave the daemon (its command line is in the log)."""
         port = None
@@ -239,6 +257,20 @@ class Ballast:
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
+
+
+def closed_by_peer(s, within):
+    """True if the server closes socket `s` within `within` seconds (what it sends first is
+    read and dropped)."""
+    s.settimeout(within)
+    try:
+        while True:
+            if not s.recv(65536):
+                return True
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
 
 
 def wait_for(cond, timeout, step=0.1):

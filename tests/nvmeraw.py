@@ -192,8 +192,12 @@ class Host:
 
     def admin_read(self, opcode, cdw, length, nsid=0):
         """An admin command that returns `length` bytes: (status, data)."""
-        cid = self.next_cid()
-        self.send(capsule(sqe(opcode, cid, nsid=nsid, sgl_len=length, cdw=cdw)))
+        return self.read_command(sqe(opcode, self.next_cid(), nsid=nsid, sgl_len=length, cdw=cdw))
+
+    def read_command(self, cmd):
+        """Sends command `cmd` (an SQE whose data the target sends: C2HData), gathers its
+        data until its response: (status, data); `self.dnr` says Do Not Retry."""
+        self.send(capsule(cmd))
         data = bytearray()
         while True:
             typ, p = self.pdu()

@@ -102,13 +102,7 @@ def check_device(r, b, name, dev, lbs):
 
 def dlfeat(r, b, export, want):
     """Identify Namespace byte 33 (DLFEAT) of `export` in a subsystem of its own."""
-    nqn = "nqn.2026-12.dev.ballast:dlfeat-" + export
-    for args in (("nvmf", "create", nqn, "--allow-any-host"), ("nvmf", "add-ns", nqn, export),
-                 ("nvmf", "add-listener", nqn, "127.0.0.1:%d" % b.nvmf_port())):
-        p = b.ctl(*args)
-        if p.returncode != 0:
-            r.bad("%s: ballast %s" % (export, " ".join(args)), p.stderr.strip())
-            return
+    nqn = b.nvmf_export("dlfeat-" + export, export)
     admin = nvmeraw.admin_queue(b.nvmf_port(), nqn)
     try:
         status, ns = admin.admin_read(nvmeraw.OP_IDENTIFY, (0, 0, 0, 0, 0, 0), 4096, nsid=1)

@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import nbd  # noqa: E402
 
 import nvmeraw  # noqa: E402
-from ballast_testlib import (Ballast, ballast_bin, free_port, guarded, rss_mib,  # noqa: E402
-                             wait_for)
+from ballast_testlib import (Ballast, ballast_bin, closed_by_peer, free_port,  # noqa: E402
+                             guarded, rss_mib, wait_for)
 
 MiB = 1 << 20
 BUDGET = 128 * MiB
@@ -89,19 +89,6 @@ def nbd_connect(port, export="vol", timeout=10.0, rcvbuf=None):
 
 def nbd_req(kind, handle, offset, length):
     return struct.pack(">IHHQQI", REQ_MAGIC, 0, kind, handle, offset, length)
-
-
-def closed_by_peer(s, within):
-    """True if the server closes `s` within `within` seconds."""
-    s.settimeout(within)
-    try:
-        while True:
-            if not s.recv(65536):
-                return True
-    except socket.timeout:
-        return False
-    except OSError:
-        return True
 
 
 def hung_up_unread(s, within):

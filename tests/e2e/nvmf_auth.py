@@ -6,7 +6,8 @@ as Linux's host does (NULL DH group, SHA-256, a DHHC-1:00 secret: no transform):
 - re-authentication of a queue older than the handshake deadline (Linux's host does it when its
   secret is written in sysfs) is not cut off by that deadline: it has its own;
 - a key rotated over RPC (the host added again with a new key) is the one a re-authentication
-  proves, on the same queue; the old one fails;
+  proves, on the same queue; the old one fails; a re-authentication left unfinished ends the
+  queue at the handshake deadline;
 - a failed authentication ends the queue once the host has its Failure1, as nvmet and SPDK do.
 Run with /usr/bin/python3.
 """
@@ -15,7 +16,6 @@ import hashlib
 import hmac
 import json
 import os
-import socket
 import struct
 import sys
 import time
@@ -23,7 +23,7 @@ import zlib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nvmeraw as n  # noqa: E402
-from ballast_testlib import Ballast, guarded  # noqa: E402
+from ballast_testlib import Ballast, closed_by_peer, guarded  # noqa: E402
 
 NQN = "nqn.2026-12.dev.ballast:auth"
 SEND, RECEIVE = 0x05, 0x06
@@ -42,11 +42,7 @@ class AuthHost:
     def __init__(self, port):
         self.q = n.Host(port, timeout=10)
         self.q.handshake()
-        cid = self.q.next_cid()
-        self.q.send(n.capsule(n.sqe(n.FABRICS, cid, sgl_len=1024, sgl_type=n.SGL_INCAPSULE,
-                                    cdw=(0, 31, 0, 0, 0, 0), fctype=n.FCTYPE_CONNECT),
-                              n.connect_data(NQN)))
-        _, self.connect_status, dw0 = self.q.response()
+        self.connect_status, dw0 = self.q.try_connect(NQN)
         self.atr = bool(dw0 & (1 << 17))
         self.tid = 0
 
@@ -57,18 +53,8 @@ class AuthHost:
         return self.q.response()[1]
 
     def receive(self, length=4096):
-        cid = self.q.next_cid()
-        self.q.send(n.capsule(n.sqe(n.FABRICS, cid, sgl_len=length,
-                                    cdw=(CDW10, length, 0, 0, 0, 0), fctype=RECEIVE)))
-        data = bytearray()
-        while True:
-            typ, p = self.q.pdu()
-            if typ == n.C2H_DATA:
-                data += p[p[3]:]
-                if p[1] & 0x08:
-                    return 0, bytes(data)
-            elif typ == n.CAPSULE_RESP:
-                return (struct.unpack("<H", p[22:24])[0] >> 1) & 0x7FF, bytes(data)
+        return self.q.read_command(n.sqe(n.FABRICS, self.q.next_cid(), sgl_len=length,
+                                         cdw=(CDW10, length, 0, 0, 0, 0), fctype=RECEIVE))
 
     def negotiate(self):
         self.tid += 1
@@ -105,18 +91,6 @@ class AuthHost:
         """Identify Controller: its status and Do Not Retry."""
         st, _ = self.q.admin_read(n.OP_IDENTIFY, (1, 0, 0, 0, 0, 0), 4096)
         return st, self.q.dnr
-
-    def closed(self, within):
-        """True if the target closes the connection within `within` seconds."""
-        self.q.s.settimeout(within)
-        try:
-            while True:
-                if not self.q.s.recv(4096):
-                    return True
-        except socket.timeout:
-            return False
-        except OSError:
-            return True
 
     def close(self):
         self.q.close()
@@ -168,12 +142,20 @@ def main(r):
         rpc("nvmf_subsystem_add_host", {"nqn": NQN, "host": n.HOSTNQN, "dhchap_key": "k2"})
         r.check_eq("after a rotation over RPC, re-authenticating with the new key succeeds on the "
                    "same queue", "success", h.authenticate(keys["k2"]))
+        # A re-authentication has a deadline too: one started and never finished (the queue
+        # refuses everything meanwhile) ends the queue at the 2 s handshake deadline.
+        t0 = time.monotonic()
+        st = h.negotiate()
+        dropped = st == 0 and closed_by_peer(h.q.s, 8)
+        took = time.monotonic() - t0
+        r.check("a re-authentication left unfinished is dropped at its deadline (%.1fs)" % took,
+                dropped and took >= 1.5, "negotiate 0x%x" % st)
         h.close()
 
         # A failed authentication ends the queue once the host has its Failure1.
         bad = AuthHost(port)
         r.check_eq("a wrong key: Failure1", "failure", bad.authenticate(keys["wrong"]))
-        r.check("... and the target closes the queue", bad.closed(3))
+        r.check("... and the target closes the queue", closed_by_peer(bad.q.s, 3))
         bad.close()
         old = AuthHost(port)
         r.check_eq("the rotated-out key fails on a new connection", "failure",

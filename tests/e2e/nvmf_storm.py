@@ -399,6 +399,12 @@ class Storm:
         else:
             raise AssertionError("unexpected PDU type %d" % typ)
 
+    def close(self):
+        """Closes its queues (each phase opens its own)."""
+        for q in (self.io, self.admin):
+            if q is not None:
+                q.close()
+
     def run_deep(self, port, ops, depth):
         """`ops` random commands, up to `depth` in flight; a command waits to be sent while
         it would touch bytes one in flight touches (so every answer has one right value)."""
@@ -422,9 +428,7 @@ class Storm:
         except Exception as e:  # noqa: BLE001
             self.fail("deep: %s: %s" % (type(e).__name__, e))
         finally:
-            for q in (self.io, self.admin):
-                if q is not None:
-                    q.close()
+            self.close()
 
     def run(self, port, ops):
         try:
@@ -438,9 +442,7 @@ class Storm:
         except Exception as e:  # noqa: BLE001
             self.fail("%s: %s" % (type(e).__name__, e))
         finally:
-            for q in (self.io, self.admin):
-                if q is not None:
-                    q.close()
+            self.close()
 
 
 def nbd_read(b, export):
@@ -483,9 +485,7 @@ def main(r):
                     raise AssertionError("ballast %s: %s" % (" ".join(args), p.stderr.strip()))
 
             def subsystem(nqn_name, export, block_size=4096):
-                ctl("nvmf", "create", nqn_name, "--allow-any-host")
-                ctl("nvmf", "add-ns", PREFIX + nqn_name, export, "--block-size", str(block_size))
-                ctl("nvmf", "add-listener", PREFIX + nqn_name, "127.0.0.1:%d" % port)
+                b.nvmf_export(nqn_name, export, block_size)
 
             ctl("export", "add", "tmpfs", "--file", shm)
             ctl("export", "add", "disk", "--file", disk)

@@ -59,9 +59,14 @@ pub fn canonical_uuid(s: &str) -> Option<String> {
 pub fn random_uuid() -> Result<String, LvstoreError> {
     let mut b = [0u8; 16];
     ballast_ffi::sys::random_bytes(&mut b).map_err(LvstoreError::Random)?;
-    b[6] = (b[6] & 0x0f) | 0x40;
+    Ok(uuid_of(b, 4))
+}
+
+/// 16 bytes laid out as an RFC 4122 UUID of `version` (4: random, 5: from a hash).
+pub fn uuid_of(mut b: [u8; 16], version: u8) -> String {
+    b[6] = (b[6] & 0x0f) | (version << 4);
     b[8] = (b[8] & 0x3f) | 0x80;
-    Ok(format_uuid(&b))
+    format_uuid(&b)
 }
 
 pub fn lvs_name(pool: &PoolHandle) -> String {

@@ -270,11 +270,7 @@ pub fn open_backend(
         return Ok((DeviceKind::Ram, Arc::new(dev)));
     }
     if let Some(rest) = spec.strip_prefix("file:") {
-        // A trailing ":SIZE" is a size only if it parses as one.
-        let (path, size) = match rest.rsplit_once(':') {
-            Some((p, s)) if parse_size(s).is_ok() => (p, Some(parse_size(s)?)),
-            _ => (rest, None),
-        };
+        let (path, size) = file_spec(rest);
         let dev = FileDev::open(Path::new(path), size, read_only)?;
         return Ok((DeviceKind::File, Arc::new(dev)));
     }
@@ -285,15 +281,20 @@ pub fn open_backend(
     bail!("unknown backend {spec:?}: expected ram:SIZE, file:PATH[:SIZE] or nvme:/dev/ngXnY")
 }
 
+/// A `file:` spec's `PATH[:SIZE]`: a trailing ":SIZE" is a size only if it parses as one.
+fn file_spec(rest: &str) -> (&str, Option<u64>) {
+    match rest.rsplit_once(':').map(|(p, s)| (p, parse_size(s))) {
+        Some((path, Ok(size))) => (path, Some(size)),
+        _ => (rest, None),
+    }
+}
+
 /// The file or device behind a `file:` or `nvme:` spec: a regular file by its canonical path
 /// (one file, however spelled); a device node as given (`/dev/disk/by-id/...` names the disk,
 /// the `/dev/sdX` or `/dev/ngXnY` it resolves to only its place in this boot's enumeration).
 fn backend_path(spec: &str) -> Option<std::path::PathBuf> {
     let path = match spec.strip_prefix("file:") {
-        Some(rest) => match rest.rsplit_once(':') {
-            Some((p, s)) if parse_size(s).is_ok() => p,
-            _ => rest,
-        },
+        Some(rest) => file_spec(rest).0,
         None => spec.strip_prefix("nvme:")?,
     };
     let given = Path::new(path).to_path_buf();
@@ -311,10 +312,7 @@ fn stable_uuid(name: &str, path: std::path::PathBuf) -> String {
     h.update(name.as_bytes());
     h.update(b"\0");
     h.update(path.as_os_str().as_encoded_bytes());
-    let mut b: [u8; 16] = h.finalize()[..16].try_into().expect("16 of 32 bytes");
-    b[6] = (b[6] & 0x0f) | 0x50;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    lvstore::format_uuid(&b)
+    lvstore::uuid_of(h.finalize()[..16].try_into().expect("16 of 32 bytes"), 5)
 }
 
 /// Registers a RAM or file export (`spec` as [`open_backend`] takes it) under a fresh UUID.

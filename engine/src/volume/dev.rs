@@ -675,9 +675,9 @@ impl BlockDev for VolumeDev {
         Some(self.owner.place(here, claims))
     }
 
-    /// The whole range's runs are computed (the map in memory), then cut to `max`.
+    /// The range's runs from the map in memory, the walk stopping after `max` of them.
     fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {
-        let runs = self.pool.meta_shared().allocation(self.id, offset, len);
+        let runs = self.pool.meta_shared().allocation(self.id, offset, len, max);
         let mut out = Vec::with_capacity(runs.len().min(max));
         for (_, len, written) in runs {
             push_extent(&mut out, Extent { len, hole: !written, zero: !written });

@@ -62,6 +62,8 @@ pub const AEN_NS_CHANGED: u32 = ((LOG_CHANGED_NS as u32) << 16) | 0x02;
 pub const AEN_DISC_CHANGED: u32 = ((LOG_DISCOVERY as u32) << 16) | (0xf0 << 8) | 0x02;
 /// Asynchronous Event Configuration: discovery log page change notices.
 const AEC_DISC_CHANGED: u32 = 1 << 31;
+/// Asynchronous Event Configuration: namespace attribute notices.
+const AEC_NS_ATTR: u32 = 1 << 8;
 
 /// Admin-queue state of one controller.
 pub struct AdminState {
@@ -163,20 +165,21 @@ impl AdminState {
     }
 
     /// If a notice is pending and an AER is held: the CID to complete, and the event (dw0) —
-    /// [`AEN_NS_CHANGED`] on an I/O controller, [`AEN_DISC_CHANGED`] on a discovery
-    /// controller whose host enabled it (AEC bit 31; it stays pending until then).
+    /// [`AEN_NS_CHANGED`] on an I/O controller whose host enabled it (AEC bit 8),
+    /// [`AEN_DISC_CHANGED`] on a discovery controller whose host enabled it (AEC bit 31). A
+    /// notice not enabled stays pending until it is (as nvmet and SPDK keep it).
     pub fn take_event(&mut self) -> Option<(u16, u32)> {
         if self.aers.is_empty() {
             return None;
         }
-        let event = if self.discovery() {
-            if self.async_event_config & AEC_DISC_CHANGED == 0 {
-                return None;
-            }
-            AEN_DISC_CHANGED
+        let (event, enabled) = if self.discovery() {
+            (AEN_DISC_CHANGED, AEC_DISC_CHANGED)
         } else {
-            AEN_NS_CHANGED
+            (AEN_NS_CHANGED, AEC_NS_ATTR)
         };
+        if self.async_event_config & enabled == 0 {
+            return None;
+        }
         if !self.ctrl.aen_pending.swap(false, Ordering::AcqRel) {
             return None;
         }
@@ -490,11 +493,15 @@ mod tests {
             a.execute(&t, &cmd(admin::IDENTIFY, 7, [3, 0, 0, 0, 0, 0])).status,
             status::INVALID_NAMESPACE
         );
-        // AER held, then completed by a namespace change
+        // AER held, then completed by a namespace change once the host enables the notice
+        // (AEC bit 8: Linux sets it from OAES); until then it stays pending.
         assert!(a.execute(&t, &cmd(admin::ASYNC_EVENT, 0, [0; 6])).held);
         assert_eq!(a.take_event(), None);
         let s = t.subsystem("nqn.2026-11.dev.ballast:t").unwrap();
         t.namespace_changed(&s, 1);
+        assert_eq!(a.take_event(), None, "namespace notices not enabled");
+        let aec = cmd(admin::SET_FEATURES, 0, [0x0b, 1 << 8, 0, 0, 0, 0]);
+        assert_eq!(a.execute(&t, &aec).status, status::SUCCESS);
         assert_eq!(a.take_event(), Some((1, AEN_NS_CHANGED)));
         let log =
             a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x03ff_0004, 0, 0, 0, 0, 0])).data.unwrap();

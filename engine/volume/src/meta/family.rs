@@ -236,11 +236,17 @@ impl Family {
     }
 
     /// Written runs of `[offset, offset + len)` of volume `id` (see `PoolMeta::allocation`).
-    pub(super) fn allocation(&self, id: u32, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    pub(super) fn allocation(
+        &self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Vec<(u64, u64, bool)> {
         let Some(v) = self.volumes.get(&id) else { return Vec::new() };
         let end = offset.saturating_add(len).min(v.size_bytes);
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        let mut push = |start: u64, stop: u64, written: bool| {
+        fn push(out: &mut Vec<(u64, u64, bool)>, start: u64, stop: u64, written: bool) {
             if stop <= start {
                 return;
             }
@@ -250,10 +256,15 @@ impl Family {
                 }
                 _ => out.push((start, stop - start, written)),
             }
-        };
+        }
         let cb = self.geo.cluster_bytes;
         let mut at = offset;
         for (vc, e) in v.tree.entries_in(offset / cb, end.div_ceil(cb)) {
+            if out.len() > max {
+                // The first `max` runs are whole: a later one has begun.
+                out.truncate(max);
+                return out;
+            }
             for bit in 0..cb / PIECE {
                 let p0 = (vc * cb + bit * PIECE).max(offset);
                 let p1 = (vc * cb + (bit + 1) * PIECE).min(end);
@@ -261,13 +272,14 @@ impl Family {
                     continue;
                 }
                 if e.written() & (1 << bit) != 0 {
-                    push(at, p0, false);
-                    push(p0, p1, true);
+                    push(&mut out, at, p0, false);
+                    push(&mut out, p0, p1, true);
                     at = p1;
                 }
             }
         }
-        push(at, end, false);
+        push(&mut out, at, end, false);
+        out.truncate(max);
         out
     }
 

@@ -596,7 +596,7 @@ impl PoolMeta {
     pub fn allocated_bytes(&self, id: u32) -> u64 {
         self.volume(id).map_or(0, |v| {
             let size = v.size_bytes;
-            self.allocation(id, 0, size).iter().filter(|r| r.2).map(|r| r.1).sum()
+            self.allocation(id, 0, size, usize::MAX).iter().filter(|r| r.2).map(|r| r.1).sum()
         })
     }
 
@@ -606,9 +606,10 @@ impl PoolMeta {
     }
 
     /// Written runs of `[offset, offset + len)` of volume `id`: (start, length, written), in
-    /// order, adjacent runs merged, at 4 KiB granularity. Cost follows the mapped clusters.
-    pub fn allocation(&self, id: u32, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
-        self.family(id).map_or_else(Vec::new, |f| f.allocation(id, offset, len))
+    /// order, adjacent runs merged, at 4 KiB granularity; the first `max` of them (the walk
+    /// stops there). Cost follows the mapped clusters walked.
+    pub fn allocation(&self, id: u32, offset: u64, len: u64, max: usize) -> Vec<(u64, u64, bool)> {
+        self.family(id).map_or_else(Vec::new, |f| f.allocation(id, offset, len, max))
     }
 
     pub fn cluster_offset(&self, cluster: u64) -> u64 {

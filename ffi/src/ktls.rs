@@ -197,6 +197,76 @@ fn wipe(info: &mut TlsCryptoInfo) {
     }
 }
 
+/// TLS record content types (RFC 8446 5.1) as the kernel's record-type control messages
+/// carry them.
+const RECORD_ALERT: u8 = 21;
+
+/// Sends a close_notify alert (RFC 8446 6.1: warning level, description 0) on a socket whose
+/// records the kernel carries: the kernel seals it as an alert record behind what the socket
+/// already holds. Does not block: `EAGAIN` when the send buffer is full (the caller ends
+/// without it, as a peer that vanished would).
+pub fn send_close_notify(fd: RawFd) -> Result<(), Errno> {
+    let alert = [1u8, 0u8];
+    let mut iov =
+        libc::iovec { iov_base: alert.as_ptr() as *mut libc::c_void, iov_len: alert.len() };
+    // u64 words: a control message header's alignment.
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+    let (space, len) = unsafe { (libc::CMSG_SPACE(1) as usize, libc::CMSG_LEN(1) as usize) };
+    assert!(space <= std::mem::size_of_val(&control), "a one-byte control message fits");
+    // SAFETY: msghdr is a plain C struct for which all zeros is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` zeroed, aligned bytes we own: CMSG_FIRSTHDR gives
+    // the header at their start (non-null: space ≥ one header) and CMSG_DATA its first data
+    // byte, inside them (space ≥ CMSG_LEN(1)).
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        assert!(!cmsg.is_null());
+        (*cmsg).cmsg_level = libc::SOL_TLS;
+        (*cmsg).cmsg_type = libc::TLS_SET_RECORD_TYPE;
+        (*cmsg).cmsg_len = len as _;
+        *libc::CMSG_DATA(cmsg) = RECORD_ALERT;
+    }
+    // SAFETY: `fd` is the caller's open socket; `msg` and the iovec, alert and control bytes
+    // it points at live across the call, which only reads them.
+    let sent = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    match sent {
+        n if n < 0 => Err(Errno::last()),
+        2 => Ok(()),
+        _ => Err(Errno::EAGAIN),
+    }
+}
+
+/// Reads one record off a socket whose records the kernel carries, whatever its type: a
+/// plain receive fails with `EIO` when the next record is not application data (an alert, a
+/// handshake message) and leaves it there, so a socket closed then would answer the peer
+/// with a reset. Returns the record's content type and its length (what did not fit in
+/// `buf` is dropped by the kernel). Does not block.
+pub fn recv_any_record(fd: RawFd, buf: &mut [u8]) -> Result<(u8, usize), Errno> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, TlsGetRecordType};
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!(u8);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT)?;
+    let mut kind = 23; // application data carries no control message
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::TlsGetRecordType(t) = c {
+            kind = match t {
+                TlsGetRecordType::ChangeCipherSpec => 20,
+                TlsGetRecordType::Alert => RECORD_ALERT,
+                TlsGetRecordType::Handshake => 22,
+                TlsGetRecordType::ApplicationData => 23,
+                TlsGetRecordType::Unknown(x) => x,
+                _ => 0,
+            };
+        }
+    }
+    Ok((kind, msg.bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +315,29 @@ mod tests {
         for errno in [Errno::ENOTCONN, Errno::EEXIST, Errno::ENOMEM] {
             assert!(matches!(ulp_error(errno), KtlsError::Ulp(_)), "{errno}");
         }
+    }
+
+    /// On a plain socket every record is data: what arrived, read whole and typed 23; nothing
+    /// waiting is `EAGAIN`, not a block. (Alerts need a kernel with TLS: the trixie VM suite
+    /// test-ktls-kernel.sh reads libnbd's close_notify with it.)
+    #[test]
+    fn recv_any_record_reads_what_is_there_without_blocking() {
+        use std::io::Write;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(recv_any_record(peer.as_raw_fd(), &mut buf), Err(Errno::EAGAIN));
+        s.write_all(b"bye").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let got = loop {
+            match recv_any_record(peer.as_raw_fd(), &mut buf) {
+                Err(Errno::EAGAIN) if std::time::Instant::now() < deadline => continue,
+                other => break other,
+            }
+        };
+        assert_eq!(got, Ok((23, 3)));
+        assert_eq!(&buf[..3], b"bye");
     }
 
     /// Where the kernel has no TLS (this build machine), installing says so and leaves the

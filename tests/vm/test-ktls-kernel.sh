@@ -1,8 +1,9 @@
 #!/bin/bash
 # Kernel TLS offload (kTLS): ballast runs INSIDE the trixie guest (this machine's kernel has no
 # TLS; trixie's 6.12 has), its TLS 1.3 sessions go to the kernel after their handshakes, and the
-# kernel's own NVMe/TCP host (nvme-cli 2.13, tlshd) and NBD client (nbd-client, GnuTLS) move data
-# through them; then the same with --kernel-tls off (guest side: guest-ktls.sh). The host makes
+# kernel's own NVMe/TCP host (nvme-cli 2.13, tlshd), NBD client (nbd-client, GnuTLS) and libnbd
+# (nbdcopy, nbdinfo: NBD_CMD_DISC and close_notify at once) move data through them; then the
+# same with --kernel-tls off (guest side: guest-ktls.sh). The host makes
 # the PSK and a small PKI and copies the ballast binary in. Prints PASS/FAIL, "N passed, M failed".
 #
 # Environment: BALLAST_BIN, BALLAST_VM_TIMEOUT (default 600 s), KEEP=1 keeps the work dir.

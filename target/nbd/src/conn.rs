@@ -29,8 +29,9 @@
 //!   in userspace; once the kernel carries the records (`offload_to_kernel`) the link is gone
 //!   and the connection is served as a plaintext one. Handshake steps run on offload threads;
 //! - a client that ends the connection (NBD_CMD_DISC, NBD_OPT_ABORT) gets a graceful close:
-//!   once its replies are out, our close_notify (TLS in userspace) and our FIN, then what it
-//!   still sends is read and dropped until its FIN (`Closing`). Closing a socket with input
+//!   once its replies are out, our close_notify (TLS in userspace or the kernel's) and our FIN,
+//!   then what it still sends is read and dropped until its FIN (`Closing`; under kTLS its
+//!   alert records too, which a plain receive cannot take). Closing a socket with input
 //!   unread makes the kernel answer with a reset, which the client can see as an error instead
 //!   of the end (libnbd's TLS close_notify follows its NBD_CMD_DISC at once). The lingering is
 //!   bounded: `LINGER_BYTES_MAX`, the stall deadline, the daemon's shutdown;
@@ -190,6 +191,9 @@ pub struct Conn {
     skip_reply: Option<(u64, u32)>,
     /// No more input will be read (EOF, error, NBD_CMD_DISC, shutdown, protocol error).
     read_closed: bool,
+    /// The kernel carries the TLS records (kTLS): the socket's bytes are plaintext, but an
+    /// alert is a record of its own, sent and received apart (`ballast_ffi::ktls`).
+    ktls: bool,
     closing: Closing,
     done: bool,
     requests_total: u64,
@@ -232,6 +236,7 @@ impl Conn {
             skip: 0,
             skip_reply: None,
             read_closed: false,
+            ktls: false,
             closing: Closing::Now,
             done: false,
             requests_total: 0,
@@ -418,6 +423,7 @@ impl Conn {
         let fd = self.fd.as_raw_fd();
         match offload_to_kernel(&mut self.tls, cx, fd) {
             Ok(true) => {
+                self.ktls = true;
                 tracing::info!(peer = %self.peer, "TLS records handed to the kernel (kTLS)")
             }
             Ok(false) => {}
@@ -1063,6 +1069,12 @@ impl Conn {
                     return true;
                 }
                 let fd = self.fd.as_raw_fd();
+                if self.ktls {
+                    // Behind the replies, which are all with the kernel by now.
+                    if let Err(e) = ballast_ffi::ktls::send_close_notify(fd) {
+                        tracing::debug!(peer = %self.peer, errno = %e, "kTLS close_notify not sent");
+                    }
+                }
                 if shutdown(fd, Shutdown::Write).is_err() {
                     return false;
                 }
@@ -1085,6 +1097,20 @@ impl Conn {
         };
         *inflight = false;
         tracing::trace!(peer = %self.peer, result, "linger receive");
+        let mut result = result;
+        if result == -libc::EIO && self.ktls {
+            // Under kTLS: the next record is no data (the client's close_notify): taken apart.
+            buf.set_len(0);
+            result = match ballast_ffi::ktls::recv_any_record(self.fd.as_raw_fd(), buf.spare_mut())
+            {
+                Ok((kind, len)) => {
+                    tracing::debug!(peer = %self.peer, kind, len, "linger: a TLS record of its own (kTLS)");
+                    // Counted as at least a byte: a stream of empty records is bounded too.
+                    len.clamp(1, LINGER_BYTES_MAX as usize) as i32
+                }
+                Err(e) => -(e as i32),
+            };
+        }
         if result > 0 {
             *dropped += result as u64;
             if *dropped < LINGER_BYTES_MAX && !cx.shutting_down() {
@@ -1094,6 +1120,10 @@ impl Conn {
                 return;
             }
             tracing::debug!(peer = %self.peer, dropped = *dropped, "client kept sending after it disconnected");
+        } else if result == 0 {
+            tracing::debug!(peer = %self.peer, dropped = *dropped, "graceful close: the client closed its end");
+        } else {
+            tracing::debug!(peer = %self.peer, errno = -result, "graceful close: receive failed");
         }
         cx.recycle(buf);
     }

@@ -1,8 +1,10 @@
 # Runs INSIDE the trixie test guest (sh -e, as root), started by test-nvme-auth-kernel.sh: the
 # Linux kernel's NVMe/TCP host authenticating to ballast (10.0.2.2) with DH-HMAC-CHAP.
-# /guest/params: PORT (plaintext), TPORT (TLS required), HA..HE host NQNs (HA sha256/ffdhe2048
+# /guest/params: PORT (plaintext), TPORT (TLS required), HA..HF host NQNs (HA sha256/ffdhe2048
 # with H256; HB sha384/null with H384 and controller secret C512; HC sha512/ffdhe3072 with H512
-# and C512; HD H256 with ballast's default hash and group; HE like HA, on TPORT with the TLS key PSK),
+# and C512; HD H256 with ballast's default hash and group; HE like HA, on TPORT with the TLS key PSK;
+# HF like HA, whose key the host side rotates to R256 once HF's queues authenticated, then
+# announces by adding subsystem ROTATED to the discovery log),
 # HOSTID, VOL0, WRONG (a secret ballast does not know). Prints PASS/FAIL lines and GUEST-DONE.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 . /guest/params
@@ -43,6 +45,37 @@ auth_refused "wrong controller secret (the host rejects ballast)" -s "$PORT" --h
 if nvme check-tls-key --hostnqn="$HE" --subsysnqn="$VOL0" --keydata="$PSK" --insert > /tmp/insert.out 2>&1; then
   auth_ok "over TLS (sha256/ffdhe2048)" "sha256) dhgroup ffdhe2048" -s "$TPORT" --hostnqn="$HE" --tls --dhchap-secret="$H256"
 else fail "inserting the PSK"; cat /tmp/insert.out; fi
+# Re-authentication by the kernel host itself: a secret written to a live controller's sysfs
+# dhchap_secret makes it authenticate every queue again (nvme_ctrl_auth_work).
+ctrl_of() { for c in /sys/class/nvme/nvme*; do [ "$(cat "$c/subsysnqn" 2>/dev/null)" = "$1" ] && basename "$c"; done | head -1; }
+authed() { dmesg | grep -c "authenticated with hash" || true; }   # (sh -e: grep -c finding none exits 1)
+failures() { dmesg | grep -c "authentication failed" || true; }
+reauth() {   # reauth LABEL SECRET: write SECRET, wait for a new "authenticated" and no failure
+  n0=$(authed) f0=$(failures)
+  if ! { echo "$2" > "/sys/class/nvme/$c/dhchap_secret"; } 2>/dev/null; then fail "re-authentication $1: no controller '$c'"; return 0; fi
+  i=0; while [ "$(authed)" -le "$n0" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  sleep 1
+  if [ "$(authed)" -gt "$n0" ] && [ "$(failures)" = "$f0" ]; then
+    pass "re-authentication $1: $(( $(authed) - n0 )) queue(s) authenticated again"
+  else fail "re-authentication $1"; dmesg | grep -i auth | tail -5; fi
+  d=$(dev_of "$VOL0")
+  if [ -n "$d" ] && fio_verify "$d"; then pass "re-authentication $1: fio verify"; else fail "re-authentication $1: fio verify on '$d'"; fi
+}
+dmesg -C
+if connect -s "$PORT" --hostnqn="$HF" --dhchap-secret="$H256"; then
+  pass "HF: connect (sha256/ffdhe2048)"
+  sleep 1; c=$(ctrl_of "$VOL0")
+  reauth "with the same secret" "$H256"
+  # The host side rotates HF's key at ballast and then adds $ROTATED: wait for it.
+  i=0; while ! nvme discover -t tcp -a $A -s "$PORT" 2>/dev/null | grep -q "$ROTATED" && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
+  if nvme discover -t tcp -a $A -s "$PORT" 2>/dev/null | grep -q "$ROTATED"; then
+    pass "the key rotation announced (discovery log)"
+    reauth "with the rotated key" "$R256"
+  else fail "the key rotation never announced"; fi
+  disconnect || fail "HF: disconnect"
+else fail "HF: connect"; cat /tmp/connect.out; dmesg | tail -5; fi
+if connect -s "$PORT" --hostnqn="$HF" --dhchap-secret="$H256"; then fail "HF's rotated-out secret still connects"; disconnect
+else pass "HF's rotated-out secret is refused on a new connection"; fi
 dmesg | grep -q "BUG:\|Oops:" && fail "no kernel oops" || pass "no kernel oops"
 [ "$failed" = 0 ] && echo "guest: all passed"
 echo GUEST-DONE

@@ -107,7 +107,7 @@ for q in 0 1; do
     || fail "server log: HF's queue $q authenticated $n times"
 done
 grep -q 'DH-HMAC-CHAP: queue authenticated' "$work/server.log" && pass "server log: queues authenticated" || fail "server log shows authentication"
-grep 'DH-HMAC-CHAP: queue authenticated' "$work/server.log" | grep -q 'qid=[1-9]' \
+grep -q 'DH-HMAC-CHAP: queue authenticated.* qid=[1-9]' "$work/server.log" \
   && pass "server log: I/O queues authenticated too" || fail "server log shows I/O queues authenticating"
 grep -q 'DH-HMAC-CHAP: authentication failed' "$work/server.log" && pass "server log: failures logged" || fail "server log shows failures"
 for k in H256 H384 H512 C512 WRONG PSK R256; do

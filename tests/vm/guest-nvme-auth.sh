@@ -61,6 +61,13 @@ reauth() {   # reauth LABEL SECRET: write SECRET, wait for a new "authenticated"
   d=$(dev_of "$VOL0")
   if [ -n "$d" ] && fio_verify "$d"; then pass "re-authentication $1: fio verify"; else fail "re-authentication $1: fio verify on '$d'"; fi
 }
+# A persistent discovery controller (nvme discover -p) hears of the host side's changes below
+# (ROTATED and its listener): an Asynchronous Event (discovery log change, 0070F002h) that the
+# kernel turns into a uevent NVME_AEN=0x70f002 for nvme-cli's autoconnect rules.
+busybox uevent sh -c 'env | grep "^NVME_AEN=" >> /tmp/aen.log || true' &
+UPID=$!
+if nvme discover -t tcp -a $A -s "$PORT" -p > /tmp/pdisc.out 2>&1; then pass "persistent discovery controller (nvme discover -p)"
+else fail "nvme discover -p"; tail -3 /tmp/pdisc.out; fi
 dmesg -C
 if connect -s "$PORT" --hostnqn="$HF" --dhchap-secret="$H256"; then
   pass "HF: connect (sha256/ffdhe2048)"
@@ -70,12 +77,17 @@ if connect -s "$PORT" --hostnqn="$HF" --dhchap-secret="$H256"; then
   i=0; while ! nvme discover -t tcp -a $A -s "$PORT" 2>/dev/null | grep -q "$ROTATED" && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
   if nvme discover -t tcp -a $A -s "$PORT" 2>/dev/null | grep -q "$ROTATED"; then
     pass "the key rotation announced (discovery log)"
+    i=0; while ! grep -q "NVME_AEN=0x70f002" /tmp/aen.log 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    grep -q "NVME_AEN=0x70f002" /tmp/aen.log 2>/dev/null \
+      && pass "the persistent discovery controller got the change as an AEN ($(sort -u /tmp/aen.log | tr '\n' ' '))" \
+      || { fail "no discovery-log-change AEN"; cat /tmp/aen.log 2>/dev/null; }
     reauth "with the rotated key" "$R256"
   else fail "the key rotation never announced"; fi
   disconnect || fail "HF: disconnect"
 else fail "HF: connect"; cat /tmp/connect.out; dmesg | tail -5; fi
 if connect -s "$PORT" --hostnqn="$HF" --dhchap-secret="$H256"; then fail "HF's rotated-out secret still connects"; disconnect
 else pass "HF's rotated-out secret is refused on a new connection"; fi
+kill $UPID 2>/dev/null || true
 dmesg | grep -q "BUG:\|Oops:" && fail "no kernel oops" || pass "no kernel oops"
 [ "$failed" = 0 ] && echo "guest: all passed"
 echo GUEST-DONE

@@ -6,7 +6,10 @@
 # one host NQN per hash/DH-group combination (ballast's per-host dhchap_digests/dhchap_dhgroups
 # choose from the host's offer), and one more with a TLS PSK too. The guest: each combination
 # connects (uni- and bidirectional), fio verify, wrong / missing / wrong-controller secrets are
-# refused, TLS + DH-HMAC-CHAP together. Prints PASS/FAIL and "N passed, M failed".
+# refused, TLS + DH-HMAC-CHAP together; a live controller re-authenticates (sysfs dhchap_secret)
+# with the same secret and, after this side rotates the host's key over RPC, with the new one;
+# a persistent discovery controller gets the discovery-log change as an AEN (uevent).
+# Prints PASS/FAIL and "N passed, M failed".
 #
 # Environment: BALLAST_BIN, BALLAST_VM_TIMEOUT (default 480 s), KEEP=1 keeps the work dir.
 set -uo pipefail

@@ -5,9 +5,10 @@ as Linux's host does (NULL DH group, SHA-256, a DHHC-1:00 secret: no transform):
   (Authentication Required, with Do Not Retry, as nvmet sends it);
 - re-authentication of a queue older than the handshake deadline (Linux's host does it when its
   secret is written in sysfs) is not cut off by that deadline: it has its own;
-- a key rotated over RPC (the host added again with a new key) is the one a re-authentication
-  proves, on the same queue; the old one fails; a re-authentication left unfinished ends the
-  queue at the handshake deadline;
+- a key rotated over RPC (the host added again with a new key, or SPDK's
+  nvmf_subsystem_set_keys) is the one a re-authentication proves, on the same queue; the old one
+  fails; a re-authentication left unfinished ends the queue at the handshake deadline;
+- nvmf_subsystem_get_controllers reports the admin queue's hash and group;
 - a failed authentication ends the queue once the host has its Failure1, as nvmet and SPDK do.
 Run with /usr/bin/python3.
 """
@@ -104,8 +105,9 @@ def main(r):
             p = b.ctl("rpc", method, json.dumps(params))
             if p.returncode != 0:
                 raise AssertionError("%s: %s" % (method, p.stderr.strip()))
+            return json.loads(p.stdout) if p.stdout.strip() else None
 
-        keys = {name: os.urandom(32) for name in ("k1", "k2", "wrong")}
+        keys = {name: os.urandom(32) for name in ("k1", "k2", "k3", "wrong")}
         for name, key in keys.items():
             path = os.path.join(b.tmp, name + ".key")
             with open(path, "w") as f:
@@ -126,6 +128,9 @@ def main(r):
         r.check_eq("the host authenticates with its key", "success", h.authenticate(keys["k1"]))
         h.q.enable()
         r.check_eq("then commands run", (0, False), h.identify())
+        r.check_eq("nvmf_subsystem_get_controllers says how the admin queue authenticated",
+                   [{"state": "completed", "digest": "sha256", "dhgroup": "null"}],
+                   [c.get("auth") for c in rpc("nvmf_subsystem_get_controllers", {"nqn": NQN})])
 
         # Past the 2 s handshake deadline, the host re-authenticates (new secret in sysfs).
         time.sleep(3)
@@ -142,6 +147,14 @@ def main(r):
         rpc("nvmf_subsystem_add_host", {"nqn": NQN, "host": n.HOSTNQN, "dhchap_key": "k2"})
         r.check_eq("after a rotation over RPC, re-authenticating with the new key succeeds on the "
                    "same queue", "success", h.authenticate(keys["k2"]))
+        # SPDK's own rotation method: nvmf_subsystem_set_keys.
+        rpc("nvmf_subsystem_set_keys", {"nqn": NQN, "host": n.HOSTNQN, "dhchap_key": "k3"})
+        stale = AuthHost(port)
+        r.check_eq("after nvmf_subsystem_set_keys, the old key fails on a new connection",
+                   "failure", stale.authenticate(keys["k2"]))
+        stale.close()
+        r.check_eq("... and the new key re-authenticates the same queue", "success",
+                   h.authenticate(keys["k3"]))
         # A re-authentication has a deadline too: one started and never finished (the queue
         # refuses everything meanwhile) ends the queue at the 2 s handshake deadline.
         t0 = time.monotonic()
@@ -163,7 +176,7 @@ def main(r):
         old.close()
         good = AuthHost(port)
         r.check_eq("a new connection with the current key authenticates", "success",
-                   good.authenticate(keys["k2"]))
+                   good.authenticate(keys["k3"]))
         good.close()
         r.check("no panics", not b.panics(), "\n".join(b.panics()[:5]))
 

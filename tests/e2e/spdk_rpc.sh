@@ -361,6 +361,74 @@ check "keyring_file_remove_key psk0" rpc keyring_file_remove_key psk0
 check_eq "removing it again: -19 No such device" "-19 No such device" "$(rpc_error keyring_file_remove_key psk0)"
 if grep -q "${PSK_TEXT:20:20}\|${DH_TEXT:12:20}" "$BALLAST_LOG"; then fail "a key appears in the server log"; else pass "no key in the server log"; fi
 
+echo "## 7b: SPDK's NVMe-oF tutorial unchanged (a malloc bdev), controllers, queue pairs, key rotation"
+NQN3=nqn.2016-06.io.spdk:cnode3
+check_eq "bdev_malloc_create -b Malloc0 64 512 answers the name" "Malloc0" "$(rpc bdev_malloc_create -b Malloc0 64 512)"
+check_eq "bdev_malloc_create 8 4096 without a name: the next MallocN" "Malloc1" "$(rpc bdev_malloc_create 8 4096)"
+check_eq "bdev_get_bdevs -b Malloc0: SPDK's malloc bdev (product, block size, blocks)" "Malloc disk 512 131072" \
+    "$(rpc bdev_get_bdevs -b Malloc0 | py '"%s %d %d" % (j[0]["product_name"], j[0]["block_size"], j[0]["num_blocks"])')"
+check_eq "bdev_malloc_create with a taken name: -17" "-17" "$(rpc_error bdev_malloc_create -b Malloc0 8 512 | cut -d' ' -f1)"
+check_eq "bdev_malloc_create with block size 520: -22" "-22" "$(rpc_error bdev_malloc_create -b Mx 8 520 | cut -d' ' -f1)"
+check_eq "bdev_malloc_create with metadata (-m 8): -22" "-22" "$(rpc_error bdev_malloc_create -b Mx 8 512 -m 8 | cut -d' ' -f1)"
+check "nvmf_create_subsystem $NQN3 -a -s SPDK00000000000003 -d SPDK_Controller3" \
+    rpc nvmf_create_subsystem "$NQN3" -a -s SPDK00000000000003 -d SPDK_Controller3
+check "nvmf_subsystem_add_ns $NQN3 Malloc0" rpc nvmf_subsystem_add_ns "$NQN3" Malloc0
+check "nvmf_subsystem_add_listener $NQN3 -t tcp -a 127.0.0.1 -s $NVMF_PORT" \
+    rpc nvmf_subsystem_add_listener "$NQN3" -t tcp -a 127.0.0.1 -s "$NVMF_PORT"
+check_eq "nothing connected: nvmf_subsystem_get_controllers and _get_qpairs list none" "[] []" \
+    "$(rpc nvmf_subsystem_get_controllers "$NQN3" | py 'j') $(rpc nvmf_subsystem_get_qpairs "$NQN3" | py 'j')"
+# A host connects an admin and an I/O queue and stays while spdk-rpc looks.
+PYTHONPATH="$REPO_ROOT/tests" timeout 60 "$SYS_PY" -c 'import sys, time, nvmeraw as n
+port, nqn = int(sys.argv[1]), sys.argv[2]
+a, io = n.io_queue(port, nqn)
+st, d = a.admin_read(0x06, [0, 0, 0, 0, 0, 0], 4096, nsid=1)
+print("lbads", d[130] if st == 0 else "status 0x%x" % st, flush=True)
+time.sleep(6)' "$NVMF_PORT" "$NQN3" >"$T/host3.out" 2>&1 &
+HOST3_PID=$!
+for _ in $(seq 50); do grep -q lbads "$T/host3.out" && break; sleep 0.2; done
+check_eq "the namespace's LBA size is its malloc bdev's (512: LBADS 9)" "lbads 9" "$(cat "$T/host3.out")"
+check_eq "nvmf_subsystem_get_controllers: the host, its hostid, 1 I/O queue pair, no authentication" \
+    "1 True True 1 None" \
+    "$(rpc nvmf_subsystem_get_controllers "$NQN3" | py '"%d %s %s %d %s" % (len(j), j[0]["hostnqn"].startswith("nqn."), len(j[0]["hostid"]) == 36, j[0]["num_io_qpairs"], j[0].get("auth"))')"
+check_eq "nvmf_subsystem_get_qpairs: queues 0 and 1 of that controller, active, at the listener" \
+    "[0, 1] ['active'] ['$NVMF_PORT'] True" \
+    "$(rpc nvmf_subsystem_get_qpairs "$NQN3" | py '"%s %s %s %s" % ([q["qid"] for q in j], sorted({q["state"] for q in j}), sorted({q["listen_address"]["trsvcid"] for q in j}), len({q["cntlid"] for q in j}) == 1)')"
+kill "$HOST3_PID" 2>/dev/null; wait "$HOST3_PID" 2>/dev/null
+check_eq "nvmf_subsystem_get_controllers of an unknown subsystem: -32602" "-32602" \
+    "$(rpc_error nvmf_subsystem_get_controllers nqn.2016-06.io.spdk:nosuch | cut -d' ' -f1)"
+# Key rotation: SPDK's nvmf_subsystem_set_keys on a listed host.
+HOST3=nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000d0d0
+(umask 077; interchange DHHC-1 01 32 >"$T/dh1"; interchange DHHC-1 01 32 >"$T/dh2")
+check "keyring_file_add_key dh1, dh2" sh -c "'$SPDK_RPC' -s '$RPC_SOCK' keyring_file_add_key dh1 '$T/dh1' && '$SPDK_RPC' -s '$RPC_SOCK' keyring_file_add_key dh2 '$T/dh2'"
+check "nvmf_subsystem_add_host $NQN3 --dhchap-key dh1" rpc nvmf_subsystem_add_host "$NQN3" "$HOST3" --dhchap-key dh1
+check "nvmf_subsystem_set_keys --dhchap-key dh2 --dhchap-ctrlr-key dh1" \
+    rpc nvmf_subsystem_set_keys "$NQN3" "$HOST3" --dhchap-key dh2 --dhchap-ctrlr-key dh1
+host3_keys() { rpc nvmf_get_subsystems | py '" ".join(str(h.get(k)) for s in j if s["nqn"] == "'"$NQN3"'" for h in s["hosts"] if h["nqn"] == "'"$HOST3"'" for k in ("dhchap_key", "dhchap_ctrlr_key"))'; }
+check_eq "nvmf_get_subsystems names the new keys" "dh2 dh1" "$(host3_keys)"
+check "nvmf_subsystem_set_keys without keys (the host connects unauthenticated)" rpc nvmf_subsystem_set_keys "$NQN3" "$HOST3"
+check_eq "... and the keys are gone" "None None" "$(host3_keys)"
+check_eq "set_keys on a host not listed: -32602" "-32602" \
+    "$(rpc_error nvmf_subsystem_set_keys "$NQN3" "${HOST3%d0d0}e0e0" --dhchap-key dh1 | cut -d' ' -f1)"
+check_eq "set_keys with a controller key and no host key: -32602" "-32602" \
+    "$(rpc_error nvmf_subsystem_set_keys "$NQN3" "$HOST3" --dhchap-ctrlr-key dh1 | cut -d' ' -f1)"
+check_eq "set_keys naming a key not in the keyring: -32602" "-32602" \
+    "$(rpc_error nvmf_subsystem_set_keys "$NQN3" "$HOST3" --dhchap-key nosuch | cut -d' ' -f1)"
+# An existing file as an aio and a uring bdev.
+truncate -s 16M "$T/aio.img"
+check_eq "bdev_aio_create FILE aio0 4096" "aio0" "$(rpc bdev_aio_create "$T/aio.img" aio0 4096)"
+check_eq "bdev_get_bdevs -b aio0: SPDK's aio bdev" "AIO disk 4096 4096" \
+    "$(rpc bdev_get_bdevs -b aio0 | py '"%s %d %d" % (j[0]["product_name"], j[0]["block_size"], j[0]["num_blocks"])')"
+check_eq "bdev_aio_create of a file that does not exist: -2" "-2" \
+    "$(rpc_error bdev_aio_create "$T/nosuch.img" aio1 | cut -d' ' -f1)"
+check_eq "bdev_uring_create FILE ur0" "ur0" "$(rpc bdev_uring_create "$T/aio.img" ur0)"
+check_eq "bdev_aio_delete of a malloc bdev: -19 No such device" "-19 No such device" "$(rpc_error bdev_aio_delete Malloc1)"
+check "bdev_aio_delete aio0, bdev_uring_delete ur0, bdev_malloc_delete Malloc1" \
+    sh -c "'$SPDK_RPC' -s '$RPC_SOCK' bdev_aio_delete aio0 && '$SPDK_RPC' -s '$RPC_SOCK' bdev_uring_delete ur0 && '$SPDK_RPC' -s '$RPC_SOCK' bdev_malloc_delete Malloc1"
+check_eq "they are gone" "-19 -19" \
+    "$(rpc_error bdev_get_bdevs -b aio0 | cut -d' ' -f1) $(rpc_error bdev_get_bdevs -b Malloc1 | cut -d' ' -f1)"
+check "nvmf_delete_subsystem $NQN3, bdev_malloc_delete Malloc0" \
+    sh -c "'$SPDK_RPC' -s '$RPC_SOCK' nvmf_delete_subsystem '$NQN3' && '$SPDK_RPC' -s '$RPC_SOCK' bdev_malloc_delete Malloc0"
+
 echo "## 8: identities survive a restart"
 stop_ballast
 start_ballast --cores 2 || finish

@@ -59,6 +59,9 @@ pub struct Device {
     pub dev: Arc<dyn BlockDev>,
     /// This device's counters in the cores' statistics (`dev.info().stats_id`).
     pub stats_id: u32,
+    /// The block size it was created with as an SPDK bdev (`bdev_malloc_create` and the
+    /// like): what `bdev_get_bdevs` reports and the LBA size its namespaces get by default.
+    pub block_size: Option<u32>,
 }
 
 impl Device {
@@ -71,7 +74,16 @@ impl Device {
         read_only: bool,
     ) -> Device {
         let stats_id = dev.info().stats_id;
-        Device { name: name.to_string(), uuid, kind, description, read_only, dev, stats_id }
+        Device {
+            name: name.to_string(),
+            uuid,
+            kind,
+            description,
+            read_only,
+            dev,
+            stats_id,
+            block_size: None,
+        }
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -323,18 +335,41 @@ pub fn add_export(
     read_only: bool,
     description: String,
 ) -> anyhow::Result<Arc<Device>> {
+    add_bdev(registry, name, spec, read_only, description, BdevShape::default())
+}
+
+/// What an SPDK bdev creation method gives beyond the backend: a block size, a UUID.
+#[derive(Debug, Default, Clone)]
+pub struct BdevShape {
+    pub block_size: Option<u32>,
+    /// Canonical (lowercase, dashes).
+    pub uuid: Option<String>,
+}
+
+/// [`add_export`] with an SPDK bdev's block size and UUID, where given.
+pub fn add_bdev(
+    registry: &Registry,
+    name: &str,
+    spec: &str,
+    read_only: bool,
+    description: String,
+    shape: BdevShape,
+) -> anyhow::Result<Arc<Device>> {
     if registry.get(name).is_some() {
         return Err(RegistryError::Exists(name.to_string()).into());
     }
     let (kind, dev) = open_backend(spec, read_only)?;
-    let uuid = match backend_path(spec) {
+    let uuid = match (shape.uuid, backend_path(spec)) {
+        (Some(uuid), _) => uuid,
         // Its data outlives the daemon: the same name on the same file is the same device
         // after a restart (its namespaces keep their identifiers).
-        Some(path) => stable_uuid(name, path),
+        (None, Some(path)) => stable_uuid(name, path),
         // A RAM export's data does not: each is a new device.
-        None => lvstore::random_uuid()?,
+        (None, None) => lvstore::random_uuid()?,
     };
-    Ok(registry.add(Device::new(name, uuid, kind, description, dev, read_only))?)
+    let mut device = Device::new(name, uuid, kind, description, dev, read_only);
+    device.block_size = shape.block_size;
+    Ok(registry.add(device)?)
 }
 
 #[cfg(test)]

@@ -161,7 +161,7 @@ fn bdev_entry(
     volumes: &[VolumeInfo],
 ) -> BdevEntry {
     let info = e.dev.info();
-    let block_size = u64::from(info.block_size.max(1));
+    let block_size = u64::from(e.block_size.unwrap_or(info.block_size).max(1));
     let volume = match e.kind {
         DeviceKind::Volume => pool.zip(volumes.iter().find(|v| v.name == e.name)),
         DeviceKind::Ram | DeviceKind::File | DeviceKind::Nvme => None,

@@ -20,6 +20,8 @@ pub const ENODEV: i64 = -19;
 pub const EINVAL: i64 = -22;
 /// -EEXIST: a name already in use.
 pub const EEXIST: i64 = -17;
+/// SPDK's `-ENOENT`: "No such file or directory".
+pub const ENOENT: i64 = -2;
 
 /// One error reply.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,5 +1,7 @@
 //! Ballast's own `export_*` methods: RAM and file exports added, listed, resized and removed at
-//! run time. Each export is a registered device (NBD export and bdev of its name).
+//! run time. Each export is a registered device (NBD export and bdev of its name). SPDK's
+//! `bdev_malloc_*`, `bdev_aio_*` and `bdev_uring_*` create and delete the same exports, with
+//! SPDK's parameters, results and errors (SPDK's tutorials run unchanged).
 //!
 //! Depends on the shared state (`control`, `registry`) and no other method module.
 
@@ -7,8 +9,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::control::{Control, Method};
-use crate::registry;
-use crate::rpc_error::{invalid, params, DecodeStyle, RpcError};
+use crate::registry::{self, BdevShape, DeviceKind, RegistryError};
+use crate::rpc_error::{
+    invalid, no_such_device, params, DecodeStyle, RpcError, EEXIST, EINVAL, ENOENT, INVALID_PARAMS,
+};
 
 const G: DecodeStyle = DecodeStyle::Generic;
 
@@ -18,6 +22,12 @@ pub const METHODS: &[Method] = &[
     Method { name: "export_add", call: add },
     Method { name: "export_remove", call: remove },
     Method { name: "export_resize", call: resize },
+    Method { name: "bdev_malloc_create", call: malloc_create },
+    Method { name: "bdev_malloc_delete", call: |c, p| bdev_delete(c, p, DeviceKind::Ram) },
+    Method { name: "bdev_aio_create", call: aio_create },
+    Method { name: "bdev_aio_delete", call: |c, p| bdev_delete(c, p, DeviceKind::File) },
+    Method { name: "bdev_uring_create", call: uring_create },
+    Method { name: "bdev_uring_delete", call: |c, p| bdev_delete(c, p, DeviceKind::File) },
 ];
 
 /// `export_list`'s parameters: none.
@@ -105,12 +115,7 @@ fn add(control: &Control, p: &Value) -> Result<Value, RpcError> {
 
 fn remove(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let r: ExportNameParams = params(p, G)?;
-    let name = r.name.as_str();
-    let device = control.registry.remove(name).map_err(|e| invalid(e.to_string()))?;
-    if let Err(e) = device.dev.flush_blocking() {
-        tracing::warn!(export = name, error = %e, "flush on removal failed");
-    }
-    tracing::info!(export = name, "export removed");
+    remove_device(control, &r.name)?;
     Ok(json!(true))
 }
 
@@ -125,6 +130,173 @@ fn resize(control: &Control, p: &Value) -> Result<Value, RpcError> {
     control.registry.namespaces_changed(name);
     tracing::info!(export = name, size_bytes = bytes, "export resized");
     Ok(json!(true))
+}
+
+/// `bdev_malloc_create`: SPDK's parameters. Metadata and protection information are refused;
+/// the layout hints (physical block size, optimal I/O boundary, NUMA node) are accepted.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct MallocCreate {
+    num_blocks: u64,
+    block_size: u32,
+    name: Option<String>,
+    uuid: Option<String>,
+    /// Layout hints, accepted and not used (a RAM export has no physical blocks or nodes).
+    #[allow(dead_code)]
+    physical_block_size: Option<u32>,
+    #[allow(dead_code)]
+    optimal_io_boundary: Option<u32>,
+    #[allow(dead_code)]
+    numa_id: Option<i32>,
+    #[serde(default)]
+    md_size: u32,
+    #[serde(default)]
+    md_interleave: bool,
+    #[serde(default)]
+    dif_type: u32,
+    #[serde(default)]
+    dif_is_head_of_md: bool,
+    /// Only meaningful with a `dif_type`, which is refused.
+    #[allow(dead_code)]
+    dif_pi_format: Option<u32>,
+}
+
+/// `bdev_aio_create` and `bdev_uring_create` (which sends no `readonly`, `fallocate`, `nowait`):
+/// an existing file or block device, served as a file export.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileCreate {
+    filename: String,
+    name: String,
+    block_size: Option<u32>,
+    uuid: Option<String>,
+    #[serde(default)]
+    readonly: bool,
+    /// SPDK's opt-in to unmap and write zeroes through fallocate: ballast always does.
+    #[serde(default)]
+    fallocate: bool,
+    #[serde(default)]
+    nowait: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BdevName {
+    name: String,
+}
+
+/// SPDK's answer to a bad value: -22 "Invalid argument" (its `spdk_strerror`), then ours.
+fn invalid_argument(detail: impl std::fmt::Display) -> RpcError {
+    RpcError::new(EINVAL, format!("Invalid argument: {detail}"))
+}
+
+/// The LBA sizes ballast's namespaces serve.
+fn check_block_size(block_size: u32) -> Result<(), RpcError> {
+    match block_size {
+        512 | 4096 => Ok(()),
+        b => Err(invalid_argument(format!("block_size {b}: ballast serves 512 or 4096"))),
+    }
+}
+
+fn check_uuid(uuid: Option<&str>) -> Result<Option<String>, RpcError> {
+    uuid.map(|u| {
+        crate::lvstore::canonical_uuid(u).ok_or_else(|| invalid_argument(format!("uuid {u:?}")))
+    })
+    .transpose()
+}
+
+/// Registers the bdev; a taken name or UUID is SPDK's -17 "File exists".
+fn create(
+    control: &Control,
+    name: &str,
+    spec: &str,
+    read_only: bool,
+    shape: BdevShape,
+) -> Result<Value, RpcError> {
+    match registry::add_bdev(&control.registry, name, spec, read_only, String::new(), shape) {
+        Ok(device) => {
+            tracing::info!(bdev = name, backend = %spec, uuid = device.uuid, "bdev created");
+            Ok(json!(name))
+        }
+        Err(e) => match e.downcast_ref::<RegistryError>() {
+            Some(RegistryError::Exists(_) | RegistryError::UuidTaken { .. }) => {
+                Err(RpcError::new(EEXIST, format!("File exists: {e}")))
+            }
+            _ => Err(invalid_argument(format!("{e:#}"))),
+        },
+    }
+}
+
+fn malloc_create(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let m: MallocCreate = params(p, G)?;
+    if m.md_size != 0 || m.md_interleave || m.dif_type != 0 || m.dif_is_head_of_md {
+        return Err(invalid_argument("metadata and protection information are not supported"));
+    }
+    check_block_size(m.block_size)?;
+    let bytes = m.num_blocks.checked_mul(u64::from(m.block_size)).filter(|b| *b > 0);
+    let bytes = bytes.ok_or_else(|| invalid_argument(format!("num_blocks {}", m.num_blocks)))?;
+    let name = match m.name {
+        Some(n) => n,
+        // SPDK's: the first free MallocN.
+        None => (0..)
+            .map(|i| format!("Malloc{i}"))
+            .find(|n| control.registry.get(n).is_none())
+            .expect("a free name"),
+    };
+    let shape = BdevShape { block_size: Some(m.block_size), uuid: check_uuid(m.uuid.as_deref())? };
+    create(control, &name, &format!("ram:{bytes}"), false, shape)
+}
+
+fn file_create(control: &Control, f: FileCreate) -> Result<Value, RpcError> {
+    if f.nowait {
+        return Err(invalid_argument("nowait is not supported by ballast"));
+    }
+    if let Some(b) = f.block_size.filter(|b| *b != 0) {
+        check_block_size(b)?;
+    }
+    if !std::path::Path::new(&f.filename).exists() {
+        // SPDK opens an existing file or device only.
+        return Err(RpcError::new(ENOENT, "No such file or directory"));
+    }
+    let shape = BdevShape {
+        block_size: f.block_size.filter(|b| *b != 0),
+        uuid: check_uuid(f.uuid.as_deref())?,
+    };
+    create(control, &f.name, &format!("file:{}", f.filename), f.readonly, shape)
+}
+
+fn aio_create(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    file_create(control, params(p, G)?)
+}
+
+fn uring_create(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let f: FileCreate = params(p, G)?;
+    if f.readonly || f.fallocate {
+        return Err(RpcError::new(INVALID_PARAMS, "bdev_uring_create takes no readonly/fallocate"));
+    }
+    file_create(control, f)
+}
+
+/// `bdev_malloc_delete`, `bdev_aio_delete`, `bdev_uring_delete`: a bdev of that kind (else
+/// SPDK's -19 "No such device"), removed as `export_remove` removes it.
+fn bdev_delete(control: &Control, p: &Value, kind: DeviceKind) -> Result<Value, RpcError> {
+    let b: BdevName = params(p, G)?;
+    let device = control.registry.get(&b.name).filter(|d| d.kind == kind);
+    if device.is_none() {
+        return Err(no_such_device());
+    }
+    remove_device(control, &b.name)?;
+    Ok(json!(true))
+}
+
+/// Unregisters export `name`, its data flushed first where it has a medium.
+fn remove_device(control: &Control, name: &str) -> Result<(), RpcError> {
+    let device = control.registry.remove(name).map_err(|e| invalid(e.to_string()))?;
+    if let Err(e) = device.dev.flush_blocking() {
+        tracing::warn!(export = name, error = %e, "flush on removal failed");
+    }
+    tracing::info!(export = name, "export removed");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -176,6 +176,18 @@ pub struct Host {
     pub dhchap_dhgroups: Option<Vec<String>>,
 }
 
+/// `nvmf_subsystem_set_keys`: a listed host's DH-HMAC-CHAP keys replaced (both absent: it
+/// connects without authenticating); its PSK, hashes and groups stay.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetKeys {
+    nqn: String,
+    host: String,
+    tgt_name: Option<String>,
+    dhchap_key: Option<String>,
+    dhchap_ctrlr_key: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AllowAnyHost {
@@ -257,6 +269,9 @@ pub const METHODS: &[Method] = &[
         call: |c, p| remove_listener(c, params(p, G)?),
     },
     Method { name: "nvmf_subsystem_get_listeners", call: get_listeners },
+    Method { name: "nvmf_subsystem_set_keys", call: set_keys },
+    Method { name: "nvmf_subsystem_get_controllers", call: get_controllers },
+    Method { name: "nvmf_subsystem_get_qpairs", call: get_qpairs },
 ];
 
 fn create_transport(_: &Control, p: &Value) -> Result<Value, RpcError> {
@@ -372,7 +387,8 @@ fn add_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
         .registry
         .resolve(bdev)
         .ok_or_else(|| invalid_parameters(format!("bdev '{bdev}' does not exist")))?;
-    let block_size = ns.block_size.unwrap_or(4096);
+    // Given, else the bdev's own (SPDK: the namespace's LBA size is its bdev's), else 4096.
+    let block_size = ns.block_size.or(device.block_size).unwrap_or(4096);
     let _settings = control.settings.lock();
     let nsid = control
         .registry
@@ -418,8 +434,6 @@ fn host(control: &Control, p: &Value, add: bool) -> Result<Value, RpcError> {
     let _settings = control.settings.lock();
     let subsys = control.target.subsystem(&h.nqn).ok_or_else(|| not_found(&h.nqn))?;
     if add {
-        let keys = host_auth::resolve(&control.keyring, &h.nqn, &h.host, &names)
-            .map_err(invalid_parameters)?;
         let listed = subsys.hosts.read().len();
         if listed >= control.max_hosts && !subsys.hosts.read().contains(&h.host) {
             return Err(invalid_parameters(format!(
@@ -428,8 +442,7 @@ fn host(control: &Control, p: &Value, add: bool) -> Result<Value, RpcError> {
                 h.nqn, control.max_hosts
             )));
         }
-        persist::keep_host(control, &h.nqn, &h.host, &names).map_err(persist_err)?;
-        host_auth::admit(control, &subsys, &h.host, &names, keys);
+        admit_host(control, &subsys, &h.host, &names)?;
         if names != HostKeyNames::default() {
             let keys: Vec<&str> = names.key_names().collect();
             tracing::info!(host = h.host, nqn = h.nqn, ?keys, "host added with keys");
@@ -440,6 +453,142 @@ fn host(control: &Control, p: &Value, add: bool) -> Result<Value, RpcError> {
     }
     control.target.genctr.fetch_add(1, Ordering::Relaxed);
     Ok(json!(true))
+}
+
+/// A host admitted with `names` (every key resolved, then kept in the pool, then in effect),
+/// under the caller's settings lock: a queue's next authentication uses them.
+fn admit_host(
+    control: &Control,
+    subsys: &ballast_nvmf::subsys::Subsystem,
+    host: &str,
+    names: &HostKeyNames,
+) -> Result<(), RpcError> {
+    let keys = host_auth::resolve(&control.keyring, &subsys.nqn, host, names)
+        .map_err(invalid_parameters)?;
+    persist::keep_host(control, &subsys.nqn, host, names).map_err(persist_err)?;
+    host_auth::admit(control, subsys, host, names, keys);
+    Ok(())
+}
+
+/// `nvmf_subsystem_set_keys` (SPDK 24.09's key rotation): only for a host already listed
+/// (SPDK's -EINVAL otherwise). Controllers connected keep their association; each queue's
+/// next authentication (the host's re-authentication, a new connection) uses the new keys.
+fn set_keys(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let k: SetKeys = params(p, G)?;
+    check_target(k.tgt_name.as_deref())?;
+    let _settings = control.settings.lock();
+    let subsys = control.target.subsystem(&k.nqn).ok_or_else(|| not_found(&k.nqn))?;
+    if !subsys.hosts.read().contains(&k.host) {
+        return Err(invalid_parameters(format!(
+            "host '{}' is not allowed on subsystem '{}' (nvmf_subsystem_add_host first)",
+            k.host, k.nqn
+        )));
+    }
+    if k.dhchap_ctrlr_key.is_some() && k.dhchap_key.is_none() {
+        return Err(invalid_parameters("a controller key needs a host key (dhchap_key)"));
+    }
+    let mut names =
+        control.host_keys.read().get(&(k.nqn.clone(), k.host.clone())).cloned().unwrap_or_default();
+    names.dhchap_key = k.dhchap_key;
+    names.dhchap_ctrlr_key = k.dhchap_ctrlr_key;
+    admit_host(control, &subsys, &k.host, &names)?;
+    let keys: Vec<&str> = names.key_names().collect();
+    tracing::info!(host = k.host, nqn = k.nqn, ?keys, "host's keys set");
+    Ok(json!(true))
+}
+
+/// `nvmf_subsystem_get_controllers`' entries, SPDK's shape.
+#[derive(Serialize)]
+struct ControllerInfo {
+    cntlid: u16,
+    hostnqn: String,
+    hostid: String,
+    num_io_qpairs: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auth: Option<AuthInfo>,
+}
+
+#[derive(Serialize)]
+struct AuthInfo {
+    state: &'static str,
+    digest: &'static str,
+    dhgroup: &'static str,
+}
+
+/// `nvmf_subsystem_get_qpairs`' entries, SPDK's shape (no peer address: ballast keeps none per
+/// queue).
+#[derive(Serialize)]
+struct QpairInfo {
+    cntlid: u16,
+    qid: u16,
+    state: &'static str,
+    hostnqn: String,
+    listen_address: ListenEntry,
+}
+
+/// A host identifier as SPDK prints it: the 16 bytes as a UUID.
+fn hostid_text(b: &[u8; 16]) -> String {
+    format!(
+        "{}-{}-{}-{}-{}",
+        hex(&b[..4]),
+        hex(&b[4..6]),
+        hex(&b[6..8]),
+        hex(&b[8..10]),
+        hex(&b[10..])
+    )
+    .to_lowercase()
+}
+
+/// The live controllers of subsystem `nqn`, by controller id.
+fn live_controllers(
+    control: &Control,
+    p: &Value,
+) -> Result<Vec<std::sync::Arc<ballast_nvmf::subsys::Controller>>, RpcError> {
+    let n: Nqn = params(p, G)?;
+    check_target(n.tgt_name.as_deref())?;
+    control.target.subsystem(&n.nqn).ok_or_else(|| not_found(&n.nqn))?;
+    let mut list = control.target.controllers_of(&n.nqn);
+    list.retain(|c| !c.dead.load(Ordering::Relaxed));
+    list.sort_by_key(|c| c.cntlid);
+    Ok(list)
+}
+
+/// `nvmf_subsystem_get_controllers`: who is connected, with how many I/O queues, and how
+/// its admin queue authenticated.
+fn get_controllers(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let out: Vec<ControllerInfo> = live_controllers(control, p)?
+        .iter()
+        .map(|c| ControllerInfo {
+            cntlid: c.cntlid,
+            hostnqn: c.hostnqn.clone(),
+            hostid: hostid_text(&c.hostid),
+            num_io_qpairs: c.io_qids.lock().len(),
+            auth: c.auth.lock().map(|(digest, dhgroup)| AuthInfo {
+                state: "completed",
+                digest,
+                dhgroup,
+            }),
+        })
+        .collect();
+    Ok(json!(out))
+}
+
+/// `nvmf_subsystem_get_qpairs`: every queue of every live controller (admin queue 0 first).
+fn get_qpairs(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let mut out = Vec::new();
+    for c in live_controllers(control, p)? {
+        let qids: Vec<u16> = std::iter::once(0).chain(c.io_qids.lock().iter().copied()).collect();
+        for qid in qids {
+            out.push(QpairInfo {
+                cntlid: c.cntlid,
+                qid,
+                state: "active",
+                hostnqn: c.hostnqn.clone(),
+                listen_address: ListenEntry::from(&c.via),
+            });
+        }
+    }
+    Ok(json!(out))
 }
 
 fn allow_any_host(control: &Control, p: &Value) -> Result<Value, RpcError> {

@@ -247,6 +247,9 @@ pub struct Controller {
     pub bytes_written: AtomicU64,
     pub host_reads: AtomicU64,
     pub host_writes: AtomicU64,
+    /// The hash and DH group of the admin queue's last DH-HMAC-CHAP authentication (none:
+    /// not authenticated in-band).
+    pub auth: Mutex<Option<(&'static str, &'static str)>>,
 }
 
 pub struct Target {
@@ -542,6 +545,7 @@ impl Target {
                 bytes_written: AtomicU64::new(0),
                 host_reads: AtomicU64::new(0),
                 host_writes: AtomicU64::new(0),
+                auth: Mutex::new(None),
             });
             map.insert(id, ctrl.clone());
             return Some(ctrl);

@@ -244,14 +244,14 @@ pub fn send_close_notify(fd: RawFd) -> Result<(), Errno> {
 /// Reads one record off a socket whose records the kernel carries, whatever its type: a
 /// plain receive fails with `EIO` when the next record is not application data (an alert, a
 /// handshake message) and leaves it there, so a socket closed then would answer the peer
-/// with a reset. Returns the record's content type and its length (what did not fit in
-/// `buf` is dropped by the kernel). Does not block.
+/// with a reset. Returns the record's content type and the bytes read (what did not fit in
+/// `buf` stays for the next read). Does not block.
 pub fn recv_any_record(fd: RawFd, buf: &mut [u8]) -> Result<(u8, usize), Errno> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, TlsGetRecordType};
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let mut space = nix::cmsg_space!(u8);
     let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT)?;
-    let mut kind = 23; // application data carries no control message
+    let mut kind = 23; // application data, unless the control message says otherwise
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::TlsGetRecordType(t) = c {
             kind = match t {

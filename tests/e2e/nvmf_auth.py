@@ -8,7 +8,7 @@ as Linux's host does (NULL DH group, SHA-256, a DHHC-1:00 secret: no transform):
 - a key rotated over RPC (the host added again with a new key, or SPDK's
   nvmf_subsystem_set_keys) is the one a re-authentication proves, on the same queue; the old one
   fails; a re-authentication left unfinished ends the queue at the handshake deadline;
-- nvmf_subsystem_get_controllers reports the admin queue's hash and group;
+- nvmf_subsystem_get_qpairs reports the admin queue's hash and group;
 - a failed authentication ends the queue once the host has its Failure1, as nvmet and SPDK do.
 Run with /usr/bin/python3.
 """
@@ -128,9 +128,10 @@ def main(r):
         r.check_eq("the host authenticates with its key", "success", h.authenticate(keys["k1"]))
         h.q.enable()
         r.check_eq("then commands run", (0, False), h.identify())
-        r.check_eq("nvmf_subsystem_get_controllers says how the admin queue authenticated",
-                   [{"state": "completed", "digest": "sha256", "dhgroup": "null"}],
-                   [c.get("auth") for c in rpc("nvmf_subsystem_get_controllers", {"nqn": NQN})])
+        r.check_eq("nvmf_subsystem_get_qpairs says how the admin queue authenticated (SPDK's)",
+                   [(0, {"state": "completed", "digest": "sha256", "dhgroup": "null"})],
+                   [(q["qid"], q.get("auth"))
+                    for q in rpc("nvmf_subsystem_get_qpairs", {"nqn": NQN})])
 
         # Past the 2 s handshake deadline, the host re-authenticates (new secret in sysfs).
         time.sleep(3)

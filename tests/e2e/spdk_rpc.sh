@@ -28,11 +28,14 @@ echo "## 1: spdk-rpc from PyPI"
 need_spdk_rpc
 check "spdk-rpc is installed ($(spdk_rpc_version))" test -x "$SPDK_RPC"
 
-start_ballast --cores 2 || finish
+# Limits section 7b pushes against: RAM exports may total 200 MiB, at most 4 exports.
+start_ballast --cores 2 --ram-export-memory 200M --max-exports 4 || finish
 NVMF_PORT=$(sed -n 's/.*--nvmf-listen 127.0.0.1:\([0-9]*\).*/\1/p' "$BALLAST_LOG" | tail -n 1)
 
 # rpc ARGS...: spdk-rpc against this daemon (stdout: the result; stderr: the error response).
 rpc() { timeout 60 "$SPDK_RPC" -s "$RPC_SOCK" "$@"; }
+# py_line EXPR < LINE: evaluate EXPR with `l` bound to the line on stdin.
+py_line() { "$SYS_PY" -c 'import sys; l=sys.stdin.read().strip(); print(eval(sys.argv[1]))' "$1"; }
 # py EXPR < JSON: evaluate EXPR with `j` bound to the JSON on stdin.
 py() { "$SYS_PY" -c 'import json,sys; j=json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
 # rpc_error ARGS...: "CODE MESSAGE" of the error spdk-rpc got (it prints the response on stdout).
@@ -364,7 +367,12 @@ if grep -q "${PSK_TEXT:20:20}\|${DH_TEXT:12:20}" "$BALLAST_LOG"; then fail "a ke
 echo "## 7b: SPDK's NVMe-oF tutorial unchanged (a malloc bdev), controllers, queue pairs, key rotation"
 NQN3=nqn.2016-06.io.spdk:cnode3
 check_eq "bdev_malloc_create -b Malloc0 64 512 answers the name" "Malloc0" "$(rpc bdev_malloc_create -b Malloc0 64 512)"
-check_eq "bdev_malloc_create 8 4096 without a name: the next MallocN" "Malloc1" "$(rpc bdev_malloc_create 8 4096)"
+# SPDK's counter names unnamed ones: Malloc0 first (taken: -17, as SPDK answers), then Malloc1.
+check_eq "bdev_malloc_create 8 4096 without a name: SPDK's counter (Malloc0, taken: -17)" "-17" \
+    "$(rpc_error bdev_malloc_create 8 4096 | cut -d' ' -f1)"
+check_eq "... and again: Malloc1" "Malloc1" "$(rpc bdev_malloc_create 8 4096)"
+check_eq "--ram-export-memory 200M: 160 MiB more (on 72) is -12, naming the flag" "-12 True" \
+    "$(rpc_error bdev_malloc_create -b Big 160 512 | py_line '"%s %s" % (l.split()[0], "--ram-export-memory" in l)')"
 check_eq "bdev_get_bdevs -b Malloc0: SPDK's malloc bdev (product, block size, blocks)" "Malloc disk 512 131072" \
     "$(rpc bdev_get_bdevs -b Malloc0 | py '"%s %d %d" % (j[0]["product_name"], j[0]["block_size"], j[0]["num_blocks"])')"
 check_eq "bdev_malloc_create with a taken name: -17" "-17" "$(rpc_error bdev_malloc_create -b Malloc0 8 512 | cut -d' ' -f1)"
@@ -378,22 +386,24 @@ check "nvmf_subsystem_add_listener $NQN3 -t tcp -a 127.0.0.1 -s $NVMF_PORT" \
 check_eq "nothing connected: nvmf_subsystem_get_controllers and _get_qpairs list none" "[] []" \
     "$(rpc nvmf_subsystem_get_controllers "$NQN3" | py 'j') $(rpc nvmf_subsystem_get_qpairs "$NQN3" | py 'j')"
 # A host connects an admin and an I/O queue and stays while spdk-rpc looks.
-PYTHONPATH="$REPO_ROOT/tests" timeout 60 "$SYS_PY" -c 'import sys, time, nvmeraw as n
+PYTHONPATH="$REPO_ROOT/tests" timeout 90 "$SYS_PY" -c 'import os, sys, time, nvmeraw as n
 port, nqn = int(sys.argv[1]), sys.argv[2]
 a, io = n.io_queue(port, nqn)
 st, d = a.admin_read(0x06, [0, 0, 0, 0, 0, 0], 4096, nsid=1)
 print("lbads", d[130] if st == 0 else "status 0x%x" % st, flush=True)
-time.sleep(6)' "$NVMF_PORT" "$NQN3" >"$T/host3.out" 2>&1 &
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[3]) and time.monotonic() < deadline:
+    time.sleep(0.1)' "$NVMF_PORT" "$NQN3" "$T/host3.done" >"$T/host3.out" 2>&1 &
 HOST3_PID=$!
 for _ in $(seq 50); do grep -q lbads "$T/host3.out" && break; sleep 0.2; done
 check_eq "the namespace's LBA size is its malloc bdev's (512: LBADS 9)" "lbads 9" "$(cat "$T/host3.out")"
-check_eq "nvmf_subsystem_get_controllers: the host, its hostid, 1 I/O queue pair, no authentication" \
-    "1 True True 1 None" \
-    "$(rpc nvmf_subsystem_get_controllers "$NQN3" | py '"%d %s %s %d %s" % (len(j), j[0]["hostnqn"].startswith("nqn."), len(j[0]["hostid"]) == 36, j[0]["num_io_qpairs"], j[0].get("auth"))')"
-check_eq "nvmf_subsystem_get_qpairs: queues 0 and 1 of that controller, active, at the listener" \
-    "[0, 1] ['active'] ['$NVMF_PORT'] True" \
-    "$(rpc nvmf_subsystem_get_qpairs "$NQN3" | py '"%s %s %s %s" % ([q["qid"] for q in j], sorted({q["state"] for q in j}), sorted({q["listen_address"]["trsvcid"] for q in j}), len({q["cntlid"] for q in j}) == 1)')"
-kill "$HOST3_PID" 2>/dev/null; wait "$HOST3_PID" 2>/dev/null
+check_eq "nvmf_subsystem_get_controllers: the host, its hostid, 1 I/O queue pair, an I/O controller" \
+    "1 True True 1 io" \
+    "$(rpc nvmf_subsystem_get_controllers "$NQN3" | py '"%d %s %s %d %s" % (len(j), j[0]["hostnqn"].startswith("nqn."), len(j[0]["hostid"]) == 36, j[0]["num_io_qpairs"], j[0]["cntrltype"])')"
+check_eq "nvmf_subsystem_get_qpairs: queues 0 and 1 of that controller, enabled, at the listener, no auth" \
+    "[0, 1] ['enabled'] ['$NVMF_PORT'] True False" \
+    "$(rpc nvmf_subsystem_get_qpairs "$NQN3" | py '"%s %s %s %s %s" % ([q["qid"] for q in j], sorted({q["state"] for q in j}), sorted({q["listen_address"]["trsvcid"] for q in j}), len({q["cntlid"] for q in j}) == 1, any("auth" in q for q in j))')"
+touch "$T/host3.done"; wait "$HOST3_PID" 2>/dev/null
 check_eq "nvmf_subsystem_get_controllers of an unknown subsystem: -32602" "-32602" \
     "$(rpc_error nvmf_subsystem_get_controllers nqn.2016-06.io.spdk:nosuch | cut -d' ' -f1)"
 # Key rotation: SPDK's nvmf_subsystem_set_keys on a listed host.
@@ -421,13 +431,20 @@ check_eq "bdev_get_bdevs -b aio0: SPDK's aio bdev" "AIO disk 4096 4096" \
 check_eq "bdev_aio_create of a file that does not exist: -2" "-2" \
     "$(rpc_error bdev_aio_create "$T/nosuch.img" aio1 | cut -d' ' -f1)"
 check_eq "bdev_uring_create FILE ur0" "ur0" "$(rpc bdev_uring_create "$T/aio.img" ur0)"
+check_eq "--max-exports 4: a fifth export is -12, naming the flag" "-12 True" \
+    "$(rpc_error bdev_malloc_create -b Five 1 512 | py_line '"%s %s" % (l.split()[0], "--max-exports" in l)')"
+check_eq "bdev_uring_create failing (no such file): SPDK's uring answer, -32603" "-32603" \
+    "$(rpc_error bdev_uring_create "$T/nosuch.img" ur1 | cut -d' ' -f1)"
 check_eq "bdev_aio_delete of a malloc bdev: -19 No such device" "-19 No such device" "$(rpc_error bdev_aio_delete Malloc1)"
 check "bdev_aio_delete aio0, bdev_uring_delete ur0, bdev_malloc_delete Malloc1" \
     sh -c "'$SPDK_RPC' -s '$RPC_SOCK' bdev_aio_delete aio0 && '$SPDK_RPC' -s '$RPC_SOCK' bdev_uring_delete ur0 && '$SPDK_RPC' -s '$RPC_SOCK' bdev_malloc_delete Malloc1"
-check_eq "they are gone" "-19 -19" \
-    "$(rpc_error bdev_get_bdevs -b aio0 | cut -d' ' -f1) $(rpc_error bdev_get_bdevs -b Malloc1 | cut -d' ' -f1)"
-check "nvmf_delete_subsystem $NQN3, bdev_malloc_delete Malloc0" \
-    sh -c "'$SPDK_RPC' -s '$RPC_SOCK' nvmf_delete_subsystem '$NQN3' && '$SPDK_RPC' -s '$RPC_SOCK' bdev_malloc_delete Malloc0"
+check_eq "they are gone" "-19 -19 -19" \
+    "$(for b in aio0 ur0 Malloc1; do rpc_error bdev_get_bdevs -b $b | cut -d' ' -f1; done | tr '\n' ' ' | sed 's/ $//')"
+# Deleting a bdev a namespace uses removes the namespace (SPDK hot-removes it).
+check "bdev_malloc_delete Malloc0 (namespace 1 of $NQN3)" rpc bdev_malloc_delete Malloc0
+check_eq "... and $NQN3 has no namespace left" "[]" \
+    "$(rpc nvmf_get_subsystems "$NQN3" | py '[n["nsid"] for n in j[0]["namespaces"]]')"
+check "nvmf_delete_subsystem $NQN3" rpc nvmf_delete_subsystem "$NQN3"
 
 echo "## 8: identities survive a restart"
 stop_ballast

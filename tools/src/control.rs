@@ -43,6 +43,9 @@ pub struct Control {
     /// keyring (`persist`), for its whole run: the pool keeps changes in the order they take
     /// effect, and a subsystem never gets two anchors.
     pub settings: parking_lot::Mutex<()>,
+    /// SPDK's `MallocN` counter: the number the next `bdev_malloc_create` without a name takes
+    /// (only those advance it; a taken name is -17, as SPDK's).
+    pub malloc_names: std::sync::atomic::AtomicU32,
 }
 
 /// What `nvmf_subsystem_add_host` was given for one host of one subsystem besides its NQN: the

@@ -626,6 +626,7 @@ mod tests {
             host_keys: Default::default(),
             max_hosts,
             settings: Default::default(),
+            malloc_names: Default::default(),
         };
         crate::volumes::export_all(&control, &pool).unwrap();
         let bind = restore(&control);

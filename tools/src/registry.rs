@@ -11,13 +11,13 @@
 //!   `devices`;
 //! - every registered device is the NBD export of its name (added and removed together);
 //! - every namespace this daemon created has one entry in `namespaces` naming the device it was
-//!   created with; the entry goes when the namespace or its subsystem does (a removed device's
-//!   namespaces keep their entry, and the device, until then).
+//!   created with; the entry goes when the namespace or its subsystem does (the control plane
+//!   removes a device's namespaces before the device: `rpc_export`).
 //!
 //! Depends on no method module and on nothing of the control plane but [`crate::lvstore`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -100,6 +100,17 @@ pub enum RegistryError {
     NotFound(String),
     #[error("UUID {uuid} of {name:?} is already taken")]
     UuidTaken { name: String, uuid: String },
+    #[error("{name:?}: block size {block_size} is below the device's logical block size {min}")]
+    BlockSize { name: String, block_size: u32, min: u32 },
+    #[error(
+        "{name:?}: {max} exports (RAM, file, nvme) already, the most there may be (--max-exports)"
+    )]
+    TooManyExports { name: String, max: usize },
+    #[error(
+        "{name:?}: {want} bytes of RAM export on top of {used} would exceed --ram-export-memory \
+         ({max} bytes)"
+    )]
+    RamBudget { name: String, want: u64, used: u64, max: u64 },
     #[error(transparent)]
     Nbd(#[from] ExportError),
     #[error(transparent)]
@@ -115,16 +126,92 @@ struct Inner {
     namespaces: BTreeMap<(String, u32), String>,
 }
 
+impl Inner {
+    fn room_for(
+        &self,
+        limits: &RegistryLimits,
+        kind: DeviceKind,
+        name: &str,
+        ram: u64,
+    ) -> Result<(), RegistryError> {
+        if kind == DeviceKind::Volume {
+            return Ok(());
+        }
+        let exports = self.devices.values().filter(|d| d.kind != DeviceKind::Volume);
+        if exports.count() >= limits.max_exports {
+            return Err(RegistryError::TooManyExports {
+                name: name.into(),
+                max: limits.max_exports,
+            });
+        }
+        let used: u64 = self
+            .devices
+            .values()
+            .filter(|d| d.kind == DeviceKind::Ram)
+            .map(|d| d.size_bytes())
+            .sum();
+        if used.saturating_add(ram) > limits.ram_bytes {
+            let max = limits.ram_bytes;
+            return Err(RegistryError::RamBudget { name: name.into(), want: ram, used, max });
+        }
+        Ok(())
+    }
+}
+
 pub struct Registry {
     inner: RwLock<Inner>,
     nbd: Arc<ExportTable>,
     target: Arc<Target>,
     pool: Option<Arc<PoolHandle>>,
+    limits: RegistryLimits,
+}
+
+/// What exports may hold (pool volumes are the pool's to bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryLimits {
+    /// RAM, file and nvme exports at once (`--max-exports`).
+    pub max_exports: usize,
+    /// Bytes all RAM exports may hold together (`--ram-export-memory`): their memory is taken
+    /// as clients write, so the total of their sizes is what they may come to.
+    pub ram_bytes: u64,
+}
+
+impl Default for RegistryLimits {
+    /// 4096 exports; RAM exports up to the machine's memory.
+    fn default() -> Self {
+        RegistryLimits { max_exports: 4096, ram_bytes: physical_memory() }
+    }
+}
+
+/// The machine's memory in bytes (`_SC_PHYS_PAGES` × page size), or no bound where unknown.
+pub fn physical_memory() -> u64 {
+    let pages = nix::unistd::sysconf(nix::unistd::SysconfVar::_PHYS_PAGES).ok().flatten();
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten();
+    match (pages, page) {
+        (Some(n), Some(p)) if n > 0 && p > 0 => (n as u64).saturating_mul(p as u64),
+        _ => u64::MAX,
+    }
 }
 
 impl Registry {
+    /// With the default limits (tests).
+    #[cfg(test)]
     pub fn new(target: Arc<Target>, pool: Option<Arc<PoolHandle>>) -> Registry {
-        Registry { inner: RwLock::default(), nbd: Arc::new(ExportTable::default()), target, pool }
+        Registry::with_limits(target, pool, RegistryLimits::default())
+    }
+
+    pub fn with_limits(
+        target: Arc<Target>,
+        pool: Option<Arc<PoolHandle>>,
+        limits: RegistryLimits,
+    ) -> Registry {
+        let nbd = Arc::new(ExportTable::default());
+        Registry { inner: RwLock::default(), nbd, target, pool, limits }
+    }
+
+    /// Whether one more export of `kind`, holding `ram` bytes of RAM, fits the limits.
+    pub fn room_for(&self, kind: DeviceKind, name: &str, ram: u64) -> Result<(), RegistryError> {
+        self.inner.read().room_for(&self.limits, kind, name, ram)
     }
 
     /// NBD's view of the registry (for its handshake).
@@ -138,6 +225,8 @@ impl Registry {
         if inner.devices.contains_key(&device.name) {
             return Err(RegistryError::Exists(device.name));
         }
+        let ram = if device.kind == DeviceKind::Ram { device.size_bytes() } else { 0 };
+        inner.room_for(&self.limits, device.kind, &device.name, ram)?;
         if inner.by_uuid.contains_key(&device.uuid) {
             return Err(RegistryError::UuidTaken { name: device.name, uuid: device.uuid });
         }
@@ -267,30 +356,83 @@ impl Registry {
     }
 }
 
-/// Opens a backend from `ram:SIZE` or `file:PATH[:SIZE]`.
-pub fn open_backend(
-    spec: &str,
-    read_only: bool,
-) -> anyhow::Result<(DeviceKind, Arc<dyn BlockDev>)> {
-    if let Some(size) = spec.strip_prefix("ram:") {
-        let bytes = parse_size(size)?;
-        if bytes == 0 {
-            bail!("ram export of size 0");
+/// What a device is made from: `--export`'s and `export_add`'s `ram:SIZE`, `file:PATH[:SIZE]`,
+/// `nvme:/dev/ngXnY`, or SPDK's bdev creation methods' parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Ram(u64),
+    /// A file (created at `size` if given and absent) or block device.
+    File {
+        path: PathBuf,
+        size: Option<u64>,
+    },
+    Nvme(PathBuf),
+}
+
+impl Backend {
+    pub fn parse(spec: &str) -> anyhow::Result<Backend> {
+        if let Some(size) = spec.strip_prefix("ram:") {
+            let bytes = parse_size(size)?;
+            if bytes == 0 {
+                bail!("ram export of size 0");
+            }
+            return Ok(Backend::Ram(bytes));
         }
-        let dev = RamDev::try_new(bytes, read_only)
-            .with_context(|| format!("reserving {bytes} bytes of memory for a ram export"))?;
-        return Ok((DeviceKind::Ram, Arc::new(dev)));
+        if let Some(rest) = spec.strip_prefix("file:") {
+            let (path, size) = file_spec(rest);
+            return Ok(Backend::File { path: path.into(), size });
+        }
+        if let Some(path) = spec.strip_prefix("nvme:") {
+            return Ok(Backend::Nvme(path.into()));
+        }
+        bail!("unknown backend {spec:?}: expected ram:SIZE, file:PATH[:SIZE] or nvme:/dev/ngXnY")
     }
-    if let Some(rest) = spec.strip_prefix("file:") {
-        let (path, size) = file_spec(rest);
-        let dev = FileDev::open(Path::new(path), size, read_only)?;
-        return Ok((DeviceKind::File, Arc::new(dev)));
+
+    pub fn kind(&self) -> DeviceKind {
+        match self {
+            Backend::Ram(_) => DeviceKind::Ram,
+            Backend::File { .. } => DeviceKind::File,
+            Backend::Nvme(_) => DeviceKind::Nvme,
+        }
     }
-    if let Some(path) = spec.strip_prefix("nvme:") {
-        let dev = ballast_engine::nvme::NvmeDev::open(Path::new(path), read_only)?;
-        return Ok((DeviceKind::Nvme, Arc::new(dev)));
+
+    /// Opens the backend (a RAM device reserves its address space and chunk tables here).
+    pub fn open(&self, read_only: bool) -> anyhow::Result<Arc<dyn BlockDev>> {
+        Ok(match self {
+            Backend::Ram(bytes) => {
+                Arc::new(RamDev::try_new(*bytes, read_only).with_context(|| {
+                    format!("reserving {bytes} bytes of memory for a ram export")
+                })?)
+            }
+            Backend::File { path, size } => Arc::new(FileDev::open(path, *size, read_only)?),
+            Backend::Nvme(path) => Arc::new(ballast_engine::nvme::NvmeDev::open(path, read_only)?),
+        })
     }
-    bail!("unknown backend {spec:?}: expected ram:SIZE, file:PATH[:SIZE] or nvme:/dev/ngXnY")
+
+    /// The file or device behind it: a regular file by its canonical path (one file, however
+    /// spelled); a device node as given (`/dev/disk/by-id/...` names the disk, the `/dev/sdX`
+    /// or `/dev/ngXnY` it resolves to only its place in this boot's enumeration).
+    fn path(&self) -> Option<PathBuf> {
+        let path = match self {
+            Backend::Ram(_) => return None,
+            Backend::File { path, .. } | Backend::Nvme(path) => path,
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => Some(std::fs::canonicalize(path).unwrap_or(path.clone())),
+            _ => Some(path.clone()),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Ram(bytes) => write!(f, "ram:{bytes}"),
+            Backend::File { path, size: None } => write!(f, "file:{}", path.display()),
+            Backend::File { path, size: Some(s) } => write!(f, "file:{}:{s}", path.display()),
+            Backend::Nvme(path) => write!(f, "nvme:{}", path.display()),
+        }
+    }
 }
 
 /// A `file:` spec's `PATH[:SIZE]`: a trailing ":SIZE" is a size only if it parses as one.
@@ -298,21 +440,6 @@ fn file_spec(rest: &str) -> (&str, Option<u64>) {
     match rest.rsplit_once(':').map(|(p, s)| (p, parse_size(s))) {
         Some((path, Ok(size))) => (path, Some(size)),
         _ => (rest, None),
-    }
-}
-
-/// The file or device behind a `file:` or `nvme:` spec: a regular file by its canonical path
-/// (one file, however spelled); a device node as given (`/dev/disk/by-id/...` names the disk,
-/// the `/dev/sdX` or `/dev/ngXnY` it resolves to only its place in this boot's enumeration).
-fn backend_path(spec: &str) -> Option<std::path::PathBuf> {
-    let path = match spec.strip_prefix("file:") {
-        Some(rest) => file_spec(rest).0,
-        None => spec.strip_prefix("nvme:")?,
-    };
-    let given = Path::new(path).to_path_buf();
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => Some(std::fs::canonicalize(path).unwrap_or(given)),
-        _ => Some(given),
     }
 }
 
@@ -327,7 +454,7 @@ fn stable_uuid(name: &str, path: std::path::PathBuf) -> String {
     lvstore::uuid_of(h.finalize()[..16].try_into().expect("16 of 32 bytes"), 5)
 }
 
-/// Registers a RAM or file export (`spec` as [`open_backend`] takes it) under a fresh UUID.
+/// Registers a RAM or file export (`spec` as [`Backend::parse`] takes it) under a fresh UUID.
 pub fn add_export(
     registry: &Registry,
     name: &str,
@@ -335,7 +462,8 @@ pub fn add_export(
     read_only: bool,
     description: String,
 ) -> anyhow::Result<Arc<Device>> {
-    add_bdev(registry, name, spec, read_only, description, BdevShape::default())
+    let backend = Backend::parse(spec)?;
+    add_bdev(registry, name, &backend, read_only, description, BdevShape::default())
 }
 
 /// What an SPDK bdev creation method gives beyond the backend: a block size, a UUID.
@@ -346,11 +474,13 @@ pub struct BdevShape {
     pub uuid: Option<String>,
 }
 
-/// [`add_export`] with an SPDK bdev's block size and UUID, where given.
+/// [`add_export`] from a parsed backend, with an SPDK bdev's block size (at least the device's
+/// smallest) and UUID where given. The limits are checked before the backend opens (a RAM
+/// device's tables are allocated then) and again as it registers.
 pub fn add_bdev(
     registry: &Registry,
     name: &str,
-    spec: &str,
+    backend: &Backend,
     read_only: bool,
     description: String,
     shape: BdevShape,
@@ -358,8 +488,15 @@ pub fn add_bdev(
     if registry.get(name).is_some() {
         return Err(RegistryError::Exists(name.to_string()).into());
     }
-    let (kind, dev) = open_backend(spec, read_only)?;
-    let uuid = match (shape.uuid, backend_path(spec)) {
+    registry.room_for(backend.kind(), name, backend_ram(backend))?;
+    let dev = backend.open(read_only)?;
+    if let Some(b) = shape.block_size {
+        let min = dev.info().min_block;
+        if b < min {
+            return Err(RegistryError::BlockSize { name: name.into(), block_size: b, min }.into());
+        }
+    }
+    let uuid = match (shape.uuid, backend.path()) {
         (Some(uuid), _) => uuid,
         // Its data outlives the daemon: the same name on the same file is the same device
         // after a restart (its namespaces keep their identifiers).
@@ -367,9 +504,16 @@ pub fn add_bdev(
         // A RAM export's data does not: each is a new device.
         (None, None) => lvstore::random_uuid()?,
     };
-    let mut device = Device::new(name, uuid, kind, description, dev, read_only);
+    let mut device = Device::new(name, uuid, backend.kind(), description, dev, read_only);
     device.block_size = shape.block_size;
     Ok(registry.add(device)?)
+}
+
+fn backend_ram(backend: &Backend) -> u64 {
+    match backend {
+        Backend::Ram(bytes) => *bytes,
+        _ => 0,
+    }
 }
 
 #[cfg(test)]
@@ -422,6 +566,58 @@ mod tests {
         assert!(r.resolve(&a.uuid).is_none());
         assert!(r.nbd_exports().get("a").is_none());
         assert!(matches!(r.remove("a"), Err(RegistryError::NotFound(_))));
+    }
+
+    /// Exports are bounded in number and RAM exports in their total size; volumes are the
+    /// pool's to bound. Refused before the backend opens, and nothing is left behind.
+    #[test]
+    fn exports_are_bounded_in_number_and_ram() {
+        let limits = RegistryLimits { max_exports: 2, ram_bytes: 3 << 20 };
+        let r = Registry::with_limits(Arc::new(Target::default()), None, limits);
+        add_export(&r, "a", "ram:2M", false, String::new()).unwrap();
+        let e = add_export(&r, "b", "ram:2M", false, String::new()).err().expect("over the RAM");
+        assert!(
+            matches!(
+                e.downcast_ref(),
+                Some(RegistryError::RamBudget {
+                    want: 0x20_0000,
+                    used: 0x20_0000,
+                    max: 0x30_0000,
+                    ..
+                })
+            ),
+            "{e:#}"
+        );
+        assert!(e.to_string().contains("--ram-export-memory"), "{e}");
+        add_export(&r, "b", "ram:1M", false, String::new()).unwrap();
+        let e = add_export(&r, "c", "ram:4096", false, String::new()).err().expect("a third");
+        assert!(matches!(e.downcast_ref(), Some(RegistryError::TooManyExports { max: 2, .. })));
+        assert!(e.to_string().contains("--max-exports"), "{e}");
+        assert!(r.get("c").is_none() && r.nbd_exports().list().len() == 2);
+        r.remove("a").unwrap();
+        add_export(&r, "c", "ram:2M", false, String::new()).unwrap();
+    }
+
+    /// A path from SPDK's bdev methods is taken as given: a trailing ":0" is part of the name
+    /// (a `file:` spec would read it as a size and create the shorter name).
+    #[test]
+    fn bdev_paths_are_not_specs() {
+        let dir = std::env::temp_dir().join(format!("ballast-bdev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("scsi-0:0:0:0");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        assert_eq!(
+            Backend::parse(&format!("file:{}", path.display())).unwrap(),
+            Backend::File { path: dir.join("scsi-0:0:0"), size: Some(0) },
+            "what the spec form would have opened"
+        );
+        let r = Registry::new(Arc::new(Target::default()), None);
+        let backend = Backend::File { path: path.clone(), size: None };
+        let shape = BdevShape { block_size: Some(4096), uuid: None };
+        let d = add_bdev(&r, "f", &backend, false, String::new(), shape).unwrap();
+        assert_eq!((d.size_bytes(), d.block_size), (1 << 20, Some(4096)));
+        assert!(!dir.join("scsi-0:0:0").exists(), "no stray file");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub const EINVAL: i64 = -22;
 pub const EEXIST: i64 = -17;
 /// SPDK's `-ENOENT`: "No such file or directory".
 pub const ENOENT: i64 = -2;
+/// SPDK's `-ENOMEM`: "Cannot allocate memory" (a limit reached).
+pub const ENOMEM: i64 = -12;
 
 /// One error reply.
 #[derive(Debug, Clone, PartialEq, Eq)]

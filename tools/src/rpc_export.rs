@@ -8,10 +8,14 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use std::sync::atomic::Ordering;
+
 use crate::control::{Control, Method};
-use crate::registry::{self, BdevShape, DeviceKind, RegistryError};
+use crate::persist;
+use crate::registry::{self, Backend, BdevShape, DeviceKind, RegistryError};
 use crate::rpc_error::{
-    invalid, no_such_device, params, DecodeStyle, RpcError, EEXIST, EINVAL, ENOENT, INVALID_PARAMS,
+    invalid, no_such_device, params, DecodeStyle, RpcError, EEXIST, EINVAL, ENOENT, ENOMEM,
+    INTERNAL_ERROR,
 };
 
 const G: DecodeStyle = DecodeStyle::Generic;
@@ -100,16 +104,22 @@ fn list(control: &Control, p: &Value) -> Result<Value, RpcError> {
 
 fn add(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let a: ExportAddParams = params(p, G)?;
-    let spec = match (&a.ram_size, &a.file, &a.size) {
-        (Some(size), None, None) => format!("ram:{size}"),
-        (None, Some(file), None) => format!("file:{file}"),
-        (None, Some(file), Some(size)) => format!("file:{file}:{size}"),
+    let size = |s: &str| ballast_engine::size::parse_size(s).map_err(|e| invalid(e.to_string()));
+    // The file's path as given (never parsed for a trailing ":SIZE").
+    let backend = match (&a.ram_size, &a.file, &a.size) {
+        (Some(bytes), None, None) => match size(bytes)? {
+            0 => return Err(invalid("ram export of size 0")),
+            bytes => Backend::Ram(bytes),
+        },
+        (None, Some(file), None) => Backend::File { path: file.into(), size: None },
+        (None, Some(file), Some(s)) => Backend::File { path: file.into(), size: Some(size(s)?) },
         (Some(_), None, Some(_)) => return Err(invalid("size goes with file, not ram_size")),
         _ => return Err(invalid("give exactly one of ram_size or file")),
     };
-    registry::add_export(&control.registry, &a.name, &spec, a.read_only, a.description)
+    let shape = BdevShape::default();
+    registry::add_bdev(&control.registry, &a.name, &backend, a.read_only, a.description, shape)
         .map_err(|e| invalid(format!("{e:#}")))?;
-    tracing::info!(export = a.name, backend = %spec, "export added");
+    tracing::info!(export = a.name, %backend, "export added");
     Ok(json!(true))
 }
 
@@ -205,25 +215,30 @@ fn check_uuid(uuid: Option<&str>) -> Result<Option<String>, RpcError> {
     .transpose()
 }
 
-/// Registers the bdev; a taken name or UUID is SPDK's -17 "File exists".
+/// Registers the bdev. Errors as SPDK's malloc and aio modules answer them (`-errno` and its
+/// text, then what failed): a taken name or UUID -17, a limit -12 (`--max-exports`,
+/// `--ram-export-memory`), anything else -22.
 fn create(
     control: &Control,
     name: &str,
-    spec: &str,
+    backend: &Backend,
     read_only: bool,
     shape: BdevShape,
 ) -> Result<Value, RpcError> {
-    match registry::add_bdev(&control.registry, name, spec, read_only, String::new(), shape) {
+    match registry::add_bdev(&control.registry, name, backend, read_only, String::new(), shape) {
         Ok(device) => {
-            tracing::info!(bdev = name, backend = %spec, uuid = device.uuid, "bdev created");
+            tracing::info!(bdev = name, %backend, uuid = device.uuid, "bdev created");
             Ok(json!(name))
         }
-        Err(e) => match e.downcast_ref::<RegistryError>() {
+        Err(e) => Err(match e.downcast_ref::<RegistryError>() {
             Some(RegistryError::Exists(_) | RegistryError::UuidTaken { .. }) => {
-                Err(RpcError::new(EEXIST, format!("File exists: {e}")))
+                RpcError::new(EEXIST, format!("File exists: {e}"))
             }
-            _ => Err(invalid_argument(format!("{e:#}"))),
-        },
+            Some(RegistryError::TooManyExports { .. } | RegistryError::RamBudget { .. }) => {
+                RpcError::new(ENOMEM, format!("Cannot allocate memory: {e}"))
+            }
+            _ => invalid_argument(format!("{e:#}")),
+        }),
     }
 }
 
@@ -237,44 +252,47 @@ fn malloc_create(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let bytes = bytes.ok_or_else(|| invalid_argument(format!("num_blocks {}", m.num_blocks)))?;
     let name = match m.name {
         Some(n) => n,
-        // SPDK's: the first free MallocN.
-        None => (0..)
-            .map(|i| format!("Malloc{i}"))
-            .find(|n| control.registry.get(n).is_none())
-            .expect("a free name"),
+        // SPDK's counter: the next MallocN, whether or not that name is free.
+        None => format!("Malloc{}", control.malloc_names.fetch_add(1, Ordering::Relaxed)),
     };
     let shape = BdevShape { block_size: Some(m.block_size), uuid: check_uuid(m.uuid.as_deref())? };
-    create(control, &name, &format!("ram:{bytes}"), false, shape)
+    create(control, &name, &Backend::Ram(bytes), false, shape)
 }
 
+/// An existing file or block device, by the path as given (never parsed for a `:SIZE`).
 fn file_create(control: &Control, f: FileCreate) -> Result<Value, RpcError> {
     if f.nowait {
         return Err(invalid_argument("nowait is not supported by ballast"));
     }
-    if let Some(b) = f.block_size.filter(|b| *b != 0) {
+    let block_size = f.block_size.filter(|b| *b != 0);
+    if let Some(b) = block_size {
         check_block_size(b)?;
     }
     if !std::path::Path::new(&f.filename).exists() {
         // SPDK opens an existing file or device only.
         return Err(RpcError::new(ENOENT, "No such file or directory"));
     }
-    let shape = BdevShape {
-        block_size: f.block_size.filter(|b| *b != 0),
-        uuid: check_uuid(f.uuid.as_deref())?,
-    };
-    create(control, &f.name, &format!("file:{}", f.filename), f.readonly, shape)
+    let shape = BdevShape { block_size, uuid: check_uuid(f.uuid.as_deref())? };
+    let backend = Backend::File { path: f.filename.into(), size: None };
+    create(control, &f.name, &backend, f.readonly, shape)
 }
 
 fn aio_create(control: &Control, p: &Value) -> Result<Value, RpcError> {
     file_create(control, params(p, G)?)
 }
 
+/// SPDK's uring module answers every failure with -32603 (its decoder's and its create's).
 fn uring_create(control: &Control, p: &Value) -> Result<Value, RpcError> {
-    let f: FileCreate = params(p, G)?;
-    if f.readonly || f.fallocate {
-        return Err(RpcError::new(INVALID_PARAMS, "bdev_uring_create takes no readonly/fallocate"));
+    let f: FileCreate = params(p, DecodeStyle::Lvol)?;
+    let detail = |e: RpcError| {
+        RpcError::new(INTERNAL_ERROR, format!("Unable to create URING bdev.: {}", e.message))
+    };
+    if f.readonly || f.fallocate || f.nowait {
+        return Err(detail(invalid_argument(
+            "bdev_uring_create takes no readonly/fallocate/nowait",
+        )));
     }
-    file_create(control, f)
+    file_create(control, f).map_err(detail)
 }
 
 /// `bdev_malloc_delete`, `bdev_aio_delete`, `bdev_uring_delete`: a bdev of that kind (else
@@ -289,8 +307,25 @@ fn bdev_delete(control: &Control, p: &Value, kind: DeviceKind) -> Result<Value, 
     Ok(json!(true))
 }
 
-/// Unregisters export `name`, its data flushed first where it has a medium.
+/// Unregisters export `name` as SPDK unregisters a bdev: its NVMe namespaces are removed
+/// first (hot-removed: their hosts hear of it), then its data is flushed where it has a
+/// medium. NBD connections already open keep the device until they close.
 fn remove_device(control: &Control, name: &str) -> Result<(), RpcError> {
+    let _settings = control.settings.lock();
+    if control.registry.get(name).is_none() {
+        return Err(invalid(format!("no export named {name:?}")));
+    }
+    for (nqn, nsid) in control.registry.namespaces_of(name) {
+        // Kept only where the pool keeps the subsystem's settings (an export's own subsystem,
+        // made at start from --export, is made again at the next start with its namespace).
+        if persist::has_settings(control, &nqn) {
+            persist::forget_namespace(control, &nqn, nsid).map_err(crate::rpc_nvmf::persist_err)?;
+        }
+        if let Err(e) = control.registry.remove_namespace(&nqn, nsid) {
+            tracing::warn!(export = name, nqn, nsid, error = %e, "removing its namespace failed");
+        }
+        tracing::info!(export = name, nqn, nsid, "namespace removed with its device");
+    }
     let device = control.registry.remove(name).map_err(|e| invalid(e.to_string()))?;
     if let Err(e) = device.dev.flush_blocking() {
         tracing::warn!(export = name, error = %e, "flush on removal failed");

@@ -489,6 +489,11 @@ fn set_keys(control: &Control, p: &Value) -> Result<Value, RpcError> {
     }
     let mut names =
         control.host_keys.read().get(&(k.nqn.clone(), k.host.clone())).cloned().unwrap_or_default();
+    if k.dhchap_key.is_none() {
+        // No authentication from now on: its hash and group choices go with the keys.
+        names.dhchap_digests = None;
+        names.dhchap_dhgroups = None;
+    }
     names.dhchap_key = k.dhchap_key;
     names.dhchap_ctrlr_key = k.dhchap_ctrlr_key;
     admit_host(control, &subsys, &k.host, &names)?;
@@ -497,15 +502,14 @@ fn set_keys(control: &Control, p: &Value) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-/// `nvmf_subsystem_get_controllers`' entries, SPDK's shape.
+/// `nvmf_subsystem_get_controllers`' entries, SPDK's shape (`dump_nvmf_ctrlr`).
 #[derive(Serialize)]
 struct ControllerInfo {
     cntlid: u16,
     hostnqn: String,
     hostid: String,
     num_io_qpairs: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    auth: Option<AuthInfo>,
+    cntrltype: &'static str,
 }
 
 #[derive(Serialize)]
@@ -515,8 +519,8 @@ struct AuthInfo {
     dhgroup: &'static str,
 }
 
-/// `nvmf_subsystem_get_qpairs`' entries, SPDK's shape (no peer address: ballast keeps none per
-/// queue).
+/// `nvmf_subsystem_get_qpairs`' entries, SPDK's shape (`dump_nvmf_qpair`; no peer address or
+/// thread: ballast keeps neither per queue). `auth` as SPDK's: on a queue that authenticated.
 #[derive(Serialize)]
 struct QpairInfo {
     cntlid: u16,
@@ -524,6 +528,8 @@ struct QpairInfo {
     state: &'static str,
     hostnqn: String,
     listen_address: ListenEntry,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auth: Option<AuthInfo>,
 }
 
 /// A host identifier as SPDK prints it: the 16 bytes as a UUID.
@@ -553,8 +559,7 @@ fn live_controllers(
     Ok(list)
 }
 
-/// `nvmf_subsystem_get_controllers`: who is connected, with how many I/O queues, and how
-/// its admin queue authenticated.
+/// `nvmf_subsystem_get_controllers`: who is connected, with how many I/O queues.
 fn get_controllers(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let out: Vec<ControllerInfo> = live_controllers(control, p)?
         .iter()
@@ -563,28 +568,31 @@ fn get_controllers(control: &Control, p: &Value) -> Result<Value, RpcError> {
             hostnqn: c.hostnqn.clone(),
             hostid: hostid_text(&c.hostid),
             num_io_qpairs: c.io_qids.lock().len(),
-            auth: c.auth.lock().map(|(digest, dhgroup)| AuthInfo {
-                state: "completed",
-                digest,
-                dhgroup,
-            }),
+            cntrltype: "io",
         })
         .collect();
     Ok(json!(out))
 }
 
-/// `nvmf_subsystem_get_qpairs`: every queue of every live controller (admin queue 0 first).
+/// `nvmf_subsystem_get_qpairs`: every queue of every live controller (admin queue 0 first),
+/// "enabled" (SPDK's state of a connected queue), with how it authenticated.
 fn get_qpairs(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let mut out = Vec::new();
     for c in live_controllers(control, p)? {
         let qids: Vec<u16> = std::iter::once(0).chain(c.io_qids.lock().iter().copied()).collect();
+        let auth = c.auth.lock().clone();
         for qid in qids {
             out.push(QpairInfo {
                 cntlid: c.cntlid,
                 qid,
-                state: "active",
+                state: "enabled",
                 hostnqn: c.hostnqn.clone(),
                 listen_address: ListenEntry::from(&c.via),
+                auth: auth.get(&qid).map(|&(digest, dhgroup)| AuthInfo {
+                    state: "completed",
+                    digest,
+                    dhgroup,
+                }),
             });
         }
     }

@@ -18,7 +18,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::control::Control;
 use crate::listeners::{bind_retrying, start_nvmf_listener};
-use crate::registry::{self, Registry};
+use crate::registry::{self, Registry, RegistryLimits};
 use crate::rpc;
 
 /// Size of the embedded default volume created on first run.
@@ -134,6 +134,15 @@ pub struct ServeArgs {
     /// Connections served at once (NBD and NVMe/TCP together); more are refused.
     #[arg(long, default_value_t = 4096)]
     max_connections: u64,
+    /// RAM, file and nvme exports at once (--export, export_add, bdev_malloc_create, ...); more
+    /// are refused. Pool volumes are bounded by the pool.
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_exports: u64,
+    /// Bytes all RAM exports may come to together (their memory is taken as clients write):
+    /// an export that would pass it is refused. Default: the machine's memory.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    ram_export_memory: Option<u64>,
     /// Hosts one NVMe-oF subsystem may list (nvmf_subsystem_add_host); more are refused.
     #[arg(long, value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..=65_536))]
@@ -325,7 +334,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let target = Arc::new(ballast_nvmf::Target::default());
-    let registry = Arc::new(Registry::new(target.clone(), pool.clone()));
+    let limits = RegistryLimits {
+        max_exports: args.max_exports as usize,
+        ram_bytes: args.ram_export_memory.unwrap_or_else(registry::physical_memory),
+    };
+    let registry = Arc::new(Registry::with_limits(target.clone(), pool.clone(), limits));
     for spec in &args.exports {
         let Some((name, backend)) = spec.split_once('=') else {
             bail!(
@@ -405,6 +418,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         host_keys: Default::default(),
         max_hosts: args.max_hosts_per_subsystem as usize,
         settings: Default::default(),
+        malloc_names: Default::default(),
     });
     // The daemon's own subsystems (volumes', startup exports') listen on --nvmf-listen; the
     // discovery listener serves the whole discovery log.

@@ -167,7 +167,8 @@ impl AdminState {
     /// If a notice is pending and an AER is held: the CID to complete, and the event (dw0) —
     /// [`AEN_NS_CHANGED`] on an I/O controller whose host enabled it (AEC bit 8),
     /// [`AEN_DISC_CHANGED`] on a discovery controller whose host enabled it (AEC bit 31). A
-    /// notice not enabled stays pending until it is (as nvmet and SPDK keep it).
+    /// notice not enabled stays pending until it is (nvmet and SPDK drop it; a host enabling
+    /// notices later then hears of the change, and reads the log it names).
     pub fn take_event(&mut self) -> Option<(u16, u32)> {
         if self.aers.is_empty() {
             return None;

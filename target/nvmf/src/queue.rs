@@ -968,8 +968,8 @@ impl Queue {
         if authenticated && !was_authenticated {
             let (hash, group) = negotiated.map_or(("?", "?"), |(h, g)| (h.name(), g.name()));
             tracing::info!(peer = %self.peer, host = %host, qid = self.qid, hash, dhgroup = group, "DH-HMAC-CHAP: queue authenticated");
-            if let Some(c) = self.ctrl.as_ref().filter(|_| self.qid == 0) {
-                *c.auth.lock() = Some((hash, group));
+            if let Some(c) = self.ctrl.as_ref() {
+                c.auth.lock().insert(self.qid, (hash, group));
             }
             self.restart_tick(cx);
         } else if failed {

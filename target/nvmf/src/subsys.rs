@@ -247,9 +247,10 @@ pub struct Controller {
     pub bytes_written: AtomicU64,
     pub host_reads: AtomicU64,
     pub host_writes: AtomicU64,
-    /// The hash and DH group of the admin queue's last DH-HMAC-CHAP authentication (none:
-    /// not authenticated in-band).
-    pub auth: Mutex<Option<(&'static str, &'static str)>>,
+    /// Queue id → the hash and DH group of that queue's last DH-HMAC-CHAP authentication
+    /// (absent: not authenticated in-band). Read with `io_qids`: a queue gone keeps its entry
+    /// until its id is used again.
+    pub auth: Mutex<BTreeMap<u16, (&'static str, &'static str)>>,
 }
 
 pub struct Target {
@@ -545,7 +546,7 @@ impl Target {
                 bytes_written: AtomicU64::new(0),
                 host_reads: AtomicU64::new(0),
                 host_writes: AtomicU64::new(0),
-                auth: Mutex::new(None),
+                auth: Mutex::default(),
             });
             map.insert(id, ctrl.clone());
             return Some(ctrl);

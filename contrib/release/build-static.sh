@@ -20,7 +20,11 @@ done
 # With an explicit --target, RUSTFLAGS reach only the target's crates (build scripts and
 # proc-macros stay dynamic, as they must).
 # OpenSSL (NBD TLS) links statically from Debian's libssl-dev too (libssl.a, libcrypto.a).
+# The shipped binary is built whole-program (fat LTO, one codegen unit): 6% smaller (9.4 vs
+# 10.0 MiB stripped when measured) for a longer build; the normal build keeps cargo's
+# defaults for build speed.
 OPENSSL_STATIC=1 CARGO_TARGET_DIR="$ROOT/build/static" RUSTFLAGS="-C target-feature=+crt-static" \
+    CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
     cargo build --release --locked --target "$TARGET" -p ballast --bin ballast
 mkdir -p "$OUT"
 bin="$ROOT/build/static/$TARGET/release/ballast"

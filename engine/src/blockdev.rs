@@ -66,6 +66,16 @@ pub trait BlockDev: Send + Sync {
         Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "this backend cannot be resized"))
     }
 
+    /// Takes the size its medium has now (a file or block device grown from outside, as
+    /// SPDK's `bdev_aio_rescan`): `(old, new)` in bytes. A medium that shrank is refused (what
+    /// was past its new end is gone: the device keeps its size, and I/O there fails).
+    fn rescan(&self) -> std::io::Result<(u64, u64)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this backend cannot be rescanned",
+        ))
+    }
+
     /// The core that should serve this device's I/O, asked by a connection arriving on core
     /// `here` once it knows its device: `None` (the default) wherever it arrived; a volume
     /// under the `owner` placement names its family's owner, and the connection moves there.

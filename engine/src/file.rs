@@ -310,6 +310,21 @@ impl BlockDev for FileDev {
         self.size_bytes.load(Ordering::Acquire)
     }
 
+    fn rescan(&self) -> std::io::Result<(u64, u64)> {
+        let old = self.size_bytes();
+        let now = media_size(&self.direct)?;
+        if now < old {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the medium shrank from {old} to {now} bytes"),
+            ));
+        }
+        // Whole logical blocks only (a block device's size is; a file's may not be).
+        let now = now / self.lbs * self.lbs;
+        self.size_bytes.fetch_max(now, Ordering::AcqRel);
+        Ok((old, self.size_bytes()))
+    }
+
     fn grow(&self, new_size: u64) -> std::io::Result<()> {
         let old = self.size_bytes();
         if self.is_block_device || self.info.read_only {
@@ -552,6 +567,24 @@ mod extent_tests {
         }
         assert!(three.len() <= 3);
         assert!(all.iter().map(|e| e.len).sum::<u64>() == 16 << 20);
+    }
+
+    /// A file grown from outside is served at its new size after a rescan; one that shrank
+    /// keeps the size it had (and says so).
+    #[test]
+    fn rescan_takes_growth_and_refuses_shrinking() {
+        let path = std::env::temp_dir().join(format!("ballast-rescan-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let dev = FileDev::open(&path, Some(1 << 20), false).expect("a file device");
+        assert_eq!(dev.rescan().expect("unchanged"), (1 << 20, 1 << 20));
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(3 << 20).unwrap();
+        assert_eq!(dev.rescan().expect("grown"), (1 << 20, 3 << 20));
+        assert_eq!(dev.size_bytes(), 3 << 20);
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(2 << 20).unwrap();
+        let e = dev.rescan().expect_err("shrunk");
+        assert!(e.to_string().contains("shrank from 3145728 to 2097152"), "{e}");
+        assert_eq!(dev.size_bytes(), 3 << 20);
+        let _ = std::fs::remove_file(&path);
     }
 }
 

@@ -403,6 +403,8 @@ check_eq "nvmf_subsystem_get_controllers: the host, its hostid, 1 I/O queue pair
 check_eq "nvmf_subsystem_get_qpairs: queues 0 and 1 of that controller, enabled, at the listener, no auth" \
     "[0, 1] ['enabled'] ['$NVMF_PORT'] True False" \
     "$(rpc nvmf_subsystem_get_qpairs "$NQN3" | py '"%s %s %s %s %s" % ([q["qid"] for q in j], sorted({q["state"] for q in j}), sorted({q["listen_address"]["trsvcid"] for q in j}), len({q["cntlid"] for q in j}) == 1, any("auth" in q for q in j))')"
+check_eq "... each from the host's own address (peer_address: two ports of 127.0.0.1)" "['127.0.0.1'] 2 True" \
+    "$(rpc nvmf_subsystem_get_qpairs "$NQN3" | py '"%s %d %s" % (sorted({q["peer_address"]["traddr"] for q in j}), len({q["peer_address"]["trsvcid"] for q in j}), all(q["peer_address"]["trsvcid"] != "'"$NVMF_PORT"'" for q in j))')"
 touch "$T/host3.done"; wait "$HOST3_PID" 2>/dev/null
 check_eq "nvmf_subsystem_get_controllers of an unknown subsystem: -32602" "-32602" \
     "$(rpc_error nvmf_subsystem_get_controllers nqn.2016-06.io.spdk:nosuch | cut -d' ' -f1)"
@@ -428,6 +430,11 @@ truncate -s 16M "$T/aio.img"
 check_eq "bdev_aio_create FILE aio0 4096" "aio0" "$(rpc bdev_aio_create "$T/aio.img" aio0 4096)"
 check_eq "bdev_get_bdevs -b aio0: SPDK's aio bdev" "AIO disk 4096 4096" \
     "$(rpc bdev_get_bdevs -b aio0 | py '"%s %d %d" % (j[0]["product_name"], j[0]["block_size"], j[0]["num_blocks"])')"
+truncate -s 32M "$T/aio.img"
+check "bdev_aio_rescan aio0 after the file grew to 32 MiB" rpc bdev_aio_rescan aio0
+check_eq "... its new size (8192 blocks of 4096)" "8192" "$(rpc bdev_get_bdevs -b aio0 | py 'j[0]["num_blocks"]')"
+check_eq "bdev_aio_rescan of a malloc bdev: -19" "-19" "$(rpc_error bdev_aio_rescan Malloc1 | cut -d' ' -f1)"
+check "framework_wait_init" rpc framework_wait_init
 check_eq "bdev_aio_create of a file that does not exist: -2" "-2" \
     "$(rpc_error bdev_aio_create "$T/nosuch.img" aio1 | cut -d' ' -f1)"
 check_eq "bdev_uring_create FILE ur0" "ur0" "$(rpc bdev_uring_create "$T/aio.img" ur0)"

@@ -27,6 +27,14 @@ pub const METHODS: &[Method] = &[
     Method { name: "bdev_get_iostat", call: iostat },
     Method { name: "bdev_get_bdevs", call: |c, p| get_bdevs(&c.registry, c.pool.as_deref(), p) },
     Method { name: "framework_get_reactors", call: reactors },
+    // SPDK's: true once the framework is up, which it is whenever a method runs.
+    Method {
+        name: "framework_wait_init",
+        call: |_, p| {
+            let _: NoParams = params(p, DecodeStyle::Generic)?;
+            Ok(Value::Bool(true))
+        },
+    },
 ];
 
 fn iostat(control: &Control, p: &Value) -> Result<Value, RpcError> {

@@ -519,8 +519,8 @@ struct AuthInfo {
     dhgroup: &'static str,
 }
 
-/// `nvmf_subsystem_get_qpairs`' entries, SPDK's shape (`dump_nvmf_qpair`; no peer address or
-/// thread: ballast keeps neither per queue). `auth` as SPDK's: on a queue that authenticated.
+/// `nvmf_subsystem_get_qpairs`' entries, SPDK's shape (`dump_nvmf_qpair`; no `thread`: a
+/// queue's core may change as it is placed). `auth` as SPDK's: on a queue that authenticated.
 #[derive(Serialize)]
 struct QpairInfo {
     cntlid: u16,
@@ -528,6 +528,8 @@ struct QpairInfo {
     state: &'static str,
     hostnqn: String,
     listen_address: ListenEntry,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer_address: Option<ListenEntry>,
     #[serde(skip_serializing_if = "Option::is_none")]
     auth: Option<AuthInfo>,
 }
@@ -574,21 +576,26 @@ fn get_controllers(control: &Control, p: &Value) -> Result<Value, RpcError> {
     Ok(json!(out))
 }
 
-/// `nvmf_subsystem_get_qpairs`: every queue of every live controller (admin queue 0 first),
-/// "enabled" (SPDK's state of a connected queue), with how it authenticated.
+/// `nvmf_subsystem_get_qpairs`: every connected queue of every live controller (by queue
+/// id: the admin queue first), "enabled" (SPDK's state of a connected queue), where the host
+/// connects from and how the queue authenticated.
 fn get_qpairs(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let mut out = Vec::new();
     for c in live_controllers(control, p)? {
-        let qids: Vec<u16> = std::iter::once(0).chain(c.io_qids.lock().iter().copied()).collect();
-        let auth = c.auth.lock().clone();
-        for qid in qids {
+        let queues = c.queues.lock().clone();
+        for (qid, q) in queues {
             out.push(QpairInfo {
                 cntlid: c.cntlid,
                 qid,
                 state: "enabled",
                 hostnqn: c.hostnqn.clone(),
                 listen_address: ListenEntry::from(&c.via),
-                auth: auth.get(&qid).map(|&(digest, dhgroup)| AuthInfo {
+                peer_address: q
+                    .peer
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .map(|a| ListenEntry::from(&ListenAddr::from(a))),
+                auth: q.auth.map(|(digest, dhgroup)| AuthInfo {
                     state: "completed",
                     digest,
                     dhgroup,

@@ -71,7 +71,7 @@ use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
 use crate::spread::Slot;
-use crate::subsys::{Controller, ListenAddr, Namespace, Target, DISCOVERY_NQN};
+use crate::subsys::{Controller, ListenAddr, Namespace, QueueInfo, Target, DISCOVERY_NQN};
 use crate::tls::{identity_names, SecureChannel, TLS_HANDSHAKE_RECORD};
 
 /// Largest receive buffer: room for the largest PDU (an H2CData of `MAXH2CDATA`) and more.
@@ -840,6 +840,7 @@ impl Queue {
         if qid == 0 {
             self.admin = Some(AdminState::new(ctrl.clone()));
         }
+        ctrl.queues.lock().insert(qid, QueueInfo { peer: self.peer.clone(), auth: None });
         tracing::info!(
             peer = %self.peer,
             subsystem = %cd.subnqn,
@@ -969,7 +970,9 @@ impl Queue {
             let (hash, group) = negotiated.map_or(("?", "?"), |(h, g)| (h.name(), g.name()));
             tracing::info!(peer = %self.peer, host = %host, qid = self.qid, hash, dhgroup = group, "DH-HMAC-CHAP: queue authenticated");
             if let Some(c) = self.ctrl.as_ref() {
-                c.auth.lock().insert(self.qid, (hash, group));
+                if let Some(q) = c.queues.lock().get_mut(&self.qid) {
+                    q.auth = Some((hash, group));
+                }
             }
             self.restart_tick(cx);
         } else if failed {
@@ -1620,6 +1623,7 @@ impl Queue {
                 (Some(ctrl), 0) => self.target.remove_controller(ctrl.cntlid),
                 (Some(ctrl), qid) => {
                     ctrl.io_qids.lock().remove(&qid);
+                    ctrl.queues.lock().remove(&qid);
                 }
                 _ => {}
             }

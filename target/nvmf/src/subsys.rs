@@ -247,10 +247,18 @@ pub struct Controller {
     pub bytes_written: AtomicU64,
     pub host_reads: AtomicU64,
     pub host_writes: AtomicU64,
-    /// Queue id → the hash and DH group of that queue's last DH-HMAC-CHAP authentication
-    /// (absent: not authenticated in-band). Read with `io_qids`: a queue gone keeps its entry
-    /// until its id is used again.
-    pub auth: Mutex<BTreeMap<u16, (&'static str, &'static str)>>,
+    /// Queue id → what `nvmf_subsystem_get_qpairs` says of the queue: entered when it
+    /// connects, gone with it.
+    pub queues: Mutex<BTreeMap<u16, QueueInfo>>,
+}
+
+/// One connected queue of a controller, for the control plane.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// The host's address, as the socket gave it.
+    pub peer: String,
+    /// The hash and DH group of the queue's last DH-HMAC-CHAP authentication.
+    pub auth: Option<(&'static str, &'static str)>,
 }
 
 pub struct Target {
@@ -546,7 +554,7 @@ impl Target {
                 bytes_written: AtomicU64::new(0),
                 host_reads: AtomicU64::new(0),
                 host_writes: AtomicU64::new(0),
-                auth: Mutex::default(),
+                queues: Mutex::default(),
             });
             map.insert(id, ctrl.clone());
             return Some(ctrl);

@@ -60,6 +60,8 @@ pub struct FileDev {
     /// Not a block device, and its filesystem punches holes (probed at open): a discard
     /// zeroes its range.
     punches_holes: bool,
+    /// Held by `grow` and `rescan`: the size only ever rises, one change at a time.
+    resizing: parking_lot::Mutex<()>,
 }
 
 /// Whether `f` is a file of a filesystem that keeps its data in memory (tmpfs, ramfs).
@@ -152,6 +154,7 @@ impl FileDev {
             lbs,
             in_memory,
             punches_holes,
+            resizing: parking_lot::Mutex::new(()),
         })
     }
 
@@ -311,6 +314,7 @@ impl BlockDev for FileDev {
     }
 
     fn rescan(&self) -> std::io::Result<(u64, u64)> {
+        let _one_at_a_time = self.resizing.lock();
         let old = self.size_bytes();
         let now = media_size(&self.direct)?;
         if now < old {
@@ -319,13 +323,14 @@ impl BlockDev for FileDev {
                 format!("the medium shrank from {old} to {now} bytes"),
             ));
         }
-        // Whole logical blocks only (a block device's size is; a file's may not be).
+        // Whole logical blocks (a block device's size is whole already; a file's lbs is 1).
         let now = now / self.lbs * self.lbs;
-        self.size_bytes.fetch_max(now, Ordering::AcqRel);
-        Ok((old, self.size_bytes()))
+        self.size_bytes.store(now, Ordering::Release);
+        Ok((old, now))
     }
 
     fn grow(&self, new_size: u64) -> std::io::Result<()> {
+        let _one_at_a_time = self.resizing.lock();
         let old = self.size_bytes();
         if self.is_block_device || self.info.read_only {
             return Err(std::io::Error::new(

@@ -440,8 +440,8 @@ check_eq "bdev_aio_create of a file that does not exist: -2" "-2" \
 check_eq "bdev_uring_create FILE ur0" "ur0" "$(rpc bdev_uring_create "$T/aio.img" ur0)"
 check_eq "--max-exports 4: a fifth export is -12, naming the flag" "-12 True" \
     "$(rpc_error bdev_malloc_create -b Five 1 512 | py_line '"%s %s" % (l.split()[0], "--max-exports" in l)')"
-check_eq "bdev_uring_create failing (no such file): SPDK's uring answer, -32603" "-32603" \
-    "$(rpc_error bdev_uring_create "$T/nosuch.img" ur1 | cut -d' ' -f1)"
+check_eq "bdev_uring_create failing (no such file): SPDK's uring answer, -32603" "-32603 True" \
+    "$(rpc_error bdev_uring_create "$T/nosuch.img" ur1 | py_line '"%s %s" % (l.split()[0], "No such file" in l)')"
 check_eq "bdev_aio_delete of a malloc bdev: -19 No such device" "-19 No such device" "$(rpc_error bdev_aio_delete Malloc1)"
 check "bdev_aio_delete aio0, bdev_uring_delete ur0, bdev_malloc_delete Malloc1" \
     sh -c "'$SPDK_RPC' -s '$RPC_SOCK' bdev_aio_delete aio0 && '$SPDK_RPC' -s '$RPC_SOCK' bdev_uring_delete ur0 && '$SPDK_RPC' -s '$RPC_SOCK' bdev_malloc_delete Malloc1"
@@ -452,6 +452,19 @@ check "bdev_malloc_delete Malloc0 (namespace 1 of $NQN3)" rpc bdev_malloc_delete
 check_eq "... and $NQN3 has no namespace left" "[]" \
     "$(rpc nvmf_get_subsystems "$NQN3" | py '[n["nsid"] for n in j[0]["namespaces"]]')"
 check "nvmf_delete_subsystem $NQN3" rpc nvmf_delete_subsystem "$NQN3"
+check_eq "export_remove refuses a pool volume (bdev_lvol_delete deletes it)" "True" \
+    "$(ballast_ctl rpc export_remove '{"name":"lvol0"}' 2>&1 | py_line '"bdev_lvol_delete" in l')"
+# A namespace kept in the pool names its bdev and that bdev's UUID: a RAM bdev's namespace is
+# not restored after a restart, nor attached to another device given the name (section 8).
+NQN9=nqn.2016-06.io.spdk:cnode9
+check "a kept namespace of a malloc bdev: Malloc9 in $NQN9 (any host)" \
+    sh -c "'$SPDK_RPC' -s '$RPC_SOCK' bdev_malloc_create -b Malloc9 8 512 >/dev/null && '$SPDK_RPC' -s '$RPC_SOCK' nvmf_create_subsystem '$NQN9' -a && '$SPDK_RPC' -s '$RPC_SOCK' nvmf_subsystem_add_ns '$NQN9' Malloc9"
+# Deleting an lvol another subsystem has as a namespace removes that namespace too.
+check "an lvol nsvol, namespace 2 of $NQN9" \
+    sh -c "'$SPDK_RPC' -s '$RPC_SOCK' bdev_lvol_create -l '$LVS' -t nsvol 4 >/dev/null && '$SPDK_RPC' -s '$RPC_SOCK' nvmf_subsystem_add_ns '$NQN9' '$LVS/nsvol'"
+check "bdev_lvol_delete $LVS/nsvol" rpc bdev_lvol_delete "$LVS/nsvol"
+check_eq "... and its namespace left $NQN9" "['Malloc9']" \
+    "$(rpc nvmf_get_subsystems "$NQN9" | py '[n["bdev_name"] for n in j[0]["namespaces"]]')"
 
 echo "## 8: identities survive a restart"
 stop_ballast
@@ -462,4 +475,13 @@ check_eq "after restart: lvol0 keeps its UUID, the store its name and UUID" \
 check_eq "after restart: $NQN is back (serial, model, access, host, namespace, listener)" \
     "SPDK00000000000001 SPDK_Controller1 False ['$HOST'] clone0 ['$NVMF_PORT']" \
     "$(rpc nvmf_get_subsystems "$NQN" | py '" ".join(str(x) for x in (j[0]["serial_number"], j[0]["model_number"], j[0]["allow_any_host"], [h["nqn"] for h in j[0]["hosts"]], j[0]["namespaces"][0]["bdev_name"], [a["trsvcid"] for a in j[0]["listen_addresses"]]))')"
+check_eq "after restart: $NQN9 is back without the gone Malloc9's namespace" "[]" \
+    "$(rpc nvmf_get_subsystems "$NQN9" | py '[n["bdev_name"] for n in j[0]["namespaces"]]')"
+check "an lvol named Malloc9 now" rpc bdev_lvol_create -l "$LVS" -t Malloc9 4
+stop_ballast
+start_ballast --cores 2 || finish
+check_eq "after another restart: the lvol named Malloc9 is not attached to $NQN9 (another device)" "[]" \
+    "$(rpc nvmf_get_subsystems "$NQN9" | py '[n["bdev_name"] for n in j[0]["namespaces"]]')"
+grep -q "kept namespace not restored: its bdev is another device now" "$BALLAST_LOG" \
+    && pass "the server log says why" || fail "no log line for the namespace not restored"
 finish

@@ -234,10 +234,17 @@ pub fn keep_namespace(
     nqn: &str,
     nsid: u32,
     bdev: &str,
+    uuid: &str,
     block_size: u32,
 ) -> Result<(), PersistError> {
     change_subsystem(control, nqn, |anchor, batch| {
-        let ns = StoredNamespace { gen: anchor.gen, nsid, bdev: bdev.into(), block_size };
+        let ns = StoredNamespace {
+            gen: anchor.gen,
+            nsid,
+            bdev: bdev.into(),
+            block_size,
+            uuid: Some(uuid.into()),
+        };
         batch.push(entry(namespace_key(nqn, nsid), &ns)?);
         Ok(())
     })
@@ -364,6 +371,19 @@ fn apply(control: &Control, cfg: &SubsystemConfig, pending: &mut Pending) {
     for ns in &cfg.namespaces {
         if subsys.namespace(ns.nsid).is_some() {
             continue;
+        }
+        let now = control.registry.get(&ns.bdev).map(|d| d.uuid.clone());
+        if let (Some(kept), Some(now)) = (&ns.uuid, &now) {
+            if kept != now {
+                let (nsid, bdev) = (ns.nsid, ns.bdev.as_str());
+                tracing::warn!(
+                    nqn,
+                    nsid,
+                    bdev,
+                    "kept namespace not restored: its bdev is another device now"
+                );
+                continue;
+            }
         }
         if let Err(e) = control.registry.add_namespace(nqn, ns.nsid, &ns.bdev, ns.block_size) {
             let (nsid, bdev) = (ns.nsid, ns.bdev.as_str());

@@ -126,6 +126,11 @@ pub struct StoredNamespace {
     pub nsid: u32,
     pub bdev: String,
     pub block_size: u32,
+    /// The device's UUID when the namespace was added: restored only onto that device (a
+    /// RAM bdev's is new at each start, so its namespace never comes back; another device
+    /// given the name later is not attached). Absent in entries from before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
 }
 
 /// A volume's subsystem as kept before anchors existed.
@@ -486,7 +491,13 @@ mod tests {
             listen: false,
             secure_channel: SecureChannel::None,
         };
-        let ns = StoredNamespace { gen: 7, nsid: 3, bdev: "clone0".into(), block_size: 512 };
+        let ns = StoredNamespace {
+            gen: 7,
+            nsid: 3,
+            bdev: "clone0".into(),
+            block_size: 512,
+            uuid: Some("0f7e1b6c-4a2d-4c8e-9d1a-2b3c4d5e6f70".into()),
+        };
         let sub = anchor(SUB, 7, true);
         let mut batch = vec![entry(key_entry_key("psk0"), &key).unwrap()];
         batch.extend(anchoring(&config, &sub, &[host.clone(), plain.clone()]).unwrap());

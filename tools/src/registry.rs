@@ -40,10 +40,10 @@ pub enum DeviceKind {
     Volume,
     /// Memory (`ram:SIZE`); its UUID is fresh at every start.
     Ram,
-    /// A file or block device (`file:PATH`); its UUID is fresh at every start.
+    /// A file or block device (`file:PATH`); its UUID comes from its name and path.
     File,
-    /// An NVMe namespace through io_uring passthrough (`nvme:/dev/ngXnY`); its UUID is fresh
-    /// at every start.
+    /// An NVMe namespace through io_uring passthrough (`nvme:/dev/ngXnY`); its UUID comes from
+    /// its name and path.
     Nvme,
 }
 
@@ -454,7 +454,7 @@ fn stable_uuid(name: &str, path: std::path::PathBuf) -> String {
     lvstore::uuid_of(h.finalize()[..16].try_into().expect("16 of 32 bytes"), 5)
 }
 
-/// Registers a RAM or file export (`spec` as [`Backend::parse`] takes it) under a fresh UUID.
+/// Registers a RAM, file or nvme export (`spec` as [`Backend::parse`] takes it).
 pub fn add_export(
     registry: &Registry,
     name: &str,

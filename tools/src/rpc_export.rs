@@ -11,7 +11,6 @@ use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
 use crate::control::{Control, Method};
-use crate::persist;
 use crate::registry::{self, Backend, BdevShape, DeviceKind, RegistryError};
 use crate::rpc_error::{
     invalid, no_such_device, params, DecodeStyle, RpcError, EEXIST, EINVAL, ENOENT, ENOMEM,
@@ -329,22 +328,18 @@ fn rescan(control: &Control, p: &Value) -> Result<Value, RpcError> {
 /// first (hot-removed: their hosts hear of it), then its data is flushed where it has a
 /// medium. NBD connections already open keep the device until they close.
 fn remove_device(control: &Control, name: &str) -> Result<(), RpcError> {
-    let _settings = control.settings.lock();
-    if control.registry.get(name).is_none() {
-        return Err(invalid(format!("no export named {name:?}")));
-    }
-    for (nqn, nsid) in control.registry.namespaces_of(name) {
-        // Kept only where the pool keeps the subsystem's settings (an export's own subsystem,
-        // made at start from --export, is made again at the next start with its namespace).
-        if persist::has_settings(control, &nqn) {
-            persist::forget_namespace(control, &nqn, nsid).map_err(crate::rpc_nvmf::persist_err)?;
+    let settings = control.settings.lock();
+    match control.registry.get(name) {
+        None => return Err(invalid(format!("no export named {name:?}"))),
+        Some(d) if d.kind == DeviceKind::Volume => {
+            return Err(invalid(format!("{name:?} is a pool volume: bdev_lvol_delete deletes it")))
         }
-        if let Err(e) = control.registry.remove_namespace(&nqn, nsid) {
-            tracing::warn!(export = name, nqn, nsid, error = %e, "removing its namespace failed");
-        }
-        tracing::info!(export = name, nqn, nsid, "namespace removed with its device");
+        Some(_) => {}
     }
+    crate::rpc_nvmf::remove_namespaces_of(control, name, &settings)?;
     let device = control.registry.remove(name).map_err(|e| invalid(e.to_string()))?;
+    // The flush may take a while: other settings wait no longer than the removal.
+    drop(settings);
     if let Err(e) = device.dev.flush_blocking() {
         tracing::warn!(export = name, error = %e, "flush on removal failed");
     }

@@ -394,7 +394,9 @@ fn add_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
         .registry
         .add_namespace(&a.nqn, ns.nsid, &device.name, block_size)
         .map_err(registry_err)?;
-    if let Err(e) = persist::keep_namespace(control, &a.nqn, nsid, &device.name, block_size) {
+    let kept =
+        persist::keep_namespace(control, &a.nqn, nsid, &device.name, &device.uuid, block_size);
+    if let Err(e) = kept {
         let _ = control.registry.remove_namespace(&a.nqn, nsid);
         return Err(persist_err(e));
     }
@@ -453,6 +455,27 @@ fn host(control: &Control, p: &Value, add: bool) -> Result<Value, RpcError> {
     }
     control.target.genctr.fetch_add(1, Ordering::Relaxed);
     Ok(json!(true))
+}
+
+/// Removes the NVMe namespaces made from device `name`, as SPDK hot-removes a deleted bdev's
+/// (their hosts get a namespace-changed event); the pool forgets each where it keeps the
+/// subsystem's settings (an export's own subsystem, made at start from `--export`, is made
+/// again with its namespace). The caller holds `control.settings`.
+pub fn remove_namespaces_of(
+    control: &Control,
+    name: &str,
+    _settings: &parking_lot::MutexGuard<'_, ()>,
+) -> Result<(), RpcError> {
+    for (nqn, nsid) in control.registry.namespaces_of(name) {
+        if persist::has_settings(control, &nqn) {
+            persist::forget_namespace(control, &nqn, nsid).map_err(persist_err)?;
+        }
+        if let Err(e) = control.registry.remove_namespace(&nqn, nsid) {
+            tracing::warn!(device = name, nqn, nsid, error = %e, "removing its namespace failed");
+        }
+        tracing::info!(device = name, nqn, nsid, "namespace removed with its device");
+    }
+    Ok(())
 }
 
 /// A host admitted with `names` (every key resolved, then kept in the pool, then in effect),

@@ -262,23 +262,12 @@ fn buffer_budget(flag: Option<u64>, cores: usize) -> anyhow::Result<u64> {
             floor >> 20
         ),
         Some(b) => b,
-        None => BUFFER_MEMORY_DEFAULT.min(ram_bytes() / 16).max(floor),
+        None => BUFFER_MEMORY_DEFAULT.min(registry::physical_memory() / 16).max(floor),
     };
     Ok(total)
 }
 
 /// Physical memory, from /proc/meminfo (a large default if it cannot be read).
-fn ram_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(u64::MAX)
-}
-
 /// Whether a backend spec needs each core's device ring.
 pub fn needs_device_ring(spec: &str) -> bool {
     spec.starts_with("nvme:")

@@ -483,7 +483,7 @@ fn delete(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let pool = pool(control)?;
     let d: LvolName = params(p, L)?;
     let name = lvol(control, &d.name)?;
-    let _settings = control.settings.lock();
+    let settings = control.settings.lock();
     unexport_volume(control, &name);
     if let Err(e) = pool.delete(&name) {
         // Put the exports back, with their kept settings: the volume is still there.
@@ -491,6 +491,10 @@ fn delete(control: &Control, p: &Value) -> Result<Value, RpcError> {
             crate::persist::reapply(control, &nqn_of(&name));
         }
         return Err(pool_err(e));
+    }
+    // Namespaces made from it in other subsystems go too (SPDK hot-removes them).
+    if let Err(e) = crate::rpc_nvmf::remove_namespaces_of(control, &name, &settings) {
+        tracing::warn!(volume = name, error = %e.message, "its namespaces elsewhere not all forgotten");
     }
     if let Err(e) = crate::persist::forget_subsystem(control, &nqn_of(&name)) {
         tracing::warn!(

@@ -122,6 +122,10 @@ def main(r):
 
         h = AuthHost(port)
         r.check("Connect asks the host to authenticate (ATR)", h.connect_status == 0 and h.atr)
+        r.check_eq("nvmf_subsystem_get_qpairs: the admin queue is authenticating, no auth yet",
+                   [(0, "authenticating", None)],
+                   [(q["qid"], q["state"], q.get("auth"))
+                    for q in rpc("nvmf_subsystem_get_qpairs", {"nqn": NQN})])
         st, dnr = h.identify()
         r.check("before authenticating: Authentication Required, with Do Not Retry (as nvmet)",
                 st == AUTH_REQUIRED and dnr, "status 0x%x, DNR %s" % (st, dnr))
@@ -129,8 +133,8 @@ def main(r):
         h.q.enable()
         r.check_eq("then commands run", (0, False), h.identify())
         r.check_eq("nvmf_subsystem_get_qpairs says how the admin queue authenticated (SPDK's)",
-                   [(0, {"state": "completed", "digest": "sha256", "dhgroup": "null"})],
-                   [(q["qid"], q.get("auth"))
+                   [(0, "enabled", {"state": "completed", "digest": "sha256", "dhgroup": "null"})],
+                   [(q["qid"], q["state"], q.get("auth"))
                     for q in rpc("nvmf_subsystem_get_qpairs", {"nqn": NQN})])
 
         # Past the 2 s handshake deadline, the host re-authenticates (new secret in sysfs).

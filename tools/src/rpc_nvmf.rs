@@ -600,8 +600,9 @@ fn get_controllers(control: &Control, p: &Value) -> Result<Value, RpcError> {
 }
 
 /// `nvmf_subsystem_get_qpairs`: every connected queue of every live controller (by queue
-/// id: the admin queue first), "enabled" (SPDK's state of a connected queue), where the host
-/// connects from and how the queue authenticated.
+/// id: the admin queue first), in SPDK's states ("authenticating" until its first
+/// authentication is done, then "enabled"), where the host connects from and how the queue
+/// authenticated.
 fn get_qpairs(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let mut out = Vec::new();
     for c in live_controllers(control, p)? {
@@ -610,7 +611,7 @@ fn get_qpairs(control: &Control, p: &Value) -> Result<Value, RpcError> {
             out.push(QpairInfo {
                 cntlid: c.cntlid,
                 qid,
-                state: "enabled",
+                state: if q.authenticating { "authenticating" } else { "enabled" },
                 hostnqn: c.hostnqn.clone(),
                 listen_address: ListenEntry::from(&c.via),
                 peer_address: q

@@ -840,7 +840,10 @@ impl Queue {
         if qid == 0 {
             self.admin = Some(AdminState::new(ctrl.clone()));
         }
-        ctrl.queues.lock().insert(qid, QueueInfo { peer: self.peer.clone(), auth: None });
+        let authenticating = self.auth.is_some();
+        ctrl.queues
+            .lock()
+            .insert(qid, QueueInfo { peer: self.peer.clone(), auth: None, authenticating });
         tracing::info!(
             peer = %self.peer,
             subsystem = %cd.subnqn,
@@ -972,6 +975,7 @@ impl Queue {
             if let Some(c) = self.ctrl.as_ref() {
                 if let Some(q) = c.queues.lock().get_mut(&self.qid) {
                     q.auth = Some((hash, group));
+                    q.authenticating = false;
                 }
             }
             self.restart_tick(cx);

@@ -64,6 +64,8 @@ pub enum SubsysError {
     Full { nqn: String, max: u32 },
     #[error("block size {0} not supported (512 or 4096)")]
     BlockSize(u32),
+    #[error("block size {block_size} is below the device's logical block size {min}")]
+    BelowDeviceBlock { block_size: u32, min: u32 },
     #[error("subsystem {nqn:?} does not listen on {addr}")]
     NoListener { nqn: String, addr: ListenAddr },
     #[error("invalid serial number {0:?}: at most 20 printable ASCII characters")]
@@ -259,6 +261,8 @@ pub struct QueueInfo {
     pub peer: String,
     /// The hash and DH group of the queue's last DH-HMAC-CHAP authentication.
     pub auth: Option<(&'static str, &'static str)>,
+    /// Connected, and its first DH-HMAC-CHAP authentication not done yet.
+    pub authenticating: bool,
 }
 
 pub struct Target {
@@ -454,6 +458,11 @@ impl Target {
             4096 => 12,
             other => return Err(SubsysError::BlockSize(other)),
         };
+        // An LBA smaller than what the device takes whole would fail each I/O on it.
+        let min = dev.info().min_block;
+        if block_size < min {
+            return Err(SubsysError::BelowDeviceBlock { block_size, min });
+        }
         // Hosts ask Identify only for ids up to NN; FFFFFFFFh is the broadcast id.
         let max = subsys.max_nsid;
         if nsid > max {
@@ -621,6 +630,48 @@ mod tests {
         assert!(a.0 != b.0 && a.1 != b.1 && a.2 != b.2, "another device at nsid 1: new ids");
         assert_eq!(ids("5f0c7a2e-0000-4000-8000-00000000000a"), a, "the same device: the same");
         assert_eq!(a.1[6] >> 4, 4, "UUID version 4 layout");
+    }
+
+    /// A device that takes only whole 4 KiB blocks (a 4Kn disk, an `nvme:` namespace).
+    struct Native4k(ballast_engine::ram::RamDev, ballast_engine::DevInfo);
+
+    impl BlockDev for Native4k {
+        fn info(&self) -> &ballast_engine::DevInfo {
+            &self.1
+        }
+        fn size_bytes(&self) -> u64 {
+            self.0.size_bytes()
+        }
+        fn submit(&self, cx: &mut ballast_engine::Cx<'_>, cmd: ballast_engine::IoCmd, tag: u32) {
+            self.0.submit(cx, cmd, tag)
+        }
+        fn extents(
+            &self,
+            offset: u64,
+            len: u64,
+            max: usize,
+        ) -> std::io::Result<Vec<ballast_engine::Extent>> {
+            self.0.extents(offset, len, max)
+        }
+        fn flush_blocking(&self) -> std::io::Result<()> {
+            self.0.flush_blocking()
+        }
+    }
+
+    /// A namespace's LBA is never smaller than what its device takes whole: each I/O on it
+    /// would fail.
+    #[test]
+    fn an_lba_below_the_devices_block_is_refused() {
+        use ballast_engine::ram::RamDev;
+        let target = Target::default();
+        let nqn = "nqn.2026-11.dev.ballast:4kn";
+        target.create_subsystem(nqn, true).unwrap();
+        let ram = RamDev::new(1 << 20);
+        let info = ballast_engine::DevInfo { min_block: 4096, ..ram.info().clone() };
+        let dev: Arc<dyn BlockDev> = Arc::new(Native4k(ram, info));
+        let e = target.add_namespace(nqn, 1, dev.clone(), 512, "d").unwrap_err();
+        assert!(matches!(e, SubsysError::BelowDeviceBlock { block_size: 512, min: 4096 }), "{e}");
+        assert_eq!(target.add_namespace(nqn, 1, dev, 4096, "d").unwrap(), 1);
     }
 
     /// SPDK's `max_namespaces`: the highest id, what Identify Controller's NN says.

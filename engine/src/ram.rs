@@ -46,6 +46,13 @@ impl RamDev {
         Ok(RamDev { mem, size_bytes, info })
     }
 
+    /// The same device announcing `min_block` as the smallest I/O it takes whole (a stand-in
+    /// for a 4Kn disk or an `nvme:` namespace in the front-ends' tests).
+    pub fn with_min_block(mut self, min_block: u32) -> RamDev {
+        self.info.min_block = min_block;
+        self
+    }
+
     /// A writable [`RamDev::try_new`] for sizes that must fit (tests, fuzzers).
     pub fn new(size_bytes: u64) -> RamDev {
         RamDev::try_new(size_bytes, false).expect("reserving a RAM device's memory")

@@ -429,7 +429,6 @@ impl Handshake {
 mod tests {
     use super::*;
     use ballast_engine::ram::RamDev;
-    use ballast_engine::BlockDev;
 
     fn table() -> ExportTable {
         let t = ExportTable::default();
@@ -567,38 +566,8 @@ mod tests {
     /// The preferred block size is never below the minimum (a namespace with 16 KiB blocks).
     #[test]
     fn preferred_block_size_is_at_least_the_minimum() {
-        struct Big(RamDev, ballast_engine::DevInfo);
-        impl BlockDev for Big {
-            fn info(&self) -> &ballast_engine::DevInfo {
-                &self.1
-            }
-            fn size_bytes(&self) -> u64 {
-                self.0.size_bytes()
-            }
-            fn submit(
-                &self,
-                cx: &mut ballast_engine::Cx<'_>,
-                cmd: ballast_engine::IoCmd,
-                tag: u32,
-            ) {
-                self.0.submit(cx, cmd, tag)
-            }
-            fn extents(
-                &self,
-                offset: u64,
-                len: u64,
-                max: usize,
-            ) -> std::io::Result<Vec<ballast_engine::Extent>> {
-                self.0.extents(offset, len, max)
-            }
-            fn flush_blocking(&self) -> std::io::Result<()> {
-                self.0.flush_blocking()
-            }
-        }
-        let ram = RamDev::new(1 << 20);
-        let info = ballast_engine::DevInfo { min_block: 16384, ..ram.info().clone() };
         let t = ExportTable::default();
-        let dev = Arc::new(Big(ram, info));
+        let dev = Arc::new(RamDev::new(1 << 20).with_min_block(16384));
         t.add(Export { name: "big".into(), description: String::new(), dev, read_only: false })
             .unwrap();
         let mut input = 1u32.to_be_bytes().to_vec();

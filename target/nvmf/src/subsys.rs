@@ -632,32 +632,6 @@ mod tests {
         assert_eq!(a.1[6] >> 4, 4, "UUID version 4 layout");
     }
 
-    /// A device that takes only whole 4 KiB blocks (a 4Kn disk, an `nvme:` namespace).
-    struct Native4k(ballast_engine::ram::RamDev, ballast_engine::DevInfo);
-
-    impl BlockDev for Native4k {
-        fn info(&self) -> &ballast_engine::DevInfo {
-            &self.1
-        }
-        fn size_bytes(&self) -> u64 {
-            self.0.size_bytes()
-        }
-        fn submit(&self, cx: &mut ballast_engine::Cx<'_>, cmd: ballast_engine::IoCmd, tag: u32) {
-            self.0.submit(cx, cmd, tag)
-        }
-        fn extents(
-            &self,
-            offset: u64,
-            len: u64,
-            max: usize,
-        ) -> std::io::Result<Vec<ballast_engine::Extent>> {
-            self.0.extents(offset, len, max)
-        }
-        fn flush_blocking(&self) -> std::io::Result<()> {
-            self.0.flush_blocking()
-        }
-    }
-
     /// A namespace's LBA is never smaller than what its device takes whole: each I/O on it
     /// would fail.
     #[test]
@@ -666,9 +640,8 @@ mod tests {
         let target = Target::default();
         let nqn = "nqn.2026-11.dev.ballast:4kn";
         target.create_subsystem(nqn, true).unwrap();
-        let ram = RamDev::new(1 << 20);
-        let info = ballast_engine::DevInfo { min_block: 4096, ..ram.info().clone() };
-        let dev: Arc<dyn BlockDev> = Arc::new(Native4k(ram, info));
+        // A device that takes only whole 4 KiB blocks (a 4Kn disk, an `nvme:` namespace).
+        let dev: Arc<dyn BlockDev> = Arc::new(RamDev::new(1 << 20).with_min_block(4096));
         let e = target.add_namespace(nqn, 1, dev.clone(), 512, "d").unwrap_err();
         assert!(matches!(e, SubsysError::BelowDeviceBlock { block_size: 512, min: 4096 }), "{e}");
         assert_eq!(target.add_namespace(nqn, 1, dev, 4096, "d").unwrap(), 1);

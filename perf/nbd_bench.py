@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""nbd-bench: compare ballast with nbdkit and qemu-nbd over loopback NBD using fio (ioengine=nbd).
+"""nbd-bench: compare ballast with nbdkit and qemu-nbd over loopback NBD using fio (ioengine=nbd),
+or with --client ballast-perf, our pipelined polling NBD client (ballast-perf --nbd).
 
 Run through perf/nbd-bench.sh (see perf/README.md).  One invocation starts each server in turn on
 its own 127.0.0.1 port (server pinned to one CPU, fio to another), pre-fills the export, runs every
@@ -383,21 +384,25 @@ def load_fio_json(path):
     return json.loads(text[i:])
 
 
-def run_fio(cmd, env, out_json, timeout, server_pid, ramp, mid=None, extra=None):
+def run_fio(cmd, env, out_json, timeout, server_pid, ramp, mid=None, extra=None, stdout_json=False):
     """Run fio; returns (fio_json | None, error | None, cpu_measured_s, wall_measured_s, cpu_total_s).
 
     Server CPU is sampled when the ramp ends and when fio exits; mid() (if given) is called at
     the end of the ramp, while fio's connections are open.  If extra (a dict) is given, it receives
     whole-run CPU accounting: fio's CPU, softirq/steal %, and background_pct = machine-wide
-    user+system CPU not used by fio or the server (% of one CPU)."""
+    user+system CPU not used by fio or the server (% of one CPU).  With stdout_json, the client
+    prints its JSON (ballast-perf --json) and out_json receives it."""
     cpu_start = proc_cpu_seconds(server_pid)
     sys_start, fio_start = sys_cpu_times(), children_cpu_seconds()
     t_start = time.monotonic()
     errf = open(out_json + ".stderr", "wb")
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=errf,
+    outf = open(out_json, "wb") if stdout_json else None
+    p = subprocess.Popen(cmd, env=env, stdout=outf or subprocess.DEVNULL, stderr=errf,
                          stdin=subprocess.DEVNULL)
     _children.append(p)
     errf.close()
+    if outf:
+        outf.close()
     cpu0, t0 = cpu_start, t_start
     try:
         if ramp > 0:
@@ -482,6 +487,23 @@ def profile_info(profile):
 
 # ---------------------------------------------------------------------------------------------
 # main benchmark
+
+
+def perf_client_cmd(profile, uri, args):
+    """The ballast-perf command running PROFILE (perf/fio/PROFILE.fio's rw, bs, iodepth and
+    numjobs: one NBD connection per job) against the export at URI, polling as SPDK's perf
+    tool does; fio-like JSON on stdout.  No ramp: ballast-perf measures from its last connect."""
+    with open(os.path.join(FIO_DIR, profile + ".fio")) as f:
+        text = f.read()
+
+    def opt(name, default):
+        m = re.search(r"^\s*%s\s*=\s*(\S+)" % name, text, re.M)
+        return m.group(1) if m else default
+    m = re.fullmatch(r"nbd://([^/]+)/(.*)", uri)
+    cmd = [args.perf_bin, "--json", "--nbd", m.group(2), "--addr", m.group(1),
+           "--rw", opt("rw", "randread"), "--bs", opt("bs", "4k"), "--qd", opt("iodepth", "1"),
+           "--queues", opt("numjobs", "1"), "--runtime", str(args.runtime)]
+    return cmd + ([] if args.client_sleeps else ["--poll"])
 
 
 def prepare_scratch_file(path, size):
@@ -574,18 +596,25 @@ def bench_server(sid, backing, kind, args, anomalies, results_dir):
                 if not srv.alive():
                     raise RuntimeError(f"server exited (rc={srv.proc.poll()})")
                 out = os.path.join(results_dir, "fio", f"{sid}-{prof}-r{rep}.json")
-                cmd = pin(args.client_cpu, ["fio", "--output-format=json", f"--output={out}",
-                                            os.path.join(FIO_DIR, prof + ".fio")], args)
-                env = fio_env(srv.uri(), args.runtime, args.ramp)
-                timeout = args.runtime + args.ramp + args.fio_slack
+                perf_client = args.client == "ballast-perf"
+                if perf_client:
+                    cmd = pin(args.client_cpu, perf_client_cmd(prof, srv.uri(), args), args)
+                    env, ramp = os.environ.copy(), 0
+                else:
+                    cmd = pin(args.client_cpu, ["fio", "--output-format=json", f"--output={out}",
+                                                os.path.join(FIO_DIR, prof + ".fio")], args)
+                    env, ramp = fio_env(srv.uri(), args.runtime, args.ramp), args.ramp
+                timeout = args.runtime + ramp + args.fio_slack
                 acct = {}
                 data, err, cpu, wall, cpu_total = run_fio(cmd, env, out, timeout, srv.pid,
-                                                          args.ramp, mid=sample, extra=acct)
+                                                          ramp, mid=sample, extra=acct,
+                                                          stdout_json=perf_client)
                 run = {"rep": rep}
                 if data is not None:
                     try:
                         rw, numjobs = profile_info(prof)
-                        run.update(extract(data, rw, numjobs))
+                        # ballast-perf's CPU is its whole process's already (fio's is per job).
+                        run.update(extract(data, rw, 1 if perf_client else numjobs))
                     except (KeyError, IndexError) as e:
                         err = (err or "") + f" bad fio JSON ({e})"
                 if not err and run.get("fio_job_error"):
@@ -726,7 +755,7 @@ def tables(results, args):
         base = servers.get(PEER_OF[backing])
         out.append(f"### {title}, {args.size} export\n")
         out.append("| profile | server | IOPS | spread | quiet IOPS (n) | MiB/s | p50 µs | p99 µs | p99.9 µs "
-                   "| srv CPU s/100k IO | srv CPU % | fio CPU % | IOPS ballast/peer | quiet IOPS ballast/peer "
+                   "| srv CPU s/100k IO | srv CPU % | client CPU % | IOPS ballast/peer | quiet IOPS ballast/peer "
                    "| CPU/IO ballast/peer |")
         out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         peer_id = next((i for i in ids if not i.startswith("ballast")), None)
@@ -815,9 +844,12 @@ def machine_block(mi, cfg):
         f"- ballast: {mi['ballast'] or 'not found (' + mi['ballast_bin'] + ')'}"
         f"{', sha256 ' + mi['ballast_sha256'][:12] if mi.get('ballast_sha256') else ''}; git {mi['git_head']}"
         f"{' (dirty)' if mi['git_dirty'] else ''}",
-        f"- peers: {mi['nbdkit']}; {mi['qemu_nbd']}; client {mi['fio']} ioengine=nbd",
-        f"- runs: runtime {cfg['runtime']}s + ramp {cfg['ramp']}s, {cfg['reps']} rep(s), median reported; "
-        f"server pinned to CPU {cfg['server_cpu']}, fio to CPU {cfg['client_cpu']}"
+        f"- peers: {mi['nbdkit']}; {mi['qemu_nbd']}; client "
+        + (f"{mi['fio']} ioengine=nbd" if cfg.get('client', 'fio') == 'fio' else
+           "ballast-perf --nbd" + (" (sleeping)" if cfg.get('client_sleeps') else " --poll")),
+        f"- runs: runtime {cfg['runtime']}s + ramp {cfg['ramp'] if cfg.get('client', 'fio') == 'fio' else 0}s, "
+        f"{cfg['reps']} rep(s), median reported; "
+        f"server pinned to CPU {cfg['server_cpu']}, client to CPU {cfg['client_cpu']}"
         f"{' (pinning disabled)' if cfg['no_pin'] else ''}",
     ])
 
@@ -853,6 +885,14 @@ def main():
     ap.add_argument("--max-background", type=float, default=15.0,
                     help="flag runs where other processes used more than this %% of a CPU")
     ap.add_argument("--fio-slack", type=int, default=60, help="fio timeout = runtime+ramp+slack")
+    ap.add_argument("--client", choices=("fio", "ballast-perf"), default=env("BENCH_CLIENT", "fio"),
+                    help="the measured runs' NBD client: fio's libnbd engine (one request per "
+                         "system call), or ballast-perf --nbd (pipelined and batched, polling); "
+                         "the pre-fill always uses fio")
+    ap.add_argument("--client-sleeps", action="store_true",
+                    help="ballast-perf sleeps in its socket instead of polling")
+    ap.add_argument("--perf-bin", default=env("BALLAST_PERF_BIN",
+                                              os.path.join(REPO, "build/cargo/release/ballast-perf")))
     ap.add_argument("--prefill-timeout", type=int, default=300)
     ap.add_argument("--start-timeout", type=int, default=20)
     ap.add_argument("--stop-timeout", type=int, default=20)
@@ -883,6 +923,8 @@ def main():
     for tool in ("fio",):
         if not shutil.which(tool):
             sys.exit(f"{tool} not found")
+    if args.client == "ballast-perf" and not os.access(args.perf_bin, os.X_OK):
+        sys.exit(f"ballast-perf not found at {args.perf_bin}")
 
     results_dir = os.path.dirname(os.path.abspath(args.out))
     for d in (results_dir, os.path.join(results_dir, "logs"), os.path.join(results_dir, "fio"), args.scratch):
@@ -910,7 +952,7 @@ def main():
         mi["ballast_sha256"] = args.ballast_sha256
     cfg = {k: getattr(args, k) for k in ("quick", "runtime", "ramp", "reps", "size", "servers", "profiles",
                                           "server_cpu", "client_cpu", "no_pin", "no_prefill",
-                                          "ballast_args", "scratch")}
+                                          "ballast_args", "scratch", "client", "client_sleeps")}
     results = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "machine": mi,
                "config": cfg, "servers": {}, "anomalies": []}
     anomalies = results["anomalies"]

@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
+use crate::nbd::NbdClient;
 use crate::queue::{Queue, QueueOptions, CNTLID_DYNAMIC};
 use crate::tls::TlsClient;
 
@@ -75,6 +76,9 @@ pub struct BenchConfig {
     /// I/O queues poll their sockets (each I/O thread spins on its CPU, as SPDK's perf tool
     /// does) instead of sleeping in them; the admin queue still sleeps.
     pub poll: bool,
+    /// NBD instead of NVMe/TCP: the export to open (`queues` connections to it); the NVMe
+    /// fields (NQNs, nsid, digests, keep-alive, TLS) are then unused.
+    pub nbd_export: Option<String>,
 }
 
 /// Counters and latencies of one direction.
@@ -163,6 +167,74 @@ struct Worker {
     span: u64,
 }
 
+/// One queue of commands the workload drives: an NVMe/TCP I/O queue or an NBD connection.
+trait IoQueue {
+    fn submit_read(&mut self, offset: u64, len: u32) -> anyhow::Result<u16>;
+    fn submit_write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<u16>;
+    fn in_flight(&self) -> usize;
+    /// The id of the next command done; a failed command is an error.
+    fn complete(&mut self) -> anyhow::Result<u16>;
+}
+
+/// An NVMe/TCP I/O queue addressing one namespace.
+struct NvmeIo {
+    q: Queue,
+    qid: u16,
+    nsid: u32,
+    lba_size: u32,
+}
+
+impl IoQueue for NvmeIo {
+    fn submit_read(&mut self, offset: u64, len: u32) -> anyhow::Result<u16> {
+        Ok(self.q.submit_read(self.nsid, offset / u64::from(self.lba_size), len)?)
+    }
+
+    fn submit_write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<u16> {
+        Ok(self.q.submit_write(self.nsid, offset / u64::from(self.lba_size), data)?)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.q.in_flight()
+    }
+
+    fn complete(&mut self) -> anyhow::Result<u16> {
+        let c = self.q.poll().with_context(|| format!("I/O queue {}", self.qid))?;
+        if !c.ok() {
+            bail!("I/O queue {}: command failed with NVMe status {:#05x}", self.qid, c.status);
+        }
+        Ok(c.cid)
+    }
+}
+
+/// An NBD connection (one per "queue").
+struct NbdIo {
+    c: NbdClient,
+    n: u16,
+}
+
+impl IoQueue for NbdIo {
+    fn submit_read(&mut self, offset: u64, len: u32) -> anyhow::Result<u16> {
+        Ok(self.c.submit_read(offset, len)?)
+    }
+
+    fn submit_write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<u16> {
+        Ok(self.c.submit_write(offset, data)?)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.c.in_flight()
+    }
+
+    fn complete(&mut self) -> anyhow::Result<u16> {
+        let r = self.c.poll().with_context(|| format!("NBD connection {}", self.n))?;
+        if r.error != 0 {
+            let what = if r.read { "read" } else { "write" };
+            bail!("NBD connection {}: {what} failed with NBD error {}", self.n, r.error);
+        }
+        Ok(r.handle)
+    }
+}
+
 fn worker(
     cfg: &BenchConfig,
     w: &Worker,
@@ -186,12 +258,39 @@ fn worker(
     let mut q = connected.with_context(|| format!("connecting I/O queue {}", w.qid))?;
     q.set_in_capsule_limit(w.in_capsule);
     q.set_lba_size(w.lba_size);
+    let mut io = NvmeIo { q, qid: w.qid, nsid: cfg.nsid, lba_size: w.lba_size };
+    drive(&mut io, cfg, w, stop)
+}
 
+fn nbd_worker(
+    cfg: &BenchConfig,
+    export: &str,
+    w: &Worker,
+    start: &Barrier,
+    stop: &AtomicBool,
+) -> anyhow::Result<(DirStats, DirStats, Instant)> {
+    let connected = NbdClient::connect(cfg.addr, export, cfg.qd, cfg.timeout, cfg.poll);
+    start.wait();
+    let c = connected.with_context(|| format!("NBD connection {}", w.qid))?;
+    let mut io = NbdIo { c, n: w.qid };
+    let r = drive(&mut io, cfg, w, stop)?;
+    io.c.disconnect().with_context(|| format!("NBD connection {}: disconnect", w.qid))?;
+    Ok(r)
+}
+
+/// Keeps `cfg.qd` commands in flight on `q` until `stop` (or `--number-ios`), recording each
+/// completion's latency.
+fn drive(
+    q: &mut impl IoQueue,
+    cfg: &BenchConfig,
+    w: &Worker,
+    stop: &AtomicBool,
+) -> anyhow::Result<(DirStats, DirStats, Instant)> {
     let bs = u64::from(cfg.bs);
     let mut gen = Gen {
         rng: Rng(cfg.seed ^ (u64::from(w.qid) << 32)),
         cursor: 0,
-        wbuf: (0..cfg.bs as usize).map(|i| (i as u8).wrapping_mul(31) ^ w.qid as u8).collect(),
+        wbuf: write_pattern(cfg.bs as usize, w.qid),
         started: vec![(Instant::now(), true); usize::from(cfg.qd)],
     };
     let mut read = DirStats::new();
@@ -200,29 +299,32 @@ fn worker(
     let mut issued = 0u64;
     let mut last = Instant::now();
     while issued < limit.min(u64::from(cfg.qd)) {
-        gen.issue(&mut q, cfg, w)?;
+        gen.issue(q, cfg, w)?;
         issued += 1;
     }
     while q.in_flight() > 0 {
-        let c = q.poll().with_context(|| format!("I/O queue {}", w.qid))?;
-        if !c.ok() {
-            bail!("I/O queue {}: command failed with NVMe status {:#05x}", w.qid, c.status);
-        }
+        let id = q.complete()?;
         if !stop.load(Ordering::Relaxed) {
             let (t0, is_read) =
-                gen.started.get(usize::from(c.cid)).copied().unwrap_or((Instant::now(), true));
+                gen.started.get(usize::from(id)).copied().unwrap_or((Instant::now(), true));
             let d = if is_read { &mut read } else { &mut write };
             d.ops += 1;
             d.bytes += bs;
             last = Instant::now();
             d.lat_ns.saturating_record(last.duration_since(t0).as_nanos() as u64);
             if issued < limit {
-                gen.issue(&mut q, cfg, w)?;
+                gen.issue(q, cfg, w)?;
                 issued += 1;
             }
         }
     }
     Ok((read, write, last))
+}
+
+/// What queue `qid` writes in every block: byte `i` is `i * 31 ^ qid` (a test reading the
+/// blocks back knows what to expect).
+pub fn write_pattern(bs: usize, qid: u16) -> Vec<u8> {
+    (0..bs).map(|i| (i as u8).wrapping_mul(31) ^ qid as u8).collect()
 }
 
 /// What one I/O thread needs to choose and issue its next command.
@@ -236,7 +338,7 @@ struct Gen {
 }
 
 impl Gen {
-    fn issue(&mut self, q: &mut Queue, cfg: &BenchConfig, w: &Worker) -> anyhow::Result<()> {
+    fn issue(&mut self, q: &mut impl IoQueue, cfg: &BenchConfig, w: &Worker) -> anyhow::Result<()> {
         let bs = u64::from(cfg.bs);
         let is_read = match cfg.rw {
             Rw::Read | Rw::Randread => true,
@@ -251,13 +353,12 @@ impl Gen {
             self.cursor = (self.cursor + bs) % (len / bs * bs);
             o
         };
-        let slba = offset / u64::from(w.lba_size);
-        let cid = if is_read {
-            q.submit_read(cfg.nsid, slba, cfg.bs)?
+        let id = if is_read {
+            q.submit_read(offset, cfg.bs)?
         } else {
-            q.submit_write(cfg.nsid, slba, &self.wbuf)?
+            q.submit_write(offset, &self.wbuf)?
         };
-        if let Some(s) = self.started.get_mut(usize::from(cid)) {
+        if let Some(s) = self.started.get_mut(usize::from(id)) {
             *s = (Instant::now(), is_read);
         }
         Ok(())
@@ -271,6 +372,9 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
     }
     if cfg.queues < 1 {
         bail!("--queues must be at least 1");
+    }
+    if let Some(export) = &cfg.nbd_export {
+        return run_nbd(cfg, export);
     }
     let admin_opts = QueueOptions {
         header_digest: cfg.header_digest,
@@ -287,110 +391,201 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
     if granted < cfg.queues {
         bail!("asked for {} I/O queues, the controller granted {granted}", cfg.queues);
     }
-    let bs = u64::from(cfg.bs);
     if cfg.bs == 0 || !cfg.bs.is_multiple_of(ns.lba_size) {
         bail!("--bs {} is not a multiple of the LBA size {}", cfg.bs, ns.lba_size);
     }
     if let Some(max) = ctrl.max_transfer_bytes() {
-        if bs > max {
+        if u64::from(cfg.bs) > max {
             bail!("--bs {} exceeds the controller's maximum transfer (MDTS) of {max}", cfg.bs);
         }
     }
-    let span = cfg.size.unwrap_or(ns.size_bytes()).min(ns.size_bytes()) / bs * bs;
+    let cntlid = admin.cntlid();
+    let in_capsule = ctrl.in_capsule_bytes();
+    let lba_size = ns.lba_size;
+    let ka_every = Duration::from_millis(u64::from(cfg.kato_ms / 3).clamp(100, 5000));
+    let mut next_ka = Instant::now() + ka_every;
+    let measured = measure(
+        cfg,
+        ns.size_bytes(),
+        |w| Worker { cntlid, in_capsule, lba_size, ..w },
+        worker,
+        |now| {
+            if cfg.kato_ms > 0 && now >= next_ka {
+                admin.keep_alive().context("keep-alive on the admin queue")?;
+                next_ka = now + ka_every;
+            }
+            Ok(())
+        },
+    )?;
+    Ok(Report {
+        config: cfg.clone(),
+        elapsed: measured.elapsed,
+        read: measured.read,
+        write: measured.write,
+        usr_cpu: measured.usr_cpu,
+        sys_cpu: measured.sys_cpu,
+        cntlid,
+        namespace_bytes: ns.size_bytes(),
+        tls: admin.conn_mut().tls_description(),
+    })
+}
+
+/// The workload over NBD: each "queue" is a connection to `export`.
+fn run_nbd(cfg: &BenchConfig, export: &str) -> anyhow::Result<Report> {
+    if cfg.tls.is_some() {
+        bail!("--tls-key is NVMe/TCP's; NBD runs in plaintext here");
+    }
+    let probe = NbdClient::connect(cfg.addr, export, 1, cfg.timeout, false)
+        .with_context(|| format!("opening NBD export {export:?} at {}", cfg.addr))?;
+    let info = probe.info();
+    probe.disconnect().context("NBD disconnect")?;
+    if cfg.bs == 0 || !cfg.bs.is_multiple_of(info.min_block.max(1)) {
+        bail!("--bs {} is not a multiple of the export's minimum block {}", cfg.bs, info.min_block);
+    }
+    if cfg.bs > info.max_block.min(crate::nbd::MAX_REQUEST) {
+        bail!("--bs {} exceeds the export's maximum block {}", cfg.bs, info.max_block);
+    }
+    if info.read_only() && !matches!(cfg.rw, Rw::Read | Rw::Randread) {
+        bail!("export {export:?} is read-only");
+    }
+    let measured = measure(
+        cfg,
+        info.size,
+        |w| w,
+        |cfg, w, start, stop| nbd_worker(cfg, export, w, start, stop),
+        |_| Ok(()),
+    )?;
+    Ok(Report {
+        config: cfg.clone(),
+        elapsed: measured.elapsed,
+        read: measured.read,
+        write: measured.write,
+        usr_cpu: measured.usr_cpu,
+        sys_cpu: measured.sys_cpu,
+        cntlid: 0,
+        namespace_bytes: info.size,
+        tls: None,
+    })
+}
+
+/// What [`measure`] took: the merged statistics and the client's CPU over the run.
+struct Measured {
+    elapsed: Duration,
+    read: DirStats,
+    write: DirStats,
+    usr_cpu: f64,
+    sys_cpu: f64,
+}
+
+/// Starts `cfg.queues` threads running `body` over `device_bytes` (each with its slice for
+/// sequential patterns), calls `tick` every few milliseconds until the runtime ends, stops them
+/// and merges what they measured.
+fn measure<B, T>(
+    cfg: &BenchConfig,
+    device_bytes: u64,
+    shape: impl Fn(Worker) -> Worker,
+    body: B,
+    mut tick: T,
+) -> anyhow::Result<Measured>
+where
+    B: Fn(
+            &BenchConfig,
+            &Worker,
+            &Barrier,
+            &AtomicBool,
+        ) -> anyhow::Result<(DirStats, DirStats, Instant)>
+        + Sync,
+    T: FnMut(Instant) -> anyhow::Result<()>,
+{
+    let bs = u64::from(cfg.bs);
+    let span = cfg.size.unwrap_or(device_bytes).min(device_bytes) / bs * bs;
     let per_queue = span / u64::from(cfg.queues) / bs * bs;
     if per_queue < bs {
         bail!("--size {span} too small for {} queues of {}-byte blocks", cfg.queues, cfg.bs);
     }
+    let start = Barrier::new(usize::from(cfg.queues) + 1);
+    let stop = AtomicBool::new(false);
+    let failed = AtomicBool::new(false);
+    let finished = AtomicUsize::new(0);
+    thread::scope(|scope| {
+        let mut threads = Vec::new();
+        for i in 0..cfg.queues {
+            let w = shape(Worker {
+                qid: i + 1,
+                cntlid: 0,
+                in_capsule: 0,
+                lba_size: 1,
+                region: (u64::from(i) * per_queue, per_queue),
+                span,
+            });
+            let (start, stop, failed, finished, body) = (&start, &stop, &failed, &finished, &body);
+            let t = thread::Builder::new().name(format!("ioq{}", w.qid)).spawn_scoped(
+                scope,
+                move || {
+                    let r = body(cfg, &w, start, stop);
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    finished.fetch_add(1, Ordering::Relaxed);
+                    r
+                },
+            )?;
+            threads.push(t);
+        }
 
-    let start = Arc::new(Barrier::new(usize::from(cfg.queues) + 1));
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(AtomicBool::new(false));
-    let finished = Arc::new(AtomicUsize::new(0));
-    let mut threads = Vec::new();
-    for i in 0..cfg.queues {
-        let w = Worker {
-            qid: i + 1,
-            cntlid: admin.cntlid(),
-            in_capsule: ctrl.in_capsule_bytes(),
-            lba_size: ns.lba_size,
-            region: (u64::from(i) * per_queue, per_queue),
-            span,
-        };
-        let (cfg, start, stop) = (cfg.clone(), start.clone(), stop.clone());
-        let (failed, finished) = (failed.clone(), finished.clone());
-        let t = thread::Builder::new().name(format!("ioq{}", w.qid)).spawn(move || {
-            let r = worker(&cfg, &w, &start, &stop);
-            if r.is_err() {
-                failed.store(true, Ordering::Relaxed);
-            }
-            finished.fetch_add(1, Ordering::Relaxed);
-            r
-        })?;
-        threads.push(t);
-    }
-
-    start.wait();
-    let t_start = Instant::now();
-    let cpu_start = cpu_seconds();
-    let ka_every = Duration::from_millis(u64::from(cfg.kato_ms / 3).clamp(100, 5000));
-    let mut next_ka = t_start + ka_every;
-    let mut admin_err = None;
-    let all_done = || finished.load(Ordering::Relaxed) == usize::from(cfg.queues);
-    while t_start.elapsed() < cfg.runtime && !failed.load(Ordering::Relaxed) && !all_done() {
-        let now = Instant::now();
-        if cfg.kato_ms > 0 && now >= next_ka {
-            if let Err(e) = admin.keep_alive() {
-                admin_err = Some(e);
+        start.wait();
+        let t_start = Instant::now();
+        let cpu_start = cpu_seconds();
+        let mut tick_err = None;
+        let all_done = || finished.load(Ordering::Relaxed) == usize::from(cfg.queues);
+        while t_start.elapsed() < cfg.runtime && !failed.load(Ordering::Relaxed) && !all_done() {
+            if let Err(e) = tick(Instant::now()) {
+                tick_err = Some(e);
                 break;
             }
-            next_ka = now + ka_every;
+            let left = cfg.runtime.saturating_sub(t_start.elapsed());
+            thread::sleep(left.min(Duration::from_millis(5)));
         }
-        let left = cfg.runtime.saturating_sub(t_start.elapsed());
-        thread::sleep(left.min(Duration::from_millis(5)));
-    }
-    let ran_out = !all_done();
-    stop.store(true, Ordering::Relaxed);
-    let mut elapsed = t_start.elapsed();
-    let cpu_end = cpu_seconds();
+        let ran_out = !all_done();
+        stop.store(true, Ordering::Relaxed);
+        let mut elapsed = t_start.elapsed();
+        let cpu_end = cpu_seconds();
 
-    let mut read = DirStats::new();
-    let mut write = DirStats::new();
-    let mut errors = Vec::new();
-    let mut latest = Duration::ZERO;
-    for t in threads {
-        match t.join() {
-            Ok(Ok((r, w, last))) => {
-                read.merge(&r);
-                write.merge(&w);
-                if !ran_out {
-                    // Every queue did its --number-ios: the run ends at the last completion.
-                    latest = latest.max(last.saturating_duration_since(t_start));
+        let mut read = DirStats::new();
+        let mut write = DirStats::new();
+        let mut errors = Vec::new();
+        let mut latest = Duration::ZERO;
+        for t in threads {
+            match t.join() {
+                Ok(Ok((r, w, last))) => {
+                    read.merge(&r);
+                    write.merge(&w);
+                    if !ran_out {
+                        // Every queue did its --number-ios: the run ends at the last completion.
+                        latest = latest.max(last.saturating_duration_since(t_start));
+                    }
                 }
+                Ok(Err(e)) => errors.push(format!("{e:#}")),
+                Err(_) => errors.push("an I/O thread panicked".into()),
             }
-            Ok(Err(e)) => errors.push(format!("{e:#}")),
-            Err(_) => errors.push("an I/O thread panicked".into()),
         }
-    }
-    if let Some(e) = admin_err {
-        errors.push(format!("keep-alive on the admin queue: {e}"));
-    }
-    if !errors.is_empty() {
-        bail!("{}", errors.join("; "));
-    }
-    if !ran_out && !latest.is_zero() {
-        elapsed = latest;
-    }
-    let secs = elapsed.as_secs_f64().max(1e-9);
-    Ok(Report {
-        config: cfg.clone(),
-        elapsed,
-        read,
-        write,
-        usr_cpu: 100.0 * (cpu_end.0 - cpu_start.0) / secs,
-        sys_cpu: 100.0 * (cpu_end.1 - cpu_start.1) / secs,
-        cntlid: admin.cntlid(),
-        namespace_bytes: ns.size_bytes(),
-        tls: admin.conn_mut().tls_description(),
+        if let Some(e) = tick_err {
+            errors.push(format!("{e:#}"));
+        }
+        if !errors.is_empty() {
+            bail!("{}", errors.join("; "));
+        }
+        if !ran_out && !latest.is_zero() {
+            elapsed = latest;
+        }
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        Ok(Measured {
+            elapsed,
+            read,
+            write,
+            usr_cpu: 100.0 * (cpu_end.0 - cpu_start.0) / secs,
+            sys_cpu: 100.0 * (cpu_end.1 - cpu_start.1) / secs,
+        })
     })
 }
 
@@ -489,17 +684,24 @@ impl Report {
     /// Human-readable summary.
     pub fn text(&self) -> String {
         let c = &self.config;
+        let target = match &c.nbd_export {
+            Some(export) => format!("NBD export {export:?}"),
+            None => format!(
+                "{} digests: header {}, data {}",
+                c.nqn,
+                if c.header_digest { "on" } else { "off" },
+                if c.data_digest { "on" } else { "off" },
+            ),
+        };
         let mut s = format!(
-            "ballast-perf: {} {} rw={} bs={} qd={} queues={} runtime={:.2}s digests: header {}, data {}\n",
+            "ballast-perf: {} {target} rw={} bs={} qd={} {}={} runtime={:.2}s\n",
             c.addr,
-            c.nqn,
             c.rw.name(),
             c.bs,
             c.qd,
+            if c.nbd_export.is_some() { "connections" } else { "queues" },
             c.queues,
             self.secs(),
-            if c.header_digest { "on" } else { "off" },
-            if c.data_digest { "on" } else { "off" },
         );
         if self.read.ops > 0 {
             s += &self.dir_line("read", &self.read);
@@ -560,9 +762,10 @@ impl Report {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             "global options": {
-                "ioengine": "ballast-perf (NVMe/TCP)",
+                "ioengine": if c.nbd_export.is_some() { "ballast-perf (NBD)" } else { "ballast-perf (NVMe/TCP)" },
                 "addr": c.addr.to_string(),
                 "nqn": c.nqn,
+                "nbd_export": c.nbd_export,
                 "hostnqn": c.hostnqn,
                 "header_digest": c.header_digest,
                 "data_digest": c.data_digest,

@@ -1,20 +1,24 @@
-//! ballast-perf: a blocking NVMe/TCP initiator and the load generator built on it.
+//! ballast-perf: a blocking NVMe/TCP initiator, a blocking NBD client, and the load generator
+//! built on them.
 //!
 //! Layers:
 //! - [`tls`]: the secure channel (TLS 1.3 with a PSK derived as the Linux host derives it);
 //! - [`conn`]: the TCP connection, ICReq/ICResp, header checks and digests;
 //! - [`queue`]: Fabrics Connect and the command data path (capsules, R2T/H2CData, C2HData);
 //! - [`admin`]: admin-queue helpers (properties, Identify, features, log pages, keep-alive);
+//! - [`nbd`]: an NBD client (fixed newstyle, NBD_OPT_GO, pipelined simple-reply requests);
 //! - [`bench`]: the `ballast-perf` workload (threads, queue depth, latency histograms, reports).
 //!
 //! PDU and NVMe structure encoders and decoders come from `ballast_nvmf` (the target's own
-//! codec), so the initiator and the target share one definition of the wire format.
+//! codec), and NBD's from `ballast_nbd::codec`, so the clients and the targets share one
+//! definition of each wire format.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod bench;
 pub mod conn;
 pub mod error;
+pub mod nbd;
 pub mod queue;
 pub mod tls;
 

@@ -1,6 +1,7 @@
-//! `ballast-perf`: an NVMe/TCP load generator. Connects an admin queue and N I/O queues to a
-//! subsystem, keeps QD commands in flight on each for the runtime, and prints IOPS, bandwidth
-//! and completion-latency percentiles (text, or fio-like JSON with `--json`).
+//! `ballast-perf`: an NVMe/TCP and NBD load generator. Connects an admin queue and N I/O queues
+//! to a subsystem (or, with `--nbd`, N connections to an NBD export), keeps QD commands in
+//! flight on each for the runtime, and prints IOPS, bandwidth and completion-latency
+//! percentiles (text, or fio-like JSON with `--json`).
 #![forbid(unsafe_code)]
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -16,14 +17,22 @@ use ballast_perf::TlsClient;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "ballast-perf", version, about = "NVMe/TCP load generator (blocking initiator)")]
+#[command(
+    name = "ballast-perf",
+    version,
+    about = "NVMe/TCP and NBD load generator (blocking initiator)"
+)]
 struct Args {
     /// Target address, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:4420")]
     addr: String,
     /// Subsystem NQN, e.g. nqn.2026-11.dev.ballast:vol0.
-    #[arg(long)]
-    nqn: String,
+    #[arg(long, required_unless_present = "nbd")]
+    nqn: Option<String>,
+    /// Drive an NBD server instead (ours, nbdkit, qemu-nbd): the export's name; --addr is
+    /// then the server's (e.g. 127.0.0.1:10809) and --queues the number of connections.
+    #[arg(long, value_name = "EXPORT", conflicts_with_all = ["tls_key", "handshakes", "header_digest", "data_digest"])]
+    nbd: Option<String>,
     /// Host NQN sent in Connect.
     #[arg(
         long,
@@ -128,9 +137,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
             anyhow::bail!("--{name} must be a positive number of seconds")
         }
     };
+    let cfg_nqn = args.nqn.clone().unwrap_or_default();
     let cfg = BenchConfig {
         addr: resolve(&args.addr)?,
-        nqn: args.nqn.clone(),
+        nqn: cfg_nqn.clone(),
         hostnqn: args.hostnqn.clone(),
         nsid: args.nsid,
         rw: args.rw,
@@ -151,11 +161,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
             .tls_key
             .as_deref()
             .map(|path| {
-                TlsClient::from_key_file(path, &args.hostnqn, &args.nqn, &args.tls_groups)
+                TlsClient::from_key_file(path, &args.hostnqn, &cfg_nqn, &args.tls_groups)
                     .map(Arc::new)
             })
             .transpose()?,
         poll: args.poll,
+        nbd_export: args.nbd.clone(),
     };
     if let Some(count) = args.handshakes {
         let report = bench::handshakes(&cfg, count)?;

@@ -228,6 +228,7 @@ fn benchmark_paths_over_tls() {
         number_ios: None,
         tls: Some(tls),
         poll: false,
+        nbd_export: None,
     };
     let report = bench::run(&cfg).expect("a benchmark run over TLS");
     assert!(report.read.ops > 0 && report.write.ops > 0, "{}", report.text());

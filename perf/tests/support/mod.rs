@@ -31,6 +31,8 @@ static DAEMONS: AtomicU32 = AtomicU32::new(0);
 pub struct Daemon {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// Where it serves NBD.
+    pub nbd_addr: SocketAddr,
     pub dir: PathBuf,
 }
 
@@ -57,7 +59,8 @@ impl Daemon {
             std::fs::create_dir_all(&dir).expect("creating the daemon's data dir");
             let log = File::create(dir.join("ballast.log")).expect("creating the log");
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let nbd = format!("127.0.0.1:{}", free_port());
+            let nbd_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let nbd = nbd_addr.to_string();
             let child = Process::new(&bin)
                 .arg("serve")
                 .arg("--data-dir")
@@ -72,7 +75,7 @@ impl Daemon {
                 .stderr(log)
                 .spawn()
                 .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-            let mut d = Daemon { child: Some(child), addr, dir };
+            let mut d = Daemon { child: Some(child), addr, nbd_addr, dir };
             // Ready when the daemon itself says it listens on both ports. A connect is no
             // proof: `free_port` hands out ephemeral ports, so a probe to a port nobody listens
             // on yet can connect to itself (TCP simultaneous open), or reach another test's

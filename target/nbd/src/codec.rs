@@ -356,6 +356,110 @@ pub fn encode_simple_reply(out: &mut Vec<u8>, error: u32, handle: u64) {
     out.extend_from_slice(&handle.to_be_bytes());
 }
 
+// ---- The client's side (our load generator, tests): the inverses of the server's messages.
+
+/// Length of the server's greeting: NBDMAGIC, IHAVEOPT, handshake flags.
+pub const GREETING_LEN: usize = 18;
+/// Length of an option reply's header: magic, option, reply type, data length.
+pub const OPTION_REPLY_HEADER_LEN: usize = 20;
+/// Length of a simple reply's header (read data follows a successful read's).
+pub const SIMPLE_REPLY_LEN: usize = 16;
+
+/// The handshake flags of a newstyle server's greeting (`GREETING_LEN` bytes).
+pub fn decode_greeting(b: &[u8]) -> Result<u16, DecodeError> {
+    let magic = be64(b, 0).ok_or(DecodeError::Truncated)?;
+    if magic != NBDMAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    let opt = be64(b, 8).ok_or(DecodeError::Truncated)?;
+    if opt != IHAVEOPT {
+        return Err(DecodeError::BadMagic(opt));
+    }
+    be16(b, 16).ok_or(DecodeError::Truncated)
+}
+
+/// A client option: `IHAVEOPT`, option, length, `data`.
+pub fn encode_option(out: &mut Vec<u8>, option: u32, data: &[u8]) {
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// Data of NBD_OPT_INFO / NBD_OPT_GO (what [`decode_info_request`] reads).
+pub fn encode_info_request(out: &mut Vec<u8>, r: &InfoRequest) {
+    out.extend_from_slice(&(r.name.len() as u32).to_be_bytes());
+    out.extend_from_slice(r.name.as_bytes());
+    out.extend_from_slice(&(r.requests.len() as u16).to_be_bytes());
+    for info in &r.requests {
+        out.extend_from_slice(&info.to_be_bytes());
+    }
+}
+
+/// The header of an option reply, as a client reads it; `length` bytes of data follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionReplyHeader {
+    pub option: u32,
+    pub reply: u32,
+    pub length: u32,
+}
+
+pub fn decode_option_reply_header(b: &[u8]) -> Result<OptionReplyHeader, DecodeError> {
+    let magic = be64(b, 0).ok_or(DecodeError::Truncated)?;
+    if magic != OPTION_REPLY_MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    Ok(OptionReplyHeader {
+        option: be32(b, 8).ok_or(DecodeError::Truncated)?,
+        reply: be32(b, 12).ok_or(DecodeError::Truncated)?,
+        length: be32(b, 16).ok_or(DecodeError::Truncated)?,
+    })
+}
+
+/// What an NBD_REP_INFO carries that a client uses; other information types are `Other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Info {
+    Export { size: u64, flags: u16 },
+    BlockSize { min: u32, preferred: u32, max: u32 },
+    Other(u16),
+}
+
+/// Decodes an NBD_REP_INFO's data.
+pub fn decode_info(b: &[u8]) -> Result<Info, DecodeError> {
+    let mut r = Reader { b, at: 0 };
+    match r.u16()? {
+        INFO_EXPORT => {
+            let size = be64(b, 2).ok_or(DecodeError::Truncated)?;
+            let flags = be16(b, 10).ok_or(DecodeError::Truncated)?;
+            if b.len() != 12 {
+                return Err(DecodeError::Trailing);
+            }
+            Ok(Info::Export { size, flags })
+        }
+        INFO_BLOCK_SIZE => {
+            let (min, preferred, max) = (r.u32()?, r.u32()?, r.u32()?);
+            r.done()?;
+            Ok(Info::BlockSize { min, preferred, max })
+        }
+        other => Ok(Info::Other(other)),
+    }
+}
+
+/// The export size and transmission flags ending NBD_OPT_EXPORT_NAME (the 124 zeros that may
+/// follow are the caller's to skip).
+pub fn decode_export_name_reply(b: &[u8]) -> Result<(u64, u16), DecodeError> {
+    Ok((be64(b, 0).ok_or(DecodeError::Truncated)?, be16(b, 8).ok_or(DecodeError::Truncated)?))
+}
+
+/// A simple reply's header: `(error, handle)`.
+pub fn decode_simple_reply(b: &[u8]) -> Result<(u32, u64), DecodeError> {
+    let magic = be32(b, 0).ok_or(DecodeError::Truncated)?;
+    if magic != SIMPLE_REPLY_MAGIC {
+        return Err(DecodeError::BadMagic(u64::from(magic)));
+    }
+    Ok((be32(b, 4).ok_or(DecodeError::Truncated)?, be64(b, 8).ok_or(DecodeError::Truncated)?))
+}
+
 /// A 20-byte structured reply chunk header; `length` bytes of payload follow.
 pub fn encode_chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, handle: u64, length: u32) {
     out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
@@ -507,6 +611,56 @@ mod tests {
             decode_request(&hex("25609514 0000 0000 0000000000000000 0000000000000000 00000000")),
             Err(DecodeError::BadMagic(_))
         ));
+    }
+
+    #[test]
+    fn client_side_is_the_inverse_of_the_server_side() {
+        let mut out = Vec::new();
+        encode_greeting(&mut out);
+        assert_eq!(out.len(), GREETING_LEN);
+        assert_eq!(decode_greeting(&out), Ok(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+        assert_eq!(decode_greeting(&out[..17]), Err(DecodeError::Truncated));
+        out[8] ^= 1;
+        assert!(matches!(decode_greeting(&out), Err(DecodeError::BadMagic(_))));
+
+        let req = InfoRequest { name: "vol0".into(), requests: vec![INFO_BLOCK_SIZE] };
+        out.clear();
+        encode_option(&mut out, OPT_GO, &[]);
+        assert_eq!(out, hex("49484156454f5054 00000007 00000000"));
+        let mut data = Vec::new();
+        encode_info_request(&mut data, &req);
+        assert_eq!(data, hex("00000004 766f6c30 0001 0003"));
+        assert_eq!(decode_info_request(&data), Ok(req));
+
+        out.clear();
+        encode_info_export(&mut out, OPT_GO, 1 << 30, TF_HAS_FLAGS | TF_SEND_FLUSH);
+        let h = decode_option_reply_header(&out).unwrap();
+        assert_eq!(h, OptionReplyHeader { option: OPT_GO, reply: REP_INFO, length: 12 });
+        let body = &out[OPTION_REPLY_HEADER_LEN..];
+        assert_eq!(decode_info(body), Ok(Info::Export { size: 1 << 30, flags: 0x5 }));
+        assert_eq!(decode_info(&body[..11]), Err(DecodeError::Truncated));
+        out.clear();
+        encode_info_block_size(&mut out, OPT_GO, 512, 4096, 32 << 20);
+        assert_eq!(
+            decode_info(&out[OPTION_REPLY_HEADER_LEN..]),
+            Ok(Info::BlockSize { min: 512, preferred: 4096, max: 32 << 20 })
+        );
+        out.clear();
+        encode_info_text(&mut out, OPT_GO, INFO_NAME, "n");
+        assert_eq!(decode_info(&out[OPTION_REPLY_HEADER_LEN..]), Ok(Info::Other(INFO_NAME)));
+        assert!(decode_option_reply_header(&out[1..]).is_err());
+
+        out.clear();
+        encode_export_name_reply(&mut out, 4096, 0x0101, false);
+        assert_eq!(decode_export_name_reply(&out), Ok((4096, 0x0101)));
+
+        out.clear();
+        encode_simple_reply(&mut out, EINVAL, 7);
+        assert_eq!(out.len(), SIMPLE_REPLY_LEN);
+        assert_eq!(decode_simple_reply(&out), Ok((EINVAL, 7)));
+        out.clear();
+        encode_chunk_header(&mut out, 0, REPLY_TYPE_NONE, 7, 0);
+        assert!(matches!(decode_simple_reply(&out), Err(DecodeError::BadMagic(_))));
     }
 
     #[test]

@@ -1290,3 +1290,52 @@ fn subsystem_identity_and_listeners() {
     assert_eq!(discovery_entries(other), vec![], "nothing listens on the port any more");
     d.stop();
 }
+
+/// The SMART log counts every command a host has seen complete: each queue adds what it moved
+/// to its controller's totals once per turn, before that turn's responses leave. Writes in the
+/// capsule (stored at once on a RAM export), by R2T, and reads (lent from its memory), in
+/// flight together; the log is read right after the last completion.
+#[test]
+fn smart_log_counts_every_completed_command() {
+    let d = Daemon::start();
+    let o = QueueOptions { timeout: TIMEOUT, ..QueueOptions::default() };
+    let mut c = controller(d.addr, MAIN, &o).unwrap();
+    let counts = |admin: &mut Queue| {
+        let log = admin.get_log_page(0x02, 0xffff_ffff, 512, 0).unwrap();
+        let n = |at: usize| u64::from_le_bytes(log[at..at + 8].try_into().unwrap());
+        // Data units read / written (thousands of 512 bytes, rounded up), host read / write
+        // commands.
+        (n(32), n(48), n(64), n(80))
+    };
+    assert_eq!(counts(&mut c.admin), (0, 0, 0, 0));
+    let (mut reads, mut writes, mut read_bytes, mut written_bytes) = (0u64, 0u64, 0u64, 0u64);
+    for round in 0..5u64 {
+        let lens = [4096usize, 65536, 8192];
+        let mut inflight = 0;
+        for i in 0..12u64 {
+            let len = lens[(i % 3) as usize];
+            let slba = (round * 12 + i) * 16;
+            c.io.submit_write(1, slba, &pattern(len, slba)).unwrap();
+            writes += 1;
+            written_bytes += len as u64;
+            inflight += 1;
+        }
+        for i in 0..12u64 {
+            let len = lens[(i % 3) as usize];
+            c.io.submit_read(1, i * 16, len as u32).unwrap();
+            reads += 1;
+            read_bytes += len as u64;
+            inflight += 1;
+        }
+        for _ in 0..inflight {
+            assert!(c.io.poll().unwrap().ok());
+        }
+        let units = |bytes: u64| bytes.div_ceil(512 * 1000);
+        assert_eq!(
+            counts(&mut c.admin),
+            (units(read_bytes), units(written_bytes), reads, writes),
+            "after round {round}"
+        );
+    }
+    d.stop();
+}

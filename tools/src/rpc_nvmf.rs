@@ -888,8 +888,7 @@ fn get_subsystems(control: &Control, p: &Value) -> Result<Value, RpcError> {
             continue;
         }
         let namespaces = s
-            .namespaces
-            .read()
+            .namespaces()
             .values()
             .map(|ns| {
                 let bdev = registry.namespace_device(&s.nqn, ns.nsid).unwrap_or_default();

@@ -104,14 +104,8 @@ pub fn namespace(ns: &Namespace) -> Vec<u8> {
 /// Active Namespace ID list (CNS 02h): ids greater than `after`, ascending.
 pub fn active_namespaces(subsys: &Subsystem, after: u32) -> Vec<u8> {
     let mut b = vec![0u8; IDENTIFY_LEN];
-    let ids = subsys
-        .namespaces
-        .read()
-        .keys()
-        .copied()
-        .filter(|&id| id > after)
-        .take(1024)
-        .collect::<Vec<_>>();
+    let ids =
+        subsys.namespaces().keys().copied().filter(|&id| id > after).take(1024).collect::<Vec<_>>();
     for (i, id) in ids.iter().enumerate() {
         put32(&mut b, i * 4, *id);
     }

@@ -71,7 +71,9 @@ use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
 use crate::spread::Slot;
-use crate::subsys::{Controller, ListenAddr, Namespace, QueueInfo, Target, DISCOVERY_NQN};
+use crate::subsys::{
+    Controller, ListenAddr, Namespace, NsCache, QueueInfo, QueueNs, Target, DISCOVERY_NQN,
+};
 use crate::tls::{identity_names, SecureChannel, TLS_HANDSHAKE_RECORD};
 
 /// Largest receive buffer: room for the largest PDU (an H2CData of `MAXH2CDATA`) and more.
@@ -137,7 +139,7 @@ enum CmdState {
 
 struct Cmd {
     sqe: Sqe,
-    ns: Option<Arc<Namespace>>,
+    ns: Option<QueueNs>,
     state: CmdState,
     buf: Option<IoBuf>,
     status: Status,
@@ -151,7 +153,7 @@ struct Cmd {
 }
 
 /// The statistics id of a command's device (`u32::MAX`, counted per core only, for none).
-fn stats_id(ns: Option<&Namespace>) -> u32 {
+fn stats_id(ns: Option<&QueueNs>) -> u32 {
     ns.map_or(u32::MAX, |ns| ns.dev.info().stats_id)
 }
 
@@ -209,6 +211,12 @@ pub struct Queue {
     arrived: Option<Vec<u8>>,
     /// An I/O queue's place among the cores' I/O queues (counted on the core it serves from).
     spread: Option<Slot>,
+    /// The namespaces its I/O commands name, found without the subsystem's lock.
+    ns_cache: NsCache,
+    /// Reads, bytes read, writes, bytes written since the controller's totals last took them
+    /// (once per turn, in `flush`): a controller's queues on many cores share those totals,
+    /// so adding to them per I/O would move their cache line between cores at every command.
+    done_counts: [u64; 4],
 }
 
 impl Queue {
@@ -255,6 +263,8 @@ impl Queue {
             moving: None,
             arrived: None,
             spread: None,
+            ns_cache: NsCache::default(),
+            done_counts: [0; 4],
         }
     }
 
@@ -860,7 +870,7 @@ impl Queue {
             let here = cx.core();
             let slot = match &ctrl.subsys {
                 Some(subsys) if self.auth.is_none() && self.tls.is_none() => {
-                    let first = subsys.namespaces.read().values().next().cloned();
+                    let first = subsys.namespaces().values().next().cloned();
                     match first.and_then(|ns| ns.dev.home_core(here)) {
                         Some(home) if home < cx.cores() => self.target.spread.take_on(home),
                         _ => self.target.spread.take(here, cx.cores()),
@@ -1016,18 +1026,23 @@ impl Queue {
         }
     }
 
+    /// The namespace an I/O command names, from this queue's cache of them.
+    fn io_namespace(&mut self, nsid: u32) -> Option<QueueNs> {
+        let subsys = self.ctrl.as_ref()?.subsys.as_ref()?;
+        self.ns_cache.get(subsys, nsid).cloned()
+    }
+
     /// Validates an I/O command; on success returns the namespace and byte range.
-    fn check_io(&self, sqe: &Sqe) -> Result<(Arc<Namespace>, u64, u32), Status> {
-        let subsys =
-            self.ctrl.as_ref().and_then(|c| c.subsys.clone()).ok_or(status::INVALID_NAMESPACE)?;
-        let ns = subsys.namespace(sqe.nsid).ok_or(status::INVALID_NAMESPACE)?;
+    fn check_io(&mut self, sqe: &Sqe) -> Result<(QueueNs, u64, u32), Status> {
+        let ns = self.io_namespace(sqe.nsid).ok_or(status::INVALID_NAMESPACE)?;
         let nlb = u64::from(sqe.nlb());
         let end = sqe.slba().checked_add(nlb).ok_or(status::LBA_OUT_OF_RANGE)?;
         if end > ns.blocks() {
             return Err(status::LBA_OUT_OF_RANGE);
         }
         let bytes = nlb << ns.lba_shift;
-        Ok((ns.clone(), sqe.slba() << ns.lba_shift, bytes.min(u64::from(u32::MAX)) as u32))
+        let offset = sqe.slba() << ns.lba_shift;
+        Ok((ns, offset, bytes.min(u64::from(u32::MAX)) as u32))
     }
 
     fn on_io(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
@@ -1065,12 +1080,12 @@ impl Queue {
         &mut self,
         cx: &mut Cx<'_>,
         sqe: Sqe,
-        ns: Option<Arc<Namespace>>,
+        ns: Option<QueueNs>,
         kind: OpKind,
         bytes: u32,
         pending: u32,
     ) -> u32 {
-        cx.stats().submitted(stats_id(ns.as_deref()));
+        cx.stats().submitted(stats_id(ns.as_ref()));
         let key = self.cmds.insert(Cmd {
             sqe,
             ns,
@@ -1089,7 +1104,7 @@ impl Queue {
     /// Lets a command go, whatever became of it (the one way out of `cmds`).
     fn untrack(&mut self, cx: &mut Cx<'_>, tag: usize) -> Cmd {
         let cmd = self.cmds.remove(tag);
-        cx.stats().retired(stats_id(cmd.ns.as_deref()));
+        cx.stats().retired(stats_id(cmd.ns.as_ref()));
         cmd
     }
 
@@ -1293,10 +1308,10 @@ impl Queue {
             return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
         };
         let targets: Vec<Arc<Namespace>> = if sqe.nsid == u32::MAX {
-            subsys.namespaces.read().values().cloned().collect()
+            subsys.namespaces().values().cloned().collect()
         } else {
-            match subsys.namespace(sqe.nsid) {
-                Some(ns) => vec![ns],
+            match self.io_namespace(sqe.nsid) {
+                Some(ns) => vec![Arc::clone(&ns)],
                 None => return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE),
             }
         };
@@ -1312,9 +1327,7 @@ impl Queue {
     fn on_dsm(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
         let ranges = (sqe.cdw10 & 0xff) as usize + 1;
         let deallocate = sqe.cdw11 & (1 << 2) != 0;
-        let Some(ns) =
-            self.ctrl.as_ref().and_then(|c| c.subsys.as_ref()).and_then(|s| s.namespace(sqe.nsid))
-        else {
+        let Some(ns) = self.io_namespace(sqe.nsid) else {
             return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
         };
         if sqe.sgl_type != nvme::SGL_DATA_BLOCK_OFFSET || data.len() < ranges * 16 {
@@ -1383,7 +1396,7 @@ impl Queue {
         let cmd = self.untrack(cx, tag as usize);
         let latency_ns = cmd.started.elapsed().as_nanos() as u64;
         cx.stats().record(
-            stats_id(cmd.ns.as_deref()),
+            stats_id(cmd.ns.as_ref()),
             cmd.kind,
             u64::from(cmd.bytes),
             latency_ns,
@@ -1412,25 +1425,46 @@ impl Queue {
 
     /// Counts a command answered as it was taken (no I/O): in the core's statistics, with no
     /// time in flight, and in the SMART log.
-    fn done_at_once(&self, cx: &mut Cx<'_>, ns: &Namespace, kind: OpKind, len: u32) {
+    fn done_at_once(&mut self, cx: &mut Cx<'_>, ns: &Namespace, kind: OpKind, len: u32) {
         cx.stats().record(ns.dev.info().stats_id, kind, u64::from(len), 0, true);
         self.count_done(kind, len);
     }
 
     /// Counts a finished command in its controller's SMART log (commands and data units).
-    fn count_done(&self, kind: OpKind, bytes: u32) {
-        let Some(ctrl) = &self.ctrl else { return };
+    fn count_done(&mut self, kind: OpKind, bytes: u32) {
         let bytes = u64::from(bytes);
+        let c = &mut self.done_counts;
         match kind {
             OpKind::Read => {
-                ctrl.host_reads.fetch_add(1, Ordering::Relaxed);
-                ctrl.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+                c[0] += 1;
+                c[1] += bytes;
             }
             OpKind::Write => {
-                ctrl.host_writes.fetch_add(1, Ordering::Relaxed);
-                ctrl.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+                c[2] += 1;
+                c[3] += bytes;
             }
             _ => {}
+        }
+    }
+
+    /// Adds what this queue's commands moved since the last call to its controller's totals
+    /// (the SMART log's). Called once per turn: before the turn's responses leave, so a host
+    /// reading the log after a completion sees that command counted.
+    fn publish_counts(&mut self) {
+        let c = std::mem::take(&mut self.done_counts);
+        if c == [0; 4] {
+            return;
+        }
+        let Some(ctrl) = &self.ctrl else { return };
+        for (total, n) in [
+            (&ctrl.host_reads, c[0]),
+            (&ctrl.bytes_read, c[1]),
+            (&ctrl.host_writes, c[2]),
+            (&ctrl.bytes_written, c[3]),
+        ] {
+            if n > 0 {
+                total.fetch_add(n, Ordering::Relaxed);
+            }
         }
     }
 
@@ -1732,6 +1766,7 @@ impl Task for Queue {
     }
 
     fn flush(&mut self, cx: &mut Cx<'_>) {
+        self.publish_counts();
         if self.read_closed || self.send_broken() {
             // Ending instead (the host left, a deadline, shutdown): no move.
             self.moving = None;

@@ -1,6 +1,8 @@
 //! Subsystems, namespaces, host access lists, listeners and the controller registry, shared by
 //! every queue on every core and by the control plane. Touched on connect, admin commands and
-//! control requests only, never per I/O.
+//! control requests only, never per I/O: an I/O command finds its namespace in its queue's
+//! [`NsCache`], which reads the subsystem (its lock, its namespaces' shared reference counts)
+//! only after the subsystem's namespaces changed.
 //!
 //! Listeners belong to subsystems, as in SPDK (`nvmf_subsystem_add_listener`) and Linux nvmet
 //! (ports): a host may connect to a subsystem only through an address the subsystem listens
@@ -32,7 +34,7 @@ use crate::auth::keys::AuthKeys;
 use crate::spread::Spread;
 use crate::tls::{NvmfTls, SecureChannel};
 use ballast_engine::BlockDev;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
 pub const NQN_PREFIX: &str = "nqn.2026-11.dev.ballast:";
@@ -198,7 +200,12 @@ pub struct Subsystem {
     /// not be restored (a key file missing at start-up). They stay refused (fail closed) until
     /// the control plane gives them their keys again; never admitted without them.
     pub refused_hosts: RwLock<BTreeSet<String>>,
-    pub namespaces: RwLock<BTreeMap<u32, Arc<Namespace>>>,
+    /// Read through [`Subsystem::namespaces`]; changed only through
+    /// [`Subsystem::change_namespaces`], which moves `ns_generation` on.
+    namespaces: RwLock<BTreeMap<u32, Arc<Namespace>>>,
+    /// Moves on with every change of `namespaces`, inside its write lock: the queues' caches of
+    /// the namespaces they use ([`NsCache`]) hold while it stays.
+    ns_generation: AtomicU64,
     /// Where hosts may connect to it.
     pub listeners: RwLock<BTreeSet<ListenAddr>>,
 }
@@ -217,6 +224,59 @@ impl Subsystem {
 
     pub fn namespace(&self, nsid: u32) -> Option<Arc<Namespace>> {
         self.namespaces.read().get(&nsid).cloned()
+    }
+
+    /// Its namespaces by id.
+    pub fn namespaces(&self) -> RwLockReadGuard<'_, BTreeMap<u32, Arc<Namespace>>> {
+        self.namespaces.read()
+    }
+
+    /// Changes its namespaces with `f`; the queues' caches of them are stale from here on.
+    fn change_namespaces<R>(&self, f: impl FnOnce(&mut BTreeMap<u32, Arc<Namespace>>) -> R) -> R {
+        let mut map = self.namespaces.write();
+        let r = f(&mut map);
+        self.ns_generation.fetch_add(1, Ordering::Release);
+        r
+    }
+}
+
+/// A namespace as one queue holds it: the queue's own reference to it, so that the clone each
+/// command takes counts on a cache line only that queue's core writes, not in the namespace
+/// every core serving the subsystem shares.
+pub type QueueNs = Arc<Arc<Namespace>>;
+
+/// Namespaces a queue keeps at most (a queue using more looks the rest up each time).
+const NS_CACHE_MAX: usize = 16;
+
+/// The namespaces one queue has used, valid while its subsystem's namespace generation stays:
+/// an I/O command finds its namespace without taking the subsystem's lock or a reference
+/// count every core shares (cache lines each core serving the subsystem would otherwise write
+/// on every I/O). A namespace removed or replaced is seen by the next command after the
+/// change; one already holding the old one finishes on it, as it would have anyway.
+#[derive(Default)]
+pub struct NsCache {
+    generation: u64,
+    entries: Vec<(u32, QueueNs)>,
+}
+
+impl NsCache {
+    /// Namespace `nsid` of `subsys` (the one subsystem this cache serves), if it exists.
+    pub fn get(&mut self, subsys: &Subsystem, nsid: u32) -> Option<&QueueNs> {
+        let generation = subsys.ns_generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.entries.clear();
+            self.generation = generation;
+        }
+        if let Some(i) = self.entries.iter().position(|(id, _)| *id == nsid) {
+            return Some(&self.entries[i].1);
+        }
+        let ns = subsys.namespace(nsid)?;
+        if self.entries.len() >= NS_CACHE_MAX {
+            self.entries.remove(0);
+        }
+        self.entries.push((nsid, Arc::new(ns)));
+        debug_assert!(self.entries.len() <= NS_CACHE_MAX);
+        self.entries.last().map(|(_, ns)| ns)
     }
 }
 
@@ -361,6 +421,7 @@ impl Target {
             hosts: RwLock::default(),
             refused_hosts: RwLock::default(),
             namespaces: RwLock::default(),
+            ns_generation: AtomicU64::new(0),
             listeners: RwLock::default(),
         });
         map.insert(nqn.into(), subsys.clone());
@@ -468,8 +529,7 @@ impl Target {
         if nsid > max {
             return Err(SubsysError::NsidRange { nsid, max });
         }
-        let nsid = {
-            let mut map = subsys.namespaces.write();
+        let nsid = subsys.change_namespaces(|map| {
             let nsid = if nsid == 0 {
                 (1..=max)
                     .find(|n| !map.contains_key(n))
@@ -492,15 +552,15 @@ impl Target {
             uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
             let eui64 = fnv(&[nqn.as_bytes(), &nsid.to_le_bytes(), id, b"eui64"]).to_be_bytes();
             map.insert(nsid, Arc::new(Namespace { nsid, dev, lba_shift, nguid, eui64, uuid }));
-            nsid
-        };
+            Ok(nsid)
+        })?;
         self.namespace_changed(&subsys, nsid);
         Ok(nsid)
     }
 
     pub fn remove_namespace(&self, nqn: &str, nsid: u32) -> Result<(), SubsysError> {
         let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
-        subsys.namespaces.write().remove(&nsid).ok_or(SubsysError::NoNamespace(nsid))?;
+        subsys.change_namespaces(|map| map.remove(&nsid)).ok_or(SubsysError::NoNamespace(nsid))?;
         self.namespace_changed(&subsys, nsid);
         Ok(())
     }
@@ -691,5 +751,51 @@ mod tests {
         }
         let e = target.add_namespace(nqn, 0, dev(), 4096, "dev").unwrap_err();
         assert!(matches!(e, SubsysError::Full { max: 1024, .. }), "{e}");
+    }
+
+    /// A queue's cache of namespaces: a hit takes no lock and no count every core shares; any
+    /// change of the subsystem's namespaces (added, removed, replaced at the same id) is seen by
+    /// the next lookup; the cache stays bounded.
+    #[test]
+    fn a_queues_namespace_cache_holds_until_the_namespaces_change() {
+        use ballast_engine::ram::RamDev;
+        let target = Target::default();
+        let nqn = "nqn.2026-11.dev.ballast:cache";
+        let subsys = target.create_subsystem(nqn, true).unwrap();
+        let dev = || -> Arc<dyn BlockDev> { Arc::new(RamDev::new(1 << 20)) };
+        target.add_namespace(nqn, 1, dev(), 4096, "a").unwrap();
+        let mut cache = NsCache::default();
+        assert!(cache.get(&subsys, 2).is_none(), "no namespace 2");
+        let first = cache.get(&subsys, 1).unwrap().clone();
+        let shared = subsys.namespace(1).unwrap();
+        // The map, this test's `shared`, and the cache's one reference: per-command clones of
+        // the queue's reference leave the shared count alone.
+        assert_eq!(Arc::strong_count(&shared), 3);
+        let per_command: Vec<QueueNs> = (0..8).map(|_| first.clone()).collect();
+        assert_eq!(Arc::strong_count(&shared), 3);
+        drop(per_command);
+        {
+            // A hit while the subsystem's namespaces are write-locked: no lock taken (a read
+            // of the lock here would never return).
+            let _held = subsys.namespaces.write();
+            assert!(Arc::ptr_eq(cache.get(&subsys, 1).unwrap(), &first));
+        }
+        // Replaced at the same id: the next lookup finds the new device.
+        target.remove_namespace(nqn, 1).unwrap();
+        assert!(cache.get(&subsys, 1).is_none(), "removed");
+        target.add_namespace(nqn, 1, dev(), 512, "b").unwrap();
+        let again = cache.get(&subsys, 1).unwrap().clone();
+        assert!(!Arc::ptr_eq(&again, &first) && again.lba_shift == 9, "the new namespace");
+        assert_eq!(first.lba_shift, 12, "a command holding the old one keeps it");
+        // Bounded: a queue using more namespaces than it keeps still finds each of them.
+        for nsid in 2..=40 {
+            target.add_namespace(nqn, nsid, dev(), 4096, "c").unwrap();
+        }
+        for round in 0..2 {
+            for nsid in 1..=40 {
+                assert_eq!(cache.get(&subsys, nsid).map(|n| n.nsid), Some(nsid), "{round}");
+                assert!(cache.entries.len() <= NS_CACHE_MAX);
+            }
+        }
     }
 }

@@ -102,13 +102,13 @@ pub trait BlockDev: Send + Sync {
                 if ext.len() == 1 && ext[0].hole && ext[0].len == len)
     }
 
-    /// A read without I/O or copy: `[offset, offset + len)` (within the device) lent from
-    /// the device's memory, for a protocol to queue on a plain socket send (the kernel copies
+    /// A read without I/O or copy, asked on core `core`: `[offset, offset + len)` (within the
+    /// device) lent from the device's memory, for a protocol to queue on a plain socket send (the kernel copies
     /// the bytes when the send goes; nothing reads them before). `None` (the default, and for
     /// ranges a device would rather copy): submit an [`IoCmd::Read`]. A send concurrent with
     /// an overlapping write may carry a mix of old and new bytes, as a page-cache read may.
-    fn lend(&self, offset: u64, len: u64) -> Option<Lent> {
-        let _ = (offset, len);
+    fn lend(&self, core: usize, offset: u64, len: u64) -> Option<Lent> {
+        let _ = (core, offset, len);
         None
     }
 

@@ -152,9 +152,9 @@ impl BlockDev for RamDev {
 
     /// Lends a range whose chunks are all written (others are copied: zeros are cheaper to
     /// write than to fault in).
-    fn lend(&self, offset: u64, len: u64) -> Option<Lent> {
+    fn lend(&self, core: usize, offset: u64, len: u64) -> Option<Lent> {
         assert!(in_range(offset, len, self.size_bytes));
-        self.mem.lend(usize::try_from(offset).ok()?, usize::try_from(len).ok()?)
+        self.mem.lend_on(core, usize::try_from(offset).ok()?, usize::try_from(len).ok()?)
     }
 
     /// Stores at once: memory is the media (FUA changes nothing).
@@ -227,14 +227,14 @@ mod tests {
     fn only_written_ranges_are_lent() {
         let dev = RamDev::new(4 * CHUNK);
         dev.write(CHUNK, &vec![5u8; 2 * CHUNK as usize]);
-        assert_eq!(dev.lend(CHUNK, 2 * CHUNK).map(|l| l.len()), Some(2 * CHUNK as usize));
-        assert_eq!(dev.lend(2 * CHUNK - 1, 2).map(|l| l.len()), Some(2));
-        assert!(dev.lend(CHUNK - 1, 2).is_none(), "chunk 0 was never written");
-        assert!(dev.lend(3 * CHUNK - 4096, 8192).is_none(), "chunk 3 was never written");
+        assert_eq!(dev.lend(0, CHUNK, 2 * CHUNK).map(|l| l.len()), Some(2 * CHUNK as usize));
+        assert_eq!(dev.lend(0, 2 * CHUNK - 1, 2).map(|l| l.len()), Some(2));
+        assert!(dev.lend(0, CHUNK - 1, 2).is_none(), "chunk 0 was never written");
+        assert!(dev.lend(0, 3 * CHUNK - 4096, 8192).is_none(), "chunk 3 was never written");
         dev.zero(2 * CHUNK, CHUNK, true);
-        assert!(dev.lend(2 * CHUNK, 4096).is_none(), "a trimmed chunk is absent");
+        assert!(dev.lend(0, 2 * CHUNK, 4096).is_none(), "a trimmed chunk is absent");
         dev.zero(CHUNK, 4096, true);
-        assert!(dev.lend(CHUNK, 4096).is_some(), "a partly zeroed chunk is still written");
+        assert!(dev.lend(0, CHUNK, 4096).is_some(), "a partly zeroed chunk is still written");
     }
 
     /// A write stored at once reads back, across chunks, and makes its chunks written.
@@ -246,7 +246,7 @@ mod tests {
         let mut back = vec![0u8; data.len()];
         dev.read(CHUNK - 4000, &mut back);
         assert_eq!(back, data);
-        assert!(dev.lend(CHUNK - 4000, 9000).is_some(), "chunks 0 and 1 are written");
+        assert!(dev.lend(0, CHUNK - 4000, 9000).is_some(), "chunks 0 and 1 are written");
         assert!(dev.is_unallocated(2 * CHUNK, CHUNK));
     }
 

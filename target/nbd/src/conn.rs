@@ -625,7 +625,11 @@ impl Conn {
             }
             Action::Read { offset, len, .. } => {
                 // Only on a plain socket: a TLS layer would have to read lent bytes.
-                let lent = if self.tls.is_none() { dev.lend(offset, u64::from(len)) } else { None };
+                let lent = if self.tls.is_none() {
+                    dev.lend(cx.core(), offset, u64::from(len))
+                } else {
+                    None
+                };
                 match lent {
                     // Answered from the device's memory: no I/O, no buffer, no copy of ours.
                     Some(data) => {

@@ -1125,7 +1125,7 @@ impl Queue {
                 return self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID);
             }
             if self.may_lend() {
-                if let Some(data) = ns.dev.lend(offset, u64::from(len)) {
+                if let Some(data) = ns.dev.lend(cx.core(), offset, u64::from(len)) {
                     return self.respond_lent(cx, &sqe, &ns, data);
                 }
             }

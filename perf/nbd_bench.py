@@ -421,7 +421,8 @@ def run_fio(cmd, env, out_json, timeout, server_pid, ramp, mid=None, extra=None,
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait(timeout=10)
-        return None, f"fio timed out after {timeout}s", None, None, None
+        return None, f"{os.path.basename(cmd[0]) if cmd[0] != 'taskset' else os.path.basename(cmd[2])} " \
+                     f"timed out after {timeout}s", None, None, None
     finally:
         if p in _children:
             _children.remove(p)
@@ -500,10 +501,13 @@ def perf_client_cmd(profile, uri, args):
         m = re.search(r"^\s*%s\s*=\s*(\S+)" % name, text, re.M)
         return m.group(1) if m else default
     m = re.fullmatch(r"nbd://([^/]+)/(.*)", uri)
+    jobs = opt("numjobs", "1")
     cmd = [args.perf_bin, "--json", "--nbd", m.group(2), "--addr", m.group(1),
            "--rw", opt("rw", "randread"), "--bs", opt("bs", "4k"), "--qd", opt("iodepth", "1"),
-           "--queues", opt("numjobs", "1"), "--runtime", str(args.runtime)]
-    return cmd + ([] if args.client_sleeps else ["--poll"])
+           "--queues", jobs, "--runtime", str(args.runtime)]
+    # Polling threads pinned to one client CPU would take turns by preemption: a profile of
+    # several connections has the client sleep in its sockets instead.
+    return cmd + ([] if args.client_sleeps or jobs != "1" else ["--poll"])
 
 
 def prepare_scratch_file(path, size):

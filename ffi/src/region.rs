@@ -56,10 +56,9 @@ unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: the mapping `Region::new` made; the region and every `Lent` hold it through
-        // an `Arc` (a lent range through its core's `Keeper`), so once the last one drops
-        // nothing refers to it, and no send the kernel
-        // still copies from it can be in flight (a send's batch holds its `Lent` until its
+        // SAFETY: the mapping `Region::new` made; the region and every `Lent` (through its
+        // core's `Keeper`) hold it by `Arc`: once the last drops nothing refers to it, and no
+        // send the kernel still copies from it is in flight (a batch holds its `Lent` until its
         // completion is reaped).
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -238,7 +238,7 @@ impl IoQueue for NbdIo {
 fn worker(
     cfg: &BenchConfig,
     w: &Worker,
-    start: &Barrier,
+    start: &Start,
     stop: &AtomicBool,
 ) -> anyhow::Result<(DirStats, DirStats, Instant)> {
     let opts = QueueOptions {
@@ -254,7 +254,7 @@ fn worker(
         ..QueueOptions::default()
     };
     let connected = Queue::connect(cfg.addr, &cfg.nqn, &cfg.hostnqn, w.qid, w.cntlid, &opts);
-    start.wait();
+    start.arrive();
     let mut q = connected.with_context(|| format!("connecting I/O queue {}", w.qid))?;
     q.set_in_capsule_limit(w.in_capsule);
     q.set_lba_size(w.lba_size);
@@ -266,16 +266,54 @@ fn nbd_worker(
     cfg: &BenchConfig,
     export: &str,
     w: &Worker,
-    start: &Barrier,
+    start: &Start,
     stop: &AtomicBool,
 ) -> anyhow::Result<(DirStats, DirStats, Instant)> {
     let connected = NbdClient::connect(cfg.addr, export, cfg.qd, cfg.timeout, cfg.poll);
-    start.wait();
+    start.arrive();
     let c = connected.with_context(|| format!("NBD connection {}", w.qid))?;
     let mut io = NbdIo { c, n: w.qid };
     let r = drive(&mut io, cfg, w, stop)?;
     io.c.disconnect().with_context(|| format!("NBD connection {}: disconnect", w.qid))?;
     Ok(r)
+}
+
+/// Where the I/O threads wait, connected, for the run to start ([`Start::arrive`]), and the
+/// main thread for all of them ([`Start::wait_for`]): opened once, also when starting a thread
+/// failed (with `stop` set), so no thread waits forever.
+#[derive(Default)]
+pub struct Start {
+    /// Threads arrived, and whether the gate is open.
+    state: Mutex<(usize, bool)>,
+    cv: Condvar,
+}
+
+impl Start {
+    /// An I/O thread is ready: it waits until the run starts.
+    fn arrive(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 += 1;
+        self.cv.notify_all();
+        while !s.1 {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits for `n` threads to arrive, then lets them all go.
+    fn wait_for(&self, n: usize) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while s.0 < n {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.1 = true;
+        self.cv.notify_all();
+    }
+
+    /// Lets every thread go now.
+    fn open(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
 }
 
 /// Keeps `cfg.qd` commands in flight on `q` until `stop` (or `--number-ios`), recording each
@@ -430,6 +468,9 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
     })
 }
 
+/// Bytes in flight per NBD connection with reads and writes mixed (see [`run_nbd`]).
+const NBD_MIXED_MAX: u64 = 1 << 20;
+
 /// The workload over NBD: each "queue" is a connection to `export`.
 fn run_nbd(cfg: &BenchConfig, export: &str) -> anyhow::Result<Report> {
     if cfg.tls.is_some() {
@@ -447,6 +488,16 @@ fn run_nbd(cfg: &BenchConfig, export: &str) -> anyhow::Result<Report> {
     }
     if info.read_only() && !matches!(cfg.rw, Rw::Read | Rw::Randread) {
         bail!("export {export:?} is read-only");
+    }
+    // A connection sends its writes' payloads before it reads replies: with reads in flight as
+    // well, a server whose replies fill the socket buffers stops reading, and both wait. Within
+    // this bound the replies always fit the buffers.
+    if cfg.rw == Rw::Randrw && u64::from(cfg.qd) * u64::from(cfg.bs) > NBD_MIXED_MAX {
+        bail!(
+            "--rw randrw over NBD takes --qd x --bs up to {} KiB (writes are sent before replies \
+             are read)",
+            NBD_MIXED_MAX >> 10
+        );
     }
     let measured = measure(
         cfg,
@@ -491,7 +542,7 @@ where
     B: Fn(
             &BenchConfig,
             &Worker,
-            &Barrier,
+            &Start,
             &AtomicBool,
         ) -> anyhow::Result<(DirStats, DirStats, Instant)>
         + Sync,
@@ -503,7 +554,7 @@ where
     if per_queue < bs {
         bail!("--size {span} too small for {} queues of {}-byte blocks", cfg.queues, cfg.bs);
     }
-    let start = Barrier::new(usize::from(cfg.queues) + 1);
+    let start = Start::default();
     let stop = AtomicBool::new(false);
     let failed = AtomicBool::new(false);
     let finished = AtomicUsize::new(0);
@@ -519,7 +570,7 @@ where
                 span,
             });
             let (start, stop, failed, finished, body) = (&start, &stop, &failed, &finished, &body);
-            let t = thread::Builder::new().name(format!("ioq{}", w.qid)).spawn_scoped(
+            let spawned = thread::Builder::new().name(format!("ioq{}", w.qid)).spawn_scoped(
                 scope,
                 move || {
                     let r = body(cfg, &w, start, stop);
@@ -529,11 +580,19 @@ where
                     finished.fetch_add(1, Ordering::Relaxed);
                     r
                 },
-            )?;
-            threads.push(t);
+            );
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // The threads started stop at once instead of waiting for the others.
+                    stop.store(true, Ordering::Relaxed);
+                    start.open();
+                    return Err(anyhow::Error::from(e).context("starting an I/O thread"));
+                }
+            }
         }
 
-        start.wait();
+        start.wait_for(threads.len());
         let t_start = Instant::now();
         let cpu_start = cpu_seconds();
         let mut tick_err = None;

@@ -17,16 +17,34 @@ use support::Daemon;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One scripted connection: `script` runs the server's side on the accepted socket.
-fn scripted(script: impl FnOnce(&mut TcpStream) + Send + 'static) -> SocketAddr {
+/// One scripted connection: `script` runs the server's side on the accepted socket; join the
+/// server (its assertions fail the test).
+fn scripted(script: impl FnOnce(&mut TcpStream) + Send + 'static) -> (SocketAddr, Server) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
+    let handle = thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
         script(&mut s);
     });
-    addr
+    (addr, Server(Some(handle)))
+}
+
+/// The scripted server's thread: joined, its panic is the test's.
+struct Server(Option<thread::JoinHandle<()>>);
+
+impl Server {
+    fn join(mut self) {
+        if let Err(panic) = self.0.take().expect("joined once").join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// Reads until the client closes (what it sends last is not checked).
+fn until_closed(s: &mut TcpStream) {
+    let mut sink = [0u8; 512];
+    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
 }
 
 fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
@@ -71,7 +89,7 @@ fn old_style_handshake(s: &mut TcpStream, size: u64) {
 
 #[test]
 fn a_server_without_opt_go_and_replies_out_of_order() {
-    let addr = scripted(|s| {
+    let (addr, server) = scripted(|s| {
         old_style_handshake(s, 1 << 20);
         let r1 = read_request(s);
         let r2 = read_request(s);
@@ -105,13 +123,15 @@ fn a_server_without_opt_go_and_replies_out_of_order() {
     assert_eq!((d.handle, d.error, d.read), (h1, 0, true));
     assert_eq!(c.in_flight(), 0);
     c.disconnect().unwrap();
+    server.join();
 }
 
 #[test]
 fn block_size_constraints_and_refusals() {
     // NBD_OPT_GO answered with the export, its block sizes and an information type we do not
-    // know; then a reply for a handle that is not in flight.
-    let addr = scripted(|s| {
+    // know; then a failed read's reply, and a second reply for the same handle (in range, but
+    // no longer in flight).
+    let (addr, server) = scripted(|s| {
         let mut out = Vec::new();
         codec::encode_greeting(&mut out);
         s.write_all(&out).unwrap();
@@ -126,10 +146,12 @@ fn block_size_constraints_and_refusals() {
         codec::encode_option_reply(&mut out, codec::OPT_GO, codec::REP_ACK, &[]);
         s.write_all(&out).unwrap();
         let r = read_request(s);
+        assert_eq!(read_request(s).handle, r.handle + 1, "the second slot");
         out.clear();
-        codec::encode_simple_reply(&mut out, 0, r.handle + 7);
+        codec::encode_simple_reply(&mut out, codec::EIO, r.handle);
+        codec::encode_simple_reply(&mut out, codec::EIO, r.handle);
         s.write_all(&out).unwrap();
-        let _ = read_n(s, 1);
+        until_closed(s);
     });
     let mut c = NbdClient::connect(addr, "", 2, TIMEOUT, true).unwrap();
     let info = c.info();
@@ -140,16 +162,20 @@ fn block_size_constraints_and_refusals() {
     c.submit_read(0, 4096).unwrap();
     c.submit_read(4096, 4096).unwrap();
     assert!(matches!(c.submit_read(0, 4096), Err(Error::QueueFull(2))));
+    let first = c.poll().unwrap();
+    assert_eq!((first.handle, first.error), (0, codec::EIO));
     match c.poll() {
-        Err(Error::Protocol(msg)) => assert!(msg.contains("not in flight"), "{msg}"),
-        other => panic!("a reply for a handle not in flight: {other:?}"),
+        Err(Error::Protocol(msg)) => assert!(msg.contains("handle 0, not in flight"), "{msg}"),
+        other => panic!("a second reply for a handle no longer in flight: {other:?}"),
     }
     assert!(matches!(c.poll(), Err(Error::Broken)));
+    drop(c);
+    server.join();
 }
 
 #[test]
 fn an_unknown_export_is_a_clear_error() {
-    let addr = scripted(|s| {
+    let (addr, server) = scripted(|s| {
         let mut out = Vec::new();
         codec::encode_greeting(&mut out);
         s.write_all(&out).unwrap();
@@ -158,13 +184,14 @@ fn an_unknown_export_is_a_clear_error() {
         out.clear();
         codec::encode_option_reply(&mut out, codec::OPT_GO, codec::REP_ERR_UNKNOWN, b"no such");
         s.write_all(&out).unwrap();
-        let _ = read_n(s, 1);
+        until_closed(s);
     });
     match NbdClient::connect(addr, "nope", 1, TIMEOUT, false) {
         Err(Error::Invalid(msg)) => assert!(msg.contains("\"nope\"") && msg.contains("no such")),
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("an unknown export was opened"),
     }
+    server.join();
 }
 
 fn nbd_cfg(addr: SocketAddr, export: &str) -> BenchConfig {
@@ -221,5 +248,9 @@ fn the_benchmark_drives_our_nbd_export() {
     assert!(format!("{err:#}").contains("\"nope\""), "{err:#}");
     let too_big = BenchConfig { bs: 64 << 20, ..nbd_cfg(d.nbd_addr, "main") };
     assert!(bench::run(&too_big).is_err());
+    // Mixed reads and writes beyond what the socket buffers surely hold: refused, not hung.
+    let mixed = BenchConfig { bs: 128 << 10, qd: 16, ..nbd_cfg(d.nbd_addr, "main") };
+    let err = bench::run(&mixed).unwrap_err();
+    assert!(format!("{err:#}").contains("randrw over NBD"), "{err:#}");
     d.stop();
 }

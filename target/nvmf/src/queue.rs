@@ -214,7 +214,7 @@ pub struct Queue {
     /// The namespaces its I/O commands name, found without the subsystem's lock.
     ns_cache: NsCache,
     /// Reads, bytes read, writes, bytes written since the controller's totals last took them
-    /// (once per turn, in `flush`): a controller's queues on many cores share those totals,
+    /// (once per turn, in `post_io`): a controller's queues on many cores share those totals,
     /// so adding to them per I/O would move their cache line between cores at every command.
     done_counts: [u64; 4],
 }
@@ -1029,7 +1029,7 @@ impl Queue {
     /// The namespace an I/O command names, from this queue's cache of them.
     fn io_namespace(&mut self, nsid: u32) -> Option<QueueNs> {
         let subsys = self.ctrl.as_ref()?.subsys.as_ref()?;
-        self.ns_cache.get(subsys, nsid).cloned()
+        self.ns_cache.get(subsys, nsid)
     }
 
     /// Validates an I/O command; on success returns the namespace and byte range.
@@ -1448,8 +1448,8 @@ impl Queue {
     }
 
     /// Adds what this queue's commands moved since the last call to its controller's totals
-    /// (the SMART log's). Called once per turn: before the turn's responses leave, so a host
-    /// reading the log after a completion sees that command counted.
+    /// (the SMART log's). Called once per turn (`post_io`), before the turn's responses leave,
+    /// so a host reading the log after a completion sees that command counted.
     fn publish_counts(&mut self) {
         let c = std::mem::take(&mut self.done_counts);
         if c == [0; 4] {
@@ -1581,6 +1581,7 @@ impl Queue {
     }
 
     fn post_io(&mut self, cx: &mut Cx<'_>) {
+        self.publish_counts();
         if self.moving.is_some() {
             // Leaving: the Connect response goes out, nothing more comes in here.
             self.out.start(cx, self.fd.as_raw_fd(), TAG_SEND);
@@ -1591,7 +1592,10 @@ impl Queue {
             return;
         }
         if self.tls.is_some() {
+            // Parsing what TLS decrypted may complete commands at once (stored from the
+            // receive buffer): counted before their responses leave too.
             self.pump_tls(cx);
+            self.publish_counts();
         }
         let fd = self.fd.as_raw_fd();
         match offload_to_kernel(&mut self.tls, cx, fd) {
@@ -1766,7 +1770,6 @@ impl Task for Queue {
     }
 
     fn flush(&mut self, cx: &mut Cx<'_>) {
-        self.publish_counts();
         if self.read_closed || self.send_broken() {
             // Ending instead (the host left, a deadline, shutdown): no move.
             self.moving = None;

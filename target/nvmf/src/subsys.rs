@@ -2,7 +2,7 @@
 //! every queue on every core and by the control plane. Touched on connect, admin commands and
 //! control requests only, never per I/O: an I/O command finds its namespace in its queue's
 //! [`NsCache`], which reads the subsystem (its lock, its namespaces' shared reference counts)
-//! only after the subsystem's namespaces changed.
+//! only on a miss; every change of a subsystem's namespaces empties its queues' caches.
 //!
 //! Listeners belong to subsystems, as in SPDK (`nvmf_subsystem_add_listener`) and Linux nvmet
 //! (ports): a host may connect to a subsystem only through an address the subsystem listens
@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use crate::auth::keys::AuthKeys;
@@ -201,11 +201,11 @@ pub struct Subsystem {
     /// the control plane gives them their keys again; never admitted without them.
     pub refused_hosts: RwLock<BTreeSet<String>>,
     /// Read through [`Subsystem::namespaces`]; changed only through
-    /// [`Subsystem::change_namespaces`], which moves `ns_generation` on.
+    /// [`Subsystem::change_namespaces`], which empties the queues' caches after each change.
     namespaces: RwLock<BTreeMap<u32, Arc<Namespace>>>,
-    /// Moves on with every change of `namespaces`, inside its write lock: the queues' caches of
-    /// the namespaces they use ([`NsCache`]) hold while it stays.
-    ns_generation: AtomicU64,
+    /// The caches of the queues serving it ([`NsCache`]), emptied after each change of
+    /// `namespaces` (those of queues gone are dropped as others register).
+    caches: Mutex<Vec<Weak<CacheCell>>>,
     /// Where hosts may connect to it.
     pub listeners: RwLock<BTreeSet<ListenAddr>>,
 }
@@ -231,12 +231,28 @@ impl Subsystem {
         self.namespaces.read()
     }
 
-    /// Changes its namespaces with `f`; the queues' caches of them are stale from here on.
+    /// Changes its namespaces with `f`, then empties every queue's cache of them: the next
+    /// command finds what changed, and a queue left idle holds no removed namespace (its
+    /// device, a RAM export's memory) either.
     fn change_namespaces<R>(&self, f: impl FnOnce(&mut BTreeMap<u32, Arc<Namespace>>) -> R) -> R {
-        let mut map = self.namespaces.write();
-        let r = f(&mut map);
-        self.ns_generation.fetch_add(1, Ordering::Release);
+        let r = f(&mut self.namespaces.write());
+        // After the change, never under the map's lock: a queue looks the map up with its own
+        // cache locked (see `NsCache::get`).
+        let cells: Vec<Arc<CacheCell>> =
+            self.caches.lock().iter().filter_map(Weak::upgrade).collect();
+        for cell in cells {
+            cell.lock().clear();
+        }
         r
+    }
+
+    /// A new queue's cache, registered to be emptied on changes.
+    fn register_cache(&self) -> Arc<CacheCell> {
+        let cell = Arc::new(CacheCell::default());
+        let mut caches = self.caches.lock();
+        caches.retain(|c| c.strong_count() > 0);
+        caches.push(Arc::downgrade(&cell));
+        cell
     }
 }
 
@@ -248,35 +264,42 @@ pub type QueueNs = Arc<Arc<Namespace>>;
 /// Namespaces a queue keeps at most (a queue using more looks the rest up each time).
 const NS_CACHE_MAX: usize = 16;
 
-/// The namespaces one queue has used, valid while its subsystem's namespace generation stays:
-/// an I/O command finds its namespace without taking the subsystem's lock or a reference
-/// count every core shares (cache lines each core serving the subsystem would otherwise write
-/// on every I/O). A namespace removed or replaced is seen by the next command after the
-/// change; one already holding the old one finishes on it, as it would have anyway.
+/// A queue's cached namespaces, behind a lock only that queue's core takes per command (and the
+/// control plane, to empty it after a change).
+type CacheCell = Mutex<Vec<(u32, QueueNs)>>;
+
+/// The namespaces one queue has used: an I/O command finds its namespace without the
+/// subsystem's lock or a reference count every core shares (cache lines each core serving the
+/// subsystem would otherwise write on every I/O). The subsystem empties it after every change
+/// of its namespaces; a command already holding a removed or replaced one finishes on it, as
+/// it would have anyway.
 #[derive(Default)]
 pub struct NsCache {
-    generation: u64,
-    entries: Vec<(u32, QueueNs)>,
+    cell: Option<Arc<CacheCell>>,
 }
 
 impl NsCache {
     /// Namespace `nsid` of `subsys` (the one subsystem this cache serves), if it exists.
-    pub fn get(&mut self, subsys: &Subsystem, nsid: u32) -> Option<&QueueNs> {
-        let generation = subsys.ns_generation.load(Ordering::Acquire);
-        if generation != self.generation {
-            self.entries.clear();
-            self.generation = generation;
+    pub fn get(&mut self, subsys: &Subsystem, nsid: u32) -> Option<QueueNs> {
+        let cell = self.cell.get_or_insert_with(|| subsys.register_cache());
+        let mut entries = cell.lock();
+        if let Some((_, ns)) = entries.iter().find(|(id, _)| *id == nsid) {
+            return Some(Arc::clone(ns));
         }
-        if let Some(i) = self.entries.iter().position(|(id, _)| *id == nsid) {
-            return Some(&self.entries[i].1);
+        // A miss reads the map with the cache locked: a change made meanwhile empties the cache
+        // only after this insert, so nothing stale stays in it.
+        let ns = Arc::new(subsys.namespace(nsid)?);
+        if entries.len() >= NS_CACHE_MAX {
+            entries.remove(0);
         }
-        let ns = subsys.namespace(nsid)?;
-        if self.entries.len() >= NS_CACHE_MAX {
-            self.entries.remove(0);
-        }
-        self.entries.push((nsid, Arc::new(ns)));
-        debug_assert!(self.entries.len() <= NS_CACHE_MAX);
-        self.entries.last().map(|(_, ns)| ns)
+        entries.push((nsid, Arc::clone(&ns)));
+        debug_assert!(entries.len() <= NS_CACHE_MAX);
+        Some(ns)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.cell.as_ref().map_or(0, |c| c.lock().len())
     }
 }
 
@@ -421,7 +444,7 @@ impl Target {
             hosts: RwLock::default(),
             refused_hosts: RwLock::default(),
             namespaces: RwLock::default(),
-            ns_generation: AtomicU64::new(0),
+            caches: Mutex::default(),
             listeners: RwLock::default(),
         });
         map.insert(nqn.into(), subsys.clone());
@@ -753,11 +776,12 @@ mod tests {
         assert!(matches!(e, SubsysError::Full { max: 1024, .. }), "{e}");
     }
 
-    /// A queue's cache of namespaces: a hit takes no lock and no count every core shares; any
-    /// change of the subsystem's namespaces (added, removed, replaced at the same id) is seen by
-    /// the next lookup; the cache stays bounded.
+    /// A queue's cache of namespaces: a hit takes no subsystem lock and no count every core
+    /// shares; any change of the subsystem's namespaces (added, removed, replaced at the same
+    /// id) empties it at once, so the next lookup sees it and an idle queue lets a removed
+    /// namespace go; the cache stays bounded.
     #[test]
-    fn a_queues_namespace_cache_holds_until_the_namespaces_change() {
+    fn a_queues_namespace_cache_is_emptied_when_the_namespaces_change() {
         use ballast_engine::ram::RamDev;
         let target = Target::default();
         let nqn = "nqn.2026-11.dev.ballast:cache";
@@ -766,7 +790,7 @@ mod tests {
         target.add_namespace(nqn, 1, dev(), 4096, "a").unwrap();
         let mut cache = NsCache::default();
         assert!(cache.get(&subsys, 2).is_none(), "no namespace 2");
-        let first = cache.get(&subsys, 1).unwrap().clone();
+        let first = cache.get(&subsys, 1).unwrap();
         let shared = subsys.namespace(1).unwrap();
         // The map, this test's `shared`, and the cache's one reference: per-command clones of
         // the queue's reference leave the shared count alone.
@@ -778,15 +802,20 @@ mod tests {
             // A hit while the subsystem's namespaces are write-locked: no lock taken (a read
             // of the lock here would never return).
             let _held = subsys.namespaces.write();
-            assert!(Arc::ptr_eq(cache.get(&subsys, 1).unwrap(), &first));
+            assert!(Arc::ptr_eq(&cache.get(&subsys, 1).unwrap(), &first));
         }
-        // Replaced at the same id: the next lookup finds the new device.
+        // Removed: the cache is emptied at once (an idle queue keeps nothing of it); a
+        // command still holding it keeps it until it finishes.
+        drop(first);
         target.remove_namespace(nqn, 1).unwrap();
+        assert_eq!(cache.len(), 0);
+        assert_eq!(Arc::strong_count(&shared), 1, "only this test holds the removed namespace");
         assert!(cache.get(&subsys, 1).is_none(), "removed");
+        // Replaced at the same id: the next lookup finds the new device.
         target.add_namespace(nqn, 1, dev(), 512, "b").unwrap();
-        let again = cache.get(&subsys, 1).unwrap().clone();
-        assert!(!Arc::ptr_eq(&again, &first) && again.lba_shift == 9, "the new namespace");
-        assert_eq!(first.lba_shift, 12, "a command holding the old one keeps it");
+        let again = cache.get(&subsys, 1).unwrap();
+        assert!(!Arc::ptr_eq(&*again, &shared) && again.lba_shift == 9, "the new namespace");
+        assert_eq!(shared.lba_shift, 12, "a command holding the old one keeps it");
         // Bounded: a queue using more namespaces than it keeps still finds each of them.
         for nsid in 2..=40 {
             target.add_namespace(nqn, nsid, dev(), 4096, "c").unwrap();
@@ -794,7 +823,7 @@ mod tests {
         for round in 0..2 {
             for nsid in 1..=40 {
                 assert_eq!(cache.get(&subsys, nsid).map(|n| n.nsid), Some(nsid), "{round}");
-                assert!(cache.entries.len() <= NS_CACHE_MAX);
+                assert!(cache.len() <= NS_CACHE_MAX);
             }
         }
     }

@@ -5,7 +5,8 @@ Both daemons serve a 1 GiB RAM export (the media costs nothing) — or, with --b
 a fully written 1 GiB volume of a pool file on --pool-dir (tmpfs by default, so the media costs
 nothing and the volume layer shows) — one core each, pinned to the same CPU (--server-cpu, one
 daemon at a time under load); the client runs on another CPU (--client-cpu). For NBD the
-client is fio (ioengine=nbd), for NVMe/TCP ballast-perf. Runs alternate between the builds (old, new / new, old, ...), medians of --reps. Workloads:
+client is fio (ioengine=nbd; `--nbd-client ballast-perf`: ballast-perf --nbd), for NVMe/TCP
+ballast-perf. Runs alternate between the builds (old, new / new, old, ...), medians of --reps. Workloads:
 4k random read and write at QD1 and QD32, 128k sequential read and write at QD8.
 
 With --backing file, each daemon exports a file or block device of its own (--paths OLD,NEW:
@@ -82,7 +83,13 @@ def job_side(job):
 
 def client_run(args, daemon, proto, rw, bs, qd):
     """Runs the client once; returns the parsed job (fio-like JSON) and its wall seconds."""
-    if proto == "nbd":
+    if proto == "nbd" and args.nbd_client == "ballast-perf":
+        uri = getattr(daemon, "nbd_uri", None) or f"nbd://127.0.0.1:{daemon.port}/mem"
+        addr, export = uri[len("nbd://"):].split("/", 1)
+        cmd = ["taskset", "-c", str(args.client_cpu), args.perf, "--nbd", export, "--addr", addr,
+               "--rw", rw, "--bs", bs, "--qd", str(qd), "--runtime", str(args.runtime),
+               "--size", "1G", "--json"] + args.perf_args.split()
+    elif proto == "nbd":
         uri = getattr(daemon, "nbd_uri", None) or f"nbd://127.0.0.1:{daemon.port}/mem"
         cmd = ["taskset", "-c", str(args.client_cpu), "fio", "--name=job", "--ioengine=nbd",
                f"--uri={uri}", "--output-format=json",
@@ -161,6 +168,10 @@ def main():
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--client-cpu", type=int, default=1)
     ap.add_argument("--protocols", default="nbd,nvme")
+    ap.add_argument("--nbd-client", choices=("fio", "ballast-perf"), default="fio",
+                    help="NBD's client: fio's libnbd engine (one request per system call: on a "
+                         "small machine it sets the pace) or ballast-perf --nbd (pipelined, "
+                         "batched; --perf-args applies to it too)")
     ap.add_argument("--workloads", default=",".join(w[0] for w in WORKLOADS))
     ap.add_argument("--backing", choices=("ram", "volume", "file"), default="ram",
                     help="what both daemons export: a RAM device, a volume of a pool, or a "

@@ -455,17 +455,7 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<Report> {
             Ok(())
         },
     )?;
-    Ok(Report {
-        config: cfg.clone(),
-        elapsed: measured.elapsed,
-        read: measured.read,
-        write: measured.write,
-        usr_cpu: measured.usr_cpu,
-        sys_cpu: measured.sys_cpu,
-        cntlid,
-        namespace_bytes: ns.size_bytes(),
-        tls: admin.conn_mut().tls_description(),
-    })
+    Ok(measured.report(cfg, cntlid, ns.size_bytes(), admin.conn_mut().tls_description()))
 }
 
 /// Bytes in flight per NBD connection with reads and writes mixed (see [`run_nbd`]).
@@ -506,17 +496,7 @@ fn run_nbd(cfg: &BenchConfig, export: &str) -> anyhow::Result<Report> {
         |cfg, w, start, stop| nbd_worker(cfg, export, w, start, stop),
         |_| Ok(()),
     )?;
-    Ok(Report {
-        config: cfg.clone(),
-        elapsed: measured.elapsed,
-        read: measured.read,
-        write: measured.write,
-        usr_cpu: measured.usr_cpu,
-        sys_cpu: measured.sys_cpu,
-        cntlid: 0,
-        namespace_bytes: info.size,
-        tls: None,
-    })
+    Ok(measured.report(cfg, 0, info.size, None))
 }
 
 /// What [`measure`] took: the merged statistics and the client's CPU over the run.
@@ -526,6 +506,22 @@ struct Measured {
     write: DirStats,
     usr_cpu: f64,
     sys_cpu: f64,
+}
+
+impl Measured {
+    fn report(self, cfg: &BenchConfig, cntlid: u16, bytes: u64, tls: Option<String>) -> Report {
+        Report {
+            config: cfg.clone(),
+            elapsed: self.elapsed,
+            read: self.read,
+            write: self.write,
+            usr_cpu: self.usr_cpu,
+            sys_cpu: self.sys_cpu,
+            cntlid,
+            namespace_bytes: bytes,
+            tls,
+        }
+    }
 }
 
 /// Starts `cfg.queues` threads running `body` over `device_bytes` (each with its slice for

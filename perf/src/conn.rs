@@ -10,7 +10,7 @@
 //!
 //! PDU layouts come from `ballast_nvmf::pdu`; nothing is encoded or decoded twice.
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -82,31 +82,20 @@ pub struct Conn {
 impl Conn {
     /// Connects (TCP only, no NVMe/TCP yet); reads and writes time out after `timeout`.
     pub fn open(addr: SocketAddr, timeout: Duration) -> Result<Conn> {
-        let tcp = Conn::tcp_connect(addr, timeout)?;
-        Ok(Conn::with_stream(Stream::Plain(tcp), addr))
+        Ok(Conn::with_stream(plain_stream(addr, timeout, false)?, addr))
     }
 
     /// Connects (TCP only) on a non-blocking socket that every read and write polls, spinning
     /// until it makes progress or `timeout` passes without any: the host side of a
     /// polling initiator (SPDK's perf tool polls its sockets the same way).
     pub fn open_polled(addr: SocketAddr, timeout: Duration) -> Result<Conn> {
-        let tcp = Conn::tcp_connect(addr, timeout)?;
-        tcp.set_nonblocking(true)?;
-        Ok(Conn::with_stream(Stream::Spin(Spinning { tcp, timeout }), addr))
+        Ok(Conn::with_stream(plain_stream(addr, timeout, true)?, addr))
     }
 
     /// Connects and makes the TLS handshake (no NVMe/TCP yet); the handshake, reads and
     /// writes time out after `timeout`.
     pub fn open_tls(addr: SocketAddr, timeout: Duration, tls: &TlsClient) -> Result<Conn> {
-        let tcp = Conn::tcp_connect(addr, timeout)?;
-        Ok(Conn::with_stream(tls.connect(tcp)?, addr))
-    }
-
-    fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
-        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
-        tcp.set_nodelay(true)?;
-        set_timeouts(&tcp, timeout)?;
-        Ok(tcp)
+        Ok(Conn::with_stream(tls.connect(tcp_connect(addr, timeout)?)?, addr))
     }
 
     fn with_stream(stream: Stream, peer: SocketAddr) -> Conn {
@@ -190,13 +179,7 @@ impl Conn {
 
     /// Sends everything batched.
     pub fn flush(&mut self) -> Result<()> {
-        if !self.out.is_empty() {
-            let stream = self.rx.get_mut();
-            let r = stream.write_all(&self.out).and_then(|()| stream.flush());
-            self.out.clear();
-            r?;
-        }
-        Ok(())
+        Ok(self.rx.get_mut().send_batch(&mut self.out)?)
     }
 
     /// Sends arbitrary bytes now (after anything batched).
@@ -310,6 +293,25 @@ impl Conn {
             }
         }
     }
+}
+
+/// A TCP connection with no delay and `timeout` on reads and writes.
+fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+    tcp.set_nodelay(true)?;
+    set_timeouts(&tcp, timeout)?;
+    Ok(tcp)
+}
+
+/// A plaintext connection: blocking, or with `poll` non-blocking and spun on (at most
+/// `timeout` without progress per read or write).
+pub(crate) fn plain_stream(addr: SocketAddr, timeout: Duration, poll: bool) -> Result<Stream> {
+    let tcp = tcp_connect(addr, timeout)?;
+    if !poll {
+        return Ok(Stream::Plain(tcp));
+    }
+    tcp.set_nonblocking(true)?;
+    Ok(Stream::Spin(Spinning { tcp, timeout }))
 }
 
 /// Socket read and write timeout (zero is taken as 1 ms).

@@ -13,14 +13,15 @@
 //!
 //! Message layouts come from `ballast_nbd::codec` (the server's codec and its inverses).
 
-use std::io::{BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufReader, Read};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use ballast_nbd::codec::{self, Info, InfoRequest, Request};
 
+use crate::conn::plain_stream;
 use crate::error::{Error, Result};
-use crate::tls::{Spinning, Stream};
+use crate::tls::Stream;
 
 const READ_BUF_BYTES: usize = 256 * 1024;
 /// Largest option reply data we read (block-size info is 14 bytes; names at most 4 KiB).
@@ -82,17 +83,7 @@ impl NbdClient {
         timeout: Duration,
         poll: bool,
     ) -> Result<NbdClient> {
-        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
-        tcp.set_nodelay(true)?;
-        let t = Some(timeout.max(Duration::from_millis(1)));
-        tcp.set_read_timeout(t)?;
-        tcp.set_write_timeout(t)?;
-        let stream = if poll {
-            tcp.set_nonblocking(true)?;
-            Stream::Spin(Spinning { tcp, timeout })
-        } else {
-            Stream::Plain(tcp)
-        };
+        let stream = plain_stream(addr, timeout, poll)?;
         let mut c = NbdClient {
             rx: BufReader::with_capacity(READ_BUF_BYTES, stream),
             out: Vec::with_capacity(64 * 1024),
@@ -117,13 +108,7 @@ impl NbdClient {
     }
 
     fn flush(&mut self) -> Result<()> {
-        if !self.out.is_empty() {
-            let stream = self.rx.get_mut();
-            let r = stream.write_all(&self.out).and_then(|()| stream.flush());
-            self.out.clear();
-            r?;
-        }
-        Ok(())
+        Ok(self.rx.get_mut().send_batch(&mut self.out)?)
     }
 
     fn read_exact(&mut self, n: usize) -> Result<&[u8]> {

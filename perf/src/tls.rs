@@ -248,6 +248,16 @@ impl Write for Spinning {
 }
 
 impl Stream {
+    /// Sends `out` whole (one batch of PDUs or requests) and empties it, sent or not.
+    pub(crate) fn send_batch(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let r = self.write_all(out).and_then(|()| self.flush());
+        out.clear();
+        r
+    }
+
     /// The TCP socket (for timeouts).
     pub(crate) fn tcp(&self) -> &TcpStream {
         match self {

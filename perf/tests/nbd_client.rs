@@ -13,7 +13,7 @@ use ballast_nbd::codec::{self, Request};
 use ballast_perf::bench::{self, BenchConfig, Rw};
 use ballast_perf::nbd::NbdClient;
 use ballast_perf::Error;
-use support::Daemon;
+use support::{short_bench, Daemon};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -196,27 +196,10 @@ fn an_unknown_export_is_a_clear_error() {
 
 fn nbd_cfg(addr: SocketAddr, export: &str) -> BenchConfig {
     BenchConfig {
-        addr,
-        nqn: String::new(),
-        hostnqn: String::new(),
-        nsid: 1,
-        rw: Rw::Randrw,
-        bs: 4096,
-        qd: 8,
-        queues: 2,
-        runtime: Duration::from_millis(300),
-        size: Some(8 << 20),
-        rwmixread: 50,
-        header_digest: false,
-        data_digest: false,
-        disable_sqflow: false,
         kato_ms: 0,
         timeout: TIMEOUT,
-        seed: 7,
-        number_ios: None,
-        tls: None,
-        poll: false,
         nbd_export: Some(export.into()),
+        ..short_bench(addr)
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use ballast_nvmf::nvme::{self, io};
 use ballast_nvmf::psk::{PskTransform, TlsKey};
 use ballast_nvmf::secret::SecretBytes;
-use ballast_perf::bench::{self, BenchConfig, Rw};
+use ballast_perf::bench::{self, BenchConfig};
 use ballast_perf::{
     open_controller, Command, Data, Error, Queue, QueueOptions, TlsClient, CNTLID_DYNAMIC,
 };
@@ -208,27 +208,12 @@ fn benchmark_paths_over_tls() {
     let (d, key) = tls_daemon();
     let tls = Arc::new(TlsClient::new(&key, HOSTNQN, MAIN).unwrap());
     let cfg = BenchConfig {
-        addr: d.addr,
         nqn: MAIN.into(),
         hostnqn: HOSTNQN.into(),
-        nsid: 1,
-        rw: Rw::Randrw,
         bs: 16384,
-        qd: 8,
-        queues: 2,
-        runtime: Duration::from_millis(300),
-        size: Some(8 << 20),
-        rwmixread: 50,
-        header_digest: false,
-        data_digest: false,
-        disable_sqflow: false,
-        kato_ms: 15000,
         timeout: TIMEOUT,
-        seed: 7,
-        number_ios: None,
         tls: Some(tls),
-        poll: false,
-        nbd_export: None,
+        ..support::short_bench(d.addr)
     };
     let report = bench::run(&cfg).expect("a benchmark run over TLS");
     assert!(report.read.ops > 0 && report.write.ops > 0, "{}", report.text());

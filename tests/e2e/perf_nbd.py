@@ -58,23 +58,28 @@ def exercise(r, name, port, export):
             job["read"]["total_ios"] > 100 and job["write"]["total_ios"] > 100)
 
 
-def server(cmd, port):
+def exercise_peer(r, name, argv, export):
+    """Starts the peer server `argv` (its listening port given as `-p PORT` first), exercises
+    it and stops it; a peer not installed is a failure."""
+    if not shutil.which(argv[0]):
+        r.bad("%s missing" % argv[0])
+        return
+    port = free_port()
+    cmd = argv[:1] + ["-p", str(port)] + argv[1:]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if not wait_for(lambda: port_open(port, 0.2) or p.poll() is not None, 10):
-        p.kill()
-        raise RuntimeError("%s did not listen" % cmd[0])
-    if p.poll() is not None:
-        raise RuntimeError("%s exited: %s" % (cmd[0], p.stderr.read().decode()[-500:]))
-    return p
-
-
-def stop(p):
-    p.terminate()
     try:
-        p.wait(10)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
+        if not wait_for(lambda: port_open(port, 0.2) or p.poll() is not None, 10):
+            raise RuntimeError("%s did not listen" % argv[0])
+        if p.poll() is not None:
+            raise RuntimeError("%s exited: %s" % (argv[0], p.stderr.read().decode()[-500:]))
+        exercise(r, name, port, export)
+    finally:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def main(r):
@@ -83,29 +88,14 @@ def main(r):
         return
     tmp = tempfile.mkdtemp(prefix="perf-nbd.")
     try:
-        if shutil.which("nbdkit"):
-            port = free_port()
-            p = server(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", "16M"],
-                       port)
-            try:
-                exercise(r, "nbdkit memory", port, "")
-            finally:
-                stop(p)
-        else:
-            r.bad("nbdkit missing")
-        if shutil.which("qemu-nbd"):
-            img = os.path.join(tmp, "disk.raw")
-            with open(img, "wb") as f:
-                f.truncate(16 * MiB)
-            port = free_port()
-            p = server(["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-x", "q",
-                        "-e", "4", "-t", img], port)
-            try:
-                exercise(r, "qemu-nbd", port, "q")
-            finally:
-                stop(p)
-        else:
-            r.bad("qemu-nbd missing")
+        exercise_peer(r, "nbdkit memory",
+                      ["nbdkit", "-f", "-i", "127.0.0.1", "memory", "16M"], "")
+        img = os.path.join(tmp, "disk.raw")
+        with open(img, "wb") as f:
+            f.truncate(16 * MiB)
+        exercise_peer(r, "qemu-nbd",
+                      ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-x", "q", "-e", "4", "-t", img],
+                      "q")
         with Ballast(["--export", "mem=ram:16M", "--cores", "1"]) as b:
             port = b.port
             exercise(r, "ballast", port, "mem")

@@ -176,3 +176,32 @@ impl Drop for Daemon {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A short benchmark run both test files use: random reads and writes, 8 in flight on each of
+/// two queues over the first 8 MiB for 300 ms, no digests, no TLS, NVMe/TCP (fields set by
+/// each test where they differ).
+pub fn short_bench(addr: SocketAddr) -> ballast_perf::bench::BenchConfig {
+    ballast_perf::bench::BenchConfig {
+        addr,
+        nqn: String::new(),
+        hostnqn: String::new(),
+        nsid: 1,
+        rw: ballast_perf::bench::Rw::Randrw,
+        bs: 4096,
+        qd: 8,
+        queues: 2,
+        runtime: Duration::from_millis(300),
+        size: Some(8 << 20),
+        rwmixread: 50,
+        header_digest: false,
+        data_digest: false,
+        disable_sqflow: false,
+        kato_ms: 15000,
+        timeout: Duration::from_secs(10),
+        seed: 7,
+        number_ios: None,
+        tls: None,
+        poll: false,
+        nbd_export: None,
+    }
+}

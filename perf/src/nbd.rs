@@ -26,6 +26,9 @@ use crate::tls::Stream;
 const READ_BUF_BYTES: usize = 256 * 1024;
 /// Largest option reply data we read (block-size info is 14 bytes; names at most 4 KiB).
 const OPTION_REPLY_MAX: u32 = 64 * 1024;
+/// Replies to NBD_OPT_GO at most before its acknowledgement (a server sends a handful of
+/// NBD_REP_INFO; one sending them without end is refused, not followed).
+pub const OPTION_REPLIES_MAX: usize = 64;
 /// Largest request we send: what servers accept without asking (proto.md's 32 MiB).
 pub const MAX_REQUEST: u32 = 32 << 20;
 
@@ -140,7 +143,12 @@ impl NbdClient {
         codec::encode_option(&mut self.out, codec::OPT_GO, &data);
         self.flush()?;
         let mut export_info = None;
-        loop {
+        for replies in 1.. {
+            if replies > OPTION_REPLIES_MAX {
+                return Err(Self::protocol(format!(
+                    "more than {OPTION_REPLIES_MAX} replies to NBD_OPT_GO"
+                )));
+            }
             let h =
                 codec::decode_option_reply_header(self.read_exact(codec::OPTION_REPLY_HEADER_LEN)?)
                     .map_err(|e| Self::protocol(format!("option reply: {e}")))?;

@@ -237,3 +237,28 @@ fn the_benchmark_drives_our_nbd_export() {
     assert!(format!("{err:#}").contains("randrw over NBD"), "{err:#}");
     d.stop();
 }
+
+/// A server answering NBD_OPT_GO with information without end is refused after a bounded
+/// number of replies, not followed forever.
+#[test]
+fn endless_option_replies_are_refused() {
+    let (addr, server) = scripted(|s| {
+        let mut out = Vec::new();
+        codec::encode_greeting(&mut out);
+        s.write_all(&out).unwrap();
+        read_n(s, 4);
+        read_option(s);
+        out.clear();
+        for _ in 0..=ballast_perf::nbd::OPTION_REPLIES_MAX {
+            codec::encode_info_text(&mut out, codec::OPT_GO, codec::INFO_NAME, "n");
+        }
+        s.write_all(&out).unwrap();
+        until_closed(s);
+    });
+    match NbdClient::connect(addr, "e", 1, TIMEOUT, false) {
+        Err(Error::Protocol(msg)) => assert!(msg.contains("replies to NBD_OPT_GO"), "{msg}"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("endless replies were followed"),
+    }
+    server.join();
+}

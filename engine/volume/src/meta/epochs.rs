@@ -7,17 +7,27 @@ use super::*;
 impl Family {
     /// Registers an I/O; returns its epoch.
     pub(super) fn begin_io(&mut self) -> u64 {
-        *self.inflight.entry(self.io_epoch).or_default() += 1;
+        match self.inflight.last_mut() {
+            Some((e, n)) if *e == self.io_epoch => *n += 1,
+            last => {
+                debug_assert!(last.is_none_or(|(e, _)| *e < self.io_epoch), "epochs only grow");
+                self.inflight.push((self.io_epoch, 1));
+            }
+        }
         self.io_epoch
     }
 
     /// Ends an I/O of epoch `epoch`; returns the clusters its stock does not keep of those
     /// this made reusable, for the pool's allocator.
     pub(super) fn end_io(&mut self, epoch: u64) -> Vec<u64> {
-        let n = self.inflight.get_mut(&epoch).expect("ticket of an I/O in flight");
+        let i = self
+            .inflight
+            .binary_search_by_key(&epoch, |&(e, _)| e)
+            .expect("ticket of an I/O in flight");
+        let n = &mut self.inflight[i].1;
         *n -= 1;
         if *n == 0 {
-            self.inflight.remove(&epoch);
+            self.inflight.remove(i);
         }
         self.release_quarantine()
     }
@@ -26,7 +36,10 @@ impl Family {
     /// returns what the stock does not keep, for the pool's allocator (empty, unallocated,
     /// when nothing was released).
     pub(super) fn release_quarantine(&mut self) -> Vec<u64> {
-        let oldest = self.inflight.keys().next().copied().unwrap_or(self.io_epoch + 1);
+        if self.quarantine.is_empty() {
+            return Vec::new();
+        }
+        let oldest = self.inflight.first().map_or(self.io_epoch + 1, |&(e, _)| e);
         let mut surplus = Vec::new();
         while self.quarantine.front().is_some_and(|(e, _)| *e < oldest) {
             let (_, clusters) = self.quarantine.pop_front().expect("checked");

@@ -123,10 +123,11 @@ pub(super) struct Family {
     /// commit's that the family has not ended yet (`sealed_at`, `catch_up`).
     pub(super) sealed_fresh: HashSet<u64>,
     pub(super) sealed_touched: HashSet<u64>,
-    /// The current I/O epoch (one per durable commit), the I/O in flight per epoch, and the
+    /// The current I/O epoch (one per durable commit), the I/O in flight per epoch (oldest
+    /// first, no epoch with none; a few entries: an I/O that empties it frees nothing), and the
     /// clusters freed by each durable commit waiting for the I/O older than it to end.
     pub(super) io_epoch: u64,
-    pub(super) inflight: BTreeMap<u64, u32>,
+    pub(super) inflight: Vec<(u64, u32)>,
     pub(super) quarantine: VecDeque<(u64, Vec<u64>)>,
     /// On the pool's list of families the next seal visits (`touched`).
     pub(super) listed: bool,
@@ -168,7 +169,7 @@ impl Family {
             sealed_touched: HashSet::default(),
             fresh_inflight: 0,
             io_epoch: 0,
-            inflight: BTreeMap::new(),
+            inflight: Vec::new(),
             quarantine: VecDeque::new(),
             freed: Vec::new(),
             sealed_freed: Vec::new(),

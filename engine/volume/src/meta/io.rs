@@ -20,7 +20,14 @@ pub(super) enum Planned {
 }
 
 impl Family {
-    fn check_range(&self, id: u32, offset: u64, len: u64, write: bool) -> Result<(), PoolError> {
+    /// The volume, if `[offset, offset + len)` is a valid range of it for the access.
+    fn check_range(
+        &self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<&Volume, PoolError> {
         let v = self.volume(id)?;
         if write && v.read_only {
             return Err(PoolError::ReadOnly(id));
@@ -31,7 +38,7 @@ impl Family {
         if offset.checked_add(len).is_none_or(|end| end > v.size_bytes) {
             return Err(PoolError::Range(id));
         }
-        Ok(())
+        Ok(v)
     }
 
     fn plan_read_into(
@@ -41,8 +48,7 @@ impl Family {
         len: u64,
         out: &mut Vec<ReadPiece>,
     ) -> Result<(), PoolError> {
-        self.check_range(id, offset, len, false)?;
-        let tree = &self.volumes[&id].tree;
+        let tree = &self.check_range(id, offset, len, false)?.tree;
         let mut at = offset;
         while at < offset + len {
             let Span { vc, cluster_end, first_bit, bits } = self.span(at, offset + len);

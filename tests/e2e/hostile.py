@@ -743,7 +743,46 @@ def run_all(r, b):
         for x in socks[3:-3]:
             x.close()
 
+    def unread_option_replies():
+        """Clients that send options and never read the replies: the server stops taking
+        options while a connection's replies wait unsent, so they hold little memory (each
+        NBD_OPT_LIST is answered with 3x its bytes; an NBD_OPT_INFO asking for the
+        description 32,000 times once gave 32,000 replies)."""
+        info = struct.pack(">I", 3) + b"vol" + struct.pack(">H", 32000) + struct.pack(">H", 2) * 32000
+        kinds = (("NBD_OPT_LIST", struct.pack(">QII", IHAVEOPT, OPT_LIST, 0) * (1 << 19)),
+                 ("NBD_OPT_INFO x32000 descriptions",
+                  struct.pack(">QII", IHAVEOPT, OPT_INFO, len(info)) + info))
+        rss0 = rss_mib(b.proc.pid)
+        conns, sent_total = [], 0
+        for i in range(16):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+            label, payload = kinds[i % 2]
+            if label.startswith("NBD_OPT_INFO"):
+                payload = payload * 128  # 8 MiB of options
+            s.setblocking(False)
+            mv, sent, deadline = memoryview(payload), 0, time.monotonic() + 2
+            while sent < len(payload) and time.monotonic() < deadline:
+                try:
+                    sent += s.send(mv[sent:sent + (1 << 20)])
+                except BlockingIOError:
+                    time.sleep(0.01)
+                except OSError:
+                    break
+            sent_total += sent
+            conns.append(s)
+        time.sleep(1)
+        grown = rss_mib(b.proc.pid) - rss0
+        r.check("16 clients sending options without reading replies (%d MiB sent): daemon grew "
+                "%d MiB (< 64)" % (sent_total >> 20, grown), grown < 64)
+        other_client(r, b, "while 16 clients leave option replies unread")
+        for s in conns:
+            s.close()
+
     section("handshake", handshake)
+    section("unread option replies", unread_option_replies)
     section("big options", big_options)
     section("transmission", transmission)
     section("half write", half_write)

@@ -8,6 +8,8 @@
 //!   bytes never interleave;
 //! - at most `INFLIGHT_MAX` requests and `INFLIGHT_BYTES_MAX` payload bytes are in flight or
 //!   unsent; past that the connection stops parsing (back-pressure), it never allocates more;
+//!   in the handshake no option is taken while `HANDSHAKE_UNSENT_MAX` bytes of replies are
+//!   unsent, and one step of it writes at most `REPLIES_PER_INPUT_MAX` plus one option's;
 //! - payload memory is charged to the core's budget before it is used: a write's payload as
 //!   its bytes arrive, in windows of at most `PAYLOAD_WINDOW` (never on the header's word
 //!   alone: its buffer is a lazily-faulted mapping, so untouched pages cost nothing), a read's
@@ -71,6 +73,11 @@ const INFLIGHT_MAX: usize = 128;
 /// connection stops reading requests (a client that never reads its replies cannot make us
 /// buffer more).
 const INFLIGHT_BYTES_MAX: u64 = 16 << 20;
+/// Handshake replies queued and not yet sent beyond which no further option is taken: a
+/// client that asks and does not read holds at most this (and one input's replies).
+const HANDSHAKE_UNSENT_MAX: u64 = 256 << 10;
+/// The reply scratch buffer's room kept between uses (a large handshake reply's is let go).
+const SCRATCH_KEPT: usize = 64 << 10;
 /// Descriptors in one block-status reply (32 KiB of them): a client asking about a long,
 /// finely fragmented range gets the first ones and asks again from where they end, as the
 /// spec allows ("the server MAY return less descriptors").
@@ -307,19 +314,29 @@ impl Conn {
             if input.is_empty() {
                 break;
             }
+            if matches!(self.phase, Phase::Handshake(_)) && self.unsent() >= HANDSHAKE_UNSENT_MAX {
+                // Options wait until their replies so far are sent (parsed again then).
+                break;
+            }
             let step = match &mut self.phase {
                 Phase::Handshake(hs) => {
                     self.scratch.clear();
                     let (n, step) = hs.on_input(input, &mut self.scratch, &self.exports);
                     used += n;
                     self.out.push_bytes(&self.scratch);
+                    if self.scratch.capacity() > SCRATCH_KEPT {
+                        self.scratch = Vec::new();
+                    }
                     match step {
                         Step::NeedMore => {
                             // An option's data must be buffered whole: ask for room for it.
                             if n == 0 {
                                 self.recv.need(input.len() + 1);
+                                break;
                             }
-                            break;
+                            // Input is left when the replies reached their bound: go on
+                            // (or wait above for them to be sent).
+                            continue;
                         }
                         Step::Enter(neg) => {
                             self.enter(cx, neg);
@@ -473,7 +490,7 @@ impl Conn {
         self.export_name = neg.export.name.clone();
         let session = Session {
             size_bytes: neg.export.size_bytes(),
-            read_only: neg.export.read_only || neg.export.dev.info().read_only,
+            read_only: neg.export.read_only(),
             structured: neg.structured,
             meta_allocation: neg.meta_allocation,
             max_payload: self.max_payload,

@@ -21,6 +21,12 @@ impl Export {
         self.dev.size_bytes()
     }
 
+    /// Whether writes are refused: the export says so or its device is read-only (what the
+    /// flags advertise and what transmission enforces, from one place).
+    pub fn read_only(&self) -> bool {
+        self.read_only || self.dev.info().read_only
+    }
+
     /// Transmission flags for this export; `structured` decides SEND_DF.
     pub fn transmission_flags(&self, structured: bool) -> u16 {
         let mut flags = codec::TF_HAS_FLAGS
@@ -28,7 +34,7 @@ impl Export {
             | codec::TF_SEND_FUA
             | codec::TF_CAN_MULTI_CONN
             | codec::TF_SEND_CACHE;
-        if self.read_only {
+        if self.read_only() {
             flags |= codec::TF_READ_ONLY;
         } else {
             flags |= codec::TF_SEND_TRIM | codec::TF_SEND_WRITE_ZEROES | codec::TF_SEND_FAST_ZERO;

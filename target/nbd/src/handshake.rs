@@ -15,6 +15,10 @@ pub const BLOCK_PREFERRED: u32 = 4096;
 pub const PAYLOAD_ADVERTISED_MAX: u32 = 32 << 20;
 /// Context id we give `base:allocation`.
 pub const META_ALLOCATION_ID: u32 = 1;
+/// One [`Handshake::on_input`] call stops taking options once its replies reach this many
+/// bytes (plus the last option's, itself bounded): the caller sends them before it asks for
+/// more, so a client that asks and never reads is paced by its own socket.
+pub const REPLIES_PER_INPUT_MAX: usize = 64 * 1024;
 
 /// How the server offers TLS (the NBD protocol's "TLS support" modes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -127,10 +131,15 @@ impl Handshake {
         exports.access(&export.name, self.tls_active, self.identity.as_deref())
     }
 
-    /// The error reply for an export this session may not use.
+    /// The error reply for an export this session may not use. NBD_REP_ERR_TLS_REQD only
+    /// answers NBD_OPT_INFO and NBD_OPT_GO (proto.md, SELECTIVETLS: "MUST NOT send
+    /// NBD_REP_ERR_TLS_REQD in response to any option other than NBD_OPT_INFO, NBD_OPT_GO and
+    /// NBD_OPT_EXPORT_NAME"); the metadata options get NBD_REP_ERR_POLICY.
     fn refuse(out: &mut Vec<u8>, option: u32, access: Access) -> Step {
+        let info = matches!(option, codec::OPT_INFO | codec::OPT_GO);
         let (code, msg): (u32, &[u8]) = match access {
-            Access::TlsRequired => (codec::REP_ERR_TLS_REQD, b"this export requires TLS"),
+            Access::TlsRequired if info => (codec::REP_ERR_TLS_REQD, b"this export requires TLS"),
+            Access::TlsRequired => (codec::REP_ERR_POLICY, b"this export requires TLS"),
             _ => (codec::REP_ERR_POLICY, b"this TLS identity may not use this export"),
         };
         codec::encode_option_reply(out, option, code, msg);
@@ -143,6 +152,8 @@ impl Handshake {
     }
 
     /// Consumes a prefix of `input`, appending replies to `out`; returns bytes consumed.
+    /// [`Step::NeedMore`] with input left over: the replies reached [`REPLIES_PER_INPUT_MAX`];
+    /// send them, then call again with the rest.
     pub fn on_input(
         &mut self,
         input: &[u8],
@@ -150,7 +161,11 @@ impl Handshake {
         exports: &ExportTable,
     ) -> (usize, Step) {
         let mut used = 0;
+        let start = out.len();
         loop {
+            if out.len() - start >= REPLIES_PER_INPUT_MAX {
+                return (used, Step::NeedMore);
+            }
             let rest = &input[used..];
             match self.state {
                 State::Done => return (used, Step::Close("handshake already finished")),
@@ -194,12 +209,14 @@ impl Handshake {
                         self.state = State::Skip { option, remaining };
                         return (used, Step::NeedMore);
                     }
-                    codec::encode_option_reply(
-                        out,
-                        option,
-                        codec::REP_ERR_TOO_BIG,
-                        b"option data too long",
-                    );
+                    // Under FORCEDTLS every option before TLS, an oversized one too, gets
+                    // NBD_REP_ERR_TLS_REQD.
+                    let (code, msg): (u32, &[u8]) = if self.tls_required(option) {
+                        (codec::REP_ERR_TLS_REQD, b"TLS is required: send NBD_OPT_STARTTLS first")
+                    } else {
+                        (codec::REP_ERR_TOO_BIG, b"option data too long")
+                    };
+                    codec::encode_option_reply(out, option, code, msg);
                     self.state = State::OptionHeader;
                 }
                 State::OptionData(header) => {
@@ -221,6 +238,14 @@ impl Handshake {
         }
     }
 
+    /// FORCEDTLS before TLS is up: the option is refused for that (all but NBD_OPT_STARTTLS and
+    /// NBD_OPT_ABORT).
+    fn tls_required(&self, option: u32) -> bool {
+        self.tls_mode == TlsMode::Require
+            && !self.tls_active
+            && !matches!(option, codec::OPT_STARTTLS | codec::OPT_ABORT)
+    }
+
     fn on_option(
         &mut self,
         option: u32,
@@ -232,10 +257,7 @@ impl Handshake {
             codec::encode_option_reply(out, option, codec::REP_ERR_INVALID, why.as_bytes());
             Step::NeedMore
         };
-        if self.tls_mode == TlsMode::Require
-            && !self.tls_active
-            && !matches!(option, codec::OPT_STARTTLS | codec::OPT_ABORT)
-        {
+        if self.tls_required(option) {
             if option == codec::OPT_EXPORT_NAME {
                 return Step::Close("NBD_OPT_EXPORT_NAME before TLS, which is required");
             }
@@ -311,19 +333,15 @@ impl Handshake {
                 }
                 let flags = export.transmission_flags(self.structured);
                 codec::encode_info_export(out, option, export.size_bytes(), flags);
-                for info in &req.requests {
-                    match *info {
-                        codec::INFO_NAME => {
-                            codec::encode_info_text(out, option, codec::INFO_NAME, &export.name)
-                        }
-                        codec::INFO_DESCRIPTION => codec::encode_info_text(
-                            out,
-                            option,
-                            codec::INFO_DESCRIPTION,
-                            &export.description,
-                        ),
-                        _ => {}
-                    }
+                // Each information asked for is sent once, however often it is asked for (a
+                // list of 32k copies would otherwise make 32k replies).
+                let asked = |what| req.requests.contains(&what);
+                if asked(codec::INFO_NAME) {
+                    codec::encode_info_text(out, option, codec::INFO_NAME, &export.name);
+                }
+                if asked(codec::INFO_DESCRIPTION) {
+                    let text = &export.description;
+                    codec::encode_info_text(out, option, codec::INFO_DESCRIPTION, text);
                 }
                 // The preferred size is never below the minimum (a 16 KiB-LBA namespace): qemu
                 // drops such a server, libnbd ignores all three sizes.
@@ -373,6 +391,11 @@ impl Handshake {
         exports: &ExportTable,
     ) -> Step {
         let set = option == codec::OPT_SET_META_CONTEXT;
+        if set {
+            // "Issuing this command replaces all previously-set metadata contexts (including
+            // when this command fails)."
+            self.meta_export = None;
+        }
         if set && !self.structured {
             let msg = b"NBD_OPT_SET_META_CONTEXT needs structured replies first";
             codec::encode_option_reply(out, option, codec::REP_ERR_INVALID, msg);
@@ -714,6 +737,106 @@ mod tests {
                 assert!(step.is_none(), "{who:?}");
                 assert_eq!(reply_type(&out, 0), codec::REP_ERR_POLICY);
             }
+        }
+    }
+
+    /// Option replies are bounded per input step, and each information asked for is sent
+    /// once: a client sending options it never reads the replies of holds little.
+    #[test]
+    fn replies_per_input_step_are_bounded_and_asked_information_sent_once() {
+        let t = table();
+        // One NBD_OPT_INFO naming NBD_INFO_NAME 30,000 times: one NAME reply.
+        let mut info = 4u32.to_be_bytes().to_vec();
+        info.extend_from_slice(b"vol0");
+        info.extend_from_slice(&30_000u16.to_be_bytes());
+        for _ in 0..30_000 {
+            info.extend_from_slice(&codec::INFO_NAME.to_be_bytes());
+        }
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(opt(codec::OPT_INFO, &info));
+        let mut hs = Handshake::new();
+        let mut out = Vec::new();
+        let (used, step) = hs.on_input(&input, &mut out, &t);
+        assert!(matches!(step, Step::NeedMore) && used == input.len());
+        // EXPORT, NAME, BLOCK_SIZE, ACK.
+        let mut at = 0;
+        let mut types = Vec::new();
+        while at < out.len() {
+            types.push(reply_type(&out, at));
+            at += 20 + u32::from_be_bytes(out[at + 16..at + 20].try_into().unwrap()) as usize;
+        }
+        assert_eq!(
+            types,
+            [codec::REP_INFO; 3].into_iter().chain([codec::REP_ACK]).collect::<Vec<_>>()
+        );
+        // 20,000 NBD_OPT_LISTs in one input: each step stops once its replies pass the bound
+        // and leaves the rest of the input; every LIST is answered in the end.
+        let list = opt(codec::OPT_LIST, &[]);
+        let mut input: Vec<u8> = 1u32.to_be_bytes().to_vec();
+        for _ in 0..20_000 {
+            input.extend_from_slice(&list);
+        }
+        let mut hs = Handshake::new();
+        let (mut rest, mut steps, mut total) = (&input[..], 0, 0);
+        while !rest.is_empty() {
+            let mut out = Vec::new();
+            let (used, step) = hs.on_input(rest, &mut out, &t);
+            assert!(matches!(step, Step::NeedMore) && used > 0);
+            assert!(out.len() <= REPLIES_PER_INPUT_MAX + 64, "{} bytes in one step", out.len());
+            rest = &rest[used..];
+            total += out.len();
+            steps += 1;
+        }
+        // Each LIST answered as one alone is.
+        let mut one = Vec::new();
+        Handshake::new().on_input(&input[..4 + list.len()], &mut one, &t);
+        assert_eq!(total, 20_000 * one.len());
+        assert!(steps > 10, "{steps} steps");
+    }
+
+    /// "Issuing [NBD_OPT_SET_META_CONTEXT] replaces all previously-set metadata contexts
+    /// (including when this command fails)."
+    #[test]
+    fn a_failed_set_meta_context_clears_the_earlier_selection() {
+        let t = table();
+        let mut meta = 4u32.to_be_bytes().to_vec();
+        meta.extend_from_slice(b"vol0");
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(&15u32.to_be_bytes());
+        meta.extend_from_slice(b"base:allocation");
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(opt(codec::OPT_STRUCTURED_REPLY, &[]));
+        input.extend(opt(codec::OPT_SET_META_CONTEXT, &meta));
+        input.extend(opt(codec::OPT_SET_META_CONTEXT, &meta[..6])); // malformed: refused
+        input.extend(opt(codec::OPT_GO, &info_data("vol0")));
+        let mut hs = Handshake::new();
+        let (_, step) = run(&mut hs, &input, 1000, &t);
+        let Some(Step::Enter(n)) = step else { panic!("no enter") };
+        assert!(!n.meta_allocation, "the refused SET kept the earlier context");
+    }
+
+    /// Under SELECTIVETLS only INFO and GO are answered NBD_REP_ERR_TLS_REQD for a TLS-only
+    /// export; under FORCEDTLS an oversized option before TLS is (not NBD_REP_ERR_TOO_BIG).
+    #[test]
+    fn tls_required_replies_only_where_proto_allows_them() {
+        let t = table();
+        t.set_allowed("vol0", vec!["alice".into()]);
+        let mut meta = 4u32.to_be_bytes().to_vec();
+        meta.extend_from_slice(b"vol0");
+        meta.extend_from_slice(&0u32.to_be_bytes());
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(opt(codec::OPT_LIST_META_CONTEXT, &meta));
+        let mut hs = Handshake::with_tls(1 << 20, TlsMode::On);
+        let (out, _) = run(&mut hs, &input, 100, &t);
+        assert_eq!(reply_type(&out, 0), codec::REP_ERR_POLICY);
+        let mut input = 1u32.to_be_bytes().to_vec();
+        input.extend(opt(0x99, &vec![0u8; OPTION_DATA_MAX as usize + 1]));
+        for (mode, want) in
+            [(TlsMode::Require, codec::REP_ERR_TLS_REQD), (TlsMode::On, codec::REP_ERR_TOO_BIG)]
+        {
+            let mut hs = Handshake::with_tls(1 << 20, mode);
+            let (out, _) = run(&mut hs, &input, 4096, &t);
+            assert_eq!(reply_type(&out, 0), want, "{mode:?}");
         }
     }
 

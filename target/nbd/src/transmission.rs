@@ -73,6 +73,10 @@ fn allowed_flags(kind: u16) -> u16 {
 pub fn classify(r: &Request, s: &Session) -> Action {
     let discard = if r.kind == codec::CMD_WRITE { r.length } else { 0 };
     let reject = |error, why| Action::Reject { error, discard, why };
+    if r.kind == codec::CMD_DISC {
+        // "There is no reply to an NBD_CMD_DISC", whatever its flags.
+        return Action::Disconnect;
+    }
     if r.flags & !allowed_flags(r.kind) != 0 {
         return reject(codec::EINVAL, "flag not valid for this command");
     }
@@ -125,7 +129,6 @@ pub fn classify(r: &Request, s: &Session) -> Action {
             len: r.length,
             req_one: r.flags & codec::CMD_FLAG_REQ_ONE != 0,
         },
-        codec::CMD_DISC => Action::Disconnect,
         _ => reject(codec::EINVAL, "unknown command"),
     }
 }
@@ -195,6 +198,11 @@ mod tests {
             classify(&req(99, 0, 0, 0), &S),
             Action::Reject { error: codec::EINVAL, .. }
         ));
+        // "There is no reply to an NBD_CMD_DISC": not with a flag it does not take either.
+        assert_eq!(
+            classify(&req(codec::CMD_DISC, codec::CMD_FLAG_DF, 0, 0), &S),
+            Action::Disconnect
+        );
         let big = S.max_payload + 1;
         assert!(
             matches!(classify(&req(codec::CMD_WRITE, 0, 0, big), &Session { size_bytes: u64::MAX, ..S }),

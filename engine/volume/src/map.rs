@@ -363,7 +363,7 @@ mod tests {
                 .collect();
             naive.sort_by_key(|(vc, _)| *vc);
             let mut diff = Vec::new();
-            fc.for_each_difference(&fp, |vc, e| diff.push((vc, e)));
+            fc.for_each_difference(&fp, u64::MAX, |vc, e| diff.push((vc, e)));
             diff.sort_by_key(|(vc, _)| *vc);
             prop_assert_eq!(diff, naive);
         }
@@ -515,9 +515,16 @@ impl FrozenTree {
 
     /// Where this tree differs from `parent`: `f(vcluster, entry)` for each entry mapped here
     /// and not the same in the parent, and `f(vcluster, UNMAPPED)` for each entry the parent
-    /// maps that this tree does not (within this tree's capacity). Leaves the two share are
-    /// skipped whole.
-    pub fn for_each_difference(&self, parent: &FrozenTree, mut f: impl FnMut(u64, Entry)) {
+    /// maps that this tree does not; below volume cluster `limit` only (the volume's size: a
+    /// volume maps nothing beyond it, and what its parent maps there is no difference to
+    /// record). Leaves the two share are skipped whole.
+    pub fn for_each_difference(
+        &self,
+        parent: &FrozenTree,
+        limit: u64,
+        mut f: impl FnMut(u64, Entry),
+    ) {
+        let limit = limit.min(self.capacity);
         let empty = [Entry::UNMAPPED; FANOUT];
         let (mut a, mut b) = (self.leaves.iter().peekable(), parent.leaves.iter().peekable());
         loop {
@@ -537,11 +544,14 @@ impl FrozenTree {
             let theirs = theirs.map_or(&empty[..], |l| &l.1 .0[..]);
             for (i, (m, t)) in mine.iter().zip(theirs).enumerate() {
                 let vc = base + i as u64;
+                if vc >= limit {
+                    break;
+                }
                 if m.cluster().is_some() {
                     if m != t {
                         f(vc, *m);
                     }
-                } else if t.cluster().is_some() && vc < self.capacity {
+                } else if t.cluster().is_some() {
                     f(vc, Entry::UNMAPPED);
                 }
             }

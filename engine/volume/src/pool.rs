@@ -471,6 +471,78 @@ mod tests {
         assert_eq!(mapped_entries(p.meta(), 1), before);
     }
 
+    /// A snapshot taken while its origin was small (a one-level tree) is still its size after
+    /// the origin grew and wrote beyond it and a checkpoint was loaded: a clone of it or a
+    /// rollback to it, grown, reads zeros there (the checkpoint encodes a snapshot as its
+    /// origin's tree and the differences; what lies beyond the snapshot's end went unnoticed,
+    /// and it came back with the origin's later data, found by a review).
+    #[test]
+    fn a_snapshot_loaded_from_a_checkpoint_maps_nothing_beyond_its_end() {
+        let disk = SimDisk::new(64 << 20, 21);
+        let g = PoolGeometry {
+            cluster_shift: CLUSTER_SHIFT,
+            journal_blocks: 64,
+            pool_uuid: [9; 16],
+            max_volumes: 64,
+            config_bytes: 256,
+        };
+        let mut p = Pool::format(disk, g).unwrap();
+        let cb = 1u64 << CLUSTER_SHIFT;
+        let small = 512 * cb; // one leaf: the tree's whole capacity
+        let v = p.create_volume("v", small).unwrap();
+        p.write(v, 0, &vec![1u8; PIECE as usize]).unwrap();
+        let s = p.snapshot(v, "s").unwrap();
+        // A second snapshot smaller than its tree's capacity, of a volume that then maps
+        // clusters between its end and that capacity.
+        let w = p.create_volume("w", 100 * cb).unwrap();
+        let t = p.snapshot(w, "t").unwrap();
+        p.resize(w, small, false).unwrap();
+        for vc in 100..300 {
+            p.write(w, vc * cb, &vec![3u8; PIECE as usize]).unwrap();
+        }
+        p.resize(v, 4 * small, false).unwrap();
+        let far = 3 * small + 5 * cb;
+        p.write(v, far, &vec![0xab; PIECE as usize]).unwrap();
+        p.write(v, small - cb, &vec![2u8; PIECE as usize]).unwrap();
+        // The checkpoint encodes no more mapping records per volume than its size has
+        // clusters (what admission counts on): none for the snapshots' regions beyond their end.
+        let records = crate::records::decode_all(&p.meta().freeze().payload()).unwrap();
+        // s differs from v only at the cluster v wrote within s's size; t from w nowhere.
+        for (id, size, want) in [(s, small, 1), (t, 100 * cb, 0)] {
+            let n = records
+                .iter()
+                .filter(
+                    |r| matches!(r, crate::records::Record::MapSet { volume, .. } if *volume == id),
+                )
+                .count() as u64;
+            assert!(n <= size / cb, "volume {id}: {n} mapping records");
+            assert_eq!(n, want, "volume {id}'s mapping records");
+        }
+        p.checkpoint().unwrap();
+        let mut p = Pool::open(p.into_disk()).unwrap();
+        p.check().unwrap();
+        assert_eq!(p.read(s, 0, PIECE).unwrap(), vec![1u8; PIECE as usize]);
+        assert_eq!(p.read(s, small - cb, PIECE).unwrap(), vec![0u8; PIECE as usize]);
+        let u = p.clone_volume(t, "u").unwrap();
+        p.resize(u, small, false).unwrap();
+        assert_eq!(p.read(u, 200 * cb, PIECE).unwrap(), vec![0u8; PIECE as usize]);
+        let c = p.clone_volume(s, "c").unwrap();
+        p.resize(c, 4 * small, false).unwrap();
+        assert_eq!(p.read(c, far, PIECE).unwrap(), vec![0u8; PIECE as usize], "clone, grown");
+        p.rollback(v, s).unwrap();
+        p.resize(v, 4 * small, false).unwrap();
+        assert_eq!(p.read(v, far, PIECE).unwrap(), vec![0u8; PIECE as usize], "rolled back");
+        p.check().unwrap();
+        let baseline = {
+            for id in [c, s, v, u, t, w] {
+                p.delete(id).unwrap();
+            }
+            p.flush().unwrap();
+            p.leaked()
+        };
+        assert_eq!(baseline, 0, "no cluster leaked");
+    }
+
     #[test]
     fn snapshot_keeps_its_data_and_delete_returns_space() {
         let mut p = new_pool(1);

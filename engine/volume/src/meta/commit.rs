@@ -66,12 +66,14 @@ impl PoolMeta {
     }
 
     /// Whether the next commit should be a checkpoint instead (the ring is three quarters
-    /// used, or the pending records would not fit).
+    /// used, or the pending records would not fit: placed as the seal would place them, so
+    /// large records — configuration, names — are counted at their size, and a commit is
+    /// never refused for a full ring that a checkpoint would empty).
     pub fn wants_checkpoint(&self) -> bool {
         let free = self.journal.blocks_free();
         let ring = self.sb.journal_blocks;
-        let pending_blocks = (self.pending_records() as u64 * 40).div_ceil(3800) + 1;
-        free < ring / 4 || pending_blocks > free
+        let pending = self.family_pending.load(Ordering::Relaxed);
+        free < ring / 4 || self.journal.plan_room(pending).is_err()
     }
 
     /// Starts a commit: takes the pending records as journal blocks. The caller makes the
@@ -128,6 +130,7 @@ impl PoolMeta {
                     size_bytes: v.size_bytes,
                     read_only: v.read_only,
                     parent: v.parent,
+                    clusters: v.size_bytes.div_ceil(self.geo.cluster_bytes),
                     tree: v.tree.freeze(&mut seen),
                 };
                 volumes.insert(id, frozen);
@@ -212,6 +215,8 @@ struct FrozenVolume {
     size_bytes: u64,
     read_only: bool,
     parent: u32,
+    /// Volume clusters within its size: nothing is encoded beyond them.
+    clusters: u64,
     tree: FrozenTree,
 }
 
@@ -263,7 +268,10 @@ impl Frozen {
             };
             match base {
                 None => v.tree.for_each_mapped(&mut set),
-                Some(parent) => v.tree.for_each_difference(parent, &mut set),
+                // Within the volume's own size only: loading copies the parent's tree, and the
+                // `Resize` above drops what lies beyond the end (a snapshot of a volume that
+                // grew since maps none of the parent's later clusters out there).
+                Some(parent) => v.tree.for_each_difference(parent, v.clusters, &mut set),
             }
         }
         out

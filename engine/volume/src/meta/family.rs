@@ -330,10 +330,12 @@ impl Family {
         // still holds (their reference counts stay, but the survivor may now look like the
         // only owner): none of them may take an in-place write before this is durable, or a
         // crash would bring the tree back over data written since (found by the simulator: a
-        // deleted snapshot reappeared with its origin's later writes).
+        // deleted snapshot reappeared with its origin's later writes). Fresh clusters too,
+        // unlike `touch`: one the commit in flight maps may be shared by a snapshot that
+        // commit creates, which a crash after it would bring back (found by a review).
         for (_, e) in tree.entries() {
             if let Some(c) = e.cluster() {
-                self.touch(c);
+                self.epoch_touched.insert(c);
             }
         }
         let mut released = Vec::new();
@@ -384,10 +386,19 @@ impl Family {
                 }
             }
             Record::Resize { id, size_bytes } => {
-                let cb = self.geo.cluster_bytes;
+                let clusters = size_bytes.div_ceil(self.geo.cluster_bytes).max(1);
                 let Some(v) = self.volumes.get_mut(id) else { return };
-                v.tree.grow(size_bytes.div_ceil(cb).max(1));
+                // Nothing stays mapped beyond the new end. A live shrink trimmed it already
+                // (nothing to find); a snapshot or clone loaded as a copy of its parent's
+                // tree, then this, drops what the parent mapped out there since.
+                let beyond = v.tree.entries_in(clusters, v.tree.capacity());
+                v.tree.grow(clusters);
                 v.size_bytes = *size_bytes;
+                for (vc, _) in beyond {
+                    let unmap =
+                        Record::MapSet { volume: *id, vcluster: vc, entry: Entry::UNMAPPED.0 };
+                    self.apply(&unmap, link);
+                }
             }
             Record::ReadOnly { id } => {
                 if let Some(v) = self.volumes.get_mut(id) {

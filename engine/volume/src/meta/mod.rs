@@ -1004,6 +1004,61 @@ mod tests {
         true
     }
 
+    /// Pending records too big for the ring's free blocks make the next commit a checkpoint,
+    /// whatever their count: configuration records of ~3 KiB each filled a 16-block ring
+    /// that a count of 40 bytes per record thought had room, and every commit was refused
+    /// (every flush failed) until data records pushed the count up (found by a review).
+    #[test]
+    fn large_pending_records_make_the_commit_a_checkpoint() {
+        let g = PoolGeometry {
+            cluster_shift: 14,
+            journal_blocks: 16,
+            pool_uuid: [1; 16],
+            max_volumes: 8,
+            config_bytes: 8192,
+        };
+        let mut m = fresh_of(layout(1 << 20, &g).unwrap());
+        let value = "x".repeat(3000);
+        for i in 0..30 {
+            m.set_config("k", &format!("{i}{value}")).unwrap();
+        }
+        assert!(m.wants_checkpoint(), "30 records of 3 KiB do not fit a 16-block ring");
+        commit(&mut m);
+        assert!(m.config()["k"].starts_with("29x"));
+    }
+
+    /// A snapshot deleted while the commit creating it is in flight: once that commit is
+    /// durable it names the snapshot and its clusters, so until the delete is durable too the
+    /// origin may not write them in place — not even a cluster fresh in that commit (a crash
+    /// would bring the snapshot back holding the origin's later data; found by a review).
+    #[test]
+    fn a_snapshot_deleted_during_its_creating_commit_keeps_its_clusters_from_in_place_writes() {
+        let mut m = fresh();
+        let v = m.create_volume("v", 4 * m.cluster_bytes()).unwrap();
+        commit(&mut m);
+        assert!(write_cluster(&mut m, v, 0));
+        let s = m.snapshot(v, "s").unwrap();
+        let mut sealed = m.seal().unwrap().expect("no commit in flight");
+        m.delete(s).unwrap();
+        sealed.encode_now();
+        m.commit_done(sealed);
+        let mut plans = Vec::new();
+        m.plan_write(v, 0, PIECE, 0, Waiter(0), &mut plans).expect("nothing blocks it");
+        assert!(plans[0].copy_from.is_some(), "an in-place write into the snapshot's cluster");
+        for p in &plans {
+            m.finish_span(v, p);
+        }
+        m.end_write(v);
+        commit(&mut m);
+        // Durable now: the next write goes in place.
+        m.plan_write(v, 0, PIECE, 0, Waiter(0), &mut plans).expect("nothing blocks it");
+        assert!(plans[0].copy_from.is_none(), "the delete is durable: in place again");
+        for p in &plans {
+            m.abort_span(v, p);
+        }
+        m.end_write(v);
+    }
+
     /// Decisions run at once from several threads under shared borrows of the pool state —
     /// for different families, and for two volumes of one family (a volume and a clone of its
     /// snapshot, sharing clusters) —

@@ -12,9 +12,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Entries per node (one 4 KiB page of 8-byte entries).
-pub const FANOUT: usize = 512;
+/// Entries per node: one 4 KiB page of 8-byte entries. Four under the `small-tree` feature, for
+/// the simulator only (tests/e2e/sim_mutants.sh): its volumes of a few clusters then grow trees
+/// of several levels, and resizes cross them.
+pub const FANOUT: usize = 1 << FANOUT_BITS;
+#[cfg(not(feature = "small-tree"))]
 const FANOUT_BITS: u32 = 9;
+#[cfg(feature = "small-tree")]
+const FANOUT_BITS: u32 = 2;
 
 /// A leaf entry: pool cluster (40 bits) + written bitmap of its 4 KiB pieces (16 bits).
 /// 0 means unmapped (pool cluster 0 is never handed out).

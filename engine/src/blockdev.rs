@@ -54,6 +54,9 @@ pub struct Extent {
     pub zero: bool,
 }
 
+/// The most extents [`BlockDev::used_bytes`] looks at by default.
+pub const USED_EXTENTS_MAX: usize = 1024;
+
 pub trait BlockDev: Send + Sync {
     fn info(&self) -> &DevInfo;
 
@@ -92,6 +95,17 @@ pub trait BlockDev: Send + Sync {
     /// answering a client bounds the work and the reply; one summing the whole device passes
     /// `usize::MAX`).
     fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>>;
+
+    /// Bytes allocated (not holes), cheaply enough for a host's Identify: at most
+    /// [`USED_EXTENTS_MAX`] extents are looked at, and what they do not reach counts as
+    /// allocated (a heavily fragmented device reports more than it holds, never a stall).
+    fn used_bytes(&self) -> u64 {
+        let size = self.size_bytes();
+        let Ok(extents) = self.extents(0, size, USED_EXTENTS_MAX) else { return size };
+        let seen: u64 = extents.iter().map(|e| e.len).sum();
+        let holes: u64 = extents.iter().filter(|e| e.hole).map(|e| e.len).sum();
+        size - holes.min(seen)
+    }
 
     /// Whether all of `[offset, offset + len)` (non-empty, within the device) is unallocated:
     /// it reads as zeros and could be answered as a hole. Asked on every read only where

@@ -349,6 +349,16 @@ impl BlockDev for FileDev {
         Ok(())
     }
 
+    /// A file's allocated blocks, from one `fstat` (a block device: all of it).
+    fn used_bytes(&self) -> u64 {
+        let size = self.size_bytes();
+        if self.is_block_device {
+            return size;
+        }
+        use std::os::unix::fs::MetadataExt;
+        self.buffered.metadata().map_or(size, |m| (m.blocks() * 512).min(size))
+    }
+
     /// Stops seeking once it has `max` extents (each one or two `lseek`s on the core).
     fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {
         let end = offset.saturating_add(len).min(self.size_bytes());
@@ -572,6 +582,22 @@ mod extent_tests {
         }
         assert!(three.len() <= 3);
         assert!(all.iter().map(|e| e.len).sum::<u64>() == 16 << 20);
+    }
+
+    /// A file's used bytes come from its allocated blocks (one `fstat`, however fragmented).
+    #[test]
+    fn used_bytes_are_the_allocated_blocks() {
+        let path = std::env::temp_dir().join(format!("ballast-used-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let dev = FileDev::open(&path, Some(64 << 20), false).expect("a file device");
+        assert!(dev.used_bytes() < 64 << 10, "a new sparse file uses (almost) nothing");
+        for i in 0..256u64 {
+            dev.buffered.write_at(&[7u8; 4096], i << 18).expect("a write");
+        }
+        let used = dev.used_bytes();
+        let _ = std::fs::remove_file(&path);
+        // 256 blocks of 4 KiB; a filesystem may allocate more around each, never less.
+        assert!((1 << 20..=16 << 20).contains(&used), "{used} bytes used");
     }
 
     /// A file grown from outside is served at its new size after a rescan; one that shrank

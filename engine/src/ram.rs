@@ -222,6 +222,25 @@ mod tests {
         );
     }
 
+    /// Used bytes: exact for a device of few extents; beyond `USED_EXTENTS_MAX` of them what
+    /// was not looked at counts as used (bounded work, an answer never below the truth).
+    #[test]
+    fn used_bytes_look_at_a_bounded_number_of_extents() {
+        use crate::blockdev::USED_EXTENTS_MAX;
+        let dev = RamDev::new(8 * CHUNK);
+        dev.write(CHUNK, &[1u8; 16]);
+        dev.write(5 * CHUNK, &[1u8; 16]);
+        assert_eq!(dev.used_bytes(), 2 * CHUNK);
+        let n = 4 * USED_EXTENTS_MAX as u64;
+        let dev = RamDev::new(n * CHUNK);
+        for idx in (0..n).step_by(2) {
+            dev.write(idx * CHUNK, &[1u8; 16]);
+        }
+        let used = dev.used_bytes();
+        assert!(used >= n / 2 * CHUNK && used < n * CHUNK, "{used}");
+        assert_eq!(used, n * CHUNK - USED_EXTENTS_MAX as u64 / 2 * CHUNK);
+    }
+
     /// Written ranges are lent, ranges touching an unwritten or trimmed chunk are copied.
     #[test]
     fn only_written_ranges_are_lent() {

@@ -227,6 +227,44 @@ def part1(r):
         human = b.ctl("stats").stdout
         r.check("ballast stats prints the limits and connection counters",
                 "max connections 4096" in human and "refused" in human, human[-400:])
+        # Admin queues asking for 1 MiB log pages they never read: their responses are not
+        # charged to the payload budget, so an admin queue stops being read at 256 KiB unsent
+        # (it queued 16 MiB before, ~2 GiB with 128 of them).
+        time.sleep(1.5)
+        rss0 = rss_mib(pid)
+        readers = []
+        numd = (MiB // 4) - 1
+        glp = (0x70 | (numd & 0xFFFF) << 16, numd >> 16, 0, 0, 0, 0)
+        for _ in range(8):
+            h = nvmeraw.Host(nvmf_port, rcvbuf=4096)
+            h.handshake()
+            h.connect(nvmeraw.DISCOVERY_NQN, qid=0, sqsize=31)
+            h.enable()
+            h.s.setblocking(False)
+            cmds = b"".join(nvmeraw.capsule(nvmeraw.sqe(nvmeraw.OP_GET_LOG_PAGE, 100 + k,
+                                                        sgl_len=MiB, cdw=glp)) for k in range(30))
+            try:
+                h.s.send(cmds)
+            except BlockingIOError:
+                pass
+            readers.append(h)
+        time.sleep(2)
+        grown = rss_mib(pid) - rss0
+        r.check("8 admin queues asking for 30 x 1 MiB log pages they never read: daemon grew "
+                "%.0f MiB (< 48)" % grown, grown < 48)
+        for h in readers:
+            h.close()
+        # A discovery controller whose host asks for no keep-alive (`nvme discover` does)
+        # still has one, 120 s as Linux nvmet's: a host that vanishes does not hold it forever.
+        h = nvmeraw.Host(nvmf_port)
+        h.handshake()
+        h.connect(nvmeraw.DISCOVERY_NQN, qid=0, sqsize=31, kato_ms=0)
+        h.enable()
+        h.send(nvmeraw.capsule(nvmeraw.sqe(0x0A, h.next_cid(), cdw=(0x0F, 0, 0, 0, 0, 0))))
+        _, st, kato = h.response()
+        r.check("a discovery controller connected with KATO 0 keeps alive 120 s (%d ms)" % kato,
+                st == 0 and kato == 120000)
+        h.close()
         time.sleep(1.5)
         base = rss_mib(pid)
         print("baseline RSS %.1f MiB" % base)
@@ -390,6 +428,20 @@ def part2(r):
         # closes reach the server a moment later; counted early they made its checks flaky).
         r.check("the idle client and the admin queue close",
                 wait_for(lambda: stats(b)["connections"]["open"] == before - 2, 5),
+                json.dumps(stats(b)["connections"]))
+        # A queue the target is closing (here: a malformed PDU after reads it never takes) is
+        # dropped at the stall deadline like any other, not kept while its responses wait.
+        t0 = time.monotonic()
+        admin2, io2 = nvmeraw.io_queue(nvmf_port, NQN, rcvbuf=4096)
+        io2.s.sendall(b"".join(io2.read_cmd(slba=k * 32, nbytes=128 * 1024) for k in range(32))
+                      + b"\x7f" * 24)
+        dropped = hung_up_unread(io2.s, 10)
+        r.check("an NVMe/TCP queue closing with responses it never reads is dropped (%.1fs)"
+                % (time.monotonic() - t0), dropped)
+        admin2.close()
+        io2.close()
+        r.check("... and its controller's admin queue closes",
+                wait_for(lambda: stats(b)["connections"]["open"] == before - 2, 10),
                 json.dumps(stats(b)["connections"]))
         graceful_end(r, b)
 

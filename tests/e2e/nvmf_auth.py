@@ -182,7 +182,17 @@ def main(r):
         good = AuthHost(port)
         r.check_eq("a new connection with the current key authenticates", "success",
                    good.authenticate(keys["k3"]))
+        good.q.enable()
+        # Taking the host off the subsystem ends what it connected while allowed (as SPDK's
+        # nvmf_subsystem_remove_host disconnects it), and its key goes with it.
+        t0 = time.monotonic()
+        rpc("nvmf_subsystem_remove_host", {"nqn": NQN, "host": n.HOSTNQN})
+        gone = closed_by_peer(good.q.s, 5)
+        r.check("nvmf_subsystem_remove_host ends the host's live controller (%.1fs)"
+                % (time.monotonic() - t0), gone)
         good.close()
+        r.check("... and the removed host's new Connect is refused",
+                n.connect_status(port, NQN) != 0)
         r.check("no panics", not b.panics(), "\n".join(b.panics()[:5]))
 
 

@@ -156,7 +156,8 @@ pub fn refuse(control: &Control, subsys: &Subsystem, host: &str, names: &HostKey
     subsys.hosts.write().insert(host.to_string());
 }
 
-/// Forgets `host` on `subsys`: its listing, keys and refusal.
+/// Forgets `host` on `subsys`: its listing, keys and refusal; then ends its controllers there
+/// (what it connected while allowed does not outlive the permission, nor the keys it proved).
 pub fn forget(control: &Control, subsys: &Subsystem, host: &str) {
     let nqn = subsys.nqn.as_str();
     subsys.hosts.write().remove(host);
@@ -164,6 +165,10 @@ pub fn forget(control: &Control, subsys: &Subsystem, host: &str) {
     control.target.auth.set(host, nqn, None);
     control.host_keys.write().remove(&(nqn.to_string(), host.to_string()));
     subsys.refused_hosts.write().remove(host);
+    let ended = control.target.disconnect_host(nqn, host);
+    if ended > 0 {
+        tracing::info!(host, nqn, controllers = ended, "host removed: its controllers end");
+    }
 }
 
 /// Key `name` was added to the keyring: every refused host configured with it whose keys now

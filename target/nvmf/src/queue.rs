@@ -82,8 +82,15 @@ const RECV_BUF_MAX: usize = 256 * 1024;
 pub const MAXH2CDATA: u32 = 128 * 1024;
 /// Response bytes queued or being sent past which we stop reading from the host.
 const UNSENT_MAX: u64 = 16 << 20;
+/// The same for an admin queue, whose response data (log pages, identify structures: up to
+/// one maximum transfer each) is built for it and not charged to the core's budget: a host
+/// that asks and does not read holds at most this and one response.
+const ADMIN_UNSENT_MAX: u64 = 256 << 10;
 const TAG_RECV: u32 = u32::MAX;
 const TAG_SEND: u32 = u32::MAX - 1;
+/// The keep-alive timeout of a discovery controller whose host asked for none (Linux nvmet's
+/// `NVMET_DISC_KATO_MS`).
+const DISCOVERY_KATO_MS: u32 = 120_000;
 const TAG_TICK: u32 = u32::MAX - 2;
 const TAG_CANCEL: u32 = u32::MAX - 3;
 const TAG_POLL: u32 = u32::MAX - 4;
@@ -297,7 +304,7 @@ impl Queue {
 
     /// Back-pressure: a host that does not read its responses stops being read.
     fn saturated(&self) -> bool {
-        self.unsent() >= UNSENT_MAX
+        self.unsent() >= if self.qid == 0 { ADMIN_UNSENT_MAX } else { UNSENT_MAX }
     }
 
     /// Response bytes queued for the socket, encrypted or not, sent or not.
@@ -782,6 +789,9 @@ impl Queue {
                 );
             }
             let via = self.via.clone();
+            // A discovery controller that asks for no keep-alive (nvme-cli's `discover` does)
+            // still ends when its host vanishes, as Linux nvmet's does.
+            let kato_ms = if kato_ms == 0 { DISCOVERY_KATO_MS } else { kato_ms };
             self.target.new_controller(None, cd.hostnqn.clone(), cd.hostid, kato_ms, via)
         } else {
             let Some(subsys) = self.target.subsystem(&cd.subnqn) else {
@@ -814,6 +824,7 @@ impl Queue {
                     Some(c)
                         if !c.dead.load(Ordering::Relaxed)
                             && c.hostnqn == cd.hostnqn
+                            && c.via == self.via
                             && c.subsys.as_ref().is_some_and(|s| s.nqn == cd.subnqn) =>
                     {
                         c
@@ -1472,11 +1483,14 @@ impl Queue {
         // A moving queue's tick watches its last responses leave (the stall deadline); once
         // they are sent it is cancelled, and the queue's new core starts its own.
         let leaving = self.moving.is_some() && self.out.drained();
-        if self.tick_inflight || self.read_closed || leaving {
+        if self.tick_inflight || leaving || (self.read_closed && self.output_done()) {
             return;
         }
         self.tick_inflight = true;
-        let after = if let (Some(since), true) = (self.reauth_since, self.auth_pending()) {
+        let after = if self.read_closed {
+            // Closing with responses unsent: the stall deadline watches them leave.
+            IO_TICK.min(self.guard.limits().tick())
+        } else if let (Some(since), true) = (self.reauth_since, self.auth_pending()) {
             // A re-authentication: one wake-up, at its own deadline.
             let limit = self.guard.limits().handshake_timeout;
             limit.saturating_sub(since.elapsed()).max(Duration::from_millis(10))
@@ -1499,6 +1513,11 @@ impl Queue {
                 || self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::AwaitData { .. })))
     }
 
+    /// Everything queued for the socket has left (or the socket broke).
+    fn output_done(&self) -> bool {
+        self.out.drained() && self.tls.as_ref().is_none_or(|t| t.drained())
+    }
+
     /// Drops the connection at once (a deadline passed): in-flight receives and sends fail.
     fn abort(&mut self, why: &'static str) {
         tracing::info!(peer = %self.peer, qid = self.qid, why, "dropping NVMe/TCP connection");
@@ -1509,6 +1528,18 @@ impl Queue {
     fn on_tick(&mut self, cx: &mut Cx<'_>) {
         self.tick_inflight = false;
         if self.read_closed {
+            // Closing: a host that stops reading the last responses does not keep the
+            // connection (and what it holds) past the stall deadline.
+            if self.send_inflight()
+                && self.unsent() > 0
+                && self.progress.stalled(self.guard.limits(), Instant::now())
+            {
+                self.guard.stalled();
+                tracing::info!(peer = %self.peer, qid = self.qid, "closing: the host did not read its last responses within the deadline");
+                abort_socket(&self.fd);
+                return;
+            }
+            self.arm_tick(cx);
             return;
         }
         let now = Instant::now();
@@ -1543,7 +1574,10 @@ impl Queue {
                 self.target.now_ms().saturating_sub(ctrl.last_seen_ms.load(Ordering::Relaxed));
             if kato > 0 && idle > kato + kato / 2 {
                 tracing::warn!(peer = %self.peer, cntlid = ctrl.cntlid, idle_ms = idle, kato_ms = kato, "keep-alive timeout; tearing the controller down");
+                // Its I/O queues close at their next tick, not once this one has drained.
+                self.target.remove_controller(ctrl.cntlid);
                 self.close_read();
+                self.arm_tick(cx);
                 return;
             }
             self.deliver_events();
@@ -1778,7 +1812,7 @@ impl Task for Queue {
         if !self.read_closed || self.done {
             return;
         }
-        let output_done = self.out.drained() && self.tls.as_ref().is_none_or(|t| t.drained());
+        let output_done = self.output_done();
         let executing =
             self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::Executing { .. }));
         if !executing && output_done {

@@ -515,6 +515,18 @@ impl Target {
         Ok(())
     }
 
+    /// Ends every controller of `host` on subsystem `nqn` (its queues close when they next
+    /// look, within a tick): a host taken off a subsystem keeps no association it made while
+    /// it was allowed, as SPDK's `nvmf_subsystem_remove_host` disconnects it. Returns how many.
+    pub fn disconnect_host(&self, nqn: &str, host: &str) -> usize {
+        let gone: Vec<_> =
+            self.controllers_of(nqn).into_iter().filter(|c| c.hostnqn == host).collect();
+        for c in &gone {
+            c.dead.store(true, Ordering::Relaxed);
+        }
+        gone.len()
+    }
+
     pub fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
         self.subsystems.read().get(nqn).cloned()
     }

@@ -223,6 +223,10 @@ impl AdminState {
         let retain = sqe.cdw10 & (1 << 15) != 0;
         let numd = ((sqe.cdw11 & 0xffff) << 16 | (sqe.cdw10 >> 16)) as usize + 1;
         let offset = u64::from(sqe.cdw12) | (u64::from(sqe.cdw13) << 32);
+        if lid == LOG_CHANGED_NS && (offset % 4 != 0 || offset > identify::CHANGED_NS_LOG_LEN) {
+            // Refused before the read would empty the list (RAE clear): nothing is lost.
+            return Reply::status(status::INVALID_FIELD);
+        }
         let page = match (lid, self.discovery()) {
             (LOG_DISCOVERY, true) => {
                 identify::discovery_log(target, &self.ctrl.hostnqn, &self.ctrl.via)
@@ -415,6 +419,28 @@ mod tests {
         };
         assert_eq!(nsattr(&mut a, 1), 0);
         assert_eq!(nsattr(&mut a, 2), 1);
+    }
+
+    /// A Changed Namespace List read refused for its offset empties nothing: the next read
+    /// still names the namespace.
+    #[test]
+    fn a_refused_changed_namespace_read_keeps_the_list() {
+        let (t, mut a) = setup();
+        assert_eq!(a.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
+        let s = t.subsystem("nqn.2026-11.dev.ballast:t").unwrap();
+        assert_eq!(
+            t.add_namespace(&s.nqn, 3, Arc::new(RamDev::new(1 << 20)), 4096, "d").unwrap(),
+            3
+        );
+        // LID 04h, NUMD 1023 (4 KiB), RAE clear; offset 8192 (beyond the page), then 0.
+        let read = |a: &mut AdminState, offset: u32| {
+            a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x03ff_0004, 0, offset, 0, 0, 0]))
+        };
+        assert_eq!(read(&mut a, 8192).status, status::INVALID_FIELD);
+        let log = read(&mut a, 0).data.expect("the log");
+        assert_eq!(u32::from_le_bytes(log[0..4].try_into().unwrap()), 3, "still listed");
+        let log = read(&mut a, 0).data.expect("the log");
+        assert_eq!(u32::from_le_bytes(log[0..4].try_into().unwrap()), 0, "read once: emptied");
     }
 
     #[test]

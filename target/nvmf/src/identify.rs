@@ -147,8 +147,11 @@ pub fn firmware_log() -> Vec<u8> {
 }
 
 /// Changed Namespace List (log 04h); empties the list unless `retain`.
+/// The Changed Namespace List log page's length: 1024 namespace ids.
+pub const CHANGED_NS_LOG_LEN: u64 = 4096;
+
 pub fn changed_namespaces_log(ctrl: &Controller, retain: bool) -> Vec<u8> {
-    let mut b = vec![0u8; 4096];
+    let mut b = vec![0u8; CHANGED_NS_LOG_LEN as usize];
     let mut list = ctrl.changed_ns.lock();
     if list.len() > 1024 {
         put32(&mut b, 0, 0xffff_ffff);

@@ -239,8 +239,11 @@ class Host:
 
     def enable(self):
         """Property Set CC = EN | IOSQES 6 | IOCQES 4."""
+        self.set_cc(1 | (6 << 16) | (4 << 20))
+
+    def set_cc(self, cc):
+        """Property Set CC = `cc` (0: a controller reset)."""
         cid = self.next_cid()
-        cc = 1 | (6 << 16) | (4 << 20)
         cmd = sqe(FABRICS, cid, cdw=(0, 0x14, cc, 0, 0, 0), fctype=FCTYPE_PROPERTY_SET)
         cmd = cmd[:40] + bytes([1]) + cmd[41:]  # ATTRIB: 8-byte property
         self.send(capsule(cmd))

@@ -440,6 +440,12 @@ def part2(r):
                 % (time.monotonic() - t0), dropped)
         admin2.close()
         io2.close()
+        # A controller reset (CC.EN cleared) deletes its I/O queues.
+        admin3, io3 = nvmeraw.io_queue(nvmf_port, NQN)
+        admin3.set_cc(0)
+        r.check("a controller reset (CC.EN 1 -> 0) deletes its I/O queue", closed_by_peer(io3.s, 5))
+        admin3.close()
+        io3.close()
         r.check("... and its controller's admin queue closes",
                 wait_for(lambda: stats(b)["connections"]["open"] == before - 2, 10),
                 json.dumps(stats(b)["connections"]))

@@ -127,9 +127,15 @@ impl AdminState {
         if new & CC_EN != 0 && self.cc & CC_EN == 0 {
             self.csts = (self.csts & !CSTS_SHST_COMPLETE) | CSTS_RDY;
         }
-        if new & CC_EN == 0 && self.cc & CC_EN != 0 {
+        let reset = new & CC_EN == 0 && self.cc & CC_EN != 0;
+        let shutdown = new & CC_SHN_MASK != 0 && self.cc & CC_SHN_MASK == 0;
+        if reset {
             self.csts &= !CSTS_RDY;
             self.aers.clear();
+        }
+        if reset || shutdown {
+            // A reset or shutdown deletes the I/O queues: they see this and close.
+            self.ctrl.resets.fetch_add(1, Ordering::Release);
         }
         self.ctrl.enabled.store(new & CC_EN != 0, Ordering::Release);
         if new & CC_SHN_MASK != 0 {

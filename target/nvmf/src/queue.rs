@@ -211,6 +211,8 @@ pub struct Queue {
     /// queues when its secrets change): that transaction's deadline counts from here, not
     /// from the connection's start.
     reauth_since: Option<Instant>,
+    /// An I/O queue: its controller's resets when it connected (a later one deletes it).
+    resets_seen: u32,
     /// The core this queue is moving to (its namespace's home), from its Connect until it
     /// leaves.
     moving: Option<usize>,
@@ -267,6 +269,7 @@ impl Queue {
             auth: None,
             auth_away: None,
             reauth_since: None,
+            resets_seen: 0,
             moving: None,
             arrived: None,
             spread: None,
@@ -834,6 +837,8 @@ impl Queue {
                         return self.respond(sqe.cid, ipo, 0, status::CONNECT_INVALID_PARAMETERS);
                     }
                 };
+                // Read before CC.EN: a reset after this is one the queue sees.
+                self.resets_seen = ctrl.resets.load(Ordering::Acquire);
                 if !ctrl.enabled.load(Ordering::Acquire) {
                     return self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
                 }
@@ -1565,6 +1570,11 @@ impl Queue {
         };
         if ctrl.dead.load(Ordering::Relaxed) {
             tracing::info!(peer = %self.peer, cntlid = ctrl.cntlid, qid = self.qid, "controller gone; closing queue");
+            self.close_read();
+            return;
+        }
+        if self.qid != 0 && ctrl.resets.load(Ordering::Acquire) != self.resets_seen {
+            tracing::info!(peer = %self.peer, cntlid = ctrl.cntlid, qid = self.qid, "controller reset or shut down; deleting its I/O queue");
             self.close_read();
             return;
         }

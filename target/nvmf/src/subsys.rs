@@ -318,6 +318,9 @@ pub struct Controller {
     pub dead: AtomicBool,
     /// CC.EN, as set on the admin queue; I/O queues may connect only while it is set.
     pub enabled: AtomicBool,
+    /// Resets and shutdowns so far (CC.EN cleared, CC.SHN set): an I/O queue connected before
+    /// the last one is deleted by it (it closes at its next tick).
+    pub resets: AtomicU32,
     /// I/O queue ids connected now.
     pub io_qids: Mutex<BTreeSet<u16>>,
     /// I/O queues granted by Set Features (Number of Queues), 0's based.
@@ -647,6 +650,7 @@ impl Target {
                 last_seen_ms: AtomicU64::new(self.now_ms()),
                 dead: AtomicBool::new(false),
                 enabled: AtomicBool::new(false),
+                resets: AtomicU32::new(0),
                 io_qids: Mutex::default(),
                 // Until Set Features (Number of Queues) narrows it: every queue we could serve.
                 io_queues_granted: AtomicU32::new(

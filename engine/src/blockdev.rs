@@ -135,6 +135,14 @@ pub trait BlockDev: Send + Sync {
         false
     }
 
+    /// Whether [`IoCmd::WriteZeroes`] can be done at all (true, the default): false for a
+    /// file whose filesystem has neither `fallocate` mode, an NVMe namespace without Write
+    /// Zeroes. Front-ends then do not offer it (NBD must not fail a plain write-zeroes it
+    /// offered with ENOTSUP; clients write the zeros themselves instead).
+    fn zeroes_supported(&self) -> bool {
+        true
+    }
+
     /// Whether a write-zeroes (`may_unmap` as [`IoCmd::WriteZeroes`] has it) is quick: true,
     /// the default (memory, `fallocate` on a file, an NVMe Write Zeroes). A volume writes zeros
     /// where it may not unmap, a block device may have the kernel write them: NBD's FAST_ZERO

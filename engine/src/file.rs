@@ -60,6 +60,9 @@ pub struct FileDev {
     /// Not a block device, and its filesystem punches holes (probed at open): a discard
     /// zeroes its range.
     punches_holes: bool,
+    /// Not a block device, and its filesystem zeroes ranges in place (`FALLOC_FL_ZERO_RANGE`,
+    /// probed at open; NFS and ext3-style files have none).
+    zeroes_ranges: bool,
     /// Held by `grow` and `rescan`: the size only ever rises, one change at a time.
     resizing: parking_lot::Mutex<()>,
 }
@@ -102,7 +105,14 @@ impl FileDev {
     ) -> Result<FileDev, FileDevError> {
         let err = |source| FileDevError::Open { path: path.to_path_buf(), source };
         if let (Some(size), false) = (create_size, path.exists()) {
-            let f = OpenOptions::new().write(true).create_new(true).open(path).map_err(err)?;
+            // An export's data: the daemon's user's alone, whatever the umask.
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(err)?;
             f.set_len(size).map_err(err)?;
         }
         let (direct, mode) = sys::open_direct(path, read_only).map_err(err)?;
@@ -123,6 +133,13 @@ impl FileDev {
         let in_memory = !is_block_device && on_memory_filesystem(&direct);
         // Whether a discard zeroes (DLFEAT): a hole punched past the end changes nothing and
         // says whether the filesystem punches holes at all (ramfs gets zeros written instead).
+        // Whether it zeroes ranges in place: probed first, past the end (where it may
+        // preallocate a block the hole punched next gives back).
+        let zeroes_ranges = !is_block_device && !read_only && !in_memory && {
+            use nix::fcntl::{fallocate, FallocateFlags as F};
+            let flags = F::FALLOC_FL_ZERO_RANGE | F::FALLOC_FL_KEEP_SIZE;
+            fallocate(buffered.as_fd(), flags, size_bytes as libc::off_t, 4096).is_ok()
+        };
         let punches_holes = !is_block_device
             && (read_only || in_memory || {
                 use nix::fcntl::{fallocate, FallocateFlags as F};
@@ -154,6 +171,7 @@ impl FileDev {
             lbs,
             in_memory,
             punches_holes,
+            zeroes_ranges,
             resizing: parking_lot::Mutex::new(()),
         })
     }
@@ -297,12 +315,15 @@ impl BlockDev for FileDev {
                     return cx.complete(tag, -libc::EINVAL, Owned::None);
                 }
                 // On a block device ZERO_RANGE zeroes on any device (falling back to writing
-                // zeros); a hole punched there would fail where the device cannot unmap.
-                let mode = if may_unmap && !self.is_block_device {
-                    libc::FALLOC_FL_PUNCH_HOLE
-                } else {
-                    libc::FALLOC_FL_ZERO_RANGE
-                } | libc::FALLOC_FL_KEEP_SIZE;
+                // zeros); a hole punched there would fail where the device cannot unmap. On a
+                // file, the mode its filesystem has: a hole where unmapping is allowed (or no
+                // zeroing in place exists), else zeros in place.
+                let punch = !self.is_block_device
+                    && self.punches_holes
+                    && (may_unmap || !self.zeroes_ranges);
+                let mode =
+                    if punch { libc::FALLOC_FL_PUNCH_HOLE } else { libc::FALLOC_FL_ZERO_RANGE }
+                        | libc::FALLOC_FL_KEEP_SIZE;
                 let file = cx.file_ref(&self.direct_reg);
                 cx.submit(Op::Fallocate { file, mode, offset, len }, tag);
             }
@@ -395,6 +416,16 @@ impl BlockDev for FileDev {
             return Ok(());
         }
         self.direct.sync_data()
+    }
+
+    /// A block device zeroes always (the kernel writes zeros where the device has no
+    /// offload); memory too; a file where its filesystem has one of the two modes.
+    fn zeroes_supported(&self) -> bool {
+        self.is_block_device
+            || self.in_memory
+            || self.info.read_only
+            || self.punches_holes
+            || self.zeroes_ranges
     }
 
     /// On a block device the kernel may write the zeros (devices without an offload).

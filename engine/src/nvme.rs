@@ -389,6 +389,10 @@ impl BlockDev for NvmeDev {
         }
     }
 
+    fn zeroes_supported(&self) -> bool {
+        self.ctrl.write_zeroes
+    }
+
     fn extents(&self, offset: u64, len: u64, _max: usize) -> std::io::Result<Vec<Extent>> {
         // Allocation is the controller's business (Get LBA Status is optional): all data.
         let end = offset.saturating_add(len).min(self.size_bytes);

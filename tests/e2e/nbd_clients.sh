@@ -141,6 +141,8 @@ start_ballast || finish
 
 check "default pool created as a 10 GiB sparse file in the data dir" \
     test "$(stat -c %s "$DATA_DIR/pool.img" 2>/dev/null)" = $((10240 * MiB))
+check_eq "the default pool is the daemon's user's alone (mode 600, whatever the umask)" 600 \
+    "$(stat -c %a "$DATA_DIR/pool.img" 2>/dev/null)"
 check "the default pool holds volume vol0 of 1 GiB" \
     sh -c "ballast_list=\$('$(ballast_bin)' volume list --json --rpc-socket '$RPC_SOCK'); echo \"\$ballast_list\" | grep -q '\"name\": \"vol0\"' && echo \"\$ballast_list\" | grep -q '\"size_bytes\": 1073741824'"
 check_eq "empty export name maps to vol0 (1 GiB)" $((1024 * MiB)) \

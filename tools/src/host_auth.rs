@@ -21,6 +21,8 @@ use crate::keyring::Keyring;
 pub enum HostKeyError {
     #[error("no key named {0:?} in the keyring")]
     NoKey(String),
+    #[error("a key's text was given where a keyring name belongs (not shown): add it to the keyring (keyring_file_add_key) and give its name")]
+    KeyTextForName,
     #[error("key {name:?} is unavailable: {why}")]
     Unavailable { name: String, why: String },
     #[error("key {name:?}: {why}")]
@@ -48,6 +50,9 @@ fn key_text(keyring: &Keyring, name: &str) -> Result<zeroize::Zeroizing<String>,
     }
     match keyring.list().into_iter().find(|k| k.name == name).and_then(|k| k.unavailable) {
         Some(why) => Err(HostKeyError::Unavailable { name: name.into(), why }),
+        // nvme-cli takes key text where SPDK takes a keyring name: such a "name" is not
+        // repeated in the reply or the log.
+        None if crate::keyring::looks_like_key_text(name) => Err(HostKeyError::KeyTextForName),
         None => Err(HostKeyError::NoKey(name.into())),
     }
 }
@@ -202,4 +207,20 @@ pub fn readmit_with(control: &Control, name: &str) -> usize {
         control.target.genctr.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     admitted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Key text given where a keyring name belongs is refused without being repeated.
+    #[test]
+    fn key_text_given_as_a_name_is_not_repeated() {
+        let ring = Keyring::default();
+        let text = "DHHC-1:00:c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0:";
+        let e = key_text(&ring, text).unwrap_err();
+        assert!(matches!(e, HostKeyError::KeyTextForName));
+        assert!(!e.to_string().contains("c2Vj"), "{e}");
+        assert!(matches!(key_text(&ring, "k1").unwrap_err(), HostKeyError::NoKey(_)));
+    }
 }

@@ -4,9 +4,10 @@
 //! `rpc_keyring`; the pool keeps each key's name and path (`persist`), never its text.
 //!
 //! Invariants:
-//! - a key file must be given by an absolute path and be readable by its owner only (mode
-//!   0600 or stricter), as SPDK's keyring_file requires; its text is read once, when added
-//!   (or restored at start-up);
+//! - a key file must be given by an absolute path, be readable by its owner only (mode 0600
+//!   or stricter) and be owned by the daemon's user (or root), as SPDK's keyring_file
+//!   requires; it is opened once, checked on that descriptor and read without blocking, at
+//!   most `KEY_FILE_MAX` bytes; its text is read once, when added (or restored at start-up);
 //! - a key restored at start-up whose file cannot be read any more is held as *unavailable*:
 //!   listed with the reason (which names the path, never the text), resolving to no text, and
 //!   counted in [`KEYS_MAX`]; adding it again under its name replaces it;
@@ -45,8 +46,12 @@ pub enum KeyringError {
     Read { path: String, source: std::io::Error },
     #[error("Invalid permissions for key file '{path}': 0{mode:o} (chmod 600)")]
     Permissions { path: String, mode: u32 },
-    #[error("key file {0}: not a regular file of at most 4096 bytes")]
+    #[error("key file {0}: not a regular file of at most 4096 bytes of text")]
     NotAKeyFile(String),
+    #[error("key file {path} is owned by uid {uid}, not by the daemon's user or root")]
+    Owner { path: String, uid: u32 },
+    #[error("a key's text was given where its file's path belongs (not shown): give the path")]
+    KeyTextForPath,
     #[error("File exists")]
     Exists,
     #[error("the keyring holds {KEYS_MAX} keys already")]
@@ -68,23 +73,53 @@ pub struct Keyring {
     keys: RwLock<BTreeMap<String, KeyFile>>,
 }
 
-/// The text of key file `path` (absolute, owner-only, a regular file of at most
-/// `KEY_FILE_MAX` bytes), trimmed.
+/// Whether `s` looks like a key's text (an NVMe TLS PSK or a DH-HMAC-CHAP secret in their
+/// interchange formats): given where a name or a path belongs, it is refused without being
+/// repeated in the error or the log.
+pub fn looks_like_key_text(s: &str) -> bool {
+    let s = s.trim_start();
+    s.starts_with("NVMeTLSkey-") || s.starts_with("DHHC-")
+}
+
+/// The text of key file `path` (absolute; a regular file of at most `KEY_FILE_MAX` bytes,
+/// owned by the daemon's user or root, readable by its owner only), trimmed. Opened once and
+/// checked on that descriptor (what is read is what was checked); never blocks (a FIFO or a
+/// /proc file is refused, not waited on); reads at most one byte past the bound.
 fn read_key_file(path: &Path) -> Result<Zeroizing<String>, KeyringError> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let shown = path.display().to_string();
+    if looks_like_key_text(&shown) {
+        return Err(KeyringError::KeyTextForPath);
+    }
     if !path.is_absolute() {
         return Err(KeyringError::RelativePath(shown));
     }
     let read_err = |source| KeyringError::Read { path: shown.clone(), source };
-    let meta = std::fs::metadata(path).map_err(read_err)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyringError::Permissions { path: shown, mode });
     }
+    // As SPDK's keyring_file: a file another user owns could be changed under us.
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(KeyringError::Owner { path: shown, uid: meta.uid() });
+    }
     if !meta.is_file() || meta.len() > KEY_FILE_MAX {
         return Err(KeyringError::NotAKeyFile(shown));
     }
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(read_err)?);
+    let mut bytes = Zeroizing::new(Vec::with_capacity(KEY_FILE_MAX as usize + 1));
+    file.take(KEY_FILE_MAX + 1).read_to_end(&mut bytes).map_err(read_err)?;
+    if bytes.len() as u64 > KEY_FILE_MAX {
+        return Err(KeyringError::NotAKeyFile(shown));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| KeyringError::NotAKeyFile(shown))?;
     Ok(Zeroizing::new(text.trim().to_string()))
 }
 
@@ -196,6 +231,41 @@ mod tests {
         std::fs::write(&path, "NVMeTLSkey-1:01:secretsecret:\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         (dir, path)
+    }
+
+    /// What is read is a bounded regular file, checked on the descriptor read from: a FIFO is
+    /// refused at once (not waited on), a file over the bound refused, key text given as a
+    /// path refused without being repeated.
+    #[test]
+    fn key_files_are_read_without_blocking_and_within_the_bound() {
+        let dir = std::env::temp_dir().join(format!("ballast-keyring-b-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ring = Keyring::default();
+        let fifo = dir.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let t0 = std::time::Instant::now();
+        assert!(matches!(ring.add("f", fifo.clone()), Err(KeyringError::NotAKeyFile(_))));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(2), "a FIFO was waited on");
+        let big = dir.join("big");
+        std::fs::write(&big, vec![b'a'; 4097]).unwrap();
+        std::fs::set_permissions(&big, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(ring.add("b", big), Err(KeyringError::NotAKeyFile(_))));
+        let text = "NVMeTLSkey-1:01:c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0:";
+        let e = ring.add("t", text.into()).unwrap_err();
+        assert!(matches!(e, KeyringError::KeyTextForPath));
+        assert!(!e.to_string().contains("c2Vj"), "{e}");
+        // A file another user owns (as root we can make one): refused, as SPDK refuses it.
+        if nix::unistd::geteuid().is_root() {
+            let theirs = dir.join("theirs");
+            std::fs::write(&theirs, "x").unwrap();
+            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(12345), None).unwrap();
+            let e = ring.add("o", theirs).unwrap_err();
+            assert!(matches!(e, KeyringError::Owner { uid: 12345, .. }), "{e}");
+        }
+        assert!(ring.list().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -291,7 +291,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let notifier = crate::notify::Notifier::from_env()?.map(Arc::new);
     raise_fd_limit();
-    std::fs::create_dir_all(&args.data_dir)
+    // The data directory holds the default pool, the control socket's directory and kept
+    // state: the daemon's user's alone (existing directories are left as they are).
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
 
     let pool_path = match (&args.pool, args.exports.is_empty()) {
@@ -305,6 +311,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         (None, false) => None,
     };
+    if let Some(path) = &pool_path {
+        warn_if_others_may_read(path);
+    }
     let pool = match &pool_path {
         Some(path) => {
             let t = std::time::Instant::now();
@@ -562,6 +571,20 @@ fn create_default_pool(path: &Path) -> anyhow::Result<()> {
     pool.checkpoint_blocking()?;
     tracing::info!(path = %path.display(), "created the default pool with volume vol0");
     Ok(())
+}
+
+/// A pool file other users may read holds every volume's data open to them: said at start.
+fn warn_if_others_may_read(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.is_file() && m.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", m.permissions().mode() & 0o777),
+                "the pool file is open to other users (group or others may use it): chmod 600"
+            );
+        }
+    }
 }
 
 fn raise_fd_limit() {

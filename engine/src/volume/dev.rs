@@ -279,7 +279,9 @@ impl PoolHandle {
     /// block device or NVMe namespace takes its whole size).
     pub fn create(path: &Path, size: Option<u64>, g: PoolGeometry) -> Result<(), PoolError> {
         if let (Some(size), false) = (size, path.exists()) {
-            let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+            // The volumes' data: the daemon's user's alone (docs/SECURITY.md).
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
             f.set_len(size)?;
         }
         let disk = PoolDisk::open(path, true)?;

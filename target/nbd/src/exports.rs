@@ -37,7 +37,12 @@ impl Export {
         if self.read_only() {
             flags |= codec::TF_READ_ONLY;
         } else {
-            flags |= codec::TF_SEND_TRIM | codec::TF_SEND_WRITE_ZEROES | codec::TF_SEND_FAST_ZERO;
+            flags |= codec::TF_SEND_TRIM;
+            // Offered only where the device can do it: a plain write-zeroes offered must not
+            // fail with ENOTSUP (proto.md); without it clients write the zeros themselves.
+            if self.dev.zeroes_supported() {
+                flags |= codec::TF_SEND_WRITE_ZEROES | codec::TF_SEND_FAST_ZERO;
+            }
         }
         if structured {
             flags |= codec::TF_SEND_DF;
@@ -165,5 +170,56 @@ impl ExportTable {
     /// Every export's device (for flushing at shutdown).
     pub fn devices(&self) -> Vec<Arc<dyn BlockDev>> {
         self.inner.read().map.values().map(|e| e.dev.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ballast_engine::blockdev::{DevInfo, Extent, IoCmd};
+    use ballast_engine::ram::RamDev;
+    use ballast_engine::reactor::Cx;
+
+    /// A device that cannot write zeroes (an NVMe namespace without Write Zeroes, a file on a
+    /// filesystem with neither fallocate mode); otherwise memory.
+    struct NoZeroes(RamDev);
+
+    impl BlockDev for NoZeroes {
+        fn info(&self) -> &DevInfo {
+            self.0.info()
+        }
+        fn size_bytes(&self) -> u64 {
+            self.0.size_bytes()
+        }
+        fn submit(&self, cx: &mut Cx<'_>, cmd: IoCmd, tag: u32) {
+            self.0.submit(cx, cmd, tag)
+        }
+        fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {
+            self.0.extents(offset, len, max)
+        }
+        fn flush_blocking(&self) -> std::io::Result<()> {
+            self.0.flush_blocking()
+        }
+        fn zeroes_supported(&self) -> bool {
+            false
+        }
+    }
+
+    /// Write-zeroes (and FAST_ZERO with it) is offered only where the device can do it: a
+    /// plain one offered must not fail with ENOTSUP.
+    #[test]
+    fn write_zeroes_is_offered_only_where_the_device_zeroes() {
+        let export = |dev: Arc<dyn BlockDev>| Export {
+            name: "e".into(),
+            description: String::new(),
+            dev,
+            read_only: false,
+        };
+        let zeroes = codec::TF_SEND_WRITE_ZEROES | codec::TF_SEND_FAST_ZERO;
+        let can = export(Arc::new(RamDev::new(1 << 20))).transmission_flags(true);
+        assert_eq!(can & zeroes, zeroes);
+        let cannot = export(Arc::new(NoZeroes(RamDev::new(1 << 20)))).transmission_flags(true);
+        assert_eq!(cannot & zeroes, 0);
+        assert_ne!(cannot & codec::TF_SEND_TRIM, 0, "trim is still offered");
     }
 }

@@ -133,7 +133,7 @@ impl TlsKey {
             "00" => PskTransform::None,
             "01" => PskTransform::Sha256,
             "02" => PskTransform::Sha384,
-            _ => return Err(PskError::UnknownHash(xx.chars().take(4).collect())),
+            _ => return Err(PskError::UnknownHash(secret::shown_hash_field(xx))),
         };
         let key = secret::decode_body(body, &[32, 48], "32 or 48")?;
         let key = TlsKey { transform, key };

@@ -102,6 +102,16 @@ pub fn crc32(key: &[u8]) -> u32 {
     crc32fast::hash(key)
 }
 
+/// A key's hash field as an error may show it: two digits as given, anything else not at all
+/// (a malformed key may have its secret where the field belongs).
+pub fn shown_hash_field(xx: &str) -> String {
+    if xx.len() == 2 && xx.bytes().all(|b| b.is_ascii_digit()) {
+        xx.to_string()
+    } else {
+        "(not two digits)".to_string()
+    }
+}
+
 /// Decodes `base64(key || crc32_le(key))`, checks the CRC, and returns the key if its length
 /// is one of `key_lens`. `expected` names the allowed lengths for the error.
 pub fn decode_body(

@@ -60,7 +60,7 @@ impl DhchapSecret {
             "01" => Some(HashId::Sha256),
             "02" => Some(HashId::Sha384),
             "03" => Some(HashId::Sha512),
-            _ => return Err(SecretError::UnknownHash(xx.chars().take(4).collect())),
+            _ => return Err(SecretError::UnknownHash(crate::secret::shown_hash_field(xx))),
         };
         let key = secret::decode_body(body, &[32, 48, 64], "32, 48 or 64")?;
         DhchapSecret::new(transform, key)
@@ -169,6 +169,11 @@ mod tests {
             DhchapSecret::parse(&good.replace(":01:", ":04:")).unwrap_err(),
             SecretError::UnknownHash("04".into())
         );
+        // A key whose secret sits where the hash belongs (`DHHC-1:<secret>::`): not one
+        // character of it in the error.
+        let body = good.split(':').nth(2).unwrap();
+        let err = DhchapSecret::parse(&format!("DHHC-1:{body}::")).unwrap_err();
+        assert!(!err.to_string().contains(&body[..2]), "{err}");
         assert!(matches!(
             DhchapSecret::parse(&good.replace(":01:", ":03:")),
             Err(SecretError::KeyLength { .. })

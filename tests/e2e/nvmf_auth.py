@@ -193,6 +193,23 @@ def main(r):
         good.close()
         r.check("... and the removed host's new Connect is refused",
                 n.connect_status(port, NQN) != 0)
+        # Removing a key from the keyring revokes it at once (SPDK: ENOKEY to every later
+        # use): its hosts are refused and disconnected; adding it again admits them with it.
+        rpc("nvmf_subsystem_add_host", {"nqn": NQN, "host": n.HOSTNQN, "dhchap_key": "k3"})
+        live = AuthHost(port)
+        r.check_eq("host added back with k3 authenticates", "success", live.authenticate(keys["k3"]))
+        live.q.enable()
+        rpc("keyring_file_remove_key", {"name": "k3"})
+        r.check("keyring_file_remove_key ends the live controller authenticated with it",
+                closed_by_peer(live.q.s, 5))
+        live.close()
+        r.check("... and its host is refused at Connect while the key is gone",
+                n.connect_status(port, NQN) != 0)
+        rpc("keyring_file_add_key", {"name": "k3", "path": os.path.join(b.tmp, "k3.key")})
+        back = AuthHost(port)
+        r.check_eq("the key added again admits the host with it", "success",
+                   back.authenticate(keys["k3"]))
+        back.close()
         r.check("no panics", not b.panics(), "\n".join(b.panics()[:5]))
 
 

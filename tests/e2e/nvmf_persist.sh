@@ -208,5 +208,18 @@ serve || finish
 check_eq "after kill -9 and restart: $LIM is gone" "False" \
     "$(rpc nvmf_get_subsystems | py 'any(s["nqn"] == "'"$LIM"'" for s in j)')"
 check_eq "and $NQN is as configured" "psk:0x184 dh:0x0+atr gpsk:0x184 gdh:0x0+atr plain:0x0 tls-port:closed" "$(sees)"
+# The secure channel is the address's: another subsystem listening on the TLS port without
+# asking for TLS does not open it to plaintext (the strictest asked holds, as after a restart).
+OTHER=nqn.2026-12.dev.ballast:other
+check "nvmf_create_subsystem $OTHER" rpc nvmf_create_subsystem "$OTHER" -a
+check "$OTHER listens on the TLS port without -k" \
+    rpc nvmf_subsystem_add_listener "$OTHER" -t tcp -a 127.0.0.1 -s "$TLS_PORT"
+check "$OTHER listens there with TLS optional (ballast's secure_channel \"optional\")" \
+    "$(ballast_bin)" rpc nvmf_subsystem_add_listener --rpc-socket "$RPC_SOCK" \
+    '{"nqn": "'"$OTHER"'", "secure_channel": "optional", "listen_address": {"trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": "'"$TLS_PORT"'"}}' 
+check_eq "the TLS port still requires TLS" "True" \
+    "$(rpc nvmf_subsystem_get_listeners "$NQN" | py '[l["secure_channel"] for l in j if l["address"]["trsvcid"] == "'"$TLS_PORT"'"][0]')"
+check_eq "and plaintext is still refused there" \
+    "psk:0x184 dh:0x0+atr gpsk:0x184 gdh:0x0+atr plain:0x0 tls-port:closed" "$(sees)"
 check_eq "the log holds no key in any form" "none" "$(no_secret "$BALLAST_LOG")"
 finish

@@ -269,7 +269,9 @@ pub fn has_settings(control: &Control, nqn: &str) -> bool {
 }
 
 /// How strict a secure-channel mode is (restoring keeps the strictest asked for an address).
-fn strictness(mode: SecureChannel) -> u8 {
+/// How much a secure channel asks: an address shared by subsystems asks the most any of them
+/// was given (at restore and at `nvmf_subsystem_add_listener` alike).
+pub fn strictness(mode: SecureChannel) -> u8 {
     match mode {
         SecureChannel::None => 0,
         SecureChannel::Optional => 1,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::control::{Control, Method};
+use crate::control::{Control, HostKeyNames, Method};
 use crate::keyring::KeyringError;
 use crate::persist::PersistError;
 use crate::rpc_error::{
@@ -86,20 +86,32 @@ fn remove_key(control: &Control, p: &Value) -> Result<Value, RpcError> {
     }
     crate::persist::forget_key(control, &r.name).map_err(persist_err)?;
     control.keyring.remove(&r.name).map_err(rpc_err)?;
-    let users: Vec<String> = control
+    // Revoked at once, as SPDK's removed key is (ENOKEY to every later use): the hosts that
+    // use it are refused (listed, keys cleared) and their live controllers end; adding a key
+    // of that name again admits them with it (`readmit_with`).
+    let users: Vec<((String, String), HostKeyNames)> = control
         .host_keys
         .read()
         .iter()
         .filter(|(_, names)| names.key_names().any(|n| n == r.name))
-        .map(|((nqn, host), _)| format!("{host} on {nqn}"))
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    for ((nqn, host), names) in &users {
+        if let Some(subsys) = control.target.subsystem(nqn) {
+            crate::host_auth::refuse(control, &subsys, host, names);
+            control.target.disconnect_host(nqn, host);
+        }
+    }
     if !users.is_empty() {
+        let users: Vec<String> =
+            users.iter().map(|((nqn, host), _)| format!("{host} on {nqn}")).collect();
         tracing::warn!(
             key = r.name,
             ?users,
-            "key removed while hosts use it: they keep it until the daemon restarts, then are \
-             refused until it is added again"
+            "key removed while hosts use it: they are refused (and disconnected) until a key of \
+             that name is added again"
         );
+        control.target.genctr.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(json!(true))
 }

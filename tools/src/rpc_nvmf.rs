@@ -688,10 +688,23 @@ fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
             }
             return Err(invalid_parameters(format!("{e:#}")));
         }
-    } else if secure != SecureChannel::None {
+    }
+    // The channel is the address's, shared by every subsystem listening there: a listener
+    // added asking more makes it stricter, never weaker (another subsystem's hosts without
+    // keys would otherwise be let in in plaintext, or ones with none locked out) — as the
+    // restore at start-up takes the strictest.
+    let before = target.secure_channel(&via);
+    if bound && persist::strictness(secure) > persist::strictness(before) {
         target.set_secure_channel(via.clone(), secure);
     }
-    persist::keep_listener(control, &l.nqn, addr, true, secure).map_err(persist_err)?;
+    if let Err(e) = persist::keep_listener(control, &l.nqn, addr, true, secure) {
+        // Nothing changed but the socket bound, which answers discovery and serves no
+        // subsystem more than before.
+        if target.secure_channel(&via) != before {
+            target.set_secure_channel(via.clone(), before);
+        }
+        return Err(persist_err(e));
+    }
     if discovery {
         target.discovery_services.write().insert(via);
         target.genctr.fetch_add(1, Ordering::Relaxed);

@@ -293,6 +293,9 @@ pub struct Ring {
     /// slot holding it.
     #[allow(clippy::vec_box)]
     timespecs: Vec<Box<types::Timespec>>,
+    /// Completions reaped while a push waited for room (the kernel refused a submission for
+    /// completions not yet reaped): handed out first by the next `reap`.
+    stash: Vec<Completion>,
 }
 
 /// What a ring has done, cumulative: system calls and the socket operations among its work
@@ -350,6 +353,7 @@ impl Ring {
             counters: RingCounters::default(),
             tables,
             timespecs: Vec::with_capacity(TIMESPECS_KEPT),
+            stash: Vec::new(),
         })
     }
 
@@ -423,7 +427,18 @@ impl Ring {
         // `vacant_entry_for`, which stays in place (boxed/heap) until this entry is reaped.
         while unsafe { self.ring.submission().push(&entry) }.is_err() {
             self.counters.enters += 1;
-            self.ring.submit().map_err(RingError::Enter)?;
+            match self.ring.submit() {
+                Ok(_) => {}
+                // EBUSY: the kernel takes no entry while completions wait that nobody reaped
+                // (its queue overflowed): reap them aside (the next `reap` hands them out) and
+                // try again; EINTR/EAGAIN: again. A core is not brought down by either.
+                Err(e) if is_transient(&e) => {
+                    let mut stash = std::mem::take(&mut self.stash);
+                    self.reap_ring(&mut stash);
+                    self.stash = stash;
+                }
+                Err(e) => return Err(RingError::Enter(e)),
+            }
         }
         Ok(())
     }
@@ -601,6 +616,10 @@ impl Ring {
 
     /// Submits and sleeps until at least one completion arrives or `timeout` passes.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> Result<(), RingError> {
+        if !self.stash.is_empty() {
+            // Completions are waiting already (set aside by a push): no sleep.
+            return self.submit().map(|_| ());
+        }
         self.counters.enters += 1;
         let result = match timeout {
             None => self.ring.submit_and_wait(1).map(|_| ()),
@@ -617,8 +636,16 @@ impl Ring {
         }
     }
 
-    /// Moves every available completion into `out`; returns how many.
+    /// Moves every available completion into `out` (those set aside by a push first); returns
+    /// how many.
     pub fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        let stashed = self.stash.len();
+        out.append(&mut self.stash);
+        stashed + self.reap_ring(out)
+    }
+
+    /// Moves the completions the kernel has posted into `out`; returns how many.
+    fn reap_ring(&mut self, out: &mut Vec<Completion>) -> usize {
         let mut count = 0;
         for cqe in self.ring.completion() {
             let key = cqe.user_data() as usize;
@@ -676,6 +703,28 @@ mod tests {
             ring.reap(&mut out);
         }
         out.pop().unwrap()
+    }
+
+    /// Many more operations than the ring has room for, none reaped meanwhile (the kernel's
+    /// completion queue overflows): every push succeeds, and every completion is reaped
+    /// once, none lost or doubled.
+    #[test]
+    fn pushes_past_an_overflowing_completion_queue_lose_nothing() {
+        let mut ring = Ring::new(4).unwrap();
+        let n = 2000u64;
+        for t in 0..n {
+            ring.push(Op::Timer { after: Duration::ZERO }, t).unwrap();
+        }
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (out.len() as u64) < n && std::time::Instant::now() < deadline {
+            ring.submit_and_wait(Some(Duration::from_millis(10))).unwrap();
+            ring.reap(&mut out);
+        }
+        let mut tokens: Vec<u64> = out.iter().map(|c| c.token).collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, (0..n).collect::<Vec<_>>());
+        assert_eq!(ring.inflight(), 0);
     }
 
     /// Reaped timers' deadlines are kept for the next timers, up to `TIMESPECS_KEPT`: more

@@ -114,6 +114,12 @@ impl FileDev {
                 .open(path)
                 .map_err(err)?;
             f.set_len(size).map_err(err)?;
+            // The file and its name are durable before anything is written to it (a flush
+            // later syncs the data, not necessarily a new file's directory entry).
+            f.sync_all().map_err(err)?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+            }
         }
         let (direct, mode) = sys::open_direct(path, read_only).map_err(err)?;
         if mode == CacheMode::Buffered {

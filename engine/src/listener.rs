@@ -18,6 +18,9 @@ use crate::reactor::{Cx, Msg, Task};
 pub type ConnFactory = Arc<dyn Fn(OwnedFd, String, ConnGuard) -> Box<dyn Task> + Send + Sync>;
 
 const TAG_ACCEPT: u32 = 0;
+const TAG_BACKOFF: u32 = 1;
+/// The first wait after a failed accept; doubling with the failures in a row, up to 16x.
+const BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(5);
 
 pub struct Acceptor {
     listener: TcpListener,
@@ -29,6 +32,8 @@ pub struct Acceptor {
     inflight: bool,
     stopping: bool,
     errors_in_a_row: u32,
+    /// A back-off timer after a failed accept is running (accepting again at once would spin).
+    backoff: bool,
 }
 
 impl Acceptor {
@@ -47,6 +52,7 @@ impl Acceptor {
             inflight: false,
             stopping: false,
             errors_in_a_row: 0,
+            backoff: false,
         }
     }
 
@@ -91,7 +97,12 @@ impl Task for Acceptor {
         self.arm(cx);
     }
 
-    fn on_completion(&mut self, cx: &mut Cx<'_>, _tag: u32, result: i32, owned: Owned) {
+    fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+        if tag == TAG_BACKOFF {
+            self.backoff = false;
+            self.arm(cx);
+            return;
+        }
         self.inflight = false;
         match owned {
             Owned::Fd(fd) if !self.stopping => {
@@ -109,9 +120,13 @@ impl Task for Acceptor {
                             "accept failed"
                         );
                     }
-                    if result == -libc::EMFILE || result == -libc::ENFILE {
-                        // Out of descriptors: accepting again at once would spin; yield a moment.
-                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    if result != -libc::ECONNABORTED && result != -libc::EINTR {
+                        // Out of descriptors or memory: accepting again at once would spin.
+                        // A timer, not a sleep: the core goes on serving its connections.
+                        let after = BACKOFF_MIN * (1 << self.errors_in_a_row.min(4));
+                        self.backoff = true;
+                        cx.timer(TAG_BACKOFF, after);
+                        return;
                     }
                 }
             }
@@ -128,6 +143,6 @@ impl Task for Acceptor {
     }
 
     fn is_done(&self) -> bool {
-        self.stopping && !self.inflight
+        self.stopping && !self.inflight && !self.backoff
     }
 }

@@ -183,7 +183,7 @@ impl NvmeDev {
         let id_ns = identify("Namespace", nsid, nvme::CNS_NAMESPACE)?;
         let ns_id = parse_identify_ns(id_ns.as_slice()).map_err(format)?;
         let id_ctrl = identify("Controller", 0, nvme::CNS_CONTROLLER)?;
-        let ctrl = parse_identify_ctrl(id_ctrl.as_slice()).map_err(format)?;
+        let mut ctrl = parse_identify_ctrl(id_ctrl.as_slice()).map_err(format)?;
         if ns_id.metadata_bytes != 0 {
             return Err(format(format!(
                 "{} metadata bytes per LBA (format the namespace without metadata)",
@@ -199,9 +199,14 @@ impl NvmeDev {
             max_data_bytes(ctrl.mdts, read_limit("max_hw_sectors_kb"), read_limit("max_segments"));
         let lba_bytes = 1u64 << ns_id.lba_shift;
         let max_data_lbas = (data_bytes / lba_bytes).clamp(1, u64::from(NLB_MAX)) as u32;
-        let zeroes_lbas = read_limit("write_zeroes_max_bytes")
-            .filter(|&b| b >= lba_bytes)
-            .map_or(u64::from(NLB_MAX), |b| b / lba_bytes);
+        let zeroes_limit = read_limit("write_zeroes_max_bytes");
+        if zeroes_limit == Some(0) {
+            // The kernel turned Write Zeroes off for this device (a quirk: it misbehaves):
+            // none is sent through passthrough either.
+            ctrl.write_zeroes = false;
+        }
+        let zeroes_lbas =
+            zeroes_limit.filter(|&b| b >= lba_bytes).map_or(u64::from(NLB_MAX), |b| b / lba_bytes);
         let max_zeroes_lbas = zeroes_lbas.clamp(1, u64::from(NLB_MAX)) as u32;
         let ns = NvmeNs {
             fd: file.as_raw_fd(),

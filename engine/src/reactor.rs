@@ -1002,7 +1002,7 @@ impl Core {
             self.ready.push_back(Completion { token, result: 0, owned: Owned::None });
         }
         loop {
-            if count == MAILBOX_BATCH {
+            if count >= MAILBOX_BATCH {
                 // More may wait: look again next turn.
                 self.mail_pending = true;
                 break;

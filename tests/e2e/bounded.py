@@ -440,6 +440,17 @@ def part2(r):
                 % (time.monotonic() - t0), dropped)
         admin2.close()
         io2.close()
+        # The same for NBD: a client that closes its sending side after asking for reads and
+        # never reads them is dropped at the stall deadline (it kept its replies' memory and
+        # its place in the connection limit forever).
+        t0 = time.monotonic()
+        halfclosed = nbd_connect(b.port, rcvbuf=4096)
+        halfclosed.sendall(b"".join(nbd_req(CMD_READ, k, 0, MiB) for k in range(16)))
+        halfclosed.shutdown(socket.SHUT_WR)
+        dropped = hung_up_unread(halfclosed, 10)
+        r.check("an NBD client that half-closes and never reads its replies is dropped (%.1fs)"
+                % (time.monotonic() - t0), dropped)
+        halfclosed.close()
         # A controller reset (CC.EN cleared) deletes its I/O queues.
         admin3, io3 = nvmeraw.io_queue(nvmf_port, NQN)
         admin3.set_cc(0)
@@ -580,12 +591,57 @@ def part3(r):
     shutil.rmtree(d, ignore_errors=True)
 
 
+def part4(r):
+    """Out of descriptors: the acceptor backs off on a timer, not by sleeping its core, so the
+    connections that core serves keep their pace; once descriptors return, clients connect."""
+    with Ballast(["--export", "vol=ram:16M", "--cores", "1"]) as b:
+        pid = b.proc.pid
+        h = nbd.NBD()
+        h.connect_uri(b.uri("vol"))
+        h.pread(4096, 0)
+        opened = len(os.listdir("/proc/%d/fd" % pid))
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (opened + 8, hard))
+        crowd = []
+        for _ in range(40):
+            try:
+                crowd.append(socket.create_connection(("127.0.0.1", b.port), timeout=2))
+            except OSError:
+                break
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        for i in range(300):
+            h.pread(4096, (i % 64) * 4096)
+        took = time.monotonic() - t0
+        r.check("out of descriptors with clients waiting to be accepted, 300 reads of a "
+                "connection the same core serves take %.2f s (< 1 s: no sleeping acceptor)"
+                % took, took < 1.0)
+        log = open(b.log).read()
+        r.check("the failed accepts are logged", "accept failed" in log, b.log_tail(5))
+        for c in crowd:
+            c.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        time.sleep(0.5)
+        ok, detail = True, ""
+        try:
+            h2 = nbd.NBD()
+            h2.connect_uri(b.uri("vol"))
+            h2.pread(4096, 0)
+            h2.shutdown()
+        except nbd.Error as e:
+            ok, detail = False, str(e)
+        r.check("with descriptors back, a new client connects and reads", ok, detail)
+        h.shutdown()
+        r.check("no panics", not b.panics(), "\n".join(b.panics()[:5]))
+
+
 def main(r):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     only = os.environ.get("BALLAST_BOUNDED_ONLY")  # e.g. "2": one part
     for n, (what, part) in enumerate((("part 1 (waves)", part1), ("part 2 (deadlines, limit)", part2),
-                                      ("part 3 (the budget's own limits)", part3)), 1):
+                                      ("part 3 (the budget's own limits)", part3),
+                                      ("part 4 (out of descriptors)", part4)), 1):
         if only and str(n) != only:
             continue
         print("==== %s" % what, flush=True)

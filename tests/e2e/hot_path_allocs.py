@@ -112,17 +112,25 @@ def first_writes(r, b, cores, nvmf_port, queues):
 
 def measure(r, b, cores, label, client):
     """Runs `client(count)` long (to warm the daemon's caches up to this workload's peak),
-    short and long again; checks the allocations per extra request."""
-    counts = []
+    short and long again; checks the allocations per extra request. What a connection's
+    setup allocates varies by a few dozen between runs (seen: 61 and 121 for the same short
+    run), so a pair over the bound is measured again, up to three times: an allocation per
+    request would be tens of thousands over it every time."""
     client(client.counts[1])
-    for count in client.counts:
-        a0, n0 = core_totals(b, cores)
-        client(count)
-        a1, n1 = core_totals(b, cores)
-        counts.append((a1 - a0, n1 - n0))
-    (a_short, n_short), (a_long, n_long) = counts
-    extra_ios = n_long - n_short
-    extra_allocs = a_long - a_short
+    for attempt in range(3):
+        counts = []
+        for count in client.counts:
+            a0, n0 = core_totals(b, cores)
+            client(count)
+            a1, n1 = core_totals(b, cores)
+            counts.append((a1 - a0, n1 - n0))
+        (a_short, n_short), (a_long, n_long) = counts
+        extra_ios = n_long - n_short
+        extra_allocs = a_long - a_short
+        if extra_allocs <= SLACK + extra_ios * PER_IO_MAX:
+            break
+        print("%s: %d allocations over %d more requests (attempt %d), measuring again"
+              % (label, extra_allocs, extra_ios, attempt + 1), flush=True)
     r.check("%s: the long run did more requests (%d vs %d)" % (label, n_long, n_short),
             extra_ios >= (client.counts[1] - client.counts[0]) // 2, str(counts))
     r.check("%s: %d allocations over %d more requests (at most %d + %.4f per request; "

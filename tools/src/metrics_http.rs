@@ -291,8 +291,25 @@ fn serve_client(mut stream: TcpStream, control: &Control, limits: MetricsLimits,
         Err(HeadError::TimedOut) => response("408 Request Timeout", "text/plain", "too slow\n"),
         Err(HeadError::Closed) => return,
     };
-    let _ = stream.write_all(&reply);
+    write_within(&mut stream, &reply, limits.timeout);
     let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// Writes `reply` within `limit` in all: a client that reads a byte now and then does not
+/// hold its slot past it (a write timeout alone restarts with every byte taken).
+fn write_within(stream: &mut TcpStream, reply: &[u8], limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    let mut sent = 0;
+    while sent < reply.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.write(&reply[sent..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => sent += n,
+        }
+    }
 }
 
 fn metrics_reply(control: &Control, node: &str, body: bool) -> Vec<u8> {

@@ -283,6 +283,11 @@ impl PoolHandle {
             use std::os::unix::fs::OpenOptionsExt;
             let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
             f.set_len(size)?;
+            f.sync_all()?;
+            // Its name too: the checkpoint's flushes sync the file, not its directory.
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir)?.sync_all()?;
+            }
         }
         let disk = PoolDisk::open(path, true)?;
         let mut pool = Pool::format(disk, g)?;
@@ -395,8 +400,10 @@ impl PoolHandle {
         self.meta.read()
     }
 
+    /// Read under the shared borrow: a listing (`/metrics` scrapes it) does not stop the cores'
+    /// decisions.
     pub fn info(&self) -> PoolInfo {
-        let m = self.meta();
+        let m = self.meta_shared();
         let sb = m.superblock();
         PoolInfo {
             path: self.path.display().to_string(),
@@ -418,8 +425,9 @@ impl PoolHandle {
         }
     }
 
+    /// Read under the shared borrow, as `info`.
     pub fn list(&self) -> Vec<VolumeInfo> {
-        let m = self.meta();
+        let m = self.meta_shared();
         let vols = m.volumes();
         vols.iter()
             .map(|(&id, v)| VolumeInfo {

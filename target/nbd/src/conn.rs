@@ -944,8 +944,14 @@ impl Conn {
 
     fn needs_tick(&self) -> bool {
         self.lingering()
+            || (self.read_closed && self.replies_stuck())
             || (!self.read_closed
                 && (matches!(self.phase, Phase::Handshake(_)) || self.owes_progress()))
+    }
+
+    /// Replies are waiting for a client that does not read them.
+    fn replies_stuck(&self) -> bool {
+        self.send_inflight() && self.unsent() > 0
     }
 
     fn on_tick(&mut self) {
@@ -961,6 +967,13 @@ impl Conn {
             return;
         }
         if self.read_closed {
+            // Its input closed (FIN, a protocol error): replies still owed leave, or the
+            // client is dropped at the stall deadline — it does not keep their memory and its
+            // place in the connection limit by not reading.
+            if self.replies_stuck() && self.progress.stalled(limits, now) {
+                self.guard.stalled();
+                self.abort("the client stopped reading its replies after its input closed");
+            }
             return;
         }
         if matches!(self.phase, Phase::Handshake(_)) && self.progress.handshake_expired(limits, now)

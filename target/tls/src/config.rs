@@ -235,7 +235,8 @@ fn psk_callback(
             return Ok(0);
         };
         let Some(key) = lookup(name) else {
-            tracing::info!(identity = name, "TLS-PSK: no key for this identity");
+            // Debug, not info: any client can offer identities, once per attempt.
+            tracing::debug!(identity = name, "TLS-PSK: no key for this identity");
             return Ok(0);
         };
         let key = key.bytes();
@@ -248,9 +249,15 @@ fn psk_callback(
     });
 }
 
-/// The identity a finished handshake proved.
+/// The identity a finished handshake proved. The PSK callback's identity is only a
+/// candidate: OpenSSL asks for a key before it knows whether the PSK will be used (a TLS 1.3
+/// client may offer an identity with a binder it cannot make, then pick a suite that PSK cannot
+/// serve: the PSK is dropped unchecked and the handshake goes on with the certificate), so it
+/// counts only where the handshake was a PSK one.
 pub(crate) fn identity_of(ssl: &openssl::ssl::SslRef, psk: Index<Ssl, String>) -> Identity {
-    if let Some(name) = ssl.ex_data(psk) {
+    let psk_used =
+        ssl.session_reused() || ssl.current_cipher().is_some_and(|c| c.name().contains("PSK"));
+    if let (Some(name), true) = (ssl.ex_data(psk), psk_used) {
         return Identity::Psk(name.clone());
     }
     let cn = ssl.peer_certificate().and_then(|cert| {

@@ -681,6 +681,69 @@ mod tests {
         assert!(matches!(pump(&mut s, &mut c), Err(TlsError::Handshake(_))));
     }
 
+    /// A server with a certificate and a PSK file: a client that offers identity "alice" with
+    /// a key it does not have, and only a suite her (SHA-256) key cannot serve, is not
+    /// "alice" — OpenSSL asked for her key, then dropped the PSK unchecked and finished the
+    /// handshake on the certificate (found by a review: `--nbd-tls-allow vol=alice` let it in).
+    #[test]
+    fn a_psk_identity_counts_only_when_the_psk_was_used() {
+        use openssl::asn1::Asn1Time;
+        use openssl::bn::BigNum;
+        use openssl::ec::{EcGroup, EcKey};
+        use openssl::hash::MessageDigest;
+        use openssl::nid::Nid;
+        use openssl::pkey::PKey;
+        use openssl::x509::{X509NameBuilder, X509};
+        let dir = std::env::temp_dir().join(format!("ballast-tls-spoof-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = X509NameBuilder::new().unwrap();
+        name.append_entry_by_nid(Nid::COMMONNAME, "server").unwrap();
+        let name = name.build();
+        let mut x = X509::builder().unwrap();
+        x.set_version(2).unwrap();
+        x.set_serial_number(&BigNum::from_u32(1).unwrap().to_asn1_integer().unwrap()).unwrap();
+        x.set_subject_name(&name).unwrap();
+        x.set_issuer_name(&name).unwrap();
+        x.set_pubkey(&key).unwrap();
+        x.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
+        x.set_not_after(&Asn1Time::days_from_now(1).unwrap()).unwrap();
+        x.sign(&key, MessageDigest::sha256()).unwrap();
+        let private = |path: &std::path::Path, bytes: &[u8]| {
+            std::fs::write(path, bytes).unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        let (cert, key_file, psk) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("psk"));
+        private(&cert, &x.build().to_pem().unwrap());
+        private(&key_file, &key.private_key_to_pem_pkcs8().unwrap());
+        private(&psk, b"alice:000102030405060708090a0b0c0d0e0f\n");
+        let server = TlsServer::new(&ServerConfig {
+            cert: Some(cert),
+            key: Some(key_file),
+            psk: Some(psk),
+            ..Default::default()
+        })
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let mut s = TlsSession::accept(&server).unwrap();
+        let mut c = client_with(vec![0x55; 16], |b| {
+            b.set_ciphersuites("TLS_AES_256_GCM_SHA384").unwrap();
+            b.set_min_proto_version(Some(openssl::ssl::SslVersion::TLS1_3)).unwrap();
+        });
+        let outcome = pump(&mut s, &mut c);
+        assert_ne!(
+            s.identity(),
+            Some(&Identity::Psk("alice".into())),
+            "a PSK identity without its key ({outcome:?})"
+        );
+        // Her key, on a suite it serves: "alice".
+        let mut s = TlsSession::accept(&server).unwrap();
+        let mut c = client((0u8..16).collect());
+        pump(&mut s, &mut c).unwrap();
+        assert_eq!(s.identity(), Some(&Identity::Psk("alice".into())));
+    }
+
     /// Half a record fed, or ciphertext not yet taken: not a moment to hand over.
     #[test]
     fn no_handoff_mid_record_or_with_output_pending() {

@@ -359,6 +359,8 @@ impl Family {
                 let old = v.tree.set(*vcluster, Entry(*entry), |leaf| {
                     copied.extend(leaf.iter().filter_map(|e| e.cluster()));
                 });
+                v.written_pieces = v.written_pieces - u64::from(old.written().count_ones())
+                    + u64::from(Entry(*entry).written().count_ones());
                 for c in copied {
                     self.add_ref(c, link);
                 }
@@ -371,10 +373,12 @@ impl Family {
             }
             Record::Rollback { id, to } => {
                 let Some(snap) = self.volumes.get(to) else { return };
-                let (tree, size) = (snap.tree.clone(), snap.size_bytes);
+                let (tree, size, written) =
+                    (snap.tree.clone(), snap.size_bytes, snap.written_pieces);
                 let Some(v) = self.volumes.get_mut(id) else { return };
                 let old = std::mem::replace(&mut v.tree, tree);
                 v.size_bytes = size;
+                v.written_pieces = written;
                 self.release_tree(old, link);
             }
             Record::Delete { id } => {
@@ -486,6 +490,14 @@ impl Family {
     pub(super) fn check(&self, cluster_count: u64) -> Vec<String> {
         let mut problems = Vec::new();
         for (&id, v) in &self.volumes {
+            let written: u64 =
+                v.tree.entries().iter().map(|(_, e)| u64::from(e.written().count_ones())).sum();
+            if written != v.written_pieces {
+                problems.push(format!(
+                    "volume {id}: {} written pieces kept, its tree has {written}",
+                    v.written_pieces
+                ));
+            }
             for (vc, e) in v.tree.entries() {
                 if let Some(c) = e.cluster() {
                     if c >= cluster_count {

@@ -153,6 +153,9 @@ pub struct Volume {
     pub frozen: u32,
     /// Writes planned and not yet finished.
     pub writes_inflight: u32,
+    /// Written 4 KiB pieces its tree maps, kept with every change to the tree (a listing or a
+    /// `/metrics` scrape reads it instead of walking the map under the family's lock).
+    pub(crate) written_pieces: u64,
 }
 
 /// A volume's attributes, copied out of its family (listings, control operations, tests).
@@ -593,11 +596,10 @@ impl PoolMeta {
     }
 
     /// Pieces of volume `id` that are written, in bytes.
+    /// Bytes of volume `id` written (its written pieces): kept, not counted, so the cost
+    /// does not grow with the volume.
     pub fn allocated_bytes(&self, id: u32) -> u64 {
-        self.volume(id).map_or(0, |v| {
-            let size = v.size_bytes;
-            self.allocation(id, 0, size, usize::MAX).iter().filter(|r| r.2).map(|r| r.1).sum()
-        })
+        self.family(id).map_or(0, |f| f.volume(id).map_or(0, |v| v.written_pieces * PIECE))
     }
 
     /// Whether 4 KiB piece `piece` of volume `id` holds written data (else it reads as zeros).
@@ -640,6 +642,7 @@ impl PoolMeta {
                     tree: Tree::new(size_bytes.div_ceil(self.geo.cluster_bytes).max(1)),
                     frozen: 0,
                     writes_inflight: 0,
+                    written_pieces: 0,
                 };
                 let f = self.fams.add(Family::new(self.geo));
                 self.place(*id, v, f);
@@ -657,6 +660,7 @@ impl PoolMeta {
                     tree: src.tree.clone(),
                     frozen: 0,
                     writes_inflight: 0,
+                    written_pieces: src.written_pieces,
                 };
                 self.place(*id, v, f);
             }

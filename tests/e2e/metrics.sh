@@ -419,4 +419,14 @@ for bad in "--metrics-max-clients 0" "--metrics-max-request 10" "--metrics-max-r
     fi
 done
 [[ ! -e $T/never ]] && pass "a refused flag starts nothing" || fail "a refused flag starts nothing"
+# A start that fails once the cores run (the metrics address is the NVMe/TCP listener's, bound
+# just before): the cores stop and the pool is committed, as a clean stop does; no hang.
+p1=$(free_port); p2=$(free_port)
+out=$(timeout 60 "$bin" serve --data-dir "$T/late" --nbd-listen "127.0.0.1:$p1" \
+      --nvmf-listen "127.0.0.1:$p2" --metrics-listen "127.0.0.1:$p2" 2>&1); rc=$?
+if ((rc != 0 && rc != 124)) && grep -q "stopping them, committing" <<<"$out"; then
+    pass "a start failing after the cores started stops them and commits (exit $rc)"
+else
+    fail "a start failing after the cores started stops them and commits" "exit $rc: $(tail -5 <<<"$out")"
+fi
 finish

@@ -221,5 +221,13 @@ check_eq "the TLS port still requires TLS" "True" \
     "$(rpc nvmf_subsystem_get_listeners "$NQN" | py '[l["secure_channel"] for l in j if l["address"]["trsvcid"] == "'"$TLS_PORT"'"][0]')"
 check_eq "and plaintext is still refused there" \
     "psk:0x184 dh:0x0+atr gpsk:0x184 gdh:0x0+atr plain:0x0 tls-port:closed" "$(sees)"
+# A host NQN no Connect could carry is refused, not kept.
+if out=$(rpc nvmf_subsystem_add_host "$NQN" "bad host" 2>&1); then
+    fail "a host NQN with a space is refused" "accepted"
+elif grep -q 'no spaces or control characters' <<<"$out"; then
+    pass "a host NQN with a space is refused (invalid parameters, saying why)"
+else
+    fail "a host NQN with a space is refused" "$out"
+fi
 check_eq "the log holds no key in any form" "none" "$(no_secret "$BALLAST_LOG")"
 finish

@@ -71,6 +71,15 @@ impl NbdTlsArgs {
         let server = TlsServer::new(&config).context("NBD TLS")?;
         for spec in &self.nbd_tls_allow {
             let (export, ids) = parse_allow(spec)?;
+            if exports.get(&export).is_none() {
+                // Kept for an export made later under that name; a misspelt one would leave
+                // the intended export open to plaintext under `on`, so say so.
+                tracing::warn!(
+                    export,
+                    "--nbd-tls-allow names no export now: it applies to one made later under \
+                     that name (check the spelling)"
+                );
+            }
             exports.set_allowed(&export, ids);
         }
         tracing::info!(mode = ?mode, credentials = server.summary(), "NBD TLS enabled");

@@ -417,6 +417,20 @@ fn remove_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
+/// A host NQN that a Connect can carry and a TLS identity can name: 1 to 223 bytes (the NVMe
+/// base specification's limit), no spaces or control characters (SPDK refuses what is not an
+/// NQN with -EINVAL too; one kept unusable would only mislead a listing).
+fn check_host_nqn(nqn: &str) -> Result<(), RpcError> {
+    if nqn.is_empty() || nqn.len() > 223 || nqn.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid_parameters(format!(
+            "host NQN {:?}: 1 to 223 bytes, no spaces or control characters",
+            nqn.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 /// `nvmf_subsystem_add_host` (`add`) and `nvmf_subsystem_remove_host`. A host is added with
 /// every key it names resolved, kept in the pool, then admitted; at most `--max-hosts-per-
 /// subsystem` hosts per subsystem.
@@ -432,6 +446,9 @@ fn host(control: &Control, p: &Value, add: bool) -> Result<Value, RpcError> {
     };
     if !add && h.psk.is_some() {
         return Err(invalid_parameters("psk is only for adding a host"));
+    }
+    if add {
+        check_host_nqn(&h.host)?;
     }
     let _settings = control.settings.lock();
     let subsys = control.target.subsystem(&h.nqn).ok_or_else(|| not_found(&h.nqn))?;

@@ -396,6 +396,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let engine = Engine::start(config).context("starting the engine")?;
     let handles = engine.handles();
+    // From here a failure stops the cores and commits (as a clean stop does): clients may be
+    // served already (the NVMe/TCP listeners start before the rest).
+    let mut running =
+        StopOnError { engine: Some(engine), registry: registry.clone(), pool: pool.clone() };
     if let Some(pool) = &pool {
         pool.set_commit_policy(args.commit_records as usize, args.commit_interval);
         pool.set_quiesce_timeout(args.quiesce_timeout);
@@ -514,22 +518,44 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         n.send("STOPPING=1\nSTATUS=draining connections");
     }
     drop(watchdog);
+    let engine = running.engine.take().expect("the engine runs until the signal");
+    final_stop(engine, &registry, pool.as_ref());
+    drop(pointer);
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The cores stopped, then every device flushed and the pool checkpointed: what a stop leaves.
+fn final_stop(engine: Engine, registry: &Registry, pool: Option<&Arc<PoolHandle>>) {
     engine.shutdown();
     for dev in registry.list().iter().map(|d| &d.dev) {
         if let Err(e) = dev.flush_blocking() {
             tracing::error!(backend = %dev.info().backend, error = %e, "final flush failed");
         }
     }
-    if let Some(pool) = &pool {
+    if let Some(pool) = pool {
         // A clean stop leaves a checkpoint: the next start replays nothing.
         if let Err(e) = pool.checkpoint_blocking() {
             tracing::error!(error = %e, "final checkpoint failed");
         }
     }
-    drop(pointer);
-    let _ = std::fs::remove_file(&socket);
-    tracing::info!("stopped");
-    Ok(())
+}
+
+/// Runs [`final_stop`] if `serve` returns early with an error once the engine started.
+struct StopOnError {
+    engine: Option<Engine>,
+    registry: Arc<Registry>,
+    pool: Option<Arc<PoolHandle>>,
+}
+
+impl Drop for StopOnError {
+    fn drop(&mut self) {
+        if let Some(engine) = self.engine.take() {
+            tracing::warn!("serve failed after the cores started: stopping them, committing");
+            final_stop(engine, &self.registry, self.pool.as_ref());
+        }
+    }
 }
 
 /// Leaves a pointer to `socket` where the CLI looks (`locate`), if there is such a place for

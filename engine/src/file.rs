@@ -96,6 +96,27 @@ fn copy_all(
     done as i32
 }
 
+/// Creates `path`, sparse, of `size` bytes: the daemon's user's alone whatever the umask (an
+/// export's or a pool's data), it and its name durable before anything is written to it (a
+/// flush later syncs the data, not necessarily a new file's directory entry).
+pub fn create_sparse(path: &Path, size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.set_len(size)?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Whether `fallocate` with `mode` (and KEEP_SIZE) works on `file`: tried on 4 KiB past its
+/// end (`size`), where it changes nothing a reader sees.
+fn fallocate_works(file: &File, size: u64, mode: nix::fcntl::FallocateFlags) -> bool {
+    use nix::fcntl::{fallocate, FallocateFlags as F};
+    fallocate(file.as_fd(), mode | F::FALLOC_FL_KEEP_SIZE, size as libc::off_t, 4096).is_ok()
+}
+
 impl FileDev {
     /// Opens `path`; creates a sparse file of `create_size` bytes if it does not exist.
     pub fn open(
@@ -105,21 +126,7 @@ impl FileDev {
     ) -> Result<FileDev, FileDevError> {
         let err = |source| FileDevError::Open { path: path.to_path_buf(), source };
         if let (Some(size), false) = (create_size, path.exists()) {
-            // An export's data: the daemon's user's alone, whatever the umask.
-            use std::os::unix::fs::OpenOptionsExt;
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(err)?;
-            f.set_len(size).map_err(err)?;
-            // The file and its name are durable before anything is written to it (a flush
-            // later syncs the data, not necessarily a new file's directory entry).
-            f.sync_all().map_err(err)?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-            }
+            create_sparse(path, size).map_err(err)?;
         }
         let (direct, mode) = sys::open_direct(path, read_only).map_err(err)?;
         if mode == CacheMode::Buffered {
@@ -141,17 +148,15 @@ impl FileDev {
         // says whether the filesystem punches holes at all (ramfs gets zeros written instead).
         // Whether it zeroes ranges in place: probed first, past the end (where it may
         // preallocate a block the hole punched next gives back).
-        let zeroes_ranges = !is_block_device && !read_only && !in_memory && {
-            use nix::fcntl::{fallocate, FallocateFlags as F};
-            let flags = F::FALLOC_FL_ZERO_RANGE | F::FALLOC_FL_KEEP_SIZE;
-            fallocate(buffered.as_fd(), flags, size_bytes as libc::off_t, 4096).is_ok()
-        };
+        use nix::fcntl::FallocateFlags as F;
+        let zeroes_ranges = !is_block_device
+            && !read_only
+            && !in_memory
+            && fallocate_works(&buffered, size_bytes, F::FALLOC_FL_ZERO_RANGE);
         let punches_holes = !is_block_device
-            && (read_only || in_memory || {
-                use nix::fcntl::{fallocate, FallocateFlags as F};
-                let flags = F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE;
-                fallocate(buffered.as_fd(), flags, size_bytes as libc::off_t, 4096).is_ok()
-            });
+            && (read_only
+                || in_memory
+                || fallocate_works(&buffered, size_bytes, F::FALLOC_FL_PUNCH_HOLE));
         let mode_text = match (in_memory, mode) {
             (true, _) => "in memory: copied on the core",
             (false, CacheMode::Direct) => "O_DIRECT",

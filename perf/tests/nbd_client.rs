@@ -59,6 +59,17 @@ fn read_option(s: &mut TcpStream) -> (u32, Vec<u8>) {
     (h.option, read_n(s, h.length as usize))
 }
 
+/// The fixed newstyle greeting (NO_ZEROES offered), then the client's flags and its first
+/// option: (flags, option, data).
+fn greet(s: &mut TcpStream) -> (u32, u32, Vec<u8>) {
+    let mut out = Vec::new();
+    codec::encode_greeting(&mut out);
+    s.write_all(&out).unwrap();
+    let flags = u32::from_be_bytes(read_n(s, 4).try_into().unwrap());
+    let (option, data) = read_option(s);
+    (flags, option, data)
+}
+
 fn read_request(s: &mut TcpStream) -> Request {
     codec::decode_request(&read_n(s, codec::REQUEST_LEN)).unwrap()
 }
@@ -132,14 +143,10 @@ fn block_size_constraints_and_refusals() {
     // know; then a failed read's reply, and a second reply for the same handle (in range, but
     // no longer in flight).
     let (addr, server) = scripted(|s| {
-        let mut out = Vec::new();
-        codec::encode_greeting(&mut out);
-        s.write_all(&out).unwrap();
-        let flags = u32::from_be_bytes(read_n(s, 4).try_into().unwrap());
+        let (flags, option, _) = greet(s);
         assert_eq!(flags, codec::CLIENT_FIXED_NEWSTYLE | codec::CLIENT_NO_ZEROES);
-        let (option, _) = read_option(s);
         assert_eq!(option, codec::OPT_GO);
-        out.clear();
+        let mut out = Vec::new();
         codec::encode_info_export(&mut out, codec::OPT_GO, 64 << 10, codec::TF_HAS_FLAGS);
         codec::encode_info_text(&mut out, codec::OPT_GO, codec::INFO_DESCRIPTION, "d");
         codec::encode_info_block_size(&mut out, codec::OPT_GO, 4096, 65536, 1 << 20);
@@ -176,12 +183,8 @@ fn block_size_constraints_and_refusals() {
 #[test]
 fn an_unknown_export_is_a_clear_error() {
     let (addr, server) = scripted(|s| {
+        greet(s);
         let mut out = Vec::new();
-        codec::encode_greeting(&mut out);
-        s.write_all(&out).unwrap();
-        read_n(s, 4);
-        read_option(s);
-        out.clear();
         codec::encode_option_reply(&mut out, codec::OPT_GO, codec::REP_ERR_UNKNOWN, b"no such");
         s.write_all(&out).unwrap();
         until_closed(s);
@@ -243,12 +246,8 @@ fn the_benchmark_drives_our_nbd_export() {
 #[test]
 fn endless_option_replies_are_refused() {
     let (addr, server) = scripted(|s| {
+        greet(s);
         let mut out = Vec::new();
-        codec::encode_greeting(&mut out);
-        s.write_all(&out).unwrap();
-        read_n(s, 4);
-        read_option(s);
-        out.clear();
         for _ in 0..=ballast_perf::nbd::OPTION_REPLIES_MAX {
             codec::encode_info_text(&mut out, codec::OPT_GO, codec::INFO_NAME, "n");
         }

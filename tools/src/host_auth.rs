@@ -176,16 +176,21 @@ pub fn forget(control: &Control, subsys: &Subsystem, host: &str) {
     }
 }
 
-/// Key `name` was added to the keyring: every refused host configured with it whose keys now
-/// all resolve is admitted. Returns how many were.
-pub fn readmit_with(control: &Control, name: &str) -> usize {
-    let waiting: Vec<((String, String), HostKeyNames)> = control
+/// The hosts configured with key `name`: ((subsystem NQN, host NQN), their key names).
+pub fn users_of(control: &Control, name: &str) -> Vec<((String, String), HostKeyNames)> {
+    control
         .host_keys
         .read()
         .iter()
         .filter(|(_, names)| names.key_names().any(|n| n == name))
         .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+        .collect()
+}
+
+/// Key `name` was added to the keyring: every refused host configured with it whose keys now
+/// all resolve is admitted. Returns how many were.
+pub fn readmit_with(control: &Control, name: &str) -> usize {
+    let waiting = users_of(control, name);
     let mut admitted = 0;
     for ((nqn, host), names) in waiting {
         let Some(subsys) = control.target.subsystem(&nqn) else { continue };

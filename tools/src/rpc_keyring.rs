@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::control::{Control, HostKeyNames, Method};
+use crate::control::{Control, Method};
 use crate::keyring::KeyringError;
 use crate::persist::PersistError;
 use crate::rpc_error::{
@@ -89,13 +89,7 @@ fn remove_key(control: &Control, p: &Value) -> Result<Value, RpcError> {
     // Revoked at once, as SPDK's removed key is (ENOKEY to every later use): the hosts that
     // use it are refused (listed, keys cleared) and their live controllers end; adding a key
     // of that name again admits them with it (`readmit_with`).
-    let users: Vec<((String, String), HostKeyNames)> = control
-        .host_keys
-        .read()
-        .iter()
-        .filter(|(_, names)| names.key_names().any(|n| n == r.name))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let users = crate::host_auth::users_of(control, &r.name);
     for ((nqn, host), names) in &users {
         if let Some(subsys) = control.target.subsystem(nqn) {
             crate::host_auth::refuse(control, &subsys, host, names);

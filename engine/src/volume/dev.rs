@@ -279,15 +279,7 @@ impl PoolHandle {
     /// block device or NVMe namespace takes its whole size).
     pub fn create(path: &Path, size: Option<u64>, g: PoolGeometry) -> Result<(), PoolError> {
         if let (Some(size), false) = (size, path.exists()) {
-            // The volumes' data: the daemon's user's alone (docs/SECURITY.md).
-            use std::os::unix::fs::OpenOptionsExt;
-            let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-            f.set_len(size)?;
-            f.sync_all()?;
-            // Its name too: the checkpoint's flushes sync the file, not its directory.
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)?.sync_all()?;
-            }
+            crate::file::create_sparse(path, size)?;
         }
         let disk = PoolDisk::open(path, true)?;
         let mut pool = Pool::format(disk, g)?;

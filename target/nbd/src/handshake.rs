@@ -469,6 +469,16 @@ mod tests {
         v
     }
 
+    /// NBD_OPT_{SET,LIST}_META_CONTEXT data asking `export` for `base:allocation`.
+    fn allocation_query(export: &str) -> Vec<u8> {
+        let mut meta = (export.len() as u32).to_be_bytes().to_vec();
+        meta.extend_from_slice(export.as_bytes());
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(&15u32.to_be_bytes());
+        meta.extend_from_slice(b"base:allocation");
+        meta
+    }
+
     fn info_data(name: &str) -> Vec<u8> {
         let mut d = (name.len() as u32).to_be_bytes().to_vec();
         d.extend_from_slice(name.as_bytes());
@@ -540,11 +550,7 @@ mod tests {
     #[test]
     fn meta_context_requires_structured_and_matches_export() {
         let t = table();
-        let mut meta = 4u32.to_be_bytes().to_vec();
-        meta.extend_from_slice(b"vol0");
-        meta.extend_from_slice(&1u32.to_be_bytes());
-        meta.extend_from_slice(&15u32.to_be_bytes());
-        meta.extend_from_slice(b"base:allocation");
+        let meta = allocation_query("vol0");
         let mut input = 3u32.to_be_bytes().to_vec();
         input.extend(opt(codec::OPT_SET_META_CONTEXT, &meta));
         input.extend(opt(codec::OPT_STRUCTURED_REPLY, &[]));
@@ -570,13 +576,11 @@ mod tests {
         {
             let mut input = 3u32.to_be_bytes().to_vec();
             input.extend(opt(codec::OPT_STRUCTURED_REPLY, &[]));
-            let mut query = meta.clone();
-            if option == codec::OPT_SET_META_CONTEXT {
-                query.truncate(8);
-                query.extend_from_slice(&1u32.to_be_bytes());
-                query.extend_from_slice(&15u32.to_be_bytes());
-                query.extend_from_slice(b"base:allocation");
-            }
+            let query = if option == codec::OPT_SET_META_CONTEXT {
+                allocation_query("vol0")
+            } else {
+                meta.clone()
+            };
             input.extend(opt(option, &query));
             let mut hs = Handshake::new();
             let (out, _) = run(&mut hs, &input, 64, &t);
@@ -799,11 +803,7 @@ mod tests {
     #[test]
     fn a_failed_set_meta_context_clears_the_earlier_selection() {
         let t = table();
-        let mut meta = 4u32.to_be_bytes().to_vec();
-        meta.extend_from_slice(b"vol0");
-        meta.extend_from_slice(&1u32.to_be_bytes());
-        meta.extend_from_slice(&15u32.to_be_bytes());
-        meta.extend_from_slice(b"base:allocation");
+        let meta = allocation_query("vol0");
         let mut input = 3u32.to_be_bytes().to_vec();
         input.extend(opt(codec::OPT_STRUCTURED_REPLY, &[]));
         input.extend(opt(codec::OPT_SET_META_CONTEXT, &meta));

@@ -946,14 +946,18 @@ mod tests {
     }
 
     fn sb_of(bytes: u64) -> Superblock {
-        let g = PoolGeometry {
+        layout(bytes, &geometry(0)).expect("a valid layout")
+    }
+
+    /// 16 KiB clusters, a 16-block journal, room for `config_bytes` of configuration.
+    fn geometry(config_bytes: u64) -> PoolGeometry {
+        PoolGeometry {
             cluster_shift: 14,
             journal_blocks: 16,
             pool_uuid: [1; 16],
             max_volumes: 8,
-            config_bytes: 0,
-        };
-        layout(bytes, &g).expect("a valid layout")
+            config_bytes,
+        }
     }
 
     fn record() -> impl Strategy<Value = Record> {
@@ -1014,14 +1018,7 @@ mod tests {
     /// (every flush failed) until data records pushed the count up (found by a review).
     #[test]
     fn large_pending_records_make_the_commit_a_checkpoint() {
-        let g = PoolGeometry {
-            cluster_shift: 14,
-            journal_blocks: 16,
-            pool_uuid: [1; 16],
-            max_volumes: 8,
-            config_bytes: 8192,
-        };
-        let mut m = fresh_of(layout(1 << 20, &g).unwrap());
+        let mut m = fresh_of(layout(1 << 20, &geometry(8192)).unwrap());
         let value = "x".repeat(3000);
         for i in 0..30 {
             m.set_config("k", &format!("{i}{value}")).unwrap();

@@ -77,7 +77,8 @@ fn on_memory_filesystem(f: &File) -> bool {
 
 /// Runs a positioned read or write of all of `len` bytes at `offset` (a short read stops at
 /// the end of the file): the byte count, or a negative errno, as a ring completion has it (a
-/// failure after some bytes moved reports those bytes, a short count).
+/// failure after some bytes moved reports the failure, as the ring's short transfers do: a
+/// write reaching a full filesystem says ENOSPC, not a count its caller could only call EIO).
 fn copy_all(
     len: usize,
     offset: u64,
@@ -89,7 +90,6 @@ fn copy_all(
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) if done > 0 => break,
             Err(e) => return -e.raw_os_error().unwrap_or(libc::EIO),
         }
     }

@@ -1034,6 +1034,7 @@ impl Core {
                     snap.registration_failures = c.registration_failures;
                     snap.files_registered = c.files_registered;
                     snap.bufs_registered = c.bufs_registered;
+                    snap.short_transfers = c.resumed;
                     if let Some(dev) = &self.dev {
                         // The device ring's registered buffers count with the core's.
                         let (d, ops) = dev.ring.fixed_counters();

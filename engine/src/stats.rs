@@ -298,6 +298,7 @@ impl CoreStats {
             registration_failures: 0,
             files_registered: 0,
             bufs_registered: 0,
+            short_transfers: 0,
             buffers: Default::default(),
             latency: self.latency_buckets(),
             devices: self
@@ -401,6 +402,9 @@ pub struct StatsSnapshot {
     pub registration_failures: u64,
     pub files_registered: u64,
     pub bufs_registered: u64,
+    /// Reads and writes the kernel did only in part, submitted again for their rest (a
+    /// filesystem filling up, the file size limit, an interrupted transfer).
+    pub short_transfers: u64,
     /// The core's payload-memory budget and its use.
     #[serde(flatten)]
     pub buffers: crate::pool::BudgetSnapshot,

@@ -277,6 +277,67 @@ struct InFlight {
     accept: bool,
     /// The deadline a timer entry points at (back to `Ring::timespecs` when reaped).
     timespec: Option<Box<types::Timespec>>,
+    /// For Read and Write: where the transfer stands (a short one goes on from there).
+    transfer: Option<Transfer>,
+}
+
+/// A read or write of a whole buffer: what its entry is built from, and how much of it is
+/// done. The kernel may move fewer bytes than asked (a write reaching a full filesystem or
+/// the file size limit, a read interrupted): the rest is submitted again from where it stopped,
+/// so the caller sees the whole length, or the error that stopped it (ENOSPC rather than a short
+/// count it could only call EIO), or a short count only at the end of the file (a read of 0).
+#[derive(Clone, Copy)]
+struct Transfer {
+    write: bool,
+    file: FileRef,
+    offset: u64,
+    fua: bool,
+    /// The buffer's index in this ring's registered buffers.
+    fixed: Option<u16>,
+    len: u32,
+    done: u32,
+}
+
+impl Transfer {
+    /// The entry moving what is left: `buf[done..len]` at `offset + done`.
+    fn entry(&self, buf: &mut IoBuf) -> squeue::Entry {
+        let ptr = buf.raw_at(self.done as usize);
+        let len = self.len - self.done;
+        let offset = self.offset + u64::from(self.done);
+        let flags = if self.fua { libc::RWF_DSYNC } else { 0 };
+        match (self.write, self.fixed, self.file) {
+            (false, Some(i), FileRef::Fixed(f)) => {
+                opcode::ReadFixed::new(types::Fixed(f), ptr, len, i).offset(offset).build()
+            }
+            (false, Some(i), FileRef::Raw(fd)) => {
+                opcode::ReadFixed::new(types::Fd(fd), ptr, len, i).offset(offset).build()
+            }
+            (false, None, FileRef::Fixed(f)) => {
+                opcode::Read::new(types::Fixed(f), ptr, len).offset(offset).build()
+            }
+            (false, None, FileRef::Raw(fd)) => {
+                opcode::Read::new(types::Fd(fd), ptr, len).offset(offset).build()
+            }
+            (true, Some(i), FileRef::Fixed(f)) => {
+                opcode::WriteFixed::new(types::Fixed(f), ptr, len, i)
+                    .offset(offset)
+                    .rw_flags(flags)
+                    .build()
+            }
+            (true, Some(i), FileRef::Raw(fd)) => {
+                opcode::WriteFixed::new(types::Fd(fd), ptr, len, i)
+                    .offset(offset)
+                    .rw_flags(flags)
+                    .build()
+            }
+            (true, None, FileRef::Fixed(f)) => {
+                opcode::Write::new(types::Fixed(f), ptr, len).offset(offset).rw_flags(flags).build()
+            }
+            (true, None, FileRef::Raw(fd)) => {
+                opcode::Write::new(types::Fd(fd), ptr, len).offset(offset).rw_flags(flags).build()
+            }
+        }
+    }
 }
 
 /// Most boxed deadlines a ring keeps for its next timers.
@@ -318,6 +379,8 @@ pub struct RingCounters {
     /// Files and buffers registered now.
     pub files_registered: u64,
     pub bufs_registered: u64,
+    /// Short reads and writes submitted again for the rest of their bytes.
+    pub resumed: u64,
 }
 
 impl Ring {
@@ -423,8 +486,15 @@ impl Ring {
             _ => {}
         }
         let entry = self.vacant_entry_for(op, token);
-        // SAFETY: every pointer in `entry` refers to memory owned by the slab slot created by
-        // `vacant_entry_for`, which stays in place (boxed/heap) until this entry is reaped.
+        self.queue(entry)
+    }
+
+    /// Puts `entry`, whose slot `inflight` holds, on the submission queue, entering the kernel
+    /// to make room if the queue is full.
+    fn queue(&mut self, entry: squeue::Entry) -> Result<(), RingError> {
+        // SAFETY: every pointer in `entry` refers to memory owned by its slab slot (made by
+        // `vacant_entry_for` or kept by `go_on`), which stays in place (boxed/heap) until this
+        // entry is reaped.
         while unsafe { self.ring.submission().push(&entry) }.is_err() {
             self.counters.enters += 1;
             match self.ring.submit() {
@@ -435,12 +505,35 @@ impl Ring {
                 Err(e) if is_transient(&e) => {
                     let mut stash = std::mem::take(&mut self.stash);
                     self.reap_ring(&mut stash);
+                    // A short transfer going on from that reap may have set some aside too.
+                    stash.append(&mut self.stash);
                     self.stash = stash;
                 }
                 Err(e) => return Err(RingError::Enter(e)),
             }
         }
         Ok(())
+    }
+
+    /// Submits again the rest of a short transfer, in `slot`; if the kernel takes no entry,
+    /// the transfer ends with an error (in `out`). Returns the completions it added.
+    fn go_on(&mut self, mut slot: InFlight, out: &mut Vec<Completion>) -> usize {
+        let (Some(t), Owned::Buf(buf)) = (slot.transfer, &mut slot.owned) else {
+            unreachable!("only a transfer, which owns its buffer, goes on");
+        };
+        let entry = t.entry(buf);
+        let token = slot.token;
+        let key = self.inflight.insert(slot);
+        self.counters.ops += 1;
+        self.counters.resumed += 1;
+        match self.queue(entry.user_data(key as u64)) {
+            Ok(()) => 0,
+            Err(_) => {
+                let slot = self.inflight.remove(key);
+                out.push(Completion { token, result: -libc::EIO, owned: slot.owned });
+                1
+            }
+        }
     }
 
     fn vacant_entry_for(&mut self, op: Op, token: u64) -> squeue::Entry {
@@ -453,6 +546,7 @@ impl Ring {
         let key = self.inflight.vacant_key() as u64;
         let is_accept = matches!(op, Op::Accept { .. });
         let mut timespec = None;
+        let mut transfer = None;
         let (entry, owned, recv_base) = match op {
             Op::Accept { fd } => {
                 let e =
@@ -478,53 +572,22 @@ impl Ring {
             }
             Op::Read { file, mut buf, offset } => {
                 let len = buf.len() as u32;
-                let ptr = buf.raw_at(0);
-                let e = match (self.fixed_slot(&mut buf), file) {
-                    (Some(i), FileRef::Fixed(f)) => {
-                        opcode::ReadFixed::new(types::Fixed(f), ptr, len, i).offset(offset).build()
-                    }
-                    (Some(i), FileRef::Raw(fd)) => {
-                        opcode::ReadFixed::new(types::Fd(fd), ptr, len, i).offset(offset).build()
-                    }
-                    (None, FileRef::Fixed(f)) => {
-                        opcode::Read::new(types::Fixed(f), ptr, len).offset(offset).build()
-                    }
-                    (None, FileRef::Raw(fd)) => {
-                        opcode::Read::new(types::Fd(fd), ptr, len).offset(offset).build()
-                    }
-                };
+                let fixed = self.fixed_slot(&mut buf);
+                let t = Transfer { write: false, file, offset, fua: false, fixed, len, done: 0 };
+                let e = t.entry(&mut buf);
                 let fixed_buf = self.is_fixed_here(&buf);
                 self.count_fixed(file, fixed_buf);
+                transfer = Some(t);
                 (e, Owned::Buf(buf), None)
             }
             Op::Write { file, mut buf, offset, fua } => {
                 let len = buf.len() as u32;
-                let flags = if fua { libc::RWF_DSYNC } else { 0 };
-                let ptr = buf.raw_at(0);
-                let e = match (self.fixed_slot(&mut buf), file) {
-                    (Some(i), FileRef::Fixed(f)) => {
-                        opcode::WriteFixed::new(types::Fixed(f), ptr, len, i)
-                            .offset(offset)
-                            .rw_flags(flags)
-                            .build()
-                    }
-                    (Some(i), FileRef::Raw(fd)) => {
-                        opcode::WriteFixed::new(types::Fd(fd), ptr, len, i)
-                            .offset(offset)
-                            .rw_flags(flags)
-                            .build()
-                    }
-                    (None, FileRef::Fixed(f)) => opcode::Write::new(types::Fixed(f), ptr, len)
-                        .offset(offset)
-                        .rw_flags(flags)
-                        .build(),
-                    (None, FileRef::Raw(fd)) => opcode::Write::new(types::Fd(fd), ptr, len)
-                        .offset(offset)
-                        .rw_flags(flags)
-                        .build(),
-                };
+                let fixed = self.fixed_slot(&mut buf);
+                let t = Transfer { write: true, file, offset, fua, fixed, len, done: 0 };
+                let e = t.entry(&mut buf);
                 let fixed_buf = self.is_fixed_here(&buf);
                 self.count_fixed(file, fixed_buf);
+                transfer = Some(t);
                 (e, Owned::Buf(buf), None)
             }
             Op::Fsync { file } => {
@@ -578,7 +641,8 @@ impl Ring {
             }
         };
         let accept = matches!(owned, Owned::None) && is_accept;
-        let at = self.inflight.insert(InFlight { token, owned, recv_base, accept, timespec });
+        let at =
+            self.inflight.insert(InFlight { token, owned, recv_base, accept, timespec, transfer });
         assert_eq!(at as u64, key, "the slab's vacant key moved while building the entry");
         entry.user_data(key)
     }
@@ -647,12 +711,29 @@ impl Ring {
     /// Moves the completions the kernel has posted into `out`; returns how many.
     fn reap_ring(&mut self, out: &mut Vec<Completion>) -> usize {
         let mut count = 0;
+        // Short transfers to go on (allocates only when there are some).
+        let mut going_on = Vec::new();
         for cqe in self.ring.completion() {
             let key = cqe.user_data() as usize;
-            let Some(slot) = self.inflight.try_remove(key) else {
+            let Some(mut slot) = self.inflight.try_remove(key) else {
                 panic!("completion for unknown user_data {key}");
             };
-            let result = cqe.result();
+            let mut result = cqe.result();
+            if let Some(t) = &mut slot.transfer {
+                if result > 0 {
+                    assert!(result as u32 <= t.len - t.done, "the kernel moved more than asked");
+                    t.done += result as u32;
+                    if t.done < t.len {
+                        going_on.push(slot);
+                        continue;
+                    }
+                    result = t.len as i32;
+                } else if result == 0 {
+                    // The end of the file: what moved before it.
+                    result = t.done as i32;
+                }
+                // An error ends the transfer, whatever moved before it.
+            }
             if let Some(ts) = slot.timespec {
                 if self.timespecs.len() < TIMESPECS_KEPT {
                     self.timespecs.push(ts);
@@ -671,6 +752,9 @@ impl Ring {
             }
             out.push(Completion { token: slot.token, result, owned });
             count += 1;
+        }
+        for slot in going_on {
+            count += self.go_on(slot, out);
         }
         count
     }

@@ -121,6 +121,16 @@ pub fn malloc_trim() {
     }
 }
 
+/// Ignores SIGXFSZ for the whole process: a write reaching the file size limit
+/// (RLIMIT_FSIZE, `ulimit -f`) then fails with EFBIG, which the request reports (as ENOSPC to
+/// its client), instead of the signal ending the daemon and every other client with it.
+pub fn ignore_file_size_signal() -> nix::Result<()> {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_IGN installs no handler code, so nothing runs in signal context; it only
+    // replaces SIGXFSZ's default action (which ends the process).
+    unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }.map(|_| ())
+}
+
 /// A non-blocking eventfd used to wake a sleeping reactor.
 pub fn eventfd() -> std::io::Result<OwnedFd> {
     let efd = nix::sys::eventfd::EventFd::from_flags(

@@ -204,7 +204,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 32] = [
+        let per_core: [PerCoreMetric; 33] = [
             ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
                 s.in_flight
             }),
@@ -235,6 +235,12 @@ impl ScrapeCollector {
                 "Device operations on a buffer registered with the core's ring.",
                 Counter,
                 |s| s.fixed_buf_ops,
+            ),
+            (
+                "ballast_core_short_transfers",
+                "Reads and writes the kernel did in part, submitted again for the rest.",
+                Counter,
+                |s| s.short_transfers,
             ),
             (
                 "ballast_core_registration_failures",

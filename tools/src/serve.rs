@@ -354,6 +354,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block()?;
+    ballast_ffi::sys::ignore_file_size_signal()?;
 
     let cpus = ballast_ffi::sys::allowed_cpus();
     let count = args.cores.unwrap_or(cpus.len()).clamp(1, cpus.len());
@@ -513,7 +514,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let signal = signals.wait()?;
-    tracing::info!(?signal, "shutting down: draining connections");
+    tracing::info!(?signal, "shutting down: draining connections (a second signal exits at once)");
+    // A second signal while the stop drains (up to its deadline per core) ends the process
+    // then: what was flushed is in the journal (as after kill -9); what is skipped is the
+    // final flush and checkpoint, which the next start makes up by replaying.
+    std::thread::Builder::new()
+        .name("second-signal".into())
+        .spawn(move || {
+            if let Ok(again) = signals.wait() {
+                tracing::warn!(
+                    signal = ?again,
+                    "second signal while stopping: exiting now, without the final commit"
+                );
+                std::process::exit(128 + again as i32);
+            }
+        })
+        .context("starting the second-signal thread")?;
     if let Some(n) = &notifier {
         n.send("STOPPING=1\nSTATUS=draining connections");
     }

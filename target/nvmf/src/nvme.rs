@@ -71,7 +71,9 @@ pub mod status {
 /// Maps a backend errno to an NVMe status.
 pub fn status_from_errno(errno: i32, write: bool) -> Status {
     match errno {
-        libc::ENOSPC | libc::EDQUOT => status::CAPACITY_EXCEEDED,
+        // Out of room: the filesystem is full, a quota or the file size limit is reached
+        // (Linux's host turns Capacity Exceeded into ENOSPC, as NBD's codec does).
+        libc::ENOSPC | libc::EDQUOT | libc::EFBIG => status::CAPACITY_EXCEEDED,
         libc::EINVAL => status::INVALID_FIELD,
         // The backend cannot do it (an `nvme:` export's controller without Write Zeroes, a
         // filesystem without the fallocate mode): hosts then do it another way (Linux writes
@@ -316,6 +318,7 @@ mod tests {
     #[test]
     fn errnos_map_to_the_statuses_hosts_act_on() {
         assert_eq!(status_from_errno(libc::ENOSPC, true), status::CAPACITY_EXCEEDED);
+        assert_eq!(status_from_errno(libc::EFBIG, true), status::CAPACITY_EXCEEDED);
         assert_eq!(status_from_errno(libc::EINVAL, false), status::INVALID_FIELD);
         assert_eq!(status_from_errno(libc::EROFS, true), status::NS_WRITE_PROTECTED);
         assert_eq!(status_from_errno(libc::EIO, true), status::WRITE_FAULT);

@@ -1,0 +1,69 @@
+//! Short reads and writes go on from where they stopped: the caller of a ring sees the whole
+//! length, the error that stopped the transfer, or a short count only at the end of the file.
+//!
+//! Its own test binary (one process, one test): it lowers the process's file size limit
+//! (RLIMIT_FSIZE), which would cut the writes of any test running beside it.
+
+use std::os::fd::AsRawFd;
+
+use ballast_ffi::ring::{Completion, FileRef, Op, Ring};
+use ballast_ffi::IoBuf;
+use nix::sys::resource::{setrlimit, Resource};
+
+fn run(ring: &mut Ring, op: Op) -> Completion {
+    ring.push(op, 7).unwrap();
+    let mut out = Vec::new();
+    while out.is_empty() {
+        ring.submit_and_wait(None).unwrap();
+        ring.reap(&mut out);
+    }
+    assert_eq!(out.len(), 1, "one operation, one completion");
+    out.pop().unwrap()
+}
+
+fn filled(len: usize, byte: u8) -> IoBuf {
+    let mut buf = IoBuf::zeroed(len);
+    buf.as_mut_slice().fill(byte);
+    buf
+}
+
+#[test]
+fn short_transfers_go_on_to_their_end_or_their_error() {
+    const LIMIT: u64 = 1 << 20;
+    let dir = std::env::temp_dir().join(format!("ballast-short-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("f");
+    // A file ending 10,000 bytes in: a read past that is short, whatever the kernel retries.
+    std::fs::write(&path, vec![0x5au8; 10_000]).unwrap();
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let f = FileRef::Raw(file.as_raw_fd());
+    let mut ring = Ring::new(8).unwrap();
+
+    // A read reaching the end of the file: what is there, once the rest read nothing.
+    let c = run(&mut ring, Op::Read { file: f, buf: IoBuf::zeroed(16384), offset: 0 });
+    assert_eq!(c.result, 10_000, "a read stops at the end of the file");
+    let buf = c.owned.into_buf().unwrap();
+    assert!(buf.as_slice()[..10_000].iter().all(|&b| b == 0x5a));
+    let resumed = ring.counters().resumed;
+    assert!(resumed >= 1, "the short read was submitted again for its rest");
+
+    // The process may write no further than LIMIT (SIGXFSZ ignored, as the daemon does): a
+    // write across it moves what fits, then its rest fails with EFBIG, which is what the
+    // caller sees (a short count would leave it nothing better than EIO to say).
+    ballast_ffi::sys::ignore_file_size_signal().unwrap();
+    setrlimit(Resource::RLIMIT_FSIZE, LIMIT, LIMIT).unwrap();
+    let at = LIMIT - 16384;
+    let c = run(&mut ring, Op::Write { file: f, buf: filled(65536, 0xc7), offset: at, fua: false });
+    assert_eq!(c.result, -libc::EFBIG, "the error that stopped the write, not a short count");
+    assert!(ring.counters().resumed > resumed, "the short write was submitted again");
+    let on_disk = std::fs::read(&path).unwrap();
+    assert_eq!(on_disk.len() as u64, LIMIT, "the write moved what fit below the limit");
+    assert!(on_disk[at as usize..].iter().all(|&b| b == 0xc7));
+
+    // Writes wholly below the limit are whole, fixed-size buffers or not.
+    for len in [4096, 12288, 65536] {
+        let c = run(&mut ring, Op::Write { file: f, buf: filled(len, 0x11), offset: 0, fua: true });
+        assert_eq!(c.result, len as i32);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

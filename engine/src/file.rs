@@ -228,6 +228,23 @@ impl FileDev {
         }
     }
 
+    /// Gives the first `len` bytes of a file blocks of their own now (`fallocate`, the size
+    /// unchanged), so that writing them later cannot fail for want of space when the
+    /// filesystem fills: true if done; false for a block device or a filesystem without
+    /// `fallocate` (nothing to reserve, or no way to).
+    pub fn reserve(&self, len: u64) -> std::io::Result<bool> {
+        use nix::fcntl::{fallocate, FallocateFlags as F};
+        if self.is_block_device {
+            return Ok(false);
+        }
+        let len = len.min(self.size_bytes()) as libc::off_t;
+        match fallocate(self.buffered.as_fd(), F::FALLOC_FL_KEEP_SIZE, 0, len) {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Cores whose rings hold this file registered.
     pub fn cores_registered(&self) -> usize {
         self.direct_reg.cores_registered()

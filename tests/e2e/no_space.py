@@ -15,6 +15,13 @@ core makes), each checked with clients we did not write:
   0x81, which Linux's host turns into ENOSPC), not a generic error;
 - the daemon is still running and serving afterwards: the tmpfs write runs on the core's own
   thread, where the kernel's SIGXFSZ would have ended the process (the daemon ignores it).
+Part 2, a pool whose filesystem fills up (a 48 MiB tmpfs mounted for the test, a 256 MiB
+sparse pool file on it): a volume is written 1 MiB at a time, each write flushed, until a
+write fails with ENOSPC. Then a flush still succeeds — the pool's metadata blocks (superblock,
+checkpoints, journal) were reserved when it opened, so a full filesystem fails data writes,
+never a commit (before, the journal's next block could not be had and every flush failed
+from then on). kill -9 and restart: every write that was flushed reads back, `pool check` is
+exact; the volume deleted, a new one is written into the clusters it gave back.
 Run with /usr/bin/python3 (Debian's python3-libnbd).
 """
 import errno
@@ -23,11 +30,12 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402
 import nvmeraw  # noqa: E402
-from ballast_testlib import Ballast, disk_scratch, guarded  # noqa: E402
+from ballast_testlib import Ballast, ballast_bin, disk_scratch, guarded  # noqa: E402
 
 KiB, MiB = 1024, 1 << 20
 LIMIT = 8 * MiB
@@ -108,6 +116,75 @@ def nvme_write_across(r, b, nqn):
         admin.close()
 
 
+def fill_pool(r, mnt):
+    pool = os.path.join(mnt, "pool.img")
+    subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "256M"], check=True,
+                   capture_output=True)
+    b = Ballast(["--cores", "1", "--pool", pool, "--commit-interval", "600",
+                 "--commit-records", "1000000"])
+    with b:
+        r.check("volume v created", b.ctl("volume", "create", "v", "128M").returncode == 0)
+        h = nbd.NBD()
+        h.connect_uri(b.uri("v"))
+        flushed, err = [], 0
+        for i in range(128):
+            chunk = bytes([i + 1]) * MiB
+            try:
+                h.pwrite(chunk, i * MiB)
+            except nbd.Error as e:
+                err = e.errnum
+                break
+            h.flush()
+            flushed.append(i)
+        r.check("writes into the pool fail with ENOSPC once its filesystem is full "
+                "(%d MiB flushed first)" % len(flushed),
+                err == errno.ENOSPC and 8 <= len(flushed) < 48,
+                "errno %s" % errno.errorcode.get(err, err))
+        try:
+            h.flush()
+            flush_ok = True
+        except nbd.Error as e:
+            flush_ok = False
+            print("flush:", e)
+        r.check("a flush after it still succeeds (the commit has its blocks)", flush_ok)
+        try:
+            h.shutdown()
+        except nbd.Error:
+            pass
+        b.proc.kill()
+        b.proc.wait()
+
+        b.start()
+        h = nbd.NBD()
+        h.connect_uri(b.uri("v"))
+        bad = [i for i in flushed if h.pread(MiB, i * MiB) != bytes([i + 1]) * MiB]
+        h.shutdown()
+        r.check("after kill -9 and a restart, every flushed write reads back", not bad,
+                "MiB %s differ" % bad[:8])
+        r.check("volume v deleted", b.ctl("volume", "delete", "v").returncode == 0)
+        r.check("volume w created", b.ctl("volume", "create", "w", "128M").returncode == 0)
+        err = nbd_write(b.uri("w"), b"\x42" * 4 * MiB, 0)
+        r.check("the clusters v gave back take new writes", err == 0, "errno %s" % err)
+        b.check_clean_end(r)
+    chk = subprocess.run([ballast_bin(), "pool", "check", pool], capture_output=True, text=True)
+    r.check("pool check is exact afterwards", chk.returncode == 0, chk.stdout[-400:])
+
+
+def pool_on_a_full_filesystem(r):
+    mnt = tempfile.mkdtemp(prefix="ballast-fullfs.")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", mnt],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        r.bad("a 48 MiB tmpfs mounted for the full-filesystem part", p.stderr.strip())
+        os.rmdir(mnt)
+        return
+    try:
+        fill_pool(r, mnt)
+    finally:
+        subprocess.run(["umount", mnt], check=False)
+        os.rmdir(mnt)
+
+
 def main(r):
     if not shutil.which("qemu-io"):
         r.bad("qemu-io installed (qemu-utils)")
@@ -140,6 +217,7 @@ def main(r):
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
+    pool_on_a_full_filesystem(r)
 
 
 if __name__ == "__main__":

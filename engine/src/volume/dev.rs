@@ -300,6 +300,21 @@ impl PoolHandle {
             (Media::File(dev), PoolDisk::File(FileDisk::open(path, true)?))
         };
         let (disk, meta) = Pool::open(disk)?.into_parts();
+        if let Media::File(dev) = &media {
+            // The superblock, checkpoints and journal get their blocks now: a pool file is
+            // thin over its data, but a filesystem filling up must fail data writes (ENOSPC
+            // to the client), never a commit (which would fail every flush from then on).
+            let meta_bytes = meta.superblock().data_start * BLOCK_SIZE as u64;
+            match dev.reserve(meta_bytes) {
+                Ok(true) => tracing::debug!(bytes = meta_bytes, "pool metadata blocks reserved"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    path = %path.display(), bytes = meta_bytes, error = %e,
+                    "could not reserve the pool's metadata blocks: commits will fail if its \
+                     filesystem fills up"
+                ),
+            }
+        }
         Ok(Arc::new(PoolHandle {
             meta: StateLock::new(meta),
             disk: Mutex::new(disk),

@@ -112,6 +112,22 @@ else
 fi
 chmod 700 "$XDG_RUNTIME_DIR/ballast"
 
+echo "## a ./ballast-data another user owns is not used (nor, then, the pointer in a 0777 dir)"
+chown 65534 "$T/srv1/ballast-data"
+chmod 777 "$XDG_RUNTIME_DIR/ballast"
+out=$(cli_in "$T/srv1" stats 2>&1); rc=$?
+if ((system_daemon)); then
+    echo "SKIP: another user's ./ballast-data (a system daemon answers)"
+elif ((rc != 0)) &&
+    grep -q "$SOCK1: not followed: ballast-data is owned by uid 65534, not root" <<<"$out"; then
+    pass "the CLI does not use a socket in another user's ./ballast-data"
+else
+    fail "the CLI does not use a socket in another user's ./ballast-data" "exit $rc: $out"
+fi
+chown 0 "$T/srv1/ballast-data"
+chmod 700 "$XDG_RUNTIME_DIR/ballast"
+check "its own again, ./ballast-data is used" cli_in "$T/srv1" stats
+
 ##############################################################################################
 echo "## kill -9: a stale pointer, reported and then replaced"
 kill -KILL "$D1"

@@ -9,7 +9,9 @@ as Linux's host does (NULL DH group, SHA-256, a DHHC-1:00 secret: no transform):
   nvmf_subsystem_set_keys) is the one a re-authentication proves, on the same queue; the old one
   fails; a re-authentication left unfinished ends the queue at the handshake deadline;
 - nvmf_subsystem_get_qpairs reports the admin queue's hash and group;
-- a failed authentication ends the queue once the host has its Failure1, as nvmet and SPDK do.
+- a failed authentication ends the queue once the host has its Failure1, as nvmet and SPDK do;
+- an I/O queue takes its id only once authenticated: a stranger without the key who connects
+  one with the host's NQN and controller id keeps nobody's queue out.
 Run with /usr/bin/python3.
 """
 import base64
@@ -38,12 +40,14 @@ def dhhc(key):
 
 
 class AuthHost:
-    """An admin queue of a controller of NQN, and DH-HMAC-CHAP over it."""
+    """An admin queue of a controller of NQN (or I/O queue `qid` of controller `cntlid`), and
+    DH-HMAC-CHAP over it."""
 
-    def __init__(self, port):
+    def __init__(self, port, qid=0, cntlid=0xFFFF):
         self.q = n.Host(port, timeout=10)
         self.q.handshake()
-        self.connect_status, dw0 = self.q.try_connect(NQN)
+        self.connect_status, dw0 = self.q.try_connect(NQN, qid=qid, cntlid=cntlid)
+        self.cntlid = dw0 & 0xFFFF
         self.atr = bool(dw0 & (1 << 17))
         self.tid = 0
 
@@ -183,6 +187,30 @@ def main(r):
         r.check_eq("a new connection with the current key authenticates", "success",
                    good.authenticate(keys["k3"]))
         good.q.enable()
+        # An I/O queue takes its id only once it has authenticated: a stranger who knows the
+        # host's NQN and the controller's id (a small number) but not the key holds nothing —
+        # before, its Connect took qid 1 and the host's own was refused (and its close would
+        # have freed the id of a queue it did not own).
+        stranger = AuthHost(port, qid=1, cntlid=good.cntlid)
+        r.check("a stranger's I/O queue 1, with the host's NQN, is asked to authenticate",
+                stranger.connect_status == 0 and stranger.atr,
+                "status 0x%x" % stranger.connect_status)
+        io = AuthHost(port, qid=1, cntlid=good.cntlid)
+        r.check("the host's own I/O queue 1 connects meanwhile", io.connect_status == 0,
+                "status 0x%x" % io.connect_status)
+        r.check_eq("... and authenticates", "success", io.authenticate(keys["k3"]))
+        stranger.close()
+        late = AuthHost(port, qid=1, cntlid=good.cntlid)
+        r.check("qid 1 is the host's now: another Connect for it is refused",
+                late.connect_status == 0x182, "status 0x%x" % late.connect_status)
+        late.close()
+        time.sleep(0.3)  # the stranger's close is handled
+        st, _ = io.q.read_command(n.sqe(n.OP_READ, io.q.next_cid(), nsid=1, sgl_len=4096))
+        r.check_eq("the host's I/O queue reads, the stranger gone", 0, st)
+        r.check("nvmf_subsystem_get_qpairs lists it, authenticated",
+                any(q["qid"] == 1 and (q.get("auth") or {}).get("state") == "completed"
+                    for q in rpc("nvmf_subsystem_get_qpairs", {"nqn": NQN})))
+        io.close()
         # Taking the host off the subsystem ends what it connected while allowed (as SPDK's
         # nvmf_subsystem_remove_host disconnects it), and its key goes with it.
         t0 = time.monotonic()

@@ -3,7 +3,8 @@
 # not write: libnbd (nbdinfo, nbdcopy, nbdsh), qemu-img/qemu-io and fio's nbd engine.
 #
 #   1  pool create on a sparse file; serve --pool; thin volume create; fresh map all zero;
-#      64 MiB nbdcopy round trip; allocated_bytes
+#      64 MiB nbdcopy round trip; allocated_bytes; a served pool refused to pool check and to
+#      a second daemon (and, after kill -9 in 6, checked and served again at once)
 #   2  snapshots are stable and read-only; clones share then diverge
 #   3  rollback
 #   4  resize: grow, refused shrink, forced shrink really drops the data
@@ -130,6 +131,21 @@ else
 fi
 
 start_ballast --pool "$POOL" || finish
+# One process at a time: a pool a daemon serves is neither checked nor served by another.
+out=$(timeout 60 "$BIN" pool check "$POOL" 2>&1); rc=$?
+if ((rc != 0)) && grep -q "in use by another process" <<<"$out"; then
+    pass "pool check refuses the pool a daemon serves"
+else
+    fail "pool check refuses the pool a daemon serves" "exit $rc: $out"
+fi
+mkdir -p "$T/second"
+out=$(timeout 60 "$BIN" serve --data-dir "$T/second" --pool "$POOL" --cores 1 \
+    --nbd-listen "127.0.0.1:$(free_port)" --nvmf-listen "127.0.0.1:$(free_port)" 2>&1); rc=$?
+if ((rc != 0 && rc != 124)) && grep -q "in use by another process" <<<"$out"; then
+    pass "a second daemon refuses the pool the first serves (after waiting 10 s for it)"
+else
+    fail "a second daemon refuses the pool the first serves" "exit $rc: $(tail -n 3 <<<"$out")"
+fi
 check_eq "serve --pool with an empty pool: no exports" "0" \
     "$(timeout 30 nbdinfo --list --json "$NBD_URI" 2>/dev/null | "$SYS_PY" -c 'import json,sys; print(len(json.load(sys.stdin)["exports"]))' 2>&1)"
 FREE0=$(pool_field free_bytes)

@@ -10,7 +10,9 @@
 //! - A pointer adds no access: the socket it names keeps its 0600 mode and SO_PEERCRED check.
 //! - A pointer lives only in a directory owned by root or the user at hand that no one else may
 //!   write: `serve` refuses to publish into any other (and creates its own 0700), and the CLI
-//!   does not follow a pointer out of any other (it could lead to someone else's socket).
+//!   does not follow a pointer out of any other (it could lead to someone else's socket); nor
+//!   does it use a `./ballast-data/ballast.sock` whose directory is not such a one (`serve`
+//!   creates its data directory 0700).
 //! - `serve` replaces an existing pointer only when connecting through it fails (stale), and
 //!   at a clean stop removes it only while it still names its own socket.
 
@@ -155,13 +157,19 @@ fn search(paths: &[PathBuf], euid: u32) -> Result<(UnixStream, PathBuf), FindErr
     let mut tried = Vec::with_capacity(paths.len());
     for path in paths {
         let shown = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-        let is_pointer = path.file_name() == Some(POINTER_NAME.as_ref());
-        let dir = path.parent().unwrap_or(Path::new("."));
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
         if path.symlink_metadata().is_err() {
             tried.push((shown, "no such file".to_string()));
             continue;
         }
-        if let Some(why) = is_pointer.then(|| untrusted(dir, euid)).flatten() {
+        // A pointer, or a ./ballast-data found in whatever directory the CLI runs from (a
+        // shared one, say): a socket there is someone's only if the directory is theirs or
+        // root's and no one else may write in it — else it could be a stranger's socket that
+        // collects the requests (key names, DH-HMAC-CHAP secrets given inline) sent to it.
+        if let Some(why) = untrusted(dir, euid) {
             tried.push((shown, format!("not followed: {} is {why}", dir.display())));
             continue;
         }
@@ -340,6 +348,38 @@ mod tests {
         assert!(err.contains("writable by others (mode 777)"), "{err}");
         let refused = Pointer::publish(&dir, &sock);
         assert!(matches!(refused, Err(PublishError::Untrusted { .. })), "{refused:?}");
+    }
+
+    #[test]
+    fn a_data_dir_socket_in_a_directory_not_ours_is_not_used() {
+        let t = Scratch::new("datadir");
+        let dir = t.0.join(DEFAULT_DATA_DIR);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        let sock = dir.join(DATA_DIR_SOCKET);
+        let _listen = UnixListener::bind(&sock).unwrap();
+        let (_s, via) = search(std::slice::from_ref(&sock), euid()).unwrap();
+        assert_eq!(via, sock, "a 0700 directory of our own: used");
+
+        // Someone else's directory (as root: handed to nobody; otherwise: searched as if by
+        // another user).
+        let me = euid();
+        let (owner, searcher) = if me == 0 {
+            std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+            (65534, 0)
+        } else {
+            (me, me + 1)
+        };
+        let err = search(std::slice::from_ref(&sock), searcher).unwrap_err().to_string();
+        assert!(err.contains("not followed"), "{err}");
+        assert!(err.contains(&format!("owned by uid {owner}, not root")), "{err}");
+
+        // Ours again, but anyone may write in it.
+        if me == 0 {
+            std::os::unix::fs::chown(&dir, Some(0), None).unwrap();
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = search(std::slice::from_ref(&sock), me).unwrap_err().to_string();
+        assert!(err.contains("writable by others (mode 777)"), "{err}");
     }
 
     #[test]

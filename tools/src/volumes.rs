@@ -10,10 +10,11 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ballast_engine::size::parse_size;
-use ballast_engine::volume::dev::{PoolDisk, PoolHandle};
+use ballast_engine::volume::dev::{PoolDisk, PoolHandle, PoolLock};
 use ballast_engine::volume::format::{choose_superblock, Superblock, BLOCK_SIZE};
 use ballast_engine::volume::pool::{Pool, PoolGeometry, SyncDisk};
 use ballast_engine::volume::pool::{PoolError, PIECE};
@@ -566,6 +567,7 @@ fn describe_sb(which: &str, bytes: &[u8]) -> String {
 /// recounts every reference from the trees and compares with the allocator. Exit status 0 only
 /// when everything is exact.
 pub fn pool_check(path: &Path) -> anyhow::Result<bool> {
+    let _lock = PoolLock::take(path, false, Duration::ZERO)?;
     let mut disk = PoolDisk::open(path, false)?;
     let a = disk.read(0, BLOCK_SIZE)?;
     let b = disk.read(BLOCK_SIZE as u64, BLOCK_SIZE)?;
@@ -615,6 +617,7 @@ pub fn pool_check(path: &Path) -> anyhow::Result<bool> {
 
 /// `ballast pool dump PATH [--maps]`: the pool's metadata in words.
 pub fn pool_dump(path: &Path, maps: bool) -> anyhow::Result<()> {
+    let _lock = PoolLock::take(path, false, Duration::ZERO)?;
     let mut disk = PoolDisk::open(path, false)?;
     let a = disk.read(0, BLOCK_SIZE)?;
     let b = disk.read(BLOCK_SIZE as u64, BLOCK_SIZE)?;

@@ -126,6 +126,58 @@ impl SyncDisk for PoolDisk {
     }
 }
 
+/// The pool's media held by one process: an advisory lock (`flock`) on its file or device,
+/// exclusive for the daemon and for formatting, shared for the offline readers (`pool check`,
+/// `pool dump`). Two daemons serving one pool would each write metadata and data the other
+/// does not know of; a check of a pool being served would report what it is still writing.
+/// The lock goes with the descriptor: released at drop, and by the kernel when the process
+/// dies (kill -9 included: the descriptor is its own, never registered with a ring).
+#[derive(Debug)]
+pub struct PoolLock {
+    _held: nix::fcntl::Flock<File>,
+}
+
+/// How long opening a pool waits for another process to let go of it (a daemon still
+/// stopping) before it refuses.
+pub const POOL_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+impl PoolLock {
+    /// Locks `path` (exclusive or shared), waiting up to `wait` while another process holds
+    /// it; the error says who to stop.
+    pub fn take(path: &Path, exclusive: bool, wait: Duration) -> std::io::Result<PoolLock> {
+        use nix::fcntl::{Flock, FlockArg};
+        let arg =
+            if exclusive { FlockArg::LockExclusiveNonblock } else { FlockArg::LockSharedNonblock };
+        let deadline = Instant::now() + wait;
+        let mut logged = false;
+        let mut file = File::open(path)?;
+        loop {
+            match Flock::lock(file, arg) {
+                Ok(held) => return Ok(PoolLock { _held: held }),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    if !logged {
+                        tracing::warn!(path = %path.display(), "pool in use by another process; waiting for it to be released");
+                        logged = true;
+                    }
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        format!(
+                            "{}: in use by another process (a running `ballast serve`?); \
+                             stop it first",
+                            path.display()
+                        ),
+                    ))
+                }
+                Err((_, e)) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 /// The pool's media on the data path.
 enum Media {
     File(FileDev),
@@ -205,6 +257,8 @@ pub struct PoolHandle {
     /// The sizes the volumes' devices report, refreshed after each control operation (the
     /// only thing that changes a size).
     sizes: Mutex<Vec<(u32, Weak<AtomicU64>)>>,
+    /// This process's hold on the media (after `media`: released after it closes).
+    _lock: PoolLock,
 }
 
 /// The pool state borrowed exclusively off the data path (control thread, listings): when it
@@ -281,6 +335,7 @@ impl PoolHandle {
         if let (Some(size), false) = (size, path.exists()) {
             crate::file::create_sparse(path, size)?;
         }
+        let _lock = PoolLock::take(path, true, Duration::ZERO)?;
         let disk = PoolDisk::open(path, true)?;
         let mut pool = Pool::format(disk, g)?;
         pool.checkpoint()?;
@@ -289,6 +344,7 @@ impl PoolHandle {
 
     /// Opens the pool on `path`: superblock, checkpoint and journal replay.
     pub fn open(path: &Path) -> Result<Arc<PoolHandle>, PoolError> {
+        let lock = PoolLock::take(path, true, POOL_LOCK_WAIT)?;
         let started = Instant::now();
         let (media, disk) = if is_namespace(path) {
             let dev = NvmeDev::open(path, false).map_err(std::io::Error::other)?;
@@ -329,6 +385,7 @@ impl PoolHandle {
             quiesce_timeout: Mutex::new(DEFAULT_QUIESCE_TIMEOUT),
             open_ms: started.elapsed().as_millis() as u64,
             sizes: Mutex::new(Vec::new()),
+            _lock: lock,
         }))
     }
 
@@ -1658,6 +1715,33 @@ mod tests {
         fn is_done(&self) -> bool {
             self.report.is_none()
         }
+    }
+
+    /// A pool is one process's: while it is open, neither an exclusive nor a shared lock is
+    /// had on it (another daemon, `pool check`); once dropped, both are; a shared lock keeps
+    /// the pool from being opened.
+    #[test]
+    fn an_open_pool_is_locked_against_every_other_opener() {
+        let dir = std::env::temp_dir().join(format!("ballast-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pool.img");
+        let _ = std::fs::remove_file(&path);
+        PoolHandle::create(&path, Some(64 << 20), PoolGeometry::standard([7; 16])).unwrap();
+        let pool = PoolHandle::open(&path).unwrap();
+        for exclusive in [true, false] {
+            let t0 = Instant::now();
+            let err = PoolLock::take(&path, exclusive, Duration::from_millis(200)).unwrap_err();
+            assert!(t0.elapsed() >= Duration::from_millis(200), "it waited");
+            assert!(err.to_string().contains("in use by another process"), "{err}");
+        }
+        drop(pool);
+        drop(PoolLock::take(&path, true, Duration::ZERO).expect("free once the pool is closed"));
+        let reader = PoolLock::take(&path, false, Duration::ZERO).unwrap();
+        assert!(PoolLock::take(&path, false, Duration::ZERO).is_ok(), "readers share");
+        let create = PoolHandle::create(&path, None, PoolGeometry::standard([7; 16]));
+        assert!(create.is_err(), "no formatting under a reader");
+        drop(reader);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A fresh 256 MiB pool file in its own directory, opened and served by one core, with a

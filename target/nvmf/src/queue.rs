@@ -179,6 +179,12 @@ pub struct Queue {
     hdgst: bool,
     ddgst: bool,
     qid: u16,
+    /// This I/O queue holds its id in the controller's `io_qids` (and its entry in `queues`):
+    /// from its Connect, or — when it must authenticate — only once it has. A queue that
+    /// never authenticates holds nothing another could want, and its close frees nothing it
+    /// did not take (a stranger connecting with a live queue's id and then failing could
+    /// otherwise have released that queue's id and entry).
+    holds_qid: bool,
     sq_entries: u16,
     sqhd: u16,
     sqflow_disabled: bool,
@@ -248,6 +254,7 @@ impl Queue {
             hdgst: false,
             ddgst: false,
             qid: 0,
+            holds_qid: false,
             sq_entries: QUEUE_ENTRIES_MAX,
             sqhd: 0,
             sqflow_disabled: false,
@@ -843,11 +850,23 @@ impl Queue {
                     return self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
                 }
                 // Valid ids are 1..=granted+1 (the grant is 0's based), each connected once.
+                // A queue that must authenticate takes its id once it has: until then anyone
+                // knowing the host's NQN and the controller's id could hold the host's ids.
                 let granted = ctrl.io_queues_granted.load(Ordering::Relaxed) + 1;
-                if u32::from(qid) > granted || !ctrl.io_qids.lock().insert(qid) {
+                let must_authenticate = self.target.auth.get(&cd.hostnqn, &cd.subnqn).is_some();
+                let taken = u32::from(qid) > granted || {
+                    let mut ids = ctrl.io_qids.lock();
+                    if must_authenticate {
+                        ids.contains(&qid)
+                    } else {
+                        !ids.insert(qid)
+                    }
+                };
+                if taken {
                     let ipo = bad_sqe_field(42);
                     return self.respond(sqe.cid, ipo, 0, status::CONNECT_INVALID_PARAMETERS);
                 }
+                self.holds_qid = !must_authenticate;
                 Some(ctrl)
             }
         };
@@ -867,9 +886,11 @@ impl Queue {
             self.admin = Some(AdminState::new(ctrl.clone()));
         }
         let authenticating = self.auth.is_some();
-        ctrl.queues
-            .lock()
-            .insert(qid, QueueInfo { peer: self.peer.clone(), auth: None, authenticating });
+        if qid == 0 || self.holds_qid {
+            ctrl.queues
+                .lock()
+                .insert(qid, QueueInfo { peer: self.peer.clone(), auth: None, authenticating });
+        }
         tracing::info!(
             peer = %self.peer,
             subsystem = %cd.subnqn,
@@ -998,7 +1019,20 @@ impl Queue {
         if authenticated && !was_authenticated {
             let (hash, group) = negotiated.map_or(("?", "?"), |(h, g)| (h.name(), g.name()));
             tracing::info!(peer = %self.peer, host = %host, qid = self.qid, hash, dhgroup = group, "DH-HMAC-CHAP: queue authenticated");
-            if let Some(c) = self.ctrl.as_ref() {
+            if let Some(c) = self.ctrl.clone() {
+                if self.qid != 0 && !self.holds_qid {
+                    // Authenticated: now the I/O queue takes its id, if no other queue of the
+                    // controller took it meanwhile.
+                    if !c.io_qids.lock().insert(self.qid) {
+                        tracing::warn!(peer = %self.peer, host = %host, qid = self.qid, "I/O queue id already connected; closing the queue");
+                        self.close_read();
+                        return;
+                    }
+                    self.holds_qid = true;
+                    let info =
+                        QueueInfo { peer: self.peer.clone(), auth: None, authenticating: false };
+                    c.queues.lock().insert(self.qid, info);
+                }
                 if let Some(q) = c.queues.lock().get_mut(&self.qid) {
                     q.auth = Some((hash, group));
                     q.authenticating = false;
@@ -1707,7 +1741,7 @@ impl Queue {
             cx.stats().connections_open -= 1;
             match (&self.ctrl, self.qid) {
                 (Some(ctrl), 0) => self.target.remove_controller(ctrl.cntlid),
-                (Some(ctrl), qid) => {
+                (Some(ctrl), qid) if self.holds_qid => {
                     ctrl.io_qids.lock().remove(&qid);
                     ctrl.queues.lock().remove(&qid);
                 }

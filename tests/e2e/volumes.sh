@@ -3,8 +3,9 @@
 # not write: libnbd (nbdinfo, nbdcopy, nbdsh), qemu-img/qemu-io and fio's nbd engine.
 #
 #   1  pool create on a sparse file; serve --pool; thin volume create; fresh map all zero;
-#      64 MiB nbdcopy round trip; allocated_bytes; a served pool refused to pool check and to
-#      a second daemon (and, after kill -9 in 6, checked and served again at once)
+#      64 MiB nbdcopy round trip; allocated_bytes; a served pool refused to pool check, to a
+#      second daemon and as a raw file export, here or elsewhere (and, after kill -9 in 6,
+#      checked and served again at once)
 #   2  snapshots are stable and read-only; clones share then diverge
 #   3  rollback
 #   4  resize: grow, refused shrink, forced shrink really drops the data
@@ -145,6 +146,20 @@ if ((rc != 0 && rc != 124)) && grep -q "in use by another process" <<<"$out"; th
     pass "a second daemon refuses the pool the first serves (after waiting 10 s for it)"
 else
     fail "a second daemon refuses the pool the first serves" "exit $rc: $(tail -n 3 <<<"$out")"
+fi
+out=$(ballast_ctl export add raw --file "$POOL" 2>&1); rc=$?
+if ((rc != 0)) && grep -q "is this daemon's pool" <<<"$out"; then
+    pass "the daemon's own pool file is not exported raw"
+else
+    fail "the daemon's own pool file is not exported raw" "exit $rc: $out"
+fi
+mkdir -p "$T/third"
+out=$(timeout 60 "$BIN" serve --data-dir "$T/third" --export "raw=file:$POOL" --cores 1 \
+    --nbd-listen "127.0.0.1:$(free_port)" --nvmf-listen "127.0.0.1:$(free_port)" 2>&1); rc=$?
+if ((rc != 0 && rc != 124)) && grep -q "in use by another process" <<<"$out"; then
+    pass "another daemon does not export the served pool's file"
+else
+    fail "another daemon does not export the served pool's file" "exit $rc: $(tail -n 3 <<<"$out")"
 fi
 check_eq "serve --pool with an empty pool: no exports" "0" \
     "$(timeout 30 nbdinfo --list --json "$NBD_URI" 2>/dev/null | "$SYS_PY" -c 'import json,sys; print(len(json.load(sys.stdin)["exports"]))' 2>&1)"

@@ -19,12 +19,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ballast_engine::file::FileDev;
 use ballast_engine::ram::RamDev;
 use ballast_engine::size::parse_size;
-use ballast_engine::volume::dev::PoolHandle;
+use ballast_engine::volume::dev::{PoolHandle, PoolLock};
 use ballast_engine::BlockDev;
 use ballast_nbd::{Export, ExportError, ExportTable};
 use ballast_nvmf::subsys::SubsysError;
@@ -62,6 +63,9 @@ pub struct Device {
     /// The block size it was created with as an SPDK bdev (`bdev_malloc_create` and the
     /// like): what `bdev_get_bdevs` reports and the LBA size its namespaces get by default.
     pub block_size: Option<u32>,
+    /// A file or device export's shared hold on its media (a pool's holder has it
+    /// exclusively): while exported it is served as no pool, here or by another daemon.
+    pub hold: Option<PoolLock>,
 }
 
 impl Device {
@@ -83,6 +87,7 @@ impl Device {
             dev,
             stats_id,
             block_size: None,
+            hold: None,
         }
     }
 
@@ -409,17 +414,22 @@ impl Backend {
         })
     }
 
+    /// The file or device it opens, as given (none for RAM).
+    fn media_path(&self) -> Option<&std::path::Path> {
+        match self {
+            Backend::Ram(_) => None,
+            Backend::File { path, .. } | Backend::Nvme(path) => Some(path),
+        }
+    }
+
     /// The file or device behind it: a regular file by its canonical path (one file, however
     /// spelled); a device node as given (`/dev/disk/by-id/...` names the disk, the `/dev/sdX`
     /// or `/dev/ngXnY` it resolves to only its place in this boot's enumeration).
     fn path(&self) -> Option<PathBuf> {
-        let path = match self {
-            Backend::Ram(_) => return None,
-            Backend::File { path, .. } | Backend::Nvme(path) => path,
-        };
+        let path = self.media_path()?;
         match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => Some(std::fs::canonicalize(path).unwrap_or(path.clone())),
-            _ => Some(path.clone()),
+            Ok(m) if m.is_file() => Some(std::fs::canonicalize(path).unwrap_or(path.into())),
+            _ => Some(path.into()),
         }
     }
 }
@@ -489,7 +499,21 @@ pub fn add_bdev(
         return Err(RegistryError::Exists(name.to_string()).into());
     }
     registry.room_for(backend.kind(), name, backend_ram(backend))?;
+    // Not a pool being served (this daemon's or another's): its raw blocks would give a
+    // client every volume's data, and writes the pool does not know of.
+    let own_pool = registry.pool.as_ref().map(|p| std::fs::canonicalize(p.path()).ok());
+    let canonical = backend.path().and_then(|p| std::fs::canonicalize(p).ok());
+    if canonical.is_some() && own_pool.flatten() == canonical {
+        bail!("{name:?}: {} is this daemon's pool: its volumes are exported by name", backend);
+    }
+    let hold_now = |path: &std::path::Path| PoolLock::take(path, false, Duration::ZERO);
+    let existing = backend.media_path().filter(|p| p.exists());
+    let mut hold = existing.map(hold_now).transpose().context("exporting it")?;
     let dev = backend.open(read_only)?;
+    if hold.is_none() {
+        // Created just now by the open.
+        hold = backend.media_path().map(hold_now).transpose().context("exporting it")?;
+    }
     if let Some(b) = shape.block_size {
         let min = dev.info().min_block;
         if b < min {
@@ -506,6 +530,7 @@ pub fn add_bdev(
     };
     let mut device = Device::new(name, uuid, backend.kind(), description, dev, read_only);
     device.block_size = shape.block_size;
+    device.hold = hold;
     Ok(registry.add(device)?)
 }
 

@@ -389,6 +389,11 @@ impl PoolHandle {
         }))
     }
 
+    /// The pool's file or device, as it was opened.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Background commits: after `records` pending records, or `interval` after the first
     /// pending record, whichever comes first, a commit starts without a client's flush.
     pub fn set_commit_policy(&self, records: usize, interval: Duration) {

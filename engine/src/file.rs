@@ -110,6 +110,17 @@ pub fn create_sparse(path: &Path, size: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Gives the first `len` bytes of the regular file `file` blocks of their own (`fallocate`,
+/// KEEP_SIZE): true if done, false where its filesystem has no `fallocate`.
+pub fn reserve_start(file: &File, len: u64) -> std::io::Result<bool> {
+    use nix::fcntl::{fallocate, FallocateFlags as F};
+    match fallocate(file.as_fd(), F::FALLOC_FL_KEEP_SIZE, 0, len as libc::off_t) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::EOPNOTSUPP) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Whether `fallocate` with `mode` (and KEEP_SIZE) works on `file`: tried on 4 KiB past its
 /// end (`size`), where it changes nothing a reader sees.
 fn fallocate_works(file: &File, size: u64, mode: nix::fcntl::FallocateFlags) -> bool {
@@ -233,16 +244,10 @@ impl FileDev {
     /// filesystem fills: true if done; false for a block device or a filesystem without
     /// `fallocate` (nothing to reserve, or no way to).
     pub fn reserve(&self, len: u64) -> std::io::Result<bool> {
-        use nix::fcntl::{fallocate, FallocateFlags as F};
         if self.is_block_device {
             return Ok(false);
         }
-        let len = len.min(self.size_bytes()) as libc::off_t;
-        match fallocate(self.buffered.as_fd(), F::FALLOC_FL_KEEP_SIZE, 0, len) {
-            Ok(()) => Ok(true),
-            Err(nix::errno::Errno::EOPNOTSUPP) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        reserve_start(&self.buffered, len.min(self.size_bytes()))
     }
 
     /// Cores whose rings hold this file registered.

@@ -16,7 +16,8 @@ core makes), each checked with clients we did not write:
 - the daemon is still running and serving afterwards: the tmpfs write runs on the core's own
   thread, where the kernel's SIGXFSZ would have ended the process (the daemon ignores it).
 Part 2, a pool whose filesystem fills up (a 48 MiB tmpfs mounted for the test, a 256 MiB
-sparse pool file on it): a volume is written 1 MiB at a time, each write flushed, until a
+sparse pool file on it; a 10 GiB one, whose metadata would not fit, is refused at creation): a
+volume is written 1 MiB at a time, each write flushed, until a
 write fails with ENOSPC. Then a flush still succeeds — the pool's metadata blocks (superblock,
 checkpoints, journal) were reserved when it opened, so a full filesystem fails data writes,
 never a commit (before, the journal's next block could not be had and every flush failed
@@ -117,6 +118,14 @@ def nvme_write_across(r, b, nqn):
 
 
 def fill_pool(r, mnt):
+    # A pool whose metadata (about 70 MiB for 10 GiB: checkpoint halves and journal) cannot
+    # have its blocks on the 48 MiB filesystem is refused at creation, and leaves no file.
+    big = os.path.join(mnt, "big.img")
+    p = subprocess.run([ballast_bin(), "pool", "create", big, "--size", "10G"],
+                       capture_output=True, text=True)
+    r.check("pool create refuses a pool whose filesystem cannot hold its metadata",
+            p.returncode != 0 and "no room for the pool's metadata" in p.stderr, p.stderr)
+    r.check("... and leaves no file behind", not os.path.exists(big))
     pool = os.path.join(mnt, "pool.img")
     subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "256M"], check=True,
                    capture_output=True)

@@ -332,10 +332,36 @@ impl PoolHandle {
     /// Creates a pool on `path` (a file is created sparse with `size` bytes when missing; a
     /// block device or NVMe namespace takes its whole size).
     pub fn create(path: &Path, size: Option<u64>, g: PoolGeometry) -> Result<(), PoolError> {
-        if let (Some(size), false) = (size, path.exists()) {
+        let created = matches!((size, path.exists()), (Some(_), false));
+        if let (Some(size), true) = (size, created) {
             crate::file::create_sparse(path, size)?;
         }
+        let made = Self::format(path, g);
+        if made.is_err() && created {
+            let _ = std::fs::remove_file(path);
+        }
+        made
+    }
+
+    /// Formats `path` (locked), a file's metadata region given its blocks first: a pool whose
+    /// filesystem has no room for its own metadata is refused now, not at a commit later.
+    fn format(path: &Path, g: PoolGeometry) -> Result<(), PoolError> {
         let _lock = PoolLock::take(path, true, Duration::ZERO)?;
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        if file.metadata()?.is_file() {
+            let meta_bytes =
+                super::pool::layout(file.metadata()?.len(), &g)?.data_start * BLOCK_SIZE as u64;
+            crate::file::reserve_start(&file, meta_bytes).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{}: its filesystem has no room for the pool's metadata ({meta_bytes} \
+                         bytes of superblocks, checkpoints and journal): {e}",
+                        path.display()
+                    ),
+                )
+            })?;
+        }
         let disk = PoolDisk::open(path, true)?;
         let mut pool = Pool::format(disk, g)?;
         pool.checkpoint()?;

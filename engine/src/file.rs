@@ -239,17 +239,6 @@ impl FileDev {
         }
     }
 
-    /// Gives the first `len` bytes of a file blocks of their own now (`fallocate`, the size
-    /// unchanged), so that writing them later cannot fail for want of space when the
-    /// filesystem fills: true if done; false for a block device or a filesystem without
-    /// `fallocate` (nothing to reserve, or no way to).
-    pub fn reserve(&self, len: u64) -> std::io::Result<bool> {
-        if self.is_block_device {
-            return Ok(false);
-        }
-        reserve_start(&self.buffered, len.min(self.size_bytes()))
-    }
-
     /// Cores whose rings hold this file registered.
     pub fn cores_registered(&self) -> usize {
         self.direct_reg.cores_registered()

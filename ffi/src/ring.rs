@@ -357,6 +357,10 @@ pub struct Ring {
     /// Completions reaped while a push waited for room (the kernel refused a submission for
     /// completions not yet reaped): handed out first by the next `reap`.
     stash: Vec<Completion>,
+    /// Short transfers reaped while a push waited for room: submitted again for their rest by
+    /// the next `reap`, not inside that push — a Cancel being pushed names the slot key of its
+    /// target, which a resubmission there could take once the target's completion freed it.
+    deferred: Vec<InFlight>,
 }
 
 /// What a ring has done, cumulative: system calls and the socket operations among its work
@@ -417,6 +421,7 @@ impl Ring {
             tables,
             timespecs: Vec::with_capacity(TIMESPECS_KEPT),
             stash: Vec::new(),
+            deferred: Vec::new(),
         })
     }
 
@@ -474,7 +479,7 @@ impl Ring {
 
     /// Number of operations submitted and not yet reaped.
     pub fn inflight(&self) -> usize {
-        self.inflight.len()
+        self.inflight.len() + self.deferred.len()
     }
 
     /// Queues `op`; its completion will carry `token`.
@@ -504,9 +509,7 @@ impl Ring {
                 // try again; EINTR/EAGAIN: again. A core is not brought down by either.
                 Err(e) if is_transient(&e) => {
                     let mut stash = std::mem::take(&mut self.stash);
-                    self.reap_ring(&mut stash);
-                    // A short transfer going on from that reap may have set some aside too.
-                    stash.append(&mut self.stash);
+                    self.reap_ring(&mut stash, true);
                     self.stash = stash;
                 }
                 Err(e) => return Err(RingError::Enter(e)),
@@ -680,8 +683,9 @@ impl Ring {
 
     /// Submits and sleeps until at least one completion arrives or `timeout` passes.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> Result<(), RingError> {
-        if !self.stash.is_empty() {
-            // Completions are waiting already (set aside by a push): no sleep.
+        if !self.stash.is_empty() || !self.deferred.is_empty() {
+            // Completions are waiting already, or transfers to go on (set aside by a push):
+            // no sleep.
             return self.submit().map(|_| ());
         }
         self.counters.enters += 1;
@@ -703,13 +707,19 @@ impl Ring {
     /// Moves every available completion into `out` (those set aside by a push first); returns
     /// how many.
     pub fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        let mut count = 0;
+        for slot in std::mem::take(&mut self.deferred) {
+            count += self.go_on(slot, out);
+        }
         let stashed = self.stash.len();
         out.append(&mut self.stash);
-        stashed + self.reap_ring(out)
+        count + stashed + self.reap_ring(out, false)
     }
 
-    /// Moves the completions the kernel has posted into `out`; returns how many.
-    fn reap_ring(&mut self, out: &mut Vec<Completion>) -> usize {
+    /// Moves the completions the kernel has posted into `out`; returns how many. Short
+    /// transfers go on at once, or — `in_push`: while a push waits for room — at the next
+    /// `reap` (`deferred`).
+    fn reap_ring(&mut self, out: &mut Vec<Completion>, in_push: bool) -> usize {
         let mut count = 0;
         // Short transfers to go on (allocates only when there are some).
         let mut going_on = Vec::new();
@@ -753,8 +763,12 @@ impl Ring {
             out.push(Completion { token: slot.token, result, owned });
             count += 1;
         }
-        for slot in going_on {
-            count += self.go_on(slot, out);
+        if in_push {
+            self.deferred.append(&mut going_on);
+        } else {
+            for slot in going_on {
+                count += self.go_on(slot, out);
+            }
         }
         count
     }

@@ -131,6 +131,14 @@ pub fn ignore_file_size_signal() -> nix::Result<()> {
     unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }.map(|_| ())
 }
 
+/// Ends the process now with `code` (`_exit(2)`): no exit handlers, no flushing of stdio —
+/// for a thread that must not race the main thread running those itself.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit only ends the process; it touches no memory of ours and is async-signal
+    // and thread safe, unlike exit(3).
+    unsafe { libc::_exit(code) }
+}
+
 /// A non-blocking eventfd used to wake a sleeping reactor.
 pub fn eventfd() -> std::io::Result<OwnedFd> {
     let efd = nix::sys::eventfd::EventFd::from_flags(

@@ -6,7 +6,7 @@
 
 use std::os::fd::AsRawFd;
 
-use ballast_ffi::ring::{Completion, FileRef, Op, Ring};
+use ballast_ffi::ring::{Completion, FileRef, FixedConfig, Op, Ring};
 use ballast_ffi::IoBuf;
 use nix::sys::resource::{setrlimit, Resource};
 
@@ -60,10 +60,36 @@ fn short_transfers_go_on_to_their_end_or_their_error() {
     assert_eq!(on_disk.len() as u64, LIMIT, "the write moved what fit below the limit");
     assert!(on_disk[at as usize..].iter().all(|&b| b == 0xc7));
 
-    // Writes wholly below the limit are whole, fixed-size buffers or not.
+    // Writes wholly below the limit are whole.
     for len in [4096, 12288, 65536] {
         let c = run(&mut ring, Op::Write { file: f, buf: filled(len, 0x11), offset: 0, fua: true });
         assert_eq!(c.result, len as i32);
+    }
+
+    // The same through a registered file and a registered buffer: the rest goes on from the
+    // right place inside the registered buffer (ReadFixed / WriteFixed at an offset).
+    let mut fixed = Ring::with_fixed(8, FixedConfig { files: 1, bufs: 2 }).unwrap();
+    if fixed.counters().registration_failures > 0 {
+        eprintln!("registered part skipped: this kernel refused the registered tables");
+    } else {
+        let slot = fixed.register_file(file.as_raw_fd()).expect("a file slot");
+        let f = FileRef::Fixed(slot);
+        let before = fixed.counters().resumed;
+        let c = run(
+            &mut fixed,
+            Op::Write { file: f, buf: filled(65536, 0x3c), offset: at, fua: false },
+        );
+        assert_eq!(c.result, -libc::EFBIG);
+        assert!(c.owned.into_buf().unwrap().is_registered(), "a registered buffer went on");
+        assert!(fixed.counters().resumed > before);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(on_disk[at as usize..].iter().all(|&b| b == 0x3c), "its first part landed");
+        // A registered read across the end of the file: what is there.
+        let end = LIMIT - 4096;
+        let c = run(&mut fixed, Op::Read { file: f, buf: IoBuf::zeroed(65536), offset: end });
+        assert_eq!(c.result, 4096, "a registered read stops at the end of the file");
+        let buf = c.owned.into_buf().unwrap();
+        assert!(buf.as_slice()[..4096].iter().all(|&b| b == 0x3c));
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

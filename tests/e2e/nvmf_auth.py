@@ -200,11 +200,11 @@ def main(r):
                 "status 0x%x" % io.connect_status)
         r.check_eq("... and authenticates", "success", io.authenticate(keys["k3"]))
         stranger.close()
+        time.sleep(0.3)  # the stranger's close is handled: it must free nothing of the host's
         late = AuthHost(port, qid=1, cntlid=good.cntlid)
         r.check("qid 1 is the host's now: another Connect for it is refused",
                 late.connect_status == 0x182, "status 0x%x" % late.connect_status)
         late.close()
-        time.sleep(0.3)  # the stranger's close is handled
         st, _ = io.q.read_command(n.sqe(n.OP_READ, io.q.next_cid(), nsid=1, sgl_len=4096))
         r.check_eq("the host's I/O queue reads, the stranger gone", 0, st)
         r.check("nvmf_subsystem_get_qpairs lists it, authenticated",

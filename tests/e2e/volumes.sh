@@ -153,6 +153,14 @@ if ((rc != 0)) && grep -q "is this daemon's pool" <<<"$out"; then
 else
     fail "the daemon's own pool file is not exported raw" "exit $rc: $out"
 fi
+ln "$POOL" "$T/pool-link.img"
+out=$(ballast_ctl export add rawlink --file "$T/pool-link.img" 2>&1); rc=$?
+if ((rc != 0)) && grep -q "is this daemon's pool" <<<"$out"; then
+    pass "... nor through another link to it"
+else
+    fail "... nor through another link to it" "exit $rc: $out"
+fi
+rm -f "$T/pool-link.img"
 mkdir -p "$T/third"
 out=$(timeout 60 "$BIN" serve --data-dir "$T/third" --export "raw=file:$POOL" --cores 1 \
     --nbd-listen "127.0.0.1:$(free_port)" --nvmf-listen "127.0.0.1:$(free_port)" 2>&1); rc=$?

@@ -111,7 +111,7 @@ fn euid() -> u32 {
 }
 
 /// Why `dir` may not hold a pointer for user `euid`, if it may not.
-fn untrusted(dir: &Path, euid: u32) -> Option<String> {
+pub fn untrusted(dir: &Path, euid: u32) -> Option<String> {
     let meta = match dir.symlink_metadata() {
         Ok(m) => m,
         Err(e) => return Some(e.to_string()),

@@ -501,10 +501,10 @@ pub fn add_bdev(
     registry.room_for(backend.kind(), name, backend_ram(backend))?;
     // Not a pool being served (this daemon's or another's): its raw blocks would give a
     // client every volume's data, and writes the pool does not know of.
-    let own_pool = registry.pool.as_ref().map(|p| std::fs::canonicalize(p.path()).ok());
-    let canonical = backend.path().and_then(|p| std::fs::canonicalize(p).ok());
-    if canonical.is_some() && own_pool.flatten() == canonical {
-        bail!("{name:?}: {} is this daemon's pool: its volumes are exported by name", backend);
+    if let (Some(pool), Some(path)) = (&registry.pool, backend.media_path()) {
+        if same_media(pool.path(), path) {
+            bail!("{name:?}: {backend} is this daemon's pool: its volumes are exported by name");
+        }
     }
     let hold_now = |path: &std::path::Path| PoolLock::take(path, false, Duration::ZERO);
     let existing = backend.media_path().filter(|p| p.exists());
@@ -532,6 +532,21 @@ pub fn add_bdev(
     device.block_size = shape.block_size;
     device.hold = hold;
     Ok(registry.add(device)?)
+}
+
+/// Whether `a` and `b` name the same file (any link to it) or the same device (any node of
+/// it; a namespace's `/dev/ngXnY` and `/dev/nvmeXnY` are nodes of different kinds and are not
+/// matched here: the lock on the media tells those apart no better).
+fn same_media(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let (Ok(a), Ok(b)) = (std::fs::metadata(a), std::fs::metadata(b)) else { return false };
+    let device =
+        |m: &std::fs::Metadata| m.file_type().is_block_device() || m.file_type().is_char_device();
+    if device(&a) && device(&b) {
+        a.rdev() == b.rdev() && a.file_type().is_block_device() == b.file_type().is_block_device()
+    } else {
+        (a.dev(), a.ino()) == (b.dev(), b.ino())
+    }
 }
 
 fn backend_ram(backend: &Backend) -> u64 {

@@ -618,8 +618,8 @@ fn get_controllers(control: &Control, p: &Value) -> Result<Value, RpcError> {
 
 /// `nvmf_subsystem_get_qpairs`: every connected queue of every live controller (by queue
 /// id: the admin queue first), in SPDK's states ("authenticating" until its first
-/// authentication is done, then "enabled"), where the host connects from and how the queue
-/// authenticated.
+/// authentication is done, then "enabled"; an I/O queue that must authenticate is listed once
+/// it has), where the host connects from and how the queue authenticated.
 fn get_qpairs(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let mut out = Vec::new();
     for c in live_controllers(control, p)? {

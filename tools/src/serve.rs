@@ -291,6 +291,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let notifier = crate::notify::Notifier::from_env()?.map(Arc::new);
     raise_fd_limit();
+    // Before anything writes (a pool's replay, a new export's file): a write reaching the
+    // file size limit fails with EFBIG instead of ending the process.
+    ballast_ffi::sys::ignore_file_size_signal()?;
     // The data directory holds the default pool, the control socket's directory and kept
     // state: the daemon's user's alone (existing directories are left as they are).
     use std::os::unix::fs::DirBuilderExt;
@@ -299,6 +302,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .mode(0o700)
         .create(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    if let Some(why) = crate::locate::untrusted(&args.data_dir, nix::unistd::geteuid().as_raw()) {
+        tracing::warn!(
+            data_dir = %args.data_dir.display(),
+            "the data directory is {why}: the CLI will not find the daemon through \
+             ./{}/{} there (give it --data-dir, or chmod 700 the directory)",
+            crate::locate::DEFAULT_DATA_DIR,
+            crate::locate::DATA_DIR_SOCKET
+        );
+    }
 
     let pool_path = match (&args.pool, args.exports.is_empty()) {
         (Some(p), _) => Some(p.clone()),
@@ -354,7 +366,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block()?;
-    ballast_ffi::sys::ignore_file_size_signal()?;
 
     let cpus = ballast_ffi::sys::allowed_cpus();
     let count = args.cores.unwrap_or(cpus.len()).clamp(1, cpus.len());
@@ -526,7 +537,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     signal = ?again,
                     "second signal while stopping: exiting now, without the final commit"
                 );
-                std::process::exit(128 + again as i32);
+                // No exit handlers: the main thread may be running them itself.
+                ballast_ffi::sys::exit_now(128 + again as i32);
             }
         })
         .context("starting the second-signal thread")?;

@@ -126,6 +126,40 @@ impl SyncDisk for PoolDisk {
     }
 }
 
+/// Gives a pool file's first `blocks` blocks (superblocks, checkpoint halves, journal) their
+/// own blocks on its filesystem (`fallocate`, size unchanged), so that a filesystem filling up
+/// with data fails data writes to fresh clusters (ENOSPC to the client), never a commit. An
+/// error only when the filesystem has no room for them; one without `fallocate` is warned
+/// of; a block device or namespace needs nothing.
+fn reserve_metadata(path: &Path, blocks: u64) -> std::io::Result<()> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Ok(());
+    }
+    let bytes = blocks * BLOCK_SIZE as u64;
+    match crate::file::reserve_start(&file, bytes) {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            tracing::warn!(path = %path.display(), "the pool's filesystem has no fallocate: its metadata blocks are not reserved, and commits fail if it fills up");
+            Ok(())
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+            Err(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{}: its filesystem has no room for the pool's metadata ({bytes} bytes of \
+                     superblocks, checkpoints and journal): {e}",
+                    path.display()
+                ),
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not reserve the pool's metadata blocks");
+            Ok(())
+        }
+    }
+}
+
 /// The pool's media held by one process: an advisory lock (`flock`) on its file or device,
 /// exclusive for the daemon and for formatting, shared for the offline readers (`pool check`,
 /// `pool dump`). Two daemons serving one pool would each write metadata and data the other
@@ -347,21 +381,8 @@ impl PoolHandle {
     /// filesystem has no room for its own metadata is refused now, not at a commit later.
     fn format(path: &Path, g: PoolGeometry) -> Result<(), PoolError> {
         let _lock = PoolLock::take(path, true, Duration::ZERO)?;
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        if file.metadata()?.is_file() {
-            let meta_bytes =
-                super::pool::layout(file.metadata()?.len(), &g)?.data_start * BLOCK_SIZE as u64;
-            crate::file::reserve_start(&file, meta_bytes).map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!(
-                        "{}: its filesystem has no room for the pool's metadata ({meta_bytes} \
-                         bytes of superblocks, checkpoints and journal): {e}",
-                        path.display()
-                    ),
-                )
-            })?;
-        }
+        let size = crate::file::media_size(&File::open(path)?)?;
+        reserve_metadata(path, super::pool::layout(size, &g)?.data_start)?;
         let disk = PoolDisk::open(path, true)?;
         let mut pool = Pool::format(disk, g)?;
         pool.checkpoint()?;
@@ -382,20 +403,9 @@ impl PoolHandle {
             (Media::File(dev), PoolDisk::File(FileDisk::open(path, true)?))
         };
         let (disk, meta) = Pool::open(disk)?.into_parts();
-        if let Media::File(dev) = &media {
-            // The superblock, checkpoints and journal get their blocks now: a pool file is
-            // thin over its data, but a filesystem filling up must fail data writes (ENOSPC
-            // to the client), never a commit (which would fail every flush from then on).
-            let meta_bytes = meta.superblock().data_start * BLOCK_SIZE as u64;
-            match dev.reserve(meta_bytes) {
-                Ok(true) => tracing::debug!(bytes = meta_bytes, "pool metadata blocks reserved"),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(
-                    path = %path.display(), bytes = meta_bytes, error = %e,
-                    "could not reserve the pool's metadata blocks: commits will fail if its \
-                     filesystem fills up"
-                ),
-            }
+        // Its metadata blocks reserved (a no-op but for pools made before creation did it).
+        if let Err(e) = reserve_metadata(path, meta.superblock().data_start) {
+            tracing::warn!(error = %e, "commits will fail if the pool's filesystem fills up");
         }
         Ok(Arc::new(PoolHandle {
             meta: StateLock::new(meta),

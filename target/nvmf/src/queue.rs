@@ -789,6 +789,11 @@ impl Queue {
             tracing::warn!(peer = %self.peer, host = %cd.hostnqn, subsystem = %cd.subnqn, tls = ?self.tls_names, "connect refused: the secure channel does not match (a host with a key must use TLS with it)");
             return self.respond(sqe.cid, 0, 0, status::CONNECT_INVALID_HOST);
         }
+        // Looked up once: whether the queue must authenticate decides when it takes its id.
+        let auth = match cd.subnqn.as_str() {
+            DISCOVERY_NQN => None,
+            subnqn => self.target.auth.get(&cd.hostnqn, subnqn),
+        };
         let ctrl = if cd.subnqn == DISCOVERY_NQN {
             if qid != 0 {
                 return self.respond(
@@ -853,7 +858,7 @@ impl Queue {
                 // A queue that must authenticate takes its id once it has: until then anyone
                 // knowing the host's NQN and the controller's id could hold the host's ids.
                 let granted = ctrl.io_queues_granted.load(Ordering::Relaxed) + 1;
-                let must_authenticate = self.target.auth.get(&cd.hostnqn, &cd.subnqn).is_some();
+                let must_authenticate = auth.is_some();
                 let taken = u32::from(qid) > granted || {
                     let mut ids = ctrl.io_qids.lock();
                     if must_authenticate {
@@ -872,10 +877,6 @@ impl Queue {
         };
         let Some(ctrl) = ctrl else {
             return self.respond(sqe.cid, 0, 0, status::CONNECT_CONTROLLER_BUSY);
-        };
-        let auth = match cd.subnqn.as_str() {
-            DISCOVERY_NQN => None,
-            subnqn => self.target.auth.get(&cd.hostnqn, subnqn),
         };
         self.auth = auth.map(|config| Box::new(QueueAuth::new(config, Box::new(OsEntropy))));
         self.qid = qid;
@@ -1021,10 +1022,15 @@ impl Queue {
             tracing::info!(peer = %self.peer, host = %host, qid = self.qid, hash, dhgroup = group, "DH-HMAC-CHAP: queue authenticated");
             if let Some(c) = self.ctrl.clone() {
                 if self.qid != 0 && !self.holds_qid {
-                    // Authenticated: now the I/O queue takes its id, if no other queue of the
-                    // controller took it meanwhile.
-                    if !c.io_qids.lock().insert(self.qid) {
-                        tracing::warn!(peer = %self.peer, host = %host, qid = self.qid, "I/O queue id already connected; closing the queue");
+                    // Authenticated: now the I/O queue takes its id — if the controller still
+                    // lives, was not reset since the Connect, still grants that id, and no
+                    // other queue of it took the id meanwhile.
+                    let granted = c.io_queues_granted.load(Ordering::Relaxed) + 1;
+                    let current = !c.dead.load(Ordering::Acquire)
+                        && c.resets.load(Ordering::Acquire) == self.resets_seen
+                        && u32::from(self.qid) <= granted;
+                    if !current || !c.io_qids.lock().insert(self.qid) {
+                        tracing::warn!(peer = %self.peer, host = %host, qid = self.qid, current, "I/O queue id no longer available; closing the queue");
                         self.close_read();
                         return;
                     }

@@ -381,8 +381,11 @@ impl PoolHandle {
     /// filesystem has no room for its own metadata is refused now, not at a commit later.
     fn format(path: &Path, g: PoolGeometry) -> Result<(), PoolError> {
         let _lock = PoolLock::take(path, true, Duration::ZERO)?;
-        let size = crate::file::media_size(&File::open(path)?)?;
-        reserve_metadata(path, super::pool::layout(size, &g)?.data_start)?;
+        // A regular file's metadata region (a device or namespace needs nothing reserved).
+        let meta = File::open(path)?.metadata()?;
+        if meta.is_file() {
+            reserve_metadata(path, super::pool::layout(meta.len(), &g)?.data_start)?;
+        }
         let disk = PoolDisk::open(path, true)?;
         let mut pool = Pool::format(disk, g)?;
         pool.checkpoint()?;

@@ -311,6 +311,12 @@ def disk_scratch(r, name):
     return None
 
 
+def check_pool_exact(r, pool):
+    """`ballast pool check POOL` (offline, the daemon stopped) exits 0: every reference exact."""
+    chk = subprocess.run([ballast_bin(), "pool", "check", pool], capture_output=True, text=True)
+    r.check("pool check is exact afterwards", chk.returncode == 0, chk.stdout[-400:])
+
+
 def guarded(main):
     """Run main(report); an unexpected exception is a failure, and the summary is printed."""
     r = Report()

@@ -94,13 +94,20 @@ check() {
 # check_fails DESCRIPTION CMD [ARGS...]: pass if CMD exits non-zero (and is not killed by timeout).
 check_fails() {
     local what=$1; shift
+    check_fails_saying "$what" "" "$@"
+}
+
+# check_fails_saying DESCRIPTION REGEX CMD [ARGS...]: pass if CMD exits non-zero (and is not
+# killed by timeout) and what it printed matches the extended REGEX.
+check_fails_saying() {
+    local what=$1 regex=$2; shift 2
     local out rc=0
     out=$("$@" 2>&1) || rc=$?
-    if ((rc != 0 && rc != 124 && rc != 137)); then
+    if ((rc != 0 && rc != 124 && rc != 137)) && grep -Eq -- "$regex" <<<"$out"; then
         pass "$what"
         return 0
     fi
-    fail "$what" "expected failure, got exit $rc: $(tail -n 3 <<<"$out" | tr '\n' ' ')"
+    fail "$what" "expected failure saying /$regex/, got exit $rc: $(tail -n 3 <<<"$out" | tr '\n' ' ')"
     return 1
 }
 

@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402
 import nvmeraw  # noqa: E402
-from ballast_testlib import Ballast, ballast_bin, guarded  # noqa: E402
+from ballast_testlib import Ballast, ballast_bin, check_pool_exact, guarded  # noqa: E402
 
 KiB, MiB = 1024, 1 << 20
 NQN = "nqn.2026-11.dev.ballast:v"
@@ -131,9 +131,7 @@ def main(r):
                 want[off:off + n] = bytes(n)
         r.check("and everything else holds its data", back == want)
         b.check_clean_end(r)
-        chk = subprocess.run([ballast_bin(), "pool", "check", pool], capture_output=True,
-                             text=True)
-        r.check("pool check is exact afterwards", chk.returncode == 0, chk.stdout[-400:])
+        check_pool_exact(r, pool)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402
-from ballast_testlib import Ballast, ballast_bin, guarded  # noqa: E402
+from ballast_testlib import Ballast, ballast_bin, check_pool_exact, guarded  # noqa: E402
 from nbdraw import CMD_READ, nbd_connect, nbd_req  # noqa: E402
 
 MiB = 1 << 20
@@ -69,9 +69,7 @@ def main(r):
         h.shutdown()
         r.check("restarted, the volume reads back what was flushed", back == data)
         b.check_clean_end(r)
-        chk = subprocess.run([ballast_bin(), "pool", "check", pool], capture_output=True,
-                             text=True)
-        r.check("pool check is exact afterwards", chk.returncode == 0, chk.stdout[-400:])
+        check_pool_exact(r, pool)
 
 
 if __name__ == "__main__":

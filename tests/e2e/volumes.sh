@@ -133,42 +133,25 @@ fi
 
 start_ballast --pool "$POOL" || finish
 # One process at a time: a pool a daemon serves is neither checked nor served by another.
-out=$(timeout 60 "$BIN" pool check "$POOL" 2>&1); rc=$?
-if ((rc != 0)) && grep -q "in use by another process" <<<"$out"; then
-    pass "pool check refuses the pool a daemon serves"
-else
-    fail "pool check refuses the pool a daemon serves" "exit $rc: $out"
-fi
-mkdir -p "$T/second"
-out=$(timeout 60 "$BIN" serve --data-dir "$T/second" --pool "$POOL" --cores 1 \
-    --nbd-listen "127.0.0.1:$(free_port)" --nvmf-listen "127.0.0.1:$(free_port)" 2>&1); rc=$?
-if ((rc != 0 && rc != 124)) && grep -q "in use by another process" <<<"$out"; then
-    pass "a second daemon refuses the pool the first serves (after waiting 10 s for it)"
-else
-    fail "a second daemon refuses the pool the first serves" "exit $rc: $(tail -n 3 <<<"$out")"
-fi
-out=$(ballast_ctl export add raw --file "$POOL" 2>&1); rc=$?
-if ((rc != 0)) && grep -q "is this daemon's pool" <<<"$out"; then
-    pass "the daemon's own pool file is not exported raw"
-else
-    fail "the daemon's own pool file is not exported raw" "exit $rc: $out"
-fi
+# serve_elsewhere DIR ARGS...: another daemon, data directory DIR, free ports.
+serve_elsewhere() {
+    local dir=$1; shift
+    mkdir -p "$dir"
+    timeout 60 "$BIN" serve --data-dir "$dir" --cores 1 --nbd-listen "127.0.0.1:$(free_port)" \
+        --nvmf-listen "127.0.0.1:$(free_port)" "$@"
+}
+check_fails_saying "pool check refuses the pool a daemon serves" "in use by another process" \
+    timeout 60 "$BIN" pool check "$POOL"
+check_fails_saying "a second daemon refuses the pool the first serves (after waiting 10 s for it)" \
+    "in use by another process" serve_elsewhere "$T/second" --pool "$POOL"
+check_fails_saying "the daemon's own pool file is not exported raw" "is this daemon's pool" \
+    ballast_ctl export add raw --file "$POOL"
 ln "$POOL" "$T/pool-link.img"
-out=$(ballast_ctl export add rawlink --file "$T/pool-link.img" 2>&1); rc=$?
-if ((rc != 0)) && grep -q "is this daemon's pool" <<<"$out"; then
-    pass "... nor through another link to it"
-else
-    fail "... nor through another link to it" "exit $rc: $out"
-fi
+check_fails_saying "... nor through another link to it" "is this daemon's pool" \
+    ballast_ctl export add rawlink --file "$T/pool-link.img"
 rm -f "$T/pool-link.img"
-mkdir -p "$T/third"
-out=$(timeout 60 "$BIN" serve --data-dir "$T/third" --export "raw=file:$POOL" --cores 1 \
-    --nbd-listen "127.0.0.1:$(free_port)" --nvmf-listen "127.0.0.1:$(free_port)" 2>&1); rc=$?
-if ((rc != 0 && rc != 124)) && grep -q "in use by another process" <<<"$out"; then
-    pass "another daemon does not export the served pool's file"
-else
-    fail "another daemon does not export the served pool's file" "exit $rc: $(tail -n 3 <<<"$out")"
-fi
+check_fails_saying "another daemon does not export the served pool's file" \
+    "in use by another process" serve_elsewhere "$T/third" --export "raw=file:$POOL"
 check_eq "serve --pool with an empty pool: no exports" "0" \
     "$(timeout 30 nbdinfo --list --json "$NBD_URI" 2>/dev/null | "$SYS_PY" -c 'import json,sys; print(len(json.load(sys.stdin)["exports"]))' 2>&1)"
 FREE0=$(pool_field free_bytes)

@@ -474,9 +474,7 @@ impl Cx<'_> {
             self.ready.push_back(Completion { token, result: -libc::EOPNOTSUPP, owned });
             return;
         };
-        if let Err(e) = dev.push(ns, io, token) {
-            panic!("core {}: cannot submit to the device ring: {e}", self.core);
-        }
+        dev.push(ns, io, token);
     }
 
     /// Completes `tag` for this task without I/O (memory backends, immediate errors); it is

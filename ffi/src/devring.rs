@@ -9,6 +9,11 @@
 //! - a slot completes once, when `parts_left` reaches 0, with the first failure among its
 //!   commands (as a negative errno) or its success value;
 //! - if the ring is dropped with commands in flight, their buffers are leaked, never freed;
+//! - a push never fails: when the kernel takes no entry because completions wait that nobody
+//!   reaped (EBUSY, its completion queue overflowed), they are reaped aside into `stash` and
+//!   handed out by the next [`DevRing::reap`] (counted in [`DevRing::inflight`] until then);
+//!   if entering the kernel fails otherwise, the commands not queued count as failed with that
+//!   error, and the I/O completes once those queued have;
 //! - data buffers are registered with this ring as they are first submitted (`fixed`'s
 //!   invariants), so the kernel does not pin and unpin their pages per command.
 
@@ -58,6 +63,8 @@ pub struct DevRing {
     tables: Tables,
     /// Commands sent on a registered buffer.
     fixed_buf_ops: u64,
+    /// I/Os that completed while a push made room (handed out by the next `reap`).
+    stash: Vec<Completion>,
 }
 
 /// The first kernel passthrough commands go on registered buffers with: the one tested. On
@@ -89,7 +96,8 @@ impl DevRing {
         })?;
         let inflight = Slab::with_capacity(entries as usize);
         let tables = Tables::open(&ring.submitter(), 0, fixed_bufs);
-        Ok(DevRing { ring, inflight, mode, scratch: Vec::new(), tables, fixed_buf_ops: 0 })
+        let scratch = Vec::new();
+        Ok(DevRing { ring, inflight, mode, scratch, tables, fixed_buf_ops: 0, stash: Vec::new() })
     }
 
     /// Where this ring's registered buffers come back when they drop.
@@ -115,9 +123,9 @@ impl DevRing {
         self.mode
     }
 
-    /// Logical I/Os submitted and not yet completed.
+    /// Logical I/Os submitted and not yet handed out by [`DevRing::reap`].
     pub fn inflight(&self) -> usize {
-        self.inflight.len()
+        self.inflight.len() + self.stash.len()
     }
 
     /// Has the kernel signal `fd` (an eventfd) when completions are posted, while enabled
@@ -141,8 +149,9 @@ impl DevRing {
     }
 
     /// Queues the commands of `io` on namespace `ns`; one completion carrying `token` follows
-    /// once all have completed.
-    pub fn push(&mut self, ns: &NvmeNs, io: NvmeIo, token: u64) -> Result<(), RingError> {
+    /// once all have completed (with the error, if the kernel could not be entered to queue
+    /// them all).
+    pub fn push(&mut self, ns: &NvmeNs, io: NvmeIo, token: u64) {
         let mut cmds = std::mem::take(&mut self.scratch);
         cmds.clear();
         nvme::plan(ns, &io, |cmd| cmds.push(cmd));
@@ -162,8 +171,8 @@ impl DevRing {
         let parts_left = cmds.len() as u32;
         let key =
             self.inflight.insert(InFlight { token, buf, ranges, parts_left, error: 0, success });
-        let slot = &mut self.inflight[key];
-        for cmd in &cmds {
+        for (queued, cmd) in cmds.iter().enumerate() {
+            let slot = &mut self.inflight[key];
             let (addr, len) = match cmd.data {
                 None => (0, 0),
                 Some((offset, len)) => {
@@ -175,21 +184,47 @@ impl DevRing {
             };
             // The range list of a deallocate is never registered: only data goes fixed.
             let index = if cmd.data.is_some() && slot.buf.is_some() { buf_index } else { None };
-            self.fixed_buf_ops += u64::from(index.is_some());
             let sqe = opcode::UringCmd80::new(types::Fd(ns.fd), nvme::NVME_URING_CMD_IO)
                 .cmd(cmd.encode(addr, len))
                 .buf_index(index)
                 .build()
                 .user_data(key as u64);
-            // SAFETY: `addr` points into the buffer or range list owned by the slot `key`
-            // (heap memory that does not move), checked above to hold `len` bytes there; the
-            // slot stays in the slab until the last of this I/O's entries is reaped. Entries
-            // without data carry no address.
-            while unsafe { self.ring.submission().push(&sqe) }.is_err() {
-                self.ring.submit().map_err(RingError::Enter)?;
+            if let Err(e) = self.queue(&sqe) {
+                // The commands not queued fail with the error; the I/O completes once those
+                // queued have (at once if none was).
+                let slot = &mut self.inflight[key];
+                slot.parts_left -= (cmds.len() - queued) as u32;
+                if slot.error == 0 {
+                    slot.error = -e.raw_os_error().unwrap_or(libc::EIO);
+                }
+                if slot.parts_left == 0 {
+                    self.stash.push(finished(self.inflight.remove(key)));
+                }
+                break;
             }
+            self.fixed_buf_ops += u64::from(index.is_some());
         }
         self.scratch = cmds;
+    }
+
+    /// Puts `sqe` on the submission queue, entering the kernel to make room if it is full.
+    /// EBUSY (completions wait that nobody reaped), EINTR, EAGAIN: reap aside and try again.
+    fn queue(&mut self, sqe: &squeue::Entry128) -> Result<(), std::io::Error> {
+        // SAFETY: every address in `sqe` points into the buffer or range list owned by its
+        // slot in `inflight` (heap memory that does not move), checked by `push` to hold the
+        // length given; the slot stays in the slab until the last of its entries is reaped.
+        // Entries without data carry no address.
+        while unsafe { self.ring.submission().push(sqe) }.is_err() {
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if is_transient(&e) => {
+                    let mut stash = std::mem::take(&mut self.stash);
+                    self.reap_ring(&mut stash);
+                    self.stash = stash;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Ok(())
     }
 
@@ -205,7 +240,7 @@ impl DevRing {
 
     /// Whether completions are ready to reap, without entering the kernel.
     pub fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
+        !self.stash.is_empty() || !self.ring.completion().is_empty()
     }
 
     /// Submits queued commands (and, for a polled ring, polls) without waiting.
@@ -230,6 +265,14 @@ impl DevRing {
 
     /// Moves every finished I/O's completion into `out`; returns how many.
     pub fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+        let stashed = self.stash.len();
+        out.append(&mut self.stash);
+        stashed + self.reap_ring(out)
+    }
+
+    /// Counts the kernel's completions against their I/Os; those whose last command it was go
+    /// to `out`.
+    fn reap_ring(&mut self, out: &mut Vec<Completion>) -> usize {
         let mut count = 0;
         for cqe in self.ring.completion() {
             let key = cqe.user_data() as usize;
@@ -242,17 +285,21 @@ impl DevRing {
             if errno != 0 && slot.error == 0 {
                 slot.error = errno;
             }
-            if slot.parts_left > 0 {
-                continue;
+            if slot.parts_left == 0 {
+                out.push(finished(self.inflight.remove(key)));
+                count += 1;
             }
-            let slot = self.inflight.remove(key);
-            let result = if slot.error != 0 { slot.error } else { slot.success };
-            let owned = slot.buf.map_or(Owned::None, Owned::Buf);
-            out.push(Completion { token: slot.token, result, owned });
-            count += 1;
         }
         count
     }
+}
+
+/// The completion of an I/O whose commands have all completed.
+fn finished(slot: InFlight) -> Completion {
+    debug_assert_eq!(slot.parts_left, 0);
+    let result = if slot.error != 0 { slot.error } else { slot.success };
+    let owned = slot.buf.map_or(Owned::None, Owned::Buf);
+    Completion { token: slot.token, result, owned }
 }
 
 impl Drop for DevRing {
@@ -281,8 +328,8 @@ mod tests {
         };
         let ns = ns(fd);
         // 20 LBAs of 512 bytes at most 8 per command: 3 commands.
-        ring.push(&ns, NvmeIo::Read { slba: 0, buf: IoBuf::zeroed(20 * 512) }, 42).unwrap();
-        ring.push(&ns, NvmeIo::Deallocate { slba: 0, nlb: 4 }, 43).unwrap();
+        ring.push(&ns, NvmeIo::Read { slba: 0, buf: IoBuf::zeroed(20 * 512) }, 42);
+        ring.push(&ns, NvmeIo::Deallocate { slba: 0, nlb: 4 }, 43);
         assert_eq!(ring.inflight(), 2);
         let mut out = Vec::new();
         for _ in 0..100 {
@@ -331,5 +378,36 @@ mod tests {
         assert!(matches!(read.owned, Owned::Buf(_)));
         let dsm = by_token(&out, 43).result;
         assert!(dsm <= 0, "{dsm}");
+    }
+
+    /// Many more I/Os than the ring has room for, none reaped meanwhile (the kernel's
+    /// completion queue overflows and entering it says EBUSY): every push is taken, and every
+    /// I/O completes once, none lost or doubled.
+    #[test]
+    fn pushes_past_an_overflowing_completion_queue_lose_nothing() {
+        let Ok(mut ring) = DevRing::new(4, DevRingMode::Interrupt, 0) else {
+            eprintln!("skipped: this kernel has no SQE128/CQE32 rings");
+            return;
+        };
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let ns = ns(file.as_raw_fd());
+        let n = 2000u64;
+        for t in 0..n {
+            // Two commands each: a split read of 12 LBAs, 8 at most per command.
+            ring.push(&ns, NvmeIo::Read { slba: 0, buf: IoBuf::zeroed(12 * 512) }, t);
+        }
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (out.len() as u64) < n && std::time::Instant::now() < deadline {
+            ring.submit_and_wait(Duration::from_millis(10)).unwrap();
+            ring.reap(&mut out);
+        }
+        let mut tokens: Vec<u64> = out.iter().map(|c| c.token).collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, (0..n).collect::<Vec<_>>());
+        assert!(out.iter().all(|c| matches!(&c.owned, Owned::Buf(b) if b.len() == 12 * 512)));
+        let busy = [-libc::EBUSY, -libc::EAGAIN, -libc::EINTR];
+        assert!(out.iter().all(|c| !busy.contains(&c.result)), "no I/O fails for want of room");
+        assert_eq!(ring.inflight(), 0);
     }
 }

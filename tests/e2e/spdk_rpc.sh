@@ -12,7 +12,8 @@
 #      add_host, nvmf_get_subsystems; serial/model in Identify Controller and refused when too
 #      long; listeners per subsystem (Connect refused where it does not listen, each port's
 #      discovery log, get/remove_listener); the clone read back through NBD and NVMe/TCP
-#   5  bdev_get_iostat counts the I/O; resize and delete by alias
+#   5  bdev_get_iostat counts the I/O; resize and delete by alias; the pool's file grown and
+#      bdev_lvol_grow_lvstore (-l; nothing to grow; -22 with neither -u nor -l, -19 another)
 #   6  negative cases: wrong -l / -u (-19 No such device), both (-22), unknown bdev (-19),
 #      unknown subsystem, unknown parameter (-32602)
 #   7  the keyring and a host's key names (never the keys)
@@ -271,6 +272,22 @@ check "bdev_lvol_resize LVS/lvol1 64" rpc bdev_lvol_resize "$LVS/lvol1" 64
 check_eq "lvol1 is 64 MiB" 16384 "$(rpc bdev_get_bdevs -b "$LVOL1_UUID" | py 'j[0]["num_blocks"]')"
 check "bdev_lvol_delete by UUID" rpc bdev_lvol_delete "$LVOL1_UUID"
 check_eq "the deleted lvol is gone (-19)" "-19 No such device" "$(rpc_error bdev_get_bdevs -b "$LVS/lvol1")"
+
+# The pool's file grown from outside, then the store grown into it (SPDK's
+# bdev_lvol_grow_lvstore after a base bdev resize): its data clusters follow the file.
+POOL_FILE=$(rpc bdev_lvol_get_lvstores -u "$LVS_UUID" | py 'j[0]["base_bdev"]')
+CLUSTERS=$(rpc bdev_lvol_get_lvstores -u "$LVS_UUID" | py 'j[0]["total_data_clusters"]')
+CLUSTER_SIZE=$(rpc bdev_lvol_get_lvstores -u "$LVS_UUID" | py 'j[0]["cluster_size"]')
+check_eq "bdev_lvol_grow_lvstore with the file unchanged: true, nothing grows" "true $CLUSTERS" \
+    "$(rpc bdev_lvol_grow_lvstore -u "$LVS_UUID") $(rpc bdev_lvol_get_lvstores -u "$LVS_UUID" | py 'j[0]["total_data_clusters"]')"
+check "the pool's file grown by 1 GiB (truncate)" truncate -s +1G "$POOL_FILE"
+check_eq "bdev_lvol_grow_lvstore -l $LVS" true "$(rpc bdev_lvol_grow_lvstore -l "$LVS")"
+check_eq "the store has 1 GiB more data clusters" "$((CLUSTERS + 1024 * MiB / CLUSTER_SIZE))" \
+    "$(rpc bdev_lvol_get_lvstores -u "$LVS_UUID" | py 'j[0]["total_data_clusters"]')"
+check_eq "bdev_lvol_grow_lvstore without -u or -l (-22)" "-22 Invalid argument" \
+    "$(rpc_error bdev_lvol_grow_lvstore)"
+check_eq "bdev_lvol_grow_lvstore of another store (-19)" "-19 No such device" \
+    "$(rpc_error bdev_lvol_grow_lvstore -l nosuchstore)"
 
 echo "## 6: errors with SPDK's codes"
 check_eq "bdev_lvol_create -l WRONG: -19 No such device" "-19 No such device" \

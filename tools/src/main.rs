@@ -147,6 +147,12 @@ enum PoolCommand {
         #[arg(long)]
         maps: bool,
     },
+    /// Grow the running daemon's pool into its file or block device after it was grown from
+    /// outside (`truncate -s`, `lvextend`): the new room takes writes at once.
+    Grow {
+        #[command(flatten)]
+        target: client::Target,
+    },
     /// The running daemon's pool: size, free space, volumes.
     Info {
         #[command(flatten)]
@@ -333,6 +339,32 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
             }
         }
         Command::Pool(PoolCommand::Dump { path, maps }) => volumes::pool_dump(&path, maps),
+        Command::Pool(PoolCommand::Grow { target }) => {
+            let before: Vec<LvstoreEntry> =
+                client::call(&target, "bdev_lvol_get_lvstores", &LvstoreSelect::default())?;
+            let pool =
+                before.first().ok_or_else(|| anyhow::anyhow!("the daemon serves no pool"))?;
+            let sel = LvstoreSelect { uuid: Some(pool.uuid.clone()), lvs_name: None };
+            let _: bool = client::call(&target, "bdev_lvol_grow_lvstore", &sel)?;
+            let after: Vec<LvstoreEntry> = client::call(&target, "bdev_lvol_get_lvstores", &sel)?;
+            let cluster = pool.cluster_size.max(1);
+            let (from, to) = (pool.total_data_clusters, after[0].total_data_clusters);
+            if to == from {
+                println!(
+                    "pool {}: no larger ({} data bytes): nothing to grow into",
+                    pool.name,
+                    from * cluster
+                );
+            } else {
+                println!(
+                    "pool {} grown: {} -> {} data bytes",
+                    pool.name,
+                    from * cluster,
+                    to * cluster
+                );
+            }
+            Ok(())
+        }
         Command::Pool(PoolCommand::Info { target, json }) => {
             let r: Vec<LvstoreEntry> =
                 client::call(&target, "bdev_lvol_get_lvstores", &LvstoreSelect::default())?;

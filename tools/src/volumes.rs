@@ -383,6 +383,7 @@ pub const METHODS: &[Method] = &[
     Method { name: "bdev_lvol_resize", call: resize },
     Method { name: "bdev_lvol_delete", call: delete },
     Method { name: "bdev_lvol_check", call: check },
+    Method { name: "bdev_lvol_grow_lvstore", call: grow_lvstore },
 ];
 
 fn get_lvstores(control: &Control, p: &Value) -> Result<Value, RpcError> {
@@ -507,6 +508,21 @@ fn delete(control: &Control, p: &Value) -> Result<Value, RpcError> {
     }
     lvstore::forget_volume(pool, &name);
     tracing::info!(volume = name, "volume deleted");
+    Ok(json!(true))
+}
+
+/// `bdev_lvol_grow_lvstore`: the pool's file or block device was grown from outside
+/// (`truncate`, `lvextend`); its data area takes the new room (durable when this answers).
+/// As SPDK: the store by `uuid` or `lvs_name`, exactly one; true.
+fn grow_lvstore(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let sel: LvstoreSelect = params(p, L)?;
+    if sel.uuid.is_none() && sel.lvs_name.is_none() {
+        return Err(invalid_argument());
+    }
+    check_lvstore(pool, sel.uuid.as_deref(), sel.lvs_name.as_deref())?;
+    let (before, after) = pool.grow().map_err(pool_err_cb)?;
+    tracing::info!(before, after, "lvol store grown: data bytes");
     Ok(json!(true))
 }
 

@@ -126,6 +126,15 @@ impl SyncDisk for PoolDisk {
     }
 }
 
+impl PoolDisk {
+    /// The file or device was found to have grown to `bytes` (a namespace's size is fixed).
+    fn grown_to(&mut self, bytes: u64) {
+        if let PoolDisk::File(d) = self {
+            d.size = d.size.max(bytes);
+        }
+    }
+}
+
 /// Gives a pool file's first `blocks` blocks (superblocks, checkpoint halves, journal) their
 /// own blocks on its filesystem (`fallocate`, size unchanged), so that a filesystem filling up
 /// with data fails data writes to fresh clusters (ENOSPC to the client), never a commit. An
@@ -406,6 +415,15 @@ impl PoolHandle {
             (Media::File(dev), PoolDisk::File(FileDisk::open(path, true)?))
         };
         let (disk, meta) = Pool::open(disk)?.into_parts();
+        let spans = meta.superblock().total_blocks * BLOCK_SIZE as u64;
+        if disk.size_bytes() >= spans + meta.cluster_bytes() {
+            let (device, pool) = (disk.size_bytes(), spans);
+            tracing::info!(
+                device,
+                pool,
+                "the pool's device is larger than the pool: `ballast pool grow` takes the room in"
+            );
+        }
         // Its metadata blocks reserved (a no-op but for pools made before creation did it).
         if let Err(e) = reserve_metadata(path, meta.superblock().data_start) {
             tracing::warn!(error = %e, "commits will fail if the pool's filesystem fills up");
@@ -687,6 +705,37 @@ impl PoolHandle {
             }
         }
         Ok(())
+    }
+
+    /// Grows the pool into its file or block device, grown from outside (`truncate`,
+    /// `lvextend`; SPDK's `bdev_lvol_grow_lvstore`): the media's size is read again, the data
+    /// area takes the new room with a checkpoint (durable when this returns), and the new
+    /// clusters take writes. A medium no larger changes nothing; a smaller one is refused.
+    /// An NVMe namespace keeps the size it was opened with. Returns the data area's bytes
+    /// before and after.
+    pub fn grow(self: &Arc<Self>) -> Result<(u64, u64), PoolError> {
+        let before = self.meta_shared().data_bytes();
+        let total_bytes = match &self.media {
+            Media::File(d) => {
+                let grew = d.rescan();
+                grew.map_err(|e| {
+                    PoolError::Io(std::io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", self.path.display()),
+                    ))
+                })?
+                .1
+            }
+            Media::Nvme(_) => self.disk.lock().size_bytes(),
+        };
+        // The blocking disk (a stop's checkpoint once the cores are gone) learns it too.
+        self.disk.lock().grown_to(total_bytes);
+        self.control(ControlOp::Grow { total_bytes })?;
+        let after = self.meta_shared().data_bytes();
+        if after != before {
+            tracing::info!(pool = %self.path.display(), before, after, "pool grown: data bytes");
+        }
+        Ok((before, after))
     }
 
     pub fn set_config(self: &Arc<Self>, key: &str, value: &str) -> Result<(), PoolError> {

@@ -48,6 +48,28 @@ impl Bits {
         b
     }
 
+    /// Room for `clusters` clusters; the new ones are not members.
+    fn grow(&mut self, clusters: u64) {
+        let words = clusters.div_ceil(WORD) as usize;
+        assert!(words >= self.words.len(), "a set never shrinks");
+        self.words.resize(words, 0);
+        self.summary.resize(words.div_ceil(WORD as usize), 0);
+    }
+
+    /// Adds every cluster in `[from, to)`, a word at a time.
+    fn insert_range(&mut self, from: u64, to: u64) {
+        let mut c = from;
+        while c < to {
+            let w = (c / WORD) as usize;
+            let lo = c % WORD;
+            let hi = (to - w as u64 * WORD).min(WORD);
+            let mask = if hi - lo == WORD { !0 } else { ((1u64 << (hi - lo)) - 1) << lo };
+            self.words[w] |= mask;
+            self.summary[w / WORD as usize] |= 1 << (w as u64 % WORD);
+            c = w as u64 * WORD + hi;
+        }
+    }
+
     fn contains(&self, c: u64) -> bool {
         self.words.get((c / WORD) as usize).is_some_and(|w| w & (1 << (c % WORD)) != 0)
     }
@@ -125,6 +147,17 @@ impl Allocator {
 
     pub fn clusters(&self) -> u64 {
         self.clusters
+    }
+
+    /// The pool grew to `clusters` clusters (its superblock says so, durably): the new ones
+    /// are free.
+    pub fn grow(&mut self, clusters: u64) {
+        assert!(clusters >= self.clusters, "a pool never shrinks");
+        self.free.grow(clusters);
+        self.pending_set.grow(clusters);
+        self.free.insert_range(self.clusters, clusters);
+        self.free_count += clusters - self.clusters;
+        self.clusters = clusters;
     }
 
     pub fn free_count(&self) -> u64 {
@@ -308,11 +341,12 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
         /// The same clusters in the same order as the linear scan, across word and summary
-        /// boundaries (sizes around 64 and 4,096 clusters), with frees released in batches.
+        /// boundaries (sizes around 64 and 4,096 clusters), with frees released in batches and
+        /// the pool growing by up to 150 clusters at a time.
         #[test]
         fn bitmaps_pick_what_a_scan_picks(
             clusters in prop_oneof![2u64..200, 4000u64..4300, 8190u64..8200],
-            ops in proptest::collection::vec((0u8..4, any::<u64>()), 1..400),
+            ops in proptest::collection::vec((0u8..5, any::<u64>()), 1..400),
         ) {
             let mut a = Allocator::new(clusters);
             let mut naive = Naive { free: (0..clusters).map(|c| c != 0).collect(), hint: 1 };
@@ -330,6 +364,12 @@ mod tests {
                         a.free(c);
                         prop_assert!(!a.is_allocated(c));
                     }
+                    4 => {
+                        let more = r % 150;
+                        a.grow(a.clusters() + more);
+                        naive.free.extend(std::iter::repeat_n(true, more as usize));
+                        prop_assert_eq!(a.clusters(), naive.free.len() as u64);
+                    }
                     _ => {
                         a.release(&sealed);
                         for &c in &sealed {
@@ -342,6 +382,19 @@ mod tests {
                 prop_assert_eq!(a.free_count(), free);
             }
         }
+    }
+
+    #[test]
+    fn a_grown_allocator_hands_out_each_new_cluster_once() {
+        let mut a = Allocator::new(70);
+        let first: Vec<u64> = std::iter::from_fn(|| a.alloc()).collect();
+        assert_eq!(first.len(), 69);
+        a.grow(5000);
+        assert_eq!((a.free_count(), a.clusters()), (4930, 5000));
+        let mut more: Vec<u64> = std::iter::from_fn(|| a.alloc()).collect();
+        more.sort_unstable();
+        assert_eq!(more, (70..5000).collect::<Vec<_>>(), "every new cluster, once");
+        assert_eq!(a.used_count(), 4999);
     }
 
     #[test]

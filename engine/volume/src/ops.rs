@@ -1,5 +1,5 @@
 //! Control operations as data: what the control plane asks of a pool (create, snapshot,
-//! clone, rollback, resize, delete, configuration), which volume's writes must drain first,
+//! clone, rollback, resize, delete, configuration, growing the pool), which volume's writes must drain first,
 //! and how each applies to the pool state. A control operation runs as a [`crate::request`]
 //! (`Cmd::Control`) — freeze, park until drained, apply, thaw, commit — on a core in the
 //! daemon and in the simulator alike, so both run one implementation of it.
@@ -41,6 +41,12 @@ pub enum ControlOp {
     },
     /// Configuration entries (an empty value removes its key), all admitted or none.
     SetConfigs(Vec<(String, String)>),
+    /// The pool's device now has `total_bytes`: its data area grows into them. Done with a
+    /// checkpoint of its own (the superblock names the new size before any new cluster is
+    /// handed out); a device no larger changes nothing, a smaller one is refused.
+    Grow {
+        total_bytes: u64,
+    },
 }
 
 impl ControlOp {
@@ -52,8 +58,16 @@ impl ControlOp {
             ControlOp::Rollback { id, .. }
             | ControlOp::Resize { id, .. }
             | ControlOp::Delete { id } => Some(id),
-            ControlOp::Create { .. } | ControlOp::Clone { .. } | ControlOp::SetConfigs(_) => None,
+            ControlOp::Create { .. }
+            | ControlOp::Clone { .. }
+            | ControlOp::SetConfigs(_)
+            | ControlOp::Grow { .. } => None,
         }
+    }
+
+    /// Whether its commit must be a checkpoint (what it changes lives in the superblock).
+    pub fn needs_checkpoint(&self) -> bool {
+        matches!(self, ControlOp::Grow { .. })
     }
 
     /// Applies the operation (its records join the pending ones): the new volume's id for a
@@ -69,6 +83,7 @@ impl ControlOp {
             }
             ControlOp::Delete { id } => meta.delete(*id).map(|()| 0),
             ControlOp::SetConfigs(entries) => meta.set_configs(entries).map(|()| 0),
+            ControlOp::Grow { total_bytes } => meta.grow(*total_bytes).map(|_| 0),
         }
     }
 }

@@ -311,6 +311,12 @@ impl<D: SyncDisk> Pool<D> {
         self.control(ControlOp::Delete { id }).map(drop)
     }
 
+    /// Grows the pool into what its disk now holds (`ControlOp::Grow`).
+    pub fn grow(&mut self) -> Result<(), PoolError> {
+        let total_bytes = self.disk.size_bytes();
+        self.control(ControlOp::Grow { total_bytes }).map(drop)
+    }
+
     pub fn read(&mut self, id: u32, offset: u64, len: u64) -> Result<Vec<u8>, PoolError> {
         let buf = vec![0u8; len as usize];
         let (_, buf) = run(&mut self.disk, &mut self.meta, id, Cmd::Read { offset, buf })?;
@@ -675,6 +681,119 @@ mod tests {
                 sweep(name, commits, &op);
             }
         }
+    }
+
+    /// A pool made on the first 2 MiB of a disk, filled to its last cluster and flushed;
+    /// then the disk grows to 4 MiB.
+    fn grown_setup() -> (Pool<SimDisk>, u32) {
+        let g = PoolGeometry {
+            cluster_shift: CLUSTER_SHIFT,
+            journal_blocks: 16,
+            pool_uuid: [5; 16],
+            max_volumes: 64,
+            config_bytes: 256,
+        };
+        let mut p = Pool::format(SimDisk::new(2 << 20, 3), g).unwrap();
+        let v = p.create_volume("v", 8 << 20).unwrap();
+        let mut piece = 0;
+        while p.write(v, piece * PIECE, &vec![1 + (piece % 200) as u8; PIECE as usize]).is_ok() {
+            piece += 1;
+        }
+        assert_eq!(p.free_clusters(), 0, "the pool is full");
+        p.flush().unwrap();
+        p.disk.grow(4 << 20);
+        (p, v)
+    }
+
+    /// Growing, then writes only the new clusters can take, then a flush.
+    fn grow_and_fill(p: &mut Pool<SimDisk>, v: u32) {
+        p.grow().unwrap();
+        let first_free = p.meta().superblock().cluster_count;
+        assert!(first_free > 0 && p.free_clusters() > 0, "the grown pool has room");
+        for piece in (3 << 20) / PIECE..(3 << 20) / PIECE + 24 {
+            p.write(v, piece * PIECE, &vec![0xa0; PIECE as usize]).unwrap();
+        }
+        p.flush().unwrap();
+    }
+
+    #[test]
+    fn a_pool_grows_into_its_device_and_a_crash_at_any_point_keeps_it_whole() {
+        let (mut clean, v) = grown_setup();
+        let old = clean.meta().superblock().clone();
+        let before = observe(&mut clean);
+        let start = clean.disk.ios;
+        grow_and_fill(&mut clean, v);
+        let ios = clean.disk.ios - start;
+        let after = observe(&mut clean);
+        let new = clean.meta().superblock().clone();
+        assert!(new.cluster_count > 2 * old.cluster_count - 8, "{old:?} -> {new:?}");
+        assert_eq!(new.total_blocks, (4 << 20) / BLOCK_SIZE as u64);
+        assert_eq!((new.data_start, new.meta_blocks), (old.data_start, old.meta_blocks));
+        clean.check().unwrap();
+        // Reopened, the pool has its new size and every byte written.
+        let mut reopened = Pool::open(clean.into_disk()).unwrap();
+        assert_eq!(reopened.meta().superblock().cluster_count, new.cluster_count);
+        assert_eq!(observe(&mut reopened), after);
+        let modes = [CrashMode::DropAll, CrashMode::ApplyAll, CrashMode::Random, CrashMode::Random];
+        let mut sizes_seen = BTreeSet::new();
+        for cut in 0..=ios {
+            for (k, mode) in modes.iter().enumerate() {
+                let (mut p, v) = grown_setup();
+                p.disk.power_cut_at = Some(p.disk.ios + cut);
+                // Past the cut, device I/O does nothing: a commit's reads see it, not errors.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    grow_and_fill(&mut p, v)
+                }));
+                let mut disk = p.into_disk();
+                disk.reseed(cut * 16 + k as u64);
+                disk.crash(*mode);
+                let mut p = Pool::open(disk)
+                    .unwrap_or_else(|e| panic!("grow: cut after {cut}/{ios} I/Os: open: {e}"));
+                let count = p.meta().superblock().cluster_count;
+                assert!(count == old.cluster_count || count == new.cluster_count, "{count}");
+                sizes_seen.insert(count);
+                let seen = observe(&mut p);
+                assert!(
+                    seen == before || (seen == after && count == new.cluster_count),
+                    "grow: cut after {cut} of {ios} I/Os, {mode:?}: neither before nor after"
+                );
+                p.check().unwrap_or_else(|e| panic!("grow: cut {cut}: {e}"));
+                // Growing again (or for the first time) and filling the rest works.
+                p.grow().unwrap();
+                assert_eq!(p.meta().superblock().cluster_count, new.cluster_count);
+                let v = id(&p, "v");
+                let mut piece = (3 << 20) / PIECE;
+                while p.write(v, piece * PIECE, &vec![7; PIECE as usize]).is_ok() {
+                    piece += 1;
+                }
+                p.flush().unwrap();
+                assert_eq!(
+                    (p.free_clusters(), p.leaked()),
+                    (0, 0),
+                    "cut {cut}: every cluster used"
+                );
+                p.check().unwrap_or_else(|e| panic!("grow: cut {cut}, filled: {e}"));
+            }
+        }
+        assert_eq!(sizes_seen.len(), 2, "crashes left both the old size and the new one");
+    }
+
+    #[test]
+    fn a_pool_cannot_shrink_and_a_device_no_larger_changes_nothing() {
+        let (mut p, _) = grown_setup();
+        p.grow().unwrap();
+        let grown = p.meta().superblock().clone();
+        p.grow().unwrap();
+        assert_eq!(p.meta().superblock().cluster_count, grown.cluster_count, "same device");
+        let (sb_bytes, free) = (grown.total_blocks * BLOCK_SIZE as u64, p.free_clusters());
+        match p.meta_mut().grow(sb_bytes - BLOCK_SIZE as u64) {
+            Err(e @ PoolError::DeviceShrank { .. }) => {
+                assert!(e.to_string().contains("cannot shrink"), "{e}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(p.free_clusters(), free, "a refusal changes nothing");
+        p.check().unwrap();
     }
 
     #[test]

@@ -244,7 +244,8 @@ pub struct Request<B> {
     steps: VecDeque<Cmd<B>>,
     final_result: Option<i32>,
     commit: Option<Commit>,
-    /// `Cmd::Checkpoint`: the commit it waits for must be a checkpoint of its own.
+    /// `Cmd::Checkpoint`, or a control operation that needs one (`ControlOp::Grow`): the
+    /// commit it waits for must be a checkpoint of its own.
     checkpoint: bool,
     /// `Cmd::Control`: the operation until applied, the volume it keeps frozen until then,
     /// and its result once applied (until the driver takes it: `take_applied`).
@@ -946,6 +947,7 @@ impl<B: Buf> Request<B> {
         match r {
             Err(e) => self.refuse(cx, e),
             Ok(id) => {
+                self.checkpoint = op.needs_checkpoint();
                 self.applied = Some(id);
                 self.final_result = Some(id as i32);
                 self.wait_seal = cx.meta.shared().seals() + 1;

@@ -66,6 +66,13 @@ impl SimDisk {
         self.size_bytes
     }
 
+    /// The device grows (a file extended, a volume group's volume enlarged): the new bytes
+    /// read zeros, and the size is the device's own, not cached: a crash keeps it.
+    pub fn grow(&mut self, size_bytes: u64) {
+        assert!(size_bytes >= self.size_bytes && size_bytes.is_multiple_of(SECTOR as u64));
+        self.size_bytes = size_bytes;
+    }
+
     /// xorshift64*: small, deterministic, good enough to pick crash outcomes.
     fn next(&mut self) -> u64 {
         self.rng ^= self.rng >> 12;

@@ -1,7 +1,8 @@
 //! The seeded simulator: the volume core's own request code (the code the daemon runs, through
 //! its reactor adapter) driven with many requests in flight on overlapping clusters, device
 //! operations completing in random order, injected EIO, control operations (snapshot, clone,
-//! rollback, resize, delete, create) racing with I/O, and crashes at any point (unflushed
+//! rollback, resize, delete, create, growing the pool into a grown device) racing with I/O,
+//! and crashes at any point (unflushed
 //! writes dropped, applied, torn or reordered; operations in flight landing or not).
 //!
 //! Oracles:
@@ -169,12 +170,28 @@ struct InFlight {
 
 #[derive(Debug, Clone, Copy)]
 enum SimOp {
-    Snapshot { of: u32 },
-    Clone { of: u32 },
-    Rollback { vol: u32, to: u32 },
-    Resize { vol: u32, size: u64 },
-    Delete { vol: u32 },
+    Snapshot {
+        of: u32,
+    },
+    Clone {
+        of: u32,
+    },
+    Rollback {
+        vol: u32,
+        to: u32,
+    },
+    Resize {
+        vol: u32,
+        size: u64,
+    },
+    Delete {
+        vol: u32,
+    },
     Create,
+    /// The device grew to this many bytes; the pool grows into it.
+    Grow {
+        to: u64,
+    },
 }
 
 /// The pool state as a driver hands it to a request, noting whether the request asked for it
@@ -214,6 +231,8 @@ struct Sim {
     commit_records: usize,
     /// Clusters in use in the empty pool.
     baseline: u64,
+    /// The pool's clusters when it was made.
+    first_clusters: u64,
     stats: Stats,
 }
 
@@ -237,12 +256,17 @@ struct Stats {
     /// Families' stock refills, and those that first took other families' stocks back.
     refills: u64,
     refills_taking_back: u64,
+    /// Pool growths applied, and clusters beyond a pool's original size seen in use.
+    grows: u64,
+    grown_used: u64,
 }
 
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = Rng(seed);
-        let disk = SimDisk::new(DISK_BYTES, rng.next());
+        // Half the runs start on part of the disk, and grow into the rest as they go.
+        let start_bytes = if rng.chance(2) { DISK_BYTES / 4 } else { DISK_BYTES };
+        let disk = SimDisk::new(start_bytes, rng.next());
         let g = PoolGeometry {
             cluster_shift: CLUSTER_SHIFT,
             journal_blocks: 16 + rng.below(48),
@@ -252,6 +276,7 @@ impl Sim {
         };
         let mut pool = Pool::format(disk, g).expect("format");
         let baseline = pool.meta().used_clusters();
+        let first_clusters = pool.meta().superblock().cluster_count;
         let mut vols = BTreeMap::new();
         for name in ["a", "b"] {
             let id = pool.create_volume(name, VOL_BYTES).expect("create");
@@ -279,6 +304,7 @@ impl Sim {
             eio_one_in,
             commit_records,
             baseline,
+            first_clusters,
             stats: Stats::default(),
         }
     }
@@ -613,7 +639,7 @@ impl Sim {
         let vols = self.writable();
         let snaps: Vec<u32> =
             self.vols.iter().filter(|(_, v)| v.snapshot && !v.deleted).map(|(id, _)| *id).collect();
-        let op = match self.rng.below(6) {
+        let op = match self.rng.below(7) {
             0 if !vols.is_empty() => {
                 SimOp::Snapshot { of: vols[self.rng.below(vols.len() as u64) as usize] }
             }
@@ -641,6 +667,10 @@ impl Sim {
                 SimOp::Delete { vol: all[self.rng.below(all.len() as u64) as usize] }
             }
             5 if self.vols.len() < 8 => SimOp::Create,
+            6 if self.disk.size_bytes() < DISK_BYTES => {
+                let room = (DISK_BYTES - self.disk.size_bytes()) / PIECE;
+                SimOp::Grow { to: self.disk.size_bytes() + (1 + self.rng.below(room)) * PIECE }
+            }
             _ => return,
         };
         self.stats.controls += 1;
@@ -655,6 +685,12 @@ impl Sim {
             }
             SimOp::Delete { vol } => ControlOp::Delete { id: vol },
             SimOp::Create => ControlOp::Create { name: name.clone(), size_bytes: VOL_BYTES },
+            SimOp::Grow { to } => {
+                // The device grows now (a crash keeps it grown); the pool follows when the
+                // request runs.
+                self.disk.grow(to);
+                ControlOp::Grow { total_bytes: to }
+            }
         };
         // As the daemon's control thread does: one at a time, a request like any other.
         self.control_busy = true;
@@ -742,6 +778,7 @@ impl Sim {
                 self.vols.insert(id, m);
                 done.push(id);
             }
+            SimOp::Grow { .. } => self.stats.grows += 1,
         }
         let sub = self.tick();
         if let Some(Live { kind: Kind::Control { sub: s, done: d, .. }, .. }) =
@@ -837,7 +874,11 @@ impl Sim {
         self.check_meta();
     }
 
-    fn check_meta(&self) {
+    fn check_meta(&mut self) {
+        if self.meta.free_clusters() < self.meta.superblock().cluster_count - self.first_clusters {
+            // Some cluster beyond the pool's first size is in use.
+            self.stats.grown_used += 1;
+        }
         let problems = self.meta.check();
         assert!(problems.is_empty(), "seed {}: {problems:?}", self.seed);
         // Exact under load: every allocated cluster is referenced, on its way to being free,
@@ -991,6 +1032,8 @@ fn simulated_requests_crashes_and_control_operations() {
         total.expired += s.expired;
         total.refills += s.refills;
         total.refills_taking_back += s.refills_taking_back;
+        total.grows += s.grows;
+        total.grown_used += s.grown_used;
     }
     eprintln!("{runs} runs: {total:?}");
     // The runs must reach what they are for.
@@ -1005,6 +1048,10 @@ fn simulated_requests_crashes_and_control_operations() {
         "journal encodings rarely end on both sides of their data flush: {total:?}"
     );
     assert!(total.expired > runs / 100, "drains rarely given up: {total:?}");
+    assert!(
+        total.grows > runs / 4 && total.grown_used > runs / 10,
+        "pools rarely grew, or rarely used what they grew into: {total:?}"
+    );
     assert!(
         total.refills > runs && total.refills_taking_back > runs / 25,
         "stocks rarely refilled, or never from other families' stocks: {total:?}"

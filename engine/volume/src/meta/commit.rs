@@ -160,8 +160,13 @@ impl PoolMeta {
         }
         let head = self.journal.head();
         let half = 1 - self.sb.checkpoint_half;
+        // A growth asked for is named here; its clusters are lent out once this is durable.
+        let (total_blocks, cluster_count) =
+            self.grow_to.unwrap_or((self.sb.total_blocks, self.sb.cluster_count));
         let sb = Superblock {
             generation: self.sb.generation + 1,
+            total_blocks,
+            cluster_count,
             checkpoint_half: half,
             // Filled in once the frozen state is encoded (`Checkpoint::encoded`).
             checkpoint_blocks: 0,
@@ -198,6 +203,17 @@ impl PoolMeta {
         self.checkpoints_done += 1;
         self.durable_seals = self.seals;
         self.sb = c.sb;
+        // The superblock on the media names every cluster now: the new ones become free.
+        let clusters = self.sb.cluster_count;
+        if self.grow_to.is_some_and(|(_, c)| c <= clusters) {
+            self.grow_to = None;
+        }
+        if clusters > self.refs.len() as u64 {
+            tracing::info!(from = self.refs.len(), to = clusters, "pool grown: clusters");
+            self.alloc.get_mut().grow(clusters);
+            self.refs.grow(clusters);
+        }
+        debug_assert_eq!(self.alloc.get_mut().clusters(), self.refs.len() as u64);
         // Nothing was written to the ring since `begin_checkpoint` (commits waited).
         self.journal.checkpointed();
         self.end_families(c.frees);

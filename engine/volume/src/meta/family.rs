@@ -71,6 +71,15 @@ impl Refs {
         self.0.len()
     }
 
+    /// Room for `clusters` clusters; the new ones have no references.
+    pub(super) fn grow(&mut self, clusters: u64) {
+        let old = std::mem::take(&mut self.0).into_vec();
+        assert!(clusters as usize >= old.len(), "a pool never shrinks");
+        let mut counts = old;
+        counts.resize_with(clusters as usize, || AtomicU32::new(0));
+        self.0 = counts.into_boxed_slice();
+    }
+
     /// Every count, by cluster.
     pub(super) fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         self.0.iter().map(|r| r.load(Ordering::Relaxed))

@@ -127,6 +127,11 @@ pub enum PoolError {
          superblocks, metadata reserve and journal"
     )]
     TooSmall { bytes: u64, overhead: u64 },
+    #[error(
+        "the device has {device} bytes, fewer than the {pool} bytes the pool spans: a pool \
+         cannot shrink (was the device truncated, or is it the wrong one?)"
+    )]
+    DeviceShrank { pool: u64, device: u64 },
     #[error("volume {0}'s writes did not drain in time; nothing was changed")]
     Busy(u32),
     #[error("a commit is in flight and no core is left to finish it")]
@@ -325,6 +330,11 @@ pub struct PoolMeta {
     /// short), since the pool was opened.
     refills: AtomicU64,
     refills_taking_back: AtomicU64,
+    /// A growth asked for (`grow`) and not yet named by a durable superblock: the device's
+    /// blocks and the clusters they hold. The next checkpoint's superblock carries it; its
+    /// clusters are handed out only once that superblock is durable (`checkpoint_done`), so
+    /// no journal record can name a cluster the superblock on the media does not have.
+    grow_to: Option<(u64, u64)>,
 }
 
 /// A run of 4 KiB pieces within one cluster.
@@ -394,6 +404,7 @@ impl PoolMeta {
             loading: true,
             refills: AtomicU64::new(0),
             refills_taking_back: AtomicU64::new(0),
+            grow_to: None,
             sb,
         }
     }
@@ -523,6 +534,41 @@ impl PoolMeta {
     pub fn used_clusters(&self) -> u64 {
         let stocked = self.stocked();
         self.alloc.lock().used_count() - stocked
+    }
+
+    /// The clusters a device of `total_bytes` holds for this pool (its regions before the
+    /// data area unchanged), and its blocks. A device smaller than the pool spans is refused.
+    pub fn clusters_on(&self, total_bytes: u64) -> Result<(u64, u64), PoolError> {
+        let total_blocks = total_bytes / BLOCK_SIZE as u64;
+        if total_blocks < self.sb.total_blocks {
+            let pool = self.sb.total_blocks * BLOCK_SIZE as u64;
+            return Err(PoolError::DeviceShrank { pool, device: total_bytes });
+        }
+        let cluster_blocks = self.geo.cluster_bytes / BLOCK_SIZE as u64;
+        // A mapping entry names clusters below 2^40.
+        let clusters = ((total_blocks - self.sb.data_start) / cluster_blocks).min((1 << 40) - 1);
+        Ok((total_blocks, clusters.max(self.sb.cluster_count)))
+    }
+
+    /// Grows the pool's data area to what a device of `total_bytes` holds: the next
+    /// checkpoint names the new size, and the new clusters are free once it is durable (a
+    /// `ControlOp::Grow` request runs that checkpoint and returns when it is). The metadata
+    /// reserve keeps its size: the volumes' total stays within what it was made for.
+    /// Returns the clusters the pool will have.
+    pub fn grow(&mut self, total_bytes: u64) -> Result<u64, PoolError> {
+        self.ok()?;
+        let (total_blocks, clusters) = self.clusters_on(total_bytes)?;
+        let asked = self.grow_to.map_or(self.sb.cluster_count, |(_, c)| c);
+        if clusters > asked {
+            self.grow_to = Some((total_blocks, clusters));
+            // A mutant for the simulator's own test (tests/e2e/sim_mutants.sh): the new
+            // clusters are handed out before any superblock on the media names them.
+            if cfg!(feature = "mutant-grow-early") {
+                self.alloc.get_mut().grow(clusters);
+                self.refs.grow(clusters);
+            }
+        }
+        Ok(clusters.max(asked))
     }
 
     pub fn data_bytes(&self) -> u64 {

@@ -65,9 +65,10 @@ impl ControlOp {
         }
     }
 
-    /// Whether its commit must be a checkpoint (what it changes lives in the superblock).
-    pub fn needs_checkpoint(&self) -> bool {
-        matches!(self, ControlOp::Grow { .. })
+    /// Whether its commit, now that it applied, must be a checkpoint: a growth not yet named
+    /// by a durable superblock lives in the next one (a device no larger needs none).
+    pub fn needs_checkpoint(&self, meta: &PoolMeta) -> bool {
+        matches!(self, ControlOp::Grow { .. }) && meta.growth_pending()
     }
 
     /// Applies the operation (its records join the pending ones): the new volume's id for a

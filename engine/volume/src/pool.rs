@@ -783,8 +783,10 @@ mod tests {
         let (mut p, _) = grown_setup();
         p.grow().unwrap();
         let grown = p.meta().superblock().clone();
+        let checkpoints = p.meta().commits_done().1;
         p.grow().unwrap();
         assert_eq!(p.meta().superblock().cluster_count, grown.cluster_count, "same device");
+        assert_eq!(p.meta().commits_done().1, checkpoints, "nothing to grow: no checkpoint");
         let (sb_bytes, free) = (grown.total_blocks * BLOCK_SIZE as u64, p.free_clusters());
         match p.meta_mut().grow(sb_bytes - BLOCK_SIZE as u64) {
             Err(e @ PoolError::DeviceShrank { .. }) => {
@@ -793,6 +795,26 @@ mod tests {
             other => panic!("expected a refusal, got {other:?}"),
         }
         assert_eq!(p.free_clusters(), free, "a refusal changes nothing");
+        p.check().unwrap();
+    }
+
+    /// A device grown far beyond what the pool's metadata was sized for: the pool takes in
+    /// the clusters it can ever use (its checkpoint's bound), not a count whose reference
+    /// counts alone could exhaust memory at every later open.
+    #[test]
+    fn a_pool_grows_only_as_far_as_its_metadata_can_name() {
+        let (mut p, v) = grown_setup();
+        p.disk.grow(1 << 40); // 1 TiB: 2^26 clusters of 16 KiB
+        p.grow().unwrap();
+        let usable = p.meta().usable_clusters();
+        assert!(usable < 1 << 20, "{usable}");
+        assert_eq!(p.meta().superblock().cluster_count, usable);
+        assert_eq!(p.meta().superblock().total_blocks, (1 << 40) / BLOCK_SIZE as u64);
+        p.write(v, 5 << 20, &[9u8; PIECE as usize]).unwrap();
+        p.flush().unwrap();
+        let mut p = Pool::open(p.into_disk()).unwrap();
+        assert_eq!(p.meta().superblock().cluster_count, usable);
+        assert_eq!(p.read(v, 5 << 20, PIECE).unwrap(), vec![9u8; PIECE as usize]);
         p.check().unwrap();
     }
 

@@ -947,7 +947,7 @@ impl<B: Buf> Request<B> {
         match r {
             Err(e) => self.refuse(cx, e),
             Ok(id) => {
-                self.checkpoint = op.needs_checkpoint();
+                self.checkpoint = op.needs_checkpoint(cx.meta.shared());
                 self.applied = Some(id);
                 self.final_result = Some(id as i32);
                 self.wait_seal = cx.meta.shared().seals() + 1;

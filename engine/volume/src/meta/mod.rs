@@ -536,17 +536,36 @@ impl PoolMeta {
         self.alloc.lock().used_count() - stocked
     }
 
+    /// The most clusters this pool can ever use: every cluster in use is named by some
+    /// volume's mapping, and a checkpoint (which must fit its metadata half, sized at
+    /// creation) holds at most one `MapSet` per volume cluster.
+    pub fn usable_clusters(&self) -> u64 {
+        let half = self.checkpoint_half_blocks() * BLOCK_SIZE as u64;
+        half.saturating_sub(CHECKPOINT_HEADER) / CHECKPOINT_BYTES_PER_CLUSTER + 1
+    }
+
     /// The clusters a device of `total_bytes` holds for this pool (its regions before the
-    /// data area unchanged), and its blocks. A device smaller than the pool spans is refused.
+    /// data area unchanged; at most [`PoolMeta::usable_clusters`], and below 2^40, what a
+    /// mapping entry can name), and its blocks. A device smaller than the pool spans (or
+    /// than a growth already asked for) is refused.
     pub fn clusters_on(&self, total_bytes: u64) -> Result<(u64, u64), PoolError> {
         let total_blocks = total_bytes / BLOCK_SIZE as u64;
-        if total_blocks < self.sb.total_blocks {
-            let pool = self.sb.total_blocks * BLOCK_SIZE as u64;
+        let spans = self.grow_to.map_or(self.sb.total_blocks, |(b, _)| b).max(self.sb.total_blocks);
+        if total_blocks < spans {
+            let pool = spans * BLOCK_SIZE as u64;
             return Err(PoolError::DeviceShrank { pool, device: total_bytes });
         }
         let cluster_blocks = self.geo.cluster_bytes / BLOCK_SIZE as u64;
-        // A mapping entry names clusters below 2^40.
-        let clusters = ((total_blocks - self.sb.data_start) / cluster_blocks).min((1 << 40) - 1);
+        let fits = (total_blocks - self.sb.data_start) / cluster_blocks;
+        let clusters = fits.min(self.usable_clusters()).min((1 << 40) - 1);
+        if clusters < fits {
+            tracing::warn!(
+                device_clusters = fits,
+                usable = clusters,
+                "the pool's metadata was sized at creation for fewer clusters than the device \
+                 now holds: the pool takes in what it can use"
+            );
+        }
         Ok((total_blocks, clusters.max(self.sb.cluster_count)))
     }
 
@@ -569,6 +588,11 @@ impl PoolMeta {
             }
         }
         Ok(clusters.max(asked))
+    }
+
+    /// A growth is asked for that no durable superblock names yet.
+    pub fn growth_pending(&self) -> bool {
+        self.grow_to.is_some()
     }
 
     pub fn data_bytes(&self) -> u64 {

@@ -361,6 +361,25 @@ need_spdk_rpc() {
     fi
 }
 
+# rpc ARGS...: spdk-rpc (need_spdk_rpc) against the daemon start_ballast started (stdout:
+# the result; stderr: the error response).
+rpc() { timeout 60 "$SPDK_RPC" -s "$RPC_SOCK" "$@"; }
+# py EXPR < JSON: evaluate EXPR with `j` bound to the JSON on stdin.
+py() { "$SYS_PY" -c 'import json,sys; j=json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
+# rpc_error ARGS...: "CODE MESSAGE" of the error spdk-rpc got (it prints the response on stdout).
+rpc_error() {
+    local out
+    if out=$(rpc "$@" 2>&1); then echo "succeeded"; return; fi
+    "$SYS_PY" -c '
+import json, re, sys
+t = sys.stdin.read()
+m = re.search(r"response:\s*(\{.*?\})", t, re.S)
+if not m:
+    print("unparsed: " + t[-200:].replace("\n", " ")); sys.exit()
+r = json.loads(m.group(1))
+print(r["code"], r["message"])' <<<"$out"
+}
+
 # spdk_rpc_version: "spdk X.Y.Z", the installed package's version.
 spdk_rpc_version() {
     "$SPDK_VENV/bin/pip" show spdk 2>/dev/null | sed -n 's/^Version: /spdk /p'

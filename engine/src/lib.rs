@@ -22,6 +22,7 @@ pub mod offload;
 pub mod placed;
 pub mod poll;
 pub mod pool;
+pub mod qos;
 pub mod ram;
 pub mod reactor;
 pub mod recvbuf;

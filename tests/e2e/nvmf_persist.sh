@@ -24,8 +24,6 @@ T=$TEST_TMP
 need_spdk_rpc
 check "spdk-rpc is installed ($(spdk_rpc_version))" test -x "$SPDK_RPC"
 
-rpc() { timeout 60 "$SPDK_RPC" -s "$RPC_SOCK" "$@"; }
-py() { "$SYS_PY" -c 'import json,sys; j=json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
 # interchange PREFIX HH: PREFIX:HH:base64(32 random bytes || crc32 LE): (nvme gen-tls-key,
 # nvme gen-dhchap-key)
 interchange() {

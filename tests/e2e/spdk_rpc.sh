@@ -33,25 +33,9 @@ check "spdk-rpc is installed ($(spdk_rpc_version))" test -x "$SPDK_RPC"
 start_ballast --cores 2 --ram-export-memory 200M --max-exports 4 || finish
 NVMF_PORT=$(sed -n 's/.*--nvmf-listen 127.0.0.1:\([0-9]*\).*/\1/p' "$BALLAST_LOG" | tail -n 1)
 
-# rpc ARGS...: spdk-rpc against this daemon (stdout: the result; stderr: the error response).
-rpc() { timeout 60 "$SPDK_RPC" -s "$RPC_SOCK" "$@"; }
-# py_line EXPR < LINE: evaluate EXPR with `l` bound to the line on stdin.
+# py_line EXPR < LINE: evaluate EXPR with `l` bound to the line on stdin (rpc, py and
+# rpc_error: tests/lib.sh).
 py_line() { "$SYS_PY" -c 'import sys; l=sys.stdin.read().strip(); print(eval(sys.argv[1]))' "$1"; }
-# py EXPR < JSON: evaluate EXPR with `j` bound to the JSON on stdin.
-py() { "$SYS_PY" -c 'import json,sys; j=json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
-# rpc_error ARGS...: "CODE MESSAGE" of the error spdk-rpc got (it prints the response on stdout).
-rpc_error() {
-    local out
-    if out=$(rpc "$@" 2>&1); then echo "succeeded"; return; fi
-    "$SYS_PY" -c '
-import json, re, sys
-t = sys.stdin.read()
-m = re.search(r"response:\s*(\{.*?\})", t, re.S)
-if not m:
-    print("unparsed: " + t[-200:].replace("\n", " ")); sys.exit()
-r = json.loads(m.group(1))
-print(r["code"], r["message"])' <<<"$out"
-}
 
 echo "## 2: version, methods, lvol store"
 check_eq "spdk_get_version names ballast" "True" \

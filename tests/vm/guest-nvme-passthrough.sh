@@ -17,7 +17,8 @@
 #      passthrough: ioctls to format and open it, the device ring for everything else): a
 #      volume and a snapshot, fio verify over NBD, a flushed pattern survives kill -9, the
 #      snapshot is unchanged, clean stop, `pool check` of the namespace is exact; no I/O
-#      errors in dmesg
+#      errors in dmesg; while it is served, neither `pool check` nor another daemon takes the
+#      namespace through its block node (/dev/nvme0n1)
 # The host compares the pattern on the image file afterwards. Prints PASS/FAIL lines, then
 # "guest done".
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -202,6 +203,15 @@ detach
 if start_pool; then pass "ballast reopens the pool after kill -9 (journal replay over passthrough)"; else
   fail "ballast reopens the pool"; tail -20 $LOG
 fi
+# The namespace's block node names the same media: nothing else takes it while it is served.
+$B pool check /dev/nvme0n1 > /tmp/pcheck2.out 2>&1; rc=$?
+check "pool check through the block node (/dev/nvme0n1) is refused while the pool is served" \
+  sh -c "[ $rc != 0 ] && grep -q 'in use by another process' /tmp/pcheck2.out"
+mkdir -p /tmp/other
+timeout 60 $B serve --data-dir /tmp/other --cores 1 --export raw=file:/dev/nvme0n1 \
+  --nbd-listen 127.0.0.1:10810 --nvmf-listen 127.0.0.1:4421 > /tmp/other.log 2>&1; rc=$?
+check "a second daemon does not export /dev/nvme0n1 raw while the pool is served" \
+  sh -c "[ $rc != 0 ] && grep -q 'in use by another process' /tmp/other.log"
 NBD=nbd3
 check "nbd-client attaches v again" attach v
 check "the flushed pattern survived kill -9" test "$(region_sum /dev/$NBD 8 2)" = "$(sha256sum < /tmp/ppattern | cut -d' ' -f1)"

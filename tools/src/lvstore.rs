@@ -8,10 +8,14 @@
 //!   (one per volume, a random version-4 UUID, lowercase with dashes);
 //! - the store's UUID is the pool's own identity from its superblock;
 //! - a volume's UUID is assigned when the volume is created or, for volumes older than this
-//!   scheme, when it is first exported, and dropped when it is deleted; no two volumes share one.
+//!   scheme, when it is first exported, and dropped when it is deleted; no two volumes share one;
+//! - a volume's rate limits (`bdev_set_qos_limit`) are kept as `qos:NAME` ("IOS,RW,R,W": I/Os
+//!   per second, MiB per second of reads and writes, of reads, of writes), applied when it is
+//!   exported, and dropped with it.
 
 use std::sync::Arc;
 
+use ballast_engine::qos::QosLimits;
 use ballast_engine::volume::dev::PoolHandle;
 use ballast_engine::volume::pool::PoolError;
 
@@ -21,6 +25,10 @@ const LVS_NAME_KEY: &str = "lvs:name";
 
 fn uuid_key(volume: &str) -> String {
     format!("uuid:{volume}")
+}
+
+fn qos_key(volume: &str) -> String {
+    format!("qos:{volume}")
 }
 
 /// Why an identity could not be stored.
@@ -109,13 +117,54 @@ pub fn assign_volume_uuid(pool: &Arc<PoolHandle>, name: &str) -> Result<String, 
     Ok(uuid)
 }
 
-/// Drops a deleted volume's UUID (best effort: a stale entry names no volume and is ignored).
+/// Drops a deleted volume's UUID and rate limits (best effort: a stale entry names no volume
+/// and is ignored; a volume made later under the name gets a fresh UUID and no limits).
 pub fn forget_volume(pool: &Arc<PoolHandle>, name: &str) {
-    if volume_uuid(pool, name).is_some() {
-        if let Err(e) = pool.set_config(&uuid_key(name), "") {
-            tracing::warn!(volume = name, error = %e, "could not drop the volume's UUID");
+    let config = pool.meta().config().clone();
+    for key in [uuid_key(name), qos_key(name)] {
+        if config.contains_key(&key) {
+            if let Err(e) = pool.set_config(&key, "") {
+                tracing::warn!(volume = name, key, error = %e, "could not drop the volume's entry");
+            }
         }
     }
+}
+
+/// Volume `name`'s kept rate limits (none kept, or unreadable: none).
+pub fn volume_limits(pool: &PoolHandle, name: &str) -> QosLimits {
+    let Some(text) = pool.meta().config().get(&qos_key(name)).cloned() else {
+        return QosLimits::default();
+    };
+    let parsed: Option<Vec<u64>> = text.split(',').map(|n| n.parse().ok()).collect();
+    match parsed.as_deref() {
+        Some(&[ios, rw, r, w]) => QosLimits {
+            rw_ios_per_sec: ios,
+            rw_mbytes_per_sec: rw,
+            r_mbytes_per_sec: r,
+            w_mbytes_per_sec: w,
+        },
+        _ => {
+            tracing::warn!(volume = name, text, "kept rate limits unreadable: none applied");
+            QosLimits::default()
+        }
+    }
+}
+
+/// Keeps volume `name`'s rate limits in the pool (none: the entry goes).
+pub fn store_volume_limits(
+    pool: &Arc<PoolHandle>,
+    name: &str,
+    l: QosLimits,
+) -> Result<(), LvstoreError> {
+    let value = if l == QosLimits::default() {
+        String::new()
+    } else {
+        let (a, b, c, d) =
+            (l.rw_ios_per_sec, l.rw_mbytes_per_sec, l.r_mbytes_per_sec, l.w_mbytes_per_sec);
+        format!("{a},{b},{c},{d}")
+    };
+    let key = qos_key(name);
+    pool.set_config(&key, &value).map_err(|source| LvstoreError::Store { key, source })
 }
 
 /// SPDK's alias of volume `name`: `LVS_NAME/NAME`.

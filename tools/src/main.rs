@@ -123,6 +123,25 @@ enum ExportCommand {
         #[command(flatten)]
         target: client::Target,
     },
+    /// Limit an export's (or volume's) rate, on every core at once (SPDK's
+    /// `bdev_set_qos_limit`): I/O beyond it waits. 0 lifts a limit; one not given is kept.
+    Limit {
+        name: String,
+        /// I/Os per second, reads and writes together (a multiple of 1000).
+        #[arg(long)]
+        iops: Option<u64>,
+        /// MiB per second, reads and writes together.
+        #[arg(long)]
+        mibs: Option<u64>,
+        /// MiB per second of reads.
+        #[arg(long)]
+        read_mibs: Option<u64>,
+        /// MiB per second of writes.
+        #[arg(long)]
+        write_mibs: Option<u64>,
+        #[command(flatten)]
+        target: client::Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -452,6 +471,31 @@ fn main() -> std::process::ExitCode {
         }
         Command::Export(ExportCommand::Remove { name, target }) => {
             client::export_remove(&target, &name)
+        }
+        Command::Export(ExportCommand::Limit {
+            name,
+            iops,
+            mibs,
+            read_mibs,
+            write_mibs,
+            target,
+        }) => {
+            let params = serde_json::json!({
+                "name": name,
+                "rw_ios_per_sec": iops,
+                "rw_mbytes_per_sec": mibs,
+                "r_mbytes_per_sec": read_mibs,
+                "w_mbytes_per_sec": write_mibs,
+            });
+            let params: serde_json::Map<String, serde_json::Value> = params
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            client::call(&target, "bdev_set_qos_limit", &params)
+                .map(|_: serde_json::Value| println!("limits of {name} set"))
         }
         Command::Stats { target, json } => client::stats(&target, json),
         Command::Rpc { method, params, target } => client::raw(&target, &method, &params),

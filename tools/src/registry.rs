@@ -23,9 +23,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ballast_engine::file::FileDev;
+use ballast_engine::qos::{Qos, Throttled};
 use ballast_engine::ram::RamDev;
 use ballast_engine::size::parse_size;
-use ballast_engine::volume::dev::{PoolHandle, PoolLock};
+use ballast_engine::volume::dev::{namespace_sibling, PoolHandle, PoolLock};
 use ballast_engine::BlockDev;
 use ballast_nbd::{Export, ExportError, ExportTable};
 use ballast_nvmf::subsys::SubsysError;
@@ -66,6 +67,8 @@ pub struct Device {
     /// A file or device export's shared hold on its media (a pool's holder has it
     /// exclusively): while exported it is served as no pool, here or by another daemon.
     pub hold: Option<PoolLock>,
+    /// Its rate limits (`bdev_set_qos_limit`): `dev` waits for them.
+    pub qos: Arc<Qos>,
 }
 
 impl Device {
@@ -78,6 +81,9 @@ impl Device {
         read_only: bool,
     ) -> Device {
         let stats_id = dev.info().stats_id;
+        // Every export is served through its limits (none until set: one atomic read per I/O).
+        let qos = Arc::new(Qos::default());
+        let dev: Arc<dyn BlockDev> = Arc::new(Throttled::new(dev, Arc::clone(&qos)));
         Device {
             name: name.to_string(),
             uuid,
@@ -88,6 +94,7 @@ impl Device {
             stats_id,
             block_size: None,
             hold: None,
+            qos,
         }
     }
 
@@ -535,9 +542,17 @@ pub fn add_bdev(
 }
 
 /// Whether `a` and `b` name the same file (any link to it) or the same device (any node of
-/// it; a namespace's `/dev/ngXnY` and `/dev/nvmeXnY` are nodes of different kinds and are not
-/// matched here: the lock on the media tells those apart no better).
+/// it, and a namespace's `/dev/ngXnY` and `/dev/nvmeXnY` alike).
 fn same_media(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let sibling = namespace_sibling(a);
+    if sibling.is_some_and(|s| same_media_node(&s, b)) {
+        return true;
+    }
+    same_media_node(a, b)
+}
+
+/// Whether `a` and `b` are links to one file or nodes of one device of one kind.
+fn same_media_node(a: &std::path::Path, b: &std::path::Path) -> bool {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let (Ok(a), Ok(b)) = (std::fs::metadata(a), std::fs::metadata(b)) else { return false };
     let device =

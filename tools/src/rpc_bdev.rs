@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use ballast_engine::limits::{ConnCounters, ConnLimits};
+use ballast_engine::qos::QosLimits;
 use ballast_engine::stats::{DevCounters, StatsSnapshot};
 use ballast_engine::volume::dev::{PoolHandle, VolumeInfo};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,7 @@ pub const METHODS: &[Method] = &[
     Method { name: "spdk_get_version", call: |_, p| spdk_get_version(p) },
     Method { name: "bdev_get_iostat", call: iostat },
     Method { name: "bdev_get_bdevs", call: |c, p| get_bdevs(&c.registry, c.pool.as_deref(), p) },
+    Method { name: "bdev_set_qos_limit", call: set_qos_limit },
     Method { name: "framework_get_reactors", call: reactors },
     // SPDK's: true once the framework is up, which it is whenever a method runs.
     Method {
@@ -91,6 +93,52 @@ struct GetBdevs {
 }
 
 /// `bdev_get_bdevs [-b NAME]`; an unknown NAME is SPDK's -19 "No such device".
+/// `bdev_set_qos_limit`: SPDK's parameters (a limit left out keeps its value, 0 lifts it;
+/// I/Os per second in multiples of 1000, MiB per second).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetQosLimit {
+    name: String,
+    rw_ios_per_sec: Option<u64>,
+    rw_mbytes_per_sec: Option<u64>,
+    r_mbytes_per_sec: Option<u64>,
+    w_mbytes_per_sec: Option<u64>,
+}
+
+/// Sets an export's rate limits, on every core serving it at once; `true`. As SPDK: an
+/// unknown bdev -19, no limit given -22 ("No rate limits specified"), a refused value -32602
+/// "Failed to configure rate limit: Invalid argument".
+fn set_qos_limit(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let req: SetQosLimit = params(p, DecodeStyle::Generic)?;
+    let device = control.registry.resolve(&req.name).ok_or_else(no_such_device)?;
+    let given =
+        [req.rw_ios_per_sec, req.rw_mbytes_per_sec, req.r_mbytes_per_sec, req.w_mbytes_per_sec];
+    if given.iter().all(Option::is_none) {
+        return Err(RpcError::new(crate::rpc_error::EINVAL, "No rate limits specified"));
+    }
+    let now = device.qos.limits();
+    let limits = QosLimits {
+        rw_ios_per_sec: req.rw_ios_per_sec.unwrap_or(now.rw_ios_per_sec),
+        rw_mbytes_per_sec: req.rw_mbytes_per_sec.unwrap_or(now.rw_mbytes_per_sec),
+        r_mbytes_per_sec: req.r_mbytes_per_sec.unwrap_or(now.r_mbytes_per_sec),
+        w_mbytes_per_sec: req.w_mbytes_per_sec.unwrap_or(now.w_mbytes_per_sec),
+    };
+    if let Err(e) = limits.check() {
+        tracing::warn!(bdev = device.name, error = %e, "rate limit refused");
+        let msg = format!("Failed to configure rate limit: Invalid argument ({e})");
+        return Err(RpcError::new(crate::rpc_error::INVALID_PARAMS, msg));
+    }
+    // A volume's limits are kept in its pool (applied again at every start), first: a limit
+    // that could not be kept is not set either.
+    if let (DeviceKind::Volume, Some(pool)) = (device.kind, &control.pool) {
+        lvstore::store_volume_limits(pool, &device.name, limits)
+            .map_err(|e| RpcError::new(crate::rpc_error::INTERNAL_ERROR, e.to_string()))?;
+    }
+    device.qos.set(limits).expect("checked above");
+    tracing::info!(bdev = device.name, ?limits, "rate limits set");
+    Ok(serde_json::json!(true))
+}
+
 fn get_bdevs(registry: &Registry, pool: Option<&PoolHandle>, p: &Value) -> Result<Value, RpcError> {
     let req: GetBdevs = params(p, DecodeStyle::Generic)?;
     let volumes = pool.map(|pool| pool.list()).unwrap_or_default();
@@ -115,6 +163,8 @@ struct BdevEntry {
     claimed: bool,
     zoned: bool,
     supported_io_types: IoTypes,
+    /// SPDK's names; 0: no limit.
+    assigned_rate_limits: QosLimits,
     driver_specific: DriverSpecific,
 }
 
@@ -203,6 +253,7 @@ fn bdev_entry(
             nvme_admin: false,
             nvme_io: false,
         },
+        assigned_rate_limits: e.qos.limits(),
         driver_specific: DriverSpecific {
             ballast: BallastSpecific { backend: info.backend.clone(), read_only: e.read_only },
             lvol: volume.map(|(pool, v)| lvol_specific(pool, v, volumes)),

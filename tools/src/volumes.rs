@@ -62,6 +62,9 @@ pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> a
     })?;
     let dev: Arc<dyn BlockDev> = Arc::new(dev);
     let device = Device::new(name, uuid, DeviceKind::Volume, description, dev, read_only);
+    if let Err(e) = device.qos.set(lvstore::volume_limits(pool, name)) {
+        tracing::warn!(volume = name, error = %e, "kept rate limits refused: none applied");
+    }
     control.registry.add(device)?;
     let nqn = nqn_of(name);
     let kept = crate::persist::has_settings(control, &nqn);

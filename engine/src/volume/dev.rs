@@ -174,32 +174,74 @@ fn reserve_metadata(path: &Path, blocks: u64) -> std::io::Result<()> {
 /// `pool dump`). Two daemons serving one pool would each write metadata and data the other
 /// does not know of; a check of a pool being served would report what it is still writing.
 /// The lock goes with the descriptor: released at drop, and by the kernel when the process
-/// dies (kill -9 included: the descriptor is its own, never registered with a ring).
+/// dies (kill -9 included: the descriptor is its own, never registered with a ring). An NVMe
+/// namespace has two nodes, `/dev/nvmeXnY` (block) and `/dev/ngXnY` (passthrough): both are
+/// locked, in that name order, so a pool served through one is not taken through the other.
 #[derive(Debug)]
 pub struct PoolLock {
-    _held: nix::fcntl::Flock<File>,
+    _held: Vec<nix::fcntl::Flock<File>>,
 }
 
 /// How long opening a pool waits for another process to let go of it (a daemon still
 /// stopping) before it refuses.
 pub const POOL_LOCK_WAIT: Duration = Duration::from_secs(10);
 
+/// The other node of the NVMe namespace `path` names (`/dev/ngXnY` for `/dev/nvmeXnY` and
+/// the other way round, in the same directory), where it exists as a device node.
+pub fn namespace_sibling(path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let real = std::fs::canonicalize(path).ok()?;
+    let name = real.file_name()?.to_str()?;
+    let (other, rest) = match (name.strip_prefix("ng"), name.strip_prefix("nvme")) {
+        (Some(rest), _) => ("nvme", rest),
+        (_, Some(rest)) => ("ng", rest),
+        _ => return None,
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (ctrl, ns) = rest.split_once('n')?;
+    if !(digits(ctrl) && digits(ns)) {
+        return None; // a controller (nvme0), a partition (nvme0n1p1), a path (nvme0c1n1)
+    }
+    let sibling = real.with_file_name(format!("{other}{ctrl}n{ns}"));
+    let kind = std::fs::metadata(&sibling).ok()?.file_type();
+    (kind.is_block_device() || kind.is_char_device()).then_some(sibling)
+}
+
 impl PoolLock {
-    /// Locks `path` (exclusive or shared), waiting up to `wait` while another process holds
-    /// it; the error says who to stop.
+    /// Locks `path` (exclusive or shared), and its namespace's other node if it has one,
+    /// waiting up to `wait` while another process holds either; the error says who to stop.
     pub fn take(path: &Path, exclusive: bool, wait: Duration) -> std::io::Result<PoolLock> {
+        let deadline = Instant::now() + wait;
+        let mut nodes = vec![path.to_path_buf()];
+        nodes.extend(namespace_sibling(path));
+        // One order for every process: two never each hold the node the other waits for.
+        nodes.sort();
+        let mut held = Vec::with_capacity(nodes.len());
+        for node in &nodes {
+            held.push(Self::lock_one(path, node, exclusive, deadline)?);
+        }
+        Ok(PoolLock { _held: held })
+    }
+
+    fn lock_one(
+        path: &Path,
+        node: &Path,
+        exclusive: bool,
+        deadline: Instant,
+    ) -> std::io::Result<nix::fcntl::Flock<File>> {
         use nix::fcntl::{Flock, FlockArg};
         let arg =
             if exclusive { FlockArg::LockExclusiveNonblock } else { FlockArg::LockSharedNonblock };
-        let deadline = Instant::now() + wait;
         let mut logged = false;
-        let mut file = File::open(path)?;
+        let mut file = File::open(node)?;
+        let through =
+            if node == path { String::new() } else { format!(" (through {})", node.display()) };
         loop {
             match Flock::lock(file, arg) {
-                Ok(held) => return Ok(PoolLock { _held: held }),
+                Ok(held) => return Ok(held),
                 Err((f, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
                     if !logged {
-                        tracing::warn!(path = %path.display(), "pool in use by another process; waiting for it to be released");
+                        tracing::warn!(path = %path.display(), node = %node.display(), "pool in use by another process; waiting for it to be released");
                         logged = true;
                     }
                     file = f;
@@ -209,8 +251,8 @@ impl PoolLock {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::WouldBlock,
                         format!(
-                            "{}: in use by another process (a running `ballast serve`?); \
-                             stop it first",
+                            "{}: in use by another process{through} (a running `ballast \
+                             serve`?); stop it first",
                             path.display()
                         ),
                     ))
@@ -1834,6 +1876,43 @@ mod tests {
         let create = PoolHandle::create(&path, None, PoolGeometry::standard([7; 16]));
         assert!(create.is_err(), "no formatting under a reader");
         drop(reader);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Both nodes of an NVMe namespace take the lock: a pool held through `ngXnY` is refused
+    /// through `nvmeXnY` and the other way round; other names have no sibling. (Nodes made
+    /// with mknod in a scratch directory, with /dev/null's and /dev/zero's numbers, which any
+    /// kernel has; skipped where mknod is not allowed.)
+    #[test]
+    fn a_namespace_is_locked_through_both_of_its_nodes() {
+        use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+        let dir = std::env::temp_dir().join(format!("ballast-nodes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ng, block) = (dir.join("ng3n1"), dir.join("nvme3n1"));
+        let mode = Mode::from_bits_truncate(0o600);
+        if mknod(&ng, SFlag::S_IFCHR, mode, makedev(1, 3)).is_err()
+            || mknod(&block, SFlag::S_IFCHR, mode, makedev(1, 5)).is_err()
+        {
+            eprintln!("skipped: mknod is not allowed here");
+            std::fs::remove_dir_all(&dir).unwrap();
+            return;
+        }
+        assert_eq!(namespace_sibling(&ng), Some(block.clone()));
+        assert_eq!(namespace_sibling(&block), Some(ng.clone()));
+        for name in ["nvme3", "nvme3n1p1", "nvme3c0n1", "ng3", "pool.img"] {
+            assert_eq!(namespace_sibling(&dir.join(name)), None, "{name}");
+        }
+        let held = PoolLock::take(&ng, true, Duration::ZERO).unwrap();
+        for (node, exclusive) in [(&block, true), (&block, false), (&ng, false)] {
+            let err = PoolLock::take(node, exclusive, Duration::ZERO).unwrap_err();
+            assert!(err.to_string().contains("in use by another process"), "{err}");
+        }
+        drop(held);
+        let reader = PoolLock::take(&block, false, Duration::ZERO).unwrap();
+        assert!(PoolLock::take(&ng, false, Duration::ZERO).is_ok(), "readers share");
+        assert!(PoolLock::take(&ng, true, Duration::ZERO).is_err(), "a reader of the other node");
+        drop(reader);
+        assert!(PoolLock::take(&ng, true, Duration::ZERO).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

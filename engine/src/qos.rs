@@ -1,0 +1,437 @@
+//! Rate limits per device (SPDK's `bdev_set_qos_limit`): I/Os per second, and MiB per second
+//! of reads and writes together, of reads, of writes — shared by every core that serves the
+//! device, so a tenant's volume cannot take the media from the others however many
+//! connections and queues it opens.
+//!
+//! Each limit is a GCRA (generic cell rate algorithm) on one atomic, its "theoretical arrival
+//! time" (TAT) in ns since the device's epoch. An I/O costs `amount / rate` seconds of each
+//! limit it falls under (1 I/O, or its bytes); it reserves its slot by moving the TAT forward
+//! (one atomic update, no lock), and goes now if its slot begins within [`BURST`] of now,
+//! else once it does. Nothing is refused or dropped, only delayed, in arrival order per limit:
+//! a client keeping more I/O in flight waits longer; other devices are not touched.
+//!
+//! Invariants:
+//! - with no limit set, an I/O reads one atomic and changes nothing ([`Throttled::submit`]);
+//! - a delayed command is owned by one [`Delayed`] task on the submitting core until its time
+//!   comes: it submits the command to the inner device then, and hands its completion to the
+//!   submitter with the submitter's tag, once (a stop submits what waits at once);
+//! - flushes are never delayed (they order nothing that has not completed), and while a limit
+//!   is set no I/O bypasses it (lent reads, stores from the receive buffer and reads of holes
+//!   answered without I/O are declined).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ballast_ffi::region::Lent;
+use ballast_ffi::Owned;
+
+use crate::blockdev::{BlockDev, DevInfo, Extent, IoCmd};
+use crate::reactor::{Cx, Task};
+
+/// How far ahead of its slot an I/O may go: 1 ms of each limit's budget (SPDK's QoS
+/// timeslice), so a device idle for a while takes a short burst at full speed.
+pub const BURST: Duration = Duration::from_millis(1);
+
+/// I/O limits must be multiples of this (as SPDK's `SPDK_BDEV_QOS_MIN_IOS_PER_SEC`).
+pub const IOS_STEP: u64 = 1000;
+
+const MIB: u64 = 1 << 20;
+
+/// A device's limits; 0: none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QosLimits {
+    pub rw_ios_per_sec: u64,
+    pub rw_mbytes_per_sec: u64,
+    pub r_mbytes_per_sec: u64,
+    pub w_mbytes_per_sec: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QosError {
+    #[error("rw_ios_per_sec {0} is not a multiple of {IOS_STEP}")]
+    IosStep(u64),
+    #[error("{field} {value} is too large")]
+    TooLarge { field: &'static str, value: u64 },
+}
+
+impl QosLimits {
+    /// Whether [`Qos::set`] would take them.
+    pub fn check(&self) -> Result<(), QosError> {
+        self.rates().map(drop)
+    }
+
+    /// The limits' rates, in the order of [`Qos`]'s buckets: I/Os, read+write bytes, read
+    /// bytes, write bytes per second.
+    fn rates(&self) -> Result<[u64; 4], QosError> {
+        if !self.rw_ios_per_sec.is_multiple_of(IOS_STEP) {
+            return Err(QosError::IosStep(self.rw_ios_per_sec));
+        }
+        let bytes =
+            |field, mib: u64| mib.checked_mul(MIB).ok_or(QosError::TooLarge { field, value: mib });
+        Ok([
+            self.rw_ios_per_sec,
+            bytes("rw_mbytes_per_sec", self.rw_mbytes_per_sec)?,
+            bytes("r_mbytes_per_sec", self.r_mbytes_per_sec)?,
+            bytes("w_mbytes_per_sec", self.w_mbytes_per_sec)?,
+        ])
+    }
+}
+
+/// What kind of I/O a command is, for its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Charge {
+    Read(u64),
+    Write(u64),
+    /// Discard, write-zeroes: an I/O, no data bytes.
+    Other,
+}
+
+/// One device's limits and their state, shared by every core.
+#[derive(Debug)]
+pub struct Qos {
+    /// Per second: I/Os, read+write bytes, read bytes, write bytes (0: unlimited).
+    rates: [AtomicU64; 4],
+    /// Each limit's theoretical arrival time, ns since `epoch`.
+    tat: [AtomicU64; 4],
+    limited: AtomicBool,
+    /// I/Os that waited for their slot, and the ns they waited in all.
+    delayed: AtomicU64,
+    delayed_ns: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Qos {
+    fn default() -> Self {
+        Qos {
+            rates: Default::default(),
+            tat: Default::default(),
+            limited: AtomicBool::new(false),
+            delayed: AtomicU64::new(0),
+            delayed_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Qos {
+    /// Sets the limits (0 lifts one); the budgets start afresh.
+    pub fn set(&self, limits: QosLimits) -> Result<(), QosError> {
+        let rates = limits.rates()?;
+        for (i, rate) in rates.iter().enumerate() {
+            self.rates[i].store(*rate, Ordering::Relaxed);
+            self.tat[i].store(0, Ordering::Relaxed);
+        }
+        self.limited.store(rates.iter().any(|&r| r > 0), Ordering::Release);
+        Ok(())
+    }
+
+    pub fn limits(&self) -> QosLimits {
+        let r = |i: usize| self.rates[i].load(Ordering::Relaxed);
+        QosLimits {
+            rw_ios_per_sec: r(0),
+            rw_mbytes_per_sec: r(1) / MIB,
+            r_mbytes_per_sec: r(2) / MIB,
+            w_mbytes_per_sec: r(3) / MIB,
+        }
+    }
+
+    /// Whether any limit is set.
+    #[inline]
+    pub fn limited(&self) -> bool {
+        self.limited.load(Ordering::Relaxed)
+    }
+
+    /// I/Os delayed so far, and the time they waited in all.
+    pub fn delayed(&self) -> (u64, Duration) {
+        let ns = self.delayed_ns.load(Ordering::Relaxed);
+        (self.delayed.load(Ordering::Relaxed), Duration::from_nanos(ns))
+    }
+
+    /// Now, in this device's clock.
+    pub fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Reserves an I/O's slot in every limit it falls under at `now` (ns of this device's
+    /// clock); returns how long it must wait (zero: it goes now).
+    pub fn reserve(&self, now: u64, charge: Charge) -> Duration {
+        let (bytes, own) = match charge {
+            Charge::Read(b) => (b, Some(2)),
+            Charge::Write(b) => (b, Some(3)),
+            Charge::Other => (0, None),
+        };
+        let mut wait = 0u64;
+        for (i, amount) in [(0, 1), (1, bytes)].into_iter().chain(own.map(|i| (i, bytes))) {
+            let rate = self.rates[i].load(Ordering::Relaxed);
+            if rate == 0 || amount == 0 {
+                continue;
+            }
+            let cost = (u128::from(amount) * 1_000_000_000 / u128::from(rate)) as u64;
+            let before = self.tat[i]
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                    Some(t.max(now).saturating_add(cost))
+                })
+                .expect("the update always succeeds");
+            let burst = BURST.as_nanos() as u64;
+            wait = wait.max(before.saturating_sub(now.saturating_add(burst)));
+        }
+        if wait > 0 {
+            self.delayed.fetch_add(1, Ordering::Relaxed);
+            self.delayed_ns.fetch_add(wait, Ordering::Relaxed);
+        }
+        Duration::from_nanos(wait)
+    }
+}
+
+/// A device under [`Qos`] limits: every call goes to the inner device; a submission waits
+/// for its slot first while a limit is set.
+pub struct Throttled {
+    inner: Arc<dyn BlockDev>,
+    qos: Arc<Qos>,
+}
+
+impl Throttled {
+    pub fn new(inner: Arc<dyn BlockDev>, qos: Arc<Qos>) -> Throttled {
+        Throttled { inner, qos }
+    }
+}
+
+impl BlockDev for Throttled {
+    fn info(&self) -> &DevInfo {
+        self.inner.info()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn grow(&self, new_size: u64) -> std::io::Result<()> {
+        self.inner.grow(new_size)
+    }
+    fn rescan(&self) -> std::io::Result<(u64, u64)> {
+        self.inner.rescan()
+    }
+    fn home_core(&self, here: usize) -> Option<usize> {
+        self.inner.home_core(here)
+    }
+
+    fn submit(&self, cx: &mut Cx<'_>, cmd: IoCmd, tag: u32) {
+        if !self.qos.limited() {
+            return self.inner.submit(cx, cmd, tag);
+        }
+        let charge = match &cmd {
+            IoCmd::Read { buf, .. } => Charge::Read(buf.len() as u64),
+            IoCmd::Write { buf, .. } => Charge::Write(buf.len() as u64),
+            IoCmd::Discard { .. } | IoCmd::WriteZeroes { .. } => Charge::Other,
+            IoCmd::Flush => return self.inner.submit(cx, cmd, tag),
+        };
+        let wait = self.qos.reserve(self.qos.now_ns(), charge);
+        if wait.is_zero() {
+            return self.inner.submit(cx, cmd, tag);
+        }
+        let delayed = Delayed {
+            inner: Arc::clone(&self.inner),
+            cmd: Some(cmd),
+            caller: cx.task(),
+            tag,
+            wait,
+            timer_pending: false,
+            io_pending: false,
+            cancel_pending: false,
+        };
+        cx.spawn_local(Box::new(delayed));
+    }
+
+    fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {
+        self.inner.extents(offset, len, max)
+    }
+    fn used_bytes(&self) -> u64 {
+        self.inner.used_bytes()
+    }
+    fn is_unallocated(&self, offset: u64, len: u64) -> bool {
+        // A read of a hole is answered without I/O: under a limit, it is submitted instead.
+        !self.qos.limited() && self.inner.is_unallocated(offset, len)
+    }
+    fn lend(&self, core: usize, offset: u64, len: u64) -> Option<Lent> {
+        // A lent read has no completion to delay: under a limit, reads are submitted.
+        if self.qos.limited() {
+            return None;
+        }
+        self.inner.lend(core, offset, len)
+    }
+    fn write_now(&self, offset: u64, data: &[u8]) -> bool {
+        !self.qos.limited() && self.inner.write_now(offset, data)
+    }
+    fn zeroes_supported(&self) -> bool {
+        self.inner.zeroes_supported()
+    }
+    fn zeroes_are_fast(&self, may_unmap: bool) -> bool {
+        self.inner.zeroes_are_fast(may_unmap)
+    }
+    fn discard_zeroes(&self) -> bool {
+        self.inner.discard_zeroes()
+    }
+    fn flush_blocking(&self) -> std::io::Result<()> {
+        self.inner.flush_blocking()
+    }
+}
+
+/// A command waiting for its slot, on the core it was submitted on.
+struct Delayed {
+    inner: Arc<dyn BlockDev>,
+    /// Until submitted.
+    cmd: Option<IoCmd>,
+    /// The submitting task and its tag: where the completion goes.
+    caller: u32,
+    tag: u32,
+    wait: Duration,
+    timer_pending: bool,
+    io_pending: bool,
+    /// A stop cancelled the timer: the cancel's own completion is still to come.
+    cancel_pending: bool,
+}
+
+const TIMER: u32 = 0;
+const IO: u32 = 1;
+const CANCEL: u32 = 2;
+
+impl Delayed {
+    /// Its time has come (or the core is stopping): the command goes to the inner device.
+    fn go(&mut self, cx: &mut Cx<'_>) {
+        if let Some(cmd) = self.cmd.take() {
+            self.io_pending = true;
+            self.inner.submit(cx, cmd, IO);
+        }
+    }
+}
+
+impl Task for Delayed {
+    fn start(&mut self, cx: &mut Cx<'_>) {
+        self.timer_pending = true;
+        cx.timer(TIMER, self.wait);
+    }
+
+    fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+        match tag {
+            // Expired, or cancelled by a stop (which submitted the command already).
+            TIMER => {
+                self.timer_pending = false;
+                self.go(cx);
+            }
+            CANCEL => self.cancel_pending = false,
+            IO => {
+                assert!(self.io_pending, "one completion for the one command");
+                self.io_pending = false;
+                cx.complete_to(self.caller, self.tag, result, owned);
+            }
+            other => unreachable!("a delayed command has no tag {other}"),
+        }
+    }
+
+    fn flush(&mut self, _cx: &mut Cx<'_>) {}
+
+    fn on_shutdown(&mut self, cx: &mut Cx<'_>) {
+        // A stop does not wait out a limit: what waits goes now, and the timer goes.
+        if self.timer_pending && !self.cancel_pending {
+            self.cancel_pending = true;
+            cx.cancel(TIMER, CANCEL);
+        }
+        self.go(cx);
+    }
+
+    fn is_done(&self) -> bool {
+        self.cmd.is_none() && !self.timer_pending && !self.io_pending && !self.cancel_pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn qos(l: QosLimits) -> Qos {
+        let q = Qos::default();
+        q.set(l).unwrap();
+        q
+    }
+
+    /// 1000 I/Os per second: after the burst (1 ms of budget: two I/Os at once), each I/O
+    /// waits 1 ms more than the one before; time passing pays the debt back.
+    #[test]
+    fn an_iops_limit_spaces_ios_by_their_cost() {
+        let q = qos(QosLimits { rw_ios_per_sec: 1000, ..Default::default() });
+        let waits: Vec<u64> =
+            (0..5).map(|_| q.reserve(10 * MS, Charge::Read(4096)).as_nanos() as u64).collect();
+        assert_eq!(waits, [0, 0, MS, 2 * MS, 3 * MS]);
+        // 100 ms later the debt (5 ms) is long paid: free again.
+        assert_eq!(q.reserve(110 * MS, Charge::Other), Duration::ZERO);
+        assert_eq!(q.delayed().0, 3);
+    }
+
+    /// Byte limits: reads count against rw and r, writes against rw and w; the larger wait
+    /// wins; a flush-free discard counts as an I/O only.
+    #[test]
+    fn byte_limits_charge_reads_and_writes_apart() {
+        let q = qos(QosLimits { r_mbytes_per_sec: 1, w_mbytes_per_sec: 4, ..Default::default() });
+        let mib = 1 << 20;
+        assert_eq!(q.reserve(0, Charge::Read(mib)), Duration::ZERO);
+        // The second MiB read waits for the first one's second (less the 1 ms burst).
+        assert_eq!(q.reserve(0, Charge::Read(mib)), Duration::from_millis(999));
+        // Writes have their own budget: 1 MiB costs 250 ms of it.
+        assert_eq!(q.reserve(0, Charge::Write(mib)), Duration::ZERO);
+        assert_eq!(q.reserve(0, Charge::Write(mib)), Duration::from_millis(249));
+        assert_eq!(q.reserve(0, Charge::Other), Duration::ZERO, "no bytes, no I/O limit");
+        let both =
+            qos(QosLimits { rw_mbytes_per_sec: 2, r_mbytes_per_sec: 1, ..Default::default() });
+        both.reserve(0, Charge::Read(mib));
+        // rw owes 500 ms, r 1000 ms: the read waits the longer.
+        assert_eq!(both.reserve(0, Charge::Read(mib)), Duration::from_millis(999));
+        assert_eq!(both.reserve(0, Charge::Write(mib)), Duration::from_millis(999));
+    }
+
+    /// Lifting every limit clears `limited`; setting them again starts afresh; SPDK's steps
+    /// are enforced.
+    #[test]
+    fn limits_are_set_checked_and_lifted() {
+        let q = Qos::default();
+        assert!(!q.limited());
+        assert_eq!(
+            q.set(QosLimits { rw_ios_per_sec: 1500, ..Default::default() }),
+            Err(QosError::IosStep(1500))
+        );
+        assert!(!q.limited(), "a refused setting changes nothing");
+        let l = QosLimits { rw_ios_per_sec: 2000, w_mbytes_per_sec: 10, ..Default::default() };
+        q.set(l).unwrap();
+        assert!(q.limited());
+        assert_eq!(q.limits(), l);
+        for _ in 0..10 {
+            q.reserve(0, Charge::Other);
+        }
+        q.set(l).unwrap();
+        assert_eq!(q.reserve(0, Charge::Other), Duration::ZERO, "budgets start afresh");
+        q.set(QosLimits::default()).unwrap();
+        assert!(!q.limited());
+        assert!(matches!(
+            q.set(QosLimits { r_mbytes_per_sec: u64::MAX, ..Default::default() }),
+            Err(QosError::TooLarge { .. })
+        ));
+    }
+
+    /// Cores reserving at once never get the same slot: every reservation moves the TAT by
+    /// its cost, so N I/Os from four threads are spread over N × cost.
+    #[test]
+    fn concurrent_reservations_share_one_budget() {
+        let q = Arc::new(qos(QosLimits { rw_ios_per_sec: 1_000_000, ..Default::default() }));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let q = Arc::clone(&q);
+                std::thread::spawn(move || {
+                    (0..10_000).map(|_| q.reserve(0, Charge::Other).as_nanos() as u64).max()
+                })
+            })
+            .collect();
+        let longest = threads.into_iter().filter_map(|t| t.join().unwrap()).max().unwrap();
+        // 40,000 I/Os at 1 µs each: the last waits 40 ms less the 1 ms burst and its own µs.
+        assert_eq!(longest, 40_000 * 1000 - MS - 1000);
+    }
+}

@@ -33,6 +33,10 @@ use crate::reactor::{Cx, Task};
 /// timeslice), so a device idle for a while takes a short burst at full speed.
 pub const BURST: Duration = Duration::from_millis(1);
 
+/// How often a command waiting for its slot looks whether the limits changed (a limit lifted
+/// lets what waits go).
+pub const RECHECK: Duration = Duration::from_millis(100);
+
 /// I/O limits must be multiples of this (as SPDK's `SPDK_BDEV_QOS_MIN_IOS_PER_SEC`).
 pub const IOS_STEP: u64 = 1000;
 
@@ -98,6 +102,8 @@ pub struct Qos {
     /// I/Os that waited for their slot, and the ns they waited in all.
     delayed: AtomicU64,
     delayed_ns: AtomicU64,
+    /// Bumped by every change of the limits: waiting I/O looks again (`Delayed`).
+    generation: AtomicU64,
     epoch: Instant,
 }
 
@@ -109,21 +115,30 @@ impl Default for Qos {
             limited: AtomicBool::new(false),
             delayed: AtomicU64::new(0),
             delayed_ns: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
 }
 
 impl Qos {
-    /// Sets the limits (0 lifts one); the budgets start afresh.
+    /// Sets the limits (0 lifts one): a limit whose rate changes starts afresh, the others
+    /// keep their budget; I/O waiting for a slot goes at once (within [`RECHECK`]).
     pub fn set(&self, limits: QosLimits) -> Result<(), QosError> {
         let rates = limits.rates()?;
         for (i, rate) in rates.iter().enumerate() {
-            self.rates[i].store(*rate, Ordering::Relaxed);
-            self.tat[i].store(0, Ordering::Relaxed);
+            if self.rates[i].swap(*rate, Ordering::Relaxed) != *rate {
+                self.tat[i].store(0, Ordering::Relaxed);
+            }
         }
         self.limited.store(rates.iter().any(|&r| r > 0), Ordering::Release);
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// Changes of the limits so far.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn limits(&self) -> QosLimits {
@@ -154,28 +169,40 @@ impl Qos {
     }
 
     /// Reserves an I/O's slot in every limit it falls under at `now` (ns of this device's
-    /// clock); returns how long it must wait (zero: it goes now).
+    /// clock); returns how long it must wait (zero: it goes now). The I/O goes once every
+    /// one of those limits has room, and its slot in each begins then: a limit it waits for
+    /// leaves the others' budget unused meanwhile rather than booked early (a read held by a
+    /// read limit does not let a read+write limit be exceeded later).
     pub fn reserve(&self, now: u64, charge: Charge) -> Duration {
         let (bytes, own) = match charge {
             Charge::Read(b) => (b, Some(2)),
             Charge::Write(b) => (b, Some(3)),
             Charge::Other => (0, None),
         };
-        let mut wait = 0u64;
+        let mut costs = [(0usize, 0u64); 3];
+        let mut n = 0;
         for (i, amount) in [(0, 1), (1, bytes)].into_iter().chain(own.map(|i| (i, bytes))) {
             let rate = self.rates[i].load(Ordering::Relaxed);
             if rate == 0 || amount == 0 {
                 continue;
             }
-            let cost = (u128::from(amount) * 1_000_000_000 / u128::from(rate)) as u64;
+            costs[n] = (i, (u128::from(amount) * 1_000_000_000 / u128::from(rate)) as u64);
+            n += 1;
+        }
+        let costs = &costs[..n];
+        let go =
+            costs.iter().map(|&(i, _)| self.tat[i].load(Ordering::Relaxed)).fold(now, u64::max);
+        // Each limit's slot begins at `go`, or later where another core booked meanwhile.
+        let mut start = go;
+        for &(i, cost) in costs {
             let before = self.tat[i]
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
-                    Some(t.max(now).saturating_add(cost))
+                    Some(t.max(go).saturating_add(cost))
                 })
                 .expect("the update always succeeds");
-            let burst = BURST.as_nanos() as u64;
-            wait = wait.max(before.saturating_sub(now.saturating_add(burst)));
+            start = start.max(before);
         }
+        let wait = start.saturating_sub(now.saturating_add(BURST.as_nanos() as u64));
         if wait > 0 {
             self.delayed.fetch_add(1, Ordering::Relaxed);
             self.delayed_ns.fetch_add(wait, Ordering::Relaxed);
@@ -221,6 +248,12 @@ impl BlockDev for Throttled {
         let charge = match &cmd {
             IoCmd::Read { buf, .. } => Charge::Read(buf.len() as u64),
             IoCmd::Write { buf, .. } => Charge::Write(buf.len() as u64),
+            // Zeros the device writes out (a volume's without unmapping) cost their bytes.
+            IoCmd::WriteZeroes { len, may_unmap, .. }
+                if !self.inner.zeroes_are_fast(*may_unmap) =>
+            {
+                Charge::Write(*len)
+            }
             IoCmd::Discard { .. } | IoCmd::WriteZeroes { .. } => Charge::Other,
             IoCmd::Flush => return self.inner.submit(cx, cmd, tag),
         };
@@ -230,10 +263,12 @@ impl BlockDev for Throttled {
         }
         let delayed = Delayed {
             inner: Arc::clone(&self.inner),
+            qos: Arc::clone(&self.qos),
+            generation: self.qos.generation(),
+            until: self.qos.now_ns().saturating_add(wait.as_nanos() as u64),
             cmd: Some(cmd),
             caller: cx.task(),
             tag,
-            wait,
             timer_pending: false,
             io_pending: false,
             cancel_pending: false,
@@ -278,12 +313,16 @@ impl BlockDev for Throttled {
 /// A command waiting for its slot, on the core it was submitted on.
 struct Delayed {
     inner: Arc<dyn BlockDev>,
+    qos: Arc<Qos>,
+    /// The limits' generation it was delayed under, and when its slot begins (the device's
+    /// clock, less the burst allowance).
+    generation: u64,
+    until: u64,
     /// Until submitted.
     cmd: Option<IoCmd>,
     /// The submitting task and its tag: where the completion goes.
     caller: u32,
     tag: u32,
-    wait: Duration,
     timer_pending: bool,
     io_pending: bool,
     /// A stop cancelled the timer: the cancel's own completion is still to come.
@@ -295,6 +334,13 @@ const IO: u32 = 1;
 const CANCEL: u32 = 2;
 
 impl Delayed {
+    /// Waits until its slot, looking every [`RECHECK`] whether the limits changed.
+    fn arm(&mut self, cx: &mut Cx<'_>) {
+        let left = Duration::from_nanos(self.until.saturating_sub(self.qos.now_ns()));
+        self.timer_pending = true;
+        cx.timer(TIMER, left.min(RECHECK));
+    }
+
     /// Its time has come (or the core is stopping): the command goes to the inner device.
     fn go(&mut self, cx: &mut Cx<'_>) {
         if let Some(cmd) = self.cmd.take() {
@@ -306,8 +352,7 @@ impl Delayed {
 
 impl Task for Delayed {
     fn start(&mut self, cx: &mut Cx<'_>) {
-        self.timer_pending = true;
-        cx.timer(TIMER, self.wait);
+        self.arm(cx);
     }
 
     fn on_completion(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
@@ -315,6 +360,10 @@ impl Task for Delayed {
             // Expired, or cancelled by a stop (which submitted the command already).
             TIMER => {
                 self.timer_pending = false;
+                let changed = self.qos.generation() != self.generation;
+                if self.cmd.is_some() && !changed && self.qos.now_ns() < self.until {
+                    return self.arm(cx);
+                }
                 self.go(cx);
             }
             CANCEL => self.cancel_pending = false,
@@ -384,9 +433,44 @@ mod tests {
         let both =
             qos(QosLimits { rw_mbytes_per_sec: 2, r_mbytes_per_sec: 1, ..Default::default() });
         both.reserve(0, Charge::Read(mib));
-        // rw owes 500 ms, r 1000 ms: the read waits the longer.
+        // rw owes 500 ms, r 1000 ms: the read waits the longer, and its rw slot begins when it
+        // goes (1 s), not at 500 ms: the rw budget between stays unused.
         assert_eq!(both.reserve(0, Charge::Read(mib)), Duration::from_millis(999));
-        assert_eq!(both.reserve(0, Charge::Write(mib)), Duration::from_millis(999));
+        // A write waits for rw alone: booked by the reads until 1.5 s.
+        assert_eq!(both.reserve(0, Charge::Write(mib)), Duration::from_millis(1499));
+    }
+
+    /// Reads held by a read limit do not book the read+write limit early: over any stretch
+    /// of time, what goes (by its go time) stays within the read+write rate (plus the I/Os at
+    /// the stretch's ends). Booked as each limit alone sees it, the reads' read+write slots
+    /// would lie at 0-4.5 s while they go at 0-9 s, and the writes after them at 5-9.5 s: 15
+    /// MiB in 5 s against 2 MiB/s.
+    #[test]
+    fn a_combined_limit_holds_while_a_narrower_one_delays() {
+        let q = qos(QosLimits { rw_mbytes_per_sec: 2, r_mbytes_per_sec: 1, ..Default::default() });
+        let mib = 1u64 << 20;
+        // Ten reads queued at once (the read limit spaces them 1 s apart), then ten writes.
+        let mut gone: Vec<u64> = (0..20)
+            .map(|k| {
+                let c = if k < 10 { Charge::Read(mib) } else { Charge::Write(mib) };
+                q.reserve(0, c).as_nanos() as u64
+            })
+            .collect();
+        gone.sort_unstable();
+        for i in 0..gone.len() {
+            for j in i..gone.len() {
+                let bytes = (j - i + 1) as u64 * mib;
+                // The rate over the stretch, plus the I/Os at its two ends.
+                let allowed = 2 * mib * (gone[j] - gone[i]) / 1_000_000_000 + 2 * mib;
+                assert!(
+                    bytes <= allowed,
+                    "{} MiB between {} and {} ns",
+                    j - i + 1,
+                    gone[i],
+                    gone[j]
+                );
+            }
+        }
     }
 
     /// Lifting every limit clears `limited`; setting them again starts afresh; SPDK's steps
@@ -404,11 +488,16 @@ mod tests {
         q.set(l).unwrap();
         assert!(q.limited());
         assert_eq!(q.limits(), l);
+        let generation = q.generation();
         for _ in 0..10 {
             q.reserve(0, Charge::Other);
         }
+        // 10 I/Os at 0.5 ms each booked 5 ms: the next waits 4 ms (after the 1 ms burst).
         q.set(l).unwrap();
-        assert_eq!(q.reserve(0, Charge::Other), Duration::ZERO, "budgets start afresh");
+        assert_eq!(q.reserve(0, Charge::Other), Duration::from_millis(4), "unchanged: kept");
+        assert!(q.generation() > generation, "what waits looks again");
+        q.set(QosLimits { rw_ios_per_sec: 3000, ..l }).unwrap();
+        assert_eq!(q.reserve(0, Charge::Other), Duration::ZERO, "a changed limit starts afresh");
         q.set(QosLimits::default()).unwrap();
         assert!(!q.limited());
         assert!(matches!(

@@ -8,7 +8,8 @@
 #      same fio at the same time, runs free (>= 10x); over NVMe/TCP too
 #   3  a read bandwidth limit (8 MiB/s) holds for 128 KiB reads while writes to the same
 #      export beside them are not charged by it; then a write limit (4 MiB/s) holds
-#   4  every limit lifted: the export runs free again
+#   4  every limit lifted, while reads wait for their slots (seconds of it): they go at once,
+#      and the export runs free again
 #   5  a stop while I/O waits for its slot (seconds of it) exits 0 at once (what waits goes)
 #   6  a volume's limit is kept in its pool: back after a restart (and held), gone with the
 #      volume (a new volume of that name starts without it)
@@ -100,7 +101,19 @@ W=$(field w 3)
 check "128 KiB writes of a at 4 MiB/s: $W KiB/s (3686..4506)" within "${W:-0}" 3686 4506
 
 echo "## 4: limits lifted"
-check "every limit of a lifted" rpc bdev_set_qos_limit a --r-mbytes-per-sec 0 --w-mbytes-per-sec 0
+# 16 MiB of reads at 1 MiB/s, all in flight at once: ~15 s of waiting, until the limit goes.
+check "a: reads limited to 1 MiB/s" rpc bdev_set_qos_limit a --r-mbytes-per-sec 1
+t0=$(date +%s%N)
+fio --name=held --ioengine=nbd --uri="$NBD_URI/a" --rw=read --bs=1m --iodepth=16 --size=16m \
+    >"$T/held.out" 2>&1 &
+HELD=$!
+sleep 1
+check "every limit of a lifted while 15 s of reads wait" \
+    rpc bdev_set_qos_limit a --r-mbytes-per-sec 0 --w-mbytes-per-sec 0
+wait "$HELD"
+rc=$? ms=$((($(date +%s%N) - t0) / 1000000))
+check "the waiting reads went at once: fio done in ${ms} ms (< 4000), exit $rc" \
+    within "$((rc == 0 ? ms : 99999))" 0 3999
 check_eq "assigned_rate_limits" "0 0 0 0" "$(limits a)"
 fio_jobs 3 a:a:randread:4k:16 >"$T/rates" || fail "fio reads a"
 A=$(field a 2)

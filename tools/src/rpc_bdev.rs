@@ -110,6 +110,8 @@ struct SetQosLimit {
 /// "Failed to configure rate limit: Invalid argument".
 fn set_qos_limit(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let req: SetQosLimit = params(p, DecodeStyle::Generic)?;
+    // One change of kept settings at a time (a volume's delete forgets its limits under it).
+    let _settings = control.settings.lock();
     let device = control.registry.resolve(&req.name).ok_or_else(no_such_device)?;
     let given =
         [req.rw_ios_per_sec, req.rw_mbytes_per_sec, req.r_mbytes_per_sec, req.w_mbytes_per_sec];

@@ -212,13 +212,24 @@ impl PoolLock {
     /// waiting up to `wait` while another process holds either; the error says who to stop.
     pub fn take(path: &Path, exclusive: bool, wait: Duration) -> std::io::Result<PoolLock> {
         let deadline = Instant::now() + wait;
-        let mut nodes = vec![path.to_path_buf()];
+        let mut nodes = vec![std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())];
         nodes.extend(namespace_sibling(path));
-        // One order for every process: two never each hold the node the other waits for.
+        // One order for every process, by the nodes' real paths (whatever link named them):
+        // two never each hold the node the other waits for.
         nodes.sort();
         let mut held = Vec::with_capacity(nodes.len());
         for node in &nodes {
-            held.push(Self::lock_one(path, node, exclusive, deadline)?);
+            let sibling = namespace_sibling(path).as_deref() == Some(node.as_path());
+            match Self::lock_one(path, node, exclusive, deadline) {
+                Ok(lock) => held.push(lock),
+                // A sibling node this user may not open (udev makes /dev/ngXnY root's alone,
+                // /dev/nvmeXnY the disk group's): nobody without the same rights uses it
+                // either; the node named is locked.
+                Err(e) if sibling && e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    tracing::debug!(node = %node.display(), "namespace's other node not locked: no permission");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(PoolLock { _held: held })
     }

@@ -22,7 +22,17 @@ if ! command -v fio >/dev/null; then
     fail "fio installed"
     finish
 fi
-start_ballast --cores 2 --export a=ram:256M --export b=ram:256M || finish
+METRICS_PORT=$(free_port)
+start_ballast --cores 2 --export a=ram:256M --export b=ram:256M \
+    --metrics-listen "127.0.0.1:$METRICS_PORT" || finish
+# metric NAME EXPORT: the sample of NAME{export="EXPORT"} on /metrics
+metric() {
+    "$SYS_PY" -c 'import sys, urllib.request
+t = urllib.request.urlopen("http://127.0.0.1:%s/metrics" % sys.argv[1], timeout=10).read().decode()
+want = "%s{export=\"%s\"} " % (sys.argv[2], sys.argv[3])
+print(next((l.split()[-1] for l in t.splitlines() if l.startswith(want)), "absent"))' \
+        "$METRICS_PORT" "$1" "$2"
+}
 
 limits() { # limits BDEV: its assigned_rate_limits, "IOS RW R W"
     rpc bdev_get_bdevs -b "$1" | py '" ".join(str(j[0]["assigned_rate_limits"][k]) for k in
@@ -74,6 +84,9 @@ A=$(field a 2) B=$(field b 2)
 check "a runs at its limit: $A I/Os per second (1800..2200)" within "${A:-0}" 1800 2200
 check "b, read at the same time, runs free: $B I/Os per second (>= 10x a)" \
     within "${B:-0}" $((10 * ${A:-1})) 100000000
+D=$(metric ballast_export_qos_delayed_total a)
+check "/metrics counts a's requests held back: $D (most of ~8000)" within "${D:-0}" 4000 1000000000
+check_eq "... and none of b's" 0 "$(metric ballast_export_qos_delayed_total b)"
 PERF=$(ballast_perf_bin)
 NVMF_ADDR=$(nvmf_addr)
 if [[ -x $PERF && -n $NVMF_ADDR ]]; then

@@ -204,12 +204,12 @@ if start_pool; then pass "ballast reopens the pool after kill -9 (journal replay
   fail "ballast reopens the pool"; tail -20 $LOG
 fi
 # The namespace's block node names the same media: nothing else takes it while it is served.
-$B pool check /dev/nvme0n1 > /tmp/pcheck2.out 2>&1; rc=$?
+rc=0; $B pool check /dev/nvme0n1 > /tmp/pcheck2.out 2>&1 || rc=$?
 check "pool check through the block node (/dev/nvme0n1) is refused while the pool is served" \
   sh -c "[ $rc != 0 ] && grep -q 'in use by another process' /tmp/pcheck2.out"
 mkdir -p /tmp/other
-timeout 60 $B serve --data-dir /tmp/other --cores 1 --export raw=file:/dev/nvme0n1 \
-  --nbd-listen 127.0.0.1:10810 --nvmf-listen 127.0.0.1:4421 > /tmp/other.log 2>&1; rc=$?
+rc=0; timeout 60 $B serve --data-dir /tmp/other --cores 1 --export raw=file:/dev/nvme0n1 \
+  --nbd-listen 127.0.0.1:10810 --nvmf-listen 127.0.0.1:4421 > /tmp/other.log 2>&1 || rc=$?
 check "a second daemon does not export /dev/nvme0n1 raw while the pool is served" \
   sh -c "[ $rc != 0 ] && grep -q 'in use by another process' /tmp/other.log"
 NBD=nbd3

@@ -64,6 +64,9 @@ pub struct ExportView {
     pub read_only: bool,
     /// Its device's counters in the cores' statistics (`DevInfo::stats_id`).
     pub stats_id: u32,
+    /// Requests its rate limits held back, and the µs they waited in all (`Qos::delayed`).
+    pub qos_delayed: u64,
+    pub qos_delayed_us: u64,
 }
 
 /// Everything one scrape reports, copied out of the daemon.
@@ -98,6 +101,8 @@ pub fn gather(control: &Control, node: &str) -> Scrape {
             size_bytes: e.size_bytes(),
             read_only: e.read_only,
             stats_id: e.stats_id,
+            qos_delayed: e.qos.delayed().0,
+            qos_delayed_us: e.qos.delayed().1.as_micros() as u64,
         })
         .collect();
     Scrape {
@@ -617,6 +622,23 @@ impl ScrapeCollector {
             "Sum of an export's request latencies (divide by its ops for the average).",
             Counter,
             latency,
+        )?;
+        let delayed = views.iter().map(|(e, _)| (vec![("export", e.name.clone())], e.qos_delayed));
+        family(
+            enc,
+            "ballast_export_qos_delayed",
+            "Requests an export's rate limits held back until their slot.",
+            Counter,
+            delayed,
+        )?;
+        let waited =
+            views.iter().map(|(e, _)| (vec![("export", e.name.clone())], e.qos_delayed_us));
+        family(
+            enc,
+            "ballast_export_qos_delayed_microseconds",
+            "Time the requests an export's rate limits held back waited, in all.",
+            Counter,
+            waited,
         )
     }
 }
@@ -685,6 +707,8 @@ mod tests {
                 size_bytes: 1 << 29,
                 read_only: false,
                 stats_id: 7,
+                qos_delayed: 3,
+                qos_delayed_us: 4500,
             }],
             nvmf_subsystems: 1,
             gather_seconds: 0.001,
@@ -719,6 +743,8 @@ mod tests {
             r#"ballast_export_errors_total{export="v0"} 1"#,
             r#"ballast_export_latency_microseconds_total{export="v0"} 2060"#,
             r#"ballast_export_queue_depth{export="v0"} 3"#,
+            r#"ballast_export_qos_delayed_total{export="v0"} 3"#,
+            r#"ballast_export_qos_delayed_microseconds_total{export="v0"} 4500"#,
             r#"ballast_core_queue_depth{core="0"} 1"#,
             r#"ballast_core_queue_depth{core="1"} 2"#,
             "# TYPE ballast_core_request_latency_seconds histogram",

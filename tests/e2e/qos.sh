@@ -57,6 +57,15 @@ fio_jobs() {
     py '"\n".join("%s %d %d" % (x["jobname"], x["read"]["iops"] + x["write"]["iops"],
         x["read"]["bw"] + x["write"]["bw"]) for x in j["jobs"])' <"$T/fio.json"
 }
+# reads_in_background NAME FIO-ARGS...: 1 MiB reads of a, 16 in flight, in the background
+# (PID in $BG, output in $T/NAME.out).
+reads_in_background() {
+    local name=$1
+    shift
+    fio --name="$name" --ioengine=nbd --uri="$NBD_URI/a" --bs=1m --iodepth=16 "$@" \
+        >"$T/$name.out" 2>&1 &
+    BG=$!
+}
 field() { awk -v n="$1" -v f="$2" '$1 == n { print $f }' "$T/rates"; }
 # within X LO HI: LO <= X <= HI
 within() { (($1 >= $2 && $1 <= $3)); }
@@ -117,9 +126,8 @@ echo "## 4: limits lifted"
 # 16 MiB of reads at 1 MiB/s, all in flight at once: ~15 s of waiting, until the limit goes.
 check "a: reads limited to 1 MiB/s" rpc bdev_set_qos_limit a --r-mbytes-per-sec 1
 t0=$(date +%s%N)
-fio --name=held --ioengine=nbd --uri="$NBD_URI/a" --rw=read --bs=1m --iodepth=16 --size=16m \
-    >"$T/held.out" 2>&1 &
-HELD=$!
+reads_in_background held --rw=read --size=16m
+HELD=$BG
 sleep 1
 check "every limit of a lifted while 15 s of reads wait" \
     rpc bdev_set_qos_limit a --r-mbytes-per-sec 0 --w-mbytes-per-sec 0
@@ -135,9 +143,8 @@ check "a runs free again: $A I/Os per second (>= 10x its old limit)" within "${A
 echo "## 5: a stop with I/O waiting for its slot"
 # 1 MiB reads at 1 MiB/s, 16 in flight: each waits up to 16 s for its slot.
 check "a limited to 1 MiB/s of reads" rpc bdev_set_qos_limit a --r-mbytes-per-sec 1
-fio --name=slow --ioengine=nbd --uri="$NBD_URI/a" --rw=randread --bs=1m --iodepth=16 \
-    --time_based=1 --runtime=60 >"$T/slow.out" 2>&1 &
-FIO=$!
+reads_in_background slow --rw=randread --time_based=1 --runtime=60
+FIO=$BG
 add_cleanup "kill $FIO"
 sleep 2
 t0=$(date +%s%N)

@@ -435,20 +435,20 @@ mod tests {
     const CLUSTER_SHIFT: u32 = 14; // 16 KiB clusters: 4 pieces, so copy-on-write paths are common
     const VOL_PIECES: u64 = 64; // 256 KiB volumes
 
+    /// The tests' geometry: 16 KiB clusters, a journal ring of `journal_blocks`.
+    fn geometry(journal_blocks: u64, uuid: u8) -> PoolGeometry {
+        PoolGeometry {
+            cluster_shift: CLUSTER_SHIFT,
+            journal_blocks,
+            pool_uuid: [uuid; 16],
+            max_volumes: 64,
+            config_bytes: 256,
+        }
+    }
+
     fn new_pool(seed: u64) -> Pool<SimDisk> {
-        let disk = SimDisk::new(4 << 20, seed);
-        Pool::format(
-            disk,
-            PoolGeometry {
-                cluster_shift: CLUSTER_SHIFT,
-                // A small ring, so that checkpoints and wrap-around happen in most cases.
-                journal_blocks: 16,
-                pool_uuid: [9; 16],
-                max_volumes: 64,
-                config_bytes: 256,
-            },
-        )
-        .unwrap()
+        // A small ring, so that checkpoints and wrap-around happen in most cases.
+        Pool::format(SimDisk::new(4 << 20, seed), geometry(16, 9)).unwrap()
     }
 
     /// A checkpoint of several MiB goes out and comes back in `BLOB_CHUNK` pieces, whole.
@@ -484,15 +484,7 @@ mod tests {
     /// and it came back with the origin's later data, found by a review).
     #[test]
     fn a_snapshot_loaded_from_a_checkpoint_maps_nothing_beyond_its_end() {
-        let disk = SimDisk::new(64 << 20, 21);
-        let g = PoolGeometry {
-            cluster_shift: CLUSTER_SHIFT,
-            journal_blocks: 64,
-            pool_uuid: [9; 16],
-            max_volumes: 64,
-            config_bytes: 256,
-        };
-        let mut p = Pool::format(disk, g).unwrap();
+        let mut p = Pool::format(SimDisk::new(64 << 20, 21), geometry(64, 9)).unwrap();
         let cb = 1u64 << CLUSTER_SHIFT;
         let small = 512 * cb; // one leaf: the tree's whole capacity
         let v = p.create_volume("v", small).unwrap();
@@ -686,14 +678,7 @@ mod tests {
     /// A pool made on the first 2 MiB of a disk, filled to its last cluster and flushed;
     /// then the disk grows to 4 MiB.
     fn grown_setup() -> (Pool<SimDisk>, u32) {
-        let g = PoolGeometry {
-            cluster_shift: CLUSTER_SHIFT,
-            journal_blocks: 16,
-            pool_uuid: [5; 16],
-            max_volumes: 64,
-            config_bytes: 256,
-        };
-        let mut p = Pool::format(SimDisk::new(2 << 20, 3), g).unwrap();
+        let mut p = Pool::format(SimDisk::new(2 << 20, 3), geometry(16, 5)).unwrap();
         let v = p.create_volume("v", 8 << 20).unwrap();
         let mut piece = 0;
         while p.write(v, piece * PIECE, &vec![1 + (piece % 200) as u8; PIECE as usize]).is_ok() {

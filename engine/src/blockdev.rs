@@ -135,6 +135,15 @@ pub trait BlockDev: Send + Sync {
         false
     }
 
+    /// Whether this core should take no new request for the device now: its I/O waiting for
+    /// the device's rate limits holds all the payload memory it may on this core
+    /// ([`crate::qos`]). A connection told so stops reading and parks
+    /// ([`Cx::wait_for_memory`]); it is woken when that I/O goes. False by default.
+    fn held_back(&self, cx: &Cx<'_>) -> bool {
+        let _ = cx;
+        false
+    }
+
     /// Whether [`IoCmd::WriteZeroes`] can be done at all (true, the default): false for a
     /// file whose filesystem has neither `fallocate` mode, an NVMe namespace without Write
     /// Zeroes. Front-ends then do not offer it (NBD must not fail a plain write-zeroes it

@@ -18,7 +18,15 @@
 //!   owning its family carries it there and back with its answer, and the owner's own
 //!   scratch buffers stay the owner's);
 //! - size classes are powers of two from `CLASS_MIN` to `CLASS_MAX`; larger buffers are
-//!   allocated and freed directly; the cache holds at most `cache_max` bytes.
+//!   allocated and freed directly; the cache holds at most `cache_max` bytes;
+//! - I/O waiting for an export's rate limits ([`crate::qos`]) keeps the payload memory its
+//!   connection charged; `qos_waiting` counts it per export on this core (added when an I/O
+//!   starts waiting, taken off when it goes), and once an export's count reaches
+//!   `qos_wait_limit` its connections here take no new request until some of it goes (they
+//!   park as refused charges do, and its going wakes them): a tenant whose limit holds its I/O
+//!   back cannot fill the budget the other exports' connections share, however many
+//!   connections it opens. An export's count exceeds the limit by at most the requests its
+//!   connections took in before they saw it full (one each).
 
 use ballast_ffi::IoBuf;
 
@@ -46,6 +54,11 @@ pub struct BufPool {
     pub reused: u64,
     /// Cached buffers freed to make room for another class.
     pub evicted: u64,
+    /// The payload memory one export's I/O waiting for its rate limits may hold here.
+    qos_wait_limit: u64,
+    /// Per export (its limiter's address: [`crate::qos::Qos`]), the payload bytes of its I/O
+    /// waiting on this core; an export leaves the list when nothing of it waits.
+    qos_waiting: Vec<(usize, u64)>,
 }
 
 impl Default for BufPool {
@@ -68,6 +81,8 @@ pub struct BudgetSnapshot {
     pub buffer_refusals: u64,
     pub buffer_waiters: u64,
     pub buffer_cached: u64,
+    /// Payload bytes held by I/O waiting for its export's rate limits, all exports.
+    pub buffer_qos_waiting: u64,
 }
 
 impl BufPool {
@@ -86,6 +101,58 @@ impl BufPool {
             allocated: 0,
             reused: 0,
             evicted: 0,
+            qos_wait_limit: budget / 8,
+            qos_waiting: Vec::new(),
+        }
+    }
+
+    /// Sets what one export's I/O waiting for its rate limits may hold (default: an eighth of
+    /// the budget).
+    pub fn with_qos_wait_limit(mut self, limit: u64) -> BufPool {
+        self.qos_wait_limit = limit;
+        self
+    }
+
+    /// Payload bytes of export `key`'s I/O waiting for its rate limits here.
+    pub fn qos_waiting(&self, key: usize) -> u64 {
+        self.qos_waiting.iter().find(|(k, _)| *k == key).map_or(0, |(_, b)| *b)
+    }
+
+    /// Whether export `key`'s waiting I/O holds all it may here: take no new request for it.
+    pub fn qos_wait_full(&self, key: usize) -> bool {
+        self.qos_waiting(key) >= self.qos_wait_limit
+    }
+
+    /// An I/O of export `key` holding `bytes` starts waiting for its slot.
+    pub fn qos_wait_add(&mut self, key: usize, bytes: u64) {
+        match self.qos_waiting.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, b)) => *b += bytes,
+            None => self.qos_waiting.push((key, bytes)),
+        }
+    }
+
+    /// An I/O of export `key` holding `bytes` stopped waiting (it went to the device): the
+    /// tasks parked for memory look again, as after a release.
+    pub fn qos_wait_sub(&mut self, key: usize, bytes: u64) {
+        let i = self
+            .qos_waiting
+            .iter()
+            .position(|(k, _)| *k == key)
+            .expect("an export's waiting I/O was counted when it began to wait");
+        let b = &mut self.qos_waiting[i].1;
+        assert!(bytes <= *b, "{bytes} bytes stop waiting with {b} counted");
+        *b -= bytes;
+        if *b == 0 {
+            self.qos_waiting.swap_remove(i);
+        }
+        self.released = true;
+    }
+
+    /// Parks `task` until memory is released (or waiting I/O goes), without a charge: a
+    /// connection holding back for an export whose waiting I/O is at its limit.
+    pub fn park(&mut self, task: u32) {
+        if !self.waiters.contains(&task) {
+            self.waiters.push(task);
         }
     }
 
@@ -188,6 +255,7 @@ impl BufPool {
             buffer_refusals: self.refusals,
             buffer_waiters: self.waiters.len() as u64,
             buffer_cached: self.cached,
+            buffer_qos_waiting: self.qos_waiting.iter().map(|(_, b)| b).sum(),
         }
     }
 }
@@ -261,5 +329,32 @@ mod tests {
         pool.release(2 << 20);
         pool.take_waiters(&mut woken);
         assert_eq!(woken, vec![6, 7, 8, 9, 99]);
+    }
+
+    /// An export's waiting I/O is counted apart per export; at its limit the export is full
+    /// (others are not), and its I/O going wakes the parked tasks though nothing was released.
+    #[test]
+    fn an_exports_waiting_io_is_bounded_and_its_going_wakes_the_parked() {
+        let mut pool = BufPool::new(16 << 20).with_qos_wait_limit(1 << 20);
+        pool.qos_wait_add(1, 512 << 10);
+        assert!(!pool.qos_wait_full(1));
+        pool.qos_wait_add(1, 512 << 10);
+        pool.qos_wait_add(2, 4096);
+        assert!(pool.qos_wait_full(1), "export 1 holds its limit");
+        assert!(!pool.qos_wait_full(2), "export 2 is counted apart");
+        assert_eq!(pool.snapshot().buffer_qos_waiting, (1 << 20) + 4096);
+        pool.park(7);
+        pool.park(7);
+        let mut woken = Vec::new();
+        pool.take_waiters(&mut woken);
+        assert!(woken.is_empty(), "nothing went yet");
+        pool.qos_wait_sub(1, 512 << 10);
+        pool.take_waiters(&mut woken);
+        assert_eq!(woken, vec![7], "parked once, woken once");
+        assert!(!pool.qos_wait_full(1));
+        pool.qos_wait_sub(1, 512 << 10);
+        pool.qos_wait_sub(2, 4096);
+        assert_eq!(pool.qos_waiting(1), 0);
+        assert!(pool.qos_waiting.is_empty(), "an export with nothing waiting leaves the list");
     }
 }

@@ -17,7 +17,12 @@
 //!   submitter with the submitter's tag, once (a stop submits what waits at once);
 //! - flushes are never delayed (they order nothing that has not completed), and while a limit
 //!   is set no I/O bypasses it (lent reads, stores from the receive buffer and reads of holes
-//!   answered without I/O are declined).
+//!   answered without I/O are declined);
+//! - what a delayed command's buffer holds counts, from its delay until it goes, as this
+//!   device's waiting I/O on its core ([`crate::pool::BufPool`]'s `qos_waiting`, keyed by the
+//!   `Qos`'s address, which the `Delayed` task keeps alive); while that reaches the core's
+//!   limit, [`BlockDev::held_back`] tells connections to take no new request for the device,
+//!   so a held-back tenant keeps at most its share of a core's payload memory.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -102,6 +107,9 @@ pub struct Qos {
     /// I/Os that waited for their slot, and the ns they waited in all.
     delayed: AtomicU64,
     delayed_ns: AtomicU64,
+    /// Times a connection found this device's waiting I/O at its core's limit and stopped
+    /// taking requests for it.
+    paused: AtomicU64,
     /// Bumped by every change of the limits: waiting I/O looks again (`Delayed`).
     generation: AtomicU64,
     epoch: Instant,
@@ -115,6 +123,7 @@ impl Default for Qos {
             limited: AtomicBool::new(false),
             delayed: AtomicU64::new(0),
             delayed_ns: AtomicU64::new(0),
+            paused: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -161,6 +170,17 @@ impl Qos {
     pub fn delayed(&self) -> (u64, Duration) {
         let ns = self.delayed_ns.load(Ordering::Relaxed);
         (self.delayed.load(Ordering::Relaxed), Duration::from_nanos(ns))
+    }
+
+    /// Times connections stopped taking requests because this device's waiting I/O held its
+    /// core's share.
+    pub fn paused(&self) -> u64 {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// This device's key in its cores' counts of waiting I/O.
+    fn key(self: &Arc<Self>) -> usize {
+        Arc::as_ptr(self) as usize
     }
 
     /// Now, in this device's clock.
@@ -261,9 +281,15 @@ impl BlockDev for Throttled {
         if wait.is_zero() {
             return self.inner.submit(cx, cmd, tag);
         }
+        let held = match charge {
+            Charge::Read(b) | Charge::Write(b) if cmd_holds_buffer(&cmd) => b,
+            _ => 0,
+        };
+        cx.qos_wait_add(self.qos.key(), held);
         let delayed = Delayed {
             inner: Arc::clone(&self.inner),
             qos: Arc::clone(&self.qos),
+            held,
             generation: self.qos.generation(),
             until: self.qos.now_ns().saturating_add(wait.as_nanos() as u64),
             cmd: Some(cmd),
@@ -276,6 +302,14 @@ impl BlockDev for Throttled {
         cx.spawn_local(Box::new(delayed));
     }
 
+    fn held_back(&self, cx: &Cx<'_>) -> bool {
+        // Unlimited: one atomic read. A limit lifted lets its waiting I/O go within RECHECK.
+        if !self.qos.limited() || !cx.qos_wait_full(self.qos.key()) {
+            return false;
+        }
+        self.qos.paused.fetch_add(1, Ordering::Relaxed);
+        true
+    }
     fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {
         self.inner.extents(offset, len, max)
     }
@@ -310,10 +344,18 @@ impl BlockDev for Throttled {
     }
 }
 
+/// Whether a command carries a payload buffer its connection charged (reads and writes).
+fn cmd_holds_buffer(cmd: &IoCmd) -> bool {
+    matches!(cmd, IoCmd::Read { .. } | IoCmd::Write { .. })
+}
+
 /// A command waiting for its slot, on the core it was submitted on.
 struct Delayed {
     inner: Arc<dyn BlockDev>,
     qos: Arc<Qos>,
+    /// Payload bytes its buffer holds: counted as the device's waiting I/O on this core until
+    /// it goes.
+    held: u64,
     /// The limits' generation it was delayed under, and when its slot begins (the device's
     /// clock, less the burst allowance).
     generation: u64,
@@ -344,6 +386,7 @@ impl Delayed {
     /// Its time has come (or the core is stopping): the command goes to the inner device.
     fn go(&mut self, cx: &mut Cx<'_>) {
         if let Some(cmd) = self.cmd.take() {
+            cx.qos_wait_sub(self.qos.key(), self.held);
             self.io_pending = true;
             self.inner.submit(cx, cmd, IO);
         }

@@ -171,6 +171,9 @@ pub struct EngineConfig {
     pub mailbox_depth: usize,
     /// Payload memory each core may charge ([`Cx::charge`]), in bytes.
     pub buffer_budget: u64,
+    /// Of it, what one export's I/O waiting for its rate limits may hold on each core
+    /// ([`crate::qos`]); `None`: an eighth of `buffer_budget`.
+    pub qos_wait_budget: Option<u64>,
     /// A second, small ring per core for NVMe passthrough, when a backend needs one.
     pub device_ring: Option<DeviceRingConfig>,
     /// Threads for CPU-heavy one-off work off the cores ([`Cx::offload`]; 0: in place).
@@ -196,6 +199,7 @@ impl EngineConfig {
             ring_entries: 64,
             mailbox_depth: 16,
             buffer_budget: 16 << 20,
+            qos_wait_budget: None,
             device_ring: None,
             offload_threads: 0,
             offload_queue: 1,
@@ -436,6 +440,28 @@ impl Cx<'_> {
     /// Releases payload memory charged earlier.
     pub fn release(&mut self, bytes: u64) {
         self.pool.release(bytes);
+    }
+
+    /// Parks this task until memory is released on the core (or I/O waiting for a rate limit
+    /// goes): it is woken through [`Task::on_buffers`], as after a refused charge.
+    pub fn wait_for_memory(&mut self) {
+        self.pool.park(self.task);
+    }
+
+    /// Whether the I/O of export `key` (its limiter's address) waiting for its rate limits
+    /// holds all it may on this core: connections take no new request for it.
+    pub fn qos_wait_full(&self, key: usize) -> bool {
+        self.pool.qos_wait_full(key)
+    }
+
+    /// An I/O of export `key` holding `bytes` of payload starts waiting for its rate limits.
+    pub fn qos_wait_add(&mut self, key: usize, bytes: u64) {
+        self.pool.qos_wait_add(key, bytes);
+    }
+
+    /// An I/O of export `key` holding `bytes` went: parked tasks look again.
+    pub fn qos_wait_sub(&mut self, key: usize, bytes: u64) {
+        self.pool.qos_wait_sub(key, bytes);
     }
 
     /// Hands what this core has queued on its rings to the kernel now, without waiting, so
@@ -702,7 +728,10 @@ impl Core {
             last_trim: Instant::now(),
             mail_pending: true,
             policy: PollPolicy::new(Duration::from_micros(cfg.poll_us)),
-            pool: BufPool::new(cfg.buffer_budget),
+            pool: match cfg.qos_wait_budget {
+                Some(limit) => BufPool::new(cfg.buffer_budget).with_qos_wait_limit(limit),
+                None => BufPool::new(cfg.buffer_budget),
+            },
             stats: CoreStats::new(id),
             locals: Locals::default(),
             files: CoreFiles::default(),

@@ -67,6 +67,9 @@ pub struct ExportView {
     /// Requests its rate limits held back, and the µs they waited in all (`Qos::delayed`).
     pub qos_delayed: u64,
     pub qos_delayed_us: u64,
+    /// Times connections stopped taking its requests while its waiting I/O held its share of
+    /// a core's memory (`Qos::paused`).
+    pub qos_paused: u64,
 }
 
 /// Everything one scrape reports, copied out of the daemon.
@@ -103,6 +106,7 @@ pub fn gather(control: &Control, node: &str) -> Scrape {
             stats_id: e.stats_id,
             qos_delayed: e.qos.delayed().0,
             qos_delayed_us: e.qos.delayed().1.as_micros() as u64,
+            qos_paused: e.qos.paused(),
         })
         .collect();
     Scrape {
@@ -209,7 +213,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 33] = [
+        let per_core: [PerCoreMetric; 34] = [
             ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
                 s.in_flight
             }),
@@ -347,6 +351,12 @@ impl ScrapeCollector {
             ("ballast_buffer_waiters", "Holders waiting for payload memory.", Gauge, |s| {
                 s.buffers.buffer_waiters
             }),
+            (
+                "ballast_buffer_qos_waiting_bytes",
+                "Payload memory held by requests waiting for their export's rate limits.",
+                Gauge,
+                |s| s.buffers.buffer_qos_waiting,
+            ),
         ];
         for (name, help, kind, get) in per_core {
             family(enc, name, help, kind, cores.iter().map(|s| (core_label(s), get(s))))?;
@@ -639,6 +649,15 @@ impl ScrapeCollector {
             "Time the requests an export's rate limits held back waited, in all.",
             Counter,
             waited,
+        )?;
+        let paused = views.iter().map(|(e, _)| (vec![("export", e.name.clone())], e.qos_paused));
+        family(
+            enc,
+            "ballast_export_qos_paused",
+            "Times connections stopped reading an export's requests: its requests waiting for \
+             its rate limits held their share of a core's payload memory (--qos-wait-memory).",
+            Counter,
+            paused,
         )
     }
 }
@@ -709,6 +728,7 @@ mod tests {
                 stats_id: 7,
                 qos_delayed: 3,
                 qos_delayed_us: 4500,
+                qos_paused: 6,
             }],
             nvmf_subsystems: 1,
             gather_seconds: 0.001,
@@ -745,6 +765,7 @@ mod tests {
             r#"ballast_export_queue_depth{export="v0"} 3"#,
             r#"ballast_export_qos_delayed_total{export="v0"} 3"#,
             r#"ballast_export_qos_delayed_microseconds_total{export="v0"} 4500"#,
+            r#"ballast_export_qos_paused_total{export="v0"} 6"#,
             r#"ballast_core_queue_depth{core="0"} 1"#,
             r#"ballast_core_queue_depth{core="1"} 2"#,
             "# TYPE ballast_core_request_latency_seconds histogram",

@@ -131,6 +131,13 @@ pub struct ServeArgs {
     /// whichever is smaller (at least 16M per core).
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     buffer_memory: Option<u64>,
+    /// Of that memory, what the requests of one rate-limited export (`bdev_set_qos_limit`,
+    /// `ballast export limit`) may hold while they wait for their slot, all cores together
+    /// (split evenly): once an export's waiting requests hold its share of a core, its
+    /// connections there stop reading until some go, so a tenant held back by its limit cannot
+    /// take the memory other exports' connections need. Default: 1/8 of --buffer-memory.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    qos_wait_memory: Option<u64>,
     /// Connections served at once (NBD and NVMe/TCP together); more are refused.
     #[arg(long, default_value_t = 4096)]
     max_connections: u64,
@@ -370,12 +377,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cpus = ballast_ffi::sys::allowed_cpus();
     let count = args.cores.unwrap_or(cpus.len()).clamp(1, cpus.len());
     let buffer_memory = buffer_budget(args.buffer_memory, count)?;
+    let qos_wait_memory = match args.qos_wait_memory {
+        Some(m) if m > buffer_memory => {
+            bail!("--qos-wait-memory {m} is more than --buffer-memory ({buffer_memory})")
+        }
+        Some(m) => m,
+        None => buffer_memory / 8,
+    };
     let config = EngineConfig {
         cpus: cpus[..count].to_vec(),
         poll_us: args.poll_us,
         ring_entries: 1024,
         mailbox_depth: 1024,
         buffer_budget: buffer_memory / count as u64,
+        qos_wait_budget: Some(qos_wait_memory / count as u64),
         device_ring: (args
             .exports
             .iter()
@@ -397,6 +412,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     tracing::info!(
         buffer_memory,
+        qos_wait_memory,
         max_connections = admission.limits.max_connections,
         handshake_timeout_ms = args.handshake_timeout.as_millis() as u64,
         stall_timeout_ms = args.stall_timeout.as_millis() as u64,

@@ -16,6 +16,8 @@
 //!   buffer when it is submitted; a refused charge stops parsing until `on_buffers`. `charged`
 //!   is exactly what this connection holds (`mem`): request charges (`Inflight::charged`),
 //!   the payload being received (`PendingWrite::charged`), and read data still in `out`;
+//!   a request for an export whose I/O waiting for its rate limits holds its share of the
+//!   core (`BlockDev::held_back`) is not taken either: parsing waits for `on_buffers` too;
 //! - deadlines: the handshake must end within `handshake_timeout`; a connection that owes
 //!   progress (a write payload still arriving, replies it does not read) and makes none for
 //!   `stall_timeout` is dropped. A tick timer runs only while one of them applies;
@@ -566,6 +568,14 @@ impl Conn {
             return Some(n);
         }
         if self.saturated() {
+            return None;
+        }
+        let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
+        if dev.held_back(cx) {
+            // The export's I/O waiting for its rate limits holds its share of this core's
+            // memory: the request stays buffered (and the socket unread) until some goes.
+            self.mem.wait();
+            cx.wait_for_memory();
             return None;
         }
         let header = input.get(..codec::REQUEST_LEN)?;

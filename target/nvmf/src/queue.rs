@@ -15,7 +15,9 @@
 //!   the first H2CData and filled as PDUs arrive; while the budget could not take its first
 //!   H2CData PDU, a write capsule waits and no R2T goes out). Refused, the PDU stays
 //!   buffered and parsing waits for `on_buffers`. `mem` is exactly what the queue holds:
-//!   command charges (`Cmd::charged`) plus read data still in `out`;
+//!   command charges (`Cmd::charged`) plus read data still in `out`; after a read or write
+//!   to a device whose I/O waiting for its rate limits holds its share of the core
+//!   (`BlockDev::held_back`), parsing waits too, until some of it goes (`held_back`);
 //! - ICReq and Connect must arrive within the handshake deadline; a queue that owes progress
 //!   (H2CData for an R2T, reading its responses) and makes none for the stall deadline is
 //!   dropped;
@@ -54,7 +56,7 @@ use ballast_engine::placed::Movable;
 use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
 use ballast_engine::stats::OpKind;
-use ballast_engine::{Cx, IoBuf, IoCmd, Owned, Task};
+use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, Task};
 use ballast_ffi::region::Lent;
 use ballast_tls::{offload_to_kernel, Pump, TlsLink, TlsSession};
 use nix::sys::socket::{shutdown, Shutdown};
@@ -195,6 +197,9 @@ pub struct Queue {
     /// Payload memory held of the core's budget (besides the receive buffer's growth); a
     /// refused charge makes parsing wait for `on_buffers`.
     mem: Holder,
+    /// The device whose I/O waiting for its rate limits stopped this queue's parsing
+    /// (`hold_back_for`); parsing waits (`mem` waiting) until it no longer holds its share.
+    held_back: Option<Arc<dyn BlockDev>>,
     /// Charged for the PDU being handled, not yet given to a command.
     charged_for_pdu: u64,
     out: SendQueue,
@@ -282,6 +287,7 @@ impl Queue {
             spread: None,
             ns_cache: NsCache::default(),
             done_counts: [0; 4],
+            held_back: None,
         }
     }
 
@@ -1189,6 +1195,7 @@ impl Queue {
             self.cmds[tag as usize].charged = self.take_pdu_charge();
             let buf = cx.buf(len as usize);
             ns.dev.submit(cx, IoCmd::Read { offset, buf }, tag);
+            self.hold_back_for(cx, &ns.dev);
             return;
         }
         if ns.read_only() {
@@ -1216,6 +1223,7 @@ impl Queue {
                 let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::Write, len, 1);
                 self.cmds[tag as usize].charged = self.take_pdu_charge();
                 ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, tag);
+                self.hold_back_for(cx, &ns.dev);
             }
             nvme::SGL_TRANSPORT_DATA_BLOCK => {
                 // No buffer yet: it is charged and allocated when the first H2CData arrives.
@@ -1316,6 +1324,18 @@ impl Queue {
         let offset = cmd.sqe.slba() << ns.lba_shift;
         let fua = cmd.sqe.fua();
         ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, u32::from(ttag));
+        self.hold_back_for(cx, &ns.dev);
+    }
+
+    /// After a read or write went to `dev`: if the device's I/O waiting for its rate limits
+    /// now holds its share of this core's memory (`BlockDev::held_back`), the queue takes no
+    /// more PDUs (the socket stays unread) until some of it goes; `on_buffers` looks again.
+    fn hold_back_for(&mut self, cx: &mut Cx<'_>, dev: &Arc<dyn BlockDev>) {
+        if dev.held_back(cx) {
+            self.held_back = Some(Arc::clone(dev));
+            self.mem.wait();
+            cx.wait_for_memory();
+        }
     }
 
     /// Posts the receive of a direct H2CData payload's rest into its command's buffer.
@@ -1874,6 +1894,13 @@ impl Task for Queue {
     }
 
     fn on_buffers(&mut self, cx: &mut Cx<'_>) {
+        if let Some(dev) = &self.held_back {
+            if dev.held_back(cx) && !self.read_closed {
+                cx.wait_for_memory();
+                return;
+            }
+            self.held_back = None;
+        }
         self.mem.woken();
         if !self.read_closed {
             self.parse(cx);

@@ -571,6 +571,72 @@ mod tests {
         assert!(matches!(p.write(v, 0, &[0u8; 4096]), Err(PoolError::NoVolume(_))));
     }
 
+    /// What a volume changed since its snapshot (and a clone since its origin), as NBD's
+    /// dirty-bitmap context reports it: a cluster copied on write counts whole, a cluster
+    /// only one side maps counts by its written pieces, trimmed pieces count, holes in both do
+    /// not; another family's volume is refused.
+    #[test]
+    fn changes_since_a_snapshot_follow_the_mapping() {
+        let mut p = new_pool(2);
+        const P: u64 = PIECE;
+        assert_eq!(p.meta().cluster_bytes(), 4 * P, "clusters of four pieces here");
+        let v = p.create_volume("v", VOL_PIECES * P).unwrap();
+        p.write(v, 0, &vec![1u8; 10 * P as usize]).unwrap();
+        let s = p.snapshot(v, "s").unwrap();
+        let all = VOL_PIECES * P;
+        let runs = |p: &Pool<SimDisk>, a, b| p.meta().changes(a, b, 0, all, usize::MAX).unwrap();
+        assert_eq!(runs(&p, v, s), vec![(0, all, false)], "nothing yet");
+        // A write into piece 5 copies cluster 1 (pieces 4-7): its written pieces count.
+        p.write(v, 5 * P, &vec![2u8; P as usize]).unwrap();
+        // A write where the snapshot maps nothing: that piece alone.
+        p.write(v, 40 * P, &vec![3u8; P as usize]).unwrap();
+        assert_eq!(
+            runs(&p, v, s),
+            vec![
+                (0, 4 * P, false),
+                (4 * P, 4 * P, true),
+                (8 * P, 32 * P, false),
+                (40 * P, P, true),
+                (41 * P, 23 * P, false)
+            ]
+        );
+        // The other way round, the same runs; from inside the range, the same cut.
+        assert_eq!(runs(&p, s, v), runs(&p, v, s));
+        assert_eq!(
+            p.meta().changes(v, s, 41 * P - 100, 2 * P, 2).unwrap(),
+            vec![(41 * P - 100, 100, true), (41 * P, 2 * P - 100, false)]
+        );
+        // A clone of the snapshot starts the same as it; its own write shows against either.
+        let c = p.clone_volume(s, "c").unwrap();
+        assert_eq!(runs(&p, c, s), vec![(0, all, false)]);
+        p.write(c, 20 * P, &vec![4u8; P as usize]).unwrap();
+        assert_eq!(
+            runs(&p, c, s),
+            vec![(0, 20 * P, false), (20 * P, P, true), (21 * P, 43 * P, false)]
+        );
+        // Trimmed pieces the snapshot has written are changes (they read zeros now); pieces
+        // of a shared cluster both still have are not; a trimmed piece neither has is not.
+        p.trim(v, 40 * P, P).unwrap();
+        p.trim(v, 0, 2 * P).unwrap();
+        assert_eq!(
+            runs(&p, v, s),
+            vec![
+                (0, 2 * P, true),
+                (2 * P, 2 * P, false),
+                (4 * P, 4 * P, true),
+                (8 * P, 56 * P, false)
+            ]
+        );
+        assert_eq!(runs(&p, v, v), vec![(0, all, false)]);
+        assert_eq!(p.meta().kin(v), vec!["s".to_string(), "c".to_string()]);
+        let w = p.create_volume("w", VOL_PIECES * P).unwrap();
+        assert!(p.meta().kin(w).is_empty());
+        assert!(matches!(
+            p.meta().changes(v, w, 0, all, 8),
+            Err(PoolError::OtherFamily { vol, base }) if (vol, base) == (v, w)
+        ));
+    }
+
     /// What a crash may leave: each volume's size, kind, parent and contents, by name.
     type Seen = BTreeMap<String, (u64, bool, u32, Vec<u8>)>;
 
@@ -1135,6 +1201,75 @@ mod tests {
                     let mut whole = pool.meta().allocation(*id, from, m.size * PIECE, usize::MAX);
                     whole.truncate(max);
                     prop_assert_eq!(part, whole, "vol {} first {} runs", id, max);
+                }
+                // Changes against each other volume of its family (NBD's
+                // qemu:dirty-bitmap:NAME): a piece reported unchanged reads the same in both
+                // (sound: an incremental copy of what changed is exact); one reported changed
+                // is written in at least one of them (two holes never differ).
+                for (base, bm) in &models {
+                    let same = pool.meta().family_number(*base) == pool.meta().family_number(*id);
+                    let runs = pool.meta().changes(*id, *base, 0, m.size * PIECE, usize::MAX);
+                    if !same {
+                        prop_assert!(
+                            matches!(runs, Err(PoolError::OtherFamily { .. })),
+                            "vol {} against {} of another family: {:?}",
+                            id,
+                            base,
+                            runs
+                        );
+                        continue;
+                    }
+                    let runs = runs.unwrap();
+                    let covered: u64 = runs.iter().map(|r| r.1).sum();
+                    prop_assert_eq!(
+                        covered,
+                        m.size * PIECE,
+                        "vol {} against {}: runs cover it",
+                        id,
+                        base
+                    );
+                    for &(start, len, changed) in &runs {
+                        for p in (start / PIECE..(start + len) / PIECE).map(|p| p as usize) {
+                            let theirs = if (p as u64) < bm.size { bm.now[p] } else { 0 };
+                            if changed {
+                                prop_assert!(
+                                    m.now[p] != 0 || theirs != 0,
+                                    "vol {} against {}: piece {} changed, a hole in both",
+                                    id,
+                                    base,
+                                    p
+                                );
+                            } else {
+                                prop_assert_eq!(
+                                    m.now[p],
+                                    theirs,
+                                    "vol {} against {}: piece {} unchanged but differs",
+                                    id,
+                                    base,
+                                    p
+                                );
+                            }
+                        }
+                    }
+                    let from = PIECE / 2;
+                    let mut whole = runs;
+                    whole.retain(|r| r.0 + r.1 > from);
+                    if let Some(first) = whole.first_mut() {
+                        first.1 -= from - first.0.min(from);
+                        first.0 = first.0.max(from);
+                    }
+                    for max in 1..=3 {
+                        let part =
+                            pool.meta().changes(*id, *base, from, m.size * PIECE, max).unwrap();
+                        prop_assert_eq!(
+                            &part[..],
+                            &whole[..whole.len().min(max)],
+                            "vol {} against {}: first {} runs",
+                            id,
+                            base,
+                            max
+                        );
+                    }
                 }
             }
         }

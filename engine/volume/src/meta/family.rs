@@ -246,6 +246,56 @@ impl Family {
     }
 
     /// Written runs of `[offset, offset + len)` of volume `id` (see `PoolMeta::allocation`).
+    /// Runs of `[offset, offset + len)` (clamped to volume `id`'s size) where `id` may read
+    /// differently from volume `base` of this family: (start, length, changed), in order,
+    /// adjacent runs merged, at 4 KiB granularity; the first `max` of them (the walk stops
+    /// there). A piece is unchanged where it is written in neither (both read zeros) or
+    /// written in both from the same pool cluster (a cluster two trees name is never written
+    /// in place: both read the same bytes); anything else may differ and is reported changed
+    /// — a cluster copied on write counts whole (its copied pieces too), as a dirty bitmap
+    /// does at its granularity. `None` if either volume is not in this family. Cost follows
+    /// the mapping the two no longer share.
+    pub(super) fn changes(
+        &self,
+        id: u32,
+        base: u32,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Option<Vec<(u64, u64, bool)>> {
+        let (v, b) = (self.volumes.get(&id)?, self.volumes.get(&base)?);
+        let end = offset.saturating_add(len).min(v.size_bytes);
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        if end <= offset {
+            return Some(out);
+        }
+        let cb = self.geo.cluster_bytes;
+        let mut at = offset;
+        v.tree.differences_in(&b.tree, offset / cb, end.div_ceil(cb), |vc, mine, theirs| {
+            for bit in 0..cb / PIECE {
+                let p0 = (vc * cb + bit * PIECE).max(offset);
+                let p1 = (vc * cb + (bit + 1) * PIECE).min(end);
+                if p1 <= p0 {
+                    continue;
+                }
+                let (wm, wt) =
+                    (mine.written() & (1 << bit) != 0, theirs.written() & (1 << bit) != 0);
+                if wm != wt || (wm && mine.cluster() != theirs.cluster()) {
+                    push_run(&mut out, at, p0, false);
+                    push_run(&mut out, p0, p1, true);
+                    at = p1;
+                }
+            }
+            // The first `max` runs are whole once a later one has begun.
+            out.len() <= max
+        });
+        if out.len() <= max {
+            push_run(&mut out, at, end, false);
+        }
+        out.truncate(max);
+        Some(out)
+    }
+
     pub(super) fn allocation(
         &self,
         id: u32,
@@ -256,17 +306,7 @@ impl Family {
         let Some(v) = self.volumes.get(&id) else { return Vec::new() };
         let end = offset.saturating_add(len).min(v.size_bytes);
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        fn push(out: &mut Vec<(u64, u64, bool)>, start: u64, stop: u64, written: bool) {
-            if stop <= start {
-                return;
-            }
-            match out.last_mut() {
-                Some(last) if last.2 == written && last.0 + last.1 == start => {
-                    last.1 += stop - start
-                }
-                _ => out.push((start, stop - start, written)),
-            }
-        }
+        let push = push_run;
         let cb = self.geo.cluster_bytes;
         let mut at = offset;
         for (vc, e) in v.tree.entries_in(offset / cb, end.div_ceil(cb)) {
@@ -627,6 +667,18 @@ impl Families {
 
     pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut Family> {
         self.slots.iter_mut().filter_map(|s| s.as_mut()).map(|fam| fam.get_mut())
+    }
+}
+
+/// Appends the run `[start, stop)` with `flag` to `out` (start, length, flag), merged into the
+/// last run where it continues it with the same flag; empty runs are dropped.
+fn push_run(out: &mut Vec<(u64, u64, bool)>, start: u64, stop: u64, flag: bool) {
+    if stop <= start {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.2 == flag && last.0 + last.1 == start => last.1 += stop - start,
+        _ => out.push((start, stop - start, flag)),
     }
 }
 

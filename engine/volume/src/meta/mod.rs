@@ -104,6 +104,8 @@ pub enum PoolError {
     NotSnapshot(u32),
     #[error("snapshot {snap} was not taken of volume {vol}")]
     NotSnapshotOf { snap: u32, vol: u32 },
+    #[error("volume {base} is not of volume {vol}'s family (its snapshots and clones)")]
+    OtherFamily { vol: u32, base: u32 },
     #[error("range beyond the end of volume {0}")]
     Range(u32),
     #[error("I/O must be aligned to {PIECE} bytes")]
@@ -682,6 +684,30 @@ impl PoolMeta {
     /// stops there). Cost follows the mapped clusters walked.
     pub fn allocation(&self, id: u32, offset: u64, len: u64, max: usize) -> Vec<(u64, u64, bool)> {
         self.family(id).map_or_else(Vec::new, |f| f.allocation(id, offset, len, max))
+    }
+
+    /// Runs of `[offset, offset + len)` of volume `id` where it may read differently from
+    /// volume `base` (start, length, changed), as [`Family::changes`] defines them; the first
+    /// `max`. Both must be volumes of one family (a volume with its snapshots and clones):
+    /// another family's mapping is none of this volume's business.
+    pub fn changes(
+        &self,
+        id: u32,
+        base: u32,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, u64, bool)>, PoolError> {
+        let f = self.family(id).ok_or(PoolError::NoVolume(id))?;
+        f.changes(id, base, offset, len, max).ok_or(PoolError::OtherFamily { vol: id, base })
+    }
+
+    /// The names of the other volumes of volume `id`'s family (its snapshots, clones, origin
+    /// and their kin), in id order: what [`Self::changes`] can compare it with.
+    pub fn kin(&self, id: u32) -> Vec<String> {
+        self.family(id).map_or_else(Vec::new, |f| {
+            f.volumes.iter().filter(|(&k, _)| k != id).map(|(_, v)| v.name.clone()).collect()
+        })
     }
 
     pub fn cluster_offset(&self, cluster: u64) -> u64 {

@@ -138,9 +138,11 @@ pub trait BlockDev: Send + Sync {
     /// Whether this core should take no new request for the device now: its I/O waiting for
     /// the device's rate limits holds all the payload memory it may on this core
     /// ([`crate::qos`]). A connection told so stops reading and parks
-    /// ([`Cx::wait_for_memory`]); it is woken when that I/O goes. False by default.
-    fn held_back(&self, cx: &Cx<'_>) -> bool {
-        let _ = cx;
+    /// ([`Cx::wait_for_memory`]); it is woken when that I/O drops below the limit. `again`:
+    /// the connection was parked for it already (a re-check after a wake-up, not counted as
+    /// another pause). False by default.
+    fn held_back(&self, cx: &Cx<'_>, again: bool) -> bool {
+        let _ = (cx, again);
         false
     }
 

@@ -123,17 +123,20 @@ impl BufPool {
         self.qos_waiting(key) >= self.qos_wait_limit
     }
 
-    /// An I/O of export `key` holding `bytes` starts waiting for its slot.
+    /// An I/O of export `key` holding `bytes` (more than none) starts waiting for its slot.
     pub fn qos_wait_add(&mut self, key: usize, bytes: u64) {
+        assert!(bytes > 0, "only waiting I/O that holds memory is counted");
         match self.qos_waiting.iter_mut().find(|(k, _)| *k == key) {
             Some((_, b)) => *b += bytes,
             None => self.qos_waiting.push((key, bytes)),
         }
     }
 
-    /// An I/O of export `key` holding `bytes` stopped waiting (it went to the device): the
-    /// tasks parked for memory look again, as after a release.
+    /// An I/O of export `key` holding `bytes` (more than none) stopped waiting (it went to the
+    /// device): if that took the export below its limit, the tasks parked for memory look
+    /// again, as after a release (those parked for the export are among them).
     pub fn qos_wait_sub(&mut self, key: usize, bytes: u64) {
+        assert!(bytes > 0, "only waiting I/O that holds memory is counted");
         let i = self
             .qos_waiting
             .iter()
@@ -141,11 +144,14 @@ impl BufPool {
             .expect("an export's waiting I/O was counted when it began to wait");
         let b = &mut self.qos_waiting[i].1;
         assert!(bytes <= *b, "{bytes} bytes stop waiting with {b} counted");
+        let was_full = *b >= self.qos_wait_limit;
         *b -= bytes;
+        if was_full && *b < self.qos_wait_limit {
+            self.released = true;
+        }
         if *b == 0 {
             self.qos_waiting.swap_remove(i);
         }
-        self.released = true;
     }
 
     /// Parks `task` until memory is released (or waiting I/O goes), without a charge: a
@@ -332,7 +338,8 @@ mod tests {
     }
 
     /// An export's waiting I/O is counted apart per export; at its limit the export is full
-    /// (others are not), and its I/O going wakes the parked tasks though nothing was released.
+    /// (others are not), and its I/O going wakes the parked tasks though nothing was released
+    /// — once, when it drops below the limit.
     #[test]
     fn an_exports_waiting_io_is_bounded_and_its_going_wakes_the_parked() {
         let mut pool = BufPool::new(16 << 20).with_qos_wait_limit(1 << 20);
@@ -343,16 +350,22 @@ mod tests {
         assert!(pool.qos_wait_full(1), "export 1 holds its limit");
         assert!(!pool.qos_wait_full(2), "export 2 is counted apart");
         assert_eq!(pool.snapshot().buffer_qos_waiting, (1 << 20) + 4096);
+        pool.qos_wait_add(1, 4096);
         pool.park(7);
         pool.park(7);
         let mut woken = Vec::new();
         pool.take_waiters(&mut woken);
         assert!(woken.is_empty(), "nothing went yet");
+        pool.qos_wait_sub(1, 4096);
+        pool.take_waiters(&mut woken);
+        assert!(woken.is_empty(), "still at the limit: nobody is woken for nothing");
         pool.qos_wait_sub(1, 512 << 10);
         pool.take_waiters(&mut woken);
-        assert_eq!(woken, vec![7], "parked once, woken once");
+        assert_eq!(woken, vec![7], "parked once, woken once, when it dropped below");
         assert!(!pool.qos_wait_full(1));
         pool.qos_wait_sub(1, 512 << 10);
+        pool.take_waiters(&mut woken);
+        assert_eq!(woken, vec![7], "below the limit already: no wake-up");
         pool.qos_wait_sub(2, 4096);
         assert_eq!(pool.qos_waiting(1), 0);
         assert!(pool.qos_waiting.is_empty(), "an export with nothing waiting leaves the list");

@@ -285,7 +285,10 @@ impl BlockDev for Throttled {
             Charge::Read(b) | Charge::Write(b) if cmd_holds_buffer(&cmd) => b,
             _ => 0,
         };
-        cx.qos_wait_add(self.qos.key(), held);
+        // Zero-byte commands (discards, zeroes) hold no memory: not counted at all.
+        if held > 0 {
+            cx.qos_wait_add(self.qos.key(), held);
+        }
         let delayed = Delayed {
             inner: Arc::clone(&self.inner),
             qos: Arc::clone(&self.qos),
@@ -302,12 +305,14 @@ impl BlockDev for Throttled {
         cx.spawn_local(Box::new(delayed));
     }
 
-    fn held_back(&self, cx: &Cx<'_>) -> bool {
+    fn held_back(&self, cx: &Cx<'_>, again: bool) -> bool {
         // Unlimited: one atomic read. A limit lifted lets its waiting I/O go within RECHECK.
         if !self.qos.limited() || !cx.qos_wait_full(self.qos.key()) {
             return false;
         }
-        self.qos.paused.fetch_add(1, Ordering::Relaxed);
+        if !again {
+            self.qos.paused.fetch_add(1, Ordering::Relaxed);
+        }
         true
     }
     fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {
@@ -386,7 +391,9 @@ impl Delayed {
     /// Its time has come (or the core is stopping): the command goes to the inner device.
     fn go(&mut self, cx: &mut Cx<'_>) {
         if let Some(cmd) = self.cmd.take() {
-            cx.qos_wait_sub(self.qos.key(), self.held);
+            if self.held > 0 {
+                cx.qos_wait_sub(self.qos.key(), self.held);
+            }
             self.io_pending = true;
             self.inner.submit(cx, cmd, IO);
         }

@@ -19,11 +19,16 @@ writes, export `b` unlimited. For each protocol:
   - meanwhile a client of `b` writing 1 MiB blocks, 8 in flight (fio over NBD, a client we
     did not write; ballast-perf over NVMe/TCP), runs at >= 50 MiB/s (about 1 MiB/s when the
     waiting writes could take the budget: checked with --qos-wait-memory 16M);
-  - `a`'s writes still arrive at its limit, and lifting it lets them all go.
+  - `a`'s writes still arrive at its limit (1 MiB/s, from its byte counter on /metrics);
+    lifting the limit while the tenant still writes lets them all go at once.
+Then commands that hold no memory wait for an I/O limit too (1000 per second): 64 NBD trims
+and write-zeroes in flight with writes between them (libnbd), and NVMe/TCP Dataset Management
+commands of 8 ranges each (every range a discard of its own) — all complete, the daemon lives.
 Run with /usr/bin/python3.
 """
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -31,6 +36,8 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nbd  # noqa: E402
+import nvmeraw  # noqa: E402
 from ballast_testlib import REPO_ROOT, Ballast, free_port, guarded, wait_for  # noqa: E402
 
 PERF = os.environ.get("BALLAST_PERF_BIN") or os.path.join(
@@ -40,11 +47,12 @@ BUDGET = 16 * MiB
 SHARE = 2 * MiB
 CONNS = 16
 REQ = 128 * 1024
+OP_DSM = 0x09
 
 
-def metric(port, name, export):
+def metric(port, name, export, extra=""):
     text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10).read()
-    want = '%s{export="%s"} ' % (name, export)
+    want = '%s{export="%s"%s} ' % (name, export, extra)
     for line in text.decode().splitlines():
         if line.startswith(want):
             return float(line.split()[-1])
@@ -108,21 +116,29 @@ def round_(r, b, mport, proto, hostile_target, victim):
         r.check("%s: the core's charged memory stays below the large holders' part" % proto,
                 charged < BUDGET * 3 // 4, "%.1f MiB" % (charged / MiB))
         paused = metric(mport, "ballast_export_qos_paused_total", "a") or 0
-        r.check("%s: /metrics counts a's connections that stopped" % proto, paused > paused0,
-                "%s -> %s" % (paused0, paused))
+        r.check("%s: /metrics counts a's connections that stopped" % proto,
+                paused0 < paused <= paused0 + 4 * CONNS, "%s -> %s" % (paused0, paused))
+        written = lambda: metric(mport, "ballast_export_bytes_total", "a", ',op="write"') or 0
+        w0, t0 = written(), time.monotonic()
         mibs = r.run("%s: a client of b writes 1 MiB blocks meanwhile" % proto, victim)
         if mibs is not None:
             r.check("%s: ... at >= 50 MiB/s" % proto, mibs >= 50, "%.1f MiB/s" % mibs)
-        alive = bad.poll() is None
-        r.check("%s: the tenant's writes are still being served (not dropped)" % proto, alive)
+        rate = (written() - w0) / MiB / (time.monotonic() - t0)
+        r.check("%s: a's writes go on meanwhile, at its limit (1 MiB/s)" % proto,
+                0.6 <= rate <= 1.5, "%.2f MiB/s" % rate)
+        # Lifted while the tenant still writes: what waits goes at once (it would take more
+        # than 2 s at 1 MiB/s), and a's writes run free.
+        r.check_eq("%s: a's limit lifted" % proto, 0,
+                   b.ctl("export", "limit", "a", "--write-mibs", "0").returncode)
+        w1, t1 = written(), time.monotonic()
+        r.check("%s: once lifted, a's writes run free" % proto,
+                wait_for(lambda: written() - w1 >= 32 * MiB, 5),
+                "%.1f MiB in %.1f s" % ((written() - w1) / MiB, time.monotonic() - t1))
     finally:
         bad.kill()
         bad.wait()
-    # Lifted: what waits goes at once.
-    r.check_eq("%s: a's limit lifted" % proto, 0,
-               b.ctl("export", "limit", "a", "--write-mibs", "0").returncode)
-    r.check("%s: a's waiting writes all go once lifted" % proto,
-            wait_for(lambda: waiting(b) == 0, 5), "waiting %d" % waiting(b))
+    r.check("%s: nothing of a waits once the tenant left" % proto,
+            wait_for(lambda: waiting(b) == 0, 2), "waiting %d" % waiting(b))
 
 
 def main(r):
@@ -141,7 +157,53 @@ def main(r):
         nqn_b = b.nvmf_export("qb", "b")
         round_(r, b, mport, "NVMe/TCP", ["--nqn", nqn_a] + nvmf,
                lambda: perf_write_mibs(["--nqn", nqn_b] + nvmf, 3))
+        zero_byte_commands(r, b, nqn_a)
         b.check_clean_end(r)
+
+
+def zero_byte_commands(r, b, nqn):
+    """Under an I/O limit, trims, write-zeroes and DSM ranges wait for their slots like
+    writes; they hold no memory, and many of them waiting at once with writes among them
+    (and going in any order) harm nothing."""
+    r.check_eq("a limited to 1000 I/Os per second", 0,
+               b.ctl("export", "limit", "a", "--iops", "1000").returncode)
+    h = nbd.NBD()
+    h.connect_uri(b.uri("a"))
+    buf = nbd.Buffer.from_bytearray(bytearray(b"\x5a" * 65536))
+    cookies = []
+    for i in range(64):
+        off = i * 65536
+        if i % 3 == 0:
+            cookies.append(h.aio_pwrite(buf, off))
+        elif i % 3 == 1:
+            cookies.append(h.aio_trim(65536, off))
+        else:
+            cookies.append(h.aio_zero(65536, off))
+    deadline = time.monotonic() + 20
+    while h.aio_in_flight() > 0 and time.monotonic() < deadline:
+        h.poll(1)
+    r.check("NBD: 64 writes, trims and write-zeroes under the I/O limit all complete",
+            all(h.aio_command_completed(c) for c in cookies), "%d in flight" % h.aio_in_flight())
+    h.shutdown()
+    admin, io = nvmeraw.io_queue(b.nvmf_port(), nqn)
+    cids = []
+    for k in range(8):
+        body = b"".join(struct.pack("<IIQ", 0, 16, (k * 8 + j) * 16) for j in range(8))
+        cid = io.next_cid()
+        io.send(nvmeraw.capsule(nvmeraw.sqe(OP_DSM, cid, nsid=1, sgl_len=len(body),
+                                            sgl_type=nvmeraw.SGL_INCAPSULE,
+                                            cdw=(7, 1 << 2, 0, 0, 0, 0)), body))
+        cids.append(cid)
+    got = {}
+    for _ in cids:
+        cid, status, _ = io.response()
+        got[cid] = status
+    r.check_eq("NVMe/TCP: 8 DSM commands of 8 ranges each under the I/O limit all succeed",
+               {c: 0 for c in cids}, got)
+    io.close()
+    admin.close()
+    r.check("daemon alive after them", b.alive(), b.log_tail(10))
+    b.ctl("export", "limit", "a", "--iops", "0")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ const DEVICE_RING_ENTRIES: u32 = 256;
 /// Smallest payload-memory budget per core (its largest single request is 3/4 of it, rounded
 /// down to a power of two: 8 MiB here).
 const BUFFER_MEMORY_PER_CORE_MIN: u64 = 16 << 20;
+/// What one rate-limited export's waiting requests may hold of a core at the least: the largest
+/// NVMe/TCP transfer (MDTS), so one such request can always wait.
+const QOS_WAIT_MEMORY_PER_CORE_MIN: u64 = 1 << 20;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -381,6 +384,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(m) if m > buffer_memory => {
             bail!("--qos-wait-memory {m} is more than --buffer-memory ({buffer_memory})")
         }
+        // A core whose share were 0 would stop a limited export's connections before any of
+        // its requests waited, with nothing ever to wake them.
+        Some(m) if m < QOS_WAIT_MEMORY_PER_CORE_MIN * count as u64 => bail!(
+            "--qos-wait-memory {m} is below {} MiB per core ({count} cores: at least {} MiB)",
+            QOS_WAIT_MEMORY_PER_CORE_MIN >> 20,
+            (QOS_WAIT_MEMORY_PER_CORE_MIN * count as u64) >> 20
+        ),
         Some(m) => m,
         None => buffer_memory / 8,
     };

@@ -184,6 +184,9 @@ pub struct Conn {
     /// Payload memory held of the core's budget, besides the receive buffer's growth; a
     /// refused charge makes parsing wait for `on_buffers`.
     mem: Holder,
+    /// Parsing stopped because the export's requests waiting for its rate limits hold its
+    /// share of the core (`BlockDev::held_back`); cleared once a request is taken again.
+    held_back: bool,
     tick_inflight: bool,
     cancel_inflight: bool,
     /// Replies waiting for the next send.
@@ -234,6 +237,7 @@ impl Conn {
             max_payload: PAYLOAD_ADVERTISED_MAX,
             recv: RecvBuf::new(RECV_BUF_MAX),
             mem: Holder::default(),
+            held_back: false,
             tick_inflight: false,
             cancel_inflight: false,
             out: SendQueue::default(),
@@ -571,13 +575,15 @@ impl Conn {
             return None;
         }
         let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
-        if dev.held_back(cx) {
+        if dev.held_back(cx, self.held_back) {
             // The export's I/O waiting for its rate limits holds its share of this core's
             // memory: the request stays buffered (and the socket unread) until some goes.
+            self.held_back = true;
             self.mem.wait();
             cx.wait_for_memory();
             return None;
         }
+        self.held_back = false;
         let header = input.get(..codec::REQUEST_LEN)?;
         let Ok(req) = codec::decode_request(header) else {
             tracing::warn!(peer = %self.peer, "bad request magic; closing");

@@ -1331,7 +1331,7 @@ impl Queue {
     /// now holds its share of this core's memory (`BlockDev::held_back`), the queue takes no
     /// more PDUs (the socket stays unread) until some of it goes; `on_buffers` looks again.
     fn hold_back_for(&mut self, cx: &mut Cx<'_>, dev: &Arc<dyn BlockDev>) {
-        if dev.held_back(cx) {
+        if dev.held_back(cx, false) {
             self.held_back = Some(Arc::clone(dev));
             self.mem.wait();
             cx.wait_for_memory();
@@ -1571,10 +1571,16 @@ impl Queue {
     }
 
     /// Whether the host owes us progress: H2CData for an R2T we sent, or reading responses
-    /// we cannot send. (Not while we wait for memory: then we are the ones not reading.)
+    /// we cannot send. (Not while we wait for memory: then we are the ones not reading —
+    /// though a queue held back for its export's rate limits still owes the reading of its
+    /// responses.)
     fn owes_progress(&self) -> bool {
+        let replies_stuck = self.send_inflight() && self.unsent() > 0;
+        if self.held_back.is_some() {
+            return replies_stuck;
+        }
         !self.mem.waiting()
-            && ((self.send_inflight() && self.unsent() > 0)
+            && (replies_stuck
                 || self.cmds.iter().any(|(_, c)| matches!(c.state, CmdState::AwaitData { .. })))
     }
 
@@ -1895,7 +1901,7 @@ impl Task for Queue {
 
     fn on_buffers(&mut self, cx: &mut Cx<'_>) {
         if let Some(dev) = &self.held_back {
-            if dev.held_back(cx) && !self.read_closed {
+            if dev.held_back(cx, true) && !self.read_closed {
                 cx.wait_for_memory();
                 return;
             }

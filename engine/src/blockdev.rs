@@ -135,6 +135,33 @@ pub trait BlockDev: Send + Sync {
         false
     }
 
+    /// The other images this device can report its changes against (NBD's
+    /// `qemu:dirty-bitmap:NAME` metadata contexts): a volume's kin — its snapshots, clones
+    /// and origin (docs/VOLUMES.md, "Changes since a snapshot"). None by default.
+    fn change_bases(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Runs of `[offset, offset + len)` (within the device): (length, whether it may read
+    /// differently from `base`), in order, adjacent runs merged; the first `max`. A run
+    /// reported unchanged reads the same in both (what an incremental copy relies on); one
+    /// reported changed may still hold the same bytes (a cluster copied on write counts
+    /// whole). `base` must be one of [`Self::change_bases`]: else `NotFound` (it may have been
+    /// deleted since the client chose it).
+    fn changes(
+        &self,
+        base: &str,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> std::io::Result<Vec<(u64, bool)>> {
+        let _ = (offset, len, max);
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no image {base:?} to compare with"),
+        ))
+    }
+
     /// Whether this core should take no new request for the device now: its I/O waiting for
     /// the device's rate limits holds all the payload memory it may on this core
     /// ([`crate::qos`]). A connection told so stops reading and parks

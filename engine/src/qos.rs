@@ -321,6 +321,18 @@ impl BlockDev for Throttled {
     fn used_bytes(&self) -> u64 {
         self.inner.used_bytes()
     }
+    fn change_bases(&self) -> Vec<String> {
+        self.inner.change_bases()
+    }
+    fn changes(
+        &self,
+        base: &str,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> std::io::Result<Vec<(u64, bool)>> {
+        self.inner.changes(base, offset, len, max)
+    }
     fn is_unallocated(&self, offset: u64, len: u64) -> bool {
         // A read of a hole is answered without I/O: under a limit, it is submitted instead.
         !self.qos.limited() && self.inner.is_unallocated(offset, len)

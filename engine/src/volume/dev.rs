@@ -909,6 +909,28 @@ impl BlockDev for VolumeDev {
         Ok(out)
     }
 
+    fn change_bases(&self) -> Vec<String> {
+        self.pool.meta_shared().kin(self.id)
+    }
+
+    /// From the maps in memory: the two trees are walked together, what they still share
+    /// skipped ([`PoolMeta::changes`]).
+    fn changes(
+        &self,
+        base: &str,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> std::io::Result<Vec<(u64, bool)>> {
+        use std::io::{Error, ErrorKind};
+        let meta = self.pool.meta_shared();
+        let not_kin =
+            || Error::new(ErrorKind::NotFound, format!("no volume {base:?} of this one's family"));
+        let base = meta.find(base).map_err(|_| not_kin())?;
+        let runs = meta.changes(self.id, base, offset, len, max).map_err(|_| not_kin())?;
+        Ok(runs.into_iter().map(|(_, len, changed)| (len, changed)).collect())
+    }
+
     /// Zeros that must stay allocated are written (in steps of `ZERO_STEP`): not fast.
     fn zeroes_are_fast(&self, may_unmap: bool) -> bool {
         may_unmap

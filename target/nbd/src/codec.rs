@@ -89,6 +89,8 @@ pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 // ---- base:allocation flags ----
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
+/// `qemu:dirty-bitmap:*`: the extent changed (qemu's NBD_STATE_DIRTY).
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 // ---- errors (proto.md "Error values") ----
 pub const EPERM: u32 = 1;
@@ -506,8 +508,20 @@ pub fn encode_error_chunk(out: &mut Vec<u8>, handle: u64, error: u32, message: &
 
 /// NBD_REPLY_TYPE_BLOCK_STATUS with DONE: context id and (length, flags) descriptors.
 pub fn encode_block_status(out: &mut Vec<u8>, handle: u64, context: u32, extents: &[(u32, u32)]) {
+    encode_block_status_chunk(out, handle, context, extents, true);
+}
+
+/// NBD_REPLY_TYPE_BLOCK_STATUS for one context of several: DONE only on the reply's last chunk.
+pub fn encode_block_status_chunk(
+    out: &mut Vec<u8>,
+    handle: u64,
+    context: u32,
+    extents: &[(u32, u32)],
+    done: bool,
+) {
     let len = 4 + 8 * extents.len() as u32;
-    encode_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, handle, len);
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    encode_chunk_header(out, flags, REPLY_TYPE_BLOCK_STATUS, handle, len);
     out.extend_from_slice(&context.to_be_bytes());
     for &(length, flags) in extents {
         out.extend_from_slice(&length.to_be_bytes());

@@ -64,7 +64,9 @@ use slab::Slab;
 
 use crate::codec::{self, Request};
 use crate::exports::ExportTable;
-use crate::handshake::{Handshake, Negotiated, Step, META_ALLOCATION_ID, PAYLOAD_ADVERTISED_MAX};
+use crate::handshake::{
+    Handshake, Negotiated, Step, META_ALLOCATION_ID, META_BITMAP_ID, PAYLOAD_ADVERTISED_MAX,
+};
 use crate::transmission::{classify, Action, Session};
 use crate::NbdTls;
 
@@ -163,7 +165,12 @@ enum Closing {
 
 enum Phase {
     Handshake(Handshake),
-    Transmission { dev: Arc<dyn BlockDev>, session: Session },
+    /// `bitmap`: the image a selected `qemu:dirty-bitmap:NAME` context compares with.
+    Transmission {
+        dev: Arc<dyn BlockDev>,
+        session: Session,
+        bitmap: Option<Arc<str>>,
+    },
 }
 
 pub struct Conn {
@@ -499,6 +506,7 @@ impl Conn {
             read_only: neg.export.read_only(),
             structured: neg.structured,
             meta_allocation: neg.meta_allocation,
+            meta_bitmap: neg.meta_bitmap.is_some(),
             max_payload: self.max_payload,
         };
         if self.tls.is_none() {
@@ -506,7 +514,11 @@ impl Conn {
             let home = neg.export.dev.home_core(cx.core());
             self.moving = home.filter(|&core| core != cx.core() && core < cx.cores());
         }
-        self.phase = Phase::Transmission { dev: neg.export.dev.clone(), session };
+        self.phase = Phase::Transmission {
+            dev: neg.export.dev.clone(),
+            session,
+            bitmap: neg.meta_bitmap.map(Arc::from),
+        };
     }
 
     /// Charges `bytes` of payload memory to the core's budget; on refusal parsing stops
@@ -590,7 +602,7 @@ impl Conn {
             self.read_closed = true;
             return None;
         };
-        let Phase::Transmission { dev, session } = &self.phase else { unreachable!() };
+        let Phase::Transmission { dev, session, .. } = &self.phase else { unreachable!() };
         let (dev, session) = (dev.clone(), *session);
         let action = classify(&req, &session);
         // A read's buffer is charged before the request is taken; refused, the header stays
@@ -716,7 +728,7 @@ impl Conn {
             }
             Action::Cache => self.reply_simple(req.handle, 0),
             Action::BlockStatus { offset, len, req_one } => {
-                self.block_status(dev, req.handle, offset, len, req_one)
+                self.block_status(dev, session, req.handle, offset, len, req_one)
             }
             Action::Disconnect => {
                 tracing::debug!(peer = %self.peer, "client sent NBD_CMD_DISC");
@@ -783,44 +795,75 @@ impl Conn {
         dev.submit(cx, IoCmd::Write { offset: pw.req.offset, buf, fua: pw.fua }, tag);
     }
 
+    /// One chunk per selected context — `base:allocation` from the device's extents, the
+    /// dirty bitmap from its changes against the chosen image — the last one DONE; a context
+    /// that fails ends the reply with an error chunk instead.
     fn block_status(
         &mut self,
         dev: &Arc<dyn BlockDev>,
+        session: Session,
         handle: u64,
         offset: u64,
         len: u32,
         req_one: bool,
     ) {
-        match dev.extents(offset, u64::from(len), if req_one { 1 } else { BLOCK_STATUS_MAX }) {
-            Ok(extents) => {
-                let mut descs: Vec<(u32, u32)> = extents
+        let max = if req_one { 1 } else { BLOCK_STATUS_MAX };
+        let Phase::Transmission { bitmap, .. } = &self.phase else { unreachable!() };
+        let bitmap = bitmap.clone();
+        self.scratch.clear();
+        if session.meta_allocation {
+            let descs = dev.extents(offset, u64::from(len), max).map(|extents| {
+                extents
                     .iter()
                     .map(|e| {
                         let flags = if e.hole { codec::STATE_HOLE } else { 0 }
                             | if e.zero { codec::STATE_ZERO } else { 0 };
                         (e.len as u32, flags)
                     })
-                    .collect();
+                    .collect()
+            });
+            if !self.status_chunk(handle, META_ALLOCATION_ID, len, descs, bitmap.is_none()) {
+                return self.flush_scratch();
+            }
+        }
+        if let Some(base) = bitmap {
+            let descs = dev.changes(&base, offset, u64::from(len), max).map(|runs| {
+                runs.iter()
+                    .map(|&(n, changed)| (n as u32, if changed { codec::STATE_DIRTY } else { 0 }))
+                    .collect()
+            });
+            self.status_chunk(handle, META_BITMAP_ID, len, descs, true);
+        }
+        self.flush_scratch();
+    }
+
+    /// Appends one context's block-status chunk (`done`: the reply's last) to `scratch`, or,
+    /// if the device could not say, an error chunk that ends the reply (false returned).
+    fn status_chunk(
+        &mut self,
+        handle: u64,
+        context: u32,
+        len: u32,
+        descs: std::io::Result<Vec<(u32, u32)>>,
+        done: bool,
+    ) -> bool {
+        match descs {
+            Ok(mut descs) => {
                 if descs.is_empty() {
                     descs.push((len, 0));
                 }
-                codec::encode_block_status(
-                    self.scratch_reset(),
-                    handle,
-                    META_ALLOCATION_ID,
-                    &descs,
-                );
-                self.flush_scratch();
+                codec::encode_block_status_chunk(&mut self.scratch, handle, context, &descs, done);
+                true
             }
             Err(e) => {
-                let error = codec::nbd_error_from_errno(e.raw_os_error().unwrap_or(libc::EIO));
-                codec::encode_error_chunk(
-                    self.scratch_reset(),
-                    handle,
-                    error,
-                    "block status failed",
-                );
-                self.flush_scratch();
+                let (errno, what) = if context == META_BITMAP_ID {
+                    (libc::EINVAL, "dirty bitmap: the image it compares with is gone")
+                } else {
+                    (libc::EIO, "block status failed")
+                };
+                let error = codec::nbd_error_from_errno(e.raw_os_error().unwrap_or(errno));
+                codec::encode_error_chunk(&mut self.scratch, handle, error, what);
+                false
             }
         }
     }

@@ -15,6 +15,13 @@ pub const BLOCK_PREFERRED: u32 = 4096;
 pub const PAYLOAD_ADVERTISED_MAX: u32 = 32 << 20;
 /// Context id we give `base:allocation`.
 pub const META_ALLOCATION_ID: u32 = 1;
+/// Context id we give the `qemu:dirty-bitmap:NAME` a client selected (one at a time).
+pub const META_BITMAP_ID: u32 = 2;
+/// The prefix of the contexts that report a volume's changes against one of its kin.
+pub const META_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// NBD_OPT_LIST_META_CONTEXT names at most this many dirty-bitmap contexts (a family's
+/// volumes beyond are not listed, only reachable by name), bounding one option's replies.
+pub const META_LIST_MAX: usize = 128;
 /// One [`Handshake::on_input`] call stops taking options once its replies reach this many
 /// bytes (plus the last option's, itself bounded): the caller sends them before it asks for
 /// more, so a client that asks and never reads is paced by its own socket.
@@ -54,7 +61,19 @@ pub struct Negotiated {
     pub structured: bool,
     /// `base:allocation` was selected for this export.
     pub meta_allocation: bool,
+    /// `qemu:dirty-bitmap:NAME` was selected for this export: NAME, the image block status
+    /// reports its changes against (`BlockDev::changes`).
+    pub meta_bitmap: Option<String>,
     pub flags: u16,
+}
+
+/// The metadata contexts NBD_OPT_SET_META_CONTEXT selected, for one export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MetaSelection {
+    /// Canonical, non-empty export name.
+    export: String,
+    allocation: bool,
+    bitmap: Option<String>,
 }
 
 /// The result of feeding input.
@@ -78,8 +97,8 @@ pub struct Handshake {
     max_payload: u32,
     no_zeroes: bool,
     structured: bool,
-    /// Export name (canonical, non-empty) for which `base:allocation` was set.
-    meta_export: Option<String>,
+    /// The contexts selected, and for which export.
+    meta: Option<MetaSelection>,
     tls_mode: TlsMode,
     /// TLS is up (NBD_OPT_STARTTLS acknowledged and the TLS handshake done).
     tls_active: bool,
@@ -111,7 +130,7 @@ impl Handshake {
             state: State::ClientFlags,
             no_zeroes: false,
             structured: false,
-            meta_export: None,
+            meta: None,
             tls_mode,
             tls_active: false,
             identity: None,
@@ -281,7 +300,7 @@ impl Handshake {
                 codec::encode_option_reply(out, option, codec::REP_ACK, &[]);
                 // Nothing negotiated in plaintext survives the upgrade.
                 self.structured = false;
-                self.meta_export = None;
+                self.meta = None;
                 Step::StartTls
             }
             codec::OPT_EXPORT_NAME => {
@@ -394,7 +413,7 @@ impl Handshake {
         if set {
             // "Issuing this command replaces all previously-set metadata contexts (including
             // when this command fails)."
-            self.meta_export = None;
+            self.meta = None;
         }
         if set && !self.structured {
             let msg = b"NBD_OPT_SET_META_CONTEXT needs structured replies first";
@@ -418,14 +437,31 @@ impl Handshake {
             Access::Granted => {}
             refused => return Self::refuse(out, option, refused),
         }
-        let wanted = if req.queries.is_empty() {
-            !set
-        } else {
-            req.queries.iter().any(|q| {
-                q == codec::META_BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()))
-            })
-        };
-        if wanted {
+        let bases = export.dev.change_bases();
+        // What each query names: proto.md lets LIST take a namespace ("base:", "qemu:") or a
+        // leaf-name prefix ("qemu:dirty-bitmap:") for "all of them"; SET only exact names.
+        let mut allocation = false;
+        let mut bitmaps: Vec<&str> = Vec::new();
+        let everything = !set && req.queries.is_empty();
+        for q in &req.queries {
+            if q == codec::META_BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty())) {
+                allocation = true;
+            }
+            let all_bitmaps = !set && (q.is_empty() || q == "qemu:" || q == META_BITMAP_PREFIX);
+            for b in &bases {
+                let named = q.strip_prefix(META_BITMAP_PREFIX) == Some(b.as_str());
+                if (named || all_bitmaps) && !bitmaps.contains(&b.as_str()) {
+                    bitmaps.push(b);
+                }
+            }
+        }
+        if everything {
+            allocation = true;
+            bitmaps = bases.iter().map(String::as_str).collect();
+        }
+        // SET keeps one bitmap (the first asked for); LIST names a bounded number.
+        bitmaps.truncate(if set { 1 } else { META_LIST_MAX });
+        if allocation {
             // A listed context has no id yet: proto.md says it SHOULD be zero (as qemu sends).
             codec::encode_rep_meta_context(
                 out,
@@ -434,17 +470,37 @@ impl Handshake {
                 codec::META_BASE_ALLOCATION,
             );
         }
-        if set {
-            self.meta_export = wanted.then(|| export.name.clone());
+        for b in &bitmaps {
+            let name = format!("{META_BITMAP_PREFIX}{b}");
+            codec::encode_rep_meta_context(
+                out,
+                option,
+                if set { META_BITMAP_ID } else { 0 },
+                &name,
+            );
+        }
+        if set && (allocation || !bitmaps.is_empty()) {
+            self.meta = Some(MetaSelection {
+                export: export.name.clone(),
+                allocation,
+                bitmap: bitmaps.first().map(|b| b.to_string()),
+            });
         }
         codec::encode_option_reply(out, option, codec::REP_ACK, &[]);
         Step::NeedMore
     }
 
     fn enter(&mut self, export: Arc<Export>, flags: u16) -> Step {
-        let meta_allocation =
-            self.structured && self.meta_export.as_deref() == Some(export.name.as_str());
-        Step::Enter(Negotiated { export, structured: self.structured, meta_allocation, flags })
+        let meta = self.meta.take().filter(|m| self.structured && m.export == export.name);
+        let (meta_allocation, meta_bitmap) =
+            meta.map_or((false, None), |m| (m.allocation, m.bitmap));
+        Step::Enter(Negotiated {
+            export,
+            structured: self.structured,
+            meta_allocation,
+            meta_bitmap,
+            flags,
+        })
     }
 }
 
@@ -452,6 +508,7 @@ impl Handshake {
 mod tests {
     use super::*;
     use ballast_engine::ram::RamDev;
+    use ballast_engine::BlockDev;
 
     fn table() -> ExportTable {
         let t = ExportTable::default();
@@ -561,6 +618,117 @@ mod tests {
         assert_eq!(&out[12..16], &codec::REP_ERR_INVALID.to_be_bytes());
         let Some(Step::Enter(n)) = step else { panic!() };
         assert!(n.meta_allocation);
+    }
+
+    /// A device with kin to compare with (a volume with snapshots), for the dirty bitmaps.
+    struct WithKin(RamDev, Vec<String>);
+
+    impl BlockDev for WithKin {
+        fn info(&self) -> &ballast_engine::DevInfo {
+            self.0.info()
+        }
+        fn size_bytes(&self) -> u64 {
+            self.0.size_bytes()
+        }
+        fn submit(&self, cx: &mut ballast_engine::Cx<'_>, cmd: ballast_engine::IoCmd, tag: u32) {
+            self.0.submit(cx, cmd, tag)
+        }
+        fn extents(
+            &self,
+            offset: u64,
+            len: u64,
+            max: usize,
+        ) -> std::io::Result<Vec<ballast_engine::Extent>> {
+            self.0.extents(offset, len, max)
+        }
+        fn flush_blocking(&self) -> std::io::Result<()> {
+            self.0.flush_blocking()
+        }
+        fn change_bases(&self) -> Vec<String> {
+            self.1.clone()
+        }
+    }
+
+    /// `data` of a metadata-context option on `export` with these queries.
+    fn meta_query(export: &str, queries: &[&str]) -> Vec<u8> {
+        let mut meta = (export.len() as u32).to_be_bytes().to_vec();
+        meta.extend_from_slice(export.as_bytes());
+        meta.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            meta.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            meta.extend_from_slice(q.as_bytes());
+        }
+        meta
+    }
+
+    /// The (id, name) of every NBD_REP_META_CONTEXT in `out`, from byte `at`.
+    fn contexts(out: &[u8], mut at: usize) -> Vec<(u32, String)> {
+        let mut found = Vec::new();
+        while at + 20 <= out.len() {
+            let reply = u32::from_be_bytes(out[at + 12..at + 16].try_into().unwrap());
+            let len = u32::from_be_bytes(out[at + 16..at + 20].try_into().unwrap()) as usize;
+            if reply == codec::REP_META_CONTEXT {
+                let id = u32::from_be_bytes(out[at + 20..at + 24].try_into().unwrap());
+                found.push((id, String::from_utf8(out[at + 24..at + 20 + len].to_vec()).unwrap()));
+            }
+            at += 20 + len;
+        }
+        found
+    }
+
+    /// `qemu:dirty-bitmap:NAME` for each image the device names: listed with the namespace,
+    /// the prefix or no query (ids 0), set by exact name only, one at a time (the first),
+    /// beside `base:allocation`; a name the device does not know is not selected.
+    #[test]
+    fn dirty_bitmaps_are_listed_and_one_is_set() {
+        let t = ExportTable::default();
+        let kin = vec!["s1".to_string(), "s2".to_string()];
+        let dev = Arc::new(WithKin(RamDev::new(1 << 20), kin));
+        t.add(Export { name: "v".into(), description: "d".into(), dev, read_only: false }).unwrap();
+        let bitmap = |n: &str| format!("{META_BITMAP_PREFIX}{n}");
+        let all_three = vec![
+            (0, codec::META_BASE_ALLOCATION.to_string()),
+            (0, bitmap("s1")),
+            (0, bitmap("s2")),
+        ];
+        for (queries, want) in [
+            (vec![], all_three.clone()),
+            (vec![""], all_three.clone()),
+            (vec!["qemu:"], vec![(0, bitmap("s1")), (0, bitmap("s2"))]),
+            (vec!["qemu:dirty-bitmap:"], vec![(0, bitmap("s1")), (0, bitmap("s2"))]),
+            (vec!["qemu:dirty-bitmap:s2", "nope:x"], vec![(0, bitmap("s2"))]),
+        ] {
+            let mut input = 3u32.to_be_bytes().to_vec();
+            input.extend(opt(codec::OPT_LIST_META_CONTEXT, &meta_query("v", &queries)));
+            let (out, _) = run(&mut Handshake::new(), &input, 1000, &t);
+            assert_eq!(contexts(&out, 0), want, "LIST {queries:?}");
+        }
+        let set = |queries: &[&str]| {
+            let mut input = 3u32.to_be_bytes().to_vec();
+            input.extend(opt(codec::OPT_STRUCTURED_REPLY, &[]));
+            input.extend(opt(codec::OPT_SET_META_CONTEXT, &meta_query("v", queries)));
+            input.extend(opt(codec::OPT_GO, &info_data("v")));
+            let (out, step) = run(&mut Handshake::new(), &input, 1000, &t);
+            let Some(Step::Enter(n)) = step else { panic!("no enter") };
+            (contexts(&out, 0), n.meta_allocation, n.meta_bitmap)
+        };
+        assert_eq!(
+            set(&["qemu:dirty-bitmap:s2", "base:allocation", "qemu:dirty-bitmap:s1"]),
+            (
+                vec![
+                    (META_ALLOCATION_ID, codec::META_BASE_ALLOCATION.to_string()),
+                    (META_BITMAP_ID, bitmap("s2"))
+                ],
+                true,
+                Some("s2".to_string())
+            )
+        );
+        assert_eq!(
+            set(&["qemu:dirty-bitmap:s1"]),
+            (vec![(META_BITMAP_ID, bitmap("s1"))], false, Some("s1".to_string()))
+        );
+        assert_eq!(set(&["qemu:dirty-bitmap:w"]), (vec![], false, None), "not kin");
+        assert_eq!(set(&["qemu:"]), (vec![], false, None), "SET takes exact names only");
     }
 
     /// NBD_OPT_LIST_META_CONTEXT names the context with id 0 (proto.md: it SHOULD; ids are

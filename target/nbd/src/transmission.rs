@@ -10,6 +10,8 @@ pub struct Session {
     pub read_only: bool,
     pub structured: bool,
     pub meta_allocation: bool,
+    /// A `qemu:dirty-bitmap:NAME` context was selected (block status reports it too).
+    pub meta_bitmap: bool,
     /// Largest read or write accepted: the maximum payload advertised in NBD_INFO_BLOCK_SIZE
     /// (what the core's buffer budget can always grant one request).
     pub max_payload: u32,
@@ -118,7 +120,7 @@ pub fn classify(r: &Request, s: &Session) -> Action {
             reject(codec::EINVAL, "cache beyond the end of the export")
         }
         codec::CMD_CACHE => Action::Cache,
-        codec::CMD_BLOCK_STATUS if !s.meta_allocation => {
+        codec::CMD_BLOCK_STATUS if !s.meta_allocation && !s.meta_bitmap => {
             reject(codec::EINVAL, "no metadata context negotiated")
         }
         codec::CMD_BLOCK_STATUS if r.length == 0 || !in_range => {
@@ -142,6 +144,7 @@ mod tests {
         read_only: false,
         structured: true,
         meta_allocation: true,
+        meta_bitmap: false,
         max_payload: 32 << 20,
     };
 
@@ -181,6 +184,11 @@ mod tests {
             Action::Reject { .. }
         ));
         let simple = Session { structured: false, meta_allocation: false, ..S };
+        let bitmap_only = Session { meta_allocation: false, meta_bitmap: true, ..S };
+        assert!(matches!(
+            classify(&req(codec::CMD_BLOCK_STATUS, 0, 0, 4096), &bitmap_only),
+            Action::BlockStatus { .. }
+        ));
         assert!(matches!(
             classify(&req(codec::CMD_READ, codec::CMD_FLAG_DF, 0, 1), &simple),
             Action::Reject { .. }

@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(req) = decode_request(data) {
-        let session = Session { size_bytes: 1 << 30, read_only: data.len() % 2 == 0, structured: true, meta_allocation: true, max_payload: 32 << 20 };
+        let session = Session { size_bytes: 1 << 30, read_only: data.len() % 2 == 0, structured: true, meta_allocation: true, meta_bitmap: data.len() % 3 == 0, max_payload: 32 << 20 };
         let _ = classify(&req, &session);
     }
 });

@@ -65,6 +65,14 @@ def nbdcopy(b, name, path):
         raise RuntimeError("nbdcopy: " + p.stderr.strip())
 
 
+def rpc(b, method, params):
+    """`ballast rpc METHOD JSON`: the result."""
+    p = b.ctl("rpc", method, json.dumps(params))
+    if p.returncode != 0:
+        raise RuntimeError("%s: %s" % (method, p.stderr.strip()))
+    return json.loads(p.stdout)
+
+
 def dirty(extents):
     """The (offset, length) of the dirty extents (type bit 0)."""
     return [(o, n) for o, n, t in extents if t & 1]
@@ -162,6 +170,23 @@ def main(r):
                     not filecmp.cmp(full1, full2, shallow=False))
             r.check_eq("qemu-img map with x-dirty-bitmap=qemu:dirty-bitmap:s1 agrees", changed,
                        r.run("qemu-img map", qemu_img_dirty, b, "s2", "s1"))
+            cli = b.ctl("volume", "changes", "s2", "--since", "s1", "--json")
+            r.check_eq("`ballast volume changes s2 --since s1` gives the same extents", changed,
+                       [(e["offset"], e["length"]) for e in json.loads(cli.stdout or "{}")
+                        .get("extents", [])] if cli.returncode == 0 else cli.stderr)
+            paged, offset = [], 0
+            for _ in range(64):
+                page = rpc(b, "bdev_lvol_get_changes",
+                           {"name": "s2", "base": "s1", "offset": offset, "max_extents": 2})
+                paged += [(e["offset"], e["length"]) for e in page["extents"]]
+                if page["next_offset"] is None:
+                    break
+                offset = page["next_offset"]
+            r.check_eq("bdev_lvol_get_changes two runs at a time, page after page: the same",
+                       changed, paged)
+            p = b.ctl("rpc", "bdev_lvol_get_changes", json.dumps({"name": "v", "base": "w"}))
+            r.check("... against w (another family): refused, naming it",
+                    p.returncode != 0 and "w is not of v's family" in p.stderr, p.stderr)
             back = r.run("the same the other way round (s1 against s2)", nbdinfo_map, b, "s1",
                          "qemu:dirty-bitmap:s2") or []
             r.check_eq("... the same dirty extents", changed, dirty(back))

@@ -222,6 +222,20 @@ enum VolumeCommand {
         #[command(flatten)]
         target: client::Target,
     },
+    /// Where a volume (or snapshot) may read differently from another of its family — what
+    /// an incremental backup from BASE's copy must take (the extents NBD's
+    /// qemu:dirty-bitmap:BASE marks dirty).
+    Changes {
+        name: String,
+        /// The volume, snapshot or clone of the same family to compare with.
+        #[arg(long)]
+        since: String,
+        #[command(flatten)]
+        target: client::Target,
+        /// Print JSON ({size, extents: [{offset, length}]}) instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -428,6 +442,41 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
             &LvolRollback { name: name.clone(), snapshot_name: snapshot.clone() },
             format!("rolled {name} back to {snapshot}"),
         ),
+        Command::Volume(VolumeCommand::Changes { name, since, target, json }) => {
+            let mut all = volumes::ChangesReply { size: 0, extents: Vec::new(), next_offset: None };
+            let mut offset = 0;
+            loop {
+                let page: volumes::ChangesReply = client::call(
+                    &target,
+                    "bdev_lvol_get_changes",
+                    &volumes::LvolChanges {
+                        name: name.clone(),
+                        base: since.clone(),
+                        offset,
+                        ..Default::default()
+                    },
+                )?;
+                all.size = page.size;
+                all.extents.extend(page.extents);
+                match page.next_offset {
+                    Some(next) if next > offset => offset = next,
+                    _ => break,
+                }
+            }
+            if json {
+                return client::print_json(&all);
+            }
+            let bytes: u64 = all.extents.iter().map(|e| e.length).sum();
+            for e in &all.extents {
+                println!("{} {}", e.offset, e.length);
+            }
+            eprintln!(
+                "{name} since {since}: {} extents, {bytes} of {} bytes changed",
+                all.extents.len(),
+                all.size
+            );
+            Ok(())
+        }
         Command::Snapshot(SnapshotCommand::Create { volume, name, target }) => {
             let params = LvolSnapshot {
                 lvol_name: volume.clone(),

@@ -26,8 +26,8 @@ use crate::control::{Control, Method};
 use crate::lvstore;
 use crate::registry::{Device, DeviceKind};
 use crate::rpc_error::{
-    invalid_argument, invalid_parameters, no_such_device, params, DecodeStyle, RpcError, EEXIST,
-    ENODEV, INTERNAL_ERROR,
+    invalid, invalid_argument, invalid_parameters, no_such_device, params, DecodeStyle, RpcError,
+    EEXIST, ENODEV, INTERNAL_ERROR,
 };
 
 pub fn nqn_of(name: &str) -> String {
@@ -201,6 +201,44 @@ pub struct LvolResize {
 pub struct LvolName {
     #[serde(alias = "lvol_name")]
     pub name: String,
+}
+
+/// `bdev_lvol_get_changes` (ballast's): where volume `name` may read differently from `base`,
+/// another volume of its family (a snapshot it came from, say), from `offset` on.
+#[derive(Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LvolChanges {
+    #[serde(alias = "lvol_name")]
+    pub name: String,
+    pub base: String,
+    #[serde(default)]
+    pub offset: u64,
+    /// Bytes to look at (default: to the end of the volume).
+    pub length: Option<u64>,
+    /// The most runs (changed or not) one call walks (default and cap: `CHANGES_MAX`); the
+    /// reply's `next_offset` says where the next call goes on.
+    pub max_extents: Option<u64>,
+}
+
+/// Changed extents at most one `bdev_lvol_get_changes` reply walks (bounding its size and the
+/// time it borrows the pool state).
+pub const CHANGES_MAX: u64 = 4096;
+
+/// One `bdev_lvol_get_changes` reply.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct ChangesReply {
+    /// The volume's size in bytes.
+    pub size: u64,
+    /// The changed extents, in order: (offset, length).
+    pub extents: Vec<ChangedExtent>,
+    /// Where the next call goes on (`offset`), if this one stopped at `max_extents` runs.
+    pub next_offset: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct ChangedExtent {
+    pub offset: u64,
+    pub length: u64,
 }
 
 #[derive(Deserialize)]
@@ -387,6 +425,7 @@ pub const METHODS: &[Method] = &[
     Method { name: "bdev_lvol_delete", call: delete },
     Method { name: "bdev_lvol_check", call: check },
     Method { name: "bdev_lvol_grow_lvstore", call: grow_lvstore },
+    Method { name: "bdev_lvol_get_changes", call: get_changes },
 ];
 
 fn get_lvstores(control: &Control, p: &Value) -> Result<Value, RpcError> {
@@ -527,6 +566,43 @@ fn grow_lvstore(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let (before, after) = pool.grow().map_err(pool_err_cb)?;
     tracing::info!(before, after, "lvol store grown: data bytes");
     Ok(json!(true))
+}
+
+/// What a volume changed since another of its family, in bounded pages: the same runs as
+/// NBD's `qemu:dirty-bitmap:BASE` (`PoolMeta::changes`), only the changed ones listed.
+fn get_changes(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let c: LvolChanges = params(p, L)?;
+    let (name, base) = (lvol(control, &c.name)?, lvol(control, &c.base)?);
+    let max = c.max_extents.unwrap_or(CHANGES_MAX);
+    if !(1..=CHANGES_MAX).contains(&max) {
+        return Err(invalid(format!("max_extents {max}: 1 to {CHANGES_MAX}")));
+    }
+    let m = pool.meta();
+    let (id, base) = (m.find(&name).map_err(pool_err)?, m.find(&base).map_err(pool_err)?);
+    let size = m.volume(id).map_err(pool_err)?.size_bytes;
+    if c.offset > size {
+        return Err(invalid(format!("offset {} is beyond the volume ({size} bytes)", c.offset)));
+    }
+    let len = c.length.unwrap_or(size - c.offset).min(size - c.offset);
+    let runs = m.changes(id, base, c.offset, len, max as usize).map_err(|e| match e {
+        PoolError::OtherFamily { .. } => invalid(format!(
+            "Invalid parameters: {} is not of {name}'s family (its snapshots, clones and origin)",
+            c.base
+        )),
+        e => pool_err(e),
+    })?;
+    let walked: u64 = runs.iter().map(|r| r.1).sum();
+    let reply = ChangesReply {
+        size,
+        extents: runs
+            .iter()
+            .filter(|r| r.2)
+            .map(|&(offset, length, _)| ChangedExtent { offset, length })
+            .collect(),
+        next_offset: (walked < len).then_some(c.offset + walked),
+    };
+    Ok(serde_json::to_value(reply).expect("a reply encodes"))
 }
 
 fn check(control: &Control, p: &Value) -> Result<Value, RpcError> {

@@ -578,7 +578,8 @@ fn get_changes(control: &Control, p: &Value) -> Result<Value, RpcError> {
     if !(1..=CHANGES_MAX).contains(&max) {
         return Err(invalid(format!("max_extents {max}: 1 to {CHANGES_MAX}")));
     }
-    let m = pool.meta();
+    // Read under the shared borrow: the cores' decisions go on meanwhile.
+    let m = pool.meta_shared();
     let (id, base) = (m.find(&name).map_err(pool_err)?, m.find(&base).map_err(pool_err)?);
     let size = m.volume(id).map_err(pool_err)?.size_bytes;
     if c.offset > size {

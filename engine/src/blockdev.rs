@@ -138,19 +138,19 @@ pub trait BlockDev: Send + Sync {
     /// The other images this device can report its changes against (NBD's
     /// `qemu:dirty-bitmap:NAME` metadata contexts): a volume's kin — its snapshots, clones
     /// and origin (docs/VOLUMES.md, "Changes since a snapshot"). None by default.
-    fn change_bases(&self) -> Vec<String> {
+    fn change_bases(&self) -> Vec<ChangeBase> {
         Vec::new()
     }
 
     /// Runs of `[offset, offset + len)` (within the device): (length, whether it may read
-    /// differently from `base`), in order, adjacent runs merged; the first `max`. A run
-    /// reported unchanged reads the same in both (what an incremental copy relies on); one
-    /// reported changed may still hold the same bytes (a cluster copied on write counts
-    /// whole). `base` must be one of [`Self::change_bases`]: else `NotFound` (it may have been
-    /// deleted since the client chose it).
+    /// differently from image `base`, a [`ChangeBase::id`]), in order, adjacent runs merged;
+    /// the first `max`. A run reported unchanged reads the same in both (what an incremental
+    /// copy relies on); one reported changed may still hold the same bytes (a cluster copied
+    /// on write counts whole). An image deleted since it was listed: `NotFound`, also when
+    /// another of the same name took its place (its id is another).
     fn changes(
         &self,
-        base: &str,
+        base: u64,
         offset: u64,
         len: u64,
         max: usize,
@@ -158,7 +158,7 @@ pub trait BlockDev: Send + Sync {
         let _ = (offset, len, max);
         Err(std::io::Error::new(
             std::io::ErrorKind::NotFound,
-            format!("no image {base:?} to compare with"),
+            format!("no image {base} to compare with"),
         ))
     }
 
@@ -201,6 +201,15 @@ pub trait BlockDev: Send + Sync {
 
     /// Synchronous flush, for shutdown.
     fn flush_blocking(&self) -> std::io::Result<()>;
+}
+
+/// An image a device can report its changes against ([`BlockDev::change_bases`]): its name,
+/// and an id that names that image alone while the device lives (a new image of the same name
+/// gets another).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeBase {
+    pub name: String,
+    pub id: u64,
 }
 
 /// Merges adjacent extents with equal flags (helper for backends).

@@ -32,5 +32,5 @@ pub mod stats;
 pub mod volume;
 
 pub use ballast_ffi::{IoBuf, Op, Owned, SendBatch};
-pub use blockdev::{BlockDev, DevInfo, Extent, IoCmd};
+pub use blockdev::{BlockDev, ChangeBase, DevInfo, Extent, IoCmd};
 pub use reactor::{Cx, DeviceRingConfig, Engine, EngineConfig, Msg, Task};

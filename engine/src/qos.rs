@@ -321,12 +321,12 @@ impl BlockDev for Throttled {
     fn used_bytes(&self) -> u64 {
         self.inner.used_bytes()
     }
-    fn change_bases(&self) -> Vec<String> {
+    fn change_bases(&self) -> Vec<crate::blockdev::ChangeBase> {
         self.inner.change_bases()
     }
     fn changes(
         &self,
-        base: &str,
+        base: u64,
         offset: u64,
         len: u64,
         max: usize,

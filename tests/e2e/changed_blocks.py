@@ -12,8 +12,10 @@ read the changes, libnbd copies them.
   extents; copying only those from `s2` onto the backup of `s1` (libnbd) makes it equal to a
   full copy of `s2`, byte for byte, while less than 1/16 of the volume was copied; qemu-img
   map with `x-dirty-bitmap` reports the same extents;
-- a dirty bitmap against an unrelated volume cannot be selected; against a snapshot deleted
-  meanwhile, block status fails cleanly (EINVAL) and the daemon serves on;
+- a dirty bitmap against an unrelated volume cannot be selected; one block status answers a
+  chunk per context (base:allocation and the bitmap); against a snapshot deleted meanwhile —
+  and replaced by a new one of the same name — block status fails cleanly (EINVAL, after the
+  allocation chunk) and the connection serves on;
 - kill -9 and restart: the changes are the same (they come from the maps on the media).
 Run with /usr/bin/python3 (Debian's python3-libnbd).
 """
@@ -199,31 +201,47 @@ def main(r):
             h.shutdown()
 
             h = nbd.NBD()
+            h.add_meta_context("base:allocation")
             h.add_meta_context("qemu:dirty-bitmap:s1")
             h.connect_uri(b.uri("v"))
-            r.check("a bitmap against s1 is selected on v",
-                    h.can_meta_context("qemu:dirty-bitmap:s1"))
-            before = []
-            h.block_status(SIZE, 0, lambda ctx, off, ents, err: before.append(ents))
+            r.check("both contexts are selected on v",
+                    h.can_meta_context("qemu:dirty-bitmap:s1")
+                    and h.can_meta_context("base:allocation"))
+            seen = []
+            h.block_status(SIZE, 0, lambda ctx, off, ents, err: seen.append(ctx))
+            r.check_eq("one block status answers a chunk per context",
+                       ["base:allocation", "qemu:dirty-bitmap:s1"], sorted(seen))
+            # s1 deleted and another snapshot named s1 taken: the connection compared with the
+            # first s1 (the one the client's backup was made from), not with the new one.
             r.check_eq("snapshot s1 deleted", 0, b.ctl("volume", "delete", "s1").returncode)
+            r.check_eq("a new snapshot named s1 of v", 0,
+                       b.ctl("snapshot", "create", "v", "s1").returncode)
+            seen = []
             try:
-                h.block_status(SIZE, 0, lambda *a: None)
+                h.block_status(SIZE, 0, lambda ctx, off, ents, err: seen.append(ctx))
                 failed = None
             except nbd.Error as e:
                 failed = e.errnum
-            r.check("then block status on that connection fails with EINVAL (s1 is gone)",
+            r.check("then block status on that connection fails with EINVAL (its s1 is gone)",
                     failed == 22, "errno %s" % failed)
+            r.check_eq("... after the allocation chunk of the same reply", ["base:allocation"],
+                       seen)
             r.check("... and the connection still serves reads",
                     h.pread(4096, 0) == b"\x11" * 4096)
             h.shutdown()
-            r.check("s2 against v before the kill", bool(nbdinfo_map(b, "s2", "qemu:dirty-bitmap:v")))
-            before_kill = nbdinfo_map(b, "s2", "qemu:dirty-bitmap:v")
+            r.check_eq("a new connection compares with the new s1: nothing changed since",
+                       [], dirty(nbdinfo_map(b, "v", "qemu:dirty-bitmap:s1")))
+            r.run("qemu-io writes v again", qemu_io, b, "v",
+                  ["write -P 0x31 30M 64k", "write -P 0x32 60M 4k", "flush"])
+            before_kill = nbdinfo_map(b, "v", "qemu:dirty-bitmap:s2")
+            r.check_eq("v against s2 before the kill: the two writes since",
+                       [(30 * MiB, 64 * 1024), (60 * MiB, 4096)], dirty(before_kill))
             b.proc.kill()
             b.proc.wait()
             b.start()
-            r.check_eq("after kill -9 and a restart, s2's changes against v are the same",
-                       before_kill, r.run("nbdinfo after restart", nbdinfo_map, b, "s2",
-                                          "qemu:dirty-bitmap:v"))
+            r.check_eq("after kill -9 and a restart, v's changes against s2 are the same",
+                       before_kill, r.run("nbdinfo after restart", nbdinfo_map, b, "v",
+                                          "qemu:dirty-bitmap:s2"))
             b.check_clean_end(r)
         check_pool_exact(r, pool)
     finally:

@@ -64,7 +64,7 @@ use super::forward::{Claims, Mailbox, Owner, Placement, Posted};
 use super::meta::{PoolMeta, PIECE};
 use super::ops::ControlOp;
 use super::pool::{run, Pool, PoolError, PoolGeometry, SyncDisk};
-use crate::blockdev::{push_extent, BlockDev, DevInfo, Extent, IoCmd};
+use crate::blockdev::{push_extent, BlockDev, ChangeBase, DevInfo, Extent, IoCmd};
 use crate::file::FileDev;
 use crate::nvme::{NvmeDev, NvmeDisk};
 use crate::offload::Away;
@@ -909,26 +909,30 @@ impl BlockDev for VolumeDev {
         Ok(out)
     }
 
-    fn change_bases(&self) -> Vec<String> {
-        self.pool.meta_shared().kin(self.id)
+    fn change_bases(&self) -> Vec<ChangeBase> {
+        let kin = self.pool.meta_shared().kin(self.id);
+        kin.into_iter().map(|(id, name)| ChangeBase { name, id: u64::from(id) }).collect()
     }
 
     /// From the maps in memory: the two trees are walked together, what they still share
-    /// skipped ([`PoolMeta::changes`]).
+    /// skipped ([`PoolMeta::changes`]). `base` is a volume id: one deleted meanwhile is gone
+    /// for good (ids are not reused while the pool is open).
     fn changes(
         &self,
-        base: &str,
+        base: u64,
         offset: u64,
         len: u64,
         max: usize,
     ) -> std::io::Result<Vec<(u64, bool)>> {
-        use std::io::{Error, ErrorKind};
-        let meta = self.pool.meta_shared();
-        let not_kin =
-            || Error::new(ErrorKind::NotFound, format!("no volume {base:?} of this one's family"));
-        let base = meta.find(base).map_err(|_| not_kin())?;
-        let runs = meta.changes(self.id, base, offset, len, max).map_err(|_| not_kin())?;
-        Ok(runs.into_iter().map(|(_, len, changed)| (len, changed)).collect())
+        let gone = || {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("volume {base} is no longer of this one's family"),
+            )
+        };
+        let base = u32::try_from(base).map_err(|_| gone())?;
+        let runs = self.pool.meta_shared().changes(self.id, base, offset, len, max);
+        Ok(runs.map_err(|_| gone())?.into_iter().map(|(_, len, changed)| (len, changed)).collect())
     }
 
     /// Zeros that must stay allocated are written (in steps of `ZERO_STEP`): not fast.

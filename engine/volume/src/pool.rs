@@ -628,7 +628,7 @@ mod tests {
             ]
         );
         assert_eq!(runs(&p, v, v), vec![(0, all, false)]);
-        assert_eq!(p.meta().kin(v), vec!["s".to_string(), "c".to_string()]);
+        assert_eq!(p.meta().kin(v), vec![(s, "s".to_string()), (c, "c".to_string())]);
         let w = p.create_volume("w", VOL_PIECES * P).unwrap();
         assert!(p.meta().kin(w).is_empty());
         assert!(matches!(

@@ -165,11 +165,12 @@ enum Closing {
 
 enum Phase {
     Handshake(Handshake),
-    /// `bitmap`: the image a selected `qemu:dirty-bitmap:NAME` context compares with.
+    /// `bitmap`: the image (its `ChangeBase::id`) a selected `qemu:dirty-bitmap:NAME`
+    /// context compares with.
     Transmission {
         dev: Arc<dyn BlockDev>,
         session: Session,
-        bitmap: Option<Arc<str>>,
+        bitmap: Option<u64>,
     },
 }
 
@@ -517,7 +518,7 @@ impl Conn {
         self.phase = Phase::Transmission {
             dev: neg.export.dev.clone(),
             session,
-            bitmap: neg.meta_bitmap.map(Arc::from),
+            bitmap: neg.meta_bitmap.map(|b| b.id),
         };
     }
 
@@ -809,7 +810,7 @@ impl Conn {
     ) {
         let max = if req_one { 1 } else { BLOCK_STATUS_MAX };
         let Phase::Transmission { bitmap, .. } = &self.phase else { unreachable!() };
-        let bitmap = bitmap.clone();
+        let bitmap = *bitmap;
         self.scratch.clear();
         if session.meta_allocation {
             let descs = dev.extents(offset, u64::from(len), max).map(|extents| {
@@ -827,7 +828,7 @@ impl Conn {
             }
         }
         if let Some(base) = bitmap {
-            let descs = dev.changes(&base, offset, u64::from(len), max).map(|runs| {
+            let descs = dev.changes(base, offset, u64::from(len), max).map(|runs| {
                 runs.iter()
                     .map(|&(n, changed)| (n as u32, if changed { codec::STATE_DIRTY } else { 0 }))
                     .collect()
@@ -850,7 +851,10 @@ impl Conn {
         match descs {
             Ok(mut descs) => {
                 if descs.is_empty() {
-                    descs.push((len, 0));
+                    // Nothing said about the range (the device shrank under the request): data
+                    // for the allocation, dirty for a bitmap (a copy must not skip it).
+                    let flags = if context == META_BITMAP_ID { codec::STATE_DIRTY } else { 0 };
+                    descs.push((len, flags));
                 }
                 codec::encode_block_status_chunk(&mut self.scratch, handle, context, &descs, done);
                 true

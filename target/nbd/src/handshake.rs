@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use ballast_engine::ChangeBase;
+
 use crate::codec::{self, OptionHeader};
 use crate::exports::{Access, Export, ExportTable};
 
@@ -61,9 +63,9 @@ pub struct Negotiated {
     pub structured: bool,
     /// `base:allocation` was selected for this export.
     pub meta_allocation: bool,
-    /// `qemu:dirty-bitmap:NAME` was selected for this export: NAME, the image block status
-    /// reports its changes against (`BlockDev::changes`).
-    pub meta_bitmap: Option<String>,
+    /// `qemu:dirty-bitmap:NAME` was selected for this export: the image block status reports
+    /// its changes against (`BlockDev::changes`, by its id: chosen once, here).
+    pub meta_bitmap: Option<ChangeBase>,
     pub flags: u16,
 }
 
@@ -73,7 +75,7 @@ struct MetaSelection {
     /// Canonical, non-empty export name.
     export: String,
     allocation: bool,
-    bitmap: Option<String>,
+    bitmap: Option<ChangeBase>,
 }
 
 /// The result of feeding input.
@@ -146,8 +148,8 @@ impl Handshake {
         self.identity = identity;
     }
 
-    fn access(&self, exports: &ExportTable, export: &Export) -> Access {
-        exports.access(&export.name, self.tls_active, self.identity.as_deref())
+    fn access(&self, exports: &ExportTable, name: &str) -> Access {
+        exports.access(name, self.tls_active, self.identity.as_deref())
     }
 
     /// The error reply for an export this session may not use. NBD_REP_ERR_TLS_REQD only
@@ -310,7 +312,7 @@ impl Handshake {
                 let Some(export) = exports.get(&name) else {
                     return Step::Close("unknown export (NBD_OPT_EXPORT_NAME)");
                 };
-                if self.access(exports, &export) != Access::Granted {
+                if self.access(exports, &export.name) != Access::Granted {
                     return Step::Close(
                         "export not allowed for this session (NBD_OPT_EXPORT_NAME)",
                     );
@@ -328,7 +330,7 @@ impl Handshake {
                     return invalid(out, "NBD_OPT_LIST takes no data");
                 }
                 for export in exports.list() {
-                    if self.access(exports, &export) == Access::Granted {
+                    if self.access(exports, &export.name) == Access::Granted {
                         codec::encode_rep_server(out, &export.name, &export.description);
                     }
                 }
@@ -346,7 +348,7 @@ impl Handshake {
                     codec::encode_option_reply(out, option, codec::REP_ERR_UNKNOWN, msg.as_bytes());
                     return Step::NeedMore;
                 };
-                match self.access(exports, &export) {
+                match self.access(exports, &export.name) {
                     Access::Granted => {}
                     refused => return Self::refuse(out, option, refused),
                 }
@@ -433,34 +435,55 @@ impl Handshake {
             codec::encode_option_reply(out, option, codec::REP_ERR_UNKNOWN, b"no such export");
             return Step::NeedMore;
         };
-        match self.access(exports, &export) {
+        match self.access(exports, &export.name) {
             Access::Granted => {}
             refused => return Self::refuse(out, option, refused),
         }
-        let bases = export.dev.change_bases();
-        // What each query names: proto.md lets LIST take a namespace ("base:", "qemu:") or a
+        // What the queries name: proto.md lets LIST take a namespace ("base:", "qemu:") or a
         // leaf-name prefix ("qemu:dirty-bitmap:") for "all of them"; SET only exact names.
-        let mut allocation = false;
-        let mut bitmaps: Vec<&str> = Vec::new();
         let everything = !set && req.queries.is_empty();
-        for q in &req.queries {
-            if q == codec::META_BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty())) {
-                allocation = true;
+        let allocation = everything
+            || req.queries.iter().any(|q| {
+                q == codec::META_BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()))
+            });
+        let all_bitmaps = everything
+            || (!set
+                && req
+                    .queries
+                    .iter()
+                    .any(|q| q.is_empty() || q == "qemu:" || q == META_BITMAP_PREFIX));
+        // Each named image with the position of the first query naming it.
+        let mut named: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (at, q) in req.queries.iter().enumerate() {
+            if let Some(name) = q.strip_prefix(META_BITMAP_PREFIX) {
+                named.entry(name).or_insert(at);
             }
-            let all_bitmaps = !set && (q.is_empty() || q == "qemu:" || q == META_BITMAP_PREFIX);
-            for b in &bases {
-                let named = q.strip_prefix(META_BITMAP_PREFIX) == Some(b.as_str());
-                if (named || all_bitmaps) && !bitmaps.contains(&b.as_str()) {
+        }
+        // Images offered: the device's kin that this session may open as exports itself (a
+        // clone's family holds other tenants' clones: their maps are not this one's to see).
+        // LIST: at most `META_LIST_MAX`, in the device's order; SET: the one asked for first.
+        let mut bitmaps: Vec<ChangeBase> = Vec::new();
+        if all_bitmaps || !named.is_empty() {
+            let mut first: Option<(usize, ChangeBase)> = None;
+            for b in export.dev.change_bases() {
+                if !set && bitmaps.len() >= META_LIST_MAX {
+                    break;
+                }
+                let asked = if all_bitmaps { Some(0) } else { named.get(b.name.as_str()).copied() };
+                let Some(at) = asked else { continue };
+                if exports.get(&b.name).is_none()
+                    || self.access(exports, &b.name) != Access::Granted
+                {
+                    continue;
+                }
+                if !set {
                     bitmaps.push(b);
+                } else if first.as_ref().is_none_or(|(best, _)| at < *best) {
+                    first = Some((at, b));
                 }
             }
+            bitmaps.extend(first.map(|(_, b)| b));
         }
-        if everything {
-            allocation = true;
-            bitmaps = bases.iter().map(String::as_str).collect();
-        }
-        // SET keeps one bitmap (the first asked for); LIST names a bounded number.
-        bitmaps.truncate(if set { 1 } else { META_LIST_MAX });
         if allocation {
             // A listed context has no id yet: proto.md says it SHOULD be zero (as qemu sends).
             codec::encode_rep_meta_context(
@@ -471,7 +494,7 @@ impl Handshake {
             );
         }
         for b in &bitmaps {
-            let name = format!("{META_BITMAP_PREFIX}{b}");
+            let name = format!("{META_BITMAP_PREFIX}{}", b.name);
             codec::encode_rep_meta_context(
                 out,
                 option,
@@ -483,7 +506,7 @@ impl Handshake {
             self.meta = Some(MetaSelection {
                 export: export.name.clone(),
                 allocation,
-                bitmap: bitmaps.first().map(|b| b.to_string()),
+                bitmap: bitmaps.into_iter().next(),
             });
         }
         codec::encode_option_reply(out, option, codec::REP_ACK, &[]);
@@ -644,8 +667,9 @@ mod tests {
         fn flush_blocking(&self) -> std::io::Result<()> {
             self.0.flush_blocking()
         }
-        fn change_bases(&self) -> Vec<String> {
-            self.1.clone()
+        fn change_bases(&self) -> Vec<ChangeBase> {
+            let kin = self.1.iter().enumerate();
+            kin.map(|(i, n)| ChangeBase { name: n.clone(), id: 10 + i as u64 }).collect()
         }
     }
 
@@ -682,9 +706,17 @@ mod tests {
     #[test]
     fn dirty_bitmaps_are_listed_and_one_is_set() {
         let t = ExportTable::default();
-        let kin = vec!["s1".to_string(), "s2".to_string()];
+        let kin = vec!["s1".to_string(), "s2".to_string(), "hidden".to_string(), "gone".into()];
         let dev = Arc::new(WithKin(RamDev::new(1 << 20), kin));
         t.add(Export { name: "v".into(), description: "d".into(), dev, read_only: false }).unwrap();
+        // The kin are exports of their own ("gone" is not: deleted since); "hidden" is another
+        // tenant's (TLS-only, for someone else): never offered to this session.
+        for name in ["s1", "s2", "hidden"] {
+            let dev = Arc::new(RamDev::new(1 << 20));
+            t.add(Export { name: name.into(), description: "d".into(), dev, read_only: true })
+                .unwrap();
+        }
+        t.set_allowed("hidden", vec!["bob".into()]);
         let bitmap = |n: &str| format!("{META_BITMAP_PREFIX}{n}");
         let all_three = vec![
             (0, codec::META_BASE_ALLOCATION.to_string()),
@@ -710,7 +742,7 @@ mod tests {
             input.extend(opt(codec::OPT_GO, &info_data("v")));
             let (out, step) = run(&mut Handshake::new(), &input, 1000, &t);
             let Some(Step::Enter(n)) = step else { panic!("no enter") };
-            (contexts(&out, 0), n.meta_allocation, n.meta_bitmap)
+            (contexts(&out, 0), n.meta_allocation, n.meta_bitmap.map(|b| (b.name, b.id)))
         };
         assert_eq!(
             set(&["qemu:dirty-bitmap:s2", "base:allocation", "qemu:dirty-bitmap:s1"]),
@@ -720,14 +752,27 @@ mod tests {
                     (META_BITMAP_ID, bitmap("s2"))
                 ],
                 true,
-                Some("s2".to_string())
+                Some(("s2".to_string(), 11))
             )
         );
         assert_eq!(
             set(&["qemu:dirty-bitmap:s1"]),
-            (vec![(META_BITMAP_ID, bitmap("s1"))], false, Some("s1".to_string()))
+            (vec![(META_BITMAP_ID, bitmap("s1"))], false, Some(("s1".to_string(), 10)))
         );
         assert_eq!(set(&["qemu:dirty-bitmap:w"]), (vec![], false, None), "not kin");
+        assert_eq!(set(&["qemu:dirty-bitmap:hidden"]), (vec![], false, None), "not ours");
+        assert_eq!(set(&["qemu:dirty-bitmap:gone"]), (vec![], false, None), "not exported");
+        // 9,000 queries in one option (most of OPTION_DATA_MAX) are answered in one pass over
+        // the kin.
+        let many: Vec<&str> = std::iter::repeat_n("", 8000)
+            .chain(std::iter::repeat_n("qemu:dirty-bitmap:s2", 1000))
+            .collect();
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(opt(codec::OPT_LIST_META_CONTEXT, &meta_query("v", &many)));
+        let started = std::time::Instant::now();
+        let (out, _) = run(&mut Handshake::new(), &input, 1 << 20, &t);
+        assert_eq!(contexts(&out, 0), all_three);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
         assert_eq!(set(&["qemu:"]), (vec![], false, None), "SET takes exact names only");
     }
 

@@ -702,11 +702,12 @@ impl PoolMeta {
         f.changes(id, base, offset, len, max).ok_or(PoolError::OtherFamily { vol: id, base })
     }
 
-    /// The names of the other volumes of volume `id`'s family (its snapshots, clones, origin
-    /// and their kin), in id order: what [`Self::changes`] can compare it with.
-    pub fn kin(&self, id: u32) -> Vec<String> {
+    /// The other volumes of volume `id`'s family (its snapshots, clones, origin and their
+    /// kin), (id, name) in id order: what [`Self::changes`] can compare it with. Ids are not
+    /// reused while the pool is open, so an id names one volume for good.
+    pub fn kin(&self, id: u32) -> Vec<(u32, String)> {
         self.family(id).map_or_else(Vec::new, |f| {
-            f.volumes.iter().filter(|(&k, _)| k != id).map(|(_, v)| v.name.clone()).collect()
+            f.volumes.iter().filter(|(&k, _)| k != id).map(|(&k, v)| (k, v.name.clone())).collect()
         })
     }
 

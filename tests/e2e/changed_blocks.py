@@ -186,6 +186,13 @@ def main(r):
                 offset = page["next_offset"]
             r.check_eq("bdev_lvol_get_changes two runs at a time, page after page: the same",
                        changed, paged)
+            cli = b.ctl("volume", "changes", "s2", "--json")
+            allocation = r.run("nbdinfo --map of s2 (base:allocation)", nbdinfo_map, b, "s2",
+                               "base:allocation") or []
+            r.check_eq("`ballast volume changes s2` (no base): the extents nbdinfo sees as data",
+                       [(o, n) for o, n, t in allocation if not t & 1],
+                       [(e["offset"], e["length"]) for e in json.loads(cli.stdout or "{}")
+                        .get("extents", [])] if cli.returncode == 0 else cli.stderr)
             p = b.ctl("rpc", "bdev_lvol_get_changes", json.dumps({"name": "v", "base": "w"}))
             r.check("... against w (another family): refused, naming it",
                     p.returncode != 0 and "w is not of v's family" in p.stderr, p.stderr)

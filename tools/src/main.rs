@@ -224,12 +224,12 @@ enum VolumeCommand {
     },
     /// Where a volume (or snapshot) may read differently from another of its family — what
     /// an incremental backup from BASE's copy must take (the extents NBD's
-    /// qemu:dirty-bitmap:BASE marks dirty).
+    /// qemu:dirty-bitmap:BASE marks dirty); without --since, where it is written at all.
     Changes {
         name: String,
         /// The volume, snapshot or clone of the same family to compare with.
         #[arg(long)]
-        since: String,
+        since: Option<String>,
         #[command(flatten)]
         target: client::Target,
         /// Print JSON ({size, extents: [{offset, length}]}) instead of lines.
@@ -470,8 +470,10 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
             for e in &all.extents {
                 println!("{} {}", e.offset, e.length);
             }
+            let what =
+                since.map_or_else(|| "written".to_string(), |b| format!("changed since {b}"));
             eprintln!(
-                "{name} since {since}: {} extents, {bytes} of {} bytes changed",
+                "{name}: {} extents, {bytes} of {} bytes {what}",
                 all.extents.len(),
                 all.size
             );

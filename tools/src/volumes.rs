@@ -204,13 +204,15 @@ pub struct LvolName {
 }
 
 /// `bdev_lvol_get_changes` (ballast's): where volume `name` may read differently from `base`,
-/// another volume of its family (a snapshot it came from, say), from `offset` on.
+/// another volume of its family (a snapshot it came from, say), from `offset` on; without
+/// `base`, where it is written at all (what a full copy must take: Kubernetes' CSI snapshot
+/// metadata calls the two "delta" and "allocated").
 #[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct LvolChanges {
     #[serde(alias = "lvol_name")]
     pub name: String,
-    pub base: String,
+    pub base: Option<String>,
     #[serde(default)]
     pub offset: u64,
     /// Bytes to look at (default: to the end of the volume).
@@ -573,26 +575,32 @@ fn grow_lvstore(control: &Control, p: &Value) -> Result<Value, RpcError> {
 fn get_changes(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let pool = pool(control)?;
     let c: LvolChanges = params(p, L)?;
-    let (name, base) = (lvol(control, &c.name)?, lvol(control, &c.base)?);
+    let name = lvol(control, &c.name)?;
+    let base = c.base.as_deref().map(|b| lvol(control, b)).transpose()?;
     let max = c.max_extents.unwrap_or(CHANGES_MAX);
     if !(1..=CHANGES_MAX).contains(&max) {
         return Err(invalid(format!("max_extents {max}: 1 to {CHANGES_MAX}")));
     }
     // Read under the shared borrow: the cores' decisions go on meanwhile.
     let m = pool.meta_shared();
-    let (id, base) = (m.find(&name).map_err(pool_err)?, m.find(&base).map_err(pool_err)?);
+    let id = m.find(&name).map_err(pool_err)?;
+    let base = base.map(|b| m.find(&b)).transpose().map_err(pool_err)?;
     let size = m.volume(id).map_err(pool_err)?.size_bytes;
     if c.offset > size {
         return Err(invalid(format!("offset {} is beyond the volume ({size} bytes)", c.offset)));
     }
     let len = c.length.unwrap_or(size - c.offset).min(size - c.offset);
-    let runs = m.changes(id, base, c.offset, len, max as usize).map_err(|e| match e {
-        PoolError::OtherFamily { .. } => invalid(format!(
-            "Invalid parameters: {} is not of {name}'s family (its snapshots, clones and origin)",
-            c.base
-        )),
-        e => pool_err(e),
-    })?;
+    let runs = match base {
+        None => m.allocation(id, c.offset, len, max as usize),
+        Some(base) => m.changes(id, base, c.offset, len, max as usize).map_err(|e| match e {
+            PoolError::OtherFamily { .. } => invalid(format!(
+                "Invalid parameters: {} is not of {name}'s family (its snapshots, clones and \
+                 origin)",
+                c.base.as_deref().unwrap_or_default()
+            )),
+            e => pool_err(e),
+        })?,
+    };
     let walked: u64 = runs.iter().map(|r| r.1).sum();
     let reply = ChangesReply {
         size,

@@ -143,8 +143,8 @@ pub trait BlockDev: Send + Sync {
     }
 
     /// Runs of `[offset, offset + len)` (within the device): (length, whether it may read
-    /// differently from image `base`, a [`ChangeBase::id`]), in order, adjacent runs merged;
-    /// the first `max`. A run reported unchanged reads the same in both (what an incremental
+    /// differently from image `base`), in order, adjacent runs merged; the first `max`.
+    /// `base` is a [`ChangeBase::id`]. A run reported unchanged reads the same in both (what an incremental
     /// copy relies on); one reported changed may still hold the same bytes (a cluster copied
     /// on write counts whole). An image deleted since it was listed: `NotFound`, also when
     /// another of the same name took its place (its id is another).

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use ballast_ffi::region::Lent;
 use ballast_ffi::Owned;
 
-use crate::blockdev::{BlockDev, DevInfo, Extent, IoCmd};
+use crate::blockdev::{BlockDev, ChangeBase, DevInfo, Extent, IoCmd};
 use crate::reactor::{Cx, Task};
 
 /// How far ahead of its slot an I/O may go: 1 ms of each limit's budget (SPDK's QoS
@@ -315,13 +315,14 @@ impl BlockDev for Throttled {
         }
         true
     }
+
     fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {
         self.inner.extents(offset, len, max)
     }
     fn used_bytes(&self) -> u64 {
         self.inner.used_bytes()
     }
-    fn change_bases(&self) -> Vec<crate::blockdev::ChangeBase> {
+    fn change_bases(&self) -> Vec<ChangeBase> {
         self.inner.change_bases()
     }
     fn changes(

@@ -26,6 +26,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ballast_testlib import REPO_ROOT, Ballast, ballast_bin, free_port, guarded  # noqa: E402
@@ -210,7 +211,6 @@ def settle():
     of the next measurement: the libnbd client is slow enough that the core sleeps between its
     requests, and a trim there made the next requests allocate their buffers again (65
     allocations in one run of the 4 KiB reads after the 1 MiB fill)."""
-    import time
     time.sleep(2)
 
 

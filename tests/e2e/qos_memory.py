@@ -17,8 +17,9 @@ writes, export `b` unlimited. For each protocol:
     budget's large-holder part, and /metrics counts the connections that stopped
     (`ballast_export_qos_paused_total`);
   - meanwhile a client of `b` writing 1 MiB blocks, 8 in flight (fio over NBD, a client we
-    did not write; ballast-perf over NVMe/TCP), runs at >= 50 MiB/s (about 1 MiB/s when the
-    waiting writes could take the budget: checked with --qos-wait-memory 16M);
+    did not write; ballast-perf over NVMe/TCP), runs at >= 50 MiB/s (when the waiting writes
+    could take the budget — checked with --qos-wait-memory 16M — it could not write at all:
+    fio timed out, the NVMe/TCP queue was closed);
   - `a`'s writes still arrive at its limit (1 MiB/s, from its byte counter on /metrics);
     lifting the limit while the tenant still writes lets them all go at once.
 Then commands that hold no memory wait for an I/O limit too (1000 per second): 64 NBD trims

@@ -460,11 +460,16 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
                 all.extents.extend(page.extents);
                 match page.next_offset {
                     Some(next) if next > offset => offset = next,
-                    _ => break,
+                    Some(next) => {
+                        anyhow::bail!("the daemon's next page starts at {next}, not past {offset}")
+                    }
+                    None => break,
                 }
             }
             if json {
-                return client::print_json(&all);
+                return client::print_json(
+                    &serde_json::json!({"size": all.size, "extents": all.extents}),
+                );
             }
             let bytes: u64 = all.extents.iter().map(|e| e.length).sum();
             for e in &all.extents {

@@ -33,8 +33,9 @@ const DEVICE_RING_ENTRIES: u32 = 256;
 /// Smallest payload-memory budget per core (its largest single request is 3/4 of it, rounded
 /// down to a power of two: 8 MiB here).
 const BUFFER_MEMORY_PER_CORE_MIN: u64 = 16 << 20;
-/// What one rate-limited export's waiting requests may hold of a core at the least: the largest
-/// NVMe/TCP transfer (MDTS), so one such request can always wait.
+/// What one rate-limited export's waiting requests may hold of a core at the least: a share of
+/// 0 would stop a limited export's connections before any of its requests waited, with nothing
+/// ever to wake them; 1 MiB (NVMe/TCP's largest transfer) lets a few requests wait at once.
 const QOS_WAIT_MEMORY_PER_CORE_MIN: u64 = 1 << 20;
 
 #[derive(Args, Debug)]
@@ -138,7 +139,8 @@ pub struct ServeArgs {
     /// `ballast export limit`) may hold while they wait for their slot, all cores together
     /// (split evenly): once an export's waiting requests hold its share of a core, its
     /// connections there stop reading until some go, so a tenant held back by its limit cannot
-    /// take the memory other exports' connections need. Default: 1/8 of --buffer-memory.
+    /// take the memory other exports' connections need. Default: 1/8 of --buffer-memory; at
+    /// most --buffer-memory, at least 1M per core.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     qos_wait_memory: Option<u64>,
     /// Connections served at once (NBD and NVMe/TCP together); more are refused.

@@ -26,8 +26,8 @@ use crate::control::{Control, Method};
 use crate::lvstore;
 use crate::registry::{Device, DeviceKind};
 use crate::rpc_error::{
-    invalid, invalid_argument, invalid_parameters, no_such_device, params, DecodeStyle, RpcError,
-    EEXIST, ENODEV, INTERNAL_ERROR,
+    invalid_argument, invalid_parameters, no_such_device, params, DecodeStyle, RpcError, EEXIST,
+    ENODEV, INTERNAL_ERROR,
 };
 
 pub fn nqn_of(name: &str) -> String {
@@ -222,8 +222,8 @@ pub struct LvolChanges {
     pub max_extents: Option<u64>,
 }
 
-/// Changed extents at most one `bdev_lvol_get_changes` reply walks (bounding its size and the
-/// time it borrows the pool state).
+/// Runs (changed or not) at most one `bdev_lvol_get_changes` call walks (bounding its reply and
+/// the time it borrows the pool state).
 pub const CHANGES_MAX: u64 = 4096;
 
 /// One `bdev_lvol_get_changes` reply.
@@ -579,7 +579,7 @@ fn get_changes(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let base = c.base.as_deref().map(|b| lvol(control, b)).transpose()?;
     let max = c.max_extents.unwrap_or(CHANGES_MAX);
     if !(1..=CHANGES_MAX).contains(&max) {
-        return Err(invalid(format!("max_extents {max}: 1 to {CHANGES_MAX}")));
+        return Err(invalid_parameters(format!("max_extents {max}: 1 to {CHANGES_MAX}")));
     }
     // Read under the shared borrow: the cores' decisions go on meanwhile.
     let m = pool.meta_shared();
@@ -587,15 +587,15 @@ fn get_changes(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let base = base.map(|b| m.find(&b)).transpose().map_err(pool_err)?;
     let size = m.volume(id).map_err(pool_err)?.size_bytes;
     if c.offset > size {
-        return Err(invalid(format!("offset {} is beyond the volume ({size} bytes)", c.offset)));
+        let beyond = format!("offset {} is beyond the volume ({size} bytes)", c.offset);
+        return Err(invalid_parameters(beyond));
     }
     let len = c.length.unwrap_or(size - c.offset).min(size - c.offset);
     let runs = match base {
         None => m.allocation(id, c.offset, len, max as usize),
         Some(base) => m.changes(id, base, c.offset, len, max as usize).map_err(|e| match e {
-            PoolError::OtherFamily { .. } => invalid(format!(
-                "Invalid parameters: {} is not of {name}'s family (its snapshots, clones and \
-                 origin)",
+            PoolError::OtherFamily { .. } => invalid_parameters(format!(
+                "{} is not of {name}'s family (its snapshots, clones and origin)",
                 c.base.as_deref().unwrap_or_default()
             )),
             e => pool_err(e),

@@ -275,7 +275,7 @@ impl Tree {
     /// share (a snapshot and its origin, before either changed them) are skipped whole, so the
     /// cost follows what changed since they shared it, not the range. Trees of different
     /// depths (one grown since) compare as if the shallower had its root under child 0.
-    /// Returns the leaves compared (entry by entry).
+    /// Returns how many leaves it compared entry by entry (the rest it skipped whole).
     pub fn differences_in(
         &self,
         other: &Tree,
@@ -530,24 +530,25 @@ mod tests {
         }
     }
 
-    /// A snapshot of a volume mapped everywhere (2^18 clusters in 512 leaves) that then
-    /// changed in one cluster is compared leaf by leaf only where they differ: one leaf, the
-    /// shared 511 skipped whole; a tree grown deeper since shares the same subtrees.
+    /// A snapshot of a volume mapped everywhere (FANOUT leaves: 2^18 clusters in 512) that
+    /// then changed in one cluster is compared leaf by leaf only where they differ: one leaf,
+    /// the shared others skipped whole; a tree grown deeper since shares the same subtrees.
     #[test]
     fn shared_subtrees_are_skipped() {
         let n = (FANOUT * FANOUT) as u64;
+        let changed = n / 2 + 3;
         let mut t = Tree::new(n);
         for vc in 0..n {
             t.set(vc, Entry::new(1 + vc, 1), |_| {});
         }
         let snap = t.clone();
-        t.set(123_456, Entry::new(n + 7, 1), |_| {});
+        t.set(changed, Entry::new(n + 7, 1), |_| {});
         let mut seen = Vec::new();
         let leaves = t.differences_in(&snap, 0, u64::MAX, |vc, x, y| {
             seen.push((vc, x, y));
             true
         });
-        assert_eq!(seen, vec![(123_456, Entry::new(n + 7, 1), Entry::new(123_457, 1))]);
+        assert_eq!(seen, vec![(changed, Entry::new(n + 7, 1), Entry::new(changed + 1, 1))]);
         assert_eq!(leaves, 1, "only the leaf that differs is compared");
         t.grow(n * FANOUT as u64);
         assert_eq!(t.differences_in(&snap, 0, u64::MAX, |_, _, _| true), 1, "grown: the same");

@@ -506,12 +506,8 @@ pub fn encode_error_chunk(out: &mut Vec<u8>, handle: u64, error: u32, message: &
     out.extend_from_slice(msg);
 }
 
-/// NBD_REPLY_TYPE_BLOCK_STATUS with DONE: context id and (length, flags) descriptors.
-pub fn encode_block_status(out: &mut Vec<u8>, handle: u64, context: u32, extents: &[(u32, u32)]) {
-    encode_block_status_chunk(out, handle, context, extents, true);
-}
-
-/// NBD_REPLY_TYPE_BLOCK_STATUS for one context of several: DONE only on the reply's last chunk.
+/// NBD_REPLY_TYPE_BLOCK_STATUS for one context: its id and (length, flags) descriptors; DONE
+/// only on the reply's last chunk (a reply holds one per selected context).
 pub fn encode_block_status_chunk(
     out: &mut Vec<u8>,
     handle: u64,
@@ -695,7 +691,13 @@ mod tests {
         encode_error_chunk(&mut out, 7, ENOSPC, "x");
         assert_eq!(out, hex("668e33ef 0001 8001 0000000000000007 00000007 0000001c 0001 78"));
         out.clear();
-        encode_block_status(&mut out, 7, 1, &[(4096, STATE_HOLE | STATE_ZERO), (512, 0)]);
+        encode_block_status_chunk(
+            &mut out,
+            7,
+            1,
+            &[(4096, STATE_HOLE | STATE_ZERO), (512, 0)],
+            true,
+        );
         assert_eq!(
             out,
             hex("668e33ef 0001 0005 0000000000000007 00000014 00000001 00001000 00000003 00000200 00000000")

@@ -1,6 +1,7 @@
 //! NBD handshake state machine: fixed newstyle option haggling, from the client's flags to
-//! the start of transmission. Pure: bytes in, bytes out, no I/O, so it is tested and fuzzed
-//! without sockets.
+//! the start of transmission. Bytes in, bytes out, no I/O (it asks the export table, and an
+//! export's device which images it can compare with), so it is tested and fuzzed without
+//! sockets.
 
 use std::sync::Arc;
 

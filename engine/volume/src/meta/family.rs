@@ -245,7 +245,6 @@ impl Family {
         e.cluster().is_some() && e.written() & (1 << ((at % self.geo.cluster_bytes) / PIECE)) != 0
     }
 
-    /// Written runs of `[offset, offset + len)` of volume `id` (see `PoolMeta::allocation`).
     /// Runs of `[offset, offset + len)` (clamped to volume `id`'s size) where `id` may read
     /// differently from volume `base` of this family: (start, length, changed), in order,
     /// adjacent runs merged, at 4 KiB granularity; the first `max` of them (the walk stops
@@ -296,6 +295,7 @@ impl Family {
         Some(out)
     }
 
+    /// Written runs of `[offset, offset + len)` of volume `id` (see `PoolMeta::allocation`).
     pub(super) fn allocation(
         &self,
         id: u32,
@@ -306,7 +306,6 @@ impl Family {
         let Some(v) = self.volumes.get(&id) else { return Vec::new() };
         let end = offset.saturating_add(len).min(v.size_bytes);
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        let push = push_run;
         let cb = self.geo.cluster_bytes;
         let mut at = offset;
         for (vc, e) in v.tree.entries_in(offset / cb, end.div_ceil(cb)) {
@@ -322,13 +321,13 @@ impl Family {
                     continue;
                 }
                 if e.written() & (1 << bit) != 0 {
-                    push(&mut out, at, p0, false);
-                    push(&mut out, p0, p1, true);
+                    push_run(&mut out, at, p0, false);
+                    push_run(&mut out, p0, p1, true);
                     at = p1;
                 }
             }
         }
-        push(&mut out, at, end, false);
+        push_run(&mut out, at, end, false);
         out.truncate(max);
         out
     }

@@ -104,7 +104,7 @@ pub enum PoolError {
     NotSnapshot(u32),
     #[error("snapshot {snap} was not taken of volume {vol}")]
     NotSnapshotOf { snap: u32, vol: u32 },
-    #[error("volume {base} is not of volume {vol}'s family (its snapshots and clones)")]
+    #[error("volume {base} is not of volume {vol}'s family (its snapshots, clones and origin)")]
     OtherFamily { vol: u32, base: u32 },
     #[error("range beyond the end of volume {0}")]
     Range(u32),

@@ -193,6 +193,11 @@ def main(r):
                        [(o, n) for o, n, t in allocation if not t & 1],
                        [(e["offset"], e["length"]) for e in json.loads(cli.stdout or "{}")
                         .get("extents", [])] if cli.returncode == 0 else cli.stderr)
+            for bad in (0, 4097):
+                p = b.ctl("rpc", "bdev_lvol_get_changes",
+                          json.dumps({"name": "s2", "base": "s1", "max_extents": bad}))
+                r.check("max_extents %d is refused (1 to 4096)" % bad,
+                        p.returncode != 0 and "max_extents" in p.stderr, p.stderr)
             p = b.ctl("rpc", "bdev_lvol_get_changes", json.dumps({"name": "v", "base": "w"}))
             r.check("... against w (another family): refused, naming it",
                     p.returncode != 0 and "w is not of v's family" in p.stderr, p.stderr)

@@ -39,7 +39,8 @@ import urllib.request
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402
 import nvmeraw  # noqa: E402
-from ballast_testlib import REPO_ROOT, Ballast, free_port, guarded, wait_for  # noqa: E402
+from ballast_testlib import (REPO_ROOT, Ballast, ballast_bin, free_port, guarded,  # noqa: E402
+                             wait_for)
 
 PERF = os.environ.get("BALLAST_PERF_BIN") or os.path.join(
     REPO_ROOT, "build", "cargo", "release", "ballast-perf")
@@ -146,6 +147,12 @@ def main(r):
     if not os.access(PERF, os.X_OK):
         r.bad("ballast-perf built", PERF)
         return
+    for bad in ("0", "32M"):
+        p = subprocess.run([ballast_bin(), "serve", "--cores", "1", "--buffer-memory", "16M",
+                            "--qos-wait-memory", bad, "--export", "a=ram:1M"],
+                           capture_output=True, text=True, timeout=30)
+        r.check("--qos-wait-memory %s is refused (1 MiB per core to --buffer-memory)" % bad,
+                p.returncode != 0 and "--qos-wait-memory" in p.stderr, p.stderr[-300:])
     mport = free_port()
     with Ballast(["--cores", "1", "--buffer-memory", "16M", "--qos-wait-memory", "2M",
                   "--export", "a=ram:256M", "--export", "b=ram:256M",

@@ -777,6 +777,36 @@ mod tests {
         assert_eq!(set(&["qemu:"]), (vec![], false, None), "SET takes exact names only");
     }
 
+    /// A family of more than `META_LIST_MAX` kin: LIST names the first `META_LIST_MAX` (one
+    /// option's replies stay bounded), SET still reaches one beyond by its name.
+    #[test]
+    fn listing_dirty_bitmaps_is_bounded() {
+        let t = ExportTable::default();
+        let kin: Vec<String> = (0..META_LIST_MAX + 5).map(|i| format!("s{i}")).collect();
+        for name in &kin {
+            let dev = Arc::new(RamDev::new(1 << 20));
+            t.add(Export { name: name.clone(), description: "d".into(), dev, read_only: true })
+                .unwrap();
+        }
+        let last = kin.last().unwrap().clone();
+        let dev = Arc::new(WithKin(RamDev::new(1 << 20), kin));
+        t.add(Export { name: "v".into(), description: "d".into(), dev, read_only: false }).unwrap();
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(opt(codec::OPT_LIST_META_CONTEXT, &meta_query("v", &["qemu:"])));
+        let (out, _) = run(&mut Handshake::new(), &input, 1 << 20, &t);
+        let listed = contexts(&out, 0);
+        assert_eq!(listed.len(), META_LIST_MAX);
+        assert_eq!(listed[0].1, format!("{META_BITMAP_PREFIX}s0"));
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(opt(codec::OPT_STRUCTURED_REPLY, &[]));
+        let by_name = format!("{META_BITMAP_PREFIX}{last}");
+        input.extend(opt(codec::OPT_SET_META_CONTEXT, &meta_query("v", &[&by_name])));
+        input.extend(opt(codec::OPT_GO, &info_data("v")));
+        let (_, step) = run(&mut Handshake::new(), &input, 1 << 20, &t);
+        let Some(Step::Enter(n)) = step else { panic!("no enter") };
+        assert_eq!(n.meta_bitmap.map(|b| b.name), Some(last));
+    }
+
     /// NBD_OPT_LIST_META_CONTEXT names the context with id 0 (proto.md: it SHOULD; ids are
     /// SET_META_CONTEXT's), SET with its id.
     #[test]

@@ -264,35 +264,20 @@ impl Family {
     ) -> Option<Vec<(u64, u64, bool)>> {
         let (v, b) = (self.volumes.get(&id)?, self.volumes.get(&base)?);
         let end = offset.saturating_add(len).min(v.size_bytes);
-        let mut out: Vec<(u64, u64, bool)> = Vec::new();
         if end <= offset {
-            return Some(out);
+            return Some(Vec::new());
         }
         let cb = self.geo.cluster_bytes;
-        let mut at = offset;
+        let mut runs = PieceRuns::new(offset, end, cb);
         v.tree.differences_in(&b.tree, offset / cb, end.div_ceil(cb), |vc, mine, theirs| {
-            for bit in 0..cb / PIECE {
-                let p0 = (vc * cb + bit * PIECE).max(offset);
-                let p1 = (vc * cb + (bit + 1) * PIECE).min(end);
-                if p1 <= p0 {
-                    continue;
-                }
+            let changed = |bit: u64| {
                 let (wm, wt) =
                     (mine.written() & (1 << bit) != 0, theirs.written() & (1 << bit) != 0);
-                if wm != wt || (wm && mine.cluster() != theirs.cluster()) {
-                    push_run(&mut out, at, p0, false);
-                    push_run(&mut out, p0, p1, true);
-                    at = p1;
-                }
-            }
-            // The first `max` runs are whole once a later one has begun.
-            out.len() <= max
+                wm != wt || (wm && mine.cluster() != theirs.cluster())
+            };
+            runs.cluster(vc, changed, max)
         });
-        if out.len() <= max {
-            push_run(&mut out, at, end, false);
-        }
-        out.truncate(max);
-        Some(out)
+        Some(runs.finish(max))
     }
 
     /// Written runs of `[offset, offset + len)` of volume `id` (see `PoolMeta::allocation`).
@@ -305,31 +290,14 @@ impl Family {
     ) -> Vec<(u64, u64, bool)> {
         let Some(v) = self.volumes.get(&id) else { return Vec::new() };
         let end = offset.saturating_add(len).min(v.size_bytes);
-        let mut out: Vec<(u64, u64, bool)> = Vec::new();
         let cb = self.geo.cluster_bytes;
-        let mut at = offset;
+        let mut runs = PieceRuns::new(offset, end, cb);
         for (vc, e) in v.tree.entries_in(offset / cb, end.div_ceil(cb)) {
-            if out.len() > max {
-                // The first `max` runs are whole: a later one has begun.
-                out.truncate(max);
-                return out;
-            }
-            for bit in 0..cb / PIECE {
-                let p0 = (vc * cb + bit * PIECE).max(offset);
-                let p1 = (vc * cb + (bit + 1) * PIECE).min(end);
-                if p1 <= p0 {
-                    continue;
-                }
-                if e.written() & (1 << bit) != 0 {
-                    push_run(&mut out, at, p0, false);
-                    push_run(&mut out, p0, p1, true);
-                    at = p1;
-                }
+            if !runs.cluster(vc, |bit| e.written() & (1 << bit) != 0, max) {
+                break;
             }
         }
-        push_run(&mut out, at, end, false);
-        out.truncate(max);
-        out
+        runs.finish(max)
     }
 
     pub(super) fn touch(&mut self, cluster: u64) {
@@ -666,6 +634,48 @@ impl Families {
 
     pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut Family> {
         self.slots.iter_mut().filter_map(|s| s.as_mut()).map(|fam| fam.get_mut())
+    }
+}
+
+/// Runs of 4 KiB pieces over `[offset, end)` built cluster by cluster, in order: the pieces a
+/// cluster flags, and unflagged gaps between them (start, length, flag), adjacent runs merged.
+struct PieceRuns {
+    out: Vec<(u64, u64, bool)>,
+    /// Where the unflagged gap before the next flagged piece begins.
+    at: u64,
+    offset: u64,
+    end: u64,
+    cluster_bytes: u64,
+}
+
+impl PieceRuns {
+    fn new(offset: u64, end: u64, cluster_bytes: u64) -> PieceRuns {
+        PieceRuns { out: Vec::new(), at: offset, offset, end, cluster_bytes }
+    }
+
+    /// Volume cluster `vc`'s pieces (within the range) for which `flagged(bit)` holds; false
+    /// once more than `max` runs have begun (the first `max` are then whole: stop walking).
+    fn cluster(&mut self, vc: u64, flagged: impl Fn(u64) -> bool, max: usize) -> bool {
+        let cb = self.cluster_bytes;
+        for bit in 0..cb / PIECE {
+            let p0 = (vc * cb + bit * PIECE).max(self.offset);
+            let p1 = (vc * cb + (bit + 1) * PIECE).min(self.end);
+            if p1 > p0 && flagged(bit) {
+                push_run(&mut self.out, self.at, p0, false);
+                push_run(&mut self.out, p0, p1, true);
+                self.at = p1;
+            }
+        }
+        self.out.len() <= max
+    }
+
+    /// The first `max` runs, the gap after the last flagged piece included.
+    fn finish(mut self, max: usize) -> Vec<(u64, u64, bool)> {
+        if self.out.len() <= max {
+            push_run(&mut self.out, self.at, self.end, false);
+        }
+        self.out.truncate(max);
+        self.out
     }
 }
 

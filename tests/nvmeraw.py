@@ -171,11 +171,11 @@ class Host:
         self.cid = (self.cid + 1) & 0xFFFF
         return self.cid
 
-    def connect(self, subnqn, qid=0, sqsize=127, cntlid=0xFFFF, kato_ms=0):
+    def connect(self, subnqn, qid=0, sqsize=127, cntlid=0xFFFF, kato_ms=0, hostid=b"\x11" * 16):
         cid = self.next_cid()
         cmd = sqe(FABRICS, cid, sgl_len=1024, sgl_type=SGL_INCAPSULE,
                   cdw=(qid << 16, sqsize, kato_ms, 0, 0, 0), fctype=FCTYPE_CONNECT)
-        self.send(capsule(cmd, connect_data(subnqn, cntlid=cntlid)))
+        self.send(capsule(cmd, connect_data(subnqn, cntlid=cntlid, hostid=hostid)))
         _, status, dw0 = self.response()
         if status != 0:
             raise AssertionError("connect (qid %d) failed: status 0x%x" % (qid, status))
@@ -262,16 +262,17 @@ class Host:
                            cdw=(slba & 0xFFFFFFFF, slba >> 32, nbytes // lba - 1, 0, 0, 0)))
 
 
-def io_queue(port, subnqn, timeout=10.0, rcvbuf=None, hostnqn_suffix="", digests=False):
+def io_queue(port, subnqn, timeout=10.0, rcvbuf=None, hostnqn_suffix="", digests=False,
+             hostid=b"\x11" * 16):
     """An admin queue (enabled) and one I/O queue of 128 entries on a new controller (both with
-    header and data digests if `digests`)."""
+    header and data digests if `digests`) of the host with identifier `hostid`."""
     admin = Host(port, timeout, digests=digests)
     admin.handshake()
-    cntlid = admin.connect(subnqn, qid=0, sqsize=31)
+    cntlid = admin.connect(subnqn, qid=0, sqsize=31, hostid=hostid)
     admin.enable()
     io = Host(port, timeout, rcvbuf=rcvbuf, digests=digests)
     io.handshake()
-    io.connect(subnqn, qid=1, sqsize=127, cntlid=cntlid)
+    io.connect(subnqn, qid=1, sqsize=127, cntlid=cntlid, hostid=hostid)
     return admin, io
 
 

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -159,6 +160,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..=65_536))]
     max_hosts_per_subsystem: u64,
+    /// NVMe reservation registrations one namespace keeps (hosts registered with a key);
+    /// a host past it is refused its Reservation Register.
+    #[arg(long, value_name = "N", default_value_t = ballast_nvmf::resv::REGISTRANTS_DEFAULT as u64,
+          value_parser = clap::value_parser!(u64).range(1..=ballast_nvmf::resv::REGISTRANTS_LIMIT_MAX as u64))]
+    nvmf_max_registrants: u64,
     /// Seconds an NBD handshake, or NVMe/TCP ICReq + Connect, may take before the connection
     /// is dropped.
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
@@ -356,6 +362,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let target = Arc::new(ballast_nvmf::Target::default());
+    target.resv_registrants.store(args.nvmf_max_registrants as usize, Ordering::Relaxed);
     let limits = RegistryLimits {
         max_exports: args.max_exports as usize,
         ram_bytes: args.ram_export_memory.unwrap_or_else(registry::physical_memory),

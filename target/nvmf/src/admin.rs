@@ -48,6 +48,11 @@ const FEAT_NUM_QUEUES: u8 = 0x07;
 const FEAT_IRQ_COALESCE: u8 = 0x08;
 const FEAT_ASYNC_EVENT: u8 = 0x0b;
 const FEAT_KATO: u8 = 0x0f;
+const FEAT_RESV_MASK: u8 = 0x82;
+const FEAT_RESV_PERSIST: u8 = 0x83;
+/// Reservation Notification Mask bits a host may set (registration preempted, reservation
+/// released, reservation preempted).
+const RESV_MASK_BITS: u32 = 0b1110;
 
 /// Log page identifiers.
 const LOG_ERROR: u8 = 0x01;
@@ -55,6 +60,8 @@ const LOG_SMART: u8 = 0x02;
 const LOG_FIRMWARE: u8 = 0x03;
 const LOG_CHANGED_NS: u8 = 0x04;
 const LOG_DISCOVERY: u8 = 0x70;
+/// Reservation Notification: always empty (no notifications are raised, see `resv`).
+const LOG_RESERVATION: u8 = 0x80;
 
 /// An AER completion for "namespace attribute changed": notice, info 0, log page 04h.
 pub const AEN_NS_CHANGED: u32 = ((LOG_CHANGED_NS as u32) << 16) | 0x02;
@@ -79,6 +86,8 @@ pub struct AdminState {
     pub error_recovery: u32,
     /// Write Atomicity Normal (0x0a): DN bit; kept (AWUN is 0 anyway).
     pub write_atomicity: u32,
+    /// Reservation Notification Mask (0x82); kept (no notifications are raised).
+    pub resv_mask: u32,
     /// CIDs of held Asynchronous Event Requests.
     pub aers: Vec<u16>,
 }
@@ -94,6 +103,7 @@ impl AdminState {
             arbitration: 0,
             error_recovery: 0,
             write_atomicity: 0,
+            resv_mask: 0,
             aers: Vec::new(),
         }
     }
@@ -241,6 +251,7 @@ impl AdminState {
             (LOG_SMART, false) => identify::smart_log(&self.ctrl),
             (LOG_FIRMWARE, false) => identify::firmware_log(),
             (LOG_CHANGED_NS, false) => identify::changed_namespaces_log(&self.ctrl, retain),
+            (LOG_RESERVATION, false) => vec![0u8; 64],
             _ => return Reply::status(status::INVALID_LOG_PAGE),
         };
         if offset % 4 != 0 || offset > page.len() as u64 {
@@ -316,6 +327,18 @@ impl AdminState {
                 self.write_atomicity = sqe.cdw11 & 1;
                 Reply::default()
             }
+            FEAT_RESV_MASK if !self.discovery() => {
+                if sqe.cdw11 & !RESV_MASK_BITS != 0 {
+                    return Reply::status(status::INVALID_FIELD);
+                }
+                self.resv_mask = sqe.cdw11;
+                Reply::default()
+            }
+            // Persist Through Power Loss is not offered (RESCAP bit 0 clear): only "off".
+            FEAT_RESV_PERSIST if !self.discovery() => match sqe.cdw11 & 1 {
+                0 => Reply::default(),
+                _ => Reply::status(status::INVALID_FIELD),
+            },
             _ => Reply::status(status::INVALID_FIELD),
         }
     }
@@ -336,6 +359,8 @@ impl AdminState {
             FEAT_POWER_MGMT if !self.discovery() => 0,
             FEAT_ERROR_RECOVERY if !self.discovery() => self.error_recovery,
             FEAT_WRITE_ATOMICITY if !self.discovery() => self.write_atomicity,
+            FEAT_RESV_MASK if !self.discovery() => self.resv_mask,
+            FEAT_RESV_PERSIST if !self.discovery() => 0,
             _ => return Reply::status(status::INVALID_FIELD),
         };
         Reply { dw0, ..Reply::default() }
@@ -560,6 +585,33 @@ mod tests {
         assert_eq!(a.ctrl.kato_ms.load(Ordering::Relaxed), 15000);
         let r = a.execute(&t, &cmd(admin::SET_FEATURES, 0, [0x99, 0, 0, 0, 0, 0]));
         assert_eq!(r.status, status::INVALID_FIELD);
+    }
+
+    /// Reservation features: the notification mask is kept (only its three bits), persistence
+    /// through power loss reads off and cannot be turned on; the notification log reads empty.
+    #[test]
+    fn reservation_features_and_log() {
+        let (t, mut a) = setup();
+        a.property_set(prop::CC, 1);
+        let feat = |a: &mut AdminState, op: u8, fid: u8, v: u32| {
+            let r = a.execute(&t, &cmd(op, 1, [fid as u32, v, 0, 0, 0, 0]));
+            (r.status, r.dw0)
+        };
+        assert_eq!(feat(&mut a, admin::SET_FEATURES, FEAT_RESV_MASK, 0b0110).0, status::SUCCESS);
+        assert_eq!(feat(&mut a, admin::GET_FEATURES, FEAT_RESV_MASK, 0), (status::SUCCESS, 0b0110));
+        assert_eq!(feat(&mut a, admin::SET_FEATURES, FEAT_RESV_MASK, 1).0, status::INVALID_FIELD);
+        assert_eq!(feat(&mut a, admin::GET_FEATURES, FEAT_RESV_MASK, 0).1, 0b0110, "unchanged");
+        assert_eq!(feat(&mut a, admin::GET_FEATURES, FEAT_RESV_PERSIST, 0), (status::SUCCESS, 0));
+        assert_eq!(
+            feat(&mut a, admin::SET_FEATURES, FEAT_RESV_PERSIST, 1).0,
+            status::INVALID_FIELD
+        );
+        assert_eq!(feat(&mut a, admin::SET_FEATURES, FEAT_RESV_PERSIST, 0).0, status::SUCCESS);
+        let mut log =
+            cmd(admin::GET_LOG_PAGE, 0, [(15 << 16) | LOG_RESERVATION as u32, 0, 0, 0, 0, 0]);
+        log.sgl_len = 64;
+        let r = a.execute(&t, &log);
+        assert_eq!((r.status, r.data), (status::SUCCESS, Some(vec![0u8; 64])));
     }
 
     /// The mandatory features SPDK's identify asks for: Arbitration, Power Management, Error

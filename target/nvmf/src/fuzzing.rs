@@ -13,6 +13,7 @@ use crate::identify::{IDENTIFY_LEN, IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES};
 use crate::nvme::{self, fctype, ConnectData, Sqe, FABRICS_OPCODE, SQE_LEN};
 use crate::pdu::{self, kind, CommonHeader, H2cData, IcReq};
 use crate::queue::MAXH2CDATA;
+use crate::resv::{Access, Reservations};
 use crate::subsys::{ListenAddr, Subsystem, Target};
 
 /// Runs decoding under an allocation bound.
@@ -297,6 +298,46 @@ pub fn capsule_case(input: &[u8], meter: &mut impl Meter) {
     target.remove_controller(cntlid);
 }
 
+/// `reservations`: a sequence of reservation commands from four hosts against one namespace's
+/// [`Reservations`] (limit 3: the limit is reached), 22 bytes each: host, command (Register,
+/// Acquire, Release, Report), CDW10, CDW11, data length (0..=16) and 16 bytes of keys (only
+/// the first `length` given). Every command keeps the invariants (each asserts them), a
+/// report is never longer than the host's buffer nor [`Reservations::report_max`], and a
+/// host the table says holds the reservation may read and write.
+pub fn reservations_case(input: &[u8], meter: &mut impl Meter) {
+    let mut r = Input(input);
+    let mut table = Reservations::with_limit(3);
+    let hosts = [[1u8; 16], [2; 16], [3; 16], [4; 16]];
+    while !r.0.is_empty() {
+        let host = &hosts[usize::from(r.u8() % 4)];
+        let command = r.u8() % 4;
+        let (cdw10, cdw11) = (r.u32(), r.u32());
+        let len = usize::from(r.u8() % 17);
+        let mut data = [0u8; 16];
+        data.iter_mut().for_each(|b| *b = r.u8());
+        let data = &data[..len];
+        meter.run(2 * table.report_max() + 256, || match command {
+            0 => drop(table.register(host, cdw10, data)),
+            1 => drop(table.acquire(host, cdw10, data)),
+            2 => drop(table.release(host, cdw10, data)),
+            _ => {
+                let asked = (cdw10 as usize % 8192 + 1) * 4;
+                if let Ok(report) = table.report(cdw11, asked.min(table.report_max())) {
+                    assert!(report.len() <= asked && report.len() <= table.report_max());
+                }
+            }
+        });
+        table.assert_invariants();
+    }
+    for h in &hosts {
+        let report = table.report(1, table.report_max()).expect("extended report");
+        let holds = report[64..].chunks_exact(64).any(|e| e[16..32] == h[..] && e[2] == 1);
+        if holds {
+            assert!(table.check(h, Access::Read).is_ok() && table.check(h, Access::Write).is_ok());
+        }
+    }
+}
+
 /// One H2CData header: (offset, DATAL, PLEN).
 fn h2c_header(offset: u32, len: u32, plen: u32, ddgst: bool) -> [u8; pdu::DATA_HLEN] {
     let mut b = [0u8; pdu::DATA_HLEN];
@@ -402,6 +443,11 @@ mod tests {
         #[test]
         fn capsule(bytes in vec(any::<u8>(), 0..200)) {
             capsule_case(&bytes, &mut Unmetered);
+        }
+
+        #[test]
+        fn reservations(bytes in vec(any::<u8>(), 0..600)) {
+            reservations_case(&bytes, &mut Unmetered);
         }
 
         #[test]

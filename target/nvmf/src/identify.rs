@@ -58,7 +58,7 @@ pub fn controller(ctrl: &Controller) -> Vec<u8> {
     put16(&mut b, 514, QUEUE_ENTRIES_MAX);
     if !discovery {
         put32(&mut b, 516, nn);
-        put16(&mut b, 520, (1 << 2) | (1 << 3)); // ONCS: DSM, Write Zeroes
+        put16(&mut b, 520, (1 << 2) | (1 << 3) | (1 << 5)); // ONCS: DSM, Write Zeroes, Reservations
         b[525] = 0x07; // VWC present; flush with NSID FFFFFFFFh supported
     }
     put32(&mut b, 536, 1 | (1 << 20)); // SGLS: supported, offsets for in-capsule data
@@ -85,6 +85,7 @@ pub fn namespace(ns: &Namespace) -> Vec<u8> {
     b[25] = 1; // NLBAF: two formats
     b[26] = if ns.lba_shift == 12 { 1 } else { 0 }; // FLBAS
     b[30] = 1; // NMIC: may be shared
+    b[31] = crate::resv::RESCAP;
 
     // DLFEAT: Write Zeroes may deallocate (bit 3); deallocated blocks read zero (001b) only
     // where a discard really zeroes its whole range (hosts may zero by deallocating).

@@ -19,6 +19,7 @@ pub mod nvme;
 pub mod pdu;
 pub mod psk;
 pub mod queue;
+pub mod resv;
 pub mod secret;
 pub mod spread;
 pub mod subsys;

@@ -23,6 +23,10 @@ pub mod io {
     pub const READ: u8 = 0x02;
     pub const WRITE_ZEROES: u8 = 0x08;
     pub const DSM: u8 = 0x09;
+    pub const RESV_REGISTER: u8 = 0x0d;
+    pub const RESV_REPORT: u8 = 0x0e;
+    pub const RESV_ACQUIRE: u8 = 0x11;
+    pub const RESV_RELEASE: u8 = 0x15;
 }
 
 /// Fabrics command opcode and types.

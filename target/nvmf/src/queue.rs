@@ -72,6 +72,7 @@ use crate::auth::{OsEntropy, QueueAuth};
 use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
+use crate::resv::Access;
 use crate::spread::Slot;
 use crate::subsys::{
     Controller, ListenAddr, Namespace, NsCache, QueueInfo, QueueNs, Target, DISCOVERY_NQN,
@@ -1097,6 +1098,7 @@ impl Queue {
     /// Validates an I/O command; on success returns the namespace and byte range.
     fn check_io(&mut self, sqe: &Sqe) -> Result<(QueueNs, u64, u32), Status> {
         let ns = self.io_namespace(sqe.nsid).ok_or(status::INVALID_NAMESPACE)?;
+        self.reserved_for(&ns, sqe.opcode)?;
         let nlb = u64::from(sqe.nlb());
         let end = sqe.slba().checked_add(nlb).ok_or(status::LBA_OUT_OF_RANGE)?;
         if end > ns.blocks() {
@@ -1105,6 +1107,52 @@ impl Queue {
         let bytes = nlb << ns.lba_shift;
         let offset = sqe.slba() << ns.lba_shift;
         Ok((ns, offset, bytes.min(u64::from(u32::MAX)) as u32))
+    }
+
+    /// Reservation Conflict if a reservation on `ns` keeps this queue's host from I/O command
+    /// `opcode`.
+    fn reserved_for(&self, ns: &Namespace, opcode: u8) -> Result<(), Status> {
+        let (Some(ctrl), Some(access)) = (self.ctrl.as_ref(), Access::of_opcode(opcode)) else {
+            return Ok(());
+        };
+        ns.resv.check(&ctrl.hostid, access)
+    }
+
+    /// Reservation Register, Acquire, Release (data in the capsule: both keys) and Report
+    /// (data to the host), decided by the namespace's [`crate::resv::Reservations`].
+    fn on_reservation(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
+        let Some(ns) = self.io_namespace(sqe.nsid) else {
+            return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
+        };
+        let Some(host) = self.ctrl.as_ref().map(|c| c.hostid) else {
+            return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
+        };
+        if sqe.opcode == io::RESV_REPORT {
+            if sqe.sgl_type != nvme::SGL_TRANSPORT_DATA_BLOCK {
+                return self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID);
+            }
+            // NUMDs from the host, bounded by its buffer and by the largest report.
+            let asked = (sqe.cdw10 as usize + 1) * 4;
+            return match ns.resv.command(|r| {
+                r.report(sqe.cdw11, asked.min(sqe.sgl_len as usize).min(r.report_max()))
+            }) {
+                Ok(report) => {
+                    let mut buf = cx.buf_with_capacity(report.len());
+                    buf.extend_from_slice(&report);
+                    self.respond_with_data(cx, sqe.cid, buf, 0);
+                }
+                Err(st) => self.respond(sqe.cid, 0, 0, st),
+            };
+        }
+        if sqe.sgl_type != nvme::SGL_DATA_BLOCK_OFFSET || data.len() != sqe.sgl_len as usize {
+            return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+        }
+        let st = ns.resv.command(|r| match sqe.opcode {
+            io::RESV_REGISTER => r.register(&host, sqe.cdw10, data),
+            io::RESV_ACQUIRE => r.acquire(&host, sqe.cdw10, data),
+            _ => r.release(&host, sqe.cdw10, data),
+        });
+        self.respond(sqe.cid, 0, 0, st);
     }
 
     fn on_io(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
@@ -1133,6 +1181,9 @@ impl Queue {
                 Err(st) => self.respond(sqe.cid, 0, 0, st),
             },
             io::DSM => self.on_dsm(cx, sqe, data),
+            io::RESV_REGISTER | io::RESV_REPORT | io::RESV_ACQUIRE | io::RESV_RELEASE => {
+                self.on_reservation(cx, sqe, data)
+            }
             _ => self.respond(sqe.cid, 0, 0, status::INVALID_OPCODE),
         }
     }
@@ -1387,7 +1438,10 @@ impl Queue {
             subsys.namespaces().values().cloned().collect()
         } else {
             match self.io_namespace(sqe.nsid) {
-                Some(ns) => vec![Arc::clone(&ns)],
+                Some(ns) => match self.reserved_for(&ns, sqe.opcode) {
+                    Ok(()) => vec![Arc::clone(&ns)],
+                    Err(st) => return self.respond(sqe.cid, 0, 0, st),
+                },
                 None => return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE),
             }
         };
@@ -1408,6 +1462,9 @@ impl Queue {
         };
         if sqe.sgl_type != nvme::SGL_DATA_BLOCK_OFFSET || data.len() < ranges * 16 {
             return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+        }
+        if let Err(st) = self.reserved_for(&ns, sqe.opcode) {
+            return self.respond(sqe.cid, 0, 0, st);
         }
         let mut work = Vec::with_capacity(ranges);
         for r in data[..ranges * 16].chunks_exact(16) {

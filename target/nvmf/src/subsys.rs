@@ -26,11 +26,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use crate::auth::keys::AuthKeys;
+use crate::nvme::Status;
+use crate::resv::{Access, HostId, Reservations};
 use crate::spread::Spread;
 use crate::tls::{NvmfTls, SecureChannel};
 use ballast_engine::BlockDev;
@@ -174,6 +176,43 @@ pub struct Namespace {
     pub nguid: [u8; 16],
     pub eui64: [u8; 8],
     pub uuid: [u8; 16],
+    /// Its reservations, shared by every controller of the subsystem.
+    pub resv: ResvCell,
+}
+
+/// A namespace's reservations ([`Reservations`]) as every queue of its subsystem shares them.
+/// An I/O command reads `held` (one load of a line written only by reservation commands) and
+/// takes the lock only while a reservation is held; reservation commands take it always.
+/// A command checked just before a reservation changes runs as it would have a moment earlier.
+pub struct ResvCell {
+    held: AtomicBool,
+    table: Mutex<Reservations>,
+}
+
+impl ResvCell {
+    /// No registrations; at most `limit` ever.
+    pub fn new(limit: usize) -> ResvCell {
+        ResvCell {
+            held: AtomicBool::new(false),
+            table: Mutex::new(Reservations::with_limit(limit)),
+        }
+    }
+
+    /// Whether `host` may do `access` on the namespace now.
+    pub fn check(&self, host: &HostId, access: Access) -> Result<(), Status> {
+        if !self.held.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.table.lock().check(host, access)
+    }
+
+    /// Runs a reservation command on the table.
+    pub fn command<R>(&self, f: impl FnOnce(&mut Reservations) -> R) -> R {
+        let mut table = self.table.lock();
+        let r = f(&mut table);
+        self.held.store(table.held(), Ordering::Release);
+        r
+    }
 }
 
 impl Namespace {
@@ -373,6 +412,9 @@ pub struct Target {
     secure: RwLock<BTreeMap<ListenAddr, SecureChannel>>,
     /// The I/O queues each core serves, so new ones go where there are fewest.
     pub spread: Arc<Spread>,
+    /// Registrations each namespace keeps at most (`--nvmf-max-registrants`), for namespaces
+    /// added from now on.
+    pub resv_registrants: AtomicUsize,
 }
 
 impl Default for Target {
@@ -390,6 +432,7 @@ impl Default for Target {
             auth: AuthKeys::default(),
             secure: RwLock::default(),
             spread: Arc::default(),
+            resv_registrants: AtomicUsize::new(crate::resv::REGISTRANTS_DEFAULT),
         }
     }
 }
@@ -589,7 +632,11 @@ impl Target {
             uuid[6] = (uuid[6] & 0x0f) | 0x40; // version 4 layout
             uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
             let eui64 = fnv(&[nqn.as_bytes(), &nsid.to_le_bytes(), id, b"eui64"]).to_be_bytes();
-            map.insert(nsid, Arc::new(Namespace { nsid, dev, lba_shift, nguid, eui64, uuid }));
+            let resv = ResvCell::new(self.resv_registrants.load(Ordering::Relaxed));
+            map.insert(
+                nsid,
+                Arc::new(Namespace { nsid, dev, lba_shift, nguid, eui64, uuid, resv }),
+            );
             Ok(nsid)
         })?;
         self.namespace_changed(&subsys, nsid);

@@ -1,0 +1,332 @@
+use super::*;
+use proptest::prelude::*;
+
+const A: HostId = [0xa; 16];
+const B: HostId = [0xb; 16];
+const C: HostId = [0xc; 16];
+
+fn data(current: u64, other: u64) -> Vec<u8> {
+    let mut d = current.to_le_bytes().to_vec();
+    d.extend_from_slice(&other.to_le_bytes());
+    d
+}
+
+fn register(r: &mut Reservations, h: &HostId, key: u64) -> Status {
+    r.register(h, 0, &data(0, key))
+}
+
+fn acquire(r: &mut Reservations, h: &HostId, key: u64, kind: u32) -> Status {
+    r.acquire(h, kind << 8, &data(key, 0))
+}
+
+fn preempt(r: &mut Reservations, h: &HostId, key: u64, victim: u64, kind: u32) -> Status {
+    r.acquire(h, (kind << 8) | 1, &data(key, victim))
+}
+
+fn release(r: &mut Reservations, h: &HostId, key: u64, kind: u32) -> Status {
+    r.release(h, kind << 8, &data(key, 0))
+}
+
+fn may(r: &Reservations, h: &HostId, a: Access) -> bool {
+    r.check(h, a).is_ok()
+}
+
+/// The specification's table of what each host may do under each type (Base 2.0, "Command
+/// Behavior in the Presence of a Reservation"): holder, registrant, other host; read, write.
+#[test]
+fn each_type_admits_whom_the_specification_says() {
+    #[rustfmt::skip]
+    let table: [(u32, [bool; 6]); 6] = [
+        //        holder r/w    registrant r/w   other r/w
+        (1, [true, true,  true,  false, true,  false]),
+        (2, [true, true,  false, false, false, false]),
+        (3, [true, true,  true,  true,  true,  false]),
+        (4, [true, true,  true,  true,  false, false]),
+        (5, [true, true,  true,  true,  true,  false]),
+        (6, [true, true,  true,  true,  false, false]),
+    ];
+    for (kind, want) in table {
+        let mut r = Reservations::default();
+        assert_eq!(register(&mut r, &A, 1), status::SUCCESS);
+        assert_eq!(register(&mut r, &B, 2), status::SUCCESS);
+        assert!(may(&r, &C, Access::Write), "nothing held: everyone writes");
+        assert_eq!(acquire(&mut r, &A, 1, kind), status::SUCCESS);
+        assert!(r.held());
+        let got = [
+            may(&r, &A, Access::Read),
+            may(&r, &A, Access::Write),
+            may(&r, &B, Access::Read),
+            may(&r, &B, Access::Write),
+            may(&r, &C, Access::Read),
+            may(&r, &C, Access::Write),
+        ];
+        assert_eq!(got, want, "type {kind}");
+        assert_eq!(r.check(&C, Access::Write), Err(RESERVATION_CONFLICT));
+    }
+}
+
+#[test]
+fn opcodes_fall_into_the_read_and_write_groups() {
+    assert_eq!(Access::of_opcode(io::READ), Some(Access::Read));
+    for op in [io::WRITE, io::WRITE_ZEROES, io::DSM, io::FLUSH] {
+        assert_eq!(Access::of_opcode(op), Some(Access::Write));
+    }
+    assert_eq!(Access::of_opcode(0x0d), None, "reservation commands are checked by themselves");
+}
+
+#[test]
+fn registration_keys_are_checked_and_the_generation_counts_changes() {
+    let mut r = Reservations::default();
+    assert_eq!(register(&mut r, &A, 7), status::SUCCESS);
+    assert_eq!(r.generation(), 1);
+    assert_eq!(register(&mut r, &A, 7), status::SUCCESS, "the same key again");
+    assert_eq!(register(&mut r, &A, 8), RESERVATION_CONFLICT, "another key");
+    let g = r.generation();
+    // Replace with the wrong current key: refused, nothing counted.
+    assert_eq!(r.register(&A, 2, &data(9, 10)), RESERVATION_CONFLICT);
+    assert_eq!(r.generation(), g);
+    assert_eq!(r.register(&A, 2, &data(7, 10)), status::SUCCESS);
+    // Ignore Existing Key replaces whatever the key.
+    assert_eq!(r.register(&A, 2 | 1 << 3, &data(0, 11)), status::SUCCESS);
+    assert_eq!(r.register(&A, 1, &data(10, 0)), RESERVATION_CONFLICT, "old key");
+    assert_eq!(r.register(&A, 1, &data(11, 0)), status::SUCCESS);
+    assert_eq!(r.register(&A, 1, &data(11, 0)), RESERVATION_CONFLICT, "not registered now");
+    assert_eq!(r.register(&B, 2, &data(0, 1)), RESERVATION_CONFLICT, "replace unregistered");
+    // Setting Persist Through Power Loss is not offered; clearing it is a no-op.
+    assert_eq!(r.register(&B, 3 << 30, &data(0, 1)), status::INVALID_FIELD);
+    assert_eq!(r.register(&B, 2 << 30, &data(0, 1)), status::SUCCESS);
+    assert_eq!(r.register(&B, 5, &data(0, 1)), status::INVALID_FIELD, "action 5");
+    assert_eq!(r.register(&C, 0, &[0; 15]), status::SGL_DATA_LENGTH_INVALID);
+}
+
+#[test]
+fn registrations_stop_at_their_limit() {
+    let mut r = Reservations::default();
+    for i in 0..REGISTRANTS_DEFAULT {
+        let mut h = [0u8; 16];
+        h[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        assert_eq!(register(&mut r, &h, 1), status::SUCCESS);
+    }
+    assert_eq!(register(&mut r, &[0xff; 16], 1), status::INTERNAL);
+    let report = r.report(1, 4096).unwrap();
+    assert_eq!(u16::from_le_bytes([report[5], report[6]]) as usize, REGISTRANTS_DEFAULT);
+    // One leaves, another may come.
+    assert_eq!(r.register(&[0; 16], 1, &data(1, 0)), status::SUCCESS);
+    assert_eq!(register(&mut r, &[0xff; 16], 1), status::SUCCESS);
+    let mut one = Reservations::with_limit(1);
+    assert_eq!(register(&mut one, &A, 1), status::SUCCESS);
+    assert_eq!(register(&mut one, &B, 1), status::INTERNAL);
+    assert_eq!(one.report_max(), 128);
+}
+
+#[test]
+fn acquire_needs_the_registrants_key_and_conflicts_with_another_holder() {
+    let mut r = Reservations::default();
+    assert_eq!(acquire(&mut r, &A, 1, 1), RESERVATION_CONFLICT, "not registered");
+    register(&mut r, &A, 1);
+    register(&mut r, &B, 2);
+    assert_eq!(acquire(&mut r, &A, 9, 1), RESERVATION_CONFLICT, "wrong key");
+    assert_eq!(acquire(&mut r, &A, 1, 7), status::INVALID_FIELD, "type 7");
+    assert_eq!(r.acquire(&A, (1 << 8) | (1 << 3), &data(1, 0)), status::INVALID_FIELD, "IEKEY");
+    let g = r.generation();
+    assert_eq!(acquire(&mut r, &A, 1, 1), status::SUCCESS);
+    assert_eq!(r.generation(), g, "acquire does not count");
+    assert_eq!(acquire(&mut r, &A, 1, 1), status::SUCCESS, "again, same type");
+    assert_eq!(acquire(&mut r, &A, 1, 2), RESERVATION_CONFLICT, "again, another type");
+    assert_eq!(acquire(&mut r, &B, 2, 1), RESERVATION_CONFLICT, "held by A");
+}
+
+#[test]
+fn all_registrants_types_are_held_by_every_registrant_until_the_last_leaves() {
+    let mut r = Reservations::default();
+    register(&mut r, &A, 1);
+    register(&mut r, &B, 2);
+    assert_eq!(acquire(&mut r, &A, 1, 5), status::SUCCESS);
+    assert_eq!(acquire(&mut r, &B, 2, 5), status::SUCCESS, "B holds it already");
+    let report = r.report(1, 4096).unwrap();
+    assert_eq!(report[64 + 2], 1, "A holds");
+    assert_eq!(report[128 + 2], 1, "B holds");
+    r.register(&A, 1, &data(1, 0));
+    assert!(r.held(), "B still holds it");
+    assert!(may(&r, &B, Access::Write));
+    assert!(!may(&r, &A, Access::Write), "A left");
+    r.register(&B, 1, &data(2, 0));
+    assert!(!r.held(), "the last registrant took it along");
+    assert!(may(&r, &A, Access::Write));
+}
+
+#[test]
+fn a_holder_that_unregisters_ends_its_reservation() {
+    let mut r = Reservations::default();
+    register(&mut r, &A, 1);
+    register(&mut r, &B, 2);
+    acquire(&mut r, &A, 1, 2);
+    assert!(!may(&r, &B, Access::Read));
+    assert_eq!(r.register(&A, 1, &data(1, 0)), status::SUCCESS);
+    assert!(!r.held());
+    assert!(may(&r, &B, Access::Read));
+}
+
+#[test]
+fn preempt_takes_the_reservation_and_drops_the_preempted_registrations() {
+    let mut r = Reservations::default();
+    register(&mut r, &A, 1);
+    register(&mut r, &B, 2);
+    register(&mut r, &C, 1);
+    acquire(&mut r, &A, 1, 1);
+    let g = r.generation();
+    // B preempts the holder's key: A and C (same key) are gone, B holds Exclusive Access.
+    assert_eq!(preempt(&mut r, &B, 2, 1, 2), status::SUCCESS);
+    assert_eq!(r.generation(), g + 1);
+    assert!(may(&r, &B, Access::Write));
+    assert!(!may(&r, &A, Access::Read));
+    assert_eq!(acquire(&mut r, &A, 1, 1), RESERVATION_CONFLICT, "A is no registrant now");
+    let report = r.report(1, 4096).unwrap();
+    assert_eq!(report[4], 2);
+    assert_eq!(u16::from_le_bytes([report[5], report[6]]), 1);
+    // A key nobody has: conflict; key 0 against a one-holder type: invalid field.
+    register(&mut r, &A, 5);
+    assert_eq!(preempt(&mut r, &A, 5, 99, 1), RESERVATION_CONFLICT);
+    assert_eq!(preempt(&mut r, &A, 5, 0, 1), status::INVALID_FIELD);
+    // Another registrant's key that is not the holder's: that registrant goes, B keeps it.
+    register(&mut r, &C, 6);
+    assert_eq!(preempt(&mut r, &A, 5, 6, 1), status::SUCCESS);
+    assert!(r.registrant(&C).is_none());
+    assert_eq!(r.report(1, 64).unwrap()[4], 2, "B's reservation unchanged");
+    // The holder changes its own type by preempting its own key.
+    assert_eq!(preempt(&mut r, &B, 2, 2, 1), status::SUCCESS);
+    assert_eq!(r.report(1, 64).unwrap()[4], 1);
+    assert!(may(&r, &A, Access::Read));
+    // Preempt and abort (action 2) does the same.
+    assert_eq!(r.acquire(&A, (3 << 8) | 2, &data(5, 2)), status::SUCCESS);
+    assert!(r.holds(&A) && r.registrant(&B).is_none());
+}
+
+#[test]
+fn preempt_without_a_reservation_or_of_all_registrants() {
+    let mut r = Reservations::default();
+    register(&mut r, &A, 1);
+    register(&mut r, &B, 2);
+    assert_eq!(preempt(&mut r, &A, 1, 2, 1), status::SUCCESS, "nothing held: B goes");
+    assert!(!r.held() && r.registrant(&B).is_none());
+    register(&mut r, &B, 2);
+    register(&mut r, &C, 3);
+    acquire(&mut r, &B, 2, 6);
+    // Key 0 against all-registrants: everyone else goes, A holds the new type.
+    assert_eq!(preempt(&mut r, &A, 1, 0, 1), status::SUCCESS);
+    assert!(r.holds(&A));
+    assert_eq!(r.registrants.len(), 1);
+    register(&mut r, &B, 2);
+    acquire(&mut r, &A, 1, 1);
+    assert_eq!(release(&mut r, &A, 1, 1), status::SUCCESS);
+    acquire(&mut r, &A, 1, 5);
+    // A key against all-registrants: that key's registrants go, the reservation stays.
+    assert_eq!(preempt(&mut r, &A, 1, 2, 1), status::SUCCESS);
+    assert!(r.registrant(&B).is_none());
+    assert_eq!(r.report(1, 64).unwrap()[4], 5);
+}
+
+#[test]
+fn release_and_clear() {
+    let mut r = Reservations::default();
+    register(&mut r, &A, 1);
+    register(&mut r, &B, 2);
+    acquire(&mut r, &A, 1, 1);
+    assert_eq!(release(&mut r, &B, 2, 1), status::SUCCESS, "not the holder: no effect");
+    assert!(r.held());
+    assert_eq!(release(&mut r, &A, 9, 1), RESERVATION_CONFLICT, "wrong key");
+    assert_eq!(release(&mut r, &A, 1, 2), status::INVALID_FIELD, "wrong type");
+    let g = r.generation();
+    assert_eq!(release(&mut r, &A, 1, 1), status::SUCCESS);
+    assert!(!r.held());
+    assert_eq!(r.generation(), g, "release does not count");
+    assert_eq!(release(&mut r, &A, 1, 1), status::SUCCESS, "nothing held");
+    acquire(&mut r, &B, 2, 2);
+    assert_eq!(r.release(&C, 1, &data(0, 0)), RESERVATION_CONFLICT, "clear needs a registrant");
+    assert_eq!(r.release(&A, 1, &data(1, 0)), status::SUCCESS, "any registrant clears");
+    assert!(!r.held());
+    assert!(r.registrants.is_empty());
+    assert_eq!(r.generation(), g + 1);
+    assert_eq!(r.release(&A, 1 << 3, &data(1, 0)), status::INVALID_FIELD, "IEKEY");
+}
+
+#[test]
+fn the_report_is_the_extended_structure_cut_to_the_buffer() {
+    let mut r = Reservations::default();
+    assert_eq!(r.report(0, 4096), Err(HOST_ID_INCONSISTENT));
+    register(&mut r, &A, 0x1122_3344_5566_7788);
+    register(&mut r, &B, 2);
+    acquire(&mut r, &B, 2, 3);
+    let rep = r.report(1, 4096).unwrap();
+    assert_eq!(rep.len(), 4096);
+    assert_eq!(u32::from_le_bytes(rep[0..4].try_into().unwrap()), 2, "generation");
+    assert_eq!(rep[4], 3, "type");
+    assert_eq!(u16::from_le_bytes([rep[5], rep[6]]), 2, "registrants");
+    assert_eq!(rep[9], 0, "not persisted");
+    let a = &rep[64..128];
+    assert_eq!(u16::from_le_bytes([a[0], a[1]]), 0xffff);
+    assert_eq!(a[2], 0, "A does not hold");
+    assert_eq!(u64::from_le_bytes(a[8..16].try_into().unwrap()), 0x1122_3344_5566_7788);
+    assert_eq!(&a[16..32], &A);
+    assert_eq!(rep[128 + 2], 1, "B holds");
+    assert_eq!(&rep[128 + 16..128 + 32], &B);
+    assert!(rep[192..].iter().all(|b| *b == 0));
+    // A short buffer gets the start, with the full count.
+    let short = r.report(1, 100).unwrap();
+    assert_eq!(short.len(), 100);
+    assert_eq!(&short[..], &rep[..100]);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Register(usize, u32, u64, u64),
+    Acquire(usize, u32, u64, u64),
+    Release(usize, u32, u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let host = 0..3usize;
+    let key = 0..3u64;
+    prop_oneof![
+        (host.clone(), 0..4u32, key.clone(), key.clone()).prop_map(|(h, a, c, n)| Op::Register(
+            h,
+            a | if n == 2 { 1 << 3 } else { 0 },
+            c,
+            n
+        )),
+        (host.clone(), 0..3u32, 1..7u32, key.clone(), key.clone())
+            .prop_map(|(h, a, t, c, p)| Op::Acquire(h, a | (t << 8), c, p)),
+        (host, 0..2u32, 1..7u32, key).prop_map(|(h, a, t, c)| Op::Release(h, a | (t << 8), c)),
+    ]
+}
+
+proptest! {
+    /// Any sequence of commands from three hosts keeps the invariants (asserted inside each
+    /// command), a holder may always do everything, and the generation moves only on a
+    /// successful Register, Preempt or Clear.
+    #[test]
+    fn random_commands_keep_the_invariants(ops in proptest::collection::vec(op(), 1..60)) {
+        let hosts = [A, B, C];
+        let mut r = Reservations::default();
+        for op in ops {
+            let g = r.generation();
+            let (st, counts) = match op {
+                Op::Register(h, cdw10, c, n) => (r.register(&hosts[h], cdw10, &data(c, n)), true),
+                Op::Acquire(h, cdw10, c, p) => {
+                    (r.acquire(&hosts[h], cdw10, &data(c, p)), cdw10 & 7 != 0)
+                }
+                Op::Release(h, cdw10, c) => (r.release(&hosts[h], cdw10, &data(c, 0)), cdw10 & 7 == 1),
+            };
+            let want = if st == status::SUCCESS && counts { g.wrapping_add(1) } else { g };
+            prop_assert_eq!(r.generation(), want);
+            for h in &hosts {
+                if r.holds(h) {
+                    prop_assert!(may(&r, h, Access::Read) && may(&r, h, Access::Write));
+                }
+                if !r.held() {
+                    prop_assert!(may(&r, h, Access::Write));
+                }
+            }
+        }
+    }
+}

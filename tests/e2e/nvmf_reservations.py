@@ -66,8 +66,29 @@ def status(io, *a, **k):
     return command(io, *a, **k)[0]
 
 
-def register(io, action, current, new, iekey=False):
-    return status(io, OP_REGISTER, (action | (8 if iekey else 0), 0, 0, 0, 0, 0), keys(current, new))
+def register(io, action, current, new, iekey=False, cptpl=0):
+    cdw10 = action | (8 if iekey else 0) | cptpl << 30
+    return status(io, OP_REGISTER, (cdw10, 0, 0, 0, 0, 0), keys(current, new))
+
+
+def ptpls(io):
+    """The report's PTPLS byte (Persist Through Power Loss on)."""
+    st, data = io.read_command(nvmeraw.sqe(OP_REPORT, io.next_cid(), nsid=1, sgl_len=64,
+                                           cdw=(15, 1, 0, 0, 0, 0)))
+    return data[9] if st == 0 else None
+
+
+def rescap(adm):
+    st, ns = adm.admin_read(nvmeraw.OP_IDENTIFY, (0, 0, 0, 0, 0, 0), 4096, nsid=1)
+    return ns[31] if st == 0 else None
+
+
+def get_ptpl(adm):
+    """Get Features Reservation Persistence: (status, PTPL)."""
+    adm.send(nvmeraw.capsule(nvmeraw.sqe(OP_GET_FEATURES, adm.next_cid(), nsid=1,
+                                         cdw=(0x83, 0, 0, 0, 0, 0))))
+    _, st, dw0 = adm.response()
+    return st, dw0 & 1
 
 
 def acquire(io, action, rtype, current, preempt=0):
@@ -137,7 +158,8 @@ def main(r):
         r.check_eq("Identify Controller ONCS bit 5 (Reservations)", 1 << 5,
                    struct.unpack_from("<H", ident, 520)[0] & (1 << 5))
         st, ns = adm_a.admin_read(nvmeraw.OP_IDENTIFY, (0, 0, 0, 0, 0, 0), 4096, nsid=1)
-        r.check_eq("Identify Namespace RESCAP", 0xFE, ns[31])
+        r.check_eq("Identify Namespace RESCAP (six types, IEKEY, PTPL: a pool-kept namespace)", 0xFF,
+                   ns[31])
         st, _ = adm_a.read_command(nvmeraw.sqe(OP_GET_FEATURES, adm_a.next_cid(), nsid=1,
                                                cdw=(0x83, 0, 0, 0, 0, 0)))
         r.check_eq("Get Features Reservation Persistence answers", 0, st)
@@ -164,7 +186,21 @@ def main(r):
                 (st, gen, regs))
 
         r.check_eq("A write before any reservation", 0, write4k(a, 0, 0xA0))
+        # B starts a write whose data follows an R2T while nothing is held; A takes the
+        # namespace before B sends the data: the data must not land.
+        cid = bq.next_cid()
+        bq.s.sendall(nvmeraw.capsule(nvmeraw.sqe(nvmeraw.OP_WRITE, cid, nsid=1, sgl_len=4096,
+                                                 sgl_type=nvmeraw.SGL_TRANSPORT,
+                                                 cdw=(0, 0, 0, 0, 0, 0))))
+        typ, p = bq.pdu()
+        r.check_eq("B's R2T write gets its R2T (nothing held yet)", nvmeraw.R2T, typ)
+        ttag = struct.unpack("<H", p[10:12])[0]
         r.check_eq("A acquires Exclusive Access", 0, acquire(a, 0, 2, KA))
+        bq.s.sendall(struct.pack("<BBBBIHHIII", nvmeraw.H2C_DATA, 0x04, 24, 24, 24 + 4096, cid,
+                                 ttag, 0, 4096, 0) + b"\x66" * 4096)
+        got, st, _ = bq.response()
+        r.check("B's data arriving after A's reservation: Reservation Conflict",
+                got == cid and st == CONFLICT, "cid %d status 0x%x" % (got, st))
         st, gen, rtype, regs = report(bq)
         r.check("report: type 2, A holds, B registered",
                 st == 0 and rtype == 2 and sorted(regs) == sorted([(HA, KA, True), (HB, KB, False)]),
@@ -238,8 +274,60 @@ def main(r):
         r.check_eq("A clears", 0, release(a, 1, 0, KA))
         st, gen, rtype, regs = report(a)
         r.check("report: nothing registered", st == 0 and regs == [], (st, regs))
+
+        # Persist Through Power Loss: kept in the pool, back after kill -9.
+        r.check_eq("RESCAP of a pool-kept namespace: PTPL too", 0xFF, rescap(adm_a))
+        r.check_eq("CPTPL 01b (reserved) is refused", INVALID_FIELD, register(a, 0, 0, KA, cptpl=1))
+        r.check_eq("A registers asking for PTPL (as Linux's pr_ops do)", 0, register(a, 0, 0, KA, cptpl=3))
+        r.check_eq("report: PTPLS 1", 1, ptpls(a))
+        r.check_eq("Get Features Reservation Persistence: on", (0, 1), get_ptpl(adm_a))
+        r.check_eq("B registers", 0, register(bq, 0, 0, KB))
+        r.check_eq("A acquires Write Exclusive", 0, acquire(a, 0, 1, KA))
+        before = report(a)
         for q in (a, adm_a, bq, adm_b):
             q.close()
+        b.proc.kill()
+        b.proc.wait()
+        b.start()
+        port = b.nvmf_port()
+        adm_a, a = nvmeraw.io_queue(port, PREFIX + "v", hostid=HA)
+        adm_b, bq = nvmeraw.io_queue(port, PREFIX + "v", hostid=HB)
+        r.check_eq("after kill -9 and a restart the report is the same", before, report(bq))
+        r.check_eq("the fenced host still cannot write", CONFLICT, write4k(bq, 5, 0xB5))
+        r.check_eq("the holder writes", 0, write4k(a, 5, 0xA5))
+        r.check_eq("PTPL still on", 1, ptpls(a))
+        r.check_eq("A turns PTPL off (CPTPL 10b)", 0, register(a, 0, 0, KA, cptpl=2))
+        r.check_eq("report: PTPLS 0", 0, ptpls(a))
+        for q in (a, adm_a, bq, adm_b):
+            q.close()
+        b.proc.kill()
+        b.proc.wait()
+        b.start()
+        port = b.nvmf_port()
+        adm_a, a = nvmeraw.io_queue(port, PREFIX + "v", hostid=HA)
+        adm_b, bq = nvmeraw.io_queue(port, PREFIX + "v", hostid=HB)
+        st, gen, rtype, regs = report(bq)
+        r.check("PTPL off: after a restart nothing is kept", st == 0 and rtype == 0 and regs == [],
+                (st, rtype, regs))
+        r.check_eq("B writes", 0, write4k(bq, 5, 0xB6))
+        # PTPL on, then the namespace goes: what was kept goes with it.
+        r.check_eq("A registers with PTPL again and acquires", 0,
+                   register(a, 0, 0, KA, cptpl=3) | acquire(a, 0, 2, KA))
+        for q in (a, adm_a, bq, adm_b):
+            q.close()
+        nqn = PREFIX + "v"
+        ok = (b.ctl("rpc", "nvmf_subsystem_remove_ns", json.dumps({"nqn": nqn, "nsid": 1})).returncode == 0
+              and b.ctl("nvmf", "add-ns", nqn, "v").returncode == 0)
+        r.check("v's namespace removed and added again", ok)
+        b.proc.kill()
+        b.proc.wait()
+        b.start()
+        adm_b, bq = nvmeraw.io_queue(b.nvmf_port(), PREFIX + "v", hostid=HB)
+        st, gen, rtype, regs = report(bq)
+        r.check("a removed namespace's kept reservations went with it (none after a restart)",
+                st == 0 and rtype == 0 and regs == [], (st, rtype, regs))
+        bq.close()
+        adm_b.close()
         b.check_clean_end(r)
 
     # The limit is a flag: 2 here.
@@ -254,6 +342,13 @@ def main(r):
             adm.close()
         r.check_eq("--nvmf-max-registrants 2: two hosts register, the third is refused",
                    [0, 0, INTERNAL], got)
+        adm, q = nvmeraw.io_queue(port, PREFIX + "x", hostid=struct.pack("<QQ", 1, 9))
+        r.check_eq("without a pool RESCAP has no PTPL", 0xFE, rescap(adm))
+        r.check_eq("...a Register asking for it is taken (as nvmet does)", 0,
+                   register(q, 0, 0, 7, cptpl=3))
+        r.check_eq("...and PTPLS stays 0", 0, ptpls(q))
+        q.close()
+        adm.close()
         b.check_clean_end(r)
     for bad in ("0", "1024"):
         p = subprocess.run([ballast_bin(), "serve", "--nvmf-max-registrants", bad], capture_output=True,

@@ -255,7 +255,7 @@ class Storm:
     def must_fail(self):
         r = self.rng.random()
         if r < 0.4:
-            cid = self.send(self.rng.choice([0x04, 0x05, 0x0c, 0x0d, 0x11, 0x7e]),
+            cid = self.send(self.rng.choice([0x04, 0x05, 0x0c, 0x19, 0x7e, 0x81]),
                             (0, 0, 0, 0, 0, 0))
             self.check("unknown opcode", INVALID_OPCODE, self.finish(cid)[0])
         elif r < 0.7:

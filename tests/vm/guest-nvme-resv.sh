@@ -17,6 +17,7 @@ dev_host() { for c in /sys/class/nvme/nvme*; do
   [ "$(cat "$c/hostnqn" 2>/dev/null)" = "$1" ] && [ "$(cat "$c/subsysnqn" 2>/dev/null)" = "$2" ] \
     && ls -d "$c"/nvme*n1 2>/dev/null | head -1 | xargs -r basename; done | head -1; }
 wr() { dd if=/dev/urandom of="$1" bs=4k count=1 seek="${2:-0}" oflag=direct 2>/dev/null; }
+say() { echo "$1" | nc "$A" "$SIGNAL_PORT" >/dev/null 2>&1 || true; }
 rd() { dd if="$1" of=/dev/null bs=4k count=1 skip="${2:-0}" iflag=direct 2>/dev/null; }
 # field DEV NAME: a number from the extended reservation report (nvme-cli's JSON)
 field() { nvme resv-report "$1" --eds -o json 2>/dev/null | tr -d ' \n' | sed -n "s/.*\"$2\":\([0-9]*\).*/\1/p" | head -1; }
@@ -36,7 +37,7 @@ nvme list
 check "two block devices for one namespace (one per host)" sh -c "[ -b $DA ] && [ -b $DB ] && [ $DA != $DB ]"
 C=$(basename "$DA" | sed 's/n1$//')
 check "id-ctrl ONCS says Reservations (bit 5)" sh -c "nvme id-ctrl /dev/$C | grep -E '^oncs' | grep -q '0x2c'"
-check "id-ns RESCAP lists the six types and IEKEY" sh -c "nvme id-ns $DA | grep -E '^rescap' | grep -q '0xfe'"
+check "id-ns RESCAP lists the six types, IEKEY and PTPL (a pool)" sh -c "nvme id-ns $DA | grep -E '^rescap' | grep -q '0xff'"
 check "id-ns NMIC: shared" sh -c "nvme id-ns $DA | grep -E '^nmic' | grep -q '0x1'"
 check "report without --eds is refused (128-bit host ids)" sh -c "! nvme resv-report $DA >/dev/null 2>&1"
 check "report: nothing registered" [ "$(field $DA regctl)" = 0 ]
@@ -74,6 +75,28 @@ check "A clears everything" nvme resv-release $DA -n 1 --crkey=161 --rrela=1
 check "report: nothing registered, no reservation" sh -c "[ $(field $DA regctl) = 0 ] && [ $(field $DA rtype) = 0 ]"
 check "B writes again" wr $DB 13
 check "the data A and B wrote reads back the same through both" sh -c "[ \"\$(dd if=$DA bs=4k count=16 iflag=direct 2>/dev/null | md5sum)\" = \"\$(dd if=$DB bs=4k count=16 iflag=direct 2>/dev/null | md5sum)\" ]"
+
+# Persist Through Power Loss (what Linux's own pr_ops always ask for): the appliance is killed
+# (-9) and started again under the connected hosts; the fenced host stays fenced.
+check "A registers asking for PTPL (--cptpl=3)" nvme resv-register $DA -n 1 --nrkey=161 --rrega=0 --cptpl=3
+check "B registers" nvme resv-register $DB -n 1 --nrkey=178 --rrega=0
+check "A acquires Write Exclusive" nvme resv-acquire $DA -n 1 --crkey=161 --rtype=1 --racqa=0
+check "report: PTPLS 1" [ "$(field $DA ptpls)" = 1 ]
+gen=$(field $DA gen)
+CB=$(basename "$DB" | sed 's/n1$//')
+say restart
+# The host kills the daemon: B's controller leaves "live" (the connection is gone) ...
+i=0; while [ $i -lt 300 ] && [ "$(cat /sys/class/nvme/$CB/state)" = live ]; do sleep 0.1; i=$((i+1)); done
+check "the appliance went away (B's controller $(cat /sys/class/nvme/$CB/state))" [ "$(cat /sys/class/nvme/$CB/state)" != live ]
+# ... and the kernel host reconnects on its own (reconnect_delay 10 s).
+i=0; while [ $i -lt 90 ] && [ "$(cat /sys/class/nvme/$CB/state)" != live ]; do sleep 1; i=$((i+1)); done
+echo "guest: reconnected after ${i} s; report: $(nvme resv-report $DB --eds -o json 2>&1 | tr -d ' \n')"
+check "after kill -9 and a restart both hosts reconnect and see 2 registrants" sh -c "[ \"\$(cat /sys/class/nvme/$CB/state)\" = live ] && [ \"$(field $DB regctl)\" = 2 ]"
+check "report after the restart: type 1, same generation, PTPLS 1" sh -c "[ $(field $DB rtype) = 1 ] && [ $(field $DB gen) = $gen ] && [ $(field $DB ptpls) = 1 ]"
+refused "the fenced host B still cannot write" wr $DB 14
+check "the holder A writes" wr $DA 14
+check "A clears (PTPL goes with the registrations)" nvme resv-release $DA -n 1 --crkey=161 --rrela=1
+check "B writes again" wr $DB 14
 nvme disconnect-all
 dmesg | grep -q "BUG:\|Oops:" && fail "no kernel oops" || pass "no kernel oops"
 [ "$failed" = 0 ] && echo "guest: all passed"

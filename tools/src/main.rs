@@ -18,6 +18,7 @@ mod notify;
 mod persist;
 mod pool_config;
 mod registry;
+mod resv_store;
 mod rpc;
 mod rpc_bdev;
 mod rpc_error;

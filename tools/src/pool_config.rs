@@ -202,6 +202,12 @@ pub fn namespace_key(nqn: &str, nsid: u32) -> String {
     format!("{}:{NAMESPACE}:{nsid}", anchor_key(nqn))
 }
 
+/// The entry key of namespace `nsid` of `nqn`'s kept reservation table (`resv_store`): outside
+/// the subsystem's own entries, which this codec reads whole.
+pub fn reservations_key(nqn: &str, nsid: u32) -> String {
+    format!("resv:{}:{nsid}", digest(nqn))
+}
+
 /// The legacy entry key of a volume's subsystem `nqn` (daemon-named NQNs only).
 pub fn legacy_key(nqn: &str) -> Option<String> {
     nqn.strip_prefix(NQN_PREFIX).map(|name| format!("{LEGACY_HOSTS}{name}"))

@@ -367,6 +367,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_exports: args.max_exports as usize,
         ram_bytes: args.ram_export_memory.unwrap_or_else(registry::physical_memory),
     };
+    if let Some(pool) = &pool {
+        // Before any namespace exists: each finds its kept reservations when it is added.
+        *target.resv_store.write() =
+            Some(Arc::new(crate::resv_store::PoolResvStore::new(pool.clone())));
+    }
     let registry = Arc::new(Registry::with_limits(target.clone(), pool.clone(), limits));
     for spec in &args.exports {
         let Some((name, backend)) = spec.split_once('=') else {

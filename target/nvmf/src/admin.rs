@@ -334,13 +334,21 @@ impl AdminState {
                 self.resv_mask = sqe.cdw11;
                 Reply::default()
             }
-            // Persist Through Power Loss is not offered (RESCAP bit 0 clear): only "off".
-            FEAT_RESV_PERSIST if !self.discovery() => match sqe.cdw11 & 1 {
-                0 => Reply::default(),
-                _ => Reply::status(status::INVALID_FIELD),
+            // PTPL is turned on and off by Reservation Register (CPTPL), whose change is kept
+            // before it completes; here only the value it has now is accepted.
+            FEAT_RESV_PERSIST if !self.discovery() => match self.ptpl(sqe.nsid) {
+                Some(on) if sqe.cdw11 & 1 == u32::from(on) => Reply::default(),
+                Some(_) => Reply::status(status::INVALID_FIELD),
+                None => Reply::status(status::INVALID_NAMESPACE),
             },
             _ => Reply::status(status::INVALID_FIELD),
         }
+    }
+
+    /// Whether namespace `nsid` keeps its reservations across restarts now (PTPL).
+    fn ptpl(&self, nsid: u32) -> Option<bool> {
+        let ns = self.ctrl.subsys.as_ref()?.namespace(nsid)?;
+        Some(ns.resv.persistence().1)
     }
 
     fn get_features(&self, sqe: &Sqe) -> Reply {
@@ -360,7 +368,10 @@ impl AdminState {
             FEAT_ERROR_RECOVERY if !self.discovery() => self.error_recovery,
             FEAT_WRITE_ATOMICITY if !self.discovery() => self.write_atomicity,
             FEAT_RESV_MASK if !self.discovery() => self.resv_mask,
-            FEAT_RESV_PERSIST if !self.discovery() => 0,
+            FEAT_RESV_PERSIST if !self.discovery() => match self.ptpl(sqe.nsid) {
+                Some(on) => u32::from(on),
+                None => return Reply::status(status::INVALID_NAMESPACE),
+            },
             _ => return Reply::status(status::INVALID_FIELD),
         };
         Reply { dw0, ..Reply::default() }

@@ -306,7 +306,7 @@ pub fn capsule_case(input: &[u8], meter: &mut impl Meter) {
 /// host the table says holds the reservation may read and write.
 pub fn reservations_case(input: &[u8], meter: &mut impl Meter) {
     let mut r = Input(input);
-    let mut table = Reservations::with_limit(3);
+    let mut table = Reservations::with_limit(3).persistent();
     let hosts = [[1u8; 16], [2; 16], [3; 16], [4; 16]];
     while !r.0.is_empty() {
         let host = &hosts[usize::from(r.u8() % 4)];
@@ -322,12 +322,18 @@ pub fn reservations_case(input: &[u8], meter: &mut impl Meter) {
             2 => drop(table.release(host, cdw10, data)),
             _ => {
                 let asked = (cdw10 as usize % 8192 + 1) * 4;
-                if let Ok(report) = table.report(cdw11, asked.min(table.report_max())) {
-                    assert!(report.len() <= asked && report.len() <= table.report_max());
+                let len = asked.min(table.report_max());
+                if let Ok(report) = table.report(cdw11, len) {
+                    assert_eq!(report.len(), len, "a report fills the buffer it may");
                 }
             }
         });
         table.assert_invariants();
+        // What is kept across a restart decides the same.
+        let nguid = [7u8; 16];
+        let back = Reservations::decode(&table.encode(&nguid), &nguid, 3).expect("own encoding");
+        let len = table.report_max();
+        assert_eq!(back.report(1, len), table.report(1, len));
     }
     for h in &hosts {
         let report = table.report(1, table.report_max()).expect("extended report");
@@ -335,6 +341,18 @@ pub fn reservations_case(input: &[u8], meter: &mut impl Meter) {
         if holds {
             assert!(table.check(h, Access::Read).is_ok() && table.check(h, Access::Write).is_ok());
         }
+    }
+}
+
+/// `resv_table`: arbitrary bytes as a reservation table kept in the pool (PTPL): decoding
+/// never panics, allocates at most what the bytes ask for, and a table it accepts encodes back
+/// to exactly those bytes (nothing is read that is not kept).
+pub fn resv_table_case(input: &[u8], meter: &mut impl Meter) {
+    let nguid = [7u8; 16];
+    let decoded = meter.run(4 * input.len() + 4096, || Reservations::decode(input, &nguid, 64));
+    if let Ok(table) = decoded {
+        table.assert_invariants();
+        assert_eq!(table.encode(&nguid), input, "a kept table decodes only from its encoding");
     }
 }
 
@@ -448,6 +466,25 @@ mod tests {
         #[test]
         fn reservations(bytes in vec(any::<u8>(), 0..600)) {
             reservations_case(&bytes, &mut Unmetered);
+        }
+
+        #[test]
+        fn resv_table(bytes in vec(any::<u8>(), 0..200)) {
+            resv_table_case(&bytes, &mut Unmetered);
+        }
+
+        /// Tables that are nearly well formed: a valid header (PTPL, type, holder flag drawn
+        /// from small ranges, the right NGUID) over arbitrary registrants.
+        #[test]
+        fn resv_table_plausible(ptpl in 0u8..3, kind in 0u8..8, flag in 0u8..4, holder: u8,
+                                count in 0u16..5, entries in vec(any::<u8>(), 0..130)) {
+            let mut b = vec![1, ptpl, kind, flag];
+            b.extend_from_slice(&[if flag == 1 { holder } else { 0 }; 16]);
+            b.extend_from_slice(&3u32.to_le_bytes());
+            b.extend_from_slice(&[7u8; 16]);
+            b.extend_from_slice(&count.to_le_bytes());
+            b.extend_from_slice(&entries);
+            resv_table_case(&b, &mut Unmetered);
         }
 
         #[test]

@@ -85,7 +85,8 @@ pub fn namespace(ns: &Namespace) -> Vec<u8> {
     b[25] = 1; // NLBAF: two formats
     b[26] = if ns.lba_shift == 12 { 1 } else { 0 }; // FLBAS
     b[30] = 1; // NMIC: may be shared
-    b[31] = crate::resv::RESCAP;
+               // RESCAP: PTPL (bit 0) where the table can be kept.
+    b[31] = crate::resv::RESCAP | u8::from(ns.resv.persistence().0);
 
     // DLFEAT: Write Zeroes may deallocate (bit 3); deallocated blocks read zero (001b) only
     // where a discard really zeroes its whole range (hosts may zero by deallocating).

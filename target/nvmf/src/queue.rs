@@ -72,7 +72,7 @@ use crate::auth::{OsEntropy, QueueAuth};
 use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
-use crate::resv::Access;
+use crate::resv::{self, Access};
 use crate::spread::Slot;
 use crate::subsys::{
     Controller, ListenAddr, Namespace, NsCache, QueueInfo, QueueNs, Target, DISCOVERY_NQN,
@@ -89,7 +89,32 @@ const UNSENT_MAX: u64 = 16 << 20;
 /// one maximum transfer each) is built for it and not charged to the core's budget: a host
 /// that asks and does not read holds at most this and one response.
 const ADMIN_UNSENT_MAX: u64 = 256 << 10;
+/// A reservation command whose table is being saved (PTPL): it answers `status` once `save`
+/// is done.
+struct ResvSave {
+    cid: u16,
+    status: Status,
+    save: Away<Result<(), String>>,
+}
+
+/// Reservation verdicts a queue keeps (namespaces with a reservation it sent I/O to lately).
+const RESV_VERDICTS_MAX: usize = 16;
+
+/// What a reservation lets this queue's host do on one namespace, as of a table version. The
+/// namespace is named by its address: a queue's cached namespaces stay alive while it uses
+/// them, and a namespace added again is a new one (new address once the old is gone, and a
+/// version the old verdict does not carry, since a new table starts at 0 with nothing held).
+#[derive(Debug, Clone, Copy)]
+struct ResvVerdict {
+    ns: usize,
+    version: u64,
+    read: bool,
+    write: bool,
+}
+
 const TAG_RECV: u32 = u32::MAX;
+/// A reservation table's save (PTPL) came back from an offload thread.
+const TAG_RESV_SAVE: u32 = u32::MAX - 9;
 const TAG_SEND: u32 = u32::MAX - 1;
 /// The keep-alive timeout of a discovery controller whose host asked for none (Linux nvmet's
 /// `NVMET_DISC_KATO_MS`).
@@ -219,6 +244,10 @@ pub struct Queue {
     auth: Option<Box<QueueAuth>>,
     /// An authentication step running off the core (its result comes back here).
     auth_away: Option<Away<(Box<QueueAuth>, AuthStep)>>,
+    /// Reservation commands waiting for their table's save (PTPL): CID, status, the save.
+    resv_saves: Vec<ResvSave>,
+    /// Cached reservation verdicts (`reserved_for`).
+    resv_verdicts: Vec<ResvVerdict>,
     /// When a queue that had authenticated began again (a host re-authenticates its live
     /// queues when its secrets change): that transaction's deadline counts from here, not
     /// from the connection's start.
@@ -281,6 +310,8 @@ impl Queue {
             tls_names: None,
             auth: None,
             auth_away: None,
+            resv_verdicts: Vec::new(),
+            resv_saves: Vec::new(),
             reauth_since: None,
             resets_seen: 0,
             moving: None,
@@ -1110,12 +1141,37 @@ impl Queue {
     }
 
     /// Reservation Conflict if a reservation on `ns` keeps this queue's host from I/O command
-    /// `opcode`.
-    fn reserved_for(&self, ns: &Namespace, opcode: u8) -> Result<(), Status> {
+    /// `opcode`. While none is held: one load. While one is: the verdict this queue cached for
+    /// the table's version (one more load), recomputed under the table's lock only after a
+    /// reservation command changed it.
+    fn reserved_for(&mut self, ns: &Namespace, opcode: u8) -> Result<(), Status> {
         let (Some(ctrl), Some(access)) = (self.ctrl.as_ref(), Access::of_opcode(opcode)) else {
             return Ok(());
         };
-        ns.resv.check(&ctrl.hostid, access)
+        if !ns.resv.held() {
+            return Ok(());
+        }
+        let hostid = ctrl.hostid;
+        let ns_key = ns as *const Namespace as usize;
+        let version = ns.resv.version();
+        let cached = self.resv_verdicts.iter().find(|v| v.ns == ns_key && v.version == version);
+        let verdict = match cached {
+            Some(v) => *v,
+            None => {
+                let (version, read, write) = ns.resv.verdicts(&hostid);
+                let v = ResvVerdict { ns: ns_key, version, read, write };
+                self.resv_verdicts.retain(|o| o.ns != ns_key);
+                if self.resv_verdicts.len() >= RESV_VERDICTS_MAX {
+                    self.resv_verdicts.remove(0);
+                }
+                self.resv_verdicts.push(v);
+                v
+            }
+        };
+        match (access, verdict.read, verdict.write) {
+            (Access::Read, true, _) | (Access::Write, _, true) => Ok(()),
+            _ => Err(resv::RESERVATION_CONFLICT),
+        }
     }
 
     /// Reservation Register, Acquire, Release (data in the capsule: both keys) and Report
@@ -1131,11 +1187,12 @@ impl Queue {
             if sqe.sgl_type != nvme::SGL_TRANSPORT_DATA_BLOCK {
                 return self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID);
             }
+            if sqe.sgl_len == 0 || sqe.cdw10 == u32::MAX {
+                return self.respond(sqe.cid, 0, 0, status::INVALID_FIELD);
+            }
             // NUMDs from the host, bounded by its buffer and by the largest report.
             let asked = (sqe.cdw10 as usize + 1) * 4;
-            return match ns.resv.command(|r| {
-                r.report(sqe.cdw11, asked.min(sqe.sgl_len as usize).min(r.report_max()))
-            }) {
+            return match ns.resv.report(sqe.cdw11, asked.min(sqe.sgl_len as usize)) {
                 Ok(report) => {
                     let mut buf = cx.buf_with_capacity(report.len());
                     buf.extend_from_slice(&report);
@@ -1144,19 +1201,60 @@ impl Queue {
                 Err(st) => self.respond(sqe.cid, 0, 0, st),
             };
         }
-        if sqe.sgl_type != nvme::SGL_DATA_BLOCK_OFFSET || data.len() != sqe.sgl_len as usize {
+        // The keys come in the capsule (16 bytes: Linux and SPDK hosts put them there).
+        if sqe.sgl_type != nvme::SGL_DATA_BLOCK_OFFSET {
+            return self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID);
+        }
+        if data.len() != sqe.sgl_len as usize || sqe.sgl_addr != 0 {
             return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
         }
-        let st = ns.resv.command(|r| match sqe.opcode {
+        let (st, save) = ns.resv.command(|r| match sqe.opcode {
             io::RESV_REGISTER => r.register(&host, sqe.cdw10, data),
             io::RESV_ACQUIRE => r.acquire(&host, sqe.cdw10, data),
             _ => r.release(&host, sqe.cdw10, data),
         });
-        self.respond(sqe.cid, 0, 0, st);
+        if !save {
+            return self.respond(sqe.cid, 0, 0, st);
+        }
+        // Persist Through Power Loss: the change is kept before the command completes. The
+        // pool's write waits for a core, so it never runs here: with no offload thread free,
+        // the command fails (Internal Error: the host retries; the table changed in memory is
+        // kept by the next save).
+        let away = cx.try_offload_with(TAG_RESV_SAVE, move || ns.resv.save());
+        match away {
+            Some(save) => self.resv_saves.push(ResvSave { cid: sqe.cid, status: st, save }),
+            None => {
+                tracing::warn!(peer = %self.peer, "NVMe reservation change not kept: no offload thread free");
+                self.respond(sqe.cid, 0, 0, status::INTERNAL);
+            }
+        }
+    }
+
+    /// Saves of reservation tables came back: each command answers once its save is done.
+    fn on_resv_saved(&mut self) {
+        let mut i = 0;
+        while i < self.resv_saves.len() {
+            let Some(result) = self.resv_saves[i].save.poll() else {
+                i += 1;
+                continue;
+            };
+            let ResvSave { cid, status: st, .. } = self.resv_saves.swap_remove(i);
+            let st = match result {
+                Some(Ok(())) => st,
+                Some(Err(e)) => {
+                    tracing::warn!(peer = %self.peer, error = %e, "NVMe reservation change not kept");
+                    status::INTERNAL
+                }
+                None => status::INTERNAL,
+            };
+            if !self.send_broken() {
+                self.respond(cid, 0, 0, st);
+            }
+        }
     }
 
     fn on_io(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
-        if self.cmds.len() >= usize::from(self.sq_entries) {
+        if self.cmds.len() + self.resv_saves.len() >= usize::from(self.sq_entries) {
             // The host overran its submission queue.
             return self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
         }
@@ -1360,6 +1458,15 @@ impl Queue {
         if !last {
             tracing::debug!(peer = %self.peer, "final H2CData without LAST_PDU");
         }
+        // Checked again now that the data is here: a host preempted while it sent the data
+        // (for as long as it liked) writes nothing.
+        if let (status::SUCCESS, Some(ns)) = (cmd.status, cmd.ns.clone()) {
+            let opcode = cmd.sqe.opcode;
+            if let Err(st) = self.reserved_for(&ns, opcode) {
+                self.cmds[usize::from(ttag)].status = st;
+            }
+        }
+        let cmd = &mut self.cmds[usize::from(ttag)];
         if cmd.status != status::SUCCESS {
             let (cid, st) = (cmd.sqe.cid, cmd.status);
             let cmd = self.untrack(cx, usize::from(ttag));
@@ -1808,6 +1915,7 @@ impl Queue {
             cx.cancel(TAG_TICK, TAG_CANCEL);
         }
         let quiet = self.auth_away.is_none()
+            && self.resv_saves.is_empty()
             && !self.recv.inflight()
             && !self.direct_inflight()
             && !self.tls_recv_inflight()
@@ -1844,6 +1952,7 @@ impl Queue {
 impl Movable for Queue {
     fn ready_to_move(&self) -> Option<usize> {
         let quiet = self.auth_away.is_none()
+            && self.resv_saves.is_empty()
             && !self.recv.inflight()
             && self.direct.is_none()
             && self.tls.is_none()
@@ -1921,6 +2030,10 @@ impl Task for Queue {
                 } else {
                     self.read_closed = true;
                 }
+            }
+            TAG_RESV_SAVE => {
+                self.on_resv_saved();
+                self.progress.moved();
             }
             TAG_AUTH_WORK => {
                 self.on_auth_done(cx);

@@ -16,9 +16,14 @@
 //! - the generation moves on with every successful Register, Preempt and Clear (the
 //!   specification's PRgeneration), never otherwise.
 //!
-//! Not kept across restarts (Persist Through Power Loss is not offered: RESCAP bit 0 clear,
-//! a Register asking to set it is refused), and no notifications are raised: the Reservation
-//! Notification log page stays empty.
+//! Persist Through Power Loss (PTPL): where the namespace has somewhere to keep its table
+//! (`persistent`: the daemon's pool, [`ResvStore`]), a Register with CPTPL 11b turns it on and
+//! 10b off; while it is on, every change is written there (in [`Reservations::encode`]'s form,
+//! at most [`PTPL_REGISTRANTS_MAX`] registrations) before the command that made it completes,
+//! and a restart finds the table again. Elsewhere CPTPL is accepted and has no effect (PTPLS
+//! reads 0), as Linux's nvmet does: Linux's own reservation calls always ask for it.
+//!
+//! No notifications are raised: the Reservation Notification log page stays empty.
 
 use crate::nvme::{io, status, Status};
 
@@ -27,6 +32,37 @@ use crate::nvme::{io, status, Status};
 pub const REGISTRANTS_DEFAULT: usize = 64;
 /// The largest limit that may be set (a report of it: 64 KiB).
 pub const REGISTRANTS_LIMIT_MAX: usize = 1023;
+/// Registrations a table kept across restarts holds at most (its encoded form must fit one
+/// configuration entry of the pool); past it a Register is refused as past the limit.
+pub const PTPL_REGISTRANTS_MAX: usize = 64;
+
+/// Where namespaces' reservation tables are kept across restarts (the daemon's pool).
+/// Blocking: called from control and offload threads, never on a data core.
+pub trait ResvStore: Send + Sync {
+    /// The table kept for namespace `nsid` of subsystem `nqn`, if any.
+    fn load(&self, nqn: &str, nsid: u32) -> Option<Vec<u8>>;
+    /// Keeps `table` (None: forgets it) durably before returning; a message saying why not.
+    fn save(&self, nqn: &str, nsid: u32, table: Option<&[u8]>) -> Result<(), String>;
+}
+
+/// Why a kept table could not be read back.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResvDecodeError {
+    #[error("reservation table of {0} bytes: truncated or with bytes to spare")]
+    Length(usize),
+    #[error("reservation table version {0} is not one this build reads")]
+    Version(u8),
+    #[error("reservation table of another namespace (its NGUID differs)")]
+    OtherNamespace,
+    #[error("reservation table is inconsistent: {0}")]
+    Inconsistent(&'static str),
+}
+
+/// The encoded table's version byte.
+const ENCODING_VERSION: u8 = 1;
+/// Bytes of the encoded table before its registrants, and per registrant.
+const ENCODED_HEADER: usize = 1 + 1 + 1 + 1 + 16 + 4 + 16 + 2;
+const ENCODED_ENTRY: usize = 16 + 8;
 
 /// Reservation Conflict (generic status 83h).
 pub const RESERVATION_CONFLICT: Status = 0x083;
@@ -136,6 +172,10 @@ struct Held {
 pub struct Reservations {
     /// Registrations kept at most.
     limit: usize,
+    /// The table may be kept across restarts (RESCAP bit 0).
+    persistent: bool,
+    /// Persist Through Power Loss is on: every change is kept before it completes.
+    ptpl: bool,
     generation: u32,
     /// In registration order (a report lists them so).
     registrants: Vec<Registrant>,
@@ -158,7 +198,139 @@ impl Reservations {
     /// No registrations yet; at most `limit` (1..=[`REGISTRANTS_LIMIT_MAX`]) ever.
     pub fn with_limit(limit: usize) -> Reservations {
         assert!((1..=REGISTRANTS_LIMIT_MAX).contains(&limit), "registrant limit {limit}");
-        Reservations { limit, generation: 0, registrants: Vec::new(), held: None }
+        Reservations {
+            limit,
+            persistent: false,
+            ptpl: false,
+            generation: 0,
+            registrants: Vec::new(),
+            held: None,
+        }
+    }
+
+    /// The same, for a namespace whose table can be kept across restarts.
+    pub fn persistent(mut self) -> Reservations {
+        self.persistent = true;
+        self
+    }
+
+    /// Whether the table can be kept across restarts (RESCAP bit 0).
+    pub fn can_persist(&self) -> bool {
+        self.persistent
+    }
+
+    /// Whether Persist Through Power Loss is on.
+    pub fn ptpl(&self) -> bool {
+        self.ptpl
+    }
+
+    /// Drops every registration and reservation and turns PTPL off (the namespace goes).
+    pub fn forget(&mut self) {
+        self.registrants.clear();
+        self.held = None;
+        self.ptpl = false;
+    }
+
+    /// Registrations admitted at most now.
+    fn admits(&self) -> usize {
+        if self.ptpl {
+            self.limit.min(PTPL_REGISTRANTS_MAX)
+        } else {
+            self.limit
+        }
+    }
+
+    /// The table as it is kept (PTPL): version, PTPL, type, holder, generation, the
+    /// namespace's NGUID, registrants in order.
+    pub fn encode(&self, nguid: &[u8; 16]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(ENCODED_HEADER + ENCODED_ENTRY * self.registrants.len());
+        b.push(ENCODING_VERSION);
+        b.push(u8::from(self.ptpl));
+        b.push(self.held.map_or(0, |h| h.kind as u8));
+        let (flag, host) = match self.held.map(|h| h.holder) {
+            None => (0, [0; 16]),
+            Some(Holder::One(h)) => (1, h),
+            Some(Holder::AllRegistrants) => (2, [0; 16]),
+        };
+        b.push(flag);
+        b.extend_from_slice(&host);
+        b.extend_from_slice(&self.generation.to_le_bytes());
+        b.extend_from_slice(nguid);
+        b.extend_from_slice(&(self.registrants.len() as u16).to_le_bytes());
+        for r in &self.registrants {
+            b.extend_from_slice(&r.host);
+            b.extend_from_slice(&r.key.to_le_bytes());
+        }
+        b
+    }
+
+    /// A kept table back, for the namespace with `nguid`, admitting at most `limit`
+    /// registrations from now on (it may hold more, kept under a larger limit: none is lost).
+    /// The result is persistent.
+    pub fn decode(
+        bytes: &[u8],
+        nguid: &[u8; 16],
+        limit: usize,
+    ) -> Result<Reservations, ResvDecodeError> {
+        use ResvDecodeError::*;
+        if bytes.len() < ENCODED_HEADER {
+            return Err(Length(bytes.len()));
+        }
+        if bytes[0] != ENCODING_VERSION {
+            return Err(Version(bytes[0]));
+        }
+        let count = usize::from(u16::from_le_bytes([bytes[40], bytes[41]]));
+        if bytes.len() != ENCODED_HEADER + ENCODED_ENTRY * count {
+            return Err(Length(bytes.len()));
+        }
+        if count > PTPL_REGISTRANTS_MAX {
+            return Err(Inconsistent("more registrations than a kept table holds"));
+        }
+        if bytes[24..40] != nguid[..] {
+            return Err(OtherNamespace);
+        }
+        let mut r = Reservations::with_limit(limit).persistent();
+        r.ptpl = match bytes[1] {
+            0 => false,
+            1 => true,
+            _ => return Err(Inconsistent("PTPL neither 0 nor 1")),
+        };
+        r.generation = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes"));
+        let mut seen = std::collections::HashSet::with_capacity(count);
+        for e in bytes[ENCODED_HEADER..].chunks_exact(ENCODED_ENTRY) {
+            let host: HostId = e[..16].try_into().expect("16 bytes");
+            if !seen.insert(host) {
+                return Err(Inconsistent("a host registered twice"));
+            }
+            let key = u64::from_le_bytes(e[16..24].try_into().expect("8 bytes"));
+            r.registrants.push(Registrant { host, key });
+        }
+        let holder_host: HostId = bytes[4..20].try_into().expect("16 bytes");
+        if bytes[3] != 1 && holder_host != [0; 16] {
+            return Err(Inconsistent("a holder's host without a one-holder reservation"));
+        }
+        r.held = match (bytes[2], bytes[3]) {
+            (0, 0) => None,
+            (t, 1) => match Kind::from_rtype(u32::from(t)) {
+                Some(kind) if !kind.all_registrants() && seen.contains(&holder_host) => {
+                    Some(Held { kind, holder: Holder::One(holder_host) })
+                }
+                _ => return Err(Inconsistent("a holder that is no registrant, or a wrong type")),
+            },
+            (t, 2) => match Kind::from_rtype(u32::from(t)) {
+                Some(kind) if kind.all_registrants() && count > 0 => {
+                    Some(Held { kind, holder: Holder::AllRegistrants })
+                }
+                _ => {
+                    return Err(Inconsistent("an all-registrants reservation without registrants"))
+                }
+            },
+            _ => return Err(Inconsistent("an unknown holder")),
+        };
+        // A table kept under a larger limit keeps its registrations; new ones wait for room.
+        r.limit = r.limit.max(count);
+        r.assert_invariants();
+        Ok(r)
     }
 
     /// The longest report: every registrant the limit allows (a longer buffer gets this much).
@@ -247,19 +419,43 @@ impl Reservations {
 
     fn do_register(&mut self, host: &HostId, cdw10: u32, data: &[u8]) -> Status {
         let ignore_key = cdw10 & (1 << 3) != 0;
-        // 3: set Persist Through Power Loss, which this target does not offer.
-        if cdw10 >> 30 == 3 {
+        // CPTPL: 00b no change, 01b reserved, 10b off, 11b on (where the table can be kept).
+        let cptpl = cdw10 >> 30;
+        if cptpl == 1 {
+            return status::INVALID_FIELD;
+        }
+        let ptpl = match cptpl {
+            2 => false,
+            3 => self.persistent,
+            _ => self.ptpl,
+        };
+        if ptpl && self.registrants.len() > PTPL_REGISTRANTS_MAX {
             return status::INVALID_FIELD;
         }
         let Some((current, new)) = (data.len() >= 16).then(|| keys(data)).flatten() else {
             return status::SGL_DATA_LENGTH_INVALID;
         };
+        let st = self.register_action(host, cdw10, ignore_key, current, new);
+        if st == status::SUCCESS {
+            self.ptpl = ptpl;
+        }
+        st
+    }
+
+    fn register_action(
+        &mut self,
+        host: &HostId,
+        cdw10: u32,
+        ignore_key: bool,
+        current: u64,
+        new: u64,
+    ) -> Status {
         let existing = self.registrant(host).copied();
         match cdw10 & 0x7 {
             0 => match existing {
                 Some(r) if r.key == new => status::SUCCESS,
                 Some(_) => RESERVATION_CONFLICT,
-                None if self.registrants.len() >= self.limit => status::INTERNAL,
+                None if self.registrants.len() >= self.admits() => status::INTERNAL,
                 None => {
                     self.registrants.push(Registrant { host: *host, key: new });
                     status::SUCCESS
@@ -424,7 +620,7 @@ impl Reservations {
         full[0..4].copy_from_slice(&self.generation.to_le_bytes());
         full[4] = self.held.map_or(0, |h| h.kind as u8);
         full[5..7].copy_from_slice(&(self.registrants.len() as u16).to_le_bytes());
-        // Byte 9, PTPLS: 0 (not persisted).
+        full[9] = u8::from(self.ptpl); // PTPLS
         for (r, e) in
             self.registrants.iter().zip(full[EXT_HEADER_LEN..].chunks_exact_mut(EXT_ENTRY_LEN))
         {
@@ -440,12 +636,10 @@ impl Reservations {
     /// Panics if an invariant of the module header does not hold.
     pub fn assert_invariants(&self) {
         assert!(self.registrants.len() <= self.limit, "more registrants than the limit");
-        for (i, r) in self.registrants.iter().enumerate() {
-            assert!(
-                self.registrants[..i].iter().all(|o| o.host != r.host),
-                "a host registered twice"
-            );
-        }
+        assert!(self.persistent || !self.ptpl, "PTPL on a table that cannot be kept");
+        let mut hosts: Vec<&HostId> = self.registrants.iter().map(|r| &r.host).collect();
+        hosts.sort_unstable();
+        assert!(hosts.windows(2).all(|w| w[0] != w[1]), "a host registered twice");
         match self.held {
             Some(Held { holder: Holder::One(h), kind }) => {
                 assert!(!kind.all_registrants(), "a one-holder reservation of type {kind:?}");

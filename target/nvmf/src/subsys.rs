@@ -31,8 +31,9 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use crate::auth::keys::AuthKeys;
+use crate::nvme::status;
 use crate::nvme::Status;
-use crate::resv::{Access, HostId, Reservations};
+use crate::resv::{Access, HostId, Reservations, ResvStore};
 use crate::spread::Spread;
 use crate::tls::{NvmfTls, SecureChannel};
 use ballast_engine::BlockDev;
@@ -181,37 +182,151 @@ pub struct Namespace {
 }
 
 /// A namespace's reservations ([`Reservations`]) as every queue of its subsystem shares them.
-/// An I/O command reads `held` (one load of a line written only by reservation commands) and
-/// takes the lock only while a reservation is held; reservation commands take it always.
-/// A command checked just before a reservation changes runs as it would have a moment earlier.
+/// An I/O command reads `held` (one load of a line written only by reservation commands)
+/// and, while a reservation is held, `version`, to reuse the verdict its queue cached; the
+/// lock is taken by reservation commands and by a queue whose verdict is out of date. A
+/// command checked just before a reservation changes runs as it would have a moment earlier.
+///
+/// Where the namespace's table can be kept (`store`), a change made while PTPL is on (or
+/// turning it off) is written by [`ResvCell::save`] on an offload thread before the command
+/// completes; saves are serialised and each writes the table as it is when it runs, so a
+/// later state is never overwritten by an earlier one.
+/// Where a namespace's reservation table is kept: the store, and the namespace's subsystem
+/// NQN, id and NGUID (the kept table names the NGUID: another device at the id is not it).
+struct KeptAt {
+    store: Arc<dyn ResvStore>,
+    nqn: String,
+    nsid: u32,
+    nguid: [u8; 16],
+}
+
 pub struct ResvCell {
     held: AtomicBool,
+    /// Moves on with every reservation command (queues' cached verdicts name the version).
+    version: AtomicU64,
     table: Mutex<Reservations>,
+    /// Where the table is kept.
+    store: Option<KeptAt>,
+    saving: Mutex<()>,
 }
 
 impl ResvCell {
     /// No registrations; at most `limit` ever.
     pub fn new(limit: usize) -> ResvCell {
+        ResvCell::with_table(Reservations::with_limit(limit), None)
+    }
+
+    /// The table kept in `store` for namespace `nsid` of `nqn` (NGUID `nguid`), or an empty
+    /// one that can be kept there. A kept table that cannot be read back (another namespace's,
+    /// damaged) is left and logged; the namespace starts empty.
+    pub fn kept(
+        limit: usize,
+        store: Arc<dyn ResvStore>,
+        nqn: &str,
+        nsid: u32,
+        nguid: [u8; 16],
+    ) -> ResvCell {
+        let table = match store.load(nqn, nsid) {
+            None => Reservations::with_limit(limit).persistent(),
+            Some(bytes) => match Reservations::decode(&bytes, &nguid, limit) {
+                Ok(t) => {
+                    tracing::info!(
+                        nqn,
+                        nsid,
+                        held = t.held(),
+                        generation = t.generation(),
+                        "NVMe reservations restored (persist through power loss)"
+                    );
+                    t
+                }
+                Err(e) => {
+                    tracing::warn!(nqn, nsid, error = %e, "kept NVMe reservations not restored");
+                    Reservations::with_limit(limit).persistent()
+                }
+            },
+        };
+        ResvCell::with_table(table, Some(KeptAt { store, nqn: nqn.to_string(), nsid, nguid }))
+    }
+
+    fn with_table(table: Reservations, store: Option<KeptAt>) -> ResvCell {
         ResvCell {
-            held: AtomicBool::new(false),
-            table: Mutex::new(Reservations::with_limit(limit)),
+            held: AtomicBool::new(table.held()),
+            version: AtomicU64::new(0),
+            table: Mutex::new(table),
+            store,
+            saving: Mutex::new(()),
         }
     }
 
-    /// Whether `host` may do `access` on the namespace now.
-    pub fn check(&self, host: &HostId, access: Access) -> Result<(), Status> {
-        if !self.held.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        self.table.lock().check(host, access)
+    /// Whether a reservation is held (while none is, every host may do everything).
+    pub fn held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
     }
 
-    /// Runs a reservation command on the table.
-    pub fn command<R>(&self, f: impl FnOnce(&mut Reservations) -> R) -> R {
+    /// The table's version now.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// (version, may read, may write) for `host`, decided together under the lock.
+    pub fn verdicts(&self, host: &HostId) -> (u64, bool, bool) {
+        let table = self.table.lock();
+        let version = self.version.load(Ordering::Acquire);
+        let read = table.check(host, Access::Read).is_ok();
+        let write = table.check(host, Access::Write).is_ok();
+        (version, read, write)
+    }
+
+    /// Whether the table can be kept across restarts, and whether PTPL is on.
+    pub fn persistence(&self) -> (bool, bool) {
+        let t = self.table.lock();
+        (t.can_persist(), t.ptpl())
+    }
+
+    /// Reservation Report of the table now.
+    pub fn report(&self, cdw11: u32, len: usize) -> Result<Vec<u8>, Status> {
+        let t = self.table.lock();
+        t.report(cdw11, len.min(t.report_max()))
+    }
+
+    /// Runs a reservation command on the table: its status, and whether the change must be
+    /// saved ([`ResvCell::save`]) before the command completes.
+    pub fn command(&self, f: impl FnOnce(&mut Reservations) -> Status) -> (Status, bool) {
         let mut table = self.table.lock();
-        let r = f(&mut table);
+        let nguid = self.store.as_ref().map(|s| s.nguid);
+        let before = nguid.filter(|_| table.ptpl()).map(|n| table.encode(&n));
+        let st = f(&mut table);
         self.held.store(table.held(), Ordering::Release);
-        r
+        self.version.fetch_add(1, Ordering::AcqRel);
+        let after = nguid.filter(|_| table.ptpl()).map(|n| table.encode(&n));
+        (st, st == status::SUCCESS && before != after)
+    }
+
+    /// Writes the table as it is now where it is kept (forgets it if PTPL is off). Blocking:
+    /// for an offload thread.
+    pub fn save(&self) -> Result<(), String> {
+        let Some(at) = &self.store else { return Ok(()) };
+        let _one_at_a_time = self.saving.lock();
+        let bytes = {
+            let t = self.table.lock();
+            t.ptpl().then(|| t.encode(&at.nguid))
+        };
+        at.store.save(&at.nqn, at.nsid, bytes.as_deref())
+    }
+}
+
+/// A namespace that goes takes its kept reservations along (a namespace added later at its
+/// id starts without them).
+fn forget_reservations(ns: &Namespace) {
+    if !ns.resv.persistence().1 {
+        return;
+    }
+    ns.resv.command(|t| {
+        t.forget();
+        status::SUCCESS
+    });
+    if let Err(e) = ns.resv.save() {
+        tracing::warn!(nsid = ns.nsid, error = %e, "kept NVMe reservations of a removed namespace not forgotten");
     }
 }
 
@@ -415,6 +530,9 @@ pub struct Target {
     /// Registrations each namespace keeps at most (`--nvmf-max-registrants`), for namespaces
     /// added from now on.
     pub resv_registrants: AtomicUsize,
+    /// Where namespaces' reservation tables are kept across restarts (the daemon's pool), for
+    /// namespaces added from now on; none: not kept (PTPL has no effect).
+    pub resv_store: RwLock<Option<Arc<dyn ResvStore>>>,
 }
 
 impl Default for Target {
@@ -433,6 +551,7 @@ impl Default for Target {
             secure: RwLock::default(),
             spread: Arc::default(),
             resv_registrants: AtomicUsize::new(crate::resv::REGISTRANTS_DEFAULT),
+            resv_store: RwLock::new(None),
         }
     }
 }
@@ -499,8 +618,18 @@ impl Target {
         Ok(subsys)
     }
 
+    /// Deletes a subsystem; its namespaces' kept reservations are forgotten (a control
+    /// thread's call: it may wait for the pool).
     pub fn delete_subsystem(&self, nqn: &str) -> Result<(), SubsysError> {
-        self.subsystems.write().remove(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
+        let gone = self
+            .subsystems
+            .write()
+            .remove(nqn)
+            .ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
+        let namespaces: Vec<Arc<Namespace>> = gone.namespaces().values().cloned().collect();
+        for ns in &namespaces {
+            forget_reservations(ns);
+        }
         self.auth.remove_subsystem(nqn);
         self.tls.remove_subsystem(nqn);
         for c in self.controllers.lock().values() {
@@ -632,7 +761,11 @@ impl Target {
             uuid[6] = (uuid[6] & 0x0f) | 0x40; // version 4 layout
             uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
             let eui64 = fnv(&[nqn.as_bytes(), &nsid.to_le_bytes(), id, b"eui64"]).to_be_bytes();
-            let resv = ResvCell::new(self.resv_registrants.load(Ordering::Relaxed));
+            let limit = self.resv_registrants.load(Ordering::Relaxed);
+            let resv = match self.resv_store.read().clone() {
+                Some(store) => ResvCell::kept(limit, store, nqn, nsid, nguid),
+                None => ResvCell::new(limit),
+            };
             map.insert(
                 nsid,
                 Arc::new(Namespace { nsid, dev, lba_shift, nguid, eui64, uuid, resv }),
@@ -643,10 +776,15 @@ impl Target {
         Ok(nsid)
     }
 
+    /// Removes a namespace; its kept reservations are forgotten (a control thread's call: it
+    /// may wait for the pool).
     pub fn remove_namespace(&self, nqn: &str, nsid: u32) -> Result<(), SubsysError> {
         let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
-        subsys.change_namespaces(|map| map.remove(&nsid)).ok_or(SubsysError::NoNamespace(nsid))?;
+        let ns = subsys
+            .change_namespaces(|map| map.remove(&nsid))
+            .ok_or(SubsysError::NoNamespace(nsid))?;
         self.namespace_changed(&subsys, nsid);
+        forget_reservations(&ns);
         Ok(())
     }
 

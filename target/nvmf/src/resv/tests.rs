@@ -92,8 +92,12 @@ fn registration_keys_are_checked_and_the_generation_counts_changes() {
     assert_eq!(r.register(&A, 1, &data(11, 0)), status::SUCCESS);
     assert_eq!(r.register(&A, 1, &data(11, 0)), RESERVATION_CONFLICT, "not registered now");
     assert_eq!(r.register(&B, 2, &data(0, 1)), RESERVATION_CONFLICT, "replace unregistered");
-    // Setting Persist Through Power Loss is not offered; clearing it is a no-op.
-    assert_eq!(r.register(&B, 3 << 30, &data(0, 1)), status::INVALID_FIELD);
+    // CPTPL 01b is reserved; 11b (what Linux's pr_ops always sends) is taken and, where the
+    // table cannot be kept, has no effect.
+    assert_eq!(r.register(&B, 1 << 30, &data(0, 1)), status::INVALID_FIELD);
+    assert_eq!(r.register(&B, 3 << 30, &data(0, 1)), status::SUCCESS);
+    assert!(!r.ptpl());
+    assert_eq!(r.report(1, 64).unwrap()[9], 0, "PTPLS");
     assert_eq!(r.register(&B, 2 << 30, &data(0, 1)), status::SUCCESS);
     assert_eq!(r.register(&B, 5, &data(0, 1)), status::INVALID_FIELD, "action 5");
     assert_eq!(r.register(&C, 0, &[0; 15]), status::SGL_DATA_LENGTH_INVALID);
@@ -277,6 +281,84 @@ fn the_report_is_the_extended_structure_cut_to_the_buffer() {
     assert_eq!(&short[..], &rep[..100]);
 }
 
+const NGUID: [u8; 16] = [0x5a; 16];
+const KA: u64 = 0xa1;
+const KB: u64 = 0xb2;
+
+/// Everything a table decides, to compare two: its report and each host's verdicts.
+fn decisions(r: &Reservations) -> (Vec<u8>, Vec<(bool, bool)>) {
+    let verdicts =
+        [A, B, C].iter().map(|h| (may(r, h, Access::Read), may(r, h, Access::Write))).collect();
+    (r.report(1, 64 + 64 * r.registrants.len()).unwrap(), verdicts)
+}
+
+#[test]
+fn ptpl_turns_on_and_off_where_the_table_can_be_kept_and_the_kept_table_decides_the_same() {
+    let mut r = Reservations::with_limit(100).persistent();
+    assert!(r.can_persist() && !r.ptpl());
+    assert_eq!(r.register(&A, 3 << 30, &data(0, KA)), status::SUCCESS);
+    assert!(r.ptpl());
+    assert_eq!(r.report(1, 64).unwrap()[9], 1, "PTPLS");
+    register(&mut r, &B, KB);
+    assert_eq!(acquire(&mut r, &A, KA, 4), status::SUCCESS);
+    let kept = r.encode(&NGUID);
+    let back = Reservations::decode(&kept, &NGUID, 100).unwrap();
+    assert_eq!(decisions(&back), decisions(&r));
+    assert_eq!(back.encode(&NGUID), kept, "canonical");
+    assert!(back.ptpl() && back.can_persist());
+    // A failed Register changes nothing, PTPL included.
+    assert_eq!(r.register(&B, 2 << 30, &data(0, 999)), RESERVATION_CONFLICT);
+    assert!(r.ptpl());
+    assert_eq!(r.register(&B, 2 << 30, &data(0, KB)), status::SUCCESS);
+    assert!(!r.ptpl());
+    // While PTPL is on, the kept table's bound applies whatever the limit.
+    let mut r = Reservations::with_limit(100).persistent();
+    r.register(&A, 3 << 30, &data(0, 1));
+    for i in 1..PTPL_REGISTRANTS_MAX {
+        let mut h = [9u8; 16];
+        h[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        assert_eq!(register(&mut r, &h, 1), status::SUCCESS);
+    }
+    assert_eq!(register(&mut r, &C, 1), status::INTERNAL, "the kept table is full");
+    assert!(r.encode(&NGUID).len() * 4 / 3 + 4 <= 3072, "fits one pool configuration entry");
+    r.register(&A, 2 << 30, &data(1, 1));
+    assert_eq!(register(&mut r, &C, 1), status::SUCCESS, "PTPL off: the limit again");
+    assert_eq!(r.register(&C, 3 << 30, &data(0, 1)), status::INVALID_FIELD, "too many to keep");
+}
+
+#[test]
+fn a_kept_table_is_refused_when_it_is_not_this_namespaces_or_not_whole() {
+    let mut r = Reservations::with_limit(8).persistent();
+    r.register(&A, 3 << 30, &data(0, KA));
+    acquire(&mut r, &A, KA, 1);
+    let kept = r.encode(&NGUID);
+    let decode = |b: &[u8]| Reservations::decode(b, &NGUID, 8);
+    assert_eq!(
+        Reservations::decode(&kept, &[1; 16], 8).err(),
+        Some(ResvDecodeError::OtherNamespace)
+    );
+    assert_eq!(
+        decode(&kept[..kept.len() - 1]).err(),
+        Some(ResvDecodeError::Length(kept.len() - 1))
+    );
+    let mut bad = kept.clone();
+    bad[0] = 9;
+    assert_eq!(decode(&bad).err(), Some(ResvDecodeError::Version(9)));
+    let mut bad = kept.clone();
+    bad[4] ^= 1; // a holder that is no registrant
+    assert!(matches!(decode(&bad), Err(ResvDecodeError::Inconsistent(_))));
+    let mut bad = kept.clone();
+    bad[2] = 5; // an all-registrants type held by one host
+    assert!(matches!(decode(&bad), Err(ResvDecodeError::Inconsistent(_))));
+    // A table kept under a larger limit keeps all its registrations under a smaller one.
+    let mut big = Reservations::with_limit(8).persistent();
+    big.register(&A, 3 << 30, &data(0, 1));
+    register(&mut big, &B, 2);
+    register(&mut big, &C, 3);
+    let small = Reservations::decode(&big.encode(&NGUID), &NGUID, 1).unwrap();
+    assert_eq!(decisions(&small), decisions(&big));
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Register(usize, u32, u64, u64),
@@ -307,7 +389,7 @@ proptest! {
     #[test]
     fn random_commands_keep_the_invariants(ops in proptest::collection::vec(op(), 1..60)) {
         let hosts = [A, B, C];
-        let mut r = Reservations::default();
+        let mut r = Reservations::with_limit(REGISTRANTS_DEFAULT).persistent();
         for op in ops {
             let g = r.generation();
             let (st, counts) = match op {
@@ -319,6 +401,9 @@ proptest! {
             };
             let want = if st == status::SUCCESS && counts { g.wrapping_add(1) } else { g };
             prop_assert_eq!(r.generation(), want);
+            // What is kept decides the same after a restart.
+            let back = Reservations::decode(&r.encode(&NGUID), &NGUID, REGISTRANTS_DEFAULT).unwrap();
+            prop_assert_eq!(decisions(&back), decisions(&r));
             for h in &hosts {
                 if r.holds(h) {
                     prop_assert!(may(&r, h, Access::Read) && may(&r, h, Access::Write));

@@ -26,6 +26,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nvmeraw  # noqa: E402
@@ -274,6 +275,45 @@ def main(r):
         r.check_eq("A clears", 0, release(a, 1, 0, KA))
         st, gen, rtype, regs = report(a)
         r.check("report: nothing registered", st == 0 and regs == [], (st, regs))
+
+        # Preempt and Abort waits for the preempted host's writes already on their way: four
+        # 256 KiB writes of A's held by a 1 MiB/s limit (the last one ~0.75 s away).
+        r.check_eq("A registers", 0, register(a, 0, 0, KA))
+        r.check_eq("B registers", 0, register(bq, 0, 0, KB))
+        r.check_eq("A acquires Write Exclusive", 0, acquire(a, 0, 1, KA))
+        r.check("v limited to 1 MiB/s of writes",
+                b.ctl("export", "limit", "v", "--write-mibs", "1").returncode == 0)
+        cids = []
+        for i in range(4):
+            cid = a.next_cid()
+            a.s.sendall(nvmeraw.capsule(nvmeraw.sqe(nvmeraw.OP_WRITE, cid, nsid=1, sgl_len=256 << 10,
+                                                    sgl_type=nvmeraw.SGL_TRANSPORT,
+                                                    cdw=(1024 + 64 * i, 0, 63, 0, 0, 0))))
+            cids.append(cid)
+        for _ in range(4):
+            typ, p = a.pdu()
+            r2t_cid, ttag, off, length = struct.unpack("<HHII", p[8:20])
+            for at in range(off, off + length, 64 << 10):
+                last = 0x04 if at + (64 << 10) == off + length else 0
+                a.s.sendall(struct.pack("<BBBBIHHIII", nvmeraw.H2C_DATA, last, 24, 24, 24 + (64 << 10),
+                                        r2t_cid, ttag, at, 64 << 10, 0) + b"\xaa" * (64 << 10))
+        time.sleep(0.15)  # the data is in: the writes wait for the limit (the last ~0.6 s more)
+        t0 = time.monotonic()
+        st = acquire(bq, 2, 1, KB, KA)
+        took = time.monotonic() - t0
+        r.check_eq("B preempts A and aborts", 0, st)
+        r.check("...answering once A's writes already on their way are done (%.2f s)" % took,
+                took >= 0.3, "took %.3f s" % took)
+        done = sorted((lambda c: (c[0], c[1]))(a.response()) for _ in range(4))
+        r.check_eq("A's four writes, admitted before the preempt, all succeeded",
+                   sorted((c, 0) for c in cids), done)
+        r.check("v's limit lifted", b.ctl("export", "limit", "v", "--write-mibs", "0").returncode == 0)
+        r.check_eq("A (preempted) cannot write", CONFLICT, write4k(a, 1024, 0xA9))
+        t0 = time.monotonic()
+        st = acquire(bq, 2, 1, KB, KA)
+        r.check("a Preempt and Abort with nothing to wait for answers at once (key gone: conflict)",
+                st == CONFLICT and time.monotonic() - t0 < 0.5, (st, time.monotonic() - t0))
+        r.check_eq("B clears", 0, release(bq, 1, 0, KB))
 
         # Persist Through Power Loss: kept in the pool, back after kill -9.
         r.check_eq("RESCAP of a pool-kept namespace: PTPL too", 0xFF, rescap(adm_a))

@@ -75,7 +75,8 @@ use crate::pdu::{self, kind, CommonHeader, Fatal};
 use crate::resv::{self, Access};
 use crate::spread::Slot;
 use crate::subsys::{
-    Controller, ListenAddr, Namespace, NsCache, QueueInfo, QueueNs, Target, DISCOVERY_NQN,
+    Controller, Executing, ListenAddr, Namespace, NsCache, QueueInfo, QueueNs, Target,
+    DISCOVERY_NQN,
 };
 use crate::tls::{identity_names, SecureChannel, TLS_HANDSHAKE_RECORD};
 
@@ -89,13 +90,18 @@ const UNSENT_MAX: u64 = 16 << 20;
 /// one maximum transfer each) is built for it and not charged to the core's budget: a host
 /// that asks and does not read holds at most this and one response.
 const ADMIN_UNSENT_MAX: u64 = 256 << 10;
-/// A reservation command whose table is being saved (PTPL): it answers `status` once `save`
-/// is done.
-struct ResvSave {
+/// A reservation command that answers once what it waits for is done: its table's save
+/// (PTPL), and for a Preempt and Abort the write-group commands executing on the namespace
+/// under the epoch before it (the preempted hosts' among them).
+struct ResvWait {
     cid: u16,
     status: Status,
-    save: Away<Result<(), String>>,
+    save: Option<Away<Result<(), String>>>,
+    drain: Option<(QueueNs, u64)>,
 }
+
+/// How often a Preempt and Abort looks whether the commands it waits for are done.
+const RESV_DRAIN_POLL: Duration = Duration::from_millis(1);
 
 /// Reservation verdicts a queue keeps (namespaces with a reservation it sent I/O to lately).
 const RESV_VERDICTS_MAX: usize = 16;
@@ -115,6 +121,8 @@ struct ResvVerdict {
 const TAG_RECV: u32 = u32::MAX;
 /// A reservation table's save (PTPL) came back from an offload thread.
 const TAG_RESV_SAVE: u32 = u32::MAX - 9;
+/// A Preempt and Abort's look at the commands it waits for.
+const TAG_RESV_DRAIN: u32 = u32::MAX - 10;
 const TAG_SEND: u32 = u32::MAX - 1;
 /// The keep-alive timeout of a discovery controller whose host asked for none (Linux nvmet's
 /// `NVMET_DISC_KATO_MS`).
@@ -185,6 +193,9 @@ struct Cmd {
     charged: u64,
     /// A Write Zeroes with FUA: once it is done its device is flushed, then it is answered.
     then_flush: bool,
+    /// Counted among its namespace's executing write-group commands (a reservation was held
+    /// when it went to the media): handed back when it leaves.
+    executing: Option<Executing>,
 }
 
 /// The statistics id of a command's device (`u32::MAX`, counted per core only, for none).
@@ -245,7 +256,9 @@ pub struct Queue {
     /// An authentication step running off the core (its result comes back here).
     auth_away: Option<Away<(Box<QueueAuth>, AuthStep)>>,
     /// Reservation commands waiting for their table's save (PTPL): CID, status, the save.
-    resv_saves: Vec<ResvSave>,
+    resv_waits: Vec<ResvWait>,
+    /// The timer of `resv_waits`' drains is armed.
+    resv_drain_timer: bool,
     /// Cached reservation verdicts (`reserved_for`).
     resv_verdicts: Vec<ResvVerdict>,
     /// When a queue that had authenticated began again (a host re-authenticates its live
@@ -311,7 +324,8 @@ impl Queue {
             auth: None,
             auth_away: None,
             resv_verdicts: Vec::new(),
-            resv_saves: Vec::new(),
+            resv_waits: Vec::new(),
+            resv_drain_timer: false,
             reauth_since: None,
             resets_seen: 0,
             moving: None,
@@ -1174,6 +1188,25 @@ impl Queue {
         }
     }
 
+    /// A write-group command about to go to the media: counted among the namespace's
+    /// executing commands while a reservation is held (Preempt and Abort waits for them), then
+    /// checked again, so a preempt either waits for it or it sees the preempt.
+    fn admit(
+        &mut self,
+        cx: &Cx<'_>,
+        ns: &Namespace,
+        opcode: u8,
+    ) -> Result<Option<Executing>, Status> {
+        let Some(e) = ns.resv.enter(cx.core()) else { return Ok(None) };
+        match self.reserved_for(ns, opcode) {
+            Ok(()) => Ok(Some(e)),
+            Err(st) => {
+                ns.resv.exit(e);
+                Err(st)
+            }
+        }
+    }
+
     /// Reservation Register, Acquire, Release (data in the capsule: both keys) and Report
     /// (data to the host), decided by the namespace's [`crate::resv::Reservations`].
     fn on_reservation(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
@@ -1213,48 +1246,70 @@ impl Queue {
             io::RESV_ACQUIRE => r.acquire(&host, sqe.cdw10, data),
             _ => r.release(&host, sqe.cdw10, data),
         });
-        if !save {
+        // Preempt and Abort: the preempted hosts' writes already on their way to the media
+        // finish before it completes (every write counted under the epoch before it).
+        let abort = sqe.opcode == io::RESV_ACQUIRE && sqe.cdw10 & 0x7 == 2;
+        let drain = (abort && st == status::SUCCESS).then(|| (ns.clone(), ns.resv.begin_drain()));
+        if !save && drain.is_none() {
             return self.respond(sqe.cid, 0, 0, st);
         }
         // Persist Through Power Loss: the change is kept before the command completes. The
         // pool's write waits for a core, so it never runs here: with no offload thread free,
         // the command fails (Internal Error: the host retries; the table changed in memory is
         // kept by the next save).
-        let away = cx.try_offload_with(TAG_RESV_SAVE, move || ns.resv.save());
-        match away {
-            Some(save) => self.resv_saves.push(ResvSave { cid: sqe.cid, status: st, save }),
-            None => {
-                tracing::warn!(peer = %self.peer, "NVMe reservation change not kept: no offload thread free");
-                self.respond(sqe.cid, 0, 0, status::INTERNAL);
+        let save = if save {
+            let ns = ns.clone();
+            match cx.try_offload_with(TAG_RESV_SAVE, move || ns.resv.save()) {
+                Some(away) => Some(away),
+                None => {
+                    tracing::warn!(peer = %self.peer, "NVMe reservation change not kept: no offload thread free");
+                    return self.respond(sqe.cid, 0, 0, status::INTERNAL);
+                }
             }
-        }
+        } else {
+            None
+        };
+        self.resv_waits.push(ResvWait { cid: sqe.cid, status: st, save, drain });
+        self.on_resv_waits(cx);
     }
 
-    /// Saves of reservation tables came back: each command answers once its save is done.
-    fn on_resv_saved(&mut self) {
+    /// Reservation commands waiting for saves and drains: each answers once both are done;
+    /// the drain timer stays armed while one still waits for a drain.
+    fn on_resv_waits(&mut self, cx: &mut Cx<'_>) {
         let mut i = 0;
-        while i < self.resv_saves.len() {
-            let Some(result) = self.resv_saves[i].save.poll() else {
+        while i < self.resv_waits.len() {
+            let w = &mut self.resv_waits[i];
+            if let Some(result) = w.save.as_ref().and_then(|s| s.poll()) {
+                w.save = None;
+                if !matches!(result, Some(Ok(()))) {
+                    let why = match result {
+                        Some(Err(e)) => e,
+                        _ => "the save panicked".to_string(),
+                    };
+                    tracing::warn!(peer = %self.peer, error = %why, "NVMe reservation change not kept");
+                    w.status = status::INTERNAL;
+                }
+            }
+            if w.drain.as_ref().is_some_and(|(ns, old)| ns.resv.drained(*old)) {
+                w.drain = None;
+            }
+            if w.save.is_some() || w.drain.is_some() {
                 i += 1;
                 continue;
-            };
-            let ResvSave { cid, status: st, .. } = self.resv_saves.swap_remove(i);
-            let st = match result {
-                Some(Ok(())) => st,
-                Some(Err(e)) => {
-                    tracing::warn!(peer = %self.peer, error = %e, "NVMe reservation change not kept");
-                    status::INTERNAL
-                }
-                None => status::INTERNAL,
-            };
+            }
+            let ResvWait { cid, status: st, .. } = self.resv_waits.swap_remove(i);
             if !self.send_broken() {
                 self.respond(cid, 0, 0, st);
             }
         }
+        if !self.resv_drain_timer && self.resv_waits.iter().any(|w| w.drain.is_some()) {
+            self.resv_drain_timer = true;
+            cx.timer(TAG_RESV_DRAIN, RESV_DRAIN_POLL);
+        }
     }
 
     fn on_io(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
-        if self.cmds.len() + self.resv_saves.len() >= usize::from(self.sq_entries) {
+        if self.cmds.len() + self.resv_waits.len() >= usize::from(self.sq_entries) {
             // The host overran its submission queue.
             return self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
         }
@@ -1266,10 +1321,15 @@ impl Queue {
                     self.respond(sqe.cid, 0, 0, status::NS_WRITE_PROTECTED)
                 }
                 Ok((ns, offset, len)) => {
+                    let executing = match self.admit(cx, &ns, sqe.opcode) {
+                        Ok(e) => e,
+                        Err(st) => return self.respond(sqe.cid, 0, 0, st),
+                    };
                     let may_unmap = sqe.cdw12 & (1 << 25) != 0;
                     let fua = sqe.fua();
                     let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::WriteZeroes, 0, 1);
                     self.cmds[tag as usize].then_flush = fua;
+                    self.cmds[tag as usize].executing = executing;
                     ns.dev.submit(
                         cx,
                         IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap },
@@ -1308,13 +1368,17 @@ impl Queue {
             started: Instant::now(),
             charged: 0,
             then_flush: false,
+            executing: None,
         });
         key as u32
     }
 
     /// Lets a command go, whatever became of it (the one way out of `cmds`).
     fn untrack(&mut self, cx: &mut Cx<'_>, tag: usize) -> Cmd {
-        let cmd = self.cmds.remove(tag);
+        let mut cmd = self.cmds.remove(tag);
+        if let (Some(e), Some(ns)) = (cmd.executing.take(), cmd.ns.as_ref()) {
+            ns.resv.exit(e);
+        }
         cx.stats().retired(stats_id(cmd.ns.as_ref()));
         cmd
     }
@@ -1355,7 +1419,14 @@ impl Queue {
                 if data.len() != len as usize || sqe.sgl_addr != 0 {
                     return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
                 }
+                let executing = match self.admit(cx, &ns, sqe.opcode) {
+                    Ok(e) => e,
+                    Err(st) => return self.respond(sqe.cid, 0, 0, st),
+                };
                 if ns.dev.write_now(offset, data) {
+                    if let Some(e) = executing {
+                        ns.resv.exit(e);
+                    }
                     // Stored from the receive buffer: no buffer, no I/O, no request slot.
                     self.done_at_once(cx, &ns, OpKind::Write, len);
                     cx.stats().writes_now += 1;
@@ -1371,6 +1442,7 @@ impl Queue {
                 let fua = sqe.fua();
                 let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::Write, len, 1);
                 self.cmds[tag as usize].charged = self.take_pdu_charge();
+                self.cmds[tag as usize].executing = executing;
                 ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, tag);
                 self.hold_back_for(cx, &ns.dev);
             }
@@ -1458,12 +1530,13 @@ impl Queue {
         if !last {
             tracing::debug!(peer = %self.peer, "final H2CData without LAST_PDU");
         }
-        // Checked again now that the data is here: a host preempted while it sent the data
-        // (for as long as it liked) writes nothing.
+        // Checked again now that the data is here (and counted while a reservation is held): a
+        // host preempted while it sent the data (for as long as it liked) writes nothing.
         if let (status::SUCCESS, Some(ns)) = (cmd.status, cmd.ns.clone()) {
             let opcode = cmd.sqe.opcode;
-            if let Err(st) = self.reserved_for(&ns, opcode) {
-                self.cmds[usize::from(ttag)].status = st;
+            match self.admit(cx, &ns, opcode) {
+                Ok(e) => self.cmds[usize::from(ttag)].executing = e,
+                Err(st) => self.cmds[usize::from(ttag)].status = st,
             }
         }
         let cmd = &mut self.cmds[usize::from(ttag)];
@@ -1590,7 +1663,12 @@ impl Queue {
         if !deallocate || work.is_empty() {
             return self.respond(sqe.cid, 0, 0, status::SUCCESS);
         }
+        let executing = match self.admit(cx, &ns, sqe.opcode) {
+            Ok(e) => e,
+            Err(st) => return self.respond(sqe.cid, 0, 0, st),
+        };
         let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::Discard, 0, work.len() as u32);
+        self.cmds[tag as usize].executing = executing;
         for (offset, len) in work {
             ns.dev.submit(cx, IoCmd::Discard { offset, len }, tag);
         }
@@ -1915,7 +1993,8 @@ impl Queue {
             cx.cancel(TAG_TICK, TAG_CANCEL);
         }
         let quiet = self.auth_away.is_none()
-            && self.resv_saves.is_empty()
+            && self.resv_waits.is_empty()
+            && !self.resv_drain_timer
             && !self.recv.inflight()
             && !self.direct_inflight()
             && !self.tls_recv_inflight()
@@ -1952,7 +2031,8 @@ impl Queue {
 impl Movable for Queue {
     fn ready_to_move(&self) -> Option<usize> {
         let quiet = self.auth_away.is_none()
-            && self.resv_saves.is_empty()
+            && self.resv_waits.is_empty()
+            && !self.resv_drain_timer
             && !self.recv.inflight()
             && self.direct.is_none()
             && self.tls.is_none()
@@ -2032,8 +2112,12 @@ impl Task for Queue {
                 }
             }
             TAG_RESV_SAVE => {
-                self.on_resv_saved();
+                self.on_resv_waits(cx);
                 self.progress.moved();
+            }
+            TAG_RESV_DRAIN => {
+                self.resv_drain_timer = false;
+                self.on_resv_waits(cx);
             }
             TAG_AUTH_WORK => {
                 self.on_auth_done(cx);

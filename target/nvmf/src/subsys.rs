@@ -200,8 +200,31 @@ struct KeptAt {
     nguid: [u8; 16],
 }
 
+/// Shards of the executing-write counters (cores map onto them modulo this many).
+const DRAIN_SHARDS: usize = 64;
+
+/// One core's counters of write-group commands executing on a namespace, per epoch parity,
+/// on a cache line of its own.
+#[repr(align(64))]
+#[derive(Default)]
+struct DrainShard([AtomicU64; 2]);
+
+/// A write-group command counted among those executing on a namespace ([`ResvCell::enter`]):
+/// its shard and epoch parity, to be handed back to [`ResvCell::exit`] when it is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Executing {
+    shard: u16,
+    parity: u8,
+}
+
 pub struct ResvCell {
     held: AtomicBool,
+    /// Preempt and Abort's epochs: each one waits for the write-group commands counted under
+    /// the epoch before it.
+    epoch: AtomicU64,
+    /// Write-group commands executing while a reservation is held, per core and epoch parity
+    /// (made the first time one is counted).
+    executing: std::sync::OnceLock<Box<[DrainShard]>>,
     /// Moves on with every reservation command (queues' cached verdicts name the version).
     version: AtomicU64,
     table: Mutex<Reservations>,
@@ -251,6 +274,8 @@ impl ResvCell {
     fn with_table(table: Reservations, store: Option<KeptAt>) -> ResvCell {
         ResvCell {
             held: AtomicBool::new(table.held()),
+            epoch: AtomicU64::new(0),
+            executing: std::sync::OnceLock::new(),
             version: AtomicU64::new(0),
             table: Mutex::new(table),
             store,
@@ -261,6 +286,51 @@ impl ResvCell {
     /// Whether a reservation is held (while none is, every host may do everything).
     pub fn held(&self) -> bool {
         self.held.load(Ordering::Acquire)
+    }
+
+    /// Counts a write-group command about to go to the media on core `core`, while a
+    /// reservation is held (none: `None`, nothing to wait for). The caller checks the
+    /// reservation again after this: a Preempt and Abort either counts the command (and waits
+    /// for it) or the command sees the preempt.
+    pub fn enter(&self, core: usize) -> Option<Executing> {
+        if !self.held() {
+            return None;
+        }
+        let shards = self
+            .executing
+            .get_or_init(|| (0..DRAIN_SHARDS).map(|_| DrainShard::default()).collect());
+        let shard = core % DRAIN_SHARDS;
+        loop {
+            let parity = (self.epoch.load(Ordering::SeqCst) & 1) as usize;
+            shards[shard].0[parity].fetch_add(1, Ordering::SeqCst);
+            if (self.epoch.load(Ordering::SeqCst) & 1) as usize == parity {
+                return Some(Executing { shard: shard as u16, parity: parity as u8 });
+            }
+            // The epoch moved on meanwhile: count under the new one.
+            shards[shard].0[parity].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The command counted by `enter` is done.
+    pub fn exit(&self, e: Executing) {
+        let shards = self.executing.get().expect("counted before");
+        let before =
+            shards[usize::from(e.shard)].0[usize::from(e.parity)].fetch_sub(1, Ordering::SeqCst);
+        debug_assert!(before > 0, "a command left a namespace twice");
+    }
+
+    /// Starts a new epoch (Preempt and Abort succeeded): the one returned is drained once
+    /// every write-group command counted under it is done ([`ResvCell::drained`]).
+    pub fn begin_drain(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Whether no write-group command counted under epoch `old` still executes (a later
+    /// epoch of the same parity counts with it: the wait is then longer, never shorter).
+    pub fn drained(&self, old: u64) -> bool {
+        let Some(shards) = self.executing.get() else { return true };
+        let parity = (old & 1) as usize;
+        shards.iter().all(|s| s.0[parity].load(Ordering::SeqCst) == 0)
     }
 
     /// The table's version now.
@@ -881,6 +951,38 @@ mod tests {
     use super::*;
 
     const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000b0b0";
+
+    fn keys(a: u64, b: u64) -> Vec<u8> {
+        [a.to_le_bytes(), b.to_le_bytes()].concat()
+    }
+
+    /// Preempt and Abort's drain: writes counted before it hold it back until they leave;
+    /// writes counted after it (the next epoch) do not; nothing is counted while no
+    /// reservation is held.
+    #[test]
+    fn a_drain_waits_for_the_writes_of_the_epoch_before_only() {
+        let cell = ResvCell::new(8);
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        assert_eq!(cell.enter(0), None, "nothing held: nothing counted");
+        assert_eq!(cell.command(|t| t.register(&a, 0, &keys(0, 1))).0, status::SUCCESS);
+        assert_eq!(cell.command(|t| t.register(&b, 0, &keys(0, 2))).0, status::SUCCESS);
+        assert_eq!(cell.command(|t| t.acquire(&a, 1 << 8, &keys(1, 0))).0, status::SUCCESS);
+        let before = [cell.enter(0).unwrap(), cell.enter(5).unwrap(), cell.enter(70).unwrap()];
+        let st = cell.command(|t| t.acquire(&b, (1 << 8) | 2, &keys(2, 1))).0;
+        assert_eq!(st, status::SUCCESS, "B preempts A and aborts");
+        let old = cell.begin_drain();
+        assert!(!cell.drained(old));
+        let after = cell.enter(5).unwrap();
+        assert_ne!(after, before[1], "a later write counts under the new epoch");
+        for e in before {
+            assert!(!cell.drained(old));
+            cell.exit(e);
+        }
+        assert!(cell.drained(old), "the writes before it are done; the one after does not count");
+        assert!(!cell.drained(old + 1));
+        cell.exit(after);
+        assert!(cell.drained(old + 1));
+    }
 
     #[test]
     fn a_refused_host_is_refused_whatever_the_access_list_says() {

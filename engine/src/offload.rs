@@ -80,16 +80,6 @@ impl<T> Away<T> {
     pub fn take(self) -> Option<T> {
         self.0.try_recv().ok()
     }
-
-    /// Whether the work is done, without waiting: `Some(Some(value))` done, `Some(None)` it
-    /// panicked, `None` not yet (for tasks with several jobs out under one tag).
-    pub fn poll(&self) -> Option<Option<T>> {
-        match self.0.try_recv() {
-            Ok(v) => Some(Some(v)),
-            Err(crossbeam_channel::TryRecvError::Disconnected) => Some(None),
-            Err(crossbeam_channel::TryRecvError::Empty) => None,
-        }
-    }
 }
 
 impl Drop for Offload {
@@ -193,65 +183,6 @@ mod tests {
         assert_eq!(run(2, false), (true, true), "ran, on an offload thread");
         assert_eq!(run(0, false), (true, false), "ran, in place on the core");
         assert!(!run(1, true).0, "a panicking job still completes its tag");
-    }
-
-    /// `try_offload_with`: on a thread, the value comes back with one completion; with no
-    /// thread, `None`, the work never runs and no completion comes.
-    #[test]
-    fn cx_try_offload_refuses_rather_than_running_in_place() {
-        use crate::reactor::{Cx, Engine, EngineConfig, Msg, Task};
-        use ballast_ffi::Owned;
-
-        struct Probe {
-            away: Option<Away<std::thread::ThreadId>>,
-            completions: u32,
-            done: bool,
-            tx: crossbeam_channel::Sender<(bool, u32, Option<bool>)>,
-        }
-        impl Task for Probe {
-            fn start(&mut self, cx: &mut Cx<'_>) {
-                self.away = cx.try_offload_with(7, || std::thread::current().id());
-                if self.away.is_none() {
-                    // Give a stray completion time to arrive: a timer on another tag.
-                    cx.timer(8, std::time::Duration::from_millis(100));
-                }
-            }
-            fn on_completion(&mut self, _cx: &mut Cx<'_>, tag: u32, _r: i32, _o: Owned) {
-                if tag == 7 {
-                    self.completions += 1;
-                }
-                let off_core = self
-                    .away
-                    .as_ref()
-                    .and_then(|a| a.poll())
-                    .map(|v| v.is_some_and(|id| id != std::thread::current().id()));
-                let _ = self.tx.send((self.away.is_some(), self.completions, off_core));
-                self.done = true;
-            }
-            fn flush(&mut self, _cx: &mut Cx<'_>) {}
-            fn on_shutdown(&mut self, _cx: &mut Cx<'_>) {}
-            fn is_done(&self) -> bool {
-                self.done
-            }
-        }
-        let run = |threads: usize| {
-            let engine = Engine::start(EngineConfig {
-                offload_threads: threads,
-                offload_queue: 4,
-                ..EngineConfig::one_core_for_tests()
-            })
-            .expect("an engine");
-            let (tx, rx) = crossbeam_channel::bounded(4);
-            let probe = Probe { away: None, completions: 0, done: false, tx };
-            let spawn =
-                Msg::Spawn(Box::new(move |_cx: &mut Cx<'_>| Box::new(probe) as Box<dyn Task>));
-            assert!(engine.handles()[0].send_blocking(spawn));
-            let got = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("an event");
-            engine.shutdown();
-            got
-        };
-        assert_eq!(run(1), (true, 1, Some(true)), "taken: done off the core, one completion");
-        assert_eq!(run(0), (false, 0, None), "refused: no completion, only the timer");
     }
 
     /// The queue bound holds: with the only thread busy and the queue full, a job comes back.

@@ -574,39 +574,6 @@ impl Cx<'_> {
         Away::new(rx)
     }
 
-    /// [`Cx::offload_with`] for work that must never run on a data core (it waits for a core:
-    /// a pool's control operation): `None`, and the work dropped unrun with no completion,
-    /// where no offload thread can take it now.
-    pub fn try_offload_with<T: Send + 'static>(
-        &mut self,
-        tag: u32,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Option<Away<T>> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        // The wake is shared with the job so that a job handed back can be disarmed.
-        let wake = Arc::new(parking_lot::Mutex::new(WakeOnDrop(Some((
-            self.peers[self.core].clone(),
-            self.task,
-            tag,
-        )))));
-        let armed = Arc::clone(&wake);
-        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
-            let _wake = armed;
-            let _ = tx.send(work());
-        });
-        match self.offload.try_run(job) {
-            Ok(()) => {
-                self.stats.offloaded += 1;
-                Some(Away::new(rx))
-            }
-            Err(job) => {
-                wake.lock().0 = None;
-                drop(job);
-                None
-            }
-        }
-    }
-
     /// Checks out this core's value of type `T` (none yet: `None`, and the caller makes one);
     /// it must come back through [`Cx::put_local`] before the event ends.
     pub fn take_local<T: Any>(&mut self) -> Option<Box<T>> {

@@ -255,7 +255,19 @@ pub fn forget_namespace(control: &Control, nqn: &str, nsid: u32) -> Result<(), P
     change_subsystem(control, nqn, |_, batch| {
         batch.push(removal(namespace_key(nqn, nsid)));
         Ok(())
-    })
+    })?;
+    forget_reservations(control, nqn, nsid)
+}
+
+/// Namespace `nsid` of `nqn`'s kept reservations (PTPL), if the pool holds any: the namespace
+/// is gone for good (a namespace added later at the id starts without them).
+pub fn forget_reservations(control: &Control, nqn: &str, nsid: u32) -> Result<(), PersistError> {
+    let Some(pool) = &control.pool else { return Ok(()) };
+    let key = pool_config::reservations_key(nqn, nsid);
+    if !pool.meta_shared().config().contains_key(&key) {
+        return Ok(());
+    }
+    write(pool, &[removal(key)])
 }
 
 /// Whether the pool keeps settings for subsystem `nqn` (its maker then creates it admitting

@@ -47,6 +47,7 @@ use crate::control::HostKeyNames;
 const KEYRING: &str = "keyring:";
 const NVMF: &str = "nvmf:";
 const LEGACY_HOSTS: &str = "hosts:";
+const RESERVATIONS: &str = "resv:";
 const HOST: &str = "host";
 const LISTENER: &str = "listener";
 const NAMESPACE: &str = "ns";
@@ -205,7 +206,11 @@ pub fn namespace_key(nqn: &str, nsid: u32) -> String {
 /// The entry key of namespace `nsid` of `nqn`'s kept reservation table (`resv_store`): outside
 /// the subsystem's own entries, which this codec reads whole.
 pub fn reservations_key(nqn: &str, nsid: u32) -> String {
-    format!("resv:{}:{nsid}", digest(nqn))
+    format!("{}{nsid}", reservations_prefix(nqn))
+}
+
+fn reservations_prefix(nqn: &str) -> String {
+    format!("{RESERVATIONS}{}:", digest(nqn))
 }
 
 /// The legacy entry key of a volume's subsystem `nqn` (daemon-named NQNs only).
@@ -260,6 +265,10 @@ pub fn forgetting(config: &BTreeMap<String, String>, nqn: &str) -> Vec<(String, 
     }
     let under = config.range(children.clone()..).take_while(|(k, _)| k.starts_with(&children));
     out.extend(under.map(|(k, _)| removal(k.clone())));
+    // Its namespaces' kept reservations (outside the subsystem's own entries).
+    let resv = reservations_prefix(nqn);
+    let kept = config.range(resv.clone()..).take_while(|(k, _)| k.starts_with(&resv));
+    out.extend(kept.map(|(k, _)| removal(k.clone())));
     if let Some(legacy) = legacy_key(nqn).filter(|k| config.contains_key(k)) {
         out.push(removal(legacy));
     }
@@ -528,12 +537,21 @@ mod tests {
         assert_eq!(listeners, vec![l4, l6]);
         assert_eq!(s.namespaces, vec![ns]);
         assert_eq!(anchor_of(&config, SUB), Some(sub));
+        // Kept reservations of two of its namespaces and of another subsystem's: outside the
+        // subsystem's entries (decoding does not see them), forgotten with it.
+        let other = "nqn.2026-11.dev.ballast:other";
+        for k in [reservations_key(SUB, 1), reservations_key(SUB, 12), reservations_key(other, 1)] {
+            assert!(k.len() <= CONFIG_KEY_MAX && !k.starts_with(&anchor_key(SUB)), "{k}");
+            config.insert(k, "AQ==".into());
+        }
+        assert!(decode(&config).problems.is_empty());
         // Forgetting the subsystem leaves the rest of the configuration as it was.
         let forget = forgetting(&config, SUB);
         apply(&mut config, &forget);
         let d = decode(&config);
         assert!(d.subsystems.is_empty() && d.stale.is_empty());
-        assert_eq!(config.len(), 3, "{config:?}");
+        assert!(config.contains_key(&reservations_key(other, 1)), "another subsystem's stay");
+        assert_eq!(config.len(), 4, "{config:?}");
     }
 
     #[test]

@@ -7,7 +7,11 @@
 //! table is never applied to another device put at the same id). Invariants: an entry is
 //! written, or removed, durably (one pool commit) before the reservation command that changed
 //! it completes; an entry that cannot be read back is ignored by the namespace (which starts
-//! empty and says so in the log), never a reason to refuse the pool.
+//! empty and says so in the log), never a reason to refuse the pool; entries go with their
+//! namespace or subsystem when the control plane forgets those (`persist`), never when a
+//! namespace merely stops being served (a volume whose delete is refused keeps them). Reads
+//! take the pool state shared: a namespace is added under its subsystem's map lock, and the
+//! cores go on meanwhile.
 
 use std::sync::Arc;
 
@@ -31,8 +35,12 @@ impl PoolResvStore {
 
 impl ResvStore for PoolResvStore {
     fn load(&self, nqn: &str, nsid: u32) -> Option<Vec<u8>> {
-        let text =
-            self.pool.meta().config().get(&pool_config::reservations_key(nqn, nsid)).cloned()?;
+        let text = self
+            .pool
+            .meta_shared()
+            .config()
+            .get(&pool_config::reservations_key(nqn, nsid))
+            .cloned()?;
         match BASE64.decode(text.as_bytes()) {
             Ok(bytes) => Some(bytes),
             Err(e) => {
@@ -44,7 +52,7 @@ impl ResvStore for PoolResvStore {
 
     fn save(&self, nqn: &str, nsid: u32, table: Option<&[u8]>) -> Result<(), String> {
         let key = pool_config::reservations_key(nqn, nsid);
-        if table.is_none() && !self.pool.meta().config().contains_key(&key) {
+        if table.is_none() && !self.pool.meta_shared().config().contains_key(&key) {
             return Ok(());
         }
         let value = table.map(|t| BASE64.encode(t)).unwrap_or_default();

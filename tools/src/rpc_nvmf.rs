@@ -486,6 +486,8 @@ pub fn remove_namespaces_of(
     for (nqn, nsid) in control.registry.namespaces_of(name) {
         if persist::has_settings(control, &nqn) {
             persist::forget_namespace(control, &nqn, nsid).map_err(persist_err)?;
+        } else {
+            persist::forget_reservations(control, &nqn, nsid).map_err(persist_err)?;
         }
         if let Err(e) = control.registry.remove_namespace(&nqn, nsid) {
             tracing::warn!(device = name, nqn, nsid, error = %e, "removing its namespace failed");

@@ -369,8 +369,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     if let Some(pool) = &pool {
         // Before any namespace exists: each finds its kept reservations when it is added.
-        *target.resv_store.write() =
-            Some(Arc::new(crate::resv_store::PoolResvStore::new(pool.clone())));
+        target
+            .keep_reservations(Arc::new(crate::resv_store::PoolResvStore::new(pool.clone())))
+            .context("starting the thread that keeps NVMe reservations")?;
     }
     let registry = Arc::new(Registry::with_limits(target.clone(), pool.clone(), limits));
     for spec in &args.exports {

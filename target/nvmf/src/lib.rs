@@ -20,6 +20,7 @@ pub mod pdu;
 pub mod psk;
 pub mod queue;
 pub mod resv;
+pub mod resv_cell;
 pub mod secret;
 pub mod spread;
 pub mod subsys;

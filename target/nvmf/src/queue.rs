@@ -73,10 +73,10 @@ use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
 use crate::resv::{self, Access};
+use crate::resv_cell::Executing;
 use crate::spread::Slot;
 use crate::subsys::{
-    Controller, Executing, ListenAddr, Namespace, NsCache, QueueInfo, QueueNs, Target,
-    DISCOVERY_NQN,
+    Controller, ListenAddr, Namespace, NsCache, QueueInfo, QueueNs, Target, DISCOVERY_NQN,
 };
 use crate::tls::{identity_names, SecureChannel, TLS_HANDSHAKE_RECORD};
 
@@ -91,25 +91,38 @@ const UNSENT_MAX: u64 = 16 << 20;
 /// that asks and does not read holds at most this and one response.
 const ADMIN_UNSENT_MAX: u64 = 256 << 10;
 /// A reservation command that answers once what it waits for is done: its table's save
-/// (PTPL), and for a Preempt and Abort the write-group commands executing on the namespace
-/// under the epoch before it (the preempted hosts' among them).
+/// (PTPL: the version that must be kept), and for a Preempt and Abort the write-group
+/// commands executing on the namespace under the epoch before it (the preempted hosts'
+/// among them).
 struct ResvWait {
     cid: u16,
     status: Status,
-    save: Option<Away<Result<(), String>>>,
-    drain: Option<(QueueNs, u64)>,
+    ns: QueueNs,
+    save: Option<u64>,
+    drain: Drain,
 }
 
-/// How often a Preempt and Abort looks whether the commands it waits for are done.
-const RESV_DRAIN_POLL: Duration = Duration::from_millis(1);
+/// A Preempt and Abort's wait for the writes before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// Nothing to wait for.
+    Done,
+    /// Its epoch has not begun yet (an earlier drain of the namespace is not over).
+    Pending,
+    /// Waiting for the writes counted under this epoch.
+    Waiting(u64),
+}
+
+/// How often a reservation command looks whether what it waits for is done (a save takes a
+/// pool commit; a drain, the writes' media latency).
+const RESV_POLL: Duration = Duration::from_millis(1);
 
 /// Reservation verdicts a queue keeps (namespaces with a reservation it sent I/O to lately).
 const RESV_VERDICTS_MAX: usize = 16;
 
-/// What a reservation lets this queue's host do on one namespace, as of a table version. The
-/// namespace is named by its address: a queue's cached namespaces stay alive while it uses
-/// them, and a namespace added again is a new one (new address once the old is gone, and a
-/// version the old verdict does not carry, since a new table starts at 0 with nothing held).
+/// What a reservation lets this queue's host do on one namespace, as of a table version
+/// (versions never repeat, across namespaces either: a verdict is found by its version; the
+/// namespace's address only picks which entry a newer verdict replaces).
 #[derive(Debug, Clone, Copy)]
 struct ResvVerdict {
     ns: usize,
@@ -119,10 +132,8 @@ struct ResvVerdict {
 }
 
 const TAG_RECV: u32 = u32::MAX;
-/// A reservation table's save (PTPL) came back from an offload thread.
-const TAG_RESV_SAVE: u32 = u32::MAX - 9;
-/// A Preempt and Abort's look at the commands it waits for.
-const TAG_RESV_DRAIN: u32 = u32::MAX - 10;
+/// Reservation commands look whether their saves and drains are done.
+const TAG_RESV_POLL: u32 = u32::MAX - 9;
 const TAG_SEND: u32 = u32::MAX - 1;
 /// The keep-alive timeout of a discovery controller whose host asked for none (Linux nvmet's
 /// `NVMET_DISC_KATO_MS`).
@@ -257,8 +268,8 @@ pub struct Queue {
     auth_away: Option<Away<(Box<QueueAuth>, AuthStep)>>,
     /// Reservation commands waiting for their table's save (PTPL): CID, status, the save.
     resv_waits: Vec<ResvWait>,
-    /// The timer of `resv_waits`' drains is armed.
-    resv_drain_timer: bool,
+    /// The timer of `resv_waits` is armed.
+    resv_timer: bool,
     /// Cached reservation verdicts (`reserved_for`).
     resv_verdicts: Vec<ResvVerdict>,
     /// When a queue that had authenticated began again (a host re-authenticates its live
@@ -325,7 +336,7 @@ impl Queue {
             auth_away: None,
             resv_verdicts: Vec::new(),
             resv_waits: Vec::new(),
-            resv_drain_timer: false,
+            resv_timer: false,
             reauth_since: None,
             resets_seen: 0,
             moving: None,
@@ -1249,27 +1260,19 @@ impl Queue {
         // Preempt and Abort: the preempted hosts' writes already on their way to the media
         // finish before it completes (every write counted under the epoch before it).
         let abort = sqe.opcode == io::RESV_ACQUIRE && sqe.cdw10 & 0x7 == 2;
-        let drain = (abort && st == status::SUCCESS).then(|| (ns.clone(), ns.resv.begin_drain()));
-        if !save && drain.is_none() {
+        let drain = if abort && st == status::SUCCESS { Drain::Pending } else { Drain::Done };
+        if save.is_none() && drain == Drain::Done {
             return self.respond(sqe.cid, 0, 0, st);
         }
-        // Persist Through Power Loss: the change is kept before the command completes. The
-        // pool's write waits for a core, so it never runs here: with no offload thread free,
-        // the command fails (Internal Error: the host retries; the table changed in memory is
-        // kept by the next save).
-        let save = if save {
-            let ns = ns.clone();
-            match cx.try_offload_with(TAG_RESV_SAVE, move || ns.resv.save()) {
-                Some(away) => Some(away),
-                None => {
-                    tracing::warn!(peer = %self.peer, "NVMe reservation change not kept: no offload thread free");
-                    return self.respond(sqe.cid, 0, 0, status::INTERNAL);
-                }
-            }
-        } else {
-            None
-        };
-        self.resv_waits.push(ResvWait { cid: sqe.cid, status: st, save, drain });
+        // Persist Through Power Loss: the change is kept (by the target's saver thread, never
+        // here: the pool's write waits for a core) before the command completes. A save that
+        // cannot be queued or fails answers Internal Error; the table stays to be kept, so
+        // the host's retry saves it.
+        if save.is_some() && !ns.resv.queue_save() {
+            tracing::warn!(peer = %self.peer, "NVMe reservation change not kept: the saver's queue is full");
+            return self.respond(sqe.cid, 0, 0, status::INTERNAL);
+        }
+        self.resv_waits.push(ResvWait { cid: sqe.cid, status: st, ns, save, drain });
         self.on_resv_waits(cx);
     }
 
@@ -1279,21 +1282,23 @@ impl Queue {
         let mut i = 0;
         while i < self.resv_waits.len() {
             let w = &mut self.resv_waits[i];
-            if let Some(result) = w.save.as_ref().and_then(|s| s.poll()) {
+            if let Some(kept) = w.save.and_then(|v| w.ns.resv.save_outcome(v)) {
                 w.save = None;
-                if !matches!(result, Some(Ok(()))) {
-                    let why = match result {
-                        Some(Err(e)) => e,
-                        _ => "the save panicked".to_string(),
-                    };
-                    tracing::warn!(peer = %self.peer, error = %why, "NVMe reservation change not kept");
+                if !kept {
                     w.status = status::INTERNAL;
                 }
             }
-            if w.drain.as_ref().is_some_and(|(ns, old)| ns.resv.drained(*old)) {
-                w.drain = None;
+            if w.drain == Drain::Pending {
+                if let Some(old) = w.ns.resv.try_begin_drain() {
+                    w.drain = Drain::Waiting(old);
+                }
             }
-            if w.save.is_some() || w.drain.is_some() {
+            if let Drain::Waiting(old) = w.drain {
+                if w.ns.resv.drained(old) {
+                    w.drain = Drain::Done;
+                }
+            }
+            if w.save.is_some() || w.drain != Drain::Done {
                 i += 1;
                 continue;
             }
@@ -1302,9 +1307,9 @@ impl Queue {
                 self.respond(cid, 0, 0, st);
             }
         }
-        if !self.resv_drain_timer && self.resv_waits.iter().any(|w| w.drain.is_some()) {
-            self.resv_drain_timer = true;
-            cx.timer(TAG_RESV_DRAIN, RESV_DRAIN_POLL);
+        if !self.resv_timer && !self.resv_waits.is_empty() {
+            self.resv_timer = true;
+            cx.timer(TAG_RESV_POLL, RESV_POLL);
         }
     }
 
@@ -1994,7 +1999,7 @@ impl Queue {
         }
         let quiet = self.auth_away.is_none()
             && self.resv_waits.is_empty()
-            && !self.resv_drain_timer
+            && !self.resv_timer
             && !self.recv.inflight()
             && !self.direct_inflight()
             && !self.tls_recv_inflight()
@@ -2032,7 +2037,7 @@ impl Movable for Queue {
     fn ready_to_move(&self) -> Option<usize> {
         let quiet = self.auth_away.is_none()
             && self.resv_waits.is_empty()
-            && !self.resv_drain_timer
+            && !self.resv_timer
             && !self.recv.inflight()
             && self.direct.is_none()
             && self.tls.is_none()
@@ -2111,12 +2116,8 @@ impl Task for Queue {
                     self.read_closed = true;
                 }
             }
-            TAG_RESV_SAVE => {
-                self.on_resv_waits(cx);
-                self.progress.moved();
-            }
-            TAG_RESV_DRAIN => {
-                self.resv_drain_timer = false;
+            TAG_RESV_POLL => {
+                self.resv_timer = false;
                 self.on_resv_waits(cx);
             }
             TAG_AUTH_WORK => {

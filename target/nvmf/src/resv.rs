@@ -224,13 +224,6 @@ impl Reservations {
         self.ptpl
     }
 
-    /// Drops every registration and reservation and turns PTPL off (the namespace goes).
-    pub fn forget(&mut self) {
-        self.registrants.clear();
-        self.held = None;
-        self.ptpl = false;
-    }
-
     /// Registrations admitted at most now.
     fn admits(&self) -> usize {
         if self.ptpl {

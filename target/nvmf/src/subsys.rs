@@ -31,9 +31,8 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use crate::auth::keys::AuthKeys;
-use crate::nvme::status;
-use crate::nvme::Status;
-use crate::resv::{Access, HostId, Reservations, ResvStore};
+use crate::resv::ResvStore;
+use crate::resv_cell::{ResvCell, ResvSaver};
 use crate::spread::Spread;
 use crate::tls::{NvmfTls, SecureChannel};
 use ballast_engine::BlockDev;
@@ -178,226 +177,7 @@ pub struct Namespace {
     pub eui64: [u8; 8],
     pub uuid: [u8; 16],
     /// Its reservations, shared by every controller of the subsystem.
-    pub resv: ResvCell,
-}
-
-/// A namespace's reservations ([`Reservations`]) as every queue of its subsystem shares them.
-/// An I/O command reads `held` (one load of a line written only by reservation commands)
-/// and, while a reservation is held, `version`, to reuse the verdict its queue cached; the
-/// lock is taken by reservation commands and by a queue whose verdict is out of date. A
-/// command checked just before a reservation changes runs as it would have a moment earlier.
-///
-/// Where the namespace's table can be kept (`store`), a change made while PTPL is on (or
-/// turning it off) is written by [`ResvCell::save`] on an offload thread before the command
-/// completes; saves are serialised and each writes the table as it is when it runs, so a
-/// later state is never overwritten by an earlier one.
-/// Where a namespace's reservation table is kept: the store, and the namespace's subsystem
-/// NQN, id and NGUID (the kept table names the NGUID: another device at the id is not it).
-struct KeptAt {
-    store: Arc<dyn ResvStore>,
-    nqn: String,
-    nsid: u32,
-    nguid: [u8; 16],
-}
-
-/// Shards of the executing-write counters (cores map onto them modulo this many).
-const DRAIN_SHARDS: usize = 64;
-
-/// One core's counters of write-group commands executing on a namespace, per epoch parity,
-/// on a cache line of its own.
-#[repr(align(64))]
-#[derive(Default)]
-struct DrainShard([AtomicU64; 2]);
-
-/// A write-group command counted among those executing on a namespace ([`ResvCell::enter`]):
-/// its shard and epoch parity, to be handed back to [`ResvCell::exit`] when it is done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Executing {
-    shard: u16,
-    parity: u8,
-}
-
-pub struct ResvCell {
-    held: AtomicBool,
-    /// Preempt and Abort's epochs: each one waits for the write-group commands counted under
-    /// the epoch before it.
-    epoch: AtomicU64,
-    /// Write-group commands executing while a reservation is held, per core and epoch parity
-    /// (made the first time one is counted).
-    executing: std::sync::OnceLock<Box<[DrainShard]>>,
-    /// Moves on with every reservation command (queues' cached verdicts name the version).
-    version: AtomicU64,
-    table: Mutex<Reservations>,
-    /// Where the table is kept.
-    store: Option<KeptAt>,
-    saving: Mutex<()>,
-}
-
-impl ResvCell {
-    /// No registrations; at most `limit` ever.
-    pub fn new(limit: usize) -> ResvCell {
-        ResvCell::with_table(Reservations::with_limit(limit), None)
-    }
-
-    /// The table kept in `store` for namespace `nsid` of `nqn` (NGUID `nguid`), or an empty
-    /// one that can be kept there. A kept table that cannot be read back (another namespace's,
-    /// damaged) is left and logged; the namespace starts empty.
-    pub fn kept(
-        limit: usize,
-        store: Arc<dyn ResvStore>,
-        nqn: &str,
-        nsid: u32,
-        nguid: [u8; 16],
-    ) -> ResvCell {
-        let table = match store.load(nqn, nsid) {
-            None => Reservations::with_limit(limit).persistent(),
-            Some(bytes) => match Reservations::decode(&bytes, &nguid, limit) {
-                Ok(t) => {
-                    tracing::info!(
-                        nqn,
-                        nsid,
-                        held = t.held(),
-                        generation = t.generation(),
-                        "NVMe reservations restored (persist through power loss)"
-                    );
-                    t
-                }
-                Err(e) => {
-                    tracing::warn!(nqn, nsid, error = %e, "kept NVMe reservations not restored");
-                    Reservations::with_limit(limit).persistent()
-                }
-            },
-        };
-        ResvCell::with_table(table, Some(KeptAt { store, nqn: nqn.to_string(), nsid, nguid }))
-    }
-
-    fn with_table(table: Reservations, store: Option<KeptAt>) -> ResvCell {
-        ResvCell {
-            held: AtomicBool::new(table.held()),
-            epoch: AtomicU64::new(0),
-            executing: std::sync::OnceLock::new(),
-            version: AtomicU64::new(0),
-            table: Mutex::new(table),
-            store,
-            saving: Mutex::new(()),
-        }
-    }
-
-    /// Whether a reservation is held (while none is, every host may do everything).
-    pub fn held(&self) -> bool {
-        self.held.load(Ordering::Acquire)
-    }
-
-    /// Counts a write-group command about to go to the media on core `core`, while a
-    /// reservation is held (none: `None`, nothing to wait for). The caller checks the
-    /// reservation again after this: a Preempt and Abort either counts the command (and waits
-    /// for it) or the command sees the preempt.
-    pub fn enter(&self, core: usize) -> Option<Executing> {
-        if !self.held() {
-            return None;
-        }
-        let shards = self
-            .executing
-            .get_or_init(|| (0..DRAIN_SHARDS).map(|_| DrainShard::default()).collect());
-        let shard = core % DRAIN_SHARDS;
-        loop {
-            let parity = (self.epoch.load(Ordering::SeqCst) & 1) as usize;
-            shards[shard].0[parity].fetch_add(1, Ordering::SeqCst);
-            if (self.epoch.load(Ordering::SeqCst) & 1) as usize == parity {
-                return Some(Executing { shard: shard as u16, parity: parity as u8 });
-            }
-            // The epoch moved on meanwhile: count under the new one.
-            shards[shard].0[parity].fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    /// The command counted by `enter` is done.
-    pub fn exit(&self, e: Executing) {
-        let shards = self.executing.get().expect("counted before");
-        let before =
-            shards[usize::from(e.shard)].0[usize::from(e.parity)].fetch_sub(1, Ordering::SeqCst);
-        debug_assert!(before > 0, "a command left a namespace twice");
-    }
-
-    /// Starts a new epoch (Preempt and Abort succeeded): the one returned is drained once
-    /// every write-group command counted under it is done ([`ResvCell::drained`]).
-    pub fn begin_drain(&self) -> u64 {
-        self.epoch.fetch_add(1, Ordering::SeqCst)
-    }
-
-    /// Whether no write-group command counted under epoch `old` still executes (a later
-    /// epoch of the same parity counts with it: the wait is then longer, never shorter).
-    pub fn drained(&self, old: u64) -> bool {
-        let Some(shards) = self.executing.get() else { return true };
-        let parity = (old & 1) as usize;
-        shards.iter().all(|s| s.0[parity].load(Ordering::SeqCst) == 0)
-    }
-
-    /// The table's version now.
-    pub fn version(&self) -> u64 {
-        self.version.load(Ordering::Acquire)
-    }
-
-    /// (version, may read, may write) for `host`, decided together under the lock.
-    pub fn verdicts(&self, host: &HostId) -> (u64, bool, bool) {
-        let table = self.table.lock();
-        let version = self.version.load(Ordering::Acquire);
-        let read = table.check(host, Access::Read).is_ok();
-        let write = table.check(host, Access::Write).is_ok();
-        (version, read, write)
-    }
-
-    /// Whether the table can be kept across restarts, and whether PTPL is on.
-    pub fn persistence(&self) -> (bool, bool) {
-        let t = self.table.lock();
-        (t.can_persist(), t.ptpl())
-    }
-
-    /// Reservation Report of the table now.
-    pub fn report(&self, cdw11: u32, len: usize) -> Result<Vec<u8>, Status> {
-        let t = self.table.lock();
-        t.report(cdw11, len.min(t.report_max()))
-    }
-
-    /// Runs a reservation command on the table: its status, and whether the change must be
-    /// saved ([`ResvCell::save`]) before the command completes.
-    pub fn command(&self, f: impl FnOnce(&mut Reservations) -> Status) -> (Status, bool) {
-        let mut table = self.table.lock();
-        let nguid = self.store.as_ref().map(|s| s.nguid);
-        let before = nguid.filter(|_| table.ptpl()).map(|n| table.encode(&n));
-        let st = f(&mut table);
-        self.held.store(table.held(), Ordering::Release);
-        self.version.fetch_add(1, Ordering::AcqRel);
-        let after = nguid.filter(|_| table.ptpl()).map(|n| table.encode(&n));
-        (st, st == status::SUCCESS && before != after)
-    }
-
-    /// Writes the table as it is now where it is kept (forgets it if PTPL is off). Blocking:
-    /// for an offload thread.
-    pub fn save(&self) -> Result<(), String> {
-        let Some(at) = &self.store else { return Ok(()) };
-        let _one_at_a_time = self.saving.lock();
-        let bytes = {
-            let t = self.table.lock();
-            t.ptpl().then(|| t.encode(&at.nguid))
-        };
-        at.store.save(&at.nqn, at.nsid, bytes.as_deref())
-    }
-}
-
-/// A namespace that goes takes its kept reservations along (a namespace added later at its
-/// id starts without them).
-fn forget_reservations(ns: &Namespace) {
-    if !ns.resv.persistence().1 {
-        return;
-    }
-    ns.resv.command(|t| {
-        t.forget();
-        status::SUCCESS
-    });
-    if let Err(e) = ns.resv.save() {
-        tracing::warn!(nsid = ns.nsid, error = %e, "kept NVMe reservations of a removed namespace not forgotten");
-    }
+    pub resv: Arc<ResvCell>,
 }
 
 impl Namespace {
@@ -600,9 +380,9 @@ pub struct Target {
     /// Registrations each namespace keeps at most (`--nvmf-max-registrants`), for namespaces
     /// added from now on.
     pub resv_registrants: AtomicUsize,
-    /// Where namespaces' reservation tables are kept across restarts (the daemon's pool), for
-    /// namespaces added from now on; none: not kept (PTPL has no effect).
-    pub resv_store: RwLock<Option<Arc<dyn ResvStore>>>,
+    /// The saver of namespaces' reservation tables where they are kept across restarts (the
+    /// daemon's pool), for namespaces added from now on; none: not kept (PTPL has no effect).
+    resv_saver: RwLock<Option<Arc<ResvSaver>>>,
 }
 
 impl Default for Target {
@@ -621,7 +401,7 @@ impl Default for Target {
             secure: RwLock::default(),
             spread: Arc::default(),
             resv_registrants: AtomicUsize::new(crate::resv::REGISTRANTS_DEFAULT),
-            resv_store: RwLock::new(None),
+            resv_saver: RwLock::new(None),
         }
     }
 }
@@ -688,8 +468,8 @@ impl Target {
         Ok(subsys)
     }
 
-    /// Deletes a subsystem; its namespaces' kept reservations are forgotten (a control
-    /// thread's call: it may wait for the pool).
+    /// Deletes a subsystem; its namespaces' reservations are saved no more (a control
+    /// thread's call: it may wait for a save under way).
     pub fn delete_subsystem(&self, nqn: &str) -> Result<(), SubsysError> {
         let gone = self
             .subsystems
@@ -698,7 +478,7 @@ impl Target {
             .ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
         let namespaces: Vec<Arc<Namespace>> = gone.namespaces().values().cloned().collect();
         for ns in &namespaces {
-            forget_reservations(ns);
+            ns.resv.retire();
         }
         self.auth.remove_subsystem(nqn);
         self.tls.remove_subsystem(nqn);
@@ -708,6 +488,13 @@ impl Target {
             }
         }
         self.discovery_changed();
+        Ok(())
+    }
+
+    /// Keeps namespaces' reservation tables in `store` from now on (Persist Through Power
+    /// Loss for namespaces added after this), through a saver thread of its own.
+    pub fn keep_reservations(&self, store: Arc<dyn ResvStore>) -> std::io::Result<()> {
+        *self.resv_saver.write() = Some(ResvSaver::start(store)?);
         Ok(())
     }
 
@@ -832,8 +619,8 @@ impl Target {
             uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
             let eui64 = fnv(&[nqn.as_bytes(), &nsid.to_le_bytes(), id, b"eui64"]).to_be_bytes();
             let limit = self.resv_registrants.load(Ordering::Relaxed);
-            let resv = match self.resv_store.read().clone() {
-                Some(store) => ResvCell::kept(limit, store, nqn, nsid, nguid),
+            let resv = match self.resv_saver.read().clone() {
+                Some(saver) => ResvCell::kept(limit, saver, nqn, nsid, nguid),
                 None => ResvCell::new(limit),
             };
             map.insert(
@@ -846,15 +633,15 @@ impl Target {
         Ok(nsid)
     }
 
-    /// Removes a namespace; its kept reservations are forgotten (a control thread's call: it
-    /// may wait for the pool).
+    /// Removes a namespace; its reservations are saved no more (a control thread's call: it
+    /// may wait for a save under way). Forgetting what the pool keeps is the caller's.
     pub fn remove_namespace(&self, nqn: &str, nsid: u32) -> Result<(), SubsysError> {
         let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
         let ns = subsys
             .change_namespaces(|map| map.remove(&nsid))
             .ok_or(SubsysError::NoNamespace(nsid))?;
         self.namespace_changed(&subsys, nsid);
-        forget_reservations(&ns);
+        ns.resv.retire();
         Ok(())
     }
 
@@ -951,38 +738,6 @@ mod tests {
     use super::*;
 
     const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000b0b0";
-
-    fn keys(a: u64, b: u64) -> Vec<u8> {
-        [a.to_le_bytes(), b.to_le_bytes()].concat()
-    }
-
-    /// Preempt and Abort's drain: writes counted before it hold it back until they leave;
-    /// writes counted after it (the next epoch) do not; nothing is counted while no
-    /// reservation is held.
-    #[test]
-    fn a_drain_waits_for_the_writes_of_the_epoch_before_only() {
-        let cell = ResvCell::new(8);
-        let (a, b) = ([1u8; 16], [2u8; 16]);
-        assert_eq!(cell.enter(0), None, "nothing held: nothing counted");
-        assert_eq!(cell.command(|t| t.register(&a, 0, &keys(0, 1))).0, status::SUCCESS);
-        assert_eq!(cell.command(|t| t.register(&b, 0, &keys(0, 2))).0, status::SUCCESS);
-        assert_eq!(cell.command(|t| t.acquire(&a, 1 << 8, &keys(1, 0))).0, status::SUCCESS);
-        let before = [cell.enter(0).unwrap(), cell.enter(5).unwrap(), cell.enter(70).unwrap()];
-        let st = cell.command(|t| t.acquire(&b, (1 << 8) | 2, &keys(2, 1))).0;
-        assert_eq!(st, status::SUCCESS, "B preempts A and aborts");
-        let old = cell.begin_drain();
-        assert!(!cell.drained(old));
-        let after = cell.enter(5).unwrap();
-        assert_ne!(after, before[1], "a later write counts under the new epoch");
-        for e in before {
-            assert!(!cell.drained(old));
-            cell.exit(e);
-        }
-        assert!(cell.drained(old), "the writes before it are done; the one after does not count");
-        assert!(!cell.drained(old + 1));
-        cell.exit(after);
-        assert!(cell.drained(old + 1));
-    }
 
     #[test]
     fn a_refused_host_is_refused_whatever_the_access_list_says() {

@@ -166,13 +166,24 @@ pub fn forget_subsystem(control: &Control, nqn: &str) -> Result<(), PersistError
 /// `nvmf_delete_subsystem`: everything kept for `nqn` if `nvmf_create_subsystem` made it. The
 /// daemon's own subsystems (volumes', startup exports') keep their settings: the next start
 /// makes them again, and they must not come back more open than they were.
-pub fn forget_deleted(control: &Control, nqn: &str) -> Result<(), PersistError> {
-    let Some(pool) = &control.pool else { return Ok(()) };
+/// Whether it forgot them (the subsystem's namespaces' kept reservations are to be forgotten
+/// again once they stop being served: [`forget_subsystem_reservations`]).
+pub fn forget_deleted(control: &Control, nqn: &str) -> Result<bool, PersistError> {
+    let Some(pool) = &control.pool else { return Ok(false) };
     let created = anchor_of(pool.meta().config(), nqn).is_some_and(|a| a.created);
     if !created {
-        return Ok(());
+        return Ok(false);
     }
-    forget_subsystem(control, nqn)
+    forget_subsystem(control, nqn)?;
+    Ok(true)
+}
+
+/// Every kept reservation table of `nqn`'s namespaces. For after they stopped being served
+/// (their cells retired: nothing writes one back), as well as before.
+pub fn forget_subsystem_reservations(control: &Control, nqn: &str) -> Result<(), PersistError> {
+    let Some(pool) = &control.pool else { return Ok(()) };
+    let batch = pool_config::forgetting_reservations(pool.meta_shared().config(), nqn);
+    write(pool, &batch)
 }
 
 /// `nvmf_subsystem_allow_any_host`.
@@ -260,7 +271,9 @@ pub fn forget_namespace(control: &Control, nqn: &str, nsid: u32) -> Result<(), P
 }
 
 /// Namespace `nsid` of `nqn`'s kept reservations (PTPL), if the pool holds any: the namespace
-/// is gone for good (a namespace added later at the id starts without them).
+/// is gone for good (a namespace added later at the id starts without them). Called again
+/// once the namespace is removed (its cell retired): a save that ran in between would have
+/// written the table back.
 pub fn forget_reservations(control: &Control, nqn: &str, nsid: u32) -> Result<(), PersistError> {
     let Some(pool) = &control.pool else { return Ok(()) };
     let key = pool_config::reservations_key(nqn, nsid);

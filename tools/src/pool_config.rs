@@ -209,6 +209,16 @@ pub fn reservations_key(nqn: &str, nsid: u32) -> String {
     format!("{}{nsid}", reservations_prefix(nqn))
 }
 
+/// The entries removing every kept reservation table of `nqn`'s namespaces.
+pub fn forgetting_reservations(
+    config: &BTreeMap<String, String>,
+    nqn: &str,
+) -> Vec<(String, String)> {
+    let resv = reservations_prefix(nqn);
+    let kept = config.range(resv.clone()..).take_while(|(k, _)| k.starts_with(&resv));
+    kept.map(|(k, _)| removal(k.clone())).collect()
+}
+
 fn reservations_prefix(nqn: &str) -> String {
     format!("{RESERVATIONS}{}:", digest(nqn))
 }
@@ -266,9 +276,7 @@ pub fn forgetting(config: &BTreeMap<String, String>, nqn: &str) -> Vec<(String, 
     let under = config.range(children.clone()..).take_while(|(k, _)| k.starts_with(&children));
     out.extend(under.map(|(k, _)| removal(k.clone())));
     // Its namespaces' kept reservations (outside the subsystem's own entries).
-    let resv = reservations_prefix(nqn);
-    let kept = config.range(resv.clone()..).take_while(|(k, _)| k.starts_with(&resv));
-    out.extend(kept.map(|(k, _)| removal(k.clone())));
+    out.extend(forgetting_reservations(config, nqn));
     if let Some(legacy) = legacy_key(nqn).filter(|k| config.contains_key(k)) {
         out.push(removal(legacy));
     }

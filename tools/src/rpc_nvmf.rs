@@ -363,8 +363,12 @@ fn delete_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
     if control.target.subsystem(&d.nqn).is_none() {
         return Err(not_found(&d.nqn));
     }
-    persist::forget_deleted(control, &d.nqn).map_err(persist_err)?;
+    let forgot = persist::forget_deleted(control, &d.nqn).map_err(persist_err)?;
     control.registry.delete_subsystem(&d.nqn).map_err(registry_err)?;
+    if forgot {
+        // Again, now that no namespace of it can save its reservations any more.
+        persist::forget_subsystem_reservations(control, &d.nqn).map_err(persist_err)?;
+    }
     control.host_keys.write().retain(|(nqn, _), _| *nqn != d.nqn);
     tracing::info!(nqn = d.nqn, "subsystem deleted");
     Ok(json!(true))
@@ -414,6 +418,8 @@ fn remove_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
     }
     persist::forget_namespace(control, &r.nqn, r.nsid).map_err(persist_err)?;
     control.registry.remove_namespace(&r.nqn, r.nsid).map_err(registry_err)?;
+    // Again, now that the namespace's cell is retired (a save may have run in between).
+    persist::forget_reservations(control, &r.nqn, r.nsid).map_err(persist_err)?;
     Ok(json!(true))
 }
 
@@ -492,6 +498,8 @@ pub fn remove_namespaces_of(
         if let Err(e) = control.registry.remove_namespace(&nqn, nsid) {
             tracing::warn!(device = name, nqn, nsid, error = %e, "removing its namespace failed");
         }
+        // Again, now that the namespace's cell is retired (a save may have run in between).
+        persist::forget_reservations(control, &nqn, nsid).map_err(persist_err)?;
         tracing::info!(device = name, nqn, nsid, "namespace removed with its device");
     }
     Ok(())

@@ -361,6 +361,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Signals are taken synchronously by this thread; every thread started below inherits the
+    // mask (the reservations' saver, the reactors, the offload threads), so SIGINT/SIGTERM
+    // never interrupt one, nor end the daemon where the stop should decide.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block()?;
+
     let target = Arc::new(ballast_nvmf::Target::default());
     target.resv_registrants.store(args.nvmf_max_registrants as usize, Ordering::Relaxed);
     let limits = RegistryLimits {
@@ -384,13 +392,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         registry::add_export(&registry, name, backend, false, String::new())
             .with_context(|| format!("export {name}"))?;
     }
-
-    // Signals are taken synchronously by this thread; every thread started below inherits the
-    // mask, so SIGINT/SIGTERM never interrupt a reactor.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals.thread_block()?;
 
     let cpus = ballast_ffi::sys::allowed_cpus();
     let count = args.cores.unwrap_or(cpus.len()).clamp(1, cpus.len());

@@ -266,7 +266,8 @@ pub struct Queue {
     auth: Option<Box<QueueAuth>>,
     /// An authentication step running off the core (its result comes back here).
     auth_away: Option<Away<(Box<QueueAuth>, AuthStep)>>,
-    /// Reservation commands waiting for their table's save (PTPL): CID, status, the save.
+    /// Reservation commands waiting for their table's save (PTPL) or a Preempt and Abort's
+    /// drain.
     resv_waits: Vec<ResvWait>,
     /// The timer of `resv_waits` is armed.
     resv_timer: bool,
@@ -1277,7 +1278,7 @@ impl Queue {
     }
 
     /// Reservation commands waiting for saves and drains: each answers once both are done;
-    /// the drain timer stays armed while one still waits for a drain.
+    /// the poll timer stays armed while any still waits.
     fn on_resv_waits(&mut self, cx: &mut Cx<'_>) {
         let mut i = 0;
         while i < self.resv_waits.len() {

@@ -37,7 +37,8 @@ pub const REGISTRANTS_LIMIT_MAX: usize = 1023;
 pub const PTPL_REGISTRANTS_MAX: usize = 64;
 
 /// Where namespaces' reservation tables are kept across restarts (the daemon's pool).
-/// Blocking: called from control and offload threads, never on a data core.
+/// Blocking: `load` is called by control threads (a namespace added), `save` by the target's
+/// saver thread ([`crate::resv_cell::ResvSaver`]); never on a data core.
 pub trait ResvStore: Send + Sync {
     /// The table kept for namespace `nsid` of subsystem `nqn`, if any.
     fn load(&self, nqn: &str, nsid: u32) -> Option<Vec<u8>>;

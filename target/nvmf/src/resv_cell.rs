@@ -68,7 +68,15 @@ impl ResvSaver {
             for cell in rx {
                 if let Some(cell) = cell.upgrade() {
                     cell.queued.store(false, Ordering::SeqCst);
-                    cell.save_now();
+                    let saved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        cell.save_now();
+                    }));
+                    if saved.is_err() {
+                        // The store panicked: the table stays dirty (the next command saves
+                        // it again) and its waiters fail rather than wait forever.
+                        tracing::error!("saving NVMe reservations panicked");
+                        cell.failed.fetch_max(cell.version(), Ordering::AcqRel);
+                    }
                 }
             }
         })?;

@@ -115,6 +115,19 @@ def report(io, length=4096, eds=True):
     return st, gen, rtype, regs if len(data) >= 64 else n
 
 
+def kill_and_reconnect(b, queues):
+    """Closes `queues`, kills the daemon (-9), starts it again and connects hosts A and B to
+    `v` again: (A's admin queue, A's I/O queue, B's admin queue, B's I/O queue)."""
+    for q in queues:
+        q.close()
+    b.proc.kill()
+    b.proc.wait()
+    b.start()
+    port = b.nvmf_port()
+    return (nvmeraw.io_queue(port, PREFIX + "v", hostid=HA)
+            + nvmeraw.io_queue(port, PREFIX + "v", hostid=HB))
+
+
 def read4k(io, slba):
     st, data = io.read_command(nvmeraw.sqe(nvmeraw.OP_READ, io.next_cid(), nsid=1, sgl_len=4096,
                                            cdw=(slba, 0, 0, 0, 0, 0)))
@@ -324,28 +337,14 @@ def main(r):
         r.check_eq("B registers", 0, register(bq, 0, 0, KB))
         r.check_eq("A acquires Write Exclusive", 0, acquire(a, 0, 1, KA))
         before = report(a)
-        for q in (a, adm_a, bq, adm_b):
-            q.close()
-        b.proc.kill()
-        b.proc.wait()
-        b.start()
-        port = b.nvmf_port()
-        adm_a, a = nvmeraw.io_queue(port, PREFIX + "v", hostid=HA)
-        adm_b, bq = nvmeraw.io_queue(port, PREFIX + "v", hostid=HB)
+        adm_a, a, adm_b, bq = kill_and_reconnect(b, (a, adm_a, bq, adm_b))
         r.check_eq("after kill -9 and a restart the report is the same", before, report(bq))
         r.check_eq("the fenced host still cannot write", CONFLICT, write4k(bq, 5, 0xB5))
         r.check_eq("the holder writes", 0, write4k(a, 5, 0xA5))
         r.check_eq("PTPL still on", 1, ptpls(a))
         r.check_eq("A turns PTPL off (CPTPL 10b)", 0, register(a, 0, 0, KA, cptpl=2))
         r.check_eq("report: PTPLS 0", 0, ptpls(a))
-        for q in (a, adm_a, bq, adm_b):
-            q.close()
-        b.proc.kill()
-        b.proc.wait()
-        b.start()
-        port = b.nvmf_port()
-        adm_a, a = nvmeraw.io_queue(port, PREFIX + "v", hostid=HA)
-        adm_b, bq = nvmeraw.io_queue(port, PREFIX + "v", hostid=HB)
+        adm_a, a, adm_b, bq = kill_and_reconnect(b, (a, adm_a, bq, adm_b))
         st, gen, rtype, regs = report(bq)
         r.check("PTPL off: after a restart nothing is kept", st == 0 and rtype == 0 and regs == [],
                 (st, rtype, regs))

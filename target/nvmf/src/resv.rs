@@ -184,7 +184,12 @@ pub struct Reservations {
 }
 
 /// The 16 bytes of a Register's data: current and new key.
-fn keys(data: &[u8]) -> Option<(u64, u64)> {
+/// The keys a command's data carries (current key, bytes 0-7; the other, 8-15, or 0), if it
+/// has the `need` bytes its command takes.
+fn keys(data: &[u8], need: usize) -> Option<(u64, u64)> {
+    if data.len() < need {
+        return None;
+    }
     let k = |at: usize| data.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
     Some((k(0)?, k(8).unwrap_or(0)))
 }
@@ -426,7 +431,7 @@ impl Reservations {
         if ptpl && self.registrants.len() > PTPL_REGISTRANTS_MAX {
             return status::INVALID_FIELD;
         }
-        let Some((current, new)) = (data.len() >= 16).then(|| keys(data)).flatten() else {
+        let Some((current, new)) = keys(data, 16) else {
             return status::SGL_DATA_LENGTH_INVALID;
         };
         let st = self.register_action(host, cdw10, ignore_key, current, new);
@@ -474,6 +479,20 @@ impl Reservations {
         }
     }
 
+    /// What Acquire and Release check first: Ignore Existing Key is refused (as NVMe 1.3 on),
+    /// the data carries `need` bytes, and its current key is the host's registered one. The
+    /// data's other key (0 if it has none).
+    fn keyed(&self, host: &HostId, cdw10: u32, data: &[u8], need: usize) -> Result<u64, Status> {
+        if cdw10 & (1 << 3) != 0 {
+            return Err(status::INVALID_FIELD);
+        }
+        let (current, other) = keys(data, need).ok_or(status::SGL_DATA_LENGTH_INVALID)?;
+        if self.registrant(host).is_none_or(|r| r.key != current) {
+            return Err(RESERVATION_CONFLICT);
+        }
+        Ok(other)
+    }
+
     /// Reservation Acquire (opcode 11h): CDW10 bits 2:0 the action (0 acquire, 1 preempt,
     /// 2 preempt and abort), bit 3 Ignore Existing Key (refused, as NVMe 1.3 on), bits 15:8
     /// the type; `data` the current key (0–7) and the key to preempt (8–15).
@@ -487,15 +506,10 @@ impl Reservations {
         let Some(kind) = Kind::from_rtype((cdw10 >> 8) & 0xff) else {
             return status::INVALID_FIELD;
         };
-        if cdw10 & (1 << 3) != 0 {
-            return status::INVALID_FIELD;
-        }
-        let Some((current, preempt)) = (data.len() >= 16).then(|| keys(data)).flatten() else {
-            return status::SGL_DATA_LENGTH_INVALID;
+        let preempt = match self.keyed(host, cdw10, data, 16) {
+            Ok(other) => other,
+            Err(st) => return st,
         };
-        if self.registrant(host).is_none_or(|r| r.key != current) {
-            return RESERVATION_CONFLICT;
-        }
         match cdw10 & 0x7 {
             0 => match self.held {
                 None => {
@@ -572,14 +586,8 @@ impl Reservations {
     }
 
     fn do_release(&mut self, host: &HostId, cdw10: u32, data: &[u8]) -> Status {
-        if cdw10 & (1 << 3) != 0 {
-            return status::INVALID_FIELD;
-        }
-        let Some((current, _)) = (data.len() >= 8).then(|| keys(data)).flatten() else {
-            return status::SGL_DATA_LENGTH_INVALID;
-        };
-        if self.registrant(host).is_none_or(|r| r.key != current) {
-            return RESERVATION_CONFLICT;
+        if let Err(st) = self.keyed(host, cdw10, data, 8) {
+            return st;
         }
         match cdw10 & 0x7 {
             0 => {

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::client::{self, Align};
 use crate::rpc_nvmf::{
     AddListener, AddNs, CreateSubsystem, GetSubsystems, Host, ListenAddress, ListenEntry,
-    ListenerEntry, Nqn, NsParams, SecureChannelParam, SubsystemEntry,
+    ListenerEntry, Nqn, NsParams, SecureChannelParam, SetAnaState, SubsystemEntry,
 };
 
 /// Where a command goes and how it prints.
@@ -118,9 +118,23 @@ pub enum NvmfCommand {
         #[command(flatten)]
         out: Out,
     },
-    /// The addresses a subsystem listens on.
+    /// The addresses a subsystem listens on, with each ANA group's state there.
     Listeners {
         nqn: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Set the ANA state of the subsystem's namespaces through ADDRESS:PORT: hosts using
+    /// native multipath move their I/O to the paths that serve it.
+    AnaState {
+        nqn: String,
+        /// ADDRESS:PORT
+        address: SocketAddr,
+        /// optimized, non_optimized, inaccessible, persistent_loss or change.
+        state: String,
+        /// Only this ANA group (a namespace's group is its id unless given); default: all.
+        #[arg(long)]
+        group: Option<u32>,
         #[command(flatten)]
         out: Out,
     },
@@ -276,7 +290,12 @@ pub fn run(cmd: NvmfCommand) -> anyhow::Result<()> {
                         .and_then(|v| v.as_str().map(String::from))
                         .unwrap_or_default();
                     let (trtype, adrfam) = (l.address.trtype.clone(), l.address.adrfam.clone());
-                    vec![trtype, adrfam, address(&l.address), secure]
+                    let ana: Vec<String> = l
+                        .ana_states
+                        .iter()
+                        .map(|a| format!("{}:{}", a.ana_group, a.ana_state))
+                        .collect();
+                    vec![trtype, adrfam, address(&l.address), secure, ana.join(",")]
                 })
                 .collect();
             let columns = [
@@ -284,9 +303,25 @@ pub fn run(cmd: NvmfCommand) -> anyhow::Result<()> {
                 ("ADRFAM", Align::Left),
                 ("ADDRESS", Align::Left),
                 ("SECURE", Align::Left),
+                ("ANA (GROUP:STATE)", Align::Left),
             ];
             print!("{}", client::table(&columns, rows));
             Ok(())
+        }
+        NvmfCommand::AnaState { nqn, address, state, group, out } => {
+            let nqn = full_nqn(&nqn);
+            let params = SetAnaState {
+                nqn: nqn.clone(),
+                listen_address: listen_address(address),
+                ana_state: state.clone(),
+                anagrpid: group,
+                tgt_name: None,
+            };
+            act(&out, "nvmf_subsystem_listener_set_ana_state", &params, |_: &bool| {
+                let groups =
+                    group.map_or("every ANA group".to_string(), |g| format!("ANA group {g}"));
+                format!("{nqn}: {groups} is {state} through {address}")
+            })
         }
     }
 }

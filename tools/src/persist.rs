@@ -244,6 +244,7 @@ pub fn keep_namespace(
     control: &Control,
     nqn: &str,
     nsid: u32,
+    anagrpid: Option<u32>,
     bdev: &str,
     uuid: &str,
     block_size: u32,
@@ -255,6 +256,7 @@ pub fn keep_namespace(
             bdev: bdev.into(),
             block_size,
             uuid: Some(uuid.into()),
+            anagrpid,
         };
         batch.push(entry(namespace_key(nqn, nsid), &ns)?);
         Ok(())
@@ -412,7 +414,9 @@ fn apply(control: &Control, cfg: &SubsystemConfig, pending: &mut Pending) {
                 continue;
             }
         }
-        if let Err(e) = control.registry.add_namespace(nqn, ns.nsid, &ns.bdev, ns.block_size) {
+        let added =
+            control.registry.add_namespace(nqn, ns.nsid, ns.anagrpid, &ns.bdev, ns.block_size);
+        if let Err(e) = added {
             let (nsid, bdev) = (ns.nsid, ns.bdev.as_str());
             tracing::warn!(nqn, nsid, bdev, error = %e, "kept namespace not restored");
         }

@@ -132,6 +132,9 @@ pub struct StoredNamespace {
     /// given the name later is not attached). Absent in entries from before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
+    /// Its ANA group when given (`anagrpid`); absent: its id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anagrpid: Option<u32>,
 }
 
 /// A volume's subsystem as kept before anchors existed.
@@ -520,6 +523,7 @@ mod tests {
             bdev: "clone0".into(),
             block_size: 512,
             uuid: Some("0f7e1b6c-4a2d-4c8e-9d1a-2b3c4d5e6f70".into()),
+            anagrpid: Some(2),
         };
         let sub = anchor(SUB, 7, true);
         let mut batch = vec![entry(key_entry_key("psk0"), &key).unwrap()];

@@ -324,12 +324,14 @@ impl Registry {
         &self,
         nqn: &str,
         nsid: u32,
+        anagrpid: Option<u32>,
         name: &str,
         block_size: u32,
     ) -> Result<u32, RegistryError> {
         let device = self.get(name).ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        let dev = device.dev.clone();
         let nsid =
-            self.target.add_namespace(nqn, nsid, device.dev.clone(), block_size, &device.uuid)?;
+            self.target.add_namespace_in(nqn, nsid, anagrpid, dev, block_size, &device.uuid)?;
         assert!(nsid != 0);
         self.inner.write().namespaces.insert((nqn.to_string(), nsid), name.to_string());
         Ok(nsid)
@@ -682,8 +684,11 @@ mod tests {
         ram(&r, "a");
         let nqn = format!("{}a", ballast_nvmf::NQN_PREFIX);
         target.create_subsystem(&nqn, true).unwrap();
-        assert!(matches!(r.add_namespace(&nqn, 1, "zz", 4096), Err(RegistryError::NotFound(_))));
-        let nsid = r.add_namespace(&nqn, 0, "a", 4096).unwrap();
+        assert!(matches!(
+            r.add_namespace(&nqn, 1, None, "zz", 4096),
+            Err(RegistryError::NotFound(_))
+        ));
+        let nsid = r.add_namespace(&nqn, 0, None, "a", 4096).unwrap();
         assert_eq!(r.namespace_device(&nqn, nsid).as_deref(), Some("a"));
         assert_eq!(r.namespaces_of("a"), vec![(nqn.clone(), nsid)]);
         r.delete_subsystem(&nqn).unwrap();

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use ballast_nvmf::subsys::{Identity, ListenAddr, SubsysError, DISCOVERY_NQN};
+use ballast_nvmf::ana::AnaState;
+use ballast_nvmf::subsys::{Identity, ListenAddr, SubsysError, Subsystem, DISCOVERY_NQN};
 use ballast_nvmf::tls::SecureChannel;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -97,6 +98,7 @@ pub struct CreateSubsystem {
     pub model_number: Option<String>,
     #[serde(default)]
     pub allow_any_host: bool,
+    /// Every I/O subsystem reports ANA (as Linux's nvmet does): either value is accepted.
     #[serde(default)]
     pub ana_reporting: bool,
     #[serde(default)]
@@ -206,6 +208,24 @@ pub struct AddListener {
     #[serde(default)]
     pub secure_channel: SecureChannelParam,
     pub tgt_name: Option<String>,
+    /// SPDK's: the listener's ANA state for every group from the start (adding only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ana_state: Option<String>,
+}
+
+/// `nvmf_subsystem_listener_set_ana_state`, SPDK's parameters.
+#[derive(Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SetAnaState {
+    pub nqn: String,
+    pub listen_address: ListenAddress,
+    /// "optimized", "non_optimized" or "inaccessible" (SPDK's); "persistent_loss" and
+    /// "change" too.
+    pub ana_state: String,
+    /// One ANA group (1 to the subsystem's max_namespaces); absent: every group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anagrpid: Option<u32>,
+    pub tgt_name: Option<String>,
 }
 
 /// `secure_channel` of `nvmf_subsystem_add_listener`: SPDK's flag or a named mode.
@@ -269,6 +289,7 @@ pub const METHODS: &[Method] = &[
         call: |c, p| remove_listener(c, params(p, G)?),
     },
     Method { name: "nvmf_subsystem_get_listeners", call: get_listeners },
+    Method { name: "nvmf_subsystem_listener_set_ana_state", call: set_ana_state },
     Method { name: "nvmf_subsystem_set_keys", call: set_keys },
     Method { name: "nvmf_subsystem_get_controllers", call: get_controllers },
     Method { name: "nvmf_subsystem_get_qpairs", call: get_qpairs },
@@ -312,7 +333,6 @@ fn get_transports(_: &Control, p: &Value) -> Result<Value, RpcError> {
 fn create_subsystem(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let c: CreateSubsystem = params(p, G)?;
     check_target(c.tgt_name.as_deref())?;
-    unsupported("ana_reporting", c.ana_reporting)?;
     unsupported("passthrough", c.passthrough)?;
     unsupported("enable_nssr", c.enable_nssr)?;
     // SPDK's own defaults (older clients always send them) are our range; others are refused.
@@ -380,7 +400,6 @@ fn add_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let ns = &a.namespace;
     unsupported("nguid/eui64/uuid", ns.nguid.is_some() || ns.eui64.is_some())?;
     unsupported("uuid", ns.uuid.is_some())?;
-    unsupported("anagrpid", ns.anagrpid.is_some())?;
     unsupported("ptpl_file", ns.ptpl_file.is_some())?;
     unsupported("no_auto_visible", ns.no_auto_visible)?;
     if control.target.subsystem(&a.nqn).is_none() {
@@ -396,10 +415,10 @@ fn add_ns(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let _settings = control.settings.lock();
     let nsid = control
         .registry
-        .add_namespace(&a.nqn, ns.nsid, &device.name, block_size)
+        .add_namespace(&a.nqn, ns.nsid, ns.anagrpid, &device.name, block_size)
         .map_err(registry_err)?;
-    let kept =
-        persist::keep_namespace(control, &a.nqn, nsid, &device.name, &device.uuid, block_size);
+    let (name, uuid) = (&device.name, &device.uuid);
+    let kept = persist::keep_namespace(control, &a.nqn, nsid, ns.anagrpid, name, uuid, block_size);
     if let Err(e) = kept {
         let _ = control.registry.remove_namespace(&a.nqn, nsid);
         return Err(persist_err(e));
@@ -701,6 +720,10 @@ fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
     let addr = listen_addr(&l.listen_address)?;
     let via = ListenAddr::from(addr);
     let secure = l.secure_channel.mode();
+    let ana = l.ana_state.as_deref().map(ana_state).transpose()?;
+    if ana.is_some() && discovery {
+        return Err(invalid_parameters("the discovery subsystem has no ANA states"));
+    }
     let bound = target.port_id(&via).is_some();
     if !bound {
         let before = target.secure_channel(&via);
@@ -736,9 +759,12 @@ fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
         target.discovery_services.write().insert(via);
         target.genctr.fetch_add(1, Ordering::Relaxed);
     } else {
-        target.add_listener(&l.nqn, via).map_err(subsys_err)?;
+        target.add_listener(&l.nqn, via.clone()).map_err(subsys_err)?;
+        if let Some(state) = ana {
+            target.set_ana_state(&l.nqn, &via, None, state).map_err(subsys_err)?;
+        }
     }
-    tracing::info!(nqn = l.nqn, %addr, new = !bound, ?secure, "listener added");
+    tracing::info!(nqn = l.nqn, %addr, new = !bound, ?secure, ?ana, "listener added");
     Ok(json!(true))
 }
 
@@ -777,10 +803,52 @@ fn remove_listener(control: &Control, l: AddListener) -> Result<Value, RpcError>
     Ok(json!(true))
 }
 
+/// An ANA state named as SPDK names them (any case; nvmet's dashes too).
+fn ana_state(name: &str) -> Result<AnaState, RpcError> {
+    AnaState::parse(name).ok_or_else(|| {
+        invalid_parameters(format!(
+            "ana_state {:?}: optimized, non_optimized, inaccessible, persistent_loss or change",
+            name.chars().take(32).collect::<String>()
+        ))
+    })
+}
+
+/// Sets a listener's ANA state for one group or all of them: the hosts connected through it
+/// hear of it (an ANA change notice) and move their I/O to the paths that serve it. States
+/// are the running daemon's (as SPDK's): a restart or the listener removed starts optimized.
+fn set_ana_state(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let s: SetAnaState = params(p, G)?;
+    check_target(s.tgt_name.as_deref())?;
+    let state = ana_state(&s.ana_state)?;
+    let via = ListenAddr::from(listen_addr(&s.listen_address)?);
+    let _settings = control.settings.lock();
+    control.target.set_ana_state(&s.nqn, &via, s.anagrpid, state).map_err(subsys_err)?;
+    let group = s.anagrpid;
+    tracing::info!(nqn = s.nqn, addr = %via, ?group, state = state.name(), "ANA state set");
+    Ok(json!(true))
+}
+
+/// One group's state through one listener (SPDK's `ana_states` entries).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AnaStateEntry {
+    pub ana_group: u32,
+    pub ana_state: String,
+}
+
+/// The states of a subsystem's groups that hold namespaces, through `via`.
+fn ana_states(subsys: &Subsystem, via: &ListenAddr) -> Vec<AnaStateEntry> {
+    let groups = subsys.ana_groups();
+    let state = |g| subsys.ana.state(via, g).name().to_string();
+    groups.into_keys().map(|g| AnaStateEntry { ana_group: g, ana_state: state(g) }).collect()
+}
+
 /// One listener of `nvmf_subsystem_get_listeners` (SPDK's shape).
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ListenerEntry {
     pub address: ListenEntry,
+    /// SPDK's: each group's ANA state through the listener (groups holding namespaces).
+    #[serde(default)]
+    pub ana_states: Vec<AnaStateEntry>,
     /// SPDK's: whether the listener requires TLS.
     #[serde(default)]
     pub secure_channel: bool,
@@ -792,12 +860,12 @@ pub struct ListenerEntry {
 fn get_listeners(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let g: Nqn = params(p, G)?;
     check_target(g.tgt_name.as_deref())?;
-    let addrs: Vec<ListenAddr> = if g.nqn == DISCOVERY_NQN {
-        control.target.listeners.read().clone()
+    let (addrs, subsys): (Vec<ListenAddr>, _) = if g.nqn == DISCOVERY_NQN {
+        (control.target.listeners.read().clone(), None)
     } else {
         let subsys = control.target.subsystem(&g.nqn).ok_or_else(|| not_found(&g.nqn))?;
         let addrs = subsys.listeners.read().iter().cloned().collect();
-        addrs
+        (addrs, Some(subsys))
     };
     let out: Vec<ListenerEntry> = addrs
         .iter()
@@ -805,6 +873,7 @@ fn get_listeners(control: &Control, p: &Value) -> Result<Value, RpcError> {
             let mode = control.target.secure_channel(a);
             ListenerEntry {
                 address: ListenEntry::from(a),
+                ana_states: subsys.as_deref().map(|s| ana_states(s, a)).unwrap_or_default(),
                 secure_channel: mode == SecureChannel::Required,
                 secure_channel_mode: mode,
             }

@@ -493,7 +493,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let nqn = format!("{}{name}", ballast_nvmf::NQN_PREFIX);
         let subsys = target.create_subsystem(&nqn, args.allow_hosts.is_empty())?;
         subsys.hosts.write().extend(args.allow_hosts.iter().cloned());
-        registry.add_namespace(&nqn, 1, name, 4096)?;
+        registry.add_namespace(&nqn, 1, None, name, 4096)?;
     }
     let mut nvmf_addrs = vec![args.nvmf_listen];
     nvmf_addrs.extend(args.discovery_listen);

@@ -73,7 +73,7 @@ pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> a
     if !kept {
         subsys.hosts.write().extend(control.allow_hosts.iter().cloned());
     }
-    control.registry.add_namespace(&nqn, 1, name, 4096)?;
+    control.registry.add_namespace(&nqn, 1, None, name, 4096)?;
     Ok(())
 }
 

@@ -59,6 +59,7 @@ const LOG_ERROR: u8 = 0x01;
 const LOG_SMART: u8 = 0x02;
 const LOG_FIRMWARE: u8 = 0x03;
 const LOG_CHANGED_NS: u8 = 0x04;
+const LOG_ANA: u8 = 0x0c;
 const LOG_DISCOVERY: u8 = 0x70;
 /// Reservation Notification: always empty (no notifications are raised, see `resv`).
 const LOG_RESERVATION: u8 = 0x80;
@@ -67,6 +68,10 @@ const LOG_RESERVATION: u8 = 0x80;
 pub const AEN_NS_CHANGED: u32 = ((LOG_CHANGED_NS as u32) << 16) | 0x02;
 /// Asynchronous event: notice (2), discovery log page change (F0h), log page 70h.
 pub const AEN_DISC_CHANGED: u32 = ((LOG_DISCOVERY as u32) << 16) | (0xf0 << 8) | 0x02;
+/// Asynchronous event: notice (2), ANA change (03h), log page 0Ch.
+pub const AEN_ANA_CHANGE: u32 = ((LOG_ANA as u32) << 16) | (0x03 << 8) | 0x02;
+/// Asynchronous Event Configuration: ANA change notices.
+const AEC_ANA_CHANGE: u32 = 1 << 11;
 /// Asynchronous Event Configuration: discovery log page change notices.
 const AEC_DISC_CHANGED: u32 = 1 << 31;
 /// Asynchronous Event Configuration: namespace attribute notices.
@@ -181,25 +186,26 @@ impl AdminState {
     }
 
     /// If a notice is pending and an AER is held: the CID to complete, and the event (dw0) —
-    /// [`AEN_NS_CHANGED`] on an I/O controller whose host enabled it (AEC bit 8),
-    /// [`AEN_DISC_CHANGED`] on a discovery controller whose host enabled it (AEC bit 31). A
-    /// notice not enabled stays pending until it is (nvmet and SPDK drop it; a host enabling
-    /// notices later then hears of the change, and reads the log it names).
+    /// on an I/O controller [`AEN_NS_CHANGED`] if its host enabled them (AEC bit 8), then
+    /// [`AEN_ANA_CHANGE`] (AEC bit 11); [`AEN_DISC_CHANGED`] on a discovery controller whose
+    /// host enabled it (AEC bit 31). A notice not enabled stays pending until it is (nvmet and
+    /// SPDK drop it; a host enabling notices later then hears of the change, and reads the log
+    /// it names).
     pub fn take_event(&mut self) -> Option<(u16, u32)> {
         if self.aers.is_empty() {
             return None;
         }
-        let (event, enabled) = if self.discovery() {
-            (AEN_DISC_CHANGED, AEC_DISC_CHANGED)
-        } else {
-            (AEN_NS_CHANGED, AEC_NS_ATTR)
-        };
-        if self.async_event_config & enabled == 0 {
-            return None;
-        }
-        if !self.ctrl.aen_pending.swap(false, Ordering::AcqRel) {
-            return None;
-        }
+        let ctrl = &self.ctrl;
+        let discovery = [(&ctrl.aen_pending, AEN_DISC_CHANGED, AEC_DISC_CHANGED)];
+        let io = [
+            (&ctrl.aen_pending, AEN_NS_CHANGED, AEC_NS_ATTR),
+            (&ctrl.ana_pending, AEN_ANA_CHANGE, AEC_ANA_CHANGE),
+        ];
+        let notices: &[_] = if self.discovery() { &discovery } else { &io };
+        let (_, event, _) = notices.iter().find(|(pending, _, enabled)| {
+            self.async_event_config & enabled != 0 && pending.swap(false, Ordering::AcqRel)
+        })?;
+        let event = *event;
         self.aers.pop().map(|cid| (cid, event))
     }
 
@@ -251,6 +257,12 @@ impl AdminState {
             (LOG_SMART, false) => identify::smart_log(&self.ctrl),
             (LOG_FIRMWARE, false) => identify::firmware_log(),
             (LOG_CHANGED_NS, false) => identify::changed_namespaces_log(&self.ctrl, retain),
+            (LOG_ANA, false) => {
+                let subsys = self.ctrl.subsys.as_ref().expect("an I/O controller's subsystem");
+                // LSP bit 0 (CDW10 bit 8): Return Groups Only.
+                let groups_only = sqe.cdw10 & (1 << 8) != 0;
+                subsys.ana.log_page(&self.ctrl.via, &subsys.ana_groups(), groups_only)
+            }
             (LOG_RESERVATION, false) => vec![0u8; 64],
             _ => return Reply::status(status::INVALID_LOG_PAGE),
         };
@@ -540,6 +552,86 @@ mod tests {
         assert!(io.execute(&t2, &cmd(admin::ASYNC_EVENT, 0, [0; 6])).held);
         t2.create_subsystem("nqn.2026-11.dev.ballast:other", true).unwrap();
         assert_eq!(io.take_event(), None);
+    }
+
+    /// ANA: Identify says what Linux's host needs to use it (CMIC bit 3, OAES bit 11, ANATT,
+    /// ANACAP, ANAGRPMAX, NANAGRPID, MNAN; ANAGRPID per namespace); the log page is the
+    /// controller's own path's; a state set on its listener raises a notice once enabled, on
+    /// no controller connected through another listener.
+    #[test]
+    fn ana_is_reported_per_path_and_changes_are_noticed() {
+        use crate::ana::AnaState;
+        let (t, mut a) = setup();
+        let nqn = "nqn.2026-11.dev.ballast:t";
+        let other = ListenAddr { traddr: "127.0.0.1".into(), port: 4421 };
+        t.add_listener(nqn, via()).unwrap();
+        t.add_listener(nqn, other.clone()).unwrap();
+        let s = t.subsystem(nqn).unwrap();
+        t.add_namespace_in(nqn, 3, Some(7), Arc::new(RamDev::new(1 << 20)), 4096, "d3").unwrap();
+        let c = t.new_controller(Some(s.clone()), "nqn.b".into(), [0; 16], 5000, other.clone());
+        let mut b = AdminState::new(c.unwrap());
+        for x in [&mut a, &mut b] {
+            assert_eq!(x.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
+        }
+        let id = a.execute(&t, &cmd(admin::IDENTIFY, 0, [1, 0, 0, 0, 0, 0])).data.unwrap();
+        let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        assert_eq!(id[76] & 0x0a, 0x0a, "CMIC: several controllers, ANA reporting");
+        assert_ne!(le32(&id, 92) & (1 << 11), 0, "OAES: ANA change notices");
+        assert_eq!(id[342], crate::ana::ANATT_SECONDS);
+        assert_eq!(id[343], crate::ana::ANACAP);
+        let nn = le32(&id, 516);
+        assert_eq!((le32(&id, 344), le32(&id, 348), le32(&id, 540)), (nn, nn, nn));
+        let ns = |a: &mut AdminState, nsid| a.execute(&t, &cmd(admin::IDENTIFY, nsid, [0; 6]));
+        assert_eq!(le32(&ns(&mut a, 1).data.unwrap(), 92), 1, "ANAGRPID: its id");
+        assert_eq!(le32(&ns(&mut a, 3).data.unwrap(), 92), 7, "ANAGRPID: as given");
+        // Log 0Ch, whole (NUMD 0x3ff) and groups only (LSP bit 0).
+        let log = |a: &mut AdminState, rgo: u32| {
+            let cdw10 = 0x03ff_0000 | (rgo << 8) | 0x0c;
+            a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0xffff_ffff, [cdw10, 0, 0, 0, 0, 0]))
+                .data
+                .unwrap()
+        };
+        let page = log(&mut a, 0);
+        assert_eq!(u16::from_le_bytes([page[8], page[9]]), 2, "groups 1 and 7");
+        assert_eq!((le32(&page, 16), le32(&page, 20), page[32]), (1, 1, 0x01));
+        assert_eq!((le32(&page, 52), le32(&page, 56), page[68], le32(&page, 84)), (7, 1, 1, 3));
+        let count = u64::from_le_bytes(page[..8].try_into().unwrap());
+        assert_eq!(le32(&log(&mut a, 1), 20), 0, "RGO: no namespace ids");
+        // A state on a's listener: a's host hears of it once it enables the notice, b's never.
+        for x in [&mut a, &mut b] {
+            assert!(x.execute(&t, &cmd(admin::ASYNC_EVENT, 0, [0; 6])).held);
+            let aec = cmd(admin::SET_FEATURES, 0, [0x0b, (1 << 8) | (1 << 11), 0, 0, 0, 0]);
+            assert_eq!(x.execute(&t, &aec).status, status::SUCCESS);
+        }
+        // a was told of namespace 3 (b connected after it came): take that first.
+        assert_eq!(a.take_event(), Some((1, AEN_NS_CHANGED)));
+        assert_eq!(b.take_event(), None);
+        assert!(a.execute(&t, &cmd(admin::ASYNC_EVENT, 0, [0; 6])).held);
+        t.set_ana_state(nqn, &via(), Some(7), AnaState::Inaccessible).unwrap();
+        assert_eq!(a.take_event(), Some((1, AEN_ANA_CHANGE)));
+        assert_eq!(AEN_ANA_CHANGE, 0x000c_0302);
+        assert_eq!(a.take_event(), None);
+        assert_eq!(b.take_event(), None, "another path: nothing changed there");
+        let page = log(&mut a, 0);
+        assert_eq!((page[32], page[68]), (0x01, 0x03), "group 7 inaccessible on a's path");
+        assert!(u64::from_le_bytes(page[..8].try_into().unwrap()) > count, "change count");
+        assert_eq!(log(&mut b, 0)[68], 0x01, "still optimized on b's path");
+        // Refused: a group past NN, group 0, a listener the subsystem does not use.
+        use crate::subsys::SubsysError;
+        let set = |g, addr: &ListenAddr| t.set_ana_state(nqn, addr, g, AnaState::Optimized);
+        assert!(matches!(set(Some(0), &via()), Err(SubsysError::AnaGroup { .. })));
+        assert!(matches!(set(Some(nn + 1), &via()), Err(SubsysError::AnaGroup { .. })));
+        let nowhere = ListenAddr { traddr: "127.0.0.1".into(), port: 9 };
+        assert!(matches!(set(None, &nowhere), Err(SubsysError::NoListener { .. })));
+        let big = Arc::new(RamDev::new(1 << 20));
+        let bad = t.add_namespace_in(nqn, 4, Some(nn + 1), big, 4096, "d4");
+        assert!(matches!(bad, Err(SubsysError::AnaGroup { .. })));
+        assert!(s.namespace(4).is_none(), "nothing added");
+        // The listener removed and added again: optimized.
+        t.remove_listener(nqn, &via()).unwrap();
+        t.add_listener(nqn, via()).unwrap();
+        assert_eq!(s.ana.state(&via(), 7), AnaState::Optimized);
+        assert!(!s.ana.blocked());
     }
 
     #[test]

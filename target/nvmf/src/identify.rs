@@ -19,6 +19,11 @@ pub const QUEUE_ENTRIES_MAX: u16 = 128;
 pub const KAS_100MS: u16 = 10;
 pub const AER_LIMIT: usize = 4;
 pub const NN: u32 = 1024;
+// The whole ANA log page (every group, every namespace id listed) fits one transfer.
+const _: () = assert!(
+    (crate::ana::LOG_HEADER_LEN as u32) + NN * crate::ana::GROUP_DESC_LEN as u32 + NN * 4
+        <= MAX_TRANSFER_BYTES
+);
 const FIRMWARE: &str = env!("CARGO_PKG_VERSION");
 
 fn put16(b: &mut [u8], at: usize, v: u16) {
@@ -42,17 +47,28 @@ pub fn controller(ctrl: &Controller) -> Vec<u8> {
     put_ascii(&mut b[24..64], model);
     put_ascii(&mut b[64..72], FIRMWARE);
     b[72] = 6; // RAB
-    b[76] = if discovery { 0 } else { 0x02 }; // CMIC: may have several controllers
+               // CMIC: may have several controllers (bit 1); ANA reporting (bit 3).
+    b[76] = if discovery { 0 } else { 0x02 | 0x08 };
     b[77] = MDTS;
     put16(&mut b, 78, ctrl.cntlid);
     put32(&mut b, 80, 0x0001_0300); // VER 1.3
-    put32(&mut b, 92, if discovery { 1 << 31 } else { 1 << 8 }); // OAES: notices we send
+                                    // OAES: notices we send (namespace attribute and ANA changes; discovery log changes).
+    put32(&mut b, 92, if discovery { 1 << 31 } else { (1 << 8) | (1 << 11) });
     b[111] = if discovery { 2 } else { 1 }; // CNTRLTYPE
     b[258] = 3; // ACL: 4 outstanding aborts
     b[259] = (AER_LIMIT - 1) as u8; // AERL
     b[260] = 0x03; // FRMW: one slot, read-only
     b[261] = 0x04; // LPA: extended data for Get Log Page
     put16(&mut b, 320, KAS_100MS);
+    if !discovery {
+        // ANA: every group id up to NN may be used (a namespace's is its id unless given), so
+        // ANAGRPMAX = NANAGRPID = NN; at NN 1024 the whole log page is 36,880 bytes, within
+        // one transfer, as Linux's host requires.
+        b[342] = crate::ana::ANATT_SECONDS;
+        b[343] = crate::ana::ANACAP;
+        put32(&mut b, 344, nn); // ANAGRPMAX
+        put32(&mut b, 348, nn); // NANAGRPID
+    }
     b[512] = 0x66; // SQES
     b[513] = 0x44; // CQES
     put16(&mut b, 514, QUEUE_ENTRIES_MAX);
@@ -62,6 +78,9 @@ pub fn controller(ctrl: &Controller) -> Vec<u8> {
         b[525] = 0x07; // VWC present; flush with NSID FFFFFFFFh supported
     }
     put32(&mut b, 536, 1 | (1 << 20)); // SGLS: supported, offsets for in-capsule data
+    if !discovery {
+        put32(&mut b, 540, nn); // MNAN: Linux's host refuses ANA without it (1..=NN)
+    }
     put_str(&mut b[768..1024], subnqn);
     put32(&mut b, 1792, (64 + IN_CAPSULE_BYTES) / 16); // IOCCSZ
     put32(&mut b, 1796, 1); // IORCSZ
@@ -91,6 +110,7 @@ pub fn namespace(ns: &Namespace) -> Vec<u8> {
     // DLFEAT: Write Zeroes may deallocate (bit 3); deallocated blocks read zero (001b) only
     // where a discard really zeroes its whole range (hosts may zero by deallocating).
     b[33] = if ns.dev.discard_zeroes() { 0x09 } else { 0x08 };
+    put32(&mut b, 92, ns.anagrpid); // ANAGRPID
     b[99] = u8::from(ns.read_only()); // NSATTR: write protected
     b[104..120].copy_from_slice(&ns.nguid);
     b[120..128].copy_from_slice(&ns.eui64);

@@ -4,6 +4,7 @@
 //! - [`pdu`] and [`nvme`]: NVMe/TCP PDUs and NVMe structures ⇄ bytes (pure, golden-tested);
 //! - [`admin`] and [`identify`]: the admin command set and the data it returns (pure);
 //! - [`subsys`]: subsystems, namespaces, allowed hosts, the controller registry;
+//! - [`ana`]: Asymmetric Namespace Access: paths' states, the ANA log page (pure);
 //! - [`queue`]: the task on an engine core that owns one queue pair's socket;
 //! - [`psk`], [`auth`] and [`secret`]: NVMe/TCP TLS PSKs and DH-HMAC-CHAP in-band
 //!   authentication (pure codecs, key derivations and the per-queue state machine);
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod ana;
 pub mod auth;
 pub mod fuzzing;
 pub mod identify;

@@ -235,6 +235,9 @@ pub fn retryable(status: Status) -> bool {
             | CONNECT_CONTROLLER_BUSY
             | WRITE_FAULT
             | UNRECOVERED_READ
+            | crate::ana::ANA_PERSISTENT_LOSS
+            | crate::ana::ANA_INACCESSIBLE
+            | crate::ana::ANA_TRANSITION
     )
 }
 

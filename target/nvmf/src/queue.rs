@@ -63,6 +63,7 @@ use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
 use crate::admin::{AdminState, Reply};
+use crate::ana::AnaView;
 use crate::auth::command::{
     self as auth_command, AuthCommand, AUTH_REQUIRED, CONNECT_AUTHREQ_ATR, FCTYPE_AUTH_RECEIVE,
     FCTYPE_AUTH_SEND,
@@ -273,6 +274,8 @@ pub struct Queue {
     resv_timer: bool,
     /// Cached reservation verdicts (`reserved_for`).
     resv_verdicts: Vec<ResvVerdict>,
+    /// Its path's ANA states as last taken (`path_refusal`).
+    ana_view: AnaView,
     /// When a queue that had authenticated began again (a host re-authenticates its live
     /// queues when its secrets change): that transaction's deadline counts from here, not
     /// from the connection's start.
@@ -336,6 +339,7 @@ impl Queue {
             auth: None,
             auth_away: None,
             resv_verdicts: Vec::new(),
+            ana_view: AnaView::default(),
             resv_waits: Vec::new(),
             resv_timer: false,
             reauth_since: None,
@@ -1155,6 +1159,7 @@ impl Queue {
     /// Validates an I/O command; on success returns the namespace and byte range.
     fn check_io(&mut self, sqe: &Sqe) -> Result<(QueueNs, u64, u32), Status> {
         let ns = self.io_namespace(sqe.nsid).ok_or(status::INVALID_NAMESPACE)?;
+        self.path_refusal(&ns)?;
         self.reserved_for(&ns, sqe.opcode)?;
         let nlb = u64::from(sqe.nlb());
         let end = sqe.slba().checked_add(nlb).ok_or(status::LBA_OUT_OF_RANGE)?;
@@ -1164,6 +1169,19 @@ impl Queue {
         let bytes = nlb << ns.lba_shift;
         let offset = sqe.slba() << ns.lba_shift;
         Ok((ns, offset, bytes.min(u64::from(u32::MAX)) as u32))
+    }
+
+    /// The path related status an I/O command on `ns` gets through this queue's listener while
+    /// the namespace's ANA group is inaccessible, lost or changing there (a host retries it on
+    /// another path), as nvmet and SPDK check every I/O command. While no path of the
+    /// subsystem refuses I/O: one load.
+    fn path_refusal(&mut self, ns: &Namespace) -> Result<(), Status> {
+        let Some(ctrl) = self.ctrl.as_ref() else { return Ok(()) };
+        let Some(subsys) = ctrl.subsys.as_ref() else { return Ok(()) };
+        match self.ana_view.refusal(&subsys.ana, &ctrl.via, ns.anagrpid) {
+            Some(st) => Err(st),
+            None => Ok(()),
+        }
     }
 
     /// Reservation Conflict if a reservation on `ns` keeps this queue's host from I/O command
@@ -1228,6 +1246,9 @@ impl Queue {
         let Some(host) = self.ctrl.as_ref().map(|c| c.hostid) else {
             return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
         };
+        if let Err(st) = self.path_refusal(&ns) {
+            return self.respond(sqe.cid, 0, 0, st);
+        }
         if sqe.opcode == io::RESV_REPORT {
             if sqe.sgl_type != nvme::SGL_TRANSPORT_DATA_BLOCK {
                 return self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID);
@@ -1624,10 +1645,12 @@ impl Queue {
             subsys.namespaces().values().cloned().collect()
         } else {
             match self.io_namespace(sqe.nsid) {
-                Some(ns) => match self.reserved_for(&ns, sqe.opcode) {
-                    Ok(()) => vec![Arc::clone(&ns)],
-                    Err(st) => return self.respond(sqe.cid, 0, 0, st),
-                },
+                Some(ns) => {
+                    match self.path_refusal(&ns).and_then(|()| self.reserved_for(&ns, sqe.opcode)) {
+                        Ok(()) => vec![Arc::clone(&ns)],
+                        Err(st) => return self.respond(sqe.cid, 0, 0, st),
+                    }
+                }
                 None => return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE),
             }
         };
@@ -1646,6 +1669,9 @@ impl Queue {
         let Some(ns) = self.io_namespace(sqe.nsid) else {
             return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
         };
+        if let Err(st) = self.path_refusal(&ns) {
+            return self.respond(sqe.cid, 0, 0, st);
+        }
         if sqe.sgl_type != nvme::SGL_DATA_BLOCK_OFFSET || data.len() < ranges * 16 {
             return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
         }

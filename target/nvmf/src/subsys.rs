@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
+use crate::ana::{AnaState, AnaTable};
 use crate::auth::keys::AuthKeys;
 use crate::resv::ResvStore;
 use crate::resv_cell::{ResvCell, ResvSaver};
@@ -76,6 +77,8 @@ pub enum SubsysError {
     BadSerial(String),
     #[error("invalid model number {0:?}: at most 40 printable ASCII characters")]
     BadModel(String),
+    #[error("ANA group {group} out of range: 1 to {max} (the subsystem's max_namespaces)")]
+    AnaGroup { group: u32, max: u32 },
 }
 
 /// What Identify Controller may carry in an ASCII field (NVMe Base spec 1.3: 20h to 7Eh).
@@ -178,6 +181,9 @@ pub struct Namespace {
     pub uuid: [u8; 16],
     /// Its reservations, shared by every controller of the subsystem.
     pub resv: Arc<ResvCell>,
+    /// Its ANA group (Identify Namespace ANAGRPID): its id unless given, as in SPDK;
+    /// 1..=the subsystem's `max_nsid`.
+    pub anagrpid: u32,
 }
 
 impl Namespace {
@@ -212,6 +218,8 @@ pub struct Subsystem {
     caches: Mutex<Vec<Weak<CacheCell>>>,
     /// Where hosts may connect to it.
     pub listeners: RwLock<BTreeSet<ListenAddr>>,
+    /// Its paths' ANA states, per listener and group.
+    pub ana: AnaTable,
 }
 
 impl Subsystem {
@@ -233,6 +241,15 @@ impl Subsystem {
     /// Its namespaces by id.
     pub fn namespaces(&self) -> RwLockReadGuard<'_, BTreeMap<u32, Arc<Namespace>>> {
         self.namespaces.read()
+    }
+
+    /// Its ANA groups that hold namespaces, each with their ids (both ascending).
+    pub fn ana_groups(&self) -> BTreeMap<u32, Vec<u32>> {
+        let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for ns in self.namespaces().values() {
+            groups.entry(ns.anagrpid).or_default().push(ns.nsid);
+        }
+        groups
     }
 
     /// Changes its namespaces with `f`, then empties every queue's cache of them: the next
@@ -333,6 +350,8 @@ pub struct Controller {
     pub changed_ns: Mutex<BTreeSet<u32>>,
     /// A namespace-attribute notice is waiting for an AER.
     pub aen_pending: AtomicBool,
+    /// An ANA change notice is waiting for an AER (a state through `via` changed).
+    pub ana_pending: AtomicBool,
     /// Bytes its reads and writes moved: the SMART log's data units are rounded from these
     /// totals, not per command.
     pub bytes_read: AtomicU64,
@@ -461,6 +480,7 @@ impl Target {
             namespaces: RwLock::default(),
             caches: Mutex::default(),
             listeners: RwLock::default(),
+            ana: AnaTable::default(),
         });
         map.insert(nqn.into(), subsys.clone());
         drop(map);
@@ -543,7 +563,36 @@ impl Target {
         for c in self.controllers_of(nqn).iter().filter(|c| c.via == *addr) {
             c.dead.store(true, Ordering::Relaxed);
         }
+        subsys.ana.remove_listener(addr);
         self.discovery_changed();
+        Ok(())
+    }
+
+    /// Sets the ANA state of group `group` (every group: `None`) of subsystem `nqn` through
+    /// listener `addr`; its controllers connected there get an ANA change notice (if their
+    /// host enabled them) and read the ANA log again. States are the running daemon's: a
+    /// listener removed, or a restart, starts optimized.
+    pub fn set_ana_state(
+        &self,
+        nqn: &str,
+        addr: &ListenAddr,
+        group: Option<u32>,
+        state: AnaState,
+    ) -> Result<(), SubsysError> {
+        let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
+        if let Some(g) = group {
+            if g == 0 || g > subsys.max_nsid {
+                return Err(SubsysError::AnaGroup { group: g, max: subsys.max_nsid });
+            }
+        }
+        if !subsys.listens_on(addr) {
+            return Err(SubsysError::NoListener { nqn: nqn.into(), addr: addr.clone() });
+        }
+        if subsys.ana.set(addr, group, state) {
+            for c in self.controllers_of(nqn).iter().filter(|c| c.via == *addr) {
+                c.ana_pending.store(true, Ordering::Release);
+            }
+        }
         Ok(())
     }
 
@@ -580,6 +629,19 @@ impl Target {
         block_size: u32,
         device_id: &str,
     ) -> Result<u32, SubsysError> {
+        self.add_namespace_in(nqn, nsid, None, dev, block_size, device_id)
+    }
+
+    /// [`Target::add_namespace`] in ANA group `anagrpid` (`None`: the namespace's id).
+    pub fn add_namespace_in(
+        &self,
+        nqn: &str,
+        nsid: u32,
+        anagrpid: Option<u32>,
+        dev: Arc<dyn BlockDev>,
+        block_size: u32,
+        device_id: &str,
+    ) -> Result<u32, SubsysError> {
         let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
         let lba_shift = match block_size {
             512 => 9,
@@ -595,6 +657,9 @@ impl Target {
         let max = subsys.max_nsid;
         if nsid > max {
             return Err(SubsysError::NsidRange { nsid, max });
+        }
+        if let Some(group) = anagrpid.filter(|&g| g == 0 || g > max) {
+            return Err(SubsysError::AnaGroup { group, max });
         }
         let nsid = subsys.change_namespaces(|map| {
             let nsid = if nsid == 0 {
@@ -623,9 +688,10 @@ impl Target {
                 Some(saver) => ResvCell::kept(limit, saver, nqn, nsid, nguid),
                 None => ResvCell::new(limit),
             };
+            let anagrpid = anagrpid.unwrap_or(nsid);
             map.insert(
                 nsid,
-                Arc::new(Namespace { nsid, dev, lba_shift, nguid, eui64, uuid, resv }),
+                Arc::new(Namespace { nsid, dev, lba_shift, nguid, eui64, uuid, resv, anagrpid }),
             );
             Ok(nsid)
         })?;
@@ -700,6 +766,7 @@ impl Target {
                 ),
                 changed_ns: Mutex::default(),
                 aen_pending: AtomicBool::new(false),
+                ana_pending: AtomicBool::new(false),
                 bytes_read: AtomicU64::new(0),
                 bytes_written: AtomicU64::new(0),
                 host_reads: AtomicU64::new(0),

@@ -181,6 +181,25 @@ check_eq "ballast nvmf listeners $NQN2: an aligned table" "TRTYPE ADRFAM ADDRESS
     "$(ballast_ctl nvmf listeners "$NQN2" | awk '{print $1, $2, $3}' | paste -sd'|')"
 check_eq "ballast nvmf list: $NQN2's row names its listener" "127.0.0.1:$PORT2" \
     "$(ballast_ctl nvmf list | awk -v q="$NQN2" '$1 == q {print $NF}')"
+# ANA: the listener's state as SPDK's client sets it, through the path it names.
+ana_read() {
+    nvmeq 'a, io = n.io_queue(int(sys.argv[1]), sys.argv[2])
+st, _ = io.read_command(n.sqe(n.OP_READ, io.next_cid(), nsid=1, sgl_len=4096))
+print(hex(st), io.dnr)' "$PORT2" "$NQN2" 2>&1
+}
+check "nvmf_subsystem_listener_set_ana_state $NQN2 -n inaccessible -s $PORT2" \
+    rpc nvmf_subsystem_listener_set_ana_state "$NQN2" -n inaccessible -t tcp -a 127.0.0.1 -s "$PORT2"
+check_eq "nvmf_subsystem_get_listeners: group 1 inaccessible there" "[(1, 'inaccessible')]" \
+    "$(rpc nvmf_subsystem_get_listeners "$NQN2" | py '[(s["ana_group"], s["ana_state"]) for l in j for s in l["ana_states"]]')"
+check_eq "a read through that path: Asymmetric Access Inaccessible (302h), no DNR" "0x302 False" "$(ana_read)"
+check "nvmf_subsystem_listener_set_ana_state $NQN2 -n optimized -g 1" \
+    rpc nvmf_subsystem_listener_set_ana_state "$NQN2" -n optimized -t tcp -a 127.0.0.1 -s "$PORT2" -g 1
+check_eq "read through it again: served" "0x0 False" "$(ana_read)"
+check_eq "set_ana_state on a port $NQN2 does not use: refused (-32602)" "-32602" \
+    "$(rpc_error nvmf_subsystem_listener_set_ana_state "$NQN2" -n optimized -t tcp -a 127.0.0.1 -s "$NVMF_PORT" | cut -d' ' -f1)"
+check "nvmf_create_subsystem -r (ANA reporting: every subsystem has it)" \
+    rpc nvmf_create_subsystem nqn.2016-06.io.spdk:ana -r
+check "nvmf_delete_subsystem nqn.2016-06.io.spdk:ana" rpc nvmf_delete_subsystem nqn.2016-06.io.spdk:ana
 check_eq "Connect: $NQN2 accepted on $PORT2, $NQN refused there, $NQN2 refused on $NVMF_PORT" \
     "0x0 0x182 0x182" \
     "$(nvmeq 'p1, p2, a, b = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]

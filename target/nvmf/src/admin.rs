@@ -261,7 +261,10 @@ impl AdminState {
                 let subsys = self.ctrl.subsys.as_ref().expect("an I/O controller's subsystem");
                 // LSP bit 0 (CDW10 bit 8): Return Groups Only.
                 let groups_only = sqe.cdw10 & (1 << 8) != 0;
-                subsys.ana.log_page(&self.ctrl.via, &subsys.ana_groups(), groups_only)
+                let mut page =
+                    subsys.ana.log_page(&self.ctrl.via, &subsys.ana_groups(), groups_only);
+                page.resize(crate::ana::log_max_len(subsys.max_nsid).max(page.len()), 0);
+                page
             }
             (LOG_RESERVATION, false) => vec![0u8; 64],
             _ => return Reply::status(status::INVALID_LOG_PAGE),
@@ -597,6 +600,19 @@ mod tests {
         assert_eq!((le32(&page, 52), le32(&page, 56), page[68], le32(&page, 84)), (7, 1, 1, 3));
         let count = u64::from_le_bytes(page[..8].try_into().unwrap());
         assert_eq!(le32(&log(&mut a, 1), 20), 0, "RGO: no namespace ids");
+        // libnvme reads it in 4 KiB pieces up to its whole size (NANAGRPID and MNAN): zeros.
+        let at = |a: &mut AdminState, offset: u32| {
+            let cdw10 = 0x03ff_0000 | 0x0c;
+            a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0xffff_ffff, [cdw10, 0, offset, 0, 0, 0]))
+        };
+        let last = (crate::ana::log_max_len(nn) as u32 - 4) & !3;
+        for offset in [4096, 8192, last] {
+            let r = at(&mut a, offset);
+            assert_eq!(r.status, status::SUCCESS, "offset {offset}");
+            assert!(r.data.unwrap().iter().all(|&b| b == 0), "offset {offset}: past the groups");
+        }
+        let past = crate::ana::log_max_len(nn) as u32 + 4;
+        assert_eq!(at(&mut a, past).status, status::INVALID_FIELD, "past the whole log");
         // A state on a's listener: a's host hears of it once it enables the notice, b's never.
         for x in [&mut a, &mut b] {
             assert!(x.execute(&t, &cmd(admin::ASYNC_EVENT, 0, [0; 6])).held);

@@ -45,6 +45,14 @@ pub const ANACAP: u8 = 0x1f | (1 << 6);
 pub const LOG_HEADER_LEN: usize = 16;
 pub const GROUP_DESC_LEN: usize = 32;
 
+/// The ANA log page's size as hosts reckon it: every group (NANAGRPID = `max_nsid`) and every
+/// namespace id (MNAN = `max_nsid`) listed. Linux's host reads that much at once; libnvme
+/// (nvme-cli) reads it in 4 KiB pieces at increasing offsets, so offsets up to it are valid
+/// and what lies past the groups reads zero.
+pub const fn log_max_len(max_nsid: u32) -> usize {
+    LOG_HEADER_LEN + max_nsid as usize * (GROUP_DESC_LEN + 4)
+}
+
 /// An ANA state (the log page's values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AnaState {

@@ -20,10 +20,7 @@ pub const KAS_100MS: u16 = 10;
 pub const AER_LIMIT: usize = 4;
 pub const NN: u32 = 1024;
 // The whole ANA log page (every group, every namespace id listed) fits one transfer.
-const _: () = assert!(
-    (crate::ana::LOG_HEADER_LEN as u32) + NN * crate::ana::GROUP_DESC_LEN as u32 + NN * 4
-        <= MAX_TRANSFER_BYTES
-);
+const _: () = assert!(crate::ana::log_max_len(NN) <= MAX_TRANSFER_BYTES as usize);
 const FIRMWARE: &str = env!("CARGO_PKG_VERSION");
 
 fn put16(b: &mut [u8], at: usize, v: u16) {

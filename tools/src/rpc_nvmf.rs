@@ -208,7 +208,8 @@ pub struct AddListener {
     #[serde(default)]
     pub secure_channel: SecureChannelParam,
     pub tgt_name: Option<String>,
-    /// SPDK's: the listener's ANA state for every group from the start (adding only).
+    /// SPDK's: the listener's ANA state for every group from the start (a listener added now;
+    /// one the subsystem already had keeps its states).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ana_state: Option<String>,
 }
@@ -759,8 +760,8 @@ fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
         target.discovery_services.write().insert(via);
         target.genctr.fetch_add(1, Ordering::Relaxed);
     } else {
-        target.add_listener(&l.nqn, via.clone()).map_err(subsys_err)?;
-        if let Some(state) = ana {
+        let added = target.add_listener(&l.nqn, via.clone()).map_err(subsys_err)?;
+        if let Some(state) = ana.filter(|_| added) {
             target.set_ana_state(&l.nqn, &via, None, state).map_err(subsys_err)?;
         }
     }
@@ -803,14 +804,21 @@ fn remove_listener(control: &Control, l: AddListener) -> Result<Value, RpcError>
     Ok(json!(true))
 }
 
-/// An ANA state named as SPDK names them (any case; nvmet's dashes too).
+/// An ANA state a path may be set to, named as SPDK names them (any case; nvmet's dashes too).
+/// Not `change`: a group may be in it at most ANATT (10 s), after which Linux's host resets the
+/// controller, again and again while it stays (SPDK's method refuses it too).
 fn ana_state(name: &str) -> Result<AnaState, RpcError> {
-    AnaState::parse(name).ok_or_else(|| {
-        invalid_parameters(format!(
-            "ana_state {:?}: optimized, non_optimized, inaccessible, persistent_loss or change",
+    match AnaState::parse(name) {
+        Some(AnaState::Change) => Err(invalid_parameters(
+            "ana_state \"change\": a path may be changing for at most ANATT (10 s); set the state it \
+             changes to",
+        )),
+        Some(state) => Ok(state),
+        None => Err(invalid_parameters(format!(
+            "ana_state {:?}: optimized, non_optimized, inaccessible or persistent_loss",
             name.chars().take(32).collect::<String>()
-        ))
-    })
+        ))),
+    }
 }
 
 /// Sets a listener's ANA state for one group or all of them: the hosts connected through it
@@ -930,6 +938,9 @@ pub struct NamespaceEntry {
     pub eui64: String,
     pub uuid: String,
     pub block_size: u32,
+    /// Its ANA group (SPDK's `anagrpid`).
+    #[serde(default)]
+    pub anagrpid: u32,
     /// A pool volume's SPDK alias.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alias: Option<String>,
@@ -1010,6 +1021,7 @@ fn get_subsystems(control: &Control, p: &Value) -> Result<Value, RpcError> {
                     eui64: hex(&ns.eui64),
                     uuid: crate::lvstore::format_uuid(&ns.uuid),
                     block_size: 1u32 << ns.lba_shift,
+                    anagrpid: ns.anagrpid,
                     alias,
                 }
             })

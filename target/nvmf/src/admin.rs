@@ -600,6 +600,18 @@ mod tests {
         assert_eq!((le32(&page, 52), le32(&page, 56), page[68], le32(&page, 84)), (7, 1, 1, 3));
         let count = u64::from_le_bytes(page[..8].try_into().unwrap());
         assert_eq!(le32(&log(&mut a, 1), 20), 0, "RGO: no namespace ids");
+        // A namespace added or removed changes what the log lists: its change count moves on.
+        t.add_namespace_in(nqn, 4, Some(7), Arc::new(RamDev::new(1 << 20)), 4096, "d4").unwrap();
+        let count = {
+            let after = u64::from_le_bytes(log(&mut a, 0)[..8].try_into().unwrap());
+            assert!(after > count, "added: {count} -> {after}");
+            t.remove_namespace(nqn, 4).unwrap();
+            let removed = u64::from_le_bytes(log(&mut a, 0)[..8].try_into().unwrap());
+            assert!(removed > after, "removed: {after} -> {removed}");
+            removed
+        };
+        // b heard of namespace 4 too; a's notice (of namespaces 3 and 4) is followed below.
+        b.ctrl.aen_pending.store(false, Ordering::Relaxed);
         // libnvme reads it in 4 KiB pieces up to its whole size (NANAGRPID and MNAN): zeros.
         let at = |a: &mut AdminState, offset: u32| {
             let cdw10 = 0x03ff_0000 | 0x0c;
@@ -643,8 +655,10 @@ mod tests {
         let bad = t.add_namespace_in(nqn, 4, Some(nn + 1), big, 4096, "d4");
         assert!(matches!(bad, Err(SubsysError::AnaGroup { .. })));
         assert!(s.namespace(4).is_none(), "nothing added");
-        // The listener removed and added again: optimized.
+        // The listener removed: its controllers end at their next tick, and until then the path
+        // still refuses; added again: optimized.
         t.remove_listener(nqn, &via()).unwrap();
+        assert_eq!(s.ana.state(&via(), 7), AnaState::Inaccessible);
         t.add_listener(nqn, via()).unwrap();
         assert_eq!(s.ana.state(&via(), 7), AnaState::Optimized);
         assert!(!s.ana.blocked());

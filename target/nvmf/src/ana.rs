@@ -189,13 +189,19 @@ impl AnaTable {
         true
     }
 
-    /// Forgets what `via` reported (the subsystem no longer listens there): a listener added
-    /// again starts optimized.
-    pub fn remove_listener(&self, via: &ListenAddr) {
+    /// Forgets what `via` reported (a listener added again starts optimized).
+    pub fn forget_listener(&self, via: &ListenAddr) {
         let mut map = self.listeners.write();
         if map.remove(via).is_some() {
             self.changed(&map);
         }
+    }
+
+    /// The groups' namespaces changed (the log page lists them): the change count moves on,
+    /// so a host that reads the log in pieces (libnvme) sees that it did.
+    pub fn groups_changed(&self) {
+        let _map = self.listeners.write();
+        self.change_count.fetch_add(1, Ordering::AcqRel);
     }
 
     fn changed(&self, map: &BTreeMap<ListenAddr, ListenerStates>) {
@@ -203,18 +209,18 @@ impl AnaTable {
         self.change_count.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The groups through `via` whose state refuses I/O, with the change count they were taken
-    /// under and the state of groups not listed (a queue's [`AnaView`]).
-    fn refusals(&self, via: &ListenAddr) -> (u64, Option<Status>, Vec<(u32, Option<Status>)>) {
+    /// What `via` refuses, as a queue's [`AnaView`] keeps it.
+    fn refusals(&self, via: &ListenAddr) -> Refusals {
         let map = self.listeners.read();
         // Read under the lock that changes take: the count and the states agree.
         let count = self.change_count();
         match map.get(via) {
-            None => (count, None, Vec::new()),
-            Some(l) => {
-                let groups = l.groups.iter().map(|(g, s)| (*g, s.refusal())).collect();
-                (count, l.all.refusal(), groups)
-            }
+            None => Refusals { count, all: None, groups: Vec::new() },
+            Some(l) => Refusals {
+                count,
+                all: l.all.refusal(),
+                groups: l.groups.iter().map(|(g, s)| (*g, s.refusal())).collect(),
+            },
         }
     }
 
@@ -254,12 +260,21 @@ impl AnaTable {
     }
 }
 
+/// One listener's refusals under one change count: of the groups with a state of their own
+/// (ascending ids), and of every other group.
+#[derive(Debug)]
+struct Refusals {
+    count: u64,
+    all: Option<Status>,
+    groups: Vec<(u32, Option<Status>)>,
+}
+
 /// What one queue knows of its path's states: taken from the [`AnaTable`] under a change
 /// count and kept until the count moves on, so a command checks its namespace's group without
 /// a lock (while `blocked`) or with one load (while not).
 #[derive(Debug, Default)]
 pub struct AnaView {
-    taken: Option<(u64, Option<Status>, Vec<(u32, Option<Status>)>)>,
+    taken: Option<Refusals>,
 }
 
 impl AnaView {
@@ -271,11 +286,12 @@ impl AnaView {
             return None;
         }
         let count = table.change_count();
-        if self.taken.as_ref().is_none_or(|(c, ..)| *c != count) {
+        if self.taken.as_ref().is_none_or(|t| t.count != count) {
             self.taken = Some(table.refusals(via));
         }
-        let (_, all, groups) = self.taken.as_ref().expect("just taken");
-        groups.iter().find(|(g, _)| *g == group).map_or(*all, |(_, r)| *r)
+        let t = self.taken.as_ref().expect("just taken");
+        // Ascending (taken from a BTreeMap): up to max_nsid groups, searched per I/O.
+        t.groups.binary_search_by_key(&group, |(g, _)| *g).map_or(t.all, |i| t.groups[i].1)
     }
 }
 
@@ -310,7 +326,7 @@ mod tests {
         assert!(t.set(&a, None, AnaState::Optimized));
         assert!(t.listeners.read().is_empty(), "an all-optimized listener keeps nothing");
         assert!(t.set(&b, None, AnaState::PersistentLoss));
-        t.remove_listener(&b);
+        t.forget_listener(&b);
         assert_eq!(t.state(&b, 1), AnaState::Optimized, "a listener added again starts optimized");
         assert!(!t.blocked());
     }
@@ -324,9 +340,9 @@ mod tests {
         assert_eq!(t.change_count(), c0);
         t.set(&a, Some(1), AnaState::Inaccessible);
         assert_eq!(t.change_count(), c0 + 1);
-        t.remove_listener(&addr(9));
+        t.forget_listener(&addr(9));
         assert_eq!(t.change_count(), c0 + 1, "nothing to forget");
-        t.remove_listener(&a);
+        t.forget_listener(&a);
         assert_eq!(t.change_count(), c0 + 2);
     }
 

@@ -257,6 +257,8 @@ impl Subsystem {
     /// device, a RAM export's memory) either.
     fn change_namespaces<R>(&self, f: impl FnOnce(&mut BTreeMap<u32, Arc<Namespace>>) -> R) -> R {
         let r = f(&mut self.namespaces.write());
+        // The ANA log lists the groups' namespaces: a host reading it in pieces sees it change.
+        self.ana.groups_changed();
         // After the change, never under the map's lock: a queue looks the map up with its own
         // cache locked (see `NsCache::get`).
         let cells: Vec<Arc<CacheCell>> =
@@ -546,8 +548,12 @@ impl Target {
     /// already listened there.
     pub fn add_listener(&self, nqn: &str, addr: ListenAddr) -> Result<bool, SubsysError> {
         let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
-        let added = subsys.listeners.write().insert(addr);
+        let added = subsys.listeners.write().insert(addr.clone());
         if added {
+            // A listener added (again) starts optimized. Forgotten here rather than at its
+            // removal: its controllers end at their next tick, and until then a path that
+            // refused I/O keeps refusing it.
+            subsys.ana.forget_listener(&addr);
             self.discovery_changed();
         }
         Ok(added)
@@ -563,7 +569,6 @@ impl Target {
         for c in self.controllers_of(nqn).iter().filter(|c| c.via == *addr) {
             c.dead.store(true, Ordering::Relaxed);
         }
-        subsys.ana.remove_listener(addr);
         self.discovery_changed();
         Ok(())
     }

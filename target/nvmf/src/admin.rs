@@ -249,6 +249,8 @@ impl AdminState {
             // Refused before the read would empty the list (RAE clear): nothing is lost.
             return Reply::status(status::INVALID_FIELD);
         }
+        // A log page's size as hosts reckon it, when more than what is built (zeros past it).
+        let mut size = 0;
         let page = match (lid, self.discovery()) {
             (LOG_DISCOVERY, true) => {
                 identify::discovery_log(target, &self.ctrl.hostnqn, &self.ctrl.via)
@@ -261,21 +263,19 @@ impl AdminState {
                 let subsys = self.ctrl.subsys.as_ref().expect("an I/O controller's subsystem");
                 // LSP bit 0 (CDW10 bit 8): Return Groups Only.
                 let groups_only = sqe.cdw10 & (1 << 8) != 0;
-                let mut page =
-                    subsys.ana.log_page(&self.ctrl.via, &subsys.ana_groups(), groups_only);
-                page.resize(crate::ana::log_max_len(subsys.max_nsid).max(page.len()), 0);
-                page
+                size = crate::ana::log_max_len(subsys.max_nsid);
+                subsys.ana.log_page(&self.ctrl.via, &subsys.ana_groups(), groups_only)
             }
             (LOG_RESERVATION, false) => vec![0u8; 64],
             _ => return Reply::status(status::INVALID_LOG_PAGE),
         };
-        if offset % 4 != 0 || offset > page.len() as u64 {
+        if offset % 4 != 0 || offset > page.len().max(size) as u64 {
             return Reply::status(status::INVALID_FIELD);
         }
         // NUMD comes from the host: never build more than the host's buffer (the SGL length)
         // or one maximum transfer.
         let len = (numd * 4).min(sqe.sgl_len as usize).min(identify::MAX_TRANSFER_BYTES as usize);
-        let start = offset as usize;
+        let start = (offset as usize).min(page.len());
         let mut data = page[start..(start + len).min(page.len())].to_vec();
         data.resize(len, 0);
         Reply::data(data)

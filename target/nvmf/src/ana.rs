@@ -399,6 +399,81 @@ mod tests {
         assert_eq!(t.log_page(&a, &BTreeMap::new(), false).len(), 16, "no groups");
     }
 
+    /// A change as the control plane makes them: (listener, group or every group, state), or a
+    /// listener forgotten.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Set(u16, Option<u32>, AnaState),
+        Forget(u16),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let state = proptest::sample::select(AnaState::ALL.to_vec());
+        prop_oneof![
+            (0u16..3, proptest::option::of(1u32..6), state).prop_map(|(l, g, s)| Op::Set(l, g, s)),
+            (0u16..3).prop_map(Op::Forget),
+        ]
+    }
+
+    proptest::proptest! {
+        /// After any sequence of changes: nothing equal to a listener's own state is kept,
+        /// `blocked` says whether some path refuses, the change count moved exactly with the
+        /// changes a host could see, every state is the last one set for it, and a queue's
+        /// view (kept across the changes) decides what the table says.
+        #[test]
+        fn random_changes_keep_the_invariants(ops in proptest::collection::vec(op(), 1..40)) {
+            let t = AnaTable::default();
+            let mut model: BTreeMap<(u16, u32), AnaState> = BTreeMap::new();
+            let mut views: Vec<AnaView> = (0..3).map(|_| AnaView::default()).collect();
+            for o in ops {
+                let before = t.change_count();
+                let seen = |m: &BTreeMap<(u16, u32), AnaState>, l| {
+                    (1..6).map(|g| m.get(&(l, g)).copied().unwrap_or(AnaState::Optimized))
+                        .collect::<Vec<_>>()
+                };
+                let (l, old) = match &o {
+                    Op::Set(l, _, _) | Op::Forget(l) => (*l, seen(&model, *l)),
+                };
+                match o {
+                    Op::Set(l, g, s) => {
+                        t.set(&addr(4420 + l), g, s);
+                        for grp in g.map_or(1..6, |g| g..g + 1) {
+                            model.insert((l, grp), s);
+                        }
+                    }
+                    Op::Forget(l) => {
+                        t.forget_listener(&addr(4420 + l));
+                        model.retain(|(m, _), _| *m != l);
+                    }
+                }
+                let moved = t.change_count() - before;
+                proptest::prop_assert!(moved <= 1);
+                // A change a host could see moves the count; the groups the model tracks are
+                // all a host can see here only where no group past them was touched.
+                if seen(&model, l) != old {
+                    proptest::prop_assert_eq!(moved, 1);
+                }
+                let map = t.listeners.read();
+                for ls in map.values() {
+                    proptest::prop_assert!(ls.groups.values().all(|s| *s != ls.all));
+                    proptest::prop_assert!(ls.all != AnaState::Optimized || !ls.groups.is_empty());
+                }
+                let refusing = map.values().any(ListenerStates::refuses_any);
+                drop(map);
+                proptest::prop_assert_eq!(t.blocked(), refusing);
+                for l in 0..3u16 {
+                    for g in 1..6 {
+                        let want = model.get(&(l, g)).copied().unwrap_or(AnaState::Optimized);
+                        proptest::prop_assert_eq!(t.state(&addr(4420 + l), g), want);
+                        let view = views[usize::from(l)].refusal(&t, &addr(4420 + l), g);
+                        proptest::prop_assert_eq!(view, want.refusal());
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_view_follows_the_table_and_costs_nothing_while_no_path_refuses() {
         let t = AnaTable::default();

@@ -548,12 +548,19 @@ impl Target {
     /// already listened there.
     pub fn add_listener(&self, nqn: &str, addr: ListenAddr) -> Result<bool, SubsysError> {
         let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
-        let added = subsys.listeners.write().insert(addr.clone());
+        let added = {
+            let mut listeners = subsys.listeners.write();
+            let new = !listeners.contains(&addr);
+            if new {
+                // A listener added (again) starts optimized, before a host can connect there.
+                // Forgotten here rather than at its removal: its controllers end at their next
+                // tick, and until then a path that refused I/O keeps refusing it.
+                subsys.ana.forget_listener(&addr);
+                listeners.insert(addr);
+            }
+            new
+        };
         if added {
-            // A listener added (again) starts optimized. Forgotten here rather than at its
-            // removal: its controllers end at their next tick, and until then a path that
-            // refused I/O keeps refusing it.
-            subsys.ana.forget_listener(&addr);
             self.discovery_changed();
         }
         Ok(added)

@@ -130,7 +130,7 @@ pub enum NvmfCommand {
         nqn: String,
         /// ADDRESS:PORT
         address: SocketAddr,
-        /// optimized, non_optimized, inaccessible, persistent_loss or change.
+        /// optimized, non_optimized, inaccessible or persistent_loss.
         state: String,
         /// Only this ANA group (a namespace's group is its id unless given); default: all.
         #[arg(long)]

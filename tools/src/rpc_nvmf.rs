@@ -220,8 +220,8 @@ pub struct AddListener {
 pub struct SetAnaState {
     pub nqn: String,
     pub listen_address: ListenAddress,
-    /// "optimized", "non_optimized" or "inaccessible" (SPDK's); "persistent_loss" and
-    /// "change" too.
+    /// "optimized", "non_optimized" or "inaccessible" (SPDK's); "persistent_loss" too
+    /// ("change" is refused: see `ana_state`).
     pub ana_state: String,
     /// One ANA group (1 to the subsystem's max_namespaces); absent: every group.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -760,10 +760,7 @@ fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
         target.discovery_services.write().insert(via);
         target.genctr.fetch_add(1, Ordering::Relaxed);
     } else {
-        let added = target.add_listener(&l.nqn, via.clone()).map_err(subsys_err)?;
-        if let Some(state) = ana.filter(|_| added) {
-            target.set_ana_state(&l.nqn, &via, None, state).map_err(subsys_err)?;
-        }
+        target.add_listener_in(&l.nqn, via, ana).map_err(subsys_err)?;
     }
     tracing::info!(nqn = l.nqn, %addr, new = !bound, ?secure, ?ana, "listener added");
     Ok(json!(true))

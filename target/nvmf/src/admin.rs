@@ -264,7 +264,7 @@ impl AdminState {
                 // LSP bit 0 (CDW10 bit 8): Return Groups Only.
                 let groups_only = sqe.cdw10 & (1 << 8) != 0;
                 size = crate::ana::log_max_len(subsys.max_nsid);
-                subsys.ana.log_page(&self.ctrl.via, &subsys.ana_groups(), groups_only)
+                subsys.ana.log_page(&self.ctrl.via, || subsys.ana_groups(), groups_only)
             }
             (LOG_RESERVATION, false) => vec![0u8; 64],
             _ => return Reply::status(status::INVALID_LOG_PAGE),
@@ -662,6 +662,21 @@ mod tests {
         t.add_listener(nqn, via()).unwrap();
         assert_eq!(s.ana.state(&via(), 7), AnaState::Optimized);
         assert!(!s.ana.blocked());
+        // A listener removed for good: its path refuses while a controller connected through
+        // it remains, and is forgotten (nothing blocked) once the last one ends.
+        t.set_ana_state(nqn, &other, None, AnaState::Inaccessible).unwrap();
+        t.remove_listener(nqn, &other).unwrap();
+        assert_eq!(s.ana.state(&other, 1), AnaState::Inaccessible, "b is still connected");
+        t.remove_controller(b.ctrl.cntlid);
+        assert_eq!(s.ana.state(&other, 1), AnaState::Optimized);
+        assert!(!s.ana.blocked(), "a path nobody can use costs nothing");
+        // Added with a state: in it before any host connects.
+        let third = ListenAddr { traddr: "127.0.0.1".into(), port: 4422 };
+        assert!(t.add_listener_in(nqn, third.clone(), Some(AnaState::NonOptimized)).unwrap());
+        assert_eq!(s.ana.state(&third, 3), AnaState::NonOptimized);
+        let again = t.add_listener_in(nqn, third.clone(), Some(AnaState::Inaccessible)).unwrap();
+        assert!(!again, "already listening");
+        assert_eq!(s.ana.state(&third, 3), AnaState::NonOptimized, "an existing one keeps its");
     }
 
     #[test]

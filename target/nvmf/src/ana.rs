@@ -225,17 +225,20 @@ impl AnaTable {
     }
 
     /// The ANA log page (log 0Ch) for a controller connected through `via`: the header, then
-    /// one descriptor per group in `groups` (ascending ids, each with its namespace ids
+    /// one descriptor per group `groups` gives (ascending ids, each with its namespace ids
     /// ascending, as Linux's host walks them), none of them listing namespaces when
-    /// `groups_only` (RGO).
+    /// `groups_only` (RGO). The change count it carries is read before the groups and the
+    /// states: what it lists is at least that new, so a host reading the log in pieces sees
+    /// the count move if either changes meanwhile.
     pub fn log_page(
         &self,
         via: &ListenAddr,
-        groups: &BTreeMap<u32, Vec<u32>>,
+        groups: impl FnOnce() -> BTreeMap<u32, Vec<u32>>,
         groups_only: bool,
     ) -> Vec<u8> {
-        let map = self.listeners.read();
         let count = self.change_count();
+        let groups = groups();
+        let map = self.listeners.read();
         let states = map.get(via);
         let nsids: usize = if groups_only { 0 } else { groups.values().map(Vec::len).sum() };
         let mut b = Vec::with_capacity(LOG_HEADER_LEN + groups.len() * GROUP_DESC_LEN + nsids * 4);
@@ -372,7 +375,7 @@ mod tests {
         let a = addr(4420);
         t.set(&a, Some(5), AnaState::Inaccessible);
         let groups: BTreeMap<u32, Vec<u32>> = [(1, vec![1, 3]), (5, vec![5])].into();
-        let p = t.log_page(&a, &groups, false);
+        let p = t.log_page(&a, || groups.clone(), false);
         assert_eq!(p.len(), 16 + 32 + 2 * 4 + 32 + 4);
         let count = t.change_count();
         assert_eq!(u64::from_le_bytes(p[0..8].try_into().unwrap()), count);
@@ -391,12 +394,12 @@ mod tests {
         assert_eq!(d[16], 0x03, "inaccessible");
         assert_eq!(u32::from_le_bytes(d[32..36].try_into().unwrap()), 5);
         // Another listener: optimized everywhere. Groups only: no namespace ids.
-        let p = t.log_page(&addr(4421), &groups, true);
+        let p = t.log_page(&addr(4421), || groups.clone(), true);
         assert_eq!(p.len(), 16 + 2 * 32);
         assert_eq!(p[16 + 16], 0x01);
         assert_eq!(p[16 + 32 + 16], 0x01);
         assert_eq!(u32::from_le_bytes(p[16 + 4..16 + 8].try_into().unwrap()), 0);
-        assert_eq!(t.log_page(&a, &BTreeMap::new(), false).len(), 16, "no groups");
+        assert_eq!(t.log_page(&a, BTreeMap::new, false).len(), 16, "no groups");
     }
 
     /// A change as the control plane makes them: (listener, group or every group, state), or a

@@ -547,15 +547,28 @@ impl Target {
     /// Lets hosts reach subsystem `nqn` through `addr` (bound by the caller); `false` if it
     /// already listened there.
     pub fn add_listener(&self, nqn: &str, addr: ListenAddr) -> Result<bool, SubsysError> {
+        self.add_listener_in(nqn, addr, None)
+    }
+
+    /// [`Target::add_listener`], its path in ANA state `ana` for every group (`None`:
+    /// optimized) from before a host can connect there; a listener the subsystem already has
+    /// keeps its states.
+    pub fn add_listener_in(
+        &self,
+        nqn: &str,
+        addr: ListenAddr,
+        ana: Option<AnaState>,
+    ) -> Result<bool, SubsysError> {
         let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
         let added = {
             let mut listeners = subsys.listeners.write();
             let new = !listeners.contains(&addr);
             if new {
-                // A listener added (again) starts optimized, before a host can connect there.
-                // Forgotten here rather than at its removal: its controllers end at their next
-                // tick, and until then a path that refused I/O keeps refusing it.
+                // What a removed listener's path kept for its last controllers goes now.
                 subsys.ana.forget_listener(&addr);
+                if let Some(state) = ana {
+                    subsys.ana.set(&addr, None, state);
+                }
                 listeners.insert(addr);
             }
             new
@@ -576,8 +589,25 @@ impl Target {
         for c in self.controllers_of(nqn).iter().filter(|c| c.via == *addr) {
             c.dead.store(true, Ordering::Relaxed);
         }
+        self.forget_unused_path(&subsys, addr);
         self.discovery_changed();
         Ok(())
+    }
+
+    /// Forgets the ANA states of a path `subsys` no longer listens on once no controller
+    /// connected through it remains: until its controllers end (at their next tick) a path
+    /// that refused I/O keeps refusing it, and after that it costs the data path nothing.
+    fn forget_unused_path(&self, subsys: &Subsystem, via: &ListenAddr) {
+        // Under the listeners' lock: a listener added again meanwhile keeps what it is given.
+        let listeners = subsys.listeners.read();
+        let used =
+            listeners.contains(via)
+                || self.controllers.lock().values().any(|c| {
+                    c.via == *via && c.subsys.as_ref().is_some_and(|s| s.nqn == subsys.nqn)
+                });
+        if !used {
+            subsys.ana.forget_listener(via);
+        }
     }
 
     /// Sets the ANA state of group `group` (every group: `None`) of subsystem `nqn` through
@@ -797,8 +827,12 @@ impl Target {
 
     /// Tears a controller down: its queues close when they next look.
     pub fn remove_controller(&self, cntlid: u16) {
-        if let Some(c) = self.controllers.lock().remove(&cntlid) {
+        let gone = self.controllers.lock().remove(&cntlid);
+        if let Some(c) = gone {
             c.dead.store(true, Ordering::Relaxed);
+            if let Some(subsys) = &c.subsys {
+                self.forget_unused_path(subsys, &c.via);
+            }
         }
     }
 

@@ -6,6 +6,19 @@ pass() { echo "PASS: $*"; npass=$((npass + 1)); }
 fail() { echo "FAIL: $*"; nfail=$((nfail + 1)); }
 listening() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
 free_port() { local p; for _ in $(seq 50); do p=$((20000 + RANDOM % 12000)); listening "$p" || break; done; echo "$p"; }
+# guest_words PORT FILE: in the background, appends each line the guest sends to 127.0.0.1:PORT
+# (one TCP connection per line, `echo WORDS | nc 10.0.2.2 PORT` in the guest) to FILE (emptied
+# first); its pid in $lpid.
+guest_words() {
+  : > "$2"
+  /usr/bin/python3 -c "
+import socket, sys
+s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(4)
+while True:
+    c,_=s.accept(); line=c.makefile().readline().strip(); c.close()
+    with open(sys.argv[2], 'a') as f: f.write(line + '\\n')
+" "$1" "$2" & lpid=$!
+}
 # secret PREFIX KEYBYTES HH: PREFIX:HH:base64(key || crc32 little-endian): -- a TLS PSK
 # (NVMeTLSkey-1) or a DH-HMAC-CHAP secret (DHHC-1), as nvme gen-tls-key / gen-dhchap-key print.
 secret() {

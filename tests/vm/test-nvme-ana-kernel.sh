@@ -16,10 +16,10 @@ bin=${BALLAST_BIN:-$root/build/cargo/release/ballast}
 . "$here/host-lib.sh"
 "$here/build.sh" >/dev/null || { echo "FAIL: building the guest"; echo "0 passed, 1 failed"; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-ana-vm.XXXXXX")
-port=$(free_port) sig=$(free_port) nbd=$(free_port) lpid= spid=
+port=$(free_port) sig=$(free_port) nbd=$(free_port) lpid= wpid= spid=
 sock=$work/data/ballast.sock
 mkdir -p "$work/data"
-trap 'for p in $lpid $spid; do kill -KILL $p 2>/dev/null; done; rm -rf "$work"' EXIT
+trap 'for p in $lpid $wpid $spid; do kill -KILL $p 2>/dev/null; done; rm -rf "$work"' EXIT
 "$bin" pool create "$work/pool.img" --size 1G > "$work/server.log" 2>&1
 "$bin" serve --data-dir "$work/data" --pool "$work/pool.img" --nbd-listen "127.0.0.1:$nbd" \
   --nvmf-listen "127.0.0.1:$port" --cores 2 >> "$work/server.log" 2>&1 &
@@ -30,18 +30,24 @@ listening "$port" && pass "ballast listening" || { fail "ballast listening"; tai
 port2=$(free_port)
 "$bin" nvmf add-listener nqn.2026-11.dev.ballast:vol0 "127.0.0.1:$port2" --rpc-socket "$sock" >> "$work/server.log" 2>&1 \
   && pass "vol0 listens on a second port" || fail "vol0 listens on a second port"
-# The guest's words, one line per TCP connection to $sig: "ana PORT STATE" sets vol0's ANA
-# state through 127.0.0.1:PORT (every group), as an operator or failover manager would.
+# The guest's words: "ana PORT STATE" sets vol0's ANA state through 127.0.0.1:PORT (every
+# group), as an operator or failover manager would; in the order said, each result in $work/said.
+guest_words "$sig" "$work/words"
 : > "$work/said"
-/usr/bin/python3 -c "
-import socket, subprocess
-s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1',$sig)); s.listen(4)
-while True:
-    c,_=s.accept(); words=c.makefile().readline().split(); c.close()
-    if len(words) == 3 and words[0] == 'ana':
-        p = subprocess.run(['$bin', 'nvmf', 'ana-state', 'nqn.2026-11.dev.ballast:vol0', '127.0.0.1:' + words[1], words[2], '--rpc-socket', '$sock'], capture_output=True, text=True)
-        open('$work/said','a').write(' '.join(words) + ' -> %d %s\n' % (p.returncode, (p.stdout + p.stderr).strip()))
-" & lpid=$!
+(
+  done_lines=0
+  while :; do
+    mapfile -t -s "$done_lines" lines < "$work/words"
+    for l in "${lines[@]}"; do
+      done_lines=$((done_lines + 1))
+      read -r word p st <<< "$l"
+      [[ $word == ana ]] || continue
+      out=$("$bin" nvmf ana-state nqn.2026-11.dev.ballast:vol0 "127.0.0.1:$p" "$st" --rpc-socket "$sock" 2>&1)
+      echo "$l -> $? $out" >> "$work/said"
+    done
+    sleep 0.05
+  done
+) & wpid=$!
 printf 'PORT=%s\nPORT2=%s\nSIGNAL_PORT=%s\n' "$port" "$port2" "$sig" > "$work/params"
 run_guest 480 "$here/guest-nvme-ana.sh" "$work/params"
 sed 's/^/host: /' "$work/said"

@@ -38,15 +38,8 @@ done
 port2=$(free_port)
 "$bin" nvmf add-listener nqn.2026-11.dev.ballast:vol0 "127.0.0.1:$port2" --rpc-socket "$sock" >> "$work/server.log" 2>&1 \
   && pass "vol0 listens on a second port" || fail "vol0 listens on a second port"
-# The guest's signals: one line per TCP connection to $sig ("restart": kill -9, start again).
-: > "$work/signals"
-/usr/bin/python3 -c "
-import socket
-s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1',$sig)); s.listen(4)
-while True:
-    c,_=s.accept(); line=c.makefile().readline().strip(); c.close()
-    open('$work/signals','a').write(line+'\\n')
-" & lpid=$!
+# The guest's signals ("restart": kill -9, start again).
+guest_words "$sig" "$work/signals"
 (
   while ! grep -q restart "$work/signals" 2>/dev/null; do sleep 0.3; done
   kill -KILL "$(cat "$work/spid")"; sleep 0.5

@@ -840,11 +840,10 @@ pub struct AnaStateEntry {
     pub ana_state: String,
 }
 
-/// The states of a subsystem's groups that hold namespaces, through `via`.
-fn ana_states(subsys: &Subsystem, via: &ListenAddr) -> Vec<AnaStateEntry> {
-    let groups = subsys.ana_groups();
+/// The states through `via` of `groups` (a subsystem's groups that hold namespaces).
+fn ana_states(subsys: &Subsystem, groups: &[u32], via: &ListenAddr) -> Vec<AnaStateEntry> {
     let state = |g| subsys.ana.state(via, g).name().to_string();
-    groups.into_keys().map(|g| AnaStateEntry { ana_group: g, ana_state: state(g) }).collect()
+    groups.iter().map(|&g| AnaStateEntry { ana_group: g, ana_state: state(g) }).collect()
 }
 
 /// One listener of `nvmf_subsystem_get_listeners` (SPDK's shape).
@@ -872,13 +871,18 @@ fn get_listeners(control: &Control, p: &Value) -> Result<Value, RpcError> {
         let addrs = subsys.listeners.read().iter().cloned().collect();
         (addrs, Some(subsys))
     };
+    let groups: Vec<u32> =
+        subsys.as_ref().map(|s| s.ana_groups().into_keys().collect()).unwrap_or_default();
     let out: Vec<ListenerEntry> = addrs
         .iter()
         .map(|a| {
             let mode = control.target.secure_channel(a);
             ListenerEntry {
                 address: ListenEntry::from(a),
-                ana_states: subsys.as_deref().map(|s| ana_states(s, a)).unwrap_or_default(),
+                ana_states: subsys
+                    .as_deref()
+                    .map(|s| ana_states(s, &groups, a))
+                    .unwrap_or_default(),
                 secure_channel: mode == SecureChannel::Required,
                 secure_channel_mode: mode,
             }

@@ -200,7 +200,8 @@ impl AnaTable {
     /// The groups' namespaces changed (the log page lists them): the change count moves on,
     /// so a host that reads the log in pieces (libnvme) sees that it did.
     pub fn groups_changed(&self) {
-        let _map = self.listeners.write();
+        // No state changes: nothing to agree with under the lock (queues merely take their
+        // view again).
         self.change_count.fetch_add(1, Ordering::AcqRel);
     }
 

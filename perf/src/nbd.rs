@@ -215,8 +215,9 @@ impl NbdClient {
             return Err(Error::QueueFull(self.slots.len()));
         };
         self.slots[usize::from(handle)] = Some(Slot { read: kind == codec::CMD_READ, len });
-        let req = Request { flags: 0, kind, handle: u64::from(handle), offset, length: len };
-        codec::encode_request(&mut self.out, &req);
+        let length = u64::from(len);
+        let req = Request { flags: 0, kind, handle: u64::from(handle), offset, length };
+        codec::encode_request(&mut self.out, &req, codec::Framing::Simple);
         self.out.extend_from_slice(data);
         Ok(handle)
     }
@@ -289,7 +290,7 @@ impl NbdClient {
     /// Sends NBD_CMD_DISC (after what is queued) and waits briefly for the server's close.
     pub fn disconnect(mut self) -> Result<()> {
         let req = Request { flags: 0, kind: codec::CMD_DISC, handle: 0, offset: 0, length: 0 };
-        codec::encode_request(&mut self.out, &req);
+        codec::encode_request(&mut self.out, &req, codec::Framing::Simple);
         self.flush()?;
         let _ = self.rx.get_ref().tcp().shutdown(std::net::Shutdown::Write);
         let mut sink = [0u8; 4096];

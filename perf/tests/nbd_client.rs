@@ -71,7 +71,7 @@ fn greet(s: &mut TcpStream) -> (u32, u32, Vec<u8>) {
 }
 
 fn read_request(s: &mut TcpStream) -> Request {
-    codec::decode_request(&read_n(s, codec::REQUEST_LEN)).unwrap()
+    codec::decode_request(&read_n(s, codec::REQUEST_LEN), codec::Framing::Simple).unwrap()
 }
 
 /// Greeting without NO_ZEROES, client flags, NBD_OPT_GO refused as unknown, then the old

@@ -9,6 +9,9 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// proto.md "Extended headers": the 32-byte request and reply headers with 64-bit lengths.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // ---- handshake flags ----
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -40,6 +43,7 @@ pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // ---- option reply types ----
 pub const REP_ACK: u32 = 1;
@@ -55,6 +59,7 @@ pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
 pub const REP_ERR_BLOCK_SIZE_REQD: u32 = (1 << 31) + 8;
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = (1 << 31) + 10;
 
 // ---- NBD_OPT_INFO / GO information types ----
 pub const INFO_EXPORT: u16 = 0;
@@ -77,6 +82,8 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers only: the header's length is the payload's, not the effect's.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // ---- structured reply chunk types and flags ----
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -84,6 +91,8 @@ pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Block status with 64-bit extent lengths and flags: the only kind under extended headers.
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
 // ---- base:allocation flags ----
@@ -117,6 +126,51 @@ pub fn nbd_error_from_errno(errno: i32) -> u32 {
 }
 
 pub const REQUEST_LEN: usize = 28;
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+/// Length of an extended reply's header (payload follows).
+pub const EXTENDED_REPLY_LEN: usize = 32;
+/// Length of a structured reply chunk's header (payload follows).
+pub const STRUCTURED_REPLY_LEN: usize = 20;
+
+/// How transmission messages are framed on one connection, as the handshake settled it.
+/// Ordered: each style offers what the one before it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Framing {
+    /// 28-byte requests, 16-byte simple replies only.
+    #[default]
+    Simple,
+    /// NBD_OPT_STRUCTURED_REPLY: 28-byte requests; reads (and block status) answered in
+    /// 20-byte-header chunks, other commands with simple replies.
+    Structured,
+    /// NBD_OPT_EXTENDED_HEADERS: 32-byte requests with 64-bit lengths; every reply is a
+    /// chunk with a 32-byte header (no simple replies), block status with 64-bit extents.
+    Extended,
+}
+
+impl Framing {
+    /// Whether replies may be chunks (structured replies or extended headers).
+    pub fn structured(self) -> bool {
+        self >= Framing::Structured
+    }
+
+    /// Length of a request's header.
+    pub fn request_len(self) -> usize {
+        if self == Framing::Extended {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
+        }
+    }
+}
+
+/// The request a reply answers, as its header names it: the framing, the client's cookie
+/// ("handle") and, under extended headers, the request's offset (echoed in every chunk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub framing: Framing,
+    pub handle: u64,
+    pub offset: u64,
+}
 pub const OPTION_HEADER_LEN: usize = 16;
 /// NBD strings "MUST be no longer than 4096 bytes".
 pub const STRING_MAX: usize = 4096;
@@ -316,39 +370,57 @@ pub fn encode_export_name_reply(out: &mut Vec<u8>, size: u64, flags: u16, no_zer
     }
 }
 
-/// A transmission request (proto.md "Request message").
+/// A transmission request (proto.md "Request message"). `length` is 32 bits on the wire
+/// unless extended headers were negotiated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     pub flags: u16,
     pub kind: u16,
     pub handle: u64,
     pub offset: u64,
-    pub length: u32,
+    pub length: u64,
 }
 
-/// Decodes a 28-byte request header.
-pub fn decode_request(b: &[u8]) -> Result<Request, DecodeError> {
+/// Decodes a request header: 28 bytes (`NBD_REQUEST_MAGIC`, 32-bit length) or, under
+/// extended headers, 32 (`NBD_EXTENDED_REQUEST_MAGIC`, 64-bit length). The other style's
+/// magic is a bad magic: a client that sends it has lost the framing.
+pub fn decode_request(b: &[u8], framing: Framing) -> Result<Request, DecodeError> {
     let magic = be32(b, 0).ok_or(DecodeError::Truncated)?;
-    if magic != REQUEST_MAGIC {
+    let extended = framing == Framing::Extended;
+    let want = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
+    if magic != want {
         return Err(DecodeError::BadMagic(u64::from(magic)));
     }
+    let length = if extended {
+        be64(b, 24).ok_or(DecodeError::Truncated)?
+    } else {
+        u64::from(be32(b, 24).ok_or(DecodeError::Truncated)?)
+    };
     Ok(Request {
         flags: be16(b, 4).ok_or(DecodeError::Truncated)?,
         kind: be16(b, 6).ok_or(DecodeError::Truncated)?,
         handle: be64(b, 8).ok_or(DecodeError::Truncated)?,
         offset: be64(b, 16).ok_or(DecodeError::Truncated)?,
-        length: be32(b, 24).ok_or(DecodeError::Truncated)?,
+        length,
     })
 }
 
-/// Encodes a request (used by tests and our own clients).
-pub fn encode_request(out: &mut Vec<u8>, r: &Request) {
-    out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+/// Encodes a request (used by tests and our own clients). A compact header carries 32 bits
+/// of length: a longer one is the caller's bug.
+pub fn encode_request(out: &mut Vec<u8>, r: &Request, framing: Framing) {
+    let extended = framing == Framing::Extended;
+    let magic = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
+    out.extend_from_slice(&magic.to_be_bytes());
     out.extend_from_slice(&r.flags.to_be_bytes());
     out.extend_from_slice(&r.kind.to_be_bytes());
     out.extend_from_slice(&r.handle.to_be_bytes());
     out.extend_from_slice(&r.offset.to_be_bytes());
-    out.extend_from_slice(&r.length.to_be_bytes());
+    if extended {
+        out.extend_from_slice(&r.length.to_be_bytes());
+    } else {
+        let length = u32::try_from(r.length).expect("a compact request's length fits 32 bits");
+        out.extend_from_slice(&length.to_be_bytes());
+    }
 }
 
 /// A 16-byte simple reply header; read data, if any, follows.
@@ -462,67 +534,132 @@ pub fn decode_simple_reply(b: &[u8]) -> Result<(u32, u64), DecodeError> {
     Ok((be32(b, 4).ok_or(DecodeError::Truncated)?, be64(b, 8).ok_or(DecodeError::Truncated)?))
 }
 
-/// A 20-byte structured reply chunk header; `length` bytes of payload follow.
-pub fn encode_chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, handle: u64, length: u32) {
-    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+/// A chunk's header; `length` bytes of payload follow: 20 bytes (structured replies) or,
+/// under extended headers, 32 with the request's offset and a 64-bit length.
+pub fn encode_chunk_header(out: &mut Vec<u8>, to: ReplyTo, flags: u16, kind: u16, length: u64) {
+    assert!(to.framing.structured(), "a chunk on a connection without structured replies");
+    let extended = to.framing == Framing::Extended;
+    let magic = if extended { EXTENDED_REPLY_MAGIC } else { STRUCTURED_REPLY_MAGIC };
+    out.extend_from_slice(&magic.to_be_bytes());
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&kind.to_be_bytes());
-    out.extend_from_slice(&handle.to_be_bytes());
-    out.extend_from_slice(&length.to_be_bytes());
+    out.extend_from_slice(&to.handle.to_be_bytes());
+    if extended {
+        out.extend_from_slice(&to.offset.to_be_bytes());
+        out.extend_from_slice(&length.to_be_bytes());
+    } else {
+        let length = u32::try_from(length).expect("a structured chunk's payload fits 32 bits");
+        out.extend_from_slice(&length.to_be_bytes());
+    }
 }
 
 /// NBD_REPLY_TYPE_OFFSET_DATA header and offset; `data_len` bytes of data follow.
 pub fn encode_offset_data_header(
     out: &mut Vec<u8>,
+    to: ReplyTo,
     done: bool,
-    handle: u64,
     offset: u64,
     data_len: u32,
 ) {
     let flags = if done { REPLY_FLAG_DONE } else { 0 };
-    encode_chunk_header(out, flags, REPLY_TYPE_OFFSET_DATA, handle, 8 + data_len);
+    encode_chunk_header(out, to, flags, REPLY_TYPE_OFFSET_DATA, 8 + u64::from(data_len));
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
-/// NBD_REPLY_TYPE_OFFSET_HOLE.
-pub fn encode_offset_hole(out: &mut Vec<u8>, done: bool, handle: u64, offset: u64, hole_len: u32) {
+/// NBD_REPLY_TYPE_OFFSET_HOLE (a read's hole is at most a payload: 32 bits in every framing).
+pub fn encode_offset_hole(out: &mut Vec<u8>, to: ReplyTo, done: bool, offset: u64, hole_len: u32) {
     let flags = if done { REPLY_FLAG_DONE } else { 0 };
-    encode_chunk_header(out, flags, REPLY_TYPE_OFFSET_HOLE, handle, 12);
+    encode_chunk_header(out, to, flags, REPLY_TYPE_OFFSET_HOLE, 12);
     out.extend_from_slice(&offset.to_be_bytes());
     out.extend_from_slice(&hole_len.to_be_bytes());
 }
 
 /// NBD_REPLY_TYPE_NONE with DONE (ends a structured reply without payload).
-pub fn encode_done(out: &mut Vec<u8>, handle: u64) {
-    encode_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0);
+pub fn encode_done(out: &mut Vec<u8>, to: ReplyTo) {
+    encode_chunk_header(out, to, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
 }
 
 /// NBD_REPLY_TYPE_ERROR with DONE and a human-readable message.
-pub fn encode_error_chunk(out: &mut Vec<u8>, handle: u64, error: u32, message: &str) {
+pub fn encode_error_chunk(out: &mut Vec<u8>, to: ReplyTo, error: u32, message: &str) {
     let msg = &message.as_bytes()[..message.len().min(STRING_MAX)];
-    encode_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, 6 + msg.len() as u32);
+    encode_chunk_header(out, to, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u64);
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
 }
 
-/// NBD_REPLY_TYPE_BLOCK_STATUS for one context: its id and (length, flags) descriptors; DONE
-/// only on the reply's last chunk (a reply holds one per selected context).
+/// The whole reply to a request that carries no data back (or a refusal of one that would):
+/// a simple reply, or under extended headers (where there are none) NBD_REPLY_TYPE_NONE, or
+/// an error chunk with `why` for a human.
+pub fn encode_status_reply(out: &mut Vec<u8>, to: ReplyTo, error: u32, why: &str) {
+    match (to.framing, error) {
+        (Framing::Extended, 0) => encode_done(out, to),
+        (Framing::Extended, _) => encode_error_chunk(out, to, error, why),
+        _ => encode_simple_reply(out, error, to.handle),
+    }
+}
+
+/// Block status for one context: its id and (length, flags) descriptors; DONE only on the
+/// reply's last chunk (a reply holds one per selected context). NBD_REPLY_TYPE_BLOCK_STATUS
+/// (32-bit lengths) or, under extended headers, NBD_REPLY_TYPE_BLOCK_STATUS_EXT (a count, then
+/// 64-bit lengths and flags): the spec has an extended connection get only the latter.
 pub fn encode_block_status_chunk(
     out: &mut Vec<u8>,
-    handle: u64,
+    to: ReplyTo,
     context: u32,
-    extents: &[(u32, u32)],
+    extents: &[(u64, u32)],
     done: bool,
 ) {
-    let len = 4 + 8 * extents.len() as u32;
     let flags = if done { REPLY_FLAG_DONE } else { 0 };
-    encode_chunk_header(out, flags, REPLY_TYPE_BLOCK_STATUS, handle, len);
-    out.extend_from_slice(&context.to_be_bytes());
-    for &(length, flags) in extents {
-        out.extend_from_slice(&length.to_be_bytes());
-        out.extend_from_slice(&flags.to_be_bytes());
+    let n = extents.len() as u64;
+    if to.framing == Framing::Extended {
+        encode_chunk_header(out, to, flags, REPLY_TYPE_BLOCK_STATUS_EXT, 8 + 16 * n);
+        out.extend_from_slice(&context.to_be_bytes());
+        out.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+        for &(length, flags) in extents {
+            out.extend_from_slice(&length.to_be_bytes());
+            out.extend_from_slice(&u64::from(flags).to_be_bytes());
+        }
+    } else {
+        encode_chunk_header(out, to, flags, REPLY_TYPE_BLOCK_STATUS, 4 + 8 * n);
+        out.extend_from_slice(&context.to_be_bytes());
+        for &(length, flags) in extents {
+            let length = u32::try_from(length).expect("a compact request's extent fits 32 bits");
+            out.extend_from_slice(&length.to_be_bytes());
+            out.extend_from_slice(&flags.to_be_bytes());
+        }
     }
+}
+
+/// A reply chunk's header as a client reads it (structured or extended; the magic says
+/// which). `offset` is 0 in a structured chunk, which has none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub extended: bool,
+    pub flags: u16,
+    pub kind: u16,
+    pub handle: u64,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// Decodes a structured (20-byte) or extended (32-byte) reply chunk header.
+pub fn decode_chunk_header(b: &[u8]) -> Result<ChunkHeader, DecodeError> {
+    let magic = be32(b, 0).ok_or(DecodeError::Truncated)?;
+    let extended = match magic {
+        STRUCTURED_REPLY_MAGIC => false,
+        EXTENDED_REPLY_MAGIC => true,
+        _ => return Err(DecodeError::BadMagic(u64::from(magic))),
+    };
+    let flags = be16(b, 4).ok_or(DecodeError::Truncated)?;
+    let kind = be16(b, 6).ok_or(DecodeError::Truncated)?;
+    let handle = be64(b, 8).ok_or(DecodeError::Truncated)?;
+    let (offset, length) = if extended {
+        (be64(b, 16).ok_or(DecodeError::Truncated)?, be64(b, 24).ok_or(DecodeError::Truncated)?)
+    } else {
+        (0, u64::from(be32(b, 16).ok_or(DecodeError::Truncated)?))
+    };
+    Ok(ChunkHeader { extended, flags, kind, handle, offset, length })
 }
 
 #[cfg(test)]
@@ -602,7 +739,7 @@ mod tests {
     #[test]
     fn request_round_trip_and_golden() {
         let bytes = hex("25609513 0001 0001 0102030405060708 0000000000001000 00000200");
-        let r = decode_request(&bytes).unwrap();
+        let r = decode_request(&bytes, Framing::Simple).unwrap();
         assert_eq!(
             r,
             Request {
@@ -614,13 +751,38 @@ mod tests {
             }
         );
         let mut out = Vec::new();
-        encode_request(&mut out, &r);
+        encode_request(&mut out, &r, Framing::Structured);
         assert_eq!(out, bytes);
-        assert_eq!(decode_request(&bytes[..27]), Err(DecodeError::Truncated));
+        assert_eq!(decode_request(&bytes[..27], Framing::Simple), Err(DecodeError::Truncated));
         assert!(matches!(
-            decode_request(&hex("25609514 0000 0000 0000000000000000 0000000000000000 00000000")),
+            decode_request(
+                &hex("25609514 0000 0000 0000000000000000 0000000000000000 00000000"),
+                Framing::Simple
+            ),
             Err(DecodeError::BadMagic(_))
         ));
+        // Each framing takes its own magic only.
+        assert!(matches!(decode_request(&bytes, Framing::Extended), Err(DecodeError::BadMagic(_))));
+
+        // Extended: 32 bytes, a 64-bit length (a 5 GiB trim).
+        let ext = hex("21e41c71 0000 0004 0102030405060708 0000000000001000 0000000140000000");
+        let r = decode_request(&ext, Framing::Extended).unwrap();
+        assert_eq!(
+            r,
+            Request {
+                flags: 0,
+                kind: CMD_TRIM,
+                handle: 0x0102030405060708,
+                offset: 4096,
+                length: 5 << 30
+            }
+        );
+        out.clear();
+        encode_request(&mut out, &r, Framing::Extended);
+        assert_eq!(out, ext);
+        assert_eq!(out.len(), Framing::Extended.request_len());
+        assert_eq!(decode_request(&ext[..31], Framing::Extended), Err(DecodeError::Truncated));
+        assert!(matches!(decode_request(&ext, Framing::Structured), Err(DecodeError::BadMagic(_))));
     }
 
     #[test]
@@ -669,8 +831,32 @@ mod tests {
         assert_eq!(out.len(), SIMPLE_REPLY_LEN);
         assert_eq!(decode_simple_reply(&out), Ok((EINVAL, 7)));
         out.clear();
-        encode_chunk_header(&mut out, 0, REPLY_TYPE_NONE, 7, 0);
+        let to = ReplyTo { framing: Framing::Structured, handle: 7, offset: 9 };
+        encode_chunk_header(&mut out, to, 0, REPLY_TYPE_NONE, 0);
         assert!(matches!(decode_simple_reply(&out), Err(DecodeError::BadMagic(_))));
+        let h = decode_chunk_header(&out).unwrap();
+        assert_eq!(
+            h,
+            ChunkHeader { extended: false, flags: 0, kind: 0, handle: 7, offset: 0, length: 0 }
+        );
+        assert_eq!(out.len(), STRUCTURED_REPLY_LEN);
+        out.clear();
+        let to = ReplyTo { framing: Framing::Extended, ..to };
+        encode_error_chunk(&mut out, to, EIO, "no");
+        let h = decode_chunk_header(&out).unwrap();
+        assert_eq!(
+            h,
+            ChunkHeader {
+                extended: true,
+                flags: REPLY_FLAG_DONE,
+                kind: REPLY_TYPE_ERROR,
+                handle: 7,
+                offset: 9,
+                length: 8
+            }
+        );
+        assert_eq!(out.len(), EXTENDED_REPLY_LEN + 8);
+        assert_eq!(decode_chunk_header(&out[..31]), Err(DecodeError::Truncated));
     }
 
     #[test]
@@ -679,21 +865,22 @@ mod tests {
         encode_simple_reply(&mut out, EINVAL, 7);
         assert_eq!(out, hex("67446698 00000016 0000000000000007"));
         out.clear();
-        encode_offset_data_header(&mut out, true, 7, 512, 4);
+        let to = ReplyTo { framing: Framing::Structured, handle: 7, offset: 512 };
+        encode_offset_data_header(&mut out, to, true, 512, 4);
         assert_eq!(out, hex("668e33ef 0001 0001 0000000000000007 0000000c 0000000000000200"));
         out.clear();
-        encode_offset_hole(&mut out, false, 7, 0, 512);
+        encode_offset_hole(&mut out, ReplyTo { offset: 0, ..to }, false, 0, 512);
         assert_eq!(
             out,
             hex("668e33ef 0000 0002 0000000000000007 0000000c 0000000000000000 00000200")
         );
         out.clear();
-        encode_error_chunk(&mut out, 7, ENOSPC, "x");
+        encode_error_chunk(&mut out, to, ENOSPC, "x");
         assert_eq!(out, hex("668e33ef 0001 8001 0000000000000007 00000007 0000001c 0001 78"));
         out.clear();
         encode_block_status_chunk(
             &mut out,
-            7,
+            to,
             1,
             &[(4096, STATE_HOLE | STATE_ZERO), (512, 0)],
             true,
@@ -703,8 +890,49 @@ mod tests {
             hex("668e33ef 0001 0005 0000000000000007 00000014 00000001 00001000 00000003 00000200 00000000")
         );
         out.clear();
-        encode_done(&mut out, 7);
+        encode_done(&mut out, to);
         assert_eq!(out, hex("668e33ef 0001 0000 0000000000000007 00000000"));
+        // A status reply is a simple reply unless extended headers forbid those.
+        out.clear();
+        encode_status_reply(&mut out, to, EPERM, "read-only");
+        assert_eq!(out, hex("67446698 00000001 0000000000000007"));
+    }
+
+    #[test]
+    fn extended_replies_are_byte_exact() {
+        let to = ReplyTo { framing: Framing::Extended, handle: 7, offset: 0x1000 };
+        let mut out = Vec::new();
+        encode_offset_data_header(&mut out, to, true, 0x1000, 4);
+        assert_eq!(
+            out,
+            hex("6e8a278c 0001 0001 0000000000000007 0000000000001000 000000000000000c 0000000000001000")
+        );
+        out.clear();
+        encode_status_reply(&mut out, to, 0, "unused");
+        assert_eq!(
+            out,
+            hex("6e8a278c 0001 0000 0000000000000007 0000000000001000 0000000000000000")
+        );
+        out.clear();
+        encode_status_reply(&mut out, to, EPERM, "ro");
+        assert_eq!(
+            out,
+            hex("6e8a278c 0001 8001 0000000000000007 0000000000001000 0000000000000008 00000001 0002 726f")
+        );
+        out.clear();
+        // A 6 GiB extent: only the extended chunk can say it.
+        encode_block_status_chunk(
+            &mut out,
+            to,
+            1,
+            &[(6 << 30, STATE_HOLE | STATE_ZERO), (512, 0)],
+            false,
+        );
+        assert_eq!(
+            out,
+            hex("6e8a278c 0000 0006 0000000000000007 0000000000001000 0000000000000028
+                 00000001 00000002 0000000180000000 0000000000000003 0000000000000200 0000000000000000")
+        );
     }
 
     #[test]
@@ -726,15 +954,21 @@ mod tests {
             let _ = decode_info_request(&bytes);
             let _ = decode_meta_request(&bytes);
             let _ = decode_export_name(&bytes);
-            let _ = decode_request(&bytes);
+            let _ = decode_request(&bytes, Framing::Simple);
+            let _ = decode_request(&bytes, Framing::Extended);
+            let _ = decode_chunk_header(&bytes);
         }
 
         #[test]
-        fn request_round_trips(flags: u16, kind: u16, handle: u64, offset: u64, length: u32) {
-            let r = Request { flags, kind, handle, offset, length };
+        fn request_round_trips(flags: u16, kind: u16, handle: u64, offset: u64, length: u32, wide: u64) {
+            let r = Request { flags, kind, handle, offset, length: u64::from(length) };
             let mut out = Vec::new();
-            encode_request(&mut out, &r);
-            proptest::prop_assert_eq!(decode_request(&out).unwrap(), r);
+            encode_request(&mut out, &r, Framing::Simple);
+            proptest::prop_assert_eq!(decode_request(&out, Framing::Simple).unwrap(), r);
+            let r = Request { length: wide, ..r };
+            out.clear();
+            encode_request(&mut out, &r, Framing::Extended);
+            proptest::prop_assert_eq!(decode_request(&out, Framing::Extended).unwrap(), r);
         }
     }
 }

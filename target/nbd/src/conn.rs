@@ -62,7 +62,7 @@ use ballast_tls::{offload_to_kernel, Pump, TlsLink, TlsSession};
 use nix::sys::socket::{shutdown, Shutdown};
 use slab::Slab;
 
-use crate::codec::{self, Request};
+use crate::codec::{self, Framing, ReplyTo, Request};
 use crate::exports::ExportTable;
 use crate::handshake::{
     Handshake, Negotiated, Step, META_ALLOCATION_ID, META_BITMAP_ID, PAYLOAD_ADVERTISED_MAX,
@@ -112,7 +112,8 @@ struct Inflight {
     handle: u64,
     kind: OpKind,
     offset: u64,
-    len: u32,
+    /// The request's length (a trim's or write-zeroes' may pass 32 bits: extended headers).
+    len: u64,
     started: Instant,
     /// Payload memory charged for it (released when it completes, or moved to `out`).
     charged: u64,
@@ -136,7 +137,7 @@ struct PendingWrite {
 
 impl PendingWrite {
     fn missing(&self) -> usize {
-        self.req.length as usize - self.filled as usize
+        (self.req.length - self.filled) as usize
     }
 
     /// Charge needed before `n` more bytes can be taken: up to the next window boundary.
@@ -146,7 +147,7 @@ impl PendingWrite {
             return 0;
         }
         let step = want.div_ceil(PAYLOAD_WINDOW) * PAYLOAD_WINDOW;
-        step.min(u64::from(self.req.length)) - self.charged
+        step.min(self.req.length) - self.charged
     }
 }
 
@@ -208,7 +209,7 @@ pub struct Conn {
     skip: u64,
     /// The error reply of a rejected write, sent once its payload is discarded: a reply that
     /// overtook the payload would reach a client still sending it (libnbd cannot match it).
-    skip_reply: Option<(u64, u32)>,
+    skip_reply: Option<(ReplyTo, u32, &'static str)>,
     /// No more input will be read (EOF, error, NBD_CMD_DISC, shutdown, protocol error).
     read_closed: bool,
     /// The kernel carries the TLS records (kTLS): the socket's bytes are plaintext, but an
@@ -498,14 +499,14 @@ impl Conn {
         tracing::info!(
             peer = %self.peer,
             export = %neg.export.name,
-            structured = neg.structured,
+            framing = ?neg.framing,
             "connection open"
         );
         self.export_name = neg.export.name.clone();
         let session = Session {
             size_bytes: neg.export.size_bytes(),
             read_only: neg.export.read_only(),
-            structured: neg.structured,
+            framing: neg.framing,
             meta_allocation: neg.meta_allocation,
             meta_bitmap: neg.meta_bitmap.is_some(),
             max_payload: self.max_payload,
@@ -545,15 +546,15 @@ impl Conn {
             let n = (self.skip.min(input.len() as u64)) as usize;
             self.skip -= n as u64;
             if self.skip == 0 {
-                if let Some((handle, error)) = self.skip_reply.take() {
-                    self.reply_simple(handle, error);
+                if let Some((to, error, why)) = self.skip_reply.take() {
+                    self.reply_status(to, error, why);
                 }
             }
             return Some(n);
         }
         if let Some(pw) = &self.payload {
             let untouched = pw.buf.is_none() && pw.filled == 0 && pw.charged == 0;
-            if untouched && pw.req.length > 0 && input.len() >= pw.req.length as usize {
+            if untouched && pw.req.length > 0 && input.len() as u64 >= pw.req.length {
                 // The whole payload is here: a memory device stores it from the receive
                 // buffer (no payload buffer, no charge, no I/O).
                 let (offset, n) = (pw.req.offset, pw.req.length as usize);
@@ -561,11 +562,12 @@ impl Conn {
                 let dev = dev.clone();
                 if dev.write_now(offset, &input[..n]) {
                     let pw = self.payload.take().expect("pending write");
-                    self.bytes_inflight -= u64::from(pw.req.length);
+                    self.bytes_inflight -= pw.req.length;
                     cx.stats().record(dev.info().stats_id, OpKind::Write, n as u64, 0, true);
                     cx.stats().writes_now += 1;
                     if !self.send_broken() {
-                        self.reply_simple(pw.req.handle, 0);
+                        let to = self.reply_to(&pw.req);
+                        self.reply_status(to, 0, "");
                     }
                     return Some(n);
                 }
@@ -597,14 +599,23 @@ impl Conn {
             return None;
         }
         self.held_back = false;
-        let header = input.get(..codec::REQUEST_LEN)?;
-        let Ok(req) = codec::decode_request(header) else {
-            tracing::warn!(peer = %self.peer, "bad request magic; closing");
-            self.read_closed = true;
-            return None;
-        };
         let Phase::Transmission { dev, session, .. } = &self.phase else { unreachable!() };
         let (dev, session) = (dev.clone(), *session);
+        let header_len = session.framing.request_len();
+        // The magic is checked as soon as it is here: a client that lost the framing (a
+        // compact header on an extended connection) is not waited for.
+        let req = match codec::decode_request(
+            &input[..input.len().min(header_len)],
+            session.framing,
+        ) {
+            Ok(req) => req,
+            Err(codec::DecodeError::Truncated) => return None,
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, framing = ?session.framing, error = %e, "bad request header; closing");
+                self.read_closed = true;
+                return None;
+            }
+        };
         let action = classify(&req, &session);
         // A read's buffer is charged before the request is taken; refused, the header stays
         // buffered until memory returns.
@@ -621,7 +632,7 @@ impl Conn {
         };
         self.requests_total += 1;
         self.on_request(cx, req, &dev, session, action, charge);
-        Some(codec::REQUEST_LEN)
+        Some(header_len)
     }
 
     /// Whether a read can be answered as a hole without I/O (structured replies, a device
@@ -634,7 +645,7 @@ impl Conn {
         len: u32,
         df: bool,
     ) -> bool {
-        if df || !session.structured || len == 0 || !dev.info().cheap_extents {
+        if df || !session.framing.structured() || len == 0 || !dev.info().cheap_extents {
             return false;
         }
         dev.is_unallocated(offset, u64::from(len))
@@ -649,23 +660,24 @@ impl Conn {
         action: Action,
         charge: u64,
     ) {
+        let to = ReplyTo { framing: session.framing, handle: req.handle, offset: req.offset };
         match action {
             Action::Read { len: 0, .. } => {
                 // Nothing to read: a structured reply may carry no zero-length content chunk.
-                if session.structured {
-                    codec::encode_done(self.scratch_reset(), req.handle);
+                if session.framing.structured() {
+                    codec::encode_done(self.scratch_reset(), to);
                     self.flush_scratch();
                 } else {
-                    self.reply_simple(req.handle, 0);
+                    self.reply_status(to, 0, "");
                 }
                 cx.stats().record(dev.info().stats_id, OpKind::Read, 0, 0, true);
             }
             Action::Trim { len: 0, .. } | Action::WriteZeroes { len: 0, .. } => {
                 // Nothing to change (fallocate would refuse an empty range).
-                self.reply_simple(req.handle, 0);
+                self.reply_status(to, 0, "");
             }
             Action::Read { offset, len, .. } if charge == 0 && len > 0 => {
-                codec::encode_offset_hole(self.scratch_reset(), true, req.handle, offset, len);
+                codec::encode_offset_hole(self.scratch_reset(), to, true, offset, len);
                 self.flush_scratch();
                 cx.stats().record(dev.info().stats_id, OpKind::Read, u64::from(len), 0, true);
             }
@@ -686,7 +698,7 @@ impl Conn {
                             self.mem.release(cx, charge);
                             return;
                         }
-                        self.read_reply_header(session.structured, req.handle, offset, len);
+                        self.read_reply_header(to, len);
                         self.out.push_lent(data);
                         // Charged like copied data until it is sent.
                         self.mem.to_send(charge);
@@ -714,22 +726,26 @@ impl Conn {
             Action::Trim { offset, len, fua } => {
                 let tag = self.track(cx, &req, OpKind::Discard, 0);
                 self.reqs[tag as usize].then_flush = fua;
-                dev.submit(cx, IoCmd::Discard { offset, len: u64::from(len) }, tag);
+                dev.submit(cx, IoCmd::Discard { offset, len }, tag);
             }
             Action::WriteZeroes { may_unmap, fast: true, .. }
                 if !dev.zeroes_are_fast(may_unmap) =>
             {
                 // FAST_ZERO: fail at once rather than write zeros (the client writes its own).
-                self.reply_simple(req.handle, codec::ENOTSUP);
+                self.reply_status(to, codec::ENOTSUP, "zeroing this range would not be fast");
             }
             Action::WriteZeroes { offset, len, may_unmap, fua, .. } => {
                 let tag = self.track(cx, &req, OpKind::WriteZeroes, 0);
                 self.reqs[tag as usize].then_flush = fua;
-                dev.submit(cx, IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap }, tag);
+                dev.submit(cx, IoCmd::WriteZeroes { offset, len, may_unmap }, tag);
             }
-            Action::Cache => self.reply_simple(req.handle, 0),
+            Action::Cache => self.reply_status(to, 0, ""),
             Action::BlockStatus { offset, len, req_one } => {
-                self.block_status(dev, session, req.handle, offset, len, req_one)
+                self.block_status(dev, session, to, offset, len, req_one)
+            }
+            Action::Abandon { why } => {
+                tracing::warn!(peer = %self.peer, why, kind = req.kind, len = req.length, "protocol violation; closing");
+                self.read_closed = true;
             }
             Action::Disconnect => {
                 tracing::debug!(peer = %self.peer, "client sent NBD_CMD_DISC");
@@ -738,14 +754,14 @@ impl Conn {
             }
             Action::Reject { error, discard, why } => {
                 tracing::debug!(peer = %self.peer, why, kind = req.kind, offset = req.offset, len = req.length, "request rejected");
-                self.skip = u64::from(discard);
+                self.skip = discard;
                 if discard > 0 {
-                    self.skip_reply = Some((req.handle, error));
-                } else if req.kind == codec::CMD_READ && session.structured {
-                    codec::encode_error_chunk(self.scratch_reset(), req.handle, error, why);
+                    self.skip_reply = Some((to, error, why));
+                } else if req.kind == codec::CMD_READ && session.framing.structured() {
+                    codec::encode_error_chunk(self.scratch_reset(), to, error, why);
                     self.flush_scratch();
                 } else {
-                    self.reply_simple(req.handle, error);
+                    self.reply_status(to, error, why);
                 }
             }
         }
@@ -755,7 +771,7 @@ impl Conn {
     fn track(&mut self, cx: &mut Cx<'_>, req: &Request, kind: OpKind, charged: u64) -> u32 {
         cx.stats().submitted(self.stats_id());
         if kind == OpKind::Read {
-            self.bytes_inflight += u64::from(req.length);
+            self.bytes_inflight += req.length;
         }
         let key = self.reqs.insert(Inflight {
             handle: req.handle,
@@ -783,11 +799,11 @@ impl Conn {
             return;
         };
         let buf = pw.buf.expect("write submitted while its payload is being received");
-        assert_eq!(buf.len(), pw.req.length as usize);
-        assert_eq!(pw.charged, u64::from(pw.req.length), "a whole payload is charged");
+        assert_eq!(buf.len() as u64, pw.req.length);
+        assert_eq!(pw.charged, pw.req.length, "a whole payload is charged");
         let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
         let dev = dev.clone();
-        let tag = self.track(cx, &pw.req, OpKind::Write, u64::from(pw.req.length));
+        let tag = self.track(cx, &pw.req, OpKind::Write, pw.req.length);
         if pw.req.length == 0 {
             cx.recycle(buf);
             cx.complete(tag, 0, Owned::None);
@@ -803,9 +819,9 @@ impl Conn {
         &mut self,
         dev: &Arc<dyn BlockDev>,
         session: Session,
-        handle: u64,
+        to: ReplyTo,
         offset: u64,
-        len: u32,
+        len: u64,
         req_one: bool,
     ) {
         let max = if req_one { 1 } else { BLOCK_STATUS_MAX };
@@ -813,27 +829,27 @@ impl Conn {
         let bitmap = *bitmap;
         self.scratch.clear();
         if session.meta_allocation {
-            let descs = dev.extents(offset, u64::from(len), max).map(|extents| {
+            let descs = dev.extents(offset, len, max).map(|extents| {
                 extents
                     .iter()
                     .map(|e| {
                         let flags = if e.hole { codec::STATE_HOLE } else { 0 }
                             | if e.zero { codec::STATE_ZERO } else { 0 };
-                        (e.len as u32, flags)
+                        (e.len, flags)
                     })
                     .collect()
             });
-            if !self.status_chunk(handle, META_ALLOCATION_ID, len, descs, bitmap.is_none()) {
+            if !self.status_chunk(to, META_ALLOCATION_ID, len, descs, bitmap.is_none()) {
                 return self.flush_scratch();
             }
         }
         if let Some(base) = bitmap {
-            let descs = dev.changes(base, offset, u64::from(len), max).map(|runs| {
+            let descs = dev.changes(base, offset, len, max).map(|runs| {
                 runs.iter()
-                    .map(|&(n, changed)| (n as u32, if changed { codec::STATE_DIRTY } else { 0 }))
+                    .map(|&(n, changed)| (n, if changed { codec::STATE_DIRTY } else { 0 }))
                     .collect()
             });
-            self.status_chunk(handle, META_BITMAP_ID, len, descs, true);
+            self.status_chunk(to, META_BITMAP_ID, len, descs, true);
         }
         self.flush_scratch();
     }
@@ -842,10 +858,10 @@ impl Conn {
     /// if the device could not say, an error chunk that ends the reply (false returned).
     fn status_chunk(
         &mut self,
-        handle: u64,
+        to: ReplyTo,
         context: u32,
-        len: u32,
-        descs: std::io::Result<Vec<(u32, u32)>>,
+        len: u64,
+        descs: std::io::Result<Vec<(u64, u32)>>,
         done: bool,
     ) -> bool {
         match descs {
@@ -856,7 +872,11 @@ impl Conn {
                     let flags = if context == META_BITMAP_ID { codec::STATE_DIRTY } else { 0 };
                     descs.push((len, flags));
                 }
-                codec::encode_block_status_chunk(&mut self.scratch, handle, context, &descs, done);
+                // Within the request's range (so within 32 bits unless the framing is
+                // extended, whose chunk carries 64-bit lengths), as devices promise.
+                debug_assert!(descs.iter().map(|d| d.0).sum::<u64>() <= len, "extents past range");
+                clip_to(&mut descs, len);
+                codec::encode_block_status_chunk(&mut self.scratch, to, context, &descs, done);
                 true
             }
             Err(e) => {
@@ -866,7 +886,7 @@ impl Conn {
                     (libc::EIO, "block status failed")
                 };
                 let error = codec::nbd_error_from_errno(e.raw_os_error().unwrap_or(errno));
-                codec::encode_error_chunk(&mut self.scratch, handle, error, what);
+                codec::encode_error_chunk(&mut self.scratch, to, error, what);
                 false
             }
         }
@@ -881,20 +901,36 @@ impl Conn {
         self.out.push_bytes(&self.scratch);
     }
 
-    /// Queues the reply header a successful read's `len` bytes follow.
-    fn read_reply_header(&mut self, structured: bool, handle: u64, offset: u64, len: u32) {
+    /// Queues the reply header a successful read's `len` bytes (from the request's offset)
+    /// follow.
+    fn read_reply_header(&mut self, to: ReplyTo, len: u32) {
         let scratch = self.scratch_reset();
-        if structured {
-            codec::encode_offset_data_header(scratch, true, handle, offset, len);
+        if to.framing.structured() {
+            codec::encode_offset_data_header(scratch, to, true, to.offset, len);
         } else {
-            codec::encode_simple_reply(scratch, 0, handle);
+            codec::encode_simple_reply(scratch, 0, to.handle);
         }
         self.flush_scratch();
     }
 
-    fn reply_simple(&mut self, handle: u64, error: u32) {
-        codec::encode_simple_reply(self.scratch_reset(), error, handle);
+    /// Queues the whole reply to a request that returns no data (`why`: an error's reason,
+    /// for a human, where the framing carries one).
+    fn reply_status(&mut self, to: ReplyTo, error: u32, why: &str) {
+        codec::encode_status_reply(self.scratch_reset(), to, error, why);
         self.flush_scratch();
+    }
+
+    /// The framing negotiated (simple before transmission: nothing is answered then).
+    fn framing(&self) -> Framing {
+        match &self.phase {
+            Phase::Transmission { session, .. } => session.framing,
+            Phase::Handshake(_) => Framing::Simple,
+        }
+    }
+
+    /// Where the reply to `req` goes.
+    fn reply_to(&self, req: &Request) -> ReplyTo {
+        ReplyTo { framing: self.framing(), handle: req.handle, offset: req.offset }
     }
 
     fn on_io_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
@@ -911,10 +947,10 @@ impl Conn {
         }
         let req = self.reqs.remove(tag as usize);
         if matches!(req.kind, OpKind::Read | OpKind::Write) {
-            self.bytes_inflight -= u64::from(req.len);
+            self.bytes_inflight -= req.len;
         }
         let full = match req.kind {
-            OpKind::Read | OpKind::Write => result == req.len as i32,
+            OpKind::Read | OpKind::Write => i64::from(result) == req.len as i64,
             // A trim is a hint: a device that cannot did nothing, which is allowed.
             OpKind::Discard => result >= 0 || result == -libc::EOPNOTSUPP,
             _ => result >= 0,
@@ -932,14 +968,12 @@ impl Conn {
         let latency_ns = req.started.elapsed().as_nanos() as u64;
         let dev = self.stats_id();
         cx.stats().retired(dev);
-        cx.stats().record(dev, req.kind, u64::from(req.len), latency_ns, error == 0);
-        let structured = matches!(
-            self.phase,
-            Phase::Transmission { session: Session { structured: true, .. }, .. }
-        );
+        cx.stats().record(dev, req.kind, req.len, latency_ns, error == 0);
+        let to = ReplyTo { framing: self.framing(), handle: req.handle, offset: req.offset };
         match (req.kind, owned, error) {
             (OpKind::Read, Owned::Buf(data), 0) if !self.send_broken() => {
-                self.read_reply_header(structured, req.handle, req.offset, req.len);
+                let len = u32::try_from(req.len).expect("a read is at most the maximum payload");
+                self.read_reply_header(to, len);
                 self.out.push_buf(cx, data);
                 // The data's memory stays charged until it is sent.
                 self.mem.to_send(req.charged);
@@ -953,20 +987,16 @@ impl Conn {
                     return;
                 }
                 match req.kind {
-                    OpKind::Read if structured => {
+                    OpKind::Read if to.framing.structured() => {
                         let error = if error == 0 { codec::EIO } else { error };
-                        codec::encode_error_chunk(
-                            self.scratch_reset(),
-                            req.handle,
-                            error,
-                            "read failed",
-                        );
+                        codec::encode_error_chunk(self.scratch_reset(), to, error, "read failed");
                         self.flush_scratch();
                     }
                     OpKind::Read => {
-                        self.reply_simple(req.handle, if error == 0 { codec::EIO } else { error })
+                        let error = if error == 0 { codec::EIO } else { error };
+                        self.reply_status(to, error, "read failed")
                     }
-                    _ => self.reply_simple(req.handle, error),
+                    _ => self.reply_status(to, error, "I/O failed"),
                 }
             }
         }
@@ -1248,6 +1278,16 @@ impl Conn {
         cx.stats().connections_open -= 1;
         tracing::info!(peer = %self.peer, export = %self.export_name, requests = self.requests_total, "connection closed");
     }
+}
+
+/// Cuts descriptors to `len` bytes in all (dropping empty ones).
+fn clip_to(descs: &mut Vec<(u64, u32)>, len: u64) {
+    let mut left = len;
+    descs.retain_mut(|d| {
+        d.0 = d.0.min(left);
+        left -= d.0;
+        d.0 > 0
+    });
 }
 
 impl Movable for Conn {

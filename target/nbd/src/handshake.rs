@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ballast_engine::ChangeBase;
 
-use crate::codec::{self, OptionHeader};
+use crate::codec::{self, Framing, OptionHeader};
 use crate::exports::{Access, Export, ExportTable};
 
 /// Options carrying more data than this are skipped and answered with NBD_REP_ERR_TOO_BIG.
@@ -61,7 +61,8 @@ enum State {
 /// What the negotiation settled.
 pub struct Negotiated {
     pub export: Arc<Export>,
-    pub structured: bool,
+    /// Simple replies, structured replies, or extended headers.
+    pub framing: Framing,
     /// `base:allocation` was selected for this export.
     pub meta_allocation: bool,
     /// `qemu:dirty-bitmap:NAME` was selected for this export: the image block status reports
@@ -99,7 +100,8 @@ pub struct Handshake {
     /// Largest payload advertised (NBD_INFO_BLOCK_SIZE maximum).
     max_payload: u32,
     no_zeroes: bool,
-    structured: bool,
+    /// What NBD_OPT_STRUCTURED_REPLY / NBD_OPT_EXTENDED_HEADERS settled so far.
+    framing: Framing,
     /// The contexts selected, and for which export.
     meta: Option<MetaSelection>,
     tls_mode: TlsMode,
@@ -132,7 +134,7 @@ impl Handshake {
             max_payload: max_payload.min(PAYLOAD_ADVERTISED_MAX),
             state: State::ClientFlags,
             no_zeroes: false,
-            structured: false,
+            framing: Framing::Simple,
             meta: None,
             tls_mode,
             tls_active: false,
@@ -302,11 +304,16 @@ impl Handshake {
                 }
                 codec::encode_option_reply(out, option, codec::REP_ACK, &[]);
                 // Nothing negotiated in plaintext survives the upgrade.
-                self.structured = false;
+                self.framing = Framing::Simple;
                 self.meta = None;
                 Step::StartTls
             }
             codec::OPT_EXPORT_NAME => {
+                if self.framing == Framing::Extended {
+                    // proto.md: a client that negotiated extended headers "MUST NOT" send it
+                    // (it cannot be refused: the connection ends).
+                    return Step::Close("NBD_OPT_EXPORT_NAME after extended headers");
+                }
                 let Ok(name) = codec::decode_export_name(data) else {
                     return Step::Close("bad export name");
                 };
@@ -318,7 +325,7 @@ impl Handshake {
                         "export not allowed for this session (NBD_OPT_EXPORT_NAME)",
                     );
                 }
-                let flags = export.transmission_flags(self.structured);
+                let flags = export.transmission_flags(self.framing.structured());
                 codec::encode_export_name_reply(out, export.size_bytes(), flags, self.no_zeroes);
                 self.enter(export, flags)
             }
@@ -353,7 +360,7 @@ impl Handshake {
                     Access::Granted => {}
                     refused => return Self::refuse(out, option, refused),
                 }
-                let flags = export.transmission_flags(self.structured);
+                let flags = export.transmission_flags(self.framing.structured());
                 codec::encode_info_export(out, option, export.size_bytes(), flags);
                 // Each information asked for is sent once, however often it is asked for (a
                 // list of 32k copies would otherwise make 32k replies).
@@ -386,7 +393,26 @@ impl Handshake {
                 if !data.is_empty() {
                     return invalid(out, "NBD_OPT_STRUCTURED_REPLY takes no data");
                 }
-                self.structured = true;
+                if self.framing == Framing::Extended {
+                    // Extended headers already imply structured replies; going back is not
+                    // offered (as qemu-nbd answers).
+                    let msg = b"extended headers are already negotiated";
+                    codec::encode_option_reply(out, option, codec::REP_ERR_EXT_HEADER_REQD, msg);
+                    return Step::NeedMore;
+                }
+                self.framing = Framing::Structured;
+                codec::encode_option_reply(out, option, codec::REP_ACK, &[]);
+                Step::NeedMore
+            }
+            codec::OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    return invalid(out, "NBD_OPT_EXTENDED_HEADERS takes no data");
+                }
+                if self.framing == Framing::Extended {
+                    return invalid(out, "extended headers are already negotiated");
+                }
+                // Structured replies come with them; contexts already selected stay.
+                self.framing = Framing::Extended;
                 codec::encode_option_reply(out, option, codec::REP_ACK, &[]);
                 Step::NeedMore
             }
@@ -418,7 +444,7 @@ impl Handshake {
             // when this command fails)."
             self.meta = None;
         }
-        if set && !self.structured {
+        if set && !self.framing.structured() {
             let msg = b"NBD_OPT_SET_META_CONTEXT needs structured replies first";
             codec::encode_option_reply(out, option, codec::REP_ERR_INVALID, msg);
             return Step::NeedMore;
@@ -515,12 +541,13 @@ impl Handshake {
     }
 
     fn enter(&mut self, export: Arc<Export>, flags: u16) -> Step {
-        let meta = self.meta.take().filter(|m| self.structured && m.export == export.name);
+        let meta =
+            self.meta.take().filter(|m| self.framing.structured() && m.export == export.name);
         let (meta_allocation, meta_bitmap) =
             meta.map_or((false, None), |m| (m.allocation, m.bitmap));
         Step::Enter(Negotiated {
             export,
-            structured: self.structured,
+            framing: self.framing,
             meta_allocation,
             meta_bitmap,
             flags,
@@ -599,11 +626,82 @@ mod tests {
             let (out, step) = run(&mut hs, &input, chunk, &t);
             let Some(Step::Enter(n)) = step else { panic!("no enter") };
             assert_eq!(n.export.name, "vol0");
-            assert!(n.structured);
+            assert_eq!(n.framing, Framing::Structured);
             assert!(n.flags & codec::TF_SEND_DF != 0);
             // first reply: ERR_UNKNOWN for GO
             assert_eq!(&out[8..16], &[0, 0, 0, 7, 0x80, 0, 0, 6]);
         }
+    }
+
+    /// (option, reply type) of every option reply in `out`.
+    fn replies(out: &[u8]) -> Vec<(u32, u32)> {
+        let mut at = 0;
+        let mut v = Vec::new();
+        while at < out.len() {
+            let h = codec::decode_option_reply_header(&out[at..]).unwrap();
+            v.push((h.option, h.reply));
+            at += codec::OPTION_REPLY_HEADER_LEN + h.length as usize;
+        }
+        v
+    }
+
+    #[test]
+    fn extended_headers_are_negotiated_once_and_imply_structured_replies() {
+        let t = table();
+        let x = codec::OPT_EXTENDED_HEADERS;
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(opt(x, &[1]));
+        input.extend(opt(x, &[]));
+        input.extend(opt(x, &[]));
+        input.extend(opt(codec::OPT_STRUCTURED_REPLY, &[]));
+        input.extend(opt(codec::OPT_SET_META_CONTEXT, &allocation_query("vol0")));
+        input.extend(opt(codec::OPT_GO, &info_data("vol0")));
+        for chunk in [1, 7, 1000] {
+            let mut hs = Handshake::new();
+            let (out, step) = run(&mut hs, &input, chunk, &t);
+            let Some(Step::Enter(n)) = step else { panic!("no enter") };
+            assert_eq!(n.framing, Framing::Extended);
+            assert!(n.meta_allocation, "contexts need structured replies: extended ones do");
+            assert!(n.flags & codec::TF_SEND_DF != 0);
+            let r = replies(&out);
+            assert_eq!(
+                &r[..4],
+                &[
+                    (x, codec::REP_ERR_INVALID),
+                    (x, codec::REP_ACK),
+                    (x, codec::REP_ERR_INVALID),
+                    (codec::OPT_STRUCTURED_REPLY, codec::REP_ERR_EXT_HEADER_REQD),
+                ]
+            );
+            assert_eq!(r[4], (codec::OPT_SET_META_CONTEXT, codec::REP_META_CONTEXT));
+            assert_eq!(r.last(), Some(&(codec::OPT_GO, codec::REP_ACK)));
+        }
+        // Structured replies first, then extended headers: extended.
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(opt(codec::OPT_STRUCTURED_REPLY, &[]));
+        input.extend(opt(x, &[]));
+        input.extend(opt(codec::OPT_GO, &info_data("vol0")));
+        let (_, step) = run(&mut Handshake::new(), &input, 1000, &t);
+        let Some(Step::Enter(n)) = step else { panic!("no enter") };
+        assert_eq!(n.framing, Framing::Extended);
+        // NBD_OPT_EXPORT_NAME cannot be refused, and may not follow extended headers: closed.
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(opt(x, &[]));
+        input.extend(opt(codec::OPT_EXPORT_NAME, b"vol0"));
+        let (out, step) = run(&mut Handshake::new(), &input, 1000, &t);
+        assert!(matches!(step, Some(Step::Close(_))));
+        assert_eq!(replies(&out), vec![(x, codec::REP_ACK)]);
+        // What plaintext negotiated does not survive NBD_OPT_STARTTLS: simple again.
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(opt(x, &[]));
+        input.extend(opt(codec::OPT_STARTTLS, &[]));
+        let mut hs = Handshake::with_tls(1 << 20, TlsMode::On);
+        let (_, step) = run(&mut hs, &input, 1000, &t);
+        assert!(matches!(step, Some(Step::StartTls)));
+        hs.on_tls_open(None);
+        let (_, step) = run(&mut hs, &opt(codec::OPT_GO, &info_data("vol0")), 1000, &t);
+        let Some(Step::Enter(n)) = step else { panic!("no enter") };
+        assert_eq!(n.framing, Framing::Simple);
     }
 
     #[test]
@@ -933,7 +1031,7 @@ mod tests {
             let mut out = Vec::new();
             let (used, step) = hs.on_input(&again, &mut out, &t);
             let Step::Enter(n) = step else { panic!("GO over TLS refused") };
-            assert!(!n.structured);
+            assert_eq!(n.framing, Framing::Simple);
             (out, used)
         };
         assert_eq!(used, again.len());

@@ -51,7 +51,8 @@ nbd_round() {   # nbd_round WHAT [nbd-client flags]: attach over TLS, write and 
     timeout 60 nbd-client -d /dev/nbd0 >/dev/null 2>&1
   else fail "$what: nbd-client over TLS"; cat /tmp/nbd.out; fi
 }
-# libnbd_rounds WHAT: nbdcopy writes and reads back 64 MiB, then 40 nbdinfo runs; each
+# libnbd_rounds WHAT: nbdcopy writes and reads back 64 MiB (NBD extended headers, as libnbd
+# 1.22 asks for them), then 40 nbdinfo runs; each
 # connection ends with libnbd's nbd_shutdown: NBD_CMD_DISC and, right behind it, its TLS
 # close_notify. None fails, and ballast's graceful close reads that alert (under kTLS a plain
 # receive cannot: a socket closed with it unread would reset). Resets are not counted here:
@@ -62,6 +63,8 @@ libnbd_rounds() {
   if timeout 120 nbdcopy /tmp/blob "$u" 2>/tmp/nbdcopy.err && timeout 120 nbdcopy "$u" /tmp/back 2>>/tmp/nbdcopy.err \
      && cmp -s /tmp/blob /tmp/back; then pass "$1: libnbd's nbdcopy wrote and read back 64 MiB"
   else fail "$1: nbdcopy"; tail -3 /tmp/nbdcopy.err; fi
+  timeout 30 nbdinfo "$u" 2>&1 | grep -q 'protocol: newstyle-fixed with TLS, using extended packets' \
+    && pass "$1: libnbd over TLS negotiates extended headers" || fail "$1: nbdinfo protocol line over TLS"
   bad=0 i=0
   while [ $i -lt 40 ]; do
     [ "$(timeout 30 nbdinfo --size "$u" 2>>/tmp/nbdinfo.err)" = 67108864 ] || bad=$((bad + 1)); i=$((i + 1))

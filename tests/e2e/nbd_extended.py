@@ -12,12 +12,13 @@ trixie VM suite proves it with libnbd 1.22's own tools). On a 12 GiB sparse file
 - 64-bit effect lengths: one block status over all 12 GiB answered with
   NBD_REPLY_TYPE_BLOCK_STATUS_EXT whose hole between two written MiBs is one 9 GiB extent; one
   10 GiB trim and one 6 GiB write-zeroes (each a single request) take effect (the data there
-  reads as zeros, block status shows holes, data outside is kept);
+  reads as zeros, block status shows holes, data just outside is kept); cache, zero-length
+  reads and trims, DF reads, FUA trims and write-zeroes, FAST_ZERO answered in chunks too;
 - bad requests: a read past the maximum payload, a trim past the end, a write past the end
   (its payload skipped), block status with a payload (PAYLOAD_LEN: skipped, refused) — each
   answered with an error chunk and the connection stays in step; a compact (28-byte) request
-  on an extended connection, and a write announcing more payload than can be skipped, end the
-  connection; other connections are unaffected.
+  on an extended connection, and a write announcing more than the maximum payload, end the
+  connection; the next connections are served as before.
 """
 import os
 import shutil
@@ -38,10 +39,11 @@ OPT_GO, OPT_STRUCTURED_REPLY, OPT_SET_META, OPT_EXTENDED = 7, 8, 10, 11
 REP_ACK, REP_INFO, REP_META = 1, 3, 4
 REP_ERR_INVALID, REP_ERR_EXT_HEADER_REQD = (1 << 31) + 3, (1 << 31) + 10
 CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 0, 1, 3, 4, 6, 7
-FLAG_PAYLOAD_LEN = 1 << 5
+FLAG_FUA, FLAG_NO_HOLE, FLAG_DF, FLAG_FAST_ZERO, FLAG_PAYLOAD_LEN = 1, 2, 4, 16, 1 << 5
+CMD_CACHE = 5
 T_NONE, T_DATA, T_HOLE, T_BS, T_BS_EXT, T_ERROR = 0, 1, 2, 5, 6, (1 << 15) + 1
 DONE = 1
-EINVAL, ENOSPC = 22, 28
+EINVAL, ENOSPC, ENOTSUP = 22, 28, 95
 STATE_HOLE, STATE_ZERO = 1, 2
 
 
@@ -205,21 +207,30 @@ def exercise(r, b, export):
                sum(n for n, _ in ext))
     r.check(export + ": ... the hole between the written MiBs is one extent past 4 GiB",
             (MiB, 10 * GiB) in holes(ext) and any(n > 4 * GiB for n, _ in ext), ext[:6])
-    r.check_eq(export + ": a 10 GiB trim in one request", 0, c.status(CMD_TRIM, 0, 10 * GiB))
-    r.check_eq(export + ": a 6 GiB write-zeroes in one request", 0,
-               c.status(CMD_WRITE_ZEROES, 6 * GiB, 6 * GiB - 4 * KiB))
-    r.check_eq(export + ": flush", 0, c.status(CMD_FLUSH, 0, 0))
-    r.check(export + ": the trimmed and zeroed data reads as zeros",
-            c.read(0, MiB) == bytes(MiB) and c.read(10 * GiB, MiB) == bytes(MiB))
-    r.check(export + ": the last 4 KiB, outside both, still reads what it held (zeros: never "
-            "written) and the export is all holes now",
-            c.read(SIZE - 4 * KiB, 4 * KiB) == bytes(4 * KiB)
-            and holes(c.block_status(0, SIZE)) == [(0, SIZE)],
-            c.block_status(0, SIZE)[:6])
     c.status(CMD_WRITE, SIZE - 4 * KiB, 4 * KiB, payload=b"k" * 4 * KiB)
-    err = c.status(CMD_WRITE_ZEROES, 4 * GiB, SIZE - 4 * GiB - 4 * KiB)
-    r.check_eq(export + ": an 8 GiB write-zeroes ending 4 KiB short leaves those 4 KiB",
-               (0, b"k" * 4 * KiB), (err, c.read(SIZE - 4 * KiB, 4 * KiB)))
+    r.check_eq(export + ": a 10 GiB trim in one request", 0, c.status(CMD_TRIM, 0, 10 * GiB))
+    r.check(export + ": the trimmed MiB reads as zeros, the data just past the trim is kept",
+            c.read(0, MiB) == bytes(MiB) and c.read(10 * GiB, MiB) == z)
+    r.check_eq(export + ": a 6 GiB write-zeroes with FUA in one request", 0,
+               c.status(CMD_WRITE_ZEROES, 6 * GiB, 6 * GiB - 4 * KiB, FLAG_FUA))
+    r.check(export + ": the zeroed data reads as zeros; the 4 KiB just past it are kept",
+            c.read(10 * GiB, MiB) == bytes(MiB)
+            and c.read(SIZE - 4 * KiB, 4 * KiB) == b"k" * 4 * KiB)
+    ext = c.block_status(0, SIZE)
+    r.check_eq(export + ": block status: all holes but the last 4 KiB",
+               [(0, SIZE - 4 * KiB)], holes(ext))
+    r.check_eq(export + ": a trim with FUA of 5 GiB", 0, c.status(CMD_TRIM, 0, 5 * GiB, FLAG_FUA))
+
+    # The other replies without data are extended chunks too.
+    r.check_eq(export + ": cache over 12 GiB", 0, c.status(CMD_CACHE, 0, SIZE))
+    r.check_eq(export + ": a zero-length trim", 0, c.status(CMD_TRIM, 4096, 0))
+    r.check_eq(export + ": a zero-length read: one NONE chunk", [(T_NONE, b"")],
+               c.call(CMD_READ, 4096, 0))
+    r.check_eq(export + ": a read with DF: one OFFSET_DATA chunk", [T_DATA],
+               [t for t, _ in c.call(CMD_READ, SIZE - 4 * KiB, 4 * KiB, FLAG_DF)])
+    err = c.status(CMD_WRITE_ZEROES, 4 * GiB, 64 * KiB, FLAG_NO_HOLE | FLAG_FAST_ZERO)
+    r.check(export + ": write-zeroes with FAST_ZERO: done or refused (ENOTSUP) in a chunk",
+            err in (0, ENOTSUP), err)
 
     # Refusals: error chunks with a message, the connection in step after each.
     msg = c.error_message(c.call(CMD_READ, 0, 64 * MiB + 1))
@@ -242,12 +253,13 @@ def exercise(r, b, export):
     r.check(export + ": a compact request on an extended connection closes it",
             closed_by_peer(s, 10))
     s.close()
-    s, *_ = connect(b.port, export, meta=False)
-    c = Conn(s)
-    c.send(CMD_WRITE, 0, 5 * GiB)
-    r.check(export + ": a write announcing 5 GiB of payload closes the connection",
-            closed_by_peer(s, 10))
-    s.close()
+    for n in (5 * GiB, 64 * MiB + 1):
+        s, *_ = connect(b.port, export, meta=False)
+        c = Conn(s)
+        c.send(CMD_WRITE, 0, n)
+        r.check(export + ": a write announcing %d bytes, past the maximum payload, closes the "
+                "connection (nothing is skipped)" % n, closed_by_peer(s, 10))
+        s.close()
     s, seen, _, _ = connect(b.port, export, extended=False)
     c = Conn(s)
     cookie = c.send(CMD_READ, SIZE - 4 * KiB, 4 * KiB, magic=REQ)

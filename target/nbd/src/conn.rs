@@ -90,6 +90,11 @@ const BLOCK_STATUS_MAX: usize = 4096;
 const DIRECT_RECV_MIN: usize = 64 * 1024;
 /// A write payload is charged ahead of its bytes by at most this much.
 const PAYLOAD_WINDOW: u64 = 1 << 20;
+/// A trim or write-zeroes goes to its device in pieces of at most this, one after another: the
+/// work one device operation does stays bounded (the synchronous zeroing of memory devices;
+/// an NVMe passthrough namespace splits one into at most 4096 commands, 256 MiB even where a
+/// Write Zeroes command carries only 64 KiB), however long extended headers let a request be.
+const EFFECT_PIECE_MAX: u64 = 256 << 20;
 /// After a disconnect, input read and dropped before the socket is closed regardless.
 const LINGER_BYTES_MAX: u64 = 64 * 1024;
 /// One receive of that input.
@@ -120,6 +125,43 @@ struct Inflight {
     /// FUA on a trim or write-zeroes: once it is done, its device is flushed before it is
     /// answered (the write path's FUA is the backend's; these have none).
     then_flush: bool,
+    /// A trim or write-zeroes longer than [`EFFECT_PIECE_MAX`]: the rest, after the piece
+    /// with the device.
+    pieces: Option<Pieces>,
+}
+
+/// What is left of a trim or write-zeroes sent to its device piece by piece, one after
+/// another under the request's tag (so that one request's work on a core, and the commands a
+/// device splits it into, stay bounded however long extended headers let it be).
+#[derive(Debug, Clone, Copy)]
+struct Pieces {
+    /// Where the next piece starts.
+    next: u64,
+    /// Bytes after it still to do.
+    left: u64,
+    /// `Some(may_unmap)` for write-zeroes, `None` for a trim.
+    zeroes: Option<bool>,
+}
+
+impl Pieces {
+    /// The command for `[offset, offset + len)`, and the pieces left after its first piece.
+    fn first(offset: u64, len: u64, zeroes: Option<bool>) -> (IoCmd, Option<Pieces>) {
+        let n = len.min(EFFECT_PIECE_MAX);
+        let rest = (len > n).then_some(Pieces { next: offset + n, left: len - n, zeroes });
+        (Self::cmd(offset, n, zeroes), rest)
+    }
+
+    fn cmd(offset: u64, len: u64, zeroes: Option<bool>) -> IoCmd {
+        match zeroes {
+            Some(may_unmap) => IoCmd::WriteZeroes { offset, len, may_unmap },
+            None => IoCmd::Discard { offset, len },
+        }
+    }
+
+    /// The next piece's command, and what is left after it.
+    fn next(self) -> (IoCmd, Option<Pieces>) {
+        Self::first(self.next, self.left, self.zeroes)
+    }
 }
 
 /// A write whose payload is still arriving.
@@ -725,8 +767,10 @@ impl Conn {
             }
             Action::Trim { offset, len, fua } => {
                 let tag = self.track(cx, &req, OpKind::Discard, 0);
+                let (cmd, pieces) = Pieces::first(offset, len, None);
                 self.reqs[tag as usize].then_flush = fua;
-                dev.submit(cx, IoCmd::Discard { offset, len }, tag);
+                self.reqs[tag as usize].pieces = pieces;
+                dev.submit(cx, cmd, tag);
             }
             Action::WriteZeroes { may_unmap, fast: true, .. }
                 if !dev.zeroes_are_fast(may_unmap) =>
@@ -736,8 +780,10 @@ impl Conn {
             }
             Action::WriteZeroes { offset, len, may_unmap, fua, .. } => {
                 let tag = self.track(cx, &req, OpKind::WriteZeroes, 0);
+                let (cmd, pieces) = Pieces::first(offset, len, Some(may_unmap));
                 self.reqs[tag as usize].then_flush = fua;
-                dev.submit(cx, IoCmd::WriteZeroes { offset, len, may_unmap }, tag);
+                self.reqs[tag as usize].pieces = pieces;
+                dev.submit(cx, cmd, tag);
             }
             Action::Cache => self.reply_status(to, 0, ""),
             Action::BlockStatus { offset, len, req_one } => {
@@ -781,6 +827,7 @@ impl Conn {
             started: Instant::now(),
             charged,
             then_flush: false,
+            pieces: None,
         });
         assert!(key < INFLIGHT_MAX * 2, "request slab beyond its bound");
         key as u32
@@ -874,7 +921,6 @@ impl Conn {
                 }
                 // Within the request's range (so within 32 bits unless the framing is
                 // extended, whose chunk carries 64-bit lengths), as devices promise.
-                debug_assert!(descs.iter().map(|d| d.0).sum::<u64>() <= len, "extents past range");
                 clip_to(&mut descs, len);
                 codec::encode_block_status_chunk(&mut self.scratch, to, context, &descs, done);
                 true
@@ -937,6 +983,16 @@ impl Conn {
         let Some(req) = self.reqs.get_mut(tag as usize) else {
             panic!("completion for unknown request tag {tag}");
         };
+        if let Some(pieces) = req.pieces.take().filter(|_| result >= 0) {
+            // A piece done: the next one, under the same tag (a failed piece ends it; a trim
+            // the device cannot do did nothing, and neither will the rest).
+            debug_assert!(matches!(owned, Owned::None));
+            let (cmd, rest) = pieces.next();
+            req.pieces = rest;
+            let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
+            dev.clone().submit(cx, cmd, tag);
+            return;
+        }
         if req.then_flush && result >= 0 {
             // Done: now make it durable (FUA), under the same tag.
             req.then_flush = false;
@@ -1423,5 +1479,47 @@ impl Task for Conn {
 
     fn is_done(&self) -> bool {
         self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pieces of a long trim or write-zeroes cover it exactly, in order, none longer
+    /// than the bound; a short one is one piece.
+    #[test]
+    fn long_effects_go_in_bounded_pieces() {
+        for (offset, len, zeroes) in
+            [(0, 10 << 30, None), (4096, (6 << 30) - 4096, Some(false)), (7, 1, Some(true))]
+        {
+            let (mut cmd, mut rest) = Pieces::first(offset, len, zeroes);
+            let mut at = offset;
+            loop {
+                let (o, n) = match cmd {
+                    IoCmd::Discard { offset, len } if zeroes.is_none() => (offset, len),
+                    IoCmd::WriteZeroes { offset, len, may_unmap } if zeroes == Some(may_unmap) => {
+                        (offset, len)
+                    }
+                    _ => panic!("the wrong command for {zeroes:?}"),
+                };
+                assert_eq!(o, at, "pieces in order, without gaps");
+                assert!(n > 0 && n <= EFFECT_PIECE_MAX);
+                at += n;
+                let Some(p) = rest else { break };
+                (cmd, rest) = p.next();
+            }
+            assert_eq!(at, offset + len, "the pieces cover the whole range");
+        }
+    }
+
+    #[test]
+    fn block_status_is_clipped_to_the_range() {
+        let mut d = vec![(4096, 0), (8192, 1), (4096, 0)];
+        clip_to(&mut d, 6000);
+        assert_eq!(d, vec![(4096, 0), (1904, 1)]);
+        let mut d = vec![(4096, 0)];
+        clip_to(&mut d, 1 << 40);
+        assert_eq!(d, vec![(4096, 0)]);
     }
 }

@@ -66,7 +66,8 @@ pub enum Action {
 }
 
 /// A refused request's payload is read and dropped up to this (what a compact header can
-/// announce); a longer one ends the connection.
+/// announce; under extended headers up to the maximum payload); a longer one ends the
+/// connection.
 pub const SKIP_MAX: u64 = u32::MAX as u64;
 
 /// The flags each command takes. FUA is valid on every command (proto.md: with SEND_FUA
@@ -101,8 +102,12 @@ pub fn classify(r: &Request, s: &Session) -> Action {
         // "There is no reply to an NBD_CMD_DISC", whatever its flags.
         return Action::Disconnect;
     }
-    if discard > SKIP_MAX {
-        return Action::Abandon { why: "request payload beyond what is skipped (4 GiB)" };
+    // A payload past the maximum is skipped on a compact connection (at most 4 GiB); under
+    // extended headers, where it could be any length, the connection ends (proto.md: the
+    // server SHOULD disconnect).
+    if discard > SKIP_MAX || (s.framing == Framing::Extended && discard > u64::from(s.max_payload))
+    {
+        return Action::Abandon { why: "request payload beyond the maximum payload" };
     }
     if r.flags & !allowed_flags(r.kind, s.framing) != 0 {
         return reject(codec::EINVAL, "flag not valid for this command");
@@ -299,8 +304,9 @@ mod tests {
             Action::Abandon { .. }
         ));
         let over = u64::from(S.max_payload) + 1;
+        assert!(matches!(classify(&req(codec::CMD_WRITE, 0, 0, over), &x), Action::Abandon { .. }));
         assert!(matches!(
-            classify(&req(codec::CMD_WRITE, 0, 0, over), &x),
+            classify(&req(codec::CMD_WRITE, 0, 0, over), &S),
             Action::Reject { error: codec::EINVAL, discard, .. } if discard == over
         ));
         // PAYLOAD_LEN: a write's length is its payload's either way; another command that

@@ -23,7 +23,7 @@ DIR=${BALLAST_VM_DIR:-$HOME/.cache/ballast-vm-trixie}
 here=$(cd "$(dirname "$0")" && pwd)
 self=$here/build-trixie.sh
 # the packages installed in the chroot; a change here re-runs apt-get there
-PKGS="nvme-cli ktls-utils keyutils fio e2fsprogs util-linux kmod busybox-static iproute2 nbd-client libnbd-bin"
+PKGS="nvme-cli ktls-utils keyutils fio e2fsprogs util-linux kmod busybox-static iproute2 nbd-client libnbd-bin qemu-utils"
 KMETA=linux-image-amd64
 stamp=$( (cat "$self"; echo "$PKGS $KMETA") | sha256sum | cut -c1-16)
 ready() { [[ -f $DIR/base.cpio.zst && -f $DIR/vmlinuz && $(cat "$DIR/stamp" 2>/dev/null) == "$stamp" ]]; }

@@ -1,5 +1,6 @@
 # Runs INSIDE the trixie test guest (sh -e, as root), started by test-nbd-libnbd-trixie.sh:
-# libnbd 1.22's tools against ballast on the host (10.0.2.2) with NBD extended headers. Files in
+# libnbd 1.22's tools and qemu 10's (qemu-io, qemu-img) against ballast on the host (10.0.2.2),
+# both with NBD extended headers. Files in
 # /guest: params (NBD_PORT). Prints PASS/FAIL lines and GUEST-DONE.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 . /guest/params
@@ -56,4 +57,22 @@ head -c 67108864 /dev/urandom > /tmp/blob
 if timeout 120 nbdcopy /tmp/blob "$M" 2>/tmp/copy.err && timeout 120 nbdcopy "$M" /tmp/mback 2>>/tmp/copy.err \
    && cmp -s /tmp/blob /tmp/mback; then pass "nbdcopy: 64 MiB to m and back, identical"
 else fail "nbdcopy through m"; tail -3 /tmp/copy.err; fi
+# qemu 10 (qemu-io, qemu-img: its NBD client asks for extended headers too) on the same volume:
+# 1 MiB at 11 GiB written and read back, a 10 GiB write-zeroes that may unmap over [1, 11) GiB
+# (-n: no slow fallback, which is NBD's FAST_ZERO; qemu-io takes more than 2 GiB only so; the MiB
+# at 10 GiB goes), and qemu-img map sees data at 0 and 11 GiB only.
+Q="nbd://10.0.2.2:$NBD_PORT/v"
+if timeout 120 qemu-io -f raw -c "write -P 0x5a $((11 * G)) 1M" -c "read -P 0x5a $((11 * G)) 1M" \
+     -c "write -z -u -n $G $((10 * G))" -c "read -P 0 $((10 * G)) 1M" -c "read -P 0 $((11 * G - 4096)) 4k" \
+     "$Q" > /tmp/qio 2>&1 && ! grep -qi 'fail\|error\|pattern' /tmp/qio; then
+  pass "qemu-io: wrote and read back 1 MiB at 11 GiB; a 10 GiB write-zeroes reads as zeros"
+else fail "qemu-io"; tail -5 /tmp/qio; fi
+if timeout 60 qemu-img map --output=json -f raw "$Q" > /tmp/qmap 2>&1; then
+  n=$(grep -c '"data": true' /tmp/qmap || true)
+  grep -q '"start": 0, "length": 1048576,.*"data": true' /tmp/qmap \
+    && grep -q "\"start\": $((11 * G)), \"length\": 1048576,.*\"data\": true" /tmp/qmap && [ "$n" = 2 ] \
+    && pass "qemu-img map: data at 0 and 11 GiB only" || { fail "qemu-img map"; cat /tmp/qmap; }
+else fail "qemu-img map"; cat /tmp/qmap; fi
+timeout 60 qemu-img info -f raw --output=json "$Q" > /tmp/qinfo 2>&1 || true
+grep -q '"virtual-size": 12884901888' /tmp/qinfo && pass "qemu-img info: 12 GiB" || { fail "qemu-img info"; cat /tmp/qinfo; }
 echo GUEST-DONE

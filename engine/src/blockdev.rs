@@ -56,6 +56,9 @@ pub struct Extent {
 
 /// The most extents [`BlockDev::used_bytes`] looks at by default.
 pub const USED_EXTENTS_MAX: usize = 1024;
+/// [`BlockDev::effect_piece_max`] of devices that zero memory on the core (a RAM device, a
+/// file on a memory filesystem): 256 MiB of memset per command at most.
+pub const MEMORY_EFFECT_PIECE: u64 = 256 << 20;
 
 pub trait BlockDev: Send + Sync {
     fn info(&self) -> &DevInfo;
@@ -188,6 +191,16 @@ pub trait BlockDev: Send + Sync {
     fn zeroes_are_fast(&self, may_unmap: bool) -> bool {
         let _ = may_unmap;
         true
+    }
+
+    /// Longest [`IoCmd::Discard`] or [`IoCmd::WriteZeroes`] this device takes as one command
+    /// (a multiple of `info().min_block`): a longer one is given to it in pieces cut at
+    /// multiples of this, one after another (NBD's extended headers let a request cover a
+    /// whole export). Unbounded by default (a file's `fallocate`, a volume, which bound their
+    /// own work); a memory device bounds the zeroing it does synchronously on a core, an NVMe
+    /// namespace the commands one I/O may become.
+    fn effect_piece_max(&self) -> u64 {
+        u64::MAX
     }
 
     /// Whether every byte of a range reads zero after its [`IoCmd::Discard`] succeeds — what

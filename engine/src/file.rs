@@ -442,6 +442,16 @@ impl BlockDev for FileDev {
 
     /// A block device zeroes always (the kernel writes zeros where the device has no
     /// offload); memory too; a file where its filesystem has one of the two modes.
+    /// A file on a memory filesystem is zeroed on the core (a hole punched, or zeros written
+    /// where that is refused): bounded per command. Elsewhere `fallocate` bounds its own work.
+    fn effect_piece_max(&self) -> u64 {
+        if self.in_memory {
+            crate::blockdev::MEMORY_EFFECT_PIECE
+        } else {
+            u64::MAX
+        }
+    }
+
     fn zeroes_supported(&self) -> bool {
         self.is_block_device
             || self.in_memory

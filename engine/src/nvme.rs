@@ -317,6 +317,11 @@ impl NvmeDisk {
     }
 }
 
+/// The longest Write Zeroes one I/O may be on `ns`: [`nvme::PARTS_MAX`] commands' worth.
+fn zeroes_piece(ns: &NvmeNs) -> u64 {
+    (nvme::PARTS_MAX as u64 * u64::from(ns.max_zeroes_lbas)) << ns.lba_shift
+}
+
 /// `/sys/block/nvmeXnY/queue` for `/dev/ngXnY` (the namespace's block device, when the
 /// kernel made one; its queue limits bound passthrough commands too).
 fn queue_dir(path: &Path) -> Option<PathBuf> {
@@ -396,6 +401,12 @@ impl BlockDev for NvmeDev {
 
     fn zeroes_supported(&self) -> bool {
         self.ctrl.write_zeroes
+    }
+
+    /// What one I/O of [`nvme::PARTS_MAX`] Write Zeroes commands covers (a Deallocate takes
+    /// far more: one range per 2^32 LBAs): longer ones come in pieces instead of being refused.
+    fn effect_piece_max(&self) -> u64 {
+        zeroes_piece(&self.ns)
     }
 
     fn extents(&self, offset: u64, len: u64, _max: usize) -> std::io::Result<Vec<Extent>> {
@@ -481,6 +492,22 @@ mod tests {
         assert_eq!(inner_lbas(100, 10_000, 12), (1, 1));
         assert_eq!(inner_lbas(100, 1000, 12), (1, 0));
         assert_eq!(inner_lbas(0, 8192, 12), (0, 2));
+    }
+
+    /// A piece of `effect_piece_max` is the longest Write Zeroes (and Deallocate) the
+    /// namespace takes as one I/O: one LBA more would be refused.
+    #[test]
+    fn the_longest_effect_is_what_one_io_may_carry() {
+        for (lba_shift, max_zeroes_lbas) in [(9, 8), (12, 1), (9, 1 << 16), (12, 256)] {
+            let ns = NvmeNs { fd: 3, nsid: 1, lba_shift, max_data_lbas: 8, max_zeroes_lbas };
+            let nlb = zeroes_piece(&ns) >> lba_shift;
+            let io = |nlb| NvmeIo::WriteZeroes { slba: 0, nlb, deallocate: true };
+            assert_eq!(nvme::part_count(&ns, &io(nlb)), nvme::PARTS_MAX as u64);
+            assert!(nvme::part_count(&ns, &io(nlb + 1)) > nvme::PARTS_MAX as u64);
+            let dsm = NvmeIo::Deallocate { slba: 0, nlb };
+            assert!(nvme::part_count(&ns, &dsm) <= nvme::PARTS_MAX as u64);
+            assert_eq!(zeroes_piece(&ns) % (1 << lba_shift), 0, "whole LBAs");
+        }
     }
 
     /// The reactor side of passthrough without an NVMe device: a task submits a split read

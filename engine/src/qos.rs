@@ -351,6 +351,9 @@ impl BlockDev for Throttled {
     fn zeroes_supported(&self) -> bool {
         self.inner.zeroes_supported()
     }
+    fn effect_piece_max(&self) -> u64 {
+        self.inner.effect_piece_max()
+    }
     fn zeroes_are_fast(&self, may_unmap: bool) -> bool {
         self.inner.zeroes_are_fast(may_unmap)
     }

@@ -15,7 +15,9 @@
 use ballast_ffi::region::{Lent, Region};
 use ballast_ffi::Owned;
 
-use crate::blockdev::{in_range, push_extent, BlockDev, DevInfo, Extent, IoCmd};
+use crate::blockdev::{
+    in_range, push_extent, BlockDev, DevInfo, Extent, IoCmd, MEMORY_EFFECT_PIECE,
+};
 use crate::reactor::Cx;
 
 const CHUNK: u64 = 64 * 1024;
@@ -131,6 +133,11 @@ impl BlockDev for RamDev {
 
     fn size_bytes(&self) -> u64 {
         self.size_bytes
+    }
+
+    /// Zeroing is a memset on the core: bounded per command.
+    fn effect_piece_max(&self) -> u64 {
+        MEMORY_EFFECT_PIECE
     }
 
     fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {

@@ -2,8 +2,9 @@
 # The "trixie" flavour of the ballast test guest (BALLAST_VM_FLAVOUR=trixie tests/vm/run.sh ...):
 # Debian trixie's kernel (6.12, with NVME_TCP_TLS, NVME_HOST_AUTH and the nvmet side of both) and
 # a trixie userspace (nvme-cli 2.13, tlshd from ktls-utils, keyutils, fio, e2fsprogs, util-linux,
-# kmod, iproute2, nbd-client, busybox) for testing NVMe/TCP TLS 1.3 PSK and DH-HMAC-CHAP with the
-# real Linux host. Unlike the default flavour (build.sh, which copies this machine's binaries),
+# kmod, iproute2, nbd-client, libnbd-bin, qemu-utils, busybox) for testing NVMe/TCP TLS 1.3 PSK and
+# DH-HMAC-CHAP with the real Linux host, and NBD's extended headers with libnbd's and qemu's own
+# clients. Unlike the default flavour (build.sh, which copies this machine's binaries),
 # this one is a `debootstrap --variant=minbase trixie` chroot with packages apt-get installed
 # *inside it* (this machine's apt sources and packages are never touched), pruned and packed
 # whole as a zstd initramfs with our own /init.

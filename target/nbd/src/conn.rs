@@ -90,11 +90,6 @@ const BLOCK_STATUS_MAX: usize = 4096;
 const DIRECT_RECV_MIN: usize = 64 * 1024;
 /// A write payload is charged ahead of its bytes by at most this much.
 const PAYLOAD_WINDOW: u64 = 1 << 20;
-/// A trim or write-zeroes goes to its device in pieces of at most this, one after another: the
-/// work one device operation does stays bounded (the synchronous zeroing of memory devices;
-/// an NVMe passthrough namespace splits one into at most 4096 commands, 256 MiB even where a
-/// Write Zeroes command carries only 64 KiB), however long extended headers let a request be.
-const EFFECT_PIECE_MAX: u64 = 256 << 20;
 /// After a disconnect, input read and dropped before the socket is closed regardless.
 const LINGER_BYTES_MAX: u64 = 64 * 1024;
 /// One receive of that input.
@@ -125,42 +120,46 @@ struct Inflight {
     /// FUA on a trim or write-zeroes: once it is done, its device is flushed before it is
     /// answered (the write path's FUA is the backend's; these have none).
     then_flush: bool,
-    /// A trim or write-zeroes longer than [`EFFECT_PIECE_MAX`]: the rest, after the piece
-    /// with the device.
+    /// A trim or write-zeroes longer than its device takes as one command
+    /// (`BlockDev::effect_piece_max`): the rest, after the piece with the device.
     pieces: Option<Pieces>,
 }
 
 /// What is left of a trim or write-zeroes sent to its device piece by piece, one after
-/// another under the request's tag (so that one request's work on a core, and the commands a
-/// device splits it into, stay bounded however long extended headers let it be).
+/// another under the request's tag: a device that bounds one command
+/// (`BlockDev::effect_piece_max`: a memory device's synchronous zeroing, an NVMe namespace's
+/// commands per I/O) gets a long one — NBD's extended headers let it cover the whole export —
+/// in pieces cut at multiples of its bound (so a request aligned at its ends stays aligned in
+/// every piece, and one misaligned at an end is so only in its first or last piece).
 #[derive(Debug, Clone, Copy)]
 struct Pieces {
     /// Where the next piece starts.
     next: u64,
-    /// Bytes after it still to do.
+    /// Bytes from there still to do.
     left: u64,
+    /// The device's longest command.
+    piece: u64,
     /// `Some(may_unmap)` for write-zeroes, `None` for a trim.
     zeroes: Option<bool>,
 }
 
 impl Pieces {
-    /// The command for `[offset, offset + len)`, and the pieces left after its first piece.
-    fn first(offset: u64, len: u64, zeroes: Option<bool>) -> (IoCmd, Option<Pieces>) {
-        let n = len.min(EFFECT_PIECE_MAX);
-        let rest = (len > n).then_some(Pieces { next: offset + n, left: len - n, zeroes });
-        (Self::cmd(offset, n, zeroes), rest)
-    }
-
-    fn cmd(offset: u64, len: u64, zeroes: Option<bool>) -> IoCmd {
-        match zeroes {
-            Some(may_unmap) => IoCmd::WriteZeroes { offset, len, may_unmap },
-            None => IoCmd::Discard { offset, len },
-        }
+    /// The command for `[offset, offset + len)` up to the next multiple of `piece`, and the
+    /// pieces left after it.
+    fn first(offset: u64, len: u64, piece: u64, zeroes: Option<bool>) -> (IoCmd, Option<Pieces>) {
+        assert!(piece > 0, "a device's longest command is at least a byte");
+        let n = len.min(piece - offset % piece);
+        let rest = (len > n).then_some(Pieces { next: offset + n, left: len - n, piece, zeroes });
+        let cmd = match zeroes {
+            Some(may_unmap) => IoCmd::WriteZeroes { offset, len: n, may_unmap },
+            None => IoCmd::Discard { offset, len: n },
+        };
+        (cmd, rest)
     }
 
     /// The next piece's command, and what is left after it.
     fn next(self) -> (IoCmd, Option<Pieces>) {
-        Self::first(self.next, self.left, self.zeroes)
+        Self::first(self.next, self.left, self.piece, self.zeroes)
     }
 }
 
@@ -767,7 +766,7 @@ impl Conn {
             }
             Action::Trim { offset, len, fua } => {
                 let tag = self.track(cx, &req, OpKind::Discard, 0);
-                let (cmd, pieces) = Pieces::first(offset, len, None);
+                let (cmd, pieces) = Pieces::first(offset, len, dev.effect_piece_max(), None);
                 self.reqs[tag as usize].then_flush = fua;
                 self.reqs[tag as usize].pieces = pieces;
                 dev.submit(cx, cmd, tag);
@@ -778,9 +777,17 @@ impl Conn {
                 // FAST_ZERO: fail at once rather than write zeros (the client writes its own).
                 self.reply_status(to, codec::ENOTSUP, "zeroing this range would not be fast");
             }
+            Action::WriteZeroes { offset, len, .. }
+                if (offset | len) % u64::from(dev.info().min_block.max(1)) != 0 =>
+            {
+                // Devices refuse part of a block; refused here, before any piece of a long one
+                // could have zeroed what precedes its misaligned end.
+                self.reply_status(to, codec::EINVAL, "write-zeroes of part of a logical block");
+            }
             Action::WriteZeroes { offset, len, may_unmap, fua, .. } => {
                 let tag = self.track(cx, &req, OpKind::WriteZeroes, 0);
-                let (cmd, pieces) = Pieces::first(offset, len, Some(may_unmap));
+                let piece = dev.effect_piece_max();
+                let (cmd, pieces) = Pieces::first(offset, len, piece, Some(may_unmap));
                 self.reqs[tag as usize].then_flush = fua;
                 self.reqs[tag as usize].pieces = pieces;
                 dev.submit(cx, cmd, tag);
@@ -980,18 +987,37 @@ impl Conn {
     }
 
     fn on_io_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+        // (asked before the request is borrowed)
+        let (shutting_down, send_broken) = (cx.shutting_down(), self.send_broken());
         let Some(req) = self.reqs.get_mut(tag as usize) else {
             panic!("completion for unknown request tag {tag}");
         };
-        if let Some(pieces) = req.pieces.take().filter(|_| result >= 0) {
-            // A piece done: the next one, under the same tag (a failed piece ends it; a trim
-            // the device cannot do did nothing, and neither will the rest).
-            debug_assert!(matches!(owned, Owned::None));
-            let (cmd, rest) = pieces.next();
-            req.pieces = rest;
-            let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
-            dev.clone().submit(cx, cmd, tag);
-            return;
+        let mut result = result;
+        if let Some(pieces) = req.pieces.take() {
+            if let Owned::Buf(buf) = owned {
+                cx.recycle(buf); // (none comes with a trim or write-zeroes)
+            }
+            let ends = if result == -libc::EOPNOTSUPP && req.kind == OpKind::Discard {
+                // The device cannot trim: the rest would do nothing either. What pieces did
+                // is still flushed for FUA below.
+                result = 0;
+                true
+            } else if result >= 0 && (shutting_down || send_broken) {
+                // Nobody waits for the rest (the daemon stops; the reply cannot be sent).
+                result = if shutting_down { -libc::ESHUTDOWN } else { -libc::EIO };
+                true
+            } else {
+                result < 0
+            };
+            if !ends {
+                // A piece done: the next one, under the same tag.
+                let (cmd, rest) = pieces.next();
+                req.pieces = rest;
+                let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
+                dev.clone().submit(cx, cmd, tag);
+                return;
+            }
+            return self.on_io_done(cx, tag, result, Owned::None);
         }
         if req.then_flush && result >= 0 {
             // Done: now make it durable (FUA), under the same tag.
@@ -1486,14 +1512,21 @@ impl Task for Conn {
 mod tests {
     use super::*;
 
-    /// The pieces of a long trim or write-zeroes cover it exactly, in order, none longer
-    /// than the bound; a short one is one piece.
+    /// The pieces of a long trim or write-zeroes cover it exactly, in order, each within one
+    /// multiple of the device's bound (so inner cuts fall on its multiples); a short one is one
+    /// piece.
     #[test]
     fn long_effects_go_in_bounded_pieces() {
-        for (offset, len, zeroes) in
-            [(0, 10 << 30, None), (4096, (6 << 30) - 4096, Some(false)), (7, 1, Some(true))]
-        {
-            let (mut cmd, mut rest) = Pieces::first(offset, len, zeroes);
+        const P: u64 = 256 << 20;
+        for (offset, len, piece, zeroes) in [
+            (0, 10 << 30, P, None),
+            (4096, (6 << 30) - 4096, P, Some(false)),
+            (7, 1, P, Some(true)),
+            (P - 512, 3 * P + 1024, P, None),
+            (123, 1 << 40, u64::MAX, Some(true)),
+            (512 * 3, 512 * 1000, 512 * 64, Some(false)),
+        ] {
+            let (mut cmd, mut rest) = Pieces::first(offset, len, piece, zeroes);
             let mut at = offset;
             loop {
                 let (o, n) = match cmd {
@@ -1504,9 +1537,11 @@ mod tests {
                     _ => panic!("the wrong command for {zeroes:?}"),
                 };
                 assert_eq!(o, at, "pieces in order, without gaps");
-                assert!(n > 0 && n <= EFFECT_PIECE_MAX);
+                assert!(n > 0 && n <= piece);
+                assert_eq!(o / piece, (o + n - 1) / piece, "a piece stays within one multiple");
                 at += n;
                 let Some(p) = rest else { break };
+                assert_eq!(at % piece, 0, "inner cuts on the device's multiples");
                 (cmd, rest) = p.next();
             }
             assert_eq!(at, offset + len, "the pieces cover the whole range");

@@ -62,6 +62,18 @@ impl RamDev {
 
     /// Calls `f(chunk index, offset in chunk, range in the request)` for each piece.
     fn pieces(offset: u64, len: u64, mut f: impl FnMut(usize, usize, std::ops::Range<usize>)) {
+        Self::pieces_while(offset, len, |idx, within, range| {
+            f(idx, within, range);
+            true
+        });
+    }
+
+    /// [`RamDev::pieces`] until `f` returns false.
+    fn pieces_while(
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(usize, usize, std::ops::Range<usize>) -> bool,
+    ) {
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -69,7 +81,9 @@ impl RamDev {
             let within = (pos % CHUNK) as usize;
             let step = (CHUNK - pos % CHUNK).min(end - pos);
             let req = (pos - offset) as usize;
-            f(idx, within, req..req + step as usize);
+            if !f(idx, within, req..req + step as usize) {
+                return;
+            }
             pos += step;
         }
     }
@@ -143,15 +157,15 @@ impl BlockDev for RamDev {
     fn extents(&self, offset: u64, len: u64, max: usize) -> std::io::Result<Vec<Extent>> {
         let len = len.min(self.size_bytes.saturating_sub(offset));
         let mut out = Vec::new();
-        Self::pieces(offset, len, |idx, _, range| {
-            if out.len() > max {
-                return;
-            }
+        // Walked until a chunk would start extent `max + 1` (not over the rest of the range:
+        // a block status over a whole large export stops where its reply does).
+        Self::pieces_while(offset, len, |idx, _, range| {
             let present = self.mem.present(idx);
             push_extent(
                 &mut out,
                 Extent { len: range.len() as u64, hole: !present, zero: !present },
             );
+            out.len() <= max
         });
         out.truncate(max);
         Ok(out)

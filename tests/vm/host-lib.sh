@@ -1,5 +1,6 @@
 # Sourced by the host side of the VM suites that start ballast themselves
-# (test-nbd-tls-kernel.sh, test-nvme-tls-kernel.sh, test-nvme-auth-kernel.sh, test-ktls-kernel.sh):
+# (test-nbd-tls-kernel.sh, test-nvme-tls-kernel.sh, test-nvme-auth-kernel.sh, test-ktls-kernel.sh,
+# test-nbd-libnbd-trixie.sh, ...):
 # counting checks, free ports, and key material in the NVMe interchange formats.
 npass=0 nfail=0 spid=
 pass() { echo "PASS: $*"; npass=$((npass + 1)); }
@@ -25,6 +26,12 @@ secret() {
   /usr/bin/python3 -c 'import base64,os,sys,zlib
 k=os.urandom(int(sys.argv[2]))
 print("%s:%s:%s:" % (sys.argv[1], sys.argv[3], base64.b64encode(k + zlib.crc32(k).to_bytes(4, "little")).decode()))' "$1" "$2" "$3"
+}
+# trixie_work NAME: the trixie guest built (else a FAIL line, the count and exit 1) and $work a
+# fresh directory named after NAME — the start of every suite that boots that flavour.
+trixie_work() {
+  "$here/build-trixie.sh" || { echo "FAIL: building the trixie guest"; echo "0 passed, 1 failed"; exit 1; }
+  work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-$1-vm.XXXXXX")
 }
 # run_guest DEFAULT_TIMEOUT GUEST_SCRIPT [FILE...]: boots the guest (run.sh) with the script and
 # files, under BALLAST_VM_TIMEOUT (default DEFAULT_TIMEOUT s); its console goes to $work/console;

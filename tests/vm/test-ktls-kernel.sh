@@ -13,8 +13,7 @@ root=$(cd "$here/../.." && pwd)
 bin=${BALLAST_BIN:-$root/build/cargo/release/ballast}
 export BALLAST_VM_FLAVOUR=trixie
 . "$here/host-lib.sh"
-"$here/build-trixie.sh" || { echo "FAIL: building the trixie guest"; echo "0 passed, 1 failed"; exit 1; }
-work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-ktls-vm.XXXXXX")
+trixie_work ktls
 
 # the binary without its debug info (the guest's root is an initramfs)
 objcopy --strip-debug "$bin" "$work/ballast" && pass "ballast binary for the guest" || fail "stripping ballast"

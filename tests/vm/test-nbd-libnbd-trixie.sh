@@ -18,9 +18,8 @@ root=$(cd "$here/../.." && pwd)
 bin=${BALLAST_BIN:-$root/build/cargo/release/ballast}
 export BALLAST_VM_FLAVOUR=trixie
 . "$here/host-lib.sh"
-"$here/build-trixie.sh" || { echo "FAIL: building the trixie guest"; echo "0 passed, 1 failed"; exit 1; }
-work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-libnbd-vm.XXXXXX")
-trap '[[ -n ${spid:-} ]] && kill -KILL $spid 2>/dev/null' EXIT
+trixie_work libnbd
+trap '[[ -n $spid ]] && kill -KILL $spid 2>/dev/null' EXIT
 sock=$work/data/ballast.sock
 port=$(free_port)
 "$bin" pool create "$work/pool.img" --size 2G > "$work/server.log" 2>&1 && pass "a 2 GiB pool created" \

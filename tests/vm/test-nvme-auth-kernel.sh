@@ -18,8 +18,7 @@ root=$(cd "$here/../.." && pwd)
 bin=${BALLAST_BIN:-$root/build/cargo/release/ballast}
 export BALLAST_VM_FLAVOUR=trixie
 . "$here/host-lib.sh"
-"$here/build-trixie.sh" || { echo "FAIL: building the trixie guest"; echo "0 passed, 1 failed"; exit 1; }
-work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-nvme-auth-vm.XXXXXX")
+trixie_work nvme-auth
 trap '[[ -n $spid ]] && kill -KILL $spid 2>/dev/null' EXIT
 
 H256=$(secret DHHC-1 32 01) H384=$(secret DHHC-1 48 02) H512=$(secret DHHC-1 64 03)

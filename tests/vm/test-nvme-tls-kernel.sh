@@ -14,8 +14,7 @@ root=$(cd "$here/../.." && pwd)
 bin=${BALLAST_BIN:-$root/build/cargo/release/ballast}
 export BALLAST_VM_FLAVOUR=trixie
 . "$here/host-lib.sh"
-"$here/build-trixie.sh" || { echo "FAIL: building the trixie guest"; echo "0 passed, 1 failed"; exit 1; }
-work=$(mktemp -d "${TMPDIR:-/tmp}/ballast-nvme-tls-vm.XXXXXX")
+trixie_work nvme-tls
 trap '[[ -n $spid ]] && kill -KILL $spid 2>/dev/null' EXIT
 
 K256=$(secret NVMeTLSkey-1 32 01) K384=$(secret NVMeTLSkey-1 48 02)

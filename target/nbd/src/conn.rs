@@ -607,7 +607,7 @@ impl Conn {
                     cx.stats().record(dev.info().stats_id, OpKind::Write, n as u64, 0, true);
                     cx.stats().writes_now += 1;
                     if !self.send_broken() {
-                        let to = self.reply_to(&pw.req);
+                        let to = self.reply_to(pw.req.handle, pw.req.offset);
                         self.reply_status(to, 0, "");
                     }
                     return Some(n);
@@ -701,7 +701,7 @@ impl Conn {
         action: Action,
         charge: u64,
     ) {
-        let to = ReplyTo { framing: session.framing, handle: req.handle, offset: req.offset };
+        let to = self.reply_to(req.handle, req.offset);
         match action {
             Action::Read { len: 0, .. } => {
                 // Nothing to read: a structured reply may carry no zero-length content chunk.
@@ -765,11 +765,7 @@ impl Conn {
                 dev.submit(cx, IoCmd::Flush, tag);
             }
             Action::Trim { offset, len, fua } => {
-                let tag = self.track(cx, &req, OpKind::Discard, 0);
-                let (cmd, pieces) = Pieces::first(offset, len, dev.effect_piece_max(), None);
-                self.reqs[tag as usize].then_flush = fua;
-                self.reqs[tag as usize].pieces = pieces;
-                dev.submit(cx, cmd, tag);
+                self.start_effect(cx, dev, &req, (offset, len), None, fua)
             }
             Action::WriteZeroes { may_unmap, fast: true, .. }
                 if !dev.zeroes_are_fast(may_unmap) =>
@@ -785,12 +781,7 @@ impl Conn {
                 self.reply_status(to, codec::EINVAL, "write-zeroes of part of a logical block");
             }
             Action::WriteZeroes { offset, len, may_unmap, fua, .. } => {
-                let tag = self.track(cx, &req, OpKind::WriteZeroes, 0);
-                let piece = dev.effect_piece_max();
-                let (cmd, pieces) = Pieces::first(offset, len, piece, Some(may_unmap));
-                self.reqs[tag as usize].then_flush = fua;
-                self.reqs[tag as usize].pieces = pieces;
-                dev.submit(cx, cmd, tag);
+                self.start_effect(cx, dev, &req, (offset, len), Some(may_unmap), fua)
             }
             Action::Cache => self.reply_status(to, 0, ""),
             Action::BlockStatus { offset, len, req_one } => {
@@ -810,11 +801,8 @@ impl Conn {
                 self.skip = discard;
                 if discard > 0 {
                     self.skip_reply = Some((to, error, why));
-                } else if req.kind == codec::CMD_READ && session.framing.structured() {
-                    codec::encode_error_chunk(self.scratch_reset(), to, error, why);
-                    self.flush_scratch();
                 } else {
-                    self.reply_status(to, error, why);
+                    self.reply_error(to, req.kind == codec::CMD_READ, error, why);
                 }
             }
         }
@@ -981,9 +969,40 @@ impl Conn {
         }
     }
 
-    /// Where the reply to `req` goes.
-    fn reply_to(&self, req: &Request) -> ReplyTo {
-        ReplyTo { framing: self.framing(), handle: req.handle, offset: req.offset }
+    /// Where the reply to the request of cookie `handle` at `offset` goes.
+    fn reply_to(&self, handle: u64, offset: u64) -> ReplyTo {
+        ReplyTo { framing: self.framing(), handle, offset }
+    }
+
+    /// Queues the error reply to a request: an error chunk for a read under structured
+    /// replies (which may not get a simple reply), else what [`Conn::reply_status`] sends.
+    fn reply_error(&mut self, to: ReplyTo, read: bool, error: u32, why: &str) {
+        if read && to.framing.structured() {
+            codec::encode_error_chunk(self.scratch_reset(), to, error, why);
+            self.flush_scratch();
+        } else {
+            self.reply_status(to, error, why);
+        }
+    }
+
+    /// Starts a trim (`zeroes: None`) or write-zeroes (`Some(may_unmap)`): its first piece
+    /// goes to the device, the rest follow from [`Conn::on_io_done`], then the flush of FUA.
+    fn start_effect(
+        &mut self,
+        cx: &mut Cx<'_>,
+        dev: &Arc<dyn BlockDev>,
+        req: &Request,
+        (offset, len): (u64, u64),
+        zeroes: Option<bool>,
+        fua: bool,
+    ) {
+        let kind = if zeroes.is_some() { OpKind::WriteZeroes } else { OpKind::Discard };
+        let tag = self.track(cx, req, kind, 0);
+        let (cmd, pieces) = Pieces::first(offset, len, dev.effect_piece_max(), zeroes);
+        let inflight = &mut self.reqs[tag as usize];
+        inflight.then_flush = fua;
+        inflight.pieces = pieces;
+        dev.submit(cx, cmd, tag);
     }
 
     fn on_io_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
@@ -1051,7 +1070,7 @@ impl Conn {
         let dev = self.stats_id();
         cx.stats().retired(dev);
         cx.stats().record(dev, req.kind, req.len, latency_ns, error == 0);
-        let to = ReplyTo { framing: self.framing(), handle: req.handle, offset: req.offset };
+        let to = self.reply_to(req.handle, req.offset);
         match (req.kind, owned, error) {
             (OpKind::Read, Owned::Buf(data), 0) if !self.send_broken() => {
                 let len = u32::try_from(req.len).expect("a read is at most the maximum payload");
@@ -1069,14 +1088,10 @@ impl Conn {
                     return;
                 }
                 match req.kind {
-                    OpKind::Read if to.framing.structured() => {
-                        let error = if error == 0 { codec::EIO } else { error };
-                        codec::encode_error_chunk(self.scratch_reset(), to, error, "read failed");
-                        self.flush_scratch();
-                    }
+                    // (a short read is an error too)
                     OpKind::Read => {
                         let error = if error == 0 { codec::EIO } else { error };
-                        self.reply_status(to, error, "read failed")
+                        self.reply_error(to, true, error, "read failed")
                     }
                     _ => self.reply_status(to, error, "I/O failed"),
                 }

@@ -69,6 +69,21 @@ reads_in_background() {
 field() { awk -v n="$1" -v f="$2" '$1 == n { print $f }' "$T/rates"; }
 # within X LO HI: LO <= X <= HI
 within() { (($1 >= $2 && $1 <= $3)); }
+# limited_rates NAME COL LOW SECONDS JOB...: fio_jobs into $T/rates, measured once more where
+# NAME's column COL came out below LOW. A limiter does not give back the slots a stall of the
+# client or the server on a shared machine took (nor should it: a tenant gets no burst for
+# our hiccup), so one short run can fall under the band; two in a row do not. A rate above
+# the band is never measured again: no stall makes a limit let more through.
+limited_rates() {
+    local name=$1 col=$2 low=$3 v
+    shift 3
+    fio_jobs "$@" >"$T/rates" || return 1
+    v=$(field "$name" "$col")
+    if ((${v:-0} < low)); then
+        echo "($name: ${v:-?} below $low in one run; measured again)" >&2
+        fio_jobs "$@" >"$T/rates" || return 1
+    fi
+}
 
 echo "## 1: set, read back, refusals"
 check "bdev_set_qos_limit a --rw-ios-per-sec 2000" rpc bdev_set_qos_limit a --rw-ios-per-sec 2000
@@ -88,7 +103,7 @@ check "ballast export limit b --iops 0 --write-mibs 0" ballast_ctl export limit 
 check_eq "... b has none again" "0 0 0 0" "$(limits b)"
 
 echo "## 2: an I/O limit beside an export without one"
-fio_jobs 4 a:a:randread:4k:16 b:b:randread:4k:16 >"$T/rates" || fail "fio runs a and b"
+limited_rates a 2 1800 4 a:a:randread:4k:16 b:b:randread:4k:16 || fail "fio runs a and b"
 A=$(field a 2) B=$(field b 2)
 check "a runs at its limit: $A I/Os per second (1800..2200)" within "${A:-0}" 1800 2200
 check "b, read at the same time, runs free: $B I/Os per second (>= 10x a)" \
@@ -99,9 +114,12 @@ check_eq "... and none of b's" 0 "$(metric ballast_export_qos_delayed_total b)"
 PERF=$(ballast_perf_bin)
 NVMF_ADDR=$(nvmf_addr)
 if [[ -x $PERF && -n $NVMF_ADDR ]]; then
-    "$PERF" --addr "$NVMF_ADDR" --nqn nqn.2026-11.dev.ballast:a --rw randread --qd 32 \
-        --runtime 3 --json >"$T/perf.json" 2>"$T/perf.err"
-    N=$(py 'int(j["jobs"][0]["read"]["iops"])' <"$T/perf.json" 2>/dev/null)
+    for _ in 1 2; do # once more only where it fell under the band (limited_rates says why)
+        "$PERF" --addr "$NVMF_ADDR" --nqn nqn.2026-11.dev.ballast:a --rw randread --qd 32 \
+            --runtime 3 --json >"$T/perf.json" 2>"$T/perf.err"
+        N=$(py 'int(j["jobs"][0]["read"]["iops"])' <"$T/perf.json" 2>/dev/null)
+        ((${N:-0} >= 1800)) && break
+    done
     check "over NVMe/TCP (ballast-perf, QD32) a runs at its limit too: ${N:-?} I/Os per second" \
         within "${N:-0}" 1800 2200
 else
@@ -111,14 +129,14 @@ fi
 echo "## 3: bandwidth limits"
 check "a: I/O limit lifted, reads limited to 8 MiB/s" rpc bdev_set_qos_limit a --rw-ios-per-sec 0 --r-mbytes-per-sec 8
 check_eq "assigned_rate_limits" "0 0 8 0" "$(limits a)"
-fio_jobs 4 r:a:randread:128k:8 w:a:randwrite:128k:8 >"$T/rates" || fail "fio reads and writes a"
+limited_rates r 3 7373 4 r:a:randread:128k:8 w:a:randwrite:128k:8 || fail "fio reads and writes a"
 R=$(field r 3) W=$(field w 3)
 check "128 KiB reads of a at 8 MiB/s: $R KiB/s (7373..9011)" within "${R:-0}" 7373 9011
 check "writes beside them are not charged by the read limit: $W KiB/s (>= 4x)" \
     within "${W:-0}" $((4 * ${R:-1})) 100000000
 check "a: writes limited to 4 MiB/s (the read limit kept)" rpc bdev_set_qos_limit a --w-mbytes-per-sec 4
 check_eq "assigned_rate_limits" "0 0 8 4" "$(limits a)"
-fio_jobs 4 w:a:randwrite:128k:8 >"$T/rates" || fail "fio writes a"
+limited_rates w 3 3686 4 w:a:randwrite:128k:8 || fail "fio writes a"
 W=$(field w 3)
 check "128 KiB writes of a at 4 MiB/s: $W KiB/s (3686..4506)" within "${W:-0}" 3686 4506
 
@@ -163,7 +181,7 @@ check "bdev_set_qos_limit lvs0/v --rw-ios-per-sec 3000" rpc bdev_set_qos_limit l
 stop_ballast
 start_ballast --cores 2 --pool "$T/pool.img" || finish
 check_eq "after a restart v keeps its limit" "3000 0 0 0" "$(limits v)"
-fio_jobs 3 v:v:randread:4k:16 >"$T/rates" || fail "fio reads v"
+limited_rates v 2 2700 3 v:v:randread:4k:16 || fail "fio reads v"
 V=$(field v 2)
 check "... and runs at it: $V I/Os per second (2700..3300)" within "${V:-0}" 2700 3300
 check "volume v deleted" ballast_ctl volume delete v

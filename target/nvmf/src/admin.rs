@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::identify;
 use crate::nvme::{admin, prop, status, Sqe, Status};
+use crate::resv_log;
 use crate::subsys::{Controller, Target};
 
 /// What an admin command produced.
@@ -50,10 +51,6 @@ const FEAT_ASYNC_EVENT: u8 = 0x0b;
 const FEAT_KATO: u8 = 0x0f;
 const FEAT_RESV_MASK: u8 = 0x82;
 const FEAT_RESV_PERSIST: u8 = 0x83;
-/// Reservation Notification Mask bits a host may set (registration preempted, reservation
-/// released, reservation preempted).
-const RESV_MASK_BITS: u32 = 0b1110;
-
 /// Log page identifiers.
 const LOG_ERROR: u8 = 0x01;
 const LOG_SMART: u8 = 0x02;
@@ -61,7 +58,7 @@ const LOG_FIRMWARE: u8 = 0x03;
 const LOG_CHANGED_NS: u8 = 0x04;
 const LOG_ANA: u8 = 0x0c;
 const LOG_DISCOVERY: u8 = 0x70;
-/// Reservation Notification: always empty (no notifications are raised, see `resv`).
+/// Reservation Notification: the oldest of the controller's notifications (`resv_log`).
 const LOG_RESERVATION: u8 = 0x80;
 
 /// An AER completion for "namespace attribute changed": notice, info 0, log page 04h.
@@ -70,6 +67,11 @@ pub const AEN_NS_CHANGED: u32 = ((LOG_CHANGED_NS as u32) << 16) | 0x02;
 pub const AEN_DISC_CHANGED: u32 = ((LOG_DISCOVERY as u32) << 16) | (0xf0 << 8) | 0x02;
 /// Asynchronous event: notice (2), ANA change (03h), log page 0Ch.
 pub const AEN_ANA_CHANGE: u32 = ((LOG_ANA as u32) << 16) | (0x03 << 8) | 0x02;
+/// Asynchronous event: I/O command specific (6), reservation log page available (00h), log
+/// page 80h. No configuration bit governs it: sent whenever a notification is raised.
+pub const AEN_RESV_LOG: u32 = ((LOG_RESERVATION as u32) << 16) | 0x06;
+/// In `take_event`'s table: an event no configuration bit governs.
+const AEC_ALWAYS: u32 = 0;
 /// Asynchronous Event Configuration: ANA change notices.
 const AEC_ANA_CHANGE: u32 = 1 << 11;
 /// Asynchronous Event Configuration: discovery log page change notices.
@@ -91,8 +93,6 @@ pub struct AdminState {
     pub error_recovery: u32,
     /// Write Atomicity Normal (0x0a): DN bit; kept (AWUN is 0 anyway).
     pub write_atomicity: u32,
-    /// Reservation Notification Mask (0x82); kept (no notifications are raised).
-    pub resv_mask: u32,
     /// CIDs of held Asynchronous Event Requests.
     pub aers: Vec<u16>,
 }
@@ -108,7 +108,6 @@ impl AdminState {
             arbitration: 0,
             error_recovery: 0,
             write_atomicity: 0,
-            resv_mask: 0,
             aers: Vec::new(),
         }
     }
@@ -187,7 +186,8 @@ impl AdminState {
 
     /// If a notice is pending and an AER is held: the CID to complete, and the event (dw0) —
     /// on an I/O controller [`AEN_NS_CHANGED`] if its host enabled them (AEC bit 8), then
-    /// [`AEN_ANA_CHANGE`] (AEC bit 11); [`AEN_DISC_CHANGED`] on a discovery controller whose
+    /// [`AEN_ANA_CHANGE`] (AEC bit 11), then [`AEN_RESV_LOG`] (always: a reservation
+    /// notification waits in log page 80h); [`AEN_DISC_CHANGED`] on a discovery controller whose
     /// host enabled it (AEC bit 31). A notice not enabled stays pending until it is (nvmet and
     /// SPDK drop it; a host enabling notices later then hears of the change, and reads the log
     /// it names).
@@ -200,10 +200,12 @@ impl AdminState {
         let io = [
             (&ctrl.aen_pending, AEN_NS_CHANGED, AEC_NS_ATTR),
             (&ctrl.ana_pending, AEN_ANA_CHANGE, AEC_ANA_CHANGE),
+            (&ctrl.resv_pending, AEN_RESV_LOG, AEC_ALWAYS),
         ];
         let notices: &[_] = if self.discovery() { &discovery } else { &io };
         let (_, event, _) = notices.iter().find(|(pending, _, enabled)| {
-            self.async_event_config & enabled != 0 && pending.swap(false, Ordering::AcqRel)
+            (*enabled == AEC_ALWAYS || self.async_event_config & enabled != 0)
+                && pending.swap(false, Ordering::AcqRel)
         })?;
         let event = *event;
         self.aers.pop().map(|cid| (cid, event))
@@ -266,7 +268,8 @@ impl AdminState {
                 size = crate::ana::log_max_len(subsys.max_nsid);
                 subsys.ana.log_page(&self.ctrl.via, || subsys.ana_groups(), groups_only)
             }
-            (LOG_RESERVATION, false) => vec![0u8; 64],
+            // Each read takes the oldest notification (nvmet's and SPDK's way too).
+            (LOG_RESERVATION, false) => self.ctrl.resv_log.lock().take_page().to_vec(),
             _ => return Reply::status(status::INVALID_LOG_PAGE),
         };
         if offset % 4 != 0 || offset > page.len().max(size) as u64 {
@@ -342,12 +345,16 @@ impl AdminState {
                 self.write_atomicity = sqe.cdw11 & 1;
                 Reply::default()
             }
+            // Per namespace; NSID FFFFFFFFh sets every namespace's.
             FEAT_RESV_MASK if !self.discovery() => {
-                if sqe.cdw11 & !RESV_MASK_BITS != 0 {
+                if sqe.cdw11 & !resv_log::MASK_BITS != 0 {
                     return Reply::status(status::INVALID_FIELD);
                 }
-                self.resv_mask = sqe.cdw11;
-                Reply::default()
+                if sqe.nsid != u32::MAX && !self.has_namespace(sqe.nsid) {
+                    return Reply::status(status::INVALID_NAMESPACE);
+                }
+                self.ctrl.resv_log.lock().set_mask(sqe.nsid, sqe.cdw11);
+                Reply { dw0: sqe.cdw11, ..Reply::default() }
             }
             // PTPL is turned on and off by Reservation Register (CPTPL), whose change is kept
             // before it completes; here only the value it has now is accepted.
@@ -358,6 +365,11 @@ impl AdminState {
             },
             _ => Reply::status(status::INVALID_FIELD),
         }
+    }
+
+    /// Whether namespace `nsid` is one of the subsystem's now.
+    fn has_namespace(&self, nsid: u32) -> bool {
+        self.ctrl.subsys.as_ref().is_some_and(|s| s.namespace(nsid).is_some())
     }
 
     /// Whether namespace `nsid` keeps its reservations across restarts now (PTPL).
@@ -382,7 +394,12 @@ impl AdminState {
             FEAT_POWER_MGMT if !self.discovery() => 0,
             FEAT_ERROR_RECOVERY if !self.discovery() => self.error_recovery,
             FEAT_WRITE_ATOMICITY if !self.discovery() => self.write_atomicity,
-            FEAT_RESV_MASK if !self.discovery() => self.resv_mask,
+            FEAT_RESV_MASK if !self.discovery() => {
+                if sqe.nsid != u32::MAX && !self.has_namespace(sqe.nsid) {
+                    return Reply::status(status::INVALID_NAMESPACE);
+                }
+                self.ctrl.resv_log.lock().mask(sqe.nsid)
+            }
             FEAT_RESV_PERSIST if !self.discovery() => match self.ptpl(sqe.nsid) {
                 Some(on) => u32::from(on),
                 None => return Reply::status(status::INVALID_NAMESPACE),
@@ -397,6 +414,7 @@ impl AdminState {
 mod tests {
     use super::*;
     use crate::nvme::SqeBuilder;
+    use crate::resv::{Notice, NoticeKind};
     use crate::subsys::ListenAddr;
     use ballast_engine::ram::RamDev;
 
@@ -759,7 +777,46 @@ mod tests {
             cmd(admin::GET_LOG_PAGE, 0, [(15 << 16) | LOG_RESERVATION as u32, 0, 0, 0, 0, 0]);
         log.sgl_len = 64;
         let r = a.execute(&t, &log);
-        assert_eq!((r.status, r.data), (status::SUCCESS, Some(vec![0u8; 64])));
+        assert_eq!((r.status, r.data), (status::SUCCESS, Some(vec![0u8; 64])), "none yet");
+
+        // The mask is per namespace: one the subsystem lacks is refused; FFFFFFFFh sets all.
+        let on = |a: &mut AdminState, op: u8, nsid: u32, v: u32| {
+            let r = a.execute(&t, &cmd(op, nsid, [FEAT_RESV_MASK as u32, v, 0, 0, 0, 0]));
+            (r.status, r.dw0)
+        };
+        assert_eq!(on(&mut a, admin::SET_FEATURES, 9, 0).0, status::INVALID_NAMESPACE);
+        assert_eq!(on(&mut a, admin::GET_FEATURES, 9, 0).0, status::INVALID_NAMESPACE);
+        assert_eq!(on(&mut a, admin::SET_FEATURES, u32::MAX, 0b1000).0, status::SUCCESS);
+        assert_eq!(on(&mut a, admin::GET_FEATURES, 1, 0), (status::SUCCESS, 0b1000));
+
+        // A notification for this controller's host: an event (no AEC bit needed), then the
+        // log page gives it once; a masked kind raises nothing.
+        let host = a.ctrl.hostid;
+        let notice = |kind| Notice { host, kind };
+        assert!(a.execute(&t, &cmd(admin::ASYNC_EVENT, 0, [0; 6])).held);
+        t.reservation_notices(
+            "nqn.2026-11.dev.ballast:t",
+            1,
+            &[notice(NoticeKind::ReservationPreempted)],
+        );
+        assert_eq!(a.take_event(), None, "masked: no event");
+        t.reservation_notices(
+            "nqn.2026-11.dev.ballast:t",
+            1,
+            &[
+                notice(NoticeKind::RegistrationPreempted),
+                Notice { host: [0x77; 16], ..notice(NoticeKind::ReservationReleased) },
+            ],
+        );
+        assert_eq!(a.take_event(), Some((1, AEN_RESV_LOG)));
+        let page = a.execute(&t, &log).data.unwrap();
+        assert_eq!(u64::from_le_bytes(page[..8].try_into().unwrap()), 1, "log page count");
+        assert_eq!((page[8], page[9], &page[12..16]), (1, 0, &[1, 0, 0, 0][..]));
+        assert_eq!(
+            a.execute(&t, &log).data,
+            Some(vec![0u8; 64]),
+            "read once; another host's not here"
+        );
     }
 
     /// The mandatory features SPDK's identify asks for: Arbitration, Power Management, Error

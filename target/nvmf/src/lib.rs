@@ -23,6 +23,7 @@ pub mod psk;
 pub mod queue;
 pub mod resv;
 pub mod resv_cell;
+pub mod resv_log;
 pub mod secret;
 pub mod spread;
 pub mod subsys;

@@ -1274,11 +1274,15 @@ impl Queue {
         if data.len() != sqe.sgl_len as usize || sqe.sgl_addr != 0 {
             return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
         }
-        let (st, save) = ns.resv.command(|r| match sqe.opcode {
+        let (st, save, notices) = ns.resv.command(|r| match sqe.opcode {
             io::RESV_REGISTER => r.register(&host, sqe.cdw10, data),
             io::RESV_ACQUIRE => r.acquire(&host, sqe.cdw10, data),
             _ => r.release(&host, sqe.cdw10, data),
         });
+        // The hosts it took something from hear of it (their admin queues send the event).
+        if let Some(subsys) = self.ctrl.as_ref().and_then(|c| c.subsys.as_ref()) {
+            self.target.reservation_notices(&subsys.nqn, sqe.nsid, &notices);
+        }
         // Preempt and Abort: the preempted hosts' writes already on their way to the media
         // finish before it completes (every write counted under the epoch before it).
         let abort = sqe.opcode == io::RESV_ACQUIRE && sqe.cdw10 & 0x7 == 2;

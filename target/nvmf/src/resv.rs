@@ -23,7 +23,14 @@
 //! and a restart finds the table again. Elsewhere CPTPL is accepted and has no effect (PTPLS
 //! reads 0), as Linux's nvmet does: Linux's own reservation calls always ask for it.
 //!
-//! No notifications are raised: the Reservation Notification log page stays empty.
+//! Notifications (§8.19.x, as Linux's nvmet raises them): a command that takes something from
+//! another host leaves a [`Notice`] for it ([`Reservations::take_notices`]) — Registration
+//! Preempted for a host whose registration a Preempt removed, Reservation Released for the
+//! other registrants when a registrants-only or all-registrants reservation is released (by
+//! Release, by its holder unregistering, or by a Preempt that changes its type), Reservation
+//! Preempted for the other registrants of a Clear. Never for the issuing host, never for a
+//! command that fails; at most one per registrant per command. The queue glue hands them to the
+//! hosts' controllers ([`crate::resv_log`]).
 
 use crate::nvme::{io, status, Status};
 
@@ -148,6 +155,22 @@ impl Access {
 
 pub type HostId = [u8; 16];
 
+/// What happened to a host's registration or reservation (the Reservation Notification log
+/// page's type; the Reservation Notification Mask feature's bit of the same number masks it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoticeKind {
+    RegistrationPreempted = 1,
+    ReservationReleased = 2,
+    ReservationPreempted = 3,
+}
+
+/// A notification owed to `host` (every controller of it on the namespace's subsystem).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Notice {
+    pub host: HostId,
+    pub kind: NoticeKind,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Registrant {
     host: HostId,
@@ -181,6 +204,8 @@ pub struct Reservations {
     /// In registration order (a report lists them so).
     registrants: Vec<Registrant>,
     held: Option<Held>,
+    /// Raised by the last successful command, until taken.
+    notices: Vec<Notice>,
 }
 
 /// The 16 bytes of a Register's data: current and new key.
@@ -211,6 +236,7 @@ impl Reservations {
             generation: 0,
             registrants: Vec::new(),
             held: None,
+            notices: Vec::new(),
         }
     }
 
@@ -384,8 +410,9 @@ impl Reservations {
         }
     }
 
-    /// Unregisters every host but `except` whose key is `key`; whether any was.
-    fn unregister_keyed(&mut self, key: u64, except: Option<&HostId>) -> bool {
+    /// Unregisters every host but `except` whose key is `key`, each but `by` (the issuer) told
+    /// its registration was preempted; whether any was.
+    fn unregister_keyed(&mut self, key: u64, except: Option<&HostId>, by: &HostId) -> bool {
         let gone: Vec<HostId> = self
             .registrants
             .iter()
@@ -394,8 +421,29 @@ impl Reservations {
             .collect();
         for h in &gone {
             self.unregister(h);
+            self.notify(*h, by, NoticeKind::RegistrationPreempted);
         }
         !gone.is_empty()
+    }
+
+    /// A notice for `host`, unless it is the issuer `by`.
+    fn notify(&mut self, host: HostId, by: &HostId, kind: NoticeKind) {
+        if host != *by {
+            self.notices.push(Notice { host, kind });
+        }
+    }
+
+    /// A notice for every registrant but the issuer `by`.
+    fn notify_registrants(&mut self, by: &HostId, kind: NoticeKind) {
+        let hosts: Vec<HostId> = self.registrants.iter().map(|r| r.host).collect();
+        for h in hosts {
+            self.notify(h, by, kind);
+        }
+    }
+
+    /// The notices the last command raised (none if it failed), handed over once.
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices)
     }
 
     fn take(&mut self, host: &HostId, kind: Kind) {
@@ -408,9 +456,18 @@ impl Reservations {
     /// 2 replace), bit 3 Ignore Existing Key, bits 31:30 Change Persist Through Power Loss;
     /// `data` the current key (bytes 0–7) and the new one (8–15).
     pub fn register(&mut self, host: &HostId, cdw10: u32, data: &[u8]) -> Status {
+        self.notices.clear();
         let st = self.do_register(host, cdw10, data);
         if st == status::SUCCESS {
             self.generation = self.generation.wrapping_add(1);
+        }
+        self.settle(st)
+    }
+
+    /// After a command: the invariants hold, and a failed command raised no notice.
+    fn settle(&mut self, st: Status) -> Status {
+        if st != status::SUCCESS {
+            assert!(self.notices.is_empty(), "a failed command raised notices");
         }
         self.assert_invariants();
         st
@@ -462,7 +519,13 @@ impl Reservations {
             },
             1 => match existing {
                 Some(r) if ignore_key || r.key == current => {
+                    // A registrants-only reservation ends with its holder: the others hear.
+                    let released = matches!(self.held, Some(Held { holder: Holder::One(h), kind })
+                        if h == *host && kind.admits_registrants());
                     self.unregister(host);
+                    if released {
+                        self.notify_registrants(host, NoticeKind::ReservationReleased);
+                    }
                     status::SUCCESS
                 }
                 _ => RESERVATION_CONFLICT,
@@ -497,9 +560,9 @@ impl Reservations {
     /// 2 preempt and abort), bit 3 Ignore Existing Key (refused, as NVMe 1.3 on), bits 15:8
     /// the type; `data` the current key (0–7) and the key to preempt (8–15).
     pub fn acquire(&mut self, host: &HostId, cdw10: u32, data: &[u8]) -> Status {
+        self.notices.clear();
         let st = self.do_acquire(host, cdw10, data);
-        self.assert_invariants();
-        st
+        self.settle(st)
     }
 
     fn do_acquire(&mut self, host: &HostId, cdw10: u32, data: &[u8]) -> Status {
@@ -535,7 +598,7 @@ impl Reservations {
     fn preempt(&mut self, host: &HostId, kind: Kind, key: u64) -> Status {
         let Some(held) = self.held else {
             // Nothing held: the registrations under `key` go.
-            return if self.unregister_keyed(key, None) {
+            return if self.unregister_keyed(key, None, host) {
                 status::SUCCESS
             } else {
                 RESERVATION_CONFLICT
@@ -548,11 +611,12 @@ impl Reservations {
                     self.registrants.iter().map(|r| r.host).filter(|h| h != host).collect();
                 for h in &others {
                     self.unregister(h);
+                    self.notify(*h, host, NoticeKind::RegistrationPreempted);
                 }
                 self.take(host, kind);
                 return status::SUCCESS;
             }
-            return if self.unregister_keyed(key, None) {
+            return if self.unregister_keyed(key, None, host) {
                 status::SUCCESS
             } else {
                 RESERVATION_CONFLICT
@@ -561,16 +625,20 @@ impl Reservations {
         let Holder::One(holder) = held.holder else { unreachable!("one-holder type") };
         if self.registrant(&holder).map(|r| r.key) == Some(key) {
             // The holder's key (the issuer's own included): the issuer holds a reservation of
-            // the new type, every other registrant under that key goes.
-            self.unregister_keyed(key, Some(host));
+            // the new type, every other registrant under that key goes; where the type
+            // changes, the registrants left hear that the old one was released (as nvmet).
+            self.unregister_keyed(key, Some(host), host);
             self.take(host, kind);
+            if kind != held.kind {
+                self.notify_registrants(host, NoticeKind::ReservationReleased);
+            }
             return status::SUCCESS;
         }
         if key == 0 {
             return status::INVALID_FIELD;
         }
         // Another key: its registrants go, the reservation stays as it is.
-        if self.unregister_keyed(key, None) {
+        if self.unregister_keyed(key, None, host) {
             status::SUCCESS
         } else {
             RESERVATION_CONFLICT
@@ -580,9 +648,9 @@ impl Reservations {
     /// Reservation Release (opcode 15h): CDW10 bits 2:0 the action (0 release, 1 clear),
     /// bit 3 Ignore Existing Key (refused), bits 15:8 the type; `data` the current key.
     pub fn release(&mut self, host: &HostId, cdw10: u32, data: &[u8]) -> Status {
+        self.notices.clear();
         let st = self.do_release(host, cdw10, data);
-        self.assert_invariants();
-        st
+        self.settle(st)
     }
 
     fn do_release(&mut self, host: &HostId, cdw10: u32, data: &[u8]) -> Status {
@@ -600,9 +668,14 @@ impl Reservations {
                     return status::INVALID_FIELD;
                 }
                 self.held = None;
+                // Write Exclusive and Exclusive Access concern their holder alone.
+                if held.kind.admits_registrants() {
+                    self.notify_registrants(host, NoticeKind::ReservationReleased);
+                }
                 status::SUCCESS
             }
             1 => {
+                self.notify_registrants(host, NoticeKind::ReservationPreempted);
                 self.held = None;
                 self.registrants.clear();
                 self.generation = self.generation.wrapping_add(1);

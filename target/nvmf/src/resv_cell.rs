@@ -27,7 +27,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 
 use crate::nvme::{status, Status};
-use crate::resv::{Access, HostId, Reservations, ResvStore};
+use crate::resv::{Access, HostId, Notice, Reservations, ResvStore};
 
 /// Shards of the executing-write counters (cores map onto them modulo this many): 1 KiB a
 /// namespace.
@@ -208,10 +208,13 @@ impl ResvCell {
         t.r.report(cdw11, len.min(t.r.report_max()))
     }
 
-    /// Runs a reservation command on the table: its status, and the version that must be
-    /// kept before it completes (`None`: nothing to wait for) — its own change while PTPL is
-    /// on, or an earlier one whose save failed.
-    pub fn command(&self, f: impl FnOnce(&mut Reservations) -> Status) -> (Status, Option<u64>) {
+    /// Runs a reservation command on the table: its status, the version that must be kept
+    /// before it completes (`None`: nothing to wait for) — its own change while PTPL is on, or
+    /// an earlier one whose save failed — and the notifications it raised for other hosts.
+    pub fn command(
+        &self,
+        f: impl FnOnce(&mut Reservations) -> Status,
+    ) -> (Status, Option<u64>, Vec<Notice>) {
         let mut t = self.table.lock();
         let nguid = self.kept.as_ref().map(|k| k.nguid);
         let before = nguid.filter(|_| t.r.ptpl()).map(|n| t.r.encode(&n));
@@ -222,7 +225,8 @@ impl ResvCell {
         }
         self.held.store(t.r.held(), Ordering::Release);
         let version = self.version.fetch_add(1, Ordering::AcqRel) + 1;
-        (st, t.dirty.then_some(version))
+        let notices = t.r.take_notices();
+        (st, t.dirty.then_some(version), notices)
     }
 
     /// Hands the table to the saver thread (already waiting there: nothing to do); false if
@@ -443,10 +447,10 @@ mod tests {
         let nguid = [9u8; 16];
         let cell = ResvCell::kept(8, saver.clone(), "nqn.t", 1, nguid);
         assert_eq!(cell.persistence(), (true, false));
-        let (st, wait) = cell.command(|t| t.register(&B, 0, &keys(0, 2)));
+        let (st, wait, _) = cell.command(|t| t.register(&B, 0, &keys(0, 2)));
         assert_eq!((st, wait), (status::SUCCESS, None), "PTPL off: nothing to keep");
         store.fail.store(true, Ordering::SeqCst);
-        let (st, wait) = cell.command(|t| t.register(&A, 3 << 30, &keys(0, 1)));
+        let (st, wait, _) = cell.command(|t| t.register(&A, 3 << 30, &keys(0, 1)));
         assert_eq!(st, status::SUCCESS);
         let v = wait.expect("PTPL turned on: kept before it completes");
         assert!(cell.queue_save());
@@ -454,7 +458,7 @@ mod tests {
         assert!(store.kept.lock().is_none());
         // The host retries the same Register: no change, but the table is still dirty.
         store.fail.store(false, Ordering::SeqCst);
-        let (st, wait) = cell.command(|t| t.register(&A, 3 << 30, &keys(0, 1)));
+        let (st, wait, _) = cell.command(|t| t.register(&A, 3 << 30, &keys(0, 1)));
         assert_eq!(st, status::SUCCESS);
         let v = wait.expect("still to be kept");
         assert!(cell.queue_save());
@@ -462,7 +466,7 @@ mod tests {
         let back = Reservations::decode(store.kept.lock().as_ref().unwrap(), &nguid, 8).unwrap();
         assert!(back.ptpl());
         // Clean now: a command that changes nothing (refused) waits for nothing.
-        let (st, wait) = cell.command(|t| t.acquire(&A, 1 << 8, &keys(99, 0)));
+        let (st, wait, _) = cell.command(|t| t.acquire(&A, 1 << 8, &keys(99, 0)));
         assert_eq!((st, wait), (crate::resv::RESERVATION_CONFLICT, None));
         // Opened again from the store: the same table.
         let again = ResvCell::kept(8, saver.clone(), "nqn.t", 1, nguid);
@@ -476,7 +480,7 @@ mod tests {
         // Retired: no more saves.
         cell.retire();
         let saves = store.saves.load(Ordering::SeqCst);
-        let (_, wait) = cell.command(|t| t.acquire(&A, 1 << 8, &keys(1, 0)));
+        let (_, wait, _) = cell.command(|t| t.acquire(&A, 1 << 8, &keys(1, 0)));
         assert!(cell.queue_save());
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(store.saves.load(Ordering::SeqCst), saves, "nothing saved after retiring");

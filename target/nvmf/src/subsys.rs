@@ -32,8 +32,9 @@ use std::time::Instant;
 
 use crate::ana::{AnaState, AnaTable};
 use crate::auth::keys::AuthKeys;
-use crate::resv::ResvStore;
+use crate::resv::{Notice, ResvStore};
 use crate::resv_cell::{ResvCell, ResvSaver};
+use crate::resv_log::ResvLog;
 use crate::spread::Spread;
 use crate::tls::{NvmfTls, SecureChannel};
 use ballast_engine::BlockDev;
@@ -354,6 +355,11 @@ pub struct Controller {
     pub aen_pending: AtomicBool,
     /// An ANA change notice is waiting for an AER (a state through `via` changed).
     pub ana_pending: AtomicBool,
+    /// Reservation notifications for its host, and their masks (any core's reservation
+    /// command adds; its admin queue reads).
+    pub resv_log: Mutex<ResvLog>,
+    /// A "reservation log page available" event is waiting for an AER.
+    pub resv_pending: AtomicBool,
     /// Bytes its reads and writes moved: the SMART log's data units are rounded from these
     /// totals, not per command.
     pub bytes_read: AtomicU64,
@@ -809,6 +815,8 @@ impl Target {
                 changed_ns: Mutex::default(),
                 aen_pending: AtomicBool::new(false),
                 ana_pending: AtomicBool::new(false),
+                resv_log: Mutex::default(),
+                resv_pending: AtomicBool::new(false),
                 bytes_read: AtomicU64::new(0),
                 bytes_written: AtomicU64::new(0),
                 host_reads: AtomicU64::new(0),
@@ -832,6 +840,22 @@ impl Target {
             c.dead.store(true, Ordering::Relaxed);
             if let Some(subsys) = &c.subsys {
                 self.forget_unused_path(subsys, &c.via);
+            }
+        }
+    }
+
+    /// Hands reservation notifications raised on namespace `nsid` of subsystem `nqn` to every
+    /// controller of each notice's host there; a controller whose mask lets one through owes
+    /// its host an event (log page 80h available).
+    pub fn reservation_notices(&self, nqn: &str, nsid: u32, notices: &[Notice]) {
+        if notices.is_empty() {
+            return;
+        }
+        for c in self.controllers_of(nqn) {
+            for n in notices.iter().filter(|n| n.host == c.hostid) {
+                if c.resv_log.lock().add(n.kind, nsid) {
+                    c.resv_pending.store(true, Ordering::Release);
+                }
             }
         }
     }

@@ -254,6 +254,92 @@ fn release_and_clear() {
     assert_eq!(r.release(&A, 1 << 3, &data(1, 0)), status::INVALID_FIELD, "IEKEY");
 }
 
+fn notices(r: &mut Reservations) -> Vec<(HostId, NoticeKind)> {
+    let mut n: Vec<_> = r.take_notices().into_iter().map(|n| (n.host, n.kind)).collect();
+    n.sort_by_key(|(h, _)| *h);
+    n
+}
+
+#[test]
+fn a_preempt_tells_the_hosts_it_unregistered_and_no_one_else() {
+    use NoticeKind::*;
+    let mut r = Reservations::default();
+    register(&mut r, &A, 1);
+    register(&mut r, &B, 2);
+    register(&mut r, &C, 1);
+    assert!(notices(&mut r).is_empty(), "registering tells nobody");
+    acquire(&mut r, &A, 1, 1);
+    assert!(notices(&mut r).is_empty(), "acquiring tells nobody");
+    // B takes the holder's key (A's and C's): both hear their registration was preempted.
+    assert_eq!(preempt(&mut r, &B, 2, 1, 1), status::SUCCESS);
+    assert_eq!(notices(&mut r), vec![(A, RegistrationPreempted), (C, RegistrationPreempted)]);
+    // A failed preempt tells nobody.
+    assert_eq!(preempt(&mut r, &B, 2, 77, 1), RESERVATION_CONFLICT);
+    assert!(notices(&mut r).is_empty());
+    // The holder changing the type with its own key: the registrants left hear it released.
+    register(&mut r, &A, 3);
+    assert_eq!(preempt(&mut r, &B, 2, 2, 3), status::SUCCESS);
+    assert_eq!(notices(&mut r), vec![(A, ReservationReleased)]);
+    assert_eq!(preempt(&mut r, &B, 2, 2, 3), status::SUCCESS);
+    assert!(notices(&mut r).is_empty(), "the same type again: nothing released");
+    // Key 0 against all-registrants: every other registrant's registration goes.
+    register(&mut r, &C, 4);
+    release(&mut r, &B, 2, 3);
+    notices(&mut r);
+    acquire(&mut r, &A, 3, 5);
+    assert_eq!(preempt(&mut r, &A, 3, 0, 1), status::SUCCESS);
+    assert_eq!(notices(&mut r), vec![(B, RegistrationPreempted), (C, RegistrationPreempted)]);
+}
+
+#[test]
+fn releases_tell_the_other_registrants_only_where_the_type_admits_them() {
+    use NoticeKind::*;
+    for (kind, told) in [(1, false), (2, false), (3, true), (4, true), (5, true), (6, true)] {
+        let mut r = Reservations::default();
+        register(&mut r, &A, 1);
+        register(&mut r, &B, 2);
+        register(&mut r, &C, 3);
+        acquire(&mut r, &A, 1, kind);
+        assert_eq!(release(&mut r, &A, 1, kind), status::SUCCESS);
+        let want =
+            if told { vec![(B, ReservationReleased), (C, ReservationReleased)] } else { vec![] };
+        assert_eq!(notices(&mut r), want, "type {kind} released");
+        // The holder unregistering ends a one-holder reservation: the same rule.
+        acquire(&mut r, &A, 1, kind);
+        notices(&mut r);
+        assert_eq!(r.register(&A, 1, &data(1, 0)), status::SUCCESS);
+        let want = if told && kind < 5 {
+            vec![(B, ReservationReleased), (C, ReservationReleased)]
+        } else {
+            vec![]
+        };
+        assert_eq!(notices(&mut r), want, "type {kind}: the holder unregistered");
+    }
+    // A release by a host that does not hold it changes nothing and tells nobody.
+    let mut r = Reservations::default();
+    register(&mut r, &A, 1);
+    register(&mut r, &B, 2);
+    acquire(&mut r, &A, 1, 3);
+    assert_eq!(release(&mut r, &B, 2, 3), status::SUCCESS);
+    assert!(notices(&mut r).is_empty());
+    assert_eq!(release(&mut r, &A, 1, 4), status::INVALID_FIELD, "wrong type");
+    assert!(notices(&mut r).is_empty());
+}
+
+#[test]
+fn a_clear_tells_every_other_registrant_its_reservation_was_preempted() {
+    use NoticeKind::*;
+    let mut r = Reservations::default();
+    register(&mut r, &A, 1);
+    register(&mut r, &B, 2);
+    register(&mut r, &C, 3);
+    acquire(&mut r, &B, 2, 1);
+    assert_eq!(r.release(&C, 1, &data(3, 0)), status::SUCCESS);
+    assert_eq!(notices(&mut r), vec![(A, ReservationPreempted), (B, ReservationPreempted)]);
+    assert_eq!(r.release(&C, 1, &data(3, 0)), RESERVATION_CONFLICT, "C is no registrant now");
+    assert!(notices(&mut r).is_empty());
+}
+
 #[test]
 fn the_report_is_the_extended_structure_cut_to_the_buffer() {
     let mut r = Reservations::default();
@@ -392,6 +478,10 @@ proptest! {
         let mut r = Reservations::with_limit(REGISTRANTS_DEFAULT).persistent();
         for op in ops {
             let g = r.generation();
+            let registered: Vec<HostId> = r.registrants.iter().map(|x| x.host).collect();
+            let issuer = match op {
+                Op::Register(h, ..) | Op::Acquire(h, ..) | Op::Release(h, ..) => hosts[h],
+            };
             let (st, counts) = match op {
                 Op::Register(h, cdw10, c, n) => (r.register(&hosts[h], cdw10, &data(c, n)), true),
                 Op::Acquire(h, cdw10, c, p) => {
@@ -401,6 +491,15 @@ proptest! {
             };
             let want = if st == status::SUCCESS && counts { g.wrapping_add(1) } else { g };
             prop_assert_eq!(r.generation(), want);
+            // Notices go to hosts registered before the command, never to its issuer, at most
+            // one each, and only from a command that succeeded.
+            let told = r.take_notices();
+            prop_assert!(st == status::SUCCESS || told.is_empty());
+            let mut seen = std::collections::HashSet::new();
+            for n in &told {
+                prop_assert!(n.host != issuer && registered.contains(&n.host), "{:?}", n);
+                prop_assert!(seen.insert(n.host), "two notices for one host: {:?}", told);
+            }
             // What is kept decides the same after a restart.
             let back = Reservations::decode(&r.encode(&NGUID), &NGUID, REGISTRANTS_DEFAULT).unwrap();
             prop_assert_eq!(decisions(&back), decisions(&r));

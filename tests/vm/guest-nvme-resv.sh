@@ -21,6 +21,11 @@ say() { echo "$1" | nc "$A" "$SIGNAL_PORT" >/dev/null 2>&1 || true; }
 rd() { dd if="$1" of=/dev/null bs=4k count=1 skip="${2:-0}" iflag=direct 2>/dev/null; }
 # field DEV NAME: a number from the extended reservation report (nvme-cli's JSON)
 field() { nvme resv-report "$1" --eds -o json 2>/dev/null | tr -d ' \n' | sed -n "s/.*\"$2\":\([0-9]*\).*/\1/p" | head -1; }
+# rlog CTRL: nvme-cli's read of the Reservation Notification log page (80h, raw), as
+# "COUNT TYPE MORE NSID" (each read takes the oldest notification)
+rlog() { nvme get-log "/dev/$1" --log-id=0x80 --log-len=64 --namespace-id=0xffffffff -b 2>/dev/null \
+  | od -An -tu1 -v | tr -s ' \n' ' ' \
+  | awk 'NF >= 16 { c = 0; for (i = 8; i >= 1; i--) c = c * 256 + $i; print c, $9, $10, $13 + 256 * $14 }'; }
 
 set +e
 check "host A connects (own host NQN and host id)" nvme connect -t tcp -a $A -s $PORT -n $NQN --hostnqn=$HA --hostid=$IA
@@ -61,6 +66,13 @@ refused "B's read is refused now" rd $DB 10
 check "B preempts A (A's key): B holds Write Exclusive" nvme resv-acquire $DB -n 1 --crkey=178 --prkey=161 --rtype=1 --racqa=1
 check "report: 1 registrant, type 1, generation 4" sh -c "[ $(field $DB regctl) = 1 ] && [ $(field $DB rtype) = 1 ] && [ $(field $DB gen) = 4 ]"
 refused "A (preempted) cannot write" wr $DA 12
+CB=$(basename "$DB" | sed 's/n1$//')
+got=$(rlog $C)
+check "nvme get-log 80h on A's controller: Registration Preempted, namespace 1 ($got)" [ "$got" = "1 1 0 1" ]
+got=$(rlog $C)
+check "... taken by the read: the next one is empty ($got)" [ "$got" = "0 0 0 0" ]
+got=$(rlog $CB)
+check "B's controller: Reservation Released when A changed its type ($got)" [ "$got" = "1 2 0 1" ]
 check "A reads" rd $DA 12
 refused "A (no registrant now) cannot release" nvme resv-release $DA -n 1 --crkey=161 --rtype=1 --rrela=0
 check "fio verify from the holder B (4k-64k, QD8)" fio_verify "$(basename $DB)" 64k 8m
@@ -83,7 +95,6 @@ check "B registers" nvme resv-register $DB -n 1 --nrkey=178 --rrega=0
 check "A acquires Write Exclusive" nvme resv-acquire $DA -n 1 --crkey=161 --rtype=1 --racqa=0
 check "report: PTPLS 1" [ "$(field $DA ptpls)" = 1 ]
 gen=$(field $DA gen)
-CB=$(basename "$DB" | sed 's/n1$//')
 say restart
 # The host kills the daemon: B's controller leaves "live" (the connection is gone) ...
 i=0; while [ $i -lt 300 ] && [ "$(cat /sys/class/nvme/$CB/state)" = live ]; do sleep 0.1; i=$((i+1)); done

@@ -5,8 +5,9 @@
 # its own block device) connects to vol0 as two hosts (one per port) (own host NQN and host identifier each) and to vol1 as
 # one of them: registrations and keys, Write Exclusive, Exclusive Access and Registrants Only
 # held by one host while the other's reads, writes and flushes are refused or served as the
-# specification says, preemption, release, clear, fio verify by the holder, another volume
-# unaffected; then Persist Through Power Loss: the appliance killed (-9) and started again under
+# specification says, preemption (the preempted host's controller reads Registration Preempted
+# from the Reservation Notification log page with nvme-cli, the other's Reservation Released),
+# release, clear, fio verify by the holder, another volume unaffected; then Persist Through Power Loss: the appliance killed (-9) and started again under
 # the connected hosts keeps the reservation (the fenced host stays fenced). Afterwards
 # `ballast pool check` must be exact.
 # Prints PASS/FAIL lines and "N passed, M failed"; exits 1 on any failure.

@@ -5,7 +5,8 @@ test-nvme-resv-kernel.sh, nvme-cli) cannot send or see.
 A volume `v` (in a pool) and a RAM export `r` on subsystems of their own; hosts A and B (host
 identifiers differ), A with two controllers:
 - Identify: ONCS bit 5, RESCAP 0xFE; Get Features Reservation Persistence 0, setting it refused;
-  the Reservation Notification log page reads (empty);
+  the Reservation Notification log page reads empty before any notification (tests/e2e/
+  nvmf_resv_notices.py tests them);
 - A's second controller shares A's registration and reservation (hosts, not controllers, hold
   them); a reservation A holds on `v` does not touch `r`;
 - under Exclusive Access, B's Read, Write (in-capsule and R2T), Write Zeroes, Dataset

@@ -753,8 +753,10 @@ mod tests {
         assert_eq!(r.status, status::INVALID_FIELD);
     }
 
-    /// Reservation features: the notification mask is kept (only its three bits), persistence
-    /// through power loss reads off and cannot be turned on; the notification log reads empty.
+    /// Reservation features: the notification mask is kept per namespace (only its three
+    /// bits), persistence through power loss reads off and cannot be turned on; the
+    /// notification log reads empty until a notice for this controller's host, which raises
+    /// an event unless masked and is read once.
     #[test]
     fn reservation_features_and_log() {
         let (t, mut a) = setup();

@@ -4,7 +4,8 @@ test-nvme-resv-kernel.sh, nvme-cli) cannot send or see.
 
 A volume `v` (in a pool) and a RAM export `r` on subsystems of their own; hosts A and B (host
 identifiers differ), A with two controllers:
-- Identify: ONCS bit 5, RESCAP 0xFE; Get Features Reservation Persistence 0, setting it refused;
+- Identify: ONCS bit 5, RESCAP 0xFF; Set Features Reservation Persistence turns PTPL on and off
+  (Get Features and the report's PTPLS follow; later: on by Set Features, kept across kill -9);
   the Reservation Notification log page reads empty before any notification (tests/e2e/
   nvmf_resv_notices.py tests them);
 - A's second controller shares A's registration and reservation (hosts, not controllers, hold
@@ -38,6 +39,7 @@ OP_FLUSH, OP_WRITE_ZEROES, OP_DSM = 0x00, 0x08, 0x09
 OP_REGISTER, OP_REPORT, OP_ACQUIRE, OP_RELEASE = 0x0D, 0x0E, 0x11, 0x15
 OP_SET_FEATURES, OP_GET_FEATURES = 0x09, 0x0A
 CONFLICT, INVALID_FIELD, SGL_LENGTH, HOSTID_FORMAT, INTERNAL = 0x083, 0x002, 0x00F, 0x018, 0x006
+INVALID_NAMESPACE = 0x00B
 HA, HB = b"\xaa" * 16, b"\xbb" * 16
 KA, KB = 0xA1A1, 0xB2B2
 
@@ -91,6 +93,13 @@ def get_ptpl(adm):
                                          cdw=(0x83, 0, 0, 0, 0, 0))))
     _, st, dw0 = adm.response()
     return st, dw0 & 1
+
+
+def set_ptpl(adm, on, nsid=1):
+    """Set Features Reservation Persistence: the status."""
+    adm.send(nvmeraw.capsule(nvmeraw.sqe(OP_SET_FEATURES, adm.next_cid(), nsid=nsid,
+                                         cdw=(0x83, on, 0, 0, 0, 0))))
+    return adm.response()[1]
 
 
 def acquire(io, action, rtype, current, preempt=0):
@@ -178,9 +187,13 @@ def main(r):
         st, _ = adm_a.read_command(nvmeraw.sqe(OP_GET_FEATURES, adm_a.next_cid(), nsid=1,
                                                cdw=(0x83, 0, 0, 0, 0, 0)))
         r.check_eq("Get Features Reservation Persistence answers", 0, st)
-        st, _ = adm_a.read_command(nvmeraw.sqe(OP_SET_FEATURES, adm_a.next_cid(), nsid=1,
-                                               cdw=(0x83, 1, 0, 0, 0, 0)))
-        r.check_eq("Set Features Reservation Persistence (PTPL on) refused", INVALID_FIELD, st)
+        r.check_eq("Set Features Reservation Persistence turns PTPL on (a pool volume)", 0,
+                   set_ptpl(adm_a, 1))
+        r.check_eq("...Get Features says so", (0, 1), get_ptpl(adm_a))
+        r.check_eq("...and so does the report (PTPLS)", 1, ptpls(a))
+        r.check_eq("...for namespace 2 (none): Invalid Namespace", INVALID_NAMESPACE,
+                   set_ptpl(adm_a, 1, nsid=2))
+        r.check_eq("Set Features turns it off again", (0, (0, 0)), (set_ptpl(adm_a, 0), get_ptpl(adm_a)))
         st, page = adm_a.admin_read(nvmeraw.OP_GET_LOG_PAGE, (0x80 | (15 << 16), 0, 0, 0, 0, 0), 64,
                                     nsid=0xFFFFFFFF)
         r.check("Reservation Notification log page reads empty", st == 0 and page == bytes(64),
@@ -350,6 +363,14 @@ def main(r):
         r.check("PTPL off: after a restart nothing is kept", st == 0 and rtype == 0 and regs == [],
                 (st, rtype, regs))
         r.check_eq("B writes", 0, write4k(bq, 5, 0xB6))
+        r.check_eq("B registers; A turns PTPL on with Set Features 83h", (0, 0),
+                   (register(bq, 0, 0, KB), set_ptpl(adm_a, 1)))
+        adm_a, a, adm_b, bq = kill_and_reconnect(b, (a, adm_a, bq, adm_b))
+        st, gen, rtype, regs = report(a)
+        r.check("...after kill -9 and a restart B's registration is there, PTPL on",
+                st == 0 and regs == [(HB, KB, False)] and ptpls(a) == 1, (st, regs))
+        r.check_eq("Set Features turns it off (B unregisters)", (0, 0),
+                   (set_ptpl(adm_a, 0), register(bq, 1, KB, 0)))
         # PTPL on, then the namespace goes: what was kept goes with it.
         r.check_eq("A registers with PTPL again and acquires", 0,
                    register(a, 0, 0, KA, cptpl=3) | acquire(a, 0, 2, KA))
@@ -387,6 +408,8 @@ def main(r):
         r.check_eq("...a Register asking for it is taken (as nvmet does)", 0,
                    register(q, 0, 0, 7, cptpl=3))
         r.check_eq("...and PTPLS stays 0", 0, ptpls(q))
+        r.check_eq("...Set Features asking for it: Invalid Field", INVALID_FIELD, set_ptpl(adm, 1))
+        r.check_eq("...asking for it off: taken", 0, set_ptpl(adm, 0))
         q.close()
         adm.close()
         b.check_clean_end(r)

@@ -88,6 +88,14 @@ check "report: nothing registered, no reservation" sh -c "[ $(field $DA regctl) 
 check "B writes again" wr $DB 13
 check "the data A and B wrote reads back the same through both" sh -c "[ \"\$(dd if=$DA bs=4k count=16 iflag=direct 2>/dev/null | md5sum)\" = \"\$(dd if=$DB bs=4k count=16 iflag=direct 2>/dev/null | md5sum)\" ]"
 
+# Persist Through Power Loss set with Set Features 83h (nvme-cli set-feature/get-feature).
+check "nvme set-feature 0x83 (Reservation Persistence) 1" nvme set-feature /dev/$C -f 0x83 -n 1 -v 1
+got=$(nvme get-feature /dev/$C -f 0x83 -n 1 2>&1)
+check "nvme get-feature 0x83 reads 1 ($got)" sh -c "echo '$got' | grep -qiE 'value: *0x0*1\$'"
+check "report: PTPLS 1" [ "$(field $DA ptpls)" = 1 ]
+check "nvme set-feature 0x83 0" nvme set-feature /dev/$C -f 0x83 -n 1 -v 0
+check "report: PTPLS 0" [ "$(field $DA ptpls)" = 0 ]
+
 # Persist Through Power Loss (what Linux's own pr_ops always ask for): the appliance is killed
 # (-9) and started again under the connected hosts; the fenced host stays fenced.
 check "A registers asking for PTPL (--cptpl=3)" nvme resv-register $DA -n 1 --nrkey=161 --rrega=0 --cptpl=3

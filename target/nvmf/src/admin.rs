@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::identify;
 use crate::nvme::{admin, prop, status, Sqe, Status};
-use crate::resv_log;
+use crate::resv_log::{self, ResvLog};
 use crate::subsys::{Controller, Target};
 
 /// What an admin command produced.
@@ -20,6 +20,9 @@ pub struct Reply {
     pub data: Option<Vec<u8>>,
     /// The command is held (Asynchronous Event Request): no response now.
     pub held: bool,
+    /// The response waits until this version of namespace `.0`'s reservation table is kept
+    /// (Set Features Reservation Persistence turned PTPL on or off in a pool).
+    pub resv_save: Option<(u32, u64)>,
 }
 
 impl Reply {
@@ -146,6 +149,9 @@ impl AdminState {
         if reset {
             self.csts &= !CSTS_RDY;
             self.aers.clear();
+            // A controller reset starts its reservation notifications afresh (count, masks).
+            *self.ctrl.resv_log.lock() = ResvLog::default();
+            self.ctrl.resv_pending.store(false, Ordering::Release);
         }
         if reset || shutdown {
             // A reset or shutdown deletes the I/O queues: they see this and close.
@@ -268,8 +274,13 @@ impl AdminState {
                 size = crate::ana::log_max_len(subsys.max_nsid);
                 subsys.ana.log_page(&self.ctrl.via, || subsys.ana_groups(), groups_only)
             }
-            // Each read takes the oldest notification (nvmet's and SPDK's way too).
-            (LOG_RESERVATION, false) => self.ctrl.resv_log.lock().take_page().to_vec(),
+            // A read from offset 0 of at least the page's 16 meaningful bytes takes the oldest
+            // notification (nvmet's and SPDK's way); any other read (a part, a bad offset
+            // refused below) leaves it.
+            (LOG_RESERVATION, false) => {
+                let take = offset == 0 && (numd * 4).min(sqe.sgl_len as usize) >= 16;
+                self.ctrl.resv_log.lock().page(take).to_vec()
+            }
             _ => return Reply::status(status::INVALID_LOG_PAGE),
         };
         if offset % 4 != 0 || offset > page.len().max(size) as u64 {
@@ -356,13 +367,19 @@ impl AdminState {
                 self.ctrl.resv_log.lock().set_mask(sqe.nsid, sqe.cdw11);
                 Reply { dw0: sqe.cdw11, ..Reply::default() }
             }
-            // PTPL is turned on and off by Reservation Register (CPTPL), whose change is kept
-            // before it completes; here only the value it has now is accepted.
-            FEAT_RESV_PERSIST if !self.discovery() => match self.ptpl(sqe.nsid) {
-                Some(on) if sqe.cdw11 & 1 == u32::from(on) => Reply::default(),
-                Some(_) => Reply::status(status::INVALID_FIELD),
-                None => Reply::status(status::INVALID_NAMESPACE),
-            },
+            // PTPL on or off for one namespace (as SPDK; CPTPL of Reservation Register does
+            // the same): where it is kept, the response waits until the change is.
+            FEAT_RESV_PERSIST if !self.discovery() => {
+                let Some(ns) = self.ctrl.subsys.as_ref().and_then(|s| s.namespace(sqe.nsid)) else {
+                    return Reply::status(status::INVALID_NAMESPACE);
+                };
+                match ns.resv.command(|r| r.set_ptpl(sqe.cdw11 & 1 != 0)) {
+                    (status::SUCCESS, save) => {
+                        Reply { resv_save: save.map(|v| (sqe.nsid, v)), ..Reply::default() }
+                    }
+                    (st, ..) => Reply::status(st),
+                }
+            }
             _ => Reply::status(status::INVALID_FIELD),
         }
     }
@@ -394,8 +411,9 @@ impl AdminState {
             FEAT_POWER_MGMT if !self.discovery() => 0,
             FEAT_ERROR_RECOVERY if !self.discovery() => self.error_recovery,
             FEAT_WRITE_ATOMICITY if !self.discovery() => self.write_atomicity,
+            // One namespace's (as nvmet: FFFFFFFFh names none to read).
             FEAT_RESV_MASK if !self.discovery() => {
-                if sqe.nsid != u32::MAX && !self.has_namespace(sqe.nsid) {
+                if !self.has_namespace(sqe.nsid) {
                     return Reply::status(status::INVALID_NAMESPACE);
                 }
                 self.ctrl.resv_log.lock().mask(sqe.nsid)
@@ -811,6 +829,18 @@ mod tests {
             ],
         );
         assert_eq!(a.take_event(), Some((1, AEN_RESV_LOG)));
+        // A part of the page, or a read past its start, leaves the notification; a bad offset
+        // is refused without taking it.
+        let mut part =
+            cmd(admin::GET_LOG_PAGE, 0, [(1 << 16) | LOG_RESERVATION as u32, 0, 0, 0, 0, 0]);
+        part.sgl_len = 8;
+        assert_eq!(a.execute(&t, &part).data.unwrap()[..8], [1, 0, 0, 0, 0, 0, 0, 0]);
+        let past =
+            cmd(admin::GET_LOG_PAGE, 0, [(3 << 16) | LOG_RESERVATION as u32, 0, 16, 0, 0, 0]);
+        assert_eq!(a.execute(&t, &past).data, Some(vec![0u8; 16]));
+        let odd = cmd(admin::GET_LOG_PAGE, 0, [(3 << 16) | LOG_RESERVATION as u32, 0, 2, 0, 0, 0]);
+        assert_eq!(a.execute(&t, &odd).status, status::INVALID_FIELD);
+        assert_eq!(on(&mut a, admin::GET_FEATURES, u32::MAX, 0).0, status::INVALID_NAMESPACE);
         let page = a.execute(&t, &log).data.unwrap();
         assert_eq!(u64::from_le_bytes(page[..8].try_into().unwrap()), 1, "log page count");
         assert_eq!((page[8], page[9], &page[12..16]), (1, 0, &[1, 0, 0, 0][..]));
@@ -819,6 +849,15 @@ mod tests {
             Some(vec![0u8; 64]),
             "read once; another host's not here"
         );
+        // A controller reset starts afresh: masks cleared, counts from 1 again.
+        let ns1 = |kind| t.reservation_notices("nqn.2026-11.dev.ballast:t", 1, &[notice(kind)]);
+        ns1(NoticeKind::ReservationReleased);
+        a.property_set(prop::CC, 0);
+        a.property_set(prop::CC, 1);
+        assert_eq!(on(&mut a, admin::GET_FEATURES, 1, 0), (status::SUCCESS, 0));
+        assert_eq!(a.execute(&t, &log).data, Some(vec![0u8; 64]), "dropped by the reset");
+        ns1(NoticeKind::ReservationPreempted);
+        assert_eq!(a.execute(&t, &log).data.unwrap()[..9], [1, 0, 0, 0, 0, 0, 0, 0, 3]);
     }
 
     /// The mandatory features SPDK's identify asks for: Arbitration, Power Management, Error

@@ -300,17 +300,18 @@ pub fn capsule_case(input: &[u8], meter: &mut impl Meter) {
 
 /// `reservations`: a sequence of reservation commands from four hosts against one namespace's
 /// [`Reservations`] (limit 3: the limit is reached), 22 bytes each: host, command (Register,
-/// Acquire, Release, Report), CDW10, CDW11, data length (0..=16) and 16 bytes of keys (only
-/// the first `length` given). Every command keeps the invariants (each asserts them), a
-/// report is never longer than the host's buffer nor [`Reservations::report_max`], and a
-/// host the table says holds the reservation may read and write.
+/// Acquire, Release, Report, Set Features Reservation Persistence), CDW10, CDW11, data length
+/// (0..=16) and 16 bytes of keys (only the first `length` given). Every command keeps the
+/// invariants (each asserts them), a report is never longer than the host's buffer nor
+/// [`Reservations::report_max`], notifications never go to the issuer and at most one to each
+/// other host, and a host the table says holds the reservation may read and write.
 pub fn reservations_case(input: &[u8], meter: &mut impl Meter) {
     let mut r = Input(input);
     let mut table = Reservations::with_limit(3).persistent();
     let hosts = [[1u8; 16], [2; 16], [3; 16], [4; 16]];
     while !r.0.is_empty() {
         let host = &hosts[usize::from(r.u8() % 4)];
-        let command = r.u8() % 4;
+        let command = r.u8() % 5;
         let (cdw10, cdw11) = (r.u32(), r.u32());
         let len = usize::from(r.u8() % 17);
         let mut data = [0u8; 16];
@@ -320,6 +321,7 @@ pub fn reservations_case(input: &[u8], meter: &mut impl Meter) {
             0 => drop(table.register(host, cdw10, data)),
             1 => drop(table.acquire(host, cdw10, data)),
             2 => drop(table.release(host, cdw10, data)),
+            3 => drop(table.set_ptpl(cdw11 & 1 != 0)),
             _ => {
                 let asked = (cdw10 as usize % 8192 + 1) * 4;
                 let len = asked.min(table.report_max());
@@ -329,6 +331,12 @@ pub fn reservations_case(input: &[u8], meter: &mut impl Meter) {
             }
         });
         table.assert_invariants();
+        let told = table.take_notices();
+        assert!(told.iter().all(|n| n.host != *host), "the issuer told of its own command");
+        let mut seen: Vec<_> = told.iter().map(|n| n.host).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), told.len(), "two notices for one host");
         // What is kept across a restart decides the same.
         let nguid = [7u8; 16];
         let back = Reservations::decode(&table.encode(&nguid), &nguid, 3).expect("own encoding");

@@ -1128,6 +1128,9 @@ impl Queue {
         if reply.held {
             return;
         }
+        if let Some((nsid, version)) = reply.resv_save {
+            return self.wait_resv_save(cx, sqe.cid, nsid, version);
+        }
         match reply.data {
             Some(bytes) if reply.status == status::SUCCESS => {
                 let want = (sqe.sgl_len as usize).min(bytes.len());
@@ -1274,15 +1277,22 @@ impl Queue {
         if data.len() != sqe.sgl_len as usize || sqe.sgl_addr != 0 {
             return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
         }
-        let (st, save, notices) = ns.resv.command(|r| match sqe.opcode {
-            io::RESV_REGISTER => r.register(&host, sqe.cdw10, data),
-            io::RESV_ACQUIRE => r.acquire(&host, sqe.cdw10, data),
-            _ => r.release(&host, sqe.cdw10, data),
-        });
-        // The hosts it took something from hear of it (their admin queues send the event).
-        if let Some(subsys) = self.ctrl.as_ref().and_then(|c| c.subsys.as_ref()) {
-            self.target.reservation_notices(&subsys.nqn, sqe.nsid, &notices);
-        }
+        // The hosts it took something from hear of it (their admin queues send the event) as
+        // soon as the table changed: a change not kept yet is already what governs access.
+        let subsys = self.ctrl.as_ref().and_then(|c| c.subsys.clone());
+        let target = &self.target;
+        let (st, save) = ns.resv.command_then(
+            |r| match sqe.opcode {
+                io::RESV_REGISTER => r.register(&host, sqe.cdw10, data),
+                io::RESV_ACQUIRE => r.acquire(&host, sqe.cdw10, data),
+                _ => r.release(&host, sqe.cdw10, data),
+            },
+            |notices| {
+                if let Some(s) = &subsys {
+                    target.reservation_notices(&s.nqn, sqe.nsid, notices);
+                }
+            },
+        );
         // Preempt and Abort: the preempted hosts' writes already on their way to the media
         // finish before it completes (every write counted under the epoch before it).
         let abort = sqe.opcode == io::RESV_ACQUIRE && sqe.cdw10 & 0x7 == 2;
@@ -1299,6 +1309,29 @@ impl Queue {
             return self.respond(sqe.cid, 0, 0, status::INTERNAL);
         }
         self.resv_waits.push(ResvWait { cid: sqe.cid, status: st, ns, save, drain });
+        self.on_resv_waits(cx);
+    }
+
+    /// An admin command that changed namespace `nsid`'s kept reservation table answers once
+    /// `version` is kept (Internal Error if it cannot be: the change stays to be kept by the
+    /// namespace's next reservation command).
+    fn wait_resv_save(&mut self, cx: &mut Cx<'_>, cid: u16, nsid: u32, version: u64) {
+        let Some(ns) = self.io_namespace(nsid) else {
+            // Removed meanwhile: what was kept went with it.
+            return self.respond(cid, 0, 0, status::SUCCESS);
+        };
+        if !ns.resv.queue_save() {
+            tracing::warn!(peer = %self.peer, "NVMe reservation change not kept: the saver's queue is full");
+            return self.respond(cid, 0, 0, status::INTERNAL);
+        }
+        let save = Some(version);
+        self.resv_waits.push(ResvWait {
+            cid,
+            status: status::SUCCESS,
+            ns,
+            save,
+            drain: Drain::Done,
+        });
         self.on_resv_waits(cx);
     }
 

@@ -25,10 +25,11 @@
 //!
 //! Notifications (§8.19.x, as Linux's nvmet raises them): a command that takes something from
 //! another host leaves a [`Notice`] for it ([`Reservations::take_notices`]) — Registration
-//! Preempted for a host whose registration a Preempt removed, Reservation Released for the
+//! Preempted for a host whose registration a Preempt removed; Reservation Released for the
 //! other registrants when a registrants-only or all-registrants reservation is released (by
-//! Release, by its holder unregistering, or by a Preempt that changes its type), Reservation
-//! Preempted for the other registrants of a Clear. Never for the issuing host, never for a
+//! Release, or by its holder unregistering from a registrants-only one) and when a Preempt
+//! with the holder's key changes a one-holder reservation's type; Reservation Preempted for
+//! the other registrants of a Clear. Never for the issuing host, never for a
 //! command that fails; at most one per registrant per command. The queue glue hands them to the
 //! hosts' controllers ([`crate::resv_log`]).
 
@@ -254,6 +255,21 @@ impl Reservations {
     /// Whether Persist Through Power Loss is on.
     pub fn ptpl(&self) -> bool {
         self.ptpl
+    }
+
+    /// Set Features Reservation Persistence (83h): turns PTPL on or off as CPTPL 11b / 10b
+    /// would, without a registration — where the table can be kept (else on is Invalid Field;
+    /// off is taken and changes nothing), and on only while the registrations fit a kept
+    /// table. The generation does not move (no registration or reservation changed).
+    pub fn set_ptpl(&mut self, on: bool) -> Status {
+        self.notices.clear();
+        let st = if on && (!self.persistent || self.registrants.len() > PTPL_REGISTRANTS_MAX) {
+            status::INVALID_FIELD
+        } else {
+            self.ptpl = on;
+            status::SUCCESS
+        };
+        self.settle(st)
     }
 
     /// Registrations admitted at most now.

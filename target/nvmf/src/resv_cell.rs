@@ -208,13 +208,22 @@ impl ResvCell {
         t.r.report(cdw11, len.min(t.r.report_max()))
     }
 
-    /// Runs a reservation command on the table: its status, the version that must be kept
-    /// before it completes (`None`: nothing to wait for) — its own change while PTPL is on, or
-    /// an earlier one whose save failed — and the notifications it raised for other hosts.
-    pub fn command(
+    /// Runs a reservation command on the table: its status, and the version that must be
+    /// kept before it completes (`None`: nothing to wait for) — its own change while PTPL is
+    /// on, or an earlier one whose save failed. A command that raises no notifications.
+    pub fn command(&self, f: impl FnOnce(&mut Reservations) -> Status) -> (Status, Option<u64>) {
+        self.command_then(f, |n| assert!(n.is_empty(), "notices raised and dropped"))
+    }
+
+    /// [`Self::command`], handing the notifications it raised for other hosts to `notify`
+    /// while the table is still locked, so that the notifications of two commands reach a
+    /// host's controllers in the order the commands changed the table (`notify` must take no
+    /// lock that is held while this table's is taken).
+    pub fn command_then(
         &self,
         f: impl FnOnce(&mut Reservations) -> Status,
-    ) -> (Status, Option<u64>, Vec<Notice>) {
+        notify: impl FnOnce(&[Notice]),
+    ) -> (Status, Option<u64>) {
         let mut t = self.table.lock();
         let nguid = self.kept.as_ref().map(|k| k.nguid);
         let before = nguid.filter(|_| t.r.ptpl()).map(|n| t.r.encode(&n));
@@ -225,8 +234,8 @@ impl ResvCell {
         }
         self.held.store(t.r.held(), Ordering::Release);
         let version = self.version.fetch_add(1, Ordering::AcqRel) + 1;
-        let notices = t.r.take_notices();
-        (st, t.dirty.then_some(version), notices)
+        notify(&t.r.take_notices());
+        (st, t.dirty.then_some(version))
     }
 
     /// Hands the table to the saver thread (already waiting there: nothing to do); false if
@@ -376,8 +385,15 @@ mod tests {
         assert_eq!(cell.enter(0), None, "nothing held: nothing counted");
         held_by_a(&cell);
         let before = [cell.enter(0).unwrap(), cell.enter(5).unwrap(), cell.enter(70).unwrap()];
-        let st = cell.command(|t| t.acquire(&B, (1 << 8) | 2, &keys(2, 1))).0;
+        let mut told = Vec::new();
+        let st = cell
+            .command_then(
+                |t| t.acquire(&B, (1 << 8) | 2, &keys(2, 1)),
+                |n| told.extend_from_slice(n),
+            )
+            .0;
         assert_eq!(st, status::SUCCESS, "B preempts A and aborts");
+        assert_eq!(told.iter().map(|n| n.host).collect::<Vec<_>>(), [A], "A hears, under the lock");
         let old = cell.try_begin_drain().expect("the first drain begins at once");
         assert!(!cell.drained(old));
         let after = cell.enter(5).unwrap();
@@ -447,10 +463,10 @@ mod tests {
         let nguid = [9u8; 16];
         let cell = ResvCell::kept(8, saver.clone(), "nqn.t", 1, nguid);
         assert_eq!(cell.persistence(), (true, false));
-        let (st, wait, _) = cell.command(|t| t.register(&B, 0, &keys(0, 2)));
+        let (st, wait) = cell.command(|t| t.register(&B, 0, &keys(0, 2)));
         assert_eq!((st, wait), (status::SUCCESS, None), "PTPL off: nothing to keep");
         store.fail.store(true, Ordering::SeqCst);
-        let (st, wait, _) = cell.command(|t| t.register(&A, 3 << 30, &keys(0, 1)));
+        let (st, wait) = cell.command(|t| t.register(&A, 3 << 30, &keys(0, 1)));
         assert_eq!(st, status::SUCCESS);
         let v = wait.expect("PTPL turned on: kept before it completes");
         assert!(cell.queue_save());
@@ -458,7 +474,7 @@ mod tests {
         assert!(store.kept.lock().is_none());
         // The host retries the same Register: no change, but the table is still dirty.
         store.fail.store(false, Ordering::SeqCst);
-        let (st, wait, _) = cell.command(|t| t.register(&A, 3 << 30, &keys(0, 1)));
+        let (st, wait) = cell.command(|t| t.register(&A, 3 << 30, &keys(0, 1)));
         assert_eq!(st, status::SUCCESS);
         let v = wait.expect("still to be kept");
         assert!(cell.queue_save());
@@ -466,7 +482,7 @@ mod tests {
         let back = Reservations::decode(store.kept.lock().as_ref().unwrap(), &nguid, 8).unwrap();
         assert!(back.ptpl());
         // Clean now: a command that changes nothing (refused) waits for nothing.
-        let (st, wait, _) = cell.command(|t| t.acquire(&A, 1 << 8, &keys(99, 0)));
+        let (st, wait) = cell.command(|t| t.acquire(&A, 1 << 8, &keys(99, 0)));
         assert_eq!((st, wait), (crate::resv::RESERVATION_CONFLICT, None));
         // Opened again from the store: the same table.
         let again = ResvCell::kept(8, saver.clone(), "nqn.t", 1, nguid);
@@ -480,7 +496,7 @@ mod tests {
         // Retired: no more saves.
         cell.retire();
         let saves = store.saves.load(Ordering::SeqCst);
-        let (_, wait, _) = cell.command(|t| t.acquire(&A, 1 << 8, &keys(1, 0)));
+        let (_, wait) = cell.command(|t| t.acquire(&A, 1 << 8, &keys(1, 0)));
         assert!(cell.queue_save());
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(store.saves.load(Ordering::SeqCst), saves, "nothing saved after retiring");

@@ -78,17 +78,32 @@ impl ResvLog {
         true
     }
 
-    /// The log page: the oldest notification, taken off the queue (all zeros when none
-    /// waits): Log Page Count, type, how many more wait (at most 255), namespace id.
-    pub fn take_page(&mut self) -> [u8; PAGE_LEN] {
+    /// The log page: the oldest notification (all zeros when none waits) — Log Page Count,
+    /// type, how many more wait (at most 255), namespace id — taken off the queue if `take`.
+    pub fn page(&mut self, take: bool) -> [u8; PAGE_LEN] {
         let mut page = [0u8; PAGE_LEN];
-        if let Some(e) = self.queue.pop_front() {
+        if let Some(e) = self.queue.front().copied() {
+            let more = self.queue.len() - 1;
             page[0..8].copy_from_slice(&e.count.to_le_bytes());
             page[8] = e.kind as u8;
-            page[9] = self.queue.len().min(255) as u8;
+            page[9] = more.min(255) as u8;
             page[12..16].copy_from_slice(&e.nsid.to_le_bytes());
+            if take {
+                self.queue.pop_front();
+            }
         }
         page
+    }
+
+    /// The page, taken (what a host's read of the whole page does).
+    pub fn take_page(&mut self) -> [u8; PAGE_LEN] {
+        self.page(true)
+    }
+
+    /// Namespace `nsid` went: its own mask goes with it (a namespace added later under that
+    /// id starts with the mask of every namespace).
+    pub fn forget_namespace(&mut self, nsid: u32) {
+        self.masks.remove(&nsid);
     }
 
     /// Notifications lost to a full queue so far.
@@ -159,6 +174,18 @@ mod tests {
         assert_eq!(read(&mut log).0, 0, "the lost ones are not read");
         log.add(NoticeKind::ReservationReleased, 1);
         assert_eq!(read(&mut log).0, QUEUED_MAX as u64 + 4, "the next count skips the lost");
+    }
+
+    #[test]
+    fn a_page_not_taken_stays_and_a_forgotten_namespace_loses_its_mask() {
+        let mut log = ResvLog::default();
+        log.add(NoticeKind::ReservationReleased, 4);
+        assert_eq!(log.page(false)[8], 2);
+        assert_eq!(read(&mut log), (1, 2, 0, 4), "still there");
+        log.set_mask(u32::MAX, 1 << 1);
+        log.set_mask(4, 0);
+        log.forget_namespace(4);
+        assert_eq!(log.mask(4), 1 << 1);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use std::time::Instant;
 
 use crate::ana::{AnaState, AnaTable};
 use crate::auth::keys::AuthKeys;
-use crate::resv::{Notice, ResvStore};
+use crate::resv::{Notice, NoticeKind, ResvStore};
 use crate::resv_cell::{ResvCell, ResvSaver};
 use crate::resv_log::ResvLog;
 use crate::spread::Spread;
@@ -755,6 +755,9 @@ impl Target {
             .change_namespaces(|map| map.remove(&nsid))
             .ok_or(SubsysError::NoNamespace(nsid))?;
         self.namespace_changed(&subsys, nsid);
+        for c in self.controllers_of(nqn) {
+            c.resv_log.lock().forget_namespace(nsid);
+        }
         ns.resv.retire();
         Ok(())
     }
@@ -851,9 +854,13 @@ impl Target {
         if notices.is_empty() {
             return;
         }
+        // At most one notice per host (`resv`): found by host, not searched per controller.
+        let by_host: HashMap<[u8; 16], NoticeKind> =
+            notices.iter().map(|n| (n.host, n.kind)).collect();
+        debug_assert_eq!(by_host.len(), notices.len(), "two notices for one host");
         for c in self.controllers_of(nqn) {
-            for n in notices.iter().filter(|n| n.host == c.hostid) {
-                if c.resv_log.lock().add(n.kind, nsid) {
+            if let Some(&kind) = by_host.get(&c.hostid) {
+                if c.resv_log.lock().add(kind, nsid) {
                     c.resv_pending.store(true, Ordering::Release);
                 }
             }

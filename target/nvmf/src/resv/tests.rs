@@ -413,6 +413,25 @@ fn ptpl_turns_on_and_off_where_the_table_can_be_kept_and_the_kept_table_decides_
 }
 
 #[test]
+fn set_features_turns_ptpl_on_and_off_where_the_table_can_be_kept() {
+    let mut r = Reservations::default();
+    assert_eq!(r.set_ptpl(true), status::INVALID_FIELD, "nowhere to keep it");
+    assert_eq!(r.set_ptpl(false), status::SUCCESS);
+    let mut r = Reservations::with_limit(PTPL_REGISTRANTS_MAX + 2).persistent();
+    register(&mut r, &A, 1);
+    let g = r.generation();
+    assert_eq!(r.set_ptpl(true), status::SUCCESS);
+    assert!(r.ptpl() && r.generation() == g, "PTPL is not a registration change");
+    assert_eq!(r.set_ptpl(false), status::SUCCESS);
+    assert!(!r.ptpl());
+    for i in 0..=PTPL_REGISTRANTS_MAX as u8 {
+        assert_eq!(register(&mut r, &[100 + i; 16], 2), status::SUCCESS);
+    }
+    assert_eq!(r.set_ptpl(true), status::INVALID_FIELD, "more registrations than a kept table");
+    assert!(!r.ptpl());
+}
+
+#[test]
 fn a_kept_table_is_refused_when_it_is_not_this_namespaces_or_not_whole() {
     let mut r = Reservations::with_limit(8).persistent();
     r.register(&A, 3 << 30, &data(0, KA));

@@ -10,9 +10,10 @@
 //! request, so a core's count never goes below zero and the sum over cores is the device's depth.
 //!
 //! Besides the core's totals, each device (an export, a volume, whatever both protocols serve)
-//! has its own counters, indexed by its [`device_id`] (`DevInfo::stats_id`): a vector index per
-//! request, no hashing, no lock. At most [`DEVICES_MAX`] ids are counted per device (beyond
-//! that, requests count in the core's totals only).
+//! has its own counters per protocol ([`Proto`]), indexed by its [`device_id`]
+//! (`DevInfo::stats_id`): a vector index per request, no hashing, no lock. At most
+//! [`DEVICES_MAX`] ids are counted per device (beyond that, requests count in the core's totals
+//! only).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -89,6 +90,25 @@ impl DevCounters {
     }
 }
 
+/// The protocol a request came in by: a device's counters are kept per protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Nbd = 0,
+    Nvmf = 1,
+}
+
+impl Proto {
+    pub const ALL: [Proto; 2] = [Proto::Nbd, Proto::Nvmf];
+
+    /// Its name in metrics (the `protocol` label).
+    pub fn label(self) -> &'static str {
+        match self {
+            Proto::Nbd => "nbd",
+            Proto::Nvmf => "nvmf",
+        }
+    }
+}
+
 /// Kinds of block request counted separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
@@ -149,8 +169,8 @@ pub struct CoreStats {
     pub volume_mail_wakes: u64,
     /// Requests submitted on this core and not completed yet, all devices together.
     in_flight: u64,
-    /// Per device, by `device_id`.
-    devices: Vec<DevCounters>,
+    /// Per device, by `device_id`, per protocol.
+    devices: Vec<[DevCounters; 2]>,
 }
 
 impl CoreStats {
@@ -182,39 +202,49 @@ impl CoreStats {
         }
     }
 
-    /// Device `dev`'s counters (its `DevInfo::stats_id`), `None` beyond [`DEVICES_MAX`].
-    fn device(&mut self, dev: u32) -> Option<&mut DevCounters> {
+    /// Device `dev`'s counters (its `DevInfo::stats_id`) for protocol `proto`, `None` beyond
+    /// [`DEVICES_MAX`].
+    fn device(&mut self, dev: u32, proto: Proto) -> Option<&mut DevCounters> {
         let i = dev as usize;
         if i >= DEVICES_MAX {
             return None;
         }
         if i >= self.devices.len() {
-            self.devices.resize(i + 1, DevCounters::default());
+            self.devices.resize(i + 1, Default::default());
         }
-        Some(&mut self.devices[i])
+        Some(&mut self.devices[i][proto as usize])
     }
 
-    /// A request was taken in for device `dev`: one more in flight until [`Self::retired`].
-    pub fn submitted(&mut self, dev: u32) {
+    /// A request was taken in for device `dev` over `proto`: one more in flight until
+    /// [`Self::retired`].
+    pub fn submitted(&mut self, dev: u32, proto: Proto) {
         self.in_flight += 1;
-        if let Some(d) = self.device(dev) {
+        if let Some(d) = self.device(dev, proto) {
             d.in_flight += 1;
         }
     }
 
     /// A request counted by [`Self::submitted`] on this core is finished (whatever its outcome).
-    pub fn retired(&mut self, dev: u32) {
+    pub fn retired(&mut self, dev: u32, proto: Proto) {
         assert!(self.in_flight > 0, "a request retired that was not submitted");
         self.in_flight -= 1;
-        if let Some(d) = self.device(dev) {
+        if let Some(d) = self.device(dev, proto) {
             assert!(d.in_flight > 0, "device {dev}: a request retired that was not submitted");
             d.in_flight -= 1;
         }
     }
 
-    /// Records one finished request on device `dev` (its `DevInfo::stats_id`).
-    pub fn record(&mut self, dev: u32, kind: OpKind, bytes: u64, latency_ns: u64, ok: bool) {
-        if let Some(d) = self.device(dev) {
+    /// Records one finished request on device `dev` (its `DevInfo::stats_id`) over `proto`.
+    pub fn record(
+        &mut self,
+        dev: u32,
+        proto: Proto,
+        kind: OpKind,
+        bytes: u64,
+        latency_ns: u64,
+        ok: bool,
+    ) {
+        if let Some(d) = self.device(dev, proto) {
             d.add(kind, bytes, latency_ns.clamp(1, LATENCY_NS_MAX), ok);
         }
         self.ops[kind as usize] += 1;
@@ -305,8 +335,8 @@ impl CoreStats {
                 .devices
                 .iter()
                 .enumerate()
-                .filter(|(_, d)| d.ops() > 0 || d.in_flight > 0)
-                .map(|(i, d)| (i as u32, *d))
+                .flat_map(|(i, d)| Proto::ALL.map(|p| (i as u32, p, d[p as usize])))
+                .filter(|(_, _, d)| d.ops() > 0 || d.in_flight > 0)
                 .collect(),
         }
     }
@@ -411,9 +441,9 @@ pub struct StatsSnapshot {
     /// The latency histogram as buckets (for the metrics endpoint; not in `ballast stats`).
     #[serde(skip)]
     pub latency: LatencyBuckets,
-    /// Per device (`DevInfo::stats_id`, counters): those with requests on this core.
+    /// Per device (`DevInfo::stats_id`) and protocol: those with requests on this core.
     #[serde(skip)]
-    pub devices: Vec<(u32, DevCounters)>,
+    pub devices: Vec<(u32, Proto, DevCounters)>,
 }
 
 #[cfg(test)]
@@ -425,7 +455,7 @@ mod tests {
         let mut s = CoreStats::new(0);
         // 5 µs, 20 µs, 20 µs, 3 ms, 2 min (clamped to the 60 s maximum).
         for ns in [5_000, 20_000, 20_000, 3_000_000, 120_000_000_000] {
-            s.record(0, OpKind::Read, 4096, ns, true);
+            s.record(0, Proto::Nbd, OpKind::Read, 4096, ns, true);
         }
         let b = s.snapshot().latency;
         assert_eq!(b.count, 5);
@@ -445,47 +475,62 @@ mod tests {
     #[test]
     fn devices_count_apart_and_only_those_with_requests_show() {
         let mut s = CoreStats::new(0);
-        s.record(2, OpKind::Write, 8192, 1_000, true);
-        s.record(2, OpKind::Read, 4096, 3_000, false);
-        s.record(5, OpKind::Flush, 0, 10, true);
-        s.record(DEVICES_MAX as u32 + 1, OpKind::Read, 4096, 10, true);
+        s.record(2, Proto::Nvmf, OpKind::Write, 8192, 1_000, true);
+        s.record(2, Proto::Nvmf, OpKind::Read, 4096, 3_000, false);
+        s.record(2, Proto::Nbd, OpKind::Read, 512, 7, true);
+        s.record(5, Proto::Nbd, OpKind::Flush, 0, 10, true);
+        s.record(DEVICES_MAX as u32 + 1, Proto::Nbd, OpKind::Read, 4096, 10, true);
         let snap = s.snapshot();
-        assert_eq!(snap.reads, 2, "the core's totals count every device");
-        let devs: Vec<u32> = snap.devices.iter().map(|(id, _)| *id).collect();
-        assert_eq!(devs, vec![2, 5], "ids beyond DEVICES_MAX are not counted apart");
-        let d2 = snap.devices[0].1;
+        assert_eq!(snap.reads, 3, "the core's totals count every device");
+        let devs: Vec<(u32, Proto)> = snap.devices.iter().map(|(id, p, _)| (*id, *p)).collect();
+        assert_eq!(
+            devs,
+            vec![(2, Proto::Nbd), (2, Proto::Nvmf), (5, Proto::Nbd)],
+            "per protocol; ids beyond DEVICES_MAX are not counted apart"
+        );
+        let d2 = snap.devices[1].2;
         assert_eq!((d2.reads, d2.writes, d2.errors), (1, 1, 1));
         assert_eq!((d2.bytes_read, d2.bytes_written, d2.latency_ns_sum), (4096, 8192, 4_000));
-        assert_eq!(snap.devices[1].1.flushes, 1);
+        assert_eq!((snap.devices[0].2.reads, snap.devices[0].2.bytes_read), (1, 512));
+        assert_eq!(snap.devices[2].2.flushes, 1);
     }
 
     #[test]
     fn in_flight_counts_submitted_requests_until_retired() {
         let mut s = CoreStats::new(0);
         for _ in 0..3 {
-            s.submitted(4);
+            s.submitted(4, Proto::Nvmf);
         }
-        s.submitted(DEVICES_MAX as u32 + 1);
+        s.submitted(DEVICES_MAX as u32 + 1, Proto::Nbd);
         let snap = s.snapshot();
         assert_eq!(snap.in_flight, 4, "the core counts every device's requests");
-        assert_eq!(snap.devices, vec![(4, DevCounters { in_flight: 3, ..Default::default() })]);
-        s.retired(4);
-        s.record(4, OpKind::Read, 4096, 1_000, true);
-        assert_eq!(s.snapshot().devices[0].1.in_flight, 2);
-        s.retired(4);
-        s.retired(4);
-        s.retired(DEVICES_MAX as u32 + 1);
+        let three = DevCounters { in_flight: 3, ..Default::default() };
+        assert_eq!(snap.devices, vec![(4, Proto::Nvmf, three)]);
+        s.retired(4, Proto::Nvmf);
+        s.record(4, Proto::Nvmf, OpKind::Read, 4096, 1_000, true);
+        assert_eq!(s.snapshot().devices[0].2.in_flight, 2);
+        s.retired(4, Proto::Nvmf);
+        s.retired(4, Proto::Nvmf);
+        s.retired(DEVICES_MAX as u32 + 1, Proto::Nbd);
         let snap = s.snapshot();
         assert_eq!((snap.in_flight, snap.totals().in_flight), (0, 0));
-        assert_eq!(snap.devices[0].1.in_flight, 0, "the device still shows: it has a read");
+        assert_eq!(snap.devices[0].2.in_flight, 0, "the device still shows: it has a read");
     }
 
     #[test]
     #[should_panic(expected = "not submitted")]
     fn retiring_more_than_submitted_is_a_bug() {
         let mut s = CoreStats::new(0);
-        s.submitted(1);
-        s.retired(2);
+        s.submitted(1, Proto::Nbd);
+        s.retired(2, Proto::Nbd);
+    }
+
+    #[test]
+    #[should_panic(expected = "not submitted")]
+    fn retiring_under_another_protocol_is_a_bug() {
+        let mut s = CoreStats::new(0);
+        s.submitted(1, Proto::Nbd);
+        s.retired(1, Proto::Nvmf);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 # then Prometheus' HTTP API must give rate() of the read ops within 15% of fio's own IOPS, the
 # counter's increase over the run within 15% of fio's I/O count, and the pool's used bytes and
 # the volume's allocated bytes equal to what `ballast pool info` / `volume list` say; the
-# queue-depth gauge shows requests in flight during a fio QD32 run and none after it.
+# queue-depth gauge shows requests in flight during a fio QD32 run and none after it. The
+# export counters are per protocol: fio's reads count under protocol="nbd", none under "nvmf";
+# then ballast-perf's reads over NVMe/TCP count under "nvmf" (exactly, to its in-flight
+# requests) and not under "nbd".
 # Then the endpoint's limits: a path other than /metrics gets 404, another method 405, an
 # oversized request head 431 (closed), clients beyond --metrics-max-clients 503 without a
 # thread, a silent client is closed after --metrics-timeout and frees its slot; bad flag values
@@ -189,14 +192,16 @@ else
     fail "the read counter's growth matches fio's reads" "before '$before' after '$after' fio $fio_ios"
 fi
 # The same reads counted per export (vol0's device, over NBD here), summed over the cores.
-vbefore=$(promql 'sum(ballast_export_ops_total{job="ballast",export="vol0",op="read"})' "$("$SYS_PY" -c "print(f'{$t_start - 0.5:.3f}')")")
-vafter=$(promql 'sum(ballast_export_ops_total{job="ballast",export="vol0",op="read"})' "$("$SYS_PY" -c "print(f'{$t_end + 2.5:.3f}')")")
+vbefore=$(promql 'sum(ballast_export_ops_total{job="ballast",export="vol0",protocol="nbd",op="read"})' "$("$SYS_PY" -c "print(f'{$t_start - 0.5:.3f}')")")
+vafter=$(promql 'sum(ballast_export_ops_total{job="ballast",export="vol0",protocol="nbd",op="read"})' "$("$SYS_PY" -c "print(f'{$t_end + 2.5:.3f}')")")
 vdelta=$("$SYS_PY" -c "print(int(float('${vafter:-0}') - float('${vbefore:-0}')))")
 if [[ -n $vbefore && -n $vafter ]] && within "$vdelta" "$fio_ios" 15; then
-    pass "vol0's own read counter grew by $vdelta over the run; fio did $fio_ios reads"
+    pass "vol0's own NBD read counter grew by $vdelta over the run; fio did $fio_ios reads"
 else
-    fail "vol0's read counter matches fio's reads" "before '$vbefore' after '$vafter' fio $fio_ios"
+    fail "vol0's NBD read counter matches fio's reads" "before '$vbefore' after '$vafter' fio $fio_ios"
 fi
+check_eq "vol0's NVMe/TCP read counter in Prometheus stays 0 (fio came by NBD)" 0 \
+    "$(promql 'sum(ballast_export_ops_total{job="ballast",export="vol0",protocol="nvmf",op="read"})')"
 vbytes=$(promql 'sum(ballast_export_bytes_total{job="ballast",export="vol0",op="write"})')
 if [[ -n $vbytes ]] && (( ${vbytes%.*} >= 32 * 1024 * 1024 )); then
     pass "vol0's written bytes count the 32 MiB fill ($vbytes)"
@@ -273,12 +278,12 @@ stop_prometheus
 
 ##############################################################################################
 echo "## phase 1b: the queue-depth gauge, during and after a fio QD32 run"
-# qdepth: ballast_export_queue_depth{export="vol0"} scraped now (empty if absent).
+# qdepth: ballast_export_queue_depth{export="vol0",protocol="nbd"} scraped now (empty if absent).
 qdepth() {
     http "$MPORT" '
 s, body = get("/metrics")
 for line in body.decode().splitlines():
-    if line.startswith("ballast_export_queue_depth{export=\"vol0\"} "):
+    if line.startswith("ballast_export_queue_depth{export=\"vol0\",protocol=\"nbd\"} "):
         print(line.rsplit(" ", 1)[1])
 '
 }
@@ -293,18 +298,50 @@ wait "$fio_pid"
 fio_rc=$?
 max_depth=$("$SYS_PY" -c 'import sys; print(max(int(v or 0) for v in sys.argv[1:]))' "${depths[@]}")
 if ((fio_rc == 0)) && ((max_depth > 0 && max_depth <= 32)); then
-    pass "ballast_export_queue_depth{export=vol0} during fio QD32 reaches $max_depth (samples ${depths[*]})"
+    pass "ballast_export_queue_depth{export=vol0,protocol=nbd} during fio QD32 reaches $max_depth (samples ${depths[*]})"
 else
     fail "the queue depth shows requests in flight during fio QD32" \
         "fio exit $fio_rc, samples '${depths[*]}'; $(tail -n 2 "$T/fio-qd32.out" | tr '\n' ' ')"
 fi
-check_eq "ballast_export_queue_depth{export=vol0} is 0 once fio is done" 0 "$(qdepth)"
+check_eq "ballast_export_queue_depth{export=vol0,protocol=nbd} is 0 once fio is done" 0 "$(qdepth)"
 core_depth=$(http "$MPORT" '
 s, body = get("/metrics")
 print(sum(int(l.rsplit(" ", 1)[1]) for l in body.decode().splitlines()
           if l.startswith("ballast_core_queue_depth{")))
 ')
 check_eq "ballast_core_queue_depth summed over the cores is 0 too" 0 "$core_depth"
+
+echo "## phase 1c: the same export over NVMe/TCP counts apart"
+# vol_reads PROTOCOL: ballast_export_ops_total{export="vol0",protocol=PROTOCOL,op="read"} now
+vol_reads() {
+    http "$MPORT" '
+s, body = get("/metrics")
+want = "ballast_export_ops_total{export=\"vol0\",protocol=\"%s\",op=\"read\"} " % sys.argv[1]
+print(next((l.rsplit(" ", 1)[1] for l in body.decode().splitlines() if l.startswith(want)), ""))
+' "$1"
+}
+nbd0=$(vol_reads nbd) nvmf0=$(vol_reads nvmf)
+PERF=$(ballast_perf_bin)
+NVMF_ADDR=$(nvmf_addr)
+if [[ -x $PERF && -n $NVMF_ADDR ]] && "$PERF" --addr "$NVMF_ADDR" --nqn nqn.2026-11.dev.ballast:vol0 \
+        --rw randread --qd 4 --runtime 2 --json >"$T/perf.json" 2>"$T/perf.err"; then
+    n=$("$SYS_PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["read"]["total_ios"])' "$T/perf.json")
+    nvmf1=$(vol_reads nvmf)
+    got=$((${nvmf1:-0} - ${nvmf0:-0}))
+    if ((n > 0 && got >= n && got <= n + 4)); then
+        pass "ballast-perf's $n NVMe/TCP reads of vol0 count under protocol=\"nvmf\" ($got: its own and at most the 4 in flight when it stopped)"
+    else
+        fail "vol0's NVMe/TCP reads counted under protocol=\"nvmf\"" "before '$nvmf0' after '$nvmf1', ballast-perf $n"
+    fi
+    nbd1=$(vol_reads nbd)
+    if [[ -n $nbd0 && $nbd0 == "$nbd1" ]] && ((${nbd0%.*} >= fio_ios)); then
+        pass "...and not under protocol=\"nbd\" (still $nbd0: phase 1's reads)"
+    else
+        fail "...and not under protocol=\"nbd\"" "before '$nbd0' after '$nbd1', fio read $fio_ios"
+    fi
+else
+    fail "ballast-perf reads vol0 over NVMe/TCP" "$PERF $NVMF_ADDR: $(tail -n 2 "$T/perf.err" | tr '\n' ' ')"
+fi
 
 ##############################################################################################
 echo "## phase 2: the endpoint's limits (defaults)"

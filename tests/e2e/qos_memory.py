@@ -120,7 +120,8 @@ def round_(r, b, mport, proto, hostile_target, victim):
         paused = metric(mport, "ballast_export_qos_paused_total", "a") or 0
         r.check("%s: /metrics counts a's connections that stopped" % proto,
                 paused0 < paused <= paused0 + 4 * CONNS, "%s -> %s" % (paused0, paused))
-        written = lambda: metric(mport, "ballast_export_bytes_total", "a", ',op="write"') or 0
+        label = ',protocol="%s",op="write"' % ("nbd" if proto == "NBD" else "nvmf")
+        written = lambda: metric(mport, "ballast_export_bytes_total", "a", label) or 0
         w0, t0 = written(), time.monotonic()
         mibs = r.run("%s: a client of b writes 1 MiB blocks meanwhile" % proto, victim)
         if mibs is not None:

@@ -559,27 +559,33 @@ impl ScrapeCollector {
 }
 
 impl ScrapeCollector {
-    /// Each export's requests (over NBD and NVMe/TCP together), its device's counters summed
-    /// over the cores at scrape time.
+    /// Each export's requests per protocol (`protocol`: `nbd`, `nvmf`; both always listed),
+    /// its device's counters summed over the cores at scrape time.
     fn encode_export_io(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
-        use ballast_engine::stats::DevCounters;
+        use ballast_engine::stats::{DevCounters, Proto};
         use MetricType::Counter;
-        let mut sums: std::collections::HashMap<u32, DevCounters> = Default::default();
+        let mut sums: std::collections::HashMap<(u32, Proto), DevCounters> = Default::default();
         for s in &self.0.cores {
-            for (id, d) in &s.devices {
-                sums.entry(*id).or_default().merge(d);
+            for (id, proto, d) in &s.devices {
+                sums.entry((*id, *proto)).or_default().merge(d);
             }
         }
-        let views: Vec<(&ExportView, DevCounters)> = self
+        let views: Vec<(&ExportView, Proto, DevCounters)> = self
             .0
             .exports
             .iter()
-            .map(|e| (e, sums.get(&e.stats_id).copied().unwrap_or_default()))
+            .flat_map(|e| Proto::ALL.map(|p| (e, p)))
+            .map(|(e, p)| (e, p, sums.get(&(e.stats_id, p)).copied().unwrap_or_default()))
             .collect();
-        let label = |e: &ExportView, k: &'static str, v: &str| {
-            vec![("export", e.name.clone()), (k, v.to_string())]
+        let io = |e: &ExportView, p: Proto| {
+            vec![("export", e.name.clone()), ("protocol", p.label().to_string())]
         };
-        let ops = views.iter().flat_map(|(e, d)| {
+        let label = |e: &ExportView, p: Proto, k: &'static str, v: &str| {
+            let mut l = io(e, p);
+            l.push((k, v.to_string()));
+            l
+        };
+        let ops = views.iter().flat_map(|(e, p, d)| {
             [
                 ("read", d.reads),
                 ("write", d.writes),
@@ -588,7 +594,7 @@ impl ScrapeCollector {
                 ("write_zeroes", d.write_zeroes),
                 ("other", d.other),
             ]
-            .map(|(op, n)| (label(e, "op", op), n))
+            .map(|(op, n)| (label(e, *p, "op", op), n))
         });
         family(
             enc,
@@ -597,9 +603,9 @@ impl ScrapeCollector {
             Counter,
             ops,
         )?;
-        let bytes = views.iter().flat_map(|(e, d)| {
+        let bytes = views.iter().flat_map(|(e, p, d)| {
             [("read", d.bytes_read), ("write", d.bytes_written)]
-                .map(|(op, n)| (label(e, "op", op), n))
+                .map(|(op, n)| (label(e, *p, "op", op), n))
         });
         family(
             enc,
@@ -608,7 +614,7 @@ impl ScrapeCollector {
             Counter,
             bytes,
         )?;
-        let errors = views.iter().map(|(e, d)| (vec![("export", e.name.clone())], d.errors));
+        let errors = views.iter().map(|(e, p, d)| (io(e, *p), d.errors));
         family(
             enc,
             "ballast_export_errors",
@@ -616,7 +622,7 @@ impl ScrapeCollector {
             Counter,
             errors,
         )?;
-        let depth = views.iter().map(|(e, d)| (vec![("export", e.name.clone())], d.in_flight));
+        let depth = views.iter().map(|(e, p, d)| (io(e, *p), d.in_flight));
         family(
             enc,
             "ballast_export_queue_depth",
@@ -624,8 +630,7 @@ impl ScrapeCollector {
             MetricType::Gauge,
             depth,
         )?;
-        let latency =
-            views.iter().map(|(e, d)| (vec![("export", e.name.clone())], d.latency_ns_sum / 1000));
+        let latency = views.iter().map(|(e, p, d)| (io(e, *p), d.latency_ns_sum / 1000));
         family(
             enc,
             "ballast_export_latency_microseconds",
@@ -633,7 +638,9 @@ impl ScrapeCollector {
             Counter,
             latency,
         )?;
-        let delayed = views.iter().map(|(e, _)| (vec![("export", e.name.clone())], e.qos_delayed));
+        // Rate limits are the export's, whatever protocol its requests came by.
+        let exports = &self.0.exports;
+        let delayed = exports.iter().map(|e| (vec![("export", e.name.clone())], e.qos_delayed));
         family(
             enc,
             "ballast_export_qos_delayed",
@@ -641,8 +648,7 @@ impl ScrapeCollector {
             Counter,
             delayed,
         )?;
-        let waited =
-            views.iter().map(|(e, _)| (vec![("export", e.name.clone())], e.qos_delayed_us));
+        let waited = exports.iter().map(|e| (vec![("export", e.name.clone())], e.qos_delayed_us));
         family(
             enc,
             "ballast_export_qos_delayed_microseconds",
@@ -650,7 +656,7 @@ impl ScrapeCollector {
             Counter,
             waited,
         )?;
-        let paused = views.iter().map(|(e, _)| (vec![("export", e.name.clone())], e.qos_paused));
+        let paused = exports.iter().map(|e| (vec![("export", e.name.clone())], e.qos_paused));
         family(
             enc,
             "ballast_export_qos_paused",
@@ -674,17 +680,17 @@ fn encode_histogram(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ballast_engine::stats::{CoreStats, OpKind};
+    use ballast_engine::stats::{CoreStats, OpKind, Proto};
 
     fn scrape() -> Scrape {
         let mut a = CoreStats::new(0);
-        a.record(7, OpKind::Read, 4096, 30_000, true);
-        a.record(7, OpKind::Read, 4096, 30_000, true);
-        a.record(7, OpKind::Write, 8192, 2_000_000, false);
-        a.submitted(7);
+        a.record(7, Proto::Nvmf, OpKind::Read, 4096, 30_000, true);
+        a.record(7, Proto::Nvmf, OpKind::Read, 4096, 30_000, true);
+        a.record(7, Proto::Nbd, OpKind::Write, 8192, 2_000_000, false);
+        a.submitted(7, Proto::Nvmf);
         let mut b = CoreStats::new(1);
-        b.submitted(7);
-        b.submitted(7);
+        b.submitted(7, Proto::Nbd);
+        b.submitted(7, Proto::Nbd);
         let pool = PoolInfo {
             path: "/p.img".into(),
             uuid: "00".into(),
@@ -757,12 +763,18 @@ mod tests {
             r#"ballast_export_size_bytes{export="v0",backend="volume",read_only="false"} 536870912"#,
             r#"ballast_pool_commits_total{node="host",name="/p.img"} 12"#,
             r#"ballast_pool_pending_records{node="host",name="/p.img"} 3"#,
-            r#"ballast_export_ops_total{export="v0",op="read"} 2"#,
-            r#"ballast_export_ops_total{export="v0",op="write"} 1"#,
-            r#"ballast_export_bytes_total{export="v0",op="write"} 8192"#,
-            r#"ballast_export_errors_total{export="v0"} 1"#,
-            r#"ballast_export_latency_microseconds_total{export="v0"} 2060"#,
-            r#"ballast_export_queue_depth{export="v0"} 3"#,
+            r#"ballast_export_ops_total{export="v0",protocol="nvmf",op="read"} 2"#,
+            r#"ballast_export_ops_total{export="v0",protocol="nvmf",op="write"} 0"#,
+            r#"ballast_export_ops_total{export="v0",protocol="nbd",op="write"} 1"#,
+            r#"ballast_export_ops_total{export="v0",protocol="nbd",op="read"} 0"#,
+            r#"ballast_export_bytes_total{export="v0",protocol="nbd",op="write"} 8192"#,
+            r#"ballast_export_bytes_total{export="v0",protocol="nvmf",op="read"} 8192"#,
+            r#"ballast_export_errors_total{export="v0",protocol="nbd"} 1"#,
+            r#"ballast_export_errors_total{export="v0",protocol="nvmf"} 0"#,
+            r#"ballast_export_latency_microseconds_total{export="v0",protocol="nvmf"} 60"#,
+            r#"ballast_export_latency_microseconds_total{export="v0",protocol="nbd"} 2000"#,
+            r#"ballast_export_queue_depth{export="v0",protocol="nvmf"} 1"#,
+            r#"ballast_export_queue_depth{export="v0",protocol="nbd"} 2"#,
             r#"ballast_export_qos_delayed_total{export="v0"} 3"#,
             r#"ballast_export_qos_delayed_microseconds_total{export="v0"} 4500"#,
             r#"ballast_export_qos_paused_total{export="v0"} 6"#,

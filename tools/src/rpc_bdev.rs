@@ -328,7 +328,8 @@ fn get_iostat(
             let id = e.stats_id;
             let mut one = DevCounters::default();
             for s in cores {
-                if let Some((_, d)) = s.devices.iter().find(|(i, _)| *i == id) {
+                // Both protocols' requests: SPDK's iostat has no protocol.
+                for (_, _, d) in s.devices.iter().filter(|(i, ..)| *i == id) {
                     one.merge(d);
                 }
             }

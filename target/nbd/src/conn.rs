@@ -55,7 +55,7 @@ use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
 use ballast_engine::placed::Movable;
 use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
-use ballast_engine::stats::OpKind;
+use ballast_engine::stats::{OpKind, Proto};
 use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, Task};
 use ballast_ffi::Op;
 use ballast_tls::{offload_to_kernel, Pump, TlsLink, TlsSession};
@@ -604,7 +604,14 @@ impl Conn {
                 if dev.write_now(offset, &input[..n]) {
                     let pw = self.payload.take().expect("pending write");
                     self.bytes_inflight -= pw.req.length;
-                    cx.stats().record(dev.info().stats_id, OpKind::Write, n as u64, 0, true);
+                    cx.stats().record(
+                        dev.info().stats_id,
+                        Proto::Nbd,
+                        OpKind::Write,
+                        n as u64,
+                        0,
+                        true,
+                    );
                     cx.stats().writes_now += 1;
                     if !self.send_broken() {
                         let to = self.reply_to(pw.req.handle, pw.req.offset);
@@ -711,7 +718,7 @@ impl Conn {
                 } else {
                     self.reply_status(to, 0, "");
                 }
-                cx.stats().record(dev.info().stats_id, OpKind::Read, 0, 0, true);
+                cx.stats().record(dev.info().stats_id, Proto::Nbd, OpKind::Read, 0, 0, true);
             }
             Action::Trim { len: 0, .. } | Action::WriteZeroes { len: 0, .. } => {
                 // Nothing to change (fallocate would refuse an empty range).
@@ -720,7 +727,14 @@ impl Conn {
             Action::Read { offset, len, .. } if charge == 0 && len > 0 => {
                 codec::encode_offset_hole(self.scratch_reset(), to, true, offset, len);
                 self.flush_scratch();
-                cx.stats().record(dev.info().stats_id, OpKind::Read, u64::from(len), 0, true);
+                cx.stats().record(
+                    dev.info().stats_id,
+                    Proto::Nbd,
+                    OpKind::Read,
+                    u64::from(len),
+                    0,
+                    true,
+                );
             }
             Action::Read { offset, len, .. } => {
                 // Only on a plain socket: a TLS layer would have to read lent bytes.
@@ -733,7 +747,7 @@ impl Conn {
                     // Answered from the device's memory: no I/O, no buffer, no copy of ours.
                     Some(data) => {
                         let id = dev.info().stats_id;
-                        cx.stats().record(id, OpKind::Read, u64::from(len), 0, true);
+                        cx.stats().record(id, Proto::Nbd, OpKind::Read, u64::from(len), 0, true);
                         cx.stats().reads_lent += 1;
                         if self.send_broken() {
                             self.mem.release(cx, charge);
@@ -810,7 +824,7 @@ impl Conn {
 
     /// Takes a request in: it counts as in flight on its device until its completion.
     fn track(&mut self, cx: &mut Cx<'_>, req: &Request, kind: OpKind, charged: u64) -> u32 {
-        cx.stats().submitted(self.stats_id());
+        cx.stats().submitted(self.stats_id(), Proto::Nbd);
         if kind == OpKind::Read {
             self.bytes_inflight += req.length;
         }
@@ -1068,8 +1082,8 @@ impl Conn {
         }
         let latency_ns = req.started.elapsed().as_nanos() as u64;
         let dev = self.stats_id();
-        cx.stats().retired(dev);
-        cx.stats().record(dev, req.kind, req.len, latency_ns, error == 0);
+        cx.stats().retired(dev, Proto::Nbd);
+        cx.stats().record(dev, Proto::Nbd, req.kind, req.len, latency_ns, error == 0);
         let to = self.reply_to(req.handle, req.offset);
         match (req.kind, owned, error) {
             (OpKind::Read, Owned::Buf(data), 0) if !self.send_broken() => {

@@ -55,7 +55,7 @@ use ballast_engine::offload::Away;
 use ballast_engine::placed::Movable;
 use ballast_engine::recvbuf::{Posted, RecvBuf};
 use ballast_engine::sendq::SendQueue;
-use ballast_engine::stats::OpKind;
+use ballast_engine::stats::{OpKind, Proto};
 use ballast_engine::{BlockDev, Cx, IoBuf, IoCmd, Owned, Task};
 use ballast_ffi::region::Lent;
 use ballast_tls::{offload_to_kernel, Pump, TlsLink, TlsSession};
@@ -1420,7 +1420,7 @@ impl Queue {
         bytes: u32,
         pending: u32,
     ) -> u32 {
-        cx.stats().submitted(stats_id(ns.as_ref()));
+        cx.stats().submitted(stats_id(ns.as_ref()), Proto::Nvmf);
         let key = self.cmds.insert(Cmd {
             sqe,
             ns,
@@ -1443,7 +1443,7 @@ impl Queue {
         if let (Some(e), Some(ns)) = (cmd.executing.take(), cmd.ns.as_ref()) {
             ns.resv.exit(e);
         }
-        cx.stats().retired(stats_id(cmd.ns.as_ref()));
+        cx.stats().retired(stats_id(cmd.ns.as_ref()), Proto::Nvmf);
         cmd
     }
 
@@ -1784,6 +1784,7 @@ impl Queue {
         let latency_ns = cmd.started.elapsed().as_nanos() as u64;
         cx.stats().record(
             stats_id(cmd.ns.as_ref()),
+            Proto::Nvmf,
             cmd.kind,
             u64::from(cmd.bytes),
             latency_ns,
@@ -1813,7 +1814,7 @@ impl Queue {
     /// Counts a command answered as it was taken (no I/O): in the core's statistics, with no
     /// time in flight, and in the SMART log.
     fn done_at_once(&mut self, cx: &mut Cx<'_>, ns: &Namespace, kind: OpKind, len: u32) {
-        cx.stats().record(ns.dev.info().stats_id, kind, u64::from(len), 0, true);
+        cx.stats().record(ns.dev.info().stats_id, Proto::Nvmf, kind, u64::from(len), 0, true);
         self.count_done(kind, len);
     }
 

@@ -233,6 +233,28 @@ def main(r):
         r.check("report: type 2, A holds, B registered",
                 st == 0 and rtype == 2 and sorted(regs) == sorted([(HA, KA, True), (HB, KB, False)]),
                 (st, rtype, regs))
+        # The control plane's view (ballast's nvmf_ns_get_reservation): the same, without keys.
+        p = b.ctl("rpc", "nvmf_ns_get_reservation", json.dumps({"nqn": PREFIX + "v", "nsid": 1}))
+        view = json.loads(p.stdout) if p.returncode == 0 else {}
+        uuid = lambda h: "-".join(h.hex()[a:b] for a, b in ((0, 8), (8, 12), (12, 16),
+                                                                     (16, 20), (20, 32)))
+        r.check_eq("nvmf_ns_get_reservation: type 2, the generation, A holds, B registered, each "
+                   "with its connected host NQN",
+                   (2, gen, [(uuid(HA), [nvmeraw.HOSTNQN], True), (uuid(HB), [nvmeraw.HOSTNQN], False)]),
+                   (view.get("rtype"), view.get("generation"),
+                    [(e["hostid"], e["hostnqns"], e["holds"]) for e in view.get("registrants", [])]))
+        r.check("...and no key in it", p.returncode == 0 and all(
+            str(k) not in p.stdout and ("%x" % k) not in p.stdout.lower() for k in (KA, KB)),
+            p.stdout)
+        p = b.ctl("nvmf", "reservation", "v")
+        lines = p.stdout.splitlines()
+        r.check("ballast nvmf reservation v: the type, the generation, who holds it",
+                p.returncode == 0 and "v namespace 1: exclusive_access, generation %d, PTPL off" % gen
+                in lines[0] and any(l.split()[:2] == [uuid(HA), "yes"] for l in lines)
+                and any(l.split()[:2] == [uuid(HB), "no"] for l in lines), p.stdout + p.stderr)
+        p = b.ctl("rpc", "nvmf_ns_get_reservation", json.dumps({"nqn": PREFIX + "v", "nsid": 9}))
+        r.check("...of a namespace the subsystem lacks: an error naming it",
+                p.returncode != 0 and "no namespace 9" in p.stdout + p.stderr, p.stdout + p.stderr)
         r.check_eq("A's second controller (same host) writes", 0, write4k(a2, 1, 0xA1))
         for what, op, cdw, data, sgl, length in guarded_commands(0):
             st, dnr = command(bq, op, cdw, data, sgl, length)

@@ -13,7 +13,8 @@ use serde::Serialize;
 use crate::client::{self, Align};
 use crate::rpc_nvmf::{
     AddListener, AddNs, CreateSubsystem, GetSubsystems, Host, ListenAddress, ListenEntry,
-    ListenerEntry, Nqn, NsParams, SecureChannelParam, SetAnaState, SubsystemEntry,
+    ListenerEntry, Nqn, NsParams, NsRef, ReservationView, SecureChannelParam, SetAnaState,
+    SubsystemEntry,
 };
 
 /// Where a command goes and how it prints.
@@ -121,6 +122,16 @@ pub enum NvmfCommand {
     /// The addresses a subsystem listens on, with each ANA group's state there.
     Listeners {
         nqn: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// A namespace's NVMe reservation: its type, generation, PTPL, and the registered hosts
+    /// (identifier, the host NQNs connected with it now, whether it holds it); never the keys.
+    Reservation {
+        nqn: String,
+        /// The namespace id.
+        #[arg(long, default_value_t = 1)]
+        nsid: u32,
         #[command(flatten)]
         out: Out,
     },
@@ -305,6 +316,44 @@ pub fn run(cmd: NvmfCommand) -> anyhow::Result<()> {
                 ("SECURE", Align::Left),
                 ("ANA (GROUP:STATE)", Align::Left),
             ];
+            print!("{}", client::table(&columns, rows));
+            Ok(())
+        }
+        NvmfCommand::Reservation { nqn, nsid, out } => {
+            let params = NsRef { nqn: full_nqn(&nqn), nsid, tgt_name: None };
+            let v: ReservationView = client::call(&out.target, "nvmf_ns_get_reservation", &params)?;
+            if out.json {
+                return client::print_json(&v);
+            }
+            const TYPES: [&str; 7] = [
+                "none",
+                "write_exclusive",
+                "exclusive_access",
+                "write_exclusive_registrants_only",
+                "exclusive_access_registrants_only",
+                "write_exclusive_all_registrants",
+                "exclusive_access_all_registrants",
+            ];
+            let kind = TYPES.get(usize::from(v.rtype)).copied().unwrap_or("unknown");
+            let ptpl = match (v.ptpl, v.ptpl_capable) {
+                (true, _) => "on",
+                (false, true) => "off",
+                (false, false) => "off (no pool)",
+            };
+            println!(
+                "{} namespace {}: {kind}, generation {}, PTPL {ptpl}",
+                params.nqn, v.nsid, v.generation
+            );
+            let rows = v
+                .registrants
+                .iter()
+                .map(|e| {
+                    let holds = if e.holds { "yes" } else { "no" };
+                    vec![e.hostid.clone(), holds.to_string(), e.hostnqns.join(",")]
+                })
+                .collect();
+            let columns =
+                [("HOSTID", Align::Left), ("HOLDS", Align::Left), ("CONNECTED AS", Align::Left)];
             print!("{}", client::table(&columns, rows));
             Ok(())
         }

@@ -294,7 +294,69 @@ pub const METHODS: &[Method] = &[
     Method { name: "nvmf_subsystem_set_keys", call: set_keys },
     Method { name: "nvmf_subsystem_get_controllers", call: get_controllers },
     Method { name: "nvmf_subsystem_get_qpairs", call: get_qpairs },
+    Method { name: "nvmf_ns_get_reservation", call: get_reservation },
 ];
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NsRef {
+    pub nqn: String,
+    pub nsid: u32,
+    pub tgt_name: Option<String>,
+}
+
+/// One registrant of `nvmf_ns_get_reservation` (no key: a key lets a peer preempt).
+#[derive(Serialize, Deserialize)]
+pub struct RegistrantEntry {
+    pub hostid: String,
+    /// Hosts of the subsystem's controllers connected with this identifier now.
+    pub hostnqns: Vec<String>,
+    pub holds: bool,
+}
+
+/// `nvmf_ns_get_reservation`'s result.
+#[derive(Serialize, Deserialize)]
+pub struct ReservationView {
+    pub nsid: u32,
+    pub generation: u32,
+    /// The reservation's type (1-6), 0 when none is held.
+    pub rtype: u8,
+    pub ptpl: bool,
+    /// PTPL can be turned on (a pool keeps the table).
+    pub ptpl_capable: bool,
+    pub registrants: Vec<RegistrantEntry>,
+}
+
+/// `nvmf_ns_get_reservation {nqn, nsid}` (ballast's own; SPDK has none): a namespace's NVMe
+/// reservation as hosts' Reservation Report sees it, without the keys.
+fn get_reservation(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let r: NsRef = params(p, G)?;
+    check_target(r.tgt_name.as_deref())?;
+    let subsys = control.target.subsystem(&r.nqn).ok_or_else(|| not_found(&r.nqn))?;
+    let ns =
+        subsys.namespace(r.nsid).ok_or(SubsysError::NoNamespace(r.nsid)).map_err(subsys_err)?;
+    let st = ns.resv.status();
+    let ctrls = control.target.controllers_of(&r.nqn);
+    let registrants: Vec<RegistrantEntry> = st
+        .registrants
+        .iter()
+        .map(|(host, holds)| {
+            let mut hostnqns: Vec<String> =
+                ctrls.iter().filter(|c| c.hostid == *host).map(|c| c.hostnqn.clone()).collect();
+            hostnqns.sort();
+            hostnqns.dedup();
+            RegistrantEntry { hostid: hostid_text(host), hostnqns, holds: *holds }
+        })
+        .collect();
+    Ok(json!(ReservationView {
+        nsid: r.nsid,
+        generation: st.generation,
+        rtype: st.rtype.unwrap_or(0),
+        ptpl: st.ptpl,
+        ptpl_capable: st.persistent,
+        registrants,
+    }))
+}
 
 fn create_transport(_: &Control, p: &Value) -> Result<Value, RpcError> {
     let t: CreateTransport = params(p, G)?;

@@ -192,6 +192,19 @@ struct Held {
     holder: Holder,
 }
 
+/// A namespace's reservations as the control plane sees them ([`Reservations::status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResvStatus {
+    pub generation: u32,
+    /// The reservation's type (1–6), if one is held.
+    pub rtype: Option<u8>,
+    pub ptpl: bool,
+    /// The table can be kept across restarts (a pool serves the namespace).
+    pub persistent: bool,
+    /// Registrants in registration order, and whether each holds the reservation.
+    pub registrants: Vec<(HostId, bool)>,
+}
+
 /// One namespace's registrations and reservation.
 #[derive(Debug, Clone)]
 pub struct Reservations {
@@ -698,6 +711,18 @@ impl Reservations {
                 status::SUCCESS
             }
             _ => status::INVALID_FIELD,
+        }
+    }
+
+    /// What the control plane shows of the table (never the keys: a key lets its holder's
+    /// peers preempt it).
+    pub fn status(&self) -> ResvStatus {
+        ResvStatus {
+            generation: self.generation,
+            rtype: self.held.map(|h| h.kind as u8),
+            ptpl: self.ptpl,
+            persistent: self.persistent,
+            registrants: self.registrants.iter().map(|r| (r.host, self.holds(&r.host))).collect(),
         }
     }
 

@@ -27,7 +27,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 
 use crate::nvme::{status, Status};
-use crate::resv::{Access, HostId, Notice, Reservations, ResvStore};
+use crate::resv::{Access, HostId, Notice, Reservations, ResvStatus, ResvStore};
 
 /// Shards of the executing-write counters (cores map onto them modulo this many): 1 KiB a
 /// namespace.
@@ -200,6 +200,11 @@ impl ResvCell {
     pub fn persistence(&self) -> (bool, bool) {
         let t = self.table.lock();
         (t.r.can_persist(), t.r.ptpl())
+    }
+
+    /// The table now, as the control plane shows it.
+    pub fn status(&self) -> ResvStatus {
+        self.table.lock().r.status()
     }
 
     /// Reservation Report of the table now.

@@ -188,6 +188,8 @@ fn preempt_takes_the_reservation_and_drops_the_preempted_registrations() {
     let report = r.report(1, 4096).unwrap();
     assert_eq!(report[4], 2);
     assert_eq!(u16::from_le_bytes([report[5], report[6]]), 1);
+    let st = r.status();
+    assert_eq!((st.rtype, st.generation, st.registrants), (Some(2), g + 1, vec![(B, true)]));
     // A key nobody has: conflict; key 0 against a one-holder type: invalid field.
     register(&mut r, &A, 5);
     assert_eq!(preempt(&mut r, &A, 5, 99, 1), RESERVATION_CONFLICT);

@@ -249,8 +249,8 @@ def main(r):
         p = b.ctl("nvmf", "reservation", "v")
         lines = p.stdout.splitlines()
         r.check("ballast nvmf reservation v: the type, the generation, who holds it",
-                p.returncode == 0 and "v namespace 1: exclusive_access, generation %d, PTPL off" % gen
-                in lines[0] and any(l.split()[:2] == [uuid(HA), "yes"] for l in lines)
+                p.returncode == 0 and lines and
+                "v namespace 1: exclusive_access, generation %d, PTPL off" % gen in lines[0] and any(l.split()[:2] == [uuid(HA), "yes"] for l in lines)
                 and any(l.split()[:2] == [uuid(HB), "no"] for l in lines), p.stdout + p.stderr)
         p = b.ctl("rpc", "nvmf_ns_get_reservation", json.dumps({"nqn": PREFIX + "v", "nsid": 9}))
         r.check("...of a namespace the subsystem lacks: an error naming it",
@@ -391,8 +391,11 @@ def main(r):
         st, gen, rtype, regs = report(a)
         r.check("...after kill -9 and a restart B's registration is there, PTPL on",
                 st == 0 and regs == [(HB, KB, False)] and ptpls(a) == 1, (st, regs))
-        r.check_eq("Set Features turns it off (B unregisters)", (0, 0),
-                   (set_ptpl(adm_a, 0), register(bq, 1, KB, 0)))
+        r.check_eq("Set Features turns it off (B still registered)", 0, set_ptpl(adm_a, 0))
+        adm_a, a, adm_b, bq = kill_and_reconnect(b, (a, adm_a, bq, adm_b))
+        st, gen, rtype, regs = report(a)
+        r.check("...after kill -9 and a restart nothing is kept (the pool forgot the table)",
+                st == 0 and regs == [] and ptpls(a) == 0, (st, regs))
         # PTPL on, then the namespace goes: what was kept goes with it.
         r.check_eq("A registers with PTPL again and acquires", 0,
                    register(a, 0, 0, KA, cptpl=3) | acquire(a, 0, 2, KA))

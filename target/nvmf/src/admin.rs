@@ -793,6 +793,8 @@ mod tests {
             status::INVALID_FIELD
         );
         assert_eq!(feat(&mut a, admin::SET_FEATURES, FEAT_RESV_PERSIST, 0).0, status::SUCCESS);
+        let all = cmd(admin::SET_FEATURES, u32::MAX, [FEAT_RESV_PERSIST as u32, 1, 0, 0, 0, 0]);
+        assert_eq!(a.execute(&t, &all).status, status::INVALID_NAMESPACE, "one namespace only");
         let mut log =
             cmd(admin::GET_LOG_PAGE, 0, [(15 << 16) | LOG_RESERVATION as u32, 0, 0, 0, 0, 0]);
         log.sgl_len = 64;

@@ -300,7 +300,7 @@ pub fn capsule_case(input: &[u8], meter: &mut impl Meter) {
 
 /// `reservations`: a sequence of reservation commands from four hosts against one namespace's
 /// [`Reservations`] (limit 3: the limit is reached), 22 bytes each: host, command (Register,
-/// Acquire, Release, Report, Set Features Reservation Persistence), CDW10, CDW11, data length
+/// Acquire, Release, Set Features Reservation Persistence, Report), CDW10, CDW11, data length
 /// (0..=16) and 16 bytes of keys (only the first `length` given). Every command keeps the
 /// invariants (each asserts them), a report is never longer than the host's buffer nor
 /// [`Reservations::report_max`], notifications never go to the issuer and at most one to each

@@ -1318,8 +1318,12 @@ impl Queue {
     fn wait_resv_save(&mut self, cx: &mut Cx<'_>, cid: u16, nsid: u32, version: u64) {
         let Some(ns) = self.io_namespace(nsid) else {
             // Removed meanwhile: what was kept went with it.
-            return self.respond(cid, 0, 0, status::SUCCESS);
+            return self.respond(cid, 0, 0, status::INVALID_NAMESPACE);
         };
+        // A host past its admin queue's size: the change stays to be kept by the next command.
+        if self.resv_waits.len() >= usize::from(self.sq_entries) {
+            return self.respond(cid, 0, 0, status::INTERNAL);
+        }
         if !ns.resv.queue_save() {
             tracing::warn!(peer = %self.peer, "NVMe reservation change not kept: the saver's queue is full");
             return self.respond(cid, 0, 0, status::INTERNAL);

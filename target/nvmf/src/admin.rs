@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::identify;
 use crate::nvme::{admin, prop, status, Sqe, Status};
 use crate::resv_log::{self, ResvLog};
-use crate::subsys::{Controller, Target};
+use crate::subsys::{Controller, Namespace, Target};
 
 /// What an admin command produced.
 #[derive(Debug, Default)]
@@ -20,9 +20,21 @@ pub struct Reply {
     pub data: Option<Vec<u8>>,
     /// The command is held (Asynchronous Event Request): no response now.
     pub held: bool,
-    /// The response waits until this version of namespace `.0`'s reservation table is kept
+    /// The response waits until this version of the namespace's reservation table is kept
     /// (Set Features Reservation Persistence turned PTPL on or off in a pool).
-    pub resv_save: Option<(u32, u64)>,
+    pub resv_save: Option<KeptAfter>,
+}
+
+/// A namespace's reservation table, and the version of it a response waits to see kept.
+pub struct KeptAfter {
+    pub ns: Arc<Namespace>,
+    pub version: u64,
+}
+
+impl std::fmt::Debug for KeptAfter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeptAfter {{ nsid: {}, version: {} }}", self.ns.nsid, self.version)
+    }
 }
 
 impl Reply {
@@ -375,7 +387,8 @@ impl AdminState {
                 };
                 match ns.resv.command(|r| r.set_ptpl(sqe.cdw11 & 1 != 0)) {
                     (status::SUCCESS, save) => {
-                        Reply { resv_save: save.map(|v| (sqe.nsid, v)), ..Reply::default() }
+                        let resv_save = save.map(|version| KeptAfter { ns, version });
+                        Reply { resv_save, ..Reply::default() }
                     }
                     (st, ..) => Reply::status(st),
                 }

@@ -1128,8 +1128,15 @@ impl Queue {
         if reply.held {
             return;
         }
-        if let Some((nsid, version)) = reply.resv_save {
-            return self.wait_resv_save(cx, sqe.cid, nsid, version);
+        if let Some(kept) = reply.resv_save {
+            // A host past its admin queue's size: the change stays to be kept by the
+            // namespace's next reservation command.
+            if self.resv_waits.len() >= usize::from(self.sq_entries) {
+                return self.respond(sqe.cid, 0, 0, status::INTERNAL);
+            }
+            let (cid, ns, save) = (sqe.cid, Arc::new(kept.ns), Some(kept.version));
+            let w = ResvWait { cid, status: status::SUCCESS, ns, save, drain: Drain::Done };
+            return self.wait_resv(cx, w);
         }
         match reply.data {
             Some(bytes) if reply.status == status::SUCCESS => {
@@ -1300,42 +1307,20 @@ impl Queue {
         if save.is_none() && drain == Drain::Done {
             return self.respond(sqe.cid, 0, 0, st);
         }
-        // Persist Through Power Loss: the change is kept (by the target's saver thread, never
-        // here: the pool's write waits for a core) before the command completes. A save that
-        // cannot be queued or fails answers Internal Error; the table stays to be kept, so
-        // the host's retry saves it.
-        if save.is_some() && !ns.resv.queue_save() {
-            tracing::warn!(peer = %self.peer, "NVMe reservation change not kept: the saver's queue is full");
-            return self.respond(sqe.cid, 0, 0, status::INTERNAL);
-        }
-        self.resv_waits.push(ResvWait { cid: sqe.cid, status: st, ns, save, drain });
-        self.on_resv_waits(cx);
+        self.wait_resv(cx, ResvWait { cid: sqe.cid, status: st, ns, save, drain });
     }
 
-    /// An admin command that changed namespace `nsid`'s kept reservation table answers once
-    /// `version` is kept (Internal Error if it cannot be: the change stays to be kept by the
-    /// namespace's next reservation command).
-    fn wait_resv_save(&mut self, cx: &mut Cx<'_>, cid: u16, nsid: u32, version: u64) {
-        let Some(ns) = self.io_namespace(nsid) else {
-            // Removed meanwhile: what was kept went with it.
-            return self.respond(cid, 0, 0, status::INVALID_NAMESPACE);
-        };
-        // A host past its admin queue's size: the change stays to be kept by the next command.
-        if self.resv_waits.len() >= usize::from(self.sq_entries) {
-            return self.respond(cid, 0, 0, status::INTERNAL);
-        }
-        if !ns.resv.queue_save() {
+    /// A reservation change (a Register, Acquire or Release; Set Features Reservation
+    /// Persistence on the admin queue) answers once what it waits for is done. Persist Through
+    /// Power Loss: the change is kept (by the target's saver thread, never here: the pool's
+    /// write waits for a core) before the command completes. A save that cannot be queued or
+    /// fails answers Internal Error; the table stays to be kept, so the host's retry saves it.
+    fn wait_resv(&mut self, cx: &mut Cx<'_>, w: ResvWait) {
+        if w.save.is_some() && !w.ns.resv.queue_save() {
             tracing::warn!(peer = %self.peer, "NVMe reservation change not kept: the saver's queue is full");
-            return self.respond(cid, 0, 0, status::INTERNAL);
+            return self.respond(w.cid, 0, 0, status::INTERNAL);
         }
-        let save = Some(version);
-        self.resv_waits.push(ResvWait {
-            cid,
-            status: status::SUCCESS,
-            ns,
-            save,
-            drain: Drain::Done,
-        });
+        self.resv_waits.push(w);
         self.on_resv_waits(cx);
     }
 

@@ -256,6 +256,15 @@ fn release_and_clear() {
     assert_eq!(r.release(&A, 1 << 3, &data(1, 0)), status::INVALID_FIELD, "IEKEY");
 }
 
+/// A table with `hosts` registered in order, under their keys.
+fn registered(hosts: &[(HostId, u64)]) -> Reservations {
+    let mut r = Reservations::default();
+    for (h, key) in hosts {
+        assert_eq!(register(&mut r, h, *key), status::SUCCESS);
+    }
+    r
+}
+
 fn notices(r: &mut Reservations) -> Vec<(HostId, NoticeKind)> {
     let mut n: Vec<_> = r.take_notices().into_iter().map(|n| (n.host, n.kind)).collect();
     n.sort_by_key(|(h, _)| *h);
@@ -265,10 +274,7 @@ fn notices(r: &mut Reservations) -> Vec<(HostId, NoticeKind)> {
 #[test]
 fn a_preempt_tells_the_hosts_it_unregistered_and_no_one_else() {
     use NoticeKind::*;
-    let mut r = Reservations::default();
-    register(&mut r, &A, 1);
-    register(&mut r, &B, 2);
-    register(&mut r, &C, 1);
+    let mut r = registered(&[(A, 1), (B, 2), (C, 1)]);
     assert!(notices(&mut r).is_empty(), "registering tells nobody");
     acquire(&mut r, &A, 1, 1);
     assert!(notices(&mut r).is_empty(), "acquiring tells nobody");
@@ -297,10 +303,7 @@ fn a_preempt_tells_the_hosts_it_unregistered_and_no_one_else() {
 fn releases_tell_the_other_registrants_only_where_the_type_admits_them() {
     use NoticeKind::*;
     for (kind, told) in [(1, false), (2, false), (3, true), (4, true), (5, true), (6, true)] {
-        let mut r = Reservations::default();
-        register(&mut r, &A, 1);
-        register(&mut r, &B, 2);
-        register(&mut r, &C, 3);
+        let mut r = registered(&[(A, 1), (B, 2), (C, 3)]);
         acquire(&mut r, &A, 1, kind);
         assert_eq!(release(&mut r, &A, 1, kind), status::SUCCESS);
         let want =
@@ -318,9 +321,7 @@ fn releases_tell_the_other_registrants_only_where_the_type_admits_them() {
         assert_eq!(notices(&mut r), want, "type {kind}: the holder unregistered");
     }
     // A release by a host that does not hold it changes nothing and tells nobody.
-    let mut r = Reservations::default();
-    register(&mut r, &A, 1);
-    register(&mut r, &B, 2);
+    let mut r = registered(&[(A, 1), (B, 2)]);
     acquire(&mut r, &A, 1, 3);
     assert_eq!(release(&mut r, &B, 2, 3), status::SUCCESS);
     assert!(notices(&mut r).is_empty());
@@ -331,10 +332,7 @@ fn releases_tell_the_other_registrants_only_where_the_type_admits_them() {
 #[test]
 fn a_clear_tells_every_other_registrant_its_reservation_was_preempted() {
     use NoticeKind::*;
-    let mut r = Reservations::default();
-    register(&mut r, &A, 1);
-    register(&mut r, &B, 2);
-    register(&mut r, &C, 3);
+    let mut r = registered(&[(A, 1), (B, 2), (C, 3)]);
     acquire(&mut r, &B, 2, 1);
     assert_eq!(r.release(&C, 1, &data(3, 0)), status::SUCCESS);
     assert_eq!(notices(&mut r), vec![(A, ReservationPreempted), (B, ReservationPreempted)]);

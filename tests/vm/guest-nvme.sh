@@ -41,6 +41,20 @@ queues=$(ls -d /sys/class/nvme/nvme0/device/../nvme0/* >/dev/null 2>&1; cat /sys
 echo "queue_count: $queues"
 check "fio randwrite 4k-256k (bsrange) QD16 crc32c verify (digests on)" fio --name=v --filename=$D --rw=randwrite --bsrange=4k-256k --size=$FIO_SIZE --ioengine=libaio --direct=1 --iodepth=16 --verify=crc32c --verify_fatal=1 --output-format=terse
 check "nvme flush" nvme flush $D -n 1
+# The Error Information log (log page 01h): a read past the end, as nvme-cli's error-log shows it.
+blocks=$(( $(blockdev --getsize64 $D) / 4096 ))
+check "nvme read past the end fails (LBA Out of Range)" sh -c "! nvme read $D -s $blocks -c 0 -z 4096 -d /tmp/past >/dev/null 2>&1"
+elog=$(nvme error-log /dev/nvme0 -e 1 -o json 2>&1); echo "$elog"
+elog_ok() {
+  echo "$elog" | grep -Eq "\"lba\" *: *$blocks([^0-9]|\$)" && echo "$elog" | grep -Eq '"nsid" *: *1([^0-9]|$)' \
+    && echo "$elog" | grep -Eq '"status_field" *: *(16512|33024)([^0-9]|$)'
+}
+check "nvme error-log: its newest entry is that read (LBA $blocks, namespace 1, SC 80h with DNR)" elog_ok
+# Linux's connect (Identify CNS 06h among its commands) met no error before it: the read is the first.
+check "...and the first error of the controller (error_count 1)" sh -c "echo '$elog' | grep -Eq '\"error_count\" *: *1([^0-9]|\$)'"
+smart=$(nvme smart-log /dev/nvme0 -o json 2>&1); echo "$smart"
+nerr=$(echo "$smart" | grep -Eo '"num_err_log_entries" *: *"?[0-9]+' | grep -Eo '[0-9]+$')
+check "nvme smart-log counts it (num_err_log_entries ${nerr:-none})" test "${nerr:-0}" -ge 1
 dd if=/dev/urandom of=$D bs=1M count=4 seek=8 oflag=direct 2>/dev/null
 check "blkdiscard of 4 MiB" blkdiscard -o $((8<<20)) -l $((4<<20)) $D
 check "discarded range reads zeros" sh -c "dd if=$D bs=1M skip=8 count=4 iflag=direct 2>/dev/null | cmp -s - /dev/zero -n $((4<<20)) || [ \$(dd if=$D bs=1M skip=8 count=4 iflag=direct 2>/dev/null | tr -d '\0' | wc -c) -eq 0 ]"

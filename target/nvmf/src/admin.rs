@@ -256,6 +256,11 @@ impl AdminState {
                 }
                 _ => Reply::status(status::INVALID_NAMESPACE),
             },
+            // The NVM command set's (CSI 0: CDW11 bits 31:24) I/O Command Set specific Identify
+            // Controller, which Linux's host asks for its Write Zeroes and Dataset Management
+            // limits at every connect: all zero, no limit beyond each command's own fields (a
+            // Dataset Management's 256 ranges fit in its capsule), as nvmet answers.
+            0x06 if sqe.cdw11 >> 24 == 0 => Reply::data(vec![0u8; identify::IDENTIFY_LEN]),
             _ => Reply::status(status::INVALID_FIELD),
         }
     }
@@ -275,7 +280,7 @@ impl AdminState {
             (LOG_DISCOVERY, true) => {
                 identify::discovery_log(target, &self.ctrl.hostnqn, &self.ctrl.via)
             }
-            (LOG_ERROR, _) => vec![0u8; 64],
+            (LOG_ERROR, _) => self.ctrl.errors.lock().page(),
             (LOG_SMART, false) => identify::smart_log(&self.ctrl),
             (LOG_FIRMWARE, false) => identify::firmware_log(),
             (LOG_CHANGED_NS, false) => identify::changed_namespaces_log(&self.ctrl, retain),
@@ -547,6 +552,50 @@ mod tests {
         assert_eq!(u32::from_le_bytes(log[0..4].try_into().unwrap()), 3, "still listed");
         let log = read(&mut a, 0).data.expect("the log");
         assert_eq!(u32::from_le_bytes(log[0..4].try_into().unwrap()), 0, "read once: emptied");
+    }
+
+    /// Log page 01h shows the controller's recorded errors newest first; the SMART log counts
+    /// them all; Identify Controller's ELPE says how many the page holds.
+    #[test]
+    fn the_error_log_page_shows_recorded_errors_newest_first() {
+        use crate::error_log::{ErrorEntry, ENTRY_LEN, PAGE_LEN, SLOTS};
+        let (t, mut a) = setup();
+        assert_eq!(a.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
+        let id = a.execute(&t, &cmd(admin::IDENTIFY, 0, [1, 0, 0, 0, 0, 0])).data.unwrap();
+        assert_eq!(usize::from(id[262]) + 1, SLOTS, "ELPE");
+        // LID 01h, NUMD 1023: the whole page.
+        let read = |a: &mut AdminState| {
+            a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x03ff_0001, 0, 0, 0, 0, 0]))
+                .data
+                .expect("the error log")
+        };
+        assert!(read(&mut a).iter().all(|&b| b == 0), "no error yet");
+        for (cid, st) in [(5u16, status::INVALID_FIELD), (6, status::INVALID_NAMESPACE)] {
+            let bad = Sqe { cid, ..cmd(admin::GET_FEATURES, 9, [0; 6]) };
+            a.ctrl.errors.lock().record(ErrorEntry::of(0, &bad, st));
+        }
+        let log = read(&mut a);
+        assert_eq!(log.len(), PAGE_LEN);
+        let field = |slot: usize, at: usize| {
+            u16::from_le_bytes(log[slot * ENTRY_LEN + at..][..2].try_into().unwrap())
+        };
+        assert_eq!((log[0], field(0, 10), field(0, 14)), (2, 6, 4), "newest: count 2, cid 6");
+        assert_eq!((log[ENTRY_LEN], field(1, 10), field(1, 14)), (1, 5, 0xffff));
+        let smart = a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x007f_0002, 0, 0, 0, 0, 0]));
+        let smart = smart.data.unwrap();
+        assert_eq!(u64::from_le_bytes(smart[176..184].try_into().unwrap()), 2);
+    }
+
+    /// Identify CNS 06h for the NVM command set (Linux's host asks at every connect): a
+    /// zeroed structure, no limits; another command set: Invalid Field.
+    #[test]
+    fn identify_cns_6_answers_for_the_nvm_command_set_only() {
+        let (t, mut a) = setup();
+        assert_eq!(a.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
+        let nvm = a.execute(&t, &cmd(admin::IDENTIFY, 0, [6, 0, 0, 0, 0, 0]));
+        assert_eq!(nvm.data.expect("the structure"), vec![0u8; identify::IDENTIFY_LEN]);
+        let zns = a.execute(&t, &cmd(admin::IDENTIFY, 0, [6, 2 << 24, 0, 0, 0, 0]));
+        assert_eq!(zns.status, status::INVALID_FIELD);
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub fn controller(ctrl: &Controller) -> Vec<u8> {
     b[259] = (AER_LIMIT - 1) as u8; // AERL
     b[260] = 0x03; // FRMW: one slot, read-only
     b[261] = 0x04; // LPA: extended data for Get Log Page
+    b[262] = (crate::error_log::SLOTS - 1) as u8; // ELPE, 0's based
     put16(&mut b, 320, KAS_100MS);
     if !discovery {
         // ANA: every group id up to NN may be used (a namespace's is its id unless given), so
@@ -154,6 +155,8 @@ pub fn smart_log(ctrl: &Controller) -> Vec<u8> {
     put64(&mut b, 48, ctrl.bytes_written.load(Ordering::Relaxed).div_ceil(512_000));
     put64(&mut b, 64, ctrl.host_reads.load(Ordering::Relaxed));
     put64(&mut b, 80, ctrl.host_writes.load(Ordering::Relaxed));
+    // Number of Error Information Log Entries, over the controller's life (128 bits).
+    put64(&mut b, 176, ctrl.errors.lock().total());
     b
 }
 

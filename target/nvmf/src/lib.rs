@@ -3,6 +3,7 @@
 //! Layers, kept apart:
 //! - [`pdu`] and [`nvme`]: NVMe/TCP PDUs and NVMe structures ⇄ bytes (pure, golden-tested);
 //! - [`admin`] and [`identify`]: the admin command set and the data it returns (pure);
+//! - [`error_log`]: a controller's Error Information log (pure);
 //! - [`subsys`]: subsystems, namespaces, allowed hosts, the controller registry;
 //! - [`ana`]: Asymmetric Namespace Access: paths' states, the ANA log page (pure);
 //! - [`queue`]: the task on an engine core that owns one queue pair's socket;
@@ -15,6 +16,7 @@
 pub mod admin;
 pub mod ana;
 pub mod auth;
+pub mod error_log;
 pub mod fuzzing;
 pub mod identify;
 pub mod nvme;

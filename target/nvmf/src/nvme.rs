@@ -209,12 +209,16 @@ pub fn encode_cqe(
     c[8..10].copy_from_slice(&sqhd.to_le_bytes());
     c[10..12].copy_from_slice(&sqid.to_le_bytes());
     c[12..14].copy_from_slice(&cid.to_le_bytes());
-    // Phase bit 0 is unused on fabrics; SC in bits 8:1, SCT in bits 11:9; DNR (bit 15) for
-    // errors a retry cannot cure.
-    let dnr = if status == status::SUCCESS || retryable(status) { 0 } else { 1 << 15 };
-    let sf: u16 = ((status & 0xff) << 1) | (((status >> 8) & 0x7) << 9) | dnr;
-    c[14..16].copy_from_slice(&sf.to_le_bytes());
+    c[14..16].copy_from_slice(&status_field(status).to_le_bytes());
     c
+}
+
+/// The Status Field of a completion (and of an Error Information log entry) for `status`:
+/// phase bit 0 unused on fabrics; SC in bits 8:1, SCT in bits 11:9; DNR (bit 15) for errors a
+/// retry cannot cure.
+pub fn status_field(status: Status) -> u16 {
+    let dnr = if status == status::SUCCESS || retryable(status) { 0 } else { 1 << 15 };
+    ((status & 0xff) << 1) | (((status >> 8) & 0x7) << 9) | dnr
 }
 
 /// Whether a failed command may succeed if the host sends it again (its completion then goes

@@ -70,6 +70,7 @@ use crate::auth::command::{
 };
 use crate::auth::machine::{Action, Event};
 use crate::auth::{OsEntropy, QueueAuth};
+use crate::error_log::ErrorEntry;
 use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
@@ -96,7 +97,7 @@ const ADMIN_UNSENT_MAX: u64 = 256 << 10;
 /// commands executing on the namespace under the epoch before it (the preempted hosts'
 /// among them).
 struct ResvWait {
-    cid: u16,
+    sqe: Sqe,
     status: Status,
     ns: QueueNs,
     save: Option<u64>,
@@ -151,7 +152,7 @@ const TAG_AUTH_WORK: u32 = u32::MAX - 8;
 
 /// What answering an authentication command needs once its step is done.
 struct AuthStep {
-    cid: u16,
+    sqe: Sqe,
     was_authenticated: bool,
     action: Action,
 }
@@ -656,11 +657,11 @@ impl Queue {
                 let sqe = Sqe::decode(&raw);
                 self.sqhd = (self.sqhd + 1) % self.sq_entries.max(1);
                 if !data_digest_ok {
-                    self.respond(sqe.cid, 0, 0, status::TRANSIENT_TRANSPORT_ERROR);
+                    self.answer(&sqe, 0, 0, status::TRANSIENT_TRANSPORT_ERROR);
                     return;
                 }
                 if data_len > IN_CAPSULE_BYTES as usize {
-                    self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+                    self.answer(&sqe, 0, 0, status::SGL_DATA_LENGTH_INVALID);
                     return;
                 }
                 self.on_capsule(cx, sqe, data);
@@ -714,7 +715,18 @@ impl Queue {
         self.phase = Phase::AwaitConnect;
     }
 
-    /// Queues a CapsuleResp for `cid`.
+    /// Queues a CapsuleResp for command `sqe`; an error is recorded in its controller's Error
+    /// Information log (once a controller exists: not for a refused Connect).
+    fn answer(&mut self, sqe: &Sqe, dw0: u32, dw1: u32, st: Status) {
+        if st != status::SUCCESS {
+            if let Some(ctrl) = &self.ctrl {
+                ctrl.errors.lock().record(ErrorEntry::of(self.qid, sqe, st));
+            }
+        }
+        self.respond(sqe.cid, dw0, dw1, st);
+    }
+
+    /// Queues a CapsuleResp for `cid`: a success, or (through [`Self::answer`]) an error.
     fn respond(&mut self, cid: u16, dw0: u32, dw1: u32, st: Status) {
         let cqe = nvme::encode_cqe(dw0, dw1, self.sqhd, self.qid, cid, st);
         self.scratch.clear();
@@ -789,11 +801,11 @@ impl Queue {
             return;
         }
         if self.phase != Phase::Ready {
-            self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
+            self.answer(&sqe, 0, 0, status::COMMAND_SEQUENCE);
             return;
         }
         if self.auth_pending() {
-            self.respond(sqe.cid, 0, 0, AUTH_REQUIRED);
+            self.answer(&sqe, 0, 0, AUTH_REQUIRED);
             return;
         }
         if self.qid == 0 {
@@ -806,32 +818,32 @@ impl Queue {
     fn on_fabrics(&mut self, cx: &mut Cx<'_>, sqe: &Sqe, data: &[u8]) {
         match (sqe.fctype, self.phase) {
             (fctype::CONNECT, Phase::AwaitConnect) => self.on_connect(cx, sqe, data),
-            (fctype::CONNECT, _) => self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE),
-            (_, Phase::AwaitConnect) => self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE),
+            (fctype::CONNECT, _) => self.answer(sqe, 0, 0, status::COMMAND_SEQUENCE),
+            (_, Phase::AwaitConnect) => self.answer(sqe, 0, 0, status::COMMAND_SEQUENCE),
             (FCTYPE_AUTH_SEND | FCTYPE_AUTH_RECEIVE, _) => self.on_auth(cx, sqe, data),
             (fctype::PROPERTY_SET, _) if self.auth_pending() => {
-                self.respond(sqe.cid, 0, 0, AUTH_REQUIRED)
+                self.answer(sqe, 0, 0, AUTH_REQUIRED)
             }
             (fctype::PROPERTY_GET, _) => {
                 let Some(admin) = self.admin.as_ref() else {
-                    return self.respond(sqe.cid, 0, 0, status::INVALID_FIELD);
+                    return self.answer(sqe, 0, 0, status::INVALID_FIELD);
                 };
                 let (st, v) = admin.property_get(sqe.cdw11, sqe.cdw10 & 0x7 == 1);
-                self.respond(sqe.cid, v as u32, (v >> 32) as u32, st);
+                self.answer(sqe, v as u32, (v >> 32) as u32, st);
             }
             (fctype::PROPERTY_SET, _) => {
                 let Some(admin) = self.admin.as_mut() else {
-                    return self.respond(sqe.cid, 0, 0, status::INVALID_FIELD);
+                    return self.answer(sqe, 0, 0, status::INVALID_FIELD);
                 };
                 let value = u64::from(sqe.cdw12) | (u64::from(sqe.cdw13) << 32);
                 let st = admin.property_set(sqe.cdw11, value);
-                self.respond(sqe.cid, 0, 0, st);
+                self.answer(sqe, 0, 0, st);
             }
             (fctype::DISCONNECT, _) => {
-                self.respond(sqe.cid, 0, 0, status::SUCCESS);
+                self.answer(sqe, 0, 0, status::SUCCESS);
                 self.read_closed = true;
             }
-            _ => self.respond(sqe.cid, 0, 0, status::INVALID_OPCODE),
+            _ => self.answer(sqe, 0, 0, status::INVALID_OPCODE),
         }
     }
 
@@ -845,17 +857,17 @@ impl Queue {
         let bad_sqe_field = |offset: u32| offset << 16;
         let bad_data_field = |offset: u32| (offset << 16) | 1;
         if recfmt != 0 {
-            return self.respond(sqe.cid, 0, 0, status::CONNECT_INCOMPATIBLE_FORMAT);
+            return self.answer(sqe, 0, 0, status::CONNECT_INCOMPATIBLE_FORMAT);
         }
         let Some(cd) = nvme::decode_connect_data(data) else {
-            return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+            return self.answer(sqe, 0, 0, status::SGL_DATA_LENGTH_INVALID);
         };
         if sqsize == 0 || sqsize >= QUEUE_ENTRIES_MAX {
-            return self.respond(sqe.cid, bad_sqe_field(44), 0, status::CONNECT_INVALID_PARAMETERS);
+            return self.answer(sqe, bad_sqe_field(44), 0, status::CONNECT_INVALID_PARAMETERS);
         }
         if !self.secure_enough(&cd.hostnqn, &cd.subnqn) {
             tracing::warn!(peer = %self.peer, host = %cd.hostnqn, subsystem = %cd.subnqn, tls = ?self.tls_names, "connect refused: the secure channel does not match (a host with a key must use TLS with it)");
-            return self.respond(sqe.cid, 0, 0, status::CONNECT_INVALID_HOST);
+            return self.answer(sqe, 0, 0, status::CONNECT_INVALID_HOST);
         }
         // Looked up once: whether the queue must authenticate decides when it takes its id.
         let auth = match cd.subnqn.as_str() {
@@ -864,12 +876,7 @@ impl Queue {
         };
         let ctrl = if cd.subnqn == DISCOVERY_NQN {
             if qid != 0 {
-                return self.respond(
-                    sqe.cid,
-                    bad_sqe_field(42),
-                    0,
-                    status::CONNECT_INVALID_PARAMETERS,
-                );
+                return self.answer(sqe, bad_sqe_field(42), 0, status::CONNECT_INVALID_PARAMETERS);
             }
             let via = self.via.clone();
             // A discovery controller that asks for no keep-alive (nvme-cli's `discover` does)
@@ -878,8 +885,8 @@ impl Queue {
             self.target.new_controller(None, cd.hostnqn.clone(), cd.hostid, kato_ms, via)
         } else {
             let Some(subsys) = self.target.subsystem(&cd.subnqn) else {
-                return self.respond(
-                    sqe.cid,
+                return self.answer(
+                    sqe,
                     bad_data_field(256),
                     0,
                     status::CONNECT_INVALID_PARAMETERS,
@@ -888,8 +895,8 @@ impl Queue {
             // Not listening here is not being here (Linux nvmet looks subsystems up per port).
             if !subsys.listens_on(&self.via) {
                 tracing::warn!(peer = %self.peer, via = %self.via, subsystem = %cd.subnqn, "connect refused: the subsystem does not listen on this address");
-                return self.respond(
-                    sqe.cid,
+                return self.answer(
+                    sqe,
                     bad_data_field(256),
                     0,
                     status::CONNECT_INVALID_PARAMETERS,
@@ -897,7 +904,7 @@ impl Queue {
             }
             if !subsys.host_allowed(&cd.hostnqn) {
                 tracing::warn!(peer = %self.peer, host = %cd.hostnqn, subsystem = %cd.subnqn, "connect refused: host not allowed");
-                return self.respond(sqe.cid, 0, 0, status::CONNECT_INVALID_HOST);
+                return self.answer(sqe, 0, 0, status::CONNECT_INVALID_HOST);
             }
             if qid == 0 {
                 let (host, via) = (cd.hostnqn.clone(), self.via.clone());
@@ -914,13 +921,13 @@ impl Queue {
                     }
                     _ => {
                         let ipo = bad_data_field(16);
-                        return self.respond(sqe.cid, ipo, 0, status::CONNECT_INVALID_PARAMETERS);
+                        return self.answer(sqe, ipo, 0, status::CONNECT_INVALID_PARAMETERS);
                     }
                 };
                 // Read before CC.EN: a reset after this is one the queue sees.
                 self.resets_seen = ctrl.resets.load(Ordering::Acquire);
                 if !ctrl.enabled.load(Ordering::Acquire) {
-                    return self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
+                    return self.answer(sqe, 0, 0, status::COMMAND_SEQUENCE);
                 }
                 // Valid ids are 1..=granted+1 (the grant is 0's based), each connected once.
                 // A queue that must authenticate takes its id once it has: until then anyone
@@ -937,14 +944,14 @@ impl Queue {
                 };
                 if taken {
                     let ipo = bad_sqe_field(42);
-                    return self.respond(sqe.cid, ipo, 0, status::CONNECT_INVALID_PARAMETERS);
+                    return self.answer(sqe, ipo, 0, status::CONNECT_INVALID_PARAMETERS);
                 }
                 self.holds_qid = !must_authenticate;
                 Some(ctrl)
             }
         };
         let Some(ctrl) = ctrl else {
-            return self.respond(sqe.cid, 0, 0, status::CONNECT_CONTROLLER_BUSY);
+            return self.answer(sqe, 0, 0, status::CONNECT_CONTROLLER_BUSY);
         };
         self.auth = auth.map(|config| Box::new(QueueAuth::new(config, Box::new(OsEntropy))));
         self.qid = qid;
@@ -995,7 +1002,7 @@ impl Queue {
         let cntlid = ctrl.cntlid;
         self.ctrl = Some(ctrl);
         let atr = if self.auth.is_some() { CONNECT_AUTHREQ_ATR } else { 0 };
-        self.respond(sqe.cid, u32::from(cntlid) | atr, 0, status::SUCCESS);
+        self.answer(sqe, u32::from(cntlid) | atr, 0, status::SUCCESS);
         if !self.auth_pending() {
             self.restart_tick(cx);
         }
@@ -1020,13 +1027,13 @@ impl Queue {
             Ok(command) => command,
             Err(refused) => {
                 tracing::debug!(peer = %self.peer, qid = self.qid, error = %refused, "authentication command refused");
-                return self.respond(sqe.cid, 0, 0, refused.status);
+                return self.answer(sqe, 0, 0, refused.status);
             }
         };
         let Some(mut auth) = self.auth.take() else {
             // Nothing to authenticate (ATR was not set: nvmet, no host key), or a step is
             // still away: the host sends one authentication command at a time.
-            return self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
+            return self.answer(sqe, 0, 0, status::COMMAND_SEQUENCE);
         };
         // The step's modular exponentiation (DH) costs milliseconds: off the core with it;
         // the queue stays unauthenticated meanwhile (`auth_pending`).
@@ -1043,7 +1050,7 @@ impl Queue {
             // counts from now (the step away makes the queue unauthenticated meanwhile).
             self.reauth_since = Some(Instant::now());
         }
-        let (cid, payload) = (sqe.cid, data.to_vec());
+        let (sqe, payload) = (*sqe, data.to_vec());
         self.auth_away = Some(cx.offload_with(TAG_AUTH_WORK, move || {
             let was_authenticated = auth.is_authenticated();
             let action = match command {
@@ -1052,7 +1059,7 @@ impl Queue {
                     auth.on_event(Event::Receive { allocation_len: allocation_len as usize })
                 }
             };
-            (auth, AuthStep { cid, was_authenticated, action })
+            (auth, AuthStep { sqe, was_authenticated, action })
         }));
     }
 
@@ -1068,7 +1075,8 @@ impl Queue {
         let (authenticated, negotiated) = (auth.is_authenticated(), auth.negotiated());
         let (failure, failed) = (auth.failure(), auth.is_failed());
         self.auth = Some(auth);
-        let AuthStep { cid, was_authenticated, action } = step;
+        let AuthStep { sqe, was_authenticated, action } = step;
+        let cid = sqe.cid;
         match action {
             Action::Accepted => self.respond(cid, 0, 0, status::SUCCESS),
             Action::Data(bytes) => {
@@ -1078,7 +1086,7 @@ impl Queue {
             }
             Action::AllocationTooSmall { needed } => {
                 tracing::debug!(peer = %self.peer, qid = self.qid, needed, "AUTH_Receive allocation too small");
-                self.respond(cid, 0, 0, status::INVALID_FIELD);
+                self.answer(&sqe, 0, 0, status::INVALID_FIELD);
             }
         }
         let host = self.ctrl.as_ref().map(|c| c.hostnqn.clone()).unwrap_or_default();
@@ -1132,10 +1140,10 @@ impl Queue {
             // A host past its admin queue's size: the change stays to be kept by the
             // namespace's next reservation command.
             if self.resv_waits.len() >= usize::from(self.sq_entries) {
-                return self.respond(sqe.cid, 0, 0, status::INTERNAL);
+                return self.answer(sqe, 0, 0, status::INTERNAL);
             }
-            let (cid, ns, save) = (sqe.cid, Arc::new(kept.ns), Some(kept.version));
-            let w = ResvWait { cid, status: status::SUCCESS, ns, save, drain: Drain::Done };
+            let (ns, save) = (Arc::new(kept.ns), Some(kept.version));
+            let w = ResvWait { sqe: *sqe, status: status::SUCCESS, ns, save, drain: Drain::Done };
             return self.wait_resv(cx, w);
         }
         match reply.data {
@@ -1144,12 +1152,12 @@ impl Queue {
                 let mut buf = IoBuf::with_capacity(want.max(1));
                 buf.extend_from_slice(&bytes[..want]);
                 if want == 0 {
-                    self.respond(sqe.cid, reply.dw0, reply.dw1, reply.status);
+                    self.answer(sqe, reply.dw0, reply.dw1, reply.status);
                 } else {
                     self.respond_with_data(cx, sqe.cid, buf, reply.dw0);
                 }
             }
-            _ => self.respond(sqe.cid, reply.dw0, reply.dw1, reply.status),
+            _ => self.answer(sqe, reply.dw0, reply.dw1, reply.status),
         }
         self.deliver_events();
     }
@@ -1251,20 +1259,20 @@ impl Queue {
     /// (data to the host), decided by the namespace's [`crate::resv::Reservations`].
     fn on_reservation(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
         let Some(ns) = self.io_namespace(sqe.nsid) else {
-            return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
+            return self.answer(&sqe, 0, 0, status::INVALID_NAMESPACE);
         };
         let Some(host) = self.ctrl.as_ref().map(|c| c.hostid) else {
-            return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
+            return self.answer(&sqe, 0, 0, status::INVALID_NAMESPACE);
         };
         if let Err(st) = self.path_refusal(&ns) {
-            return self.respond(sqe.cid, 0, 0, st);
+            return self.answer(&sqe, 0, 0, st);
         }
         if sqe.opcode == io::RESV_REPORT {
             if sqe.sgl_type != nvme::SGL_TRANSPORT_DATA_BLOCK {
-                return self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID);
+                return self.answer(&sqe, 0, 0, status::SGL_TYPE_INVALID);
             }
             if sqe.sgl_len == 0 || sqe.cdw10 == u32::MAX {
-                return self.respond(sqe.cid, 0, 0, status::INVALID_FIELD);
+                return self.answer(&sqe, 0, 0, status::INVALID_FIELD);
             }
             // NUMDs from the host, bounded by its buffer and by the largest report.
             let asked = (sqe.cdw10 as usize + 1) * 4;
@@ -1274,15 +1282,15 @@ impl Queue {
                     buf.extend_from_slice(&report);
                     self.respond_with_data(cx, sqe.cid, buf, 0);
                 }
-                Err(st) => self.respond(sqe.cid, 0, 0, st),
+                Err(st) => self.answer(&sqe, 0, 0, st),
             };
         }
         // The keys come in the capsule (16 bytes: Linux and SPDK hosts put them there).
         if sqe.sgl_type != nvme::SGL_DATA_BLOCK_OFFSET {
-            return self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID);
+            return self.answer(&sqe, 0, 0, status::SGL_TYPE_INVALID);
         }
         if data.len() != sqe.sgl_len as usize || sqe.sgl_addr != 0 {
-            return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+            return self.answer(&sqe, 0, 0, status::SGL_DATA_LENGTH_INVALID);
         }
         // The hosts it took something from hear of it (their admin queues send the event) as
         // soon as the table changed: a change not kept yet is already what governs access.
@@ -1305,9 +1313,9 @@ impl Queue {
         let abort = sqe.opcode == io::RESV_ACQUIRE && sqe.cdw10 & 0x7 == 2;
         let drain = if abort && st == status::SUCCESS { Drain::Pending } else { Drain::Done };
         if save.is_none() && drain == Drain::Done {
-            return self.respond(sqe.cid, 0, 0, st);
+            return self.answer(&sqe, 0, 0, st);
         }
-        self.wait_resv(cx, ResvWait { cid: sqe.cid, status: st, ns, save, drain });
+        self.wait_resv(cx, ResvWait { sqe, status: st, ns, save, drain });
     }
 
     /// A reservation change (a Register, Acquire or Release; Set Features Reservation
@@ -1318,7 +1326,7 @@ impl Queue {
     fn wait_resv(&mut self, cx: &mut Cx<'_>, w: ResvWait) {
         if w.save.is_some() && !w.ns.resv.queue_save() {
             tracing::warn!(peer = %self.peer, "NVMe reservation change not kept: the saver's queue is full");
-            return self.respond(w.cid, 0, 0, status::INTERNAL);
+            return self.answer(&w.sqe, 0, 0, status::INTERNAL);
         }
         self.resv_waits.push(w);
         self.on_resv_waits(cx);
@@ -1350,9 +1358,9 @@ impl Queue {
                 i += 1;
                 continue;
             }
-            let ResvWait { cid, status: st, .. } = self.resv_waits.swap_remove(i);
+            let ResvWait { sqe, status: st, .. } = self.resv_waits.swap_remove(i);
             if !self.send_broken() {
-                self.respond(cid, 0, 0, st);
+                self.answer(&sqe, 0, 0, st);
             }
         }
         if !self.resv_timer && !self.resv_waits.is_empty() {
@@ -1364,19 +1372,19 @@ impl Queue {
     fn on_io(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
         if self.cmds.len() + self.resv_waits.len() >= usize::from(self.sq_entries) {
             // The host overran its submission queue.
-            return self.respond(sqe.cid, 0, 0, status::COMMAND_SEQUENCE);
+            return self.answer(&sqe, 0, 0, status::COMMAND_SEQUENCE);
         }
         match sqe.opcode {
             io::READ | io::WRITE => self.on_read_write(cx, sqe, data),
             io::FLUSH => self.on_flush(cx, sqe),
             io::WRITE_ZEROES => match self.check_io(&sqe) {
                 Ok((ns, ..)) if ns.read_only() => {
-                    self.respond(sqe.cid, 0, 0, status::NS_WRITE_PROTECTED)
+                    self.answer(&sqe, 0, 0, status::NS_WRITE_PROTECTED)
                 }
                 Ok((ns, offset, len)) => {
                     let executing = match self.admit(cx, &ns, sqe.opcode) {
                         Ok(e) => e,
-                        Err(st) => return self.respond(sqe.cid, 0, 0, st),
+                        Err(st) => return self.answer(&sqe, 0, 0, st),
                     };
                     let may_unmap = sqe.cdw12 & (1 << 25) != 0;
                     let fua = sqe.fua();
@@ -1389,13 +1397,13 @@ impl Queue {
                         tag,
                     );
                 }
-                Err(st) => self.respond(sqe.cid, 0, 0, st),
+                Err(st) => self.answer(&sqe, 0, 0, st),
             },
             io::DSM => self.on_dsm(cx, sqe, data),
             io::RESV_REGISTER | io::RESV_REPORT | io::RESV_ACQUIRE | io::RESV_RELEASE => {
                 self.on_reservation(cx, sqe, data)
             }
-            _ => self.respond(sqe.cid, 0, 0, status::INVALID_OPCODE),
+            _ => self.answer(&sqe, 0, 0, status::INVALID_OPCODE),
         }
     }
 
@@ -1440,17 +1448,17 @@ impl Queue {
         let write = sqe.opcode == io::WRITE;
         let (ns, offset, len) = match self.check_io(&sqe) {
             Ok(v) => v,
-            Err(st) => return self.respond(sqe.cid, 0, 0, st),
+            Err(st) => return self.answer(&sqe, 0, 0, st),
         };
         if len > MAX_TRANSFER_BYTES {
-            return self.respond(sqe.cid, 0, 0, status::INVALID_FIELD);
+            return self.answer(&sqe, 0, 0, status::INVALID_FIELD);
         }
         if sqe.sgl_len != len {
-            return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+            return self.answer(&sqe, 0, 0, status::SGL_DATA_LENGTH_INVALID);
         }
         if !write {
             if sqe.sgl_type != nvme::SGL_TRANSPORT_DATA_BLOCK {
-                return self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID);
+                return self.answer(&sqe, 0, 0, status::SGL_TYPE_INVALID);
             }
             if self.may_lend() {
                 if let Some(data) = ns.dev.lend(cx.core(), offset, u64::from(len)) {
@@ -1465,16 +1473,16 @@ impl Queue {
             return;
         }
         if ns.read_only() {
-            return self.respond(sqe.cid, 0, 0, status::NS_WRITE_PROTECTED);
+            return self.answer(&sqe, 0, 0, status::NS_WRITE_PROTECTED);
         }
         match sqe.sgl_type {
             nvme::SGL_DATA_BLOCK_OFFSET => {
                 if data.len() != len as usize || sqe.sgl_addr != 0 {
-                    return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+                    return self.answer(&sqe, 0, 0, status::SGL_DATA_LENGTH_INVALID);
                 }
                 let executing = match self.admit(cx, &ns, sqe.opcode) {
                     Ok(e) => e,
-                    Err(st) => return self.respond(sqe.cid, 0, 0, st),
+                    Err(st) => return self.answer(&sqe, 0, 0, st),
                 };
                 if ns.dev.write_now(offset, data) {
                     if let Some(e) = executing {
@@ -1486,7 +1494,7 @@ impl Queue {
                     let charged = self.take_pdu_charge();
                     self.mem.release(cx, charged);
                     if !self.send_broken() {
-                        self.respond(sqe.cid, 0, 0, status::SUCCESS);
+                        self.answer(&sqe, 0, 0, status::SUCCESS);
                     }
                     return;
                 }
@@ -1508,7 +1516,7 @@ impl Queue {
                 pdu::encode_r2t(&mut self.scratch, sqe.cid, tag as u16, 0, len, self.hdgst);
                 self.queue_scratch();
             }
-            _ => self.respond(sqe.cid, 0, 0, status::SGL_TYPE_INVALID),
+            _ => self.answer(&sqe, 0, 0, status::SGL_TYPE_INVALID),
         }
     }
 
@@ -1594,13 +1602,13 @@ impl Queue {
         }
         let cmd = &mut self.cmds[usize::from(ttag)];
         if cmd.status != status::SUCCESS {
-            let (cid, st) = (cmd.sqe.cid, cmd.status);
+            let (sqe, st) = (cmd.sqe, cmd.status);
             let cmd = self.untrack(cx, usize::from(ttag));
             if let Some(b) = cmd.buf {
                 cx.recycle(b);
             }
             self.mem.release(cx, cmd.charged);
-            return self.respond(cid, 0, 0, st);
+            return self.answer(&sqe, 0, 0, st);
         }
         cmd.state = CmdState::Executing { pending: 1 };
         let buf = cmd.buf.take().expect("write buffer present");
@@ -1665,7 +1673,7 @@ impl Queue {
 
     fn on_flush(&mut self, cx: &mut Cx<'_>, sqe: Sqe) {
         let Some(subsys) = self.ctrl.as_ref().and_then(|c| c.subsys.clone()) else {
-            return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
+            return self.answer(&sqe, 0, 0, status::INVALID_NAMESPACE);
         };
         let targets: Vec<Arc<Namespace>> = if sqe.nsid == u32::MAX {
             subsys.namespaces().values().cloned().collect()
@@ -1674,14 +1682,14 @@ impl Queue {
                 Some(ns) => {
                     match self.path_refusal(&ns).and_then(|()| self.reserved_for(&ns, sqe.opcode)) {
                         Ok(()) => vec![Arc::clone(&ns)],
-                        Err(st) => return self.respond(sqe.cid, 0, 0, st),
+                        Err(st) => return self.answer(&sqe, 0, 0, st),
                     }
                 }
-                None => return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE),
+                None => return self.answer(&sqe, 0, 0, status::INVALID_NAMESPACE),
             }
         };
         if targets.is_empty() {
-            return self.respond(sqe.cid, 0, 0, status::SUCCESS);
+            return self.answer(&sqe, 0, 0, status::SUCCESS);
         }
         let tag = self.track(cx, sqe, None, OpKind::Flush, 0, targets.len() as u32);
         for ns in targets {
@@ -1693,37 +1701,37 @@ impl Queue {
         let ranges = (sqe.cdw10 & 0xff) as usize + 1;
         let deallocate = sqe.cdw11 & (1 << 2) != 0;
         let Some(ns) = self.io_namespace(sqe.nsid) else {
-            return self.respond(sqe.cid, 0, 0, status::INVALID_NAMESPACE);
+            return self.answer(&sqe, 0, 0, status::INVALID_NAMESPACE);
         };
         if let Err(st) = self.path_refusal(&ns) {
-            return self.respond(sqe.cid, 0, 0, st);
+            return self.answer(&sqe, 0, 0, st);
         }
         if sqe.sgl_type != nvme::SGL_DATA_BLOCK_OFFSET || data.len() < ranges * 16 {
-            return self.respond(sqe.cid, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+            return self.answer(&sqe, 0, 0, status::SGL_DATA_LENGTH_INVALID);
         }
         if let Err(st) = self.reserved_for(&ns, sqe.opcode) {
-            return self.respond(sqe.cid, 0, 0, st);
+            return self.answer(&sqe, 0, 0, st);
         }
         let mut work = Vec::with_capacity(ranges);
         for r in data[..ranges * 16].chunks_exact(16) {
             let nlb = u64::from(u32::from_le_bytes([r[4], r[5], r[6], r[7]]));
             let slba = u64::from_le_bytes(r[8..16].try_into().expect("8 bytes"));
             if slba.checked_add(nlb).is_none_or(|end| end > ns.blocks()) {
-                return self.respond(sqe.cid, 0, 0, status::LBA_OUT_OF_RANGE);
+                return self.answer(&sqe, 0, 0, status::LBA_OUT_OF_RANGE);
             }
             if nlb > 0 {
                 work.push((slba << ns.lba_shift, nlb << ns.lba_shift));
             }
         }
         if deallocate && ns.read_only() {
-            return self.respond(sqe.cid, 0, 0, status::NS_WRITE_PROTECTED);
+            return self.answer(&sqe, 0, 0, status::NS_WRITE_PROTECTED);
         }
         if !deallocate || work.is_empty() {
-            return self.respond(sqe.cid, 0, 0, status::SUCCESS);
+            return self.answer(&sqe, 0, 0, status::SUCCESS);
         }
         let executing = match self.admit(cx, &ns, sqe.opcode) {
             Ok(e) => e,
-            Err(st) => return self.respond(sqe.cid, 0, 0, st),
+            Err(st) => return self.answer(&sqe, 0, 0, st),
         };
         let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::Discard, 0, work.len() as u32);
         self.cmds[tag as usize].executing = executing;
@@ -1794,7 +1802,7 @@ impl Queue {
                 }
                 self.mem.release(cx, cmd.charged);
                 if !self.send_broken() {
-                    self.respond(cmd.sqe.cid, 0, 0, cmd.status);
+                    self.answer(&cmd.sqe, 0, 0, cmd.status);
                 }
             }
         }

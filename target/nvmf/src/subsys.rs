@@ -32,6 +32,7 @@ use std::time::Instant;
 
 use crate::ana::{AnaState, AnaTable};
 use crate::auth::keys::AuthKeys;
+use crate::error_log::ErrorLog;
 use crate::resv::{Notice, NoticeKind, ResvStore};
 use crate::resv_cell::{ResvCell, ResvSaver};
 use crate::resv_log::ResvLog;
@@ -360,6 +361,9 @@ pub struct Controller {
     pub resv_log: Mutex<ResvLog>,
     /// A "reservation log page available" event is waiting for an AER.
     pub resv_pending: AtomicBool,
+    /// The commands it answered with an error, recent ones (any of its queues records; Get
+    /// Log Page 01h and the SMART log read). Taken only on an error path.
+    pub errors: Mutex<ErrorLog>,
     /// Bytes its reads and writes moved: the SMART log's data units are rounded from these
     /// totals, not per command.
     pub bytes_read: AtomicU64,
@@ -819,6 +823,7 @@ impl Target {
                 aen_pending: AtomicBool::new(false),
                 ana_pending: AtomicBool::new(false),
                 resv_log: Mutex::default(),
+                errors: Mutex::default(),
                 resv_pending: AtomicBool::new(false),
                 bytes_read: AtomicU64::new(0),
                 bytes_written: AtomicU64::new(0),

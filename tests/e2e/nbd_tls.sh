@@ -41,6 +41,8 @@ new_data_dir
 MPORT=$(free_port)
 start_ballast --export vol0=ram:64M --export vol1=ram:16M --metrics-listen "127.0.0.1:$MPORT" \
     --nbd-tls require --nbd-tls-psk "$T/psk/keys.psk" || finish
+# Everything at DEBUG (the key must stay out of the log even then: checked below).
+check "ballast log --level debug" "$(ballast_bin)" log --rpc-socket "$RPC_SOCK" --level debug
 PSK_URI="nbds://alice@127.0.0.1:$PORT"
 Q="tls-psk-file=$T/psk/keys.psk"
 
@@ -136,9 +138,11 @@ else
     fail "TLS sessions end cleanly" "$(tail -3 <<<"$out")"
 fi
 if grep -qi "$KEY" "$BALLAST_LOG"; then
-    fail "the PSK never appears in the server log"
+    fail "the PSK never appears in the server log (at DEBUG)"
+elif ! grep -q " DEBUG " "$BALLAST_LOG"; then
+    fail "the server log was written at DEBUG"
 else
-    pass "the PSK never appears in the server log"
+    pass "the PSK never appears in the server log, written at DEBUG"
 fi
 stop_ballast
 

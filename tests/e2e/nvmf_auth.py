@@ -11,7 +11,8 @@ as Linux's host does (NULL DH group, SHA-256, a DHHC-1:00 secret: no transform):
 - nvmf_subsystem_get_qpairs reports the admin queue's hash and group;
 - a failed authentication ends the queue once the host has its Failure1, as nvmet and SPDK do;
 - an I/O queue takes its id only once authenticated: a stranger without the key who connects
-  one with the host's NQN and controller id keeps nobody's queue out.
+  one with the host's NQN and controller id keeps nobody's queue out;
+- all of it logged at DEBUG (log_set_level), and no key appears in the log in any form.
 Run with /usr/bin/python3.
 """
 import base64
@@ -111,6 +112,9 @@ def main(r):
                 raise AssertionError("%s: %s" % (method, p.stderr.strip()))
             return json.loads(p.stdout) if p.stdout.strip() else None
 
+        # Every component at DEBUG (SPDK's log_set_level): the keys must stay out of the log
+        # even then (checked at the end).
+        rpc("log_set_level", {"level": "DEBUG"})
         keys = {name: os.urandom(32) for name in ("k1", "k2", "k3", "wrong")}
         for name, key in keys.items():
             path = os.path.join(b.tmp, name + ".key")
@@ -239,6 +243,14 @@ def main(r):
                    back.authenticate(keys["k3"]))
         back.close()
         r.check("no panics", not b.panics(), "\n".join(b.panics()[:5]))
+        with open(b.log, encoding="utf-8", errors="replace") as f:
+            log = f.read()
+        r.check("the log was written at DEBUG (the refused reply's public values among it)",
+                "DH-HMAC-CHAP: reply refused; the exchange's public values" in log)
+        shown = [name for name, key in keys.items()
+                 if any(form in log for form in (dhhc(key), key.hex(), base64.b64encode(key).decode()))]
+        r.check_eq("no key appears in the log at DEBUG, in any form (DHHC-1 text, hex, base64)",
+                   [], shown)
 
 
 if __name__ == "__main__":

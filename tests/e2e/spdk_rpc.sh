@@ -16,7 +16,8 @@
 #      bdev_lvol_grow_lvstore (-l; nothing to grow; -22 with neither -u nor -l, -19 another)
 #   6  negative cases: wrong -l / -u (-19 No such device), both (-22), unknown bdev (-19),
 #      unknown subsystem, unknown parameter (-32602)
-#   7  the keyring and a host's key names (never the keys)
+#   7  the keyring and a host's key names (never the keys); 7b SPDK's NVMe-oF tutorial; 7c the
+#      log's level and debug flags changed at runtime (log_set_level, log_set_flag, ...)
 #   8  after a restart: the lvol and store identities, and the subsystem made in 4
 #      (tests/e2e/nvmf_persist.sh covers the restart of the security settings in depth)
 set -u -o pipefail
@@ -485,6 +486,36 @@ check "an lvol nsvol, namespace 2 of $NQN9" \
 check "bdev_lvol_delete $LVS/nsvol" rpc bdev_lvol_delete "$LVS/nsvol"
 check_eq "... and its namespace left $NQN9" "['Malloc9']" \
     "$(rpc nvmf_get_subsystems "$NQN9" | py '[n["bdev_name"] for n in j[0]["namespaces"]]')"
+
+echo "## 7c: the log's level and debug flags at runtime (SPDK's log_* methods)"
+lvl() { rpc "$1" | py j; }
+check_eq "log_get_level: INFO (no RUST_LOG)" "INFO" "$(lvl log_get_level)"
+check "log_set_print_level WARNING" rpc log_set_print_level WARNING
+check_eq "log_get_print_level and log_get_level: WARNING (one sink, one level)" "WARNING WARNING" \
+    "$(lvl log_get_print_level) $(lvl log_get_level)"
+check_eq "log_set_level LOUD (ballast rpc: spdk-rpc offers only the five): refused, unchanged" \
+    "1 WARNING" \
+    "$("$(ballast_bin)" rpc log_set_level '{"level": "LOUD"}' --rpc-socket "$RPC_SOCK" >/dev/null 2>&1; echo $?) $(lvl log_get_level)"
+check_eq "log_set_flag bdev_nvme (no such component here): -32602" "-32602" \
+    "$(rpc_error log_set_flag bdev_nvme | cut -d' ' -f1)"
+discs() { grep -c "client sent NBD_CMD_DISC" "$BALLAST_LOG"; }
+before=$(discs)
+timeout 30 nbdinfo --size "$NBD_URI/lvol0" >/dev/null
+check_eq "at WARNING, an NBD client's disconnect logs no debug line" "$before" "$(discs)"
+check "log_set_flag nbd" rpc log_set_flag nbd
+check_eq "log_get_flags: nbd on, nvmf off" "True False" \
+    "$(rpc log_get_flags | py 'str(j["nbd"]) + " " + str(j["nvmf"])')"
+timeout 30 nbdinfo --size "$NBD_URI/lvol0" >/dev/null
+check_eq "the nbd flag shows NBD's debug lines whatever the level (nbdinfo's NBD_CMD_DISC)" \
+    "$((before + 1))" "$(discs)"
+check "log_clear_flag nbd" rpc log_clear_flag nbd
+timeout 30 nbdinfo --size "$NBD_URI/lvol0" >/dev/null
+check_eq "cleared: no more" "$((before + 1))" "$(discs)"
+check "log_set_level DEBUG" rpc log_set_level DEBUG
+timeout 30 nbdinfo --size "$NBD_URI/lvol0" >/dev/null
+check_eq "at DEBUG every component's debug lines show" "$((before + 2))" "$(discs)"
+check_eq "ballast log --level info: the CLI sets and shows it" "level INFO|debug (none)" \
+    "$("$(ballast_bin)" log --rpc-socket "$RPC_SOCK" --level info | paste -sd'|')"
 
 echo "## 8: identities survive a restart"
 stop_ballast

@@ -193,6 +193,31 @@ pub fn export_remove(target: &Target, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ballast log`: changes what is asked (the level, then each flag), then prints the level and
+/// the components shown at debug.
+pub fn log(
+    target: &Target,
+    level: Option<&str>,
+    debug: &[String],
+    no_debug: &[String],
+) -> anyhow::Result<()> {
+    if let Some(level) = level {
+        let _: Value = call(target, "log_set_level", &json!({ "level": level }))?;
+    }
+    for (flags, method) in [(debug, "log_set_flag"), (no_debug, "log_clear_flag")] {
+        for flag in flags {
+            let _: Value = call(target, method, &json!({ "flag": flag }))?;
+        }
+    }
+    let level: String = call(target, "log_get_level", &json!({}))?;
+    let flags: serde_json::Map<String, Value> = call(target, "log_get_flags", &json!({}))?;
+    let on: Vec<&str> =
+        flags.iter().filter(|(_, v)| v.as_bool() == Some(true)).map(|(k, _)| k.as_str()).collect();
+    println!("level {level}");
+    println!("debug {}", if on.is_empty() { "(none)".to_string() } else { on.join(" ") });
+    Ok(())
+}
+
 pub fn stats(target: &Target, as_json: bool) -> anyhow::Result<()> {
     let result: Value = call(target, "framework_get_reactors", &json!({}))?;
     if as_json {

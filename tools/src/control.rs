@@ -46,6 +46,8 @@ pub struct Control {
     /// SPDK's `MallocN` counter: the number the next `bdev_malloc_create` without a name takes
     /// (only those advance it; a taken name is -17, as SPDK's).
     pub malloc_names: std::sync::atomic::AtomicU32,
+    /// The log's level and debug flags (`log_set_level`, `log_set_flag`).
+    pub log: crate::logging::LogControl,
 }
 
 /// What `nvmf_subsystem_add_host` was given for one host of one subsystem besides its NQN: the

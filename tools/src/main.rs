@@ -8,6 +8,7 @@ mod host_auth;
 mod keyring;
 mod listeners;
 mod locate;
+mod logging;
 mod lvstore;
 mod metrics;
 mod metrics_http;
@@ -24,6 +25,7 @@ mod rpc_bdev;
 mod rpc_error;
 mod rpc_export;
 mod rpc_keyring;
+mod rpc_log;
 mod rpc_nvmf;
 mod serve;
 mod volumes;
@@ -85,6 +87,23 @@ enum Command {
         params: String,
         #[command(flatten)]
         target: client::Target,
+    },
+    /// The running daemon's log level and debug flags: shows them; `--level` and `--debug`
+    /// / `--no-debug COMPONENT` change them until it stops (SPDK's `log_set_level`,
+    /// `log_set_flag`).
+    Log {
+        #[command(flatten)]
+        target: client::Target,
+        /// ERROR, WARNING, NOTICE, INFO or DEBUG.
+        #[arg(long)]
+        level: Option<String>,
+        /// Show a component's debug messages whatever the level (repeatable; the daemon's
+        /// `log_get_flags` lists them: nvmf, nvmf_auth, nbd, tls, lvol, ...).
+        #[arg(long, value_name = "COMPONENT")]
+        debug: Vec<String>,
+        /// Stop showing them.
+        #[arg(long, value_name = "COMPONENT")]
+        no_debug: Vec<String>,
     },
     /// Per-core I/O counters and latency percentiles of a running daemon.
     Stats {
@@ -555,6 +574,9 @@ fn main() -> std::process::ExitCode {
                 .map(|_: serde_json::Value| println!("limits of {name} set"))
         }
         Command::Stats { target, json } => client::stats(&target, json),
+        Command::Log { target, level, debug, no_debug } => {
+            client::log(&target, level.as_deref(), &debug, &no_debug)
+        }
         Command::Rpc { method, params, target } => client::raw(&target, &method, &params),
         Command::Nvmf(cmd) => cli_nvmf::run(cmd),
         cmd

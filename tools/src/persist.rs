@@ -678,6 +678,7 @@ mod tests {
             max_hosts,
             settings: Default::default(),
             malloc_names: Default::default(),
+            log: crate::logging::LogControl::detached(),
         };
         crate::volumes::export_all(&control, &pool).unwrap();
         let bind = restore(&control);

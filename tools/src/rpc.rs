@@ -120,6 +120,7 @@ const TABLES: &[&[Method]] = &[
     crate::rpc_nvmf::METHODS,
     crate::volumes::METHODS,
     crate::rpc_keyring::METHODS,
+    crate::rpc_log::METHODS,
 ];
 
 fn method(name: &str) -> Option<&'static Method> {

@@ -19,7 +19,7 @@ use crate::control::{Control, Method};
 use crate::lvstore;
 use crate::registry::{Device, DeviceKind, Registry};
 use crate::rpc_error::{
-    invalid_parameters, no_such_device, params, DecodeStyle, RpcError, INTERNAL_ERROR,
+    invalid_parameters, no_such_device, params, DecodeStyle, NoParams, RpcError, INTERNAL_ERROR,
 };
 
 /// The generic bdev and framework methods, each in one place: name and handler.
@@ -44,10 +44,6 @@ fn iostat(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let uptime_us = control.started.elapsed().as_micros() as u64;
     get_iostat(&control.registry, &cores, uptime_us, p)
 }
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
 
 /// `framework_get_reactors`' result.
 #[derive(Serialize)]

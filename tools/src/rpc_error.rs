@@ -8,6 +8,12 @@
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+/// The parameters of a method that takes none: absent, `null` or `{}` (anything more is
+/// refused, as SPDK's getters refuse parameters).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
 /// JSON-RPC "Invalid params" (SPDK_JSONRPC_ERROR_INVALID_PARAMS).
 pub const INVALID_PARAMS: i64 = -32602;
 /// JSON-RPC "Method not found".

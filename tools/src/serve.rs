@@ -200,7 +200,7 @@ pub struct ServeArgs {
     volume_placement: VolumePlacement,
     /// Log lines as human-readable text, or as one JSON object per line for log collectors.
     #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
+    log_format: crate::logging::Format,
     /// Control socket limits (--rpc-max-clients, --rpc-max-request, --rpc-idle-timeout).
     #[command(flatten)]
     rpc_limits: rpc::RpcLimitArgs,
@@ -252,12 +252,6 @@ impl From<SecureChannelArg> for ballast_nvmf::tls::SecureChannel {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
@@ -292,21 +286,7 @@ pub fn needs_device_ring(spec: &str) -> bool {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_current_span(false)
-            .init(),
-    }
+    let log = crate::logging::LogControl::install(args.log_format)?;
     let notifier = crate::notify::Notifier::from_env()?.map(Arc::new);
     raise_fd_limit();
     // Before anything writes (a pool's replay, a new export's file): a write reaching the
@@ -475,6 +455,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_hosts: args.max_hosts_per_subsystem as usize,
         settings: Default::default(),
         malloc_names: Default::default(),
+        log,
     });
     // The daemon's own subsystems (volumes', startup exports') listen on --nvmf-listen; the
     // discovery listener serves the whole discovery log.

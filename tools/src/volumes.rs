@@ -26,8 +26,8 @@ use crate::control::{Control, Method};
 use crate::lvstore;
 use crate::registry::{Device, DeviceKind};
 use crate::rpc_error::{
-    invalid_argument, invalid_parameters, no_such_device, params, DecodeStyle, RpcError, EEXIST,
-    ENODEV, INTERNAL_ERROR,
+    invalid_argument, invalid_parameters, no_such_device, params, DecodeStyle, NoParams, RpcError,
+    EEXIST, ENODEV, INTERNAL_ERROR,
 };
 
 pub fn nqn_of(name: &str) -> String {
@@ -249,10 +249,6 @@ struct RenameLvstore {
     old_name: String,
     new_name: String,
 }
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
 
 /// SPDK's `vbdev_get_lvol_store_by_uuid_xor_name`: both given is -EINVAL, a store that is not
 /// this pool is -ENODEV. Neither given selects the pool (SPDK requires one; ballast has one).

@@ -7,16 +7,19 @@ RLIMIT_FSIZE stands for a full filesystem), two cores:
 - a new controller: Identify says the page holds 64 entries (ELPE 63), the page is all zeros,
   the SMART log counts no error;
 - on its I/O queue a read past the end (LBA Out of Range), a read of namespace 9 (Invalid
-  Namespace), an unknown opcode; on its admin queue an unknown log page; each answered as
-  before, then listed newest first: Error Count 4..1, the queue, the command id, the status
+  Namespace), an unknown opcode; on its admin queue an unknown log page and a Fabrics command
+  of an unknown type (listed with namespace 0 and byte 4 at fault: a Fabrics command's type,
+  not a namespace); each answered as before, then listed newest first: Error Count 5..1, the
+  queue, the command id, the status
   field the completion carried (with DNR), the field at fault, the LBA and namespace named,
-  the opcode; a successful command adds nothing;
+  the opcode; a successful command adds nothing; a read of 64 bytes at offset 64 is the
+  second newest entry whole;
 - a write the media refuses (Capacity Exceeded) is listed with its LBA;
 - another controller (host B, digests on) lists none of A's: the log is per controller; its
   write with a wrong data digest (Transient Transport Error, retryable) is listed as a
   transport error (transport type TCP; the other errors name none);
-- 150 more errors: the page still holds 64, the newest, counting down from 154; the SMART
-  log counts all 154;
+- 150 more errors: the page still holds 64, the newest, counting down from 155; the SMART
+  log counts all 155;
 - the daemon logs no panic. Run with /usr/bin/python3.
 """
 import os
@@ -113,11 +116,22 @@ def run(r, b):
                       sgl_len=64)
     r.check_eq("an unknown log page: Invalid Log Page", INVALID_LOG_PAGE, st)
     want.append((4, 0, cid, sf(INVALID_LOG_PAGE), 0xFFFF, 0, 0, 0, nvmeraw.OP_GET_LOG_PAGE))
+    # A Fabrics command of a type there is none of: byte 4 is its type, not a namespace.
+    cid = adm.next_cid()
+    st, _ = adm.read_command(nvmeraw.sqe(nvmeraw.FABRICS, cid, fctype=0x33))
+    r.check_eq("a Fabrics command of an unknown type: Invalid Opcode", INVALID_OPCODE, st)
+    want.append((5, 0, cid, sf(INVALID_OPCODE), 4, 0, 0, 0, nvmeraw.FABRICS))
     _, st = command(io, nvmeraw.OP_READ, cdw=(0, 0, 0, 0, 0, 0), sgl_len=4096)
     r.check_eq("a good read succeeds", 0, st)
-    r.check_eq("the log lists the four, newest first, each as it was answered",
+    r.check_eq("the log lists the five, newest first, each as it was answered",
                want[::-1], errors(adm))
-    r.check_eq("the SMART log counts 4", 4, smart_errors(adm))
+    r.check_eq("the SMART log counts 5", 5, smart_errors(adm))
+    # Read in part: 64 bytes at offset 64 are the second newest entry, whole.
+    st, part = adm.admin_read(nvmeraw.OP_GET_LOG_PAGE, (LID_ERROR | 15 << 16, 0, 64, 0, 0, 0), 64)
+    r.check_eq("a read at offset 64: the second newest (count 4, CSI 0, log page version 1)",
+               (0, 4, want[3][2], 0, 1),
+               (st, struct.unpack_from("<Q", part)[0], struct.unpack_from("<H", part, 10)[0],
+                part[30], part[63]))
 
     # A write the media refuses (the file export past the daemon's file size limit).
     fadm, fio = nvmeraw.io_queue(port, PREFIX + "f", hostid=b"\xaa" * 16)
@@ -157,9 +171,9 @@ def run(r, b):
         ok = ok and command(io, 0x7E)[1] == INVALID_OPCODE
     r.check("150 more unknown opcodes, each refused", ok)
     got = errors(adm)
-    r.check_eq("the page holds 64, the newest: counts 154 down to 91 (the Get Log Page "
-               "that read it is no error)", list(range(154, 90, -1)), [e[0] for e in got])
-    r.check_eq("the SMART log counts all 154", 154, smart_errors(adm))
+    r.check_eq("the page holds 64, the newest: counts 155 down to 92 (the Get Log Page "
+               "that read it is no error)", list(range(155, 91, -1)), [e[0] for e in got])
+    r.check_eq("the SMART log counts all 155", 155, smart_errors(adm))
     r.check_eq("...and B's log still its one", 1, smart_errors(adm_b))
     for q in (io, adm, fio, fadm, io_b, adm_b):
         q.close()

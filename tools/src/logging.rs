@@ -20,13 +20,17 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
 /// SPDK's level names, most severe first, with what each shows of ours (SPDK's NOTICE, between
-/// WARNING and INFO, has no level of its own here: it shows what INFO shows).
+/// WARNING and INFO, has no level of its own here: it shows what INFO shows), then two of
+/// ours.
 pub const LEVELS: &[(&str, &str)] = &[
     ("ERROR", "error"),
     ("WARNING", "warn"),
     ("NOTICE", "info"),
     ("INFO", "info"),
     ("DEBUG", "debug"),
+    // Ballast's beyond SPDK's five: what `RUST_LOG=trace` or `off` asked.
+    ("TRACE", "trace"),
+    ("OFF", "off"),
 ];
 
 /// Components whose debug messages a flag shows: SPDK-style flag name → our targets.
@@ -35,17 +39,19 @@ pub const FLAGS: &[(&str, &[&str])] = &[
     ("nvmf_auth", &["ballast_nvmf::auth"]),
     ("nvmf_tcp", &["ballast_nvmf::queue", "ballast_nvmf::pdu"]),
     ("nbd", &["ballast_nbd"]),
-    ("tls", &["ballast_tls"]),
+    ("tls", &["ballast_tls", "ballast_nvmf::tls", "ballast::nbd_tls"]),
     ("reactor", &["ballast_engine"]),
     ("lvol", &["ballast_volume", "ballast_engine::volume"]),
     ("rpc", &["ballast::rpc"]),
-    ("ballast", &["ballast"]),
+    // The control plane: the `ballast` crate's modules (a target of `ballast` alone would
+    // also match the `ballast_*` crates, as targets match by prefix).
+    ("ballast", &["ballast::"]),
 ];
 
 /// A level or flag name this daemon does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LogError {
-    #[error("invalid log level {0:?} (ERROR, WARNING, NOTICE, INFO or DEBUG)")]
+    #[error("invalid log level {0:?} (ERROR, WARNING, NOTICE, INFO, DEBUG, TRACE or OFF)")]
     Level(String),
     #[error("unknown log flag {0:?} (log_get_flags lists them)")]
     Flag(String),
@@ -221,9 +227,11 @@ mod tests {
         assert_eq!((s.level(), s.directives().as_str()), ("WARNING", "warn,ballast_nbd=debug"));
         let s = LogState::from_env(Some("ballast_nvmf, debug"));
         assert_eq!((s.level(), s.directives().as_str()), ("DEBUG", "debug,ballast_nvmf"));
-        // A level SPDK has no name for is no level here: INFO stays, the word is kept.
+        // Levels SPDK has no name for are ours: the level (never a second bare directive).
         let s = LogState::from_env(Some("trace"));
-        assert_eq!((s.level(), s.directives().as_str()), ("INFO", "info,trace"));
+        assert_eq!((s.level(), s.directives().as_str()), ("TRACE", "trace"));
+        let s = LogState::from_env(Some("OFF,ballast_tls=warn"));
+        assert_eq!((s.level(), s.directives().as_str()), ("OFF", "off,ballast_tls=warn"));
     }
 
     #[test]

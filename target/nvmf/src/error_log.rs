@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 
-use crate::nvme::{self, io, status, Sqe, Status};
+use crate::nvme::{self, io, status, Sqe, Status, FABRICS_OPCODE};
 
 /// Entries kept per controller (as Linux's nvmet keeps 128; each is 64 bytes of log page).
 pub const SLOTS: usize = 64;
@@ -49,8 +49,11 @@ impl ErrorEntry {
     /// the starting LBA for LBA Out of Range, the opcode for Invalid Opcode).
     pub fn of(sqid: u16, sqe: &Sqe, st: Status) -> Self {
         let lba_cmd = sqid != 0 && matches!(sqe.opcode, io::READ | io::WRITE | io::WRITE_ZEROES);
+        // A Fabrics command carries its type where others name a namespace (byte 4).
+        let fabrics = sqe.opcode == FABRICS_OPCODE;
         let location = match st {
-            status::INVALID_OPCODE => 0, // CDW0 byte 0
+            status::INVALID_OPCODE if fabrics => 4, // FCTYPE
+            status::INVALID_OPCODE => 0,            // CDW0 byte 0
             status::INVALID_NAMESPACE => 4,
             status::LBA_OUT_OF_RANGE if lba_cmd => 40, // CDW10
             _ => NO_LOCATION,
@@ -62,7 +65,7 @@ impl ErrorEntry {
             status: st,
             location,
             lba: if lba_cmd { sqe.slba() } else { 0 },
-            nsid: sqe.nsid,
+            nsid: if fabrics { 0 } else { sqe.nsid },
             opcode: sqe.opcode,
         }
     }
@@ -77,8 +80,8 @@ impl ErrorEntry {
         b[16..24].copy_from_slice(&self.lba.to_le_bytes());
         b[24..28].copy_from_slice(&self.nsid.to_le_bytes());
         // The transport's type only for an error of the transport (a data digest that did
-        // not match, data that did not arrive); 0 for the rest, as the specification says.
-        if matches!(self.status, status::TRANSIENT_TRANSPORT_ERROR | status::DATA_TRANSFER_ERROR) {
+        // not match); 0 for the rest, as the specification says.
+        if self.status == status::TRANSIENT_TRANSPORT_ERROR {
             b[29] = TRTYPE_TCP;
         }
         b[31] = self.opcode; // CSI (byte 30) 0: the NVM command set
@@ -169,10 +172,13 @@ mod tests {
         // An admin opcode 02h (Get Log Page) is no write: no LBA even with CDW10 set.
         let e = ErrorEntry::of(0, &sqe(0x02, 7, 0, 99), status::INVALID_FIELD);
         assert_eq!((e.lba, e.location, e.sqid), (0, NO_LOCATION, 0));
-        let e = ErrorEntry::of(1, &sqe(0x7f, 7, 1, 99), status::INVALID_OPCODE);
-        assert_eq!((e.lba, e.location, e.opcode), (0, 0, 0x7f));
+        let e = ErrorEntry::of(1, &sqe(0x7e, 7, 1, 99), status::INVALID_OPCODE);
+        assert_eq!((e.lba, e.location, e.opcode), (0, 0, 0x7e));
         let e = ErrorEntry::of(1, &sqe(io::WRITE, 7, 9, 99), status::INVALID_NAMESPACE);
         assert_eq!((e.lba, e.location, e.nsid), (99, 4, 9));
+        // A Fabrics command's byte 4 is its type, not a namespace.
+        let e = ErrorEntry::of(0, &sqe(FABRICS_OPCODE, 7, 0x33, 0), status::INVALID_OPCODE);
+        assert_eq!((e.nsid, e.location), (0, 4));
     }
 
     #[test]

@@ -716,9 +716,11 @@ impl Queue {
     }
 
     /// Queues a CapsuleResp for command `sqe`; an error is recorded in its controller's Error
-    /// Information log (once a controller exists: not for a refused Connect).
+    /// Information log once the queue is the controller's: not for a refused Connect, nor on
+    /// an I/O queue that has not authenticated yet (a stranger who knows the host's NQN and
+    /// the controller's id writes nothing into the host's log).
     fn answer(&mut self, sqe: &Sqe, dw0: u32, dw1: u32, st: Status) {
-        if st != status::SUCCESS {
+        if st != status::SUCCESS && (self.qid == 0 || self.holds_qid) {
             if let Some(ctrl) = &self.ctrl {
                 ctrl.errors.lock().record(ErrorEntry::of(self.qid, sqe, st));
             }
@@ -1026,7 +1028,7 @@ impl Queue {
         let command = match auth_command::parse(sqe, data.len()) {
             Ok(command) => command,
             Err(refused) => {
-                tracing::debug!(peer = %self.peer, qid = self.qid, error = %refused, "authentication command refused");
+                tracing::debug!(target: "ballast_nvmf::auth", peer = %self.peer, qid = self.qid, error = %refused, "authentication command refused");
                 return self.answer(sqe, 0, 0, refused.status);
             }
         };
@@ -1085,7 +1087,7 @@ impl Queue {
                 self.respond_with_data(cx, cid, buf, 0);
             }
             Action::AllocationTooSmall { needed } => {
-                tracing::debug!(peer = %self.peer, qid = self.qid, needed, "AUTH_Receive allocation too small");
+                tracing::debug!(target: "ballast_nvmf::auth", peer = %self.peer, qid = self.qid, needed, "AUTH_Receive allocation too small");
                 self.answer(&sqe, 0, 0, status::INVALID_FIELD);
             }
         }

@@ -22,15 +22,16 @@ use std::sync::Arc;
 
 use ballast_engine::volume::dev::PoolHandle;
 use ballast_engine::volume::pool::PoolError;
+use ballast_nvmf::ana::{AnaState, ListenerStates};
 use ballast_nvmf::subsys::{Identity, ListenAddr, Subsystem, DISCOVERY_NQN};
 use ballast_nvmf::tls::SecureChannel;
 
 use crate::control::{Control, HostKeyNames};
 use crate::host_auth;
 use crate::pool_config::{
-    self, anchor_key, anchor_of, anchoring, entry, forgetting, host_key, key_entry_key, legacy_key,
-    listener_key, namespace_key, removal, CodecError, StoredHost, StoredKey, StoredListener,
-    StoredNamespace, StoredSubsystem, SubsystemConfig,
+    self, ana_key, anchor_key, anchor_of, anchoring, entry, forgetting, host_key, key_entry_key,
+    legacy_key, listener_key, namespace_key, removal, CodecError, StoredAna, StoredHost, StoredKey,
+    StoredListener, StoredNamespace, StoredSubsystem, SubsystemConfig,
 };
 
 /// Why a change could not be kept in the pool (it did not take effect).
@@ -219,16 +220,33 @@ pub fn forget_host(control: &Control, nqn: &str, host: &str) -> Result<(), Persi
 
 /// `nvmf_subsystem_add_listener` (`listen`) and `_remove_listener`. A removal is kept as such
 /// where the daemon would listen by default (its own subsystems, the discovery service), and
-/// simply forgotten for a subsystem made at runtime, which listens nowhere by default.
+/// simply forgotten for a subsystem made at runtime, which listens nowhere by default. A
+/// listener removed forgets its ANA states; one added anew (`fresh`) starts with `ana` for
+/// every group (optimized: `None`), in the same batch.
 pub fn keep_listener(
     control: &Control,
     nqn: &str,
     addr: SocketAddr,
     listen: bool,
     secure_channel: SecureChannel,
+    fresh: Option<Option<AnaState>>,
 ) -> Result<(), PersistError> {
+    let kept_ana = control
+        .pool
+        .as_ref()
+        .is_some_and(|p| p.meta_shared().config().contains_key(&ana_key(nqn, &addr)));
     change_subsystem(control, nqn, |anchor, batch| {
         let key = listener_key(nqn, &addr);
+        let states = match fresh {
+            Some(all) if listen => all.and_then(|all| ListenerStates::normal(all, BTreeMap::new())),
+            _ => None,
+        };
+        if let Some(l) = &states {
+            batch.push(ana_entry(anchor.gen, nqn, addr, l)?);
+        } else if kept_ana && (!listen || fresh.is_some()) {
+            // The target forgets them too (a listener added again starts afresh).
+            batch.push(removal(ana_key(nqn, &addr)));
+        }
         if !listen && anchor.created {
             batch.push(removal(key));
         } else {
@@ -237,6 +255,53 @@ pub fn keep_listener(
         }
         Ok(())
     })
+}
+
+/// `nvmf_subsystem_listener_set_ana_state`: listener `addr`'s ANA states whole (`None`:
+/// optimized for every group, its entry goes).
+pub fn keep_ana(
+    control: &Control,
+    nqn: &str,
+    addr: SocketAddr,
+    states: Option<&ListenerStates>,
+) -> Result<(), PersistError> {
+    change_subsystem(control, nqn, |anchor, batch| {
+        match states {
+            None => batch.push(removal(ana_key(nqn, &addr))),
+            Some(l) => batch.push(ana_entry(anchor.gen, nqn, addr, l)?),
+        }
+        Ok(())
+    })
+}
+
+fn ana_entry(
+    gen: u64,
+    nqn: &str,
+    addr: SocketAddr,
+    l: &ListenerStates,
+) -> Result<(String, String), CodecError> {
+    let groups = l.groups.iter().map(|(g, s)| (*g, s.name().to_string())).collect();
+    let all = l.all.name().to_string();
+    entry(ana_key(nqn, &addr), &StoredAna { gen, nqn: nqn.into(), addr, all, groups })
+}
+
+/// A listener's kept ANA states in force again (at start-up no host is connected to tell).
+fn restore_ana(control: &Control, nqn: &str, a: &StoredAna) {
+    let parse = |name: &String| AnaState::parse(name).ok_or_else(|| name.clone());
+    let states = parse(&a.all).and_then(|all| {
+        let groups = a.groups.iter().map(|(g, s)| Ok((*g, parse(s)?)));
+        Ok(ListenerStates { all, groups: groups.collect::<Result<_, String>>()? })
+    });
+    let addr = a.addr;
+    match states {
+        Err(state) => {
+            tracing::warn!(nqn, %addr, state, "kept ANA states not restored: no such state")
+        }
+        Ok(l) => match control.target.replace_ana(nqn, &ListenAddr::from(addr), Some(l)) {
+            Ok(()) => tracing::info!(nqn, %addr, "ANA states restored"),
+            Err(e) => tracing::warn!(nqn, %addr, error = %e, "kept ANA states not restored"),
+        },
+    }
 }
 
 /// `nvmf_subsystem_add_ns`, by the device's name.
@@ -457,6 +522,9 @@ fn apply(control: &Control, cfg: &SubsystemConfig, pending: &mut Pending) {
         } else {
             let _ = target.remove_listener(nqn, &via);
         }
+    }
+    for a in &cfg.ana {
+        restore_ana(control, nqn, a);
     }
     if cfg.damaged {
         tracing::error!(

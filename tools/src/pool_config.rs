@@ -13,6 +13,10 @@
 //! - `nvmf:H(nqn):listener:H(addr)` → [`StoredListener`] `{gen, addr, listen,
 //!   secure_channel}`;
 //! - `nvmf:H(nqn):ns:NSID` → [`StoredNamespace`] `{gen, nsid, bdev, block_size}`;
+//! - `ana:H(nqn):H(addr)` → [`StoredAna`] `{gen, nqn, addr, all, groups}`: a listener's ANA
+//!   states other than optimized (SPDK's names), outside the subsystem's own entries so that a
+//!   build that does not know them ignores them (an unreadable one is a problem, never damage:
+//!   the listener starts optimized);
 //! - `hosts:VOLUME` (legacy) → `{allow_any_host, hosts}`: a volume's subsystem as kept before
 //!   anchors; read, never written.
 //!
@@ -48,6 +52,7 @@ const KEYRING: &str = "keyring:";
 const NVMF: &str = "nvmf:";
 const LEGACY_HOSTS: &str = "hosts:";
 const RESERVATIONS: &str = "resv:";
+const ANA: &str = "ana:";
 const HOST: &str = "host";
 const LISTENER: &str = "listener";
 const NAMESPACE: &str = "ns";
@@ -119,6 +124,19 @@ pub struct StoredListener {
     pub secure_channel: SecureChannel,
 }
 
+/// A listener's ANA states (`nvmf_subsystem_listener_set_ana_state`) where some group is not
+/// optimized: `all` for every group without its own, by SPDK's state names.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoredAna {
+    pub gen: u64,
+    pub nqn: String,
+    pub addr: SocketAddr,
+    pub all: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<u32, String>,
+}
+
 /// A namespace added by `nvmf_subsystem_add_ns`, by the name of its device.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -162,6 +180,8 @@ pub struct SubsystemConfig {
     pub hosts: Vec<StoredHost>,
     pub listeners: Vec<StoredListener>,
     pub namespaces: Vec<StoredNamespace>,
+    /// Its listeners' ANA states (not optimized somewhere).
+    pub ana: Vec<StoredAna>,
 }
 
 /// Everything a pool's configuration holds for the daemon's NVMe-oF and keyring settings.
@@ -204,6 +224,15 @@ pub fn listener_key(nqn: &str, addr: &SocketAddr) -> String {
 
 pub fn namespace_key(nqn: &str, nsid: u32) -> String {
     format!("{}:{NAMESPACE}:{nsid}", anchor_key(nqn))
+}
+
+/// The entry key of listener `addr`'s ANA states in subsystem `nqn`.
+pub fn ana_key(nqn: &str, addr: &SocketAddr) -> String {
+    format!("{}{}", ana_prefix(nqn), digest(&addr.to_string()))
+}
+
+fn ana_prefix(nqn: &str) -> String {
+    format!("{ANA}{}:", digest(nqn))
 }
 
 /// The entry key of namespace `nsid` of `nqn`'s kept reservation table (`resv_store`): outside
@@ -278,8 +307,12 @@ pub fn forgetting(config: &BTreeMap<String, String>, nqn: &str) -> Vec<(String, 
     }
     let under = config.range(children.clone()..).take_while(|(k, _)| k.starts_with(&children));
     out.extend(under.map(|(k, _)| removal(k.clone())));
-    // Its namespaces' kept reservations (outside the subsystem's own entries).
+    // Its namespaces' kept reservations and its listeners' ANA states (outside the
+    // subsystem's own entries).
     out.extend(forgetting_reservations(config, nqn));
+    let ana = ana_prefix(nqn);
+    let kept = config.range(ana.clone()..).take_while(|(k, _)| k.starts_with(&ana));
+    out.extend(kept.map(|(k, _)| removal(k.clone())));
     if let Some(legacy) = legacy_key(nqn).filter(|k| config.contains_key(k)) {
         out.push(removal(legacy));
     }
@@ -339,6 +372,8 @@ pub fn decode(config: &BTreeMap<String, String>) -> Decoded {
     // Anchor key → (entry key, kind, value) of the entries under it.
     let mut children: BTreeMap<String, Vec<(&String, &str, &String)>> = BTreeMap::new();
     let mut legacy = Vec::new();
+    // Anchor key → (entry key, states) of the ANA entries naming it.
+    let mut ana: BTreeMap<String, Vec<(&String, StoredAna)>> = BTreeMap::new();
     for (key, value) in config {
         if let Some(hash) = key.strip_prefix(KEYRING) {
             match parse::<StoredKey>(value) {
@@ -368,6 +403,16 @@ pub fn decode(config: &BTreeMap<String, String>) -> Decoded {
             }
         } else if let Some(volume) = key.strip_prefix(LEGACY_HOSTS) {
             legacy.push((key, volume, value));
+        } else if key.starts_with(ANA) {
+            match parse::<StoredAna>(value) {
+                Ok(a) if ana_key(&a.nqn, &a.addr) == *key => {
+                    ana.entry(anchor_key(&a.nqn)).or_default().push((key, a))
+                }
+                Ok(_) => out.problems.push(format!(
+                    "{key}: holds an entry of another key (its listener starts optimized)"
+                )),
+                Err(e) => out.problems.push(format!("{key}: {e} (its listener starts optimized)")),
+            }
         }
     }
     for (anchor, subsystem) in anchors {
@@ -379,7 +424,15 @@ pub fn decode(config: &BTreeMap<String, String>) -> Decoded {
             hosts: Vec::new(),
             listeners: Vec::new(),
             namespaces: Vec::new(),
+            ana: Vec::new(),
         };
+        for (key, a) in ana.remove(&anchor).unwrap_or_default() {
+            if a.gen == cfg.subsystem.gen {
+                cfg.ana.push(a);
+            } else {
+                out.stale.push(key.clone());
+            }
+        }
         for (key, kind, value) in children.remove(&anchor).unwrap_or_default() {
             let c = match child(kind, value) {
                 Ok(c) => c,
@@ -408,6 +461,11 @@ pub fn decode(config: &BTreeMap<String, String>) -> Decoded {
     for (anchor, entries) in children {
         if !out.unreadable.contains(&anchor) {
             out.stale.extend(entries.into_iter().map(|(k, _, _)| k.clone()));
+        }
+    }
+    for (anchor, entries) in ana {
+        if !out.unreadable.contains(&anchor) {
+            out.stale.extend(entries.into_iter().map(|(k, _)| k.clone()));
         }
     }
     for (key, volume, value) in legacy {
@@ -447,6 +505,7 @@ pub fn decode(config: &BTreeMap<String, String>) -> Decoded {
             hosts,
             listeners: Vec::new(),
             namespaces: Vec::new(),
+            ana: Vec::new(),
         });
     }
     out
@@ -693,6 +752,46 @@ mod tests {
         let mut want = vec![host_key(SUB, HOST_A), host_key(other, HOST_B)];
         want.sort();
         assert_eq!(stale, want);
+    }
+
+    /// A listener's ANA states: read under their anchor's generation, stale otherwise, never
+    /// damage when unreadable (the listener starts optimized), gone with their subsystem.
+    #[test]
+    fn ana_states_are_kept_apart_from_the_subsystem_s_entries() {
+        let mut config = BTreeMap::new();
+        let batch = anchoring(&config, &anchor(SUB, 1, true), &[]).unwrap();
+        apply(&mut config, &batch);
+        let addr: SocketAddr = "127.0.0.1:4421".parse().unwrap();
+        let a = StoredAna {
+            gen: 1,
+            nqn: SUB.into(),
+            addr,
+            all: "inaccessible".into(),
+            groups: [(5, "optimized".to_string())].into(),
+        };
+        apply(&mut config, &[entry(ana_key(SUB, &addr), &a).unwrap()]);
+        let d = decode(&config);
+        assert_eq!((d.subsystems[0].ana.clone(), d.problems.len()), (vec![a.clone()], 0));
+        assert!(config[&ana_key(SUB, &addr)].starts_with(r#"{"gen":1,"nqn":"#));
+        // Another generation's: stale. Unreadable: a problem, not damage.
+        apply(&mut config, &[entry(anchor_key(SUB), &anchor(SUB, 2, true)).unwrap()]);
+        let d = decode(&config);
+        assert!(d.subsystems[0].ana.is_empty());
+        assert_eq!(d.stale, vec![ana_key(SUB, &addr)]);
+        let other: SocketAddr = "127.0.0.1:4422".parse().unwrap();
+        config.insert(ana_key(SUB, &other), r#"{"gen":2,"future":1}"#.into());
+        config.insert(
+            ana_key(SUB, &addr),
+            serde_json::to_string(&StoredAna { gen: 2, ..a }).unwrap(),
+        );
+        let d = decode(&config);
+        assert_eq!((d.problems.len(), d.subsystems[0].damaged), (1, false), "{:?}", d.problems);
+        assert_eq!(d.subsystems[0].ana.len(), 1);
+        // Forgetting the subsystem removes them, after its anchor.
+        let gone = forgetting(&config, SUB);
+        assert_eq!(gone[0].0, anchor_key(SUB));
+        apply(&mut config, &gone);
+        assert!(config.keys().all(|k| !k.starts_with(ANA)), "{config:?}");
     }
 
     #[test]

@@ -810,7 +810,10 @@ fn add_listener(control: &Control, l: AddListener) -> Result<Value, RpcError> {
     if bound && persist::strictness(secure) > persist::strictness(before) {
         target.set_secure_channel(via.clone(), secure);
     }
-    if let Err(e) = persist::keep_listener(control, &l.nqn, addr, true, secure) {
+    // A listener new to the subsystem starts with `ana_state` (kept with it).
+    let fresh = (!discovery && !target.subsystem(&l.nqn).is_some_and(|s| s.listens_on(&via)))
+        .then_some(ana);
+    if let Err(e) = persist::keep_listener(control, &l.nqn, addr, true, secure, fresh) {
         // Nothing changed but the socket bound, which answers discovery and serves no
         // subsystem more than before.
         if target.secure_channel(&via) != before {
@@ -848,7 +851,7 @@ fn remove_listener(control: &Control, l: AddListener) -> Result<Value, RpcError>
             return Err(no_listener());
         }
     }
-    persist::keep_listener(control, &l.nqn, addr, false, SecureChannel::None)
+    persist::keep_listener(control, &l.nqn, addr, false, SecureChannel::None, None)
         .map_err(persist_err)?;
     if l.nqn == DISCOVERY_NQN {
         target.discovery_services.write().remove(&via);
@@ -881,15 +884,27 @@ fn ana_state(name: &str) -> Result<AnaState, RpcError> {
 }
 
 /// Sets a listener's ANA state for one group or all of them: the hosts connected through it
-/// hear of it (an ANA change notice) and move their I/O to the paths that serve it. States
-/// are the running daemon's (as SPDK's): a restart or the listener removed starts optimized.
+/// hear of it (an ANA change notice) and move their I/O to the paths that serve it. Where the
+/// daemon serves a pool the listener's states are kept there before this answers (a change
+/// that cannot be kept is undone), so a restart — kill -9 included — finds them again; the
+/// listener removed starts optimized.
 fn set_ana_state(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let s: SetAnaState = params(p, G)?;
     check_target(s.tgt_name.as_deref())?;
     let state = ana_state(&s.ana_state)?;
-    let via = ListenAddr::from(listen_addr(&s.listen_address)?);
+    let addr = listen_addr(&s.listen_address)?;
+    let via = ListenAddr::from(addr);
     let _settings = control.settings.lock();
+    let before = control.target.ana_listener(&s.nqn, &via).map_err(subsys_err)?;
     control.target.set_ana_state(&s.nqn, &via, s.anagrpid, state).map_err(subsys_err)?;
+    let after = control.target.ana_listener(&s.nqn, &via).map_err(subsys_err)?;
+    if after != before {
+        if let Err(e) = persist::keep_ana(control, &s.nqn, addr, after.as_ref()) {
+            // Undone: the hosts told of the change are told again.
+            let _ = control.target.replace_ana(&s.nqn, &via, before);
+            return Err(persist_err(e));
+        }
+    }
     let group = s.anagrpid;
     tracing::info!(nqn = s.nqn, addr = %via, ?group, state = state.name(), "ANA state set");
     Ok(json!(true))

@@ -112,14 +112,21 @@ impl AnaState {
     }
 }
 
-/// One listener's states: `all` for every group without its own.
+/// One listener's states: `all` for every group without its own (never equal to `all`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct ListenerStates {
-    all: AnaState,
-    groups: BTreeMap<u32, AnaState>,
+pub struct ListenerStates {
+    pub all: AnaState,
+    pub groups: BTreeMap<u32, AnaState>,
 }
 
 impl ListenerStates {
+    /// `all` and `groups` with the entries equal to `all` dropped; `None` where every group is
+    /// optimized (what an absent listener means).
+    pub fn normal(all: AnaState, mut groups: BTreeMap<u32, AnaState>) -> Option<Self> {
+        groups.retain(|_, s| *s != all);
+        (all != AnaState::Optimized || !groups.is_empty()).then_some(ListenerStates { all, groups })
+    }
+
     fn state(&self, group: u32) -> AnaState {
         self.groups.get(&group).copied().unwrap_or(self.all)
     }
@@ -161,23 +168,44 @@ impl AnaTable {
     pub fn set(&self, via: &ListenAddr, group: Option<u32>, state: AnaState) -> bool {
         let mut map = self.listeners.write();
         let before = map.get(via).cloned();
-        let mut l = before
-            .clone()
-            .unwrap_or(ListenerStates { all: AnaState::Optimized, groups: BTreeMap::new() });
-        match group {
-            None => {
-                l.all = state;
-                l.groups.clear();
-            }
-            Some(g) if state == l.all => {
-                l.groups.remove(&g);
-            }
+        let (all, mut groups) = match &before {
+            Some(l) => (l.all, l.groups.clone()),
+            None => (AnaState::Optimized, BTreeMap::new()),
+        };
+        let after = match group {
+            None => ListenerStates::normal(state, BTreeMap::new()),
             Some(g) => {
-                l.groups.insert(g, state);
+                groups.insert(g, state);
+                ListenerStates::normal(all, groups)
             }
+        };
+        self.put(&mut map, via, before, after)
+    }
+
+    /// What listener `via` keeps (`None`: optimized for every group).
+    pub fn listener(&self, via: &ListenAddr) -> Option<ListenerStates> {
+        self.listeners.read().get(via).cloned()
+    }
+
+    /// Puts `states` in force through `via` whole (a restart restoring what was kept, a change
+    /// undone); whether anything a host reads changed.
+    pub fn replace(&self, via: &ListenAddr, states: Option<ListenerStates>) -> bool {
+        let after = states.and_then(|l| ListenerStates::normal(l.all, l.groups));
+        let mut map = self.listeners.write();
+        let before = map.get(via).cloned();
+        self.put(&mut map, via, before, after)
+    }
+
+    fn put(
+        &self,
+        map: &mut BTreeMap<ListenAddr, ListenerStates>,
+        via: &ListenAddr,
+        before: Option<ListenerStates>,
+        after: Option<ListenerStates>,
+    ) -> bool {
+        if let Some(l) = &after {
+            assert!(l.groups.values().all(|s| *s != l.all), "an entry equal to `all` kept");
         }
-        debug_assert!(l.groups.values().all(|s| *s != l.all), "an entry equal to `all` kept");
-        let after = (l.all != AnaState::Optimized || !l.groups.is_empty()).then_some(l);
         if after == before {
             return false;
         }
@@ -185,7 +213,7 @@ impl AnaTable {
             Some(l) => map.insert(via.clone(), l),
             None => map.remove(via),
         };
-        self.changed(&map);
+        self.changed(map);
         true
     }
 
@@ -333,6 +361,34 @@ mod tests {
         t.forget_listener(&b);
         assert_eq!(t.state(&b, 1), AnaState::Optimized, "a listener added again starts optimized");
         assert!(!t.blocked());
+    }
+
+    /// A listener's states put back whole (restored at start-up, a change undone): kept
+    /// normalized, a change told only when there is one.
+    #[test]
+    fn a_listener_s_states_are_replaced_whole() {
+        let t = AnaTable::default();
+        let a = addr(4420);
+        t.set(&a, Some(3), AnaState::Inaccessible);
+        let kept = t.listener(&a);
+        assert_eq!(
+            kept,
+            ListenerStates::normal(AnaState::Optimized, [(3, AnaState::Inaccessible)].into())
+        );
+        assert!(t.replace(&a, None), "optimized everywhere again");
+        assert_eq!((t.listener(&a), t.blocked()), (None, false));
+        assert!(t.replace(&a, kept.clone()));
+        assert_eq!((t.state(&a, 3), t.blocked()), (AnaState::Inaccessible, true));
+        assert!(!t.replace(&a, kept), "the same: no change");
+        // Entries equal to `all` are dropped, as `set` keeps them.
+        let raw = ListenerStates {
+            all: AnaState::NonOptimized,
+            groups: [(1, AnaState::NonOptimized), (2, AnaState::Change)].into(),
+        };
+        assert!(t.replace(&a, Some(raw)));
+        let l = t.listener(&a).unwrap();
+        assert_eq!(l.groups, [(2, AnaState::Change)].into());
+        assert_eq!(ListenerStates::normal(AnaState::Optimized, BTreeMap::new()), None);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use crate::ana::{AnaState, AnaTable};
+use crate::ana::{AnaState, AnaTable, ListenerStates};
 use crate::auth::keys::AuthKeys;
 use crate::error_log::ErrorLog;
 use crate::resv::{Notice, NoticeKind, ResvStore};
@@ -622,8 +622,8 @@ impl Target {
 
     /// Sets the ANA state of group `group` (every group: `None`) of subsystem `nqn` through
     /// listener `addr`; its controllers connected there get an ANA change notice (if their
-    /// host enabled them) and read the ANA log again. States are the running daemon's: a
-    /// listener removed, or a restart, starts optimized.
+    /// host enabled them) and read the ANA log again. A listener removed starts optimized;
+    /// across restarts the control plane keeps them (`persist`, where there is a pool).
     pub fn set_ana_state(
         &self,
         nqn: &str,
@@ -641,11 +641,53 @@ impl Target {
             return Err(SubsysError::NoListener { nqn: nqn.into(), addr: addr.clone() });
         }
         if subsys.ana.set(addr, group, state) {
-            for c in self.controllers_of(nqn).iter().filter(|c| c.via == *addr) {
-                c.ana_pending.store(true, Ordering::Release);
-            }
+            self.ana_changed(nqn, addr);
         }
         Ok(())
+    }
+
+    /// What listener `addr` of subsystem `nqn` keeps of ANA states (`None`: optimized
+    /// everywhere); refused as `set_ana_state` refuses an unknown subsystem or listener.
+    pub fn ana_listener(
+        &self,
+        nqn: &str,
+        addr: &ListenAddr,
+    ) -> Result<Option<ListenerStates>, SubsysError> {
+        let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
+        if !subsys.listens_on(addr) {
+            return Err(SubsysError::NoListener { nqn: nqn.into(), addr: addr.clone() });
+        }
+        Ok(subsys.ana.listener(addr))
+    }
+
+    /// Puts `states` in force through listener `addr` of `nqn` whole (kept states restored at
+    /// start-up, a change undone), groups beyond the subsystem's namespace ids dropped; the
+    /// controllers connected through it are told when it changes what they read.
+    pub fn replace_ana(
+        &self,
+        nqn: &str,
+        addr: &ListenAddr,
+        states: Option<ListenerStates>,
+    ) -> Result<(), SubsysError> {
+        let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
+        if !subsys.listens_on(addr) {
+            return Err(SubsysError::NoListener { nqn: nqn.into(), addr: addr.clone() });
+        }
+        let states = states.map(|mut l| {
+            l.groups.retain(|&g, _| (1..=subsys.max_nsid).contains(&g));
+            l
+        });
+        if subsys.ana.replace(addr, states) {
+            self.ana_changed(nqn, addr);
+        }
+        Ok(())
+    }
+
+    /// The controllers of `nqn` connected through `addr` get an ANA change notice.
+    fn ana_changed(&self, nqn: &str, addr: &ListenAddr) {
+        for c in self.controllers_of(nqn).iter().filter(|c| c.via == *addr) {
+            c.ana_pending.store(true, Ordering::Release);
+        }
     }
 
     /// Ends every controller of `host` on subsystem `nqn` (its queues close when they next

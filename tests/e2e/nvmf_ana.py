@@ -20,10 +20,11 @@ A pool-backed daemon; a subsystem made by RPC with namespace 1 (group 1, its id)
 - refused with clear errors: an unknown state, group 0, a group past NN, a listener the
   subsystem does not use, anagrpid 0 on add_ns;
 - a listener removed and added again starts optimized;
-- states are kept in the pool: after kill -9 a path made inaccessible still refuses I/O
-  (302h) and says so in its log page, a group's own state and a listener added with
-  `ana_state` are back, namespace 3 is in group 5 again (kept with the namespace); a path made
-  optimized again and a listener removed and added again are kept as such (kill -9 again).
+- states are kept in the pool: after kill -9 a path made inaccessible (but for one group)
+  still refuses I/O (302h) for the others and says so in its log page, a group's own state and
+  a listener added with `ana_state` are back, the volumes' namespaces are in their groups
+  again (kept with them); a path made optimized again, a listener removed and added again and
+  a listener removed are kept as such (kill -9 again).
 The daemon logs no panic. Run with /usr/bin/python3.
 """
 import json
@@ -290,53 +291,67 @@ def main(r):
         for q in (adm_a, a, adm_b, bq):
             q.close()
 
-        # What is set is kept in the pool: kill -9 and start again finds it. A inaccessible
-        # for every group; B's group 5 non-optimized; a third listener C added with
-        # `ana_state` non_optimized. Namespace 3 (the volume) is in group 5 again (kept with
-        # the namespace; the RAM exports' are not restored).
+        # What is set is kept in the pool: kill -9 and start again finds it. A volume w as
+        # namespace 4 in group 7; A inaccessible for every group but group 5 (optimized);
+        # B's group 5 non-optimized; a third listener C added with `ana_state`
+        # non_optimized. The volumes' namespaces are kept with their groups (the RAM
+        # exports' are not restored).
         port_c = free_port()
-        kept = [set_state(b, port_a, "inaccessible"), set_state(b, port_b, "non_optimized", 5),
+        r.check("volume w created", b.ctl("volume", "create", "w", "16M").returncode == 0)
+        kept = [rpc(b, "nvmf_subsystem_add_ns",
+                    {"nqn": NQN, "namespace": {"bdev_name": "w", "nsid": 4, "anagrpid": 7}}),
+                set_state(b, port_a, "inaccessible"), set_state(b, port_a, "optimized", 5),
+                set_state(b, port_b, "non_optimized", 5),
                 rpc(b, "nvmf_subsystem_add_listener",
                     {"nqn": NQN, "listen_address": address(port_c), "ana_state": "non_optimized"})]
-        r.check_eq("A inaccessible, B's group 5 non-optimized, C added non-optimized",
-                   [0, 0, 0], [k[0] for k in kept])
+        r.check_eq("w in group 7; A inaccessible but group 5; B's group 5 non-optimized; C added "
+                   "non-optimized", [0] * 5, [k[0] for k in kept])
 
-        def restart():
+        def restart(ports):
             b.proc.send_signal(signal.SIGKILL)
             b.proc.wait()
             b.start()
-            return wait_for(lambda: {port_a, port_b, port_c} <= set(listener_states(b)), 10)
+            return wait_for(lambda: set(ports) <= set(listener_states(b)), 10)
 
-        r.check("kill -9 and restart: the three listeners restored", restart(), listener_states(b))
+        def states():
+            now = listener_states(b)
+            return {p: (now[p].get(5), now[p].get(7)) for p in sorted(now)}
+
+        r.check("kill -9 and restart: the three listeners restored",
+                restart([port_a, port_b, port_c]), listener_states(b))
         adm_b, bq = nvmeraw.io_queue(port_b, NQN, hostid=b"\xbb" * 16)
         st, ns = adm_b.admin_read(nvmeraw.OP_IDENTIFY, (0, 0, 0, 0, 0, 0), 4096, nsid=3)
         r.check_eq("after kill -9: the volume's namespace is in group 5 again", 5, u32(ns, 92))
-        r.check_eq("after kill -9: group 5 inaccessible through A, non-optimized through B and C",
-                   ["inaccessible", "non_optimized", "non_optimized"],
-                   [listener_states(b)[p][5] for p in (port_a, port_b, port_c)])
+        r.check_eq("after kill -9: (group 5, group 7) through A, B and C as they were set",
+                   {port_a: ("optimized", "inaccessible"), port_b: ("non_optimized", "optimized"),
+                    port_c: ("non_optimized", "non_optimized")}, states())
         adm_a, a = nvmeraw.io_queue(port_a, NQN, hostid=b"\xaa" * 16)
-        r.check_eq("A's host reads it in the ANA log page (group 5: inaccessible, namespace 3)",
-                   {5: (3, [3])}, ana_log(adm_a)[0])
-        st, dnr = command(a, nvmeraw.OP_WRITE, 3, (0, 0, 0, 0, 0, 0), b"\x33" * 4096)
-        r.check_eq("A's write to the volume's namespace: Asymmetric Access Inaccessible",
-                   (0x302, False), (st, dnr))
-        st, _ = command(bq, nvmeraw.OP_WRITE, 3, (0, 0, 0, 0, 0, 0), b"\x33" * 4096)
-        r.check_eq("B (non-optimized) writes it", 0, st)
+        r.check_eq("A's host reads them in the ANA log page (5 optimized, 7 inaccessible)",
+                   {5: (1, [3]), 7: (3, [4])}, ana_log(adm_a)[0])
+        st, dnr = command(a, nvmeraw.OP_WRITE, 4, (0, 0, 0, 0, 0, 0), b"\x33" * 4096)
+        r.check_eq("A's write to w (group 7): Asymmetric Access Inaccessible", (0x302, False),
+                   (st, dnr))
+        st, _ = command(a, nvmeraw.OP_WRITE, 3, (0, 0, 0, 0, 0, 0), b"\x33" * 4096)
+        r.check_eq("A writes v (group 5, optimized)", 0, st)
+        st, _ = command(bq, nvmeraw.OP_WRITE, 4, (0, 0, 0, 0, 0, 0), b"\x33" * 4096)
+        r.check_eq("B writes w", 0, st)
         for q in (adm_a, a, adm_b, bq):
             q.close()
 
-        # A optimized again, B removed and added again: both kept as such.
+        # A optimized again; B removed and added again; C removed: each kept as such.
         steps = [set_state(b, port_a, "optimized")[0]]
-        for method in ("nvmf_subsystem_remove_listener", "nvmf_subsystem_add_listener"):
-            steps.append(rpc(b, method, {"nqn": NQN, "listen_address": address(port_b)})[0])
-        r.check_eq("A optimized; B removed and added again", [0, 0, 0], steps)
-        r.check("kill -9 and restart again", restart(), listener_states(b))
-        r.check_eq("group 5 optimized through A and B (B added again started afresh), C kept",
-                   ["optimized", "optimized", "non_optimized"],
-                   [listener_states(b)[p][5] for p in (port_a, port_b, port_c)])
+        for method, port in (("nvmf_subsystem_remove_listener", port_b),
+                             ("nvmf_subsystem_add_listener", port_b),
+                             ("nvmf_subsystem_remove_listener", port_c)):
+            steps.append(rpc(b, method, {"nqn": NQN, "listen_address": address(port)})[0])
+        r.check_eq("A optimized; B removed and added again; C removed", [0] * 4, steps)
+        r.check("kill -9 and restart again", restart([port_a, port_b]), listener_states(b))
+        r.check_eq("A and B optimized (B added again started afresh), C gone for good",
+                   {port_a: ("optimized", "optimized"), port_b: ("optimized", "optimized")},
+                   states())
         adm_a, a = nvmeraw.io_queue(port_a, NQN, hostid=b"\xaa" * 16)
-        st, _ = command(a, nvmeraw.OP_WRITE, 3, (0, 0, 0, 0, 0, 0), b"\x33" * 4096)
-        r.check_eq("A writes the volume's namespace", 0, st)
+        st, _ = command(a, nvmeraw.OP_WRITE, 4, (0, 0, 0, 0, 0, 0), b"\x33" * 4096)
+        r.check_eq("A writes w", 0, st)
         for q in (adm_a, a):
             q.close()
         b.check_clean_end(r)

@@ -1,7 +1,7 @@
 //! Keeps the daemon's NVMe-oF security settings in its pool as the control methods change them
 //! (keyring names and paths; subsystems made at runtime with their serial and model numbers,
-//! namespaces, access; hosts with their key names; listeners with their secure channel), and
-//! restores them at start-up before any NVMe/TCP listener accepts. The entries and their
+//! namespaces, access; hosts with their key names; listeners with their secure channel and ANA
+//! states), and restores them at start-up before any NVMe/TCP listener accepts. The entries and their
 //! format are `pool_config`'s; a daemon without a pool keeps nothing.
 //!
 //! Invariants:
@@ -13,7 +13,8 @@
 //! - restoring is fail closed and never stops the daemon: a key whose file cannot be read is
 //!   held as unavailable and the hosts configured with it are refused; a subsystem with an
 //!   unreadable entry admits only the hosts restored; one whose anchor cannot be read admits
-//!   none. Each is logged as a warning naming keys, hosts and paths, never key text.
+//!   none (ANA states are no access: an unreadable one leaves its listener optimized). Each is
+//!   logged as a warning naming keys, hosts and paths, never key text.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,9 +30,9 @@ use ballast_nvmf::tls::SecureChannel;
 use crate::control::{Control, HostKeyNames};
 use crate::host_auth;
 use crate::pool_config::{
-    self, ana_key, anchor_key, anchor_of, anchoring, entry, forgetting, host_key, key_entry_key,
-    legacy_key, listener_key, namespace_key, removal, CodecError, StoredAna, StoredHost, StoredKey,
-    StoredListener, StoredNamespace, StoredSubsystem, SubsystemConfig,
+    self, ana_entry, ana_key, anchor_key, anchor_of, anchoring, entry, forgetting, host_key,
+    key_entry_key, legacy_key, listener_change, namespace_key, removal, CodecError, StoredAna,
+    StoredHost, StoredKey, StoredNamespace, StoredSubsystem, SubsystemConfig,
 };
 
 /// Why a change could not be kept in the pool (it did not take effect).
@@ -218,11 +219,9 @@ pub fn forget_host(control: &Control, nqn: &str, host: &str) -> Result<(), Persi
     })
 }
 
-/// `nvmf_subsystem_add_listener` (`listen`) and `_remove_listener`. A removal is kept as such
-/// where the daemon would listen by default (its own subsystems, the discovery service), and
-/// simply forgotten for a subsystem made at runtime, which listens nowhere by default. A
-/// listener removed forgets its ANA states; one added anew (`fresh`) starts with `ana` for
-/// every group (optimized: `None`), in the same batch.
+/// `nvmf_subsystem_add_listener` (`listen`) and `_remove_listener` (`pool_config::
+/// listener_change`: a listener added anew, `fresh`, starts with the ANA state given for every
+/// group; a removed one forgets its states).
 pub fn keep_listener(
     control: &Control,
     nqn: &str,
@@ -231,34 +230,25 @@ pub fn keep_listener(
     secure_channel: SecureChannel,
     fresh: Option<Option<AnaState>>,
 ) -> Result<(), PersistError> {
-    let kept_ana = control
-        .pool
-        .as_ref()
-        .is_some_and(|p| p.meta_shared().config().contains_key(&ana_key(nqn, &addr)));
+    let kept_ana = has_ana(control, nqn, &addr);
+    let states = fresh.map(|all| all.and_then(|all| ListenerStates::normal(all, BTreeMap::new())));
     change_subsystem(control, nqn, |anchor, batch| {
-        let key = listener_key(nqn, &addr);
-        let states = match fresh {
-            Some(all) if listen => all.and_then(|all| ListenerStates::normal(all, BTreeMap::new())),
-            _ => None,
-        };
-        if let Some(l) = &states {
-            batch.push(ana_entry(anchor.gen, nqn, addr, l)?);
-        } else if kept_ana && (!listen || fresh.is_some()) {
-            // The target forgets them too (a listener added again starts afresh).
-            batch.push(removal(ana_key(nqn, &addr)));
-        }
-        if !listen && anchor.created {
-            batch.push(removal(key));
-        } else {
-            let l = StoredListener { gen: anchor.gen, addr, listen, secure_channel };
-            batch.push(entry(key, &l)?);
-        }
+        let fresh = states.as_ref().map(Option::as_ref);
+        batch.extend(listener_change(anchor, addr, listen, secure_channel, fresh, kept_ana)?);
         Ok(())
     })
 }
 
+/// Whether the pool keeps ANA states for listener `addr` of `nqn` (readable or not).
+pub fn has_ana(control: &Control, nqn: &str, addr: &SocketAddr) -> bool {
+    control
+        .pool
+        .as_ref()
+        .is_some_and(|p| p.meta_shared().config().contains_key(&ana_key(nqn, addr)))
+}
+
 /// `nvmf_subsystem_listener_set_ana_state`: listener `addr`'s ANA states whole (`None`:
-/// optimized for every group, its entry goes).
+/// optimized for every group, its entry goes), kept before the change is made.
 pub fn keep_ana(
     control: &Control,
     nqn: &str,
@@ -274,20 +264,13 @@ pub fn keep_ana(
     })
 }
 
-fn ana_entry(
-    gen: u64,
-    nqn: &str,
-    addr: SocketAddr,
-    l: &ListenerStates,
-) -> Result<(String, String), CodecError> {
-    let groups = l.groups.iter().map(|(g, s)| (*g, s.name().to_string())).collect();
-    let all = l.all.name().to_string();
-    entry(ana_key(nqn, &addr), &StoredAna { gen, nqn: nqn.into(), addr, all, groups })
-}
-
 /// A listener's kept ANA states in force again (at start-up no host is connected to tell).
 fn restore_ana(control: &Control, nqn: &str, a: &StoredAna) {
-    let parse = |name: &String| AnaState::parse(name).ok_or_else(|| name.clone());
+    // `change` is refused at the RPC (a host resets a controller left in it past ANATT): a
+    // kept one is no state to restore either.
+    let parse = |name: &String| {
+        AnaState::parse(name).filter(|s| *s != AnaState::Change).ok_or_else(|| name.clone())
+    };
     let states = parse(&a.all).and_then(|all| {
         let groups = a.groups.iter().map(|(g, s)| Ok((*g, parse(s)?)));
         Ok(ListenerStates { all, groups: groups.collect::<Result<_, String>>()? })
@@ -295,7 +278,7 @@ fn restore_ana(control: &Control, nqn: &str, a: &StoredAna) {
     let addr = a.addr;
     match states {
         Err(state) => {
-            tracing::warn!(nqn, %addr, state, "kept ANA states not restored: no such state")
+            tracing::warn!(nqn, %addr, state, "kept ANA states not restored: not a state to keep; the listener starts optimized")
         }
         Ok(l) => match control.target.replace_ana(nqn, &ListenAddr::from(addr), Some(l)) {
             Ok(()) => tracing::info!(nqn, %addr, "ANA states restored"),
@@ -579,7 +562,8 @@ pub fn restore(control: &Control) -> Vec<SocketAddr> {
     for problem in &decoded.problems {
         tracing::warn!(
             entry = problem,
-            "pool configuration: an entry cannot be read; what it belongs to fails closed"
+            "pool configuration: an entry cannot be read; what it belongs to fails closed \
+             (ANA states: their listener starts optimized)"
         );
     }
     restore_keyring(control, &decoded.keys);
@@ -643,6 +627,8 @@ pub fn unbindable(control: &Control, addr: SocketAddr) {
     let via = ListenAddr::from(addr);
     for subsys in control.target.subsystems() {
         if subsys.listeners.write().remove(&via) {
+            // Its restored ANA states go too (kept in the pool for when it can be bound).
+            subsys.ana.forget_listener(&via);
             tracing::warn!(
                 nqn = subsys.nqn,
                 %addr,

@@ -40,6 +40,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use ballast_engine::volume::records::CONFIG_VALUE_MAX;
+use ballast_nvmf::ana::ListenerStates;
 use ballast_nvmf::subsys::NQN_PREFIX;
 use ballast_nvmf::tls::SecureChannel;
 use serde::de::DeserializeOwned;
@@ -233,6 +234,55 @@ pub fn ana_key(nqn: &str, addr: &SocketAddr) -> String {
 
 fn ana_prefix(nqn: &str) -> String {
     format!("{ANA}{}:", digest(nqn))
+}
+
+/// The entry keeping listener `addr`'s ANA states `l` in subsystem `nqn` (generation `gen`).
+pub fn ana_entry(
+    gen: u64,
+    nqn: &str,
+    addr: SocketAddr,
+    l: &ListenerStates,
+) -> Result<(String, String), CodecError> {
+    let groups = l.groups.iter().map(|(g, s)| (*g, s.name().to_string())).collect();
+    let all = l.all.name().to_string();
+    entry(ana_key(nqn, &addr), &StoredAna { gen, nqn: nqn.into(), addr, all, groups })
+}
+
+/// The entries of listener `addr` of subsystem `anchor` added (`listen`) or removed. A removal
+/// is kept as such where the daemon would listen by default (`!anchor.created`), and simply
+/// forgotten otherwise. A listener added anew (`fresh`) starts with the ANA states given
+/// (`None`: optimized); a removed one forgets its states (`kept_ana`: the pool holds some).
+/// Ordered so that every prefix decodes to the state before or after: an addition puts the
+/// states before the listener, a removal takes the listener away before its states (a prefix
+/// keeping states without their listener applies to nothing; never a listener back without
+/// the states it had).
+pub fn listener_change(
+    anchor: &StoredSubsystem,
+    addr: SocketAddr,
+    listen: bool,
+    secure_channel: SecureChannel,
+    fresh: Option<Option<&ListenerStates>>,
+    kept_ana: bool,
+) -> Result<Vec<(String, String)>, CodecError> {
+    let nqn = anchor.nqn.as_str();
+    let key = listener_key(nqn, &addr);
+    let listener = if !listen && anchor.created {
+        removal(key)
+    } else {
+        entry(key, &StoredListener { gen: anchor.gen, addr, listen, secure_channel })?
+    };
+    let ana = match fresh.filter(|_| listen) {
+        Some(Some(l)) => Some(ana_entry(anchor.gen, nqn, addr, l)?),
+        Some(None) | None if kept_ana && (!listen || fresh.is_some()) => {
+            Some(removal(ana_key(nqn, &addr)))
+        }
+        _ => None,
+    };
+    Ok(match (listen, ana) {
+        (true, Some(ana)) => vec![ana, listener],
+        (false, Some(ana)) => vec![listener, ana],
+        (_, None) => vec![listener],
+    })
 }
 
 /// The entry key of namespace `nsid` of `nqn`'s kept reservation table (`resv_store`): outside
@@ -792,6 +842,54 @@ mod tests {
         assert_eq!(gone[0].0, anchor_key(SUB));
         apply(&mut config, &gone);
         assert!(config.keys().all(|k| !k.starts_with(ANA)), "{config:?}");
+    }
+
+    /// A listener's addition with ANA states, and its removal, leave after any crash prefix
+    /// the listener as it was before or after — never back without the states it had.
+    #[test]
+    fn every_prefix_of_a_listener_change_is_the_state_before_or_after() {
+        use ballast_nvmf::ana::AnaState;
+        let addr: SocketAddr = "127.0.0.1:4421".parse().unwrap();
+        let inaccessible = ListenerStates::normal(AnaState::Inaccessible, BTreeMap::new());
+        // What a decoded configuration says of the listener: (listed, its ANA state).
+        let view = |config: &BTreeMap<String, String>| {
+            let d = decode(config);
+            let s = &d.subsystems[0];
+            let listed = s.listeners.iter().any(|l| l.addr == addr && l.listen);
+            let ana = s.ana.iter().find(|a| a.addr == addr).map(|a| a.all.clone());
+            (listed, listed.then_some(ana).flatten())
+        };
+        for created in [true, false] {
+            let mut config = BTreeMap::new();
+            let a = anchor(SUB, 1, created);
+            apply(&mut config, &anchoring(&BTreeMap::new(), &a, &[]).unwrap());
+            let before = view(&config);
+            let fresh = Some(inaccessible.as_ref());
+            let add = listener_change(&a, addr, true, SecureChannel::None, fresh, false).unwrap();
+            assert_eq!(add.len(), 2, "its states, then the listener");
+            let mut after = config.clone();
+            apply(&mut after, &add);
+            let added = view(&after);
+            assert_eq!(added, (true, Some("inaccessible".to_string())));
+            for n in 0..=add.len() {
+                let mut c = config.clone();
+                apply(&mut c, &add[..n]);
+                assert!([before.clone(), added.clone()].contains(&view(&c)), "add prefix {n}");
+            }
+            let remove = listener_change(&a, addr, false, SecureChannel::None, None, true).unwrap();
+            assert_eq!(remove.len(), 2, "the listener, then its states");
+            let mut gone = after.clone();
+            apply(&mut gone, &remove);
+            assert!(gone.keys().all(|k| !k.starts_with(ANA)), "its states forgotten");
+            for n in 0..=remove.len() {
+                let mut c = after.clone();
+                apply(&mut c, &remove[..n]);
+                assert!([added.clone(), view(&gone)].contains(&view(&c)), "remove prefix {n}");
+            }
+            // Added again with no state: the states left by a cut removal go first.
+            let again = listener_change(&a, addr, true, SecureChannel::None, Some(None), true);
+            assert_eq!(again.unwrap()[0], removal(ana_key(SUB, &addr)));
+        }
     }
 
     #[test]

@@ -885,9 +885,9 @@ fn ana_state(name: &str) -> Result<AnaState, RpcError> {
 
 /// Sets a listener's ANA state for one group or all of them: the hosts connected through it
 /// hear of it (an ANA change notice) and move their I/O to the paths that serve it. Where the
-/// daemon serves a pool the listener's states are kept there before this answers (a change
-/// that cannot be kept is undone), so a restart — kill -9 included — finds them again; the
-/// listener removed starts optimized.
+/// daemon serves a pool the listener's states are kept there before the change is made (one
+/// that cannot be kept is refused, nothing changed), so a restart — kill -9 included — finds
+/// them again; the listener removed starts optimized.
 fn set_ana_state(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let s: SetAnaState = params(p, G)?;
     check_target(s.tgt_name.as_deref())?;
@@ -895,16 +895,16 @@ fn set_ana_state(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let addr = listen_addr(&s.listen_address)?;
     let via = ListenAddr::from(addr);
     let _settings = control.settings.lock();
-    let before = control.target.ana_listener(&s.nqn, &via).map_err(subsys_err)?;
-    control.target.set_ana_state(&s.nqn, &via, s.anagrpid, state).map_err(subsys_err)?;
-    let after = control.target.ana_listener(&s.nqn, &via).map_err(subsys_err)?;
-    if after != before {
-        if let Err(e) = persist::keep_ana(control, &s.nqn, addr, after.as_ref()) {
-            // Undone: the hosts told of the change are told again.
-            let _ = control.target.replace_ana(&s.nqn, &via, before);
-            return Err(persist_err(e));
-        }
+    let target = &control.target;
+    let (before, after) =
+        target.ana_preview(&s.nqn, &via, s.anagrpid, state).map_err(subsys_err)?;
+    // Kept before it takes effect (hosts never see a change that is then undone); written
+    // also when the pool holds states this build did not restore (unreadable, or left by
+    // another build), so what is set now is what a restart finds.
+    if after != before || persist::has_ana(control, &s.nqn, &addr) {
+        persist::keep_ana(control, &s.nqn, addr, after.as_ref()).map_err(persist_err)?;
     }
+    target.set_ana_state(&s.nqn, &via, s.anagrpid, state).map_err(subsys_err)?;
     let group = s.anagrpid;
     tracing::info!(nqn = s.nqn, addr = %via, ?group, state = state.name(), "ANA state set");
     Ok(json!(true))

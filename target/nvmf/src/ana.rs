@@ -127,6 +127,22 @@ impl ListenerStates {
         (all != AnaState::Optimized || !groups.is_empty()).then_some(ListenerStates { all, groups })
     }
 
+    /// `before` (`None`: optimized everywhere) with `group` (every group: `None`) set to
+    /// `state`.
+    fn after(before: Option<&Self>, group: Option<u32>, state: AnaState) -> Option<Self> {
+        match group {
+            None => ListenerStates::normal(state, BTreeMap::new()),
+            Some(g) => {
+                let (all, mut groups) = match before {
+                    Some(l) => (l.all, l.groups.clone()),
+                    None => (AnaState::Optimized, BTreeMap::new()),
+                };
+                groups.insert(g, state);
+                ListenerStates::normal(all, groups)
+            }
+        }
+    }
+
     fn state(&self, group: u32) -> AnaState {
         self.groups.get(&group).copied().unwrap_or(self.all)
     }
@@ -168,18 +184,21 @@ impl AnaTable {
     pub fn set(&self, via: &ListenAddr, group: Option<u32>, state: AnaState) -> bool {
         let mut map = self.listeners.write();
         let before = map.get(via).cloned();
-        let (all, mut groups) = match &before {
-            Some(l) => (l.all, l.groups.clone()),
-            None => (AnaState::Optimized, BTreeMap::new()),
-        };
-        let after = match group {
-            None => ListenerStates::normal(state, BTreeMap::new()),
-            Some(g) => {
-                groups.insert(g, state);
-                ListenerStates::normal(all, groups)
-            }
-        };
+        let after = ListenerStates::after(before.as_ref(), group, state);
         self.put(&mut map, via, before, after)
+    }
+
+    /// What listener `via` keeps now, and what [`Self::set`] with these arguments would leave
+    /// (nothing is set: the control plane keeps the change before it is made).
+    pub fn preview(
+        &self,
+        via: &ListenAddr,
+        group: Option<u32>,
+        state: AnaState,
+    ) -> (Option<ListenerStates>, Option<ListenerStates>) {
+        let before = self.listener(via);
+        let after = ListenerStates::after(before.as_ref(), group, state);
+        (before, after)
     }
 
     /// What listener `via` keeps (`None`: optimized for every group).
@@ -379,7 +398,12 @@ mod tests {
         assert_eq!((t.listener(&a), t.blocked()), (None, false));
         assert!(t.replace(&a, kept.clone()));
         assert_eq!((t.state(&a, 3), t.blocked()), (AnaState::Inaccessible, true));
-        assert!(!t.replace(&a, kept), "the same: no change");
+        assert!(!t.replace(&a, kept.clone()), "the same: no change");
+        // A preview sets nothing.
+        let c0 = t.change_count();
+        let (before, after) = t.preview(&a, None, AnaState::NonOptimized);
+        assert_eq!((before, after.as_ref().map(|l| l.all)), (kept, Some(AnaState::NonOptimized)));
+        assert_eq!((t.change_count(), t.state(&a, 3)), (c0, AnaState::Inaccessible));
         // Entries equal to `all` are dropped, as `set` keeps them.
         let raw = ListenerStates {
             all: AnaState::NonOptimized,

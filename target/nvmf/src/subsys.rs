@@ -631,6 +631,60 @@ impl Target {
         group: Option<u32>,
         state: AnaState,
     ) -> Result<(), SubsysError> {
+        let subsys = self.ana_path(nqn, addr, group)?;
+        if subsys.ana.set(addr, group, state) {
+            self.ana_changed(nqn, addr);
+        }
+        Ok(())
+    }
+
+    /// What listener `addr` of subsystem `nqn` keeps of ANA states now, and what
+    /// [`Self::set_ana_state`] with these arguments would leave (`None`: optimized
+    /// everywhere), refused as it would be; nothing is set.
+    pub fn ana_preview(
+        &self,
+        nqn: &str,
+        addr: &ListenAddr,
+        group: Option<u32>,
+        state: AnaState,
+    ) -> Result<(Option<ListenerStates>, Option<ListenerStates>), SubsysError> {
+        Ok(self.ana_path(nqn, addr, group)?.ana.preview(addr, group, state))
+    }
+
+    /// Puts `states` in force through listener `addr` of `nqn` whole (kept states restored at
+    /// start-up), groups beyond the subsystem's namespace ids dropped (and said); the
+    /// controllers connected through it are told when it changes what they read.
+    pub fn replace_ana(
+        &self,
+        nqn: &str,
+        addr: &ListenAddr,
+        states: Option<ListenerStates>,
+    ) -> Result<(), SubsysError> {
+        let subsys = self.ana_path(nqn, addr, None)?;
+        let states = states.map(|mut l| {
+            let max = subsys.max_nsid;
+            l.groups.retain(|&g, _| {
+                let kept = (1..=max).contains(&g);
+                if !kept {
+                    tracing::warn!(nqn, %addr, group = g, max, "ANA state of a group past the subsystem's namespace ids dropped");
+                }
+                kept
+            });
+            l
+        });
+        if subsys.ana.replace(addr, states) {
+            self.ana_changed(nqn, addr);
+        }
+        Ok(())
+    }
+
+    /// The subsystem `nqn` if it listens on `addr` and has group `group` (`None`: every group).
+    fn ana_path(
+        &self,
+        nqn: &str,
+        addr: &ListenAddr,
+        group: Option<u32>,
+    ) -> Result<Arc<Subsystem>, SubsysError> {
         let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
         if let Some(g) = group {
             if g == 0 || g > subsys.max_nsid {
@@ -640,47 +694,7 @@ impl Target {
         if !subsys.listens_on(addr) {
             return Err(SubsysError::NoListener { nqn: nqn.into(), addr: addr.clone() });
         }
-        if subsys.ana.set(addr, group, state) {
-            self.ana_changed(nqn, addr);
-        }
-        Ok(())
-    }
-
-    /// What listener `addr` of subsystem `nqn` keeps of ANA states (`None`: optimized
-    /// everywhere); refused as `set_ana_state` refuses an unknown subsystem or listener.
-    pub fn ana_listener(
-        &self,
-        nqn: &str,
-        addr: &ListenAddr,
-    ) -> Result<Option<ListenerStates>, SubsysError> {
-        let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
-        if !subsys.listens_on(addr) {
-            return Err(SubsysError::NoListener { nqn: nqn.into(), addr: addr.clone() });
-        }
-        Ok(subsys.ana.listener(addr))
-    }
-
-    /// Puts `states` in force through listener `addr` of `nqn` whole (kept states restored at
-    /// start-up, a change undone), groups beyond the subsystem's namespace ids dropped; the
-    /// controllers connected through it are told when it changes what they read.
-    pub fn replace_ana(
-        &self,
-        nqn: &str,
-        addr: &ListenAddr,
-        states: Option<ListenerStates>,
-    ) -> Result<(), SubsysError> {
-        let subsys = self.subsystem(nqn).ok_or_else(|| SubsysError::NoSubsystem(nqn.into()))?;
-        if !subsys.listens_on(addr) {
-            return Err(SubsysError::NoListener { nqn: nqn.into(), addr: addr.clone() });
-        }
-        let states = states.map(|mut l| {
-            l.groups.retain(|&g, _| (1..=subsys.max_nsid).contains(&g));
-            l
-        });
-        if subsys.ana.replace(addr, states) {
-            self.ana_changed(nqn, addr);
-        }
-        Ok(())
+        Ok(subsys)
     }
 
     /// The controllers of `nqn` connected through `addr` get an ANA change notice.

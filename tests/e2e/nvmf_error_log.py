@@ -5,7 +5,8 @@ suite reads it with nvme-cli `error-log`, tests/vm/guest-nvme.sh).
 Exports `x` (RAM, 16 MiB) and `f` (a file on tmpfs whose writes past 1 MiB fail: the daemon's
 RLIMIT_FSIZE stands for a full filesystem), two cores:
 - a new controller: Identify says the page holds 64 entries (ELPE 63), the page is all zeros,
-  the SMART log counts no error;
+  the SMART log counts no error; the Commands Supported and Effects log (05h, LPA bit 1) lists
+  the admin and I/O commands served, those changing content marked;
 - on its I/O queue a read past the end (LBA Out of Range), a read of namespace 9 (Invalid
   Namespace), an unknown opcode; on its admin queue an unknown log page and a Fabrics command
   of an unknown type (listed with namespace 0 and byte 4 at fault: a Fabrics command's type,
@@ -99,6 +100,18 @@ def run(r, b):
     r.check_eq("Identify Controller: ELPE 63 (64 entries)", SLOTS - 1,
                adm.identify_controller()[262])
     r.check_eq("a new controller lists no error", [], errors(adm))
+    # The other mandatory log page a host reads to know what the controller takes.
+    r.check_eq("Identify Controller LPA: Commands Supported and Effects (bit 1)", 2,
+               adm.identify_controller()[261] & 2)
+    effects = log_page(adm, 0x05, 4096)
+    acs = [op for op in range(256) if struct.unpack_from("<I", effects, op * 4)[0]]
+    iocs = {op: struct.unpack_from("<I", effects, 1024 + op * 4)[0] for op in range(256)}
+    r.check_eq("the effects log (05h): the admin commands served",
+               [0x02, 0x06, 0x08, 0x09, 0x0A, 0x0C, 0x18], acs)
+    r.check_eq("...and the I/O ones, Write, Write Zeroes and Dataset Management changing "
+               "content (LBCC)",
+               {0x00: 1, 0x01: 3, 0x02: 1, 0x08: 3, 0x09: 3, 0x0D: 1, 0x0E: 1, 0x11: 1, 0x15: 1},
+               {op: e for op, e in iocs.items() if e})
     r.check_eq("...and the SMART log counts none", 0, smart_errors(adm))
 
     blocks = (16 << 20) // 4096

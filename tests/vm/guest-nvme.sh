@@ -55,6 +55,13 @@ check "...and the first error of the controller (error_count 1)" sh -c "echo '$e
 smart=$(nvme smart-log /dev/nvme0 -o json 2>&1); echo "$smart"
 nerr=$(echo "$smart" | grep -Eo '"num_err_log_entries" *: *"?[0-9]+' | grep -Eo '[0-9]+$')
 check "nvme smart-log counts it (num_err_log_entries ${nerr:-none})" test "${nerr:-0}" -ge 1
+# Commands Supported and Effects (log 05h; --csi: nvme-cli would read CAP through PCI registers).
+eff=$(nvme effects-log /dev/nvme0 --csi=0 -H 2>&1); echo "$eff"
+eff_ok() {
+  echo "$eff" | grep -Eq '^IOCS1 .*00000003 +CSUPP\+ +LBCC\+' && echo "$eff" | grep -Eq '^IOCS2 .*00000001 +CSUPP\+ +LBCC-' \
+    && echo "$eff" | grep -Eq '^ACS24 .*CSUPP\+' && [ "$(echo "$eff" | grep -Ec '^(ACS|IOCS)[0-9]+ ')" -eq 16 ]
+}
+check "nvme effects-log: 7 admin and 9 I/O commands, Write changing content (LBCC), Read not" eff_ok
 dd if=/dev/urandom of=$D bs=1M count=4 seek=8 oflag=direct 2>/dev/null
 check "blkdiscard of 4 MiB" blkdiscard -o $((8<<20)) -l $((4<<20)) $D
 check "discarded range reads zeros" sh -c "dd if=$D bs=1M skip=8 count=4 iflag=direct 2>/dev/null | cmp -s - /dev/zero -n $((4<<20)) || [ \$(dd if=$D bs=1M skip=8 count=4 iflag=direct 2>/dev/null | tr -d '\0' | wc -c) -eq 0 ]"

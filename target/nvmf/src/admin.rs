@@ -71,6 +71,7 @@ const LOG_ERROR: u8 = 0x01;
 const LOG_SMART: u8 = 0x02;
 const LOG_FIRMWARE: u8 = 0x03;
 const LOG_CHANGED_NS: u8 = 0x04;
+const LOG_EFFECTS: u8 = 0x05;
 const LOG_ANA: u8 = 0x0c;
 const LOG_DISCOVERY: u8 = 0x70;
 /// Reservation Notification: the oldest of the controller's notifications (`resv_log`).
@@ -284,6 +285,7 @@ impl AdminState {
             (LOG_SMART, false) => identify::smart_log(&self.ctrl),
             (LOG_FIRMWARE, false) => identify::firmware_log(),
             (LOG_CHANGED_NS, false) => identify::changed_namespaces_log(&self.ctrl, retain),
+            (LOG_EFFECTS, false) => identify::effects_log(),
             (LOG_ANA, false) => {
                 let subsys = self.ctrl.subsys.as_ref().expect("an I/O controller's subsystem");
                 // LSP bit 0 (CDW10 bit 8): Return Groups Only.
@@ -584,6 +586,31 @@ mod tests {
         let smart = a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x007f_0002, 0, 0, 0, 0, 0]));
         let smart = smart.data.unwrap();
         assert_eq!(u64::from_le_bytes(smart[176..184].try_into().unwrap()), 2);
+    }
+
+    /// Log page 05h: the commands the controller takes and what they change; Identify's LPA
+    /// says it is there (an I/O controller's only).
+    #[test]
+    fn the_effects_log_lists_what_is_served() {
+        let (t, mut a) = setup();
+        assert_eq!(a.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
+        let id = a.execute(&t, &cmd(admin::IDENTIFY, 0, [1, 0, 0, 0, 0, 0])).data.unwrap();
+        assert_eq!(id[261] & 0x02, 0x02, "LPA: Commands Supported and Effects");
+        let log = a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x03ff_0005, 0, 0, 0, 0, 0]));
+        let log = log.data.expect("the effects log");
+        let at = |i: usize| u32::from_le_bytes(log[i * 4..i * 4 + 4].try_into().unwrap());
+        let served: Vec<usize> = (0..256).filter(|&op| at(op) != 0).collect();
+        assert_eq!(served, [0x02, 0x06, 0x08, 0x09, 0x0a, 0x0c, 0x18], "admin commands");
+        assert_eq!((at(256 + 0x01), at(256 + 0x02), at(256 + 0x09)), (3, 1, 3), "write, read, DSM");
+        // Each admin opcode listed is answered (not Invalid Opcode), and none unlisted is.
+        for op in 0..=255u8 {
+            let r = a.execute(&t, &cmd(op, 0, [0; 6]));
+            assert_eq!(
+                r.status == status::INVALID_OPCODE,
+                at(usize::from(op)) == 0,
+                "opcode {op:#x}"
+            );
+        }
     }
 
     /// Identify CNS 06h for the NVM command set (Linux's host asks at every connect): a

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use ballast_engine::ram::RamDev;
 
 use crate::admin::AdminState;
+use crate::error_log::{self, ErrorEntry};
 use crate::identify::{IDENTIFY_LEN, IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES};
 use crate::nvme::{self, fctype, ConnectData, Sqe, FABRICS_OPCODE, SQE_LEN};
 use crate::pdu::{self, kind, CommonHeader, H2cData, IcReq};
@@ -253,7 +254,8 @@ pub fn connect_case(input: &[u8], meter: &mut impl Meter) {
 }
 
 /// `capsule`: any admin command or fabrics property command against a controller (option
-/// bit 2: a discovery controller; bit 3: CC.EN left clear), and the I/O SQE accessors.
+/// bit 2: a discovery controller; bit 3: CC.EN left clear), and the I/O SQE accessors; an
+/// admin command's error recorded in the controller's Error Information log.
 /// Admin replies may allocate the data the host's SGL asks for (at most one maximum
 /// transfer) plus [`ADMIN_PAGE_SLACK`], never what NUMD alone asks.
 pub fn capsule_case(input: &[u8], meter: &mut impl Meter) {
@@ -293,6 +295,14 @@ pub fn capsule_case(input: &[u8], meter: &mut impl Meter) {
         let reply = meter.run(limit, || admin.execute(target, &sqe));
         if let Some(d) = &reply.data {
             assert!(d.len() <= IDENTIFY_LEN.max(host_len), "{} bytes of reply data", d.len());
+        }
+        // The queue records an error as the Error Information log keeps it: any command,
+        // any status; the page stays its size, the newest entry first.
+        if reply.status != nvme::status::SUCCESS {
+            let count = admin.ctrl.errors.lock().record(ErrorEntry::of(0, &sqe, reply.status));
+            let page = admin.ctrl.errors.lock().page();
+            assert_eq!(page.len(), error_log::PAGE_LEN);
+            assert_eq!(u64::from_le_bytes(page[..8].try_into().expect("8 bytes")), count);
         }
     }
     target.remove_controller(cntlid);

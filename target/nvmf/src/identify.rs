@@ -1,10 +1,11 @@
 //! Byte layouts of the data structures the admin queue returns: Identify (controller,
 //! namespace, active namespace list, namespace identification descriptors) and log pages
-//! (error, SMART/health, firmware slot, changed namespaces, discovery).
+//! (SMART/health, firmware slot, changed namespaces, commands supported and effects,
+//! discovery; the error log is `error_log`'s).
 
 use std::sync::atomic::Ordering;
 
-use crate::nvme::{put_ascii, put_str};
+use crate::nvme::{admin, io, put_ascii, put_str};
 use crate::subsys::{
     Controller, ListenAddr, Namespace, Subsystem, Target, DISCOVERY_NQN, MODEL_DEFAULT,
 };
@@ -55,7 +56,8 @@ pub fn controller(ctrl: &Controller) -> Vec<u8> {
     b[258] = 3; // ACL: 4 outstanding aborts
     b[259] = (AER_LIMIT - 1) as u8; // AERL
     b[260] = 0x03; // FRMW: one slot, read-only
-    b[261] = 0x04; // LPA: extended data for Get Log Page
+                   // LPA: extended data for Get Log Page; an I/O controller's Commands Supported and Effects.
+    b[261] = if discovery { 0x04 } else { 0x04 | 0x02 };
     b[262] = (crate::error_log::SLOTS - 1) as u8; // ELPE, 0's based
     put16(&mut b, 320, KAS_100MS);
     if !discovery {
@@ -157,6 +159,48 @@ pub fn smart_log(ctrl: &Controller) -> Vec<u8> {
     put64(&mut b, 80, ctrl.host_writes.load(Ordering::Relaxed));
     // Number of Error Information Log Entries, over the controller's life (128 bits).
     put64(&mut b, 176, ctrl.errors.lock().total());
+    b
+}
+
+/// Bytes of the Commands Supported and Effects log page (log 05h): 256 admin, then 256 I/O
+/// command entries of 4 bytes, then reserved.
+pub const EFFECTS_LOG_LEN: usize = 4096;
+
+/// Commands Supported and Effects (log 05h, the NVM command set's): every admin and I/O
+/// command an I/O controller takes, marked supported (CSUPP), and those that may change
+/// logical block content (LBCC: Write, Write Zeroes, and Dataset Management, whose deallocate
+/// reads back zeros); none changes a namespace's or the controller's capabilities, and none
+/// needs the others to stop (CSE 0). What nvmet reports, but for Dataset Management's LBCC.
+pub fn effects_log() -> Vec<u8> {
+    const CSUPP: u32 = 1;
+    const LBCC: u32 = 1 << 1;
+    let mut b = vec![0u8; EFFECTS_LOG_LEN];
+    let admin = [
+        admin::GET_LOG_PAGE,
+        admin::IDENTIFY,
+        admin::ABORT,
+        admin::SET_FEATURES,
+        admin::GET_FEATURES,
+        admin::ASYNC_EVENT,
+        admin::KEEP_ALIVE,
+    ];
+    for op in admin {
+        put32(&mut b, usize::from(op) * 4, CSUPP);
+    }
+    let io = [
+        (io::FLUSH, CSUPP),
+        (io::WRITE, CSUPP | LBCC),
+        (io::READ, CSUPP),
+        (io::WRITE_ZEROES, CSUPP | LBCC),
+        (io::DSM, CSUPP | LBCC),
+        (io::RESV_REGISTER, CSUPP),
+        (io::RESV_REPORT, CSUPP),
+        (io::RESV_ACQUIRE, CSUPP),
+        (io::RESV_RELEASE, CSUPP),
+    ];
+    for (op, effects) in io {
+        put32(&mut b, 1024 + usize::from(op) * 4, effects);
+    }
     b
 }
 

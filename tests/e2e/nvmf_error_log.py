@@ -6,7 +6,8 @@ Exports `x` (RAM, 16 MiB) and `f` (a file on tmpfs whose writes past 1 MiB fail:
 RLIMIT_FSIZE stands for a full filesystem), two cores:
 - a new controller: Identify says the page holds 64 entries (ELPE 63), the page is all zeros,
   the SMART log counts no error; the Commands Supported and Effects log (05h, LPA bit 1) lists
-  the admin and I/O commands served, those changing content marked;
+  the admin and I/O commands served, those changing content marked, and every I/O opcode it
+  leaves out an I/O queue refuses (Invalid Opcode);
 - on its I/O queue a read past the end (LBA Out of Range), a read of namespace 9 (Invalid
   Namespace), an unknown opcode; on its admin queue an unknown log page and a Fabrics command
   of an unknown type (listed with namespace 0 and byte 4 at fault: a Fabrics command's type,
@@ -112,6 +113,14 @@ def run(r, b):
                "content (LBCC)",
                {0x00: 1, 0x01: 3, 0x02: 1, 0x08: 3, 0x09: 3, 0x0D: 1, 0x0E: 1, 0x11: 1, 0x15: 1},
                {op: e for op, e in iocs.items() if e})
+    # What the log leaves out, an I/O queue refuses (host C's controller, apart from A's log).
+    adm_c, io_c = nvmeraw.io_queue(port, PREFIX + "x", hostid=b"\xcc" * 16)
+    unlisted = [op for op in range(256) if not iocs[op] and op != nvmeraw.FABRICS]
+    refused = [op for op in unlisted if command(io_c, op)[1] == INVALID_OPCODE]
+    r.check_eq("every I/O opcode the effects log leaves out is Invalid Opcode on a queue (%d)"
+               % len(unlisted), unlisted, refused)
+    io_c.close()
+    adm_c.close()
     r.check_eq("...and the SMART log counts none", 0, smart_errors(adm))
 
     blocks = (16 << 20) // 4096

@@ -247,6 +247,23 @@ pub fn has_ana(control: &Control, nqn: &str, addr: &SocketAddr) -> bool {
         .is_some_and(|p| p.meta_shared().config().contains_key(&ana_key(nqn, addr)))
 }
 
+/// Whether what the pool keeps for listener `addr` of `nqn` is `states` already, readable and
+/// under the subsystem's anchor (no pool: nothing to keep). A repeated set of the same states
+/// writes nothing; an entry this build could not restore is never taken for them.
+pub fn ana_kept_as(
+    control: &Control,
+    nqn: &str,
+    addr: &SocketAddr,
+    states: Option<&ListenerStates>,
+) -> bool {
+    let Some(pool) = &control.pool else { return true };
+    let m = pool.meta_shared();
+    let config = m.config();
+    let Some(value) = config.get(&ana_key(nqn, addr)) else { return states.is_none() };
+    let (Some(states), Some(anchor)) = (states, anchor_of(config, nqn)) else { return false };
+    ana_entry(anchor.gen, nqn, *addr, states).is_ok_and(|(_, want)| *value == want)
+}
+
 /// `nvmf_subsystem_listener_set_ana_state`: listener `addr`'s ANA states whole (`None`:
 /// optimized for every group, its entry goes), kept before the change is made.
 pub fn keep_ana(
@@ -995,6 +1012,46 @@ mod tests {
         let sub = c.target.subsystem(&vol0).unwrap();
         assert!(!sub.allow_any_host.load(Ordering::Relaxed) && sub.hosts.read().is_empty());
         assert!(!sub.host_allowed(HOST_PLAIN) && !sub.host_allowed(HOST_DH));
+    }
+
+    /// A listener's ANA states are written once (the same states set again write nothing),
+    /// an entry this build cannot read is replaced by the next set, and a restart finds them.
+    #[test]
+    fn ana_states_are_kept_once_and_an_unreadable_entry_is_replaced() {
+        let scratch = Scratch::new("ana");
+        let pool = scratch.pool();
+        let vol0 = nqn_of("vol0");
+        let addr: SocketAddr = DEFAULT_LISTEN.parse().unwrap();
+        let via = ListenAddr::from(addr);
+        let listen = json!({"trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
+                            "trsvcid": addr.port().to_string()});
+        let kept_all = |c: &Control| {
+            c.target.ana_preview(&vol0, &via, None, AnaState::Optimized).unwrap().0.map(|l| l.all)
+        };
+        {
+            let c = start(&pool, 16);
+            let set = |state: &str| {
+                let p = json!({"nqn": vol0, "listen_address": listen, "ana_state": state});
+                ok(&c, "nvmf_subsystem_listener_set_ana_state", p);
+            };
+            let commits = || c.pool.as_ref().unwrap().meta_shared().commits_done().0;
+            set("inaccessible");
+            let n = commits();
+            set("inaccessible");
+            assert_eq!(commits(), n, "the same states again: nothing written");
+            let unreadable = r#"{"gen":1,"future":true}"#;
+            c.pool.as_ref().unwrap().set_config(&ana_key(&vol0, &addr), unreadable).unwrap();
+            assert!(!ana_kept_as(
+                &c,
+                &vol0,
+                &addr,
+                c.target.subsystem(&vol0).unwrap().ana.listener(&via).as_ref()
+            ));
+            set("inaccessible");
+            assert!(commits() > n + 1, "the unreadable entry replaced");
+        }
+        let c = start(&pool, 16);
+        assert_eq!(kept_all(&c), Some(AnaState::Inaccessible), "found after the restart");
     }
 
     #[test]

@@ -896,12 +896,13 @@ fn set_ana_state(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let via = ListenAddr::from(addr);
     let _settings = control.settings.lock();
     let target = &control.target;
-    let (before, after) =
+    let (_before, after) =
         target.ana_preview(&s.nqn, &via, s.anagrpid, state).map_err(subsys_err)?;
-    // Kept before it takes effect (hosts never see a change that is then undone); written
-    // also when the pool holds states this build did not restore (unreadable, or left by
-    // another build), so what is set now is what a restart finds.
-    if after != before || persist::has_ana(control, &s.nqn, &addr) {
+    // Kept before it takes effect (hosts never see a change that is then undone), whenever
+    // the pool does not hold exactly these states (a change; or states this build did not
+    // restore: unreadable, stale, left by another build), so what is set now is what a
+    // restart finds; the same states set again write nothing.
+    if !persist::ana_kept_as(control, &s.nqn, &addr, after.as_ref()) {
         persist::keep_ana(control, &s.nqn, addr, after.as_ref()).map_err(persist_err)?;
     }
     target.set_ana_state(&s.nqn, &via, s.anagrpid, state).map_err(subsys_err)?;

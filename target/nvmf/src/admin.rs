@@ -601,6 +601,7 @@ mod tests {
         let at = |i: usize| u32::from_le_bytes(log[i * 4..i * 4 + 4].try_into().unwrap());
         let served: Vec<usize> = (0..256).filter(|&op| at(op) != 0).collect();
         assert_eq!(served, [0x02, 0x06, 0x08, 0x09, 0x0a, 0x0c, 0x18], "admin commands");
+        assert!(served.iter().all(|&op| at(op) == 1), "admin commands: supported, no effect");
         assert_eq!((at(256 + 0x01), at(256 + 0x02), at(256 + 0x09)), (3, 1, 3), "write, read, DSM");
         // Each admin opcode listed is answered (not Invalid Opcode), and none unlisted is.
         for op in 0..=255u8 {
@@ -664,6 +665,10 @@ mod tests {
         assert_eq!(a.property_set(prop::CC, 0x0046_0001), status::SUCCESS);
         let id = a.execute(&t, &cmd(admin::IDENTIFY, 0, [1, 0, 0, 0, 0, 0])).data.unwrap();
         assert_eq!(u32::from_le_bytes(id[92..96].try_into().unwrap()), 1 << 31, "OAES");
+        // A discovery controller has no effects log, and says so.
+        assert_eq!(id[261] & 0x02, 0, "LPA bit 1 clear");
+        let effects = a.execute(&t, &cmd(admin::GET_LOG_PAGE, 0, [0x03ff_0005, 0, 0, 0, 0, 0]));
+        assert_eq!(effects.status, status::INVALID_LOG_PAGE);
         assert!(a.execute(&t, &cmd(admin::ASYNC_EVENT, 0, [0; 6])).held);
         t.create_subsystem("nqn.2026-11.dev.ballast:new", true).unwrap();
         assert_eq!(a.take_event(), None, "not enabled: no notice");

@@ -56,8 +56,7 @@ pub fn controller(ctrl: &Controller) -> Vec<u8> {
     b[258] = 3; // ACL: 4 outstanding aborts
     b[259] = (AER_LIMIT - 1) as u8; // AERL
     b[260] = 0x03; // FRMW: one slot, read-only
-                   // LPA: extended data for Get Log Page; an I/O controller's Commands Supported and Effects.
-    b[261] = if discovery { 0x04 } else { 0x04 | 0x02 };
+    b[261] = if discovery { 0x04 } else { 0x04 | 0x02 }; // LPA: extended data; effects log (I/O)
     b[262] = (crate::error_log::SLOTS - 1) as u8; // ELPE, 0's based
     put16(&mut b, 320, KAS_100MS);
     if !discovery {

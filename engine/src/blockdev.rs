@@ -66,6 +66,12 @@ pub trait BlockDev: Send + Sync {
     /// Current size; it only grows, through [`BlockDev::grow`].
     fn size_bytes(&self) -> u64;
 
+    /// Whether writes are refused now: [`DevInfo::read_only`], or a volume made read-only
+    /// since it was opened (`bdev_lvol_set_read_only`). Once true, never false again.
+    fn read_only(&self) -> bool {
+        self.info().read_only
+    }
+
     /// Grows the device to `new_size` bytes. Shrinking is refused (it would drop data).
     fn grow(&self, new_size: u64) -> std::io::Result<()> {
         let _ = new_size;

@@ -251,6 +251,9 @@ impl BlockDev for Throttled {
     fn size_bytes(&self) -> u64 {
         self.inner.size_bytes()
     }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
     fn grow(&self, new_size: u64) -> std::io::Result<()> {
         self.inner.grow(new_size)
     }

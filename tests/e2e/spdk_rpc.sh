@@ -12,7 +12,8 @@
 #      add_host, nvmf_get_subsystems; serial/model in Identify Controller and refused when too
 #      long; listeners per subsystem (Connect refused where it does not listen, each port's
 #      discovery log, get/remove_listener); the clone read back through NBD and NVMe/TCP
-#   5  bdev_get_iostat counts the I/O; resize and delete by alias; the pool's file grown and
+#   5  bdev_get_iostat counts the I/O; resize, set_read_only (nbdinfo sees it) and delete by
+#      alias and UUID; the pool's file grown and
 #      bdev_lvol_grow_lvstore (-l; nothing to grow; -22 with neither -u nor -l, -19 another)
 #   6  negative cases: wrong -l / -u (-19 No such device), both (-22), unknown bdev (-19),
 #      unknown subsystem, unknown parameter (-32602)
@@ -274,6 +275,13 @@ check_eq "bdev_get_iostat --per-channel has one entry per core" 2 \
     "$(rpc bdev_get_iostat -c | py 'len(j["cores"])')"
 check "bdev_lvol_resize LVS/lvol1 64" rpc bdev_lvol_resize "$LVS/lvol1" 64
 check_eq "lvol1 is 64 MiB" 16384 "$(rpc bdev_get_bdevs -b "$LVOL1_UUID" | py 'j[0]["num_blocks"]')"
+check "bdev_lvol_set_read_only LVS/lvol1" rpc bdev_lvol_set_read_only "$LVS/lvol1"
+check_eq "bdev_lvol_get_lvols: lvol1 read-only" "True" \
+    "$(rpc bdev_lvol_get_lvols | py 'str(any(v["name"] == "lvol1" and v["read_only"] for v in j))')"
+check_eq "nbdinfo: lvol1 is offered read-only" "true" \
+    "$(timeout 30 nbdinfo --json "$NBD_URI/lvol1" | py 'str(j["exports"][0]["is_read_only"]).lower()')"
+check_eq "a read-only lvol cannot be resized: -32602" "-32602" \
+    "$(rpc_error bdev_lvol_resize "$LVS/lvol1" 96 | cut -d' ' -f1)"
 check "bdev_lvol_delete by UUID" rpc bdev_lvol_delete "$LVOL1_UUID"
 check_eq "the deleted lvol is gone (-19)" "-19 No such device" "$(rpc_error bdev_get_bdevs -b "$LVS/lvol1")"
 

@@ -10,6 +10,8 @@
 #      protected), mounts with the original files, and writes forced through fail (the target
 #      answers write protected); the clone (NVMe/TCP again) still holds its own file and the
 #      original ones
+#   6. the clone, connected, made read-only on the host (`ballast volume read-only`): the
+#      kernel marks the disk read-only without a reconnect, refuses writes, mounts it read-only
 # Prints "PASS: ..." / "FAIL: ..." lines and finally "guest done".
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 . /guest/params
@@ -108,5 +110,16 @@ check "mount the clone again" mount "$C" /mnt/v
 check "clone kept its own file" sh -c "cd /mnt/v && md5sum -c /tmp/clone.sums"
 check "clone kept the original files" sh -c "cd /mnt/v && md5sum -c /tmp/orig.sums"
 umount /mnt/v
+# 6. the clone made read-only on the host while this host is connected: the namespace change
+# notice makes the kernel read Identify Namespace again, which says write protected
+check "the clone is writable before" test "$(cat /sys/block/${C##*/}/ro)" = 0
+say read-only
+i=0; while [ "$(cat /sys/block/${C##*/}/ro)" != 1 ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
+check "the kernel marks the clone read-only once the host made it so (no reconnect)" \
+  test "$(cat /sys/block/${C##*/}/ro)" = 1
+check "the kernel refuses writes to it" sh -c "! dd if=/dev/zero of=$C bs=4k count=1 oflag=direct 2>/dev/null"
+check "it mounts read-only with its files" \
+  sh -c "mount -o ro,noload $C /mnt/v && cd /mnt/v && md5sum -c /tmp/clone.sums && md5sum -c /tmp/orig.sums"
+umount /mnt/v 2>/dev/null
 nvme disconnect -n "${P}base-clone" >/dev/null
 echo "guest done"

@@ -3,7 +3,8 @@
 # (tests/vm/run.sh); guest side: tests/vm/guest-volume.sh. The host serves a pool, creates the
 # volume `base`, and on the guest's signal snapshots it and clones the snapshot; the guest
 # mounts the clone as a filesystem, overwrites the origin, and checks the snapshot (read-only,
-# over NBD) and the clone are unchanged. Afterwards `ballast pool check` must be exact.
+# over NBD) and the clone are unchanged; then, on another signal, makes the connected clone
+# read-only (the kernel host sees it through the namespace change notice). Afterwards `ballast pool check` must be exact.
 # The daemon runs two cores with `--volume-placement owner`: the kernel's I/O queues and NBD
 # connections that the listener put on the core not owning the volumes' family move to its
 # owner after Connect / the handshake (at least one does: two I/O queues per connect, placed
@@ -52,6 +53,8 @@ while kill -0 "$gpid" 2>/dev/null; do
       snapshot)
         "$bin" snapshot create base base-snap --rpc-socket "$sock" >> "$work/server.log" 2>&1
         "$bin" clone create base-snap base-clone --rpc-socket "$sock" >> "$work/server.log" 2>&1 ;;
+      read-only)
+        "$bin" volume read-only base-clone --rpc-socket "$sock" >> "$work/server.log" 2>&1 ;;
     esac
     handled=$((handled + 1))
   done

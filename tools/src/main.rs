@@ -235,6 +235,13 @@ enum VolumeCommand {
         #[command(flatten)]
         target: client::Target,
     },
+    /// Make a volume read-only for good (as a snapshot: it may then be cloned); its exports
+    /// refuse writes from now on.
+    ReadOnly {
+        name: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
     /// Give a volume the contents of one of its snapshots.
     Rollback {
         name: String,
@@ -455,6 +462,12 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
             "bdev_lvol_delete",
             &LvolName { name: name.clone() },
             format!("deleted {name}"),
+        ),
+        Command::Volume(VolumeCommand::ReadOnly { name, target }) => done(
+            &target,
+            "bdev_lvol_set_read_only",
+            &LvolName { name: name.clone() },
+            format!("volume {name} is read-only"),
         ),
         Command::Volume(VolumeCommand::Rollback { name, snapshot, target }) => done(
             &target,

@@ -95,7 +95,7 @@ fn list(control: &Control, p: &Value) -> Result<Value, RpcError> {
             name: d.name.clone(),
             size_bytes: d.size_bytes(),
             backend: d.dev.info().backend.clone(),
-            read_only: d.read_only,
+            read_only: d.read_only || d.dev.read_only(),
             description: d.description.clone(),
             default: default.as_deref() == Some(d.name.as_str()),
         })

@@ -420,6 +420,7 @@ pub const METHODS: &[Method] = &[
     Method { name: "bdev_lvol_clone", call: clone },
     Method { name: "bdev_lvol_rollback", call: rollback },
     Method { name: "bdev_lvol_resize", call: resize },
+    Method { name: "bdev_lvol_set_read_only", call: set_read_only },
     Method { name: "bdev_lvol_delete", call: delete },
     Method { name: "bdev_lvol_check", call: check },
     Method { name: "bdev_lvol_grow_lvstore", call: grow_lvstore },
@@ -518,6 +519,22 @@ fn resize(control: &Control, p: &Value) -> Result<Value, RpcError> {
     pool.resize(&name, size, r.force).map_err(pool_err_cb)?;
     control.registry.namespaces_changed(&name);
     tracing::info!(volume = name, size_bytes = size, "volume resized");
+    Ok(json!(true))
+}
+
+/// `bdev_lvol_set_read_only`: volume `name` takes no more writes, for good (durable when this
+/// answers); it may be cloned as a snapshot is. Its exports follow at once: NBD clients that
+/// connect from now on see it read-only, those already connected have their writes refused
+/// (EPERM), and NVMe hosts are told its namespaces changed (Identify then says write
+/// protected, NSATTR bit 0; writes are refused as Namespace is Write Protected). As SPDK:
+/// true; a volume already read-only is no error.
+fn set_read_only(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let r: LvolName = params(p, L)?;
+    let name = lvol(control, &r.name)?;
+    pool.set_read_only(&name).map_err(pool_err_cb)?;
+    control.registry.namespaces_changed(&name);
+    tracing::info!(volume = name, "volume made read-only");
     Ok(json!(true))
 }
 

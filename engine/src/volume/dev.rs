@@ -350,9 +350,9 @@ pub struct PoolHandle {
     quiesce_timeout: Mutex<Duration>,
     /// How long opening (recovery) took, in ms.
     open_ms: u64,
-    /// The sizes the volumes' devices report, refreshed after each control operation (the
-    /// only thing that changes a size).
-    sizes: Mutex<Vec<(u32, Weak<AtomicU64>)>>,
+    /// What the volumes' devices report of their volumes (size, read-only), refreshed after
+    /// each control operation (the only thing that changes them).
+    sizes: Mutex<Vec<(u32, Weak<LiveAttrs>)>>,
     /// This process's hold on the media (after `media`: released after it closes).
     _lock: PoolLock,
 }
@@ -635,7 +635,7 @@ impl PoolHandle {
     /// create, snapshot or clone, else 0.
     pub fn control(self: &Arc<Self>, op: ControlOp) -> Result<u32, PoolError> {
         let r = self.run_blocking(Cmd::Control(op)).map(|id| id as u32);
-        self.refresh_sizes();
+        self.refresh_attrs();
         r
     }
 
@@ -653,12 +653,16 @@ impl PoolHandle {
         owner.filter(|&core| core < cores).unwrap_or(0)
     }
 
-    /// Brings the sizes devices report up to date (a deleted volume reports 0).
-    fn refresh_sizes(&self) {
+    /// Brings what devices report up to date (a deleted volume reports size 0).
+    fn refresh_attrs(&self) {
         let m = self.meta();
-        self.sizes.lock().retain(|(id, size)| {
-            let Some(size) = size.upgrade() else { return false };
-            size.store(m.volume(*id).map_or(0, |v| v.size_bytes), Ordering::Relaxed);
+        self.sizes.lock().retain(|(id, attrs)| {
+            let Some(attrs) = attrs.upgrade() else { return false };
+            let v = m.volume(*id).ok();
+            attrs.size.store(v.as_ref().map_or(0, |v| v.size_bytes), Ordering::Relaxed);
+            if v.is_some_and(|v| v.read_only) {
+                attrs.read_only.store(true, Ordering::Relaxed);
+            }
             true
         });
     }
@@ -736,6 +740,13 @@ impl PoolHandle {
         self.control(ControlOp::Resize { id, size_bytes: size, force }).map(drop)
     }
 
+    /// Makes volume `vol` read-only for good (durable when this returns): its devices refuse
+    /// writes from now on, and it may be cloned as a snapshot is.
+    pub fn set_read_only(self: &Arc<Self>, vol: &str) -> Result<(), PoolError> {
+        let id = self.meta().find(vol)?;
+        self.control(ControlOp::SetReadOnly { id }).map(drop)
+    }
+
     pub fn delete(self: &Arc<Self>, vol: &str) -> Result<(), PoolError> {
         let (id, family) = {
             let m = self.meta();
@@ -810,13 +821,16 @@ impl PoolHandle {
         let owner = Arc::clone(self.owners.lock().entry(family).or_default());
         let read_only = read_only || v.read_only;
         let kind = if v.read_only { "snapshot" } else { "volume" };
-        let size = Arc::new(AtomicU64::new(v.size_bytes));
-        self.sizes.lock().push((id, Arc::downgrade(&size)));
+        let live = Arc::new(LiveAttrs {
+            size: AtomicU64::new(v.size_bytes),
+            read_only: AtomicBool::new(v.read_only),
+        });
+        self.sizes.lock().push((id, Arc::downgrade(&live)));
         Ok(VolumeDev {
             owner,
             pool: Arc::clone(self),
             id,
-            size,
+            live,
             info: DevInfo {
                 block_size: PIECE as u32,
                 // Any alignment works (partial pieces are read-modify-written); 4 KiB is the
@@ -831,14 +845,22 @@ impl PoolHandle {
     }
 }
 
+/// What a volume's device reports of it that a control operation may change.
+struct LiveAttrs {
+    size: AtomicU64,
+    /// Made read-only (`bdev_lvol_set_read_only`): never false again.
+    read_only: AtomicBool,
+}
+
 /// One volume of an open pool as a block device.
 pub struct VolumeDev {
     pool: Arc<PoolHandle>,
     id: u32,
     /// The core owning the volume's family (its number is fixed for the volume's life).
     owner: Arc<Owner>,
-    /// The volume's size as of the last control operation (asked per I/O: no lock).
-    size: Arc<AtomicU64>,
+    /// The volume's size and read-only flag as of the last control operation (asked per I/O:
+    /// no lock).
+    live: Arc<LiveAttrs>,
     info: DevInfo,
 }
 
@@ -858,7 +880,11 @@ impl BlockDev for VolumeDev {
     }
 
     fn size_bytes(&self) -> u64 {
-        self.size.load(Ordering::Relaxed)
+        self.live.size.load(Ordering::Relaxed)
+    }
+
+    fn read_only(&self) -> bool {
+        self.info.read_only || self.live.read_only.load(Ordering::Relaxed)
     }
 
     fn grow(&self, new_size: u64) -> std::io::Result<()> {

@@ -5,7 +5,7 @@
 //! daemon and in the simulator alike, so both run one implementation of it.
 //!
 //! Invariant: an operation that changes what a volume's writes see (snapshot, rollback, resize,
-//! delete) names that volume in [`ControlOp::quiesce`]; it is applied only with the volume
+//! delete, making it read-only) names that volume in [`ControlOp::quiesce`]; it is applied only with the volume
 //! frozen and no write of it in flight.
 
 use crate::meta::{PoolError, PoolMeta};
@@ -39,6 +39,11 @@ pub enum ControlOp {
     Delete {
         id: u32,
     },
+    /// Volume `id` becomes read-only for good (SPDK's `bdev_lvol_set_read_only`): it takes no
+    /// more writes and, like a snapshot, may be cloned. Already read-only: nothing changes.
+    SetReadOnly {
+        id: u32,
+    },
     /// Configuration entries (an empty value removes its key), all admitted or none.
     SetConfigs(Vec<(String, String)>),
     /// The pool's device now has `total_bytes`: its data area grows into them. Done with a
@@ -57,7 +62,8 @@ impl ControlOp {
             ControlOp::Snapshot { of, .. } => Some(of),
             ControlOp::Rollback { id, .. }
             | ControlOp::Resize { id, .. }
-            | ControlOp::Delete { id } => Some(id),
+            | ControlOp::Delete { id }
+            | ControlOp::SetReadOnly { id } => Some(id),
             ControlOp::Create { .. }
             | ControlOp::Clone { .. }
             | ControlOp::SetConfigs(_)
@@ -83,6 +89,7 @@ impl ControlOp {
                 meta.resize(*id, *size_bytes, *force).map(|()| 0)
             }
             ControlOp::Delete { id } => meta.delete(*id).map(|()| 0),
+            ControlOp::SetReadOnly { id } => meta.set_read_only(*id).map(|()| 0),
             ControlOp::SetConfigs(entries) => meta.set_configs(entries).map(|()| 0),
             ControlOp::Grow { total_bytes } => meta.grow(*total_bytes).map(|_| 0),
         }

@@ -307,6 +307,10 @@ impl<D: SyncDisk> Pool<D> {
         self.control(ControlOp::Resize { id, size_bytes, force }).map(drop)
     }
 
+    pub fn set_read_only(&mut self, id: u32) -> Result<(), PoolError> {
+        self.control(ControlOp::SetReadOnly { id }).map(drop)
+    }
+
     pub fn delete(&mut self, id: u32) -> Result<(), PoolError> {
         self.control(ControlOp::Delete { id }).map(drop)
     }
@@ -965,6 +969,7 @@ mod tests {
         Delete { vol: usize },
         Rollback { vol: usize, snap: usize },
         Resize { vol: usize, pieces: u64 },
+        SetReadOnly { vol: usize },
         Checkpoint,
         Crash { mode: u8 },
     }
@@ -980,6 +985,7 @@ mod tests {
             1 => (0usize..4).prop_map(|vol| Op::Delete { vol }),
             1 => (0usize..4, 0usize..8).prop_map(|(vol, snap)| Op::Rollback { vol, snap }),
             1 => (0usize..4, 1..=VOL_PIECES).prop_map(|(vol, pieces)| Op::Resize { vol, pieces }),
+            1 => (0usize..4).prop_map(|vol| Op::SetReadOnly { vol }),
             1 => Just(Op::Checkpoint),
             2 => (0u8..3).prop_map(|mode| Op::Crash { mode }),
         ]
@@ -1091,6 +1097,15 @@ mod tests {
                     m.parent = id;
                     models.insert(c, m);
                 }
+                Op::SetReadOnly { vol } => {
+                    // Read-only for good, as a snapshot (a second time changes nothing); it is
+                    // durable when this answers, with every write before it.
+                    let Some(id) = pick(vol) else { continue };
+                    pool.set_read_only(id).unwrap();
+                    prop_assert!(pool.volumes()[&id].read_only);
+                    settle(&mut models);
+                    models.get_mut(&id).unwrap().read_only = true;
+                }
                 Op::Delete { vol } => {
                     let Some(id) = pick(vol) else { continue };
                     pool.delete(id).unwrap();
@@ -1148,6 +1163,7 @@ mod tests {
                     prop_assert_eq!(&ids, &models.keys().copied().collect::<BTreeSet<u32>>());
                     for (id, m) in models.iter_mut() {
                         prop_assert_eq!(pool.volumes()[id].size_bytes, m.size * PIECE);
+                        prop_assert_eq!(pool.volumes()[id].read_only, m.read_only, "vol {}", id);
                         let data = pool.read(*id, 0, m.size * PIECE).unwrap();
                         for p in 0..m.size as usize {
                             let piece = &data[p * PIECE as usize..(p + 1) * PIECE as usize];

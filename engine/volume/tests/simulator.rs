@@ -103,6 +103,11 @@ struct VolModel {
     pending_create: bool,
     /// Deleted; the commit recording it has not completed.
     deleted: bool,
+    /// Made read-only (`fixed` holds its content); the commit recording it has not completed.
+    pending_read_only: bool,
+    /// When `fixed` was read: a read submitted before (a volume made read-only later) may see
+    /// what its writes held then.
+    fixed_since: u64,
 }
 
 fn sector_value(buf: &[u8], i: usize) -> u64 {
@@ -187,6 +192,10 @@ enum SimOp {
     Delete {
         vol: u32,
     },
+    /// The volume becomes read-only, as a snapshot (`bdev_lvol_set_read_only`).
+    SetReadOnly {
+        vol: u32,
+    },
     Create,
     /// The device grew to this many bytes; the pool grows into it.
     Grow {
@@ -259,6 +268,9 @@ struct Stats {
     /// Pool growths applied, and clusters beyond a pool's original size seen in use.
     grows: u64,
     grown_used: u64,
+    /// Volumes made read-only, and those a crash found still writable (not yet committed).
+    made_read_only: u64,
+    read_only_undone: u64,
 }
 
 impl Sim {
@@ -397,7 +409,7 @@ impl Sim {
                 for i in 0..(len / SECT) as usize {
                     let s = (off / SECT) as usize + i;
                     let x = sector_value(&buf, i);
-                    if let Some(fixed) = &m.fixed {
+                    if let Some(fixed) = m.fixed.as_ref().filter(|_| sub > m.fixed_since) {
                         assert_eq!(
                             x, fixed[s],
                             "seed {}: snapshot {} sector {s} changed",
@@ -442,6 +454,7 @@ impl Sim {
                     for id in done {
                         if let Some(m) = self.vols.get_mut(&id) {
                             m.pending_create = false;
+                            m.pending_read_only = false;
                             if m.deleted {
                                 self.vols.remove(&id);
                             }
@@ -639,7 +652,7 @@ impl Sim {
         let vols = self.writable();
         let snaps: Vec<u32> =
             self.vols.iter().filter(|(_, v)| v.snapshot && !v.deleted).map(|(id, _)| *id).collect();
-        let op = match self.rng.below(7) {
+        let op = match self.rng.below(8) {
             0 if !vols.is_empty() => {
                 SimOp::Snapshot { of: vols[self.rng.below(vols.len() as u64) as usize] }
             }
@@ -671,6 +684,9 @@ impl Sim {
                 let room = (DISK_BYTES - self.disk.size_bytes()) / PIECE;
                 SimOp::Grow { to: self.disk.size_bytes() + (1 + self.rng.below(room)) * PIECE }
             }
+            7 if vols.len() > 1 && self.rng.chance(2) => {
+                SimOp::SetReadOnly { vol: vols[self.rng.below(vols.len() as u64) as usize] }
+            }
             _ => return,
         };
         self.stats.controls += 1;
@@ -684,6 +700,7 @@ impl Sim {
                 ControlOp::Resize { id: vol, size_bytes: size, force: true }
             }
             SimOp::Delete { vol } => ControlOp::Delete { id: vol },
+            SimOp::SetReadOnly { vol } => ControlOp::SetReadOnly { id: vol },
             SimOp::Create => ControlOp::Create { name: name.clone(), size_bytes: VOL_BYTES },
             SimOp::Grow { to } => {
                 // The device grows now (a crash keeps it grown); the pool follows when the
@@ -772,6 +789,23 @@ impl Sim {
                 self.vols.get_mut(&vol).expect("volume").deleted = true;
                 done.push(vol);
             }
+            SimOp::SetReadOnly { vol } => {
+                // Its writes drained before it applied: what it holds now is what it keeps.
+                let content = self.observe(vol);
+                check_against(self.seed, &self.vols[&vol], &content, now);
+                assert!(
+                    self.meta.volumes()[&vol].read_only,
+                    "seed {}: volume {vol} made read-only is not",
+                    self.seed
+                );
+                let m = self.vols.get_mut(&vol).expect("volume");
+                m.snapshot = true;
+                m.pending_read_only = true;
+                m.fixed = Some(content);
+                m.fixed_since = now;
+                self.stats.made_read_only += 1;
+                done.push(vol);
+            }
             SimOp::Create => {
                 let mut m = VolModel::fresh(&name, VOL_BYTES);
                 m.pending_create = true;
@@ -847,6 +881,21 @@ impl Sim {
             m.deleted = false;
             m.pending_create = false;
             m.size = self.meta.volumes()[&id].size_bytes;
+            if self.meta.volumes()[&id].read_only != m.snapshot {
+                // Only a change to read-only not yet committed may be undone by a crash.
+                assert!(
+                    m.pending_read_only && m.snapshot,
+                    "seed {}: volume {} read-only {} after a crash, the model says {}",
+                    self.seed,
+                    m.name,
+                    !m.snapshot,
+                    m.snapshot
+                );
+                m.snapshot = false;
+                m.fixed = None;
+                self.stats.read_only_undone += 1;
+            }
+            m.pending_read_only = false;
             let content = self.observe(id);
             let m = &self.vols[&id];
             if let Some(fixed) = &m.fixed {
@@ -966,6 +1015,8 @@ impl VolModel {
             fixed: None,
             pending_create: false,
             deleted: false,
+            pending_read_only: false,
+            fixed_since: 0,
         }
     }
 }
@@ -1034,6 +1085,8 @@ fn simulated_requests_crashes_and_control_operations() {
         total.refills_taking_back += s.refills_taking_back;
         total.grows += s.grows;
         total.grown_used += s.grown_used;
+        total.made_read_only += s.made_read_only;
+        total.read_only_undone += s.read_only_undone;
     }
     eprintln!("{runs} runs: {total:?}");
     // The runs must reach what they are for.
@@ -1051,6 +1104,10 @@ fn simulated_requests_crashes_and_control_operations() {
     assert!(
         total.grows > runs / 4 && total.grown_used > runs / 10,
         "pools rarely grew, or rarely used what they grew into: {total:?}"
+    );
+    assert!(
+        total.made_read_only > runs / 4 && total.read_only_undone > 0,
+        "volumes rarely made read-only, or no crash ever came before that was durable: {total:?}"
     );
     assert!(
         total.refills > runs && total.refills_taking_back > runs / 25,

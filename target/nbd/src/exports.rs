@@ -24,7 +24,7 @@ impl Export {
     /// Whether writes are refused: the export says so or its device is read-only (what the
     /// flags advertise and what transmission enforces, from one place).
     pub fn read_only(&self) -> bool {
-        self.read_only || self.dev.info().read_only
+        self.read_only || self.dev.read_only()
     }
 
     /// Transmission flags for this export; `structured` decides SEND_DF.

@@ -194,8 +194,10 @@ impl Namespace {
     }
 
     /// Writes, write zeroes and deallocation are refused (Identify says so: NSATTR bit 0).
+    /// A volume made read-only while exported turns it on (hosts hear of it through a
+    /// Namespace Attribute Changed event).
     pub fn read_only(&self) -> bool {
-        self.dev.info().read_only
+        self.dev.read_only()
     }
 }
 

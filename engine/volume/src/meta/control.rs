@@ -201,6 +201,19 @@ impl PoolMeta {
         Ok(())
     }
 
+    /// Makes volume `id` read-only for good: no write after this lands (the caller has
+    /// quiesced its writes; those parked behind the freeze are refused when they wake), and it
+    /// may be cloned as a snapshot is. One that is read-only already logs nothing.
+    pub fn set_read_only(&mut self, id: u32) -> Result<(), PoolError> {
+        self.ok()?;
+        if self.volume(id)?.read_only {
+            return Ok(());
+        }
+        self.log(Record::ReadOnly { id });
+        debug_assert!(self.volume(id).is_ok_and(|v| v.read_only));
+        Ok(())
+    }
+
     pub fn delete(&mut self, id: u32) -> Result<(), PoolError> {
         self.ok()?;
         self.volume(id)?;

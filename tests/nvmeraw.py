@@ -213,6 +213,24 @@ class Host:
             else:
                 raise AssertionError("unexpected PDU type %d" % typ)
 
+    def command(self, opcode, nsid=1, cdw=(0, 0, 0, 0, 0, 0), data=b"", sgl_type=SGL_INCAPSULE,
+                sgl_len=None):
+        """Sends one command whose only answer is its response (its data, if any, in the
+        capsule): (status, DNR), status = SCT << 8 | SC. An R2T or data back raises: the
+        command was served when a refusal was expected."""
+        cid = self.next_cid()
+        sgl_len = len(data) if sgl_len is None else sgl_len
+        self.send(capsule(sqe(opcode, cid, nsid=nsid, sgl_len=sgl_len, sgl_type=sgl_type,
+                              cdw=cdw), data))
+        typ, p = self.pdu()
+        if typ != CAPSULE_RESP:
+            raise AssertionError("opcode 0x%x: PDU type %d, not its response: the command was "
+                                 "served" % (opcode, typ))
+        got, sf = struct.unpack_from("<HH", p, 20)
+        if got != cid:
+            raise AssertionError("response for cid %d, expected %d" % (got, cid))
+        return (sf >> 1) & 0x7FF, bool(sf & 0x8000)
+
     def identify_controller(self):
         """Identify (CNS 01h): the 4096 bytes; raises on an error status."""
         status, data = self.admin_read(OP_IDENTIFY, (1, 0, 0, 0, 0, 0), 4096)

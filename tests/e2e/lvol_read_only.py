@@ -50,22 +50,8 @@ def lvols(b):
     return {v["name"]: v for v in json.loads(out)}
 
 
-def status_of(io, opcode, cdw, data):
-    """One in-capsule command's status code (DNR dropped)."""
-    cid = io.next_cid()
-    io.s.sendall(nvmeraw.capsule(nvmeraw.sqe(opcode, cid, nsid=1, sgl_len=len(data),
-                                             sgl_type=nvmeraw.SGL_INCAPSULE, cdw=cdw), data))
-    typ, p = io.pdu()
-    if typ != nvmeraw.CAPSULE_RESP:
-        raise AssertionError("opcode 0x%x: PDU type %d" % (opcode, typ))
-    got, sf = struct.unpack_from("<HH", p, 20)
-    if got != cid:
-        raise AssertionError("response for cid %d, expected %d" % (got, cid))
-    return (sf >> 1) & 0x7FF
-
-
 def write4k(io, slba, byte):
-    return status_of(io, nvmeraw.OP_WRITE, (slba, 0, 0, 0, 0, 0), bytes([byte]) * 4096)
+    return io.command(nvmeraw.OP_WRITE, 1, (slba, 0, 0, 0, 0, 0), bytes([byte]) * 4096)[0]
 
 
 def read4k(io, slba):

@@ -54,17 +54,7 @@ def u32(b, at):
 def command(io, opcode, nsid, cdw=(0, 0, 0, 0, 0, 0), data=b"", sgl_type=nvmeraw.SGL_INCAPSULE,
             sgl_len=None):
     """One I/O command: (status, DNR); raises on an R2T or data (the command was served)."""
-    cid = io.next_cid()
-    sgl_len = len(data) if sgl_len is None else sgl_len
-    io.s.sendall(nvmeraw.capsule(nvmeraw.sqe(opcode, cid, nsid=nsid, sgl_len=sgl_len,
-                                             sgl_type=sgl_type, cdw=cdw), data))
-    typ, p = io.pdu()
-    if typ != nvmeraw.CAPSULE_RESP:
-        raise AssertionError("opcode 0x%x: PDU type %d: the command was served" % (opcode, typ))
-    got, sf = struct.unpack_from("<HH", p, 20)
-    if got != cid:
-        raise AssertionError("response for cid %d, expected %d" % (got, cid))
-    return (sf >> 1) & 0x7FF, bool(sf & 0x8000)
+    return io.command(opcode, nsid, cdw, data, sgl_type, sgl_len)
 
 
 def read4k(io, nsid, slba):

@@ -50,20 +50,8 @@ def keys(a, b=0):
 
 def command(io, opcode, cdw=(0, 0, 0, 0, 0, 0), data=b"", sgl_type=nvmeraw.SGL_INCAPSULE,
             sgl_len=None):
-    """One I/O command on namespace 1: (status, DNR)."""
-    cid = io.next_cid()
-    sgl_len = len(data) if sgl_len is None else sgl_len
-    io.s.sendall(nvmeraw.capsule(nvmeraw.sqe(opcode, cid, nsid=1, sgl_len=sgl_len,
-                                             sgl_type=sgl_type, cdw=cdw), data))
-    typ, p = io.pdu()
-    if typ == nvmeraw.R2T:
-        raise AssertionError("an R2T for opcode 0x%x: the command was let through" % opcode)
-    if typ != nvmeraw.CAPSULE_RESP:
-        raise AssertionError("unexpected PDU type %d" % typ)
-    got, sf = struct.unpack("<H", p[20:22])[0], struct.unpack("<H", p[22:24])[0]
-    if got != cid:
-        raise AssertionError("response for cid %d, expected %d" % (got, cid))
-    return (sf >> 1) & 0x7FF, bool(sf & 0x8000)
+    """One I/O command on namespace 1: (status, DNR); raises on an R2T (let through)."""
+    return io.command(opcode, 1, cdw, data, sgl_type, sgl_len)
 
 
 def status(io, *a, **k):

@@ -41,14 +41,7 @@ def identify_ns(admin):
 def command(io, opcode, cdw=(0, 0, 0, 0, 0, 0), data=b"", sgl_type=nvmeraw.SGL_TRANSPORT,
             sgl_len=None):
     """Sends one I/O command and returns its status (the host sends no data after it)."""
-    cid = io.next_cid()
-    sgl_len = len(data) if sgl_len is None else sgl_len
-    io.s.sendall(nvmeraw.capsule(nvmeraw.sqe(opcode, cid, nsid=1, sgl_len=sgl_len,
-                                             sgl_type=sgl_type, cdw=cdw), data))
-    got, st, _ = io.response()
-    if got != cid:
-        raise AssertionError("response for cid %d, expected %d" % (got, cid))
-    return st
+    return io.command(opcode, 1, cdw, data, sgl_type, sgl_len)[0]
 
 
 def read4k(io, slba):

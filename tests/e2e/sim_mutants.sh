@@ -1,7 +1,7 @@
 #!/bin/bash
 # The volume simulator's own test: each deliberate bug of ballast-volume (the `mutant-*`
-# features: a commit that skips the data flush, a copy-on-write that ignores the writers in its
-# cluster, a control operation that applies without waiting for its volume's writes to drain,
+# features: a commit that skips the data flush, a write that ignores a copy-on-write in flight
+# in its cluster, a control operation that applies without waiting for its volume's writes to drain,
 # a pool growth that hands out its new clusters before a superblock names them) is built and
 # the simulator run against it; it must fail, and name a seed. The
 # simulator itself (10,000 seeded runs over the unmutated code) runs in `cargo test`, and here

@@ -5,7 +5,8 @@
 #
 #   1  spdk-rpc in a venv (cached in $XDG_CACHE_HOME or build/; SKIP when PyPI is unreachable)
 #   2  spdk_get_version, rpc_get_methods, bdev_lvol_get_lvstores (-l, -u)
-#   3  bdev_lvol_create by -l and by -u (returns the UUID); a pattern written through NBD;
+#   3  bdev_lvol_create by -l and by -u (returns the UUID; thin with -t, thick without); a
+#      pattern written through NBD;
 #      bdev_lvol_snapshot, bdev_lvol_clone on aliases; bdev_get_bdevs (aliases, uuid,
 #      driver_specific.lvol), lookups by alias, UUID and name
 #   4  nvmf_create_transport, nvmf_create_subsystem -a -s -d, add_ns (alias), add_listener,
@@ -91,6 +92,8 @@ check_eq "bdev_get_bdevs finds lvol0 by UUID, alias and name" "lvol0 lvol0 lvol0
     "$(rpc bdev_get_bdevs -b "$LVOL_UUID" | py 'j[0]["name"]') $(rpc bdev_get_bdevs -b "$LVS/lvol0" | py 'j[0]["name"]') $(rpc bdev_get_bdevs -b lvol0 | py 'j[0]["name"]')"
 check_eq "bdev_get_bdevs lists every lvol" "True" \
     "$(rpc bdev_get_bdevs | py 'set(["lvol0", "lvol1", "snap0", "clone0"]) <= set(b["name"] for b in j)')"
+check_eq "bdev_lvol_create: -t thin (lvol0), without it thick (lvol1, SPDK's default)" "True False" \
+    "$(rpc bdev_lvol_get_lvols | py '" ".join(str(v["is_thin_provisioned"]) for n in ("lvol0", "lvol1") for v in j if v["name"] == n)')"
 check_eq "bdev_lvol_get_lvols: aliases and UUIDs" "$LVS/clone0 $CLONE_UUID True" \
     "$(rpc bdev_lvol_get_lvols | py '" ".join(str(x) for v in j if v["name"] == "clone0" for x in (v["alias"], v["uuid"], v["is_clone"]))')"
 

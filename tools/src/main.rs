@@ -209,6 +209,10 @@ enum VolumeCommand {
         name: String,
         /// Size, e.g. 10G.
         size: String,
+        /// Take every cluster now (refused when the pool lacks them), so that writes to it
+        /// never find the pool full; trims keep its room. A snapshot makes it thin.
+        #[arg(long)]
+        thick: bool,
         #[command(flatten)]
         target: client::Target,
     },
@@ -313,6 +317,7 @@ fn print_volumes(list: &[LvolEntry], only_snapshots: bool, as_json: bool) -> any
             let kind = match (v.snapshot, v.parent.is_some()) {
                 (true, _) => "snapshot",
                 (false, true) => "clone",
+                (false, false) if !v.is_thin_provisioned => "volume (thick)",
                 (false, false) => "volume",
             };
             vec![
@@ -430,15 +435,16 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
                 client::call(&target, "bdev_lvol_get_lvstores", &LvstoreSelect::default())?;
             print_pool(&r, json)
         }
-        Command::Volume(VolumeCommand::Create { name, size, target }) => done(
+        Command::Volume(VolumeCommand::Create { name, size, thick, target }) => done(
             &target,
             "bdev_lvol_create",
             &LvolCreate {
                 lvol_name: name.clone(),
                 size: Some(SizeParam::Text(size.clone())),
+                thin_provision: !thick,
                 ..Default::default()
             },
-            format!("created volume {name} ({size})"),
+            format!("created {} volume {name} ({size})", if thick { "thick" } else { "thin" }),
         ),
         Command::Volume(VolumeCommand::List { target, json }) => {
             let r: Vec<LvolEntry> =

@@ -716,6 +716,7 @@ mod tests {
             allocated_bytes: 1 << 20,
             read_only: snapshot,
             snapshot,
+            thick: false,
             parent: None,
         };
         Scrape {

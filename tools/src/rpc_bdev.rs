@@ -273,8 +273,13 @@ fn lvol_specific(pool: &PoolHandle, v: &VolumeInfo, volumes: &[VolumeInfo]) -> L
     LvolSpecific {
         lvol_store_uuid: lvstore::lvs_uuid(pool),
         base_bdev: pool.info().path,
-        thin_provision: true,
-        num_allocated_clusters: v.allocated_bytes.div_ceil(cluster_bytes),
+        thin_provision: !v.thick,
+        // A thick volume holds every cluster (as SPDK counts a thick lvol's).
+        num_allocated_clusters: if v.thick {
+            v.size_bytes.div_ceil(cluster_bytes)
+        } else {
+            v.allocated_bytes.div_ceil(cluster_bytes)
+        },
         snapshot: v.snapshot,
         clone,
         esnap_clone: false,

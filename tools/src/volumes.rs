@@ -143,7 +143,9 @@ pub struct LvolCreate {
     pub lvol_name: String,
     pub size_in_mib: Option<u64>,
     pub size: Option<SizeParam>,
-    /// Volumes are always thin; `false` (spdk-rpc's default) is accepted.
+    /// `false` (SPDK's default, what spdk-rpc sends without `-t`): thick, every cluster taken
+    /// at once (-28 when the pool lacks them), so its writes never find the pool full; `true`:
+    /// thin. The CLI makes thin volumes unless asked `--thick`.
     #[serde(default)]
     pub thin_provision: bool,
     /// Accepted and ignored: new clusters always read as zeroes.
@@ -391,7 +393,7 @@ fn lvol_entries(pool: &PoolHandle) -> Vec<LvolEntry> {
                 alias: lvstore::alias(pool, &v.name),
                 uuid: lvstore::volume_uuid(pool, &v.name),
                 name: v.name.clone(),
-                is_thin_provisioned: true,
+                is_thin_provisioned: !v.thick,
                 is_snapshot: v.snapshot,
                 is_clone: parent_is_snapshot,
                 is_esnap_clone: false,
@@ -468,7 +470,7 @@ fn create(control: &Control, p: &Value) -> Result<Value, RpcError> {
     check_lvstore(pool, c.uuid.as_deref(), c.lvs_name.as_deref())?;
     let size = size_bytes(c.size_in_mib, c.size.as_ref())?;
     let name = c.lvol_name.as_str();
-    pool.create_volume(name, size).map_err(pool_err)?;
+    pool.create_volume_as(name, size, !c.thin_provision).map_err(pool_err)?;
     let uuid = publish(control, pool, name)?;
     let thin = c.thin_provision;
     tracing::info!(volume = name, uuid, size_bytes = size, thin, "volume created");
@@ -751,11 +753,12 @@ pub fn pool_dump(path: &Path, maps: bool) -> anyhow::Result<()> {
     for (&id, v) in &m.volumes() {
         let entries = ballast_engine::volume::meta::mapped_entries(m, id);
         println!(
-            "  #{id} {:?}: {} bytes, {} allocated, {}, parent {}, {} mapped clusters",
+            "  #{id} {:?}: {} bytes, {} allocated, {}, {}, parent {}, {} mapped clusters",
             v.name,
             v.size_bytes,
             m.allocated_bytes(id),
             if v.read_only { "read-only" } else { "writable" },
+            if v.thick { "thick" } else { "thin" },
             v.parent,
             entries.len()
         );

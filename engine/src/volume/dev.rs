@@ -394,6 +394,8 @@ pub struct VolumeInfo {
     pub allocated_bytes: u64,
     pub read_only: bool,
     pub snapshot: bool,
+    /// Every cluster of it is taken (`bdev_lvol_create` without `thin_provision`).
+    pub thick: bool,
     pub parent: Option<String>,
 }
 
@@ -616,6 +618,7 @@ impl PoolHandle {
                 allocated_bytes: m.allocated_bytes(id),
                 read_only: v.read_only,
                 snapshot: v.read_only,
+                thick: v.thick,
                 parent: vols.get(&v.parent).map(|p| p.name.clone()),
             })
             .collect()
@@ -714,7 +717,18 @@ impl PoolHandle {
     }
 
     pub fn create_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<u32, PoolError> {
-        self.control(ControlOp::Create { name: name.into(), size_bytes: size })
+        self.create_volume_as(name, size, false)
+    }
+
+    /// A new volume (durable when this returns); a thick one has all its clusters from now on
+    /// (`NoSpace` if the pool lacks them), so its writes never find the pool full.
+    pub fn create_volume_as(
+        self: &Arc<Self>,
+        name: &str,
+        size: u64,
+        thick: bool,
+    ) -> Result<u32, PoolError> {
+        self.control(ControlOp::Create { name: name.into(), size_bytes: size, thick })
     }
 
     pub fn snapshot(self: &Arc<Self>, of: &str, name: &str) -> Result<u32, PoolError> {

@@ -70,11 +70,11 @@ impl LockTable {
     /// A write span starts on the cluster (`cow`: into a fresh cluster).
     pub fn add_writer(&mut self, vol: u32, vc: u64, cow: bool) {
         let s = self.slots.entry((vol, vc)).or_default();
-        assert!(!s.state.cow, "a cluster being copied takes no other writer");
         assert!(
-            !cow || s.state.writers == 0 || cfg!(feature = "mutant-skip-lock"),
-            "a copy-on-write needs the cluster to itself"
+            !s.state.cow || cfg!(feature = "mutant-skip-lock"),
+            "a cluster being copied takes no other writer"
         );
+        assert!(!cow || s.state.writers == 0, "a copy-on-write needs the cluster to itself");
         s.state.writers += 1;
         s.state.cow = cow;
     }

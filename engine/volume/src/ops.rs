@@ -12,9 +12,11 @@ use crate::meta::{PoolError, PoolMeta};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlOp {
+    /// A new volume; a thick one takes all its clusters now.
     Create {
         name: String,
         size_bytes: u64,
+        thick: bool,
     },
     /// A read-only snapshot of `of`.
     Snapshot {
@@ -81,7 +83,7 @@ impl ControlOp {
     /// create, snapshot or clone, else 0. A refusal changes nothing.
     pub fn apply(&self, meta: &mut PoolMeta) -> Result<u32, PoolError> {
         match self {
-            ControlOp::Create { name, size_bytes } => meta.create_volume(name, *size_bytes),
+            ControlOp::Create { name, size_bytes, thick } => meta.create(name, *size_bytes, *thick),
             ControlOp::Snapshot { of, name } => meta.snapshot(*of, name),
             ControlOp::Clone { of, name } => meta.clone_volume(*of, name),
             ControlOp::Rollback { id, to } => meta.rollback(*id, *to).map(|()| 0),

@@ -288,7 +288,11 @@ impl<D: SyncDisk> Pool<D> {
     }
 
     pub fn create_volume(&mut self, name: &str, size_bytes: u64) -> Result<u32, PoolError> {
-        self.control(ControlOp::Create { name: name.into(), size_bytes })
+        self.control(ControlOp::Create { name: name.into(), size_bytes, thick: false })
+    }
+
+    pub fn create_thick(&mut self, name: &str, size_bytes: u64) -> Result<u32, PoolError> {
+        self.control(ControlOp::Create { name: name.into(), size_bytes, thick: true })
     }
 
     pub fn snapshot(&mut self, of: u32, name: &str) -> Result<u32, PoolError> {
@@ -970,6 +974,7 @@ mod tests {
         Rollback { vol: usize, snap: usize },
         Resize { vol: usize, pieces: u64 },
         SetReadOnly { vol: usize },
+        CreateThick,
         Checkpoint,
         Crash { mode: u8 },
     }
@@ -986,6 +991,7 @@ mod tests {
             1 => (0usize..4, 0usize..8).prop_map(|(vol, snap)| Op::Rollback { vol, snap }),
             1 => (0usize..4, 1..=VOL_PIECES).prop_map(|(vol, pieces)| Op::Resize { vol, pieces }),
             1 => (0usize..4).prop_map(|vol| Op::SetReadOnly { vol }),
+            1 => Just(Op::CreateThick),
             1 => Just(Op::Checkpoint),
             2 => (0u8..3).prop_map(|mode| Op::Crash { mode }),
         ]
@@ -1046,6 +1052,10 @@ mod tests {
                         continue;
                     }
                     if matches!(r, Err(PoolError::NoSpace)) {
+                        prop_assert!(
+                            !pool.volumes()[&id].thick,
+                            "a thick volume found the pool full"
+                        );
                         continue; // a full pool fails the new allocation; the model is unchanged
                     }
                     r.unwrap();
@@ -1059,7 +1069,15 @@ mod tests {
                     let size = models[&id].size;
                     let piece = piece % size;
                     let pieces = pieces.min(size - piece);
+                    let (thick, free) = (pool.volumes()[&id].thick, pool.free_clusters());
                     let r = pool.trim(id, piece * PIECE, pieces * PIECE);
+                    if thick {
+                        prop_assert_eq!(
+                            pool.free_clusters(),
+                            free,
+                            "a thick volume keeps its room"
+                        );
+                    }
                     let m = models.get_mut(&id).unwrap();
                     if m.read_only {
                         prop_assert!(r.is_err());
@@ -1096,6 +1114,22 @@ mod tests {
                     m.read_only = false;
                     m.parent = id;
                     models.insert(c, m);
+                }
+                Op::CreateThick => {
+                    // All its clusters now (the pool check says none is left unmapped), or
+                    // none when the pool lacks them; its writes never find the pool full.
+                    let free = pool.free_clusters();
+                    match pool.create_thick(&name("t"), VOL_PIECES * PIECE) {
+                        Ok(t) => {
+                            prop_assert!(pool.volumes()[&t].thick);
+                            settle(&mut models);
+                            models.insert(t, fresh());
+                        }
+                        Err(PoolError::NoSpace | PoolError::Overprovisioned { .. }) => {
+                            prop_assert_eq!(pool.free_clusters(), free, "a refusal takes nothing");
+                        }
+                        Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                    }
                 }
                 Op::SetReadOnly { vol } => {
                     // Read-only for good, as a snapshot (a second time changes nothing); it is

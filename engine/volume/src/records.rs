@@ -53,6 +53,13 @@ pub enum Record {
     ReadOnly {
         id: u32,
     },
+    /// Volume `id` is thick (`bdev_lvol_create` without `thin_provision`): every cluster of it
+    /// is mapped (`MapSet` records follow), a trim keeps its clusters, growing maps the new
+    /// ones. A snapshot or rollback makes it thin again (its clusters are shared then). Older
+    /// builds do not know this record and refuse to open a pool holding one.
+    Thick {
+        id: u32,
+    },
     /// Persistent configuration (exports, hosts): `key` now holds `value`; empty removes it.
     Config {
         key: String,
@@ -84,6 +91,7 @@ mod kind {
     pub const RECLAIM_PROGRESS: u8 = 8;
     pub const READ_ONLY: u8 = 9;
     pub const CONFIG: u8 = 10;
+    pub const THICK: u8 = 11;
 }
 
 fn put_name(out: &mut Vec<u8>, name: &str) {
@@ -104,7 +112,7 @@ impl Record {
             Record::VolumeCreate { name, .. } => 4 + 4 + 8 + 1 + name.len(),
             Record::Snapshot { name, .. } | Record::Clone { name, .. } => 4 + 4 + 1 + name.len(),
             Record::Rollback { .. } => 4 + 4,
-            Record::Delete { .. } | Record::ReadOnly { .. } => 4,
+            Record::Delete { .. } | Record::ReadOnly { .. } | Record::Thick { .. } => 4,
             Record::Resize { .. } | Record::ReclaimProgress { .. } => 4 + 8,
             Record::Config { key, value } => 1 + key.len() + 2 + value.len(),
         }
@@ -156,6 +164,10 @@ impl Record {
             }
             Record::ReadOnly { id } => {
                 out.push(kind::READ_ONLY);
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+            Record::Thick { id } => {
+                out.push(kind::THICK);
                 out.extend_from_slice(&id.to_le_bytes());
             }
             Record::Config { key, value } => {
@@ -234,6 +246,7 @@ pub fn decode_all(payload: &[u8]) -> Result<Vec<Record>, RecordError> {
             kind::RESIZE => Record::Resize { id: c.u32()?, size_bytes: c.u64()? },
             kind::RECLAIM_PROGRESS => Record::ReclaimProgress { id: c.u32()?, cursor: c.u64()? },
             kind::READ_ONLY => Record::ReadOnly { id: c.u32()? },
+            kind::THICK => Record::Thick { id: c.u32()? },
             kind::CONFIG => Record::Config { key: c.name()?, value: c.long_text()? },
             kind => return Err(RecordError::UnknownType { kind, at }),
         };
@@ -369,6 +382,7 @@ mod tests {
             (any::<u32>(), any::<u64>())
                 .prop_map(|(id, cursor)| Record::ReclaimProgress { id, cursor }),
             any::<u32>().prop_map(|id| Record::ReadOnly { id }),
+            any::<u32>().prop_map(|id| Record::Thick { id }),
             (name, "[ -~]{0,300}").prop_map(|(key, value)| Record::Config { key, value }),
         ]
     }

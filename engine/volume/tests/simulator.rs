@@ -1,7 +1,8 @@
 //! The seeded simulator: the volume core's own request code (the code the daemon runs, through
 //! its reactor adapter) driven with many requests in flight on overlapping clusters, device
 //! operations completing in random order, injected EIO, control operations (snapshot, clone,
-//! rollback, resize, delete, create, growing the pool into a grown device) racing with I/O,
+//! rollback, resize, delete, create thin or thick, making a volume read-only, growing the pool
+//! into a grown device) racing with I/O,
 //! and crashes at any point (unflushed
 //! writes dropped, applied, torn or reordered; operations in flight landing or not).
 //!
@@ -11,6 +12,10 @@
 //! - after a crash every sector holds a value no durable write superseded (a write is durable
 //!   once a flush submitted after its acknowledgement completed, or it was FUA);
 //! - a snapshot never changes: its content is read at creation and compared at every check;
+//!   nor does a volume made read-only, from when the change applied (a crash undoes the change
+//!   only while its commit had not completed);
+//! - a write to a thick volume never finds the pool full while the volume stays thick, and a
+//!   thick volume never leaves a cluster of its size unmapped (`PoolMeta::check`);
 //! - an operation whose commit completed survives a crash; one whose commit had not may or may
 //!   not, but entirely;
 //! - reference counts, lock table and the leak count exact (`PoolMeta::check`, `leaked`) at
@@ -30,6 +35,8 @@ use ballast_volume::request::{Access, Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Re
 use ballast_volume::sim::{CrashMode, SimDisk};
 
 const SECT: u64 = 512;
+/// Linux's errno for a full device (what `request::errno` answers `NoSpace` with).
+const ENOSPC: i32 = 28;
 const CLUSTER_SHIFT: u32 = 14;
 const VOL_BYTES: u64 = 64 * 1024;
 const MAX_BYTES: u64 = 2 * VOL_BYTES;
@@ -148,6 +155,8 @@ enum Kind {
         n: usize,
         fua: bool,
         sub: u64,
+        /// The volume was thick when the write was submitted.
+        thick: bool,
     },
     Flush {
         sub: u64,
@@ -196,7 +205,10 @@ enum SimOp {
     SetReadOnly {
         vol: u32,
     },
-    Create,
+    /// A new volume; a thick one takes all its clusters at once.
+    Create {
+        thick: bool,
+    },
     /// The device grew to this many bytes; the pool grows into it.
     Grow {
         to: u64,
@@ -268,6 +280,10 @@ struct Stats {
     /// Pool growths applied, and clusters beyond a pool's original size seen in use.
     grows: u64,
     grown_used: u64,
+    /// Thick volumes made, and writes to thick volumes that failed (EIO, read-only: never
+    /// for room).
+    thick_created: u64,
+    thick_writes_failed: u64,
     /// Volumes made read-only, and those a crash found still writable (not yet committed).
     made_read_only: u64,
     read_only_undone: u64,
@@ -426,8 +442,20 @@ impl Sim {
                 }
                 self.stats.reads_checked += 1;
             }
-            Kind::Write { vol, first, n, fua, sub } => {
+            Kind::Write { vol, first, n, fua, sub, thick } => {
                 if result < 0 {
+                    // A thick volume has every cluster it writes: never short of room while
+                    // it stays thick (only a snapshot or rollback, which drain writes first,
+                    // makes it thin).
+                    let still = self.meta.volumes().get(&vol).is_some_and(|v| v.thick);
+                    assert!(
+                        !(thick && still && result == -ENOSPC),
+                        "seed {}: a write to thick volume {vol} found the pool full",
+                        self.seed
+                    );
+                    if thick && still {
+                        self.stats.thick_writes_failed += 1;
+                    }
                     return; // never acknowledged: its events stay possible, never superseding
                 }
                 // A FUA write's data was in place before a delete drained the volume; its reply
@@ -586,8 +614,9 @@ impl Sim {
                     }
                     m.sectors[first + i].push(Ev { val, sub, ack: None, durable: false });
                 }
+                let thick = self.meta.volumes()[&vol].thick;
                 self.submit(
-                    Kind::Write { vol, first, n, fua, sub },
+                    Kind::Write { vol, first, n, fua, sub, thick },
                     Cmd::Write { offset: off, buf, fua },
                     vol,
                 );
@@ -617,7 +646,8 @@ impl Sim {
                 } else {
                     Cmd::WriteZeroes { offset: off, len, unmap: self.rng.chance(2) }
                 };
-                self.submit(Kind::Write { vol, first, n, fua: false, sub }, cmd, vol);
+                let thick = self.meta.volumes()[&vol].thick;
+                self.submit(Kind::Write { vol, first, n, fua: false, sub, thick }, cmd, vol);
             }
             // A checkpoint asked for (a clean shutdown, `pool checkpoint`) makes every
             // acknowledged write durable just as a flush does.
@@ -679,7 +709,7 @@ impl Sim {
                 }
                 SimOp::Delete { vol: all[self.rng.below(all.len() as u64) as usize] }
             }
-            5 if self.vols.len() < 8 => SimOp::Create,
+            5 if self.vols.len() < 8 => SimOp::Create { thick: self.rng.chance(2) },
             6 if self.disk.size_bytes() < DISK_BYTES => {
                 let room = (DISK_BYTES - self.disk.size_bytes()) / PIECE;
                 SimOp::Grow { to: self.disk.size_bytes() + (1 + self.rng.below(room)) * PIECE }
@@ -701,7 +731,9 @@ impl Sim {
             }
             SimOp::Delete { vol } => ControlOp::Delete { id: vol },
             SimOp::SetReadOnly { vol } => ControlOp::SetReadOnly { id: vol },
-            SimOp::Create => ControlOp::Create { name: name.clone(), size_bytes: VOL_BYTES },
+            SimOp::Create { thick } => {
+                ControlOp::Create { name: name.clone(), size_bytes: VOL_BYTES, thick }
+            }
             SimOp::Grow { to } => {
                 // The device grows now (a crash keeps it grown); the pool follows when the
                 // request runs.
@@ -806,7 +838,15 @@ impl Sim {
                 self.stats.made_read_only += 1;
                 done.push(vol);
             }
-            SimOp::Create => {
+            SimOp::Create { thick } => {
+                if thick {
+                    self.stats.thick_created += 1;
+                    assert!(
+                        self.meta.volumes()[&id].thick,
+                        "seed {}: thick volume {id} made thin",
+                        self.seed
+                    );
+                }
                 let mut m = VolModel::fresh(&name, VOL_BYTES);
                 m.pending_create = true;
                 self.vols.insert(id, m);
@@ -1086,6 +1126,8 @@ fn simulated_requests_crashes_and_control_operations() {
         total.grows += s.grows;
         total.grown_used += s.grown_used;
         total.made_read_only += s.made_read_only;
+        total.thick_created += s.thick_created;
+        total.thick_writes_failed += s.thick_writes_failed;
         total.read_only_undone += s.read_only_undone;
     }
     eprintln!("{runs} runs: {total:?}");
@@ -1105,6 +1147,7 @@ fn simulated_requests_crashes_and_control_operations() {
         total.grows > runs / 4 && total.grown_used > runs / 10,
         "pools rarely grew, or rarely used what they grew into: {total:?}"
     );
+    assert!(total.thick_created > runs / 2, "thick volumes rarely made: {total:?}");
     assert!(
         total.made_read_only > runs / 4 && total.read_only_undone > 0,
         "volumes rarely made read-only, or no crash ever came before that was durable: {total:?}"

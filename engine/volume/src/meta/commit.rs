@@ -130,6 +130,7 @@ impl PoolMeta {
                     size_bytes: v.size_bytes,
                     read_only: v.read_only,
                     parent: v.parent,
+                    thick: v.thick,
                     clusters: v.size_bytes.div_ceil(self.geo.cluster_bytes),
                     tree: v.tree.freeze(&mut seen),
                 };
@@ -231,6 +232,7 @@ struct FrozenVolume {
     size_bytes: u64,
     read_only: bool,
     parent: u32,
+    thick: bool,
     /// Volume clusters within its size: nothing is encoded beyond them.
     clusters: u64,
     tree: FrozenTree,
@@ -288,6 +290,13 @@ impl Frozen {
                 // `Resize` above drops what lies beyond the end (a snapshot of a volume that
                 // grew since maps none of the parent's later clusters out there).
                 Some(parent) => v.tree.for_each_difference(parent, v.clusters, &mut set),
+            }
+        }
+        // Thick volumes last: a `Snapshot` record loaded after one's `Thick` would make its
+        // origin thin again (as a snapshot taken live does).
+        for (&id, v) in &self.volumes {
+            if v.thick {
+                Record::Thick { id }.encode(&mut out);
             }
         }
         out

@@ -136,15 +136,68 @@ impl PoolMeta {
     }
 
     pub fn create_volume(&mut self, name: &str, size_bytes: u64) -> Result<u32, PoolError> {
+        self.create(name, size_bytes, false)
+    }
+
+    /// A new volume, thin or thick. A thick one takes all its clusters now (all or none: a
+    /// pool without the room refuses it, `NoSpace`); their pieces read zeros until written.
+    pub fn create(&mut self, name: &str, size_bytes: u64, thick: bool) -> Result<u32, PoolError> {
         self.ok()?;
         self.new_name(name)?;
         if size_bytes == 0 || !size_bytes.is_multiple_of(PIECE) {
             return Err(PoolError::BadSize);
         }
         self.admit(size_bytes, 1, 0)?;
+        if thick {
+            self.room_for(size_bytes.div_ceil(self.geo.cluster_bytes))?;
+        }
         let id = self.next_id;
         self.log(Record::VolumeCreate { id, parent: 0, size_bytes, name: name.into() });
+        if thick {
+            self.map_thick(id);
+        }
         Ok(id)
+    }
+
+    /// Whether `clusters` free clusters can be had now, taking every family's stock back to
+    /// the allocator first if it alone has too few; `NoSpace` if not.
+    fn room_for(&mut self, clusters: u64) -> Result<(), PoolError> {
+        if self.alloc.get_mut().free_count() < clusters {
+            for fam in self.fams.values_mut() {
+                let stock: Vec<u64> = fam.stock.drain().collect();
+                self.alloc.get_mut().take_back(stock);
+            }
+        }
+        if self.alloc.get_mut().free_count() < clusters {
+            return Err(PoolError::NoSpace);
+        }
+        Ok(())
+    }
+
+    /// Makes volume `id` thick: each cluster within its size its tree leaves unmapped gets a
+    /// fresh cluster, nothing written in it (`MapSet`s), then a `Thick` record. The records
+    /// go to the journal in that order, so a crash keeping only part of them leaves a thin
+    /// volume, never a thick one with holes. The caller made room ([`Self::room_for`]).
+    fn map_thick(&mut self, id: u32) {
+        let cb = self.geo.cluster_bytes;
+        let holes: Vec<u64> = {
+            let v = self.volume(id).expect("a volume just made or checked");
+            let fam = self.family(id).expect("a named volume's family");
+            let tree = &fam.volumes[&id].tree;
+            (0..v.size_bytes.div_ceil(cb)).filter(|&vc| tree.get(vc).cluster().is_none()).collect()
+        };
+        let clusters: Vec<u64> = holes
+            .iter()
+            .map(|_| self.alloc.get_mut().alloc().expect("room made for every hole"))
+            .collect();
+        let (fam, mut link) = self.split(id).expect("a named volume's family");
+        for (&vcluster, c) in holes.iter().zip(clusters) {
+            fam.epoch_fresh.insert(c);
+            let entry = Entry::new(c, 0).0;
+            fam.log(Record::MapSet { volume: id, vcluster, entry }, &mut link);
+        }
+        *self.family_pending.get_mut() += holes.len();
+        self.log(Record::Thick { id });
     }
 
     /// A read-only snapshot: O(1), it shares the volume's mapping. The caller has quiesced
@@ -233,8 +286,13 @@ impl PoolMeta {
             return Err(PoolError::BadSize);
         }
         let old = v.size_bytes;
+        let thick = v.thick;
         if size_bytes > old {
             self.admit(size_bytes - old, 0, 0)?;
+            if thick {
+                let cb = self.geo.cluster_bytes;
+                self.room_for(size_bytes.div_ceil(cb) - old.div_ceil(cb))?;
+            }
         } else if size_bytes < old {
             let first_piece = size_bytes / PIECE;
             let written = (first_piece..old / PIECE).any(|p| self.piece_written(id, p));
@@ -246,6 +304,10 @@ impl PoolMeta {
             self.trim_unchecked(id, size_bytes, old - size_bytes);
         }
         self.log(Record::Resize { id, size_bytes });
+        if thick {
+            // The growth mapped too (a shrink maps nothing), and thick again.
+            self.map_thick(id);
+        }
         Ok(())
     }
 

@@ -380,11 +380,19 @@ impl Family {
                 for c in copied {
                     self.add_ref(c, link);
                 }
-                if let Some(c) = Entry(*entry).cluster() {
-                    self.add_ref(c, link);
-                }
-                if let Some(c) = old.cluster() {
-                    self.drop_ref(c, link);
+                let new = Entry(*entry).cluster();
+                // The same cluster with other written pieces (a write's new pieces, a trim, a
+                // thick volume's pieces cleared) changes no sharing: not touched, so the
+                // cluster still takes in-place writes this epoch (a thick volume's never need
+                // a fresh cluster). Its durable entry names it in the same slot, and reads
+                // follow the written bits, so a crash shows each piece as before or after.
+                if new != old.cluster() {
+                    if let Some(c) = new {
+                        self.add_ref(c, link);
+                    }
+                    if let Some(c) = old.cluster() {
+                        self.drop_ref(c, link);
+                    }
                 }
             }
             Record::Rollback { id, to } => {
@@ -394,6 +402,7 @@ impl Family {
                 let Some(v) = self.volumes.get_mut(id) else { return };
                 let old = std::mem::replace(&mut v.tree, tree);
                 v.size_bytes = size;
+                v.thick = false; // its clusters are the snapshot's too
                 v.written_pieces = written;
                 self.release_tree(old, link);
             }
@@ -408,6 +417,10 @@ impl Family {
             Record::Resize { id, size_bytes } => {
                 let clusters = size_bytes.div_ceil(self.geo.cluster_bytes).max(1);
                 let Some(v) = self.volumes.get_mut(id) else { return };
+                // Thin until a `Thick` record says its new size is mapped too (a crash that
+                // keeps the growth but not all its mappings leaves a thin volume, not a thick
+                // one with holes).
+                v.thick = false;
                 // Nothing stays mapped beyond the new end. A live shrink trimmed it already
                 // (nothing to find); a snapshot or clone loaded as a copy of its parent's
                 // tree, then this, drops what the parent mapped out there since.
@@ -423,6 +436,11 @@ impl Family {
             Record::ReadOnly { id } => {
                 if let Some(v) = self.volumes.get_mut(id) {
                     v.read_only = true;
+                }
+            }
+            Record::Thick { id } => {
+                if let Some(v) = self.volumes.get_mut(id) {
+                    v.thick = true;
                 }
             }
             Record::VolumeCreate { .. }
@@ -527,6 +545,13 @@ impl Family {
                     >= v.size_bytes.next_multiple_of(self.geo.cluster_bytes)
                 {
                     problems.push(format!("volume {id} maps cluster {vc} beyond its end"));
+                }
+            }
+            if v.thick {
+                let clusters = v.size_bytes.div_ceil(self.geo.cluster_bytes);
+                let holes = (0..clusters).filter(|&vc| v.tree.get(vc).cluster().is_none()).count();
+                if holes > 0 {
+                    problems.push(format!("thick volume {id} leaves {holes} clusters unmapped"));
                 }
             }
         }

@@ -75,8 +75,9 @@ pub const OVERCOMMIT: u64 = 8;
 pub const COMMIT_RECORDS: usize = 4096;
 /// Bytes a checkpoint needs per mapped volume cluster (one `MapSet` record).
 const CHECKPOINT_BYTES_PER_CLUSTER: u64 = 21;
-/// Bytes a checkpoint needs per volume (create record with the longest name, plus attributes).
-const CHECKPOINT_BYTES_PER_VOLUME: u64 = 24 + NAME_MAX as u64;
+/// Bytes a checkpoint needs per volume: its creation record with the longest name, plus its
+/// attributes (`Resize` or `ReadOnly`, and `Thick`).
+const CHECKPOINT_BYTES_PER_VOLUME: u64 = 29 + NAME_MAX as u64;
 /// Bytes a checkpoint needs per configuration entry beyond its key and value.
 const CHECKPOINT_BYTES_PER_CONFIG: u64 = 4;
 /// Checkpoint header: the payload length.
@@ -154,6 +155,10 @@ pub struct Volume {
     /// The volume this one was snapshotted or cloned from (0 for none); kept for listings even
     /// after the parent is deleted.
     pub parent: u32,
+    /// Thick (`Record::Thick`): every cluster within its size is mapped and named by its tree
+    /// alone, so a write never needs a fresh cluster; a trim keeps the clusters. A snapshot,
+    /// a rollback or a resize (until the growth is mapped) makes it thin.
+    pub thick: bool,
     pub(crate) tree: Tree,
     /// Control operations quiescing it (snapshot, rollback, resize, delete): while any does,
     /// new writes wait.
@@ -172,6 +177,7 @@ pub struct VolumeAttrs {
     pub size_bytes: u64,
     pub read_only: bool,
     pub parent: u32,
+    pub thick: bool,
     pub frozen: u32,
     pub writes_inflight: u32,
 }
@@ -183,6 +189,7 @@ impl Volume {
             size_bytes: self.size_bytes,
             read_only: self.read_only,
             parent: self.parent,
+            thick: self.thick,
             frozen: self.frozen,
             writes_inflight: self.writes_inflight,
         }
@@ -736,6 +743,7 @@ impl PoolMeta {
                     size_bytes: *size_bytes,
                     read_only: false,
                     parent: *parent,
+                    thick: false,
                     tree: Tree::new(size_bytes.div_ceil(self.geo.cluster_bytes).max(1)),
                     frozen: 0,
                     writes_inflight: 0,
@@ -754,12 +762,18 @@ impl PoolMeta {
                     size_bytes: src.size_bytes,
                     read_only: matches!(r, Record::Snapshot { .. }),
                     parent: *of,
+                    thick: false,
                     tree: src.tree.clone(),
                     frozen: 0,
                     writes_inflight: 0,
                     written_pieces: src.written_pieces,
                 };
                 self.place(*id, v, f);
+                // The origin's clusters are shared now: its next writes copy them, so it is
+                // thin (as SPDK's thick lvol becomes when snapshotted).
+                if let Some(origin) = self.family_mut(*of).and_then(|fam| fam.volumes.get_mut(of)) {
+                    origin.thick = false;
+                }
             }
             Record::Rollback { id, to } => {
                 if self.family_of.get(id) != self.family_of.get(to) {
@@ -787,7 +801,8 @@ impl PoolMeta {
             }
             Record::MapSet { volume: id, .. }
             | Record::Resize { id, .. }
-            | Record::ReadOnly { id } => {
+            | Record::ReadOnly { id }
+            | Record::Thick { id } => {
                 // Live, a mapping changes only through its family's decisions (a write, a
                 // trim), which take and free clusters the family's way; an applied one would
                 // name clusters no allocator state accounts for.

@@ -54,9 +54,10 @@ pub enum Record {
         id: u32,
     },
     /// Volume `id` is thick (`bdev_lvol_create` without `thin_provision`): every cluster of it
-    /// is mapped (`MapSet` records follow), a trim keeps its clusters, growing maps the new
-    /// ones. A snapshot or rollback makes it thin again (its clusters are shared then). Older
-    /// builds do not know this record and refuse to open a pool holding one.
+    /// is mapped (`MapSet` records follow; opening a pool maps what a crash left out), a trim
+    /// keeps its clusters, growing maps the new ones. A snapshot of it or a rollback makes it
+    /// thin (its clusters are shared then); clones are thin. Older builds do not know this
+    /// record and refuse to open a pool holding one.
     Thick {
         id: u32,
     },

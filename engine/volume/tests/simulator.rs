@@ -115,6 +115,8 @@ struct VolModel {
     /// When `fixed` was read: a read submitted before (a volume made read-only later) may see
     /// what its writes held then.
     fixed_since: u64,
+    /// Created thick, and neither snapshotted nor rolled back since.
+    thick: bool,
 }
 
 fn sector_value(buf: &[u8], i: usize) -> u64 {
@@ -284,6 +286,9 @@ struct Stats {
     /// for room).
     thick_created: u64,
     thick_writes_failed: u64,
+    /// Thick volumes a crash cut short, completed or made thin when the pool reopened.
+    thick_repaired: u64,
+    thick_thinned: u64,
     /// Volumes made read-only, and those a crash found still writable (not yet committed).
     made_read_only: u64,
     read_only_undone: u64,
@@ -445,8 +450,9 @@ impl Sim {
             Kind::Write { vol, first, n, fua, sub, thick } => {
                 if result < 0 {
                     // A thick volume has every cluster it writes: never short of room while
-                    // it stays thick (only a snapshot or rollback, which drain writes first,
-                    // makes it thin).
+                    // it stays thick (a snapshot or rollback, which drain writes first, makes
+                    // it thin; so does a crash that cut its creation or growth short when the
+                    // pool lacks the room to complete it at open).
                     let still = self.meta.volumes().get(&vol).is_some_and(|v| v.thick);
                     assert!(
                         !(thick && still && result == -ENOSPC),
@@ -778,6 +784,7 @@ impl Sim {
             SimOp::Snapshot { of } => {
                 let content = self.observe(id);
                 check_against(self.seed, &self.vols[&of], &content, now);
+                self.vols.get_mut(&of).expect("origin").thick = false;
                 let mut m = VolModel::fresh(&name, self.meta.volumes()[&id].size_bytes);
                 m.snapshot = true;
                 m.pending_create = true;
@@ -802,6 +809,7 @@ impl Sim {
                 let src = self.vols[&to].fixed.clone().expect("a snapshot's content");
                 let size = self.meta.volumes()[&vol].size_bytes;
                 let m = self.vols.get_mut(&vol).expect("volume");
+                m.thick = false;
                 for s in 0..(MAX_BYTES / SECT) as usize {
                     let val = src.get(s).copied().unwrap_or(0);
                     m.sectors[s].push(Ev { val, sub: now, ack: Some(now), durable: false });
@@ -849,6 +857,7 @@ impl Sim {
                 }
                 let mut m = VolModel::fresh(&name, VOL_BYTES);
                 m.pending_create = true;
+                m.thick = thick;
                 self.vols.insert(id, m);
                 done.push(id);
             }
@@ -882,6 +891,10 @@ impl Sim {
         };
         self.disk.crash(mode);
         trace!("t{} crash {mode:?}", self.now);
+        let control = self.live.values().find_map(|l| match l.kind {
+            Kind::Control { op, .. } => Some(op),
+            _ => None,
+        });
         self.live.clear();
         self.woken.clear();
         self.timer = None;
@@ -891,6 +904,9 @@ impl Sim {
             .unwrap_or_else(|e| panic!("seed {}: reopen after a {mode:?} crash: {e}", self.seed));
         let (disk, mut meta) = pool.into_parts();
         meta.set_commit_records(self.commit_records);
+        let (mapped, thinned) = meta.thick_repairs();
+        self.stats.thick_repaired += mapped;
+        self.stats.thick_thinned += thinned;
         self.disk = disk;
         self.meta = meta;
         let now = self.tick();
@@ -936,6 +952,19 @@ impl Sim {
                 self.stats.read_only_undone += 1;
             }
             m.pending_read_only = false;
+            let thick = self.meta.volumes()[&id].thick;
+            if m.thick && !thick {
+                // Only a creation or growth a crash cut short, which the pool then lacked the
+                // room to complete, leaves it thin.
+                assert!(
+                    m.pending_create
+                        || matches!(control, Some(SimOp::Resize { vol, .. }) if vol == id),
+                    "seed {}: thick volume {} thin after a crash",
+                    self.seed,
+                    m.name
+                );
+            }
+            m.thick = thick;
             let content = self.observe(id);
             let m = &self.vols[&id];
             if let Some(fixed) = &m.fixed {
@@ -1057,6 +1086,7 @@ impl VolModel {
             deleted: false,
             pending_read_only: false,
             fixed_since: 0,
+            thick: false,
         }
     }
 }
@@ -1128,6 +1158,8 @@ fn simulated_requests_crashes_and_control_operations() {
         total.made_read_only += s.made_read_only;
         total.thick_created += s.thick_created;
         total.thick_writes_failed += s.thick_writes_failed;
+        total.thick_repaired += s.thick_repaired;
+        total.thick_thinned += s.thick_thinned;
         total.read_only_undone += s.read_only_undone;
     }
     eprintln!("{runs} runs: {total:?}");

@@ -154,14 +154,29 @@ impl PoolMeta {
         let id = self.next_id;
         self.log(Record::VolumeCreate { id, parent: 0, size_bytes, name: name.into() });
         if thick {
-            self.map_thick(id);
+            self.log(Record::Thick { id });
+            self.map_holes(id);
         }
         Ok(id)
     }
 
-    /// Whether `clusters` free clusters can be had now, taking every family's stock back to
-    /// the allocator first if it alone has too few; `NoSpace` if not.
+    /// Clusters within volume `id`'s size (`size_bytes`, or its own) that its tree leaves
+    /// unmapped.
+    fn holes(&self, id: u32, size_bytes: Option<u64>) -> Vec<u64> {
+        let Some(fam) = self.family(id) else { return Vec::new() };
+        let Some(v) = fam.volumes.get(&id) else { return Vec::new() };
+        let clusters = size_bytes.unwrap_or(v.size_bytes).div_ceil(self.geo.cluster_bytes);
+        let reach = v.tree.capacity();
+        (0..clusters).filter(|&vc| vc >= reach || v.tree.get(vc).cluster().is_none()).collect()
+    }
+
+    /// Whether `clusters` free clusters can be had now for a thick volume, taking every
+    /// family's stock back to the allocator first if it alone has too few; `NoSpace` if not,
+    /// `ThickTooLarge` past what one operation maps ([`THICK_MAP_MAX`]).
     fn room_for(&mut self, clusters: u64) -> Result<(), PoolError> {
+        if clusters > THICK_MAP_MAX {
+            return Err(PoolError::ThickTooLarge { wanted: clusters, max: THICK_MAP_MAX });
+        }
         if self.alloc.get_mut().free_count() < clusters {
             for fam in self.fams.values_mut() {
                 let stock: Vec<u64> = fam.stock.drain().collect();
@@ -174,18 +189,13 @@ impl PoolMeta {
         Ok(())
     }
 
-    /// Makes volume `id` thick: each cluster within its size its tree leaves unmapped gets a
-    /// fresh cluster, nothing written in it (`MapSet`s), then a `Thick` record. The records
-    /// go to the journal in that order, so a crash keeping only part of them leaves a thin
-    /// volume, never a thick one with holes. The caller made room ([`Self::room_for`]).
-    fn map_thick(&mut self, id: u32) {
-        let cb = self.geo.cluster_bytes;
-        let holes: Vec<u64> = {
-            let v = self.volume(id).expect("a volume just made or checked");
-            let fam = self.family(id).expect("a named volume's family");
-            let tree = &fam.volumes[&id].tree;
-            (0..v.size_bytes.div_ceil(cb)).filter(|&vc| tree.get(vc).cluster().is_none()).collect()
-        };
+    /// Maps each cluster within thick volume `id`'s size that its tree leaves unmapped to a
+    /// fresh cluster with nothing written in it (`MapSet`s: its pieces read zeros). The caller
+    /// made room for them ([`Self::room_for`] of [`Self::holes`]). The records follow the
+    /// `Thick` (or `Resize`) record in the journal: a crash that keeps only some of them
+    /// leaves a thick volume with holes, which opening the pool maps (`repair_thick`).
+    fn map_holes(&mut self, id: u32) {
+        let holes = self.holes(id, None);
         let clusters: Vec<u64> = holes
             .iter()
             .map(|_| self.alloc.get_mut().alloc().expect("room made for every hole"))
@@ -197,7 +207,41 @@ impl PoolMeta {
             fam.log(Record::MapSet { volume: id, vcluster, entry }, &mut link);
         }
         *self.family_pending.get_mut() += holes.len();
-        self.log(Record::Thick { id });
+    }
+
+    /// After loading: a thick volume whose creation or growth a crash cut short (its `Thick`
+    /// or `Resize` record kept, some of its `MapSet`s not) gets its holes mapped now (records
+    /// pending for the next commit), or, where the pool lacks the room, becomes thin (the next
+    /// checkpoint keeps it so), with a warning either way.
+    pub(super) fn repair_thick(&mut self) {
+        let thick: Vec<u32> =
+            self.volumes().iter().filter(|(_, v)| v.thick).map(|(&id, _)| id).collect();
+        for id in thick {
+            let holes = self.holes(id, None).len() as u64;
+            if holes == 0 {
+                continue;
+            }
+            if self.room_for(holes).is_ok() {
+                tracing::warn!(
+                    volume = id,
+                    clusters = holes,
+                    "thick volume cut short by a crash: its missing clusters mapped"
+                );
+                self.map_holes(id);
+                self.thick_repairs.0 += 1;
+            } else {
+                tracing::warn!(
+                    volume = id,
+                    clusters = holes,
+                    "thick volume cut short by a crash, and the pool lacks the room to complete \
+                     it: it is thin now"
+                );
+                if let Some(v) = self.family_mut(id).and_then(|f| f.volumes.get_mut(&id)) {
+                    v.thick = false;
+                }
+                self.thick_repairs.1 += 1;
+            }
+        }
     }
 
     /// A read-only snapshot: O(1), it shares the volume's mapping. The caller has quiesced
@@ -289,11 +333,12 @@ impl PoolMeta {
         let thick = v.thick;
         if size_bytes > old {
             self.admit(size_bytes - old, 0, 0)?;
-            if thick {
-                let cb = self.geo.cluster_bytes;
-                self.room_for(size_bytes.div_ceil(cb) - old.div_ceil(cb))?;
-            }
-        } else if size_bytes < old {
+        }
+        if thick {
+            // Every cluster of the new size not mapped yet (the growth's).
+            self.room_for(self.holes(id, Some(size_bytes)).len() as u64)?;
+        }
+        if size_bytes < old {
             let first_piece = size_bytes / PIECE;
             let written = (first_piece..old / PIECE).any(|p| self.piece_written(id, p));
             if written && !force {
@@ -305,8 +350,7 @@ impl PoolMeta {
         }
         self.log(Record::Resize { id, size_bytes });
         if thick {
-            // The growth mapped too (a shrink maps nothing), and thick again.
-            self.map_thick(id);
+            self.map_holes(id);
         }
         Ok(())
     }

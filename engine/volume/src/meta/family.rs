@@ -362,7 +362,7 @@ impl Family {
     }
 
     /// Applies one record about volumes already in this family (`MapSet`, `Rollback` within
-    /// the family, `Delete`, `Resize`, `ReadOnly`; the pool places creations, snapshots and
+    /// the family, `Delete`, `Resize`, `ReadOnly`, `Thick`; the pool places creations, snapshots and
     /// clones). Records naming volumes that do not exist are ignored (idempotence).
     pub(super) fn apply(&mut self, r: &Record, link: &mut Link) {
         match r {
@@ -417,10 +417,6 @@ impl Family {
             Record::Resize { id, size_bytes } => {
                 let clusters = size_bytes.div_ceil(self.geo.cluster_bytes).max(1);
                 let Some(v) = self.volumes.get_mut(id) else { return };
-                // Thin until a `Thick` record says its new size is mapped too (a crash that
-                // keeps the growth but not all its mappings leaves a thin volume, not a thick
-                // one with holes).
-                v.thick = false;
                 // Nothing stays mapped beyond the new end. A live shrink trimmed it already
                 // (nothing to find); a snapshot or clone loaded as a copy of its parent's
                 // tree, then this, drops what the parent mapped out there since.

@@ -505,7 +505,8 @@ impl PoolMeta {
         self.deciding(id, |fam, _| fam.end_write(id)).expect("a planned volume's family")
     }
 
-    /// Trims whole 4 KiB pieces: they read zeros; a cluster with no written piece is released.
+    /// Trims whole 4 KiB pieces: they read zeros; a cluster with no written piece is released
+    /// (a thick volume's is kept).
     /// [`Blocked::Wait`] when a write to one of its clusters is in flight or the volume is
     /// frozen (`waiter` parked).
     pub fn trim(&self, id: u32, offset: u64, len: u64, waiter: Waiter) -> Result<(), Blocked> {

@@ -70,6 +70,11 @@ pub const PIECE: u64 = 4096;
 /// Total volume size (snapshots and clones included) the metadata area is sized for, per byte
 /// of data area, by default.
 pub const OVERCOMMIT: u64 = 8;
+/// Clusters one operation may map for a thick volume (its creation, a growth, a repair after a
+/// crash): 64 GiB of the standard 64 KiB clusters. Each is a record held until its commit and
+/// a step taken with the pool state borrowed exclusively (every core's decisions wait), so a
+/// larger thick volume is made in steps: created at most this large, then grown.
+pub const THICK_MAP_MAX: u64 = 1 << 20;
 /// Pending journal records after which a commit starts without waiting for a client's flush,
 /// by default (`PoolMeta::set_commit_records`).
 pub const COMMIT_RECORDS: usize = 4096;
@@ -135,6 +140,11 @@ pub enum PoolError {
          cannot shrink (was the device truncated, or is it the wrong one?)"
     )]
     DeviceShrank { pool: u64, device: u64 },
+    #[error(
+        "a thick volume maps at most {max} clusters in one operation and this one needs \
+         {wanted}: create it smaller and grow it in steps, or make it thin"
+    )]
+    ThickTooLarge { wanted: u64, max: u64 },
     #[error("volume {0}'s writes did not drain in time; nothing was changed")]
     Busy(u32),
     #[error("a commit is in flight and no core is left to finish it")]
@@ -339,6 +349,8 @@ pub struct PoolMeta {
     /// short), since the pool was opened.
     refills: AtomicU64,
     refills_taking_back: AtomicU64,
+    /// Thick volumes a crash had cut short when the pool was opened: completed, made thin.
+    thick_repairs: (u64, u64),
     /// A growth asked for (`grow`) and not yet named by a durable superblock: the device's
     /// blocks and the clusters they hold. The next checkpoint's superblock carries it; its
     /// clusters are handed out only once that superblock is durable (`checkpoint_done`), so
@@ -413,6 +425,7 @@ impl PoolMeta {
             loading: true,
             refills: AtomicU64::new(0),
             refills_taking_back: AtomicU64::new(0),
+            thick_repairs: (0, 0),
             grow_to: None,
             sb,
         }
@@ -624,6 +637,12 @@ impl PoolMeta {
         (self.refills.load(Ordering::Relaxed), self.refills_taking_back.load(Ordering::Relaxed))
     }
 
+    /// Thick volumes a crash had cut short when the pool was opened: how many got their
+    /// missing clusters, how many became thin for want of room.
+    pub fn thick_repairs(&self) -> (u64, u64) {
+        self.thick_repairs
+    }
+
     /// Journal commits and checkpoints made durable since the pool was opened.
     pub fn commits_done(&self) -> (u64, u64) {
         (self.commits_done, self.checkpoints_done)
@@ -769,10 +788,13 @@ impl PoolMeta {
                     written_pieces: src.written_pieces,
                 };
                 self.place(*id, v, f);
-                // The origin's clusters are shared now: its next writes copy them, so it is
-                // thin (as SPDK's thick lvol becomes when snapshotted).
-                if let Some(origin) = self.family_mut(*of).and_then(|fam| fam.volumes.get_mut(of)) {
-                    origin.thick = false;
+                // A snapshot's origin shares its clusters now: its next writes copy them, so it
+                // is thin (as SPDK's thick lvol becomes when snapshotted). A clone's source is
+                // read-only: it writes nothing, and stays as it was.
+                if matches!(r, Record::Snapshot { .. }) {
+                    if let Some(o) = self.family_mut(*of).and_then(|fam| fam.volumes.get_mut(of)) {
+                        o.thick = false;
+                    }
                 }
             }
             Record::Rollback { id, to } => {
@@ -892,6 +914,7 @@ impl PoolMeta {
         self.alloc.get_mut().commit();
         self.touched_loaded();
         self.merge_sharing_families();
+        self.repair_thick();
     }
 
     /// Merges families whose trees name a common cluster. A sound pool shares clusters only

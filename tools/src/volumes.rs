@@ -715,6 +715,7 @@ pub fn pool_check(path: &Path) -> anyhow::Result<bool> {
         println!("problem: {p}");
     }
     ok &= problems.is_empty();
+    describe_thick_repairs(m);
     let leaked = m.leaked();
     if leaked > 0 {
         println!("problem: {leaked} clusters allocated but referenced by nothing");
@@ -734,6 +735,25 @@ pub fn pool_check(path: &Path) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// What opening did to thick volumes a crash had cut short (`PoolMeta::thick_repairs`): done in
+/// memory only here (the offline tools write nothing), again by the daemon's next open, which
+/// keeps it. Not a problem: the pool is sound, the volumes as the last commit left them.
+fn describe_thick_repairs(m: &ballast_engine::volume::meta::PoolMeta) {
+    let (mapped, thinned) = m.thick_repairs();
+    if mapped > 0 {
+        println!(
+            "note: {mapped} thick volume(s) were cut short by a crash; the daemon maps their \
+             missing clusters when it opens the pool (shown here as mapped)"
+        );
+    }
+    if thinned > 0 {
+        println!(
+            "note: {thinned} thick volume(s) were cut short by a crash and the pool lacks the \
+             room to complete them: the daemon serves them thin"
+        );
+    }
+}
+
 /// `ballast pool dump PATH [--maps]`: the pool's metadata in words.
 pub fn pool_dump(path: &Path, maps: bool) -> anyhow::Result<()> {
     let _lock = PoolLock::take(path, false, Duration::ZERO)?;
@@ -745,6 +765,7 @@ pub fn pool_dump(path: &Path, maps: bool) -> anyhow::Result<()> {
     let m = pool.meta();
     let sb = m.superblock();
     println!("{sb:#?}");
+    describe_thick_repairs(m);
     println!("config:");
     for (k, v) in m.config() {
         println!("  {k} = {v}");

@@ -155,19 +155,20 @@ impl PoolMeta {
         self.log(Record::VolumeCreate { id, parent: 0, size_bytes, name: name.into() });
         if thick {
             self.log(Record::Thick { id });
-            self.map_holes(id);
+            self.map_holes(id, 0);
         }
         Ok(id)
     }
 
-    /// Clusters within volume `id`'s size (`size_bytes`, or its own) that its tree leaves
-    /// unmapped.
-    fn holes(&self, id: u32, size_bytes: Option<u64>) -> Vec<u64> {
+    /// Clusters from volume cluster `from` to the end of volume `id`'s size (`size_bytes`, or
+    /// its own) that its tree leaves unmapped: a look at each (a growth looks at its own
+    /// clusters only, a thick volume having none unmapped below).
+    fn holes(&self, id: u32, from: u64, size_bytes: Option<u64>) -> Vec<u64> {
         let Some(fam) = self.family(id) else { return Vec::new() };
         let Some(v) = fam.volumes.get(&id) else { return Vec::new() };
         let clusters = size_bytes.unwrap_or(v.size_bytes).div_ceil(self.geo.cluster_bytes);
         let reach = v.tree.capacity();
-        (0..clusters).filter(|&vc| vc >= reach || v.tree.get(vc).cluster().is_none()).collect()
+        (from..clusters).filter(|&vc| vc >= reach || v.tree.get(vc).cluster().is_none()).collect()
     }
 
     /// Whether `clusters` free clusters can be had now for a thick volume, taking every
@@ -194,8 +195,8 @@ impl PoolMeta {
     /// made room for them ([`Self::room_for`] of [`Self::holes`]). The records follow the
     /// `Thick` (or `Resize`) record in the journal: a crash that keeps only some of them
     /// leaves a thick volume with holes, which opening the pool maps (`repair_thick`).
-    fn map_holes(&mut self, id: u32) {
-        let holes = self.holes(id, None);
+    fn map_holes(&mut self, id: u32, from: u64) {
+        let holes = self.holes(id, from, None);
         let clusters: Vec<u64> = holes
             .iter()
             .map(|_| self.alloc.get_mut().alloc().expect("room made for every hole"))
@@ -211,13 +212,14 @@ impl PoolMeta {
 
     /// After loading: a thick volume whose creation or growth a crash cut short (its `Thick`
     /// or `Resize` record kept, some of its `MapSet`s not) gets its holes mapped now (records
-    /// pending for the next commit), or, where the pool lacks the room, becomes thin (the next
-    /// checkpoint keeps it so), with a warning either way.
+    /// pending for the next commit), or, where the pool lacks the room, becomes thin (a
+    /// checkpoint then writes it thin; until one does, each open tries again), with a warning
+    /// either way.
     pub(super) fn repair_thick(&mut self) {
         let thick: Vec<u32> =
             self.volumes().iter().filter(|(_, v)| v.thick).map(|(&id, _)| id).collect();
         for id in thick {
-            let holes = self.holes(id, None).len() as u64;
+            let holes = self.holes(id, 0, None).len() as u64;
             if holes == 0 {
                 continue;
             }
@@ -227,7 +229,7 @@ impl PoolMeta {
                     clusters = holes,
                     "thick volume cut short by a crash: its missing clusters mapped"
                 );
-                self.map_holes(id);
+                self.map_holes(id, 0);
                 self.thick_repairs.0 += 1;
             } else {
                 tracing::warn!(
@@ -334,9 +336,10 @@ impl PoolMeta {
         if size_bytes > old {
             self.admit(size_bytes - old, 0, 0)?;
         }
+        // A growth's clusters (a thick volume has none unmapped below its size).
+        let grown_from = old.div_ceil(self.geo.cluster_bytes);
         if thick {
-            // Every cluster of the new size not mapped yet (the growth's).
-            self.room_for(self.holes(id, Some(size_bytes)).len() as u64)?;
+            self.room_for(self.holes(id, grown_from, Some(size_bytes)).len() as u64)?;
         }
         if size_bytes < old {
             let first_piece = size_bytes / PIECE;
@@ -350,7 +353,7 @@ impl PoolMeta {
         }
         self.log(Record::Resize { id, size_bytes });
         if thick {
-            self.map_holes(id);
+            self.map_holes(id, grown_from);
         }
         Ok(())
     }

@@ -166,8 +166,9 @@ pub struct Volume {
     /// after the parent is deleted.
     pub parent: u32,
     /// Thick (`Record::Thick`): every cluster within its size is mapped and named by its tree
-    /// alone, so a write never needs a fresh cluster; a trim keeps the clusters. A snapshot,
-    /// a rollback or a resize (until the growth is mapped) makes it thin.
+    /// alone, so a write never needs a fresh cluster; a trim keeps the clusters; a growth maps
+    /// its clusters in the same operation (and opening the pool maps what a crash left out).
+    /// A snapshot of it or a rollback makes it thin.
     pub thick: bool,
     pub(crate) tree: Tree,
     /// Control operations quiescing it (snapshot, rollback, resize, delete): while any does,

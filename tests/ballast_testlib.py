@@ -180,6 +180,20 @@ class Ballast:
         argv = [ballast_bin()] + list(args) + ["--rpc-socket", self.rpc_sock]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
+    def rpc(self, method, params):
+        """One control method through `ballast rpc`: (exit status, its output and errors)."""
+        import json
+        p = self.ctl("rpc", method, json.dumps(params))
+        return p.returncode, (p.stdout + p.stderr).strip()
+
+    def lvols(self):
+        """`bdev_lvol_get_lvols` by volume name; raises if the daemon refuses."""
+        import json
+        code, out = self.rpc("bdev_lvol_get_lvols", {})
+        if code != 0:
+            raise AssertionError("bdev_lvol_get_lvols: " + out)
+        return {v["name"]: v for v in json.loads(out)}
+
     def reactors(self):
         """The per-core statistics (`ballast stats --json`: "reactors"); raises if the daemon
         does not answer."""
@@ -309,6 +323,16 @@ def disk_scratch(r, name):
             return scratch
     r.bad("a directory on a disk filesystem for the exports")
     return None
+
+
+def pool_daemon(size, args=("--cores", "2")):
+    """A `Ballast` serving a pool of `size` (e.g. "256M") made in its data directory, and
+    the pool's path (made now; the daemon starts on `with`)."""
+    b = Ballast(["--pool", "{data}/pool.img"] + list(args))
+    pool = os.path.join(b.data_dir, "pool.img")
+    subprocess.run([ballast_bin(), "pool", "create", pool, "--size", size], check=True,
+                   capture_output=True)
+    return b, pool
 
 
 def check_pool_exact(r, pool):

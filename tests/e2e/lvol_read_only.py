@@ -22,13 +22,12 @@ NVMe host on `ro`'s subsystem holding an Asynchronous Event Request (namespace n
 import json
 import os
 import struct
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402
 import nvmeraw  # noqa: E402
-from ballast_testlib import Ballast, ballast_bin, check_pool_exact, guarded  # noqa: E402
+from ballast_testlib import check_pool_exact, guarded, pool_daemon  # noqa: E402
 
 PREFIX = "nqn.2026-11.dev.ballast:"
 OP_SET_FEATURES, OP_AER = 0x09, 0x0C
@@ -36,18 +35,6 @@ LID_CHANGED_NS = 0x04
 AEN_NS_CHANGED = 0x00040002
 NS_WRITE_PROTECTED = 0x20
 MiB = 1 << 20
-
-
-def rpc(b, method, params):
-    p = b.ctl("rpc", method, json.dumps(params))
-    return p.returncode, (p.stdout + p.stderr).strip()
-
-
-def lvols(b):
-    code, out = rpc(b, "bdev_lvol_get_lvols", {})
-    if code != 0:
-        raise AssertionError("bdev_lvol_get_lvols: " + out)
-    return {v["name"]: v for v in json.loads(out)}
 
 
 def write4k(io, slba, byte):
@@ -85,10 +72,7 @@ def nbd_write_error(h, data, offset):
 
 
 def main(r):
-    b = Ballast(["--pool", "{data}/pool.img", "--cores", "2"])
-    pool = os.path.join(b.data_dir, "pool.img")
-    subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "256M"], check=True,
-                   capture_output=True)
+    b, pool = pool_daemon("256M")
     with b:
         for name in ("ro", "other"):
             p = b.ctl("volume", "create", name, "16M")
@@ -106,7 +90,7 @@ def main(r):
         aer = adm.next_cid()
         adm.s.sendall(nvmeraw.capsule(nvmeraw.sqe(OP_AER, aer)))
 
-        code, out = rpc(b, "bdev_lvol_set_read_only", {"name": "ro"})
+        code, out = b.rpc("bdev_lvol_set_read_only", {"name": "ro"})
         r.check_eq("bdev_lvol_set_read_only ro", (0, "true"), (code, out))
         adm.s.settimeout(5)
         cid, st, dw0 = adm.response()
@@ -130,21 +114,21 @@ def main(r):
         r.check_eq("... and reads the same bytes", b"\xa1" * MiB, h2.pread(MiB, 0))
         h2.shutdown()
 
-        v = lvols(b)
+        v = b.lvols()
         r.check_eq("bdev_lvol_get_lvols: ro read-only (a snapshot), other not",
                    (True, True, False), (v["ro"]["read_only"], v["ro"]["is_snapshot"],
                                          v["other"]["read_only"]))
         p = b.ctl("export", "list", "--json")
         listed = {e["name"]: e["read_only"] for e in json.loads(p.stdout)} if p.returncode == 0 else {}
         r.check_eq("export list: ro read-only", (True, False), (listed.get("ro"), listed.get("other")))
-        code, out = rpc(b, "bdev_lvol_resize", {"name": "ro", "size_in_mib": 32})
+        code, out = b.rpc("bdev_lvol_resize", {"name": "ro", "size_in_mib": 32})
         r.check("a resize is refused", code != 0 and "read-only" in out, out)
         r.check_eq("asked again: true", (0, "true"),
-                   rpc(b, "bdev_lvol_set_read_only", {"name": "ro"}))
-        code, out = rpc(b, "bdev_lvol_set_read_only", {"name": "nosuch"})
+                   b.rpc("bdev_lvol_set_read_only", {"name": "ro"}))
+        code, out = b.rpc("bdev_lvol_set_read_only", {"name": "nosuch"})
         r.check("an unknown volume: No such device", code != 0 and "No such device" in out, out)
 
-        code, out = rpc(b, "bdev_lvol_clone", {"snapshot_name": "ro", "clone_name": "roc"})
+        code, out = b.rpc("bdev_lvol_clone", {"snapshot_name": "ro", "clone_name": "roc"})
         r.check("bdev_lvol_clone of the read-only volume", code == 0, out)
         hc = nbd_connect(b, "roc")
         r.check_eq("the clone reads its content", b"\xa1" * MiB, hc.pread(MiB, 0))
@@ -157,7 +141,7 @@ def main(r):
         h3.shutdown()
         p = b.ctl("volume", "read-only", "other")
         r.check("ballast volume read-only other", p.returncode == 0, p.stderr)
-        v = lvols(b)
+        v = b.lvols()
         r.check_eq("read-only now: ro and other, not the clone", {"ro", "other"},
                    {n for n, e in v.items() if e["read_only"]})
         adm.close()
@@ -166,7 +150,7 @@ def main(r):
         b.proc.kill()
         b.proc.wait()
         b.start()
-        v = lvols(b)
+        v = b.lvols()
         r.check_eq("after kill -9: ro and other still read-only, the clone writable",
                    (True, True, False), (v["ro"]["read_only"], v["other"]["read_only"],
                                          v["roc"]["read_only"]))

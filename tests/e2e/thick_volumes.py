@@ -19,30 +19,17 @@ A 64 MiB pool, two cores:
 """
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402
-from ballast_testlib import Ballast, ballast_bin, check_pool_exact, guarded  # noqa: E402
+from ballast_testlib import check_pool_exact, guarded, pool_daemon  # noqa: E402
 
 MiB = 1 << 20
 
 
-def rpc(b, method, params):
-    p = b.ctl("rpc", method, json.dumps(params))
-    return p.returncode, (p.stdout + p.stderr).strip()
-
-
-def lvols(b):
-    code, out = rpc(b, "bdev_lvol_get_lvols", {})
-    if code != 0:
-        raise AssertionError("bdev_lvol_get_lvols: " + out)
-    return {v["name"]: v for v in json.loads(out)}
-
-
 def free_bytes(b):
-    code, out = rpc(b, "bdev_lvol_get_lvstores", {})
+    code, out = b.rpc("bdev_lvol_get_lvstores", {})
     if code != 0:
         raise AssertionError("bdev_lvol_get_lvstores: " + out)
     return json.loads(out)[0]["free_bytes"]
@@ -67,13 +54,10 @@ def write_all(h, size, byte):
 
 
 def main(r):
-    b = Ballast(["--pool", "{data}/pool.img", "--cores", "2"])
-    pool = os.path.join(b.data_dir, "pool.img")
-    subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "64M"], check=True,
-                   capture_output=True)
+    b, pool = pool_daemon("64M")
     with b:
         free0 = free_bytes(b)
-        code, out = rpc(b, "bdev_lvol_create", {"lvol_name": "db", "size_in_mib": 16})
+        code, out = b.rpc("bdev_lvol_create", {"lvol_name": "db", "size_in_mib": 16})
         r.check("bdev_lvol_create db 16 MiB without thin_provision (SPDK's default)", code == 0,
                 out)
         free1 = free_bytes(b)
@@ -81,10 +65,10 @@ def main(r):
         p = b.ctl("volume", "create", "fill", "256M")
         r.check("ballast volume create fill 256M (thin, 4x the pool)", p.returncode == 0, p.stderr)
         r.check_eq("the thin one took nothing", free1, free_bytes(b))
-        v = lvols(b)
+        v = b.lvols()
         r.check_eq("bdev_lvol_get_lvols: db thick, fill thin", (False, True),
                    (v["db"]["is_thin_provisioned"], v["fill"]["is_thin_provisioned"]))
-        code, out = rpc(b, "bdev_get_bdevs", {"name": "db"})
+        code, out = b.rpc("bdev_get_bdevs", {"name": "db"})
         lv = json.loads(out)[0]["driver_specific"]["lvol"] if code == 0 else {}
         r.check_eq("bdev_get_bdevs db: thin_provision false, every cluster allocated",
                    (False, 16 * MiB // (64 * 1024)),
@@ -97,26 +81,26 @@ def main(r):
         p = b.ctl("volume", "create", "g", "4M", "--thick")
         r.check("ballast volume create g 4M --thick", p.returncode == 0, p.stderr)
         before = free_bytes(b)
-        code, out = rpc(b, "bdev_lvol_resize", {"name": "g", "size_in_mib": 8})
+        code, out = b.rpc("bdev_lvol_resize", {"name": "g", "size_in_mib": 8})
         r.check("growing a thick volume with room: true", code == 0, out)
         r.check_eq("... takes the growth's 4 MiB at once", 4 * MiB, before - free_bytes(b))
-        code, out = rpc(b, "bdev_lvol_delete", {"name": "g"})
+        code, out = b.rpc("bdev_lvol_delete", {"name": "g"})
         r.check("delete g", code == 0, out)
         free2 = free_bytes(b)
-        code, out = rpc(b, "bdev_lvol_create", {"lvol_name": "big", "size_in_mib": 64})
+        code, out = b.rpc("bdev_lvol_create", {"lvol_name": "big", "size_in_mib": 64})
         r.check("a thick volume larger than the free room: -28 No space",
                 code != 0 and "No space" in out, out)
-        r.check("... nothing made, nothing taken", "big" not in lvols(b) and
-                free_bytes(b) >= free2, (sorted(lvols(b)), free_bytes(b), free2))
+        r.check("... nothing made, nothing taken", "big" not in b.lvols() and
+                free_bytes(b) >= free2, (sorted(b.lvols()), free_bytes(b), free2))
 
         hf = connect(b, "fill")
         r.check_eq("fill written until the pool is full", "ENOSPC", write_all(hf, 256 * MiB, 0xF1))
         hf.shutdown()
         r.check("the pool is full", free_bytes(b) < 2 * MiB, free_bytes(b))
-        code, out = rpc(b, "bdev_lvol_resize", {"name": "db", "size_in_mib": 32})
+        code, out = b.rpc("bdev_lvol_resize", {"name": "db", "size_in_mib": 32})
         r.check("growing the thick volume past the free room: refused, No space",
                 code != 0 and "No space" in out, out)
-        r.check_eq("... its size unchanged", 16 * MiB, lvols(b)["db"]["size_bytes"])
+        r.check_eq("... its size unchanged", 16 * MiB, b.lvols()["db"]["size_bytes"])
 
         h = connect(b, "db")
         r.check_eq("the full pool: db takes 16 MiB of writes and a flush", None,
@@ -133,7 +117,7 @@ def main(r):
         b.proc.kill()
         b.proc.wait()
         b.start()
-        v = lvols(b)
+        v = b.lvols()
         r.check_eq("after kill -9: db still thick", False, v["db"]["is_thin_provisioned"])
         h = connect(b, "db")
         r.check_eq("after kill -9: db holds what was flushed", bytes([0xD2]) * MiB,
@@ -144,7 +128,7 @@ def main(r):
         p = b.ctl("snapshot", "create", "db", "db-snap")
         r.check("snapshot db", p.returncode == 0, p.stderr)
         r.check_eq("a snapshot makes db thin (its clusters are shared)", True,
-                   lvols(b)["db"]["is_thin_provisioned"])
+                   b.lvols()["db"]["is_thin_provisioned"])
         b.check_clean_end(r)
         check_pool_exact(r, pool)  # stopped, before the data directory goes
 

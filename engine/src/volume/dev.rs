@@ -352,7 +352,7 @@ pub struct PoolHandle {
     open_ms: u64,
     /// What the volumes' devices report of their volumes (size, read-only), refreshed after
     /// each control operation (the only thing that changes them).
-    sizes: Mutex<Vec<(u32, Weak<LiveAttrs>)>>,
+    live_attrs: Mutex<Vec<(u32, Weak<LiveAttrs>)>>,
     /// This process's hold on the media (after `media`: released after it closes).
     _lock: PoolLock,
 }
@@ -496,7 +496,7 @@ impl PoolHandle {
             commit_interval: Mutex::new(DEFAULT_COMMIT_INTERVAL),
             quiesce_timeout: Mutex::new(DEFAULT_QUIESCE_TIMEOUT),
             open_ms: started.elapsed().as_millis() as u64,
-            sizes: Mutex::new(Vec::new()),
+            live_attrs: Mutex::new(Vec::new()),
             _lock: lock,
         }))
     }
@@ -659,7 +659,7 @@ impl PoolHandle {
     /// Brings what devices report up to date (a deleted volume reports size 0).
     fn refresh_attrs(&self) {
         let m = self.meta();
-        self.sizes.lock().retain(|(id, attrs)| {
+        self.live_attrs.lock().retain(|(id, attrs)| {
             let Some(attrs) = attrs.upgrade() else { return false };
             let v = m.volume(*id).ok();
             attrs.size.store(v.as_ref().map_or(0, |v| v.size_bytes), Ordering::Relaxed);
@@ -839,7 +839,7 @@ impl PoolHandle {
             size: AtomicU64::new(v.size_bytes),
             read_only: AtomicBool::new(v.read_only),
         });
-        self.sizes.lock().push((id, Arc::downgrade(&live)));
+        self.live_attrs.lock().push((id, Arc::downgrade(&live)));
         Ok(VolumeDev {
             owner,
             pool: Arc::clone(self),

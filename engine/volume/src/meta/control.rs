@@ -155,7 +155,8 @@ impl PoolMeta {
         self.log(Record::VolumeCreate { id, parent: 0, size_bytes, name: name.into() });
         if thick {
             self.log(Record::Thick { id });
-            self.map_holes(id, 0);
+            let holes = self.holes(id, 0, None);
+            self.map_holes(id, &holes);
         }
         Ok(id)
     }
@@ -192,11 +193,13 @@ impl PoolMeta {
 
     /// Maps each cluster within thick volume `id`'s size that its tree leaves unmapped to a
     /// fresh cluster with nothing written in it (`MapSet`s: its pieces read zeros). The caller
-    /// made room for them ([`Self::room_for`] of [`Self::holes`]). The records follow the
+    /// made room for them ([`Self::room_for`] of these [`Self::holes`]). The records follow the
     /// `Thick` (or `Resize`) record in the journal: a crash that keeps only some of them
     /// leaves a thick volume with holes, which opening the pool maps (`repair_thick`).
-    fn map_holes(&mut self, id: u32, from: u64) {
-        let holes = self.holes(id, from, None);
+    fn map_holes(&mut self, id: u32, holes: &[u64]) {
+        if holes.is_empty() {
+            return;
+        }
         let clusters: Vec<u64> = holes
             .iter()
             .map(|_| self.alloc.get_mut().alloc().expect("room made for every hole"))
@@ -219,7 +222,8 @@ impl PoolMeta {
         let thick: Vec<u32> =
             self.volumes().iter().filter(|(_, v)| v.thick).map(|(&id, _)| id).collect();
         for id in thick {
-            let holes = self.holes(id, 0, None).len() as u64;
+            let missing = self.holes(id, 0, None);
+            let holes = missing.len() as u64;
             if holes == 0 {
                 continue;
             }
@@ -229,7 +233,7 @@ impl PoolMeta {
                     clusters = holes,
                     "thick volume cut short by a crash: its missing clusters mapped"
                 );
-                self.map_holes(id, 0);
+                self.map_holes(id, &missing);
                 self.thick_repairs.0 += 1;
             } else {
                 tracing::warn!(
@@ -338,9 +342,9 @@ impl PoolMeta {
         }
         // A growth's clusters (a thick volume has none unmapped below its size).
         let grown_from = old.div_ceil(self.geo.cluster_bytes);
-        if thick {
-            self.room_for(self.holes(id, grown_from, Some(size_bytes)).len() as u64)?;
-        }
+        // Looked at once, before the tree grows (a cluster beyond its reach is a hole too).
+        let growth = if thick { self.holes(id, grown_from, Some(size_bytes)) } else { Vec::new() };
+        self.room_for(growth.len() as u64)?;
         if size_bytes < old {
             let first_piece = size_bytes / PIECE;
             let written = (first_piece..old / PIECE).any(|p| self.piece_written(id, p));
@@ -352,9 +356,7 @@ impl PoolMeta {
             self.trim_unchecked(id, size_bytes, old - size_bytes);
         }
         self.log(Record::Resize { id, size_bytes });
-        if thick {
-            self.map_holes(id, grown_from);
-        }
+        self.map_holes(id, &growth);
         Ok(())
     }
 

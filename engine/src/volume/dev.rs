@@ -761,6 +761,20 @@ impl PoolHandle {
         self.control(ControlOp::SetReadOnly { id }).map(drop)
     }
 
+    /// Calls volume `vol` `name` from now on (durable when this returns), with configuration
+    /// entries that go with the name: `before` journaled ahead of the rename, `after` behind
+    /// it (`PoolMeta::rename`). Its devices serve on; only lookups by name change.
+    pub fn rename(
+        self: &Arc<Self>,
+        vol: &str,
+        name: &str,
+        before: Vec<(String, String)>,
+        after: Vec<(String, String)>,
+    ) -> Result<(), PoolError> {
+        let id = self.meta().find(vol)?;
+        self.control(ControlOp::Rename { id, name: name.into(), before, after }).map(drop)
+    }
+
     pub fn delete(self: &Arc<Self>, vol: &str) -> Result<(), PoolError> {
         let (id, family) = {
             let m = self.meta();

@@ -1,6 +1,6 @@
 //! Control operations as data: what the control plane asks of a pool (create, snapshot,
-//! clone, rollback, resize, delete, configuration, growing the pool), which volume's writes must drain first,
-//! and how each applies to the pool state. A control operation runs as a [`crate::request`]
+//! clone, rollback, resize, delete, rename, configuration, growing the pool), which volume's
+//! writes must drain first, and how each applies to the pool state. A control operation runs as a [`crate::request`]
 //! (`Cmd::Control`) — freeze, park until drained, apply, thaw, commit — on a core in the
 //! daemon and in the simulator alike, so both run one implementation of it.
 //!
@@ -46,6 +46,15 @@ pub enum ControlOp {
     SetReadOnly {
         id: u32,
     },
+    /// Volume `id` is called `name` from now on, with configuration entries that go with the
+    /// name: `before` journaled ahead of the rename, `after` behind it (`PoolMeta::rename`).
+    /// What the volume's writes see does not change: nothing drains.
+    Rename {
+        id: u32,
+        name: String,
+        before: Vec<(String, String)>,
+        after: Vec<(String, String)>,
+    },
     /// Configuration entries (an empty value removes its key), all admitted or none.
     SetConfigs(Vec<(String, String)>),
     /// The pool's device now has `total_bytes`: its data area grows into them. Done with a
@@ -68,6 +77,7 @@ impl ControlOp {
             | ControlOp::SetReadOnly { id } => Some(id),
             ControlOp::Create { .. }
             | ControlOp::Clone { .. }
+            | ControlOp::Rename { .. }
             | ControlOp::SetConfigs(_)
             | ControlOp::Grow { .. } => None,
         }
@@ -92,6 +102,9 @@ impl ControlOp {
             }
             ControlOp::Delete { id } => meta.delete(*id).map(|()| 0),
             ControlOp::SetReadOnly { id } => meta.set_read_only(*id).map(|()| 0),
+            ControlOp::Rename { id, name, before, after } => {
+                meta.rename(*id, name, before, after).map(|()| 0)
+            }
             ControlOp::SetConfigs(entries) => meta.set_configs(entries).map(|()| 0),
             ControlOp::Grow { total_bytes } => meta.grow(*total_bytes).map(|_| 0),
         }

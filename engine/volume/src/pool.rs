@@ -315,6 +315,12 @@ impl<D: SyncDisk> Pool<D> {
         self.control(ControlOp::SetReadOnly { id }).map(drop)
     }
 
+    /// Calls volume `id` `name` (no configuration entries go with it here).
+    pub fn rename(&mut self, id: u32, name: &str) -> Result<(), PoolError> {
+        let (before, after) = (Vec::new(), Vec::new());
+        self.control(ControlOp::Rename { id, name: name.into(), before, after }).map(drop)
+    }
+
     pub fn delete(&mut self, id: u32) -> Result<(), PoolError> {
         self.control(ControlOp::Delete { id }).map(drop)
     }
@@ -1042,6 +1048,7 @@ mod tests {
         Rollback { vol: usize, snap: usize },
         Resize { vol: usize, pieces: u64 },
         SetReadOnly { vol: usize },
+        Rename { vol: usize },
         CreateThick,
         Checkpoint,
         Crash { mode: u8 },
@@ -1059,6 +1066,7 @@ mod tests {
             1 => (0usize..4, 0usize..8).prop_map(|(vol, snap)| Op::Rollback { vol, snap }),
             1 => (0usize..4, 1..=VOL_PIECES).prop_map(|(vol, pieces)| Op::Resize { vol, pieces }),
             1 => (0usize..4).prop_map(|vol| Op::SetReadOnly { vol }),
+            1 => (0usize..4).prop_map(|vol| Op::Rename { vol }),
             1 => Just(Op::CreateThick),
             1 => Just(Op::Checkpoint),
             2 => (0u8..3).prop_map(|mode| Op::Crash { mode }),
@@ -1079,6 +1087,7 @@ mod tests {
         size: u64,
         /// Created thick, and not snapshotted or rolled back since.
         thick: bool,
+        name: String,
     }
 
     fn run(seed: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -1094,13 +1103,14 @@ mod tests {
             parent: 0,
             size: VOL_PIECES,
             thick: false,
+            name: String::new(),
         };
         let mut names = 0u32;
         let mut name = |prefix: &str| {
             names += 1;
             format!("{prefix}{names}")
         };
-        models.insert(first, fresh());
+        models.insert(first, Model { name: "v0".into(), ..fresh() });
         let settle = |m: &mut BTreeMap<u32, Model>| {
             for v in m.values_mut() {
                 v.durable = v.now.clone();
@@ -1181,6 +1191,7 @@ mod tests {
                     let mut m = models[&id].clone();
                     m.read_only = true;
                     m.parent = id;
+                    m.name = pool.volumes()[&s].name.clone();
                     models.insert(s, m);
                 }
                 Op::Clone { vol } => {
@@ -1195,6 +1206,7 @@ mod tests {
                     m.read_only = false;
                     m.parent = id;
                     m.thick = false;
+                    m.name = pool.volumes()[&c].name.clone();
                     models.insert(c, m);
                 }
                 Op::CreateThick => {
@@ -1205,7 +1217,8 @@ mod tests {
                         Ok(t) => {
                             prop_assert!(pool.volumes()[&t].thick);
                             settle(&mut models);
-                            models.insert(t, Model { thick: true, ..fresh() });
+                            let name = pool.volumes()[&t].name.clone();
+                            models.insert(t, Model { thick: true, name, ..fresh() });
                         }
                         Err(PoolError::NoSpace | PoolError::Overprovisioned { .. }) => {
                             prop_assert_eq!(pool.free_clusters(), free, "a refusal takes nothing");
@@ -1221,6 +1234,20 @@ mod tests {
                     prop_assert!(pool.volumes()[&id].read_only);
                     settle(&mut models);
                     models.get_mut(&id).unwrap().read_only = true;
+                }
+                Op::Rename { vol } => {
+                    // Durable when this answers, with every write before it; another
+                    // volume's name is refused.
+                    let Some(id) = pick(vol) else { continue };
+                    let taken = models.iter().find(|(o, _)| **o != id).map(|(_, m)| &m.name);
+                    if let Some(taken) = taken {
+                        let r = pool.rename(id, taken);
+                        prop_assert!(matches!(r, Err(PoolError::NameTaken(_))), "{:?}", r);
+                    }
+                    let new = name("r");
+                    pool.rename(id, &new).unwrap();
+                    settle(&mut models);
+                    models.get_mut(&id).unwrap().name = new;
                 }
                 Op::Delete { vol } => {
                     let Some(id) = pick(vol) else { continue };
@@ -1287,6 +1314,7 @@ mod tests {
                         prop_assert_eq!(pool.volumes()[id].size_bytes, m.size * PIECE);
                         prop_assert_eq!(pool.volumes()[id].read_only, m.read_only, "vol {}", id);
                         prop_assert_eq!(pool.volumes()[id].thick, m.thick, "vol {} thick", id);
+                        prop_assert_eq!(&pool.volumes()[id].name, &m.name, "vol {} name", id);
                         let data = pool.read(*id, 0, m.size * PIECE).unwrap();
                         for p in 0..m.size as usize {
                             let piece = &data[p * PIECE as usize..(p + 1) * PIECE as usize];

@@ -61,6 +61,13 @@ pub enum Record {
     Thick {
         id: u32,
     },
+    /// Volume `id` is now called `name` (`bdev_lvol_rename`). Checkpoints write the name a
+    /// volume has, so this record lives in the journal only. Older builds do not know it and
+    /// refuse to open a pool holding one.
+    Rename {
+        id: u32,
+        name: String,
+    },
     /// Persistent configuration (exports, hosts): `key` now holds `value`; empty removes it.
     Config {
         key: String,
@@ -93,6 +100,7 @@ mod kind {
     pub const READ_ONLY: u8 = 9;
     pub const CONFIG: u8 = 10;
     pub const THICK: u8 = 11;
+    pub const RENAME: u8 = 12;
 }
 
 fn put_name(out: &mut Vec<u8>, name: &str) {
@@ -113,6 +121,7 @@ impl Record {
             Record::VolumeCreate { name, .. } => 4 + 4 + 8 + 1 + name.len(),
             Record::Snapshot { name, .. } | Record::Clone { name, .. } => 4 + 4 + 1 + name.len(),
             Record::Rollback { .. } => 4 + 4,
+            Record::Rename { name, .. } => 4 + 1 + name.len(),
             Record::Delete { .. } | Record::ReadOnly { .. } | Record::Thick { .. } => 4,
             Record::Resize { .. } | Record::ReclaimProgress { .. } => 4 + 8,
             Record::Config { key, value } => 1 + key.len() + 2 + value.len(),
@@ -170,6 +179,11 @@ impl Record {
             Record::Thick { id } => {
                 out.push(kind::THICK);
                 out.extend_from_slice(&id.to_le_bytes());
+            }
+            Record::Rename { id, name } => {
+                out.push(kind::RENAME);
+                out.extend_from_slice(&id.to_le_bytes());
+                put_name(out, name);
             }
             Record::Config { key, value } => {
                 assert!(value.len() <= CONFIG_VALUE_MAX, "config value too long");
@@ -248,6 +262,7 @@ pub fn decode_all(payload: &[u8]) -> Result<Vec<Record>, RecordError> {
             kind::RECLAIM_PROGRESS => Record::ReclaimProgress { id: c.u32()?, cursor: c.u64()? },
             kind::READ_ONLY => Record::ReadOnly { id: c.u32()? },
             kind::THICK => Record::Thick { id: c.u32()? },
+            kind::RENAME => Record::Rename { id: c.u32()?, name: c.name()? },
             kind::CONFIG => Record::Config { key: c.name()?, value: c.long_text()? },
             kind => return Err(RecordError::UnknownType { kind, at }),
         };
@@ -384,6 +399,7 @@ mod tests {
                 .prop_map(|(id, cursor)| Record::ReclaimProgress { id, cursor }),
             any::<u32>().prop_map(|id| Record::ReadOnly { id }),
             any::<u32>().prop_map(|id| Record::Thick { id }),
+            (any::<u32>(), name).prop_map(|(id, name)| Record::Rename { id, name }),
             (name, "[ -~]{0,300}").prop_map(|(key, value)| Record::Config { key, value }),
         ]
     }

@@ -25,7 +25,7 @@
 //! `BALLAST_SIM_RUNS` sets the number of seeded runs (default 10,000); `BALLAST_SIM_SEED`
 //! replays one.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use ballast_volume::locks::Waiter;
 use ballast_volume::meta::{Encode, PoolMeta};
@@ -117,6 +117,8 @@ struct VolModel {
     fixed_since: u64,
     /// Created thick, and neither snapshotted nor rolled back since.
     thick: bool,
+    /// Renamed from this name; the commit recording it has not completed.
+    pending_rename: Option<String>,
 }
 
 fn sector_value(buf: &[u8], i: usize) -> u64 {
@@ -207,6 +209,11 @@ enum SimOp {
     SetReadOnly {
         vol: u32,
     },
+    /// The volume gets a new name (`bdev_lvol_rename`), with configuration entries that go
+    /// with it: `vol:NEW` set before the rename record, `vol:OLD` removed after it.
+    Rename {
+        vol: u32,
+    },
     /// A new volume; a thick one takes all its clusters at once.
     Create {
         thick: bool,
@@ -250,6 +257,8 @@ struct Sim {
     timer: Option<u32>,
     control_busy: bool,
     names: u64,
+    /// Names renames gave (each name is given once).
+    renamed_to: BTreeSet<String>,
     eio_one_in: u64,
     commit_records: usize,
     /// Clusters in use in the empty pool.
@@ -292,6 +301,9 @@ struct Stats {
     /// Volumes made read-only, and those a crash found still writable (not yet committed).
     made_read_only: u64,
     read_only_undone: u64,
+    /// Volumes renamed, and renames a crash undid (not yet committed).
+    renamed: u64,
+    rename_undone: u64,
 }
 
 impl Sim {
@@ -334,6 +346,7 @@ impl Sim {
             timer: None,
             control_busy: false,
             names: 0,
+            renamed_to: BTreeSet::new(),
             eio_one_in,
             commit_records,
             baseline,
@@ -489,6 +502,7 @@ impl Sim {
                         if let Some(m) = self.vols.get_mut(&id) {
                             m.pending_create = false;
                             m.pending_read_only = false;
+                            m.pending_rename = None;
                             if m.deleted {
                                 self.vols.remove(&id);
                             }
@@ -723,6 +737,10 @@ impl Sim {
             7 if vols.len() > 1 && self.rng.chance(2) => {
                 SimOp::SetReadOnly { vol: vols[self.rng.below(vols.len() as u64) as usize] }
             }
+            7 => {
+                let all = self.any_volume();
+                SimOp::Rename { vol: all[self.rng.below(all.len() as u64) as usize] }
+            }
             _ => return,
         };
         self.stats.controls += 1;
@@ -737,6 +755,12 @@ impl Sim {
             }
             SimOp::Delete { vol } => ControlOp::Delete { id: vol },
             SimOp::SetReadOnly { vol } => ControlOp::SetReadOnly { id: vol },
+            SimOp::Rename { vol } => ControlOp::Rename {
+                id: vol,
+                name: name.clone(),
+                before: vec![(format!("vol:{name}"), vol.to_string())],
+                after: vec![(format!("vol:{}", self.vols[&vol].name), String::new())],
+            },
             SimOp::Create { thick } => {
                 ControlOp::Create { name: name.clone(), size_bytes: VOL_BYTES, thick }
             }
@@ -846,6 +870,21 @@ impl Sim {
                 self.stats.made_read_only += 1;
                 done.push(vol);
             }
+            SimOp::Rename { vol } => {
+                assert_eq!(
+                    self.meta.volumes()[&vol].name,
+                    name,
+                    "seed {}: volume {vol} renamed is not called so",
+                    self.seed
+                );
+                let m = self.vols.get_mut(&vol).expect("volume");
+                let old = std::mem::replace(&mut m.name, name);
+                // A rename of a rename not yet durable may come back as either's old name.
+                m.pending_rename.get_or_insert(old);
+                self.renamed_to.insert(m.name.clone());
+                self.stats.renamed += 1;
+                done.push(vol);
+            }
             SimOp::Create { thick } => {
                 if thick {
                     self.stats.thick_created += 1;
@@ -910,9 +949,11 @@ impl Sim {
         self.disk = disk;
         self.meta = meta;
         let now = self.tick();
+        let named =
+            |m: &VolModel, name: &str| m.name == name || m.pending_rename.as_deref() == Some(name);
         for (id, v) in &self.meta.volumes() {
             assert!(
-                self.vols.get(id).is_some_and(|m| m.name == v.name),
+                self.vols.get(id).is_some_and(|m| named(m, &v.name)),
                 "seed {}: volume {} appeared in a crash",
                 self.seed,
                 v.name
@@ -921,7 +962,7 @@ impl Sim {
         let ids: Vec<u32> = self.vols.keys().copied().collect();
         for id in ids {
             let exists =
-                self.meta.volumes().get(&id).is_some_and(|v| v.name == self.vols[&id].name);
+                self.meta.volumes().get(&id).is_some_and(|v| named(&self.vols[&id], &v.name));
             let m = &self.vols[&id];
             if !exists {
                 assert!(
@@ -952,6 +993,21 @@ impl Sim {
                 self.stats.read_only_undone += 1;
             }
             m.pending_read_only = false;
+            let name = self.meta.volumes()[&id].name.clone();
+            if m.pending_rename.take().is_some() && name != m.name {
+                self.stats.rename_undone += 1;
+            }
+            if self.renamed_to.contains(&name) {
+                // A name given by a rename comes with its configuration entry, set before it.
+                let kept = self.meta.config().get(&format!("vol:{name}")).cloned();
+                assert_eq!(
+                    kept,
+                    Some(id.to_string()),
+                    "seed {}: volume {id} called {name} after a crash lacks its entry",
+                    self.seed
+                );
+            }
+            m.name = name;
             let thick = self.meta.volumes()[&id].thick;
             if m.thick && !thick {
                 // Only a creation or growth a crash cut short, which the pool then lacked the
@@ -1087,6 +1143,7 @@ impl VolModel {
             pending_read_only: false,
             fixed_since: 0,
             thick: false,
+            pending_rename: None,
         }
     }
 }
@@ -1161,6 +1218,8 @@ fn simulated_requests_crashes_and_control_operations() {
         total.thick_repaired += s.thick_repaired;
         total.thick_thinned += s.thick_thinned;
         total.read_only_undone += s.read_only_undone;
+        total.renamed += s.renamed;
+        total.rename_undone += s.rename_undone;
     }
     eprintln!("{runs} runs: {total:?}");
     // The runs must reach what they are for.
@@ -1179,10 +1238,14 @@ fn simulated_requests_crashes_and_control_operations() {
         total.grows > runs / 4 && total.grown_used > runs / 10,
         "pools rarely grew, or rarely used what they grew into: {total:?}"
     );
-    assert!(total.thick_created > runs / 2, "thick volumes rarely made: {total:?}");
+    assert!(total.thick_created > runs / 3, "thick volumes rarely made: {total:?}");
     assert!(
         total.made_read_only > runs / 4 && total.read_only_undone > 0,
         "volumes rarely made read-only, or no crash ever came before that was durable: {total:?}"
+    );
+    assert!(
+        total.renamed > runs / 4 && total.rename_undone > 0,
+        "volumes rarely renamed, or no crash ever came before a rename was durable: {total:?}"
     );
     assert!(
         total.refills > runs && total.refills_taking_back > runs / 25,

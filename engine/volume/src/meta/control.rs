@@ -1,4 +1,5 @@
-//! Control operations (create, snapshot, clone, rollback, delete, resize, configuration), the
+//! Control operations (create, snapshot, clone, rollback, delete, resize, rename,
+//! configuration), the
 //! metadata admission that keeps a checkpoint within its half, and freezing for quiescence.
 
 use super::*;
@@ -360,6 +361,53 @@ impl PoolMeta {
         Ok(())
     }
 
+    /// Calls volume `id` `name` from now on, with configuration entries that go with the name
+    /// (an empty value removes its key): `before` journaled ahead of the `Rename` record,
+    /// `after` behind it, so a crash keeps the volume under its old name with some of
+    /// `before`, or under its new one with all of `before` and some of `after` (callers put
+    /// what the new name needs in `before` and the old name's removals in `after`). All is
+    /// admitted or nothing applied. A volume renamed to the name it has changes nothing.
+    pub fn rename(
+        &mut self,
+        id: u32,
+        name: &str,
+        before: &[(String, String)],
+        after: &[(String, String)],
+    ) -> Result<(), PoolError> {
+        self.ok()?;
+        if self.volume(id)?.name == name {
+            return Ok(());
+        }
+        self.new_name(name)?;
+        // The name takes no room of its own: a checkpoint keeps NAME_MAX bytes per volume.
+        let bytes = Self::config_bytes(before)? + Self::config_bytes(after)?;
+        self.admit(0, 0, bytes)?;
+        for (key, value) in before {
+            self.log(Record::Config { key: key.clone(), value: value.clone() });
+        }
+        self.log(Record::Rename { id, name: name.into() });
+        for (key, value) in after {
+            self.log(Record::Config { key: key.clone(), value: value.clone() });
+        }
+        debug_assert!(
+            self.find(name).is_ok_and(|f| f == id),
+            "volume {id} is found by its new name"
+        );
+        Ok(())
+    }
+
+    /// The checkpoint bytes configuration `entries` could take, or why one is refused.
+    fn config_bytes(entries: &[(String, String)]) -> Result<u64, PoolError> {
+        let mut bytes = 0u64;
+        for (key, value) in entries {
+            if key.is_empty() || key.len() > NAME_MAX || value.len() > CONFIG_VALUE_MAX {
+                return Err(PoolError::BadConfig);
+            }
+            bytes += (key.len() + value.len()) as u64 + CHECKPOINT_BYTES_PER_CONFIG;
+        }
+        Ok(bytes)
+    }
+
     pub fn set_config(&mut self, key: &str, value: &str) -> Result<(), PoolError> {
         self.set_configs(&[(key.to_string(), value.to_string())])
     }
@@ -371,13 +419,7 @@ impl PoolMeta {
     /// that every prefix is a consistent configuration.
     pub fn set_configs(&mut self, entries: &[(String, String)]) -> Result<(), PoolError> {
         self.ok()?;
-        let mut bytes = 0u64;
-        for (key, value) in entries {
-            if key.is_empty() || key.len() > NAME_MAX || value.len() > CONFIG_VALUE_MAX {
-                return Err(PoolError::BadConfig);
-            }
-            bytes += (key.len() + value.len()) as u64 + CHECKPOINT_BYTES_PER_CONFIG;
-        }
+        let bytes = Self::config_bytes(entries)?;
         self.admit(0, 0, bytes)?;
         for (key, value) in entries {
             self.log(Record::Config { key: key.clone(), value: value.clone() });

@@ -439,6 +439,11 @@ impl Family {
                     v.thick = true;
                 }
             }
+            Record::Rename { id, name } => {
+                if let Some(v) = self.volumes.get_mut(id) {
+                    v.name.clone_from(name);
+                }
+            }
             Record::VolumeCreate { .. }
             | Record::Snapshot { .. }
             | Record::Clone { .. }

@@ -825,7 +825,8 @@ impl PoolMeta {
             Record::MapSet { volume: id, .. }
             | Record::Resize { id, .. }
             | Record::ReadOnly { id }
-            | Record::Thick { id } => {
+            | Record::Thick { id }
+            | Record::Rename { id, .. } => {
                 // Live, a mapping changes only through its family's decisions (a write, a
                 // trim), which take and free clusters the family's way; an applied one would
                 // name clusters no allocator state accounts for.
@@ -1109,6 +1110,7 @@ mod tests {
             1 => (1u32..5, 0u32..5).prop_map(|(id, to)| Record::Rollback { id, to }),
             1 => (1u32..5).prop_map(|id| Record::Delete { id }),
             1 => (1u32..5, 1u64..(1 << 23)).prop_map(|(id, size_bytes)| Record::Resize { id, size_bytes }),
+            1 => (1u32..5, 0u32..3).prop_map(|(id, n)| Record::Rename { id, name: format!("r{n}") }),
         ]
     }
 
@@ -1592,6 +1594,63 @@ mod tests {
             assert_eq!(names.len(), unique.len(), "{keep} blocks kept: {names:?}");
         }
         m.commit_done(sealed);
+    }
+
+    /// A rename's configuration entries and its record may span journal blocks: every prefix
+    /// of the commit replays to the volume under its old name with the old entries whole, or
+    /// under its new name with every entry written before the rename (`PoolMeta::rename`).
+    #[test]
+    fn every_prefix_of_a_rename_keeps_its_entries_with_the_name() {
+        use crate::format::JournalBlock;
+        let sb = layout(4 << 20, &geometry(64 << 10)).unwrap();
+        let mut m = fresh_of(sb.clone());
+        let id = m.create_volume("old", PIECE).unwrap();
+        let big = |c: char| c.to_string().repeat(3000);
+        m.set_configs(&[("k:old:1".into(), big('a')), ("k:old:2".into(), big('b'))]).unwrap();
+        commit(&mut m);
+        let before = m.freeze().payload();
+        let new: Vec<(String, String)> =
+            vec![("k:new:1".into(), big('a')), ("k:new:2".into(), big('b'))];
+        // The removals, and an entry big enough to end up in a block of its own.
+        let gone: Vec<(String, String)> = vec![
+            ("k:old:1".into(), String::new()),
+            ("k:old:2".into(), String::new()),
+            ("k:after".into(), big('c')),
+        ];
+        m.rename(id, "new", &new, &gone).unwrap();
+        assert_eq!(m.find("new").ok(), Some(id));
+        assert!(m.find("old").is_err());
+        let mut sealed = m.seal().unwrap().unwrap();
+        sealed.encode_now();
+        assert!(sealed.blocks().len() >= 3, "the commit spans blocks");
+        let mut seen = std::collections::BTreeSet::new();
+        for keep in 0..=sealed.blocks().len() {
+            let mut n = PoolMeta::new(sb.clone());
+            n.load(&before).unwrap();
+            for (_, bytes) in &sealed.blocks()[..keep] {
+                let (block, _) = JournalBlock::decode(bytes, &[1; 16]).unwrap();
+                n.load(&block.payload).unwrap();
+            }
+            let name = n.volume(id).unwrap().name;
+            let has = |k: &str| n.config().contains_key(k);
+            match name.as_str() {
+                "old" => assert!(has("k:old:1") && has("k:old:2"), "{keep} blocks kept"),
+                "new" => assert!(has("k:new:1") && has("k:new:2"), "{keep} blocks kept"),
+                other => panic!("{keep} blocks kept: called {other}"),
+            }
+            seen.insert(name);
+        }
+        assert_eq!(seen.len(), 2, "prefixes end both before and after the rename");
+        m.commit_done(sealed);
+        // A name taken, or not a name, is refused and changes nothing; the same name is no
+        // change at all.
+        let other = m.create_volume("other", PIECE).unwrap();
+        assert!(matches!(m.rename(other, "new", &[], &[]), Err(PoolError::NameTaken(_))));
+        assert!(matches!(m.rename(other, "a/b", &[], &[]), Err(PoolError::BadName(_))));
+        let pending = m.pending_records();
+        m.rename(id, "new", &new, &gone).unwrap();
+        assert_eq!(m.pending_records(), pending, "renamed to its own name: nothing logged");
+        assert_eq!(m.volume(other).unwrap().name, "other");
     }
 
     proptest! {

@@ -13,8 +13,8 @@
 #      add_host, nvmf_get_subsystems; serial/model in Identify Controller and refused when too
 #      long; listeners per subsystem (Connect refused where it does not listen, each port's
 #      discovery log, get/remove_listener); the clone read back through NBD and NVMe/TCP
-#   5  bdev_get_iostat counts the I/O; resize, set_read_only (nbdinfo sees it) and delete by
-#      alias and UUID; the pool's file grown and
+#   5  bdev_get_iostat counts the I/O; resize, rename (and back), set_read_only (nbdinfo sees
+#      it) and delete by alias and UUID; the pool's file grown and
 #      bdev_lvol_grow_lvstore (-l; nothing to grow; -22 with neither -u nor -l, -19 another)
 #   6  negative cases: wrong -l / -u (-19 No such device), both (-22), unknown bdev (-19),
 #      unknown subsystem, unknown parameter (-32602)
@@ -278,6 +278,15 @@ check_eq "bdev_get_iostat --per-channel has one entry per core" 2 \
     "$(rpc bdev_get_iostat -c | py 'len(j["cores"])')"
 check "bdev_lvol_resize LVS/lvol1 64" rpc bdev_lvol_resize "$LVS/lvol1" 64
 check_eq "lvol1 is 64 MiB" 16384 "$(rpc bdev_get_bdevs -b "$LVOL1_UUID" | py 'j[0]["num_blocks"]')"
+check "bdev_lvol_rename LVS/lvol1 lvol1r" rpc bdev_lvol_rename "$LVS/lvol1" lvol1r
+check_eq "lvol1r keeps lvol1's UUID; LVS/lvol1 is gone (-19)" "$LVOL1_UUID -19 No such device" \
+    "$(rpc bdev_get_bdevs -b "$LVS/lvol1r" | py 'j[0]["uuid"]') $(rpc_error bdev_get_bdevs -b "$LVS/lvol1")"
+check_eq "nbdinfo: the export follows the name" 67108864 "$(timeout 30 nbdinfo --size "$NBD_URI/lvol1r")"
+check_eq "bdev_lvol_rename to a taken name: -32602 File exists (as SPDK's callback)" \
+    "-32602 File exists" "$(rpc_error bdev_lvol_rename "$LVS/lvol1r" lvol0 | cut -d: -f1)"
+check_eq "bdev_lvol_rename of an unknown lvol: -19 No such device" "-19 No such device" \
+    "$(rpc_error bdev_lvol_rename "$LVS/nosuch" x)"
+check "bdev_lvol_rename by UUID, back to lvol1" rpc bdev_lvol_rename "$LVOL1_UUID" lvol1
 check "bdev_lvol_set_read_only LVS/lvol1" rpc bdev_lvol_set_read_only "$LVS/lvol1"
 check_eq "bdev_lvol_get_lvols: lvol1 read-only" "True" \
     "$(rpc bdev_lvol_get_lvols | py 'str(any(v["name"] == "lvol1" and v["read_only"] for v in j))')"

@@ -11,8 +11,11 @@
 //!   scheme, when it is first exported, and dropped when it is deleted; no two volumes share one;
 //! - a volume's rate limits (`bdev_set_qos_limit`) are kept as `qos:NAME` ("IOS,RW,R,W": I/Os
 //!   per second, MiB per second of reads and writes, of reads, of writes), applied when it is
-//!   exported, and dropped with it.
+//!   exported, and dropped with it;
+//! - a renamed volume keeps its UUID and rate limits: they move to its new name in the same
+//!   batch as the rename ([`renaming`]).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ballast_engine::qos::QosLimits;
@@ -165,6 +168,28 @@ pub fn store_volume_limits(
     };
     let key = qos_key(name);
     pool.set_config(&key, &value).map_err(|source| LvstoreError::Store { key, source })
+}
+
+/// Configuration entries (key, value; an empty value removes the key).
+pub type Entries = Vec<(String, String)>;
+
+/// The entries that carry volume `old`'s UUID and rate limits to its new name `new`
+/// (`bdev_lvol_rename`): the new name's set (or, where `old` has none, whatever an earlier
+/// volume of that name left removed) to go ahead of the rename, the old name's removed to go
+/// behind it.
+pub fn renaming(config: &BTreeMap<String, String>, old: &str, new: &str) -> (Entries, Entries) {
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    for (from, to) in [(uuid_key(old), uuid_key(new)), (qos_key(old), qos_key(new))] {
+        match config.get(&from) {
+            Some(value) => {
+                before.push((to, value.clone()));
+                after.push((from, String::new()));
+            }
+            None if config.contains_key(&to) => before.push((to, String::new())),
+            None => {}
+        }
+    }
+    (before, after)
 }
 
 /// SPDK's alias of volume `name`: `LVS_NAME/NAME`.

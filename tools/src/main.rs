@@ -246,6 +246,14 @@ enum VolumeCommand {
         #[command(flatten)]
         target: client::Target,
     },
+    /// Rename a volume, snapshot or clone; its NBD export and NVMe subsystem follow the name,
+    /// with their settings (hosts connected to the old NQN are disconnected).
+    Rename {
+        name: String,
+        new_name: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
     /// Give a volume the contents of one of its snapshots.
     Rollback {
         name: String,
@@ -474,6 +482,12 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
             "bdev_lvol_set_read_only",
             &LvolName { name: name.clone() },
             format!("volume {name} is read-only"),
+        ),
+        Command::Volume(VolumeCommand::Rename { name, new_name, target }) => done(
+            &target,
+            "bdev_lvol_rename",
+            &volumes::LvolRename { old_name: name.clone(), new_name: new_name.clone() },
+            format!("renamed {name} to {new_name}"),
         ),
         Command::Volume(VolumeCommand::Rollback { name, snapshot, target }) => done(
             &target,

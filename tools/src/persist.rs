@@ -466,7 +466,12 @@ fn apply(control: &Control, cfg: &SubsystemConfig, pending: &mut Pending) {
         if subsys.namespace(ns.nsid).is_some() {
             continue;
         }
-        let now = control.registry.get(&ns.bdev).map(|d| d.uuid.clone());
+        // By its UUID first: a volume renamed keeps it (and a crash may keep the rename
+        // without the entry's new name, or the other way round).
+        let by_uuid = ns.uuid.as_deref().and_then(|u| control.registry.resolve(u));
+        let device = by_uuid.or_else(|| control.registry.get(&ns.bdev));
+        let bdev = device.as_ref().map_or(ns.bdev.as_str(), |d| d.name.as_str());
+        let now = device.as_ref().map(|d| d.uuid.clone());
         if let (Some(kept), Some(now)) = (&ns.uuid, &now) {
             if kept != now {
                 let (nsid, bdev) = (ns.nsid, ns.bdev.as_str());
@@ -479,8 +484,7 @@ fn apply(control: &Control, cfg: &SubsystemConfig, pending: &mut Pending) {
                 continue;
             }
         }
-        let added =
-            control.registry.add_namespace(nqn, ns.nsid, ns.anagrpid, &ns.bdev, ns.block_size);
+        let added = control.registry.add_namespace(nqn, ns.nsid, ns.anagrpid, bdev, ns.block_size);
         if let Err(e) = added {
             let (nsid, bdev) = (ns.nsid, ns.bdev.as_str());
             tracing::warn!(nqn, nsid, bdev, error = %e, "kept namespace not restored");

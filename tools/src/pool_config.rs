@@ -369,6 +369,90 @@ pub fn forgetting(config: &BTreeMap<String, String>, nqn: &str) -> Vec<(String, 
     out
 }
 
+/// The entries that move what `config` keeps for a volume renamed from `old` to `new`
+/// (`bdev_lvol_rename`): its subsystem's entries (anchor, hosts, listeners, namespaces, ANA
+/// states, reservations, legacy entry) from `old`'s NQN to `new`'s, and every kept namespace
+/// made from device `old` renamed to `new` (their UUID stays, and restoring finds the device
+/// by it). Values that cannot be read are moved as they are, so what was refused before is
+/// refused after. `before` goes ahead of the rename in the journal: whatever an earlier
+/// subsystem of `new`'s NQN left is forgotten, then the children, then the anchor (a prefix
+/// holds no new anchor without its children). `after` goes behind it: the old subsystem's
+/// entries forgotten, anchor first.
+pub fn renaming(
+    config: &BTreeMap<String, String>,
+    old: &str,
+    new: &str,
+) -> Result<Renaming, CodecError> {
+    let (old_nqn, new_nqn) = (format!("{NQN_PREFIX}{old}"), format!("{NQN_PREFIX}{new}"));
+    let (old_anchor, new_anchor) = (anchor_key(&old_nqn), anchor_key(&new_nqn));
+    let under = |prefix: &str| {
+        let prefix = prefix.to_string();
+        config.range(prefix.clone()..).take_while(move |(k, _)| k.starts_with(&prefix))
+    };
+    let renamed_ns = |key: &str, value: &str| -> Result<Option<(String, String)>, CodecError> {
+        match parse::<StoredNamespace>(value) {
+            Ok(ns) if ns.bdev == old => {
+                Ok(Some(entry(key.to_string(), &StoredNamespace { bdev: new.into(), ..ns })?))
+            }
+            _ => Ok(None),
+        }
+    };
+    let mut before = forgetting(config, &new_nqn);
+    let children = format!("{old_anchor}:");
+    for (key, value) in under(&children) {
+        let moved = format!("{new_anchor}:{}", &key[children.len()..]);
+        let is_ns = key[children.len()..].starts_with(&format!("{NAMESPACE}:"));
+        match renamed_ns(&moved, value)?.filter(|_| is_ns) {
+            Some(e) => before.push(e),
+            None => before.push((moved, value.clone())),
+        }
+    }
+    let (old_ana, new_ana) = (ana_prefix(&old_nqn), ana_prefix(&new_nqn));
+    for (key, value) in under(&old_ana) {
+        match parse::<StoredAna>(value) {
+            Ok(a) if a.nqn == old_nqn && ana_key(&old_nqn, &a.addr) == *key => {
+                let a = StoredAna { nqn: new_nqn.clone(), ..a };
+                before.push(entry(ana_key(&new_nqn, &a.addr), &a)?);
+            }
+            _ => before.push((format!("{new_ana}{}", &key[old_ana.len()..]), value.clone())),
+        }
+    }
+    let (old_resv, new_resv) = (reservations_prefix(&old_nqn), reservations_prefix(&new_nqn));
+    for (key, value) in under(&old_resv) {
+        before.push((format!("{new_resv}{}", &key[old_resv.len()..]), value.clone()));
+    }
+    if let (Some(from), Some(to)) = (legacy_key(&old_nqn), legacy_key(&new_nqn)) {
+        if let Some(value) = config.get(&from) {
+            before.push((to, value.clone()));
+        }
+    }
+    if let Some(value) = config.get(&old_anchor) {
+        match parse::<StoredSubsystem>(value) {
+            Ok(s) if s.nqn == old_nqn => {
+                before.push(entry(new_anchor.clone(), &StoredSubsystem { nqn: new_nqn, ..s })?)
+            }
+            _ => before.push((new_anchor, value.clone())),
+        }
+    }
+    // Namespaces of other subsystems made from the volume.
+    for (key, value) in under(NVMF) {
+        let rest = &key[NVMF.len()..];
+        if key.starts_with(&children) || !rest.contains(&format!(":{NAMESPACE}:")) {
+            continue;
+        }
+        before.extend(renamed_ns(key, value)?);
+    }
+    let after = forgetting(config, &old_nqn);
+    Ok(Renaming { before, after })
+}
+
+/// What [`renaming`] writes, around the rename itself.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Renaming {
+    pub before: Vec<(String, String)>,
+    pub after: Vec<(String, String)>,
+}
+
 /// The anchor of subsystem `nqn` as kept in `config`, if there is a readable one.
 pub fn anchor_of(config: &BTreeMap<String, String>, nqn: &str) -> Option<StoredSubsystem> {
     let s: StoredSubsystem = parse(config.get(&anchor_key(nqn))?).ok()?;
@@ -929,5 +1013,111 @@ mod tests {
         // The longest names still make short keys.
         let nqn = format!("nqn.{}", "n".repeat(219));
         assert!(host_key(&nqn, &nqn).len() <= CONFIG_KEY_MAX);
+    }
+
+    /// A renamed volume's settings, seen whatever it is called: (allow any host, hosts,
+    /// listeners, namespaces with the volume's own name as "VOL", ANA states without NQN).
+    type Seen = (bool, Vec<StoredHost>, Vec<StoredListener>, Vec<StoredNamespace>, Vec<String>);
+
+    fn seen(d: &Decoded, nqn: &str) -> Option<Seen> {
+        let s = d.subsystems.iter().find(|s| s.subsystem.nqn == nqn)?;
+        let own = |n: &StoredNamespace| {
+            let vol = ["vol0", "vol1"].contains(&n.bdev.as_str());
+            StoredNamespace { bdev: if vol { "VOL".into() } else { n.bdev.clone() }, ..n.clone() }
+        };
+        let ana = s.ana.iter().map(|a| format!("{} {} {:?}", a.addr, a.all, a.groups)).collect();
+        let ns = s.namespaces.iter().map(own).collect();
+        Some((s.subsystem.allow_any_host, s.hosts.clone(), s.listeners.clone(), ns, ana))
+    }
+
+    /// A volume renamed (`bdev_lvol_rename`): whatever prefix of the entries before the
+    /// rename, the rename, and the entries after it a crash keeps, the subsystem of the name
+    /// the volume has then holds what the old one held, namespaces elsewhere still name the
+    /// volume (by its UUID), and unreadable entries stay refused. At the end nothing is left
+    /// under the old name and nothing is stale.
+    #[test]
+    fn every_prefix_of_a_rename_keeps_the_settings_with_the_volume() {
+        let (old, new) = (format!("{NQN_PREFIX}vol0"), format!("{NQN_PREFIX}vol1"));
+        let uuid = Some("0f7e1b6c-4a2d-4c8e-9d1a-2b3c4d5e6f70".to_string());
+        let mut config = BTreeMap::new();
+        config.insert(key_entry_key("psk0"), r#"{"name":"psk0","path":"/k"}"#.into());
+        // What an earlier subsystem of the new name left: forgotten, never applied.
+        let batch = anchoring(&config, &anchor(&new, 3, false), &[]).unwrap();
+        apply(&mut config, &batch);
+        let host = StoredHost { gen: 3, host: HOST_B.into(), keys: HostKeyNames::default() };
+        apply(&mut config, &[entry(host_key(&new, HOST_B), &host).unwrap()]);
+        // The volume's subsystem, every kind of entry.
+        let batch = anchoring(&config, &anchor(&old, 7, false), &[keyed_host(7)]).unwrap();
+        apply(&mut config, &batch);
+        let addr: SocketAddr = "127.0.0.1:4421".parse().unwrap();
+        let l = StoredListener { gen: 7, addr, listen: true, secure_channel: SecureChannel::None };
+        let ns = |nsid, bdev: &str| StoredNamespace {
+            gen: 7,
+            nsid,
+            bdev: bdev.into(),
+            block_size: 4096,
+            uuid: uuid.clone(),
+            anagrpid: None,
+        };
+        let states = ListenerStates {
+            all: ballast_nvmf::ana::AnaState::Inaccessible,
+            groups: BTreeMap::new(),
+        };
+        apply(
+            &mut config,
+            &[
+                entry(listener_key(&old, &addr), &l).unwrap(),
+                entry(namespace_key(&old, 2), &ns(2, "other")).unwrap(),
+                ana_entry(7, &old, addr, &states).unwrap(),
+                (reservations_key(&old, 1), "AAAA".into()),
+            ],
+        );
+        // An unreadable host entry: the subsystem is damaged, and stays so.
+        config.insert(format!("{}:host:zz", anchor_key(&old)), "{".into());
+        // Another subsystem with a namespace of the volume, one of another device.
+        let batch = anchoring(&config, &anchor(SUB, 1, true), &[]).unwrap();
+        apply(&mut config, &batch);
+        let elsewhere = |nsid, bdev: &str| StoredNamespace { gen: 1, ..ns(nsid, bdev) };
+        apply(&mut config, &[entry(namespace_key(SUB, 1), &elsewhere(1, "vol0")).unwrap()]);
+        apply(&mut config, &[entry(namespace_key(SUB, 2), &elsewhere(2, "vol00")).unwrap()]);
+        let first = decode(&config);
+        let was = seen(&first, &old).expect("the volume's settings");
+        let earlier = seen(&first, &new);
+        assert!(earlier.is_some());
+        assert!(first.subsystems.iter().find(|s| s.subsystem.nqn == old).unwrap().damaged);
+
+        let r = renaming(&config, "vol0", "vol1").unwrap();
+        let steps = r.before.len() + 1 + r.after.len();
+        for keep in 0..=steps {
+            let mut c = config.clone();
+            apply(&mut c, &r.before[..keep.min(r.before.len())]);
+            let renamed = keep > r.before.len();
+            if renamed {
+                apply(&mut c, &r.after[..keep - r.before.len() - 1]);
+            }
+            let (nqn, name) = if renamed { (&new, "vol1") } else { (&old, "vol0") };
+            let d = decode(&c);
+            assert_eq!(seen(&d, nqn).as_ref(), Some(&was), "{keep} of {steps} kept");
+            let s = d.subsystems.iter().find(|s| s.subsystem.nqn == *nqn).unwrap();
+            assert!(s.damaged, "{keep} kept: the unreadable entry still counts");
+            assert_eq!(c.get(&reservations_key(nqn, 1)).map(String::as_str), Some("AAAA"));
+            let sub = d.subsystems.iter().find(|s| s.subsystem.nqn == SUB).unwrap();
+            let bdevs: Vec<&str> = sub.namespaces.iter().map(|n| n.bdev.as_str()).collect();
+            assert!(bdevs == ["vol0", "vol00"] || bdevs == ["vol1", "vol00"], "{keep}: {bdevs:?}");
+            assert!(sub.namespaces.iter().all(|n| n.uuid == uuid));
+            assert_eq!(d.keys.len(), 1);
+            if !renamed {
+                // The new name (no volume has it yet) holds what it held, nothing, or the
+                // volume's settings.
+                let now = seen(&d, &new);
+                assert!(now == earlier || now.is_none() || now.as_ref() == Some(&was), "{keep}");
+            } else if keep == steps {
+                assert_eq!(d.stale, Vec::<String>::new());
+                assert!(c.keys().all(|k| !k.contains(&anchor_key(&old)[NVMF.len()..])));
+                assert!(seen(&d, &old).is_none());
+                let moved = sub.namespaces.iter().find(|n| n.nsid == 1).unwrap();
+                assert_eq!(moved.bdev, name);
+            }
+        }
     }
 }

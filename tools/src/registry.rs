@@ -268,6 +268,49 @@ impl Registry {
         Ok(device)
     }
 
+    /// Registers pool volume `old` as `new` (it was renamed): the same device, UUID, limits
+    /// and counters under the new name, its NBD export (served for the empty name if the old
+    /// one was) and the namespaces made from it following. Open NBD connections and NVMe
+    /// namespaces keep serving it.
+    pub fn rename(&self, old: &str, new: &str, description: String) -> Result<(), RegistryError> {
+        let mut inner = self.inner.write();
+        if inner.devices.contains_key(new) {
+            return Err(RegistryError::Exists(new.into()));
+        }
+        let d = inner.devices.get(old).ok_or_else(|| RegistryError::NotFound(old.into()))?;
+        assert!(d.kind == DeviceKind::Volume && d.hold.is_none(), "only pool volumes are renamed");
+        let device = Device {
+            name: new.into(),
+            uuid: d.uuid.clone(),
+            kind: d.kind,
+            description,
+            read_only: d.read_only,
+            dev: d.dev.clone(),
+            stats_id: d.stats_id,
+            block_size: d.block_size,
+            hold: None,
+            qos: d.qos.clone(),
+        };
+        self.nbd.add(Export {
+            name: new.into(),
+            description: device.description.clone(),
+            dev: device.dev.clone(),
+            read_only: device.read_only,
+        })?;
+        if self.nbd.default_name().as_deref() == Some(old) {
+            self.nbd.set_default(new)?;
+        }
+        let _ = self.nbd.remove(old);
+        inner.devices.remove(old);
+        inner.by_uuid.insert(device.uuid.clone(), new.into());
+        inner.devices.insert(new.into(), Arc::new(device));
+        for n in inner.namespaces.values_mut().filter(|n| *n == old) {
+            *n = new.into();
+        }
+        assert_eq!(inner.by_uuid.len(), inner.devices.len());
+        Ok(())
+    }
+
     /// The device registered under exactly `name`.
     pub fn get(&self, name: &str) -> Option<Arc<Device>> {
         self.inner.read().devices.get(name).cloned()

@@ -47,15 +47,7 @@ pub fn new_uuid() -> anyhow::Result<[u8; 16]> {
 pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> anyhow::Result<()> {
     let dev = pool.device(name, false)?;
     let read_only = dev.info().read_only;
-    let description = {
-        let m = pool.meta();
-        let v = m.volume(dev.id())?;
-        match m.volume(v.parent) {
-            Ok(p) if v.read_only => format!("snapshot of {}", p.name),
-            Ok(p) => format!("clone of {}", p.name),
-            Err(_) => "volume".to_string(),
-        }
-    };
+    let description = describe(pool, dev.id())?;
     let uuid = lvstore::ensure_volume_uuid(pool, name).or_else(|e| {
         tracing::warn!(volume = name, error = %e, "volume UUID not stored: it changes at restart");
         lvstore::random_uuid()
@@ -66,6 +58,11 @@ pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> a
         tracing::warn!(volume = name, error = %e, "kept rate limits refused: none applied");
     }
     control.registry.add(device)?;
+    export_subsystem(control, name)
+}
+
+/// Makes volume `name`'s subsystem, its device (registered) as namespace 1.
+fn export_subsystem(control: &Control, name: &str) -> anyhow::Result<()> {
     let nqn = nqn_of(name);
     let kept = crate::persist::has_settings(control, &nqn);
     let any = !kept && control.allow_hosts.is_empty();
@@ -75,6 +72,17 @@ pub fn export_volume(control: &Control, pool: &Arc<PoolHandle>, name: &str) -> a
     }
     control.registry.add_namespace(&nqn, 1, None, name, 4096)?;
     Ok(())
+}
+
+/// What `nbdinfo --list` says of volume `id`: a volume, or a snapshot or clone of its parent.
+fn describe(pool: &PoolHandle, id: u32) -> Result<String, PoolError> {
+    let m = pool.meta();
+    let v = m.volume(id)?;
+    Ok(match m.volume(v.parent) {
+        Ok(p) if v.read_only => format!("snapshot of {}", p.name),
+        Ok(p) => format!("clone of {}", p.name),
+        Err(_) => "volume".to_string(),
+    })
 }
 
 /// Removes volume `name`'s exports (open connections keep their device until they close).
@@ -196,6 +204,14 @@ pub struct LvolResize {
     pub size: Option<SizeParam>,
     #[serde(default)]
     pub force: bool,
+}
+
+/// `bdev_lvol_rename`.
+#[derive(Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LvolRename {
+    pub old_name: String,
+    pub new_name: String,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -423,6 +439,7 @@ pub const METHODS: &[Method] = &[
     Method { name: "bdev_lvol_rollback", call: rollback },
     Method { name: "bdev_lvol_resize", call: resize },
     Method { name: "bdev_lvol_set_read_only", call: set_read_only },
+    Method { name: "bdev_lvol_rename", call: rename },
     Method { name: "bdev_lvol_delete", call: delete },
     Method { name: "bdev_lvol_check", call: check },
     Method { name: "bdev_lvol_grow_lvstore", call: grow_lvstore },
@@ -537,6 +554,54 @@ fn set_read_only(control: &Control, p: &Value) -> Result<Value, RpcError> {
     pool.set_read_only(&name).map_err(pool_err_cb)?;
     control.registry.namespaces_changed(&name);
     tracing::info!(volume = name, "volume made read-only");
+    Ok(json!(true))
+}
+
+/// `bdev_lvol_rename`: volume `old_name` (name, alias or UUID) is called `new_name` from now
+/// on (durable when this answers), keeping its data, UUID, family and rate limits. Its
+/// exports follow the name: the NBD export `new_name` (connections open on the old one serve
+/// on), the subsystem `nqn...:new_name` with every setting the old one had (hosts and their
+/// keys, listeners, ANA states, reservations); hosts connected to the old subsystem are
+/// disconnected and connect to the new NQN. Namespaces of other subsystems made from it
+/// serve on and are listed under the new name. The settings move in the rename's own commit,
+/// so a crash keeps either name with its settings. As SPDK: true; -17 for a name taken, -19
+/// for no such volume.
+fn rename(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let r: LvolRename = params(p, L)?;
+    let old = lvol(control, &r.old_name)?;
+    let new = r.new_name.as_str();
+    if old == new {
+        return Ok(json!(true));
+    }
+    let nbd = control.registry.nbd_exports();
+    if nbd.allowed(&old) != nbd.allowed(new) {
+        return Err(invalid_parameters(format!(
+            "NBD access to {old:?} is set by --nbd-tls-allow at startup, differently for {new:?}:              give both names the same identities there (and restart) before renaming"
+        )));
+    }
+    let _settings = control.settings.lock();
+    let config = pool.meta().config().clone();
+    let moved = crate::pool_config::renaming(&config, &old, new).map_err(invalid_parameters)?;
+    let (mut before, mut after) = lvstore::renaming(&config, &old, new);
+    before.extend(moved.before);
+    after.extend(moved.after);
+    pool.rename(&old, new, before, after).map_err(pool_err_cb)?;
+    // Durable: the exports follow. Failures from here on are the live state's alone (a
+    // restart serves everything under the new name), so they are logged, not answered.
+    let (old_nqn, new_nqn) = (nqn_of(&old), nqn_of(new));
+    let _ = control.registry.delete_subsystem(&old_nqn);
+    control.host_keys.write().retain(|(n, _), _| *n != old_nqn);
+    let id = pool.meta().find(new).map_err(pool_err)?;
+    let description = describe(pool, id).unwrap_or_else(|_| "volume".into());
+    if let Err(e) = control.registry.rename(&old, new, description) {
+        tracing::warn!(volume = new, was = old, error = %e, "renamed volume not re-registered");
+    }
+    if let Err(e) = export_subsystem(control, new) {
+        tracing::warn!(volume = new, error = %format!("{e:#}"), "renamed volume's subsystem not made");
+    }
+    crate::persist::reapply(control, &new_nqn);
+    tracing::info!(volume = new, was = old, nqn = new_nqn, "volume renamed");
     Ok(json!(true))
 }
 

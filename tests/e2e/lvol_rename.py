@@ -12,6 +12,7 @@ open through the rename; a raw NVMe host is connected to `db`'s subsystem.
   writes on; a new one to `app` reads the data; `db`'s export is gone; the raw NVMe host of
   the old subsystem is disconnected; subsystem `...:app` admits the same host only and serves
   the data; `...:db` is gone; cnode1's namespace 1 is listed as `app`; the rate limit stayed;
+  nbdinfo --list describes the snapshot as `snapshot of app`;
 - refused, changing nothing: a taken name (File exists), a name that is no name, an unknown
   volume (No such device); the same name: true (spdk_rpc.sh checks the codes);
 - the CLI renames the clone (`ballast volume rename dbc web`);
@@ -22,6 +23,7 @@ open through the rename; a raw NVMe host is connected to `db`'s subsystem.
 """
 import json
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -65,6 +67,15 @@ def nvme_reads(b, nqn):
     adm.close()
     io.close()
     return data if st == 0 else None
+
+
+def descriptions(b):
+    """Every export's description as nbdinfo --list gives it."""
+    p = subprocess.run(["nbdinfo", "--list", "--json", b.uri()], capture_output=True, text=True,
+                       timeout=30)
+    if p.returncode != 0:
+        raise AssertionError("nbdinfo --list: " + p.stderr)
+    return {e["export-name"]: e.get("description") for e in json.loads(p.stdout)["exports"]}
 
 
 def still_reads(io):
@@ -139,6 +150,10 @@ def main(r):
                    nvme_reads(b, PREFIX + "app"))
         r.check_eq("...:db refuses it", None, nvme_reads(b, PREFIX + "db"))
         check_settings(r, b, "renamed")
+        d = descriptions(b)
+        r.check_eq("nbdinfo --list: app a volume, its snapshot described by the new name",
+                   ("volume", "snapshot of app", "clone of dbs"),
+                   (d.get("app"), d.get("dbs"), d.get("dbc")))
 
         code, out = b.rpc("bdev_lvol_rename", {"old_name": "app", "new_name": "dbs"})
         r.check("a taken name: File exists", code != 0 and "File exists" in out, out)

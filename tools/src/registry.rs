@@ -268,13 +268,13 @@ impl Registry {
         Ok(device)
     }
 
-    /// Registers pool volume `old` as `new` (it was renamed): the same device, UUID, limits
-    /// and counters under the new name, its NBD export (served for the empty name if the old
-    /// one was) and the namespaces made from it following. Open NBD connections and NVMe
-    /// namespaces keep serving it.
+    /// Registers pool volume `old` as `new` (it was renamed; or, `old` itself, to give it a new
+    /// description): the same device, UUID, limits and counters under the new name, its NBD
+    /// export (served for the empty name if the old one was) and the namespaces made from it
+    /// following. Open NBD connections and NVMe namespaces keep serving it.
     pub fn rename(&self, old: &str, new: &str, description: String) -> Result<(), RegistryError> {
         let mut inner = self.inner.write();
-        if inner.devices.contains_key(new) {
+        if old != new && inner.devices.contains_key(new) {
             return Err(RegistryError::Exists(new.into()));
         }
         let d = inner.devices.get(old).ok_or_else(|| RegistryError::NotFound(old.into()))?;
@@ -291,16 +291,21 @@ impl Registry {
             hold: None,
             qos: d.qos.clone(),
         };
-        self.nbd.add(Export {
+        let export = Export {
             name: new.into(),
             description: device.description.clone(),
             dev: device.dev.clone(),
             read_only: device.read_only,
-        })?;
-        if self.nbd.default_name().as_deref() == Some(old) {
-            self.nbd.set_default(new)?;
+        };
+        if old == new {
+            self.nbd.replace(export)?;
+        } else {
+            self.nbd.add(export)?;
+            if self.nbd.default_name().as_deref() == Some(old) {
+                self.nbd.set_default(new)?;
+            }
+            let _ = self.nbd.remove(old);
         }
-        let _ = self.nbd.remove(old);
         inner.devices.remove(old);
         inner.by_uuid.insert(device.uuid.clone(), new.into());
         inner.devices.insert(new.into(), Arc::new(device));

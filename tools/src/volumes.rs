@@ -597,6 +597,21 @@ fn rename(control: &Control, p: &Value) -> Result<Value, RpcError> {
     if let Err(e) = control.registry.rename(&old, new, description) {
         tracing::warn!(volume = new, was = old, error = %e, "renamed volume not re-registered");
     }
+    // Its snapshots and clones are described by its name.
+    let children: Vec<(u32, String)> = {
+        let m = pool.meta();
+        m.volumes()
+            .iter()
+            .filter(|(_, v)| v.parent == id)
+            .map(|(c, v)| (*c, v.name.clone()))
+            .collect()
+    };
+    for (child, name) in children {
+        let description = describe(pool, child).unwrap_or_else(|_| "volume".into());
+        if let Err(e) = control.registry.rename(&name, &name, description) {
+            tracing::warn!(volume = name, error = %e, "description not updated");
+        }
+    }
     if let Err(e) = export_subsystem(control, new) {
         tracing::warn!(volume = new, error = %format!("{e:#}"), "renamed volume's subsystem not made");
     }

@@ -107,6 +107,20 @@ impl ExportTable {
         Ok(())
     }
 
+    /// Puts `export` in place of the export of its name (a new description, say): it stays
+    /// the default if it was; connections already using the old one keep it.
+    pub fn replace(&self, export: Export) -> Result<(), ExportError> {
+        if export.description.len() > codec::STRING_MAX || export.description.contains('\0') {
+            return Err(ExportError::BadDescription(export.name));
+        }
+        let mut inner = self.inner.write();
+        let Some(slot) = inner.map.get_mut(&export.name) else {
+            return Err(ExportError::NotFound(export.name));
+        };
+        *slot = Arc::new(export);
+        Ok(())
+    }
+
     /// Removes an export; connections already using it keep their device until they close.
     pub fn remove(&self, name: &str) -> Result<Arc<Export>, ExportError> {
         let mut inner = self.inner.write();
@@ -221,5 +235,28 @@ mod tests {
         let cannot = export(Arc::new(NoZeroes(RamDev::new(1 << 20)))).transmission_flags(true);
         assert_eq!(cannot & zeroes, 0);
         assert_ne!(cannot & codec::TF_SEND_TRIM, 0, "trim is still offered");
+    }
+
+    /// A replaced export (a renamed volume's snapshot described anew) keeps its place and its
+    /// default role; connections holding the old one keep it; an unknown name is refused.
+    #[test]
+    fn a_replaced_export_keeps_its_name_and_default_role() {
+        let export = |name: &str, description: &str| Export {
+            name: name.into(),
+            description: description.into(),
+            dev: Arc::new(RamDev::new(1 << 20)),
+            read_only: false,
+        };
+        let t = ExportTable::default();
+        t.add(export("a", "old")).unwrap();
+        t.add(export("b", "")).unwrap();
+        let held = t.get("a").unwrap();
+        t.replace(export("a", "new")).unwrap();
+        assert_eq!(t.default_name().as_deref(), Some("a"));
+        assert_eq!(t.get("").unwrap().description, "new");
+        assert_eq!(held.description, "old");
+        assert!(matches!(t.replace(export("c", "")), Err(ExportError::NotFound(_))));
+        assert!(matches!(t.replace(export("b", "x\0")), Err(ExportError::BadDescription(_))));
+        assert_eq!(t.list().len(), 2);
     }
 }

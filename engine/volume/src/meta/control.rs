@@ -181,10 +181,7 @@ impl PoolMeta {
             return Err(PoolError::ThickTooLarge { wanted: clusters, max: THICK_MAP_MAX });
         }
         if self.alloc.get_mut().free_count() < clusters {
-            for fam in self.fams.values_mut() {
-                let stock: Vec<u64> = fam.stock.drain().collect();
-                self.alloc.get_mut().take_back(stock);
-            }
+            self.take_back_stocks(None);
         }
         if self.alloc.get_mut().free_count() < clusters {
             return Err(PoolError::NoSpace);

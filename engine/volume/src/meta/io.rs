@@ -393,7 +393,7 @@ impl PoolMeta {
             if pass == 0 {
                 self.refills_taking_back.fetch_add(1, Ordering::Relaxed);
             }
-            if pass == TAKE_BACK_PASSES || self.take_back_stocks(f) == 0 {
+            if pass == TAKE_BACK_PASSES || self.take_back_stocks(Some(f)) == 0 {
                 break;
             }
             tracing::trace!(family = f, want, pass, "stocks taken back for a short write");
@@ -417,12 +417,12 @@ impl PoolMeta {
         Ok(Ticket(f, fam.begin_io()))
     }
 
-    /// Takes every other family's stock back into the allocator, one family at a time with
-    /// no other lock held; returns how many clusters came back.
-    fn take_back_stocks(&self, f: u32) -> u64 {
+    /// Takes every family's stock but `except`'s back into the allocator, one family at a time
+    /// with no other lock held; returns how many clusters came back.
+    pub(super) fn take_back_stocks(&self, except: Option<u32>) -> u64 {
         let mut back = 0;
         for (g, mut other) in self.fams.iter() {
-            if g != f && !other.stock.is_empty() {
+            if Some(g) != except && !other.stock.is_empty() {
                 let clusters: Vec<u64> = other.stock.drain().collect();
                 drop(other);
                 back += clusters.len() as u64;

@@ -1596,6 +1596,33 @@ mod tests {
         m.commit_done(sealed);
     }
 
+    /// One thick creation or growth maps at most `THICK_MAP_MAX` clusters (it runs under the
+    /// exclusive borrow: a bound on the pool's pause): one more is refused, `ThickTooLarge`,
+    /// and changes nothing; the bound itself is taken, and a growth past it refused.
+    #[test]
+    fn a_thick_volume_maps_at_most_thick_map_max_clusters_per_operation() {
+        let cb = 1u64 << 14;
+        let mut m = fresh_of(layout((THICK_MAP_MAX + 4096) * cb * 5 / 4, &geometry(0)).unwrap());
+        let free = m.free_clusters();
+        assert!(free > THICK_MAP_MAX + 1, "room for more than the bound: {free}");
+        let r = m.create("big", (THICK_MAP_MAX + 1) * cb, true);
+        assert!(
+            matches!(r, Err(PoolError::ThickTooLarge { wanted, max })
+            if wanted == THICK_MAP_MAX + 1 && max == THICK_MAP_MAX),
+            "{r:?}"
+        );
+        assert!(m.find("big").is_err() && m.pending_records() == 0, "a refusal logs nothing");
+        assert_eq!(m.free_clusters(), free);
+        let id = m.create("big", THICK_MAP_MAX * cb, true).unwrap();
+        assert_eq!(m.free_clusters(), free - THICK_MAP_MAX);
+        let r = m.resize(id, (2 * THICK_MAP_MAX + 1) * cb, false);
+        assert!(matches!(r, Err(PoolError::ThickTooLarge { .. })), "{r:?}");
+        assert_eq!(m.volume(id).unwrap().size_bytes, THICK_MAP_MAX * cb);
+        m.resize(id, (THICK_MAP_MAX + 1) * cb, false).unwrap();
+        assert_eq!(m.free_clusters(), free - THICK_MAP_MAX - 1);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+    }
+
     /// A rename's configuration entries and its record may span journal blocks: every prefix
     /// of the commit replays to the volume under its old name with the old entries whole, or
     /// under its new name with every entry written before the rename (`PoolMeta::rename`).

@@ -14,7 +14,10 @@ open through the rename; a raw NVMe host is connected to `db`'s subsystem.
   the data; `...:db` is gone; cnode1's namespace 1 is listed as `app`; the rate limit stayed;
   nbdinfo --list describes the snapshot as `snapshot of app`;
 - refused, changing nothing: a taken name (File exists), a name that is no name, an unknown
-  volume (No such device); the same name: true (spdk_rpc.sh checks the codes);
+  volume (No such device), the name of a RAM export or of a subsystem's NQN (File exists), a
+  name too long for an NQN, a volume whose namespace has a reservation registrant (Device or
+  resource busy: the host stays connected and registered; unregistered, the rename goes
+  through); the same name: true (spdk_rpc.sh checks the codes);
 - the CLI renames the clone (`ballast volume rename dbc web`);
 - kill -9 and restart: `app` and `web` are there with their UUIDs and data, `db` and `dbc` are
   not; `...:app` admits the same host only; cnode1's namespace 1 is `app` again; the rate
@@ -23,6 +26,7 @@ open through the rename; a raw NVMe host is connected to `db`'s subsystem.
 """
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -32,6 +36,8 @@ import nvmeraw  # noqa: E402
 from ballast_testlib import check_pool_exact, guarded, pool_daemon, wait_for  # noqa: E402
 
 PREFIX = "nqn.2026-11.dev.ballast:"
+OP_REGISTER = 0x0D
+KEY = 0xA1A1
 CNODE = "nqn.2016-06.io.spdk:cnode1"
 MiB = 1 << 20
 
@@ -67,6 +73,10 @@ def nvme_reads(b, nqn):
     adm.close()
     io.close()
     return data if st == 0 else None
+
+
+def keys(current, new):
+    return struct.pack("<QQ", current, new)
 
 
 def descriptions(b):
@@ -164,6 +174,39 @@ def main(r):
                 out)
         r.check_eq("the same name: true", (0, "true"),
                    b.rpc("bdev_lvol_rename", {"old_name": "app", "new_name": "app"}))
+        code, out = b.rpc("export_add", {"name": "ramx", "ram_size": "4M"})
+        r.check("export_add ramx", code == 0, out)
+        code, out = b.rpc("bdev_lvol_rename", {"old_name": "app", "new_name": "ramx"})
+        r.check("the name of another export: File exists", code != 0 and "File exists" in out,
+                out)
+        code, out = b.rpc("nvmf_create_subsystem", {"nqn": PREFIX + "taken"})
+        r.check("nvmf_create_subsystem ...:taken", code == 0, out)
+        code, out = b.rpc("bdev_lvol_rename", {"old_name": "app", "new_name": "taken"})
+        r.check("a name whose NQN a subsystem has: File exists",
+                code != 0 and "File exists" in out, out)
+        code, out = b.rpc("bdev_lvol_rename", {"old_name": "app", "new_name": "n" * 220})
+        r.check("a name too long for an NQN: refused", code != 0 and "longer than an NQN" in out,
+                out)
+        # A host registered for reservations on its namespace: refused, the host stays
+        # connected and registered (the table is bound to the namespace's NGUID, which
+        # derives from the NQN); once it unregisters, the rename goes through.
+        adm, io = nvmeraw.io_queue(b.nvmf_port(), PREFIX + "app")
+        r.check_eq("Reservation Register on app", 0,
+                   io.command(OP_REGISTER, 1, (0, 0, 0, 0, 0, 0), keys(0, KEY))[0])
+        code, out = b.rpc("bdev_lvol_rename", {"old_name": "app", "new_name": "app2"})
+        r.check("with a registrant: Device or resource busy",
+                code != 0 and "Device or resource busy" in out, out)
+        r.check("... the host still connected", still_reads(io))
+        code, out = b.rpc("nvmf_ns_get_reservation", {"nqn": PREFIX + "app", "nsid": 1})
+        r.check_eq("... and registered", 1,
+                   len(json.loads(out)["registrants"]) if code == 0 else out)
+        r.check_eq("Reservation Register: unregister", 0,
+                   io.command(OP_REGISTER, 1, (1, 0, 0, 0, 0, 0), keys(KEY, 0))[0])
+        r.check_eq("renamed to app2 once unregistered, and back", [(0, "true"), (0, "true")],
+                   [b.rpc("bdev_lvol_rename", {"old_name": "app", "new_name": "app2"}),
+                    b.rpc("bdev_lvol_rename", {"old_name": "app2", "new_name": "app"})])
+        adm.close()
+        io.close()
         r.check_eq("refusals changed nothing", {"app", "dbs", "dbc"}, set(b.lvols()))
         p = b.ctl("volume", "rename", "dbc", "web")
         r.check("ballast volume rename dbc web", p.returncode == 0, p.stderr + p.stdout)

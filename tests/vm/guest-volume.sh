@@ -12,6 +12,10 @@
 #      original ones
 #   6. the clone, connected, made read-only on the host (`ballast volume read-only`): the
 #      kernel marks the disk read-only without a reconnect, refuses writes, mounts it read-only
+#   7. the clone, attached through the kernel NBD client, renamed on the host (`ballast volume
+#      rename base-clone archive`): that connection reads its files on; discovery lists
+#      ...:archive and not ...:base-clone; NBD and NVMe/TCP connect to it by its new name, still
+#      read-only, with its files
 # Prints "PASS: ..." / "FAIL: ..." lines and finally "guest done".
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 . /guest/params
@@ -122,4 +126,22 @@ check "it mounts read-only with its files" \
   sh -c "mount -o ro,noload $C /mnt/v && cd /mnt/v && md5sum -c /tmp/clone.sums && md5sum -c /tmp/orig.sums"
 umount /mnt/v 2>/dev/null
 nvme disconnect -n "${P}base-clone" >/dev/null
+# 7. the clone renamed on the host while the kernel NBD client has it attached
+check "nbd-client attaches the clone" timeout 60 nbd-client $A $NBD_PORT /dev/nbd0 -N base-clone -readonly -b 4096 -t 60
+i=0; while [ "$(cat /sys/block/nbd0/size)" = 0 ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
+say rename
+listed() { nvme discover -t tcp -a $A -s $PORT 2>/dev/null | grep -qE "subnqn: *$P$1\$"; }
+i=0; while ! listed archive && [ $i -lt 100 ]; do sleep 0.3; i=$((i+1)); done
+check "discovery lists the renamed clone's subsystem ...:archive" listed archive
+check "... and no longer ...:base-clone" sh -c "! nvme discover -t tcp -a $A -s $PORT | grep -qE 'subnqn: *${P}base-clone\$'"
+check "the NBD connection attached before the rename still reads its files" \
+  sh -c "mount -o ro,noload /dev/nbd0 /mnt/v && cd /mnt/v && md5sum -c /tmp/clone.sums"
+umount /mnt/v 2>/dev/null
+nbd-client -d /dev/nbd0 >/dev/null 2>&1
+check "nbd-client attaches the export by its new name" timeout 60 nbd-client $A $NBD_PORT /dev/nbd0 -N archive -readonly -b 4096 -t 60
+nbd-client -d /dev/nbd0 >/dev/null 2>&1
+R=$(connect archive) && pass "connect ...:archive over NVMe/TCP ($R)" || fail "connect archive"
+check "it is still read-only, with the clone's files" sh -c "test \"\$(cat /sys/block/${R##*/}/ro)\" = 1 && mount -o ro,noload $R /mnt/v && cd /mnt/v && md5sum -c /tmp/clone.sums && md5sum -c /tmp/orig.sums"
+umount /mnt/v 2>/dev/null
+nvme disconnect -n "${P}archive" >/dev/null
 echo "guest done"

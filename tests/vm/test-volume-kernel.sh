@@ -4,7 +4,8 @@
 # volume `base`, and on the guest's signal snapshots it and clones the snapshot; the guest
 # mounts the clone as a filesystem, overwrites the origin, and checks the snapshot (read-only,
 # over NBD) and the clone are unchanged; then, on another signal, makes the connected clone
-# read-only (the kernel host sees it through the namespace change notice). Afterwards `ballast pool check` must be exact.
+# read-only (the kernel host sees it through the namespace change notice), and renames it while
+# the kernel NBD client has it attached. Afterwards `ballast pool check` must be exact.
 # The daemon runs two cores with `--volume-placement owner`: the kernel's I/O queues and NBD
 # connections that the listener put on the core not owning the volumes' family move to its
 # owner after Connect / the handshake (at least one does: two I/O queues per connect, placed
@@ -55,6 +56,8 @@ while kill -0 "$gpid" 2>/dev/null; do
         "$bin" clone create base-snap base-clone --rpc-socket "$sock" >> "$work/server.log" 2>&1 ;;
       read-only)
         "$bin" volume read-only base-clone --rpc-socket "$sock" >> "$work/server.log" 2>&1 ;;
+      rename)
+        "$bin" volume rename base-clone archive --rpc-socket "$sock" >> "$work/server.log" 2>&1 ;;
     esac
     handled=$((handled + 1))
   done

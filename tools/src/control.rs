@@ -48,6 +48,9 @@ pub struct Control {
     pub malloc_names: std::sync::atomic::AtomicU32,
     /// The log's level and debug flags (`log_set_level`, `log_set_flag`).
     pub log: crate::logging::LogControl,
+    /// `--default-export`: a volume it names is not renamed (the next start would find no
+    /// export of that name and stop).
+    pub default_export: Option<String>,
 }
 
 /// What `nvmf_subsystem_add_host` was given for one host of one subsystem besides its NQN: the

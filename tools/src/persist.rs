@@ -468,7 +468,7 @@ fn apply(control: &Control, cfg: &SubsystemConfig, pending: &mut Pending) {
         }
         // By its UUID first: a volume renamed keeps it (and a crash may keep the rename
         // without the entry's new name, or the other way round).
-        let by_uuid = ns.uuid.as_deref().and_then(|u| control.registry.resolve(u));
+        let by_uuid = ns.uuid.as_deref().and_then(|u| control.registry.by_uuid(u));
         let device = by_uuid.or_else(|| control.registry.get(&ns.bdev));
         let bdev = device.as_ref().map_or(ns.bdev.as_str(), |d| d.name.as_str());
         let now = device.as_ref().map(|d| d.uuid.clone());
@@ -754,6 +754,7 @@ mod tests {
             settings: Default::default(),
             malloc_names: Default::default(),
             log: crate::logging::LogControl::detached(),
+            default_export: None,
         };
         crate::volumes::export_all(&control, &pool).unwrap();
         let bind = restore(&control);

@@ -371,9 +371,11 @@ pub fn forgetting(config: &BTreeMap<String, String>, nqn: &str) -> Vec<(String, 
 
 /// The entries that move what `config` keeps for a volume renamed from `old` to `new`
 /// (`bdev_lvol_rename`): its subsystem's entries (anchor, hosts, listeners, namespaces, ANA
-/// states, reservations, legacy entry) from `old`'s NQN to `new`'s, and every kept namespace
-/// made from device `old` renamed to `new` (their UUID stays, and restoring finds the device
-/// by it). Values that cannot be read are moved as they are, so what was refused before is
+/// states, legacy entry) from `old`'s NQN to `new`'s, and every kept namespace made from
+/// device `old` renamed to `new`, given its UUID (`uuid`, the volume's) where it had none, so
+/// that restoring finds the device by it whichever name a crash left. Reservation tables are
+/// not moved but forgotten with the old subsystem: a table is bound to its namespace's NGUID,
+/// which derives from the NQN (the daemon renames no volume whose subsystem holds any). Values that cannot be read are moved as they are, so what was refused before is
 /// refused after. `before` goes ahead of the rename in the journal: whatever an earlier
 /// subsystem of `new`'s NQN left is forgotten, then the children, then the anchor (a prefix
 /// holds no new anchor without its children). `after` goes behind it: the old subsystem's
@@ -382,6 +384,7 @@ pub fn renaming(
     config: &BTreeMap<String, String>,
     old: &str,
     new: &str,
+    uuid: Option<&str>,
 ) -> Result<Renaming, CodecError> {
     let (old_nqn, new_nqn) = (format!("{NQN_PREFIX}{old}"), format!("{NQN_PREFIX}{new}"));
     let (old_anchor, new_anchor) = (anchor_key(&old_nqn), anchor_key(&new_nqn));
@@ -392,7 +395,8 @@ pub fn renaming(
     let renamed_ns = |key: &str, value: &str| -> Result<Option<(String, String)>, CodecError> {
         match parse::<StoredNamespace>(value) {
             Ok(ns) if ns.bdev == old => {
-                Ok(Some(entry(key.to_string(), &StoredNamespace { bdev: new.into(), ..ns })?))
+                let uuid = ns.uuid.or_else(|| uuid.map(String::from));
+                Ok(Some(entry(key.to_string(), &StoredNamespace { bdev: new.into(), uuid, ..ns })?))
             }
             _ => Ok(None),
         }
@@ -416,10 +420,6 @@ pub fn renaming(
             }
             _ => before.push((format!("{new_ana}{}", &key[old_ana.len()..]), value.clone())),
         }
-    }
-    let (old_resv, new_resv) = (reservations_prefix(&old_nqn), reservations_prefix(&new_nqn));
-    for (key, value) in under(&old_resv) {
-        before.push((format!("{new_resv}{}", &key[old_resv.len()..]), value.clone()));
     }
     if let (Some(from), Some(to)) = (legacy_key(&old_nqn), legacy_key(&new_nqn)) {
         if let Some(value) = config.get(&from) {
@@ -1080,13 +1080,16 @@ mod tests {
         let elsewhere = |nsid, bdev: &str| StoredNamespace { gen: 1, ..ns(nsid, bdev) };
         apply(&mut config, &[entry(namespace_key(SUB, 1), &elsewhere(1, "vol0")).unwrap()]);
         apply(&mut config, &[entry(namespace_key(SUB, 2), &elsewhere(2, "vol00")).unwrap()]);
+        // One kept before namespaces kept their device's UUID.
+        let unnamed = StoredNamespace { uuid: None, ..elsewhere(3, "vol0") };
+        apply(&mut config, &[entry(namespace_key(SUB, 3), &unnamed).unwrap()]);
         let first = decode(&config);
         let was = seen(&first, &old).expect("the volume's settings");
         let earlier = seen(&first, &new);
         assert!(earlier.is_some());
         assert!(first.subsystems.iter().find(|s| s.subsystem.nqn == old).unwrap().damaged);
 
-        let r = renaming(&config, "vol0", "vol1").unwrap();
+        let r = renaming(&config, "vol0", "vol1", uuid.as_deref()).unwrap();
         let steps = r.before.len() + 1 + r.after.len();
         for keep in 0..=steps {
             let mut c = config.clone();
@@ -1100,13 +1103,22 @@ mod tests {
             assert_eq!(seen(&d, nqn).as_ref(), Some(&was), "{keep} of {steps} kept");
             let s = d.subsystems.iter().find(|s| s.subsystem.nqn == *nqn).unwrap();
             assert!(s.damaged, "{keep} kept: the unreadable entry still counts");
-            assert_eq!(c.get(&reservations_key(nqn, 1)).map(String::as_str), Some("AAAA"));
             let sub = d.subsystems.iter().find(|s| s.subsystem.nqn == SUB).unwrap();
             let bdevs: Vec<&str> = sub.namespaces.iter().map(|n| n.bdev.as_str()).collect();
-            assert!(bdevs == ["vol0", "vol00"] || bdevs == ["vol1", "vol00"], "{keep}: {bdevs:?}");
-            assert!(sub.namespaces.iter().all(|n| n.uuid == uuid));
+            assert!(
+                [["vol0", "vol00"], ["vol1", "vol00"]].iter().any(|b| bdevs[..2] == b[..]),
+                "{keep}: {bdevs:?}"
+            );
+            assert!(bdevs[2] == "vol0" || bdevs[2] == "vol1", "{keep}: {bdevs:?}");
+            let with_uuid = sub.namespaces.iter().filter(|n| n.uuid == uuid).count();
+            // The one without a UUID gets the volume's with its new name.
+            assert_eq!(with_uuid, if bdevs[2] == "vol1" { 3 } else { 2 }, "{keep}");
             assert_eq!(d.keys.len(), 1);
+            // Reservation tables are bound to the old NQN's NGUIDs: kept until the rename,
+            // forgotten after it, never moved.
+            assert!(c.get(&reservations_key(&new, 1)).is_none());
             if !renamed {
+                assert_eq!(c.get(&reservations_key(&old, 1)).map(String::as_str), Some("AAAA"));
                 // The new name (no volume has it yet) holds what it held, nothing, or the
                 // volume's settings.
                 let now = seen(&d, &new);
@@ -1115,6 +1127,7 @@ mod tests {
                 assert_eq!(d.stale, Vec::<String>::new());
                 assert!(c.keys().all(|k| !k.contains(&anchor_key(&old)[NVMF.len()..])));
                 assert!(seen(&d, &old).is_none());
+                assert!(c.get(&reservations_key(&old, 1)).is_none());
                 let moved = sub.namespaces.iter().find(|n| n.nsid == 1).unwrap();
                 assert_eq!(moved.bdev, name);
             }

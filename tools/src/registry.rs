@@ -342,6 +342,13 @@ impl Registry {
         inner.by_uuid.get(&uuid).and_then(|name| inner.devices.get(name)).cloned()
     }
 
+    /// The device whose UUID is `uuid` (in any spelling), whatever its name.
+    pub fn by_uuid(&self, uuid: &str) -> Option<Arc<Device>> {
+        let uuid = lvstore::canonical_uuid(uuid)?;
+        let inner = self.inner.read();
+        inner.by_uuid.get(&uuid).and_then(|name| inner.devices.get(name)).cloned()
+    }
+
     /// The pool volume `s` names (by name, alias or UUID).
     pub fn resolve_volume(&self, s: &str) -> Option<Arc<Device>> {
         self.resolve(s).filter(|d| d.kind == DeviceKind::Volume)

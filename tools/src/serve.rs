@@ -456,6 +456,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         settings: Default::default(),
         malloc_names: Default::default(),
         log,
+        default_export: args.default_export.clone(),
     });
     // The daemon's own subsystems (volumes', startup exports') listen on --nvmf-listen; the
     // discovery listener serves the whole discovery log.

@@ -27,7 +27,7 @@ use crate::lvstore;
 use crate::registry::{Device, DeviceKind};
 use crate::rpc_error::{
     invalid_argument, invalid_parameters, no_such_device, params, DecodeStyle, NoParams, RpcError,
-    EEXIST, ENODEV, INTERNAL_ERROR,
+    EEXIST, ENODEV, INTERNAL_ERROR, INVALID_PARAMS,
 };
 
 pub fn nqn_of(name: &str) -> String {
@@ -574,25 +574,44 @@ fn rename(control: &Control, p: &Value) -> Result<Value, RpcError> {
     if old == new {
         return Ok(json!(true));
     }
-    let nbd = control.registry.nbd_exports();
-    if nbd.allowed(&old) != nbd.allowed(new) {
-        return Err(invalid_parameters(format!(
-            "NBD access to {old:?} is set by --nbd-tls-allow at startup, differently for {new:?}:              give both names the same identities there (and restart) before renaming"
-        )));
-    }
+    let (old_nqn, new_nqn) = (nqn_of(&old), nqn_of(new));
+    refuse_rename(control, &old, new, &new_nqn)?;
     let _settings = control.settings.lock();
+    if let Some(taken) = name_in_use(control, pool, new, &new_nqn) {
+        return Err(RpcError::new(INVALID_PARAMS, format!("File exists: {taken}")));
+    }
+    let gone = control.target.subsystem(&old_nqn);
+    if let Some(busy) = gone.as_deref().and_then(reservations_held) {
+        return Err(busy);
+    }
+    // Its subsystem goes first (its hosts disconnect, its reservation tables save no more),
+    // so that nothing changes what it keeps while the entries to move are read. A host that
+    // registered since the look above refuses the rename after all: the subsystem is made
+    // again with what it keeps (a registration not kept, without PTPL, is lost then).
+    let _ = control.registry.delete_subsystem(&old_nqn);
+    control.host_keys.write().retain(|(n, _), _| *n != old_nqn);
+    let restore = |e: RpcError| {
+        if let Err(x) = export_subsystem(control, &old) {
+            tracing::warn!(volume = old, error = %format!("{x:#}"), "subsystem not made again");
+        }
+        crate::persist::reapply(control, &old_nqn);
+        e
+    };
+    if let Some(busy) = gone.as_deref().and_then(reservations_held) {
+        return Err(restore(busy));
+    }
+    let id = pool.meta().find(&old).map_err(pool_err).map_err(restore)?;
     let config = pool.meta().config().clone();
-    let moved = crate::pool_config::renaming(&config, &old, new).map_err(invalid_parameters)?;
+    let uuid = lvstore::volume_uuid(pool, &old);
+    let moved = crate::pool_config::renaming(&config, &old, new, uuid.as_deref())
+        .map_err(invalid_parameters)
+        .map_err(restore)?;
     let (mut before, mut after) = lvstore::renaming(&config, &old, new);
     before.extend(moved.before);
     after.extend(moved.after);
-    pool.rename(&old, new, before, after).map_err(pool_err_cb)?;
+    pool.rename(&old, new, before, after).map_err(pool_err_cb).map_err(restore)?;
     // Durable: the exports follow. Failures from here on are the live state's alone (a
     // restart serves everything under the new name), so they are logged, not answered.
-    let (old_nqn, new_nqn) = (nqn_of(&old), nqn_of(new));
-    let _ = control.registry.delete_subsystem(&old_nqn);
-    control.host_keys.write().retain(|(n, _), _| *n != old_nqn);
-    let id = pool.meta().find(new).map_err(pool_err)?;
     let description = describe(pool, id).unwrap_or_else(|_| "volume".into());
     if let Err(e) = control.registry.rename(&old, new, description) {
         tracing::warn!(volume = new, was = old, error = %e, "renamed volume not re-registered");
@@ -618,6 +637,70 @@ fn rename(control: &Control, p: &Value) -> Result<Value, RpcError> {
     crate::persist::reapply(control, &new_nqn);
     tracing::info!(volume = new, was = old, nqn = new_nqn, "volume renamed");
     Ok(json!(true))
+}
+
+/// Why volume `old` may not be called `new`, for what the pool does not judge: an NQN too
+/// long, NBD access or the default export set at startup by name.
+fn refuse_rename(control: &Control, old: &str, new: &str, new_nqn: &str) -> Result<(), RpcError> {
+    if new_nqn.len() > ballast_nvmf::subsys::NQN_MAX {
+        return Err(invalid_parameters(format!(
+            "{new:?} would name subsystem {new_nqn:?}, longer than an NQN may be ({} bytes)",
+            ballast_nvmf::subsys::NQN_MAX
+        )));
+    }
+    let nbd = control.registry.nbd_exports();
+    if nbd.allowed(old) != nbd.allowed(new) {
+        return Err(invalid_parameters(format!(
+            "NBD access to {old:?} is set by --nbd-tls-allow at startup, differently for \
+             {new:?}: give both names the same identities there (and restart) before renaming"
+        )));
+    }
+    if control.default_export.as_deref() == Some(old) {
+        return Err(invalid_parameters(format!(
+            "{old:?} is the default NBD export (--default-export): the next start would find \
+             no export of that name; start without it (or naming another) before renaming"
+        )));
+    }
+    Ok(())
+}
+
+/// What already answers to name `new`: a volume, another device or its export, a subsystem
+/// of its NQN live or made at runtime and kept.
+fn name_in_use(control: &Control, pool: &PoolHandle, new: &str, new_nqn: &str) -> Option<String> {
+    if pool.meta().find(new).is_ok() {
+        return Some(format!("a volume named {new:?} already exists"));
+    }
+    if control.registry.get(new).is_some() {
+        return Some(format!("an export named {new:?} already exists"));
+    }
+    if control.target.subsystem(new_nqn).is_some() {
+        return Some(format!("subsystem {new_nqn:?} already exists"));
+    }
+    let config = pool.meta().config().clone();
+    if crate::pool_config::anchor_of(&config, new_nqn).is_some_and(|a| a.created) {
+        return Some(format!("subsystem {new_nqn:?} is kept in the pool"));
+    }
+    None
+}
+
+/// The refusal of a rename while volume's subsystem `subsys` holds NVMe reservations: a
+/// reservation table is bound to its namespace's NGUID, which derives from the NQN.
+fn reservations_held(subsys: &ballast_nvmf::subsys::Subsystem) -> Option<RpcError> {
+    let held = subsys
+        .namespaces()
+        .iter()
+        .find(|(_, ns)| !ns.resv.status().registrants.is_empty())
+        .map(|(nsid, _)| *nsid);
+    held.map(|nsid| {
+        RpcError::new(
+            INVALID_PARAMS,
+            format!(
+                "Device or resource busy: namespace {nsid} of {} has NVMe reservation \
+                 registrants (they go with its NQN): unregister them before renaming",
+                subsys.nqn
+            ),
+        )
+    })
 }
 
 fn delete(control: &Control, p: &Value) -> Result<Value, RpcError> {

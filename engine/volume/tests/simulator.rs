@@ -879,8 +879,9 @@ impl Sim {
                 );
                 let m = self.vols.get_mut(&vol).expect("volume");
                 let old = std::mem::replace(&mut m.name, name);
-                // A rename of a rename not yet durable may come back as either's old name.
-                m.pending_rename.get_or_insert(old);
+                // Control operations run one at a time, each durable when it answers.
+                assert!(m.pending_rename.is_none(), "seed {}: two renames pending", self.seed);
+                m.pending_rename = Some(old);
                 self.renamed_to.insert(m.name.clone());
                 self.stats.renamed += 1;
                 done.push(vol);

@@ -1116,7 +1116,7 @@ mod tests {
             assert_eq!(d.keys.len(), 1);
             // Reservation tables are bound to the old NQN's NGUIDs: kept until the rename,
             // forgotten after it, never moved.
-            assert!(c.get(&reservations_key(&new, 1)).is_none());
+            assert!(!c.contains_key(&reservations_key(&new, 1)));
             if !renamed {
                 assert_eq!(c.get(&reservations_key(&old, 1)).map(String::as_str), Some("AAAA"));
                 // The new name (no volume has it yet) holds what it held, nothing, or the
@@ -1127,7 +1127,7 @@ mod tests {
                 assert_eq!(d.stale, Vec::<String>::new());
                 assert!(c.keys().all(|k| !k.contains(&anchor_key(&old)[NVMF.len()..])));
                 assert!(seen(&d, &old).is_none());
-                assert!(c.get(&reservations_key(&old, 1)).is_none());
+                assert!(!c.contains_key(&reservations_key(&old, 1)));
                 let moved = sub.namespaces.iter().find(|n| n.nsid == 1).unwrap();
                 assert_eq!(moved.bdev, name);
             }

@@ -1,12 +1,13 @@
 #!/bin/bash
-# Fuzzes both front-ends' wire decoders for a bounded time: every cargo-fuzz target of
-# target/nbd/fuzz and target/nvmf/fuzz runs BALLAST_FUZZ_SECONDS seconds (default 20) under
+# Fuzzes both front-ends' wire decoders and the volume layer's media decoders for a bounded
+# time: every cargo-fuzz target of target/nbd/fuzz, target/nvmf/fuzz and engine/volume/fuzz
+# runs BALLAST_FUZZ_SECONDS seconds (default 20) under
 # libFuzzer.  A crash (panic, failed assertion, the NVMe/TCP targets' allocation bound,
 # sanitizer report, timeout, out-of-memory) fails the run: the target's last output and the
 # crash input (under <crate>/artifacts/<target>/) are printed and the exit status is 1.
 #
-#   tests/fuzz.sh [TARGET-PATTERN...]     only targets whose "nbd/NAME" or "nvmf/NAME"
-#                                         contains a pattern
+#   tests/fuzz.sh [TARGET-PATTERN...]     only targets whose "nbd/NAME", "nvmf/NAME" or
+#                                         "engine/volume/NAME" contains a pattern
 #
 # Toolchain: `cargo +nightly fuzz` (cargo-fuzz is installed with `cargo install cargo-fuzz
 # --locked` when missing).  Without a nightly toolchain, stable with RUSTC_BOOTSTRAP=1 and no
@@ -22,7 +23,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 
 SECS=${BALLAST_FUZZ_SECONDS:-20}
-CRATES=(target/nbd target/nvmf)   # each has its cargo-fuzz crate in fuzz/
+CRATES=(target/nbd target/nvmf engine/volume)   # each has its cargo-fuzz crate in fuzz/
 patterns=("$@")
 LOCK=()
 [[ -n ${BALLAST_CARGO_LOCK:-} ]] && LOCK=(flock "$BALLAST_CARGO_LOCK")

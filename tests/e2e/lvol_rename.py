@@ -202,23 +202,28 @@ def main(r):
                    len(json.loads(out)["registrants"]) if code == 0 else out)
         r.check_eq("Reservation Register: unregister", 0,
                    io.command(OP_REGISTER, 1, (1, 0, 0, 0, 0, 0), keys(KEY, 0))[0])
+        code, out = b.rpc("bdev_lvol_rename", {"old_name": "app", "new_name": "a/b"})
+        r.check("no name, with a host connected: refused, the host still connected",
+                code != 0 and "invalid volume name" in out and still_reads(io), out)
+        adm.close()
+        io.close()
         r.check_eq("renamed to app2 once unregistered, and back", [(0, "true"), (0, "true")],
                    [b.rpc("bdev_lvol_rename", {"old_name": "app", "new_name": "app2"}),
                     b.rpc("bdev_lvol_rename", {"old_name": "app2", "new_name": "app"})])
-        adm.close()
-        io.close()
+        check_settings(r, b, "renamed there and back")
         r.check_eq("refusals changed nothing", {"app", "dbs", "dbc"}, set(b.lvols()))
         p = b.ctl("volume", "rename", "dbc", "web")
         r.check("ballast volume rename dbc web", p.returncode == 0, p.stderr + p.stdout)
-        web = b.lvols().get("web", {}).get("uuid")
-        r.check("web is listed with a UUID", web is not None)
+        v = b.lvols()
+        web, dbs = v.get("web", {}).get("uuid"), v.get("dbs", {}).get("uuid")
+        r.check("web and dbs are listed with UUIDs", None not in (web, dbs))
 
         b.proc.kill()
         b.proc.wait()
         b.start()
         v = b.lvols()
         r.check_eq("after kill -9: app, dbs and web with their UUIDs",
-                   {"app": uuid, "dbs": v.get("dbs", {}).get("uuid"), "web": web},
+                   {"app": uuid, "dbs": dbs, "web": web},
                    {n: e["uuid"] for n, e in v.items()})
         h3 = nbd_connect(b, "app")
         r.check_eq("after kill -9: app holds its data", (b"\xa1" * MiB, b"\xb2" * 4096),

@@ -388,6 +388,7 @@ pub fn renaming(
 ) -> Result<Renaming, CodecError> {
     let (old_nqn, new_nqn) = (format!("{NQN_PREFIX}{old}"), format!("{NQN_PREFIX}{new}"));
     let (old_anchor, new_anchor) = (anchor_key(&old_nqn), anchor_key(&new_nqn));
+    let new_children = format!("{new_anchor}:");
     let under = |prefix: &str| {
         let prefix = prefix.to_string();
         config.range(prefix.clone()..).take_while(move |(k, _)| k.starts_with(&prefix))
@@ -434,10 +435,12 @@ pub fn renaming(
             _ => before.push((new_anchor, value.clone())),
         }
     }
-    // Namespaces of other subsystems made from the volume.
+    // Namespaces of other subsystems made from the volume (not the old subsystem's, moved
+    // above, nor what an earlier subsystem of the new name left, forgotten above).
     for (key, value) in under(NVMF) {
         let rest = &key[NVMF.len()..];
-        if key.starts_with(&children) || !rest.contains(&format!(":{NAMESPACE}:")) {
+        let moved = key.starts_with(&children) || key.starts_with(&new_children);
+        if moved || !rest.contains(&format!(":{NAMESPACE}:")) {
             continue;
         }
         before.extend(renamed_ns(key, value)?);
@@ -1046,6 +1049,16 @@ mod tests {
         apply(&mut config, &batch);
         let host = StoredHost { gen: 3, host: HOST_B.into(), keys: HostKeyNames::default() };
         apply(&mut config, &[entry(host_key(&new, HOST_B), &host).unwrap()]);
+        // ... among them a namespace of the volume, under an nsid the volume's subsystem uses.
+        let stale = StoredNamespace {
+            gen: 3,
+            nsid: 2,
+            bdev: "vol0".into(),
+            block_size: 512,
+            uuid: None,
+            anagrpid: None,
+        };
+        apply(&mut config, &[entry(namespace_key(&new, 2), &stale).unwrap()]);
         // The volume's subsystem, every kind of entry.
         let batch = anchoring(&config, &anchor(&old, 7, false), &[keyed_host(7)]).unwrap();
         apply(&mut config, &batch);

@@ -110,6 +110,8 @@ pub enum RegistryError {
     Exists(String),
     #[error("no export named {0:?}")]
     NotFound(String),
+    #[error("{0:?} is not a pool volume")]
+    NotAVolume(String),
     #[error("UUID {uuid} of {name:?} is already taken")]
     UuidTaken { name: String, uuid: String },
     #[error("{name:?}: block size {block_size} is below the device's logical block size {min}")]
@@ -278,7 +280,9 @@ impl Registry {
             return Err(RegistryError::Exists(new.into()));
         }
         let d = inner.devices.get(old).ok_or_else(|| RegistryError::NotFound(old.into()))?;
-        assert!(d.kind == DeviceKind::Volume && d.hold.is_none(), "only pool volumes are renamed");
+        if d.kind != DeviceKind::Volume || d.hold.is_some() {
+            return Err(RegistryError::NotAVolume(old.into()));
+        }
         let device = Device {
             name: new.into(),
             uuid: d.uuid.clone(),

@@ -560,23 +560,27 @@ fn set_read_only(control: &Control, p: &Value) -> Result<Value, RpcError> {
 /// `bdev_lvol_rename`: volume `old_name` (name, alias or UUID) is called `new_name` from now
 /// on (durable when this answers), keeping its data, UUID, family and rate limits. Its
 /// exports follow the name: the NBD export `new_name` (connections open on the old one serve
-/// on), the subsystem `nqn...:new_name` with every setting the old one had (hosts and their
-/// keys, listeners, ANA states, reservations); hosts connected to the old subsystem are
-/// disconnected and connect to the new NQN. Namespaces of other subsystems made from it
-/// serve on and are listed under the new name. The settings move in the rename's own commit,
-/// so a crash keeps either name with its settings. As SPDK: true; -17 for a name taken, -19
-/// for no such volume.
+/// on), the subsystem `nqn...:new_name` with every setting the pool keeps for the old one
+/// (hosts and their key names, listeners, ANA states, namespaces added to it); hosts
+/// connected to the old subsystem are disconnected and connect to the new NQN. Namespaces of
+/// other subsystems made from it serve on and are listed under the new name. The settings
+/// move in the rename's own commit, so a crash keeps either name with its settings. As
+/// SPDK: true; -32602 `File exists` for a name taken, -19 for no such volume. Refused while
+/// its subsystem has reservation registrants (-32602 `Device or resource busy`).
 fn rename(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let pool = pool(control)?;
     let r: LvolRename = params(p, L)?;
-    let old = lvol(control, &r.old_name)?;
     let new = r.new_name.as_str();
+    // Looked up under the lock: a rename or delete of the same volume finished meanwhile
+    // leaves nothing to find.
+    let _settings = control.settings.lock();
+    let old = lvol(control, &r.old_name)?;
     if old == new {
         return Ok(json!(true));
     }
     let (old_nqn, new_nqn) = (nqn_of(&old), nqn_of(new));
     refuse_rename(control, &old, new, &new_nqn)?;
-    let _settings = control.settings.lock();
+    let id = pool.meta().find(&old).map_err(pool_err)?;
     if let Some(taken) = name_in_use(control, pool, new, &new_nqn) {
         return Err(RpcError::new(INVALID_PARAMS, format!("File exists: {taken}")));
     }
@@ -590,17 +594,20 @@ fn rename(control: &Control, p: &Value) -> Result<Value, RpcError> {
     // again with what it keeps (a registration not kept, without PTPL, is lost then).
     let _ = control.registry.delete_subsystem(&old_nqn);
     control.host_keys.write().retain(|(n, _), _| *n != old_nqn);
+    // Made again on a refusal from here on (only if it was there: one deleted at runtime
+    // stays deleted until the next start, as it would without the rename).
     let restore = |e: RpcError| {
-        if let Err(x) = export_subsystem(control, &old) {
-            tracing::warn!(volume = old, error = %format!("{x:#}"), "subsystem not made again");
+        if gone.is_some() {
+            if let Err(x) = export_subsystem(control, &old) {
+                tracing::warn!(volume = old, error = %format!("{x:#}"), "subsystem not made again");
+            }
+            crate::persist::reapply(control, &old_nqn);
         }
-        crate::persist::reapply(control, &old_nqn);
         e
     };
     if let Some(busy) = gone.as_deref().and_then(reservations_held) {
         return Err(restore(busy));
     }
-    let id = pool.meta().find(&old).map_err(pool_err).map_err(restore)?;
     let config = pool.meta().config().clone();
     let uuid = lvstore::volume_uuid(pool, &old);
     let moved = crate::pool_config::renaming(&config, &old, new, uuid.as_deref())
@@ -626,6 +633,12 @@ fn rename(control: &Control, p: &Value) -> Result<Value, RpcError> {
             .collect()
     };
     for (child, name) in children {
+        // Exported as that volume (a snapshot named like another export is not).
+        let uuid = lvstore::volume_uuid(pool, &name);
+        let exported = control.registry.get(&name).filter(|d| d.kind == DeviceKind::Volume);
+        if exported.is_none_or(|d| Some(&d.uuid) != uuid.as_ref()) {
+            continue;
+        }
         let description = describe(pool, child).unwrap_or_else(|_| "volume".into());
         if let Err(e) = control.registry.rename(&name, &name, description) {
             tracing::warn!(volume = name, error = %e, "description not updated");
@@ -639,9 +652,12 @@ fn rename(control: &Control, p: &Value) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-/// Why volume `old` may not be called `new`, for what the pool does not judge: an NQN too
+/// Why volume `old` may not be called `new`, before anything changes: not a name, an NQN too
 /// long, NBD access or the default export set at startup by name.
 fn refuse_rename(control: &Control, old: &str, new: &str, new_nqn: &str) -> Result<(), RpcError> {
+    if !ballast_engine::volume::meta::valid_name(new) {
+        return Err(pool_err_cb(PoolError::BadName(new.into())));
+    }
     if new_nqn.len() > ballast_nvmf::subsys::NQN_MAX {
         return Err(invalid_parameters(format!(
             "{new:?} would name subsystem {new_nqn:?}, longer than an NQN may be ({} bytes)",

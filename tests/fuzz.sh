@@ -89,7 +89,7 @@ for dir in "${CRATES[@]}"; do
     for t in "${targets[@]}"; do
         name="$front/$t"
         selected "$name" || continue
-        log="$LOGS/$front-$t.log"
+        log="$LOGS/${front//\//-}-$t.log"
         mkdir -p "$ROOT/$dir/fuzz/corpus/$t"
         t0=$SECONDS rc=0
         fuzz run "$dir" "$t" -- -max_total_time="$SECS" -rss_limit_mb=2048 \

@@ -44,6 +44,15 @@ impl PoolMeta {
         Ok(())
     }
 
+    /// The id a new volume takes: ids are never reused while the pool lives, so after
+    /// 2^32 - 2 creations there is none left.
+    fn new_id(&self) -> Result<u32, PoolError> {
+        if self.next_id == VOLUME_ID_MAX {
+            return Err(PoolError::IdsExhausted);
+        }
+        Ok(self.next_id)
+    }
+
     /// Whether volume `id` has no write in flight (a freeze has taken effect).
     pub fn quiet(&self, id: u32) -> bool {
         self.volume(id).map_or(true, |v| v.writes_inflight == 0)
@@ -152,7 +161,7 @@ impl PoolMeta {
         if thick {
             self.room_for(size_bytes.div_ceil(self.geo.cluster_bytes))?;
         }
-        let id = self.next_id;
+        let id = self.new_id()?;
         self.log(Record::VolumeCreate { id, parent: 0, size_bytes, name: name.into() });
         if thick {
             self.log(Record::Thick { id });
@@ -220,6 +229,18 @@ impl PoolMeta {
         let thick: Vec<u32> =
             self.volumes().iter().filter(|(_, v)| v.thick).map(|(&id, _)| id).collect();
         for id in thick {
+            // Every cluster of a sound thick volume is its own: one larger than the pool is
+            // damage, and not looked through (it may name 2^42 clusters).
+            let size = self.volume(id).map_or(0, |v| v.size_bytes);
+            if size.div_ceil(self.geo.cluster_bytes) > self.sb.cluster_count {
+                tracing::warn!(
+                    volume = id,
+                    size_bytes = size,
+                    "thick volume larger than the pool (damaged metadata): it is thin now"
+                );
+                self.thin_out(id);
+                continue;
+            }
             let missing = self.holes(id, 0, None);
             let holes = missing.len() as u64;
             if holes == 0 {
@@ -240,12 +261,17 @@ impl PoolMeta {
                     "thick volume cut short by a crash, and the pool lacks the room to complete \
                      it: it is thin now"
                 );
-                if let Some(v) = self.family_mut(id).and_then(|f| f.volumes.get_mut(&id)) {
-                    v.thick = false;
-                }
-                self.thick_repairs.1 += 1;
+                self.thin_out(id);
             }
         }
+    }
+
+    /// A thick volume that opening the pool cannot complete becomes thin.
+    fn thin_out(&mut self, id: u32) {
+        if let Some(v) = self.family_mut(id).and_then(|f| f.volumes.get_mut(&id)) {
+            v.thick = false;
+        }
+        self.thick_repairs.1 += 1;
     }
 
     /// A read-only snapshot: O(1), it shares the volume's mapping. The caller has quiesced
@@ -255,7 +281,7 @@ impl PoolMeta {
         let size = self.volume(of)?.size_bytes;
         self.new_name(name)?;
         self.admit(size, 1, 0)?;
-        let id = self.next_id;
+        let id = self.new_id()?;
         self.log(Record::Snapshot { id, of, name: name.into() });
         Ok(id)
     }
@@ -270,7 +296,7 @@ impl PoolMeta {
         let size = src.size_bytes;
         self.new_name(name)?;
         self.admit(size, 1, 0)?;
-        let id = self.next_id;
+        let id = self.new_id()?;
         self.log(Record::Clone { id, of, name: name.into() });
         Ok(id)
     }

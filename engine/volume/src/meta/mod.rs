@@ -75,6 +75,9 @@ pub const OVERCOMMIT: u64 = 8;
 /// a step taken with the pool state borrowed exclusively (every core's decisions wait), so a
 /// larger thick volume is made in steps: created at most this large, then grown.
 pub const THICK_MAP_MAX: u64 = 1 << 20;
+
+/// Volume ids run from 1 below this (0 is "no parent"); a record naming another is damage.
+pub const VOLUME_ID_MAX: u32 = u32::MAX;
 /// Pending journal records after which a commit starts without waiting for a client's flush,
 /// by default (`PoolMeta::set_commit_records`).
 pub const COMMIT_RECORDS: usize = 4096;
@@ -145,6 +148,11 @@ pub enum PoolError {
          {wanted}: create it smaller and grow it in steps, or make it thin"
     )]
     ThickTooLarge { wanted: u64, max: u64 },
+    #[error(
+        "the pool has made {VOLUME_ID_MAX} volumes, snapshots and clones: no volume id is \
+         left (ids are never reused); copy the volumes to a new pool"
+    )]
+    IdsExhausted,
     #[error("volume {0}'s writes did not drain in time; nothing was changed")]
     Busy(u32),
     #[error("a commit is in flight and no core is left to finish it")]
@@ -854,7 +862,7 @@ impl PoolMeta {
         }
         self.fams.get_mut(f).expect("placing into a live family").volumes.insert(id, v);
         self.family_of.insert(id, f);
-        self.next_id = self.next_id.max(id + 1);
+        self.next_id = self.next_id.max(id.saturating_add(1));
     }
 
     /// Applies a control or configuration record and queues it for the next commit (a data
@@ -885,6 +893,16 @@ impl PoolMeta {
                         "metadata names cluster {} beyond the pool's {} clusters",
                         Entry(*entry).cluster().unwrap_or(0),
                         self.sb.cluster_count
+                    )));
+                }
+            }
+            if let Record::VolumeCreate { id, .. }
+            | Record::Snapshot { id, .. }
+            | Record::Clone { id, .. } = r
+            {
+                if *id == 0 || *id == VOLUME_ID_MAX {
+                    return Err(PoolError::Damaged(format!(
+                        "metadata makes a volume of id {id}, outside 1..{VOLUME_ID_MAX}"
                     )));
                 }
             }
@@ -1594,6 +1612,38 @@ mod tests {
             assert_eq!(names.len(), unique.len(), "{keep} blocks kept: {names:?}");
         }
         m.commit_done(sealed);
+    }
+
+    /// Found by the fuzzer (engine/volume/fuzz, `metadata`): damaged metadata naming a thick
+    /// volume larger than the pool opened by listing every cluster it lacked (2^36 here: out of
+    /// memory); now it opens thin at once. A volume id outside 1..VOLUME_ID_MAX is refused as
+    /// damage (it overflowed the next id); a pool whose ids are spent refuses new volumes.
+    #[test]
+    fn damaged_metadata_of_impossible_sizes_and_ids_opens_or_is_refused_cleanly() {
+        let load = |records: &[Record]| {
+            let mut m = PoolMeta::new(sb());
+            let mut payload = Vec::new();
+            records.iter().for_each(|r| r.encode(&mut payload));
+            m.load(&payload).map(|()| m)
+        };
+        let huge = 1u64 << 50;
+        let create =
+            |id| Record::VolumeCreate { id, parent: 0, size_bytes: huge, name: "t".into() };
+        let mut m = load(&[create(1), Record::Thick { id: 1 }]).unwrap();
+        m.loaded(0, None);
+        assert!(!m.volume(1).unwrap().thick);
+        assert_eq!(m.thick_repairs(), (0, 1));
+        for id in [0, VOLUME_ID_MAX] {
+            let r = load(&[create(id)]);
+            assert!(matches!(r, Err(PoolError::Damaged(_))), "id {id}: {:?}", r.err());
+        }
+        let last = VOLUME_ID_MAX - 1;
+        let small =
+            Record::VolumeCreate { id: last, parent: 0, size_bytes: PIECE, name: "l".into() };
+        let mut m = load(&[small]).unwrap();
+        m.loaded(0, None);
+        assert!(matches!(m.create_volume("v", PIECE), Err(PoolError::IdsExhausted)));
+        assert!(matches!(m.snapshot(last, "s"), Err(PoolError::IdsExhausted)));
     }
 
     /// One thick creation or growth maps at most `THICK_MAP_MAX` clusters (it runs under the

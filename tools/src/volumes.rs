@@ -581,6 +581,9 @@ fn rename(control: &Control, p: &Value) -> Result<Value, RpcError> {
     let (old_nqn, new_nqn) = (nqn_of(&old), nqn_of(new));
     refuse_rename(control, &old, new, &new_nqn)?;
     let id = pool.meta().find(&old).map_err(pool_err)?;
+    if let Some(why) = pool.meta().failed() {
+        return Err(pool_err(PoolError::Failed(why.to_string())));
+    }
     if let Some(taken) = name_in_use(control, pool, new, &new_nqn) {
         return Err(RpcError::new(INVALID_PARAMS, format!("File exists: {taken}")));
     }

@@ -17,8 +17,13 @@ fuzz_target!(|data: &[u8]| {
     };
     let sb = layout(1 << 20, &geometry).expect("a valid layout");
     let mut m = PoolMeta::new(sb);
-    // Payloads are separated by byte 0xFE (the first is the checkpoint's, the rest blocks).
-    for payload in data.split(|&b| b == 0xFE).filter(|p| !p.is_empty()) {
+    // Payloads, each after its length (u16, little-endian; the first is the checkpoint's,
+    // the rest journal blocks').
+    let mut rest = data;
+    while rest.len() >= 2 {
+        let len = usize::from(u16::from_le_bytes([rest[0], rest[1]])).min(rest.len() - 2);
+        let (payload, after) = rest[2..].split_at(len);
+        rest = after;
         if m.load(payload).is_err() {
             return;
         }

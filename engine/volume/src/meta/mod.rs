@@ -149,8 +149,9 @@ pub enum PoolError {
     )]
     ThickTooLarge { wanted: u64, max: u64 },
     #[error(
-        "the pool has made {VOLUME_ID_MAX} volumes, snapshots and clones: no volume id is \
-         left (ids are never reused); copy the volumes to a new pool"
+        "no volume id is left: a volume has the highest ({}); ids only grow while the pool \
+         is open, so delete that volume and restart the daemon to count from the highest in \
+         use again", VOLUME_ID_MAX - 1
     )]
     IdsExhausted,
     #[error("volume {0}'s writes did not drain in time; nothing was changed")]
@@ -1630,6 +1631,20 @@ mod tests {
         let create =
             |id| Record::VolumeCreate { id, parent: 0, size_bytes: huge, name: "t".into() };
         let mut m = load(&[create(1), Record::Thick { id: 1 }]).unwrap();
+        m.loaded(0, None);
+        assert!(!m.volume(1).unwrap().thick);
+        assert_eq!(m.thick_repairs(), (0, 1));
+        // Within the pool's size but lacking more than one operation ever maps: thin at once,
+        // without listing what it lacks.
+        let cb = 1u64 << 14;
+        let big = layout((THICK_MAP_MAX + 4096) * cb * 5 / 4, &geometry(0)).unwrap();
+        let mut m = PoolMeta::new(big);
+        let mut payload = Vec::new();
+        let size_bytes = (THICK_MAP_MAX + 1) * cb;
+        Record::VolumeCreate { id: 1, parent: 0, size_bytes, name: "t".into() }
+            .encode(&mut payload);
+        Record::Thick { id: 1 }.encode(&mut payload);
+        m.load(&payload).unwrap();
         m.loaded(0, None);
         assert!(!m.volume(1).unwrap().thick);
         assert_eq!(m.thick_repairs(), (0, 1));

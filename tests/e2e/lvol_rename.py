@@ -21,7 +21,10 @@ open through the rename; a raw NVMe host is connected to `db`'s subsystem.
 - the CLI renames the clone (`ballast volume rename dbc web`);
 - kill -9 and restart: `app` and `web` are there with their UUIDs and data, `db` and `dbc` are
   not; `...:app` admits the same host only; cnode1's namespace 1 is `app` again; the rate
-  limit stayed; the pool checks exact offline;
+  limit stayed;
+- restarted with `--default-export app` and `--nbd-tls-allow web=alice`: renaming either is
+  refused (the next start would fail, or open the export wider), another volume renames; the
+  pool checks exact offline;
 - the daemon logs no panic. Run with /usr/bin/python3 (libnbd's `nbd` module).
 """
 import json
@@ -236,6 +239,25 @@ def main(r):
         check_settings(r, b, "after kill -9")
         r.check_eq("after kill -9: ...:app serves the data", b"\xa1" * 4096,
                    nvme_reads(b, PREFIX + "app"))
+
+        # Startup settings that name exports: a rename they would outlive is refused.
+        r.check_eq("stopped for a start with --default-export and --nbd-tls-allow", 0, b.stop())
+        psk = os.path.join(b.data_dir, "keys.psk")
+        with open(os.open(psk, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write("alice:%s\n" % ("ab" * 32))
+        b.args += ["--default-export", "app", "--nbd-tls", "on", "--nbd-tls-psk", psk,
+                   "--nbd-tls-allow", "web=alice"]
+        b.start()
+        code, out = b.rpc("bdev_lvol_rename", {"old_name": "app", "new_name": "app3"})
+        r.check("the --default-export volume: refused", code != 0 and "--default-export" in out,
+                out)
+        code, out = b.rpc("bdev_lvol_rename", {"old_name": "web", "new_name": "web3"})
+        r.check("a volume --nbd-tls-allow names (not the new name): refused",
+                code != 0 and "--nbd-tls-allow" in out, out)
+        r.check_eq("... both unchanged; another volume still renames",
+                   ({"app", "dbs", "web"}, (0, "true")),
+                   (set(b.lvols()),
+                    b.rpc("bdev_lvol_rename", {"old_name": "dbs", "new_name": "dbs3"})))
         b.check_clean_end(r)
         check_pool_exact(r, pool)  # stopped, before the data directory goes
 

@@ -26,7 +26,8 @@ use ballast_engine::volume::pool::PoolError;
 pub const DEFAULT_LVS_NAME: &str = "lvs0";
 const LVS_NAME_KEY: &str = "lvs:name";
 
-fn uuid_key(volume: &str) -> String {
+/// The entry key of volume `volume`'s UUID.
+pub fn uuid_key(volume: &str) -> String {
     format!("uuid:{volume}")
 }
 

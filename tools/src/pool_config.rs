@@ -296,9 +296,16 @@ pub fn forgetting_reservations(
     config: &BTreeMap<String, String>,
     nqn: &str,
 ) -> Vec<(String, String)> {
-    let resv = reservations_prefix(nqn);
-    let kept = config.range(resv.clone()..).take_while(|(k, _)| k.starts_with(&resv));
-    kept.map(|(k, _)| removal(k.clone())).collect()
+    under(config, &reservations_prefix(nqn)).map(|(k, _)| removal(k.clone())).collect()
+}
+
+/// The entries of `config` whose keys start with `prefix`, in key order.
+fn under<'a>(
+    config: &'a BTreeMap<String, String>,
+    prefix: &str,
+) -> impl Iterator<Item = (&'a String, &'a String)> {
+    let prefix = prefix.to_string();
+    config.range(prefix.clone()..).take_while(move |(k, _)| k.starts_with(&prefix))
 }
 
 fn reservations_prefix(nqn: &str) -> String {
@@ -355,14 +362,11 @@ pub fn forgetting(config: &BTreeMap<String, String>, nqn: &str) -> Vec<(String, 
     if config.contains_key(&anchor) {
         out.push(removal(anchor.clone()));
     }
-    let under = config.range(children.clone()..).take_while(|(k, _)| k.starts_with(&children));
-    out.extend(under.map(|(k, _)| removal(k.clone())));
+    out.extend(under(config, &children).map(|(k, _)| removal(k.clone())));
     // Its namespaces' kept reservations and its listeners' ANA states (outside the
     // subsystem's own entries).
     out.extend(forgetting_reservations(config, nqn));
-    let ana = ana_prefix(nqn);
-    let kept = config.range(ana.clone()..).take_while(|(k, _)| k.starts_with(&ana));
-    out.extend(kept.map(|(k, _)| removal(k.clone())));
+    out.extend(under(config, &ana_prefix(nqn)).map(|(k, _)| removal(k.clone())));
     if let Some(legacy) = legacy_key(nqn).filter(|k| config.contains_key(k)) {
         out.push(removal(legacy));
     }
@@ -389,10 +393,6 @@ pub fn renaming(
     let (old_nqn, new_nqn) = (format!("{NQN_PREFIX}{old}"), format!("{NQN_PREFIX}{new}"));
     let (old_anchor, new_anchor) = (anchor_key(&old_nqn), anchor_key(&new_nqn));
     let new_children = format!("{new_anchor}:");
-    let under = |prefix: &str| {
-        let prefix = prefix.to_string();
-        config.range(prefix.clone()..).take_while(move |(k, _)| k.starts_with(&prefix))
-    };
     let renamed_ns = |key: &str, value: &str| -> Result<Option<(String, String)>, CodecError> {
         match parse::<StoredNamespace>(value) {
             Ok(ns) if ns.bdev == old => {
@@ -404,7 +404,7 @@ pub fn renaming(
     };
     let mut before = forgetting(config, &new_nqn);
     let children = format!("{old_anchor}:");
-    for (key, value) in under(&children) {
+    for (key, value) in under(config, &children) {
         let moved = format!("{new_anchor}:{}", &key[children.len()..]);
         let is_ns = key[children.len()..].starts_with(&format!("{NAMESPACE}:"));
         match renamed_ns(&moved, value)?.filter(|_| is_ns) {
@@ -413,7 +413,7 @@ pub fn renaming(
         }
     }
     let (old_ana, new_ana) = (ana_prefix(&old_nqn), ana_prefix(&new_nqn));
-    for (key, value) in under(&old_ana) {
+    for (key, value) in under(config, &old_ana) {
         match parse::<StoredAna>(value) {
             Ok(a) if a.nqn == old_nqn && ana_key(&old_nqn, &a.addr) == *key => {
                 let a = StoredAna { nqn: new_nqn.clone(), ..a };
@@ -437,7 +437,7 @@ pub fn renaming(
     }
     // Namespaces of other subsystems made from the volume (not the old subsystem's, moved
     // above, nor what an earlier subsystem of the new name left, forgotten above).
-    for (key, value) in under(NVMF) {
+    for (key, value) in under(config, NVMF) {
         let rest = &key[NVMF.len()..];
         let moved = key.starts_with(&children) || key.starts_with(&new_children);
         if moved || !rest.contains(&format!(":{NAMESPACE}:")) {

@@ -141,6 +141,12 @@ struct Inner {
 }
 
 impl Inner {
+    /// The device whose UUID is `uuid` in any spelling.
+    fn with_uuid(&self, uuid: &str) -> Option<Arc<Device>> {
+        let uuid = lvstore::canonical_uuid(uuid)?;
+        self.by_uuid.get(&uuid).and_then(|name| self.devices.get(name)).cloned()
+    }
+
     fn room_for(
         &self,
         limits: &RegistryLimits,
@@ -342,15 +348,12 @@ impl Registry {
             }
             return None;
         }
-        let uuid = lvstore::canonical_uuid(s)?;
-        inner.by_uuid.get(&uuid).and_then(|name| inner.devices.get(name)).cloned()
+        inner.with_uuid(s)
     }
 
     /// The device whose UUID is `uuid` (in any spelling), whatever its name.
     pub fn by_uuid(&self, uuid: &str) -> Option<Arc<Device>> {
-        let uuid = lvstore::canonical_uuid(uuid)?;
-        let inner = self.inner.read();
-        inner.by_uuid.get(&uuid).and_then(|name| inner.devices.get(name)).cloned()
+        self.inner.read().with_uuid(uuid)
     }
 
     /// The pool volume `s` names (by name, alias or UUID).

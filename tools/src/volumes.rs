@@ -87,10 +87,24 @@ fn describe(pool: &PoolHandle, id: u32) -> Result<String, PoolError> {
 
 /// Removes volume `name`'s exports (open connections keep their device until they close).
 pub fn unexport_volume(control: &Control, name: &str) {
-    let nqn = nqn_of(name);
     let _ = control.registry.remove(name);
+    unexport_subsystem(control, name);
+}
+
+/// Deletes volume `name`'s subsystem (its hosts are disconnected).
+fn unexport_subsystem(control: &Control, name: &str) {
+    let nqn = nqn_of(name);
     let _ = control.registry.delete_subsystem(&nqn);
     control.host_keys.write().retain(|(n, _), _| *n != nqn);
+}
+
+/// Makes volume `name`'s subsystem again with the settings the pool keeps for it (logged,
+/// not answered: the pool's state is already right, a restart would make it so).
+fn reexport_subsystem(control: &Control, name: &str) {
+    if let Err(e) = export_subsystem(control, name) {
+        tracing::warn!(volume = name, error = %format!("{e:#}"), "volume's subsystem not made");
+    }
+    crate::persist::reapply(control, &nqn_of(name));
 }
 
 /// Exports every volume of `pool`.
@@ -595,28 +609,28 @@ fn rename(control: &Control, p: &Value) -> Result<Value, RpcError> {
     // so that nothing changes what it keeps while the entries to move are read. A host that
     // registered since the look above refuses the rename after all: the subsystem is made
     // again with what it keeps (a registration not kept, without PTPL, is lost then).
-    let _ = control.registry.delete_subsystem(&old_nqn);
-    control.host_keys.write().retain(|(n, _), _| *n != old_nqn);
+    unexport_subsystem(control, &old);
     // Made again on a refusal from here on (only if it was there: one deleted at runtime
     // stays deleted until the next start, as it would without the rename).
     let restore = |e: RpcError| {
         if gone.is_some() {
-            if let Err(x) = export_subsystem(control, &old) {
-                tracing::warn!(volume = old, error = %format!("{x:#}"), "subsystem not made again");
-            }
-            crate::persist::reapply(control, &old_nqn);
+            reexport_subsystem(control, &old);
         }
         e
     };
     if let Some(busy) = gone.as_deref().and_then(reservations_held) {
         return Err(restore(busy));
     }
-    let config = pool.meta().config().clone();
-    let uuid = lvstore::volume_uuid(pool, &old);
-    let moved = crate::pool_config::renaming(&config, &old, new, uuid.as_deref())
-        .map_err(invalid_parameters)
-        .map_err(restore)?;
-    let (mut before, mut after) = lvstore::renaming(&config, &old, new);
+    let (moved, (mut before, mut after)) = {
+        let m = pool.meta();
+        let config = m.config();
+        let uuid = config.get(&lvstore::uuid_key(&old)).map(String::as_str);
+        (
+            crate::pool_config::renaming(config, &old, new, uuid),
+            lvstore::renaming(config, &old, new),
+        )
+    };
+    let moved = moved.map_err(invalid_parameters).map_err(restore)?;
     before.extend(moved.before);
     after.extend(moved.after);
     pool.rename(&old, new, before, after).map_err(pool_err_cb).map_err(restore)?;
@@ -647,10 +661,7 @@ fn rename(control: &Control, p: &Value) -> Result<Value, RpcError> {
             tracing::warn!(volume = name, error = %e, "description not updated");
         }
     }
-    if let Err(e) = export_subsystem(control, new) {
-        tracing::warn!(volume = new, error = %format!("{e:#}"), "renamed volume's subsystem not made");
-    }
-    crate::persist::reapply(control, &new_nqn);
+    reexport_subsystem(control, new);
     tracing::info!(volume = new, was = old, nqn = new_nqn, "volume renamed");
     Ok(json!(true))
 }
@@ -695,8 +706,7 @@ fn name_in_use(control: &Control, pool: &PoolHandle, new: &str, new_nqn: &str) -
     if control.target.subsystem(new_nqn).is_some() {
         return Some(format!("subsystem {new_nqn:?} already exists"));
     }
-    let config = pool.meta().config().clone();
-    if crate::pool_config::anchor_of(&config, new_nqn).is_some_and(|a| a.created) {
+    if crate::pool_config::anchor_of(pool.meta().config(), new_nqn).is_some_and(|a| a.created) {
         return Some(format!("subsystem {new_nqn:?} is kept in the pool"));
     }
     None

@@ -229,15 +229,16 @@ impl Tree {
         FrozenTree { capacity: self.capacity(), leaves }
     }
 
-    /// Mapped entries with volume cluster in `[start, end)`, in order; subtrees outside the
-    /// range or empty are skipped, so the cost follows what is mapped, not the range size.
-    pub fn entries_in(&self, start: u64, end: u64) -> Vec<(u64, Entry)> {
+    /// Calls `f(vcluster, entry)` for each mapped entry with volume cluster in `[start, end)`,
+    /// in order; subtrees outside the range or empty are skipped, so the cost follows what is
+    /// mapped, not the range size.
+    pub fn for_each_in(&self, start: u64, end: u64, mut f: impl FnMut(u64, Entry)) {
         fn walk(
             node: &Node,
             base: u64,
             level: u32,
             range: (u64, u64),
-            out: &mut Vec<(u64, Entry)>,
+            f: &mut dyn FnMut(u64, Entry),
         ) {
             let span = (FANOUT as u64).pow(level);
             match node {
@@ -245,7 +246,7 @@ impl Tree {
                     for (i, e) in entries.iter().enumerate() {
                         let vc = base + i as u64;
                         if e.cluster().is_some() && vc >= range.0 && vc < range.1 {
-                            out.push((vc, *e));
+                            f(vc, *e);
                         }
                     }
                 }
@@ -256,16 +257,21 @@ impl Tree {
                             continue;
                         }
                         if let Some(c) = c {
-                            walk(c, child_base, level - 1, range, out);
+                            walk(c, child_base, level - 1, range, f);
                         }
                     }
                 }
             }
         }
-        let mut out = Vec::new();
         if let Some(root) = &self.root {
-            walk(root, 0, self.depth, (start, end), &mut out);
+            walk(root, 0, self.depth, (start, end), &mut f);
         }
+    }
+
+    /// Mapped entries with volume cluster in `[start, end)`, in order ([`Self::for_each_in`]).
+    pub fn entries_in(&self, start: u64, end: u64) -> Vec<(u64, Entry)> {
+        let mut out = Vec::new();
+        self.for_each_in(start, end, |vc, e| out.push((vc, e)));
         out
     }
 

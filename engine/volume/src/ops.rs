@@ -1,12 +1,12 @@
 //! Control operations as data: what the control plane asks of a pool (create, snapshot,
 //! clone, rollback, resize, delete, rename, configuration, growing the pool), which volume's
-//! writes must drain first, and how each applies to the pool state. A control operation runs as a [`crate::request`]
-//! (`Cmd::Control`) — freeze, park until drained, apply, thaw, commit — on a core in the
-//! daemon and in the simulator alike, so both run one implementation of it.
+//! writes must drain first, and how each applies to the pool state. A control operation runs
+//! as a [`crate::request`] (`Cmd::Control`) — freeze, park until drained, apply, thaw, commit
+//! — on a core in the daemon and in the simulator alike, so both run one implementation of it.
 //!
 //! Invariant: an operation that changes what a volume's writes see (snapshot, rollback, resize,
-//! delete, making it read-only) names that volume in [`ControlOp::quiesce`]; it is applied only with the volume
-//! frozen and no write of it in flight.
+//! delete, making it read-only) names that volume in [`ControlOp::quiesce`]; it is applied
+//! only with the volume frozen and no write of it in flight.
 
 use crate::meta::{PoolError, PoolMeta};
 

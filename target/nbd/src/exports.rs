@@ -88,16 +88,22 @@ pub struct ExportTable {
 }
 
 impl ExportTable {
-    pub fn add(&self, export: Export) -> Result<(), ExportError> {
-        let name = export.name.clone();
+    /// Refuses a name or description the protocol cannot carry: NBD_INFO_DESCRIPTION and
+    /// NBD_OPT_LIST carry both, and a longer one breaks libnbd's listing of every export.
+    fn check(export: &Export) -> Result<(), ExportError> {
+        let name = &export.name;
         if name.is_empty() || name.len() > codec::STRING_MAX || name.contains('\0') {
-            return Err(ExportError::BadName(name));
+            return Err(ExportError::BadName(name.clone()));
         }
-        // NBD_INFO_DESCRIPTION and NBD_OPT_LIST carry it: a longer one breaks libnbd's listing
-        // of every export.
         if export.description.len() > codec::STRING_MAX || export.description.contains('\0') {
-            return Err(ExportError::BadDescription(name));
+            return Err(ExportError::BadDescription(name.clone()));
         }
+        Ok(())
+    }
+
+    pub fn add(&self, export: Export) -> Result<(), ExportError> {
+        Self::check(&export)?;
+        let name = export.name.clone();
         let mut inner = self.inner.write();
         if inner.map.contains_key(&name) {
             return Err(ExportError::Exists(name));
@@ -110,9 +116,7 @@ impl ExportTable {
     /// Puts `export` in place of the export of its name (a new description, say): it stays
     /// the default if it was; connections already using the old one keep it.
     pub fn replace(&self, export: Export) -> Result<(), ExportError> {
-        if export.description.len() > codec::STRING_MAX || export.description.contains('\0') {
-            return Err(ExportError::BadDescription(export.name));
-        }
+        Self::check(&export)?;
         let mut inner = self.inner.write();
         let Some(slot) = inner.map.get_mut(&export.name) else {
             return Err(ExportError::NotFound(export.name));

@@ -1,6 +1,6 @@
 //! Control operations (create, snapshot, clone, rollback, delete, resize, rename,
-//! configuration), the
-//! metadata admission that keeps a checkpoint within its half, and freezing for quiescence.
+//! configuration), the metadata admission that keeps a checkpoint within its half, and
+//! freezing for quiescence.
 
 use super::*;
 
@@ -234,7 +234,8 @@ impl PoolMeta {
             // Every cluster of a sound thick volume is its own: one larger than the pool is
             // damage, and not looked through (it may name 2^42 clusters).
             let size = self.volume(id).map_or(0, |v| v.size_bytes);
-            if size.div_ceil(self.geo.cluster_bytes) > self.sb.cluster_count {
+            let clusters = size.div_ceil(self.geo.cluster_bytes);
+            if clusters > self.sb.cluster_count {
                 tracing::warn!(
                     volume = id,
                     size_bytes = size,
@@ -243,15 +244,15 @@ impl PoolMeta {
                 self.thin_out(id);
                 continue;
             }
-            // Counted from what is mapped before any list is made: a sound volume cut short
-            // lacks at most what one operation maps (`THICK_MAP_MAX`).
-            let clusters = size.div_ceil(self.geo.cluster_bytes);
-            let mapped = self.family(id).map_or(0, |f| {
-                f.volumes.get(&id).map_or(0, |v| {
-                    let entries = v.tree.entries_in(0, clusters);
-                    entries.iter().filter(|(_, e)| e.cluster().is_some()).count() as u64
-                })
-            });
+            // Counted from what is mapped before any list is made (nothing allocated: a
+            // sound thick volume maps every cluster): one cut short lacks at most what one
+            // operation maps (`THICK_MAP_MAX`).
+            let mut mapped = 0u64;
+            if let Some(fam) = self.family(id) {
+                if let Some(v) = fam.volumes.get(&id) {
+                    v.tree.for_each_in(0, clusters, |_, _| mapped += 1);
+                }
+            }
             let holes = clusters.saturating_sub(mapped);
             if holes == 0 {
                 continue;
@@ -417,13 +418,9 @@ impl PoolMeta {
         // The name takes no room of its own: a checkpoint keeps NAME_MAX bytes per volume.
         let bytes = Self::config_bytes(before)? + Self::config_bytes(after)?;
         self.admit(0, 0, bytes)?;
-        for (key, value) in before {
-            self.log(Record::Config { key: key.clone(), value: value.clone() });
-        }
+        self.log_configs(before);
         self.log(Record::Rename { id, name: name.into() });
-        for (key, value) in after {
-            self.log(Record::Config { key: key.clone(), value: value.clone() });
-        }
+        self.log_configs(after);
         debug_assert!(
             self.find(name).is_ok_and(|f| f == id),
             "volume {id} is found by its new name"
@@ -443,6 +440,13 @@ impl PoolMeta {
         Ok(bytes)
     }
 
+    /// Logs configuration entries, in order (admitted by the caller).
+    fn log_configs(&mut self, entries: &[(String, String)]) {
+        for (key, value) in entries {
+            self.log(Record::Config { key: key.clone(), value: value.clone() });
+        }
+    }
+
     pub fn set_config(&mut self, key: &str, value: &str) -> Result<(), PoolError> {
         self.set_configs(&[(key.to_string(), value.to_string())])
     }
@@ -456,9 +460,7 @@ impl PoolMeta {
         self.ok()?;
         let bytes = Self::config_bytes(entries)?;
         self.admit(0, 0, bytes)?;
-        for (key, value) in entries {
-            self.log(Record::Config { key: key.clone(), value: value.clone() });
-        }
+        self.log_configs(entries);
         Ok(())
     }
 }

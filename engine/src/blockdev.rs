@@ -8,9 +8,12 @@
 //! Invariants the callers guarantee (asserted by backends): `offset + len <= size_bytes`, and
 //! write/discard/zeroes are never sent to a read-only device.
 
+use std::sync::Arc;
+
 use ballast_ffi::region::Lent;
 use ballast_ffi::IoBuf;
 
+use crate::gate::WriteGate;
 use crate::reactor::Cx;
 
 /// One I/O command.
@@ -98,6 +101,13 @@ pub trait BlockDev: Send + Sync {
 
     /// Starts `cmd`; its completion reaches the caller's task with `tag`.
     fn submit(&self, cx: &mut Cx<'_>, cmd: IoCmd, tag: u32);
+
+    /// The gate every write to this device passes ([`crate::gate`]), shared by every export
+    /// and namespace made from it; `None` (the default): the device is served without one,
+    /// and fused Compare and Write is refused on it.
+    fn write_gate(&self) -> Option<&Arc<WriteGate>> {
+        None
+    }
 
     /// Allocation map of `[offset, offset + len)`, in order: at most `max` extents (`max` ≥ 1),
     /// covering the whole range or, where that would take more, a prefix of it (a caller

@@ -6,6 +6,7 @@
 //! - [`blockdev`]: the [`BlockDev`] trait every backend (and later every volume) implements.
 //! - [`file`], [`ram`]: the file/block-device and memory backends; [`nvme`]: NVMe namespaces
 //!   through io_uring passthrough on each core's device ring.
+//! - [`gate`]: each device's write gate (fused Compare and Write runs alone among its writes).
 //! - [`stats`]: per-core counters and latency histograms.
 //! - [`pool`], [`limits`]: each core's buffer cache and payload-memory budget; the connection
 //!   limits (count, handshake and stall deadlines) every protocol lives under.
@@ -14,6 +15,7 @@
 pub mod blockdev;
 pub mod file;
 pub mod fixed;
+pub mod gate;
 pub mod holder;
 pub mod limits;
 pub mod listener;

@@ -32,6 +32,7 @@ use ballast_ffi::region::Lent;
 use ballast_ffi::Owned;
 
 use crate::blockdev::{BlockDev, ChangeBase, DevInfo, Extent, IoCmd};
+use crate::gate::WriteGate;
 use crate::reactor::{Cx, Task};
 
 /// How far ahead of its slot an I/O may go: 1 ms of each limit's budget (SPDK's QoS
@@ -231,16 +232,18 @@ impl Qos {
     }
 }
 
-/// A device under [`Qos`] limits: every call goes to the inner device; a submission waits
-/// for its slot first while a limit is set.
+/// A device as it is exported: under its [`Qos`] limits (every call goes to the inner device;
+/// a submission waits for its slot first while a limit is set), with the write gate its
+/// exports share ([`crate::gate`]).
 pub struct Throttled {
     inner: Arc<dyn BlockDev>,
     qos: Arc<Qos>,
+    gate: Arc<WriteGate>,
 }
 
 impl Throttled {
     pub fn new(inner: Arc<dyn BlockDev>, qos: Arc<Qos>) -> Throttled {
-        Throttled { inner, qos }
+        Throttled { inner, qos, gate: WriteGate::new() }
     }
 }
 
@@ -306,6 +309,10 @@ impl BlockDev for Throttled {
             cancel_pending: false,
         };
         cx.spawn_local(Box::new(delayed));
+    }
+
+    fn write_gate(&self) -> Option<&Arc<WriteGate>> {
+        Some(&self.gate)
     }
 
     fn held_back(&self, cx: &Cx<'_>, again: bool) -> bool {

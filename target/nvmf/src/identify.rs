@@ -16,6 +16,9 @@ pub const MDTS: u8 = 8;
 pub const MAX_TRANSFER_BYTES: u32 = 4096 << MDTS;
 /// In-capsule data we accept on I/O queues (and on the admin queue, for Connect).
 pub const IN_CAPSULE_BYTES: u32 = 8192;
+/// The most logical blocks of a fused Compare and Write (ACWU + 1): any such command is
+/// atomic with respect to every other write to its device (the device's write gate).
+pub const FUSED_MAX_BLOCKS: u32 = 128;
 pub const QUEUE_ENTRIES_MAX: u16 = 128;
 pub const KAS_100MS: u16 = 10;
 pub const AER_LIMIT: usize = 4;
@@ -73,8 +76,13 @@ pub fn controller(ctrl: &Controller) -> Vec<u8> {
     put16(&mut b, 514, QUEUE_ENTRIES_MAX);
     if !discovery {
         put32(&mut b, 516, nn);
-        put16(&mut b, 520, (1 << 2) | (1 << 3) | (1 << 5)); // ONCS: DSM, Write Zeroes, Reservations
+        // ONCS: Compare, DSM, Write Zeroes, Reservations; FUSES: Compare and Write.
+        put16(&mut b, 520, 1 | (1 << 2) | (1 << 3) | (1 << 5));
+        put16(&mut b, 522, 1);
         b[525] = 0x07; // VWC present; flush with NSID FFFFFFFFh supported
+    }
+    if !discovery {
+        put16(&mut b, 534, (FUSED_MAX_BLOCKS - 1) as u16); // ACWU, 0's based
     }
     put32(&mut b, 536, 1 | (1 << 20)); // SGLS: supported, offsets for in-capsule data
     if !discovery {

@@ -6,6 +6,7 @@
 //! - [`error_log`]: a controller's Error Information log (pure);
 //! - [`subsys`]: subsystems, namespaces, allowed hosts, the controller registry;
 //! - [`ana`]: Asymmetric Namespace Access: paths' states, the ANA log page (pure);
+//! - [`fused`]: Compare and fused Compare and Write: how commands pair, a pair's steps (pure);
 //! - [`queue`]: the task on an engine core that owns one queue pair's socket;
 //! - [`psk`], [`auth`] and [`secret`]: NVMe/TCP TLS PSKs and DH-HMAC-CHAP in-band
 //!   authentication (pure codecs, key derivations and the per-queue state machine);
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod ana;
 pub mod auth;
 pub mod error_log;
+pub mod fused;
 pub mod fuzzing;
 pub mod identify;
 pub mod nvme;

@@ -21,6 +21,7 @@ pub mod io {
     pub const FLUSH: u8 = 0x00;
     pub const WRITE: u8 = 0x01;
     pub const READ: u8 = 0x02;
+    pub const COMPARE: u8 = 0x05;
     pub const WRITE_ZEROES: u8 = 0x08;
     pub const DSM: u8 = 0x09;
     pub const RESV_REGISTER: u8 = 0x0d;
@@ -47,7 +48,11 @@ pub mod status {
     pub const INVALID_FIELD: Status = 0x002;
     pub const DATA_TRANSFER_ERROR: Status = 0x004;
     pub const INTERNAL: Status = 0x006;
+    /// The other command of a fused pair failed (its Compare found other data).
+    pub const ABORTED_FAILED_FUSED: Status = 0x005;
     pub const ABORT_REQUESTED: Status = 0x007;
+    /// A fused pair's other half never came (or was not the command it had to be).
+    pub const ABORTED_MISSING_FUSED: Status = 0x00a;
     pub const INVALID_NAMESPACE: Status = 0x00b;
     pub const COMMAND_SEQUENCE: Status = 0x00c;
     pub const SGL_DATA_LENGTH_INVALID: Status = 0x00f;
@@ -70,6 +75,8 @@ pub mod status {
     // media errors (SCT 2)
     pub const WRITE_FAULT: Status = 0x280;
     pub const UNRECOVERED_READ: Status = 0x281;
+    /// A Compare found the media's data differs from the host's.
+    pub const COMPARE_FAILURE: Status = 0x285;
 }
 
 /// Maps a backend errno to an NVMe status.
@@ -103,6 +110,12 @@ fn le64(b: &[u8], at: usize) -> u64 {
 /// SGL descriptor types we understand (byte 15 of the descriptor: type << 4 | subtype).
 pub const SGL_DATA_BLOCK_OFFSET: u8 = 0x01; // in-capsule data
 pub const SGL_TRANSPORT_DATA_BLOCK: u8 = 0x5a; // data moved by R2T/H2CData or C2HData
+
+/// Fused Operation values ([`Sqe::fuse`]): a normal command, the first (Compare) and the
+/// second (Write) command of a fused Compare and Write.
+pub const FUSE_NONE: u8 = 0;
+pub const FUSE_FIRST: u8 = 1;
+pub const FUSE_SECOND: u8 = 2;
 
 /// A 64-byte submission queue entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +170,12 @@ impl Sqe {
     /// Force Unit Access (CDW12 bit 30).
     pub fn fua(&self) -> bool {
         self.cdw12 & (1 << 30) != 0
+    }
+
+    /// Fused Operation (CDW0 bits 9:8): [`FUSE_NONE`], [`FUSE_FIRST`], [`FUSE_SECOND`] or
+    /// reserved (3).
+    pub fn fuse(&self) -> u8 {
+        self.flags & 0x03
     }
 }
 

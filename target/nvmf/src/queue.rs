@@ -44,11 +44,13 @@
 //!   on the new core. Admin queues, queues that must authenticate and userspace-TLS queues
 //!   stay where they were accepted.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ballast_engine::gate::GateTicket;
 use ballast_engine::holder::Holder;
 use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
 use ballast_engine::offload::Away;
@@ -71,6 +73,7 @@ use crate::auth::command::{
 use crate::auth::machine::{Action, Event};
 use crate::auth::{OsEntropy, QueueAuth};
 use crate::error_log::ErrorEntry;
+use crate::fused::{self, Pair, Pairing, Role, Step};
 use crate::identify::{IN_CAPSULE_BYTES, MAX_TRANSFER_BYTES, QUEUE_ENTRIES_MAX};
 use crate::nvme::{self, fctype, io, status, Sqe, Status, FABRICS_OPCODE};
 use crate::pdu::{self, kind, CommonHeader, Fatal};
@@ -136,6 +139,10 @@ struct ResvVerdict {
 const TAG_RECV: u32 = u32::MAX;
 /// Reservation commands look whether their saves and drains are done.
 const TAG_RESV_POLL: u32 = u32::MAX - 9;
+/// Parked writes and fused pairs look whether their device's fence moved.
+const TAG_FENCE_POLL: u32 = u32::MAX - 10;
+/// How often they look: a fence is up for one read and one write of at most ACWU blocks.
+const FENCE_POLL: Duration = Duration::from_micros(50);
 const TAG_SEND: u32 = u32::MAX - 1;
 /// The keep-alive timeout of a discovery controller whose host asked for none (Linux nvmet's
 /// `NVMET_DISC_KATO_MS`).
@@ -191,6 +198,11 @@ enum CmdState {
     AwaitData { received: u32 },
     /// Device operations in flight: `pending` of them.
     Executing { pending: u32 },
+    /// A write-group command whose device's write gate is fenced (a fused Compare and Write
+    /// runs alone): its device operations wait in `parked` until the fence is lifted.
+    Parked,
+    /// Half of a fused pair with its data here: it waits for its pair's turn (`fused`).
+    Held,
 }
 
 struct Cmd {
@@ -209,6 +221,27 @@ struct Cmd {
     /// Counted among its namespace's executing write-group commands (a reservation was held
     /// when it went to the media): handed back when it leaves.
     executing: Option<Executing>,
+    /// Counted on its device's write gate (it went to the media): handed back when it leaves.
+    gated: Option<GateTicket>,
+    /// What its data (if any) is for.
+    role: Role,
+}
+
+/// What [`Queue::admit`] counted for a write-group command: handed back when it leaves.
+#[derive(Debug, Clone, Copy)]
+struct Admission {
+    executing: Option<Executing>,
+    gated: Option<GateTicket>,
+}
+
+impl Cmd {
+    /// The most payload memory it may hold: its transfer, and a Compare's read besides.
+    fn charge_max(&self) -> u64 {
+        match self.role {
+            Role::Compare | Role::FusedCompare => 2 * u64::from(self.bytes),
+            Role::Plain | Role::FusedWrite => u64::from(self.bytes),
+        }
+    }
 }
 
 /// The statistics id of a command's device (`u32::MAX`, counted per core only, for none).
@@ -275,6 +308,15 @@ pub struct Queue {
     resv_timer: bool,
     /// Cached reservation verdicts (`reserved_for`).
     resv_verdicts: Vec<ResvVerdict>,
+    /// Write-group commands waiting for their device's fence to be lifted, with their device
+    /// operations (`CmdState::Parked`).
+    parked: Vec<(u32, Vec<IoCmd>)>,
+    /// The Compare that opened a fused pair, until the next capsule comes.
+    fused_first: Option<u32>,
+    /// Fused pairs, in arrival order: only the first one goes past `Step::Fencing`.
+    fused: VecDeque<Pair>,
+    /// The timer of `parked` and `fused` (fences to be lifted, writes to drain) is armed.
+    fence_timer: bool,
     /// Its path's ANA states as last taken (`path_refusal`).
     ana_view: AnaView,
     /// When a queue that had authenticated began again (a host re-authenticates its live
@@ -340,6 +382,10 @@ impl Queue {
             auth: None,
             auth_away: None,
             resv_verdicts: Vec::new(),
+            parked: Vec::new(),
+            fused_first: None,
+            fused: VecDeque::new(),
+            fence_timer: false,
             ana_view: AnaView::default(),
             resv_waits: Vec::new(),
             resv_timer: false,
@@ -526,6 +572,15 @@ impl Queue {
                         u64::from(sgl_len.min(MAXH2CDATA))
                     }
                     io::WRITE if data_len <= IN_CAPSULE_BYTES as usize => data_len as u64,
+                    // A Compare reads what it compares (kept), besides its data (as a write's).
+                    io::COMPARE if sgl_len <= MAX_TRANSFER_BYTES => {
+                        let data = if data_len == 0 && sgl_type == nvme::SGL_TRANSPORT_DATA_BLOCK {
+                            sgl_len.min(MAXH2CDATA)
+                        } else {
+                            data_len.min(IN_CAPSULE_BYTES as usize) as u32
+                        };
+                        u64::from(sgl_len) + u64::from(data)
+                    }
                     _ => 0,
                 }
             }
@@ -1238,10 +1293,46 @@ impl Queue {
         }
     }
 
-    /// A write-group command about to go to the media: counted among the namespace's
-    /// executing commands while a reservation is held (Preempt and Abort waits for them), then
-    /// checked again, so a preempt either waits for it or it sees the preempt.
+    /// A write-group command about to go to the media: counted on its device's write gate
+    /// (`Ok(None)`: a fused Compare and Write holds the gate's fence, nothing is counted and
+    /// the command waits), then as [`Self::admit_resv`] does.
     fn admit(
+        &mut self,
+        cx: &Cx<'_>,
+        ns: &Namespace,
+        opcode: u8,
+    ) -> Result<Option<Admission>, Status> {
+        let gate = ns.dev.write_gate();
+        let gated = match gate.map(|g| g.enter(cx.core())) {
+            Some(None) => return Ok(None),
+            Some(t) => t,
+            None => None,
+        };
+        match self.admit_resv(cx, ns, opcode) {
+            Ok(executing) => Ok(Some(Admission { executing, gated })),
+            Err(st) => {
+                if let (Some(g), Some(t)) = (gate, gated) {
+                    g.exit(t);
+                }
+                Err(st)
+            }
+        }
+    }
+
+    /// Hands back what [`Self::admit`] counted, for a command that is done at once.
+    fn release(ns: &Namespace, a: Admission) {
+        if let Some(e) = a.executing {
+            ns.resv.exit(e);
+        }
+        if let (Some(g), Some(t)) = (ns.dev.write_gate(), a.gated) {
+            g.exit(t);
+        }
+    }
+
+    /// Counted among the namespace's executing write-group commands while a reservation is
+    /// held (Preempt and Abort waits for them), then checked again, so a preempt either waits
+    /// for it or it sees the preempt.
+    fn admit_resv(
         &mut self,
         cx: &Cx<'_>,
         ns: &Namespace,
@@ -1376,28 +1467,36 @@ impl Queue {
             // The host overran its submission queue.
             return self.answer(&sqe, 0, 0, status::COMMAND_SEQUENCE);
         }
+        if self.fused_first.is_some() || sqe.fuse() != nvme::FUSE_NONE {
+            let first = self.fused_first.map(|t| self.cmds[t as usize].sqe);
+            let pairing = fused::pairing(&sqe, first.as_ref());
+            if pairing == Pairing::Completes {
+                return self.on_fused_write(cx, sqe, data);
+            }
+            if let Some(first) = self.fused_first.take() {
+                self.fail_half(cx, first, status::ABORTED_MISSING_FUSED);
+            }
+            match pairing {
+                Pairing::Refused(st) => return self.answer(&sqe, 0, 0, st),
+                Pairing::Opens => return self.on_compare(cx, sqe, data, Role::FusedCompare),
+                Pairing::Alone | Pairing::Completes => {}
+            }
+        }
         match sqe.opcode {
             io::READ | io::WRITE => self.on_read_write(cx, sqe, data),
+            io::COMPARE => self.on_compare(cx, sqe, data, Role::Compare),
             io::FLUSH => self.on_flush(cx, sqe),
             io::WRITE_ZEROES => match self.check_io(&sqe) {
                 Ok((ns, ..)) if ns.read_only() => {
                     self.answer(&sqe, 0, 0, status::NS_WRITE_PROTECTED)
                 }
                 Ok((ns, offset, len)) => {
-                    let executing = match self.admit(cx, &ns, sqe.opcode) {
-                        Ok(e) => e,
-                        Err(st) => return self.answer(&sqe, 0, 0, st),
-                    };
                     let may_unmap = sqe.cdw12 & (1 << 25) != 0;
                     let fua = sqe.fua();
-                    let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::WriteZeroes, 0, 1);
+                    let tag = self.track(cx, sqe, Some(ns), OpKind::WriteZeroes, 0, 1);
                     self.cmds[tag as usize].then_flush = fua;
-                    self.cmds[tag as usize].executing = executing;
-                    ns.dev.submit(
-                        cx,
-                        IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap },
-                        tag,
-                    );
+                    let op = IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap };
+                    self.start_writes(cx, tag, [op]);
                 }
                 Err(st) => self.answer(&sqe, 0, 0, st),
             },
@@ -1432,6 +1531,8 @@ impl Queue {
             charged: 0,
             then_flush: false,
             executing: None,
+            gated: None,
+            role: Role::Plain,
         });
         key as u32
     }
@@ -1441,6 +1542,11 @@ impl Queue {
         let mut cmd = self.cmds.remove(tag);
         if let (Some(e), Some(ns)) = (cmd.executing.take(), cmd.ns.as_ref()) {
             ns.resv.exit(e);
+        }
+        if let (Some(t), Some(gate)) =
+            (cmd.gated.take(), cmd.ns.as_ref().and_then(|ns| ns.dev.write_gate()))
+        {
+            gate.exit(t);
         }
         cx.stats().retired(stats_id(cmd.ns.as_ref()), Proto::Nvmf);
         cmd
@@ -1482,13 +1588,13 @@ impl Queue {
                 if data.len() != len as usize || sqe.sgl_addr != 0 {
                     return self.answer(&sqe, 0, 0, status::SGL_DATA_LENGTH_INVALID);
                 }
-                let executing = match self.admit(cx, &ns, sqe.opcode) {
-                    Ok(e) => e,
+                let admission = match self.admit(cx, &ns, sqe.opcode) {
+                    Ok(a) => a,
                     Err(st) => return self.answer(&sqe, 0, 0, st),
                 };
-                if ns.dev.write_now(offset, data) {
-                    if let Some(e) = executing {
-                        ns.resv.exit(e);
+                if admission.is_some() && ns.dev.write_now(offset, data) {
+                    if let Some(a) = admission {
+                        Self::release(&ns, a);
                     }
                     // Stored from the receive buffer: no buffer, no I/O, no request slot.
                     self.done_at_once(cx, &ns, OpKind::Write, len);
@@ -1503,11 +1609,9 @@ impl Queue {
                 let mut buf = cx.buf_with_capacity(len as usize);
                 buf.extend_from_slice(data);
                 let fua = sqe.fua();
-                let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::Write, len, 1);
+                let tag = self.track(cx, sqe, Some(ns), OpKind::Write, len, 1);
                 self.cmds[tag as usize].charged = self.take_pdu_charge();
-                self.cmds[tag as usize].executing = executing;
-                ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, tag);
-                self.hold_back_for(cx, &ns.dev);
+                self.go_or_park(cx, tag, admission, [IoCmd::Write { offset, buf, fua }]);
             }
             nvme::SGL_TRANSPORT_DATA_BLOCK => {
                 // No buffer yet: it is charged and allocated when the first H2CData arrives.
@@ -1552,7 +1656,7 @@ impl Queue {
         };
         // This PDU's data was charged before it was taken.
         cmd.charged += std::mem::take(&mut self.charged_for_pdu);
-        assert!(cmd.charged <= u64::from(cmd.bytes), "transfer charged beyond its length");
+        assert!(cmd.charged <= cmd.charge_max(), "transfer charged beyond its length");
         if cmd.buf.is_none() {
             cmd.buf = Some(cx.buf_with_capacity(cmd.bytes as usize));
         }
@@ -1593,32 +1697,414 @@ impl Queue {
         if !last {
             tracing::debug!(peer = %self.peer, "final H2CData without LAST_PDU");
         }
-        // Checked again now that the data is here (and counted while a reservation is held): a
-        // host preempted while it sent the data (for as long as it liked) writes nothing.
-        if let (status::SUCCESS, Some(ns)) = (cmd.status, cmd.ns.clone()) {
-            let opcode = cmd.sqe.opcode;
-            match self.admit(cx, &ns, opcode) {
-                Ok(e) => self.cmds[usize::from(ttag)].executing = e,
-                Err(st) => self.cmds[usize::from(ttag)].status = st,
-            }
-        }
-        let cmd = &mut self.cmds[usize::from(ttag)];
         if cmd.status != status::SUCCESS {
-            let (sqe, st) = (cmd.sqe, cmd.status);
-            let cmd = self.untrack(cx, usize::from(ttag));
-            if let Some(b) = cmd.buf {
-                cx.recycle(b);
+            let st = cmd.status;
+            if let Some(partner) = self.unpair(u32::from(ttag)) {
+                self.fail_half(cx, partner, status::ABORTED_FAILED_FUSED);
             }
-            self.mem.release(cx, cmd.charged);
-            return self.answer(&sqe, 0, 0, st);
+            return self.answer_cmd(cx, u32::from(ttag), st);
         }
-        cmd.state = CmdState::Executing { pending: 1 };
-        let buf = cmd.buf.take().expect("write buffer present");
-        let Some(ns) = cmd.ns.clone() else { return };
-        let offset = cmd.sqe.slba() << ns.lba_shift;
-        let fua = cmd.sqe.fua();
-        ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, u32::from(ttag));
+        self.data_landed(cx, u32::from(ttag));
+    }
+
+    /// A command's data is all in its buffer: a write goes to its device (checked again and
+    /// counted now, so a host preempted while it sent the data — for as long as it liked —
+    /// writes nothing), a Compare reads what it compares, a fused half waits for its pair.
+    fn data_landed(&mut self, cx: &mut Cx<'_>, tag: u32) {
+        let cmd = &mut self.cmds[tag as usize];
+        match cmd.role {
+            Role::Plain => {
+                let buf = cmd.buf.take().expect("write buffer present");
+                let ns = cmd.ns.as_ref().expect("a write has its namespace");
+                let offset = cmd.sqe.slba() << ns.lba_shift;
+                let fua = cmd.sqe.fua();
+                self.start_writes(cx, tag, [IoCmd::Write { offset, buf, fua }]);
+            }
+            Role::Compare => {
+                cmd.state = CmdState::Executing { pending: 1 };
+                self.read_to_compare(cx, tag);
+            }
+            Role::FusedCompare | Role::FusedWrite => {
+                cmd.state = CmdState::Held;
+                self.drive_fused(cx);
+            }
+        }
+    }
+
+    /// Answers a tracked command with `st` (one that did not, or no longer may, go to its
+    /// device; or a Compare or fused half that is done), giving back its buffer and memory.
+    fn answer_cmd(&mut self, cx: &mut Cx<'_>, tag: u32, st: Status) {
+        let cmd = self.untrack(cx, tag as usize);
+        if let Some(b) = cmd.buf {
+            cx.recycle(b);
+        }
+        self.mem.release(cx, cmd.charged);
+        if !self.send_broken() {
+            self.answer(&cmd.sqe, 0, 0, st);
+        }
+    }
+
+    /// Sends a tracked write-group command's device operations, counted by [`Self::admit`];
+    /// parks them while its device's gate is fenced; answers it instead when a reservation
+    /// now refuses its host.
+    fn start_writes<I: IntoIterator<Item = IoCmd>>(&mut self, cx: &mut Cx<'_>, tag: u32, ops: I) {
+        let cmd = &self.cmds[tag as usize];
+        let ns = cmd.ns.clone().expect("a write-group command has its namespace");
+        let opcode = cmd.sqe.opcode;
+        match self.admit(cx, &ns, opcode) {
+            Ok(admission) => self.go_or_park(cx, tag, admission, ops),
+            Err(st) => {
+                for op in ops {
+                    recycle_op(cx, op);
+                }
+                self.answer_cmd(cx, tag, st);
+            }
+        }
+    }
+
+    /// Sends `ops` of an admitted command (its counts kept with it until it leaves), or parks
+    /// them (`None`: its device's gate is fenced) until the fence is lifted.
+    fn go_or_park<I: IntoIterator<Item = IoCmd>>(
+        &mut self,
+        cx: &mut Cx<'_>,
+        tag: u32,
+        admission: Option<Admission>,
+        ops: I,
+    ) {
+        let cmd = &mut self.cmds[tag as usize];
+        let Some(a) = admission else {
+            cmd.state = CmdState::Parked;
+            self.parked.push((tag, ops.into_iter().collect()));
+            return self.arm_fence_timer(cx);
+        };
+        cmd.executing = a.executing;
+        cmd.gated = a.gated;
+        let ns = cmd.ns.clone().expect("a write-group command has its namespace");
+        let mut pending = 0;
+        for op in ops {
+            ns.dev.submit(cx, op, tag);
+            pending += 1;
+        }
+        self.cmds[tag as usize].state = CmdState::Executing { pending };
         self.hold_back_for(cx, &ns.dev);
+    }
+
+    fn arm_fence_timer(&mut self, cx: &mut Cx<'_>) {
+        if !self.fence_timer && !self.read_closed {
+            self.fence_timer = true;
+            cx.timer(TAG_FENCE_POLL, FENCE_POLL);
+        }
+    }
+
+    /// The fence timer: parked writes try again, the first fused pair takes its next step.
+    fn on_fence_poll(&mut self, cx: &mut Cx<'_>) {
+        self.fence_timer = false;
+        if self.read_closed {
+            // Closing: what waits never went to the media; `finish` lets it go.
+            return;
+        }
+        for (tag, ops) in std::mem::take(&mut self.parked) {
+            self.start_writes(cx, tag, ops);
+        }
+        self.drive_fused(cx);
+    }
+
+    /// A Compare (alone, or the first of a fused pair: `role`): its data arrives as a write's
+    /// does (in the capsule, or through R2T); its charge covers that data and its read.
+    fn on_compare(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8], role: Role) {
+        let (ns, _, len) = match self.check_io(&sqe) {
+            Ok(v) => v,
+            Err(st) => return self.answer(&sqe, 0, 0, st),
+        };
+        if len > MAX_TRANSFER_BYTES {
+            return self.answer(&sqe, 0, 0, status::INVALID_FIELD);
+        }
+        if sqe.sgl_len != len {
+            return self.answer(&sqe, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+        }
+        if role == Role::FusedCompare && ns.dev.write_gate().is_none() {
+            // A device served without a write gate cannot keep other writes out.
+            return self.answer(&sqe, 0, 0, status::INVALID_FIELD);
+        }
+        let Some(tag) = self.take_data(cx, sqe, ns, data, OpKind::Read, len, role) else { return };
+        if role == Role::FusedCompare {
+            self.fused_first = Some(tag);
+        }
+        if self.cmds[tag as usize].buf.is_some() {
+            self.data_landed(cx, tag);
+        }
+    }
+
+    /// The second command of a fused pair (a Write of the Compare's blocks): the pair is
+    /// queued; a refusal answers it and aborts the Compare.
+    fn on_fused_write(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
+        let first = self.fused_first.take().expect("a pair completes its waiting Compare");
+        let checked = self.check_io(&sqe).and_then(|(ns, offset, len)| {
+            if ns.read_only() {
+                Err(status::NS_WRITE_PROTECTED)
+            } else if sqe.sgl_len != len {
+                Err(status::SGL_DATA_LENGTH_INVALID)
+            } else {
+                Ok((ns, offset, len))
+            }
+        });
+        let (ns, _, len) = match checked {
+            Ok(v) => v,
+            Err(st) => {
+                self.fail_half(cx, first, status::ABORTED_FAILED_FUSED);
+                return self.answer(&sqe, 0, 0, st);
+            }
+        };
+        let Some(tag) = self.take_data(cx, sqe, ns, data, OpKind::Write, len, Role::FusedWrite)
+        else {
+            return self.fail_half(cx, first, status::ABORTED_FAILED_FUSED);
+        };
+        self.fused.push_back(Pair {
+            compare: first,
+            write: tag,
+            step: Step::AwaitData,
+            fence: None,
+        });
+        if self.cmds[tag as usize].buf.is_some() {
+            self.data_landed(cx, tag);
+        }
+    }
+
+    /// Tracks a command whose data comes to the controller, for `role`: in-capsule data is
+    /// copied into its buffer (the capsule's charge goes with it); otherwise an R2T asks for
+    /// it (a Compare keeps its read's charge, the rest of the probe is let go). `None`: it was
+    /// answered (a bad data pointer).
+    #[allow(clippy::too_many_arguments)]
+    fn take_data(
+        &mut self,
+        cx: &mut Cx<'_>,
+        sqe: Sqe,
+        ns: QueueNs,
+        data: &[u8],
+        kind: OpKind,
+        len: u32,
+        role: Role,
+    ) -> Option<u32> {
+        match sqe.sgl_type {
+            nvme::SGL_DATA_BLOCK_OFFSET => {
+                if data.len() != len as usize || sqe.sgl_addr != 0 {
+                    self.answer(&sqe, 0, 0, status::SGL_DATA_LENGTH_INVALID);
+                    return None;
+                }
+                let mut buf = cx.buf_with_capacity(len as usize);
+                buf.extend_from_slice(data);
+                let tag = self.track(cx, sqe, Some(ns), kind, len, 1);
+                let charged = self.take_pdu_charge();
+                let cmd = &mut self.cmds[tag as usize];
+                cmd.charged = charged;
+                cmd.buf = Some(buf);
+                cmd.role = role;
+                Some(tag)
+            }
+            nvme::SGL_TRANSPORT_DATA_BLOCK => {
+                let tag = self.track(cx, sqe, Some(ns), kind, len, 0);
+                let probe = self.take_pdu_charge();
+                let keep = if role == Role::FusedWrite { 0 } else { probe.min(u64::from(len)) };
+                self.charged_for_pdu = probe - keep;
+                let cmd = &mut self.cmds[tag as usize];
+                cmd.state = CmdState::AwaitData { received: 0 };
+                cmd.charged = keep;
+                cmd.role = role;
+                self.scratch.clear();
+                pdu::encode_r2t(&mut self.scratch, sqe.cid, tag as u16, 0, len, self.hdgst);
+                self.queue_scratch();
+                Some(tag)
+            }
+            _ => {
+                self.answer(&sqe, 0, 0, status::SGL_TYPE_INVALID);
+                None
+            }
+        }
+    }
+
+    /// Reads the range a Compare (its data here) compares, into a buffer of its own.
+    fn read_to_compare(&mut self, cx: &mut Cx<'_>, tag: u32) {
+        let cmd = &mut self.cmds[tag as usize];
+        let ns = cmd.ns.clone().expect("a Compare has its namespace");
+        let offset = cmd.sqe.slba() << ns.lba_shift;
+        cmd.state = CmdState::Executing { pending: 1 };
+        let buf = cx.buf(cmd.bytes as usize);
+        ns.dev.submit(cx, IoCmd::Read { offset, buf }, tag);
+    }
+
+    /// Takes a fused half out of its pair (or out of waiting for its second command): its
+    /// partner, if it had one by now. The pair's fence, if any, is lifted.
+    fn unpair(&mut self, tag: u32) -> Option<u32> {
+        if self.fused_first == Some(tag) {
+            self.fused_first = None;
+            return None;
+        }
+        let at = self.fused.iter().position(|p| p.compare == tag || p.write == tag)?;
+        let pair = self.fused.remove(at).expect("found");
+        Some(if pair.compare == tag { pair.write } else { pair.compare })
+    }
+
+    /// Answers a fused half with `st`: at once when its data is here, else once it is (the
+    /// host still sends it; its transfer stays open until then).
+    fn fail_half(&mut self, cx: &mut Cx<'_>, tag: u32, st: Status) {
+        let cmd = &mut self.cmds[tag as usize];
+        assert!(!matches!(cmd.state, CmdState::Executing { .. }), "a fused half failed in flight");
+        if matches!(cmd.state, CmdState::AwaitData { .. }) {
+            if cmd.status == status::SUCCESS {
+                cmd.status = st;
+            }
+            return;
+        }
+        self.answer_cmd(cx, tag, st);
+    }
+
+    /// Moves the first fused pair on as far as it can go now: once both commands' data is
+    /// here, it takes its device's fence, waits for the writes before it, and reads what it
+    /// compares; the timer looks again while it waits for a fence or a drain.
+    fn drive_fused(&mut self, cx: &mut Cx<'_>) {
+        loop {
+            let Some(pair) = self.fused.front_mut() else { return };
+            let held = |t: u32| matches!(self.cmds[t as usize].state, CmdState::Held);
+            match pair.step {
+                Step::AwaitData if held(pair.compare) && held(pair.write) => {
+                    pair.step = Step::Fencing;
+                }
+                Step::AwaitData | Step::Reading | Step::Writing => return,
+                Step::Fencing => {
+                    let ns = self.cmds[pair.compare as usize].ns.clone().expect("namespace");
+                    let gate = ns.dev.write_gate().expect("a fused Compare's device has a gate");
+                    match gate.try_fence() {
+                        Some(f) => {
+                            pair.fence = Some(f);
+                            pair.step = Step::Draining;
+                        }
+                        None => return self.arm_fence_timer(cx),
+                    }
+                }
+                Step::Draining => {
+                    if !pair.fence.as_ref().is_some_and(|f| f.drained()) {
+                        return self.arm_fence_timer(cx);
+                    }
+                    let (compare, write) = (pair.compare, pair.write);
+                    let ns = self.cmds[write as usize].ns.clone().expect("namespace");
+                    // The Write is counted (and checked) as any write is, now that it will go.
+                    match self.admit_resv(cx, &ns, io::WRITE) {
+                        Ok(e) => self.cmds[write as usize].executing = e,
+                        Err(st) => {
+                            return self.end_pair(cx, status::ABORTED_FAILED_FUSED, st);
+                        }
+                    }
+                    self.fused.front_mut().expect("the pair").step = Step::Reading;
+                    self.read_to_compare(cx, compare);
+                }
+            }
+        }
+    }
+
+    /// A fused half's device operation completed: the Compare's read (compared: on a match
+    /// the Write goes) or the Write.
+    fn on_fused_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+        let pair = self.fused.front_mut().expect("a fused command completes with its pair");
+        let cmd = &mut self.cmds[tag as usize];
+        let ok = result == cmd.bytes as i32;
+        match cmd.role {
+            Role::FusedCompare => {
+                assert!(pair.compare == tag && pair.step == Step::Reading);
+                let st = match (&owned, &cmd.buf) {
+                    (Owned::Buf(read), Some(expected)) if ok => {
+                        fused::verdict(read.as_slice(), expected.as_slice())
+                    }
+                    _ => nvme::status_from_errno(-result.min(0), false),
+                };
+                if let Owned::Buf(b) = owned {
+                    cx.recycle(b);
+                }
+                cmd.state = CmdState::Held;
+                if st != status::SUCCESS {
+                    return self.end_pair(cx, st, status::ABORTED_FAILED_FUSED);
+                }
+                pair.step = Step::Writing;
+                let write = &mut self.cmds[pair.write as usize];
+                let buf = write.buf.take().expect("the fused Write's data");
+                let ns = write.ns.clone().expect("namespace");
+                let offset = write.sqe.slba() << ns.lba_shift;
+                let fua = write.sqe.fua();
+                write.state = CmdState::Executing { pending: 1 };
+                ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, pair.write);
+            }
+            Role::FusedWrite => {
+                assert!(pair.write == tag && pair.step == Step::Writing);
+                if let Owned::Buf(b) = owned {
+                    cx.recycle(b);
+                }
+                let st = if ok {
+                    status::SUCCESS
+                } else {
+                    tracing::warn!(peer = %self.peer, cid = cmd.sqe.cid, result, "fused write failed");
+                    nvme::status_from_errno(-result.min(0), true)
+                };
+                cmd.state = CmdState::Held;
+                self.end_pair(cx, status::SUCCESS, st);
+            }
+            Role::Plain | Role::Compare => unreachable!("not a fused command"),
+        }
+    }
+
+    /// The first pair is over: its commands answered `compare` and `write` (one that failed
+    /// carries the failure, the other Command Aborted due to Failed Fused Command), its fence
+    /// lifted, the next pair driven.
+    fn end_pair(&mut self, cx: &mut Cx<'_>, compare: Status, write: Status) {
+        let pair = self.fused.pop_front().expect("a pair to end");
+        drop(pair.fence);
+        for (tag, st, kind) in
+            [(pair.compare, compare, OpKind::Read), (pair.write, write, OpKind::Write)]
+        {
+            let cmd = &self.cmds[tag as usize];
+            let ran = st == status::SUCCESS;
+            cx.stats().record(
+                stats_id(cmd.ns.as_ref()),
+                Proto::Nvmf,
+                kind,
+                u64::from(cmd.bytes),
+                cmd.started.elapsed().as_nanos() as u64,
+                ran,
+            );
+            if ran {
+                self.count_done(kind, self.cmds[tag as usize].bytes);
+            }
+            self.answer_cmd(cx, tag, st);
+        }
+        self.drive_fused(cx);
+    }
+
+    /// A Compare's read completed: compared with the host's data, answered.
+    fn on_compare_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
+        let cmd = &self.cmds[tag as usize];
+        let st = match (&owned, &cmd.buf) {
+            (Owned::Buf(read), Some(expected)) if result == cmd.bytes as i32 => {
+                fused::verdict(read.as_slice(), expected.as_slice())
+            }
+            _ => {
+                tracing::warn!(peer = %self.peer, cid = cmd.sqe.cid, result, "compare read failed");
+                nvme::status_from_errno(-result.min(0), false)
+            }
+        };
+        if let Owned::Buf(b) = owned {
+            cx.recycle(b);
+        }
+        let ran = st == status::SUCCESS || st == status::COMPARE_FAILURE;
+        cx.stats().record(
+            stats_id(cmd.ns.as_ref()),
+            Proto::Nvmf,
+            OpKind::Read,
+            u64::from(cmd.bytes),
+            cmd.started.elapsed().as_nanos() as u64,
+            ran,
+        );
+        if ran {
+            self.count_done(OpKind::Read, self.cmds[tag as usize].bytes);
+        }
+        self.answer_cmd(cx, tag, st);
     }
 
     /// After a read or write went to `dev`: if the device's I/O waiting for its rate limits
@@ -1731,15 +2217,12 @@ impl Queue {
         if !deallocate || work.is_empty() {
             return self.answer(&sqe, 0, 0, status::SUCCESS);
         }
-        let executing = match self.admit(cx, &ns, sqe.opcode) {
-            Ok(e) => e,
-            Err(st) => return self.answer(&sqe, 0, 0, st),
-        };
-        let tag = self.track(cx, sqe, Some(ns.clone()), OpKind::Discard, 0, work.len() as u32);
-        self.cmds[tag as usize].executing = executing;
-        for (offset, len) in work {
-            ns.dev.submit(cx, IoCmd::Discard { offset, len }, tag);
-        }
+        let tag = self.track(cx, sqe, Some(ns), OpKind::Discard, 0, work.len() as u32);
+        self.start_writes(
+            cx,
+            tag,
+            work.into_iter().map(|(offset, len)| IoCmd::Discard { offset, len }),
+        );
     }
 
     fn on_io_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
@@ -1749,6 +2232,13 @@ impl Queue {
         let CmdState::Executing { pending } = cmd.state else {
             panic!("completion for a command not executing");
         };
+        match cmd.role {
+            Role::Plain => {}
+            Role::Compare => return self.on_compare_done(cx, tag, result, owned),
+            Role::FusedCompare | Role::FusedWrite => {
+                return self.on_fused_done(cx, tag, result, owned)
+            }
+        }
         let write = cmd.kind != OpKind::Read;
         let ok = match cmd.kind {
             OpKind::Read | OpKind::Write => result == cmd.bytes as i32,
@@ -2064,13 +2554,26 @@ impl Queue {
         let quiet = self.auth_away.is_none()
             && self.resv_waits.is_empty()
             && !self.resv_timer
+            && !self.fence_timer
             && !self.recv.inflight()
             && !self.direct_inflight()
             && !self.tls_recv_inflight()
             && !self.send_inflight()
             && !self.tick_inflight
             && !self.cancel_inflight;
-        if quiet && self.cmds.iter().all(|(_, c)| matches!(c.state, CmdState::AwaitData { .. })) {
+        let idle = |c: &Cmd| {
+            matches!(c.state, CmdState::AwaitData { .. } | CmdState::Parked | CmdState::Held)
+        };
+        if quiet && self.cmds.iter().all(|(_, c)| idle(c)) {
+            // Nothing of theirs went to the media: parked writes, fused pairs (their fences
+            // lifted) and transfers never completed are let go.
+            for (_, ops) in std::mem::take(&mut self.parked) {
+                for op in ops {
+                    recycle_op(cx, op);
+                }
+            }
+            self.fused.clear();
+            self.fused_first = None;
             let tags: Vec<usize> = self.cmds.iter().map(|(tag, _)| tag).collect();
             for tag in tags {
                 if let Some(buf) = self.untrack(cx, tag).buf {
@@ -2102,6 +2605,7 @@ impl Movable for Queue {
         let quiet = self.auth_away.is_none()
             && self.resv_waits.is_empty()
             && !self.resv_timer
+            && !self.fence_timer
             && !self.recv.inflight()
             && self.direct.is_none()
             && self.tls.is_none()
@@ -2184,6 +2688,7 @@ impl Task for Queue {
                 self.resv_timer = false;
                 self.on_resv_waits(cx);
             }
+            TAG_FENCE_POLL => self.on_fence_poll(cx),
             TAG_AUTH_WORK => {
                 self.on_auth_done(cx);
                 self.progress.moved();
@@ -2238,5 +2743,12 @@ impl Task for Queue {
 
     fn is_done(&self) -> bool {
         self.done
+    }
+}
+
+/// Gives back the buffer a device operation that never went holds.
+fn recycle_op(cx: &mut Cx<'_>, op: IoCmd) {
+    if let IoCmd::Write { buf, .. } = op {
+        cx.recycle(buf);
     }
 }

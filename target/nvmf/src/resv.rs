@@ -147,7 +147,7 @@ impl Access {
     /// The group of I/O command `opcode`, if reservations guard it.
     pub fn of_opcode(opcode: u8) -> Option<Access> {
         match opcode {
-            io::READ => Some(Access::Read),
+            io::READ | io::COMPARE => Some(Access::Read),
             io::WRITE | io::WRITE_ZEROES | io::DSM | io::FLUSH => Some(Access::Write),
             _ => None,
         }

@@ -263,7 +263,7 @@ def main(r):
         r.check("RAM export r added",
                 b.ctl("export", "add", "r", "--ram", "64M").returncode == 0)
         for name in ("v", "r"):
-            nqn = b.nvmf_export(name, name, block_size=LBA)
+            nqn = b.nvmf_export("cw-" + name, name, block_size=LBA)
             admin, io = queue(b.nvmf_port(), nqn)
             try:
                 identify_checks(r, admin, name)

@@ -1474,7 +1474,13 @@ impl Queue {
                 return self.on_fused_write(cx, sqe, data);
             }
             if let Some(first) = self.fused_first.take() {
-                self.fail_half(cx, first, status::ABORTED_MISSING_FUSED);
+                // Its second command came and was refused (Failed Fused), or never came.
+                let why = if sqe.fuse() == nvme::FUSE_SECOND {
+                    status::ABORTED_FAILED_FUSED
+                } else {
+                    status::ABORTED_MISSING_FUSED
+                };
+                self.fail_half(cx, first, why);
             }
             match pairing {
                 Pairing::Refused(st) => return self.answer(&sqe, 0, 0, st),

@@ -159,6 +159,9 @@ pub struct CoreStats {
     /// Writes stored at once from a receive buffer ([`crate::blockdev::BlockDev::write_now`]):
     /// no I/O, no buffer, no copy of ours but the one into the device's memory.
     pub writes_now: u64,
+    /// Write-group commands that found their device's write gate fenced (an NVMe fused
+    /// Compare and Write running alone) and waited for it ([`crate::gate`]).
+    pub writes_fenced: u64,
     /// Times this core borrowed a pool's shared state on the data path (one per flush round
     /// with volume work, per pool), and the request events decided in those borrows.
     pub volume_rounds: u64,
@@ -193,6 +196,7 @@ impl CoreStats {
             offload_in_place: 0,
             reads_lent: 0,
             writes_now: 0,
+            writes_fenced: 0,
             volume_rounds: 0,
             volume_events: 0,
             volume_forwarded: 0,
@@ -311,6 +315,7 @@ impl CoreStats {
             offload_in_place: self.offload_in_place,
             reads_lent: self.reads_lent,
             writes_now: self.writes_now,
+            writes_fenced: self.writes_fenced,
             volume_rounds: self.volume_rounds,
             volume_events: self.volume_events,
             volume_forwarded: self.volume_forwarded,
@@ -402,6 +407,8 @@ pub struct StatsSnapshot {
     pub reads_lent: u64,
     /// Writes stored at once from a receive buffer.
     pub writes_now: u64,
+    /// Writes that waited for their device's fence (fused Compare and Write).
+    pub writes_fenced: u64,
     /// Borrows of a pool's shared state on the data path, and the request events decided in
     /// them (events per round: how well a turn's volume work shares one borrow).
     pub volume_rounds: u64,

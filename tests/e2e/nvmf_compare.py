@@ -17,10 +17,11 @@ buffer), through a raw host:
   Compare aborted as Failed Fused), a pair longer than ACWU (Invalid Field);
 - atomicity: four controllers (queues spread over two cores) increment one counter block by
   read + Compare and Write, each retrying on Compare Failure, while plain writes stream to
-  other blocks of the same device from two more queues: the counter ends at exactly the number
-  of Compare and Writes that succeeded (a lost update would leave it lower), and every plain
-  write landed.
-Run with /usr/bin/python3.
+  other blocks of the same device from two more NVMe/TCP queues and an NBD connection
+  (libnbd): the counter ends at exactly the number of Compare and Writes that succeeded (a
+  lost update would leave it lower; a mutant whose fence is not exclusive fails here), every
+  plain write landed, and some of them waited for a fence (`writes_fenced`).
+Run with /usr/bin/python3 (Debian's python3-libnbd).
 """
 import os
 import struct
@@ -29,6 +30,7 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nbd  # noqa: E402
 import nvmeraw  # noqa: E402
 from ballast_testlib import Ballast, ballast_bin, guarded  # noqa: E402
 
@@ -188,7 +190,7 @@ def single_checks(r, io, name, blocks):
     r.check_eq("%s: the queue still serves C&W" % name, (SUCCESS, SUCCESS), caw(io, 0, b, a))
 
 
-def counter_race(r, b, nqn, name, incrementers=4, each=150):
+def counter_race(r, b, nqn, name, export, incrementers=4, each=150):
     """Incrementers race on LBA 100 through C&W; plain writers stream to LBAs 200+."""
     port = b.nvmf_port()
     setup_admin, setup = queue(port, nqn)
@@ -218,27 +220,56 @@ def counter_race(r, b, nqn, name, incrementers=4, each=150):
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append("incrementer %d: %r" % (i, e))
 
+    racing = threading.Event()
+    racing.set()
+
+    def stream(i, put, get):
+        """Writes slot k % 300 of its own 300 blocks with (i, k) while the incrementers run,
+        then checks every slot holds the last write it took."""
+        last = {}
+        k = 0
+        while racing.is_set() or k < 300:
+            lba = 200 + i * 400 + k % 300
+            put(lba, struct.pack("<II", i, k).ljust(LBA, b"\x77"))
+            last[lba] = k
+            k += 1
+        for lba, k in last.items():
+            if get(lba) != struct.pack("<II", i, k):
+                raise AssertionError("plain write %d at LBA %d did not land" % (k, lba))
+
     def writer(i):
         try:
             admin, io = queue(port, nqn)
-            for k in range(300):
-                lba = 200 + i * 400 + k
-                if write(io, lba, struct.pack("<II", i, k).ljust(LBA, b"\x77")) != SUCCESS:
-                    raise AssertionError("plain write %d failed" % k)
-            for k in range(300):
-                lba = 200 + i * 400 + k
-                if read(io, lba, LBA)[:8] != struct.pack("<II", i, k):
-                    raise AssertionError("plain write %d did not land" % k)
+
+            def put(lba, data):
+                if write(io, lba, data) != SUCCESS:
+                    raise AssertionError("plain write at LBA %d failed" % lba)
+            stream(i, put, lambda lba: read(io, lba, LBA)[:8])
             io.close()
             admin.close()
         except Exception as e:  # noqa: BLE001
             errors.append("writer %d: %r" % (i, e))
 
+    def nbd_writer():
+        try:
+            h = nbd.NBD()
+            h.connect_uri(b.uri(export))
+            stream(2, lambda lba, data: h.pwrite(data, lba * LBA),
+                   lambda lba: h.pread(8, lba * LBA))
+            h.shutdown()
+        except Exception as e:  # noqa: BLE001
+            errors.append("NBD writer: %r" % e)
+
+    fenced0 = b.counter("writes_fenced")
     threads = [threading.Thread(target=incrementer, args=(i,)) for i in range(incrementers)]
     threads += [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    threads.append(threading.Thread(target=nbd_writer))
     for t in threads:
         t.start()
-    for t in threads:
+    for t in threads[:incrementers]:
+        t.join(300)
+    racing.clear()
+    for t in threads[incrementers:]:
         t.join(300)
     r.check("%s: every racer finished without error" % name, not errors and
             len(results) == incrementers, "; ".join(errors[:3]))
@@ -249,6 +280,9 @@ def counter_race(r, b, nqn, name, incrementers=4, each=150):
                won, final)
     r.check("%s: the race had contention (some Compare Failures)" % name, tries > won,
             "%d tries for %d increments" % (tries, won))
+    fenced = b.counter("writes_fenced") - fenced0
+    r.check("%s: plain writes waited for fences (writes_fenced +%d)" % (name, fenced),
+            fenced > 0)
     setup.close()
     setup_admin.close()
 
@@ -271,7 +305,7 @@ def main(r):
             finally:
                 io.close()
                 admin.close()
-            counter_race(r, b, nqn, name)
+            counter_race(r, b, nqn, name, name)
         b.check_clean_end(r)
 
 

@@ -213,7 +213,7 @@ impl ScrapeCollector {
         let errors = cores.iter().map(|s| (core_label(s), s.errors));
         family(enc, "ballast_core_errors", "Requests completed with an error.", Counter, errors)?;
         self.encode_latency(enc)?;
-        let per_core: [PerCoreMetric; 34] = [
+        let per_core: [PerCoreMetric; 35] = [
             ("ballast_core_queue_depth", "Requests taken in and not completed yet.", Gauge, |s| {
                 s.in_flight
             }),
@@ -308,6 +308,12 @@ impl ScrapeCollector {
                 "Writes stored straight from a receive buffer into a RAM export (no I/O, no buffer).",
                 Counter,
                 |s| s.writes_now,
+            ),
+            (
+                "ballast_core_writes_fenced",
+                "Writes that waited while an NVMe fused Compare and Write ran alone on their device.",
+                Counter,
+                |s| s.writes_fenced,
             ),
             (
                 "ballast_core_volume_rounds",

@@ -48,8 +48,9 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use ballast_engine::gate::GateTicket;
 use ballast_engine::holder::Holder;
 use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
 use ballast_engine::placed::Movable;
@@ -106,6 +107,10 @@ const TAG_TLS_RECV: u32 = u32::MAX - 6;
 const TAG_TLS_WORK: u32 = u32::MAX - 7;
 /// A receive of what the client sends after it disconnected (dropped).
 const TAG_LINGER: u32 = u32::MAX - 8;
+/// Parked requests look whether their device's fence was lifted.
+const TAG_FENCE_POLL: u32 = u32::MAX - 9;
+/// How often: a fence is up for one NVMe fused Compare and Write (a read and a write).
+const FENCE_POLL: Duration = Duration::from_micros(50);
 
 /// A request handed to the device, waiting for its completion.
 struct Inflight {
@@ -123,6 +128,9 @@ struct Inflight {
     /// A trim or write-zeroes longer than its device takes as one command
     /// (`BlockDev::effect_piece_max`): the rest, after the piece with the device.
     pieces: Option<Pieces>,
+    /// Counted on its device's write gate (`ballast_engine::gate`) from its first command
+    /// to its completion.
+    gated: Option<GateTicket>,
 }
 
 /// What is left of a trim or write-zeroes sent to its device piece by piece, one after
@@ -264,6 +272,11 @@ pub struct Conn {
     moving: Option<usize>,
     /// On a connection that moved: input received before the move, parsed first on arrival.
     arrived: Option<Vec<u8>>,
+    /// Writes, trims and write-zeroes whose device's write gate is fenced (an NVMe fused
+    /// Compare and Write runs alone): their first command, sent once the fence is lifted.
+    parked: Vec<(u32, IoCmd)>,
+    /// The timer of `parked` is armed.
+    fence_timer: bool,
 }
 
 impl Conn {
@@ -305,6 +318,8 @@ impl Conn {
             requests_total: 0,
             moving: None,
             arrived: None,
+            parked: Vec::new(),
+            fence_timer: false,
         }
     }
 
@@ -601,7 +616,15 @@ impl Conn {
                 let (offset, n) = (pw.req.offset, pw.req.length as usize);
                 let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
                 let dev = dev.clone();
-                if dev.write_now(offset, &input[..n]) {
+                // Counted on the device's gate for the store (a fenced gate: the write waits
+                // as a buffered one does).
+                let gate = dev.write_gate();
+                let ticket = gate.map(|g| g.enter(cx.core()));
+                let stored = ticket != Some(None) && dev.write_now(offset, &input[..n]);
+                if let (Some(g), Some(Some(t))) = (gate, ticket) {
+                    g.exit(t);
+                }
+                if stored {
                     let pw = self.payload.take().expect("pending write");
                     self.bytes_inflight -= pw.req.length;
                     cx.stats().record(
@@ -837,6 +860,7 @@ impl Conn {
             charged,
             then_flush: false,
             pieces: None,
+            gated: None,
         });
         assert!(key < INFLIGHT_MAX * 2, "request slab beyond its bound");
         key as u32
@@ -865,7 +889,43 @@ impl Conn {
             cx.complete(tag, 0, Owned::None);
             return;
         }
-        dev.submit(cx, IoCmd::Write { offset: pw.req.offset, buf, fua: pw.fua }, tag);
+        self.go(cx, &dev, tag, IoCmd::Write { offset: pw.req.offset, buf, fua: pw.fua }, false);
+    }
+
+    /// Sends a tracked write's, trim's or write-zeroes' first command, counted on its
+    /// device's write gate; parks it while the gate is fenced (`again`: it was parked).
+    fn go(&mut self, cx: &mut Cx<'_>, dev: &Arc<dyn BlockDev>, tag: u32, cmd: IoCmd, again: bool) {
+        match dev.write_gate().map(|g| g.enter(cx.core())) {
+            Some(None) => {
+                if !again {
+                    cx.stats().writes_fenced += 1;
+                }
+                self.parked.push((tag, cmd));
+                self.arm_fence_timer(cx);
+            }
+            ticket => {
+                self.reqs[tag as usize].gated = ticket.flatten();
+                dev.submit(cx, cmd, tag);
+            }
+        }
+    }
+
+    fn arm_fence_timer(&mut self, cx: &mut Cx<'_>) {
+        if !self.fence_timer {
+            self.fence_timer = true;
+            cx.timer(TAG_FENCE_POLL, FENCE_POLL);
+        }
+    }
+
+    /// The fence timer: parked commands try again (they are tracked requests: the
+    /// connection ends only once they went and completed).
+    fn on_fence_poll(&mut self, cx: &mut Cx<'_>) {
+        self.fence_timer = false;
+        let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
+        let dev = dev.clone();
+        for (tag, cmd) in std::mem::take(&mut self.parked) {
+            self.go(cx, &dev, tag, cmd, true);
+        }
     }
 
     /// One chunk per selected context — `base:allocation` from the device's extents, the
@@ -1016,7 +1076,7 @@ impl Conn {
         let inflight = &mut self.reqs[tag as usize];
         inflight.then_flush = fua;
         inflight.pieces = pieces;
-        dev.submit(cx, cmd, tag);
+        self.go(cx, dev, tag, cmd, false);
     }
 
     fn on_io_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {
@@ -1061,6 +1121,10 @@ impl Conn {
             return;
         }
         let req = self.reqs.remove(tag as usize);
+        if let Some(t) = req.gated {
+            let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
+            dev.write_gate().expect("a request counted on its device's gate").exit(t);
+        }
         if matches!(req.kind, OpKind::Read | OpKind::Write) {
             self.bytes_inflight -= req.len;
         }
@@ -1289,6 +1353,7 @@ impl Conn {
             && !self.send_inflight()
             && !self.tick_inflight
             && !self.cancel_inflight
+            && !self.fence_timer
             && !matches!(self.closing, Closing::Draining { inflight: true, .. })
             && self.reqs.is_empty()
     }
@@ -1466,6 +1531,7 @@ impl Task for Conn {
                 self.on_linger_recv(cx, result, buf);
             }
             TAG_CANCEL => self.cancel_inflight = false,
+            TAG_FENCE_POLL => self.on_fence_poll(cx),
             TAG_RECV_PAYLOAD => {
                 let buf = owned.into_buf().expect("payload receive completion without its buffer");
                 self.on_payload_recv(cx, result, buf);

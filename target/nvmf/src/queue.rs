@@ -1779,6 +1779,9 @@ impl Queue {
     ) {
         let cmd = &mut self.cmds[tag as usize];
         let Some(a) = admission else {
+            if cmd.state != CmdState::Parked {
+                cx.stats().writes_fenced += 1;
+            }
             cmd.state = CmdState::Parked;
             self.parked.push((tag, ops.into_iter().collect()));
             return self.arm_fence_timer(cx);

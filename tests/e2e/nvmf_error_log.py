@@ -110,8 +110,9 @@ def run(r, b):
     r.check_eq("the effects log (05h): the admin commands served",
                [0x02, 0x06, 0x08, 0x09, 0x0A, 0x0C, 0x18], acs)
     r.check_eq("...and the I/O ones, Write, Write Zeroes and Dataset Management changing "
-               "content (LBCC)",
-               {0x00: 1, 0x01: 3, 0x02: 1, 0x08: 3, 0x09: 3, 0x0D: 1, 0x0E: 1, 0x11: 1, 0x15: 1},
+               "content (LBCC), Compare not",
+               {0x00: 1, 0x01: 3, 0x02: 1, 0x05: 1, 0x08: 3, 0x09: 3, 0x0D: 1, 0x0E: 1, 0x11: 1,
+                0x15: 1},
                {op: e for op, e in iocs.items() if e})
     # What the log leaves out, an I/O queue refuses (host C's controller, apart from A's log).
     adm_c, io_c = nvmeraw.io_queue(port, PREFIX + "x", hostid=b"\xcc" * 16)

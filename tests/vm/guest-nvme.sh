@@ -59,9 +59,17 @@ check "nvme smart-log counts it (num_err_log_entries ${nerr:-none})" test "${ner
 eff=$(nvme effects-log /dev/nvme0 --csi=0 -H 2>&1); echo "$eff"
 eff_ok() {
   echo "$eff" | grep -Eq '^IOCS1 .*00000003 +CSUPP\+ +LBCC\+' && echo "$eff" | grep -Eq '^IOCS2 .*00000001 +CSUPP\+ +LBCC-' \
-    && echo "$eff" | grep -Eq '^ACS24 .*CSUPP\+' && [ "$(echo "$eff" | grep -Ec '^(ACS|IOCS)[0-9]+ ')" -eq 16 ]
+    && echo "$eff" | grep -Eq '^IOCS5 .*00000001 +CSUPP\+ +LBCC-' \
+    && echo "$eff" | grep -Eq '^ACS24 .*CSUPP\+' && [ "$(echo "$eff" | grep -Ec '^(ACS|IOCS)[0-9]+ ')" -eq 17 ]
 }
-check "nvme effects-log: 7 admin and 9 I/O commands, Write changing content (LBCC), Read not" eff_ok
+check "nvme effects-log: 7 admin and 10 I/O commands, Write changing content (LBCC), Read and Compare not" eff_ok
+# Compare (nvme-cli's `compare`: the kernel's passthrough): 8 KiB at LBA 4096 written with dd,
+# compared with the same bytes (success) and with one byte changed (Compare Failure, non-zero).
+head -c 8192 /dev/urandom > /tmp/cmp.a && cp /tmp/cmp.a /tmp/cmp.b && printf 'x' | dd of=/tmp/cmp.b bs=1 seek=5000 conv=notrunc 2>/dev/null
+check "dd writes 8 KiB at LBA 4096" dd if=/tmp/cmp.a of=$D bs=4096 seek=4096 oflag=direct conv=notrunc 2>/dev/null
+check "nvme compare with the same data succeeds" nvme compare $D -s 4096 -c 1 -z 8192 -d /tmp/cmp.a
+cmp_out=$(nvme compare $D -s 4096 -c 1 -z 8192 -d /tmp/cmp.b 2>&1); cmp_rc=$?; echo "$cmp_out"
+check "nvme compare with other data fails with Compare Failure" sh -c "[ $cmp_rc -ne 0 ] && echo '$cmp_out' | grep -Eqi 'compare.?fail|miscompare|0x[0-9]?285'"
 dd if=/dev/urandom of=$D bs=1M count=4 seek=8 oflag=direct 2>/dev/null
 check "blkdiscard of 4 MiB" blkdiscard -o $((8<<20)) -l $((4<<20)) $D
 check "discarded range reads zeros" sh -c "dd if=$D bs=1M skip=8 count=4 iflag=direct 2>/dev/null | cmp -s - /dev/zero -n $((4<<20)) || [ \$(dd if=$D bs=1M skip=8 count=4 iflag=direct 2>/dev/null | tr -d '\0' | wc -c) -eq 0 ]"

@@ -2,6 +2,7 @@
 # ballast vs the Linux kernel's NVMe/TCP host (nvme-cli), in a qemu guest (tests/vm/run.sh).
 # Guest side: tests/vm/guest-nvme.sh. Covers discovery (4420 and a discovery port), connect with
 # and without digests and with 1 or 2 I/O queues, id-ctrl/id-ns/ns-descs, fio verify, flush,
+# nvme compare (matching and not),
 # the error log (error-log, smart-log's count) after a read past the end, the commands
 # supported and their effects (effects-log),
 # discard, xfs and ext4 with checksums across reconnects, keep-alive, a namespace added at

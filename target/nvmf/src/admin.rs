@@ -603,6 +603,7 @@ mod tests {
         assert_eq!(served, [0x02, 0x06, 0x08, 0x09, 0x0a, 0x0c, 0x18], "admin commands");
         assert!(served.iter().all(|&op| at(op) == 1), "admin commands: supported, no effect");
         assert_eq!((at(256 + 0x01), at(256 + 0x02), at(256 + 0x09)), (3, 1, 3), "write, read, DSM");
+        assert_eq!(at(256 + 0x05), 1, "compare: supported, no effect");
         // Each admin opcode listed is answered (not Invalid Opcode), and none unlisted is.
         for op in 0..=255u8 {
             let r = a.execute(&t, &cmd(op, 0, [0; 6]));

@@ -176,7 +176,7 @@ pub const EFFECTS_LOG_LEN: usize = 4096;
 /// Commands Supported and Effects (log 05h, the NVM command set's): every admin and I/O
 /// command an I/O controller takes, marked supported (CSUPP), and those that may change
 /// logical block content (LBCC: Write, Write Zeroes, and Dataset Management, whose deallocate
-/// reads back zeros); none changes a namespace's or the controller's capabilities, and none
+/// reads back zeros; not Compare, whose fused Write is a Write); none changes a namespace's or the controller's capabilities, and none
 /// needs the others to stop (CSE 0). What nvmet reports, but for Dataset Management's LBCC.
 pub fn effects_log() -> Vec<u8> {
     const CSUPP: u32 = 1;
@@ -198,6 +198,7 @@ pub fn effects_log() -> Vec<u8> {
         (io::FLUSH, CSUPP),
         (io::WRITE, CSUPP | LBCC),
         (io::READ, CSUPP),
+        (io::COMPARE, CSUPP),
         (io::WRITE_ZEROES, CSUPP | LBCC),
         (io::DSM, CSUPP | LBCC),
         (io::RESV_REGISTER, CSUPP),

@@ -174,6 +174,19 @@ def single_checks(r, io, name, blocks):
     r.check_eq("%s: a first command followed by a read: Missing Fused" % name,
                ABORTED_MISSING_FUSED, got[first])
     r.check_eq("%s: ... and the read is served" % name, SUCCESS, got[rd])
+    first = send_cmd(io, OP_COMPARE, 0, b, FUSE_FIRST)
+    pget = io.next_cid()
+    io.send(nvmeraw.capsule(nvmeraw.sqe(nvmeraw.FABRICS, pget, cdw=(0, 0x1C, 0, 0, 0, 0),
+                                        fctype=0x04)))
+    got = answers(io, [first, pget])
+    r.check_eq("%s: a first command followed by a Fabrics command: Missing Fused" % name,
+               ABORTED_MISSING_FUSED, got[0])
+    first = send_cmd(io, OP_COMPARE, 0, b, FUSE_FIRST)
+    second = io.next_cid()
+    io.send(nvmeraw.capsule(io_sqe(nvmeraw.OP_WRITE, second, 0, 2, FUSE_SECOND), a + b"x"))
+    got = answers(io, [first, second])
+    r.check_eq("%s: a second command with too much in-capsule data: Failed Fused, refused" % name,
+               ABORTED_FAILED_FUSED, got[0])
     r.check_eq("%s: a second command alone: Missing Fused" % name, ABORTED_MISSING_FUSED,
                answers(io, [send_cmd(io, nvmeraw.OP_WRITE, 0, a, FUSE_SECOND)])[0])
     r.check_eq("%s: a first command that is a Write: Invalid Opcode" % name, INVALID_OPCODE,

@@ -255,7 +255,7 @@ class Storm:
     def must_fail(self):
         r = self.rng.random()
         if r < 0.4:
-            cid = self.send(self.rng.choice([0x04, 0x05, 0x0c, 0x19, 0x7e, 0x81]),
+            cid = self.send(self.rng.choice([0x04, 0x0a, 0x0c, 0x19, 0x7e, 0x81]),
                             (0, 0, 0, 0, 0, 0))
             self.check("unknown opcode", INVALID_OPCODE, self.finish(cid)[0])
         elif r < 0.7:
@@ -345,7 +345,7 @@ class Storm:
             e.update(what="flush", kind="none", want=OK, pdu=capsule(OP_FLUSH, (0,) * 6))
         else:
             e.update(what="unknown opcode", kind="none", want=INVALID_OPCODE,
-                     pdu=capsule(self.rng.choice([0x04, 0x05, 0x0c, 0x7e]), (0,) * 6))
+                     pdu=capsule(self.rng.choice([0x04, 0x0a, 0x0c, 0x7e]), (0,) * 6))
         return e
 
     def deep_done(self, e, status):

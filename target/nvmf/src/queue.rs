@@ -712,10 +712,12 @@ impl Queue {
                 let sqe = Sqe::decode(&raw);
                 self.sqhd = (self.sqhd + 1) % self.sq_entries.max(1);
                 if !data_digest_ok {
+                    self.abandon_first(cx, &sqe);
                     self.answer(&sqe, 0, 0, status::TRANSIENT_TRANSPORT_ERROR);
                     return;
                 }
                 if data_len > IN_CAPSULE_BYTES as usize {
+                    self.abandon_first(cx, &sqe);
                     self.answer(&sqe, 0, 0, status::SGL_DATA_LENGTH_INVALID);
                     return;
                 }
@@ -853,6 +855,10 @@ impl Queue {
     }
 
     fn on_capsule(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
+        if sqe.opcode == FABRICS_OPCODE || self.phase != Phase::Ready || self.auth_pending() {
+            // Not an I/O command: a Compare waiting for its second command waits no more.
+            self.abandon_first(cx, &sqe);
+        }
         if sqe.opcode == FABRICS_OPCODE {
             self.on_fabrics(cx, &sqe, data);
             return;
@@ -1465,6 +1471,7 @@ impl Queue {
     fn on_io(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
         if self.cmds.len() + self.resv_waits.len() >= usize::from(self.sq_entries) {
             // The host overran its submission queue.
+            self.abandon_first(cx, &sqe);
             return self.answer(&sqe, 0, 0, status::COMMAND_SEQUENCE);
         }
         if self.fused_first.is_some() || sqe.fuse() != nvme::FUSE_NONE {
@@ -1473,15 +1480,7 @@ impl Queue {
             if pairing == Pairing::Completes {
                 return self.on_fused_write(cx, sqe, data);
             }
-            if let Some(first) = self.fused_first.take() {
-                // Its second command came and was refused (Failed Fused), or never came.
-                let why = if sqe.fuse() == nvme::FUSE_SECOND {
-                    status::ABORTED_FAILED_FUSED
-                } else {
-                    status::ABORTED_MISSING_FUSED
-                };
-                self.fail_half(cx, first, why);
-            }
+            self.abandon_first(cx, &sqe);
             match pairing {
                 Pairing::Refused(st) => return self.answer(&sqe, 0, 0, st),
                 Pairing::Opens => return self.on_compare(cx, sqe, data, Role::FusedCompare),
@@ -1708,7 +1707,9 @@ impl Queue {
             if let Some(partner) = self.unpair(u32::from(ttag)) {
                 self.fail_half(cx, partner, status::ABORTED_FAILED_FUSED);
             }
-            return self.answer_cmd(cx, u32::from(ttag), st);
+            self.answer_cmd(cx, u32::from(ttag), st);
+            // The pair that went may have been first: the next one's turn.
+            return self.drive_fused(cx);
         }
         self.data_landed(cx, u32::from(ttag));
     }
@@ -1799,7 +1800,7 @@ impl Queue {
     }
 
     fn arm_fence_timer(&mut self, cx: &mut Cx<'_>) {
-        if !self.fence_timer && !self.read_closed {
+        if !self.fence_timer {
             self.fence_timer = true;
             cx.timer(TAG_FENCE_POLL, FENCE_POLL);
         }
@@ -1809,7 +1810,13 @@ impl Queue {
     fn on_fence_poll(&mut self, cx: &mut Cx<'_>) {
         self.fence_timer = false;
         if self.read_closed {
-            // Closing: what waits never went to the media; `finish` lets it go.
+            // Closing: what waits never went to the media; `finish` lets it go. A pair still
+            // waiting for the writes before it lifts its fence now (the host may take its
+            // time reading its last responses: others' writes do not wait for that).
+            if let Some(pair) = self.fused.front_mut().filter(|p| p.step == Step::Draining) {
+                pair.fence = None;
+                pair.step = Step::Fencing;
+            }
             return;
         }
         for (tag, ops) in std::mem::take(&mut self.parked) {
@@ -1848,8 +1855,12 @@ impl Queue {
     /// queued; a refusal answers it and aborts the Compare.
     fn on_fused_write(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
         let first = self.fused_first.take().expect("a pair completes its waiting Compare");
+        let first_ns = self.cmds[first as usize].ns.clone().expect("a Compare has its namespace");
         let checked = self.check_io(&sqe).and_then(|(ns, offset, len)| {
-            if ns.read_only() {
+            if !Arc::ptr_eq(&*ns, &*first_ns) {
+                // The namespace was replaced between the two capsules.
+                Err(status::INVALID_FIELD)
+            } else if ns.read_only() {
                 Err(status::NS_WRITE_PROTECTED)
             } else if sqe.sgl_len != len {
                 Err(status::SGL_DATA_LENGTH_INVALID)
@@ -1941,6 +1952,20 @@ impl Queue {
         ns.dev.submit(cx, IoCmd::Read { offset, buf }, tag);
     }
 
+    /// The capsule `next` came while a Compare waited for its second command and is not that
+    /// command: the Compare is aborted — Failed Fused when `next` was its second command but
+    /// refused, Missing Fused otherwise.
+    fn abandon_first(&mut self, cx: &mut Cx<'_>, next: &Sqe) {
+        if let Some(first) = self.fused_first.take() {
+            let why = if next.fuse() == nvme::FUSE_SECOND {
+                status::ABORTED_FAILED_FUSED
+            } else {
+                status::ABORTED_MISSING_FUSED
+            };
+            self.fail_half(cx, first, why);
+        }
+    }
+
     /// Takes a fused half out of its pair (or out of waiting for its second command): its
     /// partner, if it had one by now. The pair's fence, if any, is lifted.
     fn unpair(&mut self, tag: u32) -> Option<u32> {
@@ -1979,6 +2004,8 @@ impl Queue {
                     pair.step = Step::Fencing;
                 }
                 Step::AwaitData | Step::Reading | Step::Writing => return,
+                // Closing: no pair takes a fence any more (`finish` lets them go).
+                Step::Fencing if self.read_closed => return,
                 Step::Fencing => {
                     let ns = self.cmds[pair.compare as usize].ns.clone().expect("namespace");
                     let gate = ns.dev.write_gate().expect("a fused Compare's device has a gate");
@@ -2068,22 +2095,26 @@ impl Queue {
         for (tag, st, kind) in
             [(pair.compare, compare, OpKind::Read), (pair.write, write, OpKind::Write)]
         {
-            let cmd = &self.cmds[tag as usize];
-            let ran = st == status::SUCCESS;
-            cx.stats().record(
-                stats_id(cmd.ns.as_ref()),
-                Proto::Nvmf,
-                kind,
-                u64::from(cmd.bytes),
-                cmd.started.elapsed().as_nanos() as u64,
-                ran,
-            );
-            if ran {
-                self.count_done(kind, self.cmds[tag as usize].bytes);
-            }
+            self.record_compare(cx, tag, kind, st);
             self.answer_cmd(cx, tag, st);
         }
         self.drive_fused(cx);
+    }
+
+    /// Counts a Compare or fused half that is done, as `kind`: a miscompare is no I/O error;
+    /// a half aborted for its partner did no I/O and is not counted.
+    fn record_compare(&mut self, cx: &mut Cx<'_>, tag: u32, kind: OpKind, st: Status) {
+        if matches!(st, status::ABORTED_FAILED_FUSED | status::ABORTED_MISSING_FUSED) {
+            return;
+        }
+        let cmd = &self.cmds[tag as usize];
+        let ok = st == status::SUCCESS || st == status::COMPARE_FAILURE;
+        let (bytes, latency) = (cmd.bytes, cmd.started.elapsed().as_nanos() as u64);
+        let id = stats_id(cmd.ns.as_ref());
+        cx.stats().record(id, Proto::Nvmf, kind, u64::from(bytes), latency, ok);
+        if ok {
+            self.count_done(kind, bytes);
+        }
     }
 
     /// A Compare's read completed: compared with the host's data, answered.
@@ -2101,18 +2132,7 @@ impl Queue {
         if let Owned::Buf(b) = owned {
             cx.recycle(b);
         }
-        let ran = st == status::SUCCESS || st == status::COMPARE_FAILURE;
-        cx.stats().record(
-            stats_id(cmd.ns.as_ref()),
-            Proto::Nvmf,
-            OpKind::Read,
-            u64::from(cmd.bytes),
-            cmd.started.elapsed().as_nanos() as u64,
-            ran,
-        );
-        if ran {
-            self.count_done(OpKind::Read, self.cmds[tag as usize].bytes);
-        }
+        self.record_compare(cx, tag, OpKind::Read, st);
         self.answer_cmd(cx, tag, st);
     }
 

@@ -15,14 +15,22 @@
 //!   compare and its write;
 //! - at most one fence per gate at a time (fused commands on one device run one after another);
 //!   a fence is lifted when its [`Fence`] is dropped, whatever became of its commands;
+//! - writers that wait get their turn: while any waits ([`Waiting`], held from a write's
+//!   first refusal until it goes or is dropped), no fence is raised within [`WRITERS_TURN`] of
+//!   the last one's lift, so back-to-back fused commands cannot keep a device's writes out;
 //! - a counter is never uncounted below zero (asserted); the data path costs one atomic add on
 //!   a cache line of its core's own and one load while no fence is up.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Shards of the counters (cores map onto them modulo this many): 1 KiB a device.
 const SHARDS: usize = 16;
+
+/// How long after a fence is lifted no other is raised while writes wait: waiting writes look
+/// again every 50 µs (the queues' fence polls), so each gets in within this.
+pub const WRITERS_TURN: Duration = Duration::from_micros(200);
 
 /// One core's count of write-group commands executing on the device, on a line of its own.
 #[repr(align(64))]
@@ -30,10 +38,45 @@ const SHARDS: usize = 16;
 struct Shard(AtomicU64);
 
 /// The write gate of one device (shared by every namespace and export made from it).
-#[derive(Default)]
 pub struct WriteGate {
     shards: [Shard; SHARDS],
     fenced: AtomicBool,
+    /// Writes refused by a fence that have not gone yet.
+    waiting: AtomicU64,
+    /// When the last fence was lifted, in ns since `born` (0: never raised).
+    lifted_ns: AtomicU64,
+    born: Instant,
+}
+
+impl Default for WriteGate {
+    fn default() -> WriteGate {
+        WriteGate {
+            shards: Default::default(),
+            fenced: AtomicBool::new(false),
+            waiting: AtomicU64::new(0),
+            lifted_ns: AtomicU64::new(0),
+            born: Instant::now(),
+        }
+    }
+}
+
+/// A write that a fence refused and that waits to go: counted among the gate's waiting writes
+/// until dropped (when it goes, or is let go).
+pub struct Waiting {
+    gate: Arc<WriteGate>,
+}
+
+impl std::fmt::Debug for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waiting")
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let before = self.gate.waiting.fetch_sub(1, Ordering::SeqCst);
+        assert!(before > 0, "a waiting write counted out twice");
+    }
 }
 
 /// A write counted by [`WriteGate::enter`]: handed back to [`WriteGate::exit`] when done.
@@ -83,8 +126,28 @@ impl WriteGate {
         self.fenced.load(Ordering::SeqCst)
     }
 
-    /// Raises the fence for one fused command; `None` while another holds it.
+    /// A write refused by the fence waits (the caller keeps it until the write goes).
+    pub fn wait(self: &Arc<Self>) -> Waiting {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting { gate: Arc::clone(self) }
+    }
+
+    /// Raises the fence for one fused command; `None` while another holds it, or while writes
+    /// wait and the last fence was lifted less than [`WRITERS_TURN`] ago (their turn).
     pub fn try_fence(self: &Arc<Self>) -> Option<Fence> {
+        self.try_fence_at(Instant::now())
+    }
+
+    fn try_fence_at(self: &Arc<Self>, now: Instant) -> Option<Fence> {
+        let lifted = self.lifted_ns.load(Ordering::SeqCst);
+        let since =
+            (now.saturating_duration_since(self.born).as_nanos() as u64).saturating_sub(lifted);
+        if lifted > 0
+            && self.waiting.load(Ordering::SeqCst) > 0
+            && since < WRITERS_TURN.as_nanos() as u64
+        {
+            return None;
+        }
         self.fenced
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .ok()
@@ -111,6 +174,8 @@ impl Fence {
 
 impl Drop for Fence {
     fn drop(&mut self) {
+        let at = (self.gate.born.elapsed().as_nanos() as u64).max(1);
+        self.gate.lifted_ns.store(at, Ordering::SeqCst);
         let was = self.gate.fenced.swap(false, Ordering::SeqCst);
         assert!(was, "a fence lifted twice");
     }
@@ -141,6 +206,30 @@ mod tests {
         let c = g.enter(0).expect("lifted: counted again");
         g.exit(c);
         assert_eq!(g.executing(), 0);
+    }
+
+    /// While a refused write waits, a fence is not raised again within WRITERS_TURN of the
+    /// last lift (the write's turn); without one waiting, or after the turn, it is.
+    #[test]
+    fn waiting_writes_get_their_turn_between_fences() {
+        let g = WriteGate::new();
+        drop(g.try_fence().expect("the first fence"));
+        assert!(g.try_fence().map(drop).is_some(), "nobody waits: at once");
+        let f = g.try_fence().expect("a fence");
+        assert!(g.enter(2).is_none(), "fenced");
+        let w = g.wait();
+        let lifted = Instant::now();
+        drop(f);
+        assert!(g.try_fence_at(lifted).is_none(), "a waiting write's turn");
+        let t = g.enter(2).expect("its turn: it goes");
+        drop(w);
+        g.exit(t);
+        assert!(g.try_fence_at(lifted).map(drop).is_some(), "no write waits any more");
+        let w = g.wait();
+        let later = Instant::now() + WRITERS_TURN;
+        assert!(g.try_fence_at(later).map(drop).is_some(), "after its turn: fenced again");
+        drop(w);
+        assert_eq!(g.waiting.load(Ordering::SeqCst), 0);
     }
 
     #[test]

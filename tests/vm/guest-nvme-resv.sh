@@ -41,7 +41,8 @@ echo "devices: A=$DA B=$DB other=$DO"
 nvme list
 check "two block devices for one namespace (one per host)" sh -c "[ -b $DA ] && [ -b $DB ] && [ $DA != $DB ]"
 C=$(basename "$DA" | sed 's/n1$//')
-check "id-ctrl ONCS says Reservations (bit 5)" sh -c "nvme id-ctrl /dev/$C | grep -E '^oncs' | grep -q '0x2c'"
+oncs=$(nvme id-ctrl /dev/$C | awk '/^oncs/ {print $3}')
+check "id-ctrl ONCS says Reservations (bit 5; ONCS $oncs)" sh -c "[ -n '$oncs' ] && [ \$(( $oncs & 0x20 )) -ne 0 ]"
 check "id-ns RESCAP lists the six types, IEKEY and PTPL (a pool)" sh -c "nvme id-ns $DA | grep -E '^rescap' | grep -q '0xff'"
 check "id-ns NMIC: shared" sh -c "nvme id-ns $DA | grep -E '^nmic' | grep -q '0x1'"
 check "report without --eds is refused (128-bit host ids)" sh -c "! nvme resv-report $DA >/dev/null 2>&1"

@@ -34,6 +34,7 @@ D=/dev/nvme0n1
 check "namespace block device appears" wait_dev $D
 nvme list
 nvme id-ctrl /dev/nvme0 | grep -E '^(mn|kas|sgls|ioccsz|iorcsz|icdoff|mdts|vwc|oncs) '
+check "id-ctrl ONCS says Compare (bit 0) and FUSES Compare and Write (bit 0)" sh -c "nvme id-ctrl /dev/nvme0 | grep -Eq '^oncs *: 0x2d' && nvme id-ctrl /dev/nvme0 | grep -Eq '^fuses *: 0x1'"
 check "id-ctrl shows our model and KAS" sh -c "nvme id-ctrl /dev/nvme0 | grep -q '^mn *: ballast' && nvme id-ctrl /dev/nvme0 | grep -Eq '^kas *: (0xa|10) *$'"
 check "id-ns shows 2 LBA formats, 4096 in use" sh -c "nvme id-ns $D | grep -q 'nlbaf *: 1' && nvme id-ns $D | grep 'in use' | grep -q 'lbads:12'"
 check "ns-descs lists EUI64, NGUID, UUID" sh -c "nvme ns-descs $D | grep -q eui64 && nvme ns-descs $D | grep -q nguid && nvme ns-descs $D | grep -q uuid"

@@ -245,8 +245,9 @@ fn bdev_entry(
             flush: true,
             reset: false,
             write_zeroes: writable,
-            compare: false,
-            compare_and_write: false,
+            // NVMe Compare and fused Compare and Write, on every export (its write gate).
+            compare: true,
+            compare_and_write: writable,
             abort: false,
             nvme_admin: false,
             nvme_io: false,

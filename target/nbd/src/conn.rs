@@ -50,7 +50,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ballast_engine::gate::GateTicket;
+use ballast_engine::gate::{GateTicket, Waiting};
 use ballast_engine::holder::Holder;
 use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
 use ballast_engine::placed::Movable;
@@ -274,7 +274,7 @@ pub struct Conn {
     arrived: Option<Vec<u8>>,
     /// Writes, trims and write-zeroes whose device's write gate is fenced (an NVMe fused
     /// Compare and Write runs alone): their first command, sent once the fence is lifted.
-    parked: Vec<(u32, IoCmd)>,
+    parked: Vec<(u32, IoCmd, Waiting)>,
     /// The timer of `parked` is armed.
     fence_timer: bool,
 }
@@ -889,22 +889,33 @@ impl Conn {
             cx.complete(tag, 0, Owned::None);
             return;
         }
-        self.go(cx, &dev, tag, IoCmd::Write { offset: pw.req.offset, buf, fua: pw.fua }, false);
+        self.go(cx, &dev, tag, IoCmd::Write { offset: pw.req.offset, buf, fua: pw.fua }, None);
     }
 
     /// Sends a tracked write's, trim's or write-zeroes' first command, counted on its
-    /// device's write gate; parks it while the gate is fenced (`again`: it was parked).
-    fn go(&mut self, cx: &mut Cx<'_>, dev: &Arc<dyn BlockDev>, tag: u32, cmd: IoCmd, again: bool) {
-        match dev.write_gate().map(|g| g.enter(cx.core())) {
-            Some(None) => {
-                if !again {
+    /// device's write gate; parks it while the gate is fenced, counted among the gate's
+    /// waiting writes from its first refusal (`waiting`: it was parked before) until it goes.
+    fn go(
+        &mut self,
+        cx: &mut Cx<'_>,
+        dev: &Arc<dyn BlockDev>,
+        tag: u32,
+        cmd: IoCmd,
+        waiting: Option<Waiting>,
+    ) {
+        match dev.write_gate().map(|g| (g, g.enter(cx.core()))) {
+            Some((gate, None)) => {
+                let waiting = waiting.unwrap_or_else(|| {
                     cx.stats().writes_fenced += 1;
-                }
-                self.parked.push((tag, cmd));
+                    gate.wait()
+                });
+                self.parked.push((tag, cmd, waiting));
                 self.arm_fence_timer(cx);
             }
             ticket => {
-                self.reqs[tag as usize].gated = ticket.flatten();
+                drop(waiting);
+                let ticket = ticket.and_then(|(_, t)| t);
+                self.reqs[tag as usize].gated = ticket;
                 dev.submit(cx, cmd, tag);
             }
         }
@@ -923,8 +934,8 @@ impl Conn {
         self.fence_timer = false;
         let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
         let dev = dev.clone();
-        for (tag, cmd) in std::mem::take(&mut self.parked) {
-            self.go(cx, &dev, tag, cmd, true);
+        for (tag, cmd, waiting) in std::mem::take(&mut self.parked) {
+            self.go(cx, &dev, tag, cmd, Some(waiting));
         }
     }
 
@@ -1076,7 +1087,7 @@ impl Conn {
         let inflight = &mut self.reqs[tag as usize];
         inflight.then_flush = fua;
         inflight.pieces = pieces;
-        self.go(cx, dev, tag, cmd, false);
+        self.go(cx, dev, tag, cmd, None);
     }
 
     fn on_io_done(&mut self, cx: &mut Cx<'_>, tag: u32, result: i32, owned: Owned) {

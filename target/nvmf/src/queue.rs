@@ -50,7 +50,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ballast_engine::gate::GateTicket;
+use ballast_engine::gate::{GateTicket, Waiting};
 use ballast_engine::holder::Holder;
 use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
 use ballast_engine::offload::Away;
@@ -227,6 +227,14 @@ struct Cmd {
     role: Role,
 }
 
+/// A write-group command waiting for its device's fence to be lifted: its device operations,
+/// and its place among the gate's waiting writes (their turn comes before the next fence).
+struct Parked {
+    tag: u32,
+    ops: Vec<IoCmd>,
+    waiting: Waiting,
+}
+
 /// What [`Queue::admit`] counted for a write-group command: handed back when it leaves.
 #[derive(Debug, Clone, Copy)]
 struct Admission {
@@ -310,7 +318,7 @@ pub struct Queue {
     resv_verdicts: Vec<ResvVerdict>,
     /// Write-group commands waiting for their device's fence to be lifted, with their device
     /// operations (`CmdState::Parked`).
-    parked: Vec<(u32, Vec<IoCmd>)>,
+    parked: Vec<Parked>,
     /// The Compare that opened a fused pair, until the next capsule comes.
     fused_first: Option<u32>,
     /// Fused pairs, in arrival order: only the first one goes past `Step::Fencing`.
@@ -1501,7 +1509,7 @@ impl Queue {
                     let tag = self.track(cx, sqe, Some(ns), OpKind::WriteZeroes, 0, 1);
                     self.cmds[tag as usize].then_flush = fua;
                     let op = IoCmd::WriteZeroes { offset, len: u64::from(len), may_unmap };
-                    self.start_writes(cx, tag, [op]);
+                    self.start_writes(cx, tag, [op], None);
                 }
                 Err(st) => self.answer(&sqe, 0, 0, st),
             },
@@ -1616,7 +1624,8 @@ impl Queue {
                 let fua = sqe.fua();
                 let tag = self.track(cx, sqe, Some(ns), OpKind::Write, len, 1);
                 self.cmds[tag as usize].charged = self.take_pdu_charge();
-                self.go_or_park(cx, tag, admission, [IoCmd::Write { offset, buf, fua }]);
+                let op = IoCmd::Write { offset, buf, fua };
+                self.go_or_park(cx, tag, admission, [op], None);
             }
             nvme::SGL_TRANSPORT_DATA_BLOCK => {
                 // No buffer yet: it is charged and allocated when the first H2CData arrives.
@@ -1725,7 +1734,7 @@ impl Queue {
                 let ns = cmd.ns.as_ref().expect("a write has its namespace");
                 let offset = cmd.sqe.slba() << ns.lba_shift;
                 let fua = cmd.sqe.fua();
-                self.start_writes(cx, tag, [IoCmd::Write { offset, buf, fua }]);
+                self.start_writes(cx, tag, [IoCmd::Write { offset, buf, fua }], None);
             }
             Role::Compare => {
                 cmd.state = CmdState::Executing { pending: 1 };
@@ -1752,14 +1761,20 @@ impl Queue {
     }
 
     /// Sends a tracked write-group command's device operations, counted by [`Self::admit`];
-    /// parks them while its device's gate is fenced; answers it instead when a reservation
-    /// now refuses its host.
-    fn start_writes<I: IntoIterator<Item = IoCmd>>(&mut self, cx: &mut Cx<'_>, tag: u32, ops: I) {
+    /// parks them while its device's gate is fenced (`waiting`: it was parked before); answers
+    /// it instead when a reservation now refuses its host.
+    fn start_writes<I: IntoIterator<Item = IoCmd>>(
+        &mut self,
+        cx: &mut Cx<'_>,
+        tag: u32,
+        ops: I,
+        waiting: Option<Waiting>,
+    ) {
         let cmd = &self.cmds[tag as usize];
         let ns = cmd.ns.clone().expect("a write-group command has its namespace");
         let opcode = cmd.sqe.opcode;
         match self.admit(cx, &ns, opcode) {
-            Ok(admission) => self.go_or_park(cx, tag, admission, ops),
+            Ok(admission) => self.go_or_park(cx, tag, admission, ops, waiting),
             Err(st) => {
                 for op in ops {
                     recycle_op(cx, op);
@@ -1770,23 +1785,28 @@ impl Queue {
     }
 
     /// Sends `ops` of an admitted command (its counts kept with it until it leaves), or parks
-    /// them (`None`: its device's gate is fenced) until the fence is lifted.
+    /// them (`None`: its device's gate is fenced) until the fence is lifted, counted among the
+    /// gate's waiting writes from its first refusal (`waiting`) until it goes.
     fn go_or_park<I: IntoIterator<Item = IoCmd>>(
         &mut self,
         cx: &mut Cx<'_>,
         tag: u32,
         admission: Option<Admission>,
         ops: I,
+        waiting: Option<Waiting>,
     ) {
         let cmd = &mut self.cmds[tag as usize];
         let Some(a) = admission else {
-            if cmd.state != CmdState::Parked {
+            let waiting = waiting.unwrap_or_else(|| {
                 cx.stats().writes_fenced += 1;
-            }
+                let ns = cmd.ns.as_ref().expect("a write-group command has its namespace");
+                ns.dev.write_gate().expect("only a gate fences").wait()
+            });
             cmd.state = CmdState::Parked;
-            self.parked.push((tag, ops.into_iter().collect()));
+            self.parked.push(Parked { tag, ops: ops.into_iter().collect(), waiting });
             return self.arm_fence_timer(cx);
         };
+        drop(waiting);
         cmd.executing = a.executing;
         cmd.gated = a.gated;
         let ns = cmd.ns.clone().expect("a write-group command has its namespace");
@@ -1819,8 +1839,8 @@ impl Queue {
             }
             return;
         }
-        for (tag, ops) in std::mem::take(&mut self.parked) {
-            self.start_writes(cx, tag, ops);
+        for Parked { tag, ops, waiting } in std::mem::take(&mut self.parked) {
+            self.start_writes(cx, tag, ops, Some(waiting));
         }
         self.drive_fused(cx);
     }
@@ -1950,6 +1970,7 @@ impl Queue {
         cmd.state = CmdState::Executing { pending: 1 };
         let buf = cx.buf(cmd.bytes as usize);
         ns.dev.submit(cx, IoCmd::Read { offset, buf }, tag);
+        self.hold_back_for(cx, &ns.dev);
     }
 
     /// The capsule `next` came while a Compare waited for its second command and is not that
@@ -2017,6 +2038,11 @@ impl Queue {
                         None => return self.arm_fence_timer(cx),
                     }
                 }
+                Step::Draining if self.read_closed => {
+                    pair.fence = None;
+                    pair.step = Step::Fencing;
+                    return;
+                }
                 Step::Draining => {
                     if !pair.fence.as_ref().is_some_and(|f| f.drained()) {
                         return self.arm_fence_timer(cx);
@@ -2067,6 +2093,7 @@ impl Queue {
                 let fua = write.sqe.fua();
                 write.state = CmdState::Executing { pending: 1 };
                 ns.dev.submit(cx, IoCmd::Write { offset, buf, fua }, pair.write);
+                self.hold_back_for(cx, &ns.dev);
             }
             Role::FusedWrite => {
                 assert!(pair.write == tag && pair.step == Step::Writing);
@@ -2251,6 +2278,7 @@ impl Queue {
             cx,
             tag,
             work.into_iter().map(|(offset, len)| IoCmd::Discard { offset, len }),
+            None,
         );
     }
 
@@ -2596,8 +2624,8 @@ impl Queue {
         if quiet && self.cmds.iter().all(|(_, c)| idle(c)) {
             // Nothing of theirs went to the media: parked writes, fused pairs (their fences
             // lifted) and transfers never completed are let go.
-            for (_, ops) in std::mem::take(&mut self.parked) {
-                for op in ops {
+            for parked in std::mem::take(&mut self.parked) {
+                for op in parked.ops {
                     recycle_op(cx, op);
                 }
             }

@@ -28,9 +28,40 @@ use std::time::{Duration, Instant};
 /// Shards of the counters (cores map onto them modulo this many): 1 KiB a device.
 const SHARDS: usize = 16;
 
-/// How long after a fence is lifted no other is raised while writes wait: waiting writes look
-/// again every 50 µs (the queues' fence polls), so each gets in within this.
-pub const WRITERS_TURN: Duration = Duration::from_micros(200);
+/// How often a connection's waiting writes (and fused pairs) look whether a fence moved: a
+/// fence is up for one read and one write of at most ACWU blocks.
+pub const FENCE_POLL: Duration = Duration::from_micros(50);
+
+/// How long after a fence is lifted no other is raised while writes wait: they look again
+/// every [`FENCE_POLL`], so each gets in within this.
+pub const WRITERS_TURN: Duration = Duration::from_micros(4 * FENCE_POLL.as_micros() as u64);
+
+/// A connection's fence poll: one timer at a time, armed while something of it waits.
+#[derive(Debug, Default)]
+pub struct FencePoll {
+    armed: bool,
+}
+
+impl FencePoll {
+    /// Arms the timer (completion `tag` on the connection's task) unless it is armed.
+    pub fn arm(&mut self, cx: &mut crate::reactor::Cx<'_>, tag: u32) {
+        if !self.armed {
+            self.armed = true;
+            cx.timer(tag, FENCE_POLL);
+        }
+    }
+
+    /// The timer fired: it is no longer armed.
+    pub fn fired(&mut self) {
+        assert!(self.armed, "a fence poll fired that was not armed");
+        self.armed = false;
+    }
+
+    /// Whether the timer is armed (a connection ends only once it is not).
+    pub fn armed(&self) -> bool {
+        self.armed
+    }
+}
 
 /// One core's count of write-group commands executing on the device, on a line of its own.
 #[repr(align(64))]

@@ -29,7 +29,6 @@ Run with /usr/bin/python3 (Debian's python3-libnbd).
 import json
 import os
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -37,7 +36,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402
 import nvmeraw  # noqa: E402
-from ballast_testlib import Ballast, ballast_bin, guarded  # noqa: E402
+from ballast_testlib import guarded, pool_daemon  # noqa: E402
 
 OP_COMPARE = 0x05
 FUSE_FIRST, FUSE_SECOND = 0x01, 0x02
@@ -358,10 +357,7 @@ def flood_fairness(r, b, nqn, name):
 
 
 def main(r):
-    b = Ballast(["--pool", "{data}/pool.img", "--cores", "2"])
-    pool = os.path.join(b.data_dir, "pool.img")
-    subprocess.run([ballast_bin(), "pool", "create", pool, "--size", "256M"], check=True,
-                   capture_output=True)
+    b, _ = pool_daemon("256M")
     with b:
         r.check("volume v created", b.ctl("volume", "create", "v", "64M").returncode == 0)
         r.check("RAM export r added",

@@ -48,9 +48,9 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use ballast_engine::gate::{GateTicket, Waiting};
+use ballast_engine::gate::{FencePoll, GateTicket, Waiting};
 use ballast_engine::holder::Holder;
 use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
 use ballast_engine::placed::Movable;
@@ -109,8 +109,6 @@ const TAG_TLS_WORK: u32 = u32::MAX - 7;
 const TAG_LINGER: u32 = u32::MAX - 8;
 /// Parked requests look whether their device's fence was lifted.
 const TAG_FENCE_POLL: u32 = u32::MAX - 9;
-/// How often: a fence is up for one NVMe fused Compare and Write (a read and a write).
-const FENCE_POLL: Duration = Duration::from_micros(50);
 
 /// A request handed to the device, waiting for its completion.
 struct Inflight {
@@ -275,8 +273,8 @@ pub struct Conn {
     /// Writes, trims and write-zeroes whose device's write gate is fenced (an NVMe fused
     /// Compare and Write runs alone): their first command, sent once the fence is lifted.
     parked: Vec<(u32, IoCmd, Waiting)>,
-    /// The timer of `parked` is armed.
-    fence_timer: bool,
+    /// The timer of `parked` (and of fused pairs: fences to be lifted, writes to drain).
+    fence_poll: FencePoll,
 }
 
 impl Conn {
@@ -319,7 +317,7 @@ impl Conn {
             moving: None,
             arrived: None,
             parked: Vec::new(),
-            fence_timer: false,
+            fence_poll: FencePoll::default(),
         }
     }
 
@@ -910,7 +908,7 @@ impl Conn {
                     gate.wait()
                 });
                 self.parked.push((tag, cmd, waiting));
-                self.arm_fence_timer(cx);
+                self.fence_poll.arm(cx, TAG_FENCE_POLL);
             }
             ticket => {
                 drop(waiting);
@@ -921,17 +919,10 @@ impl Conn {
         }
     }
 
-    fn arm_fence_timer(&mut self, cx: &mut Cx<'_>) {
-        if !self.fence_timer {
-            self.fence_timer = true;
-            cx.timer(TAG_FENCE_POLL, FENCE_POLL);
-        }
-    }
-
     /// The fence timer: parked commands try again (they are tracked requests: the
     /// connection ends only once they went and completed).
     fn on_fence_poll(&mut self, cx: &mut Cx<'_>) {
-        self.fence_timer = false;
+        self.fence_poll.fired();
         let Phase::Transmission { dev, .. } = &self.phase else { unreachable!() };
         let dev = dev.clone();
         for (tag, cmd, waiting) in std::mem::take(&mut self.parked) {
@@ -1364,7 +1355,7 @@ impl Conn {
             && !self.send_inflight()
             && !self.tick_inflight
             && !self.cancel_inflight
-            && !self.fence_timer
+            && !self.fence_poll.armed()
             && !matches!(self.closing, Closing::Draining { inflight: true, .. })
             && self.reqs.is_empty()
     }

@@ -50,7 +50,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ballast_engine::gate::{GateTicket, Waiting};
+use ballast_engine::gate::{FencePoll, GateTicket, Waiting};
 use ballast_engine::holder::Holder;
 use ballast_engine::limits::{abort_socket, ConnGuard, Progress};
 use ballast_engine::offload::Away;
@@ -141,8 +141,6 @@ const TAG_RECV: u32 = u32::MAX;
 const TAG_RESV_POLL: u32 = u32::MAX - 9;
 /// Parked writes and fused pairs look whether their device's fence moved.
 const TAG_FENCE_POLL: u32 = u32::MAX - 10;
-/// How often they look: a fence is up for one read and one write of at most ACWU blocks.
-const FENCE_POLL: Duration = Duration::from_micros(50);
 const TAG_SEND: u32 = u32::MAX - 1;
 /// The keep-alive timeout of a discovery controller whose host asked for none (Linux nvmet's
 /// `NVMET_DISC_KATO_MS`).
@@ -323,8 +321,8 @@ pub struct Queue {
     fused_first: Option<u32>,
     /// Fused pairs, in arrival order: only the first one goes past `Step::Fencing`.
     fused: VecDeque<Pair>,
-    /// The timer of `parked` and `fused` (fences to be lifted, writes to drain) is armed.
-    fence_timer: bool,
+    /// The timer of `parked` (and of fused pairs: fences to be lifted, writes to drain).
+    fence_poll: FencePoll,
     /// Its path's ANA states as last taken (`path_refusal`).
     ana_view: AnaView,
     /// When a queue that had authenticated began again (a host re-authenticates its live
@@ -393,7 +391,7 @@ impl Queue {
             parked: Vec::new(),
             fused_first: None,
             fused: VecDeque::new(),
-            fence_timer: false,
+            fence_poll: FencePoll::default(),
             ana_view: AnaView::default(),
             resv_waits: Vec::new(),
             resv_timer: false,
@@ -1260,6 +1258,19 @@ impl Queue {
         Ok((ns, offset, bytes.min(u64::from(u32::MAX)) as u32))
     }
 
+    /// Validates an I/O command that moves data (read, write, compare): [`Self::check_io`],
+    /// within MDTS, and its data pointer as long as its blocks.
+    fn check_transfer(&mut self, sqe: &Sqe) -> Result<(QueueNs, u64, u32), Status> {
+        let (ns, offset, len) = self.check_io(sqe)?;
+        if len > MAX_TRANSFER_BYTES {
+            return Err(status::INVALID_FIELD);
+        }
+        if sqe.sgl_len != len {
+            return Err(status::SGL_DATA_LENGTH_INVALID);
+        }
+        Ok((ns, offset, len))
+    }
+
     /// The path related status an I/O command on `ns` gets through this queue's listener while
     /// the namespace's ANA group is inaccessible, lost or changing there (a host retries it on
     /// another path), as nvmet and SPDK check every I/O command. While no path of the
@@ -1567,16 +1578,10 @@ impl Queue {
 
     fn on_read_write(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
         let write = sqe.opcode == io::WRITE;
-        let (ns, offset, len) = match self.check_io(&sqe) {
+        let (ns, offset, len) = match self.check_transfer(&sqe) {
             Ok(v) => v,
             Err(st) => return self.answer(&sqe, 0, 0, st),
         };
-        if len > MAX_TRANSFER_BYTES {
-            return self.answer(&sqe, 0, 0, status::INVALID_FIELD);
-        }
-        if sqe.sgl_len != len {
-            return self.answer(&sqe, 0, 0, status::SGL_DATA_LENGTH_INVALID);
-        }
         if !write {
             if sqe.sgl_type != nvme::SGL_TRANSPORT_DATA_BLOCK {
                 return self.answer(&sqe, 0, 0, status::SGL_TYPE_INVALID);
@@ -1804,7 +1809,7 @@ impl Queue {
             });
             cmd.state = CmdState::Parked;
             self.parked.push(Parked { tag, ops: ops.into_iter().collect(), waiting });
-            return self.arm_fence_timer(cx);
+            return self.fence_poll.arm(cx, TAG_FENCE_POLL);
         };
         drop(waiting);
         cmd.executing = a.executing;
@@ -1819,16 +1824,9 @@ impl Queue {
         self.hold_back_for(cx, &ns.dev);
     }
 
-    fn arm_fence_timer(&mut self, cx: &mut Cx<'_>) {
-        if !self.fence_timer {
-            self.fence_timer = true;
-            cx.timer(TAG_FENCE_POLL, FENCE_POLL);
-        }
-    }
-
     /// The fence timer: parked writes try again, the first fused pair takes its next step.
     fn on_fence_poll(&mut self, cx: &mut Cx<'_>) {
-        self.fence_timer = false;
+        self.fence_poll.fired();
         if self.read_closed {
             // Closing: what waits never went to the media; `finish` lets it go. A pair still
             // waiting for the writes before it lifts its fence now (the host may take its
@@ -1848,16 +1846,10 @@ impl Queue {
     /// A Compare (alone, or the first of a fused pair: `role`): its data arrives as a write's
     /// does (in the capsule, or through R2T); its charge covers that data and its read.
     fn on_compare(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8], role: Role) {
-        let (ns, _, len) = match self.check_io(&sqe) {
+        let (ns, _, len) = match self.check_transfer(&sqe) {
             Ok(v) => v,
             Err(st) => return self.answer(&sqe, 0, 0, st),
         };
-        if len > MAX_TRANSFER_BYTES {
-            return self.answer(&sqe, 0, 0, status::INVALID_FIELD);
-        }
-        if sqe.sgl_len != len {
-            return self.answer(&sqe, 0, 0, status::SGL_DATA_LENGTH_INVALID);
-        }
         if role == Role::FusedCompare && ns.dev.write_gate().is_none() {
             // A device served without a write gate cannot keep other writes out.
             return self.answer(&sqe, 0, 0, status::INVALID_FIELD);
@@ -1876,14 +1868,12 @@ impl Queue {
     fn on_fused_write(&mut self, cx: &mut Cx<'_>, sqe: Sqe, data: &[u8]) {
         let first = self.fused_first.take().expect("a pair completes its waiting Compare");
         let first_ns = self.cmds[first as usize].ns.clone().expect("a Compare has its namespace");
-        let checked = self.check_io(&sqe).and_then(|(ns, offset, len)| {
+        let checked = self.check_transfer(&sqe).and_then(|(ns, offset, len)| {
             if !Arc::ptr_eq(&*ns, &*first_ns) {
                 // The namespace was replaced between the two capsules.
                 Err(status::INVALID_FIELD)
             } else if ns.read_only() {
                 Err(status::NS_WRITE_PROTECTED)
-            } else if sqe.sgl_len != len {
-                Err(status::SGL_DATA_LENGTH_INVALID)
             } else {
                 Ok((ns, offset, len))
             }
@@ -2035,7 +2025,7 @@ impl Queue {
                             pair.fence = Some(f);
                             pair.step = Step::Draining;
                         }
-                        None => return self.arm_fence_timer(cx),
+                        None => return self.fence_poll.arm(cx, TAG_FENCE_POLL),
                     }
                 }
                 Step::Draining if self.read_closed => {
@@ -2045,7 +2035,7 @@ impl Queue {
                 }
                 Step::Draining => {
                     if !pair.fence.as_ref().is_some_and(|f| f.drained()) {
-                        return self.arm_fence_timer(cx);
+                        return self.fence_poll.arm(cx, TAG_FENCE_POLL);
                     }
                     let (compare, write) = (pair.compare, pair.write);
                     let ns = self.cmds[write as usize].ns.clone().expect("namespace");
@@ -2611,7 +2601,7 @@ impl Queue {
         let quiet = self.auth_away.is_none()
             && self.resv_waits.is_empty()
             && !self.resv_timer
-            && !self.fence_timer
+            && !self.fence_poll.armed()
             && !self.recv.inflight()
             && !self.direct_inflight()
             && !self.tls_recv_inflight()
@@ -2662,7 +2652,7 @@ impl Movable for Queue {
         let quiet = self.auth_away.is_none()
             && self.resv_waits.is_empty()
             && !self.resv_timer
-            && !self.fence_timer
+            && !self.fence_poll.armed()
             && !self.recv.inflight()
             && self.direct.is_none()
             && self.tls.is_none()

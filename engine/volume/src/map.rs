@@ -268,6 +268,35 @@ impl Tree {
         }
     }
 
+    /// The first volume cluster at or after `start` whose entry is mapped and satisfies
+    /// `pred`, walking as [`Self::for_each_in`] does and stopping there: a caller that resumes
+    /// after each find walks the tree once in all.
+    pub fn first_from(&self, start: u64, mut pred: impl FnMut(u64, Entry) -> bool) -> Option<u64> {
+        fn walk(
+            node: &Node,
+            base: u64,
+            level: u32,
+            start: u64,
+            pred: &mut dyn FnMut(u64, Entry) -> bool,
+        ) -> Option<u64> {
+            let span = (FANOUT as u64).pow(level);
+            match node {
+                Node::Leaf(entries) => entries.iter().enumerate().find_map(|(i, e)| {
+                    let vc = base + i as u64;
+                    (e.cluster().is_some() && vc >= start && pred(vc, *e)).then_some(vc)
+                }),
+                Node::Inner(children) => children.iter().enumerate().find_map(|(i, c)| {
+                    let child_base = base + i as u64 * span;
+                    if child_base + span <= start {
+                        return None;
+                    }
+                    c.as_ref().and_then(|c| walk(c, child_base, level - 1, start, pred))
+                }),
+            }
+        }
+        walk(self.root.as_ref()?, 0, self.depth, start, &mut pred)
+    }
+
     /// Mapped entries with volume cluster in `[start, end)`, in order ([`Self::for_each_in`]).
     pub fn entries_in(&self, start: u64, end: u64) -> Vec<(u64, Entry)> {
         let mut out = Vec::new();

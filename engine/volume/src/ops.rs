@@ -1,14 +1,17 @@
 //! Control operations as data: what the control plane asks of a pool (create, snapshot,
-//! clone, rollback, resize, delete, rename, configuration, growing the pool), which volume's
-//! writes must drain first, and how each applies to the pool state. A control operation runs
-//! as a [`crate::request`] (`Cmd::Control`) — freeze, park until drained, apply, thaw, commit
-//! — on a core in the daemon and in the simulator alike, so both run one implementation of it.
+//! clone, rollback, resize, delete, rename, decouple, configuration, growing the pool), which
+//! volume's writes must drain first, and how each applies to the pool state. A control
+//! operation runs as a [`crate::request`] (`Cmd::Control`) — freeze, park until drained,
+//! apply, thaw, commit — on a core in the daemon and in the simulator alike, so both run one
+//! implementation of it. [`decouple`] drives the one operation made of many requests (copy
+//! up, then apply) for every driver.
 //!
 //! Invariant: an operation that changes what a volume's writes see (snapshot, rollback, resize,
 //! delete, making it read-only) names that volume in [`ControlOp::quiesce`]; it is applied
 //! only with the volume frozen and no write of it in flight.
 
 use crate::meta::{PoolError, PoolMeta};
+use crate::request::Cmd;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlOp {
@@ -55,6 +58,13 @@ pub enum ControlOp {
         before: Vec<(String, String)>,
         after: Vec<(String, String)>,
     },
+    /// Volume `id`, its shared clusters copied up already ([`decouple`]), names no parent
+    /// from now on; with `inflate` it is thick too (`PoolMeta::decouple`). Refused with
+    /// `StillShared` if a cluster is shared again (a snapshot taken since).
+    Decouple {
+        id: u32,
+        inflate: bool,
+    },
     /// Configuration entries (an empty value removes its key), all admitted or none.
     SetConfigs(Vec<(String, String)>),
     /// The pool's device now has `total_bytes`: its data area grows into them. Done with a
@@ -74,7 +84,8 @@ impl ControlOp {
             ControlOp::Rollback { id, .. }
             | ControlOp::Resize { id, .. }
             | ControlOp::Delete { id }
-            | ControlOp::SetReadOnly { id } => Some(id),
+            | ControlOp::SetReadOnly { id }
+            | ControlOp::Decouple { id, .. } => Some(id),
             ControlOp::Create { .. }
             | ControlOp::Clone { .. }
             | ControlOp::Rename { .. }
@@ -102,6 +113,7 @@ impl ControlOp {
             }
             ControlOp::Delete { id } => meta.delete(*id).map(|()| 0),
             ControlOp::SetReadOnly { id } => meta.set_read_only(*id).map(|()| 0),
+            ControlOp::Decouple { id, inflate } => meta.decouple(*id, *inflate).map(|()| 0),
             ControlOp::Rename { id, name, before, after } => {
                 meta.rename(*id, name, before, after).map(|()| 0)
             }
@@ -109,4 +121,84 @@ impl ControlOp {
             ControlOp::Grow { total_bytes } => meta.grow(*total_bytes).map(|_| 0),
         }
     }
+}
+
+/// Bytes of a volume one copy-up request covers (rounded up to whole clusters): with 64 KiB
+/// clusters at most 16 fresh clusters and 1 MiB of copy buffers in flight for it.
+pub const OWN_STEP: u64 = 1 << 20;
+
+/// Times [`decouple`] copies up and tries to apply before it gives up: a snapshot of the
+/// volume taken meanwhile shares its clusters again (each pass copies what that shared).
+pub const DECOUPLE_PASSES: u32 = 3;
+
+/// What [`decouple`] looks at as it goes (`PoolMeta::volume`, `PoolMeta::next_shared`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sharing {
+    pub size_bytes: u64,
+    pub parent: u32,
+    pub read_only: bool,
+    /// Byte offset of the first cluster at or after the one asked for that the volume maps
+    /// without owning it alone.
+    pub next_shared: Option<u64>,
+}
+
+impl Sharing {
+    /// Volume `id` as `meta` has it now, looking for shared clusters from byte `from` on.
+    pub fn of(meta: &PoolMeta, id: u32, from: u64) -> Result<Sharing, PoolError> {
+        let v = meta.volume(id)?;
+        let (size_bytes, parent, read_only) = (v.size_bytes, v.parent, v.read_only);
+        let cb = meta.cluster_bytes();
+        let next_shared = meta.next_shared(id, from / cb)?.map(|vc| vc * cb);
+        Ok(Sharing { size_bytes, parent, read_only, next_shared })
+    }
+}
+
+/// What drives [`decouple`]: looks at the pool state, and requests run to completion.
+pub trait Driver<B> {
+    /// Volume `id` now, looking for shared clusters from byte `from` on ([`Sharing::of`]).
+    fn look(&mut self, id: u32, from: u64) -> Result<Sharing, PoolError>;
+    /// Runs request `cmd` of volume `vol` (0: pool-wide) to completion: its result.
+    fn run(&mut self, vol: u32, cmd: Cmd<B>) -> Result<i32, PoolError>;
+}
+
+/// Decouples volume `id` from its parent (`bdev_lvol_decouple_parent`) or, with `inflate`,
+/// inflates it (`bdev_lvol_inflate`): every cluster it shares with another volume is copied
+/// into one of its own — a [`Cmd::Own`] request of [`OWN_STEP`] from each shared cluster
+/// found, racing with its I/O like any write — then [`ControlOp::Decouple`] applies (durable
+/// when it returns). A snapshot taken in between shares clusters again: the pass is repeated,
+/// up to [`DECOUPLE_PASSES`] times. The driver runs each request (the daemon: on a core; the
+/// synchronous pool and the tests: in place). Returns the clusters copied. Refusals: a
+/// read-only volume, `ReadOnly`; one with no parent that shares nothing, `NoParent` (not for
+/// `inflate`, which makes any thin volume thick); whatever a request refuses (`NoSpace`, a
+/// failed pool) — what was copied stays copied, harmlessly (the volume reads the same), and a
+/// retry goes on from there.
+pub fn decouple<B>(
+    d: &mut impl Driver<B>,
+    id: u32,
+    inflate: bool,
+    cluster_bytes: u64,
+) -> Result<u64, PoolError> {
+    let first = d.look(id, 0)?;
+    if first.read_only {
+        return Err(PoolError::ReadOnly(id));
+    }
+    if !inflate && first.parent == 0 && first.next_shared.is_none() {
+        return Err(PoolError::NoParent(id));
+    }
+    let step = OWN_STEP.next_multiple_of(cluster_bytes.max(1));
+    let mut copied = 0u64;
+    for pass in 1..=DECOUPLE_PASSES {
+        let mut next = if pass == 1 { first.next_shared } else { d.look(id, 0)?.next_shared };
+        while let Some(at) = next {
+            let n = d.run(id, Cmd::Own { offset: at, len: step })?;
+            copied += u64::try_from(n).expect("a copy-up counts what it copied");
+            next = d.look(id, at + step)?.next_shared;
+        }
+        match d.run(0, Cmd::Control(ControlOp::Decouple { id, inflate })) {
+            Ok(_) => return Ok(copied),
+            Err(PoolError::StillShared { .. }) if pass < DECOUPLE_PASSES => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the last pass returns")
 }

@@ -287,6 +287,13 @@ impl<D: SyncDisk> Pool<D> {
         run(&mut self.disk, &mut self.meta, 0, Cmd::Control(op)).map(|(id, _)| id as u32)
     }
 
+    /// Decouples volume `id` from its parent or, with `inflate`, inflates it
+    /// ([`crate::ops::decouple`], as the daemon does): the clusters copied.
+    pub fn decouple(&mut self, id: u32, inflate: bool) -> Result<u64, PoolError> {
+        let cb = self.meta.cluster_bytes();
+        crate::ops::decouple(self, id, inflate, cb)
+    }
+
     pub fn create_volume(&mut self, name: &str, size_bytes: u64) -> Result<u32, PoolError> {
         self.control(ControlOp::Create { name: name.into(), size_bytes, thick: false })
     }
@@ -370,6 +377,16 @@ impl Bufs for VecBufs {
         vec![0u8; len]
     }
     fn put(&mut self, _buf: Vec<u8>) {}
+}
+
+impl<D: SyncDisk> crate::ops::Driver<Vec<u8>> for Pool<D> {
+    fn look(&mut self, id: u32, from: u64) -> Result<crate::ops::Sharing, PoolError> {
+        crate::ops::Sharing::of(&self.meta, id, from)
+    }
+
+    fn run(&mut self, vol: u32, cmd: Cmd<Vec<u8>>) -> Result<i32, PoolError> {
+        run(&mut self.disk, &mut self.meta, vol, cmd).map(|(r, _)| r)
+    }
 }
 
 /// Runs one request of volume `vol` (0 for a flush or checkpoint) to completion over a
@@ -949,6 +966,161 @@ mod tests {
             }
             assert!(completed > 0, "{what}: no cut left the volume short of clusters");
         }
+    }
+
+    /// A clone decoupled from its snapshot (`bdev_lvol_decouple_parent`) reads the same,
+    /// shares no cluster, names no parent (kept across a restart and a checkpoint), and the
+    /// snapshot is unchanged; only shared clusters are copied (its own and the unmapped are
+    /// not); inflating (`bdev_lvol_inflate`) also maps every hole (thick); the refusals.
+    #[test]
+    fn decoupling_and_inflating_copy_what_is_shared_and_leave_the_content() {
+        const MIB: u64 = 1 << 20;
+        let cb = 1u64 << CLUSTER_SHIFT;
+        let mut p = Pool::format(SimDisk::new(32 * MIB, 31), geometry(64, 9)).unwrap();
+        let v = p.create_volume("v", 4 * MIB).unwrap();
+        // Clusters 0..40 written (some partly), the rest of the 256 unmapped.
+        for c in 0..40u64 {
+            let len = if c % 3 == 0 { PIECE } else { cb };
+            p.write(v, c * cb, &vec![c as u8 + 1; len as usize]).unwrap();
+        }
+        let s = p.snapshot(v, "s").unwrap();
+        let c1 = p.clone_volume(s, "c1").unwrap();
+        let c2 = p.clone_volume(s, "c2").unwrap();
+        // c1 overwrites 10 of the shared clusters: its own already.
+        for c in 0..10u64 {
+            p.write(c1, c * cb, &vec![0xc1; cb as usize]).unwrap();
+        }
+        let snap_before = p.read(s, 0, 4 * MIB).unwrap();
+        let c1_before = p.read(c1, 0, 4 * MIB).unwrap();
+        let shared = |p: &Pool<SimDisk>, id| p.meta().shared_clusters(id).unwrap();
+        assert_eq!(shared(&p, c1), 30);
+        let free = p.free_clusters();
+
+        assert_eq!(p.decouple(c1, false).unwrap(), 30, "the shared clusters only");
+        assert_eq!(shared(&p, c1), 0);
+        assert_eq!(p.free_clusters(), free - 30);
+        assert_eq!(p.volumes()[&c1].parent, 0);
+        assert!(!p.volumes()[&c1].thick);
+        assert!(p.read(c1, 0, 4 * MIB).unwrap() == c1_before);
+        assert!(p.read(s, 0, 4 * MIB).unwrap() == snap_before);
+        p.check().unwrap();
+        assert_eq!(p.leaked(), 0);
+        assert!(
+            matches!(p.decouple(c1, false), Err(PoolError::NoParent(id)) if id == c1),
+            "nothing left to decouple it from"
+        );
+        assert!(matches!(p.decouple(s, false), Err(PoolError::ReadOnly(_))));
+
+        // Inflating c2: its 40 shared clusters copied, the 216 holes mapped, thick.
+        let c2_before = p.read(c2, 0, 4 * MIB).unwrap();
+        assert_eq!(p.decouple(c2, true).unwrap(), 40);
+        let attrs = p.volumes()[&c2].clone();
+        assert!(attrs.thick && attrs.parent == 0, "{attrs:?}");
+        assert_eq!(shared(&p, c2), 0);
+        assert_eq!(p.meta().allocated_bytes(c2), 40 * cb - 14 * (cb - PIECE), "written bytes");
+        assert!(p.read(c2, 0, 4 * MIB).unwrap() == c2_before);
+        p.check().unwrap();
+        // Thick: writes and trims take nothing from the pool.
+        let free = p.free_clusters();
+        p.trim(c2, 0, 4 * MIB).unwrap();
+        p.write(c2, 200 * cb, &[7; 4096]).unwrap();
+        assert_eq!(p.free_clusters(), free);
+        let c2_before = p.read(c2, 0, 4 * MIB).unwrap();
+
+        // The origin of a snapshot names no parent but shares clusters: decoupling copies them.
+        let before = p.read(v, 0, 4 * MIB).unwrap();
+        assert_eq!(p.decouple(v, false).unwrap(), 40);
+        assert!(p.read(v, 0, 4 * MIB).unwrap() == before);
+        assert_eq!(shared(&p, v), 0);
+
+        // Kept across a restart (journal), then a checkpoint.
+        p.flush().unwrap();
+        let mut p = Pool::open(p.into_disk()).unwrap();
+        for (id, want) in [(c1, &c1_before), (c2, &c2_before), (s, &snap_before)] {
+            assert!(p.read(id, 0, 4 * MIB).unwrap() == *want, "volume {id}");
+        }
+        assert_eq!(p.volumes()[&c1].parent, 0);
+        assert!(p.volumes()[&c2].thick && p.volumes()[&c2].parent == 0);
+        assert_eq!(p.volumes()[&c2].parent, 0);
+        p.checkpoint().unwrap();
+        let mut p = Pool::open(p.into_disk()).unwrap();
+        assert_eq!(p.volumes()[&c1].parent, 0);
+        assert!(p.volumes()[&c2].thick);
+        assert!(p.read(c1, 0, 4 * MIB).unwrap() == c1_before);
+        p.check().unwrap();
+        // Deleting the snapshot and everything gives every cluster back.
+        for id in [s, c1, c2, v] {
+            p.delete(id).unwrap();
+        }
+        p.flush().unwrap();
+        assert_eq!(p.leaked(), 0);
+        p.check().unwrap();
+    }
+
+    /// Inflating a clone, a power cut at every device operation of it, each crash mode: the
+    /// pool opens with the clone as it was (a clone, some of its clusters perhaps copied
+    /// already) or decoupled and thick with every cluster mapped; its content and its
+    /// snapshot's never change; references exact; a second try completes it.
+    #[test]
+    fn an_inflation_cut_short_by_a_crash_loses_nothing_and_can_be_retried() {
+        const MIB: u64 = 1 << 20;
+        let cb = 1u64 << CLUSTER_SHIFT;
+        let prepare = || {
+            let mut p = Pool::format(SimDisk::new(16 * MIB, 7), geometry(64, 9)).unwrap();
+            let v = p.create_volume("v", MIB).unwrap();
+            for c in 0..24u64 {
+                p.write(v, c * cb + (c % 4) * PIECE, &vec![c as u8 + 1; PIECE as usize]).unwrap();
+            }
+            let s = p.snapshot(v, "s").unwrap();
+            let c = p.clone_volume(s, "c").unwrap();
+            p.write(c, 3 * cb, &[0xcc; 4096]).unwrap();
+            p.flush().unwrap();
+            (p, s, c)
+        };
+        let (mut clean, s, c) = prepare();
+        let (want_s, want_c) = (clean.read(s, 0, MIB).unwrap(), clean.read(c, 0, MIB).unwrap());
+        let start = clean.disk.ios;
+        clean.decouple(c, true).unwrap();
+        let ios = clean.disk.ios - start;
+        assert!(ios >= 6, "{ios} I/Os");
+        let (mut done, mut not_done) = (0, 0);
+        for cut in 0..=ios {
+            for (k, mode) in
+                [CrashMode::DropAll, CrashMode::ApplyAll, CrashMode::Random].iter().enumerate()
+            {
+                let (mut p, _, _) = prepare();
+                p.disk.power_cut_at = Some(p.disk.ios + cut);
+                let _ =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.decouple(c, true)));
+                let mut disk = p.into_disk();
+                disk.reseed(cut * 8 + k as u64);
+                disk.crash(*mode);
+                let mut p = Pool::open(disk).unwrap();
+                let at = format!("cut {cut} {mode:?}");
+                p.check().unwrap_or_else(|e| panic!("{at}: {e}"));
+                assert_eq!(p.leaked(), 0, "{at}");
+                assert!(p.read(s, 0, MIB).unwrap() == want_s, "{at}: the snapshot changed");
+                assert!(p.read(c, 0, MIB).unwrap() == want_c, "{at}: the clone changed");
+                let attrs = p.volumes()[&c].clone();
+                if attrs.thick {
+                    // `Decouple` goes ahead of `Thick` in the journal.
+                    done += 1;
+                    assert_eq!(attrs.parent, 0, "{at}: thick while still a clone");
+                    assert_eq!(p.meta().shared_clusters(c).unwrap(), 0, "{at}");
+                } else {
+                    // Not done, or decoupled with its `Thick` lost: a second try completes it.
+                    not_done += 1;
+                    p.decouple(c, true).unwrap_or_else(|e| panic!("{at}: retried: {e}"));
+                    assert!(p.read(c, 0, MIB).unwrap() == want_c, "{at}: retried");
+                }
+                let attrs = p.volumes()[&c].clone();
+                assert!(attrs.thick && attrs.parent == 0, "{at}: {attrs:?}");
+                p.check().unwrap_or_else(|e| panic!("{at}, after: {e}"));
+                assert_eq!(p.meta().shared_clusters(c).unwrap(), 0);
+                assert_eq!(p.meta().allocated_bytes(c) / PIECE, 25, "{at}");
+            }
+        }
+        assert!(done > 0 && not_done > 0, "{done} done, {not_done} not");
     }
 
     #[test]

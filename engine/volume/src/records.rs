@@ -61,6 +61,13 @@ pub enum Record {
     Thick {
         id: u32,
     },
+    /// Volume `id` names no parent any more (`bdev_lvol_decouple_parent`,
+    /// `bdev_lvol_inflate`): it shares no cluster with another volume (its shared ones were
+    /// copied first, by writes that logged `MapSet`s), so listings no longer call it a clone.
+    /// Older builds do not know this record and refuse to open a pool holding one.
+    Decouple {
+        id: u32,
+    },
     /// Volume `id` is now called `name` (`bdev_lvol_rename`). Checkpoints write the name a
     /// volume has, so this record lives in the journal only. Older builds do not know it and
     /// refuse to open a pool holding one.
@@ -101,6 +108,7 @@ mod kind {
     pub const CONFIG: u8 = 10;
     pub const THICK: u8 = 11;
     pub const RENAME: u8 = 12;
+    pub const DECOUPLE: u8 = 13;
 }
 
 fn put_name(out: &mut Vec<u8>, name: &str) {
@@ -122,7 +130,10 @@ impl Record {
             Record::Snapshot { name, .. } | Record::Clone { name, .. } => 4 + 4 + 1 + name.len(),
             Record::Rollback { .. } => 4 + 4,
             Record::Rename { name, .. } => 4 + 1 + name.len(),
-            Record::Delete { .. } | Record::ReadOnly { .. } | Record::Thick { .. } => 4,
+            Record::Delete { .. }
+            | Record::ReadOnly { .. }
+            | Record::Thick { .. }
+            | Record::Decouple { .. } => 4,
             Record::Resize { .. } | Record::ReclaimProgress { .. } => 4 + 8,
             Record::Config { key, value } => 1 + key.len() + 2 + value.len(),
         }
@@ -178,6 +189,10 @@ impl Record {
             }
             Record::Thick { id } => {
                 out.push(kind::THICK);
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+            Record::Decouple { id } => {
+                out.push(kind::DECOUPLE);
                 out.extend_from_slice(&id.to_le_bytes());
             }
             Record::Rename { id, name } => {
@@ -262,6 +277,7 @@ pub fn decode_all(payload: &[u8]) -> Result<Vec<Record>, RecordError> {
             kind::RECLAIM_PROGRESS => Record::ReclaimProgress { id: c.u32()?, cursor: c.u64()? },
             kind::READ_ONLY => Record::ReadOnly { id: c.u32()? },
             kind::THICK => Record::Thick { id: c.u32()? },
+            kind::DECOUPLE => Record::Decouple { id: c.u32()? },
             kind::RENAME => Record::Rename { id: c.u32()?, name: c.name()? },
             kind::CONFIG => Record::Config { key: c.name()?, value: c.long_text()? },
             kind => return Err(RecordError::UnknownType { kind, at }),
@@ -399,6 +415,7 @@ mod tests {
                 .prop_map(|(id, cursor)| Record::ReclaimProgress { id, cursor }),
             any::<u32>().prop_map(|id| Record::ReadOnly { id }),
             any::<u32>().prop_map(|id| Record::Thick { id }),
+            any::<u32>().prop_map(|id| Record::Decouple { id }),
             (any::<u32>(), name).prop_map(|(id, name)| Record::Rename { id, name }),
             (name, "[ -~]{0,300}").prop_map(|(key, value)| Record::Config { key, value }),
         ]

@@ -95,6 +95,15 @@ pub enum Cmd<B> {
         len: u64,
         unmap: bool,
     },
+    /// Copy up: every cluster of the range (widened to whole clusters, clipped to the
+    /// volume's end) that the volume shares with another (a snapshot, a clone, its origin) is
+    /// copied into a fresh cluster of its own; what it reads does not change. The steps of
+    /// `bdev_lvol_decouple_parent` and `bdev_lvol_inflate` ([`crate::ops::decouple`]). The
+    /// result is the number of clusters copied.
+    Own {
+        offset: u64,
+        len: u64,
+    },
     /// Write a checkpoint of the whole state (clean stop; the next open replays nothing).
     Checkpoint,
     /// A control operation (request volume 0): done once durable; the result is the new
@@ -162,6 +171,7 @@ mod tag {
 enum Resume {
     Hold,
     Write,
+    Own,
     Trim,
     Sync,
     /// A control operation waits for its volume's writes to drain.
@@ -344,6 +354,7 @@ impl<B: Buf> Request<B> {
         match resume {
             Resume::Hold => self.start_hold(cx),
             Resume::Write => self.start_write(cx),
+            Resume::Own => self.start_own(cx),
             Resume::Trim => self.trim(cx),
             Resume::Sync => self.start_commit(cx),
             Resume::Drain => self.drain(cx),
@@ -542,6 +553,12 @@ impl<B: Buf> Request<B> {
                     self.user = Some(buf);
                     self.start_hold(cx)
                 }
+            }
+            Cmd::Own { offset, len } => {
+                let cb = cx.meta.shared().cluster_bytes();
+                self.offset = offset / cb * cb;
+                self.len = offset.saturating_add(len).next_multiple_of(cb) - self.offset;
+                self.start_own(cx)
             }
             Cmd::Flush => {
                 self.wait_seal = cx.meta.shared().seals() + 1;
@@ -839,6 +856,40 @@ impl<B: Buf> Request<B> {
         }
     }
 
+    /// Copying clusters up ([`Cmd::Own`]): each cluster the volume shares is read whole and
+    /// written whole into its fresh cluster; a shared cluster with nothing written in it only
+    /// gets its fresh one mapped. Its spans end like a write's; the reply counts them.
+    fn start_own<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
+        let (vol, offset, len, waiter) = (self.vol, self.offset, self.len, self.waiter);
+        match cx.meta.shared().plan_own_io(vol, offset, len, waiter, &mut self.plans) {
+            Ok(t) => self.ticket = Some(t),
+            Err(Blocked::Wait) => return self.park(Resume::Own),
+            Err(Blocked::Fail(e)) => return self.refuse(cx, e),
+        }
+        let copies = self.plans.len() as u32;
+        self.final_result = Some(copies as i32);
+        if copies == 0 {
+            return self.reply(cx, 0);
+        }
+        let cb = cx.meta.shared().cluster_bytes();
+        self.state = State::Writing;
+        self.outstanding = copies;
+        let mut map_only = Vec::new();
+        for (i, p) in self.plans.iter().enumerate() {
+            match p.copy_from {
+                Some(old) => {
+                    let sub = cx.bufs.get(cb as usize);
+                    let op = DiskOp::Read { offset: old, buf: sub };
+                    cx.out.push(Issue { tag: tag::COPY | i as u32, op });
+                }
+                None => map_only.push(*p),
+            }
+        }
+        for p in map_only {
+            self.span_done(cx, p, true);
+        }
+    }
+
     fn on_copy_read<K: Bufs<B = B>>(
         &mut self,
         cx: &mut Ctx<'_, K>,
@@ -855,10 +906,12 @@ impl<B: Buf> Request<B> {
         }
         let cb = whole.len() as u64;
         let base = p.offset - p.offset % cb;
-        let at = (p.offset - base) as usize;
-        let src = self.buf.as_ref().expect("write buffer").as_slice();
-        whole.as_mut_slice()[at..at + p.req_len as usize]
-            .copy_from_slice(&src[p.req_start as usize..(p.req_start + p.req_len) as usize]);
+        if p.req_len > 0 {
+            let at = (p.offset - base) as usize;
+            let src = self.buf.as_ref().expect("write buffer").as_slice();
+            whole.as_mut_slice()[at..at + p.req_len as usize]
+                .copy_from_slice(&src[p.req_start as usize..(p.req_start + p.req_len) as usize]);
+        }
         cx.out.push(Issue {
             tag: tag::WRITE | i as u32,
             op: DiskOp::Write { offset: base, buf: whole, fua: false },

@@ -354,6 +354,64 @@ impl PoolMeta {
         Ok(())
     }
 
+    /// Clusters volume `id` maps without owning them alone (named by another volume's leaf
+    /// too, or through a leaf it shares): what [`crate::request::Cmd::Own`] copies up, and
+    /// what must be none before [`Self::decouple`] applies. Walks the volume's tree.
+    pub fn shared_clusters(&self, id: u32) -> Result<u64, PoolError> {
+        let fam = self.family(id).ok_or(PoolError::NoVolume(id))?;
+        let v = fam.volumes.get(&id).ok_or(PoolError::NoVolume(id))?;
+        let mut shared = 0;
+        v.tree.for_each_in(0, v.tree.capacity(), |vc, e| {
+            let Some(c) = e.cluster() else { return };
+            if self.refs.get(c) != 1 || v.tree.leaf_shared(vc) {
+                shared += 1;
+            }
+        });
+        Ok(shared)
+    }
+
+    /// The first volume cluster at or after `from` that volume `id` maps without owning it
+    /// alone ([`Self::shared_clusters`]), if any.
+    pub fn next_shared(&self, id: u32, from: u64) -> Result<Option<u64>, PoolError> {
+        let fam = self.family(id).ok_or(PoolError::NoVolume(id))?;
+        let v = fam.volumes.get(&id).ok_or(PoolError::NoVolume(id))?;
+        Ok(v.tree.first_from(from, |vc, e| {
+            e.cluster().is_some_and(|c| self.refs.get(c) != 1 || v.tree.leaf_shared(vc))
+        }))
+    }
+
+    /// Volume `id` leaves its parent (`bdev_lvol_decouple_parent`): it names none from now on,
+    /// so listings no longer call it a clone. With `inflate` (`bdev_lvol_inflate`) it is
+    /// thick too: every cluster of its size left unmapped gets a fresh one reading zeros (all
+    /// or none: without the room, `NoSpace`). Its shared clusters were copied up before
+    /// ([`crate::request::Cmd::Own`]): any left — a snapshot taken since — refuse it,
+    /// [`PoolError::StillShared`], changing nothing. The caller has quiesced its writes.
+    /// Records: `Decouple` (where it names a parent), then `Thick` and the holes' `MapSet`s,
+    /// as a thick creation's (a crash between them leaves holes that opening the pool maps).
+    pub fn decouple(&mut self, id: u32, inflate: bool) -> Result<(), PoolError> {
+        self.ok()?;
+        let v = self.volume(id)?;
+        if v.read_only {
+            return Err(PoolError::ReadOnly(id));
+        }
+        let (parent, thick) = (v.parent, v.thick);
+        let clusters = self.shared_clusters(id)?;
+        if clusters > 0 {
+            return Err(PoolError::StillShared { vol: id, clusters });
+        }
+        let holes = if inflate && !thick { self.holes(id, 0, None) } else { Vec::new() };
+        self.room_for(holes.len() as u64)?;
+        if parent != 0 {
+            self.log(Record::Decouple { id });
+        }
+        if inflate && !thick {
+            self.log(Record::Thick { id });
+            self.map_holes(id, &holes);
+        }
+        debug_assert!(self.volume(id).is_ok_and(|v| v.parent == 0 && (v.thick || !inflate)));
+        Ok(())
+    }
+
     pub fn delete(&mut self, id: u32) -> Result<(), PoolError> {
         self.ok()?;
         self.volume(id)?;

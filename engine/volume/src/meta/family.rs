@@ -362,7 +362,7 @@ impl Family {
     }
 
     /// Applies one record about volumes already in this family (`MapSet`, `Rollback` within
-    /// the family, `Delete`, `Resize`, `ReadOnly`, `Thick`; the pool places creations, snapshots and
+    /// the family, `Delete`, `Resize`, `ReadOnly`, `Thick`, `Decouple`; the pool places creations, snapshots and
     /// clones). Records naming volumes that do not exist are ignored (idempotence).
     pub(super) fn apply(&mut self, r: &Record, link: &mut Link) {
         match r {
@@ -437,6 +437,11 @@ impl Family {
             Record::Thick { id } => {
                 if let Some(v) = self.volumes.get_mut(id) {
                     v.thick = true;
+                }
+            }
+            Record::Decouple { id } => {
+                if let Some(v) = self.volumes.get_mut(id) {
+                    v.parent = 0;
                 }
             }
             Record::Rename { id, name } => {

@@ -83,10 +83,17 @@ impl Family {
         offset: u64,
         len: u64,
         hold: u64,
+        kind: WriteKind,
         waiter: Waiter,
         plans: &mut Vec<WritePlan>,
         link: &mut Link,
     ) -> Result<Planned, Blocked> {
+        // Copying clusters up reaches the volume's end at most (it may have shrunk since the
+        // driver looked).
+        let len = match kind {
+            WriteKind::Data => len,
+            WriteKind::Own => len.min(self.volume(id)?.size_bytes.saturating_sub(offset)),
+        };
         self.check_range(id, offset, len, true)?;
         let v = &self.volumes[&id];
         // A frozen volume takes no new write; a read-modify-write that holds its clusters is
@@ -102,6 +109,18 @@ impl Family {
         let mut at = offset;
         while at < offset + len {
             let s = self.span(at, offset + len);
+            let e = v.tree.get(s.vc);
+            let owned = e.cluster().is_some_and(|c| {
+                link.refs.get(c) == 1
+                    && !v.tree.leaf_shared(s.vc)
+                    && !self.epoch_touched.contains(&c)
+                    && !self.sealed_touched.contains(&c)
+            });
+            if kind == WriteKind::Own && (owned || e.cluster().is_none()) {
+                // Its own already, or nothing to copy.
+                at = s.cluster_end;
+                continue;
+            }
             let state = self.locks.state(id, s.vc);
             // A cluster held by a read-modify-write takes only that request's write. A mutant
             // for the simulator's own test (tests/e2e/sim_mutants.sh): a write beside a
@@ -112,13 +131,6 @@ impl Family {
                 plans.clear();
                 return Err(Blocked::Wait);
             }
-            let e = v.tree.get(s.vc);
-            let owned = e.cluster().is_some_and(|c| {
-                link.refs.get(c) == 1
-                    && !v.tree.leaf_shared(s.vc)
-                    && !self.epoch_touched.contains(&c)
-                    && !self.sealed_touched.contains(&c)
-            });
             if !owned {
                 // Writers in place in a cluster that is no longer owned: a copy-on-write waits
                 // for them. (Ownership is lost only by sharing, which a snapshot, rollback or
@@ -130,18 +142,46 @@ impl Family {
                 }
                 fresh_needed += 1;
             }
-            plans.push(WritePlan {
-                vcluster: s.vc,
-                offset: s.first_bit * PIECE,
-                req_start: at - offset,
-                req_len: s.cluster_end - at,
-                cluster: e.cluster().unwrap_or(0),
-                copy_from: if owned { None } else { e.cluster().map(|c| self.cluster_offset(c)) },
-                fresh: !owned,
-                bits: s.bits,
-                base_written: if owned { 0 } else { e.written() },
-            });
+            let plan = match kind {
+                WriteKind::Data => WritePlan {
+                    vcluster: s.vc,
+                    offset: s.first_bit * PIECE,
+                    req_start: at - offset,
+                    req_len: s.cluster_end - at,
+                    cluster: e.cluster().unwrap_or(0),
+                    copy_from: if owned {
+                        None
+                    } else {
+                        e.cluster().map(|c| self.cluster_offset(c))
+                    },
+                    fresh: !owned,
+                    bits: s.bits,
+                    base_written: if owned { 0 } else { e.written() },
+                },
+                // The whole cluster copied (when a piece of it is written) into a fresh one
+                // mapped with the same written pieces: its content unchanged, its own.
+                WriteKind::Own => WritePlan {
+                    vcluster: s.vc,
+                    offset: 0,
+                    req_start: 0,
+                    req_len: 0,
+                    cluster: 0,
+                    copy_from: e
+                        .cluster()
+                        .filter(|_| e.written() != 0)
+                        .map(|c| self.cluster_offset(c)),
+                    fresh: true,
+                    bits: 0,
+                    base_written: e.written(),
+                },
+            };
+            plans.push(plan);
             at = s.cluster_end;
+        }
+        if plans.is_empty() {
+            // Copying up found nothing to copy (a data write always plans a span).
+            debug_assert_eq!(kind, WriteKind::Own);
+            return Ok(Planned::Ready);
         }
         if fresh_needed > self.stock.len() {
             plans.clear();
@@ -328,7 +368,8 @@ impl PoolMeta {
         waiter: Waiter,
         plans: &mut Vec<WritePlan>,
     ) -> Result<(), Blocked> {
-        self.plan_write_with(id, offset, len, hold, waiter, plans, false).map(|_| ())
+        self.plan_write_with(id, offset, len, hold, WriteKind::Data, waiter, plans, false)
+            .map(|_| ())
     }
 
     /// `plan_write` and `begin_io` in one decision (one lock of the family): the write's I/O
@@ -342,7 +383,31 @@ impl PoolMeta {
         waiter: Waiter,
         plans: &mut Vec<WritePlan>,
     ) -> Result<Ticket, Blocked> {
-        let t = self.plan_write_with(id, offset, len, hold, waiter, plans, true)?;
+        let t =
+            self.plan_write_with(id, offset, len, hold, WriteKind::Data, waiter, plans, true)?;
+        Ok(t.expect("a planned write's ticket"))
+    }
+
+    /// Plans copying up the clusters of `[offset, offset + len)` (cluster-aligned; clipped to
+    /// the volume's end) that volume `id` does not own alone, with the I/O ticket: a
+    /// [`WriteKind::Own`] plan per such cluster, none for clusters it owns or leaves unmapped
+    /// (`plans` empty: nothing to do, and no write to end — only the ticket). Otherwise like
+    /// [`Self::plan_write_io`]: each plan finished with `finish_span` or `abort_span`, the last
+    /// with `end_write_io`.
+    pub fn plan_own_io(
+        &self,
+        id: u32,
+        offset: u64,
+        len: u64,
+        waiter: Waiter,
+        plans: &mut Vec<WritePlan>,
+    ) -> Result<Ticket, Blocked> {
+        let cb = self.geo.cluster_bytes;
+        assert!(
+            offset.is_multiple_of(cb) && len.is_multiple_of(cb),
+            "copying up whole clusters: {offset}+{len}"
+        );
+        let t = self.plan_write_with(id, offset, len, 0, WriteKind::Own, waiter, plans, true)?;
         Ok(t.expect("a planned write's ticket"))
     }
 
@@ -353,6 +418,7 @@ impl PoolMeta {
         offset: u64,
         len: u64,
         hold: u64,
+        kind: WriteKind,
         waiter: Waiter,
         plans: &mut Vec<WritePlan>,
         io: bool,
@@ -372,14 +438,15 @@ impl PoolMeta {
         // when every free cluster is used.
         for pass in 0..=TAKE_BACK_PASSES {
             let plan = |fam: &mut Family, link: &mut Link| -> Result<_, Blocked> {
-                let mut planned = fam.plan_write(id, offset, len, hold, waiter, plans, link)?;
+                let mut planned =
+                    fam.plan_write(id, offset, len, hold, kind, waiter, plans, link)?;
                 if let Planned::Short(want) = planned {
                     if pass == 0 {
                         self.refills.fetch_add(1, Ordering::Relaxed);
                     }
                     let batch = if pass == 0 { want.max(Stock::BATCH) } else { want };
                     self.alloc.lock().lend(batch.saturating_sub(fam.stock.len()), &mut fam.stock);
-                    planned = fam.plan_write(id, offset, len, hold, waiter, plans, link)?;
+                    planned = fam.plan_write(id, offset, len, hold, kind, waiter, plans, link)?;
                 }
                 Ok(match planned {
                     Planned::Ready => Ok(io.then(|| Ticket(f, fam.begin_io()))),

@@ -158,6 +158,10 @@ pub enum PoolError {
     Busy(u32),
     #[error("a commit is in flight and no core is left to finish it")]
     CommitStranded,
+    #[error("volume {vol} still shares {clusters} clusters with another volume (a snapshot taken meanwhile)")]
+    StillShared { vol: u32, clusters: u64 },
+    #[error("volume {0} has no parent and shares no cluster: nothing to decouple it from")]
+    NoParent(u32),
     #[error("the pool's commit did not finish in time")]
     CommitTimeout,
     #[error("pool I/O: {0}")]
@@ -227,6 +231,17 @@ pub enum ReadPiece {
         offset: u64,
         len: u64,
     },
+}
+
+/// What a planned write puts in the clusters it touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    /// The request's data, over its range.
+    Data,
+    /// Nothing new (`Cmd::Own`): each cluster the volume does not own alone (shared with a
+    /// snapshot, a clone or its origin) is copied whole into a fresh one, mapped with the same
+    /// written pieces, so the volume shares it no more and reads the same.
+    Own,
 }
 
 /// How one cluster's part of a write is carried out.
@@ -835,6 +850,7 @@ impl PoolMeta {
             | Record::Resize { id, .. }
             | Record::ReadOnly { id }
             | Record::Thick { id }
+            | Record::Decouple { id }
             | Record::Rename { id, .. } => {
                 // Live, a mapping changes only through its family's decisions (a write, a
                 // trim), which take and free clusters the family's way; an applied one would

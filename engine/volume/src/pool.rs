@@ -1221,6 +1221,7 @@ mod tests {
         Resize { vol: usize, pieces: u64 },
         SetReadOnly { vol: usize },
         Rename { vol: usize },
+        Decouple { vol: usize, inflate: bool },
         CreateThick,
         Checkpoint,
         Crash { mode: u8 },
@@ -1239,6 +1240,7 @@ mod tests {
             1 => (0usize..4, 1..=VOL_PIECES).prop_map(|(vol, pieces)| Op::Resize { vol, pieces }),
             1 => (0usize..4).prop_map(|vol| Op::SetReadOnly { vol }),
             1 => (0usize..4).prop_map(|vol| Op::Rename { vol }),
+            1 => (0usize..4, any::<bool>()).prop_map(|(vol, inflate)| Op::Decouple { vol, inflate }),
             1 => Just(Op::CreateThick),
             1 => Just(Op::Checkpoint),
             2 => (0u8..3).prop_map(|mode| Op::Crash { mode }),
@@ -1420,6 +1422,28 @@ mod tests {
                     pool.rename(id, &new).unwrap();
                     settle(&mut models);
                     models.get_mut(&id).unwrap().name = new;
+                }
+                Op::Decouple { vol, inflate } => {
+                    // What it shares copied up, then no parent named (inflating: thick),
+                    // durable when this answers with every write before it; what it reads
+                    // never changes (checked below, and across later crashes).
+                    let Some(id) = pick(vol) else { continue };
+                    let (read_only, parent) = (models[&id].read_only, pool.volumes()[&id].parent);
+                    match pool.decouple(id, inflate) {
+                        Ok(_) => {
+                            prop_assert!(!read_only);
+                            let a = pool.volumes()[&id].clone();
+                            prop_assert!(a.parent == 0 && (a.thick || !inflate), "{:?}", a);
+                            prop_assert_eq!(pool.meta().shared_clusters(id).unwrap(), 0);
+                            settle(&mut models);
+                            models.get_mut(&id).unwrap().thick |= inflate;
+                        }
+                        Err(PoolError::ReadOnly(_)) => prop_assert!(read_only),
+                        Err(PoolError::NoParent(_)) => prop_assert!(!inflate && parent == 0),
+                        // The pool full: what was copied stays copied (it reads the same).
+                        Err(PoolError::NoSpace) => {}
+                        Err(e) => return Err(TestCaseError::fail(format!("decouple {id}: {e}"))),
+                    }
                 }
                 Op::Delete { vol } => {
                     let Some(id) = pick(vol) else { continue };

@@ -2,7 +2,8 @@
 //! its reactor adapter) driven with many requests in flight on overlapping clusters, device
 //! operations completing in random order, injected EIO, control operations (snapshot, clone,
 //! rollback, resize, delete, create thin or thick, making a volume read-only, growing the pool
-//! into a grown device) racing with I/O,
+//! into a grown device, decoupling or inflating a volume) racing with I/O, copy-ups of shared
+//! clusters (`Cmd::Own`, the steps of a decoupling) racing with writes,
 //! and crashes at any point (unflushed
 //! writes dropped, applied, torn or reordered; operations in flight landing or not).
 //!
@@ -15,7 +16,10 @@
 //!   nor does a volume made read-only, from when the change applied (a crash undoes the change
 //!   only while its commit had not completed);
 //! - a write to a thick volume never finds the pool full while the volume stays thick, and a
-//!   thick volume never leaves a cluster of its size unmapped (`PoolMeta::check`);
+//!   thick volume never leaves a cluster of its size unmapped (`PoolMeta::check`) nor shares
+//!   one (a copy-up of it copies nothing);
+//! - a copy-up changes no sector's value; a decoupled volume shares no cluster and names no
+//!   parent, an inflated one is thick too;
 //! - an operation whose commit completed survives a crash; one whose commit had not may or may
 //!   not, but entirely;
 //! - reference counts, lock table and the leak count exact (`PoolMeta::check`, `leaked`) at
@@ -37,6 +41,8 @@ use ballast_volume::sim::{CrashMode, SimDisk};
 const SECT: u64 = 512;
 /// Linux's errno for a full device (what `request::errno` answers `NoSpace` with).
 const ENOSPC: i32 = 28;
+/// What `request::errno` answers `StillShared` with.
+const EBUSY: i32 = 16;
 const CLUSTER_SHIFT: u32 = 14;
 const VOL_BYTES: u64 = 64 * 1024;
 const MAX_BYTES: u64 = 2 * VOL_BYTES;
@@ -119,6 +125,8 @@ struct VolModel {
     thick: bool,
     /// Renamed from this name; the commit recording it has not completed.
     pending_rename: Option<String>,
+    /// Made thick by an inflation whose commit has not completed.
+    pending_inflate: bool,
 }
 
 fn sector_value(buf: &[u8], i: usize) -> u64 {
@@ -164,6 +172,12 @@ enum Kind {
     },
     Flush {
         sub: u64,
+    },
+    /// A copy-up of the shared clusters of `[off, off + len)`; `thick`: the volume was thick
+    /// when it was submitted.
+    Own {
+        vol: u32,
+        thick: bool,
     },
     /// A control operation (the daemon's `Cmd::Control` request): what the model does when
     /// it applies; then the tick its commit covers and the volumes it makes final.
@@ -217,6 +231,12 @@ enum SimOp {
     /// A new volume; a thick one takes all its clusters at once.
     Create {
         thick: bool,
+    },
+    /// The volume names no parent any more (inflating: thick too); refused while it shares a
+    /// cluster (copy-ups make that rarer as the run goes).
+    Decouple {
+        vol: u32,
+        inflate: bool,
     },
     /// The device grew to this many bytes; the pool grows into it.
     Grow {
@@ -304,6 +324,15 @@ struct Stats {
     /// Volumes renamed, and renames a crash undid (not yet committed).
     renamed: u64,
     rename_undone: u64,
+    /// Copy-ups run, and the clusters they copied.
+    owns: u64,
+    owned_clusters: u64,
+    /// Decouplings applied (of them inflations), refused because a cluster was shared, and
+    /// inflations a crash undid (not yet committed).
+    decoupled: u64,
+    inflated: u64,
+    decouple_refused: u64,
+    inflate_undone: u64,
 }
 
 impl Sim {
@@ -494,8 +523,25 @@ impl Sim {
                     self.durable_before(sub, None);
                 }
             }
-            Kind::Control { sub, done, .. } => {
+            Kind::Own { vol, thick } => {
+                // Nothing to check in the model: a copy-up changes no value (reads and crash
+                // checks see that). A thick volume shares nothing: nothing to copy.
+                let still = self.meta.volumes().get(&vol).is_some_and(|v| v.thick);
+                assert!(
+                    !(thick && still && result > 0),
+                    "seed {}: a copy-up of thick volume {vol} copied {result} clusters",
+                    self.seed
+                );
+                if result >= 0 {
+                    self.stats.owns += 1;
+                    self.stats.owned_clusters += result as u64;
+                }
+            }
+            Kind::Control { sub, done, op, .. } => {
                 self.control_busy = false;
+                if matches!(op, SimOp::Decouple { .. }) && result == -EBUSY {
+                    self.stats.decouple_refused += 1; // a cluster still shared
+                }
                 if result >= 0 {
                     self.durable_before(sub, None);
                     for id in done {
@@ -503,6 +549,7 @@ impl Sim {
                             m.pending_create = false;
                             m.pending_read_only = false;
                             m.pending_rename = None;
+                            m.pending_inflate = false;
                             if m.deleted {
                                 self.vols.remove(&id);
                             }
@@ -641,6 +688,18 @@ impl Sim {
                     vol,
                 );
             }
+            7 if self.rng.chance(3) => {
+                // A copy-up: of the whole volume (as a decoupling's pass), or of a range.
+                let vols = self.writable();
+                if vols.is_empty() {
+                    return;
+                }
+                let vol = vols[self.rng.below(vols.len() as u64) as usize];
+                let size = self.vols[&vol].size;
+                let (off, len) = if self.rng.chance(2) { (0, MAX_BYTES) } else { self.range(size) };
+                let thick = self.meta.volumes()[&vol].thick;
+                self.submit(Kind::Own { vol, thick }, Cmd::Own { offset: off, len }, vol);
+            }
             7 => {
                 let vols = self.writable();
                 if vols.is_empty() {
@@ -737,6 +796,10 @@ impl Sim {
             7 if vols.len() > 1 && self.rng.chance(2) => {
                 SimOp::SetReadOnly { vol: vols[self.rng.below(vols.len() as u64) as usize] }
             }
+            7 if !vols.is_empty() && self.rng.chance(2) => SimOp::Decouple {
+                vol: vols[self.rng.below(vols.len() as u64) as usize],
+                inflate: self.rng.chance(2),
+            },
             7 => {
                 let all = self.any_volume();
                 SimOp::Rename { vol: all[self.rng.below(all.len() as u64) as usize] }
@@ -755,6 +818,7 @@ impl Sim {
             }
             SimOp::Delete { vol } => ControlOp::Delete { id: vol },
             SimOp::SetReadOnly { vol } => ControlOp::SetReadOnly { id: vol },
+            SimOp::Decouple { vol, inflate } => ControlOp::Decouple { id: vol, inflate },
             SimOp::Rename { vol } => ControlOp::Rename {
                 id: vol,
                 name: name.clone(),
@@ -901,6 +965,27 @@ impl Sim {
                 self.vols.insert(id, m);
                 done.push(id);
             }
+            SimOp::Decouple { vol, inflate } => {
+                // Its writes drained: it reads what it held, shares nothing, names no parent.
+                let content = self.observe(vol);
+                check_against(self.seed, &self.vols[&vol], &content, now);
+                let v = self.meta.volumes()[&vol].clone();
+                assert!(
+                    v.parent == 0 && (v.thick || !inflate),
+                    "seed {}: volume {vol} decoupled (inflate {inflate}) is {v:?}",
+                    self.seed
+                );
+                let shared = self.meta.shared_clusters(vol).expect("a live volume");
+                assert_eq!(shared, 0, "seed {}: decoupled volume {vol} shares clusters", self.seed);
+                let m = self.vols.get_mut(&vol).expect("volume");
+                if inflate && !m.thick {
+                    m.thick = true;
+                    m.pending_inflate = true;
+                }
+                self.stats.decoupled += 1;
+                self.stats.inflated += u64::from(inflate);
+                done.push(vol);
+            }
             SimOp::Grow { .. } => self.stats.grows += 1,
         }
         let sub = self.tick();
@@ -1010,7 +1095,10 @@ impl Sim {
             }
             m.name = name;
             let thick = self.meta.volumes()[&id].thick;
-            if m.thick && !thick {
+            if m.thick && !thick && m.pending_inflate {
+                // An inflation whose commit had not completed: undone.
+                self.stats.inflate_undone += 1;
+            } else if m.thick && !thick {
                 // Only a creation or growth a crash cut short, which the pool then lacked the
                 // room to complete, leaves it thin.
                 assert!(
@@ -1022,6 +1110,7 @@ impl Sim {
                 );
             }
             m.thick = thick;
+            m.pending_inflate = false;
             let content = self.observe(id);
             let m = &self.vols[&id];
             if let Some(fixed) = &m.fixed {
@@ -1145,6 +1234,7 @@ impl VolModel {
             fixed_since: 0,
             thick: false,
             pending_rename: None,
+            pending_inflate: false,
         }
     }
 }
@@ -1221,6 +1311,12 @@ fn simulated_requests_crashes_and_control_operations() {
         total.read_only_undone += s.read_only_undone;
         total.renamed += s.renamed;
         total.rename_undone += s.rename_undone;
+        total.owns += s.owns;
+        total.owned_clusters += s.owned_clusters;
+        total.decoupled += s.decoupled;
+        total.inflated += s.inflated;
+        total.decouple_refused += s.decouple_refused;
+        total.inflate_undone += s.inflate_undone;
     }
     eprintln!("{runs} runs: {total:?}");
     // The runs must reach what they are for.
@@ -1247,6 +1343,14 @@ fn simulated_requests_crashes_and_control_operations() {
     assert!(
         total.renamed > runs / 4 && total.rename_undone > 0,
         "volumes rarely renamed, or no crash ever came before a rename was durable: {total:?}"
+    );
+    assert!(
+        total.owns > runs && total.owned_clusters > runs / 4,
+        "copy-ups rarely ran or rarely copied: {total:?}"
+    );
+    assert!(
+        total.decoupled > runs / 8 && total.inflated > runs / 16 && total.decouple_refused > 0,
+        "volumes rarely decoupled or inflated, or never refused while sharing: {total:?}"
     );
     assert!(
         total.refills > runs && total.refills_taking_back > runs / 25,

@@ -110,14 +110,16 @@ impl Family {
         while at < offset + len {
             let s = self.span(at, offset + len);
             let e = v.tree.get(s.vc);
-            let owned = e.cluster().is_some_and(|c| {
-                link.refs.get(c) == 1
-                    && !v.tree.leaf_shared(s.vc)
-                    && !self.epoch_touched.contains(&c)
-                    && !self.sealed_touched.contains(&c)
-            });
-            if kind == WriteKind::Own && (owned || e.cluster().is_none()) {
-                // Its own already, or nothing to copy.
+            // No other volume names the cluster; and, for a write in place, its sharing did
+            // not change since the last durable commit (a crash could bring that back).
+            let alone =
+                e.cluster().is_some_and(|c| link.refs.get(c) == 1 && !v.tree.leaf_shared(s.vc));
+            let owned = alone
+                && e.cluster().is_some_and(|c| {
+                    !self.epoch_touched.contains(&c) && !self.sealed_touched.contains(&c)
+                });
+            if kind == WriteKind::Own && (alone || e.cluster().is_none()) {
+                // Its own already (a copy-up writes nothing in it), or nothing to copy.
                 at = s.cluster_end;
                 continue;
             }

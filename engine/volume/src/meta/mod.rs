@@ -238,9 +238,9 @@ pub enum ReadPiece {
 pub enum WriteKind {
     /// The request's data, over its range.
     Data,
-    /// Nothing new (`Cmd::Own`): each cluster the volume does not own alone (shared with a
-    /// snapshot, a clone or its origin) is copied whole into a fresh one, mapped with the same
-    /// written pieces, so the volume shares it no more and reads the same.
+    /// Nothing new (`Cmd::Own`): each cluster another volume names too (a snapshot, a clone,
+    /// its origin) is copied whole into a fresh one, mapped with the same written pieces, so
+    /// the volume shares it no more and reads the same.
     Own,
 }
 

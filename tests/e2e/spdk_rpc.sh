@@ -16,6 +16,8 @@
 #   5  bdev_get_iostat counts the I/O; resize, rename (and back), set_read_only (nbdinfo sees
 #      it) and delete by alias and UUID; the pool's file grown and
 #      bdev_lvol_grow_lvstore (-l; nothing to grow; -22 with neither -u nor -l, -19 another)
+#   5b bdev_lvol_decouple_parent and bdev_lvol_inflate: clones that are clones no more (thin,
+#      thick), the space they take, refusals; the snapshot deleted, they keep the pattern
 #   6  negative cases: wrong -l / -u (-19 No such device), both (-22), unknown bdev (-19),
 #      unknown subsystem, unknown parameter (-32602)
 #   7  the keyring and a host's key names (never the keys); 7b SPDK's NVMe-oF tutorial; 7c the
@@ -312,6 +314,36 @@ check_eq "bdev_lvol_grow_lvstore without -u or -l (-22)" "-22 Invalid argument" 
     "$(rpc_error bdev_lvol_grow_lvstore)"
 check_eq "bdev_lvol_grow_lvstore of another store (-19)" "-19 No such device" \
     "$(rpc_error bdev_lvol_grow_lvstore -l nosuchstore)"
+
+echo "## 5b: decouple_parent and inflate (SPDK's methods)"
+# clone0 (the snapshot's 4 MiB pattern, exported under $NQN) leaves snap0; a second clone
+# is inflated; snap0 deleted after: both keep the pattern.
+CLONE1_UUID=$(rpc bdev_lvol_clone "$LVS/snap0" clone1)
+check_eq "bdev_lvol_clone LVS/snap0 clone1" 36 "${#CLONE1_UUID}"
+FREE0=$(rpc bdev_lvol_get_lvstores -u "$LVS_UUID" | py 'j[0]["free_clusters"]')
+check "bdev_lvol_decouple_parent LVS/clone0" rpc bdev_lvol_decouple_parent "$LVS/clone0"
+check_eq "clone0: no clone now, no base snapshot, still thin; snap0 lists clone1 alone" \
+    "False None True ['clone1']" \
+    "$(rpc bdev_get_bdevs -b "$LVS/clone0" | py '"%s %s %s" % (j[0]["driver_specific"]["lvol"]["clone"], j[0]["driver_specific"]["lvol"].get("base_snapshot"), j[0]["driver_specific"]["lvol"]["thin_provision"])') $(rpc bdev_get_bdevs -b "$SNAP_UUID" | py 'j[0]["driver_specific"]["lvol"]["clones"]')"
+check_eq "bdev_lvol_get_lvols: clone0 is_clone false" "False" \
+    "$(rpc bdev_lvol_get_lvols | py 'str([v["is_clone"] for v in j if v["name"] == "clone0"][0])')"
+check_eq "the store lost the 4 MiB clone0 copied (in clusters)" \
+    "$((4 * MiB / CLUSTER_SIZE))" \
+    "$((FREE0 - $(rpc bdev_lvol_get_lvstores -u "$LVS_UUID" | py 'j[0]["free_clusters"]')))"
+check_eq "bdev_lvol_decouple_parent again: nothing to decouple from (-32602)" "-32602" \
+    "$(rpc_error bdev_lvol_decouple_parent "$LVS/clone0" | cut -d' ' -f1)"
+check "bdev_lvol_inflate clone1 by UUID" rpc bdev_lvol_inflate "$CLONE1_UUID"
+check_eq "clone1: thick, every cluster allocated, no clone" "False 16 False" \
+    "$(rpc bdev_get_bdevs -b "$CLONE1_UUID" | py '"%s %d %s" % (j[0]["driver_specific"]["lvol"]["thin_provision"], j[0]["driver_specific"]["lvol"]["num_allocated_clusters"] * '"$CLUSTER_SIZE"' // 2**22, j[0]["driver_specific"]["lvol"]["clone"])')"
+check_eq "bdev_lvol_inflate of a snapshot: -32602" "-32602" \
+    "$(rpc_error bdev_lvol_inflate "$LVS/snap0" | cut -d' ' -f1)"
+check_eq "bdev_lvol_inflate of an unknown lvol: -19 No such device" "-19 No such device" \
+    "$(rpc_error bdev_lvol_inflate "$LVS/nosuch")"
+check "bdev_lvol_delete LVS/snap0 (its former clones keep their data)" rpc bdev_lvol_delete "$LVS/snap0"
+for c in clone0 clone1; do
+    check_eq "$c still reads the pattern through NBD" "$(sha "$T/pattern")" \
+        "$(timeout 60 nbdcopy "$NBD_URI/$c" - 2>/dev/null | head -c $((4 * MiB)) | sha256sum | cut -d' ' -f1)"
+done
 
 echo "## 6: errors with SPDK's codes"
 check_eq "bdev_lvol_create -l WRONG: -19 No such device" "-19 No such device" \

@@ -246,6 +246,17 @@ enum VolumeCommand {
         #[command(flatten)]
         target: client::Target,
     },
+    /// Give a volume a cluster of its own for each one it shares with its parent snapshot (or
+    /// any volume of its family): a clone is no clone any more (SPDK's decouple_parent).
+    /// With --inflate, every cluster it leaves unmapped is allocated too: it becomes thick.
+    /// Its I/O goes on meanwhile.
+    Decouple {
+        name: String,
+        #[arg(long)]
+        inflate: bool,
+        #[command(flatten)]
+        target: client::Target,
+    },
     /// Rename a volume, snapshot or clone; its NBD export and NVMe subsystem follow the name,
     /// with their settings (hosts connected to the old NQN are disconnected).
     Rename {
@@ -482,6 +493,12 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
             "bdev_lvol_set_read_only",
             &LvolName { name: name.clone() },
             format!("volume {name} is read-only"),
+        ),
+        Command::Volume(VolumeCommand::Decouple { name, inflate, target }) => done(
+            &target,
+            if inflate { "bdev_lvol_inflate" } else { "bdev_lvol_decouple_parent" },
+            &LvolName { name: name.clone() },
+            format!("{name} {}", if inflate { "inflated" } else { "decoupled from its parent" }),
         ),
         Command::Volume(VolumeCommand::Rename { name, new_name, target }) => done(
             &target,

@@ -453,6 +453,8 @@ pub const METHODS: &[Method] = &[
     Method { name: "bdev_lvol_rollback", call: rollback },
     Method { name: "bdev_lvol_resize", call: resize },
     Method { name: "bdev_lvol_set_read_only", call: set_read_only },
+    Method { name: "bdev_lvol_inflate", call: inflate },
+    Method { name: "bdev_lvol_decouple_parent", call: decouple_parent },
     Method { name: "bdev_lvol_rename", call: rename },
     Method { name: "bdev_lvol_delete", call: delete },
     Method { name: "bdev_lvol_check", call: check },
@@ -568,6 +570,45 @@ fn set_read_only(control: &Control, p: &Value) -> Result<Value, RpcError> {
     pool.set_read_only(&name).map_err(pool_err_cb)?;
     control.registry.namespaces_changed(&name);
     tracing::info!(volume = name, "volume made read-only");
+    Ok(json!(true))
+}
+
+/// `bdev_lvol_inflate`: volume `name` (name, alias or UUID) gets a cluster of its own for
+/// every one it shares with its parent snapshot (or any other volume of its family: a
+/// snapshot of it, its origin), copied, and for every one it leaves unmapped (reading
+/// zeros): thick, and no clone any more. Its I/O goes on meanwhile; durable when this
+/// answers. As SPDK: true; -32602 with the reason otherwise (read-only, pool full — what was
+/// copied stays copied, harmlessly —, still shared after `DECOUPLE_PASSES` snapshots taken
+/// meanwhile).
+fn inflate(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    decouple_volume(control, p, true)
+}
+
+/// `bdev_lvol_decouple_parent`: as `bdev_lvol_inflate`, but only shared clusters are copied
+/// (what the volume leaves unmapped stays so: it stays thin). A volume with no parent that
+/// shares nothing is refused, as SPDK refuses a blob with no parent (-32602).
+fn decouple_parent(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    decouple_volume(control, p, false)
+}
+
+fn decouple_volume(control: &Control, p: &Value, inflate: bool) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let r: LvolName = params(p, L)?;
+    let name = lvol(control, &r.name)?;
+    let started = std::time::Instant::now();
+    let copied = pool.decouple(&name, inflate).map_err(|e| match e {
+        PoolError::StillShared { .. } => {
+            RpcError::new(INVALID_PARAMS, format!("Device or resource busy: {e}"))
+        }
+        e => pool_err_cb(e),
+    })?;
+    tracing::info!(
+        volume = name,
+        inflate,
+        clusters_copied = copied,
+        ms = started.elapsed().as_millis() as u64,
+        "volume decoupled from its parent"
+    );
     Ok(json!(true))
 }
 

@@ -626,32 +626,37 @@ impl PoolHandle {
 
     /// Makes every completed write durable, from a blocking thread.
     pub fn commit_blocking(self: &Arc<Self>) -> Result<(), PoolError> {
-        self.run_blocking(Cmd::Flush).map(drop)
+        self.run_blocking(0, Cmd::Flush).map(drop)
     }
 
     /// Writes a checkpoint now (clean shutdown; the next start replays nothing).
     pub fn checkpoint_blocking(self: &Arc<Self>) -> Result<(), PoolError> {
-        self.run_blocking(Cmd::Checkpoint).map(drop)
+        self.run_blocking(0, Cmd::Checkpoint).map(drop)
     }
 
     /// Runs a control operation (durable when this returns): the new volume's id for a
     /// create, snapshot or clone, else 0.
     pub fn control(self: &Arc<Self>, op: ControlOp) -> Result<u32, PoolError> {
-        let r = self.run_blocking(Cmd::Control(op)).map(|id| id as u32);
+        let r = self.run_blocking(0, Cmd::Control(op)).map(|id| id as u32);
         self.refresh_attrs();
         r
     }
 
-    /// The core a pool-wide request runs on: under the `owner` placement, a control operation
-    /// that freezes a volume and drains its writes (snapshot, rollback, resize, delete) on the
-    /// core owning the volume's family, if it has one — the core whose requests it waits for
-    /// and whose family state it changes; everything else on core 0.
-    fn core_for<B>(&self, cmd: &Cmd<B>, cores: usize) -> usize {
-        let Cmd::Control(op) = cmd else { return 0 };
+    /// The core a request from the control thread runs on: under the `owner` placement, a
+    /// control operation that freezes a volume and drains its writes (snapshot, rollback,
+    /// resize, delete) or a copy-up of a volume's clusters on the core owning the volume's
+    /// family, if it has one — the core whose requests it waits for and whose family state it
+    /// changes; everything else on core 0.
+    fn core_for<B>(&self, vol: u32, cmd: &Cmd<B>, cores: usize) -> usize {
+        let id = match cmd {
+            Cmd::Control(op) => op.quiesce(),
+            Cmd::Own { .. } => Some(vol),
+            _ => None,
+        };
         if self.owned_by_cores().is_none() {
             return 0;
         }
-        let family = op.quiesce().and_then(|id| self.meta_shared().family_number(id));
+        let family = id.and_then(|id| self.meta_shared().family_number(id));
         let owner = family.and_then(|f| self.owners.lock().get(&f).and_then(|o| o.get()));
         owner.filter(|&core| core < cores).unwrap_or(0)
     }
@@ -670,11 +675,12 @@ impl PoolHandle {
         });
     }
 
-    /// Runs a pool-wide request (flush, checkpoint, control operation) from a blocking thread:
-    /// as a message to a core ([`PoolHandle::core_for`]), where it runs like any request (its
-    /// I/O on the ring, the lock never held across it, parked while it waits); once the cores
-    /// are gone, here on the blocking disk, the same request run to completion.
-    fn run_blocking(self: &Arc<Self>, cmd: Cmd<DevBuf>) -> Result<i32, PoolError> {
+    /// Runs a request of the control thread's (flush, checkpoint, control operation — volume
+    /// 0 — or a copy-up of volume `vol`'s clusters) from a blocking thread: as a message to a
+    /// core ([`PoolHandle::core_for`]), where it runs like any request (its I/O on the ring,
+    /// the lock never held across it, parked while it waits); once the cores are gone, here on
+    /// the blocking disk, the same request run to completion.
+    fn run_blocking(self: &Arc<Self>, vol: u32, cmd: Cmd<DevBuf>) -> Result<i32, PoolError> {
         if let Some(why) = self.meta().failed() {
             return Err(PoolError::Failed(why.to_string()));
         }
@@ -682,10 +688,10 @@ impl PoolHandle {
         let here: Cmd<Vec<u8>> = pool_wide(&cmd);
         if let Some(cores) = self.cores.get() {
             // Its core first; should that one have stopped already (shutdown), core 0.
-            let first = self.core_for(&cmd, cores.len());
+            let first = self.core_for(vol, &cmd, cores.len());
             for core in if first == 0 { vec![0] } else { vec![first, 0] } {
                 let (tx, rx) = crossbeam_channel::bounded(1);
-                let request = Some((Reply::Channel(tx), pool_wide(&cmd)));
+                let request = Some((Reply::Channel(tx), vol, pool_wide(&cmd)));
                 let io = Handoff { pool: Arc::clone(self), request };
                 let spawn = move |_cx: &mut Cx<'_>| Box::new(io) as Box<dyn Task>;
                 if !cores[core].send_blocking(Msg::Spawn(Box::new(spawn))) {
@@ -713,7 +719,21 @@ impl PoolHandle {
             }
         }
         let mut disk = self.disk.lock();
-        run(&mut *disk, &mut meta, 0, here).map(|(r, _)| r)
+        run(&mut *disk, &mut meta, vol, here).map(|(r, _)| r)
+    }
+
+    /// Decouples volume `vol` from its parent (`bdev_lvol_decouple_parent`) or, with
+    /// `inflate`, inflates it (`bdev_lvol_inflate`): [`ballast_volume::ops::decouple`], its
+    /// copy-ups and its control operation run as requests on the cores like any other (its
+    /// I/O goes on meanwhile), durable when this returns. The clusters copied.
+    pub fn decouple(self: &Arc<Self>, vol: &str, inflate: bool) -> Result<u64, PoolError> {
+        let (id, cb) = {
+            let m = self.meta_shared();
+            (m.find(vol)?, m.cluster_bytes())
+        };
+        let r = ballast_volume::ops::decouple(&mut ControlThread(self), id, inflate, cb);
+        self.refresh_attrs();
+        r
     }
 
     pub fn create_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<u32, PoolError> {
@@ -1654,13 +1674,27 @@ impl Round<'_> {
     }
 }
 
-/// A copy of a pool-wide request (flush, checkpoint, control operation: no buffers), for any
-/// buffer type.
+/// The control thread as the driver of a decoupling ([`PoolHandle::decouple`]).
+struct ControlThread<'a>(&'a Arc<PoolHandle>);
+
+impl ballast_volume::ops::Driver<DevBuf> for ControlThread<'_> {
+    fn look(&mut self, id: u32, from: u64) -> Result<ballast_volume::ops::Sharing, PoolError> {
+        ballast_volume::ops::Sharing::of(&self.0.meta_shared(), id, from)
+    }
+
+    fn run(&mut self, vol: u32, cmd: Cmd<DevBuf>) -> Result<i32, PoolError> {
+        self.0.run_blocking(vol, cmd)
+    }
+}
+
+/// A copy of a request of the control thread's (flush, checkpoint, control operation,
+/// copy-up: no buffers), for any buffer type.
 fn pool_wide<A, B>(cmd: &Cmd<A>) -> Cmd<B> {
     match cmd {
         Cmd::Flush => Cmd::Flush,
         Cmd::Checkpoint => Cmd::Checkpoint,
         Cmd::Control(op) => Cmd::Control(op.clone()),
+        Cmd::Own { offset, len } => Cmd::Own { offset: *offset, len: *len },
         _ => unreachable!("only pool-wide requests run from a blocking thread"),
     }
 }
@@ -1823,13 +1857,13 @@ impl Task for Starter {
 /// hands the request to the core's slots as it starts, and is done.
 struct Handoff {
     pool: Arc<PoolHandle>,
-    request: Option<(Reply, Cmd<DevBuf>)>,
+    request: Option<(Reply, u32, Cmd<DevBuf>)>,
 }
 
 impl Task for Handoff {
     fn start(&mut self, cx: &mut Cx<'_>) {
-        let (reply, cmd) = self.request.take().expect("handed off once");
-        submit_local(cx, &self.pool, 0, reply, cmd);
+        let (reply, vol, cmd) = self.request.take().expect("handed off once");
+        submit_local(cx, &self.pool, vol, reply, cmd);
     }
 
     fn on_completion(&mut self, _cx: &mut Cx<'_>, _tag: u32, _result: i32, _owned: Owned) {}

@@ -712,11 +712,17 @@ impl PoolHandle {
         if meta.committing() {
             return Err(PoolError::CommitStranded);
         }
-        // Nothing would wake a drain now: a volume with a write left in flight stays busy.
-        if let Cmd::Control(op) = &here {
-            if let Some(v) = op.quiesce().filter(|&v| !meta.quiet(v)) {
-                return Err(PoolError::Busy(v));
+        // Nothing would wake a drain now, nor a copy-up parked behind a write: a volume with a
+        // write left in flight (or frozen by an operation the cores never finished) stays busy.
+        let busy = |v: u32| !meta.quiet(v) || meta.volume(v).is_ok_and(|a| a.frozen > 0);
+        match &here {
+            Cmd::Control(op) => {
+                if let Some(v) = op.quiesce().filter(|&v| !meta.quiet(v)) {
+                    return Err(PoolError::Busy(v));
+                }
             }
+            Cmd::Own { .. } if busy(vol) => return Err(PoolError::Busy(vol)),
+            _ => {}
         }
         let mut disk = self.disk.lock();
         run(&mut *disk, &mut meta, vol, here).map(|(r, _)| r)
@@ -1678,8 +1684,13 @@ impl Round<'_> {
 struct ControlThread<'a>(&'a Arc<PoolHandle>);
 
 impl ballast_volume::ops::Driver<DevBuf> for ControlThread<'_> {
-    fn look(&mut self, id: u32, from: u64) -> Result<ballast_volume::ops::Sharing, PoolError> {
-        ballast_volume::ops::Sharing::of(&self.0.meta_shared(), id, from)
+    fn look(
+        &mut self,
+        id: u32,
+        from: u64,
+        in_place: bool,
+    ) -> Result<ballast_volume::ops::Sharing, PoolError> {
+        ballast_volume::ops::Sharing::of(&self.0.meta_shared(), id, from, in_place)
     }
 
     fn run(&mut self, vol: u32, cmd: Cmd<DevBuf>) -> Result<i32, PoolError> {
@@ -1694,7 +1705,7 @@ fn pool_wide<A, B>(cmd: &Cmd<A>) -> Cmd<B> {
         Cmd::Flush => Cmd::Flush,
         Cmd::Checkpoint => Cmd::Checkpoint,
         Cmd::Control(op) => Cmd::Control(op.clone()),
-        Cmd::Own { offset, len } => Cmd::Own { offset: *offset, len: *len },
+        &Cmd::Own { offset, len, in_place } => Cmd::Own { offset, len, in_place },
         _ => unreachable!("only pool-wide requests run from a blocking thread"),
     }
 }

@@ -134,29 +134,30 @@ pub const DECOUPLE_PASSES: u32 = 3;
 /// What [`decouple`] looks at as it goes (`PoolMeta::volume`, `PoolMeta::next_shared`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sharing {
-    pub size_bytes: u64,
     pub parent: u32,
     pub read_only: bool,
-    /// Byte offset of the first cluster at or after the one asked for that the volume maps
-    /// without owning it alone.
+    /// Byte offset of the first cluster at or after the one asked for that a copy-up would
+    /// copy (`PoolMeta::shared_clusters`).
     pub next_shared: Option<u64>,
 }
 
 impl Sharing {
-    /// Volume `id` as `meta` has it now, looking for shared clusters from byte `from` on.
-    pub fn of(meta: &PoolMeta, id: u32, from: u64) -> Result<Sharing, PoolError> {
+    /// Volume `id` as `meta` has it now, looking from byte `from` on for clusters a copy-up
+    /// (`in_place` or not) would copy.
+    pub fn of(meta: &PoolMeta, id: u32, from: u64, in_place: bool) -> Result<Sharing, PoolError> {
         let v = meta.volume(id)?;
-        let (size_bytes, parent, read_only) = (v.size_bytes, v.parent, v.read_only);
+        let (parent, read_only) = (v.parent, v.read_only);
         let cb = meta.cluster_bytes();
-        let next_shared = meta.next_shared(id, from / cb)?.map(|vc| vc * cb);
-        Ok(Sharing { size_bytes, parent, read_only, next_shared })
+        let next_shared = meta.next_shared(id, from / cb, in_place)?.map(|vc| vc * cb);
+        Ok(Sharing { parent, read_only, next_shared })
     }
 }
 
 /// What drives [`decouple`]: looks at the pool state, and requests run to completion.
 pub trait Driver<B> {
-    /// Volume `id` now, looking for shared clusters from byte `from` on ([`Sharing::of`]).
-    fn look(&mut self, id: u32, from: u64) -> Result<Sharing, PoolError>;
+    /// Volume `id` now, looking from byte `from` on for clusters a copy-up (`in_place` or
+    /// not) would copy ([`Sharing::of`]).
+    fn look(&mut self, id: u32, from: u64, in_place: bool) -> Result<Sharing, PoolError>;
     /// Runs request `cmd` of volume `vol` (0: pool-wide) to completion: its result.
     fn run(&mut self, vol: u32, cmd: Cmd<B>) -> Result<i32, PoolError>;
 }
@@ -178,7 +179,10 @@ pub fn decouple<B>(
     inflate: bool,
     cluster_bytes: u64,
 ) -> Result<u64, PoolError> {
-    let first = d.look(id, 0)?;
+    // Inflating, the copy-ups also take the clusters a write could not land in now: the
+    // volume is thick from the moment it applies, before its commit is durable.
+    let in_place = inflate;
+    let first = d.look(id, 0, in_place)?;
     if first.read_only {
         return Err(PoolError::ReadOnly(id));
     }
@@ -188,11 +192,12 @@ pub fn decouple<B>(
     let step = OWN_STEP.next_multiple_of(cluster_bytes.max(1));
     let mut copied = 0u64;
     for pass in 1..=DECOUPLE_PASSES {
-        let mut next = if pass == 1 { first.next_shared } else { d.look(id, 0)?.next_shared };
+        let mut next =
+            if pass == 1 { first.next_shared } else { d.look(id, 0, in_place)?.next_shared };
         while let Some(at) = next {
-            let n = d.run(id, Cmd::Own { offset: at, len: step })?;
+            let n = d.run(id, Cmd::Own { offset: at, len: step, in_place })?;
             copied += u64::try_from(n).expect("a copy-up counts what it copied");
-            next = d.look(id, at + step)?.next_shared;
+            next = d.look(id, at + step, in_place)?.next_shared;
         }
         match d.run(0, Cmd::Control(ControlOp::Decouple { id, inflate })) {
             Ok(_) => return Ok(copied),

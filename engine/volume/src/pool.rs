@@ -380,8 +380,13 @@ impl Bufs for VecBufs {
 }
 
 impl<D: SyncDisk> crate::ops::Driver<Vec<u8>> for Pool<D> {
-    fn look(&mut self, id: u32, from: u64) -> Result<crate::ops::Sharing, PoolError> {
-        crate::ops::Sharing::of(&self.meta, id, from)
+    fn look(
+        &mut self,
+        id: u32,
+        from: u64,
+        in_place: bool,
+    ) -> Result<crate::ops::Sharing, PoolError> {
+        crate::ops::Sharing::of(&self.meta, id, from, in_place)
     }
 
     fn run(&mut self, vol: u32, cmd: Cmd<Vec<u8>>) -> Result<i32, PoolError> {
@@ -992,7 +997,7 @@ mod tests {
         }
         let snap_before = p.read(s, 0, 4 * MIB).unwrap();
         let c1_before = p.read(c1, 0, 4 * MIB).unwrap();
-        let shared = |p: &Pool<SimDisk>, id| p.meta().shared_clusters(id).unwrap();
+        let shared = |p: &Pool<SimDisk>, id| p.meta().shared_clusters(id, false).unwrap();
         assert_eq!(shared(&p, c1), 30);
         let free = p.free_clusters();
 
@@ -1106,7 +1111,7 @@ mod tests {
                     // `Decouple` goes ahead of `Thick` in the journal.
                     done += 1;
                     assert_eq!(attrs.parent, 0, "{at}: thick while still a clone");
-                    assert_eq!(p.meta().shared_clusters(c).unwrap(), 0, "{at}");
+                    assert_eq!(p.meta().shared_clusters(c, false).unwrap(), 0, "{at}");
                 } else {
                     // Not done, or decoupled with its `Thick` lost: a second try completes it.
                     not_done += 1;
@@ -1116,7 +1121,7 @@ mod tests {
                 let attrs = p.volumes()[&c].clone();
                 assert!(attrs.thick && attrs.parent == 0, "{at}: {attrs:?}");
                 p.check().unwrap_or_else(|e| panic!("{at}, after: {e}"));
-                assert_eq!(p.meta().shared_clusters(c).unwrap(), 0);
+                assert_eq!(p.meta().shared_clusters(c, false).unwrap(), 0);
                 assert_eq!(p.meta().allocated_bytes(c) / PIECE, 25, "{at}");
             }
         }
@@ -1434,7 +1439,7 @@ mod tests {
                             prop_assert!(!read_only);
                             let a = pool.volumes()[&id].clone();
                             prop_assert!(a.parent == 0 && (a.thick || !inflate), "{:?}", a);
-                            prop_assert_eq!(pool.meta().shared_clusters(id).unwrap(), 0);
+                            prop_assert_eq!(pool.meta().shared_clusters(id, false).unwrap(), 0);
                             settle(&mut models);
                             models.get_mut(&id).unwrap().thick |= inflate;
                         }

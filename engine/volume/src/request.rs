@@ -103,6 +103,8 @@ pub enum Cmd<B> {
     Own {
         offset: u64,
         len: u64,
+        /// Also the clusters a write could not land in now (`WriteKind::Own`): inflating.
+        in_place: bool,
     },
     /// Write a checkpoint of the whole state (clean stop; the next open replays nothing).
     Checkpoint,
@@ -232,6 +234,8 @@ pub struct Request<B> {
     offset: u64,
     len: u64,
     fua: bool,
+    /// `Cmd::Own`'s `in_place`.
+    in_place: bool,
     outstanding: u32,
     /// First error (negative errno).
     error: i32,
@@ -288,6 +292,7 @@ impl<B: Buf> Request<B> {
             offset: 0,
             len: 0,
             fua: false,
+            in_place: false,
             outstanding: 0,
             error: 0,
             ticket: None,
@@ -556,10 +561,11 @@ impl<B: Buf> Request<B> {
                     self.start_hold(cx)
                 }
             }
-            Cmd::Own { offset, len } => {
+            Cmd::Own { offset, len, in_place } => {
                 let cb = cx.meta.shared().cluster_bytes();
                 self.offset = offset / cb * cb;
                 self.len = offset.saturating_add(len).next_multiple_of(cb) - self.offset;
+                self.in_place = in_place;
                 self.start_own(cx)
             }
             Cmd::Flush => {
@@ -863,7 +869,8 @@ impl<B: Buf> Request<B> {
     /// gets its fresh one mapped. Its spans end like a write's; the reply counts them.
     fn start_own<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         let (vol, offset, len, waiter) = (self.vol, self.offset, self.len, self.waiter);
-        match cx.meta.shared().plan_own_io(vol, offset, len, waiter, &mut self.plans) {
+        let in_place = self.in_place;
+        match cx.meta.shared().plan_own_io(vol, offset, len, in_place, waiter, &mut self.plans) {
             Ok(t) => self.ticket = Some(t),
             Err(Blocked::Wait) => return self.park(Resume::Own),
             Err(Blocked::Fail(e)) => return self.refuse(cx, e),

@@ -43,6 +43,8 @@ const SECT: u64 = 512;
 const ENOSPC: i32 = 28;
 /// What `request::errno` answers `StillShared` with.
 const EBUSY: i32 = 16;
+/// What it answers a range beyond the volume with.
+const EINVAL: i32 = 22;
 const CLUSTER_SHIFT: u32 = 14;
 const VOL_BYTES: u64 = 64 * 1024;
 const MAX_BYTES: u64 = 2 * VOL_BYTES;
@@ -532,6 +534,11 @@ impl Sim {
                     "seed {}: a copy-up of thick volume {vol} copied {result} clusters",
                     self.seed
                 );
+                assert_ne!(
+                    result, -EINVAL,
+                    "seed {}: a copy-up of volume {vol} refused",
+                    self.seed
+                );
                 if result >= 0 {
                     self.stats.owns += 1;
                     self.stats.owned_clusters += result as u64;
@@ -696,9 +703,19 @@ impl Sim {
                 }
                 let vol = vols[self.rng.below(vols.len() as u64) as usize];
                 let size = self.vols[&vol].size;
-                let (off, len) = if self.rng.chance(2) { (0, MAX_BYTES) } else { self.range(size) };
+                // Whole; a range; or from anywhere below the largest size (a volume shrunk
+                // meanwhile: past its end is nothing to copy, not an error).
+                let (off, len) = match self.rng.below(3) {
+                    0 => (0, MAX_BYTES),
+                    1 => self.range(size),
+                    _ => {
+                        let off = self.rng.below(MAX_BYTES / PIECE) * PIECE;
+                        (off, MAX_BYTES - off)
+                    }
+                };
                 let thick = self.meta.volumes()[&vol].thick;
-                self.submit(Kind::Own { vol, thick }, Cmd::Own { offset: off, len }, vol);
+                let in_place = self.rng.chance(2);
+                self.submit(Kind::Own { vol, thick }, Cmd::Own { offset: off, len, in_place }, vol);
             }
             7 => {
                 let vols = self.writable();
@@ -975,8 +992,15 @@ impl Sim {
                     "seed {}: volume {vol} decoupled (inflate {inflate}) is {v:?}",
                     self.seed
                 );
-                let shared = self.meta.shared_clusters(vol).expect("a live volume");
-                assert_eq!(shared, 0, "seed {}: decoupled volume {vol} shares clusters", self.seed);
+                // Inflated: thick from now on, before its commit is durable, so not one of
+                // its clusters may need copying on a write.
+                let shared = self.meta.shared_clusters(vol, inflate).expect("a live volume");
+                assert_eq!(
+                    shared, 0,
+                    "seed {}: volume {vol} decoupled (inflate {inflate}) has clusters a write \
+                     would copy",
+                    self.seed
+                );
                 let m = self.vols.get_mut(&vol).expect("volume");
                 if inflate && !m.thick {
                     m.thick = true;

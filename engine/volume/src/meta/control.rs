@@ -355,37 +355,49 @@ impl PoolMeta {
     }
 
     /// Clusters volume `id` maps without owning them alone (named by another volume's leaf
-    /// too, or through a leaf it shares): what [`crate::request::Cmd::Own`] copies up, and
-    /// what must be none before [`Self::decouple`] applies. Walks the volume's tree.
-    pub fn shared_clusters(&self, id: u32) -> Result<u64, PoolError> {
+    /// too, or through a leaf it shares) — with `in_place`, also those a write could not land
+    /// in now (their sharing changed since the last durable commit): what
+    /// [`crate::request::Cmd::Own`] copies up, and what must be none before
+    /// [`Self::decouple`] applies. Walks the volume's tree.
+    pub fn shared_clusters(&self, id: u32, in_place: bool) -> Result<u64, PoolError> {
         let fam = self.family(id).ok_or(PoolError::NoVolume(id))?;
         let v = fam.volumes.get(&id).ok_or(PoolError::NoVolume(id))?;
         let mut shared = 0;
         v.tree.for_each_in(0, v.tree.capacity(), |vc, e| {
-            let Some(c) = e.cluster() else { return };
-            if self.refs.get(c) != 1 || v.tree.leaf_shared(vc) {
-                shared += 1;
-            }
+            shared += u64::from(self.copied_up(&fam, v, vc, e, in_place));
         });
         Ok(shared)
     }
 
-    /// The first volume cluster at or after `from` that volume `id` maps without owning it
-    /// alone ([`Self::shared_clusters`]), if any.
-    pub fn next_shared(&self, id: u32, from: u64) -> Result<Option<u64>, PoolError> {
+    /// The first volume cluster at or after `from` that [`Self::shared_clusters`] counts, if
+    /// any.
+    pub fn next_shared(
+        &self,
+        id: u32,
+        from: u64,
+        in_place: bool,
+    ) -> Result<Option<u64>, PoolError> {
         let fam = self.family(id).ok_or(PoolError::NoVolume(id))?;
         let v = fam.volumes.get(&id).ok_or(PoolError::NoVolume(id))?;
-        Ok(v.tree.first_from(from, |vc, e| {
-            e.cluster().is_some_and(|c| self.refs.get(c) != 1 || v.tree.leaf_shared(vc))
-        }))
+        Ok(v.tree.first_from(from, |vc, e| self.copied_up(&fam, v, vc, e, in_place)))
+    }
+
+    /// Whether a copy-up copies cluster `vc` (entry `e`) of volume `v` of family `fam`: the
+    /// test `Family::plan_write` makes for [`WriteKind::Own`].
+    fn copied_up(&self, fam: &Family, v: &Volume, vc: u64, e: Entry, in_place: bool) -> bool {
+        let Some(c) = e.cluster() else { return false };
+        let alone = self.refs.get(c) == 1 && !v.tree.leaf_shared(vc);
+        !alone || (in_place && (fam.epoch_touched.contains(&c) || fam.sealed_touched.contains(&c)))
     }
 
     /// Volume `id` leaves its parent (`bdev_lvol_decouple_parent`): it names none from now on,
     /// so listings no longer call it a clone. With `inflate` (`bdev_lvol_inflate`) it is
     /// thick too: every cluster of its size left unmapped gets a fresh one reading zeros (all
     /// or none: without the room, `NoSpace`). Its shared clusters were copied up before
-    /// ([`crate::request::Cmd::Own`]): any left — a snapshot taken since — refuse it,
-    /// [`PoolError::StillShared`], changing nothing. The caller has quiesced its writes.
+    /// ([`crate::request::Cmd::Own`]; inflating, with `in_place`: a thick volume's writes must
+    /// never need a fresh cluster, not even before this commit is durable): any left — a
+    /// snapshot taken since — refuse it, [`PoolError::StillShared`], changing nothing. The
+    /// caller has quiesced its writes.
     /// Records: `Decouple` (where it names a parent), then `Thick` and the holes' `MapSet`s,
     /// as a thick creation's (a crash between them leaves holes that opening the pool maps).
     pub fn decouple(&mut self, id: u32, inflate: bool) -> Result<(), PoolError> {
@@ -395,7 +407,7 @@ impl PoolMeta {
             return Err(PoolError::ReadOnly(id));
         }
         let (parent, thick) = (v.parent, v.thick);
-        let clusters = self.shared_clusters(id)?;
+        let clusters = self.shared_clusters(id, inflate && !thick)?;
         if clusters > 0 {
             return Err(PoolError::StillShared { vol: id, clusters });
         }

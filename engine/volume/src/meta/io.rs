@@ -92,7 +92,13 @@ impl Family {
         // driver looked).
         let len = match kind {
             WriteKind::Data => len,
-            WriteKind::Own => len.min(self.volume(id)?.size_bytes.saturating_sub(offset)),
+            WriteKind::Own { .. } => {
+                let size = self.volume(id)?.size_bytes;
+                if offset >= size {
+                    return Ok(Planned::Ready); // shrunk below it: nothing left to copy
+                }
+                len.min(size - offset)
+            }
         };
         self.check_range(id, offset, len, true)?;
         let v = &self.volumes[&id];
@@ -118,10 +124,12 @@ impl Family {
                 && e.cluster().is_some_and(|c| {
                     !self.epoch_touched.contains(&c) && !self.sealed_touched.contains(&c)
                 });
-            if kind == WriteKind::Own && (alone || e.cluster().is_none()) {
-                // Its own already (a copy-up writes nothing in it), or nothing to copy.
-                at = s.cluster_end;
-                continue;
+            if let WriteKind::Own { in_place } = kind {
+                if e.cluster().is_none() || if in_place { owned } else { alone } {
+                    // Its own already (a copy-up writes nothing in it), or nothing to copy.
+                    at = s.cluster_end;
+                    continue;
+                }
             }
             let state = self.locks.state(id, s.vc);
             // A cluster held by a read-modify-write takes only that request's write. A mutant
@@ -162,7 +170,7 @@ impl Family {
                 },
                 // The whole cluster copied (when a piece of it is written) into a fresh one
                 // mapped with the same written pieces: its content unchanged, its own.
-                WriteKind::Own => WritePlan {
+                WriteKind::Own { .. } => WritePlan {
                     vcluster: s.vc,
                     offset: 0,
                     req_start: 0,
@@ -182,7 +190,7 @@ impl Family {
         }
         if plans.is_empty() {
             // Copying up found nothing to copy (a data write always plans a span).
-            debug_assert_eq!(kind, WriteKind::Own);
+            debug_assert!(matches!(kind, WriteKind::Own { .. }));
             return Ok(Planned::Ready);
         }
         if fresh_needed > self.stock.len() {
@@ -391,8 +399,9 @@ impl PoolMeta {
     }
 
     /// Plans copying up the clusters of `[offset, offset + len)` (cluster-aligned; clipped to
-    /// the volume's end) that volume `id` does not own alone, with the I/O ticket: a
-    /// [`WriteKind::Own`] plan per such cluster, none for clusters it owns or leaves unmapped
+    /// the volume's end) that volume `id` does not own alone (with `in_place`, that a write
+    /// could not land in), with the I/O ticket: a [`WriteKind::Own`] plan per such cluster,
+    /// none for clusters it owns or leaves unmapped
     /// (`plans` empty: nothing to do, and no write to end — only the ticket). Otherwise like
     /// [`Self::plan_write_io`]: each plan finished with `finish_span` or `abort_span`, the last
     /// with `end_write_io`.
@@ -401,6 +410,7 @@ impl PoolMeta {
         id: u32,
         offset: u64,
         len: u64,
+        in_place: bool,
         waiter: Waiter,
         plans: &mut Vec<WritePlan>,
     ) -> Result<Ticket, Blocked> {
@@ -409,7 +419,8 @@ impl PoolMeta {
             offset.is_multiple_of(cb) && len.is_multiple_of(cb),
             "copying up whole clusters: {offset}+{len}"
         );
-        let t = self.plan_write_with(id, offset, len, 0, WriteKind::Own, waiter, plans, true)?;
+        let kind = WriteKind::Own { in_place };
+        let t = self.plan_write_with(id, offset, len, 0, kind, waiter, plans, true)?;
         Ok(t.expect("a planned write's ticket"))
     }
 

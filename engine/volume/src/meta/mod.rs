@@ -240,8 +240,11 @@ pub enum WriteKind {
     Data,
     /// Nothing new (`Cmd::Own`): each cluster another volume names too (a snapshot, a clone,
     /// its origin) is copied whole into a fresh one, mapped with the same written pieces, so
-    /// the volume shares it no more and reads the same.
-    Own,
+    /// the volume shares it no more and reads the same. With `in_place`, also each cluster a
+    /// write could not land in now (its sharing changed since the last durable commit: the
+    /// write path's test), so that none of its writes needs a fresh cluster (inflating: a
+    /// thick volume's writes never do).
+    Own { in_place: bool },
 }
 
 /// How one cluster's part of a write is carried out.

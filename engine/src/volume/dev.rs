@@ -1693,6 +1693,10 @@ impl ballast_volume::ops::Driver<DevBuf> for ControlThread<'_> {
         ballast_volume::ops::Sharing::of(&self.0.meta_shared(), id, from, in_place)
     }
 
+    fn room(&mut self, id: u32, inflate: bool) -> Result<(u64, u64), PoolError> {
+        self.0.meta_shared().decouple_room(id, inflate)
+    }
+
     fn run(&mut self, vol: u32, cmd: Cmd<DevBuf>) -> Result<i32, PoolError> {
         self.0.run_blocking(vol, cmd)
     }

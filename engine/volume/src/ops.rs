@@ -158,6 +158,9 @@ pub trait Driver<B> {
     /// Volume `id` now, looking from byte `from` on for clusters a copy-up (`in_place` or
     /// not) would copy ([`Sharing::of`]).
     fn look(&mut self, id: u32, from: u64, in_place: bool) -> Result<Sharing, PoolError>;
+    /// The clusters decoupling volume `id` takes, and the pool's free clusters now
+    /// (`PoolMeta::decouple_room`).
+    fn room(&mut self, id: u32, inflate: bool) -> Result<(u64, u64), PoolError>;
     /// Runs request `cmd` of volume `vol` (0: pool-wide) to completion: its result.
     fn run(&mut self, vol: u32, cmd: Cmd<B>) -> Result<i32, PoolError>;
 }
@@ -170,9 +173,10 @@ pub trait Driver<B> {
 /// up to [`DECOUPLE_PASSES`] times. The driver runs each request (the daemon: on a core; the
 /// synchronous pool and the tests: in place). Returns the clusters copied. Refusals: a
 /// read-only volume, `ReadOnly`; one with no parent that shares nothing, `NoParent` (not for
-/// `inflate`, which makes any thin volume thick); whatever a request refuses (`NoSpace`, a
-/// failed pool) — what was copied stays copied, harmlessly (the volume reads the same), and a
-/// retry goes on from there.
+/// `inflate`, which makes any thin volume thick); a pool without the room for every copy
+/// (and, inflating, every hole), `NoSpace` before anything is copied; whatever a request
+/// refuses (the room taken by writes meanwhile, a failed pool) — what was copied stays copied,
+/// harmlessly (the volume reads the same), and a retry goes on from there.
 pub fn decouple<B>(
     d: &mut impl Driver<B>,
     id: u32,
@@ -188,6 +192,12 @@ pub fn decouple<B>(
     }
     if !inflate && first.parent == 0 && first.next_shared.is_none() {
         return Err(PoolError::NoParent(id));
+    }
+    // A pool without the room is refused before anything is copied (writes meanwhile may
+    // still take it: then a copy-up or the apply refuses, what was copied staying copied).
+    let (needed, free) = d.room(id, inflate)?;
+    if needed > free {
+        return Err(PoolError::NoSpace);
     }
     let step = OWN_STEP.next_multiple_of(cluster_bytes.max(1));
     let mut copied = 0u64;

@@ -389,6 +389,10 @@ impl<D: SyncDisk> crate::ops::Driver<Vec<u8>> for Pool<D> {
         crate::ops::Sharing::of(&self.meta, id, from, in_place)
     }
 
+    fn room(&mut self, id: u32, inflate: bool) -> Result<(u64, u64), PoolError> {
+        self.meta.decouple_room(id, inflate)
+    }
+
     fn run(&mut self, vol: u32, cmd: Cmd<Vec<u8>>) -> Result<i32, PoolError> {
         run(&mut self.disk, &mut self.meta, vol, cmd).map(|(r, _)| r)
     }
@@ -1059,6 +1063,40 @@ mod tests {
         }
         p.flush().unwrap();
         assert_eq!(p.leaked(), 0);
+        p.check().unwrap();
+    }
+
+    /// A pool without the room for a decoupling's copies (or an inflation's holes) refuses it
+    /// before copying anything; with the room back, it completes.
+    #[test]
+    fn a_decoupling_without_the_room_is_refused_before_it_copies() {
+        const MIB: u64 = 1 << 20;
+        let cb = 1u64 << CLUSTER_SHIFT;
+        let mut p = Pool::format(SimDisk::new(16 * MIB, 41), geometry(64, 9)).unwrap();
+        let v = p.create_volume("v", 4 * MIB).unwrap();
+        p.write(v, 0, &vec![3; 2 * MIB as usize]).unwrap();
+        let s = p.snapshot(v, "s").unwrap();
+        let c = p.clone_volume(s, "c").unwrap();
+        // Fill the pool until fewer than the clone's 2 MiB of shared clusters are free.
+        let fill = p.create_volume("fill", 16 * MIB).unwrap();
+        let mut at = 0;
+        while p.free_clusters() >= 2 * MIB / cb {
+            p.write(fill, at, &vec![1; cb as usize]).unwrap();
+            at += cb;
+        }
+        let free = p.free_clusters();
+        assert!(matches!(p.decouple(c, false), Err(PoolError::NoSpace)));
+        assert!(matches!(p.decouple(c, true), Err(PoolError::NoSpace)));
+        assert_eq!(p.free_clusters(), free, "nothing copied");
+        assert_eq!(p.meta().shared_clusters(c, false).unwrap(), 2 * MIB / cb);
+        // Room enough for the copies, not for the holes too: decoupling goes, inflating not.
+        p.trim(fill, 0, 2 * MIB).unwrap();
+        p.flush().unwrap();
+        let free = p.free_clusters();
+        assert!((2 * MIB / cb..4 * MIB / cb).contains(&free), "{free} free");
+        assert!(matches!(p.decouple(c, true), Err(PoolError::NoSpace)));
+        assert_eq!(p.decouple(c, false).unwrap(), 2 * MIB / cb);
+        assert_eq!(p.read(c, 0, 4 * MIB).unwrap()[..2 * MIB as usize], vec![3; 2 * MIB as usize]);
         p.check().unwrap();
     }
 

@@ -382,6 +382,16 @@ impl PoolMeta {
         Ok(v.tree.first_from(from, |vc, e| self.copied_up(&fam, v, vc, e, in_place)))
     }
 
+    /// Fresh clusters decoupling volume `id` takes (its clusters a copy-up copies, and,
+    /// inflating a thin one, those it leaves unmapped), and the pool's free clusters now: what
+    /// [`crate::ops::decouple`] looks at before it copies anything.
+    pub fn decouple_room(&self, id: u32, inflate: bool) -> Result<(u64, u64), PoolError> {
+        let thick = self.volume(id)?.thick;
+        let holes = if inflate && !thick { self.holes(id, 0, None).len() as u64 } else { 0 };
+        let copies = self.shared_clusters(id, inflate && !thick)?;
+        Ok((copies + holes, self.free_clusters()))
+    }
+
     /// Whether a copy-up copies cluster `vc` (entry `e`) of volume `v` of family `fam`: the
     /// test `Family::plan_write` makes for [`WriteKind::Own`].
     fn copied_up(&self, fam: &Family, v: &Volume, vc: u64, e: Entry, in_place: bool) -> bool {

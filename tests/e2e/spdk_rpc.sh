@@ -332,9 +332,13 @@ check_eq "the store lost the 4 MiB clone0 copied (in clusters)" \
     "$((FREE0 - $(rpc bdev_lvol_get_lvstores -u "$LVS_UUID" | py 'j[0]["free_clusters"]')))"
 check_eq "bdev_lvol_decouple_parent again: nothing to decouple from (-32602)" "-32602" \
     "$(rpc_error bdev_lvol_decouple_parent "$LVS/clone0" | cut -d' ' -f1)"
+FREE1=$(rpc bdev_lvol_get_lvstores -u "$LVS_UUID" | py 'j[0]["free_clusters"]')
 check "bdev_lvol_inflate clone1 by UUID" rpc bdev_lvol_inflate "$CLONE1_UUID"
-check_eq "clone1: thick, every cluster allocated, no clone" "False 16 False" \
-    "$(rpc bdev_get_bdevs -b "$CLONE1_UUID" | py '"%s %d %s" % (j[0]["driver_specific"]["lvol"]["thin_provision"], j[0]["driver_specific"]["lvol"]["num_allocated_clusters"] * '"$CLUSTER_SIZE"' // 2**22, j[0]["driver_specific"]["lvol"]["clone"])')"
+check_eq "clone1: thick, no clone" "False False" \
+    "$(rpc bdev_get_bdevs -b "$CLONE1_UUID" | py '"%s %s" % (j[0]["driver_specific"]["lvol"]["thin_provision"], j[0]["driver_specific"]["lvol"]["clone"])')"
+check_eq "the store lost clone1's whole 64 MiB (4 copied, 60 allocated), in clusters" \
+    "$((64 * MiB / CLUSTER_SIZE))" \
+    "$((FREE1 - $(rpc bdev_lvol_get_lvstores -u "$LVS_UUID" | py 'j[0]["free_clusters"]')))"
 check_eq "bdev_lvol_inflate of a snapshot: -32602" "-32602" \
     "$(rpc_error bdev_lvol_inflate "$LVS/snap0" | cut -d' ' -f1)"
 check_eq "bdev_lvol_inflate of an unknown lvol: -19 No such device" "-19 No such device" \

@@ -602,6 +602,19 @@ fn decouple_volume(control: &Control, p: &Value, inflate: bool) -> Result<Value,
         }
         e => pool_err_cb(e),
     })?;
+    // Its exports describe it as a volume now, not a clone.
+    // (The state's shared borrow ends before `describe` borrows it exclusively.)
+    let id = pool.meta_shared().find(&name);
+    if let Ok(id) = id {
+        let uuid = lvstore::volume_uuid(pool, &name);
+        let exported = control.registry.get(&name).filter(|d| d.kind == DeviceKind::Volume);
+        if exported.is_some_and(|d| Some(&d.uuid) == uuid.as_ref()) {
+            let description = describe(pool, id).unwrap_or_else(|_| "volume".into());
+            if let Err(e) = control.registry.rename(&name, &name, description) {
+                tracing::warn!(volume = name, error = %e, "description not updated");
+            }
+        }
+    }
     tracing::info!(
         volume = name,
         inflate,

@@ -681,7 +681,7 @@ impl PoolHandle {
     /// the lock never held across it, parked while it waits); once the cores are gone, here on
     /// the blocking disk, the same request run to completion.
     fn run_blocking(self: &Arc<Self>, vol: u32, cmd: Cmd<DevBuf>) -> Result<i32, PoolError> {
-        if let Some(why) = self.meta().failed() {
+        if let Some(why) = self.meta_shared().failed() {
             return Err(PoolError::Failed(why.to_string()));
         }
         // The same command for the blocking disk, should the cores be gone.

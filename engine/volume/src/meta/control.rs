@@ -385,9 +385,27 @@ impl PoolMeta {
     /// Fresh clusters decoupling volume `id` takes (its clusters a copy-up copies, and,
     /// inflating a thin one, those it leaves unmapped), and the pool's free clusters now: what
     /// [`crate::ops::decouple`] looks at before it copies anything.
+    /// An inflation whose holes are more than one operation maps is refused,
+    /// `InflateTooLarge`.
     pub fn decouple_room(&self, id: u32, inflate: bool) -> Result<(u64, u64), PoolError> {
-        let thick = self.volume(id)?.thick;
-        let holes = if inflate && !thick { self.holes(id, 0, None).len() as u64 } else { 0 };
+        let v = self.volume(id)?;
+        let thick = v.thick;
+        let holes = if inflate && !thick {
+            // Counted from what is mapped (nothing listed): a huge thin volume is mostly holes.
+            let clusters = v.size_bytes.div_ceil(self.geo.cluster_bytes);
+            let mut mapped = 0u64;
+            if let Some(fam) = self.family(id) {
+                if let Some(v) = fam.volumes.get(&id) {
+                    v.tree.for_each_in(0, clusters, |_, _| mapped += 1);
+                }
+            }
+            clusters.saturating_sub(mapped)
+        } else {
+            0
+        };
+        if holes > THICK_MAP_MAX {
+            return Err(PoolError::InflateTooLarge { wanted: holes, max: THICK_MAP_MAX });
+        }
         let copies = self.shared_clusters(id, inflate && !thick)?;
         Ok((copies + holes, self.free_clusters()))
     }
@@ -422,6 +440,10 @@ impl PoolMeta {
             return Err(PoolError::StillShared { vol: id, clusters });
         }
         let holes = if inflate && !thick { self.holes(id, 0, None) } else { Vec::new() };
+        if holes.len() as u64 > THICK_MAP_MAX {
+            let wanted = holes.len() as u64;
+            return Err(PoolError::InflateTooLarge { wanted, max: THICK_MAP_MAX });
+        }
         self.room_for(holes.len() as u64)?;
         if parent != 0 {
             self.log(Record::Decouple { id });

@@ -149,6 +149,11 @@ pub enum PoolError {
     )]
     ThickTooLarge { wanted: u64, max: u64 },
     #[error(
+        "inflating maps at most {max} unmapped clusters in one operation and this volume \
+         leaves {wanted} unmapped: decouple it instead (it stays thin), or write what it lacks"
+    )]
+    InflateTooLarge { wanted: u64, max: u64 },
+    #[error(
         "no volume id is left: a volume has the highest ({}); ids only grow while the pool \
          is open, so delete that volume and restart the daemon to count from the highest in \
          use again", VOLUME_ID_MAX - 1
@@ -1704,6 +1709,31 @@ mod tests {
         assert_eq!(m.volume(id).unwrap().size_bytes, THICK_MAP_MAX * cb);
         m.resize(id, (THICK_MAP_MAX + 1) * cb, false).unwrap();
         assert_eq!(m.free_clusters(), free - THICK_MAP_MAX - 1);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+    }
+
+    /// An inflation that would map more than `THICK_MAP_MAX` holes is refused before anything
+    /// (`decouple_room`, which `ops::decouple` asks first) and by the apply itself, changing
+    /// nothing; one hole fewer goes.
+    #[test]
+    fn an_inflation_maps_at_most_thick_map_max_holes() {
+        let cb = 1u64 << 14;
+        let mut m = fresh_of(layout((THICK_MAP_MAX + 4096) * cb * 5 / 4, &geometry(0)).unwrap());
+        let id = m.create("thin", (THICK_MAP_MAX + 1) * cb, false).unwrap();
+        let r = m.decouple_room(id, true);
+        assert!(
+            matches!(r, Err(PoolError::InflateTooLarge { wanted, max })
+            if wanted == THICK_MAP_MAX + 1 && max == THICK_MAP_MAX),
+            "{r:?}"
+        );
+        let pending = m.pending_records();
+        assert!(matches!(m.decouple(id, true), Err(PoolError::InflateTooLarge { .. })));
+        assert_eq!(m.pending_records(), pending, "a refusal logs nothing");
+        assert!(!m.volume(id).unwrap().thick);
+        m.resize(id, THICK_MAP_MAX * cb, false).unwrap();
+        assert_eq!(m.decouple_room(id, true).unwrap().0, THICK_MAP_MAX);
+        m.decouple(id, true).unwrap();
+        assert!(m.volume(id).unwrap().thick);
         assert!(m.check().is_empty(), "{:?}", m.check());
     }
 

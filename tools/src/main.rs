@@ -251,7 +251,9 @@ enum VolumeCommand {
     /// With --inflate, every cluster it leaves unmapped is allocated too: it becomes thick.
     /// Its I/O goes on meanwhile.
     Decouple {
+        /// The volume (name, alias LVS/NAME or UUID).
         name: String,
+        /// Allocate every cluster it leaves unmapped as well (SPDK's bdev_lvol_inflate).
         #[arg(long)]
         inflate: bool,
         #[command(flatten)]

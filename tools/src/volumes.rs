@@ -85,6 +85,21 @@ fn describe(pool: &PoolHandle, id: u32) -> Result<String, PoolError> {
     })
 }
 
+/// Brings the description of volume `id`'s export `name` up to date (its parent renamed, or
+/// forgotten), if that export is the volume's (an export of another kind named like it is
+/// not).
+fn redescribe(control: &Control, pool: &PoolHandle, id: u32, name: &str) {
+    let uuid = lvstore::volume_uuid(pool, name);
+    let exported = control.registry.get(name).filter(|d| d.kind == DeviceKind::Volume);
+    if exported.is_none_or(|d| Some(&d.uuid) != uuid.as_ref()) {
+        return;
+    }
+    let description = describe(pool, id).unwrap_or_else(|_| "volume".into());
+    if let Err(e) = control.registry.rename(name, name, description) {
+        tracing::warn!(volume = name, error = %e, "description not updated");
+    }
+}
+
 /// Removes volume `name`'s exports (open connections keep their device until they close).
 pub fn unexport_volume(control: &Control, name: &str) {
     let _ = control.registry.remove(name);
@@ -602,18 +617,11 @@ fn decouple_volume(control: &Control, p: &Value, inflate: bool) -> Result<Value,
         }
         e => pool_err_cb(e),
     })?;
-    // Its exports describe it as a volume now, not a clone.
-    // (The state's shared borrow ends before `describe` borrows it exclusively.)
+    // Its exports describe it as a volume now, not a clone. (The state's shared borrow ends
+    // before `describe` borrows it exclusively.)
     let id = pool.meta_shared().find(&name);
     if let Ok(id) = id {
-        let uuid = lvstore::volume_uuid(pool, &name);
-        let exported = control.registry.get(&name).filter(|d| d.kind == DeviceKind::Volume);
-        if exported.is_some_and(|d| Some(&d.uuid) == uuid.as_ref()) {
-            let description = describe(pool, id).unwrap_or_else(|_| "volume".into());
-            if let Err(e) = control.registry.rename(&name, &name, description) {
-                tracing::warn!(volume = name, error = %e, "description not updated");
-            }
-        }
+        redescribe(control, pool, id, &name);
     }
     tracing::info!(
         volume = name,
@@ -704,16 +712,7 @@ fn rename(control: &Control, p: &Value) -> Result<Value, RpcError> {
             .collect()
     };
     for (child, name) in children {
-        // Exported as that volume (a snapshot named like another export is not).
-        let uuid = lvstore::volume_uuid(pool, &name);
-        let exported = control.registry.get(&name).filter(|d| d.kind == DeviceKind::Volume);
-        if exported.is_none_or(|d| Some(&d.uuid) != uuid.as_ref()) {
-            continue;
-        }
-        let description = describe(pool, child).unwrap_or_else(|_| "volume".into());
-        if let Err(e) = control.registry.rename(&name, &name, description) {
-            tracing::warn!(volume = name, error = %e, "description not updated");
-        }
+        redescribe(control, pool, child, &name);
     }
     reexport_subsystem(control, new);
     tracing::info!(volume = new, was = old, nqn = new_nqn, "volume renamed");

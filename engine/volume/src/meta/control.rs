@@ -184,6 +184,19 @@ impl PoolMeta {
         (from..clusters).filter(|&vc| vc >= reach || v.tree.get(vc).cluster().is_none()).collect()
     }
 
+    /// How many of volume `id`'s first `clusters` volume clusters its tree leaves unmapped,
+    /// counted from what is mapped (the cost follows what is mapped, not the size; nothing
+    /// listed, unlike [`Self::holes`]).
+    fn unmapped_clusters(&self, id: u32, clusters: u64) -> u64 {
+        let mut mapped = 0u64;
+        if let Some(fam) = self.family(id) {
+            if let Some(v) = fam.volumes.get(&id) {
+                v.tree.for_each_in(0, clusters, |_, _| mapped += 1);
+            }
+        }
+        clusters.saturating_sub(mapped)
+    }
+
     /// Whether `clusters` free clusters can be had now for a thick volume, taking every
     /// family's stock back to the allocator first if it alone has too few; `NoSpace` if not,
     /// `ThickTooLarge` past what one operation maps ([`THICK_MAP_MAX`]).
@@ -247,13 +260,7 @@ impl PoolMeta {
             // Counted from what is mapped before any list is made (nothing allocated: a
             // sound thick volume maps every cluster): one cut short lacks at most what one
             // operation maps (`THICK_MAP_MAX`).
-            let mut mapped = 0u64;
-            if let Some(fam) = self.family(id) {
-                if let Some(v) = fam.volumes.get(&id) {
-                    v.tree.for_each_in(0, clusters, |_, _| mapped += 1);
-                }
-            }
-            let holes = clusters.saturating_sub(mapped);
+            let holes = self.unmapped_clusters(id, clusters);
             if holes == 0 {
                 continue;
             }
@@ -364,7 +371,7 @@ impl PoolMeta {
         let v = fam.volumes.get(&id).ok_or(PoolError::NoVolume(id))?;
         let mut shared = 0;
         v.tree.for_each_in(0, v.tree.capacity(), |vc, e| {
-            shared += u64::from(self.copied_up(&fam, v, vc, e, in_place));
+            shared += u64::from(fam.copied_up(&v.tree, vc, e, in_place, &self.refs));
         });
         Ok(shared)
     }
@@ -379,7 +386,7 @@ impl PoolMeta {
     ) -> Result<Option<u64>, PoolError> {
         let fam = self.family(id).ok_or(PoolError::NoVolume(id))?;
         let v = fam.volumes.get(&id).ok_or(PoolError::NoVolume(id))?;
-        Ok(v.tree.first_from(from, |vc, e| self.copied_up(&fam, v, vc, e, in_place)))
+        Ok(v.tree.first_from(from, |vc, e| fam.copied_up(&v.tree, vc, e, in_place, &self.refs)))
     }
 
     /// Fresh clusters decoupling volume `id` takes (its clusters a copy-up copies, and,
@@ -391,15 +398,8 @@ impl PoolMeta {
         let v = self.volume(id)?;
         let thick = v.thick;
         let holes = if inflate && !thick {
-            // Counted from what is mapped (nothing listed): a huge thin volume is mostly holes.
-            let clusters = v.size_bytes.div_ceil(self.geo.cluster_bytes);
-            let mut mapped = 0u64;
-            if let Some(fam) = self.family(id) {
-                if let Some(v) = fam.volumes.get(&id) {
-                    v.tree.for_each_in(0, clusters, |_, _| mapped += 1);
-                }
-            }
-            clusters.saturating_sub(mapped)
+            // Counted, not listed: a huge thin volume is mostly holes.
+            self.unmapped_clusters(id, v.size_bytes.div_ceil(self.geo.cluster_bytes))
         } else {
             0
         };
@@ -408,14 +408,6 @@ impl PoolMeta {
         }
         let copies = self.shared_clusters(id, inflate && !thick)?;
         Ok((copies + holes, self.free_clusters()))
-    }
-
-    /// Whether a copy-up copies cluster `vc` (entry `e`) of volume `v` of family `fam`: the
-    /// test `Family::plan_write` makes for [`WriteKind::Own`].
-    fn copied_up(&self, fam: &Family, v: &Volume, vc: u64, e: Entry, in_place: bool) -> bool {
-        let Some(c) = e.cluster() else { return false };
-        let alone = self.refs.get(c) == 1 && !v.tree.leaf_shared(vc);
-        !alone || (in_place && (fam.epoch_touched.contains(&c) || fam.sealed_touched.contains(&c)))
     }
 
     /// Volume `id` leaves its parent (`bdev_lvol_decouple_parent`): it names none from now on,

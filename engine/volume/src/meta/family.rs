@@ -300,6 +300,31 @@ impl Family {
         runs.finish(max)
     }
 
+    /// How far entry `e` at volume cluster `vc` of `tree` (this family's) is its volume's own:
+    /// `(alone, owned)` — no other leaf or volume names its cluster; and, besides, its sharing
+    /// did not change since the last durable commit, so a write may land in it in place (a
+    /// crash cannot bring back a sharing it no longer has). Unmapped: neither.
+    pub(super) fn ownership(&self, tree: &Tree, vc: u64, e: Entry, refs: &Refs) -> (bool, bool) {
+        let Some(c) = e.cluster() else { return (false, false) };
+        let alone = refs.get(c) == 1 && !tree.leaf_shared(vc);
+        let touched = self.epoch_touched.contains(&c) || self.sealed_touched.contains(&c);
+        (alone, alone && !touched)
+    }
+
+    /// Whether a copy-up ([`WriteKind::Own`]) copies entry `e` at `vc` of `tree`: mapped and
+    /// not alone — with `in_place`, not owned ([`Self::ownership`]).
+    pub(super) fn copied_up(
+        &self,
+        tree: &Tree,
+        vc: u64,
+        e: Entry,
+        in_place: bool,
+        refs: &Refs,
+    ) -> bool {
+        let (alone, owned) = self.ownership(tree, vc, e, refs);
+        e.cluster().is_some() && !if in_place { owned } else { alone }
+    }
+
     pub(super) fn touch(&mut self, cluster: u64) {
         if !self.epoch_fresh.contains(&cluster) && !self.sealed_fresh.contains(&cluster) {
             self.epoch_touched.insert(cluster);

@@ -116,16 +116,9 @@ impl Family {
         while at < offset + len {
             let s = self.span(at, offset + len);
             let e = v.tree.get(s.vc);
-            // No other volume names the cluster; and, for a write in place, its sharing did
-            // not change since the last durable commit (a crash could bring that back).
-            let alone =
-                e.cluster().is_some_and(|c| link.refs.get(c) == 1 && !v.tree.leaf_shared(s.vc));
-            let owned = alone
-                && e.cluster().is_some_and(|c| {
-                    !self.epoch_touched.contains(&c) && !self.sealed_touched.contains(&c)
-                });
+            let (_, owned) = self.ownership(&v.tree, s.vc, e, link.refs);
             if let WriteKind::Own { in_place } = kind {
-                if e.cluster().is_none() || if in_place { owned } else { alone } {
+                if !self.copied_up(&v.tree, s.vc, e, in_place, link.refs) {
                     // Its own already (a copy-up writes nothing in it), or nothing to copy.
                     at = s.cluster_end;
                     continue;

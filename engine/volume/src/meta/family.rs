@@ -307,8 +307,9 @@ impl Family {
     pub(super) fn ownership(&self, tree: &Tree, vc: u64, e: Entry, refs: &Refs) -> (bool, bool) {
         let Some(c) = e.cluster() else { return (false, false) };
         let alone = refs.get(c) == 1 && !tree.leaf_shared(vc);
-        let touched = self.epoch_touched.contains(&c) || self.sealed_touched.contains(&c);
-        (alone, alone && !touched)
+        // The touched sets are looked up only for a cluster alone (a write's common case).
+        let owned = alone && !self.epoch_touched.contains(&c) && !self.sealed_touched.contains(&c);
+        (alone, owned)
     }
 
     /// Whether a copy-up ([`WriteKind::Own`]) copies entry `e` at `vc` of `tree`: mapped and

@@ -192,6 +192,15 @@ enum PoolCommand {
         #[command(flatten)]
         target: client::Target,
     },
+    /// The pace of the running daemon's decoupling and inflating (MiB/s, all of them
+    /// together, those in progress included): shows it, or sets it until the daemon stops
+    /// (`serve --copy-rate` sets it at start).
+    CopyRate {
+        /// MiB per second; 0: as fast as the cores and media go.
+        mib_per_sec: Option<u64>,
+        #[command(flatten)]
+        target: client::Target,
+    },
     /// The running daemon's pool: size, free space, volumes.
     Info {
         #[command(flatten)]
@@ -448,6 +457,27 @@ fn volumes_cli(cmd: Command) -> anyhow::Result<()> {
                     from * cluster,
                     to * cluster
                 );
+            }
+            Ok(())
+        }
+        Command::Pool(PoolCommand::CopyRate { mib_per_sec: Some(rate), target }) => done(
+            &target,
+            "bdev_lvol_set_copy_rate",
+            &volumes::LvstoreCopyRate { mbytes_per_sec: rate, ..Default::default() },
+            match rate {
+                0 => "decoupling and inflating unpaced".into(),
+                n => format!("decoupling and inflating copy at most {n} MiB/s"),
+            },
+        ),
+        Command::Pool(PoolCommand::CopyRate { mib_per_sec: None, target }) => {
+            let r: Vec<LvstoreEntry> =
+                client::call(&target, "bdev_lvol_get_lvstores", &LvstoreSelect::default())?;
+            let pool = r.first().ok_or_else(|| anyhow::anyhow!("the daemon serves no pool"))?;
+            let rate = pool.pool.get("copy_rate_bytes_per_sec").and_then(|v| v.as_u64());
+            match rate {
+                Some(0) => println!("0 (unpaced)"),
+                Some(n) => println!("{} MiB/s", n >> 20),
+                None => anyhow::bail!("the daemon does not say its copy rate"),
             }
             Ok(())
         }

@@ -714,6 +714,7 @@ mod tests {
             open_ms: 40,
             placement: Default::default(),
             families_per_core: vec![0, 0],
+            copy_rate_bytes_per_sec: 0,
         };
         let vol = |name: &str, snapshot: bool| VolumeInfo {
             id: 1,

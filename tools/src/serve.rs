@@ -188,6 +188,13 @@ pub struct ServeArgs {
     /// to finish; past it the operation fails (busy) and nothing changes.
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
     quiesce_timeout: std::time::Duration,
+    /// MiB per second that decoupling and inflating volumes copy, all of them together
+    /// (`bdev_lvol_decouple_parent`, `bdev_lvol_inflate`; 0: as fast as the cores and media
+    /// go): what is left of the media's bandwidth, and of a core's CPU on a pool in memory,
+    /// stays with the volumes' I/O. Changed while serving with `ballast pool copy-rate`.
+    #[arg(long, value_name = "MIB", default_value_t = ballast_engine::volume::pace::DEFAULT_COPY_RATE >> 20,
+          value_parser = clap::value_parser!(u64).range(0..=crate::volumes::COPY_RATE_MAX_MIB))]
+    copy_rate: u64,
     /// Which core runs a volume's I/O: `any`, the core the command arrived on (a family's
     /// decisions may come from several cores, each under the family's lock); `owner`, the
     /// core owning the volume's family (a volume with its snapshots and clones), so one core
@@ -437,6 +444,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(pool) = &pool {
         pool.set_commit_policy(args.commit_records as usize, args.commit_interval);
         pool.set_quiesce_timeout(args.quiesce_timeout);
+        pool.set_copy_rate(args.copy_rate << 20);
         pool.set_placement(args.volume_placement.into());
         pool.attach_cores(handles.clone());
     }

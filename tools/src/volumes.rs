@@ -165,6 +165,22 @@ pub struct LvstoreSelect {
     pub lvs_name: Option<String>,
 }
 
+/// `bdev_lvol_set_copy_rate` (ballast's): the pace of decoupling and inflating, in MiB per
+/// second (0: unpaced), for the store named (or the one store, named by neither).
+#[derive(Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LvstoreCopyRate {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lvs_name: Option<String>,
+    pub mbytes_per_sec: u64,
+}
+
+/// The fastest pace `bdev_lvol_set_copy_rate` and `serve --copy-rate` take, MiB/s (16 TiB/s:
+/// past any media; only 0 means unpaced).
+pub const COPY_RATE_MAX_MIB: u64 = 1 << 24;
+
 /// `bdev_lvol_get_lvols` (SPDK names the selectors differently here).
 #[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -474,6 +490,7 @@ pub const METHODS: &[Method] = &[
     Method { name: "bdev_lvol_delete", call: delete },
     Method { name: "bdev_lvol_check", call: check },
     Method { name: "bdev_lvol_grow_lvstore", call: grow_lvstore },
+    Method { name: "bdev_lvol_set_copy_rate", call: set_copy_rate },
     Method { name: "bdev_lvol_get_changes", call: get_changes },
 ];
 
@@ -827,6 +844,25 @@ fn grow_lvstore(control: &Control, p: &Value) -> Result<Value, RpcError> {
     check_lvstore(pool, sel.uuid.as_deref(), sel.lvs_name.as_deref())?;
     let (before, after) = pool.grow().map_err(pool_err_cb)?;
     tracing::info!(before, after, "lvol store grown: data bytes");
+    Ok(json!(true))
+}
+
+/// `bdev_lvol_set_copy_rate` (ballast's): every decoupling and inflation of the pool, those in
+/// progress included, copies at most `mbytes_per_sec` MiB/s from now on (0: unpaced); until
+/// the daemon stops (`serve --copy-rate` sets it at start). True; -32602 past
+/// [`COPY_RATE_MAX_MIB`].
+fn set_copy_rate(control: &Control, p: &Value) -> Result<Value, RpcError> {
+    let pool = pool(control)?;
+    let r: LvstoreCopyRate = params(p, L)?;
+    check_lvstore(pool, r.uuid.as_deref(), r.lvs_name.as_deref())?;
+    if r.mbytes_per_sec > COPY_RATE_MAX_MIB {
+        return Err(invalid_parameters(format!(
+            "mbytes_per_sec {}: at most {COPY_RATE_MAX_MIB} (0: unpaced)",
+            r.mbytes_per_sec
+        )));
+    }
+    pool.set_copy_rate(r.mbytes_per_sec << 20);
+    tracing::info!(mib_per_sec = r.mbytes_per_sec, "pace of decoupling and inflating set");
     Ok(json!(true))
 }
 

@@ -52,9 +52,10 @@ use std::time::{Duration, Instant};
 use ballast_ffi::{IoBuf, Owned};
 use ballast_volume::locks::Waiter;
 use ballast_volume::meta::Encoded;
+use ballast_volume::pace::{Pace, DEFAULT_COPY_RATE};
 use ballast_volume::request::{Access, Buf, Bufs, Cmd, Ctx, DiskOp, Issue, Outcome, Request};
 use crossbeam_channel::Sender;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::state_lock::{StateLock, StateRead, StateWrite};
 use slab::Slab;
@@ -348,6 +349,11 @@ pub struct PoolHandle {
     /// How long a control operation waits for a volume's writes to drain before it gives up
     /// (`Busy`, nothing changed).
     quiesce_timeout: Mutex<Duration>,
+    /// The pace of copying that decoupling and inflating keep to, every copy of the pool
+    /// together (`PoolHandle::set_copy_rate`); its condition wakes copiers waiting on it
+    /// when the rate changes.
+    pace: Mutex<Pace>,
+    pace_changed: Condvar,
     /// How long opening (recovery) took, in ms.
     open_ms: u64,
     /// What the volumes' devices report of their volumes (size, read-only), refreshed after
@@ -424,6 +430,8 @@ pub struct PoolInfo {
     pub placement: Placement,
     /// Families owned by each core (under `owner`; zeros under `any`).
     pub families_per_core: Vec<usize>,
+    /// The pace of decoupling and inflating, bytes per second (0: unpaced).
+    pub copy_rate_bytes_per_sec: u64,
 }
 
 impl PoolHandle {
@@ -495,6 +503,8 @@ impl PoolHandle {
             forwarding: AtomicBool::new(Placement::default() == Placement::Owner),
             commit_interval: Mutex::new(DEFAULT_COMMIT_INTERVAL),
             quiesce_timeout: Mutex::new(DEFAULT_QUIESCE_TIMEOUT),
+            pace: Mutex::new(Pace::new(DEFAULT_COPY_RATE)),
+            pace_changed: Condvar::new(),
             open_ms: started.elapsed().as_millis() as u64,
             live_attrs: Mutex::new(Vec::new()),
             _lock: lock,
@@ -518,6 +528,18 @@ impl PoolHandle {
     /// (`Busy`) and nothing changes.
     pub fn set_quiesce_timeout(&self, timeout: Duration) {
         *self.quiesce_timeout.lock() = timeout;
+    }
+
+    /// The pace of copying for decoupling and inflating volumes, in bytes per second (0:
+    /// unpaced), shared by every decoupling in progress (`ballast_volume::pace`); a copier
+    /// waiting on the old rate goes on at the new one at once.
+    pub fn set_copy_rate(&self, bytes_per_sec: u64) {
+        self.pace.lock().set_rate(bytes_per_sec);
+        self.pace_changed.notify_all();
+    }
+
+    pub fn copy_rate(&self) -> u64 {
+        self.pace.lock().rate()
     }
 
     /// Which core runs a volume's requests: the core the command arrived on (the default,
@@ -603,6 +625,7 @@ impl PoolHandle {
             open_ms: self.open_ms,
             placement: self.placement(),
             families_per_core: self.families_per_core(),
+            copy_rate_bytes_per_sec: self.copy_rate(),
         }
     }
 
@@ -737,7 +760,8 @@ impl PoolHandle {
             let m = self.meta_shared();
             (m.find(vol)?, m.cluster_bytes())
         };
-        let r = ballast_volume::ops::decouple(&mut ControlThread(self), id, inflate, cb);
+        let mut driver = ControlThread { pool: self, began: Instant::now() };
+        let r = ballast_volume::ops::decouple(&mut driver, id, inflate, cb);
         self.refresh_attrs();
         r
     }
@@ -1681,7 +1705,13 @@ impl Round<'_> {
 }
 
 /// The control thread as the driver of a decoupling ([`PoolHandle::decouple`]).
-struct ControlThread<'a>(&'a Arc<PoolHandle>);
+/// The control thread driving a decoupling (`PoolHandle::decouple`): its requests go to the
+/// cores (`run_blocking`), and between copy-ups it waits as the pool's pace says.
+struct ControlThread<'a> {
+    pool: &'a Arc<PoolHandle>,
+    /// When the last copy-up was sent.
+    began: Instant,
+}
 
 impl ballast_volume::ops::Driver<DevBuf> for ControlThread<'_> {
     fn look(
@@ -1690,15 +1720,34 @@ impl ballast_volume::ops::Driver<DevBuf> for ControlThread<'_> {
         from: u64,
         in_place: bool,
     ) -> Result<ballast_volume::ops::Sharing, PoolError> {
-        ballast_volume::ops::Sharing::of(&self.0.meta_shared(), id, from, in_place)
+        ballast_volume::ops::Sharing::of(&self.pool.meta_shared(), id, from, in_place)
     }
 
     fn room(&mut self, id: u32, inflate: bool) -> Result<(u64, u64), PoolError> {
-        self.0.meta_shared().decouple_room(id, inflate)
+        self.pool.meta_shared().decouple_room(id, inflate)
     }
 
     fn run(&mut self, vol: u32, cmd: Cmd<DevBuf>) -> Result<i32, PoolError> {
-        self.0.run_blocking(vol, cmd)
+        self.began = Instant::now();
+        self.pool.run_blocking(vol, cmd)
+    }
+
+    /// Waits what the pace asks for the copy-up just done; a change of rate meanwhile ends
+    /// the wait (the next copy-up is charged at the new rate), as does a failed pool.
+    fn copied(&mut self, bytes: u64) -> Result<(), PoolError> {
+        let pool = self.pool;
+        let mut pace = pool.pace.lock();
+        let rate = pace.rate();
+        let now = Instant::now();
+        let until = now + pace.charge(self.began, now, bytes);
+        while Instant::now() < until && pace.rate() == rate {
+            pool.pace_changed.wait_until(&mut pace, until);
+        }
+        drop(pace);
+        match pool.meta_shared().failed() {
+            Some(why) => Err(PoolError::Failed(why.to_string())),
+            None => Ok(()),
+        }
     }
 }
 

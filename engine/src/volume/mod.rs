@@ -2,7 +2,7 @@
 //! adapter to the reactor ([`dev`]), and the mail that carries a request to the core owning
 //! its volume's family ([`forward`]).
 
-pub use ballast_volume::{alloc, format, journal, map, meta, ops, pool, records, sim};
+pub use ballast_volume::{alloc, format, journal, map, meta, ops, pace, pool, records, sim};
 
 pub mod dev;
 pub mod forward;

@@ -4,6 +4,7 @@
 //!   journal blocks, records) and the journal writer;
 //! - [`map`], [`alloc`]: the copy-on-write mapping trees and the cluster allocator;
 //! - [`meta`]: the in-memory state of an open pool and every decision about it;
+//! - [`pace`]: the pool-wide rate of background copying (decoupling, inflating);
 //! - [`pool`]: the synchronous driver (format, open and replay, control operations on a
 //!   blocking disk);
 //! - [`sim`]: the crash-simulating device the core is tested against.
@@ -20,6 +21,7 @@ pub mod locks;
 pub mod map;
 pub mod meta;
 pub mod ops;
+pub mod pace;
 pub mod pool;
 pub mod records;
 pub mod request;

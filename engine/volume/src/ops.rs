@@ -163,6 +163,13 @@ pub trait Driver<B> {
     fn room(&mut self, id: u32, inflate: bool) -> Result<(u64, u64), PoolError>;
     /// Runs request `cmd` of volume `vol` (0: pool-wide) to completion: its result.
     fn run(&mut self, vol: u32, cmd: Cmd<B>) -> Result<i32, PoolError>;
+    /// Called after each copy-up with the bytes it copied, before the next: the driver keeps
+    /// the pool's pace of copying here (the daemon waits as its [`crate::pace::Pace`] says);
+    /// an error ends the decoupling (what was copied stays copied). By default, no pace.
+    fn copied(&mut self, bytes: u64) -> Result<(), PoolError> {
+        let _ = bytes;
+        Ok(())
+    }
 }
 
 /// Decouples volume `id` from its parent (`bdev_lvol_decouple_parent`) or, with `inflate`,
@@ -171,7 +178,8 @@ pub trait Driver<B> {
 /// found, racing with its I/O like any write — then [`ControlOp::Decouple`] applies (durable
 /// when it returns). A snapshot taken in between shares clusters again: the pass is repeated,
 /// up to [`DECOUPLE_PASSES`] times. The driver runs each request (the daemon: on a core; the
-/// synchronous pool and the tests: in place). Returns the clusters copied. Refusals: a
+/// synchronous pool and the tests: in place) and paces the copy-ups ([`Driver::copied`]).
+/// Returns the clusters copied. Refusals: a
 /// read-only volume, `ReadOnly`; one with no parent that shares nothing, `NoParent` (not for
 /// `inflate`, which makes any thin volume thick); a pool without the room for every copy
 /// (and, inflating, every hole), `NoSpace` before anything is copied; whatever a request
@@ -206,7 +214,9 @@ pub fn decouple<B>(
             if pass == 1 { first.next_shared } else { d.look(id, 0, in_place)?.next_shared };
         while let Some(at) = next {
             let n = d.run(id, Cmd::Own { offset: at, len: step, in_place })?;
-            copied += u64::try_from(n).expect("a copy-up counts what it copied");
+            let n = u64::try_from(n).expect("a copy-up counts what it copied");
+            copied += n;
+            d.copied(n * cluster_bytes)?;
             next = d.look(id, at + step, in_place)?.next_shared;
         }
         match d.run(0, Cmd::Control(ControlOp::Decouple { id, inflate })) {

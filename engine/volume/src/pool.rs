@@ -1100,6 +1100,68 @@ mod tests {
         p.check().unwrap();
     }
 
+    /// A driver that counts what the pace is charged and can refuse to go on after `stop_after`
+    /// copy-ups, as the daemon's does when its pool fails or it stops.
+    struct Paced<'a> {
+        pool: &'a mut Pool<SimDisk>,
+        charged: Vec<u64>,
+        stop_after: usize,
+    }
+
+    impl crate::ops::Driver<Vec<u8>> for Paced<'_> {
+        fn look(&mut self, id: u32, from: u64, ip: bool) -> Result<crate::ops::Sharing, PoolError> {
+            crate::ops::Driver::look(self.pool, id, from, ip)
+        }
+        fn room(&mut self, id: u32, inflate: bool) -> Result<(u64, u64), PoolError> {
+            crate::ops::Driver::room(self.pool, id, inflate)
+        }
+        fn run(&mut self, vol: u32, cmd: Cmd<Vec<u8>>) -> Result<i32, PoolError> {
+            crate::ops::Driver::run(self.pool, vol, cmd)
+        }
+        fn copied(&mut self, bytes: u64) -> Result<(), PoolError> {
+            self.charged.push(bytes);
+            if self.charged.len() >= self.stop_after {
+                return Err(PoolError::Failed("stopped".into()));
+            }
+            Ok(())
+        }
+    }
+
+    /// The pace is charged the bytes each copy-up copied (every shared cluster once, none for
+    /// clusters already the volume's); a driver that stops the decoupling between copy-ups
+    /// leaves the clone reading the same, what was copied copied, and a retry finishes it.
+    #[test]
+    fn each_copy_up_is_charged_to_the_pace_and_a_stop_between_them_loses_nothing() {
+        const MIB: u64 = 1 << 20;
+        let cb = 1u64 << CLUSTER_SHIFT;
+        let mut p = Pool::format(SimDisk::new(32 * MIB, 37), geometry(64, 9)).unwrap();
+        let v = p.create_volume("v", 4 * MIB).unwrap();
+        p.write(v, 0, &vec![5; 4 * MIB as usize]).unwrap();
+        let s = p.snapshot(v, "s").unwrap();
+        let c = p.clone_volume(s, "c").unwrap();
+        // Its first 20 clusters its own already: the rest to copy, in copy-ups of 1 MiB.
+        p.write(c, 0, &vec![6; 20 * cb as usize]).unwrap();
+        let before = p.read(c, 0, 4 * MIB).unwrap();
+        let step = crate::ops::OWN_STEP / cb;
+        let shared = 4 * MIB / cb - 20;
+        assert!(shared > 2 * step);
+        let mut d = Paced { pool: &mut p, charged: Vec::new(), stop_after: 2 };
+        assert!(matches!(crate::ops::decouple(&mut d, c, false, cb), Err(PoolError::Failed(_))));
+        assert_eq!(d.charged, vec![step * cb, step * cb], "two full copy-ups, then stopped");
+        assert!(p.read(c, 0, 4 * MIB).unwrap() == before);
+        assert_eq!(p.meta().shared_clusters(c, false).unwrap(), shared - 2 * step);
+        assert_eq!(p.volumes()[&c].parent, s, "not decoupled yet");
+        p.check().unwrap();
+
+        let mut d = Paced { pool: &mut p, charged: Vec::new(), stop_after: usize::MAX };
+        assert_eq!(crate::ops::decouple(&mut d, c, false, cb).unwrap(), shared - 2 * step);
+        assert_eq!(d.charged.iter().sum::<u64>(), (shared - 2 * step) * cb, "{:?}", d.charged);
+        assert_eq!(p.volumes()[&c].parent, 0);
+        assert!(p.read(c, 0, 4 * MIB).unwrap() == before);
+        p.check().unwrap();
+        assert_eq!(p.leaked(), 0);
+    }
+
     /// Inflating a clone, a power cut at every device operation of it, each crash mode: the
     /// pool opens with the clone as it was (a clone, some of its clusters perhaps copied
     /// already) or decoupled and thick with every cluster mapped; its content and its

@@ -1,0 +1,183 @@
+#!/usr/bin/python3
+"""The pace of decoupling and inflating (`serve --copy-rate`, `ballast pool copy-rate`,
+`bdev_lvol_set_copy_rate`): a pool-wide limit on what those copies take, pushed against.
+
+A daemon started with `--copy-rate 16` (MiB/s), a pool with volume `base` (32 MiB, written
+with a pattern), snapshot `snap`, clones of it:
+- the rate is what `ballast pool copy-rate` and `bdev_lvol_get_lvstores` say;
+- decoupling clone a (32 MiB to copy) takes at least the 2 s the rate allows, while a libnbd
+  client reading a sees the pattern throughout and is served meanwhile;
+- clones b and c decoupled at once take at least 4 s together: the rate is the pool's, not
+  each decoupling's;
+- at 1 MiB/s, clone d's decoupling copies about 1 MiB a second (the store's free clusters
+  fall no faster); the rate lifted (`bdev_lvol_set_copy_rate` 0) while it waits, it finishes
+  at once instead of in half a minute;
+- refused: a rate past the limit, an unknown field, another store's name; `serve
+  --copy-rate` past the limit exits with an error;
+- every clone reads the pattern, is no clone any more; the pool checks exact offline.
+Run with /usr/bin/python3 (libnbd's `nbd` module).
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import nbd  # noqa: E402
+from ballast_testlib import ballast_bin, check_pool_exact, guarded, pool_daemon  # noqa: E402
+
+MiB = 1 << 20
+PIECE = 4096
+SIZE = 32 * MiB
+
+
+def pattern(offset, length):
+    out = bytearray()
+    for p in range(offset // PIECE, (offset + length) // PIECE):
+        out += bytes([p & 0xFF, (p >> 8) & 0xFF, 0x3C, 0xC3]) * (PIECE // 4)
+    return bytes(out)
+
+
+def read_all(b, name):
+    h = nbd.NBD()
+    h.connect_uri(b.uri(name))
+    data = b"".join(h.pread(4 * MiB, off) for off in range(0, SIZE, 4 * MiB))
+    h.shutdown()
+    return data
+
+
+def store(b):
+    code, out = b.rpc("bdev_lvol_get_lvstores", {})
+    if code != 0:
+        raise AssertionError(out)
+    return json.loads(out)[0]
+
+
+def decouple_timed(b, name, out):
+    t0 = time.monotonic()
+    code, text = b.rpc("bdev_lvol_decouple_parent", {"name": name})
+    out[name] = (code, text, time.monotonic() - t0)
+
+
+def main(r):
+    b, pool = pool_daemon("256M", ("--cores", "2", "--copy-rate", "16"))
+    with b:
+        p = b.ctl("pool", "copy-rate")
+        r.check_eq("ballast pool copy-rate: the rate serve was given", (0, "16 MiB/s"),
+                   (p.returncode, p.stdout.strip()))
+        r.check_eq("bdev_lvol_get_lvstores: copy_rate_bytes_per_sec", 16 * MiB,
+                   store(b).get("copy_rate_bytes_per_sec"))
+        p = b.ctl("volume", "create", "base", "32M")
+        r.check("volume create base", p.returncode == 0, p.stderr)
+        h = nbd.NBD()
+        h.connect_uri(b.uri("base"))
+        for off in range(0, SIZE, 4 * MiB):
+            h.pwrite(pattern(off, 4 * MiB), off)
+        h.flush()
+        h.shutdown()
+        r.check_eq("snapshot base", 0, b.ctl("snapshot", "create", "base", "snap").returncode)
+        for c in ("a", "b", "c", "d"):
+            r.check_eq("clone " + c, 0, b.ctl("clone", "create", "snap", c).returncode)
+
+        # a, read throughout its decoupling.
+        stop, reads, bad, errors = threading.Event(), [], [], []
+
+        def reader():
+            try:
+                h = nbd.NBD()
+                h.connect_uri(b.uri("a"))
+                n = 0
+                while not stop.is_set():
+                    off = (n * 7919 % (SIZE // PIECE)) * PIECE
+                    if h.pread(PIECE, off) != pattern(off, PIECE):
+                        bad.append(off)
+                    reads.append(time.monotonic())
+                    n += 1
+                h.shutdown()
+            except Exception as e:  # noqa: BLE001
+                errors.append(str(e))
+
+        t = threading.Thread(target=reader)
+        t.start()
+        time.sleep(0.2)
+        out = {}
+        decouple_timed(b, "a", out)
+        stop.set()
+        t.join(30)
+        code, text, took = out["a"]
+        r.check_eq("decoupling a at 16 MiB/s", (0, "true"), (code, text))
+        r.check("it took the 2 s 32 MiB take at 16 MiB/s, at least", took >= 1.8,
+                "%.2f s" % took)
+        t1 = reads[-1] if reads else 0
+        during = sum(1 for x in reads if t1 - took < x)
+        r.check_eq("the reader of a saw the pattern throughout", ([], []), (bad, errors))
+        r.check("the reader was served while a was decoupled", during > 100,
+                "%d reads in %.2f s" % (during, took))
+
+        # b and c at once: the rate is the pool's.
+        ts = [threading.Thread(target=decouple_timed, args=(b, c, out)) for c in ("b", "c")]
+        t0 = time.monotonic()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(120)
+        both = time.monotonic() - t0
+        r.check_eq("decoupling b and c at once", [(0, "true")] * 2,
+                   [out[c][:2] for c in ("b", "c")])
+        r.check("together they took the 4 s 64 MiB take at 16 MiB/s, at least", both >= 3.6,
+                "%.2f s (b %.2f s, c %.2f s)" % (both, out["b"][2], out["c"][2]))
+
+        # d at 1 MiB/s, then unpaced while it waits.
+        p = b.ctl("pool", "copy-rate", "1")
+        r.check("ballast pool copy-rate 1", p.returncode == 0, p.stderr)
+        r.check_eq("ballast pool copy-rate says 1 MiB/s", "1 MiB/s",
+                   b.ctl("pool", "copy-rate").stdout.strip())
+        free0, cluster = store(b)["free_clusters"], store(b)["cluster_size"]
+        t = threading.Thread(target=decouple_timed, args=(b, "d", out))
+        t0 = time.monotonic()
+        t.start()
+        time.sleep(2.0)
+        copied = free0 - store(b)["free_clusters"]
+        elapsed = time.monotonic() - t0
+        # 1 MiB a step, each charged 1 s from when it began: at most two steps in 2 s.
+        r.check("at 1 MiB/s: about 1 MiB copied a second",
+                0 < copied * cluster <= (elapsed + 1.2) * MiB,
+                "%d clusters (%.1f MiB) in %.2f s" % (copied, copied * cluster / MiB, elapsed))
+        code, text = b.rpc("bdev_lvol_set_copy_rate", {"mbytes_per_sec": 0})
+        r.check_eq("bdev_lvol_set_copy_rate 0 (unpaced)", (0, "true"), (code, text))
+        t.join(60)
+        r.check_eq("decoupling d", (0, "true"), out["d"][:2])
+        r.check("unpaced while it waited: d finished at once, not in 32 s", out["d"][2] < 10,
+                "%.2f s" % out["d"][2])
+        r.check_eq("ballast pool copy-rate says unpaced", "0 (unpaced)",
+                   b.ctl("pool", "copy-rate").stdout.strip())
+
+        # Refusals.
+        code, text = b.rpc("bdev_lvol_set_copy_rate", {"mbytes_per_sec": (1 << 24) + 1})
+        r.check("a rate past the limit: refused", code != 0 and "Invalid parameters" in text
+                and "at most" in text, text)
+        code, text = b.rpc("bdev_lvol_set_copy_rate", {"mbytes_per_sec": 5, "burst": 1})
+        r.check("an unknown field: refused", code != 0, text)
+        code, text = b.rpc("bdev_lvol_set_copy_rate", {"mbytes_per_sec": 5, "lvs_name": "nope"})
+        r.check("another store's name: No such device", code != 0 and "No such device" in text,
+                text)
+        r.check_eq("the refusals changed nothing", "0 (unpaced)",
+                   b.ctl("pool", "copy-rate").stdout.strip())
+
+        for c in ("a", "b", "c", "d"):
+            v = b.lvols()[c]
+            r.check_eq(c + ": no clone, no parent", (False, None), (v["is_clone"], v["parent"]))
+            r.check(c + " reads the pattern", read_all(b, c) == pattern(0, SIZE))
+        b.check_clean_end(r)
+        check_pool_exact(r, pool)  # stopped, before the data directory goes
+
+        p = subprocess.run([ballast_bin(), "serve", "--pool", pool, "--copy-rate", "16777217"],
+                           capture_output=True, text=True, timeout=30)
+        r.check("serve --copy-rate past the limit: exits with an error",
+                p.returncode != 0 and "copy-rate" in p.stderr, p.stderr[-300:])
+
+
+if __name__ == "__main__":
+    guarded(main)

@@ -10,7 +10,7 @@ with a pattern), snapshot `snap`, clones of it:
 - clones b and c decoupled at once take at least 4 s together: the rate is the pool's, not
   each decoupling's;
 - at 1 MiB/s, clone d's decoupling copies about 1 MiB a second (the store's free clusters
-  fall no faster); the rate lifted (`bdev_lvol_set_copy_rate` 0) while it waits, it finishes
+  fall no faster, and `bdev_lvol_get_lvstores` counts it running and what it copied); the rate lifted (`bdev_lvol_set_copy_rate` 0) while it waits, it finishes
   at once instead of in half a minute;
 - refused: a rate past the limit, an unknown field, another store's name; `serve
   --copy-rate` past the limit exits with an error;
@@ -134,13 +134,23 @@ def main(r):
         r.check("ballast pool copy-rate 1", p.returncode == 0, p.stderr)
         r.check_eq("ballast pool copy-rate says 1 MiB/s", "1 MiB/s",
                    b.ctl("pool", "copy-rate").stdout.strip())
-        free0, cluster = store(b)["free_clusters"], store(b)["cluster_size"]
+        st = store(b)
+        free0, cluster, copied_before = st["free_clusters"], st["cluster_size"], st["copied_bytes"]
+        r.check_eq("nothing running before d", 0, st["decouples_running"])
         t = threading.Thread(target=decouple_timed, args=(b, "d", out))
         t0 = time.monotonic()
         t.start()
         time.sleep(2.0)
-        copied = free0 - store(b)["free_clusters"]
+        st = store(b)
+        copied = free0 - st["free_clusters"]
         elapsed = time.monotonic() - t0
+        counted = st.get("copied_bytes", 0) - copied_before
+        r.check_eq("bdev_lvol_get_lvstores: one decoupling running", 1,
+                   st.get("decouples_running"))
+        # Counted once a copy-up is done: the clusters of one in flight are taken already.
+        r.check("bdev_lvol_get_lvstores: the bytes it copied counted",
+                0 < counted <= copied * cluster <= counted + MiB,
+                "%d counted, %d taken" % (counted, copied * cluster))
         # 1 MiB a step, each charged 1 s from when it began: at most two steps in 2 s.
         r.check("at 1 MiB/s: about 1 MiB copied a second",
                 0 < copied * cluster <= (elapsed + 1.2) * MiB,
@@ -151,6 +161,9 @@ def main(r):
         r.check_eq("decoupling d", (0, "true"), out["d"][:2])
         r.check("unpaced while it waited: d finished at once, not in 32 s", out["d"][2] < 10,
                 "%.2f s" % out["d"][2])
+        st = store(b)
+        r.check_eq("afterwards: none running, every shared byte of the four clones counted "
+                   "once", (0, 4 * SIZE), (st["decouples_running"], st["copied_bytes"]))
         r.check_eq("ballast pool copy-rate says unpaced", "0 (unpaced)",
                    b.ctl("pool", "copy-rate").stdout.strip())
 

@@ -505,6 +505,16 @@ impl ScrapeCollector {
                 info.pending_records,
             ),
             ("ballast_pool_open_milliseconds", "How long opening (recovery) took.", info.open_ms),
+            (
+                "ballast_pool_copy_rate_bytes_per_second",
+                "The pace of decoupling and inflating, all together (0: unpaced).",
+                info.copy_rate_bytes_per_sec,
+            ),
+            (
+                "ballast_pool_decouples_running",
+                "Decouplings and inflations of volumes running.",
+                info.decouples_running,
+            ),
         ];
         for (name, help, value) in pool_gauges {
             family(enc, name, help, Gauge, [(pool(), value)])?;
@@ -519,6 +529,11 @@ impl ScrapeCollector {
                 "ballast_pool_checkpoints",
                 "Checkpoints written since the pool opened.",
                 info.checkpoints,
+            ),
+            (
+                "ballast_pool_copied_bytes",
+                "Bytes decoupling and inflating copied since the pool opened.",
+                info.copied_bytes,
             ),
         ];
         for (name, help, value) in counters {
@@ -714,7 +729,9 @@ mod tests {
             open_ms: 40,
             placement: Default::default(),
             families_per_core: vec![0, 0],
-            copy_rate_bytes_per_sec: 0,
+            copy_rate_bytes_per_sec: 256 << 20,
+            decouples_running: 1,
+            copied_bytes: 5 << 20,
         };
         let vol = |name: &str, snapshot: bool| VolumeInfo {
             id: 1,
@@ -771,6 +788,9 @@ mod tests {
             r#"ballast_export_size_bytes{export="v0",backend="volume",read_only="false"} 536870912"#,
             r#"ballast_pool_commits_total{node="host",name="/p.img"} 12"#,
             r#"ballast_pool_pending_records{node="host",name="/p.img"} 3"#,
+            r#"ballast_pool_copy_rate_bytes_per_second{node="host",name="/p.img"} 268435456"#,
+            r#"ballast_pool_decouples_running{node="host",name="/p.img"} 1"#,
+            r#"ballast_pool_copied_bytes_total{node="host",name="/p.img"} 5242880"#,
             r#"ballast_export_ops_total{export="v0",protocol="nvmf",op="read"} 2"#,
             r#"ballast_export_ops_total{export="v0",protocol="nvmf",op="write"} 0"#,
             r#"ballast_export_ops_total{export="v0",protocol="nbd",op="write"} 1"#,

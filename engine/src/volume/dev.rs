@@ -354,6 +354,10 @@ pub struct PoolHandle {
     /// when the rate changes.
     pace: Mutex<Pace>,
     pace_changed: Condvar,
+    /// Decouplings and inflations running, and the bytes their copy-ups copied since the
+    /// pool opened (their progress, for `pool info` and the metrics).
+    decoupling: AtomicU64,
+    copied_bytes: AtomicU64,
     /// How long opening (recovery) took, in ms.
     open_ms: u64,
     /// What the volumes' devices report of their volumes (size, read-only), refreshed after
@@ -432,6 +436,10 @@ pub struct PoolInfo {
     pub families_per_core: Vec<usize>,
     /// The pace of decoupling and inflating, bytes per second (0: unpaced).
     pub copy_rate_bytes_per_sec: u64,
+    /// Decouplings and inflations running now.
+    pub decouples_running: u64,
+    /// Bytes decoupling and inflating copied since the pool opened.
+    pub copied_bytes: u64,
 }
 
 impl PoolHandle {
@@ -505,6 +513,8 @@ impl PoolHandle {
             quiesce_timeout: Mutex::new(DEFAULT_QUIESCE_TIMEOUT),
             pace: Mutex::new(Pace::new(DEFAULT_COPY_RATE)),
             pace_changed: Condvar::new(),
+            decoupling: AtomicU64::new(0),
+            copied_bytes: AtomicU64::new(0),
             open_ms: started.elapsed().as_millis() as u64,
             live_attrs: Mutex::new(Vec::new()),
             _lock: lock,
@@ -626,6 +636,8 @@ impl PoolHandle {
             placement: self.placement(),
             families_per_core: self.families_per_core(),
             copy_rate_bytes_per_sec: self.copy_rate(),
+            decouples_running: self.decoupling.load(Ordering::Relaxed),
+            copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -761,7 +773,9 @@ impl PoolHandle {
             (m.find(vol)?, m.cluster_bytes())
         };
         let mut driver = ControlThread { pool: self, began: Instant::now() };
+        self.decoupling.fetch_add(1, Ordering::Relaxed);
         let r = ballast_volume::ops::decouple(&mut driver, id, inflate, cb);
+        self.decoupling.fetch_sub(1, Ordering::Relaxed);
         self.refresh_attrs();
         r
     }
@@ -1736,6 +1750,7 @@ impl ballast_volume::ops::Driver<DevBuf> for ControlThread<'_> {
     /// the wait (the next copy-up is charged at the new rate), as does a failed pool.
     fn copied(&mut self, bytes: u64) -> Result<(), PoolError> {
         let pool = self.pool;
+        pool.copied_bytes.fetch_add(bytes, Ordering::Relaxed);
         let mut pace = pool.pace.lock();
         let rate = pace.rate();
         let now = Instant::now();

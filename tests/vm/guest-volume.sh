@@ -3,7 +3,9 @@
 #   1. NVMe/TCP: NUSE of the fresh thin volume is 0 (nvme id-ns); mkfs.ext4, files with known
 #      checksums, NUSE now counts the written blocks; unmount, flush, disconnect
 #   2. say snapshot: the host snapshots base -> base-snap and clones it -> base-clone
-#   3. the clone mounts as a filesystem: same checksums; a new file written to it
+#   3. the clone mounts as a filesystem: same checksums; a new file written to it; say
+#      decouple: the host decouples the clone (`ballast volume decouple`, paced to take
+#      seconds) while this host writes and fsyncs files to it for 15 s (checked below)
 #   4. the origin is overwritten through NVMe/TCP (files replaced, fstrim)
 #   5. the snapshot through the kernel NBD client, read-only: mounts, original checksums, no
 #      clone file; through NVMe/TCP: the disk is read-only (Identify Namespace says write
@@ -67,7 +69,17 @@ C=$(connect base-clone) && pass "connect base-clone ($C)" || fail "connect base-
 check "mount the clone" mount "$C" /mnt/v
 check "clone has the origin's files" sh -c "cd /mnt/v && md5sum -c /tmp/orig.sums"
 dd if=/dev/urandom of=/mnt/v/clone-only bs=64k count=8 2>/dev/null
-(cd /mnt/v && md5sum clone-only) > /tmp/clone.sums
+# 3b. the clone decoupled from its snapshot on the host (paced to take seconds) while this
+# host writes files to it; they are checked after the remounts below
+say decouple
+end=$(( $(date +%s) + 15 )); n=0
+while [ "$(date +%s)" -lt $end ]; do
+  dd if=/dev/urandom of=/mnt/v/d$n bs=64k count=4 conv=fsync 2>/dev/null || break
+  n=$((n+1))
+done
+say writes-done
+check "files written to the clone while it was decoupled ($n)" test $n -gt 0
+(cd /mnt/v && md5sum clone-only d*) > /tmp/clone.sums
 check "umount the clone" umount /mnt/v
 check "e2fsck of the clone is clean" e2fsck -fn "$C"
 nvme disconnect -n "${P}base-clone" >/dev/null
@@ -111,7 +123,7 @@ umount /mnt/v 2>/dev/null
 nvme disconnect -n "${P}base-snap" >/dev/null
 C=$(connect base-clone) || fail "reconnect base-clone"
 check "mount the clone again" mount "$C" /mnt/v
-check "clone kept its own file" sh -c "cd /mnt/v && md5sum -c /tmp/clone.sums"
+check "clone kept its own files (those written while it was decoupled too)" sh -c "cd /mnt/v && md5sum -c /tmp/clone.sums"
 check "clone kept the original files" sh -c "cd /mnt/v && md5sum -c /tmp/orig.sums"
 umount /mnt/v
 # 6. the clone made read-only on the host while this host is connected: the namespace change

@@ -54,6 +54,15 @@ while kill -0 "$gpid" 2>/dev/null; do
       snapshot)
         "$bin" snapshot create base base-snap --rpc-socket "$sock" >> "$work/server.log" 2>&1
         "$bin" clone create base-snap base-clone --rpc-socket "$sock" >> "$work/server.log" 2>&1 ;;
+      decouple)
+        # Paced so that it spans the guest's writes: 4 MiB/s.
+        "$bin" pool copy-rate 4 --rpc-socket "$sock" >> "$work/server.log" 2>&1
+        ( t0=$(date +%s.%N)
+          "$bin" volume decouple base-clone --rpc-socket "$sock" >> "$work/server.log" 2>&1
+          echo "$? $t0 $(date +%s.%N)" > "$work/decouple.done" ) &
+        ;;
+      writes-done)
+        date +%s.%N > "$work/writes.done" ;;
       read-only)
         "$bin" volume read-only base-clone --rpc-socket "$sock" >> "$work/server.log" 2>&1 ;;
       rename)
@@ -66,6 +75,10 @@ done
 wait "$gpid"; grc=$?
 sed -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' "$work/console" | grep -v -E '^(SeaBIOS|iPXE|Booting from)'
 "$bin" volume list --rpc-socket "$sock"
+kind=$("$bin" rpc bdev_lvol_get_lvols --rpc-socket "$sock" | /usr/bin/python3 -c '
+import json, sys
+v = {l["name"]: l for l in json.load(sys.stdin)}.get("archive", {})
+print(v.get("is_clone"), v.get("parent"))')
 placed=$("$bin" stats --json --rpc-socket "$sock" | /usr/bin/python3 -c '
 import json, sys
 r = json.load(sys.stdin)["reactors"]
@@ -74,6 +87,16 @@ kill -TERM "$spid"; wait "$spid"; src=$?
 npass=$(grep -c '^PASS: ' "$work/console"); nfail=$(grep -c '^FAIL: ' "$work/console")
 read -r moved forwarded <<<"$placed"
 if ((moved >= 1 && forwarded == 0)); then echo "PASS: connections moved to their family's core ($moved), nothing forwarded"; npass=$((npass + 1)); else echo "FAIL: placement: moved ${moved:-?}, forwarded ${forwarded:-?}"; nfail=$((nfail + 1)); fi
+# The decoupling answered (durable) while the guest was still writing to the clone, and the
+# clone (renamed archive since) is a volume of its own: no clone, no parent.
+read -r drc dt0 dt1 < "$work/decouple.done" 2>/dev/null
+wt=$(cat "$work/writes.done" 2>/dev/null)
+if [[ ${drc:-} == 0 && -n $wt ]] && /usr/bin/python3 -c "import sys; sys.exit(not (float('$dt1') < float('$wt')))"; then
+  echo "PASS: ballast volume decouple base-clone answered in $(/usr/bin/python3 -c "print(round($dt1 - $dt0, 1))") s, while the guest wrote to it"; npass=$((npass + 1))
+else
+  echo "FAIL: the decoupling: status ${drc:-none}, ended ${dt1:-?}, the guest's writes ended ${wt:-?}"; nfail=$((nfail + 1))
+fi
+if [[ $kind == "False None" ]]; then echo "PASS: the clone, decoupled, is no clone of base-snap any more"; npass=$((npass + 1)); else echo "FAIL: archive: is_clone, parent = $kind"; nfail=$((nfail + 1)); fi
 grep -q 'guest done' "$work/console" || { echo "FAIL: guest script did not finish (exit $grc)"; nfail=$((nfail + 1)); }
 if ((src == 0)); then echo "PASS: ballast exits 0 on SIGTERM"; npass=$((npass + 1)); else echo "FAIL: ballast exit status $src"; nfail=$((nfail + 1)); fi
 if "$bin" pool check "$work/pool.img"; then echo "PASS: pool check is exact afterwards"; npass=$((npass + 1)); else echo "FAIL: pool check"; nfail=$((nfail + 1)); fi

@@ -12,6 +12,9 @@ with a pattern), snapshot `snap`, clones of it:
 - at 1 MiB/s, clone d's decoupling copies about 1 MiB a second (the store's free clusters
   fall no faster, and `bdev_lvol_get_lvstores` counts it running and what it copied); the rate lifted (`bdev_lvol_set_copy_rate` 0) while it waits, it finishes
   at once instead of in half a minute;
+- at most two at once (`--max-decouples 2`): with e and f copying at 1 MiB/s a third (g) is
+  refused at once (busy, the limit named), the control socket serving other requests; g goes
+  once they ended;
 - refused: a rate past the limit, an unknown field, another store's name; `serve
   --copy-rate` past the limit exits with an error;
 - every clone reads the pattern, is no clone any more; the pool checks exact offline.
@@ -62,7 +65,7 @@ def decouple_timed(b, name, out):
 
 
 def main(r):
-    b, pool = pool_daemon("256M", ("--cores", "2", "--copy-rate", "16"))
+    b, pool = pool_daemon("512M", ("--cores", "2", "--copy-rate", "16", "--max-decouples", "2"))
     with b:
         p = b.ctl("pool", "copy-rate")
         r.check_eq("ballast pool copy-rate: the rate serve was given", (0, "16 MiB/s"),
@@ -78,7 +81,7 @@ def main(r):
         h.flush()
         h.shutdown()
         r.check_eq("snapshot base", 0, b.ctl("snapshot", "create", "base", "snap").returncode)
-        for c in ("a", "b", "c", "d"):
+        for c in ("a", "b", "c", "d", "e", "f", "g"):
             r.check_eq("clone " + c, 0, b.ctl("clone", "create", "snap", c).returncode)
 
         # a, read throughout its decoupling.
@@ -161,11 +164,32 @@ def main(r):
         r.check_eq("decoupling d", (0, "true"), out["d"][:2])
         r.check("unpaced while it waited: d finished at once, not in 32 s", out["d"][2] < 10,
                 "%.2f s" % out["d"][2])
-        st = store(b)
-        r.check_eq("afterwards: none running, every shared byte of the four clones counted "
-                   "once", (0, 4 * SIZE), (st["decouples_running"], st["copied_bytes"]))
         r.check_eq("ballast pool copy-rate says unpaced", "0 (unpaced)",
                    b.ctl("pool", "copy-rate").stdout.strip())
+
+        # At most two at once (--max-decouples 2): a third is refused at once, the control
+        # socket serving on; it goes once one has ended.
+        p = b.ctl("pool", "copy-rate", "1")
+        ts = [threading.Thread(target=decouple_timed, args=(b, c, out)) for c in ("e", "f")]
+        for t in ts:
+            t.start()
+        deadline = time.monotonic() + 10
+        while store(b)["decouples_running"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        code, text = b.rpc("bdev_lvol_decouple_parent", {"name": "g"})
+        r.check("a third decoupling while two run: refused at once (busy, the limit named)",
+                code != 0 and "Device or resource busy" in text and "--max-decouples" in text
+                and time.monotonic() - t0 < 5, text)
+        p = b.ctl("pool", "info")
+        r.check("the control socket serves other requests meanwhile", p.returncode == 0, p.stderr)
+        r.check_eq("g is still a clone", True, b.lvols()["g"]["is_clone"])
+        r.check_eq("ballast pool copy-rate 0", 0, b.ctl("pool", "copy-rate", "0").returncode)
+        for t in ts:
+            t.join(60)
+        r.check_eq("e and f decoupled", [(0, "true")] * 2, [out[c][:2] for c in ("e", "f")])
+        decouple_timed(b, "g", out)
+        r.check_eq("g decoupled once they ended", (0, "true"), out["g"][:2])
 
         # Refusals.
         code, text = b.rpc("bdev_lvol_set_copy_rate", {"mbytes_per_sec": (1 << 24) + 1})
@@ -179,7 +203,10 @@ def main(r):
         r.check_eq("the refusals changed nothing", "0 (unpaced)",
                    b.ctl("pool", "copy-rate").stdout.strip())
 
-        for c in ("a", "b", "c", "d"):
+        st = store(b)
+        r.check_eq("afterwards: none running, every shared byte of the seven clones counted "
+                   "once", (0, 7 * SIZE), (st["decouples_running"], st["copied_bytes"]))
+        for c in ("a", "b", "c", "d", "e", "f", "g"):
             v = b.lvols()[c]
             r.check_eq(c + ": no clone, no parent", (False, None), (v["is_clone"], v["parent"]))
             r.check(c + " reads the pattern", read_all(b, c) == pattern(0, SIZE))

@@ -195,6 +195,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MIB", default_value_t = ballast_engine::volume::pace::DEFAULT_COPY_RATE >> 20,
           value_parser = clap::value_parser!(u64).range(0..=crate::volumes::COPY_RATE_MAX_MIB))]
     copy_rate: u64,
+    /// Decouplings and inflations running at once; one more is refused (busy) until one ends.
+    /// Each holds a control client (`--rpc-max-clients`) for as long as it copies: keep it
+    /// below that, so the control socket stays open to other requests.
+    #[arg(long, value_name = "N", default_value_t = ballast_engine::volume::dev::DEFAULT_MAX_DECOUPLES,
+          value_parser = clap::value_parser!(u64).range(1..=256))]
+    max_decouples: u64,
     /// Which core runs a volume's I/O: `any`, the core the command arrived on (a family's
     /// decisions may come from several cores, each under the family's lock); `owner`, the
     /// core owning the volume's family (a volume with its snapshots and clones), so one core
@@ -445,6 +451,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         pool.set_commit_policy(args.commit_records as usize, args.commit_interval);
         pool.set_quiesce_timeout(args.quiesce_timeout);
         pool.set_copy_rate(args.copy_rate << 20);
+        pool.set_max_decouples(args.max_decouples);
+        let clients = args.rpc_limits.limits().max_clients as u64;
+        if args.max_decouples >= clients {
+            tracing::warn!(
+                max_decouples = args.max_decouples,
+                rpc_max_clients = clients,
+                "decouplings running at the limit would hold every control client: the control \
+                 socket would refuse other requests until one ends"
+            );
+        }
         pool.set_placement(args.volume_placement.into());
         pool.attach_cores(handles.clone());
     }

@@ -629,7 +629,7 @@ fn decouple_volume(control: &Control, p: &Value, inflate: bool) -> Result<Value,
     let name = lvol(control, &r.name)?;
     let started = std::time::Instant::now();
     let copied = pool.decouple(&name, inflate).map_err(|e| match e {
-        PoolError::StillShared { .. } => {
+        PoolError::StillShared { .. } | PoolError::DecouplesBusy { .. } => {
             RpcError::new(INVALID_PARAMS, format!("Device or resource busy: {e}"))
         }
         e => pool_err_cb(e),

@@ -76,6 +76,11 @@ pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a control operation waits for a volume's writes to drain, by default.
 pub const DEFAULT_QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The most decouplings and inflations running at once by default (`serve --max-decouples`):
+/// they share the pool's pace, so more at once go no faster, and each holds a control client
+/// (of `--rpc-max-clients`, 16) while it copies.
+pub const DEFAULT_MAX_DECOUPLES: u64 = 4;
+
 /// Whether `path` is a character device: an NVMe namespace's generic device, which a pool
 /// reaches through passthrough commands (anything else is a file or block device).
 pub fn is_namespace(path: &Path) -> bool {
@@ -358,6 +363,9 @@ pub struct PoolHandle {
     /// pool opened (their progress, for `pool info` and the metrics).
     decoupling: AtomicU64,
     copied_bytes: AtomicU64,
+    /// The most decouplings and inflations running at once (`set_max_decouples`): each holds
+    /// a control client's thread for as long as its paced copy takes.
+    max_decouples: AtomicU64,
     /// How long opening (recovery) took, in ms.
     open_ms: u64,
     /// What the volumes' devices report of their volumes (size, read-only), refreshed after
@@ -515,6 +523,7 @@ impl PoolHandle {
             pace_changed: Condvar::new(),
             decoupling: AtomicU64::new(0),
             copied_bytes: AtomicU64::new(0),
+            max_decouples: AtomicU64::new(DEFAULT_MAX_DECOUPLES),
             open_ms: started.elapsed().as_millis() as u64,
             live_attrs: Mutex::new(Vec::new()),
             _lock: lock,
@@ -550,6 +559,12 @@ impl PoolHandle {
 
     pub fn copy_rate(&self) -> u64 {
         self.pace.lock().rate()
+    }
+
+    /// The most decouplings and inflations that run at once; one more is refused
+    /// (`DecouplesBusy`) until one ends.
+    pub fn set_max_decouples(&self, n: u64) {
+        self.max_decouples.store(n.max(1), Ordering::Relaxed);
     }
 
     /// Which core runs a volume's requests: the core the command arrived on (the default,
@@ -772,10 +787,23 @@ impl PoolHandle {
             let m = self.meta_shared();
             (m.find(vol)?, m.cluster_bytes())
         };
+        let limit = self.max_decouples.load(Ordering::Relaxed);
+        let admitted = self
+            .decoupling
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1));
+        if admitted.is_err() {
+            return Err(PoolError::DecouplesBusy { limit });
+        }
+        // Counted out however it ends.
+        struct Running<'a>(&'a AtomicU64);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _running = Running(&self.decoupling);
         let mut driver = ControlThread { pool: self, began: Instant::now() };
-        self.decoupling.fetch_add(1, Ordering::Relaxed);
         let r = ballast_volume::ops::decouple(&mut driver, id, inflate, cb);
-        self.decoupling.fetch_sub(1, Ordering::Relaxed);
         self.refresh_attrs();
         r
     }

@@ -154,7 +154,7 @@ pub fn errno(e: &PoolError) -> i32 {
         PoolError::ReadOnly(_) => libc::EPERM,
         PoolError::Range(_) | PoolError::Unaligned => libc::EINVAL,
         PoolError::NoVolume(_) => libc::ENODEV,
-        PoolError::StillShared { .. } => libc::EBUSY,
+        PoolError::StillShared { .. } | PoolError::DecouplesBusy { .. } => libc::EBUSY,
         PoolError::NoParent(_) => libc::EINVAL,
         _ => libc::EIO,
     }

@@ -167,6 +167,11 @@ pub enum PoolError {
     StillShared { vol: u32, clusters: u64 },
     #[error("volume {0} has no parent and shares no cluster: nothing to decouple it from")]
     NoParent(u32),
+    #[error(
+        "{limit} decouplings or inflations are running, the most the daemon runs at once \
+         (--max-decouples): ask again when one has ended"
+    )]
+    DecouplesBusy { limit: u64 },
     #[error("the pool's commit did not finish in time")]
     CommitTimeout,
     #[error("pool I/O: {0}")]

@@ -7,11 +7,13 @@ with a pattern), snapshot `snap`, clones of it:
 - the rate is what `ballast pool copy-rate` and `bdev_lvol_get_lvstores` say;
 - decoupling clone a (32 MiB to copy) takes at least the 2 s the rate allows, while a libnbd
   client reading a sees the pattern throughout and is served meanwhile;
-- clones b and c decoupled at once take at least 4 s together: the rate is the pool's, not
-  each decoupling's;
+- clones b and c decoupled at once take at least 4 s together, each about as long: the rate
+  is the pool's, not each decoupling's;
 - at 1 MiB/s, clone d's decoupling copies about 1 MiB a second (the store's free clusters
-  fall no faster, and `bdev_lvol_get_lvstores` counts it running and what it copied); the rate lifted (`bdev_lvol_set_copy_rate` 0) while it waits, it finishes
-  at once instead of in half a minute;
+  fall no faster, and `bdev_lvol_get_lvstores` counts it running and what it copied); asked
+  again meanwhile, refused busy; renamed d2 meanwhile; the rate lifted
+  (`bdev_lvol_set_copy_rate` 0) while it waits, it finishes at once instead of in half a
+  minute, and d2's NBD export describes it as a volume;
 - at most two at once (`--max-decouples 2`): with e and f copying at 1 MiB/s a third (g) is
   refused at once (busy, the limit named), the control socket serving other requests; g goes
   once they ended;
@@ -131,6 +133,10 @@ def main(r):
                    [out[c][:2] for c in ("b", "c")])
         r.check("together they took the 4 s 64 MiB take at 16 MiB/s, at least", both >= 3.6,
                 "%.2f s (b %.2f s, c %.2f s)" % (both, out["b"][2], out["c"][2]))
+        # Side by side, each at half the rate (one after the other, each would take 2 s).
+        r.check("each took about as long as both: they shared the rate",
+                min(out["b"][2], out["c"][2]) >= 3.0,
+                "b %.2f s, c %.2f s" % (out["b"][2], out["c"][2]))
 
         # d at 1 MiB/s, then unpaced while it waits.
         p = b.ctl("pool", "copy-rate", "1")
@@ -158,10 +164,22 @@ def main(r):
         r.check("at 1 MiB/s: about 1 MiB copied a second",
                 0 < copied * cluster <= (elapsed + 1.2) * MiB,
                 "%d clusters (%.1f MiB) in %.2f s" % (copied, copied * cluster / MiB, elapsed))
+        code, text = b.rpc("bdev_lvol_decouple_parent", {"name": "d"})
+        r.check("d asked again while its decoupling runs (a client that gave up waiting): "
+                "refused busy", code != 0 and "Device or resource busy" in text
+                and "already" in text, text)
+        p = b.ctl("volume", "rename", "d", "d2")
+        r.check("d renamed d2 while it is decoupled", p.returncode == 0, p.stderr)
         code, text = b.rpc("bdev_lvol_set_copy_rate", {"mbytes_per_sec": 0})
         r.check_eq("bdev_lvol_set_copy_rate 0 (unpaced)", (0, "true"), (code, text))
         t.join(60)
         r.check_eq("decoupling d", (0, "true"), out["d"][:2])
+        h = nbd.NBD()
+        h.set_full_info(True)
+        h.connect_uri(b.uri("d2"))
+        r.check_eq("d2's NBD export describes it as a volume (not a clone) once decoupled",
+                   "volume", h.get_export_description())
+        h.shutdown()
         r.check("unpaced while it waited: d finished at once, not in 32 s", out["d"][2] < 10,
                 "%.2f s" % out["d"][2])
         r.check_eq("ballast pool copy-rate says unpaced", "0 (unpaced)",
@@ -206,7 +224,7 @@ def main(r):
         st = store(b)
         r.check_eq("afterwards: none running, every shared byte of the seven clones counted "
                    "once", (0, 7 * SIZE), (st["decouples_running"], st["copied_bytes"]))
-        for c in ("a", "b", "c", "d", "e", "f", "g"):
+        for c in ("a", "b", "c", "d2", "e", "f", "g"):
             v = b.lvols()[c]
             r.check_eq(c + ": no clone, no parent", (False, None), (v["is_clone"], v["parent"]))
             r.check(c + " reads the pattern", read_all(b, c) == pattern(0, SIZE))

@@ -628,17 +628,20 @@ fn decouple_volume(control: &Control, p: &Value, inflate: bool) -> Result<Value,
     let r: LvolName = params(p, L)?;
     let name = lvol(control, &r.name)?;
     let started = std::time::Instant::now();
-    let copied = pool.decouple(&name, inflate).map_err(|e| match e {
-        PoolError::StillShared { .. } | PoolError::DecouplesBusy { .. } => {
+    let (id, copied) = pool.decouple(&name, inflate).map_err(|e| match e {
+        PoolError::StillShared { .. }
+        | PoolError::DecouplesBusy { .. }
+        | PoolError::Decoupling(_) => {
             RpcError::new(INVALID_PARAMS, format!("Device or resource busy: {e}"))
         }
         e => pool_err_cb(e),
     })?;
-    // Its exports describe it as a volume now, not a clone. (The state's shared borrow ends
-    // before `describe` borrows it exclusively.)
-    let id = pool.meta_shared().find(&name);
-    if let Ok(id) = id {
-        redescribe(control, pool, id, &name);
+    // Its exports describe it as a volume now, not a clone — under the name it has now (a
+    // rename may have come meanwhile). The state's shared borrow ends before `describe`
+    // borrows it exclusively.
+    let now = pool.meta_shared().volume(id).map(|v| v.name.clone());
+    if let Ok(now) = now {
+        redescribe(control, pool, id, &now);
     }
     tracing::info!(
         volume = name,

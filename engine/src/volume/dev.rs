@@ -359,9 +359,10 @@ pub struct PoolHandle {
     /// when the rate changes.
     pace: Mutex<Pace>,
     pace_changed: Condvar,
-    /// Decouplings and inflations running, and the bytes their copy-ups copied since the
-    /// pool opened (their progress, for `pool info` and the metrics).
-    decoupling: AtomicU64,
+    /// The volumes being decoupled or inflated now (one decoupling each), and the bytes their
+    /// copy-ups copied since the pool opened (their progress, for `pool info` and the
+    /// metrics).
+    decoupling: Mutex<std::collections::HashSet<u32>>,
     copied_bytes: AtomicU64,
     /// The most decouplings and inflations running at once (`set_max_decouples`): each holds
     /// a control client's thread for as long as its paced copy takes.
@@ -521,7 +522,7 @@ impl PoolHandle {
             quiesce_timeout: Mutex::new(DEFAULT_QUIESCE_TIMEOUT),
             pace: Mutex::new(Pace::new(DEFAULT_COPY_RATE)),
             pace_changed: Condvar::new(),
-            decoupling: AtomicU64::new(0),
+            decoupling: Mutex::new(std::collections::HashSet::new()),
             copied_bytes: AtomicU64::new(0),
             max_decouples: AtomicU64::new(DEFAULT_MAX_DECOUPLES),
             open_ms: started.elapsed().as_millis() as u64,
@@ -651,7 +652,7 @@ impl PoolHandle {
             placement: self.placement(),
             families_per_core: self.families_per_core(),
             copy_rate_bytes_per_sec: self.copy_rate(),
-            decouples_running: self.decoupling.load(Ordering::Relaxed),
+            decouples_running: self.decoupling.lock().len() as u64,
             copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
         }
     }
@@ -781,31 +782,37 @@ impl PoolHandle {
     /// Decouples volume `vol` from its parent (`bdev_lvol_decouple_parent`) or, with
     /// `inflate`, inflates it (`bdev_lvol_inflate`): [`ballast_volume::ops::decouple`], its
     /// copy-ups and its control operation run as requests on the cores like any other (its
-    /// I/O goes on meanwhile), durable when this returns. The clusters copied.
-    pub fn decouple(self: &Arc<Self>, vol: &str, inflate: bool) -> Result<u64, PoolError> {
+    /// I/O goes on meanwhile), durable when this returns: the volume's id and the clusters
+    /// copied. One decoupling per volume at a time (`Decoupling` for a second: a client that
+    /// gave up waiting and asks again), at most `set_max_decouples` in all (`DecouplesBusy`).
+    pub fn decouple(self: &Arc<Self>, vol: &str, inflate: bool) -> Result<(u32, u64), PoolError> {
         let (id, cb) = {
             let m = self.meta_shared();
             (m.find(vol)?, m.cluster_bytes())
         };
-        let limit = self.max_decouples.load(Ordering::Relaxed);
-        let admitted = self
-            .decoupling
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1));
-        if admitted.is_err() {
-            return Err(PoolError::DecouplesBusy { limit });
+        {
+            let mut running = self.decoupling.lock();
+            let limit = self.max_decouples.load(Ordering::Relaxed);
+            if running.contains(&id) {
+                return Err(PoolError::Decoupling(id));
+            }
+            if running.len() as u64 >= limit {
+                return Err(PoolError::DecouplesBusy { limit });
+            }
+            running.insert(id);
         }
         // Counted out however it ends.
-        struct Running<'a>(&'a AtomicU64);
+        struct Running<'a>(&'a Mutex<std::collections::HashSet<u32>>, u32);
         impl Drop for Running<'_> {
             fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::AcqRel);
+                self.0.lock().remove(&self.1);
             }
         }
-        let _running = Running(&self.decoupling);
+        let _running = Running(&self.decoupling, id);
         let mut driver = ControlThread { pool: self, began: Instant::now() };
         let r = ballast_volume::ops::decouple(&mut driver, id, inflate, cb);
         self.refresh_attrs();
-        r
+        r.map(|copied| (id, copied))
     }
 
     pub fn create_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<u32, PoolError> {
@@ -1746,7 +1753,6 @@ impl Round<'_> {
     }
 }
 
-/// The control thread as the driver of a decoupling ([`PoolHandle::decouple`]).
 /// The control thread driving a decoupling (`PoolHandle::decouple`): its requests go to the
 /// cores (`run_blocking`), and between copy-ups it waits as the pool's pace says.
 struct ControlThread<'a> {
@@ -1775,15 +1781,16 @@ impl ballast_volume::ops::Driver<DevBuf> for ControlThread<'_> {
     }
 
     /// Waits what the pace asks for the copy-up just done; a change of rate meanwhile ends
-    /// the wait (the next copy-up is charged at the new rate), as does a failed pool.
+    /// the wait (the next copy-up is charged at the new rate). A pool that failed meanwhile
+    /// ends the decoupling once the wait is over (at most a step's time at the rate).
     fn copied(&mut self, bytes: u64) -> Result<(), PoolError> {
         let pool = self.pool;
         pool.copied_bytes.fetch_add(bytes, Ordering::Relaxed);
         let mut pace = pool.pace.lock();
-        let rate = pace.rate();
+        let generation = pace.generation();
         let now = Instant::now();
         let until = now + pace.charge(self.began, now, bytes);
-        while Instant::now() < until && pace.rate() == rate {
+        while Instant::now() < until && pace.generation() == generation {
             pool.pace_changed.wait_until(&mut pace, until);
         }
         drop(pace);

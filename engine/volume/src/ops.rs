@@ -177,14 +177,16 @@ pub trait Driver<B> {
 /// into one of its own — a [`Cmd::Own`] request of [`OWN_STEP`] from each shared cluster
 /// found, racing with its I/O like any write — then [`ControlOp::Decouple`] applies (durable
 /// when it returns). A snapshot taken in between shares clusters again: the pass is repeated,
-/// up to [`DECOUPLE_PASSES`] times. The driver runs each request (the daemon: on a core; the
-/// synchronous pool and the tests: in place) and paces the copy-ups ([`Driver::copied`]).
-/// Returns the clusters copied. Refusals: a
-/// read-only volume, `ReadOnly`; one with no parent that shares nothing, `NoParent` (not for
-/// `inflate`, which makes any thin volume thick); a pool without the room for every copy
-/// (and, inflating, every hole), `NoSpace` before anything is copied; whatever a request
-/// refuses (the room taken by writes meanwhile, a failed pool) — what was copied stays copied,
-/// harmlessly (the volume reads the same), and a retry goes on from there.
+/// up to [`DECOUPLE_PASSES`] times, its room looked at again first. The driver runs each
+/// request (the daemon: on a core; the synchronous pool and the tests: in place) and paces
+/// the copy-ups ([`Driver::copied`], charged the bytes each read and wrote). Returns the
+/// clusters copied (read and written; a shared cluster with nothing written in it only gets
+/// a fresh one mapped, and counts nothing). Refusals: a read-only volume, `ReadOnly`; one
+/// with no parent that shares nothing, `NoParent` (not for `inflate`, which makes any thin
+/// volume thick); a pool without the room for every copy (and, inflating, every hole),
+/// `NoSpace` before anything is copied; whatever a request refuses (the room taken by writes
+/// meanwhile, a failed pool) — what was copied stays copied, harmlessly (the volume reads the
+/// same), and a retry goes on from there.
 pub fn decouple<B>(
     d: &mut impl Driver<B>,
     id: u32,
@@ -210,8 +212,17 @@ pub fn decouple<B>(
     let step = OWN_STEP.next_multiple_of(cluster_bytes.max(1));
     let mut copied = 0u64;
     for pass in 1..=DECOUPLE_PASSES {
-        let mut next =
-            if pass == 1 { first.next_shared } else { d.look(id, 0, in_place)?.next_shared };
+        let mut next = if pass == 1 {
+            first.next_shared
+        } else {
+            // A snapshot taken meanwhile shares again what was copied: the room for copying it
+            // again is looked at before anything more is copied.
+            let (needed, free) = d.room(id, inflate)?;
+            if needed > free {
+                return Err(PoolError::NoSpace);
+            }
+            d.look(id, 0, in_place)?.next_shared
+        };
         while let Some(at) = next {
             let n = d.run(id, Cmd::Own { offset: at, len: step, in_place })?;
             let n = u64::try_from(n).expect("a copy-up counts what it copied");

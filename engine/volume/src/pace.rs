@@ -23,12 +23,14 @@ pub const DEFAULT_COPY_RATE: u64 = 256 << 20;
 pub struct Pace {
     rate: u64,
     until: Option<Instant>,
+    /// Counts the changes of rate: a copier waiting on the old one sees it move.
+    generation: u64,
 }
 
 impl Pace {
     /// A pace of `rate` bytes per second (0: unpaced).
     pub fn new(rate: u64) -> Self {
-        Pace { rate, until: None }
+        Pace { rate, until: None, generation: 0 }
     }
 
     /// Bytes per second (0: unpaced).
@@ -37,10 +39,20 @@ impl Pace {
     }
 
     /// Takes effect from the next charge; what was charged at the old rate is forgotten, so a
-    /// copier waiting on a slow rate is not held to it once it is raised.
+    /// copier waiting on a slow rate is not held to it once it is raised. The same rate again
+    /// changes nothing (what was charged stays charged).
     pub fn set_rate(&mut self, rate: u64) {
-        self.rate = rate;
-        self.until = None;
+        if rate != self.rate {
+            self.rate = rate;
+            self.until = None;
+            self.generation += 1;
+        }
+    }
+
+    /// Moves on each change of rate (`set_rate`): a copier waiting since a charge stops
+    /// waiting when it moved.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Charges a copy of `bytes` that began at `began`, as its copier sees it at `now`: how
@@ -137,5 +149,19 @@ mod tests {
         assert_eq!(p.charge(t + MS, t + MS, 1 << 20), 10 * MS, "not held to the old 10 s");
         p.set_rate(0);
         assert_eq!(p.charge(t + MS, t + MS, 1 << 30), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_same_rate_again_keeps_what_was_charged() {
+        let mut p = Pace::new(100 << 20);
+        let t = Instant::now();
+        assert_eq!(p.charge(t, t, 1 << 20), 10 * MS);
+        let g = p.generation();
+        p.set_rate(100 << 20);
+        assert_eq!(p.generation(), g, "no change to wake anyone for");
+        // A second copier still queues behind the first's 10 ms.
+        assert_eq!(p.charge(t, t, 1 << 20), 20 * MS);
+        p.set_rate(50 << 20);
+        assert_eq!(p.generation(), g + 1);
     }
 }

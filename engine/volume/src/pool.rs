@@ -1162,6 +1162,33 @@ mod tests {
         assert_eq!(p.leaked(), 0);
     }
 
+    /// A clone of a snapshot of a thick volume with nothing written: decoupling gives it a
+    /// cluster of its own for each (the pool's free clusters fall by all of them) but reads
+    /// and writes none, so the pace is charged nothing and nothing counts as copied; one
+    /// written cluster counts as one.
+    #[test]
+    fn clusters_with_nothing_written_are_mapped_not_copied_nor_charged() {
+        const MIB: u64 = 1 << 20;
+        let cb = 1u64 << CLUSTER_SHIFT;
+        let mut p = Pool::format(SimDisk::new(32 * MIB, 41), geometry(64, 9)).unwrap();
+        let v = p
+            .control(ControlOp::Create { name: "v".into(), size_bytes: 2 * MIB, thick: true })
+            .unwrap();
+        p.write(v, 5 * cb, &[9; PIECE as usize]).unwrap();
+        let s = p.snapshot(v, "s").unwrap();
+        let c = p.clone_volume(s, "c").unwrap();
+        let free = p.free_clusters();
+        let mut d = Paced { pool: &mut p, charged: Vec::new(), stop_after: usize::MAX };
+        assert_eq!(crate::ops::decouple(&mut d, c, false, cb).unwrap(), 1, "the written one");
+        assert_eq!(d.charged.iter().sum::<u64>(), cb, "{:?}", d.charged);
+        assert_eq!(p.free_clusters(), free - 2 * MIB / cb, "every cluster its own now");
+        assert_eq!(p.meta().shared_clusters(c, false).unwrap(), 0);
+        let got = p.read(c, 0, 2 * MIB).unwrap();
+        assert!(got[..5 * cb as usize].iter().all(|&b| b == 0));
+        assert_eq!(&got[5 * cb as usize..(5 * cb + PIECE) as usize], &[9; PIECE as usize][..]);
+        p.check().unwrap();
+    }
+
     /// Inflating a clone, a power cut at every device operation of it, each crash mode: the
     /// pool opens with the clone as it was (a clone, some of its clusters perhaps copied
     /// already) or decoupled and thick with every cluster mapped; its content and its

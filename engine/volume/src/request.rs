@@ -154,7 +154,9 @@ pub fn errno(e: &PoolError) -> i32 {
         PoolError::ReadOnly(_) => libc::EPERM,
         PoolError::Range(_) | PoolError::Unaligned => libc::EINVAL,
         PoolError::NoVolume(_) => libc::ENODEV,
-        PoolError::StillShared { .. } | PoolError::DecouplesBusy { .. } => libc::EBUSY,
+        PoolError::StillShared { .. }
+        | PoolError::DecouplesBusy { .. }
+        | PoolError::Decoupling(_) => libc::EBUSY,
         PoolError::NoParent(_) => libc::EINVAL,
         _ => libc::EIO,
     }
@@ -866,7 +868,8 @@ impl<B: Buf> Request<B> {
 
     /// Copying clusters up ([`Cmd::Own`]): each cluster the volume shares is read whole and
     /// written whole into its fresh cluster; a shared cluster with nothing written in it only
-    /// gets its fresh one mapped. Its spans end like a write's; the reply counts them.
+    /// gets its fresh one mapped. Its spans end like a write's; the reply counts the clusters
+    /// read and written (those only mapped count nothing: no I/O to pace or report).
     fn start_own<K: Bufs<B = B>>(&mut self, cx: &mut Ctx<'_, K>) {
         let (vol, offset, len, waiter) = (self.vol, self.offset, self.len, self.waiter);
         let in_place = self.in_place;
@@ -876,7 +879,8 @@ impl<B: Buf> Request<B> {
             Err(Blocked::Fail(e)) => return self.refuse(cx, e),
         }
         let copies = self.plans.len() as u32;
-        self.final_result = Some(copies as i32);
+        let with_data = self.plans.iter().filter(|p| p.copy_from.is_some()).count();
+        self.final_result = Some(with_data as i32);
         if copies == 0 {
             return self.reply(cx, 0);
         }

@@ -172,6 +172,11 @@ pub enum PoolError {
          (--max-decouples): ask again when one has ended"
     )]
     DecouplesBusy { limit: u64 },
+    #[error(
+        "volume {0} is being decoupled already: that decoupling answers when it is done \
+         (listed no clone from then on)"
+    )]
+    Decoupling(u32),
     #[error("the pool's commit did not finish in time")]
     CommitTimeout,
     #[error("pool I/O: {0}")]

@@ -11,9 +11,9 @@ with a pattern), snapshot `snap`, clones of it:
   is the pool's, not each decoupling's;
 - at 1 MiB/s, clone d's decoupling copies about 1 MiB a second (the store's free clusters
   fall no faster, and `bdev_lvol_get_lvstores` counts it running and what it copied); asked
-  again meanwhile, refused busy; renamed d2 meanwhile; the rate lifted
+  again meanwhile, refused busy; a snapshot of it refused busy; renamed d2 meanwhile; the rate lifted
   (`bdev_lvol_set_copy_rate` 0) while it waits, it finishes at once instead of in half a
-  minute, and d2's NBD export describes it as a volume;
+  minute, d2's NBD export describes it as a volume, and a snapshot of it is taken;
 - at most two at once (`--max-decouples 2`): with e and f copying at 1 MiB/s a third (g) is
   refused at once (busy, the limit named), the control socket serving other requests; g goes
   once they ended;
@@ -167,7 +167,10 @@ def main(r):
         code, text = b.rpc("bdev_lvol_decouple_parent", {"name": "d"})
         r.check("d asked again while its decoupling runs (a client that gave up waiting): "
                 "refused busy", code != 0 and "Device or resource busy" in text
-                and "already" in text, text)
+                and "being decoupled" in text, text)
+        code, text = b.rpc("bdev_lvol_snapshot", {"lvol_name": "d", "snapshot_name": "d-s"})
+        r.check("a snapshot of d while it is decoupled: refused busy (as SPDK refuses one of a "
+                "blob being inflated)", code != 0 and "Device or resource busy" in text, text)
         p = b.ctl("volume", "rename", "d", "d2")
         r.check("d renamed d2 while it is decoupled", p.returncode == 0, p.stderr)
         code, text = b.rpc("bdev_lvol_set_copy_rate", {"mbytes_per_sec": 0})
@@ -180,6 +183,8 @@ def main(r):
         r.check_eq("d2's NBD export describes it as a volume (not a clone) once decoupled",
                    "volume", h.get_export_description())
         h.shutdown()
+        code, text = b.rpc("bdev_lvol_snapshot", {"lvol_name": "d2", "snapshot_name": "d-s"})
+        r.check("a snapshot of d2 once decoupled", code == 0, text)
         r.check("unpaced while it waited: d finished at once, not in 32 s", out["d"][2] < 10,
                 "%.2f s" % out["d"][2])
         r.check_eq("ballast pool copy-rate says unpaced", "0 (unpaced)",

@@ -341,7 +341,9 @@ fn pool_err(e: PoolError) -> RpcError {
         PoolError::NoSpace | PoolError::Overprovisioned { .. } => {
             RpcError::new(-28, format!("No space left on device: {e}"))
         }
-        PoolError::Busy(_) => RpcError::new(-16, format!("Device or resource busy: {e}")),
+        PoolError::Busy(_) | PoolError::Decoupling(_) | PoolError::DecouplesBusy { .. } => {
+            RpcError::new(-16, format!("Device or resource busy: {e}"))
+        }
         other => invalid_parameters(other),
     }
 }
@@ -629,9 +631,7 @@ fn decouple_volume(control: &Control, p: &Value, inflate: bool) -> Result<Value,
     let name = lvol(control, &r.name)?;
     let started = std::time::Instant::now();
     let (id, copied) = pool.decouple(&name, inflate).map_err(|e| match e {
-        PoolError::StillShared { .. }
-        | PoolError::DecouplesBusy { .. }
-        | PoolError::Decoupling(_) => {
+        PoolError::StillShared { .. } => {
             RpcError::new(INVALID_PARAMS, format!("Device or resource busy: {e}"))
         }
         e => pool_err_cb(e),

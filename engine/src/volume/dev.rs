@@ -830,8 +830,14 @@ impl PoolHandle {
         self.control(ControlOp::Create { name: name.into(), size_bytes: size, thick })
     }
 
+    /// A snapshot of volume `of` (durable when this returns). Refused while `of` is being
+    /// decoupled (`Decoupling`, as SPDK refuses a snapshot of a blob being inflated): it
+    /// would share again what the decoupling copied, and the decoupling would copy it again.
     pub fn snapshot(self: &Arc<Self>, of: &str, name: &str) -> Result<u32, PoolError> {
         let of = self.meta().find(of)?;
+        if self.decoupling.lock().contains(&of) {
+            return Err(PoolError::Decoupling(of));
+        }
         self.control(ControlOp::Snapshot { of, name: name.into() })
     }
 

@@ -173,8 +173,8 @@ pub enum PoolError {
     )]
     DecouplesBusy { limit: u64 },
     #[error(
-        "volume {0} is being decoupled already: that decoupling answers when it is done \
-         (listed no clone from then on)"
+        "volume {0} is being decoupled or inflated: ask again once that has ended (it is \
+         listed no clone from then on)"
     )]
     Decoupling(u32),
     #[error("the pool's commit did not finish in time")]

@@ -11,9 +11,10 @@ with a pattern), snapshot `snap`, clones of it:
   is the pool's, not each decoupling's;
 - at 1 MiB/s, clone d's decoupling copies about 1 MiB a second (the store's free clusters
   fall no faster, and `bdev_lvol_get_lvstores` counts it running and what it copied); asked
-  again meanwhile, refused busy; a snapshot of it refused busy; renamed d2 meanwhile; the rate lifted
-  (`bdev_lvol_set_copy_rate` 0) while it waits, it finishes at once instead of in half a
-  minute, d2's NBD export describes it as a volume, and a snapshot of it is taken;
+  again meanwhile, refused busy; a snapshot of it and a rollback of it refused busy (the
+  volume named by its name); renamed d2 meanwhile; the rate lifted (`bdev_lvol_set_copy_rate`
+  0) while it waits, it finishes at once instead of in half a minute, d2's NBD export
+  describes it as a volume, and a snapshot of it is taken;
 - at most two at once (`--max-decouples 2`): with e and f copying at 1 MiB/s a third (g) is
   refused at once (busy, the limit named), the control socket serving other requests; g goes
   once they ended;
@@ -170,7 +171,11 @@ def main(r):
                 and "being decoupled" in text, text)
         code, text = b.rpc("bdev_lvol_snapshot", {"lvol_name": "d", "snapshot_name": "d-s"})
         r.check("a snapshot of d while it is decoupled: refused busy (as SPDK refuses one of a "
-                "blob being inflated)", code != 0 and "Device or resource busy" in text, text)
+                "blob being inflated), the volume named by its name",
+                code != 0 and "Device or resource busy" in text and 'volume "d"' in text, text)
+        p = b.ctl("volume", "rollback", "d", "snap")
+        r.check("a rollback of d while it is decoupled: refused busy",
+                p.returncode != 0 and "being decoupled" in p.stderr, p.stderr)
         p = b.ctl("volume", "rename", "d", "d2")
         r.check("d renamed d2 while it is decoupled", p.returncode == 0, p.stderr)
         code, text = b.rpc("bdev_lvol_set_copy_rate", {"mbytes_per_sec": 0})

@@ -264,8 +264,9 @@ def main(r):
         io.close()
 
         code, out = b.rpc("bdev_lvol_inflate", {"name": "snap"})
-        r.check("inflating a snapshot: refused (read-only)",
-                code != 0 and "Invalid parameters" in out and "read-only" in out, out)
+        r.check("inflating a snapshot: refused (read-only), naming it by its name",
+                code != 0 and "Invalid parameters" in out and "read-only" in out
+                and 'volume "snap"' in out, out)
         code, out = b.rpc("bdev_lvol_decouple_parent", {"name": "nosuch"})
         r.check("an unknown volume: No such device", code != 0 and "No such device" in out, out)
 

@@ -730,8 +730,20 @@ impl PoolHandle {
     /// 0 — or a copy-up of volume `vol`'s clusters) from a blocking thread: as a message to a
     /// core ([`PoolHandle::core_for`]), where it runs like any request (its I/O on the ring,
     /// the lock never held across it, parked while it waits); once the cores are gone, here on
-    /// the blocking disk, the same request run to completion.
+    /// the blocking disk, the same request run to completion. Its refusal names the volumes
+    /// it is about ([`PoolHandle::named`]).
     fn run_blocking(self: &Arc<Self>, vol: u32, cmd: Cmd<DevBuf>) -> Result<i32, PoolError> {
+        self.run_blocking_by_id(vol, cmd).map_err(|e| self.named(e))
+    }
+
+    /// `e` with the volumes it names by id named by their names now: what the control API's
+    /// clients know them by.
+    pub fn named(&self, e: PoolError) -> PoolError {
+        let m = self.meta_shared();
+        e.named(|id| m.volume(id).ok().map(|v| v.name.clone()))
+    }
+
+    fn run_blocking_by_id(self: &Arc<Self>, vol: u32, cmd: Cmd<DevBuf>) -> Result<i32, PoolError> {
         if let Some(why) = self.meta_shared().failed() {
             return Err(PoolError::Failed(why.to_string()));
         }
@@ -769,10 +781,10 @@ impl PoolHandle {
         match &here {
             Cmd::Control(op) => {
                 if let Some(v) = op.quiesce().filter(|&v| !meta.quiet(v)) {
-                    return Err(PoolError::Busy(v));
+                    return Err(PoolError::Busy(v.into()));
                 }
             }
-            Cmd::Own { .. } if busy(vol) => return Err(PoolError::Busy(vol)),
+            Cmd::Own { .. } if busy(vol) => return Err(PoolError::Busy(vol.into())),
             _ => {}
         }
         let mut disk = self.disk.lock();
@@ -794,7 +806,8 @@ impl PoolHandle {
             let mut running = self.decoupling.lock();
             let limit = self.max_decouples.load(Ordering::Relaxed);
             if running.contains(&id) {
-                return Err(PoolError::Decoupling(id));
+                drop(running);
+                return Err(self.named(PoolError::Decoupling(id.into())));
             }
             if running.len() as u64 >= limit {
                 return Err(PoolError::DecouplesBusy { limit });
@@ -812,7 +825,7 @@ impl PoolHandle {
         let mut driver = ControlThread { pool: self, began: Instant::now() };
         let r = ballast_volume::ops::decouple(&mut driver, id, inflate, cb);
         self.refresh_attrs();
-        r.map(|copied| (id, copied))
+        r.map(|copied| (id, copied)).map_err(|e| self.named(e))
     }
 
     pub fn create_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<u32, PoolError> {
@@ -833,10 +846,12 @@ impl PoolHandle {
     /// A snapshot of volume `of` (durable when this returns). Refused while `of` is being
     /// decoupled (`Decoupling`, as SPDK refuses a snapshot of a blob being inflated): it
     /// would share again what the decoupling copied, and the decoupling would copy it again.
+    /// (Only the admission is checked: one that began before the decoupling did is what the
+    /// decoupling's further passes are for.)
     pub fn snapshot(self: &Arc<Self>, of: &str, name: &str) -> Result<u32, PoolError> {
         let of = self.meta().find(of)?;
         if self.decoupling.lock().contains(&of) {
-            return Err(PoolError::Decoupling(of));
+            return Err(self.named(PoolError::Decoupling(of.into())));
         }
         self.control(ControlOp::Snapshot { of, name: name.into() })
     }
@@ -846,11 +861,16 @@ impl PoolHandle {
         self.control(ControlOp::Clone { of, name: name.into() })
     }
 
+    /// Rolls volume `vol` back to its snapshot `to` (durable when this returns). Refused
+    /// while `vol` is being decoupled (`Decoupling`): it would share again what was copied.
     pub fn rollback(self: &Arc<Self>, vol: &str, to: &str) -> Result<(), PoolError> {
         let (id, to) = {
             let m = self.meta();
             (m.find(vol)?, m.find(to)?)
         };
+        if self.decoupling.lock().contains(&id) {
+            return Err(self.named(PoolError::Decoupling(id.into())));
+        }
         self.control(ControlOp::Rollback { id, to }).map(drop)
     }
 
@@ -2367,7 +2387,7 @@ mod tests {
         let started = Instant::now();
         let r = pool.snapshot("v", "s");
         let waited = started.elapsed();
-        assert!(matches!(r, Err(PoolError::Busy(v)) if v == id), "{r:?}");
+        assert!(matches!(&r, Err(PoolError::Busy(v)) if *v == id), "{r:?}");
         assert!(waited >= Duration::from_millis(300), "gave up after {waited:?}, before its time");
         assert!(waited < Duration::from_secs(10), "gave up after {waited:?}");
         assert!(pool.meta().find("s").is_err(), "a snapshot that gave up left nothing");

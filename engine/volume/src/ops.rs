@@ -198,10 +198,10 @@ pub fn decouple<B>(
     let in_place = inflate;
     let first = d.look(id, 0, in_place)?;
     if first.read_only {
-        return Err(PoolError::ReadOnly(id));
+        return Err(PoolError::ReadOnly(id.into()));
     }
     if !inflate && first.parent == 0 && first.next_shared.is_none() {
-        return Err(PoolError::NoParent(id));
+        return Err(PoolError::NoParent(id.into()));
     }
     // A pool without the room is refused before anything is copied (writes meanwhile may
     // still take it: then a copy-up or the apply refuses, what was copied staying copied).

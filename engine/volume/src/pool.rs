@@ -673,7 +673,7 @@ mod tests {
         assert!(p.meta().kin(w).is_empty());
         assert!(matches!(
             p.meta().changes(v, w, 0, all, 8),
-            Err(PoolError::OtherFamily { vol, base }) if (vol, base) == (v, w)
+            Err(PoolError::OtherFamily { vol, base }) if (vol.id, base.id) == (v, w)
         ));
     }
 

@@ -384,7 +384,7 @@ impl<B: Buf> Request<B> {
             if cx.meta.exclusive().unpark_drained(v, self.waiter) {
                 self.thaw(cx);
                 self.control = None;
-                self.refuse(cx, PoolError::Busy(v));
+                self.refuse(cx, PoolError::Busy(v.into()));
             }
         }
         self.outcome()

@@ -311,7 +311,7 @@ impl PoolMeta {
         self.ok()?;
         let src = self.volume(of)?;
         if !src.read_only {
-            return Err(PoolError::NotSnapshot(of));
+            return Err(PoolError::NotSnapshot(of.into()));
         }
         let size = src.size_bytes;
         self.new_name(name)?;
@@ -327,14 +327,14 @@ impl PoolMeta {
         self.ok()?;
         let v = self.volume(id)?;
         if v.read_only {
-            return Err(PoolError::ReadOnly(id));
+            return Err(PoolError::ReadOnly(id.into()));
         }
         let snap = self.volume(to)?;
         if !snap.read_only {
-            return Err(PoolError::NotSnapshot(to));
+            return Err(PoolError::NotSnapshot(to.into()));
         }
         if snap.parent != id {
-            return Err(PoolError::NotSnapshotOf { snap: to, vol: id });
+            return Err(PoolError::NotSnapshotOf { snap: to.into(), vol: id.into() });
         }
         if self.family_of.get(&id) != self.family_of.get(&to) {
             // A snapshot joins its origin's family, live and when loaded: never reached.
@@ -424,12 +424,12 @@ impl PoolMeta {
         self.ok()?;
         let v = self.volume(id)?;
         if v.read_only {
-            return Err(PoolError::ReadOnly(id));
+            return Err(PoolError::ReadOnly(id.into()));
         }
         let (parent, thick) = (v.parent, v.thick);
         let clusters = self.shared_clusters(id, inflate && !thick)?;
         if clusters > 0 {
-            return Err(PoolError::StillShared { vol: id, clusters });
+            return Err(PoolError::StillShared { vol: id.into(), clusters });
         }
         let holes = if inflate && !thick { self.holes(id, 0, None) } else { Vec::new() };
         if holes.len() as u64 > THICK_MAP_MAX {
@@ -461,7 +461,7 @@ impl PoolMeta {
         self.ok()?;
         let v = self.volume(id)?;
         if v.read_only {
-            return Err(PoolError::ReadOnly(id));
+            return Err(PoolError::ReadOnly(id.into()));
         }
         if size_bytes == 0 || !size_bytes.is_multiple_of(PIECE) {
             return Err(PoolError::BadSize);
@@ -480,7 +480,7 @@ impl PoolMeta {
             let first_piece = size_bytes / PIECE;
             let written = (first_piece..old / PIECE).any(|p| self.piece_written(id, p));
             if written && !force {
-                return Err(PoolError::WouldDropData(id));
+                return Err(PoolError::WouldDropData(id.into()));
             }
             // Trim whole pieces beyond the new end so nothing stale reappears on growth. The
             // volume is quiesced (frozen, no write in flight), so nothing can be busy.

@@ -30,13 +30,13 @@ impl Family {
     ) -> Result<&Volume, PoolError> {
         let v = self.volume(id)?;
         if write && v.read_only {
-            return Err(PoolError::ReadOnly(id));
+            return Err(PoolError::ReadOnly(id.into()));
         }
         if !offset.is_multiple_of(PIECE) || !len.is_multiple_of(PIECE) {
             return Err(PoolError::Unaligned);
         }
         if offset.checked_add(len).is_none_or(|end| end > v.size_bytes) {
-            return Err(PoolError::Range(id));
+            return Err(PoolError::Range(id.into()));
         }
         Ok(v)
     }
@@ -211,7 +211,7 @@ impl Family {
     fn hold(&mut self, id: u32, vcs: &[u64], waiter: Waiter) -> Result<u64, Blocked> {
         let v = self.volume(id)?;
         if v.read_only {
-            return Err(PoolError::ReadOnly(id).into());
+            return Err(PoolError::ReadOnly(id.into()).into());
         }
         if v.frozen > 0 {
             self.locks.park_frozen(id, waiter);

@@ -91,6 +91,36 @@ const CHECKPOINT_BYTES_PER_CONFIG: u64 = 4;
 /// Checkpoint header: the payload length.
 pub const CHECKPOINT_HEADER: u64 = 8;
 
+/// A volume as an error names it: by id (what the core decides by), and by name where
+/// whoever passes the error on knew it ([`PoolError::named`]: the daemon names them for its
+/// clients, who know volumes by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vol {
+    pub id: u32,
+    pub name: Option<String>,
+}
+
+impl From<u32> for Vol {
+    fn from(id: u32) -> Self {
+        Vol { id, name: None }
+    }
+}
+
+impl PartialEq<u32> for Vol {
+    fn eq(&self, id: &u32) -> bool {
+        self.id == *id
+    }
+}
+
+impl std::fmt::Display for Vol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(name) => write!(f, "{name:?}"),
+            None => write!(f, "{}", self.id),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("pool format: {0}")]
@@ -108,21 +138,21 @@ pub enum PoolError {
     #[error("invalid volume name {0:?}: 1 to {NAME_MAX} bytes of [A-Za-z0-9._:-]")]
     BadName(String),
     #[error("volume {0} is read-only (a snapshot)")]
-    ReadOnly(u32),
+    ReadOnly(Vol),
     #[error("volume {0} is not a snapshot")]
-    NotSnapshot(u32),
+    NotSnapshot(Vol),
     #[error("snapshot {snap} was not taken of volume {vol}")]
-    NotSnapshotOf { snap: u32, vol: u32 },
+    NotSnapshotOf { snap: Vol, vol: Vol },
     #[error("volume {base} is not of volume {vol}'s family (its snapshots, clones and origin)")]
-    OtherFamily { vol: u32, base: u32 },
+    OtherFamily { vol: Vol, base: Vol },
     #[error("range beyond the end of volume {0}")]
-    Range(u32),
+    Range(Vol),
     #[error("I/O must be aligned to {PIECE} bytes")]
     Unaligned,
     #[error("volume size must be a positive multiple of {PIECE} bytes")]
     BadSize,
     #[error("shrinking volume {0} would drop written data (force to discard it)")]
-    WouldDropData(u32),
+    WouldDropData(Vol),
     #[error(
         "metadata reserve: a checkpoint of every volume fully allocated would need {wanted} \
          bytes and the pool reserved {limit} (sized at creation for volumes totalling \
@@ -160,13 +190,13 @@ pub enum PoolError {
     )]
     IdsExhausted,
     #[error("volume {0}'s writes did not drain in time; nothing was changed")]
-    Busy(u32),
+    Busy(Vol),
     #[error("a commit is in flight and no core is left to finish it")]
     CommitStranded,
     #[error("volume {vol} still shares {clusters} clusters with another volume (a snapshot taken meanwhile)")]
-    StillShared { vol: u32, clusters: u64 },
+    StillShared { vol: Vol, clusters: u64 },
     #[error("volume {0} has no parent and shares no cluster: nothing to decouple it from")]
-    NoParent(u32),
+    NoParent(Vol),
     #[error(
         "{limit} decouplings or inflations are running, the most the daemon runs at once \
          (--max-decouples): ask again when one has ended"
@@ -176,13 +206,35 @@ pub enum PoolError {
         "volume {0} is being decoupled or inflated: ask again once that has ended (it is \
          listed no clone from then on)"
     )]
-    Decoupling(u32),
+    Decoupling(Vol),
     #[error("the pool's commit did not finish in time")]
     CommitTimeout,
     #[error("pool I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("the pool failed an I/O and is now read-only until restarted: {0}")]
     Failed(String),
+}
+
+impl PoolError {
+    /// The same error with the volumes it names by id named by `name` too (a volume it no
+    /// longer finds keeps its id alone).
+    pub fn named(self, name: impl Fn(u32) -> Option<String>) -> Self {
+        let n = |v: Vol| Vol { name: name(v.id), ..v };
+        use PoolError as E;
+        match self {
+            E::ReadOnly(v) => E::ReadOnly(n(v)),
+            E::NotSnapshot(v) => E::NotSnapshot(n(v)),
+            E::NotSnapshotOf { snap, vol } => E::NotSnapshotOf { snap: n(snap), vol: n(vol) },
+            E::OtherFamily { vol, base } => E::OtherFamily { vol: n(vol), base: n(base) },
+            E::Range(v) => E::Range(n(v)),
+            E::WouldDropData(v) => E::WouldDropData(n(v)),
+            E::Busy(v) => E::Busy(n(v)),
+            E::StillShared { vol, clusters } => E::StillShared { vol: n(vol), clusters },
+            E::NoParent(v) => E::NoParent(n(v)),
+            E::Decoupling(v) => E::Decoupling(n(v)),
+            other => other,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -768,7 +820,8 @@ impl PoolMeta {
         max: usize,
     ) -> Result<Vec<(u64, u64, bool)>, PoolError> {
         let f = self.family(id).ok_or(PoolError::NoVolume(id))?;
-        f.changes(id, base, offset, len, max).ok_or(PoolError::OtherFamily { vol: id, base })
+        f.changes(id, base, offset, len, max)
+            .ok_or(PoolError::OtherFamily { vol: id.into(), base: base.into() })
     }
 
     /// The other volumes of volume `id`'s family (its snapshots, clones, origin and their

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""control-stall: what a control operation on a large volume costs the I/O of the others.
+
+One `ballast serve --cores 1` on --server-cpu, a pool file in --dir (sparse: only metadata is
+written), volume `other` (256 MiB, written) read by ballast-perf NVMe/TCP 4k randread QD1 on
+--client-cpu for 3 s; 1 s into each read run, one operation on a thick volume of --gib GiB (its
+clusters mapped, nothing written): a snapshot of it, a clone of that, decoupling the clone
+(every cluster mapped afresh, nothing copied), deleting the clone, the snapshot and the volume.
+Prints how long each operation took and the reads' IOPS and largest latency — the stall the
+operation caused the others (a step taken with the pool state borrowed exclusively stops every
+core's decisions). Only the Python standard library.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+PERF_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(PERF_DIR)
+sys.path.insert(0, PERF_DIR)
+from volume_bench import Daemon  # noqa: E402
+
+PREFIX = "nqn.2026-11.dev.ballast:"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--binary", default=os.path.join(REPO, "build/cargo/release/ballast"))
+    ap.add_argument("--perf", default=os.path.join(REPO, "build/cargo/release/ballast-perf"))
+    ap.add_argument("--gib", type=int, default=64, help="size of the large volume")
+    ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--server-cpu", type=int, default=0)
+    ap.add_argument("--client-cpu", type=int, default=1)
+    args = ap.parse_args()
+    scratch = tempfile.mkdtemp(prefix="control-stall-", dir=args.dir)
+    try:
+        pool = os.path.join(scratch, "pool.img")
+        subprocess.run([args.binary, "pool", "create", pool, "--size", f"{2 * args.gib + 8}G"],
+                       check=True, capture_output=True)
+        d = Daemon(args.binary, os.path.join(scratch, "d"), ["--pool", pool, "--copy-rate", "0"],
+                   args.server_cpu)
+        d.start()
+        try:
+            run(args, d)
+        finally:
+            d.stop()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(args, d):
+    d.rpc("volume", "create", "other", "256M")
+    subprocess.run(["taskset", "-c", str(args.client_cpu), "fio", "--name=fill",
+                    "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{d.port}/other", "--rw=write",
+                    "--bs=1m", "--iodepth=8", "--size=256M"], capture_output=True, check=True)
+
+    def during(label, argv):
+        res = {}
+
+        def reads():
+            out = subprocess.run(
+                ["taskset", "-c", str(args.client_cpu), args.perf, "--addr",
+                 f"127.0.0.1:{d.nvmf_port}", "--nqn", PREFIX + "other", "--rw", "randread",
+                 "--bs", "4k", "--qd", "1", "--runtime", "3", "--size", "256M", "--json"],
+                capture_output=True, text=True, check=True)
+            job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]["read"]
+            res["iops"], res["max_ms"] = job["iops"], job["clat_ns"]["max"] / 1e6
+
+        t = threading.Thread(target=reads)
+        t.start()
+        time.sleep(1.0)
+        took = 0.0
+        if argv:
+            t0 = time.monotonic()
+            p = subprocess.run([args.binary, *argv, "--data-dir", d.data_dir],
+                               capture_output=True, text=True)
+            took = time.monotonic() - t0
+            if p.returncode != 0:
+                raise RuntimeError(f"{argv}: {p.stderr}")
+        t.join()
+        print(f"| {label} | {took * 1000:.0f} | {res['iops']:.0f} | {res['max_ms']:.1f} |",
+              flush=True)
+
+    g = args.gib
+    print("| operation | ms | reads of another volume, QD1 IOPS | their largest latency, ms |")
+    print("|---|---|---|---|")
+    during("nothing", None)
+    t0 = time.monotonic()
+    d.rpc("volume", "create", "big", f"{g}G", "--thick")
+    print(f"| (thick creation of {g} GiB, before: {time.monotonic() - t0:.2f} s) | | | |")
+    during(f"snapshot of the {g} GiB volume", ["snapshot", "create", "big", "bs"])
+    during("clone of the snapshot", ["clone", "create", "bs", "bc"])
+    during("decoupling the clone (nothing written: mapped afresh)", ["volume", "decouple", "bc"])
+    during("deleting the clone", ["volume", "delete", "bc"])
+    during("deleting the snapshot", ["volume", "delete", "bs"])
+    during(f"deleting the {g} GiB volume", ["volume", "delete", "big"])
+
+
+if __name__ == "__main__":
+    main()

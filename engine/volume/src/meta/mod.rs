@@ -217,9 +217,9 @@ pub enum PoolError {
 
 impl PoolError {
     /// The same error with the volumes it names by id named by `name` too (a volume it no
-    /// longer finds keeps its id alone).
+    /// longer finds keeps its id alone; one named already keeps its name).
     pub fn named(self, name: impl Fn(u32) -> Option<String>) -> Self {
-        let n = |v: Vol| Vol { name: name(v.id), ..v };
+        let n = |v: Vol| Vol { name: v.name.or_else(|| name(v.id)), ..v };
         use PoolError as E;
         match self {
             E::ReadOnly(v) => E::ReadOnly(n(v)),

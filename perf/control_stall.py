@@ -12,7 +12,6 @@ core's decisions). Only the Python standard library.
 """
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -24,9 +23,8 @@ import time
 PERF_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(PERF_DIR)
 sys.path.insert(0, PERF_DIR)
+from decouple_bench import fill, reads  # noqa: E402
 from volume_bench import Daemon  # noqa: E402
-
-PREFIX = "nqn.2026-11.dev.ballast:"
 
 
 def main():
@@ -56,23 +54,15 @@ def main():
 
 def run(args, d):
     d.rpc("volume", "create", "other", "256M")
-    subprocess.run(["taskset", "-c", str(args.client_cpu), "fio", "--name=fill",
-                    "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{d.port}/other", "--rw=write",
-                    "--bs=1m", "--iodepth=8", "--size=256M"], capture_output=True, check=True)
+    fill(args, d, "other", "256M")
 
     def during(label, argv):
         res = {}
 
-        def reads():
-            out = subprocess.run(
-                ["taskset", "-c", str(args.client_cpu), args.perf, "--addr",
-                 f"127.0.0.1:{d.nvmf_port}", "--nqn", PREFIX + "other", "--rw", "randread",
-                 "--bs", "4k", "--qd", "1", "--runtime", "3", "--size", "256M", "--json"],
-                capture_output=True, text=True, check=True)
-            job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]["read"]
-            res["iops"], res["max_ms"] = job["iops"], job["clat_ns"]["max"] / 1e6
+        def read():
+            res.update(reads(args, d, "other", 3.0, 1, "256M"))
 
-        t = threading.Thread(target=reads)
+        t = threading.Thread(target=read)
         t.start()
         time.sleep(1.0)
         took = 0.0
@@ -84,7 +74,7 @@ def run(args, d):
             if p.returncode != 0:
                 raise RuntimeError(f"{argv}: {p.stderr}")
         t.join()
-        print(f"| {label} | {took * 1000:.0f} | {res['iops']:.0f} | {res['max_ms']:.1f} |",
+        print(f"| {label} | {took * 1000:.0f} | {res['iops']:.0f} | {res['max_us'] / 1000:.1f} |",
               flush=True)
 
     g = args.gib

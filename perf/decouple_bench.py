@@ -38,12 +38,13 @@ from volume_bench import Daemon  # noqa: E402
 PREFIX = "nqn.2026-11.dev.ballast:"
 
 
-def reads(args, daemon, volume, runtime, qd):
-    """ballast-perf 4k random reads of `volume` for `runtime` s: IOPS and latency in us."""
+def reads(args, daemon, volume, runtime, qd, size=None):
+    """ballast-perf 4k random reads of `volume`'s first `size` (default --size GiB) for
+    `runtime` s, on --client-cpu: IOPS and latency in us."""
     cmd = ["taskset", "-c", str(args.client_cpu), args.perf, "--addr",
            f"127.0.0.1:{daemon.nvmf_port}", "--nqn", PREFIX + volume, "--rw", "randread",
            "--bs", "4k", "--qd", str(qd), "--runtime", f"{runtime:.3f}",
-           "--size", f"{args.size}G", "--json"]
+           "--size", size or f"{args.size}G", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime * 10 + 60)
     if out.returncode != 0:
         raise RuntimeError(f"ballast-perf failed: {out.stderr[-1500:]}")
@@ -58,10 +59,11 @@ def reads(args, daemon, volume, runtime, qd):
             "max_us": lat.get("max", 0) / 1000}
 
 
-def fill(args, daemon, volume):
+def fill(args, daemon, volume, size=None):
+    """Writes `volume`'s first `size` (default --size GiB) once with fio, on --client-cpu."""
     subprocess.run(["taskset", "-c", str(args.client_cpu), "fio", "--name=fill",
                     "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{daemon.port}/{volume}",
-                    "--rw=write", "--bs=1m", "--iodepth=8", f"--size={args.size}G",
+                    "--rw=write", "--bs=1m", "--iodepth=8", f"--size={size or f'{args.size}G'}",
                     "--output-format=json"], capture_output=True, check=True, timeout=600)
 
 

@@ -194,6 +194,24 @@ class Ballast:
             raise AssertionError("bdev_lvol_get_lvols: " + out)
         return {v["name"]: v for v in json.loads(out)}
 
+    def lvstore(self):
+        """The pool's `bdev_lvol_get_lvstores` entry; raises if the daemon refuses."""
+        import json
+        code, out = self.rpc("bdev_lvol_get_lvstores", {})
+        if code != 0:
+            raise AssertionError("bdev_lvol_get_lvstores: " + out)
+        return json.loads(out)[0]
+
+    def read_volume(self, name, size, chunk=4 << 20):
+        """Bytes 0..size of export `name`, read through libnbd (the caller's `nbd` module:
+        tests run by /usr/bin/python3)."""
+        import nbd
+        h = nbd.NBD()
+        h.connect_uri(self.uri(name))
+        data = b"".join(h.pread(min(chunk, size - off), off) for off in range(0, size, chunk))
+        h.shutdown()
+        return data
+
     def reactors(self):
         """The per-core statistics (`ballast stats --json`: "reactors"); raises if the daemon
         does not answer."""
@@ -323,6 +341,15 @@ def disk_scratch(r, name):
             return scratch
     r.bad("a directory on a disk filesystem for the exports")
     return None
+
+
+def piece_pattern(offset, length, tag):
+    """A pattern telling 4 KiB pieces apart: each filled with its number's two low bytes and
+    the two bytes of `tag`; `offset` and `length` in whole pieces."""
+    out = bytearray()
+    for p in range(offset // 4096, (offset + length) // 4096):
+        out += bytes([p & 0xFF, (p >> 8) & 0xFF, tag[0], tag[1]]) * 1024
+    return bytes(out)
 
 
 def pool_daemon(size, args=("--cores", "2")):

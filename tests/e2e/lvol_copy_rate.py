@@ -23,7 +23,6 @@ with a pattern), snapshot `snap`, clones of it:
 - every clone reads the pattern, is no clone any more; the pool checks exact offline.
 Run with /usr/bin/python3 (libnbd's `nbd` module).
 """
-import json
 import os
 import subprocess
 import sys
@@ -32,7 +31,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402
-from ballast_testlib import ballast_bin, check_pool_exact, guarded, pool_daemon  # noqa: E402
+from ballast_testlib import (ballast_bin, check_pool_exact, guarded, piece_pattern,  # noqa: E402
+                             pool_daemon)
 
 MiB = 1 << 20
 PIECE = 4096
@@ -40,25 +40,7 @@ SIZE = 32 * MiB
 
 
 def pattern(offset, length):
-    out = bytearray()
-    for p in range(offset // PIECE, (offset + length) // PIECE):
-        out += bytes([p & 0xFF, (p >> 8) & 0xFF, 0x3C, 0xC3]) * (PIECE // 4)
-    return bytes(out)
-
-
-def read_all(b, name):
-    h = nbd.NBD()
-    h.connect_uri(b.uri(name))
-    data = b"".join(h.pread(4 * MiB, off) for off in range(0, SIZE, 4 * MiB))
-    h.shutdown()
-    return data
-
-
-def store(b):
-    code, out = b.rpc("bdev_lvol_get_lvstores", {})
-    if code != 0:
-        raise AssertionError(out)
-    return json.loads(out)[0]
+    return piece_pattern(offset, length, (0x3C, 0xC3))
 
 
 def decouple_timed(b, name, out):
@@ -74,7 +56,7 @@ def main(r):
         r.check_eq("ballast pool copy-rate: the rate serve was given", (0, "16 MiB/s"),
                    (p.returncode, p.stdout.strip()))
         r.check_eq("bdev_lvol_get_lvstores: copy_rate_bytes_per_sec", 16 * MiB,
-                   store(b).get("copy_rate_bytes_per_sec"))
+                   b.lvstore().get("copy_rate_bytes_per_sec"))
         p = b.ctl("volume", "create", "base", "32M")
         r.check("volume create base", p.returncode == 0, p.stderr)
         h = nbd.NBD()
@@ -144,14 +126,14 @@ def main(r):
         r.check("ballast pool copy-rate 1", p.returncode == 0, p.stderr)
         r.check_eq("ballast pool copy-rate says 1 MiB/s", "1 MiB/s",
                    b.ctl("pool", "copy-rate").stdout.strip())
-        st = store(b)
+        st = b.lvstore()
         free0, cluster, copied_before = st["free_clusters"], st["cluster_size"], st["copied_bytes"]
         r.check_eq("nothing running before d", 0, st["decouples_running"])
         t = threading.Thread(target=decouple_timed, args=(b, "d", out))
         t0 = time.monotonic()
         t.start()
         time.sleep(2.0)
-        st = store(b)
+        st = b.lvstore()
         copied = free0 - st["free_clusters"]
         elapsed = time.monotonic() - t0
         counted = st.get("copied_bytes", 0) - copied_before
@@ -202,7 +184,7 @@ def main(r):
         for t in ts:
             t.start()
         deadline = time.monotonic() + 10
-        while store(b)["decouples_running"] < 2 and time.monotonic() < deadline:
+        while b.lvstore()["decouples_running"] < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         t0 = time.monotonic()
         code, text = b.rpc("bdev_lvol_decouple_parent", {"name": "g"})
@@ -231,13 +213,13 @@ def main(r):
         r.check_eq("the refusals changed nothing", "0 (unpaced)",
                    b.ctl("pool", "copy-rate").stdout.strip())
 
-        st = store(b)
+        st = b.lvstore()
         r.check_eq("afterwards: none running, every shared byte of the seven clones counted "
                    "once", (0, 7 * SIZE), (st["decouples_running"], st["copied_bytes"]))
         for c in ("a", "b", "c", "d2", "e", "f", "g"):
             v = b.lvols()[c]
             r.check_eq(c + ": no clone, no parent", (False, None), (v["is_clone"], v["parent"]))
-            r.check(c + " reads the pattern", read_all(b, c) == pattern(0, SIZE))
+            r.check(c + " reads the pattern", b.read_volume(c, SIZE) == pattern(0, SIZE))
         b.check_clean_end(r)
         check_pool_exact(r, pool)  # stopped, before the data directory goes
 

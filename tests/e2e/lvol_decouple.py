@@ -35,7 +35,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nbd  # noqa: E402
 import nvmeraw  # noqa: E402
-from ballast_testlib import ballast_bin, check_pool_exact, guarded, pool_daemon  # noqa: E402
+from ballast_testlib import (ballast_bin, check_pool_exact, guarded, piece_pattern,  # noqa: E402
+                             pool_daemon)
 
 PREFIX = "nqn.2026-11.dev.ballast:"
 MiB = 1 << 20
@@ -45,11 +46,8 @@ WRITTEN = 32 * MiB
 
 
 def pattern(offset, length):
-    """The base pattern: each 4 KiB piece filled with its own number's low byte and a tag."""
-    out = bytearray()
-    for p in range(offset // PIECE, (offset + length) // PIECE):
-        out += bytes([p & 0xFF, (p >> 8) & 0xFF, 0x5A, 0xA5]) * (PIECE // 4)
-    return bytes(out)
+    """The base pattern: each 4 KiB piece filled with its own number and a tag."""
+    return piece_pattern(offset, length, (0x5A, 0xA5))
 
 
 def nbd_connect(b, name):
@@ -73,11 +71,7 @@ def description(b, name):
 
 
 def free_clusters(b):
-    import json
-    code, out = b.rpc("bdev_lvol_get_lvstores", {})
-    if code != 0:
-        raise AssertionError(out)
-    s = json.loads(out)[0]
+    s = b.lvstore()
     return s["free_clusters"], s["cluster_size"]
 
 
@@ -149,10 +143,7 @@ def check_content(r, what, data, model):
 
 
 def read_all(b, name):
-    h = nbd_connect(b, name)
-    data = b"".join(h.pread(4 * MiB, off) for off in range(0, SIZE, 4 * MiB))
-    h.shutdown()
-    return data
+    return b.read_volume(name, SIZE)
 
 
 def main(r):

@@ -736,6 +736,15 @@ impl PoolHandle {
         self.run_blocking_by_id(vol, cmd).map_err(|e| self.named(e))
     }
 
+    /// `Decoupling` while volume `id` is being decoupled or inflated: what a snapshot or a
+    /// rollback of it waits for (either would share again what the decoupling copied).
+    fn not_decoupling(&self, id: u32) -> Result<(), PoolError> {
+        if self.decoupling.lock().contains(&id) {
+            return Err(self.named(PoolError::Decoupling(id.into())));
+        }
+        Ok(())
+    }
+
     /// `e` with the volumes it names by id named by their names now: what the control API's
     /// clients know them by.
     pub fn named(&self, e: PoolError) -> PoolError {
@@ -850,9 +859,7 @@ impl PoolHandle {
     /// decoupling's further passes are for.)
     pub fn snapshot(self: &Arc<Self>, of: &str, name: &str) -> Result<u32, PoolError> {
         let of = self.meta().find(of)?;
-        if self.decoupling.lock().contains(&of) {
-            return Err(self.named(PoolError::Decoupling(of.into())));
-        }
+        self.not_decoupling(of)?;
         self.control(ControlOp::Snapshot { of, name: name.into() })
     }
 
@@ -868,9 +875,7 @@ impl PoolHandle {
             let m = self.meta();
             (m.find(vol)?, m.find(to)?)
         };
-        if self.decoupling.lock().contains(&id) {
-            return Err(self.named(PoolError::Decoupling(id.into())));
-        }
+        self.not_decoupling(id)?;
         self.control(ControlOp::Rollback { id, to }).map(drop)
     }
 

@@ -1066,17 +1066,31 @@ mod tests {
         p.check().unwrap();
     }
 
+    /// A pool on a simulated disk of `disk` bytes (seed `seed`) with volume v of `size` bytes
+    /// whose first `written` bytes hold `byte`, its snapshot s and a clone c of that:
+    /// (pool, v, s, c).
+    fn clone_of_written(
+        disk: u64,
+        seed: u64,
+        size: u64,
+        written: u64,
+        byte: u8,
+    ) -> (Pool<SimDisk>, u32, u32, u32) {
+        let mut p = Pool::format(SimDisk::new(disk, seed), geometry(64, 9)).unwrap();
+        let v = p.create_volume("v", size).unwrap();
+        p.write(v, 0, &vec![byte; written as usize]).unwrap();
+        let s = p.snapshot(v, "s").unwrap();
+        let c = p.clone_volume(s, "c").unwrap();
+        (p, v, s, c)
+    }
+
     /// A pool without the room for a decoupling's copies (or an inflation's holes) refuses it
     /// before copying anything; with the room back, it completes.
     #[test]
     fn a_decoupling_without_the_room_is_refused_before_it_copies() {
         const MIB: u64 = 1 << 20;
         let cb = 1u64 << CLUSTER_SHIFT;
-        let mut p = Pool::format(SimDisk::new(16 * MIB, 41), geometry(64, 9)).unwrap();
-        let v = p.create_volume("v", 4 * MIB).unwrap();
-        p.write(v, 0, &vec![3; 2 * MIB as usize]).unwrap();
-        let s = p.snapshot(v, "s").unwrap();
-        let c = p.clone_volume(s, "c").unwrap();
+        let (mut p, _, _, c) = clone_of_written(16 * MIB, 41, 4 * MIB, 2 * MIB, 3);
         // Fill the pool until fewer than the clone's 2 MiB of shared clusters are free.
         let fill = p.create_volume("fill", 16 * MIB).unwrap();
         let mut at = 0;
@@ -1134,11 +1148,7 @@ mod tests {
     fn each_copy_up_is_charged_to_the_pace_and_a_stop_between_them_loses_nothing() {
         const MIB: u64 = 1 << 20;
         let cb = 1u64 << CLUSTER_SHIFT;
-        let mut p = Pool::format(SimDisk::new(32 * MIB, 37), geometry(64, 9)).unwrap();
-        let v = p.create_volume("v", 4 * MIB).unwrap();
-        p.write(v, 0, &vec![5; 4 * MIB as usize]).unwrap();
-        let s = p.snapshot(v, "s").unwrap();
-        let c = p.clone_volume(s, "c").unwrap();
+        let (mut p, _, s, c) = clone_of_written(32 * MIB, 37, 4 * MIB, 4 * MIB, 5);
         // Its first 20 clusters its own already: the rest to copy, in copy-ups of 1 MiB.
         p.write(c, 0, &vec![6; 20 * cb as usize]).unwrap();
         let before = p.read(c, 0, 4 * MIB).unwrap();

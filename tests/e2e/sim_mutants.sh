@@ -2,14 +2,15 @@
 # The volume simulator's own test: each deliberate bug of ballast-volume (the `mutant-*`
 # features: a commit that skips the data flush, a write that ignores a copy-on-write in flight
 # in its cluster, a control operation that applies without waiting for its volume's writes to drain,
-# a pool growth that hands out its new clusters before a superblock names them) is built and
+# a pool growth that hands out its new clusters before a superblock names them, a deleted or
+# rolled-back tree released before its record is durable) is built and
 # the simulator run against it; it must fail, and name a seed. The
 # simulator itself (10,000 seeded runs over the unmutated code) runs in `cargo test`, and here
 # again with small mapping trees.
 set -u
 cd "$(dirname "$0")/../.."
 pass=0 fail=0
-for m in drop-flush skip-lock skip-drain grow-early; do
+for m in drop-flush skip-lock skip-drain grow-early reclaim-early; do
     out=$(BALLAST_SIM_RUNS=${BALLAST_MUTANT_RUNS:-10000} cargo test --release -q \
         -p ballast-volume --features "mutant-$m" --test simulator 2>&1)
     rc=$?

@@ -686,9 +686,12 @@ impl PoolHandle {
     }
 
     /// Runs a control operation (durable when this returns): the new volume's id for a
-    /// create, snapshot or clone, else 0.
+    /// create, snapshot or clone, else 0. A deletion or rollback then releases the tree it
+    /// retired in bounded steps on a core ([`ballast_volume::ops::control`]), so the space
+    /// is back when this returns and no step holds the others' I/O for long.
     pub fn control(self: &Arc<Self>, op: ControlOp) -> Result<u32, PoolError> {
-        let r = self.run_blocking(0, Cmd::Control(op)).map(|id| id as u32);
+        let mut driver = ControlThread { pool: self, began: Instant::now() };
+        let r = ballast_volume::ops::control(&mut driver, op);
         self.refresh_attrs();
         r
     }
@@ -1811,6 +1814,18 @@ impl ballast_volume::ops::Driver<DevBuf> for ControlThread<'_> {
         self.pool.run_blocking(vol, cmd)
     }
 
+    /// A reclaim step here, on the control thread, under a shared borrow of the pool state
+    /// (the decision `Cmd::Reclaim` runs): the cores' decisions go on meanwhile, but for the
+    /// retired tree's family's, which waits for the step; no core spends it.
+    fn reclaim_step(&mut self) -> Result<i32, PoolError> {
+        let m = self.pool.meta_shared();
+        if let Some(why) = m.failed() {
+            return Err(PoolError::Failed(why.to_string()));
+        }
+        let spent = m.reclaim(ballast_volume::ops::RECLAIM_STEP);
+        Ok(i32::try_from(spent).expect("a step is bounded"))
+    }
+
     /// Waits what the pace asks for the copy-up just done; a change of rate meanwhile ends
     /// the wait (the next copy-up is charged at the new rate). A pool that failed meanwhile
     /// ends the decoupling once the wait is over (at most a step's time at the rate).
@@ -1832,12 +1847,13 @@ impl ballast_volume::ops::Driver<DevBuf> for ControlThread<'_> {
     }
 }
 
-/// A copy of a request of the control thread's (flush, checkpoint, control operation,
-/// copy-up: no buffers), for any buffer type.
+/// A copy of a request of the control thread's (flush, checkpoint, reclaim step, control
+/// operation, copy-up: no buffers), for any buffer type.
 fn pool_wide<A, B>(cmd: &Cmd<A>) -> Cmd<B> {
     match cmd {
         Cmd::Flush => Cmd::Flush,
         Cmd::Checkpoint => Cmd::Checkpoint,
+        Cmd::Reclaim => Cmd::Reclaim,
         Cmd::Control(op) => Cmd::Control(op.clone()),
         &Cmd::Own { offset, len, in_place } => Cmd::Own { offset, len, in_place },
         _ => unreachable!("only pool-wide requests run from a blocking thread"),

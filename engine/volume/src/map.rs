@@ -177,19 +177,14 @@ impl Tree {
 
     /// Drops this tree; `on_release` sees each entry whose leaf this tree held the last
     /// reference to (each of their clusters loses a reference).
-    pub fn release(self, mut on_release: impl FnMut(Entry)) {
-        fn walk(node: Arc<Node>, f: &mut dyn FnMut(Entry)) {
-            let Ok(node) = Arc::try_unwrap(node) else { return };
-            match node {
-                Node::Leaf(entries) => {
-                    entries.iter().filter(|e| e.cluster().is_some()).for_each(|e| f(*e))
-                }
-                Node::Inner(children) => children.into_iter().flatten().for_each(|c| walk(c, f)),
-            }
-        }
-        if let Some(root) = self.root {
-            walk(root, &mut on_release);
-        }
+    pub fn release(self, on_release: impl FnMut(Entry)) {
+        self.into_remains().release_some(usize::MAX, on_release);
+    }
+
+    /// This tree as [`Remains`], to release in steps: the tree's nodes stay held (another
+    /// tree sharing one still sees it shared) until a step lets each go.
+    pub fn into_remains(self) -> Remains {
+        Remains { nodes: self.root.into_iter().collect() }
     }
 
     /// Copies the tree's leaves out, for a checkpoint to encode while the live tree goes on
@@ -440,8 +435,12 @@ impl Tree {
     }
 }
 
-/// Recomputes every cluster's reference count from the live trees: one per distinct leaf.
-pub fn count_references<'a>(trees: impl IntoIterator<Item = &'a Tree>) -> HashMap<u64, u32> {
+/// Recomputes every cluster's reference count from the live trees and the remains of
+/// released ones ([`Remains`]): one per distinct leaf.
+pub fn count_references<'a>(
+    trees: impl IntoIterator<Item = &'a Tree>,
+    remains: impl IntoIterator<Item = &'a Remains>,
+) -> HashMap<u64, u32> {
     fn walk(
         node: &Arc<Node>,
         seen: &mut std::collections::HashSet<*const Node>,
@@ -461,12 +460,60 @@ pub fn count_references<'a>(trees: impl IntoIterator<Item = &'a Tree>) -> HashMa
     }
     let mut seen = std::collections::HashSet::new();
     let mut counts = HashMap::new();
-    for t in trees {
-        if let Some(root) = &t.root {
-            walk(root, &mut seen, &mut counts);
-        }
+    let roots = trees.into_iter().filter_map(|t| t.root.as_ref());
+    for root in roots.chain(remains.into_iter().flat_map(|r| &r.nodes)) {
+        walk(root, &mut seen, &mut counts);
     }
     counts
+}
+
+/// A tree no volume names any more, released in steps ([`Tree::into_remains`]): the nodes it
+/// still holds, each the last step's leftovers. A step pops nodes; a node another tree still
+/// shares is let go at once (the other keeps it), one held only here is taken apart: a
+/// leaf's entries reported (their clusters each lose a reference), an inner node's children
+/// held in its place. Until a node is let go, whoever shares it sees it shared.
+///
+/// Invariant: together with the live trees, the nodes held here are what the reference
+/// counts count ([`count_references`]); releasing them all in any number of steps reports
+/// what [`Tree::release`] of the whole tree would have, each entry once.
+#[derive(Default)]
+pub struct Remains {
+    nodes: Vec<Arc<Node>>,
+}
+
+impl Remains {
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Releases nodes until about `budget` units of work are spent — one per node popped, per
+    /// entry reported and per child kept, so a step overruns `budget` by at most one node's
+    /// [`FANOUT`] — reporting to `on_release` each entry whose leaf it held the last
+    /// reference to. Returns the units spent (0 only when nothing was left).
+    pub fn release_some(&mut self, budget: usize, mut on_release: impl FnMut(Entry)) -> usize {
+        let mut spent = 0;
+        while spent < budget {
+            let Some(node) = self.nodes.pop() else { break };
+            spent += 1;
+            // Shared: the other holders keep it (a drop, no walk).
+            let Ok(node) = Arc::try_unwrap(node) else { continue };
+            match node {
+                Node::Leaf(entries) => {
+                    for e in entries.iter().filter(|e| e.cluster().is_some()) {
+                        on_release(*e);
+                        spent += 1;
+                    }
+                }
+                Node::Inner(children) => {
+                    for c in children.into_iter().flatten() {
+                        self.nodes.push(c);
+                        spent += 1;
+                    }
+                }
+            }
+        }
+        spent
+    }
 }
 
 #[cfg(test)]
@@ -614,18 +661,21 @@ mod tests {
         assert!(!t.leaf_shared(5));
         assert_eq!(snap.get(6), Entry::UNMAPPED, "the snapshot never changes");
         assert_eq!(t.get(5), Entry::new(7, 1));
-        let counts = count_references([&t, &snap]);
+        let counts = count_references([&t, &snap], []);
         assert_eq!((counts[&7], counts[&8]), (2, 1));
     }
 
-    /// Random set/clear/snapshot/release against plain maps; refcounts maintained through the
-    /// callbacks always equal the recount from the trees.
+    /// Random set/clear/snapshot/release against plain maps, releases whole or as remains
+    /// released in steps between the other changes; refcounts maintained through the callbacks
+    /// always equal the recount from the trees and remains.
     #[derive(Debug, Clone)]
     enum Op {
         Set { tree: usize, vcluster: u64 },
         Clear { tree: usize, vcluster: u64 },
         Snapshot { tree: usize },
         Release { tree: usize },
+        Retire { tree: usize },
+        Step { budget: usize },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -634,6 +684,8 @@ mod tests {
             1 => (0usize..4, 0u64..2000).prop_map(|(tree, vcluster)| Op::Clear { tree, vcluster }),
             1 => (0usize..4).prop_map(|tree| Op::Snapshot { tree }),
             1 => (0usize..4).prop_map(|tree| Op::Release { tree }),
+            1 => (0usize..4).prop_map(|tree| Op::Retire { tree }),
+            2 => (1usize..700).prop_map(|budget| Op::Step { budget }),
         ]
     }
 
@@ -645,6 +697,13 @@ mod tests {
             let mut models: Vec<Option<HashMap<u64, Entry>>> = vec![Some(HashMap::new())];
             let mut refs: HashMap<u64, u32> = HashMap::new();
             let mut next_cluster = 1u64;
+            let mut remains: Vec<Remains> = Vec::new();
+            let unref = |refs: &mut HashMap<u64, u32>, e: Entry| {
+                let c = e.cluster().unwrap();
+                let r = refs.get_mut(&c).unwrap();
+                *r -= 1;
+                if *r == 0 { refs.remove(&c); }
+            };
             for op in ops {
                 match op {
                     Op::Set { tree, vcluster } | Op::Clear { tree, vcluster } => {
@@ -680,18 +739,33 @@ mod tests {
                     Op::Release { tree } => {
                         let Some(slot) = trees.get_mut(tree) else { continue };
                         let Some(t) = slot.take() else { continue };
-                        t.release(|e| {
-                            let c = e.cluster().unwrap();
-                            let r = refs.get_mut(&c).unwrap();
-                            *r -= 1;
-                            if *r == 0 { refs.remove(&c); }
-                        });
+                        t.release(|e| unref(&mut refs, e));
                         models[tree] = None;
+                    }
+                    Op::Retire { tree } => {
+                        let Some(slot) = trees.get_mut(tree) else { continue };
+                        let Some(t) = slot.take() else { continue };
+                        let r = t.into_remains();
+                        if !r.is_empty() {
+                            remains.push(r);
+                        }
+                        models[tree] = None;
+                    }
+                    Op::Step { budget } => {
+                        let Some(r) = remains.first_mut() else { continue };
+                        let spent = r.release_some(budget, |e| unref(&mut refs, e));
+                        prop_assert!(spent > 0 && spent <= budget + FANOUT);
+                        remains.retain(|r| !r.is_empty());
                     }
                 }
                 let live: Vec<&Tree> = trees.iter().flatten().collect();
-                prop_assert_eq!(&count_references(live), &refs);
+                prop_assert_eq!(&count_references(live, &remains), &refs);
             }
+            for mut r in remains {
+                while r.release_some(7, |e| unref(&mut refs, e)) > 0 {}
+            }
+            let live: Vec<&Tree> = trees.iter().flatten().collect();
+            prop_assert_eq!(&count_references(live, []), &refs);
             for (t, m) in trees.iter().zip(&models) {
                 if let (Some(t), Some(m)) = (t, m) {
                     let mut want: Vec<(u64, Entry)> = m.iter().map(|(k, v)| (*k, *v)).collect();

@@ -282,9 +282,10 @@ impl<D: SyncDisk> Pool<D> {
     }
 
     /// Runs a control operation as the daemon does — the same request: freeze, apply, thaw,
-    /// commit — and returns its result (the new volume's id, or 0).
+    /// commit; then, for a deletion or rollback, the steps releasing the tree it retired
+    /// ([`crate::ops::control`]) — and returns its result (the new volume's id, or 0).
     pub fn control(&mut self, op: ControlOp) -> Result<u32, PoolError> {
-        run(&mut self.disk, &mut self.meta, 0, Cmd::Control(op)).map(|(id, _)| id as u32)
+        crate::ops::control(self, op)
     }
 
     /// Decouples volume `id` from its parent or, with `inflate`, inflates it

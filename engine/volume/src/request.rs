@@ -108,6 +108,12 @@ pub enum Cmd<B> {
     },
     /// Write a checkpoint of the whole state (clean stop; the next open replays nothing).
     Checkpoint,
+    /// One step of releasing what deleted and rolled-back volumes' trees held, once their
+    /// records are durable (`PoolMeta::reclaim`, [`crate::ops::RECLAIM_STEP`] units): the
+    /// result is the units spent, 0 when nothing is left to release. No device I/O; what it
+    /// frees is durable with the next commit ([`crate::ops::reclaim`] runs the steps, then a
+    /// flush).
+    Reclaim,
     /// A control operation (request volume 0): done once durable; the result is the new
     /// volume's id for a create, snapshot or clone, else 0.
     Control(ControlOp),
@@ -577,6 +583,10 @@ impl<B: Buf> Request<B> {
             Cmd::Checkpoint => {
                 self.checkpoint = true;
                 self.start_commit(cx)
+            }
+            Cmd::Reclaim => {
+                let spent = cx.meta.shared().reclaim(crate::ops::RECLAIM_STEP);
+                self.reply(cx, i32::try_from(spent).expect("a step is bounded"))
             }
             Cmd::Control(op) => {
                 if let Some(v) = op.quiesce() {

@@ -3,7 +3,8 @@
 //! operations completing in random order, injected EIO, control operations (snapshot, clone,
 //! rollback, resize, delete, create thin or thick, making a volume read-only, growing the pool
 //! into a grown device, decoupling or inflating a volume) racing with I/O, copy-ups of shared
-//! clusters (`Cmd::Own`, the steps of a decoupling) racing with writes,
+//! clusters (`Cmd::Own`, the steps of a decoupling) racing with writes, steps releasing what
+//! deletions and rollbacks retired (`Cmd::Reclaim`) at any moment, before their commits too,
 //! and crashes at any point (unflushed
 //! writes dropped, applied, torn or reordered; operations in flight landing or not).
 //!
@@ -181,6 +182,9 @@ enum Kind {
         vol: u32,
         thick: bool,
     },
+    /// A step releasing what deletions and rollbacks retired (`Cmd::Reclaim`, which the
+    /// daemon runs after each of them), at any moment here: before their commits too.
+    Reclaim,
     /// A control operation (the daemon's `Cmd::Control` request): what the model does when
     /// it applies; then the tick its commit covers and the volumes it makes final.
     Control {
@@ -335,6 +339,11 @@ struct Stats {
     inflated: u64,
     decouple_refused: u64,
     inflate_undone: u64,
+    /// Reclaim steps that released something, what they spent, and retired trees a crash
+    /// found waiting (their clusters held whole).
+    reclaims: u64,
+    reclaimed: u64,
+    retired_at_crash: u64,
 }
 
 impl Sim {
@@ -523,6 +532,13 @@ impl Sim {
             Kind::Flush { sub } => {
                 if result == 0 {
                     self.durable_before(sub, None);
+                }
+            }
+            Kind::Reclaim => {
+                assert!(result >= 0, "seed {}: a reclaim step failed: {result}", self.seed);
+                if result > 0 {
+                    self.stats.reclaims += 1;
+                    self.stats.reclaimed += result as u64;
                 }
             }
             Kind::Own { vol, thick } => {
@@ -745,6 +761,7 @@ impl Sim {
                 let thick = self.meta.volumes()[&vol].thick;
                 self.submit(Kind::Write { vol, first, n, fua: false, sub, thick }, cmd, vol);
             }
+            8 if self.rng.chance(2) => self.submit(Kind::Reclaim, Cmd::Reclaim, 0),
             // A checkpoint asked for (a clean shutdown, `pool checkpoint`) makes every
             // acknowledged write durable just as a flush does.
             _ if self.rng.chance(4) => self.submit(Kind::Flush { sub }, Cmd::Checkpoint, 0),
@@ -1025,6 +1042,7 @@ impl Sim {
     /// and every volume is checked against what may have survived.
     fn crash(&mut self) {
         self.stats.crashes += 1;
+        self.stats.retired_at_crash += self.meta.retired_trees() as u64;
         self.count_refills();
         for f in std::mem::take(&mut self.inflight) {
             if let DiskOp::Write { offset, buf, fua } = f.op {
@@ -1341,6 +1359,9 @@ fn simulated_requests_crashes_and_control_operations() {
         total.inflated += s.inflated;
         total.decouple_refused += s.decouple_refused;
         total.inflate_undone += s.inflate_undone;
+        total.reclaims += s.reclaims;
+        total.reclaimed += s.reclaimed;
+        total.retired_at_crash += s.retired_at_crash;
     }
     eprintln!("{runs} runs: {total:?}");
     // The runs must reach what they are for.
@@ -1375,6 +1396,10 @@ fn simulated_requests_crashes_and_control_operations() {
     assert!(
         total.decoupled > runs / 8 && total.inflated > runs / 16 && total.decouple_refused > 0,
         "volumes rarely decoupled or inflated, or never refused while sharing: {total:?}"
+    );
+    assert!(
+        total.reclaims > runs / 4 && total.retired_at_crash > runs / 100,
+        "retired trees rarely released in steps, or never held at a crash: {total:?}"
     );
     assert!(
         total.refills > runs && total.refills_taking_back > runs / 25,

@@ -73,6 +73,10 @@ struct Args {
     /// Only the commit figures (seal, encode, mark durable).
     #[arg(long)]
     seal_only: bool,
+    /// Only the deletion figures: a volume of `--checkpoint-clusters` mapped clusters deleted
+    /// (the apply), its tree released in reclaim steps, their frees committed.
+    #[arg(long)]
+    reclaim_only: bool,
 }
 
 struct NoBufs;
@@ -130,6 +134,56 @@ fn checkpoint_pool(clusters: u64) -> anyhow::Result<PoolMeta> {
     }
     meta.loaded(0, None);
     Ok(meta)
+}
+
+/// What deleting a volume of `clusters` mapped clusters costs, in µs, run as `ops::reclaim`
+/// runs it: the delete's apply (under the exclusive borrow), each reclaim step (`RECLAIM_STEP`
+/// units under a shared borrow, the family locked: median and largest), and the largest
+/// commit of what the steps freed (one every `RECLAIM_COMMIT` units and at the end: seal and
+/// end under the exclusive borrow, its frees made reusable); and the steps and commits taken.
+fn reclaim_cost(clusters: u64) -> anyhow::Result<ReclaimFigure> {
+    let mut meta = checkpoint_pool(clusters)?;
+    // The clone and the snapshot first: the volume's tree is then its own, every cluster freed.
+    for id in [3, 2] {
+        meta.delete(id)?;
+        commit_in_memory(&mut meta);
+        while meta.reclaim(usize::MAX) > 0 {}
+        commit_in_memory(&mut meta);
+    }
+    let t = Instant::now();
+    meta.delete(1)?;
+    let apply = t.elapsed().as_secs_f64() * 1e6;
+    commit_in_memory(&mut meta);
+    let (mut steps, mut commits, mut uncommitted) = (Vec::new(), Vec::new(), 0);
+    loop {
+        let t = Instant::now();
+        let spent = meta.reclaim(ballast_volume::ops::RECLAIM_STEP) as u64;
+        steps.push(t.elapsed().as_secs_f64() * 1e6);
+        uncommitted += spent;
+        if uncommitted > 0 && (spent == 0 || uncommitted >= ballast_volume::ops::RECLAIM_COMMIT) {
+            let t = Instant::now();
+            commit_in_memory(&mut meta);
+            commits.push(t.elapsed().as_secs_f64() * 1e6);
+            uncommitted = 0;
+        }
+        if spent == 0 {
+            steps.pop();
+            break;
+        }
+    }
+    anyhow::ensure!(meta.free_clusters() + 2 > meta.superblock().cluster_count, "space returned");
+    let largest = steps.iter().copied().fold(0.0, f64::max);
+    let commit = commits.iter().copied().fold(0.0, f64::max);
+    let (n, commits_n) = (steps.len(), commits.len());
+    Ok(ReclaimFigure { us: [apply, median(steps), largest, commit], steps: n, commits: commits_n })
+}
+
+/// [`reclaim_cost`]'s figures: µs of the apply, the median and the largest step, the largest
+/// commit; the steps and commits taken.
+struct ReclaimFigure {
+    us: [f64; 4],
+    steps: usize,
+    commits: usize,
 }
 
 /// ms to freeze the state for a checkpoint, ms to encode the frozen state, payload bytes and
@@ -746,6 +800,31 @@ fn main() -> anyhow::Result<()> {
         println!("| primitive | ns per operation (median of {}) |", args.reps.max(1));
         println!("|---|---|");
         print_device_costs(&path, &costs);
+        return Ok(());
+    }
+    if args.reclaim_only {
+        let reps = args.reps.max(1);
+        let n = args.checkpoint_clusters;
+        let runs: Vec<_> =
+            (0..reps).map(|_| reclaim_cost(n)).collect::<anyhow::Result<Vec<_>>>()?;
+        let fig = |i: usize| median(runs.iter().map(|r| r.us[i]).collect::<Vec<f64>>());
+        println!("| deleting a volume of {n} mapped clusters | µs (median of {reps}) |");
+        println!("|---|---|");
+        println!("| the delete applied, under the exclusive borrow | {:.1} |", fig(0));
+        let (steps, commits) = (runs[0].steps, runs[0].commits);
+        println!(
+            "| a reclaim step ({} units, shared borrow, the family locked): median, of {steps} \
+             steps | {:.1} |",
+            ballast_volume::ops::RECLAIM_STEP,
+            fig(1)
+        );
+        println!("| the largest step | {:.1} |", fig(2));
+        println!(
+            "| the largest of {commits} commits of what the steps freed (one per {} units: seal \
+             + end, exclusive borrow) | {:.1} |",
+            ballast_volume::ops::RECLAIM_COMMIT,
+            fig(3)
+        );
         return Ok(());
     }
     if args.seal_only {

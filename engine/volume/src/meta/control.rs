@@ -448,11 +448,64 @@ impl PoolMeta {
         Ok(())
     }
 
+    /// Deletes volume `id`: gone from now on; its tree is retired, its clusters released by
+    /// [`Self::reclaim`] steps once the delete is durable (so the exclusive borrow that
+    /// applies it costs nothing per cluster).
     pub fn delete(&mut self, id: u32) -> Result<(), PoolError> {
         self.ok()?;
         self.volume(id)?;
         self.log(Record::Delete { id });
         Ok(())
+    }
+
+    /// One step of releasing the trees deletions and rollbacks retired, once their records
+    /// are durable (`Family::retire_tree`): about `budget` units of work
+    /// (`Remains::release_some`: a node, an entry, a child each) in all, oldest first, each
+    /// tree's family locked only while it spends its part — a shared borrow, as the data
+    /// path's decisions: other families' I/O goes on, the family's own waits for one step at
+    /// most. What it frees is freed as a trim's frees are (durable with
+    /// the next commit, then quarantined behind the family's older I/O). Returns the units
+    /// spent: 0 when nothing durable is left to release (a failed pool releases nothing).
+    pub fn reclaim(&self, budget: usize) -> usize {
+        if self.failed.is_some() {
+            return 0;
+        }
+        let durable = self.durable_seals;
+        // A mutant for the simulator's own test (tests/e2e/sim_mutants.sh): retired trees
+        // released before their records are durable.
+        let ready = if cfg!(feature = "mutant-reclaim-early") { u64::MAX } else { durable };
+        let mut spent = 0;
+        let mut released = Vec::new();
+        while spent < budget {
+            let f = match self.retired.lock().front() {
+                Some(t) if t.seal <= ready => t.family,
+                _ => break,
+            };
+            let mut fam = self.fams.get(f).expect("a family lives while a tree it retired waits");
+            {
+                // Looked at again under the family's lock: another step may have taken it.
+                let mut queue = self.retired.lock();
+                let Some(t) = queue.front_mut().filter(|t| t.family == f && t.seal <= ready) else {
+                    continue;
+                };
+                spent += t.remains.release_some(budget - spent, |e| released.extend(e.cluster()));
+                if t.remains.is_empty() {
+                    queue.pop_front();
+                }
+            }
+            fam.catch_up(durable);
+            let mut link = Link { refs: &self.refs, loading: None, retire: None };
+            for c in released.drain(..) {
+                fam.unref(c, &mut link);
+            }
+            self.list_decided(f, &mut fam);
+        }
+        spent
+    }
+
+    /// Trees retired and not yet released (durable or not).
+    pub fn retired_trees(&self) -> usize {
+        self.retired.lock().len()
     }
 
     /// Grows or shrinks volume `id`. Shrinking drops written data beyond the new end only with

@@ -36,10 +36,31 @@ use super::*;
 /// What a family's decisions take from the pool: the reference counts, shared (a family reads
 /// and writes only the counts of its own clusters), and, only while the pool is being loaded,
 /// its allocator: loaded records are durable, so what they free is free at the end of the
-/// block that freed it, and what they name is taken from the pool directly.
+/// block that freed it, and what they name is taken from the pool directly. Live, under the
+/// pool's exclusive borrow, `retire` is where a record's retired tree goes
+/// ([`Family::retire_tree`]).
 pub(super) struct Link<'a> {
     pub(super) refs: &'a Refs,
     pub(super) loading: Option<&'a mut Allocator>,
+    pub(super) retire: Option<Retire<'a>>,
+}
+
+/// The pool's queue of retired trees, as a live record of family `family` reaches it: what
+/// it retires joins the queue, to be released once `seal` (the seal the record joins: the
+/// pool's seals so far, plus one) is durable.
+pub(super) struct Retire<'a> {
+    pub(super) queue: &'a mut VecDeque<Retiree>,
+    pub(super) family: u32,
+    pub(super) seal: u64,
+}
+
+/// A tree no volume names any more (a deleted volume's, a rolled-back volume's old one): its
+/// family, the seal whose durability lets it go, and the nodes it still holds
+/// (`PoolMeta::reclaim` releases them in steps).
+pub(super) struct Retiree {
+    pub(super) family: u32,
+    pub(super) seal: u64,
+    pub(super) remains: Remains,
 }
 
 /// Reference counts, one per cluster: the distinct leaves naming it. Each entry is read and
@@ -349,6 +370,12 @@ impl Family {
 
     fn drop_ref(&mut self, cluster: u64, link: &mut Link) {
         self.touch(cluster);
+        self.unref(cluster, link);
+    }
+
+    /// Drops a reference without touching the cluster: for a tree whose retirement is durable
+    /// (or loading), which no crash can bring back, so the sharing it ends is the durable one.
+    pub(super) fn unref(&mut self, cluster: u64, link: &mut Link) {
         let n = link.refs.get(cluster);
         assert!(n > 0, "cluster {cluster} released more than referenced");
         link.refs.set(cluster, n - 1);
@@ -367,23 +394,31 @@ impl Family {
         }
     }
 
-    pub(super) fn release_tree(&mut self, tree: Tree, link: &mut Link) {
-        // Every cluster the tree names changes sharing, even those in leaves another tree
-        // still holds (their reference counts stay, but the survivor may now look like the
-        // only owner): none of them may take an in-place write before this is durable, or a
-        // crash would bring the tree back over data written since (found by the simulator: a
-        // deleted snapshot reappeared with its origin's later writes). Fresh clusters too,
-        // unlike `touch`: one the commit in flight maps may be shared by a snapshot that
-        // commit creates, which a crash after it would bring back (found by a review).
-        for (_, e) in tree.entries() {
-            if let Some(c) = e.cluster() {
-                self.epoch_touched.insert(c);
+    /// A tree no volume names any more (deleted, rolled back away, replaced by replayed
+    /// damage). Loading, every record is durable: released at once. Live, it joins the pool's
+    /// queue of retired trees whole (`link.retire`), to be released in steps once the seal its
+    /// record joins is durable (`PoolMeta::reclaim`), so the borrow that retired it costs
+    /// nothing per cluster. Kept whole, its nodes stay shared: no cluster it names takes an
+    /// in-place write meanwhile — which a crash bringing the tree back would see over its
+    /// data, even in a leaf another tree holds (whose owner looks alone once this one is gone:
+    /// found by the simulator) or a cluster fresh in the commit in flight (which may share it
+    /// with a snapshot that commit creates: found by a review). Once the retirement is durable
+    /// no crash brings it back: what its release ends is sharing the durable state no longer
+    /// has, so its clusters are not touched ([`Self::unref`]).
+    pub(super) fn retire_tree(&mut self, tree: Tree, link: &mut Link) {
+        if let Some(r) = &mut link.retire {
+            let remains = tree.into_remains();
+            debug_assert!(r.queue.back().is_none_or(|t| t.seal <= r.seal), "out of seal order");
+            if !remains.is_empty() {
+                r.queue.push_back(Retiree { family: r.family, seal: r.seal, remains });
             }
+            return;
         }
+        assert!(link.loading.is_some(), "a tree is released at once only while loading");
         let mut released = Vec::new();
         tree.release(|e| released.extend(e.cluster()));
         for c in released {
-            self.drop_ref(c, link);
+            self.unref(c, link);
         }
     }
 
@@ -430,14 +465,14 @@ impl Family {
                 v.size_bytes = size;
                 v.thick = false; // its clusters are the snapshot's too
                 v.written_pieces = written;
-                self.release_tree(old, link);
+                self.retire_tree(old, link);
             }
             Record::Delete { id } => {
                 if let Some(v) = self.volumes.remove(id) {
                     // Whoever waits for it to thaw or drain proceeds now, and finds it gone.
                     self.locks.thawed(*id);
                     self.locks.drained(*id);
-                    self.release_tree(v.tree, link);
+                    self.retire_tree(v.tree, link);
                 }
             }
             Record::Resize { id, size_bytes } => {

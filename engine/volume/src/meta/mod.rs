@@ -58,10 +58,10 @@ pub use commit::{Encode, EncodeState, Encoded, Frozen, StateBlob};
 mod control;
 mod epochs;
 mod family;
-use family::{Families, Family, Geometry, Link, Refs};
+use family::{Families, Family, Geometry, Link, Refs, Retire, Retiree};
 mod io;
 mod touched;
-use crate::map::{count_references, Entry, Tree};
+use crate::map::{count_references, Entry, Remains, Tree};
 use crate::records::{decode_all, Record, CONFIG_VALUE_MAX, NAME_MAX};
 use touched::Touched;
 
@@ -451,6 +451,11 @@ pub struct PoolMeta {
     /// clusters are handed out only once that superblock is durable (`checkpoint_done`), so
     /// no journal record can name a cluster the superblock on the media does not have.
     grow_to: Option<(u64, u64)>,
+    /// Trees deletions and rollbacks retired, in the order of the seals that let them go:
+    /// released in bounded steps (`reclaim`) once their records are durable, not under the
+    /// exclusive borrow that applied them. A leaf lock, taken under the family's lock a step
+    /// releases for (a family with a tree here does not go).
+    retired: Mutex<VecDeque<Retiree>>,
 }
 
 /// A run of 4 KiB pieces within one cluster.
@@ -522,6 +527,7 @@ impl PoolMeta {
             refills_taking_back: AtomicU64::new(0),
             thick_repairs: (0, 0),
             grow_to: None,
+            retired: Mutex::new(VecDeque::new()),
             sb,
         }
     }
@@ -539,10 +545,13 @@ impl PoolMeta {
     fn split_family(&mut self, f: u32) -> (&mut Family, Link<'_>) {
         self.note_borrowed(f);
         let fam = self.fams.get_mut(f).expect("a volume's family lives while it is named");
-        let link = Link {
-            refs: &self.refs,
-            loading: if self.loading { Some(self.alloc.get_mut()) } else { None },
+        let (loading, retire) = if self.loading {
+            (Some(self.alloc.get_mut()), None)
+        } else {
+            let queue = self.retired.get_mut();
+            (None, Some(Retire { queue, family: f, seal: self.seals + 1 }))
         };
+        let link = Link { refs: &self.refs, loading, retire };
         (fam, link)
     }
 
@@ -562,7 +571,7 @@ impl PoolMeta {
         let f = *self.family_of.get(&id)?;
         let mut fam = self.fams.get(f)?;
         fam.catch_up(self.durable_seals);
-        let mut link = Link { refs: &self.refs, loading: None };
+        let mut link = Link { refs: &self.refs, loading: None, retire: None };
         let before = fam.pending.len();
         let r = op(&mut fam, &mut link);
         let queued = fam.pending.len() - before;
@@ -934,8 +943,8 @@ impl PoolMeta {
                     fam.apply(r, &mut link);
                 }
             }
-            // Deletion releases a tree in memory at once (nothing on the media is per-cluster),
-            // so there is no reclaim progress to resume.
+            // A deleted tree is released in memory (nothing on the media is per-cluster): at
+            // once while loading, in steps live (`reclaim`); there is no progress to resume.
             Record::ReclaimProgress { .. } => {}
         }
     }
@@ -945,7 +954,7 @@ impl PoolMeta {
     fn place(&mut self, id: u32, v: Volume, f: u32) {
         if let Some((fam, mut link)) = self.split(id) {
             if let Some(old) = fam.volumes.remove(&id) {
-                fam.release_tree(old.tree, &mut link);
+                fam.retire_tree(old.tree, &mut link);
             }
         }
         self.fams.get_mut(f).expect("placing into a live family").volumes.insert(id, v);
@@ -1094,13 +1103,20 @@ impl PoolMeta {
     /// once, in number order (a decision holds one family's lock and waits for no other).
     pub fn check(&self) -> Vec<String> {
         let fams: Vec<(u32, MutexGuard<'_, Family>)> = self.fams.iter().collect();
+        let retired = self.retired.lock();
         let alloc = self.alloc.lock();
         let mut problems = Vec::new();
         let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
         let mut owner: HashMap<u64, u32> = HashMap::default();
+        let live: HashSet<u32> = fams.iter().map(|(f, _)| *f).collect();
+        for t in retired.iter().filter(|t| !live.contains(&t.family)) {
+            problems.push(format!("a tree retired by family {} outlives the family", t.family));
+        }
         for (f, fam) in &fams {
             let f = *f;
-            for (c, n) in count_references(fam.volumes.values().map(|v| &v.tree)) {
+            let trees = fam.volumes.values().map(|v| &v.tree);
+            let remains = retired.iter().filter(|t| t.family == f).map(|t| &t.remains);
+            for (c, n) in count_references(trees, remains) {
                 *counts.entry(c).or_default() += n;
                 if let Some(g) = owner.insert(c, f) {
                     problems.push(format!("cluster {c} is shared by families {g} and {f}"));
@@ -1167,8 +1183,10 @@ impl PoolMeta {
     /// Locks every family at once, as `check` does.
     pub fn leaked(&self) -> u64 {
         let fams: Vec<MutexGuard<'_, Family>> = self.fams.values().collect();
+        let retired = self.retired.lock();
         let trees = fams.iter().flat_map(|f| f.volumes.values().map(|v| &v.tree));
-        let referenced = count_references(trees).len() as u64;
+        let remains = retired.iter().map(|t| &t.remains);
+        let referenced = count_references(trees, remains).len() as u64;
         let in_transit: u64 = fams.iter().map(|f| f.in_transit()).sum();
         let alloc = self.alloc.lock();
         let accounted = referenced + in_transit + alloc.pending_count();
@@ -1233,6 +1251,14 @@ mod tests {
 
     fn fresh() -> PoolMeta {
         fresh_of(sb())
+    }
+
+    /// Commits, then releases what the deletions and rollbacks it made durable retired and
+    /// commits that too (what `ops::control` has every driver do after one).
+    fn commit_and_reclaim(m: &mut PoolMeta) {
+        commit(m);
+        while m.reclaim(crate::ops::RECLAIM_STEP) > 0 {}
+        commit(m);
     }
 
     fn fresh_of(sb: Superblock) -> PoolMeta {
@@ -1302,6 +1328,109 @@ mod tests {
             m.abort_span(v, p);
         }
         m.end_write(v);
+    }
+
+    /// A deleted volume's tree is released in bounded steps once its delete is durable, not
+    /// under the exclusive borrow that applied it: before, a step releases nothing; each step
+    /// spends about its budget; reference counts and the leak count stay exact between steps;
+    /// the space is back once the last step's frees are durable, and the family goes.
+    #[test]
+    fn a_deleted_volume_is_released_in_bounded_steps_once_its_delete_is_durable() {
+        let mut m = fresh_of(sb_of(64 << 20));
+        let baseline = m.used_clusters();
+        let v = m.create_volume("v", 32 << 20).unwrap();
+        let n = 1500;
+        for vc in 0..n {
+            assert!(write_cluster(&mut m, v, vc));
+        }
+        commit(&mut m);
+        let used = m.used_clusters();
+        assert_eq!(used, baseline + n);
+        m.delete(v).unwrap();
+        assert_eq!(m.retired_trees(), 1);
+        assert_eq!(m.reclaim(usize::MAX), 0, "nothing is released before the delete is durable");
+        commit(&mut m);
+        assert_eq!(m.used_clusters(), used, "its clusters are held whole until released");
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        let (budget, mut steps) = (64, 0);
+        loop {
+            let spent = m.reclaim(budget);
+            if spent == 0 {
+                break;
+            }
+            assert!(spent <= budget + crate::map::FANOUT, "a step spent {spent}");
+            steps += 1;
+            assert!(m.check().is_empty(), "{:?}", m.check());
+            assert_eq!(m.leaked(), 0);
+        }
+        assert!(steps as u64 >= n / (budget + crate::map::FANOUT) as u64, "{steps} steps");
+        assert_eq!(m.retired_trees(), 0);
+        assert_eq!(m.used_clusters(), used, "freed, not yet reusable: the frees are not durable");
+        commit(&mut m);
+        assert_eq!((m.used_clusters(), m.family_count(), m.leaked()), (baseline, 0, 0));
+    }
+
+    /// While a deleted snapshot's tree waits to be released, the origin's writes to what they
+    /// shared go to fresh clusters — before the delete is durable a crash would bring the
+    /// snapshot back — even once it is durable, until a step releases it; after that they land
+    /// in place (a release after the delete is durable ends only sharing the durable state no
+    /// longer has: it touches nothing).
+    #[test]
+    fn a_retired_tree_keeps_what_it_shared_from_in_place_writes_until_released() {
+        let mut m = fresh();
+        let v = m.create_volume("v", 4 * m.cluster_bytes()).unwrap();
+        for vc in 0..3 {
+            assert!(write_cluster(&mut m, v, vc));
+        }
+        commit(&mut m);
+        let s = m.snapshot(v, "s").unwrap();
+        // A write elsewhere in the leaf copies it: v and s name clusters 0-2 from leaves of
+        // their own (two references each), nothing shared by node any more.
+        assert!(write_cluster(&mut m, v, 3));
+        commit(&mut m);
+        m.delete(s).unwrap();
+        let in_place = |m: &mut PoolMeta, vc: u64| {
+            let mut plans = Vec::new();
+            let at = vc * m.cluster_bytes();
+            m.plan_write(v, at, PIECE, 0, Waiter(0), &mut plans).expect("nothing blocks it");
+            for p in &plans {
+                m.finish_span(v, p);
+            }
+            m.end_write(v);
+            plans[0].copy_from.is_none()
+        };
+        assert!(!in_place(&mut m, 0), "the delete is not durable: a fresh cluster");
+        commit(&mut m);
+        assert!(!in_place(&mut m, 1), "durable, not yet released: still a fresh cluster");
+        while m.reclaim(crate::ops::RECLAIM_STEP) > 0 {}
+        assert!(in_place(&mut m, 2), "released: v's own cluster, in place");
+        commit(&mut m);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        assert_eq!(m.leaked(), 0);
+    }
+
+    /// A rollback retires the volume's old tree as a delete does: released once the rollback
+    /// is durable, what only it named freed, the volume reading its snapshot meanwhile.
+    #[test]
+    fn a_rolled_back_tree_is_released_once_the_rollback_is_durable() {
+        let mut m = fresh();
+        let baseline = m.used_clusters();
+        let v = m.create_volume("v", 8 * m.cluster_bytes()).unwrap();
+        assert!(write_cluster(&mut m, v, 0));
+        let s = m.snapshot(v, "s").unwrap();
+        for vc in 1..6 {
+            assert!(write_cluster(&mut m, v, vc));
+        }
+        commit(&mut m);
+        assert_eq!(m.used_clusters(), baseline + 6);
+        m.rollback(v, s).unwrap();
+        assert_eq!((m.retired_trees(), m.reclaim(usize::MAX)), (1, 0), "not yet durable");
+        assert!(!m.piece_written(v, m.cluster_bytes() / PIECE), "v reads its snapshot at once");
+        commit_and_reclaim(&mut m);
+        assert_eq!((m.retired_trees(), m.used_clusters()), (0, baseline + 1));
+        assert!(m.piece_written(v, 0) && m.piece_written(s, 0));
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        assert_eq!(m.leaked(), 0);
     }
 
     /// Decisions run at once from several threads under shared borrows of the pool state —
@@ -1515,7 +1644,7 @@ mod tests {
         assert_eq!(m.free_clusters(), baseline, "and the pool took back the rest");
         assert!(m.check().is_empty(), "{:?}", m.check());
         m.delete(a).unwrap();
-        commit(&mut m);
+        commit_and_reclaim(&mut m);
         assert_eq!(m.family_count(), 0);
         let free = m.alloc.lock().free_count();
         assert_eq!((free, m.leaked()), (baseline, 0), "a gone family's stock");
@@ -1546,7 +1675,7 @@ mod tests {
         for id in [a, b, snap] {
             m.delete(id).unwrap();
         }
-        commit(&mut m);
+        commit_and_reclaim(&mut m);
         assert_eq!((m.family_count(), m.volume_count(), m.leaked()), (0, 0, 0));
     }
 
@@ -1561,7 +1690,7 @@ mod tests {
             let s = m.snapshot(v, &format!("s{i}")).unwrap();
             write(&mut m, v);
             m.delete(s).unwrap();
-            commit(&mut m);
+            commit_and_reclaim(&mut m);
         }
         assert_eq!((m.family_count(), m.family_of.len()), (1, 1));
         // A write waits for a frozen volume that is then deleted.
@@ -1576,7 +1705,7 @@ mod tests {
         assert_eq!(woken, [Waiter(7)]);
         let r = m.plan_write(v, 0, PIECE, 0, Waiter(7), &mut plans);
         assert!(matches!(r, Err(Blocked::Fail(PoolError::NoVolume(_)))), "{r:?}");
-        commit(&mut m);
+        commit_and_reclaim(&mut m);
         assert_eq!((m.family_count(), m.family_of.len(), m.parked()), (0, 0, 0));
         assert!(m.check().is_empty(), "{:?}", m.check());
     }
@@ -1623,7 +1752,7 @@ mod tests {
         let families = m.family_count();
         let read = m.plan_read_io(ids[2], 0, PIECE, &mut pieces).unwrap();
         m.delete(ids[2]).unwrap();
-        commit(&mut m);
+        commit_and_reclaim(&mut m);
         assert_eq!(m.family_count(), families, "the family waits for its read");
         m.end_io(read);
         assert!(write_cluster(&mut m, ids[3], 1));

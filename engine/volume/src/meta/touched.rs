@@ -6,7 +6,8 @@
 //! families that changed, not every family of the pool: a pool of thousands of idle volumes
 //! pays nothing per commit for them. And a commit's end visits only the families whose frees
 //! it made durable: the others end it themselves at their next decision (`Family::catch_up`).
-//! Pruning looks only at the families a deletion left with no volume.
+//! Pruning looks only at the families a deletion left with no volume (one goes once idle and
+//! no tree it retired waits to be released).
 //!
 //! Invariants (asserted by `PoolMeta::check`): a family that is not listed is not touched;
 //! `listed` is set exactly for the families on the list, each there once; sealed state belongs
@@ -130,13 +131,14 @@ impl PoolMeta {
     /// (their stocks back to the allocator), and the names of deleted volumes that led to them.
     fn prune_families(&mut self) {
         let fams = &mut self.fams;
+        let retired = self.retired.get_mut();
         let mut gone = Vec::new();
         self.touched.emptied.retain(|&f| {
             let Some(fam) = fams.get_mut(f) else { return false };
             if !fam.volumes.is_empty() {
                 return false;
             }
-            if fam.idle_empty() && !fam.listed {
+            if fam.idle_empty() && !fam.listed && !retired.iter().any(|t| t.family == f) {
                 gone.push(f);
                 return false;
             }

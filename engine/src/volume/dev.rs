@@ -686,9 +686,10 @@ impl PoolHandle {
     }
 
     /// Runs a control operation (durable when this returns): the new volume's id for a
-    /// create, snapshot or clone, else 0. A deletion or rollback then releases the tree it
-    /// retired in bounded steps on a core ([`ballast_volume::ops::control`]), so the space
-    /// is back when this returns and no step holds the others' I/O for long.
+    /// create, snapshot or clone, else 0. What it leaves to do in steps — a thick volume's
+    /// clusters to map, a deleted or rolled-back tree to release — is done here, on the
+    /// control thread ([`ballast_volume::ops::control`], `ControlThread::settle_step`), before
+    /// this returns, no step holding the others' I/O for long.
     pub fn control(self: &Arc<Self>, op: ControlOp) -> Result<u32, PoolError> {
         let mut driver = ControlThread { pool: self, began: Instant::now() };
         let r = ballast_volume::ops::control(&mut driver, op);
@@ -1814,15 +1815,13 @@ impl ballast_volume::ops::Driver<DevBuf> for ControlThread<'_> {
         self.pool.run_blocking(vol, cmd)
     }
 
-    /// A reclaim step here, on the control thread, under a shared borrow of the pool state
-    /// (the decision `Cmd::Reclaim` runs): the cores' decisions go on meanwhile, but for the
-    /// retired tree's family's, which waits for the step; no core spends it.
-    fn reclaim_step(&mut self) -> Result<i32, PoolError> {
-        let m = self.pool.meta_shared();
-        if let Some(why) = m.failed() {
-            return Err(PoolError::Failed(why.to_string()));
-        }
-        let spent = m.reclaim(ballast_volume::ops::RECLAIM_STEP);
+    /// A settling step here, on the control thread, under a shared borrow of the pool state
+    /// (the decision `Cmd::Settle` runs: a thick volume's clusters mapped, a retired tree
+    /// released): the cores' decisions go on meanwhile, but for the family's it works for,
+    /// which waits for the step; no core spends it, and no wake-up is owed (nothing parks on
+    /// a settling: a write into a thick volume being mapped maps its clusters itself).
+    fn settle_step(&mut self) -> Result<i32, PoolError> {
+        let spent = self.pool.meta_shared().settle(ballast_volume::ops::SETTLE_STEP)?;
         Ok(i32::try_from(spent).expect("a step is bounded"))
     }
 
@@ -1847,13 +1846,13 @@ impl ballast_volume::ops::Driver<DevBuf> for ControlThread<'_> {
     }
 }
 
-/// A copy of a request of the control thread's (flush, checkpoint, reclaim step, control
+/// A copy of a request of the control thread's (flush, checkpoint, settling step, control
 /// operation, copy-up: no buffers), for any buffer type.
 fn pool_wide<A, B>(cmd: &Cmd<A>) -> Cmd<B> {
     match cmd {
         Cmd::Flush => Cmd::Flush,
         Cmd::Checkpoint => Cmd::Checkpoint,
-        Cmd::Reclaim => Cmd::Reclaim,
+        Cmd::Settle => Cmd::Settle,
         Cmd::Control(op) => Cmd::Control(op.clone()),
         &Cmd::Own { offset, len, in_place } => Cmd::Own { offset, len, in_place },
         _ => unreachable!("only pool-wide requests run from a blocking thread"),

@@ -129,6 +129,10 @@ pub struct Allocator {
     pending: Vec<u64>,
     /// Where the next search starts (spreads allocations over the pool).
     hint: u64,
+    /// Free clusters promised to thick volumes whose clusters are being mapped in steps
+    /// (`reserve`): nobody else gets them (`free_count` leaves them out); `alloc_reserved`
+    /// hands them out. At most the free clusters.
+    reserved: u64,
 }
 
 impl Allocator {
@@ -142,6 +146,7 @@ impl Allocator {
             free_count: clusters - 1,
             pending: Vec::new(),
             hint: 1,
+            reserved: 0,
         }
     }
 
@@ -160,13 +165,42 @@ impl Allocator {
         self.clusters = clusters;
     }
 
+    /// Free clusters anyone may have (the reserved ones left out).
     pub fn free_count(&self) -> u64 {
-        self.free_count
+        self.free_count - self.reserved
     }
 
-    /// Clusters in use (allocated or pending-free), cluster 0 excluded.
+    /// Clusters in use (allocated, pending-free or reserved), cluster 0 excluded.
     pub fn used_count(&self) -> u64 {
-        self.clusters() - 1 - self.free_count
+        self.clusters() - 1 - self.free_count()
+    }
+
+    /// Free clusters reserved (`reserve`) and not yet handed out.
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    /// Keeps `n` free clusters for whoever reserved them (`alloc_reserved`): false, nothing
+    /// reserved, when fewer are free.
+    pub fn reserve(&mut self, n: u64) -> bool {
+        if self.free_count() < n {
+            return false;
+        }
+        self.reserved += n;
+        true
+    }
+
+    /// Gives `n` reserved clusters back to everyone.
+    pub fn unreserve(&mut self, n: u64) {
+        assert!(n <= self.reserved, "unreserving {n} of {} reserved clusters", self.reserved);
+        self.reserved -= n;
+    }
+
+    /// A reserved cluster, now allocated (the caller holds a reservation of it).
+    pub fn alloc_reserved(&mut self) -> u64 {
+        assert!(self.reserved > 0, "no cluster reserved");
+        self.reserved -= 1;
+        self.alloc().expect("a reserved cluster is free")
     }
 
     /// Clusters freed and not yet sealed by a commit.
@@ -183,7 +217,7 @@ impl Allocator {
     /// The first free cluster at or after the hint (wrapping), now allocated; `None` when the
     /// pool is full.
     pub fn alloc(&mut self) -> Option<u64> {
-        if self.free_count == 0 {
+        if self.free_count() == 0 {
             return None;
         }
         let c = self.free.next_from(self.hint).or_else(|| self.free.next_from(0));
@@ -412,6 +446,27 @@ mod tests {
         assert_eq!(a.alloc(), None);
         // ~16 K summary words take microseconds; a flat scan of 64 M clusters, tens of ms.
         assert!(t.elapsed() < std::time::Duration::from_millis(20), "{:?}", t.elapsed());
+    }
+
+    /// Reserved clusters are nobody else's: not counted free, not allocated nor lent to
+    /// anyone else, handed out only by `alloc_reserved`; a reservation past what is free is
+    /// refused whole; what is unreserved is everyone's again.
+    #[test]
+    fn reserved_clusters_go_only_to_whoever_reserved_them() {
+        let mut a = Allocator::new(10);
+        assert!(!a.reserve(10), "9 free: 10 refused");
+        assert_eq!(a.reserved(), 0);
+        assert!(a.reserve(6));
+        assert_eq!((a.free_count(), a.used_count(), a.reserved()), (3, 6, 6));
+        let mut s = Stock::default();
+        assert_eq!(a.lend(9, &mut s), 3, "only the unreserved are lent");
+        assert_eq!(a.alloc(), None, "nor allocated");
+        let c = a.alloc_reserved();
+        assert!(a.is_allocated(c) && a.reserved() == 5);
+        assert_eq!((a.free_count(), a.used_count()), (0, 9));
+        a.unreserve(5);
+        assert_eq!((a.free_count(), a.reserved()), (5, 0));
+        assert!(a.alloc().is_some());
     }
 
     #[test]

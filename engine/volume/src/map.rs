@@ -6,7 +6,8 @@
 //! - a node is copied only when a tree that shares it is changed (`Arc::make_mut`), and the
 //!   copy is reported, so the caller can add one reference to every cluster the copy names;
 //! - a pool cluster's reference count equals the number of distinct leaf nodes, over all live
-//!   trees, that name it (`count_references` recomputes it for `pool check` and tests);
+//!   trees and the [`Remains`] of released ones, that name it (`count_references` recomputes
+//!   it for `pool check` and tests);
 //! - releasing a tree reports every cluster whose last leaf reference it held, exactly once.
 
 use std::collections::HashMap;

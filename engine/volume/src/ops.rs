@@ -94,12 +94,6 @@ impl ControlOp {
         }
     }
 
-    /// Whether it retires a tree (a deleted volume's, a rolled-back one's old tree), whose
-    /// clusters [`reclaim`] releases once the operation is durable.
-    pub fn retires_tree(&self) -> bool {
-        matches!(self, ControlOp::Delete { .. } | ControlOp::Rollback { .. })
-    }
-
     /// Whether its commit, now that it applied, must be a checkpoint: a growth not yet named
     /// by a durable superblock lives in the next one (a device no larger needs none).
     pub fn needs_checkpoint(&self, meta: &PoolMeta) -> bool {
@@ -129,17 +123,20 @@ impl ControlOp {
     }
 }
 
-/// Units of work one [`Cmd::Reclaim`] step spends at most (plus one node's entries): a node
-/// popped, a cluster's reference dropped, a child kept each (`Remains::release_some`). With
-/// the standard 64 KiB clusters, 32 full leaves — 1 GiB of a volume's mapping — per step,
-/// the volume's family locked meanwhile: about 80 µs (perf/RESULTS.md §27).
-pub const RECLAIM_STEP: usize = 1 << 14;
+/// Units of work one [`Cmd::Settle`] step spends at most (`PoolMeta::settle`; plus one
+/// tree node's entries): releasing a retired tree, a node popped, a cluster's reference
+/// dropped, a child kept each (`Remains::release_some`) — with the standard 64 KiB clusters,
+/// 32 full leaves, 1 GiB of a volume's mapping, about 80 µs (perf/RESULTS.md §27); mapping a
+/// thick volume's clusters, a cluster looked at 1, one mapped `FILL_UNITS`. The family
+/// concerned is locked meanwhile.
+pub const SETTLE_STEP: usize = 1 << 14;
 
-/// Units [`reclaim`] spends between the commits of what its steps freed: each commit's end
+/// Units [`settle`] spends between the commits of what its steps did: each commit's end
 /// makes its frees reusable under the exclusive borrow (every core's decisions wait), about
 /// 3.3 ns a cluster, so a commit frees at most about 256 Ki clusters — 16 GiB of a volume's
-/// 64 KiB clusters, under 1 ms (perf/RESULTS.md §27) — not a whole volume's at once.
-pub const RECLAIM_COMMIT: u64 = 1 << 18;
+/// 64 KiB clusters, under 1 ms (perf/RESULTS.md §27) — not a whole volume's at once; and a
+/// commit carries at most about 32 Ki mapping records of a thick volume's.
+pub const SETTLE_COMMIT: u64 = 1 << 18;
 
 /// Bytes of a volume one copy-up request covers (rounded up to whole clusters): with 64 KiB
 /// clusters at most 16 fresh clusters and 1 MiB of copy buffers in flight for it.
@@ -188,12 +185,12 @@ pub trait Driver<B> {
         let _ = bytes;
         Ok(())
     }
-    /// One step of [`reclaim`]: the units it spent ([`Cmd::Reclaim`]'s result). By default
+    /// One step of [`settle`]: the units it spent ([`Cmd::Settle`]'s result). By default
     /// that request, run as any other; a driver may instead run its one decision where it
-    /// stands, `PoolMeta::reclaim(RECLAIM_STEP)` under a shared borrow (the daemon's control
+    /// stands, `PoolMeta::settle(SETTLE_STEP)` under a shared borrow (the daemon's control
     /// thread does: no core spends the step, and no round trip to one per step).
-    fn reclaim_step(&mut self) -> Result<i32, PoolError> {
-        self.run(0, Cmd::Reclaim)
+    fn settle_step(&mut self) -> Result<i32, PoolError> {
+        self.run(0, Cmd::Settle)
     }
 }
 
@@ -264,39 +261,41 @@ pub fn decouple<B>(
     unreachable!("the last pass returns")
 }
 
-/// Runs control operation `op` (durable when it returns: the new volume's id, or 0) and, if
-/// it retired a tree, [`reclaim`]s: what every driver runs for a control operation, so the
-/// space a delete or rollback gives back is free when it returns, as its effect is visible.
-/// A reclaim that fails after the operation applied does not undo it: the operation's result
-/// is what is returned, and the retired trees wait for the next reclaim (or the next open,
-/// which releases them at once).
+/// Runs control operation `op` (durable when it returns: the new volume's id, or 0), then
+/// [`settle`]s: what every driver runs for a control operation, so a thick volume it made or
+/// grew has every cluster mapped, and the space a delete or rollback gives back is free,
+/// when it returns, as its effect is visible. The settling runs whatever the operation's
+/// result (a request that timed out may still have applied) and after every operation (one
+/// finds nothing to do at the cost of one step): work a settling could not finish (a commit
+/// timed out) is done by the next control operation, or at the next open. A settling that
+/// fails after the operation applied does not undo it: the operation's result is what is
+/// returned.
 pub fn control<B>(d: &mut impl Driver<B>, op: ControlOp) -> Result<u32, PoolError> {
-    let retires = op.retires_tree();
-    let id = d.run(0, Cmd::Control(op))?;
-    let id = u32::try_from(id).expect("a control operation returns an id or 0");
-    if retires {
-        if let Err(e) = reclaim(d) {
-            tracing::warn!(error = %e, "releasing a retired volume's clusters stopped; the next \
-                deletion or restart releases them");
-        }
+    let r = d.run(0, Cmd::Control(op));
+    if let Err(e) = settle(d) {
+        tracing::warn!(error = %e, "settling what control operations left (mapping thick \
+            volumes' clusters, releasing deleted ones') stopped; the next control operation \
+            or restart goes on with it");
     }
-    Ok(id)
+    r.map(|id| u32::try_from(id).expect("a control operation returns an id or 0"))
 }
 
-/// Releases every tree retired by a durable deletion or rollback (steps of [`Cmd::Reclaim`],
-/// [`Driver::reclaim_step`], each bounded, until one finds nothing left), committing what
-/// they freed (a flush) every [`RECLAIM_COMMIT`] units and at the end, so it is free when
-/// this returns. Returns the units spent.
-pub fn reclaim<B>(d: &mut impl Driver<B>) -> Result<u64, PoolError> {
+/// Does what control operations left to do in steps (`PoolMeta::settle`: the clusters of
+/// thick volumes made or grown mapped, the trees of durable deletions and rollbacks
+/// released) — steps of [`Cmd::Settle`], [`Driver::settle_step`], each bounded, until one
+/// finds nothing left — committing what they did (a flush) every [`SETTLE_COMMIT`] units
+/// and at the end, so it is durable and the space free when this returns. Returns the units
+/// spent.
+pub fn settle<B>(d: &mut impl Driver<B>) -> Result<u64, PoolError> {
     let (mut spent, mut uncommitted) = (0u64, 0u64);
     loop {
-        let n = d.reclaim_step()?;
-        let n = u64::try_from(n).expect("a reclaim step counts what it spent");
+        let n = d.settle_step()?;
+        let n = u64::try_from(n).expect("a settling step counts what it spent");
         if n > 0 {
             spent += n;
             uncommitted += n;
         }
-        if uncommitted > 0 && (n == 0 || uncommitted >= RECLAIM_COMMIT) {
+        if uncommitted > 0 && (n == 0 || uncommitted >= SETTLE_COMMIT) {
             d.run(0, Cmd::Flush)?;
             uncommitted = 0;
         }

@@ -108,12 +108,13 @@ pub enum Cmd<B> {
     },
     /// Write a checkpoint of the whole state (clean stop; the next open replays nothing).
     Checkpoint,
-    /// One step of releasing what deleted and rolled-back volumes' trees held, once their
-    /// records are durable (`PoolMeta::reclaim`, [`crate::ops::RECLAIM_STEP`] units): the
-    /// result is the units spent, 0 when nothing is left to release. No device I/O; what it
-    /// frees is durable with the next commit ([`crate::ops::reclaim`] runs the steps, then a
-    /// flush).
-    Reclaim,
+    /// One step of what control operations left to do (`PoolMeta::settle`,
+    /// [`crate::ops::SETTLE_STEP`] units): the clusters promised to thick volumes mapped,
+    /// the trees of durable deletions and rollbacks released. The result is the units spent,
+    /// 0 when nothing is left to do (a failed pool: refused, `Failed`). No device I/O; what
+    /// it maps and frees is durable with the next commit ([`crate::ops::settle`] runs the
+    /// steps and the commits).
+    Settle,
     /// A control operation (request volume 0): done once durable; the result is the new
     /// volume's id for a create, snapshot or clone, else 0.
     Control(ControlOp),
@@ -584,10 +585,10 @@ impl<B: Buf> Request<B> {
                 self.checkpoint = true;
                 self.start_commit(cx)
             }
-            Cmd::Reclaim => {
-                let spent = cx.meta.shared().reclaim(crate::ops::RECLAIM_STEP);
-                self.reply(cx, i32::try_from(spent).expect("a step is bounded"))
-            }
+            Cmd::Settle => match cx.meta.shared().settle(crate::ops::SETTLE_STEP) {
+                Ok(spent) => self.reply(cx, i32::try_from(spent).expect("a step is bounded")),
+                Err(e) => self.refuse(cx, e),
+            },
             Cmd::Control(op) => {
                 if let Some(v) = op.quiesce() {
                     cx.meta.exclusive().set_frozen(v, true);

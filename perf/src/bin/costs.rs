@@ -73,10 +73,11 @@ struct Args {
     /// Only the commit figures (seal, encode, mark durable).
     #[arg(long)]
     seal_only: bool,
-    /// Only the deletion figures: a volume of `--checkpoint-clusters` mapped clusters deleted
-    /// (the apply), its tree released in reclaim steps, their frees committed.
+    /// Only the settling figures: a volume of `--checkpoint-clusters` mapped clusters deleted
+    /// (the apply), its tree released in settling steps, their frees committed; a thick volume
+    /// of as many clusters made, its clusters mapped the same way.
     #[arg(long)]
-    reclaim_only: bool,
+    settle_only: bool,
 }
 
 struct NoBufs;
@@ -136,34 +137,55 @@ fn checkpoint_pool(clusters: u64) -> anyhow::Result<PoolMeta> {
     Ok(meta)
 }
 
-/// What deleting a volume of `clusters` mapped clusters costs, in µs, run as `ops::reclaim`
-/// runs it: the delete's apply (under the exclusive borrow), each reclaim step (`RECLAIM_STEP`
-/// units under a shared borrow, the family locked: median and largest), and the largest
-/// commit of what the steps freed (one every `RECLAIM_COMMIT` units and at the end: seal and
-/// end under the exclusive borrow, its frees made reusable); and the steps and commits taken.
-fn reclaim_cost(clusters: u64) -> anyhow::Result<ReclaimFigure> {
+/// What deleting a volume of `clusters` mapped clusters costs, in µs, run as `ops::settle`
+/// runs it: the delete's apply (under the exclusive borrow), then [`settle_run`].
+fn reclaim_cost(clusters: u64) -> anyhow::Result<SettleFigure> {
     let mut meta = checkpoint_pool(clusters)?;
     // The clone and the snapshot first: the volume's tree is then its own, every cluster freed.
     for id in [3, 2] {
         meta.delete(id)?;
         commit_in_memory(&mut meta);
-        while meta.reclaim(usize::MAX) > 0 {}
+        while meta.settle(usize::MAX)? > 0 {}
         commit_in_memory(&mut meta);
     }
     let t = Instant::now();
     meta.delete(1)?;
     let apply = t.elapsed().as_secs_f64() * 1e6;
     commit_in_memory(&mut meta);
+    let figure = settle_run(&mut meta, apply)?;
+    anyhow::ensure!(meta.free_clusters() + 2 > meta.superblock().cluster_count, "space returned");
+    Ok(figure)
+}
+
+/// What making a thick volume of `clusters` clusters costs, in µs, run as `ops::control` runs
+/// it: the creation's apply (under the exclusive borrow: its clusters reserved), then
+/// [`settle_run`] (its clusters mapped).
+fn thick_cost(clusters: u64) -> anyhow::Result<SettleFigure> {
+    let bytes = ((clusters + 8192) << 16).next_multiple_of(1 << 20);
+    let (_, mut meta) =
+        Pool::format(SimDisk::new(bytes, 1), PoolGeometry::standard([5; 16]))?.into_parts();
+    let t = Instant::now();
+    let id = meta.create("t", clusters << 16, true)?;
+    let apply = t.elapsed().as_secs_f64() * 1e6;
+    commit_in_memory(&mut meta);
+    let figure = settle_run(&mut meta, apply)?;
+    anyhow::ensure!(meta.volume(id).is_ok() && meta.promised_clusters() == 0, "all mapped");
+    Ok(figure)
+}
+
+/// Settling steps (`SETTLE_STEP` units under a shared borrow, a family locked: median and
+/// largest µs) until one finds nothing, with a commit of what they did every `SETTLE_COMMIT`
+/// units and at the end (seal and end under the exclusive borrow: the largest µs), as
+/// `ops::settle` runs them; `apply`, the operation's own µs, carried along.
+fn settle_run(meta: &mut PoolMeta, apply: f64) -> anyhow::Result<SettleFigure> {
     let (mut steps, mut commits, mut uncommitted) = (Vec::new(), Vec::new(), 0);
     loop {
         let t = Instant::now();
-        let spent = meta.reclaim(ballast_volume::ops::RECLAIM_STEP) as u64;
+        let spent = meta.settle(ballast_volume::ops::SETTLE_STEP)? as u64;
         steps.push(t.elapsed().as_secs_f64() * 1e6);
         uncommitted += spent;
-        if uncommitted > 0 && (spent == 0 || uncommitted >= ballast_volume::ops::RECLAIM_COMMIT) {
-            let t = Instant::now();
-            commit_in_memory(&mut meta);
-            commits.push(t.elapsed().as_secs_f64() * 1e6);
+        if uncommitted > 0 && (spent == 0 || uncommitted >= ballast_volume::ops::SETTLE_COMMIT) {
+            commits.push(commit_exclusive(meta)?);
             uncommitted = 0;
         }
         if spent == 0 {
@@ -171,16 +193,42 @@ fn reclaim_cost(clusters: u64) -> anyhow::Result<ReclaimFigure> {
             break;
         }
     }
-    anyhow::ensure!(meta.free_clusters() + 2 > meta.superblock().cluster_count, "space returned");
     let largest = steps.iter().copied().fold(0.0, f64::max);
     let commit = commits.iter().copied().fold(0.0, f64::max);
     let (n, commits_n) = (steps.len(), commits.len());
-    Ok(ReclaimFigure { us: [apply, median(steps), largest, commit], steps: n, commits: commits_n })
+    Ok(SettleFigure { us: [apply, median(steps), largest, commit], steps: n, commits: commits_n })
 }
 
-/// [`reclaim_cost`]'s figures: µs of the apply, the median and the largest step, the largest
+/// Commits what `meta` has pending, as the daemon does: µs of the parts under the exclusive
+/// borrow (a journal commit's seal and end; a checkpoint's start — freezing the state — and
+/// end), not the encoding (without the borrow, or on an offload thread).
+fn commit_exclusive(meta: &mut PoolMeta) -> anyhow::Result<f64> {
+    use ballast_volume::meta::Encode;
+    if meta.wants_checkpoint() {
+        let t = Instant::now();
+        let mut c = meta.begin_checkpoint()?.context("no commit in flight")?;
+        let begin = t.elapsed();
+        let Some(Encode::Checkpoint(job)) = c.take_encode() else {
+            anyhow::bail!("a checkpoint encodes its state")
+        };
+        c.encoded(job.run());
+        let t = Instant::now();
+        meta.checkpoint_done(c);
+        return Ok((begin + t.elapsed()).as_secs_f64() * 1e6);
+    }
+    let t = Instant::now();
+    let mut sealed = meta.seal()?.context("no commit in flight")?;
+    let seal = t.elapsed();
+    sealed.encode_now();
+    sealed.blocks_issued();
+    let t = Instant::now();
+    meta.commit_done(sealed);
+    Ok((seal + t.elapsed()).as_secs_f64() * 1e6)
+}
+
+/// [`settle_run`]'s figures: µs of the apply, the median and the largest step, the largest
 /// commit; the steps and commits taken.
-struct ReclaimFigure {
+struct SettleFigure {
     us: [f64; 4],
     steps: usize,
     commits: usize,
@@ -802,29 +850,40 @@ fn main() -> anyhow::Result<()> {
         print_device_costs(&path, &costs);
         return Ok(());
     }
-    if args.reclaim_only {
+    if args.settle_only {
         let reps = args.reps.max(1);
         let n = args.checkpoint_clusters;
-        let runs: Vec<_> =
-            (0..reps).map(|_| reclaim_cost(n)).collect::<anyhow::Result<Vec<_>>>()?;
-        let fig = |i: usize| median(runs.iter().map(|r| r.us[i]).collect::<Vec<f64>>());
-        println!("| deleting a volume of {n} mapped clusters | µs (median of {reps}) |");
+        println!("| {n} clusters (64 KiB) | µs (median of {reps}) |");
         println!("|---|---|");
-        println!("| the delete applied, under the exclusive borrow | {:.1} |", fig(0));
-        let (steps, commits) = (runs[0].steps, runs[0].commits);
-        println!(
-            "| a reclaim step ({} units, shared borrow, the family locked): median, of {steps} \
-             steps | {:.1} |",
-            ballast_volume::ops::RECLAIM_STEP,
-            fig(1)
-        );
-        println!("| the largest step | {:.1} |", fig(2));
-        println!(
-            "| the largest of {commits} commits of what the steps freed (one per {} units: seal \
-             + end, exclusive borrow) | {:.1} |",
-            ballast_volume::ops::RECLAIM_COMMIT,
-            fig(3)
-        );
+        for (what, cost) in [
+            (
+                "deleting a volume of them (mapped)",
+                reclaim_cost as fn(u64) -> anyhow::Result<SettleFigure>,
+            ),
+            ("a thick volume of them made", thick_cost),
+        ] {
+            let runs: Vec<SettleFigure> =
+                (0..reps).map(|_| cost(n)).collect::<anyhow::Result<Vec<_>>>()?;
+            let fig = |i: usize| median(runs.iter().map(|r| r.us[i]).collect::<Vec<f64>>());
+            let (steps, commits) = (runs[0].steps, runs[0].commits);
+            println!(
+                "| {what}: the operation applied, under the exclusive borrow | {:.1} |",
+                fig(0)
+            );
+            println!(
+                "| ... a settling step ({} units, shared borrow, the family locked): median of \
+                 {steps} | {:.1} |",
+                ballast_volume::ops::SETTLE_STEP,
+                fig(1)
+            );
+            println!("| ... the largest step | {:.1} |", fig(2));
+            println!(
+                "| ... the largest of {commits} commits of what the steps did (one per {} \
+                 units: seal + end, exclusive borrow) | {:.1} |",
+                ballast_volume::ops::SETTLE_COMMIT,
+                fig(3)
+            );
+        }
         return Ok(());
     }
     if args.seal_only {

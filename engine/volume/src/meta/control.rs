@@ -152,7 +152,9 @@ impl PoolMeta {
     }
 
     /// A new volume, thin or thick. A thick one takes all its clusters now (all or none: a
-    /// pool without the room refuses it, `NoSpace`); their pieces read zeros until written.
+    /// pool without the room refuses it, `NoSpace`): reserved for it at once, mapped by
+    /// [`Self::settle`] steps (or by a write into one first); their pieces read zeros until
+    /// written.
     pub fn create(&mut self, name: &str, size_bytes: u64, thick: bool) -> Result<u32, PoolError> {
         self.ok()?;
         self.new_name(name)?;
@@ -167,8 +169,7 @@ impl PoolMeta {
         self.log(Record::VolumeCreate { id, parent: 0, size_bytes, name: name.into() });
         if thick {
             self.log(Record::Thick { id });
-            let holes = self.holes(id, 0, None);
-            self.map_holes(id, &holes);
+            self.promise_holes(id, 0, size_bytes.div_ceil(self.geo.cluster_bytes));
         }
         Ok(id)
     }
@@ -187,14 +188,20 @@ impl PoolMeta {
     /// How many of volume `id`'s first `clusters` volume clusters its tree leaves unmapped,
     /// counted from what is mapped (the cost follows what is mapped, not the size; nothing
     /// listed, unlike [`Self::holes`]).
-    fn unmapped_clusters(&self, id: u32, clusters: u64) -> u64 {
+    pub(super) fn unmapped_clusters(&self, id: u32, clusters: u64) -> u64 {
+        self.unmapped_in(id, 0, clusters)
+    }
+
+    /// How many of volume clusters `[from, to)` of volume `id` its tree leaves unmapped
+    /// (beyond its reach: all), counted from what is mapped.
+    fn unmapped_in(&self, id: u32, from: u64, to: u64) -> u64 {
         let mut mapped = 0u64;
         if let Some(fam) = self.family(id) {
             if let Some(v) = fam.volumes.get(&id) {
-                v.tree.for_each_in(0, clusters, |_, _| mapped += 1);
+                v.tree.for_each_in(from, to, |_, _| mapped += 1);
             }
         }
-        clusters.saturating_sub(mapped)
+        to.saturating_sub(from).saturating_sub(mapped)
     }
 
     /// Whether `clusters` free clusters can be had now for a thick volume, taking every
@@ -449,63 +456,13 @@ impl PoolMeta {
     }
 
     /// Deletes volume `id`: gone from now on; its tree is retired, its clusters released by
-    /// [`Self::reclaim`] steps once the delete is durable (so the exclusive borrow that
+    /// [`Self::settle`] steps once the delete is durable (so the exclusive borrow that
     /// applies it costs nothing per cluster).
     pub fn delete(&mut self, id: u32) -> Result<(), PoolError> {
         self.ok()?;
         self.volume(id)?;
         self.log(Record::Delete { id });
         Ok(())
-    }
-
-    /// One step of releasing the trees deletions and rollbacks retired, once their records
-    /// are durable (`Family::retire_tree`): about `budget` units of work
-    /// (`Remains::release_some`: a node, an entry, a child each) in all, oldest first, each
-    /// tree's family locked only while it spends its part — a shared borrow, as the data
-    /// path's decisions: other families' I/O goes on, the family's own waits for one step at
-    /// most. What it frees is freed as a trim's frees are (durable with
-    /// the next commit, then quarantined behind the family's older I/O). Returns the units
-    /// spent: 0 when nothing durable is left to release (a failed pool releases nothing).
-    pub fn reclaim(&self, budget: usize) -> usize {
-        if self.failed.is_some() {
-            return 0;
-        }
-        let durable = self.durable_seals;
-        // A mutant for the simulator's own test (tests/e2e/sim_mutants.sh): retired trees
-        // released before their records are durable.
-        let ready = if cfg!(feature = "mutant-reclaim-early") { u64::MAX } else { durable };
-        let mut spent = 0;
-        let mut released = Vec::new();
-        while spent < budget {
-            let f = match self.retired.lock().front() {
-                Some(t) if t.seal <= ready => t.family,
-                _ => break,
-            };
-            let mut fam = self.fams.get(f).expect("a family lives while a tree it retired waits");
-            {
-                // Looked at again under the family's lock: another step may have taken it.
-                let mut queue = self.retired.lock();
-                let Some(t) = queue.front_mut().filter(|t| t.family == f && t.seal <= ready) else {
-                    continue;
-                };
-                spent += t.remains.release_some(budget - spent, |e| released.extend(e.cluster()));
-                if t.remains.is_empty() {
-                    queue.pop_front();
-                }
-            }
-            fam.catch_up(durable);
-            let mut link = Link { refs: &self.refs, loading: None, retire: None };
-            for c in released.drain(..) {
-                fam.unref(c, &mut link);
-            }
-            self.list_decided(f, &mut fam);
-        }
-        spent
-    }
-
-    /// Trees retired and not yet released (durable or not).
-    pub fn retired_trees(&self) -> usize {
-        self.retired.lock().len()
     }
 
     /// Grows or shrinks volume `id`. Shrinking drops written data beyond the new end only with
@@ -524,11 +481,16 @@ impl PoolMeta {
         if size_bytes > old {
             self.admit(size_bytes - old, 0, 0)?;
         }
-        // A growth's clusters (a thick volume has none unmapped below its size).
+        // A growth's clusters, counted from what is mapped there (a thick volume's holes below
+        // its old end, while its clusters are still being mapped, are promised already).
         let grown_from = old.div_ceil(self.geo.cluster_bytes);
-        // Looked at once, before the tree grows (a cluster beyond its reach is a hole too).
-        let growth = if thick { self.holes(id, grown_from, Some(size_bytes)) } else { Vec::new() };
-        self.room_for(growth.len() as u64)?;
+        let new_end = size_bytes.div_ceil(self.geo.cluster_bytes);
+        let growth = if thick && new_end > grown_from {
+            self.unmapped_in(id, grown_from, new_end)
+        } else {
+            0
+        };
+        self.room_for(growth)?;
         if size_bytes < old {
             let first_piece = size_bytes / PIECE;
             let written = (first_piece..old / PIECE).any(|p| self.piece_written(id, p));
@@ -540,7 +502,7 @@ impl PoolMeta {
             self.trim_unchecked(id, size_bytes, old - size_bytes);
         }
         self.log(Record::Resize { id, size_bytes });
-        self.map_holes(id, &growth);
+        self.promise_holes(id, grown_from, growth);
         Ok(())
     }
 

@@ -21,7 +21,8 @@
 //!
 //! Invariants (asserted by `PoolMeta::check` and the commit path): the lock table is
 //! consistent; every cluster the pool lent a family is exactly one of: in its stock, the fresh
-//! cluster of a write span in flight, named by its trees, freed since the last seal (`freed`),
+//! cluster of a write span in flight, named by its trees or by a tree it retired (on the pool's
+//! queue until released: `retire_tree`), freed since the last seal (`freed`),
 //! freed by the commit in flight (`sealed_freed`), or quarantined; a cluster a family frees is
 //! reused only when its record is durable and the family's I/O older than that has ended (only
 //! a family's own I/O touches its clusters).
@@ -56,7 +57,7 @@ pub(super) struct Retire<'a> {
 
 /// A tree no volume names any more (a deleted volume's, a rolled-back volume's old one): its
 /// family, the seal whose durability lets it go, and the nodes it still holds
-/// (`PoolMeta::reclaim` releases them in steps).
+/// (`PoolMeta::settle` releases them in steps).
 pub(super) struct Retiree {
     pub(super) family: u32,
     pub(super) seal: u64,
@@ -397,7 +398,7 @@ impl Family {
     /// A tree no volume names any more (deleted, rolled back away, replaced by replayed
     /// damage). Loading, every record is durable: released at once. Live, it joins the pool's
     /// queue of retired trees whole (`link.retire`), to be released in steps once the seal its
-    /// record joins is durable (`PoolMeta::reclaim`), so the borrow that retired it costs
+    /// record joins is durable (`PoolMeta::settle`), so the borrow that retired it costs
     /// nothing per cluster. Kept whole, its nodes stay shared: no cluster it names takes an
     /// in-place write meanwhile — which a crash bringing the tree back would see over its
     /// data, even in a leaf another tree holds (whose owner looks alone once this one is gone:
@@ -420,6 +421,51 @@ impl Family {
         for c in released {
             self.unref(c, link);
         }
+    }
+
+    /// Maps volume `id`'s unmapped clusters from volume cluster `from` on — up to `to` (a
+    /// write's range) or to the volume's end — to clusters its promise holds
+    /// ([`Volume::fill`], taken with `take(n)`): each a `MapSet` of a fresh cluster with
+    /// nothing written (its pieces read zeros), within about `budget` units (a cluster looked
+    /// at 1, one mapped `FILL_UNITS`). Returns the units spent, the volume cluster to look
+    /// from next, and, once the promise is over — nothing of it is left, or (with no `to`)
+    /// the walk reached the volume's end, or the volume is gone — `Some` of what was left of
+    /// it (its promise now 0), for the caller to give back to the allocator.
+    pub(super) fn fill_holes(
+        &mut self,
+        id: u32,
+        from: u64,
+        to: Option<u64>,
+        budget: usize,
+        take: impl FnOnce(usize) -> Vec<u64>,
+        link: &mut Link,
+    ) -> (usize, u64, Option<u64>) {
+        let Some(v) = self.volumes.get(&id) else { return (1, from, Some(0)) };
+        let end = v.size_bytes.div_ceil(self.geo.cluster_bytes);
+        let stop = to.map_or(end, |t| t.min(end));
+        let mut holes = Vec::new();
+        let (mut vc, mut spent) = (from, 0);
+        while vc < stop && spent < budget && (holes.len() as u64) < v.fill {
+            if v.tree.get(vc).cluster().is_none() {
+                holes.push(vc);
+                spent += super::settle::FILL_UNITS;
+            } else {
+                spent += 1;
+            }
+            vc += 1;
+        }
+        if !holes.is_empty() {
+            let clusters = take(holes.len());
+            for (&vcluster, c) in holes.iter().zip(clusters) {
+                self.epoch_fresh.insert(c);
+                let entry = Entry::new(c, 0).0;
+                self.log(Record::MapSet { volume: id, vcluster, entry }, link);
+            }
+        }
+        let v = self.volumes.get_mut(&id).expect("looked at above");
+        v.fill -= holes.len() as u64;
+        let over = v.fill == 0 || (to.is_none() && vc >= end);
+        (spent.max(1), vc, over.then(|| std::mem::take(&mut v.fill)))
     }
 
     /// Applies one record about volumes already in this family (`MapSet`, `Rollback` within
@@ -615,10 +661,14 @@ impl Family {
                 }
             }
             if v.thick {
+                // Unmapped only while promised (being mapped in steps).
                 let clusters = v.size_bytes.div_ceil(self.geo.cluster_bytes);
                 let holes = (0..clusters).filter(|&vc| v.tree.get(vc).cluster().is_none()).count();
-                if holes > 0 {
-                    problems.push(format!("thick volume {id} leaves {holes} clusters unmapped"));
+                if holes as u64 > v.fill {
+                    problems.push(format!(
+                        "thick volume {id} leaves {holes} clusters unmapped, {} promised",
+                        v.fill
+                    ));
                 }
             }
         }

@@ -13,15 +13,20 @@
 //! the records a family call queued, and refills a family's stock when a write finds it
 //! short. Who may decide at once: the data path's decisions (`plan_read_io`, `plan_write_io`,
 //! `finish_span`, `end_write_io`, `trim`, `hold_io`/`release`, I/O tickets) take `&self` — a
-//! shared borrow several threads may hold at once — and lock the one family they decide for;
-//! everything else takes `&mut self`, an exclusive borrow that reaches every family without
-//! contention. Lock order: families' locks in number order, then the leaf locks (the
-//! allocator's, the wake-up queue's), which nothing holds while taking another lock. A
+//! shared borrow several threads may hold at once — and lock the one family they decide for,
+//! as a step of what control operations left does (`settle`: mapping a thick volume's
+//! clusters, releasing a deleted volume's tree); everything else takes `&mut self`, an
+//! exclusive borrow that reaches every family without contention. Lock order: families'
+//! locks in number order, then the leaf locks (the allocator's, the wake-up queue's, the
+//! queues of retired trees and of thick volumes being mapped), which nothing holds while
+//! taking another lock — but `check` and `leaked`, which take the two queues, then the
+//! allocator's. A
 //! decision locks one family only (a write that takes other families' stocks back takes them
 //! one at a time, holding nothing else); `check` and `leaked` lock every family, in number
 //! order. So nothing can deadlock. The decisions live beside them by concern: `io` (reads,
 //! writes, holds, trims), `commit` (sealing, checkpoints, when a commit is due), `control`
-//! (volume operations and metadata admission), `epochs` (I/O tickets and the quarantine of
+//! (volume operations and metadata admission), `settle` (what control operations leave to
+//! do in steps), `epochs` (I/O tickets and the quarantine of
 //! freed clusters), `touched` (which families a commit visits: those changed since the last
 //! seal, so a commit's cost follows what changed, not how many volumes the pool holds).
 //!
@@ -34,7 +39,8 @@
 //! - a volume cluster with a copy-on-write in flight takes no other write or trim, and one with
 //!   writes in flight takes no copy-on-write or trim ([`LockTable`]): such requests are parked
 //!   in the cluster's queue and woken when something leaves it ([`Blocked::Wait`]);
-//! - `refs[c]` equals the number of distinct leaves naming cluster `c` (`check` recomputes it);
+//! - `refs[c]` equals the number of distinct leaves naming cluster `c`, over the volumes' trees
+//!   and the retired trees not yet released (`check` recomputes it);
 //! - a cluster freed by a record becomes reusable only when that record is durable and every
 //!   I/O that started before (and so might still touch the cluster) has ended (`quarantine`);
 //! - metadata cannot fill: a checkpoint holds at most one record per mapped volume cluster, and
@@ -60,6 +66,8 @@ mod epochs;
 mod family;
 use family::{Families, Family, Geometry, Link, Refs, Retire, Retiree};
 mod io;
+mod settle;
+use settle::Filling;
 mod touched;
 use crate::map::{count_references, Entry, Remains, Tree};
 use crate::records::{decode_all, Record, CONFIG_VALUE_MAX, NAME_MAX};
@@ -70,10 +78,11 @@ pub const PIECE: u64 = 4096;
 /// Total volume size (snapshots and clones included) the metadata area is sized for, per byte
 /// of data area, by default.
 pub const OVERCOMMIT: u64 = 8;
-/// Clusters one operation may map for a thick volume (its creation, a growth, a repair after a
-/// crash): 64 GiB of the standard 64 KiB clusters. Each is a record held until its commit and
-/// a step taken with the pool state borrowed exclusively (every core's decisions wait), so a
-/// larger thick volume is made in steps: created at most this large, then grown.
+/// Clusters one operation may map for a thick volume (its creation, a growth, an inflation, a
+/// repair after a crash): 64 GiB of the standard 64 KiB clusters. Each is a record; a creation
+/// or growth reserves them and maps them in steps (`settle`), an inflation and a repair map
+/// them with the pool state borrowed exclusively (every core's decisions wait), so a larger
+/// thick volume is made in steps: created at most this large, then grown.
 pub const THICK_MAP_MAX: u64 = 1 << 20;
 
 /// Volume ids run from 1 below this (0 is "no parent"); a record naming another is damage.
@@ -259,6 +268,10 @@ pub struct Volume {
     /// Written 4 KiB pieces its tree maps, kept with every change to the tree (a listing or a
     /// `/metrics` scrape reads it instead of walking the map under the family's lock).
     pub(crate) written_pieces: u64,
+    /// Clusters promised to it and not yet mapped: a thick volume made or grown, its
+    /// clusters reserved in the allocator and mapped in steps (`settle`), or by a write into
+    /// one first. 0 once all are mapped; never durable (opening maps what a crash left out).
+    pub(crate) fill: u64,
 }
 
 /// A volume's attributes, copied out of its family (listings, control operations, tests).
@@ -452,10 +465,14 @@ pub struct PoolMeta {
     /// no journal record can name a cluster the superblock on the media does not have.
     grow_to: Option<(u64, u64)>,
     /// Trees deletions and rollbacks retired, in the order of the seals that let them go:
-    /// released in bounded steps (`reclaim`) once their records are durable, not under the
+    /// released in bounded steps (`settle`) once their records are durable, not under the
     /// exclusive borrow that applied them. A leaf lock, taken under the family's lock a step
     /// releases for (a family with a tree here does not go).
     retired: Mutex<VecDeque<Retiree>>,
+    /// Thick volumes with clusters promised and not yet mapped, in the order promised (each
+    /// until its promise is kept or given back): what `settle` maps. A leaf lock, as
+    /// `retired`.
+    filling: Mutex<VecDeque<Filling>>,
 }
 
 /// A run of 4 KiB pieces within one cluster.
@@ -528,6 +545,7 @@ impl PoolMeta {
             thick_repairs: (0, 0),
             grow_to: None,
             retired: Mutex::new(VecDeque::new()),
+            filling: Mutex::new(VecDeque::new()),
             sb,
         }
     }
@@ -872,6 +890,7 @@ impl PoolMeta {
                     frozen: 0,
                     writes_inflight: 0,
                     written_pieces: 0,
+                    fill: 0,
                 };
                 let f = self.fams.add(Family::new(self.geo));
                 self.place(*id, v, f);
@@ -891,6 +910,7 @@ impl PoolMeta {
                     frozen: 0,
                     writes_inflight: 0,
                     written_pieces: src.written_pieces,
+                    fill: 0,
                 };
                 self.place(*id, v, f);
                 // A snapshot's origin shares its clusters now: its next writes copy them, so it
@@ -914,6 +934,10 @@ impl PoolMeta {
                 // A deleted volume's name leaves with it once nothing of it is in flight (the
                 // control operation drained its writes; reads end by their family's number).
                 let quiet = self.volume(*id).is_ok_and(|v| v.writes_inflight == 0);
+                // What was promised to it and not mapped goes back to everyone.
+                let promised = self.family_mut(*id).and_then(|fam| fam.volumes.get(id));
+                let promised = promised.map_or(0, |v| v.fill);
+                self.alloc.get_mut().unreserve(promised);
                 let emptied = self.split(*id).map(|(fam, mut link)| {
                     fam.apply(r, &mut link);
                     fam.volumes.is_empty()
@@ -944,7 +968,7 @@ impl PoolMeta {
                 }
             }
             // A deleted tree is released in memory (nothing on the media is per-cluster): at
-            // once while loading, in steps live (`reclaim`); there is no progress to resume.
+            // once while loading, in steps live (`settle`); there is no progress to resume.
             Record::ReclaimProgress { .. } => {}
         }
     }
@@ -1104,6 +1128,7 @@ impl PoolMeta {
     pub fn check(&self) -> Vec<String> {
         let fams: Vec<(u32, MutexGuard<'_, Family>)> = self.fams.iter().collect();
         let retired = self.retired.lock();
+        let filling: HashSet<u32> = self.filling.lock().iter().map(|t| t.id).collect();
         let alloc = self.alloc.lock();
         let mut problems = Vec::new();
         let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
@@ -1151,6 +1176,18 @@ impl PoolMeta {
                 problems.push(format!("cluster {c} referenced but not allocated"));
             }
         }
+        let promised: u64 = fams.iter().flat_map(|(_, f)| f.volumes.values()).map(|v| v.fill).sum();
+        if promised != alloc.reserved() {
+            let reserved = alloc.reserved();
+            problems
+                .push(format!("{promised} clusters promised, the allocator reserves {reserved}"));
+        }
+        for (_, fam) in &fams {
+            for (id, v) in fam.volumes.iter().filter(|(id, v)| v.fill > 0 && !filling.contains(*id))
+            {
+                problems.push(format!("volume {id}: {} clusters promised, not queued", v.fill));
+            }
+        }
         let referenced = counts.len() as u64;
         let used = alloc.used_count();
         if used < referenced {
@@ -1189,7 +1226,7 @@ impl PoolMeta {
         let referenced = count_references(trees, remains).len() as u64;
         let in_transit: u64 = fams.iter().map(|f| f.in_transit()).sum();
         let alloc = self.alloc.lock();
-        let accounted = referenced + in_transit + alloc.pending_count();
+        let accounted = referenced + in_transit + alloc.pending_count() + alloc.reserved();
         alloc.used_count().saturating_sub(accounted)
     }
 }
@@ -1257,7 +1294,7 @@ mod tests {
     /// commits that too (what `ops::control` has every driver do after one).
     fn commit_and_reclaim(m: &mut PoolMeta) {
         commit(m);
-        while m.reclaim(crate::ops::RECLAIM_STEP) > 0 {}
+        while m.settle(crate::ops::SETTLE_STEP).unwrap() > 0 {}
         commit(m);
     }
 
@@ -1348,13 +1385,17 @@ mod tests {
         assert_eq!(used, baseline + n);
         m.delete(v).unwrap();
         assert_eq!(m.retired_trees(), 1);
-        assert_eq!(m.reclaim(usize::MAX), 0, "nothing is released before the delete is durable");
+        assert_eq!(
+            m.settle(usize::MAX).unwrap(),
+            0,
+            "nothing is released before the delete is durable"
+        );
         commit(&mut m);
         assert_eq!(m.used_clusters(), used, "its clusters are held whole until released");
         assert!(m.check().is_empty(), "{:?}", m.check());
         let (budget, mut steps) = (64, 0);
         loop {
-            let spent = m.reclaim(budget);
+            let spent = m.settle(budget).unwrap();
             if spent == 0 {
                 break;
             }
@@ -1402,7 +1443,7 @@ mod tests {
         assert!(!in_place(&mut m, 0), "the delete is not durable: a fresh cluster");
         commit(&mut m);
         assert!(!in_place(&mut m, 1), "durable, not yet released: still a fresh cluster");
-        while m.reclaim(crate::ops::RECLAIM_STEP) > 0 {}
+        while m.settle(crate::ops::SETTLE_STEP).unwrap() > 0 {}
         assert!(in_place(&mut m, 2), "released: v's own cluster, in place");
         commit(&mut m);
         assert!(m.check().is_empty(), "{:?}", m.check());
@@ -1424,13 +1465,85 @@ mod tests {
         commit(&mut m);
         assert_eq!(m.used_clusters(), baseline + 6);
         m.rollback(v, s).unwrap();
-        assert_eq!((m.retired_trees(), m.reclaim(usize::MAX)), (1, 0), "not yet durable");
+        assert_eq!((m.retired_trees(), m.settle(usize::MAX).unwrap()), (1, 0), "not yet durable");
         assert!(!m.piece_written(v, m.cluster_bytes() / PIECE), "v reads its snapshot at once");
         commit_and_reclaim(&mut m);
         assert_eq!((m.retired_trees(), m.used_clusters()), (0, baseline + 1));
         assert!(m.piece_written(v, 0) && m.piece_written(s, 0));
         assert!(m.check().is_empty(), "{:?}", m.check());
         assert_eq!(m.leaked(), 0);
+    }
+
+    /// A thick volume takes its room at once (reserved: nobody else gets it, the pool full for
+    /// the others), but its clusters are mapped in bounded steps (`settle`) under a shared
+    /// borrow, not under the exclusive one that made it; a write into one not yet mapped
+    /// maps it first, from the same reservation, and lands in place. Counts exact between
+    /// steps; nothing promised is left at the end.
+    #[test]
+    fn a_thick_volume_is_mapped_in_bounded_steps_its_room_reserved_meanwhile() {
+        let mut m = fresh_of(sb_of(64 << 20));
+        let free = m.free_clusters();
+        let n = 2048;
+        let t = m.create("t", n * m.cluster_bytes(), true).unwrap();
+        assert_eq!((m.free_clusters(), m.promised_clusters()), (free - n, n));
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        assert_eq!(m.leaked(), 0);
+        commit(&mut m);
+        // A write into a cluster not yet mapped maps it from the promise: in place.
+        let mut plans = Vec::new();
+        m.plan_write(t, 100 * m.cluster_bytes(), PIECE, 0, Waiter(0), &mut plans).unwrap();
+        assert!(!plans[0].fresh && plans[0].copy_from.is_none(), "{plans:?}");
+        for p in &plans {
+            m.finish_span(t, p);
+        }
+        m.end_write(t);
+        assert_eq!(m.promised_clusters(), n - 1);
+        // The others cannot take the promised room: a thin volume fills what is left.
+        let u = m.create_volume("u", 64 << 20).unwrap();
+        let mut written = 0;
+        while write_cluster(&mut m, u, written) {
+            written += 1;
+        }
+        assert_eq!(written, free - n, "the thin volume got all but the promised clusters");
+        let (budget, mut steps) = (256, 0);
+        loop {
+            let spent = m.settle(budget).unwrap();
+            if spent == 0 {
+                break;
+            }
+            assert!(spent <= budget + settle::FILL_UNITS, "a step spent {spent}");
+            steps += 1;
+            assert!(m.check().is_empty(), "{:?}", m.check());
+            assert_eq!(m.leaked(), 0);
+        }
+        assert!(steps >= (n - 1) as usize * settle::FILL_UNITS / budget, "{steps} steps");
+        assert_eq!(m.promised_clusters(), 0);
+        assert_eq!(m.unmapped_clusters(t, n), 0, "every cluster of the thick volume mapped");
+        commit(&mut m);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        assert_eq!((m.free_clusters(), m.leaked()), (0, 0));
+    }
+
+    /// A thick volume deleted, or grown, while its clusters are being mapped: what it was
+    /// promised and did not map goes back at its delete; a growth adds to the promise.
+    #[test]
+    fn a_promise_grows_with_its_volume_and_goes_back_at_its_delete() {
+        let mut m = fresh_of(sb_of(64 << 20));
+        let free = m.free_clusters();
+        let cb = m.cluster_bytes();
+        let t = m.create("t", 1000 * cb, true).unwrap();
+        assert!(m.settle(100).unwrap() > 0);
+        let left = m.promised_clusters();
+        assert!(left > 0 && left < 1000, "{left}");
+        m.resize(t, 1500 * cb, false).unwrap();
+        assert_eq!(m.promised_clusters(), left + 500);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        assert!(m.settle(100).unwrap() > 0);
+        m.delete(t).unwrap();
+        assert_eq!(m.promised_clusters(), 0, "what it did not map goes back");
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        commit_and_reclaim(&mut m);
+        assert_eq!((m.free_clusters(), m.leaked(), m.family_count()), (free, 0, 0));
     }
 
     /// Decisions run at once from several threads under shared borrows of the pool state —
@@ -1877,9 +1990,9 @@ mod tests {
         assert!(matches!(m.snapshot(last, "s"), Err(PoolError::IdsExhausted)));
     }
 
-    /// One thick creation or growth maps at most `THICK_MAP_MAX` clusters (it runs under the
-    /// exclusive borrow: a bound on the pool's pause): one more is refused, `ThickTooLarge`,
-    /// and changes nothing; the bound itself is taken, and a growth past it refused.
+    /// One thick creation or growth takes at most `THICK_MAP_MAX` clusters (a bound on what
+    /// one operation reserves and records): one more is refused, `ThickTooLarge`, and changes
+    /// nothing; the bound itself is taken, and a growth past it refused.
     #[test]
     fn a_thick_volume_maps_at_most_thick_map_max_clusters_per_operation() {
         let cb = 1u64 << 14;

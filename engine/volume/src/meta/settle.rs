@@ -1,0 +1,184 @@
+//! What control operations leave to do in steps, so that none does work proportional to a
+//! volume's size under the exclusive borrow (every core's decisions wait for it): mapping
+//! the clusters promised to thick volumes made or grown (`fill`), and releasing the trees
+//! deletions and rollbacks retired (`release_retired`). A step ([`PoolMeta::settle`]) takes a
+//! shared borrow, as the data path's decisions do, and locks one family at a time while it
+//! spends its part of the budget: other families' decisions go on, the family's own wait
+//! for one step at most.
+//!
+//! Invariants (asserted by `check`): every cluster promised is reserved in the allocator
+//! (the volumes' `fill` sum to its reservation), so nobody else takes it; a thick volume
+//! leaves unmapped no more clusters than it has promised; every volume with a promise is
+//! queued (`filling`) until its promise is kept or given back; a retired tree is released
+//! only once the record retiring it is durable.
+
+use super::*;
+
+/// Units a cluster mapped for a thick volume counts for in a step (looking at one counts
+/// 1): a mapping (the tree set, a record, the fresh-cluster set) costs several times a
+/// released reference (`ops::SETTLE_STEP`).
+pub(super) const FILL_UNITS: usize = 8;
+
+/// A volume with clusters promised and not yet mapped ([`Volume::fill`]): its family, and
+/// the volume cluster a step looks from next (only a hint: whatever is mapped is skipped).
+pub(super) struct Filling {
+    pub(super) family: u32,
+    pub(super) id: u32,
+    pub(super) next: u64,
+}
+
+impl PoolMeta {
+    /// Reserves `n` free clusters for thick volume `id`'s holes from volume cluster `from` on
+    /// and queues it for [`Self::settle`] to map them (the caller made the room:
+    /// `room_for`). Until then a write into one of them maps it first, from the same
+    /// reservation (`fill_for_write`), so a thick volume's write never finds the pool full.
+    pub(super) fn promise_holes(&mut self, id: u32, from: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        assert!(self.alloc.get_mut().reserve(n), "room made for every promised cluster");
+        let f = self.family_of[&id];
+        let v = self.family_mut(id).and_then(|fam| fam.volumes.get_mut(&id));
+        let v = v.expect("a volume promised clusters lives");
+        let queued = v.fill > 0;
+        v.fill += n;
+        if !queued {
+            self.filling.get_mut().push_back(Filling { family: f, id, next: from });
+        }
+    }
+
+    /// One step of what control operations left (`ops::settle` runs them until one finds
+    /// nothing): about `budget` units of work in all — thick volumes' promised clusters
+    /// mapped first (a cluster looked at 1, one mapped [`FILL_UNITS`]), then retired trees
+    /// released (`Remains::release_some`: a node, an entry, a child each). What it maps is
+    /// pending records, what it frees is freed, as a write's and a trim's are (durable with
+    /// the next commit). Returns the units spent: 0 when nothing is left to do (retired
+    /// trees whose records are not durable yet wait); a failed pool does nothing (`Failed`).
+    pub fn settle(&self, budget: usize) -> Result<usize, PoolError> {
+        self.ok()?;
+        let mut spent = self.fill(budget);
+        if spent < budget {
+            spent += self.release_retired(budget - spent);
+        }
+        Ok(spent)
+    }
+
+    /// Trees retired and not yet released (durable or not).
+    pub fn retired_trees(&self) -> usize {
+        self.retired.lock().len()
+    }
+
+    /// Clusters promised to thick volumes and not yet mapped.
+    pub fn promised_clusters(&self) -> u64 {
+        self.alloc.lock().reserved()
+    }
+
+    /// Maps promised clusters, volume by volume in the order they were promised.
+    fn fill(&self, budget: usize) -> usize {
+        let mut spent = 0;
+        while spent < budget {
+            let Some((f, id)) = self.filling.lock().front().map(|t| (t.family, t.id)) else {
+                break;
+            };
+            // The volume's family, if it still lives (a deleted volume's promise was given
+            // back at its delete, and its family may have gone since).
+            let fam = self.fams.get(f);
+            let mut done = true;
+            if let Some(mut fam) = fam.filter(|fam| fam.volumes.contains_key(&id)) {
+                let from = {
+                    let queue = self.filling.lock();
+                    match queue.front() {
+                        Some(t) if t.family == f && t.id == id => t.next,
+                        // Another step took it meanwhile.
+                        _ => continue,
+                    }
+                };
+                fam.catch_up(self.durable_seals);
+                let before = fam.pending.len();
+                let mut link = Link { refs: &self.refs, loading: None, retire: None };
+                let take = |n| self.take_reserved(n);
+                let (units, next, over) =
+                    fam.fill_holes(id, from, None, budget - spent, take, &mut link);
+                spent += units;
+                self.family_pending.fetch_add(fam.pending.len() - before, Ordering::Relaxed);
+                if let Some(left) = over {
+                    self.alloc.lock().unreserve(left);
+                } else {
+                    done = false;
+                    // Ours still: only a step holding the family's lock moves it.
+                    let mut queue = self.filling.lock();
+                    if let Some(t) = queue.front_mut().filter(|t| t.family == f && t.id == id) {
+                        t.next = next;
+                    }
+                }
+                self.list_decided(f, &mut fam);
+            }
+            if done {
+                let mut queue = self.filling.lock();
+                if queue.front().is_some_and(|t| t.family == f && t.id == id) {
+                    queue.pop_front();
+                }
+                spent += 1;
+            }
+        }
+        spent
+    }
+
+    /// `n` reserved clusters, allocated (a volume's promise holds them).
+    fn take_reserved(&self, n: usize) -> Vec<u64> {
+        let mut alloc = self.alloc.lock();
+        (0..n).map(|_| alloc.alloc_reserved()).collect()
+    }
+
+    /// A write into volume `id` (its family locked by the caller's decision) maps the
+    /// promised clusters of volume clusters `[from, to)` it lands in first, from the
+    /// volume's reservation: a thick volume being mapped writes in place, never short of
+    /// room. Its records are the family's pending ones, counted by the decision.
+    pub(super) fn fill_for_write(&self, fam: &mut Family, id: u32, from: u64, to: u64) {
+        let mut link = Link { refs: &self.refs, loading: None, retire: None };
+        let take = |n| self.take_reserved(n);
+        let (_, _, over) = fam.fill_holes(id, from, Some(to), usize::MAX, take, &mut link);
+        if let Some(left) = over.filter(|&left| left > 0) {
+            self.alloc.lock().unreserve(left);
+        }
+    }
+
+    /// Releases the trees deletions and rollbacks retired, once their records are durable
+    /// (`Family::retire_tree`), oldest first: about `budget` units (`Remains::release_some`),
+    /// each tree's family locked only while it spends its part. What it frees is freed as a
+    /// trim's frees are (durable with the next commit, then quarantined behind the family's
+    /// older I/O). Returns the units spent: 0 when nothing durable is left to release.
+    fn release_retired(&self, budget: usize) -> usize {
+        let durable = self.durable_seals;
+        // A mutant for the simulator's own test (tests/e2e/sim_mutants.sh): retired trees
+        // released before their records are durable.
+        let ready = if cfg!(feature = "mutant-reclaim-early") { u64::MAX } else { durable };
+        let mut spent = 0;
+        let mut released = Vec::new();
+        while spent < budget {
+            let f = match self.retired.lock().front() {
+                Some(t) if t.seal <= ready => t.family,
+                _ => break,
+            };
+            let mut fam = self.fams.get(f).expect("a family lives while a tree it retired waits");
+            {
+                // Looked at again under the family's lock: another step may have taken it.
+                let mut queue = self.retired.lock();
+                let Some(t) = queue.front_mut().filter(|t| t.family == f && t.seal <= ready) else {
+                    continue;
+                };
+                spent += t.remains.release_some(budget - spent, |e| released.extend(e.cluster()));
+                if t.remains.is_empty() {
+                    queue.pop_front();
+                }
+            }
+            fam.catch_up(durable);
+            let mut link = Link { refs: &self.refs, loading: None, retire: None };
+            for c in released.drain(..) {
+                fam.unref(c, &mut link);
+            }
+            self.list_decided(f, &mut fam);
+        }
+        spent
+    }
+}

@@ -272,10 +272,12 @@ pub fn decouple<B>(
 /// returned.
 pub fn control<B>(d: &mut impl Driver<B>, op: ControlOp) -> Result<u32, PoolError> {
     let r = d.run(0, Cmd::Control(op));
-    if let Err(e) = settle(d) {
-        tracing::warn!(error = %e, "settling what control operations left (mapping thick \
-            volumes' clusters, releasing deleted ones') stopped; the next control operation \
-            or restart goes on with it");
+    match settle(d) {
+        // A failed pool does nothing more until restarted: said once, where it failed.
+        Ok(_) | Err(PoolError::Failed(_)) => {}
+        Err(e) => tracing::warn!(error = %e, "settling what control operations left (mapping \
+            thick volumes' clusters, releasing deleted ones') stopped; the next control \
+            operation or restart goes on with it"),
     }
     r.map(|id| u32::try_from(id).expect("a control operation returns an id or 0"))
 }

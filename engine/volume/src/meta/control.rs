@@ -175,8 +175,7 @@ impl PoolMeta {
     }
 
     /// Clusters from volume cluster `from` to the end of volume `id`'s size (`size_bytes`, or
-    /// its own) that its tree leaves unmapped: a look at each (a growth looks at its own
-    /// clusters only, a thick volume having none unmapped below).
+    /// its own) that its tree leaves unmapped: a look at each (an inflation's, a repair's).
     fn holes(&self, id: u32, from: u64, size_bytes: Option<u64>) -> Vec<u64> {
         let Some(fam) = self.family(id) else { return Vec::new() };
         let Some(v) = fam.volumes.get(&id) else { return Vec::new() };
@@ -222,9 +221,11 @@ impl PoolMeta {
 
     /// Maps each cluster within thick volume `id`'s size that its tree leaves unmapped to a
     /// fresh cluster with nothing written in it (`MapSet`s: its pieces read zeros). The caller
-    /// made room for them ([`Self::room_for`] of these [`Self::holes`]). The records follow the
-    /// `Thick` (or `Resize`) record in the journal: a crash that keeps only some of them
-    /// leaves a thick volume with holes, which opening the pool maps (`repair_thick`).
+    /// made room for them ([`Self::room_for`] of these [`Self::holes`]): an inflation's, and a
+    /// repair's at open, under the exclusive borrow (a creation or growth promises its
+    /// clusters instead, mapped in steps: `promise_holes`). The records follow the `Thick`
+    /// record in the journal: a crash that keeps only some of them leaves a thick volume with
+    /// holes, which opening the pool maps (`repair_thick`).
     fn map_holes(&mut self, id: u32, holes: &[u64]) {
         if holes.is_empty() {
             return;
@@ -266,7 +267,8 @@ impl PoolMeta {
             }
             // Counted from what is mapped before any list is made (nothing allocated: a
             // sound thick volume maps every cluster): one cut short lacks at most what one
-            // operation maps (`THICK_MAP_MAX`).
+            // operation maps (`THICK_MAP_MAX`; a growth is refused while it would leave more
+            // promised and unmapped).
             let holes = self.unmapped_clusters(id, clusters);
             if holes == 0 {
                 continue;
@@ -277,7 +279,8 @@ impl PoolMeta {
                 tracing::warn!(
                     volume = id,
                     clusters = holes,
-                    "thick volume cut short by a crash: its missing clusters mapped"
+                    "thick volume cut short (a crash, or a stop while its clusters were being \
+                     mapped): its missing clusters mapped"
                 );
                 self.map_holes(id, &missing);
                 self.thick_repairs.0 += 1;
@@ -285,8 +288,8 @@ impl PoolMeta {
                 tracing::warn!(
                     volume = id,
                     clusters = holes,
-                    "thick volume cut short by a crash, and the pool lacks the room to complete \
-                     it: it is thin now"
+                    "thick volume cut short (a crash, or a stop while its clusters were being \
+                     mapped), and the pool lacks the room to complete it: it is thin now"
                 );
                 self.thin_out(id);
             }
@@ -490,6 +493,13 @@ impl PoolMeta {
         } else {
             0
         };
+        // What one operation maps, with what is still promised: all a crash can leave
+        // unmapped, which opening the pool then maps (`repair_thick`).
+        let promised = self.promised(id);
+        if growth > 0 && promised + growth > THICK_MAP_MAX {
+            let wanted = promised + growth;
+            return Err(PoolError::ThickTooLarge { wanted, max: THICK_MAP_MAX });
+        }
         self.room_for(growth)?;
         if size_bytes < old {
             let first_piece = size_bytes / PIECE;
@@ -500,6 +510,12 @@ impl PoolMeta {
             // Trim whole pieces beyond the new end so nothing stale reappears on growth. The
             // volume is quiesced (frozen, no write in flight), so nothing can be busy.
             self.trim_unchecked(id, size_bytes, old - size_bytes);
+            // What was promised for clusters past the new end, not mapped yet, goes back.
+            if promised > 0 {
+                let old_end = old.div_ceil(self.geo.cluster_bytes);
+                let gone = self.unmapped_in(id, new_end, old_end).min(promised);
+                self.withdraw_promise(id, gone);
+            }
         }
         self.log(Record::Resize { id, size_bytes });
         self.promise_holes(id, grown_from, growth);

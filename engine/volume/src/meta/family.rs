@@ -429,8 +429,9 @@ impl Family {
     /// nothing written (its pieces read zeros), within about `budget` units (a cluster looked
     /// at 1, one mapped `FILL_UNITS`). Returns the units spent, the volume cluster to look
     /// from next, and, once the promise is over — nothing of it is left, or (with no `to`)
-    /// the walk reached the volume's end, or the volume is gone — `Some` of what was left of
-    /// it (its promise now 0), for the caller to give back to the allocator.
+    /// a walk from the start reached the volume's end (a walk from further on that does
+    /// looks from the start once more), or the volume is gone — `Some` of what was left of it
+    /// (its promise now 0), for the caller to give back to the allocator.
     pub(super) fn fill_holes(
         &mut self,
         id: u32,
@@ -464,8 +465,20 @@ impl Family {
         }
         let v = self.volumes.get_mut(&id).expect("looked at above");
         v.fill -= holes.len() as u64;
-        let over = v.fill == 0 || (to.is_none() && vc >= end);
-        (spent.max(1), vc, over.then(|| std::mem::take(&mut v.fill)))
+        if v.fill == 0 {
+            return (spent.max(1), vc, Some(0));
+        }
+        if to.is_none() && vc >= end {
+            // At the end with some of the promise left: a thick volume has as many holes as
+            // it was promised, so one left behind the walk is looked for from the start once
+            // more; a walk from the start that finds none left gives the rest back (a thin
+            // volume's, or what a shrink left).
+            if from > 0 && v.thick {
+                return (spent.max(1), 0, None);
+            }
+            return (spent.max(1), vc, Some(std::mem::take(&mut v.fill)));
+        }
+        (spent.max(1), vc, None)
     }
 
     /// Applies one record about volumes already in this family (`MapSet`, `Rollback` within

@@ -1539,6 +1539,24 @@ mod tests {
         assert_eq!(m.promised_clusters(), left + 500);
         assert!(m.check().is_empty(), "{:?}", m.check());
         assert!(m.settle(100).unwrap() > 0);
+        // Mapped up to half-way; shrunk below that, then grown back before another step: the
+        // shrink gives back what it no longer has, the growth promises all it lacks, and the
+        // steps map it all, behind where they had got to as well.
+        while m.unmapped_clusters(t, 1500) > 1000 {
+            assert!(m.settle(64).unwrap() > 0);
+        }
+        m.resize(t, 200 * cb, false).unwrap();
+        assert_eq!(m.promised_clusters(), 0, "its remaining holes were past the new end");
+        m.resize(t, 1500 * cb, false).unwrap();
+        assert_eq!(m.promised_clusters(), 1300);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        while m.settle(64).unwrap() > 0 {
+            assert!(m.check().is_empty(), "{:?}", m.check());
+        }
+        assert_eq!((m.promised_clusters(), m.unmapped_clusters(t, 1500)), (0, 0));
+        commit(&mut m);
+        m.resize(t, 2000 * cb, false).unwrap();
+        assert!(m.settle(100).unwrap() > 0);
         m.delete(t).unwrap();
         assert_eq!(m.promised_clusters(), 0, "what it did not map goes back");
         assert!(m.check().is_empty(), "{:?}", m.check());
@@ -2012,6 +2030,13 @@ mod tests {
         let r = m.resize(id, (2 * THICK_MAP_MAX + 1) * cb, false);
         assert!(matches!(r, Err(PoolError::ThickTooLarge { .. })), "{r:?}");
         assert_eq!(m.volume(id).unwrap().size_bytes, THICK_MAP_MAX * cb);
+        // Nothing mapped yet: a growth would leave more promised than one operation maps.
+        let r = m.resize(id, (THICK_MAP_MAX + 1) * cb, false);
+        assert!(
+            matches!(r, Err(PoolError::ThickTooLarge { wanted, .. }) if wanted == THICK_MAP_MAX + 1),
+            "{r:?}"
+        );
+        while m.settle(crate::ops::SETTLE_STEP).unwrap() > 0 {}
         m.resize(id, (THICK_MAP_MAX + 1) * cb, false).unwrap();
         assert_eq!(m.free_clusters(), free - THICK_MAP_MAX - 1);
         assert!(m.check().is_empty(), "{:?}", m.check());

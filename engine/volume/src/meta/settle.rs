@@ -42,8 +42,30 @@ impl PoolMeta {
         let v = v.expect("a volume promised clusters lives");
         let queued = v.fill > 0;
         v.fill += n;
-        if !queued {
-            self.filling.get_mut().push_back(Filling { family: f, id, next: from });
+        let queue = self.filling.get_mut();
+        if queued {
+            // Its walk looks from `from` again (a shrink and a growth may have made holes
+            // behind it).
+            for t in queue.iter_mut().filter(|t| t.family == f && t.id == id) {
+                t.next = t.next.min(from);
+            }
+        } else {
+            queue.push_back(Filling { family: f, id, next: from });
+        }
+    }
+
+    /// Clusters promised to volume `id` and not yet mapped.
+    pub(super) fn promised(&self, id: u32) -> u64 {
+        self.family(id).and_then(|fam| fam.volumes.get(&id).map(|v| v.fill)).unwrap_or(0)
+    }
+
+    /// `n` of what was promised to volume `id` goes back to everyone (clusters it no longer
+    /// has: a shrink's).
+    pub(super) fn withdraw_promise(&mut self, id: u32, n: u64) {
+        if let Some(v) = self.family_mut(id).and_then(|fam| fam.volumes.get_mut(&id)) {
+            let n = n.min(v.fill);
+            v.fill -= n;
+            self.alloc.get_mut().unreserve(n);
         }
     }
 
@@ -135,6 +157,10 @@ impl PoolMeta {
     /// volume's reservation: a thick volume being mapped writes in place, never short of
     /// room. Its records are the family's pending ones, counted by the decision.
     pub(super) fn fill_for_write(&self, fam: &mut Family, id: u32, from: u64, to: u64) {
+        // A write that will be refused (read-only) or parked (frozen) maps nothing.
+        if fam.volumes.get(&id).is_none_or(|v| v.fill == 0 || v.read_only || v.frozen > 0) {
+            return;
+        }
         let mut link = Link { refs: &self.refs, loading: None, retire: None };
         let take = |n| self.take_reserved(n);
         let (_, _, over) = fam.fill_holes(id, from, Some(to), usize::MAX, take, &mut link);

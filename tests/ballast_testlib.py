@@ -212,6 +212,18 @@ class Ballast:
         h.shutdown()
         return data
 
+    def write_volume(self, name, offset, length, data_at, chunk=4 << 20):
+        """Writes `data_at(off, n)` over bytes offset..offset+length of export `name` through
+        libnbd, `chunk` bytes a request, then flushes."""
+        import nbd
+        h = nbd.NBD()
+        h.connect_uri(self.uri(name))
+        for off in range(offset, offset + length, chunk):
+            n = min(chunk, offset + length - off)
+            h.pwrite(data_at(off, n), off)
+        h.flush()
+        h.shutdown()
+
     def reactors(self):
         """The per-core statistics (`ballast stats --json`: "reactors"); raises if the daemon
         does not answer."""

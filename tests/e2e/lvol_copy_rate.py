@@ -59,12 +59,7 @@ def main(r):
                    b.lvstore().get("copy_rate_bytes_per_sec"))
         p = b.ctl("volume", "create", "base", "32M")
         r.check("volume create base", p.returncode == 0, p.stderr)
-        h = nbd.NBD()
-        h.connect_uri(b.uri("base"))
-        for off in range(0, SIZE, 4 * MiB):
-            h.pwrite(pattern(off, 4 * MiB), off)
-        h.flush()
-        h.shutdown()
+        b.write_volume("base", 0, SIZE, pattern)
         r.check_eq("snapshot base", 0, b.ctl("snapshot", "create", "base", "snap").returncode)
         for c in ("a", "b", "c", "d", "e", "f", "g"):
             r.check_eq("clone " + c, 0, b.ctl("clone", "create", "snap", c).returncode)

@@ -151,11 +151,7 @@ def main(r):
     with b:
         p = b.ctl("volume", "create", "base", "64M")
         r.check("volume create base", p.returncode == 0, p.stderr)
-        h = nbd_connect(b, "base")
-        for off in range(0, WRITTEN, 4 * MiB):
-            h.pwrite(pattern(off, 4 * MiB), off)
-        h.flush()
-        h.shutdown()
+        b.write_volume("base", 0, WRITTEN, pattern)
         r.check_eq("bdev_lvol_snapshot base snap", 0,
                    b.rpc("bdev_lvol_snapshot", {"lvol_name": "base", "snapshot_name": "snap"})[0])
         for c in ("c1", "c2", "c3"):

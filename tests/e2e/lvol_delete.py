@@ -87,12 +87,7 @@ def main(r):
     with b:
         ok(r, b, "create keep", "bdev_lvol_create",
            {"lvol_name": "keep", "size_in_mib": KEEP // MiB, "thin_provision": True})
-        h = nbd.NBD()
-        h.connect_uri(b.uri("keep"))
-        for off in range(0, KEEP, 4 * MiB):
-            h.pwrite(pattern(off, 4 * MiB), off)
-        h.flush()
-        h.shutdown()
+        b.write_volume("keep", 0, KEEP, pattern)
         baseline = free_bytes(b)
 
         reader = Reader(b)
@@ -120,20 +115,10 @@ def main(r):
         # A rollback releases the old tree the same way.
         ok(r, b, "create r", "bdev_lvol_create",
            {"lvol_name": "r", "size_in_mib": 256, "thin_provision": True})
-        h = nbd.NBD()
-        h.connect_uri(b.uri("r"))
-        for off in range(0, 32 * MiB, 4 * MiB):
-            h.pwrite(pattern(off, 4 * MiB), off)
-        h.flush()
-        h.shutdown()
+        b.write_volume("r", 0, 32 * MiB, pattern)
         ok(r, b, "snapshot r-s", "bdev_lvol_snapshot", {"lvol_name": "r", "snapshot_name": "r-s"})
         before = free_bytes(b)
-        h = nbd.NBD()
-        h.connect_uri(b.uri("r"))
-        for off in range(64 * MiB, 128 * MiB, 4 * MiB):
-            h.pwrite(bytes([0xEE]) * (4 * MiB), off)
-        h.flush()
-        h.shutdown()
+        b.write_volume("r", 64 * MiB, 64 * MiB, lambda off, n: bytes([0xEE]) * n)
         r.check_eq("r's second writes take 64 MiB", before - 64 * MiB, free_bytes(b))
         p = b.ctl("volume", "rollback", "r", "r-s")
         r.check("rollback r to r-s", p.returncode == 0, p.stderr)

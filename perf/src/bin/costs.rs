@@ -42,7 +42,7 @@ use ballast_engine::reactor::{Cx, Engine, EngineConfig, Msg, Task};
 use ballast_engine::volume::state_lock::{StateLock, StateRead, StateWrite};
 use ballast_engine::Owned;
 use ballast_volume::locks::Waiter;
-use ballast_volume::meta::PoolMeta;
+use ballast_volume::meta::{PoolError, PoolMeta};
 use ballast_volume::pool::{Pool, PoolGeometry};
 use ballast_volume::request::{Access, Bufs, Cmd, Ctx, Issue, Outcome, Request};
 use ballast_volume::sim::{commit_in_memory, SimDisk};
@@ -178,38 +178,64 @@ fn thick_cost(clusters: u64) -> anyhow::Result<SettleFigure> {
 /// units and at the end (seal and end under the exclusive borrow: the largest µs), as
 /// `ops::settle` runs them; `apply`, the operation's own µs, carried along.
 fn settle_run(meta: &mut PoolMeta, apply: f64) -> anyhow::Result<SettleFigure> {
-    let (mut steps, mut commits, mut uncommitted) = (Vec::new(), Vec::new(), 0);
-    loop {
-        let t = Instant::now();
-        let spent = meta.settle(ballast_volume::ops::SETTLE_STEP)? as u64;
-        steps.push(t.elapsed().as_secs_f64() * 1e6);
-        uncommitted += spent;
-        if uncommitted > 0 && (spent == 0 || uncommitted >= ballast_volume::ops::SETTLE_COMMIT) {
-            commits.push(commit_exclusive(meta)?);
-            uncommitted = 0;
-        }
-        if spent == 0 {
-            steps.pop();
-            break;
-        }
-    }
+    let mut timed = Timed { meta, steps: Vec::new(), commits: Vec::new() };
+    ballast_volume::ops::settle(&mut timed)?;
+    let Timed { mut steps, commits, .. } = timed;
+    steps.pop(); // the step that found nothing left
     let largest = steps.iter().copied().fold(0.0, f64::max);
     let commit = commits.iter().copied().fold(0.0, f64::max);
     let (n, commits_n) = (steps.len(), commits.len());
     Ok(SettleFigure { us: [apply, median(steps), largest, commit], steps: n, commits: commits_n })
 }
 
+/// `ops::settle`'s driver over a pool state in memory, timing each settling step and each
+/// commit (its parts under the exclusive borrow: [`commit_exclusive`]), µs.
+struct Timed<'a> {
+    meta: &'a mut PoolMeta,
+    steps: Vec<f64>,
+    commits: Vec<f64>,
+}
+
+impl ballast_volume::ops::Driver<Vec<u8>> for Timed<'_> {
+    fn look(
+        &mut self,
+        id: u32,
+        from: u64,
+        in_place: bool,
+    ) -> Result<ballast_volume::ops::Sharing, PoolError> {
+        ballast_volume::ops::Sharing::of(self.meta, id, from, in_place)
+    }
+
+    fn room(&mut self, id: u32, inflate: bool) -> Result<(u64, u64), PoolError> {
+        self.meta.decouple_room(id, inflate)
+    }
+
+    /// Only a settling's commits come here.
+    fn run(&mut self, _vol: u32, cmd: Cmd<Vec<u8>>) -> Result<i32, PoolError> {
+        assert!(matches!(cmd, Cmd::Flush), "settling asks for commits only");
+        self.commits.push(commit_exclusive(self.meta)?);
+        Ok(0)
+    }
+
+    fn settle_step(&mut self) -> Result<i32, PoolError> {
+        let t = Instant::now();
+        let spent = self.meta.settle(ballast_volume::ops::SETTLE_STEP)?;
+        self.steps.push(t.elapsed().as_secs_f64() * 1e6);
+        Ok(i32::try_from(spent).expect("a step is bounded"))
+    }
+}
+
 /// Commits what `meta` has pending, as the daemon does: µs of the parts under the exclusive
 /// borrow (a journal commit's seal and end; a checkpoint's start — freezing the state — and
 /// end), not the encoding (without the borrow, or on an offload thread).
-fn commit_exclusive(meta: &mut PoolMeta) -> anyhow::Result<f64> {
+fn commit_exclusive(meta: &mut PoolMeta) -> Result<f64, PoolError> {
     use ballast_volume::meta::Encode;
     if meta.wants_checkpoint() {
         let t = Instant::now();
-        let mut c = meta.begin_checkpoint()?.context("no commit in flight")?;
+        let mut c = meta.begin_checkpoint()?.expect("no commit in flight");
         let begin = t.elapsed();
         let Some(Encode::Checkpoint(job)) = c.take_encode() else {
-            anyhow::bail!("a checkpoint encodes its state")
+            unreachable!("a checkpoint encodes its state")
         };
         c.encoded(job.run());
         let t = Instant::now();
@@ -217,7 +243,7 @@ fn commit_exclusive(meta: &mut PoolMeta) -> anyhow::Result<f64> {
         return Ok((begin + t.elapsed()).as_secs_f64() * 1e6);
     }
     let t = Instant::now();
-    let mut sealed = meta.seal()?.context("no commit in flight")?;
+    let mut sealed = meta.seal()?.expect("no commit in flight");
     let seal = t.elapsed();
     sealed.encode_now();
     sealed.blocks_issued();

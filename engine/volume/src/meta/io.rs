@@ -446,11 +446,9 @@ impl PoolMeta {
             let plan = |fam: &mut Family, link: &mut Link| -> Result<_, Blocked> {
                 // A thick volume whose clusters are still being mapped maps those the write
                 // lands in first, from what was promised to it: it writes in place.
-                if fam.volumes.get(&id).is_some_and(|v| v.fill > 0 && v.frozen == 0) {
-                    let cb = self.geo.cluster_bytes;
-                    let to = offset.saturating_add(len).div_ceil(cb);
-                    self.fill_for_write(fam, id, offset / cb, to);
-                }
+                let cb = self.geo.cluster_bytes;
+                let to = offset.saturating_add(len).div_ceil(cb);
+                self.fill_for_write(fam, link, id, offset / cb, to);
                 let mut planned =
                     fam.plan_write(id, offset, len, hold, kind, waiter, plans, link)?;
                 if let Planned::Short(want) = planned {

@@ -585,8 +585,18 @@ impl PoolMeta {
     /// into the pool's pending count and moves whom it woke to the shared wake-up queue.
     #[inline]
     fn deciding<R>(&self, id: u32, op: impl FnOnce(&mut Family, &mut Link) -> R) -> Option<R> {
+        self.deciding_family(*self.family_of.get(&id)?, op)
+    }
+
+    /// [`Self::deciding`] for family number `f` (`None`: no such family): a settling step's
+    /// way in to a family no volume id leads to any more (a deleted volume's).
+    #[inline]
+    fn deciding_family<R>(
+        &self,
+        f: u32,
+        op: impl FnOnce(&mut Family, &mut Link) -> R,
+    ) -> Option<R> {
         debug_assert!(!self.loading, "the data path runs on a loaded pool");
-        let f = *self.family_of.get(&id)?;
         let mut fam = self.fams.get(f)?;
         fam.catch_up(self.durable_seals);
         let mut link = Link { refs: &self.refs, loading: None, retire: None };
@@ -1290,9 +1300,10 @@ mod tests {
         fresh_of(sb())
     }
 
-    /// Commits, then releases what the deletions and rollbacks it made durable retired and
-    /// commits that too (what `ops::control` has every driver do after one).
-    fn commit_and_reclaim(m: &mut PoolMeta) {
+    /// Commits, then settles what control operations left (a thick volume's clusters mapped,
+    /// what the deletions and rollbacks it made durable retired released) and commits that
+    /// too (what `ops::control` has every driver do after one).
+    fn commit_and_settle(m: &mut PoolMeta) {
         commit(m);
         while m.settle(crate::ops::SETTLE_STEP).unwrap() > 0 {}
         commit(m);
@@ -1467,7 +1478,7 @@ mod tests {
         m.rollback(v, s).unwrap();
         assert_eq!((m.retired_trees(), m.settle(usize::MAX).unwrap()), (1, 0), "not yet durable");
         assert!(!m.piece_written(v, m.cluster_bytes() / PIECE), "v reads its snapshot at once");
-        commit_and_reclaim(&mut m);
+        commit_and_settle(&mut m);
         assert_eq!((m.retired_trees(), m.used_clusters()), (0, baseline + 1));
         assert!(m.piece_written(v, 0) && m.piece_written(s, 0));
         assert!(m.check().is_empty(), "{:?}", m.check());
@@ -1560,7 +1571,7 @@ mod tests {
         m.delete(t).unwrap();
         assert_eq!(m.promised_clusters(), 0, "what it did not map goes back");
         assert!(m.check().is_empty(), "{:?}", m.check());
-        commit_and_reclaim(&mut m);
+        commit_and_settle(&mut m);
         assert_eq!((m.free_clusters(), m.leaked(), m.family_count()), (free, 0, 0));
     }
 
@@ -1775,7 +1786,7 @@ mod tests {
         assert_eq!(m.free_clusters(), baseline, "and the pool took back the rest");
         assert!(m.check().is_empty(), "{:?}", m.check());
         m.delete(a).unwrap();
-        commit_and_reclaim(&mut m);
+        commit_and_settle(&mut m);
         assert_eq!(m.family_count(), 0);
         let free = m.alloc.lock().free_count();
         assert_eq!((free, m.leaked()), (baseline, 0), "a gone family's stock");
@@ -1806,7 +1817,7 @@ mod tests {
         for id in [a, b, snap] {
             m.delete(id).unwrap();
         }
-        commit_and_reclaim(&mut m);
+        commit_and_settle(&mut m);
         assert_eq!((m.family_count(), m.volume_count(), m.leaked()), (0, 0, 0));
     }
 
@@ -1821,7 +1832,7 @@ mod tests {
             let s = m.snapshot(v, &format!("s{i}")).unwrap();
             write(&mut m, v);
             m.delete(s).unwrap();
-            commit_and_reclaim(&mut m);
+            commit_and_settle(&mut m);
         }
         assert_eq!((m.family_count(), m.family_of.len()), (1, 1));
         // A write waits for a frozen volume that is then deleted.
@@ -1836,7 +1847,7 @@ mod tests {
         assert_eq!(woken, [Waiter(7)]);
         let r = m.plan_write(v, 0, PIECE, 0, Waiter(7), &mut plans);
         assert!(matches!(r, Err(Blocked::Fail(PoolError::NoVolume(_)))), "{r:?}");
-        commit_and_reclaim(&mut m);
+        commit_and_settle(&mut m);
         assert_eq!((m.family_count(), m.family_of.len(), m.parked()), (0, 0, 0));
         assert!(m.check().is_empty(), "{:?}", m.check());
     }
@@ -1883,7 +1894,7 @@ mod tests {
         let families = m.family_count();
         let read = m.plan_read_io(ids[2], 0, PIECE, &mut pieces).unwrap();
         m.delete(ids[2]).unwrap();
-        commit_and_reclaim(&mut m);
+        commit_and_settle(&mut m);
         assert_eq!(m.family_count(), families, "the family waits for its read");
         m.end_io(read);
         assert!(write_cluster(&mut m, ids[3], 1));

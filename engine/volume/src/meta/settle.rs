@@ -95,52 +95,45 @@ impl PoolMeta {
         self.alloc.lock().reserved()
     }
 
-    /// Maps promised clusters, volume by volume in the order they were promised.
+    /// Maps promised clusters, volume by volume in the order they were promised, each step a
+    /// decision of the volume's family ([`Self::deciding_family`]).
     fn fill(&self, budget: usize) -> usize {
         let mut spent = 0;
         while spent < budget {
             let Some((f, id)) = self.filling.lock().front().map(|t| (t.family, t.id)) else {
                 break;
             };
-            // The volume's family, if it still lives (a deleted volume's promise was given
-            // back at its delete, and its family may have gone since).
-            let fam = self.fams.get(f);
-            let mut done = true;
-            if let Some(mut fam) = fam.filter(|fam| fam.volumes.contains_key(&id)) {
-                let from = {
-                    let queue = self.filling.lock();
-                    match queue.front() {
-                        Some(t) if t.family == f && t.id == id => t.next,
-                        // Another step took it meanwhile.
-                        _ => continue,
-                    }
-                };
-                fam.catch_up(self.durable_seals);
-                let before = fam.pending.len();
-                let mut link = Link { refs: &self.refs, loading: None, retire: None };
+            let ours = |t: &Filling| t.family == f && t.id == id;
+            // The units spent and whether the promise is over; `None` when another step took
+            // the entry meanwhile. A family gone (or its slot another's since: ids are not
+            // reused) finds no volume: over (its promise went back at its delete).
+            let step = self.deciding_family(f, |fam, link| {
+                // Read and moved under the family's lock: only a step holding it does.
+                let from = self.filling.lock().front().filter(|t| ours(t)).map(|t| t.next)?;
                 let take = |n| self.take_reserved(n);
                 let (units, next, over) =
-                    fam.fill_holes(id, from, None, budget - spent, take, &mut link);
-                spent += units;
-                self.family_pending.fetch_add(fam.pending.len() - before, Ordering::Relaxed);
-                if let Some(left) = over {
-                    self.alloc.lock().unreserve(left);
-                } else {
-                    done = false;
-                    // Ours still: only a step holding the family's lock moves it.
-                    let mut queue = self.filling.lock();
-                    if let Some(t) = queue.front_mut().filter(|t| t.family == f && t.id == id) {
-                        t.next = next;
+                    fam.fill_holes(id, from, None, budget - spent, take, link);
+                match over {
+                    Some(left) => self.alloc.lock().unreserve(left),
+                    None => {
+                        if let Some(t) = self.filling.lock().front_mut().filter(|t| ours(t)) {
+                            t.next = next;
+                        }
                     }
                 }
-                self.list_decided(f, &mut fam);
-            }
-            if done {
+                Some((units, over.is_some()))
+            });
+            let (units, over) = match step {
+                Some(None) => continue,
+                Some(Some(step)) => step,
+                None => (1, true),
+            };
+            spent += units;
+            if over {
                 let mut queue = self.filling.lock();
-                if queue.front().is_some_and(|t| t.family == f && t.id == id) {
+                if queue.front().is_some_and(ours) {
                     queue.pop_front();
                 }
-                spent += 1;
             }
         }
         spent
@@ -156,17 +149,22 @@ impl PoolMeta {
     /// promised clusters of volume clusters `[from, to)` it lands in first, from the
     /// volume's reservation: a thick volume being mapped writes in place, never short of
     /// room. Its records are the family's pending ones, counted by the decision.
-    pub(super) fn fill_for_write(&self, fam: &mut Family, id: u32, from: u64, to: u64) {
+    pub(super) fn fill_for_write(
+        &self,
+        fam: &mut Family,
+        link: &mut Link,
+        id: u32,
+        from: u64,
+        to: u64,
+    ) {
         // A write that will be refused (read-only) or parked (frozen) maps nothing.
         if fam.volumes.get(&id).is_none_or(|v| v.fill == 0 || v.read_only || v.frozen > 0) {
             return;
         }
-        let mut link = Link { refs: &self.refs, loading: None, retire: None };
         let take = |n| self.take_reserved(n);
-        let (_, _, over) = fam.fill_holes(id, from, Some(to), usize::MAX, take, &mut link);
-        if let Some(left) = over.filter(|&left| left > 0) {
-            self.alloc.lock().unreserve(left);
-        }
+        let (_, _, over) = fam.fill_holes(id, from, Some(to), usize::MAX, take, link);
+        // Within a range, the promise is over only when nothing of it is left.
+        debug_assert!(over.is_none_or(|left| left == 0), "a write's range gives nothing back");
     }
 
     /// Releases the trees deletions and rollbacks retired, once their records are durable
@@ -186,24 +184,23 @@ impl PoolMeta {
                 Some(t) if t.seal <= ready => t.family,
                 _ => break,
             };
-            let mut fam = self.fams.get(f).expect("a family lives while a tree it retired waits");
-            {
-                // Looked at again under the family's lock: another step may have taken it.
-                let mut queue = self.retired.lock();
-                let Some(t) = queue.front_mut().filter(|t| t.family == f && t.seal <= ready) else {
-                    continue;
-                };
-                spent += t.remains.release_some(budget - spent, |e| released.extend(e.cluster()));
-                if t.remains.is_empty() {
-                    queue.pop_front();
+            let step = self.deciding_family(f, |fam, link| {
+                {
+                    // Looked at again under the family's lock: another step may have taken it.
+                    let mut queue = self.retired.lock();
+                    let t = queue.front_mut().filter(|t| t.family == f && t.seal <= ready)?;
+                    spent +=
+                        t.remains.release_some(budget - spent, |e| released.extend(e.cluster()));
+                    if t.remains.is_empty() {
+                        queue.pop_front();
+                    }
                 }
-            }
-            fam.catch_up(durable);
-            let mut link = Link { refs: &self.refs, loading: None, retire: None };
-            for c in released.drain(..) {
-                fam.unref(c, &mut link);
-            }
-            self.list_decided(f, &mut fam);
+                for c in released.drain(..) {
+                    fam.unref(c, link);
+                }
+                Some(())
+            });
+            assert!(step.is_some(), "a family lives while a tree it retired waits");
         }
         spent
     }

@@ -142,7 +142,7 @@ def single_checks(r, io, name, blocks):
     r.check_eq("%s: Compare of 64 KiB through R2T succeeds" % name, SUCCESS,
                compare(io, 16, big))
     r.check_eq("%s: ... and fails on other data" % name, COMPARE_FAILURE,
-               compare(io, 16, big[:-1] + b"\0"))
+               compare(io, 16, big[:-1] + bytes([big[-1] ^ 1])))
     r.check_eq("%s: a Compare past the end: LBA Out of Range" % name, LBA_OUT_OF_RANGE,
                compare(io, blocks - 1, a))
     r.check("%s: Compares changed nothing" % name, read(io, 0, 8192) == a)

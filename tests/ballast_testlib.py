@@ -42,11 +42,17 @@ def port_free(port):
         s.close()
 
 
+_HANDED_OUT = set()
+
+
 def free_port():
+    """A port nothing listens on, never one this process was given before: two picks for
+    one daemon (its NBD and NVMe/TCP listeners) must differ though neither is bound yet."""
     import random
     for _ in range(200):
         p = random.randint(20000, 31999)
-        if port_free(p):
+        if p not in _HANDED_OUT and port_free(p):
+            _HANDED_OUT.add(p)
             return p
     raise RuntimeError("no free port")
 

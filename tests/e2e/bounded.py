@@ -535,6 +535,17 @@ def part3(r):
                        capture_output=True, text=True, timeout=30)
     r.check("--buffer-memory below 16 MiB per core is refused, saying why",
             p.returncode != 0 and "below 16 MiB per core" in p.stderr, p.stderr[-300:])
+    # Two listeners on one port: refused at once (not a 10 s wait for a port that never frees).
+    port = free_port()
+    t0 = time.monotonic()
+    p = subprocess.run([ballast_bin(), "serve", "--data-dir", d, "--export", "vol=ram:64M",
+                        "--nbd-listen", "127.0.0.1:%d" % port,
+                        "--nvmf-listen", "0.0.0.0:%d" % port],
+                       capture_output=True, text=True, timeout=30)
+    took = time.monotonic() - t0
+    r.check("--nbd-listen and --nvmf-listen on one port are refused within 2 s, saying why "
+            "(%.2f s)" % took,
+            p.returncode != 0 and "would share a port" in p.stderr and took < 2, p.stderr[-300:])
     with Ballast(["--export", "vol=ram:64M", "--buffer-memory", "32M", "--cores", "2"]) as b:
         info = subprocess.run(["nbdinfo", "--json", b.uri("vol")], capture_output=True,
                               text=True, timeout=30)

@@ -54,6 +54,39 @@ pub fn start_nvmf_listener(
     Ok(())
 }
 
+/// Whether the kernel would refuse to bind both: the same port on the same address, or on
+/// a wildcard address (which takes the port on every address of its family, and an IPv6
+/// wildcard the IPv4 ones too).
+pub(crate) fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// The daemon's listen addresses from its flags, refused before anything starts where two
+/// would take the same port (else the second would wait for a port that never frees). The
+/// NVMe/TCP addresses come back without repeats: --discovery-listen naming --nvmf-listen's
+/// address adds nothing, that listener serves discovery controllers already.
+pub(crate) fn startup_addrs(
+    nbd: SocketAddr,
+    nvmf: SocketAddr,
+    discovery: Option<SocketAddr>,
+) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut named = vec![("--nvmf-listen", nvmf)];
+    if let Some(d) = discovery.filter(|d| *d != nvmf) {
+        named.push(("--discovery-listen", d));
+    }
+    for (flag, addr) in &named {
+        if overlap(nbd, *addr) {
+            bail!("--nbd-listen {nbd} and {flag} {addr} would share a port: give each its own");
+        }
+    }
+    if let [(_, a), (flag, b)] = named[..] {
+        if overlap(a, b) {
+            bail!("--nvmf-listen {a} and {flag} {b} would share a port: name the same address or another port");
+        }
+    }
+    Ok(named.into_iter().map(|(_, a)| a).collect())
+}
+
 /// Binds `addr`, waiting up to 10 s while it is in use: after a kill -9 the previous daemon's
 /// listening sockets stay open until the kernel has torn down its io_uring (an accept in
 /// flight holds them), which takes a moment after the process is gone.
@@ -80,6 +113,30 @@ pub(crate) fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addresses_sharing_a_port_are_refused() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let nbd = a("127.0.0.1:10809");
+        let nvmf = a("127.0.0.1:4420");
+        assert_eq!(startup_addrs(nbd, nvmf, None).unwrap(), [nvmf]);
+        // discovery on the I/O listener's address: one listener serves both
+        assert_eq!(startup_addrs(nbd, nvmf, Some(nvmf)).unwrap(), [nvmf]);
+        let disc = a("127.0.0.1:8009");
+        assert_eq!(startup_addrs(nbd, nvmf, Some(disc)).unwrap(), [nvmf, disc]);
+        // the same port on other addresses binds
+        assert!(startup_addrs(a("127.0.0.2:4420"), nvmf, None).is_ok());
+        for (nbd, nvmf, disc) in [
+            (nvmf, nvmf, None),
+            (a("0.0.0.0:4420"), nvmf, None),
+            (a("[::]:4420"), nvmf, None),
+            (a("127.0.0.1:8009"), nvmf, Some(disc)),
+            (nbd, a("0.0.0.0:4420"), Some(a("127.0.0.1:4420"))),
+        ] {
+            let e = startup_addrs(nbd, nvmf, disc).unwrap_err().to_string();
+            assert!(e.contains("would share a port"), "{e}");
+        }
+    }
 
     #[test]
     fn refusals_are_logged_at_powers_of_two() {

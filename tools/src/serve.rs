@@ -300,6 +300,8 @@ pub fn needs_device_ring(spec: &str) -> bool {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let log = crate::logging::LogControl::install(args.log_format)?;
+    let nvmf_addrs =
+        crate::listeners::startup_addrs(args.nbd_listen, args.nvmf_listen, args.discovery_listen)?;
     let notifier = crate::notify::Notifier::from_env()?.map(Arc::new);
     raise_fd_limit();
     // Before anything writes (a pool's replay, a new export's file): a write reaching the
@@ -501,8 +503,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         subsys.hosts.write().extend(args.allow_hosts.iter().cloned());
         registry.add_namespace(&nqn, 1, None, name, 4096)?;
     }
-    let mut nvmf_addrs = vec![args.nvmf_listen];
-    nvmf_addrs.extend(args.discovery_listen);
     // Nothing listens yet: each listener's secure channel, then what the pool keeps (the
     // keyring, subsystems' hosts and keys, listeners) are in place before the first accept.
     if args.nvmf_secure_channel != SecureChannelArg::None {

@@ -6,7 +6,8 @@ written), volume `other` (256 MiB, written) read by ballast-perf NVMe/TCP 4k ran
 --client-cpu for 3 s; 1 s into each read run, one operation: creating a thick volume of --gib
 GiB (its clusters mapped, nothing written), a snapshot of it, a clone of that, decoupling the
 clone (every cluster mapped afresh, nothing copied; --no-decouple leaves it out), deleting the
-clone, the snapshot and the volume.
+clone and the snapshot, shrinking the volume to 1 GiB, deleting it, then creating a thin volume
+of --gib GiB, inflating it (every cluster mapped) and deleting it.
 Prints how long each operation took and the reads' IOPS and largest latency — the stall the
 operation caused the others (a step taken with the pool state borrowed exclusively stops every
 core's decisions). Only the Python standard library.
@@ -92,7 +93,12 @@ def run(args, d):
                ["volume", "decouple", "bc"])
     during("deleting the clone", ["volume", "delete", "bc"])
     during("deleting the snapshot", ["volume", "delete", "bs"])
-    during(f"deleting the {g} GiB volume", ["volume", "delete", "big"])
+    during(f"shrinking the {g} GiB volume to 1 GiB",
+           ["volume", "resize", "big", "1G", "--force"])
+    during("deleting it", ["volume", "delete", "big"])
+    during(f"creating a thin volume of {g} GiB", ["volume", "create", "thin", f"{g}G"])
+    during("inflating it (every cluster mapped)", ["volume", "decouple", "thin", "--inflate"])
+    during("deleting it", ["volume", "delete", "thin"])
 
 
 if __name__ == "__main__":

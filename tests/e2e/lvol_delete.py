@@ -1,7 +1,7 @@
 #!/usr/bin/python3
-"""Deleting and rolling back large volumes: their clusters released in bounded steps once the
-operation is durable (docs/VOLUMES.md, "Delete"), the space back when the RPC returns, nothing
-lost or leaked by a kill -9 between the steps.
+"""Deleting, rolling back, shrinking and inflating large volumes: clusters released (or
+mapped) in bounded steps once the operation is durable (docs/VOLUMES.md, "Delete"), the space
+back (or taken) when the RPC returns, nothing lost or leaked by a kill -9 between the steps.
 
 A 72 GiB pool (a sparse file: thick volumes map clusters, they write no data), two cores:
 - `keep` (64 MiB, written with a pattern) is read by a libnbd client throughout: every read
@@ -13,11 +13,19 @@ A 72 GiB pool (a sparse file: thick volumes map clusters, they write no data), t
   bytes exactly what they were before `big` (`bdev_lvol_get_lvstores`);
 - `r` (256 MiB): written, snapshot `r-s`, written again over other clusters; rolled back to
   `r-s`, the clusters only the second writes named are free again and `r` reads its snapshot;
+- `sh`, thick, 64 GiB, written at 0 and at 1 GiB: shrunk to 1 GiB (--force), 63 GiB back when
+  it returns, its first 4 MiB as written; grown to 2 GiB, it takes 1 GiB and reads zeros at
+  1 GiB (what was written there is gone);
+- `in`, thin, 64 GiB, 4 MiB written: inflated (`bdev_lvol_inflate`), it is thick, takes the
+  rest of its 64 GiB when the RPC returns and reads what was written;
 - three times: thick `big2` (64 GiB) made, then its deletion sent and the daemon killed -9 a
   few ms later (before, during or after its release: the whole delete takes ~20 ms here);
   restarted, `big2` is either gone with the free bytes back to the baseline, or there whole
   (thick, its size) with the free bytes as before the delete — never in between, and not there
   if the delete answered; deleted again if there (the outcomes are printed);
+- three times: thick `sh2` (64 GiB) made, then shrunk to 1 GiB and the daemon killed -9 a few
+  ms later: restarted, it is 1 GiB or 64 GiB (1 GiB if the shrink answered), the free bytes
+  those of its size, its first 4 MiB as written;
 - `keep` still reads its pattern; the pool checks exact offline.
 Run with /usr/bin/python3 (libnbd's `nbd` module).
 """
@@ -130,6 +138,46 @@ def main(r):
                 h.pread(MiB, 31 * MiB) == pattern(31 * MiB, MiB)
                 and h.pread(MiB, 64 * MiB) == bytes(MiB), "")
         h.shutdown()
+
+        # A shrink retires what lies past the new end; an inflation maps in steps.
+        before = free_bytes(b)
+        ok(r, b, "create sh: thick, 64 GiB", "bdev_lvol_create",
+           {"lvol_name": "sh", "size_in_mib": 64 * 1024})
+        b.write_volume("sh", 0, 4 * MiB, pattern)
+        b.write_volume("sh", GiB, 4 * MiB, pattern)
+        t0 = time.monotonic()
+        p = b.ctl("volume", "resize", "sh", "1G", "--force")
+        print("shrinking sh from 64 GiB to 1 GiB: %.3f s" % (time.monotonic() - t0))
+        r.check("shrink sh to 1 GiB", p.returncode == 0, p.stderr)
+        r.check_eq("... 63 GiB back when it returns", before - GiB, free_bytes(b))
+        p = b.ctl("volume", "resize", "sh", "2G")
+        r.check("grow sh to 2 GiB", p.returncode == 0, p.stderr)
+        r.check_eq("... a thick growth takes its 1 GiB", before - 2 * GiB, free_bytes(b))
+        h = nbd.NBD()
+        h.connect_uri(b.uri("sh"))
+        r.check("... sh reads what was written before its end, zeros past the old one",
+                h.pread(4 * MiB, 0) == pattern(0, 4 * MiB)
+                and h.pread(4 * MiB, GiB) == bytes(4 * MiB), "")
+        h.shutdown()
+        ok(r, b, "delete sh", "bdev_lvol_delete", {"name": "sh"})
+        r.check_eq("... all its space back", before, free_bytes(b))
+
+        ok(r, b, "create in: thin, 64 GiB", "bdev_lvol_create",
+           {"lvol_name": "in", "size_in_mib": 64 * 1024, "thin_provision": True})
+        b.write_volume("in", 32 * GiB, 4 * MiB, pattern)
+        t0 = time.monotonic()
+        ok(r, b, "inflate in", "bdev_lvol_inflate", {"name": "in"})
+        print("inflating in (64 GiB, a million holes): %.3f s" % (time.monotonic() - t0))
+        r.check_eq("... thick, taking its 64 GiB when it returns", (False, before - 64 * GiB),
+                   (b.lvols()["in"]["is_thin_provisioned"], free_bytes(b)))
+        h = nbd.NBD()
+        h.connect_uri(b.uri("in"))
+        r.check("... it reads what was written, zeros elsewhere",
+                h.pread(4 * MiB, 32 * GiB) == pattern(32 * GiB, 4 * MiB)
+                and h.pread(MiB, 0) == bytes(MiB), "")
+        h.shutdown()
+        ok(r, b, "delete in", "bdev_lvol_delete", {"name": "in"})
+        r.check_eq("... all its space back", before, free_bytes(b))
         reader.finish()
         r.check("keep read its pattern throughout (%d reads, the largest %.1f ms)"
                 % (reader.reads, reader.worst * 1e3),
@@ -170,6 +218,38 @@ def main(r):
             r.check_eq("... and the free bytes at the baseline once it is gone", base2,
                        free_bytes(b))
         print("kill -9 outcomes:", outcomes)
+
+        # kill -9 around a large shrink: the volume is one size or the other, whole.
+        sizes = []
+        for delay in (0.005, 0.020, 0.040):
+            ok(r, b, "create sh2: thick, 64 GiB", "bdev_lvol_create",
+               {"lvol_name": "sh2", "size_in_mib": 64 * 1024})
+            b.write_volume("sh2", 0, 4 * MiB, pattern)
+            held = free_bytes(b)
+            argv = [ballast_bin(), "volume", "resize", "sh2", "1G", "--force",
+                    "--rpc-socket", b.rpc_sock]
+            shrink = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
+            time.sleep(delay)
+            b.proc.kill()
+            b.proc.wait()
+            answered = shrink.wait(timeout=30) == 0
+            b.start()
+            size = b.lvols()["sh2"]["size_bytes"]
+            sizes.append("%d GiB (%s)" % (size // GiB, "answered" if answered else "unanswered"))
+            r.check_eq("after kill -9 %d ms into a shrink: sh2 is 1 GiB or 64 GiB (1 GiB if the "
+                       "shrink answered), its free bytes those of its size" % (delay * 1e3),
+                       (True, held + (64 * GiB - size)),
+                       (size in (GiB, 64 * GiB) and not (answered and size != GiB),
+                        free_bytes(b)))
+            h = nbd.NBD()
+            h.connect_uri(b.uri("sh2"))
+            r.check("... it reads its first 4 MiB as written",
+                    h.pread(4 * MiB, 0) == pattern(0, 4 * MiB), "")
+            h.shutdown()
+            ok(r, b, "delete sh2", "bdev_lvol_delete", {"name": "sh2"})
+            r.check_eq("... the free bytes at the baseline", base2, free_bytes(b))
+        print("kill -9 around a shrink, sh2 after:", sizes)
         h = nbd.NBD()
         h.connect_uri(b.uri("keep"))
         r.check("keep reads its pattern after the restarts",

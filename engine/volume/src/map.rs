@@ -188,6 +188,48 @@ impl Tree {
         Remains { nodes: self.root.into_iter().collect() }
     }
 
+    /// Cuts away the leaves from volume cluster `start` on (a shrink; `start` is a leaf's
+    /// first cluster): the subtrees covering only such clusters are detached whole and
+    /// returned as [`Remains`], to release in steps as a retired tree's. Inner nodes on the
+    /// way are made this tree's own where shared (a copied inner node adds no leaf: no
+    /// reference changes, no leaf copied). Costs the path's nodes, whatever is mapped beyond;
+    /// afterwards the tree maps nothing at or after `start`.
+    pub fn cut_from(&mut self, start: u64) -> Remains {
+        assert!(start.is_multiple_of(FANOUT as u64), "cut at a leaf's first cluster");
+        let mut nodes = Vec::new();
+        if start == 0 {
+            nodes.extend(self.root.take());
+            return Remains { nodes };
+        }
+        let mut slot = &mut self.root;
+        let mut base = 0u64;
+        // A leaf's first cluster falls in no leaf: the walk ends at level 1 at the latest.
+        for level in (1..=self.depth).rev() {
+            let span = (FANOUT as u64).pow(level);
+            if start >= base + span * FANOUT as u64 {
+                break; // beyond this node's reach (beyond the tree's, at the root)
+            }
+            // Child `i` covers [base + i * span, base + (i + 1) * span): those from `whole` on
+            // lie wholly at or after `start`; `straddle` (when below `whole`) holds it inside.
+            let straddle = ((start - base) / span) as usize;
+            let whole = (start - base).div_ceil(span) as usize;
+            let Some(node) = slot.as_mut() else { break };
+            let Node::Inner(children) = &**node else { unreachable!("a leaf above level 0") };
+            let goes_on = straddle < whole && children[straddle].is_some();
+            if !goes_on && children[whole..].iter().all(Option::is_none) {
+                break;
+            }
+            let Node::Inner(children) = Arc::make_mut(node) else { unreachable!() };
+            nodes.extend(children[whole..].iter_mut().filter_map(Option::take));
+            if !goes_on {
+                break;
+            }
+            base += straddle as u64 * span;
+            slot = &mut children[straddle];
+        }
+        Remains { nodes }
+    }
+
     /// Copies the tree's leaves out, for a checkpoint to encode while the live tree goes on
     /// changing. A leaf several trees share is copied once (`seen`, by node, over all the
     /// trees frozen together) and shared by their frozen copies, so the encoder can tell what
@@ -666,8 +708,8 @@ mod tests {
         assert_eq!((counts[&7], counts[&8]), (2, 1));
     }
 
-    /// Random set/clear/snapshot/release against plain maps, releases whole or as remains
-    /// released in steps between the other changes; refcounts maintained through the callbacks
+    /// Random set/clear/snapshot/release/cut against plain maps, releases whole or as remains
+    /// released in steps between the other changes (cuts' too); refcounts maintained through the callbacks
     /// always equal the recount from the trees and remains.
     #[derive(Debug, Clone)]
     enum Op {
@@ -676,6 +718,7 @@ mod tests {
         Snapshot { tree: usize },
         Release { tree: usize },
         Retire { tree: usize },
+        Cut { tree: usize, from: u64 },
         Step { budget: usize },
     }
 
@@ -686,6 +729,7 @@ mod tests {
             1 => (0usize..4).prop_map(|tree| Op::Snapshot { tree }),
             1 => (0usize..4).prop_map(|tree| Op::Release { tree }),
             1 => (0usize..4).prop_map(|tree| Op::Retire { tree }),
+            1 => (0usize..4, 0..2100 / FANOUT as u64 + 2).prop_map(|(tree, from)| Op::Cut { tree, from }),
             2 => (1usize..700).prop_map(|budget| Op::Step { budget }),
         ]
     }
@@ -751,6 +795,16 @@ mod tests {
                             remains.push(r);
                         }
                         models[tree] = None;
+                    }
+                    Op::Cut { tree, from } => {
+                        let Some(Some(t)) = trees.get_mut(tree) else { continue };
+                        let from = from * FANOUT as u64;
+                        let r = t.cut_from(from);
+                        if !r.is_empty() {
+                            remains.push(r);
+                        }
+                        models[tree].as_mut().unwrap().retain(|vc, _| *vc < from);
+                        prop_assert!(t.first_from(from, |_, _| true).is_none());
                     }
                     Op::Step { budget } => {
                         let Some(r) = remains.first_mut() else { continue };

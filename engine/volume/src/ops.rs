@@ -252,7 +252,8 @@ pub fn decouple<B>(
             d.copied(n * cluster_bytes)?;
             next = d.look(id, at + step, in_place)?.next_shared;
         }
-        match d.run(0, Cmd::Control(ControlOp::Decouple { id, inflate })) {
+        // As every control operation: settled after (an inflation's holes mapped).
+        match control(d, ControlOp::Decouple { id, inflate }) {
             Ok(_) => return Ok(copied),
             Err(PoolError::StillShared { .. }) if pass < DECOUPLE_PASSES => continue,
             Err(e) => return Err(e),

@@ -175,7 +175,7 @@ impl PoolMeta {
     }
 
     /// Clusters from volume cluster `from` to the end of volume `id`'s size (`size_bytes`, or
-    /// its own) that its tree leaves unmapped: a look at each (an inflation's, a repair's).
+    /// its own) that its tree leaves unmapped: a look at each (a repair's at open).
     fn holes(&self, id: u32, from: u64, size_bytes: Option<u64>) -> Vec<u64> {
         let Some(fam) = self.family(id) else { return Vec::new() };
         let Some(v) = fam.volumes.get(&id) else { return Vec::new() };
@@ -221,9 +221,9 @@ impl PoolMeta {
 
     /// Maps each cluster within thick volume `id`'s size that its tree leaves unmapped to a
     /// fresh cluster with nothing written in it (`MapSet`s: its pieces read zeros). The caller
-    /// made room for them ([`Self::room_for`] of these [`Self::holes`]): an inflation's, and a
-    /// repair's at open, under the exclusive borrow (a creation or growth promises its
-    /// clusters instead, mapped in steps: `promise_holes`). The records follow the `Thick`
+    /// made room for them ([`Self::room_for`] of these [`Self::holes`]): a repair's at open,
+    /// before anything is served (a creation, growth or inflation promises its clusters
+    /// instead, mapped in steps: `promise_holes`). The records follow the `Thick`
     /// record in the journal: a crash that keeps only some of them leaves a thick volume with
     /// holes, which opening the pool maps (`repair_thick`).
     fn map_holes(&mut self, id: u32, holes: &[u64]) {
@@ -423,13 +423,15 @@ impl PoolMeta {
     /// Volume `id` leaves its parent (`bdev_lvol_decouple_parent`): it names none from now on,
     /// so listings no longer call it a clone. With `inflate` (`bdev_lvol_inflate`) it is
     /// thick too: every cluster of its size left unmapped gets a fresh one reading zeros (all
-    /// or none: without the room, `NoSpace`). Its shared clusters were copied up before
+    /// or none: without the room, `NoSpace`) — reserved at once, mapped by settling steps
+    /// (`promise_holes`), a write into one mapping it first, as a thick creation's. Its shared clusters were copied up before
     /// ([`crate::request::Cmd::Own`]; inflating, with `in_place`: a thick volume's writes must
     /// never need a fresh cluster, not even before this commit is durable): any left — a
     /// snapshot taken since — refuse it, [`PoolError::StillShared`], changing nothing. The
     /// caller has quiesced its writes.
-    /// Records: `Decouple` (where it names a parent), then `Thick` and the holes' `MapSet`s,
-    /// as a thick creation's (a crash between them leaves holes that opening the pool maps).
+    /// Records: `Decouple` (where it names a parent), then `Thick`; the holes' `MapSet`s
+    /// follow in steps, as a thick creation's (a crash before they are all durable leaves
+    /// holes that opening the pool maps).
     pub fn decouple(&mut self, id: u32, inflate: bool) -> Result<(), PoolError> {
         self.ok()?;
         let v = self.volume(id)?;
@@ -441,18 +443,24 @@ impl PoolMeta {
         if clusters > 0 {
             return Err(PoolError::StillShared { vol: id.into(), clusters });
         }
-        let holes = if inflate && !thick { self.holes(id, 0, None) } else { Vec::new() };
-        if holes.len() as u64 > THICK_MAP_MAX {
-            let wanted = holes.len() as u64;
-            return Err(PoolError::InflateTooLarge { wanted, max: THICK_MAP_MAX });
+        let holes = if inflate && !thick {
+            // Counted, not listed: what is mapped is walked, not the volume's size.
+            let clusters = self.volume(id)?.size_bytes.div_ceil(self.geo.cluster_bytes);
+            self.unmapped_clusters(id, clusters)
+        } else {
+            0
+        };
+        if holes > THICK_MAP_MAX {
+            return Err(PoolError::InflateTooLarge { wanted: holes, max: THICK_MAP_MAX });
         }
-        self.room_for(holes.len() as u64)?;
+        self.room_for(holes)?;
         if parent != 0 {
             self.log(Record::Decouple { id });
         }
         if inflate && !thick {
             self.log(Record::Thick { id });
-            self.map_holes(id, &holes);
+            // Reserved now, mapped in steps (`settle`), as a thick creation's clusters.
+            self.promise_holes(id, 0, holes);
         }
         debug_assert!(self.volume(id).is_ok_and(|v| v.parent == 0 && (v.thick || !inflate)));
         Ok(())
@@ -502,14 +510,17 @@ impl PoolMeta {
         }
         self.room_for(growth)?;
         if size_bytes < old {
-            let first_piece = size_bytes / PIECE;
-            let written = (first_piece..old / PIECE).any(|p| self.piece_written(id, p));
-            if written && !force {
+            if !force && self.written_from(id, size_bytes) {
                 return Err(PoolError::WouldDropData(id.into()));
             }
-            // Trim whole pieces beyond the new end so nothing stale reappears on growth. The
-            // volume is quiesced (frozen, no write in flight), so nothing can be busy.
-            self.trim_unchecked(id, size_bytes, old - size_bytes);
+            // The pieces past the new end in its last cluster are trimmed, so nothing stale
+            // reappears on growth (the volume is quiesced: frozen, no write in flight, so
+            // nothing can be busy); the clusters beyond go with the `Resize` record's apply
+            // (the leaves past the end cut away whole and retired: `Family::apply`).
+            let edge_end = size_bytes.next_multiple_of(self.geo.cluster_bytes).min(old);
+            if edge_end > size_bytes {
+                self.trim_unchecked(id, size_bytes, edge_end - size_bytes);
+            }
             // What was promised for clusters past the new end, not mapped yet, goes back.
             if promised > 0 {
                 let old_end = old.div_ceil(self.geo.cluster_bytes);

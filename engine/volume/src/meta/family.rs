@@ -260,6 +260,20 @@ impl Family {
     }
 
     /// Whether 4 KiB piece `piece` of volume `id` holds written data.
+    /// Whether volume `id` has a piece written at or after byte `offset`: the walk follows
+    /// what is mapped there (stopping at the first written piece), not the range's size.
+    pub(super) fn written_from(&self, id: u32, offset: u64) -> bool {
+        let Some(v) = self.volumes.get(&id) else { return false };
+        let first = offset / self.geo.cluster_bytes;
+        // The first cluster's pieces before `offset` do not count.
+        let before = (offset % self.geo.cluster_bytes) / PIECE;
+        let first_mask = u16::MAX << before;
+        let found = v.tree.first_from(first, |vc, e| {
+            e.written() & if vc == first { first_mask } else { u16::MAX } != 0
+        });
+        found.is_some()
+    }
+
     pub(super) fn piece_written(&self, id: u32, piece: u64) -> bool {
         let Some(v) = self.volumes.get(&id) else { return false };
         let at = piece * PIECE;
@@ -407,8 +421,13 @@ impl Family {
     /// no crash brings it back: what its release ends is sharing the durable state no longer
     /// has, so its clusters are not touched ([`Self::unref`]).
     pub(super) fn retire_tree(&mut self, tree: Tree, link: &mut Link) {
+        self.retire(tree.into_remains(), link);
+    }
+
+    /// What a tree no longer holds, as [`Self::retire_tree`] retires a whole tree: a shrunk
+    /// volume's leaves beyond its new end (`Tree::cut_from`).
+    pub(super) fn retire(&mut self, mut remains: Remains, link: &mut Link) {
         if let Some(r) = &mut link.retire {
-            let remains = tree.into_remains();
             debug_assert!(r.queue.back().is_none_or(|t| t.seal <= r.seal), "out of seal order");
             if !remains.is_empty() {
                 r.queue.push_back(Retiree { family: r.family, seal: r.seal, remains });
@@ -417,7 +436,7 @@ impl Family {
         }
         assert!(link.loading.is_some(), "a tree is released at once only while loading");
         let mut released = Vec::new();
-        tree.release(|e| released.extend(e.cluster()));
+        remains.release_some(usize::MAX, |e| released.extend(e.cluster()));
         for c in released {
             self.unref(c, link);
         }
@@ -537,17 +556,28 @@ impl Family {
             Record::Resize { id, size_bytes } => {
                 let clusters = size_bytes.div_ceil(self.geo.cluster_bytes).max(1);
                 let Some(v) = self.volumes.get_mut(id) else { return };
-                // Nothing stays mapped beyond the new end. A live shrink trimmed it already
-                // (nothing to find); a snapshot or clone loaded as a copy of its parent's
-                // tree, then this, drops what the parent mapped out there since.
-                let beyond = v.tree.entries_in(clusters, v.tree.capacity());
+                // Nothing stays mapped beyond the new end (a snapshot or clone loaded as a
+                // copy of its parent's tree, then this, drops what the parent mapped out there
+                // since): what the end's leaf maps beyond it is unmapped entry by entry (freed
+                // as a trim's frees are), the leaves after it are cut away whole and retired
+                // as a deleted tree is — so a shrink costs the exclusive borrow a leaf and
+                // the walk counting what was written beyond, nothing per cluster released.
+                let whole = clusters.next_multiple_of(FANOUT as u64);
+                let edge = v.tree.entries_in(clusters, whole.min(v.tree.capacity()));
+                let mut gone = 0u64;
+                v.tree.for_each_in(whole, u64::MAX, |_, e| {
+                    gone += u64::from(e.written().count_ones());
+                });
+                let cut = v.tree.cut_from(whole);
+                v.written_pieces -= gone;
                 v.tree.grow(clusters);
                 v.size_bytes = *size_bytes;
-                for (vc, _) in beyond {
+                for (vc, _) in edge {
                     let unmap =
                         Record::MapSet { volume: *id, vcluster: vc, entry: Entry::UNMAPPED.0 };
                     self.apply(&unmap, link);
                 }
+                self.retire(cut, link);
             }
             Record::ReadOnly { id } => {
                 if let Some(v) = self.volumes.get_mut(id) {

@@ -69,7 +69,7 @@ mod io;
 mod settle;
 use settle::Filling;
 mod touched;
-use crate::map::{count_references, Entry, Remains, Tree};
+use crate::map::{count_references, Entry, Remains, Tree, FANOUT};
 use crate::records::{decode_all, Record, CONFIG_VALUE_MAX, NAME_MAX};
 use touched::Touched;
 
@@ -79,10 +79,10 @@ pub const PIECE: u64 = 4096;
 /// of data area, by default.
 pub const OVERCOMMIT: u64 = 8;
 /// Clusters one operation may map for a thick volume (its creation, a growth, an inflation, a
-/// repair after a crash): 64 GiB of the standard 64 KiB clusters. Each is a record; a creation
-/// or growth reserves them and maps them in steps (`settle`), an inflation and a repair map
-/// them with the pool state borrowed exclusively (every core's decisions wait), so a larger
-/// thick volume is made in steps: created at most this large, then grown.
+/// repair after a crash): 64 GiB of the standard 64 KiB clusters. Each is a record; a creation,
+/// growth or inflation reserves them and maps them in steps (`settle`), a repair at open maps
+/// them before anything is served; what one crash can leave to map at open is so bounded: a
+/// larger thick volume is made in steps, created at most this large, then grown.
 pub const THICK_MAP_MAX: u64 = 1 << 20;
 
 /// Volume ids run from 1 below this (0 is "no parent"); a record naming another is damage.
@@ -825,11 +825,16 @@ impl PoolMeta {
         fam.volume(id).map(Volume::attrs)
     }
 
-    /// Pieces of volume `id` that are written, in bytes.
     /// Bytes of volume `id` written (its written pieces): kept, not counted, so the cost
     /// does not grow with the volume.
     pub fn allocated_bytes(&self, id: u32) -> u64 {
         self.family(id).map_or(0, |f| f.volume(id).map_or(0, |v| v.written_pieces * PIECE))
+    }
+
+    /// Whether volume `id` has a piece written at or after byte `offset`
+    /// ([`Family::written_from`]: the cost follows what is mapped there).
+    pub fn written_from(&self, id: u32, offset: u64) -> bool {
+        self.family(id).is_some_and(|f| f.written_from(id, offset))
     }
 
     /// Whether 4 KiB piece `piece` of volume `id` holds written data (else it reads as zeros).
@@ -2076,6 +2081,74 @@ mod tests {
         m.decouple(id, true).unwrap();
         assert!(m.volume(id).unwrap().thick);
         assert!(m.check().is_empty(), "{:?}", m.check());
+        // Reserved at once, mapped by settling steps.
+        assert_eq!(m.promised_clusters(), THICK_MAP_MAX);
+        commit_and_settle(&mut m);
+        assert_eq!((m.promised_clusters(), m.unmapped_clusters(id, THICK_MAP_MAX)), (0, 0));
+        assert!(m.check().is_empty(), "{:?}", m.check());
+    }
+
+    /// A shrink cuts away the leaves past the new end whole and retires them, released in
+    /// steps once the shrink is durable (the exclusive borrow releases nothing per cluster);
+    /// what the end's own leaf maps past it is unmapped, the pieces of the last cluster past
+    /// the end trimmed. A snapshot sharing the leaves keeps reading them; the written count,
+    /// reference counts and the leak count stay exact throughout; without `force` a shrink
+    /// over a written piece is refused, looking only at what is mapped.
+    #[test]
+    fn a_shrink_retires_the_leaves_past_its_end_released_in_steps_once_durable() {
+        let mut m = fresh_of(sb_of(256 << 20));
+        let (cb, fan) = (m.cluster_bytes(), crate::map::FANOUT as u64);
+        let baseline = m.used_clusters();
+        let n = 6 * fan + 5;
+        let v = m.create_volume("v", n * cb).unwrap();
+        for vc in 0..n {
+            assert!(write_cluster(&mut m, v, vc));
+        }
+        commit(&mut m);
+        let s = m.snapshot(v, "s").unwrap();
+        // v's own clusters past the end to come (four leaves copied from the snapshot's).
+        for k in 2..6 {
+            assert!(write_cluster(&mut m, v, k * fan + 1));
+        }
+        commit(&mut m);
+        let used = m.used_clusters();
+        assert_eq!(used, baseline + n + 4);
+        // The new end: piece 1 of volume cluster fan + 7 (its piece 0, written, stays).
+        let end = (fan + 7) * cb + PIECE;
+        assert!(m.written_from(v, end - PIECE) && m.written_from(v, end));
+        assert!(matches!(m.resize(v, end, false), Err(PoolError::WouldDropData(_))));
+        m.resize(v, end, true).unwrap();
+        assert_eq!(m.retired_trees(), 1, "the leaves past the end, retired whole");
+        assert_eq!(m.allocated_bytes(v), (fan + 8) * PIECE);
+        assert!(m.written_from(v, end - PIECE), "the last cluster's piece 0 stays");
+        assert!(!m.written_from(v, end), "nothing written past the end");
+        assert_eq!(m.settle(usize::MAX).unwrap(), 0, "nothing released before it is durable");
+        commit(&mut m);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        assert_eq!(m.used_clusters(), used, "the cut leaves hold their clusters until released");
+        let mut steps = 0;
+        while m.settle(16).unwrap() > 0 {
+            steps += 1;
+            assert!(m.check().is_empty(), "{:?}", m.check());
+            assert_eq!(m.leaked(), 0);
+        }
+        assert!(steps >= 4, "a step at a time: {steps} steps");
+        commit(&mut m);
+        // v's own clusters past the end are free; the snapshot keeps all it had.
+        assert_eq!(m.used_clusters(), baseline + n);
+        assert_eq!(m.allocated_bytes(s), n * PIECE);
+        let runs = m.allocation(s, 0, n * cb, usize::MAX);
+        let written: u64 = runs.iter().filter(|r| r.2).map(|r| r.1).sum();
+        assert_eq!(written, n * PIECE);
+        // Grown back, v reads nothing written past its old end.
+        m.resize(v, n * cb, false).unwrap();
+        assert_eq!(m.allocated_bytes(v), (fan + 8) * PIECE);
+        assert!(!m.written_from(v, end));
+        // Without force: a shrink past nothing written goes.
+        m.resize(v, end, false).unwrap();
+        commit_and_settle(&mut m);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        assert_eq!((m.retired_trees(), m.leaked()), (0, 0));
     }
 
     /// A rename's configuration entries and its record may span journal blocks: every prefix

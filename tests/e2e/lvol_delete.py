@@ -13,19 +13,23 @@ A 72 GiB pool (a sparse file: thick volumes map clusters, they write no data), t
   bytes exactly what they were before `big` (`bdev_lvol_get_lvstores`);
 - `r` (256 MiB): written, snapshot `r-s`, written again over other clusters; rolled back to
   `r-s`, the clusters only the second writes named are free again and `r` reads its snapshot;
-- `sh`, thick, 64 GiB, written at 0 and at 1 GiB: shrunk to 1 GiB (--force), 63 GiB back when
-  it returns, its first 4 MiB as written; grown to 2 GiB, it takes 1 GiB and reads zeros at
-  1 GiB (what was written there is gone);
+- `sh`, thick, 64 GiB, written at 0 and at 1 GiB: shrunk to 1 GiB and three clusters
+  (--force; the end inside a leaf of the map), the rest back when it returns, its first 4 MiB
+  as written; grown to 2 GiB, it takes the difference, reads its three clusters past 1 GiB as
+  written and zeros after them (what was written there is gone);
 - `in`, thin, 64 GiB, 4 MiB written: inflated (`bdev_lvol_inflate`), it is thick, takes the
-  rest of its 64 GiB when the RPC returns and reads what was written;
+  rest of its 64 GiB when the RPC returns and reads what was written; killed -9 at once, the
+  pool checks exact offline with no thick volume left to complete (every cluster mapped, not
+  only reserved, when the RPC answered);
 - three times: thick `big2` (64 GiB) made, then its deletion sent and the daemon killed -9 a
   few ms later (before, during or after its release: the whole delete takes ~20 ms here);
   restarted, `big2` is either gone with the free bytes back to the baseline, or there whole
   (thick, its size) with the free bytes as before the delete — never in between, and not there
   if the delete answered; deleted again if there (the outcomes are printed);
-- three times: thick `sh2` (64 GiB) made, then shrunk to 1 GiB and the daemon killed -9 a few
-  ms later: restarted, it is 1 GiB or 64 GiB (1 GiB if the shrink answered), the free bytes
-  those of its size, its first 4 MiB as written;
+- three times: thick `sh2` (64 GiB, written at 0 and 32 GiB) made, then shrunk to 1 GiB and
+  the daemon killed -9 a few ms later: restarted, it is 1 GiB or 64 GiB (1 GiB if the shrink
+  answered), the free bytes those of its size, what it was written within its size as
+  written;
 - `keep` still reads its pattern; the pool checks exact offline.
 Run with /usr/bin/python3 (libnbd's `nbd` module).
 """
@@ -145,19 +149,23 @@ def main(r):
            {"lvol_name": "sh", "size_in_mib": 64 * 1024})
         b.write_volume("sh", 0, 4 * MiB, pattern)
         b.write_volume("sh", GiB, 4 * MiB, pattern)
+        cl = b.lvstore()["cluster_size"]
+        end = GiB + 3 * cl
         t0 = time.monotonic()
-        p = b.ctl("volume", "resize", "sh", "1G", "--force")
-        print("shrinking sh from 64 GiB to 1 GiB: %.3f s" % (time.monotonic() - t0))
-        r.check("shrink sh to 1 GiB", p.returncode == 0, p.stderr)
-        r.check_eq("... 63 GiB back when it returns", before - GiB, free_bytes(b))
+        p = b.ctl("volume", "resize", "sh", str(end), "--force")
+        print("shrinking sh from 64 GiB to 1 GiB and 3 clusters: %.3f s"
+              % (time.monotonic() - t0))
+        r.check("shrink sh to 1 GiB and 3 clusters", p.returncode == 0, p.stderr)
+        r.check_eq("... the rest back when it returns", before - end, free_bytes(b))
         p = b.ctl("volume", "resize", "sh", "2G")
         r.check("grow sh to 2 GiB", p.returncode == 0, p.stderr)
-        r.check_eq("... a thick growth takes its 1 GiB", before - 2 * GiB, free_bytes(b))
+        r.check_eq("... a thick growth takes the difference", before - 2 * GiB, free_bytes(b))
         h = nbd.NBD()
         h.connect_uri(b.uri("sh"))
         r.check("... sh reads what was written before its end, zeros past the old one",
                 h.pread(4 * MiB, 0) == pattern(0, 4 * MiB)
-                and h.pread(4 * MiB, GiB) == bytes(4 * MiB), "")
+                and h.pread(3 * cl, GiB) == pattern(GiB, 3 * cl)
+                and h.pread(4 * MiB - 3 * cl, end) == bytes(4 * MiB - 3 * cl), "")
         h.shutdown()
         ok(r, b, "delete sh", "bdev_lvol_delete", {"name": "sh"})
         r.check_eq("... all its space back", before, free_bytes(b))
@@ -176,9 +184,17 @@ def main(r):
                 h.pread(4 * MiB, 32 * GiB) == pattern(32 * GiB, 4 * MiB)
                 and h.pread(MiB, 0) == bytes(MiB), "")
         h.shutdown()
+        reader.finish()
+        b.proc.kill()
+        b.proc.wait()
+        chk = subprocess.run([ballast_bin(), "pool", "check", pool], capture_output=True,
+                             text=True)
+        r.check("... killed -9 at once: the pool checks exact, no thick volume to complete",
+                chk.returncode == 0 and "cut short" not in chk.stdout + chk.stderr,
+                (chk.stdout + chk.stderr)[-400:])
+        b.start()
         ok(r, b, "delete in", "bdev_lvol_delete", {"name": "in"})
         r.check_eq("... all its space back", before, free_bytes(b))
-        reader.finish()
         r.check("keep read its pattern throughout (%d reads, the largest %.1f ms)"
                 % (reader.reads, reader.worst * 1e3),
                 reader.reads > 0 and reader.bad == 0 and not reader.errors,
@@ -225,6 +241,7 @@ def main(r):
             ok(r, b, "create sh2: thick, 64 GiB", "bdev_lvol_create",
                {"lvol_name": "sh2", "size_in_mib": 64 * 1024})
             b.write_volume("sh2", 0, 4 * MiB, pattern)
+            b.write_volume("sh2", 32 * GiB, 4 * MiB, pattern)
             held = free_bytes(b)
             argv = [ballast_bin(), "volume", "resize", "sh2", "1G", "--force",
                     "--rpc-socket", b.rpc_sock]
@@ -244,8 +261,10 @@ def main(r):
                         free_bytes(b)))
             h = nbd.NBD()
             h.connect_uri(b.uri("sh2"))
-            r.check("... it reads its first 4 MiB as written",
-                    h.pread(4 * MiB, 0) == pattern(0, 4 * MiB), "")
+            r.check("... it reads what was written within its size as written",
+                    h.pread(4 * MiB, 0) == pattern(0, 4 * MiB)
+                    and (size == GiB
+                         or h.pread(4 * MiB, 32 * GiB) == pattern(32 * GiB, 4 * MiB)), "")
             h.shutdown()
             ok(r, b, "delete sh2", "bdev_lvol_delete", {"name": "sh2"})
             r.check_eq("... the free bytes at the baseline", base2, free_bytes(b))

@@ -736,6 +736,59 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Cuts of trees three levels deep (sparse), shared whole or in part with a snapshot:
+        /// at any leaf boundary — inside a leaf's parent, at an inner node's boundary, at
+        /// and past the tree's reach — the cut tree maps exactly what lay before the cut,
+        /// the snapshot all it had; references do not change until the remains are released,
+        /// which then gives back exactly the entries only the cut part held.
+        #[test]
+        fn deep_cuts(
+            sets in proptest::collection::vec(0u64..3 * FANOUT as u64 * FANOUT as u64, 1..60),
+            after in proptest::collection::vec(0u64..3 * FANOUT as u64 * FANOUT as u64, 0..20),
+            cut_leaf in 0u64..3 * FANOUT as u64 + 3,
+            inner_boundary in proptest::bool::ANY,
+        ) {
+            let fan = FANOUT as u64;
+            let reach = 3 * fan * fan;
+            let mut a = Tree::new(reach);
+            let mut cluster = 1u64;
+            for &vc in &sets {
+                cluster += 1;
+                a.set(vc, Entry::new(cluster, 1), |_| {});
+            }
+            let snap = a.clone();
+            for &vc in &after {
+                cluster += 1;
+                a.set(vc, Entry::new(cluster, 3), |_| {});
+            }
+            // A leaf boundary: one of the first leaves of each inner node, or any leaf,
+            // or at or past the tree's reach.
+            let start = if inner_boundary { cut_leaf % 4 * fan * fan } else { cut_leaf * fan };
+            let start = if cut_leaf >= 3 * fan + 1 { a.capacity() + (cut_leaf - 3 * fan - 1) * fan } else { start };
+            let want: Vec<(u64, Entry)> =
+                a.entries().into_iter().filter(|(vc, _)| *vc < start).collect();
+            let snap_had = snap.entries();
+            let refs = count_references([&a, &snap], []);
+            let mut cut = a.cut_from(start);
+            prop_assert_eq!(a.entries(), want);
+            prop_assert_eq!(snap.entries(), snap_had);
+            prop_assert_eq!(&count_references([&a, &snap], [&cut]), &refs);
+            let mut released: HashMap<u64, u32> = HashMap::new();
+            while cut.release_some(5, |e| *released.entry(e.cluster().unwrap()).or_default() += 1) > 0 {}
+            let mut expect = refs.clone();
+            for (c, n) in released {
+                let r = expect.get_mut(&c).unwrap();
+                *r -= n;
+                if *r == 0 {
+                    expect.remove(&c);
+                }
+            }
+            prop_assert_eq!(count_references([&a, &snap], []), expect);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
         #[test]
         fn model_check(ops in proptest::collection::vec(op(), 1..80)) {
             let mut trees: Vec<Option<Tree>> = vec![Some(Tree::new(2000))];

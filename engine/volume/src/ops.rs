@@ -138,9 +138,22 @@ pub const SETTLE_STEP: usize = 1 << 14;
 /// commit carries at most about 32 Ki mapping records of a thick volume's.
 pub const SETTLE_COMMIT: u64 = 1 << 18;
 
-/// Bytes of a volume one copy-up request covers (rounded up to whole clusters): with 64 KiB
-/// clusters at most 16 fresh clusters and 1 MiB of copy buffers in flight for it.
-pub const OWN_STEP: u64 = 1 << 20;
+/// Bytes of a volume one copy-up request covers where it has data to copy (rounded up to
+/// whole clusters): with 64 KiB clusters at most 16 fresh clusters and 1 MiB of copy buffers
+/// in flight for it (`meta::OWN_COPY_MAX`).
+pub const OWN_STEP: u64 = crate::meta::OWN_COPY_MAX;
+
+/// Bytes of a volume one copy-up request covers at most where it only maps (shared clusters
+/// with nothing written in them, a thick volume's: no buffer, no I/O): 512 of 64 KiB
+/// clusters, about 1 ms of the core's time (perf/RESULTS.md §30: 2048 stalled the core's
+/// other I/O 24-78 ms, 512 no more than the commits do). Such a run in 1 MiB requests took a
+/// round trip to a core each (decoupling a 64 GiB thick clone: a minute, §27).
+pub const OWN_SPAN: u64 = 32 << 20;
+
+/// Clusters [`decouple`]'s copy-ups may map between the commits it asks for (a flush): as a
+/// settling's (`SETTLE_COMMIT`), about 32 Ki mapping records a commit — its encoding and
+/// its frees' end bounded — not a whole volume's at once at the end.
+pub const OWN_COMMIT: u64 = 1 << 15;
 
 /// Times [`decouple`] copies up and tries to apply before it gives up: a snapshot of the
 /// volume taken meanwhile shares its clusters again (each pass copies what that shared).
@@ -154,6 +167,9 @@ pub struct Sharing {
     /// Byte offset of the first cluster at or after the one asked for that a copy-up would
     /// copy (`PoolMeta::shared_clusters`).
     pub next_shared: Option<u64>,
+    /// Bytes from `next_shared` on where a copy-up only maps (up to the first such cluster
+    /// with data to copy; at most [`OWN_SPAN`]).
+    pub quiet: u64,
 }
 
 impl Sharing {
@@ -163,8 +179,12 @@ impl Sharing {
         let v = meta.volume(id)?;
         let (parent, read_only) = (v.parent, v.read_only);
         let cb = meta.cluster_bytes();
-        let next_shared = meta.next_shared(id, from / cb, in_place)?.map(|vc| vc * cb);
-        Ok(Sharing { parent, read_only, next_shared })
+        let found = meta.next_shared(id, from / cb, in_place, OWN_SPAN / cb)?;
+        let (next_shared, quiet) = match found {
+            Some((vc, quiet)) => (Some(vc * cb), quiet * cb),
+            None => (None, 0),
+        };
+        Ok(Sharing { parent, read_only, next_shared, quiet })
     }
 }
 
@@ -232,10 +252,10 @@ pub fn decouple<B>(
         return Err(PoolError::NoSpace);
     }
     let step = OWN_STEP.next_multiple_of(cluster_bytes.max(1));
-    let mut copied = 0u64;
+    let (mut copied, mut uncommitted) = (0u64, 0u64);
     for pass in 1..=DECOUPLE_PASSES {
         let mut next = if pass == 1 {
-            first.next_shared
+            first
         } else {
             // A snapshot taken meanwhile shares again what was copied: the room for copying it
             // again is looked at before anything more is copied.
@@ -243,14 +263,25 @@ pub fn decouple<B>(
             if needed > free {
                 return Err(PoolError::NoSpace);
             }
-            d.look(id, 0, in_place)?.next_shared
+            d.look(id, 0, in_place)?
         };
-        while let Some(at) = next {
-            let n = d.run(id, Cmd::Own { offset: at, len: step, in_place })?;
+        while let Some(at) = next.next_shared {
+            // A run that only maps goes in one request (no buffer, no I/O: one round trip
+            // to the core, not one per megabyte); one with data to copy, a step. (A cluster
+            // with data the request meets past its buffers' worth — none, unless the volume
+            // changed since the look — stays shared: the next pass copies it.)
+            let len = if next.quiet >= step { next.quiet } else { step };
+            let n = d.run(id, Cmd::Own { offset: at, len, in_place })?;
             let n = u64::try_from(n).expect("a copy-up counts what it copied");
             copied += n;
             d.copied(n * cluster_bytes)?;
-            next = d.look(id, at + step, in_place)?.next_shared;
+            // What it mapped, at most: a commit every so many.
+            uncommitted += len / cluster_bytes.max(1);
+            if uncommitted >= OWN_COMMIT {
+                d.run(0, Cmd::Flush)?;
+                uncommitted = 0;
+            }
+            next = d.look(id, at + len, in_place)?;
         }
         // As every control operation: settled after (an inflation's holes mapped).
         match control(d, ControlOp::Decouple { id, inflate }) {

@@ -1200,6 +1200,50 @@ mod tests {
         p.check().unwrap();
     }
 
+    /// A run of shared clusters with nothing written (a thick volume's) goes in one copy-up
+    /// request (`ops::OWN_SPAN`: only mappings, no buffer), clusters with data a step at a
+    /// time: a clone of a 40 MiB thick volume written at 0 and at 20 MiB decouples in four
+    /// requests (a step, a run, a step, a run), not forty; the content stays, nothing shared.
+    #[test]
+    fn a_run_of_clusters_that_only_map_is_one_copy_up() {
+        const MIB: u64 = 1 << 20;
+        let cb = 1u64 << CLUSTER_SHIFT;
+        let mut p = Pool::format(SimDisk::new(128 * MIB, 43), geometry(64, 9)).unwrap();
+        let v = p.create_thick("v", 40 * MIB).unwrap();
+        p.write(v, 0, &vec![7; 4 * cb as usize]).unwrap();
+        p.write(v, 20 * MIB + cb, &vec![8; 2 * cb as usize]).unwrap();
+        let s = p.snapshot(v, "s").unwrap();
+        let c = p.clone_volume(s, "c").unwrap();
+        let before = p.read(c, 0, 40 * MIB).unwrap();
+        let free = p.free_clusters();
+        let mut d = Paced { pool: &mut p, charged: Vec::new(), stop_after: usize::MAX };
+        assert_eq!(crate::ops::decouple(&mut d, c, false, cb).unwrap(), 6, "the written ones");
+        assert_eq!(d.charged, vec![4 * cb, 0, 2 * cb, 0], "one request per step and per run");
+        assert_eq!(p.free_clusters(), free - 40 * MIB / cb, "every cluster its own now");
+        assert_eq!(p.meta().shared_clusters(c, false).unwrap(), 0);
+        assert!(p.read(c, 0, 40 * MIB).unwrap() == before);
+        p.check().unwrap();
+        assert_eq!(p.leaked(), 0);
+    }
+
+    /// One copy-up request copies at most `OWN_COPY_MAX` bytes of data, however long its
+    /// range (its buffers are bounded): the clusters with data past that stay shared, for the
+    /// next request.
+    #[test]
+    fn a_copy_up_copies_at_most_its_buffers_worth() {
+        const MIB: u64 = 1 << 20;
+        let cb = 1u64 << CLUSTER_SHIFT;
+        let (mut p, _, _, c) = clone_of_written(32 * MIB, 44, 4 * MIB, 4 * MIB, 6);
+        let max = crate::meta::OWN_COPY_MAX / cb;
+        let shared = 4 * MIB / cb;
+        assert!(shared > max);
+        let own = Cmd::Own { offset: 0, len: 4 * MIB, in_place: false };
+        let n = crate::ops::Driver::run(&mut p, c, own).unwrap();
+        assert_eq!(n as u64, max);
+        assert_eq!(p.meta().shared_clusters(c, false).unwrap(), shared - max);
+        p.check().unwrap();
+    }
+
     /// Inflating a clone, a power cut at every device operation of it, each crash mode: the
     /// pool opens with the clone as it was (a clone, some of its clusters perhaps copied
     /// already) or decoupled and thick with every cluster mapped; its content and its

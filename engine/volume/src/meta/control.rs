@@ -387,16 +387,24 @@ impl PoolMeta {
     }
 
     /// The first volume cluster at or after `from` that [`Self::shared_clusters`] counts, if
-    /// any.
+    /// any, with how many volume clusters from it on a copy-up would only map (up to the
+    /// first counted cluster with something written in it, whose data it would copy; at most
+    /// `quiet_max`). The walk follows what is mapped.
     pub fn next_shared(
         &self,
         id: u32,
         from: u64,
         in_place: bool,
-    ) -> Result<Option<u64>, PoolError> {
+        quiet_max: u64,
+    ) -> Result<Option<(u64, u64)>, PoolError> {
         let fam = self.family(id).ok_or(PoolError::NoVolume(id))?;
         let v = fam.volumes.get(&id).ok_or(PoolError::NoVolume(id))?;
-        Ok(v.tree.first_from(from, |vc, e| fam.copied_up(&v.tree, vc, e, in_place, &self.refs)))
+        let counted = |vc, e| fam.copied_up(&v.tree, vc, e, in_place, &self.refs);
+        let Some(first) = v.tree.first_from(from, counted) else { return Ok(None) };
+        let limit = first.saturating_add(quiet_max);
+        let data =
+            v.tree.first_from(first, |vc, e| vc >= limit || (e.written() != 0 && counted(vc, e)));
+        Ok(Some((first, data.map_or(limit, |d| d.min(limit)) - first)))
     }
 
     /// Fresh clusters decoupling volume `id` takes (its clusters a copy-up copies, and,
@@ -444,9 +452,11 @@ impl PoolMeta {
             return Err(PoolError::StillShared { vol: id.into(), clusters });
         }
         let holes = if inflate && !thick {
-            // Counted, not listed: what is mapped is walked, not the volume's size.
+            // Counted, not listed: what is mapped is walked, not the volume's size. Holes
+            // promised already (a thick volume's, made thin by a rollback before its steps
+            // mapped them) are not promised twice.
             let clusters = self.volume(id)?.size_bytes.div_ceil(self.geo.cluster_bytes);
-            self.unmapped_clusters(id, clusters)
+            self.unmapped_clusters(id, clusters).saturating_sub(self.promised(id))
         } else {
             0
         };
@@ -477,7 +487,10 @@ impl PoolMeta {
     }
 
     /// Grows or shrinks volume `id`. Shrinking drops written data beyond the new end only with
-    /// `force` (that data is trimmed first). The caller has quiesced writes to `id`.
+    /// `force` (the look for it walks what is mapped past the end: a thick volume's every
+    /// cluster, about a nanosecond each); the last cluster's pieces past the end are trimmed,
+    /// the clusters past it go with the `Resize` record (its apply cuts the tree and retires
+    /// what it cut). The caller has quiesced writes to `id`.
     pub fn resize(&mut self, id: u32, size_bytes: u64, force: bool) -> Result<(), PoolError> {
         self.ok()?;
         let v = self.volume(id)?;

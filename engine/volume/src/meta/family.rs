@@ -259,7 +259,6 @@ impl Family {
         Span { vc, cluster_end, first_bit, bits }
     }
 
-    /// Whether 4 KiB piece `piece` of volume `id` holds written data.
     /// Whether volume `id` has a piece written at or after byte `offset`: the walk follows
     /// what is mapped there (stopping at the first written piece), not the range's size.
     pub(super) fn written_from(&self, id: u32, offset: u64) -> bool {
@@ -274,6 +273,7 @@ impl Family {
         found.is_some()
     }
 
+    /// Whether 4 KiB piece `piece` of volume `id` holds written data.
     pub(super) fn piece_written(&self, id: u32, piece: u64) -> bool {
         let Some(v) = self.volumes.get(&id) else { return false };
         let at = piece * PIECE;
@@ -564,11 +564,14 @@ impl Family {
                 // the walk counting what was written beyond, nothing per cluster released.
                 let whole = clusters.next_multiple_of(FANOUT as u64);
                 let edge = v.tree.entries_in(clusters, whole.min(v.tree.capacity()));
-                let mut gone = 0u64;
+                let (mut beyond, mut gone) = (false, 0u64);
                 v.tree.for_each_in(whole, u64::MAX, |_, e| {
+                    beyond = true;
                     gone += u64::from(e.written().count_ones());
                 });
-                let cut = v.tree.cut_from(whole);
+                // Nothing mapped past it (a growth, mostly): the tree is left as it is (a cut
+                // would make the path's shared nodes its own for nothing).
+                let cut = if beyond { v.tree.cut_from(whole) } else { Remains::default() };
                 v.written_pieces -= gone;
                 v.tree.grow(clusters);
                 v.size_bytes = *size_bytes;

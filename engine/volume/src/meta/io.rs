@@ -112,6 +112,8 @@ impl Family {
         // First decide every span (no state changes), so a busy span reserves nothing: each
         // plan names the old cluster for now, and its offset within the cluster.
         let mut fresh_needed = 0u64;
+        // A copy-up's clusters with data to copy, and how many it may copy.
+        let (mut copies, copy_max) = (0u64, (OWN_COPY_MAX / self.geo.cluster_bytes).max(1));
         let mut at = offset;
         while at < offset + len {
             let s = self.span(at, offset + len);
@@ -122,6 +124,13 @@ impl Family {
                     // Its own already (a copy-up writes nothing in it), or nothing to copy.
                     at = s.cluster_end;
                     continue;
+                }
+                if e.written() != 0 {
+                    if copies == copy_max {
+                        // Its copy buffers are spent: the rest is the next request's.
+                        break;
+                    }
+                    copies += 1;
                 }
             }
             let state = self.locks.state(id, s.vc);

@@ -78,6 +78,11 @@ pub const PIECE: u64 = 4096;
 /// Total volume size (snapshots and clones included) the metadata area is sized for, per byte
 /// of data area, by default.
 pub const OVERCOMMIT: u64 = 8;
+/// Bytes of data one copy-up request (`WriteKind::Own`) copies at most — with 64 KiB
+/// clusters 16 clusters, 1 MiB of copy buffers in flight for it: a cluster with data past
+/// that is left to the next request (`ops::decouple` sends ranges holding no more).
+pub const OWN_COPY_MAX: u64 = 1 << 20;
+
 /// Clusters one operation may map for a thick volume (its creation, a growth, an inflation, a
 /// repair after a crash): 64 GiB of the standard 64 KiB clusters. Each is a record; a creation,
 /// growth or inflation reserves them and maps them in steps (`settle`), a repair at open maps
@@ -1706,6 +1711,130 @@ mod tests {
         );
     }
 
+    /// Settling steps run on one thread under shared borrows while writers of the same
+    /// families run on others — a thick volume's writes mapping promised clusters as the
+    /// steps map the rest, a volume's writes while its deleted snapshot's tree and its
+    /// shrink's cut leaves are released — and the main thread commits and checks under the
+    /// exclusive borrow. The pool is otherwise full: every thick write goes in place, never
+    /// short of room; the state stays exact throughout (references, reservation, nothing
+    /// leaked); once settled every promise is kept, every retired tree gone, every write read.
+    #[test]
+    fn settling_steps_race_the_same_familys_writes_on_other_threads() {
+        use parking_lot::RwLock;
+        const ROUNDS: usize = 20_000;
+        let mut m = fresh_of(sb_of(64 << 20));
+        let (cb, fan) = (m.cluster_bytes(), crate::map::FANOUT as u64);
+        // d: three leaves written, a snapshot, a cluster of each leaf written again (d's own
+        // leaves), the snapshot deleted and d shrunk to just past one leaf: both trees'
+        // remains wait for release, durable.
+        let d = m.create_volume("d", (2 * fan + 10) * cb).unwrap();
+        for vc in 0..2 * fan + 10 {
+            assert!(write_cluster(&mut m, d, vc));
+        }
+        commit(&mut m);
+        let ds = m.snapshot(d, "ds").unwrap();
+        for k in 0..3 {
+            assert!(write_cluster(&mut m, d, k * fan + 1));
+        }
+        m.delete(ds).unwrap();
+        let d_vcs = fan + 3;
+        m.resize(d, d_vcs * cb, true).unwrap();
+        commit(&mut m);
+        assert_eq!(m.retired_trees(), 2);
+        // t: thick, its clusters promised; f takes every other free cluster.
+        let t_vcs = 1200;
+        let t = m.create("t", t_vcs * cb, true).unwrap();
+        commit(&mut m);
+        let f = m.create_volume("f", m.free_clusters() * cb + cb).unwrap();
+        let mut vc = 0;
+        while write_cluster(&mut m, f, vc) {
+            vc += 1;
+        }
+        commit(&mut m);
+        assert_eq!(m.free_clusters(), 0, "the pool is full but for t's promise");
+        assert_eq!(m.promised_clusters(), t_vcs);
+        let meta = RwLock::new(m);
+        let settled = AtomicUsize::new(0);
+        let writers_left = AtomicUsize::new(3);
+        let writer = |vol: u32, vcs: u64, seed: u64| {
+            let (meta, writers_left) = (&meta, &writers_left);
+            move || {
+                let mut rng = seed;
+                let mut written = vec![false; vcs as usize];
+                let mut plans = Vec::new();
+                for _ in 0..ROUNDS {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let vc = rng % vcs;
+                    let m = meta.read();
+                    let w = Waiter(vol.into());
+                    // Piece 1 of the cluster (piece 0 of d's was written before).
+                    match m.plan_write_io(vol, vc * cb + PIECE, PIECE, 0, w, &mut plans) {
+                        Ok(ticket) => {
+                            if vol == t {
+                                assert!(plans[0].copy_from.is_none(), "a thick write in place");
+                            }
+                            m.end_write_io(vol, ticket, &plans[0], true);
+                            written[vc as usize] = true;
+                        }
+                        // d's copy-on-writes may find the pool full until what the steps
+                        // free is durable: a commit.
+                        Err(Blocked::Fail(PoolError::NoSpace)) if vol == d => {
+                            drop(m);
+                            commit(&mut meta.write());
+                        }
+                        Err(e) => panic!("writing {vol}:{vc}: {e:?}"),
+                    }
+                }
+                writers_left.fetch_sub(1, Ordering::SeqCst);
+                (vol, written)
+            }
+        };
+        let models = std::thread::scope(|s| {
+            let threads: Vec<_> = [(t, t_vcs, 1), (t, t_vcs, 2), (d, d_vcs, 3)]
+                .into_iter()
+                .map(|(vol, vcs, seed)| s.spawn(writer(vol, vcs, 0x9e37_79b9 * seed)))
+                .collect();
+            s.spawn(|| {
+                while writers_left.load(Ordering::SeqCst) > 0 {
+                    let spent = meta.read().settle(37).unwrap();
+                    settled.fetch_add(spent, Ordering::SeqCst);
+                    std::thread::yield_now();
+                }
+            });
+            while writers_left.load(Ordering::SeqCst) > 0 {
+                let mut m = meta.write();
+                commit(&mut m);
+                assert!(m.check().is_empty(), "{:?}", m.check());
+                assert_eq!(m.leaked(), 0);
+                drop(m);
+                std::thread::yield_now();
+            }
+            threads.into_iter().map(|t| t.join().unwrap()).collect::<Vec<_>>()
+        });
+        assert!(settled.into_inner() > 0, "the steps ran while the writers wrote");
+        let mut m = meta.into_inner();
+        commit_and_settle(&mut m);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        assert_eq!((m.leaked(), m.retired_trees(), m.promised_clusters()), (0, 0, 0));
+        assert_eq!(m.unmapped_clusters(t, t_vcs), 0, "every promised cluster mapped");
+        let mut want: HashMap<u32, Vec<bool>> = HashMap::default();
+        for (vol, written) in models {
+            let merged = want.entry(vol).or_insert_with(|| vec![false; written.len()]);
+            for (vc, w) in written.into_iter().enumerate() {
+                merged[vc] |= w;
+            }
+        }
+        for (vol, written) in want {
+            for (vc, w) in written.into_iter().enumerate() {
+                let piece = vc as u64 * cb / PIECE;
+                assert_eq!(m.piece_written(vol, piece + 1), w, "{vol}:{vc} piece 1");
+                assert_eq!(m.piece_written(vol, piece), vol == d, "{vol}:{vc} piece 0");
+            }
+        }
+    }
+
     /// A family's stock of lent clusters never makes another family run out early: the pool is
     /// full only when every free cluster, stocked or not, is used. (A refill that does not
     /// take the other stocks back, run as a mutant, fails here.)
@@ -2117,13 +2246,32 @@ mod tests {
         let end = (fan + 7) * cb + PIECE;
         assert!(m.written_from(v, end - PIECE) && m.written_from(v, end));
         assert!(matches!(m.resize(v, end, false), Err(PoolError::WouldDropData(_))));
+        let before = m.freeze().payload();
         m.resize(v, end, true).unwrap();
         assert_eq!(m.retired_trees(), 1, "the leaves past the end, retired whole");
         assert_eq!(m.allocated_bytes(v), (fan + 8) * PIECE);
         assert!(m.written_from(v, end - PIECE), "the last cluster's piece 0 stays");
         assert!(!m.written_from(v, end), "nothing written past the end");
         assert_eq!(m.settle(usize::MAX).unwrap(), 0, "nothing released before it is durable");
-        commit(&mut m);
+        // The shrink's commit, replayed from its journal blocks over the state before it
+        // (loading releases what it cuts at once): the same volume, references exact.
+        let mut sealed = m.seal().unwrap().expect("no commit in flight");
+        sealed.encode_now();
+        let mut replayed = PoolMeta::new(sb_of(256 << 20));
+        replayed.load(&before).unwrap();
+        for (_, bytes) in sealed.blocks() {
+            let (block, _) = crate::format::JournalBlock::decode(bytes, &[1; 16]).unwrap();
+            replayed.load(&block.payload).unwrap();
+        }
+        replayed.loaded(0, None);
+        let r = &replayed;
+        assert!(r.check().is_empty(), "{:?}", r.check());
+        assert_eq!((r.leaked(), r.retired_trees()), (0, 0));
+        assert_eq!(r.volume(v).unwrap().size_bytes, end);
+        assert_eq!(r.allocated_bytes(v), m.allocated_bytes(v));
+        assert_eq!(r.allocation(v, 0, end, usize::MAX), m.allocation(v, 0, end, usize::MAX));
+        assert_eq!(r.allocated_bytes(s), n * PIECE);
+        m.commit_done(sealed);
         assert!(m.check().is_empty(), "{:?}", m.check());
         assert_eq!(m.used_clusters(), used, "the cut leaves hold their clusters until released");
         let mut steps = 0;

@@ -764,7 +764,11 @@ mod tests {
             // A leaf boundary: one of the first leaves of each inner node, or any leaf,
             // or at or past the tree's reach.
             let start = if inner_boundary { cut_leaf % 4 * fan * fan } else { cut_leaf * fan };
-            let start = if cut_leaf >= 3 * fan + 1 { a.capacity() + (cut_leaf - 3 * fan - 1) * fan } else { start };
+            let start = if cut_leaf > 3 * fan {
+                a.capacity() + (cut_leaf - 3 * fan - 1) * fan
+            } else {
+                start
+            };
             let want: Vec<(u64, Entry)> =
                 a.entries().into_iter().filter(|(vc, _)| *vc < start).collect();
             let snap_had = snap.entries();

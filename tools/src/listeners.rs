@@ -56,9 +56,10 @@ pub fn start_nvmf_listener(
 
 /// Whether the kernel would refuse to bind both: the same port on the same address, or on
 /// a wildcard address (which takes the port on every address of its family, and an IPv6
-/// wildcard the IPv4 ones too).
+/// wildcard the IPv4 ones too). Port 0 asks the kernel for a free port each time: never.
 pub(crate) fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    let same_ip = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+    a.port() == b.port() && a.port() != 0 && same_ip
 }
 
 /// The daemon's listen addresses from its flags, refused before anything starts where two
@@ -124,8 +125,10 @@ mod tests {
         assert_eq!(startup_addrs(nbd, nvmf, Some(nvmf)).unwrap(), [nvmf]);
         let disc = a("127.0.0.1:8009");
         assert_eq!(startup_addrs(nbd, nvmf, Some(disc)).unwrap(), [nvmf, disc]);
-        // the same port on other addresses binds
+        // the same port on other addresses binds; port 0 is a free port each time
         assert!(startup_addrs(a("127.0.0.2:4420"), nvmf, None).is_ok());
+        let any = a("127.0.0.1:0");
+        assert_eq!(startup_addrs(any, any, Some(a("0.0.0.0:0"))).unwrap().len(), 2);
         for (nbd, nvmf, disc) in [
             (nvmf, nvmf, None),
             (a("0.0.0.0:4420"), nvmf, None),

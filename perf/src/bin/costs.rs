@@ -183,9 +183,17 @@ fn settle_run(meta: &mut PoolMeta, apply: f64) -> anyhow::Result<SettleFigure> {
     let Timed { mut steps, commits, .. } = timed;
     steps.pop(); // the step that found nothing left
     let largest = steps.iter().copied().fold(0.0, f64::max);
-    let commit = commits.iter().copied().fold(0.0, f64::max);
+    let most = |f: fn(&CommitTimes) -> f64| commits.iter().map(f).fold(0.0, f64::max);
+    let (commit, journal, checkpoint) =
+        (most(|c| c.exclusive), most(|c| c.journal_encode), most(|c| c.checkpoint_encode));
     let (n, commits_n) = (steps.len(), commits.len());
-    Ok(SettleFigure { us: [apply, median(steps), largest, commit], steps: n, commits: commits_n })
+    let checkpoints = commits.iter().filter(|c| c.checkpoint_encode > 0.0).count();
+    Ok(SettleFigure {
+        us: [apply, median(steps), largest, commit, journal, checkpoint],
+        steps: n,
+        commits: commits_n,
+        checkpoints,
+    })
 }
 
 /// `ops::settle`'s driver over a pool state in memory, timing each settling step and each
@@ -193,7 +201,7 @@ fn settle_run(meta: &mut PoolMeta, apply: f64) -> anyhow::Result<SettleFigure> {
 struct Timed<'a> {
     meta: &'a mut PoolMeta,
     steps: Vec<f64>,
-    commits: Vec<f64>,
+    commits: Vec<CommitTimes>,
 }
 
 impl ballast_volume::ops::Driver<Vec<u8>> for Timed<'_> {
@@ -225,11 +233,20 @@ impl ballast_volume::ops::Driver<Vec<u8>> for Timed<'_> {
     }
 }
 
-/// Commits what `meta` has pending, as the daemon does: µs of the parts under the exclusive
-/// borrow (a journal commit's seal and end; a checkpoint's start — freezing the state — and
-/// end), not the encoding (without the borrow, or on an offload thread).
-fn commit_exclusive(meta: &mut PoolMeta) -> Result<f64, PoolError> {
+/// One commit's parts, µs: under the exclusive borrow (a journal commit's seal and end; a
+/// checkpoint's start — freezing the state — and end), and its encoding, without the borrow:
+/// a journal commit's records on the sealing core (the daemon's), a checkpoint's frozen
+/// state on an offload thread (0 for the kind it is not).
+struct CommitTimes {
+    exclusive: f64,
+    journal_encode: f64,
+    checkpoint_encode: f64,
+}
+
+/// Commits what `meta` has pending, as the daemon does, timing its parts.
+fn commit_exclusive(meta: &mut PoolMeta) -> Result<CommitTimes, PoolError> {
     use ballast_volume::meta::Encode;
+    let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
     if meta.wants_checkpoint() {
         let t = Instant::now();
         let mut c = meta.begin_checkpoint()?.expect("no commit in flight");
@@ -237,27 +254,36 @@ fn commit_exclusive(meta: &mut PoolMeta) -> Result<f64, PoolError> {
         let Some(Encode::Checkpoint(job)) = c.take_encode() else {
             unreachable!("a checkpoint encodes its state")
         };
+        let t = Instant::now();
         c.encoded(job.run());
+        let encode = t.elapsed();
         let t = Instant::now();
         meta.checkpoint_done(c);
-        return Ok((begin + t.elapsed()).as_secs_f64() * 1e6);
+        let exclusive = us(begin + t.elapsed());
+        return Ok(CommitTimes { exclusive, journal_encode: 0.0, checkpoint_encode: us(encode) });
     }
     let t = Instant::now();
     let mut sealed = meta.seal()?.expect("no commit in flight");
     let seal = t.elapsed();
+    let t = Instant::now();
     sealed.encode_now();
+    let encode = t.elapsed();
     sealed.blocks_issued();
     let t = Instant::now();
     meta.commit_done(sealed);
-    Ok((seal + t.elapsed()).as_secs_f64() * 1e6)
+    let exclusive = us(seal + t.elapsed());
+    Ok(CommitTimes { exclusive, journal_encode: us(encode), checkpoint_encode: 0.0 })
 }
 
 /// [`settle_run`]'s figures: µs of the apply, the median and the largest step, the largest
 /// commit; the steps and commits taken.
 struct SettleFigure {
-    us: [f64; 4],
+    /// The apply, the median and largest step, the largest commit's exclusive part, the
+    /// largest journal encode, the largest checkpoint encode.
+    us: [f64; 6],
     steps: usize,
     commits: usize,
+    checkpoints: usize,
 }
 
 /// ms to freeze the state for a checkpoint, ms to encode the frozen state, payload bytes and
@@ -891,7 +917,8 @@ fn main() -> anyhow::Result<()> {
             let runs: Vec<SettleFigure> =
                 (0..reps).map(|_| cost(n)).collect::<anyhow::Result<Vec<_>>>()?;
             let fig = |i: usize| median(runs.iter().map(|r| r.us[i]).collect::<Vec<f64>>());
-            let (steps, commits) = (runs[0].steps, runs[0].commits);
+            let (steps, commits, checkpoints) =
+                (runs[0].steps, runs[0].commits, runs[0].checkpoints);
             println!(
                 "| {what}: the operation applied, under the exclusive borrow | {:.1} |",
                 fig(0)
@@ -908,6 +935,16 @@ fn main() -> anyhow::Result<()> {
                  units: seal + end, exclusive borrow) | {:.1} |",
                 ballast_volume::ops::SETTLE_COMMIT,
                 fig(3)
+            );
+            println!(
+                "| ... the largest journal commit's encoding (its records, on the sealing core, \
+                 no borrow) | {:.1} |",
+                fig(4)
+            );
+            println!(
+                "| ... the largest checkpoint's encoding ({checkpoints} of the commits; an \
+                 offload thread) | {:.1} |",
+                fig(5)
             );
         }
         return Ok(());

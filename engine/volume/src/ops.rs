@@ -143,12 +143,13 @@ pub const SETTLE_COMMIT: u64 = 1 << 18;
 /// in flight for it (`meta::OWN_COPY_MAX`).
 pub const OWN_STEP: u64 = crate::meta::OWN_COPY_MAX;
 
-/// Bytes of a volume one copy-up request covers at most where it only maps (shared clusters
-/// with nothing written in them, a thick volume's: no buffer, no I/O): 512 of 64 KiB
-/// clusters, about 1 ms of the core's time (perf/RESULTS.md §30: 2048 stalled the core's
-/// other I/O 24-78 ms, 512 no more than the commits do). Such a run in 1 MiB requests took a
-/// round trip to a core each (decoupling a 64 GiB thick clone: a minute, §27).
-pub const OWN_SPAN: u64 = 32 << 20;
+/// Clusters one copy-up request covers at most where it only maps (shared clusters with
+/// nothing written in them, a thick volume's: no buffer, no I/O; counted in clusters, as the
+/// core's time follows them — a mapping record and a span's end each): 512, 32 MiB of 64 KiB
+/// clusters (perf/RESULTS.md §30: 2048 in a request held the core's other I/O up to 24-121
+/// ms, 512 no longer than the commits and the control thread do, 16-18 ms on 2 CPUs). Such a
+/// run in 1 MiB requests took a round trip to a core each (a 64 GiB thick clone: a minute).
+pub const OWN_RUN: u64 = 512;
 
 /// Clusters [`decouple`]'s copy-ups may map between the commits it asks for (a flush): as a
 /// settling's (`SETTLE_COMMIT`), about 32 Ki mapping records a commit — its encoding and
@@ -168,7 +169,7 @@ pub struct Sharing {
     /// copy (`PoolMeta::shared_clusters`).
     pub next_shared: Option<u64>,
     /// Bytes from `next_shared` on where a copy-up only maps (up to the first such cluster
-    /// with data to copy; at most [`OWN_SPAN`]).
+    /// with data to copy; at most [`OWN_RUN`] clusters).
     pub quiet: u64,
 }
 
@@ -179,7 +180,7 @@ impl Sharing {
         let v = meta.volume(id)?;
         let (parent, read_only) = (v.parent, v.read_only);
         let cb = meta.cluster_bytes();
-        let found = meta.next_shared(id, from / cb, in_place, OWN_SPAN / cb)?;
+        let found = meta.next_shared(id, from / cb, in_place, OWN_RUN)?;
         let (next_shared, quiet) = match found {
             Some((vc, quiet)) => (Some(vc * cb), quiet * cb),
             None => (None, 0),
@@ -216,9 +217,12 @@ pub trait Driver<B> {
 
 /// Decouples volume `id` from its parent (`bdev_lvol_decouple_parent`) or, with `inflate`,
 /// inflates it (`bdev_lvol_inflate`): every cluster it shares with another volume is copied
-/// into one of its own — a [`Cmd::Own`] request of [`OWN_STEP`] from each shared cluster
-/// found, racing with its I/O like any write — then [`ControlOp::Decouple`] applies (durable
-/// when it returns). A snapshot taken in between shares clusters again: the pass is repeated,
+/// into one of its own — a [`Cmd::Own`] request from each shared cluster found, of
+/// [`OWN_STEP`] where there is data to copy, of the whole run (at most [`OWN_RUN`] clusters)
+/// where the shared clusters hold nothing written and are only mapped, racing with its I/O
+/// like any write, with a commit every [`OWN_COMMIT`] clusters covered — then
+/// [`ControlOp::Decouple`] applies through [`control`] (durable when it returns, an
+/// inflation's holes mapped by the settling after it). A snapshot taken in between shares clusters again: the pass is repeated,
 /// up to [`DECOUPLE_PASSES`] times, its room looked at again first. The driver runs each
 /// request (the daemon: on a core; the synchronous pool and the tests: in place) and paces
 /// the copy-ups ([`Driver::copied`], charged the bytes each read and wrote). Returns the
@@ -252,6 +256,8 @@ pub fn decouple<B>(
         return Err(PoolError::NoSpace);
     }
     let step = OWN_STEP.next_multiple_of(cluster_bytes.max(1));
+    // Clusters with data one request copies at most (`meta::OWN_COPY_MAX`).
+    let copy_max = (crate::meta::OWN_COPY_MAX / cluster_bytes.max(1)).max(1);
     let (mut copied, mut uncommitted) = (0u64, 0u64);
     for pass in 1..=DECOUPLE_PASSES {
         let mut next = if pass == 1 {
@@ -275,13 +281,18 @@ pub fn decouple<B>(
             let n = u64::try_from(n).expect("a copy-up counts what it copied");
             copied += n;
             d.copied(n * cluster_bytes)?;
-            // What it mapped, at most: a commit every so many.
+            // The clusters it covered (what it mapped, and perhaps some it found its own or
+            // unmapped): a commit every so many.
             uncommitted += len / cluster_bytes.max(1);
             if uncommitted >= OWN_COMMIT {
                 d.run(0, Cmd::Flush)?;
                 uncommitted = 0;
             }
-            next = d.look(id, at + len, in_place)?;
+            // One that copied its buffers' worth may have left data past them (only if the
+            // volume changed since the look): looked at again from where it began (what it
+            // copied is its own now, skipped), else from its end.
+            let from = if n >= copy_max { at } else { at + len };
+            next = d.look(id, from, in_place)?;
         }
         // As every control operation: settled after (an inflation's holes mapped).
         match control(d, ControlOp::Decouple { id, inflate }) {

@@ -1120,6 +1120,8 @@ mod tests {
     struct Paced<'a> {
         pool: &'a mut Pool<SimDisk>,
         charged: Vec<u64>,
+        /// The copy-up requests run: (offset, length).
+        owns: Vec<(u64, u64)>,
         stop_after: usize,
     }
 
@@ -1131,6 +1133,9 @@ mod tests {
             crate::ops::Driver::room(self.pool, id, inflate)
         }
         fn run(&mut self, vol: u32, cmd: Cmd<Vec<u8>>) -> Result<i32, PoolError> {
+            if let Cmd::Own { offset, len, .. } = cmd {
+                self.owns.push((offset, len));
+            }
             crate::ops::Driver::run(self.pool, vol, cmd)
         }
         fn copied(&mut self, bytes: u64) -> Result<(), PoolError> {
@@ -1156,7 +1161,7 @@ mod tests {
         let step = crate::ops::OWN_STEP / cb;
         let shared = 4 * MIB / cb - 20;
         assert!(shared > 2 * step);
-        let mut d = Paced { pool: &mut p, charged: Vec::new(), stop_after: 2 };
+        let mut d = Paced { pool: &mut p, charged: Vec::new(), owns: Vec::new(), stop_after: 2 };
         assert!(matches!(crate::ops::decouple(&mut d, c, false, cb), Err(PoolError::Failed(_))));
         assert_eq!(d.charged, vec![step * cb, step * cb], "two full copy-ups, then stopped");
         assert!(p.read(c, 0, 4 * MIB).unwrap() == before);
@@ -1164,7 +1169,8 @@ mod tests {
         assert_eq!(p.volumes()[&c].parent, s, "not decoupled yet");
         p.check().unwrap();
 
-        let mut d = Paced { pool: &mut p, charged: Vec::new(), stop_after: usize::MAX };
+        let mut d =
+            Paced { pool: &mut p, charged: Vec::new(), owns: Vec::new(), stop_after: usize::MAX };
         assert_eq!(crate::ops::decouple(&mut d, c, false, cb).unwrap(), shared - 2 * step);
         assert_eq!(d.charged.iter().sum::<u64>(), (shared - 2 * step) * cb, "{:?}", d.charged);
         assert_eq!(p.volumes()[&c].parent, 0);
@@ -1189,7 +1195,8 @@ mod tests {
         let s = p.snapshot(v, "s").unwrap();
         let c = p.clone_volume(s, "c").unwrap();
         let free = p.free_clusters();
-        let mut d = Paced { pool: &mut p, charged: Vec::new(), stop_after: usize::MAX };
+        let mut d =
+            Paced { pool: &mut p, charged: Vec::new(), owns: Vec::new(), stop_after: usize::MAX };
         assert_eq!(crate::ops::decouple(&mut d, c, false, cb).unwrap(), 1, "the written one");
         assert_eq!(d.charged.iter().sum::<u64>(), cb, "{:?}", d.charged);
         assert_eq!(p.free_clusters(), free - 2 * MIB / cb, "every cluster its own now");
@@ -1201,9 +1208,10 @@ mod tests {
     }
 
     /// A run of shared clusters with nothing written (a thick volume's) goes in one copy-up
-    /// request (`ops::OWN_SPAN`: only mappings, no buffer), clusters with data a step at a
-    /// time: a clone of a 40 MiB thick volume written at 0 and at 20 MiB decouples in four
-    /// requests (a step, a run, a step, a run), not forty; the content stays, nothing shared.
+    /// request (`ops::OWN_RUN` clusters at most: only mappings, no buffer), clusters with
+    /// data a step at a time: a clone of a 40 MiB thick volume written at 0 and at 20 MiB
+    /// decouples in eight requests (a step, a run in three, a step, a run in three), not
+    /// forty, each beginning where the last ended; the content stays, nothing shared.
     #[test]
     fn a_run_of_clusters_that_only_map_is_one_copy_up() {
         const MIB: u64 = 1 << 20;
@@ -1216,9 +1224,37 @@ mod tests {
         let c = p.clone_volume(s, "c").unwrap();
         let before = p.read(c, 0, 40 * MIB).unwrap();
         let free = p.free_clusters();
-        let mut d = Paced { pool: &mut p, charged: Vec::new(), stop_after: usize::MAX };
+        let mut d =
+            Paced { pool: &mut p, charged: Vec::new(), owns: Vec::new(), stop_after: usize::MAX };
         assert_eq!(crate::ops::decouple(&mut d, c, false, cb).unwrap(), 6, "the written ones");
-        assert_eq!(d.charged, vec![4 * cb, 0, 2 * cb, 0], "one request per step and per run");
+        // In clusters: a step of 64 (1 MiB) from 0 copying 4; the run to the data at 20 MiB
+        // and a cluster in requests of 512; a step from there copying 2; the run to the end.
+        let (step, run) = (MIB / cb, crate::ops::OWN_RUN);
+        let data = 20 * MIB / cb + 1;
+        let mut want = vec![(0, step)];
+        let mut at = step;
+        while at < data {
+            want.push((at, run.min(data - at)));
+            at += run.min(data - at);
+        }
+        want.push((data, step));
+        at = data + step;
+        while at < 40 * MIB / cb {
+            want.push((at, run));
+            at += run;
+        }
+        let got: Vec<(u64, u64)> = d.owns.iter().map(|&(o, l)| (o / cb, l / cb)).collect();
+        assert_eq!(got, want);
+        assert!(want.len() < 12, "{} requests", want.len());
+        let charged: Vec<u64> = want
+            .iter()
+            .map(|&(o, _)| match o {
+                0 => 4 * cb,
+                o if o == data => 2 * cb,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(d.charged, charged, "each step's copies");
         assert_eq!(p.free_clusters(), free - 40 * MIB / cb, "every cluster its own now");
         assert_eq!(p.meta().shared_clusters(c, false).unwrap(), 0);
         assert!(p.read(c, 0, 40 * MIB).unwrap() == before);
@@ -1237,10 +1273,19 @@ mod tests {
         let max = crate::meta::OWN_COPY_MAX / cb;
         let shared = 4 * MIB / cb;
         assert!(shared > max);
+        let before = p.read(c, 0, 4 * MIB).unwrap();
         let own = Cmd::Own { offset: 0, len: 4 * MIB, in_place: false };
         let n = crate::ops::Driver::run(&mut p, c, own).unwrap();
         assert_eq!(n as u64, max);
         assert_eq!(p.meta().shared_clusters(c, false).unwrap(), shared - max);
+        // The first `max` were copied; the next still shared.
+        assert_eq!(p.meta().next_shared(c, 0, false, 1).unwrap().map(|(vc, _)| vc), Some(max));
+        assert!(p.read(c, 0, 4 * MIB).unwrap() == before);
+        p.check().unwrap();
+        assert_eq!(p.leaked(), 0);
+        // A decoupling finishes the rest.
+        assert_eq!(p.decouple(c, false).unwrap(), shared - max);
+        assert!(p.read(c, 0, 4 * MIB).unwrap() == before);
         p.check().unwrap();
     }
 

@@ -416,8 +416,10 @@ impl PoolMeta {
         let v = self.volume(id)?;
         let thick = v.thick;
         let holes = if inflate && !thick {
-            // Counted, not listed: a huge thin volume is mostly holes.
-            self.unmapped_clusters(id, v.size_bytes.div_ceil(self.geo.cluster_bytes))
+            // Counted, not listed: a huge thin volume is mostly holes. Those promised already
+            // are reserved already (as `decouple` counts them).
+            let clusters = v.size_bytes.div_ceil(self.geo.cluster_bytes);
+            self.unmapped_clusters(id, clusters).saturating_sub(self.promised(id))
         } else {
             0
         };

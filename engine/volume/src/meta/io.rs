@@ -127,7 +127,9 @@ impl Family {
                 }
                 if e.written() != 0 {
                     if copies == copy_max {
-                        // Its copy buffers are spent: the rest is the next request's.
+                        // Its copy buffers are spent: the rest is left shared, for the next
+                        // request (`ops::decouple` looks again from where this one began
+                        // when one copies this many).
                         break;
                     }
                     copies += 1;

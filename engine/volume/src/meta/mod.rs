@@ -1756,9 +1756,12 @@ mod tests {
         let meta = RwLock::new(m);
         let settled = AtomicUsize::new(0);
         let writers_left = AtomicUsize::new(3);
+        // The writers and the settler start together.
+        let start = std::sync::Barrier::new(4);
         let writer = |vol: u32, vcs: u64, seed: u64| {
-            let (meta, writers_left) = (&meta, &writers_left);
+            let (meta, writers_left, start) = (&meta, &writers_left, &start);
             move || {
+                start.wait();
                 let mut rng = seed;
                 let mut written = vec![false; vcs as usize];
                 let mut plans = Vec::new();
@@ -1797,9 +1800,13 @@ mod tests {
                 .map(|(vol, vcs, seed)| s.spawn(writer(vol, vcs, 0x9e37_79b9 * seed)))
                 .collect();
             s.spawn(|| {
-                while writers_left.load(Ordering::SeqCst) > 0 {
+                start.wait();
+                loop {
                     let spent = meta.read().settle(37).unwrap();
                     settled.fetch_add(spent, Ordering::SeqCst);
+                    if writers_left.load(Ordering::SeqCst) == 0 {
+                        break;
+                    }
                     std::thread::yield_now();
                 }
             });
@@ -1813,7 +1820,7 @@ mod tests {
             }
             threads.into_iter().map(|t| t.join().unwrap()).collect::<Vec<_>>()
         });
-        assert!(settled.into_inner() > 0, "the steps ran while the writers wrote");
+        assert!(settled.into_inner() > 0, "the steps ran beside the writers");
         let mut m = meta.into_inner();
         commit_and_settle(&mut m);
         assert!(m.check().is_empty(), "{:?}", m.check());

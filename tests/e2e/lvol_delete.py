@@ -62,6 +62,19 @@ def ok(r, b, what, method, params):
     r.check(what, code == 0, out[-300:])
 
 
+def kill_during(b, argv, delay):
+    """Runs the CLI `argv` (against b's control socket), kills the daemon -9 `delay` s later
+    and restarts it: (the command's exit status, its output)."""
+    cmd = subprocess.Popen([ballast_bin()] + argv + ["--rpc-socket", b.rpc_sock],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(delay)
+    b.proc.kill()
+    b.proc.wait()
+    out = cmd.communicate(timeout=30)[0]
+    b.start()
+    return cmd.returncode, out
+
+
 class Reader:
     """A libnbd client reading `keep` in 64 KiB pieces until stopped: reads, bad reads,
     errors, and the largest latency."""
@@ -207,15 +220,8 @@ def main(r):
             ok(r, b, "create big2: thick, 64 GiB", "bdev_lvol_create",
                {"lvol_name": "big2", "size_in_mib": 64 * 1024})
             held = free_bytes(b)
-            argv = [ballast_bin(), "rpc", "bdev_lvol_delete", '{"name": "big2"}',
-                    "--rpc-socket", b.rpc_sock]
-            delete = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True)
-            time.sleep(delay)
-            b.proc.kill()
-            b.proc.wait()
-            answered = delete.communicate(timeout=30)[0].strip() == "true"
-            b.start()
+            _, out = kill_during(b, ["rpc", "bdev_lvol_delete", '{"name": "big2"}'], delay)
+            answered = out.strip() == "true"
             vols = b.lvols()
             r.check("after kill -9: a delete that answered is not undone",
                     not (answered and "big2" in vols), "")
@@ -243,15 +249,8 @@ def main(r):
             b.write_volume("sh2", 0, 4 * MiB, pattern)
             b.write_volume("sh2", 32 * GiB, 4 * MiB, pattern)
             held = free_bytes(b)
-            argv = [ballast_bin(), "volume", "resize", "sh2", "1G", "--force",
-                    "--rpc-socket", b.rpc_sock]
-            shrink = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True)
-            time.sleep(delay)
-            b.proc.kill()
-            b.proc.wait()
-            answered = shrink.wait(timeout=30) == 0
-            b.start()
+            code, _ = kill_during(b, ["volume", "resize", "sh2", "1G", "--force"], delay)
+            answered = code == 0
             size = b.lvols()["sh2"]["size_bytes"]
             sizes.append("%d GiB (%s)" % (size // GiB, "answered" if answered else "unanswered"))
             r.check_eq("after kill -9 %d ms into a shrink: sh2 is 1 GiB or 64 GiB (1 GiB if the "

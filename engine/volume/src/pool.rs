@@ -1125,6 +1125,12 @@ mod tests {
         stop_after: usize,
     }
 
+    impl<'a> Paced<'a> {
+        fn new(pool: &'a mut Pool<SimDisk>, stop_after: usize) -> Self {
+            Paced { pool, charged: Vec::new(), owns: Vec::new(), stop_after }
+        }
+    }
+
     impl crate::ops::Driver<Vec<u8>> for Paced<'_> {
         fn look(&mut self, id: u32, from: u64, ip: bool) -> Result<crate::ops::Sharing, PoolError> {
             crate::ops::Driver::look(self.pool, id, from, ip)
@@ -1161,7 +1167,7 @@ mod tests {
         let step = crate::ops::OWN_STEP / cb;
         let shared = 4 * MIB / cb - 20;
         assert!(shared > 2 * step);
-        let mut d = Paced { pool: &mut p, charged: Vec::new(), owns: Vec::new(), stop_after: 2 };
+        let mut d = Paced::new(&mut p, 2);
         assert!(matches!(crate::ops::decouple(&mut d, c, false, cb), Err(PoolError::Failed(_))));
         assert_eq!(d.charged, vec![step * cb, step * cb], "two full copy-ups, then stopped");
         assert!(p.read(c, 0, 4 * MIB).unwrap() == before);
@@ -1169,8 +1175,7 @@ mod tests {
         assert_eq!(p.volumes()[&c].parent, s, "not decoupled yet");
         p.check().unwrap();
 
-        let mut d =
-            Paced { pool: &mut p, charged: Vec::new(), owns: Vec::new(), stop_after: usize::MAX };
+        let mut d = Paced::new(&mut p, usize::MAX);
         assert_eq!(crate::ops::decouple(&mut d, c, false, cb).unwrap(), shared - 2 * step);
         assert_eq!(d.charged.iter().sum::<u64>(), (shared - 2 * step) * cb, "{:?}", d.charged);
         assert_eq!(p.volumes()[&c].parent, 0);
@@ -1195,8 +1200,7 @@ mod tests {
         let s = p.snapshot(v, "s").unwrap();
         let c = p.clone_volume(s, "c").unwrap();
         let free = p.free_clusters();
-        let mut d =
-            Paced { pool: &mut p, charged: Vec::new(), owns: Vec::new(), stop_after: usize::MAX };
+        let mut d = Paced::new(&mut p, usize::MAX);
         assert_eq!(crate::ops::decouple(&mut d, c, false, cb).unwrap(), 1, "the written one");
         assert_eq!(d.charged.iter().sum::<u64>(), cb, "{:?}", d.charged);
         assert_eq!(p.free_clusters(), free - 2 * MIB / cb, "every cluster its own now");
@@ -1224,8 +1228,7 @@ mod tests {
         let c = p.clone_volume(s, "c").unwrap();
         let before = p.read(c, 0, 40 * MIB).unwrap();
         let free = p.free_clusters();
-        let mut d =
-            Paced { pool: &mut p, charged: Vec::new(), owns: Vec::new(), stop_after: usize::MAX };
+        let mut d = Paced::new(&mut p, usize::MAX);
         assert_eq!(crate::ops::decouple(&mut d, c, false, cb).unwrap(), 6, "the written ones");
         // In clusters: a step of 64 (1 MiB) from 0 copying 4; the run to the data at 20 MiB
         // and a cluster in requests of 512; a step from there copying 2; the run to the end.

@@ -413,29 +413,35 @@ impl PoolMeta {
     /// An inflation whose holes are more than one operation maps is refused,
     /// `InflateTooLarge`.
     pub fn decouple_room(&self, id: u32, inflate: bool) -> Result<(u64, u64), PoolError> {
-        let v = self.volume(id)?;
-        let thick = v.thick;
-        let holes = if inflate && !thick {
-            // Counted, not listed: a huge thin volume is mostly holes. Those promised already
-            // are reserved already (as `decouple` counts them).
-            let clusters = v.size_bytes.div_ceil(self.geo.cluster_bytes);
-            self.unmapped_clusters(id, clusters).saturating_sub(self.promised(id))
-        } else {
-            0
-        };
+        let thick = self.volume(id)?.thick;
+        let holes = self.inflation_holes(id, inflate && !thick)?;
+        let copies = self.shared_clusters(id, inflate && !thick)?;
+        Ok((copies + holes, self.free_clusters()))
+    }
+
+    /// The clusters inflating volume `id` reserves (0 unless `inflating`, a thin volume):
+    /// its holes, counted, not listed (the walk follows what is mapped: a huge thin volume is
+    /// mostly holes), less those promised already (a thick volume's, made thin by a rollback
+    /// before its steps mapped them: reserved already, not twice). More than one operation
+    /// maps is refused, `InflateTooLarge`.
+    fn inflation_holes(&self, id: u32, inflating: bool) -> Result<u64, PoolError> {
+        if !inflating {
+            return Ok(0);
+        }
+        let clusters = self.volume(id)?.size_bytes.div_ceil(self.geo.cluster_bytes);
+        let holes = self.unmapped_clusters(id, clusters).saturating_sub(self.promised(id));
         if holes > THICK_MAP_MAX {
             return Err(PoolError::InflateTooLarge { wanted: holes, max: THICK_MAP_MAX });
         }
-        let copies = self.shared_clusters(id, inflate && !thick)?;
-        Ok((copies + holes, self.free_clusters()))
+        Ok(holes)
     }
 
     /// Volume `id` leaves its parent (`bdev_lvol_decouple_parent`): it names none from now on,
     /// so listings no longer call it a clone. With `inflate` (`bdev_lvol_inflate`) it is
     /// thick too: every cluster of its size left unmapped gets a fresh one reading zeros (all
     /// or none: without the room, `NoSpace`) — reserved at once, mapped by settling steps
-    /// (`promise_holes`), a write into one mapping it first, as a thick creation's. Its shared clusters were copied up before
-    /// ([`crate::request::Cmd::Own`]; inflating, with `in_place`: a thick volume's writes must
+    /// (`promise_holes`), a write into one mapping it first, as a thick creation's. Its shared
+    /// clusters were copied up before ([`crate::request::Cmd::Own`]; inflating, with `in_place`: a thick volume's writes must
     /// never need a fresh cluster, not even before this commit is durable): any left — a
     /// snapshot taken since — refuse it, [`PoolError::StillShared`], changing nothing. The
     /// caller has quiesced its writes.
@@ -453,18 +459,7 @@ impl PoolMeta {
         if clusters > 0 {
             return Err(PoolError::StillShared { vol: id.into(), clusters });
         }
-        let holes = if inflate && !thick {
-            // Counted, not listed: what is mapped is walked, not the volume's size. Holes
-            // promised already (a thick volume's, made thin by a rollback before its steps
-            // mapped them) are not promised twice.
-            let clusters = self.volume(id)?.size_bytes.div_ceil(self.geo.cluster_bytes);
-            self.unmapped_clusters(id, clusters).saturating_sub(self.promised(id))
-        } else {
-            0
-        };
-        if holes > THICK_MAP_MAX {
-            return Err(PoolError::InflateTooLarge { wanted: holes, max: THICK_MAP_MAX });
-        }
+        let holes = self.inflation_holes(id, inflate && !thick)?;
         self.room_for(holes)?;
         if parent != 0 {
             self.log(Record::Decouple { id });

@@ -1585,6 +1585,27 @@ mod tests {
         assert_eq!((m.free_clusters(), m.leaked(), m.family_count()), (free, 0, 0));
     }
 
+    /// The threaded tests' pseudo-random numbers (xorshift64).
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    /// The threaded tests' committer: while `going`, commits under the exclusive borrow and
+    /// checks the state exact (references, nothing leaked), yielding between rounds.
+    fn commit_and_check_while(meta: &parking_lot::RwLock<PoolMeta>, going: impl Fn() -> bool) {
+        while going() {
+            let mut m = meta.write();
+            commit(&mut m);
+            assert!(m.check().is_empty(), "{:?}", m.check());
+            assert_eq!(m.leaked(), 0);
+            drop(m);
+            std::thread::yield_now();
+        }
+    }
+
     /// Decisions run at once from several threads under shared borrows of the pool state —
     /// for different families, and for two volumes of one family (a volume and a clone of its
     /// snapshot, sharing clusters) —
@@ -1620,12 +1641,7 @@ mod tests {
             let (inside, most, met) = (&inside, &most, &met);
             move || {
                 let mut rng = seed;
-                let mut next = move || {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng
-                };
+                let mut next = move || xorshift(&mut rng);
                 // `a` wrote its first half before the snapshot its clone `ac` started from.
                 let mut written = vec![false; VCS as usize];
                 if vol == a || vol == ac {
@@ -1681,14 +1697,7 @@ mod tests {
                 .map(|(vol, seed)| s.spawn(writer(vol, 0x9e37_79b9 * seed)))
                 .collect();
             met.wait();
-            while !threads.iter().all(|t| t.is_finished()) {
-                let mut m = meta.write();
-                commit(&mut m);
-                assert!(m.check().is_empty(), "{:?}", m.check());
-                assert_eq!(m.leaked(), 0);
-                drop(m);
-                std::thread::yield_now();
-            }
+            commit_and_check_while(&meta, || !threads.iter().all(|t| t.is_finished()));
             threads.into_iter().map(|t| t.join().unwrap()).collect::<Vec<_>>()
         });
         assert_eq!(most.into_inner(), 4, "the four writers' shared borrows overlapped");
@@ -1766,10 +1775,7 @@ mod tests {
                 let mut written = vec![false; vcs as usize];
                 let mut plans = Vec::new();
                 for _ in 0..ROUNDS {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    let vc = rng % vcs;
+                    let vc = xorshift(&mut rng) % vcs;
                     let m = meta.read();
                     let w = Waiter(vol.into());
                     // Piece 1 of the cluster (piece 0 of d's was written before).
@@ -1810,14 +1816,7 @@ mod tests {
                     std::thread::yield_now();
                 }
             });
-            while writers_left.load(Ordering::SeqCst) > 0 {
-                let mut m = meta.write();
-                commit(&mut m);
-                assert!(m.check().is_empty(), "{:?}", m.check());
-                assert_eq!(m.leaked(), 0);
-                drop(m);
-                std::thread::yield_now();
-            }
+            commit_and_check_while(&meta, || writers_left.load(Ordering::SeqCst) > 0);
             threads.into_iter().map(|t| t.join().unwrap()).collect::<Vec<_>>()
         });
         assert!(settled.into_inner() > 0, "the steps ran beside the writers");
